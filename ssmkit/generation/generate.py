@@ -1,0 +1,196 @@
+"""Autoregressive generation with a constant-size cache: chunked prefill, then one token per step.
+
+Prompts of different lengths are left-padded into one batch. The padding is given its own document id
+(``seq_idx``), so the ops restart every state at the first real token: each row then computes exactly
+what it computes alone (up to float rounding), for SSM layers, whose state has no notion of position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ssmkit.generation.cache import ModelCache
+from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+Prompts = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
+
+
+def _prepare(prompts: Prompts, device: torch.device) -> tuple[list[torch.Tensor], bool]:
+    """Prompts as a list of 1-D long tensors, and whether they came as a 2-D tensor."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
+            raise TypeError(f"prompts must hold integer token ids, got a {prompts.dtype} tensor")
+        if prompts.dim() != 2:
+            raise ValueError(f"a prompt tensor must have shape (batch, length), got {tuple(prompts.shape)}; "
+                             "pass prompts of different lengths as a list of lists")
+        if prompts.numel() == 0:
+            raise ValueError(f"prompts are empty: shape {tuple(prompts.shape)}")
+        return list(prompts.to(device=device, dtype=torch.long)), True
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a (batch, length) tensor or a non-empty list of prompts, got {prompts!r}")
+    if all(isinstance(p, int) for p in prompts):
+        raise TypeError("prompts is a flat list of ints: pass a list of prompts, e.g. [[1, 2, 3]]")
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool or p.dim() != 1:
+                raise TypeError(f"prompt {i} must be a 1-D integer tensor, got {p.dtype} of shape {tuple(p.shape)}")
+            row = p.to(device=device, dtype=torch.long)
+        elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            row = torch.tensor(p, dtype=torch.long, device=device)
+        else:
+            raise TypeError(f"prompt {i} must be a list of int token ids or a 1-D integer tensor, got {p!r}")
+        if row.numel() == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        rows.append(row)
+    return rows, False
+
+
+def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(b, L) ids left-padded with token 0, and seq_idx (0 on padding, 1 on the prompt) or None."""
+    length = max(len(r) for r in rows)
+    ids = rows[0].new_zeros(len(rows), length)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+    if all(len(r) == length for r in rows):
+        return ids, None
+    pad = torch.tensor([length - len(r) for r in rows], device=ids.device)
+    seq_idx = (torch.arange(length, device=ids.device)[None] >= pad[:, None]).to(torch.int32)
+    return ids, seq_idx
+
+
+def stream(
+    model: LanguageModel,
+    prompts: Prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | Sequence[int] | None = None,
+    prefill_chunk_size: int = 2048,
+    cache: ModelCache | None = None,
+) -> Iterator[torch.Tensor]:
+    """Generate token by token, yielding each step's (b,) long tensor of new tokens as it comes.
+
+    Args:
+        prompts: a (b, l) integer tensor, or a list of prompts of any lengths (lists of ints or 1-D tensors).
+        max_new_tokens: at most this many steps.
+        temperature, top_k, top_p, min_p, repetition_penalty: see :class:`SamplingParams`;
+            ``temperature=0`` is greedy.
+        eos_token_id: token id(s) that end a row. A finished row yields its first eos id from then on;
+            the stream stops when every row has finished.
+        seed: an int (row i uses ``seed + i``), one int per row, or None (drawn from torch's global RNG).
+        prefill_chunk_size: prompts are read this many positions at a time (bounds prefill memory).
+        cache: continue from this cache (e.g. a document read earlier); updated in place, so clone it
+            to keep it. Its rows must match the prompts, which then must all have the same length.
+    """
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}")
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    vocab = model.config.vocab_size
+    if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab for e in eos):
+        raise ValueError(f"eos_token_id must be token id(s) in [0, {vocab}), got {eos_token_id!r}")
+    device = model.embedding.weight.device
+    rows, _ = _prepare(prompts, device)
+    batch = len(rows)
+    ids, seq_idx = _left_pad(rows)
+    if cache is None:
+        cache = model.allocate_cache(batch)
+    elif seq_idx is not None:
+        raise ValueError("with a cache, all prompts must have the same length (padding would not see the cache)")
+    elif cache.batch_size != batch:
+        raise ValueError(f"cache has {cache.batch_size} rows for {batch} prompts")
+    generators = None if params.greedy else make_generators(seed, batch, device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.padded_vocab_size, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            seen[i, r] = True
+    return _decode(model, ids, seq_idx, cache, max_new_tokens, params, eos, seen, generators, prefill_chunk_size)
+
+
+@torch.no_grad()
+def _decode(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, cache: ModelCache,
+            max_new_tokens: int, params: SamplingParams, eos: list[int], seen: torch.Tensor | None,
+            generators: list[torch.Generator] | None, prefill_chunk_size: int) -> Iterator[torch.Tensor]:
+    """The generation loop behind :func:`stream` (arguments already checked)."""
+    if max_new_tokens == 0:
+        return
+    batch, device, vocab = ids.shape[0], ids.device, model.config.vocab_size
+    logits = _prefill(model, ids, seq_idx, cache, prefill_chunk_size)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        # Rows of the padded vocabulary beyond vocab_size are not tokens.
+        logits[:, vocab:] = -torch.inf
+        token = sample_next(logits, params, seen=seen, generators=generators)
+        if eos:
+            token = torch.where(done, eos_ids[0], token)
+            done |= torch.isin(token, eos_ids)
+        yield token
+        if step + 1 == max_new_tokens or bool(done.all()):
+            return
+        if seen is not None:
+            seen[torch.arange(batch, device=device), token] = True
+        logits = model(token[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+def _prefill(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, cache: ModelCache,
+             chunk: int) -> torch.Tensor:
+    """Read the (left-padded) prompts into ``cache`` ``chunk`` positions at a time; last logits (b, V)."""
+    length = ids.shape[1]
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        part_idx = None if seq_idx is None else seq_idx[:, start:end]
+        if part_idx is not None and start > 0:
+            # The cache carries the previous chunk's document; a row whose prompt starts exactly here
+            # must start from the zero state instead.
+            restart = seq_idx[:, start] != seq_idx[:, start - 1]
+            if bool(restart.any()):
+                cache.reset_(restart)
+        logits = model(ids[:, start:end], seq_idx=part_idx, cache=cache, logits_to_keep=1).logits[:, -1]
+    return logits
+
+
+def generate(
+    model: LanguageModel,
+    prompts: Prompts,
+    max_new_tokens: int,
+    **kwargs: object,
+) -> torch.Tensor | list[list[int]]:
+    """Generate up to ``max_new_tokens`` tokens per prompt (arguments as :func:`stream`).
+
+    Returns, for a (b, l) tensor of prompts, a (b, l + steps) tensor of prompt and new tokens (rows
+    that ended early are filled with their eos id); for a list of prompts, a list of the new tokens of
+    each prompt, ending with its eos token if one was produced.
+
+    Example::
+
+        out = generate(model, [[1, 2, 3], [4, 5]], 20, temperature=0.7, top_p=0.9, seed=0, eos_token_id=2)
+    """
+    steps = list(stream(model, prompts, max_new_tokens, **kwargs))
+    device = model.embedding.weight.device
+    if isinstance(prompts, torch.Tensor):
+        new = torch.stack(steps, dim=1) if steps else torch.zeros(prompts.shape[0], 0, dtype=torch.long, device=device)
+        return torch.cat([prompts.to(device=device, dtype=torch.long), new], dim=1)
+    eos = kwargs.get("eos_token_id")
+    eos_set = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    table = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
+    out = []
+    for row in table:
+        cut = next((k + 1 for k, t in enumerate(row) if t in eos_set), len(row))
+        out.append(row[:cut])
+    return out

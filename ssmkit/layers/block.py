@@ -1,0 +1,60 @@
+"""The residual block: pre-norm, a sequence mixer, an optional pre-norm feed-forward.
+
+``r ← r + mixer(norm(r))`` then, when the block has one, ``r ← r + ff(ff_norm(r))``. With
+``residual_in_fp32`` the residual stream ``r`` is kept in float32 (float64 for float64 models) while the
+mixer runs in the weights' dtype, as mamba_ssm's ``Block`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssmkit.layers.norm import RMSNorm
+from ssmkit.layers.state import LayerState
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around a mixer (and an optional feed-forward).
+
+    Args:
+        d_model: width of the residual stream.
+        mixer: a sequence mixer taking ``(x, *, seq_idx, initial_state, cache)`` (Mamba, Mamba2, ...).
+        ff: a feed-forward module ``x -> x`` (MLP / MoE in later releases) or None.
+        norm_eps: eps of the RMSNorms. residual_in_fp32: keep the residual stream in float32.
+
+    Shapes: residual (b, l, d_model) in any float dtype -> (b, l, d_model), float32 with
+    ``residual_in_fp32`` (the mixer's output dtype otherwise).
+
+    Example::
+
+        block = Block(64, Mamba(64))
+        r = block(torch.randn(2, 10, 64))
+    """
+
+    def __init__(self, d_model: int, mixer: nn.Module, *, ff: nn.Module | None = None, norm_eps: float = 1e-5,
+                 residual_in_fp32: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.residual_in_fp32 = residual_in_fp32
+        self.norm = RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)
+        self.mixer = mixer
+        self.ff_norm = None if ff is None else RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)
+        self.ff = ff
+
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
+                       device: torch.device | None = None) -> LayerState:
+        """The mixer's zero state (feed-forwards are stateless)."""
+        return self.mixer.allocate_state(batch_size, dtype=dtype, device=device)
+
+    def forward(self, residual: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
+                initial_state: LayerState | None = None, cache: LayerState | None = None) -> torch.Tensor:
+        """residual (b, l, d_model) -> the residual stream after this block."""
+        dtype = self.norm.weight.dtype
+        if self.residual_in_fp32:
+            residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
+        h = self.mixer(self.norm(residual).to(dtype), seq_idx=seq_idx, initial_state=initial_state, cache=cache)
+        residual = residual + h
+        if self.ff is not None:
+            residual = residual + self.ff(self.ff_norm(residual).to(dtype))
+        return residual

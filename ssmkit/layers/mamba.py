@@ -1,0 +1,210 @@
+"""Mamba-1 mixer (selective SSM block) and its recurrent state.
+
+Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H, ``N`` d_state,
+``R`` dt_rank, ``w`` d_conv.
+
+The block (Mamba paper, Figure 3): in-projection to x and gate z, causal depthwise convolution + SiLU on
+x, input-dependent Δ, B, C from x, the selective scan (Algorithm 2) with skip D, gating by SiLU(z),
+out-projection. Parameter names, arguments and initialisation follow mamba_ssm's ``Mamba``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit import ops
+from ssmkit.layers.norm import no_weight_decay
+from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
+
+
+@dataclasses.dataclass(eq=False)
+class MambaState(LayerState):
+    """Decode state of one :class:`Mamba` layer.
+
+    conv: (b, I, w) the last ``d_conv`` convolution inputs (the model's dtype);
+    ssm: (b, I, N) the scan state (float32, float64 for float64 models).
+    """
+
+    kind = "mamba"
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+def dt_bias_init(n: int, dt_min: float, dt_max: float, dt_init_floor: float, *,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Inverse softplus of Δ ~ exp(U(log dt_min, log dt_max)) floored at ``dt_init_floor``: (n,) float32."""
+    dt = torch.exp(
+        torch.rand(n, device=device, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    ).clamp(min=dt_init_floor)
+    # softplus⁻¹(Δ) = Δ + log(1 - exp(-Δ)), written with expm1 for small Δ.
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba(nn.Module):
+    """Mamba-1 mixer with mamba_ssm's arguments and defaults.
+
+    ``mixer_rms_eps`` (falcon_mamba) adds weightless RMSNorms with that eps on dt (before ``dt_proj``),
+    B and C. ``layer_idx`` is informational (for repr and error messages).
+
+    ``forward(x, *, seq_idx=None, initial_state=None, cache=None)``: x (b, l, H) -> (b, l, H).
+    ``initial_state`` (a :class:`MambaState`) is read, never written; ``cache`` is read and updated in
+    place to the state after ``x``. A one-token call with a cache takes the decode path
+    (``selective_state_update``); longer calls go through the parallel ops with the state as initial
+    state, so a cache can consume a prompt, or several tokens at a time from an existing state. A cache
+    holds plain values (no autograd history); to differentiate through a state, pass it as
+    ``initial_state``.
+
+    Example::
+
+        layer = Mamba(d_model=64)
+        y = layer(torch.randn(2, 10, 64))
+        state = layer.allocate_state(2)
+        y0 = layer(torch.randn(2, 7, 64), cache=state)     # prefill
+        y1 = layer(torch.randn(2, 1, 64), cache=state)     # one decode step
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        mixer_rms_eps: float | None = None,
+        layer_idx: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.mixer_rms_eps = mixer_rms_eps
+        self.layer_idx = layer_idx
+        if mixer_rms_eps is not None:
+            # Unit weights for the weightless norms on dt, B and C; buffers so they follow .to(), not saved.
+            self.register_buffer("_unit_rank", torch.ones(self.dt_rank, **factory), persistent=False)
+            self.register_buffer("_unit_state", torch.ones(d_state, **factory), persistent=False)
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, dt_init_std)
+            elif dt_init == "random":
+                nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+            else:
+                raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, dt_min, dt_max, dt_init_floor, device=device))
+        # The model-level init zeroes Linear biases; this one carries the Δ initialisation.
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-Real initialisation: A = -(1..N) for every channel, stored as log(-A).
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        no_weight_decay(self.A_log, self.D, self.dt_proj.bias, self.conv1d.bias, self.in_proj.bias,
+                        self.out_proj.bias)
+
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
+                       device: torch.device | None = None) -> MambaState:
+        """A zero :class:`MambaState`: conv in ``dtype`` (default the weights'), ssm in float32 (or float64)."""
+        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.in_proj.weight.device
+        return MambaState(
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv, dtype=dtype, device=device),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                            dtype=torch.promote_types(dtype, torch.float32)),
+        )
+
+    def forward(self, hidden_states: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
+                initial_state: MambaState | None = None, cache: MambaState | None = None) -> torch.Tensor:
+        """hidden_states (b, l, H) -> (b, l, H); seq_idx (b, l) int restarts the state where it changes."""
+        if cache is not None and initial_state is not None:
+            raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
+        batch, length, _ = hidden_states.shape
+        state = cache if cache is not None else initial_state
+        if state is not None:
+            self._check_state(state, batch)
+        if cache is not None and length == 1:
+            return self._step(hidden_states, cache)
+        if cache is not None and torch.is_grad_enabled():
+            # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
+            state = cache.clone()
+
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, I, l) each
+        conv_in = x
+        x = ops.causal_conv1d_fn(
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
+            initial_states=None if state is None else state.conv[..., 1:].to(x.dtype), activation="silu",
+        )
+        if cache is not None:
+            cache.conv.copy_(next_conv_state(cache.conv, conv_in, seq_idx).detach())
+        dt, B, C = self._dt_B_C(x.transpose(1, 2))
+        result = ops.selective_scan_fn(
+            x, dt.transpose(1, 2), -torch.exp(at_least_fp32(self.A_log)), B.transpose(1, 2), C.transpose(1, 2),
+            at_least_fp32(self.D), z=z, delta_bias=at_least_fp32(self.dt_proj.bias), delta_softplus=True,
+            return_last_state=cache is not None, initial_state=None if state is None else state.ssm,
+            seq_idx=seq_idx,
+        )
+        if cache is not None:
+            y, last_state = result
+            cache.ssm.copy_(last_state.detach())
+        else:
+            y = result
+        return self.out_proj(y.transpose(1, 2))
+
+    def _step(self, hidden_states: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (b, I)
+        x = ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                     activation="silu")
+        dt, B, C = self._dt_B_C(x)
+        y = ops.selective_state_update(
+            state.ssm, x, dt, -torch.exp(at_least_fp32(self.A_log)), B, C, at_least_fp32(self.D), z=z,
+            dt_bias=at_least_fp32(self.dt_proj.bias), dt_softplus=True,
+        )
+        return self.out_proj(y).unsqueeze(1)
+
+    def _dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., I) -> dt (..., I) before bias and softplus, B (..., N), C (..., N)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.mixer_rms_eps is not None:
+            eps = self.mixer_rms_eps
+            dt = ops.rms_norm_fn(dt, self._unit_rank, eps=eps)
+            B, C = (ops.rms_norm_fn(t, self._unit_state, eps=eps) for t in (B, C))
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def _check_state(self, state: MambaState, batch: int) -> None:
+        if not isinstance(state, MambaState):
+            raise TypeError(f"{self._name()}: state must be a MambaState, got {type(state).__name__}")
+        state.check(self._name(), {
+            "conv": ((batch, self.d_inner, self.d_conv), None),
+            "ssm": ((batch, self.d_inner, self.d_state), None),
+        })
+
+    def _name(self) -> str:
+        return "Mamba" if self.layer_idx is None else f"Mamba (layer {self.layer_idx})"
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}" + (f", mixer_rms_eps={self.mixer_rms_eps}" if self.mixer_rms_eps else ""))

@@ -1,0 +1,200 @@
+"""Mamba-2 mixer (SSD block) and its recurrent state.
+
+Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H, ``h`` nheads = I / p,
+``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
+
+The block (Mamba-2 paper, "Transformers are SSMs", Figure 6): one in-projection to [z, xBC, dt], causal
+depthwise convolution + SiLU on xBC (x, B and C together), the SSD scan with a scalar decay per head and
+skip D, a gated RMSNorm with z, out-projection. Names, arguments and initialisation follow mamba_ssm's
+``Mamba2`` (without its optional MLP part, d_ssm = d_inner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ssmkit import ops
+from ssmkit.layers.mamba import dt_bias_init
+from ssmkit.layers.norm import RMSNormGated, no_weight_decay
+from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
+
+_NO_LIMIT = (0.0, math.inf)
+
+
+@dataclasses.dataclass(eq=False)
+class Mamba2State(LayerState):
+    """Decode state of one :class:`Mamba2` layer.
+
+    conv: (b, conv_dim, w) the last ``d_conv`` convolution inputs (the model's dtype);
+    ssm: (b, h, p, N) the scan state (float32, float64 for float64 models).
+    """
+
+    kind = "mamba2"
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer with mamba_ssm's arguments and defaults.
+
+    ``rmsnorm=False`` drops the gated RMSNorm and gates the scan output with ``silu(z)`` directly;
+    ``D_has_hdim`` gives D one value per channel instead of per head; ``dt_limit`` clamps Δ after the
+    softplus. ``norm_eps`` is the gated RMSNorm's eps (mamba_ssm 1e-5; transformers uses the model's).
+
+    ``forward(x, *, seq_idx=None, initial_state=None, cache=None)``: x (b, l, H) -> (b, l, H), with the
+    same state semantics as :class:`ssmkit.layers.Mamba` (``initial_state`` read only, ``cache`` updated
+    in place; a one-token call with a cache is a decode step).
+
+    Example::
+
+        layer = Mamba2(d_model=64, d_state=32, headdim=16)
+        y = layer(torch.randn(2, 10, 64))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = _NO_LIMIT,
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        norm_eps: float = 1e-5,
+        layer_idx: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        if self.d_inner % headdim:
+            raise ValueError(f"Mamba2: headdim={headdim} must divide d_inner = expand * d_model = {self.d_inner}")
+        self.headdim, self.nheads, self.ngroups = headdim, self.d_inner // headdim, ngroups
+        if self.nheads % ngroups:
+            raise ValueError(f"Mamba2: ngroups={ngroups} must divide nheads={self.nheads}")
+        self.dt_limit = tuple(float(v) for v in dt_limit)
+        self.chunk_size, self.rmsnorm, self.D_has_hdim = chunk_size, rmsnorm, D_has_hdim
+        self.layer_idx = layer_idx
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.dt_bias = nn.Parameter(dt_bias_init(self.nheads, dt_min, dt_max, dt_init_floor, device=device))
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner if D_has_hdim else self.nheads, device=device))
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_inner, eps=norm_eps, group_size=self.d_inner // ngroups,
+                                     norm_before_gate=norm_before_gate, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        no_weight_decay(self.dt_bias, self.A_log, self.D, self.conv1d.bias, self.in_proj.bias, self.out_proj.bias)
+
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
+                       device: torch.device | None = None) -> Mamba2State:
+        """A zero :class:`Mamba2State`: conv in ``dtype`` (default the weights'), ssm in float32 (or float64)."""
+        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.in_proj.weight.device
+        return Mamba2State(
+            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv, dtype=dtype, device=device),
+            ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                            dtype=torch.promote_types(dtype, torch.float32)),
+        )
+
+    def forward(self, hidden_states: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
+                initial_state: Mamba2State | None = None, cache: Mamba2State | None = None) -> torch.Tensor:
+        """hidden_states (b, l, H) -> (b, l, H); seq_idx (b, l) int restarts the state where it changes."""
+        if cache is not None and initial_state is not None:
+            raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
+        batch, length, _ = hidden_states.shape
+        state = cache if cache is not None else initial_state
+        if state is not None:
+            self._check_state(state, batch)
+        if cache is not None and length == 1:
+            return self._step(hidden_states, cache)
+        if cache is not None and torch.is_grad_enabled():
+            # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
+            state = cache.clone()
+
+        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        conv_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
+        xBC = ops.causal_conv1d_fn(
+            conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
+            initial_states=None if state is None else state.conv[..., 1:].to(conv_in.dtype), activation="silu",
+        ).transpose(1, 2)
+        if cache is not None:
+            cache.conv.copy_(next_conv_state(cache.conv, conv_in, seq_idx).detach())
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        result = ops.mamba_chunk_scan_combined(
+            x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(at_least_fp32(self.A_log)),
+            B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+            self.chunk_size, D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
+            dt_bias=self.dt_bias, initial_states=None if state is None else state.ssm, seq_idx=seq_idx,
+            dt_softplus=True, dt_limit=self.dt_limit, return_final_states=cache is not None,
+        )
+        if cache is not None:
+            y, final_state = result
+            cache.ssm.copy_(final_state.detach())
+        else:
+            y = result
+        y = y.flatten(-2)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        return self.out_proj(y)
+
+    def _step(self, hidden_states: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
+        z, xBC, dt = self.in_proj(hidden_states[:, 0]).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = ops.causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                       activation="silu")
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = ops.selective_state_update(
+            state.ssm,
+            x.unflatten(-1, (self.nheads, self.headdim)),
+            dt,
+            -torch.exp(at_least_fp32(self.A_log)),
+            B.unflatten(-1, (self.ngroups, self.d_state)),
+            C.unflatten(-1, (self.ngroups, self.d_state)),
+            self._D(),
+            z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+        ).flatten(-2)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        return self.out_proj(y).unsqueeze(1)
+
+    def _D(self) -> torch.Tensor:
+        return self.D.unflatten(0, (self.nheads, self.headdim)) if self.D_has_hdim else self.D
+
+    def _check_state(self, state: Mamba2State, batch: int) -> None:
+        if not isinstance(state, Mamba2State):
+            raise TypeError(f"{self._name()}: state must be a Mamba2State, got {type(state).__name__}")
+        state.check(self._name(), {
+            "conv": ((batch, self.conv_dim, self.d_conv), None),
+            "ssm": ((batch, self.nheads, self.headdim, self.d_state), None),
+        })
+
+    def _name(self) -> str:
+        return "Mamba2" if self.layer_idx is None else f"Mamba2 (layer {self.layer_idx})"
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"ngroups={self.ngroups}, d_state={self.d_state}, d_conv={self.d_conv}, chunk_size={self.chunk_size}")

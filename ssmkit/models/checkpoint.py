@@ -1,0 +1,146 @@
+"""ssmkit checkpoint folders and safetensors I/O: atomic writes, errors that name the file.
+
+An ssmkit checkpoint folder holds::
+
+    config.json        {"format": "ssmkit", "format_version": 1, "architecture": "LanguageModel",
+                        "config": {...ModelConfig.to_dict()...}}
+    model.safetensors  the model's state_dict (no lm_head entry when the embeddings are tied)
+
+Both files are written to a temporary name in the folder and renamed, so a crash never leaves a
+half-written file under the final name. Tensors are only read through safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ssmkit.models.config import ModelConfig, write_text_atomic
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+FORMAT = "ssmkit"
+FORMAT_VERSION = 1
+ARCHITECTURE = "LanguageModel"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba")
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
+                            metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to ``path`` (safetensors) through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_safetensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file; clear errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected a safetensors file)")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type and OSError for bad files
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, metadata
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def checkpoint_kind(path: Path) -> str:
+    """``"ssmkit"`` or ``"transformers"`` from the folder's config.json; anything else raises."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (expected a folder with {CONFIG_NAME})")
+    data = read_json(path / CONFIG_NAME)
+    if data.get("format") == FORMAT:
+        return "ssmkit"
+    model_type = data.get("model_type")
+    if model_type in TRANSFORMERS_MODEL_TYPES:
+        return "transformers"
+    if model_type is not None:
+        raise ValueError(
+            f"{path / CONFIG_NAME}: model_type {model_type!r} is not supported; ssmkit reads ssmkit checkpoints "
+            f"and transformers checkpoints of model_type {', '.join(TRANSFORMERS_MODEL_TYPES)}"
+        )
+    raise ValueError(
+        f"{path / CONFIG_NAME}: neither an ssmkit checkpoint (no \"format\": \"ssmkit\") nor a transformers one "
+        "(no \"model_type\")"
+    )
+
+
+def save_checkpoint(model: LanguageModel, path: Path) -> None:
+    """Write ``model`` as an ssmkit checkpoint folder at ``path`` (created if needed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(dict(model.state_dict()), path / WEIGHTS_NAME, metadata={"format": FORMAT})
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
+            "config": model.config.to_dict()}
+    write_text_atomic(path / CONFIG_NAME, json.dumps(data, indent=2) + "\n")
+
+
+def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
+    """Read an ssmkit checkpoint folder: ``(config, state_dict, weights file)``."""
+    config_file = path / CONFIG_NAME
+    data = read_json(config_file)
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{config_file}: not an ssmkit checkpoint config (\"format\" is {data.get('format')!r})")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{config_file}: format_version {version!r} is not readable by this ssmkit "
+                         f"(reads versions up to {FORMAT_VERSION})")
+    if data.get("architecture") != ARCHITECTURE:
+        raise ValueError(f"{config_file}: holds a {data.get('architecture')!r} checkpoint, not a {ARCHITECTURE}")
+    try:
+        config = ModelConfig.from_dict(data.get("config"))
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    weights_file = path / WEIGHTS_NAME
+    tensors, _ = load_safetensors(weights_file)
+    return config, tensors, weights_file
+
+
+def load_state_dict_checked(model: LanguageModel, state_dict: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``state_dict`` into ``model``; missing, unexpected or misshapen tensors raise, naming ``source``."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    misshapen = [
+        f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k in sorted(expected.keys() & state_dict.keys()) if state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    for what, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                        ("shape mismatches", misshapen)):
+        if items:
+            problems.append(f"{what} ({len(items)}): " + "; ".join(items[:8]) + ("; ..." if len(items) > 8 else ""))
+    if problems:
+        raise ValueError(f"{source}: tensors do not match the model built from its config: " + " | ".join(problems))
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from ssmkit.generation.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_logits,
+    make_generators,
+    sample_next,
+)
+
+
+def kept(logits):
+    return set(torch.nonzero(torch.isfinite(logits[0])).flatten().tolist())
+
+
+def test_greedy_is_argmax_after_the_repetition_penalty():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.2]])
+    assert sample_next(logits, SamplingParams(temperature=0)).tolist() == [1, 0]
+    seen = torch.tensor([[False, True, False], [True, False, False]])
+    # 3 / 2 = 1.5 < 2: token 2 wins; 0.5 / 2 = 0.25 > 0.2 keeps token 0.
+    assert sample_next(logits, SamplingParams(temperature=0, repetition_penalty=2.0), seen=seen).tolist() == [2, 0]
+
+
+def test_repetition_penalty_formula():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 4.0).tolist() == [[0.5, -8.0, 1.0]]
+
+
+def test_top_k_top_p_min_p():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))
+    assert kept(filter_logits(logits, SamplingParams(top_k=2))) == {0, 1}
+    assert kept(filter_logits(logits, SamplingParams(top_p=0.5))) == {0}
+    assert kept(filter_logits(logits, SamplingParams(top_p=0.7))) == {0, 1}
+    assert kept(filter_logits(logits, SamplingParams(top_p=0.9))) == {0, 1, 2}
+    assert kept(filter_logits(logits, SamplingParams(top_p=1.0))) == {0, 1, 2, 3, 4}
+    # min_p keeps tokens at least min_p times as likely as the best one (0.5 * 0.3 = 0.15).
+    assert kept(filter_logits(logits, SamplingParams(min_p=0.3))) == {0, 1, 2}
+    assert kept(filter_logits(logits, SamplingParams(top_k=3, top_p=0.7))) == {0, 1}
+    # Temperature scales before the filters.
+    assert torch.allclose(filter_logits(logits, SamplingParams(temperature=2.0)), logits / 2)
+
+
+def test_sampling_follows_the_distribution_and_the_seed():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log()[None].repeat(4000, 1)
+    gens = make_generators(5, 4000, torch.device("cpu"))
+    tokens = sample_next(logits, SamplingParams(), generators=gens)
+    freq = torch.bincount(tokens, minlength=3).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+    again = sample_next(logits, SamplingParams(), generators=make_generators(5, 4000, torch.device("cpu")))
+    assert torch.equal(tokens, again)
+    # Row i with seed s + i draws what row 0 draws with seed s + i.
+    row7 = sample_next(logits[:1], SamplingParams(), generators=make_generators(12, 1, torch.device("cpu")))
+    assert row7.item() == tokens[7].item()
+    with pytest.raises(ValueError, match="one torch.Generator per row"):
+        sample_next(logits[:2], SamplingParams())
+
+
+def test_generators_from_seeds():
+    cpu = torch.device("cpu")
+    a = [g.initial_seed() for g in make_generators([3, 9], 2, cpu)]
+    assert a == [3, 9]
+    torch.manual_seed(1)
+    b = [g.initial_seed() for g in make_generators(None, 2, cpu)]
+    torch.manual_seed(1)
+    assert b == [g.initial_seed() for g in make_generators(None, 2, cpu)]
+    with pytest.raises(ValueError, match="seed has 1 values for 2 prompts"):
+        make_generators([1], 2, cpu)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        make_generators(1.5, 2, cpu)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"temperature": -1.0}, "temperature must be a number >= 0"),
+    ({"top_k": -2}, "top_k must be an int >= 0"),
+    ({"top_k": 1.5}, "top_k must be an int >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"min_p": -0.1}, r"min_p must be in \[0, 1\]"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be a number > 0"),
+    ({"temperature": float("nan")}, "temperature must be a number"),
+])
+def test_invalid_params(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kw)
