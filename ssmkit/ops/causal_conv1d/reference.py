@@ -1,0 +1,121 @@
+"""Sequential definition of the causal depthwise convolution (the ground truth for the other backends).
+
+Glossary:
+    b  batch                      d  channels (one filter per channel, depthwise)
+    l  sequence length            w  filter width (taps); the state holds the last w - 1 inputs
+    t  output position            k  tap index, k = w - 1 reads the current input x[t]
+
+    out[b, d, t] = act(bias[d] + sum_k weight[d, k] * src(b, d, t - (w - 1) + k))
+
+where src(b, d, s) = x[b, d, s] for s >= 0 and initial_states[b, d, w - 1 + s] (zero when not given)
+for s < 0. With seq_idx a tap only reads positions of the same document (a maximal run of equal
+seq_idx values); positions before 0 belong to the first document.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _document_runs(seq_idx: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """(b, l) run number of each position: 0 for the first document, +1 at every change of seq_idx."""
+    if seq_idx is None:
+        return torch.zeros(batch, length, dtype=torch.long, device=device)
+    change = torch.zeros(batch, length, dtype=torch.long, device=device)
+    change[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    return change.cumsum(dim=1)
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Loop over output positions; see :func:`ssmkit.ops.causal_conv1d.causal_conv1d_fn` for the contract.
+
+    Computes in float32 at least (float64 inputs stay float64); returns x's dtype.
+    """
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    cdtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    xs = x.to(cdtype)
+    w = weight.to(cdtype)
+    init = (
+        initial_states.to(cdtype)
+        if initial_states is not None
+        else torch.zeros(batch, dim, width - 1, dtype=cdtype, device=x.device)
+    )
+    runs = _document_runs(seq_idx, batch, length, x.device)
+
+    outs = []
+    for t in range(length):
+        acc = torch.zeros(batch, dim, dtype=cdtype, device=x.device)
+        if bias is not None:
+            acc = acc + bias.to(cdtype)
+        for k in range(width):
+            s = t - (width - 1) + k
+            if s >= 0:
+                src, same_doc = xs[:, :, s], runs[:, s] == runs[:, t]
+            else:
+                src, same_doc = init[:, :, width - 1 + s], runs[:, t] == 0
+            # where, not a multiply by 0: a NaN in another document must not leak into this one.
+            acc = acc + torch.where(same_doc[:, None], w[:, k] * src, 0.0)
+        outs.append(acc)
+    out = torch.stack(outs, dim=-1)
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    out = out.to(x.dtype)
+    if not return_final_states:
+        return out
+
+    # The state the last document would continue from: its last w - 1 inputs, zeros before its start.
+    last = runs[:, -1]
+    finals = []
+    for i in range(width - 1):
+        s = length - (width - 1) + i
+        if s >= 0:
+            src, same_doc = xs[:, :, s], runs[:, s] == last
+        else:
+            src, same_doc = init[:, :, width - 1 + s], last == 0
+        finals.append(torch.where(same_doc[:, None], src, 0.0))
+    final = torch.stack(finals, dim=-1) if finals else xs.new_zeros(batch, dim, 0)
+    return out, final.to(x.dtype)
+
+
+def causal_conv1d_update_ref(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One token at a time: append x[..., t] to the state, convolve the last w inputs.
+
+    x: (b, d) or (b, d, l); conv_state (b, d, state_len), state_len >= w - 1, updated in place.
+    """
+    squeeze = x.dim() == 2
+    xs = x.unsqueeze(-1) if squeeze else x
+    width = weight.shape[1]
+    cdtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    w = weight.to(cdtype)
+    state = conv_state.to(cdtype)
+    outs = []
+    for t in range(xs.shape[-1]):
+        xt = xs[:, :, t].to(cdtype)
+        window = torch.cat([state[:, :, state.shape[-1] - (width - 1) :], xt[:, :, None]], dim=-1)
+        acc = (window * w).sum(dim=-1)
+        if bias is not None:
+            acc = acc + bias.to(cdtype)
+        outs.append(acc)
+        state = torch.cat([state, xt[:, :, None]], dim=-1)[:, :, 1:]
+    conv_state.copy_(state)
+    out = torch.stack(outs, dim=-1)
+    if activation in ("silu", "swish"):
+        out = F.silu(out)
+    out = out.to(x.dtype)
+    return out.squeeze(-1) if squeeze else out

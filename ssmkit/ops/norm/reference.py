@@ -1,0 +1,85 @@
+"""Plain formulas for the RMS norms (the definition the fast path is tested against).
+
+Glossary:
+    ...  any leading dimensions (batch, length, heads)
+    n    normalised (last) dimension, split into n / g groups of g = group_size entries
+    rms(v) = sqrt(mean(v ** 2) + eps) over one group;  silu(z) = z * sigmoid(z)
+
+    rms_norm:        h = x + residual;           y = h / rms(h) * weight + bias
+    gated, before:   y = (x / rms(x) * weight + bias) * silu(z)        (norm_before_gate=True)
+    gated, after:    h = x * silu(z);  y = h / rms(h) * weight + bias  (norm_before_gate=False)
+
+Math is done in float32 at least (float64 inputs stay float64); outputs come back in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The widest floating dtype among ``tensors``, and at least float32."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
+    """dtype of the returned residual stream: the incoming one's (or x's), raised to float32 on request."""
+    dtype = residual.dtype if residual is not None else x.dtype
+    return torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
+
+
+def _rms_normalize(h: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
+    groups = h.reshape(*h.shape[:-1], h.shape[-1] // group_size, group_size)
+    rms = torch.sqrt(groups.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (groups / rms).reshape(h.shape)
+
+
+def rms_norm_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`ssmkit.ops.norm.rms_norm_fn`."""
+    cdtype = compute_dtype(x, weight, bias, residual)
+    h = x.to(cdtype)
+    if residual is not None:
+        h = h + residual.to(cdtype)
+    y = _rms_normalize(h, eps, h.shape[-1]) * weight.to(cdtype)
+    if bias is not None:
+        y = y + bias.to(cdtype)
+    out = y.to(x.dtype)
+    if not prenorm:
+        return out
+    return out, h.to(residual_dtype(x, residual, residual_in_fp32))
+
+
+def gated_rms_norm_ref(
+    x: torch.Tensor,
+    z: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See :func:`ssmkit.ops.norm.gated_rms_norm_fn`."""
+    cdtype = compute_dtype(x, z, weight, bias)
+    h = x.to(cdtype)
+    gate = F.silu(z.to(cdtype)) if z is not None else None
+    if gate is not None and not norm_before_gate:
+        h = h * gate
+    y = _rms_normalize(h, eps, group_size or h.shape[-1]) * weight.to(cdtype)
+    if bias is not None:
+        y = y + bias.to(cdtype)
+    if gate is not None and norm_before_gate:
+        y = y * gate
+    return y.to(x.dtype)
