@@ -65,8 +65,10 @@ def assert_close(
     a, e = a[~nan_a], e[~nan_e]
     if e.numel() == 0:
         return
-    diff = (a - e).abs()
-    scale = e.abs().max().item()
+    # Equal values (infinities included) count as exact; inf - inf would otherwise be NaN.
+    diff = torch.where(a == e, torch.zeros_like(a), (a - e).abs())
+    finite = e[torch.isfinite(e)]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
     max_err = diff.max().item()
     bound = atol + rtol * scale
     if not max_err <= bound:

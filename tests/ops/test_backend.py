@@ -156,3 +156,12 @@ def test_assert_close_nan_patterns():
         assert_close(torch.tensor([nan, 2.0, 3.0]), expected)
     with pytest.raises(AssertionError, match="max abs err"):
         assert_close(torch.tensor([1.0, nan, 4.0]), expected)  # same NaNs, the rest still compared
+
+
+def test_assert_close_equal_infinities_pass_and_mismatched_fail():
+    inf = float("inf")
+    assert_close(torch.tensor([1.0, inf, -inf]), torch.tensor([1.0, inf, -inf]))
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([1.0, inf]), torch.tensor([1.0, -inf]))
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([1.0, 2.0]), torch.tensor([1.0, inf]))
