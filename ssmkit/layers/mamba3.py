@@ -1,0 +1,227 @@
+"""Mamba-3 mixer and its recurrent state.
+
+Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H, ``h`` nheads = I / p,
+``p`` headdim, ``g`` ngroups, ``N`` d_state, ``R`` mimo_rank (1 without MIMO), ``a`` rotary angles.
+
+The block (Mamba-3 paper, arXiv 2603.15569; mamba_ssm ``modules/mamba3.py``): one in-projection split
+into [z, x, B, C, dd_dt, dd_A, trap, angles] with no short convolution; Δ = softplus(dd_dt + dt_bias),
+a data-dependent A = -max(softplus(dd_A), A_floor), λ = sigmoid(trap) for the exponential-trapezoidal
+rule; B and C pass an RMSNorm over N and get per-head biases (initialised to 1); rotary angles shared by
+the heads rotate a fraction ``rope_fraction`` of the state pairs; MIMO (``is_mimo``) gives B and C rank
+R and projects x, z and the output with ``mimo_x``, ``mimo_z``, ``mimo_o``; the scan (skip D) is gated
+by silu(z), or, with ``is_outproj_norm``, followed by a gated RMSNorm (norm before gate, one group per
+head); then out_proj. Names, arguments and initialisation are mamba_ssm's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit.layers.mamba import dt_bias_init
+from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
+from ssmkit.layers.state import LayerState, at_least_fp32
+from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
+
+
+@dataclasses.dataclass(eq=False)
+class Mamba3State(LayerState):
+    """Decode state of one :class:`Mamba3` layer (float32, float64 for float64 models).
+
+    angle: (b, h, a) accumulated rotary angles; ssm: (b, h, p, N) the scan state; last_B: (b, R, h, N)
+    the previous token's rotated, biased B; last_x: (b, h, p) the previous token's x. The last two feed
+    the trapezoid's share of the previous step.
+    """
+
+    kind = "mamba3"
+    angle: torch.Tensor
+    ssm: torch.Tensor
+    last_B: torch.Tensor
+    last_x: torch.Tensor
+
+
+class Mamba3(nn.Module):
+    """Mamba-3 mixer with mamba_ssm's arguments and defaults.
+
+    ``rope_fraction`` (0.5 or 1.0) is the share of the N state entries that rotate (a = ⌊N·fraction⌋ // 2
+    angles, one per pair); ``A_floor`` bounds the decay rate away from 0; ``is_mimo`` with ``mimo_rank``
+    R turns on the multi-input multi-output update; ``is_outproj_norm`` adds a gated RMSNorm (eps
+    ``norm_eps``) before out_proj. mamba_ssm pairs state entries (2i, 2i+1) without MIMO and
+    (i, i + N/2) with it; so does this layer, so that its weights mean the same.
+
+    ``forward(x, *, seq_idx=None, initial_state=None, cache=None)``: x (b, l, H) -> (b, l, H), with the
+    state semantics of :class:`ssmkit.layers.Mamba` (``initial_state`` read only, ``cache`` updated in
+    place; a one-token call with a cache is a decode step through :func:`ssmkit.ops.mamba3.mamba3_step`).
+
+    Example::
+
+        layer = Mamba3(d_model=64, d_state=32, headdim=16, is_mimo=True, mimo_rank=2)
+        y = layer(torch.randn(2, 10, 64))
+        state = layer.allocate_state(2)
+        y0 = layer(torch.randn(2, 7, 64), cache=state)     # prefill
+        y1 = layer(torch.randn(2, 1, 64), cache=state)     # one decode step
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        rope_fraction: float = 0.5,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        A_floor: float = 1e-4,
+        is_outproj_norm: bool = False,
+        is_mimo: bool = False,
+        mimo_rank: int = 4,
+        chunk_size: int = 64,
+        norm_eps: float = 1e-5,
+        layer_idx: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.expand = d_model, d_state, expand
+        self.d_inner = int(expand * d_model)
+        if self.d_inner % headdim:
+            raise ValueError(f"Mamba3: headdim={headdim} must divide d_inner = expand * d_model = {self.d_inner}")
+        self.headdim, self.nheads, self.ngroups = headdim, self.d_inner // headdim, ngroups
+        if self.nheads % ngroups:
+            raise ValueError(f"Mamba3: ngroups={ngroups} must divide nheads={self.nheads}")
+        if rope_fraction not in (0.5, 1.0):
+            raise ValueError(f"Mamba3: rope_fraction must be 0.5 or 1.0, got {rope_fraction}")
+        self.num_rope_angles = int(d_state * rope_fraction) // 2
+        if self.num_rope_angles < 1:
+            raise ValueError(f"Mamba3: d_state={d_state} leaves no rotary pair at rope_fraction={rope_fraction}")
+        if is_mimo and mimo_rank < 1:
+            raise ValueError(f"Mamba3: mimo_rank must be >= 1, got {mimo_rank}")
+        self.rope_fraction, self.A_floor, self.chunk_size = rope_fraction, A_floor, chunk_size
+        self.is_mimo, self.is_outproj_norm, self.layer_idx = is_mimo, is_outproj_norm, layer_idx
+        self.mimo_rank = mimo_rank if is_mimo else 1
+        R, h, p, N = self.mimo_rank, self.nheads, headdim, d_state
+        self.split_sizes = [self.d_inner, self.d_inner, R * ngroups * N, R * ngroups * N, h, h, h,
+                            self.num_rope_angles]
+
+        self.in_proj = nn.Linear(d_model, sum(self.split_sizes), bias=False, **factory)
+        self.dt_bias = nn.Parameter(dt_bias_init(h, dt_min, dt_max, dt_init_floor, device=device))
+        self.B_bias = nn.Parameter(torch.ones(h, R, N, device=device))
+        self.C_bias = nn.Parameter(torch.ones(h, R, N, device=device))
+        self.B_norm = RMSNorm(N, eps=norm_eps, **factory)
+        self.C_norm = RMSNorm(N, eps=norm_eps, **factory)
+        if is_mimo:
+            self.mimo_x = nn.Parameter(torch.full((h, R, p), 1.0 / R, device=device))
+            self.mimo_z = nn.Parameter(torch.ones(h, R, p, device=device))
+            self.mimo_o = nn.Parameter(torch.full((h, R, p), 1.0 / R, device=device))
+        self.D = nn.Parameter(torch.ones(h, device=device))
+        if is_outproj_norm:
+            self.norm = RMSNormGated(self.d_inner, eps=norm_eps, group_size=headdim, norm_before_gate=True, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
+        no_weight_decay(self.dt_bias, self.D)
+
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
+                       device: torch.device | None = None) -> Mamba3State:
+        """A zero :class:`Mamba3State` in float32 (float64 when ``dtype``, default the weights', is float64)."""
+        dtype = torch.promote_types(dtype or self.in_proj.weight.dtype, torch.float32)
+        device = device or self.in_proj.weight.device
+        b, h, p, N = batch_size, self.nheads, self.headdim, self.d_state
+        return Mamba3State(
+            angle=torch.zeros(b, h, self.num_rope_angles, dtype=dtype, device=device),
+            ssm=torch.zeros(b, h, p, N, dtype=dtype, device=device),
+            last_B=torch.zeros(b, self.mimo_rank, h, N, dtype=dtype, device=device),
+            last_x=torch.zeros(b, h, p, dtype=dtype, device=device),
+        )
+
+    def forward(self, hidden_states: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
+                initial_state: Mamba3State | None = None, cache: Mamba3State | None = None) -> torch.Tensor:
+        """hidden_states (b, l, H) -> (b, l, H); seq_idx (b, l) int restarts the state where it changes."""
+        if cache is not None and initial_state is not None:
+            raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
+        batch, length, _ = hidden_states.shape
+        state = cache if cache is not None else initial_state
+        if state is not None:
+            self._check_state(state, batch)
+        if cache is not None and length == 1:
+            return self._step(hidden_states, cache)
+        if cache is not None and torch.is_grad_enabled():
+            # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
+            state = cache.clone()
+        z, inputs = self._project(hidden_states)
+        result = mamba3_scan(
+            **inputs, **self._scan_params(z), seq_idx=seq_idx, chunk_size=self.chunk_size,
+            initial_state=None if state is None else Mamba3ScanState(**state.tensors()),
+            return_final_state=cache is not None,
+        )
+        if cache is not None:
+            y, final = result
+            cache.copy_(Mamba3State(**{k: v.detach() for k, v in final._asdict().items()}))
+        else:
+            y = result
+        return self.out_proj(self._output(y, z))
+
+    def _step(self, hidden_states: torch.Tensor, state: Mamba3State) -> torch.Tensor:
+        """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
+        z, inputs = self._project(hidden_states)
+        params = self._scan_params(z)
+        y = mamba3_step(
+            Mamba3ScanState(**state.tensors()), **{k: v[:, 0] for k, v in inputs.items()},
+            **{k: v[:, 0] if k == "z" and v is not None else v for k, v in params.items()},
+        )
+        return self.out_proj(self._output(y.unsqueeze(1), z))
+
+    def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """z (b, l, h, p) and the scan's per-token inputs from u (b, l, H)."""
+        z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(u).split(self.split_sizes, dim=-1)
+        B = self.B_norm(B.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
+        C = self.C_norm(C.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
+        A = (-F.softplus(at_least_fp32(dd_A))).clamp(max=-self.A_floor)
+        dt = F.softplus(at_least_fp32(dd_dt) + self.dt_bias)
+        inputs = {
+            "x": x.unflatten(-1, (self.nheads, self.headdim)), "dt": dt, "A": A, "B": B, "C": C, "trap": trap,
+            "angles": angles[:, :, None].expand(-1, -1, self.nheads, -1),
+        }
+        return z.unflatten(-1, (self.nheads, self.headdim)), inputs
+
+    def _scan_params(self, z: torch.Tensor) -> dict[str, torch.Tensor | bool | None]:
+        """Keyword arguments of the scan besides the per-token inputs (the gate z when it is fused)."""
+        mimo = {k: getattr(self, k) if self.is_mimo else None for k in ("mimo_x", "mimo_z", "mimo_o")}
+        if self.is_outproj_norm:
+            # The norm needs each rank's output: the gate and the down-projection come after it.
+            mimo["mimo_o"] = None
+        return dict(mimo, D=self.D, z=None if self.is_outproj_norm else z, B_bias=self.B_bias, C_bias=self.C_bias,
+                    rotary_interleaved=not self.is_mimo)
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(b, l, h, p) or, per rank, (b, l, R, h, p) scan output -> (b, l, I) input of out_proj."""
+        if not self.is_outproj_norm:
+            return (y if y.dim() == 4 else y.squeeze(2)).flatten(-2)
+        if not self.is_mimo:
+            return self.norm(y.squeeze(2).flatten(-2), z.flatten(-2))
+        zr = z[:, :, None] * self.mimo_z.transpose(0, 1).to(z.dtype)
+        y = self.norm(y.flatten(-2), zr.flatten(-2)).unflatten(-1, (self.nheads, self.headdim))
+        return (y * self.mimo_o.transpose(0, 1).to(y.dtype)).sum(dim=2).flatten(-2)
+
+    def _check_state(self, state: Mamba3State, batch: int) -> None:
+        if not isinstance(state, Mamba3State):
+            raise TypeError(f"{self._name()}: state must be a Mamba3State, got {type(state).__name__}")
+        h, p, N = self.nheads, self.headdim, self.d_state
+        state.check(self._name(), {
+            "angle": ((batch, h, self.num_rope_angles), None),
+            "ssm": ((batch, h, p, N), None),
+            "last_B": ((batch, self.mimo_rank, h, N), None),
+            "last_x": ((batch, h, p), None),
+        })
+
+    def _name(self) -> str:
+        return "Mamba3" if self.layer_idx is None else f"Mamba3 (layer {self.layer_idx})"
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"ngroups={self.ngroups}, d_state={self.d_state}, rope_angles={self.num_rope_angles}, "
+                f"mimo_rank={self.mimo_rank}, outproj_norm={self.is_outproj_norm}, chunk_size={self.chunk_size}")

@@ -1,0 +1,169 @@
+"""Mamba-3 in a chunked matrix form: the trapezoidal rule as an SSD scan with a modified input.
+
+Derivation (per head; notation of ``reference.py``, δ_t = (1 - λ_t) Δ_t so that β_t = α_t δ_t)::
+
+    H_t = α_t H_{t-1} + α_t δ_t u_{t-1} + γ_t u_t
+
+Define G_t = H_t + δ_{t+1} u_t (δ_{t+1} = 0 after the last position and where the next position starts
+a new document). Substituting H_{t-1} = G_{t-1} - δ_t u_{t-1}, the two u_{t-1} terms cancel::
+
+    G_t = α_t G_{t-1} + w_t u_t,       w_t = γ_t + δ_{t+1},      G_{-1} = H_{-1} + δ_0 u_{-1}
+
+an SSD recurrence (one scalar decay per head and step) whose input weight is w instead of Δ; the
+shifted term δ_{t+1} is what the trapezoid lends to the next step. Unrolling, with S_t = Σ_{k≤t} Δ_k A_k::
+
+    H_t = Σ_{s<t} e^{S_t - S_s} w_s u_s + γ_t u_t + e^{S_t - S_{-1}} G_{-1}
+
+so inside a chunk y_t = Σ_{s<t} L_ts w_s (C̃_t·B̃_s) x̃_s + γ_t (C̃_t·B̃_t) x̃_t (a strictly causal masked
+attention plus a diagonal that uses γ, not w), and chunks pass G at their ends (at the sequence end
+G = H, the final state). MIMO replaces (C̃_t·B̃_s) x̃_s by Σ_{r'} (C̃_{t,r}·B̃_{s,r'}) x̃_{s,r'}: the
+chunk's positions and ranks are flattened into T·r rows of one matmul, as mamba_ssm's MIMO kernel does.
+
+The rotations are data-dependent but absolute: B̃_s and C̃_t carry e^{iθ_s}, e^{iθ_t}, so C̃_t·B̃_s
+holds the relative rotation θ_t - θ_s and no per-pair decay is needed. θ is a cumulative sum inside each
+document, taken per chunk and carried between chunks modulo 2π (float32 keeps its precision however long
+the sequence). Everything runs in float32 (float64 for float64 inputs); autograd differentiates it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssmkit.ops.mamba3.reference import TWO_PI, Mamba3ScanState, finish, mix_input, prepare, rotate
+from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
+
+
+def _pad(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad dim 1 (the length) at the end."""
+    return t if pad == 0 else F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+
+
+def mamba3_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    trap: torch.Tensor,
+    angles: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    B_bias: torch.Tensor | None = None,
+    C_bias: torch.Tensor | None = None,
+    mimo_x: torch.Tensor | None = None,
+    mimo_z: torch.Tensor | None = None,
+    mimo_o: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
+    initial_state: Mamba3ScanState | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Mamba3ScanState]:
+    """Chunked Mamba-3; same arguments and results as ``mamba3_reference`` (validated by the caller)."""
+    b, l, h, p = x.shape
+    r, n, a = B.shape[2], B.shape[4], angles.shape[3]
+    T = chunk_size
+    nc = -(-l // T)
+    pad = nc * T - l
+    dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
+                          *(initial_state or ()))
+    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
+
+    # Document number of each position (0, 1, ...); padding joins the last document.
+    starts = doc_starts(seq_idx) if seq_idx is not None else torch.zeros(b, l, dtype=torch.bool, device=x.device)
+    doc = torch.cumsum(starts, dim=1)
+    doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1).view(b, nc, T)
+    doc_end = doc[:, :, -1]  # (b, c)
+    doc_before = torch.cat([torch.zeros_like(doc_end[:, :1]), doc_end[:, :-1]], dim=1)  # (b, c)
+    starts = _pad(starts, pad).view(b, nc, T)
+
+    init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
+    theta = _angles(_pad(prep.dtheta, pad).view(b, nc, T, h, a), starts, doc, doc_end, doc_before,
+                    None if init is None else init.angle)  # (b, c, T, h, a)
+    theta = theta.view(b, nc * T, h, a)[:, :l]
+    Bt = rotate(prep.Bh, theta[:, :, None], rotary_interleaved)  # (b, l, r, h, n)
+    Ct = rotate(prep.Ch, theta[:, :, None], rotary_interleaved)
+
+    # w_s = γ_s + δ_{s+1}: the next position's share, unless it starts a document or does not exist.
+    nxt = F.pad(prep.delta[:, 1:], (0, 0, 0, 1))
+    if seq_idx is not None:
+        nxt = torch.where(F.pad(doc_starts(seq_idx)[:, 1:], (0, 1))[..., None], 0.0, nxt)
+    w = prep.gamma + nxt  # (b, l, h)
+
+    # Padded steps: no decay (log_a = 0) and no input (w = γ = 0, B̃ = 0), so G passes unchanged.
+    cum = torch.cumsum(_pad(prep.log_a, pad).view(b, nc, T, h), dim=2).transpose(2, 3)  # (b, c, h, T)
+    wc = _pad(w, pad).view(b, nc, T, h).transpose(2, 3)  # (b, c, h, T)
+    gc = _pad(prep.gamma, pad).view(b, nc, T, h).transpose(2, 3)
+    # (b, c, h, T·r, ·): the chunk's positions and ranks as the rows of one matmul.
+    rows_B = _pad(Bt, pad).view(b, nc, T, r, h, n).permute(0, 1, 4, 2, 3, 5).reshape(b, nc, h, T * r, n)
+    rows_C = _pad(Ct, pad).view(b, nc, T, r, h, n).permute(0, 1, 4, 2, 3, 5).reshape(b, nc, h, T * r, n)
+    rows_x = _pad(prep.xr, pad).view(b, nc, T, r, h, p).permute(0, 1, 4, 2, 3, 5).reshape(b, nc, h, T * r, p)
+
+    # Intra-chunk weights M[t, s] = e^{S_t - S_s} w_s (s < t, same document), γ_t on the diagonal.
+    keep = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)
+    if seq_idx is not None:
+        keep = keep & (doc[:, :, None, :, None] == doc[:, :, None, None, :])  # (b, c, 1, T, T)
+    seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~keep, float("-inf"))
+    M = torch.exp(seg) * wc[..., None, :]  # (b, c, h, T, T), 0 on the diagonal
+    M.diagonal(dim1=-2, dim2=-1).copy_(gc)
+    scores = (rows_C @ rows_B.transpose(-1, -2)).view(b, nc, h, T, r, T, r) * M[:, :, :, :, None, :, None]
+    y_diag = scores.view(b, nc, h, T * r, T * r) @ rows_x  # (b, c, h, T r, p)
+
+    # What each chunk adds to G at its end: Σ_s e^{S_end - S_s} w_s u_s over the end's document.
+    to_end = torch.exp(cum[..., -1:] - cum) * wc
+    to_end = torch.where((doc == doc_end[..., None])[:, :, None], to_end, 0.0)  # (b, c, h, T)
+    weighted_x = rows_x * to_end.repeat_interleave(r, dim=-1)[..., None]
+    chunk_states = weighted_x.transpose(-1, -2) @ rows_B  # (b, c, h, p, n)
+
+    if init is not None:
+        # G_{-1} = H_{-1} + δ_0 u_{-1}: the first step's trapezoid share of the carried (B̃, x).
+        mx = None if mimo_x is None else mimo_x.to(dtype).transpose(0, 1)
+        x_prev = init.last_x[:, None] * mx if mx is not None else init.last_x[:, None].expand(-1, r, -1, -1)
+        G = init.ssm + prep.delta[:, 0, :, None, None] * mix_input(x_prev, init.last_B)
+    else:
+        G = x.new_zeros(b, h, p, n, dtype=dtype)
+    # Inter-chunk recurrence on (b, h, p, n) states; unbind so that backward stacks the gradients.
+    chunk_decay = torch.exp(cum[..., -1])[..., None, None].unbind(1)
+    continues = (doc_end == doc_before).view(b, nc, 1, 1, 1).unbind(1)
+    entering = []
+    for k, added in enumerate(chunk_states.unbind(1)):
+        entering.append(G)
+        # where, not a product with 0: NaN of a finished document must not leak into the next.
+        G = torch.where(continues[k], chunk_decay[k] * G, 0.0) + added
+    prev = torch.stack(entering, dim=1)  # (b, c, h, p, n)
+
+    y_off = (rows_C @ prev.transpose(-1, -2)) * torch.exp(cum).repeat_interleave(r, dim=-1)[..., None]
+    y_off = torch.where((doc == doc_before[..., None]).repeat_interleave(r, dim=-1)[:, :, None, :, None], y_off, 0.0)
+    y = (y_diag + y_off).view(b, nc, h, T, r, p).permute(0, 1, 3, 4, 2, 5).reshape(b, nc * T, r, h, p)[:, :l]
+    out = finish(y, prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
+    return out, Mamba3ScanState(theta[:, -1], G, Bt[:, -1], x[:, -1].to(dtype))
+
+
+def _angles(
+    dtheta: torch.Tensor,
+    starts: torch.Tensor,
+    doc: torch.Tensor,
+    doc_end: torch.Tensor,
+    doc_before: torch.Tensor,
+    initial: torch.Tensor | None,
+) -> torch.Tensor:
+    """θ_t = Σ of dtheta over t's document up to t (plus ``initial`` in the first), modulo 2π.
+
+    dtheta: (b, c, T, h, a); starts, doc: (b, c, T); doc_end, doc_before: (b, c); initial: (b, h, a).
+    """
+    b, nc, T = doc.shape
+    inside = torch.cumsum(dtheta, dim=2)
+    # Subtract the sum before the last document start at or before each position (0 when none).
+    pos = torch.arange(T, device=doc.device)
+    start_at = torch.cummax(torch.where(starts, pos, 0), dim=2).values  # (b, c, T)
+    before = (inside - dtheta).gather(2, start_at[..., None, None].expand_as(dtheta))
+    local = inside - before
+    carry = torch.zeros_like(local[:, 0, 0]) if initial is None else initial
+    entering = []
+    for k in range(nc):
+        entering.append(carry)
+        kept = torch.where((doc_end[:, k] == doc_before[:, k]).view(b, 1, 1), carry, 0.0)
+        carry = torch.remainder(kept + local[:, k, -1], TWO_PI)
+    carried = torch.where((doc == doc_before[..., None])[..., None, None],
+                          torch.stack(entering, dim=1)[:, :, None], 0.0)
+    return torch.remainder(local + carried, TWO_PI)
