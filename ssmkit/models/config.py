@@ -1,7 +1,7 @@
 """Model configuration: typed, nested dataclasses that round-trip through JSON.
 
 A :class:`ModelConfig` holds the model-wide sizes and one nested config per mixer kind
-(:class:`MambaConfig`, :class:`Mamba2Config`); the argument names and defaults are mamba_ssm's.
+(:class:`MambaConfig`, :class:`Mamba2Config`, :class:`Mamba3Config`); the argument names and defaults are mamba_ssm's.
 
 Layer pattern
 -------------
@@ -14,12 +14,12 @@ letter mixer                                   status
 ====== ======================================= ==========================
 ``M``  Mamba-1 (:class:`ssmkit.layers.Mamba`)  available
 ``2``  Mamba-2 (:class:`ssmkit.layers.Mamba2`) available
-``3``  Mamba-3                                 reserved for a later issue
+``3``  Mamba-3 (``ssmkit.layers.mamba3``)      available
 ``A``  attention                               reserved for a later issue
 ``W``  sliding-window attention                reserved for a later issue
-``S``  S4D                                     reserved for a later issue
-``4``  S4                                      reserved for a later issue
-``H``  Hyena                                   reserved for a later issue
+``S``  S4D (``ssmkit.layers.s4d.S4D``)         available
+``4``  S4 (``ssmkit.layers.s4.S4``)            available
+``H``  Hyena (``ssmkit.layers.hyena.Hyena``)   available
 ====== ======================================= ==========================
 
 Feed-forward suffix: none (the default: the block is mixer only), ``m`` MLP, ``e`` mixture of experts
@@ -59,7 +59,7 @@ MIXER_LETTERS: dict[str, str] = {
     "H": "hyena",
 }
 FF_LETTERS: dict[str, str] = {"m": "mlp", "e": "moe"}
-AVAILABLE_MIXERS = ("M", "2")
+AVAILABLE_MIXERS = ("M", "2", "3", "S", "4", "H")
 AVAILABLE_FFS: tuple[str, ...] = ()
 
 
@@ -151,6 +151,119 @@ class Mamba2Config:
 
 
 @dataclass(kw_only=True)
+class Mamba3Config:
+    """Mamba-3 mixer settings (mamba_ssm's ``Mamba3`` arguments; no short convolution).
+
+    ``rope_fraction`` (0.5 or 1.0) of the ``d_state`` entries rotate; ``is_mimo`` gives B and C rank
+    ``mimo_rank``; ``A_floor`` bounds the data-dependent decay rate; ``is_outproj_norm`` adds a gated
+    RMSNorm before out_proj.
+    """
+
+    d_state: int = 128
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    rope_fraction: float = 0.5
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_floor: float = 1e-4
+    is_outproj_norm: bool = False
+    is_mimo: bool = False
+    mimo_rank: int = 4
+    chunk_size: int = 64
+
+    def validate(self, d_model: int) -> None:
+        for name in ("d_state", "expand", "headdim", "ngroups", "mimo_rank", "chunk_size", "A_floor"):
+            _positive(f"mamba3.{name}", getattr(self, name))
+        _dt_range("mamba3", self.dt_min, self.dt_max, self.dt_init_floor)
+        if self.rope_fraction not in (0.5, 1.0) or int(self.d_state * self.rope_fraction) < 2:
+            raise ValueError(
+                f"mamba3.rope_fraction must be 0.5 or 1.0 and leave at least one rotary pair of the "
+                f"d_state={self.d_state} entries, got {self.rope_fraction}"
+            )
+        d_inner = self.expand * d_model
+        if d_inner % self.headdim or (d_inner // self.headdim) % self.ngroups:
+            raise ValueError(
+                f"mamba3.headdim={self.headdim} must divide d_inner = expand * d_model = {d_inner}, and "
+                f"mamba3.ngroups={self.ngroups} the number of heads"
+            )
+
+
+@dataclass(kw_only=True)
+class S4DConfig:
+    """S4D mixer settings (:class:`ssmkit.layers.s4d.S4D`): diagonal complex SSM, ``d_state`` even.
+
+    ``init`` "lin" / "inv" / "legs" (S4D-Lin, S4D-Inv, diagonal HiPPO-LegS); ``bidirectional`` adds a
+    kernel over the future (for :class:`ssmkit.models.SequenceClassifier`; a LanguageModel refuses it).
+    """
+
+    d_state: int = 64
+    init: Literal["lin", "inv", "legs"] = "lin"
+    discretization: Literal["zoh", "bilinear"] = "zoh"
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    bidirectional: bool = False
+
+    def validate(self, d_model: int) -> None:
+        _even_state("s4d", self.d_state)
+        _dt_range("s4d", self.dt_min, self.dt_max, 0.0)
+
+
+@dataclass(kw_only=True)
+class S4Config:
+    """S4 mixer settings (:class:`ssmkit.layers.s4.S4`): DPLR SSM from a HiPPO ``measure``.
+
+    ``l_max`` is the kernel length: parallel calls take at most that many positions (decode steps
+    have no limit). ``bidirectional`` as for :class:`S4DConfig`.
+    """
+
+    d_state: int = 64
+    measure: Literal["legs", "legt", "fourier"] = "legs"
+    l_max: int = 2048
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    bidirectional: bool = False
+
+    def validate(self, d_model: int) -> None:
+        _even_state("s4", self.d_state)
+        _positive("s4.l_max", self.l_max)
+        _dt_range("s4", self.dt_min, self.dt_max, 0.0)
+
+
+@dataclass(kw_only=True)
+class HyenaConfig:
+    """Hyena mixer settings (:class:`ssmkit.layers.hyena.Hyena`, safari's ``HyenaOperator`` arguments).
+
+    ``l_max`` is the length of the implicit filters (the longest dependency; inputs may be longer and
+    the decode cache keeps ``l_max - 1`` positions per long convolution).
+    """
+
+    order: int = 2
+    l_max: int = 2048
+    filter_order: int = 64
+    emb_dim: int = 3
+    short_filter_order: int = 3
+    num_inner_mlps: int = 2
+    w: float = 1.0
+    modulate: bool = True
+    fast_decay_pct: float = 0.3
+    slow_decay_pct: float = 1.5
+    target: float = 1e-2
+    shift: float = 0.0
+
+    def validate(self, d_model: int) -> None:
+        for name in ("filter_order", "short_filter_order", "fast_decay_pct", "slow_decay_pct", "target"):
+            _positive(f"hyena.{name}", getattr(self, name))
+        if self.order < 2 or self.l_max < 2:
+            raise ValueError(f"hyena.order and hyena.l_max must be >= 2, got {self.order} and {self.l_max}")
+        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
+            raise ValueError(f"hyena.emb_dim must be odd and >= 3, got {self.emb_dim}")
+        if self.num_inner_mlps < 0:
+            raise ValueError(f"hyena.num_inner_mlps must be >= 0, got {self.num_inner_mlps}")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Everything needed to build a :class:`ssmkit.models.LanguageModel`.
 
@@ -170,6 +283,10 @@ class ModelConfig:
     layer_pattern: str = "M"
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    mamba3: Mamba3Config = field(default_factory=Mamba3Config)
+    s4d: S4DConfig = field(default_factory=S4DConfig)
+    s4: S4Config = field(default_factory=S4Config)
+    hyena: HyenaConfig = field(default_factory=HyenaConfig)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
@@ -201,6 +318,11 @@ class ModelConfig:
             self.mamba.validate(self.d_model)
         if "mamba2" in kinds:
             self.mamba2.validate(self.d_model)
+        if "mamba3" in kinds:
+            self.mamba3.validate(self.d_model)
+        for kind in ("s4d", "s4", "hyena"):
+            if kind in kinds:
+                getattr(self, kind).validate(self.d_model)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (infinities as ``"inf"``)."""
@@ -295,6 +417,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _even_state(prefix: str, d_state: int) -> None:
+    if d_state < 2 or d_state % 2:
+        raise ValueError(f"{prefix}.d_state must be even and >= 2 (states come in conjugate pairs), got {d_state}")
 
 
 def _dt_range(prefix: str, dt_min: float, dt_max: float, floor: float) -> None:

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.layers import Block, Mamba, Mamba2, RMSNorm
+from ssmkit.layers.hyena import Hyena
+from ssmkit.layers.mamba3 import Mamba3
+from ssmkit.layers.s4 import S4
+from ssmkit.layers.s4d import S4D
 from ssmkit.models.config import LayerSpec, ModelConfig
 
 if TYPE_CHECKING:
@@ -72,6 +76,18 @@ class LanguageModel(nn.Module):
         if spec.mixer == "mamba2":
             return Mamba2(cfg.d_model, **dataclasses.asdict(cfg.mamba2), norm_eps=cfg.norm_eps, layer_idx=index,
                           **factory)
+        if spec.mixer == "mamba3":
+            # mamba_ssm's Mamba-3 keeps its norms at eps 1e-5 whatever the model's norm_eps.
+            return Mamba3(cfg.d_model, **dataclasses.asdict(cfg.mamba3), layer_idx=index, **factory)
+        if spec.mixer in ("s4d", "s4"):
+            sub = getattr(cfg, spec.mixer)
+            if sub.bidirectional and isinstance(self, LanguageModel):
+                raise ValueError(f"layer {index}: {spec.mixer}.bidirectional reads future tokens, which a causal "
+                                 "language model cannot; use ssmkit.models.SequenceClassifier for non-causal tasks")
+            return (S4D if spec.mixer == "s4d" else S4)(cfg.d_model, **dataclasses.asdict(sub), layer_idx=index,
+                                                       **factory)
+        if spec.mixer == "hyena":
+            return Hyena(cfg.d_model, **dataclasses.asdict(cfg.hyena), layer_idx=index, **factory)
         raise ValueError(f"layer {index}: mixer {spec.mixer!r} is not implemented")
 
     @torch.no_grad()

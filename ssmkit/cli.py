@@ -1,0 +1,335 @@
+"""The ``ssmkit`` command (also ``python -m ssmkit``): train, generate, eval, info, convert.
+
+    ssmkit train --preset byte-small --out runs/demo --time 5          # stdlib corpus, 5 minutes
+    ssmkit train --out runs/demo --resume --steps 5000                 # continue (here: further)
+    ssmkit generate --checkpoint runs/demo --prompt "def " --max-new-tokens 200
+    ssmkit eval --checkpoint runs/demo --data some/folder
+    ssmkit info --preset mamba-130m
+    ssmkit convert runs/demo/model hf_folder --to transformers
+
+Any config field can be set with ``--model.<field>``, ``--train.<field>`` or ``--data.<field>``
+(``ssmkit train --help`` lists them with their docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ssmkit.data.config import DataConfig
+from ssmkit.train.config import TrainConfig
+from ssmkit.train.errors import TrainingError
+from ssmkit.train.options import apply_overrides, describe_type, flat_fields, simple_from_dict
+
+SECTIONS = ("model", "train", "data")
+
+
+class UsageError(ValueError):
+    """A bad command line: printed with the usage, exit status 2."""
+
+
+def _section_classes() -> dict[str, type]:
+    from ssmkit.models import ModelConfig
+
+    return {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssmkit", description="State space sequence models: train, run, inspect.",
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", allow_abbrev=False, help="train a model (default data: the Python standard library's source)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="Under torchrun every process runs this same command (DDP by default, "
+                                  "--train.parallel fsdp for FSDP2).")
+    train.add_argument("--preset", help="model preset (default byte-small); see `ssmkit info --list`")
+    train.add_argument("--data", nargs="+", metavar="PATH", help="files or folders to train on")
+    train.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoints, metrics, plot, model)")
+    group = train.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int, metavar="N", help="optimiser steps (= --train.steps)")
+    group.add_argument("--time", type=float, metavar="MINUTES", help="train for this long (= --train.time_minutes)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    for section, cls in _section_classes().items():
+        options = train.add_argument_group(f"--{section}.* options")
+        for key, (tp, default, doc) in flat_fields(cls).items():
+            shown = "from the preset" if section == "model" else repr(default)
+            options.add_argument(f"--{section}.{key}", dest=f"{section}.{key}", metavar=describe_type(tp).upper(),
+                                 default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".replace("%", "%%"))
+
+    gen = sub.add_parser("generate", allow_abbrev=False, help="stream a continuation of a prompt to stdout")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder or training run folder")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file")
+    gen.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    gen.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1 = off")
+    gen.add_argument("--seed", type=int, default=None, metavar="S")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+    ev = sub.add_parser("eval", allow_abbrev=False, help="bits per byte (and perplexity for token models) on some text")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder or training run folder")
+    ev.add_argument("--data", nargs="+", metavar="PATH",
+                    help="files or folders (default: the training run's validation documents)")
+    ev.add_argument("--seq-len", type=int, metavar="N", help="row length (default: the run's, else 1024)")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="N")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+    info = sub.add_parser("info", allow_abbrev=False, help="config, parameters, cache size and FLOPs per token of a model")
+    what = info.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="DIR")
+    what.add_argument("--preset", metavar="NAME")
+    what.add_argument("--list", action="store_true", help="list the presets")
+
+    conv = sub.add_parser("convert", allow_abbrev=False, help="convert a checkpoint between ssmkit and transformers formats")
+    conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder)")
+    conv.add_argument("dst", metavar="DST", help="new folder to write")
+    conv.add_argument("--to", required=True, choices=("transformers", "ssmkit"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    try:
+        if unknown:
+            raise UsageError(_unknown_message(parser, args.command, unknown))
+        commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info,
+                    "convert": cmd_convert}
+        return commands[args.command](args) or 0
+    except UsageError as e:
+        _subparser(parser, args.command).print_usage(sys.stderr)
+        print(f"ssmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, TrainingError) as e:
+        # Expected failures (missing files, bad configs or checkpoints, a diverged run) get one line;
+        # anything else is a bug and keeps its traceback.
+        print(f"ssmkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def _unknown_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    sub = _subparser(parser, command)
+    known = [s for a in sub._actions for s in a.option_strings]
+    flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
+    close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; see `ssmkit {command} --help`"
+    return f"unrecognized argument {flag!r}{hint}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ssmkit.models import ModelConfig
+    from ssmkit.train import RUN_FILE, Trainer
+
+    overrides: dict[str, dict[str, str]] = {s: {} for s in SECTIONS}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            overrides[section][key] = value
+    if args.steps is not None:
+        overrides["train"].update(steps=str(args.steps), time_minutes="0")
+    if args.time is not None:
+        overrides["train"]["time_minutes"] = str(args.time)
+    if args.data:
+        overrides["data"]["paths"] = " ".join(args.data)
+    out = Path(args.out)
+    saved = None
+    if args.resume:
+        try:
+            saved = json.loads((out / RUN_FILE).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--resume: {out / RUN_FILE} not found; is {out} a training run folder?") from None
+    try:
+        data_dict = apply_overrides(saved["data"] if saved else asdict(DataConfig()), DataConfig, "data",
+                                    overrides["data"])
+        train_dict = apply_overrides(saved["train"] if saved else asdict(TrainConfig()), TrainConfig, "train",
+                                     overrides["train"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    # Absolute paths, so that a resumed run finds its data from any working directory.
+    data_dict["paths"] = [str(Path(p).expanduser().resolve()) for p in data_dict["paths"]]
+    if data_dict["tokenizer"]:
+        data_dict["tokenizer"] = str(Path(data_dict["tokenizer"]).expanduser().resolve())
+    data_config = simple_from_dict(DataConfig, data_dict, "data config")
+    train_config = simple_from_dict(TrainConfig, train_dict, "train config")
+    model_dict = saved["model"] if saved else None
+    if not saved or args.preset or overrides["model"]:
+        model_dict = _model_dict(args.preset, overrides["model"], data_config)
+        if saved and model_dict != saved["model"]:
+            changed = sorted(k for k in model_dict if model_dict[k] != saved["model"].get(k))
+            raise UsageError(f"--resume continues the saved model, but --preset/--model.* change {', '.join(changed)}")
+    Trainer(ModelConfig.from_dict(model_dict), train_config, data_config, out, resume=args.resume).fit()
+    return 0
+
+
+def _model_dict(preset: str | None, overrides: dict[str, str], data_config: DataConfig) -> dict[str, Any]:
+    """The preset's config with ``--model.*`` overrides; vocab_size fitted to the tokenizer unless given."""
+    from ssmkit.data.tokenizer import build_tokenizer
+    from ssmkit.models import ModelConfig, get_preset
+
+    try:
+        model_dict = apply_overrides(get_preset(preset or "byte-small").to_dict(), ModelConfig, "model", overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    needed = build_tokenizer(data_config.tokenizer).vocab_size
+    if "vocab_size" not in overrides:
+        model_dict["vocab_size"] = needed
+    elif model_dict["vocab_size"] < needed:
+        raise UsageError(f"--model.vocab_size {model_dict['vocab_size']} is smaller than the tokenizer's {needed}")
+    return ModelConfig.from_dict(model_dict).to_dict()
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A folder with config.json: the folder itself, a run's ``model/``, or a run's latest good checkpoint."""
+    from ssmkit.train import checkpoint
+
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint not found: {folder}")
+    if (folder / "config.json").is_file():
+        return folder
+    if (folder / "model" / "config.json").is_file():
+        return folder / "model"
+    found = checkpoint.find_resumable(folder / "checkpoints")
+    if found is not None:
+        return found[0]
+    raise FileNotFoundError(f"no model in {folder}: expected config.json (a model folder) or a training run "
+                            "folder with model/ or checkpoints/")
+
+
+def _load(path: str, device: str) -> tuple[Any, Any, Path]:
+    import torch
+
+    from ssmkit.data.tokenizer import load_tokenizer
+    from ssmkit.models import LanguageModel
+
+    folder = resolve_model_dir(path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LanguageModel.from_pretrained(folder, device=device).eval()
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}; this tokenizer does not belong to this model")
+    return model, tokenizer, folder
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    text = args.prompt
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FileNotFoundError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+    model, tokenizer, _ = _load(args.checkpoint, args.device)
+    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
+    if not ids:
+        raise UsageError("this model's tokenizer has no start-of-document token: give a non-empty --prompt")
+    if not args.prompt_file:
+        sys.stdout.write(text)
+    decoder = tokenizer.stream_decoder()
+    for token in model.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, eos_token_id=tokenizer.eos_id, seed=args.seed):
+        t = int(token[0])
+        if t == tokenizer.eos_id:
+            break
+        sys.stdout.write(decoder.push(t))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ssmkit.data import EvalSet, encode_documents, load_datasets, read_documents
+    from ssmkit.train.trainer import evaluate
+
+    model, tokenizer, folder = _load(args.checkpoint, args.device)
+    run_file = next((p / "run.json" for p in (folder, *folder.parents[:3]) if (p / "run.json").is_file()), None)
+    run_data = json.loads(run_file.read_text())["data"] if run_file else None
+    if not args.data and run_data is None:
+        raise UsageError(f"{folder} is not part of a training run: give the text to evaluate with --data")
+    config = DataConfig(**run_data) if run_data else DataConfig(seq_len=1024)
+    if args.seq_len is not None:
+        config.seq_len = args.seq_len
+    if args.data:
+        # Every document given is scored: no split.
+        docs = read_documents(args.data, [])
+        data = EvalSet.build(encode_documents(docs, tokenizer), config, 0)
+    else:
+        data = load_datasets(config, batch_size=args.batch_size, eval_tokens=0, tokenizer=tokenizer).val
+        if data is None:
+            raise ValueError("the run has no validation documents (data.val_fraction was 0): pass --data")
+    device = next(model.parameters()).device
+    result = evaluate(model, data, args.batch_size, device, tokenizer.kind)
+    stream = data.rows.stream
+    print(f"{folder}: {stream.n_docs:,} documents, {stream.n_bytes:,} bytes, seq_len {config.seq_len}")
+    print("  " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssmkit.models import LanguageModel, get_preset, list_presets
+
+    if args.list:
+        for name in list_presets():
+            print(f"{name:16s} {get_preset(name).n_layer} layers, d_model {get_preset(name).d_model}")
+        return 0
+    if args.preset:
+        config, label = get_preset(args.preset), f"preset {args.preset}"
+        model = LanguageModel(config)
+    else:
+        model, _, folder = _load(args.checkpoint, "cpu")
+        config, label = model.config, str(folder)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = model.embedding.weight.numel()
+    cache = model.allocate_cache(1).nbytes
+    length = 256
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, length, dtype=torch.long))
+    flops = counter.get_total_flops() / length
+    print(f"{label}\n{config.to_json()}")
+    print(f"parameters: {n_params:,} ({n_params - n_embed:,} without the embedding)")
+    print(f"cache for one sequence: {cache:,} bytes (the same at any length)")
+    print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M (matrix products and convolutions, counted by "
+          f"torch.utils.flop_counter at length {length}); training ~3x that")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ssmkit.models import LanguageModel
+
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
+    src = resolve_model_dir(args.src)
+    model = LanguageModel.from_pretrained(src)
+    model.save_pretrained(dst, format=args.to)
+    copied = ["tokenizer.json"] + (["ssmkit_tokenizer.json"] if args.to == "ssmkit" else [])
+    for name in copied:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    print(f"wrote {dst} ({args.to} format)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Tokenizers: raw UTF-8 bytes (vocabulary 256 + 3 specials) or a local Hugging Face ``tokenizer.json``.
+
+Both add the same three specials after the base vocabulary, in the order of the ``byte-small`` preset
+(:mod:`ssmkit.models.presets`): ``pad_id`` fills padded input positions (never scored), ``bos_id`` starts
+every document (the first real token is predicted from it, so no byte goes unscored) and ``eos_id`` ends
+it (so a model learns where documents stop and generation can end there). A checkpoint folder stores its tokenizer as
+``ssmkit_tokenizer.json`` (plus the ``tokenizer.json`` it came from), read back by :func:`load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ssmkit.models.presets import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE
+
+SPEC_FILE = "ssmkit_tokenizer.json"
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, then ``pad_id = 256``, ``bos_id = 257`` and ``eos_id = 258``.
+
+    Example::
+
+        tok = ByteTokenizer()
+        tok.encode("hé")        # [104, 195, 169]
+        tok.decode([104, 195, 169, 258])  # "hé" (specials are dropped)
+    """
+
+    kind = "bytes"
+
+    def __init__(self) -> None:
+        self.pad_id = BYTE_PAD
+        self.bos_id = BYTE_BOS
+        self.eos_id = BYTE_EOS
+        self.vocab_size = BYTE_VOCAB_SIZE
+
+    def encode(self, text: str | bytes) -> list[int]:
+        """Token ids of ``text`` (str is UTF-8 encoded), without specials."""
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return list(data)
+
+    def encode_array(self, data: bytes) -> np.ndarray:
+        """``encode`` as a uint16 array, fast for whole files."""
+        return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; specials dropped, invalid UTF-8 replaced by U+FFFD."""
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A decoder that turns ids into text one at a time, holding back incomplete UTF-8 sequences."""
+        return StreamDecoder(self)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write ``ssmkit_tokenizer.json`` into ``folder``."""
+        _write_spec(Path(folder), {"kind": self.kind})
+
+
+class TokenizersTokenizer:
+    """A local ``tokenizer.json`` read with the ``tokenizers`` library, plus pad/bos/eos after its vocabulary.
+
+    Example::
+
+        tok = TokenizersTokenizer("tokenizer.json")
+        tok.decode(tok.encode("hello world"))  # "hello world"
+    """
+
+    kind = "tokenizers"
+
+    def __init__(self, path: str | os.PathLike, *, add_specials: bool = True) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError("data.tokenizer needs the 'tokenizers' package: pip install tokenizers") from e
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path} is not a valid tokenizers tokenizer.json: {e}") from e
+        self.path = path
+        base = self._tok.get_vocab_size(with_added_tokens=True)
+        if add_specials:
+            self.pad_id: int | None = base
+            self.bos_id: int | None = base + 1
+            self.eos_id: int | None = base + 2
+            self.vocab_size = base + 3
+        else:
+            # A foreign checkpoint's own tokenizer: no ssmkit specials; end of text is its own token if any.
+            self.pad_id = self.bos_id = None
+            self.eos_id = next((i for name in _EOS_NAMES if (i := self._tok.token_to_id(name)) is not None), None)
+            self.vocab_size = base
+
+    def encode(self, text: str | bytes) -> list[int]:
+        """Token ids of ``text`` without specials."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, data: bytes) -> np.ndarray:
+        """``encode`` as a uint32 array."""
+        return np.asarray(self.encode(data), dtype=np.uint32)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; the three ssmkit specials are dropped."""
+        return self._tok.decode([i for i in ids if self.pad_id is None or i < self.pad_id])
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A decoder that turns ids into text one at a time."""
+        return StreamDecoder(self)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Copy ``tokenizer.json`` into ``folder`` and write ``ssmkit_tokenizer.json`` beside it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.path.resolve() != (folder / "tokenizer.json").resolve():
+            shutil.copyfile(self.path, folder / "tokenizer.json")
+        _write_spec(folder, {"kind": self.kind, "file": "tokenizer.json"})
+
+
+Tokenizer = ByteTokenizer | TokenizersTokenizer
+
+
+class StreamDecoder:
+    """Incremental decoding for streaming generation: ``push(id)`` returns the new printable text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._printed = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Feed one token id; return the text it completes (may be empty)."""
+        if isinstance(self._tok, ByteTokenizer):
+            return self._utf8.decode(bytes([token_id])) if token_id < 256 else ""
+        # Subword decoders may merge or strip spaces across tokens: decode the whole tail and emit the
+        # difference, holding back a trailing replacement char that is probably half a character.
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[len(self._printed):] if text.startswith(self._printed) else text
+        self._printed = text
+        return new
+
+    def flush(self) -> str:
+        """Text still held back at the end of the stream."""
+        if isinstance(self._tok, ByteTokenizer):
+            return self._utf8.decode(b"", final=True)
+        text = self._tok.decode(self._ids)
+        return text[len(self._printed):] if text.startswith(self._printed) else ""
+
+
+def build_tokenizer(tokenizer_path: str) -> Tokenizer:
+    """The tokenizer a data config asks for: bytes when ``tokenizer_path`` is empty."""
+    return TokenizersTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in a checkpoint folder.
+
+    Without ``ssmkit_tokenizer.json`` a ``tokenizer.json`` (e.g. a transformers checkpoint) is used as it
+    is, without ssmkit specials; a folder with neither is taken to be a byte model.
+
+    Raises ValueError naming the file when ``ssmkit_tokenizer.json`` is unreadable or of unknown kind.
+    """
+    spec_path = Path(folder) / SPEC_FILE
+    if not spec_path.exists():
+        foreign = Path(folder) / "tokenizer.json"
+        return TokenizersTokenizer(foreign, add_specials=False) if foreign.is_file() else ByteTokenizer()
+    try:
+        spec = json.loads(spec_path.read_text())
+        kind = spec["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{spec_path}: unreadable tokenizer spec ({e})") from e
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "tokenizers":
+        return TokenizersTokenizer(Path(folder) / spec.get("file", "tokenizer.json"))
+    raise ValueError(f"{spec_path}: unknown tokenizer kind {kind!r} (expected 'bytes' or 'tokenizers')")
+
+
+def _write_spec(folder: Path, spec: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    os.replace(tmp, folder / SPEC_FILE)

@@ -1,0 +1,75 @@
+"""Sequential reference for the Mamba-1 selective scan: the definition the fast paths are tested against.
+
+Dimensions: ``b`` batch, ``d`` channels, ``l`` length, ``n`` state size, ``g`` groups of B/C
+(channel ``d`` reads group ``d // (d / g)``).
+
+Recurrence (Mamba paper, Algorithm 2, zero-order hold for A and Euler for B)::
+
+    Δ_t = softplus(delta_t + delta_bias)        (softplus only if delta_softplus)
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t     h_{-1} = initial_state (or 0)
+    y_t = C_t · h_t + D u_t
+    out_t = y_t · silu(z_t)
+
+With ``seq_idx`` the state restarts from zero at every step where ``seq_idx`` changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in float32)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step at a time over ``l``; arguments already validated, B and C as (b, g, n, l).
+
+    Returns ``out`` (b, d, l) in u's dtype and the last state (b, d, n) in the compute dtype.
+    """
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, d, l = u.shape
+    g, n = B.shape[1], B.shape[2]
+    u_, delta_, A_ = u.to(ct), delta.to(ct), A.to(ct)
+    # Each channel reads the B/C rows of its group: expand (b, g, n, l) to (b, d, n, l).
+    B_ = B.to(ct).repeat_interleave(d // g, dim=1)
+    C_ = C.to(ct).repeat_interleave(d // g, dim=1)
+    if delta_bias is not None:
+        delta_ = delta_ + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta_ = F.softplus(delta_)
+    if initial_state is None:
+        h = u_.new_zeros(b, d, n)
+    else:
+        h = initial_state.to(ct)
+    ys = []
+    for t in range(l):
+        if seq_idx is not None and t > 0:
+            # where(), not a multiply by 0, so that inf/NaN of the previous document cannot leak in.
+            new_doc = (seq_idx[:, t] != seq_idx[:, t - 1])[:, None, None]
+            h = torch.where(new_doc, torch.zeros_like(h), h)
+        decay = torch.exp(delta_[:, :, t, None] * A_)
+        h = decay * h + (delta_[:, :, t] * u_[:, :, t])[:, :, None] * B_[:, :, :, t]
+        ys.append((h * C_[:, :, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.to(ct)[:, None] * u_
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y.to(u.dtype), h

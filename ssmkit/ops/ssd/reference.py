@@ -1,0 +1,126 @@
+"""Mamba-2 SSD as a plain sequential recurrence: the definition the fast backends are checked against.
+
+Dimensions:
+    b  batch
+    l  sequence length
+    h  heads
+    p  head dimension (channels per head)
+    g  groups of B/C (head i reads group i // (h // g))
+    n  state size
+    s  number of packed sequences (``cu_seqlens``)
+
+The recurrence (Mamba-2 paper, "Transformers are SSMs", eq. 2 with a scalar decay per head):
+    Δ_t = clamp(softplus(dt_t + dt_bias))          (each step optional, see ``discretize_dt``)
+    H_t = exp(Δ_t A) H_{t-1} + Δ_t x_t ⊗ B_t       H: (p, n) per head
+    y_t = H_t C_t + D x_t,  out_t = y_t · silu(z_t)
+``seq_idx`` restarts the state (at zero) wherever its value changes; ``initial_states`` is the state
+before the first position, so it only reaches the first document.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The (0, inf) limit means "no clamp": mamba_ssm's callers pass it to switch the clamp off.
+NO_LIMIT = (0.0, float("inf"))
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 are promoted for accumulation)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def discretize_dt(
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Step sizes as the SSM uses them: ``clamp(softplus(dt + dt_bias), *dt_limit)``, in ``dtype``.
+
+    dt: (b, l, h); dt_bias: (h,). Softplus uses PyTorch's threshold of 20 (linear above), as
+    mamba_ssm's kernels do. The clamp is skipped for the default limit ``(0, inf)``.
+    """
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != NO_LIMIT:
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def doc_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) bool: True where a new document begins (position 0 excluded)."""
+    starts = torch.zeros_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
+def gate_and_skip(
+    y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
+) -> torch.Tensor:
+    """``(y + D x) · silu(z)`` in y's dtype. y, x, z: (b, l, h, p); D: (h,) or (h, p)."""
+    if D is not None:
+        skip = D.to(y.dtype)
+        y = y + x.to(y.dtype) * (skip[:, None] if skip.dim() == 1 else skip)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def ssd_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_LIMIT,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token-by-token SSD recurrence. Arguments are already validated by the public function.
+
+    ``chunk_size`` is accepted for a uniform signature and ignored (there are no chunks here).
+    ``seq_idx`` must already be derived from ``cu_seqlens`` when only the latter was given.
+    Returns ``(out (b, l, h, p) in x.dtype, final_states (b, h, p, n), varlen_states (s, h, p, n)
+    or None)``; states are float32, or float64 when an input is float64.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    dtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    delta = discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+    xs = x.to(dtype)
+    # Head i reads group i // (h // g): repeat each group for its heads (clear, not fast).
+    Bh = B.to(dtype).repeat_interleave(h // g, dim=2)  # (b, l, h, n)
+    Ch = C.to(dtype).repeat_interleave(h // g, dim=2)  # (b, l, h, n)
+    decay = torch.exp(delta * A.to(dtype))  # (b, l, h)
+    starts = doc_starts(seq_idx) if seq_idx is not None else None
+    ends = set((cu_seqlens[1:] - 1).tolist()) if cu_seqlens is not None else set()
+
+    if initial_states is not None:
+        state = initial_states.to(dtype)
+    else:
+        state = x.new_zeros(b, h, p, n, dtype=dtype)
+    ys, varlen = [], []
+    for t in range(l):
+        if starts is not None:
+            # torch.where (not a multiply by 0) so that NaN of one document stays in it.
+            state = torch.where(starts[:, t, None, None, None], torch.zeros_like(state), state)
+        inp = (delta[:, t, :, None] * xs[:, t])[..., None] * Bh[:, t, :, None, :]  # (b, h, p, n)
+        state = decay[:, t, :, None, None] * state + inp
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+        if t in ends:
+            varlen.append(state[0])
+    y = gate_and_skip(torch.stack(ys, dim=1), xs, D, z)
+    varlen_states = torch.stack(varlen) if cu_seqlens is not None else None
+    return y.to(x.dtype), state, varlen_states

@@ -1,0 +1,174 @@
+"""One decode step of a selective SSM: ``selective_state_update``, as ``mamba_ssm``'s function of that name.
+
+A single step needs no chunking: the public function validates, maps Mamba-1 and compact Mamba-2 shapes
+onto the full Mamba-2 form (b, h, p, n) by views, and runs the vectorised step of ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
+from ssmkit.ops.state_update.reference import NO_LIMIT, selective_state_update_reference
+
+__all__ = ["selective_state_update"]
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    dt_limit: tuple[float, float] = NO_LIMIT,
+) -> torch.Tensor:
+    """Advance the SSM state by one token, **in place**, and return that token's output.
+
+    ``Δ = clamp(softplus(dt + dt_bias), *dt_limit)`` (each part optional), then::
+
+        state ← exp(Δ A) ⊙ state + Δ x ⊗ B
+        y = (state · C + D x) · silu(z)
+
+    Shapes, told apart by the rank of ``state``:
+
+    ==========  ===================  ==========================================
+    argument    Mamba-1              Mamba-2 (``h % g == 0``)
+    ==========  ===================  ==========================================
+    state       (b, d, n)            (b, h, p, n)
+    x, z        (b, d)               (b, h, p)
+    dt          (b, d)               (b, h, p) or (b, h)
+    A           (d, n)               (h, p, n) or (h,)
+    B, C        (b, n) or (b, g, n)  (b, g, n) or (b, n)
+    D, dt_bias  (d,)                 (h, p) or (h,)
+    ==========  ===================  ==========================================
+
+    Channel / head ``i`` reads B/C group ``i // (heads / g)``.
+
+    Args:
+        state: the SSM state, float32 or float64, updated in place (the same tensor object, so a
+            cache slice or a CUDA-graph buffer stays valid). Not differentiable.
+        x, dt, A, B, C, D, z, dt_bias: any floating dtype; see the table.
+        dt_softplus: apply softplus to ``dt + dt_bias`` (threshold 20, as mamba_ssm).
+        dt_limit: (lo, hi) clamp of Δ after softplus; the default ``(0, inf)`` means no clamp.
+
+    Returns:
+        y with x's shape and dtype. The step is computed in float32 (float64 when the state or an
+        input is float64) and written back in the state's dtype.
+
+    NaN/inf are not checked (that would cost a device sync). A NaN in x, dt or dt_bias of one channel
+    (or head), or in B of one group, makes that channel's (group's) ``y`` and state NaN, and the state
+    stays NaN at later steps until the caller resets it; a NaN in C, D or z only makes ``y`` NaN.
+
+    Example:
+        >>> b, d, n = 2, 8, 4
+        >>> state = torch.zeros(b, d, n)
+        >>> A = -torch.rand(d, n)
+        >>> y = selective_state_update(state, torch.randn(b, d), torch.rand(b, d), A,
+        ...                            torch.randn(b, n), torch.randn(b, n), D=torch.ones(d))
+        >>> y.shape, bool(state.abs().sum() > 0)
+        (torch.Size([2, 8]), True)
+    """
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    if state.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"state must be float32 or float64 (it accumulates across steps), got {state.dtype}")
+    dt_limit = _check_dt_limit(dt_limit)
+    if state.dim() == 3:
+        state4, x4, dt4, A4, B3, C3, D2, z4, bias2 = _mamba1_views(state, x, dt, A, B, C, D, z, dt_bias)
+    elif state.dim() == 4:
+        state4, x4, dt4, A4, B3, C3, D2, z4, bias2 = _mamba2_views(state, x, dt, A, B, C, D, z, dt_bias)
+    else:
+        raise ValueError(
+            f"state must have shape (b, d, n) (Mamba-1) or (b, h, p, n) (Mamba-2), got {tuple(state.shape)}"
+        )
+    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    y = selective_state_update_reference(state4, x4, dt4, A4, B3, C3, D2, z4, bias2, dt_softplus, dt_limit)
+    return y.view(x.shape)
+
+
+def _check_bc(dims: Dims, B: object, C: object, heads: str) -> None:
+    """B and C as (b, n) or (b, g, n), with the same groups, dividing the heads."""
+    for name, t in (("B", B), ("C", C)):
+        if isinstance(t, torch.Tensor) and t.dim() == 2:
+            if dims.setdefault("g", 1) != 1:
+                raise ValueError(f"{name} must have shape (b, g={dims['g']}, n) like B, got {tuple(t.shape)}")
+            check_tensor(name, t, ("b", "n"), dims)
+        else:
+            check_tensor(name, t, ("b", "g", "n"), dims)
+    if dims["g"] == 0 or dims[heads] % dims["g"]:
+        raise ValueError(f"B/C groups g={dims['g']} must divide the {heads}={dims[heads]} (B of shape (b, g, n))")
+
+
+def _groups(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None] if t.dim() == 2 else t
+
+
+def _mamba1_views(state, x, dt, A, B, C, D, z, dt_bias):
+    """Mamba-1 shapes as the (b, h=d, p=1, n) form."""
+    dims = Dims()
+    check_tensor("state", state, ("b", "d", "n"), dims)
+    check_nonempty("state", dims["b"], "batch")
+    check_tensor("x", x, ("b", "d"), dims)
+    check_tensor("dt", dt, ("b", "d"), dims)
+    check_tensor("A", A, ("d", "n"), dims)
+    _check_bc(dims, B, C, "d")
+    if D is not None:
+        check_tensor("D", D, ("d",), dims)
+    if z is not None:
+        check_tensor("z", z, ("b", "d"), dims)
+    if dt_bias is not None:
+        check_tensor("dt_bias", dt_bias, ("d",), dims)
+    return (
+        state[:, :, None], x[..., None], dt[..., None], A[:, None], _groups(B), _groups(C),
+        None if D is None else D[:, None], None if z is None else z[..., None],
+        None if dt_bias is None else dt_bias[:, None],
+    )
+
+
+def _mamba2_views(state, x, dt, A, B, C, D, z, dt_bias):
+    """Mamba-2 shapes, compact per-head forms broadcast over p (and n) by views."""
+    dims = Dims()
+    check_tensor("state", state, ("b", "h", "p", "n"), dims)
+    check_nonempty("state", dims["b"], "batch")
+    check_tensor("x", x, ("b", "h", "p"), dims)
+    compact = {}
+    for name, t, full, short in (
+        ("dt", dt, ("b", "h", "p"), ("b", "h")),
+        ("A", A, ("h", "p", "n"), ("h",)),
+        ("D", D, ("h", "p"), ("h",)),
+        ("dt_bias", dt_bias, ("h", "p"), ("h",)),
+    ):
+        if t is None:
+            continue
+        is_short = isinstance(t, torch.Tensor) and t.dim() == len(short)
+        check_tensor(name, t, short if is_short else full, dims)
+        compact[name] = is_short
+    _check_bc(dims, B, C, "h")
+    if z is not None:
+        check_tensor("z", z, ("b", "h", "p"), dims)
+    return (
+        state, x,
+        dt[..., None] if compact["dt"] else dt,
+        A[:, None, None] if compact["A"] else A,
+        _groups(B), _groups(C),
+        D[:, None] if D is not None and compact["D"] else D,
+        z,
+        dt_bias[:, None] if dt_bias is not None and compact["dt_bias"] else dt_bias,
+    )
+
+
+def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
+    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
+        raise TypeError(f"dt_limit must be a (lo, hi) pair of floats, got {dt_limit!r}")
+    lo, hi = (float(v) for v in dt_limit)
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"dt_limit must be (lo, hi) with lo <= hi, got {dt_limit!r}")
+    return lo, hi

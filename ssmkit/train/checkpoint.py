@@ -1,0 +1,191 @@
+"""Resumable training checkpoints: atomic, verified, the last K kept, a corrupt latest one skipped.
+
+A checkpoint is a folder ``<out>/checkpoints/step_NNNNNNN/``::
+
+    config.json            the model config, in the ssmkit checkpoint format (so the folder also loads
+    model.safetensors      with LanguageModel.from_pretrained and the CLI's generate/eval)
+    optimizer.safetensors  AdamW moments and step counts, keyed "<parameter name>/<key>"
+    rng.safetensors        torch CPU (and CUDA) generator states
+    ssmkit_tokenizer.json  the tokenizer (and tokenizer.json for token models)
+    trainer_state.json     step, schedule, data position, counters, Python/NumPy RNG states, optimiser
+                           hyper-parameters, and the size + SHA-256 of every other file (written last)
+
+Everything is written into a hidden temporary folder, each file fsynced, then the folder is renamed into
+place and the parent fsynced: a crash leaves either the whole checkpoint or none of it. On load every file
+is checked against its recorded hash; a checkpoint that fails is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.models.checkpoint import ARCHITECTURE, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
+from ssmkit.models.checkpoint import load_safetensors, save_safetensors_atomic
+from ssmkit.models.config import ModelConfig
+from ssmkit.train.distributed import Dist, barrier
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint folder whose files are missing, truncated or do not match their recorded hashes."""
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, newest (highest step) first; temporary leftovers ignored."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: ModelConfig,
+         tokenizer: Tokenizer, state: dict[str, Any], info: Dist, keep: int) -> Path:
+    """Write the checkpoint of ``step`` (every process must call this; rank 0 writes) and prune to ``keep``."""
+    # Imported here: it takes seconds, and generate/eval/info never need it.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    final = root / f"step_{step:07d}"
+    if info.is_main:
+        tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_safetensors_atomic(model_sd, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        _write_json(tmp / CONFIG_NAME, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                        "architecture": ARCHITECTURE, "config": config.to_dict()})
+        moments = {f"{name}/{key}": value for name, per_param in optim_sd["state"].items()
+                   for key, value in per_param.items()}
+        save_safetensors_atomic(moments, tmp / "optimizer.safetensors")
+        save_safetensors_atomic(_torch_rng_states(), tmp / "rng.safetensors")
+        tokenizer.save(tmp)
+        for p in tmp.iterdir():
+            _fsync_file(p)
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optim_sd["param_groups"]]
+        files = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir())}
+        _write_json(tmp / STATE_FILE, {**state, "step": step, "optimizer_param_groups": groups,
+                                       "python_rng": _python_rng_state(), "files": files})
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """The trainer state of ``folder`` after checking every file's size and hash; CorruptCheckpoint if not."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{folder / STATE_FILE}: missing or unreadable ({e})") from None
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{path}: missing")
+        if _fingerprint(path) != expected:
+            raise CorruptCheckpoint(f"{path}: size or SHA-256 differs from the one recorded when it was saved")
+    return state
+
+
+def find_resumable(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under ``root`` that verifies, warning about each newer one that does not."""
+    for folder in list_checkpoints(root):
+        try:
+            return folder, verify(folder)
+        except CorruptCheckpoint as e:
+            warnings.warn(f"checkpoint {folder.name} is corrupt, falling back to the previous one: {e}",
+                          stacklevel=2)
+    return None
+
+
+def load(folder: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore model, optimiser and RNG states from a verified checkpoint (every process reads the files)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_sd, _ = load_safetensors(folder / WEIGHTS_NAME)
+    moments, _ = load_safetensors(folder / "optimizer.safetensors")
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        name, _, what = key.rpartition("/")
+        per_param.setdefault(name, {})[what] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["optimizer_param_groups"]]
+    set_state_dict(model, optimizer, model_state_dict=model_sd,
+                   optim_state_dict={"state": per_param, "param_groups": groups},
+                   options=StateDictOptions(full_state_dict=True))
+    rng, _ = load_safetensors(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda/")])
+    py = state["python_rng"]
+    random.setstate((py["python"][0], tuple(py["python"][1]), py["python"][2]))
+    np.random.set_state((py["numpy"][0], np.array(py["numpy"][1], dtype=np.uint32), *py["numpy"][2:]))
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete temporary folders of checkpoints whose writing was interrupted."""
+    if root.is_dir():
+        for p in root.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _torch_rng_states() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _python_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
