@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssmkit.generation.cache import ModelCache
 from ssmkit.layers.s4d import S4D, S4DState
 from ssmkit.models import LanguageModel, ModelConfig
 from ssmkit.models.config import HyenaConfig, S4Config, S4DConfig
@@ -120,7 +121,7 @@ def test_bfloat16_and_bad_states():
         S4D(H, d_state=7)
 
 
-def test_language_model_with_s4d_s4_and_hyena_layers_decodes_like_its_forward():
+def test_language_model_with_s4d_s4_and_hyena_layers_decodes_like_its_forward(tmp_path):
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layer=3, layer_pattern="S4H", s4d=S4DConfig(d_state=8),
                       s4=S4Config(d_state=8, l_max=32), hyena=HyenaConfig(l_max=16, filter_order=8))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -131,6 +132,12 @@ def test_language_model_with_s4d_s4_and_hyena_layers_decodes_like_its_forward():
     cache = model.allocate_cache(2)
     steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(20)], dim=1)
     assert_close(steps, full.logits, name="teacher-forced decode")
+    half = model.allocate_cache(2)
+    model(ids[:, :12], cache=half)
+    half.save(tmp_path / "doc.cache")
+    loaded = ModelCache.load(tmp_path / "doc.cache")
+    assert [type(s).__name__ for s in loaded.states] == ["S4DState", "S4State", "HyenaState"]
+    assert_close(model(ids[:, 12:], cache=loaded).logits, full.logits[:, 12:], name="after save/load")
     full.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="s4d.bidirectional reads future tokens"):
