@@ -9,6 +9,9 @@ sides then hold the same weights. Measured in fp32, batch 1, no gradients:
 - decode: tokens/s of 64 greedy single-token steps after a 512-token prompt (the prompt is prefilled
   once; each repeat restarts from a copy of the prefilled cache), best of ``--repeats``.
 
+The two libraries' runs alternate within each repeat, so on a shared machine both see about the same
+load; the load average is printed at the start and the end.
+
 The table also gives the relative error between the two libraries' logits (same weights, so it shows
 both compute the same function) and whether the greedy tokens agree. transformers runs its torch
 fallbacks (no mamba_ssm / causal_conv1d kernels on CPU); its warnings about that are expected.
@@ -37,16 +40,21 @@ from ssmkit.models import LanguageModel, get_preset
 from ssmkit.testing import relative_error
 
 
-def best_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
-    """Best wall time of ``repeats`` calls (after one untimed warm-up call when ``warmup``)."""
+def best_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, float]:
+    """Best wall time of each function over ``repeats`` rounds (after one untimed warm-up round).
+
+    The functions alternate within each round, so on a shared machine each sees about the same load.
+    """
     if warmup:
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def build_pair(preset: str, folder: Path) -> tuple[torch.nn.Module, LanguageModel]:
@@ -64,11 +72,11 @@ def build_pair(preset: str, folder: Path) -> tuple[torch.nn.Module, LanguageMode
     return hf, LanguageModel.from_pretrained(folder).eval()
 
 
-def hf_decode(hf: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best time of ``new_tokens`` greedy cached steps of a transformers model, and the tokens."""
+def hf_decoder(hf: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, tokens: list) -> Callable[[], None]:
+    """A function running ``new_tokens`` greedy cached steps of a transformers model after ``prompt``
+    (prefilled once, here; each call starts from a copy of that cache) and storing them in ``tokens``."""
     out = hf(prompt, use_cache=True)
     prefilled, first = out.cache_params, out.logits[:, -1:].argmax(-1)
-    tokens: list[torch.Tensor] = []
 
     def run() -> None:
         cache, tok = copy.deepcopy(prefilled), first
@@ -77,15 +85,13 @@ def hf_decode(hf: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeat
             tokens.append(tok)
             tok = hf(tok, cache_params=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
-    return best_time(run, repeats, warmup=False), torch.cat(tokens, dim=1)
+    return run
 
 
-def ssmkit_decode(model: LanguageModel, prompt: torch.Tensor, new_tokens: int,
-                  repeats: int) -> tuple[float, torch.Tensor]:
-    """Best time of ``new_tokens`` greedy cached steps of an ssmkit model, and the tokens."""
+def ssmkit_decoder(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, tokens: list) -> Callable[[], None]:
+    """As :func:`hf_decoder` for an ssmkit model (cache from ``allocate_cache``, copied with ``clone``)."""
     prefilled = model.allocate_cache(prompt.shape[0])
     first = model(prompt, cache=prefilled, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    tokens: list[torch.Tensor] = []
 
     def run() -> None:
         cache, tok = prefilled.clone(), first
@@ -94,7 +100,7 @@ def ssmkit_decode(model: LanguageModel, prompt: torch.Tensor, new_tokens: int,
             tokens.append(tok)
             tok = model(tok, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
 
-    return best_time(run, repeats, warmup=False), torch.cat(tokens, dim=1)
+    return run
 
 
 def main() -> None:
@@ -128,12 +134,11 @@ def main() -> None:
         for length in args.lengths:
             ids = torch.randint(0, vocab, (1, length), generator=g)
             outputs = {}
-
-            def forward(name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-                return lambda: outputs.__setitem__(name, fn())
-
-            t_hf = best_time(forward("hf", lambda: hf(ids, use_cache=False).logits), args.repeats)
-            t_ss = best_time(forward("ss", lambda: model(ids).logits), args.repeats)
+            times = best_times({
+                "hf": lambda: outputs.__setitem__("hf", hf(ids, use_cache=False).logits),
+                "ss": lambda: outputs.__setitem__("ss", model(ids).logits),
+            }, args.repeats)
+            t_hf, t_ss = times["hf"], times["ss"]
             err = relative_error(outputs["ss"], outputs["hf"])
             rows.append(dict(model=preset, measure="forward", length=length, transformers_s=t_hf, ssmkit_s=t_ss,
                              speedup=t_hf / t_ss, logits_rel_err=err))
@@ -141,10 +146,14 @@ def main() -> None:
                   f"{err:>16.1e}{'':>13}", flush=True)
 
         prompt = torch.randint(0, vocab, (1, args.prompt), generator=g)
-        t_hf, tok_hf = hf_decode(hf, prompt, args.new_tokens, args.repeats)
-        t_ss, tok_ss = ssmkit_decode(model, prompt, args.new_tokens, args.repeats)
-        rate_hf, rate_ss = args.new_tokens / t_hf, args.new_tokens / t_ss
-        same = bool(torch.equal(tok_hf, tok_ss))
+        tok_hf: list[torch.Tensor] = []
+        tok_ss: list[torch.Tensor] = []
+        times = best_times({
+            "hf": hf_decoder(hf, prompt, args.new_tokens, tok_hf),
+            "ss": ssmkit_decoder(model, prompt, args.new_tokens, tok_ss),
+        }, args.repeats, warmup=False)
+        rate_hf, rate_ss = args.new_tokens / times["hf"], args.new_tokens / times["ss"]
+        same = bool(torch.equal(torch.cat(tok_hf, dim=1), torch.cat(tok_ss, dim=1)))
         rows.append(dict(model=preset, measure="decode", prompt=args.prompt, new_tokens=args.new_tokens,
                          transformers_tok_s=rate_hf, ssmkit_tok_s=rate_ss, speedup=rate_ss / rate_hf,
                          same_tokens=same))
