@@ -68,12 +68,12 @@ def ssd_chunked(
 
     # Tensors keep the input's (b, l, ...) order, viewed as (b * c, T, ...): no transposed copies.
     # Padded steps have Δ = 0 and x = 0: no decay, no input, so the last state is unchanged.
-    delta = _pad_len(discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), pad).view(k, T, h)
+    delta = _pad_len(discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), pad).reshape(k, T, h)
     cum = torch.cumsum(delta * A.to(dtype), dim=1)  # (k, T, h)
     xs = x.to(dtype)
-    xc = _pad_len(xs, pad).view(k, T, h, p)
-    Bc = _pad_len(B.to(dtype), pad).view(k, T, g, n)
-    Cc = _pad_len(C.to(dtype), pad).view(k, T, g, n)
+    xc = _pad_len(xs, pad).reshape(k, T, h, p)
+    Bc = _pad_len(B.to(dtype), pad).reshape(k, T, g, n)
+    Cc = _pad_len(C.to(dtype), pad).reshape(k, T, g, n)
 
     doc = in_last = in_first = carry = None
     if seq_idx is not None:
