@@ -23,6 +23,10 @@ import torch.nn.functional as F
 def _conv(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """Depthwise correlation of inp (b, d, L) with weight (d, w) along L, ``padding`` zeros on both sides."""
     dim = weight.shape[0]
+    # Under autocast the forward ran in the input's low precision; the backward (outside autocast)
+    # must too, and the library convolutions refuse mixed dtypes.
+    weight = weight.to(inp.dtype)
+    bias = bias.to(inp.dtype) if bias is not None else None
     if inp.stride(1) == 1 and inp.shape[-1] > 1 and inp.dtype != torch.float64:
         # (b, d, 1, L) viewed from a (b, L, d) buffer is already channels-last: no copy.
         out = F.conv2d(inp.unsqueeze(2), weight[:, None, None, :], bias, padding=(0, padding), groups=dim)

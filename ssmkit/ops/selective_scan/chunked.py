@@ -44,9 +44,9 @@ from torch.autograd.function import once_differentiable
 
 from ssmkit.ops.selective_scan.reference import compute_dtype
 
-# Tuned on 2 CPU cores at the Mamba-130M shape (b=1, d=1536, n=16, l=2048): chunks of 16..32 steps
-# (buffers of ~0.5M values, 2 MiB in float32) were fastest; 64 and more fall out of cache, fewer than 8
-# spend the time in per-chunk Python overhead.
+# Tuned on one thread of a shared 2-core CPU at the Mamba-130M shape (b=1, d=1536, n=16, l=2048):
+# chunks of 12..32 steps (buffers of ~0.5M values, 2 MiB in float32) were fastest; 64 and more fall out
+# of cache, fewer than 8 spend the time in per-chunk Python overhead.
 _TARGET_CHUNK_ELEMENTS = 1 << 19
 _MIN_CHUNK, _MAX_CHUNK = 8, 64
 _LOG2E = 1.4426950408889634
@@ -158,12 +158,30 @@ def _step_sizes(delta: torch.Tensor, bias: torch.Tensor | None, softplus: bool) 
     return dT
 
 
-def _gate(y: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = y · silu(z) for (b, d, l) tensors, in blocks of channels (out may be y)."""
+def _gate(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """y · silu(z) for (b, d, l) tensors, in blocks of channels so that temporaries stay small."""
+    out = torch.empty_like(y)
     for i in range(0, y.shape[1], _GATE_BLOCK):
         s = slice(i, i + _GATE_BLOCK)
         torch.mul(y[:, s], F.silu(z[:, s]), out=out[:, s])
     return out
+
+
+def _gate_backward(
+    dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, need_z: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of out = y · silu(z) for y and z, in the callers' layout (no transposes), by blocks."""
+    dy = torch.empty_like(y)
+    dz = torch.empty_like(z) if need_z else None
+    for i in range(0, y.shape[1], _GATE_BLOCK):
+        s = slice(i, i + _GATE_BLOCK)
+        sig = torch.sigmoid(z[:, s])
+        torch.mul(dout[:, s], z[:, s], out=dy[:, s]).mul_(sig)
+        if need_z:
+            # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+            dsilu = (1 - sig).mul_(z[:, s]).add_(1).mul_(sig)
+            torch.mul(dout[:, s], y[:, s], out=dz[:, s]).mul_(dsilu)
+    return dy, dz
 
 
 class _Buffer:
@@ -202,7 +220,7 @@ class _SelectiveScan(torch.autograd.Function):
         dg = d // g
         keep = _keep_masks(resets)
         B, C = B.reshape(b, g * n, l), C.reshape(b, g * n, l)
-        ctx.time_major = [_is_time_major(t) for t in (u, delta, B, C)] + [z is not None and _is_time_major(z)]
+        ctx.time_major = [_is_time_major(t) for t in (u, delta, B, C)]
         uT, BT, CT = _swap_last(u), _swap_last(B), _swap_last(C)
         dT = _step_sizes(delta, delta_bias, softplus)
         num_chunks = -(-l // chunk)
@@ -224,10 +242,9 @@ class _SelectiveScan(torch.autograd.Function):
             _readout(CT[:, t0:t1].view(b, T, g, n), H[:, 1:], y[:, t0:t1])
             if D is not None:
                 y[:, t0:t1].addcmul_(uT[:, t0:t1], D)
-        out = _from_time_major(y, ctx.time_major[0])
-        if z is not None:
-            # out is y itself when u is time-major; y is needed for dz, so the gate writes elsewhere.
-            out = _gate(out, z, torch.empty_like(out) if out.data_ptr() == y.data_ptr() else out)
+        # The gate works in the callers' layout, so its backward needs no transposes.
+        y = _from_time_major(y, ctx.time_major[0])
+        out = y if z is None else _gate(y, z)
         ctx.save_for_backward(uT, dT, A, BT, CT, states, D, z, y if z is not None else None)
         ctx.keep, ctx.chunk, ctx.softplus = keep, chunk, softplus
         # clone(): the returned state must not alias the saved boundary states.
@@ -238,7 +255,7 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, dout, dh_last):
         uT, dT, A, BT, CT, states, D, z, y = ctx.saved_tensors
         keep, chunk = ctx.keep, ctx.chunk
-        tm_u, tm_delta, tm_B, tm_C, tm_z = ctx.time_major
+        tm_u, tm_delta, tm_B, tm_C = ctx.time_major
         need_u, need_delta, need_A, need_B, need_C, need_D, need_z, need_bias, need_h0 = ctx.needs_input_grad[:9]
         need_dt = need_delta or need_bias
         b, l, d = uT.shape
@@ -247,11 +264,12 @@ class _SelectiveScan(torch.autograd.Function):
         dg = d // g
         A_s = _to_state_layout(A, g)
         A2 = A_s * _LOG2E
+        grad_z = None
+        if z is not None:
+            dout, grad_z = _gate_backward(dout, y, z, need_z)
         doutT = _swap_last(dout)
-        zT = None if z is None else _swap_last(z)
         grad_u = torch.empty_like(uT) if need_u else None
         grad_dt = torch.empty_like(dT) if need_dt else None
-        grad_z = torch.empty_like(uT) if need_z else None
         grad_A = torch.zeros_like(A_s) if need_A else None
         grad_B = torch.empty_like(BT) if need_B else None
         grad_C = torch.empty_like(CT) if need_C else None
@@ -259,7 +277,7 @@ class _SelectiveScan(torch.autograd.Function):
         grad_bias = dT.new_zeros(d) if need_bias else None
         dA_buf, H_buf = _Buffer(uT, b, chunk, (g, n, dg)), _Buffer(uT, b, chunk + 1, (g, n, dg))
         G_buf = _Buffer(uT, b, chunk, (g, n, dg))
-        du_buf, dy_buf = _Buffer(uT, b, chunk, (d,)), _Buffer(uT, b, chunk, (d,))
+        du_buf = _Buffer(uT, b, chunk, (d,))
         carry = _to_state_layout(dh_last, g)
         for c in range(states.shape[0] - 2, -1, -1):
             t0, t1 = c * chunk, min((c + 1) * chunk, l)
@@ -273,14 +291,6 @@ class _SelectiveScan(torch.autograd.Function):
             _scan_forward(H, dA, t0, keep)
 
             dy = doutT[:, t0:t1]
-            if z is not None:
-                z_c = zT[:, t0:t1]
-                sig = torch.sigmoid(z_c)
-                if need_z:
-                    # silu'(z) = σ(z) (1 + z (1 - σ(z)))
-                    dsilu = (1 - sig).mul_(z_c).add_(1).mul_(sig)
-                    torch.mul(dy, y[:, t0:t1], out=grad_z[:, t0:t1]).mul_(dsilu)
-                dy = torch.mul(dy, z_c, out=dy_buf.get(T)).mul_(sig)
             if need_D:
                 grad_D += (dy * u_c).sum(dim=(0, 1))
 
@@ -328,7 +338,7 @@ class _SelectiveScan(torch.autograd.Function):
             _from_time_major(grad_B, tm_B).view(b, g, n, l) if need_B else None,
             _from_time_major(grad_C, tm_C).view(b, g, n, l) if need_C else None,
             grad_D,
-            _from_time_major(grad_z, tm_z) if need_z else None,
+            grad_z,
             grad_bias,
             _from_state_layout(carry) if need_h0 else None,
             None,

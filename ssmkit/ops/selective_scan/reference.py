@@ -47,9 +47,6 @@ def selective_scan_reference(
     b, d, l = u.shape
     g, n = B.shape[1], B.shape[2]
     u_, delta_, A_ = u.to(ct), delta.to(ct), A.to(ct)
-    # Each channel reads the B/C rows of its group: expand (b, g, n, l) to (b, d, n, l).
-    B_ = B.to(ct).repeat_interleave(d // g, dim=1)
-    C_ = C.to(ct).repeat_interleave(d // g, dim=1)
     if delta_bias is not None:
         delta_ = delta_ + delta_bias.to(ct)[:, None]
     if delta_softplus:
@@ -58,15 +55,22 @@ def selective_scan_reference(
         h = u_.new_zeros(b, d, n)
     else:
         h = initial_state.to(ct)
+    # Per-step slices by unbind, whose backward is one stack (indexing [..., t] would cost a full-size
+    # gradient per step).
+    us, deltas = u_.unbind(-1), delta_.unbind(-1)
+    Bs, Cs = B.to(ct).unbind(-1), C.to(ct).unbind(-1)
     ys = []
     for t in range(l):
         if seq_idx is not None and t > 0:
             # where(), not a multiply by 0, so that inf/NaN of the previous document cannot leak in.
             new_doc = (seq_idx[:, t] != seq_idx[:, t - 1])[:, None, None]
             h = torch.where(new_doc, torch.zeros_like(h), h)
-        decay = torch.exp(delta_[:, :, t, None] * A_)
-        h = decay * h + (delta_[:, :, t] * u_[:, :, t])[:, :, None] * B_[:, :, :, t]
-        ys.append((h * C_[:, :, :, t]).sum(-1))
+        # Each channel reads the B/C row of its group: (b, g, n) -> (b, d, n).
+        B_t = Bs[t].repeat_interleave(d // g, dim=1)
+        C_t = Cs[t].repeat_interleave(d // g, dim=1)
+        decay = torch.exp(deltas[t][:, :, None] * A_)
+        h = decay * h + (deltas[t] * us[t])[:, :, None] * B_t
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.to(ct)[:, None] * u_
