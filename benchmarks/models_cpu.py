@@ -112,8 +112,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: L = 256, 64-token prompt, 8 new tokens, 1 repeat")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.prompt, args.new_tokens, args.repeats = [256], 64, 8, 1
 

@@ -112,10 +112,12 @@ def main() -> None:
     precision = "bf16 autocast" if bf16 else "fp32"
 
     load_start = os.getloadavg()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else platform.processor() or platform.machine())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {where}; "
           f"{precision}; load average {load_start[0]:.2f} at start")
-    header = f"{'preset':<13}{'batch x len':>12}{'transformers':>14}{'ssmkit':>10}{'ratio':>8}{'ssmkit+seq_idx':>16}{'ratio':>8}"
+    header = (f"{'preset':<13}{'batch x len':>12}{'transformers':>14}{'ssmkit':>10}{'ratio':>8}"
+              f"{'ssmkit+seq_idx':>16}{'ratio':>8}")
     print(f"training tokens/s (higher is better)\n{header}\n{'-' * len(header)}", flush=True)
     rows = []
     for seq_len in args.seq_lens:

@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", allow_abbrev=False, help="train a model (default data: the Python standard library's source)",
+    train = sub.add_parser("train", allow_abbrev=False,
+                           help="train a model (default data: the Python standard library's source)",
+                           usage="ssmkit train [--preset NAME] [--data PATH ...] --out DIR [--steps N | --time MINUTES]"
+                                 " [--resume] [--model.KEY VALUE ...] [--train.KEY VALUE ...] [--data.KEY VALUE ...]",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="Under torchrun every process runs this same command (DDP by default, "
                                   "--train.parallel fsdp for FSDP2).")
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         options = train.add_argument_group(f"--{section}.* options")
         for key, (tp, default, doc) in flat_fields(cls).items():
             shown = "from the preset" if section == "model" else repr(default)
-            options.add_argument(f"--{section}.{key}", dest=f"{section}.{key}", metavar=describe_type(tp).upper(),
+            options.add_argument(f"--{section}.{key}", dest=f"{section}.{key}", metavar=describe_type(tp),
                                  default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".replace("%", "%%"))
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="stream a continuation of a prompt to stdout")
@@ -82,13 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8, metavar="N")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda")
 
-    info = sub.add_parser("info", allow_abbrev=False, help="config, parameters, cache size and FLOPs per token of a model")
+    info = sub.add_parser("info", allow_abbrev=False,
+                          help="config, parameters, cache size and FLOPs per token of a model")
     what = info.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="DIR")
     what.add_argument("--preset", metavar="NAME")
     what.add_argument("--list", action="store_true", help="list the presets")
+    info.add_argument("--context", type=int, default=None, metavar="N",
+                      help="also report the cache bytes of one sequence after N tokens (attention layers grow)")
 
-    conv = sub.add_parser("convert", allow_abbrev=False, help="convert a checkpoint between ssmkit and transformers formats")
+    conv = sub.add_parser("convert", allow_abbrev=False,
+                          help="convert a checkpoint between ssmkit and transformers formats")
     conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder)")
     conv.add_argument("dst", metavar="DST", help="new folder to write")
     conv.add_argument("--to", required=True, choices=("transformers", "ssmkit"))
@@ -299,14 +306,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, label = model.config, str(folder)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.embedding.weight.numel()
-    cache = model.allocate_cache(1).nbytes
+    cache = model.cache_nbytes(1)
     length = 256
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, length, dtype=torch.long))
     flops = counter.get_total_flops() / length
     print(f"{label}\n{config.to_json()}")
     print(f"parameters: {n_params:,} ({n_params - n_embed:,} without the embedding)")
-    print(f"cache for one sequence: {cache:,} bytes (the same at any length)")
+    grows = cache != model.cache_nbytes(1 << 20)
+    print(f"cache for one sequence: {cache:,} bytes " + ("(grows with full-attention layers)" if grows
+                                                         else "(the same at any length)"))
+    if args.context is not None:
+        print(f"cache for one sequence at {args.context:,} tokens: {model.cache_nbytes(args.context):,} bytes")
     print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M (matrix products and convolutions, counted by "
           f"torch.utils.flop_counter at length {length}); training ~3x that")
     return 0

@@ -48,14 +48,14 @@ class BatchLoader:
         self.micro_batches = micro_batches
         self.epoch = 0
         self.step = 0
+        # Shuffled units: single rows when packing, whole length buckets when bucketing.
         if isinstance(rows, PackedRows):
-            units = rows.units()
+            self._units = np.arange(len(rows))[:, None]
         else:
             # A short last bucket would not split evenly across ranks and micro-batches.
-            units = [u for u in rows.units(batch_size) if len(u) == batch_size]
-        self._units = units
-        self._rows_per_unit = 1 if isinstance(rows, PackedRows) else batch_size
-        self.steps_per_epoch = len(units) * self._rows_per_unit // batch_size
+            full = [u for u in rows.units(batch_size) if len(u) == batch_size]
+            self._units = np.stack(full) if full else np.zeros((0, batch_size), dtype=np.int64)
+        self.steps_per_epoch = self._units.size // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training data makes {len(rows)} rows of up to {rows.seq_len} tokens, fewer than one "
@@ -67,7 +67,7 @@ class BatchLoader:
         """Rows of the current epoch in visiting order."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(len(self._units), generator=g).numpy()
-        return np.concatenate([self._units[i] for i in perm])
+        return self._units[perm].reshape(-1)
 
     def next(self) -> list[Batch]:
         """This rank's micro-batches of the next global batch."""

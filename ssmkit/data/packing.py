@@ -126,10 +126,6 @@ class PackedRows:
         return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(seq_idx),
                      int(self.row_lengths[rows].sum()))
 
-    def units(self) -> list[np.ndarray]:
-        """One unit per row (the loader shuffles units and groups them into batches)."""
-        return [np.array([r]) for r in range(self.n_rows)]
-
     def padding_waste(self, batch_size: int) -> float:
         """Share of computed positions that are padding: only the last row is short."""
         return waste(self.row_lengths, batch_size, sort=False)

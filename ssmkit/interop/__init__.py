@@ -1,17 +1,55 @@
 """Checkpoints of other libraries <-> ssmkit.
 
-Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba`` and ``mamba2``
-(:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`);
+Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2`` and ``jamba``
+(:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
+:mod:`ssmkit.interop.transformers_mamba` and :mod:`ssmkit.interop.jamba`);
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
 """
 
-from ssmkit.interop.files import CheckpointError
-from ssmkit.interop.transformers_config import MODEL_TYPES as TRANSFORMERS_MODEL_TYPES
-from ssmkit.interop.transformers_mamba import load_transformers_checkpoint, save_transformers_checkpoint
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ssmkit.interop import transformers_mamba
+from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json
+from ssmkit.interop.jamba import load_jamba_checkpoint, save_jamba_checkpoint
+from ssmkit.interop.transformers_config import MODEL_TYPES as _MAMBA_MODEL_TYPES
+
+if TYPE_CHECKING:
+    from ssmkit.models import LanguageModel, ModelConfig
+
+TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba")
+
+
+def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a transformers folder of model_type mamba, falcon_mamba, mamba2 or jamba:
+    ``(ModelConfig, state_dict with LanguageModel names)`` (see the per-format modules for the errors)."""
+    folder = Path(path)
+    if folder.is_dir() and (folder / CONFIG_NAME).is_file() and read_json(folder / CONFIG_NAME).get(
+            "model_type") == "jamba":
+        return load_jamba_checkpoint(folder)
+    return transformers_mamba.load_transformers_checkpoint(folder)
+
+
+def save_transformers_checkpoint(model: LanguageModel, path: str | os.PathLike) -> Path:
+    """Write ``model`` as a transformers folder: Jamba for hybrids (attention or feed-forward layers, or
+    Mamba with inner layer norms), mamba / falcon_mamba / mamba2 for pure SSM stacks."""
+    config = model.config
+    hybrid = any(s.mixer == "attention" or s.ff is not None for s in config.layer_specs())
+    if hybrid or config.mamba.inner_layernorms:
+        return save_jamba_checkpoint(model, path)
+    return transformers_mamba.save_transformers_checkpoint(model, path)
+
 
 __all__ = [
     "CheckpointError",
     "TRANSFORMERS_MODEL_TYPES",
+    "load_jamba_checkpoint",
     "load_transformers_checkpoint",
+    "save_jamba_checkpoint",
     "save_transformers_checkpoint",
 ]

@@ -217,6 +217,9 @@ def config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[str, An
 
 def _mamba_to(config: ModelConfig, model_type: str) -> dict[str, Any]:
     m = config.mamba
+    if m.inner_layernorms:
+        raise ValueError("mamba.inner_layernorms = True: transformers' mamba and falcon_mamba have no learned "
+                         "dt/B/C norms (Jamba's Mamba layers do)")
     out = dict(
         state_size=m.d_state,
         expand=m.expand,

@@ -95,7 +95,8 @@ def _to_transformers_name(name: str) -> str:
     return "backbone." + ("embeddings.weight" if name == "embedding.weight" else name)
 
 
-def _check_mamba2_mlp_prefix(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: Path):
+def _check_mamba2_mlp_prefix(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                             source: Path) -> None:
     """mamba_ssm's Mamba2 may put a gated MLP's [z0, x0] (2 * d_mlp rows) in front of in_proj."""
     for name, want in expected.items():
         if name.endswith("mixer.in_proj.weight") and name in tensors:
@@ -113,14 +114,14 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[i
     unexpected = sorted(n for n in tensors if n not in expected)
     if missing:
         raise CheckpointError(f"{source}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                              f"({len(missing)} in all) that the config.json implies")
+                              f"({len(missing)} in all) that the config implies")
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensors {unexpected[:8]}"
                               f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
     for name, want in expected.items():
         t = tensors[name]
         if tuple(t.shape) != want:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config.json implies {want}")
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
 

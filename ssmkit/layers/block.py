@@ -20,7 +20,7 @@ class Block(nn.Module):
     Args:
         d_model: width of the residual stream.
         mixer: a sequence mixer taking ``(x, *, seq_idx, initial_state, cache)`` (Mamba, Mamba2, ...).
-        ff: a feed-forward module ``x -> x`` (MLP / MoE in later releases) or None.
+        ff: a feed-forward module ``x -> x`` (:class:`ssmkit.layers.MLP`, :class:`ssmkit.layers.MoE`) or None.
         norm_eps: eps of the RMSNorms. residual_in_fp32: keep the residual stream in float32.
 
     Shapes: residual (b, l, d_model) in any float dtype -> (b, l, d_model), float32 with

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit import ops
-from ssmkit.layers.norm import no_weight_decay
+from ssmkit.layers.norm import RMSNorm, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
 
 
@@ -49,7 +49,9 @@ class Mamba(nn.Module):
     """Mamba-1 mixer with mamba_ssm's arguments and defaults.
 
     ``mixer_rms_eps`` (falcon_mamba) adds weightless RMSNorms with that eps on dt (before ``dt_proj``),
-    B and C. ``layer_idx`` is informational (for repr and error messages).
+    B and C. ``inner_layernorms`` (Jamba) adds learned RMSNorms ``dt_layernorm`` [R], ``b_layernorm`` [N],
+    ``c_layernorm`` [N] at the same places, with eps ``mixer_rms_eps`` (1e-6 when None, transformers'
+    Jamba ``rms_norm_eps``). ``layer_idx`` is informational (for repr and error messages).
 
     ``forward(x, *, seq_idx=None, initial_state=None, cache=None)``: x (b, l, H) -> (b, l, H).
     ``initial_state`` (a :class:`MambaState`) is read, never written; ``cache`` is read and updated in
@@ -83,6 +85,7 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         mixer_rms_eps: float | None = None,
+        inner_layernorms: bool = False,
         layer_idx: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -93,8 +96,14 @@ class Mamba(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.mixer_rms_eps = mixer_rms_eps
+        self.inner_layernorms = inner_layernorms
         self.layer_idx = layer_idx
-        if mixer_rms_eps is not None:
+        if inner_layernorms:
+            eps = 1e-6 if mixer_rms_eps is None else mixer_rms_eps
+            self.dt_layernorm = RMSNorm(self.dt_rank, eps=eps, **factory)
+            self.b_layernorm = RMSNorm(d_state, eps=eps, **factory)
+            self.c_layernorm = RMSNorm(d_state, eps=eps, **factory)
+        elif mixer_rms_eps is not None:
             # Unit weights for the weightless norms on dt, B and C; buffers so they follow .to(), not saved.
             self.register_buffer("_unit_rank", torch.ones(self.dt_rank, **factory), persistent=False)
             self.register_buffer("_unit_state", torch.ones(d_state, **factory), persistent=False)
@@ -188,7 +197,9 @@ class Mamba(nn.Module):
     def _dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., I) -> dt (..., I) before bias and softplus, B (..., N), C (..., N)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if self.mixer_rms_eps is not None:
+        if self.inner_layernorms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        elif self.mixer_rms_eps is not None:
             eps = self.mixer_rms_eps
             dt = ops.rms_norm_fn(dt, self._unit_rank, eps=eps)
             B, C = (ops.rms_norm_fn(t, self._unit_state, eps=eps) for t in (B, C))
@@ -207,4 +218,5 @@ class Mamba(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
-                f"dt_rank={self.dt_rank}" + (f", mixer_rms_eps={self.mixer_rms_eps}" if self.mixer_rms_eps else ""))
+                f"dt_rank={self.dt_rank}" + (f", mixer_rms_eps={self.mixer_rms_eps}" if self.mixer_rms_eps else "")
+                + (", inner_layernorms=True" if self.inner_layernorms else ""))

@@ -1,7 +1,20 @@
 """Models: :class:`ModelConfig` (typed dataclasses <-> JSON), :class:`LanguageModel`, named presets,
 and ssmkit checkpoint folders (``save_pretrained`` / ``from_pretrained``)."""
 
-from ssmkit.models.config import LayerSpec, Mamba2Config, MambaConfig, ModelConfig, parse_layer_pattern
+from ssmkit.models.config import (
+    AttentionConfig,
+    HyenaConfig,
+    LayerSpec,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    MLPConfig,
+    ModelConfig,
+    MoEConfig,
+    S4Config,
+    S4DConfig,
+    parse_layer_pattern,
+)
 from ssmkit.models.language_model import (
     LanguageModel,
     LanguageModelOutput,
@@ -11,12 +24,19 @@ from ssmkit.models.language_model import (
 from ssmkit.models.presets import get_preset, list_presets
 
 __all__ = [
+    "AttentionConfig",
+    "HyenaConfig",
     "LanguageModel",
     "LanguageModelOutput",
     "LayerSpec",
+    "MLPConfig",
     "Mamba2Config",
+    "Mamba3Config",
     "MambaConfig",
     "ModelConfig",
+    "MoEConfig",
+    "S4Config",
+    "S4DConfig",
     "get_preset",
     "list_presets",
     "no_weight_decay_param_names",

@@ -1,7 +1,8 @@
 """Model configuration: typed, nested dataclasses that round-trip through JSON.
 
 A :class:`ModelConfig` holds the model-wide sizes and one nested config per mixer kind
-(:class:`MambaConfig`, :class:`Mamba2Config`, :class:`Mamba3Config`); the argument names and defaults are mamba_ssm's.
+(:class:`MambaConfig`, :class:`Mamba2Config`, :class:`Mamba3Config`, :class:`AttentionConfig`, ...) and per
+feed-forward kind (:class:`MLPConfig`, :class:`MoEConfig`); the argument names and defaults are mamba_ssm's.
 
 Layer pattern
 -------------
@@ -9,22 +10,23 @@ Layer pattern
 one lowercase *feed-forward letter*; the pattern repeats until it covers ``n_layer`` layers (it may not
 be longer than ``n_layer``). Letters:
 
-====== ======================================= ==========================
-letter mixer                                   status
-====== ======================================= ==========================
-``M``  Mamba-1 (:class:`ssmkit.layers.Mamba`)  available
-``2``  Mamba-2 (:class:`ssmkit.layers.Mamba2`) available
-``3``  Mamba-3 (``ssmkit.layers.mamba3``)      available
-``A``  attention                               reserved for a later issue
-``W``  sliding-window attention                reserved for a later issue
-``S``  S4D (``ssmkit.layers.s4d.S4D``)         available
-``4``  S4 (``ssmkit.layers.s4.S4``)            available
-``H``  Hyena (``ssmkit.layers.hyena.Hyena``)   available
-====== ======================================= ==========================
+====== ==========================================================================
+letter mixer
+====== ==========================================================================
+``M``  Mamba-1 (:class:`ssmkit.layers.Mamba`, settings ``mamba``)
+``2``  Mamba-2 (:class:`ssmkit.layers.Mamba2`, ``mamba2``)
+``3``  Mamba-3 (:class:`ssmkit.layers.Mamba3`, ``mamba3``)
+``A``  full causal attention (:class:`ssmkit.layers.Attention`, ``attention``)
+``W``  sliding-window attention (the same, window ``attention.window``)
+``S``  S4D (:class:`ssmkit.layers.S4D`, ``s4d``)
+``4``  S4 (:class:`ssmkit.layers.S4`, ``s4``)
+``H``  Hyena (:class:`ssmkit.layers.Hyena`, ``hyena``)
+====== ==========================================================================
 
-Feed-forward suffix: none (the default: the block is mixer only), ``m`` MLP, ``e`` mixture of experts
-(both reserved for a later issue). Examples: ``"M"`` is a pure Mamba stack, ``"2"`` pure Mamba-2,
-``"MM2"`` with ``n_layer=6`` gives ``M M 2 M M 2``.
+Feed-forward suffix: none (the default: the block is mixer only), ``m`` SwiGLU MLP (``mlp``), ``e``
+mixture of experts (``moe``). Examples: ``"M"`` is a pure Mamba stack, ``"2"`` pure Mamba-2,
+``"MM2"`` with ``n_layer=6`` gives ``M M 2 M M 2``; Samba is ``"MmWm"``; Jamba (attention at
+i % 8 == 4, MoE at i % 2 == 1) is ``"MmMeMmMeAmMeMmMe"``.
 
 JSON
 ----
@@ -59,12 +61,11 @@ MIXER_LETTERS: dict[str, str] = {
     "H": "hyena",
 }
 FF_LETTERS: dict[str, str] = {"m": "mlp", "e": "moe"}
-AVAILABLE_MIXERS = ("M", "2", "3", "S", "4", "H")
-AVAILABLE_FFS: tuple[str, ...] = ()
 
 
 class LayerSpec(NamedTuple):
-    """What one layer is made of: its mixer kind (``"mamba"``, ``"mamba2"``) and feed-forward (or None)."""
+    """What one layer is made of: its mixer kind (``"mamba"``, ``"attention"``, ...) and feed-forward
+    (``"mlp"``, ``"moe"`` or None)."""
 
     mixer: str
     ff: str | None
@@ -74,7 +75,9 @@ class LayerSpec(NamedTuple):
 class MambaConfig:
     """Mamba-1 mixer settings (mamba_ssm's ``Mamba`` arguments).
 
-    ``mixer_rms_eps`` set (falcon_mamba) adds weightless RMSNorms with that eps on dt, B and C.
+    ``mixer_rms_eps`` set (falcon_mamba) adds weightless RMSNorms with that eps on dt, B and C;
+    ``inner_layernorms`` (Jamba) adds learned RMSNorms ``dt_layernorm``, ``b_layernorm``, ``c_layernorm``
+    there instead, with eps ``mixer_rms_eps`` (1e-6 when None, as Jamba's ``rms_norm_eps``).
     """
 
     d_state: int = 16
@@ -89,6 +92,7 @@ class MambaConfig:
     conv_bias: bool = True
     bias: bool = False
     mixer_rms_eps: float | None = None
+    inner_layernorms: bool = False
 
     def validate(self, d_model: int) -> None:
         _positive("mamba.d_state", self.d_state)
@@ -264,6 +268,75 @@ class HyenaConfig:
 
 
 @dataclass(kw_only=True)
+class AttentionConfig:
+    """Attention mixer settings (:class:`ssmkit.layers.Attention`), shared by ``A`` and ``W`` layers.
+
+    ``num_heads_kv`` None = ``num_heads`` (plain multi-head); ``head_dim`` None = d_model / num_heads;
+    ``window`` applies to ``W`` layers only; ``rotary_emb_dim`` 0 = no positional encoding (Jamba).
+    """
+
+    num_heads: int = 8
+    num_heads_kv: int | None = None
+    head_dim: int | None = None
+    window: int = 2048
+    rotary_emb_dim: int = 0
+    rotary_emb_base: float = 10000.0
+    bias: bool = False
+
+    def validate(self, d_model: int) -> None:
+        _positive("attention.num_heads", self.num_heads)
+        kv = self.num_heads if self.num_heads_kv is None else self.num_heads_kv
+        _positive("attention.num_heads_kv", kv)
+        if self.num_heads % kv:
+            raise ValueError(f"attention.num_heads={self.num_heads} must be divisible by attention.num_heads_kv={kv}")
+        if self.head_dim is None and d_model % self.num_heads:
+            raise ValueError(f"attention.num_heads={self.num_heads} must divide d_model={d_model} "
+                             "unless attention.head_dim is set")
+        head_dim = d_model // self.num_heads if self.head_dim is None else self.head_dim
+        _positive("attention.head_dim", head_dim)
+        _positive("attention.window", self.window)
+        if not 0 <= self.rotary_emb_dim <= head_dim or self.rotary_emb_dim % 2:
+            raise ValueError(f"attention.rotary_emb_dim must be even and in [0, head_dim={head_dim}], "
+                             f"got {self.rotary_emb_dim}")
+        _positive("attention.rotary_emb_base", self.rotary_emb_base)
+
+
+@dataclass(kw_only=True)
+class MLPConfig:
+    """SwiGLU feed-forward settings (:class:`ssmkit.layers.MLP`, suffix ``m``)."""
+
+    d_intermediate: int = 1024
+
+    def validate(self, d_model: int) -> None:
+        _positive("mlp.d_intermediate", self.d_intermediate)
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Mixture-of-experts settings (:class:`ssmkit.layers.MoE`, suffix ``e``; Jamba's defaults).
+
+    The training loss adds ``router_aux_loss_coef`` × the load-balancing loss and ``router_z_loss_coef``
+    × the router z-loss, pooled over the MoE layers (see :meth:`ssmkit.models.LanguageModel.forward`).
+    """
+
+    num_experts: int = 16
+    top_k: int = 2
+    d_intermediate: int = 1024
+    renormalize: bool = False
+    router_aux_loss_coef: float = 1e-3
+    router_z_loss_coef: float = 0.0
+
+    def validate(self, d_model: int) -> None:
+        _positive("moe.num_experts", self.num_experts)
+        _positive("moe.d_intermediate", self.d_intermediate)
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k must be in [1, moe.num_experts={self.num_experts}], got {self.top_k}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Everything needed to build a :class:`ssmkit.models.LanguageModel`.
 
@@ -287,6 +360,9 @@ class ModelConfig:
     s4d: S4DConfig = field(default_factory=S4DConfig)
     s4: S4Config = field(default_factory=S4Config)
     hyena: HyenaConfig = field(default_factory=HyenaConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
@@ -322,6 +398,12 @@ class ModelConfig:
             self.mamba3.validate(self.d_model)
         for kind in ("s4d", "s4", "hyena"):
             if kind in kinds:
+                getattr(self, kind).validate(self.d_model)
+        if kinds & {"attention", "sliding_window_attention"}:
+            self.attention.validate(self.d_model)
+        ffs = {spec.ff for spec in self.layer_specs()}
+        for kind in ("mlp", "moe"):
+            if kind in ffs:
                 getattr(self, kind).validate(self.d_model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -372,11 +454,6 @@ def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
                 + ", ".join(f"{k} ({v})" for k, v in MIXER_LETTERS.items())
                 + "; a lowercase feed-forward letter may follow one (m mlp, e moe)"
             )
-        if letter not in AVAILABLE_MIXERS:
-            raise ValueError(
-                f"layer_pattern {pattern!r}: mixer {letter!r} ({MIXER_LETTERS[letter]}) is not available yet; "
-                f"available: {', '.join(AVAILABLE_MIXERS)}"
-            )
         ff = None
         if i + 1 < len(pattern) and pattern[i + 1].islower():
             ff_letter = pattern[i + 1]
@@ -384,11 +461,6 @@ def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
                 raise ValueError(
                     f"layer_pattern {pattern!r}: unknown feed-forward letter {ff_letter!r} at position {i + 1}; "
                     "feed-forward letters are m (mlp), e (moe)"
-                )
-            if ff_letter not in AVAILABLE_FFS:
-                raise ValueError(
-                    f"layer_pattern {pattern!r}: feed-forward {ff_letter!r} ({FF_LETTERS[ff_letter]}) "
-                    "is not available yet; layers have no feed-forward for now"
                 )
             ff = FF_LETTERS[ff_letter]
             i += 1

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmkit.layers import Block, Mamba, Mamba2, RMSNorm
+from ssmkit.layers import MLP, Attention, Block, Mamba, Mamba2, MoE, RMSNorm
 from ssmkit.layers.hyena import Hyena
 from ssmkit.layers.mamba3 import Mamba3
+from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.layers.s4 import S4
 from ssmkit.layers.s4d import S4D
 from ssmkit.models.config import LayerSpec, ModelConfig
@@ -31,18 +32,29 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass
 class LanguageModelOutput:
-    """logits: (b, l, V) (or the last ``logits_to_keep`` positions); loss: scalar mean cross-entropy or None."""
+    """logits: (b, l, V) (or the last ``logits_to_keep`` positions); loss: scalar training loss or None
+    (mean cross-entropy, plus the MoE auxiliary losses times their coefficients).
+
+    For models with MoE layers: ``aux_loss`` is the unweighted Switch load-balancing loss pooled over the
+    MoE layers (transformers' ``aux_loss``), ``z_loss`` the pooled router z-loss, and ``router_stats`` one
+    :class:`ssmkit.layers.moe.RouterStats` per MoE layer (expert usage for the trainer's metrics); all
+    None without MoE layers.
+    """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_stats: list[RouterStats] | None = None
 
 
 class LanguageModel(nn.Module):
     """A stack of residual blocks chosen by ``config.layer_pattern``, with a language-model head.
 
     State dict names: ``embedding.weight``, ``layers.{i}.norm.weight``, ``layers.{i}.mixer.*``,
-    ``norm_f.weight`` and, only when embeddings are untied, ``lm_head.weight`` (a tied head reuses
-    ``embedding.weight`` and has no entry of its own).
+    ``layers.{i}.ff_norm.weight`` and ``layers.{i}.ff.*`` for layers with a feed-forward, ``norm_f.weight``
+    and, only when embeddings are untied, ``lm_head.weight`` (a tied head reuses ``embedding.weight`` and
+    has no entry of its own).
 
     Example::
 
@@ -61,8 +73,8 @@ class LanguageModel(nn.Module):
         vocab, d = config.padded_vocab_size, config.d_model
         self.embedding = nn.Embedding(vocab, d, **factory)
         self.layers = nn.ModuleList(
-            Block(d, self._build_mixer(i, spec, factory), norm_eps=config.norm_eps,
-                  residual_in_fp32=config.residual_in_fp32, **factory)
+            Block(d, self._build_mixer(i, spec, factory), ff=self._build_ff(spec, factory),
+                  norm_eps=config.norm_eps, residual_in_fp32=config.residual_in_fp32, **factory)
             for i, spec in enumerate(config.layer_specs())
         )
         self.norm_f = RMSNorm(d, eps=config.norm_eps, **factory)
@@ -88,7 +100,20 @@ class LanguageModel(nn.Module):
                                                        **factory)
         if spec.mixer == "hyena":
             return Hyena(cfg.d_model, **dataclasses.asdict(cfg.hyena), layer_idx=index, **factory)
+        if spec.mixer in ("attention", "sliding_window_attention"):
+            att = dataclasses.asdict(cfg.attention)
+            att["window"] = att["window"] if spec.mixer == "sliding_window_attention" else None
+            return Attention(cfg.d_model, **att, layer_idx=index, **factory)
         raise ValueError(f"layer {index}: mixer {spec.mixer!r} is not implemented")
+
+    def _build_ff(self, spec: LayerSpec, factory: dict[str, Any]) -> nn.Module | None:
+        cfg = self.config
+        if spec.ff == "mlp":
+            return MLP(cfg.d_model, cfg.mlp.d_intermediate, **factory)
+        if spec.ff == "moe":
+            m = cfg.moe
+            return MoE(cfg.d_model, m.d_intermediate, m.num_experts, m.top_k, renormalize=m.renormalize, **factory)
+        return None
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -105,7 +130,7 @@ class LanguageModel(nn.Module):
             n_residuals = sum(1 + (block.ff is not None) for block in self.layers)
             for block in self.layers:
                 for name, p in block.named_parameters():
-                    if name.endswith(("out_proj.weight", "fc2.weight")):
+                    if name.endswith(("out_proj.weight", "fc2.weight", "o_proj.weight", "down_proj.weight")):
                         nn.init.kaiming_uniform_(p, a=math.sqrt(5))
                         p /= math.sqrt(n_residuals)
 
@@ -129,6 +154,10 @@ class LanguageModel(nn.Module):
         With ``cache`` (from :meth:`allocate_cache`) the tokens continue from the cached state, which is
         updated in place; the cache's state counts as the state of the document ``seq_idx[:, 0]``.
         ``logits_to_keep > 0`` computes logits only for the last that many positions (generation).
+
+        MoE layers: with ``labels`` the loss adds ``moe.router_aux_loss_coef`` × the load-balancing loss
+        and ``moe.router_z_loss_coef`` × the router z-loss, each pooled over every MoE layer and token
+        (:func:`ssmkit.layers.moe.load_balancing_loss`); the output carries them and the router stats.
         """
         self._check_inputs(input_ids, labels, seq_idx, cache, logits_to_keep)
         residual = self.embedding(input_ids)
@@ -146,7 +175,14 @@ class LanguageModel(nn.Module):
             if seq_idx is not None:
                 targets = targets.masked_fill(seq_idx[:, 1:] != seq_idx[:, :-1], IGNORE_INDEX)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return LanguageModelOutput(logits=logits, loss=loss)
+        stats = [block.ff.last_stats for block in self.layers if isinstance(block.ff, MoE)]
+        if not stats:
+            return LanguageModelOutput(logits=logits, loss=loss)
+        aux, z = load_balancing_loss(stats), router_z_loss(stats)
+        if loss is not None:
+            moe = self.config.moe
+            loss = loss + moe.router_aux_loss_coef * aux.to(loss.dtype) + moe.router_z_loss_coef * z.to(loss.dtype)
+        return LanguageModelOutput(logits=logits, loss=loss, aux_loss=aux, z_loss=z, router_stats=stats)
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None, seq_idx: torch.Tensor | None,
                       cache: ModelCache | None, logits_to_keep: int) -> None:
@@ -184,17 +220,32 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"cache was allocated for batch size {cache.batch_size}, input_ids has {shape[0]}")
 
     def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> ModelCache:
+                       device: torch.device | None = None, *, max_length: int | None = None) -> ModelCache:
         """A zero :class:`ssmkit.generation.ModelCache` for ``batch_size`` rows.
 
-        Convolution states take ``dtype`` (default: the weights' dtype), SSM states are float32 (float64
-        for a float64 model). Its size does not grow with the number of tokens read.
+        Convolution states and KV caches take ``dtype`` (default: the weights' dtype), SSM states are
+        float32 (float64 for a float64 model). SSM and sliding-window states do not grow with the number
+        of tokens read; full-attention KV caches do (in blocks of 256 tokens), unless ``max_length``
+        preallocates room for that many tokens.
         """
         from ssmkit.generation.cache import ModelCache
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return ModelCache([block.allocate_state(batch_size, dtype=dtype, device=device) for block in self.layers])
+        return ModelCache([
+            block.mixer.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
+            if isinstance(block.mixer, Attention) else block.allocate_state(batch_size, dtype=dtype, device=device)
+            for block in self.layers
+        ])
+
+    def cache_nbytes(self, context_length: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a cache holding ``context_length`` tokens per row (measured on the "meta" device, so
+        nothing is allocated): constant for SSM and sliding-window layers, linear in the context for
+        full attention (rounded up to whole blocks of 256 tokens)."""
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+            raise ValueError(f"context_length must be a positive int, got {context_length!r}")
+        return self.allocate_cache(batch_size, dtype=dtype, device=torch.device("meta"),
+                                   max_length=context_length).nbytes
 
     def generate(self, prompts: torch.Tensor | list, max_new_tokens: int, **kwargs: Any) -> torch.Tensor | list:
         """:func:`ssmkit.generation.generate` with this model (same arguments and result)."""
@@ -225,7 +276,8 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None) -> LanguageModel:
-        """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2, falcon_mamba).
+        """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
+        falcon_mamba, jamba).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
         files, tensors that do not match the config, and configs of other model types raise errors naming

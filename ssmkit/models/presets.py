@@ -5,13 +5,25 @@
 Byte-level vocabulary (``byte-small``): ids 0-255 are the bytes themselves, then three specials,
 :data:`BYTE_PAD` = 256, :data:`BYTE_BOS` = 257, :data:`BYTE_EOS` = 258 (``vocab_size`` 259, embedding
 padded to 264 rows).
+
+Hybrids: ``jamba-tiny`` and ``jamba-v0.1`` (the published AI21 Jamba-v0.1 shape, 52B parameters: config
+only, build it on the "meta" device) follow :func:`jamba_layer_pattern`; ``samba-tiny`` is Samba's
+Mamba, MLP, sliding-window attention, MLP.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-from ssmkit.models.config import Mamba2Config, MambaConfig, ModelConfig
+from ssmkit.models.config import (
+    AttentionConfig,
+    Mamba2Config,
+    MambaConfig,
+    MLPConfig,
+    ModelConfig,
+    MoEConfig,
+)
 
 BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
 BYTE_VOCAB_SIZE = 259
@@ -40,6 +52,26 @@ def get_preset(name: str) -> ModelConfig:
 
 def list_presets() -> list[str]:
     return sorted(_PRESETS)
+
+
+def jamba_layer_pattern(n_layer: int, *, attn_layer_period: int = 8, attn_layer_offset: int = 4,
+                        expert_layer_period: int = 2, expert_layer_offset: int = 1, mixer: str = "M") -> str:
+    """Jamba's layout as a ``layer_pattern``: layer i is attention (``A``) iff i % attn_layer_period ==
+    attn_layer_offset, else ``mixer``; its feed-forward is MoE (``e``) iff i % expert_layer_period ==
+    expert_layer_offset, else a dense MLP (``m``). One period (or ``n_layer`` tokens when shorter).
+
+    Example: ``jamba_layer_pattern(32) == "MmMeMmMeAmMeMmMe"``.
+    """
+    for name, period, offset in (("attn", attn_layer_period, attn_layer_offset),
+                                 ("expert", expert_layer_period, expert_layer_offset)):
+        if period < 1 or not 0 <= offset < period:
+            raise ValueError(f"{name}_layer_offset must be in [0, {name}_layer_period), got {offset} and {period}")
+    length = min(math.lcm(attn_layer_period, expert_layer_period), n_layer)
+    return "".join(
+        ("A" if i % attn_layer_period == attn_layer_offset else mixer)
+        + ("e" if i % expert_layer_period == expert_layer_offset else "m")
+        for i in range(length)
+    )
 
 
 @register("mamba-130m")
@@ -82,3 +114,36 @@ def debug_hybrid() -> ModelConfig:
     return ModelConfig(vocab_size=61, d_model=32, n_layer=3, layer_pattern="M2",
                        mamba=MambaConfig(d_state=8),
                        mamba2=Mamba2Config(d_state=16, headdim=16, ngroups=2, chunk_size=16))
+
+
+@register("jamba-tiny")
+def jamba_tiny() -> ModelConfig:
+    """Tiny Jamba for tests: 8 layers (attention at 4, MoE at odd layers), d_model 64, 4 query / 2 KV heads
+    without positional encoding, 4 experts top-2, vocab 256."""
+    return ModelConfig(vocab_size=256, d_model=64, n_layer=8, layer_pattern=jamba_layer_pattern(8),
+                       mamba=MambaConfig(d_state=8, inner_layernorms=True, mixer_rms_eps=1e-6),
+                       attention=AttentionConfig(num_heads=4, num_heads_kv=2), mlp=MLPConfig(d_intermediate=128),
+                       moe=MoEConfig(num_experts=4, top_k=2, d_intermediate=128), norm_eps=1e-6,
+                       tie_embeddings=False)
+
+
+@register("samba-tiny")
+def samba_tiny() -> ModelConfig:
+    """Tiny Samba for tests: 8 layers ``Mm Wm`` repeated, d_model 64, sliding window 32 with RoPE on whole
+    heads (4 query / 2 KV heads of 16), vocab 256."""
+    return ModelConfig(vocab_size=256, d_model=64, n_layer=8, layer_pattern="MmWm", mamba=MambaConfig(d_state=8),
+                       attention=AttentionConfig(num_heads=4, num_heads_kv=2, window=32, rotary_emb_dim=16),
+                       mlp=MLPConfig(d_intermediate=128))
+
+
+@register("jamba-v0.1")
+def jamba_v0_1() -> ModelConfig:
+    """ai21labs/Jamba-v0.1: 32 layers (attention at i % 8 == 4, MoE at i % 2 == 1), d_model 4096, 32 query /
+    8 KV heads without positional encoding, 16 experts top-2 and dense MLPs of 14336, Mamba d_state 16,
+    d_conv 4, expand 2, dt_rank 256 with inner layer norms, vocab 65536, untied head, RMSNorm eps 1e-6."""
+    return ModelConfig(vocab_size=65536, d_model=4096, n_layer=32, layer_pattern=jamba_layer_pattern(32),
+                       mamba=MambaConfig(d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False,
+                                         inner_layernorms=True, mixer_rms_eps=1e-6),
+                       attention=AttentionConfig(num_heads=32, num_heads_kv=8), mlp=MLPConfig(d_intermediate=14336),
+                       moe=MoEConfig(num_experts=16, top_k=2, d_intermediate=14336, router_aux_loss_coef=1e-3),
+                       norm_eps=1e-6, tie_embeddings=False, pad_vocab_size_multiple=8)

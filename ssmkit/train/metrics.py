@@ -72,7 +72,7 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> bool:
         steps, losses = zip(*train)
         bits = [x / math.log(2) for x in losses]
         ax.plot(steps, bits, color="tab:blue", alpha=0.35, linewidth=0.8, label="train (per step)")
-        ax.plot(steps, _ema(bits, 0.9), color="tab:blue", linewidth=1.6, label="train (smoothed)")
+        ax.plot(steps, _smooth(bits), color="tab:blue", linewidth=1.6, label="train (smoothed)")
     if val:
         steps, bpb = zip(*val)
         ax.plot(steps, bpb, "o-", color="tab:orange", linewidth=1.6, label="validation, bits per byte")
@@ -88,11 +88,13 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> bool:
     return True
 
 
-def _ema(values: list[float], decay: float) -> list[float]:
-    out, avg = [], values[0]
-    for v in values:
+def _smooth(values: list[float]) -> list[float]:
+    """Debiased exponential moving average spanning about 1/30 of the points (any run length)."""
+    decay = 1 - 1 / max(1.0, len(values) / 30)
+    out, avg = [], 0.0
+    for k, v in enumerate(values, start=1):
         avg = decay * avg + (1 - decay) * v
-        out.append(avg)
+        out.append(avg / (1 - decay**k) if decay else v)
     return out
 
 
@@ -104,7 +106,8 @@ class Progress:
         self.timed = time_budget_s > 0
         if self.timed:
             self.bar = tqdm(total=round(time_budget_s), initial=round(start_elapsed), unit="s", disable=not enabled,
-                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{remaining} left{postfix}]")
+                            dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{remaining} left{postfix}]")
         else:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not enabled,
                             dynamic_ncols=True)

@@ -109,7 +109,7 @@ def parse_value(text: str, tp: Any, name: str) -> Any:
 
 
 def describe_type(tp: Any) -> str:
-    """Short human name of a field type for help texts."""
+    """Short name of a field type for help texts: ``INT``, ``FLOAT,FLOAT``, ``auto | INT``..."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return " | ".join(describe_type(t) for t in typing.get_args(tp))
@@ -117,7 +117,7 @@ def describe_type(tp: Any) -> str:
         return " | ".join(map(str, typing.get_args(tp)))
     if origin in (tuple, list):
         return ",".join(describe_type(t) for t in typing.get_args(tp)) + ("..." if origin is list else "")
-    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp)).upper()
 
 
 def apply_overrides(data: dict[str, Any], cls: type, section: str, overrides: dict[str, str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ssmkit.interop import CheckpointError, load_transformers_checkpoint
 from ssmkit.interop.files import read_weights, write_folder
+from ssmkit.models import LanguageModel
 
 
 DROP = object()
@@ -152,6 +153,16 @@ def test_another_model_type_is_refused(hf_checkpoint, model_type):
     _edit_config(folder, model_type=model_type)
     with pytest.raises(CheckpointError, match=r"config\.json: model_type .* checkpoint of another model type"):
         load_transformers_checkpoint(folder)
+
+
+def test_language_model_from_pretrained_reports_the_same_errors(hf_checkpoint):
+    _, folder = hf_checkpoint("mamba")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match=r"model\.safetensors: corrupt or truncated"):
+        LanguageModel.from_pretrained(folder)
+    _edit_config(folder, model_type="llama")
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'llama'"):
+        LanguageModel.from_pretrained(folder)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ def run_steps(layer, x, state):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kw", [{}, {"mixer_rms_eps": 1e-5}, {"bias": True, "conv_bias": False}])
+@pytest.mark.parametrize("kw", [{}, {"mixer_rms_eps": 1e-5}, {"bias": True, "conv_bias": False},
+                                {"inner_layernorms": True}])
 def test_one_token_steps_match_parallel_forward(dtype, kw):
     layer = make(dtype, **kw)
     x = torch.randn(2, 13, D_MODEL, dtype=dtype)
@@ -138,3 +139,19 @@ def test_a_cache_under_autograd_keeps_values_and_backward_works():
     out.backward()
     assert not cache.ssm.requires_grad and not cache.conv.requires_grad
     assert layer.in_proj.weight.grad.abs().sum() > 0
+
+
+def test_inner_layernorms_are_learned_rms_norms_on_dt_b_c():
+    """Jamba's dt/B/C norms: learned weights (in the state dict), eps mixer_rms_eps or 1e-6, and equal to
+    falcon_mamba's weightless norms when the weights are ones and the eps agree."""
+    layer = make(inner_layernorms=True, mixer_rms_eps=1e-5)
+    names = {n for n in layer.state_dict() if "layernorm" in n}
+    assert names == {"dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight"}
+    assert layer.dt_layernorm.weight.shape == (2,) and layer.b_layernorm.eps == 1e-5
+    assert make(inner_layernorms=True).c_layernorm.eps == 1e-6
+    falcon = make(mixer_rms_eps=1e-5)
+    x = torch.randn(2, 9, D_MODEL)
+    assert_close(layer(x), falcon(x), torch.float32, name="unit weights == weightless norms")
+    with torch.no_grad():
+        layer.b_layernorm.weight.mul_(torch.linspace(0.5, 2.0, 8))
+    assert not torch.allclose(layer(x), falcon(x))

@@ -85,9 +85,9 @@ def test_missing_keys_and_wrong_types_are_named():
     ({"mamba": MambaConfig(d_state=0)}, "mamba.d_state must be > 0"),
     ({"mamba": MambaConfig(dt_init="zero")}, "mamba.dt_init must be 'random' or 'constant'"),
     ({"layer_pattern": "MX"}, "unknown mixer letter 'X' at position 1"),
-    ({"layer_pattern": "MA"}, r"mixer 'A' \(attention\) is not available yet"),
+    ({"layer_pattern": "Ma"}, "unknown feed-forward letter 'a'"),
     ({"layer_pattern": "Mz"}, "unknown feed-forward letter 'z'"),
-    ({"layer_pattern": "Mm"}, r"feed-forward 'm' \(mlp\) is not available yet"),
+    ({"layer_pattern": "mM"}, "unknown mixer letter 'm' at position 0"),
     ({"layer_pattern": ""}, "non-empty string"),
     ({"layer_pattern": "MMMM"}, "describes 4 layers but n_layer is 3"),
 ])

@@ -18,7 +18,8 @@ ARGS = ["--preset", "debug-mamba2", "--data", str(DATA), "--steps", "40", "--dat
 
 def _env():
     # One thread: the same float reduction order in every run (and no fight with xdist workers).
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _train(out, *extra):

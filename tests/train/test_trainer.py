@@ -134,3 +134,10 @@ def test_too_many_nan_steps_stop_with_a_clear_message(tmp_path, monkeypatch):
 def test_timed_run_stops_on_time(tmp_path):
     result = _train(tmp_path, steps=1, time_minutes=0.02, checkpoint_every=0)
     assert result["step"] > 1 and 1.2 <= result["elapsed_s"] < 30
+
+
+def test_bf16_autocast_trains(tmp_path):
+    """The mixed-precision path (what GPUs use by default), run on CPU with bf16 autocast."""
+    result = _train(tmp_path, steps=3, precision="bf16", checkpoint_every=0)
+    losses = _losses(tmp_path)
+    assert result["step"] == 3 and all(math.isfinite(v) for v in losses.values())
