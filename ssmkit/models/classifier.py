@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmkit.layers import Block, RMSNorm
+from ssmkit.layers import RMSNorm
+from ssmkit.models.blocks import build_blocks, init_weights
 from ssmkit.models.config import ModelConfig
-from ssmkit.models.language_model import LanguageModel
 
 POOLINGS = ("mean", "last")
 
@@ -73,15 +73,11 @@ class SequenceClassifier(nn.Module):
         d = config.d_model
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory) if d_input is None else None
         self.encoder = nn.Linear(d_input, d, **factory) if d_input is not None else None
-        # The mixers are built and initialised exactly as in LanguageModel (bidirectional allowed here).
-        self.layers = nn.ModuleList(
-            Block(d, LanguageModel._build_mixer(self, i, spec, factory), norm_eps=config.norm_eps,
-                  residual_in_fp32=config.residual_in_fp32, **factory)
-            for i, spec in enumerate(config.layer_specs())
-        )
+        # Blocks (feed-forwards included) built and initialised as in LanguageModel; bidirectional allowed.
+        self.layers = build_blocks(config, factory, causal=False)
         self.norm_f = RMSNorm(d, eps=config.norm_eps, **factory)
         self.head = nn.Linear(d, num_classes, **factory)
-        LanguageModel._init_weights(self)
+        init_weights(self, self.layers, config)
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> ClassifierOutput:

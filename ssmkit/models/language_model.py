@@ -6,7 +6,6 @@ Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``V`` padded vocabulary si
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmkit.layers import MLP, Attention, Block, Mamba, Mamba2, MoE, RMSNorm
-from ssmkit.layers.hyena import Hyena
-from ssmkit.layers.mamba3 import Mamba3
+from ssmkit.layers import Attention, MoE, RMSNorm
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
-from ssmkit.layers.s4 import S4
-from ssmkit.layers.s4d import S4D
-from ssmkit.models.config import LayerSpec, ModelConfig
+from ssmkit.models.blocks import build_blocks, init_weights
+from ssmkit.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from ssmkit.generation.cache import ModelCache
@@ -72,67 +68,10 @@ class LanguageModel(nn.Module):
         factory = {"device": device, "dtype": dtype}
         vocab, d = config.padded_vocab_size, config.d_model
         self.embedding = nn.Embedding(vocab, d, **factory)
-        self.layers = nn.ModuleList(
-            Block(d, self._build_mixer(i, spec, factory), ff=self._build_ff(spec, factory),
-                  norm_eps=config.norm_eps, residual_in_fp32=config.residual_in_fp32, **factory)
-            for i, spec in enumerate(config.layer_specs())
-        )
+        self.layers = build_blocks(config, factory)
         self.norm_f = RMSNorm(d, eps=config.norm_eps, **factory)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False, **factory)
-        self._init_weights()
-
-    def _build_mixer(self, index: int, spec: LayerSpec, factory: dict[str, Any]) -> nn.Module:
-        cfg = self.config
-        if spec.mixer == "mamba":
-            return Mamba(cfg.d_model, **dataclasses.asdict(cfg.mamba), layer_idx=index, **factory)
-        if spec.mixer == "mamba2":
-            return Mamba2(cfg.d_model, **dataclasses.asdict(cfg.mamba2), norm_eps=cfg.norm_eps, layer_idx=index,
-                          **factory)
-        if spec.mixer == "mamba3":
-            # mamba_ssm's Mamba-3 keeps its norms at eps 1e-5 whatever the model's norm_eps.
-            return Mamba3(cfg.d_model, **dataclasses.asdict(cfg.mamba3), layer_idx=index, **factory)
-        if spec.mixer in ("s4d", "s4"):
-            sub = getattr(cfg, spec.mixer)
-            if sub.bidirectional and isinstance(self, LanguageModel):
-                raise ValueError(f"layer {index}: {spec.mixer}.bidirectional reads future tokens, which a causal "
-                                 "language model cannot; use ssmkit.models.SequenceClassifier for non-causal tasks")
-            return (S4D if spec.mixer == "s4d" else S4)(cfg.d_model, **dataclasses.asdict(sub), layer_idx=index,
-                                                       **factory)
-        if spec.mixer == "hyena":
-            return Hyena(cfg.d_model, **dataclasses.asdict(cfg.hyena), layer_idx=index, **factory)
-        if spec.mixer in ("attention", "sliding_window_attention"):
-            att = dataclasses.asdict(cfg.attention)
-            att["window"] = att["window"] if spec.mixer == "sliding_window_attention" else None
-            return Attention(cfg.d_model, **att, layer_idx=index, **factory)
-        raise ValueError(f"layer {index}: mixer {spec.mixer!r} is not implemented")
-
-    def _build_ff(self, spec: LayerSpec, factory: dict[str, Any]) -> nn.Module | None:
-        cfg = self.config
-        if spec.ff == "mlp":
-            return MLP(cfg.d_model, cfg.mlp.d_intermediate, **factory)
-        if spec.ff == "moe":
-            m = cfg.moe
-            return MoE(cfg.d_model, m.d_intermediate, m.num_experts, m.top_k, renormalize=m.renormalize, **factory)
-        return None
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        """mamba_ssm's ``_init_weights``: zero Linear biases (except dt_proj's), N(0, initializer_range)
-        embeddings, and residual output projections rescaled by 1/sqrt(number of residual branches)."""
-        cfg = self.config
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                if not getattr(module.bias, "_no_reinit", False):
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=cfg.initializer_range)
-        if cfg.rescale_prenorm_residual:
-            n_residuals = sum(1 + (block.ff is not None) for block in self.layers)
-            for block in self.layers:
-                for name, p in block.named_parameters():
-                    if name.endswith(("out_proj.weight", "fc2.weight", "o_proj.weight", "down_proj.weight")):
-                        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-                        p /= math.sqrt(n_residuals)
+        init_weights(self, self.layers, config)
 
     @property
     def head_weight(self) -> torch.Tensor:

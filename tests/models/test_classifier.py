@@ -100,3 +100,20 @@ def test_config_round_trip_and_bad_inputs():
         model(ids + 12)
     with pytest.raises(ValueError, match="pooling must be one of"):
         SequenceClassifier(cfg, 2, pooling="max")
+
+
+def test_feed_forward_letters_build_feed_forwards():
+    """A pattern's MLP / MoE letters give the classifier's blocks the same feed-forwards as a LanguageModel."""
+    from ssmkit.layers import MLP, MoE
+    from ssmkit.models import LanguageModel
+    from ssmkit.models.config import MLPConfig, MoEConfig
+
+    cfg = config("MmMe", mlp=MLPConfig(d_intermediate=32), moe=MoEConfig(d_intermediate=16, num_experts=4, top_k=2))
+    model = SequenceClassifier(cfg, 3)
+    assert isinstance(model.layers[0].ff, MLP) and isinstance(model.layers[1].ff, MoE)
+    lm = LanguageModel(config("MmMe", mlp=cfg.mlp, moe=cfg.moe))
+    body = {k: v.shape for k, v in lm.state_dict().items() if k.startswith("layers.")}
+    assert body == {k: v.shape for k, v in model.state_dict().items() if k.startswith("layers.")}
+    out = model(torch.randint(1, 12, (2, 9)), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert model.layers[0].ff.down_proj.weight.grad.abs().sum() > 0
