@@ -1,10 +1,12 @@
 """Pure tensor functions: the SSM ops, each with a sequential reference and fast backends.
 
 Signatures follow ``mamba_ssm`` / ``causal_conv1d`` so that users can switch by changing an import;
-ssmkit adds keyword-only arguments (``initial_state``, ``seq_idx``, ``backend``).
+ssmkit adds keyword-only arguments (``initial_state``, ``seq_idx``, ``backend``). Mamba-3's scan and step
+are here too; the time-invariant (S4-family) ops live in :mod:`ssmkit.ops.lti`.
 """
 
 from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from ssmkit.ops.mamba3 import mamba3_scan, mamba3_step
 from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
 from ssmkit.ops.selective_scan import selective_scan_fn
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
@@ -14,6 +16,8 @@ __all__ = [
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "gated_rms_norm_fn",
+    "mamba3_scan",
+    "mamba3_step",
     "mamba_chunk_scan_combined",
     "rms_norm_fn",
     "selective_scan_fn",
