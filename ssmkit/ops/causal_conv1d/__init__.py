@@ -46,7 +46,7 @@ def causal_conv1d_fn(
             before the last document's start are zeros, except that the first document continues
             ``initial_states`` (so with l < w - 1 and one document they come from there).
         activation: None, "silu" or "swish" (the same thing).
-        backend: "auto" | "reference" | "chunked" ("triton" is refused: there is no kernel yet).
+        backend: "auto" | "reference" | "chunked" | "triton" ("auto": Triton on CUDA when installed).
 
     Returns:
         out (b, d, l) in x's dtype, or (out, final_states) with final_states (b, d, w - 1) in x's dtype.
@@ -91,7 +91,11 @@ def causal_conv1d_fn(
         raise TypeError(f"return_final_states must be a bool, got {type(return_final_states).__name__}")
     check_choice("activation", activation, ACTIVATIONS)
     device = check_same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
-    impl = causal_conv1d_ref if resolve_backend(backend, device) == "reference" else causal_conv1d_chunked
+    resolved = resolve_backend(backend, device, has_triton=True)
+    if resolved == "triton":
+        from ssmkit.ops.causal_conv1d.triton import causal_conv1d_triton as impl
+    else:
+        impl = causal_conv1d_ref if resolved == "reference" else causal_conv1d_chunked
     return impl(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
 
 
@@ -113,7 +117,7 @@ def causal_conv1d_update(
             state_len = w, ``causal_conv1d_fn(..., return_final_states=True)`` gives state_len = w - 1;
             only the last w - 1 entries are read.
         weight: (d, w); bias: (d,) or None; activation: None, "silu" or "swish".
-        backend: "auto" | "reference" | "chunked".
+        backend: "auto" | "reference" | "chunked" | "triton".
 
     Returns:
         out of x's shape and dtype: the outputs ``causal_conv1d_fn`` would give at those positions.
@@ -149,5 +153,9 @@ def causal_conv1d_update(
         check_tensor("bias", bias, ("d",), dims)
     check_choice("activation", activation, ACTIVATIONS)
     device = check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
-    impl = causal_conv1d_update_ref if resolve_backend(backend, device) == "reference" else causal_conv1d_update_chunked
+    resolved = resolve_backend(backend, device, has_triton=True)
+    if resolved == "triton":
+        from ssmkit.ops.causal_conv1d.triton import causal_conv1d_update_triton as impl
+    else:
+        impl = causal_conv1d_update_ref if resolved == "reference" else causal_conv1d_update_chunked
     return impl(x, conv_state, weight, bias, activation)
