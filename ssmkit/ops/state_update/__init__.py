@@ -1,7 +1,9 @@
 """One decode step of a selective SSM: ``selective_state_update``, as ``mamba_ssm``'s function of that name.
 
 A single step needs no chunking: the public function validates, maps Mamba-1 and compact Mamba-2 shapes
-onto the full Mamba-2 form (b, h, p, n) by views, and runs the vectorised step of ``reference.py``.
+onto the full Mamba-2 form (b, h, p, n) by views, and runs either the vectorised torch step of
+``reference.py`` (backends "reference" and "chunked", which are the same thing for one step) or the
+Triton kernel of ``triton.py`` ("auto" on CUDA).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
+from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.state_update.reference import NO_LIMIT, selective_state_update_reference
 
 __all__ = ["selective_state_update"]
@@ -29,6 +32,7 @@ def selective_state_update(
     dt_softplus: bool = False,
     *,
     dt_limit: tuple[float, float] = NO_LIMIT,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Advance the SSM state by one token, **in place**, and return that token's output.
 
@@ -58,6 +62,10 @@ def selective_state_update(
         x, dt, A, B, C, D, z, dt_bias: any floating dtype; see the table.
         dt_softplus: apply softplus to ``dt + dt_bias`` (threshold 20, as mamba_ssm).
         dt_limit: (lo, hi) clamp of Δ after softplus; the default ``(0, inf)`` means no clamp.
+        backend: "auto" (Triton on CUDA when triton imports, else the torch step), "reference" or
+            "chunked" (both the vectorised torch step: a single step has nothing to chunk) or "triton"
+            (float32 state and no float64 input; on CPU only under ``TRITON_INTERPRET=1``). "auto"
+            takes the torch step for float64.
 
     Returns:
         y with x's shape and dtype. The step is computed in float32 (float64 when the state or an
@@ -90,7 +98,19 @@ def selective_state_update(
             f"state must have shape (b, d, n) (Mamba-1) or (b, h, p, n) (Mamba-2), got {tuple(state.shape)}"
         )
     check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-    y = selective_state_update_reference(state4, x4, dt4, A4, B3, C3, D2, z4, bias2, dt_softplus, dt_limit)
+    args = (state4, x4, dt4, A4, B3, C3, D2, z4, bias2, dt_softplus, dt_limit)
+    has_fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in args)
+    backend = resolve_backend("reference" if backend == "auto" and has_fp64 else backend, state.device,
+                              has_triton=True)
+    if backend == "triton":
+        if has_fp64:
+            raise ValueError("backend='triton' computes in float32: use backend='reference' for float64 "
+                             "states or inputs ('auto' does)")
+        from ssmkit.ops.state_update.triton import selective_state_update_triton
+
+        y = selective_state_update_triton(*args)
+    else:
+        y = selective_state_update_reference(*args)
     return y.view(x.shape)
 
 
