@@ -1,9 +1,11 @@
-"""The ``ssmkit`` command (also ``python -m ssmkit``): train, generate, eval, info, convert.
+"""The ``ssmkit`` command (also ``python -m ssmkit``): train, generate, eval, bench, info, convert.
 
     ssmkit train --preset byte-small --out runs/demo --time 5          # stdlib corpus, 5 minutes
     ssmkit train --out runs/demo --resume --steps 5000                 # continue (here: further)
     ssmkit generate --checkpoint runs/demo --prompt "def " --max-new-tokens 200
-    ssmkit eval --checkpoint runs/demo --data some/folder
+    ssmkit eval text --checkpoint runs/demo --data some/folder      # bits per byte (also: ssmkit eval --checkpoint)
+    ssmkit eval selective-copying --smoke                            # a synthetic task; `ssmkit eval --help` lists them
+    ssmkit bench NAME                                                # `ssmkit bench --help` lists them
     ssmkit info --preset mamba-130m
     ssmkit convert runs/demo/model hf_folder --to transformers
 
@@ -77,13 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda")
 
-    ev = sub.add_parser("eval", allow_abbrev=False, help="bits per byte (and perplexity for token models) on some text")
-    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder or training run folder")
-    ev.add_argument("--data", nargs="+", metavar="PATH",
-                    help="files or folders (default: the training run's validation documents)")
-    ev.add_argument("--seq-len", type=int, metavar="N", help="row length (default: the run's, else 1024)")
-    ev.add_argument("--batch-size", type=int, default=8, metavar="N")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    _add_experiments(sub, "eval", "run an evaluation task: bits per byte of a model on text (`text`), synthetic tasks")
+    _add_experiments(sub, "bench", "run a benchmark (speed, memory, scaling)")
 
     info = sub.add_parser("info", allow_abbrev=False,
                           help="config, parameters, cache size and FLOPs per token of a model")
@@ -102,18 +99,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_experiments(sub: argparse._SubParsersAction, kind: str, help: str) -> None:
+    """``ssmkit eval TASK`` / ``ssmkit bench NAME``: one subparser per registered entry (ssmkit.evals)."""
+    from ssmkit.evals import discover, entries
+
+    discover()
+    parser = sub.add_parser(kind, allow_abbrev=False, help=help, description=help)
+    found = entries(kind)
+    names = parser.add_subparsers(dest="task", metavar="TASK" if kind == "eval" else "NAME", required=True)
+    for name, entry in found.items():
+        # "resolve": an entry may redefine a common option (its own --device choices, say).
+        p = names.add_parser(name, allow_abbrev=False, help=entry.help, description=entry.help,
+                             conflict_handler="resolve")
+        p.add_argument("--out", metavar="DIR", default=None, help=f"folder for result.json and plots "
+                                                                  f"(default: runs/{kind}/{name})")
+        p.add_argument("--smoke", action="store_true", help="a few steps on CPU sizes: checks the machinery")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+        entry.add_arguments(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The older form `ssmkit eval --checkpoint DIR ...` is the task `text`, printing only.
+    legacy_eval = len(argv) > 1 and argv[0] == "eval" and argv[1].startswith("-") and argv[1] not in ("-h", "--help")
+    if legacy_eval:
+        argv.insert(1, "text")
     args, unknown = parser.parse_known_args(argv)
+    args.print_only = legacy_eval and args.out is None
     try:
         if unknown:
-            raise UsageError(_unknown_message(parser, args.command, unknown))
-        commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info,
-                    "convert": cmd_convert}
+            raise UsageError(_unknown_message(parser, args, unknown))
+        commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_experiment, "bench": cmd_experiment,
+                    "info": cmd_info, "convert": cmd_convert}
         return commands[args.command](args) or 0
     except UsageError as e:
-        _subparser(parser, args.command).print_usage(sys.stderr)
+        _subparser(parser, args).print_usage(sys.stderr)
         print(f"ssmkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError, TrainingError) as e:
@@ -123,12 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command (of the task, for eval and bench)."""
+    found = parser
+    for name in (args.command, getattr(args, "task", None)):
+        if name is None:
+            break
+        found = next(a for a in found._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return found
 
 
-def _unknown_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
-    sub = _subparser(parser, command)
+def _unknown_message(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> str:
+    sub = _subparser(parser, args)
+    command = " ".join(filter(None, (args.command, getattr(args, "task", None))))
     known = [s for a in sub._actions for s in a.option_strings]
     flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
     close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
@@ -260,31 +289,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from ssmkit.data import EvalSet, encode_documents, load_datasets, read_documents
-    from ssmkit.train.trainer import evaluate
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """``ssmkit eval TASK`` / ``ssmkit bench NAME``: run the registered entry into its --out folder."""
+    from ssmkit.evals import entries
 
-    model, tokenizer, folder = _load(args.checkpoint, args.device)
-    run_file = next((p / "run.json" for p in (folder, *folder.parents[:3]) if (p / "run.json").is_file()), None)
-    run_data = json.loads(run_file.read_text())["data"] if run_file else None
-    if not args.data and run_data is None:
-        raise UsageError(f"{folder} is not part of a training run: give the text to evaluate with --data")
-    config = DataConfig(**run_data) if run_data else DataConfig(seq_len=1024)
-    if args.seq_len is not None:
-        config.seq_len = args.seq_len
-    if args.data:
-        # Every document given is scored: no split.
-        docs = read_documents(args.data, [])
-        data = EvalSet.build(encode_documents(docs, tokenizer), config, 0)
-    else:
-        data = load_datasets(config, batch_size=args.batch_size, eval_tokens=0, tokenizer=tokenizer).val
-        if data is None:
-            raise ValueError("the run has no validation documents (data.val_fraction was 0): pass --data")
-    device = next(model.parameters()).device
-    result = evaluate(model, data, args.batch_size, device, tokenizer.kind)
-    stream = data.rows.stream
-    print(f"{folder}: {stream.n_docs:,} documents, {stream.n_bytes:,} bytes, seq_len {config.seq_len}")
-    print("  " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    entry = entries(args.command)[args.task]
+    out = None if args.print_only else Path(args.out or Path("runs") / args.command / args.task)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    entry.run(args, out)
+    if out is not None:
+        print(f"wrote {out / 'result.json'} and plots")
     return 0
 
 
@@ -299,8 +314,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{name:16s} {get_preset(name).n_layer} layers, d_model {get_preset(name).d_model}")
         return 0
     if args.preset:
+        # A preset is built on the meta device: shapes without memory, so a 52B config costs nothing.
         config, label = get_preset(args.preset), f"preset {args.preset}"
-        model = LanguageModel(config)
+        model = LanguageModel(config, device="meta")
     else:
         model, _, folder = _load(args.checkpoint, "cpu")
         config, label = model.config, str(folder)
@@ -308,9 +324,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     n_embed = model.embedding.weight.numel()
     cache = model.cache_nbytes(1)
     length = 256
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, length, dtype=torch.long))
-    flops = counter.get_total_flops() / length
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, length, dtype=torch.long, device=device))
+        flops = counter.get_total_flops() / length
+        how = f"matrix products and convolutions, counted by torch.utils.flop_counter at length {length}"
+    except NotImplementedError:
+        # MoE routing sizes its expert batches from the data, which the meta device does not have.
+        flops = 2 * (_active_parameters(model) - n_embed + model.head_weight.numel())
+        how = "estimated as 2 x the parameters each token uses (top-k of the experts) plus the head"
     print(f"{label}\n{config.to_json()}")
     print(f"parameters: {n_params:,} ({n_params - n_embed:,} without the embedding)")
     grows = cache != model.cache_nbytes(1 << 20)
@@ -318,9 +341,20 @@ def cmd_info(args: argparse.Namespace) -> int:
                                                          else "(the same at any length)"))
     if args.context is not None:
         print(f"cache for one sequence at {args.context:,} tokens: {model.cache_nbytes(args.context):,} bytes")
-    print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M (matrix products and convolutions, counted by "
-          f"torch.utils.flop_counter at length {length}); training ~3x that")
+    print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M ({how}); training ~3x that")
     return 0
+
+
+def _active_parameters(model: Any) -> int:
+    """Parameters one token passes through: MoE layers count top_k of their num_experts experts."""
+    from ssmkit.layers import MoE
+
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, MoE):
+            experts = sum(p.numel() for n, p in module.named_parameters() if not n.startswith("router"))
+            total -= experts - experts * module.top_k // module.num_experts
+    return total
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

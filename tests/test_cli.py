@@ -125,6 +125,14 @@ def test_info_and_list(capsys, run_dir):
     assert "mamba2-130m" in capsys.readouterr().out
 
 
+def test_info_of_a_52b_preset_allocates_nothing(capsys):
+    """jamba-v0.1 is built on the meta device: its published parameter count, no 200 GB allocation."""
+    assert main(["info", "--preset", "jamba-v0.1", "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 51,570,323,328" in out
+    assert "at 4,096 tokens" in out and "estimated as 2 x the parameters" in out
+
+
 def test_convert_round_trip(capsys, run_dir, tmp_path):
     hf, back = tmp_path / "hf", tmp_path / "back"
     assert main(["convert", str(run_dir), str(hf), "--to", "transformers"]) == 0

@@ -131,9 +131,11 @@ class LanguageModel(nn.Module):
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)} (need batch >= 1 and length >= 1)")
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids has token ids outside [0, {vocab}) (vocab_size): min {lo}, max {hi}")
+        values = _can_read_values(input_ids)
+        if values:
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"input_ids has token ids outside [0, {vocab}) (vocab_size): min {lo}, max {hi}")
         shape = tuple(input_ids.shape)
         if seq_idx is not None:
             _check_int_tensor("seq_idx", seq_idx)
@@ -144,7 +146,7 @@ class LanguageModel(nn.Module):
             if tuple(labels.shape) != shape:
                 raise ValueError(f"labels must have the shape of input_ids {shape}, got {tuple(labels.shape)}")
             bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
-            if bool(bad.any()):
+            if values and bool(bad.any()):
                 raise ValueError(
                     f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX}, got {labels[bad][0].item()}"
                 )
@@ -235,6 +237,15 @@ class LanguageModel(nn.Module):
         model = cls(config, device=device, dtype=dtype)
         load_state_dict_checked(model, state_dict, source)
         return model
+
+
+def _can_read_values(t: torch.Tensor) -> bool:
+    """Whether the value checks may read ``t``: not on the meta device (shape-only runs such as
+    ``ssmkit info`` of a 52B preset), and not while torch.compile traces or a CUDA graph captures,
+    where reading a value would break the graph."""
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _check_int_tensor(name: str, t: object) -> None:
