@@ -56,7 +56,7 @@ def rms_norm_fn(
         prenorm: also return the new residual stream ``h``.
         residual_in_fp32: return ``h`` in at least float32 (else in residual's dtype, or x's without one).
         eps: added to the mean square.
-        backend: "auto" | "reference" | "chunked".
+        backend: "auto" | "reference" | "chunked" | "triton" ("auto": Triton on CUDA when installed).
 
     Returns:
         out, or (out, h) when prenorm. Differentiable in x, weight, bias and residual (also through h).
@@ -89,7 +89,11 @@ def rms_norm_fn(
     _check_flag("residual_in_fp32", residual_in_fp32)
     _check_eps(eps)
     device = check_same_device(x=x, weight=weight, bias=bias, residual=residual)
-    impl = rms_norm_ref if resolve_backend(backend, device) == "reference" else rms_norm_chunked
+    resolved = resolve_backend(backend, device, has_triton=True)
+    if resolved == "triton":
+        from ssmkit.ops.norm.triton import rms_norm_triton as impl
+    else:
+        impl = rms_norm_ref if resolved == "reference" else rms_norm_chunked
     return impl(x, weight, bias, residual, prenorm, residual_in_fp32, float(eps))
 
 
@@ -116,7 +120,7 @@ def gated_rms_norm_fn(
         x: (..., n). z: x's shape or None. weight, bias: (n,).
         group_size: entries per group, must divide n; None = n (one group). Mamba-2 uses
             n / ngroups (d_inner / ngroups).
-        backend: "auto" | "reference" | "chunked".
+        backend: "auto" | "reference" | "chunked" | "triton" ("auto": Triton on CUDA when installed).
 
     Returns:
         out (..., n); differentiable in x, z, weight and bias.
@@ -152,5 +156,9 @@ def gated_rms_norm_fn(
     _check_flag("norm_before_gate", norm_before_gate)
     _check_eps(eps)
     device = check_same_device(x=x, z=z, weight=weight, bias=bias)
-    impl = gated_rms_norm_ref if resolve_backend(backend, device) == "reference" else gated_rms_norm_chunked
+    resolved = resolve_backend(backend, device, has_triton=True)
+    if resolved == "triton":
+        from ssmkit.ops.norm.triton import gated_rms_norm_triton as impl
+    else:
+        impl = gated_rms_norm_ref if resolved == "reference" else gated_rms_norm_chunked
     return impl(x, z, weight, float(eps), group_size, norm_before_gate, bias)
