@@ -1,7 +1,8 @@
 """Mamba-1 selective scan: ``selective_scan_fn``, a drop-in for ``mamba_ssm``'s function of that name.
 
-Backends: ``reference`` (one step at a time, the definition) and ``chunked`` (time-major chunks with one
-fused update per step and matmuls for the read-out, fast on CPU, any device). The math is in
+Backends: ``reference`` (one step at a time, the definition), ``chunked`` (time-major chunks with one
+fused update per step and matmuls for the read-out, fast on CPU, any device) and ``triton`` (the
+hardware-aware scan of ``triton.py``: states kept on chip, chunk-boundary checkpoints for backward). The math is in
 ``docs/ALGORITHMS.md`` ("Mamba-1 selective scan").
 """
 
@@ -55,7 +56,8 @@ def selective_scan_fn(
             reaches the first document of a row when ``seq_idx`` packs several.
         seq_idx: (b, l) integer document ids (ssmkit addition): the state restarts at zero wherever
             the id changes from t-1 to t, so packed documents give the outputs each gives alone.
-        backend: ``"auto"`` (chunked), ``"reference"`` or ``"chunked"``.
+        backend: ``"auto"`` (triton on CUDA when triton imports, else chunked), ``"reference"``,
+            ``"chunked"`` or ``"triton"``.
 
     Returns:
         ``out`` (b, d, l) in u's dtype, or ``(out, last_state)`` with ``last_state`` (b, d, n) in
@@ -115,7 +117,12 @@ def selective_scan_fn(
         u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
         initial_state=initial_state, seq_idx=seq_idx,
     )
-    impl = _BACKENDS[resolve_backend(backend, device)]
+    name = resolve_backend(backend, device, has_triton=True)
+    if name == "triton":
+        # Imported here so that ``import ssmkit`` never imports triton.
+        from ssmkit.ops.selective_scan.triton import selective_scan_triton as impl
+    else:
+        impl = _BACKENDS[name]
     B4 = B if B.dim() == 4 else B[:, None]
     C4 = C if C.dim() == 4 else C[:, None]
     out, last_state = impl(

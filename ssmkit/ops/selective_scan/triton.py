@@ -1,0 +1,418 @@
+"""Triton selective scan: the hardware-aware Mamba-1 scan on the GPU (and on CPU under TRITON_INTERPRET=1).
+
+Dimensions as in ``reference.py``; ``T`` is the chunk length, ``BD`` the channels of one program.
+
+Each program owns ``BD`` channels of one group of one batch row and keeps their (BD, n) state in
+registers. It walks the sequence in chunks of ``T`` steps: it loads the (BD, T) tiles of u, delta, z and
+the (n, T) tiles of B and C, forms the decays ``a = exp(Δ A)`` and inputs ``x = Δ u B`` as (BD, n, T)
+tiles and solves ``h_t = a_t h_{t-1} + x_t`` over the chunk with one associative scan along time (pairs
+``(a, x)``; ``(a1, x1) ∘ (a2, x2) = (a1 a2, a2 x1 + x2)``), then adds the carried state times the
+cumulative decay. The (b, d, l, n) state never leaves the chip; the forward pass writes only the state at
+each chunk start, a (b, d, l / T, n) checkpoint tensor, for the backward pass.
+
+The backward pass walks the chunks in reverse. Per chunk it recomputes the states from the checkpoint and
+solves the adjoint ``g_t = c_t + a_{t+1} g_{t+1}`` (``c_t = C_t dy_t``) with one reverse associative scan.
+Its elements are triples ``(S, Q, F)``: for a segment [s..e], ``S = Σ_j c_j Π_{k=s+1..j} a_k``,
+``Q = Π_{k=s+1..e} a_k`` and ``F = a_s``, which needs no shift of ``a`` by one step. Every gradient
+is then read off ``h`` and ``g`` as in ``chunked.py``; ``a_t h_{t-1}`` is taken as ``h_t - x_t``
+(as mamba_ssm's CUDA kernel does). dB and dC are sums over the channels of a group: each program adds its
+block's share with atomics into float32 buffers; dA, dD and d(delta_bias) are summed in registers over
+the sequence and written per batch row, then summed over rows.
+
+Padding steps past ``l`` get Δ = 0, so a = 1 and x = 0: the state passes through unchanged, and the last
+column of a chunk is always the state to carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from ssmkit.ops.selective_scan.reference import compute_dtype
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """Launch shape: ``chunk`` steps per tile (also the checkpoint interval), channels and warps per program."""
+
+    chunk: int = 32
+    fwd_block_d: int = 16
+    fwd_warps: int = 4
+    bwd_block_d: int = 16
+    bwd_warps: int = 8
+
+
+DEFAULT_CONFIG = ScanConfig()
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(e^x) without log1p: log(w) e / (w - 1) with w = 1 + e is exact to rounding (Goldberg);
+    # above 20 softplus(x) = x, as torch and mamba_ssm.
+    e = tl.exp(x)
+    w = 1.0 + e
+    wm1 = w - 1.0
+    lp = tl.where(wm1 == 0.0, e, tl.log(w) * e / tl.where(wm1 == 0.0, 1.0, wm1))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _scan_combine(a1, x1, a2, x2):
+    # (earlier, later) pairs of the affine maps h -> a h + x.
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _adjoint_combine(s_late, q_late, f_late, s_early, q_early, f_early):
+    # Reverse scan: the accumulated later segment comes first. See the module docstring for (S, Q, F).
+    w = q_early * f_late
+    return s_early + w * s_late, w * q_late, f_early
+
+
+@triton.jit
+def _chunk_inputs(
+    u_b, delta_b, B_b, C_b, seq_b, bias, A2, offs_d, mask_d, offs_n, mask_n, t, mask_t,
+    s_ud, s_ul, s_dd, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_sl,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+):
+    """Tiles of one chunk: u, delta+bias, Δ (BD, T); B, C (n, T); decays a and inputs x (BD, n, T)."""
+    m2 = mask_d[:, None] & mask_t[None, :]
+    mBC = mask_n[:, None] & mask_t[None, :]
+    u = tl.load(u_b + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m2, other=0.0).to(ACC)
+    raw = tl.load(delta_b + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m2, other=0.0).to(ACC)
+    raw = raw + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_t[None, :], dt, 0.0)
+    Bt = tl.load(B_b + offs_n[:, None] * s_Bn + t[None, :] * s_Bl, mask=mBC, other=0.0).to(ACC)
+    Ct = tl.load(C_b + offs_n[:, None] * s_Cn + t[None, :] * s_Cl, mask=mBC, other=0.0).to(ACC)
+    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+    if HAS_SEQ:
+        first = mask_t & (t > 0)
+        cur = tl.load(seq_b + t * s_sl, mask=mask_t, other=0)
+        prev = tl.load(seq_b + (t - 1) * s_sl, mask=first, other=0)
+        # A new document: the carried state is dropped (a = 0), so h_t = x_t.
+        a = tl.where((first & (cur != prev))[None, None, :], 0.0, a)
+    x = (dt * u)[:, None, :] * Bt[None, :, :]
+    return u, raw, dt, Bt, Ct, a, x
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
+    out_ptr, last_ptr, ckpt_ptr,
+    d_model, dg, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Grid (cdiv(dg, BLOCK_D), g, b): writes out (b, d, l), last (b, d, n), ckpt (b, d, cdiv(l, T), n)."""
+    pid_d = tl.program_id(0)
+    grp = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < dg
+    offs_d = grp * dg + offs_c
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, T)
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(ACC) * _LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    state_off = (pid_b * d_model + offs_d[:, None]) * N + offs_n[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0).to(ACC)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    u_b, delta_b, z_b, out_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb, out_ptr + pid_b * s_ob
+    B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
+    seq_b = seq_ptr + pid_b * s_sb
+    n_chunks = tl.cdiv(L, T)
+    ckpt_b = ckpt_ptr + (pid_b * d_model + offs_d[:, None]) * (n_chunks * N) + offs_n[None, :]
+    for c in range(n_chunks):
+        t = c * T + offs_t
+        mask_t = t < L
+        tl.store(ckpt_b + c * N, h, mask=mask_dn)
+        u, _raw, _dt, _Bt, Ct, a, x = _chunk_inputs(
+            u_b, delta_b, B_b, C_b, seq_b, bias, A2, offs_d, mask_d, offs_n, mask_n, t, mask_t,
+            s_ud, s_ul, s_dd, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_sl, HAS_SEQ, SOFTPLUS, ACC,
+        )
+        acum, hs = tl.associative_scan((a, x), axis=2, combine_fn=_scan_combine)
+        hs = hs + acum * h[:, :, None]
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        if HAS_D:
+            y = y + Dv[:, None] * u
+        m2 = mask_d[:, None] & mask_t[None, :]
+        if HAS_Z:
+            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+        h = tl.sum(tl.where(offs_t[None, None, :] == T - 1, hs, 0.0), axis=2)
+    tl.store(last_ptr + state_off, h, mask=mask_dn)
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    d_model, dg, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
+    s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Grid as the forward. Writes du, ddelta, dz (b, d, l), dh0 (b, d, n), per-row dA (b, d, n),
+    dD and d(delta_bias) (b, d); adds into dB, dC (b, g, n, l) (zeroed by the caller)."""
+    pid_d = tl.program_id(0)
+    grp = tl.program_id(1)
+    n_groups = tl.num_programs(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < dg
+    offs_d = grp * dg + offs_c
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, T)
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(ACC)
+    A2 = A * _LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    state_off = (pid_b * d_model + offs_d[:, None]) * N + offs_n[None, :]
+    # carry = a_{t+1} g_{t+1} at the first step after the chunk: the gradient reaching the chunk's last state.
+    if HAS_DLAST:
+        carry = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0).to(ACC)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    u_b, delta_b, z_b, dout_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb, dout_ptr + pid_b * s_gb
+    du_b, ddelta_b, dz_b = du_ptr + pid_b * s_dub, ddelta_ptr + pid_b * s_ddb, dz_ptr + pid_b * s_dzb
+    B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
+    seq_b = seq_ptr + pid_b * s_sb
+    # dB, dC buffers are contiguous (b, g, n, l).
+    dBC_off = ((pid_b * n_groups + grp) * N + offs_n[:, None]) * L
+    n_chunks = tl.cdiv(L, T)
+    ckpt_b = ckpt_ptr + (pid_b * d_model + offs_d[:, None]) * (n_chunks * N) + offs_n[None, :]
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t = c * T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        mBC = mask_n[:, None] & mask_t[None, :]
+        u, raw, dt, Bt, Ct, a, x = _chunk_inputs(
+            u_b, delta_b, B_b, C_b, seq_b, bias, A2, offs_d, mask_d, offs_n, mask_n, t, mask_t,
+            s_ud, s_ul, s_dd, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_sl, HAS_SEQ, SOFTPLUS, ACC,
+        )
+        h_start = tl.load(ckpt_b + c * N, mask=mask_dn, other=0.0)
+        acum, hs = tl.associative_scan((a, x), axis=2, combine_fn=_scan_combine)
+        hs = hs + acum * h_start[:, :, None]
+
+        dy = tl.load(dout_b + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=m2, other=0.0).to(ACC)
+        if HAS_Z:
+            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y = y + Dv[:, None] * u
+            sig = tl.sigmoid(zt)
+            # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+            dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
+            tl.store(dz_b + offs_d[:, None] * s_dzd + t[None, :] * s_dzl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = dy * zt * sig
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=1)
+
+        c_in = dy[:, None, :] * Ct[None, :, :]
+        s_acc, q_acc, _ = tl.associative_scan(
+            (c_in, tl.full(c_in.shape, 1.0, ACC), a), axis=2, combine_fn=_adjoint_combine, reverse=True
+        )
+        gs = s_acc + q_acc * carry[:, :, None]
+        carry = tl.sum(tl.where(offs_t[None, None, :] == 0, a * gs, 0.0), axis=2)
+
+        dC_part = tl.sum(dy[:, None, :] * hs, axis=0)
+        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC_part, mask=mBC, sem="relaxed")
+        dB_part = tl.sum((dt * u)[:, None, :] * gs, axis=0)
+        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB_part, mask=mBC, sem="relaxed")
+
+        v = tl.sum(Bt[None, :, :] * gs, axis=1)
+        du = dt * v
+        if HAS_D:
+            du += Dv[:, None] * dy
+        tl.store(du_b + offs_d[:, None] * s_dud + t[None, :] * s_dul, du.to(du_ptr.dtype.element_ty), mask=m2)
+        # q_t = g_t a_t h_{t-1}, zero where a document starts (there h_t = x_t exactly).
+        q = gs * (hs - x)
+        dA_acc += tl.sum(dt[:, None, :] * q, axis=2)
+        ddt = u * v + tl.sum(A[:, :, None] * q, axis=1)
+        if SOFTPLUS:
+            ddt = ddt * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+        ddt = tl.where(m2, ddt, 0.0)
+        tl.store(ddelta_b + offs_d[:, None] * s_ddd + t[None, :] * s_ddl, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=1)
+    tl.store(dh0_ptr + state_off, carry, mask=mask_dn)
+    tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
+    row_off = pid_b * d_model + offs_d
+    if HAS_D:
+        tl.store(dD_ptr + row_off, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + row_off, dbias_acc, mask=mask_d)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _strides(x: torch.Tensor | None, dims: int) -> tuple[int, ...]:
+    return (0,) * dims if x is None else tuple(x.stride())
+
+
+def _block_d(dg: int, block_d: int) -> int:
+    """Channels per program: the configured block, shrunk (power of 2) for groups with few channels."""
+    return max(1, min(block_d, _next_pow2(dg)))
+
+
+def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
+    b, d, l = u.shape
+    g, n = B.shape[1], B.shape[2]
+    dg = d // g
+    T = cfg.chunk
+    n_chunks = triton.cdiv(l, T)
+    # empty_like keeps u's layout: time-major in, time-major out, as the chunked backend.
+    out = torch.empty_like(u)
+    last = u.new_empty(b, d, n, dtype=acc)
+    ckpt = u.new_empty(b, d, n_chunks, n, dtype=acc)
+    block_d = _block_d(dg, cfg.fwd_block_d)
+    grid = (triton.cdiv(dg, block_d), g, b)
+    dummy = u
+    _selective_scan_fwd_kernel[grid](
+        u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
+        dummy if bias is None else bias, dummy if h0 is None else h0, dummy if seq_idx is None else seq_idx,
+        out, last, ckpt,
+        d, dg, l, n,
+        *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
+        *B.stride(), *C.stride(), *_strides(seq_idx, 2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
+        HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
+        BLOCK_D=block_d, BLOCK_N=_next_pow2(n), T=T, num_warps=cfg.fwd_warps,
+    )
+    return out, last, ckpt
+
+
+def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, dout, dlast, softplus, acc, cfg):
+    b, d, l = u.shape
+    g, n = B.shape[1], B.shape[2]
+    dg = d // g
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = None if z is None else torch.empty_like(z)
+    dB = torch.zeros(b, g, n, l, dtype=acc, device=u.device)
+    dC = torch.zeros(b, g, n, l, dtype=acc, device=u.device)
+    dA = u.new_empty(b, d, n, dtype=acc)
+    dh0 = u.new_empty(b, d, n, dtype=acc)
+    dD = None if D is None else u.new_empty(b, d, dtype=acc)
+    dbias = None if bias is None else u.new_empty(b, d, dtype=acc)
+    block_d = _block_d(dg, cfg.bwd_block_d)
+    grid = (triton.cdiv(dg, block_d), g, b)
+    dummy = u
+    _selective_scan_bwd_kernel[grid](
+        u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
+        dummy if bias is None else bias, dummy if seq_idx is None else seq_idx, ckpt, dout,
+        dummy if dlast is None else dlast,
+        du, ddelta, dummy if dz is None else dz, dB, dC, dA,
+        dummy if dD is None else dD, dummy if dbias is None else dbias, dh0,
+        d, dg, l, n,
+        *u.stride(), *delta.stride(), *_strides(z, 3), *dout.stride(),
+        *B.stride(), *C.stride(), *_strides(seq_idx, 2),
+        *du.stride(), *ddelta.stride(), *_strides(dz, 3),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_DLAST=dlast is not None,
+        HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
+        BLOCK_D=block_d, BLOCK_N=_next_pow2(n), T=cfg.chunk, num_warps=cfg.bwd_warps,
+    )
+    return du, ddelta, dA.sum(0), dB, dC, None if dD is None else dD.sum(0), dz, \
+        None if dbias is None else dbias.sum(0), dh0
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    """The whole op; inputs in their own dtypes (converted in the kernels), B and C as (b, g, n, l)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
+        out, last, ckpt = _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0, seq_idx, ckpt)
+        ctx.softplus, ctx.acc, ctx.cfg = softplus, acc, cfg
+        return out, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, bias, h0, seq_idx, ckpt = ctx.saved_tensors
+        dlast = dlast.contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(
+            u, delta, A, B, C, D, z, bias, seq_idx, ckpt, dout, dlast, ctx.softplus, ctx.acc, ctx.cfg
+        )
+
+        def cast(grad, like):
+            return None if like is None else grad.to(like.dtype)
+
+        return (
+            du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, bias),
+            cast(dh0, h0), None, None, None, None,
+        )
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    config: ScanConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``selective_scan_reference`` (validated arguments, B and C as (b, g, n, l)).
+
+    u, delta, z (b, d, l) and B, C (b, g, n, l) may have any strides (time-major views included; ``out``
+    keeps u's layout). The state and all sums are float32 (float64 when an input is float64). Extra
+    memory: the (b, d, cdiv(l, chunk), n) checkpoint tensor saved for backward, and float32 (b, g, n, l)
+    dB, dC buffers during backward. ``config`` sets the launch shape (defaults to ``DEFAULT_CONFIG``).
+    """
+    acc = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    cfg = config or DEFAULT_CONFIG
+    # Small per-channel tensors are read with unit strides; (b, d, n) states as contiguous rows.
+    A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
+    h0 = None if initial_state is None else initial_state.contiguous()
+    out, last = _SelectiveScanTriton.apply(
+        u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, delta_softplus, acc, cfg
+    )
+    return out, last
