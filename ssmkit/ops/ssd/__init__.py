@@ -1,7 +1,8 @@
 """Mamba-2 SSD (structured state space duality) scan: ``mamba_chunk_scan_combined``.
 
 Backends: ``reference`` (token-by-token recurrence, the definition) and ``chunked`` (the SSD matmul
-form of Dao & Gu 2024, "Transformers are SSMs", section 6; fast on CPU, any device).
+form of Dao & Gu 2024, "Transformers are SSMs", section 6; fast on CPU, any device) and ``triton``
+(the same algorithm in seven GPU kernels, forward and backward).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def mamba_chunk_scan_combined(
         return_final_states: also return the (b, h, p, n) state after the last position.
         return_varlen_states: also return the (s, h, p, n) state at the end of each ``cu_seqlens``
             sequence (the first includes ``initial_states``); needs ``cu_seqlens``.
-        backend: ``"auto"`` (chunked), ``"reference"`` or ``"chunked"``.
+        backend: ``"auto"`` (triton on CUDA when importable, else chunked), ``"reference"``, ``"chunked"``
+            or ``"triton"``.
 
     Returns:
         ``out`` (b, l, h, p) alone, or the tuple ``(out, final_states)``, ``(out, varlen_states)``
@@ -132,9 +134,14 @@ def mamba_chunk_scan_combined(
         raise ValueError("return_varlen_states=True needs cu_seqlens")
     if cu_seqlens is not None:
         seq_idx = _seq_idx_from_cu_seqlens(cu_seqlens, seq_idx, dims["b"], dims["l"])
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, has_triton=True)
+    if backend == "triton":
+        # Imported here, not at the top: `import ssmkit` must never import triton.
+        from ssmkit.ops.ssd.triton import ssd_triton as run
+    else:
+        run = _BACKENDS[backend]
 
-    out, final_states, varlen_states = _BACKENDS[backend](
+    out, final_states, varlen_states = run(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
         seq_idx=seq_idx, cu_seqlens=cu_seqlens if return_varlen_states else None,
         dt_softplus=dt_softplus, dt_limit=dt_limit,

@@ -1,0 +1,221 @@
+"""Triton backend of ``mamba_chunk_scan_combined``: launchers, the autograd Function, the backend.
+
+Forward: three kernels (``triton_fwd``); backward: four (``triton_bwd``), plus a few small sums of
+per-block partials. Only the chunked algorithm's per-chunk states (b, chunks, h, p, n) go through
+memory in float32; the (T, T) matrices live in registers.
+
+The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
+need powers of two of at least 16). The result does not depend on the chunk length: it only moves
+where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ssmkit.ops.ssd import triton_bwd as _bwd
+from ssmkit.ops.ssd import triton_fwd as _fwd
+from ssmkit.ops.ssd.chunked import _varlen_states, ssd_chunked
+from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
+
+_STATE_BLOCK = 1024  # state elements per program in the forward state passing
+# Rows (and source columns) of a chunk per matmul tile: at most this, and at most the chunk length.
+_TILE = 64
+
+
+def _pow2(v: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(v))
+
+
+def _dot_types(dtype: torch.dtype):
+    """(tl dtype of matmul operands, precision): tensor-core bf16/fp16, IEEE fp32 for float32 inputs."""
+    import triton.language as tl
+
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32"
+    if dtype == torch.float16:
+        return tl.float16, "tf32"
+    return tl.float32, "ieee"
+
+
+class _SSDFunction(torch.autograd.Function):
+    """Shapes: x, z (b, l, h, p); dt (b, l, h); A, dt_bias (h,); B, C (b, l, g, n); D (h, p) float32 or
+    None; initial_states (b, h, p, n) or None; doc (b, Lp) int32 or None. Returns out (b, l, h, p),
+    final (b, h, p, n), and for the varlen states cum, delta (b, h, Lp) and the entering states
+    (b, chunks, h, p, n)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, doc, T, dt_softplus, dt_limit):
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        nc = -(-l // T)
+        Lp = nc * T
+        dev = x.device
+        f32 = torch.float32
+        DOT, PREC = _dot_types(x.dtype)
+        BP, BN, BM = _pow2(p), _pow2(n), min(T, _TILE)
+        has_limit = tuple(dt_limit) != NO_LIMIT
+        lo, hi = (float(v) for v in dt_limit) if has_limit else (0.0, 0.0)
+        delta = torch.empty(b, h, Lp, device=dev, dtype=f32)
+        cum = torch.empty_like(delta)
+        states = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
+        dummy = delta
+        _fwd._chunk_state_fwd[(nc, b * h)](
+            x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
+            l, h, g, p, n, nc, lo, hi,
+            T=T, BK=BM, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
+            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
+        )
+        final = torch.empty(b, h, p, n, device=dev, dtype=f32)
+        _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
+            states, dummy if initial_states is None else initial_states, final, cum, dummy if doc is None else doc,
+            h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None, HAS_DOC=doc is not None,
+            num_warps=4,
+        )
+        out = torch.empty_like(x)
+        keep_ypre = any(ctx.needs_input_grad)
+        ypre = torch.empty_like(x) if z is not None and keep_ypre else out
+        _fwd._chunk_scan_fwd[(nc * (T // BM), b * h)](
+            x, dummy if z is None else z, dummy if D is None else D, B, C, delta, cum,
+            dummy if doc is None else doc, states, out, ypre,
+            l, h, g, p, n, nc,
+            T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
+            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
+        )
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre)
+        ctx.meta = (T, dt_softplus, has_limit, lo, hi, initial_states is not None)
+        ctx.set_materialize_grads(False)
+        return out, final, cum, delta, states
+
+    @staticmethod
+    def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
+        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre = ctx.saved_tensors
+        T, dt_softplus, has_limit, lo, hi, has_init = ctx.meta
+        b, l, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
+        nc = delta.shape[2] // T
+        dev = x.device
+        f32 = torch.float32
+        DOT, PREC = _dot_types(x.dtype)
+        BP, BN, BM = _pow2(p), _pow2(n), min(T, _TILE)
+        dummy = delta
+        docp = dummy if doc is None else doc
+        dout = torch.zeros_like(x) if dout is None else dout.contiguous()
+        dfinal = None if dfinal is None else dfinal.contiguous()
+
+        # 1. Gradients of the per-chunk states, walking the chunks backwards.
+        BN1 = min(BN, 64)
+        n_nb = triton.cdiv(n, BN1)
+        dstates = torch.empty_like(states)
+        ddecay = torch.empty(b, h, nc, n_nb, device=dev, dtype=f32)
+        dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
+        _bwd._state_pass_bwd[(b * h, n_nb)](
+            dout, dummy if z is None else z, C, cum, docp, states,
+            dummy if dfinal is None else dfinal, dummy if dprev_x is None else dprev_x.contiguous(),
+            dstates, ddecay, dinit,
+            l, h, g, p, n, nc,
+            T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
+            HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC,
+            num_warps=4, num_stages=2,
+        )
+        # 2. Rows: dC, dz, dD partials, row part of dcum.
+        n_rows = nc * (T // BM)
+        dz = torch.empty_like(z) if z is not None else None
+        dD_part = torch.empty(b, n_rows, h, p, device=dev, dtype=f32) if D is not None else None
+        dC = torch.empty_like(C)
+        dcum = torch.empty(b, h, nc * T, device=dev, dtype=f32)
+        _bwd._bwd_rows[(n_rows, b * g)](
+            x, dummy if z is None else z, dout, ypre, dummy if D is None else D, B, C, delta, cum, docp, states,
+            dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC, dcum,
+            l, h, g, p, n, nc,
+            T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
+            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+        )
+        # 3. Columns: dB, dx, Δ·x part of dΔ, column part of dcum.
+        dx = torch.empty_like(x)
+        dB = torch.empty_like(B)
+        ddelta = torch.empty_like(delta)
+        dlast = torch.empty(b, h, nc, T // BM, device=dev, dtype=f32)
+        _bwd._bwd_cols[(n_rows, b * g)](
+            x, dummy if z is None else z, dout, dummy if D is None else D, B, C, delta, cum, docp, dstates,
+            dx, dB, ddelta, dcum, dlast,
+            l, h, g, p, n, nc,
+            T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
+            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+        )
+        # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
+        ddt = torch.empty_like(dt)
+        dA_part = torch.empty(b, h, nc, device=dev, dtype=f32)
+        dbias_part = torch.empty_like(dA_part)
+        has_extra = dcum_x is not None or ddelta_x is not None
+        _bwd._bwd_dt[(nc, b * h)](
+            dt, A, dummy if dt_bias is None else dt_bias, delta, dcum, ddelta, ddecay, dlast,
+            (dcum_x if dcum_x is not None else torch.zeros_like(delta)).contiguous() if has_extra else dummy,
+            (ddelta_x if ddelta_x is not None else torch.zeros_like(delta)).contiguous() if has_extra else dummy,
+            ddt, dA_part, dbias_part,
+            l, h, nc, lo, hi, n_nb,
+            T=T, BK=BM, NDB=_pow2(n_nb, 1), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+            HAS_LIMIT=has_limit, HAS_EXTRA=has_extra, num_warps=4,
+        )
+        dA = dA_part.sum((0, 2)).to(A.dtype)
+        dbias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
+        dD = dD_part.sum((0, 1)) if D is not None else None
+        return (dx, ddt, dA, dB, dC, dD, dz, dbias, dinit if has_init else None,
+                None, None, None, None)
+
+
+def ssd_triton(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_LIMIT,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton SSD; same arguments and results as ``ssd_chunked`` (validated by the caller).
+
+    x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n). Returns ``(out (b, l, h, p),
+    final_states (b, h, p, n) float32, varlen_states (s, h, p, n) or None)``.
+    """
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                           seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    T = min(256, _pow2(chunk_size))
+    nc = -(-l // T)
+    doc = None
+    if seq_idx is not None:
+        # Document number (0, 1, ...) of each position; padding joins the last document.
+        doc = torch.cumsum(doc_starts(seq_idx), dim=1, dtype=torch.int32)
+        doc = torch.cat([doc, doc[:, -1:].expand(b, nc * T - l)], dim=1).contiguous()
+    Dhp = None
+    if D is not None:
+        Dhp = (D[:, None].expand(h, p) if D.dim() == 1 else D).float().contiguous()
+    init = None if initial_states is None else initial_states.float().contiguous()
+    out, final, cum, delta, prev = _SSDFunction.apply(
+        x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), Dhp,
+        None if z is None else z.contiguous(), None if dt_bias is None else dt_bias.contiguous(),
+        init, doc, T, dt_softplus, tuple(dt_limit),
+    )
+    varlen_states = None
+    if cu_seqlens is not None:
+        # One pass of plain PyTorch over the last chunk of each sequence (b = 1).
+        pad = nc * T - l
+        xc = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).view(nc, T, h, p)
+        Bc = torch.nn.functional.pad(B.float(), (0, 0, 0, 0, 0, pad)).view(nc, T, g, n)
+        varlen_states = _varlen_states(
+            cu_seqlens, cum[0].view(h, nc, T).permute(1, 2, 0), delta[0].view(h, nc, T).permute(1, 2, 0), xc, Bc,
+            prev[0].view(nc, g, h // g * p, n),
+        )
+    return out, final, varlen_states

@@ -1,0 +1,270 @@
+"""Triton backward kernels of the chunked SSD: four launches, in this order.
+
+    _state_pass_bwd  per (head, block of n): walks the chunks backwards. dS_c, the gradient of the state
+                     after chunk c, is stored; the state entering chunk c receives
+                     dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t plus what dS_c passes back through the decay.
+                     Also the gradient of each chunk's decay, and of initial_states.
+    _bwd_rows        per (block of rows t of a chunk, group), looping over the group's heads: dC (summed
+                     over heads in registers), the row part of dcum, dz and dD's partial sums.
+    _bwd_cols        per (block of source positions s of a chunk, group), looping over the heads: dB,
+                     dx, the Δ·x part of dΔ and the column part of dcum (needs dS_c).
+    _bwd_dt          per (chunk, head): dcum -> gradient of Δ A (suffix sums), then dΔ through the clamp
+                     and softplus to ddt, with partial sums for dA and ddt_bias.
+
+Notation and layouts as ``triton_fwd``; dy = dout · silu(z), M_ts = exp(cum_t - cum_s) for s <= t in
+the same document, else 0; y_t = Σ_s (C_t·B_s) M_ts Δ_s x_s + exp(cum_t) S'_{c-1} C_t.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ssmkit.ops.ssd.triton_fwd import _doc_before, _step_size
+
+
+@triton.jit
+def _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z: tl.constexpr):
+    """Gradient reaching y + D x: dout · silu(z), float32."""
+    dy = tl.load(dout_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        dy = dy * zt * tl.sigmoid(zt)
+    return dy
+
+
+@triton.jit
+def _state_pass_bwd(
+    dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, states_ptr, dfinal_ptr, dprev_ptr,
+    dstates_ptr, ddecay_ptr, dinit_ptr,
+    L, H, G, P, N, nc,
+    T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DPREV: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    b, hh = bh // H, bh % H
+    gg = hh // (H // G)
+    Lp = nc * T
+    rp = tl.arange(0, BP)
+    rn = nb * BN + tl.arange(0, BN)
+    pn = rp[:, None] * N + rn[None, :]
+    pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
+    if HAS_DFINAL:
+        g = tl.load(dfinal_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BP, BN), dtype=tl.float32)
+    for i in range(nc):
+        c = nc - 1 - i
+        sp = ((b * nc + c) * H + hh) * P * N + pn
+        tl.store(dstates_ptr + sp, g, mask=pn_mask)
+        decay = tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1))
+        prev = tl.load(states_ptr + sp, mask=pn_mask, other=0.0)
+        ddecay = tl.sum(tl.sum(g * prev, 1), 0) * decay
+        passed = decay * g
+        if HAS_DOC:
+            doc_before = _doc_before(doc_ptr, b, c, T, Lp)
+            carry = tl.load(doc_ptr + b * Lp + c * T + T - 1) == doc_before
+            passed = tl.where(carry, passed, 0.0)
+            ddecay = tl.where(carry, ddecay, 0.0)
+        tl.store(ddecay_ptr + (bh * nc + c) * tl.num_programs(1) + nb, ddecay)
+        # dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t over the positions of the entering document.
+        dp = tl.zeros((BP, BN), dtype=tl.float32)
+        for k in tl.static_range(0, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+            dy = _load_dy(dout_ptr, z_ptr, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)
+            e = tl.exp(tl.load(cum_ptr + bh * Lp + t))
+            if HAS_DOC:
+                e = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_before, e, 0.0)
+            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+            dp += tl.dot(tl.trans((dy * e[:, None]).to(DOT)), Ct.to(DOT), input_precision=PREC)
+        if HAS_DPREV:
+            dp += tl.load(dprev_ptr + sp, mask=pn_mask, other=0.0)
+        g = passed + dp
+    tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
+
+
+@triton.jit
+def _bwd_rows(
+    x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
+    dz_ptr, dD_ptr, dC_ptr, dcum_ptr,
+    L, H, G, P, N, nc,
+    T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    c, m = pid // (T // BM), pid % (T // BM)
+    bg = tl.program_id(1).to(tl.int64)
+    b, gg = bg // G, bg % G
+    R = H // G
+    Lp = nc * T
+    rp = tl.arange(0, BP)
+    rn = tl.arange(0, BN)
+    t = c * T + m * BM + tl.arange(0, BM)
+    c_mask = (t[:, None] < L) & (rn[None, :] < N)
+    Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :], mask=c_mask, other=0.0).to(DOT)
+    first = tl.full((BM,), 1, tl.int1)
+    if HAS_DOC:
+        doc_t = tl.load(doc_ptr + b * Lp + t)
+        first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
+    dC = tl.zeros((BM, BN), dtype=tl.float32)
+    for j in range(R):
+        hh = gg * R + j
+        bh = b * H + hh
+        io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+        io_mask = (t[:, None] < L) & (rp[None, :] < P)
+        dout = tl.load(dout_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zt)
+            ypre = tl.load(ypre_ptr + io, mask=io_mask, other=0.0)
+            tl.store(dz_ptr + io, dout * ypre * sig * (1.0 + zt * (1.0 - sig)), mask=io_mask)
+            dy = dout * zt * sig
+        else:
+            dy = dout
+        if HAS_D:
+            xt = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+            tl.store(dD_ptr + ((b * tl.num_programs(0) + pid) * H + hh) * P + rp, tl.sum(dy * xt, 0), mask=rp < P)
+        dyd = dy.to(DOT)
+        cum_t = tl.load(cum_ptr + bh * Lp + t)
+        # Part passed in from earlier chunks: y_t += exp(cum_t) S'_{c-1} C_t.
+        prev = tl.load(states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
+                       mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0).to(DOT)
+        e = tl.where(first, tl.exp(cum_t), 0.0)
+        dC += tl.where(first[:, None], tl.dot(dyd, prev, input_precision=PREC) * e[:, None], 0.0)
+        off = tl.dot(Ct, tl.trans(prev), input_precision=PREC)
+        dcum = tl.where(first, tl.sum(dy * off, 1) * e, 0.0)
+        for k in range(0, (m + 1) * BM, BM):
+            s = c * T + k + tl.arange(0, BM)
+            Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+            xs = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + rp[None, :],
+                         mask=(s[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
+            cum_s = tl.load(cum_ptr + bh * Lp + s)
+            delta_s = tl.load(delta_ptr + bh * Lp + s)
+            keep = s[None, :] <= t[:, None]
+            if HAS_DOC:
+                keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
+            decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
+            # dY (Δx)ᵀ ⊙ L: the gradient of C Bᵀ; times C Bᵀ it is the gradient of the segment sums.
+            dcb = tl.dot(dyd, tl.trans(xs), input_precision=PREC) * decay * delta_s[None, :]
+            dC += tl.dot(dcb.to(DOT), Bs, input_precision=PREC)
+            dcum += tl.sum(dcb * tl.dot(Ct, tl.trans(Bs), input_precision=PREC), 1)
+        tl.store(dcum_ptr + bh * Lp + t, dcum)
+    tl.store(dC_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :], dC, mask=c_mask)
+
+
+@triton.jit
+def _bwd_cols(
+    x_ptr, z_ptr, dout_ptr, D_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, doc_ptr, dstates_ptr,
+    dx_ptr, dB_ptr, ddelta_ptr, dcum_ptr, dlast_ptr,
+    L, H, G, P, N, nc,
+    T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    c, kb = pid // (T // BK), pid % (T // BK)
+    bg = tl.program_id(1).to(tl.int64)
+    b, gg = bg // G, bg % G
+    R = H // G
+    Lp = nc * T
+    rp = tl.arange(0, BP)
+    rn = tl.arange(0, BN)
+    s = c * T + kb * BK + tl.arange(0, BK)
+    b_mask = (s[:, None] < L) & (rn[None, :] < N)
+    Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :], mask=b_mask, other=0.0).to(DOT)
+    last = tl.full((BK,), 1, tl.int1)
+    if HAS_DOC:
+        doc_s = tl.load(doc_ptr + b * Lp + s)
+        last = doc_s == tl.load(doc_ptr + b * Lp + c * T + T - 1)
+    dB = tl.zeros((BK, BN), dtype=tl.float32)
+    for j in range(R):
+        hh = gg * R + j
+        bh = b * H + hh
+        io = ((b * L + s[:, None]) * H + hh) * P + rp[None, :]
+        io_mask = (s[:, None] < L) & (rp[None, :] < P)
+        xs = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        xsd = xs.to(DOT)
+        cum_s = tl.load(cum_ptr + bh * Lp + s)
+        delta_s = tl.load(delta_ptr + bh * Lp + s)
+        # Chunk state S_c = Σ_s w_s (Δ_s x_s) ⊗ B_s, w_s = exp(cum_last - cum_s) in the last document.
+        dS = tl.load(dstates_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
+                     mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
+        w = tl.where(last, tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1) - cum_s), 0.0)
+        dB += tl.dot((xs * (w * delta_s)[:, None]).to(DOT), dS.to(DOT), input_precision=PREC)
+        bds = tl.dot(Bs, tl.trans(dS.to(DOT)), input_precision=PREC)
+        dxdt = bds * w[:, None]
+        dw = w * delta_s * tl.sum(xs * bds, 1)
+        dcum = -dw
+        for k in range(kb * BK, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+            iot = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+            dy = _load_dy(dout_ptr, z_ptr, iot, (t[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
+            cum_t = tl.load(cum_ptr + bh * Lp + t)
+            keep = s[None, :] <= t[:, None]
+            if HAS_DOC:
+                keep = keep & (tl.load(doc_ptr + b * Lp + t)[:, None] == doc_s[None, :])
+            decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
+            cb = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+            dcb = tl.dot(dy, tl.trans(xsd), input_precision=PREC) * decay * delta_s[None, :]
+            dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
+            dcum -= tl.sum(dcb * cb, 0)
+            dxdt += tl.dot(tl.trans((cb * decay).to(DOT)), dy, input_precision=PREC)
+        dx = dxdt * delta_s[:, None]
+        if HAS_D:
+            dy_s = _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z)
+            dx += dy_s * tl.load(D_ptr + hh * P + rp, mask=rp < P, other=0.0)[None, :]
+        tl.store(dx_ptr + io, dx, mask=io_mask)
+        tl.store(ddelta_ptr + bh * Lp + s, tl.sum(dxdt * xs, 1))
+        tl.store(dcum_ptr + bh * Lp + s, tl.load(dcum_ptr + bh * Lp + s) + dcum)
+        tl.store(dlast_ptr + (bh * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
+    tl.store(dB_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :], dB, mask=b_mask)
+
+
+@triton.jit
+def _bwd_dt(
+    dt_ptr, A_ptr, bias_ptr, delta_ptr, dcum_ptr, ddelta_ptr, ddecay_ptr, dlast_ptr, dcum_x_ptr, ddelta_x_ptr,
+    ddt_ptr, dA_ptr, dbias_ptr,
+    L, H, nc, lo, hi, n_ddecay,
+    T: tl.constexpr, BK: tl.constexpr, NDB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_EXTRA: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hh = bh // H, bh % H
+    Lp = nc * T
+    t = c * T + tl.arange(0, T)
+    dcum = tl.load(dcum_ptr + bh * Lp + t)
+    ddelta = tl.load(ddelta_ptr + bh * Lp + t)
+    if HAS_EXTRA:
+        dcum += tl.load(dcum_x_ptr + bh * Lp + t)
+        ddelta += tl.load(ddelta_x_ptr + bh * Lp + t)
+    # cum_last feeds the chunk's decay (state passing) and the chunk-state weights.
+    rd = tl.arange(0, NDB)
+    extra = tl.sum(tl.load(ddecay_ptr + (bh * nc + c) * n_ddecay + rd, mask=rd < n_ddecay, other=0.0), 0)
+    extra += tl.sum(tl.load(dlast_ptr + (bh * nc + c) * (T // BK) + tl.arange(0, T // BK)), 0)
+    dcum = tl.where(tl.arange(0, T) == T - 1, dcum + extra, dcum)
+    # cum_t = Σ_{u<=t} Δ_u A: the gradient of Δ_u A is Σ_{t>=u} dcum_t.
+    suffix = tl.sum(dcum, 0) - tl.cumsum(dcum, 0) + dcum
+    A = tl.load(A_ptr + hh).to(tl.float32)
+    delta = tl.load(delta_ptr + bh * Lp + t)
+    ddelta += A * suffix
+    tl.store(dA_ptr + bh * nc + c, tl.sum(delta * suffix, 0))
+    v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + hh).to(tl.float32)
+    grad = ddelta
+    if HAS_LIMIT:
+        # clamp passes the gradient where lo <= Δ <= hi, as torch.clamp does.
+        sp = _step_size(v, SOFTPLUS, False, lo, hi)
+        grad = tl.where((sp >= lo) & (sp <= hi), grad, 0.0)
+    if SOFTPLUS:
+        grad = tl.where(v > 20.0, grad, grad * tl.sigmoid(v))
+    grad = tl.where(t < L, grad, 0.0)
+    tl.store(ddt_ptr + (b * L + t) * H + hh, grad, mask=t < L)
+    tl.store(dbias_ptr + bh * nc + c, tl.sum(grad, 0))

@@ -1,0 +1,180 @@
+"""Triton forward kernels of the chunked SSD (Dao & Gu 2024, "Transformers are SSMs", section 6).
+
+Three launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read its docstring first):
+    _chunk_state_fwd  per (chunk, head): Δ, cum = cumsum(Δ A) and S_c = Σ_s exp(cum_last - cum_s) Δ_s x_s ⊗ B_s
+    _state_pass_fwd   per (head, block of the p·n state): S'_c = exp(cum_last) S'_{c-1} + S_c, sequential over
+                      chunks; the buffer of S_c is overwritten in place with the state entering each chunk
+    _chunk_scan_fwd   per (block of rows of a chunk, head): y = ((C Bᵀ) ⊙ L)(Δx) + exp(cum_t) C_t S'_{c-1},
+                      then (y + D x) · silu(z)
+
+Layouts (all contiguous; Lp = chunks · T, the length padded to whole chunks):
+    x, z, out (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); D (h, p) float32
+    delta, cum (b, h, Lp) float32; doc (b, Lp) int32 (document number, padding joins the last one)
+    states (b, chunks, h, p, n) float32
+Padded positions have Δ = 0 and x = 0: they add nothing and do not decay the state.
+Matmul operands are cast to ``DOT`` (the input dtype for bf16/fp16, float32 with IEEE precision
+otherwise); every accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _step_size(v, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, lo, hi):
+    """Δ from ``dt + dt_bias`` (float32): softplus with PyTorch's threshold of 20, then the clamp."""
+    if SOFTPLUS:
+        v = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+    if HAS_LIMIT:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    return v
+
+
+@triton.jit
+def _doc_before(doc_ptr, b, c, T: tl.constexpr, Lp):
+    """Document of the position before chunk c (0 for the first chunk: documents are numbered from 0)."""
+    prev = tl.load(doc_ptr + b * Lp + tl.maximum(c * T - 1, 0))
+    return tl.where(c == 0, 0, prev)
+
+
+@triton.jit
+def _chunk_state_fwd(
+    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr,
+    L, H, G, P, N, nc, lo, hi,
+    T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hh = bh // H, bh % H
+    gg = hh // (H // G)
+    Lp = nc * T
+    A = tl.load(A_ptr + hh).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + hh).to(tl.float32)
+
+    # Pass 1: Δ and its running sum over the chunk, kept in global buffers for the later kernels.
+    run = 0.0
+    for k in tl.static_range(0, T, BK):
+        t = c * T + k + tl.arange(0, BK)
+        v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
+        d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
+        tl.store(delta_ptr + bh * Lp + t, d)
+        tl.store(cum_ptr + bh * Lp + t, tl.cumsum(d * A, 0) + run)
+        run += tl.sum(d * A, 0)
+    # Make this program's stores visible to all its threads before they are read back.
+    tl.debug_barrier()
+
+    # Pass 2: S = Σ_s w_s (Δ_s x_s) ⊗ B_s with w_s = exp(cum_last - cum_s), 0 outside the last document.
+    cum_last = tl.load(cum_ptr + bh * Lp + c * T + T - 1)
+    if HAS_DOC:
+        doc_last = tl.load(doc_ptr + b * Lp + c * T + T - 1)
+    rp = tl.arange(0, BP)
+    rn = tl.arange(0, BN)
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for k in tl.static_range(0, T, BK):
+        t = c * T + k + tl.arange(0, BK)
+        w = tl.exp(cum_last - tl.load(cum_ptr + bh * Lp + t)) * tl.load(delta_ptr + bh * Lp + t)
+        if HAS_DOC:
+            w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
+        xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
+                     mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
+        Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+        xw = (xs * w[:, None]).to(DOT)
+        acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
+    out = states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :]
+    tl.store(out, acc, mask=(rp[:, None] < P) & (rn[None, :] < N))
+
+
+@triton.jit
+def _state_pass_fwd(
+    states_ptr, init_ptr, final_ptr, cum_ptr, doc_ptr,
+    H, PN, nc,
+    T: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b, hh = bh // H, bh % H
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PN
+    Lp = nc * T
+    if HAS_INIT:
+        state = tl.load(init_ptr + bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(nc):
+        ptr = states_ptr + ((b * nc + c) * H + hh) * PN + offs
+        added = tl.load(ptr, mask=mask, other=0.0)
+        tl.store(ptr, state, mask=mask)
+        passed = tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1)) * state
+        if HAS_DOC:
+            # where, not a product with 0: NaN of a finished document must not leak into the next.
+            carry = tl.load(doc_ptr + b * Lp + c * T + T - 1) == _doc_before(doc_ptr, b, c, T, Lp)
+            passed = tl.where(carry, passed, 0.0)
+        state = passed + added
+    tl.store(final_ptr + bh * PN + offs, state, mask=mask)
+
+
+@triton.jit
+def _chunk_scan_fwd(
+    x_ptr, z_ptr, D_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr, out_ptr, ypre_ptr,
+    L, H, G, P, N, nc,
+    T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, STORE_YPRE: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    c, m = pid // (T // BM), pid % (T // BM)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hh = bh // H, bh % H
+    gg = hh // (H // G)
+    Lp = nc * T
+    rp = tl.arange(0, BP)
+    rn = tl.arange(0, BN)
+    t = c * T + m * BM + tl.arange(0, BM)
+    cum_t = tl.load(cum_ptr + bh * Lp + t)
+    Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                 mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+
+    # What earlier chunks pass on: exp(cum_t) C_t S'_{c-1}, only for the document entering the chunk.
+    prev = tl.load(states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
+                   mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
+    off = tl.dot(Ct, tl.trans(prev.to(DOT)), input_precision=PREC)
+    first = tl.full((BM,), 1, tl.int1)
+    if HAS_DOC:
+        doc_t = tl.load(doc_ptr + b * Lp + t)
+        first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
+    acc = tl.where(first[:, None], off * tl.exp(cum_t)[:, None], 0.0)
+
+    # Intra-chunk part, causal: source blocks up to the diagonal one.
+    for k in range(0, (m + 1) * BM, BM):
+        s = c * T + k + tl.arange(0, BM)
+        Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+        xs = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + rp[None, :],
+                     mask=(s[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
+        cum_s = tl.load(cum_ptr + bh * Lp + s)
+        delta_s = tl.load(delta_ptr + bh * Lp + s)
+        keep = s[None, :] <= t[:, None]
+        if HAS_DOC:
+            keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
+        decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
+        cb = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+        scores = (cb * decay * delta_s[None, :]).to(DOT)
+        acc += tl.dot(scores, xs, input_precision=PREC)
+
+    io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+    io_mask = (t[:, None] < L) & (rp[None, :] < P)
+    if HAS_D:
+        xt = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        acc += xt * tl.load(D_ptr + hh * P + rp, mask=rp < P, other=0.0)[None, :]
+    if HAS_Z:
+        if STORE_YPRE:
+            tl.store(ypre_ptr + io, acc, mask=io_mask)
+        zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        acc = acc * zt * tl.sigmoid(zt)
+    tl.store(out_ptr + io, acc, mask=io_mask)
