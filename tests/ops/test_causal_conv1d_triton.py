@@ -1,0 +1,155 @@
+"""Triton causal convolution kernels in Triton's CPU interpreter against the float64 reference.
+
+The interpreter has to be switched on (TRITON_INTERPRET=1) before triton is imported, so each test
+runs a group of tiny cases in a subprocess (this file run as a script) and fails with the message of
+every case that failed. The full grid on a GPU is tests/gpu/test_causal_conv1d.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from ssmkit.testing import assert_close
+
+# name -> (batch, dim, length, width, dtype, channel_last, bias, seq_idx, initial_states, activation)
+FN_CASES = {
+    "channel_last_silu": (2, 8, 37, 4, "float32", True, True, None, False, "silu"),
+    "channel_first_docs_init": (2, 6, 33, 4, "float32", False, False, "alternating", True, "silu"),
+    "shorter_than_state": (2, 5, 2, 4, "float32", True, True, "alternating", True, None),
+    "bfloat16_wide": (1, 8, 21, 7, "bfloat16", True, True, "sorted", True, "silu"),
+    "float16_width2": (2, 4, 19, 2, "float16", False, True, "alternating", False, None),
+    "float64_width1": (1, 3, 9, 1, "float64", False, True, None, False, None),
+}
+# name -> (dtype of x / state, state_len - (w - 1), tokens (0: x of shape (b, d)), activation)
+UPDATE_CASES = {
+    "one_token": ("float32", 0, 0, "silu"),
+    "hf_state_len": ("float32", 1, 3, None),
+    "bfloat16_long_state": ("bfloat16", 3, 2, "silu"),
+}
+
+
+def _seq_idx(kind: str | None, batch: int, length: int) -> torch.Tensor | None:
+    if kind is None:
+        return None
+    change = torch.rand(batch, length) < 0.25
+    if kind == "alternating":  # document indices 0, 1, 0, 1, ...: runs, not values, separate documents
+        return (change.cumsum(1) % 2).to(torch.int32)
+    return change.cumsum(1)
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+
+
+def check_fn(batch, dim, length, width, dtype, channel_last, bias, seq, init, activation) -> None:
+    """Outputs, final states and every gradient of backend='triton' against the float64 reference."""
+    dtype = getattr(torch, dtype)
+    x = torch.randn(batch, length, dim, dtype=dtype).transpose(1, 2) if channel_last else torch.randn(
+        batch, dim, length, dtype=dtype
+    )
+    x.requires_grad_()
+    weight = torch.randn(dim, width, dtype=dtype, requires_grad=True)
+    b = torch.randn(dim, dtype=dtype, requires_grad=True) if bias else None
+    h0 = torch.randn(batch, dim, width - 1, dtype=dtype, requires_grad=True) if init else None
+    seq_idx = _seq_idx(seq, batch, length)
+    named = {"x": x, "weight": weight, "bias": b, "initial_states": h0}
+    named64 = {k: _f64(t) for k, t in named.items()}
+    out, final = causal_conv1d_fn(x, weight, b, seq_idx, h0, True, activation, backend="triton")
+    exp_out, exp_final = causal_conv1d_fn(
+        named64["x"], named64["weight"], named64["bias"], seq_idx, named64["initial_states"], True, activation,
+        backend="reference",
+    )
+    assert out.dtype == dtype and final.dtype == dtype
+    if channel_last and length > 1:
+        assert out.stride(1) == 1, "the output keeps x's channel-last layout"
+    assert_close(out, exp_out, dtype, name="out")
+    assert_close(final, exp_final, dtype, name="final_states")
+    g_out, g_final = torch.randn_like(exp_out), torch.randn_like(exp_final)
+    names = [k for k, t in named.items() if t is not None]
+    grads = torch.autograd.grad(
+        (out.double() * g_out).sum() + (final.double() * g_final).sum(), [named[k] for k in names]
+    )
+    exp_grads = torch.autograd.grad(
+        (exp_out * g_out).sum() + (exp_final * g_final).sum(), [named64[k] for k in names]
+    )
+    for name, got, exp in zip(names, grads, exp_grads):
+        assert got.dtype == dtype
+        assert_close(got, exp, dtype, name=f"d{name}")
+
+
+def check_nan_stays_in_document() -> None:
+    """A NaN input poisons only the outputs of its own document (where, not a multiply by 0)."""
+    x = torch.randn(1, 4, 12)
+    x[0, 1, 2] = float("nan")
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2]], dtype=torch.int32)
+    weight, b = torch.randn(4, 4), torch.randn(4)
+    out = causal_conv1d_fn(x, weight, b, seq_idx, activation="silu", backend="triton")
+    exp = causal_conv1d_fn(x.double(), weight.double(), b.double(), seq_idx, activation="silu", backend="reference")
+    assert torch.isnan(out).sum() == 1  # only position 2 of channel 1: the next document restarts
+    assert_close(out, exp, torch.float32, name="out with NaN")
+
+
+def check_update(dtype, extra_state, tokens, activation) -> None:
+    """Outputs and the in-place state update of backend='triton' against the float64 reference."""
+    dtype = getattr(torch, dtype)
+    batch, dim, width = 2, 8, 4
+    state = torch.randn(batch, dim, width - 1 + extra_state, dtype=dtype)
+    state64 = state.double()
+    x = torch.randn(batch, dim, tokens, dtype=dtype) if tokens else torch.randn(batch, dim, dtype=dtype)
+    weight, b = torch.randn(dim, width, dtype=dtype), torch.randn(dim, dtype=dtype)
+    for _ in range(2):  # twice: the second step reads what the first one wrote
+        out = causal_conv1d_update(x, state, weight, b, activation, backend="triton")
+        exp = causal_conv1d_update(x.double(), state64, weight.double(), b.double(), activation, backend="reference")
+        assert out.dtype == dtype and out.shape == x.shape
+        assert_close(out, exp, dtype, name="out")
+        assert_close(state, state64, dtype, name="conv_state")
+
+
+def _run_in_interpreter(group: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = {name: msg for name, msg in results.items() if msg != "ok"}
+    assert not failed, "\n".join(f"{name}: {msg}" for name, msg in failed.items())
+    assert results, "no case ran"
+
+
+@pytest.mark.parametrize("group", ["fn_f32", "fn_low_precision", "update"])
+def test_triton_matches_reference_in_interpreter(group):
+    _run_in_interpreter(group)
+
+
+def _main(group: str) -> None:
+    torch.set_num_threads(1)
+    if group == "update":
+        checks = {name: (check_update, case) for name, case in UPDATE_CASES.items()}
+    else:
+        low = group == "fn_low_precision"
+        checks = {
+            name: (check_fn, case) for name, case in FN_CASES.items() if (case[4] in ("float32", "float64")) != low
+        }
+        if not low:
+            checks["nan_stays_in_document"] = (check_nan_stays_in_document, ())
+    results = {}
+    for name, (check, case) in checks.items():
+        torch.manual_seed(0)
+        try:
+            check(*case)
+            results[name] = "ok"
+        except Exception as err:  # reported per case by the parent test
+            results[name] = f"{type(err).__name__}: {err}"
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

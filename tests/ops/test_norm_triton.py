@@ -1,0 +1,148 @@
+"""Triton RMS norm kernels in Triton's CPU interpreter against the float64 reference.
+
+The interpreter has to be switched on (TRITON_INTERPRET=1) before triton is imported, so each test
+runs a group of tiny cases in a subprocess (this file run as a script) and fails with the message of
+every case that failed. The full grid on a GPU is tests/gpu/test_norm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
+from ssmkit.testing import assert_close
+
+# name -> (shape, dtype, group_size, gate (None / "before" / "after"), bias)
+GATED_CASES = {
+    "groups_gate_before": ((3, 5, 32), "float32", 8, "before", True),
+    "one_group_gate_after": ((7, 24), "float32", None, "after", False),
+    "no_gate_odd_group": ((4, 30), "float32", 10, None, True),
+    "bfloat16_groups": ((2, 5, 24), "bfloat16", 8, "after", True),
+    "float16_gate_before": ((9, 16), "float16", 16, "before", False),
+    "float64_groups": ((2, 3, 24), "float64", 12, "after", True),
+}
+# name -> (shape, dtype, residual (None / "same" / "float32"), bias, prenorm, residual_in_fp32)
+PLAIN_CASES = {
+    "residual_prenorm": ((3, 5, 24), "float32", "same", True, True, False),
+    "no_residual": ((9, 20), "float32", None, False, False, False),
+    "bfloat16_fp32_residual": ((9, 20), "bfloat16", "float32", True, True, False),
+    "float16_residual_in_fp32": ((4, 33), "float16", "same", False, True, True),
+}
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().double().requires_grad_() if t is not None else None
+
+
+def _compare(outs, exp_outs, named, named64, dtype) -> None:
+    """Each output, and the gradients of a random projection of them, for every input given."""
+    for i, (got, exp) in enumerate(zip(outs, exp_outs)):
+        assert_close(got, exp, got.dtype, name=f"output {i}")
+    cotangents = [torch.randn_like(e) for e in exp_outs]
+    names = [k for k, t in named.items() if t is not None]
+    grads = torch.autograd.grad(
+        sum((o.double() * c).sum() for o, c in zip(outs, cotangents)), [named[k] for k in names]
+    )
+    exp_grads = torch.autograd.grad(
+        sum((o * c).sum() for o, c in zip(exp_outs, cotangents)), [named64[k] for k in names]
+    )
+    for name, got, exp in zip(names, grads, exp_grads):
+        assert got.dtype == named[name].dtype
+        assert_close(got, exp, dtype, name=f"d{name}")
+
+
+def check_gated(shape, dtype, group_size, gate, bias) -> None:
+    dtype = getattr(torch, dtype)
+    n = shape[-1]
+    named = {
+        "x": torch.randn(shape, dtype=dtype, requires_grad=True),
+        "z": torch.randn(shape, dtype=dtype, requires_grad=True) if gate else None,
+        "weight": (1 + 0.1 * torch.randn(n)).to(dtype).requires_grad_(),
+        "bias": torch.randn(n, dtype=dtype, requires_grad=True) if bias else None,
+    }
+    named64 = {k: _f64(t) for k, t in named.items()}
+    before = gate != "after"
+    out = gated_rms_norm_fn(named["x"], named["z"], named["weight"], 1e-5, group_size, before,
+                            bias=named["bias"], backend="triton")
+    exp = gated_rms_norm_fn(named64["x"], named64["z"], named64["weight"], 1e-5, group_size, before,
+                            bias=named64["bias"], backend="reference")
+    assert out.dtype == dtype and out.shape == shape
+    _compare([out], [exp], named, named64, dtype)
+
+
+def check_plain(shape, dtype, residual, bias, prenorm, residual_in_fp32) -> None:
+    dtype = getattr(torch, dtype)
+    n = shape[-1]
+    res_dtype = dtype if residual == "same" else torch.float32
+    named = {
+        "x": torch.randn(shape, dtype=dtype, requires_grad=True),
+        "weight": (1 + 0.1 * torch.randn(n)).to(dtype).requires_grad_(),
+        "bias": torch.randn(n, dtype=dtype, requires_grad=True) if bias else None,
+        "residual": torch.randn(shape, dtype=res_dtype, requires_grad=True) if residual else None,
+    }
+    named64 = {k: _f64(t) for k, t in named.items()}
+    args = (named["x"], named["weight"], named["bias"], named["residual"], prenorm, residual_in_fp32, 1e-5)
+    got = rms_norm_fn(*args, backend="triton")
+    chunked = rms_norm_fn(*args, backend="chunked")
+    exp = rms_norm_fn(named64["x"], named64["weight"], named64["bias"], named64["residual"], prenorm,
+                      residual_in_fp32, 1e-5, backend="reference")
+    got, chunked, exp = ([t] if not prenorm else list(t) for t in (got, chunked, exp))
+    assert [t.dtype for t in got] == [t.dtype for t in chunked], "dtypes as the chunked backend"
+    _compare(got, exp, named, named64, dtype)
+
+
+def check_edge_cases() -> None:
+    """Only the residual stream used (no gradient for out), and a transposed (non-contiguous) input."""
+    x, res = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    _, h = rms_norm_fn(x, torch.ones(16), None, res, True, backend="triton")
+    h.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(res.grad, torch.ones_like(res))
+    x, z, w = torch.randn(16, 6).t(), torch.randn(6, 16), torch.randn(16)
+    out = gated_rms_norm_fn(x, z, w, group_size=8, backend="triton")
+    exp = gated_rms_norm_fn(x.double(), z.double(), w.double(), group_size=8, backend="reference")
+    assert_close(out, exp, torch.float32, name="transposed x")
+
+
+def _run_in_interpreter(group: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = {name: msg for name, msg in results.items() if msg != "ok"}
+    assert not failed, "\n".join(f"{name}: {msg}" for name, msg in failed.items())
+    assert results, "no case ran"
+
+
+@pytest.mark.parametrize("group", ["gated", "plain"])
+def test_triton_matches_reference_in_interpreter(group):
+    _run_in_interpreter(group)
+
+
+def _main(group: str) -> None:
+    torch.set_num_threads(1)
+    if group == "gated":
+        checks = {name: (check_gated, case) for name, case in GATED_CASES.items()}
+    else:
+        checks = {name: (check_plain, case) for name, case in PLAIN_CASES.items()}
+        checks["edge_cases"] = (check_edge_cases, ())
+    results = {}
+    for name, (check, case) in checks.items():
+        torch.manual_seed(0)
+        try:
+            check(*case)
+            results[name] = "ok"
+        except Exception as err:  # reported per case by the parent test
+            results[name] = f"{type(err).__name__}: {err}"
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
