@@ -99,7 +99,9 @@ def _run_case(name: str) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_interpreter_matches_reference(name):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
