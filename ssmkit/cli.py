@@ -1,4 +1,5 @@
-"""The ``ssmkit`` command (also ``python -m ssmkit``): train, generate, eval, bench, info, convert.
+"""The ``ssmkit`` command (also ``python -m ssmkit``): train, generate, eval, bench, info, convert,
+serve.
 
     ssmkit train --preset byte-small --out runs/demo --time 5          # stdlib corpus, 5 minutes
     ssmkit train --out runs/demo --resume --steps 5000                 # continue (here: further)
@@ -8,6 +9,7 @@
     ssmkit bench NAME                                                # `ssmkit bench --help` lists them
     ssmkit info --preset mamba-130m
     ssmkit convert runs/demo/model hf_folder --to transformers
+    ssmkit serve --checkpoint runs/demo --port 8000                  # HTTP API on 127.0.0.1
 
 Any config field can be set with ``--model.<field>``, ``--train.<field>`` or ``--data.<field>``
 (``ssmkit train --help`` lists them with their docs).
@@ -96,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder)")
     conv.add_argument("dst", metavar="DST", help="new folder to write")
     conv.add_argument("--to", required=True, choices=("transformers", "ssmkit"))
+
+    from ssmkit.serve.options import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", allow_abbrev=False,
+                                       help="HTTP server: completions (streamed or not) and stateful sessions"))
     return parser
 
 
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UsageError(_unknown_message(parser, args, unknown))
         commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_experiment, "bench": cmd_experiment,
-                    "info": cmd_info, "convert": cmd_convert}
+                    "info": cmd_info, "convert": cmd_convert, "serve": cmd_serve}
         return commands[args.command](args) or 0
     except UsageError as e:
         _subparser(parser, args).print_usage(sys.stderr)
@@ -373,6 +380,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     print(f"wrote {dst} ({args.to} format)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from ssmkit.serve.options import options_from_args
+        from ssmkit.serve.server import serve
+    except ImportError as e:
+        raise UsageError(f"ssmkit serve needs the serve extra: pip install 'ssmkit[serve]' ({e})") from None
+    model, tokenizer, folder = _load(args.checkpoint, args.device)
+    serve(model, tokenizer, folder, options_from_args(args, Path(args.checkpoint).resolve().name))
     return 0
 
 

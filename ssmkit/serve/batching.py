@@ -1,0 +1,378 @@
+"""Continuous batching: one engine thread owns the model and decodes every running request together.
+
+Each turn of the engine loop
+
+1. admits newly submitted requests,
+2. reads one prefill chunk (``prefill_chunk_size`` tokens) of every request still reading its prompt,
+3. runs **one** forward step for all decoding requests at once, on a batched cache whose rows are the
+   requests (:class:`SlotCache`), and
+4. samples one token per request, each with its own :class:`SamplingParams` and ``torch.Generator``.
+
+A request that finishes leaves the batch at once (its row is refilled by the last row) and a new one
+joins at the next turn, so the batch follows the load: throughput grows with concurrency.
+
+Why a request decodes the same tokens in a batch as :func:`ssmkit.generation.generate` alone: sampling
+is done per row with the request's own generator seeded as ``generate`` seeds row 0, the prompt is read
+in the same chunks, and an SSM row's state never mixes with other rows. Only the float rounding of
+batched matrix products can differ, orders of magnitude below what moves a draw in practice.
+
+Models whose cache grows with the context (full attention) cannot share a fixed-shape batched cache:
+they decode each request with its own cache, still interleaved turn by turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ssmkit.generation.cache import ModelCache
+from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+log = logging.getLogger("ssmkit.serve")
+
+
+class EngineBusy(RuntimeError):
+    """The engine already holds its maximum number of requests."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is not running (stopped, or its thread died)."""
+
+
+@dataclasses.dataclass(eq=False)
+class GenerationRequest:
+    """One request for the engine: read ``ids`` into a cache, then sample up to ``max_new_tokens``.
+
+    ``on_token(token)`` is called from the engine thread with every new token and returns True to end the
+    request there (e.g. a stop string was completed). ``on_done(finish_reason, cache)`` is called once at
+    the end: ``finish_reason`` is ``"stop"`` (an eos id, or ``on_token`` said so), ``"length"``,
+    ``"cancelled"`` or ``"error: <message>"``; ``cache`` is the (batch 1) state after the prompt and every
+    sampled token except the last (which a caller may feed later), or None unless ``keep_state``.
+    With ``max_new_tokens == 0`` the request only reads ``ids`` (the cache then holds all of them).
+    """
+
+    ids: Sequence[int]
+    max_new_tokens: int
+    params: SamplingParams
+    seed: int
+    on_token: Callable[[int], bool]
+    on_done: Callable[[str, ModelCache | None], None]
+    eos_ids: tuple[int, ...] = ()
+    cache: ModelCache | None = None
+    keep_state: bool = False
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next turn (thread-safe)."""
+        self.cancelled.set()
+
+
+@dataclasses.dataclass(eq=False)
+class _Running:
+    """The engine's bookkeeping for one request."""
+
+    request: GenerationRequest
+    ids: torch.Tensor
+    cache: ModelCache | None
+    generator: list[torch.Generator] | None
+    seen: torch.Tensor | None
+    start_offset: int = 0
+    read: int = 0
+    produced: int = 0
+    token: int = -1
+    row: int = -1
+
+
+class SlotCache:
+    """Many batch-1 caches packed as the rows of one batched cache, which a forward updates in place.
+
+    Rows are dense: ``add`` appends a row, ``remove(i)`` moves the last row into row ``i``. Storage grows by
+    doubling and is released when the last row leaves.
+    """
+
+    def __init__(self) -> None:
+        self._types: list[type] = []
+        self._store: list[dict[str, torch.Tensor]] = []
+        self.size = 0
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self._store[0].values())).shape[0] if self._store else 0
+
+    def add(self, cache: ModelCache) -> int:
+        """Copy a batch-1 ``cache`` into a new row; returns the row."""
+        if cache.batch_size != 1:
+            raise ValueError(f"SlotCache rows come from batch-1 caches, got batch size {cache.batch_size}")
+        if self.size == self.capacity:
+            self._grow(cache)
+        for store, state in zip(self._store, cache.states):
+            for name, t in state.tensors().items():
+                store[name][self.size].copy_(t[0])
+        self.size += 1
+        return self.size - 1
+
+    def _grow(self, like: ModelCache) -> None:
+        capacity = max(1, 2 * self.capacity)
+        new = [{name: t.new_zeros(capacity, *t.shape[1:]) for name, t in s.tensors().items()} for s in like.states]
+        for old, grown in zip(self._store, new):
+            for name, t in old.items():
+                grown[name][: self.size].copy_(t[: self.size])
+        self._types = [type(s) for s in like.states]
+        self._store = new
+
+    def remove(self, row: int, keep: bool) -> ModelCache | None:
+        """Take ``row`` out (returned as a batch-1 cache when ``keep``); the last row moves into its place."""
+        if not 0 <= row < self.size:
+            raise IndexError(f"row {row} is not in use (size {self.size})")
+        taken = self.row_cache(row) if keep else None
+        last = self.size - 1
+        if row != last:
+            for store in self._store:
+                for t in store.values():
+                    t[row].copy_(t[last])
+        self.size -= 1
+        if self.size == 0:
+            self._types, self._store = [], []
+        return taken
+
+    def row_cache(self, row: int) -> ModelCache:
+        """A batch-1 copy of one row."""
+        return ModelCache([tp(**{n: t[row:row + 1].clone() for n, t in store.items()})
+                           for tp, store in zip(self._types, self._store)])
+
+    def view(self) -> ModelCache:
+        """A cache of the rows in use whose tensors are views of the storage (a forward writes through)."""
+        return ModelCache([tp(**{n: t[: self.size] for n, t in store.items()})
+                           for tp, store in zip(self._types, self._store)])
+
+    def write_back(self, view: ModelCache) -> None:
+        """Copy into the storage any state tensor a forward replaced instead of updating in place."""
+        for store, state in zip(self._store, view.states):
+            for name, t in state.tensors().items():
+                target = store[name][: self.size]
+                if t.data_ptr() != target.data_ptr():
+                    target.copy_(t)
+
+
+class Engine:
+    """The thread that runs the model for every request (see the module docstring).
+
+    Example::
+
+        engine = Engine(model, max_batch=64)
+        engine.start()
+        engine.submit(GenerationRequest(ids=[257, 104, 105], max_new_tokens=8, params=SamplingParams(),
+                                        seed=0, on_token=lambda t: False, on_done=print))
+    """
+
+    def __init__(self, model: LanguageModel, *, max_batch: int = 64, max_requests: int = 256,
+                 prefill_chunk_size: int = 2048) -> None:
+        if max_batch < 1 or max_requests < 1 or prefill_chunk_size < 1:
+            raise ValueError("max_batch, max_requests and prefill_chunk_size must be positive")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_requests = max_requests
+        self.prefill_chunk_size = prefill_chunk_size
+        self.device = model.embedding.weight.device
+        # A fixed-size cache (SSM and sliding-window layers) can be batched row by row.
+        self.batched = model.cache_nbytes(1) == model.cache_nbytes(1 << 20)
+        self._cond = threading.Condition()
+        self._inbox: deque[GenerationRequest] = deque()
+        self._count = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.tokens = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def in_flight(self) -> int:
+        return self._count
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ssmkit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue ``request``; raises :class:`EngineBusy` when full, :class:`EngineStopped` when not running."""
+        if not request.ids:
+            raise ValueError("a generation request needs at least one token to read")
+        with self._cond:
+            if self._stopping or not self.alive:
+                raise EngineStopped("the generation engine is not running")
+            if self._count >= self.max_requests:
+                raise EngineBusy(f"the server is at its limit of {self.max_requests} requests in flight")
+            self._count += 1
+            self._inbox.append(request)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        reading: list[_Running] = []
+        waiting: deque[_Running] = deque()
+        decoding: list[_Running] = []
+        slots = SlotCache()
+        while True:
+            with self._cond:
+                while not (self._inbox or reading or waiting or decoding or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    for run in [*reading, *waiting, *decoding]:
+                        self._finish(run, "cancelled", None)
+                    while self._inbox:
+                        self._finish_request(self._inbox.popleft(), "cancelled", None)
+                    return
+                new = list(self._inbox)
+                self._inbox.clear()
+            with torch.no_grad():
+                reading.extend(r for r in (self._admit(req) for req in new) if r is not None)
+                reading = self._prefill_turn(reading, waiting)
+                while waiting and len(decoding) < self.max_batch:
+                    run = waiting.popleft()
+                    if self.batched:
+                        run.row = slots.add(run.cache)
+                        run.cache = None
+                    decoding.append(run)
+                decoding = self._decode_turn(decoding, slots)
+
+    def _admit(self, req: GenerationRequest) -> _Running | None:
+        try:
+            ids = torch.tensor(list(req.ids), dtype=torch.long, device=self.device)
+            cache = self.model.allocate_cache(1) if req.cache is None else req.cache
+            generator = None if req.params.greedy else make_generators(req.seed, 1, self.device)
+            seen = None
+            if req.params.repetition_penalty != 1.0:
+                seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
+                seen[0, ids] = True
+            return _Running(req, ids, cache, generator, seen, start_offset=cache.seqlen_offset)
+        except Exception as e:  # a bad request must not stop the engine
+            log.exception("could not start a request")
+            self._finish_request(req, f"error: {e}", None)
+            return None
+
+    def _prefill_turn(self, reading: list[_Running], waiting: deque[_Running]) -> list[_Running]:
+        """Read one chunk of every reading request; those done sample their first token and wait for a row."""
+        still = []
+        for run in reading:
+            if run.request.cancelled.is_set():
+                self._finish(run, "cancelled", None)
+                continue
+            try:
+                end = min(run.read + self.prefill_chunk_size, len(run.ids))
+                out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
+                run.read = end
+                if run.read < len(run.ids):
+                    still.append(run)
+                elif run.request.max_new_tokens == 0:
+                    self._finish(run, "length", run.cache)
+                elif (reason := self._sample(run, out.logits[:, -1])) is not None:
+                    self._finish(run, reason, run.cache)
+                else:
+                    waiting.append(run)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._finish(run, f"error: {e}", None)
+        return still
+
+    def _decode_turn(self, decoding: list[_Running], slots: SlotCache) -> list[_Running]:
+        """One forward step for every decoding request, then one sampled token each."""
+        live = []
+        for run in decoding:
+            if run.request.cancelled.is_set():
+                self._leave(run, decoding, slots, "cancelled")
+            else:
+                live.append(run)
+        if not live:
+            return []
+        if self.batched:
+            # Rows in use are 0..size-1, one per live request: feed the tokens in row order.
+            live.sort(key=lambda r: r.row)
+        tokens = torch.tensor([[run.token] for run in live], dtype=torch.long, device=self.device)
+        try:
+            if self.batched:
+                view = slots.view()
+                logits = self.model(tokens, cache=view, logits_to_keep=1).logits[:, -1]
+                slots.write_back(view)
+                row_logits = list(logits.split(1))
+            else:
+                row_logits = [self.model(tokens[i:i + 1], cache=run.cache, logits_to_keep=1).logits[:, -1]
+                              for i, run in enumerate(live)]
+        except Exception as e:
+            log.exception("decode step failed")
+            for run in list(live):
+                self._leave(run, live, slots, f"error: {e}")
+            return []
+        self.steps += 1
+        still = []
+        for run, lg in zip(live, row_logits):
+            reason = self._sample(run, lg)
+            if reason is None:
+                still.append(run)
+            else:
+                self._leave(run, live, slots, reason)
+        return still
+
+    def _sample(self, run: _Running, logits: torch.Tensor) -> str | None:
+        """Sample, report and record one token (as ``generate`` does); the finish reason, or None to go on."""
+        logits = logits.clone()
+        logits[:, self.model.config.vocab_size:] = -torch.inf
+        token = int(sample_next(logits, run.request.params, seen=run.seen, generators=run.generator)[0])
+        run.token = token
+        run.produced += 1
+        self.tokens += 1
+        stop = run.request.on_token(token)
+        if stop or token in run.request.eos_ids:
+            return "stop"
+        if run.produced >= run.request.max_new_tokens:
+            return "length"
+        if run.seen is not None:
+            run.seen[0, token] = True
+        return None
+
+    def _leave(self, run: _Running, group: list[_Running], slots: SlotCache, reason: str) -> None:
+        """Finish a decoding request and free its row (renumbering the row that moves into it)."""
+        if run.row < 0:
+            self._finish(run, reason, run.cache)
+            return
+        keep = run.request.keep_state and reason in ("stop", "length")
+        last = slots.size - 1
+        cache = slots.remove(run.row, keep)
+        if cache is not None:
+            # The slots keep no position count: the row has read its prompt and every token but the last.
+            cache.seqlen_offset = run.start_offset + len(run.ids) + run.produced - 1
+        if run.row != last:
+            moved = next((r for r in group if r.row == last), None)
+            if moved is not None:
+                moved.row = run.row
+        run.row = -1
+        self._finish(run, reason, cache)
+
+    def _finish(self, run: _Running, reason: str, cache: ModelCache | None) -> None:
+        ok = run.request.keep_state and reason in ("stop", "length")
+        self._finish_request(run.request, reason, cache if ok else None)
+
+    def _finish_request(self, req: GenerationRequest, reason: str, cache: ModelCache | None) -> None:
+        with self._cond:
+            self._count -= 1
+        try:
+            req.on_done(reason, cache)
+        except Exception:
+            log.exception("on_done callback failed")

@@ -1,0 +1,213 @@
+"""Completions on top of the engine: tokens to text and OpenAI-style chunks, sessions read and advanced.
+
+A session completion holds the session's lock from start to end; the session's new state (prompt and
+generated tokens read, the last one pending) is committed only when the generation finishes normally, so a
+cancelled or failed request leaves the session as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.generation.cache import ModelCache
+from ssmkit.generation.sampling import SamplingParams
+from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped, GenerationRequest
+from ssmkit.serve.options import ServeOptions
+from ssmkit.serve.schemas import SamplingFields, error_body
+from ssmkit.serve.sessions import Session, SessionNotFound, SessionStore
+from ssmkit.serve.text import StopTextDecoder
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+
+class ApiError(HTTPException):
+    """An error answered as OpenAI's error JSON with this status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(status, message)
+        self.kind, self.param, self.code = kind, param, code
+
+
+class _Completion:
+    """One engine request seen from the event loop: tokens and text arrive on an asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple] = asyncio.Queue()
+        self.decoder = StopTextDecoder(tokenizer, stop)
+
+    def on_token(self, token: int) -> bool:
+        text, stopped = self.decoder.push(token)
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ("token", token, text))
+        return stopped
+
+    def on_done(self, reason: str, cache: ModelCache | None) -> None:
+        tail = self.decoder.flush() if reason in ("stop", "length") else ""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ("done", reason, tail, cache))
+
+
+class Server:
+    """Model, tokenizer, engine and sessions behind the routes."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, store: SessionStore,
+                 options: ServeOptions) -> None:
+        self.model, self.tokenizer, self.store, self.options = model, tokenizer, store, options
+        self.engine = Engine(model, max_batch=options.max_batch, max_requests=options.max_requests,
+                             prefill_chunk_size=options.prefill_chunk_size)
+        self.eos_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+        self.created = int(time.time())
+
+    def encode(self, text: str, field: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if len(ids) > self.options.max_prompt_tokens:
+            raise ApiError(400, f"{field} has {len(ids)} tokens; this server reads at most "
+                           f"{self.options.max_prompt_tokens} per request", param=field, code="prompt_too_long")
+        return ids
+
+    def check_sampling(self, body: SamplingFields) -> SamplingParams:
+        if body.max_tokens > self.options.max_tokens_cap:
+            raise ApiError(400, f"max_tokens is {body.max_tokens}; this server allows at most "
+                           f"{self.options.max_tokens_cap}", param="max_tokens")
+        return SamplingParams(body.temperature, body.top_k, body.top_p, body.min_p, body.repetition_penalty)
+
+    async def lock(self, session: Session) -> None:
+        try:
+            await asyncio.wait_for(session.lock.acquire(), self.options.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(409, f"session {session.id} stayed busy with another request", code="session_busy") from None
+        if self.store.get_or_none(session.id) is not session:
+            # Deleted while this request waited for it.
+            session.lock.release()
+            raise SessionNotFound(session.id)
+
+    async def run(self, ids: list[int], body: SamplingFields, params: SamplingParams, *,
+                  cache: ModelCache | None = None, keep_state: bool = False) -> AsyncIterator[tuple]:
+        """Submit a request and yield its events: ("token", id, text) ..., then ("done", reason, tail, cache)."""
+        completion = _Completion(asyncio.get_running_loop(), self.tokenizer, body.stop_strings())
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        request = GenerationRequest(ids=ids, max_new_tokens=body.max_tokens, params=params, seed=seed,
+                                    on_token=completion.on_token, on_done=completion.on_done,
+                                    eos_ids=self.eos_ids, cache=cache, keep_state=keep_state)
+        try:
+            self.engine.submit(request)
+        except EngineBusy as e:
+            raise ApiError(503, str(e), "server_error", code="overloaded") from None
+        except EngineStopped as e:
+            raise ApiError(503, str(e), "server_error") from None
+        deadline = time.monotonic() + self.options.request_timeout_s
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(completion.queue.get(), deadline - time.monotonic())
+                except TimeoutError:
+                    raise ApiError(504, f"the request took longer than {self.options.request_timeout_s} s",
+                                   "server_error", code="timeout") from None
+                if event[0] == "done" and event[1].startswith("error"):
+                    raise ApiError(500, f"generation failed: {event[1][7:]}", "server_error")
+                yield event
+                if event[0] == "done":
+                    return
+        finally:
+            request.cancel()
+
+    async def complete(self, body: SamplingFields, prompt_ids: list[int],
+                       session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI completion chunks (the last carries finish_reason and usage); a session goes on afterwards."""
+        params = self.check_sampling(body)
+        cid = "cmpl-" + secrets.token_hex(12)
+        cache, ids = None, prompt_ids
+        if session is not None:
+            await self.lock(session)
+        try:
+            if session is not None:
+                ids = ([] if session.pending is None else [session.pending]) + prompt_ids
+                if not ids:
+                    raise ApiError(400, "the session is empty: give a prompt or append text first", param="prompt")
+                cache = (await self.store.state(session)).clone()
+            if not ids:
+                raise ApiError(400, "the prompt is empty and this model's tokenizer has no start token",
+                               param="prompt")
+            if session is not None and body.max_tokens == 0:
+                await self._read_into(session, cache, ids)
+                yield self._chunk(cid, "", [], "length", len(ids), 0, session)
+                return
+            tokens: list[int] = []
+            async for event in self.run(ids, body, params, cache=cache, keep_state=session is not None):
+                if event[0] == "token":
+                    tokens.append(event[1])
+                    yield self._chunk(cid, event[2], [event[1]], None)
+                    continue
+                _, reason, tail, final = event
+                if session is not None and final is not None:
+                    await self.store.commit(session, final, tokens[-1] if tokens else None)
+                yield self._chunk(cid, tail, [], reason, len(ids), len(tokens), session)
+        finally:
+            if session is not None:
+                session.lock.release()
+
+    async def _read_into(self, session: Session, cache: ModelCache, ids: list[int]) -> None:
+        """Feed all of ``ids`` but the last into ``cache`` and commit it, the last one pending."""
+        if len(ids) > 1:
+            body = SamplingFields(max_tokens=0, temperature=0)
+            async for event in self.run(ids[:-1], body, SamplingParams(temperature=0), cache=cache, keep_state=True):
+                cache = event[3]
+        await self.store.commit(session, cache, ids[-1])
+
+    async def append(self, session: Session, ids: list[int]) -> None:
+        """Read ``ids`` (already length-checked by :meth:`encode`) into the session's state."""
+        await self.lock(session)
+        try:
+            pending = [] if session.pending is None else [session.pending]
+            await self._read_into(session, (await self.store.state(session)).clone(), pending + ids)
+        finally:
+            session.lock.release()
+
+    def _chunk(self, cid: str, text: str, token_ids: list[int], finish: str | None, prompt_tokens: int = 0,
+               completion_tokens: int = 0, session: Session | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": cid, "object": "text_completion", "created": int(time.time()), "model": self.options.model_name,
+            "choices": [{"index": 0, "text": text, "token_ids": token_ids, "logprobs": None,
+                         "finish_reason": finish}],
+        }
+        if finish is not None:
+            chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+            if session is not None:
+                chunk["session"] = session.info()
+        return chunk
+
+    async def respond(self, body: SamplingFields, prompt_ids: list[int], session: Session | None = None) -> Any:
+        """A JSON completion, or server-sent events when ``body.stream``."""
+        chunks = self.complete(body, prompt_ids, session)
+        if not body.stream:
+            parts = [c async for c in chunks]
+            merged = parts[-1]
+            merged["choices"][0]["text"] = "".join(c["choices"][0]["text"] for c in parts)
+            merged["choices"][0]["token_ids"] = [t for c in parts for t in c["choices"][0]["token_ids"]]
+            return merged
+        # The first chunk is awaited here, so that errors before it (busy, timeout) keep their status code.
+        first = await chunks.__anext__()
+
+        async def events() -> AsyncIterator[dict[str, str]]:
+            try:
+                yield {"data": json.dumps(first)}
+                async for chunk in chunks:
+                    yield {"data": json.dumps(chunk)}
+            except ApiError as e:
+                yield {"data": json.dumps(error_body(e.detail, e.kind, e.param, e.code))}
+            finally:
+                await chunks.aclose()
+            yield {"data": "[DONE]"}
+
+        return EventSourceResponse(events(), sep="\n", ping=15)

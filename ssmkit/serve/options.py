@@ -1,0 +1,87 @@
+"""The server's settings and their command-line flags (no web-stack import, so the CLI stays light)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+MIB = 1 << 20
+
+
+@dataclasses.dataclass(kw_only=True)
+class ServeOptions:
+    """Limits and places of ``ssmkit serve``; every limit turns an over-sized request into a 4xx."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "ssmkit"
+    token: str | None = None
+    sessions_dir: Path | None = None
+    session_memory_bytes: int = 1024 * MIB
+    max_sessions: int = 100_000
+    max_body_bytes: int = 4 * MIB
+    max_prompt_tokens: int = 1 << 20
+    max_tokens_cap: int = 4096
+    request_timeout_s: float = 600.0
+    max_batch: int = 64
+    max_requests: int = 256
+    prefill_chunk_size: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("port", "session_memory_bytes", "max_sessions", "max_body_bytes", "max_prompt_tokens",
+                     "max_tokens_cap", "max_batch", "max_requests", "prefill_chunk_size"):
+            value = getattr(self, name)
+            if value < (0 if name in ("port", "session_memory_bytes") else 1):
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.token is not None and not self.token:
+            raise ValueError("the auth token is empty")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``ssmkit serve`` flags."""
+    d = ServeOptions()
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder or training run folder")
+    parser.add_argument("--host", default=d.host, help=f"address to bind (default {d.host}: this machine only)")
+    parser.add_argument("--port", type=int, default=d.port, metavar="N", help=f"(default {d.port})")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="require 'Authorization: Bearer <token>' with the token in this file")
+    parser.add_argument("--sessions-dir", metavar="DIR",
+                        help="where session states persist (default $XDG_STATE_HOME/ssmkit/sessions)")
+    parser.add_argument("--session-memory-mb", type=float, default=d.session_memory_bytes / MIB, metavar="MB",
+                        help="session states kept in memory up to this size; the rest wait on disk")
+    parser.add_argument("--max-sessions", type=int, default=d.max_sessions, metavar="N")
+    parser.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB, metavar="MB",
+                        help="largest request body")
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, metavar="N",
+                        help="longest prompt or appended text, in tokens")
+    parser.add_argument("--max-tokens-cap", type=int, default=d.max_tokens_cap, metavar="N",
+                        help="largest max_tokens a request may ask for")
+    parser.add_argument("--request-timeout", type=float, default=d.request_timeout_s, metavar="SECONDS")
+    parser.add_argument("--max-batch", type=int, default=d.max_batch, metavar="N",
+                        help="requests decoded together in one step")
+    parser.add_argument("--max-requests", type=int, default=d.max_requests, metavar="N",
+                        help="requests in flight before new ones get 503")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
+def options_from_args(args: argparse.Namespace, model_name: str) -> ServeOptions:
+    """:class:`ServeOptions` from parsed ``ssmkit serve`` flags (reads the token file)."""
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FileNotFoundError(f"cannot read --token-file {args.token_file}: {e}") from None
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty")
+    return ServeOptions(
+        host=args.host, port=args.port, model_name=model_name, token=token,
+        sessions_dir=Path(args.sessions_dir) if args.sessions_dir else None,
+        session_memory_bytes=int(args.session_memory_mb * MIB), max_sessions=args.max_sessions,
+        max_body_bytes=int(args.max_body_mb * MIB), max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.request_timeout, max_batch=args.max_batch,
+        max_requests=args.max_requests,
+    )

@@ -1,0 +1,106 @@
+"""Request bodies of the HTTP API (pydantic models) and the JSON shape of errors.
+
+Bodies are validated strictly: unknown fields, wrong types (``"0.5"`` for a number, ``1.0`` or ``true``
+for an integer), NaN/inf and out-of-range values are rejected with a message naming the field.
+Field names and meanings follow OpenAI's completions API where it has them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 4
+SEED_LIMIT = 2**63
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+StopField = Annotated[
+    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None,
+    Field(description=f"a string or up to {MAX_STOP_STRINGS} strings; the text ends before the first one"),
+]
+
+
+class SamplingFields(_Strict):
+    """Sampling fields shared by ``/v1/completions`` and ``/v1/sessions/{id}/complete``."""
+
+    max_tokens: Annotated[int, Field(ge=0)] = 16
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    stop: StopField = None
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
+    stream: bool = False
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: the prompt is read after the start-of-document token."""
+
+    model: str | None = None
+    prompt: str
+
+
+class SessionCreateRequest(_Strict):
+    """``POST /v1/sessions``: optionally read some text at once."""
+
+    prompt: str | None = None
+
+
+class SessionAppendRequest(_Strict):
+    """``POST /v1/sessions/{id}/append``: text to read into the session's state."""
+
+    text: Annotated[str, Field(min_length=1)]
+
+
+class SessionCompleteRequest(SamplingFields):
+    """``POST /v1/sessions/{id}/complete``: read ``prompt`` (may be empty), then generate."""
+
+    prompt: str = ""
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# Fields whose type is a union: one message instead of one per member of the union.
+_FIELD_HINTS = {"stop": f"must be a string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings",
+                "seed": "must be an integer in [0, 2**63) or null"}
+
+
+def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable line for pydantic/FastAPI validation errors, and the first field at fault."""
+    parts, first = [], None
+    for err in errors:
+        kind = err.get("type")
+        if kind == "json_invalid":
+            where = err.get("loc", ("body", "?"))[-1]
+            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')} at "
+                         f"character {where})")
+            continue
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or None
+        first = first or (loc[0] if loc else None)
+        if loc and loc[0] in _FIELD_HINTS and kind not in ("extra_forbidden", "missing"):
+            parts.append(f"{loc[0]} {_FIELD_HINTS[loc[0]]}")
+        elif kind == "extra_forbidden":
+            parts.append(f"unknown field {field!r}")
+        elif kind == "missing":
+            parts.append(f"missing field {field!r}" if field else "the body is empty: send a JSON object")
+        elif kind == "model_attributes_type":
+            parts.append("the body must be a JSON object (and the Content-Type application/json)")
+        else:
+            parts.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))
+    return "; ".join(dict.fromkeys(parts)), first

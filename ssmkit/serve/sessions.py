@@ -1,0 +1,267 @@
+"""Stateful sessions: a cache snapshot per session, kept in memory up to a byte budget, always on disk.
+
+A session is the model's state after reading some text, plus its **pending token**: the last token it
+has seen but not yet fed to the model (``generate`` never feeds its last sampled token either). Reading
+more text feeds the pending token and all new tokens but the last, which becomes the new pending token;
+completing feeds the pending token and the prompt, then samples. So appending text in pieces and then
+completing gives the tokens that generating from the whole text at once gives.
+
+Files, in ``<folder>/`` (one folder per model, see :func:`model_fingerprint`)::
+
+    <id>.json                        {"id", "created", "pending", "version"}, written atomically
+    <id>.<version>.safetensors       the cache (ssmkit.generation.ModelCache.save), written atomically
+
+Every change writes the state under a new version, then the JSON that points to it, then removes the old
+state: a crash at any moment leaves a consistent session, and a restart finds every acknowledged change.
+Memory holds the most recently used states up to ``memory_budget`` bytes; beyond it the least recently
+used are dropped from memory (their file is already current) and read back when next needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+from safetensors import safe_open
+
+from ssmkit.generation.cache import ModelCache
+from ssmkit.models.config import write_text_atomic
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+log = logging.getLogger("ssmkit.serve")
+
+SESSION_ID = re.compile(r"^sess_[0-9a-f]{32}$")
+
+
+class SessionNotFound(KeyError):
+    """No session with this id (or a malformed id)."""
+
+
+class SessionLimit(RuntimeError):
+    """The store holds its maximum number of sessions."""
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One session's bookkeeping; ``cache`` is None while its state lives only on disk."""
+
+    id: str
+    created: int
+    pending: int | None
+    version: int
+    tokens_read: int
+    state_bytes: int
+    cache: ModelCache | None = None
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the session has seen: those read into the state plus the pending one."""
+        return self.tokens_read + (self.pending is not None)
+
+    def info(self) -> dict[str, object]:
+        return {"id": self.id, "object": "session", "created": self.created, "tokens": self.tokens,
+                "state_bytes": self.state_bytes, "in_memory": self.cache is not None}
+
+
+def model_fingerprint(folder: Path) -> str:
+    """16 hex digits of SHA-256 over a checkpoint folder's config and weight files (states belong to one model)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class SessionStore:
+    """Sessions of one model, persisted in ``folder``; used from the server's event loop.
+
+    Example::
+
+        store = SessionStore(Path("sessions"), model, memory_budget=1 << 30)
+        session = await store.create(pending=257)
+        cache = await store.state(session)
+        await store.commit(session, new_cache, pending=42)
+    """
+
+    def __init__(self, folder: Path, model: LanguageModel, *, memory_budget: int, max_sessions: int = 100_000) -> None:
+        self.folder = folder
+        self.model = model
+        self.memory_budget = memory_budget
+        self.max_sessions = max_sessions
+        self.device = model.embedding.weight.device
+        self._sessions: dict[str, Session] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()
+        self.memory_bytes = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Read every session's JSON; drop temporary files and states no JSON points to."""
+        wanted: set[str] = set()
+        for meta_path in sorted(self.folder.glob("sess_*.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                sid, version = meta["id"], int(meta["version"])
+                pending = meta["pending"]
+                if not SESSION_ID.match(sid) or meta_path.stem != sid:
+                    raise ValueError(f"id {sid!r} does not match the file name")
+                state_file = self._state_path(sid, version)
+                tokens_read, nbytes = _peek_cache(state_file)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("skipping session file %s: %s", meta_path, e)
+                continue
+            self._sessions[sid] = Session(sid, int(meta["created"]), pending, version, tokens_read, nbytes)
+            wanted.add(state_file.name)
+        for path in self.folder.iterdir():
+            stray = path.name.endswith(".tmp") or (path.suffix == ".safetensors" and path.name not in wanted)
+            if stray and path.is_file():
+                path.unlink(missing_ok=True)
+        if self._sessions:
+            log.info("restored %d sessions from %s", len(self._sessions), self.folder)
+
+    def _state_path(self, sid: str, version: int) -> Path:
+        return self.folder / f"{sid}.{version}.safetensors"
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def list(self) -> list[Session]:
+        return sorted(self._sessions.values(), key=lambda s: (s.created, s.id))
+
+    def get(self, sid: str) -> Session:
+        """The session ``sid``; :class:`SessionNotFound` if there is none (or the id is malformed)."""
+        session = self.get_or_none(sid)
+        if session is None:
+            raise SessionNotFound(sid)
+        return session
+
+    def get_or_none(self, sid: str) -> Session | None:
+        return self._sessions.get(sid) if isinstance(sid, str) and SESSION_ID.match(sid) else None
+
+    async def create(self, pending: int | None, cache: ModelCache | None = None) -> Session:
+        """A new session holding ``cache`` (default: the zero state) and ``pending``."""
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimit(f"the server holds its limit of {self.max_sessions} sessions; delete some first")
+        cache = self.model.allocate_cache(1) if cache is None else cache
+        sid = "sess_" + secrets.token_hex(16)
+        session = Session(sid, int(time.time()), pending, 0, cache.seqlen_offset, cache.nbytes)
+        self._sessions[sid] = session
+        try:
+            await self.commit(session, cache, pending)
+        except BaseException:
+            self._sessions.pop(sid, None)
+            raise
+        return session
+
+    async def state(self, session: Session) -> ModelCache:
+        """The session's state (read from disk if it was spilled). Callers clone it before changing it."""
+        if session.cache is None:
+            path = self._state_path(session.id, session.version)
+            cache = await anyio.to_thread.run_sync(lambda: ModelCache.load(path, device=self.device))
+            if session.cache is None:
+                self._keep(session, cache)
+        self._lru.move_to_end(session.id)
+        assert session.cache is not None
+        return session.cache
+
+    async def commit(self, session: Session, cache: ModelCache, pending: int | None) -> None:
+        """Make ``cache``/``pending`` the session's state: on disk first (new version), then in memory."""
+        version = session.version + 1
+        meta = {"id": session.id, "created": session.created, "pending": pending, "version": version}
+        old = self._state_path(session.id, session.version)
+        new = self._state_path(session.id, version)
+
+        def write() -> None:
+            cache.save(new)
+            write_text_atomic(self.folder / f"{session.id}.json", json.dumps(meta) + "\n")
+            old.unlink(missing_ok=True)
+
+        await anyio.to_thread.run_sync(write)
+        if session.id not in self._sessions:
+            # Deleted while the files were being written: remove what was just written.
+            self._remove_files(session.id, version)
+            return
+        session.version, session.pending = version, pending
+        session.tokens_read, session.state_bytes = cache.seqlen_offset, cache.nbytes
+        self._drop(session)
+        self._keep(session, cache)
+
+    async def fork(self, session: Session) -> Session:
+        """A new session with a copy of ``session``'s state and pending token."""
+        cache = (await self.state(session)).clone()
+        return await self.create(session.pending, cache)
+
+    async def delete(self, session: Session) -> None:
+        """Forget the session: its JSON goes first, so a crash midway never brings it back."""
+        self._sessions.pop(session.id, None)
+        self._drop(session)
+        await anyio.to_thread.run_sync(self._remove_files, session.id, session.version)
+
+    def _remove_files(self, sid: str, version: int) -> None:
+        (self.folder / f"{sid}.json").unlink(missing_ok=True)
+        self._state_path(sid, version).unlink(missing_ok=True)
+
+    def _keep(self, session: Session, cache: ModelCache) -> None:
+        session.cache = cache
+        self._lru[session.id] = None
+        self._lru.move_to_end(session.id)
+        self.memory_bytes += cache.nbytes
+        self._spill(keep=session.id)
+
+    def _drop(self, session: Session) -> None:
+        if session.cache is not None:
+            self.memory_bytes -= session.cache.nbytes
+            session.cache = None
+        self._lru.pop(session.id, None)
+
+    def _spill(self, keep: str) -> None:
+        """Drop least recently used states from memory until the budget holds (never ``keep``, never one in use)."""
+        for sid in list(self._lru):
+            if self.memory_bytes <= self.memory_budget:
+                return
+            session = self._sessions.get(sid)
+            if sid != keep and session is not None and not session.lock.locked():
+                self._drop(session)
+
+    def stats(self) -> dict[str, int]:
+        return {"sessions": len(self._sessions), "in_memory": len(self._lru), "memory_bytes": self.memory_bytes,
+                "memory_budget": self.memory_budget}
+
+
+def _peek_cache(path: Path) -> tuple[int, int]:
+    """(tokens read, state bytes) of a saved cache from its header alone (the tensors stay on disk)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            offset = int((f.metadata() or {})["seqlen_offset"])
+            nbytes = sum(math.prod(f.get_slice(k).get_shape()) * _DTYPE_BYTES[f.get_slice(k).get_dtype()]
+                         for k in f.keys())
+    except Exception as e:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{path}: unreadable session state ({e})") from None
+    return offset, nbytes
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def default_sessions_dir() -> Path:
+    """``$XDG_STATE_HOME/ssmkit/sessions`` (``~/.local/state/ssmkit/sessions`` without it)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ssmkit" / "sessions"
