@@ -11,6 +11,8 @@ where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no f
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -29,10 +31,14 @@ def _pow2(v: int, lo: int = 16) -> int:
 
 
 def _dot_types(dtype: torch.dtype):
-    """(tl dtype of matmul operands, precision): tensor-core bf16/fp16, IEEE fp32 for float32 inputs."""
+    """(tl dtype of matmul operands, precision): tensor-core bf16/fp16, IEEE fp32 for float32 inputs.
+
+    Triton's CPU interpreter gets bf16 tl.dot wrong (3.9: garbage results), so there bf16 inputs use
+    float32 matmuls; everything else about them (loads, casts, stores) stays as on the GPU.
+    """
     import triton.language as tl
 
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return tl.bfloat16, "tf32"
     if dtype == torch.float16:
         return tl.float16, "tf32"

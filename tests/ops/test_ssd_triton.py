@@ -1,0 +1,146 @@
+"""Triton SSD kernels in Triton's CPU interpreter against the float64 reference.
+
+The interpreter has to be switched on (TRITON_INTERPRET=1) before triton is imported, so each test
+runs a group of tiny cases in a subprocess (this file run as a script) and fails with the message of
+every case that failed. The full grid on a GPU is tests/gpu/test_ssd.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ssmkit.ops.ssd import mamba_chunk_scan_combined
+from ssmkit.testing import assert_close
+
+# name -> (b, l, h, p, g, n, chunk_size, tile, dtype, options); tile is the kernels' row block (16 with
+# chunk 32 gives two row blocks per chunk, so the causal loop over blocks is exercised).
+CASES = {
+    "full_gated": (2, 37, 4, 3, 2, 5, 16, 64, "float32", "D_h z bias init softplus limit"),
+    "docs_two_tiles": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs"),
+    "bare_one_step": (1, 1, 4, 8, 4, 3, 5, 64, "float32", ""),
+    "varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen"),
+    "bfloat16": (1, 33, 2, 8, 1, 8, 16, 64, "bfloat16", "D_h z bias softplus limit docs"),
+    "float16_init": (1, 20, 2, 4, 2, 4, 16, 64, "float16", "D_hp bias init softplus"),
+}
+
+
+def make_case(b, l, h, p, g, n, chunk_size, dtype, options):
+    """Inputs (all requiring grad) and keyword arguments of one case."""
+    opts = options.split()
+    inp = {
+        "x": torch.randn(b, l, h, p),
+        "dt": torch.randn(b, l, h) - 1.0,
+        "A": -torch.rand(h) * 2 - 0.1,
+        "B": torch.randn(b, l, g, n),
+        "C": torch.randn(b, l, g, n),
+    }
+    if "D_h" in opts:
+        inp["D"] = torch.randn(h)
+    if "D_hp" in opts:
+        inp["D"] = torch.randn(h, p)
+    if "z" in opts:
+        inp["z"] = torch.randn(b, l, h, p)
+    if "bias" in opts:
+        inp["dt_bias"] = torch.randn(h) * 0.5
+    if "init" in opts:
+        inp["initial_states"] = torch.randn(b, h, p, n)
+    inp = {k: v.to(getattr(torch, dtype)).requires_grad_() for k, v in inp.items()}
+    kw = {"chunk_size": chunk_size, "dt_softplus": "softplus" in opts, "return_final_states": True}
+    if "limit" in opts:
+        kw["dt_limit"] = (0.05, 2.0)
+    if "docs" in opts:
+        # Runs of ids, not values, separate documents (0, 1, 0): changes at a chunk edge and inside chunks.
+        pos = torch.arange(l)
+        kw["seq_idx"] = ((pos >= 16).int() - (pos >= 25).int() + 2 * (pos >= 29).int()).expand(b, l).contiguous()
+    if "varlen" in opts:
+        kw["cu_seqlens"] = torch.tensor([0, 5, 16, 17, 30, l])
+        kw["return_varlen_states"] = True
+    return inp, kw
+
+
+def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
+    """Output, final (and varlen) states and every gradient of backend='triton' against float64."""
+    from ssmkit.ops.ssd import triton as ssd_triton
+
+    ssd_triton._TILE = tile
+    inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
+    inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
+    got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")
+    want = mamba_chunk_scan_combined(**inp64, **kw, backend="reference")
+    tol_dtype = getattr(torch, dtype)
+    assert got[0].dtype == tol_dtype and got[1].dtype == torch.float32
+    names = ["out", "final_states", "varlen_states"]
+    for name, a, e in zip(names, got, want):
+        assert_close(a, e, tol_dtype, name=name)
+    weights = [torch.randn_like(e) for e in want]
+    loss = sum((a.double() * w).sum() for a, w in zip(got, weights))
+    loss64 = sum((e * w).sum() for e, w in zip(want, weights))
+    grads = torch.autograd.grad(loss, list(inp.values()))
+    grads64 = torch.autograd.grad(loss64, list(inp64.values()))
+    for name, a, e in zip(inp, grads, grads64):
+        assert a.dtype == inp[name].dtype
+        assert_close(a, e, tol_dtype, name=f"d{name}")
+
+
+def check_nan_stays_in_its_chunks() -> None:
+    """A NaN in x (head 1, position 3, channel 2) poisons that channel to the end of its document only."""
+    inp, kw = make_case(1, 40, 2, 4, 1, 4, 16, "float32", "D_h z softplus")
+    x = inp["x"].detach().clone()
+    x[0, 3, 1, 2] = float("nan")
+    seq_idx = (torch.arange(40) >= 20).int()[None]
+    out = mamba_chunk_scan_combined(x, *(inp[k].detach() for k in "dt A B C".split()), 16, D=inp["D"].detach(),
+                                    z=inp["z"].detach(), seq_idx=seq_idx, dt_softplus=True, backend="triton")
+    assert torch.isnan(out[0, 3:20, 1, 2]).all()
+    assert torch.isfinite(out[0, 20:]).all() and torch.isfinite(out[0, :, 0]).all()
+
+
+def check_float64_uses_chunked() -> None:
+    inp, kw = make_case(1, 9, 2, 2, 1, 2, 4, "float64", "D_h z")
+    got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")
+    want = mamba_chunk_scan_combined(**inp, **kw, backend="chunked")
+    assert all(torch.equal(a, e) for a, e in zip(got, want))
+
+
+def _run_in_interpreter(group: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = {name: msg for name, msg in results.items() if msg != "ok"}
+    assert not failed, "\n".join(f"{name}: {msg}" for name, msg in failed.items())
+    assert results, "no case ran"
+
+
+@pytest.mark.parametrize("group", ["float32", "low_precision"])
+def test_triton_matches_reference_in_interpreter(group):
+    _run_in_interpreter(group)
+
+
+def _main(group: str) -> None:
+    torch.set_num_threads(1)
+    low = group == "low_precision"
+    checks = {name: (check_case, case) for name, case in CASES.items() if (case[8] == "float32") != low}
+    if not low:
+        checks["nan_stays_in_its_chunks"] = (check_nan_stays_in_its_chunks, ())
+        checks["float64_uses_chunked"] = (check_float64_uses_chunked, ())
+    results = {}
+    for name, (check, case) in checks.items():
+        torch.manual_seed(0)
+        try:
+            check(*case)
+            results[name] = "ok"
+        except Exception as err:  # reported per case by the parent test
+            results[name] = f"{type(err).__name__}: {err}"
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
