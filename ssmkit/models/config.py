@@ -50,6 +50,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
+from ssmkit.models.layer_configs import (  # noqa: F401  (part of this module's public names)
+    AttentionConfig,
+    HyenaConfig,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    MLPConfig,
+    MoEConfig,
+    S4Config,
+    S4DConfig,
+    _positive,
+)
+
 MIXER_LETTERS: dict[str, str] = {
     "M": "mamba",
     "2": "mamba2",
@@ -72,271 +85,6 @@ class LayerSpec(NamedTuple):
 
 
 @dataclass(kw_only=True)
-class MambaConfig:
-    """Mamba-1 mixer settings (mamba_ssm's ``Mamba`` arguments).
-
-    ``mixer_rms_eps`` set (falcon_mamba) adds weightless RMSNorms with that eps on dt, B and C;
-    ``inner_layernorms`` (Jamba) adds learned RMSNorms ``dt_layernorm``, ``b_layernorm``, ``c_layernorm``
-    there instead, with eps ``mixer_rms_eps`` (1e-6 when None, as Jamba's ``rms_norm_eps``).
-    """
-
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: Union[int, Literal["auto"]] = "auto"
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    dt_init: Literal["random", "constant"] = "random"
-    dt_scale: float = 1.0
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    bias: bool = False
-    mixer_rms_eps: float | None = None
-    inner_layernorms: bool = False
-
-    def validate(self, d_model: int) -> None:
-        _positive("mamba.d_state", self.d_state)
-        _positive("mamba.d_conv", self.d_conv)
-        _positive("mamba.expand", self.expand)
-        if self.dt_rank != "auto":
-            _positive("mamba.dt_rank", self.dt_rank)
-        _dt_range("mamba", self.dt_min, self.dt_max, self.dt_init_floor)
-        _positive("mamba.dt_scale", self.dt_scale)
-        if self.mixer_rms_eps is not None:
-            _positive("mamba.mixer_rms_eps", self.mixer_rms_eps)
-
-
-@dataclass(kw_only=True)
-class Mamba2Config:
-    """Mamba-2 mixer settings (mamba_ssm's ``Mamba2`` arguments).
-
-    ``d_inner = expand * d_model`` is split into ``d_inner // headdim`` heads; B and C have ``ngroups``
-    groups (each shared by ``nheads // ngroups`` heads). ``dt_limit`` clamps Δ after the softplus.
-    """
-
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
-    chunk_size: int = 256
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    dt_limit: tuple[float, float] = (0.0, math.inf)
-    A_init_range: tuple[float, float] = (1.0, 16.0)
-    conv_bias: bool = True
-    bias: bool = False
-    norm_before_gate: bool = False
-    rmsnorm: bool = True
-    D_has_hdim: bool = False
-
-    def validate(self, d_model: int) -> None:
-        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-            _positive(f"mamba2.{name}", getattr(self, name))
-        _dt_range("mamba2", self.dt_min, self.dt_max, self.dt_init_floor)
-        d_inner = self.expand * d_model
-        if d_inner % self.headdim:
-            raise ValueError(
-                f"mamba2.headdim={self.headdim} must divide d_inner = expand * d_model = "
-                f"{self.expand} * {d_model} = {d_inner}"
-            )
-        nheads = d_inner // self.headdim
-        if nheads % self.ngroups:
-            raise ValueError(
-                f"mamba2.ngroups={self.ngroups} must divide the number of heads {nheads} (d_inner / headdim)"
-            )
-        lo, hi = self.dt_limit
-        if not 0 <= lo <= hi:
-            raise ValueError(f"mamba2.dt_limit must be (lo, hi) with 0 <= lo <= hi, got {self.dt_limit}")
-        lo, hi = self.A_init_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"mamba2.A_init_range must be (lo, hi) with 0 < lo <= hi, got {self.A_init_range}")
-
-
-@dataclass(kw_only=True)
-class Mamba3Config:
-    """Mamba-3 mixer settings (mamba_ssm's ``Mamba3`` arguments; no short convolution).
-
-    ``rope_fraction`` (0.5 or 1.0) of the ``d_state`` entries rotate; ``is_mimo`` gives B and C rank
-    ``mimo_rank``; ``A_floor`` bounds the data-dependent decay rate; ``is_outproj_norm`` adds a gated
-    RMSNorm before out_proj.
-    """
-
-    d_state: int = 128
-    expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
-    rope_fraction: float = 0.5
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    A_floor: float = 1e-4
-    is_outproj_norm: bool = False
-    is_mimo: bool = False
-    mimo_rank: int = 4
-    chunk_size: int = 64
-
-    def validate(self, d_model: int) -> None:
-        for name in ("d_state", "expand", "headdim", "ngroups", "mimo_rank", "chunk_size", "A_floor"):
-            _positive(f"mamba3.{name}", getattr(self, name))
-        _dt_range("mamba3", self.dt_min, self.dt_max, self.dt_init_floor)
-        if self.rope_fraction not in (0.5, 1.0) or int(self.d_state * self.rope_fraction) < 2:
-            raise ValueError(
-                f"mamba3.rope_fraction must be 0.5 or 1.0 and leave at least one rotary pair of the "
-                f"d_state={self.d_state} entries, got {self.rope_fraction}"
-            )
-        d_inner = self.expand * d_model
-        if d_inner % self.headdim or (d_inner // self.headdim) % self.ngroups:
-            raise ValueError(
-                f"mamba3.headdim={self.headdim} must divide d_inner = expand * d_model = {d_inner}, and "
-                f"mamba3.ngroups={self.ngroups} the number of heads"
-            )
-
-
-@dataclass(kw_only=True)
-class S4DConfig:
-    """S4D mixer settings (:class:`ssmkit.layers.s4d.S4D`): diagonal complex SSM, ``d_state`` even.
-
-    ``init`` "lin" / "inv" / "legs" (S4D-Lin, S4D-Inv, diagonal HiPPO-LegS); ``bidirectional`` adds a
-    kernel over the future (for :class:`ssmkit.models.SequenceClassifier`; a LanguageModel refuses it).
-    """
-
-    d_state: int = 64
-    init: Literal["lin", "inv", "legs"] = "lin"
-    discretization: Literal["zoh", "bilinear"] = "zoh"
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    bidirectional: bool = False
-
-    def validate(self, d_model: int) -> None:
-        _even_state("s4d", self.d_state)
-        _dt_range("s4d", self.dt_min, self.dt_max, 0.0)
-
-
-@dataclass(kw_only=True)
-class S4Config:
-    """S4 mixer settings (:class:`ssmkit.layers.s4.S4`): DPLR SSM from a HiPPO ``measure``.
-
-    ``l_max`` is the kernel length: parallel calls take at most that many positions (decode steps
-    have no limit). ``bidirectional`` as for :class:`S4DConfig`.
-    """
-
-    d_state: int = 64
-    measure: Literal["legs", "legt", "fourier"] = "legs"
-    l_max: int = 2048
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    bidirectional: bool = False
-
-    def validate(self, d_model: int) -> None:
-        _even_state("s4", self.d_state)
-        _positive("s4.l_max", self.l_max)
-        _dt_range("s4", self.dt_min, self.dt_max, 0.0)
-
-
-@dataclass(kw_only=True)
-class HyenaConfig:
-    """Hyena mixer settings (:class:`ssmkit.layers.hyena.Hyena`, safari's ``HyenaOperator`` arguments).
-
-    ``l_max`` is the length of the implicit filters (the longest dependency; inputs may be longer and
-    the decode cache keeps ``l_max - 1`` positions per long convolution).
-    """
-
-    order: int = 2
-    l_max: int = 2048
-    filter_order: int = 64
-    emb_dim: int = 3
-    short_filter_order: int = 3
-    num_inner_mlps: int = 2
-    w: float = 1.0
-    modulate: bool = True
-    fast_decay_pct: float = 0.3
-    slow_decay_pct: float = 1.5
-    target: float = 1e-2
-    shift: float = 0.0
-
-    def validate(self, d_model: int) -> None:
-        for name in ("filter_order", "short_filter_order", "fast_decay_pct", "slow_decay_pct", "target"):
-            _positive(f"hyena.{name}", getattr(self, name))
-        if self.order < 2 or self.l_max < 2:
-            raise ValueError(f"hyena.order and hyena.l_max must be >= 2, got {self.order} and {self.l_max}")
-        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
-            raise ValueError(f"hyena.emb_dim must be odd and >= 3, got {self.emb_dim}")
-        if self.num_inner_mlps < 0:
-            raise ValueError(f"hyena.num_inner_mlps must be >= 0, got {self.num_inner_mlps}")
-
-
-@dataclass(kw_only=True)
-class AttentionConfig:
-    """Attention mixer settings (:class:`ssmkit.layers.Attention`), shared by ``A`` and ``W`` layers.
-
-    ``num_heads_kv`` None = ``num_heads`` (plain multi-head); ``head_dim`` None = d_model / num_heads;
-    ``window`` applies to ``W`` layers only; ``rotary_emb_dim`` 0 = no positional encoding (Jamba).
-    """
-
-    num_heads: int = 8
-    num_heads_kv: int | None = None
-    head_dim: int | None = None
-    window: int = 2048
-    rotary_emb_dim: int = 0
-    rotary_emb_base: float = 10000.0
-    bias: bool = False
-
-    def validate(self, d_model: int) -> None:
-        _positive("attention.num_heads", self.num_heads)
-        kv = self.num_heads if self.num_heads_kv is None else self.num_heads_kv
-        _positive("attention.num_heads_kv", kv)
-        if self.num_heads % kv:
-            raise ValueError(f"attention.num_heads={self.num_heads} must be divisible by attention.num_heads_kv={kv}")
-        if self.head_dim is None and d_model % self.num_heads:
-            raise ValueError(f"attention.num_heads={self.num_heads} must divide d_model={d_model} "
-                             "unless attention.head_dim is set")
-        head_dim = d_model // self.num_heads if self.head_dim is None else self.head_dim
-        _positive("attention.head_dim", head_dim)
-        _positive("attention.window", self.window)
-        if not 0 <= self.rotary_emb_dim <= head_dim or self.rotary_emb_dim % 2:
-            raise ValueError(f"attention.rotary_emb_dim must be even and in [0, head_dim={head_dim}], "
-                             f"got {self.rotary_emb_dim}")
-        _positive("attention.rotary_emb_base", self.rotary_emb_base)
-
-
-@dataclass(kw_only=True)
-class MLPConfig:
-    """SwiGLU feed-forward settings (:class:`ssmkit.layers.MLP`, suffix ``m``)."""
-
-    d_intermediate: int = 1024
-
-    def validate(self, d_model: int) -> None:
-        _positive("mlp.d_intermediate", self.d_intermediate)
-
-
-@dataclass(kw_only=True)
-class MoEConfig:
-    """Mixture-of-experts settings (:class:`ssmkit.layers.MoE`, suffix ``e``; Jamba's defaults).
-
-    The training loss adds ``router_aux_loss_coef`` × the load-balancing loss and ``router_z_loss_coef``
-    × the router z-loss, pooled over the MoE layers (see :meth:`ssmkit.models.LanguageModel.forward`).
-    """
-
-    num_experts: int = 16
-    top_k: int = 2
-    d_intermediate: int = 1024
-    renormalize: bool = False
-    router_aux_loss_coef: float = 1e-3
-    router_z_loss_coef: float = 0.0
-
-    def validate(self, d_model: int) -> None:
-        _positive("moe.num_experts", self.num_experts)
-        _positive("moe.d_intermediate", self.d_intermediate)
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe.top_k must be in [1, moe.num_experts={self.num_experts}], got {self.top_k}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass(kw_only=True)
 class ModelConfig:
     """Everything needed to build a :class:`ssmkit.models.LanguageModel`.
 
@@ -351,9 +99,13 @@ class ModelConfig:
     """
 
     vocab_size: int
+    """Real tokens (the embedding is padded up to pad_vocab_size_multiple)."""
     d_model: int
+    """Width of the residual stream."""
     n_layer: int
+    """Number of layers."""
     layer_pattern: str = "M"
+    """Mixer (and feed-forward) letters, repeated over the layers; see ssmkit.models.config."""
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     mamba3: Mamba3Config = field(default_factory=Mamba3Config)
@@ -364,11 +116,17 @@ class ModelConfig:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     norm_eps: float = 1e-5
+    """RMSNorm eps."""
     tie_embeddings: bool = True
+    """The head reuses the embedding matrix."""
     residual_in_fp32: bool = True
+    """Keep the residual stream in float32."""
     pad_vocab_size_multiple: int = 8
+    """Round the vocabulary up to a multiple of this."""
     initializer_range: float = 0.02
+    """Std of the embedding initialisation."""
     rescale_prenorm_residual: bool = True
+    """Scale residual output projections by 1/sqrt(branches) at init."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -484,23 +242,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _even_state(prefix: str, d_state: int) -> None:
-    if d_state < 2 or d_state % 2:
-        raise ValueError(f"{prefix}.d_state must be even and >= 2 (states come in conjugate pairs), got {d_state}")
-
-
-def _dt_range(prefix: str, dt_min: float, dt_max: float, floor: float) -> None:
-    if not 0 < dt_min <= dt_max:
-        raise ValueError(f"{prefix}.dt_min / dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
-    if floor < 0:
-        raise ValueError(f"{prefix}.dt_init_floor must be >= 0, got {floor}")
 
 
 def _encode(value: Any) -> Any:
