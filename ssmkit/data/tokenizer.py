@@ -81,7 +81,7 @@ class TokenizersTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            raise ImportError("data.tokenizer needs the 'tokenizers' package: pip install tokenizers") from e
+            raise ImportError("data.tokenizer needs the 'tokenizers' package: pip install 'ssmkit[tokens]'") from e
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:
