@@ -12,12 +12,14 @@ skip D, a gated RMSNorm with z, out-projection. Names, arguments and initialisat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 from torch import nn
 
 from ssmkit import ops
+from ssmkit.distributed.context_parallel import context_parallel_chunk_scan, previous_rank_tail
 from ssmkit.layers.mamba import dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
@@ -54,6 +56,10 @@ class Mamba2(nn.Module):
         layer = Mamba2(d_model=64, d_state=32, headdim=16)
         y = layer(torch.randn(2, 10, 64))
     """
+
+    context_parallel_group: torch.distributed.ProcessGroup | None = None
+    """Set by :func:`ssmkit.distributed.enable_context_parallel`: each rank of the group then passes its
+    consecutive part of the sequence, and the convolution and scan take what enters it from earlier ranks."""
 
     def __init__(
         self,
@@ -124,6 +130,10 @@ class Mamba2(nn.Module):
             raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
         batch, length, _ = hidden_states.shape
         state = cache if cache is not None else initial_state
+        cp_group = self.context_parallel_group
+        if cp_group is not None and state is not None:
+            raise ValueError(f"{self._name()}: a context-parallel layer reads a whole sequence split across ranks; "
+                             "it takes no cache or initial_state (switch it off for decoding)")
         if state is not None:
             self._check_state(state, batch)
         if cache is not None and length == 1:
@@ -134,14 +144,19 @@ class Mamba2(nn.Module):
 
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         conv_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
+        conv_initial = None if state is None else state.conv[..., 1:].to(conv_in.dtype)
+        scan = ops.mamba_chunk_scan_combined
+        if cp_group is not None:
+            conv_initial = previous_rank_tail(conv_in, self.d_conv - 1, seq_idx, cp_group)
+            scan = functools.partial(context_parallel_chunk_scan, group=cp_group)
         xBC = ops.causal_conv1d_fn(
             conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
-            initial_states=None if state is None else state.conv[..., 1:].to(conv_in.dtype), activation="silu",
+            initial_states=conv_initial, activation="silu",
         ).transpose(1, 2)
         if cache is not None:
             cache.conv.copy_(next_conv_state(cache.conv, conv_in, seq_idx).detach())
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        result = ops.mamba_chunk_scan_combined(
+        result = scan(
             x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(at_least_fp32(self.A_log)),
             B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
             self.chunk_size, D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),

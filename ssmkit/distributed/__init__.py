@@ -1,0 +1,14 @@
+"""Work spread over processes with ``torch.distributed``: context parallelism (one sequence, several ranks).
+
+Data parallelism (DDP / FSDP2) lives with the trainer (:mod:`ssmkit.train.distributed`); this package holds
+what layers need when a sequence itself is split across ranks.
+"""
+
+from ssmkit.distributed.context_parallel import (
+    context_parallel_chunk_scan,
+    enable_context_parallel,
+    previous_rank_tail,
+    split_sequence,
+)
+
+__all__ = ["context_parallel_chunk_scan", "enable_context_parallel", "previous_rank_tail", "split_sequence"]
