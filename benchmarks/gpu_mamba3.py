@@ -1,0 +1,112 @@
+"""Mamba-3 on a GPU: ssmkit's layer against mamba_ssm's own Mamba-3 (its Triton SISO kernels).
+
+mamba_ssm's source distribution (``pip download --no-deps --no-binary :all: mamba-ssm``, unpacked under
+``.ext/``; nothing of it is committed) is imported without its package ``__init__`` (which would load the
+compiled CUDA scan), so only its pure-Triton Mamba-3 path runs. Both layers get the same weights
+(ssmkit uses mamba_ssm's parameter names), then:
+
+* parity: outputs and input gradients, relative error, fp32 and bf16;
+* speed: forward and forward+backward at batch 8, d_model 768 (24 heads x 64, N 128), L 2048 and 8192.
+
+MIMO needs mamba_ssm's TileLang kernels, which are not installed on the device machine: SISO only.
+
+    python benchmarks/gpu_mamba3.py
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from ssmkit.layers.mamba3 import Mamba3
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
+SHAPES = {"d_model": 768, "d_state": 128, "headdim": 64, "expand": 2}
+
+
+def load_mamba_ssm_mamba3() -> type | None:
+    """mamba_ssm's ``Mamba3`` class from the unpacked source, or None when it cannot be imported."""
+    if not SOURCES:
+        return None
+    if "mamba_ssm" not in sys.modules:
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = [str(SOURCES[-1])]
+        sys.modules["mamba_ssm"] = package
+    try:
+        from mamba_ssm.modules.mamba3 import Mamba3 as TheirMamba3
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+        print(f"mamba_ssm Mamba3 not importable: {type(e).__name__}: {e}")
+        return None
+    return TheirMamba3
+
+
+def pair(their_cls: type, dtype: torch.dtype, *, outproj_norm: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, theirs) with identical weights on the GPU."""
+    torch.manual_seed(0)
+    theirs = their_cls(**SHAPES, is_outproj_norm=outproj_norm, device="cuda", dtype=dtype)
+    ours = Mamba3(**SHAPES, is_outproj_norm=outproj_norm, device="cuda", dtype=dtype)
+    missing, unexpected = ours.load_state_dict(theirs.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"state dicts differ: missing {missing}, unexpected {unexpected}")
+    return ours, theirs
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def parity(their_cls: type) -> list[tuple]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for norm in (False, True):
+            ours, theirs = pair(their_cls, dtype, outproj_norm=norm)
+            x = torch.randn(2, 1000, SHAPES["d_model"], device="cuda", dtype=dtype, requires_grad=True)
+            y_theirs = theirs(x)
+            (g_theirs,) = torch.autograd.grad(y_theirs.float().square().sum(), x)
+            y_ours = ours(x)
+            (g_ours,) = torch.autograd.grad(y_ours.float().square().sum(), x)
+            rows.append((str(dtype).removeprefix("torch."), norm, rel(y_ours, y_theirs), rel(g_ours, g_theirs)))
+    return rows
+
+
+def timing(their_cls: type) -> list[tuple]:
+    from triton.testing import do_bench
+
+    rows = []
+    for length in (2048, 8192):
+        ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False)
+        x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for name, layer in (("ssmkit", ours), ("mamba_ssm", theirs)):
+            fwd = do_bench(lambda: layer(x), return_mode="median")
+            both = do_bench(lambda: layer(x).sum().backward(), return_mode="median")
+            rows.append((length, name, fwd, both))
+    return rows
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    their_cls = load_mamba_ssm_mamba3()
+    if their_cls is None:
+        sys.exit("mamba_ssm's source is not under .ext/: nothing to compare with")
+    print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")
+    print(f"{'dtype':>9} {'outproj_norm':>12} {'out rel err':>12} {'dx rel err':>11}")
+    for dtype, norm, out_err, grad_err in parity(their_cls):
+        print(f"{dtype:>9} {norm!s:>12} {out_err:>12.2e} {grad_err:>11.2e}")
+    print("\nspeed, bf16, batch 8, d_model 768 (24 heads x 64, N 128), median ms:")
+    print(f"{'L':>6} {'layer':>10} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+    rows = timing(their_cls)
+    for length, name, fwd, both in rows:
+        print(f"{length:>6} {name:>10} {fwd:>8.2f} {both:>11.2f}")
+    for length in (2048, 8192):
+        o = next(r for r in rows if r[0] == length and r[1] == "ssmkit")
+        t = next(r for r in rows if r[0] == length and r[1] == "mamba_ssm")
+        print(f"L={length}: ssmkit / mamba_ssm time, fwd {o[2] / t[2]:.2f}x, fwd+bwd {o[3] / t[3]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
