@@ -1,0 +1,129 @@
+"""A tiny byte-level model saved to disk and real ``ssmkit serve`` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from ssmkit.data.tokenizer import ByteTokenizer
+from ssmkit.models import LanguageModel, get_preset
+from ssmkit.models.presets import BYTE_BOS, BYTE_EOS, BYTE_VOCAB_SIZE
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def tiny_model() -> LanguageModel:
+    """debug-mamba2 with the byte vocabulary; larger Δ biases so the state remembers (as in test_generate)."""
+    config = get_preset("debug-mamba2")
+    config.vocab_size = BYTE_VOCAB_SIZE
+    torch.manual_seed(0)
+    model = LanguageModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dt_bias"):
+                p.add_(2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve") / "tiny-bytes"
+    tiny_model().save_pretrained(folder)
+    ByteTokenizer().save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir):
+    """The served model loaded in the test process, and ``generate`` on a text as the server reads it."""
+    from ssmkit.generation import generate
+
+    model = LanguageModel.from_pretrained(model_dir).eval()
+
+    def run(text: str, max_tokens: int, **sampling) -> list[int]:
+        ids = [BYTE_BOS] + list(text.encode())
+        return generate(model, [ids], max_tokens, eos_token_id=BYTE_EOS, **sampling)[0]
+
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m ssmkit serve`` in a child process, with its log in a file."""
+
+    def __init__(self, model_dir: Path, sessions_dir: Path, log: Path, *args: str) -> None:
+        self.argv = [sys.executable, "-m", "ssmkit", "serve", "--checkpoint", str(model_dir),
+                     "--sessions-dir", str(sessions_dir), *args]
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 60.0) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen([*self.argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop(kill=True)
+        raise RuntimeError(f"server did not start in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def client(self, auth: bool = True) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=AUTH if auth else {}, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """One server for most tests: token auth, small limits, and a session memory budget of ~3 states."""
+    folder = tmp_path_factory.mktemp("server")
+    (folder / "token").write_text(TOKEN + "\n")
+    state_mb = tiny_model().cache_nbytes(1) / 2**20
+    proc = ServerProcess(model_dir, folder / "sessions", folder / "server.log", "--token-file", str(folder / "token"),
+                         "--max-body-mb", str(16 / 1024), "--max-prompt-tokens", "4000", "--max-tokens-cap", "200",
+                         "--session-memory-mb", str(3.5 * state_mb))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server):
+    with server.client() as c:
+        yield c
