@@ -3,6 +3,9 @@
 Prompts of different lengths are left-padded into one batch. The padding is given its own document id
 (``seq_idx``), so the ops restart every state at the first real token: each row then computes exactly
 what it computes alone (up to float rounding), for SSM layers, whose state has no notion of position.
+
+On CUDA the one-token steps are captured once in a CUDA graph and replayed (see ``decode.py``); the
+end-of-sequence check reads the device every ``EOS_CHECK_EVERY`` tokens rather than every token.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssmkit.generation.cache import ModelCache
-from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
+from ssmkit.generation.decode import DecodeState, GraphedStep, graph_blocker, pick, step
+from ssmkit.generation.sampling import SamplingParams, make_generators
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
 
 Prompts = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
+
+# On CUDA, with eos ids, whether every row has finished is read from the device once per this many
+# tokens (the tokens wait that long to be yielded; steps made after the end are discarded).
+EOS_CHECK_EVERY = 16
+# cuda_graph=None captures a graph only for at least this many new tokens (capture costs a few steps).
+AUTO_GRAPH_MIN_TOKENS = 8
 
 
 def _prepare(prompts: Prompts, device: torch.device) -> tuple[list[torch.Tensor], bool]:
@@ -79,6 +89,7 @@ def stream(
     seed: int | Sequence[int] | None = None,
     prefill_chunk_size: int = 2048,
     cache: ModelCache | None = None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Generate token by token, yielding each step's (b,) long tensor of new tokens as it comes.
 
@@ -93,6 +104,10 @@ def stream(
         prefill_chunk_size: prompts are read this many positions at a time (bounds prefill memory).
         cache: continue from this cache (e.g. a document read earlier); updated in place, so clone it
             to keep it. Its rows must match the prompts, which then must all have the same length.
+        cuda_graph: capture one decode step in a CUDA graph and replay it per token (same tokens as
+            the eager loop, much less launch overhead). None: on when the model is on CUDA, its layers
+            allow it (Mamba, Mamba-2, Mamba-3, sliding-window attention, MLP; not full attention or MoE)
+            and ``max_new_tokens >= 8``; True: required (a clear error otherwise); False: eager.
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -119,33 +134,61 @@ def stream(
         seen = torch.zeros(batch, model.config.padded_vocab_size, dtype=torch.bool, device=device)
         for i, r in enumerate(rows):
             seen[i, r] = True
-    return _decode(model, ids, seq_idx, cache, max_new_tokens, params, eos, seen, generators, prefill_chunk_size)
+    use_graph = _use_graph(model, device, cuda_graph, max_new_tokens)
+    state = DecodeState(cache, params, vocab, generators, torch.tensor(eos, dtype=torch.long, device=device),
+                        torch.zeros(batch, dtype=torch.bool, device=device), seen)
+    return _decode(model, ids, seq_idx, state, max_new_tokens, prefill_chunk_size, use_graph)
+
+
+def _use_graph(model: LanguageModel, device: torch.device, cuda_graph: bool | None, max_new_tokens: int) -> bool:
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True, False or None (auto), got {cuda_graph!r}")
+    if cuda_graph is False:
+        return False
+    blocker = "the model is not on a CUDA device" if device.type != "cuda" else graph_blocker(model)
+    if cuda_graph and blocker:
+        raise ValueError(f"cuda_graph=True: {blocker}; pass cuda_graph=None or False to decode eagerly")
+    return blocker is None and (cuda_graph or max_new_tokens >= AUTO_GRAPH_MIN_TOKENS)
 
 
 @torch.no_grad()
-def _decode(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, cache: ModelCache,
-            max_new_tokens: int, params: SamplingParams, eos: list[int], seen: torch.Tensor | None,
-            generators: list[torch.Generator] | None, prefill_chunk_size: int) -> Iterator[torch.Tensor]:
+def _decode(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, state: DecodeState,
+            max_new_tokens: int, prefill_chunk_size: int, use_graph: bool) -> Iterator[torch.Tensor]:
     """The generation loop behind :func:`stream` (arguments already checked)."""
     if max_new_tokens == 0:
         return
-    batch, device, vocab = ids.shape[0], ids.device, model.config.vocab_size
-    logits = _prefill(model, ids, seq_idx, cache, prefill_chunk_size)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        # Rows of the padded vocabulary beyond vocab_size are not tokens.
-        logits[:, vocab:] = -torch.inf
-        token = sample_next(logits, params, seen=seen, generators=generators)
-        if eos:
-            token = torch.where(done, eos_ids[0], token)
-            done |= torch.isin(token, eos_ids)
-        yield token
-        if step + 1 == max_new_tokens or bool(done.all()):
+    token = pick(_prefill(model, ids, seq_idx, state.cache, prefill_chunk_size), state)
+    graphed = GraphedStep(model, token, state) if use_graph and max_new_tokens > 1 else None
+    check_every = _eos_check_every(ids.device)
+    pending: list[torch.Tensor] = []
+    finished: list[torch.Tensor] = []
+    for n in range(1, max_new_tokens + 1):
+        if not state.eos_ids.numel():
+            yield token
+        else:
+            pending.append(token)
+            finished.append(state.done.all())
+            if len(pending) == check_every or n == max_new_tokens:
+                # One device read for the whole batch of steps.
+                for tok, all_done in zip(pending, torch.stack(finished).tolist()):
+                    yield tok
+                    if all_done:
+                        return
+                pending.clear()
+                finished.clear()
+        if n == max_new_tokens:
             return
-        if seen is not None:
-            seen[torch.arange(batch, device=device), token] = True
-        logits = model(token[:, None], cache=cache, logits_to_keep=1).logits[:, -1]
+        if graphed is not None:
+            graphed.replay()
+            token = graphed.token.clone()
+        else:
+            token = step(model, token, state)
+        state.cache.seqlen_offset += 1
+
+
+def _eos_check_every(device: torch.device) -> int:
+    """Tokens between two reads of the finished rows: a read is free on CPU, a synchronisation on CUDA."""
+    return EOS_CHECK_EVERY if device.type == "cuda" else 1
 
 
 def _prefill(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, cache: ModelCache,

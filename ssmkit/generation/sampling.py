@@ -1,8 +1,9 @@
 """Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, min-p.
 
 The order and meaning follow transformers' logits processors: the repetition penalty first, then
-temperature, top-k, top-p (nucleus) and min-p, then a draw. Each row draws with its own
-``torch.Generator``, so a row's tokens do not depend on the other rows of the batch.
+temperature, top-k, top-p (nucleus) and min-p, then a draw. Each row draws from its own seeded stream
+(:class:`RowGenerators`), so a row's tokens do not depend on the other rows of the batch; draws are
+device tensor ops without host synchronisation, so a CUDA graph can capture them.
 
 Dimensions: ``b`` batch, ``V`` vocabulary.
 """
@@ -78,8 +79,52 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def make_generators(seed: int | list[int] | None, batch_size: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per row: ``seed`` (int: row i gets ``seed + i``; list: one seed per row) or, when
+class RowGenerators:
+    """Independent, seeded random streams, one per row, that live on the device.
+
+    A draw for row i depends only on (seed_i, number of draws row i made before), through a counter-based
+    hash, so a row's tokens do not depend on the other rows, the same seeds give the same tokens on every
+    run, and a draw is made of plain tensor ops with no host synchronisation: a CUDA graph can capture
+    it (the draw counters are device tensors updated in place).
+
+    seeds: (b,) int64, each in [0, 2**62); draws: (b,) int64, draws made so far.
+    """
+
+    def __init__(self, seeds: torch.Tensor) -> None:
+        self.seeds = seeds
+        self.draws = torch.zeros_like(seeds)
+
+    def __len__(self) -> int:
+        return self.seeds.shape[0]
+
+    def exponential(self, size: int) -> torch.Tensor:
+        """(b, size) float32 Exp(1) noise (each value > 0), and advance every row's draw counter."""
+        lo, hi = self.seeds & _MASK32, self.seeds >> 32
+        key = _mix32(_mix32(_mix32(lo) ^ hi) ^ self.draws)
+        index = torch.arange(size, device=self.seeds.device)
+        bits = _mix32(_mix32(index[None] ^ key[:, None]) ^ _mix32(key ^ _SALT)[:, None])
+        self.draws.add_(1)
+        # 24 bits make a float32 uniform in (0, 1) exactly, so the noise is never 0 or inf.
+        uniform = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+        return -torch.log(uniform)
+
+
+_MASK32 = 0xFFFFFFFF
+_SALT = 0x2545F491
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values below 2**32.
+
+    The multiplier is below 2**27, so no product overflows int64."""
+    x = x & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def make_generators(seed: int | list[int] | None, batch_size: int, device: torch.device) -> RowGenerators:
+    """One random stream per row: ``seed`` (int: row i gets ``seed + i``; list: one seed per row) or, when
     None, seeds drawn from torch's global generator (so ``torch.manual_seed`` makes runs repeatable)."""
     if seed is None:
         seeds = torch.randint(0, 2**62, (batch_size,)).tolist()
@@ -91,14 +136,18 @@ def make_generators(seed: int | list[int] | None, batch_size: int, device: torch
         seeds = list(seed)
     else:
         raise TypeError(f"seed must be an int, a list of ints (one per prompt) or None, got {seed!r}")
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    if any(not 0 <= s < 2**62 for s in seeds):
+        raise ValueError(f"seeds must be in [0, 2**62), got {seeds}")
+    return RowGenerators(torch.tensor(seeds, dtype=torch.int64, device=device))
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, *, seen: torch.Tensor | None = None,
-                generators: list[torch.Generator] | None = None) -> torch.Tensor:
+                generators: RowGenerators | None = None) -> torch.Tensor:
     """Pick one token per row. logits (b, V); seen (b, V) bool for the repetition penalty -> (b,) long.
 
-    Sampling needs ``generators`` (one per row, see :func:`make_generators`).
+    Sampling needs ``generators`` (one stream per row, see :func:`make_generators`). A row draws by the
+    exponential race ``argmax(p / E)`` with E ~ Exp(1) (the token of probability p wins with probability
+    p, as ``torch.multinomial`` with one sample), with no host synchronisation.
     """
     logits = logits.float()
     if seen is not None:
@@ -106,6 +155,6 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, *, seen: torch.Ten
     if params.greedy:
         return logits.argmax(-1)
     if generators is None or len(generators) != logits.shape[0]:
-        raise ValueError("sampling needs one torch.Generator per row")
+        raise ValueError("sampling needs one random stream per row (make_generators)")
     probs = filter_logits(logits, params).softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    return (probs / generators.exponential(probs.shape[-1])).argmax(-1)

@@ -54,18 +54,39 @@ def test_sampling_follows_the_distribution_and_the_seed():
     # Row i with seed s + i draws what row 0 draws with seed s + i.
     row7 = sample_next(logits[:1], SamplingParams(), generators=make_generators(12, 1, torch.device("cpu")))
     assert row7.item() == tokens[7].item()
-    with pytest.raises(ValueError, match="one torch.Generator per row"):
+    with pytest.raises(ValueError, match="one random stream per row"):
         sample_next(logits[:2], SamplingParams())
+    # Each draw advances the row's stream: a second draw differs, and is reproducible.
+    second = sample_next(logits, SamplingParams(), generators=gens)
+    assert not torch.equal(second, tokens)
+    gens2 = make_generators(5, 4000, torch.device("cpu"))
+    sample_next(logits, SamplingParams(), generators=gens2)
+    assert torch.equal(sample_next(logits, SamplingParams(), generators=gens2), second)
+
+
+def test_random_streams_are_uniform_and_independent():
+    gens = make_generators(1000, 50, torch.device("cpu"))
+    noise = gens.exponential(20000)
+    assert gens.draws.tolist() == [1] * 50 and bool((noise > 0).all()) and bool(torch.isfinite(noise).all())
+    uniform = torch.exp(-noise)
+    # Uniform: each of 10 bins holds 10% of the values (binomial sd 0.07% per row).
+    bins = torch.stack([torch.histc(row, 10, 0, 1) for row in uniform]) / 20000
+    assert torch.allclose(bins, torch.full_like(bins, 0.1), atol=0.01)
+    # Rows (adjacent seeds) and successive draws are uncorrelated (sd of a correlation: 1/sqrt(20000) = 0.007).
+    both = torch.cat([uniform, torch.exp(-gens.exponential(20000))])
+    corr = torch.corrcoef(both)
+    assert corr[~torch.eye(100, dtype=torch.bool)].abs().max() < 0.05
 
 
 def test_generators_from_seeds():
     cpu = torch.device("cpu")
-    a = [g.initial_seed() for g in make_generators([3, 9], 2, cpu)]
-    assert a == [3, 9]
+    assert make_generators([3, 9], 2, cpu).seeds.tolist() == [3, 9]
     torch.manual_seed(1)
-    b = [g.initial_seed() for g in make_generators(None, 2, cpu)]
+    b = make_generators(None, 2, cpu).seeds.tolist()
     torch.manual_seed(1)
-    assert b == [g.initial_seed() for g in make_generators(None, 2, cpu)]
+    assert b == make_generators(None, 2, cpu).seeds.tolist()
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\*\*62\)"):
+        make_generators(-1, 2, cpu)
     with pytest.raises(ValueError, match="seed has 1 values for 2 prompts"):
         make_generators([1], 2, cpu)
     with pytest.raises(TypeError, match="seed must be an int"):

@@ -1,0 +1,129 @@
+"""One decode step (forward one token through the cache, then pick the next token), run eagerly or
+replayed from a CUDA graph.
+
+The step is made of device tensor ops only: no host synchronisation, every buffer it writes (cache
+states, the draw counters of the random streams, the finished-row mask, the seen-token mask) updated
+in place. So the same function runs eagerly and can be captured once and replayed per token, and both
+give the same tokens.
+
+Dimensions: ``b`` batch, ``V`` padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ssmkit.generation.cache import ModelCache
+from ssmkit.generation.sampling import RowGenerators, SamplingParams, sample_next
+from ssmkit.layers import MLP, Attention, Mamba, Mamba2, Mamba3
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """Everything a decode step reads and updates besides the model.
+
+    cache: the model cache (updated in place); params: how to pick tokens; vocab_size: tokens beyond it
+    (padding of the vocabulary) are never picked; generators: one random stream per row (None when
+    greedy); eos_ids: (e,) long end-of-sequence ids, empty for none; done: (b,) bool rows that have
+    produced an eos id; seen: (b, V) bool tokens seen per row, for the repetition penalty (or None).
+    """
+
+    cache: ModelCache
+    params: SamplingParams
+    vocab_size: int
+    generators: RowGenerators | None
+    eos_ids: torch.Tensor
+    done: torch.Tensor
+    seen: torch.Tensor | None
+
+    def clone(self) -> DecodeState:
+        """An independent copy (for the warm-up run of a graph capture)."""
+        generators = None
+        if self.generators is not None:
+            generators = RowGenerators(self.generators.seeds.clone())
+            generators.draws.copy_(self.generators.draws)
+        return DecodeState(self.cache.clone(), self.params, self.vocab_size, generators, self.eos_ids.clone(),
+                           self.done.clone(), None if self.seen is None else self.seen.clone())
+
+
+def pick(logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Next token (b,) long from logits (b, V); finished rows repeat their first eos id; updates the masks."""
+    logits[:, state.vocab_size:] = -torch.inf
+    token = sample_next(logits, state.params, seen=state.seen, generators=state.generators)
+    if state.eos_ids.numel():
+        token = torch.where(state.done, state.eos_ids[0], token)
+        state.done |= (token[:, None] == state.eos_ids).any(-1)
+    if state.seen is not None:
+        state.seen.scatter_(1, token[:, None], True)
+    return token
+
+
+def forward_one(model: LanguageModel, token: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    """Logits (b, V) of one token (b,) long that continues ``cache`` (updated in place, bar seqlen_offset).
+
+    ``LanguageModel.forward`` with ``logits_to_keep=1`` minus its input checks, which read the token
+    values on the host (a synchronisation per token, and not capturable in a CUDA graph); the tokens
+    here come from :func:`pick`, so they are valid ids.
+    """
+    residual = model.embedding(token[:, None])
+    for block, layer_state in zip(model.layers, cache.states):
+        residual = block(residual, cache=layer_state)
+    hidden = model.norm_f(residual[:, -1]).to(model.head_weight.dtype)
+    return F.linear(hidden, model.head_weight)
+
+
+def step(model: LanguageModel, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """Read ``token`` (b,) and pick the next one (b,); the cache's ``seqlen_offset`` is left to the caller."""
+    return pick(forward_one(model, token, state.cache), state)
+
+
+def graph_blocker(model: LanguageModel) -> str | None:
+    """Why ``model``'s decode step cannot be captured in a CUDA graph, or None when it can.
+
+    Capturable: Mamba, Mamba-2 and Mamba-3 mixers, sliding-window attention (a fixed ring of keys), MLP
+    feed-forwards. Full attention reads its cache length on the host and grows its cache; MoE routes
+    with data-dependent shapes; the other mixers are not checked for host synchronisation.
+    """
+    for i, block in enumerate(model.layers):
+        mixer, ff = block.mixer, block.ff
+        if isinstance(mixer, Attention) and mixer.window is None:
+            return f"layer {i} is full attention (its KV cache length is read on the host each step)"
+        if not isinstance(mixer, (Mamba, Mamba2, Mamba3, Attention)):
+            return f"layer {i} is a {type(mixer).__name__} mixer (its decode step is not known to be capturable)"
+        if ff is not None and not isinstance(ff, MLP):
+            return f"layer {i} has a {type(ff).__name__} feed-forward (data-dependent shapes)"
+    return None
+
+
+class GraphedStep:
+    """:func:`step` captured once in a CUDA graph for fixed buffers, then replayed per token.
+
+    ``token`` is the static (b,) buffer: write the current token into it (the constructor copies
+    ``first``), call :meth:`replay`, read the next token from it. The step runs twice on a copy of the
+    decode state (on a side stream) before the capture, so that lazy initialisations and kernel
+    compilations happen outside the graph and the real state is untouched.
+    """
+
+    def __init__(self, model: LanguageModel, first: torch.Tensor, state: DecodeState, warmup: int = 2) -> None:
+        self.token = first.clone()
+        scratch, scratch_token = state.clone(), first.clone()
+        side = torch.cuda.Stream(device=first.device)
+        side.wait_stream(torch.cuda.current_stream(first.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                scratch_token = step(model, scratch_token, scratch)
+        torch.cuda.current_stream(first.device).wait_stream(side)
+        del scratch, scratch_token
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.token.copy_(step(model, self.token, state))
+
+    def replay(self) -> None:
+        self.graph.replay()
