@@ -64,6 +64,11 @@ class TrainConfig:
     """With several processes (torchrun): 'ddp' replicates the model, 'fsdp' shards parameters, gradients
     and optimiser state (FSDP2, one unit per layer)."""
 
+    context_parallel: int = 1
+    """Split every sequence across this many consecutive processes (context parallelism, for sequences too
+    long for one device; Mamba-2 layers only). The rest of the world size is data parallel (ddp or fsdp
+    over every process): torchrun --nproc_per_node 8 with 2 here trains 4 batches of 2-part sequences."""
+
     seed: int = 0
     """Seeds the weights, the data order and every random generator."""
 
@@ -119,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.context_parallel < 1:
+            raise ValueError(f"train.context_parallel must be >= 1, got {self.context_parallel}")
         if self.keep_checkpoints < 2:
             raise ValueError(f"train.keep_checkpoints must be >= 2 (a fallback for a corrupt latest checkpoint), "
                              f"got {self.keep_checkpoints}")

@@ -5,6 +5,10 @@
 DDP keeps a full model per process and averages gradients; FSDP2 (``fully_shard``) shards parameters,
 gradients and optimiser state, one unit per residual block plus the root (embedding, final norm, head
 stay together so a tied head remains tied). Both average gradients over processes.
+
+Context parallelism (``--train.context_parallel N``) splits each sequence across N consecutive ranks
+(:mod:`ssmkit.distributed.context_parallel`); those ranks read the same rows, each its part of the length,
+and DDP / FSDP2 still average over every process, which sums the parts' gradients as the loss needs.
 """
 
 from __future__ import annotations
@@ -15,30 +19,54 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+
+from ssmkit.data import IGNORE
+from ssmkit.data.packing import Batch
 
 
 @dataclass(frozen=True)
 class Dist:
-    """Where this process sits: rank, world size and its device."""
+    """Where this process sits: rank, world size, its device and its context-parallel group (if any)."""
 
     rank: int
     world_size: int
     device: torch.device
+    cp_size: int = 1
+    cp_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def cp_rank(self) -> int:
+        """Which part of each sequence this process holds."""
+        return self.rank % self.cp_size
 
-def setup(device: str) -> Dist:
+    @property
+    def dp_rank(self) -> int:
+        """Which share of the batch's rows this process (and its context-parallel group) reads."""
+        return self.rank // self.cp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp_size
+
+
+def setup(device: str, context_parallel: int = 1) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1) and pick this process's device.
 
     ``device`` is 'auto', 'cpu', 'cuda' or 'cuda:N'; under torchrun CUDA processes use cuda:LOCAL_RANK and
-    talk through NCCL, CPU processes through gloo.
+    talk through NCCL, CPU processes through gloo. ``context_parallel`` consecutive ranks form a group
+    that splits each sequence.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size % context_parallel:
+        raise ValueError(f"train.context_parallel ({context_parallel}) must divide the number of processes "
+                         f"({world_size}; launch with torchrun --nproc_per_node N)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -52,7 +80,14 @@ def setup(device: str) -> Dist:
         return Dist(0, 1, dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+    rank, cp_group = dist.get_rank(), None
+    if context_parallel > 1:
+        # new_group is collective: every process creates every group and keeps its own.
+        for start in range(0, world_size, context_parallel):
+            group = dist.new_group(list(range(start, start + context_parallel)))
+            if start <= rank < start + context_parallel:
+                cp_group = group
+    return Dist(rank, world_size, dev, context_parallel, cp_group)
 
 
 def teardown() -> None:
@@ -75,6 +110,25 @@ def parallelize(model: nn.Module, info: Dist, parallel: str) -> nn.Module:
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def shard_batch(batch: Batch, info: Dist) -> Batch:
+    """This process's part of every row of ``batch`` under context parallelism (``batch`` itself without).
+
+    The length is padded at the end to a multiple of the group size (padding is scored nowhere and, being
+    last, changes no earlier output). ``n_tokens`` stays with the group's first rank, so sums over
+    processes count each token once.
+    """
+    if info.cp_size == 1:
+        return batch
+    pad = -batch.input_ids.shape[1] % info.cp_size
+    input_ids, labels, seq_idx = F.pad(batch.input_ids, (0, pad)), F.pad(batch.labels, (0, pad), value=IGNORE), None
+    if batch.seq_idx is not None:
+        seq_idx = torch.cat([batch.seq_idx, batch.seq_idx[:, -1:].expand(-1, pad)], dim=1)
+    part = input_ids.shape[1] // info.cp_size
+    mine = slice(info.cp_rank * part, (info.cp_rank + 1) * part)
+    return Batch(input_ids[:, mine], labels[:, mine], None if seq_idx is None else seq_idx[:, mine],
+                 batch.n_tokens if info.cp_rank == 0 else 0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.data import IGNORE, BatchLoader, DataConfig, EvalSet, describe, eval_batches, load_datasets
+from ssmkit.distributed import enable_context_parallel
 from ssmkit.models import LanguageModel, ModelConfig, param_groups
 from ssmkit.train import checkpoint
 from ssmkit.train.config import TrainConfig
-from ssmkit.train.distributed import Dist, all_reduce, gradient_sync, parallelize, setup, teardown, unwrap
+from ssmkit.train.distributed import (Dist, all_reduce, gradient_sync, parallelize, setup, shard_batch, teardown,
+                                     unwrap)
 from ssmkit.train.errors import TrainingError
 from ssmkit.train.metrics import MetricsLog, Progress, plot_losses
 
@@ -65,14 +67,17 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: EvalSet, batch_size: int, device: torch.device, tokenizer_kind: str, *,
-             autocast: Any = None, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+             autocast: Any = None, rank: int = 0, world_size: int = 1, info: Dist | None = None) -> dict[str, float]:
     """Loss per scored token and bits per byte of an :class:`~ssmkit.data.EvalSet`; perplexity too for
-    token models. Processes split the rows and add up their sums."""
+    token models. Processes split the rows and add up their sums; with ``info`` (training's processes)
+    they split the rows as its data-parallel ranks and the length as its context-parallel ones."""
+    if info is not None:
+        rank, world_size = info.dp_rank, info.dp_size
     was_training = model.training
     model.eval()
     nats, targets = 0.0, 0
     for batch, counted in eval_batches(data.rows, data.index, batch_size, rank=rank, world_size=world_size):
-        batch = batch.to(device)
+        batch = (batch if info is None else shard_batch(batch, info)).to(device)
         with autocast or nullcontext():
             logits = model(batch.input_ids, seq_idx=batch.seq_idx).logits
         if counted:
@@ -109,7 +114,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Run training to the end (steps or time budget); returns the final step and validation figures."""
-        info = setup(self.cfg.device)
+        info = setup(self.cfg.device, self.cfg.context_parallel)
         try:
             return self._fit(info)
         finally:
@@ -131,12 +136,14 @@ class Trainer:
                              f"{tokenizer.vocab_size} (its vocabulary plus pad/bos/eos)")
         model = LanguageModel(self.model_config, device=info.device)
         n_params = sum(p.numel() for p in model.parameters())
+        if info.cp_group is not None:
+            enable_context_parallel(model, info.cp_group)
         if cfg.compile:
             model.compile()
         model = parallelize(model, info, cfg.parallel)
         optimizer = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-        loader = BatchLoader(data.train, cfg.batch_size, cfg.seed, rank=info.rank, world_size=info.world_size,
+        loader = BatchLoader(data.train, cfg.batch_size, cfg.seed, rank=info.dp_rank, world_size=info.dp_size,
                              micro_batches=cfg.grad_accum)
         precision = resolve_precision(cfg.precision, info.device)
         autocast = (nullcontext() if precision == "fp32" else
@@ -164,7 +171,7 @@ class Trainer:
 
         say(describe(data.summary, self.data_config))
         say(f"model: {n_params:,} parameters ({self._shape()}); {info.world_size} process(es) on {info.device}, "
-            f"{precision}; "
+            f"{precision}{f', {info.cp_size}-way context parallel' if info.cp_size > 1 else ''}; "
             f"{cfg.batch_size} x {self.data_config.seq_len} tokens per step")
         progress = Progress(total_steps=cfg.steps, time_budget_s=cfg.time_minutes * 60, start_step=counters["step"],
                             start_elapsed=counters["elapsed"], enabled=cfg.progress and info.is_main)
@@ -202,7 +209,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            micro = loader.next()
+            micro = [shard_batch(b, info) for b in loader.next()]
             local_targets = sum(b.n_targets for b in micro)
             (n_targets,) = all_reduce([float(local_targets)])
             loss_sum = torch.zeros((), device=info.device)
@@ -286,7 +293,7 @@ class Trainer:
 
     def _evaluate(self, model: torch.nn.Module, data: Any, autocast: Any, info: Dist) -> dict[str, float]:
         return evaluate(model, data.val, self.cfg.eval_batch_size, info.device, data.tokenizer.kind,
-                        autocast=autocast, rank=info.rank, world_size=info.world_size)
+                        autocast=autocast, info=info)
 
     def _save(self, root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               tokenizer: Any, loader: BatchLoader, counters: dict[str, Any], info: Dist) -> None:

@@ -7,6 +7,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
 
 from ssmkit.testing import assert_close
@@ -30,12 +31,37 @@ def _run(launcher, out, *extra):
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    """DDP and FSDP2 (each 2 processes x 2 rows) log the losses of 1 process x 4 rows, within fp32 tolerance."""
+    """DDP and FSDP2 (each 2 processes x 2 rows, or 2 processes x half of 4 rows) log the losses of 1 process
+    x 4 rows, within fp32 tolerance."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     _, single, single_val = _run([sys.executable], tmp_path / "single")
     assert len(single) == 8
-    for parallel in ("ddp", "fsdp"):
-        done, multi, multi_val = _run(torchrun, tmp_path / parallel, "--train.parallel", parallel)
+    # context_parallel 2: both processes read the same rows, each half of every sequence (documents cross
+    # the boundary), under DDP and FSDP2 alike.
+    for parallel, cp in (("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)):
+        name = f"{parallel} cp{cp}"
+        done, multi, multi_val = _run(torchrun, tmp_path / name, "--train.parallel", parallel,
+                                      "--train.context_parallel", str(cp))
         assert "2 process(es)" in done.stdout
-        assert_close(torch.tensor(multi), torch.tensor(single), torch.float32, name=f"{parallel} losses")
-        assert_close(torch.tensor(multi_val), torch.tensor(single_val), torch.float32, name=f"{parallel} val bpb")
+        assert ("2-way context parallel" in done.stdout) == (cp == 2)
+        assert_close(torch.tensor(multi), torch.tensor(single), torch.float32, name=f"{name} losses")
+        assert_close(torch.tensor(multi_val), torch.tensor(single_val), torch.float32, name=f"{name} val bpb")
+
+
+def test_shard_batch_pads_and_splits_the_length():
+    """Odd lengths are padded (scoring nothing, continuing the last document); tokens stay with part 0."""
+    from ssmkit.data import IGNORE
+    from ssmkit.data.packing import Batch
+    from ssmkit.train.config import TrainConfig
+    from ssmkit.train.distributed import Dist, shard_batch
+
+    ids = torch.arange(14).view(2, 7)
+    batch = Batch(ids, ids + 1, torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 2]], dtype=torch.int32), 13)
+    parts = [shard_batch(batch, Dist(r, 4, torch.device("cpu"), cp_size=2)) for r in (2, 3)]
+    assert torch.equal(torch.cat([p.input_ids for p in parts], 1)[:, :7], ids)
+    assert torch.equal(parts[1].labels[:, -1], torch.full((2,), IGNORE))
+    assert parts[1].seq_idx[:, -1].tolist() == [1, 2]
+    assert [p.n_tokens for p in parts] == [13, 0]
+    assert shard_batch(batch, Dist(0, 2, torch.device("cpu"))) is batch
+    with pytest.raises(ValueError, match="context_parallel must be >= 1"):
+        TrainConfig(context_parallel=0).validate()
