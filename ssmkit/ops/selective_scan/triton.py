@@ -293,9 +293,10 @@ def _strides(x: torch.Tensor | None, dims: int) -> tuple[int, ...]:
     return (0,) * dims if x is None else tuple(x.stride())
 
 
-def _block_d(dg: int, block_d: int) -> int:
-    """Channels per program: the configured block, shrunk (power of 2) for groups with few channels."""
-    return max(1, min(block_d, _next_pow2(dg)))
+def _block_d(dg: int, block_d: int, block_n: int) -> int:
+    """Channels per program: the configured block (sized for n = 16), shrunk so that a (BD, n, T) tile
+    stays as large as at n = 16, and (power of 2) for groups with few channels."""
+    return max(1, min(block_d, (block_d * 16) // block_n, _next_pow2(dg)))
 
 
 def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
@@ -308,7 +309,7 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     out = torch.empty_like(u)
     last = u.new_empty(b, d, n, dtype=acc)
     ckpt = u.new_empty(b, d, n_chunks, n, dtype=acc)
-    block_d = _block_d(dg, cfg.fwd_block_d)
+    block_d = _block_d(dg, cfg.fwd_block_d, _next_pow2(n))
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
     _selective_scan_fwd_kernel[grid](
@@ -337,7 +338,7 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, dout, dlast, softplu
     dh0 = u.new_empty(b, d, n, dtype=acc)
     dD = None if D is None else u.new_empty(b, d, dtype=acc)
     dbias = None if bias is None else u.new_empty(b, d, dtype=acc)
-    block_d = _block_d(dg, cfg.bwd_block_d)
+    block_d = _block_d(dg, cfg.bwd_block_d, _next_pow2(n))
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
     _selective_scan_bwd_kernel[grid](
