@@ -51,8 +51,9 @@ def reference(model_dir):
 
     model = LanguageModel.from_pretrained(model_dir).eval()
 
-    def run(text: str, max_tokens: int, **sampling) -> list[int]:
-        ids = [BYTE_BOS] + list(text.encode())
+    def run(text: str | list[int], max_tokens: int, **sampling) -> list[int]:
+        """New tokens for ``text`` (read after the start token, as the server does) or for a list of ids."""
+        ids = [BYTE_BOS] + list(text.encode()) if isinstance(text, str) else text
         return generate(model, [ids], max_tokens, eos_token_id=BYTE_EOS, **sampling)[0]
 
     return run

@@ -1,0 +1,141 @@
+"""Sessions on a real server: append + complete equals generating from the whole text, forks are independent,
+states stay one size, spill to disk past the memory budget, and survive a killed server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from ssmkit.models.presets import BYTE_BOS
+
+from .conftest import AUTH, ServerProcess, tiny_model
+
+SAMPLE = {"temperature": 1.0, "seed": 31}
+
+
+def new_session(client: httpx.Client, prompt: str | None = None) -> str:
+    r = client.post("/v1/sessions", json=None if prompt is None else {"prompt": prompt})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def complete(client: httpx.Client, sid: str, **body) -> dict:
+    r = client.post(f"/v1/sessions/{sid}/complete", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_append_then_complete_equals_generate_on_the_concatenation(client, reference):
+    pieces = ["A long document, ", "read in pieces ", "as they arrive."]
+    sid = new_session(client)
+    for piece in pieces:
+        info = client.post(f"/v1/sessions/{sid}/append", json={"text": piece}).json()
+    assert info["tokens"] == 1 + sum(len(p) for p in pieces)
+    body = complete(client, sid, prompt=" Q:", max_tokens=16, **SAMPLE)
+    assert body["choices"][0]["token_ids"] == reference("".join(pieces) + " Q:", 16, **SAMPLE)
+
+
+def test_a_session_goes_on_after_a_completion(client, reference):
+    sid = new_session(client, prompt="first part")
+    one = complete(client, sid, max_tokens=8, temperature=0)["choices"][0]["token_ids"]
+    two = complete(client, sid, prompt="!", max_tokens=8, **SAMPLE)
+    # The reference reads the same token ids: the first completion's tokens, then "!".
+    ids = [BYTE_BOS] + list(b"first part") + one + list(b"!")
+    expected = reference(ids, 8, **SAMPLE)
+    assert two["choices"][0]["token_ids"] == expected
+    assert two["session"]["tokens"] == len(ids) + len(expected)
+
+
+def test_forks_are_independent(client, reference):
+    doc = "One document, many questions. "
+    base = new_session(client, prompt=doc)
+    fork = client.post(f"/v1/sessions/{base}/fork").json()["id"]
+    assert fork != base
+    a = complete(client, fork, prompt="Who?", max_tokens=12, **SAMPLE)["choices"][0]["token_ids"]
+    b = complete(client, base, prompt="Why?", max_tokens=12, **SAMPLE)["choices"][0]["token_ids"]
+    assert a == reference(doc + "Who?", 12, **SAMPLE)
+    assert b == reference(doc + "Why?", 12, **SAMPLE)
+    assert client.delete(f"/v1/sessions/{fork}").json()["deleted"] is True
+    assert client.get(f"/v1/sessions/{fork}").status_code == 404
+    assert client.get(f"/v1/sessions/{base}").status_code == 200
+
+
+def test_state_bytes_do_not_grow_with_tokens_read(client):
+    sid = new_session(client)
+    sizes = {client.get(f"/v1/sessions/{sid}").json()["state_bytes"]}
+    for _ in range(3):
+        sizes.add(client.post(f"/v1/sessions/{sid}/append", json={"text": "x" * 1500}).json()["state_bytes"])
+    assert sizes == {tiny_model().cache_nbytes(1)}
+
+
+def test_streamed_session_completion_commits_the_state(client, reference):
+    sid = new_session(client, prompt="stream")
+    with client.stream("POST", f"/v1/sessions/{sid}/complete",
+                       json={"prompt": "ing", "max_tokens": 10, "stream": True, **SAMPLE}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    tokens = [t for e in events for t in e["choices"][0]["token_ids"]]
+    assert tokens == reference("streaming", 10, **SAMPLE)
+    assert events[-1]["session"]["tokens"] == len("streaming") + 1 + len(tokens)
+
+
+def test_concurrent_appends_to_one_session_are_serialised(server):
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
+            sid = (await c.post("/v1/sessions")).json()["id"]
+            replies = await asyncio.gather(*[c.post(f"/v1/sessions/{sid}/append", json={"text": "ab" * 50})
+                                             for _ in range(6)])
+            assert all(r.status_code == 200 for r in replies)
+            return [r.json()["tokens"] for r in replies]
+
+    # Each append saw the one before it: token counts 101, 201, ... in some order.
+    assert sorted(asyncio.run(run())) == [1 + 100 * k for k in range(1, 7)]
+
+
+def test_states_spill_to_disk_past_the_memory_budget(server, client, reference):
+    sids = [new_session(client, prompt=f"session {i} ") for i in range(6)]
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["memory_bytes"] <= health["memory_budget"]
+    assert health["in_memory"] <= 3 < health["sessions"]
+    listed = {s["id"]: s for s in client.get("/v1/sessions").json()["data"]}
+    assert not listed[sids[0]]["in_memory"]
+    # A spilled state is read back from disk and gives the same tokens.
+    body = complete(client, sids[0], max_tokens=10, **SAMPLE)
+    assert body["choices"][0]["token_ids"] == reference("session 0 ", 10, **SAMPLE)
+
+
+@pytest.fixture
+def own_server(model_dir, tmp_path):
+    proc = ServerProcess(model_dir, tmp_path / "sessions", tmp_path / "server.log", "--request-timeout", "2",
+                         "--max-tokens-cap", "1000000")
+    yield proc
+    proc.stop(kill=True)
+
+
+def test_sessions_survive_a_killed_server(own_server, reference, tmp_path):
+    own_server.start()
+    with own_server.client(auth=False) as c:
+        sid = new_session(c, prompt="persist ")
+        c.post(f"/v1/sessions/{sid}/append", json={"text": "me"})
+        doomed = new_session(c, prompt="deleted")
+        c.delete(f"/v1/sessions/{doomed}")
+    own_server.stop(kill=True)
+    own_server.start()
+    with own_server.client(auth=False) as c:
+        assert [s["id"] for s in c.get("/v1/sessions").json()["data"]] == [sid]
+        body = complete(c, sid, max_tokens=12, **SAMPLE)
+        assert body["choices"][0]["token_ids"] == reference("persist me", 12, **SAMPLE)
+        # Requests past the timeout get 504 and are dropped from the engine.
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1_000_000, "temperature": 0})
+        assert r.status_code == 504 and "longer than" in r.json()["error"]["message"]
+        for _ in range(50):
+            health = c.get("/health").json()
+            if health["requests_in_flight"] == 0:
+                break
+            time.sleep(0.1)
+        assert health["status"] == "ok" and health["requests_in_flight"] == 0
+    files = sorted(p.name for p in (tmp_path / "sessions").rglob("*") if p.is_file())
+    assert len(files) == 2 and all(name.startswith(sid) for name in files)
