@@ -50,6 +50,8 @@ def make_case(b, l, h, p, g, n, chunk_size, dtype, options):
         inp["dt_bias"] = torch.randn(h) * 0.5
     if "init" in opts:
         inp["initial_states"] = torch.randn(b, h, p, n)
+    if "softplus" not in opts:  # Δ = dt itself must be positive for a stable SSM
+        inp["dt"] = torch.rand(b, l, h) * 0.5
     inp = {k: v.to(getattr(torch, dtype)).requires_grad_() for k, v in inp.items()}
     kw = {"chunk_size": chunk_size, "dt_softplus": "softplus" in opts, "return_final_states": True}
     if "limit" in opts:
