@@ -1,0 +1,186 @@
+"""GPU benchmark of the Mamba-1 selective scan: ssmkit's Triton kernel vs its chunked PyTorch path vs
+mamba_ssm's CUDA kernel (built by ``build_mamba_scan.py`` when nvcc is there).
+
+Shapes: b 8, d_inner 2048, N 16, L in {2048, 8192}, bf16 u/delta/z/B/C (B, C as (b, N, L)), float32 A, D,
+delta_bias, softplus on, z gate on: the Mamba-1 layer's call. Times are medians of
+``triton.testing.do_bench``; "floor" is the HBM traffic the op cannot avoid (reads of its inputs, writes
+of its outputs, bf16) divided by the device's bandwidth.
+
+    python benchmarks/gpu_selective_scan.py              # table; mamba_ssm CUDA if it builds in 240 s
+    python benchmarks/gpu_selective_scan.py --sweep      # also launch configs of the Triton kernel at L 8192
+    python benchmarks/gpu_selective_scan.py --no-mamba --no-chunked
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from ssmkit.ops.selective_scan import selective_scan_fn
+from ssmkit.ops.selective_scan.triton import (
+    DEFAULT_CONFIG,
+    ScanConfig,
+    selective_scan_triton,
+)
+from ssmkit.testing import relative_error
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+B, D, N = 8, 2048, 16
+LENGTHS = (2048, 8192)
+# mamba_ssm CUDA on H100 at b 8, d 2048, N 16, L 8192, bf16 (the figures quoted in issue 5).
+QUOTED_MS = {"fwd": 2.7, "fwd+bwd": 12.4}
+# HBM bandwidth by device name, bytes/s.
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}
+SWEEP = (
+    ScanConfig(32, 16, 4, 16, 8),
+    ScanConfig(64, 8, 4, 8, 8),
+    ScanConfig(32, 8, 4, 8, 4),
+    ScanConfig(16, 32, 4, 16, 4),
+    ScanConfig(64, 16, 8, 16, 8),
+    ScanConfig(32, 32, 8, 32, 8),
+    ScanConfig(128, 4, 4, 4, 4),
+    ScanConfig(16, 16, 4, 8, 4),
+)
+
+
+def make_inputs(l: int, time_major: bool = False) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+    seq = {k: randn(B, D, l) for k in ("u", "delta", "z")}
+    if time_major:
+        seq = {k: v.transpose(1, 2).contiguous().transpose(1, 2) for k, v in seq.items()}
+    A = -torch.exp(randn(D, N, dtype=torch.float32) * 0.5)
+    return {
+        **seq, "A": A, "B": randn(B, N, l), "C": randn(B, N, l),
+        "D": randn(D, dtype=torch.float32), "delta_bias": randn(D, dtype=torch.float32) * 0.5 - 3.0,
+    }
+
+
+def floor_bytes(l: int, backward: bool) -> int:
+    """HBM bytes the op must move: (b, d, l) bf16 tensors read/written plus B, C and their gradients."""
+    seq, bc = B * D * l * 2, B * N * l * 2
+    fwd = 4 * seq + 2 * bc  # read u, delta, z, B, C; write out
+    if not backward:
+        return fwd
+    # backward: read u, delta, z, dout, B, C; write du, ddelta, dz, dB, dC (the forward's reads again).
+    return fwd + 7 * seq + 4 * bc
+
+
+def bench(fn, slow: bool = False) -> float:
+    return triton.testing.do_bench(fn, warmup=5 if slow else 25, rep=20 if slow else 200)
+
+
+def ssmkit_runner(x: dict, backend: str, backward: bool, config: ScanConfig | None = None):
+    leaves = {k: v.detach().requires_grad_(backward) for k, v in x.items()}
+    dout = torch.randn_like(x["u"])
+
+    def call():
+        if config is None:
+            return selective_scan_fn(**leaves, delta_softplus=True, backend=backend)
+        Bc, Cc = leaves["B"][:, None], leaves["C"][:, None]
+        rest = {k: v for k, v in leaves.items() if k not in ("B", "C")}
+        return selective_scan_triton(**rest, B=Bc, C=Cc, delta_softplus=True, config=config)[0]
+
+    def run():
+        out = call()
+        if backward:
+            torch.autograd.grad(out, list(leaves.values()), dout)
+
+    return run
+
+
+def mamba_runner(mod, x: dict, backward: bool):
+    dout = torch.randn_like(x["u"])
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+
+    def run():
+        out, ckpt, _out_z = mod.fwd(*args, True)
+        if backward:
+            mod.bwd(*args, dout, ckpt, out, None, True, False)
+
+    return run
+
+
+def mamba_matches(mod, x: dict) -> str:
+    """Relative error of our output and gradients against mamba_ssm's CUDA kernel (both bf16)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+    out = selective_scan_fn(**leaves, delta_softplus=True, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+    m_out, ckpt, m_out_z = mod.fwd(*args, True)
+    du, ddelta, dA, dB, dC, dD, dbias, dz = mod.bwd(*args, dout, ckpt, m_out, None, True, False)
+    ref = {"u": du, "delta": ddelta, "A": dA, "B": dB, "C": dC, "D": dD, "delta_bias": dbias, "z": dz}
+    errs = [f"out {relative_error(out, m_out_z):.1e}"]
+    errs += [f"d{k} {relative_error(g, ref[k]):.1e}" for k, g in zip(leaves, grads)]
+    return ", ".join(errs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="time several Triton launch configs at L 8192")
+    parser.add_argument("--no-mamba", action="store_true", help="skip building mamba_ssm's CUDA kernel")
+    parser.add_argument("--no-chunked", action="store_true", help="skip the (slow) chunked PyTorch path")
+    parser.add_argument("--build-timeout", type=float, default=240.0)
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name()
+    bw = next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}; bandwidth for floors {bw / 1e12:.2f} TB/s")
+    print(f"shape b {B}, d {D}, N {N}, bf16; Triton config {DEFAULT_CONFIG}")
+
+    mamba, reason = (None, "skipped (--no-mamba)")
+    if not args.no_mamba:
+        from build_mamba_scan import build
+
+        mamba, reason = build(args.build_timeout)
+    if mamba is None:
+        print(f"mamba_ssm CUDA: not available ({reason}); issue 5's quoted H100 figures at L 8192 are "
+              f"printed instead: {QUOTED_MS['fwd']} ms fwd, {QUOTED_MS['fwd+bwd']} ms fwd+bwd")
+
+    header = f"{'L':>5} {'pass':>8} {'floor ms':>9} {'triton':>9} {'triton tm':>9} {'chunked':>9} {'mamba':>9} " \
+             f"{'chunk/tri':>9} {'mamba/tri':>9} {'tri/floor':>9}"
+    print(header)
+    print("-" * len(header))
+    for l in LENGTHS:
+        x, x_tm = make_inputs(l), make_inputs(l, time_major=True)
+        for backward in (False, True):
+            pass_name = "fwd+bwd" if backward else "fwd"
+            floor = floor_bytes(l, backward) / bw * 1e3
+            ours = bench(ssmkit_runner(x, "triton", backward))
+            ours_tm = bench(ssmkit_runner(x_tm, "triton", backward))
+            chunked = float("nan") if args.no_chunked else bench(ssmkit_runner(x, "chunked", backward), slow=True)
+            if mamba is not None:
+                theirs = bench(mamba_runner(mamba, x, backward))
+            else:
+                theirs = QUOTED_MS[pass_name] if l == 8192 else float("nan")
+            print(f"{l:>5} {pass_name:>8} {floor:>9.3f} {ours:>9.3f} {ours_tm:>9.3f} {chunked:>9.2f} "
+                  f"{theirs:>9.3f} {chunked / ours:>9.1f} {theirs / ours:>9.2f} {ours / floor:>9.1f}")
+        if mamba is not None:
+            print(f"      ours vs mamba_ssm CUDA at L {l} (relative error): {mamba_matches(mamba, x)}")
+        del x, x_tm
+        torch.cuda.empty_cache()
+    if mamba is None:
+        print("(mamba column at L 8192: issue 5's quoted H100 figures, not measured here)")
+
+    if args.sweep:
+        x = make_inputs(8192)
+        print("\nTriton launch configs at L 8192 (ms): chunk, fwd block_d/warps, bwd block_d/warps")
+        for cfg in SWEEP:
+            try:
+                fwd = bench(ssmkit_runner(x, "triton", False, cfg))
+                both = bench(ssmkit_runner(x, "triton", True, cfg))
+                print(f"  {cfg}: fwd {fwd:.3f}  fwd+bwd {both:.3f}")
+            # Any failure of one config (compile error, out of shared memory) is reported; the sweep goes on.
+            except Exception as err:  # noqa: BLE001
+                print(f"  {cfg}: failed: {str(err).splitlines()[0][:200]}")
+
+
+if __name__ == "__main__":
+    main()
