@@ -1,0 +1,163 @@
+"""Mamba-2 SSD (``mamba_chunk_scan_combined``) on a GPU: ssmkit's Triton backend, its chunked PyTorch
+path and mamba_ssm's Triton kernels, side by side.
+
+Shapes of the issue's target: batch 8, 32 heads x 64, N 128, 1 group, bf16, chunk 256, L 2048 and 8192,
+with D, dt_bias and softplus (a Mamba-2 layer's call; its z gate goes to the gated RMSNorm instead).
+Printed: median ms (triton.testing.do_bench) of forward and forward+backward, ratios, the number of
+GPU kernels each call launches (torch.profiler), and the HBM floor: the bytes that must be read and
+written (inputs, outputs, gradients; nothing else) at the copy bandwidth measured on this device.
+
+mamba_ssm's source distribution (unpacked under ``.ext/``, nothing of it committed) is imported without
+its package ``__init__`` (which would load the compiled CUDA scan); "n/a" when that fails.
+
+    python benchmarks/gpu_ssd.py
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from ssmkit.ops.ssd import mamba_chunk_scan_combined
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
+BATCH, HEADS, HEADDIM, GROUPS, STATE, CHUNK = 8, 32, 64, 1, 128, 256
+LENGTHS = (2048, 8192)
+
+
+def load_mamba_ssm():
+    """mamba_ssm's ``mamba_chunk_scan_combined`` from the unpacked source, or None."""
+    if not SOURCES:
+        print("mamba_ssm: no source under .ext/")
+        return None
+    if "mamba_ssm" not in sys.modules:
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = [str(SOURCES[-1])]
+        sys.modules["mamba_ssm"] = package
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as theirs
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+        print(f"mamba_ssm not importable: {type(e).__name__}: {e}")
+        return None
+    return theirs
+
+
+def make_inputs(length: int, requires_grad: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    b, h, p, g, n, dev, bf16 = BATCH, HEADS, HEADDIM, GROUPS, STATE, "cuda", torch.bfloat16
+    inp = {
+        "x": torch.randn(b, length, h, p, device=dev, dtype=bf16),
+        "dt": torch.randn(b, length, h, device=dev, dtype=bf16) - 1.0,
+        "A": -torch.rand(h, device=dev) * 2 - 0.1,
+        "B": torch.randn(b, length, g, n, device=dev, dtype=bf16),
+        "C": torch.randn(b, length, g, n, device=dev, dtype=bf16),
+        "D": torch.randn(h, device=dev),
+        "dt_bias": torch.randn(h, device=dev) * 0.5,
+    }
+    return {k: v.requires_grad_(requires_grad) for k, v in inp.items()}
+
+
+def callers(theirs) -> dict[str, object]:
+    def ours(backend):
+        return lambda inp: mamba_chunk_scan_combined(**inp, chunk_size=CHUNK, dt_softplus=True, backend=backend)
+
+    out = {"ssmkit triton": ours("triton"), "ssmkit chunked": ours("chunked")}
+    if theirs is not None:
+        out["mamba_ssm"] = lambda inp: theirs(**inp, chunk_size=CHUNK, dt_softplus=True)
+    return out
+
+
+def fwd_bwd(fn, inp, grad):
+    out = fn(inp)
+    torch.autograd.backward(out, grad)
+
+
+def kernel_count(thunk) -> int:
+    """GPU kernels (and memsets/copies) one call of ``thunk`` launches, after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    thunk()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        thunk()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), the practical HBM ceiling."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 29, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def floor_bytes(length: int) -> tuple[int, int]:
+    """(forward, forward+backward) bytes that must move: bf16 x, dt, B, C in, out; then dout in, dx, ddt,
+    dB, dC out (forward+backward also reads the inputs again; A, D, dt_bias are negligible)."""
+    rows = BATCH * length
+    x = rows * HEADS * HEADDIM * 2
+    dt = rows * HEADS * 2
+    bc = 2 * rows * GROUPS * STATE * 2
+    fwd = 2 * x + dt + bc
+    return fwd, fwd + (x + dt + bc) + (x + x + dt + bc)
+
+
+def parity(fns, length=2048) -> dict[str, float]:
+    """Relative error of each output against the chunked path in float32 (same bf16 inputs)."""
+    inp = make_inputs(length, False)
+    with torch.no_grad():
+        want = mamba_chunk_scan_combined(**{k: v.float() for k, v in inp.items()}, chunk_size=CHUNK,
+                                         dt_softplus=True, backend="chunked").double()
+        return {name: ((fn(inp).double() - want).norm() / want.norm()).item() for name, fn in fns.items()}
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    from triton.testing import do_bench
+
+    fns = callers(load_mamba_ssm())
+    bandwidth = copy_bandwidth()
+    print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+    print("output rel. error vs chunked fp32 (b8, L 2048):",
+          ", ".join(f"{k} {v:.1e}" for k, v in parity(fns).items()))
+    print(f"\nbf16, b{BATCH}, {HEADS} heads x {HEADDIM}, N {STATE}, {GROUPS} group, chunk {CHUNK}; median ms")
+    header = f"{'L':>6} {'impl':>15} {'fwd ms':>8} {'fwd+bwd ms':>11} {'kernels fwd':>12} {'kernels f+b':>12}"
+    print(header)
+    results = {}
+    for length in LENGTHS:
+        inp = make_inputs(length, True)
+        grad = torch.randn(BATCH, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+        for name, fn in fns.items():
+            with torch.no_grad():
+                fwd = do_bench(lambda: fn(inp), return_mode="median")
+                n_fwd = kernel_count(lambda: fn(inp))
+            both = do_bench(lambda: fwd_bwd(fn, inp, grad), return_mode="median", grad_to_none=list(inp.values()))
+            n_both = kernel_count(lambda: fwd_bwd(fn, inp, grad))
+            results[length, name] = (fwd, both)
+            print(f"{length:>6} {name:>15} {fwd:>8.3f} {both:>11.3f} {n_fwd:>12} {n_both:>12}", flush=True)
+        f_bytes, b_bytes = floor_bytes(length)
+        print(f"{length:>6} {'HBM floor':>15} {f_bytes / bandwidth * 1e3:>8.3f} {b_bytes / bandwidth * 1e3:>11.3f}")
+    print("\nratios (ssmkit triton time / other; < 1 is faster):")
+    for length in LENGTHS:
+        ours = results[length, "ssmkit triton"]
+        f_bytes, b_bytes = floor_bytes(length)
+        parts = [f"fwd / HBM floor {ours[0] / (f_bytes / bandwidth * 1e3):.2f}x"]
+        for other in ("ssmkit chunked", "mamba_ssm"):
+            if (length, other) in results:
+                o = results[length, other]
+                parts.append(f"vs {other}: fwd {ours[0] / o[0]:.2f}x, fwd+bwd {ours[1] / o[1]:.2f}x")
+            else:
+                parts.append(f"vs {other}: n/a")
+        print(f"L={length}: " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
