@@ -39,7 +39,9 @@ def load_mamba_ssm():
         package.__path__ = [str(SOURCES[-1])]
         sys.modules["mamba_ssm"] = package
     try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as theirs
+        from mamba_ssm.ops.triton.ssd_combined import (
+            mamba_chunk_scan_combined as theirs,
+        )
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
         print(f"mamba_ssm not importable: {type(e).__name__}: {e}")
         return None
@@ -136,11 +138,17 @@ def main() -> None:
         inp = make_inputs(length, True)
         grad = torch.randn(BATCH, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
         for name, fn in fns.items():
-            with torch.no_grad():
-                fwd = do_bench(lambda: fn(inp), return_mode="median")
-                n_fwd = kernel_count(lambda: fn(inp))
-            both = do_bench(lambda: fwd_bwd(fn, inp, grad), return_mode="median", grad_to_none=list(inp.values()))
-            n_both = kernel_count(lambda: fwd_bwd(fn, inp, grad))
+            def forward(fn=fn, inp=inp):
+                with torch.no_grad():
+                    fn(inp)
+
+            def both_ways(fn=fn, inp=inp, grad=grad):
+                fwd_bwd(fn, inp, grad)
+
+            fwd = do_bench(forward, return_mode="median")
+            n_fwd = kernel_count(forward)
+            both = do_bench(both_ways, return_mode="median", grad_to_none=list(inp.values()))
+            n_both = kernel_count(both_ways)
             results[length, name] = (fwd, both)
             print(f"{length:>6} {name:>15} {fwd:>8.3f} {both:>11.3f} {n_fwd:>12} {n_both:>12}", flush=True)
         f_bytes, b_bytes = floor_bytes(length)

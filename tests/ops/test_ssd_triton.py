@@ -92,11 +92,11 @@ def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
 
 def check_nan_stays_in_its_chunks() -> None:
     """A NaN in x (head 1, position 3, channel 2) poisons that channel to the end of its document only."""
-    inp, kw = make_case(1, 40, 2, 4, 1, 4, 16, "float32", "D_h z softplus")
+    inp, _ = make_case(1, 40, 2, 4, 1, 4, 16, "float32", "D_h z softplus")
     x = inp["x"].detach().clone()
     x[0, 3, 1, 2] = float("nan")
     seq_idx = (torch.arange(40) >= 20).int()[None]
-    out = mamba_chunk_scan_combined(x, *(inp[k].detach() for k in "dt A B C".split()), 16, D=inp["D"].detach(),
+    out = mamba_chunk_scan_combined(x, *(inp[k].detach() for k in ["dt", "A", "B", "C"]), 16, D=inp["D"].detach(),
                                     z=inp["z"].detach(), seq_idx=seq_idx, dt_softplus=True, backend="triton")
     assert torch.isnan(out[0, 3:20, 1, 2]).all()
     assert torch.isfinite(out[0, 20:]).all() and torch.isfinite(out[0, :, 0]).all()
@@ -139,7 +139,7 @@ def _main(group: str) -> None:
         try:
             check(*case)
             results[name] = "ok"
-        except Exception as err:  # reported per case by the parent test
+        except Exception as err:  # noqa: BLE001 - reported per case by the parent test
             results[name] = f"{type(err).__name__}: {err}"
     print(json.dumps(results))
 
