@@ -1,0 +1,167 @@
+"""The engine in-process: batched decode gives each request the tokens and final state of ``generate`` alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ssmkit.generation import generate
+from ssmkit.generation.sampling import SamplingParams
+from ssmkit.models import LanguageModel, get_preset
+from ssmkit.serve.batching import Engine, EngineBusy, GenerationRequest, SlotCache
+from ssmkit.testing import assert_close
+
+from .conftest import tiny_model
+
+
+class Collector:
+    """on_token / on_done callbacks that record what the engine reports."""
+
+    def __init__(self, stop_after: int | None = None, fail_after: int | None = None) -> None:
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self.cache = None
+        self.done = threading.Event()
+        self.stop_after, self.fail_after = stop_after, fail_after
+
+    def on_token(self, token: int) -> bool:
+        self.tokens.append(token)
+        if self.fail_after is not None and len(self.tokens) >= self.fail_after:
+            raise RuntimeError("callback failed")
+        return self.stop_after is not None and len(self.tokens) >= self.stop_after
+
+    def on_done(self, reason, cache) -> None:
+        self.reason, self.cache = reason, cache
+        self.done.set()
+
+
+def submit(engine: Engine, ids, n, sampling, *, seed=0, cache=None, keep_state=False, eos=(258,),
+           **collector) -> Collector:
+    c = Collector(**collector)
+    c.request = GenerationRequest(ids=ids, max_new_tokens=n, params=SamplingParams(**sampling), seed=seed,
+                                  on_token=c.on_token, on_done=c.on_done, eos_ids=eos, cache=cache,
+                                  keep_state=keep_state)
+    engine.submit(c.request)
+    return c
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def engine(model):
+    engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+SAMPLINGS = [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9),
+             dict(temperature=1.0, min_p=0.1, repetition_penalty=1.5)]
+
+
+def test_slot_cache_rows_move_and_write_through(model):
+    caches = []
+    for i in range(3):
+        c = model.allocate_cache(1)
+        for s in c.states:
+            for t in s.tensors().values():
+                t.normal_()
+        caches.append(c)
+    slots = SlotCache()
+    assert [slots.add(c) for c in caches] == [0, 1, 2] and slots.capacity == 4
+    taken = slots.remove(1, keep=True)
+    for mine, theirs in zip(taken.states, caches[1].states):
+        assert all(torch.equal(a, b) for a, b in zip(mine.tensors().values(), theirs.tensors().values()))
+    # The last row moved into the hole.
+    row1 = slots.row_cache(1)
+    for mine, theirs in zip(row1.states, caches[2].states):
+        assert all(torch.equal(a, b) for a, b in zip(mine.tensors().values(), theirs.tensors().values()))
+    view = slots.view()
+    assert view.batch_size == 2
+    view.states[0].ssm.fill_(3.0)
+    assert bool((slots.row_cache(0).states[0].ssm == 3).all())
+    with pytest.raises(IndexError):
+        slots.remove(2, keep=False)
+
+
+def test_concurrent_requests_equal_generate_alone(model, engine):
+    prompts = [[257, *range(40, 40 + n)] for n in (3, 30, 1, 17, 9, 50)]
+    runs = [(p, 12 + i, SAMPLINGS[i % 4], 100 + i) for i, p in enumerate(prompts)]
+    collectors = [submit(engine, p, n, s, seed=seed) for p, n, s, seed in runs]
+    for c in collectors:
+        assert c.done.wait(60)
+    for (p, n, s, seed), c in zip(runs, collectors):
+        expected = generate(model, [p], n, eos_token_id=258, seed=seed, **s)[0]
+        assert c.tokens == expected
+        assert c.reason == ("stop" if expected[-1] == 258 else "length")
+    produced = sum(len(c.tokens) for c in collectors)
+    assert engine.tokens == produced
+    # Six requests on four rows: far fewer steps than tokens.
+    assert engine.steps < produced - len(runs)
+
+
+def test_kept_state_equals_the_cache_generate_leaves(model, engine):
+    start = model.allocate_cache(1)
+    generate(model, [[257, 5, 6, 7]], 1, temperature=0, cache=start)
+    # Other requests run meanwhile, so the kept row comes out of a shared batch.
+    others = [submit(engine, [257, 1, 2], 20, dict(temperature=1.0), seed=i) for i in range(3)]
+    c = submit(engine, [9, 10, 11], 6, dict(temperature=1.0), seed=4, cache=start.clone(), keep_state=True)
+    assert c.done.wait(60) and all(o.done.wait(60) for o in others)
+    reference = start.clone()
+    tokens = generate(model, [[9, 10, 11]], 6, temperature=1.0, seed=4, cache=reference, eos_token_id=258)[0]
+    assert c.tokens == tokens
+    assert c.cache.seqlen_offset == reference.seqlen_offset
+    for mine, theirs in zip(c.cache.states, reference.states):
+        for name, t in mine.tensors().items():
+            assert_close(t, theirs.tensors()[name])
+
+
+def test_zero_tokens_only_reads_and_keeps_the_state(model, engine):
+    c = submit(engine, [257, 1, 2, 3], 0, dict(temperature=0), keep_state=True)
+    assert c.done.wait(60) and c.tokens == [] and c.reason == "length"
+    reference = model.allocate_cache(1)
+    with torch.no_grad():
+        model(torch.tensor([[257, 1, 2, 3]]), cache=reference)
+    assert c.cache.seqlen_offset == 4
+    for mine, theirs in zip(c.cache.states, reference.states):
+        assert_close(mine.ssm, theirs.ssm)
+
+
+def test_stop_cancel_and_errors_end_only_their_request(engine):
+    stopped = submit(engine, [257, 1], 50, dict(temperature=1.0), stop_after=3)
+    failing = submit(engine, [257, 2], 50, dict(temperature=1.0), fail_after=2)
+    slow = submit(engine, [257, 3], 10**6, dict(temperature=1.0))
+    healthy = submit(engine, [257, 4], 20, dict(temperature=1.0))
+    for c in (stopped, failing, healthy):
+        assert c.done.wait(60)
+    assert stopped.reason == "stop" and len(stopped.tokens) == 3
+    assert failing.reason.startswith("error") and "callback failed" in failing.reason
+    assert healthy.reason == "length" and len(healthy.tokens) == 20
+    assert not slow.done.is_set() and engine.alive
+    slow.request.cancel()
+    assert slow.done.wait(60) and slow.reason == "cancelled"
+    assert engine.in_flight == 0
+
+
+def test_cancel_busy_and_full_attention_models():
+    model = LanguageModel(get_preset("jamba-tiny")).eval()
+    engine = Engine(model, max_batch=2, max_requests=2)
+    assert not engine.batched  # a full-attention KV cache grows: requests decode one by one
+    engine.start()
+    try:
+        slow = submit(engine, [1, 2], 10**6, dict(temperature=0), eos=())
+        quick = submit(engine, [3, 4, 5], 8, dict(temperature=1.0), seed=3, eos=())
+        with pytest.raises(EngineBusy):
+            submit(engine, [1], 1, dict(temperature=0), eos=())
+        assert quick.done.wait(60)
+        assert quick.tokens == generate(model, [[3, 4, 5]], 8, temperature=1.0, seed=3)[0]
+        slow.request.cancel()
+        assert slow.done.wait(60) and slow.reason == "cancelled" and slow.cache is None
+        assert engine.in_flight == 0
+    finally:
+        engine.stop()
