@@ -84,7 +84,7 @@ def context_parallel_chunk_scan(
     Each call does three small all-gathers (shapes, document edges, states) and one in backward; the
     shape check reads the gathered shapes on the host (a device sync on GPU).
     """
-    rank, world = _group_rank(group)
+    rank, _ = _group_rank(group)
     if initial_states is not None and rank != 0:
         raise ValueError(f"initial_states is the state before the whole sequence: only rank 0 of the group may "
                          f"pass it (this is rank {rank})")

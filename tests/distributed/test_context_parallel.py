@@ -8,7 +8,6 @@ ranks), within float32 tolerance.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
