@@ -139,6 +139,8 @@ def previous_rank_tail(x: torch.Tensor, width: int, seq_idx: torch.Tensor | None
     if x.dim() != 3 or x.shape[-1] < width:
         raise ValueError(f"previous_rank_tail: x must be (b, d, l) with l >= {width} per rank, got {tuple(x.shape)}; "
                          f"use fewer context-parallel ranks or longer sequences")
+    if width == 0:
+        return x[..., :0]
     _check_same_shapes(group, x.device, b=x.shape[0], d=x.shape[1], seq_idx=int(seq_idx is not None))
     tail = x[..., x.shape[-1] - width:]
     _, carry, _ = _document_edges(seq_idx, x.shape[0], group, x.device)
