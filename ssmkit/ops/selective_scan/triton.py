@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ssmkit.ops.selective_scan.reference import compute_dtype
 
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @dataclasses.dataclass(frozen=True)
