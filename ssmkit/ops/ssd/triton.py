@@ -1,8 +1,8 @@
 """Triton backend of ``mamba_chunk_scan_combined``: launchers, the autograd Function, the backend.
 
-Forward: three kernels (``triton_fwd``); backward: four (``triton_bwd``), plus a few small sums of
-per-block partials. Only the chunked algorithm's per-chunk states (b, chunks, h, p, n) go through
-memory in float32; the (T, T) matrices live in registers.
+Forward: four kernels (``triton_fwd``); backward: four (``triton_bwd``), plus a few small sums of
+per-block partials. Only the chunked algorithm's per-chunk states (b, chunks, h, p, n) and C Bᵀ per
+group (b, chunks, g, T, T) go through memory, in float32; the rest of the (T, T) work stays on chip.
 
 The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
 need powers of two of at least 16). The result does not depend on the chunk length: it only moves
@@ -79,24 +79,29 @@ class _SSDFunction(torch.autograd.Function):
             h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None, HAS_DOC=doc is not None,
             num_warps=4,
         )
+        nrb = T // BM
+        cb = torch.empty(b, nc, g, T, T, device=dev, dtype=f32)
+        _fwd._chunk_cb_fwd[(nc * nrb * nrb, b * g)](
+            B, C, cb, l, g, n, nc, T=T, BM=BM, BN=BN, DOT=DOT, PREC=PREC, num_warps=4,
+        )
         out = torch.empty_like(x)
         keep_ypre = any(ctx.needs_input_grad)
         ypre = torch.empty_like(x) if z is not None and keep_ypre else out
-        _fwd._chunk_scan_fwd[(nc * (T // BM), b * h)](
-            x, dummy if z is None else z, dummy if D is None else D, B, C, delta, cum,
+        _fwd._chunk_scan_fwd[(nrb * h, nc, b)](
+            x, dummy if z is None else z, dummy if D is None else D, C, cb, delta, cum,
             dummy if doc is None else doc, states, out, ypre,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
             STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb)
         ctx.meta = (T, dt_softplus, has_limit, lo, hi, initial_states is not None)
         ctx.set_materialize_grads(False)
         return out, final, cum, delta, states
 
     @staticmethod
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
-        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors
         T, dt_softplus, has_limit, lo, hi, has_init = ctx.meta
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
@@ -125,30 +130,31 @@ class _SSDFunction(torch.autograd.Function):
             HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC,
             num_warps=4, num_stages=2,
         )
-        # 2. Rows: dC, dz, dD partials, row part of dcum.
-        n_rows = nc * (T // BM)
+        # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
+        nrb = T // BM
         dz = torch.empty_like(z) if z is not None else None
-        dD_part = torch.empty(b, n_rows, h, p, device=dev, dtype=f32) if D is not None else None
+        dD_part = torch.empty(b, nc * nrb, h, p, device=dev, dtype=f32) if D is not None else None
         dC = torch.empty_like(C)
-        dcum = torch.empty(b, h, nc * T, device=dev, dtype=f32)
-        _bwd._bwd_rows[(n_rows, b * g)](
-            x, dummy if z is None else z, dout, ypre, dummy if D is None else D, B, C, delta, cum, docp, states,
-            dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC, dcum,
+        dcum = torch.zeros(b, h, nc * T, device=dev, dtype=f32)
+        dcb = torch.empty_like(cb)
+        _bwd._bwd_rows[(nrb, nc, b * g)](
+            x, dummy if z is None else z, dout, ypre, dummy if D is None else D, B, C, cb, delta, cum, docp, states,
+            dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC, dcum, dcb,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+            DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
         )
-        # 3. Columns: dB, dx, Δ·x part of dΔ, column part of dcum.
+        # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
         dB = torch.empty_like(B)
         ddelta = torch.empty_like(delta)
-        dlast = torch.empty(b, h, nc, T // BM, device=dev, dtype=f32)
-        _bwd._bwd_cols[(n_rows, b * g)](
-            x, dummy if z is None else z, dout, dummy if D is None else D, B, C, delta, cum, docp, dstates,
+        dlast = torch.empty(b, h, nc, nrb, device=dev, dtype=f32)
+        _bwd._bwd_cols[(nrb, nc, b * g)](
+            x, dummy if z is None else z, dout, dummy if D is None else D, B, C, cb, dcb, delta, cum, docp, dstates,
             dx, dB, ddelta, dcum, dlast,
             l, h, g, p, n, nc,
             T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+            DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
         )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)

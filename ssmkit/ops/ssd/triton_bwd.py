@@ -4,15 +4,18 @@
                      after chunk c, is stored; the state entering chunk c receives
                      dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t plus what dS_c passes back through the decay.
                      Also the gradient of each chunk's decay, and of initial_states.
-    _bwd_rows        per (block of rows t of a chunk, group), looping over the group's heads: dC (summed
-                     over heads in registers), the row part of dcum, dz and dD's partial sums.
+    _bwd_rows        per (block of rows t of a chunk, group), looping over the group's heads: dz, dD's
+                     partial sums, dC, and the gradient of C Bᵀ summed over the heads (stored, so that
+                     dB and dC cost one n-long matmul per group, not per head).
     _bwd_cols        per (block of source positions s of a chunk, group), looping over the heads: dB,
-                     dx, the Δ·x part of dΔ and the column part of dcum (needs dS_c).
+                     dx and the Δ·x part of dΔ (needs dS_c and the summed gradient of C Bᵀ).
     _bwd_dt          per (chunk, head): dcum -> gradient of Δ A (suffix sums), then dΔ through the clamp
                      and softplus to ddt, with partial sums for dA and ddt_bias.
+dcum (the gradient of the within-chunk cumulative sums) gets its parts by atomic adds from the rows and
+columns kernels.
 
-Notation and layouts as ``triton_fwd``; dy = dout · silu(z), M_ts = exp(cum_t - cum_s) for s <= t in
-the same document, else 0; y_t = Σ_s (C_t·B_s) M_ts Δ_s x_s + exp(cum_t) S'_{c-1} C_t.
+Notation and layouts as ``triton_fwd``; dy = dout · silu(z), L_ts = exp(cum_t - cum_s) for s <= t in
+the same document, else 0; y_t = Σ_s (C_t·B_s) L_ts Δ_s x_s + exp(cum_t) S'_{c-1} C_t.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ssmkit.ops.ssd.triton_fwd import _doc_before, _step_size
+from ssmkit.ops.ssd.triton_fwd import _cb_offsets, _doc_before, _step_size
 
 
 @triton.jit
@@ -89,21 +92,22 @@ def _state_pass_bwd(
 
 @triton.jit
 def _bwd_rows(
-    x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
-    dz_ptr, dD_ptr, dC_ptr, dcum_ptr,
+    x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
+    dz_ptr, dD_ptr, dC_ptr, dcum_ptr, dcb_ptr,
     L, H, G, P, N, nc,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    c, m = pid // (T // BM), pid % (T // BM)
-    bg = tl.program_id(1).to(tl.int64)
+    m = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    bg = tl.program_id(2).to(tl.int64)
     b, gg = bg // G, bg % G
     R = H // G
     Lp = nc * T
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
     t = c * T + m * BM + tl.arange(0, BM)
+    io_mask = (t[:, None] < L) & (rp[None, :] < P)
     c_mask = (t[:, None] < L) & (rn[None, :] < N)
     Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :], mask=c_mask, other=0.0).to(DOT)
     first = tl.full((BM,), 1, tl.int1)
@@ -111,11 +115,12 @@ def _bwd_rows(
         doc_t = tl.load(doc_ptr + b * Lp + t)
         first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
     dC = tl.zeros((BM, BN), dtype=tl.float32)
+    # Per head: the gate and the skip (dz, dD), and the part passed in from earlier chunks,
+    # y_t += exp(cum_t) S'_{c-1} C_t.
     for j in range(R):
         hh = gg * R + j
         bh = b * H + hh
         io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
-        io_mask = (t[:, None] < L) & (rp[None, :] < P)
         dout = tl.load(dout_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
         if HAS_Z:
             zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
@@ -127,47 +132,57 @@ def _bwd_rows(
             dy = dout
         if HAS_D:
             xt = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
-            tl.store(dD_ptr + ((b * tl.num_programs(0) + pid) * H + hh) * P + rp, tl.sum(dy * xt, 0), mask=rp < P)
-        dyd = dy.to(DOT)
-        cum_t = tl.load(cum_ptr + bh * Lp + t)
-        # Part passed in from earlier chunks: y_t += exp(cum_t) S'_{c-1} C_t.
+            dD_row = (((b * nc + c) * (T // BM) + m) * H + hh) * P
+            tl.store(dD_ptr + dD_row + rp, tl.sum(dy * xt, 0), mask=rp < P)
         prev = tl.load(states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
                        mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0).to(DOT)
-        e = tl.where(first, tl.exp(cum_t), 0.0)
-        dC += tl.where(first[:, None], tl.dot(dyd, prev, input_precision=PREC) * e[:, None], 0.0)
+        e = tl.where(first, tl.exp(tl.load(cum_ptr + bh * Lp + t)), 0.0)
+        dC += tl.where(first[:, None], tl.dot(dy.to(DOT), prev, input_precision=PREC) * e[:, None], 0.0)
         off = tl.dot(Ct, tl.trans(prev), input_precision=PREC)
-        dcum = tl.where(first, tl.sum(dy * off, 1) * e, 0.0)
-        for k in range(0, (m + 1) * BM, BM):
-            s = c * T + k + tl.arange(0, BM)
-            Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :],
-                         mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+        tl.atomic_add(dcum_ptr + bh * Lp + t, tl.where(first, tl.sum(dy * off, 1) * e, 0.0))
+    # Intra-chunk, per head: dM = (dY (Δx)ᵀ) ⊙ L. Summed over the group's heads it is the gradient of
+    # C Bᵀ, so dC = Σ_s dM B_s costs one n-long matmul per group, not per head; dM ⊙ C Bᵀ is the
+    # gradient of the segment sums cum_t - cum_s.
+    for k in range(0, m + 1):
+        s = c * T + k * BM + tl.arange(0, BM)
+        cb = tl.load(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
+        keep = s[None, :] <= t[:, None]
+        if HAS_DOC:
+            keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
+        dcb = tl.zeros((BM, BM), dtype=tl.float32)
+        for j in range(R):
+            hh = gg * R + j
+            bh = b * H + hh
+            dy = _load_dy(dout_ptr, z_ptr, ((b * L + t[:, None]) * H + hh) * P + rp[None, :], io_mask, HAS_Z)
             xs = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + rp[None, :],
                          mask=(s[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
+            cum_t = tl.load(cum_ptr + bh * Lp + t)
             cum_s = tl.load(cum_ptr + bh * Lp + s)
-            delta_s = tl.load(delta_ptr + bh * Lp + s)
-            keep = s[None, :] <= t[:, None]
-            if HAS_DOC:
-                keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
             decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            # dY (Δx)ᵀ ⊙ L: the gradient of C Bᵀ; times C Bᵀ it is the gradient of the segment sums.
-            dcb = tl.dot(dyd, tl.trans(xs), input_precision=PREC) * decay * delta_s[None, :]
-            dC += tl.dot(dcb.to(DOT), Bs, input_precision=PREC)
-            dcum += tl.sum(dcb * tl.dot(Ct, tl.trans(Bs), input_precision=PREC), 1)
-        tl.store(dcum_ptr + bh * Lp + t, dcum)
+            dm = tl.dot(dy.to(DOT), tl.trans(xs), input_precision=PREC) * decay
+            dm = dm * tl.load(delta_ptr + bh * Lp + s)[None, :]
+            dcb += dm
+            dseg = dm * cb
+            tl.atomic_add(dcum_ptr + bh * Lp + t, tl.sum(dseg, 1))
+            tl.atomic_add(dcum_ptr + bh * Lp + s, -tl.sum(dseg, 0))
+        tl.store(dcb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T), dcb)
+        Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+        dC += tl.dot(dcb.to(DOT), Bs, input_precision=PREC)
     tl.store(dC_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :], dC, mask=c_mask)
 
 
 @triton.jit
 def _bwd_cols(
-    x_ptr, z_ptr, dout_ptr, D_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, doc_ptr, dstates_ptr,
+    x_ptr, z_ptr, dout_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, dcb_ptr, delta_ptr, cum_ptr, doc_ptr, dstates_ptr,
     dx_ptr, dB_ptr, ddelta_ptr, dcum_ptr, dlast_ptr,
     L, H, G, P, N, nc,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    c, kb = pid // (T // BK), pid % (T // BK)
-    bg = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    bg = tl.program_id(2).to(tl.int64)
     b, gg = bg // G, bg % G
     R = H // G
     Lp = nc * T
@@ -175,53 +190,54 @@ def _bwd_cols(
     rn = tl.arange(0, BN)
     s = c * T + kb * BK + tl.arange(0, BK)
     b_mask = (s[:, None] < L) & (rn[None, :] < N)
+    io_mask = (s[:, None] < L) & (rp[None, :] < P)
     Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :], mask=b_mask, other=0.0).to(DOT)
     last = tl.full((BK,), 1, tl.int1)
     if HAS_DOC:
         doc_s = tl.load(doc_ptr + b * Lp + s)
         last = doc_s == tl.load(doc_ptr + b * Lp + c * T + T - 1)
+    # dB_s from C Bᵀ: Σ_t dM_ts C_t with dM already summed over the group's heads (_bwd_rows).
     dB = tl.zeros((BK, BN), dtype=tl.float32)
+    for k in range(kb * BK, T, BK):
+        t = c * T + k + tl.arange(0, BK)
+        Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+        dcb = tl.load(dcb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
+        dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
     for j in range(R):
         hh = gg * R + j
         bh = b * H + hh
         io = ((b * L + s[:, None]) * H + hh) * P + rp[None, :]
-        io_mask = (s[:, None] < L) & (rp[None, :] < P)
         xs = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
-        xsd = xs.to(DOT)
         cum_s = tl.load(cum_ptr + bh * Lp + s)
         delta_s = tl.load(delta_ptr + bh * Lp + s)
         # Chunk state S_c = Σ_s w_s (Δ_s x_s) ⊗ B_s, w_s = exp(cum_last - cum_s) in the last document.
         dS = tl.load(dstates_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
-                     mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
+                     mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0).to(DOT)
         w = tl.where(last, tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1) - cum_s), 0.0)
-        dB += tl.dot((xs * (w * delta_s)[:, None]).to(DOT), dS.to(DOT), input_precision=PREC)
-        bds = tl.dot(Bs, tl.trans(dS.to(DOT)), input_precision=PREC)
+        dB += tl.dot((xs * (w * delta_s)[:, None]).to(DOT), dS, input_precision=PREC)
+        bds = tl.dot(Bs, tl.trans(dS), input_precision=PREC)
         dxdt = bds * w[:, None]
         dw = w * delta_s * tl.sum(xs * bds, 1)
-        dcum = -dw
+        # Intra-chunk: d(Δx)_s = Σ_t (C Bᵀ ⊙ L)_ts dY_t.
         for k in range(kb * BK, T, BK):
             t = c * T + k + tl.arange(0, BK)
-            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
-            iot = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
-            dy = _load_dy(dout_ptr, z_ptr, iot, (t[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
+            dy = _load_dy(dout_ptr, z_ptr, ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
+                          (t[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
             cum_t = tl.load(cum_ptr + bh * Lp + t)
             keep = s[None, :] <= t[:, None]
             if HAS_DOC:
                 keep = keep & (tl.load(doc_ptr + b * Lp + t)[:, None] == doc_s[None, :])
             decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            cb = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
-            dcb = tl.dot(dy, tl.trans(xsd), input_precision=PREC) * decay * delta_s[None, :]
-            dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
-            dcum -= tl.sum(dcb * cb, 0)
+            cb = tl.load(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
             dxdt += tl.dot(tl.trans((cb * decay).to(DOT)), dy, input_precision=PREC)
         dx = dxdt * delta_s[:, None]
         if HAS_D:
-            dy_s = _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z)
-            dx += dy_s * tl.load(D_ptr + hh * P + rp, mask=rp < P, other=0.0)[None, :]
+            dx += _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z) * tl.load(D_ptr + hh * P + rp, mask=rp < P,
+                                                                          other=0.0)[None, :]
         tl.store(dx_ptr + io, dx, mask=io_mask)
         tl.store(ddelta_ptr + bh * Lp + s, tl.sum(dxdt * xs, 1))
-        tl.store(dcum_ptr + bh * Lp + s, tl.load(dcum_ptr + bh * Lp + s) + dcum)
+        tl.atomic_add(dcum_ptr + bh * Lp + s, -dw)
         tl.store(dlast_ptr + (bh * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
     tl.store(dB_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :], dB, mask=b_mask)
 

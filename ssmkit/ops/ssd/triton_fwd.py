@@ -1,6 +1,7 @@
 """Triton forward kernels of the chunked SSD (Dao & Gu 2024, "Transformers are SSMs", section 6).
 
-Three launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read its docstring first):
+Four launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read its docstring first):
+    _chunk_cb_fwd     per (chunk, group): the causal tiles of C Bᵀ, kept for the scan and the backward
     _chunk_state_fwd  per (chunk, head): Δ, cum = cumsum(Δ A) and S_c = Σ_s exp(cum_last - cum_s) Δ_s x_s ⊗ B_s
     _state_pass_fwd   per (head, block of the p·n state): S'_c = exp(cum_last) S'_{c-1} + S_c, sequential over
                       chunks; the buffer of S_c is overwritten in place with the state entering each chunk
@@ -10,7 +11,7 @@ Three launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read it
 Layouts (all contiguous; Lp = chunks · T, the length padded to whole chunks):
     x, z, out (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); D (h, p) float32
     delta, cum (b, h, Lp) float32; doc (b, Lp) int32 (document number, padding joins the last one)
-    states (b, chunks, h, p, n) float32
+    states (b, chunks, h, p, n) float32; cb (b, chunks, g, T, T) float32
 Padded positions have Δ = 0 and x = 0: they add nothing and do not decay the state.
 Matmul operands are cast to ``DOT`` (the input dtype for bf16/fp16, float32 with IEEE precision
 otherwise); every accumulation is float32.
@@ -120,17 +121,51 @@ def _state_pass_fwd(
 
 
 @triton.jit
+def _chunk_cb_fwd(
+    B_ptr, C_ptr, cb_ptr,
+    L, G, N, nc,
+    T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    """C Bᵀ per (chunk, group), the causal (row block >= column block) tiles only: shared by the heads
+    of a group, so the n-long dot products are done once per group, not once per head."""
+    pid = tl.program_id(0).to(tl.int64)
+    nrb = T // BM
+    c, m, k = pid // (nrb * nrb), pid // nrb % nrb, pid % nrb
+    bg = tl.program_id(1).to(tl.int64)
+    b, gg = bg // G, bg % G
+    if k <= m:
+        rn = tl.arange(0, BN)
+        t = c * T + m * BM + tl.arange(0, BM)
+        s = c * T + k * BM + tl.arange(0, BM)
+        Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+        Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+        cb = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+        tl.store(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T), cb)
+
+
+@triton.jit
+def _cb_offsets(b, c, gg, G, nc, rows, cols, T: tl.constexpr):
+    """Offsets of a tile of the (b, chunks, g, T, T) C Bᵀ buffer; rows, cols are positions in the chunk."""
+    return ((b * nc + c) * G + gg) * T * T + rows[:, None] * T + cols[None, :]
+
+
+@triton.jit
 def _chunk_scan_fwd(
-    x_ptr, z_ptr, D_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr, out_ptr, ypre_ptr,
+    x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr, out_ptr, ypre_ptr,
     L, H, G, P, N, nc,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, STORE_YPRE: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
 ):
+    # Grid (row blocks x heads, chunks, batch): the programs of one chunk run together and share its
+    # C Bᵀ and C in L2.
     pid = tl.program_id(0).to(tl.int64)
-    c, m = pid // (T // BM), pid % (T // BM)
-    bh = tl.program_id(1).to(tl.int64)
-    b, hh = bh // H, bh % H
+    m, hh = pid % (T // BM), pid // (T // BM)
+    c = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + hh
     gg = hh // (H // G)
     Lp = nc * T
     rp = tl.arange(0, BP)
@@ -153,8 +188,6 @@ def _chunk_scan_fwd(
     # Intra-chunk part, causal: source blocks up to the diagonal one.
     for k in range(0, (m + 1) * BM, BM):
         s = c * T + k + tl.arange(0, BM)
-        Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :],
-                     mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
         xs = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + rp[None, :],
                      mask=(s[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
         cum_s = tl.load(cum_ptr + bh * Lp + s)
@@ -163,7 +196,7 @@ def _chunk_scan_fwd(
         if HAS_DOC:
             keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
         decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
-        cb = tl.dot(Ct, tl.trans(Bs), input_precision=PREC)
+        cb = tl.load(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
         scores = (cb * decay * delta_s[None, :]).to(DOT)
         acc += tl.dot(scores, xs, input_precision=PREC)
 
