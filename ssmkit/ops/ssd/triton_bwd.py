@@ -143,7 +143,7 @@ def _bwd_rows(
     # Intra-chunk, per head: dM = (dY (Δx)ᵀ) ⊙ L. Summed over the group's heads it is the gradient of
     # C Bᵀ, so dC = Σ_s dM B_s costs one n-long matmul per group, not per head; dM ⊙ C Bᵀ is the
     # gradient of the segment sums cum_t - cum_s.
-    for k in range(0, m + 1):
+    for k in range(m + 1):
         s = c * T + k * BM + tl.arange(0, BM)
         cb = tl.load(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
         keep = s[None, :] <= t[:, None]
