@@ -24,10 +24,20 @@ from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
 _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 # Rows (and source columns) of a chunk per matmul tile: at most this, and at most the chunk length.
 _TILE = 64
+_MIN_PROGRAMS = 1024
 
 
 def _pow2(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(v))
+
+
+def _head_slices(heads_per_group: int, programs: int) -> int:
+    """Slices of each group's heads for the backward's rows/columns kernels: enough programs to fill
+    the GPU (~1024) when the sequence is short, one slice (no partial sums) when it is long."""
+    slices = 1
+    while heads_per_group % (2 * slices) == 0 and programs * slices < _MIN_PROGRAMS:
+        slices *= 2
+    return slices
 
 
 def _dot_types(dtype: torch.dtype):
@@ -132,27 +142,28 @@ class _SSDFunction(torch.autograd.Function):
         )
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
         nrb = T // BM
+        S = _head_slices(h // g, nrb * nc * b * g)
         dz = torch.empty_like(z) if z is not None else None
         dD_part = torch.empty(b, nc * nrb, h, p, device=dev, dtype=f32) if D is not None else None
-        dC = torch.empty_like(C)
+        dC_part = torch.empty(S, *C.shape, device=dev, dtype=f32)
         dcum = torch.zeros(b, h, nc * T, device=dev, dtype=f32)
-        dcb = torch.empty_like(cb)
-        _bwd._bwd_rows[(nrb, nc, b * g)](
+        dcb = torch.empty(S, *cb.shape, device=dev, dtype=f32)
+        _bwd._bwd_rows[(nrb, nc, b * g * S)](
             x, dummy if z is None else z, dout, ypre, dummy if D is None else D, B, C, cb, delta, cum, docp, states,
-            dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC, dcum, dcb,
-            l, h, g, p, n, nc,
+            dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
+            l, h, g, p, n, nc, S,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
             DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
         )
         # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
-        dB = torch.empty_like(B)
+        dB_part = torch.empty(S, *B.shape, device=dev, dtype=f32)
         ddelta = torch.empty_like(delta)
         dlast = torch.empty(b, h, nc, nrb, device=dev, dtype=f32)
-        _bwd._bwd_cols[(nrb, nc, b * g)](
+        _bwd._bwd_cols[(nrb, nc, b * g * S)](
             x, dummy if z is None else z, dout, dummy if D is None else D, B, C, cb, dcb, delta, cum, docp, dstates,
-            dx, dB, ddelta, dcum, dlast,
-            l, h, g, p, n, nc,
+            dx, dB_part, ddelta, dcum, dlast,
+            l, h, g, p, n, nc, S,
             T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
             DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
         )
@@ -173,6 +184,7 @@ class _SSDFunction(torch.autograd.Function):
         dA = dA_part.sum((0, 2)).to(A.dtype)
         dbias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
         dD = dD_part.sum((0, 1)) if D is not None else None
+        dB, dC = dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype)
         return (dx, ddt, dA, dB, dC, dD, dz, dbias, dinit if has_init else None,
                 None, None, None, None)
 

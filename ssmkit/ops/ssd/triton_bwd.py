@@ -94,16 +94,20 @@ def _state_pass_bwd(
 def _bwd_rows(
     x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
     dz_ptr, dD_ptr, dC_ptr, dcum_ptr, dcb_ptr,
-    L, H, G, P, N, nc,
+    L, H, G, P, N, nc, S,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     m = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    bg = tl.program_id(2).to(tl.int64)
-    b, gg = bg // G, bg % G
-    R = H // G
+    pid = tl.program_id(2).to(tl.int64)
+    # Program S·(b g) + sp takes the sp-th of S slices of the group's heads; dC and the summed
+    # gradient of C Bᵀ are per slice, summed later.
+    b, gg, sp = pid // S // G, pid // S % G, pid % S
+    R = H // G // S
     Lp = nc * T
+    dC_ptr += sp * (tl.num_programs(2) // S) * L * N
+    dcb_ptr += sp * (tl.num_programs(2) // S) * nc * T * T
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
     t = c * T + m * BM + tl.arange(0, BM)
@@ -118,7 +122,7 @@ def _bwd_rows(
     # Per head: the gate and the skip (dz, dD), and the part passed in from earlier chunks,
     # y_t += exp(cum_t) S'_{c-1} C_t.
     for j in range(R):
-        hh = gg * R + j
+        hh = (gg * S + sp) * R + j
         bh = b * H + hh
         io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
         dout = tl.load(dout_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
@@ -151,7 +155,7 @@ def _bwd_rows(
             keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
         dcb = tl.zeros((BM, BM), dtype=tl.float32)
         for j in range(R):
-            hh = gg * R + j
+            hh = (gg * S + sp) * R + j
             bh = b * H + hh
             dy = _load_dy(dout_ptr, z_ptr, ((b * L + t[:, None]) * H + hh) * P + rp[None, :], io_mask, HAS_Z)
             xs = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + rp[None, :],
@@ -176,16 +180,18 @@ def _bwd_rows(
 def _bwd_cols(
     x_ptr, z_ptr, dout_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, dcb_ptr, delta_ptr, cum_ptr, doc_ptr, dstates_ptr,
     dx_ptr, dB_ptr, ddelta_ptr, dcum_ptr, dlast_ptr,
-    L, H, G, P, N, nc,
+    L, H, G, P, N, nc, S,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     kb = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
-    bg = tl.program_id(2).to(tl.int64)
-    b, gg = bg // G, bg % G
-    R = H // G
+    pid = tl.program_id(2).to(tl.int64)
+    b, gg, sp = pid // S // G, pid // S % G, pid % S
+    R = H // G // S
     Lp = nc * T
+    cb_slice = (tl.num_programs(2) // S) * nc * T * T
+    dB_ptr += sp * (tl.num_programs(2) // S) * L * N
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
     s = c * T + kb * BK + tl.arange(0, BK)
@@ -196,16 +202,21 @@ def _bwd_cols(
     if HAS_DOC:
         doc_s = tl.load(doc_ptr + b * Lp + s)
         last = doc_s == tl.load(doc_ptr + b * Lp + c * T + T - 1)
-    # dB_s from C Bᵀ: Σ_t dM_ts C_t with dM already summed over the group's heads (_bwd_rows).
+    # dB_s from C Bᵀ: Σ_t dM_ts C_t with dM summed over the group's heads (slices of _bwd_rows);
+    # slice 0 does it.
     dB = tl.zeros((BK, BN), dtype=tl.float32)
-    for k in range(kb * BK, T, BK):
-        t = c * T + k + tl.arange(0, BK)
-        Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
-        dcb = tl.load(dcb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
-        dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
+    if sp == 0:
+        for k in range(kb * BK, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+            offs = _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T)
+            dcb = tl.load(dcb_ptr + offs)
+            for q in range(1, S):
+                dcb += tl.load(dcb_ptr + q * cb_slice + offs)
+            dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
     for j in range(R):
-        hh = gg * R + j
+        hh = (gg * S + sp) * R + j
         bh = b * H + hh
         io = ((b * L + s[:, None]) * H + hh) * P + rp[None, :]
         xs = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
