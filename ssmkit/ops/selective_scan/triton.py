@@ -40,8 +40,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 class ScanConfig:
     """Launch shape: ``chunk`` steps per tile (also the checkpoint interval), channels and warps per program."""
 
-    chunk: int = 32
-    fwd_block_d: int = 16
+    chunk: int = 128
+    fwd_block_d: int = 8
     fwd_warps: int = 4
     bwd_block_d: int = 16
     bwd_warps: int = 8
@@ -75,14 +75,12 @@ def _adjoint_combine(s_late, q_late, f_late, s_early, q_early, f_early):
 
 
 @triton.jit
-def _chunk_inputs(
-    u_b, delta_b, B_b, C_b, seq_b, bias, A2, offs_d, mask_d, offs_n, mask_n, t, mask_t,
-    s_ud, s_ul, s_dd, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_sl,
+def _steps(
+    u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Tiles of one chunk: u, delta+bias, Δ (BD, T); B, C (n, T); decays a and inputs x (BD, n, T)."""
+    """One chunk's (BD, T) tiles u, delta + bias, Δ (0 past the end), and the (T,) document starts."""
     m2 = mask_d[:, None] & mask_t[None, :]
-    mBC = mask_n[:, None] & mask_t[None, :]
     u = tl.load(u_b + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m2, other=0.0).to(ACC)
     raw = tl.load(delta_b + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m2, other=0.0).to(ACC)
     raw = raw + bias[:, None]
@@ -91,95 +89,118 @@ def _chunk_inputs(
     else:
         dt = raw
     dt = tl.where(mask_t[None, :], dt, 0.0)
-    Bt = tl.load(B_b + offs_n[:, None] * s_Bn + t[None, :] * s_Bl, mask=mBC, other=0.0).to(ACC)
-    Ct = tl.load(C_b + offs_n[:, None] * s_Cn + t[None, :] * s_Cl, mask=mBC, other=0.0).to(ACC)
-    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
     if HAS_SEQ:
         first = mask_t & (t > 0)
         cur = tl.load(seq_b + t * s_sl, mask=mask_t, other=0)
         prev = tl.load(seq_b + (t - 1) * s_sl, mask=first, other=0)
-        # A new document: the carried state is dropped (a = 0), so h_t = x_t.
-        a = tl.where((first & (cur != prev))[None, None, :], 0.0, a)
-    x = (dt * u)[:, None, :] * Bt[None, :, :]
-    return u, raw, dt, Bt, Ct, a, x
+        starts = first & (cur != prev)
+    else:
+        starts = t < 0
+    return u, raw, dt, starts
+
+
+@triton.jit
+def _states(dt, du, A2_n, B_n, h_prev, starts, HAS_SEQ: tl.constexpr):
+    """States h_t (BD, T) of one state index over a chunk from the state before it; also a, x."""
+    a = tl.exp2(dt * A2_n[:, None])
+    if HAS_SEQ:
+        # A new document drops the carried state: a = 0, so h_t = x_t.
+        a = tl.where(starts[None, :], 0.0, a)
+    x = du * B_n[None, :]
+    acum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_scan_combine)
+    return hs + acum * h_prev[:, None], a, x
 
 
 @triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
-    out_ptr, last_ptr, ckpt_ptr,
+    out_ptr, ypre_ptr, ckpt_ptr,
     d_model, dg, L, N,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr,
 ):
-    """Grid (cdiv(dg, BLOCK_D), g, b): writes out (b, d, l), last (b, d, n), ckpt (b, d, cdiv(l, T), n)."""
+    """Grid (cdiv(dg, BLOCK_D), g, b). Writes out (b, d, l), the ungated y (same layout as out) when
+    HAS_Z, and ckpt (b, d, cdiv(l, T) + 1, N): the state before each chunk, then the last state."""
     pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < dg
     offs_d = grp * dg + offs_c
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     offs_t = tl.arange(0, T)
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(ACC) * _LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     else:
         bias = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    state_off = (pid_b * d_model + offs_d[:, None]) * N + offs_n[None, :]
-    if HAS_H0:
-        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0).to(ACC)
-    else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
-    u_b, delta_b, z_b, out_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb, out_ptr + pid_b * s_ob
+    u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
+    out_b, ypre_b = out_ptr + pid_b * s_ob, ypre_ptr + pid_b * s_ob
     B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
     C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
     seq_b = seq_ptr + pid_b * s_sb
     n_chunks = tl.cdiv(L, T)
-    ckpt_b = ckpt_ptr + (pid_b * d_model + offs_d[:, None]) * (n_chunks * N) + offs_n[None, :]
+    # Row of each channel in ckpt; the state crosses chunks through it (a barrier ends each chunk).
+    ckpt_d = ckpt_ptr + (pid_b * d_model + offs_d) * ((n_chunks + 1) * N)
+    for n in range(N):
+        if HAS_H0:
+            h0 = tl.load(h0_ptr + (pid_b * d_model + offs_d) * N + n, mask=mask_d, other=0.0).to(ACC)
+        else:
+            h0 = tl.zeros((BLOCK_D,), dtype=ACC)
+        tl.store(ckpt_d + n, h0, mask=mask_d)
+    tl.debug_barrier()
     for c in range(n_chunks):
         t = c * T + offs_t
         mask_t = t < L
-        tl.store(ckpt_b + c * N, h, mask=mask_dn)
-        u, _raw, _dt, _Bt, Ct, a, x = _chunk_inputs(
-            u_b, delta_b, B_b, C_b, seq_b, bias, A2, offs_d, mask_d, offs_n, mask_n, t, mask_t,
-            s_ud, s_ul, s_dd, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_sl, HAS_SEQ, SOFTPLUS, ACC,
-        )
-        acum, hs = tl.associative_scan((a, x), axis=2, combine_fn=_scan_combine)
-        hs = hs + acum * h[:, :, None]
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
-        if HAS_D:
-            y = y + Dv[:, None] * u
         m2 = mask_d[:, None] & mask_t[None, :]
+        u, _raw, dt, starts = _steps(
+            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
+            HAS_SEQ, SOFTPLUS, ACC,
+        )
+        du = dt * u
+        y = tl.zeros((BLOCK_D, T), dtype=ACC)
+        for n in range(N):
+            A2_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(ACC) * _LOG2E
+            B_n = tl.load(B_b + n * s_Bn + t * s_Bl, mask=mask_t, other=0.0).to(ACC)
+            C_n = tl.load(C_b + n * s_Cn + t * s_Cl, mask=mask_t, other=0.0).to(ACC)
+            h_prev = tl.load(ckpt_d + c * N + n, mask=mask_d, other=0.0)
+            hs, _a, _x = _states(dt, du, A2_n, B_n, h_prev, starts, HAS_SEQ)
+            y += hs * C_n[None, :]
+            # Past the end a = 1 and x = 0, so the last column is the state after the chunk. (A sum picks
+            # it: a masked store of the tile would first move the whole tile to another layout.)
+            h_last = tl.sum(tl.where(offs_t[None, :] == T - 1, hs, 0.0), axis=1)
+            tl.store(ckpt_d + (c + 1) * N + n, h_last, mask=mask_d)
+        if HAS_D:
+            y += Dv[:, None] * u
         if HAS_Z:
+            tl.store(ypre_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(ypre_ptr.dtype.element_ty), mask=m2)
             zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
             y = y * zt * tl.sigmoid(zt)
         tl.store(out_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
-        h = tl.sum(tl.where(offs_t[None, None, :] == T - 1, hs, 0.0), axis=2)
-    tl.store(last_ptr + state_off, h, mask=mask_dn)
+        tl.debug_barrier()
 
 
 @triton.jit
 def _selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
-    d_model, dg, L, N,
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, ckpt_ptr, ypre_ptr, dout_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh_ptr,
+    d_model, dg, L, N, slot,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_gb, s_gd, s_gl,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
     s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr,
 ):
-    """Grid as the forward. Writes du, ddelta, dz (b, d, l), dh0 (b, d, n), per-row dA (b, d, n),
-    dD and d(delta_bias) (b, d); adds into dB, dC (b, g, n, l) (zeroed by the caller)."""
+    """Grid as the forward. ``dh`` and ``dA`` are (2, b, d, N) pairs of slots (``slot`` elements apart):
+    chunk i reads slot i % 2 and writes the other, so no thread can read a value another has already
+    replaced. ``dh`` carries a_{t+1} g_{t+1} between chunks: d(last state) in slot 0 on entry,
+    d(initial state) in slot n_chunks % 2 on exit; ``dA`` sums the chunks' dA the same way (slot 0 zero on
+    entry). Writes du, ddelta, dz (b, d, l), dD and d(delta_bias) per row (b, d); adds dB, dC
+    (b, g, N, l) (zeroed by the caller) with atomics."""
     pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     n_groups = tl.num_programs(1)
@@ -187,56 +208,41 @@ def _selective_scan_bwd_kernel(
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_c < dg
     offs_d = grp * dg + offs_c
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     offs_t = tl.arange(0, T)
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(ACC)
-    A2 = A * _LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     else:
         bias = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    state_off = (pid_b * d_model + offs_d[:, None]) * N + offs_n[None, :]
-    # carry = a_{t+1} g_{t+1} at the first step after the chunk: the gradient reaching the chunk's last state.
-    if HAS_DLAST:
-        carry = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0).to(ACC)
-    else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    u_b, delta_b, z_b, dout_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb, dout_ptr + pid_b * s_gb
+    u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
+    ypre_b, dout_b = ypre_ptr + pid_b * s_yb, dout_ptr + pid_b * s_gb
     du_b, ddelta_b, dz_b = du_ptr + pid_b * s_dub, ddelta_ptr + pid_b * s_ddb, dz_ptr + pid_b * s_dzb
     B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
     C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
     seq_b = seq_ptr + pid_b * s_sb
-    # dB, dC buffers are contiguous (b, g, n, l).
-    dBC_off = ((pid_b * n_groups + grp) * N + offs_n[:, None]) * L
+    # dB, dC buffers are contiguous (b, g, N, l).
+    dBC_b = (pid_b * n_groups + grp) * N * L
     n_chunks = tl.cdiv(L, T)
-    ckpt_b = ckpt_ptr + (pid_b * d_model + offs_d[:, None]) * (n_chunks * N) + offs_n[None, :]
+    ckpt_d = ckpt_ptr + (pid_b * d_model + offs_d) * ((n_chunks + 1) * N)
+    state_d = (pid_b * d_model + offs_d) * N
     for i in range(n_chunks):
         c = n_chunks - 1 - i
+        read, write = (i % 2) * slot, ((i + 1) % 2) * slot
         t = c * T + offs_t
         mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
-        mBC = mask_n[:, None] & mask_t[None, :]
-        u, raw, dt, Bt, Ct, a, x = _chunk_inputs(
-            u_b, delta_b, B_b, C_b, seq_b, bias, A2, offs_d, mask_d, offs_n, mask_n, t, mask_t,
-            s_ud, s_ul, s_dd, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_sl, HAS_SEQ, SOFTPLUS, ACC,
+        u, raw, dt, starts = _steps(
+            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
+            HAS_SEQ, SOFTPLUS, ACC,
         )
-        h_start = tl.load(ckpt_b + c * N, mask=mask_dn, other=0.0)
-        acum, hs = tl.associative_scan((a, x), axis=2, combine_fn=_scan_combine)
-        hs = hs + acum * h_start[:, :, None]
-
+        du = dt * u
         dy = tl.load(dout_b + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=m2, other=0.0).to(ACC)
         if HAS_Z:
             zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
-            if HAS_D:
-                y = y + Dv[:, None] * u
+            y = tl.load(ypre_b + offs_d[:, None] * s_yd + t[None, :] * s_yl, mask=m2, other=0.0).to(ACC)
             sig = tl.sigmoid(zt)
             # silu'(z) = σ(z) (1 + z (1 - σ(z)))
             dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
@@ -244,45 +250,48 @@ def _selective_scan_bwd_kernel(
             dy = dy * zt * sig
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
-
-        c_in = dy[:, None, :] * Ct[None, :, :]
-        s_acc, q_acc, _ = tl.associative_scan(
-            (c_in, tl.full(c_in.shape, 1.0, ACC), a), axis=2, combine_fn=_adjoint_combine, reverse=True
-        )
-        gs = s_acc + q_acc * carry[:, :, None]
-        carry = tl.sum(tl.where(offs_t[None, None, :] == 0, a * gs, 0.0), axis=2)
-
-        dC_part = tl.sum(dy[:, None, :] * hs, axis=0)
-        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC_part, mask=mBC, sem="relaxed")
-        dB_part = tl.sum((dt * u)[:, None, :] * gs, axis=0)
-        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB_part, mask=mBC, sem="relaxed")
-
-        v = tl.sum(Bt[None, :, :] * gs, axis=1)
-        du = dt * v
+        # Σ_n B_n g_n and Σ_n A_n q_n, the sums over the state of du and dΔ.
+        v = tl.zeros((BLOCK_D, T), dtype=ACC)
+        aq = tl.zeros((BLOCK_D, T), dtype=ACC)
+        for n in range(N):
+            A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(ACC)
+            B_n = tl.load(B_b + n * s_Bn + t * s_Bl, mask=mask_t, other=0.0).to(ACC)
+            C_n = tl.load(C_b + n * s_Cn + t * s_Cl, mask=mask_t, other=0.0).to(ACC)
+            h_prev = tl.load(ckpt_d + c * N + n, mask=mask_d, other=0.0)
+            hs, a, x = _states(dt, du, A_n * _LOG2E, B_n, h_prev, starts, HAS_SEQ)
+            carry = tl.load(dh_ptr + read + state_d + n, mask=mask_d, other=0.0)
+            s_acc, q_acc, _f = tl.associative_scan(
+                (dy * C_n[None, :], tl.full((BLOCK_D, T), 1.0, ACC), a), axis=1,
+                combine_fn=_adjoint_combine, reverse=True,
+            )
+            gs = s_acc + q_acc * carry[:, None]
+            carry = tl.sum(tl.where(offs_t[None, :] == 0, a * gs, 0.0), axis=1)
+            tl.store(dh_ptr + write + state_d + n, carry, mask=mask_d)
+            tl.atomic_add(dC_ptr + dBC_b + n * L + t, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
+            tl.atomic_add(dB_ptr + dBC_b + n * L + t, tl.sum(du * gs, axis=0), mask=mask_t, sem="relaxed")
+            v += B_n[None, :] * gs
+            # q_t = g_t a_t h_{t-1}, zero where a document starts (there h_t = x_t exactly).
+            q = gs * (hs - x)
+            aq += A_n[:, None] * q
+            dA_n = tl.load(dA_ptr + read + state_d + n, mask=mask_d, other=0.0)
+            tl.store(dA_ptr + write + state_d + n, dA_n + tl.sum(dt * q, axis=1), mask=mask_d)
+        ddu = dt * v
         if HAS_D:
-            du += Dv[:, None] * dy
-        tl.store(du_b + offs_d[:, None] * s_dud + t[None, :] * s_dul, du.to(du_ptr.dtype.element_ty), mask=m2)
-        # q_t = g_t a_t h_{t-1}, zero where a document starts (there h_t = x_t exactly).
-        q = gs * (hs - x)
-        dA_acc += tl.sum(dt[:, None, :] * q, axis=2)
-        ddt = u * v + tl.sum(A[:, :, None] * q, axis=1)
+            ddu += Dv[:, None] * dy
+        tl.store(du_b + offs_d[:, None] * s_dud + t[None, :] * s_dul, ddu.to(du_ptr.dtype.element_ty), mask=m2)
+        ddt = u * v + aq
         if SOFTPLUS:
             ddt = ddt * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
         ddt = tl.where(m2, ddt, 0.0)
         tl.store(ddelta_b + offs_d[:, None] * s_ddd + t[None, :] * s_ddl, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=1)
-    tl.store(dh0_ptr + state_off, carry, mask=mask_dn)
-    tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
-    row_off = pid_b * d_model + offs_d
+        tl.debug_barrier()
+    row = pid_b * d_model + offs_d
     if HAS_D:
-        tl.store(dD_ptr + row_off, dD_acc, mask=mask_d)
+        tl.store(dD_ptr + row, dD_acc, mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_ptr + row_off, dbias_acc, mask=mask_d)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
+        tl.store(dbias_ptr + row, dbias_acc, mask=mask_d)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -293,70 +302,73 @@ def _strides(x: torch.Tensor | None, dims: int) -> tuple[int, ...]:
     return (0,) * dims if x is None else tuple(x.stride())
 
 
-def _block_d(dg: int, block_d: int, block_n: int) -> int:
-    """Channels per program: the configured block (sized for n = 16), shrunk so that a (BD, n, T) tile
-    stays as large as at n = 16, and (power of 2) for groups with few channels."""
-    return max(1, min(block_d, (block_d * 16) // block_n, _next_pow2(dg)))
+def _block_d(dg: int, block_d: int) -> int:
+    """Channels per program: the configured block, shrunk (power of 2) for groups with few channels."""
+    return max(1, min(block_d, 1 << max(0, dg - 1).bit_length()))
 
 
 def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     b, d, l = u.shape
     g, n = B.shape[1], B.shape[2]
     dg = d // g
-    T = cfg.chunk
-    n_chunks = triton.cdiv(l, T)
+    n_chunks = triton.cdiv(l, cfg.chunk)
     # empty_like keeps u's layout: time-major in, time-major out, as the chunked backend.
     out = torch.empty_like(u)
-    last = u.new_empty(b, d, n, dtype=acc)
-    ckpt = u.new_empty(b, d, n_chunks, n, dtype=acc)
-    block_d = _block_d(dg, cfg.fwd_block_d, _next_pow2(n))
+    ypre = torch.empty_like(u) if z is not None else None
+    ckpt = u.new_empty(b, d, n_chunks + 1, n, dtype=acc)
+    block_d = _block_d(dg, cfg.fwd_block_d)
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
         dummy if bias is None else bias, dummy if h0 is None else h0, dummy if seq_idx is None else seq_idx,
-        out, last, ckpt,
+        out, dummy if ypre is None else ypre, ckpt,
         d, dg, l, n,
         *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
-        BLOCK_D=block_d, BLOCK_N=_next_pow2(n), T=T, num_warps=cfg.fwd_warps,
+        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.fwd_warps,
     )
-    return out, last, ckpt
+    return out, ypre, ckpt
 
 
-def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, dout, dlast, softplus, acc, cfg):
+def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, softplus, acc, cfg):
     b, d, l = u.shape
     g, n = B.shape[1], B.shape[2]
     dg = d // g
+    n_chunks = ckpt.shape[2] - 1
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = None if z is None else torch.empty_like(z)
     dB = torch.zeros(b, g, n, l, dtype=acc, device=u.device)
     dC = torch.zeros(b, g, n, l, dtype=acc, device=u.device)
-    dA = u.new_empty(b, d, n, dtype=acc)
-    dh0 = u.new_empty(b, d, n, dtype=acc)
+    dh = u.new_empty(2, b, d, n, dtype=acc)
+    dh[0] = dlast
+    dA = u.new_zeros(2, b, d, n, dtype=acc)
     dD = None if D is None else u.new_empty(b, d, dtype=acc)
     dbias = None if bias is None else u.new_empty(b, d, dtype=acc)
-    block_d = _block_d(dg, cfg.bwd_block_d, _next_pow2(n))
+    block_d = _block_d(dg, cfg.bwd_block_d)
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
-        dummy if bias is None else bias, dummy if seq_idx is None else seq_idx, ckpt, dout,
-        dummy if dlast is None else dlast,
+        dummy if bias is None else bias, dummy if seq_idx is None else seq_idx, ckpt,
+        dummy if ypre is None else ypre, dout,
         du, ddelta, dummy if dz is None else dz, dB, dC, dA,
-        dummy if dD is None else dD, dummy if dbias is None else dbias, dh0,
-        d, dg, l, n,
-        *u.stride(), *delta.stride(), *_strides(z, 3), *dout.stride(),
+        dummy if dD is None else dD, dummy if dbias is None else dbias, dh,
+        d, dg, l, n, b * d * n,
+        *u.stride(), *delta.stride(), *_strides(z, 3), *_strides(ypre, 3), *dout.stride(),
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
         *du.stride(), *ddelta.stride(), *_strides(dz, 3),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_DLAST=dlast is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
-        BLOCK_D=block_d, BLOCK_N=_next_pow2(n), T=cfg.chunk, num_warps=cfg.bwd_warps,
+        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.bwd_warps,
     )
-    return du, ddelta, dA.sum(0), dB, dC, None if dD is None else dD.sum(0), dz, \
-        None if dbias is None else dbias.sum(0), dh0
+    last = n_chunks % 2
+    return (
+        du, ddelta, dA[last].sum(0), dB, dC, None if dD is None else dD.sum(0), dz,
+        None if dbias is None else dbias.sum(0), dh[last],
+    )
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
@@ -364,18 +376,18 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
-        out, last, ckpt = _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0, seq_idx, ckpt)
+        out, ypre, ckpt = _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0, seq_idx, ckpt, ypre)
         ctx.softplus, ctx.acc, ctx.cfg = softplus, acc, cfg
-        return out, last
+        # The state after the last chunk, as its own (b, d, n) tensor.
+        return out, ckpt[:, :, -1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, bias, h0, seq_idx, ckpt = ctx.saved_tensors
-        dlast = dlast.contiguous()
+        u, delta, A, B, C, D, z, bias, h0, seq_idx, ckpt, ypre = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _backward(
-            u, delta, A, B, C, D, z, bias, seq_idx, ckpt, dout, dlast, ctx.softplus, ctx.acc, ctx.cfg
+            u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, ctx.softplus, ctx.acc, ctx.cfg
         )
 
         def cast(grad, like):
