@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssmkit.data import DataConfig, default_corpus_root
-from ssmkit.evals._report import format_table, parse_names, pyplot, save_figure, write_result
+from ssmkit.evals._report import format_table, parse_names, pyplot, resolve_device, save_figure, write_result
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 from ssmkit.models.config import AttentionConfig, Mamba2Config, Mamba3Config, MambaConfig, MLPConfig, ModelConfig
@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def smoke_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The CI configuration: tiny models, a few dozen steps on one stdlib package."""
-    return {"params": 60_000, "n_layer": 2, "tokens": 40 * 8 * 128, "seq_len": 128, "batch_size": 8, "evals": 2,
+    return {"params": 60_000, "n_layer": 2, "tokens": 30 * 8 * 128, "seq_len": 128, "batch_size": 8, "evals": 2,
             "eval_tokens": 4096, "data": args.data or [str(default_corpus_root() / "json")]}
 
 
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     for name in ("params", "n_layer", "tokens", "seq_len", "batch_size", "evals"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    device = resolve_device(args.device)
     out = Path(out_dir)
     tokens_per_step = settings["batch_size"] * settings["seq_len"]
     steps = max(1, settings["tokens"] // tokens_per_step)
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     train = dict(steps=steps, batch_size=settings["batch_size"], lr=settings["lr"],
                  warmup_steps=min(100, max(1, steps // 10)), eval_every=max(1, steps // settings["evals"]),
                  eval_tokens=settings["eval_tokens"], checkpoint_every=0, checkpoint_minutes=0.0,
-                 sample_tokens=0, progress=False, device=args.device, seed=settings["seed"], log_every=10)
+                 sample_tokens=0, progress=False, device=str(device), seed=settings["seed"], log_every=10)
 
     runs = []
     for family in families:
@@ -174,7 +175,8 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     table = format_table(headers, rows)
     print(table)
     plot = _plot(runs, out / "bpb_vs_flops.png", settings)
-    result = {"task": "byte-lm", "smoke": bool(args.smoke), "device": args.device, "settings": settings,
+    result = {"task": "byte-lm", "smoke": bool(args.smoke), "device": str(device),
+              "settings": settings,
               "steps": steps, "table": table, "runs": runs, "plots": [plot.name]}
     write_result(out, result)
     return result
