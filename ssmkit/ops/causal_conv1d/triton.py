@@ -56,7 +56,7 @@ def _pre_activation(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, t, offs_d, mask_d, l
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
-    same = t == t
+    same = tl.full([BLOCK], 1, tl.int1)  # all taps so far in t's document
     for lag in tl.static_range(W):
         if HAS_SEQ and lag > 0:
             same = same & _link(seq_ptr, stride_sl, t - lag + 1, length)
@@ -121,7 +121,7 @@ def _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s, offs_d, mask_
     """
     dsrc = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     g_here = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
-    same = s == s
+    same = tl.full([BLOCK], 1, tl.int1)
     for j in tl.static_range(W):
         if HAS_SEQ and j > 0:
             same = same & _link(seq_ptr, stride_sl, s + j, length)
@@ -165,7 +165,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, d
         tl.store(dx_ptrs, dsrc.to(dx_ptr.dtype.element_ty), mask=(s < length)[:, None] & mask_d[None, :])
         # dweight[:, k] += sum_t g[t] * src[t - lag] over the taps in t's document; dbias += sum_t g[t].
         dwb += tl.where(rows[:, None] == W, tl.sum(g, axis=0)[None, :], 0.0)
-        same = s == s
+        same = tl.full([BLOCK_L], 1, tl.int1)
         for lag in tl.static_range(W):
             if HAS_SEQ and lag > 0:
                 same = same & _link(seq_ptr, stride_sl, s - lag + 1, length)
@@ -178,7 +178,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, d
     part = pid_b * tl.num_programs(0) + pid_l
     tl.store(dwb_ptr + part * stride_pp + rows[:, None] * stride_pk + offs_d[None, :], dwb,
              mask=(rows < W + 1)[:, None] & mask_d[None, :])
-    if NEED_DINIT:
+    if NEED_DINIT:  # nested, not `and`: NEED_DINIT is compile-time, pid_l is not
         if pid_l == 0:
             s0 = tl.arange(0, BLOCK_W) - (W - 1)  # the W - 1 initial-state positions -(W-1) .. -1
             dinit, _ = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s0, offs_d, mask_d, length,

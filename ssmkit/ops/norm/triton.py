@@ -45,9 +45,8 @@ def _norm_fwd_kernel(x_ptr, res_ptr, z_ptr, w_ptr, b_ptr, out_ptr, h_ptr, rstd_p
     y = h * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(ACC)
-    if HAS_Z:
-        if NORM_BEFORE_GATE:
-            y = y * silu_z
+    if HAS_Z and NORM_BEFORE_GATE:
+        y = y * silu_z
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -82,25 +81,21 @@ def _norm_bwd_kernel(x_ptr, res_ptr, z_ptr, w_ptr, b_ptr, rstd_ptr, dy_ptr, dh_p
         rstd = tl.load(rstd_ptr + row * n_groups + group)
         xhat = h * rstd
         dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_Z:
-            if NORM_BEFORE_GATE:
-                y = xhat * w
-                if HAS_BIAS:
-                    y += b
-                tl.store(dz_ptr + row * stride_dz + cols, (dy * y * silu_grad).to(dz_ptr.dtype.element_ty),
-                         mask=mask)
-                dy = dy * silu_z
+        if HAS_Z and NORM_BEFORE_GATE:
+            y = xhat * w
+            if HAS_BIAS:
+                y += b
+            tl.store(dz_ptr + row * stride_dz + cols, (dy * y * silu_grad).to(dz_ptr.dtype.element_ty), mask=mask)
+            dy = dy * silu_z
         dw += dy * xhat
         db += dy
         wdy = dy * w
         # d/dh of h * rstd: remove the component along xhat, then scale.
         c = tl.sum(xhat * wdy, axis=0) / group_size
         dh = (wdy - xhat * c) * rstd
-        if HAS_Z:
-            if not NORM_BEFORE_GATE:
-                tl.store(dz_ptr + row * stride_dz + cols, (dh * x * silu_grad).to(dz_ptr.dtype.element_ty),
-                         mask=mask)
-                dh = dh * silu_z
+        if HAS_Z and not NORM_BEFORE_GATE:
+            tl.store(dz_ptr + row * stride_dz + cols, (dh * x * silu_grad).to(dz_ptr.dtype.element_ty), mask=mask)
+            dh = dh * silu_z
         if HAS_DH:
             dh += tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(ACC)
         tl.store(dx_ptr + row * stride_dx + cols, dh.to(dx_ptr.dtype.element_ty), mask=mask)
