@@ -269,28 +269,72 @@ class Engine:
             return None
 
     def _prefill_turn(self, reading: list[_Running], waiting: deque[_Running]) -> list[_Running]:
-        """Read one chunk of every reading request; those done sample their first token and wait for a row."""
-        still = []
+        """Read one chunk of every reading request; those done sample their first token and wait for a row.
+
+        New requests whose whole prompt fits in one chunk and that start from the zero state are read
+        together, left-padded as ``generate`` pads a batch (the padding is its own document, so each row
+        computes what it computes alone); the others are read one by one.
+        """
+        live = []
         for run in reading:
             if run.request.cancelled.is_set():
                 self._finish(run, "cancelled", None)
-                continue
+            else:
+                live.append(run)
+        short = [r for r in live if r.read == 0 and r.request.cache is None and len(r.ids) <= self.prefill_chunk_size]
+        if self.batched and len(short) > 1:
+            for i in range(0, len(short), self.max_batch):
+                self._prefill_together(short[i:i + self.max_batch], waiting)
+            live = [r for r in live if r not in short]
+        still = []
+        for run in live:
             try:
                 end = min(run.read + self.prefill_chunk_size, len(run.ids))
                 out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
                 run.read = end
                 if run.read < len(run.ids):
                     still.append(run)
-                elif run.request.max_new_tokens == 0:
-                    self._finish(run, "length", run.cache)
-                elif (reason := self._sample(run, out.logits[:, -1])) is not None:
-                    self._finish(run, reason, run.cache)
                 else:
-                    waiting.append(run)
+                    self._after_prompt(run, out.logits[:, -1], waiting)
             except Exception as e:
                 log.exception("prefill failed")
                 self._finish(run, f"error: {e}", None)
         return still
+
+    def _prefill_together(self, runs: list[_Running], waiting: deque[_Running]) -> None:
+        """Read the whole prompts of ``runs`` (fresh states) in one left-padded batch."""
+        try:
+            length = max(len(r.ids) for r in runs)
+            ids = runs[0].ids.new_zeros(len(runs), length)
+            seq_idx = torch.zeros(len(runs), length, dtype=torch.int32, device=self.device)
+            for i, r in enumerate(runs):
+                ids[i, length - len(r.ids):] = r.ids
+                seq_idx[i, length - len(r.ids):] = 1
+            cache = self.model.allocate_cache(len(runs))
+            logits = self.model(ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1).logits[:, -1]
+        except Exception as e:
+            log.exception("prefill failed")
+            for run in runs:
+                self._finish(run, f"error: {e}", None)
+            return
+        for i, run in enumerate(runs):
+            run.read = len(run.ids)
+            run.cache = ModelCache([type(s)(**{n: t[i:i + 1].clone() for n, t in s.tensors().items()})
+                                    for s in cache.states], len(run.ids))
+            try:
+                self._after_prompt(run, logits[i:i + 1], waiting)
+            except Exception as e:
+                log.exception("sampling failed")
+                self._finish(run, f"error: {e}", None)
+
+    def _after_prompt(self, run: _Running, logits: torch.Tensor, waiting: deque[_Running]) -> None:
+        """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row."""
+        if run.request.max_new_tokens == 0:
+            self._finish(run, "length", run.cache)
+        elif (reason := self._sample(run, logits)) is not None:
+            self._finish(run, reason, run.cache)
+        else:
+            waiting.append(run)
 
     def _decode_turn(self, decoding: list[_Running], slots: SlotCache) -> list[_Running]:
         """One forward step for every decoding request, then one sampled token each."""
@@ -323,7 +367,11 @@ class Engine:
         self.steps += 1
         still = []
         for run, lg in zip(live, row_logits):
-            reason = self._sample(run, lg)
+            try:
+                reason = self._sample(run, lg)
+            except Exception as e:  # e.g. a failing on_token callback: only this request ends
+                log.exception("sampling failed")
+                reason = f"error: {e}"
             if reason is None:
                 still.append(run)
             else:

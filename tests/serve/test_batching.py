@@ -165,3 +165,21 @@ def test_cancel_busy_and_full_attention_models():
         assert engine.in_flight == 0
     finally:
         engine.stop()
+
+
+def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
+    batches = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append((args[0].shape, kwargs.get("seq_idx") is not None)),
+        with_kwargs=True)
+    try:
+        # A long prompt read in chunks of 16 keeps the engine busy while the short ones arrive.
+        long = submit(engine, [257, *([7] * 600)], 4, dict(temperature=1.0), seed=1)
+        prompts = [[257, *range(1, 1 + n)] for n in (5, 9, 2, 9, 14)]
+        shorts = [submit(engine, p, 10, dict(temperature=1.0), seed=50 + i) for i, p in enumerate(prompts)]
+        assert long.done.wait(60) and all(c.done.wait(60) for c in shorts)
+    finally:
+        hook.remove()
+    assert any(padded and shape[0] > 1 for shape, padded in batches), batches
+    for i, (p, c) in enumerate(zip(prompts, shorts)):
+        assert c.tokens == generate(model, [p], 10, temperature=1.0, seed=50 + i, eos_token_id=258)[0]
