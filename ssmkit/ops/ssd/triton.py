@@ -145,7 +145,8 @@ class _SSDFunction(torch.autograd.Function):
         S = _head_slices(h // g, nrb * nc * b * g)
         dz = torch.empty_like(z) if z is not None else None
         dD_part = torch.empty(b, nc * nrb, h, p, device=dev, dtype=f32) if D is not None else None
-        dC_part = torch.empty(S, *C.shape, device=dev, dtype=f32)
+        # One slice: the kernels write dB, dC in their final dtype; several: float32 partial sums.
+        dC_part = torch.empty(S, *C.shape, device=dev, dtype=C.dtype if S == 1 else f32)
         dcum = torch.zeros(b, h, nc * T, device=dev, dtype=f32)
         dcb = torch.empty(S, *cb.shape, device=dev, dtype=f32)
         _bwd._bwd_rows[(nrb, nc, b * g * S)](
@@ -153,11 +154,11 @@ class _SSDFunction(torch.autograd.Function):
             dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
             l, h, g, p, n, nc, S,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
+            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
         )
         # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
-        dB_part = torch.empty(S, *B.shape, device=dev, dtype=f32)
+        dB_part = torch.empty(S, *B.shape, device=dev, dtype=B.dtype if S == 1 else f32)
         ddelta = torch.empty_like(delta)
         dlast = torch.empty(b, h, nc, nrb, device=dev, dtype=f32)
         _bwd._bwd_cols[(nrb, nc, b * g * S)](
@@ -165,7 +166,7 @@ class _SSDFunction(torch.autograd.Function):
             dx, dB_part, ddelta, dcum, dlast,
             l, h, g, p, n, nc, S,
             T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
+            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
         )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)
@@ -184,7 +185,7 @@ class _SSDFunction(torch.autograd.Function):
         dA = dA_part.sum((0, 2)).to(A.dtype)
         dbias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
         dD = dD_part.sum((0, 1)) if D is not None else None
-        dB, dC = dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype)
+        dB, dC = (dB_part[0], dC_part[0]) if S == 1 else (dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype))
         return (dx, ddt, dA, dB, dC, dD, dz, dbias, dinit if has_init else None,
                 None, None, None, None)
 
