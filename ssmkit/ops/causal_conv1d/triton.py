@@ -18,6 +18,8 @@ one small ``sum`` reduces.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -188,11 +190,19 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, d
             tl.store(di_ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=(s0 < 0)[:, None] & mask_d[None, :])
 
 
-def _blocks(x: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_L, BLOCK_D): the long side of the tile along x's contiguous dimension, for coalescing."""
+def _blocks(x: torch.Tensor, backward: bool) -> tuple[int, int]:
+    """(BLOCK_L, BLOCK_D): the long side of the tile along x's contiguous dimension, for coalescing.
+
+    The backward holds more tiles live (recomputed pre-activations), so its channel-last tile is shorter.
+    """
     if x.stride(1) == 1 and x.shape[-1] > 1:
-        return 16, 128
+        return (16 if backward else 32), 128
     return 128, 16
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device), or nothing for the CPU interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _acc_dtype(*tensors: torch.Tensor | None):
@@ -212,39 +222,41 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
 def _forward(x, weight, bias, init, seq_idx, silu: bool) -> torch.Tensor:
     batch, dim, length = x.shape
     out = torch.empty_like(x)  # keeps x's layout (channel-last stays channel-last)
-    block_l, block_d = _blocks(x)
+    block_l, block_d = _blocks(x, backward=False)
     grid = (triton.cdiv(length, block_l), triton.cdiv(dim, block_d), batch)
-    _conv_fwd_kernel[grid](
-        x, weight, _placeholder(bias, weight), _placeholder(init, x), _placeholder(seq_idx, x), out, length, dim,
-        *x.stride(), *weight.stride(), *_strides(init, 3), *_strides(seq_idx, 2), *out.stride(),
-        W=weight.shape[1], HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None,
-        SILU=silu, ACC=_acc_dtype(x, weight, bias, init), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
-    )
+    with _on_device(x):
+        _conv_fwd_kernel[grid](
+            x, weight, _placeholder(bias, weight), _placeholder(init, x), _placeholder(seq_idx, x), out, length, dim,
+            *x.stride(), *weight.stride(), *_strides(init, 3), *_strides(seq_idx, 2), *out.stride(),
+            W=weight.shape[1], HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None,
+            SILU=silu, ACC=_acc_dtype(x, weight, bias, init), BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4,
+        )
     return out
 
 
 def _backward(x, weight, bias, init, seq_idx, silu: bool, dout: torch.Tensor, need_dinit: bool):
     batch, dim, length = x.shape
     width = weight.shape[1]
-    block_l, block_d = _blocks(x)
-    n_tiles = triton.cdiv(length, block_l)
-    # Enough L tiles per program that the partial dweight sums stay small (a few MB).
-    tiles_per_prog = max(1, triton.cdiv(n_tiles * batch, 64))
+    block_l, block_d = _blocks(x, backward=True)
+    n_tiles, n_blocks_d = triton.cdiv(length, block_l), triton.cdiv(dim, block_d)
+    # About 4096 programs (several waves on any GPU); more would only grow the partial dweight sums.
+    tiles_per_prog = max(1, triton.cdiv(n_tiles * batch * n_blocks_d, 4096))
     n_prog_l = triton.cdiv(n_tiles, tiles_per_prog)
     acc = _acc_dtype(x, weight, bias, init)
     acc_torch = torch.float64 if acc == tl.float64 else torch.float32
     dx = torch.empty_like(x)
     dinit = torch.empty(batch, dim, width - 1, device=x.device, dtype=init.dtype) if need_dinit else None
     partial = torch.empty(batch * n_prog_l, width + 1, dim, device=x.device, dtype=acc_torch)
-    _conv_bwd_kernel[(n_prog_l, triton.cdiv(dim, block_d), batch)](
-        x, weight, _placeholder(bias, weight), _placeholder(init, x), _placeholder(seq_idx, x), dout, dx,
-        _placeholder(dinit, dx), partial, length, dim, tiles_per_prog,
-        *x.stride(), *weight.stride(), *_strides(init, 3), *_strides(seq_idx, 2), *dout.stride(), *dx.stride(),
-        *_strides(dinit, 3), partial.stride(0), partial.stride(1),
-        W=width, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        NEED_DINIT=need_dinit, ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
-        BLOCK_W=triton.next_power_of_2(width + 1), num_warps=4,
-    )
+    with _on_device(x):
+        _conv_bwd_kernel[(n_prog_l, n_blocks_d, batch)](
+            x, weight, _placeholder(bias, weight), _placeholder(init, x), _placeholder(seq_idx, x), dout, dx,
+            _placeholder(dinit, dx), partial, length, dim, tiles_per_prog,
+            *x.stride(), *weight.stride(), *_strides(init, 3), *_strides(seq_idx, 2), *dout.stride(), *dx.stride(),
+            *_strides(dinit, 3), partial.stride(0), partial.stride(1),
+            W=width, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
+            NEED_DINIT=need_dinit, ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
+            BLOCK_W=triton.next_power_of_2(width + 1), num_warps=4,
+        )
     sums = partial.sum(dim=0)
     dweight = sums[:width].t().to(weight.dtype)
     dbias = sums[width].to(bias.dtype) if bias is not None else None
@@ -363,11 +375,12 @@ def causal_conv1d_update_triton(
     state_len = conv_state.shape[-1]
     out = torch.empty_like(xs)
     block_d = 128
-    _conv_update_kernel[(triton.cdiv(dim, block_d), batch)](
-        xs, conv_state, weight, _placeholder(bias, weight), out, dim, length, state_len,
-        *xs.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
-        W=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
-        ACC=_acc_dtype(xs, weight, bias, conv_state), BLOCK_S=triton.next_power_of_2(max(state_len, 1)), BLOCK_D=block_d,
-        num_warps=4,
-    )
+    with _on_device(x):
+        _conv_update_kernel[(triton.cdiv(dim, block_d), batch)](
+            xs, conv_state, weight, _placeholder(bias, weight), out, dim, length, state_len,
+            *xs.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
+            W=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
+            ACC=_acc_dtype(xs, weight, bias, conv_state), BLOCK_S=triton.next_power_of_2(max(state_len, 1)), BLOCK_D=block_d,
+            num_warps=4,
+        )
     return out.squeeze(-1) if x.dim() == 2 else out

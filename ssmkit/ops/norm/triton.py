@@ -11,6 +11,8 @@ registers, which one ``sum`` over programs reduces.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -125,6 +127,11 @@ def _launch_params(group_size: int, dtype: torch.dtype) -> tuple[int, int]:
     return block_n, min(max(block_n // 256, 1), 16)
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device), or nothing for the CPU interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -143,15 +150,16 @@ class _RMSNormTriton(torch.autograd.Function):
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         h = torch.empty(m, n, dtype=h_dtype, device=x.device) if h_dtype is not None else None
         rstd = torch.empty(m, n_groups, dtype=cdtype, device=x.device)
-        _norm_fwd_kernel[(m, n_groups)](
-            x2, res2 if res2 is not None else x2, z2 if z2 is not None else x2, weight,
-            bias if bias is not None else weight, out, h if h is not None else out, rstd,
-            n_groups, group_size, eps, x2.stride(0), res2.stride(0) if res2 is not None else 0,
-            z2.stride(0) if z2 is not None else 0, out.stride(0), h.stride(0) if h is not None else 0,
-            HAS_RES=res is not None, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-            HAS_BIAS=bias is not None, STORE_H=h is not None, ACC=_acc(cdtype), BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
+        with _on_device(x2):
+            _norm_fwd_kernel[(m, n_groups)](
+                x2, res2 if res2 is not None else x2, z2 if z2 is not None else x2, weight,
+                bias if bias is not None else weight, out, h if h is not None else out, rstd,
+                n_groups, group_size, eps, x2.stride(0), res2.stride(0) if res2 is not None else 0,
+                z2.stride(0) if z2 is not None else 0, out.stride(0), h.stride(0) if h is not None else 0,
+                HAS_RES=res is not None, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
+                HAS_BIAS=bias is not None, STORE_H=h is not None, ACC=_acc(cdtype), BLOCK_N=block_n,
+                num_warps=num_warps,
+            )
         ctx.save_for_backward(x2, res2, z2, weight, bias, rstd)
         ctx.set_materialize_grads(False)  # an unused output (out or h) costs no zero-filled gradient
         ctx.shape, ctx.group_size, ctx.norm_before_gate = shape, group_size, norm_before_gate
@@ -171,10 +179,9 @@ class _RMSNormTriton(torch.autograd.Function):
         block_n, num_warps = _launch_params(group_size, cdtype)
         dy = _rows(dout) if dout is not None else torch.zeros(m, n, dtype=ctx.x_dtype, device=x2.device)
         dh = _rows(dh_out)
-        if x2.device.type == "cuda":
-            n_prog = min(m, 2 * torch.cuda.get_device_properties(x2.device).multi_processor_count // n_groups + 1)
-        else:
-            n_prog = min(m, 4)
+        # Enough programs for about two full GPUs' worth of warps; each keeps one partial dweight row.
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
+        n_prog = min(m, triton.cdiv(2 * 64 * sms // num_warps, n_groups))
         rows_per_prog = triton.cdiv(m, n_prog)
         n_prog = triton.cdiv(m, rows_per_prog)
         dx = torch.empty(m, n, dtype=ctx.x_dtype, device=x2.device)
@@ -183,18 +190,19 @@ class _RMSNormTriton(torch.autograd.Function):
         dz = torch.empty_like(z2) if z2 is not None else None
         dw = torch.empty(n_prog, n, dtype=cdtype, device=x2.device)
         db = torch.empty(n_prog, n, dtype=cdtype, device=x2.device) if bias is not None else None
-        _norm_bwd_kernel[(n_prog, n_groups)](
-            x2, res2 if res2 is not None else x2, z2 if z2 is not None else x2, weight,
-            bias if bias is not None else weight, rstd, dy, dh if dh is not None else dy, dx,
-            dres if dres is not None else dx, dz if dz is not None else dx, dw, db if db is not None else dw,
-            m, n, n_groups, group_size, rows_per_prog,
-            x2.stride(0), res2.stride(0) if res2 is not None else 0, z2.stride(0) if z2 is not None else 0,
-            dy.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
-            dres.stride(0) if dres is not None else 0, dz.stride(0) if dz is not None else 0,
-            HAS_RES=res2 is not None, HAS_Z=z2 is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
-            HAS_BIAS=bias is not None, HAS_DH=dh is not None, STORE_DRES=store_dres, ACC=_acc(cdtype),
-            BLOCK_N=block_n, num_warps=num_warps,
-        )
+        with _on_device(x2):
+            _norm_bwd_kernel[(n_prog, n_groups)](
+                x2, res2 if res2 is not None else x2, z2 if z2 is not None else x2, weight,
+                bias if bias is not None else weight, rstd, dy, dh if dh is not None else dy, dx,
+                dres if dres is not None else dx, dz if dz is not None else dx, dw, db if db is not None else dw,
+                m, n, n_groups, group_size, rows_per_prog,
+                x2.stride(0), res2.stride(0) if res2 is not None else 0, z2.stride(0) if z2 is not None else 0,
+                dy.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
+                dres.stride(0) if dres is not None else 0, dz.stride(0) if dz is not None else 0,
+                HAS_RES=res2 is not None, HAS_Z=z2 is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
+                HAS_BIAS=bias is not None, HAS_DH=dh is not None, STORE_DRES=store_dres, ACC=_acc(cdtype),
+                BLOCK_N=block_n, num_warps=num_warps,
+            )
         shape = ctx.shape
         dweight = dw.sum(dim=0).to(weight.dtype)
         dbias = db.sum(dim=0).to(bias.dtype) if db is not None else None
