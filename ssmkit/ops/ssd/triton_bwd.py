@@ -36,7 +36,7 @@ def _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z: tl.constexpr):
     return dy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "nc"])
 def _state_pass_bwd(
     dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, states_ptr, dfinal_ptr, dprev_ptr,
     dstates_ptr, ddecay_ptr, dinit_ptr,
@@ -90,7 +90,7 @@ def _state_pass_bwd(
     tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "nc", "S"])
 def _bwd_rows(
     x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
     dz_ptr, dD_ptr, dC_ptr, dcum_ptr, dcb_ptr,
@@ -176,7 +176,7 @@ def _bwd_rows(
     tl.store(dC_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :], dC, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "nc", "S"])
 def _bwd_cols(
     x_ptr, z_ptr, dout_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, dcb_ptr, delta_ptr, cum_ptr, doc_ptr, dstates_ptr,
     dx_ptr, dB_ptr, ddelta_ptr, dcum_ptr, dlast_ptr,
@@ -253,7 +253,7 @@ def _bwd_cols(
     tl.store(dB_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :], dB, mask=b_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "nc"])
 def _bwd_dt(
     dt_ptr, A_ptr, bias_ptr, delta_ptr, dcum_ptr, ddelta_ptr, ddecay_ptr, dlast_ptr, dcum_x_ptr, ddelta_x_ptr,
     ddt_ptr, dA_ptr, dbias_ptr,

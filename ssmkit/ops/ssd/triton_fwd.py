@@ -13,7 +13,8 @@ Layouts (all contiguous; Lp = chunks · T, the length padded to whole chunks):
     delta, cum (b, h, Lp) float32; doc (b, Lp) int32 (document number, padding joins the last one)
     states (b, chunks, h, p, n) float32; cb (b, chunks, g, T, T) float32
 Padded positions have Δ = 0 and x = 0: they add nothing and do not decay the state.
-Matmul operands are cast to ``DOT`` (the input dtype for bf16/fp16, float32 with IEEE precision
+Lengths and chunk counts are not specialized on (one compile serves every length). Matmul operands
+are cast to ``DOT`` (the input dtype for bf16/fp16, float32 with IEEE precision
 otherwise); every accumulation is float32.
 """
 
@@ -40,7 +41,7 @@ def _doc_before(doc_ptr, b, c, T: tl.constexpr, Lp):
     return tl.where(c == 0, 0, prev)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr,
     L, H, G, P, N, nc, lo, hi,
@@ -92,7 +93,7 @@ def _chunk_state_fwd(
     tl.store(out, acc, mask=(rp[:, None] < P) & (rn[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nc"])
 def _state_pass_fwd(
     states_ptr, init_ptr, final_ptr, cum_ptr, doc_ptr,
     H, PN, nc,
@@ -120,7 +121,7 @@ def _state_pass_fwd(
     tl.store(final_ptr + bh * PN + offs, state, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_cb_fwd(
     B_ptr, C_ptr, cb_ptr,
     L, G, N, nc,
@@ -151,7 +152,7 @@ def _cb_offsets(b, c, gg, G, nc, rows, cols, T: tl.constexpr):
     return ((b * nc + c) * G + gg) * T * T + rows[:, None] * T + cols[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_scan_fwd(
     x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr, out_ptr, ypre_ptr,
     L, H, G, P, N, nc,
