@@ -1,0 +1,29 @@
+"""``ssmkit serve`` command-line errors: one clear line and a non-zero status, before anything listens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ssmkit.cli import main
+
+
+def test_serve_reports_bad_arguments(model_dir, tmp_path, capsys):
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    assert main(["serve", "--checkpoint", str(model_dir), "--token-file", str(empty)]) == 1
+    assert "is empty" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(model_dir), "--token-file", str(tmp_path / "nope")]) == 1
+    assert "cannot read --token-file" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(model_dir), "--max-batch", "0"]) == 1
+    assert "max_batch must be positive" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(model_dir), "--bogus"]) == 2
+
+
+def test_the_cli_does_not_import_the_web_stack():
+    code = ("import sys, ssmkit.cli; ssmkit.cli.build_parser(); "
+            "loaded = [m for m in ('fastapi', 'uvicorn', 'starlette', 'sse_starlette') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
