@@ -192,6 +192,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"no session {exc.args[0]!r}", param="session_id",
                                        code="session_not_found"), 404)
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # A bug or a broken file on the server's side, never bad input: JSON like every other error.
+        log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
+        return JSONResponse(error_body(f"internal server error: {exc}", "server_error"), 500)
+
     @app.exception_handler(SessionLimit)
     async def too_many(request: Request, exc: SessionLimit) -> JSONResponse:
         return JSONResponse(error_body(str(exc), code="too_many_sessions"), 429)

@@ -361,7 +361,7 @@ class Engine:
                               for i, run in enumerate(live)]
         except Exception as e:
             log.exception("decode step failed")
-            for run in list(live):
+            for run in live:
                 self._leave(run, live, slots, f"error: {e}")
             return []
         self.steps += 1

@@ -95,7 +95,7 @@ class Server:
                   cache: ModelCache | None = None, keep_state: bool = False) -> AsyncIterator[tuple]:
         """Submit a request and yield its events: ("token", id, text) ..., then ("done", reason, tail, cache)."""
         completion = _Completion(asyncio.get_running_loop(), self.tokenizer, body.stop_strings())
-        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        seed = body.seed if body.seed is not None else secrets.randbits(62)
         request = GenerationRequest(ids=ids, max_new_tokens=body.max_tokens, params=params, seed=seed,
                                     on_token=completion.on_token, on_done=completion.on_done,
                                     eos_ids=self.eos_ids, cache=cache, keep_state=keep_state)

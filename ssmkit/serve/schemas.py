@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
-SEED_LIMIT = 2**63
+SEED_LIMIT = 2**62
 
 
 class _Strict(BaseModel):
@@ -77,7 +77,7 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 # Fields whose type is a union: one message instead of one per member of the union.
 _FIELD_HINTS = {"stop": f"must be a string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings",
-                "seed": "must be an integer in [0, 2**63) or null"}
+                "seed": "must be an integer in [0, 2**62) or null"}
 
 
 def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:

@@ -252,7 +252,7 @@ def _peek_cache(path: Path) -> tuple[int, int]:
         with safe_open(str(path), framework="pt") as f:
             offset = int((f.metadata() or {})["seqlen_offset"])
             nbytes = sum(math.prod(f.get_slice(k).get_shape()) * _DTYPE_BYTES[f.get_slice(k).get_dtype()]
-                         for k in f.keys())
+                         for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:  # safetensors raises its own error type for bad headers
         raise ValueError(f"{path}: unreadable session state ({e})") from None
     return offset, nbytes

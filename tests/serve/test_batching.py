@@ -60,8 +60,8 @@ def engine(model):
     engine.stop()
 
 
-SAMPLINGS = [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9),
-             dict(temperature=1.0, min_p=0.1, repetition_penalty=1.5)]
+SAMPLINGS = [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 10, "top_p": 0.9},
+             {"temperature": 1.0, "min_p": 0.1, "repetition_penalty": 1.5}]
 
 
 def test_slot_cache_rows_move_and_write_through(model):
@@ -109,8 +109,8 @@ def test_kept_state_equals_the_cache_generate_leaves(model, engine):
     start = model.allocate_cache(1)
     generate(model, [[257, 5, 6, 7]], 1, temperature=0, cache=start)
     # Other requests run meanwhile, so the kept row comes out of a shared batch.
-    others = [submit(engine, [257, 1, 2], 20, dict(temperature=1.0), seed=i) for i in range(3)]
-    c = submit(engine, [9, 10, 11], 6, dict(temperature=1.0), seed=4, cache=start.clone(), keep_state=True)
+    others = [submit(engine, [257, 1, 2], 20, {"temperature": 1.0}, seed=i) for i in range(3)]
+    c = submit(engine, [9, 10, 11], 6, {"temperature": 1.0}, seed=4, cache=start.clone(), keep_state=True)
     assert c.done.wait(60) and all(o.done.wait(60) for o in others)
     reference = start.clone()
     tokens = generate(model, [[9, 10, 11]], 6, temperature=1.0, seed=4, cache=reference, eos_token_id=258)[0]
@@ -122,7 +122,7 @@ def test_kept_state_equals_the_cache_generate_leaves(model, engine):
 
 
 def test_zero_tokens_only_reads_and_keeps_the_state(model, engine):
-    c = submit(engine, [257, 1, 2, 3], 0, dict(temperature=0), keep_state=True)
+    c = submit(engine, [257, 1, 2, 3], 0, {"temperature": 0}, keep_state=True)
     assert c.done.wait(60) and c.tokens == [] and c.reason == "length"
     reference = model.allocate_cache(1)
     with torch.no_grad():
@@ -133,10 +133,10 @@ def test_zero_tokens_only_reads_and_keeps_the_state(model, engine):
 
 
 def test_stop_cancel_and_errors_end_only_their_request(engine):
-    stopped = submit(engine, [257, 1], 50, dict(temperature=1.0), stop_after=3)
-    failing = submit(engine, [257, 2], 50, dict(temperature=1.0), fail_after=2)
-    slow = submit(engine, [257, 3], 10**6, dict(temperature=1.0))
-    healthy = submit(engine, [257, 4], 20, dict(temperature=1.0))
+    stopped = submit(engine, [257, 1], 50, {"temperature": 1.0}, stop_after=3)
+    failing = submit(engine, [257, 2], 50, {"temperature": 1.0}, fail_after=2)
+    slow = submit(engine, [257, 3], 10**6, {"temperature": 1.0})
+    healthy = submit(engine, [257, 4], 20, {"temperature": 1.0})
     for c in (stopped, failing, healthy):
         assert c.done.wait(60)
     assert stopped.reason == "stop" and len(stopped.tokens) == 3
@@ -154,10 +154,10 @@ def test_cancel_busy_and_full_attention_models():
     assert not engine.batched  # a full-attention KV cache grows: requests decode one by one
     engine.start()
     try:
-        slow = submit(engine, [1, 2], 10**6, dict(temperature=0), eos=())
-        quick = submit(engine, [3, 4, 5], 8, dict(temperature=1.0), seed=3, eos=())
+        slow = submit(engine, [1, 2], 10**6, {"temperature": 0}, eos=())
+        quick = submit(engine, [3, 4, 5], 8, {"temperature": 1.0}, seed=3, eos=())
         with pytest.raises(EngineBusy):
-            submit(engine, [1], 1, dict(temperature=0), eos=())
+            submit(engine, [1], 1, {"temperature": 0}, eos=())
         assert quick.done.wait(60)
         assert quick.tokens == generate(model, [[3, 4, 5]], 8, temperature=1.0, seed=3)[0]
         slow.request.cancel()
@@ -174,9 +174,9 @@ def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
         with_kwargs=True)
     try:
         # A long prompt read in chunks of 16 keeps the engine busy while the short ones arrive.
-        long = submit(engine, [257, *([7] * 600)], 4, dict(temperature=1.0), seed=1)
+        long = submit(engine, [257, *([7] * 600)], 4, {"temperature": 1.0}, seed=1)
         prompts = [[257, *range(1, 1 + n)] for n in (5, 9, 2, 9, 14)]
-        shorts = [submit(engine, p, 10, dict(temperature=1.0), seed=50 + i) for i, p in enumerate(prompts)]
+        shorts = [submit(engine, p, 10, {"temperature": 1.0}, seed=50 + i) for i, p in enumerate(prompts)]
         assert long.done.wait(60) and all(c.done.wait(60) for c in shorts)
     finally:
         hook.remove()
