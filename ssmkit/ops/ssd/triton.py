@@ -179,7 +179,7 @@ class _SSDFunction(torch.autograd.Function):
             (ddelta_x if ddelta_x is not None else torch.zeros_like(delta)).contiguous() if has_extra else dummy,
             ddt, dA_part, dbias_part,
             l, h, nc, lo, hi, n_nb,
-            T=T, BK=BM, NDB=_pow2(n_nb, 1), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+            T=T, BK=BM, NDB=_pow2(n_nb, 2), NLB=_pow2(nrb, 2), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
             HAS_LIMIT=has_limit, HAS_EXTRA=has_extra, num_warps=4,
         )
         dA = dA_part.sum((0, 2)).to(A.dtype)

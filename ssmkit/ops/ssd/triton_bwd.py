@@ -258,7 +258,7 @@ def _bwd_dt(
     dt_ptr, A_ptr, bias_ptr, delta_ptr, dcum_ptr, ddelta_ptr, ddecay_ptr, dlast_ptr, dcum_x_ptr, ddelta_x_ptr,
     ddt_ptr, dA_ptr, dbias_ptr,
     L, H, nc, lo, hi, n_ddecay,
-    T: tl.constexpr, BK: tl.constexpr, NDB: tl.constexpr,
+    T: tl.constexpr, BK: tl.constexpr, NDB: tl.constexpr, NLB: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_EXTRA: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
@@ -274,7 +274,8 @@ def _bwd_dt(
     # cum_last feeds the chunk's decay (state passing) and the chunk-state weights.
     rd = tl.arange(0, NDB)
     extra = tl.sum(tl.load(ddecay_ptr + (bh * nc + c) * n_ddecay + rd, mask=rd < n_ddecay, other=0.0), 0)
-    extra += tl.sum(tl.load(dlast_ptr + (bh * nc + c) * (T // BK) + tl.arange(0, T // BK)), 0)
+    rl = tl.arange(0, NLB)
+    extra += tl.sum(tl.load(dlast_ptr + (bh * nc + c) * (T // BK) + rl, mask=rl < T // BK, other=0.0), 0)
     dcum = tl.where(tl.arange(0, T) == T - 1, dcum + extra, dcum)
     # cum_t = Σ_{u<=t} Δ_u A: the gradient of Δ_u A is Σ_{t>=u} dcum_t.
     suffix = tl.sum(dcum, 0) - tl.cumsum(dcum, 0) + dcum
