@@ -72,6 +72,7 @@ class ServerProcess:
         self.argv = [sys.executable, "-m", "ssmkit", "serve", "--checkpoint", str(model_dir),
                      "--sessions-dir", str(sessions_dir), *args]
         self.log = log
+        self.sessions_dir = sessions_dir
         self.proc: subprocess.Popen | None = None
         self.url = ""
 

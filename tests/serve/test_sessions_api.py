@@ -107,6 +107,20 @@ def test_states_spill_to_disk_past_the_memory_budget(server, client, reference):
     assert body["choices"][0]["token_ids"] == reference("session 0 ", 10, **SAMPLE)
 
 
+def test_a_broken_state_file_is_a_json_500_and_the_server_lives_on(server, client):
+    sid = new_session(client, prompt="soon broken")
+    for i in range(4):  # push it out of memory (the budget holds about three states)
+        new_session(client, prompt=f"filler {i}")
+    assert not client.get(f"/v1/sessions/{sid}").json()["in_memory"]
+    (state,) = server.sessions_dir.rglob(f"{sid}.*.safetensors")
+    state.write_bytes(b"garbage")
+    r = client.post(f"/v1/sessions/{sid}/complete", json={"max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "not a readable safetensors file" in r.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2}).status_code == 200
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
 @pytest.fixture
 def own_server(model_dir, tmp_path):
     proc = ServerProcess(model_dir, tmp_path / "sessions", tmp_path / "server.log", "--request-timeout", "2",
