@@ -20,7 +20,7 @@ from torch import nn
 
 from ssmkit import ops
 from ssmkit.distributed.context_parallel import context_parallel_chunk_scan, previous_rank_tail
-from ssmkit.layers.mamba import dt_bias_init
+from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
 
@@ -183,7 +183,7 @@ class Mamba2(nn.Module):
             state.ssm,
             x.unflatten(-1, (self.nheads, self.headdim)),
             dt,
-            -torch.exp(at_least_fp32(self.A_log)),
+            decode_A(self),
             B.unflatten(-1, (self.ngroups, self.d_state)),
             C.unflatten(-1, (self.ngroups, self.d_state)),
             self._D(),

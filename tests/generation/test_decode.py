@@ -96,3 +96,17 @@ def test_decode_state_clone_is_independent():
     assert token.shape == (2,) and copy.generators.draws.tolist() == [1, 1]
     assert state.generators.draws.tolist() == [0, 0] and not state.seen.any()
     assert all(not t.any() for s in state.cache.states for t in s.tensors().values())
+
+
+def test_cached_decode_A_follows_parameter_updates():
+    from ssmkit.layers import Mamba, Mamba2
+    from ssmkit.layers.mamba import decode_A
+
+    for layer in (Mamba(16, d_state=4), Mamba2(32, d_state=8, headdim=16)):
+        with torch.no_grad():
+            first = decode_A(layer)
+            assert decode_A(layer) is first  # reused between steps
+            layer.A_log.add_(0.5)  # an in-place update (optimizer step, load_state_dict) is seen
+            torch.testing.assert_close(decode_A(layer), -torch.exp(layer.A_log), rtol=0, atol=0)
+        # With autograd on, the value is computed afresh and carries the gradient.
+        assert decode_A(layer).requires_grad
