@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(1, "text")
     args, unknown = parser.parse_known_args(argv)
     args.print_only = legacy_eval and args.out is None
+    where = " ".join(filter(None, (args.command, getattr(args, "task", None))))
     try:
         if unknown:
             raise UsageError(_unknown_message(parser, args, unknown))
@@ -143,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args) or 0
     except UsageError as e:
         _subparser(parser, args).print_usage(sys.stderr)
-        print(f"ssmkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"ssmkit {where}: error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError, TrainingError) as e:
         # Expected failures (missing files, bad configs or checkpoints, a diverged run) get one line;
         # anything else is a bug and keeps its traceback.
-        print(f"ssmkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"ssmkit {where}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -22,8 +22,8 @@ from ssmkit.models import LanguageModel
 
 FULL = dict(models=["mamba", "mamba2"], train_len=256, vocab_size=16, d_model=64, n_layer=2, d_state=16, steps=4000,
             batch_size=64, lr=2e-3, min_log2_len=8, max_log2_len=0, eval_sequences=64, chunk_len=0, seed=0)
-SMOKE = dict(models=["mamba"], train_len=32, vocab_size=8, d_model=32, n_layer=2, d_state=8, steps=40,
-             batch_size=16, lr=5e-3, min_log2_len=5, max_log2_len=8, eval_sequences=16, chunk_len=64, seed=0)
+SMOKE = dict(models=["mamba"], train_len=16, vocab_size=6, d_model=32, n_layer=2, d_state=8, steps=200,
+             batch_size=16, lr=5e-3, min_log2_len=4, max_log2_len=8, eval_sequences=64, chunk_len=64, seed=0)
 HELPS = dict(models=f"model kinds ({', '.join(common.MODEL_KINDS)}; attention costs quadratic time at long lengths)",
              train_len="training sequence length", vocab_size="vocabulary, the trigger token included",
              d_model="model width", n_layer="layers", d_state="SSM state size", steps="training steps",

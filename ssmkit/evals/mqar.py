@@ -22,7 +22,7 @@ from ssmkit.models import LanguageModel
 FULL = dict(models=["mamba", "hybrid"], seq_len=256, vocab_size=8192, kv_counts=[4, 8, 16, 32, 64], d_model=128,
             n_layer=4, d_state=16, steps=6000, batch_size=64, lr=1e-3, eval_sequences=256, seed=0)
 SMOKE = dict(models=["mamba", "hybrid"], seq_len=32, vocab_size=64, kv_counts=[2, 4], d_model=32, n_layer=2,
-             d_state=8, steps=60, batch_size=16, lr=5e-3, eval_sequences=64, seed=0)
+             d_state=8, steps=150, batch_size=16, lr=5e-3, eval_sequences=128, seed=0)
 HELPS = dict(models=f"model kinds to compare ({', '.join(common.MODEL_KINDS)})", seq_len="sequence length",
              vocab_size="vocabulary (keys from the lower half, values from the upper half)",
              kv_counts="key-value pair counts; training mixes them equally, testing reports each",
