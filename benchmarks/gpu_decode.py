@@ -1,12 +1,18 @@
-"""Decoding speed on a GPU: tokens/s of one decode step, eager vs replayed from a CUDA graph.
+"""Decoding speed on a GPU: the decode-step op, then tokens/s of one model decode step, eager vs CUDA graph.
 
-Models: the ``mamba2-130m`` and ``mamba-130m`` presets (random weights: speed does not depend on them)
-in bfloat16, at batch 1 and 64. A step is one token per row through the cache plus sampling
-(temperature 1, top-p 0.9, seeded). Columns:
+Op table: ``selective_state_update`` (one step, state in place) at the shapes of mamba2-130m (24 heads of
+64, N 128) and mamba-130m (1536 channels, N 16), bf16 inputs and float32 state: the Triton kernel vs the
+vectorised torch step vs mamba_ssm's Triton kernel (from ``.ext/``, "n/a" if it does not import), µs
+(triton.testing.do_bench median) and the floor (state read + written once, plus inputs, at 3.3 TB/s).
 
-* eager / graph: steady-state tokens/s (batch × steps / s) of the decode step, median of 5 timings of
-  100 steps each, CUDA events;
+Model table: the ``mamba2-130m`` and ``mamba-130m`` presets (random weights: speed does not depend on
+them) in bfloat16, at batch 1 and 64. A step is one token per row through the cache plus picking the
+next token. Columns:
+
+* eager / graph: steady-state tokens/s (batch × steps / s) of the greedy decode step, median of 5
+  timings of 100 steps each, CUDA events;
 * ratio: graph / eager;
+* graph top-p: the same with sampling (temperature 1, top-p 0.9, seeded streams);
 * floor: the memory-bandwidth bound, (weight bytes + 2 × cache bytes) per step at 3.3 TB/s (an H100/H200
   SXM's HBM3; the H200's is 4.8 TB/s), as tokens/s;
 * generate(): end-to-end ``generate`` of 256 tokens after a 16-token prompt (prefill, graph capture and
@@ -18,26 +24,87 @@ in bfloat16, at batch 1 and 64. A step is one token per row through the cache pl
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 
 from ssmkit.generation.decode import DecodeState, GraphedStep, step
 from ssmkit.generation.sampling import SamplingParams, make_generators
 from ssmkit.models import LanguageModel, get_preset
+from ssmkit.ops.state_update import selective_state_update
 
 BANDWIDTH = 3.3e12
 STEPS = 100
-PARAMS = SamplingParams(temperature=1.0, top_p=0.9)
+GREEDY = SamplingParams(temperature=0)
+TOP_P = SamplingParams(temperature=1.0, top_p=0.9)
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _decode_state(model: LanguageModel, batch: int) -> tuple[DecodeState, torch.Tensor]:
+def load_mamba_ssm_state_update():
+    """mamba_ssm's Triton ``selective_state_update`` from the unpacked source under .ext/, or None."""
+    sources = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
+    if not sources:
+        return None
+    if "mamba_ssm" not in sys.modules:
+        # A bare package: mamba_ssm's own __init__ would load its compiled CUDA extension.
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = [str(sources[-1])]
+        sys.modules["mamba_ssm"] = package
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as theirs
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        print(f"mamba_ssm selective_state_update: n/a ({type(e).__name__}: {e})")
+        return None
+    return theirs
+
+
+def op_table() -> None:
+    from triton.testing import do_bench
+
+    theirs = load_mamba_ssm_state_update()
+    print("\nselective_state_update, bf16 inputs, fp32 state; µs per step")
+    header = f"{'shape':<34} {'triton':>8} {'torch':>8} {'mamba_ssm':>10} {'floor':>7} {'torch/triton':>13}"
+    print(header)
+    print("-" * len(header))
+    dev, bf = "cuda", torch.bfloat16
+    for label, b, h, p, n in (("mamba2-130m b=1", 1, 24, 64, 128), ("mamba2-130m b=64", 64, 24, 64, 128),
+                              ("mamba-130m b=1", 1, 1536, 1, 16), ("mamba-130m b=64", 64, 1536, 1, 16)):
+        mamba1 = p == 1
+        state = torch.randn((b, h, n) if mamba1 else (b, h, p, n), device=dev)
+        x = torch.randn((b, h) if mamba1 else (b, h, p), device=dev, dtype=bf)
+        dt = torch.randn((b, h), device=dev, dtype=bf)
+        A = -torch.rand((h, n) if mamba1 else (h,), device=dev)
+        B, C = (torch.randn(b, n, device=dev, dtype=bf) for _ in range(2))
+        D, bias = torch.randn(h, device=dev), torch.randn(h, device=dev)
+        z = torch.randn_like(x) if mamba1 else None
+        kw = dict(D=D, z=z, dt_bias=bias, dt_softplus=True)
+        ms = {be: do_bench(lambda be=be: selective_state_update(state, x, dt, A, B, C, **kw, backend=be))
+              for be in ("triton", "chunked")}
+        if theirs is None:
+            ms["mamba_ssm"] = None
+        elif mamba1:
+            ms["mamba_ssm"] = do_bench(lambda: theirs(state, x, dt, A, B, C, **kw))
+        else:
+            # mamba_ssm takes per-channel tensors; Mamba2.step passes broadcast views, as here.
+            dt3, A3 = dt[..., None].expand(b, h, p), A[:, None, None].expand(h, p, n)
+            D2, bias2 = D[:, None].expand(h, p), bias[:, None].expand(h, p)
+            ms["mamba_ssm"] = do_bench(lambda: theirs(state, x, dt3, A3, B, C, D=D2, dt_bias=bias2, dt_softplus=True))
+        floor_us = (2 * state.numel() * 4 + 3 * x.numel() * 2) / BANDWIDTH * 1e6
+        ref = "n/a" if ms["mamba_ssm"] is None else f"{ms['mamba_ssm'] * 1e3:.1f}"
+        print(f"{label:<34} {ms['triton'] * 1e3:>8.1f} {ms['chunked'] * 1e3:>8.1f} {ref:>10} {floor_us:>7.2f} "
+              f"{ms['chunked'] / ms['triton']:>12.1f}x", flush=True)
+
+
+def _decode_state(model: LanguageModel, batch: int, params: SamplingParams) -> tuple[DecodeState, torch.Tensor]:
     device = model.embedding.weight.device
     cache = model.allocate_cache(batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
     with torch.no_grad():
         model(prompt, cache=cache)
-    state = DecodeState(cache, PARAMS, model.config.vocab_size, make_generators(0, batch, device),
+    state = DecodeState(cache, params, model.config.vocab_size, make_generators(0, batch, device),
                         torch.zeros(0, dtype=torch.long, device=device),
                         torch.zeros(batch, dtype=torch.bool, device=device), None)
     return state, prompt[:, -1].clone()
@@ -57,11 +124,9 @@ def _time(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
-def measure(name: str, batch: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = LanguageModel(get_preset(name), device="cuda", dtype=torch.bfloat16).eval()
-    state, token = _decode_state(model, batch)
+def _step_rates(model: LanguageModel, batch: int, params: SamplingParams) -> tuple[float, float, DecodeState]:
+    """Eager and graph-replayed tokens/s of the decode step."""
+    state, token = _decode_state(model, batch, params)
     holder = [token]
 
     def eager() -> None:
@@ -70,9 +135,16 @@ def measure(name: str, batch: int) -> dict[str, float]:
     for _ in range(3):
         eager()
     eager_s = _time(eager)
-    graphed = GraphedStep(model, holder[0], state)
-    graph_s = _time(graphed.replay)
+    graph_s = _time(GraphedStep(model, holder[0], state).replay)
+    return batch * STEPS / eager_s, batch * STEPS / graph_s, state
 
+
+@torch.no_grad()
+def measure(name: str, batch: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset(name), device="cuda", dtype=torch.bfloat16).eval()
+    eager, graph, state = _step_rates(model, batch, GREEDY)
+    _, graph_top_p, _ = _step_rates(model, batch, TOP_P)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_s = (weight_bytes + 2 * state.cache.nbytes) / BANDWIDTH
     prompts = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda")
@@ -82,22 +154,24 @@ def measure(name: str, batch: int) -> dict[str, float]:
     model.generate(prompts, 256, temperature=1.0, top_p=0.9, seed=0)
     torch.cuda.synchronize()
     e2e = batch * 256 / (time.perf_counter() - start)
-    return {"eager": batch * STEPS / eager_s, "graph": batch * STEPS / graph_s, "floor": batch / floor_s,
-            "e2e": e2e, "weights_mb": weight_bytes / 1e6, "cache_mb": state.cache.nbytes / 1e6}
+    return {"eager": eager, "graph": graph, "graph_top_p": graph_top_p, "floor": batch / floor_s, "e2e": e2e,
+            "weights_mb": weight_bytes / 1e6, "cache_mb": state.cache.nbytes / 1e6}
 
 
 def main() -> None:
-    print(f"device: {torch.cuda.get_device_name()}; bfloat16 weights, float32 SSM states; tokens/s")
-    header = (f"{'model':<12} {'batch':>5} {'eager':>10} {'graph':>10} {'ratio':>6} {'floor':>10} "
-              f"{'generate()':>11} {'weights MB':>10} {'cache MB':>9}")
+    print(f"device: {torch.cuda.get_device_name()}")
+    op_table()
+    print("\ndecode step, bfloat16 weights, float32 SSM states; tokens/s")
+    header = (f"{'model':<12} {'batch':>5} {'eager':>10} {'graph':>10} {'ratio':>6} {'graph top-p':>12} "
+              f"{'floor':>10} {'generate()':>11} {'weights MB':>10} {'cache MB':>9}")
     print(header)
     print("-" * len(header))
     for name in ("mamba2-130m", "mamba-130m"):
         for batch in (1, 64):
             r = measure(name, batch)
             print(f"{name:<12} {batch:>5} {r['eager']:>10.0f} {r['graph']:>10.0f} {r['graph'] / r['eager']:>5.1f}x "
-                  f"{r['floor']:>10.0f} {r['e2e']:>11.0f} {r['weights_mb']:>10.1f} {r['cache_mb']:>9.1f}", flush=True)
-    print("target: >= 3000 tokens/s at batch 1 for mamba2-130m (graph column)")
+                  f"{r['graph_top_p']:>12.0f} {r['floor']:>10.0f} {r['e2e']:>11.0f} {r['weights_mb']:>10.1f} {r['cache_mb']:>9.1f}", flush=True)
+    print("target: >= 3000 tokens/s at batch 1 for mamba2-130m (graph column, greedy)")
 
 
 if __name__ == "__main__":
