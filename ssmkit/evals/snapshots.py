@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 from ssmkit.data import ByteTokenizer, read_documents
-from ssmkit.evals._report import format_table, pyplot, resolve_device, save_figure, synchronize, timed, write_result
+from ssmkit.evals._common import add_options, resolve_device
+from ssmkit.evals._common import settings as experiment_settings
+from ssmkit.evals._report import format_table, pyplot, save_figure, synchronize, timed, write_result
 from ssmkit.evals.registry import register
 from ssmkit.generation import ModelCache
 from ssmkit.models import LanguageModel, get_preset
@@ -60,21 +62,27 @@ def document_bytes(n_bytes: int) -> bytes:
     return b"".join(out)[:n_bytes]
 
 
+FULL = {"doc_bytes": 1_000_000, "queries": 8, "answer_tokens": 64, "chunk": 8192, "seed": 0}
+SMOKE = {**FULL, "doc_bytes": 4096, "queries": 3, "answer_tokens": 8, "chunk": 1024}
+HELP = {
+    "doc_bytes": "document length in bytes (standard-library source)",
+    "queries": "questions about the document",
+    "answer_tokens": "greedy tokens per answer",
+    "chunk": "positions read per forward call",
+    "seed": "seed of the fresh weights",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", metavar="DIR", help="ssmkit model folder of a byte-level SSM "
-                                                            "(default: byte-small, freshly initialised)")
-    parser.add_argument("--doc-bytes", type=int, default=1_000_000, help="document length in bytes (default 1,000,000)")
-    parser.add_argument("--queries", type=int, default=8, help="questions about the document (default 8)")
-    parser.add_argument("--answer-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
-    parser.add_argument("--chunk", type=int, default=8192, help="positions read per forward call (default 8192)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
+    add_options(parser, FULL, SMOKE, HELP)
+    parser.add_argument("--checkpoint", metavar="DIR", default=None,
+                        help="ssmkit model folder of a byte-level model (default: byte-small freshly initialised; "
+                             "with --smoke a 2-layer, d_model 64 version)")
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Time both ways, check they agree, print the table, write ``result.json`` and ``snapshots.png``."""
-    settings = {k: getattr(args, k) for k in ("checkpoint", "doc_bytes", "queries", "answer_tokens", "chunk", "seed")}
-    if args.smoke:
-        settings.update(doc_bytes=4096, queries=3, answer_tokens=8, chunk=1024)
+    settings = {**experiment_settings(args, FULL, SMOKE), "checkpoint": args.checkpoint}
     for name in ("doc_bytes", "queries", "answer_tokens", "chunk"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")

@@ -1,11 +1,11 @@
 """ssmkit/evals/scaling.py: the measurements, the stopping rule, and the --smoke run end to end."""
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from ssmkit.cli import main
 from ssmkit.evals import scaling
 from ssmkit.models import LanguageModel
 
@@ -38,14 +38,12 @@ def test_saved_activations_grow_linearly_and_leave_weights_out():
 
 
 @pytest.mark.slow
-def test_smoke_run_measures_every_mixer(tmp_path):
-    parser = argparse.ArgumentParser()
-    scaling.add_arguments(parser)
-    args = parser.parse_args([])
-    args.smoke, args.device, args.out = True, "cpu", tmp_path
-    result = scaling.ENTRY.run(args, tmp_path)
-    saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["lengths"] == [256, 512, 1024, 2048] and saved["device"] == "cpu"
+def test_smoke_run_measures_every_mixer(tmp_path, capsys):
+    assert main(["bench", "scaling", "--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["lengths"] == [256, 512, 1024, 2048] and result["device"] == "cpu"
+    printed = capsys.readouterr().out
+    assert all(table in printed for table in result["tables"].values())
     assert (tmp_path / "scaling.png").stat().st_size > 1000
     for mixer, s in result["series"].items():
         points = s["points"]

@@ -1,11 +1,11 @@
 """ssmkit/data/images.py and ssmkit/evals/smnist.py: bundled images, the split, the --smoke run."""
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 
+from ssmkit.cli import main
 from ssmkit.data.images import load_pixel_sequences, stratified_split
 from ssmkit.evals import smnist
 
@@ -38,16 +38,6 @@ def test_stratified_split_keeps_class_proportions_and_is_disjoint():
         stratified_split(labels, 0.01, seed=0)
 
 
-def _args(tmp_path, **overrides):
-    parser = argparse.ArgumentParser()
-    smnist.add_arguments(parser)
-    args = parser.parse_args([])
-    args.smoke, args.device, args.out = True, "cpu", tmp_path
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
-
-
 def test_bidirectional_mamba_is_refused():
     with pytest.raises(ValueError, match="--bidirectional applies to S4D only"):
         smnist.classifier_config("mamba", 32, 2, 16, True)
@@ -56,12 +46,17 @@ def test_bidirectional_mamba_is_refused():
 
 
 @pytest.mark.slow
-def test_smoke_run_beats_chance(tmp_path):
-    result = smnist.ENTRY.run(_args(tmp_path), tmp_path)
-    saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["table"] == result["table"] and saved["dataset"]["name"] == "digits"
+def test_smoke_run_beats_chance(tmp_path, capsys):
+    result = _cli(tmp_path, "eval", "smnist")
+    assert result["table"] in capsys.readouterr().out and result["dataset"]["name"] == "digits"
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     (run,) = result["runs"]
     assert run["model"] == "s4d" and len(run["history"]) == result["settings"]["epochs"]
     # Chance is 10%; a few epochs of a tiny S4D on 64-pixel digits get far above it.
     assert run["test_accuracy"] > 0.4 > result["dataset"]["chance_accuracy"]
+
+
+def _cli(tmp_path, kind, task, *extra):
+    """Run ``ssmkit KIND TASK --smoke`` on CPU into tmp_path; its result.json."""
+    assert main([kind, task, "--smoke", "--device", "cpu", "--out", str(tmp_path), *extra]) == 0
+    return json.loads((tmp_path / "result.json").read_text())

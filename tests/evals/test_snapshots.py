@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from ssmkit.cli import main
 from ssmkit.evals import snapshots
 from ssmkit.models import LanguageModel, get_preset
 
@@ -26,10 +27,9 @@ def test_document_is_the_requested_number_of_stdlib_bytes():
 
 
 @pytest.mark.slow
-def test_smoke_run_answers_from_clones_exactly_as_from_rereading(tmp_path):
-    result = snapshots.ENTRY.run(_args(tmp_path), tmp_path)
-    saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["table"] == result["table"]
+def test_smoke_run_answers_from_clones_exactly_as_from_rereading(tmp_path, capsys):
+    result = _cli(tmp_path, "bench", "snapshots")
+    assert result["table"] in capsys.readouterr().out and result["device"] == "cpu"
     assert (tmp_path / "snapshots.png").stat().st_size > 1000
     f = result["figures"]
     assert f["identical_answers"] is True and f["identical_states"] is True
@@ -47,3 +47,9 @@ def test_non_byte_checkpoint_is_refused(tmp_path):
     LanguageModel(get_preset("debug-mamba2")).save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError, match="not a byte vocabulary"):
         snapshots.ENTRY.run(_args(tmp_path, checkpoint=str(tmp_path / "model")), tmp_path / "out")
+
+
+def _cli(tmp_path, kind, task, *extra):
+    """Run ``ssmkit KIND TASK --smoke`` on CPU into tmp_path; its result.json."""
+    assert main([kind, task, "--smoke", "--device", "cpu", "--out", str(tmp_path), *extra]) == 0
+    return json.loads((tmp_path / "result.json").read_text())
