@@ -31,12 +31,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssmkit.data import DataConfig, default_corpus_root
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
-from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, write_result
+from ssmkit.evals._report import (
+    check_names,
+    format_table,
+    pyplot,
+    save_figure,
+    write_result,
+)
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
-from ssmkit.models.config import AttentionConfig, Mamba2Config, Mamba3Config, MambaConfig, MLPConfig, ModelConfig
+from ssmkit.models.config import (
+    AttentionConfig,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    MLPConfig,
+    ModelConfig,
+)
 from ssmkit.models.presets import BYTE_VOCAB_SIZE
-from ssmkit.train import Trainer, TrainConfig
+from ssmkit.train import TrainConfig, Trainer
 from ssmkit.train.metrics import read_metrics
 
 FAMILIES = ("mamba", "mamba2", "mamba3", "transformer")
@@ -145,10 +158,10 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     tokens_per_step = settings["batch_size"] * settings["seq_len"]
     steps = max(1, settings["tokens"] // tokens_per_step)
     data = DataConfig(paths=list(settings["data"]), seq_len=settings["seq_len"])
-    train = dict(steps=steps, batch_size=settings["batch_size"], lr=settings["lr"],
-                 warmup_steps=min(100, max(1, steps // 10)), eval_every=max(1, steps // settings["evals"]),
-                 eval_tokens=settings["eval_tokens"], checkpoint_every=0, checkpoint_minutes=0.0,
-                 sample_tokens=0, progress=False, device=str(device), seed=settings["seed"], log_every=10)
+    train = {"steps": steps, "batch_size": settings["batch_size"], "lr": settings["lr"],
+             "warmup_steps": min(100, max(1, steps // 10)), "eval_every": max(1, steps // settings["evals"]),
+             "eval_tokens": settings["eval_tokens"], "checkpoint_every": 0, "checkpoint_minutes": 0.0,
+             "sample_tokens": 0, "progress": False, "device": str(device), "seed": settings["seed"], "log_every": 10}
 
     runs = []
     for family in families:

@@ -35,10 +35,25 @@ import torch
 
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
-from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, synchronize, timed, write_result
+from ssmkit.evals._report import (
+    check_names,
+    format_table,
+    pyplot,
+    save_figure,
+    synchronize,
+    timed,
+    write_result,
+)
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
-from ssmkit.models.config import AttentionConfig, Mamba2Config, Mamba3Config, MambaConfig, ModelConfig, S4DConfig
+from ssmkit.models.config import (
+    AttentionConfig,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    ModelConfig,
+    S4DConfig,
+)
 
 MIXERS = ("mamba", "mamba2", "mamba3", "s4d", "attention")
 LABELS = {"mamba": "Mamba", "mamba2": "Mamba-2", "mamba3": "Mamba-3", "s4d": "S4D", "attention": "Attention"}

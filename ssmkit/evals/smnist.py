@@ -23,7 +23,13 @@ import torch
 from ssmkit.data.images import load_pixel_sequences, stratified_split
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
-from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, write_result
+from ssmkit.evals._report import (
+    check_names,
+    format_table,
+    pyplot,
+    save_figure,
+    write_result,
+)
 from ssmkit.evals.registry import register
 from ssmkit.models import ModelConfig, param_groups
 from ssmkit.models.classifier import SequenceClassifier

@@ -20,6 +20,7 @@ would hold after the same document.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,14 @@ import torch
 from ssmkit.data import ByteTokenizer, read_documents
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
-from ssmkit.evals._report import format_table, pyplot, save_figure, synchronize, timed, write_result
+from ssmkit.evals._report import (
+    format_table,
+    pyplot,
+    save_figure,
+    synchronize,
+    timed,
+    write_result,
+)
 from ssmkit.evals.registry import register
 from ssmkit.generation import ModelCache
 from ssmkit.models import LanguageModel, get_preset
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
         t_read, cache = timed(lambda: read_document(model, doc, chunk), device)
         if first_state is None:
             first_state = cache.clone()
-        t_answer, tokens = timed(lambda: answer(model, q, cache, n_answer), device)
+        t_answer, tokens = timed(partial(answer, model, q, cache, n_answer), device)
         reread_read.append(t_read)
         reread_answer.append(t_answer)
         reread_out.append(tokens)
@@ -120,7 +128,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     snap_clone, snap_answer, snap_out = [], [], []
     for q in queries:
         t_clone, fork = timed(snapshot.clone, device)
-        t_answer, tokens = timed(lambda: answer(model, q, fork, n_answer), device)
+        t_answer, tokens = timed(partial(answer, model, q, fork, n_answer), device)
         snap_clone.append(t_clone)
         snap_answer.append(t_answer)
         snap_out.append(tokens)
@@ -143,7 +151,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
         "time_saved_s": reread_total - snapshot_total, "speedup": reread_total / snapshot_total,
         "identical_answers": same_answers, "identical_states": same_state,
     }
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     table = format_table(
         ["way", "document reads", "read s (each)", "clone/save s", "answer s (mean)",
          f"total s ({len(queries)} queries)"],
