@@ -78,7 +78,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, out_ptr, length, di
                      stride_sb, stride_sl, stride_ob, stride_od, stride_ol,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
                      SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_l, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_l, pid_d = tl.program_id(0), tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
@@ -149,7 +150,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, d
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
                      SILU: tl.constexpr, NEED_DINIT: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid_l, pid_d, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_l, pid_d = tl.program_id(0), tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     x_ptr += pid_b * stride_xb
@@ -325,7 +327,7 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, dim, length, st
                         stride_ob, stride_od, stride_ol,
                         W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_d, pid_b = tl.program_id(0), tl.program_id(1)
+    pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     x_ptr += pid_b * stride_xb
