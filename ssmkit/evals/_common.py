@@ -163,6 +163,7 @@ def predict_scored(model: LanguageModel, batch: SyntheticBatch, device: torch.de
 
     With ``chunk_len`` > 0 the sequence is read ``chunk_len`` positions at a time through the model's
     cache (recurrent inference: memory bounded by the chunk, whatever the length), else in one pass.
+    Inference runs in the weights' dtype (float32), so the cache and the activations agree.
     """
     model.eval()
     inputs, targets = batch.inputs.to(device), batch.targets.to(device)
@@ -173,8 +174,7 @@ def predict_scored(model: LanguageModel, batch: SyntheticBatch, device: torch.de
     preds, wanted, where = [], [], []
     for start in range(0, length, step):
         part = targets[:, start:start + step]
-        with _autocast(device):
-            logits = model(inputs[:, start:start + step], cache=cache).logits
+        logits = model(inputs[:, start:start + step], cache=cache).logits
         keep = part != IGNORE
         preds.append(logits[..., :vocab][keep].argmax(-1))
         wanted.append(part[keep])

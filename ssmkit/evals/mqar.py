@@ -87,10 +87,11 @@ def _plot(result: dict[str, Any], counts: list[int], out_dir: Path) -> None:
     for kind, m in result["models"].items():
         ax.plot(counts, [m["accuracy"][str(n)] for n in counts], marker="o",
                 label=f"{kind} ({m['pattern']}, {m['params']:,} params)")
-    ax.set(xscale="log", xlabel="key-value pairs", ylabel="recall accuracy", ylim=(0, 1.02),
+    ax.axhline(result["chance"], color="gray", linestyle="--", label="chance")
+    ax.set(xlabel="key-value pairs", ylabel="recall accuracy", ylim=(0, 1.02),
            title=f"MQAR at length {result['settings']['seq_len']}")
     ax.set_xscale("log", base=2)
-    ax.legend()
+    ax.legend(loc="center right")
     common.save_figure(fig, out_dir / "mqar.png")
 
 
