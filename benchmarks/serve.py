@@ -74,7 +74,7 @@ def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: flo
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
 
-async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, float]:
+async def load(url: str, concurrency: int, requests: int, max_tokens: int, prompt_bytes: int = 64) -> dict[str, float]:
     """``requests`` completions from ``concurrency`` clients; latency percentiles and throughput."""
     latencies: list[float] = []
     tokens = 0
@@ -87,8 +87,8 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> di
         nonlocal tokens
         while not queue.empty():
             i = queue.get_nowait()
-            body = {"prompt": f"Request {i}: the quick brown fox jumps over the lazy dog. ", "max_tokens": max_tokens,
-                    "temperature": 1.0, "seed": i}
+            prompt = (f"Request {i}: " + "the quick brown fox jumps over the lazy dog. " * 100)[:prompt_bytes]
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": i}
             start = time.perf_counter()
             r = await c.post("/v1/completions", json=body)
             latencies.append(time.perf_counter() - start)
@@ -96,11 +96,16 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> di
             tokens += r.json()["usage"]["completion_tokens"]
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+        before = (await c.get("/health")).json()
         start = time.perf_counter()
         await asyncio.gather(*[client(c) for _ in range(concurrency)])
         wall = time.perf_counter() - start
+        after = (await c.get("/health")).json()
     latencies.sort()
+    # A request's first token comes from its prompt; every later one from a shared decode step.
+    steps = after["decode_steps"] - before["decode_steps"]
     return {"concurrency": concurrency, "requests": requests, "tokens": tokens, "wall_s": wall,
+            "mean_batch": (tokens - requests) / max(steps, 1),
             "tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
             "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
@@ -146,7 +151,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--prompt-bytes", type=int, default=64, help="length of each request's prompt")
+    parser.add_argument("--sessions", type=int, default=1000, help="0: skip the memory test")
     parser.add_argument("--session-tokens", type=int, default=10_000)
     parser.add_argument("--distinct", action="store_true", help="every session reads its own text")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
@@ -170,8 +176,9 @@ def main() -> None:
         proc, url = start_server(checkpoint, tmp / "sessions", tmp / "server.log", memory_mb, args.threads)
         try:
             asyncio.run(load(url, 1, 2, 4))  # warm-up
-            rows = [asyncio.run(load(url, c, args.requests, args.max_tokens)) for c in args.concurrency]
-            memory = open_sessions(url, proc.pid, args.sessions, args.session_tokens, args.distinct)
+            rows = [asyncio.run(load(url, c, args.requests, args.max_tokens, args.prompt_bytes))
+                    for c in args.concurrency]
+            memory = open_sessions(url, proc.pid, args.sessions, args.session_tokens, args.distinct) if args.sessions else None
         finally:
             proc.terminate()
             proc.wait(30)
@@ -180,14 +187,17 @@ def main() -> None:
         args.json.write_text(json.dumps({"load": rows, "memory": memory}, indent=2) + "\n")
 
 
-def report(rows: list[dict], memory: dict, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
+def report(rows: list[dict], memory: dict | None, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
     base = rows[0]["tokens_per_s"]
-    print(f"\n## Throughput: {args.requests} requests per level, {args.max_tokens} new tokens each (sampled)\n")
-    print("| clients | tokens/s | x vs 1 client | requests/s | p50 latency | p99 latency |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"\n## Throughput: {args.requests} requests per level, {args.prompt_bytes}-byte prompts, "
+          f"{args.max_tokens} new tokens each (sampled)\n")
+    print("| clients | tokens/s | x vs 1 client | requests/s | p50 latency | p99 latency | rows per decode step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.1f} | "
-              f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s |")
+              f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['mean_batch']:.1f} |")
+    if memory is None:
+        return
     n, t = memory["sessions"], memory["tokens_each"]
     layers, kv32 = transformer_kv_bytes(model, t, 4)
     _, kv16 = transformer_kv_bytes(model, t, 2)

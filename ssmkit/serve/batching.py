@@ -6,15 +6,16 @@ Each turn of the engine loop
 2. reads one prefill chunk (``prefill_chunk_size`` tokens) of every request still reading its prompt,
 3. runs **one** forward step for all decoding requests at once, on a batched cache whose rows are the
    requests (:class:`SlotCache`), and
-4. samples one token per request, each with its own :class:`SamplingParams` and ``torch.Generator``.
+4. samples one token per request, each with its own :class:`SamplingParams` and seeded random stream.
 
 A request that finishes leaves the batch at once (its row is refilled by the last row) and a new one
 joins at the next turn, so the batch follows the load: throughput grows with concurrency.
 
 Why a request decodes the same tokens in a batch as :func:`ssmkit.generation.generate` alone: sampling
-is done per row with the request's own generator seeded as ``generate`` seeds row 0, the prompt is read
-in the same chunks, and an SSM row's state never mixes with other rows. Only the float rounding of
-batched matrix products can differ, orders of magnitude below what moves a draw in practice.
+is done per row with the request's own random stream, seeded as ``generate`` seeds row 0; a prompt is
+read in the same chunks (or left-padded as ``generate`` pads a batch); and an SSM row's state never mixes
+with other rows. Only the float rounding of batched matrix products can differ, orders of magnitude
+below what moves a draw in practice.
 
 Models whose cache grows with the context (full attention) cannot share a fixed-shape batched cache:
 they decode each request with its own cache, still interleaved turn by turn.
@@ -33,6 +34,7 @@ import torch
 
 from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
+from ssmkit.serve.slots import SlotCache
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
@@ -90,77 +92,6 @@ class _Running:
     produced: int = 0
     token: int = -1
     row: int = -1
-
-
-class SlotCache:
-    """Many batch-1 caches packed as the rows of one batched cache, which a forward updates in place.
-
-    Rows are dense: ``add`` appends a row, ``remove(i)`` moves the last row into row ``i``. Storage grows by
-    doubling and is released when the last row leaves.
-    """
-
-    def __init__(self) -> None:
-        self._types: list[type] = []
-        self._store: list[dict[str, torch.Tensor]] = []
-        self.size = 0
-
-    @property
-    def capacity(self) -> int:
-        return next(iter(self._store[0].values())).shape[0] if self._store else 0
-
-    def add(self, cache: ModelCache) -> int:
-        """Copy a batch-1 ``cache`` into a new row; returns the row."""
-        if cache.batch_size != 1:
-            raise ValueError(f"SlotCache rows come from batch-1 caches, got batch size {cache.batch_size}")
-        if self.size == self.capacity:
-            self._grow(cache)
-        for store, state in zip(self._store, cache.states):
-            for name, t in state.tensors().items():
-                store[name][self.size].copy_(t[0])
-        self.size += 1
-        return self.size - 1
-
-    def _grow(self, like: ModelCache) -> None:
-        capacity = max(1, 2 * self.capacity)
-        new = [{name: t.new_zeros(capacity, *t.shape[1:]) for name, t in s.tensors().items()} for s in like.states]
-        for old, grown in zip(self._store, new):
-            for name, t in old.items():
-                grown[name][: self.size].copy_(t[: self.size])
-        self._types = [type(s) for s in like.states]
-        self._store = new
-
-    def remove(self, row: int, keep: bool) -> ModelCache | None:
-        """Take ``row`` out (returned as a batch-1 cache when ``keep``); the last row moves into its place."""
-        if not 0 <= row < self.size:
-            raise IndexError(f"row {row} is not in use (size {self.size})")
-        taken = self.row_cache(row) if keep else None
-        last = self.size - 1
-        if row != last:
-            for store in self._store:
-                for t in store.values():
-                    t[row].copy_(t[last])
-        self.size -= 1
-        if self.size == 0:
-            self._types, self._store = [], []
-        return taken
-
-    def row_cache(self, row: int) -> ModelCache:
-        """A batch-1 copy of one row."""
-        return ModelCache([tp(**{n: t[row:row + 1].clone() for n, t in store.items()})
-                           for tp, store in zip(self._types, self._store)])
-
-    def view(self) -> ModelCache:
-        """A cache of the rows in use whose tensors are views of the storage (a forward writes through)."""
-        return ModelCache([tp(**{n: t[: self.size] for n, t in store.items()})
-                           for tp, store in zip(self._types, self._store)])
-
-    def write_back(self, view: ModelCache) -> None:
-        """Copy into the storage any state tensor a forward replaced instead of updating in place."""
-        for store, state in zip(self._store, view.states):
-            for name, t in state.tensors().items():
-                target = store[name][: self.size]
-                if t.data_ptr() != target.data_ptr():
-                    target.copy_(t)
 
 
 class Engine:
@@ -242,16 +173,22 @@ class Engine:
                     return
                 new = list(self._inbox)
                 self._inbox.clear()
-            with torch.no_grad():
-                reading.extend(r for r in (self._admit(req) for req in new) if r is not None)
-                reading = self._prefill_turn(reading, waiting)
-                while waiting and len(decoding) < self.max_batch:
-                    run = waiting.popleft()
-                    if self.batched:
-                        run.row = slots.add(run.cache)
-                        run.cache = None
-                    decoding.append(run)
-                decoding = self._decode_turn(decoding, slots)
+            try:
+                with torch.no_grad():
+                    reading.extend(r for r in (self._admit(req) for req in new) if r is not None)
+                    reading = self._prefill_turn(reading, waiting)
+                    while waiting and len(decoding) < self.max_batch:
+                        run = waiting.popleft()
+                        if self.batched:
+                            run.row = slots.add(run.cache)
+                            run.cache = None
+                        decoding.append(run)
+                    decoding = self._decode_turn(decoding, slots)
+            except Exception as e:  # a bug here must not leave requests hanging or stop the engine
+                log.exception("engine turn failed")
+                for run in [*reading, *waiting, *decoding]:
+                    self._finish(run, f"error: {e}", None)
+                reading, waiting, decoding, slots = [], deque(), [], SlotCache()
 
     def _admit(self, req: GenerationRequest) -> _Running | None:
         try:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ssmkit.generation.cache import ModelCache
 from ssmkit.models.config import write_text_atomic
@@ -253,7 +253,7 @@ def _peek_cache(path: Path) -> tuple[int, int]:
             offset = int((f.metadata() or {})["seqlen_offset"])
             nbytes = sum(math.prod(f.get_slice(k).get_shape()) * _DTYPE_BYTES[f.get_slice(k).get_dtype()]
                          for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as e:  # safetensors raises its own error type for bad headers
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: unreadable session state ({e})") from None
     return offset, nbytes
 

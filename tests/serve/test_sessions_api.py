@@ -82,6 +82,24 @@ def test_streamed_session_completion_commits_the_state(client, reference):
     assert events[-1]["session"]["tokens"] == len("streaming") + 1 + len(tokens)
 
 
+def test_a_client_that_leaves_mid_stream_cancels_and_leaves_the_session_as_it_was(server, client):
+    sid = new_session(client, prompt="unchanged")
+    before = client.get(f"/v1/sessions/{sid}").json()
+    with client.stream("POST", f"/v1/sessions/{sid}/complete",
+                       json={"max_tokens": 200, "stream": True, "temperature": 0}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+    # The connection is closed: the engine drops the request and the session is not advanced.
+    for _ in range(100):
+        health = httpx.get(f"{server.url}/health").json()
+        if health["requests_in_flight"] == 0:
+            break
+        time.sleep(0.1)
+    assert health["requests_in_flight"] == 0
+    assert client.get(f"/v1/sessions/{sid}").json() == before
+    assert complete(client, sid, max_tokens=2, seed=1)["session"]["tokens"] == before["tokens"] + 2
+
+
 def test_concurrent_appends_to_one_session_are_serialised(server):
     async def run() -> list[int]:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
