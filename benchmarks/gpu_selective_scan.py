@@ -36,14 +36,14 @@ QUOTED_MS = {"fwd": 2.7, "fwd+bwd": 12.4}
 # HBM bandwidth by device name, bytes/s.
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}
 SWEEP = (
-    ScanConfig(32, 16, 4, 16, 8),
-    ScanConfig(64, 8, 4, 8, 8),
-    ScanConfig(32, 8, 4, 8, 4),
-    ScanConfig(16, 32, 4, 16, 4),
-    ScanConfig(64, 16, 8, 16, 8),
-    ScanConfig(32, 32, 8, 32, 8),
-    ScanConfig(128, 4, 4, 4, 4),
-    ScanConfig(16, 16, 4, 8, 4),
+    ScanConfig(128, 8, 4, 16, 8),
+    ScanConfig(128, 16, 4, 16, 4),
+    ScanConfig(64, 16, 4, 16, 4),
+    ScanConfig(256, 8, 8, 16, 8),
+    ScanConfig(128, 4, 4, 8, 4),
+    ScanConfig(64, 8, 2, 32, 8),
+    ScanConfig(256, 4, 4, 8, 8),
+    ScanConfig(512, 4, 8, 8, 8),
 )
 
 

@@ -2,25 +2,30 @@
 
 Dimensions as in ``reference.py``; ``T`` is the chunk length, ``BD`` the channels of one program.
 
-Each program owns ``BD`` channels of one group of one batch row and keeps their (BD, n) state in
-registers. It walks the sequence in chunks of ``T`` steps: it loads the (BD, T) tiles of u, delta, z and
-the (n, T) tiles of B and C, forms the decays ``a = exp(Δ A)`` and inputs ``x = Δ u B`` as (BD, n, T)
-tiles and solves ``h_t = a_t h_{t-1} + x_t`` over the chunk with one associative scan along time (pairs
-``(a, x)``; ``(a1, x1) ∘ (a2, x2) = (a1 a2, a2 x1 + x2)``), then adds the carried state times the
-cumulative decay. The (b, d, l, n) state never leaves the chip; the forward pass writes only the state at
-each chunk start, a (b, d, l / T, n) checkpoint tensor, for the backward pass.
+Laid out as mamba_ssm's CUDA kernel: each program owns ``BD`` channels of one group of one batch row and
+walks the sequence in chunks of ``T`` steps. Per chunk it loads the (BD, T) tiles of u, delta (and z),
+then loops over the state index n: with the (T,) rows B_n, C_n it forms the decays ``a = exp(Δ A_n)``
+and inputs ``x = Δ u B_n`` as (BD, T) tiles, solves ``h_t = a_t h_{t-1} + x_t`` over the chunk with one
+associative scan along time (``(a1, x1) ∘ (a2, x2) = (a1 a2, a2 x1 + x2)``; each thread holds a run of
+consecutive steps, so most of the scan is sequential in registers), adds the carried state times the
+cumulative decay and accumulates ``y += C_n h``. The (b, d, l, n) state never reaches memory: a state
+crosses chunks through the checkpoint tensor (b, d, l / T + 1, n), which keeps the state before every
+chunk (and the last state) for the backward pass; at T = 128 it is 1/8 the size of a float32 u.
 
-The backward pass walks the chunks in reverse. Per chunk it recomputes the states from the checkpoint and
-solves the adjoint ``g_t = c_t + a_{t+1} g_{t+1}`` (``c_t = C_t dy_t``) with one reverse associative scan.
-Its elements are triples ``(S, Q, F)``: for a segment [s..e], ``S = Σ_j c_j Π_{k=s+1..j} a_k``,
-``Q = Π_{k=s+1..e} a_k`` and ``F = a_s``, which needs no shift of ``a`` by one step. Every gradient
-is then read off ``h`` and ``g`` as in ``chunked.py``; ``a_t h_{t-1}`` is taken as ``h_t - x_t``
-(as mamba_ssm's CUDA kernel does). dB and dC are sums over the channels of a group: each program adds its
-block's share with atomics into float32 buffers; dA, dD and d(delta_bias) are summed in registers over
-the sequence and written per batch row, then summed over rows.
+The backward pass walks the chunks in reverse. Per chunk and n it recomputes the states from the
+checkpoint and solves the adjoint ``g_t = c_t + a_{t+1} g_{t+1}`` (``c_t = C_t dy_t``) with one reverse
+associative scan. Its elements are triples ``(S, Q, F)``: for a segment [s..e],
+``S = Σ_j c_j Π_{k=s+1..j} a_k``, ``Q = Π_{k=s+1..e} a_k`` and ``F = a_s``, which needs no shift of
+``a`` by one step. Every gradient is read off ``h`` and ``g`` as in ``chunked.py``; ``a_t h_{t-1}`` is
+taken as ``h_t - x_t`` (as mamba_ssm's CUDA kernel does). dB and dC are sums over the channels of a
+group: each program adds its block's share with atomics into float32 buffers. The gate's gradient needs
+the ungated y, which the forward pass saves (in u's dtype, as mamba_ssm) when z is given.
 
 Padding steps past ``l`` get Δ = 0, so a = 1 and x = 0: the state passes through unchanged, and the last
 column of a chunk is always the state to carry.
+
+Threads of a program exchange carried values through global memory (checkpoint, adjoint carry, dA);
+a barrier ends every chunk, and values read and written within one chunk live in separate slots.
 """
 
 from __future__ import annotations
