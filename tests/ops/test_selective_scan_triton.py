@@ -2,15 +2,17 @@
 float64 sequential reference, on tiny shapes.
 
 The interpreter is chosen when ``triton.jit`` decorates the kernels, i.e. on the first import of
-``ssmkit.ops.selective_scan.triton``, so each case runs this file as a script in a fresh process with
-``TRITON_INTERPRET=1``.
+``ssmkit.ops.selective_scan.triton``, so the cases run in one fresh process (this file as a script,
+with ``TRITON_INTERPRET=1``) and each test reads its case's result.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -96,13 +98,20 @@ def _run_case(name: str) -> None:
         assert_close(g, rg, dtype, name=f"d{key}")
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_triton_interpreter_matches_reference(name):
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, str]:
+    """Every case in one fresh interpreter process (one torch import): case -> "ok" or the failure."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_interpreter_matches_reference(interpreter_results, name):
+    assert interpreter_results[name] == "ok", interpreter_results[name]
 
 
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
@@ -114,5 +123,16 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
         selective_scan_fn(u, u, -torch.ones(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3), backend="triton")
 
 
+def _run_all() -> dict[str, str]:
+    results = {}
+    for name in CASES:
+        try:
+            _run_case(name)
+            results[name] = "ok"
+        except AssertionError:
+            results[name] = traceback.format_exc(limit=3)
+    return results
+
+
 if __name__ == "__main__":
-    _run_case(sys.argv[1])
+    print(json.dumps(_run_all()))
