@@ -74,7 +74,7 @@ def floor_bytes(l: int, backward: bool) -> int:
 
 
 def bench(fn, slow: bool = False) -> float:
-    return triton.testing.do_bench(fn, warmup=5 if slow else 25, rep=20 if slow else 200)
+    return triton.testing.do_bench(fn, warmup=5 if slow else 25, rep=20 if slow else 200, return_mode="median")
 
 
 def ssmkit_runner(x: dict, backend: str, backward: bool, config: ScanConfig | None = None):
