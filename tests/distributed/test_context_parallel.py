@@ -8,6 +8,7 @@ ranks), within float32 tolerance.
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -33,6 +34,8 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, checks: list[str]) -> None:
     torch.set_num_threads(1)
+    # Triton kernels run in its CPU interpreter, which must be on before triton is first imported.
+    os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         group = dist.new_group(list(range(world)))
@@ -78,7 +81,7 @@ def _seq_idx_rows(world: int, part: int) -> torch.Tensor:
 
 
 def _check_op_case(rank, world, group, *, part, seq_idx=None, with_z=True, d_per_channel=False,
-                   dt_limit=(0.0, float("inf")), initial=False, seed=0):
+                   dt_limit=(0.0, float("inf")), initial=False, seed=0, backend="auto"):
     b = 3 if seq_idx is not None else 2
     h, p, g, n, chunk = 4, 8, 2, 8, 16
     inp = _op_inputs(b, world * part, h, p, g, n, seed)
@@ -103,7 +106,8 @@ def _check_op_case(rank, world, group, *, part, seq_idx=None, with_z=True, d_per
     my_init = init.detach().clone().requires_grad_()
     my_out, my_final = context_parallel_chunk_scan(
         **sliced, chunk_size=chunk, seq_idx=None if seq_idx is None else split_sequence(seq_idx, group),
-        initial_states=my_init if initial and rank == 0 else None, return_final_states=True, group=group, **kwargs)
+        initial_states=my_init if initial and rank == 0 else None, return_final_states=True, group=group,
+        backend=backend, **kwargs)
     loss = (my_out * split_sequence(w_out, group)).sum()
     if rank == world - 1:
         loss = loss + (my_final * w_state).sum()
@@ -132,7 +136,17 @@ def _check_op(rank, world, group):
     seq_idx = _seq_idx_rows(world, 40)
     _check_op_case(rank, world, group, part=40, seq_idx=seq_idx, with_z=False, d_per_channel=True,
                    dt_limit=(0.01, 0.5), seed=1)
-    _check_op_case(rank, world, group, part=40, seq_idx=seq_idx, initial=True, seed=2)
+    _check_op_docs(rank, world, group)
+
+
+def _check_op_docs(rank, world, group):
+    _check_op_case(rank, world, group, part=40, seq_idx=_seq_idx_rows(world, 40), initial=True, seed=2)
+
+
+def _check_op_triton(rank, world, group):
+    """Each part scanned by the Triton kernels (what a GPU runs), against the chunked single process."""
+    _check_op_case(rank, world, group, part=40, seq_idx=_seq_idx_rows(world, 40), initial=True, seed=3,
+                   backend="triton")
 
 
 def _check_op_errors(rank, world, group):
@@ -211,7 +225,7 @@ def _check_language_model(rank, world, group):
         enable_context_parallel(LanguageModel(get_preset("debug-hybrid")), group)
 
 
-CHECKS = {"op": _check_op, "op_errors": _check_op_errors, "layer": _check_layer,
+CHECKS = {"op": _check_op, "op_docs": _check_op_docs, "op_triton": _check_op_triton, "op_errors": _check_op_errors, "layer": _check_layer,
           "language_model": _check_language_model}
 
 
@@ -224,7 +238,13 @@ def test_two_ranks_match_one_process():
 
 
 def test_three_ranks_pass_states_through_a_middle_part():
-    _spawn(["op"], world=3)
+    """Documents that span, start at and start inside the middle part; an initial state on rank 0."""
+    _spawn(["op_docs"], world=3)
+
+
+def test_two_ranks_with_the_triton_scan():
+    pytest.importorskip("triton")
+    _spawn(["op_triton"], world=2)
 
 
 def test_split_sequence_needs_a_group():
