@@ -112,16 +112,21 @@ def parallelize(model: nn.Module, info: Dist, parallel: str) -> nn.Module:
     return model
 
 
+_MIN_PART = 16
+
+
 def shard_batch(batch: Batch, info: Dist) -> Batch:
     """This process's part of every row of ``batch`` under context parallelism (``batch`` itself without).
 
-    The length is padded at the end to a multiple of the group size (padding is scored nowhere and, being
-    last, changes no earlier output). ``n_tokens`` stays with the group's first rank, so sums over
-    processes count each token once.
+    The length is padded at the end to a multiple of the group size, and parts to at least
+    ``_MIN_PART`` positions, as a convolution reads the previous part only (padding is scored nowhere
+    and, being last, changes no earlier output). ``n_tokens`` stays with the group's first rank, so sums
+    over processes count each token once.
     """
     if info.cp_size == 1:
         return batch
-    pad = -batch.input_ids.shape[1] % info.cp_size
+    length = batch.input_ids.shape[1]
+    pad = max(-(-length // info.cp_size), _MIN_PART) * info.cp_size - length
     input_ids, labels, seq_idx = F.pad(batch.input_ids, (0, pad)), F.pad(batch.labels, (0, pad), value=IGNORE), None
     if batch.seq_idx is not None:
         seq_idx = torch.cat([batch.seq_idx, batch.seq_idx[:, -1:].expand(-1, pad)], dim=1)

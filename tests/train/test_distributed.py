@@ -49,19 +49,25 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_shard_batch_pads_and_splits_the_length():
-    """Odd lengths are padded (scoring nothing, continuing the last document); tokens stay with part 0."""
+    """Lengths are padded (scoring nothing, continuing the last document) to parts of at least 16
+    positions; tokens stay with part 0."""
     from ssmkit.data import IGNORE
     from ssmkit.data.packing import Batch
     from ssmkit.train.config import TrainConfig
     from ssmkit.train.distributed import Dist, shard_batch
 
-    ids = torch.arange(14).view(2, 7)
-    batch = Batch(ids, ids + 1, torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 2]], dtype=torch.int32), 13)
+    ids = torch.arange(66).view(2, 33)
+    seq_idx = torch.zeros(2, 33, dtype=torch.int32)
+    seq_idx[0, 20:], seq_idx[1, 32] = 1, 2
+    batch = Batch(ids, ids + 1, seq_idx, 65)
     parts = [shard_batch(batch, Dist(r, 4, torch.device("cpu"), cp_size=2)) for r in (2, 3)]
-    assert torch.equal(torch.cat([p.input_ids for p in parts], 1)[:, :7], ids)
+    assert [p.input_ids.shape[1] for p in parts] == [17, 17]
+    assert torch.equal(torch.cat([p.input_ids for p in parts], 1)[:, :33], ids)
     assert torch.equal(parts[1].labels[:, -1], torch.full((2,), IGNORE))
     assert parts[1].seq_idx[:, -1].tolist() == [1, 2]
-    assert [p.n_tokens for p in parts] == [13, 0]
+    short = Batch(ids[:, :5], ids[:, :5], None, 10)
+    assert shard_batch(short, Dist(1, 2, torch.device("cpu"), cp_size=2)).input_ids.shape == (2, 16)
+    assert [p.n_tokens for p in parts] == [65, 0]
     assert shard_batch(batch, Dist(0, 2, torch.device("cpu"))) is batch
     with pytest.raises(ValueError, match="context_parallel must be >= 1"):
         TrainConfig(context_parallel=0).validate()
