@@ -106,12 +106,13 @@ def _steps(
 
 @triton.jit
 def _states(dt, du, A2_n, B_n, h_prev, starts, HAS_SEQ: tl.constexpr):
-    """States h_t (BD, T) of one state index over a chunk from the state before it; also a, x."""
+    """States h_t (BD, T) of one state index over a chunk from the state before it; also a, x.
+    B_n is its row of B broadcast to a (BD, T) tile."""
     a = tl.exp2(dt * A2_n[:, None])
     if HAS_SEQ:
         # A new document drops the carried state: a = 0, so h_t = x_t.
         a = tl.where(starts[None, :], 0.0, a)
-    x = du * B_n[None, :]
+    x = du * B_n
     acum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_scan_combine)
     return hs + acum * h_prev[:, None], a, x
 
@@ -161,6 +162,10 @@ def _selective_scan_fwd_kernel(
         t = c * T + offs_t
         mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
+        # B and C rows are read as (BD, T) tiles (each row repeated): loaded straight into the tiles'
+        # layout, where a (T,) row would cost a layout change through shared memory for every n.
+        mt = (offs_c >= 0)[:, None] & mask_t[None, :]
+        t_B, t_C = offs_c[:, None] * 0 + t[None, :] * s_Bl, offs_c[:, None] * 0 + t[None, :] * s_Cl
         u, _raw, dt, starts = _steps(
             u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
             HAS_SEQ, SOFTPLUS, ACC,
@@ -169,11 +174,11 @@ def _selective_scan_fwd_kernel(
         y = tl.zeros((BLOCK_D, T), dtype=ACC)
         for n in range(N):
             A2_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(ACC) * _LOG2E
-            B_n = tl.load(B_b + n * s_Bn + t * s_Bl, mask=mask_t, other=0.0).to(ACC)
-            C_n = tl.load(C_b + n * s_Cn + t * s_Cl, mask=mask_t, other=0.0).to(ACC)
+            B_n = tl.load(B_b + n * s_Bn + t_B, mask=mt, other=0.0).to(ACC)
+            C_n = tl.load(C_b + n * s_Cn + t_C, mask=mt, other=0.0).to(ACC)
             h_prev = tl.load(ckpt_d + c * N + n, mask=mask_d, other=0.0)
             hs, _a, _x = _states(dt, du, A2_n, B_n, h_prev, starts, HAS_SEQ)
-            y += hs * C_n[None, :]
+            y += hs * C_n
             # Past the end a = 1 and x = 0, so the last column is the state after the chunk. (A sum picks
             # it: a masked store of the tile would first move the whole tile to another layout.)
             h_last = tl.sum(tl.where(offs_t[None, :] == T - 1, hs, 0.0), axis=1)
@@ -239,6 +244,8 @@ def _selective_scan_bwd_kernel(
         t = c * T + offs_t
         mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
+        mt = (offs_c >= 0)[:, None] & mask_t[None, :]
+        t_B, t_C = offs_c[:, None] * 0 + t[None, :] * s_Bl, offs_c[:, None] * 0 + t[None, :] * s_Cl
         u, raw, dt, starts = _steps(
             u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
             HAS_SEQ, SOFTPLUS, ACC,
@@ -260,13 +267,13 @@ def _selective_scan_bwd_kernel(
         aq = tl.zeros((BLOCK_D, T), dtype=ACC)
         for n in range(N):
             A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(ACC)
-            B_n = tl.load(B_b + n * s_Bn + t * s_Bl, mask=mask_t, other=0.0).to(ACC)
-            C_n = tl.load(C_b + n * s_Cn + t * s_Cl, mask=mask_t, other=0.0).to(ACC)
+            B_n = tl.load(B_b + n * s_Bn + t_B, mask=mt, other=0.0).to(ACC)
+            C_n = tl.load(C_b + n * s_Cn + t_C, mask=mt, other=0.0).to(ACC)
             h_prev = tl.load(ckpt_d + c * N + n, mask=mask_d, other=0.0)
             hs, a, x = _states(dt, du, A_n * _LOG2E, B_n, h_prev, starts, HAS_SEQ)
             carry = tl.load(dh_ptr + read + state_d + n, mask=mask_d, other=0.0)
             s_acc, q_acc, _f = tl.associative_scan(
-                (dy * C_n[None, :], tl.full((BLOCK_D, T), 1.0, ACC), a), axis=1,
+                (dy * C_n, tl.full((BLOCK_D, T), 1.0, ACC), a), axis=1,
                 combine_fn=_adjoint_combine, reverse=True,
             )
             gs = s_acc + q_acc * carry[:, None]
@@ -274,7 +281,7 @@ def _selective_scan_bwd_kernel(
             tl.store(dh_ptr + write + state_d + n, carry, mask=mask_d)
             tl.atomic_add(dC_ptr + dBC_b + n * L + t, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
             tl.atomic_add(dB_ptr + dBC_b + n * L + t, tl.sum(du * gs, axis=0), mask=mask_t, sem="relaxed")
-            v += B_n[None, :] * gs
+            v += B_n * gs
             # q_t = g_t a_t h_{t-1}, zero where a document starts (there h_t = x_t exactly).
             q = gs * (hs - x)
             aq += A_n[:, None] * q
