@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     steps = max(1, settings["tokens"] // tokens_per_step)
     data = DataConfig(paths=list(settings["data"]), seq_len=settings["seq_len"])
     train = {"steps": steps, "batch_size": settings["batch_size"], "lr": settings["lr"],
-             "warmup_steps": min(100, max(1, steps // 10)), "eval_every": max(1, steps // settings["evals"]),
+             "warmup_steps": min(100, max(1, steps // 10)), "eval_every": max(1, -(-steps // settings["evals"])),
              "eval_tokens": settings["eval_tokens"], "checkpoint_every": 0, "checkpoint_minutes": 0.0,
              "sample_tokens": 0, "progress": False, "device": str(device), "seed": settings["seed"], "log_every": 10}
 

@@ -216,6 +216,8 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     tables = _tables(series, lengths, device)
     for title, table in tables.items():
         print(f"\n{title}\n{table}")
+    for s in series.values():
+        print(f"{s['label']}: {s['stopped']}")
     plot = _plot(series, Path(out_dir) / "scaling.png", settings, device, precision)
     result = {"bench": "scaling", "smoke": bool(args.smoke), "device": str(device), "precision": precision,
               "settings": {**settings, "max_memory_gb": limit_gb}, "lengths": lengths, "series": series,

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
         [[r["label"], r["params"], images.length, settings["epochs"], r["train_accuracy"], r["test_accuracy"],
           r["best_test_accuracy"], r["train_seconds"]] for r in runs])
     print(table)
-    plot = _plot(runs, out / "accuracy.png", images.source)
+    plot = _plot(runs, out / "accuracy.png", images.source, 1 / images.num_classes)
     result = {"task": "smnist", "smoke": bool(args.smoke), "device": str(device), "settings": settings,
               "dataset": {"name": images.name, "source": images.source, "sequence_length": images.length,
                           "train_images": len(train_idx), "test_images": len(test_idx),
@@ -181,7 +181,7 @@ def accuracy(model: SequenceClassifier, x: torch.Tensor, y: torch.Tensor, idx: n
     return correct / len(idx)
 
 
-def _plot(runs: list[dict[str, Any]], path: Path, source: str) -> Path:
+def _plot(runs: list[dict[str, Any]], path: Path, source: str, chance: float) -> Path:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.0))
     for r in runs:
@@ -190,7 +190,7 @@ def _plot(runs: list[dict[str, Any]], path: Path, source: str) -> Path:
         right.plot(epochs, [h["test_accuracy"] for h in r["history"]], marker="o", label=r["label"])
     left.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log")
     right.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
-    right.axhline(0.1, color="gray", linestyle=":", label="chance")
+    right.axhline(chance, color="gray", linestyle=":", label="chance")
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         ax.legend()
