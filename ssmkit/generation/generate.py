@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 Prompts = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
 
 # On CUDA, with eos ids, whether every row has finished is read from the device once per this many
-# tokens (the tokens wait that long to be yielded; steps made after the end are discarded).
+# tokens (the tokens wait that long to be yielded; steps made after the end are discarded). Not when
+# the caller passes a cache: it must stop exactly after the last token.
 EOS_CHECK_EVERY = 16
 # cuda_graph=None captures a graph only for at least this many new tokens (capture costs a few steps).
 AUTO_GRAPH_MIN_TOKENS = 8
@@ -122,6 +123,8 @@ def stream(
     rows, _ = _prepare(prompts, device)
     batch = len(rows)
     ids, seq_idx = _left_pad(rows)
+    # A caller's cache must end exactly after the last token read: no steps past the end.
+    check_every = _eos_check_every(device) if cache is None else 1
     if cache is None:
         cache = model.allocate_cache(batch)
     elif seq_idx is not None:
@@ -137,7 +140,7 @@ def stream(
     use_graph = _use_graph(model, device, cuda_graph, max_new_tokens)
     state = DecodeState(cache, params, vocab, generators, torch.tensor(eos, dtype=torch.long, device=device),
                         torch.zeros(batch, dtype=torch.bool, device=device), seen)
-    return _decode(model, ids, seq_idx, state, max_new_tokens, prefill_chunk_size, use_graph)
+    return _decode(model, ids, seq_idx, state, max_new_tokens, prefill_chunk_size, use_graph, check_every)
 
 
 def _use_graph(model: LanguageModel, device: torch.device, cuda_graph: bool | None, max_new_tokens: int) -> bool:
@@ -153,13 +156,12 @@ def _use_graph(model: LanguageModel, device: torch.device, cuda_graph: bool | No
 
 @torch.no_grad()
 def _decode(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, state: DecodeState,
-            max_new_tokens: int, prefill_chunk_size: int, use_graph: bool) -> Iterator[torch.Tensor]:
+            max_new_tokens: int, prefill_chunk_size: int, use_graph: bool, check_every: int) -> Iterator[torch.Tensor]:
     """The generation loop behind :func:`stream` (arguments already checked)."""
     if max_new_tokens == 0:
         return
     token = pick(_prefill(model, ids, seq_idx, state.cache, prefill_chunk_size), state)
     graphed = GraphedStep(model, token, state) if use_graph and max_new_tokens > 1 else None
-    check_every = _eos_check_every(ids.device)
     pending: list[torch.Tensor] = []
     finished: list[torch.Tensor] = []
     for n in range(1, max_new_tokens + 1):

@@ -85,6 +85,10 @@ def test_batched_eos_check_yields_what_a_per_token_check_yields(monkeypatch, eve
     assert generate(model, prompts, 12, temperature=1.0, seed=2, eos_token_id=eos) == reference
     steps = list(model.stream(torch.tensor([prompts[0]]), 12, temperature=1.0, seed=2, eos_token_id=free[0][2]))
     assert len(steps) == 3  # stops right after the eos, not at the next check
+    # A caller's cache ends exactly after the last token read (no steps past the eos).
+    cache = model.allocate_cache(1)
+    out = generate(model, [prompts[0]], 12, temperature=1.0, seed=2, eos_token_id=free[0][2], cache=cache)
+    assert len(out[0]) == 3 and cache.seqlen_offset == len(prompts[0]) + 2
 
 
 def test_decode_state_clone_is_independent():
