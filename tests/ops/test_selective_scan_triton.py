@@ -26,6 +26,9 @@ CASES = {
     "fp32_plain_odd": (2, 5, 3, 19, None, torch.float32, 4, {"init"}),
     "bf16_time_major_public_api": (2, 8, 4, 24, None, torch.bfloat16, 8, {"extras", "time_major", "public"}),
     "fp16_packed_no_extras": (1, 4, 8, 40, 4, torch.float16, 16, {"packed"}),
+    # NaN in u inside the first document: NaN exactly where the reference has it, nothing past the
+    # seq_idx change (which falls on a chunk boundary), in the output and every gradient.
+    "fp32_nan_stops_at_document_start": (1, 3, 4, 16, None, torch.float32, 4, {"extras", "nan"}),
 }
 
 
@@ -53,6 +56,9 @@ def _inputs(b, d, n, l, groups, dtype, options, gen):
         for k in ("u", "delta", "z"):
             low[k] = low[k].transpose(1, 2).contiguous().transpose(1, 2)
     seq_idx = None
+    if "nan" in options:
+        low["u"][0, 0, 2] = float("nan")
+        seq_idx = (torch.arange(l) >= 8).long()[None].expand(b, l).contiguous()
     if "packed" in options:
         cuts = torch.rand(b, l, generator=gen) < 0.2
         cuts[:, 0] = False

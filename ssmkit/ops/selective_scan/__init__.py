@@ -63,7 +63,7 @@ def selective_scan_fn(
         ``out`` (b, d, l) in u's dtype, or ``(out, last_state)`` with ``last_state`` (b, d, n) in
         float32 (float64 when an input is float64). bf16/fp16 inputs are computed in float32.
         Every tensor input gets a gradient, ``initial_state`` included (first-order only on the
-        chunked backend, whose backward pass is hand-written). The chunked backend returns ``out``
+        chunked and triton backends, whose backward passes are hand-written). Those two return ``out``
         in u's memory layout: time-major (a transposed view of a (b, l, d) tensor) when u is one, as
         in a Mamba layer, which then needs no transposes; contiguous otherwise (the reference: always
         contiguous).

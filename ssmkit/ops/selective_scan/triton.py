@@ -68,15 +68,16 @@ def _softplus(x):
 
 @triton.jit
 def _scan_combine(a1, x1, a2, x2):
-    # (earlier, later) pairs of the affine maps h -> a h + x.
-    return a1 * a2, a2 * x1 + x2
+    # (earlier, later) pairs of the affine maps h -> a h + x. A zero decay drops x1 outright, so that
+    # inf/NaN of an earlier document cannot leak past a seq_idx change (0 * NaN would).
+    return a1 * a2, tl.where(a2 == 0.0, x2, a2 * x1 + x2)
 
 
 @triton.jit
 def _adjoint_combine(s_late, q_late, f_late, s_early, q_early, f_early):
     # Reverse scan: the accumulated later segment comes first. See the module docstring for (S, Q, F).
     w = q_early * f_late
-    return s_early + w * s_late, w * q_late, f_early
+    return tl.where(w == 0.0, s_early, s_early + w * s_late), w * q_late, f_early
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def _states(dt, du, A2_n, B_n, h_prev, starts, HAS_SEQ: tl.constexpr):
         a = tl.where(starts[None, :], 0.0, a)
     x = du * B_n
     acum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_scan_combine)
-    return hs + acum * h_prev[:, None], a, x
+    return tl.where(acum == 0.0, hs, hs + acum * h_prev[:, None]), a, x
 
 
 @triton.jit
@@ -276,7 +277,7 @@ def _selective_scan_bwd_kernel(
                 (dy * C_n, tl.full((BLOCK_D, T), 1.0, ACC), a), axis=1,
                 combine_fn=_adjoint_combine, reverse=True,
             )
-            gs = s_acc + q_acc * carry[:, None]
+            gs = tl.where(q_acc == 0.0, s_acc, s_acc + q_acc * carry[:, None])
             carry = tl.sum(tl.where(offs_t[None, :] == 0, a * gs, 0.0), axis=1)
             tl.store(dh_ptr + write + state_d + n, carry, mask=mask_d)
             tl.atomic_add(dC_ptr + dBC_b + n * L + t, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
