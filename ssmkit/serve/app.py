@@ -40,7 +40,12 @@ from ssmkit.serve.schemas import (
     describe_validation_error,
     error_body,
 )
-from ssmkit.serve.sessions import SessionLimit, SessionNotFound, SessionStore
+from ssmkit.serve.sessions import (
+    SessionLimit,
+    SessionNotFound,
+    SessionStateError,
+    SessionStore,
+)
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
@@ -192,11 +197,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"no session {exc.args[0]!r}", param="session_id",
                                        code="session_not_found"), 404)
 
+    @app.exception_handler(SessionStateError)
+    async def broken_state(request: Request, exc: SessionStateError) -> JSONResponse:
+        log.error("%s", exc)
+        return JSONResponse(error_body(str(exc), "server_error", code="session_state_unreadable"), 500)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        # A bug or a broken file on the server's side, never bad input: JSON like every other error.
-        log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
-        return JSONResponse(error_body(f"internal server error: {exc}", "server_error"), 500)
+        # Last resort for a bug: still JSON (uvicorn then closes the connection and logs the traceback).
+        return JSONResponse(error_body(f"internal server error: {exc!r}", "server_error"), 500)
 
     @app.exception_handler(SessionLimit)
     async def too_many(request: Request, exc: SessionLimit) -> JSONResponse:

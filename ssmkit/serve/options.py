@@ -27,6 +27,7 @@ class ServeOptions:
     max_batch: int = 64
     max_requests: int = 256
     prefill_chunk_size: int = 2048
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("port", "session_memory_bytes", "max_sessions", "max_body_bytes", "max_prompt_tokens",
@@ -36,6 +37,8 @@ class ServeOptions:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive, got {self.threads}")
         if self.token is not None and not self.token:
             raise ValueError("the auth token is empty")
 
@@ -65,6 +68,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-requests", type=int, default=d.max_requests, metavar="N",
                         help="requests in flight before new ones get 503")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for the model (default: torch's); 1 is best on a machine shared with "
+                             "other busy processes")
 
 
 def options_from_args(args: argparse.Namespace, model_name: str) -> ServeOptions:
@@ -83,5 +89,5 @@ def options_from_args(args: argparse.Namespace, model_name: str) -> ServeOptions
         session_memory_bytes=int(args.session_memory_mb * MIB), max_sessions=args.max_sessions,
         max_body_bytes=int(args.max_body_mb * MIB), max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.request_timeout, max_batch=args.max_batch,
-        max_requests=args.max_requests,
+        max_requests=args.max_requests, threads=args.threads,
     )

@@ -22,6 +22,7 @@ def serve(model: LanguageModel, tokenizer: Tokenizer, folder: Path, options: Ser
     Sessions persist in ``<sessions_dir>/<fingerprint of the checkpoint's files>``, so a restart with the
     same checkpoint finds them and states of another model are never mixed in.
     """
+    import torch
     import uvicorn
 
     from ssmkit.serve.app import create_app
@@ -32,6 +33,8 @@ def serve(model: LanguageModel, tokenizer: Tokenizer, folder: Path, options: Ser
         handler.setFormatter(logging.Formatter("%(levelname)s:     ssmkit: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     sessions_dir = (options.sessions_dir or default_sessions_dir()) / model_fingerprint(folder)
     store = SessionStore(sessions_dir, model.eval(), memory_budget=options.session_memory_bytes,
                          max_sessions=options.max_sessions)

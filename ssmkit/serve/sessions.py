@@ -55,6 +55,10 @@ class SessionLimit(RuntimeError):
     """The store holds its maximum number of sessions."""
 
 
+class SessionStateError(RuntimeError):
+    """A session's state file could not be read back (damaged or removed behind the server's back)."""
+
+
 @dataclasses.dataclass(eq=False)
 class Session:
     """One session's bookkeeping; ``cache`` is None while its state lives only on disk."""
@@ -175,7 +179,10 @@ class SessionStore:
         """The session's state (read from disk if it was spilled). Callers clone it before changing it."""
         if session.cache is None:
             path = self._state_path(session.id, session.version)
-            cache = await anyio.to_thread.run_sync(lambda: ModelCache.load(path, device=self.device))
+            try:
+                cache = await anyio.to_thread.run_sync(lambda: ModelCache.load(path, device=self.device))
+            except (OSError, ValueError) as e:
+                raise SessionStateError(f"session {session.id}: its saved state cannot be read: {e}") from None
             if session.cache is None:
                 self._keep(session, cache)
         self._lru.move_to_end(session.id)
