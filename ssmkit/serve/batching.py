@@ -302,10 +302,12 @@ class Engine:
                 self._leave(run, live, slots, f"error: {e}")
             return []
         self.steps += 1
+        # Draw every row on the device, then read all the tokens back at once (one sync per step on a GPU).
+        drawn = torch.cat([self._draw(run, lg) for run, lg in zip(live, row_logits)]).tolist()
         still = []
-        for run, lg in zip(live, row_logits):
+        for run, token in zip(live, drawn):
             try:
-                reason = self._sample(run, lg)
+                reason = self._record(run, token)
             except Exception as e:  # e.g. a failing on_token callback: only this request ends
                 log.exception("sampling failed")
                 reason = f"error: {e}"
@@ -316,10 +318,17 @@ class Engine:
         return still
 
     def _sample(self, run: _Running, logits: torch.Tensor) -> str | None:
-        """Sample, report and record one token (as ``generate`` does); the finish reason, or None to go on."""
+        """Sample, report and record one token; the finish reason, or None to go on."""
+        return self._record(run, int(self._draw(run, logits)[0]))
+
+    def _draw(self, run: _Running, logits: torch.Tensor) -> torch.Tensor:
+        """(1,) next token from (1, V) logits, picked as ``generate`` picks it (padded vocabulary excluded)."""
         logits = logits.clone()
         logits[:, self.model.config.vocab_size:] = -torch.inf
-        token = int(sample_next(logits, run.request.params, seen=run.seen, generators=run.generator)[0])
+        return sample_next(logits, run.request.params, seen=run.seen, generators=run.generator)
+
+    def _record(self, run: _Running, token: int) -> str | None:
+        """Report and record a drawn token; the finish reason, or None to go on."""
         run.token = token
         run.produced += 1
         self.tokens += 1
