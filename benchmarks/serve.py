@@ -20,7 +20,7 @@ Everything is bounded: a fixed number of requests, client timeouts, and the serv
     python benchmarks/serve.py                                  # random byte-small weights
     python benchmarks/serve.py --checkpoint runs/byte-small     # a trained model
     python benchmarks/serve.py --quick                          # 16 requests, 100 sessions of 1,000 tokens
-    python benchmarks/serve.py --device cuda --concurrency 1 8 64 256   # on a GPU machine
+    python benchmarks/serve.py --device cuda --concurrency 1 8 64 256 --max-batch 256
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ MIB = 1 << 20
 
 
 def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: float, threads: int | None,
-                 device: str) -> tuple:
+                 device: str, max_batch: int) -> tuple:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -57,7 +57,7 @@ def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: flo
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     argv = [sys.executable, "-m", "ssmkit", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-            "--sessions-dir", str(sessions_dir), "--session-memory-mb", str(memory_mb), "--max-batch", "64",
+            "--sessions-dir", str(sessions_dir), "--session-memory-mb", str(memory_mb), "--max-batch", str(max_batch),
             "--max-requests", "512", "--max-sessions", "1000000", "--device", device]
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1000, help="0: skip the memory test")
     parser.add_argument("--session-tokens", type=int, default=10_000)
     parser.add_argument("--distinct", action="store_true", help="every session reads its own text")
+    parser.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda, states live in GPU memory: "
                         "the RSS figure then shows host memory only; the state bytes are the server's own count)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
@@ -177,7 +178,8 @@ def main() -> None:
         memory_mb = args.sessions * state_bytes * 1.2 / MIB + 64
         print(f"# ssmkit serve load test: {checkpoint.name}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        proc, url = start_server(checkpoint, tmp / "sessions", tmp / "server.log", memory_mb, args.threads, args.device)
+        proc, url = start_server(checkpoint, tmp / "sessions", tmp / "server.log", memory_mb, args.threads, args.device,
+                                  args.max_batch)
         try:
             asyncio.run(load(url, 1, 2, 4))  # warm-up
             rows = [asyncio.run(load(url, c, args.requests, args.max_tokens, args.prompt_bytes))
