@@ -120,7 +120,7 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return counter.get_total_flops() / seq_len
 
 
-FULL = {"models": list(FAMILIES), "params": 4_000_000, "n_layer": 8, "tokens": 2**24, "seq_len": 512,
+FULL = {"models": list(FAMILIES), "params": 4_000_000, "n_layer": 8, "tokens": 2**23, "seq_len": 512,
         "batch_size": 32, "lr": 2e-3, "evals": 8, "eval_tokens": 2**18, "seed": 0}
 SMOKE = {**FULL, "params": 60_000, "n_layer": 2, "tokens": 30 * 8 * 128, "seq_len": 128,
          "batch_size": 8, "evals": 2, "eval_tokens": 4096}

@@ -206,6 +206,7 @@ def _plot(f: dict[str, Any], path: Path, device: torch.device) -> Path:
     ax.plot(range(n + 1), snap, marker="o", label="read once, save, answer from clones")
     ax.set(xlabel="queries answered", ylabel="cumulative seconds",
            title=f"{f['document_bytes']:,}-byte document, state {f['state_bytes']:,} bytes ({device.type})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
