@@ -137,7 +137,12 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         ids = server.encode(body.prompt, "prompt") if body is not None and body.prompt else []
         session = await store.create(server.tokenizer.bos_id)
         if ids:
-            await server.append(session, ids)
+            try:
+                await server.append(session, ids)
+            except BaseException:
+                # No half-made session is left behind (busy engine, timeout, client gone).
+                await store.delete(session)
+                raise
         return session.info()
 
     @app.get("/v1/sessions")
