@@ -7,6 +7,8 @@ group (b, chunks, g, T, T) go through memory, in float32; the rest of the (T, T)
 The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
 need powers of two of at least 16). The result does not depend on the chunk length: it only moves
 where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
+Warps and pipeline stages of each launch are the ones with the fewest register spills in ``ptxas -v``
+(sm_90, 64 x 64 tiles, p 64, n 128, Triton 3.9), not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class _SSDFunction(torch.autograd.Function):
             x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BM, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
+            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
         )
         final = torch.empty(b, h, p, n, device=dev, dtype=f32)
         _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
@@ -102,7 +104,7 @@ class _SSDFunction(torch.autograd.Function):
             dummy if doc is None else doc, states, out, ypre,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, num_warps=4, num_stages=2,
+            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb)
         ctx.meta = (T, dt_softplus, has_limit, lo, hi, initial_states is not None)
@@ -126,7 +128,7 @@ class _SSDFunction(torch.autograd.Function):
         dfinal = None if dfinal is None else dfinal.contiguous()
 
         # 1. Gradients of the per-chunk states, walking the chunks backwards.
-        BN1 = min(BN, 64)
+        BN1 = min(BN, 32)
         n_nb = triton.cdiv(n, BN1)
         dstates = torch.empty_like(states)
         ddecay = torch.empty(b, h, nc, n_nb, device=dev, dtype=f32)
@@ -138,7 +140,7 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc,
             T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
             HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC,
-            num_warps=4, num_stages=2,
+            num_warps=8, num_stages=3,
         )
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
         nrb = T // BM
@@ -154,7 +156,7 @@ class _SSDFunction(torch.autograd.Function):
             dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
             l, h, g, p, n, nc, S,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+            DOT=DOT, PREC=PREC, num_warps=8, num_stages=3,
         )
         # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
@@ -166,7 +168,7 @@ class _SSDFunction(torch.autograd.Function):
             dx, dB_part, ddelta, dcum, dlast,
             l, h, g, p, n, nc, S,
             T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+            DOT=DOT, PREC=PREC, num_warps=8, num_stages=1,
         )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)

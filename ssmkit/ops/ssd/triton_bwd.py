@@ -74,7 +74,7 @@ def _state_pass_bwd(
         tl.store(ddecay_ptr + (bh * nc + c) * tl.num_programs(1) + nb, ddecay)
         # dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t over the positions of the entering document.
         dp = tl.zeros((BP, BN), dtype=tl.float32)
-        for k in tl.static_range(0, T, BK):
+        for k in range(0, T, BK):
             t = c * T + k + tl.arange(0, BK)
             io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
             dy = _load_dy(dout_ptr, z_ptr, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)

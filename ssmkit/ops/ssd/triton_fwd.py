@@ -78,7 +78,7 @@ def _chunk_state_fwd(
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
     acc = tl.zeros((BP, BN), dtype=tl.float32)
-    for k in tl.static_range(0, T, BK):
+    for k in range(0, T, BK):
         t = c * T + k + tl.arange(0, BK)
         w = tl.exp(cum_last - tl.load(cum_ptr + bh * Lp + t)) * tl.load(delta_ptr + bh * Lp + t)
         if HAS_DOC:
