@@ -91,19 +91,18 @@ def sized_config(family: str, target_params: int, n_layer: int) -> ModelConfig:
     step = HEAD_DIM if family == "transformer" else HEAD_DIM // 2
     best: tuple[int, ModelConfig] | None = None
     for d_model in range(step, 4097, step):
-        candidates = [family_config(family, d_model, n_layer)]
+        config = family_config(family, d_model, n_layer)
         if family == "transformer":
             small, large = (family_config(family, d_model, n_layer, d_intermediate=k * d_model) for k in (2, 4))
             p_small, p_large = count_parameters(small), count_parameters(large)
             # Parameters are linear in the MLP width: solve for the one that hits the target.
             width = 2 * d_model + (target_params - p_small) * (2 * d_model) / max(p_large - p_small, 1)
             width = min(max(round(width / 8) * 8, 2 * d_model), 4 * d_model)
-            candidates = [family_config(family, d_model, n_layer, d_intermediate=width)]
-        for config in candidates:
-            error = abs(count_parameters(config) - target_params)
-            if best is None or error < best[0]:
-                best = (error, config)
-        if count_parameters(candidates[0]) > 2 * target_params:
+            config = family_config(family, d_model, n_layer, d_intermediate=width)
+        params = count_parameters(config)
+        if best is None or abs(params - target_params) < best[0]:
+            best = (abs(params - target_params), config)
+        if params > 2 * target_params:
             break
     assert best is not None
     return best[1]
