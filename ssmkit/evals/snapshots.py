@@ -102,8 +102,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is not a byte vocabulary "
                          f"({tokenizer.vocab_size} tokens): this benchmark needs a byte-level model")
-    kinds = {spec.mixer for spec in model.config.layer_specs()}
-    if kinds & {"attention"}:
+    if any(spec.mixer == "attention" for spec in model.config.layer_specs()):
         print("note: the model has full-attention layers; their part of the state grows with the document")
     text = document_bytes(settings["doc_bytes"])
     doc = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(text)]], device=device)
