@@ -1,4 +1,4 @@
-"""``ssmkit bench scaling``: cost of each sequence mixer against sequence length, and decode memory.
+"""``ssmkit bench scaling``: cost of each sequence mixer against sequence length, and decode cost and memory.
 
 For each mixer (Mamba, Mamba-2, Mamba-3, S4D, attention) a stack of ``--n-layer`` blocks of that mixer at
 width ``--d-model`` (byte embedding → blocks, no vocabulary head, so the head's length x vocabulary
@@ -11,10 +11,11 @@ logits do not blur the picture) runs on one sequence of length L = ``--min-len``
   before (weights); on every device, the bytes of the tensors autograd keeps for the backward pass
   (through ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, weights left out),
   which is what grows with L. CPU process memory (RSS) is not used: the allocator keeps freed memory;
-- inference: one forward under ``torch.inference_mode`` over the whole sequence (the parallel form);
-- decode cache: bytes of the cache of one sequence after L tokens (``LanguageModel.cache_nbytes``,
-  allocated on the "meta" device; checked once against a cache that really read ``--min-len`` tokens).
-  SSM states do not depend on L; attention's KV cache grows linearly.
+- prefill (inference): a fresh cache reads the whole sequence in one call under
+  ``torch.inference_mode`` (the parallel form; attention's empty-cache path is the same causal SDPA);
+- decode: then ``--decode-steps`` one-token steps from that cache, time per token;
+- cache: the bytes of that cache after the L tokens (``ModelCache.nbytes``). SSM states do not depend
+  on L; attention's KV cache grows linearly (in blocks of 256 tokens).
 
 A series stops at the first length whose training step exceeds ``--max-seconds`` (that point is
 kept), whose predicted time exceeds twice that, whose memory would pass ``--max-memory-gb``, or that
@@ -45,6 +46,7 @@ from ssmkit.evals._report import (
     write_result,
 )
 from ssmkit.evals.registry import register
+from ssmkit.generation import ModelCache
 from ssmkit.models import LanguageModel
 from ssmkit.models.config import (
     AttentionConfig,
@@ -77,11 +79,16 @@ def mixer_config(mixer: str, d_model: int, n_layer: int) -> ModelConfig:
     raise ValueError(f"unknown mixer {mixer!r}; known: {', '.join(MIXERS)}")
 
 
-def stack_output(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
-    """Embedding and blocks of ``model`` on ``ids`` (b, l): the residual stream (b, l, d_model)."""
+def stack_output(model: LanguageModel, ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+    """Embedding and blocks of ``model`` on ``ids`` (b, l): the residual stream (b, l, d_model).
+
+    With ``cache`` the tokens continue from it and it is updated in place (prefill, then decode steps).
+    """
     residual = model.embedding(ids)
-    for block in model.layers:
-        residual = block(residual)
+    for i, block in enumerate(model.layers):
+        residual = block(residual, cache=None if cache is None else cache.states[i])
+    if cache is not None:
+        cache.seqlen_offset += ids.shape[1]
     return residual
 
 
@@ -102,9 +109,9 @@ def saved_activation_bytes(model: LanguageModel, ids: torch.Tensor, autocast: An
     return sum(storages.values())
 
 
-def measure(model: LanguageModel, length: int, device: torch.device, autocast: Any, repeats: int,
-            max_seconds: float) -> dict[str, Any]:
-    """Training-step and inference figures of one sequence of ``length`` tokens (see the module doc)."""
+def measure(model: LanguageModel, length: int, device: torch.device, autocast: Any, cache_dtype: torch.dtype,
+            repeats: int, max_seconds: float, decode_steps: int) -> dict[str, Any]:
+    """Training-step, prefill and decode figures of one sequence of ``length`` tokens (see the module doc)."""
     ids = torch.randint(0, 256, (1, length), device=device)
 
     def train_step() -> None:
@@ -113,30 +120,44 @@ def measure(model: LanguageModel, length: int, device: torch.device, autocast: A
             out = stack_output(model, ids)
         out.float().square().mean().backward()
 
-    def infer() -> None:
+    def prefill() -> ModelCache:
+        cache = model.allocate_cache(1, dtype=cache_dtype, device=device)
         with torch.inference_mode(), autocast:
-            stack_output(model, ids)
+            stack_output(model, ids, cache)
+        return cache
 
-    record: dict[str, Any] = {"length": length}
-    record["saved_bytes"] = saved_activation_bytes(model, ids, autocast)
-    for name, fn in (("train", train_step), ("infer", infer)):
+    record: dict[str, Any] = {"length": length, "saved_bytes": saved_activation_bytes(model, ids, autocast)}
+    for name, fn in (("train", train_step), ("infer", prefill)):
         if device.type == "cuda":
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        first, _ = timed(fn, device)
+        first, cache = timed(fn, device)
         if device.type == "cuda":
             record[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         # The first call pays one-off costs (kernel compilation, allocator growth); skip repeats when slow.
         times = [timed(fn, device)[0] for _ in range(repeats if first < max_seconds / 4 else 0)]
         record[f"{name}_s"] = statistics.median(times) if times else first
     model.zero_grad(set_to_none=True)
+    record["cache_bytes"] = cache.nbytes
+
+    token = ids[:, -1:]
+
+    def decode() -> None:
+        with torch.inference_mode(), autocast:
+            for _ in range(decode_steps):
+                stack_output(model, token, cache)
+
+    # One step first: a KV cache filled to its capacity grows by a block here, not in the timed steps.
+    with torch.inference_mode(), autocast:
+        stack_output(model, token, cache)
+    record["decode_s"] = timed(decode, device)[0] / decode_steps
     return record
 
 
 FULL = {"mixers": list(MIXERS), "d_model": 256, "n_layer": 2, "min_len": 1024, "max_len": 2**20, "max_seconds": 5.0,
-        "repeats": 2, "precision": "auto", "seed": 0}
-SMOKE = {**FULL, "d_model": 32, "n_layer": 1, "min_len": 256, "max_len": 2048, "repeats": 1}
+        "repeats": 2, "decode_steps": 16, "precision": "auto", "seed": 0}
+SMOKE = {**FULL, "d_model": 32, "n_layer": 1, "min_len": 256, "max_len": 2048, "repeats": 1, "decode_steps": 4}
 HELP = {
     "mixers": f"sequence mixers to measure, from {', '.join(MIXERS)}",
     "d_model": "width of every stack",
@@ -145,6 +166,7 @@ HELP = {
     "max_len": "longest sequence",
     "max_seconds": "stop a series after a training step slower than this",
     "repeats": "timed calls after the warm-up (the median is reported)",
+    "decode_steps": "one-token steps timed after each prefill (the mean is reported)",
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
     "seed": "seed of the weights and inputs",
 }
@@ -163,7 +185,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     mixers = check_names(settings["mixers"], MIXERS, "--mixers")
     if settings["precision"] not in ("auto", "fp32", "bf16"):
         raise ValueError(f"--precision must be auto, fp32 or bf16, got {settings['precision']!r}")
-    for name in ("d_model", "n_layer", "min_len", "max_len"):
+    for name in ("d_model", "n_layer", "min_len", "max_len", "repeats", "decode_steps"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
     if settings["max_len"] < settings["min_len"]:
@@ -173,6 +195,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    cache_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     limit_gb = settings["max_memory_gb"]
     if limit_gb is None:
         limit_gb = 0.9 * torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 4.0
@@ -191,7 +214,8 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
                 stopped = reason
                 break
             try:
-                point = measure(model, length, device, autocast, settings["repeats"], settings["max_seconds"])
+                point = measure(model, length, device, autocast, cache_dtype, settings["repeats"],
+                                settings["max_seconds"], settings["decode_steps"])
             except torch.OutOfMemoryError:
                 stopped = f"out of memory at L={length:,}"
                 break
@@ -199,18 +223,18 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
                 model.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            point["cache_bytes"] = model.cache_nbytes(length)
             points.append(point)
             print(f"{LABELS[mixer]:>9} L={length:>9,}: train {point['train_s'] * 1e3:9.1f} ms, "
-                  f"infer {point['infer_s'] * 1e3:9.1f} ms, saved activations "
-                  f"{point['saved_bytes'] / 2**20:9.1f} MiB, cache {point['cache_bytes'] / 2**10:9.1f} KiB")
+                  f"prefill {point['infer_s'] * 1e3:9.1f} ms, decode {point['decode_s'] * 1e3:6.2f} ms/token, "
+                  f"saved activations {point['saved_bytes'] / 2**20:9.1f} MiB, "
+                  f"cache {point['cache_bytes'] / 2**10:9.1f} KiB")
             if point["train_s"] > settings["max_seconds"]:
                 stopped = f"training step over {settings['max_seconds']} s at L={length:,}"
                 break
         series[mixer] = {"label": LABELS[mixer], "config": config.to_dict(),
                          "params": sum(p.numel() for p in model.parameters()), "points": points, "stopped": stopped,
-                         "cache_checked": _check_cache(model, settings["min_len"], device),
-                         "slopes": {key: _slope(points, key) for key in ("train_s", "infer_s", "saved_bytes")}}
+                         "slopes": {key: _slope(points, key)
+                                    for key in ("train_s", "infer_s", "decode_s", "saved_bytes", "cache_bytes")}}
         del model
 
     tables = _tables(series, lengths, device)
@@ -245,14 +269,6 @@ def _predicted_over(points: list[dict[str, Any]], length: int, max_seconds: floa
     return ""
 
 
-def _check_cache(model: LanguageModel, length: int, device: torch.device) -> bool:
-    """Does a cache that really read ``length`` tokens hold as many bytes as ``cache_nbytes`` says?"""
-    cache = model.allocate_cache(1)
-    with torch.inference_mode():
-        model(torch.randint(0, 256, (1, length), device=device), cache=cache, logits_to_keep=1)
-    return cache.nbytes == model.cache_nbytes(length)
-
-
 def _slope(points: list[dict[str, Any]], key: str, last: int = 3) -> float | None:
     """Least-squares slope of log(value) against log(L) over the last ``last`` points."""
     pts = [(math.log(p["length"]), math.log(p[key])) for p in points[-last:] if p[key] > 0]
@@ -264,9 +280,10 @@ def _slope(points: list[dict[str, Any]], key: str, last: int = 3) -> float | Non
 
 def _tables(series: dict[str, dict[str, Any]], lengths: list[int], device: torch.device) -> dict[str, str]:
     """One table per quantity: mixers as rows, lengths as columns, plus the log-log slope."""
-    quantities = {"training step (ms)": ("train_s", 1e3), "inference forward (ms)": ("infer_s", 1e3),
+    quantities = {"training step (ms)": ("train_s", 1e3), "prefill of L tokens (ms)": ("infer_s", 1e3),
+                  "decode after L tokens (ms per token)": ("decode_s", 1e3),
                   "saved activations for backward (MiB)": ("saved_bytes", 2**-20),
-                  "decode cache after L tokens (KiB)": ("cache_bytes", 2**-10)}
+                  "cache after L tokens (KiB)": ("cache_bytes", 2**-10)}
     if device.type == "cuda":
         quantities["training step peak GPU memory (MiB)"] = ("train_peak_bytes", 2**-20)
     tables = {}
@@ -290,9 +307,11 @@ def _plot(series: dict[str, dict[str, Any]], path: Path, settings: dict[str, Any
     memory_key = "train_peak_bytes" if device.type == "cuda" else "saved_bytes"
     memory_label = "peak GPU memory of a training step (MiB)" if device.type == "cuda" else \
         "activations saved for backward (MiB)"
-    panels = [("train_s", 1e3, "training step (ms)"), ("infer_s", 1e3, "inference forward (ms)"),
-              (memory_key, 2**-20, memory_label), ("cache_bytes", 2**-10, "decode cache after L tokens (KiB)")]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    panels = [("train_s", 1e3, "training step (ms)"), ("infer_s", 1e3, "prefill of L tokens (ms)"),
+              ("decode_s", 1e3, "decode after L tokens (ms per token)"), (memory_key, 2**-20, memory_label),
+              ("cache_bytes", 2**-10, "cache after L tokens (KiB)")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes.flat[-1].axis("off")
     for ax, (key, scale, label) in zip(axes.flat, panels):
         for s in series.values():
             pts = [(p["length"], p[key] * scale) for p in s["points"] if p.get(key)]
