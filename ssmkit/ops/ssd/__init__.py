@@ -75,16 +75,17 @@ def mamba_chunk_scan_combined(
     Returns:
         ``out`` (b, l, h, p) alone, or the tuple ``(out, final_states)``, ``(out, varlen_states)``
         or ``(out, final_states, varlen_states)``. States are float32 (float64 when an input is
-        float64). bf16/fp16 inputs are computed in float32. Every tensor input gets a gradient.
+        float64). bf16/fp16 inputs are computed in float32 (triton: bf16/fp16 matmul operands, float32
+        accumulation). Every tensor input gets a gradient.
 
     NaN/inf are not checked (that would cost a device sync); like the recurrence they travel
     forward with the state: a NaN in x or dt (one head) or B (its group) at position t makes ``out``
     NaN from t to the end of that document, and that document's final/varlen state; a NaN in C or
     z at t only reaches ``out`` at t; one in A, D or dt_bias reaches the whole head, and one in
     initial_states the first document of its head.
-    With the chunked backend a NaN can also reach the other positions of its chunk (masked matmul
-    entries are products with zero, and 0·NaN = NaN). Other batch rows, other heads, and documents
-    that start in a later chunk stay finite.
+    With the chunked and triton backends a NaN can also reach the other positions of its chunk
+    (masked matmul entries are products with zero, and 0·NaN = NaN). Other batch rows, other heads,
+    and documents that start in a later chunk stay finite.
 
     Example:
         >>> b, l, h, p, g, n = 2, 100, 4, 16, 1, 32
