@@ -2,7 +2,7 @@
 
 Backends: ``reference`` (token-by-token recurrence, the definition) and ``chunked`` (the SSD matmul
 form of Dao & Gu 2024, "Transformers are SSMs", section 6; fast on CPU, any device) and ``triton``
-(the same algorithm in seven GPU kernels, forward and backward).
+(the same algorithm in eight Triton kernels: four forward, four backward).
 """
 
 from __future__ import annotations
