@@ -46,7 +46,9 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+        if abs(value) >= 1e7:
+            return f"{value:.3e}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
