@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
                      "tokens": fit["tokens"], "steps": fit["step"],
                      "train_flops": fit["step"] * tokens_per_step * flops_per_token,
                      "val_bpb": fit.get("val_bpb", float("nan")), "train_seconds": fit["elapsed_s"],
-                     "curve": curve, "run_dir": str(run_dir)})
+                     "curve": curve, "run_dir": str(run_dir.relative_to(out))})
 
     headers = ["model", "params", "d_model", "layers", "train FLOPs/token", "tokens", "train FLOPs", "val bpb",
                "train s"]
