@@ -123,9 +123,9 @@ def parity(fns, length=2048) -> dict[str, float]:
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    from triton.testing import do_bench
-
     import argparse
+
+    from triton.testing import do_bench
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
