@@ -7,8 +7,8 @@ group (b, chunks, g, T, T) go through memory, in float32; the rest of the (T, T)
 The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
 need powers of two of at least 16). The result does not depend on the chunk length: it only moves
 where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
-Warps and pipeline stages of each launch are the ones with the fewest register spills in ``ptxas -v``
-(sm_90, 64 x 64 tiles, p 64, n 128, Triton 3.9), not yet timed on a GPU.
+Warps, pipeline stages and row tiles of each launch come from ``LAUNCH``; ``CONFIGS`` holds a few named
+alternatives that ``benchmarks/gpu_ssd.py --sweep`` times on a GPU (``use_config`` switches).
 """
 
 from __future__ import annotations
@@ -24,9 +24,31 @@ from ssmkit.ops.ssd.chunked import _varlen_states, ssd_chunked
 from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
 
 _STATE_BLOCK = 1024  # state elements per program in the forward state passing
-# Rows (and source columns) of a chunk per matmul tile: at most this, and at most the chunk length.
-_TILE = 64
 _MIN_PROGRAMS = 1024
+
+# kernel -> (num_warps, num_stages); "*_tile": rows (and source columns) of a chunk per matmul tile in the
+# forward's chunk states, its C Bᵀ and scan, and the backward (each also at most the chunk length).
+DEFAULT_LAUNCH = {
+    "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "cols": (8, 1),
+    "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64,
+}
+CONFIGS = {
+    "default": {},
+    "warps4": {"state": (4, 2), "scan": (4, 2), "state_bwd": (4, 3), "rows": (4, 3), "cols": (4, 1)},
+    "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "cols": (8, 2)},
+    "bwd_tile32": {"bwd_tile": 32, "rows": (4, 3), "cols": (4, 2)},
+    "fwd_tile128": {"fwd_tile": 128, "scan": (8, 2)},
+    "scan4_rows4": {"scan": (4, 3), "rows": (4, 2), "cols": (4, 1)},
+}
+LAUNCH = dict(DEFAULT_LAUNCH)
+
+
+def use_config(name: str) -> None:
+    """Switch every later launch to the named entry of ``CONFIGS`` (on top of the defaults)."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown SSD launch config {name!r}; known: {sorted(CONFIGS)}")
+    LAUNCH.clear()
+    LAUNCH.update(DEFAULT_LAUNCH, **CONFIGS[name])
 
 
 def _pow2(v: int, lo: int = 16) -> int:
@@ -72,7 +94,7 @@ class _SSDFunction(torch.autograd.Function):
         dev = x.device
         f32 = torch.float32
         DOT, PREC = _dot_types(x.dtype)
-        BP, BN, BM = _pow2(p), _pow2(n), min(T, _TILE)
+        BP, BN, BK, BM = _pow2(p), _pow2(n), min(T, LAUNCH["state_tile"]), min(T, LAUNCH["fwd_tile"])
         has_limit = tuple(dt_limit) != NO_LIMIT
         lo, hi = (float(v) for v in dt_limit) if has_limit else (0.0, 0.0)
         delta = torch.empty(b, h, Lp, device=dev, dtype=f32)
@@ -82,8 +104,8 @@ class _SSDFunction(torch.autograd.Function):
         _fwd._chunk_state_fwd[(nc, b * h)](
             x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
             l, h, g, p, n, nc, lo, hi,
-            T=T, BK=BM, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+            T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
+            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, num_warps=LAUNCH["state"][0], num_stages=LAUNCH["state"][1],
         )
         final = torch.empty(b, h, p, n, device=dev, dtype=f32)
         _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
@@ -104,24 +126,26 @@ class _SSDFunction(torch.autograd.Function):
             dummy if doc is None else doc, states, out, ypre,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, num_warps=8, num_stages=2,
+            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
+            num_warps=LAUNCH["scan"][0], num_stages=LAUNCH["scan"][1],
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb)
-        ctx.meta = (T, dt_softplus, has_limit, lo, hi, initial_states is not None)
+        ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None)
         ctx.set_materialize_grads(False)
         return out, final, cum, delta, states
 
     @staticmethod
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
         x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors
-        T, dt_softplus, has_limit, lo, hi, has_init = ctx.meta
+        T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init = ctx.meta
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         nc = delta.shape[2] // T
         dev = x.device
         f32 = torch.float32
         DOT, PREC = _dot_types(x.dtype)
-        BP, BN, BM = _pow2(p), _pow2(n), min(T, _TILE)
+        # At most the forward's tile: C Bᵀ holds only the forward's causal tiles (the rest is not written).
+        BP, BN, BM = _pow2(p), _pow2(n), min(BM_fwd, LAUNCH["bwd_tile"])
         dummy = delta
         docp = dummy if doc is None else doc
         dout = torch.zeros_like(x) if dout is None else dout.contiguous()
@@ -140,7 +164,7 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc,
             T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
             HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC,
-            num_warps=8, num_stages=3,
+            num_warps=LAUNCH["state_bwd"][0], num_stages=LAUNCH["state_bwd"][1],
         )
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
         nrb = T // BM
@@ -156,7 +180,7 @@ class _SSDFunction(torch.autograd.Function):
             dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
             l, h, g, p, n, nc, S,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=8, num_stages=3,
+            DOT=DOT, PREC=PREC, num_warps=LAUNCH["rows"][0], num_stages=LAUNCH["rows"][1],
         )
         # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
@@ -168,7 +192,7 @@ class _SSDFunction(torch.autograd.Function):
             dx, dB_part, ddelta, dcum, dlast,
             l, h, g, p, n, nc, S,
             T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=8, num_stages=1,
+            DOT=DOT, PREC=PREC, num_warps=LAUNCH["cols"][0], num_stages=LAUNCH["cols"][1],
         )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ssmkit.ops.ssd.triton_fwd import _cb_offsets, _doc_before, _step_size
+from ssmkit.ops.ssd.triton_fwd import _doc_before, _step_size
 
 
 @triton.jit
@@ -98,33 +98,47 @@ def _bwd_rows(
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    m = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(2).to(tl.int64)
+    # Addresses: int64 scalar bases of this chunk, int32 offsets inside it (int64 tiles of offsets
+    # double the registers of every address, and made this kernel spill).
+    m = tl.program_id(0)
+    c = tl.program_id(1)
+    pid = tl.program_id(2)
     # Program S·(b g) + sp takes the sp-th of S slices of the group's heads; dC and the summed
     # gradient of C Bᵀ are per slice, summed later.
     b, gg, sp = pid // S // G, pid // S % G, pid % S
     R = H // G // S
     Lp = nc * T
-    dC_ptr += sp * (tl.num_programs(2) // S) * L * N
-    dcb_ptr += sp * (tl.num_programs(2) // S) * nc * T * T
+    bg_all = (tl.num_programs(2) // S).to(tl.int64)
+    row0 = (b * L + c * T).to(tl.int64)  # first position of the chunk in the (b, l) rows
+    io0 = row0 * H * P
+    bc0 = row0 * G * N + gg * N
+    dC_ptr += sp * bg_all * L * N + bc0
+    cb_base = ((b * nc + c) * G + gg).to(tl.int64) * T * T
+    dcb_ptr += sp * bg_all * nc * T * T + cb_base
+    cb_ptr += cb_base
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
-    t = c * T + m * BM + tl.arange(0, BM)
+    r = m * BM + tl.arange(0, BM)  # rows t, as positions in the chunk
+    t = c * T + r
+    io_r = r[:, None] * (H * P) + rp[None, :]
     io_mask = (t[:, None] < L) & (rp[None, :] < P)
+    c_off = r[:, None] * (G * N) + rn[None, :]
     c_mask = (t[:, None] < L) & (rn[None, :] < N)
-    Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :], mask=c_mask, other=0.0).to(DOT)
+    pn = rp[:, None] * N + rn[None, :]
+    pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
+    Ct = tl.load(C_ptr + bc0 + c_off, mask=c_mask, other=0.0).to(DOT)
+    doc_c = doc_ptr + b.to(tl.int64) * Lp + c * T
     first = tl.full((BM,), 1, tl.int1)
     if HAS_DOC:
-        doc_t = tl.load(doc_ptr + b * Lp + t)
+        doc_t = tl.load(doc_c + r)
         first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
     dC = tl.zeros((BM, BN), dtype=tl.float32)
     # Per head: the gate and the skip (dz, dD), and the part passed in from earlier chunks,
     # y_t += exp(cum_t) S'_{c-1} C_t.
     for j in range(R):
         hh = (gg * S + sp) * R + j
-        bh = b * H + hh
-        io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+        bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
+        io = io0 + hh * P + io_r
         dout = tl.load(dout_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
         if HAS_Z:
             zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
@@ -136,44 +150,47 @@ def _bwd_rows(
             dy = dout
         if HAS_D:
             xt = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
-            dD_row = (((b * nc + c) * (T // BM) + m) * H + hh) * P
+            dD_row = (((b * nc + c) * (T // BM) + m) * H + hh).to(tl.int64) * P
             tl.store(dD_ptr + dD_row + rp, tl.sum(dy * xt, 0), mask=rp < P)
-        prev = tl.load(states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
-                       mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0).to(DOT)
-        e = tl.where(first, tl.exp(tl.load(cum_ptr + bh * Lp + t)), 0.0)
+        state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
+        prev = tl.load(states_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
+        e = tl.where(first, tl.exp(tl.load(cum_ptr + bh_off + r)), 0.0)
         dC += tl.where(first[:, None], tl.dot(dy.to(DOT), prev, input_precision=PREC) * e[:, None], 0.0)
         off = tl.dot(Ct, tl.trans(prev), input_precision=PREC)
-        tl.atomic_add(dcum_ptr + bh * Lp + t, tl.where(first, tl.sum(dy * off, 1) * e, 0.0))
+        tl.atomic_add(dcum_ptr + bh_off + r, tl.where(first, tl.sum(dy * off, 1) * e, 0.0))
     # Intra-chunk, per head: dM = (dY (Δx)ᵀ) ⊙ L. Summed over the group's heads it is the gradient of
     # C Bᵀ, so dC = Σ_s dM B_s costs one n-long matmul per group, not per head; dM ⊙ C Bᵀ is the
     # gradient of the segment sums cum_t - cum_s.
     for k in range(m + 1):
-        s = c * T + k * BM + tl.arange(0, BM)
-        cb = tl.load(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
-        keep = s[None, :] <= t[:, None]
+        q = k * BM + tl.arange(0, BM)  # sources s, as positions in the chunk
+        s = c * T + q
+        cb_off = r[:, None] * T + q[None, :]
+        cb = tl.load(cb_ptr + cb_off)
+        keep = q[None, :] <= r[:, None]
         if HAS_DOC:
-            keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
+            keep = keep & (tl.load(doc_c + q)[None, :] == doc_t[:, None])
+        io_s = q[:, None] * (H * P) + rp[None, :]
+        s_mask = (s[:, None] < L) & (rp[None, :] < P)
         dcb = tl.zeros((BM, BM), dtype=tl.float32)
         for j in range(R):
             hh = (gg * S + sp) * R + j
-            bh = b * H + hh
-            dy = _load_dy(dout_ptr, z_ptr, ((b * L + t[:, None]) * H + hh) * P + rp[None, :], io_mask, HAS_Z)
-            xs = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + rp[None, :],
-                         mask=(s[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
-            cum_t = tl.load(cum_ptr + bh * Lp + t)
-            cum_s = tl.load(cum_ptr + bh * Lp + s)
+            bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
+            dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P + io_r, io_mask, HAS_Z)
+            xs = tl.load(x_ptr + io0 + hh * P + io_s, mask=s_mask, other=0.0).to(DOT)
+            cum_t = tl.load(cum_ptr + bh_off + r)
+            cum_s = tl.load(cum_ptr + bh_off + q)
             decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
             dm = tl.dot(dy.to(DOT), tl.trans(xs), input_precision=PREC) * decay
-            dm = dm * tl.load(delta_ptr + bh * Lp + s)[None, :]
+            dm = dm * tl.load(delta_ptr + bh_off + q)[None, :]
             dcb += dm
             dseg = dm * cb
-            tl.atomic_add(dcum_ptr + bh * Lp + t, tl.sum(dseg, 1))
-            tl.atomic_add(dcum_ptr + bh * Lp + s, -tl.sum(dseg, 0))
-        tl.store(dcb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T), dcb)
-        Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :],
+            tl.atomic_add(dcum_ptr + bh_off + r, tl.sum(dseg, 1))
+            tl.atomic_add(dcum_ptr + bh_off + q, -tl.sum(dseg, 0))
+        tl.store(dcb_ptr + cb_off, dcb)
+        Bs = tl.load(B_ptr + bc0 + q[:, None] * (G * N) + rn[None, :],
                      mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
         dC += tl.dot(dcb.to(DOT), Bs, input_precision=PREC)
-    tl.store(dC_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :], dC, mask=c_mask)
+    tl.store(dC_ptr + c_off, dC, mask=c_mask)
 
 
 @triton.jit(do_not_specialize=["L", "nc", "S"])
@@ -184,73 +201,88 @@ def _bwd_cols(
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    kb = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(2).to(tl.int64)
+    # Addresses as in _bwd_rows: int64 scalar bases, int32 offsets inside the chunk.
+    kb = tl.program_id(0)
+    c = tl.program_id(1)
+    pid = tl.program_id(2)
     b, gg, sp = pid // S // G, pid // S % G, pid % S
     R = H // G // S
     Lp = nc * T
-    cb_slice = (tl.num_programs(2) // S) * nc * T * T
-    dB_ptr += sp * (tl.num_programs(2) // S) * L * N
+    bg_all = (tl.num_programs(2) // S).to(tl.int64)
+    cb_slice = bg_all * nc * T * T
+    row0 = (b * L + c * T).to(tl.int64)
+    io0 = row0 * H * P
+    bc0 = row0 * G * N + gg * N
+    dB_ptr += sp * bg_all * L * N + bc0
+    cb_base = ((b * nc + c) * G + gg).to(tl.int64) * T * T
+    cb_ptr += cb_base
+    dcb_ptr += cb_base
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
-    s = c * T + kb * BK + tl.arange(0, BK)
+    q = kb * BK + tl.arange(0, BK)  # sources s, as positions in the chunk
+    s = c * T + q
+    b_off = q[:, None] * (G * N) + rn[None, :]
     b_mask = (s[:, None] < L) & (rn[None, :] < N)
+    io_q = q[:, None] * (H * P) + rp[None, :]
     io_mask = (s[:, None] < L) & (rp[None, :] < P)
-    Bs = tl.load(B_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :], mask=b_mask, other=0.0).to(DOT)
+    pn = rp[:, None] * N + rn[None, :]
+    pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
+    Bs = tl.load(B_ptr + bc0 + b_off, mask=b_mask, other=0.0).to(DOT)
+    doc_c = doc_ptr + b.to(tl.int64) * Lp + c * T
     last = tl.full((BK,), 1, tl.int1)
     if HAS_DOC:
-        doc_s = tl.load(doc_ptr + b * Lp + s)
-        last = doc_s == tl.load(doc_ptr + b * Lp + c * T + T - 1)
+        doc_s = tl.load(doc_c + q)
+        last = doc_s == tl.load(doc_c + T - 1)
     # dB_s from C Bᵀ: Σ_t dM_ts C_t with dM summed over the group's heads (slices of _bwd_rows);
     # slice 0 does it.
     dB = tl.zeros((BK, BN), dtype=tl.float32)
     if sp == 0:
         for k in range(kb * BK, T, BK):
-            t = c * T + k + tl.arange(0, BK)
-            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
-            offs = _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T)
+            r = k + tl.arange(0, BK)  # rows t, as positions in the chunk
+            Ct = tl.load(C_ptr + bc0 + r[:, None] * (G * N) + rn[None, :],
+                         mask=(c * T + r[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+            offs = r[:, None] * T + q[None, :]
             dcb = tl.load(dcb_ptr + offs)
-            for q in range(1, S):
-                dcb += tl.load(dcb_ptr + q * cb_slice + offs)
+            for u in range(1, S):
+                dcb += tl.load(dcb_ptr + u * cb_slice + offs)
             dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
     for j in range(R):
         hh = (gg * S + sp) * R + j
         bh = b * H + hh
-        io = ((b * L + s[:, None]) * H + hh) * P + rp[None, :]
+        bh_off = bh.to(tl.int64) * Lp + c * T
+        io = io0 + hh * P + io_q
         xs = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
-        cum_s = tl.load(cum_ptr + bh * Lp + s)
-        delta_s = tl.load(delta_ptr + bh * Lp + s)
+        cum_s = tl.load(cum_ptr + bh_off + q)
+        delta_s = tl.load(delta_ptr + bh_off + q)
         # Chunk state S_c = Σ_s w_s (Δ_s x_s) ⊗ B_s, w_s = exp(cum_last - cum_s) in the last document.
-        dS = tl.load(dstates_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
-                     mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0).to(DOT)
-        w = tl.where(last, tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1) - cum_s), 0.0)
+        state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
+        dS = tl.load(dstates_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
+        w = tl.where(last, tl.exp(tl.load(cum_ptr + bh_off + T - 1) - cum_s), 0.0)
         dB += tl.dot((xs * (w * delta_s)[:, None]).to(DOT), dS, input_precision=PREC)
         bds = tl.dot(Bs, tl.trans(dS), input_precision=PREC)
         dxdt = bds * w[:, None]
         dw = w * delta_s * tl.sum(xs * bds, 1)
         # Intra-chunk: d(Δx)_s = Σ_t (C Bᵀ ⊙ L)_ts dY_t.
         for k in range(kb * BK, T, BK):
-            t = c * T + k + tl.arange(0, BK)
-            dy = _load_dy(dout_ptr, z_ptr, ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
-                          (t[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
-            cum_t = tl.load(cum_ptr + bh * Lp + t)
-            keep = s[None, :] <= t[:, None]
+            r = k + tl.arange(0, BK)
+            dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P + r[:, None] * (H * P) + rp[None, :],
+                          (c * T + r[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
+            cum_t = tl.load(cum_ptr + bh_off + r)
+            keep = q[None, :] <= r[:, None]
             if HAS_DOC:
-                keep = keep & (tl.load(doc_ptr + b * Lp + t)[:, None] == doc_s[None, :])
+                keep = keep & (tl.load(doc_c + r)[:, None] == doc_s[None, :])
             decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            cb = tl.load(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
+            cb = tl.load(cb_ptr + r[:, None] * T + q[None, :])
             dxdt += tl.dot(tl.trans((cb * decay).to(DOT)), dy, input_precision=PREC)
         dx = dxdt * delta_s[:, None]
         if HAS_D:
             dx += _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z) * tl.load(D_ptr + hh * P + rp, mask=rp < P,
                                                                           other=0.0)[None, :]
         tl.store(dx_ptr + io, dx, mask=io_mask)
-        tl.store(ddelta_ptr + bh * Lp + s, tl.sum(dxdt * xs, 1))
-        tl.atomic_add(dcum_ptr + bh * Lp + s, -dw)
-        tl.store(dlast_ptr + (bh * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
-    tl.store(dB_ptr + ((b * L + s[:, None]) * G + gg) * N + rn[None, :], dB, mask=b_mask)
+        tl.store(ddelta_ptr + bh_off + q, tl.sum(dxdt * xs, 1))
+        tl.atomic_add(dcum_ptr + bh_off + q, -dw)
+        tl.store(dlast_ptr + (bh.to(tl.int64) * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
+    tl.store(dB_ptr + b_off, dB, mask=b_mask)
 
 
 @triton.jit(do_not_specialize=["L", "nc"])
