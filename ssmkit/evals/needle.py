@@ -123,7 +123,7 @@ def _exact(model: LanguageModel, text: bytes, cfg: dict[str, Any], length: int, 
 def _plot(result: dict[str, Any], cfg: dict[str, Any], out_dir: Path) -> None:
     plt = common.pyplot()
     names = list(result["models"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], names):
         grid = [[result["models"][name]["accuracy"][f"{n}@{d}"] for n in cfg["lengths"]] for d in cfg["depths"]]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
