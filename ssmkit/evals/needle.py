@@ -24,7 +24,7 @@ from ssmkit.models import LanguageModel
 from ssmkit.models.presets import BYTE_BOS, BYTE_VOCAB_SIZE
 
 VALUE_LEN = 5
-FULL = dict(models=["mamba2", "hybrid"], train_len=1024, lengths=[512, 1024, 2048, 4096, 8192],
+FULL = dict(models=["mamba", "hybrid"], train_len=1024, lengths=[512, 1024, 2048, 4096, 8192],
             depths=[0.0, 0.25, 0.5, 0.75, 1.0], d_model=128, n_layer=4, d_state=32, steps=3000, batch_size=32, lr=1e-3,
             lm_weight=1.0, eval_prompts=32, seed=0)
 SMOKE = dict(models=["mamba2"], train_len=96, lengths=[96, 192], depths=[0.0, 1.0], d_model=32, n_layer=2,
