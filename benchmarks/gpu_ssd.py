@@ -11,6 +11,8 @@ mamba_ssm's source distribution (unpacked under ``.ext/``, nothing of it committ
 its package ``__init__`` (which would load the compiled CUDA scan); "n/a" when that fails.
 
     python benchmarks/gpu_ssd.py
+    python benchmarks/gpu_ssd.py --sweep     # ssmkit's launch configs (ssd.triton.CONFIGS) at L 8192
+    python benchmarks/gpu_ssd.py --profile   # per-kernel GPU time of one forward+backward at L 8192
 """
 
 from __future__ import annotations
@@ -120,6 +122,55 @@ def parity(fns, length=2048) -> dict[str, float]:
         return {name: ((fn(inp).double() - want).norm() / want.norm()).item() for name, fn in fns.items()}
 
 
+def sweep(length: int) -> None:
+    """Forward and forward+backward ms of every named launch config of ssmkit's Triton SSD."""
+    from triton.testing import do_bench
+
+    from ssmkit.ops.ssd import triton as ssd_triton
+
+    inp = make_inputs(length, True)
+    grad = torch.randn(BATCH, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+    fn = callers(None)["ssmkit triton"]
+    print(f"launch configs at L {length} (median ms; the first call of each compiles):")
+    print(f"{'config':>14} {'fwd ms':>8} {'fwd+bwd ms':>11}  overrides")
+    for name, overrides in ssd_triton.CONFIGS.items():
+        ssd_triton.use_config(name)
+
+        def forward():
+            with torch.no_grad():
+                fn(inp)
+
+        fwd = do_bench(forward, warmup=10, rep=50, return_mode="median")
+        both = do_bench(lambda: fwd_bwd(fn, inp, grad), warmup=10, rep=100, return_mode="median",
+                        grad_to_none=list(inp.values()))
+        print(f"{name:>14} {fwd:>8.3f} {both:>11.3f}  {overrides}", flush=True)
+    ssd_triton.use_config("default")
+
+
+def profile_kernels(fns, length: int) -> None:
+    """GPU time of each kernel in one forward+backward (after a warm-up call), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inp = make_inputs(length, True)
+    grad = torch.randn(BATCH, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+    for name, fn in fns.items():
+        if name == "ssmkit chunked":
+            continue
+        fwd_bwd(fn, inp, grad)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fwd_bwd(fn, inp, grad)
+            torch.cuda.synchronize()
+        per_kernel: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
+        total = sum(sum(v) for v in per_kernel.values())
+        print(f"\n{name}, L {length}, one forward+backward: {total:.3f} ms of kernels")
+        for kernel, times in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
+            print(f"  {sum(times):>8.3f} ms  x{len(times):<3} {kernel[:90]}")
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -131,8 +182,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--chunked-max-len", type=int, default=2048,
                         help="time the (slow) chunked PyTorch path only up to this length")
+    parser.add_argument("--sweep", action="store_true", help="time ssmkit's launch configs at L 8192 only")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times at L 8192 only")
     args = parser.parse_args()
+    if args.sweep:
+        sweep(8192)
+        return
     fns = callers(load_mamba_ssm())
+    if args.profile:
+        profile_kernels(fns, 8192)
+        return
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
     print("output rel. error vs chunked fp32 (b8, L 2048):",

@@ -73,8 +73,8 @@ def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     """Output, final (and varlen) states and every gradient of backend='triton' against float64."""
     from ssmkit.ops.ssd import triton as ssd_triton
 
-    ssd_triton.LAUNCH.update(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile)
-    ssd_triton._MIN_PROGRAMS = 1 if "one_slice" in options else 1024
+    ssd_triton.LAUNCH.update(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile,
+                             min_programs=1 if "one_slice" in options else 1024)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")

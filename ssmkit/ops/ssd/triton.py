@@ -24,21 +24,22 @@ from ssmkit.ops.ssd.chunked import _varlen_states, ssd_chunked
 from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
 
 _STATE_BLOCK = 1024  # state elements per program in the forward state passing
-_MIN_PROGRAMS = 1024
-
 # kernel -> (num_warps, num_stages); "*_tile": rows (and source columns) of a chunk per matmul tile in the
-# forward's chunk states, its C Bᵀ and scan, and the backward (each also at most the chunk length).
+# forward's chunk states, its C Bᵀ and scan, and the backward (each also at most the chunk length);
+# "min_programs": the backward splits a group's heads over programs until it has this many.
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "cols": (8, 1),
-    "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64,
+    "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
 }
 CONFIGS = {
     "default": {},
     "warps4": {"state": (4, 2), "scan": (4, 2), "state_bwd": (4, 3), "rows": (4, 3), "cols": (4, 1)},
     "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "cols": (8, 2)},
+    "tiles128": {"state_tile": 128, "fwd_tile": 128},
+    "tiles128_w4": {"state_tile": 128, "fwd_tile": 128, "state": (4, 2), "scan": (4, 3)},
     "bwd_tile32": {"bwd_tile": 32, "rows": (4, 3), "cols": (4, 2)},
-    "fwd_tile128": {"fwd_tile": 128, "scan": (8, 2)},
-    "scan4_rows4": {"scan": (4, 3), "rows": (4, 2), "cols": (4, 1)},
+    "slices4": {"min_programs": 4096},
+    "slices4_w4": {"min_programs": 4096, "rows": (4, 2), "cols": (4, 1)},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
 
@@ -57,9 +58,9 @@ def _pow2(v: int, lo: int = 16) -> int:
 
 def _head_slices(heads_per_group: int, programs: int) -> int:
     """Slices of each group's heads for the backward's rows/columns kernels: enough programs to fill
-    the GPU (~1024) when the sequence is short, one slice (no partial sums) when it is long."""
+    the GPU (LAUNCH["min_programs"]) when the sequence is short, one slice (no partial sums) when long."""
     slices = 1
-    while heads_per_group % (2 * slices) == 0 and programs * slices < _MIN_PROGRAMS:
+    while heads_per_group % (2 * slices) == 0 and programs * slices < LAUNCH["min_programs"]:
         slices *= 2
     return slices
 

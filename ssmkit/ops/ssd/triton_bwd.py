@@ -27,11 +27,12 @@ from ssmkit.ops.ssd.triton_fwd import _doc_before, _step_size
 
 
 @triton.jit
-def _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z: tl.constexpr):
-    """Gradient reaching y + D x: dout · silu(z), float32."""
-    dy = tl.load(dout_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+def _load_dy(dout_ptr, z_ptr, base, io, io_mask, HAS_Z: tl.constexpr):
+    """Gradient reaching y + D x at ``base + io``: dout · silu(z), float32. The pointer takes the scalar
+    ``base`` first, so an int32 ``io`` tile stays int32."""
+    dy = tl.load(dout_ptr + base + io, mask=io_mask, other=0.0).to(tl.float32)
     if HAS_Z:
-        zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        zt = tl.load(z_ptr + base + io, mask=io_mask, other=0.0).to(tl.float32)
         dy = dy * zt * tl.sigmoid(zt)
     return dy
 
@@ -77,7 +78,7 @@ def _state_pass_bwd(
         for k in range(0, T, BK):
             t = c * T + k + tl.arange(0, BK)
             io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
-            dy = _load_dy(dout_ptr, z_ptr, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)
+            dy = _load_dy(dout_ptr, z_ptr, 0, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)
             e = tl.exp(tl.load(cum_ptr + bh * Lp + t))
             if HAS_DOC:
                 e = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_before, e, 0.0)
@@ -138,18 +139,18 @@ def _bwd_rows(
     for j in range(R):
         hh = (gg * S + sp) * R + j
         bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
-        io = io0 + hh * P + io_r
-        dout = tl.load(dout_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        hb = io0 + hh * P
+        dout = tl.load(dout_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+            zt = tl.load(z_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(zt)
-            ypre = tl.load(ypre_ptr + io, mask=io_mask, other=0.0)
-            tl.store(dz_ptr + io, dout * ypre * sig * (1.0 + zt * (1.0 - sig)), mask=io_mask)
+            ypre = tl.load(ypre_ptr + hb + io_r, mask=io_mask, other=0.0)
+            tl.store(dz_ptr + hb + io_r, dout * ypre * sig * (1.0 + zt * (1.0 - sig)), mask=io_mask)
             dy = dout * zt * sig
         else:
             dy = dout
         if HAS_D:
-            xt = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+            xt = tl.load(x_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
             dD_row = (((b * nc + c) * (T // BM) + m) * H + hh).to(tl.int64) * P
             tl.store(dD_ptr + dD_row + rp, tl.sum(dy * xt, 0), mask=rp < P)
         state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
@@ -175,7 +176,7 @@ def _bwd_rows(
         for j in range(R):
             hh = (gg * S + sp) * R + j
             bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
-            dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P + io_r, io_mask, HAS_Z)
+            dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P, io_r, io_mask, HAS_Z)
             xs = tl.load(x_ptr + io0 + hh * P + io_s, mask=s_mask, other=0.0).to(DOT)
             cum_t = tl.load(cum_ptr + bh_off + r)
             cum_s = tl.load(cum_ptr + bh_off + q)
@@ -250,8 +251,8 @@ def _bwd_cols(
         hh = (gg * S + sp) * R + j
         bh = b * H + hh
         bh_off = bh.to(tl.int64) * Lp + c * T
-        io = io0 + hh * P + io_q
-        xs = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        hb = io0 + hh * P
+        xs = tl.load(x_ptr + hb + io_q, mask=io_mask, other=0.0).to(tl.float32)
         cum_s = tl.load(cum_ptr + bh_off + q)
         delta_s = tl.load(delta_ptr + bh_off + q)
         # Chunk state S_c = Σ_s w_s (Δ_s x_s) ⊗ B_s, w_s = exp(cum_last - cum_s) in the last document.
@@ -265,7 +266,7 @@ def _bwd_cols(
         # Intra-chunk: d(Δx)_s = Σ_t (C Bᵀ ⊙ L)_ts dY_t.
         for k in range(kb * BK, T, BK):
             r = k + tl.arange(0, BK)
-            dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P + r[:, None] * (H * P) + rp[None, :],
+            dy = _load_dy(dout_ptr, z_ptr, hb, r[:, None] * (H * P) + rp[None, :],
                           (c * T + r[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
             cum_t = tl.load(cum_ptr + bh_off + r)
             keep = q[None, :] <= r[:, None]
@@ -276,9 +277,9 @@ def _bwd_cols(
             dxdt += tl.dot(tl.trans((cb * decay).to(DOT)), dy, input_precision=PREC)
         dx = dxdt * delta_s[:, None]
         if HAS_D:
-            dx += _load_dy(dout_ptr, z_ptr, io, io_mask, HAS_Z) * tl.load(D_ptr + hh * P + rp, mask=rp < P,
-                                                                          other=0.0)[None, :]
-        tl.store(dx_ptr + io, dx, mask=io_mask)
+            dx += _load_dy(dout_ptr, z_ptr, hb, io_q, io_mask, HAS_Z) * tl.load(D_ptr + hh * P + rp, mask=rp < P,
+                                                                                other=0.0)[None, :]
+        tl.store(dx_ptr + hb + io_q, dx, mask=io_mask)
         tl.store(ddelta_ptr + bh_off + q, tl.sum(dxdt * xs, 1))
         tl.atomic_add(dcum_ptr + bh_off + q, -dw)
         tl.store(dlast_ptr + (bh.to(tl.int64) * nc + c) * (T // BK) + kb, tl.sum(dw, 0))

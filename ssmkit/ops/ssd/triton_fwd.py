@@ -161,54 +161,64 @@ def _chunk_scan_fwd(
     DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     # Grid (row blocks x heads, chunks, batch): the programs of one chunk run together and share its
-    # C Bᵀ and C in L2.
-    pid = tl.program_id(0).to(tl.int64)
+    # C Bᵀ and C in L2. Addresses: int64 scalar bases of the chunk, int32 offsets inside it (int64
+    # tiles of offsets double the registers of every address).
+    pid = tl.program_id(0)
     m, hh = pid % (T // BM), pid // (T // BM)
-    c = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * H + hh
+    c = tl.program_id(1)
+    b = tl.program_id(2)
     gg = hh // (H // G)
     Lp = nc * T
+    row0 = (b * L + c * T).to(tl.int64)
+    x_c = x_ptr + row0 * H * P + hh * P
+    C_c = C_ptr + row0 * G * N + gg * N
+    cum_c = cum_ptr + (b * H + hh).to(tl.int64) * Lp + c * T
+    delta_c = delta_ptr + (b * H + hh).to(tl.int64) * Lp + c * T
+    doc_c = doc_ptr + b.to(tl.int64) * Lp + c * T
+    cb_c = cb_ptr + ((b * nc + c) * G + gg).to(tl.int64) * T * T
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
-    t = c * T + m * BM + tl.arange(0, BM)
-    cum_t = tl.load(cum_ptr + bh * Lp + t)
-    Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                 mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+    r = m * BM + tl.arange(0, BM)  # rows t, as positions in the chunk
+    t = c * T + r
+    cum_t = tl.load(cum_c + r)
+    Ct = tl.load(C_c + r[:, None] * (G * N) + rn[None, :], mask=(t[:, None] < L) & (rn[None, :] < N),
+                 other=0.0).to(DOT)
 
     # What earlier chunks pass on: exp(cum_t) C_t S'_{c-1}, only for the document entering the chunk.
-    prev = tl.load(states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :],
+    prev = tl.load(states_ptr + ((b * nc + c) * H + hh).to(tl.int64) * P * N + rp[:, None] * N + rn[None, :],
                    mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
     off = tl.dot(Ct, tl.trans(prev.to(DOT)), input_precision=PREC)
     first = tl.full((BM,), 1, tl.int1)
     if HAS_DOC:
-        doc_t = tl.load(doc_ptr + b * Lp + t)
+        doc_t = tl.load(doc_c + r)
         first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
     acc = tl.where(first[:, None], off * tl.exp(cum_t)[:, None], 0.0)
 
     # Intra-chunk part, causal: source blocks up to the diagonal one.
     for k in range(0, (m + 1) * BM, BM):
-        s = c * T + k + tl.arange(0, BM)
-        xs = tl.load(x_ptr + ((b * L + s[:, None]) * H + hh) * P + rp[None, :],
-                     mask=(s[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
-        cum_s = tl.load(cum_ptr + bh * Lp + s)
-        delta_s = tl.load(delta_ptr + bh * Lp + s)
-        keep = s[None, :] <= t[:, None]
+        q = k + tl.arange(0, BM)  # sources s, as positions in the chunk
+        xs = tl.load(x_c + q[:, None] * (H * P) + rp[None, :],
+                     mask=(c * T + q[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
+        cum_s = tl.load(cum_c + q)
+        delta_s = tl.load(delta_c + q)
+        keep = q[None, :] <= r[:, None]
         if HAS_DOC:
-            keep = keep & (tl.load(doc_ptr + b * Lp + s)[None, :] == doc_t[:, None])
+            keep = keep & (tl.load(doc_c + q)[None, :] == doc_t[:, None])
         decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
-        cb = tl.load(cb_ptr + _cb_offsets(b, c, gg, G, nc, t - c * T, s - c * T, T))
+        cb = tl.load(cb_c + r[:, None] * T + q[None, :])
         scores = (cb * decay * delta_s[None, :]).to(DOT)
         acc += tl.dot(scores, xs, input_precision=PREC)
 
-    io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+    # Pointer first, then the int32 tile: an int64 scalar plus the tile would make an int64 tile.
+    io0 = row0 * H * P + hh * P
+    io = r[:, None] * (H * P) + rp[None, :]
     io_mask = (t[:, None] < L) & (rp[None, :] < P)
     if HAS_D:
-        xt = tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+        xt = tl.load(x_ptr + io0 + io, mask=io_mask, other=0.0).to(tl.float32)
         acc += xt * tl.load(D_ptr + hh * P + rp, mask=rp < P, other=0.0)[None, :]
     if HAS_Z:
         if STORE_YPRE:
-            tl.store(ypre_ptr + io, acc, mask=io_mask)
-        zt = tl.load(z_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+            tl.store(ypre_ptr + io0 + io, acc, mask=io_mask)
+        zt = tl.load(z_ptr + io0 + io, mask=io_mask, other=0.0).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
-    tl.store(out_ptr + io, acc, mask=io_mask)
+    tl.store(out_ptr + io0 + io, acc, mask=io_mask)
