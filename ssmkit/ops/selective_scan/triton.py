@@ -43,13 +43,18 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
-    """Launch shape: ``chunk`` steps per tile (also the checkpoint interval), channels and warps per program."""
+    """Launch shape: ``chunk`` steps per tile (also the checkpoint interval), channels and warps per program.
+
+    ``fused_states`` picks the kernels that hold every state index at once in (channels, N, chunk) tiles
+    (one scan per chunk, states and adjoints carried in registers) over those that loop over the state
+    index with (channels, chunk) tiles (carries through global memory)."""
 
     chunk: int = 128
     fwd_block_d: int = 8
     fwd_warps: int = 4
     bwd_block_d: int = 16
     bwd_warps: int = 8
+    fused_states: bool = False
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -307,6 +312,220 @@ def _selective_scan_bwd_kernel(
         tl.store(dbias_ptr + row, dbias_acc, mask=mask_d)
 
 
+@triton.jit
+def _steps_tm(
+    u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+):
+    """``_steps`` with time first: (T, BD) tiles u, delta + bias, Δ, and the (T,) document starts."""
+    m2 = mask_t[:, None] & mask_d[None, :]
+    u = tl.load(u_b + t[:, None] * s_ul + offs_d[None, :] * s_ud, mask=m2, other=0.0).to(ACC)
+    raw = tl.load(delta_b + t[:, None] * s_dl + offs_d[None, :] * s_dd, mask=m2, other=0.0).to(ACC)
+    raw = raw + bias[None, :]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_t[:, None], dt, 0.0)
+    if HAS_SEQ:
+        first = mask_t & (t > 0)
+        cur = tl.load(seq_b + t * s_sl, mask=mask_t, other=0)
+        prev = tl.load(seq_b + (t - 1) * s_sl, mask=first, other=0)
+        starts = first & (cur != prev)
+    else:
+        starts = t < 0
+    return u, raw, dt, starts
+
+
+@triton.jit
+def _fused_states(dt, du, A2, Bt, h_prev, starts, HAS_SEQ: tl.constexpr):
+    """States (T, BD, BN) of every state index over a chunk from the (BD, BN) state before it; also a, x.
+    Time is the first axis, so Triton's default layout keeps a thread's steps in its registers and
+    spreads the state indices and channels over the lanes: the scan is mostly sequential in-thread."""
+    a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+    if HAS_SEQ:
+        a = tl.where(starts[:, None, None], 0.0, a)
+    x = du[:, :, None] * Bt[:, None, :]
+    acum, hs = tl.associative_scan((a, x), axis=0, combine_fn=_scan_combine)
+    return tl.where(acum == 0.0, hs, hs + acum * h_prev[None, :, :]), a, x
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
+    out_ptr, ypre_ptr, ckpt_ptr,
+    d_model, dg, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Fused-state forward: every state index at once in (T, BD, BLOCK_N) tiles, one scan per chunk, the
+    (BD, BLOCK_N) state carried in registers. Grid, inputs and outputs as ``_selective_scan_fwd_kernel``."""
+    pid_d = tl.program_id(0)
+    grp = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < dg
+    offs_d = grp * dg + offs_c
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, T)
+    mdn = mask_d[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    # Padded state indices get A = 0 and B = C = 0: a = 1, x = 0, no share of y.
+    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC) * _LOG2E
+    u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
+    out_b, ypre_b = out_ptr + pid_b * s_ob, ypre_ptr + pid_b * s_ob
+    B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
+    seq_b = seq_ptr + pid_b * s_sb
+    n_chunks = tl.cdiv(L, T)
+    ckpt_dn = ckpt_ptr + (pid_b * d_model + offs_d)[:, None] * ((n_chunks + 1) * N) + offs_n[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + (pid_b * d_model + offs_d)[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    tl.store(ckpt_dn, h, mask=mdn)
+    for c in range(n_chunks):
+        t = c * T + offs_t
+        mask_t = t < L
+        m2 = mask_t[:, None] & mask_d[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]
+        u, _raw, dt, starts = _steps_tm(
+            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
+            HAS_SEQ, SOFTPLUS, ACC,
+        )
+        Bt = tl.load(B_b + t[:, None] * s_Bl + offs_n[None, :] * s_Bn, mask=mtn, other=0.0).to(ACC)
+        Ct = tl.load(C_b + t[:, None] * s_Cl + offs_n[None, :] * s_Cn, mask=mtn, other=0.0).to(ACC)
+        hs, _a, _x = _fused_states(dt, dt * u, A2, Bt, h, starts, HAS_SEQ)
+        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        # Past the end a = 1 and x = 0, so the last step is the state after the chunk.
+        h = tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.0), axis=0)
+        tl.store(ckpt_dn + (c + 1) * N, h, mask=mdn)
+        if HAS_D:
+            y += Dv[None, :] * u
+        if HAS_Z:
+            tl.store(ypre_b + t[:, None] * s_ol + offs_d[None, :] * s_od, y.to(ypre_ptr.dtype.element_ty), mask=m2)
+            zt = tl.load(z_b + t[:, None] * s_zl + offs_d[None, :] * s_zd, mask=m2, other=0.0).to(ACC)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_b + t[:, None] * s_ol + offs_d[None, :] * s_od, y.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _fused_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, ckpt_ptr, ypre_ptr, dout_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh_ptr,
+    d_model, dg, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_gb, s_gd, s_gl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
+    s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Fused-state backward, (T, BD, BLOCK_N) tiles as its forward. The adjoint carry a_{t+1} g_{t+1} and
+    dA stay in registers: ``dh`` (b, d, N) holds d(last state) on entry and d(initial state) on exit,
+    ``dA`` (b, d, N) gets each row's dA. Other outputs as ``_selective_scan_bwd_kernel``."""
+    pid_d = tl.program_id(0)
+    grp = tl.program_id(1)
+    n_groups = tl.num_programs(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < dg
+    offs_d = grp * dg + offs_c
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, T)
+    mdn = mask_d[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
+    ypre_b, dout_b = ypre_ptr + pid_b * s_yb, dout_ptr + pid_b * s_gb
+    du_b, ddelta_b, dz_b = du_ptr + pid_b * s_dub, ddelta_ptr + pid_b * s_ddb, dz_ptr + pid_b * s_dzb
+    B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
+    seq_b = seq_ptr + pid_b * s_sb
+    # dB, dC buffers are contiguous (b, g, N, l).
+    dBC_b = (pid_b * n_groups + grp) * N * L
+    n_chunks = tl.cdiv(L, T)
+    ckpt_dn = ckpt_ptr + (pid_b * d_model + offs_d)[:, None] * ((n_chunks + 1) * N) + offs_n[None, :]
+    state_dn = (pid_b * d_model + offs_d)[:, None] * N + offs_n[None, :]
+    carry = tl.load(dh_ptr + state_dn, mask=mdn, other=0.0)
+    ones = tl.full((T, BLOCK_D, BLOCK_N), 1.0, ACC)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t = c * T + offs_t
+        mask_t = t < L
+        m2 = mask_t[:, None] & mask_d[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]
+        u, raw, dt, starts = _steps_tm(
+            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
+            HAS_SEQ, SOFTPLUS, ACC,
+        )
+        du = dt * u
+        dy = tl.load(dout_b + t[:, None] * s_gl + offs_d[None, :] * s_gd, mask=m2, other=0.0).to(ACC)
+        if HAS_Z:
+            zt = tl.load(z_b + t[:, None] * s_zl + offs_d[None, :] * s_zd, mask=m2, other=0.0).to(ACC)
+            y = tl.load(ypre_b + t[:, None] * s_yl + offs_d[None, :] * s_yd, mask=m2, other=0.0).to(ACC)
+            sig = tl.sigmoid(zt)
+            # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+            dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
+            tl.store(dz_b + t[:, None] * s_dzl + offs_d[None, :] * s_dzd, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = dy * zt * sig
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=0)
+        Bt = tl.load(B_b + t[:, None] * s_Bl + offs_n[None, :] * s_Bn, mask=mtn, other=0.0).to(ACC)
+        Ct = tl.load(C_b + t[:, None] * s_Cl + offs_n[None, :] * s_Cn, mask=mtn, other=0.0).to(ACC)
+        h_prev = tl.load(ckpt_dn + c * N, mask=mdn, other=0.0)
+        hs, a, x = _fused_states(dt, du, A * _LOG2E, Bt, h_prev, starts, HAS_SEQ)
+        s_acc, q_acc, _f = tl.associative_scan(
+            (dy[:, :, None] * Ct[:, None, :], ones, a), axis=0, combine_fn=_adjoint_combine, reverse=True,
+        )
+        gs = tl.where(q_acc == 0.0, s_acc, s_acc + q_acc * carry[None, :, :])
+        carry = tl.sum(tl.where(offs_t[:, None, None] == 0, a * gs, 0.0), axis=0)
+        # One atomic per (t, n) and program: the block's channels are summed on chip first.
+        dBC = dBC_b + t[:, None] + offs_n[None, :] * L
+        tl.atomic_add(dC_ptr + dBC, tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn, sem="relaxed")
+        tl.atomic_add(dB_ptr + dBC, tl.sum(du[:, :, None] * gs, axis=1), mask=mtn, sem="relaxed")
+        # q_t = g_t a_t h_{t-1}, zero where a document starts (there h_t = x_t exactly).
+        q = gs * (hs - x)
+        dA_acc += tl.sum(dt[:, :, None] * q, axis=0)
+        v = tl.sum(Bt[:, None, :] * gs, axis=2)
+        ddu = dt * v
+        if HAS_D:
+            ddu += Dv[None, :] * dy
+        tl.store(du_b + t[:, None] * s_dul + offs_d[None, :] * s_dud, ddu.to(du_ptr.dtype.element_ty), mask=m2)
+        ddt = u * v + tl.sum(A[None, :, :] * q, axis=2)
+        if SOFTPLUS:
+            ddt = ddt * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+        ddt = tl.where(m2, ddt, 0.0)
+        tl.store(ddelta_b + t[:, None] * s_ddl + offs_d[None, :] * s_ddd, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=0)
+    tl.store(dh_ptr + state_dn, carry, mask=mdn)
+    tl.store(dA_ptr + state_dn, dA_acc, mask=mdn)
+    row = pid_b * d_model + offs_d
+    if HAS_D:
+        tl.store(dD_ptr + row, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + row, dbias_acc, mask=mask_d)
+
+
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -332,7 +551,11 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     block_d = _block_d(dg, cfg.fwd_block_d)
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
-    _selective_scan_fwd_kernel[grid](
+    if cfg.fused_states:
+        kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n)}
+    else:
+        kernel, shape = _selective_scan_fwd_kernel, {}
+    kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
         dummy if bias is None else bias, dummy if h0 is None else h0, dummy if seq_idx is None else seq_idx,
         out, dummy if ypre is None else ypre, ckpt,
@@ -341,7 +564,7 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
-        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.fwd_warps,
+        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.fwd_warps, **shape,
     )
     return out, ypre, ckpt
 
@@ -355,32 +578,41 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
     dz = None if z is None else torch.empty_like(z)
     dB = torch.zeros(b, g, n, l, dtype=acc, device=u.device)
     dC = torch.zeros(b, g, n, l, dtype=acc, device=u.device)
-    dh = u.new_empty(2, b, d, n, dtype=acc)
-    dh[0] = dlast
-    dA = u.new_zeros(2, b, d, n, dtype=acc)
     dD = None if D is None else u.new_empty(b, d, dtype=acc)
     dbias = None if bias is None else u.new_empty(b, d, dtype=acc)
     block_d = _block_d(dg, cfg.bwd_block_d)
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
-    _selective_scan_bwd_kernel[grid](
+    if cfg.fused_states:
+        # One (b, d, n) tensor each: the kernel keeps the running values in registers.
+        dh = u.new_empty(b, d, n, dtype=acc)
+        dh.copy_(dlast)
+        dA = u.new_empty(b, d, n, dtype=acc)
+        kernel, last, shape, slot = _fused_bwd_kernel, (), {"BLOCK_N": triton.next_power_of_2(n)}, ()
+    else:
+        dh = u.new_empty(2, b, d, n, dtype=acc)
+        dh[0] = dlast
+        dA = u.new_zeros(2, b, d, n, dtype=acc)
+        kernel, last, shape, slot = _selective_scan_bwd_kernel, (n_chunks % 2,), {}, (b * d * n,)
+    kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
         dummy if bias is None else bias, dummy if seq_idx is None else seq_idx, ckpt,
         dummy if ypre is None else ypre, dout,
         du, ddelta, dummy if dz is None else dz, dB, dC, dA,
         dummy if dD is None else dD, dummy if dbias is None else dbias, dh,
-        d, dg, l, n, b * d * n,
+        d, dg, l, n, *slot,
         *u.stride(), *delta.stride(), *_strides(z, 3), *_strides(ypre, 3), *dout.stride(),
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
         *du.stride(), *ddelta.stride(), *_strides(dz, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
-        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.bwd_warps,
+        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.bwd_warps, **shape,
     )
-    last = n_chunks % 2
+    # The unfused kernel leaves its results in one of two slots; last == () picks the whole tensor.
+    dA, dh = dA[last], dh[last]
     return (
-        du, ddelta, dA[last].sum(0), dB, dC, None if dD is None else dD.sum(0), dz,
-        None if dbias is None else dbias.sum(0), dh[last],
+        du, ddelta, dA.sum(0), dB, dC, None if dD is None else dD.sum(0), dz,
+        None if dbias is None else dbias.sum(0), dh,
     )
 
 
