@@ -133,6 +133,7 @@ def sweep(length: int) -> None:
     fn = callers(None)["ssmkit triton"]
     print(f"launch configs at L {length} (median ms; the first call of each compiles):")
     print(f"{'config':>14} {'fwd ms':>8} {'fwd+bwd ms':>11}  overrides")
+    times = {}
     for name, overrides in ssd_triton.CONFIGS.items():
         ssd_triton.use_config(name)
 
@@ -143,8 +144,11 @@ def sweep(length: int) -> None:
         fwd = do_bench(forward, warmup=10, rep=50, return_mode="median")
         both = do_bench(lambda: fwd_bwd(fn, inp, grad), warmup=10, rep=100, return_mode="median",
                         grad_to_none=list(inp.values()))
+        times[name] = (fwd, both)
         print(f"{name:>14} {fwd:>8.3f} {both:>11.3f}  {overrides}", flush=True)
     ssd_triton.use_config("default")
+    print("fastest: forward", min(times, key=lambda k: times[k][0]), "| forward+backward",
+          min(times, key=lambda k: times[k][1]))
 
 
 def profile_kernels(fns, length: int) -> None:
@@ -157,6 +161,8 @@ def profile_kernels(fns, length: int) -> None:
         if name == "ssmkit chunked":
             continue
         fwd_bwd(fn, inp, grad)
+        for v in inp.values():
+            v.grad = None  # no gradient accumulation kernels in the profiled call
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fwd_bwd(fn, inp, grad)
@@ -182,16 +188,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--chunked-max-len", type=int, default=2048,
                         help="time the (slow) chunked PyTorch path only up to this length")
-    parser.add_argument("--sweep", action="store_true", help="time ssmkit's launch configs at L 8192 only")
-    parser.add_argument("--profile", action="store_true", help="per-kernel times at L 8192 only")
+    parser.add_argument("--sweep", action="store_true", help="time ssmkit's launch configs at L 8192 (only)")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times at L 8192 (only; with --sweep too)")
     args = parser.parse_args()
     if args.sweep:
         sweep(8192)
+    if args.profile:
+        profile_kernels(callers(load_mamba_ssm()), 8192)
+    if args.sweep or args.profile:
         return
     fns = callers(load_mamba_ssm())
-    if args.profile:
-        profile_kernels(fns, 8192)
-        return
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
     print("output rel. error vs chunked fp32 (b8, L 2048):",

@@ -118,3 +118,22 @@ def test_auto_picks_triton_and_matches():
         auto = mamba_chunk_scan_combined(**inp, chunk_size=64, dt_softplus=True, backend="auto")
         triton = mamba_chunk_scan_combined(**inp, chunk_size=64, dt_softplus=True, backend="triton")
     assert torch.equal(auto, triton)
+
+
+LAUNCH_NAMES = ["warps4", "stages3", "tiles128", "tiles128_w4", "bwd_tile32", "slices4", "slices4_w4"]
+
+
+@pytest.mark.parametrize("launch", LAUNCH_NAMES)
+def test_every_launch_config_matches_reference(launch):
+    """The named launch configs that ``benchmarks/gpu_ssd.py --sweep`` times compute the same thing."""
+    from ssmkit.ops.ssd import triton as ssd_triton
+
+    assert set(ssd_triton.CONFIGS) == {"default", *LAUNCH_NAMES}, "a config is missing from this test"
+    torch.manual_seed(3)
+    inp = make_inputs(2, 1000, 8, 64, 2, 128, torch.bfloat16, "D_h z bias softplus init")
+    kw = {"chunk_size": 256, "dt_softplus": True, "return_final_states": True, "seq_idx": _doc_ids(2, 1000, "cuda")}
+    ssd_triton.use_config(launch)
+    try:
+        _compare(inp, kw, torch.bfloat16)
+    finally:
+        ssd_triton.use_config("default")
