@@ -8,6 +8,7 @@ of its outputs, bf16) divided by the device's bandwidth.
 
     python benchmarks/gpu_selective_scan.py              # table; mamba_ssm CUDA if it builds in 240 s
     python benchmarks/gpu_selective_scan.py --sweep      # also launch configs of the Triton kernel at L 8192
+    python benchmarks/gpu_selective_scan.py --sweep-only # only those
     python benchmarks/gpu_selective_scan.py --no-mamba --no-chunked
 """
 
@@ -35,15 +36,17 @@ LENGTHS = (2048, 8192)
 QUOTED_MS = {"fwd": 2.7, "fwd+bwd": 12.4}
 # HBM bandwidth by device name, bytes/s.
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}
+# chunk, fwd block_d/warps, bwd block_d/warps, fused_states. Fused-state tiles are (chunk, block_d, N):
+# Triton spreads block_d / 2 x N over a warp's lanes, so block_d = 2 x warps keeps the whole chunk of a
+# (channel, state) pair in one thread (N 16). chunk 32 spills a few registers in the fused backward.
 SWEEP = (
     ScanConfig(128, 8, 4, 16, 8),
-    ScanConfig(128, 16, 4, 16, 4),
-    ScanConfig(64, 16, 4, 16, 4),
-    ScanConfig(256, 8, 8, 16, 8),
-    ScanConfig(128, 4, 4, 8, 4),
-    ScanConfig(64, 8, 2, 32, 8),
-    ScanConfig(256, 4, 4, 8, 8),
-    ScanConfig(512, 4, 8, 8, 8),
+    ScanConfig(16, 8, 4, 8, 4, True),
+    ScanConfig(16, 16, 8, 16, 8, True),
+    ScanConfig(16, 4, 2, 4, 2, True),
+    ScanConfig(16, 2, 1, 2, 1, True),
+    ScanConfig(32, 8, 4, 8, 4, True),
+    ScanConfig(32, 16, 8, 4, 2, True),
 )
 
 
@@ -73,7 +76,10 @@ def floor_bytes(l: int, backward: bool) -> int:
     return fwd + 7 * seq + 4 * bc
 
 
-def bench(fn, slow: bool = False) -> float:
+def bench(fn, slow: bool = False, quick: bool = False) -> float:
+    if quick:
+        fn()  # compile outside the timed warm-up
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
     return triton.testing.do_bench(fn, warmup=5 if slow else 25, rep=20 if slow else 200, return_mode="median")
 
 
@@ -94,6 +100,18 @@ def ssmkit_runner(x: dict, backend: str, backward: bool, config: ScanConfig | No
             torch.autograd.grad(out, list(leaves.values()), dout)
 
     return run
+
+
+def outputs_and_grads(x: dict, config: ScanConfig) -> list[torch.Tensor]:
+    """out and every gradient of one Triton config (fixed dout), in float32."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+    rest = {k: v for k, v in leaves.items() if k not in ("B", "C")}
+    out = selective_scan_triton(
+        **rest, B=leaves["B"][:, None], C=leaves["C"][:, None], delta_softplus=True, config=config
+    )[0]
+    dout = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+    grads = torch.autograd.grad(out, list(leaves.values()), dout.to(out.dtype))
+    return [t.float() for t in (out, *grads)]
 
 
 def mamba_runner(mod, x: dict, backward: bool):
@@ -126,6 +144,7 @@ def mamba_matches(mod, x: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="time several Triton launch configs at L 8192")
+    parser.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep (implies --sweep)")
     parser.add_argument("--no-mamba", action="store_true", help="skip building mamba_ssm's CUDA kernel")
     parser.add_argument("--no-chunked", action="store_true", help="skip the (slow) chunked PyTorch path")
     parser.add_argument("--build-timeout", type=float, default=240.0)
@@ -135,6 +154,9 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}; bandwidth for floors {bw / 1e12:.2f} TB/s")
     print(f"shape b {B}, d {D}, N {N}, bf16; Triton config {DEFAULT_CONFIG}")
 
+    if args.sweep_only:
+        sweep()
+        return
     mamba, reason = (None, "skipped (--no-mamba)")
     if not args.no_mamba:
         from build_mamba_scan import build
@@ -170,16 +192,29 @@ def main() -> None:
         print("(mamba column at L 8192: issue 5's quoted H100 figures, not measured here)")
 
     if args.sweep:
-        x = make_inputs(8192)
-        print("\nTriton launch configs at L 8192 (ms): chunk, fwd block_d/warps, bwd block_d/warps")
-        for cfg in SWEEP:
-            try:
-                fwd = bench(ssmkit_runner(x, "triton", False, cfg))
-                both = bench(ssmkit_runner(x, "triton", True, cfg))
-                print(f"  {cfg}: fwd {fwd:.3f}  fwd+bwd {both:.3f}")
-            # Any failure of one config (compile error, out of shared memory) is reported; the sweep goes on.
-            except Exception as err:  # noqa: BLE001
-                print(f"  {cfg}: failed: {str(err).splitlines()[0][:200]}")
+        sweep()
+
+
+def sweep() -> None:
+    """Every config of SWEEP at L 8192, forward and forward+backward (short timings, about 5 s a config)."""
+    x = make_inputs(8192)
+    print("\nTriton launch configs at L 8192 (ms; mamba_ssm CUDA on H100, quoted: fwd 2.7, fwd+bwd 12.4);")
+    print("'vs first': largest relative error of out and the gradients against the first config's")
+    print(f"{'chunk':>5} {'fwd bd/w':>8} {'bwd bd/w':>8} {'fused':>5} {'fwd':>8} {'fwd+bwd':>8} {'bwd':>8} {'vs first':>9}")
+    first = None
+    for cfg in SWEEP:
+        head = f"{cfg.chunk:>5} {f'{cfg.fwd_block_d}/{cfg.fwd_warps}':>8} " \
+               f"{f'{cfg.bwd_block_d}/{cfg.bwd_warps}':>8} {cfg.fused_states!s:>5}"
+        try:
+            fwd = bench(ssmkit_runner(x, "triton", False, cfg), quick=True)
+            both = bench(ssmkit_runner(x, "triton", True, cfg), quick=True)
+            results = outputs_and_grads(x, cfg)
+            first = first or results
+            err = max(relative_error(a, b) for a, b in zip(results, first))
+            print(f"{head} {fwd:>8.3f} {both:>8.3f} {both - fwd:>8.3f} {err:>9.1e}", flush=True)
+        # Any failure of one config (compile error, out of shared memory) is reported; the sweep goes on.
+        except Exception as err:  # noqa: BLE001
+            print(f"{head} failed: {str(err).splitlines()[0][:200]}", flush=True)
 
 
 if __name__ == "__main__":

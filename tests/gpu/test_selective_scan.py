@@ -20,8 +20,23 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
+from ssmkit.ops.selective_scan import triton as triton_backend
+from ssmkit.ops.selective_scan.triton import ScanConfig
+
 CUDA = "cuda"
 FP = (torch.float32, torch.bfloat16, torch.float16)
+# Both kernel variants, whichever is the default: the state-index loop and the fused-state tiles.
+VARIANTS = {
+    "state_loop": ScanConfig(chunk=128, fwd_block_d=8, fwd_warps=4, bwd_block_d=16, bwd_warps=8),
+    "fused_states": ScanConfig(chunk=16, fwd_block_d=8, fwd_warps=4, bwd_block_d=8, bwd_warps=4, fused_states=True),
+}
+
+
+@pytest.fixture(autouse=True, params=list(VARIANTS))
+def variant(request, monkeypatch):
+    """Every test runs once per kernel variant: the public function reads the default config per call."""
+    monkeypatch.setattr(triton_backend, "DEFAULT_CONFIG", VARIANTS[request.param])
+    return request.param
 
 
 def _inputs(b, d, n, l, groups, dtype, *, extras, init, packed, time_major=False, seed=0):
