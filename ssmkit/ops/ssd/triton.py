@@ -40,6 +40,7 @@ CONFIGS = {
     "bwd_tile32": {"bwd_tile": 32, "rows": (4, 3), "cols": (4, 2)},
     "slices4": {"min_programs": 4096},
     "slices4_w4": {"min_programs": 4096, "rows": (4, 2), "cols": (4, 1)},
+    "bwd32_slices4": {"bwd_tile": 32, "min_programs": 4096, "rows": (4, 2), "cols": (4, 2)},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
 
