@@ -120,7 +120,7 @@ def test_auto_picks_triton_and_matches():
     assert torch.equal(auto, triton)
 
 
-LAUNCH_NAMES = ["warps4", "stages3", "tiles128", "tiles128_w4", "bwd_tile32", "slices4", "slices4_w4",
+LAUNCH_NAMES = ["warps4", "stages3", "tiles128", "tiles128_s3", "bwd_tile32", "slices4", "slices4_w4",
                 "bwd32_slices4"]
 
 

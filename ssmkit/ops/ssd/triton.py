@@ -36,7 +36,7 @@ CONFIGS = {
     "warps4": {"state": (4, 2), "scan": (4, 2), "state_bwd": (4, 3), "rows": (4, 3), "cols": (4, 1)},
     "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "cols": (8, 2)},
     "tiles128": {"state_tile": 128, "fwd_tile": 128},
-    "tiles128_w4": {"state_tile": 128, "fwd_tile": 128, "state": (4, 2), "scan": (4, 3)},
+    "tiles128_s3": {"state_tile": 128, "fwd_tile": 128, "state": (4, 2), "scan": (8, 3)},
     "bwd_tile32": {"bwd_tile": 32, "rows": (4, 3), "cols": (4, 2)},
     "slices4": {"min_programs": 4096},
     "slices4_w4": {"min_programs": 4096, "rows": (4, 2), "cols": (4, 1)},
