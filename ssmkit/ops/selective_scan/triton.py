@@ -453,7 +453,6 @@ def _fused_bwd_kernel(
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
     ypre_b, dout_b = ypre_ptr + pid_b * s_yb, dout_ptr + pid_b * s_gb
     du_b, ddelta_b, dz_b = du_ptr + pid_b * s_dub, ddelta_ptr + pid_b * s_ddb, dz_ptr + pid_b * s_dzb
@@ -465,8 +464,11 @@ def _fused_bwd_kernel(
     n_chunks = tl.cdiv(L, T)
     ckpt_dn = ckpt_ptr + (pid_b * d_model + offs_d)[:, None] * ((n_chunks + 1) * N) + offs_n[None, :]
     state_dn = (pid_b * d_model + offs_d)[:, None] * N + offs_n[None, :]
-    carry = tl.load(dh_ptr + state_dn, mask=mdn, other=0.0)
+    # The adjoint carry in the layout of a reduction over time of the tiles, which it is in the loop.
+    first = offs_t[:, None, None] == 0
+    carry = tl.sum(tl.where(first, tl.load(dh_ptr + state_dn, mask=mdn, other=0.0)[None, :, :], 0.0), axis=0)
     ones = tl.full((T, BLOCK_D, BLOCK_N), 1.0, ACC)
+    dA_acc = tl.zeros((T, BLOCK_D, BLOCK_N), dtype=ACC)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         t = c * T + offs_t
@@ -497,14 +499,14 @@ def _fused_bwd_kernel(
             (dy[:, :, None] * Ct[:, None, :], ones, a), axis=0, combine_fn=_adjoint_combine, reverse=True,
         )
         gs = tl.where(q_acc == 0.0, s_acc, s_acc + q_acc * carry[None, :, :])
-        carry = tl.sum(tl.where(offs_t[:, None, None] == 0, a * gs, 0.0), axis=0)
+        carry = tl.sum(tl.where(first, a * gs, 0.0), axis=0)
         # One atomic per (t, n) and program: the block's channels are summed on chip first.
         dBC = dBC_b + t[:, None] + offs_n[None, :] * L
         tl.atomic_add(dC_ptr + dBC, tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn, sem="relaxed")
         tl.atomic_add(dB_ptr + dBC, tl.sum(du[:, :, None] * gs, axis=1), mask=mtn, sem="relaxed")
         # q_t = g_t a_t h_{t-1}, zero where a document starts (there h_t = x_t exactly).
         q = gs * (hs - x)
-        dA_acc += tl.sum(dt[:, :, None] * q, axis=0)
+        dA_acc += dt[:, :, None] * q
         v = tl.sum(Bt[:, None, :] * gs, axis=2)
         ddu = dt * v
         if HAS_D:
@@ -517,8 +519,9 @@ def _fused_bwd_kernel(
         tl.store(ddelta_b + t[:, None] * s_ddl + offs_d[None, :] * s_ddd, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=0)
-    tl.store(dh_ptr + state_dn, carry, mask=mdn)
-    tl.store(dA_ptr + state_dn, dA_acc, mask=mdn)
+    # (Taken through one more reduction: a store of ``carry`` itself would change its layout in the loop.)
+    tl.store(dh_ptr + state_dn, tl.sum(tl.where(first, carry[None, :, :], 0.0), axis=0), mask=mdn)
+    tl.store(dA_ptr + state_dn, tl.sum(dA_acc, axis=0), mask=mdn)
     row = pid_b * d_model + offs_d
     if HAS_D:
         tl.store(dD_ptr + row, dD_acc, mask=mask_d)
