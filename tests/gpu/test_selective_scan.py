@@ -28,7 +28,9 @@ FP = (torch.float32, torch.bfloat16, torch.float16)
 # Both kernel variants, whichever is the default: the state-index loop and the fused-state tiles.
 VARIANTS = {
     "state_loop": ScanConfig(chunk=128, fwd_block_d=8, fwd_warps=4, bwd_block_d=16, bwd_warps=8),
-    "fused_states": ScanConfig(chunk=16, fwd_block_d=8, fwd_warps=4, bwd_block_d=8, bwd_warps=4, fused_states=True),
+    "fused_states": ScanConfig(
+        chunk=16, fwd_block_d=8, fwd_warps=4, bwd_block_d=8, bwd_warps=4, fused_states=True, fwd_chunk=32
+    ),
 }
 
 

@@ -76,7 +76,11 @@ def _run_case(name: str, fused: bool) -> None:
     gen = torch.Generator().manual_seed(len(name))
     low, seq_idx = _inputs(b, d, n, l, groups, dtype, options, gen)
     softplus = "extras" in options
-    cfg = ScanConfig(chunk=chunk, fwd_block_d=4, fwd_warps=1, bwd_block_d=2, bwd_warps=1, fused_states=fused)
+    # The fused forward walks tiles of two checkpoint intervals: checkpoints inside a tile and past the end.
+    cfg = ScanConfig(
+        chunk=chunk, fwd_block_d=4, fwd_warps=1, bwd_block_d=2, bwd_warps=1, fused_states=fused,
+        fwd_chunk=2 * chunk if fused else None,
+    )
     leaves = {k: v.detach().requires_grad_(True) for k, v in low.items()}
     if "public" in options:
         # The public function runs the default launch shape: made this case's for the call.

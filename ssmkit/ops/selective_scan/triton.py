@@ -47,7 +47,14 @@ class ScanConfig:
 
     ``fused_states`` picks the kernels that hold every state index at once in (channels, N, chunk) tiles
     (one scan per chunk, states and adjoints carried in registers) over those that loop over the state
-    index with (channels, chunk) tiles (carries through global memory)."""
+    index with (channels, chunk) tiles (carries through global memory). With fused states the forward
+    may walk longer tiles of ``fwd_chunk`` steps (a multiple of ``chunk``; default ``chunk``): it
+    still writes a checkpoint every ``chunk`` steps, the backward's tile."""
+
+    def __post_init__(self) -> None:
+        fwd = self.fwd_chunk or self.chunk
+        if fwd % self.chunk or (fwd != self.chunk and not self.fused_states):
+            raise ValueError(f"fwd_chunk={fwd} must be a multiple of chunk={self.chunk} (and needs fused_states)")
 
     chunk: int = 128
     fwd_block_d: int = 8
@@ -55,6 +62,7 @@ class ScanConfig:
     bwd_block_d: int = 16
     bwd_warps: int = 8
     fused_states: bool = False
+    fwd_chunk: int | None = None
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -359,10 +367,11 @@ def _fused_fwd_kernel(
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, CK: tl.constexpr,
 ):
-    """Fused-state forward: every state index at once in (T, BD, BLOCK_N) tiles, one scan per chunk, the
-    (BD, BLOCK_N) state carried in registers. Grid, inputs and outputs as ``_selective_scan_fwd_kernel``."""
+    """Fused-state forward: every state index at once in (T, BD, BLOCK_N) tiles, one scan per tile, the
+    (BD, BLOCK_N) state carried in registers. Grid, inputs and outputs as ``_selective_scan_fwd_kernel``,
+    with a checkpoint every CK steps (T a multiple of CK)."""
     pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -386,14 +395,14 @@ def _fused_fwd_kernel(
     B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
     C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
     seq_b = seq_ptr + pid_b * s_sb
-    n_chunks = tl.cdiv(L, T)
-    ckpt_dn = ckpt_ptr + (pid_b * d_model + offs_d)[:, None] * ((n_chunks + 1) * N) + offs_n[None, :]
+    n_ckpt = tl.cdiv(L, CK)
+    ckpt_dn = ckpt_ptr + (pid_b * d_model + offs_d)[:, None] * ((n_ckpt + 1) * N) + offs_n[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + (pid_b * d_model + offs_d)[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     tl.store(ckpt_dn, h, mask=mdn)
-    for c in range(n_chunks):
+    for c in range(tl.cdiv(L, T)):
         t = c * T + offs_t
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
@@ -406,9 +415,12 @@ def _fused_fwd_kernel(
         Ct = tl.load(C_b + t[:, None] * s_Cl + offs_n[None, :] * s_Cn, mask=mtn, other=0.0).to(ACC)
         hs, _a, _x = _fused_states(dt, dt * u, A2, Bt, h, starts, HAS_SEQ)
         y = tl.sum(hs * Ct[:, None, :], axis=2)
-        # Past the end a = 1 and x = 0, so the last step is the state after the chunk.
-        h = tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.0), axis=0)
-        tl.store(ckpt_dn + (c + 1) * N, h, mask=mdn)
+        # Past the end a = 1 and x = 0, so the last step of each CK is the state after it (and the tile's
+        # last, the state to carry); checkpoints past the last one are not stored.
+        for k in tl.static_range(T // CK):
+            h = tl.sum(tl.where(offs_t[:, None, None] == (k + 1) * CK - 1, hs, 0.0), axis=0)
+            idx = c * (T // CK) + k + 1
+            tl.store(ckpt_dn + idx * N, h, mask=mdn & (offs_n[None, :] * 0 + idx <= n_ckpt))
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
@@ -555,7 +567,7 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
     if cfg.fused_states:
-        kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n)}
+        kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
     else:
         kernel, shape = _selective_scan_fwd_kernel, {}
     kernel[grid](
@@ -567,7 +579,7 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
-        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.fwd_warps, **shape,
+        BLOCK_D=block_d, T=cfg.fwd_chunk or cfg.chunk, num_warps=cfg.fwd_warps, **shape,
     )
     return out, ypre, ckpt
 
