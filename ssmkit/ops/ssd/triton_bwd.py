@@ -41,7 +41,7 @@ def _load_dy(dout_ptr, z_ptr, base, io, io_mask, HAS_Z: tl.constexpr):
 def _state_pass_bwd(
     dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, states_ptr, dfinal_ptr, dprev_ptr,
     dstates_ptr, ddecay_ptr, dinit_ptr,
-    L, H, G, P, N, nc,
+    L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DPREV: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
@@ -95,7 +95,7 @@ def _state_pass_bwd(
 def _bwd_rows(
     x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
     dz_ptr, dD_ptr, dC_ptr, dcum_ptr, dcb_ptr,
-    L, H, G, P, N, nc, S,
+    L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -198,7 +198,7 @@ def _bwd_rows(
 def _bwd_cols(
     x_ptr, z_ptr, dout_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, dcb_ptr, delta_ptr, cum_ptr, doc_ptr, dstates_ptr,
     dx_ptr, dB_ptr, ddelta_ptr, dcum_ptr, dlast_ptr,
-    L, H, G, P, N, nc, S,
+    L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):

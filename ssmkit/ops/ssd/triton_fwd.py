@@ -44,7 +44,7 @@ def _doc_before(doc_ptr, b, c, T: tl.constexpr, Lp):
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr,
-    L, H, G, P, N, nc, lo, hi,
+    L, H, G, P: tl.constexpr, N: tl.constexpr, nc, lo, hi,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
@@ -124,7 +124,7 @@ def _state_pass_fwd(
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_cb_fwd(
     B_ptr, C_ptr, cb_ptr,
-    L, G, N, nc,
+    L, G, N: tl.constexpr, nc,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """C Bᵀ per (chunk, group), the causal (row block >= column block) tiles only: shared by the heads
@@ -155,7 +155,7 @@ def _cb_offsets(b, c, gg, G, nc, rows, cols, T: tl.constexpr):
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_scan_fwd(
     x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr, out_ptr, ypre_ptr,
-    L, H, G, P, N, nc,
+    L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, STORE_YPRE: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
