@@ -60,7 +60,9 @@ def ssd_chunked(
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
-    T = chunk_size
+    # The result does not depend on the chunk length, so a sequence shorter than a chunk (a prompt, a
+    # decode burst) is one chunk of its own length rounded up to 16, not a padded chunk of 256.
+    T = min(chunk_size, -(-l // 16) * 16)
     nc = -(-l // T)
     k = b * nc
     pad = nc * T - l
