@@ -321,20 +321,14 @@ def _selective_scan_bwd_kernel(
 
 
 @triton.jit
-def _steps_tm(
-    u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
-    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+def _load_steps_tm(
+    u_b, delta_b, seq_b, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl, HAS_SEQ: tl.constexpr,
 ):
-    """``_steps`` with time first: (T, BD) tiles u, delta + bias, Δ, and the (T,) document starts."""
+    """One tile's (T, BD) u and delta as stored, and the (T,) document starts. Steps past ``L`` (a whole
+    tile past the end, too) are masked: the fused kernels load the next tile ahead of its turn."""
     m2 = mask_t[:, None] & mask_d[None, :]
-    u = tl.load(u_b + t[:, None] * s_ul + offs_d[None, :] * s_ud, mask=m2, other=0.0).to(ACC)
-    raw = tl.load(delta_b + t[:, None] * s_dl + offs_d[None, :] * s_dd, mask=m2, other=0.0).to(ACC)
-    raw = raw + bias[None, :]
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    else:
-        dt = raw
-    dt = tl.where(mask_t[:, None], dt, 0.0)
+    u = tl.load(u_b + t[:, None] * s_ul + offs_d[None, :] * s_ud, mask=m2, other=0.0)
+    delta = tl.load(delta_b + t[:, None] * s_dl + offs_d[None, :] * s_dd, mask=m2, other=0.0)
     if HAS_SEQ:
         first = mask_t & (t > 0)
         cur = tl.load(seq_b + t * s_sl, mask=mask_t, other=0)
@@ -342,7 +336,38 @@ def _steps_tm(
         starts = first & (cur != prev)
     else:
         starts = t < 0
-    return u, raw, dt, starts
+    return u, delta, starts
+
+
+@triton.jit
+def _load_rows_tm(B_b, C_b, offs_n, mask_n, t, mask_t, s_Bn, s_Bl, s_Cn, s_Cl):
+    """One tile's (T, BN) B and C as stored (zero past ``L`` and past N)."""
+    mtn = mask_t[:, None] & mask_n[None, :]
+    Bt = tl.load(B_b + t[:, None] * s_Bl + offs_n[None, :] * s_Bn, mask=mtn, other=0.0)
+    Ct = tl.load(C_b + t[:, None] * s_Cl + offs_n[None, :] * s_Cn, mask=mtn, other=0.0)
+    return Bt, Ct
+
+
+@triton.jit
+def _load_tile_tm(x_b, offs_d, mask_d, t, mask_t, s_xd, s_xl, ENABLED: tl.constexpr):
+    """One tile's (T, BD) slice of a (b, d, l) tensor as stored; zeros when not ENABLED (nothing read)."""
+    m2 = mask_t[:, None] & mask_d[None, :]
+    if ENABLED:
+        x = tl.load(x_b + t[:, None] * s_xl + offs_d[None, :] * s_xd, mask=m2, other=0.0)
+    else:
+        x = tl.zeros((t.shape[0], offs_d.shape[0]), dtype=tl.float32)
+    return x
+
+
+@triton.jit
+def _dt_tm(delta, bias, mask_t, SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
+    """(T, BD) delta + bias and Δ (0 past ``L``)."""
+    raw = delta.to(ACC) + bias[None, :]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    return raw, tl.where(mask_t[:, None], dt, 0.0)
 
 
 @triton.jit
@@ -402,17 +427,26 @@ def _fused_fwd_kernel(
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     tl.store(ckpt_dn, h, mask=mdn)
+    # Each tile's inputs are loaded one turn ahead (into "next_*"), so that their latency hides behind
+    # the previous tile's work.
+    t = offs_t
+    mask_t = t < L
+    next_u, next_delta, next_starts = _load_steps_tm(
+        u_b, delta_b, seq_b, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl, HAS_SEQ
+    )
+    next_B, next_C = _load_rows_tm(B_b, C_b, offs_n, mask_n, t, mask_t, s_Bn, s_Bl, s_Cn, s_Cl)
     for c in range(tl.cdiv(L, T)):
         t = c * T + offs_t
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
-        mtn = mask_t[:, None] & mask_n[None, :]
-        u, _raw, dt, starts = _steps_tm(
-            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
-            HAS_SEQ, SOFTPLUS, ACC,
+        u, delta, starts, Bt, Ct = next_u.to(ACC), next_delta, next_starts, next_B.to(ACC), next_C.to(ACC)
+        t_next = t + T
+        mask_next = t_next < L
+        next_u, next_delta, next_starts = _load_steps_tm(
+            u_b, delta_b, seq_b, offs_d, mask_d, t_next, mask_next, s_ud, s_ul, s_dd, s_dl, s_sl, HAS_SEQ
         )
-        Bt = tl.load(B_b + t[:, None] * s_Bl + offs_n[None, :] * s_Bn, mask=mtn, other=0.0).to(ACC)
-        Ct = tl.load(C_b + t[:, None] * s_Cl + offs_n[None, :] * s_Cn, mask=mtn, other=0.0).to(ACC)
+        next_B, next_C = _load_rows_tm(B_b, C_b, offs_n, mask_n, t_next, mask_next, s_Bn, s_Bl, s_Cn, s_Cl)
+        _raw, dt = _dt_tm(delta, bias, mask_t, SOFTPLUS, ACC)
         hs, _a, _x = _fused_states(dt, dt * u, A2, Bt, h, starts, HAS_SEQ)
         y = tl.sum(hs * Ct[:, None, :], axis=2)
         # Past the end a = 1 and x = 0, so the last step of each CK is the state after it (and the tile's
@@ -481,21 +515,39 @@ def _fused_bwd_kernel(
     carry = tl.sum(tl.where(first, tl.load(dh_ptr + state_dn, mask=mdn, other=0.0)[None, :, :], 0.0), axis=0)
     ones = tl.full((T, BLOCK_D, BLOCK_N), 1.0, ACC)
     dA_acc = tl.zeros((T, BLOCK_D, BLOCK_N), dtype=ACC)
+    # Each chunk's inputs are loaded one turn ahead (into "next_*"), as in the forward.
+    t = (n_chunks - 1) * T + offs_t
+    mask_t = t < L
+    next_u, next_delta, next_starts = _load_steps_tm(
+        u_b, delta_b, seq_b, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl, HAS_SEQ
+    )
+    next_B, next_C = _load_rows_tm(B_b, C_b, offs_n, mask_n, t, mask_t, s_Bn, s_Bl, s_Cn, s_Cl)
+    next_dy = _load_tile_tm(dout_b, offs_d, mask_d, t, mask_t, s_gd, s_gl, True)
+    next_z = _load_tile_tm(z_b, offs_d, mask_d, t, mask_t, s_zd, s_zl, HAS_Z)
+    next_y = _load_tile_tm(ypre_b, offs_d, mask_d, t, mask_t, s_yd, s_yl, HAS_Z)
+    next_h = tl.load(ckpt_dn + (n_chunks - 1) * N, mask=mdn, other=0.0)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         t = c * T + offs_t
         mask_t = t < L
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
-        u, raw, dt, starts = _steps_tm(
-            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
-            HAS_SEQ, SOFTPLUS, ACC,
+        u, delta, starts, Bt, Ct = next_u.to(ACC), next_delta, next_starts, next_B.to(ACC), next_C.to(ACC)
+        dy, zt, y, h_prev = next_dy.to(ACC), next_z.to(ACC), next_y.to(ACC), next_h
+        # The chunk before (none after the first: every step masked, nothing read).
+        t_next = t - T
+        mask_next = (t_next >= 0) & (t_next < L)
+        next_u, next_delta, next_starts = _load_steps_tm(
+            u_b, delta_b, seq_b, offs_d, mask_d, t_next, mask_next, s_ud, s_ul, s_dd, s_dl, s_sl, HAS_SEQ
         )
+        next_B, next_C = _load_rows_tm(B_b, C_b, offs_n, mask_n, t_next, mask_next, s_Bn, s_Bl, s_Cn, s_Cl)
+        next_dy = _load_tile_tm(dout_b, offs_d, mask_d, t_next, mask_next, s_gd, s_gl, True)
+        next_z = _load_tile_tm(z_b, offs_d, mask_d, t_next, mask_next, s_zd, s_zl, HAS_Z)
+        next_y = _load_tile_tm(ypre_b, offs_d, mask_d, t_next, mask_next, s_yd, s_yl, HAS_Z)
+        next_h = tl.load(ckpt_dn + tl.maximum(c - 1, 0) * N, mask=mdn & (offs_n[None, :] * 0 + c > 0), other=0.0)
+        raw, dt = _dt_tm(delta, bias, mask_t, SOFTPLUS, ACC)
         du = dt * u
-        dy = tl.load(dout_b + t[:, None] * s_gl + offs_d[None, :] * s_gd, mask=m2, other=0.0).to(ACC)
         if HAS_Z:
-            zt = tl.load(z_b + t[:, None] * s_zl + offs_d[None, :] * s_zd, mask=m2, other=0.0).to(ACC)
-            y = tl.load(ypre_b + t[:, None] * s_yl + offs_d[None, :] * s_yd, mask=m2, other=0.0).to(ACC)
             sig = tl.sigmoid(zt)
             # silu'(z) = σ(z) (1 + z (1 - σ(z)))
             dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
@@ -503,9 +555,6 @@ def _fused_bwd_kernel(
             dy = dy * zt * sig
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=0)
-        Bt = tl.load(B_b + t[:, None] * s_Bl + offs_n[None, :] * s_Bn, mask=mtn, other=0.0).to(ACC)
-        Ct = tl.load(C_b + t[:, None] * s_Cl + offs_n[None, :] * s_Cn, mask=mtn, other=0.0).to(ACC)
-        h_prev = tl.load(ckpt_dn + c * N, mask=mdn, other=0.0)
         hs, a, x = _fused_states(dt, du, A * _LOG2E, Bt, h_prev, starts, HAS_SEQ)
         s_acc, q_acc, _f = tl.associative_scan(
             (dy[:, :, None] * Ct[:, None, :], ones, a), axis=0, combine_fn=_adjoint_combine, reverse=True,
