@@ -355,7 +355,7 @@ def _load_tile_tm(x_b, offs_d, mask_d, t, mask_t, s_xd, s_xl, ENABLED: tl.conste
     if ENABLED:
         x = tl.load(x_b + t[:, None] * s_xl + offs_d[None, :] * s_xd, mask=m2, other=0.0)
     else:
-        x = tl.zeros((t.shape[0], offs_d.shape[0]), dtype=tl.float32)
+        x = tl.where(m2, 0.0, 0.0)
     return x
 
 
