@@ -120,8 +120,8 @@ def test_auto_picks_triton_and_matches():
     assert torch.equal(auto, triton)
 
 
-LAUNCH_NAMES = ["warps4", "stages3", "tiles128", "tiles128_s3", "bwd_tile32", "slices4", "slices4_w4",
-                "bwd32_slices4"]
+LAUNCH_NAMES = ["scan_r128", "fwd_r128", "stages3", "warps4", "tiles128", "bwd_tile32", "bwd_tile32_r128",
+                "slices4"]
 
 
 @pytest.mark.parametrize("launch", LAUNCH_NAMES)

@@ -1,6 +1,6 @@
 """Triton backend of ``mamba_chunk_scan_combined``: launchers, the autograd Function, the backend.
 
-Forward: four kernels (``triton_fwd``); backward: four (``triton_bwd``), plus a few small sums of
+Forward: four kernels (``triton_fwd``); backward: five launches of four (``triton_bwd``), plus a few small sums of
 per-block partials. Only the chunked algorithm's per-chunk states (b, chunks, h, p, n) and C Bᵀ per
 group (b, chunks, g, T, T) go through memory, in float32; the rest of the (T, T) work stays on chip.
 
@@ -24,23 +24,27 @@ from ssmkit.ops.ssd.chunked import _varlen_states, ssd_chunked
 from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
 
 _STATE_BLOCK = 1024  # state elements per program in the forward state passing
-# kernel -> (num_warps, num_stages); "*_tile": rows (and source columns) of a chunk per matmul tile in the
-# forward's chunk states, its C Bᵀ and scan, and the backward (each also at most the chunk length);
-# "min_programs": the backward splits a group's heads over programs until it has this many.
+# kernel -> (num_warps, num_stages[, maxnreg]); maxnreg caps registers per thread (128: two programs of
+# 8 warps per SM). "*_tile": rows (and source columns) of a chunk per matmul tile in the forward's chunk
+# states, its C Bᵀ and scan, and the backward (each also at most the chunk length); "min_programs": the
+# backward splits a group's heads over programs until it has this many.
+# Registers and spills (ptxas, sm_90, p 64, n 128, bf16, Triton 3.9): scan 176 (128 with the cap, no
+# spills); backward rows 255 (no spills), rows_state 255 (136 B spilled), cols 255 (184 B).
 DEFAULT_LAUNCH = {
-    "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "cols": (8, 1),
+    "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
 }
 CONFIGS = {
     "default": {},
-    "warps4": {"state": (4, 2), "scan": (4, 2), "state_bwd": (4, 3), "rows": (4, 3), "cols": (4, 1)},
-    "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "cols": (8, 2)},
-    "tiles128": {"state_tile": 128, "fwd_tile": 128},
-    "tiles128_s3": {"state_tile": 128, "fwd_tile": 128, "state": (4, 2), "scan": (8, 3)},
-    "bwd_tile32": {"bwd_tile": 32, "rows": (4, 3), "cols": (4, 2)},
+    "scan_r128": {"scan": (8, 2, 128)},
+    "fwd_r128": {"state": (8, 2, 128), "scan": (8, 3, 128)},
+    "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "rows_state": (8, 3), "cols": (8, 2)},
+    "warps4": {"state": (4, 2), "scan": (4, 2), "state_bwd": (4, 3), "rows": (4, 3), "rows_state": (4, 2),
+               "cols": (4, 1)},
+    "tiles128": {"fwd_tile": 128},
+    "bwd_tile32": {"bwd_tile": 32, "rows": (8, 2), "cols": (8, 1)},
+    "bwd_tile32_r128": {"bwd_tile": 32, "rows": (8, 2, 128), "cols": (8, 1)},
     "slices4": {"min_programs": 4096},
-    "slices4_w4": {"min_programs": 4096, "rows": (4, 2), "cols": (4, 1)},
-    "bwd32_slices4": {"bwd_tile": 32, "min_programs": 4096, "rows": (4, 2), "cols": (4, 2)},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
 
@@ -51,6 +55,12 @@ def use_config(name: str) -> None:
         raise KeyError(f"unknown SSD launch config {name!r}; known: {sorted(CONFIGS)}")
     LAUNCH.clear()
     LAUNCH.update(DEFAULT_LAUNCH, **CONFIGS[name])
+
+
+def _opts(kernel: str) -> dict:
+    """Launch options of a kernel from ``LAUNCH``."""
+    warps, stages, *maxnreg = LAUNCH[kernel]
+    return {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg[0]} if maxnreg else {})}
 
 
 def _pow2(v: int, lo: int = 16) -> int:
@@ -107,7 +117,7 @@ class _SSDFunction(torch.autograd.Function):
             x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, num_warps=LAUNCH["state"][0], num_stages=LAUNCH["state"][1],
+            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, **_opts("state"),
         )
         final = torch.empty(b, h, p, n, device=dev, dtype=f32)
         _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
@@ -129,7 +139,7 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
             STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
-            num_warps=LAUNCH["scan"][0], num_stages=LAUNCH["scan"][1],
+            **_opts("scan"),
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb)
         ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None)
@@ -166,7 +176,7 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc,
             T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
             HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC,
-            num_warps=LAUNCH["state_bwd"][0], num_stages=LAUNCH["state_bwd"][1],
+            **_opts("state_bwd"),
         )
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
         nrb = T // BM
@@ -177,13 +187,14 @@ class _SSDFunction(torch.autograd.Function):
         dC_part = torch.empty(S, *C.shape, device=dev, dtype=C.dtype if S == 1 else f32)
         dcum = torch.zeros(b, h, nc * T, device=dev, dtype=f32)
         dcb = torch.empty(S, *cb.shape, device=dev, dtype=f32)
-        _bwd._bwd_rows[(nrb, nc, b * g * S)](
-            x, dummy if z is None else z, dout, ypre, dummy if D is None else D, B, C, cb, delta, cum, docp, states,
-            dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
-            l, h, g, p, n, nc, S,
-            T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=LAUNCH["rows"][0], num_stages=LAUNCH["rows"][1],
-        )
+        for part, kernel in ((0, "rows"), (1, "rows_state")):
+            _bwd._bwd_rows[(nrb, nc, b * g * S)](
+                x, dummy if z is None else z, dout, ypre, dummy if D is None else D, B, C, cb, delta, cum, docp,
+                states, dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
+                l, h, g, p, n, nc, S,
+                T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
+                DOT=DOT, PREC=PREC, PART=part, **_opts(kernel),
+            )
         # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
         dB_part = torch.empty(S, *B.shape, device=dev, dtype=B.dtype if S == 1 else f32)
@@ -194,7 +205,7 @@ class _SSDFunction(torch.autograd.Function):
             dx, dB_part, ddelta, dcum, dlast,
             l, h, g, p, n, nc, S,
             T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, num_warps=LAUNCH["cols"][0], num_stages=LAUNCH["cols"][1],
+            DOT=DOT, PREC=PREC, **_opts("cols"),
         )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)

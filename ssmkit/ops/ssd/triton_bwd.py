@@ -1,12 +1,12 @@
-"""Triton backward kernels of the chunked SSD: four launches, in this order.
+"""Triton backward kernels of the chunked SSD: five launches of four kernels, in this order.
 
     _state_pass_bwd  per (head, block of n): walks the chunks backwards. dS_c, the gradient of the state
                      after chunk c, is stored; the state entering chunk c receives
                      dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t plus what dS_c passes back through the decay.
                      Also the gradient of each chunk's decay, and of initial_states.
-    _bwd_rows        per (block of rows t of a chunk, group), looping over the group's heads: dz, dD's
-                     partial sums, dC, and the gradient of C Bᵀ summed over the heads (stored, so that
-                     dB and dC cost one n-long matmul per group, not per head).
+    _bwd_rows        per (block of rows t of a chunk, group), looping over the group's heads, twice:
+                     PART 0 the gradient of C Bᵀ summed over the heads (stored, so that dB and dC cost
+                     one n-long matmul per group, not per head); PART 1 dz, dD's partial sums, dC.
     _bwd_cols        per (block of source positions s of a chunk, group), looping over the heads: dB,
                      dx and the Δ·x part of dΔ (needs dS_c and the summed gradient of C Bᵀ).
     _bwd_dt          per (chunk, head): dcum -> gradient of Δ A (suffix sums), then dΔ through the clamp
@@ -98,7 +98,11 @@ def _bwd_rows(
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr,
 ):
+    """PART 0: the intra-chunk terms (dM summed over heads -> dcb, dcum); PART 1, after it: dz, dD, the
+    terms of earlier chunks' state, and dC. Two launches, not one: apart, each holds fewer tiles live
+    (registers: one program of 8 warps per SM when together)."""
     # Addresses: int64 scalar bases of this chunk, int32 offsets inside it (int64 tiles of offsets
     # double the registers of every address, and made this kernel spill).
     m = tl.program_id(0)
@@ -127,71 +131,77 @@ def _bwd_rows(
     c_mask = (t[:, None] < L) & (rn[None, :] < N)
     pn = rp[:, None] * N + rn[None, :]
     pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
-    Ct = tl.load(C_ptr + bc0 + c_off, mask=c_mask, other=0.0).to(DOT)
     doc_c = doc_ptr + b.to(tl.int64) * Lp + c * T
-    first = tl.full((BM,), 1, tl.int1)
     if HAS_DOC:
         doc_t = tl.load(doc_c + r)
-        first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
-    dC = tl.zeros((BM, BN), dtype=tl.float32)
-    # Per head: the gate and the skip (dz, dD), and the part passed in from earlier chunks,
-    # y_t += exp(cum_t) S'_{c-1} C_t.
-    for j in range(R):
-        hh = (gg * S + sp) * R + j
-        bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
-        hb = io0 + hh * P
-        dout = tl.load(dout_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zt = tl.load(z_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zt)
-            ypre = tl.load(ypre_ptr + hb + io_r, mask=io_mask, other=0.0)
-            tl.store(dz_ptr + hb + io_r, dout * ypre * sig * (1.0 + zt * (1.0 - sig)), mask=io_mask)
-            dy = dout * zt * sig
-        else:
-            dy = dout
-        if HAS_D:
-            xt = tl.load(x_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
-            dD_row = (((b * nc + c) * (T // BM) + m) * H + hh).to(tl.int64) * P
-            tl.store(dD_ptr + dD_row + rp, tl.sum(dy * xt, 0), mask=rp < P)
-        state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
-        prev = tl.load(states_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
-        e = tl.where(first, tl.exp(tl.load(cum_ptr + bh_off + r)), 0.0)
-        dC += tl.where(first[:, None], tl.dot(dy.to(DOT), prev, input_precision=PREC) * e[:, None], 0.0)
-        off = tl.dot(Ct, tl.trans(prev), input_precision=PREC)
-        tl.atomic_add(dcum_ptr + bh_off + r, tl.where(first, tl.sum(dy * off, 1) * e, 0.0))
-    # Intra-chunk, per head: dM = (dY (Δx)ᵀ) ⊙ L. Summed over the group's heads it is the gradient of
-    # C Bᵀ, so dC = Σ_s dM B_s costs one n-long matmul per group, not per head; dM ⊙ C Bᵀ is the
-    # gradient of the segment sums cum_t - cum_s.
-    for k in range(m + 1):
-        q = k * BM + tl.arange(0, BM)  # sources s, as positions in the chunk
-        s = c * T + q
-        cb_off = r[:, None] * T + q[None, :]
-        cb = tl.load(cb_ptr + cb_off)
-        keep = q[None, :] <= r[:, None]
+    if PART == 0:
+        # Intra-chunk, per head: dM = (dY (Δx)ᵀ) ⊙ L. Summed over the group's heads it is the gradient of
+        # C Bᵀ (stored, so that dC = Σ_s dM B_s costs one n-long matmul per group, not per head);
+        # dM ⊙ C Bᵀ is the gradient of the segment sums cum_t - cum_s.
+        for k in range(m + 1):
+            q = k * BM + tl.arange(0, BM)  # sources s, as positions in the chunk
+            cb_off = r[:, None] * T + q[None, :]
+            cb = tl.load(cb_ptr + cb_off)
+            keep = q[None, :] <= r[:, None]
+            if HAS_DOC:
+                keep = keep & (tl.load(doc_c + q)[None, :] == doc_t[:, None])
+            io_s = q[:, None] * (H * P) + rp[None, :]
+            s_mask = (c * T + q[:, None] < L) & (rp[None, :] < P)
+            dcb = tl.zeros((BM, BM), dtype=tl.float32)
+            for j in range(R):
+                hh = (gg * S + sp) * R + j
+                bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
+                dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P, io_r, io_mask, HAS_Z)
+                xs = tl.load(x_ptr + io0 + hh * P + io_s, mask=s_mask, other=0.0).to(DOT)
+                cum_t = tl.load(cum_ptr + bh_off + r)
+                cum_s = tl.load(cum_ptr + bh_off + q)
+                decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
+                dm = tl.dot(dy.to(DOT), tl.trans(xs), input_precision=PREC) * decay
+                dm = dm * tl.load(delta_ptr + bh_off + q)[None, :]
+                dcb += dm
+                dseg = dm * cb
+                tl.atomic_add(dcum_ptr + bh_off + r, tl.sum(dseg, 1))
+                tl.atomic_add(dcum_ptr + bh_off + q, -tl.sum(dseg, 0))
+            tl.store(dcb_ptr + cb_off, dcb)
+    else:
+        first = tl.full((BM,), 1, tl.int1)
         if HAS_DOC:
-            keep = keep & (tl.load(doc_c + q)[None, :] == doc_t[:, None])
-        io_s = q[:, None] * (H * P) + rp[None, :]
-        s_mask = (s[:, None] < L) & (rp[None, :] < P)
-        dcb = tl.zeros((BM, BM), dtype=tl.float32)
+            first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
+        Ct = tl.load(C_ptr + bc0 + c_off, mask=c_mask, other=0.0).to(DOT)
+        dC = tl.zeros((BM, BN), dtype=tl.float32)
+        # Per head: the gate and the skip (dz, dD), and the part passed in from earlier chunks,
+        # y_t += exp(cum_t) S'_{c-1} C_t.
         for j in range(R):
             hh = (gg * S + sp) * R + j
             bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
-            dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P, io_r, io_mask, HAS_Z)
-            xs = tl.load(x_ptr + io0 + hh * P + io_s, mask=s_mask, other=0.0).to(DOT)
-            cum_t = tl.load(cum_ptr + bh_off + r)
-            cum_s = tl.load(cum_ptr + bh_off + q)
-            decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            dm = tl.dot(dy.to(DOT), tl.trans(xs), input_precision=PREC) * decay
-            dm = dm * tl.load(delta_ptr + bh_off + q)[None, :]
-            dcb += dm
-            dseg = dm * cb
-            tl.atomic_add(dcum_ptr + bh_off + r, tl.sum(dseg, 1))
-            tl.atomic_add(dcum_ptr + bh_off + q, -tl.sum(dseg, 0))
-        tl.store(dcb_ptr + cb_off, dcb)
-        Bs = tl.load(B_ptr + bc0 + q[:, None] * (G * N) + rn[None, :],
-                     mask=(s[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
-        dC += tl.dot(dcb.to(DOT), Bs, input_precision=PREC)
-    tl.store(dC_ptr + c_off, dC, mask=c_mask)
+            hb = io0 + hh * P
+            dout = tl.load(dout_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = tl.load(z_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zt)
+                ypre = tl.load(ypre_ptr + hb + io_r, mask=io_mask, other=0.0)
+                tl.store(dz_ptr + hb + io_r, dout * ypre * sig * (1.0 + zt * (1.0 - sig)), mask=io_mask)
+                dy = dout * zt * sig
+            else:
+                dy = dout
+            if HAS_D:
+                xt = tl.load(x_ptr + hb + io_r, mask=io_mask, other=0.0).to(tl.float32)
+                dD_row = (((b * nc + c) * (T // BM) + m) * H + hh).to(tl.int64) * P
+                tl.store(dD_ptr + dD_row + rp, tl.sum(dy * xt, 0), mask=rp < P)
+            state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
+            prev = tl.load(states_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
+            e = tl.where(first, tl.exp(tl.load(cum_ptr + bh_off + r)), 0.0)
+            dC += tl.where(first[:, None], tl.dot(dy.to(DOT), prev, input_precision=PREC) * e[:, None], 0.0)
+            off = tl.dot(Ct, tl.trans(prev), input_precision=PREC)
+            tl.atomic_add(dcum_ptr + bh_off + r, tl.where(first, tl.sum(dy * off, 1) * e, 0.0))
+        # dC from C Bᵀ: Σ_s dM_ts B_s with the dM of this slice of heads (stored by PART 0).
+        for k in range(m + 1):
+            q = k * BM + tl.arange(0, BM)
+            dcb = tl.load(dcb_ptr + r[:, None] * T + q[None, :])
+            Bs = tl.load(B_ptr + bc0 + q[:, None] * (G * N) + rn[None, :],
+                         mask=(c * T + q[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+            dC += tl.dot(dcb.to(DOT), Bs, input_precision=PREC)
+        tl.store(dC_ptr + c_off, dC, mask=c_mask)
 
 
 @triton.jit(do_not_specialize=["L", "nc", "S"])
