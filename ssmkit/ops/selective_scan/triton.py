@@ -26,6 +26,16 @@ column of a chunk is always the state to carry.
 
 Threads of a program exchange carried values through global memory (checkpoint, adjoint carry, dA);
 a barrier ends every chunk, and values read and written within one chunk live in separate slots.
+
+Fused-state variant (``ScanConfig.fused_states``; same math, same checkpoint tensor): a program holds
+every state index at once in (T, BD, N) tiles, time first, so that Triton's default layout gives each
+thread all T steps of one (channel, state) pair and spreads channels and states over the lanes. One scan
+per chunk is then sequential in registers; the states, the adjoint carry and dA stay in registers
+across chunks (no global round trips, no barriers); y, du and dΔ are sums over the lanes of the state
+axis, dB and dC over the channel axis (then one atomic per (n, t) and program). Each chunk's inputs
+are loaded one chunk ahead. The backward's registers limit T to about 16 (a checkpoint every 16 steps,
+twice the size of a bf16 u); the forward may walk longer tiles (``fwd_chunk``) and still write a
+checkpoint every ``chunk`` steps.
 """
 
 from __future__ import annotations
