@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -204,7 +205,7 @@ def sweep() -> None:
     print("'vs first': largest relative error of out and the gradients against the first config's")
     print(f"{'chunk':>5} {'fwd tile':>8} {'fwd bd/w':>8} {'bwd bd/w':>8} {'fused':>5} {'fwd':>8} {'fwd+bwd':>8} "
           f"{'bwd':>8} {'vs first':>9}")
-    first = None
+    first, start = None, time.perf_counter()
     for cfg in SWEEP:
         head = f"{cfg.chunk:>5} {cfg.fwd_chunk or cfg.chunk:>8} {f'{cfg.fwd_block_d}/{cfg.fwd_warps}':>8} " \
                f"{f'{cfg.bwd_block_d}/{cfg.bwd_warps}':>8} {cfg.fused_states!s:>5}"
@@ -213,11 +214,12 @@ def sweep() -> None:
             both = bench(ssmkit_runner(x, "triton", True, cfg), quick=True)
             results = outputs_and_grads(x, cfg)
             first = first or results
-            err = max(relative_error(a, b) for a, b in zip(results, first))
-            print(f"{head} {fwd:>8.3f} {both:>8.3f} {both - fwd:>8.3f} {err:>9.1e}", flush=True)
+            worst = max(relative_error(ours, ref) for ours, ref in zip(results, first))
+            print(f"{head} {fwd:>8.3f} {both:>8.3f} {both - fwd:>8.3f} {worst:>9.1e}", flush=True)
         # Any failure of one config (compile error, out of shared memory) is reported; the sweep goes on.
         except Exception as err:  # noqa: BLE001
             print(f"{head} failed: {str(err).splitlines()[0][:200]}", flush=True)
+    print(f"(sweep took {time.perf_counter() - start:.0f} s, compiles included)")
 
 
 if __name__ == "__main__":
