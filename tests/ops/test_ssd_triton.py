@@ -23,6 +23,7 @@ from ssmkit.testing import assert_close
 # the backward split each group's heads over programs; "one_slice" turns that off.
 CASES = {
     "full_gated": (2, 37, 4, 3, 2, 5, 16, 64, "float32", "D_h z bias init softplus limit"),
+    "full_gated_cols_split": (2, 37, 4, 3, 2, 5, 16, 16, "float32", "D_h z bias init softplus docs cols_split"),
     "docs_two_tiles": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs one_slice"),
     # The backward's tile smaller than the forward's (it reads the forward's C Bᵀ tiles in quarters).
     "mixed_tiles": (1, 70, 2, 4, 1, 8, 64, 32, "float32", "D_h z bias softplus docs bwd_tile16"),
@@ -74,7 +75,7 @@ def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     from ssmkit.ops.ssd import triton as ssd_triton
 
     ssd_triton.LAUNCH.update(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile,
-                             min_programs=1 if "one_slice" in options else 1024)
+                             min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")

@@ -27,12 +27,13 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 # kernel -> (num_warps, num_stages[, maxnreg]); maxnreg caps registers per thread (128: two programs of
 # 8 warps per SM). "*_tile": rows (and source columns) of a chunk per matmul tile in the forward's chunk
 # states, its C Bᵀ and scan, and the backward (each also at most the chunk length); "min_programs": the
-# backward splits a group's heads over programs until it has this many.
+# backward splits a group's heads over programs until it has this many; "cols_split": the columns kernel
+# in two launches (dB with "cols_dB", then the rest).
 # Registers and spills (ptxas, sm_90, p 64, n 128, bf16, Triton 3.9): scan 176 (128 with the cap, no
 # spills); backward rows 255 (no spills), rows_state 255 (136 B spilled), cols 255 (184 B).
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
-    "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
+    "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
 }
 CONFIGS = {
     "default": {},
@@ -45,6 +46,7 @@ CONFIGS = {
     "bwd_tile32": {"bwd_tile": 32, "rows": (8, 2), "cols": (8, 1)},
     "bwd_tile32_r128": {"bwd_tile": 32, "rows": (8, 2, 128), "cols": (8, 1)},
     "slices4": {"min_programs": 4096},
+    "cols_split": {"cols_split": True},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
 
@@ -200,13 +202,15 @@ class _SSDFunction(torch.autograd.Function):
         dB_part = torch.empty(S, *B.shape, device=dev, dtype=B.dtype if S == 1 else f32)
         ddelta = torch.empty_like(delta)
         dlast = torch.empty(b, h, nc, nrb, device=dev, dtype=f32)
-        _bwd._bwd_cols[(nrb, nc, b * g * S)](
-            x, dummy if z is None else z, dout, dummy if D is None else D, B, C, cb, dcb, delta, cum, docp, dstates,
-            dx, dB_part, ddelta, dcum, dlast,
-            l, h, g, p, n, nc, S,
-            T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            DOT=DOT, PREC=PREC, **_opts("cols"),
-        )
+        parts = ((0, "cols_dB"), (1, "cols")) if LAUNCH["cols_split"] else ((2, "cols"),)
+        for part, kernel in parts:
+            _bwd._bwd_cols[(nrb, nc, b * g * S)](
+                x, dummy if z is None else z, dout, dummy if D is None else D, B, C, cb, dcb, delta, cum, docp,
+                dstates, dx, dB_part, ddelta, dcum, dlast,
+                l, h, g, p, n, nc, S,
+                T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
+                DOT=DOT, PREC=PREC, PART=part, **_opts(kernel),
+            )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)
         dA_part = torch.empty(b, h, nc, device=dev, dtype=f32)

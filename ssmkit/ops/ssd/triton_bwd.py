@@ -7,7 +7,8 @@
     _bwd_rows        per (block of rows t of a chunk, group), looping over the group's heads, twice:
                      PART 0 the gradient of C Bᵀ summed over the heads (stored, so that dB and dC cost
                      one n-long matmul per group, not per head); PART 1 dz, dD's partial sums, dC.
-    _bwd_cols        per (block of source positions s of a chunk, group), looping over the heads: dB,
+    _bwd_cols        per (block of source positions s of a chunk, group), looping over the heads (one
+                     launch, or two: dB, then the rest): dB,
                      dx and the Δ·x part of dΔ (needs dS_c and the summed gradient of C Bᵀ).
     _bwd_dt          per (chunk, head): dcum -> gradient of Δ A (suffix sums), then dΔ through the clamp
                      and softplus to ddt, with partial sums for dA and ddt_bias.
@@ -211,7 +212,10 @@ def _bwd_cols(
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr,
 ):
+    """PART 0: dB only; PART 1: all but dB; PART 2: all (one launch; two hold fewer tiles live each,
+    at the price of loading x and dS twice)."""
     # Addresses as in _bwd_rows: int64 scalar bases, int32 offsets inside the chunk.
     kb = tl.program_id(0)
     c = tl.program_id(1)
@@ -238,7 +242,8 @@ def _bwd_cols(
     io_mask = (s[:, None] < L) & (rp[None, :] < P)
     pn = rp[:, None] * N + rn[None, :]
     pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
-    Bs = tl.load(B_ptr + bc0 + b_off, mask=b_mask, other=0.0).to(DOT)
+    if PART != 0:
+        Bs = tl.load(B_ptr + bc0 + b_off, mask=b_mask, other=0.0).to(DOT)
     doc_c = doc_ptr + b.to(tl.int64) * Lp + c * T
     last = tl.full((BK,), 1, tl.int1)
     if HAS_DOC:
@@ -247,16 +252,17 @@ def _bwd_cols(
     # dB_s from C Bᵀ: Σ_t dM_ts C_t with dM summed over the group's heads (slices of _bwd_rows);
     # slice 0 does it.
     dB = tl.zeros((BK, BN), dtype=tl.float32)
-    if sp == 0:
-        for k in range(kb * BK, T, BK):
-            r = k + tl.arange(0, BK)  # rows t, as positions in the chunk
-            Ct = tl.load(C_ptr + bc0 + r[:, None] * (G * N) + rn[None, :],
-                         mask=(c * T + r[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
-            offs = r[:, None] * T + q[None, :]
-            dcb = tl.load(dcb_ptr + offs)
-            for u in range(1, S):
-                dcb += tl.load(dcb_ptr + u * cb_slice + offs)
-            dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
+    if PART != 1:  # noqa: SIM102 - a constexpr test apart from a runtime one
+        if sp == 0:
+            for k in range(kb * BK, T, BK):
+                r = k + tl.arange(0, BK)  # rows t, as positions in the chunk
+                Ct = tl.load(C_ptr + bc0 + r[:, None] * (G * N) + rn[None, :],
+                             mask=(c * T + r[:, None] < L) & (rn[None, :] < N), other=0.0).to(DOT)
+                offs = r[:, None] * T + q[None, :]
+                dcb = tl.load(dcb_ptr + offs)
+                for u in range(1, S):
+                    dcb += tl.load(dcb_ptr + u * cb_slice + offs)
+                dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
     for j in range(R):
         hh = (gg * S + sp) * R + j
         bh = b * H + hh
@@ -269,31 +275,34 @@ def _bwd_cols(
         state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
         dS = tl.load(dstates_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
         w = tl.where(last, tl.exp(tl.load(cum_ptr + bh_off + T - 1) - cum_s), 0.0)
-        dB += tl.dot((xs * (w * delta_s)[:, None]).to(DOT), dS, input_precision=PREC)
-        bds = tl.dot(Bs, tl.trans(dS), input_precision=PREC)
-        dxdt = bds * w[:, None]
-        dw = w * delta_s * tl.sum(xs * bds, 1)
-        # Intra-chunk: d(Δx)_s = Σ_t (C Bᵀ ⊙ L)_ts dY_t.
-        for k in range(kb * BK, T, BK):
-            r = k + tl.arange(0, BK)
-            dy = _load_dy(dout_ptr, z_ptr, hb, r[:, None] * (H * P) + rp[None, :],
-                          (c * T + r[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
-            cum_t = tl.load(cum_ptr + bh_off + r)
-            keep = q[None, :] <= r[:, None]
-            if HAS_DOC:
-                keep = keep & (tl.load(doc_c + r)[:, None] == doc_s[None, :])
-            decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            cb = tl.load(cb_ptr + r[:, None] * T + q[None, :])
-            dxdt += tl.dot(tl.trans((cb * decay).to(DOT)), dy, input_precision=PREC)
-        dx = dxdt * delta_s[:, None]
-        if HAS_D:
-            dx += _load_dy(dout_ptr, z_ptr, hb, io_q, io_mask, HAS_Z) * tl.load(D_ptr + hh * P + rp, mask=rp < P,
-                                                                                other=0.0)[None, :]
-        tl.store(dx_ptr + hb + io_q, dx, mask=io_mask)
-        tl.store(ddelta_ptr + bh_off + q, tl.sum(dxdt * xs, 1))
-        tl.atomic_add(dcum_ptr + bh_off + q, -dw)
-        tl.store(dlast_ptr + (bh.to(tl.int64) * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
-    tl.store(dB_ptr + b_off, dB, mask=b_mask)
+        if PART != 1:
+            dB += tl.dot((xs * (w * delta_s)[:, None]).to(DOT), dS, input_precision=PREC)
+        if PART != 0:
+            bds = tl.dot(Bs, tl.trans(dS), input_precision=PREC)
+            dxdt = bds * w[:, None]
+            dw = w * delta_s * tl.sum(xs * bds, 1)
+            # Intra-chunk: d(Δx)_s = Σ_t (C Bᵀ ⊙ L)_ts dY_t.
+            for k in range(kb * BK, T, BK):
+                r = k + tl.arange(0, BK)
+                dy = _load_dy(dout_ptr, z_ptr, hb, r[:, None] * (H * P) + rp[None, :],
+                              (c * T + r[:, None] < L) & (rp[None, :] < P), HAS_Z).to(DOT)
+                cum_t = tl.load(cum_ptr + bh_off + r)
+                keep = q[None, :] <= r[:, None]
+                if HAS_DOC:
+                    keep = keep & (tl.load(doc_c + r)[:, None] == doc_s[None, :])
+                decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
+                cb = tl.load(cb_ptr + r[:, None] * T + q[None, :])
+                dxdt += tl.dot(tl.trans((cb * decay).to(DOT)), dy, input_precision=PREC)
+            dx = dxdt * delta_s[:, None]
+            if HAS_D:
+                Dp = tl.load(D_ptr + hh * P + rp, mask=rp < P, other=0.0)
+                dx += _load_dy(dout_ptr, z_ptr, hb, io_q, io_mask, HAS_Z) * Dp[None, :]
+            tl.store(dx_ptr + hb + io_q, dx, mask=io_mask)
+            tl.store(ddelta_ptr + bh_off + q, tl.sum(dxdt * xs, 1))
+            tl.atomic_add(dcum_ptr + bh_off + q, -dw)
+            tl.store(dlast_ptr + (bh.to(tl.int64) * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
+    if PART != 1:
+        tl.store(dB_ptr + b_off, dB, mask=b_mask)
 
 
 @triton.jit(do_not_specialize=["L", "nc"])
