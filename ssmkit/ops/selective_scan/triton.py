@@ -613,6 +613,12 @@ def _block_d(dg: int, block_d: int) -> int:
     return max(1, min(block_d, 1 << max(0, dg - 1).bit_length()))
 
 
+def _fused_warps(warps: int, block_d: int, n: int) -> int:
+    """Warps for a fused-state program: no more than its (channel, state) pairs fill, so that a shrunk
+    channel block does not spread the time axis over warps (the scan would cross them)."""
+    return max(1, min(warps, block_d * triton.next_power_of_2(n) // 32))
+
+
 def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     b, d, l = u.shape
     g, n = B.shape[1], B.shape[2]
@@ -627,8 +633,9 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     dummy = u
     if cfg.fused_states:
         kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
+        warps = _fused_warps(cfg.fwd_warps, block_d, n)
     else:
-        kernel, shape = _selective_scan_fwd_kernel, {}
+        kernel, shape, warps = _selective_scan_fwd_kernel, {}, cfg.fwd_warps
     kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
         dummy if bias is None else bias, dummy if h0 is None else h0, dummy if seq_idx is None else seq_idx,
@@ -638,7 +645,7 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
-        BLOCK_D=block_d, T=cfg.fwd_chunk or cfg.chunk, num_warps=cfg.fwd_warps, **shape,
+        BLOCK_D=block_d, T=cfg.fwd_chunk or cfg.chunk, num_warps=warps, **shape,
     )
     return out, ypre, ckpt
 
@@ -663,11 +670,13 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         dh.copy_(dlast)
         dA = u.new_empty(b, d, n, dtype=acc)
         kernel, last, shape, slot = _fused_bwd_kernel, (), {"BLOCK_N": triton.next_power_of_2(n)}, ()
+        warps = _fused_warps(cfg.bwd_warps, block_d, n)
     else:
         dh = u.new_empty(2, b, d, n, dtype=acc)
         dh[0] = dlast
         dA = u.new_zeros(2, b, d, n, dtype=acc)
         kernel, last, shape, slot = _selective_scan_bwd_kernel, (n_chunks % 2,), {}, (b * d * n,)
+        warps = cfg.bwd_warps
     kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
         dummy if bias is None else bias, dummy if seq_idx is None else seq_idx, ckpt,
@@ -680,7 +689,7 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         *du.stride(), *ddelta.stride(), *_strides(dz, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
-        BLOCK_D=block_d, T=cfg.chunk, num_warps=cfg.bwd_warps, **shape,
+        BLOCK_D=block_d, T=cfg.chunk, num_warps=warps, **shape,
     )
     # The unfused kernel leaves its results in one of two slots; last == () picks the whole tensor.
     dA, dh = dA[last], dh[last]
