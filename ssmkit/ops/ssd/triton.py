@@ -30,7 +30,8 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 # backward splits a group's heads over programs until it has this many; "cols_split": the columns kernel
 # in two launches (dB with "cols_dB", then the rest).
 # Registers and spills (ptxas, sm_90, p 64, n 128, bf16, Triton 3.9): scan 176 (128 with the cap, no
-# spills); backward rows 255 (no spills), rows_state 255 (136 B spilled), cols 255 (184 B).
+# spills); backward rows 255 (no spills), rows_state 255 (136 B spilled), cols 255 (184 B; split: dB 231,
+# no spills, the rest 255, 32 B). Fastest configs of forward and backward kernels combine (separate keys).
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
@@ -40,8 +41,6 @@ CONFIGS = {
     "scan_r128": {"scan": (8, 2, 128)},
     "fwd_r128": {"state": (8, 2, 128), "scan": (8, 3, 128)},
     "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "rows_state": (8, 3), "cols": (8, 2)},
-    "warps4": {"state": (4, 2), "scan": (4, 2), "state_bwd": (4, 3), "rows": (4, 3), "rows_state": (4, 2),
-               "cols": (4, 1)},
     "tiles128": {"fwd_tile": 128},
     "bwd_tile32": {"bwd_tile": 32, "rows": (8, 2), "cols": (8, 1)},
     "bwd_tile32_r128": {"bwd_tile": 32, "rows": (8, 2, 128), "cols": (8, 1)},
