@@ -29,9 +29,9 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 # states, its C Bᵀ and scan, and the backward (each also at most the chunk length); "min_programs": the
 # backward splits a group's heads over programs until it has this many; "cols_split": the columns kernel
 # in two launches (dB with "cols_dB", then the rest).
-# Registers and spills (ptxas, sm_90, p 64, n 128, bf16, Triton 3.9): scan 176 (128 with the cap, no
-# spills); backward rows 255 (no spills), rows_state 255 (136 B spilled), cols 255 (184 B; split: dB 231,
-# no spills, the rest 255, 32 B). Fastest configs of forward and backward kernels combine (separate keys).
+# Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (128 with the
+# cap, no spills); backward rows 255 (8 B spilled), rows_state 255 (16 B), cols 255 (240 B; split: dB 231,
+# no spills, the rest 255, 8 B). Fastest configs of forward and backward kernels combine (separate keys).
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,

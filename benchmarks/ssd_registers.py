@@ -1,0 +1,80 @@
+"""Registers and spills of the Triton SSD kernels on sm_90, without a GPU.
+
+Compiles each kernel for an H100/H200 target (bf16, p 64, n 128, chunk 256, D and dt_bias, no z or
+seq_idx: the benchmark's call) and prints what the cubin's resource table says: registers per thread,
+stack bytes (spills) and shared memory. 255 registers means one program of 8 warps per SM; at most
+128, two. Used to choose the launch configs in ``ssmkit/ops/ssd/triton.py`` before timing them.
+
+    python benchmarks/ssd_registers.py                     # every kernel at its default launch
+    python benchmarks/ssd_registers.py scan:64:8:2:128     # kernel:tile:warps:stages[:maxnreg]
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ssmkit.ops.ssd import triton_bwd, triton_fwd
+
+BF16_ARGS = {"x_ptr", "z_ptr", "dt_ptr", "dout_ptr", "B_ptr", "C_ptr", "out_ptr", "ypre_ptr", "dx_ptr", "dz_ptr",
+             "dB_ptr", "dC_ptr"}
+SHAPE = {"P": 64, "N": 128, "T": 256, "BP": 64, "DOT": tl.bfloat16, "PREC": "tf32"}
+FLAGS = {"HAS_Z": False, "HAS_D": True, "HAS_DOC": False, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_LIMIT": False,
+         "STORE_YPRE": False, "HAS_DFINAL": False, "HAS_DPREV": False}
+# name -> (kernel, tile argument, other constexprs)
+KERNELS = {
+    "state": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128}),
+    "scan": (triton_fwd._chunk_scan_fwd, "BM", {"BN": 128}),
+    "state_bwd": (triton_bwd._state_pass_bwd, "BK", {"BN": 32}),
+    "rows": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 0}),
+    "rows_state": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 1}),
+    "cols": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 2}),
+    "cols_dB": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 0}),
+    "cols_rest": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 1}),
+}
+DEFAULTS = ["state:64:8:2", "scan:64:8:2", "state_bwd:64:8:3", "rows:64:8:3", "rows_state:64:8:2", "cols:64:8:1",
+            "cols_dB:64:8:2", "cols_rest:64:8:1"]
+
+
+def resources(name: str, tile: int, warps: int, stages: int, maxnreg: int | None) -> str:
+    fn, tile_arg, extra = KERNELS[name]
+    params = fn.arg_names
+    constexprs = {k: v for k, v in {**SHAPE, **FLAGS, **extra, tile_arg: tile}.items() if k in params}
+    signature = {}
+    for arg in params:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*bf16" if arg in BF16_ARGS else "*i32" if arg == "doc_ptr" else "*fp32"
+        else:
+            signature[arg] = "fp32" if arg in ("lo", "hi") else "i32"
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        table = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", table)
+    return f"registers {found.group(1):>3}, spilled {found.group(2):>4} B, shared {kernel.metadata.shared:>6} B"
+
+
+def main() -> None:
+    for spec in sys.argv[1:] or DEFAULTS:
+        name, tile, warps, stages, *maxnreg = spec.split(":")
+        cap = int(maxnreg[0]) if maxnreg else None
+        print(f"{spec:>22}: {resources(name, int(tile), int(warps), int(stages), cap)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
