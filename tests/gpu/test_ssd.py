@@ -120,7 +120,7 @@ def test_auto_picks_triton_and_matches():
     assert torch.equal(auto, triton)
 
 
-LAUNCH_NAMES = ["scan_r128", "fwd_r128", "stages3", "tiles128", "bwd_tile32", "bwd_tile32_r128",
+LAUNCH_NAMES = ["scan_r128", "fwd_r128", "state32_r128", "stages3", "tiles128", "bwd_tile32", "bwd_tile32_r128",
                 "slices4", "cols_split"]
 
 

@@ -39,7 +39,8 @@ DEFAULT_LAUNCH = {
 CONFIGS = {
     "default": {},
     "scan_r128": {"scan": (8, 2, 128)},
-    "fwd_r128": {"state": (8, 2, 128), "scan": (8, 3, 128)},
+    "fwd_r128": {"state": (8, 3, 128), "scan": (8, 3, 128)},
+    "state32_r128": {"state_tile": 32, "scan": (8, 2, 128)},
     "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "rows_state": (8, 3), "cols": (8, 2)},
     "tiles128": {"fwd_tile": 128},
     "bwd_tile32": {"bwd_tile": 32, "rows": (8, 2), "cols": (8, 1)},
