@@ -566,17 +566,20 @@ def _fused_bwd_kernel(
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=0)
         hs, a, x = _fused_states(dt, du, A * _LOG2E, Bt, h_prev, starts, HAS_SEQ)
+        # dC first and a_t h_{t-1} = h_t - x_t (zero where a document starts, there h_t = x_t exactly):
+        # the states are not needed past this point, which shortens their lives (registers).
+        dBC = dBC_b + t[:, None] + offs_n[None, :] * L
+        # One atomic per (t, n) and program: the block's channels are summed on chip first.
+        tl.atomic_add(dC_ptr + dBC, tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn, sem="relaxed")
+        ah = hs - x
         s_acc, q_acc, _f = tl.associative_scan(
             (dy[:, :, None] * Ct[:, None, :], ones, a), axis=0, combine_fn=_adjoint_combine, reverse=True,
         )
         gs = tl.where(q_acc == 0.0, s_acc, s_acc + q_acc * carry[None, :, :])
         carry = tl.sum(tl.where(first, a * gs, 0.0), axis=0)
-        # One atomic per (t, n) and program: the block's channels are summed on chip first.
-        dBC = dBC_b + t[:, None] + offs_n[None, :] * L
-        tl.atomic_add(dC_ptr + dBC, tl.sum(dy[:, :, None] * hs, axis=1), mask=mtn, sem="relaxed")
         tl.atomic_add(dB_ptr + dBC, tl.sum(du[:, :, None] * gs, axis=1), mask=mtn, sem="relaxed")
-        # q_t = g_t a_t h_{t-1}, zero where a document starts (there h_t = x_t exactly).
-        q = gs * (hs - x)
+        # q_t = g_t a_t h_{t-1}
+        q = gs * ah
         dA_acc += dt[:, :, None] * q
         v = tl.sum(Bt[:, None, :] * gs, axis=2)
         ddu = dt * v
