@@ -139,6 +139,16 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
         selective_scan_fn(u, u, -torch.ones(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3), backend="triton")
 
 
+def test_scan_config_rejects_forward_tiles_off_the_checkpoints():
+    from ssmkit.ops.selective_scan.triton import ScanConfig
+
+    with pytest.raises(ValueError, match="multiple of chunk"):
+        ScanConfig(chunk=16, fused_states=True, fwd_chunk=24)
+    with pytest.raises(ValueError, match="fused_states"):
+        ScanConfig(chunk=16, fwd_chunk=32)
+    assert ScanConfig(chunk=16, fused_states=True, fwd_chunk=64).fwd_chunk == 64
+
+
 def _run_all() -> dict[str, str]:
     results = {}
     for name in CASES:
