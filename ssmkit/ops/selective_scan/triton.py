@@ -75,6 +75,10 @@ class ScanConfig:
     fwd_chunk: int | None = None
 
 
+# Chosen from the launch-config sweep on an H200 (bf16, b 8, d 2048, N 16, L 8192; benchmarks/RESULTS.md):
+# for training the fused-state kernels with 2-channel programs (forward+backward 20.8 ms against 44.6 for
+# the chunk-128 kernels); for a forward alone the chunk-128 kernels (4.8 ms against 6.6).
+TRAINING_CONFIG = ScanConfig(16, 2, 1, 2, 1, fused_states=True, fwd_chunk=32)
 DEFAULT_CONFIG = ScanConfig()
 
 
@@ -749,10 +753,13 @@ def selective_scan_triton(
     u, delta, z (b, d, l) and B, C (b, g, n, l) may have any strides (time-major views included; ``out``
     keeps u's layout). The state and all sums are float32 (float64 when an input is float64). Extra
     memory: the (b, d, cdiv(l, chunk), n) checkpoint tensor saved for backward, and float32 (b, g, n, l)
-    dB, dC buffers during backward. ``config`` sets the launch shape (defaults to ``DEFAULT_CONFIG``).
+    dB, dC buffers during backward. ``config`` sets the launch shape (default: ``TRAINING_CONFIG`` when a
+    gradient will be needed, else ``DEFAULT_CONFIG``).
     """
     acc = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    cfg = config or DEFAULT_CONFIG
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    cfg = config or (TRAINING_CONFIG if needs_grad else DEFAULT_CONFIG)
     # Small per-channel tensors are read with unit strides; (b, d, n) states as contiguous rows.
     A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
     h0 = None if initial_state is None else initial_state.contiguous()
