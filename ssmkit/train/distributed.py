@@ -14,6 +14,7 @@ and DDP / FSDP2 still average over every process, which sums the parts' gradient
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -90,10 +91,24 @@ def setup(device: str, context_parallel: int = 1) -> Dist:
     return Dist(rank, world_size, dev, context_parallel, cp_group)
 
 
-def teardown() -> None:
-    """Leave the process group (if any)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(wait_for_all: bool = True) -> None:
+    """Leave the process groups (if any): wait for every process, then free the groups here.
+
+    The wait keeps a process from leaving while another still works (rank 0 writes the final model
+    after the others are done); skip it when leaving on an error, as the others may never arrive.
+    ``destroy_process_group`` only forgets the groups: the DDP wrapper and the context-parallel layers
+    keep them alive, often in reference cycles, and a gloo group left for interpreter exit joins its
+    worker threads there, where a thread releasing a finished collective's tensor needs the GIL and
+    aborts the process ("terminate called without an active exception"). So the caller drops its
+    references first and the collections below free the groups, and join their threads, now.
+    """
+    if not dist.is_initialized():
+        return
+    if wait_for_all:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def parallelize(model: nn.Module, info: Dist, parallel: str) -> nn.Module:

@@ -114,11 +114,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Run training to the end (steps or time budget); returns the final step and validation figures."""
-        info = setup(self.cfg.device, self.cfg.context_parallel)
+        finished = False
         try:
-            return self._fit(info)
+            # No reference to the process groups outlives _fit: teardown frees them (see there).
+            result = self._fit(setup(self.cfg.device, self.cfg.context_parallel))
+            finished = True
+            return result
         finally:
-            teardown()
+            teardown(wait_for_all=finished)
 
     def _fit(self, info: Dist) -> dict[str, Any]:
         cfg, out = self.cfg, self.out

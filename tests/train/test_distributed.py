@@ -71,3 +71,39 @@ def test_shard_batch_pads_and_splits_the_length():
     assert shard_batch(batch, Dist(0, 2, torch.device("cpu"))) is batch
     with pytest.raises(ValueError, match="context_parallel must be >= 1"):
         TrainConfig(context_parallel=0).validate()
+
+
+# Training through the CLI, counting this process's threads around the trainer's teardown.
+TEARDOWN_SCRIPT = """
+import os, sys
+import ssmkit.train.trainer as trainer
+from ssmkit.cli import main
+
+def counted(*args, **kwargs):
+    before = len(os.listdir("/proc/self/task"))
+    teardown(*args, **kwargs)
+    print("threads", os.environ["RANK"], before, len(os.listdir("/proc/self/task")), file=sys.stderr)
+
+teardown, trainer.teardown = trainer.teardown, counted
+sys.exit(main())
+"""
+
+
+def test_teardown_joins_the_gloo_threads(tmp_path):
+    """After training no gloo group is left for interpreter exit, where its worker threads would abort the
+    process ("terminate called without an active exception"), though DDP and the context-parallel layers
+    held the groups."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    steps = ARGS.index("--steps") + 1
+    args = [*ARGS[:steps], "2", *ARGS[steps + 1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "train", "--out", str(tmp_path / "run"), *args, "--train.parallel", "ddp", "--train.context_parallel", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    counts = sorted(line.split()[1:] for line in done.stderr.splitlines() if line.startswith("threads"))
+    assert [rank for rank, *_ in counts] == ["0", "1"], done.stderr[-3000:]
+    for rank, before, after in counts:
+        assert int(after) < int(before), f"rank {rank}: gloo threads still running after teardown: {before} -> {after}"
