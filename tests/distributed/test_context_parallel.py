@@ -22,6 +22,7 @@ from ssmkit.layers.mamba2 import Mamba2State
 from ssmkit.models import LanguageModel, get_preset
 from ssmkit.ops import mamba_chunk_scan_combined
 from ssmkit.testing import assert_close
+from ssmkit.train.distributed import teardown
 
 F32 = torch.float32
 
@@ -37,12 +38,20 @@ def _worker(rank: int, world: int, port: int, checks: list[str]) -> None:
     # Triton kernels run in its CPU interpreter, which must be on before triton is first imported.
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    finished = False
     try:
-        group = dist.new_group(list(range(world)))
-        for check in checks:
-            CHECKS[check](rank, world, group)
+        _run_checks(rank, world, checks)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        # Frees the groups now, not at interpreter exit, where gloo's threads would abort the process.
+        teardown(wait_for_all=finished)
+
+
+def _run_checks(rank: int, world: int, checks: list[str]) -> None:
+    """The checks on one group, which lives only in here (so teardown can free it)."""
+    group = dist.new_group(list(range(world)))
+    for check in checks:
+        CHECKS[check](rank, world, group)
 
 
 def _spawn(checks: list[str], world: int) -> None:
