@@ -97,10 +97,10 @@ def teardown(wait_for_all: bool = True) -> None:
     The wait keeps a process from leaving while another still works (rank 0 writes the final model
     after the others are done); skip it when leaving on an error, as the others may never arrive.
     ``destroy_process_group`` only forgets the groups: the DDP wrapper and the context-parallel layers
-    keep them alive, often in reference cycles, and a gloo group left for interpreter exit joins its
-    worker threads there, where a thread releasing a finished collective's tensor needs the GIL and
-    aborts the process ("terminate called without an active exception"). So the caller drops its
-    references first and the collections below free the groups, and join their threads, now.
+    keep them alive, often in reference cycles, and a gloo group left for interpreter exit is torn
+    down there, with its worker threads still running, which under load can abort the process
+    ("terminate called without an active exception"). So the caller drops its references first and
+    the collections below free the groups, and join their threads, now.
     """
     if not dist.is_initialized():
         return
