@@ -101,7 +101,7 @@ def test_teardown_joins_the_gloo_threads(tmp_path):
     args = [*ARGS[:steps], "2", *ARGS[steps + 1:]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            "train", "--out", str(tmp_path / "run"), *args, "--train.parallel", "ddp", "--train.context_parallel", "2"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     counts = sorted(line.split()[1:] for line in done.stderr.splitlines() if line.startswith("threads"))
     assert [rank for rank, *_ in counts] == ["0", "1"], done.stderr[-3000:]
