@@ -31,13 +31,16 @@ VARIANTS = {
     "fused_states": ScanConfig(
         chunk=16, fwd_block_d=8, fwd_warps=4, bwd_block_d=8, bwd_warps=4, fused_states=True, fwd_chunk=32
     ),
+    "training_default": triton_backend.TRAINING_CONFIG,
 }
 
 
 @pytest.fixture(autouse=True, params=list(VARIANTS))
 def variant(request, monkeypatch):
-    """Every test runs once per kernel variant: the public function reads the default config per call."""
+    """Every test runs once per kernel variant: the public function reads its configs per call (the
+    training one when a gradient is needed), so both are set to the variant."""
     monkeypatch.setattr(triton_backend, "DEFAULT_CONFIG", VARIANTS[request.param])
+    monkeypatch.setattr(triton_backend, "TRAINING_CONFIG", VARIANTS[request.param])
     return request.param
 
 
