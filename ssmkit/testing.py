@@ -7,6 +7,12 @@ The per-dtype table follows mamba_ssm's test tolerances.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
 import torch
 
 # (rtol, atol) per dtype of the computation under test.
@@ -79,3 +85,34 @@ def assert_close(
             f"relative err {max_err / scale if scale else max_err:.3e}, worst at flat index {worst}: "
             f"actual {a.flatten()[worst].item():.6g} vs expected {e.flatten()[worst].item():.6g}"
         )
+
+
+def run_checks_in_interpreter(script: str, group: str, timeout: float = 900) -> None:
+    """Run ``python script group`` with ``TRITON_INTERPRET=1`` (it must be set before triton is imported,
+    hence a subprocess) and fail with the message of every case that failed there.
+
+    The script's ``__main__`` reports its cases with :func:`report_checks`.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, script, group], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = {name: msg for name, msg in results.items() if msg != "ok"}
+    assert not failed, "\n".join(f"{name}: {msg}" for name, msg in failed.items())
+    assert results, "no case ran"
+
+
+def report_checks(checks: dict[str, tuple[Callable[..., None], tuple]]) -> None:
+    """Run each ``check(*case)`` from seed 0 on one thread and print ``{name: "ok" | error}`` as JSON."""
+    torch.set_num_threads(1)
+    results = {}
+    for name, (check, case) in checks.items():
+        torch.manual_seed(0)
+        try:
+            check(*case)
+            results[name] = "ok"
+        except Exception as err:  # noqa: BLE001 - reported per case by the parent test
+            results[name] = f"{type(err).__name__}: {err}"
+    print(json.dumps(results))
+

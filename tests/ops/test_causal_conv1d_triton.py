@@ -7,16 +7,13 @@ every case that failed. The full grid on a GPU is tests/gpu/test_causal_conv1d.p
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
 
 # name -> (batch, dim, length, width, dtype, channel_last, bias, seq_idx, initial_states, activation)
 FN_CASES = {
@@ -112,25 +109,12 @@ def check_update(dtype, extra_state, tokens, activation) -> None:
         assert_close(state, state64, dtype, name="conv_state")
 
 
-def _run_in_interpreter(group: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=900, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    failed = {name: msg for name, msg in results.items() if msg != "ok"}
-    assert not failed, "\n".join(f"{name}: {msg}" for name, msg in failed.items())
-    assert results, "no case ran"
-
-
 @pytest.mark.parametrize("group", ["fn_f32", "fn_low_precision", "update"])
 def test_triton_matches_reference_in_interpreter(group):
-    _run_in_interpreter(group)
+    run_checks_in_interpreter(__file__, group)
 
 
 def _main(group: str) -> None:
-    torch.set_num_threads(1)
     if group == "update":
         checks = {name: (check_update, case) for name, case in UPDATE_CASES.items()}
     else:
@@ -140,15 +124,7 @@ def _main(group: str) -> None:
         }
         if not low:
             checks["nan_stays_in_document"] = (check_nan_stays_in_document, ())
-    results = {}
-    for name, (check, case) in checks.items():
-        torch.manual_seed(0)
-        try:
-            check(*case)
-            results[name] = "ok"
-        except Exception as err:  # reported per case by the parent test
-            results[name] = f"{type(err).__name__}: {err}"
-    print(json.dumps(results))
+    report_checks(checks)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,13 @@ every case that failed. The full grid on a GPU is tests/gpu/test_norm.py.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
 
 # name -> (shape, dtype, group_size, gate (None / "before" / "after"), bias)
 GATED_CASES = {
@@ -109,39 +106,18 @@ def check_edge_cases() -> None:
     assert_close(out, exp, torch.float32, name="transposed x")
 
 
-def _run_in_interpreter(group: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=900, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    failed = {name: msg for name, msg in results.items() if msg != "ok"}
-    assert not failed, "\n".join(f"{name}: {msg}" for name, msg in failed.items())
-    assert results, "no case ran"
-
-
 @pytest.mark.parametrize("group", ["gated", "plain"])
 def test_triton_matches_reference_in_interpreter(group):
-    _run_in_interpreter(group)
+    run_checks_in_interpreter(__file__, group)
 
 
 def _main(group: str) -> None:
-    torch.set_num_threads(1)
     if group == "gated":
         checks = {name: (check_gated, case) for name, case in GATED_CASES.items()}
     else:
         checks = {name: (check_plain, case) for name, case in PLAIN_CASES.items()}
         checks["edge_cases"] = (check_edge_cases, ())
-    results = {}
-    for name, (check, case) in checks.items():
-        torch.manual_seed(0)
-        try:
-            check(*case)
-            results[name] = "ok"
-        except Exception as err:  # reported per case by the parent test
-            results[name] = f"{type(err).__name__}: {err}"
-    print(json.dumps(results))
+    report_checks(checks)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,13 @@ every case that failed. The full grid on a GPU is tests/gpu/test_ssd.py.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
 
 # name -> (b, l, h, p, g, n, chunk_size, tile, dtype, options); tile is the kernels' row block (16 with
 # chunk 32 gives two row blocks per chunk, so the causal loop over blocks is exercised). Tiny grids make
@@ -114,39 +111,18 @@ def check_float64_uses_chunked() -> None:
     assert all(torch.equal(a, e) for a, e in zip(got, want))
 
 
-def _run_in_interpreter(group: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=900, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    failed = {name: msg for name, msg in results.items() if msg != "ok"}
-    assert not failed, "\n".join(f"{name}: {msg}" for name, msg in failed.items())
-    assert results, "no case ran"
-
-
 @pytest.mark.parametrize("group", ["float32", "low_precision"])
 def test_triton_matches_reference_in_interpreter(group):
-    _run_in_interpreter(group)
+    run_checks_in_interpreter(__file__, group)
 
 
 def _main(group: str) -> None:
-    torch.set_num_threads(1)
     low = group == "low_precision"
     checks = {name: (check_case, case) for name, case in CASES.items() if (case[8] == "float32") != low}
     if not low:
         checks["nan_stays_in_its_chunks"] = (check_nan_stays_in_its_chunks, ())
         checks["float64_uses_chunked"] = (check_float64_uses_chunked, ())
-    results = {}
-    for name, (check, case) in checks.items():
-        torch.manual_seed(0)
-        try:
-            check(*case)
-            results[name] = "ok"
-        except Exception as err:  # noqa: BLE001 - reported per case by the parent test
-            results[name] = f"{type(err).__name__}: {err}"
-    print(json.dumps(results))
+    report_checks(checks)
 
 
 if __name__ == "__main__":
