@@ -12,6 +12,9 @@ next token. Columns:
 * eager / graph: steady-state tokens/s (batch × steps / s) of the greedy decode step, median of 5
   timings of 100 steps each, CUDA events;
 * ratio: graph / eager;
+* graph unfused: the graph step with the fused norm + linear kernels switched off (Mamba-2 blocks then
+  run the pre-norm, ``in_proj``, the gated norm, ``out_proj`` and the residual add as separate ops);
+* kernels: GPU kernels one eager step launches (torch.profiler), fused / unfused;
 * graph top-p: the same with sampling (temperature 1, top-p 0.9, seeded streams);
 * floor: the memory-bandwidth bound, (weight bytes + 2 × cache bytes) per step at 3.3 TB/s (an H100/H200
   SXM's HBM3; the H200's is 4.8 TB/s), as tokens/s;
@@ -34,6 +37,7 @@ import torch
 from ssmkit.generation.decode import DecodeState, GraphedStep, step
 from ssmkit.generation.sampling import SamplingParams, make_generators
 from ssmkit.models import LanguageModel, get_preset
+from ssmkit.ops import norm_linear
 from ssmkit.ops.state_update import selective_state_update
 
 BANDWIDTH = 3.3e12
@@ -54,7 +58,9 @@ def load_mamba_ssm_state_update():
         package.__path__ = [str(sources[-1])]
         sys.modules["mamba_ssm"] = package
     try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as theirs
+        from mamba_ssm.ops.triton.selective_state_update import (
+            selective_state_update as theirs,
+        )
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         print(f"mamba_ssm selective_state_update: n/a ({type(e).__name__}: {e})")
         return None
@@ -124,8 +130,8 @@ def _time(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _step_rates(model: LanguageModel, batch: int, params: SamplingParams) -> tuple[float, float, DecodeState]:
-    """Eager and graph-replayed tokens/s of the decode step."""
+def _step_rates(model: LanguageModel, batch: int, params: SamplingParams) -> tuple[float, float, DecodeState, int]:
+    """Eager and graph-replayed tokens/s of the decode step, and the kernels one step launches."""
     state, token = _decode_state(model, batch, params)
     holder = [token]
 
@@ -136,15 +142,30 @@ def _step_rates(model: LanguageModel, batch: int, params: SamplingParams) -> tup
         eager()
     eager_s = _time(eager)
     graph_s = _time(GraphedStep(model, holder[0], state).replay)
-    return batch * STEPS / eager_s, batch * STEPS / graph_s, state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eager()
+        torch.cuda.synchronize()
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return batch * STEPS / eager_s, batch * STEPS / graph_s, state, kernels
+
+
+def _unfused_rates(model: LanguageModel, batch: int) -> tuple[float, int]:
+    """Graph tokens/s and kernels per step with the fused norm + linear kernels switched off."""
+    saved, norm_linear.MAX_ROWS = norm_linear.MAX_ROWS, 0
+    try:
+        _, graph, _, kernels = _step_rates(model, batch, GREEDY)
+    finally:
+        norm_linear.MAX_ROWS = saved
+    return graph, kernels
 
 
 @torch.no_grad()
 def measure(name: str, batch: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = LanguageModel(get_preset(name), device="cuda", dtype=torch.bfloat16).eval()
-    eager, graph, state = _step_rates(model, batch, GREEDY)
-    _, graph_top_p, _ = _step_rates(model, batch, TOP_P)
+    eager, graph, state, kernels = _step_rates(model, batch, GREEDY)
+    _, graph_top_p, _, _ = _step_rates(model, batch, TOP_P)
+    graph_unfused, kernels_unfused = _unfused_rates(model, batch)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_s = (weight_bytes + 2 * state.cache.nbytes) / BANDWIDTH
     prompts = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda")
@@ -155,6 +176,7 @@ def measure(name: str, batch: int) -> dict[str, float]:
     torch.cuda.synchronize()
     e2e = batch * 256 / (time.perf_counter() - start)
     return {"eager": eager, "graph": graph, "graph_top_p": graph_top_p, "floor": batch / floor_s, "e2e": e2e,
+            "graph_unfused": graph_unfused, "kernels": f"{kernels}/{kernels_unfused}",
             "weights_mb": weight_bytes / 1e6, "cache_mb": state.cache.nbytes / 1e6}
 
 
@@ -162,15 +184,15 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}")
     op_table()
     print("\ndecode step, bfloat16 weights, float32 SSM states; tokens/s")
-    header = (f"{'model':<12} {'batch':>5} {'eager':>10} {'graph':>10} {'ratio':>6} {'graph top-p':>12} "
-              f"{'floor':>10} {'generate()':>11} {'weights MB':>10} {'cache MB':>9}")
+    header = (f"{'model':<12} {'batch':>5} {'eager':>10} {'graph':>10} {'ratio':>6} {'graph unfused':>14} "
+              f"{'kernels':>9} {'graph top-p':>12} {'floor':>10} {'generate()':>11} {'weights MB':>10} {'cache MB':>9}")
     print(header)
     print("-" * len(header))
     for name in ("mamba2-130m", "mamba-130m"):
-        for batch in (1, 64):
+        for batch in (1, 4, 64):
             r = measure(name, batch)
             print(f"{name:<12} {batch:>5} {r['eager']:>10.0f} {r['graph']:>10.0f} {r['graph'] / r['eager']:>5.1f}x "
-                  f"{r['graph_top_p']:>12.0f} {r['floor']:>10.0f} {r['e2e']:>11.0f} {r['weights_mb']:>10.1f} {r['cache_mb']:>9.1f}", flush=True)
+                  f"{r['graph_unfused']:>14.0f} {r['kernels']:>9} {r['graph_top_p']:>12.0f} {r['floor']:>10.0f} {r['e2e']:>11.0f} {r['weights_mb']:>10.1f} {r['cache_mb']:>9.1f}", flush=True)
     print("target: >= 3000 tokens/s at batch 1 for mamba2-130m (graph column, greedy)")
 
 

@@ -1,6 +1,8 @@
 """The residual block: pre-norm, a sequence mixer, an optional pre-norm feed-forward.
 
-``r ← r + mixer(norm(r))`` then, when the block has one, ``r ← r + ff(ff_norm(r))``. With
+``r ← r + mixer(norm(r))`` then, when the block has one, ``r ← r + ff(ff_norm(r))``. A mixer may define
+``step_from_residual(r, norm, cache)`` computing the first of these for one token with its cache; a decode
+step then calls it, so that the mixer can fuse the norm and the add into its own kernels. With
 ``residual_in_fp32`` the residual stream ``r`` is kept in float32 (float64 for float64 models) while the
 mixer runs in the weights' dtype, as mamba_ssm's ``Block`` does.
 """
@@ -53,8 +55,12 @@ class Block(nn.Module):
         dtype = self.norm.weight.dtype
         if self.residual_in_fp32:
             residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        h = self.mixer(self.norm(residual).to(dtype), seq_idx=seq_idx, initial_state=initial_state, cache=cache)
-        residual = residual + h
+        if cache is not None and residual.shape[1] == 1 and hasattr(self.mixer, "step_from_residual"):
+            # A decode step: the mixer fuses this block's norm and the residual add into its matmuls.
+            residual = self.mixer.step_from_residual(residual, self.norm, cache)
+        else:
+            h = self.mixer(self.norm(residual).to(dtype), seq_idx=seq_idx, initial_state=initial_state, cache=cache)
+            residual = residual + h
         if self.ff is not None:
             residual = residual + self.ff(self.ff_norm(residual).to(dtype))
         return residual

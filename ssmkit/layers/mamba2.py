@@ -175,7 +175,34 @@ class Mamba2(nn.Module):
 
     def _step(self, hidden_states: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
-        z, xBC, dt = self.in_proj(hidden_states[:, 0]).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        y, z = self._scan_step(self.in_proj(hidden_states[:, 0]), state)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        return self.out_proj(y).unsqueeze(1)
+
+    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: Mamba2State) -> torch.Tensor:
+        """One token of a pre-norm block: ``residual + self(norm(residual))``, (b, 1, H) -> (b, 1, H).
+
+        The same step as ``forward`` with a cache, in fewer kernels: ``norm`` (the block's RMSNorm) is
+        fused into ``in_proj``, and the gated norm, ``out_proj`` and the residual add into one
+        (:func:`ssmkit.ops.rms_norm_linear`; Triton at small batch on CUDA, the unfused ops otherwise).
+        """
+        if self.context_parallel_group is not None:
+            raise ValueError(f"{self._name()}: a context-parallel layer takes no cache (switch it off for decoding)")
+        self._check_state(state, residual.shape[0])
+        r = residual[:, 0]
+        zxbcdt = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
+        y, z = self._scan_step(zxbcdt, state)
+        if not self.rmsnorm:
+            return (r + self.out_proj(y)).unsqueeze(1)
+        out = ops.rms_norm_linear(y, self.norm.weight, self.out_proj.weight, self.out_proj.bias, z=z,
+                                  eps=self.norm.eps, group_size=self.norm.group_size,
+                                  norm_before_gate=self.norm.norm_before_gate, residual=r)
+        return out.unsqueeze(1)
+
+    def _scan_step(self, zxbcdt: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convolution and SSM of one token from ``in_proj``'s output (b, ·): y (b, d_inner) and the gate z."""
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = ops.causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                        activation="silu")
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -192,9 +219,7 @@ class Mamba2(nn.Module):
             dt_softplus=True,
             dt_limit=self.dt_limit,
         ).flatten(-2)
-        if self.rmsnorm:
-            y = self.norm(y, z)
-        return self.out_proj(y).unsqueeze(1)
+        return y, z
 
     def _D(self) -> torch.Tensor:
         return self.D.unflatten(0, (self.nheads, self.headdim)) if self.D_has_hdim else self.D

@@ -142,3 +142,31 @@ def test_a_cache_under_autograd_keeps_values_and_backward_works():
     out.backward()
     assert not cache.ssm.requires_grad and not cache.conv.requires_grad
     assert layer.in_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_step_from_residual_is_the_prenorm_block_step(kw):
+    """The fused decode entry point equals ``r + layer(norm(r))`` with the same cache, token after token."""
+    from ssmkit.layers.norm import RMSNorm
+
+    layer = make(torch.float64, **kw)
+    norm = RMSNorm(D_MODEL).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    r = torch.randn(3, 6, D_MODEL, dtype=torch.float64)
+    fused_state, plain_state = layer.allocate_state(3), layer.allocate_state(3)
+    for t in range(r.shape[1]):
+        token = r[:, t:t + 1]
+        got = layer.step_from_residual(token, norm, fused_state)
+        exp = token + layer(norm(token), cache=plain_state)
+        assert_close(got, exp, torch.float64, name=f"position {t}")
+    assert_close(fused_state.ssm, plain_state.ssm, torch.float64, name="ssm state")
+    assert_close(fused_state.conv, plain_state.conv, torch.float64, name="conv state")
+
+
+def test_step_from_residual_checks_its_state():
+    from ssmkit.layers.norm import RMSNorm
+
+    layer = make()
+    with pytest.raises(ValueError, match="state"):
+        layer.step_from_residual(torch.randn(2, 1, D_MODEL), RMSNorm(D_MODEL), layer.allocate_state(3))
