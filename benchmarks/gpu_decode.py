@@ -22,10 +22,12 @@ next token. Columns:
   every eos check included), tokens/s.
 
     python benchmarks/gpu_decode.py
+    python benchmarks/gpu_decode.py --models mamba2-130m --batches 1 --no-op-table
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -181,15 +183,21 @@ def measure(name: str, batch: int) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="decode speed on a GPU")
+    parser.add_argument("--models", nargs="+", default=["mamba2-130m", "mamba-130m"], help="presets to time")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 64], help="batch sizes")
+    parser.add_argument("--no-op-table", action="store_true", help="skip the selective_state_update table")
+    args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}")
-    op_table()
+    if not args.no_op_table:
+        op_table()
     print("\ndecode step, bfloat16 weights, float32 SSM states; tokens/s")
     header = (f"{'model':<12} {'batch':>5} {'eager':>10} {'graph':>10} {'ratio':>6} {'graph unfused':>14} "
               f"{'kernels':>9} {'graph top-p':>12} {'floor':>10} {'generate()':>11} {'weights MB':>10} {'cache MB':>9}")
     print(header)
     print("-" * len(header))
-    for name in ("mamba2-130m", "mamba-130m"):
-        for batch in (1, 4, 64):
+    for name in args.models:
+        for batch in args.batches:
             r = measure(name, batch)
             print(f"{name:<12} {batch:>5} {r['eager']:>10.0f} {r['graph']:>10.0f} {r['graph'] / r['eager']:>5.1f}x "
                   f"{r['graph_unfused']:>14.0f} {r['kernels']:>9} {r['graph_top_p']:>12.0f} {r['floor']:>10.0f} {r['e2e']:>11.0f} {r['weights_mb']:>10.1f} {r['cache_mb']:>9.1f}", flush=True)

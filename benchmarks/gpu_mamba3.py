@@ -69,7 +69,9 @@ def parity(their_cls: type) -> list[tuple]:
             (g_theirs,) = torch.autograd.grad(y_theirs.float().square().sum(), x)
             y_ours = ours(x)
             (g_ours,) = torch.autograd.grad(y_ours.float().square().sum(), x)
-            rows.append((str(dtype).removeprefix("torch."), norm, rel(y_ours, y_theirs), rel(g_ours, g_theirs)))
+            row = (str(dtype).removeprefix("torch."), norm, rel(y_ours, y_theirs), rel(g_ours, g_theirs))
+            print(f"{row[0]:>9} {row[1]!s:>12} {row[2]:>12.2e} {row[3]:>11.2e}", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -84,6 +86,7 @@ def timing(their_cls: type) -> list[tuple]:
             fwd = do_bench(lambda: layer(x), return_mode="median")
             both = do_bench(lambda: layer(x).sum().backward(), return_mode="median")
             rows.append((length, name, fwd, both))
+            print(f"{length:>6} {name:>10} {fwd:>8.2f} {both:>11.2f}", flush=True)
     return rows
 
 
@@ -95,13 +98,10 @@ def main() -> None:
         sys.exit("mamba_ssm's source is not under .ext/: nothing to compare with")
     print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")
     print(f"{'dtype':>9} {'outproj_norm':>12} {'out rel err':>12} {'dx rel err':>11}")
-    for dtype, norm, out_err, grad_err in parity(their_cls):
-        print(f"{dtype:>9} {norm!s:>12} {out_err:>12.2e} {grad_err:>11.2e}")
+    parity(their_cls)
     print("\nspeed, bf16, batch 8, d_model 768 (24 heads x 64, N 128), median ms:")
     print(f"{'L':>6} {'layer':>10} {'fwd ms':>8} {'fwd+bwd ms':>11}")
     rows = timing(their_cls)
-    for length, name, fwd, both in rows:
-        print(f"{length:>6} {name:>10} {fwd:>8.2f} {both:>11.2f}")
     for length in (2048, 8192):
         o = next(r for r in rows if r[0] == length and r[1] == "ssmkit")
         t = next(r for r in rows if r[0] == length and r[1] == "mamba_ssm")

@@ -19,7 +19,8 @@ pytestmark = [
 ]
 
 # (k, n, group_size, gate): mamba2-130m's pre-norm + in_proj and gated norm + out_proj, then odd sizes.
-SHAPES = [(768, 3352, None, None), (1536, 768, None, "after"), (1536, 768, 768, "before"), (100, 37, 25, "after")]
+SHAPES = [(768, 3352, None, None), (1536, 768, None, "after"), (1536, 768, 768, "before"), (100, 37, 25, "after"),
+          (8192, 40, 2048, "after")]
 
 
 def _inputs(rows, k, n, group_size, gate, dtype, residual, bias):

@@ -78,6 +78,9 @@ def test_reference_is_the_unfused_layer_ops(case):
         exp = inp["residual"] + exp
     assert got.dtype == exp.dtype
     assert_close(got, exp, inp["weight"].dtype, name="reference")
+    chunked = rms_norm_linear(**inp, backend="chunked")
+    assert chunked.dtype == exp.dtype
+    assert_close(chunked, exp, inp["weight"].dtype, name="chunked")
 
 
 def test_triton_matches_reference_in_interpreter():
@@ -117,10 +120,13 @@ def test_bad_input_is_refused(bad, message):
 
 
 def test_triton_backend_refuses_what_it_does_not_do(monkeypatch):
+    """Too many rows, too long a row or a gradient: a clear error (auto takes the unfused path)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    with pytest.raises(ValueError, match="at most 8 rows"):
+    with pytest.raises(ValueError, match="at most 8 rows of at most 8192 features"):
         rms_norm_linear(torch.randn(9, 16), torch.ones(16), torch.randn(8, 16), backend="triton")
+    with pytest.raises(ValueError, match="at most 8192 features"):
+        rms_norm_linear(torch.randn(1, 8200), torch.ones(8200), torch.randn(8, 8200), backend="triton")
     with pytest.raises(ValueError, match="no autograd"):
         rms_norm_linear(torch.randn(1, 16, requires_grad=True), torch.ones(16), torch.randn(8, 16), backend="triton")
 

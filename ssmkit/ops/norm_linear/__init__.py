@@ -11,12 +11,15 @@ import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
+from ssmkit.ops.norm_linear.chunked import rms_norm_linear_chunked
 from ssmkit.ops.norm_linear.reference import rms_norm_linear_ref
 
 __all__ = ["rms_norm_linear"]
 
 # Above this many rows a tensor-core matmul (cuBLAS) beats the kernel, which reads the weight per row tile.
 MAX_ROWS = 8
+# The longest input row the kernel takes (a program holds a whole row of the weight in registers).
+MAX_K = 8192
 
 
 def rms_norm_linear(
@@ -44,8 +47,9 @@ def rms_norm_linear(
         group_size: entries per norm group, a divisor of k (None: k).
         norm_before_gate: as in ``gated_rms_norm_fn``; ignored without z.
         residual: (m, n) added to the output (the result then has promote(residual, weight) dtype), or None.
-        backend: "auto" (the Triton kernel on CUDA for at most ``MAX_ROWS`` (8) rows without autograd, else the
-            unfused ops), "reference"/"chunked" (the unfused ops) or "triton".
+        backend: "auto" (the Triton kernel on CUDA for at most ``MAX_ROWS`` rows of at most ``MAX_K``
+            features without autograd, else "chunked"), "reference" (the definition: the reference norm,
+            cast, linear, add), "chunked" (the same with the dispatching norm op, Triton on CUDA) or "triton".
 
     Returns:
         (m, n).
@@ -76,7 +80,8 @@ def rms_norm_linear(
     device = check_same_device(x=x, z=z, norm_weight=norm_weight, weight=weight, bias=bias, residual=residual)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, z, norm_weight, weight, bias, residual))
-    fits = dims["m"] <= MAX_ROWS and not needs_grad and torch.float64 not in {x.dtype, weight.dtype}
+    fits = (dims["m"] <= MAX_ROWS and k <= MAX_K and not needs_grad
+            and torch.float64 not in {x.dtype, weight.dtype})
     if backend == "auto" and not fits:
         backend = "chunked"
     resolved = resolve_backend(backend, device, has_triton=True)
@@ -84,9 +89,9 @@ def rms_norm_linear(
         from ssmkit.ops.norm_linear.triton import rms_norm_linear_triton as impl
 
         if not fits:
-            raise ValueError(f"backend='triton' takes at most {MAX_ROWS} rows, no float64 and no autograd "
-                             f"(got {dims['m']} rows of {x.dtype}, weight {weight.dtype}, gradient needed: "
-                             f"{needs_grad}); use backend='chunked'")
+            raise ValueError(f"backend='triton' takes at most {MAX_ROWS} rows of at most {MAX_K} features, "
+                             f"no float64 and no autograd (got {dims['m']} x {k} of {x.dtype}, weight "
+                             f"{weight.dtype}, gradient needed: {needs_grad}); use backend='chunked'")
     else:
-        impl = rms_norm_linear_ref
+        impl = rms_norm_linear_ref if resolved == "reference" else rms_norm_linear_chunked
     return impl(x, norm_weight, weight, bias, z, float(eps), group_size, norm_before_gate, residual)
