@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-import types
-from pathlib import Path
 
 import torch
+from mamba_ssm_source import import_from_source
 
 from ssmkit.generation.decode import DecodeState, GraphedStep, step
 from ssmkit.generation.sampling import SamplingParams, make_generators
@@ -46,33 +44,12 @@ BANDWIDTH = 3.3e12
 STEPS = 100
 GREEDY = SamplingParams(temperature=0)
 TOP_P = SamplingParams(temperature=1.0, top_p=0.9)
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_mamba_ssm_state_update():
-    """mamba_ssm's Triton ``selective_state_update`` from the unpacked source under .ext/, or None."""
-    sources = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
-    if not sources:
-        return None
-    if "mamba_ssm" not in sys.modules:
-        # A bare package: mamba_ssm's own __init__ would load its compiled CUDA extension.
-        package = types.ModuleType("mamba_ssm")
-        package.__path__ = [str(sources[-1])]
-        sys.modules["mamba_ssm"] = package
-    try:
-        from mamba_ssm.ops.triton.selective_state_update import (
-            selective_state_update as theirs,
-        )
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        print(f"mamba_ssm selective_state_update: n/a ({type(e).__name__}: {e})")
-        return None
-    return theirs
 
 
 def op_table() -> None:
     from triton.testing import do_bench
 
-    theirs = load_mamba_ssm_state_update()
+    theirs = import_from_source("mamba_ssm.ops.triton.selective_state_update", "selective_state_update")
     print("\nselective_state_update, bf16 inputs, fp32 state; µs per step")
     header = f"{'shape':<34} {'triton':>8} {'torch':>8} {'mamba_ssm':>10} {'floor':>7} {'torch/triton':>13}"
     print(header)

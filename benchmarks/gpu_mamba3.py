@@ -16,32 +16,13 @@ MIMO needs mamba_ssm's TileLang kernels, which are not installed on the device m
 from __future__ import annotations
 
 import sys
-import types
-from pathlib import Path
 
 import torch
+from mamba_ssm_source import import_from_source
 
 from ssmkit.layers.mamba3 import Mamba3
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
 SHAPES = {"d_model": 768, "d_state": 128, "headdim": 64, "expand": 2}
-
-
-def load_mamba_ssm_mamba3() -> type | None:
-    """mamba_ssm's ``Mamba3`` class from the unpacked source, or None when it cannot be imported."""
-    if not SOURCES:
-        return None
-    if "mamba_ssm" not in sys.modules:
-        package = types.ModuleType("mamba_ssm")
-        package.__path__ = [str(SOURCES[-1])]
-        sys.modules["mamba_ssm"] = package
-    try:
-        from mamba_ssm.modules.mamba3 import Mamba3 as TheirMamba3
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
-        print(f"mamba_ssm Mamba3 not importable: {type(e).__name__}: {e}")
-        return None
-    return TheirMamba3
 
 
 def pair(their_cls: type, dtype: torch.dtype, *, outproj_norm: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -93,7 +74,7 @@ def timing(their_cls: type) -> list[tuple]:
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    their_cls = load_mamba_ssm_mamba3()
+    their_cls = import_from_source("mamba_ssm.modules.mamba3", "Mamba3")
     if their_cls is None:
         sys.exit("mamba_ssm's source is not under .ext/: nothing to compare with")
     print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")

@@ -18,36 +18,14 @@ its package ``__init__`` (which would load the compiled CUDA scan); "n/a" when t
 from __future__ import annotations
 
 import sys
-import types
-from pathlib import Path
 
 import torch
+from mamba_ssm_source import import_from_source
 
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
 BATCH, HEADS, HEADDIM, GROUPS, STATE, CHUNK = 8, 32, 64, 1, 128, 256
 LENGTHS = (2048, 8192)
-
-
-def load_mamba_ssm():
-    """mamba_ssm's ``mamba_chunk_scan_combined`` from the unpacked source, or None."""
-    if not SOURCES:
-        print("mamba_ssm: no source under .ext/")
-        return None
-    if "mamba_ssm" not in sys.modules:
-        package = types.ModuleType("mamba_ssm")
-        package.__path__ = [str(SOURCES[-1])]
-        sys.modules["mamba_ssm"] = package
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import (
-            mamba_chunk_scan_combined as theirs,
-        )
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
-        print(f"mamba_ssm not importable: {type(e).__name__}: {e}")
-        return None
-    return theirs
 
 
 def make_inputs(length: int, requires_grad: bool) -> dict[str, torch.Tensor]:
@@ -194,10 +172,10 @@ def main() -> None:
     if args.sweep:
         sweep(8192)
     if args.profile:
-        profile_kernels(callers(load_mamba_ssm()), 8192)
+        profile_kernels(callers(import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")), 8192)
     if args.sweep or args.profile:
         return
-    fns = callers(load_mamba_ssm())
+    fns = callers(import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"))
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
     print("output rel. error vs chunked fp32 (b8, L 2048):",
