@@ -28,6 +28,11 @@ def rms_norm_linear_ref(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """See :func:`ssmkit.ops.norm_linear.rms_norm_linear`."""
-    normed = gated_rms_norm_ref(x, z, norm_weight, eps, group_size, norm_before_gate)
+    return project(gated_rms_norm_ref(x, z, norm_weight, eps, group_size, norm_before_gate), weight, bias, residual)
+
+
+def project(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            residual: torch.Tensor | None) -> torch.Tensor:
+    """The part after the norm: round to weight's dtype, ``F.linear``, add the residual."""
     out = F.linear(normed.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
     return out if residual is None else residual + out

@@ -21,9 +21,6 @@ import triton.language as tl
 
 from ssmkit.ops.norm_linear import MAX_K
 
-# Weight elements one program holds (BLOCK_N x next_pow2(K)); the longest row, MAX_K, is one feature's.
-SLAB_ELEMENTS = MAX_K
-
 
 @triton.jit
 def _norm_linear_kernel(
@@ -90,7 +87,8 @@ def rms_norm_linear_triton(
     out_dtype = weight.dtype if residual is None else torch.promote_types(residual.dtype, weight.dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     block_k = triton.next_power_of_2(k)
-    block_n = max(1, SLAB_ELEMENTS // block_k)
+    # A program holds BLOCK_N x next_pow2(K) weight elements, as many as one row of the longest K.
+    block_n = max(1, MAX_K // block_k)
     placeholder = x  # absent inputs: never read (HAS_* is False)
     _norm_linear_kernel[(triton.cdiv(n, block_n),)](
         x, placeholder if z is None else z, norm_weight, weight, placeholder if bias is None else bias,
