@@ -87,6 +87,40 @@ def assert_close(
         )
 
 
+def float64_leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A float64 copy of ``t`` that requires grad (the reference's input), or None."""
+    return t.detach().double().requires_grad_() if t is not None else None
+
+
+def assert_outputs_and_grads_close(
+    outs: list[torch.Tensor],
+    expected: list[torch.Tensor],
+    inputs: dict[str, torch.Tensor | None],
+    inputs64: dict[str, torch.Tensor | None],
+    dtype: torch.dtype,
+    *,
+    names: list[str] | None = None,
+) -> None:
+    """A fast path against its float64 reference: each output, then the gradient of every given input.
+
+    ``inputs`` / ``inputs64`` map names to the tensors each side was called with (None: not given);
+    the gradients are those of a random projection of all outputs, the same for both sides. Outputs are
+    held to their own dtype's tolerance, gradients to ``dtype``'s and must come back in their input's dtype.
+    """
+    names = names or [f"output {i}" for i in range(len(outs))]
+    for name, got, exp in zip(names, outs, expected):
+        assert_close(got, exp, got.dtype, name=name)
+    cotangents = [torch.randn_like(e) for e in expected]
+    given = [k for k, t in inputs.items() if t is not None]
+    grads = torch.autograd.grad(sum((o.double() * c).sum() for o, c in zip(outs, cotangents)),
+                                [inputs[k] for k in given])
+    exp_grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(expected, cotangents)),
+                                    [inputs64[k] for k in given])
+    for name, got, exp in zip(given, grads, exp_grads):
+        assert got.dtype == inputs[name].dtype, f"d{name}: dtype {got.dtype} != its input's {inputs[name].dtype}"
+        assert_close(got, exp, dtype, name=f"d{name}")
+
+
 def run_checks_in_interpreter(script: str, group: str, timeout: float = 900) -> None:
     """Run ``python script group`` with ``TRITON_INTERPRET=1`` (it must be set before triton is imported,
     hence a subprocess) and fail with the message of every case that failed there.

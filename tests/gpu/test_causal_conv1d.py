@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_close, assert_outputs_and_grads_close, float64_leaf
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,10 +36,6 @@ def _seq_idx(kind: str | None, batch: int, length: int, device) -> torch.Tensor 
     return change.cumsum(1)
 
 
-def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach().double().requires_grad_() if t is not None else None
-
-
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -59,7 +55,7 @@ def test_fn_matches_reference(dtype, length, config):
         if init
         else None,
     }
-    named64 = {k: _f64(t) for k, t in named.items()}
+    named64 = {k: float64_leaf(t) for k, t in named.items()}
     seq_idx = _seq_idx(seq, batch, length, dev)
     out, final = causal_conv1d_fn(
         named["x"], named["weight"], named["bias"], seq_idx, named["initial_states"], True, activation,
@@ -72,17 +68,8 @@ def test_fn_matches_reference(dtype, length, config):
     assert out.dtype == dtype and final.dtype == dtype
     if channel_last and length > 1:
         assert out.stride(1) == 1, "the output keeps x's channel-last layout"
-    assert_close(out, exp_out, dtype, name="out")
-    assert_close(final, exp_final, dtype, name="final_states")
-    g_out, g_final = torch.randn_like(exp_out), torch.randn_like(exp_final)
-    names = [k for k, t in named.items() if t is not None]
-    grads = torch.autograd.grad(
-        (out.double() * g_out).sum() + (final.double() * g_final).sum(), [named[k] for k in names]
-    )
-    exp_grads = torch.autograd.grad((exp_out * g_out).sum() + (exp_final * g_final).sum(), [named64[k] for k in names])
-    for name, got, exp in zip(names, grads, exp_grads):
-        assert got.dtype == dtype
-        assert_close(got, exp, dtype, name=f"d{name}")
+    assert_outputs_and_grads_close([out, final], [exp_out, exp_final], named, named64, dtype,
+                                   names=["out", "final_states"])
 
 
 @pytest.mark.parametrize("width", [1, 6, 8])
@@ -94,7 +81,7 @@ def test_other_widths_float32(width):
     init = torch.randn(batch, dim, width - 1, device="cuda", requires_grad=True)
     seq_idx = _seq_idx("alternating", batch, length, "cuda")
     out, final = causal_conv1d_fn(x, weight, None, seq_idx, init, True, "silu", backend="triton")
-    x64, w64, i64 = _f64(x), _f64(weight), _f64(init)
+    x64, w64, i64 = float64_leaf(x), float64_leaf(weight), float64_leaf(init)
     exp_out, exp_final = causal_conv1d_fn(x64, w64, None, seq_idx, i64, True, "silu", backend="reference")
     assert_close(out, exp_out, name="out")
     assert_close(final, exp_final, name="final_states")

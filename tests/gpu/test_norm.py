@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_outputs_and_grads_close, float64_leaf
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,23 +20,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 64), (2, 1000, 96), (4097, 256)]
 
 
-def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach().double().requires_grad_() if t is not None else None
-
-
-def _compare(outs, exp_outs, named, named64, dtype) -> None:
-    """Each output, and the gradients of a random projection of the outputs, for every input given."""
-    for i, (got, exp) in enumerate(zip(outs, exp_outs)):
-        assert_close(got, exp, got.dtype, name=f"output {i}")
-    cotangents = [torch.randn_like(e) for e in exp_outs]
-    names = [k for k, t in named.items() if t is not None]
-    grads = torch.autograd.grad(sum((o.double() * c).sum() for o, c in zip(outs, cotangents)), [named[k] for k in names])
-    exp_grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(exp_outs, cotangents)), [named64[k] for k in names])
-    for name, got, exp in zip(names, grads, exp_grads):
-        assert got.dtype == named[name].dtype
-        assert_close(got, exp, dtype, name=f"d{name}")
-
-
 def _gated(shape, dtype, group_size, gate, bias, eps=1e-5):
     n = shape[-1]
     named = {
@@ -45,14 +28,14 @@ def _gated(shape, dtype, group_size, gate, bias, eps=1e-5):
         "weight": (1 + 0.1 * torch.randn(n, device="cuda")).to(dtype).requires_grad_(),
         "bias": torch.randn(n, device="cuda", dtype=dtype, requires_grad=True) if bias else None,
     }
-    named64 = {k: _f64(t) for k, t in named.items()}
+    named64 = {k: float64_leaf(t) for k, t in named.items()}
     before = gate != "after"
     out = gated_rms_norm_fn(named["x"], named["z"], named["weight"], eps, group_size, before, bias=named["bias"],
                             backend="triton")
     exp = gated_rms_norm_fn(named64["x"], named64["z"], named64["weight"], eps, group_size, before,
                             bias=named64["bias"], backend="reference")
     assert out.dtype == dtype and out.shape == shape
-    _compare([out], [exp], named, named64, dtype)
+    assert_outputs_and_grads_close([out], [exp], named, named64, dtype)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -83,7 +66,7 @@ def test_rms_norm_matches_reference(dtype, shape, residual):
         "residual": torch.randn(shape, device="cuda", dtype=dtype if residual == "same" else torch.float32,
                                 requires_grad=True) if residual else None,
     }
-    named64 = {k: _f64(t) for k, t in named.items()}
+    named64 = {k: float64_leaf(t) for k, t in named.items()}
     for prenorm, residual_in_fp32 in ((False, False), (True, False), (True, True)):
         args = (named["x"], named["weight"], named["bias"], named["residual"], prenorm, residual_in_fp32, 1e-5)
         got = rms_norm_fn(*args, backend="triton")
@@ -92,7 +75,7 @@ def test_rms_norm_matches_reference(dtype, shape, residual):
                           residual_in_fp32, 1e-5, backend="reference")
         got, chunked, exp = ([t] if not prenorm else list(t) for t in (got, chunked, exp))
         assert [t.dtype for t in got] == [t.dtype for t in chunked], "dtypes as the chunked backend"
-        _compare(got, exp, named, named64, dtype)
+        assert_outputs_and_grads_close(got, exp, named, named64, dtype)
 
 
 def test_nan_stays_in_its_group():

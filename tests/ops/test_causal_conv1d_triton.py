@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
+from ssmkit.testing import (
+    assert_close,
+    assert_outputs_and_grads_close,
+    float64_leaf,
+    report_checks,
+    run_checks_in_interpreter,
+)
 
 # name -> (batch, dim, length, width, dtype, channel_last, bias, seq_idx, initial_states, activation)
 FN_CASES = {
@@ -41,10 +47,6 @@ def _seq_idx(kind: str | None, batch: int, length: int) -> torch.Tensor | None:
     return change.cumsum(1)
 
 
-def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
-
-
 def check_fn(batch, dim, length, width, dtype, channel_last, bias, seq, init, activation) -> None:
     """Outputs, final states and every gradient of backend='triton' against the float64 reference."""
     dtype = getattr(torch, dtype)
@@ -57,7 +59,7 @@ def check_fn(batch, dim, length, width, dtype, channel_last, bias, seq, init, ac
     h0 = torch.randn(batch, dim, width - 1, dtype=dtype, requires_grad=True) if init else None
     seq_idx = _seq_idx(seq, batch, length)
     named = {"x": x, "weight": weight, "bias": b, "initial_states": h0}
-    named64 = {k: _f64(t) for k, t in named.items()}
+    named64 = {k: float64_leaf(t) for k, t in named.items()}
     out, final = causal_conv1d_fn(x, weight, b, seq_idx, h0, True, activation, backend="triton")
     exp_out, exp_final = causal_conv1d_fn(
         named64["x"], named64["weight"], named64["bias"], seq_idx, named64["initial_states"], True, activation,
@@ -66,19 +68,8 @@ def check_fn(batch, dim, length, width, dtype, channel_last, bias, seq, init, ac
     assert out.dtype == dtype and final.dtype == dtype
     if channel_last and length > 1:
         assert out.stride(1) == 1, "the output keeps x's channel-last layout"
-    assert_close(out, exp_out, dtype, name="out")
-    assert_close(final, exp_final, dtype, name="final_states")
-    g_out, g_final = torch.randn_like(exp_out), torch.randn_like(exp_final)
-    names = [k for k, t in named.items() if t is not None]
-    grads = torch.autograd.grad(
-        (out.double() * g_out).sum() + (final.double() * g_final).sum(), [named[k] for k in names]
-    )
-    exp_grads = torch.autograd.grad(
-        (exp_out * g_out).sum() + (exp_final * g_final).sum(), [named64[k] for k in names]
-    )
-    for name, got, exp in zip(names, grads, exp_grads):
-        assert got.dtype == dtype
-        assert_close(got, exp, dtype, name=f"d{name}")
+    assert_outputs_and_grads_close([out, final], [exp_out, exp_final], named, named64, dtype,
+                                   names=["out", "final_states"])
 
 
 def check_nan_stays_in_document() -> None:

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
-from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
+from ssmkit.testing import (
+    assert_close,
+    assert_outputs_and_grads_close,
+    float64_leaf,
+    report_checks,
+    run_checks_in_interpreter,
+)
 
 # name -> (shape, dtype, group_size, gate (None / "before" / "after"), bias)
 GATED_CASES = {
@@ -33,27 +39,6 @@ PLAIN_CASES = {
 }
 
 
-def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach().double().requires_grad_() if t is not None else None
-
-
-def _compare(outs, exp_outs, named, named64, dtype) -> None:
-    """Each output, and the gradients of a random projection of them, for every input given."""
-    for i, (got, exp) in enumerate(zip(outs, exp_outs)):
-        assert_close(got, exp, got.dtype, name=f"output {i}")
-    cotangents = [torch.randn_like(e) for e in exp_outs]
-    names = [k for k, t in named.items() if t is not None]
-    grads = torch.autograd.grad(
-        sum((o.double() * c).sum() for o, c in zip(outs, cotangents)), [named[k] for k in names]
-    )
-    exp_grads = torch.autograd.grad(
-        sum((o * c).sum() for o, c in zip(exp_outs, cotangents)), [named64[k] for k in names]
-    )
-    for name, got, exp in zip(names, grads, exp_grads):
-        assert got.dtype == named[name].dtype
-        assert_close(got, exp, dtype, name=f"d{name}")
-
-
 def check_gated(shape, dtype, group_size, gate, bias) -> None:
     dtype = getattr(torch, dtype)
     n = shape[-1]
@@ -63,14 +48,14 @@ def check_gated(shape, dtype, group_size, gate, bias) -> None:
         "weight": (1 + 0.1 * torch.randn(n)).to(dtype).requires_grad_(),
         "bias": torch.randn(n, dtype=dtype, requires_grad=True) if bias else None,
     }
-    named64 = {k: _f64(t) for k, t in named.items()}
+    named64 = {k: float64_leaf(t) for k, t in named.items()}
     before = gate != "after"
     out = gated_rms_norm_fn(named["x"], named["z"], named["weight"], 1e-5, group_size, before,
                             bias=named["bias"], backend="triton")
     exp = gated_rms_norm_fn(named64["x"], named64["z"], named64["weight"], 1e-5, group_size, before,
                             bias=named64["bias"], backend="reference")
     assert out.dtype == dtype and out.shape == shape
-    _compare([out], [exp], named, named64, dtype)
+    assert_outputs_and_grads_close([out], [exp], named, named64, dtype)
 
 
 def check_plain(shape, dtype, residual, bias, prenorm, residual_in_fp32) -> None:
@@ -83,7 +68,7 @@ def check_plain(shape, dtype, residual, bias, prenorm, residual_in_fp32) -> None
         "bias": torch.randn(n, dtype=dtype, requires_grad=True) if bias else None,
         "residual": torch.randn(shape, dtype=res_dtype, requires_grad=True) if residual else None,
     }
-    named64 = {k: _f64(t) for k, t in named.items()}
+    named64 = {k: float64_leaf(t) for k, t in named.items()}
     args = (named["x"], named["weight"], named["bias"], named["residual"], prenorm, residual_in_fp32, 1e-5)
     got = rms_norm_fn(*args, backend="triton")
     chunked = rms_norm_fn(*args, backend="chunked")
@@ -91,7 +76,7 @@ def check_plain(shape, dtype, residual, bias, prenorm, residual_in_fp32) -> None
                       residual_in_fp32, 1e-5, backend="reference")
     got, chunked, exp = ([t] if not prenorm else list(t) for t in (got, chunked, exp))
     assert [t.dtype for t in got] == [t.dtype for t in chunked], "dtypes as the chunked backend"
-    _compare(got, exp, named, named64, dtype)
+    assert_outputs_and_grads_close(got, exp, named, named64, dtype)
 
 
 def check_edge_cases() -> None:
