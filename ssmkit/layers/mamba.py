@@ -199,9 +199,25 @@ class Mamba(nn.Module):
             y = result
         return self.out_proj(y.transpose(1, 2))
 
+    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState) -> torch.Tensor:
+        """One token of a pre-norm block: ``residual + self(norm(residual))``, (b, 1, H) -> (b, 1, H).
+
+        The same step as ``forward`` with a cache, with ``norm`` (the block's RMSNorm) fused into
+        ``in_proj`` (:func:`ssmkit.ops.rms_norm_linear`; Triton at small batch on CUDA, the unfused ops
+        otherwise). Mamba has no norm before ``out_proj``, so that and the residual add stay cuBLAS's.
+        """
+        self._check_state(state, residual.shape[0])
+        r = residual[:, 0]
+        xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
+        return (r + self._scan_step(xz, state)).unsqueeze(1)
+
     def _step(self, hidden_states: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
-        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)  # (b, I)
+        return self._scan_step(self.in_proj(hidden_states[:, 0]), state).unsqueeze(1)
+
+    def _scan_step(self, xz: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """Convolution, SSM and ``out_proj`` of one token from ``in_proj``'s output (b, 2I) -> (b, H)."""
+        x, z = xz.chunk(2, dim=-1)  # (b, I)
         x = ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                      activation="silu")
         dt, B, C = self._dt_B_C(x)
@@ -209,7 +225,7 @@ class Mamba(nn.Module):
             state.ssm, x, dt, decode_A(self), B, C, at_least_fp32(self.D), z=z,
             dt_bias=at_least_fp32(self.dt_proj.bias), dt_softplus=True,
         )
-        return self.out_proj(y).unsqueeze(1)
+        return self.out_proj(y)
 
     def _dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., I) -> dt (..., I) before bias and softplus, B (..., N), C (..., N)."""

@@ -23,9 +23,11 @@ def run_steps(layer, x, state):
     return torch.cat([layer(x[:, t:t + 1], cache=state) for t in range(x.shape[1])], dim=1)
 
 
+VARIANTS = [{}, {"mixer_rms_eps": 1e-5}, {"bias": True, "conv_bias": False}, {"inner_layernorms": True}]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kw", [{}, {"mixer_rms_eps": 1e-5}, {"bias": True, "conv_bias": False},
-                                {"inner_layernorms": True}])
+@pytest.mark.parametrize("kw", VARIANTS)
 def test_one_token_steps_match_parallel_forward(dtype, kw):
     layer = make(dtype, **kw)
     x = torch.randn(2, 13, D_MODEL, dtype=dtype)
@@ -155,3 +157,31 @@ def test_inner_layernorms_are_learned_rms_norms_on_dt_b_c():
     with torch.no_grad():
         layer.b_layernorm.weight.mul_(torch.linspace(0.5, 2.0, 8))
     assert not torch.allclose(layer(x), falcon(x))
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_step_from_residual_is_the_prenorm_block_step(kw):
+    """The fused decode entry point equals ``r + layer(norm(r))`` with the same cache, token after token."""
+    from ssmkit.layers.norm import RMSNorm
+
+    layer = make(torch.float64, **kw)
+    norm = RMSNorm(D_MODEL).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    r = torch.randn(3, 6, D_MODEL, dtype=torch.float64)
+    fused_state, plain_state = layer.allocate_state(3), layer.allocate_state(3)
+    for t in range(r.shape[1]):
+        token = r[:, t:t + 1]
+        got = layer.step_from_residual(token, norm, fused_state)
+        exp = token + layer(norm(token), cache=plain_state)
+        assert_close(got, exp, torch.float64, name=f"position {t}")
+    assert_close(fused_state.ssm, plain_state.ssm, torch.float64, name="ssm state")
+    assert_close(fused_state.conv, plain_state.conv, torch.float64, name="conv state")
+
+
+def test_step_from_residual_checks_its_state():
+    from ssmkit.layers.norm import RMSNorm
+
+    layer = make()
+    with pytest.raises(ValueError, match="state"):
+        layer.step_from_residual(torch.randn(2, 1, D_MODEL), RMSNorm(D_MODEL), layer.allocate_state(3))
