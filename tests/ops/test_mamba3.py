@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssmkit.ops import mamba3
-from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
+from ssmkit.ops.mamba3 import Mamba3ScanState, chunked, mamba3_scan, mamba3_step
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_close, assert_outputs_and_grads_close, float64_leaf
 
 BACKENDS = ("reference", "chunked")
 F64 = torch.float64
@@ -435,3 +435,102 @@ def test_docstring_examples():
             runner.run(test)
     assert runner.summarize(verbose=False).attempted > 0
     assert runner.failures == 0
+
+
+def block_ids(b, l):
+    """Documents around blocks of 24 positions (chunk 8, 3 chunks per block): row 0 starts documents at
+    a block boundary (24), inside a block (30), one step before (47) and after (49) the next boundary (a
+    2-token document straddles 48); row 1 at a chunk edge inside a block (16) and at a boundary (48)."""
+    ids = torch.zeros(b, l, dtype=torch.int64)
+    for cut in (24, 30, 47, 49):
+        ids[0, cut:] += 1
+    for cut in (16, 48):
+        ids[1:, cut:] += 1
+    return ids
+
+
+def _blocked(inp, block_chunks, chunk_size=8, **kw):
+    """The chunked backend called with a forced block size (mamba3_scan validates, then picks the default)."""
+    return chunked.mamba3_chunked(**inp, chunk_size=chunk_size, block_chunks=block_chunks, **kw)
+
+
+@pytest.mark.parametrize("block_chunks", [1, 3])
+@pytest.mark.parametrize("r, g, a, interleaved", CONFIGS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocks_match_float64_reference(block_chunks, r, g, a, interleaved, packed):
+    # l = 61: 8 chunks of 8 (the last one padded), blocks of 8 or 24 positions (the last one short).
+    inp = make_inputs(b=2, l=61, h=4, r=r, g=g, a=a, initial=True)
+    kw = dict(rotary_interleaved=interleaved, seq_idx=block_ids(2, 61) if packed else None)
+    leaves = {k: Mamba3ScanState(*(t.clone().requires_grad_() for t in v)) if isinstance(v, tuple)
+              else v.clone().requires_grad_() for k, v in inp.items()}
+    leaves64 = {k: Mamba3ScanState(*(float64_leaf(t) for t in v)) if isinstance(v, tuple) else float64_leaf(v)
+                for k, v in leaves.items()}
+    out, final = _blocked(leaves, block_chunks, **kw)
+    want, want_final = run(leaves64, "reference", return_final_state=True, **kw)
+    assert_state_close(final, want_final, torch.float32)
+    flat = {k: v for k, v in leaves.items() if not isinstance(v, tuple)}
+    flat64 = {k: v for k, v in leaves64.items() if not isinstance(v, tuple)}
+    flat |= {f"initial_state.{f}": t for f, t in zip(Mamba3ScanState._fields, leaves["initial_state"])}
+    flat64 |= {f"initial_state.{f}": t for f, t in zip(Mamba3ScanState._fields, leaves64["initial_state"])}
+    # The angle enters through cos only (its wrap at 2π must not matter); every other output as it is.
+    assert_outputs_and_grads_close(
+        [out, final.ssm, final.last_B, final.last_x, torch.cos(final.angle)],
+        [want, want_final.ssm, want_final.last_B, want_final.last_x, torch.cos(want_final.angle)],
+        flat, flat64, torch.float32, names=["out", "ssm", "last_B", "last_x", "cos(angle)"])
+
+
+@pytest.mark.parametrize("block_chunks", [1, 2, 3])
+@pytest.mark.parametrize("l", [8, 23, 24, 25, 61])
+def test_blocks_equal_one_block_float64(block_chunks, l):
+    # Blocks change only the rounding: float64 results agree with the one-block computation to 1e-10.
+    inp = f64(make_inputs(b=2, l=l, r=2, g=1, a=3, initial=l % 2 == 1))
+    kw = dict(rotary_interleaved=False, seq_idx=block_ids(2, l))
+    out, final = _blocked(inp, block_chunks, **kw)
+    want, want_final = _blocked(inp, 8, **kw)
+    assert_close(out, want, name="out")
+    assert_state_close(final, want_final)
+
+
+def test_block_count(monkeypatch):
+    calls = []
+    block = chunked._block
+    monkeypatch.setattr(chunked, "_block", lambda *a, **kw: calls.append(a[0].shape[1]) or block(*a, **kw))
+    inp = make_inputs(b=1, l=61)
+    _blocked(inp, 3)
+    assert calls == [24, 24, 13]
+    calls.clear()
+    _blocked(inp, 8)  # 61 positions fit in one block of 64: computed in one piece, without splitting
+    assert calls == [61]
+    # The default block holds about _BLOCK_ELEMENTS elements of b h T r max(T r, n, p) per chunk.
+    calls.clear()
+    monkeypatch.setattr(chunked, "_BLOCK_ELEMENTS", 2 * 1 * 4 * 8 * 1 * 8)
+    out = run(inp, chunk_size=8)
+    assert calls == [16] * 3 + [13]
+    assert_close(out, run(f64(inp), "reference"), torch.float32, name="out with the default block")
+
+
+def test_blocks_keep_nan_in_its_document():
+    # NaN in the first document must not cross a reset at a block boundary (24), where the carried
+    # state is replaced, nor reach the other row.
+    inp = make_inputs(l=40, r=2, g=1, a=2, initial=True, extras=False)
+    inp["x"][0, 12, 1, 0] = float("nan")
+    seq_idx = torch.tensor([[0] * 24 + [1] * 16] * 2)
+    out, final = _blocked(inp, 1, seq_idx=seq_idx)
+    assert torch.isnan(out[0, 12:24, :, 1, 0]).all()
+    assert not torch.isnan(out[0, 24:]).any() and not torch.isnan(out[1]).any()
+    assert not any(torch.isnan(t).any() for t in final)
+
+
+def test_gradcheck_blocks():
+    inp = f64(make_inputs(b=2, l=11, h=2, p=2, r=2, g=1, n=4, a=1, initial=True))
+    state = inp.pop("initial_state")
+    names = list(inp)
+    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [0] * 6 + [1] * 5])
+
+    def fn(*tensors):
+        args = dict(zip(names, tensors[:len(names)]))
+        out, final = chunked.mamba3_chunked(**args, chunk_size=2, block_chunks=2, seq_idx=seq_idx,
+                                            initial_state=Mamba3ScanState(*tensors[len(names):]))
+        return out, final.ssm, final.last_B, final.last_x, torch.sin(final.angle)
+
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (*inp.values(), *state)])

@@ -23,6 +23,14 @@ The rotations are data-dependent but absolute: B̃_s and C̃_t carry e^{iθ_s}, 
 holds the relative rotation θ_t - θ_s and no per-pair decay is needed. θ is a cumulative sum inside each
 document, taken per chunk and carried between chunks modulo 2π (float32 keeps its precision however long
 the sequence). Everything runs in float32 (float64 for float64 inputs); autograd differentiates it.
+
+Long sequences run in blocks of chunks: each block is the computation above with the previous block's
+final state as its initial state (exact: that state is the whole recurrence state, and G_{-1} rebuilds
+the trapezoid share the block boundary owes), reset to zero where a document starts at the block's first
+position. The per-chunk temporaries (rotated B and C, the (T·r)² intra-chunk scores) are then bounded by
+the block, not by the length: whole-sequence temporaries pass glibc's 32 MB mmap threshold, and every
+allocation above it is freshly mapped and faulted in page by page (Mamba-3 was 6.4× slower for 4× the
+length past 32K tokens on a CPU). Autograd runs through the blocks as through the chunks.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ import torch.nn.functional as F
 
 from ssmkit.ops.mamba3.reference import TWO_PI, Mamba3ScanState, finish, mix_input, prepare, rotate
 from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
+
+# Elements of the largest per-block temporary (b h T r max(T r, n, p), the intra-chunk scores or the
+# rotated B, C): 8 MB in float32, far below glibc's 32 MB mmap threshold, so blocks reuse heap memory.
+_BLOCK_ELEMENTS = 1 << 21
 
 
 def _pad(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -58,15 +70,70 @@ def mamba3_chunked(
     rotary_interleaved: bool = True,
     initial_state: Mamba3ScanState | None = None,
     seq_idx: torch.Tensor | None = None,
+    block_chunks: int | None = None,
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
-    """Chunked Mamba-3; same arguments and results as ``mamba3_reference`` (validated by the caller)."""
+    """Chunked Mamba-3; same arguments and results as ``mamba3_reference`` (validated by the caller).
+
+    ``block_chunks``: chunks per block (None: as many as keep a block's temporaries near
+    ``_BLOCK_ELEMENTS``). A sequence of at most one block is computed in one piece.
+    """
+    b, l, h, p = x.shape
+    r, n = B.shape[2], B.shape[4]
+    dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
+                          *(initial_state or ()))
+    if block_chunks is None:
+        block_chunks = max(1, _BLOCK_ELEMENTS // (b * h * chunk_size * r * max(chunk_size * r, n, p)))
+    block = block_chunks * chunk_size
+    state = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
+    shared = dict(chunk_size=chunk_size, D=D, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x, mimo_z=mimo_z,
+                  mimo_o=mimo_o, rotary_interleaved=rotary_interleaved, dtype=dtype)
+    if l <= block:
+        return _block(x, dt, A, B, C, trap, angles, z, seq_idx, state, **shared)
+
+    # split, not slicing in the loop: its backward concatenates the blocks' gradients once.
+    pieces = [t.split(block, dim=1) if t is not None else [None] * -(-l // block)
+              for t in (x, dt, A, B, C, trap, angles, z, seq_idx)]
+    starts = doc_starts(seq_idx) if seq_idx is not None else None
+    outs = []
+    for i, args in enumerate(zip(*pieces)):
+        if i > 0 and starts is not None:
+            # A document that starts at the block's first position starts from zero, as in the
+            # recurrence; where, not a product with 0, so that NaN of the finished one stays there.
+            new = starts[:, i * block]
+            state = Mamba3ScanState(*(torch.where(new.view(b, *[1] * (t.dim() - 1)), 0.0, t) for t in state))
+        out, state = _block(*args, state, **shared)
+        outs.append(out)
+    return torch.cat(outs, dim=1), state
+
+
+def _block(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    trap: torch.Tensor,
+    angles: torch.Tensor,
+    z: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    init: Mamba3ScanState | None,
+    *,
+    chunk_size: int,
+    D: torch.Tensor | None,
+    B_bias: torch.Tensor | None,
+    C_bias: torch.Tensor | None,
+    mimo_x: torch.Tensor | None,
+    mimo_z: torch.Tensor | None,
+    mimo_o: torch.Tensor | None,
+    rotary_interleaved: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, Mamba3ScanState]:
+    """One block of positions from state ``init`` (in ``dtype``, or None: zero); shapes as the reference's."""
     b, l, h, p = x.shape
     r, n, a = B.shape[2], B.shape[4], angles.shape[3]
     T = chunk_size
     nc = -(-l // T)
     pad = nc * T - l
-    dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
-                          *(initial_state or ()))
     prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
 
     # Document number of each position (0, 1, ...); padding joins the last document.
@@ -77,7 +144,6 @@ def mamba3_chunked(
     doc_before = torch.cat([torch.zeros_like(doc_end[:, :1]), doc_end[:, :-1]], dim=1)  # (b, c)
     starts = _pad(starts, pad).view(b, nc, T)
 
-    init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     theta = _angles(_pad(prep.dtheta, pad).view(b, nc, T, h, a), starts, doc, doc_end, doc_before,
                     None if init is None else init.angle)  # (b, c, T, h, a)
     theta = theta.view(b, nc * T, h, a)[:, :l]
@@ -160,10 +226,11 @@ def _angles(
     local = inside - before
     carry = torch.zeros_like(local[:, 0, 0]) if initial is None else initial
     entering = []
-    for k in range(nc):
+    # unbind, not local[:, k] in the loop: its backward would zero-fill all of local once per chunk.
+    for k, last in enumerate(local[:, :, -1].unbind(1)):
         entering.append(carry)
         kept = torch.where((doc_end[:, k] == doc_before[:, k]).view(b, 1, 1), carry, 0.0)
-        carry = torch.remainder(kept + local[:, k, -1], TWO_PI)
+        carry = torch.remainder(kept + last, TWO_PI)
     carried = torch.where((doc == doc_before[..., None])[..., None, None],
                           torch.stack(entering, dim=1)[:, :, None], 0.0)
     return torch.remainder(local + carried, TWO_PI)
