@@ -31,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssmkit.data import DataConfig, default_corpus_root
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
+from ssmkit.evals._merge import add_option as add_merge_option
+from ssmkit.evals._merge import merge_runs, relocate_run_dirs
 from ssmkit.evals._report import (
     check_names,
     format_table,
@@ -142,10 +144,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", metavar="PATH", default=None,
                         help="files or folders of text (default: the Python standard library's .py files; "
                              "with --smoke: its json package)")
+    add_merge_option(parser)
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Train each family, print the table, write ``result.json`` and ``bpb_vs_flops.png``."""
+    if args.merge:
+        # Each run's training folder stays in its part; run_dir then points there from --out.
+        return merge_runs(args, Path(out_dir), "byte-lm", report, [*FULL, "data"], runs_key="runs",
+                          name_key="family", relocate=relocate_run_dirs)
     settings = experiment_settings(args, FULL, SMOKE)
     settings["data"] = args.data or ([str(default_corpus_root() / "json")] if args.smoke else [])
     families = check_names(settings["models"], FAMILIES, "--models")
@@ -182,25 +189,32 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
                      "val_bpb": fit.get("val_bpb", float("nan")), "train_seconds": fit["elapsed_s"],
                      "curve": curve, "run_dir": str(run_dir.relative_to(out))})
 
-    headers = ["model", "params", "d_model", "layers", "train FLOPs/token", "tokens", "train FLOPs", "val bpb",
-               "train s"]
-    rows = [[r["label"], r["params"], r["d_model"], r["n_layer"], float(r["flops_per_token"]), r["tokens"],
-             float(r["train_flops"]), r["val_bpb"], r["train_seconds"]] for r in runs]
-    table = format_table(headers, rows)
-    print(table)
-    plot = _plot(runs, out / "bpb_vs_flops.png", settings)
-    result = {"task": "byte-lm", "smoke": bool(args.smoke), "device": str(device),
-              "settings": settings,
-              "steps": steps, "table": table, "runs": runs, "plots": [plot.name]}
+    result = {"task": "byte-lm", "smoke": bool(args.smoke), "device": str(device), "settings": settings,
+              "steps": steps, "runs": runs}
+    print(report(result, out))
     write_result(out, result)
     return result
+
+
+def report(result: dict[str, Any], out_dir: Path) -> str:
+    """Set ``result["table"]`` and ``result["plots"]``, drawing ``bpb_vs_flops.png``, from a finished result;
+    returns the table."""
+    runs = result["runs"]
+    headers = ["model", "params", "d_model", "layers", "train FLOPs/token", "tokens", "train FLOPs", "val bpb",
+               "train s"]
+    # float(): a diverged run's NaN comes back from result.json as the string "nan".
+    rows = [[r["label"], r["params"], r["d_model"], r["n_layer"], float(r["flops_per_token"]), r["tokens"],
+             float(r["train_flops"]), float(r["val_bpb"]), r["train_seconds"]] for r in runs]
+    result["table"] = format_table(headers, rows)
+    result["plots"] = [_plot(runs, Path(out_dir) / "bpb_vs_flops.png", result["settings"]).name]
+    return result["table"]
 
 
 def _plot(runs: list[dict[str, Any]], path: Path, settings: dict[str, Any]) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for r in runs:
-        points = [(p["flops"], p["val_bpb"]) for p in r["curve"]]
+        points = [(p["flops"], float(p["val_bpb"])) for p in r["curve"]]
         if points:
             ax.plot(*zip(*points), marker="o", label=f"{r['label']} ({r['params'] / 1e6:.2f}M)")
     ax.set_xscale("log")

@@ -17,6 +17,7 @@ import torch
 
 from ssmkit.data.synthetic import induction_heads
 from ssmkit.evals import _common as common
+from ssmkit.evals import _merge as merge
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 
@@ -37,9 +38,12 @@ HELPS = dict(models=f"model kinds ({', '.join(common.MODEL_KINDS)}; attention co
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_options(parser, FULL, SMOKE, HELPS)
+    merge.add_option(parser)
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    if args.merge:
+        return merge.merge_runs(args, out_dir, "induction-heads", report, FULL)
     cfg = common.settings(args, FULL, SMOKE)
     device = common.resolve_device(args.device)
     if not cfg["max_log2_len"]:
@@ -72,14 +76,20 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         result["models"][kind] = {"pattern": config.layer_pattern, "params": common.n_params(model),
                                   "accuracy": {str(n): a for n, a in accuracies.items()},
                                   "train_seconds": train_seconds, "history": history, "config": config.to_dict()}
-    headers = ["length", *(f"{k} ({m['params']:,} params)" for k, m in result["models"].items())]
-    rows = [[n, *(m["accuracy"][str(n)] for m in result["models"].values())] for n in lengths]
-    result["table"] = common.format_table(headers, rows)
-    print(f"induction heads: trained at length {cfg['train_len']}, vocabulary {cfg['vocab_size']}, "
-          f"chance {result['chance']:.3f}; accuracy by test length\n{result['table']}")
-    _plot(result, cfg, out_dir)
+    print(report(result, out_dir))
     common.write_result(out_dir, result)
     return result
+
+
+def report(result: dict[str, Any], out_dir: Path) -> str:
+    """Set ``result["table"]`` and draw ``induction_heads.png`` from a finished result; returns the text to print."""
+    cfg = result["settings"]
+    headers = ["length", *(f"{k} ({m['params']:,} params)" for k, m in result["models"].items())]
+    rows = [[n, *(m["accuracy"][str(n)] for m in result["models"].values())] for n in result["lengths"]]
+    result["table"] = common.format_table(headers, rows)
+    _plot(result, cfg, out_dir)
+    return (f"induction heads: trained at length {cfg['train_len']}, vocabulary {cfg['vocab_size']}, "
+            f"chance {result['chance']:.3f}; accuracy by test length\n{result['table']}")
 
 
 def _test(model: LanguageModel, cfg: dict[str, Any], length: int, device: torch.device) -> float:

@@ -16,6 +16,7 @@ import torch
 
 from ssmkit.data.synthetic import SyntheticBatch, mqar
 from ssmkit.evals import _common as common
+from ssmkit.evals import _merge as merge
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 
@@ -33,9 +34,12 @@ HELPS = dict(models=f"model kinds to compare ({', '.join(common.MODEL_KINDS)})",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_options(parser, FULL, SMOKE, HELPS)
+    merge.add_option(parser)
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    if args.merge:
+        return merge.merge_runs(args, out_dir, "mqar", report, FULL)
     cfg = common.settings(args, FULL, SMOKE)
     device = common.resolve_device(args.device)
     counts = cfg["kv_counts"]
@@ -70,15 +74,22 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         result["models"][kind] = {"pattern": config.layer_pattern, "params": common.n_params(model),
                                   "accuracy": accuracies, "train_seconds": time.perf_counter() - start,
                                   "history": history, "config": config.to_dict()}
+    print(report(result, out_dir))
+    common.write_result(out_dir, result)
+    return result
+
+
+def report(result: dict[str, Any], out_dir: Path) -> str:
+    """Set ``result["table"]`` and draw ``mqar.png`` from a finished result; returns the text to print."""
+    cfg = result["settings"]
+    counts = cfg["kv_counts"]
     headers = ["model", "layers", "params", *(f"{n} kv" for n in counts)]
     rows = [[k, m["pattern"], m["params"], *(m["accuracy"][str(n)] for n in counts)]
             for k, m in result["models"].items()]
     result["table"] = common.format_table(headers, rows)
-    print(f"MQAR: length {cfg['seq_len']}, vocabulary {cfg['vocab_size']}; accuracy by key-value count "
-          f"(params without the embedding)\n{result['table']}")
     _plot(result, counts, out_dir)
-    common.write_result(out_dir, result)
-    return result
+    return (f"MQAR: length {cfg['seq_len']}, vocabulary {cfg['vocab_size']}; accuracy by key-value count "
+            f"(params without the embedding)\n{result['table']}")
 
 
 def _plot(result: dict[str, Any], counts: list[int], out_dir: Path) -> None:

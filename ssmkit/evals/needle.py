@@ -19,6 +19,7 @@ import torch
 from ssmkit.data import read_documents, split_documents
 from ssmkit.data.synthetic import needle_batch
 from ssmkit.evals import _common as common
+from ssmkit.evals import _merge as merge
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 from ssmkit.models.presets import BYTE_BOS, BYTE_VOCAB_SIZE
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="haystack text files or folders (default: the Python standard library's source); "
                              "training prompts come from 90%% of the files, test prompts from the rest")
     common.add_options(parser, FULL, SMOKE, HELPS)
+    merge.add_option(parser)
 
 
 def _haystacks(paths: list[str] | None, longest: int) -> tuple[bytes, bytes]:
@@ -57,6 +59,8 @@ def _haystacks(paths: list[str] | None, longest: int) -> tuple[bytes, bytes]:
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    if args.merge:
+        return merge.merge_runs(args, out_dir, "needle", report, [*FULL, "checkpoint", "data"])
     cfg = common.settings(args, FULL, SMOKE)
     device = common.resolve_device(args.device)
     train_text, test_text = _haystacks(args.data, max(cfg["lengths"]))
@@ -81,15 +85,21 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                   flush=True)
         result["models"][name] = {"pattern": model.config.layer_pattern, "params": common.n_params(model),
                                   "accuracy": grid, **info, "config": model.config.to_dict()}
+    print(report(result, out_dir))
+    common.write_result(out_dir, result)
+    return result
+
+
+def report(result: dict[str, Any], out_dir: Path) -> str:
+    """Set ``result["table"]`` and draw ``needle.png`` from a finished result; returns the text to print."""
+    cfg = result["settings"]
     headers = ["model", "length", *(f"depth {d}" for d in cfg["depths"])]
     rows = [[name, n, *(m["accuracy"][f"{n}@{d}"] for d in cfg["depths"])]
             for name, m in result["models"].items() for n in cfg["lengths"]]
     result["table"] = common.format_table(headers, rows)
-    print(f"needle in a haystack: fraction of prompts whose {VALUE_LEN}-digit answer is exact (trained at "
-          f"{cfg['train_len']} bytes)\n{result['table']}")
     _plot(result, cfg, out_dir)
-    common.write_result(out_dir, result)
-    return result
+    return (f"needle in a haystack: fraction of prompts whose {VALUE_LEN}-digit answer is exact (trained at "
+            f"{cfg['train_len']} bytes)\n{result['table']}")
 
 
 def _train(kind: str, cfg: dict[str, Any], text: bytes, device: torch.device) -> tuple[LanguageModel, dict]:

@@ -15,6 +15,7 @@ import torch
 
 from ssmkit.data.synthetic import selective_copying, selective_copying_vocab
 from ssmkit.evals import _common as common
+from ssmkit.evals import _merge as merge
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 
@@ -31,9 +32,12 @@ HELPS = dict(models=f"model kinds to compare ({', '.join(common.MODEL_KINDS)})",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_options(parser, FULL, SMOKE, HELPS)
+    merge.add_option(parser)
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    if args.merge:
+        return merge.merge_runs(args, out_dir, "selective-copying", report, FULL)
     cfg = common.settings(args, FULL, SMOKE)
     device = common.resolve_device(args.device)
     vocab = selective_copying_vocab(cfg["n_values"])
@@ -59,13 +63,19 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         result["models"][kind] = {"pattern": config.layer_pattern, "params": common.n_params(model),
                                   "accuracy": acc, "train_seconds": time.perf_counter() - start,
                                   "history": history, "config": config.to_dict()}
-    rows = [(k, m["pattern"], m["params"], m["accuracy"]) for k, m in result["models"].items()]
-    result["table"] = common.format_table(["model", "layers", "params", "accuracy"], rows)
-    print(f"selective copying: context {cfg['seq_len']}, {cfg['n_memorize']} tokens of {cfg['n_values']} values, "
-          f"chance {result['chance']:.3f}\n{result['table']}")
-    _plot(result, out_dir)
+    print(report(result, out_dir))
     common.write_result(out_dir, result)
     return result
+
+
+def report(result: dict[str, Any], out_dir: Path) -> str:
+    """Set ``result["table"]`` and draw ``selective_copying.png`` from a finished result; returns the text to print."""
+    cfg = result["settings"]
+    rows = [(k, m["pattern"], m["params"], m["accuracy"]) for k, m in result["models"].items()]
+    result["table"] = common.format_table(["model", "layers", "params", "accuracy"], rows)
+    _plot(result, out_dir)
+    return (f"selective copying: context {cfg['seq_len']}, {cfg['n_memorize']} tokens of {cfg['n_values']} values, "
+            f"chance {result['chance']:.3f}\n{result['table']}")
 
 
 def _plot(result: dict[str, Any], out_dir: Path) -> None:

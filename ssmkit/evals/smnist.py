@@ -23,6 +23,8 @@ import torch
 from ssmkit.data.images import load_pixel_sequences, stratified_split
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
+from ssmkit.evals._merge import add_option as add_merge_option
+from ssmkit.evals._merge import merge_runs
 from ssmkit.evals._report import (
     check_names,
     format_table,
@@ -74,10 +76,14 @@ HELP = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, FULL, SMOKE, HELP)
     parser.add_argument("--bidirectional", action="store_true", help="S4D reads the sequence both ways")
+    add_merge_option(parser)
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Train each model, print the table, write ``result.json`` and ``accuracy.png``."""
+    if args.merge:
+        return merge_runs(args, Path(out_dir), "smnist", report, [*FULL, "bidirectional"], runs_key="runs",
+                          name_key="model")
     settings = {**experiment_settings(args, FULL, SMOKE), "bidirectional": bool(args.bidirectional)}
     for name in ("d_model", "n_layer", "d_state", "epochs", "batch_size"):
         if settings[name] < 1:
@@ -110,19 +116,27 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
                      "best_test_accuracy": max(h["test_accuracy"] for h in history), "train_seconds": seconds,
                      "history": history})
 
-    table = format_table(
-        ["model", "params", "steps/seq", "epochs", "train acc", "test acc", "best test acc", "train s"],
-        [[r["label"], r["params"], images.length, settings["epochs"], r["train_accuracy"], r["test_accuracy"],
-          r["best_test_accuracy"], r["train_seconds"]] for r in runs])
-    print(table)
-    plot = _plot(runs, out / "accuracy.png", images.source, 1 / images.num_classes)
     result = {"task": "smnist", "smoke": bool(args.smoke), "device": str(device), "settings": settings,
               "dataset": {"name": images.name, "source": images.source, "sequence_length": images.length,
                           "train_images": len(train_idx), "test_images": len(test_idx),
                           "chance_accuracy": 1 / images.num_classes},
-              "table": table, "runs": runs, "plots": [plot.name]}
+              "runs": runs}
+    print(report(result, out))
     write_result(out, result)
     return result
+
+
+def report(result: dict[str, Any], out_dir: Path) -> str:
+    """Set ``result["table"]`` and ``result["plots"]``, drawing ``accuracy.png``, from a finished result;
+    returns the table."""
+    runs, dataset = result["runs"], result["dataset"]
+    result["table"] = format_table(
+        ["model", "params", "steps/seq", "epochs", "train acc", "test acc", "best test acc", "train s"],
+        [[r["label"], r["params"], dataset["sequence_length"], result["settings"]["epochs"], r["train_accuracy"],
+          r["test_accuracy"], r["best_test_accuracy"], r["train_seconds"]] for r in runs])
+    plot = _plot(runs, Path(out_dir) / "accuracy.png", dataset["source"], dataset["chance_accuracy"])
+    result["plots"] = [plot.name]
+    return result["table"]
 
 
 def train_classifier(model: SequenceClassifier, x: torch.Tensor, y: torch.Tensor, train_idx: np.ndarray,
