@@ -98,7 +98,7 @@ GRID = [(backend, dtype, l) for backend in BACKENDS for dtype in (F64, torch.flo
 @pytest.mark.parametrize("packed", [False, True])
 def test_matches_float64_reference(backend, dtype, l, r, g, a, interleaved, packed):
     inp = make_inputs(b=2, l=l, h=4, r=r, g=g, a=a, dtype=dtype, initial=True)
-    kw = dict(rotary_interleaved=interleaved, return_final_state=True, seq_idx=packed_ids(2, l) if packed else None)
+    kw = {"rotary_interleaved": interleaved, "return_final_state": True, "seq_idx": packed_ids(2, l) if packed else None}
     out, final = run(inp, backend, **kw)
     want, want_final = run(f64(inp), "reference", **kw)
     assert out.dtype == dtype and out.shape == inp["x"].shape
@@ -138,7 +138,7 @@ def _dense_like_mamba_ssm(inp, interleaved):
     un-rotated q·k dot) on it, the carried (k, v) folded into the input state with ``Δ_0 (1 - λ_0)``."""
     x, dt, A, B, C, trap, ang = (inp[k] for k in ("x", "dt", "A", "B", "C", "trap", "angles"))
     b, l, h, p = x.shape
-    r, g = B.shape[2], B.shape[3]
+    g = B.shape[3]
     st = inp["initial_state"]
     lam = torch.sigmoid(trap)
     theta = torch.cumsum(torch.tanh(ang) * math.pi * dt[..., None], dim=1) + st.angle[:, None]
@@ -241,7 +241,7 @@ def _grads(inp, backend, chunk_size=8, **kw):
 @pytest.mark.parametrize("r, g, a, interleaved", CONFIGS)
 def test_gradients_fp32_match_float64_reference(r, g, a, interleaved):
     inp = make_inputs(l=45, r=r, g=g, a=a, initial=True)
-    kw = dict(rotary_interleaved=interleaved, seq_idx=packed_ids(2, 45))
+    kw = {"rotary_interleaved": interleaved, "seq_idx": packed_ids(2, 45)}
     got = _grads(inp, "chunked", **kw)
     want = _grads(f64(inp), "reference", **kw)
     assert len(got) == 18 and all(v is not None for v in got.values())
@@ -313,7 +313,7 @@ def test_fuzz_shapes(b, l, g, k, p, r, n, chunk, split, seed, interleaved):
     a = seed % (n // 2 + 1)
     inp = f64(make_inputs(b, l, g * k, p, r, g, n, a, initial=seed % 2 == 0, mimo_o=seed % 3 > 0))
     seq_idx = (torch.arange(l) >= split).expand(b, l).to(torch.int64) if seed % 4 < 2 else None
-    kw = dict(seq_idx=seq_idx, return_final_state=True, rotary_interleaved=interleaved)
+    kw = {"seq_idx": seq_idx, "return_final_state": True, "rotary_interleaved": interleaved}
     out, final = run(inp, "chunked", chunk, **kw)
     want, want_final = run(inp, "reference", **kw)
     assert_close(out, want, name="out")
@@ -460,7 +460,7 @@ def _blocked(inp, block_chunks, chunk_size=8, **kw):
 def test_blocks_match_float64_reference(block_chunks, r, g, a, interleaved, packed):
     # l = 61: 8 chunks of 8 (the last one padded), blocks of 8 or 24 positions (the last one short).
     inp = make_inputs(b=2, l=61, h=4, r=r, g=g, a=a, initial=True)
-    kw = dict(rotary_interleaved=interleaved, seq_idx=block_ids(2, 61) if packed else None)
+    kw = {"rotary_interleaved": interleaved, "seq_idx": block_ids(2, 61) if packed else None}
     leaves = {k: Mamba3ScanState(*(t.clone().requires_grad_() for t in v)) if isinstance(v, tuple)
               else v.clone().requires_grad_() for k, v in inp.items()}
     leaves64 = {k: Mamba3ScanState(*(float64_leaf(t) for t in v)) if isinstance(v, tuple) else float64_leaf(v)
@@ -484,7 +484,7 @@ def test_blocks_match_float64_reference(block_chunks, r, g, a, interleaved, pack
 def test_blocks_equal_one_block_float64(block_chunks, l):
     # Blocks change only the rounding: float64 results agree with the one-block computation to 1e-10.
     inp = f64(make_inputs(b=2, l=l, r=2, g=1, a=3, initial=l % 2 == 1))
-    kw = dict(rotary_interleaved=False, seq_idx=block_ids(2, l))
+    kw = {"rotary_interleaved": False, "seq_idx": block_ids(2, l)}
     out, final = _blocked(inp, block_chunks, **kw)
     want, want_final = _blocked(inp, 8, **kw)
     assert_close(out, want, name="out")

@@ -38,12 +38,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.mamba3.reference import TWO_PI, Mamba3ScanState, finish, mix_input, prepare, rotate
+from ssmkit.ops.mamba3.reference import (
+    TWO_PI,
+    Mamba3ScanState,
+    finish,
+    mix_input,
+    prepare,
+    rotate,
+)
 from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
 
 # Elements of the largest per-block temporary (b h T r max(T r, n, p), the intra-chunk scores or the
-# rotated B, C): 8 MB in float32, far below glibc's 32 MB mmap threshold, so blocks reuse heap memory.
-_BLOCK_ELEMENTS = 1 << 21
+# rotated B, C): 4 MB in float32, far below glibc's 32 MB mmap threshold, so blocks reuse heap memory.
+# 2^19 to 2^21 measured within 10% of each other on a CPU (benchmarks/cpu_mamba3_long.py), 2^23 slower.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _pad(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -74,19 +82,17 @@ def mamba3_chunked(
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
     """Chunked Mamba-3; same arguments and results as ``mamba3_reference`` (validated by the caller).
 
-    ``block_chunks``: chunks per block (None: as many as keep a block's temporaries near
-    ``_BLOCK_ELEMENTS``). A sequence of at most one block is computed in one piece.
+    ``block_chunks``: chunks per block (None: :func:`default_block_chunks`). A sequence of at most one
+    block is computed in one piece.
     """
     b, l, h, p = x.shape
     r, n = B.shape[2], B.shape[4]
     dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
                           *(initial_state or ()))
-    if block_chunks is None:
-        block_chunks = max(1, _BLOCK_ELEMENTS // (b * h * chunk_size * r * max(chunk_size * r, n, p)))
-    block = block_chunks * chunk_size
+    block = (block_chunks or default_block_chunks(b, h, p, r, n, chunk_size)) * chunk_size
     state = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
-    shared = dict(chunk_size=chunk_size, D=D, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x, mimo_z=mimo_z,
-                  mimo_o=mimo_o, rotary_interleaved=rotary_interleaved, dtype=dtype)
+    shared = {"chunk_size": chunk_size, "D": D, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x,
+              "mimo_z": mimo_z, "mimo_o": mimo_o, "rotary_interleaved": rotary_interleaved, "dtype": dtype}
     if l <= block:
         return _block(x, dt, A, B, C, trap, angles, z, seq_idx, state, **shared)
 
@@ -104,6 +110,12 @@ def mamba3_chunked(
         out, state = _block(*args, state, **shared)
         outs.append(out)
     return torch.cat(outs, dim=1), state
+
+
+def default_block_chunks(b: int, h: int, p: int, r: int, n: int, chunk_size: int) -> int:
+    """Chunks per block whose largest temporary, b h T r max(T r, n, p) elements, is ``_BLOCK_ELEMENTS``."""
+    T = chunk_size
+    return max(1, _BLOCK_ELEMENTS // (b * h * T * r * max(T * r, n, p)))
 
 
 def _block(
@@ -217,7 +229,7 @@ def _angles(
 
     dtheta: (b, c, T, h, a); starts, doc: (b, c, T); doc_end, doc_before: (b, c); initial: (b, h, a).
     """
-    b, nc, T = doc.shape
+    b, _, T = doc.shape
     inside = torch.cumsum(dtheta, dim=2)
     # Subtract the sum before the last document start at or before each position (0 when none).
     pos = torch.arange(T, device=doc.device)
