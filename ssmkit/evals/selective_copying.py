@@ -20,7 +20,7 @@ from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
 
 FULL = dict(models=["mamba", "s4d"], seq_len=1024, n_memorize=16, n_values=16, d_model=64, n_layer=2, d_state=16,
-            steps=6000, batch_size=64, lr=2e-3, eval_batches=8, seed=0)
+            steps=15000, batch_size=64, lr=1e-3, eval_batches=8, seed=0)
 SMOKE = dict(models=["mamba", "s4d"], seq_len=16, n_memorize=2, n_values=4, d_model=32, n_layer=2, d_state=8,
              steps=150, batch_size=16, lr=5e-3, eval_batches=8, seed=0)
 HELPS = dict(models=f"model kinds to compare ({', '.join(common.MODEL_KINDS)})",
