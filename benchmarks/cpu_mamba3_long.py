@@ -5,16 +5,19 @@ one block of the whole length is the former behaviour (whole-sequence temporarie
 through ``block_chunks``. Both run side by side in one process, at the op shape of ``ssmkit bench
 scaling``'s Mamba-3 stack (d_model 64: 4 heads of 32, d_state 64, 16 rotary angles, chunk 64, batch 1,
 with D, z and the B/C biases), forward and forward+backward. Per length it prints ms per token of each,
-their ratio, minor page faults per call (``getrusage``) and the peak RSS of the calls (Linux: VmHWM,
-reset through ``/proc/self/clear_refs`` before each mode; it includes the inputs).
+their ratio, minor page faults per call (``getrusage``) and the peak RSS of the calls (Linux, glibc: VmHWM,
+reset through ``/proc/self/clear_refs`` after ``malloc_trim`` before each mode; it includes the inputs
+and, with backward, their gradients).
 
     OMP_NUM_THREADS=1 python benchmarks/cpu_mamba3_long.py                      # L = 8K, 32K, 128K
-    OMP_NUM_THREADS=1 python benchmarks/cpu_mamba3_long.py --lengths 8192 262144 --mimo 4
+    OMP_NUM_THREADS=1 python benchmarks/cpu_mamba3_long.py --lengths 8192 32768 131072 262144 --repeats 2
+    OMP_NUM_THREADS=1 python benchmarks/cpu_mamba3_long.py --mimo 4 --lengths 8192 32768 65536
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import platform
 import resource
 import time
@@ -51,8 +54,10 @@ def inputs(length: int, rank: int, grad: bool) -> dict[str, torch.Tensor]:
 
 
 def peak_rss_mib(reset: bool = False) -> float:
-    """The process's peak resident memory (VmHWM) in MiB; ``reset`` sets it to the current RSS first."""
+    """The process's peak resident memory (VmHWM) in MiB; ``reset`` sets it to the current RSS first,
+    after handing glibc's free heap back to the OS (else an earlier run's heap counts in the next peak)."""
     if reset:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     with open("/proc/self/status") as f:
@@ -102,7 +107,7 @@ def main() -> None:
             inp = inputs(length, args.mimo, backward)
             fast, fast_faults, fast_rss = measure(call(inp, None, backward), args.repeats)
             slow, slow_faults, slow_rss = measure(call(inp, -(-length // CHUNK), backward), args.repeats)
-            block = default_block_chunks(1, 4, 32, args.mimo, 64, CHUNK) * CHUNK
+            block = default_block_chunks(1, 4, 32, args.mimo, 64, CHUNK, torch.device("cpu")) * CHUNK
             rows.append(("fwd+bwd" if backward else "fwd", f"{length:,}", str(-(-length // block)),
                          f"{1e3 * slow / length:.4f}", f"{1e3 * fast / length:.4f}", f"{slow / fast:.2f}x",
                          f"{slow_faults:,.0f}", f"{fast_faults:,.0f}", f"{slow_rss:,.0f}", f"{fast_rss:,.0f}"))

@@ -509,6 +509,14 @@ def test_block_count(monkeypatch):
     assert_close(out, run(f64(inp), "reference"), torch.float32, name="out with the default block")
 
 
+def test_default_blocks_per_device():
+    # On a CPU blocks keep temporaries small; on a GPU they only bound memory, so that the GPU
+    # benchmark's training shape (batch 8, 24 heads of 64, N 128, chunk 64, L 8192) stays one block.
+    cpu, gpu = (chunked.default_block_chunks(8, 24, 64, 1, 128, 64, torch.device(d)) for d in ("cpu", "cuda"))
+    assert cpu == 1 and gpu * 64 >= 8192
+    assert chunked.default_block_chunks(1, 4, 32, 1, 64, 64, torch.device("cpu")) * 64 <= 8192
+
+
 def test_blocks_keep_nan_in_its_document():
     # NaN in the first document must not cross a reset at a block boundary (24), where the carried
     # state is replaced, nor reach the other row.

@@ -52,6 +52,9 @@ from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
 # rotated B, C): 4 MB in float32, far below glibc's 32 MB mmap threshold, so blocks reuse heap memory.
 # 2^19 to 2^21 measured within 10% of each other on a CPU (benchmarks/cpu_mamba3_long.py), 2^23 slower.
 _BLOCK_ELEMENTS = 1 << 20
+# On a GPU every block costs ~150 kernel launches and there is no mmap threshold: blocks there only
+# bound memory (1 GiB per float32 temporary), so training lengths stay one block.
+_BLOCK_ELEMENTS_GPU = 1 << 28
 
 
 def _pad(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -89,7 +92,7 @@ def mamba3_chunked(
     r, n = B.shape[2], B.shape[4]
     dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
                           *(initial_state or ()))
-    block = (block_chunks or default_block_chunks(b, h, p, r, n, chunk_size)) * chunk_size
+    block = (block_chunks or default_block_chunks(b, h, p, r, n, chunk_size, x.device)) * chunk_size
     state = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     shared = {"chunk_size": chunk_size, "D": D, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x,
               "mimo_z": mimo_z, "mimo_o": mimo_o, "rotary_interleaved": rotary_interleaved, "dtype": dtype}
@@ -112,10 +115,12 @@ def mamba3_chunked(
     return torch.cat(outs, dim=1), state
 
 
-def default_block_chunks(b: int, h: int, p: int, r: int, n: int, chunk_size: int) -> int:
-    """Chunks per block whose largest temporary, b h T r max(T r, n, p) elements, is ``_BLOCK_ELEMENTS``."""
+def default_block_chunks(b: int, h: int, p: int, r: int, n: int, chunk_size: int, device: torch.device) -> int:
+    """Chunks per block whose largest temporary, b h T r max(T r, n, p) elements, is at most
+    ``_BLOCK_ELEMENTS`` on a CPU (``_BLOCK_ELEMENTS_GPU`` elsewhere); at least one."""
     T = chunk_size
-    return max(1, _BLOCK_ELEMENTS // (b * h * T * r * max(T * r, n, p)))
+    budget = _BLOCK_ELEMENTS if device.type == "cpu" else _BLOCK_ELEMENTS_GPU
+    return max(1, budget // (b * h * T * r * max(T * r, n, p)))
 
 
 def _block(

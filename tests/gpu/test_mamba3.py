@@ -1,0 +1,51 @@
+"""Mamba-3's chunked path on a CUDA GPU against the float64 reference on the CPU: outputs, the final state
+and every gradient, in one block and in blocks of chunks (packed documents across block boundaries).
+
+Run on the device machine: ``python -m pytest -m gpu tests/gpu/test_mamba3.py -q``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssmkit.ops.mamba3 import Mamba3ScanState, chunked, mamba3_scan
+from ssmkit.testing import assert_close
+from tests.ops.test_mamba3 import CONFIGS, assert_state_close, block_ids, make_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _leaves(inp, device, dtype=None):
+    def leaf(t):
+        return t.detach().to(device, dtype or t.dtype).requires_grad_()
+
+    return {k: Mamba3ScanState(*(leaf(t) for t in v)) if isinstance(v, tuple) else leaf(v) for k, v in inp.items()}
+
+
+@pytest.mark.parametrize("block_chunks", [None, 1, 3])
+@pytest.mark.parametrize("r, g, a, interleaved", CONFIGS)
+def test_chunked_cuda_matches_float64_reference(block_chunks, r, g, a, interleaved):
+    torch.manual_seed(0)
+    inp = make_inputs(b=2, l=61, h=4, r=r, g=g, a=a, initial=True)
+    ids = block_ids(2, 61)
+    got_in, want_in = _leaves(inp, "cuda"), _leaves(inp, "cpu", torch.float64)
+    out, final = chunked.mamba3_chunked(**got_in, chunk_size=8, block_chunks=block_chunks,
+                                        rotary_interleaved=interleaved, seq_idx=ids.cuda())
+    want, want_final = mamba3_scan(**want_in, chunk_size=8, backend="reference", rotary_interleaved=interleaved,
+                                   seq_idx=ids, return_final_state=True)
+    assert out.device.type == "cuda"
+    assert_close(out, want, torch.float32, name="out")
+    assert_state_close(final, want_final, torch.float32)
+    cot = torch.randn(want.shape, dtype=torch.float64)
+    loss = (out.double() * cot.cuda()).sum() + final.ssm.double().sum() + torch.cos(final.angle.double()).sum()
+    want_loss = (want * cot).sum() + want_final.ssm.sum() + torch.cos(want_final.angle).sum()
+    loss.backward()
+    want_loss.backward()
+    for k, v in got_in.items():
+        for name, t, w in ([(k, v, want_in[k])] if not isinstance(v, tuple) else
+                           [(f"{k}.{f}", t, w) for f, t, w in zip(Mamba3ScanState._fields, v, want_in[k])]):
+            assert_close(t.grad, w.grad, torch.float32, name=f"grad {name}")
