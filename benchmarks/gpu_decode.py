@@ -13,7 +13,8 @@ next token. Columns:
   timings of 100 steps each, CUDA events;
 * ratio: graph / eager;
 * graph unfused: the graph step with the fused norm + linear kernels switched off (Mamba-2 blocks then
-  run the pre-norm, ``in_proj``, the gated norm, ``out_proj`` and the residual add as separate ops);
+  run the pre-norm, ``in_proj``, the gated norm, ``out_proj`` and the residual add as separate ops, Mamba
+  blocks the pre-norm and ``in_proj``);
 * kernels: GPU kernels one eager step launches (torch.profiler), fused / unfused;
 * graph top-p: the same with sampling (temperature 1, top-p 0.9, seeded streams);
 * floor: the memory-bandwidth bound, (weight bytes + 2 × cache bytes) per step at 3.3 TB/s (an H100/H200
