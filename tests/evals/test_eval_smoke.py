@@ -11,22 +11,12 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 
 from ssmkit.cli import main
 from ssmkit.data import ByteTokenizer
 from ssmkit.models import LanguageModel, get_preset
 
 SMALL_TEXT = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The smoke runs are many small ops: on a shared 2-core CI machine extra intra-op threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(tmp_path, capsys, *argv):

@@ -31,15 +31,6 @@ PLOTS = {"selective-copying": "selective_copying.png", "induction-heads": "induc
          "needle": "needle.png", "smnist": "accuracy.png", "byte-lm": "bpb_vs_flops.png"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The smoke runs are many small ops: on a shared 2-core CI machine extra intra-op threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _read(folder: Path) -> dict:
     return json.loads((folder / "result.json").read_text())
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssmkit.layers import Mamba2, Mamba2State
-from ssmkit.testing import assert_close
+from ssmkit.testing import assert_close, assert_prenorm_step_matches
 
 D_MODEL = 32
 
@@ -147,21 +147,7 @@ def test_a_cache_under_autograd_keeps_values_and_backward_works():
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_step_from_residual_is_the_prenorm_block_step(kw):
     """The fused decode entry point equals ``r + layer(norm(r))`` with the same cache, token after token."""
-    from ssmkit.layers.norm import RMSNorm
-
-    layer = make(torch.float64, **kw)
-    norm = RMSNorm(D_MODEL).double()
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-    r = torch.randn(3, 6, D_MODEL, dtype=torch.float64)
-    fused_state, plain_state = layer.allocate_state(3), layer.allocate_state(3)
-    for t in range(r.shape[1]):
-        token = r[:, t:t + 1]
-        got = layer.step_from_residual(token, norm, fused_state)
-        exp = token + layer(norm(token), cache=plain_state)
-        assert_close(got, exp, torch.float64, name=f"position {t}")
-    assert_close(fused_state.ssm, plain_state.ssm, torch.float64, name="ssm state")
-    assert_close(fused_state.conv, plain_state.conv, torch.float64, name="conv state")
+    assert_prenorm_step_matches(make(torch.float64, **kw), D_MODEL)
 
 
 def test_step_from_residual_checks_its_state():
