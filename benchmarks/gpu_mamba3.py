@@ -8,6 +8,10 @@ compiled CUDA scan), so only its pure-Triton Mamba-3 path runs. Both layers get 
 * parity: outputs and input gradients, relative error, fp32 and bf16;
 * speed: forward and forward+backward at batch 8, d_model 768 (24 heads x 64, N 128), L 2048 and 8192.
 
+Both for ssmkit's default backend (chunked PyTorch) and its ``triton`` route (single-input Mamba-3 through
+the SSD op's Triton kernels, ``ssmkit/ops/mamba3/via_ssd.py``), the layer's scan switched by patching the
+function it calls.
+
 MIMO needs mamba_ssm's TileLang kernels, which are not installed on the device machine: SISO only.
 
     python benchmarks/gpu_mamba3.py
@@ -15,12 +19,28 @@ MIMO needs mamba_ssm's TileLang kernels, which are not installed on the device m
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 
 import torch
 from mamba_ssm_source import import_from_source
 
+import ssmkit.layers.mamba3 as mamba3_layer
 from ssmkit.layers.mamba3 import Mamba3
+from ssmkit.ops.mamba3 import mamba3_scan
+
+BACKENDS = ("chunked", "triton")
+
+
+@contextlib.contextmanager
+def scan_backend(backend: str):
+    """ssmkit's Mamba-3 layers run their scan with ``backend`` inside the block."""
+    mamba3_layer.mamba3_scan = functools.partial(mamba3_scan, backend=backend)
+    try:
+        yield
+    finally:
+        mamba3_layer.mamba3_scan = mamba3_scan
 
 SHAPES = {"d_model": 768, "d_state": 128, "headdim": 64, "expand": 2}
 
@@ -48,11 +68,13 @@ def parity(their_cls: type) -> list[tuple]:
             x = torch.randn(2, 1000, SHAPES["d_model"], device="cuda", dtype=dtype, requires_grad=True)
             y_theirs = theirs(x)
             (g_theirs,) = torch.autograd.grad(y_theirs.float().square().sum(), x)
-            y_ours = ours(x)
-            (g_ours,) = torch.autograd.grad(y_ours.float().square().sum(), x)
-            row = (str(dtype).removeprefix("torch."), norm, rel(y_ours, y_theirs), rel(g_ours, g_theirs))
-            print(f"{row[0]:>9} {row[1]!s:>12} {row[2]:>12.2e} {row[3]:>11.2e}", flush=True)
-            rows.append(row)
+            for backend in BACKENDS:
+                with scan_backend(backend):
+                    y_ours = ours(x)
+                    (g_ours,) = torch.autograd.grad(y_ours.float().square().sum(), x)
+                row = (str(dtype).removeprefix("torch."), norm, backend, rel(y_ours, y_theirs), rel(g_ours, g_theirs))
+                print(f"{row[0]:>9} {row[1]!s:>12} {row[2]:>8} {row[3]:>12.2e} {row[4]:>11.2e}", flush=True)
+                rows.append(row)
     return rows
 
 
@@ -63,11 +85,13 @@ def timing(their_cls: type) -> list[tuple]:
     for length in (2048, 8192):
         ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False)
         x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for name, layer in (("ssmkit", ours), ("mamba_ssm", theirs)):
-            fwd = do_bench(lambda: layer(x), return_mode="median")
-            both = do_bench(lambda: layer(x).sum().backward(), return_mode="median")
+        runs = [(f"ssmkit {b}", ours, scan_backend(b)) for b in BACKENDS] + [("mamba_ssm", theirs, None)]
+        for name, layer, ctx in runs:
+            with ctx or contextlib.nullcontext():
+                fwd = do_bench(lambda layer=layer, x=x: layer(x), return_mode="median")
+                both = do_bench(lambda layer=layer, x=x: layer(x).sum().backward(), return_mode="median")
             rows.append((length, name, fwd, both))
-            print(f"{length:>6} {name:>10} {fwd:>8.2f} {both:>11.2f}", flush=True)
+            print(f"{length:>6} {name:>15} {fwd:>8.2f} {both:>11.2f}", flush=True)
     return rows
 
 
@@ -78,16 +102,16 @@ def main() -> None:
     if their_cls is None:
         sys.exit("mamba_ssm's source is not under .ext/: nothing to compare with")
     print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")
-    print(f"{'dtype':>9} {'outproj_norm':>12} {'out rel err':>12} {'dx rel err':>11}")
+    print(f"{'dtype':>9} {'outproj_norm':>12} {'backend':>8} {'out rel err':>12} {'dx rel err':>11}")
     parity(their_cls)
     print("\nspeed, bf16, batch 8, d_model 768 (24 heads x 64, N 128), median ms:")
-    print(f"{'L':>6} {'layer':>10} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+    print(f"{'L':>6} {'layer':>15} {'fwd ms':>8} {'fwd+bwd ms':>11}")
     rows = timing(their_cls)
     for length in (2048, 8192):
-        o = next(r for r in rows if r[0] == length and r[1] == "ssmkit")
         t = next(r for r in rows if r[0] == length and r[1] == "mamba_ssm")
-        print(f"L={length}: ssmkit / mamba_ssm time, fwd {o[2] / t[2]:.2f}x, fwd+bwd {o[3] / t[3]:.2f}x")
-
+        for backend in BACKENDS:
+            o = next(r for r in rows if r[0] == length and r[1] == f"ssmkit {backend}")
+            print(f"L={length}: ssmkit {backend} / mamba_ssm time, fwd {o[2] / t[2]:.2f}x, fwd+bwd {o[3] / t[3]:.2f}x")
 
 if __name__ == "__main__":
     main()

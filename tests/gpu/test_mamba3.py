@@ -26,15 +26,11 @@ def _leaves(inp, device, dtype=None):
     return {k: Mamba3ScanState(*(leaf(t) for t in v)) if isinstance(v, tuple) else leaf(v) for k, v in inp.items()}
 
 
-@pytest.mark.parametrize("block_chunks", [None, 1, 3])
-@pytest.mark.parametrize("r, g, a, interleaved", CONFIGS)
-def test_chunked_cuda_matches_float64_reference(block_chunks, r, g, a, interleaved):
-    torch.manual_seed(0)
-    inp = make_inputs(b=2, l=61, h=4, r=r, g=g, a=a, initial=True)
-    ids = block_ids(2, 61)
+def _compare_with_reference(scan, inp, interleaved, l):
+    """Outputs, final state and every gradient of ``scan`` on CUDA against the float64 CPU reference."""
+    ids = block_ids(2, l)
     got_in, want_in = _leaves(inp, "cuda"), _leaves(inp, "cpu", torch.float64)
-    out, final = chunked.mamba3_chunked(**got_in, chunk_size=8, block_chunks=block_chunks,
-                                        rotary_interleaved=interleaved, seq_idx=ids.cuda())
+    out, final = scan(got_in, ids.cuda())
     want, want_final = mamba3_scan(**want_in, chunk_size=8, backend="reference", rotary_interleaved=interleaved,
                                    seq_idx=ids, return_final_state=True)
     assert out.device.type == "cuda"
@@ -49,3 +45,26 @@ def test_chunked_cuda_matches_float64_reference(block_chunks, r, g, a, interleav
         for name, t, w in ([(k, v, want_in[k])] if not isinstance(v, tuple) else
                            [(f"{k}.{f}", t, w) for f, t, w in zip(Mamba3ScanState._fields, v, want_in[k])]):
             assert_close(t.grad, w.grad, torch.float32, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("block_chunks", [None, 1, 3])
+@pytest.mark.parametrize("r, g, a, interleaved", CONFIGS)
+def test_chunked_cuda_matches_float64_reference(block_chunks, r, g, a, interleaved):
+    torch.manual_seed(0)
+    inp = make_inputs(b=2, l=61, h=4, r=r, g=g, a=a, initial=True)
+    _compare_with_reference(
+        lambda leaves, ids: chunked.mamba3_chunked(**leaves, chunk_size=8, block_chunks=block_chunks,
+                                                   rotary_interleaved=interleaved, seq_idx=ids),
+        inp, interleaved, 61)
+
+
+@pytest.mark.parametrize("l", [1, 61, 300])
+@pytest.mark.parametrize("g, a, interleaved", [(1, 2, True), (2, 4, False)])
+def test_triton_route_matches_float64_reference(l, g, a, interleaved):
+    """backend='triton': single-input Mamba-3 through the SSD op's Triton kernels."""
+    torch.manual_seed(0)
+    inp = make_inputs(b=2, l=l, h=4, r=1, g=g, a=a, initial=True)
+    _compare_with_reference(
+        lambda leaves, ids: mamba3_scan(**leaves, chunk_size=8, backend="triton", rotary_interleaved=interleaved,
+                                        seq_idx=ids, return_final_state=True),
+        inp, interleaved, l)

@@ -1,12 +1,15 @@
 """Mamba-3 scan (exponential-trapezoidal rule, rotary complex state, MIMO) and its one-token decode step.
 
-Backends: ``reference`` (token-by-token recurrence, the definition) and ``chunked`` (the trapezoidal
-rule rewritten as an SSD scan with a modified input, see ``chunked.py``; fast on CPU, any device).
+Backends: ``reference`` (token-by-token recurrence, the definition), ``chunked`` (the trapezoidal
+rule rewritten as an SSD scan with a modified input, see ``chunked.py``; fast on CPU, any device) and,
+for rank 1, ``triton`` (the same rewrite handed to the Mamba-2 SSD op's Triton kernels, ``via_ssd.py``).
 The arguments are those of mamba_ssm's ``mamba3_siso_combined`` / ``mamba3_mimo`` kernels (B, C as
 their K, Q; x as V), with ssmkit's ``seq_idx`` for packed documents and a differentiable initial state.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -14,6 +17,7 @@ from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_te
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.mamba3.chunked import mamba3_chunked
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, mamba3_reference
+from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
 
 __all__ = ["Mamba3ScanState", "mamba3_scan", "mamba3_step"]
 
@@ -73,7 +77,9 @@ def mamba3_scan(
             so packed documents give the same outputs as each run alone.
         return_final_state: also return the state after the last position.
         chunk_size: positive int, chunk length of the chunked backend (any l works).
-        backend: ``"auto"`` (chunked), ``"reference"`` or ``"chunked"``.
+        backend: ``"auto"`` (chunked), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1 only: the
+            scan rewritten for the Mamba-2 SSD op and run by its Triton kernels, ``via_ssd.py``; CUDA, or
+            Triton's interpreter. Not yet the automatic choice: its GPU speed is unmeasured).
 
     Returns:
         ``out`` — (b, l, h, p) when ``mimo_o`` is given, else (b, l, r, h, p) — or ``(out, final_state)``.
@@ -107,8 +113,12 @@ def mamba3_scan(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
-    backend = resolve_backend(backend, dims.device)
-    out, final = _BACKENDS[backend](
+    backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
+    if backend == "triton" and dims["r"] != 1:
+        raise ValueError(f"backend='triton' computes single-input Mamba-3 (rank 1) through the SSD kernels; "
+                         f"rank {dims['r']} (MIMO) needs backend='chunked'")
+    scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
+    out, final = scan(
         x, dt, A, B, C, trap, angles, chunk_size, D=D, z=z, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x,
         mimo_z=mimo_z, mimo_o=mimo_o, rotary_interleaved=rotary_interleaved,
         initial_state=None if initial_state is None else Mamba3ScanState(*initial_state), seq_idx=seq_idx,
@@ -159,8 +169,8 @@ def mamba3_step(
     if not isinstance(state, tuple) or len(state) != 4:
         raise TypeError(f"state must be a Mamba3ScanState (angle, ssm, last_B, last_x), got {type(state).__name__}")
     _validate(locals(), step=True)
-    seq = {k: None if v is None else v[:, None] for k, v in dict(x=x, dt=dt, A=A, B=B, C=C, trap=trap,
-                                                                 angles=angles, z=z).items()}
+    seq = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "trap": trap, "angles": angles, "z": z}
+    seq = {k: None if v is None else v[:, None] for k, v in seq.items()}
     out, final = mamba3_reference(
         **seq, chunk_size=1, D=D, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o,
         rotary_interleaved=rotary_interleaved, initial_state=Mamba3ScanState(*state),

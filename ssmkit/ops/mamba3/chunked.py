@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ssmkit.ops.mamba3.reference import (
     TWO_PI,
     Mamba3ScanState,
+    Prepared,
     finish,
     mix_input,
     prepare,
@@ -153,25 +154,13 @@ def _block(
     pad = nc * T - l
     prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
 
-    # Document number of each position (0, 1, ...); padding joins the last document.
-    starts = doc_starts(seq_idx) if seq_idx is not None else torch.zeros(b, l, dtype=torch.bool, device=x.device)
-    doc = torch.cumsum(starts, dim=1)
-    doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1).view(b, nc, T)
-    doc_end = doc[:, :, -1]  # (b, c)
-    doc_before = torch.cat([torch.zeros_like(doc_end[:, :1]), doc_end[:, :-1]], dim=1)  # (b, c)
-    starts = _pad(starts, pad).view(b, nc, T)
-
+    starts, doc, doc_end, doc_before = _doc_layout(seq_idx, b, l, T, x.device)
     theta = _angles(_pad(prep.dtheta, pad).view(b, nc, T, h, a), starts, doc, doc_end, doc_before,
                     None if init is None else init.angle)  # (b, c, T, h, a)
     theta = theta.view(b, nc * T, h, a)[:, :l]
     Bt = rotate(prep.Bh, theta[:, :, None], rotary_interleaved)  # (b, l, r, h, n)
     Ct = rotate(prep.Ch, theta[:, :, None], rotary_interleaved)
-
-    # w_s = γ_s + δ_{s+1}: the next position's share, unless it starts a document or does not exist.
-    nxt = F.pad(prep.delta[:, 1:], (0, 0, 0, 1))
-    if seq_idx is not None:
-        nxt = torch.where(F.pad(doc_starts(seq_idx)[:, 1:], (0, 1))[..., None], 0.0, nxt)
-    w = prep.gamma + nxt  # (b, l, h)
+    w = prep.gamma + next_share(prep, seq_idx)  # (b, l, h)
 
     # Padded steps: no decay (log_a = 0) and no input (w = γ = 0, B̃ = 0), so G passes unchanged.
     cum = torch.cumsum(_pad(prep.log_a, pad).view(b, nc, T, h), dim=2).transpose(2, 3)  # (b, c, h, T)
@@ -198,13 +187,7 @@ def _block(
     weighted_x = rows_x * to_end.repeat_interleave(r, dim=-1)[..., None]
     chunk_states = weighted_x.transpose(-1, -2) @ rows_B  # (b, c, h, p, n)
 
-    if init is not None:
-        # G_{-1} = H_{-1} + δ_0 u_{-1}: the first step's trapezoid share of the carried (B̃, x).
-        mx = None if mimo_x is None else mimo_x.to(dtype).transpose(0, 1)
-        x_prev = init.last_x[:, None] * mx if mx is not None else init.last_x[:, None].expand(-1, r, -1, -1)
-        G = init.ssm + prep.delta[:, 0, :, None, None] * mix_input(x_prev, init.last_B)
-    else:
-        G = x.new_zeros(b, h, p, n, dtype=dtype)
+    G = x.new_zeros(b, h, p, n, dtype=dtype) if init is None else initial_G(init, prep, mimo_x)
     # Inter-chunk recurrence on (b, h, p, n) states; unbind so that backward stacks the gradients.
     chunk_decay = torch.exp(cum[..., -1])[..., None, None].unbind(1)
     continues = (doc_end == doc_before).view(b, nc, 1, 1, 1).unbind(1)
@@ -220,6 +203,50 @@ def _block(
     y = (y_diag + y_off).view(b, nc, h, T, r, p).permute(0, 1, 3, 4, 2, 5).reshape(b, nc * T, r, h, p)[:, :l]
     out = finish(y, prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
     return out, Mamba3ScanState(theta[:, -1], G, Bt[:, -1], x[:, -1].to(dtype))
+
+
+def next_share(prep: Prepared, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """δ_{s+1} per position (b, l, h): the next position's trapezoid share, 0 where the next position
+    starts a document or does not exist (w_s = γ_s + δ_{s+1})."""
+    nxt = F.pad(prep.delta[:, 1:], (0, 0, 0, 1))
+    if seq_idx is not None:
+        nxt = torch.where(F.pad(doc_starts(seq_idx)[:, 1:], (0, 1))[..., None], 0.0, nxt)
+    return nxt
+
+
+def initial_G(init: Mamba3ScanState, prep: Prepared, mimo_x: torch.Tensor | None) -> torch.Tensor:
+    """G_{-1} = H_{-1} + δ_0 u_{-1} (b, h, p, n): the carried state plus the first step's trapezoid share of
+    the carried (B̃, x)."""
+    r = prep.xr.shape[2]
+    mx = None if mimo_x is None else mimo_x.to(prep.xr.dtype).transpose(0, 1)
+    x_prev = init.last_x[:, None] * mx if mx is not None else init.last_x[:, None].expand(-1, r, -1, -1)
+    return init.ssm + prep.delta[:, 0, :, None, None] * mix_input(x_prev, init.last_B)
+
+
+def rotary_angles(dtheta: torch.Tensor, seq_idx: torch.Tensor | None, initial: torch.Tensor | None,
+                  chunk_size: int) -> torch.Tensor:
+    """θ (b, l, h, a) from dtheta (b, l, h, a): summed within each document (from ``initial`` in the first),
+    per chunk of ``chunk_size`` and carried between chunks modulo 2π."""
+    b, l, h, a = dtheta.shape
+    T = chunk_size
+    nc = -(-l // T)
+    layout = _doc_layout(seq_idx, b, l, T, dtheta.device)
+    theta = _angles(_pad(dtheta, nc * T - l).view(b, nc, T, h, a), *layout, initial)
+    return theta.view(b, nc * T, h, a)[:, :l]
+
+
+def _doc_layout(seq_idx: torch.Tensor | None, b: int, l: int, T: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per chunk of T: starts and document number (b, c, T) of each position (0, 1, ...; padding joins the
+    last document), and the document at each chunk's end and before it (b, c)."""
+    nc = -(-l // T)
+    pad = nc * T - l
+    starts = doc_starts(seq_idx) if seq_idx is not None else torch.zeros(b, l, dtype=torch.bool, device=device)
+    doc = torch.cumsum(starts, dim=1)
+    doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1).view(b, nc, T)
+    doc_end = doc[:, :, -1]
+    doc_before = torch.cat([torch.zeros_like(doc_end[:, :1]), doc_end[:, :-1]], dim=1)
+    return _pad(starts, pad).view(b, nc, T), doc, doc_end, doc_before
 
 
 def _angles(
