@@ -7,7 +7,10 @@ sides then hold the same weights. Measured in fp32, batch 1, no gradients:
 
 - forward: logits for L tokens (default L = 2048), best of ``--repeats`` after a warm-up call;
 - decode: tokens/s of 64 greedy single-token steps after a 512-token prompt (the prompt is prefilled
-  once; each repeat restarts from a copy of the prefilled cache), best of ``--repeats``.
+  once; each repeat restarts from a copy of the prefilled cache), best of ``--repeats``; also for ssmkit
+  with bf16 weights (``ssmkit generate --dtype bfloat16``; states float32), a row of its own whose "logits
+  rel err" is that of its last prompt position's logits against the fp32 model's (greedy tokens of random
+  weights sit on near-ties, so they part after a few steps and say little).
 
 The two libraries' runs alternate within each repeat, so on a shared machine both see about the same
 load; the load average is printed at the start and the end.
@@ -57,8 +60,9 @@ def best_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool 
     return best
 
 
-def build_pair(preset: str, folder: Path) -> tuple[torch.nn.Module, LanguageModel]:
-    """A random transformers model of the preset's shape and the same weights loaded into ssmkit."""
+def build_pair(preset: str, folder: Path) -> tuple[torch.nn.Module, LanguageModel, LanguageModel]:
+    """A random transformers model of the preset's shape and the same weights loaded into ssmkit, in
+    float32 and with bf16 weights."""
     import transformers
 
     config = get_preset(preset)
@@ -69,7 +73,8 @@ def build_pair(preset: str, folder: Path) -> tuple[torch.nn.Module, LanguageMode
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     hf.save_pretrained(folder)
-    return hf, LanguageModel.from_pretrained(folder).eval()
+    return (hf, LanguageModel.from_pretrained(folder).eval(),
+            LanguageModel.from_pretrained(folder, dtype=torch.bfloat16).eval())
 
 
 def hf_decoder(hf: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, tokens: list) -> Callable[[], None]:
@@ -131,7 +136,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     for preset in args.models:
         with tempfile.TemporaryDirectory() as tmp:
-            hf, model = build_pair(preset, Path(tmp))
+            hf, model, model_bf16 = build_pair(preset, Path(tmp))
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
         for length in args.lengths:
@@ -154,6 +159,7 @@ def main() -> None:
         times = best_times({
             "hf": hf_decoder(hf, prompt, args.new_tokens, tok_hf),
             "ss": ssmkit_decoder(model, prompt, args.new_tokens, tok_ss),
+            "bf16": ssmkit_decoder(model_bf16, prompt, args.new_tokens, []),
         }, args.repeats, warmup=False)
         rate_hf, rate_ss = args.new_tokens / times["hf"], args.new_tokens / times["ss"]
         same = bool(torch.equal(torch.cat(tok_hf, dim=1), torch.cat(tok_ss, dim=1)))
@@ -162,7 +168,15 @@ def main() -> None:
                          same_tokens=same))
         print(f"{preset:<13}{'decode (tokens/s)':<22}{rate_hf:>13.1f}{rate_ss:>10.1f}{rate_ss / rate_hf:>9.1f}x"
               f"{'':>16}{'yes' if same else 'no':>13}", flush=True)
-        del hf, model
+        rate_bf16 = args.new_tokens / times["bf16"]
+        err = relative_error(model_bf16(prompt, logits_to_keep=1).logits.float(),
+                             model(prompt, logits_to_keep=1).logits)
+        rows.append(dict(model=preset, measure="decode bf16 weights", prompt=args.prompt, new_tokens=args.new_tokens,
+                         transformers_tok_s=rate_hf, ssmkit_tok_s=rate_bf16, speedup=rate_bf16 / rate_hf,
+                         logits_rel_err=err))
+        print(f"{preset:<13}{'decode, bf16 (tok/s)':<22}{rate_hf:>13.1f}{rate_bf16:>10.1f}{rate_bf16 / rate_hf:>9.1f}x"
+              f"{err:>16.1e}", flush=True)
+        del hf, model, model_bf16
 
     load_end = os.getloadavg()
     print(f"load average {load_end[0]:.2f} at the end (1-minute)")

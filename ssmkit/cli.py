@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1 = off")
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="weights' dtype (states stay float32): auto = bfloat16 on a GPU, float32 on a CPU; "
+                          "bfloat16 roughly doubles CPU decode speed (half the bytes per token) on CPUs with "
+                          "native bf16 (AVX512-BF16, AMX)")
 
     _add_experiments(sub, "eval", "run an evaluation task: bits per byte of a model on text (`text`), synthetic tasks")
     _add_experiments(sub, "bench", "run a benchmark (speed, memory, scaling)")
@@ -253,7 +257,7 @@ def resolve_model_dir(path: str) -> Path:
                             "folder with model/ or checkpoints/")
 
 
-def _load(path: str, device: str) -> tuple[Any, Any, Path]:
+def _load(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any, Path]:
     import torch
 
     from ssmkit.data.tokenizer import load_tokenizer
@@ -262,7 +266,9 @@ def _load(path: str, device: str) -> tuple[Any, Any, Path]:
     folder = resolve_model_dir(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = LanguageModel.from_pretrained(folder, device=device).eval()
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    model = LanguageModel.from_pretrained(folder, device=device, dtype=getattr(torch, dtype)).eval()
     tokenizer = load_tokenizer(folder)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -279,7 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             text = Path(args.prompt_file).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise FileNotFoundError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
-    model, tokenizer, _ = _load(args.checkpoint, args.device)
+    model, tokenizer, _ = _load(args.checkpoint, args.device, args.dtype)
     ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
     if not ids:
         raise UsageError("this model's tokenizer has no start-of-document token: give a non-empty --prompt")

@@ -84,6 +84,28 @@ def test_generate_streams_a_deterministic_continuation(capsys, run_dir):
     assert capsys.readouterr().out == first
 
 
+def test_generate_with_bfloat16_weights(capsys, run_dir, monkeypatch):
+    """--dtype bfloat16 loads the matmul weights in bf16 and still streams a continuation."""
+    from ssmkit.models import LanguageModel as Loaded
+
+    loaded = []
+    original = Loaded.from_pretrained.__func__
+    monkeypatch.setattr(Loaded, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(original(cls, *a, **k)) or loaded[-1]))
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1"]
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def ") and len(out) > len("def \n")
+    # The matmul weights in bf16; A_log, D and dt_bias stay float32 by design.
+    assert {p.dtype for n, p in loaded[-1].named_parameters() if n.endswith("proj.weight")} == {torch.bfloat16}
+    assert main(argv) == 0  # auto on a CPU: float32
+    capsys.readouterr()
+    assert {p.dtype for p in loaded[-1].parameters()} == {torch.float32}
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--dtype", "int8"])
+    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_generate_errors(capsys, run_dir, tmp_path):
     _fails(capsys, ["generate", "--checkpoint", str(tmp_path / "none")], 1, "checkpoint not found")
     _fails(capsys, ["generate", "--checkpoint", str(tmp_path)], 1, "no model in")
