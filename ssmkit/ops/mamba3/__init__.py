@@ -77,9 +77,10 @@ def mamba3_scan(
             so packed documents give the same outputs as each run alone.
         return_final_state: also return the state after the last position.
         chunk_size: positive int, chunk length of the chunked backend (any l works).
-        backend: ``"auto"`` (chunked), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1 only: the
-            scan rewritten for the Mamba-2 SSD op and run by its Triton kernels, ``via_ssd.py``; CUDA, or
-            Triton's interpreter. Not yet the automatic choice: its GPU speed is unmeasured).
+        backend: ``"auto"`` (chunked), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1, inference
+            only: the scan rewritten for the Mamba-2 SSD op and run by its Triton kernels, ``via_ssd.py``;
+            CUDA, or Triton's interpreter; float64 inputs take the SSD op's chunked form. Not yet the
+            automatic choice: its GPU speed is unmeasured).
 
     Returns:
         ``out`` — (b, l, h, p) when ``mimo_o`` is given, else (b, l, r, h, p) — or ``(out, final_state)``.
@@ -91,9 +92,10 @@ def mamba3_scan(
     to the end of its document; in dt, A, trap, angles or B (one head, or its group) the whole head from
     there on (x and B also enter the next step's trapezoid term); a NaN in C or z at t only reaches
     ``out`` at t; in D, a bias or a MIMO projection the whole head; in initial_state the first document.
-    The final state is NaN when the NaN's document is the last. With the chunked backend a NaN can also
-    reach other positions of its chunk (masked matmul entries are products with zero). Other batch rows,
-    other heads and documents that start in a later chunk stay finite.
+    The final state is NaN when the NaN's document is the last. With the chunked and triton backends a NaN
+    can also reach other positions of its chunk (masked matmul entries are products with zero), and one in
+    dt or trap the chunk before too (position t lends δ_t to t - 1's input weight). Other batch rows, other
+    heads and documents that start in a later chunk stay finite.
 
     Example:
         >>> b, l, h, p, r, g, n, a = 2, 100, 4, 16, 1, 1, 32, 8
@@ -113,10 +115,16 @@ def mamba3_scan(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
+    if backend == "triton":
+        if dims["r"] != 1:
+            raise ValueError(f"backend='triton' computes single-input Mamba-3 (rank 1) through the SSD kernels; "
+                             f"rank {dims['r']} (MIMO) needs backend='chunked'")
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias,
+                                                     mimo_x, mimo_z, mimo_o, *(initial_state or ()))):
+            raise ValueError("backend='triton' is inference only (its gradients of A and dt lose precision "
+                             "where |Δ A| is small); train with backend='chunked', or run under torch.no_grad()")
     backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
-    if backend == "triton" and dims["r"] != 1:
-        raise ValueError(f"backend='triton' computes single-input Mamba-3 (rank 1) through the SSD kernels; "
-                         f"rank {dims['r']} (MIMO) needs backend='chunked'")
     scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
     out, final = scan(
         x, dt, A, B, C, trap, angles, chunk_size, D=D, z=z, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x,

@@ -148,16 +148,14 @@ def _block(
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
     """One block of positions from state ``init`` (in ``dtype``, or None: zero); shapes as the reference's."""
     b, l, h, p = x.shape
-    r, n, a = B.shape[2], B.shape[4], angles.shape[3]
+    r, n = B.shape[2], B.shape[4]
     T = chunk_size
     nc = -(-l // T)
     pad = nc * T - l
     prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
 
-    starts, doc, doc_end, doc_before = _doc_layout(seq_idx, b, l, T, x.device)
-    theta = _angles(_pad(prep.dtheta, pad).view(b, nc, T, h, a), starts, doc, doc_end, doc_before,
-                    None if init is None else init.angle)  # (b, c, T, h, a)
-    theta = theta.view(b, nc * T, h, a)[:, :l]
+    doc, doc_end, doc_before = _doc_layout(seq_idx, b, l, T, x.device)
+    theta = rotary_angles(prep.dtheta, seq_idx, None if init is None else init.angle)  # (b, l, h, a)
     Bt = rotate(prep.Bh, theta[:, :, None], rotary_interleaved)  # (b, l, r, h, n)
     Ct = rotate(prep.Ch, theta[:, :, None], rotary_interleaved)
     w = prep.gamma + next_share(prep, seq_idx)  # (b, l, h)
@@ -223,22 +221,39 @@ def initial_G(init: Mamba3ScanState, prep: Prepared, mimo_x: torch.Tensor | None
     return init.ssm + prep.delta[:, 0, :, None, None] * mix_input(x_prev, init.last_B)
 
 
-def rotary_angles(dtheta: torch.Tensor, seq_idx: torch.Tensor | None, initial: torch.Tensor | None,
-                  chunk_size: int) -> torch.Tensor:
-    """θ (b, l, h, a) from dtheta (b, l, h, a): summed within each document (from ``initial`` in the first),
-    per chunk of ``chunk_size`` and carried between chunks modulo 2π."""
-    b, l, h, a = dtheta.shape
-    T = chunk_size
-    nc = -(-l // T)
-    layout = _doc_layout(seq_idx, b, l, T, dtheta.device)
-    theta = _angles(_pad(dtheta, nc * T - l).view(b, nc, T, h, a), *layout, initial)
-    return theta.view(b, nc * T, h, a)[:, :l]
+def rotary_angles(dtheta: torch.Tensor, seq_idx: torch.Tensor | None, initial: torch.Tensor | None) -> torch.Tensor:
+    """θ (b, l, h, a) from dtheta (b, l, h, a): summed within each document (from ``initial`` (b, h, a) in
+    the first), modulo 2π, in dtheta's dtype.
+
+    One cumulative sum in float64 (its rounding, ~1e-16 of the sum, stays far below float32's resolution
+    of an angle after millions of steps) with each document's start subtracted: no loop over chunks. A
+    non-finite step is left out of the sum and counted instead, so that it makes θ NaN from its position
+    to the end of its document, as in the recurrence, and not in the documents after it.
+    """
+    l = dtheta.shape[1]
+    d = dtheta.double()
+    bad = ~torch.isfinite(d)
+    d = torch.where(bad, 0.0, d)
+    total, n_bad = torch.cumsum(d, dim=1), torch.cumsum(bad, dim=1)
+    first_doc = None
+    if seq_idx is not None:
+        pos = torch.arange(l, device=dtheta.device)
+        start_at = torch.cummax(torch.where(doc_starts(seq_idx), pos, 0), dim=1).values  # (b, l)
+        at = start_at[..., None, None].expand_as(total)
+        total = total - (total - d).gather(1, at)
+        n_bad = n_bad - (n_bad - bad.long()).gather(1, at)
+        first_doc = (start_at == 0)[..., None, None]
+    if initial is not None:
+        with_initial = total + initial.double()[:, None]
+        total = with_initial if first_doc is None else torch.where(first_doc, with_initial, total)
+    total = torch.where(n_bad > 0, float("nan"), total)
+    return torch.remainder(total, TWO_PI).to(dtheta.dtype)
 
 
 def _doc_layout(seq_idx: torch.Tensor | None, b: int, l: int, T: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per chunk of T: starts and document number (b, c, T) of each position (0, 1, ...; padding joins the
-    last document), and the document at each chunk's end and before it (b, c)."""
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per chunk of T: the document number (b, c, T) of each position (0, 1, ...; padding joins the last
+    document), and the document at each chunk's end and before it (b, c)."""
     nc = -(-l // T)
     pad = nc * T - l
     starts = doc_starts(seq_idx) if seq_idx is not None else torch.zeros(b, l, dtype=torch.bool, device=device)
@@ -246,35 +261,4 @@ def _doc_layout(seq_idx: torch.Tensor | None, b: int, l: int, T: int,
     doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1).view(b, nc, T)
     doc_end = doc[:, :, -1]
     doc_before = torch.cat([torch.zeros_like(doc_end[:, :1]), doc_end[:, :-1]], dim=1)
-    return _pad(starts, pad).view(b, nc, T), doc, doc_end, doc_before
-
-
-def _angles(
-    dtheta: torch.Tensor,
-    starts: torch.Tensor,
-    doc: torch.Tensor,
-    doc_end: torch.Tensor,
-    doc_before: torch.Tensor,
-    initial: torch.Tensor | None,
-) -> torch.Tensor:
-    """θ_t = Σ of dtheta over t's document up to t (plus ``initial`` in the first), modulo 2π.
-
-    dtheta: (b, c, T, h, a); starts, doc: (b, c, T); doc_end, doc_before: (b, c); initial: (b, h, a).
-    """
-    b, _, T = doc.shape
-    inside = torch.cumsum(dtheta, dim=2)
-    # Subtract the sum before the last document start at or before each position (0 when none).
-    pos = torch.arange(T, device=doc.device)
-    start_at = torch.cummax(torch.where(starts, pos, 0), dim=2).values  # (b, c, T)
-    before = (inside - dtheta).gather(2, start_at[..., None, None].expand_as(dtheta))
-    local = inside - before
-    carry = torch.zeros_like(local[:, 0, 0]) if initial is None else initial
-    entering = []
-    # unbind, not local[:, k] in the loop: its backward would zero-fill all of local once per chunk.
-    for k, last in enumerate(local[:, :, -1].unbind(1)):
-        entering.append(carry)
-        kept = torch.where((doc_end[:, k] == doc_before[:, k]).view(b, 1, 1), carry, 0.0)
-        carry = torch.remainder(kept + last, TWO_PI)
-    carried = torch.where((doc == doc_before[..., None])[..., None, None],
-                          torch.stack(entering, dim=1)[:, :, None], 0.0)
-    return torch.remainder(local + carried, TWO_PI)
+    return doc, doc_end, doc_before

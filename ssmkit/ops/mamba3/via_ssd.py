@@ -11,6 +11,12 @@ x' = x̃ w / Δ' it computes G exactly: the division is undone inside, Δ' x' = 
 absolute rotations (per head, hence one SSD group per head); the rotations need no per-pair term because
 C̃_t·B̃_s holds the relative angle. MIMO (rank > 1) sums ranks inside a step, which the SSD form cannot
 express: it stays with ``chunked``.
+
+Inference only (``mamba3_scan`` refuses it under autograd): the SSD op's gradient for Δ' holds the input
+path's x'·dx' term, which the division's gradient cancels exactly in exact arithmetic, but both are 1/|ΔA|
+times the decay's own gradient, so in float32 the gradients of A and dt lose ~6e-8/|ΔA| relative
+accuracy (0.1 at |ΔA| = 1e-6), and at floored steps they are wrong. Training needs a kernel that takes the
+log-decay and the input scale apart; until then it uses ``chunked``.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.ops.ssd.reference import compute_dtype
 
-# Δ' below this is raised to it: the decay e^{-Δ'} then differs from 1 by < 1e-30 (nothing in float32),
-# and x' = x̃ w / Δ' uses the same raised Δ', so the input term stays exact and finite.
-_MIN_STEP = 1e-30
+# |Δ'| below this is raised to it: the decay then differs from 1 by at most 2e-12 a step, which float32
+# does not see, and x' = x̃ w / Δ' uses the same raised Δ', so the input term stays exact; x' stays finite
+# while |x̃ w| < 3e26 (float64 computations take 1e-30).
+_MIN_STEP = {torch.float32: 1e-12, torch.float64: 1e-30}
 
 
 def mamba3_via_ssd(
@@ -49,7 +56,8 @@ def mamba3_via_ssd(
     *,
     ssd_backend: str = "auto",
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
-    """Mamba-3 of rank 1; same arguments and results as ``mamba3_reference`` (validated by the caller).
+    """Mamba-3 of rank 1; same arguments and results as ``mamba3_reference`` (validated by the caller);
+    forward only (see the module docstring).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
     """
@@ -61,12 +69,14 @@ def mamba3_via_ssd(
                           *(initial_state or ()))
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
-    theta = rotary_angles(prep.dtheta, seq_idx, None if init is None else init.angle, chunk_size)
+    theta = rotary_angles(prep.dtheta, seq_idx, None if init is None else init.angle)
     Bt = rotate(prep.Bh[:, :, 0], theta, rotary_interleaved)  # (b, l, h, n)
     Ct = rotate(prep.Ch[:, :, 0], theta, rotary_interleaved)
     xr = prep.xr[:, :, 0]  # (b, l, h, p)
     nxt = next_share(prep, seq_idx)
-    step = (-prep.log_a).clamp_min(_MIN_STEP)  # Δ' = -Δ A
+    step = -prep.log_a  # Δ' = -Δ A, negative where A > 0 (a growing state), which the SSD op takes
+    floor = _MIN_STEP[dtype]
+    step = torch.where(step.abs() < floor, floor, step)
     x_in = xr * ((prep.gamma + nxt) / step)[..., None]
     G0 = None if init is None else initial_G(init, prep, mimo_x)
     y, G = mamba_chunk_scan_combined(
