@@ -66,6 +66,8 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     train_text, test_text = _haystacks(args.data, max(cfg["lengths"]))
     result = common.run_info("needle", args, cfg, device)
     result["checkpoint"] = args.checkpoint
+    # The haystack's source: --merge refuses runs made on different text.
+    result["data"] = [str(Path(d).resolve()) for d in args.data] if args.data else "python standard library"
     result["models"] = {}
     if args.checkpoint:
         from ssmkit.cli import _load

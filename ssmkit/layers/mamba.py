@@ -207,6 +207,9 @@ class Mamba(nn.Module):
         otherwise). Mamba has no norm before ``out_proj``, so that and the residual add stay cuBLAS's.
         """
         self._check_state(state, residual.shape[0])
+        if residual.dim() != 3 or residual.shape[1] != 1:
+            raise ValueError(f"{self._name()}: step_from_residual takes one token, (b, 1, d_model); got shape "
+                             f"{tuple(residual.shape)}")
         r = residual[:, 0]
         xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         return (r + self._scan_step(xz, state)).unsqueeze(1)

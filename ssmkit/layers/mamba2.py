@@ -190,6 +190,9 @@ class Mamba2(nn.Module):
         if self.context_parallel_group is not None:
             raise ValueError(f"{self._name()}: a context-parallel layer takes no cache (switch it off for decoding)")
         self._check_state(state, residual.shape[0])
+        if residual.dim() != 3 or residual.shape[1] != 1:
+            raise ValueError(f"{self._name()}: step_from_residual takes one token, (b, 1, d_model); got shape "
+                             f"{tuple(residual.shape)}")
         r = residual[:, 0]
         zxbcdt = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         y, z = self._scan_step(zxbcdt, state)

@@ -171,3 +171,5 @@ def test_step_from_residual_checks_its_state():
     layer = make()
     with pytest.raises(ValueError, match="state"):
         layer.step_from_residual(torch.randn(2, 1, D_MODEL), RMSNorm(D_MODEL), layer.allocate_state(3))
+    with pytest.raises(ValueError, match="one token"):
+        layer.step_from_residual(torch.randn(2, 7, D_MODEL), RMSNorm(D_MODEL), layer.allocate_state(2))

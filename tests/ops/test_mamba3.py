@@ -541,4 +541,5 @@ def test_gradcheck_blocks():
                                             initial_state=Mamba3ScanState(*tensors[len(names):]))
         return out, final.ssm, final.last_B, final.last_x, torch.sin(final.angle)
 
-    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (*inp.values(), *state)])
+    # fast_mode: random projections of the Jacobian (seconds instead of tens of seconds on a loaded CI machine).
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (*inp.values(), *state)], fast_mode=True)
