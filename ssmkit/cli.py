@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda")
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="weights' dtype (states stay float32): auto = bfloat16 on a GPU, float32 on a CPU; "
+                     help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a CPU; "
                           "bfloat16 roughly doubles CPU decode speed (half the bytes per token) on CPUs with "
                           "native bf16 (AVX512-BF16, AMX)")
 
@@ -396,7 +396,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ssmkit.serve.server import serve
     except ImportError as e:
         raise UsageError(f"ssmkit serve needs the serve extra: pip install 'ssmkit[serve]' ({e})") from None
-    model, tokenizer, folder = _load(args.checkpoint, args.device)
+    model, tokenizer, folder = _load(args.checkpoint, args.device, args.dtype)
     serve(model, tokenizer, folder, options_from_args(args, Path(args.checkpoint).resolve().name))
     return 0
 

@@ -180,8 +180,8 @@ class SessionStore:
         if session.cache is None:
             path = self._state_path(session.id, session.version)
             try:
-                cache = await anyio.to_thread.run_sync(lambda: ModelCache.load(path, device=self.device))
-            except (OSError, ValueError) as e:
+                cache = await anyio.to_thread.run_sync(lambda: self._as_model_cache(ModelCache.load(path, self.device)))
+            except (OSError, ValueError, TypeError) as e:
                 raise SessionStateError(f"session {session.id}: its saved state cannot be read: {e}") from None
             if session.cache is None:
                 self._keep(session, cache)
@@ -225,6 +225,15 @@ class SessionStore:
     def _remove_files(self, sid: str, version: int) -> None:
         (self.folder / f"{sid}.json").unlink(missing_ok=True)
         self._state_path(sid, version).unlink(missing_ok=True)
+
+    def _as_model_cache(self, cache: ModelCache) -> ModelCache:
+        """``cache`` in the dtypes of this model's own cache: a state saved by a server that ran the same
+        weights in another dtype (``ssmkit serve --dtype``) is cast on the way in, not refused."""
+        fresh = self.model.allocate_cache(1)
+        if all(a.dtype == b.dtype for s, f in zip(cache.states, fresh.states)
+               for a, b in zip(s.tensors().values(), f.tensors().values())):
+            return cache
+        return fresh.copy_(cache)
 
     def _keep(self, session: Session, cache: ModelCache) -> None:
         session.cache = cache

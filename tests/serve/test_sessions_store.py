@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
 import pytest
@@ -100,3 +101,25 @@ def test_fingerprint_follows_the_weights(model, tmp_path):
         other.embedding.weight[0, 0] += 1
     other.save_pretrained(tmp_path / "b")
     assert model_fingerprint(tmp_path / "a") != model_fingerprint(tmp_path / "b")
+
+
+def test_a_state_saved_in_one_dtype_opens_in_another(tmp_path):
+    """`ssmkit serve --dtype` may change between runs over the same sessions: a state written by the float32
+    model comes back in the bf16 model's cache dtypes (values cast), and the other way round."""
+    fp32 = tiny_model()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    for writer, reader in ((fp32, bf16), (bf16, fp32)):
+        folder = tmp_path / str(writer.embedding.weight.dtype)
+
+        async def write(writer=writer, folder=folder):
+            store = SessionStore(folder, writer, memory_budget=1 << 30)
+            return await store.create(pending=3, cache=filled(writer, 1.5))
+
+        sid = asyncio.run(write()).id
+        store = SessionStore(folder, reader, memory_budget=1 << 30)
+        got = asyncio.run(store.state(store.get(sid)))
+        want = reader.allocate_cache(1)
+        assert got.seqlen_offset == 1
+        for s, w in zip(got.states, want.states):
+            for name, t in s.tensors().items():
+                assert t.dtype == getattr(w, name).dtype and bool((t == 1.5).all()), name
