@@ -22,9 +22,10 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("preset", ["byte-small", "debug-hybrid"])
-def test_batched_requests_equal_generate_on_cuda(preset):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: `ssmkit serve`'s GPU default
+def test_batched_requests_equal_generate_on_cuda(preset, dtype):
     torch.manual_seed(0)
-    model = LanguageModel(get_preset(preset), device="cuda").eval()
+    model = LanguageModel(get_preset(preset), device="cuda", dtype=dtype).eval()
     with torch.no_grad():
         # Peaked logits, as a trained model has: batched and single kernels round differently (TF32 in
         # Triton's dots), which must not decide between two nearly equal tokens here.
