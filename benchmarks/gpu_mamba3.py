@@ -9,8 +9,8 @@ compiled CUDA scan), so only its pure-Triton Mamba-3 path runs. Both layers get 
 * speed: forward and forward+backward at batch 8, d_model 768 (24 heads x 64, N 128), L 2048 and 8192.
 
 Both for ssmkit's default backend (chunked PyTorch) and its ``triton`` route (single-input Mamba-3 through
-the SSD op's Triton kernels, ``ssmkit/ops/mamba3/via_ssd.py``; inference only, so forward under no_grad and
-no gradient columns), the layer's scan switched by patching the function it calls.
+the SSD op's Triton kernels, ``ssmkit/ops/mamba3/via_ssd.py``), the layer's scan switched by patching the
+function it calls.
 
 MIMO needs mamba_ssm's TileLang kernels, which are not installed on the device machine: SISO only.
 
@@ -70,14 +70,9 @@ def parity(their_cls: type) -> list[tuple]:
             (g_theirs,) = torch.autograd.grad(y_theirs.float().square().sum(), x)
             for backend in BACKENDS:
                 with scan_backend(backend):
-                    if backend == "triton":  # inference only
-                        with torch.no_grad():
-                            y_ours, dx_err = ours(x), float("nan")
-                    else:
-                        y_ours = ours(x)
-                        (g_ours,) = torch.autograd.grad(y_ours.float().square().sum(), x)
-                        dx_err = rel(g_ours, g_theirs)
-                row = (str(dtype).removeprefix("torch."), norm, backend, rel(y_ours, y_theirs), dx_err)
+                    y_ours = ours(x)
+                    (g_ours,) = torch.autograd.grad(y_ours.float().square().sum(), x)
+                row = (str(dtype).removeprefix("torch."), norm, backend, rel(y_ours, y_theirs), rel(g_ours, g_theirs))
                 print(f"{row[0]:>9} {row[1]!s:>12} {row[2]:>8} {row[3]:>12.2e} {row[4]:>11.2e}", flush=True)
                 rows.append(row)
     return rows
@@ -93,13 +88,8 @@ def timing(their_cls: type) -> list[tuple]:
         runs = [(f"ssmkit {b}", ours, scan_backend(b)) for b in BACKENDS] + [("mamba_ssm", theirs, None)]
         for name, layer, ctx in runs:
             with ctx or contextlib.nullcontext():
-                if name == "ssmkit triton":  # inference only: forward under no_grad, no backward
-                    with torch.no_grad():
-                        fwd = do_bench(lambda layer=layer, x=x: layer(x), return_mode="median")
-                    both = float("nan")
-                else:
-                    fwd = do_bench(lambda layer=layer, x=x: layer(x), return_mode="median")
-                    both = do_bench(lambda layer=layer, x=x: layer(x).sum().backward(), return_mode="median")
+                fwd = do_bench(lambda layer=layer, x=x: layer(x), return_mode="median")
+                both = do_bench(lambda layer=layer, x=x: layer(x).sum().backward(), return_mode="median")
             rows.append((length, name, fwd, both))
             print(f"{length:>6} {name:>15} {fwd:>8.2f} {both:>11.2f}", flush=True)
     return rows

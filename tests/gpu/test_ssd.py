@@ -24,6 +24,8 @@ CONFIGS = {
     "groups_odd_dims": (8, 48, 4, 40, 64, "D_hp z bias softplus limit"),
     "docs_init": (4, 32, 2, 64, 100, "D_h bias softplus init docs"),
     "bare": (2, 16, 1, 16, 128, ""),
+    # Mamba-3's route: x weighed by input_scale, Δ only decays; one group per head, as it calls it.
+    "input_scale": (4, 64, 4, 128, 64, "D_h z softplus init docs scale"),
 }
 
 
@@ -40,6 +42,8 @@ def make_inputs(b, l, h, p, g, n, dtype, options, device="cuda"):
         shapes["dt_bias"] = (h,)
     if "init" in opts:
         shapes["initial_states"] = (b, h, p, n)
+    if "scale" in opts:
+        shapes["input_scale"] = (b, l, h)
     inp = {k: torch.randn(s, device=device) for k, s in shapes.items()}
     # Without softplus, Δ = dt itself must be positive for a stable SSM.
     inp["dt"] = inp["dt"] - 1.0 if "softplus" in opts else torch.rand(b, l, h, device=device) * 0.5

@@ -275,6 +275,33 @@ def test_nan_behaviour(backend):
         assert not torch.isnan(final[1]).any() and not torch.isnan(final[0, [0, 2, 3]]).any()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_input_scale_apart_from_the_step(packed):
+    """input_scale weighs x in place of Δ (Δ still decays): chunked equals the recurrence, gradients
+    included, and input_scale = Δ gives the op without it."""
+    inp = make_inputs(l=45, D_shape="hp", initial=True)
+    inp["input_scale"] = torch.randn(2, 45, 4)
+    if packed:
+        inp["seq_idx"] = torch.tensor([[0] * 16 + [1] * 11 + [2] * 18, [3] * 30 + [4] * 15])
+    kw = {"dt_softplus": True, "dt_limit": (0.05, 3.0)}
+    got = _grads(inp, "chunked", **kw)
+    want = _grads(f64(inp), "reference", **kw)
+    assert set(got) == {"x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "input_scale"}
+    for name in got:
+        assert_close(got[name], want[name], torch.float32, name=f"grad {name}")
+    plain = f64(make_inputs(l=30, initial=True))
+    delta = torch.nn.functional.softplus(plain["dt"] + plain["dt_bias"])
+    for backend in BACKENDS:
+        a = run(plain, backend=backend, dt_softplus=True)
+        b = run({**plain, "input_scale": delta}, backend=backend, dt_softplus=True)
+        assert_close(b, a, F64, name=f"{backend}: input_scale = Δ")
+    varlen = f64(make_inputs(b=1, l=29, initial=True)) | {"input_scale": torch.randn(1, 29, 4, dtype=F64)}
+    cu = torch.tensor([0, 5, 8, 21, 29])
+    got, want = _grads(varlen, "chunked", cu_seqlens=cu), _grads(varlen, "reference", cu_seqlens=cu)
+    for name in got:
+        assert_close(got[name], want[name], name=f"varlen grad {name}")
+
+
 def _bad(**changes):
     inp = make_inputs(b=2, l=10, h=4, p=3, g=2, n=5, initial=True)
     inp["seq_idx"] = torch.zeros(2, 10, dtype=torch.int32)
@@ -297,6 +324,8 @@ def _bad(**changes):
         ({"B": torch.randn(2, 9, 2, 5)}, ValueError, "B"),
         ({"C": torch.randn(2, 10, 2, 6)}, ValueError, "C"),
         ({"C": torch.randn(2, 10, 1, 5)}, ValueError, "C"),
+        ({"input_scale": torch.randn(2, 10)}, ValueError, "input_scale"),
+        ({"input_scale": torch.randn(2, 10, 3)}, ValueError, "input_scale"),
         ({"B": torch.randn(2, 10, 3, 5), "C": torch.randn(2, 10, 3, 5)}, ValueError, "divisible by groups"),
         ({"D": torch.randn(4, 3, 1)}, ValueError, "D"),
         ({"D": torch.randn(5)}, ValueError, "D"),

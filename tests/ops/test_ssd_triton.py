@@ -28,6 +28,10 @@ CASES = {
     "varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen"),
     "bfloat16": (1, 33, 2, 8, 1, 8, 16, 64, "bfloat16", "D_h z bias softplus limit docs one_slice"),
     "float16_init": (1, 20, 2, 4, 2, 4, 16, 64, "float16", "D_hp bias init softplus"),
+    # input_scale apart from Δ (Mamba-3's route): the kernels' Δ buffer holds it, dt only decays.
+    "input_scale": (2, 37, 4, 3, 2, 5, 16, 16, "float32", "D_h z bias init softplus limit docs scale"),
+    "input_scale_varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen scale"),
+    "input_scale_bf16": (1, 33, 2, 8, 1, 8, 16, 64, "bfloat16", "D_h z softplus docs scale one_slice"),
 }
 
 
@@ -51,6 +55,8 @@ def make_case(b, l, h, p, g, n, chunk_size, dtype, options):
         inp["dt_bias"] = torch.randn(h) * 0.5
     if "init" in opts:
         inp["initial_states"] = torch.randn(b, h, p, n)
+    if "scale" in opts:
+        inp["input_scale"] = torch.randn(b, l, h)
     if "softplus" not in opts:  # Δ = dt itself must be positive for a stable SSM
         inp["dt"] = torch.rand(b, l, h) * 0.5
     inp = {k: v.to(getattr(torch, dtype)).requires_grad_() for k, v in inp.items()}

@@ -77,10 +77,10 @@ def mamba3_scan(
             so packed documents give the same outputs as each run alone.
         return_final_state: also return the state after the last position.
         chunk_size: positive int, chunk length of the chunked backend (any l works).
-        backend: ``"auto"`` (chunked), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1, inference
-            only: the scan rewritten for the Mamba-2 SSD op and run by its Triton kernels, ``via_ssd.py``;
-            CUDA, or Triton's interpreter; float64 inputs take the SSD op's chunked form. Not yet the
-            automatic choice: its GPU speed is unmeasured).
+        backend: ``"auto"`` (chunked), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1: the scan
+            rewritten for the Mamba-2 SSD op and run by its Triton kernels, ``via_ssd.py``; CUDA, or
+            Triton's interpreter; float64 inputs take the SSD op's chunked form. Not yet the automatic
+            choice: its GPU speed is unmeasured).
 
     Returns:
         ``out`` — (b, l, h, p) when ``mimo_o`` is given, else (b, l, r, h, p) — or ``(out, final_state)``.
@@ -115,15 +115,9 @@ def mamba3_scan(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
-    if backend == "triton":
-        if dims["r"] != 1:
-            raise ValueError(f"backend='triton' computes single-input Mamba-3 (rank 1) through the SSD kernels; "
-                             f"rank {dims['r']} (MIMO) needs backend='chunked'")
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                           for t in (x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias,
-                                                     mimo_x, mimo_z, mimo_o, *(initial_state or ()))):
-            raise ValueError("backend='triton' is inference only (its gradients of A and dt lose precision "
-                             "where |Δ A| is small); train with backend='chunked', or run under torch.no_grad()")
+    if backend == "triton" and dims["r"] != 1:
+        raise ValueError(f"backend='triton' computes single-input Mamba-3 (rank 1) through the SSD kernels; "
+                         f"rank {dims['r']} (MIMO) needs backend='chunked'")
     backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
     scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
     out, final = scan(

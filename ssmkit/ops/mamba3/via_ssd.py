@@ -6,17 +6,11 @@ head, the derivation is there)::
     G_t = α_t G_{t-1} + w_t x̃_t ⊗ B̃_t,      y_t = G_t C̃_t - δ_{t+1} (C̃_t·B̃_t) x̃_t
 
 where the last term swaps w for γ on the diagonal. The SSD op computes H_t = e^{Δ'_t A'} H_{t-1} +
-Δ'_t x'_t ⊗ B_t with one step size for the decay and the input, so with A' = -1, Δ' = -Δ A (> 0) and
-x' = x̃ w / Δ' it computes G exactly: the division is undone inside, Δ' x' = w x̃. B̃ and C̃ carry their
-absolute rotations (per head, hence one SSD group per head); the rotations need no per-pair term because
-C̃_t·B̃_s holds the relative angle. MIMO (rank > 1) sums ranks inside a step, which the SSD form cannot
-express: it stays with ``chunked``.
-
-Inference only (``mamba3_scan`` refuses it under autograd): the SSD op's gradient for Δ' holds the input
-path's x'·dx' term, which the division's gradient cancels exactly in exact arithmetic, but both are 1/|ΔA|
-times the decay's own gradient, so in float32 the gradients of A and dt lose ~6e-8/|ΔA| relative
-accuracy (0.1 at |ΔA| = 1e-6), and at floored steps they are wrong. Training needs a kernel that takes the
-log-decay and the input scale apart; until then it uses ``chunked``.
+s_t x_t ⊗ B_t with its ``input_scale`` s apart from the decay step, so Δ' = -Δ A (any sign), A' = -1 and
+s = w give G exactly, gradients included (no division couples the two). B̃ and C̃ carry their absolute
+rotations (per head, hence one SSD group per head); the rotations need no per-pair term because C̃_t·B̃_s
+holds the relative angle. MIMO (rank > 1) sums ranks inside a step, which the SSD form cannot express:
+it stays with ``chunked``.
 """
 
 from __future__ import annotations
@@ -27,11 +21,6 @@ from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotary_angles
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.ops.ssd.reference import compute_dtype
-
-# |Δ'| below this is raised to it: the decay then differs from 1 by at most 2e-12 a step, which float32
-# does not see, and x' = x̃ w / Δ' uses the same raised Δ', so the input term stays exact; x' stays finite
-# while |x̃ w| < 3e26 (float64 computations take 1e-30).
-_MIN_STEP = {torch.float32: 1e-12, torch.float64: 1e-30}
 
 
 def mamba3_via_ssd(
@@ -56,8 +45,7 @@ def mamba3_via_ssd(
     *,
     ssd_backend: str = "auto",
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
-    """Mamba-3 of rank 1; same arguments and results as ``mamba3_reference`` (validated by the caller);
-    forward only (see the module docstring).
+    """Mamba-3 of rank 1; same arguments and results as ``mamba3_reference`` (validated by the caller).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
     """
@@ -74,14 +62,11 @@ def mamba3_via_ssd(
     Ct = rotate(prep.Ch[:, :, 0], theta, rotary_interleaved)
     xr = prep.xr[:, :, 0]  # (b, l, h, p)
     nxt = next_share(prep, seq_idx)
-    step = -prep.log_a  # Δ' = -Δ A, negative where A > 0 (a growing state), which the SSD op takes
-    floor = _MIN_STEP[dtype]
-    step = torch.where(step.abs() < floor, floor, step)
-    x_in = xr * ((prep.gamma + nxt) / step)[..., None]
     G0 = None if init is None else initial_G(init, prep, mimo_x)
     y, G = mamba_chunk_scan_combined(
-        x_in, step, -torch.ones(h, dtype=dtype, device=x.device), Bt, Ct, chunk_size, initial_states=G0,
-        seq_idx=seq_idx, return_final_states=True, backend="chunked" if dtype == torch.float64 else ssd_backend,
+        xr, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bt, Ct, chunk_size, initial_states=G0,
+        seq_idx=seq_idx, return_final_states=True, input_scale=prep.gamma + nxt,
+        backend="chunked" if dtype == torch.float64 else ssd_backend,
     )
     y = y - (nxt * (Ct * Bt).sum(-1))[..., None] * xr
     out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)

@@ -39,6 +39,7 @@ def mamba_chunk_scan_combined(
     return_final_states: bool = False,
     return_varlen_states: bool = False,
     *,
+    input_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Mamba-2 selective SSM with a scalar decay per head, as ``mamba_ssm``'s function of this name.
@@ -69,6 +70,9 @@ def mamba_chunk_scan_combined(
         return_final_states: also return the (b, h, p, n) state after the last position.
         return_varlen_states: also return the (s, h, p, n) state at the end of each ``cu_seqlens``
             sequence (the first includes ``initial_states``); needs ``cu_seqlens``.
+        input_scale: (b, l, h) the weight of x_t in the update, in place of Δ_t (ssmkit's extension,
+            not in mamba_ssm): ``H_t = exp(Δ_t A) H_{t-1} + input_scale_t x_t ⊗ B_t``, Δ still from ``dt``.
+            Mamba-3's trapezoidal rule needs this (its input weight is not its decay step); None: Δ.
         backend: ``"auto"`` (triton on CUDA when importable, else chunked), ``"reference"``, ``"chunked"``
             or ``"triton"``.
 
@@ -115,6 +119,8 @@ def mamba_chunk_scan_combined(
         check_tensor("dt_bias", dt_bias, ("h",), dims)
     if initial_states is not None:
         check_tensor("initial_states", initial_states, ("b", "h", "p", "n"), dims)
+    if input_scale is not None:
+        check_tensor("input_scale", input_scale, ("b", "l", "h"), dims)
     if seq_idx is not None:
         check_tensor("seq_idx", seq_idx, ("b", "l"), dims, floating=False, integer=True)
     if cu_seqlens is not None:
@@ -130,7 +136,8 @@ def mamba_chunk_scan_combined(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     dt_limit = _check_dt_limit(dt_limit)
     device = check_same_device(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
-                               initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+                               initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                               input_scale=input_scale)
     if return_varlen_states and cu_seqlens is None:
         raise ValueError("return_varlen_states=True needs cu_seqlens")
     if cu_seqlens is not None:
@@ -145,7 +152,7 @@ def mamba_chunk_scan_combined(
     out, final_states, varlen_states = run(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
         seq_idx=seq_idx, cu_seqlens=cu_seqlens if return_varlen_states else None,
-        dt_softplus=dt_softplus, dt_limit=dt_limit,
+        dt_softplus=dt_softplus, dt_limit=dt_limit, input_scale=input_scale,
     )
     results = (out,) + ((final_states,) if return_final_states else ()) + (
         (varlen_states,) if return_varlen_states else ()

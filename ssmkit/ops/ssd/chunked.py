@@ -51,6 +51,7 @@ def ssd_chunked(
     cu_seqlens: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_LIMIT,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Chunked SSD; same arguments and results as ``ssd_reference`` (validated by the caller).
 
@@ -66,12 +67,14 @@ def ssd_chunked(
     nc = -(-l // T)
     k = b * nc
     pad = nc * T - l
-    dtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    dtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states, input_scale)
 
     # Tensors keep the input's (b, l, ...) order, viewed as (b * c, T, ...): no transposed copies.
     # Padded steps have Δ = 0 and x = 0: no decay, no input, so the last state is unchanged.
     delta = _pad_len(discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype), pad).reshape(k, T, h)
     cum = torch.cumsum(delta * A.to(dtype), dim=1)  # (k, T, h)
+    # The weight of x_t in the update: Δ_t, or input_scale_t when given (padded steps: 0).
+    weight = delta if input_scale is None else _pad_len(input_scale.to(dtype), pad).reshape(k, T, h)
     xs = x.to(dtype)
     xc = _pad_len(xs, pad).reshape(k, T, h, p)
     Bc = _pad_len(B.to(dtype), pad).reshape(k, T, g, n)
@@ -89,7 +92,7 @@ def ssd_chunked(
         carry = (doc_end == doc_before).view(b, nc, 1, 1, 1, 1).unbind(1)
         doc = doc.view(k, T)
 
-    y_diag, chunk_states = _ChunkLocal.apply(cum, delta, xc, Bc, Cc, doc, in_last)
+    y_diag, chunk_states = _ChunkLocal.apply(cum, weight, xc, Bc, Cc, doc, in_last)
 
     # Inter-chunk recurrence: a short loop over chunks on (b, h, p, n) states. unbind (not indexing
     # in the loop): its backward stacks the gradients instead of zero-filling one per chunk.
@@ -114,7 +117,7 @@ def ssd_chunked(
 
     varlen_states = None
     if cu_seqlens is not None:
-        varlen_states = _varlen_states(cu_seqlens, cum, delta, xc, Bc, prev)
+        varlen_states = _varlen_states(cu_seqlens, cum, weight, xc, Bc, prev)
     return out, state.view(b, h, p, n), varlen_states
 
 

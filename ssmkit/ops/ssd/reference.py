@@ -11,7 +11,8 @@ Dimensions:
 
 The recurrence (Mamba-2 paper, "Transformers are SSMs", eq. 2 with a scalar decay per head):
     Δ_t = clamp(softplus(dt_t + dt_bias))          (each step optional, see ``discretize_dt``)
-    H_t = exp(Δ_t A) H_{t-1} + Δ_t x_t ⊗ B_t       H: (p, n) per head
+    H_t = exp(Δ_t A) H_{t-1} + Δ_t x_t ⊗ B_t       H: (p, n) per head (input_scale_t in place of the
+                                                   second Δ_t when given)
     y_t = H_t C_t + D x_t,  out_t = y_t · silu(z_t)
 ``seq_idx`` restarts the state (at zero) wherever its value changes; ``initial_states`` is the state
 before the first position, so it only reaches the first document.
@@ -87,6 +88,7 @@ def ssd_reference(
     cu_seqlens: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_LIMIT,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Token-by-token SSD recurrence. Arguments are already validated by the public function.
 
@@ -97,8 +99,9 @@ def ssd_reference(
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    dtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    dtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states, input_scale)
     delta = discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+    weight = delta if input_scale is None else input_scale.to(dtype)  # of x_t in the update
     xs = x.to(dtype)
     # Head i reads group i // (h // g): repeat each group for its heads (clear, not fast).
     Bh = B.to(dtype).repeat_interleave(h // g, dim=2)  # (b, l, h, n)
@@ -116,7 +119,7 @@ def ssd_reference(
         if starts is not None:
             # torch.where (not a multiply by 0) so that NaN of one document stays in it.
             state = torch.where(starts[:, t, None, None, None], torch.zeros_like(state), state)
-        inp = (delta[:, t, :, None] * xs[:, t])[..., None] * Bh[:, t, :, None, :]  # (b, h, p, n)
+        inp = (weight[:, t, :, None] * xs[:, t])[..., None] * Bh[:, t, :, None, :]  # (b, h, p, n)
         state = decay[:, t, :, None, None] * state + inp
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
         if t in ends:

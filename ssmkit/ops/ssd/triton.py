@@ -100,7 +100,7 @@ class _SSDFunction(torch.autograd.Function):
     (b, chunks, h, p, n)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, doc, T, dt_softplus, dt_limit):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, doc, T, dt_softplus, dt_limit, scale):
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         nc = -(-l // T)
@@ -117,9 +117,10 @@ class _SSDFunction(torch.autograd.Function):
         dummy = delta
         _fwd._chunk_state_fwd[(nc, b * h)](
             x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
+            dummy if scale is None else scale,
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-            HAS_DOC=doc is not None, DOT=DOT, PREC=PREC, **_opts("state"),
+            HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, **_opts("state"),
         )
         final = torch.empty(b, h, p, n, device=dev, dtype=f32)
         _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
@@ -144,14 +145,14 @@ class _SSDFunction(torch.autograd.Function):
             **_opts("scan"),
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb)
-        ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None)
+        ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None, scale is not None)
         ctx.set_materialize_grads(False)
         return out, final, cum, delta, states
 
     @staticmethod
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
         x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors
-        T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init = ctx.meta
+        T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init, has_scale = ctx.meta
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         nc = delta.shape[2] // T
@@ -216,21 +217,22 @@ class _SSDFunction(torch.autograd.Function):
         dA_part = torch.empty(b, h, nc, device=dev, dtype=f32)
         dbias_part = torch.empty_like(dA_part)
         has_extra = dcum_x is not None or ddelta_x is not None
+        dscale = torch.empty(b, l, h, device=dev, dtype=f32) if has_scale else None
         _bwd._bwd_dt[(nc, b * h)](
             dt, A, dummy if dt_bias is None else dt_bias, delta, dcum, ddelta, ddecay, dlast,
             (dcum_x if dcum_x is not None else torch.zeros_like(delta)).contiguous() if has_extra else dummy,
             (ddelta_x if ddelta_x is not None else torch.zeros_like(delta)).contiguous() if has_extra else dummy,
-            ddt, dA_part, dbias_part,
+            ddt, dA_part, dbias_part, dummy if dscale is None else dscale,
             l, h, nc, lo, hi, n_nb,
             T=T, BK=BM, NDB=_pow2(n_nb, 2), NLB=_pow2(nrb, 2), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-            HAS_LIMIT=has_limit, HAS_EXTRA=has_extra, num_warps=4,
+            HAS_LIMIT=has_limit, HAS_EXTRA=has_extra, SEP_SCALE=has_scale, num_warps=4,
         )
         dA = dA_part.sum((0, 2)).to(A.dtype)
         dbias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
         dD = dD_part.sum((0, 1)) if D is not None else None
         dB, dC = (dB_part[0], dC_part[0]) if S == 1 else (dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype))
         return (dx, ddt, dA, dB, dC, dD, dz, dbias, dinit if has_init else None,
-                None, None, None, None)
+                None, None, None, None, dscale)
 
 
 def ssd_triton(
@@ -248,16 +250,18 @@ def ssd_triton(
     cu_seqlens: torch.Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_LIMIT,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton SSD; same arguments and results as ``ssd_chunked`` (validated by the caller).
 
     x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n). Returns ``(out (b, l, h, p),
     final_states (b, h, p, n) float32, varlen_states (s, h, p, n) or None)``.
     """
-    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states, input_scale)
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-                           seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit)
+                           seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                           input_scale=input_scale)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     T = min(256, _pow2(chunk_size))
@@ -274,7 +278,7 @@ def ssd_triton(
     out, final, cum, delta, prev = _SSDFunction.apply(
         x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), Dhp,
         None if z is None else z.contiguous(), None if dt_bias is None else dt_bias.contiguous(),
-        init, doc, T, dt_softplus, tuple(dt_limit),
+        init, doc, T, dt_softplus, tuple(dt_limit), None if input_scale is None else input_scale.contiguous(),
     )
     varlen_states = None
     if cu_seqlens is not None:

@@ -308,10 +308,11 @@ def _bwd_cols(
 @triton.jit(do_not_specialize=["L", "nc"])
 def _bwd_dt(
     dt_ptr, A_ptr, bias_ptr, delta_ptr, dcum_ptr, ddelta_ptr, ddecay_ptr, dlast_ptr, dcum_x_ptr, ddelta_x_ptr,
-    ddt_ptr, dA_ptr, dbias_ptr,
+    ddt_ptr, dA_ptr, dbias_ptr, dscale_ptr,
     L, H, nc, lo, hi, n_ddecay,
     T: tl.constexpr, BK: tl.constexpr, NDB: tl.constexpr, NLB: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    SEP_SCALE: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
@@ -332,12 +333,18 @@ def _bwd_dt(
     # cum_t = Σ_{u<=t} Δ_u A: the gradient of Δ_u A is Σ_{t>=u} dcum_t.
     suffix = tl.sum(dcum, 0) - tl.cumsum(dcum, 0) + dcum
     A = tl.load(A_ptr + hh).to(tl.float32)
-    delta = tl.load(delta_ptr + bh * Lp + t)
-    ddelta += A * suffix
-    tl.store(dA_ptr + bh * nc + c, tl.sum(delta * suffix, 0))
     v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + hh).to(tl.float32)
+    if SEP_SCALE:
+        # The buffer held input_scale: the input path's gradient is its own, and Δ (recomputed) only decays.
+        tl.store(dscale_ptr + (b * L + t) * H + hh, ddelta, mask=t < L)
+        delta = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
+        ddelta = A * suffix
+    else:
+        delta = tl.load(delta_ptr + bh * Lp + t)
+        ddelta += A * suffix
+    tl.store(dA_ptr + bh * nc + c, tl.sum(delta * suffix, 0))
     grad = ddelta
     if HAS_LIMIT:
         # clamp passes the gradient where lo <= Δ <= hi, as torch.clamp does.

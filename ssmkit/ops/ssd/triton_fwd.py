@@ -43,11 +43,11 @@ def _doc_before(doc_ptr, b, c, T: tl.constexpr, Lp):
 
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_state_fwd(
-    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr, scale_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, lo, hi,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
@@ -65,7 +65,12 @@ def _chunk_state_fwd(
         t = c * T + k + tl.arange(0, BK)
         v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
         d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
-        tl.store(delta_ptr + bh * Lp + t, d)
+        if SEP_SCALE:
+            # The buffer is x's weight in the update for every later kernel: input_scale, not Δ.
+            w_in = tl.load(scale_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
+            tl.store(delta_ptr + bh * Lp + t, w_in)
+        else:
+            tl.store(delta_ptr + bh * Lp + t, d)
         tl.store(cum_ptr + bh * Lp + t, tl.cumsum(d * A, 0) + run)
         run += tl.sum(d * A, 0)
     # Make this program's stores visible to all its threads before they are read back.
