@@ -26,6 +26,7 @@ CONFIGS = {
     "bare": (2, 16, 1, 16, 128, ""),
     # Mamba-3's route: x weighed by input_scale, Δ only decays; one group per head, as it calls it.
     "input_scale": (4, 64, 4, 128, 64, "D_h z softplus init docs scale"),
+    "input_scale_groups": (8, 48, 2, 40, 64, "D_hp z bias softplus limit docs scale"),
 }
 
 
@@ -91,9 +92,10 @@ def test_matches_reference(dtype, length, config):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lengths", [(1, 62, 1, 300, 137), (700, 1), (5,)])
-def test_varlen_states(dtype, lengths):
+@pytest.mark.parametrize("scale", ["", "scale"])
+def test_varlen_states(dtype, lengths, scale):
     torch.manual_seed(len(lengths))
-    inp = make_inputs(1, sum(lengths), 4, 32, 1, 64, dtype, "D_h z bias softplus init")
+    inp = make_inputs(1, sum(lengths), 4, 32, 1, 64, dtype, f"D_h z bias softplus init {scale}")
     cu = torch.tensor([0, *lengths], device="cuda").cumsum(0)
     kw = {"chunk_size": 64, "dt_softplus": True, "cu_seqlens": cu, "return_final_states": True,
           "return_varlen_states": True}

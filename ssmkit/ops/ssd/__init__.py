@@ -83,7 +83,7 @@ def mamba_chunk_scan_combined(
         accumulation). Every tensor input gets a gradient.
 
     NaN/inf are not checked (that would cost a device sync); like the recurrence they travel
-    forward with the state: a NaN in x or dt (one head) or B (its group) at position t makes ``out``
+    forward with the state: a NaN in x, dt or input_scale (one head) or B (its group) at position t makes ``out``
     NaN from t to the end of that document, and that document's final/varlen state; a NaN in C or
     z at t only reaches ``out`` at t; one in A, D or dt_bias reaches the whole head, and one in
     initial_states the first document of its head.

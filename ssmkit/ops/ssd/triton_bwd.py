@@ -9,9 +9,11 @@
                      one n-long matmul per group, not per head); PART 1 dz, dD's partial sums, dC.
     _bwd_cols        per (block of source positions s of a chunk, group), looping over the heads (one
                      launch, or two: dB, then the rest): dB,
-                     dx and the Δ·x part of dΔ (needs dS_c and the summed gradient of C Bᵀ).
+                     dx and the gradient of x's weight (the Δ·x part of dΔ; needs dS_c and the summed
+                     gradient of C Bᵀ).
     _bwd_dt          per (chunk, head): dcum -> gradient of Δ A (suffix sums), then dΔ through the clamp
-                     and softplus to ddt, with partial sums for dA and ddt_bias.
+                     and softplus to ddt, with partial sums for dA and ddt_bias. With ``input_scale``
+                     (SEP_SCALE) the weight's gradient is d input_scale and Δ only decays.
 dcum (the gradient of the within-chunk cumulative sums) gets its parts by atomic adds from the rows and
 columns kernels.
 

@@ -11,6 +11,8 @@ Four launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read its
 Layouts (all contiguous; Lp = chunks · T, the length padded to whole chunks):
     x, z, out (b, l, h, p); dt (b, l, h); B, C (b, l, g, n); D (h, p) float32
     delta, cum (b, h, Lp) float32; doc (b, Lp) int32 (document number, padding joins the last one)
+    ("delta" is x's weight in the update: Δ, or ``input_scale`` when given, SEP_SCALE; cum is always
+    built from Δ)
     states (b, chunks, h, p, n) float32; cb (b, chunks, g, T, T) float32
 Padded positions have Δ = 0 and x = 0: they add nothing and do not decay the state.
 Lengths and chunk counts are not specialized on (one compile serves every length). Matmul operands
