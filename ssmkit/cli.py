@@ -80,10 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1 = off")
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a CPU; "
-                          "bfloat16 roughly doubles CPU decode speed (half the bytes per token) on CPUs with "
-                          "native bf16 (AVX512-BF16, AMX)")
+    _add_dtype_argument(gen)
 
     _add_experiments(sub, "eval", "run an evaluation task: bits per byte of a model on text (`text`), synthetic tasks")
     _add_experiments(sub, "bench", "run a benchmark (speed, memory, scaling)")
@@ -105,9 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ssmkit.serve.options import add_serve_arguments
 
-    add_serve_arguments(sub.add_parser("serve", allow_abbrev=False,
-                                       help="HTTP server: completions (streamed or not) and stateful sessions"))
+    serve = sub.add_parser("serve", allow_abbrev=False,
+                           help="HTTP server: completions (streamed or not) and stateful sessions")
+    add_serve_arguments(serve)
+    _add_dtype_argument(serve, "Saved sessions load into either.")
     return parser
+
+
+def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--dtype`` of the commands that load a model to run it (resolved by :func:`_load`)."""
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a "
+                             "CPU; bfloat16 roughly doubles CPU decode (half the bytes per token) on CPUs with "
+                             "native bf16 (AVX512-BF16, AMX). " + note)
 
 
 def _add_experiments(sub: argparse._SubParsersAction, kind: str, help: str) -> None:

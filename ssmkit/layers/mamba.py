@@ -19,7 +19,7 @@ from torch import nn
 
 from ssmkit import ops
 from ssmkit.layers.norm import RMSNorm, no_weight_decay
-from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
+from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
 
 
 @dataclasses.dataclass(eq=False)
@@ -207,10 +207,7 @@ class Mamba(nn.Module):
         otherwise). Mamba has no norm before ``out_proj``, so that and the residual add stay cuBLAS's.
         """
         self._check_state(state, residual.shape[0])
-        if residual.dim() != 3 or residual.shape[1] != 1:
-            raise ValueError(f"{self._name()}: step_from_residual takes one token, (b, 1, d_model); got shape "
-                             f"{tuple(residual.shape)}")
-        r = residual[:, 0]
+        r = one_token(residual, self._name())
         xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         return (r + self._scan_step(xz, state)).unsqueeze(1)
 

@@ -22,7 +22,7 @@ from ssmkit import ops
 from ssmkit.distributed.context_parallel import context_parallel_chunk_scan, previous_rank_tail
 from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
-from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
+from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -190,10 +190,7 @@ class Mamba2(nn.Module):
         if self.context_parallel_group is not None:
             raise ValueError(f"{self._name()}: a context-parallel layer takes no cache (switch it off for decoding)")
         self._check_state(state, residual.shape[0])
-        if residual.dim() != 3 or residual.shape[1] != 1:
-            raise ValueError(f"{self._name()}: step_from_residual takes one token, (b, 1, d_model); got shape "
-                             f"{tuple(residual.shape)}")
-        r = residual[:, 0]
+        r = one_token(residual, self._name())
         zxbcdt = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         y, z = self._scan_step(zxbcdt, state)
         if not self.rmsnorm:

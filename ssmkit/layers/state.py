@@ -94,3 +94,11 @@ def next_conv_state(conv_state: torch.Tensor, x: torch.Tensor, seq_idx: torch.Te
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or kept in float64: SSM parameters (A, D, Δ bias) are used at full precision."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def one_token(residual: torch.Tensor, owner: str) -> torch.Tensor:
+    """The (b, d) row of a one-token step's (b, 1, d) input; any other shape is an error naming ``owner``."""
+    if residual.dim() != 3 or residual.shape[1] != 1:
+        raise ValueError(f"{owner}: step_from_residual takes one token, (b, 1, d_model); got shape "
+                         f"{tuple(residual.shape)}")
+    return residual[:, 0]

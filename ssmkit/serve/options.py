@@ -68,10 +68,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-requests", type=int, default=d.max_requests, metavar="N",
                         help="requests in flight before new ones get 503")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a CPU; "
-                             "bfloat16 roughly doubles CPU decode on CPUs with native bf16. Saved sessions load "
-                             "into either")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for the model (default: torch's); 1 is best on a machine shared with "
                              "other busy processes")

@@ -219,6 +219,8 @@ def test_euler_limit_is_mamba2(backend, packed):
 
 
 def _grads(inp, backend, chunk_size=8, **kw):
+    """Gradients of a random projection of every output; ``backend`` is a name, or a scan called as
+    ``backend(leaves, **kw) -> (out, final_state)``."""
     leaves = {}
     for k, v in inp.items():
         if isinstance(v, tuple):
@@ -227,7 +229,10 @@ def _grads(inp, backend, chunk_size=8, **kw):
             leaves[k] = v.detach().clone().requires_grad_()
         else:
             leaves[k] = v
-    out, final = run(leaves, backend, chunk_size, return_final_state=True, **kw)
+    if callable(backend):
+        out, final = backend(leaves, **kw)
+    else:
+        out, final = run(leaves, backend, chunk_size, return_final_state=True, **kw)
     gen = torch.Generator().manual_seed(1)
     # The angle enters the loss through cos/sin only: the wrap at 2π must not matter.
     loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum()

@@ -7,11 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan
+from ssmkit.ops.mamba3 import mamba3_scan
 from ssmkit.ops.mamba3.reference import mamba3_reference
 from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
 from ssmkit.testing import assert_close
-from tests.ops.test_mamba3 import F64, assert_state_close, f64, make_inputs, packed_ids
+from tests.ops.test_mamba3 import (
+    F64,
+    _grads,
+    assert_state_close,
+    f64,
+    make_inputs,
+    packed_ids,
+)
 
 # (groups g, rotary angles a of n = 8, interleaved pairs, mimo projections of rank 1 given)
 SISO = [(1, 2, True, False), (2, 4, False, True)]
@@ -48,28 +55,11 @@ def test_matches_float64_reference(dtype, l, g, a, interleaved, mimo, packed):
     assert_state_close(final, want_final, dtype)
 
 
-def _grads(fn, inputs, **kw):
-    leaves = {k: Mamba3ScanState(*(t.detach().clone().requires_grad_() for t in v)) if isinstance(v, tuple)
-              else v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    out, final = fn(leaves, **kw)
-    gen = torch.Generator().manual_seed(1)
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum()
-               for o in (out, final.ssm, final.last_B, final.last_x, torch.cos(final.angle)))
-    loss.backward()
-    flat = {k: v for k, v in leaves.items() if isinstance(v, torch.Tensor)}
-    flat |= {f"initial_state.{f}": t for f, t in zip(Mamba3ScanState._fields, leaves["initial_state"])}
-    return {k: v.grad for k, v in flat.items()}
-
-
-def _reference_leaves(leaves, **kw):
-    return mamba3_reference(**leaves, chunk_size=1, **kw)
-
-
 @pytest.mark.parametrize("g, a, interleaved, mimo", SISO)
 def test_gradients_fp32_match_float64_reference(g, a, interleaved, mimo):
     inp = siso_inputs(45, g, a, mimo)
     kw = {"rotary_interleaved": interleaved, "seq_idx": packed_ids(2, 45)}
-    got, want = _grads(via_ssd, inp, **kw), _grads(_reference_leaves, f64(inp), **kw)
+    got, want = _grads(inp, via_ssd, **kw), _grads(f64(inp), "reference", **kw)
     assert len(got) == (18 if mimo else 15) and all(v is not None for v in got.values())
     for name in got:
         assert_close(got[name], want[name], torch.float32, name=f"grad {name}")
@@ -89,7 +79,7 @@ def test_vanishing_and_zero_decay_steps():
     assert_close(out, want, torch.float32, name="out")
     assert_state_close(final, want_final, torch.float32)
     inp["x"] = inp["x"] / 1e9
-    got, want = _grads(via_ssd, inp), _grads(_reference_leaves, f64(inp))
+    got, want = _grads(inp, via_ssd), _grads(f64(inp), "reference")
     for name in ("A", "dt", "trap", "x"):
         assert_close(got[name], want[name], torch.float32, name=f"grad {name}")
 

@@ -155,9 +155,7 @@ def _block(
     prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
 
     doc, doc_end, doc_before = _doc_layout(seq_idx, b, l, T, x.device)
-    theta = rotary_angles(prep.dtheta, seq_idx, None if init is None else init.angle)  # (b, l, h, a)
-    Bt = rotate(prep.Bh, theta[:, :, None], rotary_interleaved)  # (b, l, r, h, n)
-    Ct = rotate(prep.Ch, theta[:, :, None], rotary_interleaved)
+    theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
     w = prep.gamma + next_share(prep, seq_idx)  # (b, l, h)
 
     # Padded steps: no decay (log_a = 0) and no input (w = γ = 0, B̃ = 0), so G passes unchanged.
@@ -219,6 +217,13 @@ def initial_G(init: Mamba3ScanState, prep: Prepared, mimo_x: torch.Tensor | None
     mx = None if mimo_x is None else mimo_x.to(prep.xr.dtype).transpose(0, 1)
     x_prev = init.last_x[:, None] * mx if mx is not None else init.last_x[:, None].expand(-1, r, -1, -1)
     return init.ssm + prep.delta[:, 0, :, None, None] * mix_input(x_prev, init.last_B)
+
+
+def rotated_BC(prep: Prepared, seq_idx: torch.Tensor | None, init: Mamba3ScanState | None,
+               interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """θ (b, l, h, a) and B̃, C̃ (b, l, r, h, n): B and C rotated by the absolute angle of their position."""
+    theta = rotary_angles(prep.dtheta, seq_idx, None if init is None else init.angle)
+    return theta, rotate(prep.Bh, theta[:, :, None], interleaved), rotate(prep.Ch, theta[:, :, None], interleaved)
 
 
 def rotary_angles(dtheta: torch.Tensor, seq_idx: torch.Tensor | None, initial: torch.Tensor | None) -> torch.Tensor:

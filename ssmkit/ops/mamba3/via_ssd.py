@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotary_angles
-from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
+from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
+from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.ops.ssd.reference import compute_dtype
 
@@ -57,9 +57,8 @@ def mamba3_via_ssd(
                           *(initial_state or ()))
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
-    theta = rotary_angles(prep.dtheta, seq_idx, None if init is None else init.angle)
-    Bt = rotate(prep.Bh[:, :, 0], theta, rotary_interleaved)  # (b, l, h, n)
-    Ct = rotate(prep.Ch[:, :, 0], theta, rotary_interleaved)
+    theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
+    Bt, Ct = Bt[:, :, 0], Ct[:, :, 0]  # (b, l, h, n): rank 1
     xr = prep.xr[:, :, 0]  # (b, l, h, p)
     nxt = next_share(prep, seq_idx)
     G0 = None if init is None else initial_G(init, prep, mimo_x)
