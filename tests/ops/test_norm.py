@@ -193,9 +193,15 @@ def test_fuzz_chunked_matches_reference(lead, groups, group_size, explicit_group
 
 
 def test_matches_transformers_norms():
-    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
-    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.mamba import modeling_mamba
+    from transformers.models.mamba2 import modeling_mamba2
 
+    # transformers 5.x renamed MambaRMSNormGated to Mamba2RMSNormGated; same function.
+    MambaRMSNormGated = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or getattr(
+        modeling_mamba2, "MambaRMSNormGated", None)
+    MambaRMSNorm = getattr(modeling_mamba, "MambaRMSNorm", None)
+    if MambaRMSNormGated is None or MambaRMSNorm is None:
+        pytest.skip("this transformers release has neither Mamba2RMSNormGated nor MambaRMSNormGated")
     x, gate = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
     gated = MambaRMSNormGated(64, group_size=16, eps=1e-5)
     plain = MambaRMSNorm(64, eps=1e-5)
