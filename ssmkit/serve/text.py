@@ -3,6 +3,10 @@
 A stop string may be split over several tokens, so text that could still turn out to be the start of a
 stop string is held back until the next token decides it: streamed pieces never contain a stop string,
 and their concatenation is exactly the non-streamed text.
+
+This runs on the engine thread for every token, so its cost is bounded: each stop string is matched by a
+Knuth-Morris-Pratt automaton fed one character at a time (amortised O(1) per character and stop string,
+built in O(length) once per request), and the text held back is never longer than the longest stop string.
 """
 
 from __future__ import annotations
@@ -12,8 +16,40 @@ from collections.abc import Sequence
 from ssmkit.data.tokenizer import Tokenizer
 
 
+class _StopMatcher:
+    """Length of the longest prefix of ``word`` that is a suffix of the text fed so far (KMP)."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+        fail = [0] * len(word)  # fail[i]: longest proper border of word[: i + 1]
+        k = 0
+        for i in range(1, len(word)):
+            while k and word[i] != word[k]:
+                k = fail[k - 1]
+            if word[i] == word[k]:
+                k += 1
+            fail[i] = k
+        self.fail = fail
+        self.matched = 0
+
+    def feed(self, char: str) -> bool:
+        """Advance by one character; True when the whole word has just been matched."""
+        word, k = self.word, self.matched
+        if k == len(word):
+            k = self.fail[k - 1]
+        while k and char != word[k]:
+            k = self.fail[k - 1]
+        if char == word[k]:
+            k += 1
+        self.matched = k
+        return k == len(word)
+
+
 class StopTextDecoder:
     """Feed token ids with :meth:`push`; get the text they release and whether a stop string ended it.
+
+    The text ends before the stop string completed first (the earliest end; the longest, i.e. earliest
+    starting, one on a tie), whatever the tokens' boundaries.
 
     Example::
 
@@ -25,7 +61,7 @@ class StopTextDecoder:
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
         self._decoder = tokenizer.stream_decoder()
-        self._stop = [s for s in stop if s]
+        self._matchers = [_StopMatcher(s) for s in dict.fromkeys(stop) if s]
         self._held = ""
         self.stopped = False
 
@@ -44,12 +80,17 @@ class StopTextDecoder:
         return text + rest
 
     def _release(self, new: str) -> tuple[str, bool]:
+        if not self._matchers:
+            return new, False
         held = self._held + new
-        hits = [i for i in (held.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            self._held = ""
-            return held[: min(hits)], True
-        keep = max((k for s in self._stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        base = len(self._held)
+        for i, char in enumerate(new):
+            done = [m for m in self._matchers if m.feed(char)]
+            if done:
+                self.stopped = True
+                self._held = ""
+                return held[: base + i + 1 - max(len(m.word) for m in done)], True
+        # Hold back the longest suffix that may still grow into a stop string (at most the longest one - 1).
+        keep = max(m.matched for m in self._matchers)
         self._held = held[len(held) - keep:] if keep else ""
         return held[: len(held) - keep], False
