@@ -240,6 +240,7 @@ class Server:
             except ApiError as e:
                 yield {"data": json.dumps(error_body(e.detail, e.kind, e.param, e.code))}
             except (SessionDiskFull, SessionStateError) as e:  # the session's new state could not be saved
+                log.error("%s", getattr(e, "detail", e))
                 yield {"data": json.dumps(error_body(str(e), "server_error", code=e.code))}
             except Exception as e:  # noqa: BLE001 (a bug: the client still learns that the stream failed)
                 yield {"data": json.dumps(error_body(internal_error(e), "server_error"))}

@@ -132,12 +132,14 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc)[:64] or None
         first = first or (loc[0] if loc else None)
-        if loc and loc[0] in _FIELD_HINTS and kind not in ("extra_forbidden", "missing"):
+        if loc and loc[0] in _FIELD_HINTS and kind not in ("extra_forbidden", "missing", "string_unicode"):
             parts.append(f"{loc[0]} {_FIELD_HINTS[loc[0]]}")
         elif kind == "extra_forbidden":
             parts.append(f"unknown field {clip(field)}")
         elif kind == "missing":
             parts.append(f"missing field {clip(field)}" if field else "the body is empty: send a JSON object")
+        elif kind == "string_unicode":  # FastAPI's JSON parsing meets a lone surrogate escape
+            parts.append(f"{field or 'the body'} contains a lone surrogate; text must be valid Unicode")
         elif kind == "model_attributes_type":
             parts.append("the body must be a JSON object (and the Content-Type application/json)")
         else:
