@@ -46,3 +46,20 @@ def test_streamed_text_is_the_text_cut_at_the_first_completed_stop(text, stop):
     assert ("".join(pieces), stopped) == expected(text, stop)
     for s in stop:
         assert all(s not in p for p in pieces)
+
+
+def test_matching_cost_is_linear_in_the_text():
+    """Issue 19, item 1: matching used to cost O(len(stop)**2) per token on the engine thread. The longest
+    allowed stop strings, built against naive matching, over 30,000 generated characters take well under a
+    second (the quadratic matcher needed minutes)."""
+    import time
+
+    from ssmkit.serve.schemas import MAX_STOP_CHARS
+
+    stop = ["a" * (MAX_STOP_CHARS - 1) + c for c in "bcde"]
+    dec = StopTextDecoder(ByteTokenizer(), stop)
+    start = time.process_time()
+    released = "".join(dec.push(ord("a"))[0] for _ in range(30_000))
+    assert time.process_time() - start < 3
+    assert len(released) == 30_000 - (MAX_STOP_CHARS - 1)  # exactly the text that can no longer match
+    assert dec.push(ord("b")) == ("", True)  # the held-back run of "a"s was the start of the first stop string
