@@ -100,7 +100,7 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     if len(message) > MAX_ERROR_CHARS:
         message = message[: MAX_ERROR_CHARS - 3] + "..."
     if param is not None:
-        param = clip(param)
+        param = param[:64].encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
