@@ -6,14 +6,49 @@ and their concatenation is exactly the non-streamed text.
 
 This runs on the engine thread for every token, so its cost is bounded: each stop string is matched by a
 Knuth-Morris-Pratt automaton fed one character at a time (amortised O(1) per character and stop string,
-built in O(length) once per request), and the text held back is never longer than the longest stop string.
+built in O(length) once per request), the text held back is never longer than the longest stop string,
+and a subword tokenizer decodes a window of at most :data:`MAX_DECODE_WINDOW` recent tokens per token
+(``StreamDecoder`` decodes the whole completion every token, quadratic in its length).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.data.tokenizer import ByteTokenizer, Tokenizer
+
+MAX_DECODE_WINDOW = 16
+
+
+class WindowDecoder:
+    """Token ids to text one at a time, decoding only the last few tokens (vLLM's and TGI's scheme).
+
+    Each token decodes ``ids[prefix:]`` and ``ids[prefix:read]``, where ``read`` is where the text emitted so
+    far ends and ``prefix`` where the token before it began: the difference is the new text, with the spacing
+    the tokenizer derives from the preceding token. Text ending in U+FFFD (half a UTF-8 character of a
+    byte-level vocabulary) is held until completed, for at most :data:`MAX_DECODE_WINDOW` tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = self._read = 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._tok.decode(self._ids[self._prefix:self._read])
+        text = self._tok.decode(self._ids[self._prefix:])
+        complete = len(text) > len(before) and not text.endswith("\ufffd")
+        if not complete and len(self._ids) - self._prefix <= MAX_DECODE_WINDOW:
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(before):] if text.startswith(before) else ""
+
+    def flush(self) -> str:
+        before = self._tok.decode(self._ids[self._prefix:self._read])
+        text = self._tok.decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(before):] if text.startswith(before) else ""
 
 
 class _StopMatcher:
@@ -60,7 +95,8 @@ class StopTextDecoder:
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
-        self._decoder = tokenizer.stream_decoder()
+        self._decoder = (tokenizer.stream_decoder() if isinstance(tokenizer, ByteTokenizer)
+                         else WindowDecoder(tokenizer))
         self._matchers = [_StopMatcher(s) for s in dict.fromkeys(stop) if s]
         self._held = ""
         self.stopped = False
