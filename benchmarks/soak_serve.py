@@ -112,6 +112,7 @@ class Client(threading.Thread):
         self.rng = random.Random(index)
         self.server, self.stats, self.until, self.epoch = server, stats, until, epoch
         self.sessions: dict[str, int] = {}
+        self.deleted: set[str] = set()  # acknowledged deletes: none may come back
         self.seen_epoch = 0
 
     def run(self) -> None:
@@ -209,9 +210,19 @@ class Client(threading.Thread):
             if info is not None:
                 self.sessions[info["id"]] = info["tokens"]
             return info is not None
-        self.sessions.pop(sid)  # deleted, or in doubt if the reply is lost: no longer checked either way
-        r = http.delete(f"/v1/sessions/{sid}")
-        return r.status_code == 200 or self.failed(op, r) is not None
+        try:
+            r = http.delete(f"/v1/sessions/{sid}")
+        except httpx.ConnectError:
+            raise  # never sent: the session is still there
+        except httpx.TransportError:
+            self.sessions.pop(sid)  # deleted or not: no longer checked either way
+            raise
+        if r.status_code != 200:
+            self.failed(op, r)
+            return False
+        self.sessions.pop(sid)
+        self.deleted.add(sid)
+        return True
 
     def acked(self, sid: str, info: dict | None) -> bool:
         if info is None:
@@ -257,8 +268,15 @@ def main() -> int:
         for c in clients:
             c.seen_epoch = epoch[0]
             c.verify(http)
-        listed = len(http.get("/v1/sessions").json()["data"])
+        listed_ids = {s["id"] for s in http.get("/v1/sessions").json()["data"]}
+        listed = len(listed_ids)
+        resurrected = listed_ids & set().union(*(c.deleted for c in clients))
     server.kill()
+    # For a closer look: every session a client tracks, every acknowledged delete, what the server listed.
+    tracked_ids = {sid: n for c in clients for sid, n in c.sessions.items()}
+    (work / "sessions_tracked.json").write_text(json.dumps(
+        {"tracked": tracked_ids, "deleted": sorted(set().union(*(c.deleted for c in clients))),
+         "listed": sorted(listed_ids)}))
     elapsed = time.monotonic() - start
     tracked = sum(len(c.sessions) for c in clients)
     quarantined = len(list((work / "sessions").rglob("quarantine/*")))
@@ -271,10 +289,11 @@ def main() -> int:
     print(f"sessions checked after restarts: {stats.checked}; acknowledged at the end: {tracked}; the server "
           f"lists {listed} (at most {tracked + in_doubt}: {in_doubt} creates, forks and deletes were cut); "
           f"quarantined files: {quarantined}")
-    print(f"sessions lost: {len(stats.lost)}; sessions behind their acknowledged tokens: {len(stats.behind)}")
+    print(f"sessions lost: {len(stats.lost)}; sessions behind their acknowledged tokens: {len(stats.behind)}; "
+          f"deleted sessions back after a restart: {len(resurrected)}")
     print(f"work folder: {work}")
     unexpected = [k for k in stats.errors if not k.endswith((": down", ": cut"))]
-    return 1 if stats.lost or stats.behind or unexpected else 0
+    return 1 if stats.lost or stats.behind or resurrected or unexpected else 0
 
 
 if __name__ == "__main__":
