@@ -19,6 +19,11 @@ def test_serve_reports_bad_arguments(model_dir, tmp_path, capsys):
     assert "cannot read --token-file" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(model_dir), "--max-batch", "0"]) == 1
     assert "max_batch must be positive" in capsys.readouterr().err
+    for flag, value, needle in (("--header-timeout", "0", "header_timeout_s"), ("--body-timeout", "nan", "body_timeout_s"),
+                                ("--max-idle-connections", "0", "max_idle_connections"),
+                                ("--session-disk-mb", "0", "session_disk_bytes")):
+        assert main(["serve", "--checkpoint", str(model_dir), flag, value]) == 1, flag
+        assert needle in capsys.readouterr().err, flag
     assert main(["serve", "--checkpoint", str(model_dir), "--bogus"]) == 2
 
 
