@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssmkit import files
+from ssmkit.files import shown
 from ssmkit.models.presets import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE
 
 SPEC_FILE = "ssmkit_tokenizer.json"
@@ -77,15 +79,16 @@ class TokenizersTokenizer:
     def __init__(self, path: str | os.PathLike, *, add_specials: bool = True) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise FileNotFoundError(f"tokenizer file not found: {shown(path)}")
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
             raise ImportError("data.tokenizer needs the 'tokenizers' package: pip install 'ssmkit[tokens]'") from e
+        text = files.read_text(path, "tokenizer")  # size-checked before reading
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = Tokenizer.from_str(text)
         except Exception as e:
-            raise ValueError(f"{path} is not a valid tokenizers tokenizer.json: {e}") from e
+            raise ValueError(f"{shown(path)} is not a valid tokenizers tokenizer.json: {e}") from e
         self.path = path
         base = self._tok.get_vocab_size(with_added_tokens=True)
         if add_specials:
@@ -178,14 +181,19 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         foreign = Path(folder) / "tokenizer.json"
         return TokenizersTokenizer(foreign, add_specials=False) if foreign.is_file() else ByteTokenizer()
     try:
-        spec = json.loads(spec_path.read_text())
+        spec = files.read_json_object(spec_path, "config")
         kind = spec["kind"]
+    except files.FileTooLargeError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{spec_path}: unreadable tokenizer spec ({e})") from e
+        raise ValueError(f"{shown(spec_path)}: unreadable tokenizer spec ({e})") from e
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "tokenizers":
-        return TokenizersTokenizer(Path(folder) / spec.get("file", "tokenizer.json"))
+        name = spec.get("file", "tokenizer.json")
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"{shown(spec_path)}: \"file\" must name a file in the same folder, got {name!r}")
+        return TokenizersTokenizer(Path(folder) / name)
     raise ValueError(f"{spec_path}: unknown tokenizer kind {kind!r} (expected 'bytes' or 'tokenizers')")
 
 

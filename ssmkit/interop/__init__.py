@@ -35,6 +35,18 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
     return transformers_mamba.load_transformers_checkpoint(folder)
 
 
+def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of a transformers folder, from its config.json alone (no weights read)."""
+    from ssmkit.interop.jamba import jamba_config_from_transformers
+    from ssmkit.interop.transformers_config import config_from_transformers
+
+    config_path = Path(path) / CONFIG_NAME
+    raw = read_json(config_path)
+    if raw.get("model_type") == "jamba":
+        return jamba_config_from_transformers(raw, config_path)
+    return config_from_transformers(raw, config_path)
+
+
 def save_transformers_checkpoint(model: LanguageModel, path: str | os.PathLike) -> Path:
     """Write ``model`` as a transformers folder: Jamba for hybrids (attention or feed-forward layers, or
     Mamba with inner layer norms), mamba / falcon_mamba / mamba2 for pure SSM stacks."""
@@ -50,6 +62,7 @@ __all__ = [
     "TRANSFORMERS_MODEL_TYPES",
     "load_jamba_checkpoint",
     "load_transformers_checkpoint",
+    "read_transformers_config",
     "save_jamba_checkpoint",
     "save_transformers_checkpoint",
 ]

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json, read_weights, write_folder
+from ssmkit.models.config import MAX_CONFIG_INT, MAX_LAYERS
 
 if TYPE_CHECKING:
     from ssmkit.models import LanguageModel, ModelConfig
@@ -61,9 +62,12 @@ def _field(values: dict[str, Any], source: Path, name: str, kind: type = int, mi
     elif kind is bool:
         ok, want = isinstance(v, bool), "true or false"
     else:
-        ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= minimum, f"an integer >= {minimum}"
+        top = MAX_LAYERS if name == "num_hidden_layers" else MAX_CONFIG_INT
+        ok = isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= top
+        want = f"an integer from {minimum} to {top:,}"
     if not ok:
-        raise CheckpointError(f"{source}: field {name!r} = {v!r}: expected {want}")
+        shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."  # a hostile value may be megabytes long
+        raise CheckpointError(f"{source}: field {name!r} = {shown}: expected {want}")
     return float(v) if kind is float else v
 
 
