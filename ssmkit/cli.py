@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -106,7 +106,63 @@ def build_parser() -> argparse.ArgumentParser:
                            help="HTTP server: completions (streamed or not) and stateful sessions")
     add_serve_arguments(serve)
     _add_dtype_argument(serve, "Saved sessions load into either.")
+    _bound_numbers(parser)
     return parser
+
+
+class _Number:
+    """An argparse ``type``: a finite int or float in a range; anything else is a usage error naming the
+    option (``argument --port: must be an integer from 0 to 65535, got '70000'``), not a traceback later."""
+
+    def __init__(self, kind: type, low: float = 0, high: float | None = None, *, above: bool = False,
+                 hint: str = "") -> None:
+        self.kind, self.low, self.high, self.above, self.hint = kind, low, high, above, hint
+        if kind is int and high is None:
+            self.high = MAX_CLI_INT
+        self.__name__ = "integer" if kind is int else "number"  # argparse's "invalid ... value" wording
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        low, high = (f"{v}" if self.kind is int else f"{v:g}" for v in (self.low, self.high or 0))
+        if self.high is None:
+            return f"{what} {'>' if self.above else '>='} {low}"
+        return f"{what} > {low} and <= {high}" if self.above else f"{what} from {low} to {high}"
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        if (not math.isfinite(value) or value < self.low or (self.above and value == self.low)
+                or (self.high is not None and value > self.high)):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}{self.hint}")
+        return value
+
+
+# Counts and sizes beyond this are mistakes (and overflow int32 kernels and C APIs such as bind()).
+MAX_CLI_INT = 2**31 - 1
+# Ranges of the numeric options whose valid values are not simply ">= 0" (see _bound_numbers).
+_RANGES: dict[str, dict[str, _Number]] = {
+    "train": {"steps": _Number(int, 1), "time": _Number(float, 0, above=True, hint="; to train for a number of steps, give --steps N")},
+    "generate": {"top_p": _Number(float, 0, 1, above=True), "seed": _Number(int, 0, 2**63 - 1)},
+    "serve": {"port": _Number(int, 0, 65535), "max_sessions": _Number(int, 1), "max_body_mb": _Number(float, 0, above=True),
+              "max_prompt_tokens": _Number(int, 1), "max_tokens_cap": _Number(int, 1),
+              "request_timeout": _Number(float, 0, above=True), "max_batch": _Number(int, 1),
+              "max_requests": _Number(int, 1), "threads": _Number(int, 1)},
+}
+
+
+def _bound_numbers(parser: argparse.ArgumentParser, command: str = "") -> None:
+    """Give every int and float option of every command a range: those of :data:`_RANGES`, else finite and
+    ``>= 0`` (ints at most :data:`MAX_CLI_INT`); options whose default is negative keep their sign."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                _bound_numbers(sub, command or name)
+        elif action.type in (int, float):
+            default = action.default if isinstance(action.default, (int, float)) else 0
+            low = min(0, default)
+            action.type = _RANGES.get(command, {}).get(action.dest) or _Number(action.type, low)
 
 
 def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -157,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         _subparser(parser, args).print_usage(sys.stderr)
         print(f"ssmkit {where}: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, TrainingError) as e:
-        # Expected failures (missing files, bad configs or checkpoints, a diverged run) get one line;
-        # anything else is a bug and keeps its traceback.
+    except (OSError, ValueError, ImportError, TrainingError) as e:
+        # Expected failures (missing files, bad configs or checkpoints, a missing optional package, a
+        # diverged run) get one line; anything else is a bug and keeps its traceback.
         print(f"ssmkit {where}: error: {e}", file=sys.stderr)
         return 1
 
@@ -185,8 +241,12 @@ def _unknown_message(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from ssmkit.models import ModelConfig
+    from ssmkit.models.size import check_model_size
     from ssmkit.train import RUN_FILE, Trainer
+    from ssmkit.train.checkpoint import read_run_file
 
     overrides: dict[str, dict[str, str]] = {s: {} for s in SECTIONS}
     for dest, value in vars(args).items():
@@ -196,6 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides["train"].update(steps=str(args.steps), time_minutes="0")
     if args.time is not None:
+        # > 0 by its type: time_minutes 0 means "stop after --steps", which `--time 0` must not silently become.
         overrides["train"]["time_minutes"] = str(args.time)
     if args.data:
         overrides["data"]["paths"] = " ".join(args.data)
@@ -203,9 +264,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = None
     if args.resume:
         try:
-            saved = json.loads((out / RUN_FILE).read_text())
+            saved = read_run_file(out / RUN_FILE)
         except FileNotFoundError:
             raise FileNotFoundError(f"--resume: {out / RUN_FILE} not found; is {out} a training run folder?") from None
+        except ValueError as e:
+            raise ValueError(f"--resume: {e}") from None
     try:
         data_dict = apply_overrides(saved["data"] if saved else asdict(DataConfig()), DataConfig, "data",
                                     overrides["data"])
@@ -225,7 +288,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if saved and model_dict != saved["model"]:
             changed = sorted(k for k in model_dict if model_dict[k] != saved["model"].get(k))
             raise UsageError(f"--resume continues the saved model, but --preset/--model.* change {', '.join(changed)}")
-    Trainer(ModelConfig.from_dict(model_dict), train_config, data_config, out, resume=args.resume).fit()
+    model_config = ModelConfig.from_dict(model_dict)
+    # Before reading any data: a model too big for this machine is refused in a second, not after tokenizing.
+    check_model_size(model_config, device="cuda" if train_config.device in ("auto", "cuda") and
+                     torch.cuda.is_available() else "cpu", source="the model config (--preset, --model.*)")
+    Trainer(model_config, train_config, data_config, out, resume=args.resume).fit()
     return 0
 
 
@@ -243,7 +310,10 @@ def _model_dict(preset: str | None, overrides: dict[str, str], data_config: Data
         model_dict["vocab_size"] = needed
     elif model_dict["vocab_size"] < needed:
         raise UsageError(f"--model.vocab_size {model_dict['vocab_size']} is smaller than the tokenizer's {needed}")
-    return ModelConfig.from_dict(model_dict).to_dict()
+    try:
+        return ModelConfig.from_dict(model_dict).to_dict()
+    except ValueError as e:  # a --model.* value out of its range
+        raise UsageError(str(e)) from None
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -284,8 +354,6 @@ def _load(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any, Pat
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     text = args.prompt
     if args.prompt_file:
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ssmkit.cli import main
 
 
@@ -17,8 +19,9 @@ def test_serve_reports_bad_arguments(model_dir, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(model_dir), "--token-file", str(tmp_path / "nope")]) == 1
     assert "cannot read --token-file" in capsys.readouterr().err
-    assert main(["serve", "--checkpoint", str(model_dir), "--max-batch", "0"]) == 1
-    assert "max_batch must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a usage error, from the option's range
+        main(["serve", "--checkpoint", str(model_dir), "--max-batch", "0"])
+    assert e.value.code == 2 and "--max-batch: must be an integer from 1" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(model_dir), "--bogus"]) == 2
 
 
