@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".replace("%", "%%"))
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="stream a continuation of a prompt to stdout")
-    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder or training run folder")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR|ID",
+                     help="model folder, training run folder, or Hugging Face Hub id (org/name)")
+    _add_tokenizer_argument(gen)
+    gen.add_argument("--ids", action="store_true",
+                     help="--prompt is token ids (separated by spaces) and the output is token ids; no tokenizer "
+                          "is needed")
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file")
@@ -88,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", allow_abbrev=False,
                           help="config, parameters, cache size and FLOPs per token of a model")
     what = info.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", metavar="DIR")
+    what.add_argument("--checkpoint", metavar="DIR|ID", help="model folder or Hugging Face Hub id (org/name)")
     what.add_argument("--preset", metavar="NAME")
     what.add_argument("--list", action="store_true", help="list the presets")
     info.add_argument("--context", type=int, default=None, metavar="N",
@@ -96,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", allow_abbrev=False,
                           help="convert a checkpoint between ssmkit and transformers formats")
-    conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder)")
+    conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder, "
+                                                 "or a Hugging Face Hub id org/name)")
     conv.add_argument("dst", metavar="DST", help="new folder to write")
     conv.add_argument("--to", required=True, choices=("transformers", "ssmkit"))
 
@@ -105,9 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", allow_abbrev=False,
                            help="HTTP server: completions (streamed or not) and stateful sessions")
     add_serve_arguments(serve)
+    _add_tokenizer_argument(serve)
     _add_dtype_argument(serve, "Saved sessions load into either.")
     _bound_numbers(parser)
+    _add_revision_arguments(parser)
     return parser
+
+
+def _add_tokenizer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", metavar="FILE", default=None,
+                        help="tokenizer.json to use (or a folder with one), for checkpoints that have none")
+
+
+def _add_revision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--revision`` for every command that names a checkpoint (``--checkpoint``, or convert's SRC)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_revision_arguments(sub)
+    dests = {a.dest for a in parser._actions}
+    if ("checkpoint" in dests or "src" in dests) and "revision" not in dests:
+        parser.add_argument("--revision", default=None, metavar="REV",
+                            help="branch, tag or commit of a Hugging Face Hub checkpoint (default: main)")
 
 
 class _Number:
@@ -316,13 +341,13 @@ def _model_dict(preset: str | None, overrides: dict[str, str], data_config: Data
         raise UsageError(str(e)) from None
 
 
-def resolve_model_dir(path: str) -> Path:
-    """A folder with config.json: the folder itself, a run's ``model/``, or a run's latest good checkpoint."""
+def resolve_model_dir(path: str, revision: str | None = None) -> Path:
+    """A folder with config.json: the folder itself, a run's ``model/``, a run's latest good checkpoint, or
+    the hub cache's snapshot of a Hugging Face Hub id ``org/name`` (at ``revision``)."""
+    from ssmkit.hub import resolve_checkpoint
     from ssmkit.train import checkpoint
 
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"checkpoint not found: {folder}")
+    folder = resolve_checkpoint(path, revision)
     if (folder / "config.json").is_file():
         return folder
     if (folder / "model" / "config.json").is_file():
@@ -334,33 +359,39 @@ def resolve_model_dir(path: str) -> Path:
                             "folder with model/ or checkpoints/")
 
 
-def _load(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any, Path]:
+def _load(path: str, device: str, dtype: str = "float32", *, revision: str | None = None,
+          tokenizer: str | None = None, need_tokenizer: bool = True) -> tuple[Any, Any, Path]:
+    """``(model, tokenizer, folder)`` of a checkpoint named by ``path`` (see :func:`resolve_model_dir`); the
+    tokenizer is the folder's own, or the file ``tokenizer`` names; None when not ``need_tokenizer``."""
     import torch
 
     from ssmkit.data.tokenizer import load_tokenizer
     from ssmkit.models import LanguageModel
 
-    folder = resolve_model_dir(path)
+    folder = resolve_model_dir(path, revision)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
     model = LanguageModel.from_pretrained(folder, device=device, dtype=getattr(torch, dtype)).eval()
-    tokenizer = load_tokenizer(folder)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+    tok = load_tokenizer(folder, tokenizer=tokenizer) if need_tokenizer or tokenizer else None
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; this tokenizer does not belong to this model")
-    return model, tokenizer, folder
+    return model, tok, folder
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.ids:
+        return _generate_ids(args)
     text = args.prompt
     if args.prompt_file:
         try:
             text = Path(args.prompt_file).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise FileNotFoundError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
-    model, tokenizer, _ = _load(args.checkpoint, args.device, args.dtype)
+    model, tokenizer, _ = _load(args.checkpoint, args.device, args.dtype, revision=args.revision,
+                                tokenizer=args.tokenizer)
     ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
     if not ids:
         raise UsageError("this model's tokenizer has no start-of-document token: give a non-empty --prompt")
@@ -375,6 +406,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(decoder.push(t))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
+    return 0
+
+
+def _generate_ids(args: argparse.Namespace) -> int:
+    """``generate --ids``: the prompt is token ids, the output the new ids; no tokenizer is read."""
+    if args.prompt_file:
+        raise UsageError("--ids takes the prompt's token ids from --prompt")
+    try:
+        ids = [int(t) for t in args.prompt.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--ids: --prompt must be token ids separated by spaces, got {args.prompt[:80]!r}") from None
+    model, _, _ = _load(args.checkpoint, args.device, args.dtype, revision=args.revision, need_tokenizer=False)
+    vocab = model.config.vocab_size
+    if not ids or not all(0 <= i < vocab for i in ids):
+        raise UsageError(f"--ids: --prompt must hold at least one token id, each in [0, {vocab})")
+    for token in model.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(f"{int(token[0])} ")
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
@@ -407,7 +458,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, label = get_preset(args.preset), f"preset {args.preset}"
         model = LanguageModel(config, device="meta")
     else:
-        model, _, folder = _load(args.checkpoint, "cpu")
+        model, _, folder = _load(args.checkpoint, "cpu", revision=args.revision, need_tokenizer=False)
         config, label = model.config, str(folder)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.embedding.weight.numel()
@@ -454,15 +505,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
-    src = resolve_model_dir(args.src)
+    src = resolve_model_dir(args.src, args.revision)
     model = LanguageModel.from_pretrained(src)
     model.save_pretrained(dst, format=args.to)
-    copied = ["tokenizer.json"] + (["ssmkit_tokenizer.json"] if args.to == "ssmkit" else [])
-    for name in copied:
+    # ssmkit_tokenizer.json goes into transformers folders too (transformers ignores it): without it a
+    # byte model's export would have no tokenizer at all.
+    for name in ("tokenizer.json", "ssmkit_tokenizer.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     print(f"wrote {dst} ({args.to} format)")
     return 0
+
+
+def _model_name(checkpoint: str) -> str:
+    """The name the server answers to: a hub id as it is, else the checkpoint folder's name."""
+    from ssmkit.hub import is_hub_id
+
+    local = Path(checkpoint).expanduser()
+    return checkpoint if is_hub_id(checkpoint) and not local.exists() else local.resolve().name
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -471,8 +531,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ssmkit.serve.server import serve
     except ImportError as e:
         raise UsageError(f"ssmkit serve needs the serve extra: pip install 'ssmkit[serve]' ({e})") from None
-    model, tokenizer, folder = _load(args.checkpoint, args.device, args.dtype)
-    serve(model, tokenizer, folder, options_from_args(args, Path(args.checkpoint).resolve().name))
+    model, tokenizer, folder = _load(args.checkpoint, args.device, args.dtype, revision=args.revision,
+                                     tokenizer=args.tokenizer)
+    serve(model, tokenizer, folder, options_from_args(args, _model_name(args.checkpoint)))
     return 0
 
 

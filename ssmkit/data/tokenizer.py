@@ -168,18 +168,36 @@ def build_tokenizer(tokenizer_path: str) -> Tokenizer:
     return TokenizersTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
 
 
-def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved in a checkpoint folder.
+class MissingTokenizerError(FileNotFoundError):
+    """A checkpoint without a tokenizer whose token ids cannot be taken for bytes."""
 
-    Without ``ssmkit_tokenizer.json`` a ``tokenizer.json`` (e.g. a transformers checkpoint) is used as it
-    is, without ssmkit specials; a folder with neither is taken to be a byte model.
+
+def load_tokenizer(folder: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder, or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
+    when given.
+
+    ``ssmkit_tokenizer.json`` says what the folder's tokenizer is; without it a ``tokenizer.json`` (a
+    transformers checkpoint, as the state-spaces models' GPT-NeoX tokenizer) is used as it is, without
+    ssmkit specials. A folder with neither is a byte model only if it is an ssmkit checkpoint of the byte
+    vocabulary (259 tokens); otherwise :class:`MissingTokenizerError`, since reading its ids as bytes
+    would print gibberish: pass a tokenizer, or work in token ids (``ssmkit generate --ids``).
 
     Raises ValueError naming the file when ``ssmkit_tokenizer.json`` is unreadable or of unknown kind.
     """
+    if tokenizer is not None:
+        given = Path(tokenizer)
+        return TokenizersTokenizer(given / "tokenizer.json" if given.is_dir() else given, add_specials=False)
     spec_path = Path(folder) / SPEC_FILE
     if not spec_path.exists():
         foreign = Path(folder) / "tokenizer.json"
-        return TokenizersTokenizer(foreign, add_specials=False) if foreign.is_file() else ByteTokenizer()
+        if foreign.is_file():
+            return TokenizersTokenizer(foreign, add_specials=False)
+        if _is_byte_checkpoint(Path(folder)):
+            return ByteTokenizer()
+        raise MissingTokenizerError(
+            f"{shown(folder)}: no tokenizer (tokenizer.json or {SPEC_FILE}) beside this checkpoint, so its token "
+            "ids cannot be turned into text; give one (--tokenizer FILE, or load_tokenizer(..., tokenizer=FILE)), "
+            "or work in token ids (ssmkit generate --ids)")
     try:
         spec = files.read_json_object(spec_path, "config")
         kind = spec["kind"]
@@ -195,6 +213,16 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
             raise ValueError(f"{shown(spec_path)}: \"file\" must name a file in the same folder, got {name!r}")
         return TokenizersTokenizer(Path(folder) / name)
     raise ValueError(f"{spec_path}: unknown tokenizer kind {kind!r} (expected 'bytes' or 'tokenizers')")
+
+
+def _is_byte_checkpoint(folder: Path) -> bool:
+    """An ssmkit checkpoint whose vocabulary is the byte tokenizer's (saved before tokenizer specs were)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    data = files.read_json_object(config, "config")
+    inner = data.get("config")
+    return data.get("format") == "ssmkit" and isinstance(inner, dict) and inner.get("vocab_size") == BYTE_VOCAB_SIZE
 
 
 def _write_spec(folder: Path, spec: dict) -> None:

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, out_dir: Path | None) -> dict[str, Any]:
     from ssmkit.train.options import simple_from_dict
     from ssmkit.train.trainer import evaluate
 
-    model, tokenizer, folder = _load(args.checkpoint, args.device)
+    model, tokenizer, folder = _load(args.checkpoint, args.device, revision=getattr(args, "revision", None))
     run_file = next((p / "run.json" for p in (folder, *folder.parents[:3]) if (p / "run.json").is_file()), None)
     run_data = read_run_file(run_file)["data"] if run_file else None
     if not args.data and run_data is None:

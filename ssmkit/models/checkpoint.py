@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from ssmkit import files
 from ssmkit.files import shown
+from ssmkit.hub import mamba_ssm_hint
 from ssmkit.models.config import ModelConfig, write_text_atomic
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ def checkpoint_kind(path: Path) -> str:
             f"{path / CONFIG_NAME}: model_type {model_type!r} is not supported; ssmkit reads ssmkit checkpoints "
             f"and transformers checkpoints of model_type {', '.join(TRANSFORMERS_MODEL_TYPES)}"
         )
+    hint = mamba_ssm_hint(data, path.name)
+    if hint:
+        raise ValueError(f"{shown(path / CONFIG_NAME)}: {hint}")
     raise ValueError(
         f"{path / CONFIG_NAME}: neither an ssmkit checkpoint (no \"format\": \"ssmkit\") nor a transformers one "
         "(no \"model_type\")"

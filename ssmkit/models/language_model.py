@@ -19,6 +19,7 @@ from ssmkit.layers import Attention, MoE, RMSNorm
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.models.blocks import build_blocks, init_weights
 from ssmkit.files import shown
+from ssmkit.hub import resolve_checkpoint
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.size import check_model_size
 
@@ -220,10 +221,12 @@ class LanguageModel(nn.Module):
             raise ValueError(f"format must be 'ssmkit' or 'transformers', got {format!r}")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, max_bytes: int | None = None) -> LanguageModel:
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                        max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
-        falcon_mamba, jamba).
+        falcon_mamba, jamba), named by its path or by a Hugging Face Hub id such as
+        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.hub.resolve_checkpoint`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
         files, tensors that do not match the config, and configs of other model types raise errors naming
@@ -238,7 +241,7 @@ class LanguageModel(nn.Module):
             read_config,
         )
 
-        path = Path(path)
+        path = resolve_checkpoint(path, revision)
         transformers = checkpoint_kind(path) == "transformers"
         if transformers:
             from ssmkit.interop import load_transformers_checkpoint, read_transformers_config

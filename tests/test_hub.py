@@ -1,0 +1,210 @@
+"""Checkpoints named by Hugging Face Hub id, through a hub cache laid out as huggingface_hub lays it out,
+offline (issue 27). No test touches the network: HF_HUB_OFFLINE=1 throughout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("huggingface_hub", reason="the hub extra (huggingface_hub) is not installed")
+tokenizers = pytest.importorskip("tokenizers", reason="the tokens extra (tokenizers) is not installed")
+
+from ssmkit.cli import main
+from ssmkit.data.tokenizer import MissingTokenizerError, load_tokenizer
+from ssmkit.hub import is_hub_id, resolve_checkpoint
+from ssmkit.models import LanguageModel, MambaConfig, ModelConfig
+
+MAIN, V1 = "a" * 40, "b" * 40
+
+
+def _tokenizer_json(path: Path) -> int:
+    """A small byte-level BPE tokenizer.json; returns its vocabulary size."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(["def main():\n    return 1\n", "hello world, hello hub"] * 20, vocab_size=300,
+                            min_frequency=1, show_progress=False)
+    tok.save(str(path))
+    return tok.get_vocab_size()
+
+
+def _transformers_folder(folder: Path, vocab: int, seed: int, tokenizer: bool) -> Path:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab, d_model=16, n_layer=2, layer_pattern="M", pad_vocab_size_multiple=1,
+                         mamba=MambaConfig(d_state=4))
+    LanguageModel(config).save_pretrained(folder, format="transformers")
+    if tokenizer:
+        _tokenizer_json(folder / "tokenizer.json")
+    return folder
+
+
+def _add_to_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = MAIN, ref: str = "main") -> Path:
+    """``files`` into ``cache`` as huggingface_hub stores them: content-addressed blobs, a snapshot of
+    relative links per commit, and refs/<ref> naming the commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A hub cache with org/tiny (main and tag v1: two different random models), org/tiny-notok (no
+    tokenizer), state-spaces/mamba-130m (mamba_ssm's own format, pickled) and org/pickled (transformers
+    config, pytorch_model.bin only)."""
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "cache"
+    vocab = _tokenizer_json(root / "probe.json")
+    tiny = _transformers_folder(root / "tiny", vocab, seed=0, tokenizer=True)
+    _add_to_cache(cache, "org/tiny", _files(tiny))
+    _add_to_cache(cache, "org/tiny", _files(_transformers_folder(root / "tiny1", vocab, 1, True)), V1, "v1")
+    _add_to_cache(cache, "org/tiny-notok", _files(_transformers_folder(root / "notok", vocab, 2, False)))
+    mamba_ssm = {"d_model": 16, "n_layer": 2, "vocab_size": 64, "ssm_cfg": {}, "rms_norm": True,
+                 "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}
+    _add_to_cache(cache, "state-spaces/mamba-130m", {"config.json": json.dumps(mamba_ssm).encode()})
+    _add_to_cache(cache, "org/pickled", {"config.json": (tiny / "config.json").read_bytes()})
+    return {"cache": cache, "tiny": tiny, "vocab": vocab}
+
+
+@pytest.fixture(autouse=True)
+def offline_cache(hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub["cache"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no local folder named org/... shadows the ids
+
+
+def _logits(model: LanguageModel) -> torch.Tensor:
+    return model(torch.arange(10)[None] % model.config.vocab_size).logits
+
+
+def test_hub_ids_and_paths_are_told_apart():
+    assert is_hub_id("state-spaces/mamba-130m-hf") and is_hub_id("org/name.v2")
+    for name in ("model", "./org/name", "/abs/path", "org/name/sub", "../org", "org/..", "org/config.json", ""):
+        assert not is_hub_id(name), name
+
+
+def test_from_pretrained_by_id_and_revision(hub):
+    by_path = LanguageModel.from_pretrained(hub["tiny"])
+    by_id = LanguageModel.from_pretrained("org/tiny")
+    assert torch.equal(_logits(by_id), _logits(by_path))
+    assert resolve_checkpoint("org/tiny").name == MAIN
+    v1 = LanguageModel.from_pretrained("org/tiny", revision="v1")
+    assert resolve_checkpoint("org/tiny", revision="v1").name == V1
+    assert not torch.equal(_logits(v1), _logits(by_id))
+    assert load_tokenizer(resolve_checkpoint("org/tiny")).vocab_size == hub["vocab"]
+
+
+def test_a_local_folder_wins_over_an_id_of_the_same_spelling(hub, tmp_path):
+    local = _transformers_folder(tmp_path / "org" / "tiny", hub["vocab"], seed=5, tokenizer=False)
+    assert resolve_checkpoint("org/tiny") == Path("org/tiny")
+    assert torch.equal(_logits(LanguageModel.from_pretrained("org/tiny")), _logits(LanguageModel.from_pretrained(local)))
+    with pytest.raises(ValueError, match="a revision applies only to Hugging Face Hub ids"):
+        resolve_checkpoint("org/tiny", revision="v1")
+
+
+def test_missing_ids_and_revisions_offline_say_so():
+    with pytest.raises(FileNotFoundError, match="org/missing is not in the Hugging Face cache.*HF_HUB_OFFLINE=1"):
+        LanguageModel.from_pretrained("org/missing")
+    with pytest.raises(FileNotFoundError, match="at revision 'v9' is not in the Hugging Face cache"):
+        resolve_checkpoint("org/tiny", revision="v9")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: no/such/folder"):
+        resolve_checkpoint("no/such/folder")
+
+
+def test_pickle_only_repos_are_refused_naming_the_conversion():
+    with pytest.raises(ValueError, match="mamba_ssm checkpoint.*use its transformers conversion "
+                                         "state-spaces/mamba-130m-hf"):
+        LanguageModel.from_pretrained("state-spaces/mamba-130m")
+    with pytest.raises(ValueError, match="org/pickled: the repository has no safetensors weights.*never downloads "
+                                         "or unpickles"):
+        LanguageModel.from_pretrained("org/pickled")
+
+
+def test_a_local_mamba_ssm_folder_gets_the_same_hint(tmp_path):
+    folder = tmp_path / "mamba-130m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"d_model": 768, "n_layer": 24, "ssm_cfg": {}, "vocab_size": 50277}))
+    with pytest.raises(ValueError, match="mamba_ssm checkpoint"):
+        LanguageModel.from_pretrained(folder)
+
+
+def test_without_huggingface_hub_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match=r"pip install 'ssmkit\[hub\]'"):
+        resolve_checkpoint("org/tiny")
+    assert resolve_checkpoint(".") == Path(".")  # local paths need no hub
+
+
+def test_cli_generate_info_convert_by_id(capsys, hub, tmp_path):
+    argv = ["generate", "--checkpoint", "org/tiny", "--prompt", "def ", "--max-new-tokens", "8", "--seed", "0"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def ")
+    assert main([*argv, "--revision", "v1"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+    assert main(["info", "--checkpoint", "org/tiny", "--revision", "v1"]) == 0
+    assert f"snapshots/{V1}" in capsys.readouterr().out
+
+    out = tmp_path / "converted"
+    assert main(["convert", "org/tiny", str(out), "--to", "ssmkit"]) == 0
+    assert (out / "tokenizer.json").is_file()
+    assert torch.equal(_logits(LanguageModel.from_pretrained(out)), _logits(LanguageModel.from_pretrained("org/tiny")))
+
+
+def test_cli_eval_text_by_id(capsys, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("hello world, hello hub\n" * 50)
+    assert main(["eval", "text", "--checkpoint", "org/tiny", "--data", str(data), "--seq-len", "16",
+                 "--device", "cpu"]) == 0
+    assert f"snapshots/{MAIN}" in (out := capsys.readouterr().out) and "val_bpb" in out
+
+
+def test_cli_serve_loads_by_id(monkeypatch, hub):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    seen = {}
+    monkeypatch.setattr("ssmkit.serve.server.serve",
+                        lambda model, tokenizer, folder, options: seen.update(folder=folder, options=options,
+                                                                              vocab=tokenizer.vocab_size))
+    assert main(["serve", "--checkpoint", "org/tiny", "--revision", "v1", "--port", "0"]) == 0
+    assert seen["folder"].name == V1 and seen["options"].model_name == "org/tiny" and seen["vocab"] == hub["vocab"]
+
+
+def test_a_checkpoint_without_tokenizer_is_an_error_unless_given_one_or_ids(capsys, hub):
+    assert main(["generate", "--checkpoint", "org/tiny-notok", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "no tokenizer" in err and "--tokenizer FILE" in err and "--ids" in err
+    with pytest.raises(MissingTokenizerError):
+        load_tokenizer(resolve_checkpoint("org/tiny-notok"))
+    tokenizer = str(hub["tiny"] / "tokenizer.json")
+    assert main(["generate", "--checkpoint", "org/tiny-notok", "--prompt", "hi", "--tokenizer", tokenizer,
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("hi")
+    assert main(["generate", "--checkpoint", "org/tiny-notok", "--ids", "--prompt", "1 2 3", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 5 and all(0 <= int(i) < hub["vocab"] for i in ids)
+    assert main(["generate", "--checkpoint", "org/tiny-notok", "--ids", "--prompt", "1 x"]) == 2
+    assert main(["serve", "--checkpoint", "org/tiny-notok", "--port", "0"]) == 1
+    assert "no tokenizer" in capsys.readouterr().err
+    # info needs no tokenizer
+    assert main(["info", "--checkpoint", "org/tiny-notok"]) == 0
