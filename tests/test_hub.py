@@ -208,3 +208,45 @@ def test_a_checkpoint_without_tokenizer_is_an_error_unless_given_one_or_ids(caps
     assert "no tokenizer" in capsys.readouterr().err
     # info needs no tokenizer
     assert main(["info", "--checkpoint", "org/tiny-notok"]) == 0
+
+
+def _as_mamba_ssm(model: LanguageModel, folder: Path, config: dict) -> None:
+    """``model`` saved as mamba_ssm's MambaLMHeadModel would be, with safetensors weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        name = "backbone." + name.replace(".ff_norm.", ".norm2.") if not name.startswith("lm_head") else name
+        if ".ff.gate_proj." in name or ".ff.up_proj." in name:
+            continue
+        tensors[name.replace(".ff.down_proj.", ".mlp.fc2.")] = t.contiguous()
+    for i, block in enumerate(model.layers):
+        if block.ff is not None:  # mamba_ssm's GatedMLP: fc1 = [value; gate]
+            tensors[f"backbone.layers.{i}.mlp.fc1.weight"] = torch.cat([block.ff.up_proj.weight, block.ff.gate_proj.weight])
+    tensors.setdefault("lm_head.weight", model.head_weight.detach().clone())  # mamba_ssm stores the tied head too
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("layer, d_intermediate, tie", [("Mamba1", 0, True), ("Mamba2", 24, False)])
+def test_mamba_ssm_checkpoints_with_safetensors_load(tmp_path, layer, d_intermediate, tie):
+    ssm_cfg = {"layer": layer, "d_state": 8} if layer == "Mamba1" else {"layer": layer, "d_state": 8, "headdim": 8,
+                                                                          "ngroups": 2, "chunk_size": 16}
+    raw = {"d_model": 16, "d_intermediate": d_intermediate, "n_layer": 2, "vocab_size": 50, "ssm_cfg": ssm_cfg,
+           "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+           "pad_vocab_size_multiple": 8, "tie_embeddings": tie}
+    from ssmkit.interop.mamba_ssm import config_from_mamba_ssm
+
+    torch.manual_seed(3)
+    reference = LanguageModel(config_from_mamba_ssm(raw, Path("config.json")))
+    _as_mamba_ssm(reference, tmp_path / "m", raw)
+    loaded = LanguageModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.padded_vocab_size == 56 and loaded.config.layer_pattern == ("M" if layer == "Mamba1" else "2m")
+    assert torch.equal(_logits(loaded), _logits(reference))
+    for bad, message in (({"attn_layer_idx": [1]}, "attn_layer_idx"), ({"rms_norm": False}, "rms_norm"),
+                         ({"ssm_cfg": {"layer": "Mamba9"}}, "ssm_cfg.layer 'Mamba9'"),
+                         ({"ssm_cfg": {"d_stat": 4}}, "not a mamba_ssm config ssmkit can read")):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**raw, **bad}))
+        with pytest.raises(ValueError, match=message):
+            LanguageModel.from_pretrained(tmp_path / "m")

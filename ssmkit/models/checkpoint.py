@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from ssmkit import files
 from ssmkit.files import shown
-from ssmkit.hub import mamba_ssm_hint
+from ssmkit.hub import SAFETENSORS_WEIGHTS, is_mamba_ssm_config, mamba_ssm_hint
 from ssmkit.models.config import ModelConfig, write_text_atomic
 
 if TYPE_CHECKING:
@@ -75,12 +75,15 @@ def read_json(path: Path) -> dict:
 
 
 def checkpoint_kind(path: Path) -> str:
-    """``"ssmkit"`` or ``"transformers"`` from the folder's config.json; anything else raises."""
+    """``"ssmkit"`` or ``"transformers"`` (a format :mod:`ssmkit.interop` reads: transformers, or mamba_ssm's
+    own with safetensors weights) from the folder's config.json; anything else raises."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (expected a folder with {CONFIG_NAME})")
     data = read_json(path / CONFIG_NAME)
     if data.get("format") == FORMAT:
         return "ssmkit"
+    if is_mamba_ssm_config(data) and any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        return "transformers"
     model_type = data.get("model_type")
     if model_type in TRANSFORMERS_MODEL_TYPES:
         return "transformers"
