@@ -384,11 +384,13 @@ def _load(path: str, device: str, dtype: str = "float32", *, revision: str | Non
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.ids:
         return _generate_ids(args)
+    from ssmkit.files import read_text
+
     text = args.prompt
     if args.prompt_file:
         try:
-            text = Path(args.prompt_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_text(args.prompt_file, "record")  # size-checked before reading
+        except (OSError, ValueError) as e:
             raise FileNotFoundError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
     model, tokenizer, _ = _load(args.checkpoint, args.device, args.dtype, revision=args.revision,
                                 tokenizer=args.tokenizer)

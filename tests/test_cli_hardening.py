@@ -116,3 +116,12 @@ def test_preset_sizes_pass_the_check():
     from ssmkit.models.size import estimate_size
 
     assert estimate_size(get_preset("mamba-130m")).nbytes() < 1e9
+
+
+def test_prompt_files_are_size_checked_before_reading(capsys, tmp_path, monkeypatch):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("x" * 100)
+    monkeypatch.setenv("SSMKIT_MAX_FILE_BYTES", "10")
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-file", str(prompt)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read --prompt-file" in err and "100 bytes, larger than the 10 bytes" in err, err

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -69,6 +70,14 @@ def _field(values: dict[str, Any], source: Path, name: str, kind: type = int, mi
         shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."  # a hostile value may be megabytes long
         raise CheckpointError(f"{source}: field {name!r} = {shown}: expected {want}")
     return float(v) if kind is float else v
+
+
+def _coefficient(values: dict[str, Any], source: Path) -> float:
+    """``router_aux_loss_coef``: a finite number >= 0."""
+    v = values["router_aux_loss_coef"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise CheckpointError(f"{source}: field 'router_aux_loss_coef' = {v!r:.80}: expected a number >= 0")
+    return float(v)
 
 
 def jamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelConfig:
@@ -112,7 +121,7 @@ def jamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
                                       head_dim=None if head_dim is None else get("head_dim")),
             mlp=MLPConfig(d_intermediate=f),
             moe=MoEConfig(num_experts=num_experts, top_k=get("num_experts_per_tok"), d_intermediate=f,
-                          router_aux_loss_coef=float(values["router_aux_loss_coef"])),
+                          router_aux_loss_coef=_coefficient(values, source)),
             norm_eps=eps, tie_embeddings=get("tie_word_embeddings", bool), residual_in_fp32=False,
             pad_vocab_size_multiple=1, initializer_range=get("initializer_range", float),
             rescale_prenorm_residual=False,
