@@ -107,9 +107,10 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     except errors.LocalEntryNotFoundError:
         if offline():
             raise FileNotFoundError(f"{repo_id}{at} is not in {where}, and HF_HUB_OFFLINE=1 forbids downloading "
-                                    "it; download it once online, or unset HF_HUB_OFFLINE") from None
+                                    "it; download it once online, or unset HF_HUB_OFFLINE (nor is it a local "
+                                    "folder)") from None
         raise FileNotFoundError(f"{repo_id}{at} is not in {where} and the Hugging Face Hub cannot be reached; "
-                                "check the network") from None
+                                "check the network (nor is it a local folder)") from None
     except (errors.HfHubHTTPError, errors.HFValidationError) as e:
         raise FileNotFoundError(f"{repo_id}: the Hugging Face Hub refused it: {_first_line(e)}") from None
 

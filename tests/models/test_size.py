@@ -170,3 +170,11 @@ def test_transformers_configs_with_absurd_integers_name_the_field(tmp_path, fiel
         with pytest.raises(CheckpointError, match=r"config\.json") as e:
             read_transformers_config(folder)
         assert message.split(":")[0] in str(e.value), (model_type, str(e.value))
+
+
+def test_the_sequence_classifier_is_checked_too(monkeypatch):
+    from ssmkit.models.classifier import SequenceClassifier
+
+    monkeypatch.delenv(LIMIT_ENV, raising=False)
+    with pytest.raises(ModelTooLargeError):
+        SequenceClassifier(ModelConfig(vocab_size=256, d_model=8192, n_layer=400, layer_pattern="S"), num_classes=2)
