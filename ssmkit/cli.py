@@ -168,12 +168,13 @@ class _Number:
 MAX_CLI_INT = 2**31 - 1
 # Ranges of the numeric options whose valid values are not simply ">= 0" (see _bound_numbers).
 _RANGES: dict[str, dict[str, _Number]] = {
-    "train": {"steps": _Number(int, 1), "time": _Number(float, 0, above=True, hint="; to train for a number of steps, give --steps N")},
+    "train": {"steps": _Number(int, 1),
+              "time": _Number(float, 0, above=True, hint="; to train for a number of steps, give --steps N")},
     "generate": {"top_p": _Number(float, 0, 1, above=True), "seed": _Number(int, 0, 2**63 - 1)},
-    "serve": {"port": _Number(int, 0, 65535), "max_sessions": _Number(int, 1), "max_body_mb": _Number(float, 0, above=True),
-              "max_prompt_tokens": _Number(int, 1), "max_tokens_cap": _Number(int, 1),
-              "request_timeout": _Number(float, 0, above=True), "max_batch": _Number(int, 1),
-              "max_requests": _Number(int, 1), "threads": _Number(int, 1)},
+    "serve": {"port": _Number(int, 0, 65535), "max_sessions": _Number(int, 1),
+              "max_body_mb": _Number(float, 0, above=True), "max_prompt_tokens": _Number(int, 1),
+              "max_tokens_cap": _Number(int, 1), "request_timeout": _Number(float, 0, above=True),
+              "max_batch": _Number(int, 1), "max_requests": _Number(int, 1), "threads": _Number(int, 1)},
 }
 
 

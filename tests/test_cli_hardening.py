@@ -26,10 +26,12 @@ def _usage_error(capsys, argv, *needles):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "--checkpoint", "x", "--port", "70000"], "argument --port: must be an integer from 0 to 65535, got '70000'"),
+    (["serve", "--checkpoint", "x", "--port", "70000"],
+     "argument --port: must be an integer from 0 to 65535, got '70000'"),
     (["serve", "--checkpoint", "x", "--max-batch", "0"], "argument --max-batch: must be an integer from 1"),
     (["serve", "--checkpoint", "x", "--request-timeout", "inf"], "argument --request-timeout: must be a number > 0"),
-    (["serve", "--checkpoint", "x", "--session-memory-mb", "nan"], "argument --session-memory-mb: must be a number >= 0"),
+    (["serve", "--checkpoint", "x", "--session-memory-mb", "nan"],
+     "argument --session-memory-mb: must be a number >= 0"),
     (["generate", "--checkpoint", "x", "--top-p", "1.5"], "argument --top-p: must be a number > 0 and <= 1"),
     (["generate", "--checkpoint", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer"),
     (["generate", "--checkpoint", "x", "--temperature", "-0.5"], "argument --temperature: must be a number >= 0"),

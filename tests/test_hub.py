@@ -116,7 +116,8 @@ def test_from_pretrained_by_id_and_revision(hub):
 def test_a_local_folder_wins_over_an_id_of_the_same_spelling(hub, tmp_path):
     local = _transformers_folder(tmp_path / "org" / "tiny", hub["vocab"], seed=5, tokenizer=False)
     assert resolve_checkpoint("org/tiny") == Path("org/tiny")
-    assert torch.equal(_logits(LanguageModel.from_pretrained("org/tiny")), _logits(LanguageModel.from_pretrained(local)))
+    by_id, by_path = LanguageModel.from_pretrained("org/tiny"), LanguageModel.from_pretrained(local)
+    assert torch.equal(_logits(by_id), _logits(by_path))
     with pytest.raises(ValueError, match="a revision applies only to Hugging Face Hub ids"):
         resolve_checkpoint("org/tiny", revision="v1")
 
@@ -223,7 +224,8 @@ def _as_mamba_ssm(model: LanguageModel, folder: Path, config: dict) -> None:
         tensors[name.replace(".ff.down_proj.", ".mlp.fc2.")] = t.contiguous()
     for i, block in enumerate(model.layers):
         if block.ff is not None:  # mamba_ssm's GatedMLP: fc1 = [value; gate]
-            tensors[f"backbone.layers.{i}.mlp.fc1.weight"] = torch.cat([block.ff.up_proj.weight, block.ff.gate_proj.weight])
+            fc1 = torch.cat([block.ff.up_proj.weight, block.ff.gate_proj.weight])
+            tensors[f"backbone.layers.{i}.mlp.fc1.weight"] = fc1
     tensors.setdefault("lm_head.weight", model.head_weight.detach().clone())  # mamba_ssm stores the tied head too
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config))
