@@ -67,7 +67,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
 
 
 def offline() -> bool:
-    """``HF_HUB_OFFLINE`` read now (huggingface_hub reads it once, at import)."""
+    """``HF_HUB_OFFLINE`` read now (huggingface_hub reads it, as ``HF_ENDPOINT`` and the cache, once at
+    import; ssmkit passes all three at each call, so a change after import counts)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -95,7 +96,7 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(huggingface_hub.snapshot_download(
             repo_id, revision=revision, cache_dir=cache, allow_patterns=ALLOW_PATTERNS,
-            local_files_only=offline(), library_name="ssmkit"))
+            local_files_only=offline(), endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="ssmkit"))
     except errors.GatedRepoError:
         raise PermissionError(f"{repo_id} is a gated repository: accept its terms on huggingface.co and log in "
                               "(`hf auth login`, or set HF_TOKEN)") from None

@@ -252,3 +252,32 @@ def test_mamba_ssm_checkpoints_with_safetensors_load(tmp_path, layer, d_intermed
         (tmp_path / "m" / "config.json").write_text(json.dumps({**raw, **bad}))
         with pytest.raises(ValueError, match=message):
             LanguageModel.from_pretrained(tmp_path / "m")
+
+
+def test_online_only_json_and_safetensors_are_asked_for(monkeypatch, hub):
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    snapshot = hub["cache"] / "models--org--tiny" / "snapshots" / MAIN
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(kw) or str(snapshot))
+    resolve_checkpoint("org/tiny", revision="main")
+    (kw,) = calls
+    assert kw["local_files_only"] is False and kw["revision"] == "main" and kw["cache_dir"] == hub["cache"]
+    wanted = ["config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json",
+              "model-00001-of-00002.safetensors", "tokenizer_config.json"]
+    refused = ["pytorch_model.bin", "pytorch_model.bin.index.json.bin", "model.ckpt", "model.pt", "tf_model.h5",
+               "flax_model.msgpack", "model.pkl"]
+    matches = {name: any(fnmatch.fnmatch(name, p) for p in kw["allow_patterns"]) for name in wanted + refused}
+    assert all(matches[n] for n in wanted) and not any(matches[n] for n in refused), matches
+
+
+def test_online_without_network_uses_the_cache_or_says_the_hub_is_unreachable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    assert resolve_checkpoint("org/tiny").name == MAIN
+    with pytest.raises(FileNotFoundError, match=r"org/missing is not in the Hugging Face cache \(.*\) and the "
+                                                "Hugging Face Hub cannot be reached"):
+        resolve_checkpoint("org/missing")
