@@ -19,6 +19,7 @@ import numpy as np
 
 from ssmkit import files
 from ssmkit.files import shown
+from ssmkit.hub import resolve_checkpoint
 from ssmkit.models.presets import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE
 
 SPEC_FILE = "ssmkit_tokenizer.json"
@@ -172,8 +173,10 @@ class MissingTokenizerError(FileNotFoundError):
     """A checkpoint without a tokenizer whose token ids cannot be taken for bytes."""
 
 
-def load_tokenizer(folder: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint folder, or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
+def load_tokenizer(folder: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                   revision: str | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder or Hugging Face Hub id (at ``revision``; see
+    :func:`ssmkit.hub.resolve_checkpoint`), or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
     when given.
 
     ``ssmkit_tokenizer.json`` says what the folder's tokenizer is; without it a ``tokenizer.json`` (a
@@ -187,6 +190,7 @@ def load_tokenizer(folder: str | os.PathLike, *, tokenizer: str | os.PathLike | 
     if tokenizer is not None:
         given = Path(tokenizer)
         return TokenizersTokenizer(given / "tokenizer.json" if given.is_dir() else given, add_specials=False)
+    folder = resolve_checkpoint(folder, revision)
     spec_path = Path(folder) / SPEC_FILE
     if not spec_path.exists():
         foreign = Path(folder) / "tokenizer.json"

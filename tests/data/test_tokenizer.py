@@ -54,6 +54,7 @@ def test_save_and_load_round_trip(tmp_path):
     ByteTokenizer().save(tmp_path / "bytes")
     assert isinstance(load_tokenizer(tmp_path / "bytes"), ByteTokenizer)
     # No tokenizer file: an error (issue 27), not bytes, unless the folder is an ssmkit byte-vocabulary model.
+    (tmp_path / "nothing_here").mkdir()
     with pytest.raises(MissingTokenizerError, match="no tokenizer"):
         load_tokenizer(tmp_path / "nothing_here")
 
