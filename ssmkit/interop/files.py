@@ -117,7 +117,8 @@ def _shard_path(index_path: Path, shard_name: Any) -> Path:
     return shard
 
 
-def _read_sharded(index_path: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _read_sharded(index_path: Path, read: Callable[[Path], dict[str, torch.Tensor]],
+                  max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     index = read_json(index_path, "index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -125,6 +126,7 @@ def _read_sharded(index_path: Path, read: Callable[[Path], dict[str, torch.Tenso
     shards: dict[str, Path] = {}
     for shard_name in weight_map.values():
         shards[shard_name] = _shard_path(index_path, shard_name)  # checks the type before hashing it
+    check_total_size(list(shards.values()), max_bytes, index_path)
     tensors: dict[str, torch.Tensor] = {}
     for shard_name in sorted(shards):
         shard = shards[shard_name]
@@ -140,23 +142,37 @@ def _read_sharded(index_path: Path, read: Callable[[Path], dict[str, torch.Tenso
     return tensors
 
 
-def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+def read_weights(folder: Path, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], Path]:
     """All tensors of a transformers-style folder and the file (or index) they came from.
 
     Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (sharded),
     ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (the last two with ``weights_only=True``).
+    ``max_bytes``: the most the weight files may hold together (see
+    :func:`ssmkit.models.size.weights_limit`), checked before any is read.
     """
     candidates: list[tuple[str, Callable[[Path], dict[str, torch.Tensor]]]] = [
         (SAFE_WEIGHTS_NAME, _read_safetensors),
-        (SAFE_INDEX_NAME, lambda p: _read_sharded(p, _read_safetensors)),
+        (SAFE_INDEX_NAME, lambda p: _read_sharded(p, _read_safetensors, max_bytes)),
         (BIN_WEIGHTS_NAME, _read_bin),
-        (BIN_INDEX_NAME, lambda p: _read_sharded(p, _read_bin)),
+        (BIN_INDEX_NAME, lambda p: _read_sharded(p, _read_bin, max_bytes)),
     ]
     for name, read in candidates:
         path = folder / name
         if path.is_file():
+            if not name.endswith(".json"):
+                check_total_size([path], max_bytes, path)
             return read(path), path
     raise FileNotFoundError(f"{folder}: no weights found (expected one of {[n for n, _ in candidates]})")
+
+
+def check_total_size(paths: list[Path], max_bytes: int | None, source: Path) -> None:
+    """Refuse weight files that hold more than ``max_bytes`` together: more than their config implies."""
+    if max_bytes is None:
+        return
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > max_bytes:
+        raise CheckpointError(f"{shown(source)}: the weights take {total:,} bytes, more than the config's parameters "
+                              f"can fill ({max_bytes:,} bytes at float64); the weights do not belong to this config")
 
 
 def _json_text(data: Mapping[str, Any]) -> str:

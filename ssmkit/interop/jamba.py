@@ -39,6 +39,7 @@ import torch
 
 from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json, read_weights, write_folder
 from ssmkit.models.config import MAX_CONFIG_INT, MAX_LAYERS
+from ssmkit.models.size import weights_limit
 
 if TYPE_CHECKING:
     from ssmkit.models import LanguageModel, ModelConfig
@@ -253,7 +254,7 @@ def load_jamba_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[st
         raise FileNotFoundError(f"{folder}: not a checkpoint folder")
     raw = read_json(folder / CONFIG_NAME)
     config = jamba_config_from_transformers(raw, folder / CONFIG_NAME)
-    tensors, source = read_weights(folder)
+    tensors, source = read_weights(folder, max_bytes=weights_limit(config))
     _unfuse_experts(tensors)
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)

@@ -23,6 +23,7 @@ import torch
 
 from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json, read_weights
 from ssmkit.models.config import Mamba2Config, MambaConfig, MLPConfig, ModelConfig
+from ssmkit.models.size import weights_limit
 
 # mamba_ssm's MambaConfig fields and defaults (mamba_ssm/models/config_mamba.py).
 _DEFAULTS: dict[str, Any] = {"d_intermediate": 0, "ssm_cfg": {}, "attn_layer_idx": [], "attn_cfg": {},
@@ -73,7 +74,7 @@ def load_mamba_ssm_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dic
     """``(config, state_dict with LanguageModel names)`` of a mamba_ssm folder with safetensors weights."""
     folder = Path(path)
     config = config_from_mamba_ssm(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
-    tensors, _ = read_weights(folder)
+    tensors, _ = read_weights(folder, max_bytes=weights_limit(config))
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name == "lm_head.weight":

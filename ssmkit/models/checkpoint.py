@@ -131,8 +131,14 @@ def read_config(path: Path) -> ModelConfig:
 
 def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
     """Read an ssmkit checkpoint folder: ``(config, state_dict, weights file)``."""
+    from ssmkit.models.size import weights_limit
+
     config = read_config(path)
     weights_file = path / WEIGHTS_NAME
+    if weights_file.is_file() and weights_file.stat().st_size > weights_limit(config):
+        raise ValueError(f"{shown(weights_file)}: {weights_file.stat().st_size:,} bytes, more than the config's "
+                         f"parameters can fill ({weights_limit(config):,} bytes at float64); the weights do not "
+                         "belong to this config")
     tensors, _ = load_safetensors(weights_file)
     return config, tensors, weights_file
 

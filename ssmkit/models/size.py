@@ -152,6 +152,14 @@ def estimate_size(config: ModelConfig) -> SizeEstimate:
     return SizeEstimate(params, buffers)
 
 
+def weights_limit(config: ModelConfig) -> int:
+    """The most bytes the weight files of ``config`` can hold: every parameter and buffer at float64, plus
+    64 MiB of file headers. Readers refuse larger files before reading them (a mismatched or hostile
+    checkpoint would otherwise be read whole before the shapes are compared)."""
+    size = estimate_size(config)
+    return 8 * (size.parameters + size.buffers) + 64 * (1 << 20)
+
+
 def memory_limit(device: torch.device | str | None) -> int | None:
     """The default limit on a model's bytes: ``SSMKIT_MAX_MODEL_BYTES`` if set, else the total memory of
     ``device`` (RAM for the CPU); None for the meta device or when the memory cannot be told."""

@@ -83,3 +83,14 @@ def test_shards_in_subfolders_and_hub_cache_links_are_read(hf_checkpoint, tmp_pa
     state = load_transformers_checkpoint(snapshot)[1]
     assert state.keys() == load_transformers_checkpoint(folder)[1].keys()
     assert all(isinstance(t, torch.Tensor) for t in state.values())
+
+
+def test_shards_are_size_checked_together_before_reading(hf_checkpoint):
+    from ssmkit.interop.files import read_weights
+
+    _, folder = hf_checkpoint("mamba")
+    _shard(folder)
+    total = sum((folder / f"model-{i}.safetensors").stat().st_size for i in (1, 2))
+    assert read_weights(folder, max_bytes=total)[0]
+    with pytest.raises(CheckpointError, match=f"the weights take {total:,} bytes, more than"):
+        read_weights(folder, max_bytes=total - 1)

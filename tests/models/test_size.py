@@ -178,3 +178,31 @@ def test_the_sequence_classifier_is_checked_too(monkeypatch):
     monkeypatch.delenv(LIMIT_ENV, raising=False)
     with pytest.raises(ModelTooLargeError):
         SequenceClassifier(ModelConfig(vocab_size=256, d_model=8192, n_layer=400, layer_pattern="S"), num_classes=2)
+
+
+def test_weights_larger_than_the_config_implies_are_refused_before_reading(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from ssmkit.models.size import weights_limit
+
+    big, small = get_preset("debug-mamba2"), dataclasses.replace(get_preset("debug-mamba2"), n_layer=1)
+    for fmt in ("ssmkit", "transformers"):
+        folder = tmp_path / fmt
+        LanguageModel(big).save_pretrained(folder, format=fmt)
+        weights = folder / "model.safetensors"
+        tensors = load_file(weights)
+        tensors["padding"] = torch.zeros(weights_limit(small) // 4 + 1)  # more than the small config can fill
+        save_file(tensors, str(weights))
+        raw = json.loads((folder / "config.json").read_text())
+        if fmt == "ssmkit":
+            raw["config"]["n_layer"] = 1
+        else:
+            raw["num_hidden_layers"] = 1
+        (folder / "config.json").write_text(json.dumps(raw))
+        read = []
+        for module in ("ssmkit.interop.files", "ssmkit.models.checkpoint"):
+            monkeypatch.setattr(f"{module}.safe_open", lambda *a, **k: read.append(a))
+        with pytest.raises(ValueError, match="more than the config's parameters can fill"):
+            LanguageModel.from_pretrained(folder)
+        assert not read
+        monkeypatch.undo()
