@@ -201,7 +201,7 @@ def test_weights_larger_than_the_config_implies_are_refused_before_reading(tmp_p
         (folder / "config.json").write_text(json.dumps(raw))
         read = []
         for module in ("ssmkit.interop.files", "ssmkit.models.checkpoint"):
-            monkeypatch.setattr(f"{module}.safe_open", lambda *a, **k: read.append(a))
+            monkeypatch.setattr(f"{module}.safe_open", lambda *a, seen=read, **k: seen.append(a))
         with pytest.raises(ValueError, match="more than the config's parameters can fill"):
             LanguageModel.from_pretrained(folder)
         assert not read
