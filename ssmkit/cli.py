@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ssmkit.cli_ranges import bound_numbers
 from ssmkit.data.config import DataConfig
 from ssmkit.train.config import TrainConfig
 from ssmkit.train.errors import TrainingError
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     _add_tokenizer_argument(serve)
     _add_dtype_argument(serve, "Saved sessions load into either.")
-    _bound_numbers(parser)
+    bound_numbers(parser)
     _add_revision_arguments(parser)
     return parser
 
@@ -133,62 +133,6 @@ def _add_revision_arguments(parser: argparse.ArgumentParser) -> None:
     if ("checkpoint" in dests or "src" in dests) and "revision" not in dests:
         parser.add_argument("--revision", default=None, metavar="REV",
                             help="branch, tag or commit of a Hugging Face Hub checkpoint (default: main)")
-
-
-class _Number:
-    """An argparse ``type``: a finite int or float in a range; anything else is a usage error naming the
-    option (``argument --port: must be an integer from 0 to 65535, got '70000'``), not a traceback later."""
-
-    def __init__(self, kind: type, low: float = 0, high: float | None = None, *, above: bool = False,
-                 hint: str = "") -> None:
-        self.kind, self.low, self.high, self.above, self.hint = kind, low, high, above, hint
-        if kind is int and high is None:
-            self.high = MAX_CLI_INT
-        self.__name__ = "integer" if kind is int else "number"  # argparse's "invalid ... value" wording
-
-    def describe(self) -> str:
-        what = "an integer" if self.kind is int else "a number"
-        low, high = (f"{v}" if self.kind is int else f"{v:g}" for v in (self.low, self.high or 0))
-        if self.high is None:
-            return f"{what} {'>' if self.above else '>='} {low}"
-        return f"{what} > {low} and <= {high}" if self.above else f"{what} from {low} to {high}"
-
-    def __call__(self, text: str) -> int | float:
-        try:
-            value = self.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
-        if (not math.isfinite(value) or value < self.low or (self.above and value == self.low)
-                or (self.high is not None and value > self.high)):
-            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}{self.hint}")
-        return value
-
-
-# Counts and sizes beyond this are mistakes (and overflow int32 kernels and C APIs such as bind()).
-MAX_CLI_INT = 2**31 - 1
-# Ranges of the numeric options whose valid values are not simply ">= 0" (see _bound_numbers).
-_RANGES: dict[str, dict[str, _Number]] = {
-    "train": {"steps": _Number(int, 1),
-              "time": _Number(float, 0, above=True, hint="; to train for a number of steps, give --steps N")},
-    "generate": {"top_p": _Number(float, 0, 1, above=True), "seed": _Number(int, 0, 2**63 - 1)},
-    "serve": {"port": _Number(int, 0, 65535), "max_sessions": _Number(int, 1),
-              "max_body_mb": _Number(float, 0, above=True), "max_prompt_tokens": _Number(int, 1),
-              "max_tokens_cap": _Number(int, 1), "request_timeout": _Number(float, 0, above=True),
-              "max_batch": _Number(int, 1), "max_requests": _Number(int, 1), "threads": _Number(int, 1)},
-}
-
-
-def _bound_numbers(parser: argparse.ArgumentParser, command: str = "") -> None:
-    """Give every int and float option of every command a range: those of :data:`_RANGES`, else finite and
-    ``>= 0`` (ints at most :data:`MAX_CLI_INT`); options whose default is negative keep their sign."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                _bound_numbers(sub, command or name)
-        elif action.type in (int, float):
-            default = action.default if isinstance(action.default, (int, float)) else 0
-            low = min(0, default)
-            action.type = _RANGES.get(command, {}).get(action.dest) or _Number(action.type, low)
 
 
 def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
