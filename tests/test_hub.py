@@ -281,3 +281,42 @@ def test_online_without_network_uses_the_cache_or_says_the_hub_is_unreachable(mo
     with pytest.raises(FileNotFoundError, match=r"org/missing is not in the Hugging Face cache \(.*\) and the "
                                                 "Hugging Face Hub cannot be reached"):
         resolve_checkpoint("org/missing")
+
+
+def test_a_real_server_serves_a_hub_id(tmp_path):
+    httpx = pytest.importorskip("httpx", reason="the test extra (httpx) is not installed")
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")  # HF_HUB_CACHE, HF_HUB_OFFLINE set above
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ssmkit", "serve", "--checkpoint", "org/tiny", "--revision",
+                                 "v1", "--port", str(port), "--sessions-dir", str(tmp_path / "sessions")],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["org/tiny"]
+        reply = httpx.post(f"{url}/v1/completions", json={"model": "org/tiny", "prompt": "hello", "max_tokens": 3,
+                                                          "temperature": 0}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert isinstance(reply.json()["choices"][0]["text"], str)
+    finally:
+        proc.terminate()
+        proc.wait(15)
