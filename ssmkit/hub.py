@@ -125,7 +125,8 @@ def _check_weights(folder: Path, repo_id: str) -> None:
     hint = mamba_ssm_hint(raw, repo_id)
     if hint:
         raise ValueError(f"{repo_id}: {hint}")
-    raise ValueError(f"{repo_id}: the repository has no safetensors weights ({' or '.join(SAFETENSORS_WEIGHTS)}); "
+    where = f"its snapshot in the cache ({folder})" if offline() else "the repository"
+    raise ValueError(f"{repo_id}: {where} has no safetensors weights ({' or '.join(SAFETENSORS_WEIGHTS)}); "
                      "ssmkit never downloads or unpickles pickled weights (pytorch_model.bin): use a safetensors "
                      "revision of it, or convert it to safetensors with a tool you trust")
 

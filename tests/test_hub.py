@@ -135,8 +135,8 @@ def test_pickle_only_repos_are_refused_naming_the_conversion():
     with pytest.raises(ValueError, match="mamba_ssm checkpoint.*use its transformers conversion "
                                          "state-spaces/mamba-130m-hf"):
         LanguageModel.from_pretrained("state-spaces/mamba-130m")
-    with pytest.raises(ValueError, match="org/pickled: the repository has no safetensors weights.*never downloads "
-                                         "or unpickles"):
+    with pytest.raises(ValueError, match="org/pickled: its snapshot in the cache .* has no safetensors weights.*never "
+                                         "downloads or unpickles"):
         LanguageModel.from_pretrained("org/pickled")
 
 
