@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
+from ssmkit import files
+from ssmkit.files import shown
 from ssmkit.models.layer_configs import (  # noqa: F401  (part of this module's public names)
     AttentionConfig,
     HyenaConfig,
@@ -74,6 +76,10 @@ MIXER_LETTERS: dict[str, str] = {
     "H": "hyena",
 }
 FF_LETTERS: dict[str, str] = {"m": "mlp", "e": "moe"}
+# Bounds on every int field, checked before anything is sized from them: sizes index int32 kernels, and
+# no real model has more layers than this (the largest have a few hundred).
+MAX_CONFIG_INT = 2**31 - 1
+MAX_LAYERS = 100_000
 
 
 class LayerSpec(NamedTuple):
@@ -145,9 +151,15 @@ class ModelConfig:
         _check_types(self, "")
         for name in ("vocab_size", "d_model", "n_layer", "pad_vocab_size_multiple"):
             _positive(name, getattr(self, name))
+        if self.n_layer > MAX_LAYERS:
+            raise ValueError(f"n_layer must be at most {MAX_LAYERS:,}, got {self.n_layer:,}")
         _positive("norm_eps", self.norm_eps)
         _positive("initializer_range", self.initializer_range)
-        kinds = {spec.mixer for spec in self.layer_specs()}
+        tokens = pattern_tokens(self.layer_pattern)
+        if len(tokens) > self.n_layer:
+            raise ValueError(f"layer_pattern {self.layer_pattern!r} describes {len(tokens)} layers but n_layer "
+                             f"is {self.n_layer}")
+        kinds = {spec.mixer for spec in tokens}
         if "mamba" in kinds:
             self.mamba.validate(self.d_model)
         if "mamba2" in kinds:
@@ -159,10 +171,11 @@ class ModelConfig:
                 getattr(self, kind).validate(self.d_model)
         if kinds & {"attention", "sliding_window_attention"}:
             self.attention.validate(self.d_model)
-        ffs = {spec.ff for spec in self.layer_specs()}
+        ffs = {spec.ff for spec in tokens}
         for kind in ("mlp", "moe"):
             if kind in ffs:
                 getattr(self, kind).validate(self.d_model)
+        _check_no_negative_ints(self, "")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (infinities as ``"inf"``)."""
@@ -184,12 +197,9 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> ModelConfig:
         """Read a config written by :meth:`save` (or an ssmkit checkpoint's ``config.json``)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not path.exists():
+            raise FileNotFoundError(f"config file {shown(path)} does not exist")
+        data = files.read_json(path, "config")
         if isinstance(data, dict) and data.get("format") == "ssmkit" and "config" in data:
             data = data["config"]
         try:
@@ -200,6 +210,14 @@ class ModelConfig:
 
 def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
     """Expand ``pattern`` (see the module docstring) to one :class:`LayerSpec` per layer."""
+    tokens = pattern_tokens(pattern)
+    if len(tokens) > n_layer:
+        raise ValueError(f"layer_pattern {pattern!r} describes {len(tokens)} layers but n_layer is {n_layer}")
+    return [tokens[k % len(tokens)] for k in range(n_layer)]
+
+
+def pattern_tokens(pattern: str) -> list[LayerSpec]:
+    """The layers of one repetition of ``pattern``: one :class:`LayerSpec` per mixer letter."""
     if not isinstance(pattern, str) or not pattern:
         raise ValueError(f"layer_pattern must be a non-empty string such as 'M' or '2', got {pattern!r}")
     tokens: list[LayerSpec] = []
@@ -224,9 +242,7 @@ def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
             i += 1
         tokens.append(LayerSpec(MIXER_LETTERS[letter], ff))
         i += 1
-    if len(tokens) > n_layer:
-        raise ValueError(f"layer_pattern {pattern!r} describes {len(tokens)} layers but n_layer is {n_layer}")
-    return [tokens[k % len(tokens)] for k in range(n_layer)]
+    return tokens
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -301,7 +317,26 @@ def _check_types(obj: Any, path: str) -> None:
                 raise ValueError(f"{name} must be a {tp.__name__}, got {type(value).__name__}")
             _check_types(value, name + ".")
         elif not _matches(tp, value):
-            raise ValueError(f"{name} must be {_describe(tp)}, got {value!r}")
+            raise ValueError(f"{name} must be {_describe(tp)}, got {_short(value)}")
+        elif isinstance(value, int) and not isinstance(value, bool) and value > MAX_CONFIG_INT:
+            raise ValueError(f"{name} must be at most {MAX_CONFIG_INT:,}, got {value:,}")
+
+
+def _check_no_negative_ints(obj: Any, path: str) -> None:
+    """No int field is negative, also in the settings of kinds the pattern does not use (a config's
+    numbers all mean sizes or counts)."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_no_negative_ints(value, name + ".")
+        elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: a hostile config's value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _matches(tp: Any, value: Any) -> bool:

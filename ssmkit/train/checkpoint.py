@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.files import read_json_object, shown
 from ssmkit.models.checkpoint import ARCHITECTURE, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
 from ssmkit.models.checkpoint import load_safetensors, save_safetensors_atomic
 from ssmkit.models.config import ModelConfig
@@ -94,17 +95,48 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
 def verify(folder: Path) -> dict[str, Any]:
     """The trainer state of ``folder`` after checking every file's size and hash; CorruptCheckpoint if not."""
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = read_json_object(folder / STATE_FILE, "record")
         files = state["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpoint(f"{folder / STATE_FILE}: missing or unreadable ({e})") from None
+        raise CorruptCheckpoint(f"{shown(folder / STATE_FILE)}: missing or unreadable ({e})") from None
     for name, expected in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CorruptCheckpoint(f"{shown(folder / STATE_FILE)}: lists {name!r}, which is not a file of this folder")
         path = folder / name
         if not path.is_file():
             raise CorruptCheckpoint(f"{path}: missing")
         if _fingerprint(path) != expected:
             raise CorruptCheckpoint(f"{path}: size or SHA-256 differs from the one recorded when it was saved")
     return state
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    """A training run's ``run.json``: its ``model``, ``train`` and ``data`` configs, each checked and filled to
+    a complete dict. ValueError naming the file when it is unreadable, corrupt or not of that shape;
+    FileNotFoundError when missing."""
+    from dataclasses import asdict
+
+    from ssmkit.data.config import DataConfig
+    from ssmkit.train.config import TrainConfig
+    from ssmkit.train.options import simple_from_dict
+
+    data = read_json_object(path, "record")
+    for section in ("model", "train", "data"):
+        if not isinstance(data.get(section), dict):
+            raise ValueError(f"{shown(path)}: not a training run record (no {section!r} object); the file is damaged "
+                             "or not written by ssmkit train")
+    try:
+        model = ModelConfig.from_dict(data["model"]).to_dict()
+        sections = {}
+        for name, cls in (("train", TrainConfig), ("data", DataConfig)):
+            config = simple_from_dict(cls, data[name], name)
+            config.validate()  # a value of the wrong type fails here as a TypeError
+            sections[name] = asdict(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{shown(path)}: {e}") from None
+    return {**data, "model": model, **sections}
 
 
 def find_resumable(root: Path) -> tuple[Path, dict[str, Any]] | None:
