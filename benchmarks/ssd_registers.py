@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from ssmkit.ops.ssd import triton_bwd, triton_fwd
 
 BF16_ARGS = {"x_ptr", "z_ptr", "dt_ptr", "dout_ptr", "B_ptr", "C_ptr", "out_ptr", "ypre_ptr", "dx_ptr", "dz_ptr",
-             "dB_ptr", "dC_ptr"}
+             "dB_ptr", "dC_ptr", "prev_ptr"}
 SHAPE = {"P": 64, "N": 128, "T": 256, "BP": 64, "DOT": tl.bfloat16, "PREC": "tf32"}
 FLAGS = {"HAS_Z": False, "HAS_D": True, "HAS_DOC": False, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_LIMIT": False,
          "STORE_YPRE": False, "HAS_DFINAL": False, "HAS_DPREV": False}

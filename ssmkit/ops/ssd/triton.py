@@ -47,6 +47,9 @@ CONFIGS = {
     "bwd_tile32_r128": {"bwd_tile": 32, "rows": (8, 2, 128), "cols": (8, 1)},
     "slices4": {"min_programs": 4096},
     "cols_split": {"cols_split": True},
+    "scan32_w4": {"fwd_tile": 32, "scan": (4, 2)},
+    "scan32_w4_s3": {"fwd_tile": 32, "scan": (4, 3)},
+    "bwd32_w4": {"bwd_tile": 32, "rows": (4, 2), "rows_state": (4, 2), "cols": (4, 1)},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
 
@@ -123,9 +126,10 @@ class _SSDFunction(torch.autograd.Function):
             HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, **_opts("state"),
         )
         final = torch.empty(b, h, p, n, device=dev, dtype=f32)
+        prev = torch.empty(b, nc, h, p, n, device=dev, dtype=f32 if x.dtype == f32 else x.dtype)
         _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
             states, dummy if initial_states is None else initial_states, final, cum, dummy if doc is None else doc,
-            h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None, HAS_DOC=doc is not None,
+            prev, h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None, HAS_DOC=doc is not None,
             num_warps=4,
         )
         nrb = T // BM
@@ -138,20 +142,21 @@ class _SSDFunction(torch.autograd.Function):
         ypre = torch.empty_like(x) if z is not None and keep_ypre else out
         _fwd._chunk_scan_fwd[(nrb * h, nc, b)](
             x, dummy if z is None else z, dummy if D is None else D, C, cb, delta, cum,
-            dummy if doc is None else doc, states, out, ypre,
+            dummy if doc is None else doc, prev, out, ypre,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
             STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
             **_opts("scan"),
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb)
+        del states  # the chunk sums: only the entering states (prev) are needed from here on
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, prev, ypre, cb)
         ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None, scale is not None)
         ctx.set_materialize_grads(False)
-        return out, final, cum, delta, states
+        return out, final, cum, delta, prev
 
     @staticmethod
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
-        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors  # states: prev
         T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init, has_scale = ctx.meta
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
@@ -169,7 +174,7 @@ class _SSDFunction(torch.autograd.Function):
         # 1. Gradients of the per-chunk states, walking the chunks backwards.
         BN1 = min(BN, 32)
         n_nb = triton.cdiv(n, BN1)
-        dstates = torch.empty_like(states)
+        dstates = torch.empty(states.shape, device=dev, dtype=f32)
         ddecay = torch.empty(b, h, nc, n_nb, device=dev, dtype=f32)
         dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
         _bwd._state_pass_bwd[(b * h, n_nb)](
@@ -288,6 +293,6 @@ def ssd_triton(
         Bc = torch.nn.functional.pad(B.float(), (0, 0, 0, 0, 0, pad)).view(nc, T, g, n)
         varlen_states = _varlen_states(
             cu_seqlens, cum[0].view(h, nc, T).permute(1, 2, 0), delta[0].view(h, nc, T).permute(1, 2, 0), xc, Bc,
-            prev[0].view(nc, g, h // g * p, n),
+            prev[0].float().view(nc, g, h // g * p, n),
         )
     return out, final, varlen_states

@@ -15,7 +15,8 @@
                      and softplus to ddt, with partial sums for dA and ddt_bias. With ``input_scale``
                      (SEP_SCALE) the weight's gradient is d input_scale and Δ only decays.
 dcum (the gradient of the within-chunk cumulative sums) gets its parts by atomic adds from the rows and
-columns kernels.
+columns kernels; relaxed ones (nothing reads dcum before the launch ends: the default acq_rel order put a
+memory barrier into every head's iteration).
 
 Notation and layouts as ``triton_fwd``; dy = dout · silu(z), L_ts = exp(cum_t - cum_s) for s <= t in
 the same document, else 0; y_t = Σ_s (C_t·B_s) L_ts Δ_s x_s + exp(cum_t) S'_{c-1} C_t.
@@ -42,7 +43,7 @@ def _load_dy(dout_ptr, z_ptr, base, io, io_mask, HAS_Z: tl.constexpr):
 
 @triton.jit(do_not_specialize=["L", "nc"])
 def _state_pass_bwd(
-    dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, states_ptr, dfinal_ptr, dprev_ptr,
+    dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, prev_ptr, dfinal_ptr, dprev_ptr,
     dstates_ptr, ddecay_ptr, dinit_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -67,7 +68,7 @@ def _state_pass_bwd(
         sp = ((b * nc + c) * H + hh) * P * N + pn
         tl.store(dstates_ptr + sp, g, mask=pn_mask)
         decay = tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1))
-        prev = tl.load(states_ptr + sp, mask=pn_mask, other=0.0)
+        prev = tl.load(prev_ptr + sp, mask=pn_mask, other=0.0).to(tl.float32)
         ddecay = tl.sum(tl.sum(g * prev, 1), 0) * decay
         passed = decay * g
         if HAS_DOC:
@@ -96,7 +97,7 @@ def _state_pass_bwd(
 
 @triton.jit(do_not_specialize=["L", "nc", "S"])
 def _bwd_rows(
-    x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
+    x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, prev_ptr,
     dz_ptr, dD_ptr, dC_ptr, dcum_ptr, dcb_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -163,8 +164,8 @@ def _bwd_rows(
                 dm = dm * tl.load(delta_ptr + bh_off + q)[None, :]
                 dcb += dm
                 dseg = dm * cb
-                tl.atomic_add(dcum_ptr + bh_off + r, tl.sum(dseg, 1))
-                tl.atomic_add(dcum_ptr + bh_off + q, -tl.sum(dseg, 0))
+                tl.atomic_add(dcum_ptr + bh_off + r, tl.sum(dseg, 1), sem="relaxed")
+                tl.atomic_add(dcum_ptr + bh_off + q, -tl.sum(dseg, 0), sem="relaxed")
             tl.store(dcb_ptr + cb_off, dcb)
     else:
         first = tl.full((BM,), 1, tl.int1)
@@ -192,11 +193,11 @@ def _bwd_rows(
                 dD_row = (((b * nc + c) * (T // BM) + m) * H + hh).to(tl.int64) * P
                 tl.store(dD_ptr + dD_row + rp, tl.sum(dy * xt, 0), mask=rp < P)
             state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
-            prev = tl.load(states_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
+            prev = tl.load(prev_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
             e = tl.where(first, tl.exp(tl.load(cum_ptr + bh_off + r)), 0.0)
             dC += tl.where(first[:, None], tl.dot(dy.to(DOT), prev, input_precision=PREC) * e[:, None], 0.0)
             off = tl.dot(Ct, tl.trans(prev), input_precision=PREC)
-            tl.atomic_add(dcum_ptr + bh_off + r, tl.where(first, tl.sum(dy * off, 1) * e, 0.0))
+            tl.atomic_add(dcum_ptr + bh_off + r, tl.where(first, tl.sum(dy * off, 1) * e, 0.0), sem="relaxed")
         # dC from C Bᵀ: Σ_s dM_ts B_s with the dM of this slice of heads (stored by PART 0).
         for k in range(m + 1):
             q = k * BM + tl.arange(0, BM)
@@ -301,7 +302,7 @@ def _bwd_cols(
                 dx += _load_dy(dout_ptr, z_ptr, hb, io_q, io_mask, HAS_Z) * Dp[None, :]
             tl.store(dx_ptr + hb + io_q, dx, mask=io_mask)
             tl.store(ddelta_ptr + bh_off + q, tl.sum(dxdt * xs, 1))
-            tl.atomic_add(dcum_ptr + bh_off + q, -dw)
+            tl.atomic_add(dcum_ptr + bh_off + q, -dw, sem="relaxed")
             tl.store(dlast_ptr + (bh.to(tl.int64) * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
     if PART != 1:
         tl.store(dB_ptr + b_off, dB, mask=b_mask)

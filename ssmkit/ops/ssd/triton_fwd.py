@@ -4,7 +4,8 @@ Four launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read its
     _chunk_cb_fwd     per (chunk, group): the causal tiles of C Bᵀ, kept for the scan and the backward
     _chunk_state_fwd  per (chunk, head): Δ, cum = cumsum(Δ A) and S_c = Σ_s exp(cum_last - cum_s) Δ_s x_s ⊗ B_s
     _state_pass_fwd   per (head, block of the p·n state): S'_c = exp(cum_last) S'_{c-1} + S_c, sequential over
-                      chunks; the buffer of S_c is overwritten in place with the state entering each chunk
+                      chunks in float32; the state entering each chunk is stored in ``prev`` (the
+                      inputs' dtype for bf16/fp16, else float32)
     _chunk_scan_fwd   per (block of rows of a chunk, head): y = ((C Bᵀ) ⊙ L)(Δx) + exp(cum_t) C_t S'_{c-1},
                       then (y + D x) · silu(z)
 
@@ -13,7 +14,8 @@ Layouts (all contiguous; Lp = chunks · T, the length padded to whole chunks):
     delta, cum (b, h, Lp) float32; doc (b, Lp) int32 (document number, padding joins the last one)
     ("delta" is x's weight in the update: Δ, or ``input_scale`` when given, SEP_SCALE; cum is always
     built from Δ)
-    states (b, chunks, h, p, n) float32; cb (b, chunks, g, T, T) float32
+    states (b, chunks, h, p, n) float32 (chunk sums S_c); prev (b, chunks, h, p, n) the states entering the
+    chunks, float32 or the inputs' bf16/fp16; cb (b, chunks, g, T, T) float32
 Padded positions have Δ = 0 and x = 0: they add nothing and do not decay the state.
 Lengths and chunk counts are not specialized on (one compile serves every length). Matmul operands
 are cast to ``DOT`` (the input dtype for bf16/fp16, float32 with IEEE precision
@@ -102,7 +104,7 @@ def _chunk_state_fwd(
 
 @triton.jit(do_not_specialize=["nc"])
 def _state_pass_fwd(
-    states_ptr, init_ptr, final_ptr, cum_ptr, doc_ptr,
+    states_ptr, init_ptr, final_ptr, cum_ptr, doc_ptr, prev_ptr,
     H, PN, nc,
     T: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
@@ -116,9 +118,11 @@ def _state_pass_fwd(
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
     for c in range(nc):
-        ptr = states_ptr + ((b * nc + c) * H + hh) * PN + offs
-        added = tl.load(ptr, mask=mask, other=0.0)
-        tl.store(ptr, state, mask=mask)
+        at = ((b * nc + c) * H + hh) * PN + offs
+        added = tl.load(states_ptr + at, mask=mask, other=0.0)
+        # Summed in float32; stored in prev's dtype (the inputs' for bf16/fp16: the scan multiplies it in
+        # that dtype anyway, and half the bytes go through memory).
+        tl.store(prev_ptr + at, state, mask=mask)
         passed = tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1)) * state
         if HAS_DOC:
             # where, not a product with 0: NaN of a finished document must not leak into the next.
@@ -161,13 +165,13 @@ def _cb_offsets(b, c, gg, G, nc, rows, cols, T: tl.constexpr):
 
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_scan_fwd(
-    x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr, out_ptr, ypre_ptr,
+    x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, prev_ptr, out_ptr, ypre_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, STORE_YPRE: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Grid (row blocks x heads, chunks, batch): the programs of one chunk run together and share its
+    # prev_ptr: the states entering the chunks. Grid (row blocks x heads, chunks, batch): the programs of one chunk run together and share its
     # C Bᵀ and C in L2. Addresses: int64 scalar bases of the chunk, int32 offsets inside it (int64
     # tiles of offsets double the registers of every address).
     pid = tl.program_id(0)
@@ -192,7 +196,7 @@ def _chunk_scan_fwd(
                  other=0.0).to(DOT)
 
     # What earlier chunks pass on: exp(cum_t) C_t S'_{c-1}, only for the document entering the chunk.
-    prev = tl.load(states_ptr + ((b * nc + c) * H + hh).to(tl.int64) * P * N + rp[:, None] * N + rn[None, :],
+    prev = tl.load(prev_ptr + ((b * nc + c) * H + hh).to(tl.int64) * P * N + rp[:, None] * N + rn[None, :],
                    mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
     off = tl.dot(Ct, tl.trans(prev.to(DOT)), input_precision=PREC)
     first = tl.full((BM,), 1, tl.int1)
