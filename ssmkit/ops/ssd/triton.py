@@ -35,6 +35,7 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
+    "chain": True,
 }
 CONFIGS = {
     "default": {},
@@ -49,6 +50,7 @@ CONFIGS = {
     "cols_split": {"cols_split": True},
     "scan32_w4": {"fwd_tile": 32, "scan": (4, 2)},
     "scan32_w4_s3": {"fwd_tile": 32, "scan": (4, 3)},
+    "no_chain": {"chain": False},
     "bwd32_w4": {"bwd_tile": 32, "rows": (4, 2), "rows_state": (4, 2), "cols": (4, 1)},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
@@ -116,22 +118,31 @@ class _SSDFunction(torch.autograd.Function):
         lo, hi = (float(v) for v in dt_limit) if has_limit else (0.0, 0.0)
         delta = torch.empty(b, h, Lp, device=dev, dtype=f32)
         cum = torch.empty_like(delta)
-        states = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
-        dummy = delta
-        _fwd._chunk_state_fwd[(nc, b * h)](
-            x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
-            dummy if scale is None else scale,
-            l, h, g, p, n, nc, lo, hi,
-            T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-            HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, **_opts("state"),
-        )
         final = torch.empty(b, h, p, n, device=dev, dtype=f32)
         prev = torch.empty(b, nc, h, p, n, device=dev, dtype=f32 if x.dtype == f32 else x.dtype)
-        _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
-            states, dummy if initial_states is None else initial_states, final, cum, dummy if doc is None else doc,
-            prev, h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None, HAS_DOC=doc is not None,
-            num_warps=4,
+        chain = LAUNCH["chain"]
+        dummy = delta
+        # Chained: a ticket counter, one flag per (head, chunk), a ring of two float32 states per head.
+        # Else the chunk sums S_c go through memory to the state passing kernel.
+        sync = torch.zeros(1 + b * h * nc if chain else 1, device=dev, dtype=torch.int32)
+        ring = torch.empty(b * h * 2 * p * n if chain else 1, device=dev, dtype=f32)
+        states = dummy if chain else torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
+        init = dummy if initial_states is None else initial_states
+        _fwd._chunk_state_fwd[(nc, b * h)](
+            x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
+            dummy if scale is None else scale, sync, ring, init, final, prev,
+            l, h, g, p, n, nc, lo, hi,
+            T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
+            HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
+            HAS_INIT=initial_states is not None, **_opts("state"),
         )
+        if not chain:
+            _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
+                states, init, final, cum, dummy if doc is None else doc,
+                prev, h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None,
+                HAS_DOC=doc is not None, num_warps=4,
+            )
+        del states, ring, sync
         nrb = T // BM
         cb = torch.empty(b, nc, g, T, T, device=dev, dtype=f32)
         _fwd._chunk_cb_fwd[(nc * nrb * nrb, b * g)](
@@ -148,7 +159,6 @@ class _SSDFunction(torch.autograd.Function):
             STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
             **_opts("scan"),
         )
-        del states  # the chunk sums: only the entering states (prev) are needed from here on
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, prev, ypre, cb)
         ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None, scale is not None)
         ctx.set_materialize_grads(False)

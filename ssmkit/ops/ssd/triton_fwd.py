@@ -48,13 +48,21 @@ def _doc_before(doc_ptr, b, c, T: tl.constexpr, Lp):
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr, scale_ptr,
+    sync_ptr, ring_ptr, init_ptr, final_ptr, prev_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, lo, hi,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
-    SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    if CHAIN:
+        # Chunks in the order the programs started (a ticket, not the program id), heads fastest: the
+        # program of chunk c - 1 of a head has started before this one, so waiting for it cannot deadlock.
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int64)
+        c = ticket // tl.num_programs(1)
+        bh = ticket % tl.num_programs(1)
+    else:
+        c = tl.program_id(0).to(tl.int64)
+        bh = tl.program_id(1).to(tl.int64)
     b, hh = bh // H, bh % H
     gg = hh // (H // G)
     Lp = nc * T
@@ -98,8 +106,39 @@ def _chunk_state_fwd(
                      mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
         xw = (xs * w[:, None]).to(DOT)
         acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
-    out = states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :]
-    tl.store(out, acc, mask=(rp[:, None] < P) & (rn[None, :] < N))
+    pn = rp[:, None] * N + rn[None, :]
+    pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
+    if CHAIN:
+        # State passing, fused: wait for the state after chunk c - 1 (float32, in a ring of two slots per
+        # head: chunk c + 1 overwrites slot c - 1 only after it has seen chunk c's flag, which chunk c
+        # raises only after reading slot c - 1), store it as the state entering chunk c, pass on
+        # S'_c = exp(cum_last) S'_{c-1} + S_c and raise this chunk's flag.
+        flags = sync_ptr + 1 + bh * nc
+        if c == 0:
+            if HAS_INIT:
+                state = tl.load(init_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
+            else:
+                state = tl.zeros((BP, BN), dtype=tl.float32)
+        else:
+            while tl.atomic_add(flags + c - 1, 0, sem="acquire") == 0:
+                pass
+            state = tl.load(ring_ptr + (bh * 2 + (c - 1) % 2) * P * N + pn, mask=pn_mask, other=0.0,
+                            cache_modifier=".cg")
+        tl.store(prev_ptr + ((b * nc + c) * H + hh) * P * N + pn, state, mask=pn_mask)
+        passed = tl.exp(cum_last) * state
+        if HAS_DOC:
+            # where, not a product with 0: NaN of a finished document must not leak into the next.
+            passed = tl.where(doc_last == _doc_before(doc_ptr, b, c, T, Lp), passed, 0.0)
+        state = passed + acc
+        if c == nc - 1:
+            tl.store(final_ptr + bh * P * N + pn, state, mask=pn_mask)
+        else:
+            tl.store(ring_ptr + (bh * 2 + c % 2) * P * N + pn, state, mask=pn_mask)
+            # Every thread's stores before the flag (the barrier), published by a release.
+            tl.debug_barrier()
+            tl.atomic_xchg(flags + c, 1, sem="release")
+    else:
+        tl.store(states_ptr + ((b * nc + c) * H + hh) * P * N + pn, acc, mask=pn_mask)
 
 
 @triton.jit(do_not_specialize=["nc"])
