@@ -33,7 +33,7 @@ FLAGS = {"HAS_Z": False, "HAS_D": True, "HAS_DOC": False, "HAS_BIAS": True, "SOF
 KERNELS = {
     "state": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128}),
     "scan": (triton_fwd._chunk_scan_fwd, "BM", {"BN": 128}),
-    "state_bwd": (triton_bwd._state_pass_bwd, "BK", {"BN": 32}),
+    "state_bwd": (triton_bwd._state_pass_bwd, "BK", {"BN": 64}),
     "rows": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 0}),
     "rows_state": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 1}),
     "cols": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 2}),

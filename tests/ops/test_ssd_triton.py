@@ -24,6 +24,8 @@ CASES = {
     "docs_two_tiles": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs one_slice"),
     # The backward's tile smaller than the forward's (it reads the forward's C Bᵀ tiles in quarters).
     "mixed_tiles": (1, 70, 2, 4, 1, 8, 64, 32, "float32", "D_h z bias softplus docs bwd_tile16"),
+    # State passing in kernels of its own instead of chained into the chunk-state kernels.
+    "unchained": (2, 40, 2, 4, 1, 8, 16, 16, "float32", "D_hp z init softplus docs no_chain"),
     "bare_one_step": (1, 1, 4, 8, 4, 3, 5, 64, "float32", ""),
     "varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen"),
     "bfloat16": (1, 33, 2, 8, 1, 8, 16, 64, "bfloat16", "D_h z bias softplus limit docs one_slice"),
@@ -78,7 +80,8 @@ def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     from ssmkit.ops.ssd import triton as ssd_triton
 
     ssd_triton.LAUNCH.update(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile,
-                             min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options)
+                             min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options,
+                             chain="no_chain" not in options)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")

@@ -35,7 +35,7 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
-    "chain": True,
+    "chain": True, "state_bwd_bn": 64,
 }
 CONFIGS = {
     "default": {},
@@ -181,21 +181,28 @@ class _SSDFunction(torch.autograd.Function):
         dout = torch.zeros_like(x) if dout is None else dout.contiguous()
         dfinal = None if dfinal is None else dfinal.contiguous()
 
-        # 1. Gradients of the per-chunk states, walking the chunks backwards.
-        BN1 = min(BN, 32)
+        # 1. Gradients of the per-chunk states, walking the chunks backwards (chained: in parallel, only
+        # the passing in order).
+        chain = LAUNCH["chain"]
+        BN1 = min(BN, LAUNCH["state_bwd_bn"] if chain else 32)
         n_nb = triton.cdiv(n, BN1)
-        dstates = torch.empty(states.shape, device=dev, dtype=f32)
+        # Summed in float32 in the kernel; stored like the entering states (the columns kernel multiplies
+        # it in the inputs' dtype anyway).
+        dstates = torch.empty(states.shape, device=dev, dtype=states.dtype)
         ddecay = torch.empty(b, h, nc, n_nb, device=dev, dtype=f32)
         dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
-        _bwd._state_pass_bwd[(b * h, n_nb)](
+        sync = torch.zeros(1 + b * h * n_nb * nc if chain else 1, device=dev, dtype=torch.int32)
+        ring = torch.empty(b * h * 2 * p * n if chain else 1, device=dev, dtype=f32)
+        _bwd._state_pass_bwd[(nc, b * h * n_nb) if chain else (b * h, n_nb)](
             dout, dummy if z is None else z, C, cum, docp, states,
             dummy if dfinal is None else dfinal, dummy if dprev_x is None else dprev_x.contiguous(),
-            dstates, ddecay, dinit,
-            l, h, g, p, n, nc,
+            dstates, ddecay, dinit, sync, ring,
+            l, h, g, p, n, nc, n_nb,
             T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
-            HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC,
+            HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
             **_opts("state_bwd"),
         )
+        del sync, ring
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
         nrb = T // BM
         S = _head_slices(h // g, nrb * nc * b * g)

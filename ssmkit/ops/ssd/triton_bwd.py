@@ -41,17 +41,50 @@ def _load_dy(dout_ptr, z_ptr, base, io, io_mask, HAS_Z: tl.constexpr):
     return dy
 
 
+@triton.jit
+def _entering_dp(dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, b, hh, gg, c, rp, rn, doc_before, L, H, G,
+                 P: tl.constexpr, N: tl.constexpr, Lp, T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+                 BN: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr,
+                 PREC: tl.constexpr):
+    """dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t over the positions of the document entering chunk c: (BP, BN)."""
+    bh = b * H + hh
+    dp = tl.zeros((BP, BN), dtype=tl.float32)
+    for k in range(0, T, BK):
+        t = c * T + k + tl.arange(0, BK)
+        io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+        dy = _load_dy(dout_ptr, z_ptr, 0, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)
+        e = tl.exp(tl.load(cum_ptr + bh * Lp + t))
+        if HAS_DOC:
+            e = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_before, e, 0.0)
+        Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+        dp += tl.dot(tl.trans((dy * e[:, None]).to(DOT)), Ct.to(DOT), input_precision=PREC)
+    return dp
+
+
 @triton.jit(do_not_specialize=["L", "nc"])
 def _state_pass_bwd(
     dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, prev_ptr, dfinal_ptr, dprev_ptr,
-    dstates_ptr, ddecay_ptr, dinit_ptr,
-    L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
+    dstates_ptr, ddecay_ptr, dinit_ptr, sync_ptr, ring_ptr,
+    L, H, G, P: tl.constexpr, N: tl.constexpr, nc, NB,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DPREV: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
+    """Grid (b h, NB blocks of n), each walking the chunks backwards; or CHAIN: one program per (chunk,
+    head, block of n), the chunks' dP_c in parallel and only the passing chained (as ``_chunk_state_fwd``:
+    tickets in start order, last chunk first, a flag per chunk, a ring of two float32 gradients)."""
+    if CHAIN:
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int64)
+        lane = ticket % tl.num_programs(1)
+        c_first = nc - 1 - ticket // tl.num_programs(1)
+        c_stop = c_first - 1
+        bh, nb = lane // NB, lane % NB
+    else:
+        bh = tl.program_id(0).to(tl.int64)
+        nb = tl.program_id(1)
+        c_first = nc - 1
+        c_stop = -1
     b, hh = bh // H, bh % H
     gg = hh // (H // G)
     Lp = nc * T
@@ -59,12 +92,21 @@ def _state_pass_bwd(
     rn = nb * BN + tl.arange(0, BN)
     pn = rp[:, None] * N + rn[None, :]
     pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
-    if HAS_DFINAL:
-        g = tl.load(dfinal_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros((BP, BN), dtype=tl.float32)
-    for i in range(nc):
-        c = nc - 1 - i
+    g = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_DFINAL:  # noqa: SIM102 - a constexpr test apart from a runtime one
+        if c_first == nc - 1:
+            g = tl.load(dfinal_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
+    for c in range(c_first, c_stop, -1):
+        doc_before = _doc_before(doc_ptr, b, c, T, Lp)
+        dp = _entering_dp(dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, b, hh, gg, c, rp, rn, doc_before, L, H, G,
+                          P, N, Lp, T, BK, BP, BN, HAS_Z, HAS_DOC, DOT, PREC)
+        if CHAIN:  # noqa: SIM102 - a constexpr test apart from a runtime one
+            if c < nc - 1:
+                while tl.atomic_add(sync_ptr + 1 + lane * nc + c + 1, 0, sem="acquire") == 0:
+                    pass
+                g = tl.load(ring_ptr + (bh * 2 + (c + 1) % 2) * P * N + pn, mask=pn_mask, other=0.0,
+                            cache_modifier=".cg")
+        # g: the gradient of the state after chunk c, stored; passed back through the chunk's decay.
         sp = ((b * nc + c) * H + hh) * P * N + pn
         tl.store(dstates_ptr + sp, g, mask=pn_mask)
         decay = tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1))
@@ -72,27 +114,20 @@ def _state_pass_bwd(
         ddecay = tl.sum(tl.sum(g * prev, 1), 0) * decay
         passed = decay * g
         if HAS_DOC:
-            doc_before = _doc_before(doc_ptr, b, c, T, Lp)
             carry = tl.load(doc_ptr + b * Lp + c * T + T - 1) == doc_before
             passed = tl.where(carry, passed, 0.0)
             ddecay = tl.where(carry, ddecay, 0.0)
-        tl.store(ddecay_ptr + (bh * nc + c) * tl.num_programs(1) + nb, ddecay)
-        # dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t over the positions of the entering document.
-        dp = tl.zeros((BP, BN), dtype=tl.float32)
-        for k in range(0, T, BK):
-            t = c * T + k + tl.arange(0, BK)
-            io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
-            dy = _load_dy(dout_ptr, z_ptr, 0, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)
-            e = tl.exp(tl.load(cum_ptr + bh * Lp + t))
-            if HAS_DOC:
-                e = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_before, e, 0.0)
-            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
-            dp += tl.dot(tl.trans((dy * e[:, None]).to(DOT)), Ct.to(DOT), input_precision=PREC)
+        tl.store(ddecay_ptr + (bh * nc + c) * NB + nb, ddecay)
         if HAS_DPREV:
             dp += tl.load(dprev_ptr + sp, mask=pn_mask, other=0.0)
         g = passed + dp
-    tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
+        if CHAIN:  # noqa: SIM102
+            if c > 0:
+                tl.store(ring_ptr + (bh * 2 + c % 2) * P * N + pn, g, mask=pn_mask)
+                tl.debug_barrier()
+                tl.atomic_xchg(sync_ptr + 1 + lane * nc + c, 1, sem="release")
+    if c_stop == -1:
+        tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
 
 
 @triton.jit(do_not_specialize=["L", "nc", "S"])
