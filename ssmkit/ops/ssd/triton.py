@@ -1,8 +1,12 @@
 """Triton backend of ``mamba_chunk_scan_combined``: launchers, the autograd Function, the backend.
 
-Forward: four kernels (``triton_fwd``); backward: five launches of four (``triton_bwd``), plus a few small sums of
-per-block partials. Only the chunked algorithm's per-chunk states (b, chunks, h, p, n) and C Bᵀ per
-group (b, chunks, g, T, T) go through memory, in float32; the rest of the (T, T) work stays on chip.
+Forward: three kernels (``triton_fwd``); backward: five launches of four (``triton_bwd``), plus a few small
+sums of per-block partials. The state passing is chained into the chunk-state kernels (forward and
+backward: each chunk's own work in parallel, then a wait for the previous chunk's float32 state in a
+small ring that stays in L2; ``LAUNCH["chain"] = False`` runs it as a kernel of its own). What goes
+through memory: the states entering each chunk and their gradients (b, chunks, h, p, n), in the
+inputs' dtype for bf16/fp16 (float32 otherwise; always summed in float32), and C Bᵀ per group
+(b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip.
 
 The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
 need powers of two of at least 16). The result does not depend on the chunk length: it only moves
