@@ -28,7 +28,7 @@ BF16_ARGS = {"x_ptr", "z_ptr", "dt_ptr", "dout_ptr", "B_ptr", "C_ptr", "out_ptr"
              "dB_ptr", "dC_ptr", "prev_ptr"}
 SHAPE = {"P": 64, "N": 128, "T": 256, "BP": 64, "DOT": tl.bfloat16, "PREC": "tf32"}
 FLAGS = {"HAS_Z": False, "HAS_D": True, "HAS_DOC": False, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_LIMIT": False,
-         "STORE_YPRE": False, "HAS_DFINAL": False, "HAS_DPREV": False, "CHAIN": True, "HAS_INIT": False}
+         "STORE_YPRE": False, "HAS_DFINAL": False, "HAS_DPREV": False, "CHAIN": True, "HAS_INIT": False, "FENCE": True}
 # name -> (kernel, tile argument, other constexprs)
 KERNELS = {
     "state": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128}),

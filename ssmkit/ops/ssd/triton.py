@@ -87,6 +87,11 @@ def _head_slices(heads_per_group: int, programs: int) -> int:
     return slices
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter is on (no inline assembly there; programs run one after another)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _dot_types(dtype: torch.dtype):
     """(tl dtype of matmul operands, precision): tensor-core bf16/fp16, IEEE fp32 for float32 inputs.
 
@@ -95,7 +100,7 @@ def _dot_types(dtype: torch.dtype):
     """
     import triton.language as tl
 
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if dtype == torch.bfloat16 and not _interpreting():
         return tl.bfloat16, "tf32"
     if dtype == torch.float16:
         return tl.float16, "tf32"
@@ -138,7 +143,7 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
             HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
-            HAS_INIT=initial_states is not None, **_opts("state"),
+            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), **_opts("state"),
         )
         if not chain:
             _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
@@ -204,7 +209,7 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc, n_nb,
             T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
             HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
-            **_opts("state_bwd"),
+            FENCE=not _interpreting(), **_opts("state_bwd"),
         )
         del sync, ring
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).

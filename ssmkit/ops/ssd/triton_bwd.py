@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ssmkit.ops.ssd.triton_fwd import _doc_before, _step_size
+from ssmkit.ops.ssd.triton_fwd import _doc_before, _raise_flag, _step_size, _wait_flag
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _state_pass_bwd(
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, NB,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DPREV: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr, FENCE: tl.constexpr,
 ):
     """Grid (b h, NB blocks of n), each walking the chunks backwards; or CHAIN: one program per (chunk,
     head, block of n), the chunks' dP_c in parallel and only the passing chained (as ``_chunk_state_fwd``:
@@ -102,8 +102,7 @@ def _state_pass_bwd(
                           P, N, Lp, T, BK, BP, BN, HAS_Z, HAS_DOC, DOT, PREC)
         if CHAIN:  # noqa: SIM102 - a constexpr test apart from a runtime one
             if c < nc - 1:
-                while tl.atomic_add(sync_ptr + 1 + lane * nc + c + 1, 0, sem="acquire") == 0:
-                    pass
+                _wait_flag(sync_ptr + 1 + lane * nc + c + 1)
                 g = tl.load(ring_ptr + (bh * 2 + (c + 1) % 2) * P * N + pn, mask=pn_mask, other=0.0,
                             cache_modifier=".cg")
         # g: the gradient of the state after chunk c, stored; passed back through the chunk's decay.
@@ -124,8 +123,7 @@ def _state_pass_bwd(
         if CHAIN:  # noqa: SIM102
             if c > 0:
                 tl.store(ring_ptr + (bh * 2 + c % 2) * P * N + pn, g, mask=pn_mask)
-                tl.debug_barrier()
-                tl.atomic_xchg(sync_ptr + 1 + lane * nc + c, 1, sem="release")
+                _raise_flag(sync_ptr + 1 + lane * nc + c, FENCE)
     if c_stop == -1:
         tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
 

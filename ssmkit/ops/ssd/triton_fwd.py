@@ -45,6 +45,26 @@ def _doc_before(doc_ptr, b, c, T: tl.constexpr, Lp):
     return tl.where(c == 0, 0, prev)
 
 
+@triton.jit
+def _wait_flag(flag_ptr):
+    """Spin until another program raised the flag (acquire: its stores are visible after this)."""
+    while tl.atomic_add(flag_ptr, 0, sem="acquire") == 0:
+        pass
+
+
+@triton.jit
+def _raise_flag(flag_ptr, FENCE: tl.constexpr):
+    """Publish every thread's stores, then raise the flag: each thread fences at GPU scope (FENCE: off in
+    Triton's interpreter, which runs programs one after another), the barrier waits for all of them, and
+    one release sets the flag."""
+    one = 1
+    if FENCE:
+        one += tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, one, sem="release")
+
+
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr, scale_ptr,
@@ -53,6 +73,7 @@ def _chunk_state_fwd(
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
     SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr, HAS_INIT: tl.constexpr,
+    FENCE: tl.constexpr,
 ):
     if CHAIN:
         # Chunks in the order the programs started (a ticket, not the program id), heads fastest: the
@@ -120,8 +141,7 @@ def _chunk_state_fwd(
             else:
                 state = tl.zeros((BP, BN), dtype=tl.float32)
         else:
-            while tl.atomic_add(flags + c - 1, 0, sem="acquire") == 0:
-                pass
+            _wait_flag(flags + c - 1)
             state = tl.load(ring_ptr + (bh * 2 + (c - 1) % 2) * P * N + pn, mask=pn_mask, other=0.0,
                             cache_modifier=".cg")
         tl.store(prev_ptr + ((b * nc + c) * H + hh) * P * N + pn, state, mask=pn_mask)
@@ -134,9 +154,7 @@ def _chunk_state_fwd(
             tl.store(final_ptr + bh * P * N + pn, state, mask=pn_mask)
         else:
             tl.store(ring_ptr + (bh * 2 + c % 2) * P * N + pn, state, mask=pn_mask)
-            # Every thread's stores before the flag (the barrier), published by a release.
-            tl.debug_barrier()
-            tl.atomic_xchg(flags + c, 1, sem="release")
+            _raise_flag(flags + c, FENCE)
     else:
         tl.store(states_ptr + ((b * nc + c) * H + hh) * P * N + pn, acc, mask=pn_mask)
 
