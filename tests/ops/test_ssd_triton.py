@@ -24,12 +24,15 @@ CASES = {
     "docs_two_tiles": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs one_slice"),
     # The backward's tile smaller than the forward's (it reads the forward's C Bᵀ tiles in quarters).
     "mixed_tiles": (1, 70, 2, 4, 1, 8, 64, 32, "float32", "D_h z bias softplus docs bwd_tile16"),
-    # State passing in kernels of its own instead of chained into the chunk-state kernels.
+    # Every case runs the chained state passing (LAUNCH["chain"]) but this one: kernels of its own.
     "unchained": (2, 40, 2, 4, 1, 8, 16, 16, "float32", "D_hp z init softplus docs no_chain"),
     "bare_one_step": (1, 1, 4, 8, 4, 3, 5, 64, "float32", ""),
     "varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen"),
     "bfloat16": (1, 33, 2, 8, 1, 8, 16, 64, "bfloat16", "D_h z bias softplus limit docs one_slice"),
     "float16_init": (1, 20, 2, 4, 2, 4, 16, 64, "float16", "D_hp bias init softplus"),
+    # Entering states stored in bf16 feed the varlen states.
+    "varlen_bf16": (1, 39, 2, 2, 1, 4, 16, 16, "bfloat16", "D_h init softplus varlen one_slice"),
+    "varlen_bf16_unchained": (1, 39, 2, 2, 1, 4, 16, 16, "bfloat16", "D_h init softplus varlen no_chain"),
     # input_scale apart from Δ (Mamba-3's route): the kernels' Δ buffer holds it, dt only decays.
     "input_scale": (2, 37, 4, 3, 2, 5, 16, 16, "float32", "D_h z bias init softplus limit docs scale"),
     "input_scale_varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen scale"),

@@ -1,9 +1,11 @@
 """Triton backend of ``mamba_chunk_scan_combined``: launchers, the autograd Function, the backend.
 
-Forward: three kernels (``triton_fwd``); backward: five launches of four (``triton_bwd``), plus a few small
-sums of per-block partials. The state passing is chained into the chunk-state kernels (forward and
-backward: each chunk's own work in parallel, then a wait for the previous chunk's float32 state in a
-small ring that stays in L2; ``LAUNCH["chain"] = False`` runs it as a kernel of its own). What goes
+Forward: four kernels, or three chained (``triton_fwd``); backward: five launches of four (``triton_bwd``),
+plus a few small sums of per-block partials. The state passing can be chained into the chunk-state
+kernels (forward and backward: each chunk's own work in parallel, then a wait for the previous chunk's
+float32 state in a
+small ring that stays in L2; ``LAUNCH["chain"]``, off by default until it has run on a GPU; off, the
+passing is a kernel of its own, and the backward's walks the chunks in one program per head). What goes
 through memory: the states entering each chunk and their gradients (b, chunks, h, p, n), in the
 inputs' dtype for bf16/fp16 (float32 otherwise; always summed in float32), and C Bᵀ per group
 (b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip.
@@ -39,7 +41,7 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
-    "chain": True, "state_bwd_bn": 64,
+    "chain": False, "state_bwd_bn": 64,
 }
 CONFIGS = {
     "default": {},
@@ -54,7 +56,9 @@ CONFIGS = {
     "cols_split": {"cols_split": True},
     "scan32_w4": {"fwd_tile": 32, "scan": (4, 2)},
     "scan32_w4_s3": {"fwd_tile": 32, "scan": (4, 3)},
-    "no_chain": {"chain": False},
+    # The chained state passing: correct in Triton's interpreter, not yet run on a GPU (no device
+    # time was lent while it was written): the default once tests/gpu/test_ssd.py and a timing pass.
+    "chain": {"chain": True},
     "bwd32_w4": {"bwd_tile": 32, "rows": (4, 2), "rows_state": (4, 2), "cols": (4, 1)},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
