@@ -193,7 +193,9 @@ def main() -> None:
     HEADS, GROUPS, STATE = args.heads, args.groups, args.state
     if args.sweep:
         sweep(8192, args.configs)
-    peer = None if args.no_peer else import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
+    peer = None
+    if not args.no_peer:
+        peer = import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
     if args.profile:
         fns = callers(peer)
         for length in args.lengths:

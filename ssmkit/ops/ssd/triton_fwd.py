@@ -1,11 +1,15 @@
 """Triton forward kernels of the chunked SSD (Dao & Gu 2024, "Transformers are SSMs", section 6).
 
-Four launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read its docstring first):
+Four launches per call (three with CHAIN), each a stage of ``ssd/chunked.py``'s algorithm (read its
+docstring first):
     _chunk_cb_fwd     per (chunk, group): the causal tiles of C Bᵀ, kept for the scan and the backward
     _chunk_state_fwd  per (chunk, head): Δ, cum = cumsum(Δ A) and S_c = Σ_s exp(cum_last - cum_s) Δ_s x_s ⊗ B_s
     _state_pass_fwd   per (head, block of the p·n state): S'_c = exp(cum_last) S'_{c-1} + S_c, sequential over
                       chunks in float32; the state entering each chunk is stored in ``prev`` (the
-                      inputs' dtype for bf16/fp16, else float32)
+                      inputs' dtype for bf16/fp16, else float32). With CHAIN the chunk-state kernel does
+                      this itself: having summed S_c it waits for chunk c - 1's S'_{c-1} (a flag per chunk,
+                      float32 states in a ring of two per head, in L2), stores it as the state entering
+                      chunk c, and passes S'_c on: no S_c round trip through memory, one launch less
     _chunk_scan_fwd   per (block of rows of a chunk, head): y = ((C Bᵀ) ⊙ L)(Δx) + exp(cum_t) C_t S'_{c-1},
                       then (y + D x) · silu(z)
 
@@ -228,9 +232,9 @@ def _chunk_scan_fwd(
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, STORE_YPRE: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    # prev_ptr: the states entering the chunks. Grid (row blocks x heads, chunks, batch): the programs of one chunk run together and share its
-    # C Bᵀ and C in L2. Addresses: int64 scalar bases of the chunk, int32 offsets inside it (int64
-    # tiles of offsets double the registers of every address).
+    # prev_ptr: the states entering the chunks. Grid (row blocks x heads, chunks, batch): the programs of
+    # one chunk run together and share its C Bᵀ and C in L2. Addresses: int64 scalar bases of the chunk,
+    # int32 offsets inside it (int64 tiles of offsets double the registers of every address).
     pid = tl.program_id(0)
     m, hh = pid % (T // BM), pid // (T // BM)
     c = tl.program_id(1)
