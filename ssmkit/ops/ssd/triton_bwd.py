@@ -78,13 +78,13 @@ def _state_pass_bwd(
         ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int64)
         lane = ticket % tl.num_programs(1)
         c_first = nc - 1 - ticket // tl.num_programs(1)
-        c_stop = c_first - 1
+        walk = 1
         bh, nb = lane // NB, lane % NB
     else:
         bh = tl.program_id(0).to(tl.int64)
         nb = tl.program_id(1)
         c_first = nc - 1
-        c_stop = -1
+        walk = nc
     b, hh = bh // H, bh % H
     gg = hh // (H // G)
     Lp = nc * T
@@ -96,8 +96,11 @@ def _state_pass_bwd(
     if HAS_DFINAL:  # noqa: SIM102 - a constexpr test apart from a runtime one
         if c_first == nc - 1:
             g = tl.load(dfinal_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
-    for c in range(c_first, c_stop, -1):
-        doc_before = _doc_before(doc_ptr, b, c, T, Lp)
+    for i in range(walk):
+        c = c_first - i
+        doc_before = 0
+        if HAS_DOC:
+            doc_before = _doc_before(doc_ptr, b, c, T, Lp)
         dp = _entering_dp(dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, b, hh, gg, c, rp, rn, doc_before, L, H, G,
                           P, N, Lp, T, BK, BP, BN, HAS_Z, HAS_DOC, DOT, PREC)
         if CHAIN:  # noqa: SIM102 - a constexpr test apart from a runtime one
@@ -124,7 +127,7 @@ def _state_pass_bwd(
             if c > 0:
                 tl.store(ring_ptr + (bh * 2 + c % 2) * P * N + pn, g, mask=pn_mask)
                 _raise_flag(sync_ptr + 1 + lane * nc + c, FENCE)
-    if c_stop == -1:
+    if c_first - walk == -1:
         tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
 
 
