@@ -36,8 +36,9 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 # backward splits a group's heads over programs until it has this many; "cols_split": the columns kernel
 # in two launches (dB with "cols_dB", then the rest).
 # Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (128 with the
-# cap, no spills); backward rows 255 (8 B spilled), rows_state 255 (16 B), cols 255 (240 B; split: dB 231,
-# no spills, the rest 255, 8 B). Fastest configs of forward and backward kernels combine (separate keys).
+# cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
+# no spills, the rest 255, 8 B); chained state passing: forward 192, backward 128 (64 columns of the state
+# a program: "state_bwd_bn"). Fastest configs of forward and backward kernels combine (separate keys).
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
