@@ -12,7 +12,8 @@ its package ``__init__`` (which would load the compiled CUDA scan); "n/a" when t
 
     python benchmarks/gpu_ssd.py
     python benchmarks/gpu_ssd.py --sweep     # ssmkit's launch configs (ssd.triton.CONFIGS) at L 8192
-    python benchmarks/gpu_ssd.py --profile   # per-kernel GPU time of one forward+backward at L 8192
+    python benchmarks/gpu_ssd.py --profile --lengths 8192   # per-kernel GPU time, forward and backward apart
+    python benchmarks/gpu_ssd.py --heads 64 --groups 8 --lengths 8192   # another shape
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def parity(fns, length=2048) -> dict[str, float]:
         return {name: ((fn(inp).double() - want).norm() / want.norm()).item() for name, fn in fns.items()}
 
 
-def sweep(length: int) -> None:
+def sweep(length: int, names: list[str] | None = None) -> None:
     """Forward and forward+backward ms of every named launch config of ssmkit's Triton SSD."""
     from triton.testing import do_bench
 
@@ -113,6 +114,8 @@ def sweep(length: int) -> None:
     print(f"{'config':>14} {'fwd ms':>8} {'fwd+bwd ms':>11}  overrides")
     times = {}
     for name, overrides in ssd_triton.CONFIGS.items():
+        if names and name not in names:
+            continue
         ssd_triton.use_config(name)
 
         def forward():
@@ -130,11 +133,19 @@ def sweep(length: int) -> None:
 
 
 def profile_kernels(fns, length: int) -> None:
-    """GPU time of each kernel in one forward+backward (after a warm-up call), largest first."""
+    """GPU time of each kernel in one forward and, apart, one backward (after a warm-up call), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     inp = make_inputs(length, True)
     grad = torch.randn(BATCH, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
+
+    def kernels(prof) -> dict[str, list[float]]:
+        per_kernel: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
+        return per_kernel
+
     for name, fn in fns.items():
         if name == "ssmkit chunked":
             continue
@@ -142,20 +153,24 @@ def profile_kernels(fns, length: int) -> None:
         for v in inp.values():
             v.grad = None  # no gradient accumulation kernels in the profiled call
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fwd_bwd(fn, inp, grad)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof_f:
+            out = fn(inp)
             torch.cuda.synchronize()
-        per_kernel: dict[str, list[float]] = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                per_kernel.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
-        total = sum(sum(v) for v in per_kernel.values())
-        print(f"\n{name}, L {length}, one forward+backward: {total:.3f} ms of kernels")
-        for kernel, times in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
-            print(f"  {sum(times):>8.3f} ms  x{len(times):<3} {kernel[:90]}")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof_b:
+            torch.autograd.backward(out, grad)
+            torch.cuda.synchronize()
+        for v in inp.values():
+            v.grad = None
+        for part, prof in (("forward", prof_f), ("backward", prof_b)):
+            per_kernel = kernels(prof)
+            total = sum(sum(v) for v in per_kernel.values())
+            print(f"\n{name}, L {length}, one {part}: {total:.3f} ms of kernels")
+            for kernel, times in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
+                print(f"  {sum(times):>8.3f} ms  x{len(times):<3} {kernel[:90]}")
 
 
 def main() -> None:
+    global HEADS, GROUPS, STATE
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     import argparse
@@ -167,15 +182,27 @@ def main() -> None:
     parser.add_argument("--chunked-max-len", type=int, default=2048,
                         help="time the (slow) chunked PyTorch path only up to this length")
     parser.add_argument("--sweep", action="store_true", help="time ssmkit's launch configs at L 8192 (only)")
-    parser.add_argument("--profile", action="store_true", help="per-kernel times at L 8192 (only; with --sweep too)")
+    parser.add_argument("--profile", action="store_true",
+                        help="per-kernel times, forward and backward apart, at each of --lengths (only)")
+    parser.add_argument("--configs", nargs="+", help="with --sweep: only these configs")
+    parser.add_argument("--no-peer", action="store_true", help="leave mamba_ssm out")
+    parser.add_argument("--heads", type=int, default=HEADS)
+    parser.add_argument("--groups", type=int, default=GROUPS)
+    parser.add_argument("--state", type=int, default=STATE)
     args = parser.parse_args()
+    HEADS, GROUPS, STATE = args.heads, args.groups, args.state
     if args.sweep:
-        sweep(8192)
+        sweep(8192, args.configs)
+    peer = None
+    if not args.no_peer:
+        peer = import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
     if args.profile:
-        profile_kernels(callers(import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")), 8192)
+        fns = callers(peer)
+        for length in args.lengths:
+            profile_kernels(fns, length)
     if args.sweep or args.profile:
         return
-    fns = callers(import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"))
+    fns = callers(peer)
     bandwidth = copy_bandwidth()
     print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
     print("output rel. error vs chunked fp32 (b8, L 2048):",

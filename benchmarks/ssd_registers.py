@@ -25,23 +25,25 @@ from triton.compiler import ASTSource
 from ssmkit.ops.ssd import triton_bwd, triton_fwd
 
 BF16_ARGS = {"x_ptr", "z_ptr", "dt_ptr", "dout_ptr", "B_ptr", "C_ptr", "out_ptr", "ypre_ptr", "dx_ptr", "dz_ptr",
-             "dB_ptr", "dC_ptr"}
+             "dB_ptr", "dC_ptr", "prev_ptr"}
 SHAPE = {"P": 64, "N": 128, "T": 256, "BP": 64, "DOT": tl.bfloat16, "PREC": "tf32"}
 FLAGS = {"HAS_Z": False, "HAS_D": True, "HAS_DOC": False, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_LIMIT": False,
-         "STORE_YPRE": False, "HAS_DFINAL": False, "HAS_DPREV": False}
+         "STORE_YPRE": False, "HAS_DFINAL": False, "HAS_DPREV": False, "CHAIN": False, "HAS_INIT": False, "FENCE": True}
 # name -> (kernel, tile argument, other constexprs)
 KERNELS = {
     "state": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128}),
     "scan": (triton_fwd._chunk_scan_fwd, "BM", {"BN": 128}),
     "state_bwd": (triton_bwd._state_pass_bwd, "BK", {"BN": 32}),
+    "state_chain": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128, "CHAIN": True}),
+    "state_bwd_chain": (triton_bwd._state_pass_bwd, "BK", {"BN": 64, "CHAIN": True}),
     "rows": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 0}),
     "rows_state": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 1}),
     "cols": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 2}),
     "cols_dB": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 0}),
     "cols_rest": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 1}),
 }
-DEFAULTS = ["state:64:8:2", "scan:64:8:2", "state_bwd:64:8:3", "rows:64:8:3", "rows_state:64:8:2", "cols:64:8:1",
-            "cols_dB:64:8:2", "cols_rest:64:8:1"]
+DEFAULTS = ["state:64:8:2", "state_chain:64:8:2", "scan:64:8:2", "state_bwd:64:8:3", "state_bwd_chain:64:8:3",
+            "rows:64:8:3", "rows_state:64:8:2", "cols:64:8:1", "cols_dB:64:8:2", "cols_rest:64:8:1"]
 
 
 def resources(name: str, tile: int, warps: int, stages: int, maxnreg: int | None) -> str:
@@ -53,7 +55,7 @@ def resources(name: str, tile: int, warps: int, stages: int, maxnreg: int | None
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*bf16" if arg in BF16_ARGS else "*i32" if arg == "doc_ptr" else "*fp32"
+            signature[arg] = "*bf16" if arg in BF16_ARGS else "*i32" if arg in ("doc_ptr", "sync_ptr") else "*fp32"
         else:
             signature[arg] = "fp32" if arg in ("lo", "hi") else "i32"
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}

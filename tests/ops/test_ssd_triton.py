@@ -24,10 +24,15 @@ CASES = {
     "docs_two_tiles": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs one_slice"),
     # The backward's tile smaller than the forward's (it reads the forward's C Bᵀ tiles in quarters).
     "mixed_tiles": (1, 70, 2, 4, 1, 8, 64, 32, "float32", "D_h z bias softplus docs bwd_tile16"),
+    # Every case runs the chained state passing (LAUNCH["chain"]) but this one: kernels of its own.
+    "unchained": (2, 40, 2, 4, 1, 8, 16, 16, "float32", "D_hp z init softplus docs no_chain"),
     "bare_one_step": (1, 1, 4, 8, 4, 3, 5, 64, "float32", ""),
     "varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen"),
     "bfloat16": (1, 33, 2, 8, 1, 8, 16, 64, "bfloat16", "D_h z bias softplus limit docs one_slice"),
     "float16_init": (1, 20, 2, 4, 2, 4, 16, 64, "float16", "D_hp bias init softplus"),
+    # Entering states stored in bf16 feed the varlen states.
+    "varlen_bf16": (1, 39, 2, 2, 1, 4, 16, 16, "bfloat16", "D_h init softplus varlen one_slice"),
+    "varlen_bf16_unchained": (1, 39, 2, 2, 1, 4, 16, 16, "bfloat16", "D_h init softplus varlen no_chain"),
     # input_scale apart from Δ (Mamba-3's route): the kernels' Δ buffer holds it, dt only decays.
     "input_scale": (2, 37, 4, 3, 2, 5, 16, 16, "float32", "D_h z bias init softplus limit docs scale"),
     "input_scale_varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen scale"),
@@ -78,7 +83,8 @@ def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     from ssmkit.ops.ssd import triton as ssd_triton
 
     ssd_triton.LAUNCH.update(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile,
-                             min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options)
+                             min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options,
+                             chain="no_chain" not in options)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")

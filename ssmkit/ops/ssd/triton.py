@@ -1,8 +1,14 @@
 """Triton backend of ``mamba_chunk_scan_combined``: launchers, the autograd Function, the backend.
 
-Forward: four kernels (``triton_fwd``); backward: five launches of four (``triton_bwd``), plus a few small sums of
-per-block partials. Only the chunked algorithm's per-chunk states (b, chunks, h, p, n) and C Bᵀ per
-group (b, chunks, g, T, T) go through memory, in float32; the rest of the (T, T) work stays on chip.
+Forward: four kernels, or three chained (``triton_fwd``); backward: five launches of four (``triton_bwd``),
+plus a few small sums of per-block partials. The state passing can be chained into the chunk-state
+kernels (forward and backward: each chunk's own work in parallel, then a wait for the previous chunk's
+float32 state in a
+small ring that stays in L2; ``LAUNCH["chain"]``, off by default until it has run on a GPU; off, the
+passing is a kernel of its own, and the backward's walks the chunks in one program per head). What goes
+through memory: the states entering each chunk and their gradients (b, chunks, h, p, n), in the
+inputs' dtype for bf16/fp16 (float32 otherwise; always summed in float32), and C Bᵀ per group
+(b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip.
 
 The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
 need powers of two of at least 16). The result does not depend on the chunk length: it only moves
@@ -30,11 +36,13 @@ _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 # backward splits a group's heads over programs until it has this many; "cols_split": the columns kernel
 # in two launches (dB with "cols_dB", then the rest).
 # Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (128 with the
-# cap, no spills); backward rows 255 (8 B spilled), rows_state 255 (16 B), cols 255 (240 B; split: dB 231,
-# no spills, the rest 255, 8 B). Fastest configs of forward and backward kernels combine (separate keys).
+# cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
+# no spills, the rest 255, 8 B); chained state passing: forward 192, backward 128 (64 columns of the state
+# a program: "state_bwd_bn"). Fastest configs of forward and backward kernels combine (separate keys).
 DEFAULT_LAUNCH = {
     "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
     "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
+    "chain": False, "state_bwd_bn": 64,
 }
 CONFIGS = {
     "default": {},
@@ -47,6 +55,12 @@ CONFIGS = {
     "bwd_tile32_r128": {"bwd_tile": 32, "rows": (8, 2, 128), "cols": (8, 1)},
     "slices4": {"min_programs": 4096},
     "cols_split": {"cols_split": True},
+    "scan32_w4": {"fwd_tile": 32, "scan": (4, 2)},
+    "scan32_w4_s3": {"fwd_tile": 32, "scan": (4, 3)},
+    # The chained state passing: correct in Triton's interpreter, not yet run on a GPU (no device
+    # time was lent while it was written): the default once tests/gpu/test_ssd.py and a timing pass.
+    "chain": {"chain": True},
+    "bwd32_w4": {"bwd_tile": 32, "rows": (4, 2), "rows_state": (4, 2), "cols": (4, 1)},
 }
 LAUNCH = dict(DEFAULT_LAUNCH)
 
@@ -78,6 +92,11 @@ def _head_slices(heads_per_group: int, programs: int) -> int:
     return slices
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter is on (no inline assembly there; programs run one after another)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _dot_types(dtype: torch.dtype):
     """(tl dtype of matmul operands, precision): tensor-core bf16/fp16, IEEE fp32 for float32 inputs.
 
@@ -86,7 +105,7 @@ def _dot_types(dtype: torch.dtype):
     """
     import triton.language as tl
 
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if dtype == torch.bfloat16 and not _interpreting():
         return tl.bfloat16, "tf32"
     if dtype == torch.float16:
         return tl.float16, "tf32"
@@ -113,21 +132,31 @@ class _SSDFunction(torch.autograd.Function):
         lo, hi = (float(v) for v in dt_limit) if has_limit else (0.0, 0.0)
         delta = torch.empty(b, h, Lp, device=dev, dtype=f32)
         cum = torch.empty_like(delta)
-        states = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
+        final = torch.empty(b, h, p, n, device=dev, dtype=f32)
+        prev = torch.empty(b, nc, h, p, n, device=dev, dtype=f32 if x.dtype == f32 else x.dtype)
+        chain = LAUNCH["chain"]
         dummy = delta
+        # Chained: a ticket counter, one flag per (head, chunk), a ring of two float32 states per head.
+        # Else the chunk sums S_c go through memory to the state passing kernel.
+        sync = torch.zeros(1 + b * h * nc if chain else 1, device=dev, dtype=torch.int32)
+        ring = torch.empty(b * h * 2 * p * n if chain else 1, device=dev, dtype=f32)
+        states = dummy if chain else torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
+        init = dummy if initial_states is None else initial_states
         _fwd._chunk_state_fwd[(nc, b * h)](
             x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
-            dummy if scale is None else scale,
+            dummy if scale is None else scale, sync, ring, init, final, prev,
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-            HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, **_opts("state"),
+            HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
+            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), **_opts("state"),
         )
-        final = torch.empty(b, h, p, n, device=dev, dtype=f32)
-        _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
-            states, dummy if initial_states is None else initial_states, final, cum, dummy if doc is None else doc,
-            h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None, HAS_DOC=doc is not None,
-            num_warps=4,
-        )
+        if not chain:
+            _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
+                states, init, final, cum, dummy if doc is None else doc,
+                prev, h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None,
+                HAS_DOC=doc is not None, num_warps=4,
+            )
+        del states, ring, sync
         nrb = T // BM
         cb = torch.empty(b, nc, g, T, T, device=dev, dtype=f32)
         _fwd._chunk_cb_fwd[(nc * nrb * nrb, b * g)](
@@ -138,20 +167,20 @@ class _SSDFunction(torch.autograd.Function):
         ypre = torch.empty_like(x) if z is not None and keep_ypre else out
         _fwd._chunk_scan_fwd[(nrb * h, nc, b)](
             x, dummy if z is None else z, dummy if D is None else D, C, cb, delta, cum,
-            dummy if doc is None else doc, states, out, ypre,
+            dummy if doc is None else doc, prev, out, ypre,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
             STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
             **_opts("scan"),
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, prev, ypre, cb)
         ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None, scale is not None)
         ctx.set_materialize_grads(False)
-        return out, final, cum, delta, states
+        return out, final, cum, delta, prev
 
     @staticmethod
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
-        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors  # states: prev
         T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init, has_scale = ctx.meta
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
@@ -166,21 +195,28 @@ class _SSDFunction(torch.autograd.Function):
         dout = torch.zeros_like(x) if dout is None else dout.contiguous()
         dfinal = None if dfinal is None else dfinal.contiguous()
 
-        # 1. Gradients of the per-chunk states, walking the chunks backwards.
-        BN1 = min(BN, 32)
+        # 1. Gradients of the per-chunk states, walking the chunks backwards (chained: in parallel, only
+        # the passing in order).
+        chain = LAUNCH["chain"]
+        BN1 = min(BN, LAUNCH["state_bwd_bn"] if chain else 32)
         n_nb = triton.cdiv(n, BN1)
-        dstates = torch.empty_like(states)
+        # Summed in float32 in the kernel; stored like the entering states (the columns kernel multiplies
+        # it in the inputs' dtype anyway).
+        dstates = torch.empty(states.shape, device=dev, dtype=states.dtype)
         ddecay = torch.empty(b, h, nc, n_nb, device=dev, dtype=f32)
         dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
-        _bwd._state_pass_bwd[(b * h, n_nb)](
+        sync = torch.zeros(1 + b * h * n_nb * nc if chain else 1, device=dev, dtype=torch.int32)
+        ring = torch.empty(b * h * 2 * p * n if chain else 1, device=dev, dtype=f32)
+        _bwd._state_pass_bwd[(nc, b * h * n_nb) if chain else (b * h, n_nb)](
             dout, dummy if z is None else z, C, cum, docp, states,
             dummy if dfinal is None else dfinal, dummy if dprev_x is None else dprev_x.contiguous(),
-            dstates, ddecay, dinit,
-            l, h, g, p, n, nc,
+            dstates, ddecay, dinit, sync, ring,
+            l, h, g, p, n, nc, n_nb,
             T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
-            HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC,
-            **_opts("state_bwd"),
+            HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
+            FENCE=not _interpreting(), **_opts("state_bwd"),
         )
+        del sync, ring
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
         nrb = T // BM
         S = _head_slices(h // g, nrb * nc * b * g)
@@ -288,6 +324,6 @@ def ssd_triton(
         Bc = torch.nn.functional.pad(B.float(), (0, 0, 0, 0, 0, pad)).view(nc, T, g, n)
         varlen_states = _varlen_states(
             cu_seqlens, cum[0].view(h, nc, T).permute(1, 2, 0), delta[0].view(h, nc, T).permute(1, 2, 0), xc, Bc,
-            prev[0].view(nc, g, h // g * p, n),
+            prev[0].float().view(nc, g, h // g * p, n),
         )
     return out, final, varlen_states

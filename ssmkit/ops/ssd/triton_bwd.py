@@ -15,7 +15,8 @@
                      and softplus to ddt, with partial sums for dA and ddt_bias. With ``input_scale``
                      (SEP_SCALE) the weight's gradient is d input_scale and Δ only decays.
 dcum (the gradient of the within-chunk cumulative sums) gets its parts by atomic adds from the rows and
-columns kernels.
+columns kernels; relaxed ones (nothing reads dcum before the launch ends: the default acq_rel order put a
+memory barrier into every head's iteration).
 
 Notation and layouts as ``triton_fwd``; dy = dout · silu(z), L_ts = exp(cum_t - cum_s) for s <= t in
 the same document, else 0; y_t = Σ_s (C_t·B_s) L_ts Δ_s x_s + exp(cum_t) S'_{c-1} C_t.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ssmkit.ops.ssd.triton_fwd import _doc_before, _step_size
+from ssmkit.ops.ssd.triton_fwd import _doc_before, _raise_flag, _step_size, _wait_flag
 
 
 @triton.jit
@@ -40,17 +41,50 @@ def _load_dy(dout_ptr, z_ptr, base, io, io_mask, HAS_Z: tl.constexpr):
     return dy
 
 
+@triton.jit
+def _entering_dp(dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, b, hh, gg, c, rp, rn, doc_before, L, H, G,
+                 P: tl.constexpr, N: tl.constexpr, Lp, T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+                 BN: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr,
+                 PREC: tl.constexpr):
+    """dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t over the positions of the document entering chunk c: (BP, BN)."""
+    bh = b * H + hh
+    dp = tl.zeros((BP, BN), dtype=tl.float32)
+    for k in range(0, T, BK):
+        t = c * T + k + tl.arange(0, BK)
+        io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
+        dy = _load_dy(dout_ptr, z_ptr, 0, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)
+        e = tl.exp(tl.load(cum_ptr + bh * Lp + t))
+        if HAS_DOC:
+            e = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_before, e, 0.0)
+        Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+        dp += tl.dot(tl.trans((dy * e[:, None]).to(DOT)), Ct.to(DOT), input_precision=PREC)
+    return dp
+
+
 @triton.jit(do_not_specialize=["L", "nc"])
 def _state_pass_bwd(
-    dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, states_ptr, dfinal_ptr, dprev_ptr,
-    dstates_ptr, ddecay_ptr, dinit_ptr,
-    L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
+    dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, prev_ptr, dfinal_ptr, dprev_ptr,
+    dstates_ptr, ddecay_ptr, dinit_ptr, sync_ptr, ring_ptr,
+    L, H, G, P: tl.constexpr, N: tl.constexpr, nc, NB,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DPREV: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr, FENCE: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
+    """Grid (b h, NB blocks of n), each walking the chunks backwards; or CHAIN: one program per (chunk,
+    head, block of n), the chunks' dP_c in parallel and only the passing chained (as ``_chunk_state_fwd``:
+    tickets in start order, last chunk first, a flag per chunk, a ring of two float32 gradients)."""
+    if CHAIN:
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int64)
+        lane = ticket % tl.num_programs(1)
+        c_first = nc - 1 - ticket // tl.num_programs(1)
+        walk = 1
+        bh, nb = lane // NB, lane % NB
+    else:
+        bh = tl.program_id(0).to(tl.int64)
+        nb = tl.program_id(1)
+        c_first = nc - 1
+        walk = nc
     b, hh = bh // H, bh % H
     gg = hh // (H // G)
     Lp = nc * T
@@ -58,45 +92,48 @@ def _state_pass_bwd(
     rn = nb * BN + tl.arange(0, BN)
     pn = rp[:, None] * N + rn[None, :]
     pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
-    if HAS_DFINAL:
-        g = tl.load(dfinal_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros((BP, BN), dtype=tl.float32)
-    for i in range(nc):
-        c = nc - 1 - i
+    g = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_DFINAL:  # noqa: SIM102 - a constexpr test apart from a runtime one
+        if c_first == nc - 1:
+            g = tl.load(dfinal_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
+    for i in range(walk):
+        c = c_first - i
+        doc_before = 0
+        if HAS_DOC:
+            doc_before = _doc_before(doc_ptr, b, c, T, Lp)
+        dp = _entering_dp(dout_ptr, z_ptr, C_ptr, cum_ptr, doc_ptr, b, hh, gg, c, rp, rn, doc_before, L, H, G,
+                          P, N, Lp, T, BK, BP, BN, HAS_Z, HAS_DOC, DOT, PREC)
+        if CHAIN:  # noqa: SIM102 - a constexpr test apart from a runtime one
+            if c < nc - 1:
+                _wait_flag(sync_ptr + 1 + lane * nc + c + 1)
+                g = tl.load(ring_ptr + (bh * 2 + (c + 1) % 2) * P * N + pn, mask=pn_mask, other=0.0,
+                            cache_modifier=".cg")
+        # g: the gradient of the state after chunk c, stored; passed back through the chunk's decay.
         sp = ((b * nc + c) * H + hh) * P * N + pn
         tl.store(dstates_ptr + sp, g, mask=pn_mask)
         decay = tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1))
-        prev = tl.load(states_ptr + sp, mask=pn_mask, other=0.0)
+        prev = tl.load(prev_ptr + sp, mask=pn_mask, other=0.0).to(tl.float32)
         ddecay = tl.sum(tl.sum(g * prev, 1), 0) * decay
         passed = decay * g
         if HAS_DOC:
-            doc_before = _doc_before(doc_ptr, b, c, T, Lp)
             carry = tl.load(doc_ptr + b * Lp + c * T + T - 1) == doc_before
             passed = tl.where(carry, passed, 0.0)
             ddecay = tl.where(carry, ddecay, 0.0)
-        tl.store(ddecay_ptr + (bh * nc + c) * tl.num_programs(1) + nb, ddecay)
-        # dP_c = Σ_t exp(cum_t) dy_t ⊗ C_t over the positions of the entering document.
-        dp = tl.zeros((BP, BN), dtype=tl.float32)
-        for k in range(0, T, BK):
-            t = c * T + k + tl.arange(0, BK)
-            io = ((b * L + t[:, None]) * H + hh) * P + rp[None, :]
-            dy = _load_dy(dout_ptr, z_ptr, 0, io, (t[:, None] < L) & (rp[None, :] < P), HAS_Z)
-            e = tl.exp(tl.load(cum_ptr + bh * Lp + t))
-            if HAS_DOC:
-                e = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_before, e, 0.0)
-            Ct = tl.load(C_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
-            dp += tl.dot(tl.trans((dy * e[:, None]).to(DOT)), Ct.to(DOT), input_precision=PREC)
+        tl.store(ddecay_ptr + (bh * nc + c) * NB + nb, ddecay)
         if HAS_DPREV:
             dp += tl.load(dprev_ptr + sp, mask=pn_mask, other=0.0)
         g = passed + dp
-    tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
+        if CHAIN:  # noqa: SIM102
+            if c > 0:
+                tl.store(ring_ptr + (bh * 2 + c % 2) * P * N + pn, g, mask=pn_mask)
+                _raise_flag(sync_ptr + 1 + lane * nc + c, FENCE)
+    if c_first - walk == -1:
+        tl.store(dinit_ptr + bh * P * N + pn, g, mask=pn_mask)
 
 
 @triton.jit(do_not_specialize=["L", "nc", "S"])
 def _bwd_rows(
-    x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr,
+    x_ptr, z_ptr, dout_ptr, ypre_ptr, D_ptr, B_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, prev_ptr,
     dz_ptr, dD_ptr, dC_ptr, dcum_ptr, dcb_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -163,8 +200,8 @@ def _bwd_rows(
                 dm = dm * tl.load(delta_ptr + bh_off + q)[None, :]
                 dcb += dm
                 dseg = dm * cb
-                tl.atomic_add(dcum_ptr + bh_off + r, tl.sum(dseg, 1))
-                tl.atomic_add(dcum_ptr + bh_off + q, -tl.sum(dseg, 0))
+                tl.atomic_add(dcum_ptr + bh_off + r, tl.sum(dseg, 1), sem="relaxed")
+                tl.atomic_add(dcum_ptr + bh_off + q, -tl.sum(dseg, 0), sem="relaxed")
             tl.store(dcb_ptr + cb_off, dcb)
     else:
         first = tl.full((BM,), 1, tl.int1)
@@ -192,11 +229,11 @@ def _bwd_rows(
                 dD_row = (((b * nc + c) * (T // BM) + m) * H + hh).to(tl.int64) * P
                 tl.store(dD_ptr + dD_row + rp, tl.sum(dy * xt, 0), mask=rp < P)
             state0 = ((b * nc + c) * H + hh).to(tl.int64) * P * N
-            prev = tl.load(states_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
+            prev = tl.load(prev_ptr + state0 + pn, mask=pn_mask, other=0.0).to(DOT)
             e = tl.where(first, tl.exp(tl.load(cum_ptr + bh_off + r)), 0.0)
             dC += tl.where(first[:, None], tl.dot(dy.to(DOT), prev, input_precision=PREC) * e[:, None], 0.0)
             off = tl.dot(Ct, tl.trans(prev), input_precision=PREC)
-            tl.atomic_add(dcum_ptr + bh_off + r, tl.where(first, tl.sum(dy * off, 1) * e, 0.0))
+            tl.atomic_add(dcum_ptr + bh_off + r, tl.where(first, tl.sum(dy * off, 1) * e, 0.0), sem="relaxed")
         # dC from C Bᵀ: Σ_s dM_ts B_s with the dM of this slice of heads (stored by PART 0).
         for k in range(m + 1):
             q = k * BM + tl.arange(0, BM)
@@ -301,7 +338,7 @@ def _bwd_cols(
                 dx += _load_dy(dout_ptr, z_ptr, hb, io_q, io_mask, HAS_Z) * Dp[None, :]
             tl.store(dx_ptr + hb + io_q, dx, mask=io_mask)
             tl.store(ddelta_ptr + bh_off + q, tl.sum(dxdt * xs, 1))
-            tl.atomic_add(dcum_ptr + bh_off + q, -dw)
+            tl.atomic_add(dcum_ptr + bh_off + q, -dw, sem="relaxed")
             tl.store(dlast_ptr + (bh.to(tl.int64) * nc + c) * (T // BK) + kb, tl.sum(dw, 0))
     if PART != 1:
         tl.store(dB_ptr + b_off, dB, mask=b_mask)

@@ -1,10 +1,15 @@
 """Triton forward kernels of the chunked SSD (Dao & Gu 2024, "Transformers are SSMs", section 6).
 
-Four launches per call, each a stage of ``ssd/chunked.py``'s algorithm (read its docstring first):
+Four launches per call (three with CHAIN), each a stage of ``ssd/chunked.py``'s algorithm (read its
+docstring first):
     _chunk_cb_fwd     per (chunk, group): the causal tiles of C Bᵀ, kept for the scan and the backward
     _chunk_state_fwd  per (chunk, head): Δ, cum = cumsum(Δ A) and S_c = Σ_s exp(cum_last - cum_s) Δ_s x_s ⊗ B_s
     _state_pass_fwd   per (head, block of the p·n state): S'_c = exp(cum_last) S'_{c-1} + S_c, sequential over
-                      chunks; the buffer of S_c is overwritten in place with the state entering each chunk
+                      chunks in float32; the state entering each chunk is stored in ``prev`` (the
+                      inputs' dtype for bf16/fp16, else float32). With CHAIN the chunk-state kernel does
+                      this itself: having summed S_c it waits for chunk c - 1's S'_{c-1} (a flag per chunk,
+                      float32 states in a ring of two per head, in L2), stores it as the state entering
+                      chunk c, and passes S'_c on: no S_c round trip through memory, one launch less
     _chunk_scan_fwd   per (block of rows of a chunk, head): y = ((C Bᵀ) ⊙ L)(Δx) + exp(cum_t) C_t S'_{c-1},
                       then (y + D x) · silu(z)
 
@@ -13,7 +18,8 @@ Layouts (all contiguous; Lp = chunks · T, the length padded to whole chunks):
     delta, cum (b, h, Lp) float32; doc (b, Lp) int32 (document number, padding joins the last one)
     ("delta" is x's weight in the update: Δ, or ``input_scale`` when given, SEP_SCALE; cum is always
     built from Δ)
-    states (b, chunks, h, p, n) float32; cb (b, chunks, g, T, T) float32
+    states (b, chunks, h, p, n) float32 (chunk sums S_c); prev (b, chunks, h, p, n) the states entering the
+    chunks, float32 or the inputs' bf16/fp16; cb (b, chunks, g, T, T) float32
 Padded positions have Δ = 0 and x = 0: they add nothing and do not decay the state.
 Lengths and chunk counts are not specialized on (one compile serves every length). Matmul operands
 are cast to ``DOT`` (the input dtype for bf16/fp16, float32 with IEEE precision
@@ -43,16 +49,45 @@ def _doc_before(doc_ptr, b, c, T: tl.constexpr, Lp):
     return tl.where(c == 0, 0, prev)
 
 
+@triton.jit
+def _wait_flag(flag_ptr):
+    """Spin until another program raised the flag (acquire: its stores are visible after this)."""
+    while tl.atomic_add(flag_ptr, 0, sem="acquire") == 0:
+        pass
+
+
+@triton.jit
+def _raise_flag(flag_ptr, FENCE: tl.constexpr):
+    """Publish every thread's stores, then raise the flag: each thread fences at GPU scope (FENCE: off in
+    Triton's interpreter, which runs programs one after another), the barrier waits for all of them, and
+    one release sets the flag."""
+    one = 1
+    if FENCE:
+        one += tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, one, sem="release")
+
+
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr, scale_ptr,
+    sync_ptr, ring_ptr, init_ptr, final_ptr, prev_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, lo, hi,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
-    SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr, HAS_INIT: tl.constexpr,
+    FENCE: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    if CHAIN:
+        # Chunks in the order the programs started (a ticket, not the program id), heads fastest: the
+        # program of chunk c - 1 of a head has started before this one, so waiting for it cannot deadlock.
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int64)
+        c = ticket // tl.num_programs(1)
+        bh = ticket % tl.num_programs(1)
+    else:
+        c = tl.program_id(0).to(tl.int64)
+        bh = tl.program_id(1).to(tl.int64)
     b, hh = bh // H, bh % H
     gg = hh // (H // G)
     Lp = nc * T
@@ -96,13 +131,41 @@ def _chunk_state_fwd(
                      mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
         xw = (xs * w[:, None]).to(DOT)
         acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
-    out = states_ptr + (((b * nc + c) * H + hh) * P + rp[:, None]) * N + rn[None, :]
-    tl.store(out, acc, mask=(rp[:, None] < P) & (rn[None, :] < N))
+    pn = rp[:, None] * N + rn[None, :]
+    pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
+    if CHAIN:
+        # State passing, fused: wait for the state after chunk c - 1 (float32, in a ring of two slots per
+        # head: chunk c + 1 overwrites slot c - 1 only after it has seen chunk c's flag, which chunk c
+        # raises only after reading slot c - 1), store it as the state entering chunk c, pass on
+        # S'_c = exp(cum_last) S'_{c-1} + S_c and raise this chunk's flag.
+        flags = sync_ptr + 1 + bh * nc
+        if c == 0:
+            if HAS_INIT:
+                state = tl.load(init_ptr + bh * P * N + pn, mask=pn_mask, other=0.0).to(tl.float32)
+            else:
+                state = tl.zeros((BP, BN), dtype=tl.float32)
+        else:
+            _wait_flag(flags + c - 1)
+            state = tl.load(ring_ptr + (bh * 2 + (c - 1) % 2) * P * N + pn, mask=pn_mask, other=0.0,
+                            cache_modifier=".cg")
+        tl.store(prev_ptr + ((b * nc + c) * H + hh) * P * N + pn, state, mask=pn_mask)
+        passed = tl.exp(cum_last) * state
+        if HAS_DOC:
+            # where, not a product with 0: NaN of a finished document must not leak into the next.
+            passed = tl.where(doc_last == _doc_before(doc_ptr, b, c, T, Lp), passed, 0.0)
+        state = passed + acc
+        if c == nc - 1:
+            tl.store(final_ptr + bh * P * N + pn, state, mask=pn_mask)
+        else:
+            tl.store(ring_ptr + (bh * 2 + c % 2) * P * N + pn, state, mask=pn_mask)
+            _raise_flag(flags + c, FENCE)
+    else:
+        tl.store(states_ptr + ((b * nc + c) * H + hh) * P * N + pn, acc, mask=pn_mask)
 
 
 @triton.jit(do_not_specialize=["nc"])
 def _state_pass_fwd(
-    states_ptr, init_ptr, final_ptr, cum_ptr, doc_ptr,
+    states_ptr, init_ptr, final_ptr, cum_ptr, doc_ptr, prev_ptr,
     H, PN, nc,
     T: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr,
 ):
@@ -116,9 +179,11 @@ def _state_pass_fwd(
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
     for c in range(nc):
-        ptr = states_ptr + ((b * nc + c) * H + hh) * PN + offs
-        added = tl.load(ptr, mask=mask, other=0.0)
-        tl.store(ptr, state, mask=mask)
+        at = ((b * nc + c) * H + hh) * PN + offs
+        added = tl.load(states_ptr + at, mask=mask, other=0.0)
+        # Summed in float32; stored in prev's dtype (the inputs' for bf16/fp16: the scan multiplies it in
+        # that dtype anyway, and half the bytes go through memory).
+        tl.store(prev_ptr + at, state, mask=mask)
         passed = tl.exp(tl.load(cum_ptr + bh * Lp + c * T + T - 1)) * state
         if HAS_DOC:
             # where, not a product with 0: NaN of a finished document must not leak into the next.
@@ -161,15 +226,15 @@ def _cb_offsets(b, c, gg, G, nc, rows, cols, T: tl.constexpr):
 
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_scan_fwd(
-    x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, states_ptr, out_ptr, ypre_ptr,
+    x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, prev_ptr, out_ptr, ypre_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, STORE_YPRE: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Grid (row blocks x heads, chunks, batch): the programs of one chunk run together and share its
-    # C Bᵀ and C in L2. Addresses: int64 scalar bases of the chunk, int32 offsets inside it (int64
-    # tiles of offsets double the registers of every address).
+    # prev_ptr: the states entering the chunks. Grid (row blocks x heads, chunks, batch): the programs of
+    # one chunk run together and share its C Bᵀ and C in L2. Addresses: int64 scalar bases of the chunk,
+    # int32 offsets inside it (int64 tiles of offsets double the registers of every address).
     pid = tl.program_id(0)
     m, hh = pid % (T // BM), pid // (T // BM)
     c = tl.program_id(1)
@@ -192,7 +257,7 @@ def _chunk_scan_fwd(
                  other=0.0).to(DOT)
 
     # What earlier chunks pass on: exp(cum_t) C_t S'_{c-1}, only for the document entering the chunk.
-    prev = tl.load(states_ptr + ((b * nc + c) * H + hh).to(tl.int64) * P * N + rp[:, None] * N + rn[None, :],
+    prev = tl.load(prev_ptr + ((b * nc + c) * H + hh).to(tl.int64) * P * N + rp[:, None] * N + rn[None, :],
                    mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
     off = tl.dot(Ct, tl.trans(prev.to(DOT)), input_precision=PREC)
     first = tl.full((BM,), 1, tl.int1)
