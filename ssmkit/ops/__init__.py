@@ -5,7 +5,7 @@ ssmkit adds keyword-only arguments (``initial_state``, ``seq_idx``, ``backend``)
 are here too; the time-invariant (S4-family) ops live in :mod:`ssmkit.ops.lti`.
 """
 
-from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
 from ssmkit.ops.mamba3 import mamba3_scan, mamba3_step
 from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
 from ssmkit.ops.norm_linear import rms_norm_linear
@@ -16,6 +16,7 @@ from ssmkit.ops.state_update import selective_state_update
 __all__ = [
     "causal_conv1d_fn",
     "causal_conv1d_update",
+    "causal_conv1d_varlen_states",
     "gated_rms_norm_fn",
     "mamba3_scan",
     "mamba3_step",
