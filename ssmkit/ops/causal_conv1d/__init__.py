@@ -8,6 +8,8 @@ states, which ``causal_conv1d`` refuses.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ssmkit.ops._checks import (
@@ -239,7 +241,7 @@ def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state
     if cu_seqlens.numel() == 0:
         raise ValueError("cu_seqlens must hold at least one boundary (0)")
     bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] > dims["total"] or any(e < s for s, e in zip(bounds[:-1], bounds[1:])):
+    if bounds[0] != 0 or bounds[-1] > dims["total"] or any(e < s for s, e in itertools.pairwise(bounds)):
         raise ValueError(f"cu_seqlens must rise from 0 to at most x's {dims['total']} rows, got {bounds}")
     with torch.no_grad():
         return causal_conv1d_varlen_states_chunked(x, cu_seqlens, state_len)

@@ -14,6 +14,8 @@ seq_idx values); positions before 0 belong to the first document.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -141,7 +143,7 @@ def causal_conv1d_varlen_states_ref(x: torch.Tensor, cu_seqlens: torch.Tensor, s
     """(s, d, state_len): the last ``state_len`` inputs of each sequence of x (total, d), zeros before its start."""
     bounds = cu_seqlens.tolist()
     states = x.new_zeros(len(bounds) - 1, x.shape[1], state_len)
-    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
         take = min(state_len, end - start)
         if take:
             states[i, :, state_len - take :] = x[end - take : end].T
