@@ -7,7 +7,7 @@ are here too; the time-invariant (S4-family) ops live in :mod:`ssmkit.ops.lti`.
 
 from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
 from ssmkit.ops.mamba3 import mamba3_scan, mamba3_step
-from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
+from ssmkit.ops.norm import gated_rms_norm_fn, layernorm_fn, rms_norm_fn, rmsnorm_fn
 from ssmkit.ops.norm_linear import rms_norm_linear
 from ssmkit.ops.selective_scan import selective_scan_fn
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
@@ -18,10 +18,12 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_varlen_states",
     "gated_rms_norm_fn",
+    "layernorm_fn",
     "mamba3_scan",
     "mamba3_step",
     "mamba_chunk_scan_combined",
     "rms_norm_fn",
+    "rmsnorm_fn",
     "rms_norm_linear",
     "selective_scan_fn",
     "selective_state_update",
