@@ -5,7 +5,11 @@ ssmkit adds keyword-only arguments (``initial_state``, ``seq_idx``, ``backend``)
 are here too; the time-invariant (S4-family) ops live in :mod:`ssmkit.ops.lti`.
 """
 
-from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from ssmkit.ops.causal_conv1d import (
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    causal_conv1d_varlen_states,
+)
 from ssmkit.ops.mamba3 import mamba3_scan, mamba3_step
 from ssmkit.ops.norm import gated_rms_norm_fn, layernorm_fn, rms_norm_fn, rmsnorm_fn
 from ssmkit.ops.norm_linear import rms_norm_linear
@@ -23,8 +27,8 @@ __all__ = [
     "mamba3_step",
     "mamba_chunk_scan_combined",
     "rms_norm_fn",
-    "rmsnorm_fn",
     "rms_norm_linear",
+    "rmsnorm_fn",
     "selective_scan_fn",
     "selective_state_update",
 ]
