@@ -10,6 +10,7 @@ from ssmkit.ops.causal_conv1d import (
     causal_conv1d_update,
     causal_conv1d_varlen_states,
 )
+from ssmkit.ops.fused import mamba_inner_fn, mamba_split_conv1d_scan_combined
 from ssmkit.ops.mamba3 import mamba3_scan, mamba3_step
 from ssmkit.ops.norm import gated_rms_norm_fn, layernorm_fn, rms_norm_fn, rmsnorm_fn
 from ssmkit.ops.norm_linear import rms_norm_linear
@@ -26,6 +27,8 @@ __all__ = [
     "mamba3_scan",
     "mamba3_step",
     "mamba_chunk_scan_combined",
+    "mamba_inner_fn",
+    "mamba_split_conv1d_scan_combined",
     "rms_norm_fn",
     "rms_norm_linear",
     "rmsnorm_fn",
