@@ -24,15 +24,15 @@ import torch
 
 SIZES = {
     # HF mamba-130m / mamba2-130m shapes (random weights).
-    "mamba": dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2,
-                  conv_kernel=4),
-    "mamba2": dict(vocab_size=50288, hidden_size=768, num_hidden_layers=24, state_size=128, expand=2,
-                   head_dim=64, num_heads=24, n_groups=1, conv_kernel=4, chunk_size=256),
+    "mamba": {"vocab_size": 50280, "hidden_size": 768, "num_hidden_layers": 24, "state_size": 16, "expand": 2,
+                  "conv_kernel": 4},
+    "mamba2": {"vocab_size": 50288, "hidden_size": 768, "num_hidden_layers": 24, "state_size": 128, "expand": 2,
+                   "head_dim": 64, "num_heads": 24, "n_groups": 1, "conv_kernel": 4, "chunk_size": 256},
 }
 TINY = {
-    "mamba": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4),
-    "mamba2": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2, head_dim=16,
-                   num_heads=8, n_groups=2, conv_kernel=4, chunk_size=32),
+    "mamba": {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "state_size": 8, "expand": 2, "conv_kernel": 4},
+    "mamba2": {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "expand": 2, "head_dim": 16,
+                   "num_heads": 8, "n_groups": 2, "conv_kernel": 4, "chunk_size": 32},
 }
 
 
@@ -62,7 +62,7 @@ def _run(model, ids: torch.Tensor, repeats: int, decode: int) -> tuple[torch.Ten
         tokens_per_s = None
         if decode:
             prompt = ids[:, :16]
-            kwargs = dict(max_new_tokens=decode, min_new_tokens=decode, do_sample=False, pad_token_id=0)
+            kwargs = {"max_new_tokens": decode, "min_new_tokens": decode, "do_sample": False, "pad_token_id": 0}
             model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
             tokens_per_s = decode / _best(lambda: model.generate(prompt, **kwargs), repeats)
     return logits, seconds, tokens_per_s
