@@ -23,10 +23,22 @@ def _run(code: str, tmp_path=None) -> str:
 
 def test_compat_modules_are_ssmkits_functions_under_mamba_ssm_paths():
     from ssmkit import ops
-    from ssmkit.compat.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
-    from ssmkit.compat.mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
-    from ssmkit.compat.mamba_ssm.ops.triton.layernorm_gated import layernorm_fn, rmsnorm_fn
-    from ssmkit.compat.mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from ssmkit.compat.causal_conv1d import (
+        causal_conv1d_fn,
+        causal_conv1d_update,
+        causal_conv1d_varlen_states,
+    )
+    from ssmkit.compat.mamba_ssm.ops.selective_scan_interface import (
+        mamba_inner_fn,
+        selective_scan_fn,
+    )
+    from ssmkit.compat.mamba_ssm.ops.triton.layernorm_gated import (
+        layernorm_fn,
+        rmsnorm_fn,
+    )
+    from ssmkit.compat.mamba_ssm.ops.triton.selective_state_update import (
+        selective_state_update,
+    )
     from ssmkit.compat.mamba_ssm.ops.triton.ssd_combined import (
         mamba_chunk_scan_combined,
         mamba_split_conv1d_scan_combined,

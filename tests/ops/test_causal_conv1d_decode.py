@@ -10,7 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from ssmkit.ops.causal_conv1d import (
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    causal_conv1d_varlen_states,
+)
 from ssmkit.ops.causal_conv1d.reference import causal_conv1d_varlen_states_ref
 from ssmkit.testing import assert_close
 

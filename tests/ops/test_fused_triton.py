@@ -9,7 +9,12 @@ import sys
 import pytest
 import torch
 
-from ssmkit.testing import assert_outputs_and_grads_close, float64_leaf, report_checks, run_checks_in_interpreter
+from ssmkit.testing import (
+    assert_outputs_and_grads_close,
+    float64_leaf,
+    report_checks,
+    run_checks_in_interpreter,
+)
 
 
 def check_split_conv1d_scan() -> None:
