@@ -35,7 +35,9 @@ def _main() -> None:
     import torch
     import transformers
 
-    if not hasattr(transformers.integrations.hub_kernels, "use_kernel_func_from_hub_with_fallback"):
+    import transformers.integrations.hub_kernels as hub
+
+    if not hasattr(hub, "use_kernel_func_from_hub_with_fallback"):
         print(json.dumps({"skipped": "ok"}))  # transformers < 5.25 routes only on CUDA
         return
     from ssmkit.testing import assert_close
@@ -47,11 +49,17 @@ def _main() -> None:
         "mamba2": (transformers.Mamba2Config, dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8,
                                                    expand=2, head_dim=8, num_heads=8, n_groups=2, chunk_size=16,
                                                    conv_kernel=4)),
+        # A hybrid (Mamba-2 layers and attention) through the same wrappers.
+        "bamba": (transformers.BambaConfig, dict(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                 attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8,
+                                                 mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=16,
+                                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)),
     }
+    model_names = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM"}
     def model_class(kind):
         # From the modeling module as imported now: transformers' top-level attribute keeps the first class.
         modeling = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
-        return getattr(modeling, "MambaForCausalLM" if kind == "mamba" else "Mamba2ForCausalLM")
+        return getattr(modeling, model_names[kind])
 
     ids = torch.randint(0, 64, (2, 37))
 
@@ -75,7 +83,7 @@ def _main() -> None:
 
     import ssmkit.compat
 
-    for name in [n for n in sys.modules if n.startswith(("transformers.models.mamba.", "transformers.models.mamba2."))]:
+    for name in [n for n in sys.modules if n.startswith(tuple(f"transformers.models.{k}." for k in configs))]:
         del sys.modules[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns that the modules above were imported before it
@@ -101,6 +109,7 @@ def _main() -> None:
                   "causal_conv1d_update"),
         "mamba2": ("mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "selective_state_update",
                    "causal_conv1d_fn", "causal_conv1d_update"),
+        "bamba": ("mamba_chunk_scan_combined", "selective_state_update", "causal_conv1d_fn", "causal_conv1d_update"),
     }
     report = {}
     for kind, (config_cls, kwargs) in configs.items():
