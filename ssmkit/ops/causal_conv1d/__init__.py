@@ -162,7 +162,8 @@ def causal_conv1d_update(
         conv_state_indices: (b,) integers: row i reads and updates slot ``conv_state_indices[i]`` of
             conv_state (continuous batching). A negative index marks a padding row: its outputs are 0
             and no slot is touched. Two rows must not name the same slot. Slots >= s raise (one
-            host sync, skipped during CUDA-graph capture).
+            host sync, skipped during CUDA-graph capture, where the Triton kernel treats them as
+            padding instead of writing out of bounds).
         backend: "auto" | "reference" | "chunked" | "triton".
 
     Returns:

@@ -322,7 +322,7 @@ def causal_conv1d_triton(
 
 
 @triton.jit
-def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, slot_ptr, seqlens_ptr, dim, length, state_len,
+def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, slot_ptr, seqlens_ptr, dim, length, state_len, n_slots,
                         stride_xb, stride_xd, stride_xl, stride_sb, stride_sd, stride_sl, stride_wd, stride_wk,
                         stride_ob, stride_od, stride_ol,
                         W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SLOTS: tl.constexpr,
@@ -334,8 +334,9 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, slot_ptr, seqle
     slot = pid_b
     if HAS_SLOTS:
         slot = tl.load(slot_ptr + pid_b).to(tl.int64)
-    if slot < 0:
-        # A padding row: outputs 0, no state is touched.
+    if (slot < 0) | (slot >= n_slots):
+        # A padding row (or, under CUDA-graph capture where the host cannot check, a slot out of range):
+        # outputs 0, no state is touched.
         for t in range(length):
             tl.store(out_ptr + t * stride_ol + offs_d * stride_od, tl.zeros([BLOCK_D], dtype=ACC).to(
                 out_ptr.dtype.element_ty), mask=mask_d)
@@ -409,6 +410,7 @@ def causal_conv1d_update_triton(
         _conv_update_kernel[(triton.cdiv(dim, block_d), batch)](
             xs, conv_state, weight, _placeholder(bias, weight), out,
             _placeholder(conv_state_indices, xs), _placeholder(cache_seqlens, xs), dim, length, state_len,
+            conv_state.shape[0],
             *xs.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
             W=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
             HAS_SLOTS=conv_state_indices is not None, CIRCULAR=cache_seqlens is not None,
