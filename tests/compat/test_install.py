@@ -158,3 +158,27 @@ def test_compat_signatures_take_causal_conv1d_positional_order(name):
                                  "conv_state_indices"],
     }[name]
     assert params[: len(expected)] == expected
+
+
+def test_install_names_transformers_models_imported_before_it():
+    pytest.importorskip("transformers")
+    out = _run("""
+        import warnings
+        import transformers.integrations.hub_kernels as hub
+        if not hasattr(hub, "use_kernel_func_from_hub_with_fallback"):
+            print("ok")  # transformers < 5.25: nothing to route on CPU
+            raise SystemExit
+        import transformers.models.mamba.modeling_mamba
+        import ssmkit.compat
+        before = dict(hub._PACKAGE_SUPPORTED_DEVICES)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ssmkit.compat.install()
+        messages = [str(w.message) for w in caught]
+        assert any("transformers.models.mamba.modeling_mamba" in m for m in messages), messages
+        assert "mamba_ssm" not in hub._PACKAGE_SUPPORTED_DEVICES
+        ssmkit.compat.uninstall()
+        assert hub._PACKAGE_SUPPORTED_DEVICES == before
+        print("ok")
+    """)
+    assert out.strip() == "ok"
