@@ -58,11 +58,11 @@ def test_fn_matches_reference(dtype, length, config):
     named64 = {k: float64_leaf(t) for k, t in named.items()}
     seq_idx = _seq_idx(seq, batch, length, dev)
     out, final = causal_conv1d_fn(
-        named["x"], named["weight"], named["bias"], seq_idx, named["initial_states"], True, activation,
+        named["x"], named["weight"], named["bias"], seq_idx, named["initial_states"], True, None, activation,
         backend="triton",
     )
     exp_out, exp_final = causal_conv1d_fn(
-        named64["x"], named64["weight"], named64["bias"], seq_idx, named64["initial_states"], True, activation,
+        named64["x"], named64["weight"], named64["bias"], seq_idx, named64["initial_states"], True, None, activation,
         backend="reference",
     )
     assert out.dtype == dtype and final.dtype == dtype
@@ -80,9 +80,9 @@ def test_other_widths_float32(width):
     weight = torch.randn(dim, width, device="cuda", requires_grad=True)
     init = torch.randn(batch, dim, width - 1, device="cuda", requires_grad=True)
     seq_idx = _seq_idx("alternating", batch, length, "cuda")
-    out, final = causal_conv1d_fn(x, weight, None, seq_idx, init, True, "silu", backend="triton")
+    out, final = causal_conv1d_fn(x, weight, None, seq_idx, init, True, None, "silu", backend="triton")
     x64, w64, i64 = float64_leaf(x), float64_leaf(weight), float64_leaf(init)
-    exp_out, exp_final = causal_conv1d_fn(x64, w64, None, seq_idx, i64, True, "silu", backend="reference")
+    exp_out, exp_final = causal_conv1d_fn(x64, w64, None, seq_idx, i64, True, None, "silu", backend="reference")
     assert_close(out, exp_out, name="out")
     assert_close(final, exp_final, name="final_states")
     g = torch.randn_like(exp_out)
@@ -126,7 +126,7 @@ def test_update_continues_fn():
     x = torch.randn(batch, dim, length + 3, device="cuda")
     weight, bias = torch.randn(dim, width, device="cuda"), torch.randn(dim, device="cuda")
     full = causal_conv1d_fn(x, weight, bias, activation="silu", backend="triton")
-    _, state = causal_conv1d_fn(x[..., :length], weight, bias, None, None, True, "silu", backend="triton")
+    _, state = causal_conv1d_fn(x[..., :length], weight, bias, None, None, True, None, "silu", backend="triton")
     for t in range(length, length + 3):
         step = causal_conv1d_update(x[..., t], state, weight, bias, "silu", backend="triton")
         assert_close(step, full[..., t], name=f"step {t}")

@@ -55,7 +55,7 @@ def test_backends_match_reference(dtype, length, width, packed, init, activation
     )
     args = (x, weight, bias, seq_idx, initial_states)
     exp_out, exp_final = causal_conv1d_fn(
-        *(_to(a, torch.float64) for a in args), True, activation, backend="reference"
+        *(_to(a, torch.float64) for a in args), True, None, activation, backend="reference"
     )
     for backend in BACKENDS:
         out, final = causal_conv1d_fn(*args, return_final_states=True, activation=activation, backend=backend)
@@ -103,16 +103,16 @@ def test_packed_equals_each_document_alone(backend, width):
     x, weight, bias, _, init = _inputs(2, 6, length, width, torch.float64, layout="channel_last", init=True)
     seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).repeat(2, 1)
     seq_idx[1] = 7  # the second row is one document
-    out, final = causal_conv1d_fn(x, weight, bias, seq_idx, init, True, "silu", backend=backend)
+    out, final = causal_conv1d_fn(x, weight, bias, seq_idx, init, True, None, "silu", backend=backend)
     start = 0
     for i, n in enumerate(lengths):
         alone, alone_final = causal_conv1d_fn(
-            x[:1, :, start : start + n], weight, bias, None, init[:1] if i == 0 else None, True, "silu", backend=backend
+            x[:1, :, start : start + n], weight, bias, None, init[:1] if i == 0 else None, True, None, "silu", backend=backend
         )
         assert_close(out[:1, :, start : start + n], alone, name=f"document {i}")
         start += n
     assert_close(final[:1], alone_final, name="final state of the last document")
-    whole, whole_final = causal_conv1d_fn(x[1:], weight, bias, None, init[1:], True, "silu", backend=backend)
+    whole, whole_final = causal_conv1d_fn(x[1:], weight, bias, None, init[1:], True, None, "silu", backend=backend)
     assert_close(out[1:], whole, name="unpacked row")
     assert_close(final[1:], whole_final, name="unpacked row final")
 
@@ -139,7 +139,7 @@ def test_gradcheck(backend, init, packed):
         tensors = tensors[:3]
 
     def fn(x, weight, bias, initial_states=None):
-        return causal_conv1d_fn(x, weight, bias, seq_idx, initial_states, True, "silu", backend=backend)
+        return causal_conv1d_fn(x, weight, bias, seq_idx, initial_states, True, None, "silu", backend=backend)
 
     assert torch.autograd.gradcheck(fn, tuple(tensors))
 
@@ -156,7 +156,7 @@ def test_chunked_gradients_match_reference(dtype, layout, grad_layout):
     results = {}
     for backend in BACKENDS:
         ins = leaves if backend == "chunked" else [t.detach().double().requires_grad_() for t in leaves]
-        out, final = causal_conv1d_fn(ins[0], ins[1], ins[2], seq_idx, ins[3], True, "silu", backend=backend)
+        out, final = causal_conv1d_fn(ins[0], ins[1], ins[2], seq_idx, ins[3], True, None, "silu", backend=backend)
         grads = torch.autograd.grad((out, final), ins, (grad_out.to(out.dtype), grad_final.to(out.dtype)))
         results[backend] = grads
     for name, got, want in zip(("x", "weight", "bias", "initial_states"), results["chunked"], results["reference"]):
@@ -194,7 +194,7 @@ def test_fuzz_chunked_matches_reference(batch, dim, length, width, packed, init,
     weight.requires_grad_()
     results = {}
     for backend in BACKENDS:
-        out, final = causal_conv1d_fn(x, weight, bias, seq_idx, initial_states, True, activation, backend=backend)
+        out, final = causal_conv1d_fn(x, weight, bias, seq_idx, initial_states, True, None, activation, backend=backend)
         cotangent = torch.ones_like(out).cumsum(-1)
         results[backend] = (out, final, *torch.autograd.grad(out, (x, weight), cotangent))
     for name, got, want in zip(("out", "final", "dx", "dweight"), results["chunked"], results["reference"]):
@@ -208,7 +208,7 @@ def test_nan_in_x_stays_in_its_window_and_document(backend):
     seq_idx = torch.tensor([[0] * 7 + [1] * 9, [0] * 16])
     x[0, 1, 5] = float("nan")  # two positions before a document boundary
     x[1, 2, length - 2] = float("nan")  # inside the final state
-    out, final = causal_conv1d_fn(x, weight, bias, seq_idx, None, True, "silu", backend=backend)
+    out, final = causal_conv1d_fn(x, weight, bias, seq_idx, None, True, None, "silu", backend=backend)
     expected = torch.zeros_like(out, dtype=torch.bool)
     expected[0, 1, 5:7] = True
     expected[1, 2, length - 2 :] = True
@@ -234,7 +234,7 @@ def test_update_steps_match_full_sequence(backend, extra):
     batch, dim, length, width, prefix = 2, 5, 12, 4, 5
     x, weight, bias, _, init = _inputs(batch, dim, length, width, torch.float64, init=True)
     full = causal_conv1d_fn(x, weight, bias, None, init, activation="silu", backend="reference")
-    _, final = causal_conv1d_fn(x[..., :prefix], weight, bias, None, init, True, "silu", backend=backend)
+    _, final = causal_conv1d_fn(x[..., :prefix], weight, bias, None, init, True, None, "silu", backend=backend)
     # Entries older than w - 1 are never read: fill them with garbage to prove it.
     state = torch.cat([torch.full((batch, dim, extra), 1e6, dtype=torch.float64), final], dim=-1)
     state_ptr = state.data_ptr()

@@ -30,11 +30,16 @@ FN_CASES = {
     "float16_width2": (2, 4, 19, 2, "float16", False, True, "alternating", False, None),
     "float64_width1": (1, 3, 9, 1, "float64", False, True, None, False, None),
 }
-# name -> (dtype of x / state, state_len - (w - 1), tokens (0: x of shape (b, d)), activation)
+# name -> (dtype of x / state, state_len - (w - 1), tokens (0: x of shape (b, d)), activation,
+#          cache_seqlens (a circular buffer), conv_state_indices (a pool with a padding row))
 UPDATE_CASES = {
-    "one_token": ("float32", 0, 0, "silu"),
-    "hf_state_len": ("float32", 1, 3, None),
-    "bfloat16_long_state": ("bfloat16", 3, 2, "silu"),
+    "one_token": ("float32", 0, 0, "silu", False, False),
+    "hf_state_len": ("float32", 1, 3, None, False, False),
+    "bfloat16_long_state": ("bfloat16", 3, 2, "silu", False, False),
+    "ring_one_token": ("float32", 2, 0, "silu", True, False),
+    "ring_wraps_more_tokens_than_slots": ("float32", 1, 7, None, True, False),
+    "pool_with_padding": ("float32", 1, 2, "silu", False, True),
+    "pool_ring_float16": ("float16", 2, 3, "silu", True, True),
 }
 
 
@@ -60,9 +65,9 @@ def check_fn(batch, dim, length, width, dtype, channel_last, bias, seq, init, ac
     seq_idx = _seq_idx(seq, batch, length)
     named = {"x": x, "weight": weight, "bias": b, "initial_states": h0}
     named64 = {k: float64_leaf(t) for k, t in named.items()}
-    out, final = causal_conv1d_fn(x, weight, b, seq_idx, h0, True, activation, backend="triton")
+    out, final = causal_conv1d_fn(x, weight, b, seq_idx, h0, True, None, activation, backend="triton")
     exp_out, exp_final = causal_conv1d_fn(
-        named64["x"], named64["weight"], named64["bias"], seq_idx, named64["initial_states"], True, activation,
+        named64["x"], named64["weight"], named64["bias"], seq_idx, named64["initial_states"], True, None, activation,
         backend="reference",
     )
     assert out.dtype == dtype and final.dtype == dtype
@@ -84,17 +89,23 @@ def check_nan_stays_in_document() -> None:
     assert_close(out, exp, torch.float32, name="out with NaN")
 
 
-def check_update(dtype, extra_state, tokens, activation) -> None:
+def check_update(dtype, extra_state, tokens, activation, circular, pooled) -> None:
     """Outputs and the in-place state update of backend='triton' against the float64 reference."""
     dtype = getattr(torch, dtype)
-    batch, dim, width = 2, 8, 4
-    state = torch.randn(batch, dim, width - 1 + extra_state, dtype=dtype)
+    batch, dim, width = 3 if pooled else 2, 8, 4
+    state_len = width - 1 + extra_state
+    state = torch.randn(5 if pooled else batch, dim, state_len, dtype=dtype)
     state64 = state.double()
     x = torch.randn(batch, dim, tokens, dtype=dtype) if tokens else torch.randn(batch, dim, dtype=dtype)
     weight, b = torch.randn(dim, width, dtype=dtype), torch.randn(dim, dtype=dtype)
+    seqlens = torch.tensor([0, state_len - 1, 2 * state_len + 1][:batch], dtype=torch.int32) if circular else None
+    indices = torch.tensor([4, -1, 1], dtype=torch.int32) if pooled else None
     for _ in range(2):  # twice: the second step reads what the first one wrote
-        out = causal_conv1d_update(x, state, weight, b, activation, backend="triton")
-        exp = causal_conv1d_update(x.double(), state64, weight.double(), b.double(), activation, backend="reference")
+        out = causal_conv1d_update(x, state, weight, b, activation, seqlens, indices, backend="triton")
+        exp = causal_conv1d_update(x.double(), state64, weight.double(), b.double(), activation, seqlens, indices,
+                                   backend="reference")
+        if circular:
+            seqlens = seqlens + max(tokens, 1)
         assert out.dtype == dtype and out.shape == x.shape
         assert_close(out, exp, dtype, name="out")
         assert_close(state, state64, dtype, name="conv_state")

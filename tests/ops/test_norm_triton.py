@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ssmkit.ops.norm import gated_rms_norm_fn, rms_norm_fn
+from ssmkit.ops.norm import gated_rms_norm_fn, layernorm_fn, rms_norm_fn
 from ssmkit.testing import (
     assert_close,
     assert_outputs_and_grads_close,
@@ -21,14 +21,17 @@ from ssmkit.testing import (
     run_checks_in_interpreter,
 )
 
-# name -> (shape, dtype, group_size, gate (None / "before" / "after"), bias)
+# name -> (shape, dtype, group_size, gate (None / "before" / "after"), bias, LayerNorm (layernorm_fn))
 GATED_CASES = {
-    "groups_gate_before": ((3, 5, 32), "float32", 8, "before", True),
-    "one_group_gate_after": ((7, 24), "float32", None, "after", False),
-    "no_gate_odd_group": ((4, 30), "float32", 10, None, True),
-    "bfloat16_groups": ((2, 5, 24), "bfloat16", 8, "after", True),
-    "float16_gate_before": ((9, 16), "float16", 16, "before", False),
-    "float64_groups": ((2, 3, 24), "float64", 12, "after", True),
+    "groups_gate_before": ((3, 5, 32), "float32", 8, "before", True, False),
+    "one_group_gate_after": ((7, 24), "float32", None, "after", False, False),
+    "no_gate_odd_group": ((4, 30), "float32", 10, None, True, False),
+    "bfloat16_groups": ((2, 5, 24), "bfloat16", 8, "after", True, False),
+    "float16_gate_before": ((9, 16), "float16", 16, "before", False, False),
+    "float64_groups": ((2, 3, 24), "float64", 12, "after", True, False),
+    "layernorm_groups_gate_after": ((3, 5, 30), "float32", 10, "after", True, True),
+    "layernorm_gate_before_odd": ((7, 20), "float32", None, "before", False, True),
+    "layernorm_bfloat16": ((2, 5, 24), "bfloat16", 8, None, True, True),
 }
 # name -> (shape, dtype, residual (None / "same" / "float32"), bias, prenorm, residual_in_fp32)
 PLAIN_CASES = {
@@ -39,7 +42,7 @@ PLAIN_CASES = {
 }
 
 
-def check_gated(shape, dtype, group_size, gate, bias) -> None:
+def check_gated(shape, dtype, group_size, gate, bias, layer) -> None:
     dtype = getattr(torch, dtype)
     n = shape[-1]
     named = {
@@ -50,10 +53,16 @@ def check_gated(shape, dtype, group_size, gate, bias) -> None:
     }
     named64 = {k: float64_leaf(t) for k, t in named.items()}
     before = gate != "after"
-    out = gated_rms_norm_fn(named["x"], named["z"], named["weight"], 1e-5, group_size, before,
-                            bias=named["bias"], backend="triton")
-    exp = gated_rms_norm_fn(named64["x"], named64["z"], named64["weight"], 1e-5, group_size, before,
-                            bias=named64["bias"], backend="reference")
+    if layer:
+        out = layernorm_fn(named["x"], named["weight"], named["bias"], named["z"], 1e-5, group_size, before,
+                           backend="triton")
+        exp = layernorm_fn(named64["x"], named64["weight"], named64["bias"], named64["z"], 1e-5, group_size,
+                           before, backend="reference")
+    else:
+        out = gated_rms_norm_fn(named["x"], named["z"], named["weight"], 1e-5, group_size, before,
+                                bias=named["bias"], backend="triton")
+        exp = gated_rms_norm_fn(named64["x"], named64["z"], named64["weight"], 1e-5, group_size, before,
+                                bias=named64["bias"], backend="reference")
     assert out.dtype == dtype and out.shape == shape
     assert_outputs_and_grads_close([out], [exp], named, named64, dtype)
 

@@ -206,10 +206,9 @@ def _bad2(**changes):
 @pytest.mark.parametrize(
     "kw, error, name",
     [
-        (_bad1(state=torch.zeros(2, 4, 3, dtype=torch.bfloat16)), TypeError, "state"),
         (_bad1(state=torch.zeros(2, 4, 3, dtype=torch.int64)), TypeError, "state"),
         (_bad1(state=torch.zeros(2, 4)), ValueError, "state"),
-        (_bad1(state=torch.zeros(0, 4, 3), x=torch.randn(0, 4)), ValueError, "state has an empty batch"),
+        (_bad1(state=torch.zeros(0, 4, 3), x=torch.randn(0, 4)), ValueError, "x has an empty batch"),
         (_bad1(x=torch.randn(3, 4)), ValueError, "x"),
         (_bad1(x=torch.ones(2, 4, dtype=torch.int32)), TypeError, "x"),
         (_bad1(dt=torch.rand(2, 4, 1)), ValueError, "dt"),
@@ -243,3 +242,91 @@ def test_bad_inputs_name_the_argument(kw, error, name):
 def test_bad_dt_limit(limit, error):
     with pytest.raises(error, match="dt_limit"):
         selective_state_update(**_bad1(), dt_limit=limit)
+
+
+def _pool_case(mamba2: bool, b: int = 4, slots: int = 6, dtype=torch.float32):
+    """Inputs of one step for b rows over a pool of ``slots`` states (Mamba-1 or grouped Mamba-2 shapes)."""
+    if mamba2:
+        h, p, n, g = 4, 3, 5, 2
+        pool = torch.randn(slots, h, p, n)
+        args = (torch.randn(b, h, p, dtype=dtype), torch.randn(b, h, dtype=dtype), -torch.rand(h) * 2,
+                torch.randn(b, g, n, dtype=dtype), torch.randn(b, g, n, dtype=dtype))
+        kw = dict(D=torch.randn(h), z=torch.randn(b, h, p, dtype=dtype), dt_bias=torch.randn(h), dt_softplus=True)
+    else:
+        d, n = 6, 4
+        pool = torch.randn(slots, d, n)
+        args = (torch.randn(b, d, dtype=dtype), torch.randn(b, d, dtype=dtype), -torch.rand(d, n) * 2,
+                torch.randn(b, n, dtype=dtype), torch.randn(b, n, dtype=dtype))
+        kw = dict(D=torch.randn(d), z=torch.randn(b, d, dtype=dtype), dt_bias=torch.randn(d), dt_softplus=True)
+    return pool, args, kw
+
+
+@pytest.mark.parametrize("pad_slot_id", [-1, 99])
+@pytest.mark.parametrize("mamba2", [False, True])
+def test_state_batch_indices_step_the_named_slots_and_skip_padding(mamba2, pad_slot_id):
+    pool, args, kw = _pool_case(mamba2)
+    indices = torch.tensor([5, pad_slot_id, 0, -3], dtype=torch.int32)
+    before = pool.clone()
+    y = selective_state_update(pool, *args, **kw, state_batch_indices=indices, pad_slot_id=pad_slot_id)
+    for row, slot in enumerate(indices.tolist()):
+        if slot < 0 or slot == pad_slot_id:
+            assert torch.equal(y[row], torch.zeros_like(y[row]))
+            continue
+        # The same row stepped alone on its own state, in float64.
+        one = before[slot : slot + 1].double()
+        row_args = [a[row : row + 1].double() if a.shape[0] == indices.shape[0] and a.dim() > 1 else a.double()
+                    for a in args]
+        row_kw = {k: (v[row : row + 1].double() if k == "z" else v.double()) if isinstance(v, torch.Tensor) else v
+                  for k, v in kw.items()}
+        expected = selective_state_update(one, *row_args, **row_kw)
+        assert_close(y[row : row + 1], expected, torch.float32, name=f"y row {row}")
+        assert_close(pool[slot : slot + 1], one, torch.float32, name=f"slot {slot}")
+    untouched = [s for s in range(pool.shape[0]) if s not in (5, 0)]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+def test_state_batch_indices_are_checked():
+    pool, args, kw = _pool_case(True)
+    with pytest.raises(ValueError, match="< the 6 state slots"):
+        selective_state_update(pool, *args, **kw, state_batch_indices=torch.tensor([0, 1, 6, 2]))
+    with pytest.raises(ValueError, match="state_batch_indices must have shape"):
+        selective_state_update(pool, *args, **kw, state_batch_indices=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        selective_state_update(pool, *args, **kw, state_batch_indices=torch.tensor([0.0, 1, 2, 3]))
+    # Without indices the state's batch must be x's.
+    with pytest.raises(ValueError, match="x must have shape"):
+        selective_state_update(pool, *args, **kw)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mamba2", [False, True])
+def test_half_precision_states_step_in_float32_and_round_once(mamba2, state_dtype):
+    pool, args, kw = _pool_case(mamba2, b=3, slots=3)
+    state = pool.to(state_dtype)
+    expected_state = state.double()
+    up = [a.double() for a in args]
+    kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    expected = selective_state_update(expected_state, *up, **kw64)
+    ptr = state.data_ptr()
+    y = selective_state_update(state, *args, **kw)
+    assert state.dtype == state_dtype and state.data_ptr() == ptr
+    assert_close(state, expected_state, state_dtype, name="state")
+    # y reads the float32 state before rounding: only x's dtype limits it.
+    assert_close(y, expected, torch.float32, name="y")
+
+
+def test_matches_transformers_torch_step():
+    """transformers' Mamba decode fallback (its own torch function) gives the same step."""
+    modeling = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    fallback = getattr(modeling, "mamba_selective_state_update", None)
+    if fallback is None:
+        pytest.skip("this transformers has no mamba_selective_state_update (older than 5.x)")
+    b, d, n = 2, 6, 4
+    x, dt, z = torch.randn(b, d), torch.randn(b, d), torch.randn(b, d)
+    A, B, C, D, bias = -torch.rand(d, n), torch.randn(b, n), torch.randn(b, n), torch.randn(d), torch.randn(d)
+    s1 = torch.randn(b, d, n)
+    s2 = s1.clone()
+    y1 = fallback(s1, x, dt, A, B, C, D, dt_bias=bias, dt_softplus=True, z=z)
+    y2 = selective_state_update(s2, x, dt, A, B, C, D, z, bias, True)
+    assert_close(y2, y1, torch.float32, name="y")
+    assert_close(s2, s1, torch.float32, name="state")

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-CASES = ("mamba1", "mamba2", "options", "inplace_views", "errors")
+CASES = ("mamba1", "mamba2", "options", "inplace_views", "slots_and_half_states", "errors")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -120,6 +120,37 @@ def case_inplace_views():
                                  dt_softplus=True, backend="reference")
     assert_close(big[1:3], before, torch.float32, name="state slice")
     assert_close(y, ref, torch.float32, name="y")
+
+
+def case_slots_and_half_states():
+    """A pool of states stepped through state_batch_indices (padding skipped), and fp16/bf16 states."""
+    from ssmkit.ops.state_update import selective_state_update
+    from ssmkit.testing import assert_close
+
+    for mamba2 in (False, True):
+        if mamba2:
+            b, h, p, n, g = 4, 4, 3, 5, 2
+            pool = torch.randn(6, h, p, n)
+            args = (torch.randn(b, h, p), torch.randn(b, h), -torch.rand(h), torch.randn(b, g, n), torch.randn(b, g, n))
+            kw = dict(D=torch.randn(h), z=torch.randn(b, h, p), dt_bias=torch.randn(h), dt_softplus=True)
+        else:
+            b, d, n = 4, 6, 4
+            pool = torch.randn(6, d, n)
+            args = (torch.randn(b, d), torch.randn(b, d), -torch.rand(d, n), torch.randn(b, n), torch.randn(b, n))
+            kw = dict(D=torch.randn(d), z=torch.randn(b, d), dt_bias=torch.randn(d), dt_softplus=True)
+        for state_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            indices = torch.tensor([5, -1, 0, 7], dtype=torch.int32)  # 7: a custom pad_slot_id
+            state = pool.to(state_dtype)
+            expected_state = state.double()
+            up = [a.double() for a in args]
+            kw64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            expected = selective_state_update(expected_state, *up, **kw64, state_batch_indices=indices,
+                                              pad_slot_id=7, backend="reference")
+            y = selective_state_update(state, *args, **kw, state_batch_indices=indices, pad_slot_id=7,
+                                       backend="triton")
+            assert torch.equal(y[[1, 3]], torch.zeros_like(y[[1, 3]]))
+            assert_close(y, expected, torch.float32, name=f"y {state_dtype}")
+            assert_close(state, expected_state, state_dtype, name=f"state {state_dtype}")
 
 
 def case_errors():

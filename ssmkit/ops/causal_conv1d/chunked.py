@@ -174,6 +174,8 @@ def causal_conv1d_update_chunked(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fast path of :func:`ssmkit.ops.causal_conv1d.causal_conv1d_update` (same arguments and results)."""
     squeeze = x.dim() == 2
@@ -182,12 +184,59 @@ def causal_conv1d_update_chunked(
     width = weight.shape[1]
     state_len = conv_state.shape[-1]
     cdtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    window = torch.cat([conv_state[..., state_len - (width - 1) :].to(cdtype), xs.to(cdtype)], dim=-1)
-    b = bias.to(cdtype) if bias is not None else None
-    out = F.conv1d(window, weight.to(cdtype).unsqueeze(1), b, groups=weight.shape[0])
-    # The concatenation is a copy, so writing it back over conv_state cannot read overwritten values.
-    conv_state.copy_(torch.cat([conv_state, xs.to(conv_state.dtype)], dim=-1)[..., length:])
+    live = slots = None
+    state = conv_state
+    if conv_state_indices is not None:
+        # Gather the live rows' slots (padding rows, slot < 0, give 0 and update nothing).
+        live = (conv_state_indices >= 0).nonzero().squeeze(1)
+        slots = conv_state_indices[live].long()
+        state = conv_state.index_select(0, slots)
+        xs_all, xs = xs, xs.index_select(0, live)
+        if cache_seqlens is not None:
+            cache_seqlens = cache_seqlens.index_select(0, live)
+    if cache_seqlens is not None:
+        # The ring's entries in time order: the oldest sits at cache_seqlens % state_len.
+        start = cache_seqlens.long().remainder(state_len)[:, None]
+        order = (start + torch.arange(state_len, device=x.device)).remainder(state_len)
+        history = state.gather(-1, order[:, None, :].expand(-1, state.shape[1], -1))
+    else:
+        history = state
+    window = torch.cat([history[..., state_len - (width - 1) :].to(cdtype), xs.to(cdtype)], dim=-1)
+    # A few tokens: the windows times the taps, summed. (A library convolution costs a primitive set-up
+    # per call on CPU that dwarfs this arithmetic.)
+    out = (window.unfold(-1, width, 1) * weight.to(cdtype)[:, None, :]).sum(-1)
+    if bias is not None:
+        out = out + bias.to(cdtype)[:, None]
+    if cache_seqlens is None:
+        # The concatenation is a copy, so writing it back over the state cannot read overwritten values.
+        state = torch.cat([state, xs.to(state.dtype)], dim=-1)[..., length:]
+        if slots is None:
+            conv_state.copy_(state)
+    else:
+        # Token t goes to (cache_seqlens + t) % state_len; only the last state_len tokens survive. The
+        # history read above is a copy, so this may write the state's own memory.
+        kept = min(length, state_len)
+        pos = (start + torch.arange(length - kept, length, device=x.device)).remainder(state_len)
+        state.scatter_(-1, pos[:, None, :].expand(-1, state.shape[1], -1), xs[..., length - kept :].to(state.dtype))
+    if slots is not None:
+        conv_state.index_copy_(0, slots, state)
     if activation in ("silu", "swish"):
         out = F.silu(out)
+    if live is not None:
+        full = torch.zeros(xs_all.shape, dtype=out.dtype, device=out.device)
+        full[live] = out
+        out = full
     out = out.to(x.dtype)
     return out.squeeze(-1) if squeeze else out
+
+
+def causal_conv1d_varlen_states_chunked(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:
+    """Fast path of :func:`ssmkit.ops.causal_conv1d.causal_conv1d_varlen_states` (one gather)."""
+    ends = cu_seqlens[1:].long()
+    starts = cu_seqlens[:-1].long()
+    pos = ends[:, None] - state_len + torch.arange(state_len, device=x.device)  # (s, state_len)
+    valid = pos >= starts[:, None]
+    states = x[pos.clamp(min=0)]  # (s, state_len, d)
+    states = torch.where(valid[:, :, None], states, torch.zeros((), dtype=x.dtype, device=x.device))
+    # (s, d, state_len) with the channel-last layout of causal_conv1d's result.
+    return states.transpose(1, 2)

@@ -14,6 +14,8 @@ seq_idx values); positions before 0 belong to the first document.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -93,29 +95,56 @@ def causal_conv1d_update_ref(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token at a time: append x[..., t] to the state, convolve the last w inputs.
+    """One row and one token at a time: append x[..., t] to the row's state, convolve the last w inputs.
 
-    x: (b, d) or (b, d, l); conv_state (b, d, state_len), state_len >= w - 1, updated in place.
+    x: (b, d) or (b, d, l); conv_state (s, d, state_len), state_len >= w - 1, updated in place. Row i
+    uses slot ``conv_state_indices[i]`` (i without indices; a negative slot: outputs 0, no update).
+    Without ``cache_seqlens`` a slot holds the last inputs oldest first and shifts left; with it, the
+    slot is a ring whose oldest entry sits at ``cache_seqlens[i] % state_len``, and token t is written
+    at ``(cache_seqlens[i] + t) % state_len``.
     """
     squeeze = x.dim() == 2
     xs = x.unsqueeze(-1) if squeeze else x
-    width = weight.shape[1]
+    batch, _, length = xs.shape
+    width, state_len = weight.shape[1], conv_state.shape[-1]
     cdtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     w = weight.to(cdtype)
-    state = conv_state.to(cdtype)
-    outs = []
-    for t in range(xs.shape[-1]):
-        xt = xs[:, :, t].to(cdtype)
-        window = torch.cat([state[:, :, state.shape[-1] - (width - 1) :], xt[:, :, None]], dim=-1)
-        acc = (window * w).sum(dim=-1)
-        if bias is not None:
-            acc = acc + bias.to(cdtype)
-        outs.append(acc)
-        state = torch.cat([state, xt[:, :, None]], dim=-1)[:, :, 1:]
-    conv_state.copy_(state)
-    out = torch.stack(outs, dim=-1)
+    out = torch.zeros(xs.shape, dtype=cdtype, device=x.device)
+    for row in range(batch):
+        slot = row if conv_state_indices is None else int(conv_state_indices[row])
+        if slot < 0:
+            continue
+        start = 0 if cache_seqlens is None else int(cache_seqlens[row]) % state_len
+        ring = [(start + i) % state_len for i in range(state_len)]
+        history = conv_state[slot][:, ring].to(cdtype)  # (d, state_len), oldest first
+        for t in range(length):
+            xt = xs[row, :, t].to(cdtype)
+            window = torch.cat([history[:, state_len - (width - 1) :], xt[:, None]], dim=-1)
+            acc = (window * w).sum(dim=-1)
+            out[row, :, t] = acc + bias.to(cdtype) if bias is not None else acc
+            history = torch.cat([history, xt[:, None]], dim=-1)[:, 1:]
+            if cache_seqlens is not None:
+                conv_state[slot, :, (start + t) % state_len] = xs[row, :, t].to(conv_state.dtype)
+        if cache_seqlens is None:
+            conv_state[slot] = history.to(conv_state.dtype)
     if activation in ("silu", "swish"):
         out = F.silu(out)
+    # Padding rows give exactly 0 (not silu of the bias).
+    if conv_state_indices is not None:
+        out = out * (conv_state_indices >= 0).to(cdtype)[:, None, None]
     out = out.to(x.dtype)
     return out.squeeze(-1) if squeeze else out
+
+
+def causal_conv1d_varlen_states_ref(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:
+    """(s, d, state_len): the last ``state_len`` inputs of each sequence of x (total, d), zeros before its start."""
+    bounds = cu_seqlens.tolist()
+    states = x.new_zeros(len(bounds) - 1, x.shape[1], state_len)
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        take = min(state_len, end - start)
+        if take:
+            states[i, :, state_len - take :] = x[end - take : end].T
+    return states

@@ -322,17 +322,32 @@ def causal_conv1d_triton(
 
 
 @triton.jit
-def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, dim, length, state_len,
+def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, slot_ptr, seqlens_ptr, dim, length, state_len, n_slots,
                         stride_xb, stride_xd, stride_xl, stride_sb, stride_sd, stride_sl, stride_wd, stride_wk,
                         stride_ob, stride_od, stride_ol,
-                        W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                        W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                        CIRCULAR: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d, pid_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
+    out_ptr += pid_b * stride_ob
+    slot = pid_b
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + pid_b).to(tl.int64)
+    if (slot < 0) | (slot >= n_slots):
+        # A padding row (or, under CUDA-graph capture where the host cannot check, a slot out of range):
+        # outputs 0, no state is touched.
+        for t in range(length):
+            tl.store(out_ptr + t * stride_ol + offs_d * stride_od, tl.zeros([BLOCK_D], dtype=ACC).to(
+                out_ptr.dtype.element_ty), mask=mask_d)
+        return
+    # The state's entries in time order are at (start + i) % state_len: a ring when CIRCULAR.
+    start = pid_b * 0
+    if CIRCULAR:
+        start = tl.load(seqlens_ptr + pid_b).to(tl.int64) % state_len
     x_ptr += pid_b * stride_xb
-    state_ptr += pid_b * stride_sb
-    # Positions index the concatenation [state (state_len), x (length)].
+    state_ptr += slot * stride_sb
+    # Positions index the concatenation [state (state_len, time order), x (length)].
     for t in range(length):
         acc = tl.zeros([BLOCK_D], dtype=ACC)
         if HAS_BIAS:
@@ -340,7 +355,9 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, dim, length, st
         for k in tl.static_range(W):
             p = state_len + t - (W - 1) + k
             in_state = (p + 0 * offs_d) < state_len  # a vector: masks must be tensors
-            v_state = tl.load(state_ptr + p * stride_sl + offs_d * stride_sd, mask=mask_d & in_state, other=0.0)
+            slot_pos = (start + p) % state_len
+            v_state = tl.load(state_ptr + slot_pos * stride_sl + offs_d * stride_sd, mask=mask_d & in_state,
+                              other=0.0)
             v_x = tl.load(x_ptr + (p - state_len) * stride_xl + offs_d * stride_xd, mask=mask_d & ~in_state,
                           other=0.0)
             v = tl.where(in_state, v_state.to(ACC), v_x.to(ACC))
@@ -348,18 +365,28 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, dim, length, st
             acc += wk * v
         if SILU:
             acc = acc / (1.0 + tl.exp(-acc))
-        tl.store(out_ptr + pid_b * stride_ob + t * stride_ol + offs_d * stride_od,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask_d)
-    # New state: positions length .. length + state_len - 1 of the concatenation. Read all, then write.
+        tl.store(out_ptr + t * stride_ol + offs_d * stride_od, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
     j = tl.arange(0, BLOCK_S)
-    p = j + length
-    from_state = p < state_len
     tile_mask = mask_d[None, :] & (j < state_len)[:, None]
-    old = tl.load(state_ptr + p[:, None] * stride_sl + offs_d[None, :] * stride_sd,
-                  mask=tile_mask & from_state[:, None], other=0.0)
-    new = tl.load(x_ptr + (p - state_len)[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                  mask=tile_mask & ~from_state[:, None], other=0.0).to(state_ptr.dtype.element_ty)
-    new = tl.where(from_state[:, None], old, new)
+    if CIRCULAR:
+        # Entry j receives the last token i < length with (start + i) % state_len == j, if any.
+        first = (j - start + state_len) % state_len
+        written = first < length
+        last = first + state_len * ((length - 1 - first) // state_len)
+        old = tl.load(state_ptr + j[:, None] * stride_sl + offs_d[None, :] * stride_sd,
+                      mask=tile_mask & ~written[:, None], other=0.0)
+        new = tl.load(x_ptr + last[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                      mask=tile_mask & written[:, None], other=0.0).to(state_ptr.dtype.element_ty)
+        new = tl.where(written[:, None], new, old)
+    else:
+        # New state: positions length .. length + state_len - 1 of the concatenation. Read all, then write.
+        p = j + length
+        from_state = p < state_len
+        old = tl.load(state_ptr + p[:, None] * stride_sl + offs_d[None, :] * stride_sd,
+                      mask=tile_mask & from_state[:, None], other=0.0)
+        new = tl.load(x_ptr + (p - state_len)[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                      mask=tile_mask & ~from_state[:, None], other=0.0).to(state_ptr.dtype.element_ty)
+        new = tl.where(from_state[:, None], old, new)
     tl.debug_barrier()
     tl.store(state_ptr + j[:, None] * stride_sl + offs_d[None, :] * stride_sd, new, mask=tile_mask)
 
@@ -370,6 +397,8 @@ def causal_conv1d_update_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    conv_state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton path of :func:`ssmkit.ops.causal_conv1d.causal_conv1d_update` (same arguments and results)."""
     xs = x.unsqueeze(-1) if x.dim() == 2 else x
@@ -379,10 +408,13 @@ def causal_conv1d_update_triton(
     block_d = 128
     with _on_device(x):
         _conv_update_kernel[(triton.cdiv(dim, block_d), batch)](
-            xs, conv_state, weight, _placeholder(bias, weight), out, dim, length, state_len,
+            xs, conv_state, weight, _placeholder(bias, weight), out,
+            _placeholder(conv_state_indices, xs), _placeholder(cache_seqlens, xs), dim, length, state_len,
+            conv_state.shape[0],
             *xs.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
             W=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
-            ACC=_acc_dtype(xs, weight, bias, conv_state), BLOCK_S=triton.next_power_of_2(max(state_len, 1)), BLOCK_D=block_d,
-            num_warps=4,
+            HAS_SLOTS=conv_state_indices is not None, CIRCULAR=cache_seqlens is not None,
+            ACC=_acc_dtype(xs, weight, bias, conv_state), BLOCK_S=triton.next_power_of_2(max(state_len, 1)),
+            BLOCK_D=block_d, num_warps=4,
         )
     return out.squeeze(-1) if x.dim() == 2 else out

@@ -1,4 +1,9 @@
-"""RMS norms of the Mamba blocks: pre-norm with a fused residual add, and Mamba-2's gated group norm."""
+"""Norms of the Mamba blocks: RMS pre-norm with a fused residual add, and Mamba-2's gated group norm.
+
+The gated norm comes under ssmkit's name (``gated_rms_norm_fn``) and under mamba_ssm's
+(``rmsnorm_fn`` / ``layernorm_fn`` of ``mamba_ssm.ops.triton.layernorm_gated``, with their argument
+order), where LayerNorm (the group mean subtracted first) is an option.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.norm.chunked import gated_rms_norm_chunked, rms_norm_chunked
 from ssmkit.ops.norm.reference import gated_rms_norm_ref, rms_norm_ref
 
-__all__ = ["gated_rms_norm_fn", "rms_norm_fn"]
+__all__ = ["gated_rms_norm_fn", "layernorm_fn", "rms_norm_fn", "rmsnorm_fn"]
 
 
 def _check_x(x: object, dims: Dims) -> tuple[str, ...]:
@@ -140,6 +145,62 @@ def gated_rms_norm_fn(
         >>> x, z = torch.randn(2, 10, 64), torch.randn(2, 10, 64)
         >>> out = gated_rms_norm_fn(x, z, torch.ones(64), group_size=32, norm_before_gate=False)
     """
+    return _gated_norm(x, z, weight, bias, eps, group_size, norm_before_gate, False, backend)
+
+
+def rmsnorm_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """mamba_ssm's gated RMSNorm (``mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn``), same arguments.
+
+    ``norm_before_gate=True``: ``(rmsnorm(x) * weight + bias) * silu(z)``; False:
+    ``rmsnorm(x * silu(z)) * weight + bias``; z=None: no gate. The norm runs over groups of
+    ``group_size`` entries of the last dimension (None: all of it). Shapes, dtypes, gradients and
+    NaN behaviour as :func:`gated_rms_norm_fn` (this is the same function with mamba_ssm's argument
+    order: ``bias`` is the third positional argument and required, possibly None).
+
+    Example:
+        >>> x, z = torch.randn(2, 10, 64), torch.randn(2, 10, 64)
+        >>> out = rmsnorm_fn(x, torch.ones(64), None, z=z, group_size=32, norm_before_gate=False)
+    """
+    return _gated_norm(x, z, weight, bias, eps, group_size, norm_before_gate, False, backend)
+
+
+def layernorm_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    z: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    group_size: int | None = None,
+    norm_before_gate: bool = True,
+    is_rms_norm: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """mamba_ssm's gated LayerNorm (``mamba_ssm.ops.triton.layernorm_gated.layernorm_fn``), same arguments.
+
+    As :func:`rmsnorm_fn`, but each group is centred before it is scaled:
+    ``(h - mean(h)) / sqrt(var(h) + eps) * weight + bias`` (biased variance, as torch's LayerNorm),
+    unless ``is_rms_norm`` (then it is :func:`rmsnorm_fn`). Gradients flow to x, z, weight and bias.
+
+    Example:
+        >>> x = torch.randn(4, 64)
+        >>> out = layernorm_fn(x, torch.ones(64), torch.zeros(64), group_size=16)
+    """
+    _check_flag("is_rms_norm", is_rms_norm)
+    return _gated_norm(x, z, weight, bias, eps, group_size, norm_before_gate, not is_rms_norm, backend)
+
+
+def _gated_norm(x, z, weight, bias, eps, group_size, norm_before_gate, center: bool, backend: str) -> torch.Tensor:
     dims = Dims()
     names = _check_x(x, dims)
     if z is not None:
@@ -161,4 +222,4 @@ def gated_rms_norm_fn(
         from ssmkit.ops.norm.triton import gated_rms_norm_triton as impl
     else:
         impl = gated_rms_norm_ref if resolved == "reference" else gated_rms_norm_chunked
-    return impl(x, z, weight, float(eps), group_size, norm_before_gate, bias)
+    return impl(x, z, weight, float(eps), group_size, norm_before_gate, bias, center)

@@ -22,14 +22,18 @@ def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
 class _GatedRMSNorm(torch.autograd.Function):
     """y = norm(x [* silu(z)]) * weight + bias [* silu(z)], group-wise; all inputs in one dtype.
 
+    norm is RMSNorm, or LayerNorm (the group's mean subtracted first) when ``center``.
+
     Every full-size temporary is written in place where it is not needed any more: on CPU each fresh
     buffer of a few megabytes costs page faults comparable to the arithmetic.
     """
 
     @staticmethod
-    def forward(ctx, x, z, weight, bias, eps, group_size, norm_before_gate):
+    def forward(ctx, x, z, weight, bias, eps, group_size, norm_before_gate, center=False):
         h = F.silu(z).mul_(x) if z is not None and not norm_before_gate else x
         hg = _grouped(h, group_size)
+        if center:
+            hg = hg - hg.mean(dim=-1, keepdim=True)
         # vector_norm reads the group once without materialising its square.
         rstd = torch.linalg.vector_norm(hg, dim=-1, keepdim=True).square_().div_(group_size).add_(eps).rsqrt_()
         y = (hg * rstd).reshape(x.shape).mul_(weight)
@@ -40,6 +44,7 @@ class _GatedRMSNorm(torch.autograd.Function):
         ctx.save_for_backward(x, z, weight, bias, rstd)
         ctx.group_size = group_size
         ctx.norm_before_gate = norm_before_gate
+        ctx.center = center
         return y
 
     @staticmethod
@@ -54,7 +59,10 @@ class _GatedRMSNorm(torch.autograd.Function):
             # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z))), built in one buffer.
             silu_grad = torch.rsub(sig, 1.0).mul_(z).add_(1.0).mul_(sig)
         h = x * silu_z if gate_first else x
-        xhat = (_grouped(h, group_size) * rstd).reshape(x.shape)
+        hg = _grouped(h, group_size)
+        if ctx.center:
+            hg = hg - hg.mean(dim=-1, keepdim=True)
+        xhat = (hg * rstd).reshape(x.shape)
         dz = None
         if z is not None and norm_before_gate:
             y = xhat * weight
@@ -69,12 +77,15 @@ class _GatedRMSNorm(torch.autograd.Function):
         wdy = _grouped(dy * weight, group_size)
         xhat_g = _grouped(xhat, group_size)
         c = (xhat_g * wdy).mean(dim=-1, keepdim=True)
+        if ctx.center:
+            # LayerNorm: the mean's gradient removes the component along the constant vector too.
+            wdy = wdy - wdy.mean(dim=-1, keepdim=True)
         dh = wdy.addcmul_(xhat_g, c, value=-1.0).mul_(rstd).reshape(x.shape)
         dweight = xhat.mul_(dy).reshape(-1, n).sum(dim=0) if ctx.needs_input_grad[2] else None
         if gate_first:
             dz = (dh * x).mul_(silu_grad)
             dh = dh.mul_(silu_z)
-        return dh, dz, dweight, dbias, None, None, None
+        return dh, dz, dweight, dbias, None, None, None, None
 
 
 def rms_norm_chunked(
@@ -106,12 +117,13 @@ def gated_rms_norm_chunked(
     group_size: int | None = None,
     norm_before_gate: bool = True,
     bias: torch.Tensor | None = None,
+    center: bool = False,
 ) -> torch.Tensor:
     """Fast path of :func:`ssmkit.ops.norm.gated_rms_norm_fn` (same arguments and results)."""
     cdtype = compute_dtype(x, z, weight, bias)
     zc = z.to(cdtype) if z is not None else None
     b = bias.to(cdtype) if bias is not None else None
     out = _GatedRMSNorm.apply(
-        x.to(cdtype), zc, weight.to(cdtype), b, eps, group_size or x.shape[-1], norm_before_gate
+        x.to(cdtype), zc, weight.to(cdtype), b, eps, group_size or x.shape[-1], norm_before_gate, center
     )
     return out.to(x.dtype)

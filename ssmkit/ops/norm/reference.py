@@ -33,8 +33,11 @@ def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_f
     return torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
 
 
-def _rms_normalize(h: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
+def _rms_normalize(h: torch.Tensor, eps: float, group_size: int, center: bool = False) -> torch.Tensor:
+    """Each group of ``group_size`` entries divided by its RMS (LayerNorm: minus its mean first)."""
     groups = h.reshape(*h.shape[:-1], h.shape[-1] // group_size, group_size)
+    if center:
+        groups = groups - groups.mean(dim=-1, keepdim=True)
     rms = torch.sqrt(groups.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (groups / rms).reshape(h.shape)
 
@@ -70,14 +73,15 @@ def gated_rms_norm_ref(
     group_size: int | None = None,
     norm_before_gate: bool = True,
     bias: torch.Tensor | None = None,
+    center: bool = False,
 ) -> torch.Tensor:
-    """See :func:`ssmkit.ops.norm.gated_rms_norm_fn`."""
+    """See :func:`ssmkit.ops.norm.gated_rms_norm_fn` (``center``: LayerNorm, :func:`~ssmkit.ops.norm.layernorm_fn`)."""
     cdtype = compute_dtype(x, z, weight, bias)
     h = x.to(cdtype)
     gate = F.silu(z.to(cdtype)) if z is not None else None
     if gate is not None and not norm_before_gate:
         h = h * gate
-    y = _rms_normalize(h, eps, group_size or h.shape[-1]) * weight.to(cdtype)
+    y = _rms_normalize(h, eps, group_size or h.shape[-1], center) * weight.to(cdtype)
     if bias is not None:
         y = y + bias.to(cdtype)
     if gate is not None and norm_before_gate:

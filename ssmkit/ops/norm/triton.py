@@ -28,7 +28,8 @@ def _norm_fwd_kernel(x_ptr, res_ptr, z_ptr, w_ptr, b_ptr, out_ptr, h_ptr, rstd_p
                      n_groups, group_size, eps,
                      stride_x, stride_res, stride_z, stride_out, stride_h,
                      HAS_RES: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, CENTER: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     row, group = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = group * group_size + tl.arange(0, BLOCK_N)
     mask = tl.arange(0, BLOCK_N) < group_size
@@ -42,6 +43,9 @@ def _norm_fwd_kernel(x_ptr, res_ptr, z_ptr, w_ptr, b_ptr, out_ptr, h_ptr, rstd_p
         silu_z = z / (1.0 + tl.exp(-z))
         if not NORM_BEFORE_GATE:
             h = h * silu_z
+    if CENTER:
+        # LayerNorm: the group's mean subtracted (masked lanes stay 0 so they add nothing below).
+        h = tl.where(mask, h - tl.sum(h, axis=0) / group_size, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / group_size + eps)
     tl.store(rstd_ptr + row * n_groups + group, rstd)
     y = h * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
@@ -57,8 +61,8 @@ def _norm_bwd_kernel(x_ptr, res_ptr, z_ptr, w_ptr, b_ptr, rstd_ptr, dy_ptr, dh_p
                      dw_ptr, db_ptr, n_rows, n_cols, n_groups, group_size, rows_per_prog,
                      stride_x, stride_res, stride_z, stride_dy, stride_dh, stride_dx, stride_dres, stride_dz,
                      HAS_RES: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr, STORE_DRES: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr, STORE_DRES: tl.constexpr,
+                     CENTER: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
     pid, group = tl.program_id(0), tl.program_id(1)
     cols = group * group_size + tl.arange(0, BLOCK_N)
     mask = tl.arange(0, BLOCK_N) < group_size
@@ -80,6 +84,8 @@ def _norm_bwd_kernel(x_ptr, res_ptr, z_ptr, w_ptr, b_ptr, rstd_ptr, dy_ptr, dh_p
             silu_grad = sig * (1.0 + z * (1.0 - sig))
             if not NORM_BEFORE_GATE:
                 h = x * silu_z
+        if CENTER:
+            h = tl.where(mask, h - tl.sum(h, axis=0) / group_size, 0.0)
         rstd = tl.load(rstd_ptr + row * n_groups + group)
         xhat = h * rstd
         dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
@@ -94,6 +100,9 @@ def _norm_bwd_kernel(x_ptr, res_ptr, z_ptr, w_ptr, b_ptr, rstd_ptr, dy_ptr, dh_p
         wdy = dy * w
         # d/dh of h * rstd: remove the component along xhat, then scale.
         c = tl.sum(xhat * wdy, axis=0) / group_size
+        if CENTER:
+            # LayerNorm: the mean's gradient removes the constant component of wdy too.
+            wdy = tl.where(mask, wdy - tl.sum(wdy, axis=0) / group_size, 0.0)
         dh = (wdy - xhat * c) * rstd
         if HAS_Z and not NORM_BEFORE_GATE:
             tl.store(dz_ptr + row * stride_dz + cols, (dh * x * silu_grad).to(dz_ptr.dtype.element_ty), mask=mask)
@@ -140,7 +149,7 @@ class _RMSNormTriton(torch.autograd.Function):
     """out = norm(x [+ res] [* silu(z)]) * weight + bias [* silu(z)], group-wise; optionally h = x + res too."""
 
     @staticmethod
-    def forward(ctx, x, res, z, weight, bias, eps, group_size, norm_before_gate, h_dtype):
+    def forward(ctx, x, res, z, weight, bias, eps, group_size, norm_before_gate, h_dtype, center=False):
         shape = x.shape
         n = shape[-1]
         x2, res2, z2 = _rows(x), _rows(res), _rows(z)
@@ -157,12 +166,12 @@ class _RMSNormTriton(torch.autograd.Function):
                 n_groups, group_size, eps, x2.stride(0), res2.stride(0) if res2 is not None else 0,
                 z2.stride(0) if z2 is not None else 0, out.stride(0), h.stride(0) if h is not None else 0,
                 HAS_RES=res is not None, HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate,
-                HAS_BIAS=bias is not None, STORE_H=h is not None, ACC=_acc(cdtype), BLOCK_N=block_n,
-                num_warps=num_warps,
+                HAS_BIAS=bias is not None, STORE_H=h is not None, CENTER=center, ACC=_acc(cdtype),
+                BLOCK_N=block_n, num_warps=num_warps,
             )
         ctx.save_for_backward(x2, res2, z2, weight, bias, rstd)
         ctx.set_materialize_grads(False)  # an unused output (out or h) costs no zero-filled gradient
-        ctx.shape, ctx.group_size, ctx.norm_before_gate = shape, group_size, norm_before_gate
+        ctx.shape, ctx.group_size, ctx.norm_before_gate, ctx.center = shape, group_size, norm_before_gate, center
         ctx.x_dtype, ctx.res_dtype = x.dtype, res.dtype if res is not None else None
         out = out.reshape(shape)
         if h is None:
@@ -200,8 +209,8 @@ class _RMSNormTriton(torch.autograd.Function):
                 dy.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
                 dres.stride(0) if dres is not None else 0, dz.stride(0) if dz is not None else 0,
                 HAS_RES=res2 is not None, HAS_Z=z2 is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
-                HAS_BIAS=bias is not None, HAS_DH=dh is not None, STORE_DRES=store_dres, ACC=_acc(cdtype),
-                BLOCK_N=block_n, num_warps=num_warps,
+                HAS_BIAS=bias is not None, HAS_DH=dh is not None, STORE_DRES=store_dres, CENTER=ctx.center,
+                ACC=_acc(cdtype), BLOCK_N=block_n, num_warps=num_warps,
             )
         shape = ctx.shape
         dweight = dw.sum(dim=0).to(weight.dtype)
@@ -212,6 +221,7 @@ class _RMSNormTriton(torch.autograd.Function):
             dz.reshape(shape) if dz is not None else None,
             dweight,
             dbias,
+            None,
             None,
             None,
             None,
@@ -241,6 +251,8 @@ def gated_rms_norm_triton(
     group_size: int | None = None,
     norm_before_gate: bool = True,
     bias: torch.Tensor | None = None,
+    center: bool = False,
 ) -> torch.Tensor:
     """Triton path of :func:`ssmkit.ops.norm.gated_rms_norm_fn` (same arguments and results)."""
-    return _RMSNormTriton.apply(x, None, z, weight, bias, eps, group_size or x.shape[-1], norm_before_gate, None)
+    return _RMSNormTriton.apply(x, None, z, weight, bias, eps, group_size or x.shape[-1], norm_before_gate, None,
+                                center)

@@ -64,7 +64,10 @@ def mamba_chunk_scan_combined(
             so packed documents give the same outputs as each run alone.
         cu_seqlens: (s + 1,) integer cumulative sequence boundaries ``0 = c_0 < ... < c_s = l`` of
             ``s`` sequences packed in a batch of 1. When ``seq_idx`` is omitted it is derived from
-            ``cu_seqlens``; when both are given they must mark the same boundaries.
+            ``cu_seqlens``; when both are given they must mark the same boundaries. This differs
+            deliberately from mamba_ssm, which reads cu_seqlens only for ``return_varlen_states`` and
+            lets sequences see each other unless seq_idx is passed too: a packed batch described by
+            its boundaries should never leak state across them.
         dt_softplus: apply softplus to ``dt + dt_bias`` (threshold 20, as mamba_ssm).
         dt_limit: (lo, hi) clamp of Δ; the default ``(0, inf)`` means no clamp.
         return_final_states: also return the (b, h, p, n) state after the last position.

@@ -14,7 +14,11 @@ import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
-from ssmkit.ops.state_update.reference import NO_LIMIT, selective_state_update_reference
+from ssmkit.ops.state_update.reference import (
+    NO_LIMIT,
+    PAD_SLOT_ID,
+    selective_state_update_reference,
+)
 
 __all__ = ["selective_state_update"]
 
@@ -30,7 +34,9 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
     *,
+    pad_slot_id: int = PAD_SLOT_ID,
     dt_limit: tuple[float, float] = NO_LIMIT,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -46,7 +52,7 @@ def selective_state_update(
     ==========  ===================  ==========================================
     argument    Mamba-1              Mamba-2 (``h % g == 0``)
     ==========  ===================  ==========================================
-    state       (b, d, n)            (b, h, p, n)
+    state       (b, d, n)            (b, h, p, n)  (b → s slots with state_batch_indices)
     x, z        (b, d)               (b, h, p)
     dt          (b, d)               (b, h, p) or (b, h)
     A           (d, n)               (h, p, n) or (h,)
@@ -57,10 +63,19 @@ def selective_state_update(
     Channel / head ``i`` reads B/C group ``i // (heads / g)``.
 
     Args:
-        state: the SSM state, float32 or float64, updated in place (the same tensor object, so a
-            cache slice or a CUDA-graph buffer stays valid). Not differentiable.
+        state: the SSM state in any floating dtype, updated in place (the same tensor object, so a
+            cache slice or a CUDA-graph buffer stays valid). float16/bfloat16 states are read, stepped
+            in float32 and rounded back once per step (as mamba_ssm). Not differentiable.
         x, dt, A, B, C, D, z, dt_bias: any floating dtype; see the table.
         dt_softplus: apply softplus to ``dt + dt_bias`` (threshold 20, as mamba_ssm).
+        state_batch_indices: (b,) integer, row i of the inputs steps state slot
+            ``state_batch_indices[i]`` of a pool ``state`` of s slots (continuous batching: a server's
+            cache pool, in any order). Rows whose index is negative or equals ``pad_slot_id`` are
+            padding: their y is 0 and no slot is touched. Two rows must not name the same slot.
+            Indices >= s raise (checked on the host, a device sync, except during CUDA-graph capture,
+            where the Triton kernel treats them as padding instead of writing out of bounds).
+        pad_slot_id: the index value that marks a padding row (vLLM's ``PAD_SLOT_ID``, -1), besides
+            any negative index (mamba_ssm skips every index < 0).
         dt_limit: (lo, hi) clamp of Δ after softplus; the default ``(0, inf)`` means no clamp.
         backend: "auto" (Triton on CUDA when triton imports, else the torch step), "reference" or
             "chunked" (both the vectorised torch step: a single step has nothing to chunk) or "triton"
@@ -86,32 +101,75 @@ def selective_state_update(
     """
     if not isinstance(state, torch.Tensor):
         raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
-    if state.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"state must be float32 or float64 (it accumulates across steps), got {state.dtype}")
+    if not state.is_floating_point():
+        raise TypeError(f"state must be a floating-point tensor, got {state.dtype}")
     dt_limit = _check_dt_limit(dt_limit)
+    if isinstance(pad_slot_id, bool) or not isinstance(pad_slot_id, int):
+        raise TypeError(f"pad_slot_id must be an int, got {type(pad_slot_id).__name__}")
+    # With state_batch_indices the state is a pool of s slots and x binds the batch b.
+    dims = Dims()
     if state.dim() == 3:
-        state4, x4, dt4, A4, B3, C3, D2, z4, bias2 = _mamba1_views(state, x, dt, A, B, C, D, z, dt_bias)
+        views = _mamba1_views(dims, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices is not None)
     elif state.dim() == 4:
-        state4, x4, dt4, A4, B3, C3, D2, z4, bias2 = _mamba2_views(state, x, dt, A, B, C, D, z, dt_bias)
+        views = _mamba2_views(dims, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices is not None)
     else:
         raise ValueError(
             f"state must have shape (b, d, n) (Mamba-1) or (b, h, p, n) (Mamba-2), got {tuple(state.shape)}"
         )
-    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-    args = (state4, x4, dt4, A4, B3, C3, D2, z4, bias2, dt_softplus, dt_limit)
+    if state_batch_indices is not None:
+        check_tensor("state_batch_indices", state_batch_indices, ("b",), dims, floating=False, integer=True)
+    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                      state_batch_indices=state_batch_indices)
+    args = (*views, dt_softplus, dt_limit)
     has_fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in args)
     backend = resolve_backend("reference" if backend == "auto" and has_fp64 else backend, state.device,
                               has_triton=True)
+    if state_batch_indices is not None and not _capturing(state):
+        _check_slots(state_batch_indices, state.shape[0], pad_slot_id)
     if backend == "triton":
         if has_fp64:
             raise ValueError("backend='triton' computes in float32: use backend='reference' for float64 "
                              "states or inputs ('auto' does)")
         from ssmkit.ops.state_update.triton import selective_state_update_triton
 
-        y = selective_state_update_triton(*args)
+        y = selective_state_update_triton(*args, state_batch_indices, pad_slot_id)
+    elif state_batch_indices is not None:
+        y = _step_slots(args, state_batch_indices, pad_slot_id)
     else:
         y = selective_state_update_reference(*args)
     return y.view(x.shape)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_slots(indices: torch.Tensor, slots: int, pad_slot_id: int) -> None:
+    """Every index that is not padding names an existing slot (one host sync)."""
+    live = indices[(indices >= 0) & (indices != pad_slot_id)]
+    if live.numel() and int(live.max()) >= slots:
+        raise ValueError(f"state_batch_indices must be < the {slots} state slots (or padding), "
+                         f"got {int(live.max())}")
+
+
+def _step_slots(args: tuple, indices: torch.Tensor, pad_slot_id: int) -> torch.Tensor:
+    """The torch step on the slots the rows name: gathered, stepped, written back; padding rows give 0."""
+    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit = args
+    live = ((indices >= 0) & (indices != pad_slot_id)).nonzero().squeeze(1)
+    slots = indices[live].long()
+    y = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    if live.numel() == 0:
+        return y
+    sub = state.index_select(0, slots)
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, live)
+
+    y[live] = selective_state_update_reference(
+        sub, rows(x), rows(dt), A, rows(B), rows(C), D, rows(z), dt_bias, dt_softplus, dt_limit
+    )
+    state.index_copy_(0, slots, sub)
+    return y
 
 
 def _check_bc(dims: Dims, B: object, C: object, heads: str) -> None:
@@ -131,12 +189,11 @@ def _groups(t: torch.Tensor) -> torch.Tensor:
     return t[:, None] if t.dim() == 2 else t
 
 
-def _mamba1_views(state, x, dt, A, B, C, D, z, dt_bias):
+def _mamba1_views(dims, state, x, dt, A, B, C, D, z, dt_bias, pooled):
     """Mamba-1 shapes as the (b, h=d, p=1, n) form."""
-    dims = Dims()
-    check_tensor("state", state, ("b", "d", "n"), dims)
-    check_nonempty("state", dims["b"], "batch")
+    check_tensor("state", state, ("s" if pooled else "b", "d", "n"), dims)
     check_tensor("x", x, ("b", "d"), dims)
+    check_nonempty("x", dims["b"], "batch")
     check_tensor("dt", dt, ("b", "d"), dims)
     check_tensor("A", A, ("d", "n"), dims)
     _check_bc(dims, B, C, "d")
@@ -153,12 +210,11 @@ def _mamba1_views(state, x, dt, A, B, C, D, z, dt_bias):
     )
 
 
-def _mamba2_views(state, x, dt, A, B, C, D, z, dt_bias):
+def _mamba2_views(dims, state, x, dt, A, B, C, D, z, dt_bias, pooled):
     """Mamba-2 shapes, compact per-head forms broadcast over p (and n) by views."""
-    dims = Dims()
-    check_tensor("state", state, ("b", "h", "p", "n"), dims)
-    check_nonempty("state", dims["b"], "batch")
+    check_tensor("state", state, ("s" if pooled else "b", "h", "p", "n"), dims)
     check_tensor("x", x, ("b", "h", "p"), dims)
+    check_nonempty("x", dims["b"], "batch")
     compact = {}
     for name, t, full, short in (
         ("dt", dt, ("b", "h", "p"), ("b", "h")),

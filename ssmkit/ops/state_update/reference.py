@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 # The (0, inf) limit means "no clamp", as in mamba_ssm.
 NO_LIMIT = (0.0, float("inf"))
+# The index that marks a padding row of a continuous batch (vLLM's PAD_SLOT_ID); any negative index does too.
+PAD_SLOT_ID = -1
 
 
 def selective_state_update_reference(

@@ -32,8 +32,8 @@ def _log1p(u):
 
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
-    p, n, heads_per_group, dt_lo, dt_hi,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, slot_ptr,
+    p, n, heads_per_group, dt_lo, dt_hi, n_slots, pad_slot_id,
     s_b, s_h, s_p, s_n,
     x_b, x_h, x_p,
     dt_b, dt_h, dt_p,
@@ -45,7 +45,7 @@ def _state_update_kernel(
     bias_h, bias_p,
     y_b, y_h, y_p,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    CLAMP: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -57,6 +57,15 @@ def _state_update_kernel(
     mask_p = offs_p < p
     mask_n = offs_n < n
     mask = mask_p[:, None] & mask_n[None, :]
+    slot = row
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        # Padding rows (and, under CUDA-graph capture where the host cannot check, out-of-range
+        # slots) give y = 0 and leave the pool alone.
+        if (slot < 0) | (slot == pad_slot_id) | (slot >= n_slots):
+            tl.store(y_ptr + row * y_b + head * y_h + offs_p * y_p, tl.zeros([BLOCK_P], dtype=ct).to(
+                y_ptr.dtype.element_ty), mask=mask_p)
+            return
 
     x = tl.load(x_ptr + row * x_b + head * x_h + offs_p * x_p, mask=mask_p, other=0.0).to(ct)
     dt = tl.load(dt_ptr + row * dt_b + head * dt_h + offs_p * dt_p, mask=mask_p, other=0.0).to(ct)
@@ -70,7 +79,7 @@ def _state_update_kernel(
     B = tl.load(B_ptr + row * B_b + group * B_g + offs_n * B_n, mask=mask_n, other=0.0).to(ct)
     C = tl.load(C_ptr + row * C_b + group * C_g + offs_n * C_n, mask=mask_n, other=0.0).to(ct)
 
-    state_ptrs = state_ptr + row * s_b + head * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
+    state_ptrs = state_ptr + slot * s_b + head * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
     state = tl.load(state_ptrs, mask=mask, other=0.0).to(ct)
     state = state * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
     tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
@@ -100,13 +109,17 @@ def selective_state_update_triton(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     dt_limit: tuple[float, float],
+    state_batch_indices: torch.Tensor | None = None,
+    pad_slot_id: int = -1,
 ) -> torch.Tensor:
     """Same arguments and result as ``selective_state_update_reference`` (the full (b, h, p, n) form).
 
-    ``state`` (float32) is updated in place; y (b, h, p) comes back in x's dtype. The step is computed
-    in float32 (float64 inputs are refused by the dispatcher: the torch step handles them).
+    ``state`` (any floating dtype but float64) is updated in place; y (b, h, p) comes back in x's
+    dtype. The step is computed in float32 (float64 inputs are refused by the dispatcher: the torch
+    step handles them). With ``state_batch_indices`` (b,) the state is a pool (s, h, p, n) of slots.
     """
-    b, h, p, n = state.shape
+    _, h, p, n = state.shape
+    b = x.shape[0]
     g = B.shape[1]
     if p == 1 and h > g:
         # Mamba-1: the channels of a group become one head of p = h / g channels (views only).
@@ -117,7 +130,7 @@ def selective_state_update_triton(
         D = None if D is None else D.squeeze(1).unflatten(0, (g, hg))
         z = None if z is None else z.squeeze(2).unflatten(1, (g, hg))
         dt_bias = None if dt_bias is None else dt_bias.squeeze(1).unflatten(0, (g, hg))
-        b, h, p, n = state.shape
+        _, h, p, n = state.shape
     dt = dt.expand(b, h, p)
     A = A.expand(h, p, n)
     D = None if D is None else D.expand(h, p)
@@ -132,11 +145,12 @@ def selective_state_update_triton(
     _state_update_kernel[grid](
         # Absent inputs pass x as a placeholder pointer (never read: HAS_* is False).
         state, x, dt, A, B, C, x if D is None else D, x if z is None else z, x if dt_bias is None else dt_bias, y,
-        p, n, h // g, lo, hi if hi != float("inf") else 3.0e38,
+        x if state_batch_indices is None else state_batch_indices,
+        p, n, h // g, lo, hi if hi != float("inf") else 3.0e38, state.shape[0], pad_slot_id,
         *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 2), *_strides(z, 3), *_strides(dt_bias, 2), *y.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        CLAMP=clamp, BLOCK_P=block_p, BLOCK_N=block_n,
+        CLAMP=clamp, HAS_SLOTS=state_batch_indices is not None, BLOCK_P=block_p, BLOCK_N=block_n,
         num_warps=4 if block_p * block_n >= 2048 else 2,
     )
     return y

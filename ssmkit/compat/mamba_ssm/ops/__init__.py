@@ -1,0 +1,1 @@
+"""``mamba_ssm.ops`` on ssmkit's kernels."""

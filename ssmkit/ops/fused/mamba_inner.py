@@ -1,0 +1,118 @@
+"""``mamba_inner_fn``: Mamba-1's whole mixer after the input projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssmkit.ops._checks import Dims, check_tensor
+from ssmkit.ops.fused._recompute import conv_recomputed
+from ssmkit.ops.norm import rms_norm_fn
+from ssmkit.ops.selective_scan import selective_scan_fn
+
+
+def mamba_inner_fn(
+    xz: torch.Tensor,
+    conv1d_weight: torch.Tensor,
+    conv1d_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    delta_proj_weight: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor | None = None,
+    C: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    B_proj_bias: torch.Tensor | None = None,
+    C_proj_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    checkpoint_lvl: int = 1,
+    b_rms_weight: torch.Tensor | None = None,
+    c_rms_weight: torch.Tensor | None = None,
+    dt_rms_weight: torch.Tensor | None = None,
+    b_c_dt_rms_eps: float = 1e-6,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Convolve, project, scan, gate and project out, as mamba_ssm's function of this name.
+
+    With ``x, z = xz.chunk(2, dim=1)`` (R = delta rank, N = state size)::
+
+        x  = silu(causal_conv1d(x, conv1d_weight, conv1d_bias))
+        [dt (R), B (N), C (N)] = x_proj(x)                  (B, C only when not given; + B/C_proj_bias)
+        Δ  = delta_proj_weight @ dt                          (then RMSNorm by dt_rms_weight, if given)
+        B, C ← RMSNorm by b_rms_weight / c_rms_weight (eps b_c_dt_rms_eps), if given
+        y  = selective_scan(x, Δ, A, B, C, D, z, delta_bias, delta_softplus)   (gated by silu(z))
+        out = y @ out_proj_weightᵀ + out_proj_bias
+
+    Args:
+        xz: (b, 2d, l). conv1d_weight: (d, 1, w) (an nn.Conv1d's weight) or (d, w); conv1d_bias: (d,).
+        x_proj_weight: (R + 2N, d); delta_proj_weight: (d, R); out_proj_weight: (out, d);
+        out_proj_bias: (out,) or None. A: (d, N) real.
+        B, C: None (input-dependent, from x_proj) or a (b, N, l) / (b, g, N, l) tensor used as is.
+        D, delta_bias: (d,). B_proj_bias, C_proj_bias: (N,). b_rms_weight, c_rms_weight: (N,);
+        dt_rms_weight: (d,).
+        checkpoint_lvl: 0 keeps the convolution's pre-activation for the backward; 1 (default)
+            recomputes it there, as mamba_ssm recomputes its convolution output.
+        backend: passed to every op ("reference": the float64-exact definition of each step).
+
+    Returns:
+        out (b, l, out) in the projections' dtype. Differentiable in every tensor argument.
+
+    Differences from mamba_ssm: complex A and time-invariant (d, N) B/C are refused (ssmkit's
+    selective scan is real and input-dependent); under autocast the projections follow autocast's
+    rules (mamba_ssm casts them to the autocast GPU dtype by hand); at checkpoint_lvl 1 mamba_ssm also
+    recomputes Δ, here the scan keeps it.
+    """
+    if not isinstance(xz, torch.Tensor) or xz.dim() != 3 or xz.shape[1] % 2:
+        shape = tuple(xz.shape) if isinstance(xz, torch.Tensor) else type(xz).__name__
+        raise ValueError(f"xz must have shape (b, 2d, l), got {shape}")
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise TypeError("mamba_inner_fn: complex A is not supported (ssmkit's selective scan is real)")
+    dims = Dims(d=xz.shape[1] // 2)
+    weight = conv1d_weight.squeeze(1) if isinstance(conv1d_weight, torch.Tensor) and conv1d_weight.dim() == 3 \
+        else conv1d_weight
+    check_tensor("conv1d_weight", weight, ("d", "w"), dims)
+    check_tensor("A", A, ("d", "n"), dims)
+    check_tensor("delta_proj_weight", delta_proj_weight, ("d", "r"), dims)
+    dims["r+2n"] = dims["r"] + 2 * dims["n"] if B is None and C is None else x_proj_weight.shape[0]
+    check_tensor("x_proj_weight", x_proj_weight, ("r+2n", "d"), dims)
+    check_tensor("out_proj_weight", out_proj_weight, ("out", "d"), dims)
+    for name, t, shape in (("conv1d_bias", conv1d_bias, ("d",)), ("out_proj_bias", out_proj_bias, ("out",)),
+                           ("D", D, ("d",)), ("delta_bias", delta_bias, ("d",)),
+                           ("B_proj_bias", B_proj_bias, ("n",)), ("C_proj_bias", C_proj_bias, ("n",)),
+                           ("b_rms_weight", b_rms_weight, ("n",)), ("c_rms_weight", c_rms_weight, ("n",)),
+                           ("dt_rms_weight", dt_rms_weight, ("d",))):
+        if t is not None:
+            check_tensor(name, t, shape, dims)
+    for name, t in (("B", B), ("C", C)):
+        if t is not None and t.dim() == 2:
+            raise ValueError(f"{name} of shape (d, n) (time-invariant) is not supported; pass None "
+                             "(input-dependent, from x_proj) or a (b, n, l) tensor")
+
+    rank, n = dims["r"], dims["n"]
+    x, z = xz.chunk(2, dim=1)
+    x = conv_recomputed(x, weight, conv1d_bias, None, "silu", backend, recompute=checkpoint_lvl == 1)
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (b, l, R + 2N)
+    delta = x_dbl[..., :rank] @ delta_proj_weight.transpose(0, 1).to(x_dbl.dtype)  # (b, l, d)
+    if dt_rms_weight is not None:
+        delta = rms_norm_fn(delta, dt_rms_weight, eps=b_c_dt_rms_eps, backend=backend)
+    if B is None:
+        B = x_dbl[..., rank : rank + n]
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)
+        if b_rms_weight is not None:
+            B = rms_norm_fn(B, b_rms_weight, eps=b_c_dt_rms_eps, backend=backend)
+        B = B.transpose(1, 2)
+    if C is None:
+        C = x_dbl[..., x_dbl.shape[-1] - n :]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)
+        if c_rms_weight is not None:
+            C = rms_norm_fn(C, c_rms_weight, eps=b_c_dt_rms_eps, backend=backend)
+        C = C.transpose(1, 2)
+    y = selective_scan_fn(x, delta.transpose(1, 2), A, B, C, D, z, delta_bias, delta_softplus, backend=backend)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
