@@ -27,7 +27,6 @@ from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
 
-
 DecayActivation = Literal["softplus", "heavy_tail"]
 DECAY_ACTIVATIONS: tuple[str, ...] = get_args(DecayActivation)
 

@@ -1,5 +1,6 @@
 """``mamba3_scan(backend="triton")`` (single-input Mamba-3 through the SSD op's Triton kernels) in Triton's CPU
-interpreter against the float64 recurrence: outputs, the final state and every gradient.
+interpreter against the float64 recurrence: outputs, the final state and every gradient; and the fused B̃/C̃
+kernel (``triton_rotary.py``) alone against its PyTorch form.
 
 The interpreter has to be switched on before triton is imported, so the cases run in a subprocess (this
 file as a script). The GPU version is tests/gpu/test_mamba3.py.
@@ -48,9 +49,49 @@ def check_case(l, g, a, interleaved, dtype, packed) -> None:
     tol = getattr(torch, dtype)
     assert out.dtype == inp["x"].dtype
     assert_close(out, want, tol, name="out")
-    assert_state_close(final, want_final, torch.float32)
+    # bf16 inputs: the SSD kernels' operands x̃, B̃, C̃ are bf16 (as on the GPU), so the state is bf16-accurate.
+    assert_state_close(final, want_final, tol)
     for name, grad in grads.items():
         assert_close(grad, want_grads[name], tol, name=f"grad {name}")
+
+
+# name -> (b, l, g, h, n, a, interleaved, dtype, with the cb gradient): odd lengths, n/2 not a power of two.
+ROTARY_CASES = {
+    "rotary_interleaved_fp32": (2, 37, 1, 4, 8, 2, True, "float32", True),
+    "rotary_halves_groups_bf16": (2, 21, 2, 4, 16, 4, False, "bfloat16", True),
+    "rotary_n12_no_dcb": (1, 5, 1, 2, 12, 3, True, "float32", False),
+}
+
+
+def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb) -> None:
+    from ssmkit.ops.mamba3.reference import rotate
+    from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
+
+    dt = getattr(torch, dtype)
+    inputs = [torch.randn(b, l, g, n).to(dt), torch.randn(b, l, g, n).to(dt), torch.randn(h, n), torch.randn(h, n),
+              torch.rand(b, l, h, a) * 6.3]
+    got_in = [t.clone().requires_grad_() for t in inputs]
+    want_in = [t.double().requires_grad_() for t in inputs]
+    Bt, Ct, cb = rotate_bc_triton(*got_in, interleaved, dt)
+    assert Bt.dtype == Ct.dtype == dt and cb.dtype == torch.float32
+
+    def reference(B, C, B_bias, C_bias, theta):
+        Bt, Ct = (rotate(v.repeat_interleave(h // g, dim=2) + bias, theta, interleaved)
+                  for v, bias in ((B, B_bias), (C, C_bias)))
+        return Bt, Ct, (Bt * Ct).sum(-1)
+
+    want = reference(*want_in)
+    for name, t, w in zip(("Bt", "Ct", "cb"), (Bt, Ct, cb), want):
+        assert_close(t, w, dt, name=name)
+    cots = [torch.randn(w.shape, dtype=torch.float64) for w in want]
+    if not with_dcb:
+        cots[2] = torch.zeros_like(cots[2])
+    used = (Bt, Ct, cb) if with_dcb else (Bt, Ct)
+    sum((t.double() * c).sum() for t, c in zip(used, cots)).backward()
+    sum((w * c).sum() for w, c in zip(want, cots)).backward()
+    for name, t, w in zip(("B", "C", "B_bias", "C_bias", "theta"), got_in, want_in):
+        assert t.grad.dtype == t.dtype
+        assert_close(t.grad, w.grad, dt, name=f"grad {name}")
 
 
 def test_triton_route_matches_reference_in_interpreter():
@@ -58,4 +99,5 @@ def test_triton_route_matches_reference_in_interpreter():
 
 
 if __name__ == "__main__":
-    report_checks({name: (check_case, case) for name, case in CASES.items()})
+    report_checks({name: (check_case, case) for name, case in CASES.items()}
+                  | {name: (check_rotary, case) for name, case in ROTARY_CASES.items()})

@@ -62,12 +62,13 @@ class Mamba3ScanState(NamedTuple):
 class Prepared(NamedTuple):
     """Per-token quantities of the recurrence, in the compute dtype (float32 or float64).
 
-    Bh, Ch: (b, l, r, h, n) biased, not yet rotated; xr: (b, l, r, h, p) = x̃; log_a: (b, l, h) = Δ·A;
+    Bh, Ch: (b, l, r, h, n) biased, not yet rotated (None when not asked for); xr: (b, l, r, h, p) = x̃;
+    log_a: (b, l, h) = Δ·A;
     gamma: (b, l, h) = λΔ; delta: (b, l, h) = (1 - λ)Δ (so β = α·delta); dtheta: (b, l, h, a) = Δ·π·tanh.
     """
 
-    Bh: torch.Tensor
-    Ch: torch.Tensor
+    Bh: torch.Tensor | None
+    Ch: torch.Tensor | None
     xr: torch.Tensor
     log_a: torch.Tensor
     gamma: torch.Tensor
@@ -87,8 +88,10 @@ def prepare(
     C_bias: torch.Tensor | None,
     mimo_x: torch.Tensor | None,
     dtype: torch.dtype,
+    with_BC: bool = True,
 ) -> Prepared:
-    """Everything the recurrence needs per token (shapes in :class:`Prepared`)."""
+    """Everything the recurrence needs per token (shapes in :class:`Prepared`); the per-head B and C only
+    ``with_BC`` (a caller that builds them itself saves two (b, l, r, h, n) tensors)."""
     h = x.shape[2]
     dt, lam = dt.to(dtype), torch.sigmoid(trap.to(dtype))
 
@@ -103,8 +106,8 @@ def prepare(
     else:
         xr = xr.expand(-1, -1, B.shape[2], -1, -1)
     return Prepared(
-        Bh=per_head(B, B_bias),
-        Ch=per_head(C, C_bias),
+        Bh=per_head(B, B_bias) if with_BC else None,
+        Ch=per_head(C, C_bias) if with_BC else None,
         xr=xr,
         log_a=dt * A.to(dtype),
         gamma=lam * dt,
