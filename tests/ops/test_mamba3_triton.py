@@ -20,15 +20,20 @@ if __name__ == "__main__":  # run as a script (in the interpreter's subprocess):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.ops.test_mamba3 import assert_state_close, f64, make_inputs, packed_ids
 
-# name -> (l, g, a, interleaved, dtype, packed): tiny, the interpreter is slow.
+# name -> (l, g, a, interleaved, dtype, packed, mimo): tiny, the interpreter is slow. Without MIMO projections
+# the route's output is the fused kernel of triton_output.py, with them PyTorch.
 CASES = {
-    "interleaved_packed_fp32": (37, 1, 2, True, "float32", True),
-    "halves_groups_bf16": (21, 2, 4, False, "bfloat16", False),
+    "interleaved_packed_fp32": (37, 1, 2, True, "float32", True, False),
+    "halves_groups_bf16_mimo": (21, 2, 4, False, "bfloat16", False, True),
+    "interleaved_bf16": (19, 1, 2, True, "bfloat16", True, False),
 }
 
 
-def check_case(l, g, a, interleaved, dtype, packed) -> None:
+def check_case(l, g, a, interleaved, dtype, packed, mimo) -> None:
     inp = make_inputs(b=2, l=l, h=4, r=1, g=g, a=a, dtype=getattr(torch, dtype), initial=True)
+    if not mimo:
+        for k in ("mimo_x", "mimo_z", "mimo_o"):
+            inp.pop(k)
     kw = {"rotary_interleaved": interleaved, "seq_idx": packed_ids(2, l) if packed else None,
           "return_final_state": True, "chunk_size": 16}
 
@@ -94,10 +99,44 @@ def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb) -> None:
         assert_close(t.grad, w.grad, dt, name=f"grad {name}")
 
 
+# name -> (b, l, h, p, dtype, with z, with D)
+OUTPUT_CASES = {
+    "output_fp32": (2, 19, 3, 5, "float32", True, True),
+    "output_bf16_no_z": (1, 33, 2, 16, "bfloat16", False, True),
+    "output_no_D": (2, 7, 2, 8, "float32", True, False),
+}
+
+
+def check_output(b, l, h, p, dtype, with_z, with_D) -> None:
+    import torch.nn.functional as F
+
+    from ssmkit.ops.mamba3.triton_output import output_triton
+
+    dt = getattr(torch, dtype)
+    inputs = [torch.randn(b, l, h, p).to(dt), torch.randn(b, l, h, p).to(dt),
+              torch.randn(b, l, h, p).to(dt) if with_z else None, torch.randn(b, l, h),
+              torch.randn(h) if with_D else None]
+    got_in = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    want_in = [None if t is None else t.double().requires_grad_() for t in inputs]
+    out = output_triton(*got_in)
+    y, x, z, k, D = want_in
+    v = y - k[..., None] * x + (0 if D is None else D[:, None] * x)
+    want = v * F.silu(z) if z is not None else v
+    assert out.dtype == dt
+    assert_close(out, want, dt, name="out")
+    cot = torch.randn(want.shape, dtype=torch.float64)
+    (out.double() * cot).sum().backward()
+    (want * cot).sum().backward()
+    for name, t, w in zip(("y", "x", "z", "k", "D"), got_in, want_in):
+        if t is not None:
+            assert_close(t.grad, w.grad, dt, name=f"grad {name}")
+
+
 def test_triton_route_matches_reference_in_interpreter():
     run_checks_in_interpreter(__file__, "all")
 
 
 if __name__ == "__main__":
     report_checks({name: (check_case, case) for name, case in CASES.items()}
-                  | {name: (check_rotary, case) for name, case in ROTARY_CASES.items()})
+                  | {name: (check_rotary, case) for name, case in ROTARY_CASES.items()}
+                  | {name: (check_output, case) for name, case in OUTPUT_CASES.items()})

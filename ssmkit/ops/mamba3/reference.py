@@ -89,9 +89,11 @@ def prepare(
     mimo_x: torch.Tensor | None,
     dtype: torch.dtype,
     with_BC: bool = True,
+    x_as_is: bool = False,
 ) -> Prepared:
     """Everything the recurrence needs per token (shapes in :class:`Prepared`); the per-head B and C only
-    ``with_BC`` (a caller that builds them itself saves two (b, l, r, h, n) tensors)."""
+    ``with_BC`` (a caller that builds them itself saves two (b, l, r, h, n) tensors); with ``x_as_is`` and no
+    ``mimo_x``, xr is a view of x in its own dtype (no float32 copy)."""
     h = x.shape[2]
     dt, lam = dt.to(dtype), torch.sigmoid(trap.to(dtype))
 
@@ -100,7 +102,7 @@ def prepare(
         v = v.to(dtype).repeat_interleave(h // v.shape[3], dim=3)
         return v if bias is None else v + bias.to(dtype).transpose(0, 1)
 
-    xr = x.to(dtype)[:, :, None]
+    xr = (x if x_as_is and mimo_x is None else x.to(dtype))[:, :, None]
     if mimo_x is not None:
         xr = xr * mimo_x.to(dtype).transpose(0, 1)
     else:

@@ -17,7 +17,8 @@ bf16/fp16 x the SSD op's matmul operands x̃, B̃, C̃ are rounded to x's dtype,
 kernels run bf16 tensor-core dots with float32 accumulation (float32 operands would take the much slower
 IEEE float32 dots). The diagonal correction uses the same rounded operands, so it cancels the kernels'
 own diagonal term. With the SSD op's Triton kernels the biases, rotations, rounding and C̃·B̃ of B and C are
-one fused kernel each way (``triton_rotary.py``), not a dozen PyTorch passes over (b, l, h, n) tensors.
+one fused kernel each way (``triton_rotary.py``), not a dozen PyTorch passes over (b, l, h, n) tensors, and
+without MIMO projections the diagonal correction, skip and gate are one more (``triton_output.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.ops.ssd.reference import compute_dtype
 
-# B̃, C̃ by the fused Triton kernel when the SSD op runs its Triton kernels in float32 (bf16 operands included);
-# benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
+# B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
+# operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
 FUSED_BC = True
 
 
@@ -69,7 +70,10 @@ def mamba3_via_ssd(
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     ops = operand_dtype(x.dtype, dtype)
     fused = FUSED_BC and ssd_backend == "triton" and dtype == torch.float32
-    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype, with_BC=not fused)
+    # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
+    fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
+    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype, with_BC=not fused,
+                   x_as_is=fused_out)
     if fused:
         # Imported here: `import ssmkit` must never import triton.
         from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
@@ -95,8 +99,13 @@ def mamba3_via_ssd(
         seq_idx=seq_idx, return_final_states=True, input_scale=prep.gamma + nxt,
         backend="chunked" if dtype == torch.float64 else ssd_backend,
     )
-    y = y.to(dtype) - (nxt * CB)[..., None] * xo.to(dtype)
-    out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
+    if fused_out:
+        from ssmkit.ops.mamba3.triton_output import output_triton
+
+        out = output_triton(y, xo, z, nxt * CB, D)[:, :, None].to(x.dtype)
+    else:
+        y = y.to(dtype) - (nxt * CB)[..., None] * xo.to(dtype)
+        out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
     return out, Mamba3ScanState(theta[:, -1], G, last_B, x[:, -1].to(dtype))
 
 
