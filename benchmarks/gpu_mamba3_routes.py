@@ -5,9 +5,10 @@ bf16 x/z/B/C/trap/angles, float32 dt and A, with D, z and the biases): forward a
 (``triton.testing.do_bench``) of
 
 * ``chunked``: ``ssmkit/ops/mamba3/chunked.py``;
-* ``tri fp32 unfused``: the SSD route as it was (float32 matmul operands, B̃ and C̃ in PyTorch);
-* ``tri bf16 unfused``: bf16 operands, B̃ and C̃ in PyTorch;
-* ``triton``: the SSD route as it is (bf16 operands, B̃ and C̃ by the fused kernel of ``triton_rotary.py``);
+* ``tri fp32 unfused``: the SSD route as it was (float32 matmul operands, B̃, C̃ and the output in PyTorch);
+* ``tri bf16 unfused``: bf16 operands, B̃, C̃ and the output in PyTorch;
+* ``triton``: the SSD route as it is (bf16 operands, B̃ and C̃ by ``triton_rotary.py``, the output by
+  ``triton_output.py``);
 
 then a per-kernel profile (``torch.profiler``, CUDA time summed by kernel name) of one forward+backward of
 the ``triton`` route, so that the SSD kernels and the glue around them (rotation, casts, the diagonal
@@ -31,11 +32,11 @@ from ssmkit.ops.mamba3 import mamba3_scan, via_ssd
 B, H, P, N, A = 8, 24, 64, 128, 32
 
 
-def inputs(length: int) -> dict[str, torch.Tensor]:
-    """Leaves with gradients, dtypes as ssmkit's Mamba3 layer passes them in a bf16 model."""
+def inputs(length: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Leaves with gradients, dtypes as ssmkit's Mamba3 layer passes them in a ``dtype`` model."""
     g = torch.Generator(device="cuda").manual_seed(0)
 
-    def randn(*shape, dtype=torch.bfloat16, scale=1.0):
+    def randn(*shape, dtype=dtype, scale=1.0):
         t = torch.randn(*shape, generator=g, device="cuda") * scale
         return t.to(dtype).requires_grad_()
 
@@ -129,6 +130,16 @@ def main() -> None:
             print(f"{length:>6} {name:>16} {fwd:>8.2f} {both:>8.2f}", flush=True)
         del inp
         torch.cuda.empty_cache()
+    # float32 models: the route's SSD kernels then take float32 operands (IEEE dots), the chunked path
+    # float32 matmuls; which is faster decides backend="auto" for float32 too.
+    inp = inputs(min(args.lengths), torch.float32)
+    for name in ("chunked", "triton"):
+        backend = ROUTES[name][0]
+        fwd = do_bench(runner(inp, backend, False), return_mode="median")
+        both = do_bench(runner(inp, backend, True), return_mode="median")
+        print(f"{min(args.lengths):>6} {name + ' fp32':>16} {fwd:>8.2f} {both:>8.2f}", flush=True)
+    del inp
+    torch.cuda.empty_cache()
     if not args.no_profile:
         profile(max(args.lengths), args.rows)
 

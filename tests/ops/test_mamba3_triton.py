@@ -8,6 +8,7 @@ file as a script). The GPU version is tests/gpu/test_mamba3.py.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -132,6 +133,46 @@ def check_output(b, l, h, p, dtype, with_z, with_D) -> None:
             assert_close(t.grad, w.grad, dt, name=f"grad {name}")
 
 
+# name -> (b, l, h, a, packed, with the initial angles, expanded over heads): l across several blocks of 64.
+ANGLE_CASES = {
+    "angles_packed_init": (2, 150, 3, 5, True, True, False),
+    "angles_expanded_bf16": (1, 70, 4, 2, False, True, True),
+    "angles_plain": (2, 9, 2, 3, False, False, False),
+}
+
+
+def check_angles(b, l, h, a, packed, with_init, expanded) -> None:
+    from ssmkit.ops.mamba3.chunked import rotary_angles
+    from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
+
+    dt = torch.rand(b, l, h) * 0.5 + 0.05
+    angles = (torch.randn(b, l, 1, a) * 2).to(torch.bfloat16).expand(b, l, h, a) if expanded else \
+        torch.randn(b, l, h, a) * 2
+    init = torch.rand(b, h, a) * 6.2 if with_init else None
+    seq_idx = packed_ids(b, l) if packed else None
+    got_in = [t if t is None else t.clone().requires_grad_() for t in (dt, angles, init)]
+    want_in = [t if t is None else t.double().requires_grad_() for t in (dt, angles, init)]
+    theta = rotary_angles_triton(got_in[0], got_in[1], seq_idx, got_in[2])
+    want = rotary_angles(want_in[0][..., None] * math.pi * torch.tanh(want_in[1]), seq_idx, want_in[2])
+    assert theta.dtype == torch.float32 and theta.shape == (b, l, h, a)
+    wrapped = torch.remainder(theta.double() - want + math.pi, 2 * math.pi) - math.pi
+    assert wrapped.abs().max() < 2e-5, f"theta off by {wrapped.abs().max():.1e}"
+    cot = torch.randn(b, l, h, a, dtype=torch.float64)
+    (theta.double() * cot).sum().backward()
+    (want * cot).sum().backward()
+    for name, t, w in zip(("dt", "angles", "init"), got_in, want_in):
+        if t is not None:
+            assert_close(t.grad, w.grad, torch.float32 if name != "angles" or not expanded else torch.bfloat16,
+                         name=f"grad {name}")
+    # A non-finite step makes θ NaN to the end of its document and nowhere else.
+    bad = dt.clone()
+    bad[0, l // 3, 0] = float("nan")
+    theta = rotary_angles_triton(bad, angles, seq_idx, init)
+    want = rotary_angles(bad.double()[..., None] * math.pi * torch.tanh(angles.double()), seq_idx,
+                         None if init is None else init.double())
+    assert torch.equal(torch.isnan(theta), torch.isnan(want))
+
+
 def test_triton_route_matches_reference_in_interpreter():
     run_checks_in_interpreter(__file__, "all")
 
@@ -139,4 +180,5 @@ def test_triton_route_matches_reference_in_interpreter():
 if __name__ == "__main__":
     report_checks({name: (check_case, case) for name, case in CASES.items()}
                   | {name: (check_rotary, case) for name, case in ROTARY_CASES.items()}
-                  | {name: (check_output, case) for name, case in OUTPUT_CASES.items()})
+                  | {name: (check_output, case) for name, case in OUTPUT_CASES.items()}
+                  | {name: (check_angles, case) for name, case in ANGLE_CASES.items()})

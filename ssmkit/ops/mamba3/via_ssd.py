@@ -17,15 +17,16 @@ bf16/fp16 x the SSD op's matmul operands x̃, B̃, C̃ are rounded to x's dtype,
 kernels run bf16 tensor-core dots with float32 accumulation (float32 operands would take the much slower
 IEEE float32 dots). The diagonal correction uses the same rounded operands, so it cancels the kernels'
 own diagonal term. With the SSD op's Triton kernels the biases, rotations, rounding and C̃·B̃ of B and C are
-one fused kernel each way (``triton_rotary.py``), not a dozen PyTorch passes over (b, l, h, n) tensors, and
-without MIMO projections the diagonal correction, skip and gate are one more (``triton_output.py``).
+one fused kernel each way (``triton_rotary.py``), not a dozen PyTorch passes over (b, l, h, n) tensors; so
+are the rotary angles (``triton_angles.py``), and without MIMO projections the diagonal correction, skip and
+gate (``triton_output.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotary_angles, rotated_BC
+from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.ops.ssd.reference import compute_dtype
@@ -69,16 +70,17 @@ def mamba3_via_ssd(
                           *(initial_state or ()))
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     ops = operand_dtype(x.dtype, dtype)
-    fused = FUSED_BC and ssd_backend == "triton" and dtype == torch.float32
+    fused = (FUSED_BC and ssd_backend == "triton" and dtype == torch.float32 and B.shape[-1] % 2 == 0
+             and angles.shape[-1] <= 128)
     # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
     fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
-    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype, with_BC=not fused,
-                   x_as_is=fused_out)
+    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype, fused=fused)
     if fused:
         # Imported here: `import ssmkit` must never import triton.
+        from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
         from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
 
-        theta = rotary_angles(prep.dtheta, seq_idx, None if init is None else init.angle)
+        theta = rotary_angles_triton(dt, angles, seq_idx, None if init is None else init.angle)
         Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v[:, 0] for v in (B_bias, C_bias))
         Bo, Co, CB = rotate_bc_triton(B[:, :, 0], C[:, :, 0], Bb, Cb, theta, rotary_interleaved, ops)
         # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
