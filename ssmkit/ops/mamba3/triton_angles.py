@@ -84,7 +84,7 @@ def _angles_bwd(
     cmask = cols < A
     carry = tl.zeros([BA], dtype=tl.float64)
     nblk = tl.cdiv(L, BL)
-    for j in range(0, nblk):
+    for j in range(nblk):
         # Rows in descending position order, so that a forward scan is the sum over the rest of the document.
         t = (nblk - 1 - j) * BL + BL - 1 - tl.arange(0, BL)
         tm = t < L
