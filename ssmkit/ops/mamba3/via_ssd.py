@@ -93,7 +93,7 @@ def mamba3_via_ssd(
         Bo, Co = Bt.to(ops), Ct.to(ops)
         CB = (Co.to(dtype) * Bo.to(dtype)).sum(-1)  # (b, l, h): C̃_t·B̃_t as the kernels see it
     xr = prep.xr[:, :, 0]  # (b, l, h, p)
-    xo = xr.to(ops)
+    xo = xr.to(ops).contiguous()  # once: the SSD op and the output kernel both read it contiguous
     nxt = next_share(prep, seq_idx)
     G0 = None if init is None else initial_G(init, prep, mimo_x)
     y, G = mamba_chunk_scan_combined(
