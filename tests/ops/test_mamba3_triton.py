@@ -135,7 +135,7 @@ def check_output(b, l, h, p, dtype, with_z, with_D) -> None:
 
 # name -> (b, l, h, a, packed, with the initial angles, expanded over heads): l across several blocks of 64.
 ANGLE_CASES = {
-    "angles_packed_init": (2, 150, 3, 5, True, True, False),
+    "angles_packed_init": (2, 300, 3, 21, True, True, False),
     "angles_expanded_bf16": (1, 70, 4, 2, False, True, True),
     "angles_plain": (2, 9, 2, 3, False, False, False),
 }

@@ -2,7 +2,7 @@
 
 ``chunked.rotary_angles`` builds θ in PyTorch from a float64 cumulative sum over (b, l, h, a) tensors, with
 a count of non-finite steps to keep a NaN inside its document: about ten passes forward and as many back.
-Here one program per (batch row, head) walks the sequence in blocks of ``_BLOCK`` positions, sums each
+Here one program per (batch row, head, block of angles) walks the sequence in blocks of ``_BLOCK`` positions, sums each
 block with a segmented scan (restarting where a document starts) in float64 and carries θ between blocks
 reduced modulo 2π in float64, so the rounding does not grow with the length. A NaN or inf step makes θ NaN
 to the end of its document, as in the recurrence, by plain float arithmetic: the segmented scan drops what
@@ -11,7 +11,7 @@ sum of dθ over the rest of its document), and gives dΔ, d angles and the initi
 
 Layouts: dt (b, l, h) float32 contiguous; angles (b, l, h, a) any strides (the layer passes one set per
 token expanded over the heads, stride 0); starts (b, l) int32, 1 where a document starts (position 0
-excluded); init (b, h, a) float32; theta (b, l, h, a) float32. a <= 128 (one column block).
+excluded); init (b, h, a) float32; theta (b, l, h, a) float32.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import triton.language as tl
 
 from ssmkit.ops.ssd.reference import doc_starts
 
-_BLOCK = 64  # positions per step of the walk
+_BLOCK = 128  # positions per step of the walk
+_COLS = 16  # angles per program (more programs than batch x heads alone: the walk is sequential)
 _TWO_PI = 2 * math.pi
 
 
@@ -47,7 +48,7 @@ def _angles_fwd(
 ):
     bh = tl.program_id(0).to(tl.int64)
     b, hh = bh // H, bh % H
-    cols = tl.arange(0, BA)
+    cols = tl.program_id(1) * BA + tl.arange(0, BA)
     cmask = cols < A
     carry = tl.zeros([BA], dtype=tl.float64)
     if HAS_INIT:
@@ -80,7 +81,8 @@ def _angles_bwd(
 ):
     bh = tl.program_id(0).to(tl.int64)
     b, hh = bh // H, bh % H
-    cols = tl.arange(0, BA)
+    cb = tl.program_id(1)
+    cols = cb * BA + tl.arange(0, BA)
     cmask = cols < A
     carry = tl.zeros([BA], dtype=tl.float64)
     nblk = tl.cdiv(L, BL)
@@ -103,7 +105,9 @@ def _angles_bwd(
         ang = tl.load(ang_ptr + b * s_b + t[:, None] * s_l + hh * s_h + cols[None, :] * s_a, mask=mask, other=0.0)
         th = _tanh(ang.to(tl.float32))
         dinc = tot.to(tl.float32) * 3.141592653589793
-        tl.store(ddt_ptr + (b * L + t) * H + hh, tl.sum(tl.where(mask, dinc * th, 0.0), 1), mask=tm)
+        # This program's angles' share of dΔ (the caller sums the column blocks).
+        tl.store(ddt_ptr + ((b * L + t) * H + hh) * tl.num_programs(1) + cb, tl.sum(tl.where(mask, dinc * th, 0.0), 1),
+                 mask=tm)
         tl.store(dang_ptr + ((b * L + t[:, None]) * H + hh) * A + cols[None, :], dinc * d[:, None] * (1 - th * th),
                  mask=mask)
         carry = tl.sum(tl.where((tl.arange(0, BL) == BL - 1)[:, None], tot, 0.0), 0)
@@ -116,9 +120,10 @@ class _Angles(torch.autograd.Function):
         b, l, h, a = angles.shape
         theta = torch.empty(b, l, h, a, device=dt.device, dtype=torch.float32)
         dummy = dt
-        _angles_fwd[(b * h,)](
+        BA = min(_COLS, triton.next_power_of_2(a))
+        _angles_fwd[(b * h, triton.cdiv(a, BA))](
             dt, angles, dummy if starts is None else starts, dummy if init is None else init, theta,
-            l, h, a, *angles.stride(), BA=triton.next_power_of_2(a), BL=_BLOCK, HAS_DOC=starts is not None,
+            l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None,
             HAS_INIT=init is not None, num_warps=4,
         )
         ctx.save_for_backward(dt, angles, starts)
@@ -129,15 +134,16 @@ class _Angles(torch.autograd.Function):
     def backward(ctx, dtheta):
         dt, angles, starts = ctx.saved_tensors
         b, l, h, a = angles.shape
-        ddt = torch.empty_like(dt)
+        BA = min(_COLS, triton.next_power_of_2(a))
+        ncb = triton.cdiv(a, BA)
+        ddt = torch.empty(b, l, h, ncb, device=dt.device, dtype=torch.float32)
         dang = torch.empty(b, l, h, a, device=dt.device, dtype=torch.float32)
         dinit = torch.empty(b, h, a, device=dt.device, dtype=torch.float32)
-        _angles_bwd[(b * h,)](
+        _angles_bwd[(b * h, ncb)](
             dt, angles, dt if starts is None else starts, dtheta.contiguous(), ddt, dang, dinit,
-            l, h, a, *angles.stride(), BA=triton.next_power_of_2(a), BL=_BLOCK, HAS_DOC=starts is not None,
-            num_warps=4,
+            l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None, num_warps=4,
         )
-        return ddt, dang.to(angles.dtype), None, dinit if ctx.has_init else None
+        return ddt.sum(-1), dang.to(angles.dtype), None, dinit if ctx.has_init else None
 
 
 def rotary_angles_triton(
@@ -149,8 +155,5 @@ def rotary_angles_triton(
     """θ (b, l, h, a) float32 from dt (b, l, h) and angle logits (b, l, h, a): the running sum of
     Δ π tanh(angles) within each document (from ``initial`` (b, h, a) in the first), modulo 2π, as
     ``chunked.rotary_angles`` of ``prepare``'s dtheta. Gradients reach dt, angles and ``initial``."""
-    a = angles.shape[-1]
-    if a > 128:
-        raise ValueError(f"rotary_angles_triton: at most 128 angles per head, got {a}")
     starts = None if seq_idx is None else doc_starts(seq_idx).to(torch.int32).contiguous()
     return _Angles.apply(dt.float().contiguous(), angles, starts, None if initial is None else initial.float().contiguous())

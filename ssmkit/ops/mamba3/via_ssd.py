@@ -70,8 +70,7 @@ def mamba3_via_ssd(
                           *(initial_state or ()))
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     ops = operand_dtype(x.dtype, dtype)
-    fused = (FUSED_BC and ssd_backend == "triton" and dtype == torch.float32 and B.shape[-1] % 2 == 0
-             and angles.shape[-1] <= 128)
+    fused = FUSED_BC and ssd_backend == "triton" and dtype == torch.float32 and B.shape[-1] % 2 == 0
     # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
     fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
     prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype, fused=fused)
