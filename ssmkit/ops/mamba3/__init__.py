@@ -78,9 +78,10 @@ def mamba3_scan(
         return_final_state: also return the state after the last position.
         chunk_size: positive int, chunk length of the chunked backend (any l works).
         backend: ``"auto"`` (chunked), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1: the scan
-            rewritten for the Mamba-2 SSD op and run by its Triton kernels, ``via_ssd.py``; CUDA, or
-            Triton's interpreter; float64 inputs take the SSD op's chunked form. Not yet the automatic
-            choice: its GPU speed is unmeasured).
+            rewritten for the Mamba-2 SSD op and run by its Triton kernels, with B̃/C̃, the angles and the
+            output in fused kernels of their own, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
+            inputs take the SSD op's chunked form. bf16/fp16 x gives the SSD kernels bf16/fp16 operands
+            with float32 accumulation, so outputs, the final state and gradients are bf16-accurate).
 
     Returns:
         ``out`` — (b, l, h, p) when ``mimo_o`` is given, else (b, l, r, h, p) — or ``(out, final_state)``.
