@@ -54,7 +54,7 @@ def _angles_fwd(
     if HAS_INIT:
         carry += tl.load(init_ptr + bh * A + cols, mask=cmask, other=0.0).to(tl.float64)
     for k in range(0, L, BL):
-        t = k + tl.arange(0, BL)
+        t = (k + tl.arange(0, BL)).to(tl.int64)  # int64: t times the angles' row stride can pass 2^31
         tm = t < L
         mask = tm[:, None] & cmask[None, :]
         d = tl.load(dt_ptr + (b * L + t) * H + hh, mask=tm, other=0.0)
@@ -88,7 +88,7 @@ def _angles_bwd(
     nblk = tl.cdiv(L, BL)
     for j in range(nblk):
         # Rows in descending position order, so that a forward scan is the sum over the rest of the document.
-        t = (nblk - 1 - j) * BL + BL - 1 - tl.arange(0, BL)
+        t = ((nblk - 1 - j) * BL + BL - 1 - tl.arange(0, BL)).to(tl.int64)
         tm = t < L
         mask = tm[:, None] & cmask[None, :]
         g = tl.load(dtheta_ptr + ((b * L + t[:, None]) * H + hh) * A + cols[None, :], mask=mask, other=0.0)
