@@ -12,19 +12,25 @@ Both for ssmkit's default backend (chunked PyTorch) and its ``triton`` route (si
 the SSD op's Triton kernels, ``ssmkit/ops/mamba3/via_ssd.py``), the layer's scan switched by patching the
 function it calls.
 
+``--upstream`` picks the Mamba-3 compared with: ``release`` (2.3.2.post1 as unpacked; ssmkit's layer with
+``decay_activation="softplus"``) or ``main`` (that release's module with main's heavy-tail decay activation,
+state-spaces/mamba #962, patched in: ``mamba_ssm_source.import_mamba3``; ssmkit's with ``"heavy_tail"``).
+Without mamba_ssm's source the ssmkit rows still print, and the peer's row says why it is missing.
+
 MIMO needs mamba_ssm's TileLang kernels, which are not installed on the device machine: SISO only.
 
-    python benchmarks/gpu_mamba3.py
+    python benchmarks/gpu_mamba3.py [--upstream release|main] [--lengths 2048 8192] [--no-parity] [--no-timing]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import sys
 
 import torch
-from mamba_ssm_source import import_from_source
+from mamba_ssm_source import DECAY_ACTIVATION, UPSTREAMS, import_mamba3
 
 import ssmkit.layers.mamba3 as mamba3_layer
 from ssmkit.layers.mamba3 import Mamba3
@@ -45,11 +51,14 @@ def scan_backend(backend: str):
 SHAPES = {"d_model": 768, "d_state": 128, "headdim": 64, "expand": 2}
 
 
-def pair(their_cls: type, dtype: torch.dtype, *, outproj_norm: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(ours, theirs) with identical weights on the GPU."""
+def pair(their_cls: type | None, dtype: torch.dtype, *, outproj_norm: bool,
+         activation: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(ours, theirs) with identical weights on the GPU (theirs None without mamba_ssm)."""
     torch.manual_seed(0)
+    ours = Mamba3(**SHAPES, is_outproj_norm=outproj_norm, decay_activation=activation, device="cuda", dtype=dtype)
+    if their_cls is None:
+        return ours, None
     theirs = their_cls(**SHAPES, is_outproj_norm=outproj_norm, device="cuda", dtype=dtype)
-    ours = Mamba3(**SHAPES, is_outproj_norm=outproj_norm, device="cuda", dtype=dtype)
     missing, unexpected = ours.load_state_dict(theirs.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"state dicts differ: missing {missing}, unexpected {unexpected}")
@@ -60,11 +69,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def parity(their_cls: type) -> list[tuple]:
+def parity(their_cls: type, activation: str) -> list[tuple]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for norm in (False, True):
-            ours, theirs = pair(their_cls, dtype, outproj_norm=norm)
+            ours, theirs = pair(their_cls, dtype, outproj_norm=norm, activation=activation)
             x = torch.randn(2, 1000, SHAPES["d_model"], device="cuda", dtype=dtype, requires_grad=True)
             y_theirs = theirs(x)
             (g_theirs,) = torch.autograd.grad(y_theirs.float().square().sum(), x)
@@ -78,14 +87,15 @@ def parity(their_cls: type) -> list[tuple]:
     return rows
 
 
-def timing(their_cls: type) -> list[tuple]:
+def timing(their_cls: type | None, activation: str, lengths: list[int]) -> list[tuple]:
     from triton.testing import do_bench
 
     rows = []
-    for length in (2048, 8192):
-        ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False)
+    for length in lengths:
+        ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
         x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        runs = [(f"ssmkit {b}", ours, scan_backend(b)) for b in BACKENDS] + [("mamba_ssm", theirs, None)]
+        runs = [(f"ssmkit {b}", ours, scan_backend(b)) for b in BACKENDS]
+        runs += [("mamba_ssm", theirs, None)] if theirs is not None else []
         for name, layer, ctx in runs:
             with ctx or contextlib.nullcontext():
                 fwd = do_bench(lambda layer=layer, x=x: layer(x), return_mode="median")
@@ -96,22 +106,40 @@ def timing(their_cls: type) -> list[tuple]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upstream", choices=UPSTREAMS, default="release",
+                        help="mamba_ssm's release (softplus decay) or main (heavy-tail decay, #962)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--no-parity", action="store_true")
+    parser.add_argument("--no-timing", action="store_true")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    their_cls = import_from_source("mamba_ssm.modules.mamba3", "Mamba3")
+    import triton
+
+    activation = DECAY_ACTIVATION[args.upstream]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; mamba_ssm "
+          f"{args.upstream} (ssmkit decay_activation={activation!r})")
+    their_cls = import_mamba3(args.upstream)
     if their_cls is None:
-        sys.exit("mamba_ssm's source is not under .ext/: nothing to compare with")
-    print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")
-    print(f"{'dtype':>9} {'outproj_norm':>12} {'backend':>8} {'out rel err':>12} {'dx rel err':>11}")
-    parity(their_cls)
+        print("mamba_ssm's Mamba3 is not available (reason above): ssmkit's rows only, no parity")
+    elif not args.no_parity:
+        print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")
+        print(f"{'dtype':>9} {'outproj_norm':>12} {'backend':>8} {'out rel err':>12} {'dx rel err':>11}")
+        parity(their_cls, activation)
+    if args.no_timing:
+        return
     print("\nspeed, bf16, batch 8, d_model 768 (24 heads x 64, N 128), median ms:")
     print(f"{'L':>6} {'layer':>15} {'fwd ms':>8} {'fwd+bwd ms':>11}")
-    rows = timing(their_cls)
-    for length in (2048, 8192):
-        t = next(r for r in rows if r[0] == length and r[1] == "mamba_ssm")
+    rows = timing(their_cls, activation, args.lengths)
+    for length in args.lengths:
+        t = next((r for r in rows if r[0] == length and r[1] == "mamba_ssm"), None)
+        c = next(r for r in rows if r[0] == length and r[1] == "ssmkit chunked")
         for backend in BACKENDS:
             o = next(r for r in rows if r[0] == length and r[1] == f"ssmkit {backend}")
-            print(f"L={length}: ssmkit {backend} / mamba_ssm time, fwd {o[2] / t[2]:.2f}x, fwd+bwd {o[3] / t[3]:.2f}x")
+            vs = "" if t is None else f"; / mamba_ssm: fwd {o[2] / t[2]:.2f}x, fwd+bwd {o[3] / t[3]:.2f}x"
+            print(f"L={length}: ssmkit {backend} / chunked: fwd {o[2] / c[2]:.2f}x, fwd+bwd {o[3] / c[3]:.2f}x{vs}")
+
 
 if __name__ == "__main__":
     main()

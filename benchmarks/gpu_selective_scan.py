@@ -117,9 +117,15 @@ def outputs_and_grads(x: dict, config: ScanConfig) -> list[torch.Tensor]:
     return [t.float() for t in (out, *grads)]
 
 
+def mamba_args(x: dict) -> tuple[torch.Tensor, ...]:
+    """The extension's positional inputs. Its ``fwd``/``bwd`` take B and C as (b, n_groups, N, L) (mamba_ssm's
+    ``selective_scan_fn`` adds the group axis to a 3-D B/C before calling them), so (b, N, L) gets a group of 1."""
+    return (x["u"], x["delta"], x["A"], x["B"][:, None], x["C"][:, None], x["D"], x["z"], x["delta_bias"])
+
+
 def mamba_runner(mod, x: dict, backward: bool):
     dout = torch.randn_like(x["u"])
-    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+    args = mamba_args(x)
 
     def run():
         out, ckpt, _out_z = mod.fwd(*args, True)
@@ -135,10 +141,10 @@ def mamba_matches(mod, x: dict) -> str:
     out = selective_scan_fn(**leaves, delta_softplus=True, backend="triton")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(leaves.values()), dout)
-    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+    args = mamba_args(x)
     m_out, ckpt, m_out_z = mod.fwd(*args, True)
     du, ddelta, dA, dB, dC, dD, dbias, dz = mod.bwd(*args, dout, ckpt, m_out, None, True, False)
-    ref = {"u": du, "delta": ddelta, "A": dA, "B": dB, "C": dC, "D": dD, "delta_bias": dbias, "z": dz}
+    ref = {"u": du, "delta": ddelta, "A": dA, "B": dB[:, 0], "C": dC[:, 0], "D": dD, "delta_bias": dbias, "z": dz}
     errs = [f"out {relative_error(out, m_out_z):.1e}"]
     errs += [f"d{k} {relative_error(g, ref[k]):.1e}" for k, g in zip(leaves, grads)]
     return ", ".join(errs)

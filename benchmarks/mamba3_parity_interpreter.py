@@ -36,9 +36,14 @@ directory; nothing under ``.ext/`` changes):
   backward's chunk states (``SSM_States``) are allocated in V's dtype rather than bfloat16 (a no-op for
   the shipped path, whose V is always bfloat16).
 
+``--upstream main`` compares with mamba_ssm's main branch instead of the release: the release's module with
+main's heavy-tail decay activation (state-spaces/mamba #962) patched in (``mamba_ssm_source.patch_mamba3_source``;
+the kernels are the release's, which main did not change), and ssmkit's layers with
+``decay_activation="heavy_tail"`` (``"softplus"`` for the release).
+
 MIMO (TileLang) cannot run here: SISO only.
 
-    python benchmarks/mamba3_parity_interpreter.py          # about 1 min on one CPU core
+    python benchmarks/mamba3_parity_interpreter.py [--upstream release|main]   # about 1 min on one CPU core
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, by anything
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -62,6 +68,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from mamba_ssm_source import DECAY_ACTIVATION, UPSTREAMS, patch_mamba3_source
 
 import ssmkit.layers.mamba3 as ssmkit_mamba3
 from ssmkit.ops.mamba3 import mamba3_scan
@@ -112,8 +119,8 @@ CONFIGS = [
 ]
 
 
-def load_mamba_ssm() -> types.ModuleType:
-    """mamba_ssm's ``modules.mamba3`` from a patched temporary copy of the unpacked source."""
+def load_mamba_ssm(upstream: str) -> types.ModuleType:
+    """mamba_ssm's ``modules.mamba3`` (as ``upstream`` computes it) from a patched temporary copy of the source."""
     if not SOURCES:
         sys.exit(f"mamba_ssm's source is not under {ROOT / '.ext'}/ (pip download --no-deps --no-binary :all: "
                  "mamba-ssm, then unpack it there): nothing to compare with")
@@ -125,6 +132,8 @@ def load_mamba_ssm() -> types.ModuleType:
         if text.count(old) != 1:
             sys.exit(f"{SOURCES[-1] / rel}: expected exactly one {old[:60]!r}...; is this mamba_ssm 2.3.x?")
         path.write_text(text.replace(old, new))
+    module_file = copy / "modules" / "mamba3.py"
+    module_file.write_text(patch_mamba3_source(module_file.read_text(), upstream))
     package = types.ModuleType("mamba_ssm")
     package.__path__ = [str(copy)]
     sys.modules["mamba_ssm"] = package
@@ -279,7 +288,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def compare(their_module: types.ModuleType, cfg: Config) -> dict[str, Run]:
+def compare(their_module: types.ModuleType, cfg: Config, activation: str) -> dict[str, Run]:
     """One run of each layer variant on the same weights and input."""
     torch.manual_seed(0)
     theirs = their_module.Mamba3(**cfg.layer_kwargs(), dtype=torch.float32)
@@ -288,11 +297,11 @@ def compare(their_module: types.ModuleType, cfg: Config) -> dict[str, Run]:
         for name, param in theirs.named_parameters():
             if name in ("B_bias", "C_bias", "D") or name.endswith("norm.weight"):
                 param.add_(0.3 * torch.randn_like(param))
-    ours = ssmkit_mamba3.Mamba3(**cfg.layer_kwargs(), dtype=torch.float32)
+    ours = ssmkit_mamba3.Mamba3(**cfg.layer_kwargs(), decay_activation=activation, dtype=torch.float32)
     missing, unexpected = ours.load_state_dict(theirs.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"state dicts differ: missing {missing}, unexpected {unexpected}")
-    reference = ssmkit_mamba3.Mamba3(**cfg.layer_kwargs(), dtype=torch.float64)
+    reference = ssmkit_mamba3.Mamba3(**cfg.layer_kwargs(), decay_activation=activation, dtype=torch.float64)
     reference.load_state_dict(theirs.state_dict())
     theirs64 = their_module.Mamba3(**cfg.layer_kwargs(), dtype=torch.float64)
     theirs64.load_state_dict(theirs.state_dict())
@@ -316,8 +325,14 @@ SAME_MATH = 1e-5  # float32 rounding of two different summation orders stays far
 
 
 def main() -> None:
-    their_module = load_mamba_ssm()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upstream", choices=UPSTREAMS, default="release",
+                        help="mamba_ssm's release (softplus decay) or main (heavy-tail decay, #962)")
+    args = parser.parse_args()
+    activation = DECAY_ACTIVATION[args.upstream]
+    their_module = load_mamba_ssm(args.upstream)
     torch.set_num_threads(1)
+    print(f"mamba_ssm {args.upstream}, ssmkit decay_activation={activation!r}")
     print("Mamba-3 SISO layer, d_model 64, 8 heads x 16, mamba_ssm under TRITON_INTERPRET=1. Relative error")
     print("||a-b||/||b|| of the output, of dL/dx and of the worst parameter gradient, L = sum(y**2).")
     print("Inputs float32 except the float64 reference and mamba_ssm nocast64 (forward only).\n")
@@ -326,7 +341,7 @@ def main() -> None:
     print("-" * len(header))
     worst = dict.fromkeys(PAIRS, 0.0)
     for cfg in CONFIGS:
-        runs = compare(their_module, cfg)
+        runs = compare(their_module, cfg, activation)
         for a, b in PAIRS:
             ra, rb = runs[a], runs[b]
             errors = [rel(ra.y, rb.y)]

@@ -5,8 +5,8 @@ Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H,
 
 The block (Mamba-3 paper, arXiv 2603.15569; mamba_ssm ``modules/mamba3.py``): one in-projection split
 into [z, x, B, C, dd_dt, dd_A, trap, angles] with no short convolution; Δ = softplus(dd_dt + dt_bias),
-a data-dependent A = -max(softplus(dd_A), A_floor), λ = sigmoid(trap) for the exponential-trapezoidal
-rule; B and C pass an RMSNorm over N and get per-head biases (initialised to 1); rotary angles shared by
+a data-dependent A = -max(f(dd_A), A_floor) (f: :func:`decay_rate`'s ``activation``), λ = sigmoid(trap) for
+the exponential-trapezoidal rule; B and C pass an RMSNorm over N and get per-head biases (initialised to 1); rotary angles shared by
 the heads rotate a fraction ``rope_fraction`` of the state pairs; MIMO (``is_mimo``) gives B and C rank
 R and projects x, z and the output with ``mimo_x``, ``mimo_z``, ``mimo_o``; the scan (skip D) is gated
 by silu(z), or, with ``is_outproj_norm``, followed by a gated RMSNorm (norm before gate, one group per
@@ -16,6 +16,7 @@ head); then out_proj. Names, arguments and initialisation are mamba_ssm's.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,34 @@ from ssmkit.layers.mamba import dt_bias_init
 from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
+
+DecayActivation = Literal["softplus", "heavy_tail"]
+DECAY_ACTIVATIONS: tuple[str, ...] = get_args(DecayActivation)
+
+
+def decay_rate(dd_A: torch.Tensor, A_floor: float, activation: DecayActivation) -> torch.Tensor:
+    """Mamba-3's data-dependent decay rate A = -max(f(dd_A), A_floor), computed in at least float32.
+
+    ``activation`` picks f:
+
+    * ``"heavy_tail"`` (mamba_ssm after release 2.3.2, state-spaces/mamba #962, what new Mamba-3 checkpoints
+      are trained with): f(x) = 1 + x for x >= 0 and 1 / (1 - x) for x < 0. Its slow negative tail keeps A
+      away from 0 where softplus would vanish (softplus let training diverge at high learning rates).
+      f is C¹ at 0 (f(0) = 1, f'(0) = 1 from both sides; f'' jumps from 2 to 0), and its gradient at exactly
+      0 is that 1. (mamba_ssm writes f as ``clamp_min(x, 0) + 1 / (1 - clamp_max(x, 0))``, whose autograd
+      gradient at exactly x = 0 is 2, as both clamps pass it; the values are the same bits.)
+    * ``"softplus"`` (mamba_ssm 2.3.2): f = softplus.
+
+    dd_A: any shape; returns A of that shape, negative.
+    """
+    x = at_least_fp32(dd_A)
+    if activation == "heavy_tail":
+        f = torch.where(x >= 0, 1 + x, torch.reciprocal(1 - x.clamp(max=0)))
+    elif activation == "softplus":
+        f = F.softplus(x)
+    else:
+        raise ValueError(f"decay activation must be one of {DECAY_ACTIVATIONS}, got {activation!r}")
+    return (-f).clamp(max=-A_floor)
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,7 +76,9 @@ class Mamba3(nn.Module):
     """Mamba-3 mixer with mamba_ssm's arguments and defaults.
 
     ``rope_fraction`` (0.5 or 1.0) is the share of the N state entries that rotate (a = ⌊N·fraction⌋ // 2
-    angles, one per pair); ``A_floor`` bounds the decay rate away from 0; ``is_mimo`` with ``mimo_rank``
+    angles, one per pair); ``decay_activation`` ("heavy_tail", mamba_ssm's main branch and new checkpoints, or
+    "softplus", mamba_ssm 2.3.2: :func:`decay_rate`) maps dd_A to the decay rate and ``A_floor`` bounds it
+    away from 0; ``is_mimo`` with ``mimo_rank``
     R turns on the multi-input multi-output update; ``is_outproj_norm`` adds a gated RMSNorm (eps
     ``norm_eps``) before out_proj. mamba_ssm pairs state entries (2i, 2i+1) without MIMO and
     (i, i + N/2) with it; so does this layer, so that its weights mean the same.
@@ -76,6 +107,7 @@ class Mamba3(nn.Module):
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
+        decay_activation: DecayActivation = "heavy_tail",
         A_floor: float = 1e-4,
         is_outproj_norm: bool = False,
         is_mimo: bool = False,
@@ -102,7 +134,10 @@ class Mamba3(nn.Module):
             raise ValueError(f"Mamba3: d_state={d_state} leaves no rotary pair at rope_fraction={rope_fraction}")
         if is_mimo and mimo_rank < 1:
             raise ValueError(f"Mamba3: mimo_rank must be >= 1, got {mimo_rank}")
+        if decay_activation not in DECAY_ACTIVATIONS:
+            raise ValueError(f"Mamba3: decay_activation must be one of {DECAY_ACTIVATIONS}, got {decay_activation!r}")
         self.rope_fraction, self.A_floor, self.chunk_size = rope_fraction, A_floor, chunk_size
+        self.decay_activation = decay_activation
         self.is_mimo, self.is_outproj_norm, self.layer_idx = is_mimo, is_outproj_norm, layer_idx
         self.mimo_rank = mimo_rank if is_mimo else 1
         R, h, p, N = self.mimo_rank, self.nheads, headdim, d_state
@@ -180,7 +215,7 @@ class Mamba3(nn.Module):
         z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(u).split(self.split_sizes, dim=-1)
         B = self.B_norm(B.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
         C = self.C_norm(C.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
-        A = (-F.softplus(at_least_fp32(dd_A))).clamp(max=-self.A_floor)
+        A = decay_rate(dd_A, self.A_floor, self.decay_activation)
         dt = F.softplus(at_least_fp32(dd_dt) + self.dt_bias)
         inputs = {
             "x": x.unflatten(-1, (self.nheads, self.headdim)), "dt": dt, "A": A, "B": B, "C": C, "trap": trap,
@@ -224,4 +259,5 @@ class Mamba3(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "
                 f"ngroups={self.ngroups}, d_state={self.d_state}, rope_angles={self.num_rope_angles}, "
-                f"mimo_rank={self.mimo_rank}, outproj_norm={self.is_outproj_norm}, chunk_size={self.chunk_size}")
+                f"mimo_rank={self.mimo_rank}, outproj_norm={self.is_outproj_norm}, chunk_size={self.chunk_size}, "
+                f"decay_activation={self.decay_activation}")

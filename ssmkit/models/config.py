@@ -33,7 +33,9 @@ JSON
 :meth:`ModelConfig.to_dict` / :meth:`ModelConfig.from_dict` (and :meth:`save` / :meth:`load` for files)
 convert to and from plain JSON values; infinities (``dt_limit``) are written as the string ``"inf"``
 because JSON has no infinity. Unknown keys at any nesting level, missing required keys and values of the
-wrong type raise a ``ValueError`` that names them.
+wrong type raise a ``ValueError`` that names them. A missing optional key takes its default, except where a
+config class names it in ``LEGACY_DEFAULTS`` (a field added later whose default changed the function, such as
+``mamba3.decay_activation``): there it takes the value that configs written before it meant.
 """
 
 from __future__ import annotations
@@ -290,7 +292,9 @@ def _decode_dataclass(cls: type, data: Any, path: str) -> Any:
         raise ValueError(f"missing required config key(s): {', '.join(path + m for m in missing)}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _decode_value(hints[k], v, f"{path}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    # A field that a saved config lacks because it predates the field takes the value it had then.
+    legacy = {k: v for k, v in getattr(cls, "LEGACY_DEFAULTS", {}).items() if k not in data}
+    return cls(**legacy, **kwargs)
 
 
 def _decode_value(tp: Any, value: Any, name: str) -> Any:

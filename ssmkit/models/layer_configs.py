@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
+
+from ssmkit.layers.mamba3 import DECAY_ACTIVATIONS, DecayActivation
 
 __all__ = ["AttentionConfig", "HyenaConfig", "Mamba2Config", "Mamba3Config", "MambaConfig", "MLPConfig",
            "MoEConfig", "S4Config", "S4DConfig"]
@@ -132,9 +134,16 @@ class Mamba3Config:
     """Mamba-3 mixer settings (mamba_ssm's ``Mamba3`` arguments; no short convolution).
 
     ``rope_fraction`` (0.5 or 1.0) of the ``d_state`` entries rotate; ``is_mimo`` gives B and C rank
-    ``mimo_rank``; ``A_floor`` bounds the data-dependent decay rate; ``is_outproj_norm`` adds a gated
-    RMSNorm before out_proj.
+    ``mimo_rank``; ``decay_activation`` maps dd_A to the decay rate, ``A_floor`` bounds it; ``is_outproj_norm``
+    adds a gated RMSNorm before out_proj.
+
+    A saved config whose ``mamba3`` section has no ``decay_activation`` was written before the option
+    existed, when Mamba-3 used softplus: it loads as ``"softplus"`` (``LEGACY_DEFAULTS``), so old
+    checkpoints keep their function; new configs default to ``"heavy_tail"``.
     """
+
+    LEGACY_DEFAULTS: ClassVar[dict[str, object]] = {"decay_activation": "softplus"}
+    """Values of fields that a saved config lacks because it predates them (not the defaults of new ones)."""
 
     d_state: int = 128
     """State size N per head."""
@@ -152,8 +161,11 @@ class Mamba3Config:
     """Largest Δ at initialisation."""
     dt_init_floor: float = 1e-4
     """Lower bound of the initial Δ."""
+    decay_activation: DecayActivation = "heavy_tail"
+    """f in A = -max(f(dd_A), A_floor): "heavy_tail" (mamba_ssm after 2.3.2, state-spaces/mamba #962: 1 + x
+    for x >= 0, 1 / (1 - x) below) or "softplus" (mamba_ssm 2.3.2)."""
     A_floor: float = 1e-4
-    """Smallest decay rate: A = -max(softplus(dd_A), A_floor)."""
+    """Smallest decay rate: A = -max(f(dd_A), A_floor)."""
     is_outproj_norm: bool = False
     """Gated RMSNorm before out_proj."""
     is_mimo: bool = False
@@ -167,6 +179,8 @@ class Mamba3Config:
         for name in ("d_state", "expand", "headdim", "ngroups", "mimo_rank", "chunk_size", "A_floor"):
             _positive(f"mamba3.{name}", getattr(self, name))
         _dt_range("mamba3", self.dt_min, self.dt_max, self.dt_init_floor)
+        if self.decay_activation not in DECAY_ACTIVATIONS:
+            raise ValueError(f"mamba3.decay_activation must be one of {DECAY_ACTIVATIONS}, got {self.decay_activation!r}")
         if self.rope_fraction not in (0.5, 1.0) or int(self.d_state * self.rope_fraction) < 2:
             raise ValueError(
                 f"mamba3.rope_fraction must be 0.5 or 1.0 and leave at least one rotary pair of the "

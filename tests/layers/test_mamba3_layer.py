@@ -42,6 +42,7 @@ VARIANTS = [
     {"is_mimo": True, "mimo_rank": 2},
     {"is_outproj_norm": True, "rope_fraction": 1.0},
     {"is_mimo": True, "mimo_rank": 2, "is_outproj_norm": True, "ngroups": 2},
+    {"decay_activation": "softplus"},
 ]
 
 
@@ -92,15 +93,19 @@ def test_seq_idx_packed_equals_documents_alone(kw):
         assert_close(t, getattr(alone, name), name=f"state.{name} of the last doc")
 
 
-def test_projection_follows_mamba_ssm():
-    layer = make(F64, A_floor=0.05)
+@pytest.mark.parametrize("activation, floor", [("softplus", 0.05), ("heavy_tail", 0.1)])
+def test_projection_follows_mamba_ssm(activation, floor):
+    layer = make(F64, A_floor=floor, decay_activation=activation)
     u = torch.randn(2, 5, D_MODEL, dtype=F64) * 5
     z, inputs = layer._project(u)
     parts = layer.in_proj(u).split(layer.split_sizes, dim=-1)
     assert torch.equal(z.flatten(-2), parts[0]) and torch.equal(inputs["x"].flatten(-2), parts[1])
-    want_A = -F.softplus(parts[5])
-    assert torch.equal(inputs["A"], torch.minimum(want_A, torch.tensor(-0.05, dtype=F64)))
-    assert (want_A > -0.05).any() and (want_A < -0.05).any()  # both sides of the floor are exercised
+    # mamba_ssm 2.3.2 and its main branch (state-spaces/mamba #962), as each writes it.
+    dd_A = parts[5]
+    f = F.softplus(dd_A) if activation == "softplus" else dd_A.clamp_min(0) + torch.reciprocal(1 - dd_A.clamp_max(0))
+    want_A = -f
+    assert torch.equal(inputs["A"], torch.minimum(want_A, torch.tensor(-floor, dtype=F64)))
+    assert (want_A > -floor).any() and (want_A < -floor).any()  # both sides of the floor are exercised
     assert_close(inputs["dt"], F.softplus(parts[4] + layer.dt_bias), name="dt")
     B = parts[2].unflatten(-1, (1, 1, 8))
     assert_close(inputs["B"], B / B.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * layer.B_norm.weight, name="B")

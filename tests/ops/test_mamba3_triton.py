@@ -1,5 +1,6 @@
 """``mamba3_scan(backend="triton")`` (single-input Mamba-3 through the SSD op's Triton kernels) in Triton's CPU
-interpreter against the float64 recurrence: outputs, the final state and every gradient.
+interpreter against the float64 recurrence: outputs, the final state and every gradient; and the fused B̃/C̃
+kernel (``triton_rotary.py``) alone against its PyTorch form.
 
 The interpreter has to be switched on before triton is imported, so the cases run in a subprocess (this
 file as a script). The GPU version is tests/gpu/test_mamba3.py.
@@ -7,6 +8,7 @@ file as a script). The GPU version is tests/gpu/test_mamba3.py.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -19,15 +21,20 @@ if __name__ == "__main__":  # run as a script (in the interpreter's subprocess):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.ops.test_mamba3 import assert_state_close, f64, make_inputs, packed_ids
 
-# name -> (l, g, a, interleaved, dtype, packed): tiny, the interpreter is slow.
+# name -> (l, g, a, interleaved, dtype, packed, mimo): tiny, the interpreter is slow. Without MIMO projections
+# the route's output is the fused kernel of triton_output.py, with them PyTorch.
 CASES = {
-    "interleaved_packed_fp32": (37, 1, 2, True, "float32", True),
-    "halves_groups_bf16": (21, 2, 4, False, "bfloat16", False),
+    "interleaved_packed_fp32": (37, 1, 2, True, "float32", True, False),
+    "halves_groups_bf16_mimo": (21, 2, 4, False, "bfloat16", False, True),
+    "interleaved_bf16": (19, 1, 2, True, "bfloat16", True, False),
 }
 
 
-def check_case(l, g, a, interleaved, dtype, packed) -> None:
+def check_case(l, g, a, interleaved, dtype, packed, mimo) -> None:
     inp = make_inputs(b=2, l=l, h=4, r=1, g=g, a=a, dtype=getattr(torch, dtype), initial=True)
+    if not mimo:
+        for k in ("mimo_x", "mimo_z", "mimo_o"):
+            inp.pop(k)
     kw = {"rotary_interleaved": interleaved, "seq_idx": packed_ids(2, l) if packed else None,
           "return_final_state": True, "chunk_size": 16}
 
@@ -48,9 +55,122 @@ def check_case(l, g, a, interleaved, dtype, packed) -> None:
     tol = getattr(torch, dtype)
     assert out.dtype == inp["x"].dtype
     assert_close(out, want, tol, name="out")
-    assert_state_close(final, want_final, torch.float32)
+    # bf16 inputs: the SSD kernels' operands x̃, B̃, C̃ are bf16 (as on the GPU), so the state is bf16-accurate.
+    assert_state_close(final, want_final, tol)
     for name, grad in grads.items():
         assert_close(grad, want_grads[name], tol, name=f"grad {name}")
+
+
+# name -> (b, l, g, h, n, a, interleaved, dtype, with the cb gradient): odd lengths, n/2 not a power of two.
+ROTARY_CASES = {
+    "rotary_interleaved_fp32": (2, 37, 1, 4, 8, 2, True, "float32", True),
+    "rotary_halves_groups_bf16": (2, 21, 2, 4, 16, 4, False, "bfloat16", True),
+    "rotary_n12_no_dcb": (1, 5, 1, 2, 12, 3, True, "float32", False),
+}
+
+
+def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb) -> None:
+    from ssmkit.ops.mamba3.reference import rotate
+    from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
+
+    dt = getattr(torch, dtype)
+    inputs = [torch.randn(b, l, g, n).to(dt), torch.randn(b, l, g, n).to(dt), torch.randn(h, n), torch.randn(h, n),
+              torch.rand(b, l, h, a) * 6.3]
+    got_in = [t.clone().requires_grad_() for t in inputs]
+    want_in = [t.double().requires_grad_() for t in inputs]
+    Bt, Ct, cb = rotate_bc_triton(*got_in, interleaved, dt)
+    assert Bt.dtype == Ct.dtype == dt and cb.dtype == torch.float32
+
+    def reference(B, C, B_bias, C_bias, theta):
+        Bt, Ct = (rotate(v.repeat_interleave(h // g, dim=2) + bias, theta, interleaved)
+                  for v, bias in ((B, B_bias), (C, C_bias)))
+        return Bt, Ct, (Bt * Ct).sum(-1)
+
+    want = reference(*want_in)
+    for name, t, w in zip(("Bt", "Ct", "cb"), (Bt, Ct, cb), want):
+        assert_close(t, w, dt, name=name)
+    cots = [torch.randn(w.shape, dtype=torch.float64) for w in want]
+    if not with_dcb:
+        cots[2] = torch.zeros_like(cots[2])
+    used = (Bt, Ct, cb) if with_dcb else (Bt, Ct)
+    sum((t.double() * c).sum() for t, c in zip(used, cots)).backward()
+    sum((w * c).sum() for w, c in zip(want, cots)).backward()
+    for name, t, w in zip(("B", "C", "B_bias", "C_bias", "theta"), got_in, want_in):
+        assert t.grad.dtype == t.dtype
+        assert_close(t.grad, w.grad, dt, name=f"grad {name}")
+
+
+# name -> (b, l, h, p, dtype, with z, with D)
+OUTPUT_CASES = {
+    "output_fp32": (2, 19, 3, 5, "float32", True, True),
+    "output_bf16_no_z": (1, 33, 2, 16, "bfloat16", False, True),
+    "output_no_D": (2, 7, 2, 8, "float32", True, False),
+}
+
+
+def check_output(b, l, h, p, dtype, with_z, with_D) -> None:
+    import torch.nn.functional as F
+
+    from ssmkit.ops.mamba3.triton_output import output_triton
+
+    dt = getattr(torch, dtype)
+    inputs = [torch.randn(b, l, h, p).to(dt), torch.randn(b, l, h, p).to(dt),
+              torch.randn(b, l, h, p).to(dt) if with_z else None, torch.randn(b, l, h),
+              torch.randn(h) if with_D else None]
+    got_in = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    want_in = [None if t is None else t.double().requires_grad_() for t in inputs]
+    out = output_triton(*got_in)
+    y, x, z, k, D = want_in
+    v = y - k[..., None] * x + (0 if D is None else D[:, None] * x)
+    want = v * F.silu(z) if z is not None else v
+    assert out.dtype == dt
+    assert_close(out, want, dt, name="out")
+    cot = torch.randn(want.shape, dtype=torch.float64)
+    (out.double() * cot).sum().backward()
+    (want * cot).sum().backward()
+    for name, t, w in zip(("y", "x", "z", "k", "D"), got_in, want_in):
+        if t is not None:
+            assert_close(t.grad, w.grad, dt, name=f"grad {name}")
+
+
+# name -> (b, l, h, a, packed, with the initial angles, expanded over heads): l across several blocks of 64.
+ANGLE_CASES = {
+    "angles_packed_init": (2, 300, 3, 21, True, True, False),
+    "angles_expanded_bf16": (1, 70, 4, 2, False, True, True),
+    "angles_plain": (2, 9, 2, 3, False, False, False),
+}
+
+
+def check_angles(b, l, h, a, packed, with_init, expanded) -> None:
+    from ssmkit.ops.mamba3.chunked import rotary_angles
+    from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
+
+    dt = torch.rand(b, l, h) * 0.5 + 0.05
+    angles = (torch.randn(b, l, 1, a) * 2).to(torch.bfloat16).expand(b, l, h, a) if expanded else \
+        torch.randn(b, l, h, a) * 2
+    init = torch.rand(b, h, a) * 6.2 if with_init else None
+    seq_idx = packed_ids(b, l) if packed else None
+    got_in = [t if t is None else t.clone().requires_grad_() for t in (dt, angles, init)]
+    want_in = [t if t is None else t.double().requires_grad_() for t in (dt, angles, init)]
+    theta = rotary_angles_triton(got_in[0], got_in[1], seq_idx, got_in[2])
+    want = rotary_angles(want_in[0][..., None] * math.pi * torch.tanh(want_in[1]), seq_idx, want_in[2])
+    assert theta.dtype == torch.float32 and theta.shape == (b, l, h, a)
+    wrapped = torch.remainder(theta.double() - want + math.pi, 2 * math.pi) - math.pi
+    assert wrapped.abs().max() < 2e-5, f"theta off by {wrapped.abs().max():.1e}"
+    cot = torch.randn(b, l, h, a, dtype=torch.float64)
+    (theta.double() * cot).sum().backward()
+    (want * cot).sum().backward()
+    for name, t, w in zip(("dt", "angles", "init"), got_in, want_in):
+        if t is not None:
+            assert_close(t.grad, w.grad, torch.float32 if name != "angles" or not expanded else torch.bfloat16,
+                         name=f"grad {name}")
+    # A non-finite step makes θ NaN to the end of its document and nowhere else.
+    bad = dt.clone()
+    bad[0, l // 3, 0] = float("nan")
+    theta = rotary_angles_triton(bad, angles, seq_idx, init)
+    want = rotary_angles(bad.double()[..., None] * math.pi * torch.tanh(angles.double()), seq_idx,
+                         None if init is None else init.double())
+    assert torch.equal(torch.isnan(theta), torch.isnan(want))
 
 
 def test_triton_route_matches_reference_in_interpreter():
@@ -58,4 +178,7 @@ def test_triton_route_matches_reference_in_interpreter():
 
 
 if __name__ == "__main__":
-    report_checks({name: (check_case, case) for name, case in CASES.items()})
+    report_checks({name: (check_case, case) for name, case in CASES.items()}
+                  | {name: (check_rotary, case) for name, case in ROTARY_CASES.items()}
+                  | {name: (check_output, case) for name, case in OUTPUT_CASES.items()}
+                  | {name: (check_angles, case) for name, case in ANGLE_CASES.items()})

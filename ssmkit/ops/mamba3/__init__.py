@@ -77,10 +77,11 @@ def mamba3_scan(
             so packed documents give the same outputs as each run alone.
         return_final_state: also return the state after the last position.
         chunk_size: positive int, chunk length of the chunked backend (any l works).
-        backend: ``"auto"`` (chunked), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1: the scan
-            rewritten for the Mamba-2 SSD op and run by its Triton kernels, ``via_ssd.py``; CUDA, or
-            Triton's interpreter; float64 inputs take the SSD op's chunked form. Not yet the automatic
-            choice: its GPU speed is unmeasured).
+        backend: ``"auto"`` (chunked, the fastest route measured on CPUs and GPUs), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1: the scan
+            rewritten for the Mamba-2 SSD op and run by its Triton kernels, with B̃/C̃, the angles and the
+            output in fused kernels of their own, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
+            inputs take the SSD op's chunked form. bf16/fp16 x gives the SSD kernels bf16/fp16 operands
+            with float32 accumulation, so outputs, the final state and gradients are bf16-accurate).
 
     Returns:
         ``out`` — (b, l, h, p) when ``mimo_o`` is given, else (b, l, r, h, p) — or ``(out, final_state)``.
@@ -118,6 +119,10 @@ def mamba3_scan(
     if backend == "triton" and dims["r"] != 1:
         raise ValueError(f"backend='triton' computes single-input Mamba-3 (rank 1) through the SSD kernels; "
                          f"rank {dims['r']} (MIMO) needs backend='chunked'")
+    # "auto" is the chunked path on every device: the route measured fastest (benchmarks/RESULTS.md). On a CPU
+    # the SSD route is no faster; on CUDA the triton route was 1.7x slower (H100, bf16, b8, 24 x 64 heads, N 128:
+    # 39.6 / 155.9 ms fwd+bwd at L 2K / 8K against 23.0 / 87.8) before its bf16 operands and fused kernels,
+    # which are not timed on a GPU yet; it becomes "auto" for rank 1 on CUDA once they measure faster.
     backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
     scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
     out, final = scan(

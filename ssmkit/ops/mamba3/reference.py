@@ -64,15 +64,16 @@ class Prepared(NamedTuple):
 
     Bh, Ch: (b, l, r, h, n) biased, not yet rotated; xr: (b, l, r, h, p) = x̃; log_a: (b, l, h) = Δ·A;
     gamma: (b, l, h) = λΔ; delta: (b, l, h) = (1 - λ)Δ (so β = α·delta); dtheta: (b, l, h, a) = Δ·π·tanh.
+    Bh, Ch and dtheta are None when :func:`prepare` was asked for the ``fused`` form.
     """
 
-    Bh: torch.Tensor
-    Ch: torch.Tensor
+    Bh: torch.Tensor | None
+    Ch: torch.Tensor | None
     xr: torch.Tensor
     log_a: torch.Tensor
     gamma: torch.Tensor
     delta: torch.Tensor
-    dtheta: torch.Tensor
+    dtheta: torch.Tensor | None
 
 
 def prepare(
@@ -87,8 +88,13 @@ def prepare(
     C_bias: torch.Tensor | None,
     mimo_x: torch.Tensor | None,
     dtype: torch.dtype,
+    fused: bool = False,
 ) -> Prepared:
-    """Everything the recurrence needs per token (shapes in :class:`Prepared`)."""
+    """Everything the recurrence needs per token (shapes in :class:`Prepared`).
+
+    ``fused``: for a caller whose kernels build B̃, C̃ and θ themselves (the SSD route's Triton form): Bh, Ch
+    and dtheta are None, and without ``mimo_x`` xr is a view of x in its own dtype (no float32 copy).
+    """
     h = x.shape[2]
     dt, lam = dt.to(dtype), torch.sigmoid(trap.to(dtype))
 
@@ -97,19 +103,19 @@ def prepare(
         v = v.to(dtype).repeat_interleave(h // v.shape[3], dim=3)
         return v if bias is None else v + bias.to(dtype).transpose(0, 1)
 
-    xr = x.to(dtype)[:, :, None]
+    xr = (x if fused and mimo_x is None else x.to(dtype))[:, :, None]
     if mimo_x is not None:
         xr = xr * mimo_x.to(dtype).transpose(0, 1)
     else:
         xr = xr.expand(-1, -1, B.shape[2], -1, -1)
     return Prepared(
-        Bh=per_head(B, B_bias),
-        Ch=per_head(C, C_bias),
+        Bh=None if fused else per_head(B, B_bias),
+        Ch=None if fused else per_head(C, C_bias),
         xr=xr,
         log_a=dt * A.to(dtype),
         gamma=lam * dt,
         delta=(1 - lam) * dt,
-        dtheta=dt[..., None] * math.pi * torch.tanh(angles.to(dtype)),
+        dtheta=None if fused else dt[..., None] * math.pi * torch.tanh(angles.to(dtype)),
     )
 
 

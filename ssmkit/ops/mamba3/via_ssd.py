@@ -11,6 +11,15 @@ s = w give G exactly, gradients included (no division couples the two). B̃ and 
 rotations (per head, hence one SSD group per head); the rotations need no per-pair term because C̃_t·B̃_s
 holds the relative angle. MIMO (rank > 1) sums ranks inside a step, which the SSD form cannot express:
 it stays with ``chunked``.
+
+Precision: the rotations, decays and weights are computed in float32 (float64 for float64 inputs); for
+bf16/fp16 x the SSD op's matmul operands x̃, B̃, C̃ are rounded to x's dtype, as Mamba-2 feeds them, so its
+kernels run bf16 tensor-core dots with float32 accumulation (float32 operands would take the much slower
+IEEE float32 dots). The diagonal correction uses the same rounded operands, so it cancels the kernels'
+own diagonal term. With the SSD op's Triton kernels the biases, rotations, rounding and C̃·B̃ of B and C are
+one fused kernel each way (``triton_rotary.py``), not a dozen PyTorch passes over (b, l, h, n) tensors; so
+are the rotary angles (``triton_angles.py``), and without MIMO projections the diagonal correction, skip and
+gate (``triton_output.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +27,13 @@ from __future__ import annotations
 import torch
 
 from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
-from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare
+from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.ops.ssd.reference import compute_dtype
+
+# B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
+# operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
+FUSED_BC = True
 
 
 def mamba3_via_ssd(
@@ -56,17 +69,47 @@ def mamba3_via_ssd(
     dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
                           *(initial_state or ()))
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
-    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
-    theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
-    Bt, Ct = Bt[:, :, 0], Ct[:, :, 0]  # (b, l, h, n): rank 1
+    ops = operand_dtype(x.dtype, dtype)
+    fused = FUSED_BC and ssd_backend == "triton" and dtype == torch.float32 and B.shape[-1] % 2 == 0
+    # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
+    fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
+    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype, fused=fused)
+    if fused:
+        # Imported here: `import ssmkit` must never import triton.
+        from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
+        from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
+
+        theta = rotary_angles_triton(dt, angles, seq_idx, None if init is None else init.angle)
+        Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v[:, 0] for v in (B_bias, C_bias))
+        Bo, Co, CB = rotate_bc_triton(B[:, :, 0], C[:, :, 0], Bb, Cb, theta, rotary_interleaved, ops)
+        # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
+        B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb.to(dtype)
+        last_B = rotate(B_end, theta[:, -1], rotary_interleaved)[:, None]
+    else:
+        theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
+        Bt, Ct = Bt[:, :, 0], Ct[:, :, 0]  # (b, l, h, n): rank 1
+        last_B = Bt[:, -1, None]
+        Bo, Co = Bt.to(ops), Ct.to(ops)
+        CB = (Co.to(dtype) * Bo.to(dtype)).sum(-1)  # (b, l, h): C̃_t·B̃_t as the kernels see it
     xr = prep.xr[:, :, 0]  # (b, l, h, p)
+    xo = xr.to(ops).contiguous()  # once: the SSD op and the output kernel both read it contiguous
     nxt = next_share(prep, seq_idx)
     G0 = None if init is None else initial_G(init, prep, mimo_x)
     y, G = mamba_chunk_scan_combined(
-        xr, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bt, Ct, chunk_size, initial_states=G0,
+        xo, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bo, Co, chunk_size, initial_states=G0,
         seq_idx=seq_idx, return_final_states=True, input_scale=prep.gamma + nxt,
         backend="chunked" if dtype == torch.float64 else ssd_backend,
     )
-    y = y - (nxt * (Ct * Bt).sum(-1))[..., None] * xr
-    out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
-    return out, Mamba3ScanState(theta[:, -1], G, Bt[:, -1, None], x[:, -1].to(dtype))
+    if fused_out:
+        from ssmkit.ops.mamba3.triton_output import output_triton
+
+        out = output_triton(y, xo, z, nxt * CB, D)[:, :, None].to(x.dtype)
+    else:
+        y = y.to(dtype) - (nxt * CB)[..., None] * xo.to(dtype)
+        out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
+    return out, Mamba3ScanState(theta[:, -1], G, last_B, x[:, -1].to(dtype))
+
+
+def operand_dtype(x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """dtype of the SSD op's x, B, C: x's for bf16/fp16 inputs (tensor-core dots), else the compute dtype."""
+    return x_dtype if x_dtype in (torch.bfloat16, torch.float16) else compute

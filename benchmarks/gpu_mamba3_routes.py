@@ -1,0 +1,148 @@
+"""Mamba-3's scan routes on a GPU, op level: chunked PyTorch vs the SSD-kernel route, and where the time goes.
+
+The layer's call at the benchmark shape (b 8, 24 heads x 64, N 128, 32 rotary angles, 1 group, chunk 64,
+bf16 x/z/B/C/trap/angles, float32 dt and A, with D, z and the biases): forward and forward+backward medians
+(``triton.testing.do_bench``) of
+
+* ``chunked``: ``ssmkit/ops/mamba3/chunked.py``;
+* ``tri fp32 unfused``: the SSD route as it was (float32 matmul operands, B̃, C̃ and the output in PyTorch);
+* ``tri bf16 unfused``: bf16 operands, B̃, C̃ and the output in PyTorch;
+* ``triton``: the SSD route as it is (bf16 operands, B̃ and C̃ by ``triton_rotary.py``, the output by
+  ``triton_output.py``);
+
+then a per-kernel profile (``torch.profiler``, CUDA time summed by kernel name) of one forward+backward of
+the ``triton`` route, so that the SSD kernels and the glue around them (rotation, casts, the diagonal
+correction, the gate) can be told apart.
+
+    python benchmarks/gpu_mamba3_routes.py                  # L 2048 and 8192, profile at 8192
+    python benchmarks/gpu_mamba3_routes.py --lengths 2048 --no-profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from unittest import mock
+
+import torch
+
+from ssmkit.ops.mamba3 import mamba3_scan, via_ssd
+
+B, H, P, N, A = 8, 24, 64, 128, 32
+
+
+def inputs(length: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Leaves with gradients, dtypes as ssmkit's Mamba3 layer passes them in a ``dtype`` model."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=dtype, scale=1.0):
+        t = torch.randn(*shape, generator=g, device="cuda") * scale
+        return t.to(dtype).requires_grad_()
+
+    f32 = torch.float32
+    return {
+        "x": randn(B, length, H, P), "z": randn(B, length, H, P),
+        "dt": (torch.rand(B, length, H, generator=g, device="cuda") * 0.1 + 0.001).requires_grad_(),
+        "A": (-torch.rand(B, length, H, generator=g, device="cuda") * 2 - 1e-4).requires_grad_(),
+        "B": randn(B, length, 1, 1, N), "C": randn(B, length, 1, 1, N),
+        "trap": randn(B, length, H), "angles": randn(B, length, H, A),
+        "D": randn(H, dtype=f32), "B_bias": randn(H, 1, N, dtype=f32), "C_bias": randn(H, 1, N, dtype=f32),
+    }
+
+
+def _unfused():
+    return mock.patch.object(via_ssd, "FUSED_BC", False)
+
+
+@contextlib.contextmanager
+def _fp32_unfused():
+    with _unfused(), mock.patch.object(via_ssd, "operand_dtype", lambda x, c: c):
+        yield
+
+
+ROUTES = {
+    "chunked": ("chunked", contextlib.nullcontext),
+    "tri fp32 unfused": ("triton", _fp32_unfused),
+    "tri bf16 unfused": ("triton", _unfused),
+    "triton": ("triton", contextlib.nullcontext),
+}
+
+
+def runner(inp: dict, backend: str, backward: bool):
+    leaves = list(inp.values())
+
+    def run():
+        out = mamba3_scan(**inp, chunk_size=64, backend=backend)
+        if backward:
+            torch.autograd.grad(out.float().square().sum(), leaves)
+        return out
+
+    return run
+
+
+def profile(length: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    inp = inputs(length)
+    run = runner(inp, "triton", True)
+    run()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(ev.name, [0.0, 0])
+            entry[0] += ev.device_time_total / 1e3 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1e3
+            entry[1] += 1
+    total = sum(v[0] for v in totals.values())
+    ssd = sum(v[0] for k, v in totals.items() if k.startswith(("_chunk", "_state_pass", "_bwd_")))
+    print(f"\nprofile, triton route fwd+bwd, L {length}: {total:.2f} ms of kernels, {len(totals)} kernel names, "
+          f"{sum(v[1] for v in totals.values())} launches; SSD kernels {ssd:.2f} ms, the rest {total - ssd:.2f} ms")
+    print(f"{'ms':>8} {'calls':>6}  kernel")
+    for name, (ms, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{ms:>8.3f} {calls:>6}  {name[:110]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--rows", type=int, default=30, help="kernels shown in the profile")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    import triton
+    from triton.testing import do_bench
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"b {B}, {H} heads x {P}, N {N}, {A} angles, 1 group, chunk 64, bf16; median ms")
+    print(f"{'L':>6} {'route':>16} {'fwd':>8} {'fwd+bwd':>8}")
+    for length in args.lengths:
+        inp = inputs(length)
+        for name, (backend, patch) in ROUTES.items():
+            with patch():
+                fwd = do_bench(runner(inp, backend, False), return_mode="median")
+                both = do_bench(runner(inp, backend, True), return_mode="median")
+            print(f"{length:>6} {name:>16} {fwd:>8.2f} {both:>8.2f}", flush=True)
+        del inp
+        torch.cuda.empty_cache()
+    # float32 models: the route's SSD kernels then take float32 operands (IEEE dots), the chunked path
+    # float32 matmuls; which is faster decides backend="auto" for float32 too.
+    inp = inputs(min(args.lengths), torch.float32)
+    for name in ("chunked", "triton"):
+        backend = ROUTES[name][0]
+        fwd = do_bench(runner(inp, backend, False), return_mode="median")
+        both = do_bench(runner(inp, backend, True), return_mode="median")
+        print(f"{min(args.lengths):>6} {name + ' fp32':>16} {fwd:>8.2f} {both:>8.2f}", flush=True)
+    del inp
+    torch.cuda.empty_cache()
+    if not args.no_profile:
+        profile(max(args.lengths), args.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Triton kernels of the SSD route's B/C preparation: per-head bias, rotation, rounding and the diagonal C̃·B̃.
+
+For single-input Mamba-3 through the SSD op (``via_ssd.py``) every head needs its own rotated B̃ and C̃
+(b, l, h, n): the biases are per head and so is θ (Δ is). In PyTorch that is a dozen passes over
+(b, l, h, n) float32 tensors each way (bias add, the pair split, four products, stack, cat, the casts, the
+diagonal dot); here it is one kernel forward and one backward, reading B and C once per group::
+
+    B̃_t = R(θ_t) (B_t + B_bias),  C̃_t = R(θ_t) (C_t + C_bias)   (stored in the SSD op's operand dtype)
+    cb_t = C̃_t · B̃_t                                          (of the stored, rounded values, float32)
+
+Layouts (contiguous): B, C (b·l, g, n); B_bias, C_bias (h, n) float32; theta (b·l, h, a) float32;
+Bt, Ct (b·l, h, n); cb (b·l, h) float32. Pair i < a is (2i, 2i+1) when INTERLEAVED, else (i, i + n/2);
+pairs past a pass unrotated. A program takes ROWS positions of one group and loops over its heads, so the
+backward sums the heads' gradients of B and C in registers and the bias gradients per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Positions per program, and warps: the backward holds ~18 (ROWS, n/2) float32 tiles; at n 128, 16 rows and
+# 8 warps need 169 registers per thread without spills on sm_90 (32 rows spill 848 bytes at 4 warps).
+_ROWS = 16
+_WARPS = 8
+
+
+@triton.jit
+def _cols(pair, N: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Columns of the first and second entry of each pair."""
+    first = pair * 2 if INTERLEAVED else pair
+    second = first + 1 if INTERLEAVED else first + N // 2
+    return first, second
+
+
+@triton.jit
+def _load_pair(ptr, rows, stride, f, s, mask):
+    """(rows, pairs) float32 tiles of the first and second entries of each pair."""
+    base = ptr + rows[:, None] * stride
+    return (tl.load(base + f[None, :], mask=mask, other=0.0).to(tl.float32),
+            tl.load(base + s[None, :], mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _store_pair(ptr, rows, stride, f, s, v0, v1, mask):
+    base = ptr + rows[:, None] * stride
+    tl.store(base + f[None, :], v0.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(base + s[None, :], v1.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask, pmask, H, A, N: tl.constexpr):
+    """One head's biases (pairs,) and cos, sin of θ (rows, pairs); pairs past a get θ = 0 (no rotation)."""
+    bb0 = tl.load(Bb_ptr + hh * N + f, mask=pmask, other=0.0)
+    bb1 = tl.load(Bb_ptr + hh * N + s, mask=pmask, other=0.0)
+    cc0 = tl.load(Cb_ptr + hh * N + f, mask=pmask, other=0.0)
+    cc1 = tl.load(Cb_ptr + hh * N + s, mask=pmask, other=0.0)
+    tmask = mask & (pair < A)[None, :]
+    th = tl.load(theta_ptr + (rows[:, None] * H + hh) * A + pair[None, :], mask=tmask, other=0.0)
+    return bb0, bb1, cc0, cc1, tl.cos(th), tl.sin(th), tmask
+
+
+@triton.jit(do_not_specialize=["R"])
+def _rotate_bc_fwd(
+    B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, Bt_ptr, Ct_ptr, cb_ptr,
+    R, H, G, A,
+    N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64)
+    gg = tl.program_id(1).to(tl.int64)
+    rows = blk * ROWS + tl.arange(0, ROWS)
+    pair = tl.arange(0, HALF)
+    pmask = pair < N // 2
+    mask = (rows < R)[:, None] & pmask[None, :]
+    f, s = _cols(pair, N, INTERLEAVED)
+    b0, b1 = _load_pair(B_ptr + gg * N, rows, G * N, f, s, mask)
+    c0, c1 = _load_pair(C_ptr + gg * N, rows, G * N, f, s, mask)
+    hpg = H // G
+    for k in range(hpg):
+        hh = gg * hpg + k
+        bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
+                                                       pmask, H, A, N)
+        u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
+        v0, v1 = c0 + cc0[None, :], c1 + cc1[None, :]
+        rb0 = (u0 * cos - u1 * sin).to(Bt_ptr.dtype.element_ty).to(tl.float32)
+        rb1 = (u0 * sin + u1 * cos).to(Bt_ptr.dtype.element_ty).to(tl.float32)
+        rc0 = (v0 * cos - v1 * sin).to(Ct_ptr.dtype.element_ty).to(tl.float32)
+        rc1 = (v0 * sin + v1 * cos).to(Ct_ptr.dtype.element_ty).to(tl.float32)
+        _store_pair(Bt_ptr + hh * N, rows, H * N, f, s, rb0, rb1, mask)
+        _store_pair(Ct_ptr + hh * N, rows, H * N, f, s, rc0, rc1, mask)
+        tl.store(cb_ptr + rows * H + hh, tl.sum(rb0 * rc0 + rb1 * rc1, 1), mask=rows < R)
+
+
+@triton.jit(do_not_specialize=["R"])
+def _rotate_bc_bwd(
+    B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, dBt_ptr, dCt_ptr, dcb_ptr,
+    dB_ptr, dC_ptr, dBb_ptr, dCb_ptr, dtheta_ptr,
+    R, H, G, A,
+    N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DCB: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64)
+    gg = tl.program_id(1).to(tl.int64)
+    rows = blk * ROWS + tl.arange(0, ROWS)
+    pair = tl.arange(0, HALF)
+    pmask = pair < N // 2
+    mask = (rows < R)[:, None] & pmask[None, :]
+    f, s = _cols(pair, N, INTERLEAVED)
+    b0, b1 = _load_pair(B_ptr + gg * N, rows, G * N, f, s, mask)
+    c0, c1 = _load_pair(C_ptr + gg * N, rows, G * N, f, s, mask)
+    db0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    db1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    dc0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    dc1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
+    hpg = H // G
+    for k in range(hpg):
+        hh = gg * hpg + k
+        bb0, bb1, cc0, cc1, cos, sin, tmask = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
+                                                           pmask, H, A, N)
+        u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
+        v0, v1 = c0 + cc0[None, :], c1 + cc1[None, :]
+        rb0, rb1 = u0 * cos - u1 * sin, u0 * sin + u1 * cos
+        rc0, rc1 = v0 * cos - v1 * sin, v0 * sin + v1 * cos
+        gb0, gb1 = _load_pair(dBt_ptr + hh * N, rows, H * N, f, s, mask)
+        gc0, gc1 = _load_pair(dCt_ptr + hh * N, rows, H * N, f, s, mask)
+        if HAS_DCB:
+            # cb = C̃·B̃ of the rounded values: its gradient passes the rounding unchanged (straight through).
+            dcb = tl.load(dcb_ptr + rows * H + hh, mask=rows < R, other=0.0).to(tl.float32)[:, None]
+            gb0 += dcb * rc0.to(OUT_DTYPE).to(tl.float32)
+            gb1 += dcb * rc1.to(OUT_DTYPE).to(tl.float32)
+            gc0 += dcb * rb0.to(OUT_DTYPE).to(tl.float32)
+            gc1 += dcb * rb1.to(OUT_DTYPE).to(tl.float32)
+        # Back through the rotation: the transpose of R(θ); d/dθ of (r0, r1) is (-r1, r0).
+        ub0, ub1 = gb0 * cos + gb1 * sin, gb1 * cos - gb0 * sin
+        uc0, uc1 = gc0 * cos + gc1 * sin, gc1 * cos - gc0 * sin
+        dth = gb1 * rb0 - gb0 * rb1 + gc1 * rc0 - gc0 * rc1
+        tl.store(dtheta_ptr + (rows[:, None] * H + hh) * A + pair[None, :], dth, mask=tmask)
+        db0 += ub0
+        db1 += ub1
+        dc0 += uc0
+        dc1 += uc1
+        # Bias gradients: this program's rows summed, one partial per program (the caller sums them).
+        tl.store(dBb_ptr + (blk * H + hh) * N + f, tl.sum(ub0, 0), mask=pmask)
+        tl.store(dBb_ptr + (blk * H + hh) * N + s, tl.sum(ub1, 0), mask=pmask)
+        tl.store(dCb_ptr + (blk * H + hh) * N + f, tl.sum(uc0, 0), mask=pmask)
+        tl.store(dCb_ptr + (blk * H + hh) * N + s, tl.sum(uc1, 0), mask=pmask)
+    _store_pair(dB_ptr + gg * N, rows, G * N, f, s, db0, db1, mask)
+    _store_pair(dC_ptr + gg * N, rows, G * N, f, s, dc0, dc1, mask)
+
+
+def _half(n: int) -> int:
+    """Pairs per row, padded to a power of two (Triton's tiles)."""
+    return triton.next_power_of_2(max(n // 2, 1))
+
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+class _RotateBC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, B, C, B_bias, C_bias, theta, h, interleaved, out_dtype):
+        R, g, n = B.shape
+        a = theta.shape[-1]
+        Bt = torch.empty(R, h, n, device=B.device, dtype=out_dtype)
+        Ct = torch.empty_like(Bt)
+        cb = torch.empty(R, h, device=B.device, dtype=torch.float32)
+        grid = (triton.cdiv(R, _ROWS), g)
+        _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, N=n, HALF=_half(n), ROWS=_ROWS,
+                             INTERLEAVED=interleaved, num_warps=_WARPS)
+        ctx.save_for_backward(B, C, B_bias, C_bias, theta)
+        ctx.meta = (h, interleaved, out_dtype)
+        ctx.set_materialize_grads(False)
+        return Bt, Ct, cb
+
+    @staticmethod
+    def backward(ctx, dBt, dCt, dcb):
+        B, C, B_bias, C_bias, theta = ctx.saved_tensors
+        h, interleaved, out_dtype = ctx.meta
+        R, g, n = B.shape
+        a = theta.shape[-1]
+        nblk = triton.cdiv(R, _ROWS)
+        dBt = torch.zeros(R, h, n, device=B.device, dtype=out_dtype) if dBt is None else dBt.contiguous()
+        dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dBb = torch.empty(nblk, h, n, device=B.device, dtype=torch.float32)
+        dCb = torch.empty_like(dBb)
+        dtheta = torch.empty_like(theta)
+        _rotate_bc_bwd[(nblk, g)](
+            B, C, B_bias, C_bias, theta, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
+            dB, dC, dBb, dCb, dtheta, R, h, g, a, N=n, HALF=_half(n), ROWS=_ROWS, INTERLEAVED=interleaved,
+            HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], num_warps=_WARPS,
+        )
+        return dB, dC, dBb.sum(0), dCb.sum(0), dtheta, None, None, None
+
+
+def rotate_bc_triton(
+    B: torch.Tensor,
+    C: torch.Tensor,
+    B_bias: torch.Tensor,
+    C_bias: torch.Tensor,
+    theta: torch.Tensor,
+    interleaved: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head rotated B̃, C̃ (b, l, h, n) in ``out_dtype`` and cb = C̃·B̃ (b, l, h) float32, with gradients.
+
+    B, C: (b, l, g, n), any float dtype but float64 (n even); B_bias, C_bias: (h, n); theta: (b, l, h, a)
+    float32 with a <= n/2. Gradients reach B, C (in their dtype), the biases and theta.
+    """
+    b, l, g, n = B.shape
+    h, a = theta.shape[2], theta.shape[3]
+    if n % 2 or a > n // 2 or out_dtype not in _TL:
+        raise ValueError(f"rotate_bc_triton: n={n} must be even, a={a} <= n/2, out dtype {out_dtype} bf16/fp16/fp32")
+    Bt, Ct, cb = _RotateBC.apply(
+        B.reshape(b * l, g, n).contiguous(), C.reshape(b * l, g, n).contiguous(),
+        B_bias.float().contiguous(), C_bias.float().contiguous(),
+        theta.float().reshape(b * l, h, a).contiguous(), h, interleaved, out_dtype,
+    )
+    return Bt.view(b, l, h, n), Ct.view(b, l, h, n), cb.view(b, l, h)
