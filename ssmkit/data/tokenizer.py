@@ -1,7 +1,7 @@
 """Tokenizers: raw UTF-8 bytes (vocabulary 256 + 3 specials) or a local Hugging Face ``tokenizer.json``.
 
-Both add the same three specials after the base vocabulary, in the order of the ``byte-small`` preset
-(:mod:`ssmkit.models.presets`): ``pad_id`` fills padded input positions (never scored), ``bos_id`` starts
+Both add the same three specials after the base vocabulary, in the order of the byte vocabulary
+(:data:`BYTE_PAD`, :data:`BYTE_BOS`, :data:`BYTE_EOS`; the ``byte-small`` preset is sized for it): ``pad_id`` fills padded input positions (never scored), ``bos_id`` starts
 every document (the first real token is predicted from it, so no byte goes unscored) and ``eos_id`` ends
 it (so a model learns where documents stop and generation can end there). A checkpoint folder stores its tokenizer as
 ``ssmkit_tokenizer.json`` (plus the ``tokenizer.json`` it came from), read back by :func:`load_tokenizer`.
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ssmkit.models.presets import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE
+BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
+"""The byte vocabulary's specials, after the 256 byte values."""
+BYTE_VOCAB_SIZE = 259
 
 SPEC_FILE = "ssmkit_tokenizer.json"
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")

@@ -22,7 +22,7 @@ from ssmkit.evals import _common as common
 from ssmkit.evals import _merge as merge
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
-from ssmkit.models.presets import BYTE_BOS, BYTE_VOCAB_SIZE
+from ssmkit.data.tokenizer import BYTE_BOS, BYTE_VOCAB_SIZE
 
 VALUE_LEN = 5
 FULL = dict(models=["mamba", "hybrid"], train_len=1024, lengths=[512, 1024, 2048, 4096, 8192],

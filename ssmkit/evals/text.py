@@ -75,9 +75,9 @@ def _loss_by_position(model: torch.nn.Module, data: EvalSet, batch_size: int, de
             continue
         batch = batch.to(device)
         logits = model(batch.input_ids, seq_idx=batch.seq_idx).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
-                               reduction="none").view(batch.labels.shape)
-        kept = (batch.labels != IGNORE).float()
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE,
+                               reduction="none").view(batch.targets.shape)
+        kept = (batch.targets != IGNORE).float()
         row_sum, row_count = (loss * kept).sum(0).cpu().numpy(), kept.sum(0).cpu().numpy()
         # Bucketed rows differ in length: grow the sums to the longest seen.
         if len(row_sum) > len(sums):
