@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
-from ssmkit.models.layer_configs import (  # noqa: F401  (part of this module's public names)
+from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public names)
     AttentionConfig,
     HyenaConfig,
     Mamba2Config,
