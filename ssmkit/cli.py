@@ -325,9 +325,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from ssmkit.models import LanguageModel, get_preset, list_presets
 
     if args.list:
@@ -345,16 +342,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     n_embed = model.embedding.weight.numel()
     cache = model.cache_nbytes(1)
     length = 256
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, length, dtype=torch.long, device=device))
-        flops = counter.get_total_flops() / length
-        how = f"matrix products and convolutions, counted by torch.utils.flop_counter at length {length}"
-    except NotImplementedError:
-        # MoE routing sizes its expert batches from the data, which the meta device does not have.
-        flops = 2 * (_active_parameters(model) - n_embed + model.head_weight.numel())
-        how = "estimated as 2 x the parameters each token uses (top-k of the experts) plus the head"
+    flops = model.flops_per_token(length)
     print(f"{label}\n{config.to_json()}")
     print(f"parameters: {n_params:,} ({n_params - n_embed:,} without the embedding)")
     grows = cache != model.cache_nbytes(1 << 20)
@@ -362,20 +350,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                                                          else "(the same at any length)"))
     if args.context is not None:
         print(f"cache for one sequence at {args.context:,} tokens: {model.cache_nbytes(args.context):,} bytes")
-    print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M ({how}); training ~3x that")
+    print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M (matrix products, convolutions and scans at length "
+          f"{length}, from the layer registry's formulas); training ~3x that")
     return 0
-
-
-def _active_parameters(model: Any) -> int:
-    """Parameters one token passes through: MoE layers count top_k of their num_experts experts."""
-    from ssmkit.layers import MoE
-
-    total = sum(p.numel() for p in model.parameters())
-    for module in model.modules():
-        if isinstance(module, MoE):
-            experts = sum(p.numel() for n, p in module.named_parameters() if not n.startswith("router"))
-            total -= experts - experts * module.top_k // module.num_experts
-    return total
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json, read_weights, write_folder
+from ssmkit.interop.files import (
+    CONFIG_NAME,
+    CheckpointError,
+    read_json,
+    read_weights,
+    write_folder,
+)
+from ssmkit.layers import registry
 
 if TYPE_CHECKING:
     from ssmkit.models import LanguageModel, ModelConfig
@@ -50,7 +57,6 @@ _DEFAULTS: dict[str, Any] = dict(
     expert_layer_offset=1, attn_layer_period=8, attn_layer_offset=4, mamba_d_state=16, mamba_d_conv=4,
     mamba_expand=2, mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False,
 )
-_MIXER_PREFIX = {"mamba": "mamba", "attention": "self_attn"}
 
 
 def _field(values: dict[str, Any], source: Path, name: str, kind: type = int, minimum: int = 1) -> Any:
@@ -70,7 +76,13 @@ def _field(values: dict[str, Any], source: Path, name: str, kind: type = int, mi
 def jamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelConfig:
     """The :class:`ModelConfig` of a transformers Jamba config.json; unsupported values raise
     :class:`CheckpointError` naming the field."""
-    from ssmkit.models.config import AttentionConfig, MambaConfig, MLPConfig, ModelConfig, MoEConfig
+    from ssmkit.models.config import (
+        AttentionConfig,
+        MambaConfig,
+        MLPConfig,
+        ModelConfig,
+        MoEConfig,
+    )
     from ssmkit.models.presets import jamba_layer_pattern
 
     if raw.get("model_type") != MODEL_TYPE:
@@ -136,9 +148,9 @@ def jamba_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[s
     """
     specs = config.layer_specs()
     problems = []
-    if any(s.mixer not in ("mamba", "attention") for s in specs):
+    if any(MODEL_TYPE not in registry.by_name(s.mixer).transformers for s in specs):
         problems.append("every mixer must be Mamba ('M') or full attention ('A')")
-    if any(s.ff is None for s in specs):
+    if any(s.ff is None or MODEL_TYPE not in registry.by_name(s.ff).transformers for s in specs):
         problems.append("every layer needs a feed-forward ('m' or 'e' suffix)")
     m, a, moe = config.mamba, config.attention, config.moe
     has_moe, has_mlp = any(s.ff == "moe" for s in specs), any(s.ff == "mlp" for s in specs)
@@ -185,8 +197,10 @@ def _to_transformers_name(name: str, specs: list) -> str:
     if name in top:
         return top[name]
     i, part, rest = re.fullmatch(r"layers\.(\d+)\.(norm|ff_norm|mixer|ff)\.(.+)", name).groups()
-    sub = {"norm": "input_layernorm", "ff_norm": "pre_ff_layernorm", "ff": "feed_forward",
-           "mixer": _MIXER_PREFIX[specs[int(i)].mixer]}[part]
+    if part in ("mixer", "ff"):  # the registry names each kind's module in Jamba's decoder layers
+        sub = registry.by_name(getattr(specs[int(i)], part)).transformers[MODEL_TYPE]
+    else:
+        sub = {"norm": "input_layernorm", "ff_norm": "pre_ff_layernorm"}[part]
     return f"model.layers.{i}.{sub}.{rest}"
 
 

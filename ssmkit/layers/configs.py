@@ -7,12 +7,23 @@ texts of ``ssmkit train --model.<kind>.<field>``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["AttentionConfig", "HyenaConfig", "Mamba2Config", "Mamba3Config", "MambaConfig", "MLPConfig",
-           "MoEConfig", "S4Config", "S4DConfig"]
+__all__ = [
+    "AttentionConfig",
+    "HyenaConfig",
+    "MLPConfig",
+    "Mamba2Config",
+    "Mamba3Config",
+    "MambaConfig",
+    "MoEConfig",
+    "S4Config",
+    "S4DConfig",
+    "layer_settings",
+]
 
 
 @dataclass(kw_only=True)
@@ -375,3 +386,17 @@ def _dt_range(prefix: str, dt_min: float, dt_max: float, floor: float) -> None:
         raise ValueError(f"{prefix}.dt_min / dt_max must satisfy 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
     if floor < 0:
         raise ValueError(f"{prefix}.dt_init_floor must be >= 0, got {floor}")
+
+
+_Settings = TypeVar("_Settings")
+
+
+def layer_settings(cls: type[_Settings], config: _Settings | None, overrides: dict[str, Any], owner: str) -> _Settings:
+    """What a layer runs with: ``config`` (default ``cls()``: the defaults live only in the config class)
+    with keyword ``overrides`` of its fields, so ``Mamba2(64, d_state=32)`` is ``Mamba2(64, Mamba2Config(d_state=32))``."""
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"{owner}: config must be a {cls.__name__}, got {type(config).__name__}")
+    try:
+        return dataclasses.replace(cls() if config is None else config, **overrides)
+    except TypeError as e:
+        raise TypeError(f"{owner}: {e} (the settings are the fields of {cls.__name__})") from None

@@ -1,14 +1,16 @@
 """Model configuration: typed, nested dataclasses that round-trip through JSON.
 
-A :class:`ModelConfig` holds the model-wide sizes and one nested config per mixer kind
-(:class:`MambaConfig`, :class:`Mamba2Config`, :class:`Mamba3Config`, :class:`AttentionConfig`, ...) and per
-feed-forward kind (:class:`MLPConfig`, :class:`MoEConfig`); the argument names and defaults are mamba_ssm's.
+A :class:`ModelConfig` holds the model-wide sizes and one settings section per registered layer kind
+(:class:`MambaConfig` as ``config.mamba``, :class:`Mamba2Config` as ``config.mamba2``, ...,
+:class:`MLPConfig`, :class:`MoEConfig`; :mod:`ssmkit.layers.registry` lists them); the argument names and
+defaults are mamba_ssm's.
 
 Layer pattern
 -------------
 ``layer_pattern`` is a string of layer tokens. Each token is one *mixer letter*, optionally followed by
 one lowercase *feed-forward letter*; the pattern repeats until it covers ``n_layer`` layers (it may not
-be longer than ``n_layer``). Letters:
+be longer than ``n_layer``). The letters, settings sections and layer classes are those of the layer
+registry (:mod:`ssmkit.layers.registry`); the built-in ones:
 
 ====== ==========================================================================
 letter mixer
@@ -50,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
+from ssmkit.layers import registry
 from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public names)
     AttentionConfig,
     HyenaConfig,
@@ -63,18 +66,6 @@ from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public
     _positive,
 )
 
-MIXER_LETTERS: dict[str, str] = {
-    "M": "mamba",
-    "2": "mamba2",
-    "3": "mamba3",
-    "A": "attention",
-    "W": "sliding_window_attention",
-    "S": "s4d",
-    "4": "s4",
-    "H": "hyena",
-}
-FF_LETTERS: dict[str, str] = {"m": "mlp", "e": "moe"}
-
 
 class LayerSpec(NamedTuple):
     """What one layer is made of: its mixer kind (``"mamba"``, ``"attention"``, ...) and feed-forward
@@ -84,7 +75,7 @@ class LayerSpec(NamedTuple):
     ff: str | None
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, init=False)
 class ModelConfig:
     """Everything needed to build a :class:`ssmkit.models.LanguageModel`.
 
@@ -106,15 +97,6 @@ class ModelConfig:
     """Number of layers."""
     layer_pattern: str = "M"
     """Mixer (and feed-forward) letters, repeated over the layers; see ssmkit.models.config."""
-    mamba: MambaConfig = field(default_factory=MambaConfig)
-    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
-    mamba3: Mamba3Config = field(default_factory=Mamba3Config)
-    s4d: S4DConfig = field(default_factory=S4DConfig)
-    s4: S4Config = field(default_factory=S4Config)
-    hyena: HyenaConfig = field(default_factory=HyenaConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    mlp: MLPConfig = field(default_factory=MLPConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
     norm_eps: float = 1e-5
     """RMSNorm eps."""
     tie_embeddings: bool = True
@@ -127,9 +109,43 @@ class ModelConfig:
     """Std of the embedding initialisation."""
     rescale_prenorm_residual: bool = True
     """Scale residual output projections by 1/sqrt(branches) at init."""
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"sections": registry.sections})
+    """The settings of every registered layer kind by section name (``config.mamba2`` reads
+    ``config.sections["mamba2"]``); in JSON each is a key of its own, beside the fields above."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        known = registry.sections()
+        given = values.pop("sections", {})  # from dataclasses.replace; an explicit section wins over it
+        sections = {name: values.pop(name) if name in values else given.get(name) for name in known}
+        object.__setattr__(self, "sections", {n: known[n]() if s is None else s for n, s in sections.items()})
+        missing = []
+        for f in dataclasses.fields(self):
+            if f.name == "sections":
+                continue
+            if f.name in values:
+                object.__setattr__(self, f.name, values.pop(f.name))
+            elif f.default is not dataclasses.MISSING:
+                object.__setattr__(self, f.name, f.default)
+            else:
+                missing.append(f.name)
+        if missing:
+            raise TypeError(f"ModelConfig() missing required argument(s): {', '.join(missing)}")
+        if values:
+            raise TypeError(f"ModelConfig() got unknown argument(s) {', '.join(values)}; layer settings sections "
+                            f"are {', '.join(known)}")
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"ModelConfig has no field or layer settings section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("sections", {}):
+            self.sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -147,31 +163,34 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         _positive("norm_eps", self.norm_eps)
         _positive("initializer_range", self.initializer_range)
-        kinds = {spec.mixer for spec in self.layer_specs()}
-        if "mamba" in kinds:
-            self.mamba.validate(self.d_model)
-        if "mamba2" in kinds:
-            self.mamba2.validate(self.d_model)
-        if "mamba3" in kinds:
-            self.mamba3.validate(self.d_model)
-        for kind in ("s4d", "s4", "hyena"):
-            if kind in kinds:
-                getattr(self, kind).validate(self.d_model)
-        if kinds & {"attention", "sliding_window_attention"}:
-            self.attention.validate(self.d_model)
-        ffs = {spec.ff for spec in self.layer_specs()}
-        for kind in ("mlp", "moe"):
-            if kind in ffs:
-                getattr(self, kind).validate(self.d_model)
+        specs = self.layer_specs()
+        used = {registry.by_name(name).section for spec in specs for name in spec if name is not None}
+        for section in sorted(used):
+            validate = getattr(self.sections[section], "validate", None)
+            if validate is not None:
+                validate(self.d_model)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (infinities as ``"inf"``)."""
-        return _encode(dataclasses.asdict(self))
+        """Plain JSON-ready dict (infinities as ``"inf"``): the fields, then one key per settings section."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        data.update((name, dataclasses.asdict(s)) for name, s in self.sections.items())
+        return _encode(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from :meth:`to_dict`'s output; unknown or missing keys and bad values raise ``ValueError``."""
-        return _decode_dataclass(cls, data, "")
+        """Build from :meth:`to_dict`'s output; unknown or missing keys and bad values raise ``ValueError``.
+
+        Sections absent from ``data`` (a kind registered after the file was written) take their defaults.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
+        known = registry.sections()
+        plain = {k: v for k, v in data.items() if k not in known}
+        _check_keys(cls, plain, "", extra=list(known))
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _decode_value(hints[k], v, k) for k, v in plain.items()}
+        kwargs.update((k, _decode_dataclass(known[k], v, f"{k}.")) for k, v in data.items() if k in known)
+        return cls(**kwargs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -205,24 +224,26 @@ def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
     tokens: list[LayerSpec] = []
     i = 0
     while i < len(pattern):
-        letter = pattern[i]
-        if letter not in MIXER_LETTERS:
+        kind = registry.by_letter(pattern[i])
+        if kind is None or kind.feed_forward:
             raise ValueError(
-                f"layer_pattern {pattern!r}: unknown mixer letter {letter!r} at position {i}; mixer letters are "
-                + ", ".join(f"{k} ({v})" for k, v in MIXER_LETTERS.items())
-                + "; a lowercase feed-forward letter may follow one (m mlp, e moe)"
+                f"layer_pattern {pattern!r}: unknown mixer letter {pattern[i]!r} at position {i}; mixer letters are "
+                + ", ".join(f"{k.letter} ({k.name})" for k in registry.kinds() if not k.feed_forward)
+                + "; a lowercase feed-forward letter may follow one ("
+                + ", ".join(f"{k.letter} {k.name}" for k in registry.kinds() if k.feed_forward) + ")"
             )
         ff = None
         if i + 1 < len(pattern) and pattern[i + 1].islower():
-            ff_letter = pattern[i + 1]
-            if ff_letter not in FF_LETTERS:
+            ff_kind = registry.by_letter(pattern[i + 1])
+            if ff_kind is None or not ff_kind.feed_forward:
                 raise ValueError(
-                    f"layer_pattern {pattern!r}: unknown feed-forward letter {ff_letter!r} at position {i + 1}; "
-                    "feed-forward letters are m (mlp), e (moe)"
+                    f"layer_pattern {pattern!r}: unknown feed-forward letter {pattern[i + 1]!r} at position {i + 1}; "
+                    "feed-forward letters are "
+                    + ", ".join(f"{k.letter} ({k.name})" for k in registry.kinds() if k.feed_forward)
                 )
-            ff = FF_LETTERS[ff_letter]
+            ff = ff_kind.name
             i += 1
-        tokens.append(LayerSpec(MIXER_LETTERS[letter], ff))
+        tokens.append(LayerSpec(kind.name, ff))
         i += 1
     if len(tokens) > n_layer:
         raise ValueError(f"layer_pattern {pattern!r} describes {len(tokens)} layers but n_layer is {n_layer}")
@@ -258,23 +279,30 @@ def _decode_dataclass(cls: type, data: Any, path: str) -> Any:
     where = path.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(cls, data, path)
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _decode_value(hints[k], v, f"{path}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _check_keys(cls: type, data: dict[str, Any], path: str, extra: list[str] = ()) -> None:
+    """Unknown keys (with the closest known one) and missing required keys raise ``ValueError``."""
+    where = path.rstrip(".") or "config"
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}
+    names = [*fields, *extra]
     unknown = [k for k in data if k not in fields]
     if unknown:
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            close = difflib.get_close_matches(str(k), names, n=1)
             hints.append(f"{path}{k}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}; known keys of {where}: {', '.join(fields)}")
+        raise ValueError(f"unknown config key(s): {', '.join(hints)}; known keys of {where}: {', '.join(names)}")
     missing = [
         n for n, f in fields.items()
         if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ValueError(f"missing required config key(s): {', '.join(path + m for m in missing)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _decode_value(hints[k], v, f"{path}{k}") for k, v in data.items()}
-    return cls(**kwargs)
 
 
 def _decode_value(tp: Any, value: Any, name: str) -> Any:
@@ -296,6 +324,12 @@ def _check_types(obj: Any, path: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, tp, name = getattr(obj, f.name), hints[f.name], f"{path}{f.name}"
+        if f.metadata.get("sections"):
+            for section, cls in f.metadata["sections"]().items():
+                if not isinstance(value.get(section), cls):
+                    raise ValueError(f"{section} must be a {cls.__name__}, got {type(value.get(section)).__name__}")
+                _check_types(value[section], section + ".")
+            continue
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, tp):
                 raise ValueError(f"{name} must be a {tp.__name__}, got {type(value).__name__}")

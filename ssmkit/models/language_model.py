@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.data.packing import IGNORE
-from ssmkit.layers import Attention, MoE, RMSNorm
+from ssmkit.layers import MoE, RMSNorm
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
+from ssmkit.layers.registry import flops_per_token
 from ssmkit.models.blocks import build_blocks, init_weights
 from ssmkit.models.config import ModelConfig
 
@@ -68,6 +69,9 @@ class LanguageModelOutput:
 class LanguageModel(nn.Module):
     """A stack of residual blocks chosen by ``config.layer_pattern``, with a language-model head.
 
+    ``context_parallel`` (:class:`ssmkit.distributed.ContextParallel`) splits every sequence across the
+    ranks of a process group (Mamba-2 mixers only): each rank then passes its part of the sequence.
+
     State dict names: ``embedding.weight``, ``layers.{i}.norm.weight``, ``layers.{i}.mixer.*``,
     ``layers.{i}.ff_norm.weight`` and ``layers.{i}.ff.*`` for layers with a feed-forward, ``norm_f.weight``
     and, only when embeddings are untied, ``lm_head.weight`` (a tied head reuses ``embedding.weight`` and
@@ -83,15 +87,15 @@ class LanguageModel(nn.Module):
         tokens = model.generate([[1, 2, 3]], max_new_tokens=10, temperature=0)
     """
 
-    def __init__(self, config: ModelConfig, *, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: ModelConfig, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 context_parallel: Any = None) -> None:
         super().__init__()
         config.validate()
         self.config = config
         factory = {"device": device, "dtype": dtype}
         vocab, d = config.padded_vocab_size, config.d_model
         self.embedding = nn.Embedding(vocab, d, **factory)
-        self.layers = build_blocks(config, factory)
+        self.layers = build_blocks(config, factory, context_parallel=context_parallel)
         self.norm_f = RMSNorm(d, eps=config.norm_eps, **factory)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False, **factory)
         init_weights(self, self.layers, config)
@@ -204,11 +208,8 @@ class LanguageModel(nn.Module):
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return ModelCache([
-            block.mixer.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
-            if isinstance(block.mixer, Attention) else block.allocate_state(batch_size, dtype=dtype, device=device)
-            for block in self.layers
-        ])
+        return ModelCache([block.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
+                           for block in self.layers])
 
     def cache_nbytes(self, context_length: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
         """Bytes of a cache holding ``context_length`` tokens per row (measured on the "meta" device, so
@@ -218,6 +219,11 @@ class LanguageModel(nn.Module):
             raise ValueError(f"context_length must be a positive int, got {context_length!r}")
         return self.allocate_cache(batch_size, dtype=dtype, device=torch.device("meta"),
                                    max_length=context_length).nbytes
+
+    def flops_per_token(self, length: int = 256) -> float:
+        """Forward FLOPs per token when reading sequences of ``length`` tokens: each layer's formula from the
+        layer registry (MoE layers count their top-k experts) plus the head. Training costs about 3x."""
+        return flops_per_token(self.layers, length) + 2.0 * self.head_weight.numel()
 
     def generate(self, prompts: torch.Tensor | list, max_new_tokens: int, **kwargs: Any) -> torch.Tensor | list:
         """:func:`ssmkit.generation.generate` with this model (same arguments and result)."""

@@ -41,7 +41,7 @@ from ssmkit.data import (
     eval_batches,
     load_datasets,
 )
-from ssmkit.distributed import enable_context_parallel
+from ssmkit.distributed import ContextParallel
 from ssmkit.models import LanguageModel, ModelConfig, param_groups
 from ssmkit.train import checkpoint
 from ssmkit.train.config import TrainConfig
@@ -155,10 +155,9 @@ class Trainer:
         if self.model_config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size is {self.model_config.vocab_size} but the tokenizer needs "
                              f"{tokenizer.vocab_size} (its vocabulary plus pad/bos/eos)")
-        model = LanguageModel(self.model_config, device=info.device)
+        split = None if info.cp_group is None else ContextParallel(info.cp_group)
+        model = LanguageModel(self.model_config, device=info.device, context_parallel=split)
         n_params = sum(p.numel() for p in model.parameters())
-        if info.cp_group is not None:
-            enable_context_parallel(model, info.cp_group)
         if cfg.compile:
             model.compile()
         model = parallelize(model, info, cfg.parallel)
