@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.data import IGNORE, BatchLoader, DataConfig, load_datasets
-from ssmkit.interop.transformers_config import config_to_transformers
+from ssmkit.models.formats.transformers_config import config_to_transformers
 from ssmkit.models import LanguageModel, get_preset, param_groups
 
 

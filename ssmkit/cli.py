@@ -28,13 +28,15 @@ from typing import Any
 from ssmkit.data.config import DataConfig
 from ssmkit.train.config import TrainConfig
 from ssmkit.train.errors import TrainingError
-from ssmkit.train.options import apply_overrides, describe_type, flat_fields, simple_from_dict
+from ssmkit.train.options import (
+    UsageError,
+    apply_overrides,
+    describe_type,
+    flat_fields,
+    simple_from_dict,
+)
 
 SECTIONS = ("model", "train", "data")
-
-
-class UsageError(ValueError):
-    """A bad command line: printed with the usage, exit status 2."""
 
 
 def _section_classes() -> dict[str, type]:
@@ -110,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
-    """``--dtype`` of the commands that load a model to run it (resolved by :func:`_load`)."""
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    """``--dtype`` of the commands that load a model to run it (:func:`ssmkit.models.loading.load_model`)."""
+    from ssmkit.models.loading import DTYPES
+
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a "
                              "CPU; bfloat16 roughly doubles CPU decode (half the bytes per token) on CPUs with "
                              "native bf16 (AVX512-BF16, AMX). " + note)
@@ -246,43 +250,6 @@ def _model_dict(preset: str | None, overrides: dict[str, str], data_config: Data
     return ModelConfig.from_dict(model_dict).to_dict()
 
 
-def resolve_model_dir(path: str) -> Path:
-    """A folder with config.json: the folder itself, a run's ``model/``, or a run's latest good checkpoint."""
-    from ssmkit.train import checkpoint
-
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"checkpoint not found: {folder}")
-    if (folder / "config.json").is_file():
-        return folder
-    if (folder / "model" / "config.json").is_file():
-        return folder / "model"
-    found = checkpoint.find_resumable(folder / "checkpoints")
-    if found is not None:
-        return found[0]
-    raise FileNotFoundError(f"no model in {folder}: expected config.json (a model folder) or a training run "
-                            "folder with model/ or checkpoints/")
-
-
-def _load(path: str, device: str, dtype: str = "float32") -> tuple[Any, Any, Path]:
-    import torch
-
-    from ssmkit.data.tokenizer import load_tokenizer
-    from ssmkit.models import LanguageModel
-
-    folder = resolve_model_dir(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    model = LanguageModel.from_pretrained(folder, device=device, dtype=getattr(torch, dtype)).eval()
-    tokenizer = load_tokenizer(folder)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}; this tokenizer does not belong to this model")
-    return model, tokenizer, folder
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -292,7 +259,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             text = Path(args.prompt_file).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise FileNotFoundError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
-    model, tokenizer, _ = _load(args.checkpoint, args.device, args.dtype)
+    from ssmkit.models.loading import load_model
+
+    model, tokenizer, _ = load_model(args.checkpoint, args.device, args.dtype)
     ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
     if not ids:
         raise UsageError("this model's tokenizer has no start-of-document token: give a non-empty --prompt")
@@ -326,6 +295,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from ssmkit.models import LanguageModel, get_preset, list_presets
+    from ssmkit.models.loading import load_model
 
     if args.list:
         for name in list_presets():
@@ -336,7 +306,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, label = get_preset(args.preset), f"preset {args.preset}"
         model = LanguageModel(config, device="meta")
     else:
-        model, _, folder = _load(args.checkpoint, "cpu")
+        model, _, folder = load_model(args.checkpoint, "cpu")
         config, label = model.config, str(folder)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.embedding.weight.numel()
@@ -359,6 +329,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import shutil
 
     from ssmkit.models import LanguageModel
+    from ssmkit.models.loading import resolve_model_dir
 
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
@@ -380,7 +351,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ssmkit.serve.server import serve
     except ImportError as e:
         raise UsageError(f"ssmkit serve needs the serve extra: pip install 'ssmkit[serve]' ({e})") from None
-    model, tokenizer, folder = _load(args.checkpoint, args.device, args.dtype)
+    from ssmkit.models.loading import load_model
+
+    model, tokenizer, folder = load_model(args.checkpoint, args.device, args.dtype)
     serve(model, tokenizer, folder, options_from_args(args, Path(args.checkpoint).resolve().name))
     return 0
 

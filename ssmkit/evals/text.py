@@ -17,9 +17,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssmkit.data import IGNORE, DataConfig, EvalSet, encode_documents, eval_batches, load_datasets, read_documents
+from ssmkit.data import (
+    IGNORE,
+    DataConfig,
+    EvalSet,
+    encode_documents,
+    eval_batches,
+    load_datasets,
+    read_documents,
+)
 from ssmkit.evals import _common as common
 from ssmkit.evals.registry import register
+from ssmkit.models.loading import load_model
+from ssmkit.models.run_folder import RUN_FILE
+from ssmkit.train.options import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,11 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out_dir: Path | None) -> dict[str, Any]:
-    from ssmkit.cli import UsageError, _load
     from ssmkit.train.trainer import evaluate
 
-    model, tokenizer, folder = _load(args.checkpoint, args.device)
-    run_file = next((p / "run.json" for p in (folder, *folder.parents[:3]) if (p / "run.json").is_file()), None)
+    model, tokenizer, folder = load_model(args.checkpoint, args.device)
+    run_file = next((p / RUN_FILE for p in (folder, *folder.parents[:3]) if (p / RUN_FILE).is_file()), None)
     run_data = json.loads(run_file.read_text())["data"] if run_file else None
     if not args.data and run_data is None:
         raise UsageError(f"{folder} is not part of a training run: give the text to evaluate with --data")

@@ -12,7 +12,6 @@ included), as transformers' Mistral ``sliding_window``. Every path runs ``F.scal
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import torch
@@ -190,6 +189,12 @@ class Attention(nn.Module):
 
     def _name(self) -> str:
         return "Attention" if self.layer_idx is None else f"Attention (layer {self.layer_idx})"
+
+    @property
+    def decode_graph_blocker(self) -> str | None:
+        """None for a sliding window (a fixed ring of keys); full attention reads its cache length on the host
+        and grows its cache, so its decode step cannot be captured in a CUDA graph."""
+        return None if self.window is not None else "full attention (its KV cache length is read on the host each step)"
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
                        *, max_length: int | None = None) -> AttentionState:

@@ -89,6 +89,9 @@ class Mamba(nn.Module):
         y1 = layer(torch.randn(2, 1, 64), cache=state)     # one decode step
     """
 
+    decode_graph_blocker = None
+    """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
+
     def __init__(self, d_model: int, config: MambaConfig | None = None, *, layer_idx: int | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None,
                  **settings: Any) -> None:

@@ -71,6 +71,9 @@ class Mamba2(nn.Module):
         y = layer(torch.randn(2, 10, 64))
     """
 
+    decode_graph_blocker = None
+    """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
+
     def __init__(self, d_model: int, config: Mamba2Config | None = None, *, norm_eps: float = 1e-5,
                  context_parallel: SequenceSplit | None = None, layer_idx: int | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None,

@@ -67,6 +67,9 @@ class Mamba3(nn.Module):
         y1 = layer(torch.randn(2, 1, 64), cache=state)     # one decode step
     """
 
+    decode_graph_blocker = None
+    """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
+
     def __init__(self, d_model: int, config: Mamba3Config | None = None, *, norm_eps: float = 1e-5, layer_idx: int | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None,
                  **settings: Any) -> None:

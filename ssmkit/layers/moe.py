@@ -125,6 +125,9 @@ class MoE(nn.Module):
         )
         self.last_stats: RouterStats | None = None
 
+    decode_graph_blocker = "a MoE feed-forward (data-dependent shapes)"
+    """Routing groups tokens by expert with data-dependent sizes: not capturable in a CUDA graph."""
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
 

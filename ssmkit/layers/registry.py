@@ -21,8 +21,17 @@ from typing import Any
 from torch import nn
 
 from ssmkit.layers.attention import Attention, AttentionState
-from ssmkit.layers.configs import (AttentionConfig, HyenaConfig, Mamba2Config, Mamba3Config, MambaConfig, MLPConfig,
-                                   MoEConfig, S4Config, S4DConfig)
+from ssmkit.layers.configs import (
+    AttentionConfig,
+    HyenaConfig,
+    Mamba2Config,
+    Mamba3Config,
+    MambaConfig,
+    MLPConfig,
+    MoEConfig,
+    S4Config,
+    S4DConfig,
+)
 from ssmkit.layers.hyena import Hyena, HyenaState
 from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State

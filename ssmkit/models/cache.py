@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ssmkit.files import load_safetensors, save_safetensors_atomic
 from ssmkit.layers.state import STATE_TYPES, LayerState
-from ssmkit.models.checkpoint import load_safetensors, save_safetensors_atomic
 
 CACHE_FORMAT = "ssmkit-cache"
 CACHE_FORMAT_VERSION = 1

@@ -45,13 +45,13 @@ import difflib
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
+from ssmkit.files import write_text_atomic
 from ssmkit.layers import registry
 from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public names)
     AttentionConfig,
@@ -248,21 +248,6 @@ def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
     if len(tokens) > n_layer:
         raise ValueError(f"layer_pattern {pattern!r} describes {len(tokens)} layers but n_layer is {n_layer}")
     return [tokens[k % len(tokens)] for k in range(n_layer)]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _encode(value: Any) -> Any:

@@ -9,7 +9,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +20,18 @@ from ssmkit.layers import MoE, RMSNorm
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.layers.registry import flops_per_token
 from ssmkit.models.blocks import build_blocks, init_weights
+from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from ssmkit.generation.cache import ModelCache
-
+from ssmkit.models.formats.native import (
+    checkpoint_kind,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+)
+from ssmkit.models.formats.transformers import (
+    load_transformers_checkpoint,
+    save_transformers_checkpoint,
+)
 
 
 @dataclasses.dataclass
@@ -197,15 +204,13 @@ class LanguageModel(nn.Module):
 
     def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None,
                        device: torch.device | None = None, *, max_length: int | None = None) -> ModelCache:
-        """A zero :class:`ssmkit.generation.ModelCache` for ``batch_size`` rows.
+        """A zero :class:`ssmkit.models.ModelCache` for ``batch_size`` rows.
 
         Convolution states and KV caches take ``dtype`` (default: the weights' dtype), SSM states are
         float32 (float64 for a float64 model). SSM and sliding-window states do not grow with the number
         of tokens read; full-attention KV caches do (in blocks of 256 tokens), unless ``max_length``
         preallocates room for that many tokens.
         """
-        from ssmkit.generation.cache import ModelCache
-
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         return ModelCache([block.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
@@ -239,14 +244,10 @@ class LanguageModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, format: str = "ssmkit") -> None:
         """Write a checkpoint folder: ``"ssmkit"`` (config.json + model.safetensors) or ``"transformers"``
-        (a folder Hugging Face transformers loads; see :mod:`ssmkit.interop`). Files are written atomically."""
+        (a folder Hugging Face transformers loads; see :mod:`ssmkit.models.formats`). Files are written atomically."""
         if format == "ssmkit":
-            from ssmkit.models.checkpoint import save_checkpoint
-
             save_checkpoint(self, Path(path))
         elif format == "transformers":
-            from ssmkit.interop import save_transformers_checkpoint
-
             save_transformers_checkpoint(self, path)
         else:
             raise ValueError(f"format must be 'ssmkit' or 'transformers', got {format!r}")
@@ -261,16 +262,8 @@ class LanguageModel(nn.Module):
         files, tensors that do not match the config, and configs of other model types raise errors naming
         the file.
         """
-        from ssmkit.models.checkpoint import (
-            checkpoint_kind,
-            load_checkpoint,
-            load_state_dict_checked,
-        )
-
         path = Path(path)
         if checkpoint_kind(path) == "transformers":
-            from ssmkit.interop import load_transformers_checkpoint
-
             config, state_dict = load_transformers_checkpoint(path)
             source = path
         else:

@@ -19,6 +19,11 @@ import typing
 from typing import Any, Literal, Union
 
 
+class UsageError(ValueError):
+    """A bad command line (an option, or a combination of them): the CLI prints it with the usage and exits
+    with status 2. Raised by the CLI and by eval and bench entries."""
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: docstring}`` of a dataclass (fields without one are left out; no source = empty)."""

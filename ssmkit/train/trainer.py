@@ -43,6 +43,7 @@ from ssmkit.data import (
 )
 from ssmkit.distributed import ContextParallel
 from ssmkit.models import LanguageModel, ModelConfig, param_groups
+from ssmkit.models.run_folder import CHECKPOINTS, MODEL_DIR, RUN_FILE
 from ssmkit.train import checkpoint
 from ssmkit.train.config import TrainConfig
 from ssmkit.train.distributed import (
@@ -57,8 +58,6 @@ from ssmkit.train.distributed import (
 )
 from ssmkit.train.errors import TrainingError
 from ssmkit.train.metrics import MetricsLog, Progress, plot_losses
-
-RUN_FILE = "run.json"
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -143,7 +142,7 @@ class Trainer:
 
     def _fit(self, info: Dist) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
-        ckpt_root = out / "checkpoints"
+        ckpt_root = out / CHECKPOINTS
         if not self.resume and checkpoint.list_checkpoints(ckpt_root):
             raise FileExistsError(f"{out} already holds a run's checkpoints: pass --resume to continue it, "
                                   "or choose another --out")
@@ -215,7 +214,7 @@ class Trainer:
         """Steps until the step count or time budget is reached (or Ctrl-C); returns the last step and the
         last validation figures. Saves the final checkpoint and runs the final validation."""
         cfg = self.cfg
-        ckpt_root = self.out / "checkpoints"
+        ckpt_root = self.out / CHECKPOINTS
         say = print if info.is_main else (lambda *a, **k: None)
         budget = cfg.time_minutes * 60
         step, elapsed = counters["step"], counters["elapsed"]
@@ -327,7 +326,7 @@ class Trainer:
     def _finish(self, ckpt_root: Path, tokenizer: Any, val: dict[str, float], step: int,
                 device: torch.device) -> dict[str, Any]:
         """Copy the last checkpoint's model to ``<out>/model``, draw the loss curve, print a sample."""
-        model_dir = self.out / "model"
+        model_dir = self.out / MODEL_DIR
         tmp = self.out / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -9,10 +9,24 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssmkit.models import ModelCache
 from ssmkit.layers import LayerState
-from ssmkit.layers.registry import LayerKind, by_letter, kinds, linear_flops, register, sections, unregister
-from ssmkit.models import LanguageModel, Mamba2Config, MLPConfig, ModelConfig, get_preset
-from ssmkit.generation import ModelCache
+from ssmkit.layers.registry import (
+    LayerKind,
+    by_letter,
+    kinds,
+    linear_flops,
+    register,
+    sections,
+    unregister,
+)
+from ssmkit.models import (
+    LanguageModel,
+    Mamba2Config,
+    MLPConfig,
+    ModelConfig,
+    get_preset,
+)
 
 
 @dataclasses.dataclass(kw_only=True)

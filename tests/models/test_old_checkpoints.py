@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ssmkit.cli import main
-from ssmkit.generation import ModelCache
+from ssmkit.models import ModelCache
 from ssmkit.models import LanguageModel
 
 OLD = Path(__file__).parents[1] / "fixtures" / "old_checkpoints"

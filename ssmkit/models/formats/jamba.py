@@ -36,17 +36,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ssmkit.interop.files import (
+from ssmkit.layers import registry
+from ssmkit.models.formats.files import (
     CONFIG_NAME,
     CheckpointError,
     read_json,
     read_weights,
     write_folder,
 )
-from ssmkit.layers import registry
+from ssmkit.models.formats.native import model_tensor_shapes
 
 if TYPE_CHECKING:
-    from ssmkit.models import LanguageModel, ModelConfig
+    from torch import nn
+
+    from ssmkit.models.config import ModelConfig
 
 MODEL_TYPE = "jamba"
 # transformers' JambaConfig defaults for the fields config.json may leave out.
@@ -220,12 +223,8 @@ def _unfuse_experts(tensors: dict[str, torch.Tensor]) -> None:
 
 def _expected(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """transformers name -> (shape, ssmkit name) for every tensor of ``config``'s model."""
-    from ssmkit.models.language_model import LanguageModel
-
-    with torch.device("meta"):
-        model = LanguageModel(config)
     specs = config.layer_specs()
-    return {_to_transformers_name(n, specs): (tuple(t.shape), n) for n, t in model.state_dict().items()}
+    return {_to_transformers_name(n, specs): (shape, n) for n, shape in model_tensor_shapes(config).items()}
 
 
 def _check(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], str]], source: Path) -> None:
@@ -263,7 +262,7 @@ def load_jamba_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[st
     return config, {ssm_name: tensors[name] for name, (_, ssm_name) in expected.items()}
 
 
-def save_jamba_checkpoint(model: LanguageModel, path: str | os.PathLike) -> Path:
+def save_jamba_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a hybrid ``model`` as a transformers Jamba folder (config.json + model.safetensors, experts
     per expert), loadable by ``JambaForCausalLM.from_pretrained``; ValueError when the layer pattern or
     settings are not Jamba's (see :func:`jamba_config_to_transformers`). Returns the folder's path."""

@@ -1,4 +1,4 @@
-"""ssmkit checkpoint folders and safetensors I/O: atomic writes, errors that name the file.
+"""ssmkit checkpoint folders: atomic writes, errors that name the file.
 
 An ssmkit checkpoint folder holds::
 
@@ -13,19 +13,22 @@ half-written file under the final name. Tensors are only read through safetensor
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ssmkit.models.config import ModelConfig, write_text_atomic
+from ssmkit.files import (
+    load_safetensors,
+    read_json,
+    save_safetensors_atomic,
+    write_text_atomic,
+)
+from ssmkit.models.blocks import build_blocks
+from ssmkit.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from ssmkit.models.language_model import LanguageModel
+    from torch import nn
 
 FORMAT = "ssmkit"
 FORMAT_VERSION = 1
@@ -33,47 +36,6 @@ ARCHITECTURE = "LanguageModel"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba")
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
-                            metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` (safetensors) through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_safetensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor and the metadata of a safetensors file; clear errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (expected a safetensors file)")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type and OSError for bad files
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    return tensors, metadata
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -97,7 +59,20 @@ def checkpoint_kind(path: Path) -> str:
     )
 
 
-def save_checkpoint(model: LanguageModel, path: Path) -> None:
+def model_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a :class:`ssmkit.models.LanguageModel` of ``config`` holds, in its
+    state_dict order (the checkpoint's names; built on the meta device, so nothing is allocated)."""
+    d, vocab = config.d_model, config.padded_vocab_size
+    blocks = build_blocks(config, {"device": torch.device("meta")})
+    shapes = {"embedding.weight": (vocab, d)}
+    shapes.update((f"layers.{name}", tuple(t.shape)) for name, t in blocks.state_dict().items())
+    shapes["norm_f.weight"] = (d,)
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (vocab, d)
+    return shapes
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
     """Write ``model`` as an ssmkit checkpoint folder at ``path`` (created if needed)."""
     path.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(dict(model.state_dict()), path / WEIGHTS_NAME, metadata={"format": FORMAT})
@@ -127,7 +102,7 @@ def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], P
     return config, tensors, weights_file
 
 
-def load_state_dict_checked(model: LanguageModel, state_dict: dict[str, torch.Tensor], source: Path) -> None:
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
     """Copy ``state_dict`` into ``model``; missing, unexpected or misshapen tensors raise, naming ``source``."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())

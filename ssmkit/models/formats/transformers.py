@@ -2,7 +2,7 @@
 
 Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2`` and ``jamba``
 (:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
-:mod:`ssmkit.interop.transformers_mamba` and :mod:`ssmkit.interop.jamba`);
+:mod:`ssmkit.models.formats.transformers_mamba` and :mod:`ssmkit.models.formats.jamba`);
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
 """
 
@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssmkit.interop import transformers_mamba
-from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json
-from ssmkit.interop.jamba import load_jamba_checkpoint, save_jamba_checkpoint
-from ssmkit.interop.transformers_config import MODEL_TYPES as _MAMBA_MODEL_TYPES
+from ssmkit.models.formats import transformers_mamba
+from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json
+from ssmkit.models.formats.jamba import load_jamba_checkpoint, save_jamba_checkpoint
+from ssmkit.models.formats.transformers_config import MODEL_TYPES as _MAMBA_MODEL_TYPES
 
 if TYPE_CHECKING:
-    from ssmkit.models import LanguageModel, ModelConfig
+    from torch import nn
+
+    from ssmkit.models.config import ModelConfig
 
 TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba")
 
@@ -35,7 +37,7 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
     return transformers_mamba.load_transformers_checkpoint(folder)
 
 
-def save_transformers_checkpoint(model: LanguageModel, path: str | os.PathLike) -> Path:
+def save_transformers_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` as a transformers folder: Jamba for hybrids (attention or feed-forward layers, or
     Mamba with inner layer norms), mamba / falcon_mamba / mamba2 for pure SSM stacks."""
     config = model.config

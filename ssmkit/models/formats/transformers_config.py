@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ssmkit.interop.files import CheckpointError
 from ssmkit.models.config import Mamba2Config, MambaConfig, ModelConfig
+from ssmkit.models.formats.files import CheckpointError
 
 MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
 ARCHITECTURES = {

@@ -21,11 +21,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json, read_weights, write_folder
-from ssmkit.interop.transformers_config import config_from_transformers, config_to_transformers
+from ssmkit.models.formats.files import (
+    CONFIG_NAME,
+    CheckpointError,
+    read_json,
+    read_weights,
+    write_folder,
+)
+from ssmkit.models.formats.transformers_config import (
+    config_from_transformers,
+    config_to_transformers,
+)
 
 if TYPE_CHECKING:
-    from ssmkit.models import LanguageModel, ModelConfig
+    from torch import nn
+
+    from ssmkit.models.config import ModelConfig
 
 
 def _mixer_shapes(raw: dict[str, Any], config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -164,13 +175,13 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
     return config, {_to_ssmkit_name(n): t for n, t in tensors.items()}
 
 
-def save_transformers_checkpoint(model: LanguageModel, path: str | os.PathLike) -> Path:
+def save_transformers_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` as a transformers checkpoint folder (config.json + model.safetensors).
 
     Pure Mamba-1 models become model_type ``mamba`` (``falcon_mamba`` when ``mamba.mixer_rms_eps`` is
     set), pure Mamba-2 models ``mamba2``; ``transformers.AutoModelForCausalLM.from_pretrained(path)``
     loads the result and computes the same logits. Tensors are saved in the model's dtype. The folder is
-    written atomically (see :func:`ssmkit.interop.files.write_folder`). Returns the folder's path.
+    written atomically (see :func:`ssmkit.models.formats.files.write_folder`). Returns the folder's path.
 
     Raises:
         ValueError: the model has layers or settings transformers' classes cannot express (attention,

@@ -13,7 +13,14 @@ from safetensors.torch import save_file
 
 from ssmkit.interop import CheckpointError, load_transformers_checkpoint
 from ssmkit.layers import Attention, Mamba, MoE
-from ssmkit.models import AttentionConfig, LanguageModel, MambaConfig, MLPConfig, ModelConfig, MoEConfig
+from ssmkit.models import (
+    AttentionConfig,
+    LanguageModel,
+    MambaConfig,
+    MLPConfig,
+    ModelConfig,
+    MoEConfig,
+)
 from ssmkit.models.presets import jamba_layer_pattern
 from ssmkit.testing import assert_close, relative_error
 

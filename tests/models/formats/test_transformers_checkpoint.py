@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssmkit.interop import CheckpointError, load_transformers_checkpoint
-from ssmkit.interop.files import read_weights, write_folder
 from ssmkit.models import LanguageModel
-
+from ssmkit.models.formats.files import read_weights, write_folder
 
 DROP = object()
 
@@ -269,7 +268,7 @@ def test_write_folder_is_atomic(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ssmkit.interop.files.save_file", fail)
+    monkeypatch.setattr("ssmkit.models.formats.files.save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         write_folder(tmp_path / "new", {}, tensors)
     with pytest.raises(OSError, match="disk full"):

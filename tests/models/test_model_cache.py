@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssmkit.generation import ModelCache
+from ssmkit.models import ModelCache
 from ssmkit.layers import Mamba2State, MambaState
 from ssmkit.models import LanguageModel, get_preset
 from ssmkit.testing import assert_close

@@ -1,0 +1,20 @@
+"""Checkpoints of other libraries <-> ssmkit: the transformers formats, kept under this name for code that
+imports it. They live in :mod:`ssmkit.models.formats` (with ssmkit's own format), which
+``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` use."""
+
+from ssmkit.models.formats.files import CheckpointError
+from ssmkit.models.formats.jamba import load_jamba_checkpoint, save_jamba_checkpoint
+from ssmkit.models.formats.transformers import (
+    TRANSFORMERS_MODEL_TYPES,
+    load_transformers_checkpoint,
+    save_transformers_checkpoint,
+)
+
+__all__ = [
+    "TRANSFORMERS_MODEL_TYPES",
+    "CheckpointError",
+    "load_jamba_checkpoint",
+    "load_transformers_checkpoint",
+    "save_jamba_checkpoint",
+    "save_transformers_checkpoint",
+]
