@@ -2,8 +2,9 @@
 
 Every document is encoded as ``[bos] tokens [eos]`` and the documents are laid end to end in one stream.
 A row of length ``L`` takes ``L + 1`` consecutive stream tokens: inputs are the first ``L``, targets the
-last ``L`` (aligned with the predictions: ``targets[t]`` is the token after ``inputs[t]``). A target is kept only where it belongs to the same document as its input, so the model never
-predicts across a boundary, and ``seq_idx`` (numbered from 0 within each row) makes every op restart its
+last ``L`` (aligned with the predictions: ``targets[t]`` is the token after ``inputs[t]``). A target is
+kept only where it belongs to the same document as its input, so the model never predicts across a
+boundary, and ``seq_idx`` (numbered from 0 within each row) makes every op restart its
 state and convolution where the document changes: nothing leaks from one document to the next. Every
 token except a ``bos`` is a target exactly once; rows overlap by one token for that reason.
 

@@ -1,9 +1,10 @@
 """Tokenizers: raw UTF-8 bytes (vocabulary 256 + 3 specials) or a local Hugging Face ``tokenizer.json``.
 
 Both add the same three specials after the base vocabulary, in the order of the byte vocabulary
-(:data:`BYTE_PAD`, :data:`BYTE_BOS`, :data:`BYTE_EOS`; the ``byte-small`` preset is sized for it): ``pad_id`` fills padded input positions (never scored), ``bos_id`` starts
-every document (the first real token is predicted from it, so no byte goes unscored) and ``eos_id`` ends
-it (so a model learns where documents stop and generation can end there). A checkpoint folder stores its tokenizer as
+(:data:`BYTE_PAD`, :data:`BYTE_BOS`, :data:`BYTE_EOS`; the ``byte-small`` preset is sized for it):
+``pad_id`` fills padded input positions (never scored), ``bos_id`` starts every document (the first real
+token is predicted from it, so no byte goes unscored) and ``eos_id`` ends it (so a model learns where
+documents stop and generation can end there). A checkpoint folder stores its tokenizer as
 ``ssmkit_tokenizer.json`` (plus the ``tokenizer.json`` it came from), read back by :func:`load_tokenizer`.
 """
 

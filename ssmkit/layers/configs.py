@@ -393,7 +393,8 @@ _Settings = TypeVar("_Settings")
 
 def layer_settings(cls: type[_Settings], config: _Settings | None, overrides: dict[str, Any], owner: str) -> _Settings:
     """What a layer runs with: ``config`` (default ``cls()``: the defaults live only in the config class)
-    with keyword ``overrides`` of its fields, so ``Mamba2(64, d_state=32)`` is ``Mamba2(64, Mamba2Config(d_state=32))``."""
+    with keyword ``overrides`` of its fields, so ``Mamba2(64, d_state=32)`` is
+    ``Mamba2(64, Mamba2Config(d_state=32))``."""
     if config is not None and not isinstance(config, cls):
         raise TypeError(f"{owner}: config must be a {cls.__name__}, got {type(config).__name__}")
     try:

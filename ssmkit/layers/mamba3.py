@@ -70,9 +70,9 @@ class Mamba3(nn.Module):
     decode_graph_blocker = None
     """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
 
-    def __init__(self, d_model: int, config: Mamba3Config | None = None, *, norm_eps: float = 1e-5, layer_idx: int | None = None,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 **settings: Any) -> None:
+    def __init__(self, d_model: int, config: Mamba3Config | None = None, *, norm_eps: float = 1e-5,
+                 layer_idx: int | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None, **settings: Any) -> None:
         super().__init__()
         self.config = config = layer_settings(Mamba3Config, config, settings, "Mamba3")
         d_state, expand, headdim, ngroups = config.d_state, config.expand, config.headdim, config.ngroups
