@@ -165,3 +165,19 @@ def test_flop_formulas_cover_what_torch_counts(pattern):
     counted = counter.get_total_flops() / length
     ours = model.flops_per_token(length)
     assert 0.8 * counted <= ours <= 2.5 * counted, (ours, counted)
+
+
+@pytest.mark.parametrize("letter", [k.letter for k in kinds() if not k.feed_forward])
+def test_every_builtin_kind_has_a_positive_flop_count_that_grows_only_for_attention(letter):
+    """Each registered mixer's formula runs on its layer (built on the meta device) and, apart from full
+    attention, costs about the same per token at any length (the scans are linear)."""
+    config = ModelConfig(vocab_size=64, d_model=32, n_layer=1, layer_pattern=letter,
+                         mamba2=Mamba2Config(headdim=16, d_state=16), s4=get_preset("debug-mamba").s4)
+    config.mamba3.headdim, config.attention.num_heads, config.attention.window = 16, 4, 64
+    model = LanguageModel(config, device="meta")
+    short, long = model.flops_per_token(128), model.flops_per_token(8192)
+    assert short > 2 * model.head_weight.numel()
+    if letter == "A":
+        assert long > 10 * short
+    else:
+        assert long < 2 * short
