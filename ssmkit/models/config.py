@@ -136,8 +136,10 @@ class ModelConfig:
         self.validate()
 
     def __getattr__(self, name: str) -> Any:
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name not in sections and name in registry.sections():
+            sections[name] = registry.sections()[name]()  # a kind registered after this config was made
+        if sections is not None and name in sections:
             return sections[name]
         raise AttributeError(f"ModelConfig has no field or layer settings section {name!r}")
 
@@ -165,8 +167,8 @@ class ModelConfig:
         _positive("initializer_range", self.initializer_range)
         specs = self.layer_specs()
         used = {registry.by_name(name).section for spec in specs for name in spec if name is not None}
-        for section in sorted(used):
-            validate = getattr(self.sections[section], "validate", None)
+        for section in (s for s in registry.sections() if s in used):
+            validate = getattr(getattr(self, section), "validate", None)
             if validate is not None:
                 validate(self.d_model)
 
@@ -310,10 +312,13 @@ def _check_types(obj: Any, path: str) -> None:
     for f in dataclasses.fields(obj):
         value, tp, name = getattr(obj, f.name), hints[f.name], f"{path}{f.name}"
         if f.metadata.get("sections"):
-            for section, cls in f.metadata["sections"]().items():
-                if not isinstance(value.get(section), cls):
-                    raise ValueError(f"{section} must be a {cls.__name__}, got {type(value.get(section)).__name__}")
-                _check_types(value[section], section + ".")
+            known = f.metadata["sections"]()
+            for section, settings in value.items():
+                if section not in known:
+                    raise ValueError(f"{section}: no registered layer kind has this settings section")
+                if not isinstance(settings, known[section]):
+                    raise ValueError(f"{section} must be a {known[section].__name__}, got {type(settings).__name__}")
+                _check_types(settings, section + ".")
             continue
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, tp):

@@ -181,3 +181,15 @@ def test_every_builtin_kind_has_a_positive_flop_count_that_grows_only_for_attent
         assert long > 10 * short
     else:
         assert long < 2 * short
+
+
+def test_a_config_made_before_a_kind_is_registered_gets_its_defaults():
+    config = ModelConfig(vocab_size=8, d_model=8, n_layer=1, layer_pattern="M")
+    register(LayerKind("L", "leaky", "leaky", LeakyConfig, Leaky, flops=lambda layer, length: 0.0))
+    try:
+        assert config.leaky == LeakyConfig() and config.to_dict()["leaky"] == {"decay": 0.8}
+        config.validate()
+    finally:
+        unregister("L")
+    with pytest.raises(ValueError, match="leaky: no registered layer kind has this settings section"):
+        config.validate()
