@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ssmkit.cli_ranges import bound_numbers
 from ssmkit.data.config import DataConfig
 from ssmkit.train.config import TrainConfig
 from ssmkit.train.errors import TrainingError
@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  default=argparse.SUPPRESS, help=f"{doc} (default: {shown})".replace("%", "%%"))
 
     gen = sub.add_parser("generate", allow_abbrev=False, help="stream a continuation of a prompt to stdout")
-    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder or training run folder")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR|ID",
+                     help="model folder, training run folder, or Hugging Face Hub id (org/name)")
+    _add_tokenizer_argument(gen)
+    gen.add_argument("--ids", action="store_true",
+                     help="--prompt is token ids (separated by spaces) and the output is token ids; no tokenizer "
+                          "is needed")
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file")
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", allow_abbrev=False,
                           help="config, parameters, cache size and FLOPs per token of a model")
     what = info.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", metavar="DIR")
+    what.add_argument("--checkpoint", metavar="DIR|ID", help="model folder or Hugging Face Hub id (org/name)")
     what.add_argument("--preset", metavar="NAME")
     what.add_argument("--list", action="store_true", help="list the presets")
     info.add_argument("--context", type=int, default=None, metavar="N",
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", allow_abbrev=False,
                           help="convert a checkpoint between ssmkit and transformers formats")
-    conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder)")
+    conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder, "
+                                                 "or a Hugging Face Hub id org/name)")
     conv.add_argument("dst", metavar="DST", help="new folder to write")
     conv.add_argument("--to", required=True, choices=("transformers", "ssmkit"))
 
@@ -107,8 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", allow_abbrev=False,
                            help="HTTP server: completions (streamed or not) and stateful sessions")
     add_serve_arguments(serve)
+    _add_tokenizer_argument(serve)
     _add_dtype_argument(serve, "Saved sessions load into either.")
+    bound_numbers(parser)
+    _add_revision_arguments(parser)
     return parser
+
+
+def _add_tokenizer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", metavar="FILE", default=None,
+                        help="tokenizer.json to use (or a folder with one), for checkpoints that have none")
+
+
+def _add_revision_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--revision`` for every command that names a checkpoint (``--checkpoint``, or convert's SRC)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_revision_arguments(sub)
+    dests = {a.dest for a in parser._actions}
+    if ("checkpoint" in dests or "src" in dests) and "revision" not in dests:
+        parser.add_argument("--revision", default=None, metavar="REV",
+                            help="branch, tag or commit of a Hugging Face Hub checkpoint (default: main)")
 
 
 def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -161,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         _subparser(parser, args).print_usage(sys.stderr)
         print(f"ssmkit {where}: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, TrainingError) as e:
-        # Expected failures (missing files, bad configs or checkpoints, a diverged run) get one line;
-        # anything else is a bug and keeps its traceback.
+    except (OSError, ValueError, ImportError, TrainingError) as e:
+        # Expected failures (missing files, bad configs or checkpoints, a missing optional package, a
+        # diverged run) get one line; anything else is a bug and keeps its traceback.
         print(f"ssmkit {where}: error: {e}", file=sys.stderr)
         return 1
 
@@ -189,8 +215,12 @@ def _unknown_message(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from ssmkit.models import ModelConfig
+    from ssmkit.models.size import check_model_size
     from ssmkit.train import RUN_FILE, Trainer
+    from ssmkit.train.checkpoint import read_run_file
 
     overrides: dict[str, dict[str, str]] = {s: {} for s in SECTIONS}
     for dest, value in vars(args).items():
@@ -200,6 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides["train"].update(steps=str(args.steps), time_minutes="0")
     if args.time is not None:
+        # > 0 by its type: time_minutes 0 means "stop after --steps", which `--time 0` must not silently become.
         overrides["train"]["time_minutes"] = str(args.time)
     if args.data:
         overrides["data"]["paths"] = " ".join(args.data)
@@ -207,9 +238,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = None
     if args.resume:
         try:
-            saved = json.loads((out / RUN_FILE).read_text())
+            saved = read_run_file(out / RUN_FILE)
         except FileNotFoundError:
             raise FileNotFoundError(f"--resume: {out / RUN_FILE} not found; is {out} a training run folder?") from None
+        except ValueError as e:
+            raise ValueError(f"--resume: {e}") from None
     try:
         data_dict = apply_overrides(saved["data"] if saved else asdict(DataConfig()), DataConfig, "data",
                                     overrides["data"])
@@ -229,7 +262,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if saved and model_dict != saved["model"]:
             changed = sorted(k for k in model_dict if model_dict[k] != saved["model"].get(k))
             raise UsageError(f"--resume continues the saved model, but --preset/--model.* change {', '.join(changed)}")
-    Trainer(ModelConfig.from_dict(model_dict), train_config, data_config, out, resume=args.resume).fit()
+    model_config = ModelConfig.from_dict(model_dict)
+    # Before reading any data: a model too big for this machine is refused in a second, not after tokenizing.
+    check_model_size(model_config, device="cuda" if train_config.device in ("auto", "cuda") and
+                     torch.cuda.is_available() else "cpu", source="the model config (--preset, --model.*)")
+    Trainer(model_config, train_config, data_config, out, resume=args.resume).fit()
     return 0
 
 
@@ -247,21 +284,27 @@ def _model_dict(preset: str | None, overrides: dict[str, str], data_config: Data
         model_dict["vocab_size"] = needed
     elif model_dict["vocab_size"] < needed:
         raise UsageError(f"--model.vocab_size {model_dict['vocab_size']} is smaller than the tokenizer's {needed}")
-    return ModelConfig.from_dict(model_dict).to_dict()
+    try:
+        return ModelConfig.from_dict(model_dict).to_dict()
+    except ValueError as e:  # a --model.* value out of its range
+        raise UsageError(str(e)) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.ids:
+        return _generate_ids(args)
+    from ssmkit.files import read_text
+
     text = args.prompt
     if args.prompt_file:
         try:
-            text = Path(args.prompt_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_text(args.prompt_file, "record")  # size-checked before reading
+        except (OSError, ValueError) as e:
             raise FileNotFoundError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
     from ssmkit.models.loading import load_model
 
-    model, tokenizer, _ = load_model(args.checkpoint, args.device, args.dtype)
+    model, tokenizer, _ = load_model(args.checkpoint, args.device, args.dtype, revision=args.revision,
+                                     tokenizer=args.tokenizer)
     ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
     if not ids:
         raise UsageError("this model's tokenizer has no start-of-document token: give a non-empty --prompt")
@@ -276,6 +319,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(decoder.push(t))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
+    return 0
+
+
+def _generate_ids(args: argparse.Namespace) -> int:
+    """``generate --ids``: the prompt is token ids, the output the new ids; no tokenizer is read."""
+    if args.prompt_file:
+        raise UsageError("--ids takes the prompt's token ids from --prompt")
+    try:
+        ids = [int(t) for t in args.prompt.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--ids: --prompt must be token ids separated by spaces, got {args.prompt[:80]!r}") from None
+    from ssmkit.models.loading import load_model
+
+    model, _, _ = load_model(args.checkpoint, args.device, args.dtype, revision=args.revision, need_tokenizer=False)
+    vocab = model.config.vocab_size
+    if not ids or not all(0 <= i < vocab for i in ids):
+        raise UsageError(f"--ids: --prompt must hold at least one token id, each in [0, {vocab})")
+    for token in model.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(f"{int(token[0])} ")
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
@@ -306,7 +371,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, label = get_preset(args.preset), f"preset {args.preset}"
         model = LanguageModel(config, device="meta")
     else:
-        model, _, folder = load_model(args.checkpoint, "cpu")
+        model, _, folder = load_model(args.checkpoint, "cpu", revision=args.revision, need_tokenizer=False)
         config, label = model.config, str(folder)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.embedding.weight.numel()
@@ -334,15 +399,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
-    src = resolve_model_dir(args.src)
+    src = resolve_model_dir(args.src, args.revision)
     model = LanguageModel.from_pretrained(src)
     model.save_pretrained(dst, format=args.to)
-    copied = ["tokenizer.json"] + (["ssmkit_tokenizer.json"] if args.to == "ssmkit" else [])
-    for name in copied:
+    # ssmkit_tokenizer.json goes into transformers folders too (transformers ignores it): without it a
+    # byte model's export would have no tokenizer at all.
+    for name in ("tokenizer.json", "ssmkit_tokenizer.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     print(f"wrote {dst} ({args.to} format)")
     return 0
+
+
+def _model_name(checkpoint: str) -> str:
+    """The name the server answers to: a hub id as it is, else the checkpoint folder's name."""
+    from ssmkit.hub import is_hub_id
+
+    local = Path(checkpoint).expanduser()
+    return checkpoint if is_hub_id(checkpoint) and not local.exists() else local.resolve().name
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -353,8 +427,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"ssmkit serve needs the serve extra: pip install 'ssmkit[serve]' ({e})") from None
     from ssmkit.models.loading import load_model
 
-    model, tokenizer, folder = load_model(args.checkpoint, args.device, args.dtype)
-    serve(model, tokenizer, folder, options_from_args(args, Path(args.checkpoint).resolve().name))
+    model, tokenizer, folder = load_model(args.checkpoint, args.device, args.dtype, revision=args.revision,
+                                          tokenizer=args.tokenizer)
+    serve(model, tokenizer, folder, options_from_args(args, _model_name(args.checkpoint)))
     return 0
 
 

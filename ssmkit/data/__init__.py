@@ -11,7 +11,13 @@ from ssmkit.data.corpus import Document, default_corpus_root, read_documents, sp
 from ssmkit.data.datasets import Datasets, EvalSet, describe, load_datasets, make_rows
 from ssmkit.data.loader import BatchLoader, eval_batches
 from ssmkit.data.packing import IGNORE, Batch, BucketedRows, PackedRows, TokenStream, encode_documents, waste
-from ssmkit.data.tokenizer import ByteTokenizer, TokenizersTokenizer, build_tokenizer, load_tokenizer
+from ssmkit.data.tokenizer import (
+    ByteTokenizer,
+    MissingTokenizerError,
+    TokenizersTokenizer,
+    build_tokenizer,
+    load_tokenizer,
+)
 
 __all__ = [
     "IGNORE",
@@ -23,6 +29,7 @@ __all__ = [
     "Datasets",
     "Document",
     "EvalSet",
+    "MissingTokenizerError",
     "PackedRows",
     "TokenStream",
     "TokenizersTokenizer",

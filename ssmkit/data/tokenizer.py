@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ssmkit import files
+from ssmkit.files import shown
+from ssmkit.hub import resolve_checkpoint
+
 BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
 """The byte vocabulary's specials, after the 256 byte values."""
 BYTE_VOCAB_SIZE = 259
@@ -80,15 +84,16 @@ class TokenizersTokenizer:
     def __init__(self, path: str | os.PathLike, *, add_specials: bool = True) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise FileNotFoundError(f"tokenizer file not found: {shown(path)}")
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
             raise ImportError("data.tokenizer needs the 'tokenizers' package: pip install 'ssmkit[tokens]'") from e
+        text = files.read_text(path, "tokenizer")  # size-checked before reading
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = Tokenizer.from_str(text)
         except Exception as e:
-            raise ValueError(f"{path} is not a valid tokenizers tokenizer.json: {e}") from e
+            raise ValueError(f"{shown(path)} is not a valid tokenizers tokenizer.json: {e}") from e
         self.path = path
         base = self._tok.get_vocab_size(with_added_tokens=True)
         if add_specials:
@@ -168,28 +173,64 @@ def build_tokenizer(tokenizer_path: str) -> Tokenizer:
     return TokenizersTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
 
 
-def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved in a checkpoint folder.
+class MissingTokenizerError(FileNotFoundError):
+    """A checkpoint without a tokenizer whose token ids cannot be taken for bytes."""
 
-    Without ``ssmkit_tokenizer.json`` a ``tokenizer.json`` (e.g. a transformers checkpoint) is used as it
-    is, without ssmkit specials; a folder with neither is taken to be a byte model.
+
+def load_tokenizer(folder: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                   revision: str | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder or Hugging Face Hub id (at ``revision``; see
+    :func:`ssmkit.hub.resolve_checkpoint`), or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
+    when given.
+
+    ``ssmkit_tokenizer.json`` says what the folder's tokenizer is; without it a ``tokenizer.json`` (a
+    transformers checkpoint, as the state-spaces models' GPT-NeoX tokenizer) is used as it is, without
+    ssmkit specials. A folder with neither is a byte model only if it is an ssmkit checkpoint of the byte
+    vocabulary (259 tokens); otherwise :class:`MissingTokenizerError`, since reading its ids as bytes
+    would print gibberish: pass a tokenizer, or work in token ids (``ssmkit generate --ids``).
 
     Raises ValueError naming the file when ``ssmkit_tokenizer.json`` is unreadable or of unknown kind.
     """
+    if tokenizer is not None:
+        given = Path(tokenizer)
+        return TokenizersTokenizer(given / "tokenizer.json" if given.is_dir() else given, add_specials=False)
+    folder = resolve_checkpoint(folder, revision)
     spec_path = Path(folder) / SPEC_FILE
     if not spec_path.exists():
         foreign = Path(folder) / "tokenizer.json"
-        return TokenizersTokenizer(foreign, add_specials=False) if foreign.is_file() else ByteTokenizer()
+        if foreign.is_file():
+            return TokenizersTokenizer(foreign, add_specials=False)
+        if _is_byte_checkpoint(Path(folder)):
+            return ByteTokenizer()
+        raise MissingTokenizerError(
+            f"{shown(folder)}: no tokenizer (tokenizer.json or {SPEC_FILE}) beside this checkpoint, so its token "
+            "ids cannot be turned into text; give one (--tokenizer FILE, or load_tokenizer(..., tokenizer=FILE)), "
+            "or work in token ids (ssmkit generate --ids)")
     try:
-        spec = json.loads(spec_path.read_text())
+        spec = files.read_json_object(spec_path, "config")
         kind = spec["kind"]
+    except files.FileTooLargeError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{spec_path}: unreadable tokenizer spec ({e})") from e
+        raise ValueError(f"{shown(spec_path)}: unreadable tokenizer spec ({e})") from e
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "tokenizers":
-        return TokenizersTokenizer(Path(folder) / spec.get("file", "tokenizer.json"))
+        name = spec.get("file", "tokenizer.json")
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"{shown(spec_path)}: \"file\" must name a file in the same folder, got {name!r}")
+        return TokenizersTokenizer(Path(folder) / name)
     raise ValueError(f"{spec_path}: unknown tokenizer kind {kind!r} (expected 'bytes' or 'tokenizers')")
+
+
+def _is_byte_checkpoint(folder: Path) -> bool:
+    """An ssmkit checkpoint whose vocabulary is the byte tokenizer's (saved before tokenizer specs were)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    data = files.read_json_object(config, "config")
+    inner = data.get("config")
+    return data.get("format") == "ssmkit" and isinstance(inner, dict) and inner.get("vocab_size") == BYTE_VOCAB_SIZE
 
 
 def _write_spec(folder: Path, spec: dict) -> None:

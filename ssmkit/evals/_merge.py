@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ssmkit import files
 from ssmkit.evals._report import write_result
 
 HELP = ("combine finished runs of this task (folders holding its result.json, e.g. one model each made with "
@@ -79,14 +80,14 @@ def load(task: str, folder: Path, runs_key: str = "models") -> dict[str, Any]:
     """``folder/result.json`` of a run of ``task``, with a clear error when it is missing, broken or another's."""
     path = Path(folder) / "result.json"
     try:
-        data = path.read_bytes()
+        data = files.read_bytes(path, "record")  # size-checked before reading
     except FileNotFoundError:
         raise FileNotFoundError(f"--merge: {path} not found; is {folder} the --out of an `ssmkit eval {task}` run?"
                                 ) from None
     try:
         result = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--merge: {path} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"--merge: {path} is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(result, dict) or "task" not in result:
         raise ValueError(f"--merge: {path} is not the result of an `ssmkit eval` run (it has no 'task')")
     if result["task"] != task:

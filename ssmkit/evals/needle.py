@@ -61,7 +61,7 @@ def _haystacks(paths: list[str] | None, longest: int) -> tuple[bytes, bytes]:
 
 def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     if args.merge:
-        return merge.merge_runs(args, out_dir, "needle", report, [*FULL, "checkpoint", "data"])
+        return merge.merge_runs(args, out_dir, "needle", report, [*FULL, "checkpoint", "revision", "data"])
     cfg = common.settings(args, FULL, SMOKE)
     device = common.resolve_device(args.device)
     train_text, test_text = _haystacks(args.data, max(cfg["lengths"]))
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     result["data"] = [str(Path(d).resolve()) for d in args.data] if args.data else "python standard library"
     result["models"] = {}
     if args.checkpoint:
-        model, tokenizer, folder = load_model(args.checkpoint, args.device)
+        model, tokenizer, folder = load_model(args.checkpoint, args.device, revision=getattr(args, "revision", None))
         if tokenizer.kind != "bytes":
             raise ValueError(f"{folder}: needle prompts are bytes; this model's tokenizer is {tokenizer.kind!r}")
         trained = {folder.name: (model, {"train_seconds": 0.0, "history": []})}

@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Time both ways, check they agree, print the table, write ``result.json`` and ``snapshots.png``."""
-    settings = {**experiment_settings(args, FULL, SMOKE), "checkpoint": args.checkpoint}
+    settings = {**experiment_settings(args, FULL, SMOKE), "checkpoint": args.checkpoint,
+                "revision": getattr(args, "revision", None)}
     for name in ("doc_bytes", "queries", "answer_tokens", "chunk"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
 
 def _model(settings: dict[str, Any], smoke: bool, device: torch.device) -> LanguageModel:
     if settings["checkpoint"]:
-        return LanguageModel.from_pretrained(settings["checkpoint"], device=device).eval()
+        return LanguageModel.from_pretrained(settings["checkpoint"], device=device,
+                                             revision=settings.get("revision")).eval()
     torch.manual_seed(settings["seed"])
     config = get_preset("byte-small")
     if smoke:

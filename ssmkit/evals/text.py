@@ -8,7 +8,6 @@ gains from longer context.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -42,14 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out_dir: Path | None) -> dict[str, Any]:
+    from ssmkit.train.checkpoint import read_run_file
+    from ssmkit.train.options import simple_from_dict
     from ssmkit.train.trainer import evaluate
 
-    model, tokenizer, folder = load_model(args.checkpoint, args.device)
+    model, tokenizer, folder = load_model(args.checkpoint, args.device, revision=getattr(args, "revision", None))
     run_file = next((p / RUN_FILE for p in (folder, *folder.parents[:3]) if (p / RUN_FILE).is_file()), None)
-    run_data = json.loads(run_file.read_text())["data"] if run_file else None
+    run_data = read_run_file(run_file)["data"] if run_file else None
     if not args.data and run_data is None:
         raise UsageError(f"{folder} is not part of a training run: give the text to evaluate with --data")
-    config = DataConfig(**run_data) if run_data else DataConfig(seq_len=1024)
+    config = simple_from_dict(DataConfig, run_data, f"{run_file}: data") if run_data else DataConfig(seq_len=1024)
     if args.seq_len is not None:
         config.seq_len = args.seq_len
     if args.data:

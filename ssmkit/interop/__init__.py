@@ -1,5 +1,5 @@
-"""Checkpoints of other libraries <-> ssmkit: the transformers formats, kept under this name for code that
-imports it. They live in :mod:`ssmkit.models.formats` (with ssmkit's own format), which
+"""Checkpoints of other libraries <-> ssmkit: transformers' formats and mamba_ssm's own, kept under this name
+for code that imports it. They live in :mod:`ssmkit.models.formats` (with ssmkit's own format), which
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` use."""
 
 from ssmkit.models.formats.files import CheckpointError
@@ -7,6 +7,7 @@ from ssmkit.models.formats.jamba import load_jamba_checkpoint, save_jamba_checkp
 from ssmkit.models.formats.transformers import (
     TRANSFORMERS_MODEL_TYPES,
     load_transformers_checkpoint,
+    read_transformers_config,
     save_transformers_checkpoint,
 )
 
@@ -15,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "load_jamba_checkpoint",
     "load_transformers_checkpoint",
+    "read_transformers_config",
     "save_jamba_checkpoint",
     "save_transformers_checkpoint",
 ]

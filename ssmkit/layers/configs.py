@@ -376,9 +376,17 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+# S4 and S4D initialise from a HiPPO matrix whose eigendecomposition costs O(d_state^3) time and
+# O(d_state^2) memory; the papers use 64 to 256.
+MAX_HIPPO_STATE = 4096
+
+
 def _even_state(prefix: str, d_state: int) -> None:
     if d_state < 2 or d_state % 2:
         raise ValueError(f"{prefix}.d_state must be even and >= 2 (states come in conjugate pairs), got {d_state}")
+    if d_state > MAX_HIPPO_STATE:
+        raise ValueError(f"{prefix}.d_state must be at most {MAX_HIPPO_STATE} (its HiPPO initialisation is an "
+                         f"O(d_state^3) eigendecomposition), got {d_state}")
 
 
 def _dt_range(prefix: str, dt_min: float, dt_max: float, floor: float) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from ssmkit.layers import sizes
 from ssmkit.layers.attention import Attention, AttentionState
 from ssmkit.layers.configs import (
     AttentionConfig,
@@ -68,7 +69,9 @@ class LayerKind:
     key, and ``--model.<section>.*`` option prefix) that holds its settings. config: the settings dataclass;
     it may define ``validate(d_model)``. layer: the module class. build: makes the layer from a
     :class:`BuildContext` (default: ``layer(d_model, settings, layer_idx=..., **factory)``). state: the
-    :class:`LayerState` type of its decode cache (None for stateless feed-forwards). flops: forward FLOPs
+    :class:`LayerState` type of its decode cache (None for stateless feed-forwards). size: ``(settings,
+    d_model) -> (parameters, buffer elements)`` of the layer without building it (None: counted on a copy
+    built on the meta device; :mod:`ssmkit.layers.sizes` holds the built-in kinds'). flops: forward FLOPs
     per token of a built layer when it reads sequences of ``length`` tokens (matrix products, convolutions,
     scans; elementwise work is not counted). transformers: transformers ``model_type`` -> the name of this
     layer's module inside that model's decoder layers. context_parallel: whether its build takes
@@ -82,6 +85,7 @@ class LayerKind:
     layer: type[nn.Module]
     flops: Callable[[nn.Module, int], float]
     state: type[LayerState] | None = None
+    size: Callable[[Any, int], tuple[int, int]] | None = None
     build: Callable[[BuildContext], nn.Module] | None = None
     transformers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     context_parallel: bool = False
@@ -250,26 +254,31 @@ def _build_moe(ctx: BuildContext) -> nn.Module:
 
 
 for _kind in (
-    LayerKind("M", "mamba", "mamba", MambaConfig, Mamba, _mamba_flops, MambaState,
+    LayerKind("M", "mamba", "mamba", MambaConfig, Mamba, _mamba_flops, MambaState, size=sizes.mamba,
               transformers={"mamba": "mixer", "falcon_mamba": "mixer", "jamba": "mamba"},
               doc="Mamba-1 (selective scan)"),
     # mamba_ssm's Mamba-3 keeps its norms at eps 1e-5 whatever the model's norm_eps: the default build.
-    LayerKind("2", "mamba2", "mamba2", Mamba2Config, Mamba2, _mamba2_flops, Mamba2State, build=_build_mamba2,
+    LayerKind("2", "mamba2", "mamba2", Mamba2Config, Mamba2, _mamba2_flops, Mamba2State, size=sizes.mamba2,
+              build=_build_mamba2,
               transformers={"mamba2": "mixer"}, context_parallel=True, doc="Mamba-2 (SSD)"),
-    LayerKind("3", "mamba3", "mamba3", Mamba3Config, Mamba3, _mamba3_flops, Mamba3State, doc="Mamba-3"),
+    LayerKind("3", "mamba3", "mamba3", Mamba3Config, Mamba3, _mamba3_flops, Mamba3State, size=sizes.mamba3,
+              doc="Mamba-3"),
     LayerKind("A", "attention", "attention", AttentionConfig, Attention, _attention_flops, AttentionState,
-              build=_build_attention(window=False), transformers={"jamba": "self_attn"},
+              size=sizes.attention, build=_build_attention(window=False), transformers={"jamba": "self_attn"},
               doc="full causal attention"),
     LayerKind("W", "sliding_window_attention", "attention", AttentionConfig, Attention, _attention_flops,
-              AttentionState, build=_build_attention(window=True),
+              AttentionState, size=sizes.attention, build=_build_attention(window=True),
               doc="sliding-window attention (window attention.window)"),
-    LayerKind("S", "s4d", "s4d", S4DConfig, S4D, _lti_flops, S4DState, build=_build_lti(S4D, "s4d"),
+    LayerKind("S", "s4d", "s4d", S4DConfig, S4D, _lti_flops, S4DState, size=sizes.s4d, build=_build_lti(S4D, "s4d"),
               doc="S4D (diagonal LTI)"),
-    LayerKind("4", "s4", "s4", S4Config, S4, _lti_flops, S4State, build=_build_lti(S4, "s4"), doc="S4 (DPLR LTI)"),
-    LayerKind("H", "hyena", "hyena", HyenaConfig, Hyena, _hyena_flops, HyenaState, doc="Hyena"),
-    LayerKind("m", "mlp", "mlp", MLPConfig, MLP, lambda layer, length: linear_flops(layer), build=_build_mlp,
+    LayerKind("4", "s4", "s4", S4Config, S4, _lti_flops, S4State, size=sizes.s4, build=_build_lti(S4, "s4"),
+              doc="S4 (DPLR LTI)"),
+    LayerKind("H", "hyena", "hyena", HyenaConfig, Hyena, _hyena_flops, HyenaState, size=sizes.hyena, doc="Hyena"),
+    LayerKind("m", "mlp", "mlp", MLPConfig, MLP, lambda layer, length: linear_flops(layer), size=sizes.mlp,
+              build=_build_mlp,
               transformers={"jamba": "feed_forward"}, doc="SwiGLU MLP"),
-    LayerKind("e", "moe", "moe", MoEConfig, MoE, _moe_flops, build=_build_moe, transformers={"jamba": "feed_forward"},
+    LayerKind("e", "moe", "moe", MoEConfig, MoE, _moe_flops, size=sizes.moe, build=_build_moe,
+              transformers={"jamba": "feed_forward"},
               doc="mixture of SwiGLU experts"),
 ):
     register(_kind)

@@ -18,6 +18,7 @@ from torch import nn
 from ssmkit.layers import RMSNorm
 from ssmkit.models.blocks import build_blocks, init_weights
 from ssmkit.models.config import ModelConfig
+from ssmkit.models.size import check_model_size
 
 POOLINGS = ("mean", "last")
 
@@ -69,6 +70,8 @@ class SequenceClassifier(nn.Module):
         if d_input is not None and (isinstance(d_input, bool) or not isinstance(d_input, int) or d_input < 1):
             raise ValueError(f"d_input must be a positive int or None, got {d_input!r}")
         self.config, self.num_classes, self.pooling, self.d_input = config, num_classes, pooling, d_input
+        # The stack and embedding are LanguageModel's (the k-class head is small): its size check applies.
+        check_model_size(config, device=device, dtype=dtype)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         d = config.d_model
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory) if d_input is None else None

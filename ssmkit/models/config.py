@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
-from ssmkit.files import write_text_atomic
+from ssmkit import files
+from ssmkit.files import shown, write_text_atomic
 from ssmkit.layers import registry
 from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public names)
     AttentionConfig,
@@ -65,6 +66,11 @@ from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public
     S4DConfig,
     _positive,
 )
+
+# Bounds on every int field, checked before anything is sized from them: sizes index int32 kernels, and
+# no real model has more layers than this (the largest have a few hundred).
+MAX_CONFIG_INT = 2**31 - 1
+MAX_LAYERS = 100_000
 
 
 class LayerSpec(NamedTuple):
@@ -163,14 +169,20 @@ class ModelConfig:
         _check_types(self, "")
         for name in ("vocab_size", "d_model", "n_layer", "pad_vocab_size_multiple"):
             _positive(name, getattr(self, name))
+        if self.n_layer > MAX_LAYERS:
+            raise ValueError(f"n_layer must be at most {MAX_LAYERS:,}, got {self.n_layer:,}")
         _positive("norm_eps", self.norm_eps)
         _positive("initializer_range", self.initializer_range)
-        specs = self.layer_specs()
-        used = {registry.by_name(name).section for spec in specs for name in spec if name is not None}
+        tokens = pattern_tokens(self.layer_pattern)
+        if len(tokens) > self.n_layer:
+            raise ValueError(f"layer_pattern {self.layer_pattern!r} describes {len(tokens)} layers but n_layer "
+                             f"is {self.n_layer}")
+        used = {registry.by_name(name).section for spec in tokens for name in spec if name is not None}
         for section in (s for s in registry.sections() if s in used):
             validate = getattr(getattr(self, section), "validate", None)
             if validate is not None:
                 validate(self.d_model)
+        _check_no_negative_ints(self, "")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (infinities as ``"inf"``): the fields, then one key per settings section."""
@@ -205,12 +217,9 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> ModelConfig:
         """Read a config written by :meth:`save` (or an ssmkit checkpoint's ``config.json``)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not path.exists():
+            raise FileNotFoundError(f"config file {shown(path)} does not exist")
+        data = files.read_json(path, "config")
         if isinstance(data, dict) and data.get("format") == "ssmkit" and "config" in data:
             data = data["config"]
         try:
@@ -221,6 +230,14 @@ class ModelConfig:
 
 def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
     """Expand ``pattern`` (see the module docstring) to one :class:`LayerSpec` per layer."""
+    tokens = pattern_tokens(pattern)
+    if len(tokens) > n_layer:
+        raise ValueError(f"layer_pattern {pattern!r} describes {len(tokens)} layers but n_layer is {n_layer}")
+    return [tokens[k % len(tokens)] for k in range(n_layer)]
+
+
+def pattern_tokens(pattern: str) -> list[LayerSpec]:
+    """The layers of one repetition of ``pattern``: one :class:`LayerSpec` per mixer letter."""
     if not isinstance(pattern, str) or not pattern:
         raise ValueError(f"layer_pattern must be a non-empty string such as 'M' or '2', got {pattern!r}")
     tokens: list[LayerSpec] = []
@@ -247,9 +264,7 @@ def parse_layer_pattern(pattern: str, n_layer: int) -> list[LayerSpec]:
             i += 1
         tokens.append(LayerSpec(kind.name, ff))
         i += 1
-    if len(tokens) > n_layer:
-        raise ValueError(f"layer_pattern {pattern!r} describes {len(tokens)} layers but n_layer is {n_layer}")
-    return [tokens[k % len(tokens)] for k in range(n_layer)]
+    return tokens
 
 
 def _encode(value: Any) -> Any:
@@ -325,7 +340,29 @@ def _check_types(obj: Any, path: str) -> None:
                 raise ValueError(f"{name} must be a {tp.__name__}, got {type(value).__name__}")
             _check_types(value, name + ".")
         elif not _matches(tp, value):
-            raise ValueError(f"{name} must be {_describe(tp)}, got {value!r}")
+            raise ValueError(f"{name} must be {_describe(tp)}, got {_short(value)}")
+        elif isinstance(value, int) and not isinstance(value, bool) and value > MAX_CONFIG_INT:
+            raise ValueError(f"{name} must be at most {MAX_CONFIG_INT:,}, got {value:,}")
+
+
+def _check_no_negative_ints(obj: Any, path: str) -> None:
+    """No int field is negative, also in the settings of kinds the pattern does not use (a config's
+    numbers all mean sizes or counts)."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{path}{f.name}"
+        if f.metadata.get("sections"):
+            for section, settings in value.items():
+                _check_no_negative_ints(settings, section + ".")
+        elif dataclasses.is_dataclass(value):
+            _check_no_negative_ints(value, name + ".")
+        elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: a hostile config's value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _matches(tp: Any, value: Any) -> bool:

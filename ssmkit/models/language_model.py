@@ -20,18 +20,24 @@ from ssmkit.layers import MoE, RMSNorm
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.layers.registry import flops_per_token
 from ssmkit.models.blocks import build_blocks, init_weights
+from ssmkit.files import shown
+from ssmkit.hub import resolve_checkpoint
 from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.formats.native import (
+    CONFIG_NAME,
     checkpoint_kind,
     load_checkpoint,
     load_state_dict_checked,
+    read_config,
     save_checkpoint,
 )
 from ssmkit.models.formats.transformers import (
     load_transformers_checkpoint,
+    read_transformers_config,
     save_transformers_checkpoint,
 )
+from ssmkit.models.size import check_model_size
 
 
 @dataclasses.dataclass
@@ -95,9 +101,12 @@ class LanguageModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 context_parallel: Any = None) -> None:
+                 max_bytes: int | None = None, context_parallel: Any = None) -> None:
         super().__init__()
         config.validate()
+        # Before the first tensor: a config too big for the device's memory (or max_bytes, or
+        # SSMKIT_MAX_MODEL_BYTES) is a clear error, not an allocator crash or the OOM killer.
+        check_model_size(config, device=device, dtype=dtype, max_bytes=max_bytes)
         self.config = config
         factory = {"device": device, "dtype": dtype}
         vocab, d = config.padded_vocab_size, config.d_model
@@ -253,22 +262,28 @@ class LanguageModel(nn.Module):
             raise ValueError(f"format must be 'ssmkit' or 'transformers', got {format!r}")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> LanguageModel:
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                        max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
-        falcon_mamba, jamba).
+        falcon_mamba, jamba), named by its path or by a Hugging Face Hub id such as
+        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.hub.resolve_checkpoint`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
         files, tensors that do not match the config, and configs of other model types raise errors naming
-        the file.
+        the file. The config's size is checked before any weight is read (see
+        :func:`ssmkit.models.size.check_model_size`; ``max_bytes`` overrides the limit).
         """
-        path = Path(path)
-        if checkpoint_kind(path) == "transformers":
+        path = resolve_checkpoint(path, revision)
+        transformers = checkpoint_kind(path) == "transformers"
+        config = read_transformers_config(path) if transformers else read_config(path)
+        check_model_size(config, device=device, dtype=dtype, max_bytes=max_bytes, source=shown(path / CONFIG_NAME))
+        if transformers:
             config, state_dict = load_transformers_checkpoint(path)
             source = path
         else:
             config, state_dict, source = load_checkpoint(path)
-        model = cls(config, device=device, dtype=dtype)
+        model = cls(config, device=device, dtype=dtype, max_bytes=max_bytes)
         load_state_dict_checked(model, state_dict, source)
         return model
 

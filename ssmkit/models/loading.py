@@ -11,18 +11,18 @@ from pathlib import Path
 import torch
 
 from ssmkit.data.tokenizer import Tokenizer, load_tokenizer
+from ssmkit.hub import resolve_checkpoint
 from ssmkit.models.language_model import LanguageModel
 from ssmkit.models.run_folder import CHECKPOINTS, MODEL_DIR, find_resumable
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A folder with config.json: the folder itself, a run's ``model/``, or a run's newest checkpoint that
-    verifies (see :mod:`ssmkit.models.run_folder`)."""
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"checkpoint not found: {folder}")
+def resolve_model_dir(path: str | Path, revision: str | None = None) -> Path:
+    """A folder with config.json: the folder itself, a run's ``model/``, a run's newest checkpoint that
+    verifies (see :mod:`ssmkit.models.run_folder`), or the hub cache's snapshot of a Hugging Face Hub id
+    ``org/name`` (at ``revision``; :func:`ssmkit.hub.resolve_checkpoint`)."""
+    folder = resolve_checkpoint(path, revision)
     if (folder / "config.json").is_file():
         return folder
     if (folder / MODEL_DIR / "config.json").is_file():
@@ -50,17 +50,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[LanguageModel, Tokenizer, Path]:
-    """``(model in eval mode, its tokenizer, the model folder)`` from a model or run folder ``path``.
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", *, revision: str | None = None,
+               tokenizer: str | None = None, need_tokenizer: bool = True
+               ) -> tuple[LanguageModel, Tokenizer | None, Path]:
+    """``(model in eval mode, its tokenizer, the model folder)`` of a checkpoint named by ``path`` (see
+    :func:`resolve_model_dir`).
 
-    ``device`` and ``dtype`` as :func:`resolve_device` and :func:`resolve_dtype` take them. A tokenizer
-    with more tokens than the model is refused (it does not belong to this model).
+    ``device`` and ``dtype`` as :func:`resolve_device` and :func:`resolve_dtype` take them. The tokenizer is
+    the folder's own, or the file ``tokenizer`` names; None when not ``need_tokenizer``. A tokenizer with
+    more tokens than the model is refused (it does not belong to this model).
     """
-    folder = resolve_model_dir(path)
+    folder = resolve_model_dir(path, revision)
     device = resolve_device(device)
     model = LanguageModel.from_pretrained(folder, device=device, dtype=resolve_dtype(dtype, device)).eval()
-    tokenizer = load_tokenizer(folder)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+    tok = load_tokenizer(folder, tokenizer=tokenizer) if need_tokenizer or tokenizer else None
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}; this tokenizer does not belong to this model")
-    return model, tokenizer, folder
+    return model, tok, folder

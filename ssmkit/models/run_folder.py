@@ -14,11 +14,12 @@ skipped (with a warning) for the one before it.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import warnings
 from pathlib import Path
 from typing import Any
+
+from ssmkit.files import read_json_object, shown
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -47,11 +48,15 @@ def list_checkpoints(root: Path) -> list[Path]:
 def verify(folder: Path) -> dict[str, Any]:
     """The trainer state of ``folder`` after checking every file's size and hash; CorruptCheckpoint if not."""
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = read_json_object(folder / STATE_FILE, "record")
         files = state["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpoint(f"{folder / STATE_FILE}: missing or unreadable ({e})") from None
+        raise CorruptCheckpoint(f"{shown(folder / STATE_FILE)}: missing or unreadable ({e})") from None
     for name, expected in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CorruptCheckpoint(f"{shown(folder / STATE_FILE)}: lists {name!r}, which is not a file of this folder")
         path = folder / name
         if not path.is_file():
             raise CorruptCheckpoint(f"{path}: missing")

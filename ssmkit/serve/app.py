@@ -12,14 +12,14 @@ Routes::
     POST /v1/sessions/ID/fork            copy of the session
     DELETE /v1/sessions/ID
 
-Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for bad requests.
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for bad requests, 503
+when busy, 507 when the session disk quota or the disk is full; a 500 never carries the exception's text or
+a path (it is logged, with an id the reply gives).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -30,17 +30,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ssmkit.data.tokenizer import Tokenizer
-from ssmkit.serve.completions import ApiError, Server
+from ssmkit.serve.completions import ApiError, Server, internal_error
+from ssmkit.serve.guard import RequestGuard
 from ssmkit.serve.options import ServeOptions
 from ssmkit.serve.schemas import (
     CompletionRequest,
     SessionAppendRequest,
     SessionCompleteRequest,
     SessionCreateRequest,
+    clip,
     describe_validation_error,
     error_body,
 )
 from ssmkit.serve.sessions import (
+    SessionDiskFull,
     SessionLimit,
     SessionNotFound,
     SessionStateError,
@@ -53,45 +56,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("ssmkit.serve")
 
 
-class RequestGuard:
-    """ASGI middleware: bearer-token auth (constant time; /health is open) and the request body limit."""
-
-    def __init__(self, app: Any, token: str | None, max_body_bytes: int) -> None:
-        self.app = app
-        self.expected = None if token is None else hashlib.sha256(b"Bearer " + token.encode()).digest()
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"] != "/health":
-            # Hashing first makes the comparison's time independent of the token's length too.
-            given = hashlib.sha256(headers.get(b"authorization", b"")).digest()
-            if not hmac.compare_digest(given, self.expected):
-                response = JSONResponse(error_body("missing or wrong bearer token", "authentication_error"), 401,
-                                        headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            response = JSONResponse(error_body(f"request body larger than {self.max_body_bytes} bytes"), 413)
-            return await response(scope, receive, send)
-        received = 0
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                # An HTTPException passes through FastAPI's body parsing as it is (others become a 400).
-                raise ApiError(413, f"request body larger than {self.max_body_bytes} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
 def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, options: ServeOptions) -> Any:
-    """The ASGI application (FastAPI wrapped in :class:`RequestGuard`); the engine runs during its lifespan."""
+    """The ASGI application (FastAPI wrapped in :class:`RequestGuard`); the engine runs during its lifespan.
+
+    Requests under way are limited to ``max_requests`` + 64: those beyond the engine's limit that do not
+    need it (sessions listed, forked, deleted) still get through, and no more queue for it.
+    """
     server = Server(model, tokenizer, store, options)
 
     @contextlib.asynccontextmanager
@@ -104,7 +74,7 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, 
     app.state.server = server
     _install_error_handlers(app)
     _add_routes(app, server)
-    return RequestGuard(app, options.token, options.max_body_bytes)
+    return RequestGuard(app, options, max_active=options.max_requests + 64)
 
 
 def _add_routes(app: FastAPI, server: Server) -> None:
@@ -130,11 +100,11 @@ def _add_routes(app: FastAPI, server: Server) -> None:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
                            f"{server.options.model_name!r}", param="model", code="model_not_found")
         bos = [] if server.tokenizer.bos_id is None else [server.tokenizer.bos_id]
-        return await server.respond(body, bos + server.encode(body.prompt, "prompt"))
+        return await server.respond(body, bos + await server.encode(body.prompt, "prompt"))
 
     @app.post("/v1/sessions")
     async def create_session(body: SessionCreateRequest | None = None) -> dict[str, Any]:
-        ids = server.encode(body.prompt, "prompt") if body is not None and body.prompt else []
+        ids = await server.encode(body.prompt, "prompt") if body is not None and body.prompt else []
         session = await store.create(server.tokenizer.bos_id)
         if ids:
             try:
@@ -156,13 +126,13 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/sessions/{session_id}/append")
     async def append(session_id: str, body: SessionAppendRequest) -> dict[str, Any]:
         session = store.get(session_id)
-        await server.append(session, server.encode(body.text, "text"))
+        await server.append(session, await server.encode(body.text, "text"))
         return session.info()
 
     @app.post("/v1/sessions/{session_id}/complete")
     async def complete(session_id: str, body: SessionCompleteRequest) -> Any:
         session = store.get(session_id)
-        return await server.respond(body, server.encode(body.prompt, "prompt"), session)
+        return await server.respond(body, await server.encode(body.prompt, "prompt"), session)
 
     @app.post("/v1/sessions/{session_id}/fork")
     async def fork(session_id: str) -> dict[str, Any]:
@@ -199,19 +169,25 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SessionNotFound)
     async def no_session(request: Request, exc: SessionNotFound) -> JSONResponse:
-        return JSONResponse(error_body(f"no session {exc.args[0]!r}", param="session_id",
+        return JSONResponse(error_body(f"no session {clip(exc.args[0])}", param="session_id",
                                        code="session_not_found"), 404)
 
     @app.exception_handler(SessionStateError)
     async def broken_state(request: Request, exc: SessionStateError) -> JSONResponse:
-        log.error("%s", exc)
+        # The detail (file, cause) goes to the log only; the reply says what happened to which session.
+        log.error("%s", exc.detail)
         return JSONResponse(error_body(str(exc), "server_error", code="session_state_unreadable"), 500)
+
+    @app.exception_handler(SessionDiskFull)
+    async def disk_full(request: Request, exc: SessionDiskFull) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "server_error", code=exc.code), 507)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        # Last resort for a bug: still JSON (uvicorn then closes the connection and logs the traceback).
-        return JSONResponse(error_body(f"internal server error: {exc!r}", "server_error"), 500)
+        # Last resort for a bug: JSON with an id to find the traceback in the log, never the exception's text.
+        return JSONResponse(error_body(internal_error(exc), "server_error"), 500)
 
     @app.exception_handler(SessionLimit)
     async def too_many(request: Request, exc: SessionLimit) -> JSONResponse:
         return JSONResponse(error_body(str(exc), code="too_many_sessions"), 429)
+

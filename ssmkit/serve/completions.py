@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
@@ -23,11 +25,30 @@ from ssmkit.models.cache import ModelCache
 from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped, GenerationRequest
 from ssmkit.serve.options import ServeOptions
 from ssmkit.serve.schemas import SamplingFields, error_body
-from ssmkit.serve.sessions import Session, SessionNotFound, SessionStore
+from ssmkit.serve.sessions import (
+    Session,
+    SessionDiskFull,
+    SessionNotFound,
+    SessionStateError,
+    SessionStore,
+)
 from ssmkit.serve.text import StopTextDecoder
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
+
+
+log = logging.getLogger("ssmkit.serve")
+
+# Text longer than this is tokenized on a worker thread, not on the event loop (which must stay responsive).
+_ENCODE_INLINE_CHARS = 4096
+
+
+def internal_error(exc: BaseException) -> str:
+    """Log ``exc`` with its traceback under a new id; the message for the client names only the id."""
+    incident = secrets.token_hex(4)
+    log.error("internal error %s", incident, exc_info=(type(exc), exc, exc.__traceback__))
+    return f"internal server error (logged as {incident})"
 
 
 class ApiError(HTTPException):
@@ -68,8 +89,9 @@ class Server:
         self.eos_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
         self.created = int(time.time())
 
-    def encode(self, text: str, field: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
+    async def encode(self, text: str, field: str) -> list[int]:
+        ids = (self.tokenizer.encode(text) if len(text) <= _ENCODE_INLINE_CHARS
+               else await anyio.to_thread.run_sync(self.tokenizer.encode, text))
         if len(ids) > self.options.max_prompt_tokens:
             raise ApiError(400, f"{field} has {len(ids)} tokens; this server reads at most "
                            f"{self.options.max_prompt_tokens} per request", param=field, code="prompt_too_long")
@@ -81,9 +103,14 @@ class Server:
                            f"{self.options.max_tokens_cap}", param="max_tokens")
         return SamplingParams(body.temperature, body.top_k, body.top_p, body.min_p, body.repetition_penalty)
 
-    async def lock(self, session: Session) -> None:
+    def deadline(self) -> float:
+        """The monotonic time by which a request starting now must be done (``--request-timeout``)."""
+        return time.monotonic() + self.options.request_timeout_s
+
+    async def lock(self, session: Session, deadline: float | None = None) -> None:
+        wait = self.options.request_timeout_s if deadline is None else max(deadline - time.monotonic(), 0)
         try:
-            await asyncio.wait_for(session.lock.acquire(), self.options.request_timeout_s)
+            await asyncio.wait_for(session.lock.acquire(), wait)
         except TimeoutError:
             raise ApiError(409, f"session {session.id} stayed busy with another request", code="session_busy") from None
         if self.store.get_or_none(session.id) is not session:
@@ -91,9 +118,11 @@ class Server:
             session.lock.release()
             raise SessionNotFound(session.id)
 
-    async def run(self, ids: list[int], body: SamplingFields, params: SamplingParams, *,
+    async def run(self, ids: list[int], body: SamplingFields, params: SamplingParams, deadline: float, *,
                   cache: ModelCache | None = None, keep_state: bool = False) -> AsyncIterator[tuple]:
-        """Submit a request and yield its events: ("token", id, text) ..., then ("done", reason, tail, cache)."""
+        """Submit a request and yield its events: ("token", id, text) ..., then ("done", reason, tail, cache).
+
+        ``deadline`` covers the whole request (waiting for a session, reading, generating), not each token."""
         completion = _Completion(asyncio.get_running_loop(), self.tokenizer, body.stop_strings())
         seed = body.seed if body.seed is not None else secrets.randbits(62)
         request = GenerationRequest(ids=ids, max_new_tokens=body.max_tokens, params=params, seed=seed,
@@ -105,16 +134,17 @@ class Server:
             raise ApiError(503, str(e), "server_error", code="overloaded") from None
         except EngineStopped as e:
             raise ApiError(503, str(e), "server_error") from None
-        deadline = time.monotonic() + self.options.request_timeout_s
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(completion.queue.get(), deadline - time.monotonic())
+                    event = await asyncio.wait_for(completion.queue.get(), max(deadline - time.monotonic(), 0))
                 except TimeoutError:
                     raise ApiError(504, f"the request took longer than {self.options.request_timeout_s} s",
                                    "server_error", code="timeout") from None
                 if event[0] == "done" and event[1].startswith("error"):
-                    raise ApiError(500, f"generation failed: {event[1][7:]}", "server_error")
+                    # The engine logged the cause with its traceback; the client learns no internals.
+                    raise ApiError(500, "generation failed (the server log has the cause)", "server_error",
+                                   code="generation_failed")
                 yield event
                 if event[0] == "done":
                     return
@@ -125,10 +155,11 @@ class Server:
                        session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
         """OpenAI completion chunks (the last carries finish_reason and usage); a session goes on afterwards."""
         params = self.check_sampling(body)
+        deadline = self.deadline()
         cid = "cmpl-" + secrets.token_hex(12)
         cache, ids = None, prompt_ids
         if session is not None:
-            await self.lock(session)
+            await self.lock(session, deadline)
         try:
             if session is not None:
                 ids = ([] if session.pending is None else [session.pending]) + prompt_ids
@@ -139,11 +170,11 @@ class Server:
                 raise ApiError(400, "the prompt is empty and this model's tokenizer has no start token",
                                param="prompt")
             if session is not None and body.max_tokens == 0:
-                await self._read_into(session, cache, ids)
+                await self._read_into(session, cache, ids, deadline)
                 yield self._chunk(cid, "", [], "length", len(ids), 0, session)
                 return
             tokens: list[int] = []
-            async for event in self.run(ids, body, params, cache=cache, keep_state=session is not None):
+            async for event in self.run(ids, body, params, deadline, cache=cache, keep_state=session is not None):
                 if event[0] == "token":
                     tokens.append(event[1])
                     yield self._chunk(cid, event[2], [event[1]], None)
@@ -156,20 +187,22 @@ class Server:
             if session is not None:
                 session.lock.release()
 
-    async def _read_into(self, session: Session, cache: ModelCache, ids: list[int]) -> None:
+    async def _read_into(self, session: Session, cache: ModelCache, ids: list[int], deadline: float) -> None:
         """Feed all of ``ids`` but the last into ``cache`` and commit it, the last one pending."""
         if len(ids) > 1:
             body = SamplingFields(max_tokens=0, temperature=0)
-            async for event in self.run(ids[:-1], body, SamplingParams(temperature=0), cache=cache, keep_state=True):
+            async for event in self.run(ids[:-1], body, SamplingParams(temperature=0), deadline, cache=cache,
+                                        keep_state=True):
                 cache = event[3]
         await self.store.commit(session, cache, ids[-1])
 
     async def append(self, session: Session, ids: list[int]) -> None:
         """Read ``ids`` (already length-checked by :meth:`encode`) into the session's state."""
-        await self.lock(session)
+        deadline = self.deadline()
+        await self.lock(session, deadline)
         try:
             pending = [] if session.pending is None else [session.pending]
-            await self._read_into(session, (await self.store.state(session)).clone(), pending + ids)
+            await self._read_into(session, (await self.store.state(session)).clone(), pending + ids, deadline)
         finally:
             session.lock.release()
 
@@ -206,6 +239,11 @@ class Server:
                     yield {"data": json.dumps(chunk)}
             except ApiError as e:
                 yield {"data": json.dumps(error_body(e.detail, e.kind, e.param, e.code))}
+            except (SessionDiskFull, SessionStateError) as e:  # the session's new state could not be saved
+                log.error("%s", getattr(e, "detail", e))
+                yield {"data": json.dumps(error_body(str(e), "server_error", code=e.code))}
+            except Exception as e:  # noqa: BLE001 (a bug: the client still learns that the stream failed)
+                yield {"data": json.dumps(error_body(internal_error(e), "server_error"))}
             finally:
                 await chunks.aclose()
             yield {"data": "[DONE]"}

@@ -28,15 +28,28 @@ class ServeOptions:
     max_requests: int = 256
     prefill_chunk_size: int = 2048
     threads: int | None = None
+    session_disk_bytes: int = 10 * 1024 * MIB
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_idle_connections: int = 512
+    max_header_bytes: int = 32 * 1024
 
     def __post_init__(self) -> None:
         for name in ("port", "session_memory_bytes", "max_sessions", "max_body_bytes", "max_prompt_tokens",
-                     "max_tokens_cap", "max_batch", "max_requests", "prefill_chunk_size"):
+                     "max_tokens_cap", "max_batch", "max_requests", "prefill_chunk_size", "session_disk_bytes",
+                     "max_idle_connections", "max_header_bytes"):
             value = getattr(self, name)
             if value < (0 if name in ("port", "session_memory_bytes") else 1):
                 raise ValueError(f"{name} must be positive, got {value}")
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if self.token is not None and not self.token:
@@ -67,6 +80,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests decoded together in one step")
     parser.add_argument("--max-requests", type=int, default=d.max_requests, metavar="N",
                         help="requests in flight before new ones get 503")
+    parser.add_argument("--session-disk-mb", type=float, default=d.session_disk_bytes / MIB, metavar="MB",
+                        help="disk quota for saved session states; a change beyond it is refused (507)")
+    parser.add_argument("--allowed-hosts", default="", metavar="H1,H2",
+                        help="Host header names accepted besides the bound address and localhost ('*': any); "
+                             "others get 400 (defence against DNS rebinding)")
+    parser.add_argument("--allowed-origins", default="", metavar="O1,O2",
+                        help="browser origins (scheme://host[:port]) accepted besides those of allowed hosts "
+                             "('*': any); requests from other origins get 403")
+    parser.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="SECONDS",
+                        help="a connection must send its request headers within this time")
+    parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="SECONDS",
+                        help="a request must send its whole body within this time (408)")
+    parser.add_argument("--max-idle-connections", type=int, default=d.max_idle_connections, metavar="N",
+                        help="connections without a request under way; beyond it the oldest is closed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for the model (default: torch's); 1 is best on a machine shared with "
@@ -90,4 +117,11 @@ def options_from_args(args: argparse.Namespace, model_name: str) -> ServeOptions
         max_body_bytes=int(args.max_body_mb * MIB), max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.request_timeout, max_batch=args.max_batch,
         max_requests=args.max_requests, threads=args.threads,
+        session_disk_bytes=int(args.session_disk_mb * MIB), allowed_hosts=_names(args.allowed_hosts),
+        allowed_origins=_names(args.allowed_origins), header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, max_idle_connections=args.max_idle_connections,
     )
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())

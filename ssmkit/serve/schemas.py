@@ -2,17 +2,37 @@
 
 Bodies are validated strictly: unknown fields, wrong types (``"0.5"`` for a number, ``1.0`` or ``true``
 for an integer), NaN/inf and out-of-range values are rejected with a message naming the field.
-Field names and meanings follow OpenAI's completions API where it has them.
+Field names and meanings follow OpenAI's completions API where it has them. Every field's size is
+bounded here (strings, lists, integers), and text must be valid Unicode: a lone surrogate (``"\\ud800"``,
+which JSON allows) is a 400 naming the field, not a failure deep in the tokenizer.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024  # per stop string: text held back and matched per token is bounded by it
+MAX_TEXT_CHARS = 1 << 24  # prompt / text (the body limit and --max-prompt-tokens usually bind first)
+MAX_NAME_CHARS = 256
+INT_LIMIT = 2**31  # integer fields other than seed (max_tokens, top_k) are below it
 SEED_LIMIT = 2**62
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise ValueError(f"contains a lone surrogate (U+{ord(found.group()):04X} at character {found.start()}); "
+                         "text must be valid Unicode")
+    return text
+
+
+def _text(max_chars: int, min_chars: int = 0) -> Any:
+    return Annotated[str, Field(min_length=min_chars, max_length=max_chars), AfterValidator(_valid_unicode)]
 
 
 class _Strict(BaseModel):
@@ -20,7 +40,7 @@ class _Strict(BaseModel):
 
 
 StopField = Annotated[
-    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None,
+    _text(MAX_STOP_CHARS) | Annotated[list[_text(MAX_STOP_CHARS, 1)], Field(max_length=MAX_STOP_STRINGS)] | None,
     Field(description=f"a string or up to {MAX_STOP_STRINGS} strings; the text ends before the first one"),
 ]
 
@@ -28,10 +48,10 @@ StopField = Annotated[
 class SamplingFields(_Strict):
     """Sampling fields shared by ``/v1/completions`` and ``/v1/sessions/{id}/complete``."""
 
-    max_tokens: Annotated[int, Field(ge=0)] = 16
+    max_tokens: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 16
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    top_k: Annotated[int, Field(ge=0, lt=INT_LIMIT)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
     stop: StopField = None
@@ -47,36 +67,55 @@ class SamplingFields(_Strict):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``: the prompt is read after the start-of-document token."""
 
-    model: str | None = None
-    prompt: str
+    model: _text(MAX_NAME_CHARS) | None = None
+    prompt: _text(MAX_TEXT_CHARS)
 
 
 class SessionCreateRequest(_Strict):
     """``POST /v1/sessions``: optionally read some text at once."""
 
-    prompt: str | None = None
+    prompt: _text(MAX_TEXT_CHARS) | None = None
 
 
 class SessionAppendRequest(_Strict):
     """``POST /v1/sessions/{id}/append``: text to read into the session's state."""
 
-    text: Annotated[str, Field(min_length=1)]
+    text: _text(MAX_TEXT_CHARS, 1)
 
 
 class SessionCompleteRequest(SamplingFields):
     """``POST /v1/sessions/{id}/complete``: read ``prompt`` (may be empty), then generate."""
 
-    prompt: str = ""
+    prompt: _text(MAX_TEXT_CHARS) = ""
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+    The message is made valid UTF-8 (a lone surrogate echoed from a request would make the reply unencodable)
+    and cut to :data:`MAX_ERROR_CHARS`, so no request can make an error reply fail or grow.
+    """
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
+    if param is not None:
+        param = param[:64].encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+MAX_ERROR_CHARS = 1000
+
+
+def clip(value: object, limit: int = 64) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters (surrogates and control characters escaped)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 # Fields whose type is a union: one message instead of one per member of the union.
-_FIELD_HINTS = {"stop": f"must be a string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings",
+_FIELD_HINTS = {"stop": f"must be a string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings, each at most "
+                        f"{MAX_STOP_CHARS} characters of valid Unicode",
                 "seed": "must be an integer in [0, 2**62) or null"}
 
 
@@ -91,16 +130,20 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
                          f"character {where})")
             continue
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        field = ".".join(loc) or None
+        field = ".".join(loc)[:64] or None
         first = first or (loc[0] if loc else None)
-        if loc and loc[0] in _FIELD_HINTS and kind not in ("extra_forbidden", "missing"):
+        if loc and loc[0] in _FIELD_HINTS and kind not in ("extra_forbidden", "missing", "string_unicode"):
             parts.append(f"{loc[0]} {_FIELD_HINTS[loc[0]]}")
         elif kind == "extra_forbidden":
-            parts.append(f"unknown field {field!r}")
+            parts.append(f"unknown field {clip(field)}")
         elif kind == "missing":
-            parts.append(f"missing field {field!r}" if field else "the body is empty: send a JSON object")
+            parts.append(f"missing field {clip(field)}" if field else "the body is empty: send a JSON object")
+        elif kind == "string_unicode":  # FastAPI's JSON parsing meets a lone surrogate escape
+            parts.append(f"{field or 'the body'} contains a lone surrogate; text must be valid Unicode")
         elif kind == "model_attributes_type":
             parts.append("the body must be a JSON object (and the Content-Type application/json)")
         else:
             parts.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))
-    return "; ".join(dict.fromkeys(parts)), first
+        if len(parts) > 20:  # a list of a million bad items: a few messages say enough
+            break
+    return "; ".join(list(dict.fromkeys(parts))[:5]), first

@@ -26,6 +26,7 @@ def serve(model: LanguageModel, tokenizer: Tokenizer, folder: Path, options: Ser
     import uvicorn
 
     from ssmkit.serve.app import create_app
+    from ssmkit.serve.connections import IdleConnections, guarded_protocol
 
     log = logging.getLogger("ssmkit.serve")
     if not log.handlers:
@@ -37,14 +38,18 @@ def serve(model: LanguageModel, tokenizer: Tokenizer, folder: Path, options: Ser
         torch.set_num_threads(options.threads)
     sessions_dir = (options.sessions_dir or default_sessions_dir()) / model_fingerprint(folder)
     store = SessionStore(sessions_dir, model.eval(), memory_budget=options.session_memory_bytes,
-                         max_sessions=options.max_sessions)
+                         max_sessions=options.max_sessions, disk_quota=options.session_disk_bytes)
     if options.token is None and not _is_loopback(options.host):
         log.warning("binding to %s without --token-file: anyone who can reach this address can use the model",
                     options.host)
     log.info("model %s from %s; sessions in %s (%d restored)", options.model_name, folder, sessions_dir, len(store))
     app = create_app(model, tokenizer, store, options)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="info", timeout_keep_alive=5,
-                timeout_graceful_shutdown=5, limit_concurrency=options.max_requests + 64)
+    # No limit_concurrency: uvicorn would count connections that have not sent a header yet (slowloris);
+    # idle connections are bounded by IdleConnections, requests under way by the app's RequestGuard.
+    idle = IdleConnections(options.header_timeout_s, options.max_idle_connections)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="info", http=guarded_protocol(idle),
+                timeout_keep_alive=options.keep_alive_s, timeout_graceful_shutdown=5,
+                h11_max_incomplete_event_size=options.max_header_bytes)
 
 
 def _is_loopback(host: str) -> bool:

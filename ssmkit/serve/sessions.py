@@ -15,36 +15,45 @@ Every change writes the state under a new version, then the JSON that points to 
 state: a crash at any moment leaves a consistent session, and a restart finds every acknowledged change.
 Memory holds the most recently used states up to ``memory_budget`` bytes; beyond it the least recently
 used are dropped from memory (their file is already current) and read back when next needed.
+
+Disk: the files of all sessions stay within ``disk_quota`` bytes, checked before anything is written (a
+change that would pass it is refused with :class:`SessionDiskFull`, as is one when the file system has
+less free space than the new state needs); a write that fails for lack of space is the same error, and
+leaves the session as it was. Startup (:mod:`ssmkit.serve.recovery`) never deletes what it cannot read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
-import math
 import os
-import re
 import secrets
+import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from safetensors import SafetensorError, safe_open
+import torch
+from safetensors import SafetensorError
 
 from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import write_text_atomic
+from ssmkit.serve.recovery import SESSION_ID, recover, state_path
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
 
 log = logging.getLogger("ssmkit.serve")
 
-SESSION_ID = re.compile(r"^sess_[0-9a-f]{32}$")
+# Besides the tensors: the safetensors header and the JSON record (a generous bound, for the quota check).
+_FILE_OVERHEAD = 64 * 1024
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class SessionNotFound(KeyError):
@@ -56,7 +65,19 @@ class SessionLimit(RuntimeError):
 
 
 class SessionStateError(RuntimeError):
-    """A session's state file could not be read back (damaged or removed behind the server's back)."""
+    """A session's state could not be read back or saved; the message is for clients, ``detail`` for the log."""
+
+    def __init__(self, message: str, detail: str, code: str = "session_state_unreadable") -> None:
+        super().__init__(message)
+        self.detail, self.code = detail, code
+
+
+class SessionDiskFull(RuntimeError):
+    """A session change was refused: the sessions' disk quota, or the disk itself, is full."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,6 +90,7 @@ class Session:
     version: int
     tokens_read: int
     state_bytes: int
+    disk_bytes: int = 0
     cache: ModelCache | None = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
@@ -105,11 +127,15 @@ class SessionStore:
         await store.commit(session, new_cache, pending=42)
     """
 
-    def __init__(self, folder: Path, model: LanguageModel, *, memory_budget: int, max_sessions: int = 100_000) -> None:
+    def __init__(self, folder: Path, model: LanguageModel, *, memory_budget: int, max_sessions: int = 100_000,
+                 disk_quota: int = 10 << 30) -> None:
         self.folder = folder
         self.model = model
         self.memory_budget = memory_budget
         self.max_sessions = max_sessions
+        self.disk_quota = disk_quota
+        self.disk_bytes = 0
+        self._reserved = 0
         self.device = model.embedding.weight.device
         self._sessions: dict[str, Session] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()
@@ -118,31 +144,17 @@ class SessionStore:
         self._recover()
 
     def _recover(self) -> None:
-        """Read every session's JSON; drop temporary files and states no JSON points to."""
-        wanted: set[str] = set()
-        for meta_path in sorted(self.folder.glob("sess_*.json")):
-            try:
-                meta = json.loads(meta_path.read_text())
-                sid, version = meta["id"], int(meta["version"])
-                pending = meta["pending"]
-                if not SESSION_ID.match(sid) or meta_path.stem != sid:
-                    raise ValueError(f"id {sid!r} does not match the file name")
-                state_file = self._state_path(sid, version)
-                tokens_read, nbytes = _peek_cache(state_file)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("skipping session file %s: %s", meta_path, e)
-                continue
-            self._sessions[sid] = Session(sid, int(meta["created"]), pending, version, tokens_read, nbytes)
-            wanted.add(state_file.name)
-        for path in self.folder.iterdir():
-            stray = path.name.endswith(".tmp") or (path.suffix == ".safetensors" and path.name not in wanted)
-            if stray and path.is_file():
-                path.unlink(missing_ok=True)
+        meta_cache = self.model.allocate_cache(1, device=torch.device("meta"))
+        keys = {f"layers.{i}.{name}" for i, st in enumerate(meta_cache.states) for name in st.tensors()}
+        for saved in recover(self.folder, self.model.config.vocab_size, keys):
+            self._sessions[saved.id] = Session(saved.id, saved.created, saved.pending, saved.version,
+                                               saved.tokens_read, saved.state_bytes, saved.disk_bytes)
+            self.disk_bytes += saved.disk_bytes
         if self._sessions:
-            log.info("restored %d sessions from %s", len(self._sessions), self.folder)
+            log.info("restored %d sessions (%.1f MB on disk)", len(self._sessions), self.disk_bytes / 2**20)
 
     def _state_path(self, sid: str, version: int) -> Path:
-        return self.folder / f"{sid}.{version}.safetensors"
+        return state_path(self.folder, sid, version)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -181,8 +193,9 @@ class SessionStore:
             path = self._state_path(session.id, session.version)
             try:
                 cache = await anyio.to_thread.run_sync(lambda: self._as_model_cache(ModelCache.load(path, self.device)))
-            except (OSError, ValueError, TypeError) as e:
-                raise SessionStateError(f"session {session.id}: its saved state cannot be read: {e}") from None
+            except (OSError, ValueError, TypeError, SafetensorError) as e:
+                raise SessionStateError(f"session {session.id}: its saved state cannot be read",
+                                        f"session {session.id}: {path.name} cannot be read: {e}") from None
             if session.cache is None:
                 self._keep(session, cache)
         self._lru.move_to_end(session.id)
@@ -190,26 +203,68 @@ class SessionStore:
         return session.cache
 
     async def commit(self, session: Session, cache: ModelCache, pending: int | None) -> None:
-        """Make ``cache``/``pending`` the session's state: on disk first (new version), then in memory."""
+        """Make ``cache``/``pending`` the session's state: on disk first (new version), then in memory.
+
+        Raises :class:`SessionDiskFull` (nothing written) past the quota or the free space, and on a write
+        that fails for lack of space; :class:`SessionStateError` on any other failed write. Either way the
+        session stays as it was."""
         version = session.version + 1
         meta = {"id": session.id, "created": session.created, "pending": pending, "version": version}
         old = self._state_path(session.id, session.version)
         new = self._state_path(session.id, version)
+        need = cache.nbytes + _FILE_OVERHEAD
+        self._check_space(need - session.disk_bytes, need)
 
-        def write() -> None:
-            cache.save(new)
-            write_text_atomic(self.folder / f"{session.id}.json", json.dumps(meta) + "\n")
+        def write() -> int:
+            try:
+                cache.save(new)
+                write_text_atomic(self.folder / f"{session.id}.json", json.dumps(meta) + "\n")
+            except BaseException:
+                new.unlink(missing_ok=True)
+                raise
             old.unlink(missing_ok=True)
+            return new.stat().st_size + (self.folder / f"{session.id}.json").stat().st_size
 
-        await anyio.to_thread.run_sync(write)
+        self._reserved += need
+        try:
+            written = await anyio.to_thread.run_sync(write)
+        except (OSError, SafetensorError) as e:
+            raise self._write_error(session, e) from None
+        finally:
+            self._reserved -= need
         if session.id not in self._sessions:
             # Deleted while the files were being written: remove what was just written.
             self._remove_files(session.id, version)
             return
-        session.version, session.pending = version, pending
+        self.disk_bytes += written - session.disk_bytes
+        session.version, session.pending, session.disk_bytes = version, pending, written
         session.tokens_read, session.state_bytes = cache.seqlen_offset, cache.nbytes
         self._drop(session)
         self._keep(session, cache)
+
+    def _check_space(self, growth: int, need: int) -> None:
+        """Refuse a change that would take the sessions past the quota, or the disk below what it needs."""
+        if self.disk_bytes + self._reserved + growth > self.disk_quota:
+            raise SessionDiskFull(f"the sessions' disk quota of {self.disk_quota / 2**20:.1f} MB is used up "
+                                  f"({self.disk_bytes / 2**20:.1f} MB); delete sessions or raise --session-disk-mb",
+                                  "session_disk_quota")
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            return  # the write itself will tell
+        if free < self._reserved + need:
+            raise SessionDiskFull("the disk holding the sessions is full; free some space or delete sessions",
+                                  "disk_full")
+
+    def _write_error(self, session: Session, e: BaseException) -> Exception:
+        text = str(e)
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or "StorageFull" in text or "os error 28" in text:
+            log.error("session %s: no space to save its state: %s", session.id, e)
+            return SessionDiskFull("the disk holding the sessions is full; the session was not changed "
+                                   "(free some space or delete sessions)", "disk_full")
+        return SessionStateError(f"session {session.id}: its new state could not be saved (the server log has "
+                                 "the cause); the session was not changed",
+                                 f"session {session.id}: saving its state failed: {e!r}", "session_save_failed")
 
     async def fork(self, session: Session) -> Session:
         """A new session with a copy of ``session``'s state and pending token."""
@@ -218,7 +273,8 @@ class SessionStore:
 
     async def delete(self, session: Session) -> None:
         """Forget the session: its JSON goes first, so a crash midway never brings it back."""
-        self._sessions.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is not None:
+            self.disk_bytes -= session.disk_bytes
         self._drop(session)
         await anyio.to_thread.run_sync(self._remove_files, session.id, session.version)
 
@@ -259,22 +315,7 @@ class SessionStore:
 
     def stats(self) -> dict[str, int]:
         return {"sessions": len(self._sessions), "in_memory": len(self._lru), "memory_bytes": self.memory_bytes,
-                "memory_budget": self.memory_budget}
-
-
-def _peek_cache(path: Path) -> tuple[int, int]:
-    """(tokens read, state bytes) of a saved cache from its header alone (the tensors stay on disk)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            offset = int((f.metadata() or {})["seqlen_offset"])
-            nbytes = sum(math.prod(f.get_slice(k).get_shape()) * _DTYPE_BYTES[f.get_slice(k).get_dtype()]
-                         for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable session state ({e})") from None
-    return offset, nbytes
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+                "memory_budget": self.memory_budget, "disk_bytes": self.disk_bytes, "disk_quota": self.disk_quota}
 
 
 def default_sessions_dir() -> Path:

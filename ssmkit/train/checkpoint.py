@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ssmkit.data.tokenizer import Tokenizer
-from ssmkit.files import load_safetensors, save_safetensors_atomic
+from ssmkit.files import load_safetensors, read_json_object, save_safetensors_atomic, shown
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.formats.native import (
     ARCHITECTURE,
@@ -87,6 +87,33 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    """A training run's ``run.json``: its ``model``, ``train`` and ``data`` configs, each checked and filled to
+    a complete dict. ValueError naming the file when it is unreadable, corrupt or not of that shape;
+    FileNotFoundError when missing."""
+    from dataclasses import asdict
+
+    from ssmkit.data.config import DataConfig
+    from ssmkit.train.config import TrainConfig
+    from ssmkit.train.options import simple_from_dict
+
+    data = read_json_object(path, "record")
+    for section in ("model", "train", "data"):
+        if not isinstance(data.get(section), dict):
+            raise ValueError(f"{shown(path)}: not a training run record (no {section!r} object); the file is damaged "
+                             "or not written by ssmkit train")
+    try:
+        model = ModelConfig.from_dict(data["model"]).to_dict()
+        sections = {}
+        for name, cls in (("train", TrainConfig), ("data", DataConfig)):
+            config = simple_from_dict(cls, data[name], name)
+            config.validate()  # a value of the wrong type fails here as a TypeError
+            sections[name] = asdict(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{shown(path)}: {e}") from None
+    return {**data, "model": model, **sections}
 
 
 def load(folder: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from ssmkit.data import ByteTokenizer, TokenizersTokenizer, load_tokenizer
+from ssmkit.data.tokenizer import MissingTokenizerError
 from ssmkit.models.presets import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE
 
 
@@ -52,7 +53,10 @@ def test_save_and_load_round_trip(tmp_path):
     assert isinstance(loaded, TokenizersTokenizer) and loaded.eos_id == 7
     ByteTokenizer().save(tmp_path / "bytes")
     assert isinstance(load_tokenizer(tmp_path / "bytes"), ByteTokenizer)
-    assert isinstance(load_tokenizer(tmp_path / "nothing_here"), ByteTokenizer)
+    # No tokenizer file: an error (issue 27), not bytes, unless the folder is an ssmkit byte-vocabulary model.
+    (tmp_path / "nothing_here").mkdir()
+    with pytest.raises(MissingTokenizerError, match="no tokenizer"):
+        load_tokenizer(tmp_path / "nothing_here")
 
 
 def test_foreign_tokenizer_json_is_used_without_ssmkit_specials(tmp_path):

@@ -180,7 +180,8 @@ def test_every_option_but_out_is_refused_with_merge_and_only_per_model_tasks_hav
         for action in flags:
             flag = action.option_strings[0]
             # Zero for numbers: a given 0 counts as given.
-            value = [] if action.nargs == 0 else ["0" if action.type in (int, float) else "x"]
+            number = getattr(action.type, "kind", action.type) in (int, float)  # the CLI wraps them in ranges
+            value = [] if action.nargs == 0 else ["0" if number else "x"]
             _fails(capsys, [task, "--merge", "a", "b", flag, *value],
                    f"--merge trains nothing and takes the settings from the merged runs; drop {flag}")
     for task in ("text",):

@@ -129,3 +129,21 @@ def server(model_dir, tmp_path_factory):
 def client(server):
     with server.client() as c:
         yield c
+
+
+def state_file_mb() -> float:
+    """Megabytes one session takes on disk (its state and the quota's allowance for header and record)."""
+    return (tiny_model().cache_nbytes(1) + 64 * 1024) / 2**20
+
+
+@pytest.fixture(scope="module")
+def open_server(model_dir, tmp_path_factory):
+    """A server as most people run it (loopback, no token, default body limit), with short connection timeouts,
+    one extra allowed Host name and a session disk quota of three and a half sessions."""
+    folder = tmp_path_factory.mktemp("open-server")
+    proc = ServerProcess(model_dir, folder / "sessions", folder / "server.log", "--max-tokens-cap", "400",
+                         "--header-timeout", "3", "--body-timeout", "2", "--max-idle-connections", "64",
+                         "--allowed-hosts", "api.example", "--session-disk-mb", str(3.5 * state_file_mb()))
+    proc.start()
+    yield proc
+    proc.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ssmkit.cli import main
 
 
@@ -17,8 +19,18 @@ def test_serve_reports_bad_arguments(model_dir, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(model_dir), "--token-file", str(tmp_path / "nope")]) == 1
     assert "cannot read --token-file" in capsys.readouterr().err
-    assert main(["serve", "--checkpoint", str(model_dir), "--max-batch", "0"]) == 1
-    assert "max_batch must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a usage error, from the option's range
+        main(["serve", "--checkpoint", str(model_dir), "--max-batch", "0"])
+    assert e.value.code == 2 and "--max-batch: must be an integer from 1" in capsys.readouterr().err
+    for flag, value, needle in (("--header-timeout", "0", "header_timeout_s"), ("--body-timeout", "nan", "body_timeout_s"),
+                                ("--max-idle-connections", "0", "max_idle_connections"),
+                                ("--session-disk-mb", "0", "session_disk_bytes")):
+        try:  # refused by the option's range (a usage error) or by ServeOptions' own check
+            code = main(["serve", "--checkpoint", str(model_dir), flag, value])
+        except SystemExit as e:
+            code, needle = e.code, flag
+        assert code in (1, 2), flag
+        assert needle in capsys.readouterr().err, flag
     assert main(["serve", "--checkpoint", str(model_dir), "--bogus"]) == 2
 
 

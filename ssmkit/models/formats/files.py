@@ -14,12 +14,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ssmkit import files
+from ssmkit.files import shown
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -43,16 +46,19 @@ def _decode_floats(obj: Any) -> Any:
     return obj
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object from ``path``; errors name the file."""
+def read_json(path: Path, kind: str = "config") -> dict[str, Any]:
+    """Parse a JSON object from ``path`` (size-checked before reading, see :mod:`ssmkit.files`); errors
+    name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{shown(path)}: no such file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from e
+        data = files.read_json(path, kind)
+    except files.FileTooLargeError as e:
+        raise CheckpointError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{shown(path)}: not a readable JSON file ({e})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise CheckpointError(f"{shown(path)}: expected a JSON object, got {type(data).__name__}")
     return _decode_floats(data)
 
 
@@ -78,14 +84,52 @@ def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-def _read_sharded(index_path: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    index = read_json(index_path)
+def _link_roots(folder: Path) -> list[Path]:
+    """Where a checkpoint's files may lead: the folder itself and, for a snapshot of the Hugging Face hub
+    cache (``models--org--name/snapshots/<rev>/``, whose files are links to ``../../blobs/``), that
+    repository's ``blobs`` folder."""
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        roots.append((folder.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _shard_path(index_path: Path, shard_name: Any) -> Path:
+    """The file a ``weight_map`` value names, which must be a plain file name or relative path that stays
+    inside the checkpoint folder (no ``..``, no absolute path, no symlink leading out)."""
+    folder = index_path.parent
+    where = f"{shown(index_path)}: weight_map names shard {shard_name!r}"
+    if not isinstance(shard_name, str) or not shard_name or "\0" in shard_name:
+        raise CheckpointError(f"{where}: expected a file name")
+    relative = PurePosixPath(shard_name)
+    if relative.is_absolute() or PureWindowsPath(shard_name).is_absolute() or ".." in relative.parts \
+            or "\\" in shard_name:
+        raise CheckpointError(f"{where}: shards must be files inside the checkpoint folder (no absolute path, "
+                              "no '..')")
+    shard = folder / relative
+    try:
+        target = shard.resolve()
+        inside = any(target.is_relative_to(root) for root in _link_roots(folder))
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(f"{where}: cannot be resolved ({e})") from None
+    if not inside:
+        raise CheckpointError(f"{where}: it is a link that leads outside the checkpoint folder")
+    return shard
+
+
+def _read_sharded(index_path: Path, read: Callable[[Path], dict[str, torch.Tensor]],
+                  max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    index = read_json(index_path, "index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: missing or empty 'weight_map'")
+        raise CheckpointError(f"{shown(index_path)}: missing or empty 'weight_map'")
+    shards: dict[str, Path] = {}
+    for shard_name in weight_map.values():
+        shards[shard_name] = _shard_path(index_path, shard_name)  # checks the type before hashing it
+    check_total_size(list(shards.values()), max_bytes, index_path)
     tensors: dict[str, torch.Tensor] = {}
-    for shard_name in sorted(set(weight_map.values())):
-        shard = index_path.parent / shard_name
+    for shard_name in sorted(shards):
+        shard = shards[shard_name]
         if not shard.is_file():
             raise FileNotFoundError(f"{shard}: shard named in {index_path.name} does not exist")
         for name, t in read(shard).items():
@@ -98,23 +142,37 @@ def _read_sharded(index_path: Path, read: Callable[[Path], dict[str, torch.Tenso
     return tensors
 
 
-def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+def read_weights(folder: Path, max_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], Path]:
     """All tensors of a transformers-style folder and the file (or index) they came from.
 
     Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (sharded),
     ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (the last two with ``weights_only=True``).
+    ``max_bytes``: the most the weight files may hold together (see
+    :func:`ssmkit.models.size.weights_limit`), checked before any is read.
     """
     candidates: list[tuple[str, Callable[[Path], dict[str, torch.Tensor]]]] = [
         (SAFE_WEIGHTS_NAME, _read_safetensors),
-        (SAFE_INDEX_NAME, lambda p: _read_sharded(p, _read_safetensors)),
+        (SAFE_INDEX_NAME, lambda p: _read_sharded(p, _read_safetensors, max_bytes)),
         (BIN_WEIGHTS_NAME, _read_bin),
-        (BIN_INDEX_NAME, lambda p: _read_sharded(p, _read_bin)),
+        (BIN_INDEX_NAME, lambda p: _read_sharded(p, _read_bin, max_bytes)),
     ]
     for name, read in candidates:
         path = folder / name
         if path.is_file():
+            if not name.endswith(".json"):
+                check_total_size([path], max_bytes, path)
             return read(path), path
     raise FileNotFoundError(f"{folder}: no weights found (expected one of {[n for n, _ in candidates]})")
+
+
+def check_total_size(paths: list[Path], max_bytes: int | None, source: Path) -> None:
+    """Refuse weight files that hold more than ``max_bytes`` together: more than their config implies."""
+    if max_bytes is None:
+        return
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > max_bytes:
+        raise CheckpointError(f"{shown(source)}: the weights take {total:,} bytes, more than the config's parameters "
+                              f"can fill ({max_bytes:,} bytes at float64); the weights do not belong to this config")
 
 
 def _json_text(data: Mapping[str, Any]) -> str:

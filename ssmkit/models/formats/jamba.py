@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -37,14 +38,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ssmkit.layers import registry
-from ssmkit.models.formats.files import (
-    CONFIG_NAME,
-    CheckpointError,
-    read_json,
-    read_weights,
-    write_folder,
-)
+from ssmkit.models.config import MAX_CONFIG_INT, MAX_LAYERS
+from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json, read_weights, write_folder
 from ssmkit.models.formats.native import model_tensor_shapes
+from ssmkit.models.size import weights_limit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,10 +67,21 @@ def _field(values: dict[str, Any], source: Path, name: str, kind: type = int, mi
     elif kind is bool:
         ok, want = isinstance(v, bool), "true or false"
     else:
-        ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= minimum, f"an integer >= {minimum}"
+        top = MAX_LAYERS if name == "num_hidden_layers" else MAX_CONFIG_INT
+        ok = isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= top
+        want = f"an integer from {minimum} to {top:,}"
     if not ok:
-        raise CheckpointError(f"{source}: field {name!r} = {v!r}: expected {want}")
+        shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."  # a hostile value may be megabytes long
+        raise CheckpointError(f"{source}: field {name!r} = {shown}: expected {want}")
     return float(v) if kind is float else v
+
+
+def _coefficient(values: dict[str, Any], source: Path) -> float:
+    """``router_aux_loss_coef``: a finite number >= 0."""
+    v = values["router_aux_loss_coef"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise CheckpointError(f"{source}: field 'router_aux_loss_coef' = {v!r:.80}: expected a number >= 0")
+    return float(v)
 
 
 def jamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelConfig:
@@ -123,7 +131,7 @@ def jamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
                                       head_dim=None if head_dim is None else get("head_dim")),
             mlp=MLPConfig(d_intermediate=f),
             moe=MoEConfig(num_experts=num_experts, top_k=get("num_experts_per_tok"), d_intermediate=f,
-                          router_aux_loss_coef=float(values["router_aux_loss_coef"])),
+                          router_aux_loss_coef=_coefficient(values, source)),
             norm_eps=eps, tie_embeddings=get("tie_word_embeddings", bool), residual_in_fp32=False,
             pad_vocab_size_multiple=1, initializer_range=get("initializer_range", float),
             rescale_prenorm_residual=False,
@@ -253,7 +261,7 @@ def load_jamba_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[st
         raise FileNotFoundError(f"{folder}: not a checkpoint folder")
     raw = read_json(folder / CONFIG_NAME)
     config = jamba_config_from_transformers(raw, folder / CONFIG_NAME)
-    tensors, source = read_weights(folder)
+    tensors, source = read_weights(folder, max_bytes=weights_limit(config))
     _unfuse_experts(tensors)
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)

@@ -18,12 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssmkit.files import (
-    load_safetensors,
-    read_json,
-    save_safetensors_atomic,
-    write_text_atomic,
-)
+from ssmkit import files
+from ssmkit.files import load_safetensors, save_safetensors_atomic, shown, write_text_atomic
+from ssmkit.hub import SAFETENSORS_WEIGHTS, is_mamba_ssm_config, mamba_ssm_hint
 from ssmkit.models.blocks import build_blocks
 from ssmkit.models.config import ModelConfig
 
@@ -38,13 +35,23 @@ WEIGHTS_NAME = "model.safetensors"
 TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba")
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's config.json, size-checked before reading (:mod:`ssmkit.files`); errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{shown(path)} does not exist")
+    return files.read_json_object(path, "config")
+
+
 def checkpoint_kind(path: Path) -> str:
-    """``"ssmkit"`` or ``"transformers"`` from the folder's config.json; anything else raises."""
+    """``"ssmkit"`` or ``"transformers"`` (a format :mod:`ssmkit.models.formats.transformers` reads: transformers, or mamba_ssm's
+    own with safetensors weights) from the folder's config.json; anything else raises."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (expected a folder with {CONFIG_NAME})")
     data = read_json(path / CONFIG_NAME)
     if data.get("format") == FORMAT:
         return "ssmkit"
+    if is_mamba_ssm_config(data) and any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        return "transformers"
     model_type = data.get("model_type")
     if model_type in TRANSFORMERS_MODEL_TYPES:
         return "transformers"
@@ -53,6 +60,9 @@ def checkpoint_kind(path: Path) -> str:
             f"{path / CONFIG_NAME}: model_type {model_type!r} is not supported; ssmkit reads ssmkit checkpoints "
             f"and transformers checkpoints of model_type {', '.join(TRANSFORMERS_MODEL_TYPES)}"
         )
+    hint = mamba_ssm_hint(data, path.name)
+    if hint:
+        raise ValueError(f"{shown(path / CONFIG_NAME)}: {hint}")
     raise ValueError(
         f"{path / CONFIG_NAME}: neither an ssmkit checkpoint (no \"format\": \"ssmkit\") nor a transformers one "
         "(no \"model_type\")"
@@ -81,23 +91,35 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     write_text_atomic(path / CONFIG_NAME, json.dumps(data, indent=2) + "\n")
 
 
-def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
-    """Read an ssmkit checkpoint folder: ``(config, state_dict, weights file)``."""
+def read_config(path: Path) -> ModelConfig:
+    """The :class:`ModelConfig` of an ssmkit checkpoint folder, from its config.json alone."""
     config_file = path / CONFIG_NAME
     data = read_json(config_file)
     if data.get("format") != FORMAT:
-        raise ValueError(f"{config_file}: not an ssmkit checkpoint config (\"format\" is {data.get('format')!r})")
+        raise ValueError(f"{shown(config_file)}: not an ssmkit checkpoint config (\"format\" is "
+                         f"{data.get('format')!r})")
     version = data.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{config_file}: format_version {version!r} is not readable by this ssmkit "
+        raise ValueError(f"{shown(config_file)}: format_version {version!r} is not readable by this ssmkit "
                          f"(reads versions up to {FORMAT_VERSION})")
     if data.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{config_file}: holds a {data.get('architecture')!r} checkpoint, not a {ARCHITECTURE}")
+        raise ValueError(f"{shown(config_file)}: holds a {data.get('architecture')!r} checkpoint, not a {ARCHITECTURE}")
     try:
-        config = ModelConfig.from_dict(data.get("config"))
+        return ModelConfig.from_dict(data.get("config"))
     except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from None
+        raise ValueError(f"{shown(config_file)}: {e}") from None
+
+
+def load_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
+    """Read an ssmkit checkpoint folder: ``(config, state_dict, weights file)``."""
+    from ssmkit.models.size import weights_limit
+
+    config = read_config(path)
     weights_file = path / WEIGHTS_NAME
+    if weights_file.is_file() and weights_file.stat().st_size > weights_limit(config):
+        raise ValueError(f"{shown(weights_file)}: {weights_file.stat().st_size:,} bytes, more than the config's "
+                         f"parameters can fill ({weights_limit(config):,} bytes at float64); the weights do not "
+                         "belong to this config")
     tensors, _ = load_safetensors(weights_file)
     return config, tensors, weights_file
 

@@ -2,7 +2,8 @@
 
 Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2`` and ``jamba``
 (:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
-:mod:`ssmkit.models.formats.transformers_mamba` and :mod:`ssmkit.models.formats.jamba`);
+:mod:`ssmkit.models.formats.transformers_mamba` and :mod:`ssmkit.models.formats.jamba`), and mamba_ssm's own
+format when its weights are safetensors (:mod:`ssmkit.models.formats.mamba_ssm`, read only);
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
 """
 
@@ -14,10 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ssmkit.hub import is_mamba_ssm_config
 from ssmkit.models.formats import transformers_mamba
 from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json
-from ssmkit.models.formats.jamba import load_jamba_checkpoint, save_jamba_checkpoint
+from ssmkit.models.formats.jamba import jamba_config_from_transformers, load_jamba_checkpoint, save_jamba_checkpoint
+from ssmkit.models.formats.mamba_ssm import config_from_mamba_ssm, load_mamba_ssm_checkpoint
 from ssmkit.models.formats.transformers_config import MODEL_TYPES as _MAMBA_MODEL_TYPES
+from ssmkit.models.formats.transformers_config import config_from_transformers
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,10 +35,23 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
     """Read a transformers folder of model_type mamba, falcon_mamba, mamba2 or jamba:
     ``(ModelConfig, state_dict with LanguageModel names)`` (see the per-format modules for the errors)."""
     folder = Path(path)
-    if folder.is_dir() and (folder / CONFIG_NAME).is_file() and read_json(folder / CONFIG_NAME).get(
-            "model_type") == "jamba":
+    raw = read_json(folder / CONFIG_NAME) if folder.is_dir() and (folder / CONFIG_NAME).is_file() else {}
+    if raw.get("model_type") == "jamba":
         return load_jamba_checkpoint(folder)
+    if is_mamba_ssm_config(raw):
+        return load_mamba_ssm_checkpoint(folder)
     return transformers_mamba.load_transformers_checkpoint(folder)
+
+
+def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of a transformers folder, from its config.json alone (no weights read)."""
+    config_path = Path(path) / CONFIG_NAME
+    raw = read_json(config_path)
+    if raw.get("model_type") == "jamba":
+        return jamba_config_from_transformers(raw, config_path)
+    if is_mamba_ssm_config(raw):
+        return config_from_mamba_ssm(raw, config_path)
+    return config_from_transformers(raw, config_path)
 
 
 def save_transformers_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -52,6 +69,7 @@ __all__ = [
     "TRANSFORMERS_MODEL_TYPES",
     "load_jamba_checkpoint",
     "load_transformers_checkpoint",
+    "read_transformers_config",
     "save_jamba_checkpoint",
     "save_transformers_checkpoint",
 ]

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ssmkit.models.config import Mamba2Config, MambaConfig, ModelConfig
+from ssmkit.models.config import MAX_CONFIG_INT, MAX_LAYERS, Mamba2Config, MambaConfig, ModelConfig
 from ssmkit.models.formats.files import CheckpointError
 
 MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
@@ -50,12 +50,15 @@ class _Fields:
         self.values.update({k: v for k, v in raw.items() if v is not None})
 
     def fail(self, field: str, why: str) -> CheckpointError:
-        return CheckpointError(f"{self.source}: field {field!r} = {self.values.get(field)!r}: {why}")
+        shown = repr(self.values.get(field))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a hostile value may be megabytes long
+        return CheckpointError(f"{self.source}: field {field!r} = {shown}: {why}")
 
     def int(self, field: str, minimum: int = 1) -> int:
         v = self.values.get(field)
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise self.fail(field, f"expected an integer >= {minimum}")
+        top = MAX_LAYERS if field == "num_hidden_layers" else MAX_CONFIG_INT
+        if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= top:
+            raise self.fail(field, f"expected an integer from {minimum} to {top:,}")
         return v
 
     def float(self, field: str, positive: bool = False) -> float:

@@ -21,17 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ssmkit.models.formats.files import (
-    CONFIG_NAME,
-    CheckpointError,
-    read_json,
-    read_weights,
-    write_folder,
-)
-from ssmkit.models.formats.transformers_config import (
-    config_from_transformers,
-    config_to_transformers,
-)
+from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json, read_weights, write_folder
+from ssmkit.models.formats.transformers_config import config_from_transformers, config_to_transformers
+from ssmkit.models.size import weights_limit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -161,7 +153,7 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
     config_path = folder / CONFIG_NAME
     raw = read_json(config_path)
     config = config_from_transformers(raw, config_path)
-    tensors, source = read_weights(folder)
+    tensors, source = read_weights(folder, max_bytes=weights_limit(config))
     if config.tie_embeddings:
         # Tied checkpoints sometimes store the head too; transformers ties it to the embedding anyway.
         tensors.pop("lm_head.weight", None)
