@@ -293,7 +293,7 @@ def _model_dict(preset: str | None, overrides: dict[str, str], data_config: Data
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.ids:
         return _generate_ids(args)
-    from ssmkit.files import read_text
+    from ssmkit.io.files import read_text
 
     text = args.prompt
     if args.prompt_file:
@@ -413,7 +413,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _model_name(checkpoint: str) -> str:
     """The name the server answers to: a hub id as it is, else the checkpoint folder's name."""
-    from ssmkit.hub import is_hub_id
+    from ssmkit.io.hub import is_hub_id
 
     local = Path(checkpoint).expanduser()
     return checkpoint if is_hub_id(checkpoint) and not local.exists() else local.resolve().name

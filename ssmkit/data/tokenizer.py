@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ssmkit import files
-from ssmkit.files import shown
-from ssmkit.hub import resolve_checkpoint
+from ssmkit.io import files
+from ssmkit.io.files import shown
+from ssmkit.io.hub import resolve_checkpoint
 
 BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
 """The byte vocabulary's specials, after the 256 byte values."""
@@ -180,7 +180,7 @@ class MissingTokenizerError(FileNotFoundError):
 def load_tokenizer(folder: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                    revision: str | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint folder or Hugging Face Hub id (at ``revision``; see
-    :func:`ssmkit.hub.resolve_checkpoint`), or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
+    :func:`ssmkit.io.hub.resolve_checkpoint`), or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
     when given.
 
     ``ssmkit_tokenizer.json`` says what the folder's tokenizer is; without it a ``tokenizer.json`` (a

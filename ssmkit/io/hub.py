@@ -15,7 +15,7 @@ safetensors weights are fetched (``*.json``, ``*.safetensors``), never pickled w
 whose weights are only pickled (``pytorch_model.bin``, as mamba_ssm's own ``state-spaces/mamba-*``
 repositories) is refused, naming the converted transformers repository where one is known.
 
-This module imports nothing of ssmkit above :mod:`ssmkit.files`.
+This module imports nothing of ssmkit above :mod:`ssmkit.io.files`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ssmkit.files import read_json_object
+from ssmkit.io.files import read_json_object
 
 # Files fetched from the hub: configs, tokenizer.json and the other tokenizer JSON files, and safetensors
 # weights (single or sharded with their index). Pickled formats (*.bin, *.pt, *.ckpt) are never fetched.

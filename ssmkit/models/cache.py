@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.files import load_safetensors, save_safetensors_atomic
+from ssmkit.io.files import load_safetensors, save_safetensors_atomic
 from ssmkit.layers.state import STATE_TYPES, LayerState
 
 CACHE_FORMAT = "ssmkit-cache"

@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
-from ssmkit import files
-from ssmkit.files import shown, write_text_atomic
+from ssmkit.io import files
+from ssmkit.io.files import shown, write_text_atomic
 from ssmkit.layers import registry
 from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public names)
     AttentionConfig,

@@ -20,8 +20,8 @@ from ssmkit.layers import MoE, RMSNorm
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.layers.registry import flops_per_token
 from ssmkit.models.blocks import build_blocks, init_weights
-from ssmkit.files import shown
-from ssmkit.hub import resolve_checkpoint
+from ssmkit.io.files import shown
+from ssmkit.io.hub import resolve_checkpoint
 from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.formats.native import (
@@ -267,7 +267,7 @@ class LanguageModel(nn.Module):
                         max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
         falcon_mamba, jamba), named by its path or by a Hugging Face Hub id such as
-        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.hub.resolve_checkpoint`).
+        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
         files, tensors that do not match the config, and configs of other model types raise errors naming

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ssmkit.data.tokenizer import Tokenizer, load_tokenizer
-from ssmkit.hub import resolve_checkpoint
+from ssmkit.io.hub import resolve_checkpoint
 from ssmkit.models.language_model import LanguageModel
 from ssmkit.models.run_folder import CHECKPOINTS, MODEL_DIR, find_resumable
 
@@ -21,7 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def resolve_model_dir(path: str | Path, revision: str | None = None) -> Path:
     """A folder with config.json: the folder itself, a run's ``model/``, a run's newest checkpoint that
     verifies (see :mod:`ssmkit.models.run_folder`), or the hub cache's snapshot of a Hugging Face Hub id
-    ``org/name`` (at ``revision``; :func:`ssmkit.hub.resolve_checkpoint`)."""
+    ``org/name`` (at ``revision``; :func:`ssmkit.io.hub.resolve_checkpoint`)."""
     folder = resolve_checkpoint(path, revision)
     if (folder / "config.json").is_file():
         return folder

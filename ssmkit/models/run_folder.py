@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ssmkit.files import read_json_object, shown
+from ssmkit.io.files import read_json_object, shown
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssmkit.files import parse_bytes
+from ssmkit.io.files import parse_bytes
 from ssmkit.layers import registry
 from ssmkit.models.config import LayerSpec, ModelConfig, pattern_tokens
 

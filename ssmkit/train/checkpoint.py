@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ssmkit.data.tokenizer import Tokenizer
-from ssmkit.files import load_safetensors, read_json_object, save_safetensors_atomic, shown
+from ssmkit.io.files import load_safetensors, read_json_object, save_safetensors_atomic, shown
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.formats.native import (
     ARCHITECTURE,

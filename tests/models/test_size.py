@@ -201,7 +201,7 @@ def test_weights_larger_than_the_config_implies_are_refused_before_reading(tmp_p
             raw["num_hidden_layers"] = 1
         (folder / "config.json").write_text(json.dumps(raw))
         read = []
-        for module in ("ssmkit.models.formats.files", "ssmkit.files"):
+        for module in ("ssmkit.models.formats.files", "ssmkit.io.files"):
             monkeypatch.setattr(f"{module}.safe_open", lambda *a, seen=read, **k: seen.append(a))
         with pytest.raises(ValueError, match="more than the config's parameters can fill"):
             LanguageModel.from_pretrained(folder)

@@ -123,7 +123,7 @@ def test_writes_are_atomic(ckpt, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ssmkit.files.save_file", boom)
+    monkeypatch.setattr("ssmkit.io.files.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(ckpt)
     assert (ckpt / "model.safetensors").read_bytes() == before

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ssmkit import files
-from ssmkit.files import shown
+from ssmkit.io import files
+from ssmkit.io.files import shown
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -47,7 +47,7 @@ def _decode_floats(obj: Any) -> Any:
 
 
 def read_json(path: Path, kind: str = "config") -> dict[str, Any]:
-    """Parse a JSON object from ``path`` (size-checked before reading, see :mod:`ssmkit.files`); errors
+    """Parse a JSON object from ``path`` (size-checked before reading, see :mod:`ssmkit.io.files`); errors
     name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{shown(path)}: no such file")

@@ -5,7 +5,7 @@ mamba_ssm writes ``config.json`` as its ``MambaConfig`` (``d_model``, ``d_interm
 ``vocab_size``, ``ssm_cfg`` with the mixer's arguments and ``"layer": "Mamba1" | "Mamba2"``,
 ``attn_layer_idx``, ``rms_norm``, ``residual_in_fp32``, ``pad_vocab_size_multiple``, ``tie_embeddings``)
 and its weights as a pickle (``pytorch_model.bin``), which ssmkit never reads from the hub (see
-:mod:`ssmkit.hub`). Converted copies with ``model.safetensors`` are read here. Tensor names are
+:mod:`ssmkit.io.hub`). Converted copies with ``model.safetensors`` are read here. Tensor names are
 ``backbone.embedding.weight``, ``backbone.layers.{i}.norm.weight``, ``backbone.layers.{i}.mixer.*`` (the
 names ssmkit's mixers share with mamba_ssm), with ``d_intermediate > 0`` also ``backbone.layers.{i}.norm2``
 and the gated MLP ``mlp.fc1`` (value half, then gate half: ``fc2(fc1_v(x) * silu(fc1_g(x)))``) and

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssmkit import files
-from ssmkit.files import load_safetensors, save_safetensors_atomic, shown, write_text_atomic
-from ssmkit.hub import SAFETENSORS_WEIGHTS, is_mamba_ssm_config, mamba_ssm_hint
+from ssmkit.io import files
+from ssmkit.io.files import load_safetensors, save_safetensors_atomic, shown, write_text_atomic
+from ssmkit.io.hub import SAFETENSORS_WEIGHTS, is_mamba_ssm_config, mamba_ssm_hint
 from ssmkit.models.blocks import build_blocks
 from ssmkit.models.config import ModelConfig
 
@@ -36,7 +36,7 @@ TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba")
 
 
 def read_json(path: Path) -> dict:
-    """A checkpoint's config.json, size-checked before reading (:mod:`ssmkit.files`); errors name the file."""
+    """A checkpoint's config.json, size-checked before reading (:mod:`ssmkit.io.files`); errors name the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{shown(path)} does not exist")
     return files.read_json_object(path, "config")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssmkit.hub import is_mamba_ssm_config
+from ssmkit.io.hub import is_mamba_ssm_config
 from ssmkit.models.formats import transformers_mamba
 from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json
 from ssmkit.models.formats.jamba import jamba_config_from_transformers, load_jamba_checkpoint, save_jamba_checkpoint

@@ -17,7 +17,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="the tokens extra (tokeniz
 
 from ssmkit.cli import main
 from ssmkit.data.tokenizer import MissingTokenizerError, load_tokenizer
-from ssmkit.hub import is_hub_id, resolve_checkpoint
+from ssmkit.io.hub import is_hub_id, resolve_checkpoint
 from ssmkit.models import LanguageModel, MambaConfig, ModelConfig
 
 MAIN, V1 = "a" * 40, "b" * 40
@@ -293,7 +293,7 @@ def test_a_real_server_serves_a_hub_id(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")  # HF_HUB_CACHE, HF_HUB_OFFLINE set above
     log = tmp_path / "server.log"
     with open(log, "w") as out:

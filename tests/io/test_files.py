@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ssmkit import files
+from ssmkit.io import files
 from ssmkit.data.tokenizer import TokenizersTokenizer, load_tokenizer
 from ssmkit.models import LanguageModel
 from ssmkit.models.config import ModelConfig
