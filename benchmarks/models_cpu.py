@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.interop.transformers_config import config_to_transformers
+from ssmkit.models.formats.transformers_config import config_to_transformers
 from ssmkit.models import LanguageModel, get_preset
 from ssmkit.testing import relative_error
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.data import IGNORE, BatchLoader, DataConfig, load_datasets
-from ssmkit.interop.transformers_config import config_to_transformers
+from ssmkit.models.formats.transformers_config import config_to_transformers
 from ssmkit.models import LanguageModel, get_preset, param_groups
 
 
@@ -58,7 +58,7 @@ def train_rate(forward, model: torch.nn.Module, loader: BatchLoader, device: tor
         batch = batch.to(device)
         with autocast:
             logits = forward(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -28,13 +28,15 @@ from ssmkit.cli_ranges import bound_numbers
 from ssmkit.data.config import DataConfig
 from ssmkit.train.config import TrainConfig
 from ssmkit.train.errors import TrainingError
-from ssmkit.train.options import apply_overrides, describe_type, flat_fields, simple_from_dict
+from ssmkit.train.options import (
+    UsageError,
+    apply_overrides,
+    describe_type,
+    flat_fields,
+    simple_from_dict,
+)
 
 SECTIONS = ("model", "train", "data")
-
-
-class UsageError(ValueError):
-    """A bad command line: printed with the usage, exit status 2."""
 
 
 def _section_classes() -> dict[str, type]:
@@ -136,8 +138,10 @@ def _add_revision_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
-    """``--dtype`` of the commands that load a model to run it (resolved by :func:`_load`)."""
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    """``--dtype`` of the commands that load a model to run it (:func:`ssmkit.models.loading.load_model`)."""
+    from ssmkit.models.loading import DTYPES
+
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a "
                              "CPU; bfloat16 roughly doubles CPU decode (half the bytes per token) on CPUs with "
                              "native bf16 (AVX512-BF16, AMX). " + note)
@@ -286,50 +290,10 @@ def _model_dict(preset: str | None, overrides: dict[str, str], data_config: Data
         raise UsageError(str(e)) from None
 
 
-def resolve_model_dir(path: str, revision: str | None = None) -> Path:
-    """A folder with config.json: the folder itself, a run's ``model/``, a run's latest good checkpoint, or
-    the hub cache's snapshot of a Hugging Face Hub id ``org/name`` (at ``revision``)."""
-    from ssmkit.hub import resolve_checkpoint
-    from ssmkit.train import checkpoint
-
-    folder = resolve_checkpoint(path, revision)
-    if (folder / "config.json").is_file():
-        return folder
-    if (folder / "model" / "config.json").is_file():
-        return folder / "model"
-    found = checkpoint.find_resumable(folder / "checkpoints")
-    if found is not None:
-        return found[0]
-    raise FileNotFoundError(f"no model in {folder}: expected config.json (a model folder) or a training run "
-                            "folder with model/ or checkpoints/")
-
-
-def _load(path: str, device: str, dtype: str = "float32", *, revision: str | None = None,
-          tokenizer: str | None = None, need_tokenizer: bool = True) -> tuple[Any, Any, Path]:
-    """``(model, tokenizer, folder)`` of a checkpoint named by ``path`` (see :func:`resolve_model_dir`); the
-    tokenizer is the folder's own, or the file ``tokenizer`` names; None when not ``need_tokenizer``."""
-    import torch
-
-    from ssmkit.data.tokenizer import load_tokenizer
-    from ssmkit.models import LanguageModel
-
-    folder = resolve_model_dir(path, revision)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    model = LanguageModel.from_pretrained(folder, device=device, dtype=getattr(torch, dtype)).eval()
-    tok = load_tokenizer(folder, tokenizer=tokenizer) if need_tokenizer or tokenizer else None
-    if tok is not None and tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}; this tokenizer does not belong to this model")
-    return model, tok, folder
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.ids:
         return _generate_ids(args)
-    from ssmkit.files import read_text
+    from ssmkit.io.files import read_text
 
     text = args.prompt
     if args.prompt_file:
@@ -337,8 +301,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             text = read_text(args.prompt_file, "record")  # size-checked before reading
         except (OSError, ValueError) as e:
             raise FileNotFoundError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
-    model, tokenizer, _ = _load(args.checkpoint, args.device, args.dtype, revision=args.revision,
-                                tokenizer=args.tokenizer)
+    from ssmkit.models.loading import load_model
+
+    model, tokenizer, _ = load_model(args.checkpoint, args.device, args.dtype, revision=args.revision,
+                                     tokenizer=args.tokenizer)
     ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text)
     if not ids:
         raise UsageError("this model's tokenizer has no start-of-document token: give a non-empty --prompt")
@@ -364,7 +330,9 @@ def _generate_ids(args: argparse.Namespace) -> int:
         ids = [int(t) for t in args.prompt.replace(",", " ").split()]
     except ValueError:
         raise UsageError(f"--ids: --prompt must be token ids separated by spaces, got {args.prompt[:80]!r}") from None
-    model, _, _ = _load(args.checkpoint, args.device, args.dtype, revision=args.revision, need_tokenizer=False)
+    from ssmkit.models.loading import load_model
+
+    model, _, _ = load_model(args.checkpoint, args.device, args.dtype, revision=args.revision, need_tokenizer=False)
     vocab = model.config.vocab_size
     if not ids or not all(0 <= i < vocab for i in ids):
         raise UsageError(f"--ids: --prompt must hold at least one token id, each in [0, {vocab})")
@@ -391,10 +359,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from ssmkit.models import LanguageModel, get_preset, list_presets
+    from ssmkit.models.loading import load_model
 
     if args.list:
         for name in list_presets():
@@ -405,22 +371,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, label = get_preset(args.preset), f"preset {args.preset}"
         model = LanguageModel(config, device="meta")
     else:
-        model, _, folder = _load(args.checkpoint, "cpu", revision=args.revision, need_tokenizer=False)
+        model, _, folder = load_model(args.checkpoint, "cpu", revision=args.revision, need_tokenizer=False)
         config, label = model.config, str(folder)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.embedding.weight.numel()
     cache = model.cache_nbytes(1)
     length = 256
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, length, dtype=torch.long, device=device))
-        flops = counter.get_total_flops() / length
-        how = f"matrix products and convolutions, counted by torch.utils.flop_counter at length {length}"
-    except NotImplementedError:
-        # MoE routing sizes its expert batches from the data, which the meta device does not have.
-        flops = 2 * (_active_parameters(model) - n_embed + model.head_weight.numel())
-        how = "estimated as 2 x the parameters each token uses (top-k of the experts) plus the head"
+    flops = model.flops_per_token(length)
     print(f"{label}\n{config.to_json()}")
     print(f"parameters: {n_params:,} ({n_params - n_embed:,} without the embedding)")
     grows = cache != model.cache_nbytes(1 << 20)
@@ -428,26 +385,16 @@ def cmd_info(args: argparse.Namespace) -> int:
                                                          else "(the same at any length)"))
     if args.context is not None:
         print(f"cache for one sequence at {args.context:,} tokens: {model.cache_nbytes(args.context):,} bytes")
-    print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M ({how}); training ~3x that")
+    print(f"FLOPs per token, forward: {flops / 1e6:,.1f} M (matrix products, convolutions and scans at length "
+          f"{length}, from the layer registry's formulas); training ~3x that")
     return 0
-
-
-def _active_parameters(model: Any) -> int:
-    """Parameters one token passes through: MoE layers count top_k of their num_experts experts."""
-    from ssmkit.layers import MoE
-
-    total = sum(p.numel() for p in model.parameters())
-    for module in model.modules():
-        if isinstance(module, MoE):
-            experts = sum(p.numel() for n, p in module.named_parameters() if not n.startswith("router"))
-            total -= experts - experts * module.top_k // module.num_experts
-    return total
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import shutil
 
     from ssmkit.models import LanguageModel
+    from ssmkit.models.loading import resolve_model_dir
 
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
@@ -466,7 +413,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _model_name(checkpoint: str) -> str:
     """The name the server answers to: a hub id as it is, else the checkpoint folder's name."""
-    from ssmkit.hub import is_hub_id
+    from ssmkit.io.hub import is_hub_id
 
     local = Path(checkpoint).expanduser()
     return checkpoint if is_hub_id(checkpoint) and not local.exists() else local.resolve().name
@@ -478,8 +425,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ssmkit.serve.server import serve
     except ImportError as e:
         raise UsageError(f"ssmkit serve needs the serve extra: pip install 'ssmkit[serve]' ({e})") from None
-    model, tokenizer, folder = _load(args.checkpoint, args.device, args.dtype, revision=args.revision,
-                                     tokenizer=args.tokenizer)
+    from ssmkit.models.loading import load_model
+
+    model, tokenizer, folder = load_model(args.checkpoint, args.device, args.dtype, revision=args.revision,
+                                          tokenizer=args.tokenizer)
     serve(model, tokenizer, folder, options_from_args(args, _model_name(args.checkpoint)))
     return 0
 

@@ -3,7 +3,7 @@
     from ssmkit.data import DataConfig, load_datasets, BatchLoader
     data = load_datasets(DataConfig(seq_len=512), batch_size=16, eval_tokens=65536)  # stdlib corpus
     loader = BatchLoader(data.train, batch_size=16, seed=0)
-    (batch,) = loader.next()   # batch.input_ids, batch.labels, batch.seq_idx: (16, 512)
+    (batch,) = loader.next()   # batch.input_ids, batch.targets, batch.seq_idx: (16, 512)
 """
 
 from ssmkit.data.config import DataConfig

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where the text comes from and how it becomes ``(input_ids, labels, seq_idx)`` rows.
+    """Where the text comes from and how it becomes ``(input_ids, targets, seq_idx)`` rows.
 
     Example::
 

@@ -1,11 +1,12 @@
 """From documents to training rows: packing with ``seq_idx``, or length bucketing with padding.
 
 Every document is encoded as ``[bos] tokens [eos]`` and the documents are laid end to end in one stream.
-A row of length ``L`` takes ``L + 1`` consecutive stream tokens: inputs are the first ``L``, labels the
-last ``L``. A label is kept only where it belongs to the same document as its input, so the model never
-predicts across a boundary, and ``seq_idx`` (numbered from 0 within each row) makes every op restart its
+A row of length ``L`` takes ``L + 1`` consecutive stream tokens: inputs are the first ``L``, targets the
+last ``L`` (aligned with the predictions: ``targets[t]`` is the token after ``inputs[t]``). A target is
+kept only where it belongs to the same document as its input, so the model never predicts across a
+boundary, and ``seq_idx`` (numbered from 0 within each row) makes every op restart its
 state and convolution where the document changes: nothing leaks from one document to the next. Every
-token except a ``bos`` is a label exactly once; rows overlap by one token for that reason.
+token except a ``bos`` is a target exactly once; rows overlap by one token for that reason.
 
 Bucketing is the alternative for models or ops without ``seq_idx``: each document is cut into pieces of
 at most ``L`` inputs, one piece per row, and rows of similar length are batched together and padded to
@@ -24,6 +25,8 @@ from ssmkit.data.corpus import Document
 from ssmkit.data.tokenizer import Tokenizer
 
 IGNORE = -100
+"""Target id of positions that are not scored (document boundaries, padding): cross-entropy's
+``ignore_index``, the value transformers uses too."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ class Batch:
 
     input_ids: torch.Tensor
     """(b, l) int64."""
-    labels: torch.Tensor
-    """(b, l) int64, ``-100`` where nothing is scored (document boundaries, padding)."""
+    targets: torch.Tensor
+    """(b, l) int64 next tokens, aligned with the predictions (``targets[:, t]`` follows
+    ``input_ids[:, t]``); ``-100`` where nothing is scored (document boundaries, padding)."""
     seq_idx: torch.Tensor | None
     """(b, l) int32 document index within each row, or None."""
     n_tokens: int
@@ -84,11 +88,11 @@ class Batch:
     @property
     def n_targets(self) -> int:
         """Number of scored positions."""
-        return int((self.labels != IGNORE).sum())
+        return int((self.targets != IGNORE).sum())
 
     def to(self, device: torch.device | str) -> Batch:
         seq_idx = None if self.seq_idx is None else self.seq_idx.to(device)
-        return Batch(self.input_ids.to(device), self.labels.to(device), seq_idx, self.n_tokens)
+        return Batch(self.input_ids.to(device), self.targets.to(device), seq_idx, self.n_tokens)
 
 
 class PackedRows:
@@ -97,7 +101,7 @@ class PackedRows:
     def __init__(self, stream: TokenStream, seq_len: int) -> None:
         self.stream = stream
         self.seq_len = seq_len
-        # Scored windows need one token past the inputs; the stream's first token is never a label.
+        # Scored windows need one token past the inputs; the stream's first token is never a target.
         self.n_rows = math.ceil(max(len(stream.tokens) - 1, 0) / seq_len)
         self.row_lengths = np.full(self.n_rows, seq_len, dtype=np.int64)
         if self.n_rows:
@@ -111,7 +115,7 @@ class PackedRows:
         width = int(self.row_lengths[rows].max())
         b = len(rows)
         inputs = np.full((b, width), self.stream.pad_id, dtype=np.int64)
-        labels = np.full((b, width), IGNORE, dtype=np.int64)
+        targets = np.full((b, width), IGNORE, dtype=np.int64)
         seq_idx = np.zeros((b, width), dtype=np.int32)
         for j, r in enumerate(rows):
             start, n = int(r) * self.seq_len, int(self.row_lengths[r])
@@ -119,11 +123,11 @@ class PackedRows:
             tok = self.stream.tokens[start:start + n + 1].astype(np.int64)
             doc = self.stream.doc_of(pos)
             inputs[j, :n] = tok[:n]
-            labels[j, :n] = np.where(doc[1:] == doc[:-1], tok[1:], IGNORE)
+            targets[j, :n] = np.where(doc[1:] == doc[:-1], tok[1:], IGNORE)
             seq_idx[j, :n] = doc[:n] - doc[0]
             # Padding continues the last document's index so it cannot start a spurious document.
             seq_idx[j, n:] = seq_idx[j, n - 1]
-        return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(seq_idx),
+        return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(seq_idx),
                      int(self.row_lengths[rows].sum()))
 
     def padding_waste(self, batch_size: int) -> float:
@@ -158,12 +162,12 @@ class BucketedRows:
         width = int(lengths.max())
         b = len(rows)
         inputs = np.full((b, width), self.stream.pad_id, dtype=np.int64)
-        labels = np.full((b, width), IGNORE, dtype=np.int64)
+        targets = np.full((b, width), IGNORE, dtype=np.int64)
         for j, (s, n) in enumerate(zip(self.piece_starts[rows], lengths)):
             tok = self.stream.tokens[s:s + n + 1].astype(np.int64)
             inputs[j, :n] = tok[:n]
-            labels[j, :n] = tok[1:]
-        return Batch(torch.from_numpy(inputs), torch.from_numpy(labels), None, int(lengths.sum()))
+            targets[j, :n] = tok[1:]
+        return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), None, int(lengths.sum()))
 
     def units(self, batch_size: int) -> list[np.ndarray]:
         """Batches of ``batch_size`` pieces of similar length, longest first; a short last one kept."""

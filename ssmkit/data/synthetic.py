@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from ssmkit.data.packing import IGNORE
 
 
 @dataclass(frozen=True)

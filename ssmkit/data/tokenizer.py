@@ -1,9 +1,10 @@
 """Tokenizers: raw UTF-8 bytes (vocabulary 256 + 3 specials) or a local Hugging Face ``tokenizer.json``.
 
-Both add the same three specials after the base vocabulary, in the order of the ``byte-small`` preset
-(:mod:`ssmkit.models.presets`): ``pad_id`` fills padded input positions (never scored), ``bos_id`` starts
-every document (the first real token is predicted from it, so no byte goes unscored) and ``eos_id`` ends
-it (so a model learns where documents stop and generation can end there). A checkpoint folder stores its tokenizer as
+Both add the same three specials after the base vocabulary, in the order of the byte vocabulary
+(:data:`BYTE_PAD`, :data:`BYTE_BOS`, :data:`BYTE_EOS`; the ``byte-small`` preset is sized for it):
+``pad_id`` fills padded input positions (never scored), ``bos_id`` starts every document (the first real
+token is predicted from it, so no byte goes unscored) and ``eos_id`` ends it (so a model learns where
+documents stop and generation can end there). A checkpoint folder stores its tokenizer as
 ``ssmkit_tokenizer.json`` (plus the ``tokenizer.json`` it came from), read back by :func:`load_tokenizer`.
 """
 
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ssmkit import files
-from ssmkit.files import shown
-from ssmkit.hub import resolve_checkpoint
-from ssmkit.models.presets import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE
+from ssmkit.io import files
+from ssmkit.io.files import shown
+from ssmkit.io.hub import resolve_checkpoint
+
+BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
+"""The byte vocabulary's specials, after the 256 byte values."""
+BYTE_VOCAB_SIZE = 259
 
 SPEC_FILE = "ssmkit_tokenizer.json"
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
@@ -176,7 +180,7 @@ class MissingTokenizerError(FileNotFoundError):
 def load_tokenizer(folder: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                    revision: str | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint folder or Hugging Face Hub id (at ``revision``; see
-    :func:`ssmkit.hub.resolve_checkpoint`), or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
+    :func:`ssmkit.io.hub.resolve_checkpoint`), or ``tokenizer`` (a ``tokenizer.json``, or a folder with one)
     when given.
 
     ``ssmkit_tokenizer.json`` says what the folder's tokenizer is; without it a ``tokenizer.json`` (a

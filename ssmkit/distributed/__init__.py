@@ -5,10 +5,10 @@ what layers need when a sequence itself is split across ranks.
 """
 
 from ssmkit.distributed.context_parallel import (
+    ContextParallel,
     context_parallel_chunk_scan,
-    enable_context_parallel,
     previous_rank_tail,
     split_sequence,
 )
 
-__all__ = ["context_parallel_chunk_scan", "enable_context_parallel", "previous_rank_tail", "split_sequence"]
+__all__ = ["ContextParallel", "context_parallel_chunk_scan", "previous_rank_tail", "split_sequence"]

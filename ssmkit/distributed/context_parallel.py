@@ -33,13 +33,12 @@ import functools
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ssmkit.ops import mamba_chunk_scan_combined
 from ssmkit.ops.ssd.reference import NO_LIMIT, discretize_dt, doc_starts
 
-__all__ = ["context_parallel_chunk_scan", "enable_context_parallel", "previous_rank_tail", "split_sequence"]
+__all__ = ["ContextParallel", "context_parallel_chunk_scan", "previous_rank_tail", "split_sequence"]
 
 
 def context_parallel_chunk_scan(
@@ -163,25 +162,25 @@ def split_sequence(t: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> t
     return t.narrow(dim, rank * (length // world), length // world)
 
 
-def enable_context_parallel(model: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
-    """Make every sequence mixer of ``model`` read a sequence split across ``group`` (None: switch off).
+class ContextParallel:
+    """One sequence split across the ranks of ``group``, as the layers that support it take it
+    (``LanguageModel(config, context_parallel=ContextParallel(group))``; Mamba-2 mixers only).
 
-    Each rank then calls the model on its part of the sequence (see :func:`split_sequence`); the
-    logits are that part's logits. Mixers opt in by a ``context_parallel_group`` attribute (Mamba-2
-    does); a model with any other sequence mixer is refused. Decoding with a cache is not split.
-    Returns ``model``.
+    Each rank then calls the model on its part of the sequence (see :func:`split_sequence`); the logits
+    are that part's logits. Decoding with a cache is not split.
     """
-    if group is not None:
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
         _group_rank(group)
-    for name, module in model.named_modules():
-        mixer = getattr(module, "mixer", None)
-        if isinstance(mixer, nn.Module) and not hasattr(mixer, "context_parallel_group"):
-            raise ValueError(f"context parallelism supports Mamba-2 mixers only; {name or 'model'}.mixer is a "
-                             f"{type(mixer).__name__}")
-    for module in model.modules():
-        if hasattr(module, "context_parallel_group"):
-            module.context_parallel_group = group
-    return model
+        self.group = group
+
+    def previous_rank_tail(self, x: torch.Tensor, width: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """:func:`previous_rank_tail` in this group."""
+        return previous_rank_tail(x, width, seq_idx, self.group)
+
+    def chunk_scan(self, *args: object, **kwargs: object) -> object:
+        """:func:`context_parallel_chunk_scan` in this group."""
+        return context_parallel_chunk_scan(*args, group=self.group, **kwargs)
 
 
 def _group_rank(group: object) -> tuple[int, int]:

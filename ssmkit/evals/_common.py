@@ -15,8 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.data.synthetic import IGNORE, SyntheticBatch
-from ssmkit.models import LanguageModel, ModelConfig
-from ssmkit.models.config import AttentionConfig, Mamba2Config, MambaConfig, MLPConfig, S4DConfig, write_text_atomic
+from ssmkit.models import LanguageModel, LanguageModelOutput, ModelConfig
+from ssmkit.models.config import (
+    AttentionConfig,
+    Mamba2Config,
+    MambaConfig,
+    MLPConfig,
+    S4DConfig,
+    write_text_atomic,
+)
 from ssmkit.models.language_model import param_groups
 
 MODEL_KINDS = ("mamba", "mamba2", "s4d", "attention", "hybrid")
@@ -108,12 +115,13 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-def scored_loss(logits: torch.Tensor, batch: SyntheticBatch, lm_weight: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy at the scored positions, plus ``lm_weight`` times the next-token loss of the
-    inputs (for tasks that are also language modelling). logits: (b, l, V)."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE)
+def scored_loss(out: LanguageModelOutput, batch: SyntheticBatch, lm_weight: float = 0.0) -> torch.Tensor:
+    """The model's loss for ``targets=batch.targets`` (mean cross-entropy at the scored positions, plus the
+    router losses of MoE models), plus ``lm_weight`` times the next-token loss of the inputs (for tasks that
+    are also language modelling)."""
+    loss = out.loss
     if lm_weight:
-        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.inputs[:, 1:].flatten())
+        lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch.inputs[:, 1:].flatten())
         loss = loss + lm_weight * lm
     return loss
 
@@ -136,8 +144,8 @@ def train(model: LanguageModel, make_batch: Callable[[torch.Generator], Syntheti
         batch = make_batch(generator)
         batch = SyntheticBatch(batch.inputs.to(device), batch.targets.to(device))
         with _autocast(device):
-            logits = model(batch.inputs).logits
-        loss = scored_loss(logits, batch, lm_weight)
+            out = model(batch.inputs, targets=batch.targets)
+        loss = scored_loss(out, batch, lm_weight)
         if not torch.isfinite(loss):
             raise ValueError(f"{label}: the loss became {loss.item()} at step {step}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ssmkit import files
+from ssmkit.io import files
 from ssmkit.evals._report import write_result
 
 HELP = ("combine finished runs of this task (folders holding its result.json, e.g. one model each made with "

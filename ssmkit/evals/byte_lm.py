@@ -50,7 +50,7 @@ from ssmkit.models.config import (
     MLPConfig,
     ModelConfig,
 )
-from ssmkit.models.presets import BYTE_VOCAB_SIZE
+from ssmkit.data.tokenizer import BYTE_VOCAB_SIZE
 from ssmkit.train import TrainConfig, Trainer
 from ssmkit.train.metrics import read_metrics
 

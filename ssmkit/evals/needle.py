@@ -18,11 +18,12 @@ import torch
 
 from ssmkit.data import read_documents, split_documents
 from ssmkit.data.synthetic import needle_batch
+from ssmkit.data.tokenizer import BYTE_BOS, BYTE_VOCAB_SIZE
 from ssmkit.evals import _common as common
 from ssmkit.evals import _merge as merge
 from ssmkit.evals.registry import register
 from ssmkit.models import LanguageModel
-from ssmkit.models.presets import BYTE_BOS, BYTE_VOCAB_SIZE
+from ssmkit.models.loading import load_model
 
 VALUE_LEN = 5
 FULL = dict(models=["mamba", "hybrid"], train_len=1024, lengths=[512, 1024, 2048, 4096, 8192],
@@ -70,9 +71,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     result["data"] = [str(Path(d).resolve()) for d in args.data] if args.data else "python standard library"
     result["models"] = {}
     if args.checkpoint:
-        from ssmkit.cli import _load
-
-        model, tokenizer, folder = _load(args.checkpoint, args.device, revision=getattr(args, "revision", None))
+        model, tokenizer, folder = load_model(args.checkpoint, args.device, revision=getattr(args, "revision", None))
         if tokenizer.kind != "bytes":
             raise ValueError(f"{folder}: needle prompts are bytes; this model's tokenizer is {tokenizer.kind!r}")
         trained = {folder.name: (model, {"train_seconds": 0.0, "history": []})}

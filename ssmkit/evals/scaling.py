@@ -46,7 +46,7 @@ from ssmkit.evals._report import (
     write_result,
 )
 from ssmkit.evals.registry import register
-from ssmkit.generation import ModelCache
+from ssmkit.models import ModelCache
 from ssmkit.models import LanguageModel
 from ssmkit.models.config import (
     AttentionConfig,

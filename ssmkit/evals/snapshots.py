@@ -1,6 +1,6 @@
 """``ssmkit bench snapshots``: read a long document once, answer many queries from copies of its state.
 
-An SSM's cache after a document is a fixed-size value (:class:`ssmkit.generation.ModelCache`): save it,
+An SSM's cache after a document is a fixed-size value (:class:`ssmkit.models.ModelCache`): save it,
 clone it, and each query continues from the document without reading it again. This benchmark
 compares, for ``--queries`` questions about one document of ``--doc-bytes`` bytes:
 
@@ -38,7 +38,7 @@ from ssmkit.evals._report import (
     write_result,
 )
 from ssmkit.evals.registry import register
-from ssmkit.generation import ModelCache
+from ssmkit.models import ModelCache
 from ssmkit.models import LanguageModel, get_preset
 from ssmkit.models.config import AttentionConfig, ModelConfig
 

@@ -16,9 +16,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssmkit.data import IGNORE, DataConfig, EvalSet, encode_documents, eval_batches, load_datasets, read_documents
+from ssmkit.data import (
+    IGNORE,
+    DataConfig,
+    EvalSet,
+    encode_documents,
+    eval_batches,
+    load_datasets,
+    read_documents,
+)
 from ssmkit.evals import _common as common
 from ssmkit.evals.registry import register
+from ssmkit.models.loading import load_model
+from ssmkit.models.run_folder import RUN_FILE
+from ssmkit.train.options import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,13 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out_dir: Path | None) -> dict[str, Any]:
-    from ssmkit.cli import UsageError, _load
     from ssmkit.train.checkpoint import read_run_file
     from ssmkit.train.options import simple_from_dict
     from ssmkit.train.trainer import evaluate
 
-    model, tokenizer, folder = _load(args.checkpoint, args.device, revision=getattr(args, "revision", None))
-    run_file = next((p / "run.json" for p in (folder, *folder.parents[:3]) if (p / "run.json").is_file()), None)
+    model, tokenizer, folder = load_model(args.checkpoint, args.device, revision=getattr(args, "revision", None))
+    run_file = next((p / RUN_FILE for p in (folder, *folder.parents[:3]) if (p / RUN_FILE).is_file()), None)
     run_data = read_run_file(run_file)["data"] if run_file else None
     if not args.data and run_data is None:
         raise UsageError(f"{folder} is not part of a training run: give the text to evaluate with --data")
@@ -76,9 +86,9 @@ def _loss_by_position(model: torch.nn.Module, data: EvalSet, batch_size: int, de
             continue
         batch = batch.to(device)
         logits = model(batch.input_ids, seq_idx=batch.seq_idx).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
-                               reduction="none").view(batch.labels.shape)
-        kept = (batch.labels != IGNORE).float()
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE,
+                               reduction="none").view(batch.targets.shape)
+        kept = (batch.targets != IGNORE).float()
         row_sum, row_count = (loss * kept).sum(0).cpu().numpy(), kept.sum(0).cpu().numpy()
         # Bucketed rows differ in length: grow the sums to the longest seen.
         if len(row_sum) > len(sums):

@@ -1,8 +1,8 @@
-"""Generation: per-layer state caches (values you can clone, save and load), sampling, and
-``generate`` / ``stream`` with chunked prefill and batches of prompts of different lengths."""
+"""Generation: sampling, and ``generate`` / ``stream`` with chunked prefill and batches of prompts of different
+lengths, through any model that follows :class:`ssmkit.generation.decode.DecodingModel` (the cache it reads and
+fills is the model's: :class:`ssmkit.models.ModelCache`)."""
 
-from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.generate import generate, stream
 from ssmkit.generation.sampling import SamplingParams, sample_next
 
-__all__ = ["ModelCache", "SamplingParams", "generate", "sample_next", "stream"]
+__all__ = ["SamplingParams", "generate", "sample_next", "stream"]

@@ -12,17 +12,47 @@ Dimensions: ``b`` batch, ``V`` padded vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.sampling import RowGenerators, SamplingParams, sample_next
-from ssmkit.layers import MLP, Attention, Mamba, Mamba2, Mamba3
 
-if TYPE_CHECKING:
-    from ssmkit.models.language_model import LanguageModel
+
+class Cache(Protocol):
+    """What generation needs of a model cache (:class:`ssmkit.models.ModelCache` is one): one state per
+    layer, the positions read, and a copy."""
+
+    states: list[Any]
+    seqlen_offset: int
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def clone(self) -> Cache: ...
+
+
+class DecodingModel(Protocol):
+    """What generation needs of a model (:class:`ssmkit.models.DecodingModel` is one): its forward with a
+    cache, a cache allocator, and for the fused decode step its embedding, residual blocks (each with a
+    ``mixer`` and an optional ``ff`` that follow the layers' state protocol, :mod:`ssmkit.layers.state`),
+    final norm and head."""
+
+    embedding: nn.Module
+    layers: Sequence[nn.Module]
+    norm_f: nn.Module
+    head_weight: torch.Tensor
+    config: Any
+
+    def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any: ...
+
+    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       *, max_length: int | None = None) -> Cache: ...
+
+    def parameters(self) -> Any: ...
 
 
 @dataclasses.dataclass
@@ -35,7 +65,7 @@ class DecodeState:
     produced an eos id; seen: (b, V) bool tokens seen per row, for the repetition penalty (or None).
     """
 
-    cache: ModelCache
+    cache: Cache
     params: SamplingParams
     vocab_size: int
     generators: RowGenerators | None
@@ -65,7 +95,7 @@ def pick(logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
     return token
 
 
-def forward_one(model: LanguageModel, token: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+def forward_one(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits (b, V) of one token (b,) long that continues ``cache`` (updated in place, bar seqlen_offset).
 
     ``LanguageModel.forward`` with ``logits_to_keep=1`` minus its input checks, which read the token
@@ -79,26 +109,29 @@ def forward_one(model: LanguageModel, token: torch.Tensor, cache: ModelCache) ->
     return F.linear(hidden, model.head_weight)
 
 
-def step(model: LanguageModel, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
+def step(model: DecodingModel, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
     """Read ``token`` (b,) and pick the next one (b,); the cache's ``seqlen_offset`` is left to the caller."""
     return pick(forward_one(model, token, state.cache), state)
 
 
-def graph_blocker(model: LanguageModel) -> str | None:
+def graph_blocker(model: DecodingModel) -> str | None:
     """Why ``model``'s decode step cannot be captured in a CUDA graph, or None when it can.
 
-    Capturable: Mamba, Mamba-2 and Mamba-3 mixers, sliding-window attention (a fixed ring of keys), MLP
-    feed-forwards. Full attention reads its cache length on the host and grows its cache; MoE routes
-    with data-dependent shapes; the other mixers are not checked for host synchronisation.
+    Each layer says so itself (the state protocol, :mod:`ssmkit.layers.state`): ``decode_graph_blocker`` is
+    None when its one-token step with a cache makes no host synchronisation and allocates nothing, else
+    the reason. A layer without the attribute is not known to be capturable.
     """
     for i, block in enumerate(model.layers):
         mixer, ff = block.mixer, block.ff
-        if isinstance(mixer, Attention) and mixer.window is None:
-            return f"layer {i} is full attention (its KV cache length is read on the host each step)"
-        if not isinstance(mixer, (Mamba, Mamba2, Mamba3, Attention)):
-            return f"layer {i} is a {type(mixer).__name__} mixer (its decode step is not known to be capturable)"
-        if ff is not None and not isinstance(ff, MLP):
-            return f"layer {i} has a {type(ff).__name__} feed-forward (data-dependent shapes)"
+        reason = getattr(mixer, "decode_graph_blocker",
+                         f"a {type(mixer).__name__} mixer (its decode step is not known to be capturable)")
+        if reason is not None:
+            return f"layer {i} is {reason}"
+        if ff is not None:
+            reason = getattr(ff, "decode_graph_blocker",
+                             f"a {type(ff).__name__} feed-forward (not known to be capturable)")
+            if reason is not None:
+                return f"layer {i} has {reason}"
     return None
 
 
@@ -111,7 +144,7 @@ class GraphedStep:
     compilations happen outside the graph and the real state is untouched.
     """
 
-    def __init__(self, model: LanguageModel, first: torch.Tensor, state: DecodeState, warmup: int = 2) -> None:
+    def __init__(self, model: DecodingModel, first: torch.Tensor, state: DecodeState, warmup: int = 2) -> None:
         self.token = first.clone()
         scratch, scratch_token = state.clone(), first.clone()
         side = torch.cuda.Stream(device=first.device)

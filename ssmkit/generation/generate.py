@@ -11,16 +11,19 @@ end-of-sequence check reads the device every ``EOS_CHECK_EVERY`` tokens rather t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from ssmkit.generation.cache import ModelCache
-from ssmkit.generation.decode import DecodeState, GraphedStep, graph_blocker, pick, step
+from ssmkit.generation.decode import (
+    Cache,
+    DecodeState,
+    DecodingModel,
+    GraphedStep,
+    graph_blocker,
+    pick,
+    step,
+)
 from ssmkit.generation.sampling import SamplingParams, make_generators
-
-if TYPE_CHECKING:
-    from ssmkit.models.language_model import LanguageModel
 
 Prompts = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
 
@@ -77,7 +80,7 @@ def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def stream(
-    model: LanguageModel,
+    model: DecodingModel,
     prompts: Prompts,
     max_new_tokens: int,
     *,
@@ -89,7 +92,7 @@ def stream(
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | Sequence[int] | None = None,
     prefill_chunk_size: int = 2048,
-    cache: ModelCache | None = None,
+    cache: Cache | None = None,
     cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Generate token by token, yielding each step's (b,) long tensor of new tokens as it comes.
@@ -143,7 +146,7 @@ def stream(
     return _decode(model, ids, seq_idx, state, max_new_tokens, prefill_chunk_size, use_graph, check_every)
 
 
-def _use_graph(model: LanguageModel, device: torch.device, cuda_graph: bool | None, max_new_tokens: int) -> bool:
+def _use_graph(model: DecodingModel, device: torch.device, cuda_graph: bool | None, max_new_tokens: int) -> bool:
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be True, False or None (auto), got {cuda_graph!r}")
     if cuda_graph is False:
@@ -155,7 +158,7 @@ def _use_graph(model: LanguageModel, device: torch.device, cuda_graph: bool | No
 
 
 @torch.no_grad()
-def _decode(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, state: DecodeState,
+def _decode(model: DecodingModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, state: DecodeState,
             max_new_tokens: int, prefill_chunk_size: int, use_graph: bool, check_every: int) -> Iterator[torch.Tensor]:
     """The generation loop behind :func:`stream` (arguments already checked)."""
     if max_new_tokens == 0:
@@ -193,7 +196,7 @@ def _eos_check_every(device: torch.device) -> int:
     return EOS_CHECK_EVERY if device.type == "cuda" else 1
 
 
-def _prefill(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, cache: ModelCache,
+def _prefill(model: DecodingModel, ids: torch.Tensor, seq_idx: torch.Tensor | None, cache: Cache,
              chunk: int) -> torch.Tensor:
     """Read the (left-padded) prompts into ``cache`` ``chunk`` positions at a time; last logits (b, V)."""
     length = ids.shape[1]
@@ -211,7 +214,7 @@ def _prefill(model: LanguageModel, ids: torch.Tensor, seq_idx: torch.Tensor | No
 
 
 def generate(
-    model: LanguageModel,
+    model: DecodingModel,
     prompts: Prompts,
     max_new_tokens: int,
     **kwargs: object,

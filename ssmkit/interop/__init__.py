@@ -1,72 +1,19 @@
-"""Checkpoints of other libraries <-> ssmkit.
+"""Checkpoints of other libraries <-> ssmkit: transformers' formats and mamba_ssm's own, kept under this name
+for code that imports it. They live in :mod:`ssmkit.models.formats` (with ssmkit's own format), which
+``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` use."""
 
-Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2`` and ``jamba``
-(:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
-:mod:`ssmkit.interop.transformers_mamba` and :mod:`ssmkit.interop.jamba`), and mamba_ssm's own
-format when its weights are safetensors (:mod:`ssmkit.interop.mamba_ssm`, read only);
-``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
-"""
-
-from __future__ import annotations
-
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
-
-from ssmkit.interop import transformers_mamba
-from ssmkit.interop.files import CONFIG_NAME, CheckpointError, read_json
-from ssmkit.hub import is_mamba_ssm_config
-from ssmkit.interop.jamba import load_jamba_checkpoint, save_jamba_checkpoint
-from ssmkit.interop.mamba_ssm import config_from_mamba_ssm, load_mamba_ssm_checkpoint
-from ssmkit.interop.transformers_config import MODEL_TYPES as _MAMBA_MODEL_TYPES
-
-if TYPE_CHECKING:
-    from ssmkit.models import LanguageModel, ModelConfig
-
-TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba")
-
-
-def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a transformers folder of model_type mamba, falcon_mamba, mamba2 or jamba:
-    ``(ModelConfig, state_dict with LanguageModel names)`` (see the per-format modules for the errors)."""
-    folder = Path(path)
-    raw = read_json(folder / CONFIG_NAME) if folder.is_dir() and (folder / CONFIG_NAME).is_file() else {}
-    if raw.get("model_type") == "jamba":
-        return load_jamba_checkpoint(folder)
-    if is_mamba_ssm_config(raw):
-        return load_mamba_ssm_checkpoint(folder)
-    return transformers_mamba.load_transformers_checkpoint(folder)
-
-
-def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
-    """The :class:`ModelConfig` of a transformers folder, from its config.json alone (no weights read)."""
-    from ssmkit.interop.jamba import jamba_config_from_transformers
-    from ssmkit.interop.transformers_config import config_from_transformers
-
-    config_path = Path(path) / CONFIG_NAME
-    raw = read_json(config_path)
-    if raw.get("model_type") == "jamba":
-        return jamba_config_from_transformers(raw, config_path)
-    if is_mamba_ssm_config(raw):
-        return config_from_mamba_ssm(raw, config_path)
-    return config_from_transformers(raw, config_path)
-
-
-def save_transformers_checkpoint(model: LanguageModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a transformers folder: Jamba for hybrids (attention or feed-forward layers, or
-    Mamba with inner layer norms), mamba / falcon_mamba / mamba2 for pure SSM stacks."""
-    config = model.config
-    hybrid = any(s.mixer == "attention" or s.ff is not None for s in config.layer_specs())
-    if hybrid or config.mamba.inner_layernorms:
-        return save_jamba_checkpoint(model, path)
-    return transformers_mamba.save_transformers_checkpoint(model, path)
-
+from ssmkit.models.formats.files import CheckpointError
+from ssmkit.models.formats.jamba import load_jamba_checkpoint, save_jamba_checkpoint
+from ssmkit.models.formats.transformers import (
+    TRANSFORMERS_MODEL_TYPES,
+    load_transformers_checkpoint,
+    read_transformers_config,
+    save_transformers_checkpoint,
+)
 
 __all__ = [
-    "CheckpointError",
     "TRANSFORMERS_MODEL_TYPES",
+    "CheckpointError",
     "load_jamba_checkpoint",
     "load_transformers_checkpoint",
     "read_transformers_config",

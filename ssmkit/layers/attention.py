@@ -12,11 +12,13 @@ included), as transformers' Mistral ``sliding_window``. Every path runs ``F.scal
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssmkit.layers.configs import AttentionConfig, layer_settings
 from ssmkit.layers.state import LayerState
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 
@@ -121,10 +123,11 @@ class Attention(nn.Module):
 
     Args:
         d_model: model width d.
+        config: an :class:`AttentionConfig` (its fields may also be given as keywords):
         num_heads: query heads h.
         num_heads_kv: key/value heads hk (default h); h must be divisible by hk.
         head_dim: p (default d / h).
-        window: sliding window W >= 1; None is full causal attention.
+        window: sliding window W >= 1 of this layer; None (the default) is full causal attention.
         rotary_emb_dim: r, the leading r dims of each head rotated by RoPE (GPT-NeoX / transformers
             ``rotate_half`` layout: pairs (i, i + r/2)); 0 = no positional encoding (Jamba), p = whole
             heads (Samba).
@@ -142,23 +145,15 @@ class Attention(nn.Module):
         y_last = attn(x[:, 99:], cache=state)                 # == y[:, 99:]
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_heads_kv: int | None = None,
-        *,
-        head_dim: int | None = None,
-        window: int | None = None,
-        rotary_emb_dim: int = 0,
-        rotary_emb_base: float = 10000.0,
-        softmax_scale: float | None = None,
-        bias: bool = False,
-        layer_idx: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, d_model: int, config: AttentionConfig | None = None, *, window: int | None = None,
+                 softmax_scale: float | None = None, layer_idx: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 **settings: Any) -> None:
         super().__init__()
+        # config.window is the window of a model's W layers; this layer slides only when given ``window``.
+        self.config = config = layer_settings(AttentionConfig, config, settings, "Attention")
+        num_heads, num_heads_kv, head_dim = config.num_heads, config.num_heads_kv, config.head_dim
+        rotary_emb_dim, rotary_emb_base, bias = config.rotary_emb_dim, config.rotary_emb_base, config.bias
         num_heads_kv = num_heads if num_heads_kv is None else num_heads_kv
         for name, value in (("d_model", d_model), ("num_heads", num_heads), ("num_heads_kv", num_heads_kv)):
             if not isinstance(value, int) or value < 1:
@@ -194,6 +189,12 @@ class Attention(nn.Module):
 
     def _name(self) -> str:
         return "Attention" if self.layer_idx is None else f"Attention (layer {self.layer_idx})"
+
+    @property
+    def decode_graph_blocker(self) -> str | None:
+        """None for a sliding window (a fixed ring of keys); full attention reads its cache length on the host
+        and grows its cache, so its decode step cannot be captured in a CUDA graph."""
+        return None if self.window is not None else "full attention (its KV cache length is read on the host each step)"
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
                        *, max_length: int | None = None) -> AttentionState:

@@ -44,10 +44,11 @@ class Block(nn.Module):
         self.ff_norm = None if ff is None else RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)
         self.ff = ff
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> LayerState:
-        """The mixer's zero state (feed-forwards are stateless)."""
-        return self.mixer.allocate_state(batch_size, dtype=dtype, device=device)
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       max_length: int | None = None) -> LayerState:
+        """The mixer's zero state (feed-forwards are stateless); ``max_length`` preallocates room for that
+        many tokens in states that grow (full attention), and fixed-size states ignore it."""
+        return self.mixer.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
 
     def forward(self, residual: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
                 initial_state: LayerState | None = None, cache: LayerState | None = None) -> torch.Tensor:

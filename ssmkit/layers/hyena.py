@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from ssmkit import ops
+from ssmkit.layers.configs import HyenaConfig, layer_settings
 from ssmkit.layers.norm import no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state
 from ssmkit.ops import lti
@@ -64,10 +66,9 @@ class HyenaFilter(nn.Module):
     frequencies (safari shares one module; a shared tensor cannot be saved in safetensors).
     """
 
-    def __init__(self, channels: int, l_max: int, *, emb_dim: int = 3, filter_order: int = 64,
-                 num_inner_mlps: int = 2, w: float = 1.0, modulate: bool = True, fast_decay_pct: float = 0.3,
-                 slow_decay_pct: float = 1.5, target: float = 1e-2, shift: float = 0.0,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, channels: int, l_max: int, *, emb_dim: int, filter_order: int, num_inner_mlps: int,
+                 w: float, modulate: bool, fast_decay_pct: float, slow_decay_pct: float, target: float,
+                 shift: float, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if emb_dim < 3 or emb_dim % 2 == 0:
             raise ValueError(f"Hyena: emb_dim must be odd and >= 3 (time plus cos/sin pairs), got {emb_dim}")
@@ -125,12 +126,15 @@ class Hyena(nn.Module):
         y = layer(torch.randn(2, 100, 64))
     """
 
-    def __init__(self, d_model: int, order: int = 2, l_max: int = 2048, filter_order: int = 64, emb_dim: int = 3,
-                 short_filter_order: int = 3, num_inner_mlps: int = 2, w: float = 1.0, modulate: bool = True,
-                 fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2, shift: float = 0.0,
-                 layer_idx: int | None = None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, d_model: int, config: HyenaConfig | None = None, *, layer_idx: int | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 **settings: Any) -> None:
         super().__init__()
+        self.config = config = layer_settings(HyenaConfig, config, settings, "Hyena")
+        order, l_max, filter_order, emb_dim = config.order, config.l_max, config.filter_order, config.emb_dim
+        short_filter_order, num_inner_mlps, w = config.short_filter_order, config.num_inner_mlps, config.w
+        modulate, fast_decay_pct, slow_decay_pct = config.modulate, config.fast_decay_pct, config.slow_decay_pct
+        target, shift = config.target, config.shift
         if order < 2:
             raise ValueError(f"Hyena: order must be >= 2, got {order}")
         if l_max < 2:
@@ -150,8 +154,8 @@ class Hyena(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, **factory)
         no_weight_decay(self.filter_fn_bias, self.short_filter.bias)
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> HyenaState:
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       max_length: int | None = None) -> HyenaState:
         """A zero :class:`HyenaState`: conv in ``dtype`` (default the weights'), long in float32 (or float64)."""
         dtype = dtype or self.in_proj.weight.dtype
         device = device or self.in_proj.weight.device

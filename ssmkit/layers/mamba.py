@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ssmkit import ops
+from ssmkit.layers.configs import MambaConfig, layer_settings
 from ssmkit.layers.norm import RMSNorm, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
 
@@ -87,27 +89,18 @@ class Mamba(nn.Module):
         y1 = layer(torch.randn(2, 1, 64), cache=state)     # one decode step
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 16,
-        d_conv: int = 4,
-        expand: int = 2,
-        dt_rank: int | str = "auto",
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init: str = "random",
-        dt_scale: float = 1.0,
-        dt_init_floor: float = 1e-4,
-        conv_bias: bool = True,
-        bias: bool = False,
-        mixer_rms_eps: float | None = None,
-        inner_layernorms: bool = False,
-        layer_idx: int | None = None,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    decode_graph_blocker = None
+    """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
+
+    def __init__(self, d_model: int, config: MambaConfig | None = None, *, layer_idx: int | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 **settings: Any) -> None:
         super().__init__()
+        self.config = config = layer_settings(MambaConfig, config, settings, "Mamba")
+        d_state, d_conv, expand, dt_rank = config.d_state, config.d_conv, config.expand, config.dt_rank
+        dt_min, dt_max, dt_init, dt_scale = config.dt_min, config.dt_max, config.dt_init, config.dt_scale
+        dt_init_floor, conv_bias, bias = config.dt_init_floor, config.conv_bias, config.bias
+        mixer_rms_eps, inner_layernorms = config.mixer_rms_eps, config.inner_layernorms
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
@@ -151,8 +144,8 @@ class Mamba(nn.Module):
         no_weight_decay(self.A_log, self.D, self.dt_proj.bias, self.conv1d.bias, self.in_proj.bias,
                         self.out_proj.bias)
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> MambaState:
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       max_length: int | None = None) -> MambaState:
         """A zero :class:`MambaState`: conv in ``dtype`` (default the weights'), ssm in float32 (or float64)."""
         dtype = dtype or self.in_proj.weight.dtype
         device = device or self.in_proj.weight.device

@@ -12,14 +12,14 @@ skip D, a gated RMSNorm with z, out-projection. Names, arguments and initialisat
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ssmkit import ops
-from ssmkit.distributed.context_parallel import context_parallel_chunk_scan, previous_rank_tail
+from ssmkit.layers.configs import Mamba2Config, layer_settings
 from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
@@ -40,12 +40,26 @@ class Mamba2State(LayerState):
     ssm: torch.Tensor
 
 
+class SequenceSplit(Protocol):
+    """A sequence split across the ranks of a group (:class:`ssmkit.distributed.ContextParallel`): each rank
+    passes its consecutive part, and the convolution and the scan take what enters it from earlier ranks."""
+
+    def previous_rank_tail(self, x: torch.Tensor, width: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """The last ``width`` positions (b, d, width) of ``x`` (b, d, l) on the previous rank."""
+
+    def chunk_scan(self, *args: Any, **kwargs: Any) -> Any:
+        """``ops.mamba_chunk_scan_combined`` over the whole split sequence."""
+
+
 class Mamba2(nn.Module):
     """Mamba-2 mixer with mamba_ssm's arguments and defaults.
 
     ``rmsnorm=False`` drops the gated RMSNorm and gates the scan output with ``silu(z)`` directly;
     ``D_has_hdim`` gives D one value per channel instead of per head; ``dt_limit`` clamps Δ after the
     softplus. ``norm_eps`` is the gated RMSNorm's eps (mamba_ssm 1e-5; transformers uses the model's).
+
+    ``context_parallel`` (a :class:`SequenceSplit`, e.g. :class:`ssmkit.distributed.ContextParallel`) makes the
+    layer read a sequence split across ranks: each rank passes its part; no cache or initial state then.
 
     ``forward(x, *, seq_idx=None, initial_state=None, cache=None)``: x (b, l, H) -> (b, l, H), with the
     same state semantics as :class:`ssmkit.layers.Mamba` (``initial_state`` read only, ``cache`` updated
@@ -57,35 +71,21 @@ class Mamba2(nn.Module):
         y = layer(torch.randn(2, 10, 64))
     """
 
-    context_parallel_group: torch.distributed.ProcessGroup | None = None
-    """Set by :func:`ssmkit.distributed.enable_context_parallel`: each rank of the group then passes its
-    consecutive part of the sequence, and the convolution and scan take what enters it from earlier ranks."""
+    decode_graph_blocker = None
+    """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 128,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        A_init_range: tuple[float, float] = (1, 16),
-        D_has_hdim: bool = False,
-        rmsnorm: bool = True,
-        norm_before_gate: bool = False,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        dt_limit: tuple[float, float] = _NO_LIMIT,
-        bias: bool = False,
-        conv_bias: bool = True,
-        chunk_size: int = 256,
-        norm_eps: float = 1e-5,
-        layer_idx: int | None = None,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, d_model: int, config: Mamba2Config | None = None, *, norm_eps: float = 1e-5,
+                 context_parallel: SequenceSplit | None = None, layer_idx: int | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 **settings: Any) -> None:
         super().__init__()
+        self.context_parallel = context_parallel
+        self.config = config = layer_settings(Mamba2Config, config, settings, "Mamba2")
+        d_state, d_conv, expand, headdim = config.d_state, config.d_conv, config.expand, config.headdim
+        ngroups, chunk_size, dt_min, dt_max = config.ngroups, config.chunk_size, config.dt_min, config.dt_max
+        dt_init_floor, dt_limit, A_init_range = config.dt_init_floor, config.dt_limit, config.A_init_range
+        conv_bias, bias, norm_before_gate = config.conv_bias, config.bias, config.norm_before_gate
+        rmsnorm, D_has_hdim = config.rmsnorm, config.D_has_hdim
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
@@ -112,8 +112,8 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         no_weight_decay(self.dt_bias, self.A_log, self.D, self.conv1d.bias, self.in_proj.bias, self.out_proj.bias)
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> Mamba2State:
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       max_length: int | None = None) -> Mamba2State:
         """A zero :class:`Mamba2State`: conv in ``dtype`` (default the weights'), ssm in float32 (or float64)."""
         dtype = dtype or self.in_proj.weight.dtype
         device = device or self.in_proj.weight.device
@@ -130,8 +130,8 @@ class Mamba2(nn.Module):
             raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
         batch, length, _ = hidden_states.shape
         state = cache if cache is not None else initial_state
-        cp_group = self.context_parallel_group
-        if cp_group is not None and state is not None:
+        split = self.context_parallel
+        if split is not None and state is not None:
             raise ValueError(f"{self._name()}: a context-parallel layer reads a whole sequence split across ranks; "
                              "it takes no cache or initial_state (switch it off for decoding)")
         if state is not None:
@@ -146,9 +146,9 @@ class Mamba2(nn.Module):
         conv_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
         conv_initial = None if state is None else state.conv[..., 1:].to(conv_in.dtype)
         scan = ops.mamba_chunk_scan_combined
-        if cp_group is not None:
-            conv_initial = previous_rank_tail(conv_in, self.d_conv - 1, seq_idx, cp_group)
-            scan = functools.partial(context_parallel_chunk_scan, group=cp_group)
+        if split is not None:
+            conv_initial = split.previous_rank_tail(conv_in, self.d_conv - 1, seq_idx)
+            scan = split.chunk_scan
         xBC = ops.causal_conv1d_fn(
             conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
             initial_states=conv_initial, activation="silu",
@@ -187,7 +187,7 @@ class Mamba2(nn.Module):
         fused into ``in_proj``, and the gated norm, ``out_proj`` and the residual add into one
         (:func:`ssmkit.ops.rms_norm_linear`; Triton at small batch on CUDA, the unfused ops otherwise).
         """
-        if self.context_parallel_group is not None:
+        if self.context_parallel is not None:
             raise ValueError(f"{self._name()}: a context-parallel layer takes no cache (switch it off for decoding)")
         self._check_state(state, residual.shape[0])
         r = one_token(residual, self._name())

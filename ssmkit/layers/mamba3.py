@@ -16,20 +16,17 @@ head); then out_proj. Names, arguments and initialisation are mamba_ssm's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmkit.layers.configs import DECAY_ACTIVATIONS, DecayActivation, Mamba3Config, layer_settings
 from ssmkit.layers.mamba import dt_bias_init
 from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
-
-DecayActivation = Literal["softplus", "heavy_tail"]
-DECAY_ACTIVATIONS: tuple[str, ...] = get_args(DecayActivation)
-
 
 def decay_rate(dd_A: torch.Tensor, A_floor: float, activation: DecayActivation) -> torch.Tensor:
     """Mamba-3's data-dependent decay rate A = -max(f(dd_A), A_floor), computed in at least float32.
@@ -96,29 +93,19 @@ class Mamba3(nn.Module):
         y1 = layer(torch.randn(2, 1, 64), cache=state)     # one decode step
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int = 128,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        rope_fraction: float = 0.5,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        decay_activation: DecayActivation = "heavy_tail",
-        A_floor: float = 1e-4,
-        is_outproj_norm: bool = False,
-        is_mimo: bool = False,
-        mimo_rank: int = 4,
-        chunk_size: int = 64,
-        norm_eps: float = 1e-5,
-        layer_idx: int | None = None,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    decode_graph_blocker = None
+    """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
+
+    def __init__(self, d_model: int, config: Mamba3Config | None = None, *, norm_eps: float = 1e-5,
+                 layer_idx: int | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None, **settings: Any) -> None:
         super().__init__()
+        self.config = config = layer_settings(Mamba3Config, config, settings, "Mamba3")
+        d_state, expand, headdim, ngroups = config.d_state, config.expand, config.headdim, config.ngroups
+        rope_fraction, dt_min, dt_max = config.rope_fraction, config.dt_min, config.dt_max
+        dt_init_floor, A_floor, is_outproj_norm = config.dt_init_floor, config.A_floor, config.is_outproj_norm
+        is_mimo, mimo_rank, chunk_size = config.is_mimo, config.mimo_rank, config.chunk_size
+        decay_activation = config.decay_activation
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.expand = d_model, d_state, expand
         self.d_inner = int(expand * d_model)
@@ -160,8 +147,8 @@ class Mamba3(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
         no_weight_decay(self.dt_bias, self.D)
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> Mamba3State:
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       max_length: int | None = None) -> Mamba3State:
         """A zero :class:`Mamba3State` in float32 (float64 when ``dtype``, default the weights', is float64)."""
         dtype = torch.promote_types(dtype or self.in_proj.weight.dtype, torch.float32)
         device = device or self.in_proj.weight.device

@@ -20,6 +20,9 @@ class MLP(nn.Module):
         y = ff(torch.randn(2, 10, 512))   # (2, 10, 512)
     """
 
+    decode_graph_blocker = None
+    """Its one-token step with a cache makes no host synchronisation and allocates nothing (CUDA graphs)."""
+
     def __init__(
         self,
         d_model: int,

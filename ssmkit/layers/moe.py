@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ssmkit.layers.configs import MoEConfig, layer_settings
 from ssmkit.layers.mlp import MLP
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 
@@ -97,24 +99,19 @@ class MoE(nn.Module):
 
     Example::
 
-        moe = MoE(512, 1024, num_experts=16, top_k=2)
+        moe = MoE(512, d_intermediate=1024, num_experts=16, top_k=2)
         y = moe(torch.randn(2, 10, 512))               # (2, 10, 512)
         loss = task_loss + 1e-3 * moe.last_stats.load_balancing_loss
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_intermediate: int,
-        num_experts: int,
-        top_k: int = 2,
-        *,
-        renormalize: bool = False,
-        bias: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, d_model: int, config: MoEConfig | None = None, *, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 **settings: Any) -> None:
         super().__init__()
+        # The router loss coefficients of the config belong to the model's loss; the layer only measures.
+        self.config = config = layer_settings(MoEConfig, config, settings, "MoE")
+        d_intermediate, num_experts, top_k, renormalize = (config.d_intermediate, config.num_experts, config.top_k,
+                                                           config.renormalize)
         for name, value in (("d_model", d_model), ("d_intermediate", d_intermediate), ("num_experts", num_experts)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -127,6 +124,9 @@ class MoE(nn.Module):
             MLP(d_model, d_intermediate, bias=bias, device=device, dtype=dtype) for _ in range(num_experts)
         )
         self.last_stats: RouterStats | None = None
+
+    decode_graph_blocker = "a MoE feed-forward (data-dependent shapes)"
+    """Routing groups tokens by expert with data-dependent sizes: not capturable in a CUDA graph."""
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmkit.layers.configs import S4Config, layer_settings
 from ssmkit.layers.norm import no_weight_decay
 from ssmkit.layers.s4d import check_causal, log_dt_init
 from ssmkit.layers.state import LayerState, at_least_fp32
@@ -66,11 +68,13 @@ class S4(nn.Module):
         y = layer(torch.randn(2, 100, 64))
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, measure: str = "legs", l_max: int = 2048,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, bidirectional: bool = False,
-                 layer_idx: int | None = None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, d_model: int, config: S4Config | None = None, *, layer_idx: int | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 **settings: Any) -> None:
         super().__init__()
+        self.config = config = layer_settings(S4Config, config, settings, "S4")
+        d_state, measure, l_max, dt_min = config.d_state, config.measure, config.l_max, config.dt_min
+        dt_max, bidirectional = config.dt_max, config.bidirectional
         if isinstance(l_max, bool) or not isinstance(l_max, int) or l_max < 1:
             raise ValueError(f"S4: l_max must be a positive int, got {l_max!r}")
         self.d_model, self.d_state, self.n, self.l_max = d_model, d_state, d_state // 2, l_max
@@ -121,8 +125,8 @@ class S4(nn.Module):
             self._recurrence_key, self._recurrence = key, result
         return result
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> S4State:
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       max_length: int | None = None) -> S4State:
         """A zero :class:`S4State` (float32, float64 when ``dtype`` or the layer is float64)."""
         check_causal(self._name(), self.bidirectional, True)
         dtype = torch.promote_types(torch.promote_types(dtype or self.out_proj.weight.dtype, self.log_dt.dtype),

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmkit.layers.configs import S4DConfig, layer_settings
 from ssmkit.layers.norm import no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32
 from ssmkit.ops import lti
@@ -72,11 +74,13 @@ class S4D(nn.Module):
         y = layer(torch.randn(2, 100, 64))
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, init: str = "lin", discretization: str = "zoh",
-                 dt_min: float = 1e-3, dt_max: float = 0.1, bidirectional: bool = False,
-                 layer_idx: int | None = None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, d_model: int, config: S4DConfig | None = None, *, layer_idx: int | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 **settings: Any) -> None:
         super().__init__()
+        self.config = config = layer_settings(S4DConfig, config, settings, "S4D")
+        d_state, init, discretization, dt_min = config.d_state, config.init, config.discretization, config.dt_min
+        dt_max, bidirectional = config.dt_max, config.bidirectional
         if discretization not in ("zoh", "bilinear"):
             raise ValueError(f"S4D: discretization must be 'zoh' or 'bilinear', got {discretization!r}")
         self.d_model, self.d_state, self.n = d_model, d_state, d_state // 2
@@ -103,8 +107,8 @@ class S4D(nn.Module):
         A_bar, B_bar, _ = lti.discretize(A, B, torch.exp(at_least_fp32(self.log_dt)), self.discretization)
         return A_bar, B_bar, torch.view_as_complex(at_least_fp32(self.C).contiguous())
 
-    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                       device: torch.device | None = None) -> S4DState:
+    def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                       max_length: int | None = None) -> S4DState:
         """A zero :class:`S4DState` (float32, float64 when ``dtype`` or the layer is float64)."""
         check_causal(self._name(), self.bidirectional, True)
         dtype = torch.promote_types(torch.promote_types(dtype or self.out_proj.weight.dtype, self.log_dt.dtype),

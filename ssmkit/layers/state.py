@@ -4,6 +4,18 @@ Each layer kind owns a state class (``MambaState`` beside ``Mamba``, ``Mamba2Sta
 they share this base, a dataclass of tensors whose first dimension is the batch. States are values:
 :meth:`clone` gives an independent copy, and a layer called with ``cache=state`` updates it in place
 (so a CUDA graph can capture decode steps).
+
+The state protocol: what the model, its cache, generation and the server rely on from every mixer,
+whatever its class (they never check classes):
+
+- ``forward(x, *, seq_idx=None, initial_state=None, cache=None)``: ``initial_state`` is read, never written;
+  ``cache`` is read and updated in place to the state after ``x``;
+- ``allocate_state(batch_size, dtype=None, device=None, max_length=None)``: a zero state (``max_length``
+  preallocates room in states that grow; fixed-size states ignore it);
+- optionally ``step_from_residual(residual, norm, cache)``: one token of the pre-norm block, fused;
+- ``decode_graph_blocker``: None when the one-token step with a cache makes no host synchronisation and
+  allocates nothing (a CUDA graph may capture it), else the reason; absent = not known to be capturable.
+  Feed-forwards carry it too.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Models: :class:`ModelConfig` (typed dataclasses <-> JSON), :class:`LanguageModel`, named presets,
 and ssmkit checkpoint folders (``save_pretrained`` / ``from_pretrained``)."""
 
+from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import (
     AttentionConfig,
     HyenaConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "LanguageModelOutput",
     "LayerSpec",
     "MLPConfig",
+    "ModelCache",
     "Mamba2Config",
     "Mamba3Config",
     "MambaConfig",

@@ -1,14 +1,16 @@
 """Model configuration: typed, nested dataclasses that round-trip through JSON.
 
-A :class:`ModelConfig` holds the model-wide sizes and one nested config per mixer kind
-(:class:`MambaConfig`, :class:`Mamba2Config`, :class:`Mamba3Config`, :class:`AttentionConfig`, ...) and per
-feed-forward kind (:class:`MLPConfig`, :class:`MoEConfig`); the argument names and defaults are mamba_ssm's.
+A :class:`ModelConfig` holds the model-wide sizes and one settings section per registered layer kind
+(:class:`MambaConfig` as ``config.mamba``, :class:`Mamba2Config` as ``config.mamba2``, ...,
+:class:`MLPConfig`, :class:`MoEConfig`; :mod:`ssmkit.layers.registry` lists them); the argument names and
+defaults are mamba_ssm's.
 
 Layer pattern
 -------------
 ``layer_pattern`` is a string of layer tokens. Each token is one *mixer letter*, optionally followed by
 one lowercase *feed-forward letter*; the pattern repeats until it covers ``n_layer`` layers (it may not
-be longer than ``n_layer``). Letters:
+be longer than ``n_layer``). The letters, settings sections and layer classes are those of the layer
+registry (:mod:`ssmkit.layers.registry`); the built-in ones:
 
 ====== ==========================================================================
 letter mixer
@@ -45,16 +47,16 @@ import difflib
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Union
 
-from ssmkit import files
-from ssmkit.files import shown
-from ssmkit.models.layer_configs import (  # noqa: F401  (part of this module's public names)
+from ssmkit.io import files
+from ssmkit.io.files import shown, write_text_atomic
+from ssmkit.layers import registry
+from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public names)
     AttentionConfig,
     HyenaConfig,
     Mamba2Config,
@@ -67,17 +69,6 @@ from ssmkit.models.layer_configs import (  # noqa: F401  (part of this module's 
     _positive,
 )
 
-MIXER_LETTERS: dict[str, str] = {
-    "M": "mamba",
-    "2": "mamba2",
-    "3": "mamba3",
-    "A": "attention",
-    "W": "sliding_window_attention",
-    "S": "s4d",
-    "4": "s4",
-    "H": "hyena",
-}
-FF_LETTERS: dict[str, str] = {"m": "mlp", "e": "moe"}
 # Bounds on every int field, checked before anything is sized from them: sizes index int32 kernels, and
 # no real model has more layers than this (the largest have a few hundred).
 MAX_CONFIG_INT = 2**31 - 1
@@ -92,7 +83,7 @@ class LayerSpec(NamedTuple):
     ff: str | None
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, init=False)
 class ModelConfig:
     """Everything needed to build a :class:`ssmkit.models.LanguageModel`.
 
@@ -114,15 +105,6 @@ class ModelConfig:
     """Number of layers."""
     layer_pattern: str = "M"
     """Mixer (and feed-forward) letters, repeated over the layers; see ssmkit.models.config."""
-    mamba: MambaConfig = field(default_factory=MambaConfig)
-    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
-    mamba3: Mamba3Config = field(default_factory=Mamba3Config)
-    s4d: S4DConfig = field(default_factory=S4DConfig)
-    s4: S4Config = field(default_factory=S4Config)
-    hyena: HyenaConfig = field(default_factory=HyenaConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    mlp: MLPConfig = field(default_factory=MLPConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
     norm_eps: float = 1e-5
     """RMSNorm eps."""
     tie_embeddings: bool = True
@@ -135,9 +117,45 @@ class ModelConfig:
     """Std of the embedding initialisation."""
     rescale_prenorm_residual: bool = True
     """Scale residual output projections by 1/sqrt(branches) at init."""
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"sections": registry.sections})
+    """The settings of every registered layer kind by section name (``config.mamba2`` reads
+    ``config.sections["mamba2"]``); in JSON each is a key of its own, beside the fields above."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        known = registry.sections()
+        given = values.pop("sections", {})  # from dataclasses.replace; an explicit section wins over it
+        sections = {name: values.pop(name) if name in values else given.get(name) for name in known}
+        object.__setattr__(self, "sections", {n: known[n]() if s is None else s for n, s in sections.items()})
+        missing = []
+        for f in dataclasses.fields(self):
+            if f.name == "sections":
+                continue
+            if f.name in values:
+                object.__setattr__(self, f.name, values.pop(f.name))
+            elif f.default is not dataclasses.MISSING:
+                object.__setattr__(self, f.name, f.default)
+            else:
+                missing.append(f.name)
+        if missing:
+            raise TypeError(f"ModelConfig() missing required argument(s): {', '.join(missing)}")
+        if values:
+            raise TypeError(f"ModelConfig() got unknown argument(s) {', '.join(values)}; layer settings sections "
+                            f"are {', '.join(known)}")
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name not in sections and name in registry.sections():
+            sections[name] = registry.sections()[name]()  # a kind registered after this config was made
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"ModelConfig has no field or layer settings section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("sections", {}):
+            self.sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -161,32 +179,34 @@ class ModelConfig:
         if len(tokens) > self.n_layer:
             raise ValueError(f"layer_pattern {self.layer_pattern!r} describes {len(tokens)} layers but n_layer "
                              f"is {self.n_layer}")
-        kinds = {spec.mixer for spec in tokens}
-        if "mamba" in kinds:
-            self.mamba.validate(self.d_model)
-        if "mamba2" in kinds:
-            self.mamba2.validate(self.d_model)
-        if "mamba3" in kinds:
-            self.mamba3.validate(self.d_model)
-        for kind in ("s4d", "s4", "hyena"):
-            if kind in kinds:
-                getattr(self, kind).validate(self.d_model)
-        if kinds & {"attention", "sliding_window_attention"}:
-            self.attention.validate(self.d_model)
-        ffs = {spec.ff for spec in tokens}
-        for kind in ("mlp", "moe"):
-            if kind in ffs:
-                getattr(self, kind).validate(self.d_model)
+        used = {registry.by_name(name).section for spec in tokens for name in spec if name is not None}
+        for section in (s for s in registry.sections() if s in used):
+            validate = getattr(getattr(self, section), "validate", None)
+            if validate is not None:
+                validate(self.d_model)
         _check_no_negative_ints(self, "")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (infinities as ``"inf"``)."""
-        return _encode(dataclasses.asdict(self))
+        """Plain JSON-ready dict (infinities as ``"inf"``): the fields, then one key per settings section."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        data.update((name, dataclasses.asdict(s)) for name, s in self.sections.items())
+        return _encode(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from :meth:`to_dict`'s output; unknown or missing keys and bad values raise ``ValueError``."""
-        return _decode_dataclass(cls, data, "")
+        """Build from :meth:`to_dict`'s output; unknown or missing keys and bad values raise ``ValueError``.
+
+        Sections absent from ``data`` (a kind registered after the file was written) take their defaults.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
+        known = registry.sections()
+        plain = {k: v for k, v in data.items() if k not in known}
+        _check_keys(cls, plain, "", extra=list(known))
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _decode_value(hints[k], v, k) for k, v in plain.items()}
+        kwargs.update((k, _decode_dataclass(known[k], v, f"{k}.")) for k, v in data.items() if k in known)
+        return cls(**kwargs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
@@ -225,41 +245,28 @@ def pattern_tokens(pattern: str) -> list[LayerSpec]:
     tokens: list[LayerSpec] = []
     i = 0
     while i < len(pattern):
-        letter = pattern[i]
-        if letter not in MIXER_LETTERS:
+        kind = registry.by_letter(pattern[i])
+        if kind is None or kind.feed_forward:
             raise ValueError(
-                f"layer_pattern {pattern!r}: unknown mixer letter {letter!r} at position {i}; mixer letters are "
-                + ", ".join(f"{k} ({v})" for k, v in MIXER_LETTERS.items())
-                + "; a lowercase feed-forward letter may follow one (m mlp, e moe)"
+                f"layer_pattern {pattern!r}: unknown mixer letter {pattern[i]!r} at position {i}; mixer letters are "
+                + ", ".join(f"{k.letter} ({k.name})" for k in registry.kinds() if not k.feed_forward)
+                + "; a lowercase feed-forward letter may follow one ("
+                + ", ".join(f"{k.letter} {k.name}" for k in registry.kinds() if k.feed_forward) + ")"
             )
         ff = None
         if i + 1 < len(pattern) and pattern[i + 1].islower():
-            ff_letter = pattern[i + 1]
-            if ff_letter not in FF_LETTERS:
+            ff_kind = registry.by_letter(pattern[i + 1])
+            if ff_kind is None or not ff_kind.feed_forward:
                 raise ValueError(
-                    f"layer_pattern {pattern!r}: unknown feed-forward letter {ff_letter!r} at position {i + 1}; "
-                    "feed-forward letters are m (mlp), e (moe)"
+                    f"layer_pattern {pattern!r}: unknown feed-forward letter {pattern[i + 1]!r} at position {i + 1}; "
+                    "feed-forward letters are "
+                    + ", ".join(f"{k.letter} ({k.name})" for k in registry.kinds() if k.feed_forward)
                 )
-            ff = FF_LETTERS[ff_letter]
+            ff = ff_kind.name
             i += 1
-        tokens.append(LayerSpec(MIXER_LETTERS[letter], ff))
+        tokens.append(LayerSpec(kind.name, ff))
         i += 1
     return tokens
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _encode(value: Any) -> Any:
@@ -276,25 +283,32 @@ def _decode_dataclass(cls: type, data: Any, path: str) -> Any:
     where = path.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(cls, data, path)
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _decode_value(hints[k], v, f"{path}{k}") for k, v in data.items()}
+    # A field that a saved config lacks because it predates the field takes the value it had then.
+    legacy = {k: v for k, v in getattr(cls, "LEGACY_DEFAULTS", {}).items() if k not in data}
+    return cls(**legacy, **kwargs)
+
+
+def _check_keys(cls: type, data: dict[str, Any], path: str, extra: list[str] = ()) -> None:
+    """Unknown keys (with the closest known one) and missing required keys raise ``ValueError``."""
+    where = path.rstrip(".") or "config"
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}
+    names = [*fields, *extra]
     unknown = [k for k in data if k not in fields]
     if unknown:
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            close = difflib.get_close_matches(str(k), names, n=1)
             hints.append(f"{path}{k}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}; known keys of {where}: {', '.join(fields)}")
+        raise ValueError(f"unknown config key(s): {', '.join(hints)}; known keys of {where}: {', '.join(names)}")
     missing = [
         n for n, f in fields.items()
         if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ValueError(f"missing required config key(s): {', '.join(path + m for m in missing)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _decode_value(hints[k], v, f"{path}{k}") for k, v in data.items()}
-    # A field that a saved config lacks because it predates the field takes the value it had then.
-    legacy = {k: v for k, v in getattr(cls, "LEGACY_DEFAULTS", {}).items() if k not in data}
-    return cls(**legacy, **kwargs)
 
 
 def _decode_value(tp: Any, value: Any, name: str) -> Any:
@@ -316,6 +330,15 @@ def _check_types(obj: Any, path: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, tp, name = getattr(obj, f.name), hints[f.name], f"{path}{f.name}"
+        if f.metadata.get("sections"):
+            known = f.metadata["sections"]()
+            for section, settings in value.items():
+                if section not in known:
+                    raise ValueError(f"{section}: no registered layer kind has this settings section")
+                if not isinstance(settings, known[section]):
+                    raise ValueError(f"{section} must be a {known[section].__name__}, got {type(settings).__name__}")
+                _check_types(settings, section + ".")
+            continue
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, tp):
                 raise ValueError(f"{name} must be a {tp.__name__}, got {type(value).__name__}")
@@ -331,7 +354,10 @@ def _check_no_negative_ints(obj: Any, path: str) -> None:
     numbers all mean sizes or counts)."""
     for f in dataclasses.fields(obj):
         value, name = getattr(obj, f.name), f"{path}{f.name}"
-        if dataclasses.is_dataclass(value):
+        if f.metadata.get("sections"):
+            for section, settings in value.items():
+                _check_no_negative_ints(settings, section + ".")
+        elif dataclasses.is_dataclass(value):
             _check_no_negative_ints(value, name + ".")
         elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")

@@ -9,46 +9,81 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmkit.layers import Attention, MoE, RMSNorm
+from ssmkit.data.packing import IGNORE
+from ssmkit.layers import MoE, RMSNorm
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
+from ssmkit.layers.registry import flops_per_token
 from ssmkit.models.blocks import build_blocks, init_weights
-from ssmkit.files import shown
-from ssmkit.hub import resolve_checkpoint
+from ssmkit.io.files import shown
+from ssmkit.io.hub import resolve_checkpoint
+from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import ModelConfig
+from ssmkit.models.formats.native import (
+    CONFIG_NAME,
+    checkpoint_kind,
+    load_checkpoint,
+    load_state_dict_checked,
+    read_config,
+    save_checkpoint,
+)
+from ssmkit.models.formats.transformers import (
+    load_transformers_checkpoint,
+    read_transformers_config,
+    save_transformers_checkpoint,
+)
 from ssmkit.models.size import check_model_size
-
-if TYPE_CHECKING:
-    from ssmkit.generation.cache import ModelCache
-
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass
 class LanguageModelOutput:
-    """logits: (b, l, V) (or the last ``logits_to_keep`` positions); loss: scalar training loss or None
-    (mean cross-entropy, plus the MoE auxiliary losses times their coefficients).
+    """What :meth:`LanguageModel.forward` returns. Only ``logits`` is set without targets.
 
-    For models with MoE layers: ``aux_loss`` is the unweighted Switch load-balancing loss pooled over the
-    MoE layers (transformers' ``aux_loss``), ``z_loss`` the pooled router z-loss, and ``router_stats`` one
-    :class:`ssmkit.layers.moe.RouterStats` per MoE layer (expert usage for the trainer's metrics); all
-    None without MoE layers.
+    logits: (b, l, V), or the last ``logits_to_keep`` positions.
+    loss: the training objective of this call: ``loss_sum / n_targets`` (mean cross-entropy, NaN when no
+        position has a target) plus ``auxiliary``.
+    loss_sum: () float32 summed cross-entropy over the scored positions; n_targets: () int64 their number.
+        Sums, so that a mean over several calls (micro-batches, processes) is exact: see :meth:`loss_share`.
+    aux_loss, z_loss: models with MoE layers only: the unweighted Switch load-balancing loss pooled over the
+        MoE layers (transformers' ``aux_loss``) and the pooled router z-loss, computed with or without targets;
+        auxiliary: ``router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss``, what they add to
+        ``loss``; router_stats: one :class:`ssmkit.layers.moe.RouterStats` per MoE layer (expert usage).
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    n_targets: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    auxiliary: torch.Tensor | None = None
     router_stats: list[RouterStats] | None = None
+
+    def loss_share(self, total_targets: float | torch.Tensor) -> torch.Tensor:
+        """This call's part of a loss over ``total_targets`` scored positions of several calls:
+        ``(loss_sum + n_targets * auxiliary) / total_targets``.
+
+        Summed over the calls that make a batch (micro-batches, processes), it is the mean cross-entropy
+        over all their targets plus the target-weighted mean of their auxiliary losses, whatever the split.
+        """
+        if self.loss_sum is None:
+            raise ValueError("loss_share needs the loss: call the model with targets (or labels)")
+        share = self.loss_sum
+        if self.auxiliary is not None:
+            share = share + self.n_targets * self.auxiliary.to(share.dtype)
+        return share / total_targets
 
 
 class LanguageModel(nn.Module):
     """A stack of residual blocks chosen by ``config.layer_pattern``, with a language-model head.
+
+    ``context_parallel`` (:class:`ssmkit.distributed.ContextParallel`) splits every sequence across the
+    ranks of a process group (Mamba-2 mixers only): each rank then passes its part of the sequence.
 
     State dict names: ``embedding.weight``, ``layers.{i}.norm.weight``, ``layers.{i}.mixer.*``,
     ``layers.{i}.ff_norm.weight`` and ``layers.{i}.ff.*`` for layers with a feed-forward, ``norm_f.weight``
@@ -59,12 +94,14 @@ class LanguageModel(nn.Module):
 
         from ssmkit.models import LanguageModel, get_preset
         model = LanguageModel(get_preset("debug-mamba2"))
-        out = model(torch.randint(0, 64, (2, 16)), labels=...)
+        ids = torch.randint(0, 64, (2, 17))
+        out = model(ids[:, :-1], targets=ids[:, 1:])       # out.loss: mean next-token cross-entropy
+        out.loss.backward()
         tokens = model.generate([[1, 2, 3]], max_new_tokens=10, temperature=0)
     """
 
-    def __init__(self, config: ModelConfig, *, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None, max_bytes: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 max_bytes: int | None = None, context_parallel: Any = None) -> None:
         super().__init__()
         config.validate()
         # Before the first tensor: a config too big for the device's memory (or max_bytes, or
@@ -74,7 +111,7 @@ class LanguageModel(nn.Module):
         factory = {"device": device, "dtype": dtype}
         vocab, d = config.padded_vocab_size, config.d_model
         self.embedding = nn.Embedding(vocab, d, **factory)
-        self.layers = build_blocks(config, factory)
+        self.layers = build_blocks(config, factory, context_parallel=context_parallel)
         self.norm_f = RMSNorm(d, eps=config.norm_eps, **factory)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False, **factory)
         init_weights(self, self.layers, config)
@@ -84,27 +121,33 @@ class LanguageModel(nn.Module):
         """(V, H) output projection: the embedding when tied."""
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None, cache: ModelCache | None = None,
-                logits_to_keep: int = 0) -> LanguageModelOutput:
-        """Logits for ``input_ids`` (b, l) and, with ``labels`` (b, l), the mean next-token cross-entropy.
+    def forward(self, input_ids: torch.Tensor, *, targets: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
+                cache: ModelCache | None = None, logits_to_keep: int = 0) -> LanguageModelOutput:
+        """Logits for ``input_ids`` (b, l) and, with ``targets`` (b, l), the loss.
 
-        Labels follow transformers' convention: ``labels`` is aligned with ``input_ids`` (usually
-        ``labels = input_ids``) and shifted here, so position t's logits are scored against
-        ``labels[:, t + 1]``; ``-100`` marks positions without a target. With ``seq_idx`` (b, l) integer
-        document ids (packed documents; the state restarts where the id changes) the first token of each
-        document is not predicted from the previous document. The loss is NaN when no position has a
-        target (e.g. l == 1).
+        ``targets`` are aligned with the predictions (already shifted, as nanoGPT's and
+        :class:`ssmkit.data.Batch`'s): ``targets[:, t]`` is the token that position t's logits should
+        predict, usually ``input_ids[:, t + 1]``; ``-100`` (:data:`ssmkit.data.IGNORE`) marks positions
+        without a target (document boundaries, padding). ``labels`` is the other convention, transformers':
+        aligned with ``input_ids`` (usually ``labels = input_ids``) and shifted here, so position t is
+        scored against ``labels[:, t + 1]``, the last position against nothing, and, with ``seq_idx``, not
+        across a change of document. Pass one of the two.
 
-        With ``cache`` (from :meth:`allocate_cache`) the tokens continue from the cached state, which is
-        updated in place; the cache's state counts as the state of the document ``seq_idx[:, 0]``.
+        With ``seq_idx`` (b, l) integer document ids (packed documents) the state restarts where the id
+        changes. With ``cache`` (from :meth:`allocate_cache`) the tokens continue from the cached state,
+        which is updated in place; the cache's state counts as the state of the document ``seq_idx[:, 0]``.
         ``logits_to_keep > 0`` computes logits only for the last that many positions (generation).
 
-        MoE layers: with ``labels`` the loss adds ``moe.router_aux_loss_coef`` × the load-balancing loss
-        and ``moe.router_z_loss_coef`` × the router z-loss, each pooled over every MoE layer and token
-        (:func:`ssmkit.layers.moe.load_balancing_loss`); the output carries them and the router stats.
+        The output holds the summed cross-entropy and the number of targets beside the mean, and for MoE
+        models the load-balancing and z losses with their weighted sum ``auxiliary``
+        (``moe.router_aux_loss_coef`` × load balancing + ``moe.router_z_loss_coef`` × z-loss, each pooled
+        over every MoE layer and token, :func:`ssmkit.layers.moe.load_balancing_loss`), which ``loss``
+        includes. See :class:`LanguageModelOutput`.
         """
-        self._check_inputs(input_ids, labels, seq_idx, cache, logits_to_keep)
+        self._check_inputs(input_ids, targets, labels, seq_idx, cache, logits_to_keep)
+        if labels is not None:
+            targets = shift_labels(labels, seq_idx)
         residual = self.embedding(input_ids)
         for i, block in enumerate(self.layers):
             residual = block(residual, seq_idx=seq_idx, cache=None if cache is None else cache.states[i])
@@ -113,24 +156,23 @@ class LanguageModel(nn.Module):
         if logits_to_keep:
             residual = residual[:, -logits_to_keep:]
         hidden = self.norm_f(residual).to(self.head_weight.dtype)
-        logits = F.linear(hidden, self.head_weight)
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:]
-            if seq_idx is not None:
-                targets = targets.masked_fill(seq_idx[:, 1:] != seq_idx[:, :-1], IGNORE_INDEX)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        out = LanguageModelOutput(logits=F.linear(hidden, self.head_weight))
         stats = [block.ff.last_stats for block in self.layers if isinstance(block.ff, MoE)]
-        if not stats:
-            return LanguageModelOutput(logits=logits, loss=loss)
-        aux, z = load_balancing_loss(stats), router_z_loss(stats)
-        if loss is not None:
+        if stats:
             moe = self.config.moe
-            loss = loss + moe.router_aux_loss_coef * aux.to(loss.dtype) + moe.router_z_loss_coef * z.to(loss.dtype)
-        return LanguageModelOutput(logits=logits, loss=loss, aux_loss=aux, z_loss=z, router_stats=stats)
+            out.router_stats, out.aux_loss, out.z_loss = stats, load_balancing_loss(stats), router_z_loss(stats)
+            out.auxiliary = moe.router_aux_loss_coef * out.aux_loss + moe.router_z_loss_coef * out.z_loss
+        if targets is not None:
+            out.loss_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                           reduction="sum")
+            out.n_targets = (targets != IGNORE).sum()
+            out.loss = out.loss_sum / out.n_targets
+            if out.auxiliary is not None:
+                out.loss = out.loss + out.auxiliary.to(out.loss.dtype)
+        return out
 
-    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None, seq_idx: torch.Tensor | None,
-                      cache: ModelCache | None, logits_to_keep: int) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, targets: torch.Tensor | None, labels: torch.Tensor | None,
+                      seq_idx: torch.Tensor | None, cache: ModelCache | None, logits_to_keep: int) -> None:
         vocab = self.config.vocab_size
         _check_int_tensor("input_ids", input_ids)
         if input_ids.dim() != 2:
@@ -147,17 +189,20 @@ class LanguageModel(nn.Module):
             _check_int_tensor("seq_idx", seq_idx)
             if tuple(seq_idx.shape) != shape:
                 raise ValueError(f"seq_idx must have the shape of input_ids {shape}, got {tuple(seq_idx.shape)}")
-        if labels is not None:
-            _check_int_tensor("labels", labels)
-            if tuple(labels.shape) != shape:
-                raise ValueError(f"labels must have the shape of input_ids {shape}, got {tuple(labels.shape)}")
-            bad = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= vocab)
+        if targets is not None and labels is not None:
+            raise ValueError("pass targets (aligned with the predictions) or labels (aligned with input_ids), "
+                             "not both")
+        for name, ids in (("targets", targets), ("labels", labels)):
+            if ids is None:
+                continue
+            _check_int_tensor(name, ids)
+            if tuple(ids.shape) != shape:
+                raise ValueError(f"{name} must have the shape of input_ids {shape}, got {tuple(ids.shape)}")
+            bad = ((ids < 0) & (ids != IGNORE)) | (ids >= vocab)
             if values and bool(bad.any()):
-                raise ValueError(
-                    f"labels must be token ids in [0, {vocab}) or {IGNORE_INDEX}, got {labels[bad][0].item()}"
-                )
+                raise ValueError(f"{name} must be token ids in [0, {vocab}) or {IGNORE}, got {ids[bad][0].item()}")
             if logits_to_keep:
-                raise ValueError("labels need the logits of every position: do not pass logits_to_keep with labels")
+                raise ValueError(f"{name} need the logits of every position: do not pass logits_to_keep with {name}")
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         if cache is not None:
@@ -168,22 +213,17 @@ class LanguageModel(nn.Module):
 
     def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None,
                        device: torch.device | None = None, *, max_length: int | None = None) -> ModelCache:
-        """A zero :class:`ssmkit.generation.ModelCache` for ``batch_size`` rows.
+        """A zero :class:`ssmkit.models.ModelCache` for ``batch_size`` rows.
 
         Convolution states and KV caches take ``dtype`` (default: the weights' dtype), SSM states are
         float32 (float64 for a float64 model). SSM and sliding-window states do not grow with the number
         of tokens read; full-attention KV caches do (in blocks of 256 tokens), unless ``max_length``
         preallocates room for that many tokens.
         """
-        from ssmkit.generation.cache import ModelCache
-
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return ModelCache([
-            block.mixer.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
-            if isinstance(block.mixer, Attention) else block.allocate_state(batch_size, dtype=dtype, device=device)
-            for block in self.layers
-        ])
+        return ModelCache([block.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
+                           for block in self.layers])
 
     def cache_nbytes(self, context_length: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
         """Bytes of a cache holding ``context_length`` tokens per row (measured on the "meta" device, so
@@ -193,6 +233,11 @@ class LanguageModel(nn.Module):
             raise ValueError(f"context_length must be a positive int, got {context_length!r}")
         return self.allocate_cache(batch_size, dtype=dtype, device=torch.device("meta"),
                                    max_length=context_length).nbytes
+
+    def flops_per_token(self, length: int = 256) -> float:
+        """Forward FLOPs per token when reading sequences of ``length`` tokens: each layer's formula from the
+        layer registry (MoE layers count their top-k experts) plus the head. Training costs about 3x."""
+        return flops_per_token(self.layers, length) + 2.0 * self.head_weight.numel()
 
     def generate(self, prompts: torch.Tensor | list, max_new_tokens: int, **kwargs: Any) -> torch.Tensor | list:
         """:func:`ssmkit.generation.generate` with this model (same arguments and result)."""
@@ -208,14 +253,10 @@ class LanguageModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, format: str = "ssmkit") -> None:
         """Write a checkpoint folder: ``"ssmkit"`` (config.json + model.safetensors) or ``"transformers"``
-        (a folder Hugging Face transformers loads; see :mod:`ssmkit.interop`). Files are written atomically."""
+        (a folder Hugging Face transformers loads; see :mod:`ssmkit.models.formats`). Files are written atomically."""
         if format == "ssmkit":
-            from ssmkit.models.checkpoint import save_checkpoint
-
             save_checkpoint(self, Path(path))
         elif format == "transformers":
-            from ssmkit.interop import save_transformers_checkpoint
-
             save_transformers_checkpoint(self, path)
         else:
             raise ValueError(f"format must be 'ssmkit' or 'transformers', got {format!r}")
@@ -226,29 +267,16 @@ class LanguageModel(nn.Module):
                         max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
         falcon_mamba, jamba), named by its path or by a Hugging Face Hub id such as
-        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.hub.resolve_checkpoint`).
+        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
         files, tensors that do not match the config, and configs of other model types raise errors naming
         the file. The config's size is checked before any weight is read (see
         :func:`ssmkit.models.size.check_model_size`; ``max_bytes`` overrides the limit).
         """
-        from ssmkit.models.checkpoint import (
-            CONFIG_NAME,
-            checkpoint_kind,
-            load_checkpoint,
-            load_state_dict_checked,
-            read_config,
-        )
-
         path = resolve_checkpoint(path, revision)
         transformers = checkpoint_kind(path) == "transformers"
-        if transformers:
-            from ssmkit.interop import load_transformers_checkpoint, read_transformers_config
-
-            config = read_transformers_config(path)
-        else:
-            config = read_config(path)
+        config = read_transformers_config(path) if transformers else read_config(path)
         check_model_size(config, device=device, dtype=dtype, max_bytes=max_bytes, source=shown(path / CONFIG_NAME))
         if transformers:
             config, state_dict = load_transformers_checkpoint(path)
@@ -258,6 +286,16 @@ class LanguageModel(nn.Module):
         model = cls(config, device=device, dtype=dtype, max_bytes=max_bytes)
         load_state_dict_checked(model, state_dict, source)
         return model
+
+
+def shift_labels(labels: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets (b, l) from transformers-style labels (b, l): ``labels[:, t + 1]`` at position t, ``-100``
+    at the last position and, with ``seq_idx``, where position t + 1 starts another document."""
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    if seq_idx is not None:
+        targets[:, :-1].masked_fill_(seq_idx[:, 1:] != seq_idx[:, :-1], IGNORE)
+    return targets
 
 
 def _can_read_values(t: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from ssmkit.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE  # noqa: F401  (re-exported)
 from ssmkit.models.config import (
     AttentionConfig,
     Mamba2Config,
@@ -24,9 +25,6 @@ from ssmkit.models.config import (
     ModelConfig,
     MoEConfig,
 )
-
-BYTE_PAD, BYTE_BOS, BYTE_EOS = 256, 257, 258
-BYTE_VOCAB_SIZE = 259
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 

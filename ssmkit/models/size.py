@@ -13,14 +13,14 @@ memory of the device it is built on (the machine's RAM for the CPU), or ``SSMKIT
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from ssmkit.files import parse_bytes
+from ssmkit.io.files import parse_bytes
+from ssmkit.layers import registry
 from ssmkit.models.config import LayerSpec, ModelConfig, pattern_tokens
 
 LIMIT_ENV = "SSMKIT_MAX_MODEL_BYTES"
@@ -46,89 +46,6 @@ class SizeEstimate:
         return (self.parameters + self.buffers) * itemsize
 
 
-def _linear(n_in: int, n_out: int, bias: bool) -> int:
-    return n_in * n_out + (n_out if bias else 0)
-
-
-def _mamba(config: ModelConfig) -> tuple[int, int]:
-    m, d = config.mamba, config.d_model
-    inner, n = m.expand * d, m.d_state
-    rank = math.ceil(d / 16) if m.dt_rank == "auto" else m.dt_rank
-    params = (_linear(d, 2 * inner, m.bias) + inner * m.d_conv + (inner if m.conv_bias else 0)
-              + _linear(inner, rank + 2 * n, False) + _linear(rank, inner, True) + inner * n + inner
-              + _linear(inner, d, m.bias))
-    if m.inner_layernorms:
-        return params + rank + 2 * n, 0
-    return params, (rank + n if m.mixer_rms_eps is not None else 0)
-
-
-def _mamba2(config: ModelConfig) -> tuple[int, int]:
-    m, d = config.mamba2, config.d_model
-    inner = m.expand * d
-    heads, conv_dim = inner // m.headdim, inner + 2 * m.ngroups * m.d_state
-    params = (_linear(d, inner + conv_dim + heads, m.bias) + conv_dim * m.d_conv + (conv_dim if m.conv_bias else 0)
-              + 2 * heads + (inner if m.D_has_hdim else heads) + (inner if m.rmsnorm else 0)
-              + _linear(inner, d, m.bias))
-    return params, 0
-
-
-def _mamba3(config: ModelConfig) -> tuple[int, int]:
-    m, d = config.mamba3, config.d_model
-    inner, n = m.expand * d, m.d_state
-    heads, rank = inner // m.headdim, (m.mimo_rank if m.is_mimo else 1)
-    angles = int(n * m.rope_fraction) // 2
-    params = (d * (2 * inner + 2 * rank * m.ngroups * n + 3 * heads + angles) + heads + 2 * heads * rank * n + 2 * n
-              + (3 * heads * rank * m.headdim if m.is_mimo else 0) + heads + (inner if m.is_outproj_norm else 0)
-              + inner * d)
-    return params, 0
-
-
-def _attention(config: ModelConfig) -> tuple[int, int]:
-    a, d = config.attention, config.d_model
-    kv = a.num_heads if a.num_heads_kv is None else a.num_heads_kv
-    head_dim = d // a.num_heads if a.head_dim is None else a.head_dim
-    q, k = a.num_heads * head_dim, kv * head_dim
-    return _linear(d, q, a.bias) + 2 * _linear(d, k, a.bias) + _linear(q, d, a.bias), 0
-
-
-def _s4_family(config: ModelConfig, kind: str) -> tuple[int, int]:
-    sub, d = getattr(config, kind), config.d_model
-    n, channels = sub.d_state // 2, (2 if sub.bidirectional else 1)
-    # log_dt, D (H); log_A_real, A_imag (H, n); B (H, n, 2); C (c, H, n, 2); out_proj Linear(H, 2H) with bias
-    params = 2 * d + 2 * d * n + 2 * d * n + channels * d * n * 2 + _linear(d, 2 * d, True)
-    if kind == "s4":
-        low_rank = 2 if sub.measure == "legt" else 1
-        params += low_rank * d * n * 2  # P (r, H, n, 2)
-    return params, 0
-
-
-def _hyena(config: ModelConfig) -> tuple[int, int]:
-    h, d = config.hyena, config.d_model
-    width, channels, f = (h.order + 1) * d, (h.order - 1) * d, h.filter_order
-    filter_mlp = (_linear(h.emb_dim, f, True) + h.num_inner_mlps * (f + _linear(f, f, True)) + f
-                  + _linear(f, channels, False))
-    params = (_linear(d, width, True) + width * h.short_filter_order + width + filter_mlp + channels
-              + _linear(d, d, True))
-    return params, h.l_max * (h.emb_dim + 1) + channels  # z (l_max, emb_dim), t (l_max, 1), deltas
-
-
-_MIXERS = {
-    "mamba": _mamba, "mamba2": _mamba2, "mamba3": _mamba3, "attention": _attention,
-    "sliding_window_attention": _attention, "hyena": _hyena,
-    "s4d": lambda c: _s4_family(c, "s4d"), "s4": lambda c: _s4_family(c, "s4"),
-}
-
-
-def _ff(config: ModelConfig, ff: str | None) -> int:
-    d = config.d_model
-    if ff == "mlp":
-        return 3 * d * config.mlp.d_intermediate
-    if ff == "moe":
-        m = config.moe
-        return d * m.num_experts + m.num_experts * 3 * d * m.d_intermediate
-    return 0
-
-
 def _spec_counts(config: ModelConfig) -> Counter[LayerSpec]:
     """How many layers of each kind, from one repetition of the pattern (never n_layer entries)."""
     tokens = pattern_tokens(config.layer_pattern)
@@ -145,11 +62,24 @@ def estimate_size(config: ModelConfig) -> SizeEstimate:
     params = vocab * d + d + (0 if config.tie_embeddings else vocab * d)  # embedding, norm_f, head
     buffers = 0
     for spec, count in _spec_counts(config).items():
-        mixer_params, mixer_buffers = _MIXERS[spec.mixer](config)
-        block = d + mixer_params + (d + _ff(config, spec.ff) if spec.ff else 0)  # norm (+ ff_norm, ff)
+        mixer_params, mixer_buffers = _layer_size(config, spec.mixer)
+        ff_params, ff_buffers = _layer_size(config, spec.ff) if spec.ff else (0, 0)
+        block = d + mixer_params + (d + ff_params if spec.ff else 0)  # norm (+ ff_norm, ff)
         params += count * block
-        buffers += count * mixer_buffers
+        buffers += count * (mixer_buffers + ff_buffers)
     return SizeEstimate(params, buffers)
+
+
+def _layer_size(config: ModelConfig, name: str) -> tuple[int, int]:
+    """(parameters, buffer elements) of one layer of kind ``name``: its registry entry's formula, or, for a
+    kind without one, counted on a copy built on the meta device (shapes only, nothing allocated)."""
+    kind = registry.by_name(name)
+    settings = getattr(config, kind.section)
+    if kind.size is not None:
+        return kind.size(settings, config.d_model)
+    layer = kind.make(registry.BuildContext(d_model=config.d_model, settings=settings, layer_idx=0,
+                                            norm_eps=config.norm_eps, factory={"device": torch.device("meta")}))
+    return sum(p.numel() for p in layer.parameters()), sum(b.numel() for b in layer.buffers())
 
 
 def weights_limit(config: ModelConfig) -> int:

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
+from ssmkit.models.cache import ModelCache
 from ssmkit.serve.slots import SlotCache
 
 if TYPE_CHECKING:

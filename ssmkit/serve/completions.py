@@ -20,8 +20,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from ssmkit.data.tokenizer import Tokenizer
-from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.sampling import SamplingParams
+from ssmkit.models.cache import ModelCache
 from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped, GenerationRequest
 from ssmkit.serve.options import ServeOptions
 from ssmkit.serve.schemas import SamplingFields, error_body

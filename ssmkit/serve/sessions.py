@@ -9,7 +9,7 @@ completing gives the tokens that generating from the whole text at once gives.
 Files, in ``<folder>/`` (one folder per model, see :func:`model_fingerprint`)::
 
     <id>.json                        {"id", "created", "pending", "version"}, written atomically
-    <id>.<version>.safetensors       the cache (ssmkit.generation.ModelCache.save), written atomically
+    <id>.<version>.safetensors       the cache (ssmkit.models.ModelCache.save), written atomically
 
 Every change writes the state under a new version, then the JSON that points to it, then removes the old
 state: a crash at any moment leaves a consistent session, and a restart finds every acknowledged change.
@@ -42,7 +42,7 @@ import anyio.to_thread
 import torch
 from safetensors import SafetensorError
 
-from ssmkit.generation.cache import ModelCache
+from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import write_text_atomic
 from ssmkit.serve.recovery import SESSION_ID, recover, state_path
 

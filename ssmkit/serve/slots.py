@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ssmkit.generation.cache import ModelCache
+from ssmkit.models.cache import ModelCache
 
 
 class SlotCache:

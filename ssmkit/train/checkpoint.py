@@ -1,6 +1,7 @@
 """Resumable training checkpoints: atomic, verified, the last K kept, a corrupt latest one skipped.
 
-A checkpoint is a folder ``<out>/checkpoints/step_NNNNNNN/``::
+A checkpoint is a folder ``<out>/checkpoints/step_NNNNNNN/`` (the run folder's layout, its verification and
+the search for the newest good checkpoint live in :mod:`ssmkit.models.run_folder`)::
 
     config.json            the model config, in the ssmkit checkpoint format (so the folder also loads
     model.safetensors      with LanguageModel.from_pretrained and the CLI's generate/eval)
@@ -17,13 +18,10 @@ is checked against its recorded hash; a checkpoint that fails is reported and th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +30,25 @@ import torch
 from torch import nn
 
 from ssmkit.data.tokenizer import Tokenizer
-from ssmkit.files import read_json_object, shown
-from ssmkit.models.checkpoint import ARCHITECTURE, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME
-from ssmkit.models.checkpoint import load_safetensors, save_safetensors_atomic
+from ssmkit.io.files import load_safetensors, read_json_object, save_safetensors_atomic, shown
 from ssmkit.models.config import ModelConfig
+from ssmkit.models.formats.native import (
+    ARCHITECTURE,
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+)
+from ssmkit.models.run_folder import (  # noqa: F401  (the run folder's layout: the trainer and tests use it here)
+    STATE_FILE,
+    CorruptCheckpoint,
+    find_resumable,
+    fingerprint,
+    list_checkpoints,
+    step_dir,
+    verify,
+)
 from ssmkit.train.distributed import Dist, barrier
-
-STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint folder whose files are missing, truncated or do not match their recorded hashes."""
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders under ``root``, newest (highest step) first; temporary leftovers ignored."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: ModelConfig,
@@ -62,7 +59,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    final = root / f"step_{step:07d}"
+    final = step_dir(root, step)
     if info.is_main:
         tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,7 +75,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         for p in tmp.iterdir():
             _fsync_file(p)
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in optim_sd["param_groups"]]
-        files = {p.name: _fingerprint(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: fingerprint(p) for p in sorted(tmp.iterdir())}
         _write_json(tmp / STATE_FILE, {**state, "step": step, "optimizer_param_groups": groups,
                                        "python_rng": _python_rng_state(), "files": files})
         _fsync_dir(tmp)
@@ -90,26 +87,6 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def verify(folder: Path) -> dict[str, Any]:
-    """The trainer state of ``folder`` after checking every file's size and hash; CorruptCheckpoint if not."""
-    try:
-        state = read_json_object(folder / STATE_FILE, "record")
-        files = state["files"]
-        if not isinstance(files, dict):
-            raise TypeError(f"'files' is a {type(files).__name__}, not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpoint(f"{shown(folder / STATE_FILE)}: missing or unreadable ({e})") from None
-    for name, expected in files.items():
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise CorruptCheckpoint(f"{shown(folder / STATE_FILE)}: lists {name!r}, which is not a file of this folder")
-        path = folder / name
-        if not path.is_file():
-            raise CorruptCheckpoint(f"{path}: missing")
-        if _fingerprint(path) != expected:
-            raise CorruptCheckpoint(f"{path}: size or SHA-256 differs from the one recorded when it was saved")
-    return state
 
 
 def read_run_file(path: Path) -> dict[str, Any]:
@@ -137,17 +114,6 @@ def read_run_file(path: Path) -> dict[str, Any]:
     except (ValueError, TypeError) as e:
         raise ValueError(f"{shown(path)}: {e}") from None
     return {**data, "model": model, **sections}
-
-
-def find_resumable(root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint under ``root`` that verifies, warning about each newer one that does not."""
-    for folder in list_checkpoints(root):
-        try:
-            return folder, verify(folder)
-        except CorruptCheckpoint as e:
-            warnings.warn(f"checkpoint {folder.name} is corrupt, falling back to the previous one: {e}",
-                          stacklevel=2)
-    return None
 
 
 def load(folder: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -192,14 +158,6 @@ def _python_rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss],
             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def _fingerprint(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

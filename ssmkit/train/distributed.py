@@ -142,12 +142,12 @@ def shard_batch(batch: Batch, info: Dist) -> Batch:
         return batch
     length = batch.input_ids.shape[1]
     pad = max(-(-length // info.cp_size), _MIN_PART) * info.cp_size - length
-    input_ids, labels, seq_idx = F.pad(batch.input_ids, (0, pad)), F.pad(batch.labels, (0, pad), value=IGNORE), None
+    input_ids, targets, seq_idx = F.pad(batch.input_ids, (0, pad)), F.pad(batch.targets, (0, pad), value=IGNORE), None
     if batch.seq_idx is not None:
         seq_idx = torch.cat([batch.seq_idx, batch.seq_idx[:, -1:].expand(-1, pad)], dim=1)
     part = input_ids.shape[1] // info.cp_size
     mine = slice(info.cp_rank * part, (info.cp_rank + 1) * part)
-    return Batch(input_ids[:, mine], labels[:, mine], None if seq_idx is None else seq_idx[:, mine],
+    return Batch(input_ids[:, mine], targets[:, mine], None if seq_idx is None else seq_idx[:, mine],
                  batch.n_tokens if info.cp_rank == 0 else 0)
 
 

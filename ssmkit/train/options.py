@@ -19,6 +19,11 @@ import typing
 from typing import Any, Literal, Union
 
 
+class UsageError(ValueError):
+    """A bad command line (an option, or a combination of them): the CLI prints it with the usage and exits
+    with status 2. Raised by the CLI and by eval and bench entries."""
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: docstring}`` of a dataclass (fields without one are left out; no source = empty)."""
@@ -36,11 +41,19 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def flat_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
-    """``{"a.b": (type, default, doc)}`` for every leaf field of a (nested) config dataclass."""
+    """``{"a.b": (type, default, doc)}`` for every leaf field of a (nested) config dataclass.
+
+    A field whose metadata has ``"sections"`` (a callable returning ``{name: dataclass}``, as
+    ``ModelConfig.sections`` reads the layer registry) contributes each of those dataclasses under its name.
+    """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     out = {}
     for f in dataclasses.fields(cls):
+        if "sections" in f.metadata:
+            for name, section in f.metadata["sections"]().items():
+                out.update(flat_fields(section, f"{prefix}{name}."))
+            continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             out.update(flat_fields(tp, f"{prefix}{f.name}."))

@@ -6,9 +6,14 @@ averaged over processes on the last one), check the loss and gradient norm for N
 so), clip, step; log, validate and checkpoint on schedule. At the end it saves the model, draws the loss
 curve and prints a sample.
 
-The loss of a step is the mean cross-entropy over every scored token of the global batch: each
-micro-batch contributes its *sum* divided by the global token count, so the result is the same however
-the batch is split across processes and accumulation steps.
+The model computes its own loss (:meth:`LanguageModel.forward` with ``targets``): the summed cross-entropy,
+the number of targets and, for MoE models, the router losses times their coefficients. The objective of a
+step is the mean cross-entropy over every scored token of the global batch plus the target-weighted mean
+of those router losses: each micro-batch contributes :meth:`LanguageModelOutput.loss_share` of the global
+target count, so the result is the same however the batch is split across processes and accumulation
+steps. ``metrics.jsonl`` logs the cross-entropy as ``loss`` and, for MoE models, the unweighted
+``aux_loss`` (load balancing), ``z_loss`` and ``expert_entropy`` (the entropy, in nats, of the share of
+routed slots per expert, averaged over the MoE layers; log(num_experts) is a perfectly even load).
 """
 
 from __future__ import annotations
@@ -27,19 +32,32 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ssmkit.data import IGNORE, BatchLoader, DataConfig, EvalSet, describe, eval_batches, load_datasets
-from ssmkit.distributed import enable_context_parallel
+from ssmkit.data import (
+    BatchLoader,
+    DataConfig,
+    EvalSet,
+    describe,
+    eval_batches,
+    load_datasets,
+)
+from ssmkit.distributed import ContextParallel
 from ssmkit.models import LanguageModel, ModelConfig, param_groups
+from ssmkit.models.run_folder import CHECKPOINTS, MODEL_DIR, RUN_FILE
 from ssmkit.train import checkpoint
 from ssmkit.train.config import TrainConfig
-from ssmkit.train.distributed import (Dist, all_reduce, gradient_sync, parallelize, setup, shard_batch, teardown,
-                                     unwrap)
+from ssmkit.train.distributed import (
+    Dist,
+    all_reduce,
+    gradient_sync,
+    parallelize,
+    setup,
+    shard_batch,
+    teardown,
+    unwrap,
+)
 from ssmkit.train.errors import TrainingError
 from ssmkit.train.metrics import MetricsLog, Progress, plot_losses
-
-RUN_FILE = "run.json"
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -79,10 +97,9 @@ def evaluate(model: torch.nn.Module, data: EvalSet, batch_size: int, device: tor
     for batch, counted in eval_batches(data.rows, data.index, batch_size, rank=rank, world_size=world_size):
         batch = (batch if info is None else shard_batch(batch, info)).to(device)
         with autocast or nullcontext():
-            logits = model(batch.input_ids, seq_idx=batch.seq_idx).logits
+            out = model(batch.input_ids, targets=batch.targets, seq_idx=batch.seq_idx)
         if counted:
-            nats += F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
-                                    reduction="sum").item()
+            nats += out.loss_sum.item()
             targets += batch.n_targets
     model.train(was_training)
     nats, targets = all_reduce([nats, float(targets)])
@@ -125,7 +142,7 @@ class Trainer:
 
     def _fit(self, info: Dist) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
-        ckpt_root = out / "checkpoints"
+        ckpt_root = out / CHECKPOINTS
         if not self.resume and checkpoint.list_checkpoints(ckpt_root):
             raise FileExistsError(f"{out} already holds a run's checkpoints: pass --resume to continue it, "
                                   "or choose another --out")
@@ -137,10 +154,9 @@ class Trainer:
         if self.model_config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size is {self.model_config.vocab_size} but the tokenizer needs "
                              f"{tokenizer.vocab_size} (its vocabulary plus pad/bos/eos)")
-        model = LanguageModel(self.model_config, device=info.device)
+        split = None if info.cp_group is None else ContextParallel(info.cp_group)
+        model = LanguageModel(self.model_config, device=info.device, context_parallel=split)
         n_params = sum(p.numel() for p in model.parameters())
-        if info.cp_group is not None:
-            enable_context_parallel(model, info.cp_group)
         if cfg.compile:
             model.compile()
         model = parallelize(model, info, cfg.parallel)
@@ -198,7 +214,7 @@ class Trainer:
         """Steps until the step count or time budget is reached (or Ctrl-C); returns the last step and the
         last validation figures. Saves the final checkpoint and runs the final validation."""
         cfg = self.cfg
-        ckpt_root = self.out / "checkpoints"
+        ckpt_root = self.out / CHECKPOINTS
         say = print if info.is_main else (lambda *a, **k: None)
         budget = cfg.time_minutes * 60
         step, elapsed = counters["step"], counters["elapsed"]
@@ -215,27 +231,28 @@ class Trainer:
             micro = [shard_batch(b, info) for b in loader.next()]
             local_targets = sum(b.n_targets for b in micro)
             (n_targets,) = all_reduce([float(local_targets)])
-            loss_sum = torch.zeros((), device=info.device)
+            router = RouterTotals()
             for i, batch in enumerate(micro):
                 batch = batch.to(info.device)
                 with gradient_sync(model, enabled=i == len(micro) - 1):
                     with autocast:
-                        logits = model(batch.input_ids, seq_idx=batch.seq_idx).logits
-                    nll = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
-                                          reduction="sum")
-                    # Processes average gradients, so scale by world size to get the global-token mean.
-                    scaler.scale(nll * (info.world_size / max(n_targets, 1.0))).backward()
-                loss_sum += nll.detach()
-            total, tokens = all_reduce([loss_sum.item(), float(sum(b.n_tokens for b in micro))])
+                        out = model(batch.input_ids, targets=batch.targets, seq_idx=batch.seq_idx)
+                    # Processes average gradients, so scale by world size to get the global-target mean.
+                    scaler.scale(out.loss_share(max(n_targets, 1.0)) * info.world_size).backward()
+                router.add(out)
+            total, tokens, *router_sums = all_reduce([router.loss_sum.item(), float(sum(b.n_tokens for b in micro)),
+                                                      *router.sums()])
             # Every process must agree on when to stop and checkpoint: take the slowest clock.
             stop_flag, now = all_reduce([float(self._stop_requested), time.perf_counter() - start], op="max")
             loss = total / max(n_targets, 1.0)
+            moe = router.metrics(router_sums, n_targets)
 
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             # fp16 overflow is the scaler's business (it skips and lowers the scale); anything else is a bad step.
-            bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and precision != "fp16")
+            bad = (not math.isfinite(loss) or not all(map(math.isfinite, moe.values()))
+                   or (not math.isfinite(grad_norm) and precision != "fp16"))
             if bad:
                 counters["bad_steps"] += 1
                 progress.write(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
@@ -260,7 +277,7 @@ class Trainer:
             progress.update(step, elapsed, loss, tokens_per_s)
             if step % cfg.log_every == 0 or bad:
                 log.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": counters["tokens"],
-                           "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "skipped": bad})
+                           "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "skipped": bad, **moe})
                 window_tokens, window_start = 0, time.perf_counter()
 
             finished = (elapsed >= budget) if budget else (step >= cfg.steps)
@@ -309,7 +326,7 @@ class Trainer:
     def _finish(self, ckpt_root: Path, tokenizer: Any, val: dict[str, float], step: int,
                 device: torch.device) -> dict[str, Any]:
         """Copy the last checkpoint's model to ``<out>/model``, draw the loss curve, print a sample."""
-        model_dir = self.out / "model"
+        model_dir = self.out / MODEL_DIR
         tmp = self.out / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -334,6 +351,44 @@ class Trainer:
             result["sample"] = self.cfg.sample_prompt + tokenizer.decode(new)
             print(f"sample (temperature 0.8, top-p 0.95):\n{result['sample']}")
         return result
+
+
+class RouterTotals:
+    """A step's sums over its micro-batches: cross-entropy, and for MoE models the router losses weighted
+    by each micro-batch's targets and the slots routed to each expert of each MoE layer."""
+
+    def __init__(self) -> None:
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.n_targets = 0.0
+        self.aux = self.z = 0.0
+        self.counts: list[torch.Tensor] = []
+
+    def add(self, out: Any) -> None:
+        self.loss_sum = self.loss_sum + out.loss_sum.detach().float()
+        if out.aux_loss is None:
+            return
+        n = out.n_targets.detach().float()
+        self.aux = self.aux + n * out.aux_loss.detach().float()
+        self.z = self.z + n * out.z_loss.detach().float()
+        counts = [s.expert_counts.detach().float() for s in out.router_stats]
+        self.counts = counts if not self.counts else [a + b for a, b in zip(self.counts, counts)]
+
+    def sums(self) -> list[float]:
+        """What processes add up: the weighted aux and z sums, then every layer's expert counts."""
+        if not self.counts:
+            return []
+        return [float(self.aux), float(self.z), *torch.cat(self.counts).tolist()]
+
+    def metrics(self, sums: list[float], n_targets: float) -> dict[str, float]:
+        """``aux_loss``, ``z_loss`` (target-weighted means) and ``expert_entropy`` of MoE models, else {}."""
+        if not sums:
+            return {}
+        aux, z, counts = sums[0], sums[1], torch.tensor(sums[2:], dtype=torch.float64)
+        shares = counts.view(len(self.counts), -1)
+        shares = shares / shares.sum(-1, keepdim=True).clamp_min(1)
+        entropy = -(shares * shares.clamp_min(1e-30).log()).sum(-1).mean()
+        return {"aux_loss": aux / max(n_targets, 1.0), "z_loss": z / max(n_targets, 1.0),
+                "expert_entropy": float(entropy)}
 
 
 def _fmt(val: dict[str, float]) -> str:

@@ -20,8 +20,8 @@ def _docs(lengths, seed=0):
 def _scored(rows):
     """(input token, label) pairs of every scored position, in row order."""
     batch = rows.batch(np.arange(len(rows)))
-    keep = batch.labels != IGNORE
-    return batch, list(zip(batch.input_ids[keep].tolist(), batch.labels[keep].tolist()))
+    keep = batch.targets != IGNORE
+    return batch, list(zip(batch.input_ids[keep].tolist(), batch.targets[keep].tolist()))
 
 
 def test_encode_documents_frames_each_document():
@@ -52,7 +52,7 @@ def test_packing_scores_every_token_once_and_never_across_documents(lengths, seq
         steps = (idx[1:] - idx[:-1]).tolist()
         assert set(steps) <= {0, 1}
         assert [i + 1 for i, s in enumerate(steps) if s] == [i for i in range(1, n) if ids[i] == TOK.bos_id]
-        assert (batch.labels[r, n:] == IGNORE).all() and (batch.input_ids[r, n:] == TOK.pad_id).all()
+        assert (batch.targets[r, n:] == IGNORE).all() and (batch.input_ids[r, n:] == TOK.pad_id).all()
     assert rows.padding_waste(4) < 1 / len(rows) + 1e-12
 
 
@@ -97,12 +97,12 @@ def test_bucketing_rows_batches_and_waste():
     assert [rows.row_lengths[b].tolist() for b in batches] == [[6, 5], [4, 2]]
     batch = rows.batch(batches[1])
     assert batch.seq_idx is None and batch.input_ids.shape == (2, 4) and batch.n_tokens == 6
-    assert (batch.labels[1, 2:] == IGNORE).all() and (batch.labels[0] != IGNORE).all()
+    assert (batch.targets[1, 2:] == IGNORE).all() and (batch.targets[0] != IGNORE).all()
     # Both batchings score exactly the same (input, label) pairs.
     _, packed_pairs = _scored(PackedRows(stream, 6))
     bucket_batch = rows.batch(np.arange(len(rows)))
-    keep = bucket_batch.labels != IGNORE
-    bucket_pairs = list(zip(bucket_batch.input_ids[keep].tolist(), bucket_batch.labels[keep].tolist()))
+    keep = bucket_batch.targets != IGNORE
+    bucket_pairs = list(zip(bucket_batch.input_ids[keep].tolist(), bucket_batch.targets[keep].tolist()))
     assert sorted(bucket_pairs) == sorted(packed_pairs)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssmkit.distributed import context_parallel_chunk_scan, enable_context_parallel, split_sequence
+from ssmkit.distributed import ContextParallel, context_parallel_chunk_scan, split_sequence
 from ssmkit.layers import Mamba2
 from ssmkit.layers.mamba2 import Mamba2State
 from ssmkit.models import LanguageModel, get_preset
@@ -175,6 +175,9 @@ def _check_op_errors(rank, world, group):
 def _check_layer(rank, world, group):
     torch.manual_seed(0)
     layer = Mamba2(d_model=32, d_state=16, headdim=8, ngroups=2, chunk_size=16)
+    split = Mamba2(d_model=32, d_state=16, headdim=8, ngroups=2, chunk_size=16,
+                   context_parallel=ContextParallel(group))
+    split.load_state_dict(layer.state_dict())
     part = 20
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, world * part, 32, generator=gen)
@@ -189,24 +192,19 @@ def _check_layer(rank, world, group):
         (out * w).sum().backward()
         full_grads = {k: v.grad.clone() for k, v in layer.named_parameters()}
 
-        layer.zero_grad()
-        enable_context_parallel(layer, group)
-        try:
-            my_x = split_sequence(x, group).clone().requires_grad_()
-            my_out = layer(my_x, seq_idx=None if sidx is None else split_sequence(sidx, group))
-            (my_out * split_sequence(w, group)).sum().backward()
-        finally:
-            enable_context_parallel(layer, None)
+        split.zero_grad()
+        my_x = split_sequence(x, group).clone().requires_grad_()
+        my_out = split(my_x, seq_idx=None if sidx is None else split_sequence(sidx, group))
+        (my_out * split_sequence(w, group)).sum().backward()
         what = "seq_idx" if sidx is not None else "one document"
         assert_close(my_out, split_sequence(out.detach(), group), F32, name=f"rank {rank} layer out ({what})")
         assert_close(my_x.grad, split_sequence(full_x.grad, group), F32, name=f"rank {rank} layer dx ({what})")
-        for k, v in layer.named_parameters():
+        for k, v in split.named_parameters():
             assert_close(_sum_over_ranks(v.grad, group), full_grads[k], F32, name=f"d{k} ({what})")
 
-    enable_context_parallel(layer, group)
     with pytest.raises(ValueError, match="no cache or initial_state"):
-        layer(split_sequence(x, group), cache=layer.allocate_state(2))
-    assert isinstance(layer.allocate_state(2), Mamba2State)
+        split(split_sequence(x, group), cache=split.allocate_state(2))
+    assert isinstance(split.allocate_state(2), Mamba2State)
 
 
 def _check_language_model(rank, world, group):
@@ -221,17 +219,17 @@ def _check_language_model(rank, world, group):
     w = torch.randn(logits.shape, generator=gen)
     (logits * w).sum().backward()
     full_grads = {k: v.grad.clone() for k, v in model.named_parameters()}
-    model.zero_grad()
+    split = LanguageModel(get_preset("debug-mamba2"), context_parallel=ContextParallel(group))
+    split.load_state_dict(model.state_dict())
 
-    enable_context_parallel(model, group)
-    my_logits = model(split_sequence(ids, group), seq_idx=split_sequence(seq_idx, group)).logits
+    my_logits = split(split_sequence(ids, group), seq_idx=split_sequence(seq_idx, group)).logits
     (my_logits * split_sequence(w, group)).sum().backward()
     assert_close(my_logits, split_sequence(logits.detach(), group), F32, name=f"rank {rank} logits")
-    for k, v in model.named_parameters():
+    for k, v in split.named_parameters():
         assert_close(_sum_over_ranks(v.grad, group), full_grads[k], F32, name=f"d{k}")
 
-    with pytest.raises(ValueError, match="Mamba-2 mixers only"):
-        enable_context_parallel(LanguageModel(get_preset("debug-hybrid")), group)
+    with pytest.raises(ValueError, match=r"\(Mamba-2\) only"):
+        LanguageModel(get_preset("debug-hybrid"), context_parallel=ContextParallel(group))
 
 
 CHECKS = {"op": _check_op, "op_docs": _check_op_docs, "op_triton": _check_op_triton, "op_errors": _check_op_errors, "layer": _check_layer,

@@ -99,7 +99,7 @@ def test_generate_from_a_saved_document_state(model, tmp_path):
     with torch.no_grad():
         model(torch.tensor([document]), cache=cache)
     cache.save(tmp_path / "doc.cache")
-    from ssmkit.generation import ModelCache
+    from ssmkit.models import ModelCache
 
     for _ in range(2):  # the saved state answers any number of questions
         fork = ModelCache.load(tmp_path / "doc.cache")

@@ -82,7 +82,7 @@ CONFIGS = [  # (num_heads, num_heads_kv, window, rotary_emb_dim)
 @pytest.mark.parametrize("heads,heads_kv,window,rotary", CONFIGS)
 @pytest.mark.parametrize("length", [1, 13, 63])
 def test_parallel_matches_reference(dtype, heads, heads_kv, window, rotary, length):
-    layer = Attention(32, heads, heads_kv, head_dim=8, window=window, rotary_emb_dim=rotary, dtype=dtype)
+    layer = Attention(32, num_heads=heads, num_heads_kv=heads_kv, head_dim=8, window=window, rotary_emb_dim=rotary, dtype=dtype)
     x = torch.randn(2, length, 32, dtype=dtype)
     y = layer(x)
     assert y.dtype == dtype
@@ -93,7 +93,7 @@ def test_parallel_matches_reference(dtype, heads, heads_kv, window, rotary, leng
 @pytest.mark.parametrize("heads,heads_kv,window,rotary", CONFIGS)
 def test_decode_matches_parallel(dtype, heads, heads_kv, window, rotary):
     """Token by token, and in uneven chunks (some longer than the window), through the cache."""
-    layer = Attention(32, heads, heads_kv, head_dim=8, window=window, rotary_emb_dim=rotary, dtype=dtype)
+    layer = Attention(32, num_heads=heads, num_heads_kv=heads_kv, head_dim=8, window=window, rotary_emb_dim=rotary, dtype=dtype)
     x = torch.randn(2, 40, 32, dtype=dtype)
     y = layer(x)
     stepped, state = decode(layer, x, [1] * 40)
@@ -104,7 +104,7 @@ def test_decode_matches_parallel(dtype, heads, heads_kv, window, rotary):
 
 
 def test_bf16_decode_matches_parallel():
-    layer = Attention(32, 4, 2, window=6, rotary_emb_dim=8, dtype=torch.bfloat16)
+    layer = Attention(32, num_heads=4, num_heads_kv=2, window=6, rotary_emb_dim=8, dtype=torch.bfloat16)
     x = torch.randn(1, 20, 32, dtype=torch.bfloat16)
     stepped, state = decode(layer, x, [5] + [1] * 15)
     assert state.k.dtype == torch.bfloat16 and stepped.dtype == torch.bfloat16
@@ -114,7 +114,7 @@ def test_bf16_decode_matches_parallel():
 def test_ring_buffer_constant_memory_over_long_stream():
     """1,000 tokens through a window of 8: the state never grows, and every output equals the masked
     attention of the whole stream."""
-    layer = Attention(16, 2, 1, window=8, rotary_emb_dim=8, dtype=torch.float64)
+    layer = Attention(16, num_heads=2, num_heads_kv=1, window=8, rotary_emb_dim=8, dtype=torch.float64)
     x = torch.randn(1, 1000, 16, dtype=torch.float64)
     state = layer.allocate_state(1)
     nbytes, ptr = state.nbytes, state.k.data_ptr()
@@ -129,7 +129,7 @@ def test_ring_buffer_constant_memory_over_long_stream():
 
 
 def test_full_cache_grows_by_blocks_or_is_preallocated():
-    layer = Attention(16, 2, dtype=torch.float64)
+    layer = Attention(16, num_heads=2, dtype=torch.float64)
     x = torch.randn(2, 600, 16, dtype=torch.float64)
     state = layer.allocate_state(2)
     assert state.capacity == 256
@@ -144,7 +144,7 @@ def test_full_cache_grows_by_blocks_or_is_preallocated():
 
 
 def test_packed_documents_equal_each_document_alone():
-    layer = Attention(32, 4, 2, head_dim=8, window=6, rotary_emb_dim=8, dtype=torch.float64)
+    layer = Attention(32, num_heads=4, num_heads_kv=2, head_dim=8, window=6, rotary_emb_dim=8, dtype=torch.float64)
     lengths = [[5, 17, 1, 9], [32]]
     x = torch.randn(2, 32, 32, dtype=torch.float64)
     # Indices only need to change at boundaries: reuse a value non-adjacently to check that.
@@ -158,7 +158,7 @@ def test_packed_documents_equal_each_document_alone():
             start += n
     assert_close(y, reference_attention(layer, x, seq_idx))
     # Full attention too, and a document's output does not move when another document changes.
-    full = Attention(32, 4, 2, head_dim=8, rotary_emb_dim=8, dtype=torch.float64)
+    full = Attention(32, num_heads=4, num_heads_kv=2, head_dim=8, rotary_emb_dim=8, dtype=torch.float64)
     y = full(x, seq_idx=seq_idx)
     assert_close(y, reference_attention(full, x, seq_idx))
     x2 = x.clone()
@@ -170,7 +170,7 @@ def test_packed_documents_equal_each_document_alone():
 
 @pytest.mark.parametrize("window", [None, 4])
 def test_seq_idx_with_cache_continues_first_document_and_keeps_last(window):
-    layer = Attention(16, 2, 1, window=window, rotary_emb_dim=8, dtype=torch.float64)
+    layer = Attention(16, num_heads=2, num_heads_kv=1, window=window, rotary_emb_dim=8, dtype=torch.float64)
     a, rest = torch.randn(1, 10, 16, dtype=torch.float64), torch.randn(1, 12, 16, dtype=torch.float64)
     state = layer.allocate_state(1)
     layer(a[:, :6], cache=state)
@@ -186,8 +186,8 @@ def test_seq_idx_with_cache_continues_first_document_and_keeps_last(window):
 
 def test_rows_with_different_lengths_and_reset():
     """zero_(rows) restarts one row; the other keeps its stream; both decode correctly."""
-    layer = Attention(16, 2, 2, rotary_emb_dim=4, dtype=torch.float64)
-    ring = Attention(16, 2, 2, window=3, rotary_emb_dim=4, dtype=torch.float64)
+    layer = Attention(16, num_heads=2, num_heads_kv=2, rotary_emb_dim=4, dtype=torch.float64)
+    ring = Attention(16, num_heads=2, num_heads_kv=2, window=3, rotary_emb_dim=4, dtype=torch.float64)
     ring.load_state_dict(layer.state_dict())
     x = torch.randn(2, 20, 16, dtype=torch.float64)
     for lay in (layer, ring):
@@ -201,7 +201,7 @@ def test_rows_with_different_lengths_and_reset():
 
 
 def test_initial_state_is_read_only_and_equals_cache_path():
-    layer = Attention(16, 4, 2, window=5, rotary_emb_dim=4, dtype=torch.float64)
+    layer = Attention(16, num_heads=4, num_heads_kv=2, window=5, rotary_emb_dim=4, dtype=torch.float64)
     x = torch.randn(2, 12, 16, dtype=torch.float64)
     state = layer.allocate_state(2)
     layer(x[:, :7], cache=state)
@@ -215,7 +215,7 @@ def test_initial_state_is_read_only_and_equals_cache_path():
 
 
 def test_state_value_semantics_and_safetensors_roundtrip(tmp_path):
-    layer = Attention(16, 4, 2, window=4, rotary_emb_dim=4, dtype=torch.float64)
+    layer = Attention(16, num_heads=4, num_heads_kv=2, window=4, rotary_emb_dim=4, dtype=torch.float64)
     x = torch.randn(2, 15, 16, dtype=torch.float64)
     state = layer.allocate_state(2)
     layer(x[:, :9], cache=state)
@@ -230,7 +230,7 @@ def test_state_value_semantics_and_safetensors_roundtrip(tmp_path):
     loaded = AttentionState(**load_file(str(path)))
     assert_close(layer(x[:, 9:], cache=loaded), y_main, name="loaded state")
     # copy_ takes over a full-attention cache of another capacity.
-    full = Attention(16, 4, 2, dtype=torch.float64)
+    full = Attention(16, num_heads=4, num_heads_kv=2, dtype=torch.float64)
     big, small = full.allocate_state(2, max_length=1000), full.allocate_state(2)
     full(x[:, :9], cache=small)
     big.copy_(small)
@@ -239,17 +239,17 @@ def test_state_value_semantics_and_safetensors_roundtrip(tmp_path):
 
 
 def test_gradients():
-    layer = Attention(8, 2, 1, head_dim=4, window=3, rotary_emb_dim=4, dtype=torch.float64)
+    layer = Attention(8, num_heads=2, num_heads_kv=1, head_dim=4, window=3, rotary_emb_dim=4, dtype=torch.float64)
     x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
     seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]])
     assert torch.autograd.gradcheck(lambda t: layer(t, seq_idx=seq_idx), (x,))
-    full = Attention(8, 2, 2, head_dim=4, rotary_emb_dim=2, dtype=torch.float64)
+    full = Attention(8, num_heads=2, num_heads_kv=2, head_dim=4, rotary_emb_dim=2, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: full(t), (x,))
     state = layer.allocate_state(2)
     layer(x[:, :3].detach(), cache=state)
     assert torch.autograd.gradcheck(lambda t: layer(t, initial_state=state), (x[:, 3:].detach().requires_grad_(),))
     # fp32 gradients of the parallel path vs the float64 reference's.
-    layer32 = Attention(16, 4, 2, window=5, rotary_emb_dim=4)
+    layer32 = Attention(16, num_heads=4, num_heads_kv=2, window=5, rotary_emb_dim=4)
     x32 = torch.randn(2, 20, 16, requires_grad=True)
     layer32(x32).square().sum().backward()
     x64 = x32.detach().double().requires_grad_()
@@ -264,7 +264,7 @@ def test_matches_transformers_jamba_attention():
     config = JambaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=16)
     config._attn_implementation = "eager"
     theirs = JambaAttention(config, layer_idx=0)
-    ours = Attention(32, 4, 2)
+    ours = Attention(32, num_heads=4, num_heads_kv=2)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 11, 32)
     mask = torch.full((11, 11), float("-inf")).triu(1)[None, None]
@@ -273,7 +273,7 @@ def test_matches_transformers_jamba_attention():
 
 def test_nan_propagates_forward():
     """Documented: NaN at position t reaches t and every later position that attends to it."""
-    layer = Attention(16, 2, 1, window=4, dtype=torch.float64)
+    layer = Attention(16, num_heads=2, num_heads_kv=1, window=4, dtype=torch.float64)
     x = torch.randn(1, 12, 16, dtype=torch.float64)
     x[0, 5, 3] = math.nan
     y = layer(x)
@@ -291,7 +291,7 @@ def test_nan_propagates_forward():
 def test_fuzz_shapes(b, l, hk, g, half, window, rotary, cuts):
     p = 2 * half
     r = {"none": 0, "half": 2 * (half // 2), "full": p}[rotary]
-    layer = Attention(12, hk * g, hk, head_dim=p, window=window, rotary_emb_dim=r, dtype=torch.float64)
+    layer = Attention(12, num_heads=hk * g, num_heads_kv=hk, head_dim=p, window=window, rotary_emb_dim=r, dtype=torch.float64)
     x = torch.randn(b, l, 12, dtype=torch.float64)
     y = layer(x)
     assert_close(y, reference_attention(layer, x))
@@ -308,26 +308,26 @@ def test_fuzz_shapes(b, l, hk, g, half, window, rotary, cuts):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="divisible by num_heads_kv"):
-        Attention(32, 4, 3)
+        Attention(32, num_heads=4, num_heads_kv=3)
     with pytest.raises(ValueError, match="d_model .* divisible by num_heads"):
-        Attention(30, 4)
+        Attention(30, num_heads=4)
     for window in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="window"):
-            Attention(32, 4, window=window)
+            Attention(32, num_heads=4, window=window)
     with pytest.raises(ValueError, match="rotary_emb_dim"):
-        Attention(32, 4, rotary_emb_dim=3)
+        Attention(32, num_heads=4, rotary_emb_dim=3)
     with pytest.raises(ValueError, match="rotary_emb_dim"):
-        Attention(32, 4, rotary_emb_dim=10)
+        Attention(32, num_heads=4, rotary_emb_dim=10)
     with pytest.raises(ValueError, match="num_heads_kv"):
-        Attention(32, 4, 0)
+        Attention(32, num_heads=4, num_heads_kv=0)
     with pytest.raises(ValueError, match="max_length"):
-        Attention(32, 4).allocate_state(1, max_length=0)
+        Attention(32, num_heads=4).allocate_state(1, max_length=0)
     with pytest.raises(ValueError, match="batch_size"):
-        Attention(32, 4).allocate_state(0)
+        Attention(32, num_heads=4).allocate_state(0)
 
 
 def test_bad_inputs():
-    layer = Attention(16, 4, 2, window=3)
+    layer = Attention(16, num_heads=4, num_heads_kv=2, window=3)
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match="x must have shape"):
         layer(torch.randn(2, 5, 8))
@@ -350,10 +350,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="state.k must have shape"):
         layer(x, cache=layer.allocate_state(3))
     with pytest.raises(ValueError, match="ring of 3 slots"):
-        layer(x, cache=Attention(16, 4, 2, window=4).allocate_state(2))
+        layer(x, cache=Attention(16, num_heads=4, num_heads_kv=2, window=4).allocate_state(2))
     with pytest.raises(ValueError, match="one device"):
         layer(x, cache=layer.allocate_state(2, device="meta"))
-    full = Attention(16, 4, 2)
+    full = Attention(16, num_heads=4, num_heads_kv=2)
     ring = layer.allocate_state(2)
     layer(x, cache=ring)
     with pytest.raises(ValueError, match="wrapped sliding-window ring"):

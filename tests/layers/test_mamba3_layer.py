@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssmkit.generation.cache import ModelCache
 from ssmkit.layers.mamba3 import Mamba3, Mamba3State
 from ssmkit.layers.state import STATE_TYPES
 from ssmkit.models import LanguageModel, ModelConfig
+from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import Mamba2Config, Mamba3Config
 from ssmkit.testing import assert_close
 

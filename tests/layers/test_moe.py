@@ -39,7 +39,7 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("experts,top_k,renormalize", [(4, 2, False), (4, 2, True), (6, 1, False), (3, 3, False)])
 @pytest.mark.parametrize("length", [1, 63])
 def test_matches_per_token_reference(dtype, experts, top_k, renormalize, length):
-    moe = MoE(16, 24, experts, top_k, renormalize=renormalize, dtype=dtype)
+    moe = MoE(16, d_intermediate=24, num_experts=experts, top_k=top_k, renormalize=renormalize, dtype=dtype)
     x = torch.randn(2, length, 16, dtype=dtype)
     y = moe(x)
     assert y.dtype == dtype and y.shape == x.shape
@@ -48,7 +48,7 @@ def test_matches_per_token_reference(dtype, experts, top_k, renormalize, length)
     if dtype != torch.bfloat16:
         assert_close(y, reference_moe(moe, x), dtype)
     else:
-        ref = MoE(16, 24, experts, top_k, renormalize=renormalize, dtype=torch.float64)
+        ref = MoE(16, d_intermediate=24, num_experts=experts, top_k=top_k, renormalize=renormalize, dtype=torch.float64)
         ref.load_state_dict(moe.state_dict())
         _, _, _, chosen = moe.route(x.reshape(-1, 16))
         _, _, _, chosen64 = ref.route(x.double().reshape(-1, 16))
@@ -61,7 +61,7 @@ def test_matches_per_token_reference(dtype, experts, top_k, renormalize, length)
 
 
 def test_renormalize_changes_weights_to_sum_one():
-    moe = MoE(8, 12, 5, 2, dtype=torch.float64)
+    moe = MoE(8, d_intermediate=12, num_experts=5, top_k=2, dtype=torch.float64)
     x = torch.randn(3, 4, 8, dtype=torch.float64)
     _, probs, weights, experts = moe.route(x.view(-1, 8))
     assert (weights.sum(-1) < 1).all()
@@ -94,7 +94,7 @@ def jamba_block(moe: MoE):
 
 
 def test_matches_transformers_jamba_moe_block():
-    moe = MoE(16, 24, 8, 2)
+    moe = MoE(16, d_intermediate=24, num_experts=8, top_k=2)
     expected_names = {"router.weight"} | {
         f"experts.{e}.{n}_proj.weight" for e in range(8) for n in ("gate", "up", "down")
     }
@@ -106,7 +106,7 @@ def test_matches_transformers_jamba_moe_block():
 def test_aux_loss_equals_transformers_load_balancing_loss():
     from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
 
-    layers = [MoE(16, 8, 6, 2) for _ in range(3)]
+    layers = [MoE(16, d_intermediate=8, num_experts=6, top_k=2) for _ in range(3)]
     xs = [torch.randn(2, 17, 16) for _ in layers]
     logits, stats = [], []
     for moe, x in zip(layers, xs):
@@ -132,7 +132,7 @@ def test_aux_loss_equals_transformers_load_balancing_loss():
 def test_z_loss_and_counts():
     from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
-    moe = MoE(16, 8, 4, 2)
+    moe = MoE(16, d_intermediate=8, num_experts=4, top_k=2)
     x = torch.randn(2, 9, 16)
     moe(x)
     logits, probs, _, experts = moe.route(x.reshape(-1, 16))
@@ -140,7 +140,7 @@ def test_z_loss_and_counts():
     assert torch.equal(moe.last_stats.expert_counts, torch.bincount(experts.flatten(), minlength=4).float())
     assert_close(moe.last_stats.prob_sum, probs.sum(0))
     assert_close(moe.last_stats.expert_fraction.sum(), torch.tensor(1.0))
-    other = MoE(16, 8, 4, 2)
+    other = MoE(16, d_intermediate=8, num_experts=4, top_k=2)
     other(torch.randn(1, 3, 16))
     pooled = router_z_loss([moe.last_stats, other.last_stats])
     assert_close(pooled, (moe.last_stats.z_sum + other.last_stats.z_sum) / 21)
@@ -151,7 +151,7 @@ def test_z_loss_and_counts():
 
 
 def test_aux_losses_have_gradients_to_the_router_only_through_probabilities():
-    moe = MoE(8, 12, 4, 2, dtype=torch.float64)
+    moe = MoE(8, d_intermediate=12, num_experts=4, top_k=2, dtype=torch.float64)
     moe(torch.randn(2, 5, 8, dtype=torch.float64))
     (moe.last_stats.load_balancing_loss + moe.last_stats.z_loss).backward()
     assert moe.router.weight.grad.abs().sum() > 0
@@ -160,7 +160,7 @@ def test_aux_losses_have_gradients_to_the_router_only_through_probabilities():
 
 def test_each_expert_runs_once_on_its_group_even_when_unbalanced():
     """Dropless grouping: one call per expert (an idle expert gets 0 tokens), every token kept."""
-    moe = MoE(8, 12, 5, 2, dtype=torch.float64)
+    moe = MoE(8, d_intermediate=12, num_experts=5, top_k=2, dtype=torch.float64)
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[3, 0] = moe.router.weight[1, 0] = 10.0  # all tokens with x[..., 0] > 0 pick 3 and 1
@@ -178,14 +178,14 @@ def test_each_expert_runs_once_on_its_group_even_when_unbalanced():
 
 
 def test_gradients():
-    moe = MoE(4, 6, 3, 2, dtype=torch.float64)
+    moe = MoE(4, d_intermediate=6, num_experts=3, top_k=2, dtype=torch.float64)
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(moe, (x,))
     # fp32 parameter gradients vs the float64 per-token reference's.
-    moe32 = MoE(16, 24, 4, 2)
+    moe32 = MoE(16, d_intermediate=24, num_experts=4, top_k=2)
     x32 = torch.randn(2, 15, 16)
     moe32(x32).square().sum().backward()
-    ref = MoE(16, 24, 4, 2, dtype=torch.float64)
+    ref = MoE(16, d_intermediate=24, num_experts=4, top_k=2, dtype=torch.float64)
     ref.load_state_dict(moe32.state_dict())
     params = dict(ref.named_parameters())
     loss = torch.stack([v.square().sum() for v in _reference_with_params(ref, params, x32)]).sum()
@@ -210,7 +210,7 @@ def _reference_with_params(moe, params, x):
 
 
 def test_nan_stays_in_its_token():
-    moe = MoE(8, 12, 4, 2)
+    moe = MoE(8, d_intermediate=12, num_experts=4, top_k=2)
     x = torch.randn(2, 6, 8)
     x[0, 4, 1] = math.nan
     y = moe(x)
@@ -223,7 +223,7 @@ def test_nan_stays_in_its_token():
        renormalize=st.booleans())
 def test_fuzz_shapes(b, l, experts, k, renormalize):
     k = min(k, experts)
-    moe = MoE(6, 5, experts, k, renormalize=renormalize, dtype=torch.float64)
+    moe = MoE(6, d_intermediate=5, num_experts=experts, top_k=k, renormalize=renormalize, dtype=torch.float64)
     x = torch.randn(b, l, 6, dtype=torch.float64)
     assert_close(moe(x), reference_moe(moe, x))
     assert isinstance(moe.last_stats, RouterStats)
@@ -232,12 +232,12 @@ def test_fuzz_shapes(b, l, experts, k, renormalize):
 
 def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="top_k"):
-        MoE(8, 12, 4, 5)
+        MoE(8, d_intermediate=12, num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="top_k"):
-        MoE(8, 12, 4, 0)
+        MoE(8, d_intermediate=12, num_experts=4, top_k=0)
     with pytest.raises(ValueError, match="num_experts"):
-        MoE(8, 12, 0, 1)
-    moe = MoE(8, 12, 4, 2)
+        MoE(8, d_intermediate=12, num_experts=0, top_k=1)
+    moe = MoE(8, d_intermediate=12, num_experts=4, top_k=2)
     x = torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match="x must have shape"):
         moe(torch.randn(2, 5, 7))

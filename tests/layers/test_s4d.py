@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.generation.cache import ModelCache
 from ssmkit.layers.s4d import S4D, S4DState
 from ssmkit.models import LanguageModel, ModelConfig
+from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import HyenaConfig, S4Config, S4DConfig
 from ssmkit.testing import assert_close
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssmkit.generation import ModelCache
+from ssmkit.models import ModelCache
 from ssmkit.layers import AttentionState, Mamba2State, MoE
 from ssmkit.models import (
     AttentionConfig,

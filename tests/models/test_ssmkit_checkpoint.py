@@ -123,7 +123,7 @@ def test_writes_are_atomic(ckpt, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ssmkit.models.checkpoint.save_file", boom)
+    monkeypatch.setattr("ssmkit.io.files.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(ckpt)
     assert (ckpt / "model.safetensors").read_bytes() == before
@@ -133,3 +133,15 @@ def test_writes_are_atomic(ckpt, monkeypatch):
 def test_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="format must be 'ssmkit' or 'transformers'"):
         make().save_pretrained(tmp_path, format="gguf")
+
+
+@pytest.mark.parametrize("name", ["debug-hybrid", "jamba-tiny", "samba-tiny"])
+def test_model_tensor_shapes_are_the_language_models(name):
+    """The formats check checkpoints against model_tensor_shapes without building a LanguageModel: it must
+    name the model's tensors, in order, with their shapes."""
+    from ssmkit.models.formats.native import model_tensor_shapes
+
+    config = get_preset(name)
+    model = LanguageModel(config, device="meta")
+    assert model_tensor_shapes(config) == {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    assert list(model_tensor_shapes(config)) == list(model.state_dict())

@@ -11,7 +11,7 @@ import logging
 import pytest
 from safetensors import SafetensorError
 
-from ssmkit.generation.cache import ModelCache
+from ssmkit.models.cache import ModelCache
 from ssmkit.serve.recovery import QUARANTINE
 from ssmkit.serve.sessions import SessionDiskFull, SessionStore
 

@@ -63,7 +63,7 @@ def test_shard_batch_pads_and_splits_the_length():
     parts = [shard_batch(batch, Dist(r, 4, torch.device("cpu"), cp_size=2)) for r in (2, 3)]
     assert [p.input_ids.shape[1] for p in parts] == [17, 17]
     assert torch.equal(torch.cat([p.input_ids for p in parts], 1)[:, :33], ids)
-    assert torch.equal(parts[1].labels[:, -1], torch.full((2,), IGNORE))
+    assert torch.equal(parts[1].targets[:, -1], torch.full((2,), IGNORE))
     assert parts[1].seq_idx[:, -1].tolist() == [1, 2]
     short = Batch(ids[:, :5], ids[:, :5], None, 10)
     assert shard_batch(short, Dist(1, 2, torch.device("cpu"), cp_size=2)).input_ids.shape == (2, 16)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ssmkit.data import DataConfig
-from ssmkit.models import LanguageModel, get_preset
+from ssmkit.models import LanguageModel, Mamba2Config, ModelConfig, MoEConfig, get_preset
 from ssmkit.testing import assert_close
 from ssmkit.train import TrainConfig, Trainer, TrainingError, lr_at
 from ssmkit.train import checkpoint as ckpt
@@ -91,7 +91,7 @@ def test_gradient_accumulation_gives_the_same_training(tmp_path):
 
 
 class _Poisoned(LanguageModel):
-    """Returns NaN logits on the training forwards listed in ``bad`` (1-based)."""
+    """Returns NaN logits and loss on the training forwards listed in ``bad`` (1-based)."""
 
     bad: set[int] = set()
     calls = 0
@@ -102,6 +102,7 @@ class _Poisoned(LanguageModel):
             type(self).calls += 1
             if type(self).calls in type(self).bad:
                 out.logits = out.logits * float("nan")
+                out.loss_sum = out.loss_sum * float("nan")
         return out
 
 
@@ -141,3 +142,30 @@ def test_bf16_autocast_trains(tmp_path):
     result = _train(tmp_path, steps=3, precision="bf16", checkpoint_every=0)
     losses = _losses(tmp_path)
     assert result["step"] == 3 and all(math.isfinite(v) for v in losses.values())
+
+
+def _moe_run(out, coef):
+    """A short run of a Mamba-2 + MoE (top-1 of 4 experts) model; returns its metrics records."""
+    config = ModelConfig(vocab_size=259, d_model=32, n_layer=2, layer_pattern="2e",
+                         mamba2=Mamba2Config(d_state=8, headdim=16, chunk_size=16),
+                         moe=MoEConfig(num_experts=4, top_k=1, d_intermediate=32, router_aux_loss_coef=coef))
+    settings = TrainConfig(steps=20, batch_size=4, warmup_steps=3, lr=1e-2, log_every=1, eval_every=0,
+                           eval_tokens=512, checkpoint_every=0, checkpoint_minutes=0, sample_tokens=0, progress=False)
+    Trainer(config, settings, DATA, out).fit()
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_load_balancing_reaches_training_and_evens_the_expert_load(tmp_path):
+    """The router loss is part of what the trainer minimises: with its coefficient on, the routing stays
+    more even (higher entropy of the share of tokens per expert) than the same run with it off, and
+    metrics.jsonl records the auxiliary losses."""
+    off, on = _moe_run(tmp_path / "off", 0.0), _moe_run(tmp_path / "on", 1.0)
+    assert all({"aux_loss", "z_loss", "expert_entropy"} <= r.keys() for r in off + on)
+    assert all(0 <= r["expert_entropy"] <= math.log(4) + 1e-9 and r["aux_loss"] > 0 for r in on)
+
+    def late(records, key):
+        return sum(r[key] for r in records[-8:]) / 8
+
+    assert late(on, "expert_entropy") > late(off, "expert_entropy") + 0.1
+    assert late(on, "aux_loss") < late(off, "aux_loss")
