@@ -18,7 +18,7 @@ from torch import nn
 
 
 class DigitScorer(nn.Module):
-    """conv 3x3 (16) - ReLU - pool - conv 3x3 (32) - ReLU - pool - adaptive pool 4x4 - Linear(512, f) - ReLU
+    """conv 3x3 (16) - ReLU - pool - conv 3x3 (32) - ReLU - pool - adaptive pool 7x7 - Linear(1568, f) - ReLU
     - Linear(f, k). Input (b, 1, S, S) in [-1, 1]; :meth:`features` gives the (b, f) penultimate layer."""
 
     def __init__(self, num_classes: int = 10, feature_dim: int = 64) -> None:
@@ -26,7 +26,7 @@ class DigitScorer(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(512, feature_dim), nn.ReLU())
+            nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(32 * 49, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

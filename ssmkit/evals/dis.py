@@ -48,7 +48,7 @@ LABELS = {"mamba": "DiS (Mamba, both ways)", "mamba2": "DiS (Mamba-2, both ways)
 FULL = {"dataset": "mnist", "models": ["mamba", "attention", "s4d"], "patch_size": 4, "d_model": 64, "depth": 5,
         "d_state": 16, "steps": 1200, "batch_size": 48, "lr": 2e-3, "ema": 0.995, "p_uncond": 0.1,
         "diffusion_steps": 1000, "schedule": "linear", "sample_steps": 20, "guidance": 3.0,
-        "samples_per_class": 30, "scorer_epochs": 8, "scale_sides": [28, 56, 112, 224], "test_fraction": 0.2,
+        "samples_per_class": 30, "scorer_epochs": 10, "scale_sides": [28, 56, 112, 224], "test_fraction": 0.2,
         "seed": 0}
 SMOKE = {**FULL, "dataset": "digits", "models": ["mamba", "attention"], "patch_size": 2, "d_model": 32, "depth": 3,
          "d_state": 8, "steps": 30, "batch_size": 16, "diffusion_steps": 100, "sample_steps": 4,
