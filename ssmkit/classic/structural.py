@@ -121,7 +121,7 @@ def fit(y: torch.Tensor, spec: StructuralSpec, *, iterations: int = 60) -> Fitte
     optimizer.step(closure)
     with torch.no_grad():
         nll = float(-kalman_filter(z, build(spec, params), burn=burn).loglik / (len(z) - burn))
-    return FittedStructural(spec, {k: float(v) for k, v in params.items()}, shift, scale, nll)
+    return FittedStructural(spec, {k: float(v.detach()) for k, v in params.items()}, shift, scale, nll)
 
 
 def rolling_forecasts(fitted: FittedStructural, y: torch.Tensor, origins: list[int],
