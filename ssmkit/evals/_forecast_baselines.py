@@ -122,7 +122,7 @@ def ets(values: np.ndarray, origins: list[int], horizon: int, *, trend: bool, da
 def kalman(values: np.ndarray, origins: list[int], horizon: int, spec: StructuralSpec, iterations: int) -> Forecast:
     """ssmkit's structural model (:mod:`ssmkit.classic.structural`), maximum likelihood on ``y[:origins[0]]``;
     80% interval from the predictive variance (±1.2816 σ)."""
-    y = torch.from_numpy(values)
+    y = torch.tensor(values, dtype=torch.float64)
     fitted = fit(y[:origins[0]], spec, iterations=iterations)
     mean, std = rolling_forecasts(fitted, y, origins, horizon)
     mean, std = mean.numpy(), std.numpy()

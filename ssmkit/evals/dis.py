@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -38,7 +39,14 @@ from ssmkit.evals._common import settings as experiment_settings
 from ssmkit.evals._digit_scorer import frechet_distance, predict, train_scorer
 from ssmkit.evals._merge import add_option as add_merge_option
 from ssmkit.evals._merge import merge_runs
-from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, timed, write_result
+from ssmkit.evals._report import (
+    check_names,
+    format_table,
+    pyplot,
+    save_figure,
+    timed,
+    write_result,
+)
 from ssmkit.evals.registry import register
 from ssmkit.models.diffusion import SCHEDULES, GaussianDiffusion
 from ssmkit.models.dis import MIXERS, DiffusionBackbone, DiSConfig
@@ -228,7 +236,8 @@ def sampling_times(mixer: str, settings: dict[str, Any], ff_width: int, device: 
         t, y = torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device)
         with torch.no_grad():
             net(x, t, y)
-            times[str(config.num_patches)] = min(timed(lambda: net(x, t, y), device)[0] for _ in range(3))
+            call = functools.partial(net, x, t, y)
+            times[str(config.num_patches)] = min(timed(call, device)[0] for _ in range(3))
     return times
 
 
@@ -243,7 +252,8 @@ def decode_grid(grid: dict[str, Any]) -> np.ndarray:
 
 
 def report(result: dict[str, Any], out_dir: Path) -> str:
-    """Set ``result["table"]`` and ``result["plots"]`` (digit grids, loss, sampling time); returns the table."""
+    """Set ``result["table"]``, ``result["plots"]`` (loss, sampling time) and each run's ``grid_plot`` (its
+    digits); returns the table."""
     ref, runs = result["reference"], result["runs"]
     rows = [[r["label"], r["params"], r["train_flops"], r["train_seconds"], r["final_loss"], r["accuracy"],
              r["ddpm_accuracy"], r["frechet"], r["sample_seconds"]] for r in runs]
@@ -252,8 +262,9 @@ def report(result: dict[str, Any], out_dir: Path) -> str:
     result["table"] = format_table(["backbone", "params", "train FLOPs", "train s", "final loss", "accuracy (DDIM)",
                                     "accuracy (DDPM)", "Fréchet dist.", "sample s"], rows)
     out = Path(out_dir)
-    plots = [_grid_plot(r, out / f"digits_{r['model']}.png") for r in runs]
-    plots += [_loss_plot(runs, out / "training_loss.png"), _scaling_plot(runs, out / "sampling_time.png")]
+    for r in runs:  # per model, so that parts of a --merge agree on the shared "plots"
+        r["grid_plot"] = _grid_plot(r, out / f"digits_{r['model']}.png").name
+    plots = [_loss_plot(runs, out / "training_loss.png"), _scaling_plot(runs, out / "sampling_time.png")]
     result["plots"] = [p.name for p in plots]
     return result["table"]
 

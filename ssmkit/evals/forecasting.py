@@ -23,11 +23,22 @@ import numpy as np
 import torch
 
 from ssmkit.classic.structural import StructuralSpec
-from ssmkit.data.timeseries import SERIES, load_series, rolling_origins, training_windows
+from ssmkit.data.timeseries import (
+    SERIES,
+    load_series,
+    rolling_origins,
+    training_windows,
+)
 from ssmkit.evals import _forecast_baselines as classic
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
-from ssmkit.evals._report import check_names, format_table, pyplot, save_figure, write_result
+from ssmkit.evals._report import (
+    check_names,
+    format_table,
+    pyplot,
+    save_figure,
+    write_result,
+)
 from ssmkit.evals.registry import register
 from ssmkit.models.forecaster import MIXERS, ForecasterConfig, SSMForecaster
 
@@ -50,7 +61,7 @@ FULL = {"datasets": list(SERIES), "models": ["s4d", "mamba"], "classical": list(
         "n_layer": 2, "d_state": 16, "steps": 600, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.01,
         "val_fraction": 0.15, "arima_max_p": 3, "arima_max_q": 2, "kalman_iterations": 50, "seed": 0}
 SMOKE = {**FULL, "datasets": ["gdp"], "models": ["s4d", "mamba"], "d_model": 16, "n_layer": 1, "d_state": 8,
-         "steps": 40, "arima_max_p": 1, "arima_max_q": 0, "kalman_iterations": 2}
+         "steps": 20, "arima_max_p": 1, "arima_max_q": 0, "kalman_iterations": 2}
 HELP = {
     "datasets": f"series, from {', '.join(SERIES)}", "models": f"SSM forecasters, from {', '.join(MIXERS)}",
     "classical": f"classical forecasters, from {', '.join(CLASSICAL)}", "d_model": "SSM width",
@@ -145,7 +156,7 @@ def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: in
     val_starts = np.arange(cut - context, first - context - horizon + 1)
     val_x = values[val_starts[:, None] + np.arange(context)]
     val_y = values[val_starts[:, None] + context + np.arange(horizon)]
-    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32, device=device)
     tx, ty, vx, vy = map(as_tensor, (train_x, train_y, val_x, val_y))
     t_phase = torch.arange(len(train_x), device=device) % period
     v_phase = torch.from_numpy(val_starts % period).to(device)

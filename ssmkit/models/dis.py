@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssmkit.layers import Mamba, Mamba2, RMSNorm, S4D
+from ssmkit.layers import S4D, Mamba, Mamba2, RMSNorm
 from ssmkit.layers.bidirectional import Bidirectional, SelfAttention
 from ssmkit.layers.block import Block
 from ssmkit.layers.mlp import MLP
@@ -93,7 +93,7 @@ def _mixer(config: DiSConfig) -> nn.Module:
     if config.mixer == "mamba":
         return Bidirectional(Mamba(d, d_state=config.d_state), Mamba(d, d_state=config.d_state))
     if config.mixer == "mamba2":
-        make = lambda: Mamba2(d, d_state=config.d_state, headdim=config.headdim, chunk_size=64)  # noqa: E731
+        make = lambda: Mamba2(d, d_state=config.d_state, headdim=config.headdim, chunk_size=64)
         return Bidirectional(make(), make())
     if config.mixer == "s4d":
         return S4D(d, d_state=config.d_state, bidirectional=True)
@@ -160,7 +160,7 @@ class DiffusionBackbone(nn.Module):
         if y.dtype != torch.int64 or bool(((y < 0) | (y > cfg.num_classes)).any()):
             raise ValueError(f"DiffusionBackbone: y must be int64 labels in [0, {cfg.num_classes}] "
                              f"({cfg.num_classes} = no class)")
-        time_token = self.time_embed(timestep_embedding(t, cfg.d_model))[:, None]
+        time_token = self.time_embed(timestep_embedding(t, cfg.d_model).to(self.pos_embed.dtype))[:, None]
         class_token = self.class_embed(y)[:, None]
         h = torch.cat([time_token, class_token, self.patch_embed(self.patchify(x))], dim=1) + self.pos_embed
         skips = []

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssmkit.layers import Mamba, Mamba2, RMSNorm, S4D
+from ssmkit.layers import S4D, Mamba, Mamba2, RMSNorm
 from ssmkit.layers.block import Block
 from ssmkit.layers.mlp import MLP
 
