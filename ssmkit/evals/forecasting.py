@@ -75,11 +75,13 @@ HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, FULL, SMOKE, HELP)
+    parser.add_argument("--seasonal-skip", action="store_true",
+                        help="the SSMs predict the correction to the seasonal naive forecast")
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Forecast every series with every model; print the table, write result.json and forecast_fans.png."""
-    settings = experiment_settings(args, FULL, SMOKE)
+    settings = {**experiment_settings(args, FULL, SMOKE), "seasonal_skip": bool(args.seasonal_skip)}
     datasets = check_names(settings["datasets"], SERIES, "--datasets")
     models = check_names(settings["models"], MIXERS, "--models") if settings["models"] else []
     classical = check_names(settings["classical"], CLASSICAL, "--classical")
@@ -163,7 +165,8 @@ def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: in
 
     torch.manual_seed(settings["seed"])
     config = ForecasterConfig(mixer=mixer, horizon=horizon, period=period, d_model=settings["d_model"],
-                              n_layer=settings["n_layer"], d_state=settings["d_state"])
+                              n_layer=settings["n_layer"], d_state=settings["d_state"],
+                              seasonal_skip=settings.get("seasonal_skip", False))
     model = SSMForecaster(config).to(device)
     steps = settings["steps"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])

@@ -9,7 +9,8 @@ plus an embedding of its position in the season (step index mod m; none when m =
 Mamba-2 blocks (each with a SwiGLU MLP) read the row; the last position's output, normalised, goes through
 ``Linear(D, h·q)``; sorting along the quantile axis keeps the quantiles in order, and the result is mapped
 back to the series' scale. Trained with the pinball (quantile) loss in the normalised units; the median
-is the point forecast.
+is the point forecast. With ``seasonal_skip`` the head's output is added to the seasonal naive forecast
+of the normalised history, so the network learns the correction to that baseline.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ MIXERS = ("s4d", "mamba", "mamba2")
 @dataclasses.dataclass
 class ForecasterConfig:
     """mixer: one of :data:`MIXERS`; horizon: h; quantiles: increasing levels in (0, 1) (0.5 among them);
-    period: m (1 = no season embedding); d_model, n_layer, d_state; ff_width: MLP width per block."""
+    period: m (1 = no season embedding); d_model, n_layer, d_state; ff_width: MLP width per block;
+    seasonal_skip: the head predicts the deviation from the seasonal naive forecast (the last observed value of
+    the same season) instead of the forecast itself (no change for m = 1, where that is the last value)."""
 
     mixer: str = "s4d"
     horizon: int = 12
@@ -40,6 +43,7 @@ class ForecasterConfig:
     n_layer: int = 2
     d_state: int = 16
     ff_width: int = 64
+    seasonal_skip: bool = False
 
     def __post_init__(self) -> None:
         if self.mixer not in MIXERS:
@@ -117,7 +121,18 @@ class SSMForecaster(nn.Module):
         for layer in self.layers:
             h = layer(h)
         out = self.head(self.norm_f(h[:, -1]).to(self.head.weight.dtype))
-        return out.view(-1, self.config.horizon, len(self.config.quantiles)).sort(dim=-1).values
+        out = out.view(-1, self.config.horizon, len(self.config.quantiles))
+        if self.config.seasonal_skip:
+            out = out + self._seasonal_naive((history - loc) / scale)[..., None]
+        return out.sort(dim=-1).values
+
+    def _seasonal_naive(self, normalised: torch.Tensor) -> torch.Tensor:
+        """(b, h): step j of the forecast repeats position ``L - (m·(j // m + 1) - j)`` of the history."""
+        m, length = self.config.period, normalised.shape[1]
+        if length < m:
+            raise ValueError(f"seasonal_skip needs a history of at least one period ({m}), got {length}")
+        j = torch.arange(self.config.horizon, device=normalised.device)
+        return normalised[:, length - (m * (j // m + 1) - j)]
 
     def forward(self, history: torch.Tensor, phase: torch.Tensor | None = None) -> torch.Tensor:
         loc, scale = self.normalise(history)

@@ -61,3 +61,16 @@ def test_config_checks():
     with pytest.raises(ValueError, match="mixer"):
         ForecasterConfig(mixer="gru")
     assert ForecasterConfig().to_dict()["quantiles"] == [0.1, 0.5, 0.9]
+
+
+def test_seasonal_skip_starts_from_the_seasonal_naive_forecast():
+    torch.manual_seed(0)
+    model = SSMForecaster(ForecasterConfig(mixer="s4d", horizon=6, period=4, d_model=8, n_layer=1, d_state=4,
+                                           seasonal_skip=True)).double()
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    history = torch.randn(2, 10, dtype=torch.float64)
+    q = model(history, torch.tensor([0, 1]))
+    expected = history[:, [6, 7, 8, 9, 6, 7]]  # the last season, repeated
+    for i in range(3):
+        assert_close(q[..., i], expected, rtol=1e-12, atol=1e-12)
