@@ -1,0 +1,34 @@
+"""`ssmkit eval forecasting --smoke` end to end (GDP, a few steps): table, result.json and the fan plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ssmkit.cli import main
+
+pytest.importorskip("statsmodels", reason="the series and the ARIMA/ETS baselines are statsmodels'")
+pytest.importorskip("matplotlib", reason="the eval draws PNG plots")
+
+
+def test_forecasting_smoke(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "forecasting", "--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["table"] in capsys.readouterr().out
+    gdp = result["datasets"]["gdp"]
+    assert list(gdp["models"]) == ["s4d", "mamba", "arima", "ets", "kalman", "snaive", "naive"]
+    assert len(gdp["origins"]) == 10 and gdp["origins"][-1] == gdp["length"] - gdp["horizon"]
+    for name, entry in gdp["models"].items():
+        assert entry["mase"] > 0 and entry["smape"] > 0, name
+        assert len(entry["point"]) == 10 and len(entry["point"][0]) == 8
+    # GDP is not seasonal: the seasonal naive forecast is the naive one.
+    assert gdp["models"]["snaive"]["point"] == gdp["models"]["naive"]["point"]
+    assert gdp["models"]["arima"]["details"]["order"][1] == 1
+    assert (out / "forecast_fans.png").stat().st_size > 1000
+
+
+def test_unknown_series_is_an_error(tmp_path, capsys):
+    assert main(["eval", "forecasting", "--smoke", "--datasets", "airline", "--out", str(tmp_path)]) != 0
+    assert "airline" in capsys.readouterr().err
