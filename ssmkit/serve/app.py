@@ -2,7 +2,8 @@
 
 Routes::
 
-    GET  /health                         liveness, requests in flight, session memory (no auth)
+    GET  /health                         liveness, requests in flight, session memory, prefix cache (no auth)
+    GET  /metrics                        the same counters in Prometheus' text format
     GET  /v1/models                      the served model
     POST /v1/completions                 {"prompt", "max_tokens", "temperature", ..., "stream"}
     POST /v1/sessions                    new session (optionally reading "prompt")
@@ -26,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ssmkit.data.tokenizer import Tokenizer
 from ssmkit.serve.completions import ApiError, Server, internal_error
 from ssmkit.serve.guard import RequestGuard
+from ssmkit.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ssmkit.serve.metrics import render as render_metrics
 from ssmkit.serve.options import ServeOptions
 from ssmkit.serve.schemas import (
     CompletionRequest,
@@ -69,6 +72,8 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, 
         server.engine.start()
         yield
         server.engine.stop()
+        if server.prefix is not None:
+            server.prefix.close()
 
     app = FastAPI(title="ssmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -84,8 +89,13 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def health() -> JSONResponse:
         alive = server.engine.alive
         body = {"status": "ok" if alive else "engine stopped", "requests_in_flight": server.engine.in_flight,
-                "decode_steps": server.engine.steps, "tokens_generated": server.engine.tokens, **store.stats()}
+                "decode_steps": server.engine.steps, "tokens_generated": server.engine.tokens, **store.stats(),
+                "prefix_cache": None if server.prefix is None else server.prefix.stats()}
         return JSONResponse(body, 200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(server), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -24,6 +24,8 @@ from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.sampling import SamplingParams
 from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped, GenerationRequest
 from ssmkit.serve.options import ServeOptions
+from ssmkit.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
+from ssmkit.serve.prefix_disk import DiskTier
 from ssmkit.serve.schemas import SamplingFields, error_body
 from ssmkit.serve.sessions import (
     Session,
@@ -88,6 +90,12 @@ class Server:
                              prefill_chunk_size=options.prefill_chunk_size)
         self.eos_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
         self.created = int(time.time())
+        self.prefix: PrefixCache | None = None
+        if options.prefix_cache:
+            disk = (DiskTier(store.folder / "prefix-cache", options.prefix_cache_disk_bytes, model, BLOCK_TOKENS)
+                    if options.prefix_cache_disk_bytes > 0 else None)
+            self.prefix = PrefixCache(model, memory_budget=options.prefix_cache_bytes,
+                                      interval=options.prefix_cache_interval, disk=disk)
 
     async def encode(self, text: str, field: str) -> list[int]:
         ids = (self.tokenizer.encode(text) if len(text) <= _ENCODE_INLINE_CHARS
@@ -125,9 +133,11 @@ class Server:
         ``deadline`` covers the whole request (waiting for a session, reading, generating), not each token."""
         completion = _Completion(asyncio.get_running_loop(), self.tokenizer, body.stop_strings())
         seed = body.seed if body.seed is not None else secrets.randbits(62)
+        # From the zero state, the prompt may resume from a snapshot of its longest cached prefix.
+        plan = None if cache is not None or self.prefix is None else await anyio.to_thread.run_sync(self.prefix.plan, ids)
         request = GenerationRequest(ids=ids, max_new_tokens=body.max_tokens, params=params, seed=seed,
                                     on_token=completion.on_token, on_done=completion.on_done,
-                                    eos_ids=self.eos_ids, cache=cache, keep_state=keep_state)
+                                    eos_ids=self.eos_ids, cache=cache, keep_state=keep_state, prefix=plan)
         try:
             self.engine.submit(request)
         except EngineBusy as e:
@@ -165,7 +175,7 @@ class Server:
                 ids = ([] if session.pending is None else [session.pending]) + prompt_ids
                 if not ids:
                     raise ApiError(400, "the session is empty: give a prompt or append text first", param="prompt")
-                cache = (await self.store.state(session)).clone()
+                cache = await self._session_cache(session)
             if not ids:
                 raise ApiError(400, "the prompt is empty and this model's tokenizer has no start token",
                                param="prompt")
@@ -187,13 +197,23 @@ class Server:
             if session is not None:
                 session.lock.release()
 
-    async def _read_into(self, session: Session, cache: ModelCache, ids: list[int], deadline: float) -> None:
-        """Feed all of ``ids`` but the last into ``cache`` and commit it, the last one pending."""
+    async def _session_cache(self, session: Session) -> ModelCache | None:
+        """A copy of the session's state to read on; None for a session that has read nothing (the zero state),
+        so that its reading goes through the prefix cache."""
+        if self.prefix is not None and session.tokens_read == 0:
+            return None
+        return (await self.store.state(session)).clone()
+
+    async def _read_into(self, session: Session, cache: ModelCache | None, ids: list[int], deadline: float) -> None:
+        """Feed all of ``ids`` but the last into ``cache`` (None: the zero state) and commit it, the last one
+        pending."""
         if len(ids) > 1:
             body = SamplingFields(max_tokens=0, temperature=0)
             async for event in self.run(ids[:-1], body, SamplingParams(temperature=0), deadline, cache=cache,
                                         keep_state=True):
                 cache = event[3]
+        if cache is None:
+            cache = (await self.store.state(session)).clone()
         await self.store.commit(session, cache, ids[-1])
 
     async def append(self, session: Session, ids: list[int]) -> None:
@@ -202,7 +222,7 @@ class Server:
         await self.lock(session, deadline)
         try:
             pending = [] if session.pending is None else [session.pending]
-            await self._read_into(session, (await self.store.state(session)).clone(), pending + ids, deadline)
+            await self._read_into(session, await self._session_cache(session), pending + ids, deadline)
         finally:
             session.lock.release()
 

@@ -1,0 +1,346 @@
+"""Automatic prefix-state cache: a request resumes from the model state of the longest prompt prefix seen before.
+
+An SSM's state after reading a prefix is small (a fixed size) and exact at every token, so the server
+keeps **snapshots** of it (every layer's cache: SSM and convolution states, and the KV of attention
+layers in a hybrid) while it reads prompts: at each prompt's end, and at every multiple of ``interval``
+tokens (at most :data:`MAX_SNAPSHOTS_PER_REQUEST` per request, the deepest ones). A new prompt starts
+from the deepest snapshot whose tokens are a prefix of it and reads only the rest.
+
+**Keys.** A prefix of ``n`` tokens is keyed by a hash chain over its full blocks of
+:data:`BLOCK_TOKENS` tokens (``chain[j+1] = blake2b(chain[j] || block j)``) plus its **exact tail**, the
+``n mod BLOCK_TOKENS`` tokens after the last full block: a hit can land on any token, not only on a
+block boundary. Per chain hash the index holds the snapshots by (tail length, rolling hash of the
+tail), and a candidate's tail is compared token by token before it is used. Lookup walks the prompt's
+blocks from the deepest down, hashing each block once and each tail token at most once: its cost is
+linear in the prompt.
+
+**Exactness.** A resumed request reads the same tokens from the same state as a cold one, split at the
+same absolute positions (prefill chunks end at snapshot positions whether the cache hit or not), so it
+samples the tokens of a cold run.
+
+**Budgets.** Snapshots live in memory (on the model's device) up to ``memory_budget`` bytes, least
+recently used evicted first; with a disk budget, evicted snapshots are written (safetensors + JSON,
+atomically, by a background thread, :mod:`ssmkit.serve.prefix_disk`) and read back on a hit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import queue
+import secrets
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ssmkit.generation.cache import ModelCache
+from ssmkit.serve.prefix_disk import DiskTier, Record, record_name
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+log = logging.getLogger("ssmkit.serve")
+
+BLOCK_TOKENS = 64
+MAX_SNAPSHOTS_PER_REQUEST = 16
+_ROOT = hashlib.blake2b(b"ssmkit-prefix-chain-v1", digest_size=16).digest()
+_MOD = (1 << 61) - 1
+_WRITE_QUEUE = 8  # evicted snapshots waiting for the disk writer; more are dropped (bounded memory)
+
+
+def chain_next(chain: bytes, block: Sequence[int]) -> bytes:
+    """The chain hash after one more block of token ids."""
+    return hashlib.blake2b(chain + array("q", block).tobytes(), digest_size=16).digest()
+
+
+class PrefixKeys:
+    """The hash chain of one prompt: ``chain[j]`` keys its first ``j`` full blocks (computed once, O(length))."""
+
+    def __init__(self, ids: Sequence[int], multiplier: int) -> None:
+        self.ids = list(ids)
+        self._mult = multiplier
+        self.chain = [_ROOT]
+        for j in range(len(self.ids) // BLOCK_TOKENS):
+            self.chain.append(chain_next(self.chain[-1], self.ids[j * BLOCK_TOKENS:(j + 1) * BLOCK_TOKENS]))
+
+    def tail_hashes(self, j: int, longest: int) -> list[int]:
+        """Rolling hashes of the tails ``ids[jB : jB + l]`` for l = 0..longest (O(longest))."""
+        out, h, base = [0], 0, j * BLOCK_TOKENS
+        for t in self.ids[base:base + longest]:
+            h = (h * self._mult + t + 1) % _MOD
+            out.append(h)
+        return out
+
+    def key(self, n: int) -> tuple[bytes, int, int]:
+        """(chain hash, tail length, tail hash) of the prefix of ``n`` tokens."""
+        j, tail = divmod(n, BLOCK_TOKENS)
+        return self.chain[j], tail, self.tail_hashes(j, tail)[-1]
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    chain: bytes
+    tail: tuple[int, ...]
+    tail_hash: int
+    position: int
+    nbytes: int
+    cache: ModelCache | None = None  # in memory
+    writing: ModelCache | None = None  # queued for the disk writer (still usable)
+    disk_bytes: int = 0  # > 0: on disk
+
+    @property
+    def name(self) -> str:
+        return record_name(self.chain, self.tail)
+
+    @property
+    def usable(self) -> bool:
+        return self.cache is not None or self.writing is not None or self.disk_bytes > 0
+
+
+@dataclasses.dataclass(eq=False)
+class PrefixPlan:
+    """How one request uses the cache: resume at ``start`` from ``cache`` (None: the zero state), and
+    snapshot at ``points`` (ascending, > start, < len(ids)) and at the prompt's end."""
+
+    keys: PrefixKeys
+    start: int
+    cache: ModelCache | None
+    points: list[int]
+    owner: PrefixCache
+
+    def next_stop(self, read: int) -> int:
+        """Where the prefill chunk starting at ``read`` must end at the latest (a snapshot point or the end)."""
+        for p in self.points:
+            if p > read:
+                return p
+        return len(self.keys.ids)
+
+    def snapshot(self, position: int, cache: ModelCache) -> None:
+        """Keep a copy of ``cache`` (the state after ``position`` tokens), if it is a snapshot point or the end."""
+        if position == len(self.keys.ids) or position in self.points:
+            self.owner.store(self.keys, position, cache)
+
+
+class PrefixCache:
+    """Snapshots of prompt-prefix states within a memory (and optional disk) budget; thread-safe.
+
+    ``plan`` runs on a worker thread (it may read a snapshot from disk), ``store`` on the engine thread.
+    """
+
+    def __init__(self, model: LanguageModel, *, memory_budget: int, interval: int = 512, disk: DiskTier | None = None) -> None:
+        if memory_budget < 0 or interval < 1:
+            raise ValueError("memory_budget must be >= 0 and interval positive")
+        self.model = model
+        self.memory_budget = memory_budget
+        self.interval = interval
+        self.disk = disk
+        self._mult = secrets.randbelow(_MOD - 2) + 2
+        self._lock = threading.Lock()
+        self._nodes: dict[bytes, dict[tuple[int, int], _Entry]] = {}
+        self._lengths: dict[bytes, dict[int, int]] = {}  # per chain hash: tail length -> entries
+        self._memory: OrderedDict[_Entry, None] = OrderedDict()
+        self._on_disk: OrderedDict[_Entry, None] = OrderedDict()
+        self.memory_bytes = 0
+        self.disk_bytes = 0
+        self.counts = dict.fromkeys(("hits", "misses", "tokens_saved", "tokens_looked_up", "snapshots", "evictions",
+                                     "disk_hits", "disk_writes", "disk_write_failures", "disk_dropped"), 0)
+        self._writes: queue.Queue[_Entry | None] = queue.Queue(_WRITE_QUEUE)
+        self._writer: threading.Thread | None = None
+        if disk is not None:
+            for record in disk.scan():
+                self._add_disk_record(record)
+            self._writer = threading.Thread(target=self._write_loop, name="ssmkit-prefix-writer", daemon=True)
+            self._writer.start()
+
+    def close(self) -> None:
+        """Stop the disk writer (snapshots still queued are dropped: it is a cache)."""
+        if self._writer is not None:
+            while True:
+                try:
+                    self._writes.get_nowait()
+                except queue.Empty:
+                    break
+            self._writes.put(None)
+            self._writer.join(10)
+
+    # -- lookup ---------------------------------------------------------------------------------------
+
+    def plan(self, ids: Sequence[int]) -> PrefixPlan:
+        """Find the deepest snapshot for ``ids`` (at most ``len(ids) - 1`` tokens: one must be read to get
+        logits) and choose where this request snapshots."""
+        keys = PrefixKeys(ids, self._mult)
+        entry = self._find(keys, len(keys.ids) - 1)
+        cache = self._take(entry) if entry is not None else None
+        start = entry.position if cache is not None else 0
+        with self._lock:
+            self.counts["hits" if cache is not None else "misses"] += 1
+            self.counts["tokens_saved"] += start
+            self.counts["tokens_looked_up"] += len(keys.ids)
+        first = start // self.interval + 1
+        last = (len(keys.ids) - 1) // self.interval
+        points = [k * self.interval for k in range(max(first, last - MAX_SNAPSHOTS_PER_REQUEST + 1), last + 1)]
+        return PrefixPlan(keys, start, cache, points, self)
+
+    def _find(self, keys: PrefixKeys, limit: int) -> _Entry | None:
+        if limit < 1:
+            return None
+        with self._lock:
+            for j in range(limit // BLOCK_TOKENS, -1, -1):
+                node = self._nodes.get(keys.chain[j])
+                if node is None:
+                    continue
+                base = j * BLOCK_TOKENS
+                longest = min(BLOCK_TOKENS - 1, limit - base)
+                hashes = keys.tail_hashes(j, longest)
+                for length in sorted(self._lengths[keys.chain[j]], reverse=True):
+                    if length > longest or base + length == 0:
+                        continue
+                    entry = node.get((length, hashes[length]))
+                    if entry is not None and entry.usable and list(entry.tail) == keys.ids[base:base + length]:
+                        self._touch(entry)
+                        return entry
+        return None
+
+    def _take(self, entry: _Entry) -> ModelCache | None:
+        """A copy of the entry's state for a request to read on (from memory, or read back from disk)."""
+        with self._lock:
+            held = entry.cache if entry.cache is not None else entry.writing
+        if held is not None:
+            return held.clone()
+        if self.disk is None:
+            return None
+        cache = self.disk.load(entry.name, self.model)
+        with self._lock:
+            if cache is None:  # unreadable: the disk tier has removed its files
+                self._forget_disk(entry)
+                return None
+            self.counts["disk_hits"] += 1
+            if entry.cache is None and entry.nbytes <= self.memory_budget:
+                self._keep(entry, cache)
+        return cache.clone()
+
+    # -- store ----------------------------------------------------------------------------------------
+
+    def store(self, keys: PrefixKeys, position: int, cache: ModelCache) -> None:
+        """Keep a copy of ``cache``, the state after the first ``position`` tokens of ``keys.ids``."""
+        if position < 1:
+            return
+        chain, length, tail_hash = keys.key(position)
+        with self._lock:
+            existing = self._nodes.get(chain, {}).get((length, tail_hash))
+            if existing is not None and existing.usable:
+                self._touch(existing)
+                return
+        nbytes = cache.nbytes
+        if nbytes > self.memory_budget:
+            return
+        snap = cache.clone()
+        base = position - length
+        entry = _Entry(chain, tuple(keys.ids[base:position]), tail_hash, position, nbytes)
+        with self._lock:
+            if (length, tail_hash) in self._nodes.get(chain, {}):
+                return  # stored meanwhile (two requests with the same prompt)
+            self._index(entry)
+            self.counts["snapshots"] += 1
+            self._keep(entry, snap)
+
+    def _index(self, entry: _Entry) -> None:
+        self._nodes.setdefault(entry.chain, {})[(len(entry.tail), entry.tail_hash)] = entry
+        lengths = self._lengths.setdefault(entry.chain, {})
+        lengths[len(entry.tail)] = lengths.get(len(entry.tail), 0) + 1
+
+    def _unindex(self, entry: _Entry) -> None:
+        node = self._nodes.get(entry.chain)
+        if node is None or node.get((len(entry.tail), entry.tail_hash)) is not entry:
+            return
+        del node[(len(entry.tail), entry.tail_hash)]
+        lengths = self._lengths[entry.chain]
+        lengths[len(entry.tail)] -= 1
+        if not lengths[len(entry.tail)]:
+            del lengths[len(entry.tail)]
+        if not node:
+            del self._nodes[entry.chain], self._lengths[entry.chain]
+
+    def _touch(self, entry: _Entry) -> None:
+        if entry in self._memory:
+            self._memory.move_to_end(entry)
+        if entry in self._on_disk:
+            self._on_disk.move_to_end(entry)
+
+    def _keep(self, entry: _Entry, cache: ModelCache) -> None:
+        """Put ``cache`` in memory as ``entry``'s state; evict the least recently used beyond the budget."""
+        entry.cache = cache
+        self._memory[entry] = None
+        self.memory_bytes += entry.nbytes
+        while self.memory_bytes > self.memory_budget and self._memory:
+            old, _ = self._memory.popitem(last=False)
+            self.memory_bytes -= old.nbytes
+            self.counts["evictions"] += 1
+            held, old.cache = old.cache, None
+            if self.disk is not None and old.disk_bytes == 0 and old.writing is None and held is not None:
+                try:
+                    old.writing = held
+                    self._writes.put_nowait(old)
+                except queue.Full:
+                    old.writing = None
+                    self.counts["disk_dropped"] += 1
+            if not old.usable:
+                self._unindex(old)
+
+    # -- disk -----------------------------------------------------------------------------------------
+
+    def _add_disk_record(self, record: Record) -> None:
+        tail_hash = PrefixKeys(record.tail, self._mult).tail_hashes(0, len(record.tail))[-1]
+        entry = _Entry(record.chain, tuple(record.tail), tail_hash, record.position, record.nbytes,
+                       disk_bytes=record.disk_bytes)
+        self._index(entry)
+        self._on_disk[entry] = None
+        self.disk_bytes += entry.disk_bytes
+
+    def _forget_disk(self, entry: _Entry) -> None:
+        self._on_disk.pop(entry, None)
+        self.disk_bytes -= entry.disk_bytes
+        entry.disk_bytes = 0
+        if not entry.usable:
+            self._unindex(entry)
+
+    def _write_loop(self) -> None:
+        assert self.disk is not None
+        while (entry := self._writes.get()) is not None:
+            cache = entry.writing
+            record = Record(entry.chain, list(entry.tail), entry.position, entry.nbytes, 0)
+            need, written = self.disk.need(entry.nbytes), 0
+            try:
+                with self._lock:
+                    # Least recently used snapshots on disk make room for this one (the budget is never passed).
+                    while need <= self.disk.budget < self.disk_bytes + need and self._on_disk:
+                        old = next(iter(self._on_disk))
+                        self.disk.remove(old.name)
+                        self._forget_disk(old)
+                if cache is not None and self.disk_bytes + need <= self.disk.budget:
+                    written = self.disk.write(entry.name, record, cache)
+            except Exception:  # noqa: BLE001 (a failing write only loses a cache entry)
+                log.exception("prefix cache: writing a snapshot failed")
+            with self._lock:
+                entry.writing = None
+                if written:
+                    entry.disk_bytes = written
+                    self.disk_bytes += written
+                    self._on_disk[entry] = None
+                    self.counts["disk_writes"] += 1
+                elif cache is not None:
+                    self.counts["disk_write_failures"] += 1
+                if not entry.usable:
+                    self._unindex(entry)
+
+    # -- numbers --------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self.counts, "entries_in_memory": len(self._memory), "memory_bytes": self.memory_bytes,
+                    "memory_budget": self.memory_budget, "entries_on_disk": len(self._on_disk),
+                    "disk_bytes": self.disk_bytes,
+                    "disk_budget": 0 if self.disk is None else self.disk.budget, "interval": self.interval}
