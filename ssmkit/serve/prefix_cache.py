@@ -228,6 +228,9 @@ class PrefixCache:
         """Keep a copy of ``cache``, the state after the first ``position`` tokens of ``keys.ids``."""
         if position < 1:
             return
+        if cache.seqlen_offset != position or cache.batch_size != 1:
+            raise ValueError(f"a prefix snapshot of {position} tokens got a cache of batch {cache.batch_size} that "
+                             f"has read {cache.seqlen_offset}")
         chain, length, tail_hash = keys.key(position)
         with self._lock:
             existing = self._nodes.get(chain, {}).get((length, tail_hash))
