@@ -7,7 +7,8 @@ Routes::
     GET  /v1/models                      the served model
     POST /v1/completions                 {"prompt", "max_tokens", "temperature", ..., "stream"}
     POST /v1/sessions                    new session (optionally reading "prompt")
-    GET  /v1/sessions, /v1/sessions/ID   tokens seen and state bytes of each session
+    GET  /v1/sessions?limit=&after=      a page of sessions (id order; has_more, last_id for the next page)
+    GET  /v1/sessions/ID                 tokens seen and state bytes of a session
     POST /v1/sessions/ID/append          {"text"}: read text into the state, no generation
     POST /v1/sessions/ID/complete        as /v1/completions (without "model"); the session goes on after it
     POST /v1/sessions/ID/fork            copy of the session
@@ -40,6 +41,7 @@ from ssmkit.serve.schemas import (
     CompletionRequest,
     SessionAppendRequest,
     SessionCompleteRequest,
+    MAX_NAME_CHARS,
     SessionCreateRequest,
     clip,
     describe_validation_error,
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
 
 log = logging.getLogger("ssmkit.serve")
+
+MAX_PAGE = 1000  # sessions per GET /v1/sessions reply
 
 
 def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, options: ServeOptions) -> Any:
@@ -126,8 +130,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         return session.info()
 
     @app.get("/v1/sessions")
-    async def list_sessions() -> dict[str, Any]:
-        return {"object": "list", "data": [s.info() for s in store.list()]}
+    async def list_sessions(limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(400, f"limit must be an integer from 1 to {MAX_PAGE}", param="limit")
+        if after is not None and len(after) > MAX_NAME_CHARS:
+            raise ApiError(400, f"after is longer than {MAX_NAME_CHARS} characters", param="after")
+        sessions, more = store.page(limit, after)
+        data = [s.info() for s in sessions]
+        return {"object": "list", "data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str) -> dict[str, Any]:

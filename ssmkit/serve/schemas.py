@@ -129,7 +129,7 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
             parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')} at "
                          f"character {where})")
             continue
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
         field = ".".join(loc)[:64] or None
         first = first or (loc[0] if loc else None)
         if loc and loc[0] in _FIELD_HINTS and kind not in ("extra_forbidden", "missing", "string_unicode"):
