@@ -6,6 +6,7 @@ Routes::
     GET  /metrics                        the same counters in Prometheus' text format
     GET  /v1/models                      the served model
     POST /v1/completions                 {"prompt", "max_tokens", "temperature", ..., "stream"}
+    POST /v1/chat/completions            {"messages", ...}: checkpoints with a chat template
     POST /v1/sessions                    new session (optionally reading "prompt")
     GET  /v1/sessions?limit=&after=      a page of sessions (id order; has_more, last_id for the next page)
     GET  /v1/sessions/ID                 tokens seen and state bytes of a session
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.serve.chat import chat_response, prompt_ids
 from ssmkit.serve.completions import ApiError, Server, internal_error
 from ssmkit.serve.guard import RequestGuard
 from ssmkit.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -42,6 +44,7 @@ from ssmkit.serve.schemas import (
     SessionAppendRequest,
     SessionCompleteRequest,
     MAX_NAME_CHARS,
+    ChatRequest,
     SessionCreateRequest,
     clip,
     describe_validation_error,
@@ -57,19 +60,21 @@ from ssmkit.serve.sessions import (
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
+    from ssmkit.serve.chat import ChatTemplate
 
 log = logging.getLogger("ssmkit.serve")
 
 MAX_PAGE = 1000  # sessions per GET /v1/sessions reply
 
 
-def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, options: ServeOptions) -> Any:
+def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, options: ServeOptions,
+               chat_template: ChatTemplate | None = None) -> Any:
     """The ASGI application (FastAPI wrapped in :class:`RequestGuard`); the engine runs during its lifespan.
 
     Requests under way are limited to ``max_requests`` + 64: those beyond the engine's limit that do not
     need it (sessions listed, forked, deleted) still get through, and no more queue for it.
     """
-    server = Server(model, tokenizer, store, options)
+    server = Server(model, tokenizer, store, options, chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,13 +113,27 @@ def _add_routes(app: FastAPI, server: Server) -> None:
                 "state_bytes_per_session": server.model.cache_nbytes(1)}
         return {"object": "list", "data": [card]}
 
+    def check_model(name: str | None) -> None:
+        if name is not None and name != server.options.model_name:
+            raise ApiError(404, f"model {clip(name)} does not exist; this server serves "
+                           f"{server.options.model_name!r}", param="model", code="model_not_found")
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
-        if body.model is not None and body.model != server.options.model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
-                           f"{server.options.model_name!r}", param="model", code="model_not_found")
+        check_model(body.model)
         bos = [] if server.tokenizer.bos_id is None else [server.tokenizer.bos_id]
         return await server.respond(body, bos + await server.encode(body.prompt, "prompt"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        check_model(body.model)
+        if server.chat_template is None:
+            raise ApiError(400, "this model has no chat template (chat_template in its tokenizer_config.json); "
+                           "use /v1/completions", param="messages", code="no_chat_template")
+        ids = await prompt_ids(server, server.chat_template, body)
+        cap = server.options.max_tokens_cap
+        body.max_tokens = next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None), cap)
+        return await chat_response(server, body, ids)
 
     @app.post("/v1/sessions")
     async def create_session(body: SessionCreateRequest | None = None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from ssmkit.serve.text import StopTextDecoder
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
+    from ssmkit.serve.chat import ChatTemplate
 
 
 log = logging.getLogger("ssmkit.serve")
@@ -84,8 +85,9 @@ class Server:
     """Model, tokenizer, engine and sessions behind the routes."""
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, store: SessionStore,
-                 options: ServeOptions) -> None:
+                 options: ServeOptions, chat_template: ChatTemplate | None = None) -> None:
         self.model, self.tokenizer, self.store, self.options = model, tokenizer, store, options
+        self.chat_template = chat_template
         self.engine = Engine(model, max_batch=options.max_batch, max_requests=options.max_requests,
                              prefill_chunk_size=options.prefill_chunk_size)
         self.eos_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
@@ -249,6 +251,10 @@ class Server:
             merged["choices"][0]["text"] = "".join(c["choices"][0]["text"] for c in parts)
             merged["choices"][0]["token_ids"] = [t for c in parts for t in c["choices"][0]["token_ids"]]
             return merged
+        return await self.stream(chunks)
+
+    async def stream(self, chunks: AsyncIterator[dict[str, Any]]) -> Any:
+        """Server-sent events of ``chunks``, then ``[DONE]``; an error after the first chunk is an error event."""
         # The first chunk is awaited here, so that errors before it (busy, timeout) keep their status code.
         first = await chunks.__anext__()
 
