@@ -40,11 +40,11 @@ from ssmkit.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ssmkit.serve.metrics import render as render_metrics
 from ssmkit.serve.options import ServeOptions
 from ssmkit.serve.schemas import (
+    MAX_NAME_CHARS,
+    ChatRequest,
     CompletionRequest,
     SessionAppendRequest,
     SessionCompleteRequest,
-    MAX_NAME_CHARS,
-    ChatRequest,
     SessionCreateRequest,
     clip,
     describe_validation_error,

@@ -3,8 +3,11 @@
 An SSM's state after reading a prefix is small (a fixed size) and exact at every token, so the server
 keeps **snapshots** of it (every layer's cache: SSM and convolution states, and the KV of attention
 layers in a hybrid) while it reads prompts: at each prompt's end, and at every multiple of ``interval``
-tokens (at most :data:`MAX_SNAPSHOTS_PER_REQUEST` per request, the deepest ones). A new prompt starts
-from the deepest snapshot whose tokens are a prefix of it and reads only the rest.
+tokens (at most :data:`MAX_SNAPSHOTS_PER_REQUEST` per request, the deepest ones), and at its **branch
+point**: the end of the longest run of whole blocks it shares with a prompt read before (so when 64
+questions follow one document, the second question leaves a snapshot where the document ends and the
+others resume there). A new prompt starts from the deepest snapshot whose tokens are a prefix of it and
+reads only the rest.
 
 **Keys.** A prefix of ``n`` tokens is keyed by a hash chain over its full blocks of
 :data:`BLOCK_TOKENS` tokens (``chain[j+1] = blake2b(chain[j] || block j)``) plus its **exact tail**, the
@@ -49,6 +52,7 @@ MAX_SNAPSHOTS_PER_REQUEST = 16
 _ROOT = hashlib.blake2b(b"ssmkit-prefix-chain-v1", digest_size=16).digest()
 _MOD = (1 << 61) - 1
 _WRITE_QUEUE = 8  # evicted snapshots waiting for the disk writer; more are dropped (bounded memory)
+MAX_SEEN_BLOCKS = 1 << 18  # chain hashes of prompt blocks remembered to find branch points (~30 MB at most)
 
 
 def chain_next(chain: bytes, block: Sequence[int]) -> bytes:
@@ -141,6 +145,7 @@ class PrefixCache:
         self._lock = threading.Lock()
         self._nodes: dict[bytes, dict[tuple[int, int], _Entry]] = {}
         self._lengths: dict[bytes, dict[int, int]] = {}  # per chain hash: tail length -> entries
+        self._seen: OrderedDict[bytes, None] = OrderedDict()  # chain hashes of blocks of prompts read (LRU)
         self._memory: OrderedDict[_Entry, None] = OrderedDict()
         self._on_disk: OrderedDict[_Entry, None] = OrderedDict()
         self.memory_bytes = 0
@@ -179,10 +184,28 @@ class PrefixCache:
             self.counts["hits" if cache is not None else "misses"] += 1
             self.counts["tokens_saved"] += start
             self.counts["tokens_looked_up"] += len(keys.ids)
+            branch = self._branch_point(keys)
         first = start // self.interval + 1
         last = (len(keys.ids) - 1) // self.interval
         points = [k * self.interval for k in range(max(first, last - MAX_SNAPSHOTS_PER_REQUEST + 1), last + 1)]
+        if start < branch < len(keys.ids) and branch not in points:
+            points = sorted([*points, branch])
         return PrefixPlan(keys, start, cache, points, self)
+
+    def _branch_point(self, keys: PrefixKeys) -> int:
+        """Tokens in the longest run of whole blocks this prompt shares with one read before (0: none); then
+        remember this prompt's blocks. O(blocks)."""
+        depth = 0
+        for j in range(len(keys.chain) - 1, 0, -1):
+            if keys.chain[j] in self._seen:
+                depth = j * BLOCK_TOKENS
+                break
+        for chain in keys.chain[1:]:
+            self._seen[chain] = None
+            self._seen.move_to_end(chain)
+        while len(self._seen) > MAX_SEEN_BLOCKS:
+            self._seen.popitem(last=False)
+        return depth
 
     def _find(self, keys: PrefixKeys, limit: int) -> _Entry | None:
         if limit < 1:
@@ -325,7 +348,7 @@ class PrefixCache:
                         self._forget_disk(old)
                 if cache is not None and self.disk_bytes + need <= self.disk.budget:
                     written = self.disk.write(entry.name, record, cache)
-            except Exception:  # noqa: BLE001 (a failing write only loses a cache entry)
+            except Exception:
                 log.exception("prefix cache: writing a snapshot failed")
             with self._lock:
                 entry.writing = None

@@ -45,7 +45,13 @@ from safetensors import SafetensorError
 
 from ssmkit.generation.cache import ModelCache
 from ssmkit.models.config import write_text_atomic
-from ssmkit.serve.recovery import QUARANTINE, SESSION_ID, quarantine, recover, state_path
+from ssmkit.serve.recovery import (
+    QUARANTINE,
+    SESSION_ID,
+    quarantine,
+    recover,
+    state_path,
+)
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel

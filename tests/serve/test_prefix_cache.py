@@ -189,3 +189,24 @@ def test_lookup_work_is_linear_in_the_prompt():
     assert plan.start == BLOCK_TOKENS + 2
     assert time.perf_counter() - start < 2.0
     assert len(plan.points) == 0  # no interval snapshots with an interval beyond the prompt
+
+
+def test_the_second_question_leaves_a_snapshot_where_the_questions_branch():
+    model = tiny_model()
+    rng = random.Random(5)
+    doc = [rng.randrange(256) for _ in range(300)]
+    prefix = PrefixCache(model, memory_budget=1 << 30, interval=10**6)  # no interval snapshots
+    engine = Engine(model, max_batch=4, max_requests=8, prefill_chunk_size=128)
+    engine.start()
+    try:
+        first = submit(engine, prefix, [257, *doc, 1, 2], 4, {"temperature": 0})
+        second = submit(engine, prefix, [257, *doc, 3], 4, {"temperature": 0})
+        assert first.plan.start == 0 and second.plan.start == 0
+        assert second.plan.points == [4 * BLOCK_TOKENS]  # the last whole block both prompts share
+        for k, q in enumerate([[4, 5, 6], [7]]):
+            ids = [257, *doc, *q]
+            later = submit(engine, prefix, ids, 6, {"temperature": 1.0}, seed=k)
+            assert later.plan.start == 4 * BLOCK_TOKENS
+            assert later.tokens == generate(model, [ids], 6, temperature=1.0, seed=k, eos_token_id=258)[0]
+    finally:
+        engine.stop()
