@@ -235,8 +235,11 @@ class Engine:
         still = []
         for run in live:
             try:
-                end = min(run.read + self.prefill_chunk_size, len(run.ids))
                 plan = run.request.prefix
+                if plan is not None and plan.logits is not None and run.read == len(run.ids):
+                    self._after_prompt(run, plan.logits, waiting)  # the whole prompt was read before
+                    continue
+                end = min(run.read + self.prefill_chunk_size, len(run.ids))
                 if plan is not None:  # chunks end at snapshot points, hit or not, so both read alike
                     end = min(end, plan.next_stop(run.read))
                 out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
@@ -281,7 +284,7 @@ class Engine:
     def _after_prompt(self, run: _Running, logits: torch.Tensor, waiting: deque[_Running]) -> None:
         """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row."""
         if run.request.prefix is not None:
-            run.request.prefix.snapshot(len(run.ids), run.cache)
+            run.request.prefix.snapshot(len(run.ids), run.cache, logits)
         if run.request.max_new_tokens == 0:
             self._finish(run, "length", run.cache)
         elif (reason := self._sample(run, logits)) is not None:

@@ -7,7 +7,8 @@ tokens (at most :data:`MAX_SNAPSHOTS_PER_REQUEST` per request, the deepest ones)
 point**: the end of the longest run of whole blocks it shares with a prompt read before (so when 64
 questions follow one document, the second question leaves a snapshot where the document ends and the
 others resume there). A new prompt starts from the deepest snapshot whose tokens are a prefix of it and
-reads only the rest.
+reads only the rest. A prompt read before in full resumes at its very end: its snapshot keeps the
+logits of the last token (in memory), so nothing is read again.
 
 **Keys.** A prefix of ``n`` tokens is keyed by a hash chain over its full blocks of
 :data:`BLOCK_TOKENS` tokens (``chain[j+1] = blake2b(chain[j] || block j)``) plus its **exact tail**, the
@@ -38,6 +39,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import torch
 
 from ssmkit.generation.cache import ModelCache
 from ssmkit.serve.prefix_disk import DiskTier, Record, record_name
@@ -92,6 +95,7 @@ class _Entry:
     position: int
     nbytes: int
     cache: ModelCache | None = None  # in memory
+    logits: torch.Tensor | None = None  # (1, V) after the last token, for a prompt end (memory only)
     writing: ModelCache | None = None  # queued for the disk writer (still usable)
     disk_bytes: int = 0  # > 0: on disk
 
@@ -107,13 +111,15 @@ class _Entry:
 @dataclasses.dataclass(eq=False)
 class PrefixPlan:
     """How one request uses the cache: resume at ``start`` from ``cache`` (None: the zero state), and
-    snapshot at ``points`` (ascending, > start, < len(ids)) and at the prompt's end."""
+    snapshot at ``points`` (ascending, > start, < len(ids)) and at the prompt's end. With ``start ==
+    len(ids)`` the whole prompt was read before: ``logits`` (1, V) are those after its last token."""
 
     keys: PrefixKeys
     start: int
     cache: ModelCache | None
     points: list[int]
     owner: PrefixCache
+    logits: torch.Tensor | None = None
 
     def next_stop(self, read: int) -> int:
         """Where the prefill chunk starting at ``read`` must end at the latest (a snapshot point or the end)."""
@@ -122,10 +128,11 @@ class PrefixPlan:
                 return p
         return len(self.keys.ids)
 
-    def snapshot(self, position: int, cache: ModelCache) -> None:
-        """Keep a copy of ``cache`` (the state after ``position`` tokens), if it is a snapshot point or the end."""
+    def snapshot(self, position: int, cache: ModelCache, logits: torch.Tensor | None = None) -> None:
+        """Keep a copy of ``cache`` (the state after ``position`` tokens), if it is a snapshot point or the end
+        (then with ``logits``, (1, V), those after the last token)."""
         if position == len(self.keys.ids) or position in self.points:
-            self.owner.store(self.keys, position, cache)
+            self.owner.store(self.keys, position, cache, logits if position == len(self.keys.ids) else None)
 
 
 class PrefixCache:
@@ -174,10 +181,10 @@ class PrefixCache:
     # -- lookup ---------------------------------------------------------------------------------------
 
     def plan(self, ids: Sequence[int]) -> PrefixPlan:
-        """Find the deepest snapshot for ``ids`` (at most ``len(ids) - 1`` tokens: one must be read to get
-        logits) and choose where this request snapshots."""
+        """Find the deepest snapshot for ``ids`` (all of them only with the logits after the last) and choose
+        where this request snapshots."""
         keys = PrefixKeys(ids, self._mult)
-        entry = self._find(keys, len(keys.ids) - 1)
+        entry, logits = self._find(keys, len(keys.ids))
         cache = self._take(entry) if entry is not None else None
         start = entry.position if cache is not None else 0
         with self._lock:
@@ -190,7 +197,7 @@ class PrefixCache:
         points = [k * self.interval for k in range(max(first, last - MAX_SNAPSHOTS_PER_REQUEST + 1), last + 1)]
         if start < branch < len(keys.ids) and branch not in points:
             points = sorted([*points, branch])
-        return PrefixPlan(keys, start, cache, points, self)
+        return PrefixPlan(keys, start, cache, points, self, logits if start == len(keys.ids) else None)
 
     def _branch_point(self, keys: PrefixKeys) -> int:
         """Tokens in the longest run of whole blocks this prompt shares with one read before (0: none); then
@@ -207,9 +214,10 @@ class PrefixCache:
             self._seen.popitem(last=False)
         return depth
 
-    def _find(self, keys: PrefixKeys, limit: int) -> _Entry | None:
+    def _find(self, keys: PrefixKeys, limit: int) -> tuple[_Entry | None, torch.Tensor | None]:
+        """The deepest usable snapshot of at most ``limit`` tokens, and its logits (taken under the lock)."""
         if limit < 1:
-            return None
+            return None, None
         with self._lock:
             for j in range(limit // BLOCK_TOKENS, -1, -1):
                 node = self._nodes.get(keys.chain[j])
@@ -222,10 +230,12 @@ class PrefixCache:
                     if length > longest or base + length == 0:
                         continue
                     entry = node.get((length, hashes[length]))
-                    if entry is not None and entry.usable and list(entry.tail) == keys.ids[base:base + length]:
+                    if entry is None or (base + length == len(keys.ids) and entry.logits is None):
+                        continue  # the whole prompt: usable only with the logits after it
+                    if entry.usable and list(entry.tail) == keys.ids[base:base + length]:
                         self._touch(entry)
-                        return entry
-        return None
+                        return entry, entry.logits
+        return None, None
 
     def _take(self, entry: _Entry) -> ModelCache | None:
         """A copy of the entry's state for a request to read on (from memory, or read back from disk)."""
@@ -241,14 +251,16 @@ class PrefixCache:
                 self._forget_disk(entry)
                 return None
             self.counts["disk_hits"] += 1
-            if entry.cache is None and entry.nbytes <= self.memory_budget:
+            # Kept in memory unless the writer removed its files meanwhile (it is then no longer indexed).
+            if entry.cache is None and entry.disk_bytes > 0 and entry.nbytes <= self.memory_budget:
                 self._keep(entry, cache)
         return cache.clone()
 
     # -- store ----------------------------------------------------------------------------------------
 
-    def store(self, keys: PrefixKeys, position: int, cache: ModelCache) -> None:
-        """Keep a copy of ``cache``, the state after the first ``position`` tokens of ``keys.ids``."""
+    def store(self, keys: PrefixKeys, position: int, cache: ModelCache, logits: torch.Tensor | None = None) -> None:
+        """Keep a copy of ``cache``, the state after the first ``position`` tokens of ``keys.ids`` (and of
+        ``logits``, (1, V), those after the last of them)."""
         if position < 1:
             return
         if cache.seqlen_offset != position or cache.batch_size != 1:
@@ -259,13 +271,18 @@ class PrefixCache:
             existing = self._nodes.get(chain, {}).get((length, tail_hash))
             if existing is not None and existing.usable:
                 self._touch(existing)
+                if logits is not None and existing.logits is None and existing.cache is not None:
+                    existing.logits = logits.clone()
+                    existing.nbytes += existing.logits.nbytes
+                    self.memory_bytes += existing.logits.nbytes
                 return
-        nbytes = cache.nbytes
+        nbytes = cache.nbytes + (0 if logits is None else logits.nbytes)
         if nbytes > self.memory_budget:
             return
         snap = cache.clone()
         base = position - length
-        entry = _Entry(chain, tuple(keys.ids[base:position]), tail_hash, position, nbytes)
+        entry = _Entry(chain, tuple(keys.ids[base:position]), tail_hash, position, nbytes,
+                       logits=None if logits is None else logits.clone())
         with self._lock:
             if (length, tail_hash) in self._nodes.get(chain, {}):
                 return  # stored meanwhile (two requests with the same prompt)
@@ -306,6 +323,9 @@ class PrefixCache:
             self.memory_bytes -= old.nbytes
             self.counts["evictions"] += 1
             held, old.cache = old.cache, None
+            if old.logits is not None:  # logits are kept in memory only
+                old.nbytes -= old.logits.nbytes
+                old.logits = None
             if self.disk is not None and old.disk_bytes == 0 and old.writing is None and held is not None:
                 try:
                     old.writing = held

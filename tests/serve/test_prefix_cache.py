@@ -66,9 +66,9 @@ def test_resumed_requests_sample_the_tokens_of_a_cold_run(make, sampling):
             assert warm.plan.start == len(doc), "the hit lands on the document's last token"
             cold = generate(model, [ids], 12, seed=10 + i, **sampling)[0]
             assert warm.tokens == cold
-        # The same prompt again: its own end is no hit (a token must be read to get logits), the document's is.
+        # The same prompt again resumes at its very end: the snapshot kept the logits after its last token.
         again = submit(engine, prefix, doc + questions[2], 12, sampling, seed=12, eos=())
-        assert again.plan.start == len(doc)
+        assert again.plan.start == len(doc) + len(questions[2]) and again.plan.logits is not None
         assert again.tokens == generate(model, [doc + questions[2]], 12, seed=12, **sampling)[0]
         # Another document sharing 100 tokens resumes from the deepest interval snapshot below 100.
         other = doc[:100] + [1, 2, 3]
@@ -79,7 +79,7 @@ def test_resumed_requests_sample_the_tokens_of_a_cold_run(make, sampling):
         engine.stop()
     stats = prefix.stats()
     assert stats["hits"] == 5 and stats["misses"] == 1
-    assert stats["tokens_saved"] == 4 * 203 + 96
+    assert stats["tokens_saved"] == 4 * 203 + 17 + 96
 
 
 def test_a_tail_that_differs_in_its_last_token_is_no_hit():
@@ -91,6 +91,10 @@ def test_a_tail_that_differs_in_its_last_token_is_no_hit():
     assert prefix.plan(changed).start == 0  # same blocks, tail differs in its last token: the full blocks have no snapshot
     assert prefix.plan(ids + [5]).start == len(ids)
     assert prefix.plan(ids[:-1]).start == 0  # shorter than the snapshot
+    assert prefix.plan(ids).start == 0  # the whole prompt, but no logits were kept with it
+    prefix.store(prefix.plan(ids).keys, len(ids), _state(model, 0, len(ids)), torch.ones(1, 8))
+    whole = prefix.plan(ids)
+    assert whole.start == len(ids) and torch.equal(whole.logits, torch.ones(1, 8))
 
 
 def _state(model: LanguageModel, value: float, position: int):
