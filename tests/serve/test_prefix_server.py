@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 
 from ssmkit.cli import build_parser
 from ssmkit.serve.options import MIB, options_from_args
+
+from .conftest import ServerProcess, tiny_model
 
 DOC = "".join(f"Line {i}: the state of an SSM does not grow with the text it has read. " for i in range(12))
 
@@ -70,3 +73,32 @@ def test_bad_prefix_cache_flags_are_usage_errors(model_dir, capsys):
     for flag, value in (("--prefix-cache-interval", "0"), ("--prefix-cache-mb", "-1"), ("--prefix-cache-disk-mb", "-2")):
         assert main(["serve", "--checkpoint", str(model_dir), flag, value]) == 1, flag
         assert "prefix_cache" in capsys.readouterr().err, flag
+
+
+def test_disk_snapshots_survive_a_restart(model_dir, tmp_path, reference):
+    state_mb = tiny_model().cache_nbytes(1) / MIB
+    proc = ServerProcess(model_dir, tmp_path / "sessions", tmp_path / "server.log", "--prefix-cache-mb",
+                         str(1.5 * state_mb), "--prefix-cache-disk-mb", "4", "--prefix-cache-interval", "100000")
+    prompts = [f"{k} is the document number {k}; " * 3 for k in range(4)]
+    try:
+        proc.start()
+        with proc.client() as c:
+            for p in prompts:  # each prompt-end snapshot pushes the one before it out of memory, onto disk
+                assert c.post("/v1/completions", json={"prompt": p, "max_tokens": 1}).status_code == 200
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{proc.url}/health").json()["prefix_cache"]["disk_writes"] < 3:
+                assert time.monotonic() < deadline
+        proc.stop()
+        folder = next((tmp_path / "sessions").iterdir()) / "prefix-cache"
+        assert len(list(folder.glob("*.safetensors"))) == 3 and len(list(folder.glob("*.json"))) == 3
+        proc.start()
+        stats = httpx.get(f"{proc.url}/health").json()["prefix_cache"]
+        assert stats["entries_on_disk"] == 3 and stats["disk_bytes"] > 0 and stats["entries_in_memory"] == 0
+        sampling = {"temperature": 1.0, "seed": 3}
+        with proc.client() as c:
+            body = c.post("/v1/completions", json={"prompt": prompts[0] + "and more", "max_tokens": 8, **sampling})
+        assert body.json()["choices"][0]["token_ids"] == reference(prompts[0] + "and more", 8, **sampling)
+        stats = httpx.get(f"{proc.url}/health").json()["prefix_cache"]
+        assert stats["hits"] == 1 and stats["disk_hits"] == 1 and stats["tokens_saved"] == len(prompts[0]) + 1
+    finally:
+        proc.stop()
