@@ -168,6 +168,10 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def list(self) -> list[Session]:
+        """Every session, oldest first (O(n log n): for tools and tests; the API pages with :meth:`page`)."""
+        return sorted(self._sessions.values(), key=lambda s: (s.created, s.id))
+
     def page(self, limit: int, after: str | None = None) -> tuple[list[Session], bool]:
         """Up to ``limit`` sessions in id order, those after ``after`` (any string: a cursor that need not be a
         session still open), and whether more follow. O(log n + limit)."""

@@ -164,7 +164,10 @@ def test_disk_tier_writes_evicted_states_within_its_budget_and_survives_a_restar
     # A restart finds the snapshot on disk; a damaged record is removed, other files are left alone.
     names = sorted(p.stem for p in folder.glob("*.json"))
     again = PrefixCache(model, memory_budget=size, interval=10**6, disk=DiskTier(folder, disk.budget, model, BLOCK_TOKENS))
-    assert again.stats()["entries_on_disk"] == 2 and again.plan(prompts[1] + [9]).start == len(prompts[1])
+    # The hit above read C back into memory, pushing D out towards the disk: B or D is the other file there.
+    assert again.stats()["entries_on_disk"] == 2
+    hits = [k for k in (1, 2, 3) if again.plan(prompts[k] + [9]).start == len(prompts[k])]
+    assert len(hits) == 2 and 2 in hits, hits
     again.close()
     for name in names:
         (folder / f"{name}.json").write_text("{not json")
