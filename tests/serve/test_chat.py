@@ -14,6 +14,9 @@ from ssmkit.serve.chat import load_chat_template
 
 from .test_completions import read_stream
 
+pytest.importorskip("jinja2", reason="chat templates need jinja2 (the serve extra)")
+pytest.importorskip("tokenizers", reason="the chat test model has a tokenizers tokenizer (the tokens extra)")
+
 CONVERSATION = [{"role": "system", "content": "read a document once"},
                 {"role": "user", "content": [{"type": "text", "text": "the state of "}, {"type": "text", "text": "a model"}]}]
 
