@@ -102,3 +102,16 @@ def test_disk_snapshots_survive_a_restart(model_dir, tmp_path, reference):
         assert stats["hits"] == 1 and stats["disk_hits"] == 1 and stats["tokens_saved"] == len(prompts[0]) + 1
     finally:
         proc.stop()
+
+
+def test_a_session_that_reads_a_document_leaves_its_state_for_completions(server, client, reference):
+    doc = "A session reads this document once; completions about it resume from its state. " * 3
+    session = client.post("/v1/sessions", json={"prompt": doc}).json()
+    before = httpx.get(f"{server.url}/health").json()["prefix_cache"]
+    prompt = doc + "What resumes?"
+    body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0}).json()
+    after = httpx.get(f"{server.url}/health").json()["prefix_cache"]
+    assert body["choices"][0]["token_ids"] == reference(prompt, 10, temperature=0)
+    # The session read the start token and all of the document but its last byte (kept pending).
+    assert after["hits"] == before["hits"] + 1 and after["tokens_saved"] - before["tokens_saved"] == len(doc)
+    assert client.delete(f"/v1/sessions/{session['id']}").status_code == 200
