@@ -18,9 +18,13 @@ tail), and a candidate's tail is compared token by token before it is used. Look
 blocks from the deepest down, hashing each block once and each tail token at most once: its cost is
 linear in the prompt.
 
-**Exactness.** A resumed request reads the same tokens from the same state as a cold one, split at the
-same absolute positions (prefill chunks end at snapshot positions whether the cache hit or not), so it
-samples the tokens of a cold run.
+**Exactness.** A snapshot is the state a cold run has after those very tokens, so a resumed request
+reads the rest of its prompt from the cold run's state and samples its tokens. Prefill chunks end at
+snapshot positions whether the cache hit or not; where a hit lands inside a cold run's chunk, only the
+float rounding of the split chunk differs (as between batched and lone requests).
+
+Requests that arrive together, before any of them has read a shared document, each read it: snapshots
+are used once they exist (a request does not wait for another one's reading).
 
 **Budgets.** Snapshots live in memory (on the model's device) up to ``memory_budget`` bytes, least
 recently used evicted first; with a disk budget, evicted snapshots are written (safetensors + JSON,
