@@ -285,6 +285,7 @@ class Engine:
         """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row."""
         if run.request.prefix is not None:
             run.request.prefix.snapshot(len(run.ids), run.cache, logits)
+            run.request.prefix.release()
         if run.request.max_new_tokens == 0:
             self._finish(run, "length", run.cache)
         elif (reason := self._sample(run, logits)) is not None:
@@ -385,6 +386,8 @@ class Engine:
     def _finish_request(self, req: GenerationRequest, reason: str, cache: ModelCache | None) -> None:
         with self._cond:
             self._count -= 1
+        if req.prefix is not None:
+            req.prefix.release()
         try:
             req.on_done(reason, cache)
         except Exception:

@@ -24,7 +24,7 @@ from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.sampling import SamplingParams
 from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped, GenerationRequest
 from ssmkit.serve.options import ServeOptions
-from ssmkit.serve.prefix_cache import BLOCK_TOKENS, PrefixCache
+from ssmkit.serve.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixPlan
 from ssmkit.serve.prefix_disk import DiskTier
 from ssmkit.serve.schemas import SamplingFields, error_body
 from ssmkit.serve.sessions import (
@@ -45,6 +45,7 @@ log = logging.getLogger("ssmkit.serve")
 
 # Text longer than this is tokenized on a worker thread, not on the event loop (which must stay responsive).
 _ENCODE_INLINE_CHARS = 4096
+_LEADER_POLL_S = 0.02  # how often a prompt waiting for another one's reading looks again
 
 
 def internal_error(exc: BaseException) -> str:
@@ -136,16 +137,16 @@ class Server:
         completion = _Completion(asyncio.get_running_loop(), self.tokenizer, body.stop_strings())
         seed = body.seed if body.seed is not None else secrets.randbits(62)
         # From the zero state, the prompt may resume from a snapshot of its longest cached prefix.
-        plan = None if cache is not None or self.prefix is None else await anyio.to_thread.run_sync(self.prefix.plan, ids)
+        plan = None if cache is not None or self.prefix is None else await self._plan(ids, deadline)
         request = GenerationRequest(ids=ids, max_new_tokens=body.max_tokens, params=params, seed=seed,
                                     on_token=completion.on_token, on_done=completion.on_done,
                                     eos_ids=self.eos_ids, cache=cache, keep_state=keep_state, prefix=plan)
         try:
             self.engine.submit(request)
-        except EngineBusy as e:
-            raise ApiError(503, str(e), "server_error", code="overloaded") from None
-        except EngineStopped as e:
-            raise ApiError(503, str(e), "server_error") from None
+        except (EngineBusy, EngineStopped) as e:
+            if plan is not None:
+                plan.release()  # prompts waiting for this one must not wait in vain
+            raise ApiError(503, str(e), "server_error", code="overloaded" if isinstance(e, EngineBusy) else None) from None
         try:
             while True:
                 try:
@@ -162,6 +163,20 @@ class Server:
                     return
         finally:
             request.cancel()
+
+    async def _plan(self, ids: list[int], deadline: float) -> PrefixPlan:
+        """The prefix-cache plan of a prompt read from the zero state. A prompt that a prompt being read now
+        takes further waits (polling, at most until ``deadline``) for that one to finish reading, then
+        resumes from its snapshots instead of reading the same document beside it."""
+        assert self.prefix is not None
+        plan = await anyio.to_thread.run_sync(self.prefix.plan, ids, True)
+        while plan.leader is not None and time.monotonic() < deadline:
+            while not plan.leader_done() and time.monotonic() < deadline:
+                await asyncio.sleep(_LEADER_POLL_S)
+            plan = await anyio.to_thread.run_sync(self.prefix.plan, ids, time.monotonic() < deadline)
+        if plan.leader is not None:  # out of time: read it all, the deadline will say the rest
+            plan = await anyio.to_thread.run_sync(self.prefix.plan, ids, False)
+        return plan
 
     async def complete(self, body: SamplingFields, prompt_ids: list[int],
                        session: Session | None = None) -> AsyncIterator[dict[str, Any]]:

@@ -23,8 +23,11 @@ reads the rest of its prompt from the cold run's state and samples its tokens. P
 snapshot positions whether the cache hit or not; where a hit lands inside a cold run's chunk, only the
 float rounding of the split chunk differs (as between batched and lone requests).
 
-Requests that arrive together, before any of them has read a shared document, each read it: snapshots
-are used once they exist (a request does not wait for another one's reading).
+**Requests that arrive together.** A prompt that shares at least ``interval`` more tokens with a prompt
+being read right now (its *leader*) than with any snapshot waits (:meth:`PrefixCache.plan` with
+``may_wait``; the server polls :meth:`PrefixPlan.leader_done`, within the request's deadline) until the
+leader has read its prompt, then resumes from the leader's snapshots: 64 questions sent at once about one
+document read it once, not 64 times.
 
 **Budgets.** Snapshots live in memory (on the model's device) up to ``memory_budget`` bytes, least
 recently used evicted first; with a disk budget, evicted snapshots are written (safetensors + JSON,
@@ -34,12 +37,11 @@ atomically, by a background thread, :mod:`ssmkit.serve.prefix_disk`) and read ba
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import queue
 import secrets
 import threading
-from array import array
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -48,47 +50,16 @@ import torch
 
 from ssmkit.generation.cache import ModelCache
 from ssmkit.serve.prefix_disk import DiskTier, Record, record_name
+from ssmkit.serve.prefix_keys import BLOCK_TOKENS, MODULUS, PrefixKeys
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
 
 log = logging.getLogger("ssmkit.serve")
 
-BLOCK_TOKENS = 64
 MAX_SNAPSHOTS_PER_REQUEST = 16
-_ROOT = hashlib.blake2b(b"ssmkit-prefix-chain-v1", digest_size=16).digest()
-_MOD = (1 << 61) - 1
 _WRITE_QUEUE = 8  # evicted snapshots waiting for the disk writer; more are dropped (bounded memory)
 MAX_SEEN_BLOCKS = 1 << 18  # chain hashes of prompt blocks remembered to find branch points (~30 MB at most)
-
-
-def chain_next(chain: bytes, block: Sequence[int]) -> bytes:
-    """The chain hash after one more block of token ids."""
-    return hashlib.blake2b(chain + array("q", block).tobytes(), digest_size=16).digest()
-
-
-class PrefixKeys:
-    """The hash chain of one prompt: ``chain[j]`` keys its first ``j`` full blocks (computed once, O(length))."""
-
-    def __init__(self, ids: Sequence[int], multiplier: int) -> None:
-        self.ids = list(ids)
-        self._mult = multiplier
-        self.chain = [_ROOT]
-        for j in range(len(self.ids) // BLOCK_TOKENS):
-            self.chain.append(chain_next(self.chain[-1], self.ids[j * BLOCK_TOKENS:(j + 1) * BLOCK_TOKENS]))
-
-    def tail_hashes(self, j: int, longest: int) -> list[int]:
-        """Rolling hashes of the tails ``ids[jB : jB + l]`` for l = 0..longest (O(longest))."""
-        out, h, base = [0], 0, j * BLOCK_TOKENS
-        for t in self.ids[base:base + longest]:
-            h = (h * self._mult + t + 1) % _MOD
-            out.append(h)
-        return out
-
-    def key(self, n: int) -> tuple[bytes, int, int]:
-        """(chain hash, tail length, tail hash) of the prefix of ``n`` tokens."""
-        j, tail = divmod(n, BLOCK_TOKENS)
-        return self.chain[j], tail, self.tail_hashes(j, tail)[-1]
 
 
 @dataclasses.dataclass(eq=False)
@@ -124,6 +95,19 @@ class PrefixPlan:
     points: list[int]
     owner: PrefixCache
     logits: torch.Tensor | None = None
+    leader: weakref.ref[PrefixPlan] | None = None  # set on a plan that should wait for this one (not read)
+    released: bool = False
+
+    def leader_done(self) -> bool:
+        """For a waiting plan: True once its leader has read its prompt (or ended)."""
+        leader = None if self.leader is None else self.leader()
+        return leader is None or leader.released
+
+    def release(self) -> None:
+        """This request has read its prompt (or ended): prompts waiting for it may go on."""
+        if not self.released:
+            self.released = True
+            self.owner.release(self)
 
     def next_stop(self, read: int) -> int:
         """Where the prefill chunk starting at ``read`` must end at the latest (a snapshot point or the end)."""
@@ -152,11 +136,12 @@ class PrefixCache:
         self.memory_budget = memory_budget
         self.interval = interval
         self.disk = disk
-        self._mult = secrets.randbelow(_MOD - 2) + 2
+        self._mult = secrets.randbelow(MODULUS - 2) + 2
         self._lock = threading.Lock()
         self._nodes: dict[bytes, dict[tuple[int, int], _Entry]] = {}
         self._lengths: dict[bytes, dict[int, int]] = {}  # per chain hash: tail length -> entries
         self._seen: OrderedDict[bytes, None] = OrderedDict()  # chain hashes of blocks of prompts read (LRU)
+        self._readers: weakref.WeakSet[PrefixPlan] = weakref.WeakSet()  # plans whose prompt is being read
         self._memory: OrderedDict[_Entry, None] = OrderedDict()
         self._on_disk: OrderedDict[_Entry, None] = OrderedDict()
         self.memory_bytes = 0
@@ -184,24 +169,59 @@ class PrefixCache:
 
     # -- lookup ---------------------------------------------------------------------------------------
 
-    def plan(self, ids: Sequence[int]) -> PrefixPlan:
+    def plan(self, ids: Sequence[int], may_wait: bool = False) -> PrefixPlan:
         """Find the deepest snapshot for ``ids`` (all of them only with the logits after the last) and choose
-        where this request snapshots."""
+        where this request snapshots. With ``may_wait``, a prompt that a prompt being read now would take
+        further gets a plan with ``leader`` set instead (nothing taken, nothing counted): wait for
+        :meth:`PrefixPlan.leader_done`, then plan again. The request must :meth:`PrefixPlan.release` its
+        plan once its prompt is read (the engine does; a plan dropped unreleased is released by collection)."""
         keys = PrefixKeys(ids, self._mult)
         entry, logits = self._find(keys, len(keys.ids))
+        found = 0 if entry is None else entry.position
+        plan = PrefixPlan(keys, found, None, [], self)
+        with self._lock:
+            leader = self._leader(keys, found + self.interval) if may_wait else None
+            if leader is not None:
+                plan.leader = weakref.ref(leader)
+                return plan
+            self._readers.add(plan)
+            branch = self._branch_point(keys)
         cache = self._take(entry) if entry is not None else None
-        start = entry.position if cache is not None else 0
+        plan.start = start = entry.position if cache is not None else 0
+        plan.cache = cache
         with self._lock:
             self.counts["hits" if cache is not None else "misses"] += 1
             self.counts["tokens_saved"] += start
             self.counts["tokens_looked_up"] += len(keys.ids)
-            branch = self._branch_point(keys)
         first = start // self.interval + 1
         last = (len(keys.ids) - 1) // self.interval
         points = [k * self.interval for k in range(max(first, last - MAX_SNAPSHOTS_PER_REQUEST + 1), last + 1)]
         if start < branch < len(keys.ids) and branch not in points:
             points = sorted([*points, branch])
-        return PrefixPlan(keys, start, cache, points, self, logits if start == len(keys.ids) else None)
+        plan.points = points
+        plan.logits = logits if start == len(keys.ids) else None
+        return plan
+
+    def _leader(self, keys: PrefixKeys, depth: int) -> PrefixPlan | None:
+        """A plan being read whose prompt shares at least ``depth`` tokens of whole blocks with ``keys``
+        (O(readers x log blocks): equal chain hashes at block j mean equal first j blocks)."""
+        best, best_blocks = None, -(-depth // BLOCK_TOKENS)
+        for reader in self._readers:
+            other = reader.keys.chain
+            lo, hi = 0, min(len(keys.chain), len(other)) - 1  # chain[0] is shared by all
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if keys.chain[mid] == other[mid]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo >= best_blocks and not reader.released:
+                best, best_blocks = reader, lo
+        return best
+
+    def release(self, plan: PrefixPlan) -> None:
+        with self._lock:
+            self._readers.discard(plan)
 
     def _branch_point(self, keys: PrefixKeys) -> int:
         """Tokens in the longest run of whole blocks this prompt shares with one read before (0: none); then

@@ -217,3 +217,22 @@ def test_the_second_question_leaves_a_snapshot_where_the_questions_branch():
             assert later.tokens == generate(model, [ids], 6, temperature=1.0, seed=k, eos_token_id=258)[0]
     finally:
         engine.stop()
+
+
+def test_a_prompt_waits_for_a_leader_reading_the_same_document():
+    model = tiny_model()
+    prefix = PrefixCache(model, memory_budget=1 << 30, interval=64)
+    doc = list(range(1, 200))
+    leader = prefix.plan([257, *doc, 1])
+    follower = prefix.plan([257, *doc, 2], may_wait=True)
+    assert follower.leader is not None and not follower.leader_done() and follower.cache is None
+    assert prefix.plan([257, 9, 9], may_wait=True).leader is None  # nothing shared: no waiting
+    assert prefix.stats()["hits"] + prefix.stats()["misses"] == 2  # a waiting plan is not counted
+    leader.release()
+    assert follower.leader_done()
+    # A plan dropped without release (a request that never reached the engine) frees its followers too.
+    other = prefix.plan([257, *doc, 3])
+    waiting = prefix.plan([257, *doc, 4], may_wait=True)
+    assert not waiting.leader_done()
+    del other
+    assert waiting.leader_done()

@@ -115,3 +115,27 @@ def test_a_session_that_reads_a_document_leaves_its_state_for_completions(server
     # The session read the start token and all of the document but its last byte (kept pending).
     assert after["hits"] == before["hits"] + 1 and after["tokens_saved"] - before["tokens_saved"] == len(doc)
     assert client.delete(f"/v1/sessions/{session['id']}").status_code == 200
+
+
+def test_questions_sent_together_read_the_document_once(server, reference):
+    """The first question leads; the others wait for its reading and resume from its snapshots."""
+    import asyncio
+
+    from .conftest import AUTH
+
+    doc = "".join(f"Paragraph {i} of a document that many questions are asked about at once. " for i in range(24))
+    questions = [f"\nQ{i}: which paragraph?" for i in range(6)]
+    before = httpx.get(f"{server.url}/health").json()["prefix_cache"]
+
+    async def ask_all() -> list[dict]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as c:
+            replies = [c.post("/v1/completions", json={"prompt": doc + q, "max_tokens": 6, "temperature": 0})
+                       for q in questions]
+            return [r.json() for r in await asyncio.gather(*replies)]
+
+    bodies = asyncio.run(ask_all())
+    after = httpx.get(f"{server.url}/health").json()["prefix_cache"]
+    for q, body in zip(questions, bodies):
+        assert body["choices"][0]["token_ids"] == reference(doc + q, 6, temperature=0), q
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == len(questions) - 1
+    assert after["tokens_saved"] - before["tokens_saved"] >= (len(questions) - 1) * 1024
