@@ -162,12 +162,19 @@ def shared_document(url_cached: str, url_cold: str, doc_tokens: int, questions: 
         async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
             return [(await stream_one(c, {"prompt": doc + q, "max_tokens": 4, "temperature": 0}))[0] for q in items]
 
+    async def ask_at_once(url: str, other: str) -> list[float]:
+        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=questions)) as c:
+            replies = [stream_one(c, {"prompt": other + q, "max_tokens": 4, "temperature": 0}) for q in asks]
+            return [r[0] for r in await asyncio.gather(*replies)]
+
     cold = asyncio.run(ask(url_cold, asks[:cold_questions]))
     first = asyncio.run(ask(url_cached, asks[:1]))
     warm = asyncio.run(ask(url_cached, asks[1:]))
     stats = httpx.get(f"{url_cached}/health").json()["prefix_cache"]
+    # Another document (nothing cached), all questions sent at once: one reads it, the others wait for it.
+    together = asyncio.run(ask_at_once(url_cached, "Another document. " + doc))
     return {"doc_chars": len(doc), "questions": questions, "cold_ttft": cold, "first_ttft": first[0],
-            "warm_ttft": warm, "prefix_cache": stats}
+            "warm_ttft": warm, "together_ttft": together, "prefix_cache": stats}
 
 
 def open_sessions(url: str, pid: int, count: int, n_tokens: int, distinct: bool) -> dict[str, float]:
@@ -290,6 +297,9 @@ def report_shared(shared: dict) -> None:
     print(f"| with it, first question (reads the document) | 1 | {shared['first_ttft']:.3f} s | | |")
     print(f"| with it, the other questions | {len(warm)} | {warm_mean:.3f} s | {statistics.median(warm):.3f} s | "
           f"{percentile(warm, 0.99):.3f} s |")
+    together = shared["together_ttft"]
+    print(f"| with it, another document, all questions sent at once | {len(together)} | "
+          f"{statistics.mean(together):.3f} s | {statistics.median(together):.3f} s | {percentile(together, 0.99):.3f} s |")
     print(f"\nWith the cache / without: {warm_mean / cold_mean:.4f} (1/{cold_mean / warm_mean:.0f}); prefix cache: "
           f"{stats['hits']} hits, {stats['misses']} misses, {stats['tokens_saved']:,} prompt tokens not read, "
           f"{stats['entries_in_memory']} snapshots ({stats['memory_bytes'] / MIB:.1f} MiB).")
