@@ -168,14 +168,23 @@ class Server:
         """The prefix-cache plan of a prompt read from the zero state. A prompt that a prompt being read now
         takes further waits (polling, at most until ``deadline``) for that one to finish reading, then
         resumes from its snapshots instead of reading the same document beside it."""
-        assert self.prefix is not None
-        plan = await anyio.to_thread.run_sync(self.prefix.plan, ids, True)
+        prefix = self.prefix
+        assert prefix is not None
+        # A short prompt is planned on the event loop (a few hashes and at most a copy of a state in memory):
+        # a worker thread per request would let a burst of requests reach the engine one by one instead of
+        # together (whose prefill is batched). Long prompts and snapshots that may come from disk: a thread.
+        inline = len(ids) <= _ENCODE_INLINE_CHARS and prefix.disk is None
+
+        async def plan_for(may_wait: bool) -> PrefixPlan:
+            return prefix.plan(ids, may_wait) if inline else await anyio.to_thread.run_sync(prefix.plan, ids, may_wait)
+
+        plan = await plan_for(True)
         while plan.leader is not None and time.monotonic() < deadline:
             while not plan.leader_done() and time.monotonic() < deadline:
                 await asyncio.sleep(_LEADER_POLL_S)
-            plan = await anyio.to_thread.run_sync(self.prefix.plan, ids, time.monotonic() < deadline)
+            plan = await plan_for(time.monotonic() < deadline)
         if plan.leader is not None:  # out of time: read it all, the deadline will say the rest
-            plan = await anyio.to_thread.run_sync(self.prefix.plan, ids, False)
+            plan = await plan_for(False)
         return plan
 
     async def complete(self, body: SamplingFields, prompt_ids: list[int],
