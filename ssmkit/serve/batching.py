@@ -282,13 +282,18 @@ class Engine:
                 self._finish(run, f"error: {e}", None)
 
     def _after_prompt(self, run: _Running, logits: torch.Tensor, waiting: deque[_Running]) -> None:
-        """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row."""
-        if run.request.prefix is not None:
-            run.request.prefix.snapshot(len(run.ids), run.cache, logits)
-            run.request.prefix.release()
-        if run.request.max_new_tokens == 0:
-            self._finish(run, "length", run.cache)
-        elif (reason := self._sample(run, logits)) is not None:
+        """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row.
+
+        The first token is sampled (and sent) before the prompt-end snapshot is taken: a snapshot never delays
+        it. A batched request's cache is only copied into its row from here on, so the prefix cache takes it
+        as it is (no copy); other caches go on changing (or go to a session) and are copied.
+        """
+        plan = run.request.prefix
+        reason = "length" if run.request.max_new_tokens == 0 else self._sample(run, logits)
+        if plan is not None:
+            plan.snapshot(len(run.ids), run.cache, logits, owned=self.batched and reason is None)
+            plan.release()
+        if reason is not None:
             self._finish(run, reason, run.cache)
         else:
             waiting.append(run)

@@ -116,11 +116,13 @@ class PrefixPlan:
                 return p
         return len(self.keys.ids)
 
-    def snapshot(self, position: int, cache: ModelCache, logits: torch.Tensor | None = None) -> None:
+    def snapshot(self, position: int, cache: ModelCache, logits: torch.Tensor | None = None,
+                 owned: bool = False) -> None:
         """Keep a copy of ``cache`` (the state after ``position`` tokens), if it is a snapshot point or the end
-        (then with ``logits``, (1, V), those after the last token)."""
+        (then with ``logits``, (1, V), those after the last token). ``owned``: the caller never changes ``cache``
+        again, so it is kept as it is."""
         if position == len(self.keys.ids) or position in self.points:
-            self.owner.store(self.keys, position, cache, logits if position == len(self.keys.ids) else None)
+            self.owner.store(self.keys, position, cache, logits if position == len(self.keys.ids) else None, owned)
 
 
 class PrefixCache:
@@ -282,9 +284,10 @@ class PrefixCache:
 
     # -- store ----------------------------------------------------------------------------------------
 
-    def store(self, keys: PrefixKeys, position: int, cache: ModelCache, logits: torch.Tensor | None = None) -> None:
+    def store(self, keys: PrefixKeys, position: int, cache: ModelCache, logits: torch.Tensor | None = None,
+              owned: bool = False) -> None:
         """Keep a copy of ``cache``, the state after the first ``position`` tokens of ``keys.ids`` (and of
-        ``logits``, (1, V), those after the last of them)."""
+        ``logits``, (1, V), those after the last of them); ``cache`` itself when ``owned`` (never changed again)."""
         if position < 1:
             return
         if cache.seqlen_offset != position or cache.batch_size != 1:
@@ -303,7 +306,7 @@ class PrefixCache:
         nbytes = cache.nbytes + (0 if logits is None else logits.nbytes)
         if nbytes > self.memory_budget:
             return
-        snap = cache.clone()
+        snap = cache if owned else cache.clone()
         base = position - length
         entry = _Entry(chain, tuple(keys.ids[base:position]), tail_hash, position, nbytes,
                        logits=None if logits is None else logits.clone())
