@@ -2,10 +2,17 @@
 
 Starts a real server process (127.0.0.1, a free port, a temporary sessions folder) and
 
-1. **throughput**: for each concurrency c (default 1, 8, 64), sends a fixed number of completion requests
-   (``--requests``, each ``--max-tokens`` new tokens, sampled with its own seed) from c concurrent
-   clients, and reports generated tokens/s, requests/s and the p50/p99 request latency;
-2. **memory**: opens ``--sessions`` sessions (default 1,000) that have each read ``--session-tokens``
+1. **throughput**: for each concurrency c (default 1, 8, 64), sends a fixed number of streamed completion
+   requests (``--requests``, each ``--max-tokens`` new tokens, sampled with its own seed; no two prompts
+   share a prefix) from c concurrent clients, and reports generated tokens/s, requests/s, time to first
+   token p50/p99 and request latency p50/p99 -- on a server with the prefix cache and on one without
+   (``--no-prefix-cache``), run alternately, with the ratio (the cache must never cost more than 5%);
+2. **shared document**: one document of ``--doc-tokens`` tokens (default 16,000; bytes for a byte model)
+   and ``--questions`` different questions (default 64), asked one after the other: time to first token
+   with the prefix cache (the first question reads the document, the others resume from its state)
+   against without it (every question reads the document: ``--cold-questions`` of them are timed, as
+   each costs the same);
+3. **memory**: opens ``--sessions`` sessions (default 1,000) that have each read ``--session-tokens``
    tokens (default 10,000) and reports the server's resident memory (RSS, psutil) before and after, next
    to the state bytes the server reports and to the KV cache a transformer of the same size would hold
    for the same tokens: ``2 (K and V) x layers x d_model x bytes per value x tokens``, for a transformer
@@ -20,6 +27,7 @@ Everything is bounded: a fixed number of requests, client timeouts, and the serv
     python benchmarks/serve.py                                  # random byte-small weights
     python benchmarks/serve.py --checkpoint runs/byte-small     # a trained model
     python benchmarks/serve.py --quick                          # 16 requests, 100 sessions of 1,000 tokens
+    python benchmarks/serve.py --sessions 0 --doc-tokens 4000   # a smaller shared document, no memory test
     python benchmarks/serve.py --device cuda --concurrency 1 8 64 256 --max-batch 256
 """
 
@@ -49,7 +57,7 @@ MIB = 1 << 20
 
 
 def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: float, threads: int | None,
-                 device: str, max_batch: int) -> tuple:
+                 device: str, max_batch: int, *extra: str) -> tuple:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -58,7 +66,8 @@ def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: flo
         env["OMP_NUM_THREADS"] = str(threads)
     argv = [sys.executable, "-m", "ssmkit", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
             "--sessions-dir", str(sessions_dir), "--session-memory-mb", str(memory_mb), "--max-batch", str(max_batch),
-            "--max-requests", "512", "--max-sessions", "1000000", "--device", device]
+            "--max-requests", "512", "--max-sessions", "1000000", "--device", device, "--max-tokens-cap", "100000",
+            "--max-body-mb", "64", *extra]
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -76,9 +85,36 @@ def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: flo
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
 
-async def load(url: str, concurrency: int, requests: int, max_tokens: int, prompt_bytes: int = 64) -> dict[str, float]:
-    """``requests`` completions from ``concurrency`` clients; latency percentiles and throughput."""
+async def stream_one(c: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
+    """One streamed completion: (seconds to its first token, seconds to its end, tokens)."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            n = len(event["choices"][0]["token_ids"])
+            if n and first is None:
+                first = time.perf_counter() - start
+            tokens += n
+    end = time.perf_counter() - start
+    return (end if first is None else first), end, tokens
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def load(url: str, concurrency: int, requests: int, max_tokens: int, prompt_bytes: int = 64,
+               tag: str = "") -> dict[str, float]:
+    """``requests`` streamed completions from ``concurrency`` clients, no two prompts sharing a prefix."""
     latencies: list[float] = []
+    ttfts: list[float] = []
     tokens = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
@@ -89,13 +125,13 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, promp
         nonlocal tokens
         while not queue.empty():
             i = queue.get_nowait()
-            prompt = (f"Request {i}: " + "the quick brown fox jumps over the lazy dog. " * 100)[:prompt_bytes]
+            head = f"{os.urandom(4).hex()} {tag}{concurrency}.{i}: "
+            prompt = (head + "the quick brown fox jumps over the lazy dog. " * 100)[:prompt_bytes]
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": i}
-            start = time.perf_counter()
-            r = await c.post("/v1/completions", json=body)
-            latencies.append(time.perf_counter() - start)
-            r.raise_for_status()
-            tokens += r.json()["usage"]["completion_tokens"]
+            ttft, total, n = await stream_one(c, body)
+            ttfts.append(ttft)
+            latencies.append(total)
+            tokens += n
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         before = (await c.get("/health")).json()
@@ -103,13 +139,42 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, promp
         await asyncio.gather(*[client(c) for _ in range(concurrency)])
         wall = time.perf_counter() - start
         after = (await c.get("/health")).json()
-    latencies.sort()
     # A request's first token comes from its prompt; every later one from a shared decode step.
     steps = after["decode_steps"] - before["decode_steps"]
     return {"concurrency": concurrency, "requests": requests, "tokens": tokens, "wall_s": wall,
             "mean_batch": (tokens - requests) / max(steps, 1),
             "tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
-            "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": percentile(ttfts, 0.99),
+            "p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 0.99)}
+
+
+def shared_document(url_cached: str, url_cold: str, doc_tokens: int, questions: int, cold_questions: int,
+                    token_model: bool) -> dict:
+    """Time to first token of questions about one long document, with and without the prefix cache."""
+    words = ["the", "state", "of", "an", "SSM", "is", "a", "fixed", "size", "whatever", "the", "length", "of", "the", "text", "it", "has", "read"]
+    rng = __import__("random").Random(0)
+    # A byte model reads a byte per token; for a subword model the words come to about one token each.
+    doc = " ".join(rng.choice(words) for _ in range(doc_tokens if token_model else doc_tokens // 4))
+    doc = doc if token_model else doc[:doc_tokens]
+    asks = [f"\nQuestion {i}: which word comes {i + 1} times?\nAnswer:" for i in range(questions)]
+
+    async def ask(url: str, items: list[str]) -> list[float]:
+        async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+            return [(await stream_one(c, {"prompt": doc + q, "max_tokens": 4, "temperature": 0}))[0] for q in items]
+
+    async def ask_at_once(url: str, other: str) -> list[float]:
+        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=questions)) as c:
+            replies = [stream_one(c, {"prompt": other + q, "max_tokens": 4, "temperature": 0}) for q in asks]
+            return [r[0] for r in await asyncio.gather(*replies)]
+
+    cold = asyncio.run(ask(url_cold, asks[:cold_questions]))
+    first = asyncio.run(ask(url_cached, asks[:1]))
+    warm = asyncio.run(ask(url_cached, asks[1:]))
+    stats = httpx.get(f"{url_cached}/health").json()["prefix_cache"]
+    # Another document (nothing cached), all questions sent at once: one reads it, the others wait for it.
+    together = asyncio.run(ask_at_once(url_cached, "Another document. " + doc))
+    return {"doc_chars": len(doc), "questions": questions, "cold_ttft": cold, "first_ttft": first[0],
+            "warm_ttft": warm, "together_ttft": together, "prefix_cache": stats}
 
 
 def open_sessions(url: str, pid: int, count: int, n_tokens: int, distinct: bool) -> dict[str, float]:
@@ -129,7 +194,13 @@ def open_sessions(url: str, pid: int, count: int, n_tokens: int, distinct: bool)
             else:
                 ids.append(c.post(f"/v1/sessions/{first['id']}/fork").json()["id"])
         open_s = time.perf_counter() - start
-        sessions = c.get("/v1/sessions").json()["data"]
+        sessions, params = [], {"limit": 1000}
+        while True:  # every session, page by page
+            page = c.get("/v1/sessions", params=params).json()
+            sessions += page["data"]
+            if not page["has_more"]:
+                break
+            params["after"] = page["last_id"]
         health = c.get("/health").json()
         rss_after = proc.memory_info().rss
     mine = [s for s in sessions if s["id"] in set(ids)]
@@ -161,6 +232,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda, states live in GPU memory: "
                         "the RSS figure then shows host memory only; the state bytes are the server's own count)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
+    parser.add_argument("--doc-tokens", type=int, default=16_000, help="shared document length (0: skip)")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--cold-questions", type=int, default=4, help="questions timed without the prefix cache")
+    parser.add_argument("--repeats", type=int, default=2, help="throughput runs per level and server (best kept)")
     parser.add_argument("--quick", action="store_true", help="16 requests, 100 sessions of 1,000 tokens")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -180,28 +255,69 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         proc, url = start_server(checkpoint, tmp / "sessions", tmp / "server.log", memory_mb, args.threads, args.device,
                                   args.max_batch)
+        cold_proc, cold_url = start_server(checkpoint, tmp / "sessions-cold", tmp / "server-cold.log", memory_mb,
+                                           args.threads, args.device, args.max_batch, "--no-prefix-cache")
+        token_model = (checkpoint / "tokenizer.json").exists()
         try:
-            asyncio.run(load(url, 1, 2, 4))  # warm-up
-            rows = [asyncio.run(load(url, c, args.requests, args.max_tokens, args.prompt_bytes))
-                    for c in args.concurrency]
+            for u in (url, cold_url):
+                asyncio.run(load(u, 1, 2, 4, tag="warmup"))
+            rows = []
+            for c in args.concurrency:
+                runs: dict[str, list[dict]] = {"on": [], "off": []}
+                for r in range(args.repeats):  # alternate the servers: both see the same machine load
+                    for name, u in (("on", url), ("off", cold_url))[:: 1 if r % 2 == 0 else -1]:
+                        runs[name].append(asyncio.run(load(u, c, args.requests, args.max_tokens, args.prompt_bytes,
+                                                           tag=f"{name}{r}-")))
+                best = {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in runs.items()}
+                rows.append({**best["on"], "off": best["off"]})
+            shared = (shared_document(url, cold_url, args.doc_tokens, args.questions, args.cold_questions, token_model)
+                      if args.doc_tokens else None)
             memory = open_sessions(url, proc.pid, args.sessions, args.session_tokens, args.distinct) if args.sessions else None
         finally:
-            proc.terminate()
-            proc.wait(30)
+            for p in (proc, cold_proc):
+                p.terminate()
+                p.wait(30)
     report(rows, memory, model, args, state_bytes)
+    if shared is not None:
+        report_shared(shared)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     if args.json:
-        args.json.write_text(json.dumps({"load": rows, "memory": memory}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"load": rows, "shared_document": shared, "memory": memory}, indent=2) + "\n")
+
+
+def report_shared(shared: dict) -> None:
+    cold, warm = shared["cold_ttft"], shared["warm_ttft"]
+    cold_mean, warm_mean = statistics.mean(cold), statistics.mean(warm)
+    stats = shared["prefix_cache"]
+    print(f"\n## Shared document: {shared['doc_chars']:,} characters, {shared['questions']} questions one after another\n")
+    print("| | questions | time to first token, mean | p50 | p99 |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| without the prefix cache | {len(cold)} | {cold_mean:.3f} s | {statistics.median(cold):.3f} s | "
+          f"{percentile(cold, 0.99):.3f} s |")
+    print(f"| with it, first question (reads the document) | 1 | {shared['first_ttft']:.3f} s | | |")
+    print(f"| with it, the other questions | {len(warm)} | {warm_mean:.3f} s | {statistics.median(warm):.3f} s | "
+          f"{percentile(warm, 0.99):.3f} s |")
+    together = shared["together_ttft"]
+    print(f"| with it, another document, all questions sent at once | {len(together)} | "
+          f"{statistics.mean(together):.3f} s | {statistics.median(together):.3f} s | {percentile(together, 0.99):.3f} s |")
+    print(f"\nWith the cache / without: {warm_mean / cold_mean:.4f} (1/{cold_mean / warm_mean:.0f}); prefix cache: "
+          f"{stats['hits']} hits, {stats['misses']} misses, {stats['tokens_saved']:,} prompt tokens not read, "
+          f"{stats['entries_in_memory']} snapshots ({stats['memory_bytes'] / MIB:.1f} MiB).")
 
 
 def report(rows: list[dict], memory: dict | None, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
     base = rows[0]["tokens_per_s"]
-    print(f"\n## Throughput: {args.requests} requests per level, {args.prompt_bytes}-byte prompts, "
-          f"{args.max_tokens} new tokens each (sampled)\n")
-    print("| clients | tokens/s | x vs 1 client | requests/s | p50 latency | p99 latency | rows per decode step |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n## Throughput: {args.requests} streamed requests per level, {args.prompt_bytes}-byte prompts sharing no "
+          f"prefix, {args.max_tokens} new tokens each (sampled); best of {args.repeats} runs per server\n")
+    print("| clients | tokens/s | x vs 1 client | requests/s | first token p50 | p99 | latency p50 | p99 | "
+          "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        off = r["off"]
         print(f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.1f} | "
-              f"{r['requests_per_s']:.2f} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['mean_batch']:.1f} |")
+              f"{r['requests_per_s']:.2f} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {r['p50_s']:.2f} s | "
+              f"{r['p99_s']:.2f} s | {r['mean_batch']:.1f} | {off['tokens_per_s']:.0f} | {off['ttft_p50_s']:.3f} s | "
+              f"{r['tokens_per_s'] / off['tokens_per_s']:.3f} |")
     if memory is None:
         return
     n, t = memory["sessions"], memory["tokens_each"]

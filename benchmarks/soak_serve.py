@@ -231,6 +231,18 @@ class Client(threading.Thread):
         return True
 
 
+def list_all_sessions(http: httpx.Client) -> set[str]:
+    """Every session id, page by page (GET /v1/sessions returns at most 1,000 at a time)."""
+    ids: set[str] = set()
+    params: dict[str, object] = {"limit": 1000}
+    while True:
+        page = http.get("/v1/sessions", params=params).json()
+        ids.update(s["id"] for s in page["data"])
+        if not page["has_more"]:
+            return ids
+        params["after"] = page["last_id"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -268,7 +280,7 @@ def main() -> int:
         for c in clients:
             c.seen_epoch = epoch[0]
             c.verify(http)
-        listed_ids = {s["id"] for s in http.get("/v1/sessions").json()["data"]}
+        listed_ids = list_all_sessions(http)
         listed = len(listed_ids)
         resurrected = listed_ids & set().union(*(c.deleted for c in clients))
     server.kill()

@@ -10,6 +10,9 @@ The web stack (FastAPI, uvicorn, sse-starlette; ``pip install 'ssmkit[serve]'``)
 - :mod:`ssmkit.serve.guard`: Host/Origin allow-list, token, requests under way, body size and read time;
   :mod:`ssmkit.serve.connections`: header timeout and a bound on idle connections (slowloris).
 - :mod:`ssmkit.serve.text`: token ids to text, stop strings, at a bounded cost per token.
+- :mod:`ssmkit.serve.prefix_cache`: snapshots of prompt-prefix states, reused at any token
+  (:mod:`ssmkit.serve.prefix_disk`: their disk tier); :mod:`ssmkit.serve.metrics`: ``GET /metrics``.
+- :mod:`ssmkit.serve.chat`: ``/v1/chat/completions`` with the checkpoint's chat template (sandboxed Jinja2).
 """
 
 from ssmkit.serve.options import ServeOptions

@@ -2,11 +2,14 @@
 
 Routes::
 
-    GET  /health                         liveness, requests in flight, session memory (no auth)
+    GET  /health                         liveness, requests in flight, session memory, prefix cache (no auth)
+    GET  /metrics                        the same counters in Prometheus' text format
     GET  /v1/models                      the served model
     POST /v1/completions                 {"prompt", "max_tokens", "temperature", ..., "stream"}
+    POST /v1/chat/completions            {"messages", ...}: checkpoints with a chat template
     POST /v1/sessions                    new session (optionally reading "prompt")
-    GET  /v1/sessions, /v1/sessions/ID   tokens seen and state bytes of each session
+    GET  /v1/sessions?limit=&after=      a page of sessions (id order; has_more, last_id for the next page)
+    GET  /v1/sessions/ID                 tokens seen and state bytes of a session
     POST /v1/sessions/ID/append          {"text"}: read text into the state, no generation
     POST /v1/sessions/ID/complete        as /v1/completions (without "model"); the session goes on after it
     POST /v1/sessions/ID/fork            copy of the session
@@ -26,14 +29,19 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.serve.chat import chat_response, prompt_ids
 from ssmkit.serve.completions import ApiError, Server, internal_error
 from ssmkit.serve.guard import RequestGuard
+from ssmkit.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ssmkit.serve.metrics import render as render_metrics
 from ssmkit.serve.options import ServeOptions
 from ssmkit.serve.schemas import (
+    MAX_NAME_CHARS,
+    ChatRequest,
     CompletionRequest,
     SessionAppendRequest,
     SessionCompleteRequest,
@@ -52,23 +60,29 @@ from ssmkit.serve.sessions import (
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
+    from ssmkit.serve.chat import ChatTemplate
 
 log = logging.getLogger("ssmkit.serve")
 
+MAX_PAGE = 1000  # sessions per GET /v1/sessions reply
 
-def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, options: ServeOptions) -> Any:
+
+def create_app(model: LanguageModel, tokenizer: Tokenizer, store: SessionStore, options: ServeOptions,
+               chat_template: ChatTemplate | None = None) -> Any:
     """The ASGI application (FastAPI wrapped in :class:`RequestGuard`); the engine runs during its lifespan.
 
     Requests under way are limited to ``max_requests`` + 64: those beyond the engine's limit that do not
     need it (sessions listed, forked, deleted) still get through, and no more queue for it.
     """
-    server = Server(model, tokenizer, store, options)
+    server = Server(model, tokenizer, store, options, chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.engine.start()
         yield
         server.engine.stop()
+        if server.prefix is not None:
+            server.prefix.close()
 
     app = FastAPI(title="ssmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -84,8 +98,13 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def health() -> JSONResponse:
         alive = server.engine.alive
         body = {"status": "ok" if alive else "engine stopped", "requests_in_flight": server.engine.in_flight,
-                "decode_steps": server.engine.steps, "tokens_generated": server.engine.tokens, **store.stats()}
+                "decode_steps": server.engine.steps, "tokens_generated": server.engine.tokens, **store.stats(),
+                "prefix_cache": None if server.prefix is None else server.prefix.stats()}
         return JSONResponse(body, 200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(server), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -94,13 +113,27 @@ def _add_routes(app: FastAPI, server: Server) -> None:
                 "state_bytes_per_session": server.model.cache_nbytes(1)}
         return {"object": "list", "data": [card]}
 
+    def check_model(name: str | None) -> None:
+        if name is not None and name != server.options.model_name:
+            raise ApiError(404, f"model {clip(name)} does not exist; this server serves "
+                           f"{server.options.model_name!r}", param="model", code="model_not_found")
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
-        if body.model is not None and body.model != server.options.model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
-                           f"{server.options.model_name!r}", param="model", code="model_not_found")
+        check_model(body.model)
         bos = [] if server.tokenizer.bos_id is None else [server.tokenizer.bos_id]
         return await server.respond(body, bos + await server.encode(body.prompt, "prompt"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        check_model(body.model)
+        if server.chat_template is None:
+            raise ApiError(400, "this model has no chat template (chat_template in its tokenizer_config.json); "
+                           "use /v1/completions", param="messages", code="no_chat_template")
+        ids = await prompt_ids(server, server.chat_template, body)
+        cap = server.options.max_tokens_cap
+        body.max_tokens = next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None), cap)
+        return await chat_response(server, body, ids)
 
     @app.post("/v1/sessions")
     async def create_session(body: SessionCreateRequest | None = None) -> dict[str, Any]:
@@ -116,8 +149,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         return session.info()
 
     @app.get("/v1/sessions")
-    async def list_sessions() -> dict[str, Any]:
-        return {"object": "list", "data": [s.info() for s in store.list()]}
+    async def list_sessions(limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(400, f"limit must be an integer from 1 to {MAX_PAGE}", param="limit")
+        if after is not None and len(after) > MAX_NAME_CHARS:
+            raise ApiError(400, f"after is longer than {MAX_NAME_CHARS} characters", param="after")
+        sessions, more = store.page(limit, after)
+        data = [s.info() for s in sessions]
+        return {"object": "list", "data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str) -> dict[str, Any]:

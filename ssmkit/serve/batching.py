@@ -34,6 +34,7 @@ import torch
 
 from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
 from ssmkit.models.cache import ModelCache
+from ssmkit.serve.prefix_cache import PrefixPlan
 from ssmkit.serve.slots import SlotCache
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class GenerationRequest:
     ``"cancelled"`` or ``"error: <message>"``; ``cache`` is the (batch 1) state after the prompt and every
     sampled token except the last (which a caller may feed later), or None unless ``keep_state``.
     With ``max_new_tokens == 0`` the request only reads ``ids`` (the cache then holds all of them).
+    ``prefix`` (only with ``cache=None``): resume from a prefix-cache snapshot of the first ``prefix.start``
+    tokens of ``ids`` and snapshot the state where the plan says (:mod:`ssmkit.serve.prefix_cache`).
     """
 
     ids: Sequence[int]
@@ -71,6 +74,7 @@ class GenerationRequest:
     eos_ids: tuple[int, ...] = ()
     cache: ModelCache | None = None
     keep_state: bool = False
+    prefix: PrefixPlan | None = None
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -193,13 +197,17 @@ class Engine:
     def _admit(self, req: GenerationRequest) -> _Running | None:
         try:
             ids = torch.tensor(list(req.ids), dtype=torch.long, device=self.device)
-            cache = self.model.allocate_cache(1) if req.cache is None else req.cache
+            plan = req.prefix
+            cache = req.cache if req.cache is not None else plan.cache if plan is not None else None
+            cache = self.model.allocate_cache(1) if cache is None else cache
+            read = 0 if req.cache is not None or plan is None or plan.cache is None else plan.start
             generator = None if req.params.greedy else make_generators(req.seed, 1, self.device)
             seen = None
             if req.params.repetition_penalty != 1.0:
                 seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
                 seen[0, ids] = True
-            return _Running(req, ids, cache, generator, seen, start_offset=cache.seqlen_offset)
+            # ``start_offset``: positions the cache held before ``ids`` (a session's), none for a snapshot.
+            return _Running(req, ids, cache, generator, seen, start_offset=cache.seqlen_offset - read, read=read)
         except Exception as e:  # a bad request must not stop the engine
             log.exception("could not start a request")
             self._finish_request(req, f"error: {e}", None)
@@ -218,7 +226,8 @@ class Engine:
                 self._finish(run, "cancelled", None)
             else:
                 live.append(run)
-        short = [r for r in live if r.read == 0 and r.request.cache is None and len(r.ids) <= self.prefill_chunk_size]
+        short = [r for r in live if r.read == 0 and r.request.cache is None and len(r.ids) <= self.prefill_chunk_size
+                 and (r.request.prefix is None or not r.request.prefix.points)]
         if self.batched and len(short) > 1:
             for i in range(0, len(short), self.max_batch):
                 self._prefill_together(short[i:i + self.max_batch], waiting)
@@ -226,9 +235,17 @@ class Engine:
         still = []
         for run in live:
             try:
+                plan = run.request.prefix
+                if plan is not None and plan.logits is not None and run.read == len(run.ids):
+                    self._after_prompt(run, plan.logits, waiting)  # the whole prompt was read before
+                    continue
                 end = min(run.read + self.prefill_chunk_size, len(run.ids))
+                if plan is not None:  # chunks end at snapshot points, hit or not, so both read alike
+                    end = min(end, plan.next_stop(run.read))
                 out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
                 run.read = end
+                if plan is not None and end < len(run.ids):
+                    plan.snapshot(end, run.cache)
                 if run.read < len(run.ids):
                     still.append(run)
                 else:
@@ -265,10 +282,18 @@ class Engine:
                 self._finish(run, f"error: {e}", None)
 
     def _after_prompt(self, run: _Running, logits: torch.Tensor, waiting: deque[_Running]) -> None:
-        """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row."""
-        if run.request.max_new_tokens == 0:
-            self._finish(run, "length", run.cache)
-        elif (reason := self._sample(run, logits)) is not None:
+        """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row.
+
+        The first token is sampled (and sent) before the prompt-end snapshot is taken: a snapshot never delays
+        it. A batched request's cache is only copied into its row from here on, so the prefix cache takes it
+        as it is (no copy); other caches go on changing (or go to a session) and are copied.
+        """
+        plan = run.request.prefix
+        reason = "length" if run.request.max_new_tokens == 0 else self._sample(run, logits)
+        if plan is not None:
+            plan.snapshot(len(run.ids), run.cache, logits, owned=self.batched and reason is None)
+            plan.release()
+        if reason is not None:
             self._finish(run, reason, run.cache)
         else:
             waiting.append(run)
@@ -366,6 +391,8 @@ class Engine:
     def _finish_request(self, req: GenerationRequest, reason: str, cache: ModelCache | None) -> None:
         with self._cond:
             self._count -= 1
+        if req.prefix is not None:
+            req.prefix.release()
         try:
             req.on_done(reason, cache)
         except Exception:

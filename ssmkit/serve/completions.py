@@ -24,6 +24,8 @@ from ssmkit.generation.sampling import SamplingParams
 from ssmkit.models.cache import ModelCache
 from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped, GenerationRequest
 from ssmkit.serve.options import ServeOptions
+from ssmkit.serve.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixPlan
+from ssmkit.serve.prefix_disk import DiskTier
 from ssmkit.serve.schemas import SamplingFields, error_body
 from ssmkit.serve.sessions import (
     Session,
@@ -36,12 +38,14 @@ from ssmkit.serve.text import StopTextDecoder
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
+    from ssmkit.serve.chat import ChatTemplate
 
 
 log = logging.getLogger("ssmkit.serve")
 
 # Text longer than this is tokenized on a worker thread, not on the event loop (which must stay responsive).
 _ENCODE_INLINE_CHARS = 4096
+_LEADER_POLL_S = 0.02  # how often a prompt waiting for another one's reading looks again
 
 
 def internal_error(exc: BaseException) -> str:
@@ -82,12 +86,19 @@ class Server:
     """Model, tokenizer, engine and sessions behind the routes."""
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer, store: SessionStore,
-                 options: ServeOptions) -> None:
+                 options: ServeOptions, chat_template: ChatTemplate | None = None) -> None:
         self.model, self.tokenizer, self.store, self.options = model, tokenizer, store, options
+        self.chat_template = chat_template
         self.engine = Engine(model, max_batch=options.max_batch, max_requests=options.max_requests,
                              prefill_chunk_size=options.prefill_chunk_size)
         self.eos_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
         self.created = int(time.time())
+        self.prefix: PrefixCache | None = None
+        if options.prefix_cache:
+            disk = (DiskTier(store.folder / "prefix-cache", options.prefix_cache_disk_bytes, model, BLOCK_TOKENS)
+                    if options.prefix_cache_disk_bytes > 0 else None)
+            self.prefix = PrefixCache(model, memory_budget=options.prefix_cache_bytes,
+                                      interval=options.prefix_cache_interval, disk=disk)
 
     async def encode(self, text: str, field: str) -> list[int]:
         ids = (self.tokenizer.encode(text) if len(text) <= _ENCODE_INLINE_CHARS
@@ -125,15 +136,17 @@ class Server:
         ``deadline`` covers the whole request (waiting for a session, reading, generating), not each token."""
         completion = _Completion(asyncio.get_running_loop(), self.tokenizer, body.stop_strings())
         seed = body.seed if body.seed is not None else secrets.randbits(62)
+        # From the zero state, the prompt may resume from a snapshot of its longest cached prefix.
+        plan = None if cache is not None or self.prefix is None else await self._plan(ids, deadline)
         request = GenerationRequest(ids=ids, max_new_tokens=body.max_tokens, params=params, seed=seed,
                                     on_token=completion.on_token, on_done=completion.on_done,
-                                    eos_ids=self.eos_ids, cache=cache, keep_state=keep_state)
+                                    eos_ids=self.eos_ids, cache=cache, keep_state=keep_state, prefix=plan)
         try:
             self.engine.submit(request)
-        except EngineBusy as e:
-            raise ApiError(503, str(e), "server_error", code="overloaded") from None
-        except EngineStopped as e:
-            raise ApiError(503, str(e), "server_error") from None
+        except (EngineBusy, EngineStopped) as e:
+            if plan is not None:
+                plan.release()  # prompts waiting for this one must not wait in vain
+            raise ApiError(503, str(e), "server_error", code="overloaded" if isinstance(e, EngineBusy) else None) from None
         try:
             while True:
                 try:
@@ -151,6 +164,29 @@ class Server:
         finally:
             request.cancel()
 
+    async def _plan(self, ids: list[int], deadline: float) -> PrefixPlan:
+        """The prefix-cache plan of a prompt read from the zero state. A prompt that a prompt being read now
+        takes further waits (polling, at most until ``deadline``) for that one to finish reading, then
+        resumes from its snapshots instead of reading the same document beside it."""
+        prefix = self.prefix
+        assert prefix is not None
+        # A short prompt is planned on the event loop (a few hashes and at most a copy of a state in memory):
+        # a worker thread per request would let a burst of requests reach the engine one by one instead of
+        # together (whose prefill is batched). Long prompts and snapshots that may come from disk: a thread.
+        inline = len(ids) <= _ENCODE_INLINE_CHARS and prefix.disk is None
+
+        async def plan_for(may_wait: bool) -> PrefixPlan:
+            return prefix.plan(ids, may_wait) if inline else await anyio.to_thread.run_sync(prefix.plan, ids, may_wait)
+
+        plan = await plan_for(True)
+        while plan.leader is not None and time.monotonic() < deadline:
+            while not plan.leader_done() and time.monotonic() < deadline:
+                await asyncio.sleep(_LEADER_POLL_S)
+            plan = await plan_for(time.monotonic() < deadline)
+        if plan.leader is not None:  # out of time: read it all, the deadline will say the rest
+            plan = await plan_for(False)
+        return plan
+
     async def complete(self, body: SamplingFields, prompt_ids: list[int],
                        session: Session | None = None) -> AsyncIterator[dict[str, Any]]:
         """OpenAI completion chunks (the last carries finish_reason and usage); a session goes on afterwards."""
@@ -165,7 +201,7 @@ class Server:
                 ids = ([] if session.pending is None else [session.pending]) + prompt_ids
                 if not ids:
                     raise ApiError(400, "the session is empty: give a prompt or append text first", param="prompt")
-                cache = (await self.store.state(session)).clone()
+                cache = await self._session_cache(session)
             if not ids:
                 raise ApiError(400, "the prompt is empty and this model's tokenizer has no start token",
                                param="prompt")
@@ -187,13 +223,23 @@ class Server:
             if session is not None:
                 session.lock.release()
 
-    async def _read_into(self, session: Session, cache: ModelCache, ids: list[int], deadline: float) -> None:
-        """Feed all of ``ids`` but the last into ``cache`` and commit it, the last one pending."""
+    async def _session_cache(self, session: Session) -> ModelCache | None:
+        """A copy of the session's state to read on; None for a session that has read nothing (the zero state),
+        so that its reading goes through the prefix cache."""
+        if self.prefix is not None and session.tokens_read == 0:
+            return None
+        return (await self.store.state(session)).clone()
+
+    async def _read_into(self, session: Session, cache: ModelCache | None, ids: list[int], deadline: float) -> None:
+        """Feed all of ``ids`` but the last into ``cache`` (None: the zero state) and commit it, the last one
+        pending."""
         if len(ids) > 1:
             body = SamplingFields(max_tokens=0, temperature=0)
             async for event in self.run(ids[:-1], body, SamplingParams(temperature=0), deadline, cache=cache,
                                         keep_state=True):
                 cache = event[3]
+        if cache is None:
+            cache = (await self.store.state(session)).clone()
         await self.store.commit(session, cache, ids[-1])
 
     async def append(self, session: Session, ids: list[int]) -> None:
@@ -202,7 +248,7 @@ class Server:
         await self.lock(session, deadline)
         try:
             pending = [] if session.pending is None else [session.pending]
-            await self._read_into(session, (await self.store.state(session)).clone(), pending + ids, deadline)
+            await self._read_into(session, await self._session_cache(session), pending + ids, deadline)
         finally:
             session.lock.release()
 
@@ -229,6 +275,10 @@ class Server:
             merged["choices"][0]["text"] = "".join(c["choices"][0]["text"] for c in parts)
             merged["choices"][0]["token_ids"] = [t for c in parts for t in c["choices"][0]["token_ids"]]
             return merged
+        return await self.stream(chunks)
+
+    async def stream(self, chunks: AsyncIterator[dict[str, Any]]) -> Any:
+        """Server-sent events of ``chunks``, then ``[DONE]``; an error after the first chunk is an error event."""
         # The first chunk is awaited here, so that errors before it (busy, timeout) keep their status code.
         first = await chunks.__anext__()
 

@@ -36,13 +36,19 @@ class ServeOptions:
     keep_alive_s: float = 5.0
     max_idle_connections: int = 512
     max_header_bytes: int = 32 * 1024
+    prefix_cache: bool = True
+    prefix_cache_bytes: int = 1024 * MIB
+    prefix_cache_disk_bytes: int = 0
+    prefix_cache_interval: int = 512
 
     def __post_init__(self) -> None:
         for name in ("port", "session_memory_bytes", "max_sessions", "max_body_bytes", "max_prompt_tokens",
                      "max_tokens_cap", "max_batch", "max_requests", "prefill_chunk_size", "session_disk_bytes",
-                     "max_idle_connections", "max_header_bytes"):
+                     "max_idle_connections", "max_header_bytes", "prefix_cache_bytes", "prefix_cache_disk_bytes",
+                     "prefix_cache_interval"):
             value = getattr(self, name)
-            if value < (0 if name in ("port", "session_memory_bytes") else 1):
+            if value < (0 if name in ("port", "session_memory_bytes", "prefix_cache_bytes",
+                                      "prefix_cache_disk_bytes") else 1):
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
@@ -94,6 +100,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a request must send its whole body within this time (408)")
     parser.add_argument("--max-idle-connections", type=int, default=d.max_idle_connections, metavar="N",
                         help="connections without a request under way; beyond it the oldest is closed")
+    parser.add_argument("--prefix-cache-mb", type=float, default=d.prefix_cache_bytes / MIB, metavar="MB",
+                        help="memory for snapshots of prompt-prefix states (least recently used evicted first)")
+    parser.add_argument("--prefix-cache-disk-mb", type=float, default=d.prefix_cache_disk_bytes / MIB, metavar="MB",
+                        help="disk for snapshots evicted from memory (0: memory only); they survive a restart")
+    parser.add_argument("--prefix-cache-interval", type=int, default=d.prefix_cache_interval, metavar="TOKENS",
+                        help="snapshot a prompt's state every this many tokens (and at its end)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="never reuse the state of a shared prompt prefix")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for the model (default: torch's); 1 is best on a machine shared with "
@@ -120,6 +134,8 @@ def options_from_args(args: argparse.Namespace, model_name: str) -> ServeOptions
         session_disk_bytes=int(args.session_disk_mb * MIB), allowed_hosts=_names(args.allowed_hosts),
         allowed_origins=_names(args.allowed_origins), header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout, max_idle_connections=args.max_idle_connections,
+        prefix_cache=not args.no_prefix_cache, prefix_cache_bytes=int(args.prefix_cache_mb * MIB),
+        prefix_cache_disk_bytes=int(args.prefix_cache_disk_mb * MIB), prefix_cache_interval=args.prefix_cache_interval,
     )
 
 

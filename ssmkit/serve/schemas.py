@@ -10,7 +10,7 @@ which JSON allows) is a 400 naming the field, not a failure deep in the tokenize
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -89,6 +89,43 @@ class SessionCompleteRequest(SamplingFields):
     prompt: _text(MAX_TEXT_CHARS) = ""
 
 
+MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 256
+MAX_ROLE_CHARS = 64
+
+
+class TextPart(_Strict):
+    """A text part of a message's content (``{"type": "text", "text": ...}``)."""
+
+    type: Literal["text"]
+    text: _text(MAX_TEXT_CHARS)
+
+
+class ChatMessage(_Strict):
+    """One message of a conversation: a role and its text (a string or text parts)."""
+
+    role: _text(MAX_ROLE_CHARS, 1)
+    content: _text(MAX_TEXT_CHARS) | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: _text(MAX_NAME_CHARS) | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = True  # accepted for OpenAI clients: usage is always on the last chunk
+
+
+class ChatRequest(SamplingFields):
+    """``POST /v1/chat/completions``: ``messages`` rendered with the checkpoint's chat template.
+
+    ``max_completion_tokens`` (OpenAI's newer name) or ``max_tokens``; without either, up to the server's cap."""
+
+    model: _text(MAX_NAME_CHARS) | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(ge=0, lt=INT_LIMIT)] | None = None  # type: ignore[assignment]
+    max_completion_tokens: Annotated[int, Field(ge=0, lt=INT_LIMIT)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stream_options: StreamOptions | None = None
+
+
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``.
@@ -116,7 +153,9 @@ def clip(value: object, limit: int = 64) -> str:
 # Fields whose type is a union: one message instead of one per member of the union.
 _FIELD_HINTS = {"stop": f"must be a string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings, each at most "
                         f"{MAX_STOP_CHARS} characters of valid Unicode",
-                "seed": "must be an integer in [0, 2**62) or null"}
+                "seed": "must be an integer in [0, 2**62) or null",
+                "content": f"must be a string, a list of at most {MAX_CONTENT_PARTS} text parts "
+                           '({"type": "text", "text": ...}) or null'}
 
 
 def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -129,7 +168,7 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | 
             parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')} at "
                          f"character {where})")
             continue
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
         field = ".".join(loc)[:64] or None
         first = first or (loc[0] if loc else None)
         if loc and loc[0] in _FIELD_HINTS and kind not in ("extra_forbidden", "missing", "string_unicode"):

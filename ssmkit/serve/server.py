@@ -26,6 +26,7 @@ def serve(model: LanguageModel, tokenizer: Tokenizer, folder: Path, options: Ser
     import uvicorn
 
     from ssmkit.serve.app import create_app
+    from ssmkit.serve.chat import load_chat_template
     from ssmkit.serve.connections import IdleConnections, guarded_protocol
 
     log = logging.getLogger("ssmkit.serve")
@@ -43,7 +44,8 @@ def serve(model: LanguageModel, tokenizer: Tokenizer, folder: Path, options: Ser
         log.warning("binding to %s without --token-file: anyone who can reach this address can use the model",
                     options.host)
     log.info("model %s from %s; sessions in %s (%d restored)", options.model_name, folder, sessions_dir, len(store))
-    app = create_app(model, tokenizer, store, options)
+    chat_template = load_chat_template(folder)
+    app = create_app(model, tokenizer, store, options, chat_template)
     # No limit_concurrency: uvicorn would count connections that have not sent a header yet (slowloris);
     # idle connections are bounded by IdleConnections, requests under way by the app's RequestGuard.
     idle = IdleConnections(options.header_timeout_s, options.max_idle_connections)

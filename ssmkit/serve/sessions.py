@@ -25,6 +25,7 @@ leaves the session as it was. Startup (:mod:`ssmkit.serve.recovery`) never delet
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import errno
 import hashlib
@@ -44,7 +45,13 @@ from safetensors import SafetensorError
 
 from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import write_text_atomic
-from ssmkit.serve.recovery import SESSION_ID, recover, state_path
+from ssmkit.serve.recovery import (
+    QUARANTINE,
+    SESSION_ID,
+    quarantine,
+    recover,
+    state_path,
+)
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
@@ -138,6 +145,7 @@ class SessionStore:
         self._reserved = 0
         self.device = model.embedding.weight.device
         self._sessions: dict[str, Session] = {}
+        self._order: list[str] = []  # every session id, sorted: the order of GET /v1/sessions pages
         self._lru: OrderedDict[str, None] = OrderedDict()
         self.memory_bytes = 0
         folder.mkdir(parents=True, exist_ok=True)
@@ -150,6 +158,7 @@ class SessionStore:
             self._sessions[saved.id] = Session(saved.id, saved.created, saved.pending, saved.version,
                                                saved.tokens_read, saved.state_bytes, saved.disk_bytes)
             self.disk_bytes += saved.disk_bytes
+        self._order = sorted(self._sessions)
         if self._sessions:
             log.info("restored %d sessions (%.1f MB on disk)", len(self._sessions), self.disk_bytes / 2**20)
 
@@ -160,7 +169,27 @@ class SessionStore:
         return len(self._sessions)
 
     def list(self) -> list[Session]:
+        """Every session, oldest first (O(n log n): for tools and tests; the API pages with :meth:`page`)."""
         return sorted(self._sessions.values(), key=lambda s: (s.created, s.id))
+
+    def page(self, limit: int, after: str | None = None) -> tuple[list[Session], bool]:
+        """Up to ``limit`` sessions in id order, those after ``after`` (any string: a cursor that need not be a
+        session still open), and whether more follow. O(log n + limit)."""
+        start = 0 if after is None else bisect.bisect_right(self._order, after)
+        ids = self._order[start:start + limit + 1]
+        return [self._sessions[sid] for sid in ids[:limit]], len(ids) > limit
+
+    def _add(self, session: Session) -> None:
+        self._sessions[session.id] = session
+        bisect.insort(self._order, session.id)
+
+    def _forget(self, sid: str) -> Session | None:
+        session = self._sessions.pop(sid, None)
+        if session is not None:
+            i = bisect.bisect_left(self._order, sid)
+            if i < len(self._order) and self._order[i] == sid:
+                del self._order[i]
+        return session
 
     def get(self, sid: str) -> Session:
         """The session ``sid``; :class:`SessionNotFound` if there is none (or the id is malformed)."""
@@ -179,11 +208,11 @@ class SessionStore:
         cache = self.model.allocate_cache(1) if cache is None else cache
         sid = "sess_" + secrets.token_hex(16)
         session = Session(sid, int(time.time()), pending, 0, cache.seqlen_offset, cache.nbytes)
-        self._sessions[sid] = session
+        self._add(session)
         try:
             await self.commit(session, cache, pending)
         except BaseException:
-            self._sessions.pop(sid, None)
+            self._forget(sid)
             raise
         return session
 
@@ -194,8 +223,11 @@ class SessionStore:
             try:
                 cache = await anyio.to_thread.run_sync(lambda: self._as_model_cache(ModelCache.load(path, self.device)))
             except (OSError, ValueError, TypeError, SafetensorError) as e:
-                raise SessionStateError(f"session {session.id}: its saved state cannot be read",
-                                        f"session {session.id}: {path.name} cannot be read: {e}") from None
+                await self._quarantine(session)
+                raise SessionStateError(f"session {session.id}: its saved state cannot be read; the session was "
+                                        "closed and its files kept aside for inspection",
+                                        f"session {session.id}: {path.name} cannot be read: {e}; moved to "
+                                        f"{QUARANTINE}/") from None
             if session.cache is None:
                 self._keep(session, cache)
         self._lru.move_to_end(session.id)
@@ -271,9 +303,19 @@ class SessionStore:
         cache = (await self.state(session)).clone()
         return await self.create(session.pending, cache)
 
+    async def _quarantine(self, session: Session) -> None:
+        """Close a session whose state cannot be read and move its files to ``quarantine/``, as startup does
+        (never deleted; later requests for it are 404s, not a 500 each)."""
+        if self._forget(session.id) is not None:
+            self.disk_bytes -= session.disk_bytes
+        self._drop(session)
+        paths = [self.folder / f"{session.id}.json", *self.folder.glob(f"{session.id}.*.safetensors")]
+        moved = await anyio.to_thread.run_sync(quarantine, self.folder, paths)
+        log.warning("session %s: its state cannot be read; moved to %s/: %s", session.id, QUARANTINE, ", ".join(moved))
+
     async def delete(self, session: Session) -> None:
         """Forget the session: its JSON goes first, so a crash midway never brings it back."""
-        if self._sessions.pop(session.id, None) is not None:
+        if self._forget(session.id) is not None:
             self.disk_bytes -= session.disk_bytes
         self._drop(session)
         await anyio.to_thread.run_sync(self._remove_files, session.id, session.version)

@@ -147,3 +147,51 @@ def open_server(model_dir, tmp_path_factory):
     proc.start()
     yield proc
     proc.stop()
+
+
+CHATML = ("{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+          "{{ raise_exception('unknown role ' + m.role) }}{% endif %}"
+          "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def token_model_dir(tmp_path_factory) -> Path:
+    """A tiny subword model as transformers saves one: its own tokenizer.json (BPE with ChatML specials, no
+    ssmkit specials) and a chat template in tokenizer_config.json."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    folder.mkdir()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the state of a model is a fixed size; read a document once and ask it questions"] * 20,
+                            trainer)
+    from tokenizers import decoders
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    config = get_preset("debug-mamba2")
+    config.vocab_size = tok.get_vocab_size()
+    torch.manual_seed(1)
+    model = LanguageModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dt_bias"):
+                p.add_(2.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_server(token_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat-server")
+    proc = ServerProcess(token_model_dir, folder / "sessions", folder / "server.log", "--max-tokens-cap", "64",
+                         "--prefix-cache-interval", "32")
+    proc.start()
+    yield proc
+    proc.stop()

@@ -126,13 +126,14 @@ def test_states_spill_to_disk_past_the_memory_budget(server, client, reference):
     assert body["choices"][0]["token_ids"] == reference("session 0 ", 10, **SAMPLE)
 
 
-def test_a_broken_state_file_is_a_json_500_and_the_server_lives_on(server, client):
+def test_a_broken_state_file_is_quarantined_once_and_the_server_lives_on(server, client):
     sid = new_session(client, prompt="soon broken")
     for i in range(4):  # push it out of memory (the budget holds about three states)
         new_session(client, prompt=f"filler {i}")
     assert not client.get(f"/v1/sessions/{sid}").json()["in_memory"]
     (state,) = server.sessions_dir.rglob(f"{sid}.*.safetensors")
     state.write_bytes(b"garbage")
+    disk_before = httpx.get(f"{server.url}/health").json()["disk_bytes"]
     r = client.post(f"/v1/sessions/{sid}/complete", json={"max_tokens": 2})
     error = r.json()["error"]
     assert r.status_code == 500 and error["type"] == "server_error"
@@ -140,8 +141,41 @@ def test_a_broken_state_file_is_a_json_500_and_the_server_lives_on(server, clien
     # The reply names neither the file nor the folder (issue 19, item 4); the log has the cause.
     assert str(server.sessions_dir) not in r.text and ".safetensors" not in r.text
     assert "not a readable safetensors file" in server.log.read_text()
+    # The session is closed and its files kept in quarantine/, as at startup: later requests are 404s.
+    quarantined = state.parent / "quarantine"
+    assert (quarantined / state.name).read_bytes() == b"garbage" and (quarantined / f"{sid}.json").is_file()
+    assert not state.exists()
+    for method, path in (("POST", f"/v1/sessions/{sid}/complete"), ("GET", f"/v1/sessions/{sid}"),
+                         ("DELETE", f"/v1/sessions/{sid}")):
+        r = client.request(method, path, json={"max_tokens": 2} if method == "POST" else None)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found", (method, r.text)
+    assert httpx.get(f"{server.url}/health").json()["disk_bytes"] < disk_before
     assert client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2}).status_code == 200
-    assert client.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
+def test_session_list_pages(client):
+    made = {new_session(client) for _ in range(5)}
+    seen, after, pages = [], None, 0
+    while True:
+        params = {"limit": 2} if after is None else {"limit": 2, "after": after}
+        page = client.get("/v1/sessions", params=params).json()
+        assert len(page["data"]) <= 2
+        seen += [s["id"] for s in page["data"]]
+        pages += 1
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == sorted(seen) and len(seen) == len(set(seen)) and made <= set(seen) and pages >= 3
+    # A cursor need not be an open session: the page starts after it in id order.
+    gone = sorted(made)[1]
+    assert client.delete(f"/v1/sessions/{gone}").status_code == 200
+    page = client.get("/v1/sessions", params={"after": gone, "limit": 1000}).json()
+    assert [s["id"] for s in page["data"]] == [x for x in seen if x > gone and x != gone]
+    assert client.get("/v1/sessions", params={"after": "~"}).json() == {
+        "object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+    for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"after": "a" * 300}):
+        r = client.get("/v1/sessions", params=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), bad
 
 
 @pytest.fixture
