@@ -195,3 +195,17 @@ def chat_server(token_model_dir, tmp_path_factory):
     proc.start()
     yield proc
     proc.stop()
+
+
+def assert_cli_refuses(argv: list[str], needle: str, capsys) -> None:
+    """``ssmkit argv`` is refused: by an option's range (argparse usage error, exit 2, naming the flag) or by
+    the options' own check (exit 1, its message containing ``needle``)."""
+    from ssmkit.cli import main
+
+    flag = next((a for a in argv if a.startswith("--") and a != "--checkpoint"), needle)
+    try:
+        code, expected = main(argv), needle
+    except SystemExit as e:
+        code, expected = e.code, flag
+    assert code in (1, 2), argv
+    assert expected in capsys.readouterr().err, argv

@@ -10,7 +10,7 @@ import httpx
 from ssmkit.cli import build_parser
 from ssmkit.serve.options import MIB, options_from_args
 
-from .conftest import ServerProcess, tiny_model
+from .conftest import ServerProcess, assert_cli_refuses, tiny_model
 
 DOC = "".join(f"Line {i}: the state of an SSM does not grow with the text it has read. " for i in range(12))
 
@@ -68,11 +68,8 @@ def test_prefix_cache_flags():
 
 
 def test_bad_prefix_cache_flags_are_usage_errors(model_dir, capsys):
-    from ssmkit.cli import main
-
     for flag, value in (("--prefix-cache-interval", "0"), ("--prefix-cache-mb", "-1"), ("--prefix-cache-disk-mb", "-2")):
-        assert main(["serve", "--checkpoint", str(model_dir), flag, value]) == 1, flag
-        assert "prefix_cache" in capsys.readouterr().err, flag
+        assert_cli_refuses(["serve", "--checkpoint", str(model_dir), flag, value], "prefix_cache", capsys)
 
 
 def test_disk_snapshots_survive_a_restart(model_dir, tmp_path, reference):
