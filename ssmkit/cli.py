@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder, "
                                                  "or a Hugging Face Hub id org/name)")
     conv.add_argument("dst", metavar="DST", help="new folder to write")
-    conv.add_argument("--to", required=True, choices=("transformers", "ssmkit"))
+    conv.add_argument("--to", required=True, choices=("transformers", "ssmkit", "gguf"),
+                      help="gguf: DST is a llama.cpp file (Mamba, Mamba-2; see ssmkit.interop.gguf)")
+    conv.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
+                      help="with --to gguf: storage of the 2-D weights (default f32)")
 
     from ssmkit.serve.options import add_serve_arguments
 
@@ -450,6 +453,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ssmkit.models import LanguageModel
 
     dst = Path(args.dst)
+    if args.to == "gguf":
+        from ssmkit.interop.gguf import convert_to_gguf
+
+        return convert_to_gguf(resolve_model_dir(args.src, args.revision), dst, args.outtype)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
     src = resolve_model_dir(args.src, args.revision)

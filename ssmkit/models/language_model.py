@@ -224,9 +224,10 @@ class LanguageModel(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                         max_bytes: int | None = None) -> LanguageModel:
-        """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
+        """Load an ssmkit checkpoint folder, a transformers folder (model_type mamba, mamba2,
         falcon_mamba, jamba), named by its path or by a Hugging Face Hub id such as
-        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.hub.resolve_checkpoint`).
+        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.hub.resolve_checkpoint`), or a
+        llama.cpp GGUF file of architecture mamba / mamba2 (see :mod:`ssmkit.interop.gguf`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
         files, tensors that do not match the config, and configs of other model types raise errors naming
@@ -241,6 +242,10 @@ class LanguageModel(nn.Module):
             read_config,
         )
 
+        if os.fspath(path).endswith(".gguf") and Path(path).is_file():  # llama.cpp's format: interop.gguf
+            from ssmkit.interop.gguf import load_gguf_model
+
+            return load_gguf_model(path, device=device, dtype=dtype, max_bytes=max_bytes)
         path = resolve_checkpoint(path, revision)
         transformers = checkpoint_kind(path) == "transformers"
         if transformers:
