@@ -140,10 +140,11 @@ def _add_revision_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
     """``--dtype`` of the commands that load a model to run it (resolved by :func:`_load`)."""
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
                         help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a "
                              "CPU; bfloat16 roughly doubles CPU decode (half the bytes per token) on CPUs with "
-                             "native bf16 (AVX512-BF16, AMX). " + note)
+                             "native bf16 (AVX512-BF16, AMX); int8 = float32 with weight-only int8 mixer "
+                             "projections (LanguageModel.quantize). " + note)
 
 
 def _add_experiments(sub: argparse._SubParsersAction, kind: str, help: str) -> None:
@@ -321,7 +322,10 @@ def _load(path: str, device: str, dtype: str = "float32", *, revision: str | Non
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    model = LanguageModel.from_pretrained(folder, device=device, dtype=getattr(torch, dtype)).eval()
+    model = LanguageModel.from_pretrained(folder, device=device,
+                                          dtype=getattr(torch, "float32" if dtype == "int8" else dtype)).eval()
+    if dtype == "int8" and not any(type(m).__name__ == "Int8Linear" for m in model.modules()):
+        model.quantize("int8")  # weight-only int8 of the mixer projections (ssmkit.layers.quantized)
     tok = load_tokenizer(folder, tokenizer=tokenizer) if need_tokenizer or tokenizer else None
     if tok is not None and tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "

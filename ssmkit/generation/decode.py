@@ -15,7 +15,6 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ssmkit.generation.cache import ModelCache
 from ssmkit.generation.sampling import RowGenerators, SamplingParams, sample_next
@@ -75,8 +74,7 @@ def forward_one(model: LanguageModel, token: torch.Tensor, cache: ModelCache) ->
     residual = model.embedding(token[:, None])
     for block, layer_state in zip(model.layers, cache.states):
         residual = block(residual, cache=layer_state)
-    hidden = model.norm_f(residual[:, -1]).to(model.head_weight.dtype)
-    return F.linear(hidden, model.head_weight)
+    return model.head_logits(model.norm_f(residual[:, -1]))
 
 
 def step(model: LanguageModel, token: torch.Tensor, state: DecodeState) -> torch.Tensor:

@@ -107,7 +107,20 @@ def save_checkpoint(model: LanguageModel, path: Path) -> None:
     save_safetensors_atomic(dict(model.state_dict()), path / WEIGHTS_NAME, metadata={"format": FORMAT})
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
             "config": model.config.to_dict()}
+    from ssmkit.layers.quantized import quantization_record
+
+    if quantization_record(model) is not None:
+        data["quantization"] = quantization_record(model)
     write_text_atomic(path / CONFIG_NAME, json.dumps(data, indent=2) + "\n")
+
+
+def apply_saved_quantization(model: LanguageModel, path: Path) -> None:
+    """Swap in the int8 layers the folder's config.json records under "quantization" (none: no change)."""
+    data = read_json(path / CONFIG_NAME)
+    if "quantization" in data:
+        from ssmkit.layers.quantized import apply_quantization_record
+
+        apply_quantization_record(model, data["quantization"], shown(path / CONFIG_NAME))
 
 
 def read_config(path: Path) -> ModelConfig:

@@ -84,6 +84,12 @@ class LanguageModel(nn.Module):
         """(V, H) output projection: the embedding when tied."""
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one)."""
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(hidden)
+        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
                 seq_idx: torch.Tensor | None = None, cache: ModelCache | None = None,
                 logits_to_keep: int = 0) -> LanguageModelOutput:
@@ -112,8 +118,7 @@ class LanguageModel(nn.Module):
             cache.seqlen_offset += input_ids.shape[1]
         if logits_to_keep:
             residual = residual[:, -logits_to_keep:]
-        hidden = self.norm_f(residual).to(self.head_weight.dtype)
-        logits = F.linear(hidden, self.head_weight)
+        logits = self.head_logits(self.norm_f(residual))
         loss = None
         if labels is not None:
             targets = labels[:, 1:]
@@ -206,6 +211,18 @@ class LanguageModel(nn.Module):
 
         return stream(self, prompts, max_new_tokens, **kwargs)
 
+    def quantize(self, method: str = "int8", *, head: bool = True) -> LanguageModel:
+        """Weight-only int8 in place (per-output-channel symmetric scales) of the mixers' in/x/out
+        projections and, with ``head``, of the output head (a tied head gets an int8 copy; the embedding
+        stays float); see :mod:`ssmkit.layers.quantized`. ``save_pretrained`` keeps it; returns ``self``."""
+        from ssmkit.layers.quantized import quantize_int8_
+
+        if method != "int8":
+            raise ValueError(f"method must be 'int8', got {method!r}")
+        if not quantize_int8_(self, head=head):
+            raise ValueError("nothing to quantise (already quantised, or no in_proj/x_proj/out_proj)")
+        return self
+
     def save_pretrained(self, path: str | os.PathLike, format: str = "ssmkit") -> None:
         """Write a checkpoint folder: ``"ssmkit"`` (config.json + model.safetensors) or ``"transformers"``
         (a folder Hugging Face transformers loads; see :mod:`ssmkit.interop`). Files are written atomically."""
@@ -261,6 +278,10 @@ class LanguageModel(nn.Module):
         else:
             config, state_dict, source = load_checkpoint(path)
         model = cls(config, device=device, dtype=dtype, max_bytes=max_bytes)
+        if not transformers:  # an int8 checkpoint: the same int8 layers before its tensors load
+            from ssmkit.models.checkpoint import apply_saved_quantization
+
+            apply_saved_quantization(model, path)
         load_state_dict_checked(model, state_dict, source)
         return model
 
