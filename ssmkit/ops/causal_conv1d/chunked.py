@@ -182,11 +182,21 @@ def causal_conv1d_update_chunked(
     width = weight.shape[1]
     state_len = conv_state.shape[-1]
     cdtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
-    window = torch.cat([conv_state[..., state_len - (width - 1) :].to(cdtype), xs.to(cdtype)], dim=-1)
     b = bias.to(cdtype) if bias is not None else None
-    out = F.conv1d(window, weight.to(cdtype).unsqueeze(1), b, groups=weight.shape[0])
-    # The concatenation is a copy, so writing it back over conv_state cannot read overwritten values.
-    conv_state.copy_(torch.cat([conv_state, xs.to(conv_state.dtype)], dim=-1)[..., length:])
+    if length == 1 and state_len >= width and x.device.type == "cpu":
+        # One decode token on CPU: a multiply-add over the window, not a grouped convolution (oneDNN's
+        # depthwise conv of 4 taps cost ~1 ms per call, about as much as the layer's matmuls). The state
+        # shifts first (the concatenation is a copy), then its last ``width`` columns are the window.
+        conv_state.copy_(torch.cat([conv_state[..., 1:], xs.to(conv_state.dtype)], dim=-1))
+        window = conv_state[..., state_len - width:].to(cdtype)
+        out = (window * weight.to(cdtype)).sum(-1, keepdim=True)
+        if b is not None:
+            out = out + b[:, None]
+    else:
+        window = torch.cat([conv_state[..., state_len - (width - 1) :].to(cdtype), xs.to(cdtype)], dim=-1)
+        out = F.conv1d(window, weight.to(cdtype).unsqueeze(1), b, groups=weight.shape[0])
+        # The concatenation is a copy, so writing it back over conv_state cannot read overwritten values.
+        conv_state.copy_(torch.cat([conv_state, xs.to(conv_state.dtype)], dim=-1)[..., length:])
     if activation in ("silu", "swish"):
         out = F.silu(out)
     out = out.to(x.dtype)
