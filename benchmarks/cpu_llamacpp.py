@@ -198,10 +198,14 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="mamba-130m, f32 and q8_0, 1 thread, L 512, 1 round")
+    parser.add_argument("--ssmkit-only", action="store_true",
+                        help="no llama.cpp: ssmkit's fp32 / bf16 / int8 side by side (before a build exists)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
         args.models, args.types, args.threads, args.lengths, args.rounds = ["mamba-130m"], ["f32", "q8_0"], [1], [512], 1
+    if args.ssmkit_only:
+        return ssmkit_only(args)
     src = build(args.jobs) if args.build else find_llama_cpp()
     if src is None:
         raise SystemExit("no llama.cpp source under .ext/: run with --build")
@@ -235,6 +239,33 @@ def main() -> int:
                     print_row(row, args.lengths)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def ssmkit_only(args: argparse.Namespace) -> int:
+    """ssmkit's weight types beside each other (interleaved rounds, medians), ratios to fp32."""
+    print(f"torch {torch.__version__}, load average {os.getloadavg()}")
+    for preset in args.models:
+        torch.manual_seed(0)
+        model = LanguageModel(get_preset(preset)).eval()
+        variants = {TYPES[t]: ssmkit_variant(model, TYPES[t]) for t in args.types}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            samples: dict[tuple[str, str], list[float]] = {}
+            for _ in range(args.rounds):
+                for kind, variant in variants.items():
+                    for length in args.lengths:
+                        prefill, decode = ssmkit_times(variant, length, args.decode_tokens)
+                        samples.setdefault((kind, f"prefill {length}"), []).append(prefill)
+                    samples.setdefault((kind, "decode"), []).append(decode)
+            columns = [*(f"prefill {n}" for n in args.lengths), "decode"]
+            print(f"| {preset}, {threads} thread(s), load {os.getloadavg()[0]:.1f} | " + " | ".join(columns) + " |")
+            for kind in variants:
+                cells = []
+                for col in columns:
+                    value, base = statistics.median(samples[(kind, col)]), statistics.median(samples[("fp32", col)])
+                    cells.append(f"{value:.1f} ({value / base:.2f}x)")
+                print(f"| {kind} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 
