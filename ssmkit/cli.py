@@ -106,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="SRC", help="ssmkit or transformers model folder (or a training run folder, "
                                                  "or a Hugging Face Hub id org/name)")
     conv.add_argument("dst", metavar="DST", help="new folder to write")
-    conv.add_argument("--to", required=True, choices=("transformers", "ssmkit"))
+    conv.add_argument("--to", required=True, choices=("transformers", "ssmkit", "gguf"),
+                      help="gguf: DST is a llama.cpp file (Mamba, Mamba-2; see ssmkit.models.formats.gguf)")
+    conv.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
+                      help="with --to gguf: storage of the 2-D weights (default f32)")
 
     from ssmkit.serve.options import add_serve_arguments
 
@@ -144,7 +147,8 @@ def _add_dtype_argument(parser: argparse.ArgumentParser, note: str = "") -> None
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights' dtype (SSM states stay float32): auto = bfloat16 on a GPU, float32 on a "
                              "CPU; bfloat16 roughly doubles CPU decode (half the bytes per token) on CPUs with "
-                             "native bf16 (AVX512-BF16, AMX). " + note)
+                             "native bf16 (AVX512-BF16, AMX); int8 = float32 with weight-only int8 mixer "
+                             "projections (LanguageModel.quantize). " + note)
 
 
 def _add_experiments(sub: argparse._SubParsersAction, kind: str, help: str) -> None:
@@ -397,6 +401,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ssmkit.models.loading import resolve_model_dir
 
     dst = Path(args.dst)
+    if args.to == "gguf":
+        from ssmkit.models.formats.gguf import convert_to_gguf
+
+        return convert_to_gguf(resolve_model_dir(args.src, args.revision), dst, args.outtype)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
     src = resolve_model_dir(args.src, args.revision)

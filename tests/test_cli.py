@@ -102,9 +102,13 @@ def test_generate_with_bfloat16_weights(capsys, run_dir, monkeypatch):
     assert main(argv) == 0  # auto on a CPU: float32
     capsys.readouterr()
     assert {p.dtype for p in loaded[-1].parameters()} == {torch.float32}
+    # int8: weight-only int8 mixer projections and head (ssmkit.layers.quantized), still a continuation.
+    assert main([*argv, "--dtype", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert {b.dtype for n, b in loaded[-1].named_buffers() if n.endswith("qweight")} == {torch.int8}
     with pytest.raises(SystemExit) as e:
-        main([*argv, "--dtype", "int8"])
-    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+        main([*argv, "--dtype", "int4"])
+    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
 
 
 def test_generate_errors(capsys, run_dir, tmp_path):

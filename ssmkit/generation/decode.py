@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.generation.sampling import RowGenerators, SamplingParams, sample_next
@@ -105,8 +104,7 @@ def forward_one(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torc
     residual = model.embedding(token[:, None])
     for block, layer_state in zip(model.layers, cache.states):
         residual = block(residual, cache=layer_state)
-    hidden = model.norm_f(residual[:, -1]).to(model.head_weight.dtype)
-    return F.linear(hidden, model.head_weight)
+    return model.head_logits(model.norm_f(residual[:, -1]))
 
 
 def step(model: DecodingModel, token: torch.Tensor, state: DecodeState) -> torch.Tensor:

@@ -121,6 +121,12 @@ class LanguageModel(nn.Module):
         """(V, H) output projection: the embedding when tied."""
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one)."""
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(hidden)
+        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+
     def forward(self, input_ids: torch.Tensor, *, targets: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
                 cache: ModelCache | None = None, logits_to_keep: int = 0) -> LanguageModelOutput:
@@ -155,8 +161,7 @@ class LanguageModel(nn.Module):
             cache.seqlen_offset += input_ids.shape[1]
         if logits_to_keep:
             residual = residual[:, -logits_to_keep:]
-        hidden = self.norm_f(residual).to(self.head_weight.dtype)
-        out = LanguageModelOutput(logits=F.linear(hidden, self.head_weight))
+        out = LanguageModelOutput(logits=self.head_logits(self.norm_f(residual)))
         stats = [block.ff.last_stats for block in self.layers if isinstance(block.ff, MoE)]
         if stats:
             moe = self.config.moe
@@ -251,6 +256,18 @@ class LanguageModel(nn.Module):
 
         return stream(self, prompts, max_new_tokens, **kwargs)
 
+    def quantize(self, method: str = "int8", *, head: bool = True) -> LanguageModel:
+        """Weight-only int8 in place (per-output-channel symmetric scales) of the mixers' in/x/out
+        projections and, with ``head``, of the output head (a tied head gets an int8 copy; the embedding
+        stays float); see :mod:`ssmkit.layers.quantized`. ``save_pretrained`` keeps it; returns ``self``."""
+        from ssmkit.layers.quantized import quantize_int8_
+
+        if method != "int8":
+            raise ValueError(f"method must be 'int8', got {method!r}")
+        if not quantize_int8_(self, head=head):
+            raise ValueError("nothing to quantise (already quantised, or no in_proj/x_proj/out_proj)")
+        return self
+
     def save_pretrained(self, path: str | os.PathLike, format: str = "ssmkit") -> None:
         """Write a checkpoint folder: ``"ssmkit"`` (config.json + model.safetensors) or ``"transformers"``
         (a folder Hugging Face transformers loads; see :mod:`ssmkit.models.formats`). Files are written atomically."""
@@ -265,15 +282,20 @@ class LanguageModel(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                         max_bytes: int | None = None) -> LanguageModel:
-        """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
+        """Load an ssmkit checkpoint folder, a transformers folder (model_type mamba, mamba2,
         falcon_mamba, jamba), named by its path or by a Hugging Face Hub id such as
-        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`).
+        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`), or a
+        llama.cpp GGUF file of architecture mamba / mamba2 (see :mod:`ssmkit.models.formats.gguf`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
         files, tensors that do not match the config, and configs of other model types raise errors naming
         the file. The config's size is checked before any weight is read (see
         :func:`ssmkit.models.size.check_model_size`; ``max_bytes`` overrides the limit).
         """
+        if os.fspath(path).endswith(".gguf") and Path(path).is_file():  # llama.cpp's format: formats.gguf
+            from ssmkit.models.formats.gguf import load_gguf_model
+
+            return load_gguf_model(path, device=device, dtype=dtype, max_bytes=max_bytes)
         path = resolve_checkpoint(path, revision)
         transformers = checkpoint_kind(path) == "transformers"
         config = read_transformers_config(path) if transformers else read_config(path)
@@ -284,6 +306,10 @@ class LanguageModel(nn.Module):
         else:
             config, state_dict, source = load_checkpoint(path)
         model = cls(config, device=device, dtype=dtype, max_bytes=max_bytes)
+        if not transformers:  # an int8 checkpoint: the same int8 layers before its tensors load
+            from ssmkit.models.formats.native import apply_saved_quantization
+
+            apply_saved_quantization(model, path)
         load_state_dict_checked(model, state_dict, source)
         return model
 

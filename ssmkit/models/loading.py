@@ -12,10 +12,12 @@ import torch
 
 from ssmkit.data.tokenizer import Tokenizer, load_tokenizer
 from ssmkit.io.hub import resolve_checkpoint
+from ssmkit.layers.quantized import Int8Linear
 from ssmkit.models.language_model import LanguageModel
 from ssmkit.models.run_folder import CHECKPOINTS, MODEL_DIR, find_resumable
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+"""int8: float32 with weight-only int8 mixer projections and head (:meth:`LanguageModel.quantize`)."""
 
 
 def resolve_model_dir(path: str | Path, revision: str | None = None) -> Path:
@@ -47,7 +49,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    return getattr(torch, dtype)
+    return getattr(torch, "float32" if dtype == "int8" else dtype)
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", *, revision: str | None = None,
@@ -63,6 +65,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", *,
     folder = resolve_model_dir(path, revision)
     device = resolve_device(device)
     model = LanguageModel.from_pretrained(folder, device=device, dtype=resolve_dtype(dtype, device)).eval()
+    if dtype == "int8" and not any(isinstance(m, Int8Linear) for m in model.modules()):
+        model.quantize("int8")  # weight-only int8 of the mixer projections and the head
     tok = load_tokenizer(folder, tokenizer=tokenizer) if need_tokenizer or tokenizer else None
     if tok is not None and tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "

@@ -21,6 +21,7 @@ import torch
 from ssmkit.io import files
 from ssmkit.io.files import load_safetensors, save_safetensors_atomic, shown, write_text_atomic
 from ssmkit.io.hub import SAFETENSORS_WEIGHTS, is_mamba_ssm_config, mamba_ssm_hint
+from ssmkit.layers.quantized import apply_quantization_record, quantization_record
 from ssmkit.models.blocks import build_blocks
 from ssmkit.models.config import ModelConfig
 
@@ -88,7 +89,17 @@ def save_checkpoint(model: nn.Module, path: Path) -> None:
     save_safetensors_atomic(dict(model.state_dict()), path / WEIGHTS_NAME, metadata={"format": FORMAT})
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
             "config": model.config.to_dict()}
+    record = quantization_record(model)
+    if record is not None:
+        data["quantization"] = record
     write_text_atomic(path / CONFIG_NAME, json.dumps(data, indent=2) + "\n")
+
+
+def apply_saved_quantization(model: nn.Module, path: Path) -> None:
+    """Swap in the int8 layers the folder's config.json records under "quantization" (none: no change)."""
+    data = read_json(path / CONFIG_NAME)
+    if "quantization" in data:
+        apply_quantization_record(model, data["quantization"], shown(path / CONFIG_NAME))
 
 
 def read_config(path: Path) -> ModelConfig:
