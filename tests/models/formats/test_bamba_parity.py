@@ -212,3 +212,47 @@ def test_attention_without_rotary_is_refused(tmp_path):
                       attention=AttentionConfig(num_heads=4))
     with pytest.raises(ValueError, match="rotary_emb_dim"):
         LanguageModel(cfg, device="meta").save_pretrained(tmp_path / "out", format="transformers")
+
+
+def test_bamba_9b_preset_has_transformers_parameter_count(capsys):
+    from ssmkit.cli import main
+    from ssmkit.models.formats.bamba import bamba_config_to_transformers
+    from ssmkit.models.presets import get_preset
+
+    cfg = get_preset("bamba-9b")
+    ours = LanguageModel(cfg, device="meta")
+    raw = bamba_config_to_transformers(cfg, cfg.padded_vocab_size)
+    assert raw["attn_layer_indices"] == [9, 18, 27] and raw["mamba_n_heads"] == 128
+    with torch.device("meta"):
+        hf = transformers.BambaForCausalLM(transformers.BambaConfig(**raw))
+    count = sum(p.numel() for p in hf.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == count == 9_780_235_392
+    assert main(["info", "--preset", "bamba-9b", "--context", "4096"]) == 0
+    assert f"parameters: {count:,}" in capsys.readouterr().out
+
+
+def test_convert_cli_round_trip(hf_folder, tmp_path):
+    from ssmkit.cli import main
+
+    hf, folder = hf_folder
+    assert main(["convert", str(folder), str(tmp_path / "ours"), "--to", "ssmkit"]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "transformers"]) == 0
+    again = transformers.BambaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = _ids(67, (1, 13), 6)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "bamba"
+
+
+def test_bamba_tiny_preset_decodes_like_the_parallel_forward():
+    from ssmkit.models.presets import get_preset
+
+    torch.manual_seed(0)
+    model = randomize_(LanguageModel(get_preset("bamba-tiny")), 3).eval()
+    ids = _ids(256, (2, 30), 8)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.allocate_cache(2)
+        steps = [model(ids[:, :11], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(11, 30)]
+    assert relative_error(torch.cat(steps, dim=1), full) <= 1e-5
