@@ -1,9 +1,9 @@
 """Checkpoints of other libraries <-> ssmkit.
 
-Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2``, ``jamba`` and ``bamba``
-(:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
-:mod:`ssmkit.models.formats.transformers_mamba`, :mod:`ssmkit.models.formats.jamba` and
-:mod:`ssmkit.models.formats.bamba`), and mamba_ssm's own
+Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2``, ``jamba``, ``bamba`` and
+``nemotron_h`` (:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
+:mod:`ssmkit.models.formats.transformers_mamba`, :mod:`ssmkit.models.formats.jamba`,
+:mod:`ssmkit.models.formats.bamba` and :mod:`ssmkit.models.formats.nemotron_h`), and mamba_ssm's own
 format when its weights are safetensors (:mod:`ssmkit.models.formats.mamba_ssm`, read only);
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
 """
@@ -33,6 +33,11 @@ from ssmkit.models.formats.mamba_ssm import (
     config_from_mamba_ssm,
     load_mamba_ssm_checkpoint,
 )
+from ssmkit.models.formats.nemotron_h import (
+    load_nemotron_h_checkpoint,
+    nemotron_h_config_from_transformers,
+    save_nemotron_h_checkpoint,
+)
 from ssmkit.models.formats.transformers_config import MODEL_TYPES as _MAMBA_MODEL_TYPES
 from ssmkit.models.formats.transformers_config import config_from_transformers
 
@@ -41,11 +46,11 @@ if TYPE_CHECKING:
 
     from ssmkit.models.config import ModelConfig
 
-TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba", "bamba")
+TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba", "bamba", "nemotron_h")
 
 
 def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a transformers folder of model_type mamba, falcon_mamba, mamba2, jamba or bamba:
+    """Read a transformers folder of model_type mamba, falcon_mamba, mamba2, jamba, bamba or nemotron_h:
     ``(ModelConfig, state_dict with LanguageModel names)`` (see the per-format modules for the errors)."""
     folder = Path(path)
     raw = read_json(folder / CONFIG_NAME) if folder.is_dir() and (folder / CONFIG_NAME).is_file() else {}
@@ -53,6 +58,8 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
         return load_jamba_checkpoint(folder)
     if raw.get("model_type") == "bamba":
         return load_bamba_checkpoint(folder)
+    if raw.get("model_type") == "nemotron_h":
+        return load_nemotron_h_checkpoint(folder)
     if is_mamba_ssm_config(raw):
         return load_mamba_ssm_checkpoint(folder)
     return transformers_mamba.load_transformers_checkpoint(folder)
@@ -66,18 +73,23 @@ def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
         return jamba_config_from_transformers(raw, config_path)
     if raw.get("model_type") == "bamba":
         return bamba_config_from_transformers(raw, config_path)
+    if raw.get("model_type") == "nemotron_h":
+        return nemotron_h_config_from_transformers(raw, config_path)
     if is_mamba_ssm_config(raw):
         return config_from_mamba_ssm(raw, config_path)
     return config_from_transformers(raw, config_path)
 
 
 def save_transformers_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a transformers folder: Bamba for hybrids of Mamba-2 layers, Jamba for other hybrids
-    (attention or feed-forward layers, or Mamba with inner layer norms), mamba / falcon_mamba / mamba2 for
-    pure SSM stacks."""
+    """Write ``model`` as a transformers folder: Nemotron-H for hybrids of Mamba-2 and attention layers whose
+    feed-forwards (if any) are ungated MLPs, Bamba for other hybrids of Mamba-2 layers, Jamba for other
+    hybrids (attention or feed-forward layers, or Mamba with inner layer norms), mamba / falcon_mamba / mamba2
+    for pure SSM stacks."""
     config = model.config
     specs = config.layer_specs()
     hybrid = any(s.mixer == "attention" or s.ff is not None for s in specs)
+    if hybrid and all(s.mixer in ("mamba2", "attention") and s.ff in (None, "ungated_mlp") for s in specs):
+        return save_nemotron_h_checkpoint(model, path)
     if hybrid and any(s.mixer == "mamba2" for s in specs):
         return save_bamba_checkpoint(model, path)
     if hybrid or config.mamba.inner_layernorms:
@@ -90,9 +102,11 @@ __all__ = [
     "CheckpointError",
     "load_bamba_checkpoint",
     "load_jamba_checkpoint",
+    "load_nemotron_h_checkpoint",
     "load_transformers_checkpoint",
     "read_transformers_config",
     "save_bamba_checkpoint",
     "save_jamba_checkpoint",
+    "save_nemotron_h_checkpoint",
     "save_transformers_checkpoint",
 ]
