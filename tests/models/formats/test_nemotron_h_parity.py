@@ -230,3 +230,48 @@ def test_attention_with_rotary_is_refused(tmp_path):
                       attention=AttentionConfig(num_heads=4, rotary_emb_dim=8))
     with pytest.raises(ValueError, match="Nemotron-H: attention must have no rotary embedding"):
         LanguageModel(cfg, device="meta").save_pretrained(tmp_path / "out", format="transformers")
+
+
+def test_nemotron_h_8b_preset_has_transformers_parameter_count(capsys):
+    from ssmkit.cli import main
+    from ssmkit.models.formats.nemotron_h import nemotron_h_config_to_transformers
+    from ssmkit.models.presets import get_preset
+
+    cfg = get_preset("nemotron-h-8b")
+    ours = LanguageModel(cfg, device="meta")
+    raw = nemotron_h_config_to_transformers(cfg, cfg.padded_vocab_size)
+    hf_config = transformers.NemotronHConfig(**raw)
+    assert hf_config.hybrid_override_pattern == "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+    with torch.device("meta"):
+        hf = transformers.NemotronHForCausalLM(hf_config)
+    count = sum(p.numel() for p in hf.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == count == 8_100_852_736
+    assert main(["info", "--preset", "nemotron-h-8b", "--context", "8192"]) == 0
+    assert f"parameters: {count:,}" in capsys.readouterr().out
+
+
+def test_convert_cli_round_trip(hf_folder, tmp_path):
+    from ssmkit.cli import main
+
+    hf, folder = hf_folder
+    assert main(["convert", str(folder), str(tmp_path / "ours"), "--to", "ssmkit"]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "transformers"]) == 0
+    again = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = _ids(67, (1, 13), 6)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+    assert again.config.hybrid_override_pattern == NEMOTRON["hybrid_override_pattern"]
+
+
+def test_nemotron_h_tiny_preset_decodes_like_the_parallel_forward():
+    from ssmkit.models.presets import get_preset
+
+    torch.manual_seed(0)
+    model = randomize_(LanguageModel(get_preset("nemotron-h-tiny")), 3).eval()
+    ids = _ids(256, (2, 30), 8)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.allocate_cache(2)
+        steps = [model(ids[:, :11], cache=cache).logits]
+        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(11, 30)]
+    assert relative_error(torch.cat(steps, dim=1), full) <= 1e-5
