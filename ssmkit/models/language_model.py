@@ -266,7 +266,7 @@ class LanguageModel(nn.Module):
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                         max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder or a transformers folder (model_type mamba, mamba2,
-        falcon_mamba, jamba), named by its path or by a Hugging Face Hub id such as
+        falcon_mamba, jamba, bamba, nemotron_h), named by its path or by a Hugging Face Hub id such as
         ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt
