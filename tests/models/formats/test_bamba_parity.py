@@ -257,3 +257,4 @@ def test_bamba_tiny_preset_decodes_like_the_parallel_forward():
         steps = [model(ids[:, :11], cache=cache).logits]
         steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(11, 30)]
     assert relative_error(torch.cat(steps, dim=1), full) <= 1e-5
+
