@@ -148,6 +148,8 @@ def bamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
     if ssm_head_dim * ssm_heads != expand * d_model:
         raise _fail(source, "mamba_n_heads", ssm_heads, f"mamba_n_heads * mamba_d_head ({ssm_heads} * "
                     f"{ssm_head_dim}) must equal mamba_expand * hidden_size ({expand} * {d_model})")
+    if ssm_heads % get("mamba_n_groups"):
+        raise _fail(source, "mamba_n_groups", values["mamba_n_groups"], f"must divide mamba_n_heads ({ssm_heads})")
     limit = values["time_step_limit"]
     try:
         lo, hi = (float(v) for v in limit)

@@ -157,6 +157,8 @@ def nemotron_h_config_from_transformers(raw: dict[str, Any], source: Path) -> Mo
     if heads * head_dim % d_model:
         raise _fail(source, "mamba_num_heads", heads, f"mamba_num_heads * mamba_head_dim ({heads} * {head_dim}) "
                     f"must be a multiple of hidden_size ({d_model})")
+    if heads % get("n_groups"):
+        raise _fail(source, "n_groups", values["n_groups"], f"must divide mamba_num_heads ({heads})")
     limit = values["time_step_limit"]
     try:
         lo, hi = (float(v) for v in limit)

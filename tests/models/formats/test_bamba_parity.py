@@ -179,7 +179,7 @@ def _write(folder, raw: dict, weights=None) -> None:
     ({"attn_layer_indices": [7]}, "attn_layer_indices"),
     ({"mamba_n_heads": 5}, "mamba_n_heads"),
     ({"time_step_limit": [1.0, 0.5]}, "time_step_limit"),
-    ({"mamba_n_groups": 4}, "ngroups"),
+    ({"mamba_n_groups": 4}, "mamba_n_groups"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
 ])
 def test_unsupported_config_values_name_the_field(hf_folder, tmp_path, change, field):

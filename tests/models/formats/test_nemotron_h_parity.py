@@ -194,7 +194,7 @@ def _write(folder, raw: dict, weights=None) -> None:
     ({"mlp_hidden_act": "tanh"}, "mlp_hidden_act"),
     ({"mamba_hidden_act": "gelu"}, "mamba_hidden_act"),
     ({"mamba_num_heads": 5}, "mamba_num_heads"),
-    ({"n_groups": 4}, "ngroups"),
+    ({"n_groups": 4}, "'n_groups' = 4: must divide mamba_num_heads"),
     ({"time_step_limit": [1.0, 0.5]}, "time_step_limit"),
     ({"head_dim": 0}, "head_dim"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
