@@ -248,7 +248,7 @@ def _build_attention(window: bool) -> Callable[[BuildContext], nn.Module]:
 
 
 def _build_mlp(ctx: BuildContext) -> nn.Module:
-    return MLP(ctx.d_model, ctx.settings.d_intermediate, **ctx.factory)
+    return MLP(ctx.d_model, ctx.settings.d_intermediate, bias=ctx.settings.bias, **ctx.factory)
 
 
 def _build_moe(ctx: BuildContext) -> nn.Module:

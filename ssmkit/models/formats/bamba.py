@@ -128,8 +128,6 @@ def bamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
         raise _fail(source, "hidden_act", values["hidden_act"], "only 'silu' is implemented")
     if raw.get("quantization_config") is not None:
         raise CheckpointError(f"{source}: field 'quantization_config': quantized checkpoints are not supported")
-    if values["mlp_bias"] is not False:
-        raise _fail(source, "mlp_bias", values["mlp_bias"], "only false is implemented (ssmkit's MLP has no bias)")
 
     def get(name: str, kind: type = int, minimum: int = 1) -> Any:
         return _field(values, source, name, kind, minimum)
@@ -171,7 +169,7 @@ def bamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
             attention=AttentionConfig(num_heads=heads, num_heads_kv=get("num_key_value_heads"), head_dim=head_dim,
                                       rotary_emb_dim=rotary, rotary_emb_base=theta,
                                       bias=get("attention_bias", bool)),
-            mlp=MLPConfig(d_intermediate=get("intermediate_size")),
+            mlp=MLPConfig(d_intermediate=get("intermediate_size"), bias=get("mlp_bias", bool)),
             norm_eps=eps, tie_embeddings=get("tie_word_embeddings", bool), residual_in_fp32=False,
             pad_vocab_size_multiple=1, initializer_range=get("initializer_range", float),
             rescale_prenorm_residual=False,
@@ -204,7 +202,8 @@ def bamba_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[s
         "hidden_size": config.d_model, "num_hidden_layers": config.n_layer,
         "intermediate_size": config.mlp.d_intermediate, "num_attention_heads": a.num_heads,
         "num_key_value_heads": a.num_heads_kv or a.num_heads, "head_dim": head_dim, "attention_bias": a.bias,
-        "mlp_bias": False, "attn_layer_indices": [i for i, s in enumerate(specs) if s.mixer == "attention"],
+        "mlp_bias": config.mlp.bias,
+        "attn_layer_indices": [i for i, s in enumerate(specs) if s.mixer == "attention"],
         "rope_parameters": {"rope_type": "default", "rope_theta": a.rotary_emb_base,
                             "partial_rotary_factor": a.rotary_emb_dim / head_dim},
         "mamba_n_heads": m.expand * config.d_model // m.headdim, "mamba_d_head": m.headdim,

@@ -29,13 +29,13 @@ from ssmkit.testing import relative_error
 
 # 5 layers, attention at 1 and 4; GQA 4/2 with head_dim 12 (not hidden / heads) and a non-default rotary
 # fraction and base; Mamba-2 with 2 groups (so the gated norm has 2 groups), 6 heads of 8, d_state 6, conv 3,
-# projection biases and a dt limit; non-default eps, so a dropped field shows in the logits.
+# projection biases (Mamba, attention, MLP) and a dt limit; non-default eps, so a dropped field shows in the logits.
 BAMBA = {
     "vocab_size": 67, "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 5, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 12, "attn_layer_indices": [1, 4], "mamba_n_heads": 6, "mamba_d_head": 8,
     "mamba_n_groups": 2, "mamba_d_state": 6, "mamba_d_conv": 3, "mamba_expand": 2, "mamba_chunk_size": 8,
     "mamba_conv_bias": True, "mamba_proj_bias": True, "time_step_limit": (0.01, 5.0), "attention_bias": True,
-    "rms_norm_eps": 1e-4, "tie_word_embeddings": False,
+    "mlp_bias": True, "rms_norm_eps": 1e-4, "tie_word_embeddings": False,
     "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5},
     "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
 }
@@ -83,7 +83,7 @@ def test_loaded_config_and_modules(hf_folder):
         4, 2, 12, 6, 500.0, True)
     assert (m.headdim, m.ngroups, m.d_state, m.d_conv, m.chunk_size, m.bias, m.dt_limit) == (
         8, 2, 6, 3, 8, True, (0.01, 5.0))
-    assert cfg.norm_eps == 1e-4 and not cfg.residual_in_fp32 and not cfg.tie_embeddings
+    assert cfg.norm_eps == 1e-4 and not cfg.residual_in_fp32 and not cfg.tie_embeddings and cfg.mlp.bias
     mixer = model.layers[0].mixer
     assert isinstance(mixer, Mamba2) and mixer.norm.group_size == 24 and mixer.norm.eps == 1e-4
 
@@ -136,7 +136,8 @@ def ssmkit_bamba(tie: bool = True) -> LanguageModel:
                       mamba2=Mamba2Config(d_state=4, headdim=16, ngroups=2, chunk_size=16, d_conv=4),
                       attention=AttentionConfig(num_heads=4, num_heads_kv=1, rotary_emb_dim=8,
                                                 rotary_emb_base=1000.0),
-                      mlp=MLPConfig(d_intermediate=24), norm_eps=1e-6, tie_embeddings=tie, residual_in_fp32=False)
+                      mlp=MLPConfig(d_intermediate=24, bias=not tie), norm_eps=1e-6, tie_embeddings=tie,
+                      residual_in_fp32=False)
     return randomize_(LanguageModel(cfg), 7).eval()
 
 
@@ -172,7 +173,7 @@ def _write(folder, raw: dict, weights=None) -> None:
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"mlp_bias": True}, "mlp_bias"),
+    ({"mlp_bias": "yes"}, "mlp_bias"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10.0, "factor": 2.0}}, "rope_type"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 10.0, "partial_rotary_factor": 0.1}},
      "partial_rotary_factor"),
