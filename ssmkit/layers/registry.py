@@ -262,7 +262,8 @@ for _kind in (
     # mamba_ssm's Mamba-3 keeps its norms at eps 1e-5 whatever the model's norm_eps: the default build.
     LayerKind("2", "mamba2", "mamba2", Mamba2Config, Mamba2, _mamba2_flops, Mamba2State, size=sizes.mamba2,
               build=_build_mamba2,
-              transformers={"mamba2": "mixer", "bamba": "mamba", "nemotron_h": "mixer"}, context_parallel=True, doc="Mamba-2 (SSD)"),
+              transformers={"mamba2": "mixer", "bamba": "mamba", "nemotron_h": "mixer"}, context_parallel=True,
+              doc="Mamba-2 (SSD)"),
     LayerKind("3", "mamba3", "mamba3", Mamba3Config, Mamba3, _mamba3_flops, Mamba3State, size=sizes.mamba3,
               doc="Mamba-3"),
     LayerKind("A", "attention", "attention", AttentionConfig, Attention, _attention_flops, AttentionState,
@@ -283,8 +284,8 @@ for _kind in (
     LayerKind("e", "moe", "moe", MoEConfig, MoE, _moe_flops, size=sizes.moe, build=_build_moe,
               transformers={"jamba": "feed_forward"},
               doc="mixture of SwiGLU experts"),
-    LayerKind("u", "ungated_mlp", "ungated_mlp", UngatedMLPConfig, UngatedMLP, lambda layer, length: linear_flops(layer),
-              size=ungated_mlp_size, transformers={"nemotron_h": "mixer"},
+    LayerKind("u", "ungated_mlp", "ungated_mlp", UngatedMLPConfig, UngatedMLP,
+              lambda layer, length: linear_flops(layer), size=ungated_mlp_size, transformers={"nemotron_h": "mixer"},
               doc="ungated MLP (squared ReLU by default, Nemotron-H)"),
 ):
     register(_kind)
