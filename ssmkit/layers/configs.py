@@ -351,6 +351,8 @@ class MLPConfig:
 
     d_intermediate: int = 1024
     """Hidden size of the SwiGLU MLP."""
+    bias: bool = False
+    """Biases in the three projections (Bamba's ``mlp_bias``)."""
 
     def validate(self, d_model: int) -> None:
         _positive("mlp.d_intermediate", self.d_intermediate)

@@ -42,6 +42,8 @@ from ssmkit.layers.moe import MoE
 from ssmkit.layers.s4 import S4, S4State
 from ssmkit.layers.s4d import S4D, S4DState
 from ssmkit.layers.state import LayerState
+from ssmkit.layers.ungated_mlp import UngatedMLP, UngatedMLPConfig
+from ssmkit.layers.ungated_mlp import size as ungated_mlp_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +248,7 @@ def _build_attention(window: bool) -> Callable[[BuildContext], nn.Module]:
 
 
 def _build_mlp(ctx: BuildContext) -> nn.Module:
-    return MLP(ctx.d_model, ctx.settings.d_intermediate, **ctx.factory)
+    return MLP(ctx.d_model, ctx.settings.d_intermediate, bias=ctx.settings.bias, **ctx.factory)
 
 
 def _build_moe(ctx: BuildContext) -> nn.Module:
@@ -260,11 +262,13 @@ for _kind in (
     # mamba_ssm's Mamba-3 keeps its norms at eps 1e-5 whatever the model's norm_eps: the default build.
     LayerKind("2", "mamba2", "mamba2", Mamba2Config, Mamba2, _mamba2_flops, Mamba2State, size=sizes.mamba2,
               build=_build_mamba2,
-              transformers={"mamba2": "mixer"}, context_parallel=True, doc="Mamba-2 (SSD)"),
+              transformers={"mamba2": "mixer", "bamba": "mamba", "nemotron_h": "mixer"}, context_parallel=True,
+              doc="Mamba-2 (SSD)"),
     LayerKind("3", "mamba3", "mamba3", Mamba3Config, Mamba3, _mamba3_flops, Mamba3State, size=sizes.mamba3,
               doc="Mamba-3"),
     LayerKind("A", "attention", "attention", AttentionConfig, Attention, _attention_flops, AttentionState,
-              size=sizes.attention, build=_build_attention(window=False), transformers={"jamba": "self_attn"},
+              size=sizes.attention, build=_build_attention(window=False),
+              transformers={"jamba": "self_attn", "bamba": "self_attn", "nemotron_h": "mixer"},
               doc="full causal attention"),
     LayerKind("W", "sliding_window_attention", "attention", AttentionConfig, Attention, _attention_flops,
               AttentionState, size=sizes.attention, build=_build_attention(window=True),
@@ -276,10 +280,13 @@ for _kind in (
     LayerKind("H", "hyena", "hyena", HyenaConfig, Hyena, _hyena_flops, HyenaState, size=sizes.hyena, doc="Hyena"),
     LayerKind("m", "mlp", "mlp", MLPConfig, MLP, lambda layer, length: linear_flops(layer), size=sizes.mlp,
               build=_build_mlp,
-              transformers={"jamba": "feed_forward"}, doc="SwiGLU MLP"),
+              transformers={"jamba": "feed_forward", "bamba": "feed_forward"}, doc="SwiGLU MLP"),
     LayerKind("e", "moe", "moe", MoEConfig, MoE, _moe_flops, size=sizes.moe, build=_build_moe,
               transformers={"jamba": "feed_forward"},
               doc="mixture of SwiGLU experts"),
+    LayerKind("u", "ungated_mlp", "ungated_mlp", UngatedMLPConfig, UngatedMLP,
+              lambda layer, length: linear_flops(layer), size=ungated_mlp_size, transformers={"nemotron_h": "mixer"},
+              doc="ungated MLP (squared ReLU by default, Nemotron-H)"),
 ):
     register(_kind)
 

@@ -86,7 +86,7 @@ def hyena(h: Any, d: int) -> tuple[int, int]:
 
 def mlp(m: Any, d: int) -> tuple[int, int]:
     """SwiGLU MLP: gate, up, down."""
-    return 3 * d * m.d_intermediate, 0
+    return 2 * _linear(d, m.d_intermediate, m.bias) + _linear(m.d_intermediate, d, m.bias), 0
 
 
 def moe(m: Any, d: int) -> tuple[int, int]:

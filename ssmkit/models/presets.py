@@ -8,7 +8,10 @@ padded to 264 rows).
 
 Hybrids: ``jamba-tiny`` and ``jamba-v0.1`` (the published AI21 Jamba-v0.1 shape, 52B parameters: config
 only, build it on the "meta" device) follow :func:`jamba_layer_pattern`; ``samba-tiny`` is Samba's
-Mamba, MLP, sliding-window attention, MLP.
+Mamba, MLP, sliding-window attention, MLP; ``bamba-tiny`` and ``bamba-9b`` (IBM's Bamba-9B, 9.78B parameters)
+are Mamba-2 layers with attention at a few indices (:func:`bamba_layer_pattern`), each followed by an MLP;
+``nemotron-h-tiny`` and ``nemotron-h-8b`` (NVIDIA's Nemotron-H-8B-Base-8K) are Mamba-2 and attention layers, most
+followed by a squared-ReLU MLP (:func:`nemotron_h_layer_pattern`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 from collections.abc import Callable
 
 from ssmkit.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE  # noqa: F401  (re-exported)
+from ssmkit.layers.ungated_mlp import UngatedMLPConfig
 from ssmkit.models.config import (
     AttentionConfig,
     Mamba2Config,
@@ -145,3 +149,80 @@ def jamba_v0_1() -> ModelConfig:
                        attention=AttentionConfig(num_heads=32, num_heads_kv=8), mlp=MLPConfig(d_intermediate=14336),
                        moe=MoEConfig(num_experts=16, top_k=2, d_intermediate=14336, router_aux_loss_coef=1e-3),
                        norm_eps=1e-6, tie_embeddings=False, pad_vocab_size_multiple=8)
+
+
+def bamba_layer_pattern(n_layer: int, attention_layers: tuple[int, ...]) -> str:
+    """Bamba's layer pattern: full attention with an MLP (``Am``) at ``attention_layers``, Mamba-2 with an MLP
+    (``2m``) elsewhere (transformers' ``attn_layer_indices``).
+
+    Example: ``bamba_layer_pattern(4, (1,)) == "2mAm2m2m"``.
+    """
+    return "".join("Am" if i in attention_layers else "2m" for i in range(n_layer))
+
+
+@register("bamba-tiny")
+def bamba_tiny() -> ModelConfig:
+    """Tiny Bamba for tests: 6 layers (attention at 2 and 5), d_model 64, 4 query / 2 KV heads with RoPE on half
+    of each head, Mamba-2 with 8 heads of 16 in 2 groups, d_state 16, vocab 256."""
+    return ModelConfig(vocab_size=256, d_model=64, n_layer=6, layer_pattern=bamba_layer_pattern(6, (2, 5)),
+                       mamba2=Mamba2Config(d_state=16, headdim=16, ngroups=2, chunk_size=16),
+                       attention=AttentionConfig(num_heads=4, num_heads_kv=2, rotary_emb_dim=8),
+                       mlp=MLPConfig(d_intermediate=128), tie_embeddings=False, residual_in_fp32=False,
+                       pad_vocab_size_multiple=1, rescale_prenorm_residual=False)
+
+
+@register("bamba-9b")
+def bamba_9b() -> ModelConfig:
+    """ibm-ai-platform/Bamba-9B: 32 layers (attention at 9, 18, 27), d_model 4096, 32 query / 8 KV heads of 128
+    with RoPE (base 10000) on half of each head, SwiGLU MLPs of 14336, Mamba-2 with 128 heads of 64 in one
+    group, d_state 128, d_conv 4, vocab 128256, untied head, RMSNorm eps 1e-5: 9,780,235,392 parameters
+    (config only: build it on the "meta" device)."""
+    return ModelConfig(vocab_size=128256, d_model=4096, n_layer=32,
+                       layer_pattern=bamba_layer_pattern(32, (9, 18, 27)),
+                       mamba2=Mamba2Config(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256),
+                       attention=AttentionConfig(num_heads=32, num_heads_kv=8, rotary_emb_dim=64,
+                                                 rotary_emb_base=10000.0),
+                       mlp=MLPConfig(d_intermediate=14336), norm_eps=1e-5, tie_embeddings=False,
+                       residual_in_fp32=False, pad_vocab_size_multiple=1, rescale_prenorm_residual=False)
+
+
+def nemotron_h_layer_pattern(hybrid_override_pattern: str) -> str:
+    """ssmkit's layer pattern for Nemotron-H's (``M`` Mamba-2, ``*`` attention, ``-`` MLP layer): each MLP layer
+    is the feed-forward (``u``) of the mixer layer before it, the same function.
+
+    Example: ``nemotron_h_layer_pattern("M-M*-M") == "2u2Au2"``.
+    """
+    letters = {"M": "2", "*": "A", "-": "u"}
+    if not hybrid_override_pattern or hybrid_override_pattern[0] == "-" or "--" in hybrid_override_pattern or any(
+            c not in letters for c in hybrid_override_pattern):
+        raise ValueError(f"{hybrid_override_pattern!r}: expected M, * and -, each - after an M or a *")
+    return "".join(letters[c] for c in hybrid_override_pattern)
+
+
+@register("nemotron-h-tiny")
+def nemotron_h_tiny() -> ModelConfig:
+    """Tiny Nemotron-H for tests: ``M-M*-M-M*-`` (6 ssmkit layers), d_model 64, 4 query / 2 KV heads of 16
+    without positional encoding, Mamba-2 with 8 heads of 16 in 2 groups, d_state 16, squared-ReLU MLPs of 128,
+    vocab 256."""
+    pattern = nemotron_h_layer_pattern("M-M*-M-M*-")
+    return ModelConfig(vocab_size=256, d_model=64, n_layer=pattern.count("2") + pattern.count("A"),
+                       layer_pattern=pattern, mamba2=Mamba2Config(d_state=16, headdim=16, ngroups=2, chunk_size=16),
+                       attention=AttentionConfig(num_heads=4, num_heads_kv=2),
+                       ungated_mlp=UngatedMLPConfig(d_intermediate=128), tie_embeddings=False,
+                       residual_in_fp32=False, pad_vocab_size_multiple=1, rescale_prenorm_residual=False)
+
+
+@register("nemotron-h-8b")
+def nemotron_h_8b() -> ModelConfig:
+    """nvidia/Nemotron-H-8B-Base-8K: 52 Nemotron-H layers ``M-M-M-M*-M-M-M-M-M*-...`` (24 Mamba-2, 4 attention,
+    24 MLP: 28 ssmkit layers), d_model 4096, 32 query / 8 KV heads of 128 without positional encoding,
+    squared-ReLU MLPs of 21504, Mamba-2 with 128 heads of 64 in 8 groups, d_state 128, d_conv 4, vocab 131072,
+    untied head, RMSNorm eps 1e-5 (config only: build it on the "meta" device)."""
+    pattern = nemotron_h_layer_pattern("M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-")
+    return ModelConfig(vocab_size=131072, d_model=4096, n_layer=pattern.count("2") + pattern.count("A"),
+                       layer_pattern=pattern,
+                       mamba2=Mamba2Config(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=8, chunk_size=128),
+                       attention=AttentionConfig(num_heads=32, num_heads_kv=8, head_dim=128),
+                       ungated_mlp=UngatedMLPConfig(d_intermediate=21504, activation="relu2"), norm_eps=1e-5,
+                       tie_embeddings=False, residual_in_fp32=False, pad_vocab_size_multiple=1,
+                       rescale_prenorm_residual=False)

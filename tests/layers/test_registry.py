@@ -138,7 +138,7 @@ def test_a_new_kind_gets_its_cli_options_and_pattern_letter(leaky_kind):
 
 
 def test_registry_refuses_clashes_and_lists_the_builtin_kinds():
-    assert [k.letter for k in kinds()] == ["M", "2", "3", "A", "W", "S", "4", "H", "m", "e"]
+    assert [k.letter for k in kinds()] == ["M", "2", "3", "A", "W", "S", "4", "H", "m", "e", "u"]
     assert sections()["attention"] is by_letter("W").config is by_letter("A").config
     with pytest.raises(ValueError, match="clashes"):
         register(dataclasses.replace(by_letter("M"), name="other"))

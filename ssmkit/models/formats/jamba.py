@@ -175,6 +175,8 @@ def jamba_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[s
             problems.append("attention.head_dim must be d_model / num_heads")
     if has_moe and (moe.renormalize or moe.num_experts < 2):
         problems.append("moe.renormalize must be false and moe.num_experts >= 2")
+    if has_mlp and config.mlp.bias:
+        problems.append("mlp.bias must be false (Jamba's MLPs have no bias)")
     if has_moe and has_mlp and moe.d_intermediate != config.mlp.d_intermediate:
         problems.append("moe.d_intermediate must equal mlp.d_intermediate (Jamba's one intermediate_size)")
     if problems:

@@ -1,8 +1,9 @@
 """Checkpoints of other libraries <-> ssmkit.
 
-Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2`` and ``jamba``
-(:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
-:mod:`ssmkit.models.formats.transformers_mamba` and :mod:`ssmkit.models.formats.jamba`), and mamba_ssm's own
+Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2``, ``jamba``, ``bamba`` and
+``nemotron_h`` (:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
+:mod:`ssmkit.models.formats.transformers_mamba`, :mod:`ssmkit.models.formats.jamba`,
+:mod:`ssmkit.models.formats.bamba` and :mod:`ssmkit.models.formats.nemotron_h`), and mamba_ssm's own
 format when its weights are safetensors (:mod:`ssmkit.models.formats.mamba_ssm`, read only);
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
 """
@@ -17,9 +18,26 @@ import torch
 
 from ssmkit.io.hub import is_mamba_ssm_config
 from ssmkit.models.formats import transformers_mamba
+from ssmkit.models.formats.bamba import (
+    bamba_config_from_transformers,
+    load_bamba_checkpoint,
+    save_bamba_checkpoint,
+)
 from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json
-from ssmkit.models.formats.jamba import jamba_config_from_transformers, load_jamba_checkpoint, save_jamba_checkpoint
-from ssmkit.models.formats.mamba_ssm import config_from_mamba_ssm, load_mamba_ssm_checkpoint
+from ssmkit.models.formats.jamba import (
+    jamba_config_from_transformers,
+    load_jamba_checkpoint,
+    save_jamba_checkpoint,
+)
+from ssmkit.models.formats.mamba_ssm import (
+    config_from_mamba_ssm,
+    load_mamba_ssm_checkpoint,
+)
+from ssmkit.models.formats.nemotron_h import (
+    load_nemotron_h_checkpoint,
+    nemotron_h_config_from_transformers,
+    save_nemotron_h_checkpoint,
+)
 from ssmkit.models.formats.transformers_config import MODEL_TYPES as _MAMBA_MODEL_TYPES
 from ssmkit.models.formats.transformers_config import config_from_transformers
 
@@ -28,16 +46,20 @@ if TYPE_CHECKING:
 
     from ssmkit.models.config import ModelConfig
 
-TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba")
+TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba", "bamba", "nemotron_h")
 
 
 def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a transformers folder of model_type mamba, falcon_mamba, mamba2 or jamba:
+    """Read a transformers folder of model_type mamba, falcon_mamba, mamba2, jamba, bamba or nemotron_h:
     ``(ModelConfig, state_dict with LanguageModel names)`` (see the per-format modules for the errors)."""
     folder = Path(path)
     raw = read_json(folder / CONFIG_NAME) if folder.is_dir() and (folder / CONFIG_NAME).is_file() else {}
     if raw.get("model_type") == "jamba":
         return load_jamba_checkpoint(folder)
+    if raw.get("model_type") == "bamba":
+        return load_bamba_checkpoint(folder)
+    if raw.get("model_type") == "nemotron_h":
+        return load_nemotron_h_checkpoint(folder)
     if is_mamba_ssm_config(raw):
         return load_mamba_ssm_checkpoint(folder)
     return transformers_mamba.load_transformers_checkpoint(folder)
@@ -49,27 +71,42 @@ def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
     raw = read_json(config_path)
     if raw.get("model_type") == "jamba":
         return jamba_config_from_transformers(raw, config_path)
+    if raw.get("model_type") == "bamba":
+        return bamba_config_from_transformers(raw, config_path)
+    if raw.get("model_type") == "nemotron_h":
+        return nemotron_h_config_from_transformers(raw, config_path)
     if is_mamba_ssm_config(raw):
         return config_from_mamba_ssm(raw, config_path)
     return config_from_transformers(raw, config_path)
 
 
 def save_transformers_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a transformers folder: Jamba for hybrids (attention or feed-forward layers, or
-    Mamba with inner layer norms), mamba / falcon_mamba / mamba2 for pure SSM stacks."""
+    """Write ``model`` as a transformers folder: Nemotron-H for hybrids of Mamba-2 and attention layers whose
+    feed-forwards (if any) are ungated MLPs, Bamba for other hybrids of Mamba-2 layers, Jamba for other
+    hybrids (attention or feed-forward layers, or Mamba with inner layer norms), mamba / falcon_mamba / mamba2
+    for pure SSM stacks."""
     config = model.config
-    hybrid = any(s.mixer == "attention" or s.ff is not None for s in config.layer_specs())
+    specs = config.layer_specs()
+    hybrid = any(s.mixer == "attention" or s.ff is not None for s in specs)
+    if hybrid and all(s.mixer in ("mamba2", "attention") and s.ff in (None, "ungated_mlp") for s in specs):
+        return save_nemotron_h_checkpoint(model, path)
+    if hybrid and any(s.mixer == "mamba2" for s in specs):
+        return save_bamba_checkpoint(model, path)
     if hybrid or config.mamba.inner_layernorms:
         return save_jamba_checkpoint(model, path)
     return transformers_mamba.save_transformers_checkpoint(model, path)
 
 
 __all__ = [
-    "CheckpointError",
     "TRANSFORMERS_MODEL_TYPES",
+    "CheckpointError",
+    "load_bamba_checkpoint",
     "load_jamba_checkpoint",
+    "load_nemotron_h_checkpoint",
     "load_transformers_checkpoint",
     "read_transformers_config",
+    "save_bamba_checkpoint",
     "save_jamba_checkpoint",
+    "save_nemotron_h_checkpoint",
     "save_transformers_checkpoint",
 ]
