@@ -25,6 +25,8 @@ def resolve_model_dir(path: str | Path, revision: str | None = None) -> Path:
     verifies (see :mod:`ssmkit.models.run_folder`), or the hub cache's snapshot of a Hugging Face Hub id
     ``org/name`` (at ``revision``; :func:`ssmkit.io.hub.resolve_checkpoint`)."""
     folder = resolve_checkpoint(path, revision)
+    if folder.is_file() and folder.suffix == ".gguf":  # a llama.cpp file: LanguageModel.from_pretrained reads it
+        return folder
     if (folder / "config.json").is_file():
         return folder
     if (folder / MODEL_DIR / "config.json").is_file():
@@ -67,6 +69,9 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", *,
     model = LanguageModel.from_pretrained(folder, device=device, dtype=resolve_dtype(dtype, device)).eval()
     if dtype == "int8" and not any(isinstance(m, Int8Linear) for m in model.modules()):
         model.quantize("int8")  # weight-only int8 of the mixer projections and the head
+    if folder.is_file() and need_tokenizer and not tokenizer:
+        raise ValueError(f"{folder.name}: ssmkit does not read the tokenizer inside a GGUF file; pass a "
+                         "tokenizer.json (--tokenizer FILE) or work in token ids (generate --ids)")
     tok = load_tokenizer(folder, tokenizer=tokenizer) if need_tokenizer or tokenizer else None
     if tok is not None and tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "

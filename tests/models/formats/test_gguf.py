@@ -158,3 +158,20 @@ def test_same_tensors_as_llama_cpp_converter(tmp_path: Path, preset: str, file_t
     ids = torch.randint(0, model.config.vocab_size, (1, 13))
     torch.testing.assert_close(_logits(LanguageModel.from_pretrained(theirs), ids),
                                _logits(LanguageModel.from_pretrained(ours), ids), rtol=0, atol=0)
+
+
+def test_load_model_takes_a_gguf_file(tmp_path: Path) -> None:
+    """The CLI's loader (generate, serve) reads a .gguf file as from_pretrained does; a text tokenizer must be
+    given, since the one inside the file is not read."""
+    from ssmkit.models.loading import load_model
+
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("debug-mamba2")).eval()
+    write_gguf(model, tmp_path / "m.gguf", "f32")
+    loaded, tok, path = load_model(tmp_path / "m.gguf", need_tokenizer=False)
+    assert tok is None and path == tmp_path / "m.gguf"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="--tokenizer"):
+        load_model(tmp_path / "m.gguf")
