@@ -60,7 +60,7 @@ from ssmkit.serve.sessions import (
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
-    from ssmkit.serve.chat import ChatTemplate
+    from ssmkit.serve.chat_template import ChatTemplate
 
 log = logging.getLogger("ssmkit.serve")
 

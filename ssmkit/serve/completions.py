@@ -38,7 +38,7 @@ from ssmkit.serve.text import StopTextDecoder
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
-    from ssmkit.serve.chat import ChatTemplate
+    from ssmkit.serve.chat_template import ChatTemplate
 
 
 log = logging.getLogger("ssmkit.serve")

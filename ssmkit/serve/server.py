@@ -26,7 +26,7 @@ def serve(model: LanguageModel, tokenizer: Tokenizer, folder: Path, options: Ser
     import uvicorn
 
     from ssmkit.serve.app import create_app
-    from ssmkit.serve.chat import load_chat_template
+    from ssmkit.serve.chat_template import load_chat_template
     from ssmkit.serve.connections import IdleConnections, guarded_protocol
 
     log = logging.getLogger("ssmkit.serve")

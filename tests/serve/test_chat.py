@@ -10,7 +10,7 @@ import pytest
 from ssmkit.data.tokenizer import load_tokenizer
 from ssmkit.generation import generate
 from ssmkit.models import LanguageModel
-from ssmkit.serve.chat import load_chat_template
+from ssmkit.serve.chat_template import load_chat_template
 
 from .test_completions import read_stream
 
