@@ -13,7 +13,6 @@ the template did not. A template error (``raise_exception("roles must alternate"
 
 from __future__ import annotations
 
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +24,6 @@ from ssmkit.serve.chat_template import ChatTemplate
 from ssmkit.serve.completions import ApiError, Server
 from ssmkit.serve.schemas import ChatRequest, clip
 
-log = logging.getLogger("ssmkit.serve")
 
 def _messages(body: ChatRequest) -> list[dict[str, Any]]:
     """Messages as templates expect them: content as one string (text parts joined)."""
