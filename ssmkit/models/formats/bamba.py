@@ -33,23 +33,24 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ssmkit.layers import registry
-from ssmkit.models.formats.files import (
-    CONFIG_NAME,
-    CheckpointError,
-    read_json,
-    read_weights,
-    write_folder,
+from ssmkit.models.formats.files import CheckpointError
+from ssmkit.models.formats.hybrid_common import (
+    config_field,
+    config_values,
+    decoder_layer_expected,
+    decoder_layer_name,
+    field_error,
+    read_folder,
+    refuse_quantized,
+    select_state,
+    time_step_limit,
+    write_transformers_folder,
 )
-from ssmkit.models.formats.jamba import _check, _field
-from ssmkit.models.formats.native import model_tensor_shapes
-from ssmkit.models.size import weights_limit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,41 +71,36 @@ _DEFAULT_ROPE_THETA = 10000.0
 _DEFAULT_PARTIAL_ROTARY = 0.5  # BambaConfig hard-codes it when rope_parameters does not say
 
 
-def _fail(source: Path, name: str, value: Any, want: str) -> CheckpointError:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return CheckpointError(f"{source}: field {name!r} = {shown}: {want}")
-
-
 def _rope(raw: dict[str, Any], head_dim: int, source: Path) -> tuple[int, float]:
     """(rotary dims per head, base) from ``rope_parameters`` (or the older top-level ``rope_theta``)."""
     rope = raw.get("rope_parameters")
     if rope is None:
         rope = {}
     if not isinstance(rope, dict):
-        raise _fail(source, "rope_parameters", rope, "expected an object")
+        raise field_error(source, "rope_parameters", rope, "expected an object")
     if raw.get("rope_scaling") not in (None, {}):
-        raise _fail(source, "rope_scaling", raw["rope_scaling"], "only the default RoPE is implemented")
+        raise field_error(source, "rope_scaling", raw["rope_scaling"], "only the default RoPE is implemented")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise _fail(source, "rope_parameters.rope_type", rope_type, "only 'default' RoPE is implemented")
+        raise field_error(source, "rope_parameters.rope_type", rope_type, "only 'default' RoPE is implemented")
     theta = rope.get("rope_theta", raw.get("rope_theta", _DEFAULT_ROPE_THETA))
     factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", _DEFAULT_PARTIAL_ROTARY))
     for name, v in (("rope_theta", theta), ("partial_rotary_factor", factor)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise _fail(source, f"rope_parameters.{name}", v, "expected a positive number")
+            raise field_error(source, f"rope_parameters.{name}", v, "expected a positive number")
     dims = int(head_dim * factor)
     if not 0 < dims <= head_dim or dims % 2:
-        raise _fail(source, "rope_parameters.partial_rotary_factor", factor,
-                    f"head_dim ({head_dim}) x factor must be an even number of dims in [2, head_dim]")
+        raise field_error(source, "rope_parameters.partial_rotary_factor", factor,
+                          f"head_dim ({head_dim}) x factor must be an even number of dims in [2, head_dim]")
     return dims, float(theta)
 
 
 def _attention_layers(values: dict[str, Any], n_layer: int, source: Path) -> set[int]:
     indices = values["attn_layer_indices"] or []
     if not isinstance(indices, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
-        raise _fail(source, "attn_layer_indices", indices, "expected a list of layer indices")
+        raise field_error(source, "attn_layer_indices", indices, "expected a list of layer indices")
     if any(not 0 <= i < n_layer for i in indices):
-        raise _fail(source, "attn_layer_indices", indices, f"every index must be in [0, {n_layer})")
+        raise field_error(source, "attn_layer_indices", indices, f"every index must be in [0, {n_layer})")
     return set(indices)
 
 
@@ -118,25 +114,21 @@ def bamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
         ModelConfig,
     )
 
-    if raw.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{source}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
-    values = dict(_DEFAULTS)
-    values.update({k: v for k, v in raw.items() if v is not None})
+    values = config_values(raw, _DEFAULTS, MODEL_TYPE, source)
     if raw.get("num_key_value_heads", 0) is None:
         values["num_key_value_heads"] = values["num_attention_heads"]
     if values["hidden_act"] != "silu":
-        raise _fail(source, "hidden_act", values["hidden_act"], "only 'silu' is implemented")
-    if raw.get("quantization_config") is not None:
-        raise CheckpointError(f"{source}: field 'quantization_config': quantized checkpoints are not supported")
+        raise field_error(source, "hidden_act", values["hidden_act"], "only 'silu' is implemented")
+    refuse_quantized(raw, source)
 
     def get(name: str, kind: type = int, minimum: int = 1) -> Any:
-        return _field(values, source, name, kind, minimum)
+        return config_field(values, source, name, kind, minimum)
 
     d_model, n_layer, eps = get("hidden_size"), get("num_hidden_layers"), get("rms_norm_eps", float)
     heads, expand = get("num_attention_heads"), get("mamba_expand")
     head_dim = get("head_dim") if "head_dim" in values else d_model // heads
     if head_dim < 1:
-        raise _fail(source, "num_attention_heads", heads, f"more heads than hidden_size ({d_model})")
+        raise field_error(source, "num_attention_heads", heads, f"more heads than hidden_size ({d_model})")
     ssm_heads = get("mamba_n_heads")
     ssm_head_dim = values["mamba_d_head"]
     if ssm_head_dim == "auto":
@@ -144,17 +136,12 @@ def bamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
     else:
         ssm_head_dim = get("mamba_d_head")
     if ssm_head_dim * ssm_heads != expand * d_model:
-        raise _fail(source, "mamba_n_heads", ssm_heads, f"mamba_n_heads * mamba_d_head ({ssm_heads} * "
-                    f"{ssm_head_dim}) must equal mamba_expand * hidden_size ({expand} * {d_model})")
+        raise field_error(source, "mamba_n_heads", ssm_heads, f"mamba_n_heads * mamba_d_head ({ssm_heads} * "
+                          f"{ssm_head_dim}) must equal mamba_expand * hidden_size ({expand} * {d_model})")
     if ssm_heads % get("mamba_n_groups"):
-        raise _fail(source, "mamba_n_groups", values["mamba_n_groups"], f"must divide mamba_n_heads ({ssm_heads})")
-    limit = values["time_step_limit"]
-    try:
-        lo, hi = (float(v) for v in limit)
-    except (TypeError, ValueError):
-        raise _fail(source, "time_step_limit", limit, "expected a pair [low, high]") from None
-    if not 0.0 <= lo < hi:
-        raise _fail(source, "time_step_limit", limit, "expected 0 <= low < high")
+        raise field_error(source, "mamba_n_groups", values["mamba_n_groups"],
+                          f"must divide mamba_n_heads ({ssm_heads})")
+    lo, hi = time_step_limit(values, source)
     rotary, theta = _rope(raw, head_dim, source)
     attention = _attention_layers(values, n_layer, source)
     pattern = "".join("Am" if i in attention else "2m" for i in range(n_layer))
@@ -217,39 +204,14 @@ def bamba_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[s
     }
 
 
-def _to_transformers_name(name: str, specs: list) -> str:
-    top = {"embedding.weight": "model.embed_tokens.weight", "norm_f.weight": "model.final_layernorm.weight",
-           "lm_head.weight": "lm_head.weight"}
-    if name in top:
-        return top[name]
-    i, part, rest = re.fullmatch(r"layers\.(\d+)\.(norm|ff_norm|mixer|ff)\.(.+)", name).groups()
-    if part in ("mixer", "ff"):  # the registry names each kind's module in Bamba's decoder layers
-        sub = registry.by_name(getattr(specs[int(i)], part)).transformers[MODEL_TYPE]
-    else:
-        sub = {"norm": "input_layernorm", "ff_norm": "pre_ff_layernorm"}[part]
-    return f"model.layers.{i}.{sub}.{rest}"
-
-
-def _expected(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """transformers name -> (shape, ssmkit name) for every tensor of ``config``'s model."""
-    specs = config.layer_specs()
-    return {_to_transformers_name(n, specs): (shape, n) for n, shape in model_tensor_shapes(config).items()}
-
-
 def load_bamba_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a transformers Bamba folder (one or sharded safetensors): ``(ModelConfig, state_dict with
     LanguageModel names)``. Raises FileNotFoundError for a missing folder or file, :class:`CheckpointError`
     for unsupported config values and missing, unexpected or mis-shaped tensors, naming the file."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder")
-    config = bamba_config_from_transformers(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
-    tensors, source = read_weights(folder, max_bytes=weights_limit(config))
+    config, tensors, source = read_folder(path, bamba_config_from_transformers)
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    expected = _expected(config)
-    _check(tensors, expected, source)
-    return config, {ssm_name: tensors[name] for name, (_, ssm_name) in expected.items()}
+    return config, select_state(tensors, decoder_layer_expected(config, MODEL_TYPE), source)
 
 
 def save_bamba_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -259,7 +221,5 @@ def save_bamba_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     config = model.config
     state = model.state_dict()
     raw = bamba_config_to_transformers(config, state["embedding.weight"].shape[0])
-    raw["dtype"] = str(state["embedding.weight"].dtype).removeprefix("torch.")
     specs = config.layer_specs()
-    tensors = {_to_transformers_name(n, specs): t.detach().to("cpu").contiguous().clone() for n, t in state.items()}
-    return write_folder(path, raw, tensors)
+    return write_transformers_folder(path, raw, state, lambda n: decoder_layer_name(n, specs, MODEL_TYPE))

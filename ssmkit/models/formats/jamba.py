@@ -31,17 +31,23 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ssmkit.layers import registry
-from ssmkit.models.config import MAX_CONFIG_INT, MAX_LAYERS
-from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json, read_weights, write_folder
-from ssmkit.models.formats.native import model_tensor_shapes
-from ssmkit.models.size import weights_limit
+from ssmkit.models.formats.files import CheckpointError
+from ssmkit.models.formats.hybrid_common import (
+    config_field,
+    config_values,
+    decoder_layer_expected,
+    decoder_layer_name,
+    read_folder,
+    refuse_quantized,
+    select_state,
+    write_transformers_folder,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -57,23 +63,6 @@ _DEFAULTS: dict[str, Any] = dict(
     expert_layer_offset=1, attn_layer_period=8, attn_layer_offset=4, mamba_d_state=16, mamba_d_conv=4,
     mamba_expand=2, mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False,
 )
-
-
-def _field(values: dict[str, Any], source: Path, name: str, kind: type = int, minimum: int = 1) -> Any:
-    """values[name] checked as a positive number (float), a bool, or an int >= minimum."""
-    v = values[name]
-    if kind is float:
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number"
-    elif kind is bool:
-        ok, want = isinstance(v, bool), "true or false"
-    else:
-        top = MAX_LAYERS if name == "num_hidden_layers" else MAX_CONFIG_INT
-        ok = isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= top
-        want = f"an integer from {minimum} to {top:,}"
-    if not ok:
-        shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."  # a hostile value may be megabytes long
-        raise CheckpointError(f"{source}: field {name!r} = {shown}: expected {want}")
-    return float(v) if kind is float else v
 
 
 def _coefficient(values: dict[str, Any], source: Path) -> float:
@@ -96,18 +85,15 @@ def jamba_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelCo
     )
     from ssmkit.models.presets import jamba_layer_pattern
 
-    if raw.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{source}: model_type {raw.get('model_type')!r} is not 'jamba'")
-    values = dict(_DEFAULTS)
-    values.update({k: v for k, v in raw.items() if v is not None})
+    values = config_values(raw, _DEFAULTS, MODEL_TYPE, source)
     if values["num_key_value_heads"] is None:
         values["num_key_value_heads"] = values["num_attention_heads"]
     if values["hidden_act"] != "silu":
         raise CheckpointError(f"{source}: field 'hidden_act' = {values['hidden_act']!r}: only 'silu' is implemented")
-    if raw.get("quantization_config") is not None:
-        raise CheckpointError(f"{source}: field 'quantization_config': quantized checkpoints are not supported")
+    refuse_quantized(raw, source)
+
     def get(name: str, kind: type = int, minimum: int = 1) -> Any:
-        return _field(values, source, name, kind, minimum)
+        return config_field(values, source, name, kind, minimum)
 
     d_model, n_layer, eps = get("hidden_size"), get("num_hidden_layers"), get("rms_norm_eps", float)
     heads = get("num_attention_heads")
@@ -204,19 +190,6 @@ def jamba_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[s
     )
 
 
-def _to_transformers_name(name: str, specs: list) -> str:
-    top = {"embedding.weight": "model.embed_tokens.weight", "norm_f.weight": "model.final_layernorm.weight",
-           "lm_head.weight": "lm_head.weight"}
-    if name in top:
-        return top[name]
-    i, part, rest = re.fullmatch(r"layers\.(\d+)\.(norm|ff_norm|mixer|ff)\.(.+)", name).groups()
-    if part in ("mixer", "ff"):  # the registry names each kind's module in Jamba's decoder layers
-        sub = registry.by_name(getattr(specs[int(i)], part)).transformers[MODEL_TYPE]
-    else:
-        sub = {"norm": "input_layernorm", "ff_norm": "pre_ff_layernorm"}[part]
-    return f"model.layers.{i}.{sub}.{rest}"
-
-
 def _unfuse_experts(tensors: dict[str, torch.Tensor]) -> None:
     """Split transformers 5's fused expert tensors into the per-expert names, in place."""
     for name in [n for n in tensors if n.endswith("feed_forward.experts.gate_up_proj")]:
@@ -231,45 +204,17 @@ def _unfuse_experts(tensors: dict[str, torch.Tensor]) -> None:
                 tensors[f"{prefix}{e}.down_proj.weight"] = down[e]
 
 
-def _expected(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """transformers name -> (shape, ssmkit name) for every tensor of ``config``'s model."""
-    specs = config.layer_specs()
-    return {_to_transformers_name(n, specs): (shape, n) for n, shape in model_tensor_shapes(config).items()}
-
-
-def _check(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[tuple[int, ...], str]], source: Path) -> None:
-    missing = [n for n in expected if n not in tensors]
-    unexpected = sorted(n for n in tensors if n not in expected)
-    for names, what in ((missing, "missing tensors"), (unexpected, "unexpected tensors")):
-        if names:
-            more = " ..." if len(names) > 8 else ""
-            raise CheckpointError(f"{source}: {what} {names[:8]}{more} ({len(names)} in all) for the config")
-    for name, (shape, _) in expected.items():
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {shape}")
-        if not t.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name} has dtype {t.dtype}, expected a floating-point dtype")
-
-
 def load_jamba_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a transformers Jamba folder: ``(ModelConfig, state_dict with LanguageModel names)``.
 
     Raises FileNotFoundError for a missing folder or file, :class:`CheckpointError` (a ValueError) for
     unsupported config values and missing, unexpected or mis-shaped tensors, naming the file.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder")
-    raw = read_json(folder / CONFIG_NAME)
-    config = jamba_config_from_transformers(raw, folder / CONFIG_NAME)
-    tensors, source = read_weights(folder, max_bytes=weights_limit(config))
+    config, tensors, source = read_folder(path, jamba_config_from_transformers)
     _unfuse_experts(tensors)
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    expected = _expected(config)
-    _check(tensors, expected, source)
-    return config, {ssm_name: tensors[name] for name, (_, ssm_name) in expected.items()}
+    return config, select_state(tensors, decoder_layer_expected(config, MODEL_TYPE), source)
 
 
 def save_jamba_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -279,7 +224,5 @@ def save_jamba_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     config = model.config
     state = model.state_dict()
     raw = jamba_config_to_transformers(config, state["embedding.weight"].shape[0])
-    raw["dtype"] = str(state["embedding.weight"].dtype).removeprefix("torch.")
     specs = config.layer_specs()
-    tensors = {_to_transformers_name(n, specs): t.detach().to("cpu").contiguous().clone() for n, t in state.items()}
-    return write_folder(path, raw, tensors)
+    return write_transformers_folder(path, raw, state, lambda n: decoder_layer_name(n, specs, MODEL_TYPE))

@@ -43,16 +43,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ssmkit.models.config import MAX_LAYERS
-from ssmkit.models.formats.files import (
-    CONFIG_NAME,
-    CheckpointError,
-    read_json,
-    read_weights,
-    write_folder,
+from ssmkit.models.formats.files import CheckpointError
+from ssmkit.models.formats.hybrid_common import (
+    config_field,
+    config_values,
+    field_error,
+    read_folder,
+    refuse_quantized,
+    select_state,
+    time_step_limit,
+    write_transformers_folder,
 )
-from ssmkit.models.formats.jamba import _check, _field
 from ssmkit.models.formats.native import model_tensor_shapes
-from ssmkit.models.size import weights_limit
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,11 +82,6 @@ _LEGACY_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
 _MIXER_LETTERS = {"linear_attention": "2", "full_attention": "A"}
 
 
-def _fail(source: Path, name: str, value: Any, want: str) -> CheckpointError:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return CheckpointError(f"{source}: field {name!r} = {shown}: {want}")
-
-
 def _layer_types(raw: dict[str, Any], source: Path) -> tuple[list[str], str]:
     """Each transformers layer's type, and the field it came from."""
     types, field = raw.get("layers_block_type"), "layers_block_type"
@@ -93,21 +90,21 @@ def _layer_types(raw: dict[str, Any], source: Path) -> tuple[list[str], str]:
     if types is None and raw.get("hybrid_override_pattern") is not None:
         pattern, field = raw["hybrid_override_pattern"], "hybrid_override_pattern"
         if not isinstance(pattern, str) or not pattern or any(c not in _PATTERN_LETTERS for c in pattern):
-            raise _fail(source, field, pattern, f"expected a string of {', '.join(_PATTERN_LETTERS)}")
+            raise field_error(source, field, pattern, f"expected a string of {', '.join(_PATTERN_LETTERS)}")
         types = [_PATTERN_LETTERS[c] for c in pattern]
     if types is None:
         types = ["linear_attention", "moe", "full_attention", "mlp"]  # NemotronHConfig's default
     if not isinstance(types, list) or not types or any(not isinstance(t, str) for t in types):
-        raise _fail(source, field, types, "expected a non-empty list of layer types")
+        raise field_error(source, field, types, "expected a non-empty list of layer types")
     if len(types) > MAX_LAYERS:
-        raise _fail(source, field, f"<{len(types)} layers>", f"at most {MAX_LAYERS:,} layers")
+        raise field_error(source, field, f"<{len(types)} layers>", f"at most {MAX_LAYERS:,} layers")
     types = [_LEGACY_TYPES.get(t, t) for t in types]
     unknown = sorted({t for t in types if t not in _PATTERN_LETTERS.values()})
     if unknown:
-        raise _fail(source, field, unknown, "unknown layer types; expected linear_attention, full_attention, mlp")
+        raise field_error(source, field, unknown, "unknown layer types; expected linear_attention, full_attention, mlp")
     if "moe" in types:
-        raise _fail(source, field, [i for i, t in enumerate(types) if t == "moe"],
-                    "MoE layers ('moe' / 'E') are not implemented")
+        raise field_error(source, field, [i for i, t in enumerate(types) if t == "moe"],
+                          "MoE layers ('moe' / 'E') are not implemented")
     return types, field
 
 
@@ -118,9 +115,9 @@ def layer_pattern_from_types(types: list[str], source: Path, field: str) -> str:
         if t in _MIXER_LETTERS:
             tokens.append(_MIXER_LETTERS[t])
         elif not tokens or tokens[-1].endswith("u"):
-            raise _fail(source, field, "".join({v: k for k, v in _PATTERN_LETTERS.items()}[t] for t in types),
-                        f"layer {i} is an MLP layer that does not follow a Mamba-2 or attention layer; ssmkit "
-                        "joins each MLP layer to the mixer layer before it")
+            raise field_error(source, field, "".join({v: k for k, v in _PATTERN_LETTERS.items()}[t] for t in types),
+                              f"layer {i} is an MLP layer that does not follow a Mamba-2 or attention layer; ssmkit "
+                              "joins each MLP layer to the mixer layer before it")
         else:
             tokens[-1] += "u"
     return "".join(tokens)
@@ -132,40 +129,31 @@ def nemotron_h_config_from_transformers(raw: dict[str, Any], source: Path) -> Mo
     from ssmkit.layers.ungated_mlp import ACTIVATIONS, UngatedMLPConfig
     from ssmkit.models.config import AttentionConfig, Mamba2Config, ModelConfig
 
-    if raw.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{source}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
-    values = dict(_DEFAULTS)
-    values.update({k: v for k, v in raw.items() if v is not None})
+    values = config_values(raw, _DEFAULTS, MODEL_TYPE, source)
     for old, new in _LEGACY_NAMES.items():
         if raw.get(old) is not None:
             values[new] = raw[old]
     if raw.get("num_key_value_heads", 0) is None:
         values["num_key_value_heads"] = values["num_attention_heads"]
-    if raw.get("quantization_config") is not None:
-        raise CheckpointError(f"{source}: field 'quantization_config': quantized checkpoints are not supported")
+    refuse_quantized(raw, source)
     if values["mamba_hidden_act"] != "silu":
-        raise _fail(source, "mamba_hidden_act", values["mamba_hidden_act"], "only 'silu' is implemented")
+        raise field_error(source, "mamba_hidden_act", values["mamba_hidden_act"], "only 'silu' is implemented")
     if values["mlp_hidden_act"] not in ACTIVATIONS:
-        raise _fail(source, "mlp_hidden_act", values["mlp_hidden_act"], f"expected one of {', '.join(ACTIVATIONS)}")
+        raise field_error(source, "mlp_hidden_act", values["mlp_hidden_act"],
+                          f"expected one of {', '.join(ACTIVATIONS)}")
 
     def get(name: str, kind: type = int, minimum: int = 1) -> Any:
-        return _field(values, source, name, kind, minimum)
+        return config_field(values, source, name, kind, minimum)
 
     types, field = _layer_types(raw, source)
     pattern = layer_pattern_from_types(types, source, field)
     d_model, heads, head_dim = get("hidden_size"), get("mamba_num_heads"), get("mamba_head_dim")
     if heads * head_dim % d_model:
-        raise _fail(source, "mamba_num_heads", heads, f"mamba_num_heads * mamba_head_dim ({heads} * {head_dim}) "
-                    f"must be a multiple of hidden_size ({d_model})")
+        raise field_error(source, "mamba_num_heads", heads, f"mamba_num_heads * mamba_head_dim ({heads} * {head_dim}) "
+                          f"must be a multiple of hidden_size ({d_model})")
     if heads % get("n_groups"):
-        raise _fail(source, "n_groups", values["n_groups"], f"must divide mamba_num_heads ({heads})")
-    limit = values["time_step_limit"]
-    try:
-        lo, hi = (float(v) for v in limit)
-    except (TypeError, ValueError):
-        raise _fail(source, "time_step_limit", limit, "expected a pair [low, high]") from None
-    if not 0.0 <= lo < hi:
-        raise _fail(source, "time_step_limit", limit, "expected 0 <= low < high")
+        raise field_error(source, "n_groups", values["n_groups"], f"must divide mamba_num_heads ({heads})")
+    lo, hi = time_step_limit(values, source)
     try:
         return ModelConfig(
             vocab_size=get("vocab_size"), d_model=d_model, n_layer=len(re.findall(r"[2A]", pattern)),
@@ -261,17 +249,11 @@ def load_nemotron_h_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, di
     """Read a transformers Nemotron-H folder (one or sharded safetensors): ``(ModelConfig, state_dict with
     LanguageModel names)``. Raises FileNotFoundError for a missing folder or file, :class:`CheckpointError`
     for unsupported config values and missing, unexpected or mis-shaped tensors, naming the file."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder")
-    config = nemotron_h_config_from_transformers(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
-    tensors, source = read_weights(folder, max_bytes=weights_limit(config))
+    config, tensors, source = read_folder(path, nemotron_h_config_from_transformers)
     for name in [n for n in tensors if n.startswith("mtp.")]:
         del tensors[name]
     prefix = "model." if any(n.startswith("model.") for n in tensors) else SAVE_PREFIX
-    expected = _expected(config, prefix)
-    _check(tensors, expected, source)
-    return config, {ssm_name: tensors[name] for name, (_, ssm_name) in expected.items()}
+    return config, select_state(tensors, _expected(config, prefix), source)
 
 
 def save_nemotron_h_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -282,11 +264,8 @@ def save_nemotron_h_checkpoint(model: nn.Module, path: str | os.PathLike) -> Pat
     config = model.config
     state = dict(model.state_dict())
     raw = nemotron_h_config_to_transformers(config, state["embedding.weight"].shape[0])
-    raw["dtype"] = str(state["embedding.weight"].dtype).removeprefix("torch.")
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["embedding.weight"]
     names = _names(config)
-    names["lm_head.weight"] = "lm_head.weight"
-    tensors = {(names[n] if n == "lm_head.weight" else SAVE_PREFIX + names[n]): t.detach().to("cpu").contiguous()
-               .clone() for n, t in state.items()}
-    return write_folder(path, raw, tensors)
+    return write_transformers_folder(path, raw, state,
+                                     lambda n: n if n == "lm_head.weight" else SAVE_PREFIX + names[n])

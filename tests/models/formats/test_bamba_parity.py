@@ -5,7 +5,6 @@ decode equal to the parallel forward, in both directions; unsupported config val
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,9 +13,20 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "BambaForCausalLM"):
     pytest.skip("this transformers release has no BambaForCausalLM", allow_module_level=True)
 
-from safetensors.torch import load_file, save_file
+from hybrid_checks import (
+    assert_decode_equals_parallel_forward,
+    assert_same_logits_and_greedy_tokens,
+    assert_sharded_folder_is_read,
+    convert_there_and_back,
+    random_hf_model,
+    randomize_hybrid_,
+    saved_hf_folder,
+    token_ids,
+    write_checkpoint,
+)
+from safetensors.torch import load_file
 
-from ssmkit.interop import CheckpointError, load_transformers_checkpoint
+from ssmkit.interop import CheckpointError
 from ssmkit.layers import Attention, Mamba2
 from ssmkit.models import (
     AttentionConfig,
@@ -25,7 +35,6 @@ from ssmkit.models import (
     MLPConfig,
     ModelConfig,
 )
-from ssmkit.testing import relative_error
 
 # 5 layers, attention at 1 and 4; GQA 4/2 with head_dim 12 (not hidden / heads) and a non-default rotary
 # fraction and base; Mamba-2 with 2 groups (so the gated norm has 2 groups), 6 heads of 8, d_state 6, conv 3,
@@ -41,35 +50,14 @@ BAMBA = {
 }
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Random values for the parameters initialised to constants (A_log, D, dt bias, norms, biases)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "A_log":
-            p.copy_(torch.empty(p.shape).uniform_(math.log(0.5), math.log(8.0), generator=g))
-        elif leaf in ("D", "dt_bias") or name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=g))
-        elif "norm" in name:
-            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
 def hf_bamba(seed: int = 0, **overrides) -> transformers.BambaForCausalLM:
-    torch.manual_seed(seed)
-    model = transformers.BambaForCausalLM(transformers.BambaConfig(**{**BAMBA, **overrides}))
-    return randomize_(model, seed + 1).eval()
+    return random_hf_model(transformers.BambaForCausalLM, transformers.BambaConfig, {**BAMBA, **overrides}, seed,
+                           randomize_hybrid_)
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    model = hf_bamba()
-    folder = tmp_path_factory.mktemp("bamba") / "hf"
-    model.save_pretrained(folder)
-    return model, folder
+    return saved_hf_folder(tmp_path_factory, hf_bamba(), "bamba")
 
 
 def test_loaded_config_and_modules(hf_folder):
@@ -88,45 +76,21 @@ def test_loaded_config_and_modules(hf_folder):
     assert isinstance(mixer, Mamba2) and mixer.norm.group_size == 24 and mixer.norm.eps == 1e-4
 
 
-def _ids(vocab: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
 def test_transformers_to_ssmkit_logits_and_greedy_tokens(hf_folder):
     hf, folder = hf_folder
     model = LanguageModel.from_pretrained(folder).eval()
-    ids = _ids(67, (2, 23), 3)
-    with torch.no_grad():
-        ref = hf(ids).logits
-        ours = model(ids).logits
-    assert relative_error(ours[..., :67], ref) <= 1e-4
-
-    prompt = ids[:1, :9]
-    with torch.no_grad():
-        hf_tokens = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 9:]
-        ours = model.generate(prompt, 20, temperature=0)[0, 9:]
-    assert ours.tolist() == hf_tokens.tolist()
+    assert_same_logits_and_greedy_tokens(hf, model, token_ids(67, (2, 23), 3), 9)
 
 
 def test_decode_equals_parallel_forward(hf_folder):
     _, folder = hf_folder
     model = LanguageModel.from_pretrained(folder).eval()
-    ids = _ids(67, (2, 17), 5)
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.allocate_cache(2)
-        steps = [model(ids[:, :7], cache=cache).logits]
-        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(7, 17)]
-    assert relative_error(torch.cat(steps, dim=1), full) <= 1e-5
+    assert_decode_equals_parallel_forward(model, token_ids(67, (2, 17), 5), 7)
 
 
 def test_sharded_folder_is_read(hf_folder, tmp_path):
     hf, folder = hf_folder
-    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
-    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    _, whole = load_transformers_checkpoint(folder)
-    _, sharded = load_transformers_checkpoint(tmp_path / "sharded")
-    assert whole.keys() == sharded.keys() and all(torch.equal(whole[n], sharded[n]) for n in whole)
+    assert_sharded_folder_is_read(hf, folder, tmp_path / "sharded")
 
 
 def ssmkit_bamba(tie: bool = True) -> LanguageModel:
@@ -138,7 +102,7 @@ def ssmkit_bamba(tie: bool = True) -> LanguageModel:
                                                 rotary_emb_base=1000.0),
                       mlp=MLPConfig(d_intermediate=24, bias=not tie), norm_eps=1e-6, tie_embeddings=tie,
                       residual_in_fp32=False)
-    return randomize_(LanguageModel(cfg), 7).eval()
+    return randomize_hybrid_(LanguageModel(cfg), 7).eval()
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -149,26 +113,10 @@ def test_ssmkit_to_transformers_and_back(tmp_path, tie):
     assert (raw["model_type"], raw["attn_layer_indices"], raw["mamba_n_groups"]) == ("bamba", [1, 3], 2)
     hf = transformers.BambaForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert hf.config.layers_block_type == ["linear_attention", "full_attention"] * 2
-    ids = _ids(72, (2, 19), 4)
-    with torch.no_grad():
-        ref = hf(ids).logits
-        ours = model(ids).logits
-        prompt = ids[:1, :6]
-        hf_tokens = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 6:]
-        our_tokens = model.generate(prompt, 20, temperature=0)[0, 6:]
-    assert ours.shape == ref.shape
-    assert relative_error(ours, ref) <= 1e-4
-    assert our_tokens.tolist() == hf_tokens.tolist()
+    assert_same_logits_and_greedy_tokens(hf, model, token_ids(72, (2, 19), 4), 6, same_vocab=True)
     again = LanguageModel.from_pretrained(tmp_path / "out")
     for name, t in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], t), name
-
-
-def _write(folder, raw: dict, weights=None) -> None:
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(raw))
-    if weights is not None:
-        save_file(weights, str(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -186,7 +134,7 @@ def _write(folder, raw: dict, weights=None) -> None:
 def test_unsupported_config_values_name_the_field(hf_folder, tmp_path, change, field):
     _, folder = hf_folder
     raw = json.loads((folder / "config.json").read_text())
-    _write(tmp_path / "bad", {**raw, **change})
+    write_checkpoint(tmp_path / "bad", {**raw, **change})
     with pytest.raises(CheckpointError, match=field):
         LanguageModel.from_pretrained(tmp_path / "bad")
 
@@ -194,7 +142,7 @@ def test_unsupported_config_values_name_the_field(hf_folder, tmp_path, change, f
 def test_mis_shaped_tensors_name_the_tensor(hf_folder, tmp_path):
     _, folder = hf_folder
     raw = json.loads((folder / "config.json").read_text())
-    _write(tmp_path / "short", {**raw, "mamba_d_state": 7}, load_file(str(folder / "model.safetensors")))
+    write_checkpoint(tmp_path / "short", {**raw, "mamba_d_state": 7}, load_file(str(folder / "model.safetensors")))
     with pytest.raises(CheckpointError, match=r"model.layers.0.mamba.in_proj.weight has shape"):
         LanguageModel.from_pretrained(tmp_path / "short")
 
@@ -234,13 +182,9 @@ def test_bamba_9b_preset_has_transformers_parameter_count(capsys):
 
 
 def test_convert_cli_round_trip(hf_folder, tmp_path):
-    from ssmkit.cli import main
-
     hf, folder = hf_folder
-    assert main(["convert", str(folder), str(tmp_path / "ours"), "--to", "ssmkit"]) == 0
-    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "transformers"]) == 0
-    again = transformers.BambaForCausalLM.from_pretrained(tmp_path / "back").eval()
-    ids = _ids(67, (1, 13), 6)
+    again = convert_there_and_back(folder, tmp_path, transformers.BambaForCausalLM)
+    ids = token_ids(67, (1, 13), 6)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, hf(ids).logits)
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "bamba"
@@ -250,12 +194,6 @@ def test_bamba_tiny_preset_decodes_like_the_parallel_forward():
     from ssmkit.models.presets import get_preset
 
     torch.manual_seed(0)
-    model = randomize_(LanguageModel(get_preset("bamba-tiny")), 3).eval()
-    ids = _ids(256, (2, 30), 8)
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.allocate_cache(2)
-        steps = [model(ids[:, :11], cache=cache).logits]
-        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(11, 30)]
-    assert relative_error(torch.cat(steps, dim=1), full) <= 1e-5
+    model = randomize_hybrid_(LanguageModel(get_preset("bamba-tiny")), 3).eval()
+    assert_decode_equals_parallel_forward(model, token_ids(256, (2, 30), 8), 11)
 

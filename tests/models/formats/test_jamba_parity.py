@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from hybrid_checks import random_hf_model, saved_hf_folder, write_checkpoint
 
 from ssmkit.interop import CheckpointError, load_transformers_checkpoint
 from ssmkit.layers import Attention, Mamba, MoE
@@ -58,17 +58,13 @@ def randomize_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 
 
 def hf_jamba(seed: int = 0, **overrides) -> transformers.JambaForCausalLM:
-    torch.manual_seed(seed)
-    model = transformers.JambaForCausalLM(transformers.JambaConfig(**{**JAMBA, **overrides}))
-    return randomize_(model, seed + 1).eval()
+    return random_hf_model(transformers.JambaForCausalLM, transformers.JambaConfig, {**JAMBA, **overrides}, seed,
+                           randomize_)
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    model = hf_jamba()
-    folder = tmp_path_factory.mktemp("jamba") / "hf"
-    model.save_pretrained(folder)
-    return model, folder
+    return saved_hf_folder(tmp_path_factory, hf_jamba(), "jamba")
 
 
 def test_loaded_config_and_modules(hf_folder):
@@ -139,9 +135,7 @@ def test_fused_expert_tensors_are_read(hf_folder, tmp_path):
     hf, folder = hf_folder
     fused = {n: t.contiguous() for n, t in hf.state_dict().items()}
     assert any(n.endswith("experts.gate_up_proj") for n in fused)
-    (tmp_path / "fused").mkdir()
-    save_file(fused, str(tmp_path / "fused" / "model.safetensors"))
-    (tmp_path / "fused" / "config.json").write_text((folder / "config.json").read_text())
+    write_checkpoint(tmp_path / "fused", json.loads((folder / "config.json").read_text()), fused)
     _, per_expert = load_transformers_checkpoint(folder)
     _, from_fused = load_transformers_checkpoint(tmp_path / "fused")
     assert per_expert.keys() == from_fused.keys()
@@ -151,8 +145,7 @@ def test_fused_expert_tensors_are_read(hf_folder, tmp_path):
 def test_unsupported_configs_and_models_raise(hf_folder, tmp_path):
     _, folder = hf_folder
     raw = json.loads((folder / "config.json").read_text())
-    (tmp_path / "gelu").mkdir()
-    (tmp_path / "gelu" / "config.json").write_text(json.dumps({**raw, "hidden_act": "gelu"}))
+    write_checkpoint(tmp_path / "gelu", {**raw, "hidden_act": "gelu"})
     with pytest.raises(CheckpointError, match="hidden_act"):
         LanguageModel.from_pretrained(tmp_path / "gelu")
     (tmp_path / "short").mkdir()

@@ -5,7 +5,6 @@ the parallel forward, in both directions; unsupported config values name their f
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,7 +13,18 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "NemotronHForCausalLM"):
     pytest.skip("this transformers release has no NemotronHForCausalLM", allow_module_level=True)
 
-from safetensors.torch import load_file, save_file
+from hybrid_checks import (
+    assert_decode_equals_parallel_forward,
+    assert_same_logits_and_greedy_tokens,
+    assert_sharded_folder_is_read,
+    convert_there_and_back,
+    random_hf_model,
+    randomize_hybrid_,
+    saved_hf_folder,
+    token_ids,
+    write_checkpoint,
+)
+from safetensors.torch import load_file
 
 from ssmkit.interop import CheckpointError, load_transformers_checkpoint
 from ssmkit.layers import Attention, Mamba2
@@ -35,39 +45,14 @@ NEMOTRON = {
 }
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Random values for the parameters initialised to constants (A_log, D, dt bias, norms, biases)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "A_log":
-            p.copy_(torch.empty(p.shape).uniform_(math.log(0.5), math.log(8.0), generator=g))
-        elif leaf in ("D", "dt_bias") or name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=g))
-        elif "norm" in name:
-            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
 def hf_nemotron(seed: int = 0, **overrides) -> transformers.NemotronHForCausalLM:
-    torch.manual_seed(seed)
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**{**NEMOTRON, **overrides}))
-    return randomize_(model, seed + 1).eval()
+    return random_hf_model(transformers.NemotronHForCausalLM, transformers.NemotronHConfig,
+                           {**NEMOTRON, **overrides}, seed, randomize_hybrid_)
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    model = hf_nemotron()
-    folder = tmp_path_factory.mktemp("nemotron_h") / "hf"
-    model.save_pretrained(folder)
-    return model, folder
-
-
-def _ids(vocab: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    return saved_hf_folder(tmp_path_factory, hf_nemotron(), "nemotron_h")
 
 
 def test_loaded_config_and_modules(hf_folder):
@@ -91,17 +76,7 @@ def test_loaded_config_and_modules(hf_folder):
 def test_transformers_to_ssmkit_logits_and_greedy_tokens(hf_folder):
     hf, folder = hf_folder
     model = LanguageModel.from_pretrained(folder).eval()
-    ids = _ids(67, (2, 23), 3)
-    with torch.no_grad():
-        ref = hf(ids).logits
-        ours = model(ids).logits
-    assert relative_error(ours[..., :67], ref) <= 1e-4
-
-    prompt = ids[:1, :9]
-    with torch.no_grad():
-        hf_tokens = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 9:]
-        ours = model.generate(prompt, 20, temperature=0)[0, 9:]
-    assert ours.tolist() == hf_tokens.tolist()
+    assert_same_logits_and_greedy_tokens(hf, model, token_ids(67, (2, 23), 3), 9)
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu", "gelu_pytorch_tanh"])
@@ -110,7 +85,7 @@ def test_other_mlp_activations_match(tmp_path, activation):
     hf.save_pretrained(tmp_path / "hf")
     model = LanguageModel.from_pretrained(tmp_path / "hf").eval()
     assert model.config.ungated_mlp.activation == activation and model.config.layer_pattern == "Au2u"
-    ids = _ids(67, (2, 11), 4)
+    ids = token_ids(67, (2, 11), 4)
     with torch.no_grad():
         assert relative_error(model(ids).logits, hf(ids).logits) <= 1e-4
 
@@ -118,26 +93,16 @@ def test_other_mlp_activations_match(tmp_path, activation):
 def test_decode_equals_parallel_forward(hf_folder):
     _, folder = hf_folder
     model = LanguageModel.from_pretrained(folder).eval()
-    ids = _ids(67, (2, 17), 5)
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.allocate_cache(2)
-        steps = [model(ids[:, :7], cache=cache).logits]
-        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(7, 17)]
-    assert relative_error(torch.cat(steps, dim=1), full) <= 1e-5
+    assert_decode_equals_parallel_forward(model, token_ids(67, (2, 17), 5), 7)
 
 
 def test_sharded_and_module_named_folders_are_read(hf_folder, tmp_path):
     hf, folder = hf_folder
-    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
-    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    _, whole = load_transformers_checkpoint(folder)
-    _, sharded = load_transformers_checkpoint(tmp_path / "sharded")
-    assert whole.keys() == sharded.keys() and all(torch.equal(whole[n], sharded[n]) for n in whole)
+    whole = assert_sharded_folder_is_read(hf, folder, tmp_path / "sharded")
     # The module names ("model." rather than the "backbone." that save_pretrained writes), and MTP tensors.
     renamed = {n.replace("backbone.", "model.", 1): t for n, t in load_file(str(folder / "model.safetensors")).items()}
     renamed["mtp.layers.0.norm.weight"] = torch.ones(24)
-    _write(tmp_path / "renamed", json.loads((folder / "config.json").read_text()), renamed)
+    write_checkpoint(tmp_path / "renamed", json.loads((folder / "config.json").read_text()), renamed)
     _, again = load_transformers_checkpoint(tmp_path / "renamed")
     assert again.keys() == whole.keys() and all(torch.equal(whole[n], again[n]) for n in whole)
 
@@ -150,7 +115,7 @@ def ssmkit_nemotron(tie: bool) -> LanguageModel:
                       attention=AttentionConfig(num_heads=4, num_heads_kv=1),
                       ungated_mlp=UngatedMLPConfig(d_intermediate=24), norm_eps=1e-6, tie_embeddings=tie,
                       residual_in_fp32=False)
-    return randomize_(LanguageModel(cfg), 7).eval()
+    return randomize_hybrid_(LanguageModel(cfg), 7).eval()
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -161,27 +126,11 @@ def test_ssmkit_to_transformers_and_back(tmp_path, tie):
     assert raw["model_type"] == "nemotron_h"
     hf = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert hf.config.hybrid_override_pattern == "M-*M*-"
-    ids = _ids(72, (2, 19), 4)
-    with torch.no_grad():
-        ref = hf(ids).logits
-        ours = model(ids).logits
-        prompt = ids[:1, :6]
-        hf_tokens = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 6:]
-        our_tokens = model.generate(prompt, 20, temperature=0)[0, 6:]
-    assert ours.shape == ref.shape
-    assert relative_error(ours, ref) <= 1e-4
-    assert our_tokens.tolist() == hf_tokens.tolist()
+    assert_same_logits_and_greedy_tokens(hf, model, token_ids(72, (2, 19), 4), 6, same_vocab=True)
     again = LanguageModel.from_pretrained(tmp_path / "out")
     assert not again.config.tie_embeddings  # transformers' Nemotron-H never ties: the head is its own tensor
     for name, t in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], t), name
-
-
-def _write(folder, raw: dict, weights=None) -> None:
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(raw))
-    if weights is not None:
-        save_file(weights, str(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -204,7 +153,7 @@ def test_unsupported_config_values_name_the_field(hf_folder, tmp_path, change, f
     raw = {k: v for k, v in json.loads((folder / "config.json").read_text()).items()
            if k not in ("layers_block_type", "hybrid_override_pattern")}
     raw["hybrid_override_pattern"] = NEMOTRON["hybrid_override_pattern"]
-    _write(tmp_path / "bad", {**raw, **change})
+    write_checkpoint(tmp_path / "bad", {**raw, **change})
     with pytest.raises(CheckpointError, match=field):
         LanguageModel.from_pretrained(tmp_path / "bad")
 
@@ -212,7 +161,7 @@ def test_unsupported_config_values_name_the_field(hf_folder, tmp_path, change, f
 def test_mis_shaped_tensors_name_the_tensor(hf_folder, tmp_path):
     _, folder = hf_folder
     raw = json.loads((folder / "config.json").read_text())
-    _write(tmp_path / "short", {**raw, "ssm_state_size": 7}, load_file(str(folder / "model.safetensors")))
+    write_checkpoint(tmp_path / "short", {**raw, "ssm_state_size": 7}, load_file(str(folder / "model.safetensors")))
     with pytest.raises(CheckpointError, match=r"backbone.layers.0.mixer.in_proj.weight has shape"):
         LanguageModel.from_pretrained(tmp_path / "short")
 
@@ -251,13 +200,9 @@ def test_nemotron_h_8b_preset_has_transformers_parameter_count(capsys):
 
 
 def test_convert_cli_round_trip(hf_folder, tmp_path):
-    from ssmkit.cli import main
-
     hf, folder = hf_folder
-    assert main(["convert", str(folder), str(tmp_path / "ours"), "--to", "ssmkit"]) == 0
-    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "transformers"]) == 0
-    again = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "back").eval()
-    ids = _ids(67, (1, 13), 6)
+    again = convert_there_and_back(folder, tmp_path, transformers.NemotronHForCausalLM)
+    ids = token_ids(67, (1, 13), 6)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, hf(ids).logits)
     assert again.config.hybrid_override_pattern == NEMOTRON["hybrid_override_pattern"]
@@ -267,11 +212,5 @@ def test_nemotron_h_tiny_preset_decodes_like_the_parallel_forward():
     from ssmkit.models.presets import get_preset
 
     torch.manual_seed(0)
-    model = randomize_(LanguageModel(get_preset("nemotron-h-tiny")), 3).eval()
-    ids = _ids(256, (2, 30), 8)
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.allocate_cache(2)
-        steps = [model(ids[:, :11], cache=cache).logits]
-        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(11, 30)]
-    assert relative_error(torch.cat(steps, dim=1), full) <= 1e-5
+    model = randomize_hybrid_(LanguageModel(get_preset("nemotron-h-tiny")), 3).eval()
+    assert_decode_equals_parallel_forward(model, token_ids(256, (2, 30), 8), 11)
