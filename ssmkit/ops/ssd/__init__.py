@@ -7,6 +7,7 @@ form of Dao & Gu 2024, "Transformers are SSMs", section 6; fast on CPU, any devi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,9 +15,10 @@ import torch
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.ssd.chunked import ssd_chunked
+from ssmkit.ops.ssd.launch import DEFAULT_LAUNCH, SSDLaunch
 from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts, ssd_reference
 
-__all__ = ["mamba_chunk_scan_combined"]
+__all__ = ["SSDLaunch", "mamba_chunk_scan_combined"]
 
 _BACKENDS = {"reference": ssd_reference, "chunked": ssd_chunked}
 
@@ -41,6 +43,7 @@ def mamba_chunk_scan_combined(
     *,
     input_scale: torch.Tensor | None = None,
     backend: str = "auto",
+    launch: SSDLaunch | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Mamba-2 selective SSM with a scalar decay per head, as ``mamba_ssm``'s function of this name.
 
@@ -78,6 +81,9 @@ def mamba_chunk_scan_combined(
             Mamba-3's trapezoidal rule needs this (its input weight is not its decay step); None: Δ.
         backend: ``"auto"`` (triton on CUDA when importable, else chunked), ``"reference"``, ``"chunked"``
             or ``"triton"``.
+        launch: warps, stages and tiles of the triton backend's kernels, a frozen :class:`SSDLaunch`
+            (one of ``ssmkit.ops.ssd.launch.CONFIGS`` or your own); None: the defaults. The other
+            backends have no launches and ignore it.
 
     Returns:
         ``out`` (b, l, h, p) alone, or the tuple ``(out, final_states)``, ``(out, varlen_states)``
@@ -146,9 +152,13 @@ def mamba_chunk_scan_combined(
     if cu_seqlens is not None:
         seq_idx = _seq_idx_from_cu_seqlens(cu_seqlens, seq_idx, dims["b"], dims["l"])
     backend = resolve_backend(backend, device, has_triton=True)
+    if launch is not None and not isinstance(launch, SSDLaunch):
+        raise TypeError(f"launch must be an SSDLaunch or None, got {type(launch).__name__}")
     if backend == "triton":
         # Imported here, not at the top: `import ssmkit` must never import triton.
-        from ssmkit.ops.ssd.triton import ssd_triton as run
+        from ssmkit.ops.ssd.triton import ssd_triton
+
+        run = functools.partial(ssd_triton, launch=launch or DEFAULT_LAUNCH)
     else:
         run = _BACKENDS[backend]
 
