@@ -15,6 +15,7 @@ import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
+from ssmkit.ops.chunking import check_chunk_size
 from ssmkit.ops.mamba3.chunked import mamba3_chunked
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, mamba3_reference
 from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
@@ -76,7 +77,8 @@ def mamba3_scan(
         seq_idx: (b, l) integer document ids; the whole state restarts at zero wherever the id changes,
             so packed documents give the same outputs as each run alone.
         return_final_state: also return the state after the last position.
-        chunk_size: positive int, chunk length of the chunked backend (any l works).
+        chunk_size: positive int, chunk length of the chunked backends (any l works); it never changes
+            the result (the rule of :mod:`ssmkit.ops.chunking`).
         backend: ``"auto"`` (chunked, the fastest route measured on CPUs and GPUs), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1: the scan
             rewritten for the Mamba-2 SSD op and run by its Triton kernels, with B̃/C̃, the angles and the
             output in fused kernels of their own, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
@@ -110,10 +112,7 @@ def mamba3_scan(
         (torch.Size([2, 100, 1, 4, 16]), torch.Size([2, 4, 16, 32]), torch.Size([2, 1, 4, 32]))
     """
     dims = _validate(locals(), step=False)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_chunk_size(chunk_size)
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
     if backend == "triton" and dims["r"] != 1:

@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.chunking import chunk_length
 from ssmkit.ops.mamba3.reference import (
     TWO_PI,
     Mamba3ScanState,
@@ -47,7 +49,7 @@ from ssmkit.ops.mamba3.reference import (
     prepare,
     rotate,
 )
-from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
+from ssmkit.ops.ssd.reference import doc_starts
 
 # Elements of the largest per-block temporary (b h T r max(T r, n, p), the intra-chunk scores or the
 # rotated B, C): 4 MB in float32, far below glibc's 32 MB mmap threshold, so blocks reuse heap memory.
@@ -93,6 +95,7 @@ def mamba3_chunked(
     r, n = B.shape[2], B.shape[4]
     dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
                           *(initial_state or ()))
+    chunk_size = chunk_length(chunk_size, l)
     block = (block_chunks or default_block_chunks(b, h, p, r, n, chunk_size, x.device)) * chunk_size
     state = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     shared = {"chunk_size": chunk_size, "D": D, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x,

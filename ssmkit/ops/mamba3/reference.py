@@ -39,7 +39,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.ssd.reference import doc_starts
 
 TWO_PI = 2 * math.pi
 

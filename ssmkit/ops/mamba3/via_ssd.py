@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
-from ssmkit.ops.ssd.reference import compute_dtype
 
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
 # operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.norm.reference import compute_dtype, residual_dtype
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.norm.reference import residual_dtype
 
 
 def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:

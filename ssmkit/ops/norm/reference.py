@@ -17,14 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """The widest floating dtype among ``tensors``, and at least float32."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+from ssmkit.ops._precision import compute_dtype
 
 
 def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:

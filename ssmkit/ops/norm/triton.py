@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmkit.ops.norm.reference import compute_dtype, residual_dtype
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.norm.reference import residual_dtype
 
 # One group is held in registers; beyond this the kernel would spill (mamba_ssm's limit too).
 MAX_GROUP_BYTES = 65536

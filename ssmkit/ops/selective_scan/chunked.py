@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ssmkit.ops.selective_scan.reference import compute_dtype
+from ssmkit.ops._precision import compute_dtype
 
 # Tuned on one thread of a shared 2-core CPU at the Mamba-130M shape (b=1, d=1536, n=16, l=2048):
 # chunks of 12..32 steps (buffers of ~0.5M values, 2 MiB in float32) were fastest; 64 and more fall out

@@ -18,12 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in float32)."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
+from ssmkit.ops._precision import compute_dtype
 
 
 def selective_scan_reference(

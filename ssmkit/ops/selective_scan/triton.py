@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmkit.ops.selective_scan.reference import compute_dtype
+from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.selective_scan.triton_fused import _fused_bwd_kernel, _fused_fwd_kernel
 from ssmkit.ops.selective_scan.triton_kernels import (
     _selective_scan_bwd_kernel,

@@ -14,6 +14,7 @@ import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
+from ssmkit.ops.chunking import check_chunk_size
 from ssmkit.ops.ssd.chunked import ssd_chunked
 from ssmkit.ops.ssd.launch import DEFAULT_LAUNCH, SSDLaunch
 from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts, ssd_reference
@@ -58,8 +59,9 @@ def mamba_chunk_scan_combined(
         A: (h,) decay rate per head (negative for a stable SSM).
         B, C: (b, l, g, n) input and output projections; ``h % g == 0``, head i uses group
             ``i // (h // g)``.
-        chunk_size: positive int, chunk length T of the chunked algorithm (any length l works:
-            the sequence is padded to a multiple of T internally).
+        chunk_size: positive int, the chunk length of the chunked algorithm (any length l works: the
+            sequence is padded to a multiple of it). Every backend follows the rule of
+            :mod:`ssmkit.ops.chunking`: it never changes the result, only where the sums are cut.
         D: (h,) or (h, p) skip connection. z: (b, l, h, p) gate. dt_bias: (h,).
         initial_states: (b, h, p, n) state before position 0; it only reaches the first document
             when ``seq_idx`` packs several. Differentiable.
@@ -116,10 +118,7 @@ def mamba_chunk_scan_combined(
     check_tensor("A", A, ("h",), dims)
     check_tensor("B", B, ("b", "l", "g", "n"), dims)
     check_tensor("C", C, ("b", "l", "g", "n"), dims)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_chunk_size(chunk_size)
     if D is not None:
         check_tensor("D", D, ("h",) if isinstance(D, torch.Tensor) and D.dim() == 1 else ("h", "p"), dims)
     if z is not None:

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ssmkit.ops.ssd.reference import NO_LIMIT, compute_dtype, discretize_dt, doc_starts, gate_and_skip
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.chunking import chunk_length
+from ssmkit.ops.ssd.reference import NO_LIMIT, discretize_dt, doc_starts, gate_and_skip
 
 # Elements of per-chunk work (h T max(T, p)) per block of chunks (8 MB in float32): blocks that
 # stay in cache beat whole-sequence tensors, which also page-fault on every allocation.
@@ -61,9 +63,7 @@ def ssd_chunked(
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
-    # The result does not depend on the chunk length, so a sequence shorter than a chunk (a prompt, a
-    # decode burst) is one chunk of its own length rounded up to 16, not a padded chunk of 256.
-    T = min(chunk_size, -(-l // 16) * 16)
+    T = chunk_length(chunk_size, l)
     nc = -(-l // T)
     k = b * nc
     pad = nc * T - l

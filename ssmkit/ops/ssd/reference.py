@@ -23,13 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops._precision import compute_dtype
+
 # The (0, inf) limit means "no clamp": mamba_ssm's callers pass it to switch the clamp off.
 NO_LIMIT = (0.0, float("inf"))
-
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 are promoted for accumulation)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def discretize_dt(

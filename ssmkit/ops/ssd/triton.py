@@ -10,9 +10,8 @@ through memory: the states entering each chunk and their gradients (b, chunks, h
 inputs' dtype for bf16/fp16 (float32 otherwise; always summed in float32), and C Bᵀ per group
 (b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip.
 
-The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
-need powers of two of at least 16). The result does not depend on the chunk length: it only moves
-where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
+The kernels' chunk length follows :mod:`ssmkit.ops.chunking` (a power of two in [16, 256]: tensor-core
+tiles). The result does not depend on the chunk length: it only moves where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
 Warps, pipeline stages and row tiles of each launch come from the frozen :class:`~ssmkit.ops.ssd.launch.SSDLaunch`
 passed in (``launch.CONFIGS`` holds the named alternatives that ``benchmarks/gpu_ssd.py --sweep`` times).
 """
@@ -26,6 +25,7 @@ import triton
 
 from ssmkit.ops.ssd import triton_bwd as _bwd
 from ssmkit.ops.ssd import triton_fwd as _fwd
+from ssmkit.ops.chunking import chunk_length
 from ssmkit.ops.ssd.chunked import _varlen_states, ssd_chunked
 from ssmkit.ops.ssd.launch import DEFAULT_LAUNCH, SSDLaunch
 from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
@@ -255,7 +255,7 @@ def ssd_triton(
                            input_scale=input_scale)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    T = min(256, _pow2(chunk_size))
+    T = chunk_length(chunk_size, l, power_of_two=True)
     nc = -(-l // T)
     doc = None
     if seq_idx is not None:
