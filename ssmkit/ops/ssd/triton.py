@@ -23,12 +23,14 @@ import os
 import torch
 import triton
 
+from ssmkit.ops._step_sizes import NO_LIMIT
+from ssmkit.ops.chunking import chunk_length
 from ssmkit.ops.ssd import triton_bwd as _bwd
 from ssmkit.ops.ssd import triton_fwd as _fwd
-from ssmkit.ops.chunking import chunk_length
 from ssmkit.ops.ssd.chunked import _varlen_states, ssd_chunked
+from ssmkit.ops.ssd.inputs import SSDInputs
 from ssmkit.ops.ssd.launch import DEFAULT_LAUNCH, SSDLaunch
-from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
+from ssmkit.ops.ssd.reference import doc_starts
 
 _STATE_BLOCK = 1024  # state elements per program in the forward state passing
 
@@ -225,34 +227,17 @@ class _SSDFunction(torch.autograd.Function):
                 None, None, None, None, dscale, None)
 
 
-def ssd_triton(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = NO_LIMIT,
-    input_scale: torch.Tensor | None = None,
-    launch: SSDLaunch = DEFAULT_LAUNCH,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def ssd_triton(inputs: SSDInputs, launch: SSDLaunch = DEFAULT_LAUNCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton SSD; same arguments and results as ``ssd_chunked`` (validated by the caller).
 
     x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n). Returns ``(out (b, l, h, p),
     final_states (b, h, p, n) float32, varlen_states (s, h, p, n) or None)``.
     """
+    (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit,
+     input_scale) = inputs.unpack()
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states, input_scale)
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-                           seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                           input_scale=input_scale)
+        return ssd_chunked(inputs)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     T = chunk_length(chunk_size, l, power_of_two=True)

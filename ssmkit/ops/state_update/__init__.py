@@ -8,14 +8,12 @@ Triton kernel of ``triton.py`` ("auto" on CUDA).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
+from ssmkit.ops._step_sizes import NO_LIMIT, check_dt_limit
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.state_update.reference import (
-    NO_LIMIT,
     PAD_SLOT_ID,
     selective_state_update_reference,
 )
@@ -103,7 +101,7 @@ def selective_state_update(
         raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
     if not state.is_floating_point():
         raise TypeError(f"state must be a floating-point tensor, got {state.dtype}")
-    dt_limit = _check_dt_limit(dt_limit)
+    dt_limit = check_dt_limit(dt_limit)
     if isinstance(pad_slot_id, bool) or not isinstance(pad_slot_id, int):
         raise TypeError(f"pad_slot_id must be an int, got {type(pad_slot_id).__name__}")
     # With state_batch_indices the state is a pool of s slots and x binds the batch b.
@@ -239,12 +237,3 @@ def _mamba2_views(dims, state, x, dt, A, B, C, D, z, dt_bias, pooled):
         z,
         dt_bias[:, None] if dt_bias is not None and compact["dt_bias"] else dt_bias,
     )
-
-
-def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
-    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
-        raise TypeError(f"dt_limit must be a (lo, hi) pair of floats, got {dt_limit!r}")
-    lo, hi = (float(v) for v in dt_limit)
-    if math.isnan(lo) or math.isnan(hi) or lo > hi:
-        raise ValueError(f"dt_limit must be (lo, hi) with lo <= hi, got {dt_limit!r}")
-    return lo, hi
