@@ -14,7 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssmkit.ops import mamba3
-from ssmkit.ops.mamba3 import Mamba3ScanState, chunked, mamba3_scan, mamba3_step
+from ssmkit.ops.mamba3 import (
+    Mamba3Inputs,
+    Mamba3ScanState,
+    chunked,
+    mamba3_scan,
+    mamba3_step,
+)
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.testing import assert_close, assert_outputs_and_grads_close, float64_leaf
 
@@ -456,7 +462,7 @@ def block_ids(b, l):
 
 def _blocked(inp, block_chunks, chunk_size=8, **kw):
     """The chunked backend called with a forced block size (mamba3_scan validates, then picks the default)."""
-    return chunked.mamba3_chunked(**inp, chunk_size=chunk_size, block_chunks=block_chunks, **kw)
+    return chunked.mamba3_chunked(Mamba3Inputs.from_args(dict(inp, chunk_size=chunk_size, **kw)), block_chunks=block_chunks)
 
 
 @pytest.mark.parametrize("block_chunks", [1, 3])
@@ -542,8 +548,9 @@ def test_gradcheck_blocks():
 
     def fn(*tensors):
         args = dict(zip(names, tensors[:len(names)]))
-        out, final = chunked.mamba3_chunked(**args, chunk_size=2, block_chunks=2, seq_idx=seq_idx,
-                                            initial_state=Mamba3ScanState(*tensors[len(names):]))
+        inputs = Mamba3Inputs.from_args(dict(args, chunk_size=2, seq_idx=seq_idx,
+                                             initial_state=Mamba3ScanState(*tensors[len(names):])))
+        out, final = chunked.mamba3_chunked(inputs, block_chunks=2)
         return out, final.ssm, final.last_B, final.last_x, torch.sin(final.angle)
 
     # fast_mode: random projections of the Jacobian (seconds instead of tens of seconds on a loaded CI machine).

@@ -17,10 +17,11 @@ from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_te
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.chunking import check_chunk_size
 from ssmkit.ops.mamba3.chunked import mamba3_chunked
+from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, mamba3_reference
 from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
 
-__all__ = ["Mamba3ScanState", "mamba3_scan", "mamba3_step"]
+__all__ = ["Mamba3Inputs", "Mamba3ScanState", "mamba3_scan", "mamba3_step"]
 
 _BACKENDS = {"reference": mamba3_reference, "chunked": mamba3_chunked}
 
@@ -124,11 +125,7 @@ def mamba3_scan(
     # which are not timed on a GPU yet; it becomes "auto" for rank 1 on CUDA once they measure faster.
     backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
     scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
-    out, final = scan(
-        x, dt, A, B, C, trap, angles, chunk_size, D=D, z=z, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x,
-        mimo_z=mimo_z, mimo_o=mimo_o, rotary_interleaved=rotary_interleaved,
-        initial_state=None if initial_state is None else Mamba3ScanState(*initial_state), seq_idx=seq_idx,
-    )
+    out, final = scan(Mamba3Inputs.from_args(locals()))
     return (out, final) if return_final_state else out
 
 
@@ -177,10 +174,9 @@ def mamba3_step(
     _validate(locals(), step=True)
     seq = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "trap": trap, "angles": angles, "z": z}
     seq = {k: None if v is None else v[:, None] for k, v in seq.items()}
-    out, final = mamba3_reference(
-        **seq, chunk_size=1, D=D, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o,
-        rotary_interleaved=rotary_interleaved, initial_state=Mamba3ScanState(*state),
-    )
+    args = {"D": D, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x, "mimo_z": mimo_z, "mimo_o": mimo_o,
+            "rotary_interleaved": rotary_interleaved}
+    out, final = mamba3_reference(Mamba3Inputs.from_args(seq | args | {"chunk_size": 1, "initial_state": state}))
     for dst, src in zip(state, final):
         dst.copy_(src)
     return out[:, 0]

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.chunking import chunk_length
+from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import (
     TWO_PI,
     Mamba3ScanState,
@@ -66,31 +67,15 @@ def _pad(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def mamba3_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    B_bias: torch.Tensor | None = None,
-    C_bias: torch.Tensor | None = None,
-    mimo_x: torch.Tensor | None = None,
-    mimo_z: torch.Tensor | None = None,
-    mimo_o: torch.Tensor | None = None,
-    rotary_interleaved: bool = True,
-    initial_state: Mamba3ScanState | None = None,
-    seq_idx: torch.Tensor | None = None,
-    block_chunks: int | None = None,
+    inputs: Mamba3Inputs, block_chunks: int | None = None
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
     """Chunked Mamba-3; same arguments and results as ``mamba3_reference`` (validated by the caller).
 
     ``block_chunks``: chunks per block (None: :func:`default_block_chunks`). A sequence of at most one
     block is computed in one piece.
     """
+    (x, dt, A, B, C, trap, angles, chunk_size, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rotary_interleaved,
+     initial_state, seq_idx) = inputs.unpack()
     b, l, h, p = x.shape
     r, n = B.shape[2], B.shape[4]
     dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,

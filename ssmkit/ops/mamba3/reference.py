@@ -34,13 +34,16 @@ the first document.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.ssd.reference import doc_starts
+
+if TYPE_CHECKING:
+    from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 
 TWO_PI = 2 * math.pi
 
@@ -177,32 +180,16 @@ def zero_state(b: int, h: int, p: int, r: int, n: int, a: int, dtype: torch.dtyp
     )
 
 
-def mamba3_reference(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    B_bias: torch.Tensor | None = None,
-    C_bias: torch.Tensor | None = None,
-    mimo_x: torch.Tensor | None = None,
-    mimo_z: torch.Tensor | None = None,
-    mimo_o: torch.Tensor | None = None,
-    rotary_interleaved: bool = True,
-    initial_state: Mamba3ScanState | None = None,
-    seq_idx: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Mamba3ScanState]:
-    """Token-by-token Mamba-3 recurrence. Arguments are already validated by the public function.
+def mamba3_reference(inputs: Mamba3Inputs) -> tuple[torch.Tensor, Mamba3ScanState]:
+    """Token-by-token Mamba-3 recurrence of checked :class:`~ssmkit.ops.mamba3.inputs.Mamba3Inputs`.
 
-    ``chunk_size`` is accepted for a uniform signature and ignored. Returns ``(out, final_state)``:
+    ``chunk_size`` is ignored (no chunks here; the rule of :mod:`ssmkit.ops.chunking`). Returns
+    ``(out, final_state)``:
     out (b, l, h, p) with ``mimo_o``, else (b, l, r, h, p), in x's dtype; the state in float32 (float64
     when an input is float64).
     """
+    (x, dt, A, B, C, trap, angles, _chunk_size, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rotary_interleaved,
+     initial_state, seq_idx) = inputs.unpack()
     b, l, h, p = x.shape
     r, n, a = B.shape[2], B.shape[4], angles.shape[3]
     dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,

@@ -28,6 +28,7 @@ import torch
 
 from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
+from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 
@@ -37,31 +38,14 @@ FUSED_BC = True
 
 
 def mamba3_via_ssd(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    B_bias: torch.Tensor | None = None,
-    C_bias: torch.Tensor | None = None,
-    mimo_x: torch.Tensor | None = None,
-    mimo_z: torch.Tensor | None = None,
-    mimo_o: torch.Tensor | None = None,
-    rotary_interleaved: bool = True,
-    initial_state: Mamba3ScanState | None = None,
-    seq_idx: torch.Tensor | None = None,
-    *,
-    ssd_backend: str = "auto",
+    inputs: Mamba3Inputs, *, ssd_backend: str = "auto"
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
     """Mamba-3 of rank 1; same arguments and results as ``mamba3_reference`` (validated by the caller).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
     """
+    (x, dt, A, B, C, trap, angles, chunk_size, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rotary_interleaved,
+     initial_state, seq_idx) = inputs.unpack()
     if B.shape[2] != 1:
         raise ValueError(f"the SSD route computes single-input Mamba-3 (rank 1), got rank {B.shape[2]}; "
                          "use backend='chunked' for MIMO")
