@@ -8,17 +8,13 @@ import dataclasses
 
 import torch
 
+from ssmkit.ops._inputs import OpInputs
+
 __all__ = ["ConvInputs", "ConvStepInputs"]
 
 
-class _Unpack:
-    def unpack(self) -> tuple:
-        """The fields in order, the tensors themselves (``dataclasses.astuple`` would copy them)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
-
-
 @dataclasses.dataclass(frozen=True)
-class ConvInputs(_Unpack):
+class ConvInputs(OpInputs):
     """Arguments of ``causal_conv1d_fn`` (see there): x (b, d, l), weight (d, w), bias (d,), seq_idx (b, l),
     initial_states (b, d, w - 1)."""
 
@@ -32,7 +28,7 @@ class ConvInputs(_Unpack):
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvStepInputs(_Unpack):
+class ConvStepInputs(OpInputs):
     """Arguments of ``causal_conv1d_update`` (see there): x (b, d) or (b, d, l), conv_state (b or slots, d,
     state_len), weight (d, w), bias (d,), cache_seqlens (b,), conv_state_indices (b,)."""
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
+from ssmkit.ops._inputs import OpInputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState
 
 __all__ = ["Mamba3Inputs"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba3Inputs:
+class Mamba3Inputs(OpInputs):
     """Arguments of ``mamba3_scan`` (see there for shapes and meaning), ``initial_state`` as a
     :class:`Mamba3ScanState` or None."""
 
@@ -51,10 +52,6 @@ class Mamba3Inputs:
         state = given.get("initial_state")
         given["initial_state"] = None if state is None else Mamba3ScanState(*state)
         return cls(**(_DEFAULTS | given))
-
-    def unpack(self) -> tuple:
-        """The fields in order, the tensors themselves (``dataclasses.astuple`` would copy them)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 _OPTIONAL_TENSORS = ("D", "z", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "initial_state", "seq_idx")

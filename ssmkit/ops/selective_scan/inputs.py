@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from ssmkit.ops._inputs import OpInputs
+
 __all__ = ["ScanInputs"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ScanInputs:
+class ScanInputs(OpInputs):
     """Arguments of ``selective_scan_fn`` (see there): u, delta, z (b, d, l); A (d, n); B, C (b, g, n, l);
     D, delta_bias (d,); initial_state (b, d, n); seq_idx (b, l)."""
 
@@ -42,10 +44,6 @@ class ScanInputs:
         for name in ("B", "C"):
             given[name] = given[name] if given[name].dim() == 4 else given[name][:, None]
         return cls(**(_DEFAULTS | given))
-
-    def unpack(self) -> tuple:
-        """The fields in order, the tensors themselves (``dataclasses.astuple`` would copy them)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 _DEFAULTS = dict.fromkeys(("D", "z", "delta_bias", "initial_state", "seq_idx")) | {"delta_softplus": False}

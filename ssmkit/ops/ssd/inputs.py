@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
+from ssmkit.ops._inputs import OpInputs
 from ssmkit.ops._step_sizes import NO_LIMIT, check_dt_limit
 from ssmkit.ops.chunking import check_chunk_size
 from ssmkit.ops.ssd.reference import doc_starts
@@ -22,7 +23,7 @@ __all__ = ["SSDInputs", "check_ssd_inputs"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SSDInputs:
+class SSDInputs(OpInputs):
     """Checked arguments of ``mamba_chunk_scan_combined`` (see there for their meaning).
 
     Shapes: x, z (b, l, h, p); dt, input_scale (b, l, h); A, dt_bias (h,); B, C (b, l, g, n); D (h,) or
@@ -49,7 +50,7 @@ class SSDInputs:
     device: torch.device
 
     def unpack(self) -> tuple:
-        """The fields in order but ``device``, the tensors themselves (not copies as ``dataclasses.astuple``)."""
+        """The fields in order but ``device`` (what the backends take)."""
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self)[:-1])
 
 
