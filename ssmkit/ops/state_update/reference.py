@@ -18,30 +18,20 @@ import torch.nn.functional as F
 
 from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops._step_sizes import discretize_dt
+from ssmkit.ops.state_update.inputs import StepInputs
 
 # The index that marks a padding row of a continuous batch (vLLM's PAD_SLOT_ID); any negative index does too.
 PAD_SLOT_ID = -1
 
 
-def selective_state_update_reference(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float],
-) -> torch.Tensor:
+def selective_state_update_reference(inputs: StepInputs) -> torch.Tensor:
     """Advance ``state`` (b, h, p, n) by one step in place and return y (b, h, p) in x's dtype.
 
     Arguments are validated and broadcast-ready: x, z (b, h, p); dt (b, h, p or 1);
     A (h, p or 1, n or 1); B, C (b, g, n); D, dt_bias (h, p or 1). The step is computed in float64
     if the state or any input is float64, else in float32, and written back in the state's dtype.
     """
+    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit = inputs.unpack()
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     b, h, p, n = state.shape
     g = B.shape[1]
