@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops.norm.inputs import GatedNormInputs
 from ssmkit.ops.norm.reference import gated_rms_norm_ref
 from ssmkit.ops.norm_linear.inputs import NormLinearInputs
 
@@ -20,7 +21,8 @@ from ssmkit.ops.norm_linear.inputs import NormLinearInputs
 def rms_norm_linear_ref(inputs: NormLinearInputs) -> torch.Tensor:
     """See :func:`ssmkit.ops.norm_linear.rms_norm_linear`."""
     x, norm_weight, weight, bias, z, eps, group_size, norm_before_gate, residual = inputs.unpack()
-    return project(gated_rms_norm_ref(x, z, norm_weight, eps, group_size, norm_before_gate), weight, bias, residual)
+    normed = gated_rms_norm_ref(GatedNormInputs(x, z, norm_weight, eps, group_size, norm_before_gate, None, False))
+    return project(normed, weight, bias, residual)
 
 
 def project(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
