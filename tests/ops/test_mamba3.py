@@ -505,7 +505,7 @@ def test_blocks_equal_one_block_float64(block_chunks, l):
 def test_block_count(monkeypatch):
     calls = []
     block = chunked._block
-    monkeypatch.setattr(chunked, "_block", lambda *a, **kw: calls.append(a[0].shape[1]) or block(*a, **kw))
+    monkeypatch.setattr(chunked, "_block", lambda *a, **kw: calls.append(a[0].x.shape[1]) or block(*a, **kw))
     inp = make_inputs(b=1, l=61)
     _blocked(inp, 3)
     assert calls == [24, 24, 13]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ssmkit.ops._inputs import OpInputs
+from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.mamba3.reference import Mamba3ScanState
 
 __all__ = ["Mamba3Inputs"]
@@ -52,6 +53,10 @@ class Mamba3Inputs(OpInputs):
         state = given.get("initial_state")
         given["initial_state"] = None if state is None else Mamba3ScanState(*state)
         return cls(**(_DEFAULTS | given))
+
+    def compute_dtype(self) -> torch.dtype:
+        """float64 if any input (the initial state's tensors included) is float64, else float32."""
+        return compute_dtype(*(v for v in self.unpack() if isinstance(v, torch.Tensor)), *(self.initial_state or ()))
 
 
 _OPTIONAL_TENSORS = ("D", "z", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "initial_state", "seq_idx")
