@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from ssmkit.ops.mamba3 import Mamba3Inputs
 from ssmkit.ops.mamba3.chunked import default_block_chunks, mamba3_chunked
 
 CHUNK = 64
@@ -83,7 +84,8 @@ def call(inp: dict[str, torch.Tensor], block_chunks: int | None, backward: bool)
         for t in inp.values():
             t.grad = None
         with torch.set_grad_enabled(backward):
-            out, _ = mamba3_chunked(**inp, chunk_size=CHUNK, rotary_interleaved=True, block_chunks=block_chunks)
+            inputs = Mamba3Inputs.from_args(dict(inp, chunk_size=CHUNK, rotary_interleaved=True))
+            out, _ = mamba3_chunked(inputs, block_chunks=block_chunks)
         if backward:
             out.backward(torch.ones_like(out))
 

@@ -16,13 +16,14 @@ import time
 
 import torch
 
+from ssmkit.ops.mamba3 import Mamba3Inputs
 from ssmkit.ops.mamba3.chunked import mamba3_chunked
 from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
 
 SHAPES = [(1, 8192, 4, 32, 64, 16), (1, 32768, 4, 32, 64, 16), (2, 2048, 24, 64, 128, 32)]
 ROUTES = {
     "chunked": mamba3_chunked,
-    "via SSD": lambda *a, **k: mamba3_via_ssd(*a, **k, ssd_backend="chunked"),
+    "via SSD": lambda inputs: mamba3_via_ssd(inputs, ssd_backend="chunked"),
 }
 
 
@@ -42,7 +43,7 @@ def best_seconds(route, inp: dict[str, torch.Tensor], backward: bool, repeats: i
     for _ in range(repeats):
         leaves = {k: v.detach().requires_grad_(backward) for k, v in inp.items()}
         start = time.perf_counter()
-        out, final = route(**leaves, chunk_size=64)
+        out, final = route(Mamba3Inputs.from_args(dict(leaves, chunk_size=64)))
         if backward:
             (out.sum() + final.ssm.sum()).backward()
         times.append(time.perf_counter() - start)

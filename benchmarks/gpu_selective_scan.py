@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import triton
 
-from ssmkit.ops.selective_scan import selective_scan_fn
+from ssmkit.ops.selective_scan import ScanInputs, selective_scan_fn
 from ssmkit.ops.selective_scan.triton import (
     DEFAULT_CONFIG,
     ScanConfig,
@@ -93,9 +93,7 @@ def ssmkit_runner(x: dict, backend: str, backward: bool, config: ScanConfig | No
     def call():
         if config is None:
             return selective_scan_fn(**leaves, delta_softplus=True, backend=backend)
-        Bc, Cc = leaves["B"][:, None], leaves["C"][:, None]
-        rest = {k: v for k, v in leaves.items() if k not in ("B", "C")}
-        return selective_scan_triton(**rest, B=Bc, C=Cc, delta_softplus=True, config=config)[0]
+        return selective_scan_triton(ScanInputs.from_args(dict(leaves, delta_softplus=True)), config=config)[0]
 
     def run():
         out = call()
@@ -108,10 +106,7 @@ def ssmkit_runner(x: dict, backend: str, backward: bool, config: ScanConfig | No
 def outputs_and_grads(x: dict, config: ScanConfig) -> list[torch.Tensor]:
     """out and every gradient of one Triton config (fixed dout), in float32."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
-    rest = {k: v for k, v in leaves.items() if k not in ("B", "C")}
-    out = selective_scan_triton(
-        **rest, B=leaves["B"][:, None], C=leaves["C"][:, None], delta_softplus=True, config=config
-    )[0]
+    out = selective_scan_triton(ScanInputs.from_args(dict(leaves, delta_softplus=True)), config=config)[0]
     dout = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
     grads = torch.autograd.grad(out, list(leaves.values()), dout.to(out.dtype))
     return [t.float() for t in (out, *grads)]

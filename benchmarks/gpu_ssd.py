@@ -11,7 +11,7 @@ mamba_ssm's source distribution (unpacked under ``.ext/``, nothing of it committ
 its package ``__init__`` (which would load the compiled CUDA scan); "n/a" when that fails.
 
     python benchmarks/gpu_ssd.py
-    python benchmarks/gpu_ssd.py --sweep     # ssmkit's launch configs (ssd.triton.CONFIGS) at L 8192
+    python benchmarks/gpu_ssd.py --sweep     # ssmkit's launch configs (ssd.launch.CONFIGS) at L 8192
     python benchmarks/gpu_ssd.py --profile --lengths 8192   # per-kernel GPU time, forward and backward apart
     python benchmarks/gpu_ssd.py --heads 64 --groups 8 --lengths 8192   # another shape
 """
@@ -23,7 +23,8 @@ import sys
 import torch
 from mamba_ssm_source import import_from_source
 
-from ssmkit.ops.ssd import mamba_chunk_scan_combined
+from ssmkit.ops.ssd import SSDLaunch, mamba_chunk_scan_combined
+from ssmkit.ops.ssd.launch import CONFIGS
 
 BATCH, HEADS, HEADDIM, GROUPS, STATE, CHUNK = 8, 32, 64, 1, 128, 256
 LENGTHS = (2048, 8192)
@@ -44,9 +45,10 @@ def make_inputs(length: int, requires_grad: bool) -> dict[str, torch.Tensor]:
     return {k: v.requires_grad_(requires_grad) for k, v in inp.items()}
 
 
-def callers(theirs) -> dict[str, object]:
+def callers(theirs, launch: SSDLaunch | None = None) -> dict[str, object]:
     def ours(backend):
-        return lambda inp: mamba_chunk_scan_combined(**inp, chunk_size=CHUNK, dt_softplus=True, backend=backend)
+        return lambda inp: mamba_chunk_scan_combined(**inp, chunk_size=CHUNK, dt_softplus=True, backend=backend,
+                                                     launch=launch)
 
     out = {"ssmkit triton": ours("triton"), "ssmkit chunked": ours("chunked")}
     if theirs is not None:
@@ -105,29 +107,28 @@ def sweep(length: int, names: list[str] | None = None) -> None:
     """Forward and forward+backward ms of every named launch config of ssmkit's Triton SSD."""
     from triton.testing import do_bench
 
-    from ssmkit.ops.ssd import triton as ssd_triton
-
+    unknown = set(names or ()) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown launch configs {sorted(unknown)}; known: {sorted(CONFIGS)}")
     inp = make_inputs(length, True)
     grad = torch.randn(BATCH, length, HEADS, HEADDIM, device="cuda", dtype=torch.bfloat16)
-    fn = callers(None)["ssmkit triton"]
     print(f"launch configs at L {length} (median ms; the first call of each compiles):")
     print(f"{'config':>14} {'fwd ms':>8} {'fwd+bwd ms':>11}  overrides")
     times = {}
-    for name, overrides in ssd_triton.CONFIGS.items():
+    for name, launch in CONFIGS.items():
         if names and name not in names:
             continue
-        ssd_triton.use_config(name)
+        fn = callers(None, launch)["ssmkit triton"]
 
-        def forward():
+        def forward(fn=fn):
             with torch.no_grad():
                 fn(inp)
 
         fwd = do_bench(forward, warmup=10, rep=50, return_mode="median")
-        both = do_bench(lambda: fwd_bwd(fn, inp, grad), warmup=10, rep=100, return_mode="median",
+        both = do_bench(lambda fn=fn: fwd_bwd(fn, inp, grad), warmup=10, rep=100, return_mode="median",
                         grad_to_none=list(inp.values()))
         times[name] = (fwd, both)
-        print(f"{name:>14} {fwd:>8.3f} {both:>11.3f}  {overrides}", flush=True)
-    ssd_triton.use_config("default")
+        print(f"{name:>14} {fwd:>8.3f} {both:>11.3f}  {launch.overrides()}", flush=True)
     print("fastest: forward", min(times, key=lambda k: times[k][0]), "| forward+backward",
           min(times, key=lambda k: times[k][1]))
 

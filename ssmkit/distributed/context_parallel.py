@@ -28,17 +28,24 @@ for it forever; :class:`_Exchange` is on every rank's graph, whatever its result
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ssmkit.ops import mamba_chunk_scan_combined
-from ssmkit.ops.ssd.reference import NO_LIMIT, discretize_dt, doc_starts
+from ssmkit.ops._step_sizes import discretize_dt
+from ssmkit.ops.ssd import check_ssd_inputs, ssd_scan
+from ssmkit.ops.ssd.reference import doc_starts
 
 __all__ = ["ContextParallel", "context_parallel_chunk_scan", "previous_rank_tail", "split_sequence"]
+
+# The keywords of mamba_chunk_scan_combined a split sequence takes (its varlen states would need the
+# sequences gathered; input_scale is not wired through the correction below).
+_OPTIONS = frozenset({"D", "z", "dt_bias", "seq_idx", "dt_softplus", "dt_limit"})
 
 
 def context_parallel_chunk_scan(
@@ -48,17 +55,12 @@ def context_parallel_chunk_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = NO_LIMIT,
-    return_final_states: bool = False,
     *,
     group: dist.ProcessGroup,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
     backend: str = "auto",
+    **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`ssmkit.ops.mamba_chunk_scan_combined` over a sequence split across the ranks of ``group``.
 
@@ -69,7 +71,8 @@ def context_parallel_chunk_scan(
     Args:
         x: (b, l, h, p); dt: (b, l, h); B, C: (b, l, g, n); z: (b, l, h, p); seq_idx: (b, l): this
             rank's part (``l`` may differ between ranks; b, h, p, g, n may not).
-        A, D, dt_bias, chunk_size, dt_softplus, dt_limit, backend: as in mamba_chunk_scan_combined.
+        A, chunk_size, backend, and the keywords D, dt_bias, dt_softplus, dt_limit (``options``): as in
+            mamba_chunk_scan_combined (checked by its checker, ``ssmkit.ops.ssd.check_ssd_inputs``).
         initial_states: (b, h, p, n) the state before the whole sequence: only rank 0 may pass it.
         seq_idx: document ids; a document may span rank boundaries (same id on both sides of a
             boundary continues it, a different id starts a new one there).
@@ -83,21 +86,29 @@ def context_parallel_chunk_scan(
     Each call does three small all-gathers (shapes, document edges, states) and one in backward; the
     shape check reads the gathered shapes on the host (a device sync on GPU).
     """
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"context_parallel_chunk_scan got unexpected keyword arguments {sorted(unknown)}; "
+                        f"it takes {sorted(_OPTIONS)}")
     rank, _ = _group_rank(group)
     if initial_states is not None and rank != 0:
         raise ValueError(f"initial_states is the state before the whole sequence: only rank 0 of the group may "
                          f"pass it (this is rank {rank})")
-    # The op validates every argument before anything else touches them.
-    out, zero_ends = mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=dt_softplus,
-        dt_limit=dt_limit, return_final_states=True, backend=backend,
-    )
+    # The op's checker validates every argument before anything else touches them; the part is scanned from
+    # a zero state (initial_states joins through the exchange below).
+    inputs = check_ssd_inputs(dict(options, x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size,
+                                   initial_states=initial_states))
+    if not isinstance(return_final_states, bool):
+        raise TypeError(f"return_final_states must be a bool, got {type(return_final_states).__name__}")
+    out, zero_ends, _ = ssd_scan(dataclasses.replace(inputs, initial_states=None), backend=backend)
+    z, dt_bias, seq_idx = inputs.z, inputs.dt_bias, inputs.seq_idx
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     _check_same_shapes(group, x.device, b=b, h=h, p=p, g=g, n=n, seq_idx=int(seq_idx is not None))
     dtype = zero_ends.dtype
 
-    cum = torch.cumsum(discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype) * A.to(dtype), dim=1)  # (b, l, h)
+    delta = discretize_dt(dt, dt_bias, inputs.dt_softplus, inputs.dt_limit, dtype)
+    cum = torch.cumsum(delta * A.to(dtype), dim=1)  # (b, l, h)
     decay = torch.exp(cum[:, -1])  # (b, h)
     first_doc, carry, through = _document_edges(seq_idx, b, group, x.device)
     passes = through[rank, :, None, None, None]  # the state entering this part reaches its end

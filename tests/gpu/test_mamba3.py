@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.ops.mamba3 import Mamba3ScanState, chunked, mamba3_scan
+from ssmkit.ops.mamba3 import Mamba3Inputs, Mamba3ScanState, chunked, mamba3_scan
 from ssmkit.testing import assert_close
 from tests.ops.test_mamba3 import CONFIGS, assert_state_close, block_ids, make_inputs
 
@@ -53,8 +53,9 @@ def test_chunked_cuda_matches_float64_reference(block_chunks, r, g, a, interleav
     torch.manual_seed(0)
     inp = make_inputs(b=2, l=61, h=4, r=r, g=g, a=a, initial=True)
     _compare_with_reference(
-        lambda leaves, ids: chunked.mamba3_chunked(**leaves, chunk_size=8, block_chunks=block_chunks,
-                                                   rotary_interleaved=interleaved, seq_idx=ids),
+        lambda leaves, ids: chunked.mamba3_chunked(
+            Mamba3Inputs.from_args(dict(leaves, chunk_size=8, rotary_interleaved=interleaved, seq_idx=ids)),
+            block_chunks=block_chunks),
         inp, interleaved, 61)
 
 

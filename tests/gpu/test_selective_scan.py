@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.ops.selective_scan import selective_scan_fn
+from ssmkit.ops.selective_scan import ScanInputs, selective_scan_fn
 from ssmkit.ops.selective_scan.reference import selective_scan_reference
 from ssmkit.testing import assert_close
 
@@ -88,9 +88,7 @@ def _check(low, seq_idx, dtype, softplus, backend="triton"):
     )
     ref_in = {k: v.detach().double().requires_grad_(True) for k, v in low.items()}
     ref_out, ref_last = selective_scan_reference(
-        **{k: (v[:, None] if k in ("B", "C") and v.dim() == 3 else v) for k, v in ref_in.items()},
-        delta_softplus=softplus,
-        seq_idx=seq_idx,
+        ScanInputs.from_args({**ref_in, "delta_softplus": softplus, "seq_idx": seq_idx})
     )
     assert out.dtype == low["u"].dtype and out.stride() == low["u"].stride()
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32

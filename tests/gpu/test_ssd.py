@@ -60,9 +60,9 @@ def _doc_ids(b, l, device):
     return (change.cumsum(1) % 2).to(torch.int32)
 
 
-def _compare(inp, kw, dtype):
+def _compare(inp, kw, dtype, launch=None):
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
-    got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")
+    got = mamba_chunk_scan_combined(**inp, **kw, backend="triton", launch=launch)
     want = mamba_chunk_scan_combined(**inp64, **kw, backend="reference")
     assert got[0].dtype == dtype and all(s.dtype == torch.float32 for s in got[1:])
     for name, a, e in zip(["out", "final_states", "varlen_states"], got, want):
@@ -134,17 +134,13 @@ LAUNCH_NAMES = ["scan_r128", "fwd_r128", "state32_r128", "stages3", "tiles128", 
 @pytest.mark.parametrize("launch", LAUNCH_NAMES)
 def test_every_launch_config_matches_reference(launch):
     """The named launch configs that ``benchmarks/gpu_ssd.py --sweep`` times compute the same thing."""
-    from ssmkit.ops.ssd import triton as ssd_triton
+    from ssmkit.ops.ssd.launch import CONFIGS
 
-    assert set(ssd_triton.CONFIGS) == {"default", *LAUNCH_NAMES}, "a config is missing from this test"
+    assert set(CONFIGS) == {"default", *LAUNCH_NAMES}, "a config is missing from this test"
     torch.manual_seed(3)
     inp = make_inputs(2, 1000, 8, 64, 2, 128, torch.bfloat16, "D_h z bias softplus init")
     kw = {"chunk_size": 256, "dt_softplus": True, "return_final_states": True, "seq_idx": _doc_ids(2, 1000, "cuda")}
-    ssd_triton.use_config(launch)
-    try:
-        _compare(inp, kw, torch.bfloat16)
-    finally:
-        ssd_triton.use_config("default")
+    _compare(inp, kw, torch.bfloat16, launch=CONFIGS[launch])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -152,7 +148,7 @@ def test_chained_state_passing_matches_separate_kernels(dtype):
     """Many chunks (256 per head, 2 x 8 heads of chains in flight at once): the chained state passing
     gives the separate kernels' result, every run the same (a race in the flags or the ring would move
     the result between runs)."""
-    from ssmkit.ops.ssd import triton as ssd_triton
+    from ssmkit.ops.ssd.launch import SSDLaunch
 
     torch.manual_seed(5)
     inp = make_inputs(2, 16384, 8, 64, 2, 128, dtype, "D_h z bias softplus init")
@@ -161,14 +157,10 @@ def test_chained_state_passing_matches_separate_kernels(dtype):
     weights = None
     results = {}
     for chain in (False, True, True, True):
-        ssd_triton.LAUNCH["chain"] = chain
-        try:
-            out, final = mamba_chunk_scan_combined(**inp, **kw, backend="triton")
-            weights = weights or (torch.randn_like(out), torch.randn_like(final))
-            grads = torch.autograd.grad((out.float() * weights[0]).sum() + (final * weights[1]).sum(),
-                                        list(inp.values()))
-        finally:
-            ssd_triton.use_config("default")
+        out, final = mamba_chunk_scan_combined(**inp, **kw, backend="triton", launch=SSDLaunch(chain=chain))
+        weights = weights or (torch.randn_like(out), torch.randn_like(final))
+        grads = torch.autograd.grad((out.float() * weights[0]).sum() + (final * weights[1]).sum(),
+                                    list(inp.values()))
         results.setdefault(chain, []).append((out, final, *grads))
     first = results[True][0]
     for again in results[True][1:]:  # the forward is deterministic; gradients up to atomic-add order

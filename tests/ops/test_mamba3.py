@@ -14,7 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssmkit.ops import mamba3
-from ssmkit.ops.mamba3 import Mamba3ScanState, chunked, mamba3_scan, mamba3_step
+from ssmkit.ops.mamba3 import (
+    Mamba3Inputs,
+    Mamba3ScanState,
+    chunked,
+    mamba3_scan,
+    mamba3_step,
+)
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 from ssmkit.testing import assert_close, assert_outputs_and_grads_close, float64_leaf
 
@@ -456,7 +462,7 @@ def block_ids(b, l):
 
 def _blocked(inp, block_chunks, chunk_size=8, **kw):
     """The chunked backend called with a forced block size (mamba3_scan validates, then picks the default)."""
-    return chunked.mamba3_chunked(**inp, chunk_size=chunk_size, block_chunks=block_chunks, **kw)
+    return chunked.mamba3_chunked(Mamba3Inputs.from_args(dict(inp, chunk_size=chunk_size, **kw)), block_chunks=block_chunks)
 
 
 @pytest.mark.parametrize("block_chunks", [1, 3])
@@ -499,7 +505,7 @@ def test_blocks_equal_one_block_float64(block_chunks, l):
 def test_block_count(monkeypatch):
     calls = []
     block = chunked._block
-    monkeypatch.setattr(chunked, "_block", lambda *a, **kw: calls.append(a[0].shape[1]) or block(*a, **kw))
+    monkeypatch.setattr(chunked, "_block", lambda *a, **kw: calls.append(a[0].x.shape[1]) or block(*a, **kw))
     inp = make_inputs(b=1, l=61)
     _blocked(inp, 3)
     assert calls == [24, 24, 13]
@@ -542,8 +548,9 @@ def test_gradcheck_blocks():
 
     def fn(*tensors):
         args = dict(zip(names, tensors[:len(names)]))
-        out, final = chunked.mamba3_chunked(**args, chunk_size=2, block_chunks=2, seq_idx=seq_idx,
-                                            initial_state=Mamba3ScanState(*tensors[len(names):]))
+        inputs = Mamba3Inputs.from_args(dict(args, chunk_size=2, seq_idx=seq_idx,
+                                             initial_state=Mamba3ScanState(*tensors[len(names):])))
+        out, final = chunked.mamba3_chunked(inputs, block_chunks=2)
         return out, final.ssm, final.last_B, final.last_x, torch.sin(final.angle)
 
     # fast_mode: random projections of the Jacobian (seconds instead of tens of seconds on a loaded CI machine).

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.ops.mamba3 import mamba3_scan
+from ssmkit.ops.mamba3 import Mamba3Inputs, mamba3_scan
 from ssmkit.ops.mamba3.reference import mamba3_reference
 from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
 from ssmkit.testing import assert_close
@@ -25,11 +25,11 @@ SISO = [(1, 2, True, False), (2, 4, False, True)]
 
 
 def via_ssd(inp, chunk_size=16, **kw):
-    return mamba3_via_ssd(**inp, chunk_size=chunk_size, ssd_backend="chunked", **kw)
+    return mamba3_via_ssd(Mamba3Inputs.from_args(dict(inp, chunk_size=chunk_size, **kw)), ssd_backend="chunked")
 
 
 def reference(inp, **kw):
-    return mamba3_reference(**f64(inp), chunk_size=1, **kw)
+    return mamba3_reference(Mamba3Inputs.from_args(dict(f64(inp), chunk_size=1, **kw)))
 
 
 def siso_inputs(l, g, a, mimo, dtype=torch.float32, **kw):

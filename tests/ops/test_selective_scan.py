@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssmkit.ops.selective_scan import selective_scan_fn
+from ssmkit.ops.selective_scan import ScanInputs, selective_scan_fn
 from ssmkit.ops.selective_scan.chunked import selective_scan_chunked
 from ssmkit.testing import assert_close
 
@@ -54,10 +54,7 @@ def _cast(kw, dtype):
 
 def _run(kw, backend, chunk_size=None):
     if backend == "chunked" and chunk_size is not None:
-        kw = dict(kw)
-        B, C = kw.pop("B"), kw.pop("C")
-        B, C = (B if B.dim() == 4 else B[:, None]), (C if C.dim() == 4 else C[:, None])
-        return selective_scan_chunked(B=B, C=C, chunk_size=chunk_size, **kw)
+        return selective_scan_chunked(ScanInputs.from_args(kw), chunk_size=chunk_size)
     return selective_scan_fn(**kw, return_last_state=True, backend=backend)
 
 

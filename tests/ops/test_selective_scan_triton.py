@@ -67,7 +67,7 @@ def _inputs(b, d, n, l, groups, dtype, options, gen):
 
 
 def _run_case(name: str, fused: bool) -> None:
-    from ssmkit.ops.selective_scan import selective_scan_fn
+    from ssmkit.ops.selective_scan import ScanInputs, selective_scan_fn
     from ssmkit.ops.selective_scan.reference import selective_scan_reference
     from ssmkit.ops.selective_scan.triton import ScanConfig, selective_scan_triton
     from ssmkit.testing import assert_close
@@ -94,11 +94,13 @@ def _run_case(name: str, fused: bool) -> None:
     else:
         B4 = {k: (v if v.dim() == 4 else v[:, None]) for k, v in leaves.items() if k in ("B", "C")}
         out, last = selective_scan_triton(
-            **{**leaves, **B4}, delta_softplus=softplus, seq_idx=seq_idx, config=cfg
+            ScanInputs.from_args({**leaves, **B4, "delta_softplus": softplus, "seq_idx": seq_idx}), config=cfg
         )
     ref_in = {k: v.detach().double().requires_grad_(True) for k, v in low.items()}
     B4 = {k: (v if v.dim() == 4 else v[:, None]) for k, v in ref_in.items() if k in ("B", "C")}
-    ref_out, ref_last = selective_scan_reference(**{**ref_in, **B4}, delta_softplus=softplus, seq_idx=seq_idx)
+    ref_out, ref_last = selective_scan_reference(
+        ScanInputs.from_args({**ref_in, **B4, "delta_softplus": softplus, "seq_idx": seq_idx})
+    )
     assert out.dtype == dtype and last.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(out, ref_out, dtype, name="out")
     assert_close(last, ref_last, torch.float32 if dtype != torch.float64 else dtype, name="last_state")

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ssmkit.ops.ssd import mamba_chunk_scan_combined
+from ssmkit.ops.ssd import SSDLaunch, mamba_chunk_scan_combined
 from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
 
 # name -> (b, l, h, p, g, n, chunk_size, tile, dtype, options); tile is the kernels' row block (16 with
@@ -24,7 +24,7 @@ CASES = {
     "docs_two_tiles": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs one_slice"),
     # The backward's tile smaller than the forward's (it reads the forward's C Bᵀ tiles in quarters).
     "mixed_tiles": (1, 70, 2, 4, 1, 8, 64, 32, "float32", "D_h z bias softplus docs bwd_tile16"),
-    # Every case runs the chained state passing (LAUNCH["chain"]) but this one: kernels of its own.
+    # Every case runs the chained state passing (SSDLaunch.chain) but this one: kernels of its own.
     "unchained": (2, 40, 2, 4, 1, 8, 16, 16, "float32", "D_hp z init softplus docs no_chain"),
     "bare_one_step": (1, 1, 4, 8, 4, 3, 5, 64, "float32", ""),
     "varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen"),
@@ -80,14 +80,12 @@ def make_case(b, l, h, p, g, n, chunk_size, dtype, options):
 
 def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     """Output, final (and varlen) states and every gradient of backend='triton' against float64."""
-    from ssmkit.ops.ssd import triton as ssd_triton
-
-    ssd_triton.LAUNCH.update(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile,
-                             min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options,
-                             chain="no_chain" not in options)
+    launch = SSDLaunch(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile,
+                       min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options,
+                       chain="no_chain" not in options)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
-    got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")
+    got = mamba_chunk_scan_combined(**inp, **kw, backend="triton", launch=launch)
     want = mamba_chunk_scan_combined(**inp64, **kw, backend="reference")
     tol_dtype = getattr(torch, dtype)
     assert got[0].dtype == tol_dtype and got[1].dtype == torch.float32

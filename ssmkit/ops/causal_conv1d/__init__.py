@@ -25,6 +25,7 @@ from ssmkit.ops.causal_conv1d.chunked import (
     causal_conv1d_update_chunked,
     causal_conv1d_varlen_states_chunked,
 )
+from ssmkit.ops.causal_conv1d.inputs import ConvInputs, ConvStepInputs
 from ssmkit.ops.causal_conv1d.reference import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
@@ -121,7 +122,7 @@ def causal_conv1d_fn(
         from ssmkit.ops.causal_conv1d.triton import causal_conv1d_triton as impl
     else:
         impl = causal_conv1d_ref if resolved == "reference" else causal_conv1d_chunked
-    result = impl(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
+    result = impl(ConvInputs(x, weight, bias, seq_idx, initial_states, return_final_states, activation))
     if seq_idx is not None and bool((seq_idx < 0).any()):
         # Padding positions (seq_idx < 0) give 0, as causal_conv1d's kernel. The clone keeps x's layout.
         pad = (seq_idx < 0)[:, None, :]
@@ -215,7 +216,7 @@ def causal_conv1d_update(
         from ssmkit.ops.causal_conv1d.triton import causal_conv1d_update_triton as impl
     else:
         impl = causal_conv1d_update_ref if resolved == "reference" else causal_conv1d_update_chunked
-    return impl(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    return impl(ConvStepInputs(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices))
 
 
 def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:

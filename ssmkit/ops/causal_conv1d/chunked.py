@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops.causal_conv1d.inputs import ConvInputs, ConvStepInputs
+
 
 def _conv(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """Depthwise correlation of inp (b, d, L) with weight (d, w) along L, ``padding`` zeros on both sides."""
@@ -128,16 +130,9 @@ def _boundaries(seq_idx: torch.Tensor, width: int):
     return fix_b, fix_t, fix_valid, keep_final
 
 
-def causal_conv1d_chunked(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    return_final_states: bool = False,
-    activation: str | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d_chunked(inputs: ConvInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fast path of :func:`ssmkit.ops.causal_conv1d.causal_conv1d_fn` (same arguments and results)."""
+    x, weight, bias, seq_idx, initial_states, return_final_states, activation = inputs.unpack()
     length, width = x.shape[-1], weight.shape[1]
     cdtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     xc = x.to(cdtype)
@@ -168,16 +163,9 @@ def causal_conv1d_chunked(
     return out, final.to(x.dtype, copy=True)
 
 
-def causal_conv1d_update_chunked(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    cache_seqlens: torch.Tensor | None = None,
-    conv_state_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+def causal_conv1d_update_chunked(inputs: ConvStepInputs) -> torch.Tensor:
     """Fast path of :func:`ssmkit.ops.causal_conv1d.causal_conv1d_update` (same arguments and results)."""
+    x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices = inputs.unpack()
     squeeze = x.dim() == 2
     xs = x.unsqueeze(-1) if squeeze else x
     length = xs.shape[-1]

@@ -19,6 +19,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops.causal_conv1d.inputs import ConvInputs, ConvStepInputs
+
 
 def _document_runs(seq_idx: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
     """(b, l) run number of each position: 0 for the first document, +1 at every change of seq_idx."""
@@ -29,19 +31,12 @@ def _document_runs(seq_idx: torch.Tensor | None, batch: int, length: int, device
     return change.cumsum(dim=1)
 
 
-def causal_conv1d_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    return_final_states: bool = False,
-    activation: str | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d_ref(inputs: ConvInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Loop over output positions; see :func:`ssmkit.ops.causal_conv1d.causal_conv1d_fn` for the contract.
 
     Computes in float32 at least (float64 inputs stay float64); returns x's dtype.
     """
+    x, weight, bias, seq_idx, initial_states, return_final_states, activation = inputs.unpack()
     batch, dim, length = x.shape
     width = weight.shape[1]
     cdtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
@@ -89,15 +84,7 @@ def causal_conv1d_ref(
     return out, final.to(x.dtype)
 
 
-def causal_conv1d_update_ref(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    cache_seqlens: torch.Tensor | None = None,
-    conv_state_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+def causal_conv1d_update_ref(inputs: ConvStepInputs) -> torch.Tensor:
     """One row and one token at a time: append x[..., t] to the row's state, convolve the last w inputs.
 
     x: (b, d) or (b, d, l); conv_state (s, d, state_len), state_len >= w - 1, updated in place. Row i
@@ -106,6 +93,7 @@ def causal_conv1d_update_ref(
     slot is a ring whose oldest entry sits at ``cache_seqlens[i] % state_len``, and token t is written
     at ``(cache_seqlens[i] + t) % state_len``.
     """
+    x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices = inputs.unpack()
     squeeze = x.dim() == 2
     xs = x.unsqueeze(-1) if squeeze else x
     batch, _, length = xs.shape

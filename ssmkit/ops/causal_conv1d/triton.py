@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops.causal_conv1d.inputs import ConvInputs, ConvStepInputs
+
 
 @triton.jit
 def _link(seq_ptr, stride_sl, p, length):
@@ -304,16 +306,9 @@ def _final_states(x: torch.Tensor, init: torch.Tensor | None, seq_idx: torch.Ten
     return final.to(x.dtype, copy=True)
 
 
-def causal_conv1d_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    return_final_states: bool = False,
-    activation: str | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d_triton(inputs: ConvInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`ssmkit.ops.causal_conv1d.causal_conv1d_fn` (same arguments and results)."""
+    x, weight, bias, seq_idx, initial_states, return_final_states, activation = inputs.unpack()
     silu = activation in ("silu", "swish")
     out = _CausalConv1dTriton.apply(x, weight, bias, initial_states, seq_idx, silu)
     if not return_final_states:
@@ -391,16 +386,9 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, slot_ptr, seqle
     tl.store(state_ptr + j[:, None] * stride_sl + offs_d[None, :] * stride_sd, new, mask=tile_mask)
 
 
-def causal_conv1d_update_triton(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    cache_seqlens: torch.Tensor | None = None,
-    conv_state_indices: torch.Tensor | None = None,
-) -> torch.Tensor:
+def causal_conv1d_update_triton(inputs: ConvStepInputs) -> torch.Tensor:
     """Triton path of :func:`ssmkit.ops.causal_conv1d.causal_conv1d_update` (same arguments and results)."""
+    x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices = inputs.unpack()
     xs = x.unsqueeze(-1) if x.dim() == 2 else x
     batch, dim, length = xs.shape
     state_len = conv_state.shape[-1]

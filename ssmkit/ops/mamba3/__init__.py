@@ -15,11 +15,13 @@ import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
+from ssmkit.ops.chunking import check_chunk_size
 from ssmkit.ops.mamba3.chunked import mamba3_chunked
+from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, mamba3_reference
 from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
 
-__all__ = ["Mamba3ScanState", "mamba3_scan", "mamba3_step"]
+__all__ = ["Mamba3Inputs", "Mamba3ScanState", "mamba3_scan", "mamba3_step"]
 
 _BACKENDS = {"reference": mamba3_reference, "chunked": mamba3_chunked}
 
@@ -76,7 +78,8 @@ def mamba3_scan(
         seq_idx: (b, l) integer document ids; the whole state restarts at zero wherever the id changes,
             so packed documents give the same outputs as each run alone.
         return_final_state: also return the state after the last position.
-        chunk_size: positive int, chunk length of the chunked backend (any l works).
+        chunk_size: positive int, chunk length of the chunked backends (any l works); it never changes
+            the result (the rule of :mod:`ssmkit.ops.chunking`).
         backend: ``"auto"`` (chunked, the fastest route measured on CPUs and GPUs), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1: the scan
             rewritten for the Mamba-2 SSD op and run by its Triton kernels, with B̃/C̃, the angles and the
             output in fused kernels of their own, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
@@ -110,10 +113,7 @@ def mamba3_scan(
         (torch.Size([2, 100, 1, 4, 16]), torch.Size([2, 4, 16, 32]), torch.Size([2, 1, 4, 32]))
     """
     dims = _validate(locals(), step=False)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_chunk_size(chunk_size)
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
     if backend == "triton" and dims["r"] != 1:
@@ -125,11 +125,7 @@ def mamba3_scan(
     # which are not timed on a GPU yet; it becomes "auto" for rank 1 on CUDA once they measure faster.
     backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
     scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
-    out, final = scan(
-        x, dt, A, B, C, trap, angles, chunk_size, D=D, z=z, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x,
-        mimo_z=mimo_z, mimo_o=mimo_o, rotary_interleaved=rotary_interleaved,
-        initial_state=None if initial_state is None else Mamba3ScanState(*initial_state), seq_idx=seq_idx,
-    )
+    out, final = scan(Mamba3Inputs.from_args(locals()))
     return (out, final) if return_final_state else out
 
 
@@ -178,10 +174,9 @@ def mamba3_step(
     _validate(locals(), step=True)
     seq = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "trap": trap, "angles": angles, "z": z}
     seq = {k: None if v is None else v[:, None] for k, v in seq.items()}
-    out, final = mamba3_reference(
-        **seq, chunk_size=1, D=D, B_bias=B_bias, C_bias=C_bias, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o,
-        rotary_interleaved=rotary_interleaved, initial_state=Mamba3ScanState(*state),
-    )
+    args = {"D": D, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x, "mimo_z": mimo_z, "mimo_o": mimo_o,
+            "rotary_interleaved": rotary_interleaved}
+    out, final = mamba3_reference(Mamba3Inputs.from_args(seq | args | {"chunk_size": 1, "initial_state": state}))
     for dst, src in zip(state, final):
         dst.copy_(src)
     return out[:, 0]

@@ -35,9 +35,13 @@ length past 32K tokens on a CPU). Autograd runs through the blocks as through th
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops.chunking import chunk_length
+from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import (
     TWO_PI,
     Mamba3ScanState,
@@ -47,7 +51,7 @@ from ssmkit.ops.mamba3.reference import (
     prepare,
     rotate,
 )
-from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
+from ssmkit.ops.ssd.reference import doc_starts
 
 # Elements of the largest per-block temporary (b h T r max(T r, n, p), the intra-chunk scores or the
 # rotated B, C): 4 MB in float32, far below glibc's 32 MB mmap threshold, so blocks reuse heap memory.
@@ -64,45 +68,29 @@ def _pad(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def mamba3_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    B_bias: torch.Tensor | None = None,
-    C_bias: torch.Tensor | None = None,
-    mimo_x: torch.Tensor | None = None,
-    mimo_z: torch.Tensor | None = None,
-    mimo_o: torch.Tensor | None = None,
-    rotary_interleaved: bool = True,
-    initial_state: Mamba3ScanState | None = None,
-    seq_idx: torch.Tensor | None = None,
-    block_chunks: int | None = None,
+    inputs: Mamba3Inputs, block_chunks: int | None = None
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
     """Chunked Mamba-3; same arguments and results as ``mamba3_reference`` (validated by the caller).
 
     ``block_chunks``: chunks per block (None: :func:`default_block_chunks`). A sequence of at most one
     block is computed in one piece.
     """
+    x, B, chunk_size, seq_idx = inputs.x, inputs.B, inputs.chunk_size, inputs.seq_idx
+    initial_state = inputs.initial_state
     b, l, h, p = x.shape
     r, n = B.shape[2], B.shape[4]
-    dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
-                          *(initial_state or ()))
+    dtype = inputs.compute_dtype()
+    chunk_size = chunk_length(chunk_size, l)
     block = (block_chunks or default_block_chunks(b, h, p, r, n, chunk_size, x.device)) * chunk_size
     state = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
-    shared = {"chunk_size": chunk_size, "D": D, "B_bias": B_bias, "C_bias": C_bias, "mimo_x": mimo_x,
-              "mimo_z": mimo_z, "mimo_o": mimo_o, "rotary_interleaved": rotary_interleaved, "dtype": dtype}
+    inputs = dataclasses.replace(inputs, chunk_size=chunk_size)
     if l <= block:
-        return _block(x, dt, A, B, C, trap, angles, z, seq_idx, state, **shared)
+        return _block(inputs, state, dtype)
 
     # split, not slicing in the loop: its backward concatenates the blocks' gradients once.
-    pieces = [t.split(block, dim=1) if t is not None else [None] * -(-l // block)
-              for t in (x, dt, A, B, C, trap, angles, z, seq_idx)]
+    along_l = ("x", "dt", "A", "B", "C", "trap", "angles", "z", "seq_idx")
+    pieces = [getattr(inputs, k).split(block, dim=1) if getattr(inputs, k) is not None else [None] * -(-l // block)
+              for k in along_l]
     starts = doc_starts(seq_idx) if seq_idx is not None else None
     outs = []
     for i, args in enumerate(zip(*pieces)):
@@ -111,7 +99,7 @@ def mamba3_chunked(
             # recurrence; where, not a product with 0, so that NaN of the finished one stays there.
             new = starts[:, i * block]
             state = Mamba3ScanState(*(torch.where(new.view(b, *[1] * (t.dim() - 1)), 0.0, t) for t in state))
-        out, state = _block(*args, state, **shared)
+        out, state = _block(dataclasses.replace(inputs, **dict(zip(along_l, args))), state, dtype)
         outs.append(out)
     return torch.cat(outs, dim=1), state
 
@@ -125,34 +113,18 @@ def default_block_chunks(b: int, h: int, p: int, r: int, n: int, chunk_size: int
 
 
 def _block(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    z: torch.Tensor | None,
-    seq_idx: torch.Tensor | None,
-    init: Mamba3ScanState | None,
-    *,
-    chunk_size: int,
-    D: torch.Tensor | None,
-    B_bias: torch.Tensor | None,
-    C_bias: torch.Tensor | None,
-    mimo_x: torch.Tensor | None,
-    mimo_z: torch.Tensor | None,
-    mimo_o: torch.Tensor | None,
-    rotary_interleaved: bool,
-    dtype: torch.dtype,
+    inputs: Mamba3Inputs, init: Mamba3ScanState | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
-    """One block of positions from state ``init`` (in ``dtype``, or None: zero); shapes as the reference's."""
+    """One block of positions (``inputs`` sliced to it, ``chunk_size`` the chunk length) from state ``init``
+    (in ``dtype``, or None: zero); shapes as the reference's."""
+    x, B, chunk_size, D, z, seq_idx = inputs.x, inputs.B, inputs.chunk_size, inputs.D, inputs.z, inputs.seq_idx
+    mimo_x, mimo_z, mimo_o, rotary_interleaved = inputs.mimo_x, inputs.mimo_z, inputs.mimo_o, inputs.rotary_interleaved
     b, l, h, p = x.shape
     r, n = B.shape[2], B.shape[4]
     T = chunk_size
     nc = -(-l // T)
     pad = nc * T - l
-    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
+    prep = prepare(inputs, dtype)
 
     doc, doc_end, doc_before = _doc_layout(seq_idx, b, l, T, x.device)
     theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)

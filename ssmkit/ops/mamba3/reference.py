@@ -34,12 +34,15 @@ the first document.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.ssd.reference import compute_dtype, doc_starts
+from ssmkit.ops.ssd.reference import doc_starts
+
+if TYPE_CHECKING:
+    from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 
 TWO_PI = 2 * math.pi
 
@@ -76,25 +79,14 @@ class Prepared(NamedTuple):
     dtheta: torch.Tensor | None
 
 
-def prepare(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    B_bias: torch.Tensor | None,
-    C_bias: torch.Tensor | None,
-    mimo_x: torch.Tensor | None,
-    dtype: torch.dtype,
-    fused: bool = False,
-) -> Prepared:
+def prepare(inputs: Mamba3Inputs, dtype: torch.dtype, fused: bool = False) -> Prepared:
     """Everything the recurrence needs per token (shapes in :class:`Prepared`).
 
     ``fused``: for a caller whose kernels build B̃, C̃ and θ themselves (the SSD route's Triton form): Bh, Ch
     and dtheta are None, and without ``mimo_x`` xr is a view of x in its own dtype (no float32 copy).
     """
+    x, dt, A, B, C, trap, angles = inputs.x, inputs.dt, inputs.A, inputs.B, inputs.C, inputs.trap, inputs.angles
+    B_bias, C_bias, mimo_x = inputs.B_bias, inputs.C_bias, inputs.mimo_x
     h = x.shape[2]
     dt, lam = dt.to(dtype), torch.sigmoid(trap.to(dtype))
 
@@ -176,37 +168,21 @@ def zero_state(b: int, h: int, p: int, r: int, n: int, a: int, dtype: torch.dtyp
     )
 
 
-def mamba3_reference(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    B_bias: torch.Tensor | None = None,
-    C_bias: torch.Tensor | None = None,
-    mimo_x: torch.Tensor | None = None,
-    mimo_z: torch.Tensor | None = None,
-    mimo_o: torch.Tensor | None = None,
-    rotary_interleaved: bool = True,
-    initial_state: Mamba3ScanState | None = None,
-    seq_idx: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Mamba3ScanState]:
-    """Token-by-token Mamba-3 recurrence. Arguments are already validated by the public function.
+def mamba3_reference(inputs: Mamba3Inputs) -> tuple[torch.Tensor, Mamba3ScanState]:
+    """Token-by-token Mamba-3 recurrence of checked :class:`~ssmkit.ops.mamba3.inputs.Mamba3Inputs`.
 
-    ``chunk_size`` is accepted for a uniform signature and ignored. Returns ``(out, final_state)``:
+    ``chunk_size`` is ignored (no chunks here; the rule of :mod:`ssmkit.ops.chunking`). Returns
+    ``(out, final_state)``:
     out (b, l, h, p) with ``mimo_o``, else (b, l, r, h, p), in x's dtype; the state in float32 (float64
     when an input is float64).
     """
+    x, B, angles, D, z, seq_idx = inputs.x, inputs.B, inputs.angles, inputs.D, inputs.z, inputs.seq_idx
+    mimo_x, mimo_z, mimo_o, initial_state = inputs.mimo_x, inputs.mimo_z, inputs.mimo_o, inputs.initial_state
+    rotary_interleaved = inputs.rotary_interleaved
     b, l, h, p = x.shape
     r, n, a = B.shape[2], B.shape[4], angles.shape[3]
-    dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
-                          *(initial_state or ()))
-    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype)
+    dtype = inputs.compute_dtype()
+    prep = prepare(inputs, dtype)
     mx = None if mimo_x is None else mimo_x.to(dtype).transpose(0, 1)  # (r, h, p)
     xs = x.to(dtype)
     zero = zero_state(b, h, p, r, n, a, dtype, x.device)

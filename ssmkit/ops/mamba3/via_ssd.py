@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 
 from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
+from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
-from ssmkit.ops.ssd.reference import compute_dtype
 
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
 # operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
@@ -37,43 +37,25 @@ FUSED_BC = True
 
 
 def mamba3_via_ssd(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    trap: torch.Tensor,
-    angles: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    B_bias: torch.Tensor | None = None,
-    C_bias: torch.Tensor | None = None,
-    mimo_x: torch.Tensor | None = None,
-    mimo_z: torch.Tensor | None = None,
-    mimo_o: torch.Tensor | None = None,
-    rotary_interleaved: bool = True,
-    initial_state: Mamba3ScanState | None = None,
-    seq_idx: torch.Tensor | None = None,
-    *,
-    ssd_backend: str = "auto",
+    inputs: Mamba3Inputs, *, ssd_backend: str = "auto"
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
     """Mamba-3 of rank 1; same arguments and results as ``mamba3_reference`` (validated by the caller).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
     """
+    (x, dt, _, B, C, _, angles, chunk_size, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rotary_interleaved,
+     initial_state, seq_idx) = inputs.unpack()
     if B.shape[2] != 1:
         raise ValueError(f"the SSD route computes single-input Mamba-3 (rank 1), got rank {B.shape[2]}; "
                          "use backend='chunked' for MIMO")
     h = x.shape[2]
-    dtype = compute_dtype(x, dt, A, B, C, trap, angles, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o,
-                          *(initial_state or ()))
+    dtype = inputs.compute_dtype()
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
     ops = operand_dtype(x.dtype, dtype)
     fused = FUSED_BC and ssd_backend == "triton" and dtype == torch.float32 and B.shape[-1] % 2 == 0
     # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
     fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
-    prep = prepare(x, dt, A, B, C, trap, angles, B_bias, C_bias, mimo_x, dtype, fused=fused)
+    prep = prepare(inputs, dtype, fused=fused)
     if fused:
         # Imported here: `import ssmkit` must never import triton.
         from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton

@@ -12,6 +12,7 @@ import torch
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.norm.chunked import gated_rms_norm_chunked, rms_norm_chunked
+from ssmkit.ops.norm.inputs import GatedNormInputs, NormInputs
 from ssmkit.ops.norm.reference import gated_rms_norm_ref, rms_norm_ref
 
 __all__ = ["gated_rms_norm_fn", "layernorm_fn", "rms_norm_fn", "rmsnorm_fn"]
@@ -99,7 +100,7 @@ def rms_norm_fn(
         from ssmkit.ops.norm.triton import rms_norm_triton as impl
     else:
         impl = rms_norm_ref if resolved == "reference" else rms_norm_chunked
-    return impl(x, weight, bias, residual, prenorm, residual_in_fp32, float(eps))
+    return impl(NormInputs(x, weight, bias, residual, prenorm, residual_in_fp32, float(eps)))
 
 
 def gated_rms_norm_fn(
@@ -222,4 +223,4 @@ def _gated_norm(x, z, weight, bias, eps, group_size, norm_before_gate, center: b
         from ssmkit.ops.norm.triton import gated_rms_norm_triton as impl
     else:
         impl = gated_rms_norm_ref if resolved == "reference" else gated_rms_norm_chunked
-    return impl(x, z, weight, float(eps), group_size, norm_before_gate, bias, center)
+    return impl(GatedNormInputs(x, z, weight, float(eps), group_size, norm_before_gate, bias, center))

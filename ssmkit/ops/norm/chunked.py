@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.norm.reference import compute_dtype, residual_dtype
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.norm.inputs import GatedNormInputs, NormInputs
+from ssmkit.ops.norm.reference import residual_dtype
 
 
 def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -88,16 +90,9 @@ class _GatedRMSNorm(torch.autograd.Function):
         return dh, dz, dweight, dbias, None, None, None, None
 
 
-def rms_norm_chunked(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    prenorm: bool = False,
-    residual_in_fp32: bool = False,
-    eps: float = 1e-6,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_chunked(inputs: NormInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fast path of :func:`ssmkit.ops.norm.rms_norm_fn` (same arguments and results)."""
+    x, weight, bias, residual, prenorm, residual_in_fp32, eps = inputs.unpack()
     cdtype = compute_dtype(x, weight, bias, residual)
     h = x.to(cdtype)
     if residual is not None:
@@ -109,17 +104,9 @@ def rms_norm_chunked(
     return out, h.to(residual_dtype(x, residual, residual_in_fp32))
 
 
-def gated_rms_norm_chunked(
-    x: torch.Tensor,
-    z: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float = 1e-6,
-    group_size: int | None = None,
-    norm_before_gate: bool = True,
-    bias: torch.Tensor | None = None,
-    center: bool = False,
-) -> torch.Tensor:
+def gated_rms_norm_chunked(inputs: GatedNormInputs) -> torch.Tensor:
     """Fast path of :func:`ssmkit.ops.norm.gated_rms_norm_fn` (same arguments and results)."""
+    x, z, weight, eps, group_size, norm_before_gate, bias, center = inputs.unpack()
     cdtype = compute_dtype(x, z, weight, bias)
     zc = z.to(cdtype) if z is not None else None
     b = bias.to(cdtype) if bias is not None else None

@@ -17,14 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """The widest floating dtype among ``tensors``, and at least float32."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.norm.inputs import GatedNormInputs, NormInputs
 
 
 def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
@@ -42,16 +36,9 @@ def _rms_normalize(h: torch.Tensor, eps: float, group_size: int, center: bool = 
     return (groups / rms).reshape(h.shape)
 
 
-def rms_norm_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    prenorm: bool = False,
-    residual_in_fp32: bool = False,
-    eps: float = 1e-6,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_ref(inputs: NormInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """See :func:`ssmkit.ops.norm.rms_norm_fn`."""
+    x, weight, bias, residual, prenorm, residual_in_fp32, eps = inputs.unpack()
     cdtype = compute_dtype(x, weight, bias, residual)
     h = x.to(cdtype)
     if residual is not None:
@@ -65,17 +52,9 @@ def rms_norm_ref(
     return out, h.to(residual_dtype(x, residual, residual_in_fp32))
 
 
-def gated_rms_norm_ref(
-    x: torch.Tensor,
-    z: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float = 1e-6,
-    group_size: int | None = None,
-    norm_before_gate: bool = True,
-    bias: torch.Tensor | None = None,
-    center: bool = False,
-) -> torch.Tensor:
+def gated_rms_norm_ref(inputs: GatedNormInputs) -> torch.Tensor:
     """See :func:`ssmkit.ops.norm.gated_rms_norm_fn` (``center``: LayerNorm, :func:`~ssmkit.ops.norm.layernorm_fn`)."""
+    x, z, weight, eps, group_size, norm_before_gate, bias, center = inputs.unpack()
     cdtype = compute_dtype(x, z, weight, bias)
     h = x.to(cdtype)
     gate = F.silu(z.to(cdtype)) if z is not None else None

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmkit.ops.norm.reference import compute_dtype, residual_dtype
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.norm.inputs import GatedNormInputs, NormInputs
+from ssmkit.ops.norm.reference import residual_dtype
 
 # One group is held in registers; beyond this the kernel would spill (mamba_ssm's limit too).
 MAX_GROUP_BYTES = 65536
@@ -229,30 +231,15 @@ class _RMSNormTriton(torch.autograd.Function):
         )
 
 
-def rms_norm_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    prenorm: bool = False,
-    residual_in_fp32: bool = False,
-    eps: float = 1e-6,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_triton(inputs: NormInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton path of :func:`ssmkit.ops.norm.rms_norm_fn` (same arguments and results)."""
+    x, weight, bias, residual, prenorm, residual_in_fp32, eps = inputs.unpack()
     h_dtype = residual_dtype(x, residual, residual_in_fp32) if prenorm else None
     return _RMSNormTriton.apply(x, residual, None, weight, bias, eps, x.shape[-1], True, h_dtype)
 
 
-def gated_rms_norm_triton(
-    x: torch.Tensor,
-    z: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float = 1e-6,
-    group_size: int | None = None,
-    norm_before_gate: bool = True,
-    bias: torch.Tensor | None = None,
-    center: bool = False,
-) -> torch.Tensor:
+def gated_rms_norm_triton(inputs: GatedNormInputs) -> torch.Tensor:
     """Triton path of :func:`ssmkit.ops.norm.gated_rms_norm_fn` (same arguments and results)."""
+    x, z, weight, eps, group_size, norm_before_gate, bias, center = inputs.unpack()
     return _RMSNormTriton.apply(x, None, z, weight, bias, eps, group_size or x.shape[-1], norm_before_gate, None,
                                 center)

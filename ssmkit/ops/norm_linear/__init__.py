@@ -12,6 +12,7 @@ import torch
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.norm_linear.chunked import rms_norm_linear_chunked
+from ssmkit.ops.norm_linear.inputs import NormLinearInputs
 from ssmkit.ops.norm_linear.reference import rms_norm_linear_ref
 
 __all__ = ["rms_norm_linear"]
@@ -95,4 +96,4 @@ def rms_norm_linear(
                              f"{weight.dtype}, gradient needed: {needs_grad}); use backend='chunked'")
     else:
         impl = rms_norm_linear_ref if resolved == "reference" else rms_norm_linear_chunked
-    return impl(x, norm_weight, weight, bias, z, float(eps), group_size, norm_before_gate, residual)
+    return impl(NormLinearInputs(x, norm_weight, weight, bias, z, float(eps), group_size, norm_before_gate, residual))

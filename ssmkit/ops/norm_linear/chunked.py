@@ -7,19 +7,11 @@ from __future__ import annotations
 import torch
 
 from ssmkit.ops.norm import gated_rms_norm_fn
+from ssmkit.ops.norm_linear.inputs import NormLinearInputs
 from ssmkit.ops.norm_linear.reference import project
 
 
-def rms_norm_linear_chunked(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    z: torch.Tensor | None,
-    eps: float,
-    group_size: int | None,
-    norm_before_gate: bool,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
+def rms_norm_linear_chunked(inputs: NormLinearInputs) -> torch.Tensor:
     """See :func:`ssmkit.ops.norm_linear.rms_norm_linear`."""
+    x, norm_weight, weight, bias, z, eps, group_size, norm_before_gate, residual = inputs.unpack()
     return project(gated_rms_norm_fn(x, z, norm_weight, eps, group_size, norm_before_gate), weight, bias, residual)

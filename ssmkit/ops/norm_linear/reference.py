@@ -13,22 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops.norm.inputs import GatedNormInputs
 from ssmkit.ops.norm.reference import gated_rms_norm_ref
+from ssmkit.ops.norm_linear.inputs import NormLinearInputs
 
 
-def rms_norm_linear_ref(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    z: torch.Tensor | None,
-    eps: float,
-    group_size: int | None,
-    norm_before_gate: bool,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
+def rms_norm_linear_ref(inputs: NormLinearInputs) -> torch.Tensor:
     """See :func:`ssmkit.ops.norm_linear.rms_norm_linear`."""
-    return project(gated_rms_norm_ref(x, z, norm_weight, eps, group_size, norm_before_gate), weight, bias, residual)
+    x, norm_weight, weight, bias, z, eps, group_size, norm_before_gate, residual = inputs.unpack()
+    normed = gated_rms_norm_ref(GatedNormInputs(x, z, norm_weight, eps, group_size, norm_before_gate, None, False))
+    return project(normed, weight, bias, residual)
 
 
 def project(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ssmkit.ops.norm_linear import MAX_K
+from ssmkit.ops.norm_linear.inputs import NormLinearInputs
 
 
 @triton.jit
@@ -66,21 +67,12 @@ def _norm_linear_kernel(
         tl.store(out_ptr + m * o_m + offs_n * o_n, out, mask=mask_n)
 
 
-def rms_norm_linear_triton(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    z: torch.Tensor | None,
-    eps: float,
-    group_size: int | None,
-    norm_before_gate: bool,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
+def rms_norm_linear_triton(inputs: NormLinearInputs) -> torch.Tensor:
     """Same arguments and result as ``rms_norm_linear_ref``, for x (m, k) with few rows and k <= MAX_K.
 
     No autograd (the dispatcher sends anything needing a gradient to the unfused ops).
     """
+    x, norm_weight, weight, bias, z, eps, group_size, norm_before_gate, residual = inputs.unpack()
     m, k = x.shape
     n = weight.shape[0]
     group_size = group_size or k

@@ -13,9 +13,10 @@ import torch
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.selective_scan.chunked import selective_scan_chunked
+from ssmkit.ops.selective_scan.inputs import ScanInputs
 from ssmkit.ops.selective_scan.reference import selective_scan_reference
 
-__all__ = ["selective_scan_fn"]
+__all__ = ["ScanInputs", "selective_scan_fn"]
 
 _BACKENDS = {"reference": selective_scan_reference, "chunked": selective_scan_chunked}
 
@@ -123,9 +124,5 @@ def selective_scan_fn(
         from ssmkit.ops.selective_scan.triton import selective_scan_triton as impl
     else:
         impl = _BACKENDS[name]
-    B4 = B if B.dim() == 4 else B[:, None]
-    C4 = C if C.dim() == 4 else C[:, None]
-    out, last_state = impl(
-        u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, initial_state=initial_state, seq_idx=seq_idx
-    )
+    out, last_state = impl(ScanInputs.from_args(locals()))
     return (out, last_state) if return_last_state else out

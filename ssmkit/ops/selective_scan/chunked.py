@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ssmkit.ops.selective_scan.reference import compute_dtype
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.selective_scan.inputs import ScanInputs
 
 # Tuned on one thread of a shared 2-core CPU at the Mamba-130M shape (b=1, d=1536, n=16, l=2048):
 # chunks of 12..32 steps (buffers of ~0.5M values, 2 MiB in float32) were fastest; 64 and more fall out
@@ -348,23 +349,13 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def selective_scan_chunked(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    inputs: ScanInputs, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``selective_scan_reference`` (validated arguments, B and C as (b, g, n, l)).
 
     ``chunk_size`` defaults to ``default_chunk_size``; results do not depend on it beyond rounding.
     """
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs.unpack()
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l = u.shape
     n = A.shape[1]

@@ -15,34 +15,23 @@ With ``seq_idx`` the state restarts from zero at every step where ``seq_idx`` ch
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops._precision import compute_dtype
 
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in float32)."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
+if TYPE_CHECKING:
+    from ssmkit.ops.selective_scan.inputs import ScanInputs
 
 
-def selective_scan_reference(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def selective_scan_reference(inputs: ScanInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """One step at a time over ``l``; arguments already validated, B and C as (b, g, n, l).
 
     Returns ``out`` (b, d, l) in u's dtype and the last state (b, d, n) in the compute dtype.
     """
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs.unpack()
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     b, d, l = u.shape
     g, n = B.shape[1], B.shape[2]

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmkit.ops.selective_scan.reference import compute_dtype
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops.selective_scan.inputs import ScanInputs
 from ssmkit.ops.selective_scan.triton_fused import _fused_bwd_kernel, _fused_fwd_kernel
 from ssmkit.ops.selective_scan.triton_kernels import (
     _selective_scan_bwd_kernel,
@@ -182,18 +183,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
 
 def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    config: ScanConfig | None = None,
+    inputs: ScanInputs, config: ScanConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``selective_scan_reference`` (validated arguments, B and C as (b, g, n, l)).
 
@@ -203,6 +193,7 @@ def selective_scan_triton(
     dB, dC buffers during backward. ``config`` sets the launch shape (default: ``TRAINING_CONFIG`` when a
     gradient will be needed, else ``DEFAULT_CONFIG``).
     """
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs.unpack()
     acc = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -7,16 +7,16 @@ form of Dao & Gu 2024, "Transformers are SSMs", section 6; fast on CPU, any devi
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
+from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.ssd.chunked import ssd_chunked
-from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts, ssd_reference
+from ssmkit.ops.ssd.inputs import SSDInputs, check_ssd_inputs
+from ssmkit.ops.ssd.launch import DEFAULT_LAUNCH, SSDLaunch
+from ssmkit.ops.ssd.reference import ssd_reference
 
-__all__ = ["mamba_chunk_scan_combined"]
+__all__ = ["SSDInputs", "SSDLaunch", "check_ssd_inputs", "mamba_chunk_scan_combined", "ssd_scan"]
 
 _BACKENDS = {"reference": ssd_reference, "chunked": ssd_chunked}
 
@@ -41,6 +41,7 @@ def mamba_chunk_scan_combined(
     *,
     input_scale: torch.Tensor | None = None,
     backend: str = "auto",
+    launch: SSDLaunch | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Mamba-2 selective SSM with a scalar decay per head, as ``mamba_ssm``'s function of this name.
 
@@ -55,8 +56,9 @@ def mamba_chunk_scan_combined(
         A: (h,) decay rate per head (negative for a stable SSM).
         B, C: (b, l, g, n) input and output projections; ``h % g == 0``, head i uses group
             ``i // (h // g)``.
-        chunk_size: positive int, chunk length T of the chunked algorithm (any length l works:
-            the sequence is padded to a multiple of T internally).
+        chunk_size: positive int, the chunk length of the chunked algorithm (any length l works: the
+            sequence is padded to a multiple of it). Every backend follows the rule of
+            :mod:`ssmkit.ops.chunking`: it never changes the result, only where the sums are cut.
         D: (h,) or (h, p) skip connection. z: (b, l, h, p) gate. dt_bias: (h,).
         initial_states: (b, h, p, n) state before position 0; it only reaches the first document
             when ``seq_idx`` packs several. Differentiable.
@@ -78,6 +80,9 @@ def mamba_chunk_scan_combined(
             Mamba-3's trapezoidal rule needs this (its input weight is not its decay step); None: Δ.
         backend: ``"auto"`` (triton on CUDA when importable, else chunked), ``"reference"``, ``"chunked"``
             or ``"triton"``.
+        launch: warps, stages and tiles of the triton backend's kernels, a frozen :class:`SSDLaunch`
+            (one of ``ssmkit.ops.ssd.launch.CONFIGS`` or your own); None: the defaults. The other
+            backends have no launches and ignore it.
 
     Returns:
         ``out`` (b, l, h, p) alone, or the tuple ``(out, final_states)``, ``(out, varlen_states)``
@@ -104,89 +109,26 @@ def mamba_chunk_scan_combined(
         >>> out.shape, state.shape
         (torch.Size([2, 100, 4, 16]), torch.Size([2, 4, 16, 32]))
     """
-    dims = Dims()
-    check_tensor("x", x, ("b", "l", "h", "p"), dims)
-    check_tensor("dt", dt, ("b", "l", "h"), dims)
-    check_tensor("A", A, ("h",), dims)
-    check_tensor("B", B, ("b", "l", "g", "n"), dims)
-    check_tensor("C", C, ("b", "l", "g", "n"), dims)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if D is not None:
-        check_tensor("D", D, ("h",) if isinstance(D, torch.Tensor) and D.dim() == 1 else ("h", "p"), dims)
-    if z is not None:
-        check_tensor("z", z, ("b", "l", "h", "p"), dims)
-    if dt_bias is not None:
-        check_tensor("dt_bias", dt_bias, ("h",), dims)
-    if initial_states is not None:
-        check_tensor("initial_states", initial_states, ("b", "h", "p", "n"), dims)
-    if input_scale is not None:
-        check_tensor("input_scale", input_scale, ("b", "l", "h"), dims)
-    if seq_idx is not None:
-        check_tensor("seq_idx", seq_idx, ("b", "l"), dims, floating=False, integer=True)
-    if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens, ("num_seqs+1",), dims, floating=False, integer=True)
-    for name, what in (("b", "batch"), ("l", "length"), ("h", "heads"), ("p", "head dim"), ("g", "groups"),
-                       ("n", "state")):
-        check_nonempty("x" if name in "blhp" else "B", dims[name], f"{what} ({name})")
-    if dims["h"] % dims["g"] != 0:
-        raise ValueError(f"B and C: heads (h={dims['h']}) must be divisible by groups (g={dims['g']})")
-    for name, flag in (("dt_softplus", dt_softplus), ("return_final_states", return_final_states),
-                       ("return_varlen_states", return_varlen_states)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    dt_limit = _check_dt_limit(dt_limit)
-    device = check_same_device(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
-                               initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
-                               input_scale=input_scale)
-    if return_varlen_states and cu_seqlens is None:
-        raise ValueError("return_varlen_states=True needs cu_seqlens")
-    if cu_seqlens is not None:
-        seq_idx = _seq_idx_from_cu_seqlens(cu_seqlens, seq_idx, dims["b"], dims["l"])
-    backend = resolve_backend(backend, device, has_triton=True)
-    if backend == "triton":
-        # Imported here, not at the top: `import ssmkit` must never import triton.
-        from ssmkit.ops.ssd.triton import ssd_triton as run
-    else:
-        run = _BACKENDS[backend]
-
-    out, final_states, varlen_states = run(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-        seq_idx=seq_idx, cu_seqlens=cu_seqlens if return_varlen_states else None,
-        dt_softplus=dt_softplus, dt_limit=dt_limit, input_scale=input_scale,
-    )
+    if not isinstance(return_final_states, bool):
+        raise TypeError(f"return_final_states must be a bool, got {type(return_final_states).__name__}")
+    out, final_states, varlen_states = ssd_scan(check_ssd_inputs(locals()), backend=backend, launch=launch)
     results = (out,) + ((final_states,) if return_final_states else ()) + (
         (varlen_states,) if return_varlen_states else ()
     )
     return results[0] if len(results) == 1 else results
 
 
-def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
-    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
-        raise TypeError(f"dt_limit must be a (lo, hi) pair of floats, got {dt_limit!r}")
-    lo, hi = (float(v) for v in dt_limit)
-    if math.isnan(lo) or math.isnan(hi) or lo > hi:
-        raise ValueError(f"dt_limit must be (lo, hi) with lo <= hi, got {dt_limit!r}")
-    return lo, hi
+def ssd_scan(
+    inputs: SSDInputs, *, backend: str = "auto", launch: SSDLaunch | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run checked inputs on a backend: ``(out (b, l, h, p), final_states (b, h, p, n), varlen_states (s, h, p,
+    n) or None)``, as :func:`mamba_chunk_scan_combined` with every state returned."""
+    if launch is not None and not isinstance(launch, SSDLaunch):
+        raise TypeError(f"launch must be an SSDLaunch or None, got {type(launch).__name__}")
+    backend = resolve_backend(backend, inputs.device, has_triton=True)
+    if backend == "triton":
+        # Imported here, not at the top: `import ssmkit` must never import triton.
+        from ssmkit.ops.ssd.triton import ssd_triton
 
-
-def _seq_idx_from_cu_seqlens(
-    cu_seqlens: torch.Tensor, seq_idx: torch.Tensor | None, batch: int, length: int
-) -> torch.Tensor:
-    """Check ``cu_seqlens`` and return the ``seq_idx`` it implies (checked against a given one)."""
-    if batch != 1:
-        raise ValueError(f"cu_seqlens packs sequences into a batch of 1; x has batch {batch}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != length or any(e <= s for s, e in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(
-            f"cu_seqlens must rise strictly from 0 to the length {length} (no empty sequences), got {bounds}"
-        )
-    lengths = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=cu_seqlens.device)
-    implied = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)[None]
-    if seq_idx is None:
-        return implied.to(torch.int32)
-    if not torch.equal(doc_starts(seq_idx), doc_starts(implied)):
-        raise ValueError("seq_idx must change exactly at the cu_seqlens boundaries")
-    return seq_idx
+        return ssd_triton(inputs, launch or DEFAULT_LAUNCH)
+    return _BACKENDS[backend](inputs)

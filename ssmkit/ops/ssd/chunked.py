@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ssmkit.ops.ssd.reference import NO_LIMIT, compute_dtype, discretize_dt, doc_starts, gate_and_skip
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops._step_sizes import discretize_dt
+from ssmkit.ops.chunking import chunk_length
+from ssmkit.ops.ssd.inputs import SSDInputs
+from ssmkit.ops.ssd.reference import doc_starts, gate_and_skip
 
 # Elements of per-chunk work (h T max(T, p)) per block of chunks (8 MB in float32): blocks that
 # stay in cache beat whole-sequence tensors, which also page-fault on every allocation.
@@ -36,34 +40,18 @@ def _pad_len(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
 
 
-def ssd_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = NO_LIMIT,
-    input_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def ssd_chunked(inputs: SSDInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Chunked SSD; same arguments and results as ``ssd_reference`` (validated by the caller).
 
     x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n). Returns ``(out (b, l, h, p),
     final_states (b, h, p, n), varlen_states (s, h, p, n) or None)``.
     """
+    (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit,
+     input_scale) = inputs.unpack()
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
-    # The result does not depend on the chunk length, so a sequence shorter than a chunk (a prompt, a
-    # decode burst) is one chunk of its own length rounded up to 16, not a padded chunk of 256.
-    T = min(chunk_size, -(-l // 16) * 16)
+    T = chunk_length(chunk_size, l)
     nc = -(-l // T)
     k = b * nc
     pad = nc * T - l

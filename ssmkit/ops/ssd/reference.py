@@ -20,39 +20,16 @@ before the first position, so it only reaches the first document.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-# The (0, inf) limit means "no clamp": mamba_ssm's callers pass it to switch the clamp off.
-NO_LIMIT = (0.0, float("inf"))
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops._step_sizes import discretize_dt
 
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 are promoted for accumulation)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def discretize_dt(
-    dt: torch.Tensor,
-    dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Step sizes as the SSM uses them: ``clamp(softplus(dt + dt_bias), *dt_limit)``, in ``dtype``.
-
-    dt: (b, l, h); dt_bias: (h,). Softplus uses PyTorch's threshold of 20 (linear above), as
-    mamba_ssm's kernels do. The clamp is skipped for the default limit ``(0, inf)``.
-    """
-    dt = dt.to(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != NO_LIMIT:
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    return dt
-
+if TYPE_CHECKING:
+    from ssmkit.ops.ssd.inputs import SSDInputs
 
 def doc_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     """(b, l) bool: True where a new document begins (position 0 excluded)."""
@@ -73,30 +50,15 @@ def gate_and_skip(
     return y
 
 
-def ssd_reference(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = NO_LIMIT,
-    input_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Token-by-token SSD recurrence. Arguments are already validated by the public function.
+def ssd_reference(inputs: SSDInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token-by-token SSD recurrence of checked :class:`~ssmkit.ops.ssd.inputs.SSDInputs`.
 
-    ``chunk_size`` is accepted for a uniform signature and ignored (there are no chunks here).
-    ``seq_idx`` must already be derived from ``cu_seqlens`` when only the latter was given.
+    ``chunk_size`` is ignored (there are no chunks here; the rule of :mod:`ssmkit.ops.chunking`).
     Returns ``(out (b, l, h, p) in x.dtype, final_states (b, h, p, n), varlen_states (s, h, p, n)
     or None)``; states are float32, or float64 when an input is float64.
     """
+    (x, dt, A, B, C, _chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit,
+     input_scale) = inputs.unpack()
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     dtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states, input_scale)

@@ -4,17 +4,16 @@ Forward: four kernels, or three chained (``triton_fwd``); backward: five launche
 plus a few small sums of per-block partials. The state passing can be chained into the chunk-state
 kernels (forward and backward: each chunk's own work in parallel, then a wait for the previous chunk's
 float32 state in a
-small ring that stays in L2; ``LAUNCH["chain"]``, off by default until it has run on a GPU; off, the
+small ring that stays in L2; ````SSDLaunch.chain``, off by default until it has run on a GPU; off, the
 passing is a kernel of its own, and the backward's walks the chunks in one program per head). What goes
 through memory: the states entering each chunk and their gradients (b, chunks, h, p, n), in the
 inputs' dtype for bf16/fp16 (float32 otherwise; always summed in float32), and C Bᵀ per group
 (b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip.
 
-The kernels' chunk length is ``chunk_size`` rounded to a power of two in [16, 256] (tensor-core tiles
-need powers of two of at least 16). The result does not depend on the chunk length: it only moves
-where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
-Warps, pipeline stages and row tiles of each launch come from ``LAUNCH``; ``CONFIGS`` holds a few named
-alternatives that ``benchmarks/gpu_ssd.py --sweep`` times on a GPU (``use_config`` switches).
+The kernels' chunk length follows :mod:`ssmkit.ops.chunking` (a power of two in [16, 256]: tensor-core
+tiles). The result does not depend on the chunk length: it only moves where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
+Warps, pipeline stages and row tiles of each launch come from the frozen :class:`~ssmkit.ops.ssd.launch.SSDLaunch`
+passed in (``launch.CONFIGS`` holds the named alternatives that ``benchmarks/gpu_ssd.py --sweep`` times).
 """
 
 from __future__ import annotations
@@ -24,70 +23,27 @@ import os
 import torch
 import triton
 
+from ssmkit.ops._step_sizes import NO_LIMIT
+from ssmkit.ops.chunking import chunk_length
 from ssmkit.ops.ssd import triton_bwd as _bwd
 from ssmkit.ops.ssd import triton_fwd as _fwd
 from ssmkit.ops.ssd.chunked import _varlen_states, ssd_chunked
-from ssmkit.ops.ssd.reference import NO_LIMIT, doc_starts
+from ssmkit.ops.ssd.inputs import SSDInputs
+from ssmkit.ops.ssd.launch import DEFAULT_LAUNCH, SSDLaunch
+from ssmkit.ops.ssd.reference import doc_starts
 
 _STATE_BLOCK = 1024  # state elements per program in the forward state passing
-# kernel -> (num_warps, num_stages[, maxnreg]); maxnreg caps registers per thread (128: two programs of
-# 8 warps per SM). "*_tile": rows (and source columns) of a chunk per matmul tile in the forward's chunk
-# states, its C Bᵀ and scan, and the backward (each also at most the chunk length); "min_programs": the
-# backward splits a group's heads over programs until it has this many; "cols_split": the columns kernel
-# in two launches (dB with "cols_dB", then the rest).
-# Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (128 with the
-# cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
-# no spills, the rest 255, 8 B); chained state passing: forward 192, backward 128 (64 columns of the state
-# a program: "state_bwd_bn"). Fastest configs of forward and backward kernels combine (separate keys).
-DEFAULT_LAUNCH = {
-    "state": (8, 2), "scan": (8, 2), "state_bwd": (8, 3), "rows": (8, 3), "rows_state": (8, 2), "cols": (8, 1),
-    "cols_dB": (8, 2), "cols_split": False, "state_tile": 64, "fwd_tile": 64, "bwd_tile": 64, "min_programs": 1024,
-    "chain": False, "state_bwd_bn": 64,
-}
-CONFIGS = {
-    "default": {},
-    "scan_r128": {"scan": (8, 2, 128)},
-    "fwd_r128": {"state": (8, 3, 128), "scan": (8, 3, 128)},
-    "state32_r128": {"state_tile": 32, "scan": (8, 2, 128)},
-    "stages3": {"state": (8, 3), "scan": (8, 3), "rows": (8, 2), "rows_state": (8, 3), "cols": (8, 2)},
-    "tiles128": {"fwd_tile": 128},
-    "bwd_tile32": {"bwd_tile": 32, "rows": (8, 2), "cols": (8, 1)},
-    "bwd_tile32_r128": {"bwd_tile": 32, "rows": (8, 2, 128), "cols": (8, 1)},
-    "slices4": {"min_programs": 4096},
-    "cols_split": {"cols_split": True},
-    "scan32_w4": {"fwd_tile": 32, "scan": (4, 2)},
-    "scan32_w4_s3": {"fwd_tile": 32, "scan": (4, 3)},
-    # The chained state passing: correct in Triton's interpreter, not yet run on a GPU (no device
-    # time was lent while it was written): the default once tests/gpu/test_ssd.py and a timing pass.
-    "chain": {"chain": True},
-    "bwd32_w4": {"bwd_tile": 32, "rows": (4, 2), "rows_state": (4, 2), "cols": (4, 1)},
-}
-LAUNCH = dict(DEFAULT_LAUNCH)
-
-
-def use_config(name: str) -> None:
-    """Switch every later launch to the named entry of ``CONFIGS`` (on top of the defaults)."""
-    if name not in CONFIGS:
-        raise KeyError(f"unknown SSD launch config {name!r}; known: {sorted(CONFIGS)}")
-    LAUNCH.clear()
-    LAUNCH.update(DEFAULT_LAUNCH, **CONFIGS[name])
-
-
-def _opts(kernel: str) -> dict:
-    """Launch options of a kernel from ``LAUNCH``."""
-    warps, stages, *maxnreg = LAUNCH[kernel]
-    return {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg[0]} if maxnreg else {})}
 
 
 def _pow2(v: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(v))
 
 
-def _head_slices(heads_per_group: int, programs: int) -> int:
+def _head_slices(heads_per_group: int, programs: int, min_programs: int) -> int:
     """Slices of each group's heads for the backward's rows/columns kernels: enough programs to fill
-    the GPU (LAUNCH["min_programs"]) when the sequence is short, one slice (no partial sums) when long."""
+    the GPU (``SSDLaunch.min_programs``) when the sequence is short, one slice (no partial sums) when long."""
     slices = 1
-    while heads_per_group % (2 * slices) == 0 and programs * slices < LAUNCH["min_programs"]:
+    while heads_per_group % (2 * slices) == 0 and programs * slices < min_programs:
         slices *= 2
     return slices
 
@@ -119,7 +75,7 @@ class _SSDFunction(torch.autograd.Function):
     (b, chunks, h, p, n)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, doc, T, dt_softplus, dt_limit, scale):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, doc, T, dt_softplus, dt_limit, scale, launch):
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         nc = -(-l // T)
@@ -127,14 +83,14 @@ class _SSDFunction(torch.autograd.Function):
         dev = x.device
         f32 = torch.float32
         DOT, PREC = _dot_types(x.dtype)
-        BP, BN, BK, BM = _pow2(p), _pow2(n), min(T, LAUNCH["state_tile"]), min(T, LAUNCH["fwd_tile"])
+        BP, BN, BK, BM = _pow2(p), _pow2(n), min(T, launch.state_tile), min(T, launch.fwd_tile)
         has_limit = tuple(dt_limit) != NO_LIMIT
         lo, hi = (float(v) for v in dt_limit) if has_limit else (0.0, 0.0)
         delta = torch.empty(b, h, Lp, device=dev, dtype=f32)
         cum = torch.empty_like(delta)
         final = torch.empty(b, h, p, n, device=dev, dtype=f32)
         prev = torch.empty(b, nc, h, p, n, device=dev, dtype=f32 if x.dtype == f32 else x.dtype)
-        chain = LAUNCH["chain"]
+        chain = launch.chain
         dummy = delta
         # Chained: a ticket counter, one flag per (head, chunk), a ring of two float32 states per head.
         # Else the chunk sums S_c go through memory to the state passing kernel.
@@ -148,7 +104,7 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
             HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
-            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), **_opts("state"),
+            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), **launch.opts("state"),
         )
         if not chain:
             _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
@@ -171,17 +127,17 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
             STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
-            **_opts("scan"),
+            **launch.opts("scan"),
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, prev, ypre, cb)
-        ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None, scale is not None)
+        ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None, scale is not None, launch)
         ctx.set_materialize_grads(False)
         return out, final, cum, delta, prev
 
     @staticmethod
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
         x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors  # states: prev
-        T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init, has_scale = ctx.meta
+        T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init, has_scale, launch = ctx.meta
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         nc = delta.shape[2] // T
@@ -189,7 +145,7 @@ class _SSDFunction(torch.autograd.Function):
         f32 = torch.float32
         DOT, PREC = _dot_types(x.dtype)
         # At most the forward's tile: C Bᵀ holds only the forward's causal tiles (the rest is not written).
-        BP, BN, BM = _pow2(p), _pow2(n), min(BM_fwd, LAUNCH["bwd_tile"])
+        BP, BN, BM = _pow2(p), _pow2(n), min(BM_fwd, launch.bwd_tile)
         dummy = delta
         docp = dummy if doc is None else doc
         dout = torch.zeros_like(x) if dout is None else dout.contiguous()
@@ -197,8 +153,8 @@ class _SSDFunction(torch.autograd.Function):
 
         # 1. Gradients of the per-chunk states, walking the chunks backwards (chained: in parallel, only
         # the passing in order).
-        chain = LAUNCH["chain"]
-        BN1 = min(BN, LAUNCH["state_bwd_bn"] if chain else 32)
+        chain = launch.chain
+        BN1 = min(BN, launch.state_bwd_bn if chain else 32)
         n_nb = triton.cdiv(n, BN1)
         # Summed in float32 in the kernel; stored like the entering states (the columns kernel multiplies
         # it in the inputs' dtype anyway).
@@ -214,12 +170,12 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc, n_nb,
             T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
             HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
-            FENCE=not _interpreting(), **_opts("state_bwd"),
+            FENCE=not _interpreting(), **launch.opts("state_bwd"),
         )
         del sync, ring
         # 2. Rows: dC, dz, dD partials, the gradient of C Bᵀ summed over heads, dcum (atomic adds).
         nrb = T // BM
-        S = _head_slices(h // g, nrb * nc * b * g)
+        S = _head_slices(h // g, nrb * nc * b * g, launch.min_programs)
         dz = torch.empty_like(z) if z is not None else None
         dD_part = torch.empty(b, nc * nrb, h, p, device=dev, dtype=f32) if D is not None else None
         # One slice: the kernels write dB, dC in their final dtype; several: float32 partial sums.
@@ -232,21 +188,21 @@ class _SSDFunction(torch.autograd.Function):
                 states, dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
                 l, h, g, p, n, nc, S,
                 T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-                DOT=DOT, PREC=PREC, PART=part, **_opts(kernel),
+                DOT=DOT, PREC=PREC, PART=part, **launch.opts(kernel),
             )
         # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
         dB_part = torch.empty(S, *B.shape, device=dev, dtype=B.dtype if S == 1 else f32)
         ddelta = torch.empty_like(delta)
         dlast = torch.empty(b, h, nc, nrb, device=dev, dtype=f32)
-        parts = ((0, "cols_dB"), (1, "cols")) if LAUNCH["cols_split"] else ((2, "cols"),)
+        parts = ((0, "cols_dB"), (1, "cols")) if launch.cols_split else ((2, "cols"),)
         for part, kernel in parts:
             _bwd._bwd_cols[(nrb, nc, b * g * S)](
                 x, dummy if z is None else z, dout, dummy if D is None else D, B, C, cb, dcb, delta, cum, docp,
                 dstates, dx, dB_part, ddelta, dcum, dlast,
                 l, h, g, p, n, nc, S,
                 T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-                DOT=DOT, PREC=PREC, PART=part, **_opts(kernel),
+                DOT=DOT, PREC=PREC, PART=part, **launch.opts(kernel),
             )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)
@@ -268,39 +224,23 @@ class _SSDFunction(torch.autograd.Function):
         dD = dD_part.sum((0, 1)) if D is not None else None
         dB, dC = (dB_part[0], dC_part[0]) if S == 1 else (dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype))
         return (dx, ddt, dA, dB, dC, dD, dz, dbias, dinit if has_init else None,
-                None, None, None, None, dscale)
+                None, None, None, None, dscale, None)
 
 
-def ssd_triton(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: tuple[float, float] = NO_LIMIT,
-    input_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def ssd_triton(inputs: SSDInputs, launch: SSDLaunch = DEFAULT_LAUNCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Triton SSD; same arguments and results as ``ssd_chunked`` (validated by the caller).
 
     x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n). Returns ``(out (b, l, h, p),
     final_states (b, h, p, n) float32, varlen_states (s, h, p, n) or None)``.
     """
+    (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit,
+     input_scale) = inputs.unpack()
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states, input_scale)
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-                           seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                           input_scale=input_scale)
+        return ssd_chunked(inputs)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    T = min(256, _pow2(chunk_size))
+    T = chunk_length(chunk_size, l, power_of_two=True)
     nc = -(-l // T)
     doc = None
     if seq_idx is not None:
@@ -314,7 +254,7 @@ def ssd_triton(
     out, final, cum, delta, prev = _SSDFunction.apply(
         x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(), Dhp,
         None if z is None else z.contiguous(), None if dt_bias is None else dt_bias.contiguous(),
-        init, doc, T, dt_softplus, tuple(dt_limit), None if input_scale is None else input_scale.contiguous(),
+        init, doc, T, dt_softplus, tuple(dt_limit), None if input_scale is None else input_scale.contiguous(), launch,
     )
     varlen_states = None
     if cu_seqlens is not None:

@@ -8,14 +8,15 @@ Triton kernel of ``triton.py`` ("auto" on CUDA).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
+from ssmkit.ops._step_sizes import NO_LIMIT, check_dt_limit
 from ssmkit.ops.backend import resolve_backend
+from ssmkit.ops.state_update.inputs import StepInputs
 from ssmkit.ops.state_update.reference import (
-    NO_LIMIT,
     PAD_SLOT_ID,
     selective_state_update_reference,
 )
@@ -103,7 +104,7 @@ def selective_state_update(
         raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
     if not state.is_floating_point():
         raise TypeError(f"state must be a floating-point tensor, got {state.dtype}")
-    dt_limit = _check_dt_limit(dt_limit)
+    dt_limit = check_dt_limit(dt_limit)
     if isinstance(pad_slot_id, bool) or not isinstance(pad_slot_id, int):
         raise TypeError(f"pad_slot_id must be an int, got {type(pad_slot_id).__name__}")
     # With state_batch_indices the state is a pool of s slots and x binds the batch b.
@@ -120,8 +121,8 @@ def selective_state_update(
         check_tensor("state_batch_indices", state_batch_indices, ("b",), dims, floating=False, integer=True)
     check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                       state_batch_indices=state_batch_indices)
-    args = (*views, dt_softplus, dt_limit)
-    has_fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in args)
+    inputs = StepInputs(*views, dt_softplus, dt_limit)
+    has_fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in inputs.unpack())
     backend = resolve_backend("reference" if backend == "auto" and has_fp64 else backend, state.device,
                               has_triton=True)
     if state_batch_indices is not None and not _capturing(state):
@@ -132,11 +133,11 @@ def selective_state_update(
                              "states or inputs ('auto' does)")
         from ssmkit.ops.state_update.triton import selective_state_update_triton
 
-        y = selective_state_update_triton(*args, state_batch_indices, pad_slot_id)
+        y = selective_state_update_triton(inputs, state_batch_indices, pad_slot_id)
     elif state_batch_indices is not None:
-        y = _step_slots(args, state_batch_indices, pad_slot_id)
+        y = _step_slots(inputs, state_batch_indices, pad_slot_id)
     else:
-        y = selective_state_update_reference(*args)
+        y = selective_state_update_reference(inputs)
     return y.view(x.shape)
 
 
@@ -152,9 +153,9 @@ def _check_slots(indices: torch.Tensor, slots: int, pad_slot_id: int) -> None:
                          f"got {int(live.max())}")
 
 
-def _step_slots(args: tuple, indices: torch.Tensor, pad_slot_id: int) -> torch.Tensor:
+def _step_slots(inputs: StepInputs, indices: torch.Tensor, pad_slot_id: int) -> torch.Tensor:
     """The torch step on the slots the rows name: gathered, stepped, written back; padding rows give 0."""
-    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit = args
+    state, x, dt, B, C, z = inputs.state, inputs.x, inputs.dt, inputs.B, inputs.C, inputs.z
     live = ((indices >= 0) & (indices != pad_slot_id)).nonzero().squeeze(1)
     slots = indices[live].long()
     y = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
@@ -165,9 +166,9 @@ def _step_slots(args: tuple, indices: torch.Tensor, pad_slot_id: int) -> torch.T
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.index_select(0, live)
 
-    y[live] = selective_state_update_reference(
-        sub, rows(x), rows(dt), A, rows(B), rows(C), D, rows(z), dt_bias, dt_softplus, dt_limit
-    )
+    y[live] = selective_state_update_reference(dataclasses.replace(
+        inputs, state=sub, x=rows(x), dt=rows(dt), B=rows(B), C=rows(C), z=rows(z)
+    ))
     state.index_copy_(0, slots, sub)
     return y
 
@@ -239,12 +240,3 @@ def _mamba2_views(dims, state, x, dt, A, B, C, D, z, dt_bias, pooled):
         z,
         dt_bias[:, None] if dt_bias is not None and compact["dt_bias"] else dt_bias,
     )
-
-
-def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
-    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
-        raise TypeError(f"dt_limit must be a (lo, hi) pair of floats, got {dt_limit!r}")
-    lo, hi = (float(v) for v in dt_limit)
-    if math.isnan(lo) or math.isnan(hi) or lo > hi:
-        raise ValueError(f"dt_limit must be (lo, hi) with lo <= hi, got {dt_limit!r}")
-    return lo, hi

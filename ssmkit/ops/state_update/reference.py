@@ -16,42 +16,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The (0, inf) limit means "no clamp", as in mamba_ssm.
-NO_LIMIT = (0.0, float("inf"))
+from ssmkit.ops._precision import compute_dtype
+from ssmkit.ops._step_sizes import discretize_dt
+from ssmkit.ops.state_update.inputs import StepInputs
+
 # The index that marks a padding row of a continuous batch (vLLM's PAD_SLOT_ID); any negative index does too.
 PAD_SLOT_ID = -1
 
 
-def selective_state_update_reference(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float],
-) -> torch.Tensor:
+def selective_state_update_reference(inputs: StepInputs) -> torch.Tensor:
     """Advance ``state`` (b, h, p, n) by one step in place and return y (b, h, p) in x's dtype.
 
     Arguments are validated and broadcast-ready: x, z (b, h, p); dt (b, h, p or 1);
     A (h, p or 1, n or 1); B, C (b, g, n); D, dt_bias (h, p or 1). The step is computed in float64
     if the state or any input is float64, else in float32, and written back in the state's dtype.
     """
-    tensors = (state, x, dt, A, B, C, D, z, dt_bias)
-    ct = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit = inputs.unpack()
+    ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     b, h, p, n = state.shape
     g = B.shape[1]
-    delta = dt.to(ct)
-    if dt_bias is not None:
-        delta = delta + dt_bias.to(ct)
-    if dt_softplus:
-        delta = F.softplus(delta)
-    if tuple(dt_limit) != NO_LIMIT:
-        delta = delta.clamp(min=dt_limit[0], max=dt_limit[1])
+    delta = discretize_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
     x_ = x.to(ct)
     # Heads as (g, h / g) so that each head reads its group's B and C by broadcasting.
     hg = h // g

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops.state_update.inputs import StepInputs
+
 # Softplus returns its input above this value, as torch.nn.functional.softplus.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
@@ -98,19 +100,7 @@ def _strides(t: torch.Tensor | None, rank: int) -> tuple[int, ...]:
 
 
 def selective_state_update_triton(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float],
-    state_batch_indices: torch.Tensor | None = None,
-    pad_slot_id: int = -1,
+    inputs: StepInputs, state_batch_indices: torch.Tensor | None = None, pad_slot_id: int = -1
 ) -> torch.Tensor:
     """Same arguments and result as ``selective_state_update_reference`` (the full (b, h, p, n) form).
 
@@ -118,6 +108,7 @@ def selective_state_update_triton(
     dtype. The step is computed in float32 (float64 inputs are refused by the dispatcher: the torch
     step handles them). With ``state_batch_indices`` (b,) the state is a pool (s, h, p, n) of slots.
     """
+    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit = inputs.unpack()
     _, h, p, n = state.shape
     b = x.shape[0]
     g = B.shape[1]
