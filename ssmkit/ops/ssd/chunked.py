@@ -184,7 +184,7 @@ class _ChunkLocal(torch.autograd.Function):
     def backward(ctx, dy, dstates):
         cum, delta, x, B, C, doc, in_last = ctx.saved_tensors
         k, T, h, p = x.shape
-        g, n = B.shape[2], B.shape[3]
+        g = B.shape[2]
         r = h // g
         dcum, ddelta, dx, dB, dC = (torch.empty_like(t) for t in (cum, delta, x, B, C))
         for blk in _blocks(k, h * T * max(T, p)):
