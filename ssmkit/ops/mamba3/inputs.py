@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ssmkit.ops._inputs import OpInputs
 from ssmkit.ops._precision import compute_dtype
-from ssmkit.ops.mamba3.reference import Mamba3ScanState
+
+
+class Mamba3ScanState(NamedTuple):
+    """What the Mamba-3 recurrence carries from one token to the next.
+
+    angle: (b, h, a) accumulated rotary angles θ (in [0, 2π));
+    ssm: (b, h, p, n) the state H;
+    last_B: (b, r, h, n) the previous position's rotated, biased B̃ (per head);
+    last_x: (b, h, p) the previous position's x (before ``mimo_x``).
+    """
+
+    angle: torch.Tensor
+    ssm: torch.Tensor
+    last_B: torch.Tensor
+    last_x: torch.Tensor
+
 
 __all__ = ["Mamba3Inputs"]
 

@@ -34,32 +34,15 @@ the first document.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ssmkit.ops.mamba3.inputs import Mamba3Inputs, Mamba3ScanState
 from ssmkit.ops.ssd.reference import doc_starts
 
-if TYPE_CHECKING:
-    from ssmkit.ops.mamba3.inputs import Mamba3Inputs
-
 TWO_PI = 2 * math.pi
-
-
-class Mamba3ScanState(NamedTuple):
-    """What the Mamba-3 recurrence carries from one token to the next.
-
-    angle: (b, h, a) accumulated rotary angles θ (in [0, 2π));
-    ssm: (b, h, p, n) the state H;
-    last_B: (b, r, h, n) the previous position's rotated, biased B̃ (per head);
-    last_x: (b, h, p) the previous position's x (before ``mimo_x``).
-    """
-
-    angle: torch.Tensor
-    ssm: torch.Tensor
-    last_B: torch.Tensor
-    last_x: torch.Tensor
 
 
 class Prepared(NamedTuple):

@@ -17,9 +17,15 @@ from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_te
 from ssmkit.ops._inputs import OpInputs
 from ssmkit.ops._step_sizes import NO_LIMIT, check_dt_limit
 from ssmkit.ops.chunking import check_chunk_size
-from ssmkit.ops.ssd.reference import doc_starts
 
 __all__ = ["SSDInputs", "check_ssd_inputs"]
+
+
+def doc_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) bool: True where a new document begins (position 0 excluded)."""
+    starts = torch.zeros_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
 
 
 @dataclasses.dataclass(frozen=True)

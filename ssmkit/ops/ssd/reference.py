@@ -20,22 +20,12 @@ before the first position, so it only reaches the first document.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops._step_sizes import discretize_dt
-
-if TYPE_CHECKING:
-    from ssmkit.ops.ssd.inputs import SSDInputs
-
-def doc_starts(seq_idx: torch.Tensor) -> torch.Tensor:
-    """(b, l) bool: True where a new document begins (position 0 excluded)."""
-    starts = torch.zeros_like(seq_idx, dtype=torch.bool)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts
+from ssmkit.ops.ssd.inputs import SSDInputs, doc_starts
 
 
 def gate_and_skip(
