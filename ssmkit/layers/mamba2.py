@@ -12,7 +12,6 @@ skip D, a gated RMSNorm with z, out-projection. Names, arguments and initialisat
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Protocol
 
 import torch
@@ -23,8 +22,6 @@ from ssmkit.layers.configs import Mamba2Config, layer_settings
 from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
-
-_NO_LIMIT = (0.0, math.inf)
 
 
 @dataclasses.dataclass(eq=False)
