@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 MIB = 1 << 20
 # Largest size of each kind of file (bytes). Real ones: a config is ~2 KB, a shard index of a 400B model
 # ~2 MB, the largest common tokenizer.json ~30 MB.
-LIMITS: dict[str, int] = {"config": 16 * MIB, "index": 64 * MIB, "tokenizer": 256 * MIB, "record": 64 * MIB}
+LIMITS: dict[str, int] = {"config": 16 * MIB, "index": 64 * MIB, "tokenizer": 256 * MIB, "record": 64 * MIB,
+                          "secret": 64 * 1024}
 LIMIT_ENV = "SSMKIT_MAX_FILE_BYTES"
 
 

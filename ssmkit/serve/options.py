@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from ssmkit.io.files import read_text
+
 MIB = 1 << 20
 
 
@@ -118,9 +120,9 @@ def options_from_args(args: argparse.Namespace, model_name: str) -> ServeOptions
     """:class:`ServeOptions` from parsed ``ssmkit serve`` flags (reads the token file)."""
     token = None
     if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
+        try:  # size-checked before reading: a token file is a few bytes (ssmkit.io.files' "secret" limit)
+            token = read_text(args.token_file, "secret").strip()
+        except (OSError, ValueError) as e:
             raise FileNotFoundError(f"cannot read --token-file {args.token_file}: {e}") from None
         if not token:
             raise ValueError(f"--token-file {args.token_file} is empty")

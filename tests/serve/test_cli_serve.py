@@ -21,6 +21,10 @@ def test_serve_reports_bad_arguments(model_dir, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(model_dir), "--token-file", str(tmp_path / "nope")]) == 1
     assert "cannot read --token-file" in capsys.readouterr().err
+    huge = tmp_path / "huge-token"
+    huge.write_bytes(b"x" * (65 * 1024))  # over the 64 KiB a secret file may have: refused before reading
+    assert main(["serve", "--checkpoint", str(model_dir), "--token-file", str(huge)]) == 1
+    assert "larger than" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # a usage error, from the option's range
         main(["serve", "--checkpoint", str(model_dir), "--max-batch", "0"])
     assert e.value.code == 2 and "--max-batch: must be an integer from 1" in capsys.readouterr().err
