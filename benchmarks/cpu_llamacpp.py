@@ -252,7 +252,10 @@ def main() -> int:
                 theirs, ours = convert_both(src, folder, model, file_type, vocab)
                 kind = TYPES[file_type]
                 variant = ssmkit_variant(model, kind)
-                agree, compared, shown = greedy_agrees(src, ours, vocab)
+                try:
+                    agree, compared, shown = greedy_agrees(src, ours, vocab)
+                except subprocess.CalledProcessError as error:  # a llama.cpp crash is a finding, not the end of the run
+                    agree, compared, shown = 0, 0, f"llama-simple failed: {error}; {error.stderr[-300:]!r}"
                 print(f"{preset} {file_type}: converters wrote identical tensors; greedy tokens agreeing: "
                       f"{agree} of {compared} ({shown})", flush=True)
                 for threads in args.threads:
@@ -261,7 +264,11 @@ def main() -> int:
                     for _ in range(args.rounds):
                         for length in args.lengths:
                             p_ours, d_ours = ssmkit_times(variant, length, args.decode_tokens)
-                            p_theirs, d_theirs = llama_times(src, theirs, length, args.decode_tokens, threads)
+                            try:
+                                p_theirs, d_theirs = llama_times(src, theirs, length, args.decode_tokens, threads)
+                            except subprocess.CalledProcessError as error:
+                                print(f"llama-bench failed: {error}", flush=True)
+                                p_theirs = d_theirs = float("nan")
                             for key, value in ((f"prefill{length}_ssmkit", p_ours), (f"prefill{length}_llama", p_theirs),
                                                ("decode_ssmkit", d_ours), ("decode_llama", d_theirs)):
                                 samples.setdefault(key, []).append(value)
