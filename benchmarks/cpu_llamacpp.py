@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from ssmkit.generation.decode import forward_one
-from ssmkit.models.formats.gguf import write_gguf
 from ssmkit.models import LanguageModel, get_preset
+from ssmkit.models.formats.gguf import write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 EXT = ROOT / ".ext"
@@ -120,36 +120,68 @@ def convert_both(src: Path, folder: Path, model: LanguageModel, file_type: str, 
     return theirs, ours
 
 
-def gguf_tokenizer(vocab: Path):
-    """A ``tokenizers`` byte-level BPE tokenizer from a GGUF file's gpt2 vocabulary (tokens and merges)."""
+def gguf_vocab(vocab: Path):
+    """(a ``tokenizers`` byte-level BPE tokenizer, the bytes llama.cpp prints for each token id) from a GGUF
+    file's gpt2 vocabulary. Normal tokens print their byte-level decoding, other types their text as is
+    (``llama_token_to_piece`` with ``special``), so outputs compare byte for byte even where a token ends
+    inside a UTF-8 character."""
     import gguf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     reader = gguf.GGUFReader(vocab)
     tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
     merges = [tuple(m.split(" ", 1)) for m in reader.get_field("tokenizer.ggml.merges").contents()]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return tok
+    byte_of = _byte_level_inverse()
+    pieces = [bytes(byte_of[c] for c in t) if k == gguf.TokenType.NORMAL and all(c in byte_of for c in t)
+              else t.encode() for t, k in zip(tokens, types)]
+    return tok, pieces
 
 
-def greedy_agrees(src: Path, gguf_file: Path, vocab: Path, n: int = 16) -> tuple[bool, str]:
-    """Whether llama.cpp's greedy continuation of a prompt equals ssmkit's, both running ``gguf_file``
-    (ssmkit dequantises it to float32, so both compute with the same weights); compared as text, up to the
-    shorter output (llama-simple stops early at an end-of-text token)."""
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (the inverse of ``bytes_to_unicode``)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def greedy_agrees(src: Path, gguf_file: Path, vocab: Path, n: int = 16) -> tuple[int, int, str]:
+    """How many of ssmkit's ``n`` greedy tokens llama.cpp (``llama-simple``) reproduces continuing the same
+    prompt, both running ``gguf_file`` (ssmkit dequantises it to float32; llama.cpp's BF16 and Q8_0 dot
+    products also round the activations, so only F32 must agree in full). Compared on llama-simple's
+    printed bytes: (tokens agreeing from the start, tokens compared, the two continuations shown).
+    llama-simple stops early at an end-of-text token; only the tokens both produced are compared."""
     model = LanguageModel.from_pretrained(gguf_file).eval()
-    tok = gguf_tokenizer(vocab)
+    tok, pieces = gguf_vocab(vocab)
     prompt = "The state space model reads the prompt once and then"
     ids = tok.encode(prompt).ids
     out = subprocess.run([str(tool(src, "llama-simple")), "-m", str(gguf_file), "-n", str(n), prompt],
-                         capture_output=True, text=True, check=True, timeout=600).stdout
-    theirs = out.strip()
+                         capture_output=True, check=True, timeout=600).stdout
+    theirs = out[:-1] if out.endswith(b"\n") else out
+    prefix = b"".join(pieces[i] for i in ids)
+    if not theirs.startswith(prefix):
+        return 0, 0, f"llama.cpp printed the prompt as {theirs[:len(prefix) + 20]!r}, tokenised differently"
     with torch.no_grad():
         new = model.generate([ids], max_new_tokens=n, temperature=0)[0]
-    ours = (prompt + tok.decode(new)).strip()
-    shorter = min(len(theirs), len(ours))
-    return theirs[:shorter] == ours[:shorter], f"llama.cpp: {theirs[-60:]!r} | ssmkit: {ours[-60:]!r}"
+    rest, agree = theirs[len(prefix):], 0
+    for token in new:
+        piece = pieces[token]
+        if not rest.startswith(piece):
+            break
+        rest, agree = rest[len(piece):], agree + 1
+    compared = len(new) if rest else agree  # nothing left: llama.cpp stopped at end-of-text
+    ours = b"".join(pieces[i] for i in new)
+    return agree, compared, f"llama.cpp: {theirs[len(prefix):][:60]!r} | ssmkit: {ours[:60]!r}"
 
 
 def ssmkit_times(model: LanguageModel, length: int, decode_tokens: int) -> tuple[float, float]:
@@ -220,20 +252,28 @@ def main() -> int:
                 theirs, ours = convert_both(src, folder, model, file_type, vocab)
                 kind = TYPES[file_type]
                 variant = ssmkit_variant(model, kind)
-                agree, shown = greedy_agrees(src, ours, vocab)
-                print(f"{preset} {file_type}: converters wrote identical tensors; greedy tokens agree: {agree} ({shown})")
+                try:
+                    agree, compared, shown = greedy_agrees(src, ours, vocab)
+                except subprocess.CalledProcessError as error:  # a llama.cpp crash is a finding, not the end of the run
+                    agree, compared, shown = 0, 0, f"llama-simple failed: {error}; {error.stderr[-300:]!r}"
+                print(f"{preset} {file_type}: converters wrote identical tensors; greedy tokens agreeing: "
+                      f"{agree} of {compared} ({shown})", flush=True)
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     samples: dict[str, list[float]] = {}
                     for _ in range(args.rounds):
                         for length in args.lengths:
                             p_ours, d_ours = ssmkit_times(variant, length, args.decode_tokens)
-                            p_theirs, d_theirs = llama_times(src, theirs, length, args.decode_tokens, threads)
+                            try:
+                                p_theirs, d_theirs = llama_times(src, theirs, length, args.decode_tokens, threads)
+                            except subprocess.CalledProcessError as error:
+                                print(f"llama-bench failed: {error}", flush=True)
+                                p_theirs = d_theirs = float("nan")
                             for key, value in ((f"prefill{length}_ssmkit", p_ours), (f"prefill{length}_llama", p_theirs),
                                                ("decode_ssmkit", d_ours), ("decode_llama", d_theirs)):
                                 samples.setdefault(key, []).append(value)
                     row = {"model": preset, "ssmkit": kind, "llama.cpp": file_type.upper(), "threads": threads,
-                           "load": os.getloadavg()[0], "greedy_agree": agree,
+                           "load": os.getloadavg()[0], "greedy_agree": f"{agree}/{compared}",
                            **{k: statistics.median(v) for k, v in samples.items()}}
                     results.append(row)
                     print_row(row, args.lengths)
