@@ -65,6 +65,10 @@ class MambaConfig:
     """falcon_mamba's weightless RMSNorm eps on Δ, B, C (None = none)."""
     inner_layernorms: bool = False
     """Jamba's learned RMSNorms on Δ, B and C."""
+    fused: bool = True
+    """Run a whole-sequence call without a state through ``mamba_inner_fn`` (the convolution, Δ, B, C and the
+    gated output recomputed in the backward instead of kept); False: the separate ops, every intermediate kept.
+    Same function either way."""
 
     def validate(self, d_model: int) -> None:
         _positive("mamba.d_state", self.d_state)
@@ -118,6 +122,9 @@ class Mamba2Config:
     """Gated RMSNorm before out_proj."""
     D_has_hdim: bool = False
     """Skip D per channel (h, p) instead of per head."""
+    fused: bool = True
+    """Run a whole-sequence call without a state through ``mamba_split_conv1d_scan_combined`` (the convolution
+    and the norm's output recomputed in the backward instead of kept); False: the separate ops. Same function."""
 
     def validate(self, d_model: int) -> None:
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):

@@ -170,6 +170,8 @@ class Mamba(nn.Module):
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
 
+        if self.config.fused and state is None:
+            return self._fused_forward(hidden_states, seq_idx)
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, I, l) each
         conv_in = x
         x = ops.causal_conv1d_fn(
@@ -191,6 +193,28 @@ class Mamba(nn.Module):
         else:
             y = result
         return self.out_proj(y.transpose(1, 2))
+
+    def _fused_forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """The stateless whole-sequence forward through ``mamba_inner_fn``: the same function as the separate
+        ops, keeping far less for the backward (see :mod:`ssmkit.ops.fused`)."""
+        if self.inner_layernorms:
+            norms = (self.dt_layernorm, self.b_layernorm, self.c_layernorm)
+            if len({n.eps for n in norms}) != 1:
+                raise ValueError(f"{self._name()}: the fused path needs one eps for the dt/B/C norms, got "
+                                 f"{[n.eps for n in norms]}; set fused=False")
+            dt_w, b_w, c_w, eps = *(n.weight for n in norms), norms[0].eps
+        elif self.mixer_rms_eps is not None:
+            dt_w, b_w, c_w, eps = self._unit_rank, self._unit_state, self._unit_state, self.mixer_rms_eps
+        else:
+            dt_w = b_w = c_w = None
+            eps = 1e-6
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2I, l)
+        return ops.mamba_inner_fn(
+            xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight,
+            self.out_proj.bias, -torch.exp(at_least_fp32(self.A_log)), D=at_least_fp32(self.D),
+            delta_bias=at_least_fp32(self.dt_proj.bias), delta_softplus=True, b_rms_weight=b_w, c_rms_weight=c_w,
+            b_c_dt_rms_eps=eps, seq_idx=seq_idx, dt_rank_rms_weight=dt_w,
+        )
 
     def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState) -> torch.Tensor:
         """One token of a pre-norm block: ``residual + self(norm(residual))``, (b, 1, H) -> (b, 1, H).

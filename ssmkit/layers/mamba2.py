@@ -139,6 +139,10 @@ class Mamba2(nn.Module):
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
 
+        if self.config.fused and state is None and split is None:
+            # A context-parallel layer reads its convolution's and scan's entries from other ranks, which
+            # the fused function has no argument for: it takes the separate ops below.
+            return self._fused_forward(hidden_states, seq_idx)
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         conv_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
         conv_initial = None if state is None else state.conv[..., 1:].to(conv_in.dtype)
@@ -169,6 +173,19 @@ class Mamba2(nn.Module):
         if self.rmsnorm:
             y = self.norm(y, z)
         return self.out_proj(y)
+
+    def _fused_forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """The stateless whole-sequence forward through ``mamba_split_conv1d_scan_combined``: the same function
+        as the separate ops, keeping far less for the backward (see :mod:`ssmkit.ops.fused`)."""
+        norm = self.norm if self.rmsnorm else None
+        return ops.mamba_split_conv1d_scan_combined(
+            self.in_proj(hidden_states), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+            -torch.exp(at_least_fp32(self.A_log)), self._D(), self.chunk_size, seq_idx=seq_idx,
+            dt_limit=self.dt_limit, rmsnorm_weight=None if norm is None else norm.weight,
+            rmsnorm_eps=1e-6 if norm is None else norm.eps, outproj_weight=self.out_proj.weight,
+            outproj_bias=self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
+            norm_before_gate=self.config.norm_before_gate,
+        )
 
     def _step(self, hidden_states: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
