@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ssmkit import ops
+from ssmkit.ops import decode_step
 from ssmkit.layers.configs import Mamba2Config, layer_settings
 from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
@@ -217,21 +218,12 @@ class Mamba2(nn.Module):
     def _scan_step(self, zxbcdt: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, torch.Tensor]:
         """Convolution and SSM of one token from ``in_proj``'s output (b, ·): y (b, d_inner) and the gate z."""
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = ops.causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                       activation="silu")
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = ops.selective_state_update(
-            state.ssm,
-            x.unflatten(-1, (self.nheads, self.headdim)),
-            dt,
-            decode_A(self),
-            B.unflatten(-1, (self.ngroups, self.d_state)),
-            C.unflatten(-1, (self.ngroups, self.d_state)),
-            self._D(),
-            z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=self.dt_limit,
+        # One kernel on CUDA at small batch (the convolution update folded into the state update); the
+        # separate conv and state updates otherwise.
+        y = decode_step.conv1d_selective_state_update(
+            xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.ssm, dt, decode_A(self),
+            self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)), dt_bias=self.dt_bias,
+            ngroups=self.ngroups, dt_softplus=True, dt_limit=self.dt_limit,
         ).flatten(-2)
         return y, z
 
