@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -68,7 +69,7 @@ def measure(kind: str, batch: int, d_model: int, length: int, device: str, dtype
     for name, layer in zip(("fused", "unfused"), _layers(kind, d_model, device, dtype)):
         x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
         exclude = [*layer.parameters(), x]
-        row = {"saved": saved_activation_bytes(lambda: layer(x), exclude=exclude) / MB}
+        row = {"saved": saved_activation_bytes(functools.partial(layer, x), exclude=exclude) / MB}
         if device == "cuda":
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -81,7 +82,7 @@ def measure(kind: str, batch: int, d_model: int, length: int, device: str, dtype
             del out
         if timed:
             cot = torch.randn(batch, length, d_model, device=device, dtype=dtype)
-            row["ms"] = _time_ms(lambda: _fwd_bwd(layer, x, cot), device)
+            row["ms"] = _time_ms(functools.partial(_fwd_bwd, layer, x, cot), device)
         rows[name] = row
     return rows
 

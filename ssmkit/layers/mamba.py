@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit import ops
-from ssmkit.ops import decode_step
 from ssmkit.layers.configs import MambaConfig, layer_settings
 from ssmkit.layers.norm import RMSNorm, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
+from ssmkit.ops import decode_step
 
 
 @dataclasses.dataclass(eq=False)

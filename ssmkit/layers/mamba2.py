@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ssmkit import ops
-from ssmkit.ops import decode_step
 from ssmkit.layers.configs import Mamba2Config, layer_settings
 from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
+from ssmkit.ops import decode_step
 
 
 @dataclasses.dataclass(eq=False)

@@ -36,7 +36,7 @@ def _pair(cls, options, dtype, **fixed):
     layer = cls(D_MODEL, **(fixed | options))
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight" or name.endswith(".bias"):
+            if name.endswith(("layernorm.weight", ".bias")) or name == "norm.weight":
                 p.add_(0.2 * torch.randn_like(p))
     ref = copy.deepcopy(layer).double()
     ref.config = type(ref.config)(**{**vars(ref.config), "fused": False})

@@ -16,36 +16,36 @@ from ssmkit.testing import assert_close, report_checks, run_checks_in_interprete
 
 def _mamba2_args(b, h, p, n, g, w, S, *, dtype=torch.float32, D2=False, z=True, conv_bias=True, bias=True):
     conv_dim = h * p + 2 * g * n
-    return dict(
-        xBC=torch.randn(b, conv_dim + 7, dtype=dtype)[:, 3 : 3 + conv_dim],  # a strided slice, as in a layer
-        conv_state=torch.randn(b, conv_dim, S, dtype=dtype),
-        conv_weight=torch.randn(conv_dim, w, dtype=dtype) * 0.5,
-        conv_bias=torch.randn(conv_dim, dtype=dtype) * 0.2 if conv_bias else None,
-        state=torch.randn(b, h, p, n),
-        dt=torch.randn(b, h, dtype=dtype) - 1,
-        A=-torch.rand(h) - 0.1,
-        D=(torch.randn(h, p) if D2 else torch.randn(h)),
-        z=torch.randn(b, h, p, dtype=dtype) if z else None,
-        dt_bias=torch.randn(h) * 0.3 if bias else None,
-    )
+    return {
+        "xBC": torch.randn(b, conv_dim + 7, dtype=dtype)[:, 3 : 3 + conv_dim],  # a strided slice, as in a layer
+        "conv_state": torch.randn(b, conv_dim, S, dtype=dtype),
+        "conv_weight": torch.randn(conv_dim, w, dtype=dtype) * 0.5,
+        "conv_bias": torch.randn(conv_dim, dtype=dtype) * 0.2 if conv_bias else None,
+        "state": torch.randn(b, h, p, n),
+        "dt": torch.randn(b, h, dtype=dtype) - 1,
+        "A": -torch.rand(h) - 0.1,
+        "D": (torch.randn(h, p) if D2 else torch.randn(h)),
+        "z": torch.randn(b, h, p, dtype=dtype) if z else None,
+        "dt_bias": torch.randn(h) * 0.3 if bias else None,
+    }
 
 
 def _mamba1_args(b, d, n, r, w, S, *, dtype=torch.float32, norms=False, conv_bias=True, D=True):
-    return dict(
-        xz=torch.randn(b, 2 * d, dtype=dtype),
-        conv_state=torch.randn(b, d, S, dtype=dtype),
-        conv_weight=torch.randn(d, w, dtype=dtype) * 0.5,
-        conv_bias=torch.randn(d, dtype=dtype) * 0.2 if conv_bias else None,
-        x_proj_weight=torch.randn(r + 2 * n, d, dtype=dtype) / d**0.5,
-        dt_proj_weight=torch.randn(d, r, dtype=dtype) / r**0.5,
-        dt_proj_bias=torch.randn(d) - 2,
-        state=torch.randn(b, d, n),
-        A=-torch.rand(d, n) - 0.1,
-        D=torch.randn(d) if D else None,
-        dt_rms_weight=1 + 0.2 * torch.randn(r) if norms else None,
-        b_rms_weight=1 + 0.2 * torch.randn(n) if norms else None,
-        c_rms_weight=1 + 0.2 * torch.randn(n) if norms else None,
-    )
+    return {
+        "xz": torch.randn(b, 2 * d, dtype=dtype),
+        "conv_state": torch.randn(b, d, S, dtype=dtype),
+        "conv_weight": torch.randn(d, w, dtype=dtype) * 0.5,
+        "conv_bias": torch.randn(d, dtype=dtype) * 0.2 if conv_bias else None,
+        "x_proj_weight": torch.randn(r + 2 * n, d, dtype=dtype) / d**0.5,
+        "dt_proj_weight": torch.randn(d, r, dtype=dtype) / r**0.5,
+        "dt_proj_bias": torch.randn(d) - 2,
+        "state": torch.randn(b, d, n),
+        "A": -torch.rand(d, n) - 0.1,
+        "D": torch.randn(d) if D else None,
+        "dt_rms_weight": 1 + 0.2 * torch.randn(r) if norms else None,
+        "b_rms_weight": 1 + 0.2 * torch.randn(n) if norms else None,
+        "c_rms_weight": 1 + 0.2 * torch.randn(n) if norms else None,
+    }
 
 
 def _f64(args):
