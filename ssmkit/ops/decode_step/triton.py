@@ -21,6 +21,8 @@ Everything is computed in float32; the new window entries are stored in the conv
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -60,6 +62,17 @@ def _store_window(conv_ptr, ch, mask, new, cs_c, cs_k, S: tl.constexpr, BLOCK_S:
 
 
 @triton.jit
+def _gpu_fence(FENCE: tl.constexpr):
+    """0, after a GPU-scope acquire-release fence of the calling thread (FENCE: off in Triton's interpreter,
+    which runs programs one after another and has no inline assembly)."""
+    zero = 0
+    if FENCE:
+        zero += tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+    return zero
+
+
+@triton.jit
 def _step_size(dt, bias, lo, hi, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr):
     dt += bias
     if SOFTPLUS:
@@ -77,7 +90,7 @@ def _conv_ssm_step_kernel(
     s_b, s_h, s_p, s_n, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, y_b, y_h, y_p,
     S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, SYNC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    FENCE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -121,11 +134,16 @@ def _conv_ssm_step_kernel(
     _store_window(conv_row, ch_x, mask_p, win_x, cs_c, cs_k, S, BLOCK_S)
     if SYNC:
         counter = sync_ptr + row * ngroups + group
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+        # Every thread's window reads are done at GPU scope before the one ticket of the program is taken.
+        one = 1 + _gpu_fence(FENCE)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter, one, sem="acq_rel")
         if ticket == programs_per_group - 1:
+            # The last ticket: every program of the group has read the old window; this one writes the new.
+            zero = _gpu_fence(FENCE)
             _store_window(conv_row, ch_B, mask_n, win_B, cs_c, cs_k, S, BLOCK_S)
             _store_window(conv_row, ch_C, mask_n, win_C, cs_c, cs_k, S, BLOCK_S)
-            tl.atomic_xchg(counter, 0, sem="acq_rel")
+            tl.atomic_xchg(counter, zero, sem="relaxed")
     else:
         _store_window(conv_row, ch_B, mask_n, win_B, cs_c, cs_k, S, BLOCK_S)
         _store_window(conv_row, ch_C, mask_n, win_C, cs_c, cs_k, S, BLOCK_S)
@@ -165,7 +183,7 @@ def conv_ssm_step_triton(inputs: ConvStepInputs2) -> torch.Tensor:
         *xBC.stride(), *conv_state.stride(), *weight.stride(),
         *state.stride(), *dt.stride(), *((0, 0) if D2 is None else D2.stride()), *zs, *y.stride(),
         S=S, W=W, HAS_CB=bias is not None, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=softplus, CLAMP=clamp, SYNC=sync, BLOCK_P=block_p, BLOCK_N=block_n,
+        SOFTPLUS=softplus, CLAMP=clamp, SYNC=sync, FENCE=os.environ.get("TRITON_INTERPRET", "0") != "1", BLOCK_P=block_p, BLOCK_N=block_n,
         BLOCK_S=triton.next_power_of_2(S), num_warps=4 if block_p * block_n >= 2048 else 2,
     )
     return y
