@@ -113,3 +113,22 @@ def test_states_and_context_parallel_take_the_separate_ops():
     state.conv.normal_()
     ref_state = state.clone()
     assert_close(layer(x, initial_state=state), ref(x, initial_state=ref_state), torch.float64, name="output")
+
+
+@pytest.mark.parametrize("cls, fixed", [(Mamba, {"d_state": 6}), (Mamba2, {"d_state": 8, "headdim": 8, "chunk_size": 8})])
+def test_fused_under_autocast_recomputes_in_the_forwards_dtypes(cls, fixed):
+    """The backward recomputes under the forward's autocast (else the recomputed intermediates would come
+    out in float32 and differ from the forward's)."""
+    layer, ref = _pair(cls, {}, torch.float32, **fixed)
+    unfused = copy.deepcopy(layer)
+    unfused.config = type(unfused.config)(**{**vars(unfused.config), "fused": False})
+    x = torch.randn(2, 12, D_MODEL)
+    grads = []
+    for module in (layer, unfused):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        out.float().square().sum().backward()
+        grads.append([xi.grad, *(p.grad for p in module.parameters())])
+    for got, expected in zip(*grads):
+        assert_close(got, expected, torch.bfloat16, name="gradient under autocast")

@@ -19,6 +19,7 @@ released. The function is first-order only (like the Triton backends' backward).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,6 +40,22 @@ def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def _autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+
+
+def _autocast(state: tuple[tuple[str, bool, torch.dtype], ...]) -> contextlib.ExitStack:
+    """The forward's autocast settings again: the backward runs without them, and the recomputation must
+    give the forward's dtypes (as torch.utils.checkpoint restores them)."""
+    stack = contextlib.ExitStack()
+    for device, enabled, dtype in state:
+        stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+    return stack
 
 
 class _Recomputed(torch.autograd.Function):
@@ -62,6 +79,7 @@ class _Recomputed(torch.autograd.Function):
         if any(_storage_key(o) in released for o in outs):
             raise RuntimeError("fused function: an output of the tail stage aliases a recomputed intermediate")
         ctx.save_for_backward(*tensors)
+        ctx.autocast = _autocast_state()
         ctx.prep, ctx.leaves, ctx.kept_leaves, ctx.outs = prep, leaves, kept_leaves, outs
         ctx.released = list(released.values())
         for _, storage, _ in ctx.released:
@@ -76,7 +94,7 @@ class _Recomputed(torch.autograd.Function):
             raise RuntimeError("fused function: backward through it a second time is not supported "
                                "(its recomputed intermediates are released after the first)")
         ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since the forward
-        with torch.enable_grad():
+        with torch.enable_grad(), _autocast(ctx.autocast):
             kept = _as_tuple(ctx.prep(*ctx.leaves))
         for i, storage, nbytes in ctx.released:
             fresh = kept[i].untyped_storage()
