@@ -133,7 +133,8 @@ def mamba_inner_fn(
                                  backend=backend)
 
     def gate(y, xz, out_proj_weight, out_proj_bias):
-        return (y * F.silu(xz[:, xz.shape[1] // 2 :])).transpose(1, 2)  # (b, l, d)
+        # (b, l, d) contiguous: the projection then saves a view of it (released), not a reshaped copy.
+        return (y * F.silu(xz[:, xz.shape[1] // 2 :])).transpose(1, 2).contiguous()
 
     def project(kept, y, xz, out_proj_weight, out_proj_bias):
         return F.linear(kept[0], out_proj_weight, out_proj_bias)
