@@ -220,8 +220,8 @@ class Mamba(nn.Module):
         r = one_token(residual, self._name())
         xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         y = self._inner_step(xz, state)
-        if self.out_proj.bias is None:
-            # out_proj and the residual add as one GEMM (r + y Wᵀ).
+        if self.out_proj.bias is None and r.dtype == y.dtype == self.out_proj.weight.dtype:
+            # out_proj and the residual add as one GEMM (r + y Wᵀ); a float32 residual stream keeps the add.
             return torch.addmm(r, y, self.out_proj.weight.t()).unsqueeze(1)
         return (r + self.out_proj(y)).unsqueeze(1)
 
