@@ -232,7 +232,7 @@ class Mamba(nn.Module):
     def _inner_step(self, xz: torch.Tensor, state: MambaState) -> torch.Tensor:
         """Convolution and gated SSM of one token from ``in_proj``'s output: (b, 2I) -> y (b, I).
 
-        Two kernels on CUDA at small batch (:func:`ssmkit.ops.decode_step.mamba_inner_step`); the separate
+        One kernel on CUDA at small batch (:func:`ssmkit.ops.decode_step.mamba_inner_step`); the separate
         ops otherwise, and always for Jamba norms of different eps (the fused step takes one eps).
         """
         norms = self._norm_weights()

@@ -76,13 +76,15 @@ def check_mamba2(b, h, p, n, g, w, S, dtype=torch.float32, dt_limit=(0.0, float(
         return {"xBC": torch.randn_like(a["xBC"]), "dt": torch.randn_like(a["dt"]) - 1}
 
     _steps(conv1d_selective_state_update, args, {"ngroups": g, "dt_limit": dt_limit}, fresh)
-    counters = getattr(args["conv_state"], "_ssmkit_group_tickets", None)
+    counters = getattr(args["conv_state"], "_ssmkit_step_counters", None)
     assert counters is None or int(counters.abs().sum()) == 0, "the group tickets were not reset"
 
 
 def check_mamba1(b, d, n, r, w, S, dtype=torch.float32, **opts):
     args = _mamba1_args(b, d, n, r, w, S, dtype=dtype, **opts)
     _steps(mamba_inner_step, args, {"rms_eps": 1e-5}, lambda a: {"xz": torch.randn_like(a["xz"])})
+    counters = args["conv_state"]._ssmkit_step_counters
+    assert int(counters.abs().sum()) == 0, "the phase counters were not reset"
 
 
 CHECKS = {

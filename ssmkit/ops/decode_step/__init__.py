@@ -3,7 +3,7 @@
 * :func:`conv1d_selective_state_update` (Mamba-2): ``causal_conv1d_update`` of xBC with SiLU, the split into
   x, B, C and ``selective_state_update``, one kernel on CUDA (two before);
 * :func:`mamba_inner_step` (Mamba-1): the convolution update, ``x_proj``, the optional dt/B/C norms,
-  ``dt_proj`` and the gated state update, two kernels on CUDA (five to eight before).
+  ``dt_proj`` and the gated state update, one kernel on CUDA (five to eight before).
 
 Both update the conv state and the SSM state **in place** and are defined as the separate ops in order
 (``reference.py``); "auto" runs the Triton kernels on CUDA for at most :data:`MAX_ROWS` rows and the separate

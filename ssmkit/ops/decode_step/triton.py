@@ -11,10 +11,12 @@ chain for one token:
   have read it. Each program takes a ticket from a per-(row, group) counter after its reads (atomic,
   acquire-release); the one that draws the last ticket writes the group's new B/C window and resets the
   counter to zero for the next step. No ordering between programs is assumed.
-* Mamba-1, two kernels (x_proj sums over every channel, which needs all the convolution outputs): the
-  first gives partial sums of x_proj over blocks of channels (each program recomputes its block's
-  convolution, writes nothing to the state); the second adds the partials, applies the optional norms and
-  dt_proj, recomputes its channels' convolution, writes their new window, updates the state and gates y.
+* Mamba-1, one kernel in two phases (x_proj sums over every channel, so every convolution output is needed
+  before any Δ): phase-1 programs give partial sums of x_proj over blocks of channels (each recomputes its
+  block's convolution and writes nothing to the state); phase-2 programs wait until all partials are
+  published, add them, apply the optional norms and dt_proj, recompute their channels' convolution, write
+  their new window, update the state and gate y. Phases go by ticket (start order), so a waiting program
+  only waits for programs that started before it: no deadlock, however many programs are resident.
 
 Everything is computed in float32; the new window entries are stored in the conv state's dtype.
 """
@@ -149,13 +151,19 @@ def _conv_ssm_step_kernel(
         _store_window(conv_row, ch_C, mask_n, win_C, cs_c, cs_k, S, BLOCK_S)
 
 
+def _fence_on() -> bool:
+    """Fences are compiled in except in Triton's interpreter (no inline assembly; programs run in turn)."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
 def _sync_counters(conv_state: torch.Tensor, numel: int) -> torch.Tensor:
-    """The zeroed int32 ticket counters of ``conv_state``'s groups, kept on the tensor (each kernel leaves
-    them at zero). One set per state tensor: steps of different caches never share counters."""
-    counters = getattr(conv_state, "_ssmkit_group_tickets", None)
+    """The zeroed int32 counters of the step kernels' tickets, kept on the conv state tensor (each kernel
+    leaves them at zero). One set per state tensor: steps of different caches (which may run on different
+    streams) never share counters; a step that passes a new view of its state each time gets new counters."""
+    counters = getattr(conv_state, "_ssmkit_step_counters", None)
     if counters is None or counters.numel() < numel:
         counters = torch.zeros(numel, dtype=torch.int32, device=conv_state.device)
-        conv_state._ssmkit_group_tickets = counters
+        conv_state._ssmkit_step_counters = counters
     return counters
 
 
@@ -183,30 +191,28 @@ def conv_ssm_step_triton(inputs: ConvStepInputs2) -> torch.Tensor:
         *xBC.stride(), *conv_state.stride(), *weight.stride(),
         *state.stride(), *dt.stride(), *((0, 0) if D2 is None else D2.stride()), *zs, *y.stride(),
         S=S, W=W, HAS_CB=bias is not None, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=softplus, CLAMP=clamp, SYNC=sync, FENCE=os.environ.get("TRITON_INTERPRET", "0") != "1", BLOCK_P=block_p, BLOCK_N=block_n,
+        SOFTPLUS=softplus, CLAMP=clamp, SYNC=sync, FENCE=_fence_on(), BLOCK_P=block_p, BLOCK_N=block_n,
         BLOCK_S=triton.next_power_of_2(S), num_warps=4 if block_p * block_n >= 2048 else 2,
     )
     return y
 
 
 @triton.jit
-def _x_proj_partial_kernel(
-    x_ptr, conv_ptr, w_ptr, cb_ptr, xw_ptr, part_ptr, d, rows,
-    x_b, x_c, cs_b, cs_c, cs_k, w_c, w_k, xw_r, xw_c, pt_b, pt_s,
-    S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """part[row, split, r] = Σ_{c in channel block split} x_proj[r, c] · conv(x)[c]."""
-    pid_r, split, row = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+def _x_proj_partial(x_row, conv_row, w_ptr, cb_ptr, xw_ptr, part, role, d, rows, n_rblocks,
+                    x_c, cs_c, cs_k, w_c, w_k, xw_r, xw_c, pt_s,
+                    S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Phase 1, role (row block, channel split): part[split, r] = Σ_{c in split} x_proj[r, c] · conv(x)[c]."""
+    offs_r = (role % n_rblocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < rows
-    ch = split * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = role // n_rblocks
+    ch = split * BLOCK_C1 + tl.arange(0, BLOCK_C1)
     mask_c = ch < d
-    x, _ = _conv_channels(x_ptr + row * x_b, conv_ptr + row * cs_b, w_ptr, cb_ptr, ch, mask_c, x_c, cs_c, cs_k,
-                          w_c, w_k, S, W, HAS_CB, BLOCK_S)
+    x, _ = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch, mask_c, x_c, cs_c, cs_k, w_c, w_k, S, W, HAS_CB,
+                          BLOCK_S)
     wt = tl.load(xw_ptr + offs_r[:, None] * xw_r + ch[None, :] * xw_c, mask=mask_r[:, None] & mask_c[None, :],
                  other=0.0).to(tl.float32)
-    tl.store(part_ptr + row * pt_b + split * pt_s + offs_r, tl.sum(wt * x[None, :], axis=1), mask=mask_r)
+    tl.store(part + split * pt_s + offs_r, tl.sum(wt * x[None, :], axis=1), mask=mask_r)
 
 
 @triton.jit
@@ -222,22 +228,19 @@ def _summed(part_ptr, offs, mask, splits, pt_s, rms_ptr, eps, count, NORM: tl.co
 
 
 @triton.jit
-def _inner_state_kernel(
-    x_ptr, conv_ptr, w_ptr, cb_ptr, part_ptr, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr, state_ptr, A_ptr, D_ptr,
-    y_ptr, d, n, rank, splits, eps,
-    x_b, x_c, cs_b, cs_c, cs_k, w_c, w_k, pt_b, pt_s, dtw_c, dtw_r, s_b, s_c, s_n, A_c, A_n, y_b, y_c,
-    S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_DTB: tl.constexpr, DT_NORM: tl.constexpr,
-    B_NORM: tl.constexpr, C_NORM: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
-):
-    pid_c, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr, state_row, A_ptr,
+                 D_ptr, y_row, role, d, n, rank, splits, eps,
+                 x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
+                 S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_DTB: tl.constexpr,
+                 DT_NORM: tl.constexpr, B_NORM: tl.constexpr, C_NORM: tl.constexpr, HAS_D: tl.constexpr,
+                 SOFTPLUS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """Phase 2, role (channel block): x_proj's sums, the norms, dt_proj, the convolution again, the state update
+    and the gated y of those channels, and their new conv window."""
+    ch = role * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ch < d
-    x_row, conv_row = x_ptr + row * x_b, conv_ptr + row * cs_b
     x, win = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch, mask_c, x_c, cs_c, cs_k, w_c, w_k,
                             S, W, HAS_CB, BLOCK_S)
-    part = part_ptr + row * pt_b
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     offs_n = tl.arange(0, BLOCK_N)
@@ -254,53 +257,97 @@ def _inner_state_kernel(
 
     mask = mask_c[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + ch[:, None] * A_c + offs_n[None, :] * A_n, mask=mask, other=0.0).to(tl.float32)
-    state_ptrs = state_ptr + row * s_b + ch[:, None] * s_c + offs_n[None, :] * s_n
+    state_ptrs = state_row + ch[:, None] * s_c + offs_n[None, :] * s_n
     state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
     state = state * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
-    tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+    tl.store(state_ptrs, state.to(state_row.dtype.element_ty), mask=mask)
     y = tl.sum(state * C[None, :], axis=1)
     if HAS_D:
         y += x * tl.load(D_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
     z = tl.load(x_row + (d + ch) * x_c, mask=mask_c, other=0.0).to(tl.float32)
     y *= z / (1.0 + tl.exp(-z))
-    tl.store(y_ptr + row * y_b + ch * y_c, y.to(y_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(y_row + ch * y_c, y.to(y_row.dtype.element_ty), mask=mask_c)
     tl.debug_barrier()
     _store_window(conv_row, ch, mask_c, win, cs_c, cs_k, S, BLOCK_S)
 
 
+@triton.jit
+def _inner_step_kernel(
+    x_ptr, conv_ptr, w_ptr, cb_ptr, xw_ptr, part_ptr, sync_ptr, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr,
+    state_ptr, A_ptr, D_ptr, y_ptr,
+    d, n, rank, splits, n_rblocks, n_phase1, n_phase2, eps,
+    x_b, x_c, cs_b, cs_c, cs_k, w_c, w_k, xw_r, xw_c, pt_b, pt_s, dtw_c, dtw_r, s_b, s_c, s_n, A_c, A_n, y_b, y_c,
+    S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_DTB: tl.constexpr, DT_NORM: tl.constexpr,
+    B_NORM: tl.constexpr, C_NORM: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr, FENCE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_RANK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+):
+    """The whole Mamba-1 step of one row in two phases. Roles go by ticket (the order programs start), not by
+    program id: the first ``n_phase1`` tickets compute x_proj's partial sums, the others wait for all of them
+    and then update their channels. A waiting program only ever waits for programs that started before it,
+    so the step completes whatever the number of programs resident at once. Counters per row: tickets,
+    finished partials, finished updates; the last update resets all three for the next step."""
+    row = tl.program_id(1).to(tl.int64)
+    counters = sync_ptr + row * 3
+    x_row, conv_row, part = x_ptr + row * x_b, conv_ptr + row * cs_b, part_ptr + row * pt_b
+    ticket = tl.atomic_add(counters, 1, sem="relaxed")
+    if ticket < n_phase1:
+        _x_proj_partial(x_row, conv_row, w_ptr, cb_ptr, xw_ptr, part, ticket, d, n + n + rank, n_rblocks,
+                        x_c, cs_c, cs_k, w_c, w_k, xw_r, xw_c, pt_s, S, W, HAS_CB, BLOCK_R, BLOCK_C1, BLOCK_S)
+        # Publish the partial sums (every thread fences at GPU scope), then count this role done.
+        one = 1 + _gpu_fence(FENCE)
+        tl.debug_barrier()
+        tl.atomic_add(counters + 1, one, sem="release")
+    else:
+        while tl.atomic_add(counters + 1, 0, sem="acquire") < n_phase1:
+            pass
+        role = ticket - n_phase1 + _gpu_fence(FENCE)  # every thread acquires before reading the partial sums
+        _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr,
+                     state_ptr + row * s_b, A_ptr, D_ptr, y_ptr + row * y_b, role, d, n, rank, splits,
+                     eps, x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
+                     S, W, HAS_CB, HAS_DTB, DT_NORM, B_NORM, C_NORM, HAS_D, SOFTPLUS, BLOCK_C, BLOCK_N, BLOCK_RANK,
+                     BLOCK_S, BLOCK_SPLIT)
+        one = 1 + _gpu_fence(FENCE)
+        tl.debug_barrier()
+        if tl.atomic_add(counters + 2, one, sem="acq_rel") == n_phase2 - 1:
+            # Every ticket is drawn and every waiter is past its wait: reset for the next step.
+            tl.atomic_xchg(counters, 0, sem="relaxed")
+            tl.atomic_xchg(counters + 1, 0, sem="relaxed")
+            tl.atomic_xchg(counters + 2, 0, sem="relaxed")
+
+
 def inner_step_triton(inputs: InnerStepInputs) -> torch.Tensor:
-    """Triton path of :func:`ssmkit.ops.decode_step.mamba_inner_step`: y (b, d) in xz's dtype."""
+    """Triton path of :func:`ssmkit.ops.decode_step.mamba_inner_step`: y (b, d) in xz's dtype, one kernel."""
     (xz, conv_state, weight, bias, x_proj_weight, dt_proj_weight, dt_proj_bias, state, A, D, dt_rms, b_rms, c_rms,
      eps, softplus) = inputs.unpack()
     b, d, n = state.shape
     rank = dt_proj_weight.shape[1]
     rows = rank + 2 * n
     S, W = conv_state.shape[-1], weight.shape[-1]
-    block_s = triton.next_power_of_2(S)
-    # x_proj: blocks of 256 channels by 16 output rows; each program one dot product of that size.
-    block_c1 = min(256, triton.next_power_of_2(d))
-    splits = triton.cdiv(d, block_c1)
+    # Phase 1: blocks of 16 output rows of x_proj by 256 channels; phase 2: blocks of channels of the state.
+    block_r, block_c1 = 16, min(256, triton.next_power_of_2(d))
+    splits, n_rblocks = triton.cdiv(d, block_c1), triton.cdiv(rows, block_r)
+    block_n, block_rank = triton.next_power_of_2(n), triton.next_power_of_2(rank)
+    # About 4K elements in the (channels, N) and (channels, R) tiles of a phase-2 program.
+    block_c = max(1, min(64, 4096 // max(block_n, block_rank), triton.next_power_of_2(d)))
+    n_phase1, n_phase2 = splits * n_rblocks, triton.cdiv(d, block_c)
     partials = torch.empty(b, splits, rows, dtype=torch.float32, device=xz.device)
-    cb = weight if bias is None else bias.contiguous()
-    _x_proj_partial_kernel[(triton.cdiv(rows, 16), splits, b)](
-        xz, conv_state, weight, cb, x_proj_weight, partials, d, rows,
-        *xz.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(), *partials.stride()[:2],
-        S=S, W=W, HAS_CB=bias is not None, BLOCK_R=16, BLOCK_C=block_c1, BLOCK_S=block_s, num_warps=4,
-    )
+    counters = _sync_counters(conv_state, 3 * b)
     y = torch.empty(b, d, dtype=xz.dtype, device=xz.device)
-    block_n = triton.next_power_of_2(n)
-    block_c = max(1, min(64, 4096 // block_n, triton.next_power_of_2(d)))
+    cb = weight if bias is None else bias.contiguous()
     placeholder = partials
-    _inner_state_kernel[(triton.cdiv(d, block_c), b)](
-        xz, conv_state, weight, cb, partials, dt_proj_weight,
+    _inner_step_kernel[(n_phase1 + n_phase2, b)](
+        xz, conv_state, weight, cb, x_proj_weight, partials, counters, dt_proj_weight,
         placeholder if dt_proj_bias is None else dt_proj_bias.contiguous(),
         *(placeholder if t is None else t.contiguous() for t in (dt_rms, b_rms, c_rms)),
-        state, A, placeholder if D is None else D.contiguous(), y, d, n, rank, splits, eps,
-        *xz.stride(), *conv_state.stride(), *weight.stride(), *partials.stride()[:2], *dt_proj_weight.stride(),
-        *state.stride(), *A.stride(), *y.stride(),
+        state, A, placeholder if D is None else D.contiguous(), y,
+        d, n, rank, splits, n_rblocks, n_phase1, n_phase2, eps,
+        *xz.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(), *partials.stride()[:2],
+        *dt_proj_weight.stride(), *state.stride(), *A.stride(), *y.stride(),
         S=S, W=W, HAS_CB=bias is not None, HAS_DTB=dt_proj_bias is not None, DT_NORM=dt_rms is not None,
         B_NORM=b_rms is not None, C_NORM=c_rms is not None, HAS_D=D is not None, SOFTPLUS=softplus,
-        BLOCK_C=block_c, BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rank), BLOCK_S=block_s,
-        BLOCK_SPLIT=triton.next_power_of_2(splits), num_warps=4 if block_c * block_n >= 2048 else 2,
+        FENCE=_fence_on(), BLOCK_R=block_r, BLOCK_C1=block_c1, BLOCK_C=block_c, BLOCK_N=block_n,
+        BLOCK_RANK=block_rank, BLOCK_S=triton.next_power_of_2(S),
+        BLOCK_SPLIT=triton.next_power_of_2(splits), num_warps=4,
     )
     return y
