@@ -103,11 +103,16 @@ def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[torch.Ten
     once). Storages of ``exclude`` (the parameters, the input) are not activations and are left out.
     Device-agnostic: the same number on CPU and CUDA for the same ops and shapes.
     """
+    from ssmkit.ops.fused._recompute import KEEPS_SAVED_TENSORS
+
     refs: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         refs.append(weakref.ref(t))
         return t
+
+    # It stores the tensor itself: the fused functions may release their recomputed intermediates under it.
+    setattr(pack, KEEPS_SAVED_TENSORS, True)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()

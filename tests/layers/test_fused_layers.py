@@ -119,7 +119,7 @@ def test_states_and_context_parallel_take_the_separate_ops():
 def test_fused_under_autocast_recomputes_in_the_forwards_dtypes(cls, fixed):
     """The backward recomputes under the forward's autocast (else the recomputed intermediates would come
     out in float32 and differ from the forward's)."""
-    layer, ref = _pair(cls, {}, torch.float32, **fixed)
+    layer, _ = _pair(cls, {}, torch.float32, **fixed)
     unfused = copy.deepcopy(layer)
     unfused.config = type(unfused.config)(**{**vars(unfused.config), "fused": False})
     x = torch.randn(2, 12, D_MODEL)
@@ -132,3 +132,23 @@ def test_fused_under_autocast_recomputes_in_the_forwards_dtypes(cls, fixed):
         grads.append([xi.grad, *(p.grad for p in module.parameters())])
     for got, expected in zip(*grads):
         assert_close(got, expected, torch.bfloat16, name="gradient under autocast")
+
+
+@pytest.mark.parametrize("cls, fixed", [(Mamba, {"d_state": 6}), (Mamba2, {"d_state": 8, "headdim": 8, "chunk_size": 8})])
+def test_fused_inside_activation_checkpointing(cls, fixed):
+    """Under torch.utils.checkpoint (non-reentrant: its recomputation fills the saved tensors of the first
+    forward) the fused layer keeps its intermediates instead of releasing them, and the gradients are right."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer, _ = _pair(cls, {}, torch.float64, **fixed)
+    unfused = copy.deepcopy(layer)
+    unfused.config = type(unfused.config)(**{**vars(unfused.config), "fused": False})
+    x = torch.randn(2, 13, D_MODEL, dtype=torch.float64)
+    grads = []
+    for module in (layer, unfused):
+        xi = x.clone().requires_grad_()
+        out = checkpoint(lambda m, v: (m(v) * v).sin(), module, xi, use_reentrant=False)
+        out.square().sum().backward()
+        grads.append([xi.grad, *(p.grad for p in module.parameters())])
+    for got, expected in zip(*grads):
+        assert_close(got, expected, torch.float64, name="gradient under checkpoint")

@@ -14,7 +14,9 @@ How the storage is released: the tail reads detached copies of the prep outputs 
 after the forward that memory is resized to zero (the ops' saved tensors still point at it), and before
 the backward it is resized back and filled from the recomputed prep outputs (same ops, same shapes, hence
 the same layout). Storage shared with an input (a prep output that is a view of an input) is never
-released. The function is first-order only (like the Triton backends' backward).
+released. Under saved-tensors hooks other than a plain counting one (activation checkpointing, offloading)
+nothing is released: correct, without the saving. The function is first-order only (like the Triton
+backends' backward).
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
+KEEPS_SAVED_TENSORS = "_ssmkit_keeps_saved_tensors"
+"""Attribute of a saved-tensors pack hook that stores the very tensor it is given (so a storage released after
+the forward is seen released): under such hooks, or none, the fused functions release their intermediates."""
+
+
+def _may_release() -> bool:
+    """Whether the tail's saved intermediates may be released now. Not under other saved-tensors hooks: they
+    may keep a placeholder that is filled later by a recomputation of this forward (activation checkpointing
+    does), and that recomputation would release its own copies before the backward reads them. The fused
+    functions then keep their intermediates, as the plain composition does."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is None or getattr(top[0], KEEPS_SAVED_TENSORS, False)
 
 
 def _autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
@@ -81,7 +95,7 @@ class _Recomputed(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         ctx.autocast = _autocast_state()
         ctx.prep, ctx.leaves, ctx.kept_leaves, ctx.outs = prep, leaves, kept_leaves, outs
-        ctx.released = list(released.values())
+        ctx.released = list(released.values()) if _may_release() else []
         for _, storage, _ in ctx.released:
             storage.resize_(0)
         result = tuple(o.detach() for o in outs)
