@@ -64,9 +64,9 @@ def test_fused_layer_equals_float64_unfused(name, dtype, packed):
 @pytest.mark.parametrize("cls", [Mamba, Mamba2])
 def test_fused_layer_keeps_at_most_0_6_of_the_unfused_activations(cls):
     torch.manual_seed(0)
-    layer = cls(512, device="cuda", dtype=torch.bfloat16)
+    layer = cls(1024, device="cuda", dtype=torch.bfloat16)
     unfused = _unfused(layer)
-    x = torch.randn(2, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     params = [*layer.parameters(), *unfused.parameters(), x]
     fused_bytes = saved_activation_bytes(lambda: layer(x), exclude=params)
     unfused_bytes = saved_activation_bytes(lambda: unfused(x), exclude=params)
