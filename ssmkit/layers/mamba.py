@@ -246,9 +246,10 @@ class Mamba(nn.Module):
                 dt_bias=at_least_fp32(self.dt_proj.bias), dt_softplus=True,
             )
         dt_w, b_w, c_w, eps = norms
+        # The step reads dt_proj's bias and D in their own dtypes (in float32): no cast kernels.
         return decode_step.mamba_inner_step(
             xz, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-            at_least_fp32(self.dt_proj.bias), state.ssm, decode_A(self), at_least_fp32(self.D), dt_rms_weight=dt_w,
+            self.dt_proj.bias, state.ssm, decode_A(self), self.D, dt_rms_weight=dt_w,
             b_rms_weight=b_w, c_rms_weight=c_w, rms_eps=eps, dt_softplus=True,
         )
 
