@@ -67,12 +67,11 @@ def estimate_size(config: ModelConfig) -> SizeEstimate:
         block = d + mixer_params + (d + ff_params if spec.ff else 0)  # norm (+ ff_norm, ff)
         params += count * block
         buffers += count * (mixer_buffers + ff_buffers)
-    for spec in dict.fromkeys(pattern_tokens(config.layer_pattern)):
-        for name in spec:
-            if name is not None and registry.by_name(name).shared is not None:  # held once by the model
-                shared = _shared_module(config, name)
-                params += sum(p.numel() for p in shared.parameters())
-                buffers += sum(b.numel() for b in shared.buffers())
+    for name in dict.fromkeys(n for spec in pattern_tokens(config.layer_pattern) for n in spec if n is not None):
+        if registry.by_name(name).shared is not None:  # the module its layers share: held once by the model
+            shared = _shared_module(config, name)
+            params += sum(p.numel() for p in shared.parameters())
+            buffers += sum(b.numel() for b in shared.buffers())
     return SizeEstimate(params, buffers)
 
 

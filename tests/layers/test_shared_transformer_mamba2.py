@@ -232,3 +232,7 @@ def test_size_estimate_and_flops_count_shared_blocks_once():
     block = sum(p.numel() for p in model.shared["shared_transformer_mamba2"][0].parameters())
     assert estimate_size(cfg3).parameters - estimate_size(cfg).parameters == block
     assert LanguageModel(model_config(8), device="meta").flops_per_token(64) > model.flops_per_token(64)
+    # Z layers with and without a feed-forward still share one table entry.
+    mixed = model_config()
+    mixed.layer_pattern = "ZZm2"
+    assert estimate_size(mixed).parameters == sum(p.numel() for p in LanguageModel(mixed, device="meta").parameters())
