@@ -11,7 +11,9 @@ only, build it on the "meta" device) follow :func:`jamba_layer_pattern`; ``samba
 Mamba, MLP, sliding-window attention, MLP; ``bamba-tiny`` and ``bamba-9b`` (IBM's Bamba-9B, 9.78B parameters)
 are Mamba-2 layers with attention at a few indices (:func:`bamba_layer_pattern`), each followed by an MLP;
 ``nemotron-h-tiny`` and ``nemotron-h-8b`` (NVIDIA's Nemotron-H-8B-Base-8K) are Mamba-2 and attention layers, most
-followed by a squared-ReLU MLP (:func:`nemotron_h_layer_pattern`).
+followed by a squared-ReLU MLP (:func:`nemotron_h_layer_pattern`); ``zamba2-tiny``, ``zamba2-1.2b`` and
+``zamba2-2.7b`` (Zyphra's Zamba2) are Mamba-2 layers with shared-transformer hybrid layers (``Z``) at a few
+indices (:func:`zamba2_layer_pattern`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from collections.abc import Callable
 
 from ssmkit.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE  # noqa: F401  (re-exported)
+from ssmkit.layers.shared_transformer import SharedTransformerConfig
 from ssmkit.layers.ungated_mlp import UngatedMLPConfig
 from ssmkit.models.config import (
     AttentionConfig,
@@ -226,3 +229,63 @@ def nemotron_h_8b() -> ModelConfig:
                        ungated_mlp=UngatedMLPConfig(d_intermediate=21504, activation="relu2"), norm_eps=1e-5,
                        tie_embeddings=False, residual_in_fp32=False, pad_vocab_size_multiple=1,
                        rescale_prenorm_residual=False)
+
+
+def zamba2_layer_pattern(n_layer: int, hybrid_layers: tuple[int, ...]) -> str:
+    """Zamba2's layer pattern: a shared-transformer hybrid layer (``Z``) at ``hybrid_layers`` (transformers'
+    ``hybrid_layer_ids``), Mamba-2 (``2``) elsewhere.
+
+    Example: ``zamba2_layer_pattern(4, (1,)) == "2Z22"``.
+    """
+    return "".join("Z" if i in hybrid_layers else "2" for i in range(n_layer))
+
+
+def _zamba2(vocab_size: int, d_model: int, n_layer: int, hybrid_layers: tuple[int, ...], mamba2: Mamba2Config,
+            shared: SharedTransformerConfig) -> ModelConfig:
+    """What every Zamba2 shares: tied head, RMSNorm eps 1e-5 (the Mamba-2 gated norm's too), no padding."""
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
+                       layer_pattern=zamba2_layer_pattern(n_layer, hybrid_layers), mamba2=mamba2,
+                       shared_transformer=shared, norm_eps=1e-5, tie_embeddings=True, residual_in_fp32=False,
+                       pad_vocab_size_multiple=1, rescale_prenorm_residual=False)
+
+
+def _zamba2_mamba2(**sizes: int) -> Mamba2Config:
+    """Zamba2's Mamba-2 settings: Δ clamped below at time_step_min, conv bias, no projection biases."""
+    return Mamba2Config(**sizes, d_conv=4, expand=2, chunk_size=256, dt_limit=(0.001, math.inf), conv_bias=True,
+                        bias=False, norm_before_gate=False, rmsnorm=True, D_has_hdim=False)
+
+
+@register("zamba2-tiny")
+def zamba2_tiny() -> ModelConfig:
+    """Tiny Zamba2 for tests: 8 layers with hybrid calls at 2, 5 and 7 of two shared blocks (in rotation),
+    d_model 64, 4 heads of 32 with RoPE and attention adapters, adapter rank 8, MLP of 128, Mamba-2 with 8 heads
+    of 16 in 2 groups, d_state 16, vocab 256."""
+    return _zamba2(256, 64, 8, (2, 5, 7), Mamba2Config(d_state=16, headdim=16, ngroups=2, chunk_size=16,
+                                                       dt_limit=(0.001, math.inf)),
+                   SharedTransformerConfig(num_blocks=2, num_heads=4, rotary_emb_dim=32, d_intermediate=128,
+                                           adapter_rank=8, attention_adapters=True))
+
+
+@register("zamba2-1.2b")
+def zamba2_1_2b() -> ModelConfig:
+    """Zyphra/Zamba2-1.2B: 38 layers, hybrid calls at 5, 11, ..., 35 of one shared block (32 heads of 128 with
+    RoPE, base 10000, and attention adapters; GELU MLP of 8192; adapter rank 128), d_model 2048, Mamba-2 with 64
+    heads of 64 in one group, d_state 128, d_conv 4, vocab 32000, tied head (config only: build it on the
+    "meta" device)."""
+    return _zamba2(32000, 2048, 38, tuple(range(5, 36, 6)), _zamba2_mamba2(d_state=128, headdim=64, ngroups=1),
+                   SharedTransformerConfig(num_blocks=1, num_heads=32, num_heads_kv=32, rotary_emb_dim=128,
+                                           rotary_emb_base=10000.0, d_intermediate=8192, activation="gelu",
+                                           adapter_rank=128, attention_adapters=True))
+
+
+@register("zamba2-2.7b")
+def zamba2_2_7b() -> ModelConfig:
+    """Zyphra/Zamba2-2.7B: 54 layers, hybrid calls at 6, 12, ..., 42, 47, 51 of two shared blocks in rotation
+    (32 heads of 160 with RoPE, base 10000, no attention adapters; GELU MLP of 10240; adapter rank 128),
+    d_model 2560, Mamba-2 with 80 heads of 64 in one group, d_state 64, d_conv 4, vocab 32000, tied head
+    (config only: build it on the "meta" device)."""
+    return _zamba2(32000, 2560, 54, (6, 12, 18, 24, 30, 36, 42, 47, 51),
+                   _zamba2_mamba2(d_state=64, headdim=64, ngroups=1),
+                   SharedTransformerConfig(num_blocks=2, num_heads=32, num_heads_kv=32, rotary_emb_dim=160,
+                                           rotary_emb_base=10000.0, d_intermediate=10240, activation="gelu",
+                                           adapter_rank=128, attention_adapters=False))

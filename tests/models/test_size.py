@@ -60,6 +60,15 @@ MIXER_OPTIONS = {
         "num_inner_mlps": st.integers(0, 2)})}),
 }
 MIXER_OPTIONS["W"] = MIXER_OPTIONS["A"]
+# Z layers share the model's transformer blocks (counted once) and read the mamba2 section.
+MIXER_OPTIONS["Z"] = st.fixed_dictionaries({
+    "shared_transformer": st.fixed_dictionaries({
+        "num_blocks": st.integers(1, 3), "num_heads": st.sampled_from([2, 4]),
+        "num_heads_kv": st.sampled_from([None, 1, 2]), "head_dim": st.sampled_from([None, 6]),
+        "d_intermediate": st.sampled_from([None, 10]), "mlp_bias": st.booleans(), "adapter_rank": st.integers(1, 4),
+        "attention_adapters": st.booleans()}),
+    "mamba2": st.fixed_dictionaries({"d_state": st.integers(1, 9), "headdim": st.sampled_from([4, 8]),
+                                     "bias": st.booleans()})})
 
 
 def test_every_mixer_letter_has_a_formula_under_test():
