@@ -80,6 +80,23 @@ def time_step_limit(values: dict[str, Any], source: Path) -> tuple[float, float]
     return lo, hi
 
 
+def falcon_h1_settings(config: ModelConfig) -> list[str]:
+    """The settings of ``config`` that only Falcon-H1 checkpoints express (µP multipliers, Mamba-2's own width
+    and out-projection bias), where they differ from their neutral defaults in the layers the pattern uses:
+    a writer of another format refuses them rather than dropping them."""
+    specs = config.layer_specs()
+    found = [name for name in ("embedding_multiplier", "logits_multiplier") if getattr(config, name) != 1.0]
+    if any(s.mixer == "mamba2" for s in specs):
+        m = config.mamba2
+        found += [f"mamba2.{n}" for n, neutral in (("d_inner", None), ("in_proj_multipliers", (1.0,) * 5))
+                  if getattr(m, n) != neutral]
+        if m.out_proj_bias not in (None, m.bias):
+            found.append("mamba2.out_proj_bias")
+    if any(s.ff == "mlp" for s in specs):
+        found += [f"mlp.{n}" for n in ("gate_multiplier", "down_multiplier") if getattr(config.mlp, n) != 1.0]
+    return found
+
+
 def decoder_layer_name(name: str, specs: list, model_type: str) -> str:
     """The transformers name of ssmkit tensor ``name`` in Jamba's and Bamba's layout (``model.layers.{i}``
     with ``input_layernorm``, ``pre_ff_layernorm`` and the mixer and feed-forward modules)."""
