@@ -39,7 +39,11 @@ from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.mamba3 import Mamba3, Mamba3State
 from ssmkit.layers.mlp import MLP
 from ssmkit.layers.moe import MoE
-from ssmkit.layers.parallel_hybrid import ParallelHybrid, ParallelHybridConfig, ParallelHybridState
+from ssmkit.layers.parallel_hybrid import (
+    ParallelHybrid,
+    ParallelHybridConfig,
+    ParallelHybridState,
+)
 from ssmkit.layers.parallel_hybrid import size as parallel_hybrid_size
 from ssmkit.layers.s4 import S4, S4State
 from ssmkit.layers.s4d import S4D, S4DState

@@ -128,8 +128,13 @@ def _rope_theta(raw: dict[str, Any], source: Path) -> float:
 def falcon_h1_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelConfig:
     """The :class:`ModelConfig` of a transformers Falcon-H1 config.json; unsupported values raise
     :class:`CheckpointError` naming the field."""
-    from ssmkit.models.config import AttentionConfig, Mamba2Config, MLPConfig, ModelConfig
     from ssmkit.layers.parallel_hybrid import ParallelHybridConfig
+    from ssmkit.models.config import (
+        AttentionConfig,
+        Mamba2Config,
+        MLPConfig,
+        ModelConfig,
+    )
 
     values = config_values(raw, _DEFAULTS, MODEL_TYPE, source)
     if raw.get("num_key_value_heads", 0) is None:
