@@ -1,6 +1,7 @@
 """Mamba-2 mixer (SSD block) and its recurrent state.
 
-Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H, ``h`` nheads = I / p,
+Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H (or the config's d_inner), ``h``
+nheads = I / p,
 ``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
 
 The block (Mamba-2 paper, "Transformers are SSMs", Figure 6): one in-projection to [z, xBC, dt], causal
@@ -54,6 +55,9 @@ class Mamba2(nn.Module):
     ``rmsnorm=False`` drops the gated RMSNorm and gates the scan output with ``silu(z)`` directly;
     ``D_has_hdim`` gives D one value per channel instead of per head; ``dt_limit`` clamps Δ after the
     softplus. ``norm_eps`` is the gated RMSNorm's eps (mamba_ssm 1e-5; transformers uses the model's).
+    Falcon-H1's options: ``d_inner`` sets the SSM's width apart from ``expand``, ``in_proj_multipliers`` scale
+    the z, x, B, C and dt parts of ``in_proj``'s output (every path: parallel, step, fused step), and
+    ``out_proj_bias`` gives ``out_proj`` a bias setting of its own.
 
     ``context_parallel`` (a :class:`SequenceSplit`, e.g. :class:`ssmkit.distributed.ContextParallel`) makes the
     layer read a sequence split across ranks: each rank passes its part; no cache or initial state then.

@@ -13,7 +13,8 @@ The Mamba-2 half has ``mamba_d_ssm`` channels (``mamba2.d_inner``; ``mamba_expan
 an in-projection bias ``mamba_proj_bias`` and an out-projection bias ``projectors_bias``
 (``mamba2.out_proj_bias``), and, with ``mamba_rms_norm``, a gated RMSNorm over ``mamba_n_groups`` groups with
 eps ``rms_norm_eps`` (normalising before the gate when ``mamba_norm_before_gate``); without it the scan output
-is gated by ``silu(z)`` alone. Attention rotates whole heads (``head_dim``, or ``hidden_size /
+is gated by ``silu(z)`` alone (transformers' fused CUDA training kernel passes ``norm_before_gate=False``
+whatever the config; its eager path, which inference runs, follows the config, as ssmkit does). Attention rotates whole heads (``head_dim``, or ``hidden_size /
 num_attention_heads``) with RoPE base ``rope_theta``; transformers' default RoPE ignores
 ``partial_rotary_factor``, and so does ssmkit here.
 
