@@ -1,8 +1,7 @@
 """Mamba-2 mixer (SSD block) and its recurrent state.
 
-Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H (or the config's d_inner), ``h``
-nheads = I / p,
-``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
+Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H (or the config's d_inner),
+``h`` nheads = I / p, ``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
 
 The block (Mamba-2 paper, "Transformers are SSMs", Figure 6): one in-projection to [z, xBC, dt], causal
 depthwise convolution + SiLU on xBC (x, B and C together), the SSD scan with a scalar decay per head and
