@@ -94,9 +94,17 @@ _SCALARS = {  # transformers' multiplier -> (ssmkit section or None for the mode
 }
 
 
+def _finite(v: Any) -> bool:
+    """A JSON number that is a finite float (an integer too large for a float is not)."""
+    try:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def _number(values: dict[str, Any], source: Path, name: str) -> float:
     v = values[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if not _finite(v):
         raise field_error(source, name, v, "expected a finite number")
     return float(v)
 
@@ -121,7 +129,7 @@ def _rope_theta(raw: dict[str, Any], source: Path) -> float:
     if rope_type != "default":
         raise field_error(source, "rope_parameters.rope_type", rope_type, "only 'default' RoPE is implemented")
     theta = rope.get("rope_theta", raw.get("rope_theta", _DEFAULT_ROPE_THETA))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+    if not _finite(theta) or not theta > 0:
         raise field_error(source, "rope_parameters.rope_theta", theta, "expected a positive number")
     return float(theta)
 

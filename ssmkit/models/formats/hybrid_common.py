@@ -4,6 +4,7 @@ folder read / write around a format's own config and name mapping."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -41,7 +42,11 @@ def config_field(values: dict[str, Any], source: Path, name: str, kind: type = i
     """values[name] checked as a positive number (float), a bool, or an int >= minimum."""
     v = values[name]
     if kind is float:
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number"
+        want = "a positive number"
+        try:  # an integer too large for a float is refused, not an OverflowError
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < math.inf
+        except OverflowError:
+            ok = False
     elif kind is bool:
         ok, want = isinstance(v, bool), "true or false"
     else:
@@ -73,7 +78,7 @@ def time_step_limit(values: dict[str, Any], source: Path) -> tuple[float, float]
     limit = values["time_step_limit"]
     try:
         lo, hi = (float(v) for v in limit)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise field_error(source, "time_step_limit", limit, "expected a pair [low, high]") from None
     if not 0.0 <= lo < hi:
         raise field_error(source, "time_step_limit", limit, "expected 0 <= low < high")
