@@ -48,7 +48,8 @@ def test_hostile_transformers_configs_give_checkpoint_errors(tmp_path, model_typ
 
 
 @given(field=st.sampled_from(["vocab_size", "d_model", "n_layer", "layer_pattern", "pad_vocab_size_multiple",
-                              "norm_eps", "mamba", "attention", "moe", "hyena", "s4"]), value=JSON_VALUES)
+                              "norm_eps", "mamba", "attention", "moe", "hyena", "s4", "parallel_hybrid",
+                              "embedding_multiplier", "logits_multiplier"]), value=JSON_VALUES)
 def test_hostile_ssmkit_configs_give_value_errors(field, value):
     data = {"vocab_size": 64, "d_model": 32, "n_layer": 2, "layer_pattern": "MA4Hme"[:4], field: value}
     try:
