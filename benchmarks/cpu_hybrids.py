@@ -9,6 +9,7 @@ tokens agree.
 
     python benchmarks/cpu_hybrids.py                                  # every row, L = 2048, 32 decode steps
     python benchmarks/cpu_hybrids.py --models zamba2 --shape 1.2b     # the published Zamba2-1.2B shape
+    python benchmarks/cpu_hybrids.py --models falcon_h1 --layers 4    # 4 layers of the falcon-h1-0.5b shape
     python benchmarks/cpu_hybrids.py --tiny                           # a seconds-long smoke run
 """
 
@@ -79,6 +80,22 @@ ZAMBA2_SHAPES = {
 }
 
 
+def falcon_h1_rows(args: argparse.Namespace) -> None:
+    """Falcon-H1 in the shape of ``falcon-h1-0.5b`` (``--layers`` cuts its depth), or a tiny one."""
+    import transformers
+
+    from ssmkit.models import get_preset
+    from ssmkit.models.formats.falcon_h1 import falcon_h1_config_to_transformers
+
+    config = get_preset("falcon-h1-tiny" if args.tiny else "falcon-h1-0.5b")
+    if args.layers:
+        config.n_layer = args.layers
+    torch.manual_seed(0)
+    hf = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
+        **falcon_h1_config_to_transformers(config, config.padded_vocab_size))).eval()
+    compare(f"falcon_h1-{'tiny' if args.tiny else f'0.5b/{config.n_layer}L'} L={args.length}", hf, args)
+
+
 def zamba2_rows(args: argparse.Namespace) -> None:
     import transformers
 
@@ -90,13 +107,14 @@ def zamba2_rows(args: argparse.Namespace) -> None:
     compare(f"zamba2-{shape} L={args.length}", hf, args)
 
 
-ROWS: dict[str, Callable[[argparse.Namespace], None]] = {"zamba2": zamba2_rows}
+ROWS: dict[str, Callable[[argparse.Namespace], None]] = {"falcon_h1": falcon_h1_rows, "zamba2": zamba2_rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=tuple(ROWS), default=list(ROWS))
     parser.add_argument("--shape", default="small", help="zamba2: small, 1.2b or 2.7b")
+    parser.add_argument("--layers", type=int, default=0, help="falcon_h1: fewer layers than the published shape")
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)

@@ -39,6 +39,12 @@ from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.mamba3 import Mamba3, Mamba3State
 from ssmkit.layers.mlp import MLP
 from ssmkit.layers.moe import MoE
+from ssmkit.layers.parallel_hybrid import (
+    ParallelHybrid,
+    ParallelHybridConfig,
+    ParallelHybridState,
+)
+from ssmkit.layers.parallel_hybrid import size as parallel_hybrid_size
 from ssmkit.layers.s4 import S4, S4State
 from ssmkit.layers.s4d import S4D, S4DState
 from ssmkit.layers.shared_transformer import (
@@ -237,6 +243,10 @@ def _moe_flops(layer: nn.Module, length: int) -> float:
     return linear_flops(layer.router) + layer.top_k * one_expert
 
 
+def _parallel_hybrid_flops(layer: nn.Module, length: int) -> float:
+    return _attention_flops(layer.self_attn, length) + _mamba2_flops(layer.mamba, length)
+
+
 def _bidirectional_check(ctx: BuildContext, section: str) -> None:
     if ctx.settings.bidirectional and ctx.causal:
         raise ValueError(f"layer {ctx.layer_idx}: {section}.bidirectional reads future tokens, which a causal "
@@ -264,8 +274,14 @@ def _build_attention(window: bool) -> Callable[[BuildContext], nn.Module]:
     return build
 
 
+def _build_parallel_hybrid(ctx: BuildContext) -> nn.Module:
+    return ParallelHybrid(ctx.d_model, ctx.settings, norm_eps=ctx.norm_eps, layer_idx=ctx.layer_idx, **ctx.factory)
+
+
 def _build_mlp(ctx: BuildContext) -> nn.Module:
-    return MLP(ctx.d_model, ctx.settings.d_intermediate, bias=ctx.settings.bias, **ctx.factory)
+    return MLP(ctx.d_model, ctx.settings.d_intermediate, bias=ctx.settings.bias,
+               gate_multiplier=ctx.settings.gate_multiplier, down_multiplier=ctx.settings.down_multiplier,
+               **ctx.factory)
 
 
 def _build_moe(ctx: BuildContext) -> nn.Module:
@@ -304,6 +320,9 @@ for _kind in (
     LayerKind("u", "ungated_mlp", "ungated_mlp", UngatedMLPConfig, UngatedMLP,
               lambda layer, length: linear_flops(layer), size=ungated_mlp_size, transformers={"nemotron_h": "mixer"},
               doc="ungated MLP (squared ReLU by default, Nemotron-H)"),
+    LayerKind("F", "parallel_hybrid", "parallel_hybrid", ParallelHybridConfig, ParallelHybrid, _parallel_hybrid_flops,
+              ParallelHybridState, size=parallel_hybrid_size, build=_build_parallel_hybrid,
+              doc="attention and Mamba-2 side by side, outputs summed (Falcon-H1)"),
 ):
     register(_kind)
 

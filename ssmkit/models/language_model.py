@@ -17,6 +17,7 @@ from torch import nn
 
 from ssmkit.data.packing import IGNORE
 from ssmkit.layers import MoE, RMSNorm
+from ssmkit.layers.embedding import token_embedding
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.layers.registry import flops_per_token
 from ssmkit.models.blocks import build_blocks, build_shared, init_weights
@@ -111,7 +112,7 @@ class LanguageModel(nn.Module):
         self.config = config
         factory = {"device": device, "dtype": dtype}
         vocab, d = config.padded_vocab_size, config.d_model
-        self.embedding = nn.Embedding(vocab, d, **factory)
+        self.embedding = token_embedding(vocab, d, config.embedding_multiplier, **factory)
         # Modules that several layers share (Zamba2's transformer blocks): held once, here.
         self.shared = build_shared(config, factory)
         self.layers = build_blocks(config, factory, context_parallel=context_parallel, shared=self.shared)
@@ -125,10 +126,14 @@ class LanguageModel(nn.Module):
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one)."""
+        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one), times
+        ``config.logits_multiplier``."""
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
-            return self.lm_head(hidden)
-        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+        multiplier = self.config.logits_multiplier
+        return logits if multiplier == 1.0 else logits * multiplier
 
     def forward(self, input_ids: torch.Tensor, *, targets: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
