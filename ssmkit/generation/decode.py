@@ -101,9 +101,9 @@ def forward_one(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torc
     values on the host (a synchronisation per token, and not capturable in a CUDA graph); the tokens
     here come from :func:`pick`, so they are valid ids.
     """
-    residual = model.embedding(token[:, None])
+    residual = inputs = model.embedding(token[:, None])
     for block, layer_state in zip(model.layers, cache.states):
-        residual = block(residual, cache=layer_state)
+        residual = block(residual, cache=layer_state, inputs=inputs)
     return model.head_logits(model.norm_f(residual[:, -1]))
 
 
