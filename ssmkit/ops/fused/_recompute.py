@@ -16,7 +16,8 @@ the backward it is resized back and filled from the recomputed prep outputs (sam
 the same layout). Storage shared with an input (a prep output that is a view of an input) is never
 released. Under saved-tensors hooks other than a plain counting one (activation checkpointing, offloading)
 nothing is released: correct, without the saving. The function is first-order only (like the Triton
-backends' backward).
+backends' backward); a second backward through a retained graph
+recomputes both stages.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class _Recomputed(torch.autograd.Function):
             raise RuntimeError("fused function: an output of the tail stage aliases a recomputed intermediate")
         ctx.save_for_backward(*tensors)
         ctx.autocast = _autocast_state()
-        ctx.prep, ctx.leaves, ctx.kept_leaves, ctx.outs = prep, leaves, kept_leaves, outs
+        ctx.prep, ctx.tail, ctx.leaves, ctx.kept_leaves, ctx.outs = prep, tail, leaves, kept_leaves, outs
         ctx.released = list(released.values()) if _may_release() else []
         for _, storage, _ in ctx.released:
             storage.resize_(0)
@@ -104,10 +105,9 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor | None):
-        if ctx.prep is None:
-            raise RuntimeError("fused function: backward through it a second time is not supported "
-                               "(its recomputed intermediates are released after the first)")
-        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since the forward
+        tensors = ctx.saved_tensors  # raises if an input was modified in place, or freed by an earlier backward
+        if ctx.outs is None:
+            return (None, None, *_backward_again(ctx, tensors, grads))
         with torch.enable_grad(), _autocast(ctx.autocast):
             kept = _as_tuple(ctx.prep(*ctx.leaves))
         for i, storage, nbytes in ctx.released:
@@ -123,8 +123,23 @@ class _Recomputed(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([k for k, _ in pairs], [g for _, g in pairs])
         result = tuple(None if t is None or not t.requires_grad else t.grad for t in ctx.leaves)
-        ctx.prep = ctx.leaves = ctx.kept_leaves = ctx.outs = ctx.released = None
+        # The forward's inner graph is spent (its buffers freed): a caller holding the loss keeps nothing of
+        # it alive. A second backward (retain_graph=True) recomputes both stages from the saved inputs.
+        ctx.leaves = ctx.kept_leaves = ctx.outs = ctx.released = None
         return (None, None, *result)
+
+
+def _backward_again(ctx, tensors: Sequence[torch.Tensor | None],
+                    grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+    """A later backward through a retained graph: ``tail(prep(inputs), inputs)`` run again in full (as
+    reentrant activation checkpointing does), then differentiated."""
+    leaves = tuple(_leaf(t) for t in tensors)
+    with torch.enable_grad(), _autocast(ctx.autocast):
+        outs = _as_tuple(ctx.tail(_as_tuple(ctx.prep(*leaves)), *leaves))
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return tuple(None if t is None or not t.requires_grad else t.grad for t in leaves)
 
 
 def recomputed(prep: Callable[..., object], tail: Callable[..., object],
