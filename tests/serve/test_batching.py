@@ -142,7 +142,10 @@ def test_cancel_busy_and_full_attention_models():
         engine.stop()
 
 
-def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
+def test_new_prompts_are_read_together_and_still_equal_generate(model):
+    # The oldest prompt reads 16 tokens a turn; the rest of the budget goes to the others.
+    engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16, prefill_budget=64)
+    engine.start()
     batches = []
     hook = model.register_forward_pre_hook(
         lambda module, args, kwargs: batches.append((args[0].shape, kwargs.get("seq_idx") is not None)),
@@ -155,6 +158,7 @@ def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
         assert long.done.wait(60) and all(c.done.wait(60) for c in shorts)
     finally:
         hook.remove()
+        engine.stop()
     assert any(padded and shape[0] > 1 for shape, padded in batches), batches
     for i, (p, c) in enumerate(zip(prompts, shorts)):
         assert c.tokens == generate(model, [p], 10, temperature=1.0, seed=50 + i, eos_token_id=258)[0]
