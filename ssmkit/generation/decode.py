@@ -151,11 +151,13 @@ class GraphedStep:
     it. The step runs twice on a copy of the decode state (on a side stream) before the capture, so that
     lazy initialisations and kernel compilations happen outside the graph and the real state is untouched.
     ``pool``: a memory pool (``torch.cuda.graph_pool_handle()``) shared with other graphs that are never
-    replayed at the same time (a serving engine's graphs, one per batch size).
+    replayed at the same time (a serving engine's graphs, one per batch size). ``capture_error_mode``:
+    ``torch.cuda.graph``'s; "thread_local" where other threads may use the GPU during the capture (a server's
+    request threads copying states), which "global" would turn into capture errors.
     """
 
     def __init__(self, model: DecodingModel, first: torch.Tensor, state: DecodeState, warmup: int = 2, *,
-                 in_place: bool = False, pool: Any = None) -> None:
+                 in_place: bool = False, pool: Any = None, capture_error_mode: str = "global") -> None:
         self.token = first if in_place else first.clone()
         scratch, scratch_token = state.clone(), first.clone()
         side = torch.cuda.Stream(device=first.device)
@@ -166,7 +168,7 @@ class GraphedStep:
         torch.cuda.current_stream(first.device).wait_stream(side)
         del scratch, scratch_token
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=capture_error_mode):
             self.token.copy_(step(model, self.token, state))
 
     def replay(self) -> None:

@@ -104,7 +104,9 @@ class BatchedDecoder:
                 self._pool = torch.cuda.graph_pool_handle()
             # The state is kept with its graph: the graph reads and writes its buffers (views of the slots).
             state = self.slots.decode_state(rows, kinds, self.model.config.vocab_size)
-            graphed = GraphedStep(self.model, self.slots.tokens[:rows], state, in_place=True, pool=self._pool)
+            # Request threads may copy states on the GPU meanwhile (sessions, prefix snapshots).
+            graphed = GraphedStep(self.model, self.slots.tokens[:rows], state, in_place=True, pool=self._pool,
+                                  capture_error_mode="thread_local")
             self._graphs[key] = (graphed, state)
             self.captures += 1
         return self._graphs[key][0]
