@@ -38,6 +38,7 @@ class SlotCache:
         self.tokens = self.seeds = self.draws = self.seen = torch.empty(0)
         self.sampling: RowSampling | None = None
         self.params: list[SamplingParams] = []
+        self._kinds: SamplingKinds | None = None  # of ``params``, until a row joins or leaves
         self.size = 0
 
     @property
@@ -79,6 +80,7 @@ class SlotCache:
         else:
             self.seen[row].copy_(seen[0])
         self.params.append(params)
+        self._kinds = None
         self.size += 1
         return row
 
@@ -109,6 +111,7 @@ class SlotCache:
                 t[row].copy_(t[last])
             self.params[row] = self.params[last]
         self.params.pop()
+        self._kinds = None
         self.size -= 1
         if self.size == 0 and self.fixed_capacity is None:
             self._types, self._store, self.sampling = [], [], None
@@ -136,7 +139,9 @@ class SlotCache:
 
     def kinds(self) -> SamplingKinds:
         """The sampling steps the rows in use need."""
-        return SamplingKinds.of(self.params)
+        if self._kinds is None:
+            self._kinds = SamplingKinds.of(self.params)
+        return self._kinds
 
     def decode_state(self, rows: int, kinds: SamplingKinds, vocab_size: int) -> DecodeState:
         """The decode state of the first ``rows`` rows (views of the storage: a step updates the rows' caches,
