@@ -124,9 +124,8 @@ class Engine:
                  prefill_chunk_size: int = 2048, prefill_budget: int | None = None,
                  cuda_graph: bool | None = None) -> None:
         """``prefill_budget``: prompt tokens read per turn (default twice ``prefill_chunk_size``: the oldest
-        prompt's chunk and as much for the others); ``cuda_graph``:
-        replay the decode step from CUDA graphs (None: on when the model is on CUDA and its step can be
-        captured; True: required)."""
+        prompt's chunk and as much for the others); ``cuda_graph``: replay the decode step from CUDA graphs
+        (None: on when the model is on CUDA and its step can be captured; True: required)."""
         prefill_budget = 2 * prefill_chunk_size if prefill_budget is None else prefill_budget
         if max_batch < 1 or max_requests < 1 or prefill_chunk_size < 1 or prefill_budget < 1:
             raise ValueError("max_batch, max_requests, prefill_chunk_size and prefill_budget must be positive")

@@ -86,7 +86,7 @@ class SlotCache:
 
     def _grow(self, like: ModelCache) -> None:
         capacity = self.fixed_capacity or max(1, 2 * self.capacity)
-        device = like.states[0].tensors()[next(iter(like.states[0].tensors()))].device
+        device = next(iter(like.states[0].tensors().values())).device
         new = [{name: t.new_zeros(capacity, *t.shape[1:]) for name, t in s.tensors().items()} for s in like.states]
         sampling = RowSampling.empty(capacity, device)
         tokens = torch.zeros(capacity, dtype=torch.long, device=device)
