@@ -178,3 +178,54 @@ def test_graphs_are_captured_while_other_threads_use_the_gpu():
         engine.stop()
     assert not errors and [len(r) for r in results] == n_new
     assert engine.decoder.captures >= 5
+
+
+def test_kept_state_prefix_hits_and_cancel_under_graphs():
+    """Sessions (a kept state), prefix-cache hits and a cancel mid-stream on the graph path."""
+    from ssmkit.serve.prefix_cache import PrefixCache
+
+    model = _peaked("byte-small", torch.float32)
+    engine = Engine(model, max_batch=8, prefill_chunk_size=64)
+    prefix = PrefixCache(model, memory_budget=1 << 30, interval=48)
+    doc = [int(t) for t in torch.randint(0, 256, (150,))]
+    kept: dict[str, object] = {}
+    events = {k: threading.Event() for k in ("session", "slow", "cold", "warm")}
+    tokens: dict[str, list[int]] = {k: [] for k in events}
+
+    def request(name: str, ids, n, **kw) -> GenerationRequest:
+        def on_token(t: int) -> bool:
+            tokens[name].append(t)
+            return False
+
+        def on_done(reason: str, cache) -> None:
+            kept[name] = (reason, cache)
+            events[name].set()
+
+        req = GenerationRequest(ids=ids, max_new_tokens=n, params=SETTINGS[0], seed=0, on_token=on_token,
+                                on_done=on_done, **kw)
+        engine.submit(req)
+        return req
+
+    engine.start()
+    try:
+        slow = request("slow", [7, 8, 9], 10**6)
+        request("session", [1, 2, 3, 4], 12, keep_state=True)
+        request("cold", doc + [5, 6], 10, prefix=prefix.plan(doc + [5, 6]))
+        assert events["cold"].wait(60) and events["session"].wait(60)
+        request("warm", doc + [5, 6, 7], 10, prefix=prefix.plan(doc + [5, 6, 7]))
+        assert events["warm"].wait(60)
+        slow.cancel()
+        assert events["slow"].wait(60) and kept["slow"][0] == "cancelled"
+    finally:
+        engine.stop()
+    assert prefix.stats()["hits"] >= 1
+    assert tokens["warm"] == generate(model, [doc + [5, 6, 7]], 10, temperature=0)[0]
+    assert tokens["cold"] == generate(model, [doc + [5, 6]], 10, temperature=0)[0]
+    reference = model.allocate_cache(1)
+    assert tokens["session"] == generate(model, [[1, 2, 3, 4]], 12, temperature=0, cache=reference)[0]
+    reason, cache = kept["session"]
+    assert reason == "length" and cache.seqlen_offset == reference.seqlen_offset
+    for mine, theirs in zip(cache.states, reference.states):
+        for name, t in mine.tensors().items():
+            torch.testing.assert_close(t, theirs.tensors()[name], rtol=1e-4, atol=1e-5)
+    assert engine.decoder.captures > 0
