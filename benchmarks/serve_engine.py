@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--prefill-budget", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024, help="the prefix cache's memory budget")
     parser.add_argument("--no-cuda-graph", action="store_true")
     parser.add_argument("--no-ab", action="store_true", help="only the prefix cache off (half the time)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -136,7 +137,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {s: [] for s in servers}
             for r in range(args.rounds):
                 for s in servers[:: 1 if r % 2 == 0 else -1]:
-                    prefix = PrefixCache(model, memory_budget=1024 * MIB) if s == "on" else None
+                    prefix = PrefixCache(model, memory_budget=int(args.prefix_cache_mb * MIB)) if s == "on" else None
                     load_avg = os.getloadavg()[0]
                     runs[s].append({**run_level(engine, prefix, c, n, args.prompt_tokens, args.max_new_tokens,
                                                 seed=1000 * r + c), "load": load_avg})
