@@ -213,3 +213,69 @@ def test_a_retained_graph_backs_through_the_fused_function_again():
     value.backward()
     with pytest.raises(RuntimeError, match="second time"):
         value.backward()
+
+
+def _alive_intermediate_bytes(fn, keep) -> int:
+    """Bytes of the storages made by ops inside ``fn()`` that are still alive after it returns, other than
+    those of its outputs and of ``keep()`` (inputs, the hook's own copies)."""
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made: list[weakref.ref] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    made.append(weakref.ref(t))
+            return out
+
+    with Record():
+        result = fn()
+    gc.collect()
+    skip = {t.untyped_storage().data_ptr() for t in (*keep(), *result)}
+    alive = {}
+    for ref in made:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in skip:
+            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(alive.values())
+
+
+@pytest.mark.parametrize("fn", ["mamba_inner_fn", "mamba_split_conv1d_scan_combined"])
+def test_under_offloading_hooks_the_fused_functions_keep_no_activation_of_their_own(fn):
+    """Under saved-tensors hooks that take what they are given elsewhere (save_on_cpu, activation
+    checkpointing's placeholders), every intermediate must reach the hooks: none may stay alive in the
+    function's context (checkpointing or offloading would then save nothing on these layers)."""
+    torch.manual_seed(0)
+    d, n, r, l, h, p = 4, 3, 2, 9, 2, 2
+    if fn == "mamba_inner_fn":
+        leaves = [torch.randn(2, 2 * d, l), torch.randn(d, 1, 4), torch.randn(d), torch.randn(r + 2 * n, d),
+                  torch.randn(d, r), torch.randn(3, d), -torch.rand(d, n) - 0.2, torch.ones(d)]
+        leaves = [t.requires_grad_() for t in leaves]
+
+        def call():
+            return (mamba_inner_fn(*leaves[:6], None, leaves[6], D=leaves[7], backend="chunked"),)
+    else:
+        dim = h * p
+        leaves = [torch.randn(2, l, 2 * dim + 2 * n + h), torch.randn(dim + 2 * n, 4), torch.zeros(h),
+                  -torch.rand(h) - 0.2, torch.ones(h), torch.ones(dim), torch.randn(5, dim)]
+        leaves = [t.requires_grad_() for t in leaves]
+
+        def call():
+            return mamba_split_conv1d_scan_combined(
+                *leaves[:2], None, *leaves[2:5], 4, return_final_states=True, rmsnorm_weight=leaves[5],
+                outproj_weight=leaves[6], headdim=p, backend="chunked")
+
+    copies: list[torch.Tensor] = []
+
+    def offload(t):
+        copies.append(t.detach().clone())
+        return len(copies) - 1
+
+    with torch.autograd.graph.saved_tensors_hooks(offload, copies.__getitem__):
+        held = _alive_intermediate_bytes(call, lambda: [*leaves, *copies])
+    assert held == 0, f"{held} bytes of intermediates kept outside the saved-tensors hooks"
