@@ -119,6 +119,8 @@ def test_split_conv1d_scan_checks_shapes():
         mamba_split_conv1d_scan_combined(zxbcdt[..., 1:], *args, torch.ones(h), 4, headdim=p)
     with pytest.raises(ValueError, match="ngroups"):
         mamba_split_conv1d_scan_combined(zxbcdt, *args, torch.ones(h), 4, headdim=p, ngroups=3)
+    with pytest.raises(ValueError, match="outproj_bias"):  # mamba_ssm asserts; it must not be dropped silently
+        mamba_split_conv1d_scan_combined(zxbcdt, *args, None, 4, headdim=p, outproj_bias=torch.ones(dim))
     out = mamba_split_conv1d_scan_combined(zxbcdt, *args, None, 4, headdim=p)
     assert out.shape == (1, 5, dim)
 
