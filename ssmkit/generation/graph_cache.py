@@ -5,7 +5,8 @@ dozens of replayed tokens — so a ``generate`` call that captured afresh each t
 decoding short answers. A captured step reads and writes fixed buffers (the cache states, the sampling
 settings, the random streams' counters, the masks); an entry here owns such a set of buffers and its graph.
 A call whose decode state has the same structure (batch, cache shapes and dtypes, sampling kinds, number of
-eos ids, penalty, random streams) and whose model still has the same parameter storage copies its state into
+eos ids, penalty, random streams), made under the same autocast and inference-mode settings, and whose model
+still has the same parameter storage copies its state into
 the entry's buffers, replays, and copies the cache back out: the same tokens as a fresh capture.
 
 Kept per model (weakly: a model that goes away takes its graphs with it), at most ``MAX_PER_MODEL`` entries,
@@ -49,8 +50,11 @@ def _key(model: DecodingModel, state: DecodeState) -> Hashable:
     layout = tuple(tuple((name, t.shape, t.dtype, t.device) for name, t in s.tensors().items())
                    for s in state.cache.states)
     storage = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    # Under inference_mode the entry's buffers are inference tensors, which a call outside it cannot copy into;
+    # the autocast dtype picks the captured kernels' dtypes.
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     return (layout, storage, params.kinds, state.vocab_size, state.generators is None, state.eos_ids.numel(),
-            state.seen is None, torch.is_autocast_enabled("cuda"))
+            state.seen is None, autocast, torch.is_inference_mode_enabled())
 
 
 def _copy_into(dst: DecodeState, src: DecodeState) -> None:

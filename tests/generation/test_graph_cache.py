@@ -113,3 +113,32 @@ def test_a_call_while_the_kept_graph_is_in_use_captures_its_own(graphed):
     first.close()
     run(model, [[1, 2]], 8, temperature=0)
     assert EagerStep.captures == 2
+
+
+def test_calls_inside_and_outside_inference_mode_each_work(graphed):
+    """An entry made under torch.inference_mode holds inference tensors, which a later call outside it could
+    not copy into: each mode has its own entries, and both give the eager tokens."""
+    model = make("debug-mamba2")
+    want = run(model, [[1, 2, 3]], 6, temperature=0, cuda_graph=False)
+    with torch.inference_mode():
+        assert run(model, [[1, 2, 3]], 6, temperature=0) == want
+    assert run(model, [[1, 2, 3]], 6, temperature=0) == want
+    with torch.inference_mode():
+        assert run(model, [[1, 2, 3]], 6, temperature=0) == want
+    assert EagerStep.captures == 2
+
+
+def test_another_autocast_dtype_means_a_new_capture(graphed):
+    """A captured step's kernels run in the autocast dtype of its capture: a call under another one must not
+    replay it."""
+    model = make("debug-mamba2")
+    was = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    try:
+        torch.set_autocast_enabled("cuda", True)  # CPU ops are unaffected: only the key is at stake here
+        for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+            torch.set_autocast_dtype("cuda", dtype)
+            run(model, [[1, 2, 3]], 4, temperature=0)
+    finally:
+        torch.set_autocast_enabled("cuda", was[0])
+        torch.set_autocast_dtype("cuda", was[1])
+    assert EagerStep.captures == 2
