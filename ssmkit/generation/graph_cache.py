@@ -6,7 +6,7 @@ decoding short answers. A captured step reads and writes fixed buffers (the cach
 settings, the random streams' counters, the masks); an entry here owns such a set of buffers and its graph.
 A call whose decode state has the same structure (batch, cache shapes and dtypes, sampling kinds, number of
 eos ids, penalty, random streams), made under the same autocast and inference-mode settings, and whose model
-still has the same parameter storage copies its state into
+still has the same parameter storage, not updated in place since, copies its state into
 the entry's buffers, replays, and copies the cache back out: the same tokens as a fresh capture.
 
 Kept per model (weakly: a model that goes away takes its graphs with it), at most ``MAX_PER_MODEL`` entries,
@@ -49,7 +49,9 @@ def _key(model: DecodingModel, state: DecodeState) -> Hashable:
         raise TypeError("a cached decode graph needs RowSampling settings (device tensors it can copy into)")
     layout = tuple(tuple((name, t.shape, t.dtype, t.device) for name, t in s.tensors().items())
                    for s in state.cache.states)
-    storage = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    # The versions: an in-place update keeps the storage, but not what the capture computed from the
+    # parameters outside the graph (e.g. the layers' decode A, cached from A_log while its version holds).
+    storage = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
     # Under inference_mode the entry's buffers are inference tensors, which a call outside it cannot copy into;
     # the autocast dtype picks the captured kernels' dtypes.
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None

@@ -142,3 +142,18 @@ def test_another_autocast_dtype_means_a_new_capture(graphed):
         torch.set_autocast_enabled("cuda", was[0])
         torch.set_autocast_dtype("cuda", was[1])
     assert EagerStep.captures == 2
+
+
+def test_parameters_changed_in_place_mean_a_new_capture(graphed):
+    """In-place updates (load_state_dict, an optimizer step between the trainer's samples) keep the storage
+    but not what the capture computed from the parameters outside the graph (the layers' decode A cached
+    from A_log): a kept graph would decode with the old values. The parameters' versions are in the key."""
+    model = make("debug-mamba2")
+    run(model, [[1, 2, 3]], 4, temperature=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    assert run(model, [[1, 2, 3]], 4, temperature=0) == run(model, [[1, 2, 3]], 4, temperature=0, cuda_graph=False)
+    assert EagerStep.captures == 2
+    run(model, [[1, 2, 3]], 4, temperature=0)  # unchanged since: the kept graph
+    assert EagerStep.captures == 2
