@@ -281,3 +281,35 @@ def test_under_offloading_hooks_the_fused_functions_keep_no_activation_of_their_
     with torch.autograd.graph.saved_tensors_hooks(offload, copies.__getitem__):
         held = _alive_intermediate_bytes(call, lambda: [*leaves, *copies])
     assert held == 0, f"{held} bytes of intermediates kept outside the saved-tensors hooks"
+
+
+def test_mamba_inner_fn_normalises_a_given_B_and_C_too():
+    """mamba_ssm applies b_rms_weight / c_rms_weight to B and C whether they come from x_proj or are given;
+    a given B or C with a norm weight must not be used un-normalised."""
+    torch.manual_seed(0)
+    b, d, l, n, r = 2, 4, 7, 3, 2
+    xz, conv_w, x_proj, dt_proj, out_w = (torch.randn(b, 2 * d, l), torch.randn(d, 1, 4) * 0.5,
+                                          torch.randn(r + 2 * n, d) * 0.4, torch.randn(d, r) * 0.4,
+                                          torch.randn(5, d) * 0.4)
+    A, B, C = -torch.rand(d, n) - 0.2, torch.randn(b, n, l), torch.randn(b, 1, n, l)
+    b_rms, c_rms = 1 + 0.3 * torch.randn(n), 1 + 0.3 * torch.randn(n)
+    leaves = [t.double().requires_grad_() for t in (xz, B, C, b_rms, c_rms)]
+    xz64, B64, C64, b64, c64 = leaves
+
+    def rms(t, w):  # over N (dim -2)
+        return t * torch.rsqrt(t.pow(2).mean(-2, keepdim=True) + 1e-5) * w[:, None]
+
+    x = _conv(xz64[:, :d], conv_w[:, 0].double(), None, True)
+    delta = (x.transpose(1, 2) @ x_proj.double()[:r].T) @ dt_proj.double().T
+    y = selective_scan_fn(x, delta.transpose(1, 2), A.double(), rms(B64, b64), rms(C64, c64), None,
+                          xz64[:, d:], None, True, backend="reference")
+    exp = y.transpose(1, 2) @ out_w.double().T
+    out = mamba_inner_fn(xz64, conv_w.double(), None, x_proj.double(), dt_proj.double(), out_w.double(), None,
+                         A.double(), B=B64, C=C64, b_rms_weight=b64, c_rms_weight=c64, b_c_dt_rms_eps=1e-5,
+                         backend="chunked")
+    torch.testing.assert_close(out, exp)
+    cot = torch.randn_like(exp)
+    got = torch.autograd.grad((out * cot).sum(), leaves)
+    want = torch.autograd.grad((exp * cot).sum(), leaves)
+    for name, g, w in zip(("xz", "B", "C", "b_rms_weight", "c_rms_weight"), got, want):
+        torch.testing.assert_close(g, w, msg=name)
