@@ -17,7 +17,8 @@ the same layout). Storage shared with an input (a prep output that is a view of 
 released. Under saved-tensors hooks other than a plain counting one (activation checkpointing, offloading)
 the plain composition runs instead: every intermediate then goes through the hooks (the context of a
 recomputing function would keep the prep outputs and the inputs alive beside them, so checkpointing or
-offloading would save nothing on these layers). The function is first-order only (like the Triton
+offloading would save nothing on these layers). Under torch.compile the recomputing function runs as one
+graph break (:func:`_releasing`). The function is first-order only (like the Triton
 backends' backward); a second backward through a retained graph recomputes both stages.
 """
 
@@ -156,7 +157,23 @@ def recomputed(prep: Callable[..., object], tail: Callable[..., object],
     """
     tensors = tuple(tensors)
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-    if not needs_grad or not _may_release():
-        outs = _as_tuple(tail(_as_tuple(prep(*tensors)), *tensors))
-        return outs[0] if len(outs) == 1 else outs
+    if not needs_grad:
+        return _composed(prep, tail, tensors)
+    return _releasing(prep, tail, tensors)
+
+
+def _composed(prep: Callable[..., object], tail: Callable[..., object],
+              tensors: tuple[torch.Tensor | None, ...]) -> torch.Tensor | Tensors:
+    outs = _as_tuple(tail(_as_tuple(prep(*tensors)), *tensors))
+    return outs[0] if len(outs) == 1 else outs
+
+
+@torch.compiler.disable
+def _releasing(prep: Callable[..., object], tail: Callable[..., object],
+               tensors: tuple[torch.Tensor | None, ...]) -> torch.Tensor | Tensors:
+    """The recomputing function, run as is under torch.compile: Dynamo cannot trace the storage release and
+    the saved-tensors-hook query, and tracing the stages' frames one by one recompiled them per call site
+    (dozens of graphs and the recompile limit for a few layers); one graph break per call instead."""
+    if not _may_release():
+        return _composed(prep, tail, tensors)
     return _Recomputed.apply(prep, tail, *tensors)
