@@ -51,12 +51,20 @@ def _key(model: DecodingModel, state: DecodeState) -> Hashable:
                    for s in state.cache.states)
     # The versions: an in-place update keeps the storage, but not what the capture computed from the
     # parameters outside the graph (e.g. the layers' decode A, cached from A_log while its version holds).
-    storage = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    tensors = (*model.parameters(), *model.buffers())
+    storage = (tuple(t.data_ptr() for t in tensors), tuple(t._version for t in tensors))
     # Under inference_mode the entry's buffers are inference tensors, which a call outside it cannot copy into;
     # the autocast dtype picks the captured kernels' dtypes.
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     return (layout, storage, params.kinds, state.vocab_size, state.generators is None, state.eos_ids.numel(),
             state.seen is None, autocast, torch.is_inference_mode_enabled())
+
+
+def _outdated(old: Hashable, new: Hashable) -> bool:
+    """Whether ``old`` was captured on the very parameter storage of ``new`` before an in-place update: its
+    versions are behind for good, so it can never be used again (e.g. the trainer's samples between steps)."""
+    (old_ptrs, old_versions), (new_ptrs, new_versions) = old[1], new[1]
+    return old_ptrs == new_ptrs and old_versions != new_versions
 
 
 def _copy_into(dst: DecodeState, src: DecodeState) -> None:
@@ -100,6 +108,9 @@ def cached_step(model: DecodingModel, first: torch.Tensor, state: DecodeState,
             if key not in entries:  # else another call holds that key's entry: this one stays uncached
                 entries[key] = fresh
                 idle = [k for k, e in entries.items() if not e.lock.locked()]  # least recently used first
+                for old_key in [k for k in idle if _outdated(k, key)]:
+                    del entries[old_key]
+                idle = [k for k in idle if k in entries]
                 for old_key in idle[: max(len(entries) - MAX_PER_MODEL, 0)]:
                     del entries[old_key]
         entry = fresh

@@ -157,3 +157,5 @@ def test_parameters_changed_in_place_mean_a_new_capture(graphed):
     assert EagerStep.captures == 2
     run(model, [[1, 2, 3]], 4, temperature=0)  # unchanged since: the kept graph
     assert EagerStep.captures == 2
+    # The graph of the old values can never be used again: it is dropped, not kept until the LRU limit.
+    assert graph_cache.cached_graphs(model) == 1
