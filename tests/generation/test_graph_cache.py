@@ -159,3 +159,15 @@ def test_parameters_changed_in_place_mean_a_new_capture(graphed):
     assert EagerStep.captures == 2
     # The graph of the old values can never be used again: it is dropped, not kept until the LRU limit.
     assert graph_cache.cached_graphs(model) == 1
+
+
+def test_an_entry_goes_with_the_parameter_storage_it_read(graphed):
+    """Replaced parameters (load_state_dict(assign=True), model.to() and back) free the storage a kept graph
+    read. The key holds only addresses, and a freed address can come back for a new tensor, while the graph
+    also read tensors cached from the old ones (the layers' decode A), freed since: such an entry is dropped."""
+    model = make("debug-mamba")
+    run(model, [[1, 2, 3]], 4, temperature=0)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert graph_cache.cached_graphs(model) == 0
+    run(model, [[1, 2, 3]], 4, temperature=0)
+    assert EagerStep.captures == 2 and graph_cache.cached_graphs(model) == 1
