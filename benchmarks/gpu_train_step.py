@@ -22,6 +22,7 @@ table says so. A peer that cannot be built or run prints why in its row.
     python benchmarks/gpu_train_step.py                               # both models, b8 x 2048 and 8192
     python benchmarks/gpu_train_step.py --models mamba3-130m --lengths 2048 --steps 5
     python benchmarks/gpu_train_step.py --device cpu --quick          # smoke run, tiny models, ssmkit rows only
+    python benchmarks/gpu_train_step.py --device cpu --build-only     # both sides built full size, counts only
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ def guarded(fn, *args) -> Run:
             torch.cuda.empty_cache()
 
 
+def progress(side: str, length: int, run: Run) -> Run:
+    """Print one side's result as soon as it is measured (a run cut short by a time limit keeps them)."""
+    if run.error is not None:
+        print(f"  {side} L={length}: {run.error}", flush=True)
+    else:
+        peak = "" if run.peak_bytes is None else f", peak {run.peak_bytes / 2**30:.1f} GiB"
+        print(f"  {side} L={length}: {run.tokens_per_s:,.0f} tokens/s{peak}, step-0 loss {run.first_loss:.4f}",
+              flush=True)
+    return run
+
+
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -125,7 +137,7 @@ def count(model: nn.Module) -> int:
 def bench_model(name: str, config: ModelConfig, args: argparse.Namespace,
                 device: torch.device) -> tuple[str, list[list]]:
     """(the model's header line: parameter counts and how mamba_ssm's mixer runs, rows [name, L, ours, theirs]
-    at every length); prints both as they come."""
+    at every length); prints the header and each side's result as they come."""
     torch.manual_seed(0)
     ours = LanguageModel(config, device=device)
     weights = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}
@@ -134,8 +146,12 @@ def bench_model(name: str, config: ModelConfig, args: argparse.Namespace,
         theirs, note = None, built
     else:
         theirs, note = built
-        theirs.load_state_dict(weights)
     n_theirs = "n/a" if theirs is None else f"{count(theirs):,}"
+    if theirs is not None:
+        try:
+            theirs.load_state_dict(weights)  # strict: the same parameters under the same names and shapes
+        except RuntimeError as e:
+            theirs, note = None, f"ssmkit's weights do not load into it: {str(e)[:300]}"
     header = f"{name}: parameters ssmkit {count(ours):,}, mamba_ssm {n_theirs}; mamba_ssm mixer: {note}"
     print(f"\n{header}", flush=True)
     if device.type != "cuda" and theirs is not None:
@@ -144,17 +160,16 @@ def bench_model(name: str, config: ModelConfig, args: argparse.Namespace,
     rows = []
     for length in args.lengths:
         batches = token_batches(config.vocab_size, args.batch_size, length, args.warmup + args.steps)
-        mine = guarded(train_steps, ssmkit_loss, ours, batches, args.warmup, device)
+        mine = progress("ssmkit", length, guarded(train_steps, ssmkit_loss, ours, batches, args.warmup, device))
         rows.append([name, length, mine, Run(error=note)])
     del ours
     if theirs is not None:
         theirs.to(device)
         for row in rows:
             batches = token_batches(config.vocab_size, args.batch_size, row[1], args.warmup + args.steps)
-            row[3] = guarded(train_steps, peer_loss, theirs, batches, args.warmup, device)
+            row[3] = progress("mamba_ssm", row[1], guarded(train_steps, peer_loss, theirs, batches, args.warmup,
+                                                           device))
         del theirs
-    for row in rows:
-        print_row(*row)
     return header, rows
 
 
@@ -186,6 +201,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (autotuning, compilation)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny models, L 64, batch 2, 2 steps: a smoke run")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build both sides of each model (any device), load ssmkit's weights into mamba_ssm's, "
+                             "print the parameter counts, run nothing")
     args = parser.parse_args()
     quick = {"lengths": [64], "batch_size": 2, "steps": 2} if args.quick else {}
     defaults = {"lengths": [2048, 8192], "batch_size": 8, "steps": 8}
@@ -194,7 +212,9 @@ def main() -> None:
             setattr(args, key, value)
     if args.quick:
         args.warmup = min(args.warmup, 1)
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or min(args.lengths) < 1:
+    if args.build_only:
+        args.lengths = []
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or min(args.lengths, default=1) < 1:
         parser.error("--steps, --batch-size and --lengths must be positive, --warmup at least 0")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -203,14 +223,15 @@ def main() -> None:
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "fp32 weights, bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"{where}; torch {torch.__version__}, triton {triton.__version__}; {precision}; batch {args.batch_size}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up; AdamW (fused on CUDA) + clip 1.0")
+    setup = (f"{where}; torch {torch.__version__}, triton {triton.__version__}; {precision}; batch {args.batch_size}; "
+             f"median of {args.steps} steps after {args.warmup} warm-up; AdamW (fused on CUDA) + clip 1.0")
+    print(setup)
     headers, results = [], []
     for name in args.models:
         header, rows = bench_model(name, QUICK[name]() if args.quick else get_preset(name), args, device)
         headers.append(header)
         results += rows
-    print("\n" + "\n".join(headers))
+    print("\n" + "\n".join([setup, *headers]))
     print("ratio = ssmkit tokens/s / mamba_ssm tokens/s (> 1: ssmkit faster); peak = max allocated, GiB, "
           "ssmkit / mamba_ssm; step-0 loss: same weights, same batch")
     print("| model | L | tokens/s ssmkit | tokens/s mamba_ssm | ratio | peak GiB | step-0 loss |")

@@ -144,5 +144,6 @@ def build_peer(config: ModelConfig, *, device: torch.device | str | None = None)
         note = ("fused use_mem_eff_path=True" if kwargs["use_mem_eff_path"]
                 else "use_mem_eff_path=False (no causal_conv1d extension: nn.Conv1d + SSD kernels + gated norm)")
     else:
-        note = f"SISO Triton kernels, decay {config.mamba3.decay_activation}"
+        upstream = "2.3.2's" if config.mamba3.decay_activation == "softplus" else "main's (#962, patched into 2.3.2's)"
+        note = f"Mamba3 SISO Triton kernels, decay {config.mamba3.decay_activation} as mamba_ssm {upstream}"
     return model, note
