@@ -4,8 +4,9 @@ For each model, ssmkit's :class:`~ssmkit.models.LanguageModel` of the preset (``
 24 single-input Mamba-3 layers at mamba_ssm's Mamba3 defaults) and :class:`mamba_ssm_lm.MambaSsmLM`, the same
 model built from mamba_ssm 2.3.2's ``Block``, Triton RMSNorm / fused add + norm and its ``Mamba2`` or
 ``Mamba3`` mixer (from its source under ``.ext/``, as ``benchmarks/mamba_ssm_source.py`` loads it). The peer
-is given ssmkit's initial weights (same parameter names), so both start from the same parameters and see the
-same batches; their first-step losses are printed side by side as a check that they compute the same model.
+is given ssmkit's initial weights (same parameter names); at every length both start from those weights with a
+new optimizer and see the same batches, and their first-step losses are printed side by side as a check that
+they compute the same model (on CPU, ``benchmarks/train_step_parity_interpreter.py`` checks it exactly).
 
 One training step: forward with the loss (mean next-token cross-entropy in float32 over the tied head's
 logits), backward, gradient clipping at norm 1, ``torch.optim.AdamW`` (fused on CUDA, lr 3e-4, weight decay
@@ -67,9 +68,13 @@ def token_batches(vocab_size: int, batch: int, length: int, count: int, seed: in
     return [torch.randint(0, vocab_size, (batch, length + 1), generator=generator) for _ in range(count)]
 
 
-def train_steps(loss_fn, model: nn.Module, batches: list[torch.Tensor], warmup: int, device: torch.device) -> Run:
-    """Step ``model`` through ``batches`` (the first ``warmup`` untimed); the median timed step as tokens/s."""
+def train_steps(loss_fn, model: nn.Module, weights: dict[str, torch.Tensor], batches: list[torch.Tensor],
+                warmup: int, device: torch.device) -> Run:
+    """Step ``model``, from ``weights`` and a new optimizer, through ``batches`` (the first ``warmup`` untimed);
+    the median timed step as tokens/s."""
     cuda = device.type == "cuda"
+    model.load_state_dict(weights)  # every length starts from the same initial weights, on both sides
+    model.zero_grad(set_to_none=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=cuda)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     times, first_loss = [], None
@@ -160,15 +165,16 @@ def bench_model(name: str, config: ModelConfig, args: argparse.Namespace,
     rows = []
     for length in args.lengths:
         batches = token_batches(config.vocab_size, args.batch_size, length, args.warmup + args.steps)
-        mine = progress("ssmkit", length, guarded(train_steps, ssmkit_loss, ours, batches, args.warmup, device))
+        mine = progress("ssmkit", length, guarded(train_steps, ssmkit_loss, ours, weights, batches, args.warmup,
+                                                         device))
         rows.append([name, length, mine, Run(error=note)])
     del ours
     if theirs is not None:
         theirs.to(device)
         for row in rows:
             batches = token_batches(config.vocab_size, args.batch_size, row[1], args.warmup + args.steps)
-            row[3] = progress("mamba_ssm", row[1], guarded(train_steps, peer_loss, theirs, batches, args.warmup,
-                                                           device))
+            row[3] = progress("mamba_ssm", row[1], guarded(train_steps, peer_loss, theirs, weights, batches,
+                                                           args.warmup, device))
         del theirs
     return header, rows
 
