@@ -142,11 +142,14 @@ def count(model: nn.Module) -> int:
 def bench_model(name: str, config: ModelConfig, args: argparse.Namespace,
                 device: torch.device) -> tuple[str, list[list]]:
     """(the model's header line: parameter counts and how mamba_ssm's mixer runs, rows [name, L, ours, theirs]
-    at every length); prints the header and each side's result as they come."""
+    at every length); prints the header and each side's result as they come.
+
+    Length by length, ssmkit's side then mamba_ssm's, each on the device only while it runs, so that a run cut
+    short by a time limit has printed whole pairs."""
     torch.manual_seed(0)
-    ours = LanguageModel(config, device=device)
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}
-    built = build_peer(config, device="cpu")  # moved to the GPU once ssmkit's model is measured and freed
+    ours = LanguageModel(config)
+    weights = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    built = build_peer(config, device="cpu")
     if isinstance(built, str):
         theirs, note = None, built
     else:
@@ -160,22 +163,18 @@ def bench_model(name: str, config: ModelConfig, args: argparse.Namespace,
     header = f"{name}: parameters ssmkit {count(ours):,}, mamba_ssm {n_theirs}; mamba_ssm mixer: {note}"
     print(f"\n{header}", flush=True)
     if device.type != "cuda" and theirs is not None:
-        note = "not run: mamba_ssm's Triton kernels need CUDA"
-        theirs = None
+        theirs, note = None, "not run: mamba_ssm's Triton kernels need CUDA"
+    sides = [("ssmkit", ssmkit_loss, ours)] + ([("mamba_ssm", peer_loss, theirs)] if theirs is not None else [])
     rows = []
     for length in args.lengths:
         batches = token_batches(config.vocab_size, args.batch_size, length, args.warmup + args.steps)
-        mine = progress("ssmkit", length, guarded(train_steps, ssmkit_loss, ours, weights, batches, args.warmup,
-                                                         device))
-        rows.append([name, length, mine, Run(error=note)])
-    del ours
-    if theirs is not None:
-        theirs.to(device)
-        for row in rows:
-            batches = token_batches(config.vocab_size, args.batch_size, row[1], args.warmup + args.steps)
-            row[3] = progress("mamba_ssm", row[1], guarded(train_steps, peer_loss, theirs, weights, batches,
-                                                           args.warmup, device))
-        del theirs
+        runs = {"mamba_ssm": Run(error=note)}
+        for side, loss_fn, model in sides:
+            model.to(device)
+            runs[side] = progress(side, length, guarded(train_steps, loss_fn, model, weights, batches,
+                                                        args.warmup, device))
+            model.cpu()
+        rows.append([name, length, runs["ssmkit"], runs["mamba_ssm"]])
     return header, rows
 
 
