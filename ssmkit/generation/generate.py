@@ -109,7 +109,9 @@ def stream(
         seed: an int (row i uses ``seed + i``), one int per row, or None (drawn from torch's global RNG).
         prefill_chunk_size: prompts are read this many positions at a time (bounds prefill memory).
         cache: continue from this cache (e.g. a document read earlier); updated in place, so clone it
-            to keep it. Its rows must match the prompts, which then must all have the same length.
+            to keep it. Its rows must match the prompts, which then must all have the same length. With a
+            CUDA graph the steps run on a kept graph's own buffers: the cache is brought up to date when the
+            stream ends or is closed, not after each token.
         cuda_graph: capture one decode step in a CUDA graph and replay it per token (same tokens as
             the eager loop, much less launch overhead). None: on when the model is on CUDA, its layers
             allow it (Mamba, Mamba-2, Mamba-3, sliding-window attention, MLP; not full attention or MoE)

@@ -113,3 +113,61 @@ def test_a_call_while_the_kept_graph_is_in_use_captures_its_own(graphed):
     first.close()
     run(model, [[1, 2]], 8, temperature=0)
     assert EagerStep.captures == 2
+
+
+def test_calls_inside_and_outside_inference_mode_each_work(graphed):
+    """An entry made under torch.inference_mode holds inference tensors, which a later call outside it could
+    not copy into: each mode has its own entries, and both give the eager tokens."""
+    model = make("debug-mamba2")
+    want = run(model, [[1, 2, 3]], 6, temperature=0, cuda_graph=False)
+    with torch.inference_mode():
+        assert run(model, [[1, 2, 3]], 6, temperature=0) == want
+    assert run(model, [[1, 2, 3]], 6, temperature=0) == want
+    with torch.inference_mode():
+        assert run(model, [[1, 2, 3]], 6, temperature=0) == want
+    assert EagerStep.captures == 2
+
+
+def test_another_autocast_dtype_means_a_new_capture(graphed):
+    """A captured step's kernels run in the autocast dtype of its capture: a call under another one must not
+    replay it."""
+    model = make("debug-mamba2")
+    was = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    try:
+        torch.set_autocast_enabled("cuda", True)  # CPU ops are unaffected: only the key is at stake here
+        for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+            torch.set_autocast_dtype("cuda", dtype)
+            run(model, [[1, 2, 3]], 4, temperature=0)
+    finally:
+        torch.set_autocast_enabled("cuda", was[0])
+        torch.set_autocast_dtype("cuda", was[1])
+    assert EagerStep.captures == 2
+
+
+def test_parameters_changed_in_place_mean_a_new_capture(graphed):
+    """In-place updates (load_state_dict, an optimizer step between the trainer's samples) keep the storage
+    but not what the capture computed from the parameters outside the graph (the layers' decode A cached
+    from A_log): a kept graph would decode with the old values. The parameters' versions are in the key."""
+    model = make("debug-mamba2")
+    run(model, [[1, 2, 3]], 4, temperature=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    assert run(model, [[1, 2, 3]], 4, temperature=0) == run(model, [[1, 2, 3]], 4, temperature=0, cuda_graph=False)
+    assert EagerStep.captures == 2
+    run(model, [[1, 2, 3]], 4, temperature=0)  # unchanged since: the kept graph
+    assert EagerStep.captures == 2
+    # The graph of the old values can never be used again: it is dropped, not kept until the LRU limit.
+    assert graph_cache.cached_graphs(model) == 1
+
+
+def test_an_entry_goes_with_the_parameter_storage_it_read(graphed):
+    """Replaced parameters (load_state_dict(assign=True), model.to() and back) free the storage a kept graph
+    read. The key holds only addresses, and a freed address can come back for a new tensor, while the graph
+    also read tensors cached from the old ones (the layers' decode A), freed since: such an entry is dropped."""
+    model = make("debug-mamba")
+    run(model, [[1, 2, 3]], 4, temperature=0)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert graph_cache.cached_graphs(model) == 0
+    run(model, [[1, 2, 3]], 4, temperature=0)
+    assert EagerStep.captures == 2 and graph_cache.cached_graphs(model) == 1

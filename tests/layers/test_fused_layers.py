@@ -152,3 +152,31 @@ def test_fused_inside_activation_checkpointing(cls, fixed):
         grads.append([xi.grad, *(p.grad for p in module.parameters())])
     for got, expected in zip(*grads):
         assert_close(got, expected, torch.float64, name="gradient under checkpoint")
+
+
+@pytest.mark.parametrize("cls, fixed", [(Mamba, {"d_state": 6}), (Mamba2, {"d_state": 8, "headdim": 8, "chunk_size": 8})])
+def test_fused_layer_under_torch_compile(cls, fixed):
+    """torch.compile of a fused layer: the eager layer's output and gradients, and the recomputing function
+    run as one graph break (Dynamo traced its stages' frames one by one: ten graphs and the recompile limit
+    for one layer, most of the compile time)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer, _ = _pair(cls, {}, torch.float32, **fixed)
+    compiled = torch.compile(layer, backend="eager")
+    for _ in range(2):
+        x = torch.randn(2, 12, D_MODEL, requires_grad=True)
+        x_eager = x.detach().requires_grad_()
+        out = compiled(x)
+        out.square().sum().backward()
+        got = [x.grad, *(p.grad.clone() for p in layer.parameters())]
+        layer.zero_grad()
+        out_eager = layer(x_eager)
+        out_eager.square().sum().backward()
+        assert_close(out, out_eager, torch.float32, name="output")
+        for g, e in zip(got, [x_eager.grad, *(p.grad for p in layer.parameters())]):
+            assert_close(g, e, torch.float32, name="gradient")
+        layer.zero_grad()
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    torch._dynamo.reset()

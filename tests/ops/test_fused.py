@@ -119,6 +119,8 @@ def test_split_conv1d_scan_checks_shapes():
         mamba_split_conv1d_scan_combined(zxbcdt[..., 1:], *args, torch.ones(h), 4, headdim=p)
     with pytest.raises(ValueError, match="ngroups"):
         mamba_split_conv1d_scan_combined(zxbcdt, *args, torch.ones(h), 4, headdim=p, ngroups=3)
+    with pytest.raises(ValueError, match="outproj_bias"):  # mamba_ssm asserts; it must not be dropped silently
+        mamba_split_conv1d_scan_combined(zxbcdt, *args, None, 4, headdim=p, outproj_bias=torch.ones(dim))
     out = mamba_split_conv1d_scan_combined(zxbcdt, *args, None, 4, headdim=p)
     assert out.shape == (1, 5, dim)
 
@@ -213,3 +215,101 @@ def test_a_retained_graph_backs_through_the_fused_function_again():
     value.backward()
     with pytest.raises(RuntimeError, match="second time"):
         value.backward()
+
+
+def _alive_intermediate_bytes(fn, keep) -> int:
+    """Bytes of the storages made by ops inside ``fn()`` that are still alive after it returns, other than
+    those of its outputs and of ``keep()`` (inputs, the hook's own copies)."""
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made: list[weakref.ref] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    made.append(weakref.ref(t))
+            return out
+
+    with Record():
+        result = fn()
+    gc.collect()
+    skip = {t.untyped_storage().data_ptr() for t in (*keep(), *result)}
+    alive = {}
+    for ref in made:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in skip:
+            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(alive.values())
+
+
+@pytest.mark.parametrize("fn", ["mamba_inner_fn", "mamba_split_conv1d_scan_combined"])
+def test_under_offloading_hooks_the_fused_functions_keep_no_activation_of_their_own(fn):
+    """Under saved-tensors hooks that take what they are given elsewhere (save_on_cpu, activation
+    checkpointing's placeholders), every intermediate must reach the hooks: none may stay alive in the
+    function's context (checkpointing or offloading would then save nothing on these layers)."""
+    torch.manual_seed(0)
+    d, n, r, l, h, p = 4, 3, 2, 9, 2, 2
+    if fn == "mamba_inner_fn":
+        leaves = [torch.randn(2, 2 * d, l), torch.randn(d, 1, 4), torch.randn(d), torch.randn(r + 2 * n, d),
+                  torch.randn(d, r), torch.randn(3, d), -torch.rand(d, n) - 0.2, torch.ones(d)]
+        leaves = [t.requires_grad_() for t in leaves]
+
+        def call():
+            return (mamba_inner_fn(*leaves[:6], None, leaves[6], D=leaves[7], backend="chunked"),)
+    else:
+        dim = h * p
+        leaves = [torch.randn(2, l, 2 * dim + 2 * n + h), torch.randn(dim + 2 * n, 4), torch.zeros(h),
+                  -torch.rand(h) - 0.2, torch.ones(h), torch.ones(dim), torch.randn(5, dim)]
+        leaves = [t.requires_grad_() for t in leaves]
+
+        def call():
+            return mamba_split_conv1d_scan_combined(
+                *leaves[:2], None, *leaves[2:5], 4, return_final_states=True, rmsnorm_weight=leaves[5],
+                outproj_weight=leaves[6], headdim=p, backend="chunked")
+
+    copies: list[torch.Tensor] = []
+
+    def offload(t):
+        copies.append(t.detach().clone())
+        return len(copies) - 1
+
+    with torch.autograd.graph.saved_tensors_hooks(offload, copies.__getitem__):
+        held = _alive_intermediate_bytes(call, lambda: [*leaves, *copies])
+    assert held == 0, f"{held} bytes of intermediates kept outside the saved-tensors hooks"
+
+
+def test_mamba_inner_fn_normalises_a_given_B_and_C_too():
+    """mamba_ssm applies b_rms_weight / c_rms_weight to B and C whether they come from x_proj or are given;
+    a given B or C with a norm weight must not be used un-normalised."""
+    torch.manual_seed(0)
+    b, d, l, n, r = 2, 4, 7, 3, 2
+    xz, conv_w, x_proj, dt_proj, out_w = (torch.randn(b, 2 * d, l), torch.randn(d, 1, 4) * 0.5,
+                                          torch.randn(r + 2 * n, d) * 0.4, torch.randn(d, r) * 0.4,
+                                          torch.randn(5, d) * 0.4)
+    A, B, C = -torch.rand(d, n) - 0.2, torch.randn(b, n, l), torch.randn(b, 1, n, l)
+    b_rms, c_rms = 1 + 0.3 * torch.randn(n), 1 + 0.3 * torch.randn(n)
+    leaves = [t.double().requires_grad_() for t in (xz, B, C, b_rms, c_rms)]
+    xz64, B64, C64, b64, c64 = leaves
+
+    def rms(t, w):  # over N (dim -2)
+        return t * torch.rsqrt(t.pow(2).mean(-2, keepdim=True) + 1e-5) * w[:, None]
+
+    x = _conv(xz64[:, :d], conv_w[:, 0].double(), None, True)
+    delta = (x.transpose(1, 2) @ x_proj.double()[:r].T) @ dt_proj.double().T
+    y = selective_scan_fn(x, delta.transpose(1, 2), A.double(), rms(B64, b64), rms(C64, c64), None,
+                          xz64[:, d:], None, True, backend="reference")
+    exp = y.transpose(1, 2) @ out_w.double().T
+    out = mamba_inner_fn(xz64, conv_w.double(), None, x_proj.double(), dt_proj.double(), out_w.double(), None,
+                         A.double(), B=B64, C=C64, b_rms_weight=b64, c_rms_weight=c64, b_c_dt_rms_eps=1e-5,
+                         backend="chunked")
+    torch.testing.assert_close(out, exp)
+    cot = torch.randn_like(exp)
+    got = torch.autograd.grad((out * cot).sum(), leaves)
+    want = torch.autograd.grad((exp * cot).sum(), leaves)
+    for name, g, w in zip(("xz", "B", "C", "b_rms_weight", "c_rms_weight"), got, want):
+        torch.testing.assert_close(g, w, msg=name)

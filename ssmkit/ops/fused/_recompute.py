@@ -15,9 +15,11 @@ after the forward that memory is resized to zero (the ops' saved tensors still p
 the backward it is resized back and filled from the recomputed prep outputs (same ops, same shapes, hence
 the same layout). Storage shared with an input (a prep output that is a view of an input) is never
 released. Under saved-tensors hooks other than a plain counting one (activation checkpointing, offloading)
-nothing is released: correct, without the saving. The function is first-order only (like the Triton
-backends' backward); a second backward through a retained graph
-recomputes both stages.
+the plain composition runs instead: every intermediate then goes through the hooks (the context of a
+recomputing function would keep the prep outputs and the inputs alive beside them, so checkpointing or
+offloading would save nothing on these layers). Under torch.compile the recomputing function runs as one
+graph break (:func:`_releasing`). The function is first-order only (like the Triton
+backends' backward); a second backward through a retained graph recomputes both stages.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ the forward is seen released): under such hooks, or none, the fused functions re
 def _may_release() -> bool:
     """Whether the tail's saved intermediates may be released now. Not under other saved-tensors hooks: they
     may keep a placeholder that is filled later by a recomputation of this forward (activation checkpointing
-    does), and that recomputation would release its own copies before the backward reads them. The fused
-    functions then keep their intermediates, as the plain composition does."""
+    does), and that recomputation would release its own copies before the backward reads them; or they move
+    what they are given elsewhere (offloading), which the recomputing function's context would defeat. The
+    plain composition runs then."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return top is None or getattr(top[0], KEEPS_SAVED_TENSORS, False)
 
@@ -96,7 +99,7 @@ class _Recomputed(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         ctx.autocast = _autocast_state()
         ctx.prep, ctx.tail, ctx.leaves, ctx.kept_leaves, ctx.outs = prep, tail, leaves, kept_leaves, outs
-        ctx.released = list(released.values()) if _may_release() else []
+        ctx.released = list(released.values())
         for _, storage, _ in ctx.released:
             storage.resize_(0)
         result = tuple(o.detach() for o in outs)
@@ -155,6 +158,22 @@ def recomputed(prep: Callable[..., object], tail: Callable[..., object],
     tensors = tuple(tensors)
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     if not needs_grad:
-        outs = _as_tuple(tail(_as_tuple(prep(*tensors)), *tensors))
-        return outs[0] if len(outs) == 1 else outs
+        return _composed(prep, tail, tensors)
+    return _releasing(prep, tail, tensors)
+
+
+def _composed(prep: Callable[..., object], tail: Callable[..., object],
+              tensors: tuple[torch.Tensor | None, ...]) -> torch.Tensor | Tensors:
+    outs = _as_tuple(tail(_as_tuple(prep(*tensors)), *tensors))
+    return outs[0] if len(outs) == 1 else outs
+
+
+@torch.compiler.disable
+def _releasing(prep: Callable[..., object], tail: Callable[..., object],
+               tensors: tuple[torch.Tensor | None, ...]) -> torch.Tensor | Tensors:
+    """The recomputing function, run as is under torch.compile: Dynamo cannot trace the storage release and
+    the saved-tensors-hook query, and tracing the stages' frames one by one recompiled them per call site
+    (dozens of graphs and the recompile limit for a few layers); one graph break per call instead."""
+    if not _may_release():
+        return _composed(prep, tail, tensors)
     return _Recomputed.apply(prep, tail, *tensors)

@@ -54,7 +54,8 @@ def mamba_inner_fn(
         xz: (b, 2d, l). conv1d_weight: (d, 1, w) (an nn.Conv1d's weight) or (d, w); conv1d_bias: (d,).
         x_proj_weight: (R + 2N, d); delta_proj_weight: (d, R); out_proj_weight: (out, d);
         out_proj_bias: (out,) or None. A: (d, N) real.
-        B, C: None (input-dependent, from x_proj) or a (b, N, l) / (b, g, N, l) tensor used as is.
+        B, C: None (input-dependent, from x_proj) or a (b, N, l) / (b, g, N, l) tensor (normalised over N
+            by b_rms_weight / c_rms_weight when given, as mamba_ssm does; the proj biases are x_proj's only).
         D, delta_bias: (d,). B_proj_bias, C_proj_bias: (N,). b_rms_weight, c_rms_weight: (N,);
         dt_rms_weight: (d,).
         checkpoint_lvl: 1 (default) keeps for the backward only xz, the scan's own state checkpoints
@@ -119,10 +120,10 @@ def mamba_inner_fn(
         delta = dt @ delta_proj_weight.transpose(0, 1).to(x_dbl.dtype)  # (b, l, d)
         if dt_rms is not None:
             delta = rms_norm_fn(delta, dt_rms, eps=eps, backend=backend)
-        if B is None:
-            B = _projected(x_dbl[..., rank : rank + n], B_proj_bias, b_rms, eps, backend)
-        if C is None:
-            C = _projected(x_dbl[..., x_dbl.shape[-1] - n :], C_proj_bias, c_rms, eps, backend)
+        B = _projected(x_dbl[..., rank : rank + n], B_proj_bias, b_rms, eps, backend) if B is None \
+            else _normed_over_n(B, b_rms, eps, backend)
+        C = _projected(x_dbl[..., x_dbl.shape[-1] - n :], C_proj_bias, c_rms, eps, backend) if C is None \
+            else _normed_over_n(C, c_rms, eps, backend)
         return x, delta.transpose(1, 2), B, C
 
     def scan(kept, *tensors):
@@ -157,3 +158,10 @@ def _projected(t: torch.Tensor, bias: torch.Tensor | None, rms_weight: torch.Ten
     if rms_weight is not None:
         t = rms_norm_fn(t, rms_weight, eps=eps, backend=backend)
     return t.transpose(1, 2)
+
+
+def _normed_over_n(t: torch.Tensor, rms_weight: torch.Tensor | None, eps: float, backend: str) -> torch.Tensor:
+    """A given B or C (b, N, l) / (b, g, N, l), RMS-normalised over N when ``rms_weight`` is given."""
+    if rms_weight is None:
+        return t
+    return rms_norm_fn(t.transpose(-1, -2), rms_weight, eps=eps, backend=backend).transpose(-1, -2)

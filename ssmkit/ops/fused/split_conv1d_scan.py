@@ -100,6 +100,8 @@ def mamba_split_conv1d_scan_combined(
     d_nonssm = extra // 2
     if conv1d_bias is not None:
         check_tensor("conv1d_bias", conv1d_bias, ("conv_dim",), dims)
+    if outproj_bias is not None and outproj_weight is None:
+        raise ValueError("outproj_bias was given without outproj_weight (there is no projection to add it to)")
     if rmsnorm_weight is not None:
         dims["dim"] = dim
         check_tensor("rmsnorm_weight", rmsnorm_weight, ("dim",), dims)
