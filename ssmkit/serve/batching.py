@@ -46,6 +46,7 @@ import torch
 
 from ssmkit.generation.sampling import (
     RowGenerators,
+    SamplingKinds,
     SamplingParams,
     make_generators,
     sample_next,
@@ -60,8 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ssmkit.serve")
 
-# Graphs captured when the engine starts: greedy rows, and sampled rows with no filter.
-CAPTURE_AT_START = (SamplingParams(temperature=0), SamplingParams(temperature=1.0))
+_GREEDY, _SAMPLED = SamplingParams(temperature=0), SamplingParams(temperature=1.0)
+# Graphs captured when the engine starts: batches of greedy rows, of sampled rows with no filter, and of both.
+CAPTURE_AT_START = (SamplingKinds.of([_GREEDY]), SamplingKinds.of([_SAMPLED]), SamplingKinds.of([_GREEDY, _SAMPLED]))
 
 
 class EngineBusy(RuntimeError):
@@ -173,9 +175,9 @@ class Engine:
     def in_flight(self) -> int:
         return self._count
 
-    def start(self, capture: Sequence[SamplingParams] = CAPTURE_AT_START) -> None:
-        """Start the engine thread; with CUDA graphs, first capture every bucket's graph for rows sampled as
-        each of ``capture`` (other combinations are captured at first use)."""
+    def start(self, capture: Sequence[SamplingKinds] = CAPTURE_AT_START) -> None:
+        """Start the engine thread; with CUDA graphs, first capture every bucket's graph for each of the
+        sampling ``capture`` kinds (other combinations are captured at first use)."""
         if self.alive:
             raise RuntimeError("the engine is already running")
         if self.cuda_graph and capture:

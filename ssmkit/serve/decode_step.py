@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ssmkit.generation.decode import DecodeState, GraphedStep, graph_blocker, step
-from ssmkit.generation.sampling import SamplingKinds, SamplingParams
+from ssmkit.generation.sampling import SamplingKinds
 from ssmkit.serve.slots import SlotCache
 
 if TYPE_CHECKING:
@@ -126,17 +126,17 @@ class BatchedDecoder:
         event.record()
         return LaunchedStep(n, host, event)
 
-    def capture(self, params: Iterable[SamplingParams]) -> int:
-        """Capture ahead the graphs of every bucket for rows sampled as each of ``params`` (one kind each);
-        needs at least one row in use (its state is a template, untouched). Returns the graphs captured."""
+    def capture(self, kinds: Iterable[SamplingKinds]) -> int:
+        """Capture ahead the graphs of every bucket for each of ``kinds``; needs at least one row in use (its
+        state is a template, untouched). Returns the graphs captured."""
         if not self.cuda_graph:
             return 0
         if self.slots.size == 0:
             raise RuntimeError("capture needs a row in use")
         before = self.captures
-        for kinds in {SamplingKinds.of([p]) for p in params}:
+        for kind in dict.fromkeys(kinds):
             for rows in self.sizes:
-                self._graph(rows, kinds)
+                self._graph(rows, kind)
         return self.captures - before
 
     def _step(self) -> int:
