@@ -46,10 +46,12 @@ import torch
 
 from ssmkit.generation.sampling import (
     RowGenerators,
+    RowSampling,
     SamplingKinds,
     SamplingParams,
     make_generators,
     sample_next,
+    sample_rows,
 )
 from ssmkit.models.cache import ModelCache
 from ssmkit.serve.decode_step import BatchedDecoder, LaunchedStep, use_cuda_graph
@@ -256,10 +258,8 @@ class Engine:
             cache = req.cache if req.cache is not None else plan.cache if plan is not None else None
             cache = self.model.allocate_cache(1) if cache is None else cache
             read = 0 if req.cache is not None or plan is None or plan.cache is None else plan.start
-            generator = None
-            if not req.params.greedy:
-                generator = RowGenerators(_to_device(make_generators(req.seed, 1, torch.device("cpu")).seeds,
-                                                     self.device))
+            # The stream's seed, checked here; it goes to the device with the first token's draw.
+            generator = None if req.params.greedy else make_generators(req.seed, 1, torch.device("cpu"))
             seen = None
             if req.params.repetition_penalty != 1.0:
                 seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
@@ -315,12 +315,17 @@ class Engine:
     def _prefill_together(self, runs: list[_Running]) -> list[tuple[_Running, torch.Tensor]]:
         """Read the whole prompts of ``runs`` (fresh states) in one left-padded batch; their last logits."""
         try:
+            # Made on the host and copied at once; prompts of one length need no seq_idx (as in generate).
             length = max(len(r.ids) for r in runs)
-            ids = runs[0].ids.new_zeros(len(runs), length)
-            seq_idx = torch.zeros(len(runs), length, dtype=torch.int32, device=self.device)
+            ids = torch.zeros(len(runs), length, dtype=torch.long)
+            seq_idx = None if all(len(r.ids) == length for r in runs) else torch.zeros(len(runs), length,
+                                                                                        dtype=torch.int32)
             for i, r in enumerate(runs):
-                ids[i, length - len(r.ids):] = r.ids
-                seq_idx[i, length - len(r.ids):] = 1
+                ids[i, length - len(r.ids):] = torch.as_tensor(list(r.request.ids))
+                if seq_idx is not None:
+                    seq_idx[i, length - len(r.ids):] = 1
+            ids = _to_device(ids, self.device)
+            seq_idx = None if seq_idx is None else _to_device(seq_idx, self.device)
             cache = self.model.allocate_cache(len(runs))
             logits = self.model(ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1).logits[:, -1]
         except Exception as e:
@@ -343,20 +348,18 @@ class Engine:
         is only copied into its row from here on, so the prefix cache takes it as it is (no copy); other
         caches go on changing (or go to a session) and are copied.
         """
-        drawn: list[tuple[_Running, torch.Tensor, torch.Tensor | None]] = []
-        for run, logits in done:
-            try:
-                token = None if run.request.max_new_tokens == 0 else self._draw(run, logits)
-                drawn.append((run, logits, token))
-            except Exception as e:
-                log.exception("sampling failed")
+        sampled = [(run, logits) for run, logits in done if run.request.max_new_tokens > 0]
+        try:
+            tokens = iter(self._draw_first(sampled))
+        except Exception as e:
+            log.exception("sampling failed")
+            for run, _ in sampled:
                 self._finish(run, f"error: {e}", None)
-        tokens = [t for _, _, t in drawn if t is not None]
-        values = iter(torch.cat(tokens).tolist() if tokens else [])
-        for run, logits, token in drawn:
+            done = [(run, logits) for run, logits in done if not run.ended]
+        for run, logits in done:
             plan = run.request.prefix
             try:
-                reason = "length" if token is None else self._record(run, next(values))
+                reason = "length" if run.request.max_new_tokens == 0 else self._record(run, next(tokens))
             except Exception as e:  # e.g. a failing on_token callback: only this request ends
                 log.exception("sampling failed")
                 reason = f"error: {e}"
@@ -447,6 +450,30 @@ class Engine:
             else:
                 self._leave(run, live, reason)
         return still
+
+    def _draw_first(self, sampled: list[tuple[_Running, torch.Tensor]]) -> list[int]:
+        """The first token of each request from its last prompt logits (1, V): drawn as ``generate`` draws
+        it, every row with its own settings and stream (row-wise: as it would alone), all in one batch and
+        one device read; each stream is then a view of the batch's (counters advanced)."""
+        if not sampled:
+            return []
+        runs = [run for run, _ in sampled]
+        logits = torch.cat([logits for _, logits in sampled])
+        logits[:, self.model.config.vocab_size:] = -torch.inf
+        rows = RowSampling.of([run.request.params for run in runs], self.device)
+        seeds = torch.cat([torch.zeros(1, dtype=torch.long) if run.generator is None else run.generator.seeds
+                           for run in runs])
+        generators = RowGenerators(_to_device(seeds, self.device)) if rows.kinds.sample else None
+        seen = None
+        if rows.kinds.penalty:
+            none = torch.zeros(1, logits.shape[1], dtype=torch.bool, device=self.device)
+            seen = torch.cat([none if run.seen is None else run.seen for run in runs])
+        tokens = sample_rows(logits, rows, seen=seen, generators=generators).tolist()
+        for i, run in enumerate(runs):
+            if run.generator is not None:
+                assert generators is not None
+                run.generator = RowGenerators(generators.seeds[i:i + 1], generators.draws[i:i + 1])
+        return tokens
 
     def _draw(self, run: _Running, logits: torch.Tensor) -> torch.Tensor:
         """(1,) next token from (1, V) logits, picked as ``generate`` picks it (padded vocabulary excluded)."""
