@@ -255,8 +255,8 @@ class Engine:
         try:
             ids = _to_device(torch.tensor(list(req.ids), dtype=torch.long), self.device)
             plan = req.prefix
+            # None: the zero state, allocated when read in chunks (a prompt read with others gets a row of theirs).
             cache = req.cache if req.cache is not None else plan.cache if plan is not None else None
-            cache = self.model.allocate_cache(1) if cache is None else cache
             read = 0 if req.cache is not None or plan is None or plan.cache is None else plan.start
             # The stream's seed, checked here; it goes to the device with the first token's draw.
             generator = None if req.params.greedy else make_generators(req.seed, 1, torch.device("cpu"))
@@ -265,7 +265,8 @@ class Engine:
                 seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
                 seen[0, ids] = True
             # ``start_offset``: positions the cache held before ``ids`` (a session's), none for a snapshot.
-            return _Running(req, ids, cache, generator, seen, start_offset=cache.seqlen_offset - read, read=read)
+            offset = 0 if cache is None else cache.seqlen_offset - read
+            return _Running(req, ids, cache, generator, seen, start_offset=offset, read=read)
         except Exception as e:  # a bad request must not stop the engine
             log.exception("could not start a request")
             self._finish_request(req, f"error: {e}", None)
@@ -293,6 +294,8 @@ class Engine:
         for run, end in turn.chunks:
             try:
                 plan = run.request.prefix
+                if run.cache is None:
+                    run.cache = self.model.allocate_cache(1)
                 out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
                 run.read = end
                 if plan is not None and end < len(run.ids):
