@@ -12,7 +12,7 @@ interleaved rounds (order alternating), medians and the on/off ratio (the cache 
 than 5%). Random weights: speed does not depend on them (every request runs to its max tokens: no eos).
 
 Each concurrency level first runs once untimed (the engine captured its graphs at start; this compiles
-the kernels for that level's prefill shapes), and "graphs captured while timed" must read 0: a variant
+the kernels for the prefill shapes of its arrivals), and "graphs captured while timed" must read 0: a variant
 timed first must not pay for first uses the others then skip. ``--serial`` adds a third variant, the
 cache off and the engine's overlap off (each step's tokens read before the next step is launched).
 
@@ -141,7 +141,8 @@ def main() -> None:
     try:
         for c in args.concurrency:
             n = args.requests or max(8, 2 * c)
-            run_level(engine, None, c, c, args.prompt_tokens, 4, seed=10**6 + c)  # warm-up at this level
+            # Warm-up: this level's workload once, untimed (the prefill shapes its arrivals make).
+            run_level(engine, None, c, n, args.prompt_tokens, args.max_new_tokens, seed=10**6 + c)
             runs: dict[str, list[dict]] = {s: [] for s in servers}
             for r in range(args.rounds):
                 for s in servers[:: 1 if r % 2 == 0 else -1]:
