@@ -57,6 +57,7 @@ from ssmkit.models.cache import ModelCache
 from ssmkit.serve.decode_step import BatchedDecoder, LaunchedStep, use_cuda_graph
 from ssmkit.serve.prefill import Reading, schedule_prefill
 from ssmkit.serve.prefix_cache import PrefixPlan
+from ssmkit.serve.slots import host_to_device
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
@@ -235,13 +236,14 @@ class Engine:
                     decoding = self._decode_turn(decoding)
                     reading.extend(r for r in (self._admit(req) for req in new) if r is not None)
                     reading = self._prefill_turn(reading, waiting)
-                    while waiting and len(decoding) < self.max_batch:
-                        run = waiting.popleft()
-                        if self.batched:
-                            run.row = self.decoder.slots.add(run.cache, run.token, run.request.params,
-                                                             run.generator, run.seen)
+                    joining = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch - len(decoding)))]
+                    if self.batched:
+                        rows = self.decoder.slots.add_many([(run.cache, run.token, run.request.params, run.generator,
+                                                             run.seen) for run in joining])
+                        for run, row in zip(joining, rows):
+                            run.row = row
                             run.cache = run.generator = run.seen = None
-                        decoding.append(run)
+                    decoding.extend(joining)
             except Exception as e:  # a bug here must not leave requests hanging or stop the engine
                 log.exception("engine turn failed")
                 for run in [*reading, *waiting, *decoding]:
@@ -253,7 +255,7 @@ class Engine:
 
     def _admit(self, req: GenerationRequest) -> _Running | None:
         try:
-            ids = _to_device(torch.tensor(list(req.ids), dtype=torch.long), self.device)
+            ids = host_to_device(torch.tensor(list(req.ids), dtype=torch.long), self.device)
             plan = req.prefix
             # None: the zero state, allocated when read in chunks (a prompt read with others gets a row of theirs).
             cache = req.cache if req.cache is not None else plan.cache if plan is not None else None
@@ -327,8 +329,8 @@ class Engine:
                 ids[i, length - len(r.ids):] = torch.as_tensor(list(r.request.ids))
                 if seq_idx is not None:
                     seq_idx[i, length - len(r.ids):] = 1
-            ids = _to_device(ids, self.device)
-            seq_idx = None if seq_idx is None else _to_device(seq_idx, self.device)
+            ids = host_to_device(ids, self.device)
+            seq_idx = None if seq_idx is None else host_to_device(seq_idx, self.device)
             cache = self.model.allocate_cache(len(runs))
             logits = self.model(ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1).logits[:, -1]
         except Exception as e:
@@ -413,6 +415,7 @@ class Engine:
         """Read a launched step's tokens (the one device read of a step) and record them; requests that end
         leave the batch. ``group``: every request with a row; returns those still decoding."""
         runs, step = launched
+        ending: list[tuple[_Running, str]] = []
         for run, token in zip(runs, step.tokens()):
             run.queued -= 1
             if run.ended:  # ended at the step before (or cancelled): this token is dropped
@@ -423,7 +426,9 @@ class Engine:
                 log.exception("sampling failed")
                 reason = f"error: {e}"
             if reason is not None:
-                self._leave(run, group, reason)
+                ending.append((run, reason))
+        if ending:
+            self._leave_many(ending, group)
         return [r for r in group if not r.ended]
 
     def _decode_each(self, live: list[_Running]) -> list[_Running]:
@@ -466,7 +471,7 @@ class Engine:
         rows = RowSampling.of([run.request.params for run in runs], self.device)
         seeds = torch.cat([torch.zeros(1, dtype=torch.long) if run.generator is None else run.generator.seeds
                            for run in runs])
-        generators = RowGenerators(_to_device(seeds, self.device)) if rows.kinds.sample else None
+        generators = RowGenerators(host_to_device(seeds, self.device)) if rows.kinds.sample else None
         seen = None
         if rows.kinds.penalty:
             none = torch.zeros(1, logits.shape[1], dtype=torch.bool, device=self.device)
@@ -517,6 +522,19 @@ class Engine:
         run.row = -1
         self._finish(run, reason, cache)
 
+    def _leave_many(self, ending: list[tuple[_Running, str]], group: list[_Running]) -> None:
+        """:meth:`_leave` for several requests of one step at once (their rows freed together)."""
+        keep = [run.request.keep_state and reason in ("stop", "length") for run, reason in ending]
+        caches, moved = self.decoder.slots.remove_many([run.row for run, _ in ending], keep)
+        by_row = {r.row: r for r in group if r.row in moved and not r.ended}
+        for old, new in moved.items():
+            by_row[old].row = new
+        for (run, reason), cache in zip(ending, caches):
+            if cache is not None:
+                cache.seqlen_offset = run.start_offset + len(run.ids) + run.produced - 1
+            run.row = -1
+            self._finish(run, reason, cache)
+
     def _finish(self, run: _Running, reason: str, cache: ModelCache | None) -> None:
         run.ended = True
         ok = run.request.keep_state and reason in ("stop", "length")
@@ -531,11 +549,3 @@ class Engine:
             req.on_done(reason, cache)
         except Exception:
             log.exception("on_done callback failed")
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to a GPU through pinned memory without waiting for the device (a plain
-    copy would wait for the decode step in flight)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
