@@ -403,11 +403,14 @@ class Engine:
                     pending, self._inflight = self._inflight, None
             if pending is not None:
                 live = self._read_step(pending, live)
-        except Exception as e:
+        except Exception as e:  # the rows' state is unknown: every decoding request ends, the slots start anew
             log.exception("decode step failed")
             self._inflight = None
-            for run in list(live):
-                self._leave(run, live, f"error: {e}")
+            for run in decoding:
+                if not run.ended:
+                    run.row = -1
+                    self._finish(run, f"error: {e}", None)
+            self.decoder = self._new_decoder()
             return []
         return live
 

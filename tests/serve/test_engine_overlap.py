@@ -128,3 +128,33 @@ def test_the_prefix_cache_adds_no_state_copy_and_no_device_read_without_shared_p
     logits_bytes = model.config.padded_vocab_size * 4
     assert on["copies"] - off["copies"] == len(prompts)
     assert on["copies_bytes"] - off["copies_bytes"] == len(prompts) * logits_bytes
+
+
+def test_a_failing_step_ends_the_decoding_requests_once_and_the_engine_goes_on(model):
+    engine = Engine(model, max_batch=4, prefill_chunk_size=64)
+    launch = engine.decoder.launch
+    calls = [0]
+
+    def failing():
+        calls[0] += 1
+        if calls[0] == 3:  # after two steps, with one in flight
+            raise RuntimeError("device lost")
+        return launch()
+
+    engine.decoder.launch = failing
+    engine.start()
+    done: dict[int, list[str]] = {0: [], 1: []}
+    events = [threading.Event(), threading.Event()]
+    try:
+        with engine._cond:  # both in the first turn
+            for i in range(2):
+                engine.submit(GenerationRequest(
+                    ids=[257, 5 + i], max_new_tokens=20, params=SamplingParams(temperature=0), seed=i,
+                    on_token=lambda t: False,
+                    on_done=lambda reason, cache, i=i: (done[i].append(reason), events[i].set())))
+        assert all(e.wait(60) for e in events)
+        assert [len(v) for v in done.values()] == [1, 1] and all("device lost" in v[0] for v in done.values())
+        assert run_batch(engine, [[257, 9, 9]], 5, None)[0] == generate(model, [[257, 9, 9]], 5, temperature=1.0, seed=0)[0]
+    finally:
+        engine.stop()
+    assert engine.in_flight == 0
