@@ -137,6 +137,7 @@ def main() -> None:
     engine.start()
     print(f"engine start: {time.perf_counter() - start:.2f} s, {engine.decoder.captures} graphs captured", flush=True)
     servers = (["off"] if args.no_ab else ["on", "off"]) + (["serial"] if args.serial else [])
+    overlap = engine.overlap  # the engine's default: on a GPU
     rows = []
     try:
         for c in args.concurrency:
@@ -147,12 +148,12 @@ def main() -> None:
             for r in range(args.rounds):
                 for s in servers[:: 1 if r % 2 == 0 else -1]:
                     prefix = PrefixCache(model, memory_budget=int(args.prefix_cache_mb * MIB)) if s == "on" else None
-                    engine.overlap = s != "serial"
+                    engine.overlap = overlap and s != "serial"
                     load_avg, captures = os.getloadavg()[0], engine.decoder.captures
                     runs[s].append({**run_level(engine, prefix, c, n, args.prompt_tokens, args.max_new_tokens,
                                                 seed=1000 * r + c), "load": load_avg,
                                     "captures": engine.decoder.captures - captures})
-                    engine.overlap = True
+                    engine.overlap = overlap
                 print(f"  {c} clients, round {r + 1}: " + ", ".join(
                     f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s (load {runs[s][-1]['load']:.1f})" for s in servers),
                     flush=True)

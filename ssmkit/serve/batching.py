@@ -14,13 +14,13 @@ Each turn of the engine loop
 A request that finishes leaves the batch at once (its row is refilled by the last row) and a new one
 joins at the next turn, so the batch follows the load: throughput grows with concurrency.
 
-**Overlap.** A turn *launches* its decode step first and only then reads the tokens of the previous turn's
-step (calls back, lets finished requests leave), admits and prefills: on a GPU the host's work of a turn
-runs while the device computes the step, and the host waits on the device once per step (for a step
-already done). A request that ends at step k has had step k+1 computed for its row too; that token is
-dropped, and the row is freed or refilled behind it in the stream. A batch with a request that keeps its
-state (a session) is stepped without overlap: its state must end right after its last token was read.
-Each turn reads the first tokens of the prompts it finished in one device read as well.
+**Overlap** (on a GPU). A turn *launches* its decode step first and only then reads the tokens of the
+previous turn's step (calls back, lets finished requests leave), admits and prefills: the host's work of
+a turn runs while the device computes the step, and the host waits on the device once per step (for a
+step already done). A request that ends at step k has had step k+1 computed for its row too; that token
+is dropped, and the row is freed or refilled behind it in the stream. A batch with a request that keeps
+its state (a session) is stepped without overlap: its state must end right after its last token was
+read. Each turn reads the first tokens of the prompts it finished in one device read as well.
 
 Why a request decodes the same tokens in a batch as :func:`ssmkit.generation.generate` alone: sampling
 is done per row with the request's own random stream, seeded as ``generate`` seeds row 0, by the same
@@ -139,11 +139,13 @@ class Engine:
 
     def __init__(self, model: LanguageModel, *, max_batch: int = 64, max_requests: int = 256,
                  prefill_chunk_size: int = 2048, prefill_budget: int | None = None,
-                 cuda_graph: bool | None = None, overlap: bool = True) -> None:
+                 cuda_graph: bool | None = None, overlap: bool | None = None) -> None:
         """``prefill_budget``: prompt tokens read per turn (default twice ``prefill_chunk_size``: the oldest
         prompt's chunk and as much for the others); ``cuda_graph``: replay the decode step from CUDA graphs
         (None: on when the model is on CUDA and its step can be captured; True: required); ``overlap``:
-        launch each decode step before reading the previous one's tokens (see the module docstring)."""
+        launch each decode step before reading the previous one's tokens (see the module docstring; None:
+        on a GPU, where the host works meanwhile; on a CPU the step is computed at launch, so it would only
+        add a step per request)."""
         prefill_budget = 2 * prefill_chunk_size if prefill_budget is None else prefill_budget
         if max_batch < 1 or max_requests < 1 or prefill_chunk_size < 1 or prefill_budget < 1:
             raise ValueError("max_batch, max_requests, prefill_chunk_size and prefill_budget must be positive")
@@ -156,7 +158,7 @@ class Engine:
         # A fixed-size cache (SSM and sliding-window layers) can be batched row by row.
         self.batched = model.cache_nbytes(1) == model.cache_nbytes(1 << 20)
         self.cuda_graph = self.batched and use_cuda_graph(model, cuda_graph)
-        self.overlap = overlap and self.batched
+        self.overlap = self.batched and (self.device.type == "cuda" if overlap is None else overlap)
         self.decoder = self._new_decoder()
         self._inflight: tuple[list[_Running], LaunchedStep] | None = None
         self._cond = threading.Condition()

@@ -69,7 +69,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], n_new: int, prefix: Pref
 
 
 def test_one_device_read_per_step_and_per_prefill_turn(model, monkeypatch):
-    engine = Engine(model, max_batch=8, prefill_chunk_size=64, prefill_budget=1024)  # all read in one turn
+    # All read in one turn; overlapped as on a GPU (on a CPU the step is computed at launch).
+    engine = Engine(model, max_batch=8, prefill_chunk_size=64, prefill_budget=1024, overlap=True)
     engine.start()
     try:
         counts = EngineThreadCounts(monkeypatch).counts
@@ -108,7 +109,7 @@ def test_the_prefix_cache_adds_no_state_copy_and_no_device_read_without_shared_p
     """Prompts that share no block: with the cache on, the engine makes the same device reads and copies the
     same states as with it off; only each prompt's last logits (1, V) are copied for its snapshot."""
     prompts = [[257, 30 + i, *range(40 + i, 110 + i)] for i in range(5)]  # > 1 block each, none shared
-    engine = Engine(model, max_batch=8, prefill_chunk_size=128, prefill_budget=1024)
+    engine = Engine(model, max_batch=8, prefill_chunk_size=128, prefill_budget=1024, overlap=True)
     engine.start()
     try:
         counted = {}
@@ -131,7 +132,7 @@ def test_the_prefix_cache_adds_no_state_copy_and_no_device_read_without_shared_p
 
 
 def test_a_failing_step_ends_the_decoding_requests_once_and_the_engine_goes_on(model):
-    engine = Engine(model, max_batch=4, prefill_chunk_size=64)
+    engine = Engine(model, max_batch=4, prefill_chunk_size=64, overlap=True)
     launch = engine.decoder.launch
     calls = [0]
 
