@@ -171,7 +171,7 @@ def report(rows: list, engine: Engine, args: argparse.Namespace) -> None:
     main_key = "off" if args.no_ab else "on"
     print(f"\n## Engine throughput, medians of {args.rounds} rounds (prefix cache {main_key})\n")
     serial = "| tokens/s, overlap off (cache off) " if args.serial else ""
-    print("| clients | requests | tokens/s | requests/s | first token p50 | p99 | between tokens p50 | "
+    print("| clients | requests | tokens/s | requests/s | first token p50 | p99 | between tokens p50 (streaming tokens/s) | "
           f"rows per step | padding rows per step | tokens/s, cache off | first token p50, cache off {serial}| "
           "cache on / off (medians) | per round | graphs captured while timed |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.serial else "") + "---:|---|---:|")
@@ -181,7 +181,8 @@ def report(rows: list, engine: Engine, args: argparse.Namespace) -> None:
         extra = f"{med['serial']['tokens_per_s']:,.0f} | " if args.serial else ""
         captured = sum(v["captures"] for v in med.values())
         print(f"| {c} | {n} | {m['tokens_per_s']:,.0f} | {m['requests_per_s']:.1f} | {m['ttft_p50_s'] * 1e3:.1f} ms | "
-              f"{m['ttft_p99_s'] * 1e3:.1f} ms | {m['gap_p50_s'] * 1e3:.2f} ms | {m['rows_per_step']:.1f} | "
+              f"{m['ttft_p99_s'] * 1e3:.1f} ms | {m['gap_p50_s'] * 1e3:.2f} ms ({1 / max(m['gap_p50_s'], 1e-9):,.0f}) | "
+              f"{m['rows_per_step']:.1f} | "
               f"{m['padded_per_step']:.1f} | {off['tokens_per_s']:,.0f} | {off['ttft_p50_s'] * 1e3:.1f} ms | {extra}"
               f"{ratio} | {', '.join(f'{x:.3f}' for x in ratios)} | {captured:.0f} |")
     print(f"\nCUDA graphs captured: {engine.decoder.captures}; load average at the end {os.getloadavg()[0]:.1f}")
