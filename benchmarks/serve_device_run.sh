@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi -L
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 git log --oneline -1 2>/dev/null
-timeout 70 python -m pytest -v -m gpu tests/gpu/test_serve_engine.py 2>&1 | tail -22
+timeout 70 python -m pytest -v --tb=short -m gpu tests/gpu/test_serve_engine.py 2>&1 | tail -60
 timeout 110 python benchmarks/serve_engine.py --preset mamba2-130m --device cuda --concurrency 1 64 256 \
     --max-new-tokens 128 --rounds 1 --serial
 timeout 60 python benchmarks/serve.py --device cuda --concurrency 1 --requests 2 --rounds 1 --sessions 0 \
