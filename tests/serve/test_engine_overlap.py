@@ -11,6 +11,7 @@ import torch
 
 from ssmkit.generation import generate
 from ssmkit.generation.sampling import SamplingParams
+from ssmkit.models import LanguageModel
 from ssmkit.models.cache import ModelCache
 from ssmkit.serve.batching import Engine, GenerationRequest
 from ssmkit.serve.decode_step import LaunchedStep
@@ -38,6 +39,7 @@ class EngineThreadCounts:
         self._wrap(monkeypatch, torch.Tensor, "copy_", "copies", nbytes=True)
         self._wrap(monkeypatch, ModelCache, "clone", "state_clones")
         self._wrap(monkeypatch, LaunchedStep, "tokens", "step_reads")
+        self._wrap(monkeypatch, LanguageModel, "forward", "forwards")
 
     def _wrap(self, monkeypatch, owner, name: str, key: str, nbytes: bool = False) -> None:
         original = getattr(owner, name)
@@ -105,17 +107,21 @@ def _forward_reads(model, monkeypatch) -> int:
     return seen["reads"]
 
 
-def test_the_prefix_cache_adds_no_state_copy_and_no_device_read_without_shared_prefixes(model, monkeypatch):
-    """Prompts that share no block: with the cache on, the engine makes the same device reads and copies the
-    same states as with it off; only each prompt's last logits (1, V) are copied for its snapshot."""
-    prompts = [[257, 30 + i, *range(40 + i, 110 + i)] for i in range(5)]  # > 1 block each, none shared
-    engine = Engine(model, max_batch=8, prefill_chunk_size=128, prefill_budget=1024, overlap=True)
+@pytest.mark.parametrize("length", [72, 700])
+def test_the_prefix_cache_adds_no_forward_state_copy_or_device_read_without_shared_prefixes(model, monkeypatch,
+                                                                                             length):
+    """Prompts that share no block, shorter than a prefill chunk (700: past the interval that was the
+    default, 512): with the cache on (default interval), the engine runs the same forwards, makes the same
+    device reads and copies the same states as with it off; only each prompt's last logits (1, V) are
+    copied for its snapshot."""
+    prompts = [[257, 30 + i, *[(40 + i + k) % 250 for k in range(length - 2)]] for i in range(5)]
+    engine = Engine(model, max_batch=8, prefill_budget=8192, overlap=True)  # the default prefill chunk
     engine.start()
     try:
         counted = {}
         for mode in ("off", "on"):
             counts = EngineThreadCounts(monkeypatch).counts
-            prefix = PrefixCache(model, memory_budget=1 << 30, interval=512) if mode == "on" else None
+            prefix = PrefixCache(model, memory_budget=1 << 30) if mode == "on" else None
             results = run_batch(engine, prompts, 6, prefix)
             counted[mode] = (dict(counts), results, prefix)
             monkeypatch.undo()
@@ -124,6 +130,7 @@ def test_the_prefix_cache_adds_no_state_copy_and_no_device_read_without_shared_p
     (off, off_tokens, _), (on, on_tokens, prefix) = counted["off"], counted["on"]
     assert on_tokens == off_tokens
     assert prefix.stats()["snapshots"] == len(prompts) and prefix.stats()["hits"] == 0
+    assert on["forwards"] == off["forwards"] == 1  # all five prompts read together
     assert on["reads"] == off["reads"] and on["step_reads"] == off["step_reads"]
     assert on.get("state_clones", 0) == off.get("state_clones", 0) == 0
     logits_bytes = model.config.padded_vocab_size * 4
