@@ -45,19 +45,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssmkit.generation.sampling import (
-    RowGenerators,
-    RowSampling,
     SamplingKinds,
     SamplingParams,
-    make_generators,
     sample_next,
-    sample_rows,
 )
 from ssmkit.models.cache import ModelCache
 from ssmkit.serve.decode_step import BatchedDecoder, LaunchedStep, use_cuda_graph
-from ssmkit.serve.prefill import Reading, schedule_prefill
+from ssmkit.serve.engine_prompts import PromptReading, Running
 from ssmkit.serve.prefix_cache import PrefixPlan
-from ssmkit.serve.slots import host_to_device
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
@@ -108,25 +103,7 @@ class GenerationRequest:
         self.cancelled.set()
 
 
-@dataclasses.dataclass(eq=False)
-class _Running:
-    """The engine's bookkeeping for one request."""
-
-    request: GenerationRequest
-    ids: torch.Tensor
-    cache: ModelCache | None
-    generator: RowGenerators | None
-    seen: torch.Tensor | None
-    start_offset: int = 0
-    read: int = 0
-    produced: int = 0
-    token: int = -1
-    row: int = -1
-    queued: int = 0  # decode steps launched for this row whose tokens were not read yet
-    ended: bool = False
-
-
-class Engine:
+class Engine(PromptReading):
     """The thread that runs the model for every request (see the module docstring).
 
     Example::
@@ -160,7 +137,7 @@ class Engine:
         self.cuda_graph = self.batched and use_cuda_graph(model, cuda_graph)
         self.overlap = self.batched and (self.device.type == "cuda" if overlap is None else overlap)
         self.decoder = self._new_decoder()
-        self._inflight: tuple[list[_Running], LaunchedStep] | None = None
+        self._inflight: tuple[list[Running], LaunchedStep] | None = None
         self._cond = threading.Condition()
         self._inbox: deque[GenerationRequest] = deque()
         self._count = 0
@@ -216,9 +193,9 @@ class Engine:
             self._cond.notify()
 
     def _run(self) -> None:
-        reading: list[_Running] = []
-        waiting: deque[_Running] = deque()
-        decoding: list[_Running] = []
+        reading: list[Running] = []
+        waiting: deque[Running] = deque()
+        decoding: list[Running] = []
         while True:
             with self._cond:
                 while not (self._inbox or reading or waiting or decoding or self._stopping):
@@ -255,130 +232,7 @@ class Engine:
                 self.decoder = self._new_decoder()
                 self._inflight = None
 
-    def _admit(self, req: GenerationRequest) -> _Running | None:
-        try:
-            ids = host_to_device(torch.tensor(list(req.ids), dtype=torch.long), self.device)
-            plan = req.prefix
-            # None: the zero state, allocated when read in chunks (a prompt read with others gets a row of theirs).
-            cache = req.cache if req.cache is not None else plan.cache if plan is not None else None
-            read = 0 if req.cache is not None or plan is None or plan.cache is None else plan.start
-            # The stream's seed, checked here; it goes to the device with the first token's draw.
-            generator = None if req.params.greedy else make_generators(req.seed, 1, torch.device("cpu"))
-            seen = None
-            if req.params.repetition_penalty != 1.0:
-                seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
-                seen[0, ids] = True
-            # ``start_offset``: positions the cache held before ``ids`` (a session's), none for a snapshot.
-            offset = 0 if cache is None else cache.seqlen_offset - read
-            return _Running(req, ids, cache, generator, seen, start_offset=offset, read=read)
-        except Exception as e:  # a bad request must not stop the engine
-            log.exception("could not start a request")
-            self._finish_request(req, f"error: {e}", None)
-            return None
-
-    def _prefill_turn(self, reading: list[_Running], waiting: deque[_Running]) -> list[_Running]:
-        """Read this turn's share of the prompts (:func:`schedule_prefill`); those done sample their first
-        token (one device read for all of them) and wait for a row.
-
-        Fresh prompts read together are left-padded as ``generate`` pads a batch (the padding is its own
-        document, so each row computes what it computes alone); the others are read one chunk each.
-        """
-        live = []
-        for run in reading:
-            if run.request.cancelled.is_set():
-                self._finish(run, "cancelled", None)
-            else:
-                live.append(run)
-        turn = schedule_prefill([self._reading(run) for run in live], self.prefill_budget, self.prefill_chunk_size,
-                                self.max_batch if self.batched else 1)
-        # The whole prompt was read before: its logits were kept.
-        done: list[tuple[_Running, torch.Tensor]] = [(run, run.request.prefix.logits) for run in turn.ready]
-        if turn.together:
-            done += self._prefill_together(turn.together)
-        for run, end in turn.chunks:
-            try:
-                plan = run.request.prefix
-                if run.cache is None:
-                    run.cache = self.model.allocate_cache(1)
-                out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
-                run.read = end
-                if plan is not None and end < len(run.ids):
-                    plan.snapshot(end, run.cache)
-                if run.read == len(run.ids):
-                    done.append((run, out.logits[:, -1]))
-            except Exception as e:
-                log.exception("prefill failed")
-                self._finish(run, f"error: {e}", None)
-        self._after_prompts(done, waiting)
-        return [r for r in live if not r.ended and r.read < len(r.ids)]
-
-    def _reading(self, run: _Running) -> Reading[_Running]:
-        plan = run.request.prefix
-        # Chunks end at snapshot points, hit or not, so both read alike.
-        stop = len(run.ids) if plan is None else min(len(run.ids), plan.next_stop(run.read))
-        fresh = run.read == 0 and run.request.cache is None and (plan is None or not plan.points)
-        return Reading(run, run.read, len(run.ids), stop, fresh)
-
-    def _prefill_together(self, runs: list[_Running]) -> list[tuple[_Running, torch.Tensor]]:
-        """Read the whole prompts of ``runs`` (fresh states) in one left-padded batch; their last logits."""
-        try:
-            # Made on the host and copied at once; prompts of one length need no seq_idx (as in generate).
-            length = max(len(r.ids) for r in runs)
-            ids = torch.zeros(len(runs), length, dtype=torch.long)
-            seq_idx = None if all(len(r.ids) == length for r in runs) else torch.zeros(len(runs), length,
-                                                                                        dtype=torch.int32)
-            for i, r in enumerate(runs):
-                ids[i, length - len(r.ids):] = torch.as_tensor(list(r.request.ids))
-                if seq_idx is not None:
-                    seq_idx[i, length - len(r.ids):] = 1
-            ids = host_to_device(ids, self.device)
-            seq_idx = None if seq_idx is None else host_to_device(seq_idx, self.device)
-            cache = self.model.allocate_cache(len(runs))
-            logits = self.model(ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1).logits[:, -1]
-        except Exception as e:
-            log.exception("prefill failed")
-            for run in runs:
-                self._finish(run, f"error: {e}", None)
-            return []
-        for i, run in enumerate(runs):
-            run.read = len(run.ids)
-            run.cache = ModelCache([type(s)(**{n: t[i:i + 1].clone() for n, t in s.tensors().items()})
-                                    for s in cache.states], len(run.ids))
-        return [(run, logits[i:i + 1]) for i, run in enumerate(runs)]
-
-    def _after_prompts(self, done: list[tuple[_Running, torch.Tensor]], waiting: deque[_Running]) -> None:
-        """The prompts of ``done`` are read (with their last logits, (1, V)): each finishes (nothing to
-        generate, or the first token ends it) or waits for a row.
-
-        The first tokens are drawn each as ``generate`` draws it, then read in one device read. A token is
-        sent before the prompt-end snapshot is taken: a snapshot never delays it. A batched request's cache
-        is only copied into its row from here on, so the prefix cache takes it as it is (no copy); other
-        caches go on changing (or go to a session) and are copied.
-        """
-        sampled = [(run, logits) for run, logits in done if run.request.max_new_tokens > 0]
-        try:
-            tokens = iter(self._draw_first(sampled))
-        except Exception as e:
-            log.exception("sampling failed")
-            for run, _ in sampled:
-                self._finish(run, f"error: {e}", None)
-            done = [(run, logits) for run, logits in done if not run.ended]
-        for run, logits in done:
-            plan = run.request.prefix
-            try:
-                reason = "length" if run.request.max_new_tokens == 0 else self._record(run, next(tokens))
-            except Exception as e:  # e.g. a failing on_token callback: only this request ends
-                log.exception("sampling failed")
-                reason = f"error: {e}"
-            if plan is not None:
-                plan.snapshot(len(run.ids), run.cache, logits, owned=self.batched and reason is None)
-                plan.release()
-            if reason is not None:
-                self._finish(run, reason, run.cache)
-            else:
-                waiting.append(run)
-
-    def _decode_turn(self, decoding: list[_Running]) -> list[_Running]:
+    def _decode_turn(self, decoding: list[Running]) -> list[Running]:
         """One decode step for every decoding request: launch this turn's step, then read the previous
         one's tokens (see "Overlap" in the module docstring); returns the requests still decoding."""
         live = []
@@ -416,11 +270,11 @@ class Engine:
             return []
         return live
 
-    def _read_step(self, launched: tuple[list[_Running], LaunchedStep], group: list[_Running]) -> list[_Running]:
+    def _read_step(self, launched: tuple[list[Running], LaunchedStep], group: list[Running]) -> list[Running]:
         """Read a launched step's tokens (the one device read of a step) and record them; requests that end
         leave the batch. ``group``: every request with a row; returns those still decoding."""
         runs, step = launched
-        ending: list[tuple[_Running, str]] = []
+        ending: list[tuple[Running, str]] = []
         for run, token in zip(runs, step.tokens()):
             run.queued -= 1
             if run.ended:  # ended at the step before (or cancelled): this token is dropped
@@ -436,7 +290,7 @@ class Engine:
             self._leave_many(ending, group)
         return [r for r in group if not r.ended]
 
-    def _decode_each(self, live: list[_Running]) -> list[_Running]:
+    def _decode_each(self, live: list[Running]) -> list[Running]:
         """A decode step for models whose caches cannot be batched: one forward per request."""
         if not live:
             return []
@@ -464,37 +318,13 @@ class Engine:
                 self._leave(run, live, reason)
         return still
 
-    def _draw_first(self, sampled: list[tuple[_Running, torch.Tensor]]) -> list[int]:
-        """The first token of each request from its last prompt logits (1, V): drawn as ``generate`` draws
-        it, every row with its own settings and stream (row-wise: as it would alone), all in one batch and
-        one device read; each stream is then a view of the batch's (counters advanced)."""
-        if not sampled:
-            return []
-        runs = [run for run, _ in sampled]
-        logits = torch.cat([logits for _, logits in sampled])
-        logits[:, self.model.config.vocab_size:] = -torch.inf
-        rows = RowSampling.of([run.request.params for run in runs], self.device)
-        seeds = torch.cat([torch.zeros(1, dtype=torch.long) if run.generator is None else run.generator.seeds
-                           for run in runs])
-        generators = RowGenerators(host_to_device(seeds, self.device)) if rows.kinds.sample else None
-        seen = None
-        if rows.kinds.penalty:
-            none = torch.zeros(1, logits.shape[1], dtype=torch.bool, device=self.device)
-            seen = torch.cat([none if run.seen is None else run.seen for run in runs])
-        tokens = sample_rows(logits, rows, seen=seen, generators=generators).tolist()
-        for i, run in enumerate(runs):
-            if run.generator is not None:
-                assert generators is not None
-                run.generator = RowGenerators(generators.seeds[i:i + 1], generators.draws[i:i + 1])
-        return tokens
-
-    def _draw(self, run: _Running, logits: torch.Tensor) -> torch.Tensor:
+    def _draw(self, run: Running, logits: torch.Tensor) -> torch.Tensor:
         """(1,) next token from (1, V) logits, picked as ``generate`` picks it (padded vocabulary excluded)."""
         logits = logits.clone()
         logits[:, self.model.config.vocab_size:] = -torch.inf
         return sample_next(logits, run.request.params, seen=run.seen, generators=run.generator)
 
-    def _record(self, run: _Running, token: int) -> str | None:
+    def _record(self, run: Running, token: int) -> str | None:
         """Report and record a drawn token; the finish reason, or None to go on."""
         run.token = token
         run.produced += 1
@@ -508,7 +338,7 @@ class Engine:
             run.seen[0, token] = True
         return None
 
-    def _leave(self, run: _Running, group: list[_Running], reason: str) -> None:
+    def _leave(self, run: Running, group: list[Running], reason: str) -> None:
         """Finish a decoding request and free its row (renumbering the row that moves into it)."""
         if run.row < 0:
             self._finish(run, reason, run.cache)
@@ -527,7 +357,7 @@ class Engine:
         run.row = -1
         self._finish(run, reason, cache)
 
-    def _leave_many(self, ending: list[tuple[_Running, str]], group: list[_Running]) -> None:
+    def _leave_many(self, ending: list[tuple[Running, str]], group: list[Running]) -> None:
         """:meth:`_leave` for several requests of one step at once (their rows freed together)."""
         keep = [run.request.keep_state and reason in ("stop", "length") for run, reason in ending]
         caches, moved = self.decoder.slots.remove_many([run.row for run, _ in ending], keep)
@@ -540,7 +370,7 @@ class Engine:
             run.row = -1
             self._finish(run, reason, cache)
 
-    def _finish(self, run: _Running, reason: str, cache: ModelCache | None) -> None:
+    def _finish(self, run: Running, reason: str, cache: ModelCache | None) -> None:
         run.ended = True
         ok = run.request.keep_state and reason in ("stop", "length")
         self._finish_request(run.request, reason, cache if ok else None)
