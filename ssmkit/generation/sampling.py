@@ -11,7 +11,7 @@ Dimensions: ``b`` batch, ``V`` vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -121,6 +121,19 @@ class RowSampling:
             getattr(out, name).fill_(value)
         out.kinds = SamplingKinds.of([params])
         return out
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], device: torch.device) -> RowSampling:
+        """One row per ``params``, made on the host and copied to ``device`` without waiting for it."""
+        values = [_row_values(p) for p in params]
+
+        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.tensor([v[name] for v in values], dtype=dtype)
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+        return cls(column("temperature", torch.float32), column("top_k", torch.int64),
+                   column("top_p", torch.float32), column("min_p", torch.float32), column("penalty", torch.float32),
+                   column("greedy", torch.bool), kinds=SamplingKinds.of(params))
 
     def set_row(self, row: int, params: SamplingParams) -> None:
         for name, value in _row_values(params).items():

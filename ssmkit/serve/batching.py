@@ -14,6 +14,14 @@ Each turn of the engine loop
 A request that finishes leaves the batch at once (its row is refilled by the last row) and a new one
 joins at the next turn, so the batch follows the load: throughput grows with concurrency.
 
+**Overlap** (on a GPU). A turn *launches* its decode step first and only then reads the tokens of the
+previous turn's step (calls back, lets finished requests leave), admits and prefills: the host's work of
+a turn runs while the device computes the step, and the host waits on the device once per step (for a
+step already done). A request that ends at step k has had step k+1 computed for its row too; that token
+is dropped, and the row is freed or refilled behind it in the stream. A batch with a request that keeps
+its state (a session) is stepped without overlap: its state must end right after its last token was
+read. Each turn reads the first tokens of the prompts it finished in one device read as well.
+
 Why a request decodes the same tokens in a batch as :func:`ssmkit.generation.generate` alone: sampling
 is done per row with the request's own random stream, seeded as ``generate`` seeds row 0, by the same
 code (a step other rows need is an exact no-op for a row); a prompt is read in the same chunks (or
@@ -37,20 +45,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssmkit.generation.sampling import (
-    RowGenerators,
+    SamplingKinds,
     SamplingParams,
-    make_generators,
     sample_next,
 )
 from ssmkit.models.cache import ModelCache
-from ssmkit.serve.decode_step import BatchedDecoder, use_cuda_graph
-from ssmkit.serve.prefill import Reading, schedule_prefill
+from ssmkit.serve.decode_step import BatchedDecoder, LaunchedStep, use_cuda_graph
+from ssmkit.serve.engine_prompts import PromptReading, Running
 from ssmkit.serve.prefix_cache import PrefixPlan
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
 
 log = logging.getLogger("ssmkit.serve")
+
+_GREEDY, _SAMPLED = SamplingParams(temperature=0), SamplingParams(temperature=1.0)
+# Graphs captured when the engine starts: batches of greedy rows, of sampled rows with no filter, and of both.
+CAPTURE_AT_START = (SamplingKinds.of([_GREEDY]), SamplingKinds.of([_SAMPLED]), SamplingKinds.of([_GREEDY, _SAMPLED]))
 
 
 class EngineBusy(RuntimeError):
@@ -92,24 +103,7 @@ class GenerationRequest:
         self.cancelled.set()
 
 
-@dataclasses.dataclass(eq=False)
-class _Running:
-    """The engine's bookkeeping for one request."""
-
-    request: GenerationRequest
-    ids: torch.Tensor
-    cache: ModelCache | None
-    generator: RowGenerators | None
-    seen: torch.Tensor | None
-    start_offset: int = 0
-    read: int = 0
-    produced: int = 0
-    token: int = -1
-    row: int = -1
-    ended: bool = False
-
-
-class Engine:
+class Engine(PromptReading):
     """The thread that runs the model for every request (see the module docstring).
 
     Example::
@@ -122,10 +116,13 @@ class Engine:
 
     def __init__(self, model: LanguageModel, *, max_batch: int = 64, max_requests: int = 256,
                  prefill_chunk_size: int = 2048, prefill_budget: int | None = None,
-                 cuda_graph: bool | None = None) -> None:
+                 cuda_graph: bool | None = None, overlap: bool | None = None) -> None:
         """``prefill_budget``: prompt tokens read per turn (default twice ``prefill_chunk_size``: the oldest
         prompt's chunk and as much for the others); ``cuda_graph``: replay the decode step from CUDA graphs
-        (None: on when the model is on CUDA and its step can be captured; True: required)."""
+        (None: on when the model is on CUDA and its step can be captured; True: required); ``overlap``:
+        launch each decode step before reading the previous one's tokens (see the module docstring; None:
+        on a GPU, where the host works meanwhile; on a CPU the step is computed at launch, so it would only
+        add a step per request)."""
         prefill_budget = 2 * prefill_chunk_size if prefill_budget is None else prefill_budget
         if max_batch < 1 or max_requests < 1 or prefill_chunk_size < 1 or prefill_budget < 1:
             raise ValueError("max_batch, max_requests, prefill_chunk_size and prefill_budget must be positive")
@@ -138,7 +135,9 @@ class Engine:
         # A fixed-size cache (SSM and sliding-window layers) can be batched row by row.
         self.batched = model.cache_nbytes(1) == model.cache_nbytes(1 << 20)
         self.cuda_graph = self.batched and use_cuda_graph(model, cuda_graph)
+        self.overlap = self.batched and (self.device.type == "cuda" if overlap is None else overlap)
         self.decoder = self._new_decoder()
+        self._inflight: tuple[list[Running], LaunchedStep] | None = None
         self._cond = threading.Condition()
         self._inbox: deque[GenerationRequest] = deque()
         self._count = 0
@@ -158,7 +157,18 @@ class Engine:
     def in_flight(self) -> int:
         return self._count
 
-    def start(self) -> None:
+    def start(self, capture: Sequence[SamplingKinds] = CAPTURE_AT_START) -> None:
+        """Start the engine thread; with CUDA graphs, first capture every bucket's graph for each of the
+        sampling ``capture`` kinds (other combinations are captured at first use)."""
+        if self.alive:
+            raise RuntimeError("the engine is already running")
+        if self.cuda_graph and capture:
+            with torch.no_grad():
+                self.decoder.slots.add(self.model.allocate_cache(1))  # a template row for the captures
+                try:
+                    self.decoder.capture(capture)
+                finally:
+                    self.decoder.slots.remove(0, keep=False)
         self._thread = threading.Thread(target=self._run, name="ssmkit-engine", daemon=True)
         self._thread.start()
 
@@ -183,14 +193,15 @@ class Engine:
             self._cond.notify()
 
     def _run(self) -> None:
-        reading: list[_Running] = []
-        waiting: deque[_Running] = deque()
-        decoding: list[_Running] = []
+        reading: list[Running] = []
+        waiting: deque[Running] = deque()
+        decoding: list[Running] = []
         while True:
             with self._cond:
                 while not (self._inbox or reading or waiting or decoding or self._stopping):
                     self._cond.wait()
                 if self._stopping:
+                    self._inflight = None
                     for run in [*reading, *waiting, *decoding]:
                         self._finish(run, "cancelled", None)
                     while self._inbox:
@@ -200,149 +211,94 @@ class Engine:
                 self._inbox.clear()
             try:
                 with torch.no_grad():
+                    # The step first: on a GPU it runs while the rest of the turn is done on the host.
+                    decoding = self._decode_turn(decoding)
                     reading.extend(r for r in (self._admit(req) for req in new) if r is not None)
                     reading = self._prefill_turn(reading, waiting)
-                    while waiting and len(decoding) < self.max_batch:
-                        run = waiting.popleft()
-                        if self.batched:
-                            run.row = self.decoder.slots.add(run.cache, run.token, run.request.params,
-                                                             run.generator, run.seen)
+                    joining = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch - len(decoding)))]
+                    if self.batched:
+                        rows = self.decoder.slots.add_many([(run.cache, run.token, run.request.params, run.generator,
+                                                             run.seen) for run in joining])
+                        for run, row in zip(joining, rows):
+                            run.row = row
                             run.cache = run.generator = run.seen = None
-                        decoding.append(run)
-                    decoding = self._decode_turn(decoding)
+                    decoding.extend(joining)
             except Exception as e:  # a bug here must not leave requests hanging or stop the engine
                 log.exception("engine turn failed")
                 for run in [*reading, *waiting, *decoding]:
-                    self._finish(run, f"error: {e}", None)
+                    if not run.ended:
+                        self._finish(run, f"error: {e}", None)
                 reading, waiting, decoding = [], deque(), []
                 self.decoder = self._new_decoder()
+                self._inflight = None
 
-    def _admit(self, req: GenerationRequest) -> _Running | None:
-        try:
-            ids = torch.tensor(list(req.ids), dtype=torch.long, device=self.device)
-            plan = req.prefix
-            cache = req.cache if req.cache is not None else plan.cache if plan is not None else None
-            cache = self.model.allocate_cache(1) if cache is None else cache
-            read = 0 if req.cache is not None or plan is None or plan.cache is None else plan.start
-            generator = None if req.params.greedy else make_generators(req.seed, 1, self.device)
-            seen = None
-            if req.params.repetition_penalty != 1.0:
-                seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
-                seen[0, ids] = True
-            # ``start_offset``: positions the cache held before ``ids`` (a session's), none for a snapshot.
-            return _Running(req, ids, cache, generator, seen, start_offset=cache.seqlen_offset - read, read=read)
-        except Exception as e:  # a bad request must not stop the engine
-            log.exception("could not start a request")
-            self._finish_request(req, f"error: {e}", None)
-            return None
-
-    def _prefill_turn(self, reading: list[_Running], waiting: deque[_Running]) -> list[_Running]:
-        """Read this turn's share of the prompts (:func:`schedule_prefill`); those done sample their first
-        token and wait for a row.
-
-        Fresh prompts read together are left-padded as ``generate`` pads a batch (the padding is its own
-        document, so each row computes what it computes alone); the others are read one chunk each.
-        """
-        live = []
-        for run in reading:
-            if run.request.cancelled.is_set():
-                self._finish(run, "cancelled", None)
-            else:
-                live.append(run)
-        turn = schedule_prefill([self._reading(run) for run in live], self.prefill_budget, self.prefill_chunk_size,
-                                self.max_batch if self.batched else 1)
-        for run in turn.ready:  # the whole prompt was read before: its logits were kept
-            try:
-                self._after_prompt(run, run.request.prefix.logits, waiting)
-            except Exception as e:
-                log.exception("sampling failed")
-                self._finish(run, f"error: {e}", None)
-        if turn.together:
-            self._prefill_together(turn.together, waiting)
-        for run, end in turn.chunks:
-            try:
-                plan = run.request.prefix
-                out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
-                run.read = end
-                if plan is not None and end < len(run.ids):
-                    plan.snapshot(end, run.cache)
-                if run.read == len(run.ids):
-                    self._after_prompt(run, out.logits[:, -1], waiting)
-            except Exception as e:
-                log.exception("prefill failed")
-                self._finish(run, f"error: {e}", None)
-        return [r for r in live if not r.ended and r.read < len(r.ids)]
-
-    def _reading(self, run: _Running) -> Reading[_Running]:
-        plan = run.request.prefix
-        # Chunks end at snapshot points, hit or not, so both read alike.
-        stop = len(run.ids) if plan is None else min(len(run.ids), plan.next_stop(run.read))
-        fresh = run.read == 0 and run.request.cache is None and (plan is None or not plan.points)
-        return Reading(run, run.read, len(run.ids), stop, fresh)
-
-    def _prefill_together(self, runs: list[_Running], waiting: deque[_Running]) -> None:
-        """Read the whole prompts of ``runs`` (fresh states) in one left-padded batch."""
-        try:
-            length = max(len(r.ids) for r in runs)
-            ids = runs[0].ids.new_zeros(len(runs), length)
-            seq_idx = torch.zeros(len(runs), length, dtype=torch.int32, device=self.device)
-            for i, r in enumerate(runs):
-                ids[i, length - len(r.ids):] = r.ids
-                seq_idx[i, length - len(r.ids):] = 1
-            cache = self.model.allocate_cache(len(runs))
-            logits = self.model(ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1).logits[:, -1]
-        except Exception as e:
-            log.exception("prefill failed")
-            for run in runs:
-                self._finish(run, f"error: {e}", None)
-            return
-        for i, run in enumerate(runs):
-            run.read = len(run.ids)
-            run.cache = ModelCache([type(s)(**{n: t[i:i + 1].clone() for n, t in s.tensors().items()})
-                                    for s in cache.states], len(run.ids))
-            try:
-                self._after_prompt(run, logits[i:i + 1], waiting)
-            except Exception as e:
-                log.exception("sampling failed")
-                self._finish(run, f"error: {e}", None)
-
-    def _after_prompt(self, run: _Running, logits: torch.Tensor, waiting: deque[_Running]) -> None:
-        """The prompt is read: finish (nothing to generate, or the first token ends it) or wait for a row.
-
-        The first token is sampled (and sent) before the prompt-end snapshot is taken: a snapshot never delays
-        it. A batched request's cache is only copied into its row from here on, so the prefix cache takes it
-        as it is (no copy); other caches go on changing (or go to a session) and are copied.
-        """
-        plan = run.request.prefix
-        reason = "length" if run.request.max_new_tokens == 0 else self._sample(run, logits)
-        if plan is not None:
-            plan.snapshot(len(run.ids), run.cache, logits, owned=self.batched and reason is None)
-            plan.release()
-        if reason is not None:
-            self._finish(run, reason, run.cache)
-        else:
-            waiting.append(run)
-
-    def _decode_turn(self, decoding: list[_Running]) -> list[_Running]:
-        """One decode step for every decoding request: one new token each."""
+    def _decode_turn(self, decoding: list[Running]) -> list[Running]:
+        """One decode step for every decoding request: launch this turn's step, then read the previous
+        one's tokens (see "Overlap" in the module docstring); returns the requests still decoding."""
         live = []
         for run in decoding:
             if run.request.cancelled.is_set():
                 self._leave(run, decoding, "cancelled")
             else:
                 live.append(run)
+        pending, self._inflight = self._inflight, None
+        if not self.batched:
+            return self._decode_each(live)
+        try:
+            if pending is not None and not (self.overlap and not any(r.request.keep_state for r in live)):
+                live, pending = self._read_step(pending, live), None
+            # Rows that end when the pending step is read need no further step.
+            if any(r.produced + r.queued < r.request.max_new_tokens for r in live):
+                # Rows in use are 0..size-1, one per live request: the step's tokens come in row order.
+                live.sort(key=lambda r: r.row)
+                self._inflight = (list(live), self.decoder.launch())
+                self.steps += 1
+                for run in live:
+                    run.queued += 1
+                if not self.overlap or any(r.request.keep_state for r in live):
+                    pending, self._inflight = self._inflight, None
+            if pending is not None:
+                live = self._read_step(pending, live)
+        except Exception as e:  # the rows' state is unknown: every decoding request ends, the slots start anew
+            log.exception("decode step failed")
+            self._inflight = None
+            for run in decoding:
+                if not run.ended:
+                    run.row = -1
+                    self._finish(run, f"error: {e}", None)
+            self.decoder = self._new_decoder()
+            return []
+        return live
+
+    def _read_step(self, launched: tuple[list[Running], LaunchedStep], group: list[Running]) -> list[Running]:
+        """Read a launched step's tokens (the one device read of a step) and record them; requests that end
+        leave the batch. ``group``: every request with a row; returns those still decoding."""
+        runs, step = launched
+        ending: list[tuple[Running, str]] = []
+        for run, token in zip(runs, step.tokens()):
+            run.queued -= 1
+            if run.ended:  # ended at the step before (or cancelled): this token is dropped
+                continue
+            try:
+                reason = self._record(run, token)
+            except Exception as e:  # e.g. a failing on_token callback: only this request ends
+                log.exception("sampling failed")
+                reason = f"error: {e}"
+            if reason is not None:
+                ending.append((run, reason))
+        if ending:
+            self._leave_many(ending, group)
+        return [r for r in group if not r.ended]
+
+    def _decode_each(self, live: list[Running]) -> list[Running]:
+        """A decode step for models whose caches cannot be batched: one forward per request."""
         if not live:
             return []
         try:
-            if self.batched:
-                # Rows in use are 0..size-1, one per live request: the step's tokens come in row order.
-                live.sort(key=lambda r: r.row)
-                drawn = self.decoder.step().tolist()  # one device read per step
-            else:
-                tokens = torch.tensor([[run.token] for run in live], dtype=torch.long, device=self.device)
-                drawn = torch.cat([self._draw(run, self.model(tokens[i:i + 1], cache=run.cache,
-                                                              logits_to_keep=1).logits[:, -1])
-                                   for i, run in enumerate(live)]).tolist()
+            tokens = torch.tensor([[run.token] for run in live], dtype=torch.long, device=self.device)
+            drawn = torch.cat([self._draw(run, self.model(tokens[i:i + 1], cache=run.cache,
+                                                          logits_to_keep=1).logits[:, -1])
+                               for i, run in enumerate(live)]).tolist()
         except Exception as e:
             log.exception("decode step failed")
             for run in live:
@@ -362,17 +318,13 @@ class Engine:
                 self._leave(run, live, reason)
         return still
 
-    def _sample(self, run: _Running, logits: torch.Tensor) -> str | None:
-        """Sample, report and record one token; the finish reason, or None to go on."""
-        return self._record(run, int(self._draw(run, logits)[0]))
-
-    def _draw(self, run: _Running, logits: torch.Tensor) -> torch.Tensor:
+    def _draw(self, run: Running, logits: torch.Tensor) -> torch.Tensor:
         """(1,) next token from (1, V) logits, picked as ``generate`` picks it (padded vocabulary excluded)."""
         logits = logits.clone()
         logits[:, self.model.config.vocab_size:] = -torch.inf
         return sample_next(logits, run.request.params, seen=run.seen, generators=run.generator)
 
-    def _record(self, run: _Running, token: int) -> str | None:
+    def _record(self, run: Running, token: int) -> str | None:
         """Report and record a drawn token; the finish reason, or None to go on."""
         run.token = token
         run.produced += 1
@@ -386,7 +338,7 @@ class Engine:
             run.seen[0, token] = True
         return None
 
-    def _leave(self, run: _Running, group: list[_Running], reason: str) -> None:
+    def _leave(self, run: Running, group: list[Running], reason: str) -> None:
         """Finish a decoding request and free its row (renumbering the row that moves into it)."""
         if run.row < 0:
             self._finish(run, reason, run.cache)
@@ -405,7 +357,20 @@ class Engine:
         run.row = -1
         self._finish(run, reason, cache)
 
-    def _finish(self, run: _Running, reason: str, cache: ModelCache | None) -> None:
+    def _leave_many(self, ending: list[tuple[Running, str]], group: list[Running]) -> None:
+        """:meth:`_leave` for several requests of one step at once (their rows freed together)."""
+        keep = [run.request.keep_state and reason in ("stop", "length") for run, reason in ending]
+        caches, moved = self.decoder.slots.remove_many([run.row for run, _ in ending], keep)
+        by_row = {r.row: r for r in group if r.row in moved and not r.ended}
+        for old, new in moved.items():
+            by_row[old].row = new
+        for (run, reason), cache in zip(ending, caches):
+            if cache is not None:
+                cache.seqlen_offset = run.start_offset + len(run.ids) + run.produced - 1
+            run.row = -1
+            self._finish(run, reason, cache)
+
+    def _finish(self, run: Running, reason: str, cache: ModelCache | None) -> None:
         run.ended = True
         ok = run.request.keep_state and reason in ("stop", "length")
         self._finish_request(run.request, reason, cache if ok else None)

@@ -14,10 +14,18 @@ row-wise, so padding never changes a running row's numbers.
 Eagerly (on a CPU, or a model whose step cannot be captured) the step runs on exactly the rows in use;
 ``pad=True`` runs the eager step on the padded bucket instead, which is what the graph replays (so the
 padding is tested without a GPU).
+
+:meth:`BatchedDecoder.launch` only *enqueues* a step and the copy of its tokens to the host (a pinned
+buffer, an event): the engine launches step k+1 before it reads step k's tokens, so on a GPU its Python
+work (callbacks, joins, leaves, prefill launches) runs while the GPU computes, and the host waits on the
+device once per step, for tokens already computed. :meth:`BatchedDecoder.capture` captures every bucket's
+graph ahead (a server's start), so a burst of clients never waits for captures.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +65,22 @@ def use_cuda_graph(model: LanguageModel, cuda_graph: bool | None) -> bool:
     return cuda_graph is not False and blocker is None
 
 
+@dataclasses.dataclass(eq=False)
+class LaunchedStep:
+    """A decode step enqueued by :meth:`BatchedDecoder.launch`: ``rows`` rows, whose tokens are copied into
+    ``host`` once ``event`` (None on a CPU: already there) has passed."""
+
+    rows: int
+    host: torch.Tensor
+    event: Any = None
+
+    def tokens(self) -> list[int]:
+        """The step's tokens, in row order at launch (waits for the device: the engine's one sync a step)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[: self.rows].tolist()
+
+
 class BatchedDecoder:
     """The slots of the running requests and the step that decodes them all (see the module docstring).
 
@@ -75,11 +99,47 @@ class BatchedDecoder:
         self.slots = SlotCache(model.config.padded_vocab_size, capacity=max_batch if self.pad else None)
         self._graphs: dict[tuple[int, SamplingKinds], tuple[GraphedStep, DecodeState]] = {}
         self._pool: Any = None
+        # Two host buffers in turn: step k+1 is launched before step k's tokens are read.
+        self._host: list[tuple[torch.Tensor, Any]] = []
+        self._next_host = 0
         self.steps = self.rows = self.padded_rows = self.captures = 0
 
     def step(self) -> torch.Tensor:
         """One step for every row in use: returns their next tokens (n,) (a view of the slots' tokens, which
         the next step reads); caches, draw counters and seen masks are updated in place."""
+        return self.slots.tokens[: self._step()]
+
+    def launch(self) -> LaunchedStep:
+        """:meth:`step` enqueued, with the copy of its tokens to the host; read them with
+        :meth:`LaunchedStep.tokens` (on a GPU, after launching the next step if you like: it reads the
+        tokens this one leaves in the slots, and the copy is ordered before it)."""
+        n = self._step()
+        tokens = self.slots.tokens[:n]
+        if tokens.device.type != "cuda":
+            return LaunchedStep(n, tokens.clone())
+        if not self._host or self._host[0][0].shape[0] < self.slots.capacity:
+            self._host = [(torch.empty(self.slots.capacity, dtype=torch.long, pin_memory=True), torch.cuda.Event())
+                          for _ in range(2)]
+        host, event = self._host[self._next_host]
+        self._next_host ^= 1
+        host[:n].copy_(tokens, non_blocking=True)
+        event.record()
+        return LaunchedStep(n, host, event)
+
+    def capture(self, kinds: Iterable[SamplingKinds]) -> int:
+        """Capture ahead the graphs of every bucket for each of ``kinds``; needs at least one row in use (its
+        state is a template, untouched). Returns the graphs captured."""
+        if not self.cuda_graph:
+            return 0
+        if self.slots.size == 0:
+            raise RuntimeError("capture needs a row in use")
+        before = self.captures
+        for kind in dict.fromkeys(kinds):
+            for rows in self.sizes:
+                self._graph(rows, kind)
+        return self.captures - before
+
+    def _step(self) -> int:
         n = self.slots.size
         if n == 0:
             raise RuntimeError("no rows to decode")
@@ -95,7 +155,7 @@ class BatchedDecoder:
         self.steps += 1
         self.rows += n
         self.padded_rows += rows - n
-        return self.slots.tokens[:n]
+        return n
 
     def _graph(self, rows: int, kinds: SamplingKinds) -> GraphedStep:
         key = (rows, kinds)

@@ -43,7 +43,7 @@ class ServeOptions:
     prefix_cache: bool = True
     prefix_cache_bytes: int = 1024 * MIB
     prefix_cache_disk_bytes: int = 0
-    prefix_cache_interval: int = 512
+    prefix_cache_interval: int = 2048  # the prefill chunk: interval snapshots split no extra chunk
 
     def __post_init__(self) -> None:
         for name in ("port", "session_memory_bytes", "max_sessions", "max_body_bytes", "max_prompt_tokens",

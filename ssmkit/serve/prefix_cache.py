@@ -23,6 +23,14 @@ reads the rest of its prompt from the cold run's state and samples its tokens. P
 snapshot positions whether the cache hit or not; where a hit lands inside a cold run's chunk, only the
 float rounding of the split chunk differs (as between batched and lone requests).
 
+**Cost.** A snapshot point splits the prompt's prefill there, and a prompt with points is read on its own,
+not in a batch of new prompts: each extra forward costs the host tens of milliseconds on a GPU (launches),
+whatever the tokens. So the default ``interval`` is the engine's default prefill chunk (2,048): interval
+points fall where a long prompt's chunks end anyway, and a prompt that shares nothing and fits in a chunk
+has no point at all, so it is read exactly as without the cache (in a batch of new prompts, its state
+kept at its end without a copy). A shorter interval finds hits closer to where prompts diverge, at that
+price for every long prompt.
+
 **Requests that arrive together.** A prompt that shares at least ``interval`` more tokens with a prompt
 being read right now (its *leader*) than with any snapshot waits (:meth:`PrefixCache.plan` with
 ``may_wait``; the server polls :meth:`PrefixPlan.leader_done`, within the request's deadline) until the
@@ -131,7 +139,7 @@ class PrefixCache:
     ``plan`` runs on a worker thread (it may read a snapshot from disk), ``store`` on the engine thread.
     """
 
-    def __init__(self, model: LanguageModel, *, memory_budget: int, interval: int = 512, disk: DiskTier | None = None) -> None:
+    def __init__(self, model: LanguageModel, *, memory_budget: int, interval: int = 2048, disk: DiskTier | None = None) -> None:
         if memory_budget < 0 or interval < 1:
             raise ValueError("memory_budget must be >= 0 and interval positive")
         self.model = model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ssmkit.generation.decode import DecodeState
@@ -56,33 +58,50 @@ class SlotCache:
         """Copy a batch-1 ``cache`` into a new row with the request's last ``token``, its settings, its
         random stream (None: greedy) and its (1, vocab) seen-token mask (None: the penalty is off); returns
         the row."""
-        if cache.batch_size != 1:
-            raise ValueError(f"SlotCache rows come from batch-1 caches, got batch size {cache.batch_size}")
-        if self.size == self.capacity:
+        return self.add_many([(cache, token, params, generator, seen)])[0]
+
+    def add_many(self, rows: Sequence[tuple[ModelCache, int, SamplingParams | None, RowGenerators | None,
+                                            torch.Tensor | None]]) -> list[int]:
+        """:meth:`add` for several requests at once, (cache, token, params, generator, seen) each: one copy
+        per stored tensor for all of them (a GPU launch costs the host more than the bytes cost the device).
+        Returns their rows (consecutive)."""
+        if not rows:
+            return []
+        if any(cache.batch_size != 1 for cache, *_ in rows):
+            raise ValueError("SlotCache rows come from batch-1 caches")
+        n, first = len(rows), self.size
+        while first + n > self.capacity:
             if self.fixed_capacity is not None and self.capacity:
-                raise RuntimeError(f"all {self.capacity} rows are in use")
-            self._grow(cache)
-        row = self.size
-        for store, state in zip(self._store, cache.states):
-            for name, t in state.tensors().items():
-                store[name][row].copy_(t[0])
-        params = params or SamplingParams(temperature=0)
+                raise RuntimeError(f"{n} more rows do not fit: {self.size} of all {self.capacity} rows are in use")
+            self._grow(rows[0][0])
         assert self.sampling is not None
-        self.tokens[row] = token
-        self.sampling.set_row(row, params)
-        if generator is None:
-            self.seeds[row], self.draws[row] = 0, 0
+        new = slice(first, first + n)
+        for layer, store in enumerate(self._store):
+            for name, target in store.items():
+                parts = [cache.states[layer].tensors()[name] for cache, *_ in rows]
+                target[new].copy_(parts[0] if n == 1 else torch.cat(parts))
+        device = self.tokens.device
+        self.tokens[new].copy_(host_to_device(torch.tensor([token for _, token, *_ in rows]), device))
+        params = [p or SamplingParams(temperature=0) for _, _, p, _, _ in rows]
+        for target, values in zip(self.sampling.tensors(), RowSampling.of(params, device).tensors()):
+            target[new].copy_(values)
+        generators = [g for *_, g, _ in rows]
+        if any(g is not None for g in generators):
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            self.seeds[new].copy_(torch.cat([zero if g is None else g.seeds[:1] for g in generators]))
+            self.draws[new].copy_(torch.cat([zero if g is None else g.draws[:1] for g in generators]))
         else:
-            self.seeds[row].copy_(generator.seeds[0])
-            self.draws[row].copy_(generator.draws[0])
-        if seen is None:
-            self.seen[row] = False
+            self.seeds[new], self.draws[new] = 0, 0
+        seens = [seen for *_, seen in rows]
+        if any(seen is not None for seen in seens):
+            none = torch.zeros(1, self.vocab, dtype=torch.bool, device=device)
+            self.seen[new].copy_(torch.cat([none if seen is None else seen[:1] for seen in seens]))
         else:
-            self.seen[row].copy_(seen[0])
-        self.params.append(params)
+            self.seen[new] = False
+        self.params.extend(params)
         self._kinds = None
-        self.size += 1
-        return row
+        self.size += n
+        return list(range(first, first + n))
 
     def _grow(self, like: ModelCache) -> None:
         capacity = self.fixed_capacity or max(1, 2 * self.capacity)
@@ -110,13 +129,42 @@ class SlotCache:
             for t in self._row_tensors():
                 t[row].copy_(t[last])
             self.params[row] = self.params[last]
-        self.params.pop()
+        self._shrink(1)
+        return taken
+
+    def remove_many(self, rows: Sequence[int], keep: Sequence[bool]) -> tuple[list[ModelCache | None], dict[int, int]]:
+        """Take several rows out at once: the caches of those with ``keep`` (else None), in order, and where
+        the rows that moved went ({old row: new row}): the last rows in use fill the holes, with two copies
+        per stored tensor for all of them."""
+        if len(set(rows)) != len(rows) or any(not 0 <= r < self.size for r in rows):
+            raise IndexError(f"rows {list(rows)} are not distinct rows in use (size {self.size})")
+        if len(rows) == 1:
+            last = self.size - 1
+            taken = self.remove(rows[0], keep[0])
+            return [taken], ({} if rows[0] == last else {last: rows[0]})
+        taken = [self.row_cache(r) if k else None for r, k in zip(rows, keep)]
+        size = self.size - len(rows)
+        gone = set(rows)
+        holes = sorted(r for r in rows if r < size)
+        movers = [r for r in range(size, self.size) if r not in gone]
+        if holes:
+            device = self.tokens.device
+            src = host_to_device(torch.tensor(movers), device)
+            dst = host_to_device(torch.tensor(holes), device)
+            for t in self._row_tensors():
+                t.index_copy_(0, dst, t.index_select(0, src))
+            for a, b in zip(movers, holes):
+                self.params[b] = self.params[a]
+        self._shrink(len(rows))
+        return taken, dict(zip(movers, holes))
+
+    def _shrink(self, n: int) -> None:
+        del self.params[self.size - n:]
         self._kinds = None
-        self.size -= 1
+        self.size -= n
         if self.size == 0 and self.fixed_capacity is None:
             self._types, self._store, self.sampling = [], [], None
             self.tokens = self.seeds = self.draws = self.seen = torch.empty(0)
-        return taken
 
     def row_cache(self, row: int) -> ModelCache:
         """A batch-1 copy of one row's cache."""
@@ -153,3 +201,11 @@ class SlotCache:
                            torch.zeros(0, dtype=torch.long, device=device),
                            torch.zeros(rows, dtype=torch.bool, device=device),
                            self.seen[:rows] if kinds.penalty else None)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without waiting for the device (a plain
+    copy waits for every kernel queued, e.g. the decode step in flight)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -229,3 +229,39 @@ def test_kept_state_prefix_hits_and_cancel_under_graphs():
         for name, t in mine.tensors().items():
             torch.testing.assert_close(t, theirs.tensors()[name], rtol=1e-4, atol=1e-5)
     assert engine.decoder.captures > 0
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_start_captures_every_bucket_and_a_burst_captures_no_more(overlap):
+    """The graphs of greedy, sampled and mixed batches are captured at start, so a burst of such requests
+    (rows joining and leaving through every bucket) never waits for a capture; each launched step is read
+    once, and the tokens are generate's, with the step overlapped or not."""
+    from ssmkit.serve.batching import CAPTURE_AT_START
+    from ssmkit.serve.decode_step import LaunchedStep, bucket_sizes
+
+    model = _peaked("byte-small", torch.bfloat16)
+    engine = Engine(model, max_batch=16, overlap=overlap)
+    engine.start()
+    reads = [0]
+    original = LaunchedStep.tokens
+
+    def counted(self):
+        reads[0] += 1
+        return original(self)
+
+    LaunchedStep.tokens = counted
+    try:
+        assert engine.decoder.captures == len(CAPTURE_AT_START) * len(bucket_sizes(16))
+        before = engine.decoder.captures
+        n = 24
+        prompts = [[1 + i, 2, 3, *range(4, 4 + i)] for i in range(n)]
+        settings = [SamplingParams(temperature=0) if i % 3 == 0 else SamplingParams(temperature=1.0) for i in range(n)]
+        n_new = [5 + 3 * i for i in range(n)]
+        results = _run(engine, prompts, settings, n_new)
+    finally:
+        LaunchedStep.tokens = original
+        engine.stop()
+    assert engine.decoder.captures == before
+    assert reads[0] == engine.steps == engine.decoder.steps
+    for i, (p, s) in enumerate(zip(prompts, settings)):
+        assert results[i] == generate(model, [p], n_new[i], temperature=s.temperature, seed=i)[0], i

@@ -119,7 +119,7 @@ def server(model_dir, tmp_path_factory):
     state_mb = tiny_model().cache_nbytes(1) / 2**20
     proc = ServerProcess(model_dir, folder / "sessions", folder / "server.log", "--token-file", str(folder / "token"),
                          "--max-body-mb", str(16 / 1024), "--max-prompt-tokens", "4000", "--max-tokens-cap", "200",
-                         "--session-memory-mb", str(3.5 * state_mb))
+                         "--session-memory-mb", str(3.5 * state_mb), "--prefix-cache-interval", "512")
     proc.start()
     yield proc
     proc.stop()

@@ -54,9 +54,11 @@ def model():
     return tiny_model()
 
 
-@pytest.fixture(params=["exact", "padded"])
+@pytest.fixture(params=["exact", "padded", "serial"])
 def engine(model, request):
-    engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16)
+    # serial: each step's tokens read before the next is launched (overlap off, a CPU's default)
+    engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16, overlap=request.param != "serial")
+    assert engine.overlap == (request.param != "serial")
     if request.param == "padded":  # the bucketed step a CUDA graph replays, run eagerly
         engine.decoder = BatchedDecoder(model, 4, pad=True)
     engine.start()

@@ -16,7 +16,7 @@ DOC = "".join(f"Line {i}: the state of an SSM does not grow with the text it has
 
 
 def test_shared_document_questions_resume_from_the_document(server, client, reference):
-    assert len(DOC) > 600  # past the default snapshot interval of 512 tokens
+    assert len(DOC) > 600  # past the server's snapshot interval of 512 tokens
     before = httpx.get(f"{server.url}/health").json()["prefix_cache"]
     sampling = {"temperature": 1.0, "top_k": 40, "seed": 11}
     for i, question in enumerate(["\nQ: what grows?", "\nQ: why?", "\nQ: what grows?"]):

@@ -1,0 +1,168 @@
+"""What the engine's turn costs: one device read per decode step, one per prefill turn, and no extra state
+copy or device read for the prefix cache on prompts that share nothing (where it cannot help)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+import torch
+
+from ssmkit.generation import generate
+from ssmkit.generation.sampling import SamplingParams
+from ssmkit.models import LanguageModel
+from ssmkit.models.cache import ModelCache
+from ssmkit.serve.batching import Engine, GenerationRequest
+from ssmkit.serve.decode_step import LaunchedStep
+from ssmkit.serve.prefix_cache import PrefixCache
+
+from .conftest import tiny_model
+
+READS = ("tolist", "item", "__int__", "__bool__", "__float__")  # every way a tensor's value reaches the host
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+class EngineThreadCounts:
+    """Counts, on the engine thread only, device reads, tensor copies (and their bytes), state clones and
+    reads of launched steps."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: Counter[str] = Counter()
+        for name in READS:
+            self._wrap(monkeypatch, torch.Tensor, name, "reads")
+        self._wrap(monkeypatch, torch.Tensor, "clone", "copies", nbytes=True)
+        self._wrap(monkeypatch, torch.Tensor, "copy_", "copies", nbytes=True)
+        self._wrap(monkeypatch, ModelCache, "clone", "state_clones")
+        self._wrap(monkeypatch, LaunchedStep, "tokens", "step_reads")
+        self._wrap(monkeypatch, LanguageModel, "forward", "forwards")
+
+    def _wrap(self, monkeypatch, owner, name: str, key: str, nbytes: bool = False) -> None:
+        original = getattr(owner, name)
+        counts = self.counts
+
+        def wrapper(self, *args, **kwargs):
+            if threading.current_thread().name == "ssmkit-engine":
+                counts[key] += 1
+                if nbytes:
+                    counts[key + "_bytes"] += self.nbytes
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+
+def run_batch(engine: Engine, prompts: list[list[int]], n_new: int, prefix: PrefixCache | None) -> list[list[int]]:
+    """Submit every prompt in one engine turn (the engine waits on its lock meanwhile): same turns each run."""
+    results: list[list[int]] = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+    with engine._cond:  # re-entrant: submit takes it too
+        for i, p in enumerate(prompts):
+            engine.submit(GenerationRequest(
+                ids=p, max_new_tokens=n_new, params=SamplingParams(temperature=1.0), seed=i,
+                on_token=lambda t, i=i: results[i].append(t) is not None,
+                on_done=lambda reason, cache, i=i: done[i].set(),
+                prefix=None if prefix is None else prefix.plan(p)))
+    assert all(d.wait(60) for d in done)
+    return results
+
+
+def test_one_device_read_per_step_and_per_prefill_turn(model, monkeypatch):
+    # All read in one turn; overlapped as on a GPU (on a CPU the step is computed at launch).
+    engine = Engine(model, max_batch=8, prefill_chunk_size=64, prefill_budget=1024, overlap=True)
+    engine.start()
+    try:
+        counts = EngineThreadCounts(monkeypatch).counts
+        prompts = [[257, 10 + i, *range(20, 20 + 5 * i)] for i in range(6)]
+        results = run_batch(engine, prompts, 9, None)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        assert results[i] == generate(model, [p], 9, temperature=1.0, seed=i)[0]
+    # Lock step: the first tokens come from the prefill, 8 steps follow, and no step is launched past them.
+    assert engine.steps == engine.decoder.steps == 8
+    assert counts["step_reads"] == 8
+    # One read for the first tokens of the six prompts (read in one turn, together), one per step, and the
+    # model's own input checks of that one prefill forward.
+    assert counts["reads"] == counts["step_reads"] + 1 + _forward_reads(model, monkeypatch)
+
+
+def _forward_reads(model, monkeypatch) -> int:
+    """Host reads made by one prefill forward of a batch (its input checks), counted on this thread."""
+    seen = Counter()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, **kwargs):
+            seen["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    with torch.no_grad():
+        ids = torch.ones(2, 5, dtype=torch.long)
+        model(ids, seq_idx=torch.ones(2, 5, dtype=torch.int32), cache=model.allocate_cache(2), logits_to_keep=1)
+    return seen["reads"]
+
+
+@pytest.mark.parametrize("length", [72, 700])
+def test_the_prefix_cache_adds_no_forward_state_copy_or_device_read_without_shared_prefixes(model, monkeypatch,
+                                                                                             length):
+    """Prompts that share no block, shorter than a prefill chunk (700: past the interval that was the
+    default, 512): with the cache on (default interval), the engine runs the same forwards, makes the same
+    device reads and copies the same states as with it off; only each prompt's last logits (1, V) are
+    copied for its snapshot."""
+    prompts = [[257, 30 + i, *[(40 + i + k) % 250 for k in range(length - 2)]] for i in range(5)]
+    engine = Engine(model, max_batch=8, prefill_budget=8192, overlap=True)  # the default prefill chunk
+    engine.start()
+    try:
+        counted = {}
+        for mode in ("off", "on"):
+            counts = EngineThreadCounts(monkeypatch).counts
+            prefix = PrefixCache(model, memory_budget=1 << 30) if mode == "on" else None
+            results = run_batch(engine, prompts, 6, prefix)
+            counted[mode] = (dict(counts), results, prefix)
+            monkeypatch.undo()
+    finally:
+        engine.stop()
+    (off, off_tokens, _), (on, on_tokens, prefix) = counted["off"], counted["on"]
+    assert on_tokens == off_tokens
+    assert prefix.stats()["snapshots"] == len(prompts) and prefix.stats()["hits"] == 0
+    assert on["forwards"] == off["forwards"] == 1  # all five prompts read together
+    assert on["reads"] == off["reads"] and on["step_reads"] == off["step_reads"]
+    assert on.get("state_clones", 0) == off.get("state_clones", 0) == 0
+    logits_bytes = model.config.padded_vocab_size * 4
+    assert on["copies"] - off["copies"] == len(prompts)
+    assert on["copies_bytes"] - off["copies_bytes"] == len(prompts) * logits_bytes
+
+
+def test_a_failing_step_ends_the_decoding_requests_once_and_the_engine_goes_on(model):
+    engine = Engine(model, max_batch=4, prefill_chunk_size=64, overlap=True)
+    launch = engine.decoder.launch
+    calls = [0]
+
+    def failing():
+        calls[0] += 1
+        if calls[0] == 3:  # after two steps, with one in flight
+            raise RuntimeError("device lost")
+        return launch()
+
+    engine.decoder.launch = failing
+    engine.start()
+    done: dict[int, list[str]] = {0: [], 1: []}
+    events = [threading.Event(), threading.Event()]
+    try:
+        with engine._cond:  # both in the first turn
+            for i in range(2):
+                engine.submit(GenerationRequest(
+                    ids=[257, 5 + i], max_new_tokens=20, params=SamplingParams(temperature=0), seed=i,
+                    on_token=lambda t: False,
+                    on_done=lambda reason, cache, i=i: (done[i].append(reason), events[i].set())))
+        assert all(e.wait(60) for e in events)
+        assert [len(v) for v in done.values()] == [1, 1] and all("device lost" in v[0] for v in done.values())
+        assert run_batch(engine, [[257, 9, 9]], 5, None)[0] == generate(model, [[257, 9, 9]], 5, temperature=1.0, seed=0)[0]
+    finally:
+        engine.stop()
+    assert engine.in_flight == 0
