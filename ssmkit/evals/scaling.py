@@ -84,7 +84,7 @@ def stack_output(model: LanguageModel, ids: torch.Tensor, cache: ModelCache | No
 
     With ``cache`` the tokens continue from it and it is updated in place (prefill, then decode steps).
     """
-    residual = model.embedding(ids)
+    residual = model.embed(ids)
     for i, block in enumerate(model.layers):
         residual = block(residual, cache=None if cache is None else cache.states[i])
     if cache is not None:

@@ -192,8 +192,9 @@ class Mamba(nn.Module):
             y = result
         return self.out_proj(y.transpose(1, 2))
 
-    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState) -> torch.Tensor:
-        """One token of a pre-norm block: ``residual + self(norm(residual))``, (b, 1, H) -> (b, 1, H).
+    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState, *,
+                           scale: float = 1.0) -> torch.Tensor:
+        """One token of a pre-norm block: ``residual + scale * self(norm(residual))``, (b, 1, H) -> (b, 1, H).
 
         The same step as ``forward`` with a cache, with ``norm`` (the block's RMSNorm) fused into
         ``in_proj`` (:func:`ssmkit.ops.rms_norm_linear`; Triton at small batch on CUDA, the unfused ops
@@ -202,7 +203,8 @@ class Mamba(nn.Module):
         self._check_state(state, residual.shape[0])
         r = one_token(residual, self._name())
         xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
-        return (r + self._scan_step(xz, state)).unsqueeze(1)
+        out = self._scan_step(xz, state)
+        return (r + (out if scale == 1 else out * scale)).unsqueeze(1)
 
     def _step(self, hidden_states: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""

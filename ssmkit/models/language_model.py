@@ -121,11 +121,22 @@ class LanguageModel(nn.Module):
         """(V, H) output projection: the embedding when tied."""
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(b, l) token ids -> (b, l, H) input of the first layer: the embedding times
+        ``config.embedding_multiplier``."""
+        h = self.embedding(input_ids)
+        m = self.config.embedding_multiplier
+        return h if m == 1 else h * m
+
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one)."""
+        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one), times
+        ``config.logits_multiplier``."""
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
-            return self.lm_head(hidden)
-        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+        m = self.config.logits_multiplier
+        return logits if m == 1 else logits * m
 
     def forward(self, input_ids: torch.Tensor, *, targets: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
@@ -154,7 +165,7 @@ class LanguageModel(nn.Module):
         self._check_inputs(input_ids, targets, labels, seq_idx, cache, logits_to_keep)
         if labels is not None:
             targets = shift_labels(labels, seq_idx)
-        residual = self.embedding(input_ids)
+        residual = self.embed(input_ids)
         for i, block in enumerate(self.layers):
             residual = block(residual, seq_idx=seq_idx, cache=None if cache is None else cache.states[i])
         if cache is not None:
@@ -283,7 +294,7 @@ class LanguageModel(nn.Module):
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                         max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder, a transformers folder (model_type mamba, mamba2,
-        falcon_mamba, jamba, bamba, nemotron_h), named by its path or by a Hugging Face Hub id such as
+        falcon_mamba, jamba, bamba, nemotron_h, granitemoehybrid), named by its path or by a Hugging Face Hub id such as
         ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`), or a
         llama.cpp GGUF file of architecture mamba / mamba2 (see :mod:`ssmkit.models.formats.gguf`).
 

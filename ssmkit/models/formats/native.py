@@ -33,7 +33,8 @@ FORMAT_VERSION = 1
 ARCHITECTURE = "LanguageModel"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h")
+TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h",
+                            "granitemoehybrid")
 
 
 def read_json(path: Path) -> dict:

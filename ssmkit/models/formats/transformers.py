@@ -1,9 +1,10 @@
 """Checkpoints of other libraries <-> ssmkit.
 
-Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2``, ``jamba``, ``bamba`` and
-``nemotron_h`` (:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`, which dispatch to
-:mod:`ssmkit.models.formats.transformers_mamba`, :mod:`ssmkit.models.formats.jamba`,
-:mod:`ssmkit.models.formats.bamba` and :mod:`ssmkit.models.formats.nemotron_h`), and mamba_ssm's own
+Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2``, ``jamba``, ``bamba``,
+``nemotron_h`` and ``granitemoehybrid`` (:func:`load_transformers_checkpoint`, :func:`save_transformers_checkpoint`,
+which dispatch to :mod:`ssmkit.models.formats.transformers_mamba`, :mod:`ssmkit.models.formats.jamba`,
+:mod:`ssmkit.models.formats.bamba`, :mod:`ssmkit.models.formats.nemotron_h` and
+:mod:`ssmkit.models.formats.granite`), and mamba_ssm's own
 format when its weights are safetensors (:mod:`ssmkit.models.formats.mamba_ssm`, read only);
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
 """
@@ -24,6 +25,12 @@ from ssmkit.models.formats.bamba import (
     save_bamba_checkpoint,
 )
 from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json
+from ssmkit.models.formats.granite import (
+    granite_config_from_transformers,
+    load_granite_checkpoint,
+    save_granite_checkpoint,
+    wants_granite,
+)
 from ssmkit.models.formats.jamba import (
     jamba_config_from_transformers,
     load_jamba_checkpoint,
@@ -46,7 +53,7 @@ if TYPE_CHECKING:
 
     from ssmkit.models.config import ModelConfig
 
-TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba", "bamba", "nemotron_h")
+TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba", "bamba", "nemotron_h", "granitemoehybrid")
 
 
 def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -60,6 +67,8 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
         return load_bamba_checkpoint(folder)
     if raw.get("model_type") == "nemotron_h":
         return load_nemotron_h_checkpoint(folder)
+    if raw.get("model_type") == "granitemoehybrid":
+        return load_granite_checkpoint(folder)
     if is_mamba_ssm_config(raw):
         return load_mamba_ssm_checkpoint(folder)
     return transformers_mamba.load_transformers_checkpoint(folder)
@@ -75,19 +84,25 @@ def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
         return bamba_config_from_transformers(raw, config_path)
     if raw.get("model_type") == "nemotron_h":
         return nemotron_h_config_from_transformers(raw, config_path)
+    if raw.get("model_type") == "granitemoehybrid":
+        return granite_config_from_transformers(raw, config_path)
     if is_mamba_ssm_config(raw):
         return config_from_mamba_ssm(raw, config_path)
     return config_from_transformers(raw, config_path)
 
 
 def save_transformers_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a transformers folder: Nemotron-H for hybrids of Mamba-2 and attention layers whose
+    """Write ``model`` as a transformers folder: Granite-4.0 hybrid (granitemoehybrid) for models with what
+    only it expresses (multipliers, an attention softmax scale, shared experts, top-k softmax routing; see
+    :func:`ssmkit.models.formats.granite.wants_granite`), Nemotron-H for hybrids of Mamba-2 and attention layers whose
     feed-forwards (if any) are ungated MLPs, Bamba for other hybrids of Mamba-2 layers, Jamba for other
     hybrids (attention or feed-forward layers, or Mamba with inner layer norms), mamba / falcon_mamba / mamba2
     for pure SSM stacks."""
     config = model.config
     specs = config.layer_specs()
     hybrid = any(s.mixer == "attention" or s.ff is not None for s in specs)
+    if wants_granite(config):
+        return save_granite_checkpoint(model, path)
     if hybrid and all(s.mixer in ("mamba2", "attention") and s.ff in (None, "ungated_mlp") for s in specs):
         return save_nemotron_h_checkpoint(model, path)
     if hybrid and any(s.mixer == "mamba2" for s in specs):
@@ -101,11 +116,13 @@ __all__ = [
     "TRANSFORMERS_MODEL_TYPES",
     "CheckpointError",
     "load_bamba_checkpoint",
+    "load_granite_checkpoint",
     "load_jamba_checkpoint",
     "load_nemotron_h_checkpoint",
     "load_transformers_checkpoint",
     "read_transformers_config",
     "save_bamba_checkpoint",
+    "save_granite_checkpoint",
     "save_jamba_checkpoint",
     "save_nemotron_h_checkpoint",
     "save_transformers_checkpoint",
