@@ -1,4 +1,4 @@
-"""What a server session persists for the transformers hybrids (Bamba, Nemotron-H): every layer's state
+"""What a server session persists for the transformers hybrids (Bamba, Nemotron-H, Granite-4.0-H): every layer's state
 (attention KV and Mamba-2 conv/SSM), saved after a prompt and loaded again, continues decoding exactly as
 the cache that was never saved."""
 
@@ -10,7 +10,7 @@ import torch
 from ssmkit.models import LanguageModel, ModelCache, get_preset
 
 
-@pytest.mark.parametrize("preset", ["bamba-tiny", "nemotron-h-tiny"])
+@pytest.mark.parametrize("preset", ["bamba-tiny", "nemotron-h-tiny", "granite-hybrid-tiny"])
 def test_a_saved_cache_resumes_decoding_exactly(tmp_path, preset):
     torch.manual_seed(0)
     model = LanguageModel(get_preset(preset)).eval()

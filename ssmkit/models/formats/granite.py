@@ -138,7 +138,13 @@ def _rope(raw: dict[str, Any], head_dim: int, source: Path) -> tuple[int, float]
 def granite_config_from_transformers(raw: dict[str, Any], source: Path) -> ModelConfig:
     """The :class:`ModelConfig` of a transformers Granite-4.0 hybrid config.json; unsupported values raise
     :class:`CheckpointError` naming the field."""
-    from ssmkit.models.config import AttentionConfig, Mamba2Config, MLPConfig, ModelConfig, MoEConfig
+    from ssmkit.models.config import (
+        AttentionConfig,
+        Mamba2Config,
+        MLPConfig,
+        ModelConfig,
+        MoEConfig,
+    )
 
     values = config_values(raw, _DEFAULTS, MODEL_TYPE, source)
     refuse_quantized(raw, source)
