@@ -1,6 +1,6 @@
-"""What a server session persists for the transformers hybrids (Bamba, Nemotron-H, Granite-4.0-H): every layer's state
-(attention KV and Mamba-2 conv/SSM), saved after a prompt and loaded again, continues decoding exactly as
-the cache that was never saved."""
+"""What a server session persists for the transformers hybrids (Bamba, Nemotron-H, Granite-4.0-H): every
+layer's state (attention KV and Mamba-2 conv/SSM), saved after a prompt and loaded again, continues decoding
+exactly as the cache that was never saved."""
 
 from __future__ import annotations
 
