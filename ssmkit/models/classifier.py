@@ -132,7 +132,8 @@ class SequenceClassifier(nn.Module):
             lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids has ids outside [0, {self.config.vocab_size}): min {lo}, max {hi}")
-            return self.embedding(input_ids)
+            h, m = self.embedding(input_ids), self.config.embedding_multiplier
+            return h if m == 1 else h * m
         if input_ids is not None or inputs is None:
             raise ValueError(f"this classifier reads real-valued inputs (b, l, {self.d_input}): pass inputs=")
         if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() != 3 \

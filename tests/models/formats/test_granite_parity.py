@@ -268,3 +268,22 @@ def test_granite_tiny_preset_decodes_like_the_parallel_forward():
     torch.manual_seed(0)
     model = randomize_hybrid_(LanguageModel(get_preset("granite-hybrid-tiny")), 3).eval()
     assert_decode_equals_parallel_forward(model, token_ids(256, (2, 30), 8), 11)
+
+
+
+def test_int8_decode_step_applies_the_residual_multiplier():
+    """Weight-only int8 mixers decode through the unfused step, which applies the residual multiplier too:
+    a block's one-token step equals ``r + m * mixer(norm(r))`` on the same int8 layer."""
+    from ssmkit.models.presets import get_preset
+
+    torch.manual_seed(0)
+    model = randomize_hybrid_(LanguageModel(get_preset("granite-hybrid-tiny")), 3).eval().quantize()
+    block = model.layers[0]
+    assert isinstance(block.mixer, Mamba2) and block.residual_multiplier == 0.22
+    r = torch.randn(2, 1, 64)
+    fused, plain = block.allocate_state(2), block.allocate_state(2)
+    with torch.no_grad():
+        for _ in range(3):
+            expected = r + 0.22 * block.mixer(block.norm(r), cache=plain)
+            expected = expected + 0.22 * block.ff(block.ff_norm(expected))
+            torch.testing.assert_close(block(r, cache=fused), expected)
