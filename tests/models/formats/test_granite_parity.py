@@ -54,8 +54,10 @@ GRANITE = {
     "embedding_multiplier": 3.0, "residual_multiplier": 0.4, "attention_multiplier": 0.2, "logits_scaling": 2.5,
     "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
 }
-# The dense kind (no experts: the shared MLP alone), no positional encoding, a tied head, the new layer-type names.
-DENSE = {**GRANITE, "num_local_experts": 0, "num_experts_per_tok": 0, "position_embedding_type": "nope",
+# The dense kind (no experts: the shared MLP alone), no positional encoding, a tied head, the new layer-type names,
+# head_dim, mamba_d_head and the KV heads left to their defaults.
+DENSE = {**{k: v for k, v in GRANITE.items() if k != "head_dim"}, "num_local_experts": 0, "num_experts_per_tok": 0,
+         "position_embedding_type": "nope", "mamba_d_head": "auto", "num_key_value_heads": None,
          "tie_word_embeddings": True, "mamba_proj_bias": False, "mamba_conv_bias": False, "attention_bias": False,
          "layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention",
                          "linear_attention"]}
@@ -136,6 +138,26 @@ def test_module_names_of_the_experts_are_read(moe_folder, tmp_path):
     a, b = LanguageModel.from_pretrained(folder), LanguageModel.from_pretrained(tmp_path / "modules")
     for name, t in a.state_dict().items():
         assert torch.equal(b.state_dict()[name], t), name
+
+
+def test_hub_style_config_fields_are_read(moe_folder, tmp_path):
+    """config.json as the hub's Granite-4.0 folders write it: ``rope_theta`` and ``rope_scaling`` at the top
+    level, ``layers_block_type`` for the layer types, and fields transformers ignores; transformers and ssmkit
+    read the same function from it."""
+    hf, folder = moe_folder
+    raw = json.loads((folder / "config.json").read_text())
+    raw["layers_block_type"] = raw.pop("layer_types")
+    del raw["rope_parameters"]
+    raw.update(rope_theta=500.0, rope_scaling=None, normalization_function="rmsnorm", init_method="mup",
+               torch_dtype="float32", max_position_embeddings=4096)
+    write_checkpoint(tmp_path / "hub", raw, load_file(str(folder / "model.safetensors")))
+    model = LanguageModel.from_pretrained(tmp_path / "hub").eval()
+    assert model.config.layer_pattern == "2eAe2e2eAe" and model.config.attention.rotary_emb_base == 500.0
+    again = transformers.GraniteMoeHybridForCausalLM.from_pretrained(tmp_path / "hub").eval()
+    ids = token_ids(67, (1, 15), 2)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+        assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4 * hf(ids).logits.abs().max()
 
 
 def ssmkit_granite(ff: str = "e", tie: bool = True, rotary: int = 0) -> LanguageModel:
