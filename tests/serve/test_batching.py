@@ -158,3 +158,20 @@ def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
     assert any(padded and shape[0] > 1 for shape, padded in batches), batches
     for i, (p, c) in enumerate(zip(prompts, shorts)):
         assert c.tokens == generate(model, [p], 10, temperature=1.0, seed=50 + i, eos_token_id=258)[0]
+
+
+def test_granite_hybrid_is_served_like_generate():
+    """Granite-4.0-H (multipliers, MoE with a shared expert, NoPE attention): what the engine serves equals
+    generate(), greedy and sampled."""
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("granite-hybrid-tiny")).eval()
+    engine = Engine(model, max_batch=2, max_requests=4)
+    engine.start()
+    try:
+        greedy = submit(engine, [1, 2, 3], 12, {"temperature": 0}, eos=())
+        sampled = submit(engine, [4, 5], 12, {"temperature": 1.0}, seed=7, eos=())
+        assert greedy.done.wait(60) and sampled.done.wait(60)
+        assert greedy.tokens == generate(model, [[1, 2, 3]], 12, temperature=0)[0]
+        assert sampled.tokens == generate(model, [[4, 5]], 12, temperature=1.0, seed=7)[0]
+    finally:
+        engine.stop()
