@@ -11,7 +11,9 @@ MLP alone (``m``). The model's multipliers map to :class:`ModelConfig` fields: `
 ``logits_multiplier``; ``attention_multiplier`` is the attention's softmax scale (1.0 when the config
 leaves it out, not head_dim^-1/2). Attention has rotary embeddings over whole heads when
 ``position_embedding_type`` is ``"rope"`` and none otherwise (``null`` or ``"nope"``). The Mamba-2 gated
-RMSNorm has ``mamba_n_groups`` groups and the model's ``rms_norm_eps``, as Bamba's.
+RMSNorm has ``mamba_n_groups`` groups and the model's ``rms_norm_eps``, as Bamba's. In float32 the logits
+match transformers' to rounding; in bfloat16 they differ a little more, as ssmkit's MoE sums the weighted
+experts in float32 where transformers rounds each expert's share to bfloat16.
 
 Tensor names (transformers -> ssmkit), ``model.layers.{i}.`` before the layer's:
 
