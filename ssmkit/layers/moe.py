@@ -99,7 +99,7 @@ class MoE(nn.Module):
 
     Tokens are grouped per expert by one stable argsort of their expert ids, each expert runs once on its
     contiguous group, and the weighted results are summed back with ``index_add_`` in float32. The only
-    Python loop is over experts. After each forward, :attr:`last_stats` holds the :class:`RouterStats` of
+    Python loop is over experts (those routed no token are skipped outside autograd). After each forward, :attr:`last_stats` holds the :class:`RouterStats` of
     that forward (aux losses and per-expert counts for the trainer).
 
     Example::
@@ -193,7 +193,11 @@ class MoE(nn.Module):
         counts = torch.bincount(slot_expert, minlength=self.num_experts)
         slot_token = order // self.top_k
         groups = flat[slot_token].split(counts.tolist())
-        outputs = torch.cat([expert(group) for expert, group in zip(self.experts, groups)])
+        # Under autograd every expert runs, an empty group giving zero gradients (so that distributed training
+        # sees every parameter used); without it the empty groups are skipped: most of them at a decode step,
+        # where each token visits k of the E experts.
+        run_all = torch.is_grad_enabled()
+        outputs = torch.cat([expert(group) for expert, group in zip(self.experts, groups) if run_all or len(group)])
         mixed = torch.zeros(b * l, d, dtype=weights.dtype, device=x.device)
         mixed.index_add_(0, slot_token, outputs.to(weights.dtype) * weights.flatten()[order, None])
 

@@ -313,3 +313,22 @@ def test_bad_arguments_and_inputs():
         moe(x, mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="one device"):
         moe(x, mask=torch.ones(2, 5, dtype=torch.bool, device="meta"))
+
+
+def test_experts_without_tokens_run_only_under_autograd():
+    """Inference skips the experts no token was routed to (most of them at a decode step) with the same
+    output; under autograd every expert runs, so each parameter gets a gradient (zero when unused)."""
+    moe = MoE(16, d_intermediate=8, num_experts=8, top_k=2, router_softmax="top_k", shared_d_intermediate=4)
+    calls = []
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda module, args, out, e=e: calls.append((e, args[0].shape[0])))
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        y = moe(x)
+    assert len(calls) == 2 and all(n == 1 for _, n in calls)
+    calls.clear()
+    y_grad = moe(x)
+    assert len(calls) == 8
+    assert_close(y_grad.detach(), y, torch.float32)
+    y_grad.sum().backward()
+    assert all(p.grad is not None for p in moe.parameters())
