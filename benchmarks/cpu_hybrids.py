@@ -1,15 +1,17 @@
-"""transformers' SSM hybrids on this CPU: transformers' model vs ssmkit's LanguageModel loaded from the folder
-transformers saved, so both run the same random weights, side by side in one process.
+"""transformers' SSM hybrids vs ssmkit on this CPU, the same weights in both, side by side in one process.
 
-For each model type: a forward at ``--length`` tokens (batch 1, no grad, no cache; best of ``--repeats``) and
-``--decode`` greedy tokens after a 16-token prompt (transformers' ``generate`` with its cache, ssmkit's
-``generate``), printed with the ratio (transformers' time / ssmkit's: > 1 means ssmkit is faster), the logits'
-relative difference and whether the greedy tokens agree. Each model type's shapes and builder live in a
-function of its own (``granite_case`` ...), listed in ``CASES``.
+Each model type has its own row function (``ROWS``): it builds a random transformers model of a published
+shape (or ``--tiny``), saves it, loads the folder with ``LanguageModel.from_pretrained`` (the same
+weights), and times the forward (no grad, no cache) at ``--length`` tokens and ``--decode`` greedy decode
+steps after a 16-token prompt, best of ``--repeats``. Each row prints both timings, the ratio
+(transformers / ssmkit: above 1 means ssmkit is faster), the logits' relative error and whether the greedy
+tokens agree.
 
-    python benchmarks/cpu_hybrids.py                          # every model type, L = 2048, 32 decode steps
-    python benchmarks/cpu_hybrids.py --model granite --decode 64
-    python benchmarks/cpu_hybrids.py --tiny                   # a seconds-long smoke run
+    python benchmarks/cpu_hybrids.py                                  # every row, L = 2048, 32 decode steps
+    python benchmarks/cpu_hybrids.py --models zamba2 --shape 1.2b     # the published Zamba2-1.2B shape
+    python benchmarks/cpu_hybrids.py --models falcon_h1 --layers 4    # 4 layers of the falcon-h1-0.5b shape
+    python benchmarks/cpu_hybrids.py --models granite --layers 4      # Granite-4.0-H-Tiny's design, 768 wide
+    python benchmarks/cpu_hybrids.py --tiny                           # a seconds-long smoke run
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import platform
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,79 +36,134 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-@torch.no_grad()
 def compare(name: str, hf: torch.nn.Module, args: argparse.Namespace) -> None:
-    """Save ``hf`` (random weights, eval mode), load it with ssmkit, time and compare both; print the rows."""
-    import transformers
-
+    """Save ``hf``, load it with ssmkit, time both and print one row."""
     from ssmkit.models import LanguageModel
     from ssmkit.testing import relative_error
 
     with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(Path(folder))
-        ours = LanguageModel.from_pretrained(folder).eval()
+        hf.save_pretrained(folder)
+        ours = LanguageModel.from_pretrained(Path(folder)).eval()
     vocab = hf.config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.length), generator=torch.Generator().manual_seed(1))
-    ref = hf(ids, use_cache=False).logits
-    err = relative_error(ours(ids).logits[..., :vocab], ref)
-    hf_s = _best(lambda: hf(ids, use_cache=False), args.repeats)
-    our_s = _best(lambda: ours(ids), args.repeats)
-    params = sum(p.numel() for p in ours.parameters())
-    print(f"{name}{' (tiny)' if args.tiny else ''}: {params / 1e6:.1f}M parameters, L {args.length}, batch 1, fp32, "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{platform.processor() or platform.machine()}")
-    print(f"  forward: transformers {hf_s:.3f} s | ssmkit {our_s:.3f} s | ratio {hf_s / our_s:.2f}x | "
-          f"logits rel. diff {err:.2e}")
-    if args.decode:
-        prompt, n = ids[:, :16], args.decode
-        kwargs = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "pad_token_id": 0}
-        hf.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-        ours.generate(prompt, 2, temperature=0)
-        hf_tokens = hf.generate(prompt, **kwargs)[0, 16:].tolist()
-        our_tokens = ours.generate(prompt, n, temperature=0)[0, 16:].tolist()
-        hf_tps = n / _best(lambda: hf.generate(prompt, **kwargs), args.repeats)
-        our_tps = n / _best(lambda: ours.generate(prompt, n, temperature=0), args.repeats)
-        print(f"  decode ({n} tokens): transformers {hf_tps:.1f} tok/s | ssmkit {our_tps:.1f} tok/s | "
-              f"ratio {our_tps / hf_tps:.2f}x | greedy tokens agree {hf_tokens == our_tokens}")
+    ids = torch.randint(0, vocab, (1, args.length), generator=torch.Generator().manual_seed(0))
+    prompt = ids[:, :16]
+    with torch.no_grad():
+        error = relative_error(ours(ids).logits[..., :vocab], hf(ids, use_cache=False).logits)
+        hf_forward = _best(lambda: hf(ids, use_cache=False), args.repeats)
+        our_forward = _best(lambda: ours(ids), args.repeats)
+        steps = {"max_new_tokens": args.decode, "min_new_tokens": args.decode, "do_sample": False}
+        hf_tokens = hf.generate(prompt, **steps)[0, 16:].tolist()
+        our_tokens = ours.generate(prompt, args.decode, temperature=0)[0, 16:].tolist()
+        hf_decode = _best(lambda: hf.generate(prompt, **steps), args.repeats)
+        our_decode = _best(lambda: ours.generate(prompt, args.decode, temperature=0), args.repeats)
+    print(f"{name:<24} {hf_forward:>9.3f} {our_forward:>9.3f} {hf_forward / our_forward:>6.2f}x "
+          f"{args.decode / hf_decode:>9.1f} {args.decode / our_decode:>9.1f} {hf_decode / our_decode:>6.2f}x "
+          f"{error:>9.1e} {'yes' if hf_tokens == our_tokens else 'NO'}", flush=True)
 
 
-def granite_case(tiny: bool) -> torch.nn.Module:
-    """granitemoehybrid: Granite-4.0-H-Tiny's layout at a CPU-sized width — 10 layers (attention at 5, no
-    positional encoding), d_model 768, 12 query / 4 KV heads, Mamba-2 with 24 heads of 64, d_state 128,
-    64 experts of 256 (top 6) plus a shared MLP of 512, Granite's multipliers, vocab 32000."""
+# Zamba2: random weights of the published shapes (Zyphra/Zamba2-1.2B, -2.7B), a 12-layer one of the same
+# design that fits a CPU run, or a tiny one.
+ZAMBA2_SHAPES = {
+    "small": {"hidden_size": 768, "num_hidden_layers": 12, "layers_block_type": (["mamba"] * 5 + ["hybrid"]) * 2,
+              "mamba_d_state": 64, "n_mamba_heads": 24, "num_attention_heads": 16, "intermediate_size": 3072,
+              "num_mem_blocks": 2, "use_shared_attention_adapter": True, "use_mem_rope": True},
+    "1.2b": {"hidden_size": 2048, "num_hidden_layers": 38, "layers_block_type": (["mamba"] * 5 + ["hybrid"]) * 6
+             + ["mamba"] * 2, "mamba_d_state": 128, "n_mamba_heads": 64, "num_attention_heads": 32,
+             "intermediate_size": 8192, "num_mem_blocks": 1, "use_shared_attention_adapter": True,
+             "use_mem_rope": True},
+    "2.7b": {"hidden_size": 2560, "num_hidden_layers": 54, "mamba_d_state": 64, "n_mamba_heads": 80,
+             "num_attention_heads": 32, "intermediate_size": 10240, "num_mem_blocks": 2,
+             "use_shared_attention_adapter": False, "use_mem_rope": True},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 4, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"],
+             "mamba_d_state": 16, "n_mamba_heads": 8, "num_attention_heads": 4, "intermediate_size": 128,
+             "num_mem_blocks": 2, "use_shared_attention_adapter": True, "use_mem_rope": True, "adapter_rank": 8,
+             "chunk_size": 32},
+}
+
+
+def falcon_h1_rows(args: argparse.Namespace) -> None:
+    """Falcon-H1 in the shape of ``falcon-h1-0.5b`` (``--layers`` cuts its depth), or a tiny one."""
     import transformers
 
-    shape = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=10, num_attention_heads=12,
-                 num_key_value_heads=4, intermediate_size=256, shared_intermediate_size=512, num_local_experts=64,
-                 num_experts_per_tok=6, mamba_n_heads=24, mamba_d_head=64, mamba_d_state=128, mamba_chunk_size=256)
-    if tiny:
-        shape = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=32, shared_intermediate_size=48, num_local_experts=8,
-                     num_experts_per_tok=2, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=32)
-    layers = shape["num_hidden_layers"]
-    config = transformers.GraniteMoeHybridConfig(
-        **shape, layer_types=["attention" if i == layers // 2 else "mamba" for i in range(layers)],
-        position_embedding_type="nope", embedding_multiplier=12.0, residual_multiplier=0.22,
-        attention_multiplier=0.0078125, logits_scaling=6.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    from ssmkit.models import get_preset
+    from ssmkit.models.formats.falcon_h1 import falcon_h1_config_to_transformers
+
+    config = get_preset("falcon-h1-tiny" if args.tiny else "falcon-h1-0.5b")
+    if args.layers:
+        config.n_layer = args.layers
     torch.manual_seed(0)
-    return transformers.GraniteMoeHybridForCausalLM(config).eval()
+    hf = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
+        **falcon_h1_config_to_transformers(config, config.padded_vocab_size))).eval()
+    compare(f"falcon_h1-{'tiny' if args.tiny else f'0.5b/{config.n_layer}L'} L={args.length}", hf, args)
 
 
-CASES: dict[str, Callable[[bool], torch.nn.Module]] = {"granite": granite_case}
+def zamba2_rows(args: argparse.Namespace) -> None:
+    import transformers
+
+    shape = "tiny" if args.tiny else args.shape
+    config = transformers.Zamba2Config(vocab_size=32000, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                                       **ZAMBA2_SHAPES[shape])
+    torch.manual_seed(0)
+    hf = transformers.Zamba2ForCausalLM(config).eval()
+    compare(f"zamba2-{shape} L={args.length}", hf, args)
+
+
+def granite_rows(args: argparse.Namespace) -> None:
+    """Granite-4.0-H: ``granite-4.0-h-tiny``'s design at a CPU-sized width — 10 layers (attention at 5, no
+    positional encoding), d_model 768, 12 query / 4 KV heads, Mamba-2 with 24 heads of 64, d_state 128, 64
+    experts of 256 (top 6) plus a shared MLP of 512, Granite's multipliers, vocab 32000 — or the tiny preset's
+    shape. ``--layers`` sets the depth (attention in the middle layer)."""
+    import transformers
+
+    from ssmkit.models import get_preset
+    from ssmkit.models.config import AttentionConfig, Mamba2Config, MoEConfig
+    from ssmkit.models.formats.granite import granite_config_to_transformers
+    from ssmkit.models.presets import granite_hybrid_layer_pattern
+
+    config = get_preset("granite-hybrid-tiny" if args.tiny else "granite-4.0-h-tiny")
+    if not args.tiny:
+        config.vocab_size, config.d_model, config.n_layer = 32000, 768, args.layers or 10
+        config.attention = AttentionConfig(num_heads=12, num_heads_kv=4, softmax_scale=0.0078125)
+        config.mamba2 = Mamba2Config(d_state=128, headdim=64, chunk_size=256)
+        config.moe = MoEConfig(num_experts=64, top_k=6, d_intermediate=256, router_softmax="top_k",
+                               shared_d_intermediate=512, router_aux_loss_coef=0.0)
+        config.layer_pattern = granite_hybrid_layer_pattern(config.n_layer, (config.n_layer // 2,))
+    torch.manual_seed(0)
+    hf = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
+        **granite_config_to_transformers(config, config.padded_vocab_size))).eval()
+    compare(f"granite-{'tiny' if args.tiny else f'h-768/{config.n_layer}L'} L={args.length}", hf, args)
+
+
+ROWS: dict[str, Callable[[argparse.Namespace], None]] = {"falcon_h1": falcon_h1_rows, "zamba2": zamba2_rows,
+                                                         "granite": granite_rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("all", *CASES), default="all")
+    parser.add_argument("--models", nargs="+", choices=tuple(ROWS), default=list(ROWS))
+    parser.add_argument("--shape", default="small", help="zamba2: small, 1.2b or 2.7b")
+    parser.add_argument("--layers", type=int, default=0, help="falcon_h1: fewer layers than the published shape; "
+                        "granite: the depth of its CPU-sized shape (default 10)")
     parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--decode", type=int, default=32, help="greedy decode steps to time (0: none)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (smoke run)")
     args = parser.parse_args()
-    for name, case in CASES.items():
-        if args.model in ("all", name):
-            compare(name, case(args.tiny), args)
+    if args.tiny:
+        args.length, args.decode, args.repeats = min(args.length, 64), min(args.decode, 8), 1
+
+    import transformers
+
+    import ssmkit
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, ssmkit {ssmkit.__version__}")
+    print(f"{'model':<24} {'fwd hf s':>9} {'fwd ours':>9} {'ratio':>7} {'dec hf/s':>9} {'dec ours':>9} "
+          f"{'ratio':>7} {'rel err':>9} same tokens")
+    for name in args.models:
+        ROWS[name](args)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ class Cache(Protocol):
 
 class DecodingModel(Protocol):
     """What generation needs of a model (:class:`ssmkit.models.DecodingModel` is one): its forward with a
-    cache, a cache allocator, and for the fused decode step its embedding (``embed``: ids to the first
-    layer's input, multipliers included), residual blocks (each with a ``mixer`` and an optional ``ff`` that
-    follow the layers' state protocol, :mod:`ssmkit.layers.state`), final norm and head (``head_logits``)."""
+    cache, a cache allocator, and for the fused decode step its embedding, residual blocks (each with a
+    ``mixer`` and an optional ``ff`` that follow the layers' state protocol, :mod:`ssmkit.layers.state`),
+    final norm and head."""
 
     embedding: nn.Module
     layers: Sequence[nn.Module]
@@ -47,10 +47,6 @@ class DecodingModel(Protocol):
     config: Any
 
     def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any: ...
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
-
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
                        *, max_length: int | None = None) -> Cache: ...
@@ -105,9 +101,9 @@ def forward_one(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torc
     values on the host (a synchronisation per token, and not capturable in a CUDA graph); the tokens
     here come from :func:`pick`, so they are valid ids.
     """
-    residual = model.embed(token[:, None])
+    residual = inputs = model.embedding(token[:, None])
     for block, layer_state in zip(model.layers, cache.states):
-        residual = block(residual, cache=layer_state)
+        residual = block(residual, cache=layer_state, inputs=inputs)
     return model.head_logits(model.norm_f(residual[:, -1]))
 
 

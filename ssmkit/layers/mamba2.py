@@ -1,7 +1,7 @@
 """Mamba-2 mixer (SSD block) and its recurrent state.
 
-Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H, ``h`` nheads = I / p,
-``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
+Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H (or the config's d_inner),
+``h`` nheads = I / p, ``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
 
 The block (Mamba-2 paper, "Transformers are SSMs", Figure 6): one in-projection to [z, xBC, dt], causal
 depthwise convolution + SiLU on xBC (x, B and C together), the SSD scan with a scalar decay per head and
@@ -54,6 +54,9 @@ class Mamba2(nn.Module):
     ``rmsnorm=False`` drops the gated RMSNorm and gates the scan output with ``silu(z)`` directly;
     ``D_has_hdim`` gives D one value per channel instead of per head; ``dt_limit`` clamps Δ after the
     softplus. ``norm_eps`` is the gated RMSNorm's eps (mamba_ssm 1e-5; transformers uses the model's).
+    Falcon-H1's options: ``d_inner`` sets the SSM's width apart from ``expand``, ``in_proj_multipliers`` scale
+    the z, x, B, C and dt parts of ``in_proj``'s output (every path: parallel, step, fused step), and
+    ``out_proj_bias`` gives ``out_proj`` a bias setting of its own.
 
     ``context_parallel`` (a :class:`SequenceSplit`, e.g. :class:`ssmkit.distributed.ContextParallel`) makes the
     layer read a sequence split across ranks: each rank passes its part; no cache or initial state then.
@@ -85,9 +88,9 @@ class Mamba2(nn.Module):
         rmsnorm, D_has_hdim = config.rmsnorm, config.D_has_hdim
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.d_inner = int(expand * d_model)
+        self.d_inner = int(config.inner_width(d_model))
         if self.d_inner % headdim:
-            raise ValueError(f"Mamba2: headdim={headdim} must divide d_inner = expand * d_model = {self.d_inner}")
+            raise ValueError(f"Mamba2: headdim={headdim} must divide d_inner = {self.d_inner}")
         self.headdim, self.nheads, self.ngroups = headdim, self.d_inner // headdim, ngroups
         if self.nheads % ngroups:
             raise ValueError(f"Mamba2: ngroups={ngroups} must divide nheads={self.nheads}")
@@ -106,8 +109,16 @@ class Mamba2(nn.Module):
         if rmsnorm:
             self.norm = RMSNormGated(self.d_inner, eps=norm_eps, group_size=self.d_inner // ngroups,
                                      norm_before_gate=norm_before_gate, **factory)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        out_bias = bias if config.out_proj_bias is None else config.out_proj_bias
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=out_bias, **factory)
         no_weight_decay(self.dt_bias, self.A_log, self.D, self.conv1d.bias, self.in_proj.bias, self.out_proj.bias)
+        scale = None
+        if any(m != 1.0 for m in config.in_proj_multipliers):
+            # One scale per in_proj output channel (z, x, B, C, dt), a buffer so that a step allocates nothing.
+            widths = (self.d_inner, self.d_inner, ngroups * d_state, ngroups * d_state, self.nheads)
+            scale = torch.cat([torch.full((w,), float(m), device=device, dtype=dtype)
+                               for w, m in zip(widths, config.in_proj_multipliers)])
+        self.register_buffer("in_proj_scale", scale, persistent=False)
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
                        max_length: int | None = None) -> Mamba2State:
@@ -139,7 +150,8 @@ class Mamba2(nn.Module):
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
 
-        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = self._scaled(self.in_proj(hidden_states)).split([self.d_inner, self.conv_dim, self.nheads],
+                                                                      dim=-1)
         conv_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
         conv_initial = None if state is None else state.conv[..., 1:].to(conv_in.dtype)
         scan = ops.mamba_chunk_scan_combined
@@ -172,7 +184,7 @@ class Mamba2(nn.Module):
 
     def _step(self, hidden_states: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
-        y, z = self._scan_step(self.in_proj(hidden_states[:, 0]), state)
+        y, z = self._scan_step(self._scaled(self.in_proj(hidden_states[:, 0])), state)
         if self.rmsnorm:
             y = self.norm(y, z)
         return self.out_proj(y).unsqueeze(1)
@@ -191,7 +203,7 @@ class Mamba2(nn.Module):
         self._check_state(state, residual.shape[0])
         r = one_token(residual, self._name())
         zxbcdt = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
-        y, z = self._scan_step(zxbcdt, state)
+        y, z = self._scan_step(self._scaled(zxbcdt), state)
         if not self.rmsnorm:
             out = self.out_proj(y)
             return (r + (out if scale == 1 else out * scale)).unsqueeze(1)
@@ -220,6 +232,12 @@ class Mamba2(nn.Module):
             dt_limit=self.dt_limit,
         ).flatten(-2)
         return y, z
+
+    def _scaled(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        """in_proj's output (..., 2·I + 2·g·N + h) times ``in_proj_multipliers`` per part (when any is not 1)."""
+        if self.in_proj_scale is None:
+            return zxbcdt
+        return zxbcdt * self.in_proj_scale.to(zxbcdt.dtype)
 
     def _D(self) -> torch.Tensor:
         return self.D.unflatten(0, (self.nheads, self.headdim)) if self.D_has_hdim else self.D

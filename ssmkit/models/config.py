@@ -118,13 +118,12 @@ class ModelConfig:
     rescale_prenorm_residual: bool = True
     """Scale residual output projections by 1/sqrt(branches) at init."""
     embedding_multiplier: float = 1.0
-    """The embedding's output is multiplied by this before the first layer (Granite's
-    ``embedding_multiplier``)."""
+    """Scale of the embedding's output (µP; Falcon-H1's embedding_multiplier)."""
+    logits_multiplier: float = 1.0
+    """Scale of a language model's logits (µP; Falcon-H1's lm_head_multiplier)."""
     residual_multiplier: float = 1.0
     """Every mixer's and feed-forward's output is multiplied by this before it is added to the residual
-    stream (Granite's ``residual_multiplier``)."""
-    logits_multiplier: float = 1.0
-    """The logits are multiplied by this (Granite's ``1 / logits_scaling``)."""
+    stream (Granite-4.0's residual_multiplier)."""
     sections: dict[str, Any] = field(default_factory=dict, metadata={"sections": registry.sections})
     """The settings of every registered layer kind by section name (``config.mamba2`` reads
     ``config.sections["mamba2"]``); in JSON each is a key of its own, beside the fields above."""
@@ -183,9 +182,9 @@ class ModelConfig:
             raise ValueError(f"n_layer must be at most {MAX_LAYERS:,}, got {self.n_layer:,}")
         _positive("norm_eps", self.norm_eps)
         _positive("initializer_range", self.initializer_range)
-        for name in ("embedding_multiplier", "residual_multiplier", "logits_multiplier"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("embedding_multiplier", "logits_multiplier", "residual_multiplier"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         tokens = pattern_tokens(self.layer_pattern)
         if len(tokens) > self.n_layer:
             raise ValueError(f"layer_pattern {self.layer_pattern!r} describes {len(tokens)} layers but n_layer "

@@ -132,7 +132,7 @@ def test_multipliers_and_softmax_scale_round_trip_and_are_checked():
     assert (legacy.embedding_multiplier, legacy.residual_multiplier, legacy.logits_multiplier) == (1.0, 1.0, 1.0)
     assert (legacy.attention.softmax_scale, legacy.moe.router_softmax, legacy.moe.shared_d_intermediate) == (
         None, "all", 0)
-    for bad, match in (({"residual_multiplier": 0.0}, "residual_multiplier"),
+    for bad, match in (({"residual_multiplier": math.nan}, "residual_multiplier"),
                        ({"logits_multiplier": math.inf}, "logits_multiplier"),
                        ({"attention": AttentionConfig(softmax_scale=-1.0)}, "softmax_scale"),
                        ({"moe": MoEConfig(router_softmax="sigmoid")}, "router_softmax"),

@@ -160,6 +160,24 @@ def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
         assert c.tokens == generate(model, [p], 10, temperature=1.0, seed=50 + i, eos_token_id=258)[0]
 
 
+def test_a_zamba2_state_kept_after_a_prompt_continues_like_generate():
+    """Zamba2 (each hybrid layer's state: its shared-block call's KV beside Mamba-2's) through the engine: the
+    state kept after a prompt, continued with more tokens, gives generate's tokens on the whole prompt."""
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("zamba2-tiny")).eval()
+    engine = Engine(model, max_batch=2, max_requests=2)
+    assert not engine.batched  # its KV caches grow
+    engine.start()
+    try:
+        kept = submit(engine, [3, 4, 5, 6, 7], 0, {"temperature": 0}, eos=(), keep_state=True)
+        assert kept.done.wait(60) and kept.cache.seqlen_offset == 5
+        more = submit(engine, [8, 9], 10, {"temperature": 0}, cache=kept.cache, eos=())
+        assert more.done.wait(60)
+        assert more.tokens == generate(model, [[3, 4, 5, 6, 7, 8, 9]], 10, temperature=0)[0]
+    finally:
+        engine.stop()
+
+
 def test_granite_hybrid_is_served_like_generate():
     """Granite-4.0-H (multipliers, MoE with a shared expert, NoPE attention): what the engine serves equals
     generate(), greedy and sampled."""

@@ -55,6 +55,7 @@ from ssmkit.models.formats.hybrid_common import (
     check_tensors,
     config_field,
     config_values,
+    falcon_h1_settings,
     field_error,
     read_folder,
     refuse_quantized,
@@ -210,18 +211,33 @@ def granite_config_from_transformers(raw: dict[str, Any], source: Path) -> Model
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def wants_granite(config: ModelConfig) -> bool:
-    """Whether ``config`` uses what of transformers' hybrid formats only Granite-4.0's expresses: multipliers,
-    an attention softmax scale, a shared expert or top-k softmax routing, attention without RoPE beside
-    Mamba-2 layers with SwiGLU feed-forwards."""
+def granite_settings(config: ModelConfig) -> list[str]:
+    """The settings of ``config`` that of transformers' formats only Granite-4.0's expresses (the residual
+    multiplier, an attention softmax scale, a shared expert, top-k softmax routing), where they differ from
+    their neutral values in the layers the pattern uses: a writer of another format refuses them."""
     specs = config.layer_specs()
     mixers, ffs = {s.mixer for s in specs}, {s.ff for s in specs}
-    moe = config.moe
-    return (any(getattr(config, f) != 1 for f in ("embedding_multiplier", "residual_multiplier", "logits_multiplier"))
-            or ("attention" in mixers and config.attention.softmax_scale is not None)
-            or ("moe" in ffs and (moe.shared_d_intermediate > 0 or moe.router_softmax == "top_k"))
-            or ("attention" in mixers and "mamba2" in mixers and not config.attention.rotary_emb_dim
-                and ffs <= {"mlp", "moe"}))
+    found = ["residual_multiplier"] if config.residual_multiplier != 1 else []
+    if mixers & {"attention", "sliding_window_attention"} and config.attention.softmax_scale is not None:
+        found.append("attention.softmax_scale")
+    if "moe" in ffs:
+        found += ["moe.shared_d_intermediate"] if config.moe.shared_d_intermediate else []
+        found += ["moe.router_softmax"] if config.moe.router_softmax != "all" else []
+    return found
+
+
+def wants_granite(config: ModelConfig) -> bool:
+    """Whether ``config`` is written as Granite-4.0's: it has settings only that format expresses
+    (:func:`granite_settings`), or it is made of Granite's layers with embedding / logits multipliers or with
+    attention without RoPE beside Mamba-2 (which Bamba's format cannot say)."""
+    if granite_settings(config):
+        return True
+    specs = config.layer_specs()
+    mixers, ffs = {s.mixer for s in specs}, {s.ff for s in specs}
+    if not (mixers <= {"mamba2", "attention"} and len(ffs) == 1 and ffs <= {"mlp", "moe"}):
+        return False
+    return (config.embedding_multiplier != 1 or config.logits_multiplier != 1
+            or (mixers == {"mamba2", "attention"} and not config.attention.rotary_emb_dim))
 
 
 def granite_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[str, Any]:
@@ -247,6 +263,11 @@ def granite_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict
             problems.append("moe needs router_softmax='top_k' (or renormalize=true, the same weights)")
     if ffs == {"mlp"} and config.mlp.bias:
         problems.append("mlp.bias must be false")
+    if config.logits_multiplier == 0:
+        problems.append("logits_multiplier must not be 0 (Granite divides the logits by its inverse)")
+    others = [n for n in falcon_h1_settings(config) if n not in ("embedding_multiplier", "logits_multiplier")]
+    if others:
+        problems.append(f"{', '.join(others)}: only transformers' Falcon-H1 expresses these settings")
     if problems:
         raise ValueError(f"layer_pattern {config.layer_pattern!r} cannot be saved as transformers' Granite-4.0 "
                          "hybrid (granitemoehybrid): " + "; ".join(problems))
@@ -368,6 +389,7 @@ __all__ = [
     "MODEL_TYPE",
     "granite_config_from_transformers",
     "granite_config_to_transformers",
+    "granite_settings",
     "load_granite_checkpoint",
     "save_granite_checkpoint",
     "wants_granite",
