@@ -65,6 +65,10 @@ class MambaConfig:
     """falcon_mamba's weightless RMSNorm eps on Δ, B, C (None = none)."""
     inner_layernorms: bool = False
     """Jamba's learned RMSNorms on Δ, B and C."""
+    fused: bool = True
+    """Run a whole-sequence call without a state through ``mamba_inner_fn`` (the convolution, Δ, B, C and the
+    gated output recomputed in the backward instead of kept); False: the separate ops, every intermediate kept.
+    Same function either way."""
 
     def validate(self, d_model: int) -> None:
         _positive("mamba.d_state", self.d_state)
@@ -126,6 +130,9 @@ class Mamba2Config:
     """Scales of in_proj's z, x, B, C and dt outputs, bias included (Falcon-H1's µP ssm_multipliers)."""
     out_proj_bias: bool | None = None
     """Bias in out_proj; None = bias (Falcon-H1 sets it apart: projectors_bias)."""
+    fused: bool = True
+    """Run a whole-sequence call without a state through ``mamba_split_conv1d_scan_combined`` (the convolution
+    and the norm's output recomputed in the backward instead of kept); False: the separate ops. Same function."""
 
     def inner_width(self, d_model: int) -> int:
         """d_inner: the field when set, else expand * d_model."""

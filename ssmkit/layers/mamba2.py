@@ -22,6 +22,7 @@ from ssmkit.layers.configs import Mamba2Config, layer_settings
 from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
+from ssmkit.ops import decode_step
 
 
 @dataclasses.dataclass(eq=False)
@@ -150,6 +151,10 @@ class Mamba2(nn.Module):
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
 
+        if self.config.fused and state is None and split is None:
+            # A context-parallel layer reads its convolution's and scan's entries from other ranks, which
+            # the fused function has no argument for: it takes the separate ops below.
+            return self._fused_forward(hidden_states, seq_idx)
         z, xBC, dt = self._scaled(self.in_proj(hidden_states)).split([self.d_inner, self.conv_dim, self.nheads],
                                                                       dim=-1)
         conv_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
@@ -181,6 +186,19 @@ class Mamba2(nn.Module):
         if self.rmsnorm:
             y = self.norm(y, z)
         return self.out_proj(y)
+
+    def _fused_forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """The stateless whole-sequence forward through ``mamba_split_conv1d_scan_combined``: the same function
+        as the separate ops, keeping far less for the backward (see :mod:`ssmkit.ops.fused`)."""
+        norm = self.norm if self.rmsnorm else None
+        return ops.mamba_split_conv1d_scan_combined(
+            self._scaled(self.in_proj(hidden_states)), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+            -torch.exp(at_least_fp32(self.A_log)), self._D(), self.chunk_size, seq_idx=seq_idx,
+            dt_limit=self.dt_limit, rmsnorm_weight=None if norm is None else norm.weight,
+            rmsnorm_eps=1e-6 if norm is None else norm.eps, outproj_weight=self.out_proj.weight,
+            outproj_bias=self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
+            norm_before_gate=self.config.norm_before_gate,
+        )
 
     def _step(self, hidden_states: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
@@ -215,21 +233,12 @@ class Mamba2(nn.Module):
     def _scan_step(self, zxbcdt: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, torch.Tensor]:
         """Convolution and SSM of one token from ``in_proj``'s output (b, ·): y (b, d_inner) and the gate z."""
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = ops.causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                       activation="silu")
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = ops.selective_state_update(
-            state.ssm,
-            x.unflatten(-1, (self.nheads, self.headdim)),
-            dt,
-            decode_A(self),
-            B.unflatten(-1, (self.ngroups, self.d_state)),
-            C.unflatten(-1, (self.ngroups, self.d_state)),
-            self._D(),
-            z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=self.dt_limit,
+        # One kernel on CUDA at small batch (the convolution update folded into the state update); the
+        # separate conv and state updates otherwise.
+        y = decode_step.conv1d_selective_state_update(
+            xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.ssm, dt, decode_A(self),
+            self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)), dt_bias=self.dt_bias,
+            ngroups=self.ngroups, dt_softplus=True, dt_limit=self.dt_limit,
         ).flatten(-2)
         return y, z
 
