@@ -64,18 +64,31 @@ def check_case(l, g, a, interleaved, dtype, packed, mimo, rank) -> None:
         assert_close(grad, want_grads[name], tol, name=f"grad {name}")
 
 
-# name -> (b, l, g, h, n, a, interleaved, dtype, with the cb gradient): odd lengths, n/2 not a power of two.
+# name -> (b, l, g, h, n, a, interleaved, dtype, with the cb gradient[, programs the backward's head split aims
+# at: tiny grids split a group's heads fully, 0 keeps them in one program]): odd lengths, n/2 not a power of two.
 ROTARY_CASES = {
     "rotary_interleaved_fp32": (2, 37, 1, 4, 8, 2, True, "float32", True),
+    "rotary_unsplit_groups_fp32": (2, 21, 2, 6, 8, 3, True, "float32", True, 0),
     "rotary_halves_groups_bf16": (2, 21, 2, 4, 16, 4, False, "bfloat16", True),
     "rotary_n12_no_dcb": (1, 5, 1, 2, 12, 3, True, "float32", False),
     "rotary_interleaved_groups_bf16": (2, 19, 2, 6, 8, 3, True, "bfloat16", True),
 }
 
 
-def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb) -> None:
+def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, split_programs=None) -> None:
+    from ssmkit.ops.mamba3 import triton_rotary
     from ssmkit.ops.mamba3.reference import rotate
     from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
+
+    saved = triton_rotary._SPLIT_PROGRAMS
+    triton_rotary._SPLIT_PROGRAMS = saved if split_programs is None else split_programs
+    try:
+        _check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, rotate, rotate_bc_triton)
+    finally:
+        triton_rotary._SPLIT_PROGRAMS = saved
+
+
+def _check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, rotate, rotate_bc_triton) -> None:
 
     dt = getattr(torch, dtype)
     inputs = [torch.randn(b, l, g, n).to(dt), torch.randn(b, l, g, n).to(dt), torch.randn(h, n), torch.randn(h, n),

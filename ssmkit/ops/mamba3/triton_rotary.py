@@ -32,6 +32,8 @@ _ROWS = 16
 _WARPS = 8
 _FWD_ROWS = 16
 _FWD_WARPS = 4
+_STAGES = 1  # software pipelining of the backward's head loop (the next head's loads in flight)
+_SPLIT_PROGRAMS = 4 * 132  # backward: split a group's heads until about this many programs (a few per SM) run
 
 
 @triton.jit
@@ -133,12 +135,13 @@ def _rotate_bc_fwd(
 def _rotate_bc_bwd(
     B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, dBt_ptr, dCt_ptr, dcb_ptr,
     dB_ptr, dC_ptr, dBb_ptr, dCb_ptr, dtheta_ptr,
-    R, H, G, A,
+    R, H, G, A, SPLIT,
     N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DCB: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, STAGES: tl.constexpr,
 ):
     blk = tl.program_id(0).to(tl.int64)
     gg = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2).to(tl.int64)
     rows = blk * ROWS + tl.arange(0, ROWS)
     pair = tl.arange(0, HALF)
     pmask = pair < N // 2
@@ -150,9 +153,9 @@ def _rotate_bc_bwd(
     db1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     dc0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     dc1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
-    hpg = H // G
-    for k in range(hpg):
-        hh = gg * hpg + k
+    hps = H // G // SPLIT
+    for k in tl.range(0, hps, num_stages=STAGES):
+        hh = (gg * SPLIT + sp) * hps + k
         bb0, bb1, cc0, cc1, cos, sin, tmask = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
                                                            pmask, H, A, N)
         u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
@@ -182,8 +185,18 @@ def _rotate_bc_bwd(
         tl.store(dBb_ptr + (blk * H + hh) * N + s, tl.sum(ub1, 0), mask=pmask)
         tl.store(dCb_ptr + (blk * H + hh) * N + f, tl.sum(uc0, 0), mask=pmask)
         tl.store(dCb_ptr + (blk * H + hh) * N + s, tl.sum(uc1, 0), mask=pmask)
-    _store_pair(dB_ptr + gg * N, rows, G * N, f, s, db0, db1, mask)
-    _store_pair(dC_ptr + gg * N, rows, G * N, f, s, dc0, dc1, mask)
+    # dB, dC: (SPLIT, R, G, N), the partial of this program's split (SPLIT 1: the gradient itself).
+    _store_pair(dB_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, db0, db1, mask)
+    _store_pair(dC_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, dc0, dc1, mask)
+
+
+def _split(heads_per_group: int, programs: int) -> int:
+    """How many programs share a group's heads in the backward: the smallest divisor of heads_per_group that
+    gives about _SPLIT_PROGRAMS programs (the float32 partials cost 2·SPLIT·R·g·n·8 bytes of traffic)."""
+    for split in range(1, heads_per_group + 1):
+        if heads_per_group % split == 0 and programs * split >= _SPLIT_PROGRAMS:
+            return split
+    return heads_per_group
 
 
 def _half(n: int) -> int:
@@ -219,15 +232,22 @@ class _RotateBC(torch.autograd.Function):
         nblk = triton.cdiv(R, _ROWS)
         dBt = torch.zeros(R, h, n, device=B.device, dtype=out_dtype) if dBt is None else dBt.contiguous()
         dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        split = _split(h // g, nblk * g)
+        if split == 1:
+            dB, dC = torch.empty_like(B), torch.empty_like(C)
+        else:
+            dB = torch.empty(split, R, g, n, device=B.device, dtype=torch.float32)
+            dC = torch.empty_like(dB)
         dBb = torch.empty(nblk, h, n, device=B.device, dtype=torch.float32)
         dCb = torch.empty_like(dBb)
         dtheta = torch.empty_like(theta)
-        _rotate_bc_bwd[(nblk, g)](
+        _rotate_bc_bwd[(nblk, g, split)](
             B, C, B_bias, C_bias, theta, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
-            dB, dC, dBb, dCb, dtheta, R, h, g, a, N=n, HALF=_half(n), ROWS=_ROWS, INTERLEAVED=interleaved,
-            HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], num_warps=_WARPS,
+            dB, dC, dBb, dCb, dtheta, R, h, g, a, split, N=n, HALF=_half(n), ROWS=_ROWS, INTERLEAVED=interleaved,
+            HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES, num_warps=_WARPS,
         )
+        if split > 1:
+            dB, dC = dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype)
         return dB, dC, dBb.sum(0), dCb.sum(0), dtheta, None, None, None
 
 
