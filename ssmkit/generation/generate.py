@@ -4,8 +4,9 @@ Prompts of different lengths are left-padded into one batch. The padding is give
 (``seq_idx``), so the ops restart every state at the first real token: each row then computes exactly
 what it computes alone (up to float rounding), for SSM layers, whose state has no notion of position.
 
-On CUDA the one-token steps are captured once in a CUDA graph and replayed (see ``decode.py``); the
-end-of-sequence check reads the device every ``EOS_CHECK_EVERY`` tokens rather than every token.
+On CUDA the one-token steps are captured once in a CUDA graph and replayed (see ``decode.py``), and the
+captured step is kept for the next call of the same shape (``graph_cache.py``); the end-of-sequence check
+reads the device every ``EOS_CHECK_EVERY`` tokens rather than every token.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ssmkit.generation.decode import (
     pick,
     step,
 )
+from ssmkit.generation.graph_cache import cached_step
 from ssmkit.generation.sampling import RowSampling, SamplingParams, make_generators
 
 Prompts = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
@@ -166,7 +168,16 @@ def _decode(model: DecodingModel, ids: torch.Tensor, seq_idx: torch.Tensor | Non
     if max_new_tokens == 0:
         return
     token = pick(_prefill(model, ids, seq_idx, state.cache, prefill_chunk_size), state)
-    graphed = GraphedStep(model, token, state) if use_graph and max_new_tokens > 1 else None
+    if not use_graph or max_new_tokens == 1:
+        yield from _steps(model, token, state, None, max_new_tokens, check_every)
+        return
+    with cached_step(model, token, state) as (graphed, graph_state):
+        yield from _steps(model, token, graph_state, graphed, max_new_tokens, check_every)
+
+
+def _steps(model: DecodingModel, token: torch.Tensor, state: DecodeState, graphed: GraphedStep | None,
+           max_new_tokens: int, check_every: int) -> Iterator[torch.Tensor]:
+    """Yield ``token`` and the tokens after it, replaying ``graphed`` (which runs on ``state``) or eagerly."""
     pending: list[torch.Tensor] = []
     finished: list[torch.Tensor] = []
     for n in range(1, max_new_tokens + 1):

@@ -31,6 +31,7 @@ from ssmkit.layers.ungated_mlp import UngatedMLPConfig
 from ssmkit.models.config import (
     AttentionConfig,
     Mamba2Config,
+    Mamba3Config,
     MambaConfig,
     MLPConfig,
     ModelConfig,
@@ -95,6 +96,15 @@ def mamba2_130m() -> ModelConfig:
     """state-spaces/mamba2-130m: 24 Mamba-2 layers, d_model 768, 24 heads of 64, d_state 128, vocab 50288."""
     return ModelConfig(vocab_size=50288, d_model=768, n_layer=24, layer_pattern="2",
                        mamba2=Mamba2Config(d_state=128, headdim=64, ngroups=1), pad_vocab_size_multiple=16)
+
+
+@register("mamba3-130m")
+def mamba3_130m() -> ModelConfig:
+    """A Mamba-3 language model of mamba2-130m's size (no published checkpoint): 24 single-input Mamba-3 layers,
+    d_model 768, mamba_ssm's ``Mamba3`` defaults (24 heads of 64, d_state 128, one group, half the state
+    rotary, chunks of 64), vocab 50288."""
+    return ModelConfig(vocab_size=50288, d_model=768, n_layer=24, layer_pattern="3", mamba3=Mamba3Config(),
+                       pad_vocab_size_multiple=16)
 
 
 @register("byte-small")

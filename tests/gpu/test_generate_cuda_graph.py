@@ -103,6 +103,20 @@ def test_graph_matches_eager_for_a_cache_continued_and_the_cache_after():
             torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "samba"])
+def test_a_kept_graph_serves_later_calls_with_the_eager_tokens(name):
+    from ssmkit.generation.graph_cache import cached_graphs, clear_graph_cache
+
+    model = _model(name, torch.bfloat16)
+    clear_graph_cache(model)
+    sampling = {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1}
+    for seed in (1, 2, 3):
+        prompts = _prompts(model.config.vocab_size, 3 + seed)[:3]  # other prompts, the same batch of 3
+        graphed = model.generate(prompts, 30, cuda_graph=True, seed=seed, **sampling)
+        assert graphed == model.generate(prompts, 30, cuda_graph=False, seed=seed, **sampling)
+    assert cached_graphs(model) == 1
+
+
 def test_full_attention_falls_back_to_eager():
     model = _model("mamba-attention", torch.float32)
     assert "full attention" in graph_blocker(model)

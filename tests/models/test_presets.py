@@ -31,6 +31,19 @@ def test_public_shapes():
     assert n_params(m2) == 50288 * 768 + 768 + 24 * per_layer
 
 
+def test_mamba3_130m_is_mamba_ssm_default_mamba3_at_mamba2_130m_size():
+    cfg = get_preset("mamba3-130m")
+    assert (cfg.d_model, cfg.n_layer, cfg.padded_vocab_size, cfg.layer_pattern) == (768, 24, 50288, "3")
+    m3 = cfg.mamba3
+    assert (m3.headdim, m3.d_state, m3.ngroups, m3.rope_fraction, m3.chunk_size) == (64, 128, 1, 0.5, 64)
+    assert not m3.is_mimo and not m3.is_outproj_norm
+    # mamba_ssm's Mamba3: in_proj to z, x (2 x 1536), B, C (2 x 128), dd_dt, dd_A, trap (3 x 24 heads) and
+    # 32 rotary angles; dt_bias and D per head; B and C biases (24 x 128 each) and norms (128 each).
+    per_layer = 768 * (2 * 1536 + 2 * 128 + 3 * 24 + 32) + 2 * 24 + 2 * 24 * 128 + 2 * 128 + 1536 * 768 + 768
+    assert n_params(cfg) == 50288 * 768 + 768 + 24 * per_layer
+    assert 0.9 < n_params(cfg) / n_params(get_preset("mamba2-130m")) < 1.1
+
+
 def test_byte_small_is_a_few_million_parameters():
     cfg = get_preset("byte-small")
     assert cfg.vocab_size == BYTE_VOCAB_SIZE == 259 and BYTE_EOS == 258
