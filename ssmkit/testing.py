@@ -194,9 +194,11 @@ def report_checks(checks: dict[str, tuple[Callable[..., None], tuple]]) -> None:
 
 
 
-def assert_prenorm_step_matches(layer: torch.nn.Module, d_model: int, batch: int = 3, steps: int = 6) -> None:
-    """A float64 ``layer``'s fused ``step_from_residual(r, norm, state)`` equals ``r + layer(norm(r), cache=…)``
-    token after token, for a block's RMSNorm with non-unit weights; so do the states left behind."""
+def assert_prenorm_step_matches(layer: torch.nn.Module, d_model: int, batch: int = 3, steps: int = 6,
+                                scale: float = 1.0) -> None:
+    """A float64 ``layer``'s fused ``step_from_residual(r, norm, state, scale=scale)`` equals
+    ``r + scale * layer(norm(r), cache=…)`` token after token, for a block's RMSNorm with non-unit weights;
+    so do the states left behind."""
     from ssmkit.layers.norm import RMSNorm
 
     norm = RMSNorm(d_model).double()
@@ -206,8 +208,9 @@ def assert_prenorm_step_matches(layer: torch.nn.Module, d_model: int, batch: int
     fused_state, plain_state = layer.allocate_state(batch), layer.allocate_state(batch)
     for t in range(steps):
         token = r[:, t:t + 1]
-        got = layer.step_from_residual(token, norm, fused_state)
-        assert_close(got, token + layer(norm(token), cache=plain_state), torch.float64, name=f"position {t}")
+        got = layer.step_from_residual(token, norm, fused_state, scale=scale)
+        assert_close(got, token + scale * layer(norm(token), cache=plain_state), torch.float64,
+                     name=f"position {t}")
     plain = plain_state.tensors()
     for name, value in fused_state.tensors().items():
         assert_close(value, plain[name], torch.float64, name=f"{name} state")

@@ -132,7 +132,7 @@ class Attention(nn.Module):
             ``rotate_half`` layout: pairs (i, i + r/2)); 0 = no positional encoding (Jamba), p = whole
             heads (Samba).
         rotary_emb_base: RoPE base θ (frequencies θ^(-2i/r)).
-        softmax_scale: default p^-1/2.
+        softmax_scale: scale of the query-key products (default ``config.softmax_scale``, else p^-1/2).
         layer_idx: only for error messages.
 
     Example::
@@ -175,6 +175,8 @@ class Attention(nn.Module):
             raise ValueError(f"rotary_emb_base must be > 0, got {rotary_emb_base}")
         self.d_model, self.num_heads, self.num_heads_kv, self.head_dim = d_model, num_heads, num_heads_kv, head_dim
         self.window, self.rotary_emb_dim, self.rotary_emb_base = window, rotary_emb_dim, rotary_emb_base
+        if softmax_scale is None:
+            softmax_scale = config.softmax_scale
         self.softmax_scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
         self.layer_idx = layer_idx
         kw = {"bias": bias, "device": device, "dtype": dtype}

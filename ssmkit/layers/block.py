@@ -1,11 +1,12 @@
 """The residual block: pre-norm, a sequence mixer, an optional pre-norm feed-forward.
 
-``r ← r + mixer(norm(r))`` then, when the block has one, ``r ← r + ff(ff_norm(r))``. A mixer may define
-``step_from_residual(r, norm, cache)`` computing the first of these for one token with its cache; a decode
-step then calls it, so that the mixer can fuse the norm and the add into its own kernels. A mixer whose
-update is not of that form (it reads ``r`` before the norm, or the model's input embeddings: Zamba2's ``Z``
-layers) defines ``forward_from_residual(r, norm, *, inputs, seq_idx, initial_state, cache)`` returning the
-new ``r``; the block then always calls it, passing the ``inputs`` it was given. With
+``r ← r + m · mixer(norm(r))`` then, when the block has one, ``r ← r + m · ff(ff_norm(r))``, with the
+residual multiplier ``m`` (1 but for Granite-4.0). A mixer may define ``step_from_residual(r, norm, cache,
+scale=m)`` computing the first of these for one token with its cache; a decode step then calls it, so that
+the mixer can fuse the norm and the add into its own kernels. A mixer whose update is not of that form
+(it reads ``r`` before the norm, or the model's input embeddings: Zamba2's ``Z`` layers) defines
+``forward_from_residual(r, norm, *, inputs, seq_idx, initial_state, cache)`` returning the new ``r``; the
+block then always calls it, passing the ``inputs`` it was given (and takes no residual multiplier). With
 ``residual_in_fp32`` the residual stream ``r`` is kept in float32 (float64 for float64 models) while the
 mixer runs in the weights' dtype, as mamba_ssm's ``Block`` does.
 """
@@ -27,6 +28,7 @@ class Block(nn.Module):
         mixer: a sequence mixer taking ``(x, *, seq_idx, initial_state, cache)`` (Mamba, Mamba2, ...).
         ff: a feed-forward module ``x -> x`` (:class:`ssmkit.layers.MLP`, :class:`ssmkit.layers.MoE`) or None.
         norm_eps: eps of the RMSNorms. residual_in_fp32: keep the residual stream in float32.
+        residual_multiplier: factor on the mixer's and the feed-forward's outputs before each residual add.
 
     Shapes: residual (b, l, d_model) in any float dtype -> (b, l, d_model), float32 with
     ``residual_in_fp32`` (the mixer's output dtype otherwise).
@@ -38,10 +40,14 @@ class Block(nn.Module):
     """
 
     def __init__(self, d_model: int, mixer: nn.Module, *, ff: nn.Module | None = None, norm_eps: float = 1e-5,
-                 residual_in_fp32: bool = True, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 residual_in_fp32: bool = True, residual_multiplier: float = 1.0,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.residual_in_fp32 = residual_in_fp32
+        if residual_multiplier != 1 and hasattr(mixer, "forward_from_residual"):
+            raise ValueError(f"a {type(mixer).__name__} mixer makes its own residual update: it takes no "
+                             f"residual_multiplier (got {residual_multiplier})")
+        self.residual_multiplier = residual_multiplier
         self.norm = RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)
         self.mixer = mixer
         self.ff_norm = None if ff is None else RMSNorm(d_model, eps=norm_eps, device=device, dtype=dtype)
@@ -66,10 +72,14 @@ class Block(nn.Module):
                                                         initial_state=initial_state, cache=cache)
         elif cache is not None and residual.shape[1] == 1 and hasattr(self.mixer, "step_from_residual"):
             # A decode step: the mixer fuses this block's norm and the residual add into its matmuls.
-            residual = self.mixer.step_from_residual(residual, self.norm, cache)
+            residual = self.mixer.step_from_residual(residual, self.norm, cache, scale=self.residual_multiplier)
         else:
             h = self.mixer(self.norm(residual).to(dtype), seq_idx=seq_idx, initial_state=initial_state, cache=cache)
-            residual = residual + h
+            residual = residual + self._scaled(h)
         if self.ff is not None:
-            residual = residual + self.ff(self.ff_norm(residual).to(dtype))
+            residual = residual + self._scaled(self.ff(self.ff_norm(residual).to(dtype)))
         return residual
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """A branch's output times the residual multiplier (no extra op when it is 1)."""
+        return h if self.residual_multiplier == 1 else h * self.residual_multiplier

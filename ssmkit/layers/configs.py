@@ -350,6 +350,9 @@ class AttentionConfig:
     """RoPE base."""
     bias: bool = False
     """Biases in the projections."""
+    softmax_scale: float | None = None
+    """Scale of the query-key products before the softmax; None = head_dim^-1/2 (Granite's
+    ``attention_multiplier`` sets it)."""
 
     def validate(self, d_model: int) -> None:
         _positive("attention.num_heads", self.num_heads)
@@ -367,6 +370,8 @@ class AttentionConfig:
             raise ValueError(f"attention.rotary_emb_dim must be even and in [0, head_dim={head_dim}], "
                              f"got {self.rotary_emb_dim}")
         _positive("attention.rotary_emb_base", self.rotary_emb_base)
+        if self.softmax_scale is not None and not 0 < self.softmax_scale < math.inf:
+            raise ValueError(f"attention.softmax_scale must be None or a finite number > 0, got {self.softmax_scale}")
 
 
 @dataclass(kw_only=True)
@@ -409,12 +414,23 @@ class MoEConfig:
     """Weight of the load-balancing loss in the training loss."""
     router_z_loss_coef: float = 0.0
     """Weight of the router z-loss."""
+    router_softmax: Literal["all", "top_k"] = "all"
+    """Where the router's softmax goes: ``"all"`` over all experts, then the top k are picked (Jamba;
+    ``renormalize`` divides them by their sum); ``"top_k"`` picks the k largest logits, then the softmax
+    runs over those k (Granite-4.0: the same weights as ``"all"`` with ``renormalize``, rounded
+    differently)."""
+    shared_d_intermediate: int = 0
+    """Hidden size of a shared SwiGLU expert that every token passes through, added to the routed
+    experts' output (Granite-4.0's ``shared_mlp``); 0 = none."""
 
     def validate(self, d_model: int) -> None:
         _positive("moe.num_experts", self.num_experts)
         _positive("moe.d_intermediate", self.d_intermediate)
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"moe.top_k must be in [1, moe.num_experts={self.num_experts}], got {self.top_k}")
+        if self.router_softmax == "top_k" and self.renormalize:
+            raise ValueError("moe.renormalize must be false with moe.router_softmax='top_k' (the softmax over the "
+                             "top k already sums to 1)")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")

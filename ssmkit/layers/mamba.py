@@ -209,8 +209,9 @@ class Mamba(nn.Module):
             b_c_dt_rms_eps=eps, seq_idx=seq_idx, dt_rank_rms_weight=dt_w,
         )
 
-    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState) -> torch.Tensor:
-        """One token of a pre-norm block: ``residual + self(norm(residual))``, (b, 1, H) -> (b, 1, H).
+    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState, *,
+                           scale: float = 1.0) -> torch.Tensor:
+        """One token of a pre-norm block: ``residual + scale * self(norm(residual))``, (b, 1, H) -> (b, 1, H).
 
         The same step as ``forward`` with a cache, with ``norm`` (the block's RMSNorm) fused into
         ``in_proj`` (:func:`ssmkit.ops.rms_norm_linear`; Triton at small batch on CUDA, the unfused ops
@@ -221,9 +222,10 @@ class Mamba(nn.Module):
         xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         y = self._inner_step(xz, state)
         if self.out_proj.bias is None and r.dtype == y.dtype == self.out_proj.weight.dtype:
-            # out_proj and the residual add as one GEMM (r + y Wᵀ); a float32 residual stream keeps the add.
-            return torch.addmm(r, y, self.out_proj.weight.t()).unsqueeze(1)
-        return (r + self.out_proj(y)).unsqueeze(1)
+            # out_proj and the residual add as one GEMM (r + scale · y Wᵀ); a float32 residual stream keeps the add.
+            return torch.addmm(r, y, self.out_proj.weight.t(), alpha=scale).unsqueeze(1)
+        out = self.out_proj(y)
+        return (r + (out if scale == 1 else out * scale)).unsqueeze(1)
 
     def _step(self, hidden_states: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""

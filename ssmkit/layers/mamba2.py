@@ -207,12 +207,14 @@ class Mamba2(nn.Module):
             y = self.norm(y, z)
         return self.out_proj(y).unsqueeze(1)
 
-    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: Mamba2State) -> torch.Tensor:
-        """One token of a pre-norm block: ``residual + self(norm(residual))``, (b, 1, H) -> (b, 1, H).
+    def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: Mamba2State, *,
+                           scale: float = 1.0) -> torch.Tensor:
+        """One token of a pre-norm block: ``residual + scale * self(norm(residual))``, (b, 1, H) -> (b, 1, H).
 
         The same step as ``forward`` with a cache, in fewer kernels: ``norm`` (the block's RMSNorm) is
         fused into ``in_proj``, and the gated norm, ``out_proj`` and the residual add into one
         (:func:`ssmkit.ops.rms_norm_linear`; Triton at small batch on CUDA, the unfused ops otherwise).
+        A ``scale`` other than 1 (Granite's residual multiplier) leaves the add out of the fused op.
         """
         if self.context_parallel is not None:
             raise ValueError(f"{self._name()}: a context-parallel layer takes no cache (switch it off for decoding)")
@@ -221,11 +223,12 @@ class Mamba2(nn.Module):
         zxbcdt = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         y, z = self._scan_step(self._scaled(zxbcdt), state)
         if not self.rmsnorm:
-            return (r + self.out_proj(y)).unsqueeze(1)
+            out = self.out_proj(y)
+            return (r + (out if scale == 1 else out * scale)).unsqueeze(1)
         out = ops.rms_norm_linear(y, self.norm.weight, self.out_proj.weight, self.out_proj.bias, z=z,
                                   eps=self.norm.eps, group_size=self.norm.group_size,
-                                  norm_before_gate=self.norm.norm_before_gate, residual=r)
-        return out.unsqueeze(1)
+                                  norm_before_gate=self.norm.norm_before_gate, residual=r if scale == 1 else None)
+        return (out if scale == 1 else r + out * scale).unsqueeze(1)
 
     def _scan_step(self, zxbcdt: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, torch.Tensor]:
         """Convolution and SSM of one token from ``in_proj``'s output (b, ·): y (b, d_inner) and the gate z."""

@@ -1,12 +1,16 @@
-"""Mixture of SwiGLU experts with a softmax top-k router (Jamba's semantics), dropless.
+"""Mixture of SwiGLU experts with a softmax top-k router (Jamba's and Granite-4.0's semantics), dropless,
+with an optional shared expert.
 
 Dimensions: b batch, l length, t = b·l tokens, d model width, f expert intermediate width, E experts,
 k experts per token.
 
-Routing (transformers' ``JambaTopKRouter``): logits = router(x) in x's dtype, probabilities = softmax over
-all E experts in float32 (float64 for float64 models), the top-k kept with their probabilities as
-weights — **not** renormalised to sum to 1 (``renormalize=True`` divides them by their sum, as Mixtral
-does). Output of token i: Σ_{e in topk(i)} w_ie · expert_e(x_i), accumulated in float32 (float64).
+Routing, ``router_softmax="all"`` (transformers' ``JambaTopKRouter``): logits = router(x) in x's dtype,
+probabilities = softmax over all E experts in float32 (float64 for float64 models), the top-k kept with
+their probabilities as weights — **not** renormalised to sum to 1 (``renormalize=True`` divides them by
+their sum, as Mixtral does). ``router_softmax="top_k"`` (transformers' ``GraniteMoeHybridTopKRouter``):
+the top-k of the logits (in float32 or wider), weights = softmax over those k. Output of token i:
+Σ_{e in topk(i)} w_ie · expert_e(x_i), accumulated in float32 (float64), plus ``shared_mlp(x_i)`` when
+``shared_d_intermediate > 0`` (Granite-4.0's shared expert, which every token passes through).
 
 Auxiliary losses (ALGORITHMS.md, "Mixture of experts"): the Switch load-balancing loss
 E · Σ_e f_e · P_e with f_e = (top-k slots routed to e) / tokens — so Σ_e f_e = k, exactly as transformers'
@@ -90,11 +94,12 @@ class MoE(nn.Module):
 
     Parameters ``router.weight`` [E, d] and ``experts.{e}.{gate,up,down}_proj.weight`` — the names of
     transformers' Jamba checkpoints on disk (``feed_forward.router.weight``,
-    ``feed_forward.experts.{e}.gate_proj.weight`` ...), one :class:`MLP` per expert.
+    ``feed_forward.experts.{e}.gate_proj.weight`` ...), one :class:`MLP` per expert; with a shared expert
+    also ``shared_mlp.{gate,up,down}_proj.weight``.
 
     Tokens are grouped per expert by one stable argsort of their expert ids, each expert runs once on its
     contiguous group, and the weighted results are summed back with ``index_add_`` in float32. The only
-    Python loop is over experts. After each forward, :attr:`last_stats` holds the :class:`RouterStats` of
+    Python loop is over experts (those routed no token are skipped outside autograd). After each forward, :attr:`last_stats` holds the :class:`RouterStats` of
     that forward (aux losses and per-expert counts for the trainer).
 
     Example::
@@ -123,22 +128,35 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(
             MLP(d_model, d_intermediate, bias=bias, device=device, dtype=dtype) for _ in range(num_experts)
         )
+        self.router_softmax = config.router_softmax
+        shared = config.shared_d_intermediate
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            raise ValueError(f"shared_d_intermediate must be an int >= 0, got {shared!r}")
+        if self.router_softmax not in ("all", "top_k"):
+            raise ValueError(f"router_softmax must be 'all' or 'top_k', got {self.router_softmax!r}")
+        self.shared_mlp = MLP(d_model, shared, bias=bias, device=device, dtype=dtype) if shared else None
         self.last_stats: RouterStats | None = None
 
     decode_graph_blocker = "a MoE feed-forward (data-dependent shapes)"
     """Routing groups tokens by expert with data-dependent sizes: not capturable in a CUDA graph."""
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
+                f"router_softmax={self.router_softmax!r}, shared_d_intermediate={self.config.shared_d_intermediate}")
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Router of x (t, d), as transformers' ``JambaTopKRouter`` plus optional renormalisation.
+        """Router of x (t, d), as transformers' ``JambaTopKRouter`` plus optional renormalisation, or with
+        ``router_softmax="top_k"`` as ``GraniteMoeHybridTopKRouter``.
 
-        Returns logits (t, E) in x's dtype, probabilities (t, E) and top-k weights (t, k) in float32
-        (float64 for float64 x) and top-k expert ids (t, k) int64.
+        Returns logits (t, E) in x's dtype, probabilities (t, E) over all experts (for the statistics) and
+        top-k weights (t, k) in float32 (float64 for float64 x) and top-k expert ids (t, k) int64.
         """
         logits = self.router(x)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        probs = torch.softmax(logits, dim=-1, dtype=wide)
+        if self.router_softmax == "top_k":
+            top_logits, experts = torch.topk(logits.to(wide), self.top_k, dim=-1)
+            return logits, probs, torch.softmax(top_logits, dim=-1), experts
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -175,12 +193,17 @@ class MoE(nn.Module):
         counts = torch.bincount(slot_expert, minlength=self.num_experts)
         slot_token = order // self.top_k
         groups = flat[slot_token].split(counts.tolist())
-        outputs = torch.cat([expert(group) for expert, group in zip(self.experts, groups)])
+        # Under autograd every expert runs, an empty group giving zero gradients (so that distributed training
+        # sees every parameter used); without it the empty groups are skipped: most of them at a decode step,
+        # where each token visits k of the E experts.
+        run_all = torch.is_grad_enabled()
+        outputs = torch.cat([expert(group) for expert, group in zip(self.experts, groups) if run_all or len(group)])
         mixed = torch.zeros(b * l, d, dtype=weights.dtype, device=x.device)
         mixed.index_add_(0, slot_token, outputs.to(weights.dtype) * weights.flatten()[order, None])
 
         self.last_stats = self._stats(logits, probs, experts, mask)
-        return mixed.to(x.dtype).view(b, l, d)
+        out = mixed.to(x.dtype).view(b, l, d)
+        return out if self.shared_mlp is None else out + self.shared_mlp(x)
 
     def _stats(self, logits: Tensor, probs: Tensor, experts: Tensor, mask: Tensor | None) -> RouterStats:
         z = torch.logsumexp(logits.to(probs.dtype), dim=-1) ** 2

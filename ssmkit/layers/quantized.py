@@ -100,10 +100,12 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-def _unfused_step(mixer: nn.Module, residual: torch.Tensor, norm: nn.Module, state: Any) -> torch.Tensor:
+def _unfused_step(mixer: nn.Module, residual: torch.Tensor, norm: nn.Module, state: Any, *,
+                  scale: float = 1.0) -> torch.Tensor:
     """A block's decode step without the fused norm+matmul (which reads ``in_proj.weight`` as a tensor):
-    ``residual + mixer(norm(residual), cache=state)``, what ``Block.forward`` computes otherwise."""
-    return residual + mixer(norm(residual).to(norm.weight.dtype), cache=state)
+    ``residual + scale * mixer(norm(residual), cache=state)``, what ``Block.forward`` computes otherwise."""
+    out = mixer(norm(residual).to(norm.weight.dtype), cache=state)
+    return residual + (out if scale == 1 else out * scale)
 
 
 def quantize_int8_(model: nn.Module, names: tuple[str, ...] = QUANTIZABLE, *, head: bool = False) -> list[str]:

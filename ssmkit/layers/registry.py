@@ -240,7 +240,8 @@ def _attention_flops(layer: nn.Module, length: int) -> float:
 
 def _moe_flops(layer: nn.Module, length: int) -> float:
     one_expert = linear_flops(layer.experts[0])
-    return linear_flops(layer.router) + layer.top_k * one_expert
+    shared = 0.0 if layer.shared_mlp is None else linear_flops(layer.shared_mlp)
+    return linear_flops(layer.router) + layer.top_k * one_expert + shared
 
 
 def _parallel_hybrid_flops(layer: nn.Module, length: int) -> float:
@@ -295,13 +296,15 @@ for _kind in (
     # mamba_ssm's Mamba-3 keeps its norms at eps 1e-5 whatever the model's norm_eps: the default build.
     LayerKind("2", "mamba2", "mamba2", Mamba2Config, Mamba2, _mamba2_flops, Mamba2State, size=sizes.mamba2,
               build=_build_mamba2,
-              transformers={"mamba2": "mixer", "bamba": "mamba", "nemotron_h": "mixer"}, context_parallel=True,
+              transformers={"mamba2": "mixer", "bamba": "mamba", "nemotron_h": "mixer", "granitemoehybrid": "mamba"},
+              context_parallel=True,
               doc="Mamba-2 (SSD)"),
     LayerKind("3", "mamba3", "mamba3", Mamba3Config, Mamba3, _mamba3_flops, Mamba3State, size=sizes.mamba3,
               doc="Mamba-3"),
     LayerKind("A", "attention", "attention", AttentionConfig, Attention, _attention_flops, AttentionState,
               size=sizes.attention, build=_build_attention(window=False),
-              transformers={"jamba": "self_attn", "bamba": "self_attn", "nemotron_h": "mixer"},
+              transformers={"jamba": "self_attn", "bamba": "self_attn", "nemotron_h": "mixer",
+                            "granitemoehybrid": "self_attn"},
               doc="full causal attention"),
     LayerKind("W", "sliding_window_attention", "attention", AttentionConfig, Attention, _attention_flops,
               AttentionState, size=sizes.attention, build=_build_attention(window=True),
@@ -313,9 +316,10 @@ for _kind in (
     LayerKind("H", "hyena", "hyena", HyenaConfig, Hyena, _hyena_flops, HyenaState, size=sizes.hyena, doc="Hyena"),
     LayerKind("m", "mlp", "mlp", MLPConfig, MLP, lambda layer, length: linear_flops(layer), size=sizes.mlp,
               build=_build_mlp,
-              transformers={"jamba": "feed_forward", "bamba": "feed_forward"}, doc="SwiGLU MLP"),
+              transformers={"jamba": "feed_forward", "bamba": "feed_forward", "granitemoehybrid": "shared_mlp"},
+              doc="SwiGLU MLP"),
     LayerKind("e", "moe", "moe", MoEConfig, MoE, _moe_flops, size=sizes.moe, build=_build_moe,
-              transformers={"jamba": "feed_forward"},
+              transformers={"jamba": "feed_forward", "granitemoehybrid": "block_sparse_moe"},
               doc="mixture of SwiGLU experts"),
     LayerKind("u", "ungated_mlp", "ungated_mlp", UngatedMLPConfig, UngatedMLP,
               lambda layer, length: linear_flops(layer), size=ungated_mlp_size, transformers={"nemotron_h": "mixer"},

@@ -92,5 +92,5 @@ def mlp(m: Any, d: int) -> tuple[int, int]:
 
 
 def moe(m: Any, d: int) -> tuple[int, int]:
-    """Mixture of experts: router and every expert's SwiGLU."""
-    return d * m.num_experts + m.num_experts * 3 * d * m.d_intermediate, 0
+    """Mixture of experts: router, every expert's SwiGLU and the shared expert's (if any)."""
+    return d * m.num_experts + (m.num_experts * m.d_intermediate + m.shared_d_intermediate) * 3 * d, 0

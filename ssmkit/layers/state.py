@@ -12,7 +12,8 @@ whatever its class (they never check classes):
   ``cache`` is read and updated in place to the state after ``x``;
 - ``allocate_state(batch_size, dtype=None, device=None, max_length=None)``: a zero state (``max_length``
   preallocates room in states that grow; fixed-size states ignore it);
-- optionally ``step_from_residual(residual, norm, cache)``: one token of the pre-norm block, fused;
+- optionally ``step_from_residual(residual, norm, cache, *, scale=1.0)``: one token of the pre-norm block,
+  ``residual + scale * mixer(norm(residual))``, fused;
 - ``decode_graph_blocker``: None when the one-token step with a cache makes no host synchronisation and
   allocates nothing (a CUDA graph may capture it), else the reason; absent = not known to be capturable.
   Feed-forwards carry it too.

@@ -71,7 +71,8 @@ def build_blocks(config: ModelConfig, factory: dict[str, Any], *, causal: bool =
         Block(config.d_model,
               layer(i, spec.mixer, causal=causal, context_parallel=context_parallel),
               ff=None if spec.ff is None else layer(i, spec.ff),
-              norm_eps=config.norm_eps, residual_in_fp32=config.residual_in_fp32, **factory)
+              norm_eps=config.norm_eps, residual_in_fp32=config.residual_in_fp32,
+              residual_multiplier=config.residual_multiplier, **factory)
         for i, spec in enumerate(specs)
     )
 

@@ -121,6 +121,9 @@ class ModelConfig:
     """Scale of the embedding's output (µP; Falcon-H1's embedding_multiplier)."""
     logits_multiplier: float = 1.0
     """Scale of a language model's logits (µP; Falcon-H1's lm_head_multiplier)."""
+    residual_multiplier: float = 1.0
+    """Every mixer's and feed-forward's output is multiplied by this before it is added to the residual
+    stream (Granite-4.0's residual_multiplier)."""
     sections: dict[str, Any] = field(default_factory=dict, metadata={"sections": registry.sections})
     """The settings of every registered layer kind by section name (``config.mamba2`` reads
     ``config.sections["mamba2"]``); in JSON each is a key of its own, beside the fields above."""
@@ -179,7 +182,7 @@ class ModelConfig:
             raise ValueError(f"n_layer must be at most {MAX_LAYERS:,}, got {self.n_layer:,}")
         _positive("norm_eps", self.norm_eps)
         _positive("initializer_range", self.initializer_range)
-        for name in ("embedding_multiplier", "logits_multiplier"):
+        for name in ("embedding_multiplier", "logits_multiplier", "residual_multiplier"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         tokens = pattern_tokens(self.layer_pattern)

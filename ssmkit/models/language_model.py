@@ -292,8 +292,9 @@ class LanguageModel(nn.Module):
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                         max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder, a transformers folder (model_type mamba, mamba2,
-        falcon_mamba, jamba, bamba, nemotron_h, zamba2), named by its path or by a Hugging Face Hub id such as
-        ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`), or a
+        falcon_mamba, jamba, bamba, nemotron_h, zamba2, granitemoehybrid), named by its path or by a Hugging Face
+        Hub id such as ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see
+        :func:`ssmkit.io.hub.resolve_checkpoint`), or a
         llama.cpp GGUF file of architecture mamba / mamba2 (see :mod:`ssmkit.models.formats.gguf`).
 
         Weights are converted to ``dtype`` (default float32) on ``device``. Missing, truncated or corrupt

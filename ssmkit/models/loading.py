@@ -1,5 +1,5 @@
 """Loading a model to run it: from a model folder in any format ssmkit reads (ssmkit, transformers' mamba,
-mamba2, falcon_mamba, jamba, bamba and nemotron_h) or from a training run folder, with its tokenizer.
+mamba2, falcon_mamba, jamba, bamba, nemotron_h and granitemoehybrid) or from a training run folder, with its tokenizer.
 
 The CLI (generate, eval, info, convert, serve), the evals and the server load through here.
 """

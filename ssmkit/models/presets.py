@@ -14,7 +14,10 @@ are Mamba-2 layers with attention at a few indices (:func:`bamba_layer_pattern`)
 followed by a squared-ReLU MLP (:func:`nemotron_h_layer_pattern`); ``zamba2-tiny``, ``zamba2-1.2b`` and
 ``zamba2-2.7b`` (Zyphra's Zamba2) are Mamba-2 layers with shared-transformer hybrid layers (``Z``) at a few
 indices (:func:`zamba2_layer_pattern`); ``falcon-h1-tiny``, ``falcon-h1-0.5b`` and
-``falcon-h1-1.5b`` (TII's Falcon-H1) run attention and Mamba-2 side by side in every layer (``Fm``).
+``falcon-h1-1.5b`` (TII's Falcon-H1) run attention and Mamba-2 side by side in every layer (``Fm``);
+``granite-hybrid-tiny``, ``granite-4.0-h-tiny`` (6.94B parameters) and ``granite-4.0-h-small`` (32.2B) are
+IBM's Granite-4.0-H: Mamba-2 and attention layers, each followed by experts plus a shared MLP, with Granite's
+multipliers (:func:`granite_hybrid_layer_pattern`).
 """
 
 from __future__ import annotations
@@ -360,3 +363,67 @@ def falcon_h1_1_5b() -> ModelConfig:
     only: build it on the "meta" device). The µP multipliers are left at 1: they change no size, and a
     checkpoint's own config.json brings them."""
     return _falcon_h1(65537, 2048, 24, (8, 2, 128), 4608, (3072, 64, 1, 256))
+
+
+def granite_hybrid_layer_pattern(n_layer: int, attention_layers: tuple[int, ...], ff: str = "e") -> str:
+    """Granite-4.0-H's layer pattern: attention (``A``) at ``attention_layers``, Mamba-2 (``2``) elsewhere, each
+    followed by ``ff`` (``e``: experts plus the shared MLP; ``m``: the shared MLP alone, the dense models).
+
+    Example: ``granite_hybrid_layer_pattern(4, (1,)) == "2eAe2e2e"``.
+    """
+    return "".join(("A" if i in attention_layers else "2") + ff for i in range(n_layer))
+
+
+def _granite_hybrid(vocab_size: int, d_model: int, n_layer: int, attention_layers: tuple[int, ...], *,
+                    heads: tuple[int, int], mamba: Mamba2Config, moe: MoEConfig, norm_eps: float,
+                    multipliers: tuple[float, float, float, float]) -> ModelConfig:
+    """A Granite-4.0-H config: tied head, no positional encoding, residual in the weights' dtype;
+    ``multipliers`` are (embedding, residual, attention, logits_scaling) as in config.json."""
+    embedding, residual, attention, logits_scaling = multipliers
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
+                       layer_pattern=granite_hybrid_layer_pattern(n_layer, attention_layers),
+                       mamba2=mamba, attention=AttentionConfig(num_heads=heads[0], num_heads_kv=heads[1],
+                                                               softmax_scale=attention),
+                       moe=moe, norm_eps=norm_eps, tie_embeddings=True, residual_in_fp32=False,
+                       pad_vocab_size_multiple=1, rescale_prenorm_residual=False, embedding_multiplier=embedding,
+                       residual_multiplier=residual, logits_multiplier=1.0 / logits_scaling)
+
+
+@register("granite-hybrid-tiny")
+def granite_hybrid_tiny() -> ModelConfig:
+    """Tiny Granite-4.0-H for tests: 6 layers (attention at 2 and 5, no positional encoding), d_model 64,
+    4 query / 2 KV heads, Mamba-2 with 8 heads of 16 in 2 groups, d_state 16, 8 experts of 32 (top 2, softmax
+    over the top 2) plus a shared MLP of 48, Granite's multipliers, vocab 256."""
+    return _granite_hybrid(256, 64, 6, (2, 5), heads=(4, 2),
+                           mamba=Mamba2Config(d_state=16, headdim=16, ngroups=2, chunk_size=16),
+                           moe=MoEConfig(num_experts=8, top_k=2, d_intermediate=32, router_softmax="top_k",
+                                         shared_d_intermediate=48, router_aux_loss_coef=0.0),
+                           norm_eps=1e-5, multipliers=(12.0, 0.22, 0.0625, 6.0))
+
+
+@register("granite-4.0-h-tiny")
+def granite_4_0_h_tiny() -> ModelConfig:
+    """ibm-granite/granite-4.0-h-tiny: 40 layers (attention at 5, 15, 25, 35, no positional encoding), d_model
+    1536, 12 query / 4 KV heads of 128, Mamba-2 with 48 heads of 64 in one group, d_state 128, d_conv 4, 64
+    experts of 512 (top 6) plus a shared MLP of 1024 in every layer, vocab 100352, tied head, RMSNorm eps 1e-5,
+    multipliers embedding 12, residual 0.22, attention 1/128, logits 1/6 (config only: build it on the "meta"
+    device)."""
+    return _granite_hybrid(100352, 1536, 40, (5, 15, 25, 35), heads=(12, 4),
+                           mamba=Mamba2Config(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256),
+                           moe=MoEConfig(num_experts=64, top_k=6, d_intermediate=512, router_softmax="top_k",
+                                         shared_d_intermediate=1024, router_aux_loss_coef=0.0),
+                           norm_eps=1e-5, multipliers=(12.0, 0.22, 0.0078125, 6.0))
+
+
+@register("granite-4.0-h-small")
+def granite_4_0_h_small() -> ModelConfig:
+    """ibm-granite/granite-4.0-h-small: 40 layers (attention at 5, 15, 25, 35, no positional encoding), d_model
+    4096, 32 query / 8 KV heads of 128, Mamba-2 with 128 heads of 64 in one group, d_state 128, d_conv 4, 72
+    experts of 768 (top 10) plus a shared MLP of 1536 in every layer, vocab 100352, tied head, RMSNorm eps 1e-5,
+    multipliers embedding 12, residual 0.22, attention 1/128, logits 1/16 (config only: build it on the "meta"
+    device)."""
+    return _granite_hybrid(100352, 4096, 40, (5, 15, 25, 35), heads=(32, 8),
+                           mamba=Mamba2Config(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256),
+                           moe=MoEConfig(num_experts=72, top_k=10, d_intermediate=768, router_softmax="top_k",
+                                         shared_d_intermediate=1536, router_aux_loss_coef=0.0),
+                           norm_eps=1e-5, multipliers=(12.0, 0.22, 0.0078125, 16.0))

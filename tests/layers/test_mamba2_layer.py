@@ -150,6 +150,12 @@ def test_step_from_residual_is_the_prenorm_block_step(kw):
     assert_prenorm_step_matches(make(torch.float64, **kw), D_MODEL)
 
 
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_step_from_residual_scales_the_branch(kw):
+    """With a residual multiplier (Granite-4.0) the fused step is ``r + scale * layer(norm(r))``."""
+    assert_prenorm_step_matches(make(torch.float64, **kw), D_MODEL, scale=0.22)
+
+
 def test_step_from_residual_checks_its_state():
     from ssmkit.layers.norm import RMSNorm
 

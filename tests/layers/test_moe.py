@@ -1,4 +1,5 @@
-"""MoE: output == a naive per-token loop, == transformers' JambaSparseMoeBlock with the same weights; the
+"""MoE: output == a naive per-token loop, == transformers' JambaSparseMoeBlock with the same weights, with
+top-k softmax routing and a shared expert == GraniteMoeHybridMoE plus its shared MLP; the
 load-balancing loss == transformers' load_balancing_loss_func on the same router logits (one layer, pooled
 layers, padding mask); z-loss == Switch Transformers' router_z_loss_func; renormalisation; grouping runs
 each expert once; gradients; bad inputs; NaN."""
@@ -16,21 +17,31 @@ from ssmkit.testing import assert_close
 
 def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The definition, one token at a time in float64: softmax over all experts, top-k, weights as they
-    are (or divided by their sum), sum of the chosen experts' SwiGLU outputs."""
+    are (or divided by their sum) — or, with ``router_softmax="top_k"``, the top-k logits and a softmax
+    over them — sum of the chosen experts' SwiGLU outputs, plus the shared expert's."""
     w = {name: p.detach().double() for name, p in moe.named_parameters()}
     b, l, d = x.shape
     x = x.double().reshape(b * l, d)
+
+    def swiglu(token: torch.Tensor, prefix: str) -> torch.Tensor:
+        gate, up = token @ w[f"{prefix}gate_proj.weight"].T, token @ w[f"{prefix}up_proj.weight"].T
+        return (gate * torch.sigmoid(gate) * up) @ w[f"{prefix}down_proj.weight"].T
+
     out = []
     for token in x:
-        probs = torch.softmax(token @ w["router.weight"].T, -1)
-        weights, experts = torch.topk(probs, moe.top_k)
+        logits = token @ w["router.weight"].T
+        if moe.router_softmax == "top_k":
+            top, experts = torch.topk(logits, moe.top_k)
+            weights = torch.softmax(top, -1)
+        else:
+            weights, experts = torch.topk(torch.softmax(logits, -1), moe.top_k)
         if moe.renormalize:
             weights = weights / weights.sum()
         y = torch.zeros(d, dtype=torch.float64)
         for weight, e in zip(weights, experts.tolist()):
-            gate = token @ w[f"experts.{e}.gate_proj.weight"].T
-            up = token @ w[f"experts.{e}.up_proj.weight"].T
-            y = y + weight * ((gate * torch.sigmoid(gate) * up) @ w[f"experts.{e}.down_proj.weight"].T)
+            y = y + weight * swiglu(token, f"experts.{e}.")
+        if moe.shared_mlp is not None:
+            y = y + swiglu(token, "shared_mlp.")
         out.append(y)
     return torch.stack(out).view(b, l, d)
 
@@ -91,6 +102,55 @@ def jamba_block(moe: MoE):
         "experts.down_proj": torch.stack([sd[f"experts.{i}.down_proj.weight"] for i in e]),
     })
     return block
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("experts,top_k,shared", [(6, 3, 10), (4, 1, 0), (5, 5, 7)])
+def test_top_k_softmax_and_shared_expert_match_the_reference(dtype, experts, top_k, shared):
+    moe = MoE(16, d_intermediate=12, num_experts=experts, top_k=top_k, router_softmax="top_k",
+              shared_d_intermediate=shared, dtype=dtype)
+    assert (moe.shared_mlp is None) == (shared == 0)
+    x = torch.randn(2, 17, 16, dtype=dtype)
+    assert_close(moe(x), reference_moe(moe, x), dtype)
+    _, probs, weights, chosen = moe.route(x.view(-1, 16))
+    assert_close(weights.sum(-1), torch.ones(34, dtype=weights.dtype))
+    # The same experts and, up to rounding, the same weights as the softmax over all experts, renormalised.
+    assert_close(weights, probs.gather(-1, chosen) / probs.gather(-1, chosen).sum(-1, keepdim=True), dtype)
+    assert moe.last_stats.expert_counts.sum() == top_k * 34
+
+
+def test_matches_transformers_granite_moe_and_shared_mlp():
+    modeling = pytest.importorskip("transformers.models.granitemoehybrid.modeling_granitemoehybrid")
+    from transformers import GraniteMoeHybridConfig
+
+    moe = MoE(16, d_intermediate=12, num_experts=6, top_k=2, router_softmax="top_k", shared_d_intermediate=20)
+    config = GraniteMoeHybridConfig(hidden_size=16, intermediate_size=12, num_local_experts=6, num_experts_per_tok=2,
+                                    shared_intermediate_size=20, vocab_size=8, mamba_n_heads=4)
+    block, shared = modeling.GraniteMoeHybridMoE(config), modeling.GraniteMoeHybridMLP(config)
+    sd, e = moe.state_dict(), range(6)
+    block.load_state_dict({
+        "router.weight": sd["router.weight"],
+        "experts.gate_up_proj": torch.stack([torch.cat([sd[f"experts.{i}.gate_proj.weight"],
+                                                        sd[f"experts.{i}.up_proj.weight"]]) for i in e]),
+        "experts.down_proj": torch.stack([sd[f"experts.{i}.down_proj.weight"] for i in e]),
+    })
+    shared.load_state_dict({"input_linear.weight": torch.cat([sd["shared_mlp.gate_proj.weight"],
+                                                              sd["shared_mlp.up_proj.weight"]]),
+                            "output_linear.weight": sd["shared_mlp.down_proj.weight"]})
+    x = torch.randn(3, 21, 16)
+    with torch.no_grad():
+        assert_close(moe(x), block(x) + shared(x), torch.float32)
+
+
+def test_top_k_softmax_refuses_renormalize():
+    from ssmkit.layers.configs import MoEConfig
+
+    with pytest.raises(ValueError, match="renormalize"):
+        MoEConfig(router_softmax="top_k", renormalize=True).validate(16)
+    with pytest.raises(ValueError, match="router_softmax"):
+        MoE(16, num_experts=4, top_k=2, router_softmax="sigmoid")
+    with pytest.raises(ValueError, match="shared_d_intermediate"):
+        MoE(16, num_experts=4, top_k=2, shared_d_intermediate=-1)
 
 
 def test_matches_transformers_jamba_moe_block():
@@ -253,3 +313,22 @@ def test_bad_arguments_and_inputs():
         moe(x, mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="one device"):
         moe(x, mask=torch.ones(2, 5, dtype=torch.bool, device="meta"))
+
+
+def test_experts_without_tokens_run_only_under_autograd():
+    """Inference skips the experts no token was routed to (most of them at a decode step) with the same
+    output; under autograd every expert runs, so each parameter gets a gradient (zero when unused)."""
+    moe = MoE(16, d_intermediate=8, num_experts=8, top_k=2, router_softmax="top_k", shared_d_intermediate=4)
+    calls = []
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda module, args, out, e=e: calls.append((e, args[0].shape[0])))
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        y = moe(x)
+    assert len(calls) == 2 and all(n == 1 for _, n in calls)
+    calls.clear()
+    y_grad = moe(x)
+    assert len(calls) == 8
+    assert_close(y_grad.detach(), y, torch.float32)
+    y_grad.sum().backward()
+    assert all(p.grad is not None for p in moe.parameters())

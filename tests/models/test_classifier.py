@@ -117,3 +117,16 @@ def test_feed_forward_letters_build_feed_forwards():
     out = model(torch.randint(1, 12, (2, 9)), labels=torch.tensor([0, 2]))
     out.loss.backward()
     assert model.layers[0].ff.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_embedding_multiplier_scales_the_token_embedding():
+    """A classifier of a config with ``embedding_multiplier`` (Granite-4.0) equals one without it whose
+    embedding is scaled by the multiplier."""
+    torch.manual_seed(0)
+    plain = SequenceClassifier(config("SS"), 3, dtype=torch.float64)
+    scaled = SequenceClassifier(config("SS", embedding_multiplier=2.5), 3, dtype=torch.float64)
+    scaled.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        plain.embedding.weight.mul_(2.5)
+    ids = torch.randint(0, 12, (2, 9))
+    torch.testing.assert_close(scaled(ids).logits, plain(ids).logits)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -111,3 +112,31 @@ def test_padded_vocab_size():
     assert tiny(vocab_size=50277).padded_vocab_size == 50280
     assert tiny(vocab_size=50280).padded_vocab_size == 50280
     assert tiny(vocab_size=259, pad_vocab_size_multiple=1).padded_vocab_size == 259
+
+
+def test_multipliers_and_softmax_scale_round_trip_and_are_checked():
+    """Granite-4.0's settings: multipliers, attention.softmax_scale and the MoE's top-k softmax and shared
+    expert survive JSON; configs written before them take the old function (all 1, None, "all", 0)."""
+    from ssmkit.models.config import AttentionConfig, MoEConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, layer_pattern="2eAe", embedding_multiplier=12.0,
+                      residual_multiplier=0.22, logits_multiplier=1 / 6, attention=AttentionConfig(softmax_scale=0.125),
+                      moe=MoEConfig(router_softmax="top_k", shared_d_intermediate=24))
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.moe.router_softmax == "top_k" and again.attention.softmax_scale == 0.125
+    old = cfg.to_dict()
+    for key in ("embedding_multiplier", "residual_multiplier", "logits_multiplier"):
+        del old[key]
+    del old["attention"]["softmax_scale"], old["moe"]["router_softmax"], old["moe"]["shared_d_intermediate"]
+    legacy = ModelConfig.from_dict(old)
+    assert (legacy.embedding_multiplier, legacy.residual_multiplier, legacy.logits_multiplier) == (1.0, 1.0, 1.0)
+    assert (legacy.attention.softmax_scale, legacy.moe.router_softmax, legacy.moe.shared_d_intermediate) == (
+        None, "all", 0)
+    for bad, match in (({"residual_multiplier": math.nan}, "residual_multiplier"),
+                       ({"logits_multiplier": math.inf}, "logits_multiplier"),
+                       ({"attention": AttentionConfig(softmax_scale=-1.0)}, "softmax_scale"),
+                       ({"moe": MoEConfig(router_softmax="sigmoid")}, "router_softmax"),
+                       ({"moe": MoEConfig(shared_d_intermediate=-2)}, "shared_d_intermediate")):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig.from_dict({**cfg.to_dict(), **{k: v if not hasattr(v, "__dataclass_fields__") else
+                                                        dataclasses.asdict(v) for k, v in bad.items()}})

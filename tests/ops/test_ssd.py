@@ -139,6 +139,30 @@ def test_gradients_fp32_match_float64_reference(packed):
         assert_close(got[name], want[name], torch.float32, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_strong_decays_match_the_reference_with_no_denormal_factors(dtype):
+    """Decays far below the float's range inside a chunk (Δ·A sums to about -60 per position): outputs and
+    gradients still match the float64 recurrence, and the decay factors the chunked path multiplies are
+    exactly 0 there, never denormal or tiny (either makes CPU matmuls many times slower)."""
+    from ssmkit.ops.ssd import chunked
+
+    inp = make_inputs(l=40, h=4, initial=True, dtype=dtype)
+    inp["A"] = -torch.tensor([0.5, 8.0, 30.0, 60.0], dtype=dtype)
+    inp["dt"] = torch.full_like(inp["dt"], 1.0)
+    got = _grads(inp, "chunked", dt_softplus=True)
+    want = _grads(f64(inp), "reference", dt_softplus=True)
+    for name in got:
+        assert_close(got[name], want[name], dtype, name=f"grad {name}")
+    assert_close(run(inp, 32, dt_softplus=True), run(f64(inp), backend="reference", dt_softplus=True), dtype)
+    cum = torch.cumsum(torch.nn.functional.softplus(inp["dt"] + inp["dt_bias"]) * inp["A"], dim=1)[:1, :32]
+    drop, upper = chunked._masks(32, None, dtype, cum.device)
+    decay = chunked._decay(cum, upper)
+    smallest = torch.finfo(dtype).tiny ** 0.5
+    assert decay.masked_select(drop).eq(0).all()
+    assert ((decay == 0) | (decay >= smallest / 2)).all()
+    assert (decay == 0).any() and decay.diagonal(dim1=-2, dim2=-1).eq(1).all()
+
+
 def test_varlen_gradients_match_reference():
     inp = f64(make_inputs(b=1, l=29, initial=True))
     cu = torch.tensor([0, 5, 8, 21, 29])

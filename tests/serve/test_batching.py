@@ -188,6 +188,23 @@ def test_a_zamba2_state_kept_after_a_prompt_continues_like_generate():
         engine.stop()
 
 
+def test_granite_hybrid_is_served_like_generate():
+    """Granite-4.0-H (multipliers, MoE with a shared expert, NoPE attention): what the engine serves equals
+    generate(), greedy and sampled."""
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("granite-hybrid-tiny")).eval()
+    engine = Engine(model, max_batch=2, max_requests=4)
+    engine.start()
+    try:
+        greedy = submit(engine, [1, 2, 3], 12, {"temperature": 0}, eos=())
+        sampled = submit(engine, [4, 5], 12, {"temperature": 1.0}, seed=7, eos=())
+        assert greedy.done.wait(60) and sampled.done.wait(60)
+        assert greedy.tokens == generate(model, [[1, 2, 3]], 12, temperature=0)[0]
+        assert sampled.tokens == generate(model, [[4, 5]], 12, temperature=1.0, seed=7)[0]
+    finally:
+        engine.stop()
+
+
 def test_a_long_prompt_is_read_between_the_decode_steps_of_running_streams(model):
     engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16, prefill_budget=16)
     calls: list[tuple[int, int]] = []

@@ -135,6 +135,10 @@ def write_gguf(model: LanguageModel, path: str | os.PathLike, file_type: str = "
     if arch == "mamba" and config.mamba.mixer_rms_eps not in (None, config.norm_eps):
         raise ValueError(f"mamba.mixer_rms_eps = {config.mamba.mixer_rms_eps}: llama.cpp's dt/B/C norms use the "
                          f"model's norm eps ({config.norm_eps})")
+    for field in ("embedding_multiplier", "residual_multiplier", "logits_multiplier"):
+        if getattr(config, field) != 1:
+            raise ValueError(f"{field} = {getattr(config, field)}: llama.cpp's mamba / mamba2 architectures have "
+                             "no multipliers")
     path = Path(path)
     tmp = Path(tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")[1])
     try:

@@ -161,6 +161,8 @@ def jamba_config_to_transformers(config: ModelConfig, vocab_rows: int) -> dict[s
             problems.append("attention.head_dim must be d_model / num_heads")
     if has_moe and (moe.renormalize or moe.num_experts < 2):
         problems.append("moe.renormalize must be false and moe.num_experts >= 2")
+    if has_moe and (moe.router_softmax != "all" or moe.shared_d_intermediate):
+        problems.append("moe.router_softmax must be 'all' and moe.shared_d_intermediate 0 (Jamba's router)")
     if has_mlp and config.mlp.bias:
         problems.append("mlp.bias must be false (Jamba's MLPs have no bias)")
     if has_moe and has_mlp and moe.d_intermediate != config.mlp.d_intermediate:

@@ -38,7 +38,8 @@ FORMAT_VERSION = 1
 ARCHITECTURE = "LanguageModel"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h", "falcon_h1", "zamba2")
+TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h", "falcon_h1", "zamba2",
+                            "granitemoehybrid")
 
 
 def read_json(path: Path) -> dict:

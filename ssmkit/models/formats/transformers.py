@@ -1,10 +1,11 @@
 """Checkpoints of other libraries <-> ssmkit.
 
 Hugging Face transformers folders of model_type ``mamba``, ``falcon_mamba``, ``mamba2``, ``jamba``, ``bamba``,
-``nemotron_h``, ``falcon_h1`` and ``zamba2`` (:func:`load_transformers_checkpoint`,
+``nemotron_h``, ``falcon_h1``, ``zamba2`` and ``granitemoehybrid`` (:func:`load_transformers_checkpoint`,
 :func:`save_transformers_checkpoint`, which dispatch to :mod:`ssmkit.models.formats.transformers_mamba`,
 :mod:`ssmkit.models.formats.jamba`, :mod:`ssmkit.models.formats.bamba`, :mod:`ssmkit.models.formats.nemotron_h`,
-:mod:`ssmkit.models.formats.falcon_h1` and :mod:`ssmkit.models.formats.zamba2`), and mamba_ssm's own
+:mod:`ssmkit.models.formats.falcon_h1`, :mod:`ssmkit.models.formats.zamba2` and
+:mod:`ssmkit.models.formats.granite`), and mamba_ssm's own
 format when its weights are safetensors (:mod:`ssmkit.models.formats.mamba_ssm`, read only);
 ``LanguageModel.from_pretrained`` / ``save_pretrained(format="transformers")`` call these.
 """
@@ -30,6 +31,13 @@ from ssmkit.models.formats.falcon_h1 import (
     save_falcon_h1_checkpoint,
 )
 from ssmkit.models.formats.files import CONFIG_NAME, CheckpointError, read_json
+from ssmkit.models.formats.granite import (
+    granite_config_from_transformers,
+    granite_settings,
+    load_granite_checkpoint,
+    save_granite_checkpoint,
+    wants_granite,
+)
 from ssmkit.models.formats.hybrid_common import falcon_h1_settings
 from ssmkit.models.formats.jamba import (
     jamba_config_from_transformers,
@@ -58,11 +66,12 @@ if TYPE_CHECKING:
 
     from ssmkit.models.config import ModelConfig
 
-TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba", "bamba", "nemotron_h", "falcon_h1", "zamba2")
+TRANSFORMERS_MODEL_TYPES = (*_MAMBA_MODEL_TYPES, "jamba", "bamba", "nemotron_h", "falcon_h1", "zamba2",
+                            "granitemoehybrid")
 
 
 def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a transformers folder of model_type mamba, falcon_mamba, mamba2, jamba, bamba or nemotron_h:
+    """Read a transformers folder of any model type in ``TRANSFORMERS_MODEL_TYPES`` (or mamba_ssm's own):
     ``(ModelConfig, state_dict with LanguageModel names)`` (see the per-format modules for the errors)."""
     folder = Path(path)
     raw = read_json(folder / CONFIG_NAME) if folder.is_dir() and (folder / CONFIG_NAME).is_file() else {}
@@ -76,6 +85,8 @@ def load_transformers_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, 
         return load_zamba2_checkpoint(folder)
     if raw.get("model_type") == "falcon_h1":
         return load_falcon_h1_checkpoint(folder)
+    if raw.get("model_type") == "granitemoehybrid":
+        return load_granite_checkpoint(folder)
     if is_mamba_ssm_config(raw):
         return load_mamba_ssm_checkpoint(folder)
     return transformers_mamba.load_transformers_checkpoint(folder)
@@ -95,6 +106,8 @@ def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
         return zamba2_config_from_transformers(raw, config_path)
     if raw.get("model_type") == "falcon_h1":
         return falcon_h1_config_from_transformers(raw, config_path)
+    if raw.get("model_type") == "granitemoehybrid":
+        return granite_config_from_transformers(raw, config_path)
     if is_mamba_ssm_config(raw):
         return config_from_mamba_ssm(raw, config_path)
     return config_from_transformers(raw, config_path)
@@ -102,14 +115,23 @@ def read_transformers_config(path: str | os.PathLike) -> ModelConfig:
 
 def save_transformers_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` as a transformers folder: Zamba2 for models with shared-transformer (``Z``) layers,
-    Falcon-H1 for models of parallel hybrid layers, Nemotron-H for hybrids of Mamba-2 and attention layers whose
-    feed-forwards (if any) are ungated MLPs, Bamba for other hybrids of Mamba-2 layers, Jamba for other hybrids
-    (attention or feed-forward layers, or Mamba with inner layer norms), mamba / falcon_mamba / mamba2 for pure
-    SSM stacks. Settings only Falcon-H1 expresses (µP multipliers...) are refused in the others, naming them."""
+    Falcon-H1 for models of parallel hybrid layers, Granite-4.0 hybrid (granitemoehybrid) for models with what
+    only it expresses (the residual multiplier, an attention softmax scale, shared experts, top-k softmax
+    routing) or of its layers with multipliers or NoPE attention (see
+    :func:`ssmkit.models.formats.granite.wants_granite`), Nemotron-H for hybrids of Mamba-2 and attention layers
+    whose feed-forwards (if any) are ungated MLPs, Bamba for other hybrids of Mamba-2 layers, Jamba for other
+    hybrids (attention or feed-forward layers, or Mamba with inner layer norms), mamba / falcon_mamba / mamba2
+    for pure SSM stacks. Settings only Falcon-H1 or Granite-4.0 express are refused in the others, naming them."""
     config = model.config
     specs = config.layer_specs()
+    only_granite = granite_settings(config)
     if any(s.mixer == "parallel_hybrid" for s in specs):
+        if only_granite:
+            raise ValueError(f"{', '.join(only_granite)}: only transformers' Granite-4.0 hybrid expresses these "
+                             "settings; Falcon-H1's format would drop them")
         return save_falcon_h1_checkpoint(model, path)
+    if wants_granite(config):
+        return save_granite_checkpoint(model, path)
     extra = falcon_h1_settings(config)
     if extra:
         raise ValueError(f"{', '.join(extra)}: only transformers' Falcon-H1 (layer pattern 'Fm') expresses these "
@@ -131,6 +153,7 @@ __all__ = [
     "CheckpointError",
     "load_bamba_checkpoint",
     "load_falcon_h1_checkpoint",
+    "load_granite_checkpoint",
     "load_jamba_checkpoint",
     "load_nemotron_h_checkpoint",
     "load_transformers_checkpoint",
@@ -138,6 +161,7 @@ __all__ = [
     "read_transformers_config",
     "save_bamba_checkpoint",
     "save_falcon_h1_checkpoint",
+    "save_granite_checkpoint",
     "save_jamba_checkpoint",
     "save_nemotron_h_checkpoint",
     "save_transformers_checkpoint",

@@ -115,32 +115,49 @@ def _blocks(n_chunks: int, per_chunk: int) -> list[slice]:
     return [slice(i, min(i + step, n_chunks)) for i in range(0, n_chunks, step)]
 
 
-def _log_tiny(dtype: torch.dtype) -> float:
-    return float(math.ceil(math.log(torch.finfo(dtype).tiny)))
+def _log_floor(dtype: torch.dtype) -> float:
+    """log of the smallest decay factor kept, about sqrt(tiny) (1e-19 in float32, 1e-154 in float64)."""
+    return float(math.ceil(math.log(torch.finfo(dtype).tiny) / 2))
+
+
+def _exp_or_zero_(t: torch.Tensor, upper: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(t) in place (``t`` clamped above at ``upper`` first), exactly 0 where t is below
+    :func:`_log_floor`.
+
+    On CPUs an exp whose result would be denormal or 0 costs ~50x more, and so does every product that
+    comes out denormal in the matmuls after (microcode assists; one strongly decaying head puts them on
+    most of a chunk's entries, 8x the SSD's time at chunk 256 with Mamba-2's A and dt initialisation).
+    So arguments are clamped at the floor, which exp turns into a normal float, and those results are
+    then set to 0, which matmuls multiply at full speed. The factors dropped are below sqrt(tiny), far
+    below the float's eps relative to the 1 of each position's own term.
+    """
+    floor = _log_floor(t.dtype)
+    if upper is None:
+        t = t.clamp_(min=floor)
+    else:
+        t = t.clamp_(min=torch.tensor(floor, dtype=t.dtype, device=t.device), max=upper)
+    return F.threshold_(t.exp_(), 2 * math.exp(floor), 0.0)
 
 
 def _masks(T: int, doc: torch.Tensor | None, dtype: torch.dtype, device: torch.device):
     """``drop`` (T, T) or (k, 1, T, T): True where L is 0 (s > t, or another document); and the
-    upper clamp bound for the segment sums: ``log(tiny)`` where dropped, +inf elsewhere."""
+    upper clamp bound for the segment sums: :func:`_log_floor` where dropped (then 0), +inf elsewhere."""
     drop = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
     if doc is not None:
         drop = drop | (doc[:, None, :, None] != doc[:, None, None, :])
-    upper = torch.full(drop.shape, float("inf"), dtype=dtype, device=device).masked_fill_(drop, _log_tiny(dtype))
+    upper = torch.full(drop.shape, float("inf"), dtype=dtype, device=device).masked_fill_(drop, _log_floor(dtype))
     return drop, upper
 
 
 def _decay(cum: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """exp(cum_t - cum_s) clamped below at the smallest normal float: (k, h, T, T) from cum (k, T, h).
+    """exp(cum_t - cum_s), 0 below the floor and where dropped (``upper``): (k, h, T, T) from cum (k, T, h).
 
-    Results that would be denormal or 0 cost ~50x more in exp on CPUs (and strong decays produce
-    many), so segment sums are clamped at log(tiny); dropped entries (``upper``) are pinned there
-    too, never overflow, and are zeroed by the caller through the masked C Bᵀ.
+    See :func:`_exp_or_zero_` for the floor; dropped entries are pinned at it (never overflow) and so
+    are 0 too.
     """
     # Contiguous (k, h, T) first: the (T, T) result then has unit inner stride, as bmm wants.
     ct = cum.transpose(1, 2).contiguous()
-    seg = ct[..., :, None] - ct[..., None, :]
-    lower = torch.tensor(_log_tiny(cum.dtype), dtype=cum.dtype, device=cum.device)
-    return seg.clamp_(min=lower, max=upper).exp_()
+    return _exp_or_zero_(ct[..., :, None] - ct[..., None, :], upper)
 
 
 def _masked_cb(B: torch.Tensor, C: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -150,7 +167,7 @@ def _masked_cb(B: torch.Tensor, C: torch.Tensor, drop: torch.Tensor) -> torch.Te
 
 def _decay_to(cum: torch.Tensor, keep: torch.Tensor | None, to_end: bool) -> torch.Tensor:
     """(k, T, h): exp(cum_last - cum_t) (``to_end``) or exp(cum_t), 0 where ``keep`` (k, T) is False."""
-    w = torch.exp(cum[:, -1:] - cum) if to_end else torch.exp(cum)
+    w = _exp_or_zero_(cum[:, -1:] - cum if to_end else cum.clone())
     return w if keep is None else w.masked_fill_(~keep[..., None], 0.0)
 
 

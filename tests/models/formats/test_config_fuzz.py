@@ -31,6 +31,11 @@ FIELDS = {
                   "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_expand", "time_step_limit",
                   "rope_parameters", "rope_theta", "ssm_multipliers", "mlp_multipliers", "key_multiplier",
                   "embedding_multiplier", "rms_norm_eps", "mamba_rms_norm", "projectors_bias", "vocab_size"],
+    "granitemoehybrid": ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "layer_types",
+                         "position_embedding_type", "rope_parameters", "num_local_experts", "num_experts_per_tok",
+                         "shared_intermediate_size", "embedding_multiplier", "residual_multiplier",
+                         "attention_multiplier", "logits_scaling", "router_aux_loss_coef", "mamba_n_heads",
+                         "mamba_d_head", "time_step_limit", "vocab_size"],
 }
 
 
@@ -49,7 +54,8 @@ def test_hostile_transformers_configs_give_checkpoint_errors(tmp_path, model_typ
 
 @given(field=st.sampled_from(["vocab_size", "d_model", "n_layer", "layer_pattern", "pad_vocab_size_multiple",
                               "norm_eps", "mamba", "attention", "moe", "hyena", "s4", "parallel_hybrid",
-                              "embedding_multiplier", "logits_multiplier"]), value=JSON_VALUES)
+                              "embedding_multiplier", "logits_multiplier", "residual_multiplier"]),
+       value=JSON_VALUES)
 def test_hostile_ssmkit_configs_give_value_errors(field, value):
     data = {"vocab_size": 64, "d_model": 32, "n_layer": 2, "layer_pattern": "MA4Hme"[:4], field: value}
     try:

@@ -213,7 +213,9 @@ def test_partial_rotary_attention_is_refused(tmp_path):
 ])
 def test_other_formats_refuse_falcon_h1_settings(tmp_path, settings):
     base = {"mamba2": Mamba2Config(headdim=16), "mlp": MLPConfig(d_intermediate=8)}
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, layer_pattern="2m", **{**base, **settings})
+    # (Mamba-2 layers with MLPs and embedding / logits multipliers are Granite-4.0's: written as granitemoehybrid)
+    pattern = "2m" if "mlp" in settings else "2"
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, layer_pattern=pattern, **{**base, **settings})
     with pytest.raises(ValueError, match="only transformers' Falcon-H1"):
         LanguageModel(cfg, device="meta").save_pretrained(tmp_path / "out", format="transformers")
 
