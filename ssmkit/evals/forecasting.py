@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from ssmkit.evals._report import (
     write_result,
 )
 from ssmkit.evals.registry import register
-from ssmkit.models.forecaster import MIXERS, ForecasterConfig, SSMForecaster
+from ssmkit.models.forecaster import MIXERS, NORMS, ForecasterConfig, SSMForecaster
 
 # Per series: the SSM's history length, the origins, and the classical models' fixed choices.
 DATASETS: dict[str, dict[str, Any]] = {
@@ -54,12 +55,14 @@ DATASETS: dict[str, dict[str, Any]] = {
     "elnino": {"context": 48, "n_origins": 10, "stride": 12, "arima": {"d": 0, "seasonal": (0, 1, 1), "trend": "n"},
                "ets": {"trend": False, "damped": False}, "kalman": StructuralSpec(trend=False, period=12)},
 }
+TRANSFORMS = ("none", "sqrt")
 CLASSICAL = ("arima", "ets", "kalman", "snaive", "naive")
 LABELS = {"s4d": "S4D", "mamba": "Mamba", "mamba2": "Mamba-2", "arima": "ARIMA (AIC)", "ets": "ETS",
           "kalman": "Kalman (structural)", "snaive": "seasonal naive", "naive": "naive"}
 FULL = {"datasets": list(SERIES), "models": ["s4d", "mamba"], "classical": list(CLASSICAL), "d_model": 32,
         "n_layer": 2, "d_state": 16, "steps": 600, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.01,
-        "val_fraction": 0.15, "arima_max_p": 3, "arima_max_q": 2, "kalman_iterations": 50, "seed": 0}
+        "val_fraction": 0.15, "arima_max_p": 3, "arima_max_q": 2, "kalman_iterations": 50, "seed": 0,
+        "ensemble": 1, "norm": "last", "transform": "none", "context": 0, "zero_head": 0}
 SMOKE = {**FULL, "datasets": ["gdp"], "models": ["s4d", "mamba"], "d_model": 16, "n_layer": 1, "d_state": 8,
          "steps": 20, "arima_max_p": 1, "arima_max_q": 0, "kalman_iterations": 2}
 HELP = {
@@ -70,6 +73,12 @@ HELP = {
     "weight_decay": "AdamW weight decay", "val_fraction": "last share of the pre-origin part held out to pick "
     "the checkpoint", "arima_max_p": "largest AR order tried", "arima_max_q": "largest MA order tried",
     "kalman_iterations": "L-BFGS iterations of the Kalman model's likelihood fit", "seed": "seed of the SSMs",
+    "ensemble": "SSM forecasters trained per series and model (seeds seed, seed+1, ...); their quantiles averaged",
+    "norm": f"where each SSM history is centred, from {', '.join(NORMS)}",
+    "zero_head": "1: the SSMs' head starts at zero (the untrained forecast is the location, or the seasonal naive "
+    "forecast with --seasonal-skip)",
+    "transform": f"what the SSMs model, from {', '.join(TRANSFORMS)} (sqrt: the square root of a series >= 0; "
+    "the quantiles are squared back, exactly)", "context": "SSM history length (0: the series' own, see DATASETS)",
 }
 
 
@@ -77,25 +86,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, FULL, SMOKE, HELP)
     parser.add_argument("--seasonal-skip", action="store_true",
                         help="the SSMs predict the correction to the seasonal naive forecast")
+    parser.add_argument("--validation", action="store_true",
+                        help="score on origins carved from the part before the first test origin only (for choosing "
+                        "settings): each series is cut there and the same origin layout laid over what remains")
 
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Forecast every series with every model; print the table, write result.json and forecast_fans.png."""
-    settings = {**experiment_settings(args, FULL, SMOKE), "seasonal_skip": bool(args.seasonal_skip)}
+    settings = {**experiment_settings(args, FULL, SMOKE), "seasonal_skip": bool(args.seasonal_skip),
+                "validation": bool(getattr(args, "validation", False))}
     datasets = check_names(settings["datasets"], SERIES, "--datasets")
     models = check_names(settings["models"], MIXERS, "--models") if settings["models"] else []
     classical = check_names(settings["classical"], CLASSICAL, "--classical")
-    for name in ("d_model", "n_layer", "d_state", "steps", "batch_size", "kalman_iterations"):
+    for name in ("d_model", "n_layer", "d_state", "steps", "batch_size", "kalman_iterations", "ensemble"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    check_names([settings["norm"]], NORMS, "--norm")
+    check_names([settings["transform"]], TRANSFORMS, "--transform")
+    if settings["context"] < 0:
+        raise ValueError(f"--context must be >= 0, got {settings['context']}")
     if not 0 < settings["val_fraction"] < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {settings['val_fraction']}")
     device, out = resolve_device(args.device), Path(out_dir)
     results = {}
     for name in datasets:
         series, spec = load_series(name), DATASETS[name]
+        origins = rolling_origins(len(series.values), series.horizon, spec["n_origins"], spec["stride"])
+        if settings["validation"]:  # the test part is never seen: cut before it, the same layout again
+            series = dataclasses.replace(series, values=series.values[:origins[0]])
+            origins = rolling_origins(len(series.values), series.horizon, spec["n_origins"], spec["stride"])
+        spec = {**spec, "context": settings["context"] or spec["context"]}
         values, h, m = series.values, series.horizon, series.period
-        origins = rolling_origins(len(values), h, spec["n_origins"], spec["stride"])
         actual = np.stack([values[o:o + h] for o in origins])
         print(f"== {name}: {series.source}; {len(values)} steps, period {m}, horizon {h}, origins "
               f"{origins[0]}..{origins[-1]} every {spec['stride']}", flush=True)
@@ -149,8 +170,16 @@ def _score(forecast: dict[str, Any], actual: np.ndarray, values: np.ndarray, ori
 
 def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: int, period: int, context: int,
                  settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Train an :class:`SSMForecaster` on the windows before ``origins[0]`` (the last ``val_fraction`` of that
-    part held out: the checkpoint with the lowest held-out pinball loss is kept), then forecast from every origin."""
+    """Train ``settings["ensemble"]`` :class:`SSMForecaster` s (seeds ``seed``, ``seed + 1``, ...) on the windows
+    before ``origins[0]`` (the last ``val_fraction`` of that part held out: each keeps the checkpoint with the
+    lowest held-out pinball loss), then forecast from every origin: the members' quantiles averaged. With
+    ``transform="sqrt"`` the models see the square root of the series and the quantiles are squared back
+    (a monotone map carries quantiles over exactly)."""
+    transform = settings.get("transform", "none")
+    if transform == "sqrt":
+        if (values < 0).any():
+            raise ValueError("--transform sqrt needs a series without negative values")
+        values = np.sqrt(values)
     first = origins[0]
     cut = first - max(horizon, round(settings["val_fraction"] * first))
     train_x, train_y = training_windows(values, context, horizon, cut)
@@ -159,47 +188,63 @@ def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: in
     val_x = values[val_starts[:, None] + np.arange(context)]
     val_y = values[val_starts[:, None] + context + np.arange(horizon)]
     as_tensor = lambda a: torch.tensor(a, dtype=torch.float32, device=device)
-    tx, ty, vx, vy = map(as_tensor, (train_x, train_y, val_x, val_y))
-    t_phase = torch.arange(len(train_x), device=device) % period
-    v_phase = torch.from_numpy(val_starts % period).to(device)
-
-    torch.manual_seed(settings["seed"])
+    train = (as_tensor(train_x), as_tensor(train_y), torch.arange(len(train_x), device=device) % period)
+    held_out = (as_tensor(val_x), as_tensor(val_y), torch.from_numpy(val_starts % period).to(device))
     config = ForecasterConfig(mixer=mixer, horizon=horizon, period=period, d_model=settings["d_model"],
                               n_layer=settings["n_layer"], d_state=settings["d_state"],
-                              seasonal_skip=settings.get("seasonal_skip", False))
+                              seasonal_skip=settings.get("seasonal_skip", False), norm=settings.get("norm", "last"),
+                              zero_head=bool(settings.get("zero_head", 0)))
+    history = as_tensor(np.stack([values[o - context:o] for o in origins]))
+    phase = torch.tensor([(o - context) % period for o in origins], device=device)
+    members, best, best_steps = [], [], []
+    for k in range(settings.get("ensemble", 1)):
+        model, loss, step = _train_forecaster(config, train, held_out, settings, settings["seed"] + k, device)
+        with torch.no_grad():
+            members.append(model(history, phase).cpu().double())
+        best.append(loss)
+        best_steps.append(step)
+    quantiles = torch.stack(members).mean(0).sort(dim=-1).values.numpy()
+    if transform == "sqrt":
+        quantiles = np.square(np.maximum(quantiles, 0.0))
+    mid, low, high = config.quantiles.index(0.5), 0, len(config.quantiles) - 1
+    return {"point": quantiles[..., mid], "lower": quantiles[..., low], "upper": quantiles[..., high],
+            "details": {"config": config.to_dict(), "params": sum(p.numel() for p in model.parameters()),
+                        "members": len(members), "transform": transform, "train_windows": len(train_x),
+                        "val_windows": len(val_x), "best_val_pinball": best, "best_step": best_steps}}
+
+
+def _train_forecaster(config: ForecasterConfig, train: tuple[torch.Tensor, ...], held_out: tuple[torch.Tensor, ...],
+                      settings: dict[str, Any], seed: int, device: torch.device) -> tuple[SSMForecaster, float, int]:
+    """AdamW with warm-up and cosine on random batches of ``train`` (inputs, targets, phases); the weights with the
+    lowest pinball loss on ``held_out`` (checked at the start and 40 times) are returned, in eval mode, with
+    that loss and the step they are from."""
+    torch.manual_seed(seed)
     model = SSMForecaster(config).to(device)
     steps = settings["steps"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    generator = torch.Generator().manual_seed(settings["seed"])
-    best, best_state, check_every = math.inf, None, max(1, steps // 40)
-    for step in range(1, steps + 1):
-        model.train()
-        rows = torch.randint(0, len(tx), (settings["batch_size"],), generator=generator).to(device)
-        loss = model.loss(tx[rows], ty[rows], t_phase[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+    generator = torch.Generator().manual_seed(seed)
+    best, best_state, best_step, check_every = math.inf, None, 0, max(1, steps // 40)
+    for step in range(steps + 1):
+        if step > 0:
+            model.train()
+            rows = torch.randint(0, len(train[0]), (settings["batch_size"],), generator=generator).to(device)
+            loss = model.loss(*(t[rows] for t in train))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
         if step % check_every == 0 or step == steps:
             model.eval()
             with torch.no_grad():
-                val = float(model.loss(vx, vy, v_phase))
+                val = float(model.loss(*held_out))
             if val < best:
-                best, best_state = val, copy.deepcopy(model.state_dict())
+                best, best_state, best_step = val, copy.deepcopy(model.state_dict()), step
     model.load_state_dict(best_state)
-    model.eval()
-    history = as_tensor(np.stack([values[o - context:o] for o in origins]))
-    phase = torch.tensor([(o - context) % period for o in origins], device=device)
-    with torch.no_grad():
-        quantiles = model(history, phase).cpu().numpy().astype(np.float64)
-    mid, low, high = model.median_index(), 0, len(config.quantiles) - 1
-    return {"point": quantiles[..., mid], "lower": quantiles[..., low], "upper": quantiles[..., high],
-            "details": {"config": config.to_dict(), "params": sum(p.numel() for p in model.parameters()),
-                        "train_windows": len(tx), "val_windows": len(vx), "best_val_pinball": best}}
+    return model.eval(), best, best_step
 
 
 def report(result: dict[str, Any], out_dir: Path) -> str:

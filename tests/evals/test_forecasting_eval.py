@@ -32,3 +32,15 @@ def test_forecasting_smoke(tmp_path, capsys):
 def test_unknown_series_is_an_error(tmp_path, capsys):
     assert main(["eval", "forecasting", "--smoke", "--datasets", "airline", "--out", str(tmp_path)]) != 0
     assert "airline" in capsys.readouterr().err
+
+
+def test_validation_mode_scores_only_before_the_first_test_origin(tmp_path):
+    out = tmp_path / "val"
+    assert main(["eval", "forecasting", "--smoke", "--validation", "--device", "cpu", "--classical", "snaive",
+                 "naive", "--models", "s4d", "--steps", "5", "--out", str(out)]) == 0
+    full = json.loads((tmp_path / "val" / "result.json").read_text())
+    gdp = full["datasets"]["gdp"]
+    # The test layout of gdp (10 origins every 4 quarters, the last at 203 - 8) starts at 159: validation cuts
+    # the series there and lays the same layout over the first 159 values.
+    assert full["settings"]["validation"] and gdp["length"] == 159 and gdp["origins"][-1] == 159 - 8
+    assert len(gdp["values"]) == 159 and gdp["origins"][0] == 159 - 8 - 4 * 9
