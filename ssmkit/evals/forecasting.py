@@ -48,7 +48,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "co2": {"context": 48, "n_origins": 12, "stride": 12, "arima": {"d": 1, "seasonal": (0, 1, 1), "trend": "n"},
             "ets": {"trend": True, "damped": True}, "kalman": StructuralSpec(trend=True, period=12)},
     "sunspots": {"context": 44, "n_origins": 12, "stride": 5, "arima": {"d": 0, "seasonal": None, "trend": "c"},
-                 "ets": {"trend": False, "damped": False},
+                 "ets": {"trend": False, "damped": False}, "calendar": False,
                  "kalman": StructuralSpec(trend=False, period=1, cycle_period=11.0)},
     "gdp": {"context": 24, "n_origins": 10, "stride": 4, "arima": {"d": 1, "seasonal": None, "trend": "t"},
             "ets": {"trend": True, "damped": True}, "kalman": StructuralSpec(trend=True, period=1)},
@@ -153,7 +153,8 @@ def _forecast(model: str, series: Any, spec: dict[str, Any], origins: list[int],
         return classic.ets(values, origins, h, period=m, **spec["ets"])
     if model == "kalman":
         return classic.kalman(values, origins, h, spec["kalman"], settings["kalman_iterations"])
-    return ssm_forecast(model, values, origins, h, m, spec["context"], settings, device)
+    return ssm_forecast(model, values, origins, h, m, spec["context"], settings, device,
+                        season_embedding=spec.get("calendar", True))
 
 
 def _score(forecast: dict[str, Any], actual: np.ndarray, values: np.ndarray, origins: list[int], period: int,
@@ -169,7 +170,7 @@ def _score(forecast: dict[str, Any], actual: np.ndarray, values: np.ndarray, ori
 
 
 def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: int, period: int, context: int,
-                 settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
+                 settings: dict[str, Any], device: torch.device, *, season_embedding: bool = True) -> dict[str, Any]:
     """Train ``settings["ensemble"]`` :class:`SSMForecaster` s (seeds ``seed``, ``seed + 1``, ...) on the windows
     before ``origins[0]`` (the last ``val_fraction`` of that part held out: each keeps the checkpoint with the
     lowest held-out pinball loss), then forecast from every origin: the members' quantiles averaged. With
@@ -193,7 +194,7 @@ def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: in
     config = ForecasterConfig(mixer=mixer, horizon=horizon, period=period, d_model=settings["d_model"],
                               n_layer=settings["n_layer"], d_state=settings["d_state"],
                               seasonal_skip=settings.get("seasonal_skip", False), norm=settings.get("norm", "last"),
-                              zero_head=bool(settings.get("zero_head", 0)))
+                              zero_head=bool(settings.get("zero_head", 0)), season_embedding=season_embedding)
     history = as_tensor(np.stack([values[o - context:o] for o in origins]))
     phase = torch.tensor([(o - context) % period for o in origins], device=device)
     members, best, best_steps = [], [], []

@@ -40,7 +40,10 @@ class ForecasterConfig:
     the same season) instead of the forecast itself (no change for m = 1, where that is the last value);
     norm: how each history is normalised, one of :data:`NORMS` (see the module docstring);
     zero_head: the head starts at zero, so that the untrained model forecasts the location (or, with
-    seasonal_skip, the seasonal naive forecast) and training learns the departure from it."""
+    seasonal_skip, the seasonal naive forecast) and training learns the departure from it;
+    season_embedding: embed each step's position in the season (when period > 1); off for a quasi-periodic
+    series (a cycle of varying length, as the sunspots'), where a fixed position in an 11-step season is no
+    feature of the cycle and only lets a small training set be memorised."""
 
     mixer: str = "s4d"
     horizon: int = 12
@@ -53,6 +56,7 @@ class ForecasterConfig:
     seasonal_skip: bool = False
     norm: str = "last"
     zero_head: bool = False
+    season_embedding: bool = True
 
     def __post_init__(self) -> None:
         if self.mixer not in MIXERS:
@@ -105,7 +109,7 @@ class SSMForecaster(nn.Module):
         self.config = config
         d = config.d_model
         self.encoder = nn.Linear(1, d)
-        self.season = nn.Embedding(config.period, d) if config.period > 1 else None
+        self.season = nn.Embedding(config.period, d) if config.period > 1 and config.season_embedding else None
         self.layers = nn.ModuleList(Block(d, _mixer(config), ff=MLP(d, config.ff_width) if config.ff_width else None)
                                     for _ in range(config.n_layer))
         self.norm_f = RMSNorm(d)

@@ -77,6 +77,8 @@ def test_the_season_embedding_is_used_and_required():
     with pytest.raises(ValueError, match="phase"):
         model(history)
     assert tiny("s4d", period=1)(history).shape == (1, 5, 3)
+    plain = tiny("s4d", season_embedding=False)  # period 4 for the seasonal naive skip, no position feature
+    assert plain.season is None and plain(history).shape == (1, 5, 3)
 
 
 def test_pinball_loss_by_hand():
