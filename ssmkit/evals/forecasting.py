@@ -33,6 +33,7 @@ from ssmkit.data.timeseries import (
 from ssmkit.evals import _forecast_baselines as classic
 from ssmkit.evals._common import add_options, resolve_device
 from ssmkit.evals._common import settings as experiment_settings
+from ssmkit.evals._merge import load as load_part
 from ssmkit.evals._report import (
     check_names,
     format_table,
@@ -86,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, FULL, SMOKE, HELP)
     parser.add_argument("--seasonal-skip", action="store_true",
                         help="the SSMs predict the correction to the seasonal naive forecast")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                        help="combine finished runs of other series (their --out folders; the same settings but "
+                        "--datasets) into one table, fan plot and result.json in --out; nothing is trained")
     parser.add_argument("--validation", action="store_true",
                         help="score on origins carved from the part before the first test origin only (for choosing "
                         "settings): each series is cut there and the same origin layout laid over what remains")
@@ -93,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Forecast every series with every model; print the table, write result.json and forecast_fans.png."""
+    if getattr(args, "merge", None):
+        return merge(args.merge, Path(out_dir))
     settings = {**experiment_settings(args, FULL, SMOKE), "seasonal_skip": bool(args.seasonal_skip),
                 "validation": bool(getattr(args, "validation", False))}
     datasets = check_names(settings["datasets"], SERIES, "--datasets")
@@ -136,6 +142,27 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
               "settings": settings, "datasets": results}
     print(report(result, out))
     write_result(out, result)
+    return result
+
+
+def merge(folders: list[str], out_dir: Path) -> dict[str, Any]:
+    """One result of runs made apart, one or more series each (e.g. a process per series): their settings
+    must agree but for ``datasets``, and no series may be in two of them."""
+    parts = [load_part("forecasting", Path(folder), "datasets") for folder in folders]
+    first, datasets = parts[0], {}
+    same = lambda part: ({k: v for k, v in part["settings"].items() if k != "datasets"}, part["smoke"])
+    for part, folder in zip(parts, folders):
+        if same(part) != same(first):
+            raise ValueError(f"--merge: {folder} was run with other settings than {folders[0]}; only --datasets "
+                             "may differ")
+        for name, entry in part["datasets"].items():
+            if name in datasets:
+                raise ValueError(f"--merge: series {name!r} is in more than one of the merged runs")
+            datasets[name] = entry
+    result = {**first, "settings": {**first["settings"], "datasets": list(datasets)}, "datasets": datasets,
+              "merged_from": [str(folder) for folder in folders]}
+    print(report(result, out_dir))
+    write_result(out_dir, result)
     return result
 
 

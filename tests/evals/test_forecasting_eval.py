@@ -44,3 +44,17 @@ def test_validation_mode_scores_only_before_the_first_test_origin(tmp_path):
     # the series there and lays the same layout over the first 159 values.
     assert full["settings"]["validation"] and gdp["length"] == 159 and gdp["origins"][-1] == 159 - 8
     assert len(gdp["values"]) == 159 and gdp["origins"][0] == 159 - 8 - 4 * 9
+
+
+def test_runs_of_different_series_merge_into_one_table(tmp_path, capsys):
+    quick = ["--smoke", "--device", "cpu", "--classical", "snaive", "naive", "--models", "s4d", "--steps", "3"]
+    for name in ("gdp", "co2"):
+        assert main(["eval", "forecasting", *quick, "--datasets", name, "--out", str(tmp_path / name)]) == 0
+    assert main(["eval", "forecasting", "--merge", str(tmp_path / "gdp"), str(tmp_path / "co2"),
+                 "--out", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "result.json").read_text())
+    assert list(merged["datasets"]) == ["gdp", "co2"] == merged["settings"]["datasets"]
+    assert "co2" in merged["table"] and "gdp" in merged["table"] and (tmp_path / "all" / "forecast_fans.png").exists()
+    assert main(["eval", "forecasting", "--merge", str(tmp_path / "gdp"), str(tmp_path / "gdp"),
+                 "--out", str(tmp_path / "twice")]) != 0
+    assert "more than one" in capsys.readouterr().err
