@@ -44,13 +44,18 @@ from ssmkit.evals._report import (
 from ssmkit.evals.registry import register
 from ssmkit.models.forecaster import MIXERS, NORMS, ForecasterConfig, SSMForecaster
 
-# Per series: the SSM's history length, the origins, and the classical models' fixed choices.
+# Per series: the SSM's history length, the origins, the classical models' fixed choices, and ("ssm") the SSMs'
+# settings that differ from the defaults, chosen with --validation (docs/evals.md); options given on the
+# command line win over them.
 DATASETS: dict[str, dict[str, Any]] = {
     "co2": {"context": 48, "n_origins": 12, "stride": 12, "arima": {"d": 1, "seasonal": (0, 1, 1), "trend": "n"},
             "ets": {"trend": True, "damped": True}, "kalman": StructuralSpec(trend=True, period=12)},
     "sunspots": {"context": 44, "n_origins": 12, "stride": 5, "arima": {"d": 0, "seasonal": None, "trend": "c"},
-                 "ets": {"trend": False, "damped": False}, "calendar": False,
-                 "kalman": StructuralSpec(trend=False, period=1, cycle_period=11.0)},
+                 "ets": {"trend": False, "damped": False},
+                 "kalman": StructuralSpec(trend=False, period=1, cycle_period=11.0),
+                 # No position-in-season feature for a cycle of 9-14 years (see ForecasterConfig).
+                 "ssm": {"season_embedding": False, "transform": "sqrt", "seasonal_skip": True, "zero_head": 1,
+                         "ensemble": 3, "steps": 300}},
     "gdp": {"context": 24, "n_origins": 10, "stride": 4, "arima": {"d": 1, "seasonal": None, "trend": "t"},
             "ets": {"trend": True, "damped": True}, "kalman": StructuralSpec(trend=True, period=1)},
     "elnino": {"context": 48, "n_origins": 10, "stride": 12, "arima": {"d": 0, "seasonal": (0, 1, 1), "trend": "n"},
@@ -114,6 +119,10 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     if not 0 < settings["val_fraction"] < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {settings['val_fraction']}")
     device, out = resolve_device(args.device), Path(out_dir)
+    # The series' own SSM settings ("ssm" in DATASETS) yield to options given on the command line.
+    given = {k for k in FULL if getattr(args, k, None) is not None}
+    if args.seasonal_skip:
+        given.add("seasonal_skip")
     results = {}
     for name in datasets:
         series, spec = load_series(name), DATASETS[name]
@@ -122,6 +131,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
             series = dataclasses.replace(series, values=series.values[:origins[0]])
             origins = rolling_origins(len(series.values), series.horizon, spec["n_origins"], spec["stride"])
         spec = {**spec, "context": settings["context"] or spec["context"]}
+        recipe = {k: v for k, v in spec.get("ssm", {}).items() if k not in given}
         values, h, m = series.values, series.horizon, series.period
         actual = np.stack([values[o:o + h] for o in origins])
         print(f"== {name}: {series.source}; {len(values)} steps, period {m}, horizon {h}, origins "
@@ -129,13 +139,14 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
         entries = {}
         for model in [*models, *classical]:
             start = time.perf_counter()
-            forecast = _forecast(model, series, spec, origins, settings, device)
+            forecast = _forecast(model, series, spec, origins, {**settings, **recipe}, device)
             seconds = time.perf_counter() - start
             entries[model] = _score(forecast, actual, values, origins, m, seconds)
             print(f"{LABELS[model]}: MASE {entries[model]['mase']:.3f}, sMAPE {entries[model]['smape']:.2f}% "
                   f"({seconds:.1f} s)", flush=True)
         results[name] = {"source": series.source, "unit": series.unit, "length": len(values), "period": m,
-                         "horizon": h, "context": spec["context"], "origins": origins, "stride": spec["stride"],
+                         "horizon": h, "context": spec["context"], "ssm_settings": recipe, "origins": origins,
+                         "stride": spec["stride"],
                          "start": series.start, "step": series.step, "values": values.tolist(),
                          "models": entries}
     result = {"task": "forecasting", "smoke": bool(args.smoke), "device": str(device), "torch": torch.__version__,
@@ -180,8 +191,7 @@ def _forecast(model: str, series: Any, spec: dict[str, Any], origins: list[int],
         return classic.ets(values, origins, h, period=m, **spec["ets"])
     if model == "kalman":
         return classic.kalman(values, origins, h, spec["kalman"], settings["kalman_iterations"])
-    return ssm_forecast(model, values, origins, h, m, spec["context"], settings, device,
-                        season_embedding=spec.get("calendar", True))
+    return ssm_forecast(model, values, origins, h, m, spec["context"], settings, device)
 
 
 def _score(forecast: dict[str, Any], actual: np.ndarray, values: np.ndarray, origins: list[int], period: int,
@@ -197,7 +207,7 @@ def _score(forecast: dict[str, Any], actual: np.ndarray, values: np.ndarray, ori
 
 
 def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: int, period: int, context: int,
-                 settings: dict[str, Any], device: torch.device, *, season_embedding: bool = True) -> dict[str, Any]:
+                 settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Train ``settings["ensemble"]`` :class:`SSMForecaster` s (seeds ``seed``, ``seed + 1``, ...) on the windows
     before ``origins[0]`` (the last ``val_fraction`` of that part held out: each keeps the checkpoint with the
     lowest held-out pinball loss), then forecast from every origin: the members' quantiles averaged. With
@@ -221,7 +231,8 @@ def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: in
     config = ForecasterConfig(mixer=mixer, horizon=horizon, period=period, d_model=settings["d_model"],
                               n_layer=settings["n_layer"], d_state=settings["d_state"],
                               seasonal_skip=settings.get("seasonal_skip", False), norm=settings.get("norm", "last"),
-                              zero_head=bool(settings.get("zero_head", 0)), season_embedding=season_embedding)
+                              zero_head=bool(settings.get("zero_head", 0)),
+                              season_embedding=settings.get("season_embedding", True))
     history = as_tensor(np.stack([values[o - context:o] for o in origins]))
     phase = torch.tensor([(o - context) % period for o in origins], device=device)
     members, best, best_steps = [], [], []
