@@ -54,7 +54,7 @@ DATASETS: dict[str, dict[str, Any]] = {
                  "ets": {"trend": False, "damped": False},
                  "kalman": StructuralSpec(trend=False, period=1, cycle_period=11.0),
                  # No position-in-season feature for a cycle of 9-14 years (see ForecasterConfig).
-                 "ssm": {"season_embedding": False, "transform": "sqrt", "seasonal_skip": True, "zero_head": 1,
+                 "ssm": {"season_embedding": 0, "transform": "sqrt", "seasonal_skip": True, "zero_head": 1,
                          "ensemble": 3, "steps": 300}},
     "gdp": {"context": 24, "n_origins": 10, "stride": 4, "arima": {"d": 1, "seasonal": None, "trend": "t"},
             "ets": {"trend": True, "damped": True}, "kalman": StructuralSpec(trend=True, period=1)},
@@ -68,7 +68,8 @@ LABELS = {"s4d": "S4D", "mamba": "Mamba", "mamba2": "Mamba-2", "arima": "ARIMA (
 FULL = {"datasets": list(SERIES), "models": ["s4d", "mamba"], "classical": list(CLASSICAL), "d_model": 32,
         "n_layer": 2, "d_state": 16, "steps": 600, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.01,
         "val_fraction": 0.15, "arima_max_p": 3, "arima_max_q": 2, "kalman_iterations": 50, "seed": 0,
-        "ensemble": 1, "norm": "last", "transform": "none", "context": 0, "zero_head": 0}
+        "ensemble": 1, "norm": "last", "transform": "none", "context": 0, "zero_head": 0,
+        "season_embedding": 1}
 SMOKE = {**FULL, "datasets": ["gdp"], "models": ["s4d", "mamba"], "d_model": 16, "n_layer": 1, "d_state": 8,
          "steps": 20, "arima_max_p": 1, "arima_max_q": 0, "kalman_iterations": 2}
 HELP = {
@@ -83,6 +84,8 @@ HELP = {
     "norm": f"where each SSM history is centred, from {', '.join(NORMS)}",
     "zero_head": "1: the SSMs' head starts at zero (the untrained forecast is the location, or the seasonal naive "
     "forecast with --seasonal-skip)",
+    "season_embedding": "1: the SSMs embed each step's position in the season (0: not, for a cycle that is no "
+    "calendar season)",
     "transform": f"what the SSMs model, from {', '.join(TRANSFORMS)} (sqrt: the square root of a series >= 0; "
     "the quantiles are squared back, exactly)", "context": "SSM history length (0: the series' own, see DATASETS)",
 }
@@ -90,8 +93,9 @@ HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, FULL, SMOKE, HELP)
-    parser.add_argument("--seasonal-skip", action="store_true",
-                        help="the SSMs predict the correction to the seasonal naive forecast")
+    parser.add_argument("--seasonal-skip", action=argparse.BooleanOptionalAction, default=None,
+                        help="the SSMs predict the correction to the seasonal naive forecast (default: off, but see "
+                        "the series' own settings in DATASETS)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                         help="combine finished runs of other series (their --out folders; the same settings but "
                         "--datasets) into one table, fan plot and result.json in --out; nothing is trained")
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     """Forecast every series with every model; print the table, write result.json and forecast_fans.png."""
     if getattr(args, "merge", None):
         return merge(args.merge, Path(out_dir))
-    settings = {**experiment_settings(args, FULL, SMOKE), "seasonal_skip": bool(args.seasonal_skip),
+    settings = {**experiment_settings(args, FULL, SMOKE), "seasonal_skip": bool(getattr(args, "seasonal_skip", None)),
                 "validation": bool(getattr(args, "validation", False))}
     datasets = check_names(settings["datasets"], SERIES, "--datasets")
     models = check_names(settings["models"], MIXERS, "--models") if settings["models"] else []
@@ -119,10 +123,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     if not 0 < settings["val_fraction"] < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {settings['val_fraction']}")
     device, out = resolve_device(args.device), Path(out_dir)
-    # The series' own SSM settings ("ssm" in DATASETS) yield to options given on the command line.
-    given = {k for k in FULL if getattr(args, k, None) is not None}
-    if args.seasonal_skip:
-        given.add("seasonal_skip")
+    given = given_options(args)
     results = {}
     for name in datasets:
         series, spec = load_series(name), DATASETS[name]
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
             series = dataclasses.replace(series, values=series.values[:origins[0]])
             origins = rolling_origins(len(series.values), series.horizon, spec["n_origins"], spec["stride"])
         spec = {**spec, "context": settings["context"] or spec["context"]}
-        recipe = {k: v for k, v in spec.get("ssm", {}).items() if k not in given}
+        recipe = series_settings(name, given)
         values, h, m = series.values, series.horizon, series.period
         actual = np.stack([values[o:o + h] for o in origins])
         print(f"== {name}: {series.source}; {len(values)} steps, period {m}, horizon {h}, origins "
@@ -154,6 +155,20 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
     print(report(result, out))
     write_result(out, result)
     return result
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The settings given on the command line (they win over a series' own SSM settings)."""
+    given = {k for k in FULL if getattr(args, k, None) is not None}
+    if getattr(args, "seasonal_skip", None) is not None:
+        given.add("seasonal_skip")
+    return given
+
+
+def series_settings(name: str, given: set[str]) -> dict[str, Any]:
+    """The SSM settings of series ``name`` that replace the defaults (``DATASETS[name]["ssm"]``), less those
+    in ``given``."""
+    return {k: v for k, v in DATASETS[name].get("ssm", {}).items() if k not in given}
 
 
 def merge(folders: list[str], out_dir: Path) -> dict[str, Any]:
@@ -232,7 +247,7 @@ def ssm_forecast(mixer: str, values: np.ndarray, origins: list[int], horizon: in
                               n_layer=settings["n_layer"], d_state=settings["d_state"],
                               seasonal_skip=settings.get("seasonal_skip", False), norm=settings.get("norm", "last"),
                               zero_head=bool(settings.get("zero_head", 0)),
-                              season_embedding=settings.get("season_embedding", True))
+                              season_embedding=bool(settings.get("season_embedding", 1)))
     history = as_tensor(np.stack([values[o - context:o] for o in origins]))
     phase = torch.tensor([(o - context) % period for o in origins], device=device)
     members, best, best_steps = [], [], []

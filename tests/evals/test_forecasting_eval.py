@@ -58,3 +58,15 @@ def test_runs_of_different_series_merge_into_one_table(tmp_path, capsys):
     assert main(["eval", "forecasting", "--merge", str(tmp_path / "gdp"), str(tmp_path / "gdp"),
                  "--out", str(tmp_path / "twice")]) != 0
     assert "more than one" in capsys.readouterr().err
+
+
+def test_a_series_own_settings_yield_to_the_command_line():
+    from ssmkit.cli import build_parser
+    from ssmkit.evals.forecasting import given_options, series_settings
+
+    parse = lambda *a: build_parser().parse_args(["eval", "forecasting", *a])
+    assert series_settings("gdp", given_options(parse())) == {}
+    own = series_settings("sunspots", given_options(parse()))
+    assert own["season_embedding"] == 0 and own["seasonal_skip"] and own["transform"] == "sqrt"
+    overridden = series_settings("sunspots", given_options(parse("--no-seasonal-skip", "--steps", "50")))
+    assert "seasonal_skip" not in overridden and "steps" not in overridden and overridden["ensemble"] == 3
