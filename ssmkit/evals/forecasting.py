@@ -8,6 +8,10 @@ on the windows of that part, with its last stretch held out for choosing the che
 ETS and the Kalman model estimate their parameters there. At every origin each model then forecasts the
 next h values from the history up to the origin. Scores over all origins: MASE (scaled by the in-sample
 seasonal naive error up to each origin), sMAPE, and the coverage of the 80% interval.
+
+A series may set its own SSM settings (``DATASETS[name]["ssm"]``; sunspots do), chosen with
+``--validation``: the series is cut at its first test origin and the same origin layout is laid over what
+remains, so that settings are compared without ever reading the test part.
 """
 
 from __future__ import annotations
