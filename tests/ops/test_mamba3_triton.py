@@ -69,6 +69,7 @@ ROTARY_CASES = {
     "rotary_interleaved_fp32": (2, 37, 1, 4, 8, 2, True, "float32", True),
     "rotary_halves_groups_bf16": (2, 21, 2, 4, 16, 4, False, "bfloat16", True),
     "rotary_n12_no_dcb": (1, 5, 1, 2, 12, 3, True, "float32", False),
+    "rotary_interleaved_groups_bf16": (2, 19, 2, 6, 8, 3, True, "bfloat16", True),
 }
 
 

@@ -81,7 +81,8 @@ def mamba3_scan(
         return_final_state: also return the state after the last position.
         chunk_size: positive int, chunk length of the chunked backends (any l works); it never changes
             the result (the rule of :mod:`ssmkit.ops.chunking`).
-        backend: ``"auto"`` (chunked, the fastest route measured on CPUs and GPUs), ``"reference"``,
+        backend: ``"auto"`` (the fastest route measured: ``triton`` on CUDA unless float64, else
+            ``chunked``), ``"reference"``,
             ``"chunked"`` or ``"triton"`` (the scan rewritten for the Mamba-2 SSD op and run by its Triton
             kernels; rank 1 with B̃/C̃, the angles and the output in fused kernels of their own, MIMO as r
             sub-steps per position, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
@@ -118,11 +119,12 @@ def mamba3_scan(
     check_chunk_size(chunk_size)
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
-    # "auto" is the chunked path on every device: the route measured fastest (benchmarks/RESULTS.md). On a CPU
-    # the SSD route is no faster; on CUDA the triton route was 1.7x slower (H100, bf16, b8, 24 x 64 heads, N 128:
-    # 39.6 / 155.9 ms fwd+bwd at L 2K / 8K against 23.0 / 87.8) before its bf16 operands and fused kernels,
-    # which are not timed on a GPU yet; it becomes "auto" for rank 1 on CUDA once they measure faster.
-    backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
+    # "auto" takes the route measured fastest (benchmarks/RESULTS.md): on CUDA the SSD route (H100, bf16, b8,
+    # 24 x 64 heads, N 128, fwd+bwd: rank 1 4.3 / 16.3 ms at L 2K / 8K against the chunked path's 22.6 / 86.8;
+    # rank 4 62 / 246 against 78 / 314), except for float64, which the SSD route computes with the SSD op's
+    # chunked form anyway; on a CPU the chunked path (the SSD route is no faster there).
+    on_ssd_route = backend == "triton" or (backend == "auto" and x.dtype != torch.float64)
+    backend = resolve_backend(backend, dims.device, has_triton=on_ssd_route)
     scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
     out, final = scan(Mamba3Inputs.from_args(locals()))
     return (out, final) if return_final_state else out

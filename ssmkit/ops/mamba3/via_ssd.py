@@ -44,6 +44,9 @@ from ssmkit.ops.ssd import mamba_chunk_scan_combined
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
 # operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
 FUSED_BC = True
+# Chunk length the SSD op's kernels get (None: the caller's chunk_size). A chunk is only a tiling here (the
+# result does not depend on it); the SSD kernels were tuned at 256, Mamba-3 layers pass 64 (mamba_ssm's).
+SSD_CHUNK: int | None = None
 
 
 def mamba3_via_ssd(
@@ -88,7 +91,8 @@ def mamba3_via_ssd(
     nxt = next_share(prep, seq_idx)
     G0 = None if init is None else initial_G(init, prep, mimo_x)
     y, G = mamba_chunk_scan_combined(
-        xo, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bo, Co, chunk_size, initial_states=G0,
+        xo, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bo, Co, SSD_CHUNK or chunk_size,
+        initial_states=G0,
         seq_idx=seq_idx, return_final_states=True, input_scale=prep.gamma + nxt,
         backend="chunked" if dtype == torch.float64 else ssd_backend,
     )
@@ -120,7 +124,7 @@ def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor,
     G0 = None if init is None else initial_G(init, prep, inputs.mimo_x)
     y, G = mamba_chunk_scan_combined(
         xo.reshape(b, l * r, h, p), step.reshape(b, l * r, h), -torch.ones(h, dtype=dtype, device=x.device),
-        Bo.reshape(b, l * r, h, -1), Co.reshape(b, l * r, h, -1), inputs.chunk_size, initial_states=G0,
+        Bo.reshape(b, l * r, h, -1), Co.reshape(b, l * r, h, -1), SSD_CHUNK or inputs.chunk_size, initial_states=G0,
         seq_idx=None if seq_idx is None else seq_idx.repeat_interleave(r, dim=1), return_final_states=True,
         input_scale=w[:, :, None].expand(b, l, r, h).reshape(b, l * r, h),
         backend="chunked" if dtype == torch.float64 else ssd_backend,
