@@ -56,7 +56,7 @@ def test_a_session_saved_and_read_by_a_restarted_store_resumes_exactly(model, tm
 def test_rows_of_a_batched_cache_decode_as_their_own_caches(model):
     prompts = [ids(11, 2), ids(5, 3)]
     alone = []
-    slots = SlotCache()
+    slots = SlotCache(model.config.padded_vocab_size)
     for prompt in prompts:
         cache = model.allocate_cache(1)
         model(prompt, cache=cache)
