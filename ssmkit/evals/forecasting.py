@@ -61,7 +61,10 @@ DATASETS: dict[str, dict[str, Any]] = {
                  "ssm": {"season_embedding": 0, "transform": "sqrt", "seasonal_skip": True, "zero_head": 1,
                          "ensemble": 3, "steps": 300}},
     "gdp": {"context": 24, "n_origins": 10, "stride": 4, "arima": {"d": 1, "seasonal": None, "trend": "t"},
-            "ets": {"trend": True, "damped": True}, "kalman": StructuralSpec(trend=True, period=1)},
+            "ets": {"trend": True, "damped": True}, "kalman": StructuralSpec(trend=True, period=1),
+            # ~150 training windows and a one-seed result that moves by 0.4 MASE with the rounding: 3 seeds
+            # (validation S4D 2.158 -> 2.032, Mamba 2.474 -> 2.253; co2 and elnino moved < 0.05, kept at 1).
+            "ssm": {"ensemble": 3}},
     "elnino": {"context": 48, "n_origins": 10, "stride": 12, "arima": {"d": 0, "seasonal": (0, 1, 1), "trend": "n"},
                "ets": {"trend": False, "damped": False}, "kalman": StructuralSpec(trend=False, period=12)},
 }

@@ -65,7 +65,9 @@ def test_a_series_own_settings_yield_to_the_command_line():
     from ssmkit.evals.forecasting import given_options, series_settings
 
     parse = lambda *a: build_parser().parse_args(["eval", "forecasting", *a])
-    assert series_settings("gdp", given_options(parse())) == {}
+    assert series_settings("co2", given_options(parse())) == {}
+    assert series_settings("gdp", given_options(parse())) == {"ensemble": 3}
+    assert series_settings("gdp", given_options(parse("--ensemble", "1"))) == {}
     own = series_settings("sunspots", given_options(parse()))
     assert own["season_embedding"] == 0 and own["seasonal_skip"] and own["transform"] == "sqrt"
     overridden = series_settings("sunspots", given_options(parse("--no-seasonal-skip", "--steps", "50")))
