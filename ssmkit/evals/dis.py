@@ -131,6 +131,7 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, settings: dict[str, Any], models: list[str], device: torch.device,
          out: Path) -> dict[str, Any]:
+    started = time.perf_counter()
     images = load_pixel_sequences(settings["dataset"])
     side = images.side
     train_idx, test_idx = stratified_split(images.labels, settings["test_fraction"], settings["seed"])
@@ -160,6 +161,8 @@ def _run(args: argparse.Namespace, settings: dict[str, Any], models: list[str], 
         entry = train_and_score(net, x[train_idx], y[train_idx], scorer, test_feats, settings, device)
         entry.update(model=mixer, label=LABELS[mixer], params=params, config=config.to_dict(),
                      sampling_time=sampling_times(mixer, settings, config.ff_width, device))
+        # seconds since this process's run began (data, scorer, compilation, every model so far): what a slot must fit
+        entry["elapsed_seconds"] = time.perf_counter() - started
         runs.append(entry)
         result = {"task": "dis", "smoke": bool(args.smoke), "device": str(device), "torch": torch.__version__,
                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -170,6 +173,7 @@ def _run(args: argparse.Namespace, settings: dict[str, Any], models: list[str], 
         # Written after every model, so that a long run stopped midway keeps what it finished.
         table = report(result, out)
         write_result(out, result)
+        print(f"{LABELS[mixer]} done: {entry['elapsed_seconds']:.0f} s since the start", flush=True)
     print(table)
     return result
 
