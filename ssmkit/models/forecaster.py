@@ -3,8 +3,11 @@ every future step at once.
 
 Dimensions: ``b`` batch, ``L`` history length, ``h`` horizon, ``q`` quantiles, ``D`` d_model, ``m`` period.
 
-The history is normalised per row (its last value subtracted, divided by its standard deviation), so
-one model serves every level of a series; each step enters as ``Linear(1, D)`` of the normalised value
+The history is normalised per row (``norm="last"``: its last value subtracted, divided by its standard
+deviation; ``norm="mean"``: its mean subtracted, divided by its standard deviation, the instance
+normalisation of RevIN; ``norm="scale"``: only divided by its mean absolute value, DeepAR's scaling, which
+keeps zero where it is for series with a floor at 0), so one model serves every level of a series, and the
+forecast is mapped back by the inverse of the same affine map; each step enters as ``Linear(1, D)`` of the normalised value
 plus an embedding of its position in the season (step index mod m; none when m = 1). Causal S4D, Mamba or
 Mamba-2 blocks (each with a SwiGLU MLP) read the row; the last position's output, normalised, goes through
 ``Linear(D, h·q)``; sorting along the quantile axis keeps the quantiles in order, and the result is mapped
@@ -26,6 +29,7 @@ from ssmkit.layers.block import Block
 from ssmkit.layers.mlp import MLP
 
 MIXERS = ("s4d", "mamba", "mamba2")
+NORMS = ("last", "mean", "scale")
 
 
 @dataclasses.dataclass
@@ -33,7 +37,13 @@ class ForecasterConfig:
     """mixer: one of :data:`MIXERS`; horizon: h; quantiles: increasing levels in (0, 1) (0.5 among them);
     period: m (1 = no season embedding); d_model, n_layer, d_state; ff_width: MLP width per block;
     seasonal_skip: the head predicts the deviation from the seasonal naive forecast (the last observed value of
-    the same season) instead of the forecast itself (no change for m = 1, where that is the last value)."""
+    the same season) instead of the forecast itself (no change for m = 1, where that is the last value);
+    norm: how each history is normalised, one of :data:`NORMS` (see the module docstring);
+    zero_head: the head starts at zero, so that the untrained model forecasts the location (or, with
+    seasonal_skip, the seasonal naive forecast) and training learns the departure from it;
+    season_embedding: embed each step's position in the season (when period > 1); off for a quasi-periodic
+    series (a cycle of varying length, as the sunspots'), where a fixed position in an 11-step season is no
+    feature of the cycle and only lets a small training set be memorised."""
 
     mixer: str = "s4d"
     horizon: int = 12
@@ -44,10 +54,15 @@ class ForecasterConfig:
     d_state: int = 16
     ff_width: int = 64
     seasonal_skip: bool = False
+    norm: str = "last"
+    zero_head: bool = False
+    season_embedding: bool = True
 
     def __post_init__(self) -> None:
         if self.mixer not in MIXERS:
             raise ValueError(f"ForecasterConfig.mixer must be one of {', '.join(MIXERS)}, got {self.mixer!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"ForecasterConfig.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         for name in ("horizon", "period", "d_model", "n_layer", "d_state"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -94,16 +109,22 @@ class SSMForecaster(nn.Module):
         self.config = config
         d = config.d_model
         self.encoder = nn.Linear(1, d)
-        self.season = nn.Embedding(config.period, d) if config.period > 1 else None
+        self.season = nn.Embedding(config.period, d) if config.period > 1 and config.season_embedding else None
         self.layers = nn.ModuleList(Block(d, _mixer(config), ff=MLP(d, config.ff_width) if config.ff_width else None)
                                     for _ in range(config.n_layer))
         self.norm_f = RMSNorm(d)
         self.head = nn.Linear(d, config.horizon * len(config.quantiles))
+        if config.zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.register_buffer("quantiles", torch.tensor(config.quantiles), persistent=False)
 
     def normalise(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loc, scale) (b, 1): the last value and the standard deviation (floored) of each row."""
-        loc = history[:, -1:]
+        """(loc, scale) (b, 1) of each row: the last value (``norm="last"``) or the mean (``"mean"``) and the
+        standard deviation, or 0 and the mean absolute value (``"scale"``); scales floored at 1e-3."""
+        if self.config.norm == "scale":
+            return torch.zeros_like(history[:, :1]), history.abs().mean(dim=1, keepdim=True).clamp(min=1e-3)
+        loc = history.mean(dim=1, keepdim=True) if self.config.norm == "mean" else history[:, -1:]
         scale = history.std(dim=1, keepdim=True).clamp(min=1e-3) if history.shape[1] > 1 else torch.ones_like(loc)
         return loc, scale
 

@@ -18,6 +18,9 @@ def _run(tmp_path, capsys, name, *argv):
     printed = capsys.readouterr().out
     result = json.loads((out / "result.json").read_text())
     assert result["table"] in printed
+    # the wall-clock time since the start (what a GPU slot must fit) covers each model's training and sampling
+    assert result["runs"][-1]["elapsed_seconds"] >= sum(r["train_seconds"] + r["sample_seconds"]
+                                                        for r in result["runs"])
     return result, out
 
 

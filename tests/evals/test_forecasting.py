@@ -76,3 +76,34 @@ def test_no_forecast_depends_on_values_from_its_origin_on(name, forecaster):
     assert clean["point"].shape == (4, 6) and np.isfinite(clean["point"]).all()
     if clean["lower"] is not None:
         assert (clean["lower"] <= clean["point"] + 1e-9).all() and (clean["point"] <= clean["upper"] + 1e-9).all()
+
+
+def _mase(values, origins, horizon, period, forecast):
+    actual = np.stack([values[o:o + horizon] for o in origins])
+    return classic.mase(actual, forecast["point"], values, origins, period)
+
+
+@pytest.mark.parametrize("options", [{}, {"norm": "scale", "transform": "sqrt", "ensemble": 2}],
+                         ids=["defaults", "scale-sqrt-ensemble"])
+def test_a_short_training_run_beats_the_naive_forecast_on_a_seasonal_series(options):
+    values = _series(n=240) + 5.0  # positive, so that sqrt applies
+    origins = rolling_origins(len(values), 6, 6, 6)
+    settings = {**SETTINGS, "d_model": 16, "steps": 150, "batch_size": 16, **options}
+    ssm = _mase(values, origins, 6, 12, ssm_forecast("s4d", values, origins, 6, 12, 24, settings, torch.device("cpu")))
+    naive = _mase(values, origins, 6, 12, classic.seasonal_naive(values, origins, 6, 1))
+    assert ssm < 0.7 * naive, (ssm, naive)
+
+
+def test_ensemble_and_sqrt_transform():
+    values = _series() + 5.0
+    origins = rolling_origins(len(values), 6, 3, 6)
+    run = lambda **o: ssm_forecast("s4d", values, origins, 6, 12, 24, {**SETTINGS, **o}, torch.device("cpu"))
+    one, two = run(), run(ensemble=2)
+    assert one["details"]["members"] == 1 and two["details"]["members"] == 2
+    # The ensemble's first member is the single model (same seed): the average moves away from it.
+    assert not np.allclose(one["point"], two["point"])
+    assert (two["lower"] <= two["point"]).all() and (two["point"] <= two["upper"]).all()
+    squared = run(transform="sqrt")
+    assert squared["details"]["transform"] == "sqrt" and (squared["lower"] >= 0).all()
+    with pytest.raises(ValueError, match="negative"):
+        ssm_forecast("s4d", values - 100, origins, 6, 12, 24, {**SETTINGS, "transform": "sqrt"}, torch.device("cpu"))
