@@ -20,6 +20,7 @@ from ssmkit.generation.decode import (
     DecodingModel,
     GraphedStep,
     graph_blocker,
+    lean_decoder,
     pick,
     step,
 )
@@ -165,6 +166,7 @@ def _decode(model: DecodingModel, ids: torch.Tensor, seq_idx: torch.Tensor | Non
         return
     token = pick(_prefill(model, ids, seq_idx, state.cache, prefill_chunk_size), state)
     graphed = GraphedStep(model, token, state) if use_graph and max_new_tokens > 1 else None
+    lean = None if graphed is not None else lean_decoder(model, state.cache)
     pending: list[torch.Tensor] = []
     finished: list[torch.Tensor] = []
     for n in range(1, max_new_tokens + 1):
@@ -187,7 +189,7 @@ def _decode(model: DecodingModel, ids: torch.Tensor, seq_idx: torch.Tensor | Non
             graphed.replay()
             token = graphed.token.clone()
         else:
-            token = step(model, token, state)
+            token = step(model, token, state, lean)
         state.cache.seqlen_offset += 1
 
 

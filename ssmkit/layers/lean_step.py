@@ -1,0 +1,217 @@
+"""Lean one-token decode steps of Mamba and Mamba-2 blocks: about twenty torch calls per block, no checks.
+
+A block's own decode path (``Block.forward`` with a cache, then the mixer's ``step_from_residual`` and
+the ops ``causal_conv1d_update`` / ``selective_state_update``) validates every argument, picks a backend
+and recomputes parameter casts on every call: on CPU at batch 1 that costs about as much as a small
+matmul per op. Here a block is read once into a :class:`MambaStep` / :class:`Mamba2Step`: parameters
+cast to the compute dtype, ``A = -exp(A_log)`` computed, a matmul chosen per weight
+(:func:`linear_fn`); a step then is a fixed sequence of torch calls on the cache's tensors, in place.
+Whoever builds a step checks, once, that the block is supported (:func:`lean_block_step`) and that the
+states it will be given have the right kind and shapes.
+
+Numerics: the layers' formulas, at the same rounding points (activations rounded to the weights' dtype
+where the layers round them, the scan in float32): equal to the layers' step up to float rounding
+(tests/layers/test_lean_step.py). Parameters are copied when built: a step built before a weight
+changes keeps the old weight (the caller rebuilds; :func:`ssmkit.generation.decode.lean_decoder` keys
+its cache on the parameters' versions).
+
+Dimensions: ``b`` batch, ``H`` d_model, ``I`` d_inner, ``N`` d_state, ``R`` dt_rank, ``w`` d_conv,
+``h`` heads, ``p`` head dim, ``g`` groups of B/C, ``c`` conv channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssmkit.layers.mamba import Mamba, MambaState
+from ssmkit.layers.mamba2 import Mamba2, Mamba2State
+from ssmkit.layers.quantized import MAX_KERNEL_ROWS, Int8Linear, _has_int8_kernel
+from ssmkit.ops._step_sizes import NO_LIMIT
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def linear_fn(module: nn.Module) -> Linear:
+    """``x (b, k) -> (b, n)`` computing ``module(x)`` (an ``nn.Linear`` or :class:`Int8Linear`) by the
+    fastest batch-1 path this CPU offers, in the module's dtype.
+
+    float32: ``F.linear`` (MKL's GEMV streams the weight near the memory bandwidth). bfloat16 / float16
+    at one row: ``torch.mv`` of the weight, whose reduced-precision GEMV (float32 accumulation) reads
+    the weight about 1.3-2x faster than ``F.linear``'s at batch 1 on AVX-512 CPUs; more rows: ``F.linear``.
+    int8: ``aten._weight_int8pack_mm`` with bfloat16 activations at up to 8 rows, as :class:`Int8Linear`.
+    """
+    if isinstance(module, Int8Linear):
+        return _int8_fn(module)
+    weight = module.weight.detach()
+    bias = None if module.bias is None else module.bias.detach()
+    if weight.dtype == torch.float32 or weight.device.type != "cpu":
+        return lambda x: F.linear(x, weight, bias)
+
+    def reduced(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            return F.linear(x, weight, bias)
+        y = torch.mv(weight, x[0]).unsqueeze(0)
+        return y if bias is None else y + bias
+    return reduced
+
+
+def _int8_fn(module: Int8Linear) -> Linear:
+    if not _has_int8_kernel(module.qweight.device):
+        return module
+    qweight, scales = module.qweight, module.scales.to(torch.bfloat16)
+    bias = None if module.bias is None else module.bias.detach()
+
+    def int8(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > MAX_KERNEL_ROWS:
+            return module(x)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales).to(x.dtype)
+        return y if bias is None else y + bias
+    return int8
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return module.compute_dtype if isinstance(module, Int8Linear) else module.weight.dtype
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+class _ConvStep:
+    """The depthwise causal convolution of one token over the state window, SiLU, in float32."""
+
+    def __init__(self, conv1d: nn.Conv1d) -> None:
+        self.weight = _f32(conv1d.weight.squeeze(1))  # (c, w)
+        self.bias = _f32(conv1d.bias)
+
+    def __call__(self, x: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+        """x (b, c) this token's inputs; conv (b, c, w) the window, shifted in place. -> (b, c) in x's dtype."""
+        window = torch.cat([conv[..., 1:], x.to(conv.dtype).unsqueeze(-1)], dim=-1)
+        conv.copy_(window)
+        out = (window.to(torch.float32) * self.weight).sum(-1)
+        if self.bias is not None:
+            out += self.bias
+        return F.silu(out, inplace=True).to(x.dtype)
+
+
+class MambaStep:
+    """One token of a pre-norm :class:`~ssmkit.layers.Block` around a :class:`Mamba` mixer (no
+    feed-forward): ``r -> r + mixer(norm(r))``, updating a :class:`MambaState` in place."""
+
+    def __init__(self, norm: nn.Module, mixer: Mamba) -> None:
+        self.norm_weight, self.eps = _f32(norm.weight), norm.eps
+        self.dtype = _weight_dtype(mixer.in_proj)
+        self.in_proj, self.x_proj, self.out_proj = (linear_fn(m) for m in (mixer.in_proj, mixer.x_proj,
+                                                                           mixer.out_proj))
+        self.dt_weight = mixer.dt_proj.weight.detach()
+        self.dt_bias = _f32(mixer.dt_proj.bias)
+        self.conv = _ConvStep(mixer.conv1d)
+        self.A = -torch.exp(_f32(mixer.A_log))  # (I, N)
+        self.D = _f32(mixer.D)
+        self.split = (mixer.dt_rank, mixer.d_state, mixer.d_state)
+        self.d_inner = mixer.d_inner
+
+    def __call__(self, r: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """r (b, H) residual stream -> (b, H) (dtype: promote(r, the mixer's output))."""
+        h = F.rms_norm(r.to(torch.float32), self.norm_weight.shape, self.norm_weight, self.eps)
+        x, z = self.in_proj(h.to(self.dtype)).split(self.d_inner, dim=-1)  # (b, I) each
+        x = self.conv(x, state.conv)
+        dt, B, C = self.x_proj(x).split(self.split, dim=-1)
+        delta = F.softplus(F.linear(dt, self.dt_weight) + self.dt_bias)  # (b, I) float32
+        xf = x.to(torch.float32)
+        ssm = state.ssm  # (b, I, N) float32
+        ssm.mul_(torch.exp(delta.unsqueeze(-1) * self.A))
+        ssm.addcmul_((delta * xf).unsqueeze(-1), B.to(torch.float32).unsqueeze(1))
+        y = torch.bmm(ssm, C.to(torch.float32).unsqueeze(-1)).squeeze(-1)  # (b, I)
+        y = torch.addcmul(y, self.D, xf).mul_(F.silu(z.to(torch.float32)))
+        return r + self.out_proj(y.to(self.dtype))
+
+
+class Mamba2Step:
+    """One token of a pre-norm :class:`~ssmkit.layers.Block` around a :class:`Mamba2` mixer (no
+    feed-forward): ``r -> r + mixer(norm(r))``, updating a :class:`Mamba2State` in place."""
+
+    def __init__(self, norm: nn.Module, mixer: Mamba2) -> None:
+        self.norm_weight, self.eps = _f32(norm.weight), norm.eps
+        self.dtype = _weight_dtype(mixer.in_proj)
+        self.in_proj, self.out_proj = linear_fn(mixer.in_proj), linear_fn(mixer.out_proj)
+        self.conv = _ConvStep(mixer.conv1d)
+        h, p, g, n = mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state
+        self.shape = (h, p, g, n)
+        self.split = (mixer.d_inner, mixer.conv_dim, h)
+        self.xbc_split = (mixer.d_inner, g * n, g * n)
+        self.A = -torch.exp(_f32(mixer.A_log))  # (h,)
+        self.dt_bias = _f32(mixer.dt_bias)
+        self.dt_limit = None if tuple(mixer.dt_limit) == NO_LIMIT else mixer.dt_limit
+        self.D = _f32(mixer.D).view(h, p) if mixer.D_has_hdim else _f32(mixer.D).view(h, 1)
+        self.gated_norm = None
+        if mixer.rmsnorm:
+            norm_g = mixer.norm
+            if norm_g.norm_before_gate:
+                raise ValueError("Mamba2Step: norm_before_gate=True is not supported (take the layer's step)")
+            self.gated_norm = (_f32(norm_g.weight), norm_g.eps, norm_g.group_size)
+
+    def __call__(self, r: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """r (b, H) residual stream -> (b, H) (dtype: promote(r, the mixer's output))."""
+        h_, p, g, n = self.shape
+        b = r.shape[0]
+        hn = F.rms_norm(r.to(torch.float32), self.norm_weight.shape, self.norm_weight, self.eps)
+        z, xBC, dt = self.in_proj(hn.to(self.dtype)).split(self.split, dim=-1)
+        xBC = self.conv(xBC, state.conv)
+        x, B, C = xBC.split(self.xbc_split, dim=-1)
+        delta = F.softplus(dt.to(torch.float32) + self.dt_bias)  # (b, h)
+        if self.dt_limit is not None:
+            delta = delta.clamp(*self.dt_limit)
+        xf = x.to(torch.float32).reshape(b, h_, p)
+        ssm = state.ssm  # (b, h, p, N) float32
+        ssm.mul_(torch.exp(delta * self.A).view(b, h_, 1, 1))
+        s = ssm.view(b, g, h_ // g, p, n)
+        s.addcmul_((delta.unsqueeze(-1) * xf).reshape(b, g, h_ // g, p, 1),
+                   B.to(torch.float32).reshape(b, g, 1, 1, n))
+        y = torch.matmul(s.view(b * g, -1, n), C.to(torch.float32).reshape(b * g, n, 1)).view(b, h_, p)
+        y = torch.addcmul(y, self.D, xf).reshape(b, -1)  # (b, I) float32
+        gate = F.silu(z.to(torch.float32))
+        if self.gated_norm is None:
+            return r + self.out_proj((y * gate).to(self.dtype))
+        weight, eps, group = self.gated_norm
+        # The scan's output rounded to the weights' dtype, as the layer's, before the gated norm.
+        hg = (y.to(self.dtype).to(torch.float32) * gate).reshape(b, -1, group)
+        hg = F.rms_norm(hg, (group,), None, eps).view(b, -1) * weight
+        return r + self.out_proj(hg.to(self.dtype))
+
+
+def lean_block_step(block: nn.Module) -> MambaStep | Mamba2Step | None:
+    """The lean step of ``block`` (a :class:`~ssmkit.layers.Block`), or None when it has none: a
+    feed-forward, another mixer, Mamba's inner norms (Falcon-Mamba, Jamba), a context-parallel Mamba-2,
+    norm-before-gate, float64, or parameters off the CPU."""
+    mixer = getattr(block, "mixer", None)
+    if getattr(block, "ff", None) is not None or not hasattr(block, "norm"):
+        return None
+    if not isinstance(mixer, (Mamba, Mamba2)) or mixer.A_log.device.type != "cpu":
+        return None
+    if _weight_dtype(mixer.in_proj) not in LEAN_DTYPES or block.norm.weight.dtype not in LEAN_DTYPES:
+        return None
+    if isinstance(mixer, Mamba):
+        if mixer.inner_layernorms or mixer.mixer_rms_eps is not None:
+            return None
+        return MambaStep(block.norm, mixer)
+    if mixer.context_parallel is not None or (mixer.rmsnorm and mixer.norm.norm_before_gate):
+        return None
+    return Mamba2Step(block.norm, mixer)
+
+
+def state_fits(step: MambaStep | Mamba2Step, state: object, batch: int) -> bool:
+    """Whether ``state`` is the kind and shape of state ``step`` updates, for ``batch`` rows."""
+    if isinstance(step, MambaStep):
+        return isinstance(state, MambaState) and state.ssm.shape == (batch, step.d_inner, step.A.shape[1]) \
+            and state.ssm.dtype == torch.float32 and state.conv.shape[:2] == (batch, step.d_inner) \
+            and state.conv.shape[2] == step.conv.weight.shape[1]
+    h, p, _, n = step.shape
+    return isinstance(state, Mamba2State) and state.ssm.shape == (batch, h, p, n) \
+        and state.ssm.dtype == torch.float32 and state.ssm.is_contiguous() \
+        and tuple(state.conv.shape) == (batch, *step.conv.weight.shape)
