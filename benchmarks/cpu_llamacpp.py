@@ -12,11 +12,14 @@ then times, alternating ssmkit and llama.cpp within each round (median of ``--ro
 count: prefill of L tokens (ssmkit: one forward with logits for the last position; llama.cpp:
 ``llama-bench -p L``) and decode at batch 1 (ssmkit: single-token steps from a cache; ``llama-bench -n``),
 tokens/s. ssmkit's weights are float32 / bfloat16 / weight-only int8 (``LanguageModel.quantize``) beside
-llama.cpp's F32 / BF16 / Q8_0. The load average is printed with each table: on a shared machine the
+llama.cpp's F32 / BF16 / Q8_0. ssmkit's decode is timed twice in each round: through the lean step that
+``generate`` takes on CPU (:mod:`ssmkit.generation.lean`) and through the blocks' own step
+(``forward_one_layers``), so that the gain of one over the other is measured under the same load. The load average is printed with each table: on a shared machine the
 numbers are only comparable within one run.
 
-llama.cpp is built from the source that the ``llama-cpp-python`` source distribution vendors (CPU only,
-``-DGGML_NATIVE=ON``; about 15 minutes on 2 free cores) when ``--build`` is given; never in CI:
+llama.cpp is built from the source that the ``llama-cpp-python`` source distribution vendors (CPU only, the
+instruction sets /proc/cpuinfo lists but AMX, see ``isa_options``; about 15 minutes on 2 free cores) when
+``--build`` is given; never in CI:
 
     python benchmarks/cpu_llamacpp.py --build                       # fetch the sdist into .ext/, build
     python benchmarks/cpu_llamacpp.py                               # both models, all types, 1 and 2 threads
@@ -41,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.generation.decode import forward_one
+from ssmkit.generation.decode import forward_one_layers
+from ssmkit.generation.lean import lean_decoder
 from ssmkit.models import LanguageModel, get_preset
 from ssmkit.models.formats.gguf import write_gguf
 
@@ -79,11 +83,30 @@ def build(jobs: int) -> Path:
         src = find_llama_cpp()
         assert src is not None, f"no vendor/llama.cpp in {archive}"
     configure = ["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+                 *isa_options(), "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
     subprocess.run(configure, check=True)
     subprocess.run(["nice", "-n", "19", "cmake", "--build", str(src / "build"), "-j", str(jobs), "--target", *TOOLS],
                    check=True)
     return src
+
+
+# ggml's x86 options and the /proc/cpuinfo flag each needs. AMX stays off: with -DGGML_NATIVE=ON (which
+# turns it on where the CPU lists it) llama-bench died with SIGILL and llama-simple with SIGSEGV on Q8_0
+# files on this VM, whose CPU lists amx_int8 / amx_tile.
+ISA_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
+             "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+             "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+
+
+def isa_options() -> list[str]:
+    """cmake options for the instruction sets this CPU lists (x86 Linux), AMX off; ``GGML_NATIVE`` elsewhere."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ["-DGGML_NATIVE=ON"]
+    have = set(flags.split(":", 1)[1].split())
+    return ["-DGGML_NATIVE=OFF", *(f"-D{opt}={'ON' if flag in have else 'OFF'}" for opt, flag in ISA_FLAGS.items()),
+            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
 
 
 def tool(src: Path, name: str) -> Path:
@@ -184,21 +207,26 @@ def greedy_agrees(src: Path, gguf_file: Path, vocab: Path, n: int = 16) -> tuple
     return agree, compared, f"llama.cpp: {theirs[len(prefix):][:60]!r} | ssmkit: {ours[:60]!r}"
 
 
-def ssmkit_times(model: LanguageModel, length: int, decode_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s of ``length`` tokens, decode tokens/s of ``decode_tokens`` steps), batch 1."""
+def ssmkit_times(model: LanguageModel, length: int, decode_tokens: int) -> tuple[float, float, float]:
+    """(prefill tokens/s of ``length`` tokens, decode tokens/s of ``decode_tokens`` steps through the lean
+    step that ``generate`` takes on CPU, the same through the blocks' own step), batch 1."""
     ids = torch.randint(0, model.config.vocab_size, (1, length))
     with torch.no_grad():
         start = time.perf_counter()
         model(ids, logits_to_keep=1)
         prefill = length / (time.perf_counter() - start)
         cache = model.allocate_cache(1)
-        token = torch.tensor([1])
-        forward_one(model, token, cache)
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            forward_one(model, token, cache)
-        decode = decode_tokens / (time.perf_counter() - start)
-    return prefill, decode
+        lean = lean_decoder(model, cache)  # once per generation, as generate() gets it
+        assert lean is not None, "the lean decode step does not apply to this model"
+        decode = []
+        for step in (lambda t: lean(t, cache), lambda t: forward_one_layers(model, t, cache)):
+            token = torch.tensor([1])
+            step(token)
+            start = time.perf_counter()
+            for _ in range(decode_tokens):
+                token = step(token).argmax(-1)
+            decode.append(decode_tokens / (time.perf_counter() - start))
+    return prefill, *decode
 
 
 def llama_times(src: Path, gguf_file: Path, length: int, decode_tokens: int, threads: int) -> tuple[float, float]:
@@ -263,17 +291,19 @@ def main() -> int:
                     samples: dict[str, list[float]] = {}
                     for _ in range(args.rounds):
                         for length in args.lengths:
-                            p_ours, d_ours = ssmkit_times(variant, length, args.decode_tokens)
+                            p_ours, d_ours, d_layers = ssmkit_times(variant, length, args.decode_tokens)
                             try:
                                 p_theirs, d_theirs = llama_times(src, theirs, length, args.decode_tokens, threads)
                             except subprocess.CalledProcessError as error:
                                 print(f"llama-bench failed: {error}", flush=True)
                                 p_theirs = d_theirs = float("nan")
                             for key, value in ((f"prefill{length}_ssmkit", p_ours), (f"prefill{length}_llama", p_theirs),
-                                               ("decode_ssmkit", d_ours), ("decode_llama", d_theirs)):
+                                               ("decode_ssmkit", d_ours), ("decode_llama", d_theirs),
+                                               ("decode_ssmkit_layers", d_layers), ("load", os.getloadavg()[0])):
                                 samples.setdefault(key, []).append(value)
+                    loads = samples.pop("load")
                     row = {"model": preset, "ssmkit": kind, "llama.cpp": file_type.upper(), "threads": threads,
-                           "load": os.getloadavg()[0], "greedy_agree": f"{agree}/{compared}",
+                           "load": (min(loads), max(loads)), "greedy_agree": f"{agree}/{compared}",
                            **{k: statistics.median(v) for k, v in samples.items()}}
                     results.append(row)
                     print_row(row, args.lengths)
@@ -295,10 +325,11 @@ def ssmkit_only(args: argparse.Namespace) -> int:
             for _ in range(args.rounds):
                 for kind, variant in variants.items():
                     for length in args.lengths:
-                        prefill, decode = ssmkit_times(variant, length, args.decode_tokens)
+                        prefill, decode, layers = ssmkit_times(variant, length, args.decode_tokens)
                         samples.setdefault((kind, f"prefill {length}"), []).append(prefill)
-                    samples.setdefault((kind, "decode"), []).append(decode)
-            columns = [*(f"prefill {n}" for n in args.lengths), "decode"]
+                        samples.setdefault((kind, "decode"), []).append(decode)
+                        samples.setdefault((kind, "decode, layers' step"), []).append(layers)
+            columns = [*(f"prefill {n}" for n in args.lengths), "decode", "decode, layers' step"]
             print(f"| {preset}, {threads} thread(s), load {os.getloadavg()[0]:.1f} | " + " | ".join(columns) + " |")
             for kind in variants:
                 cells = []
@@ -315,9 +346,11 @@ def print_row(row: dict, lengths: list[int]) -> None:
         ours, theirs = row[f"prefill{length}_ssmkit"], row[f"prefill{length}_llama"]
         cells.append(f"{ours:.0f} / {theirs:.0f} ({ours / theirs:.2f}x)")
     cells.append(f"{row['decode_ssmkit']:.1f} / {row['decode_llama']:.1f} ({row['decode_ssmkit'] / row['decode_llama']:.2f}x)")
-    cells.append(f"{row['load']:.1f}")
+    layers = row["decode_ssmkit_layers"]
+    cells.append(f"{layers:.1f} ({layers / row['decode_llama']:.2f}x; lean {row['decode_ssmkit'] / layers:.2f}x it)")
+    cells.append("{:.1f}-{:.1f}".format(*row["load"]))
     header = ["model", "weights", "threads", *(f"prefill {n}: ssmkit / llama.cpp" for n in lengths),
-              "decode: ssmkit / llama.cpp", "load avg"]
+              "decode: ssmkit / llama.cpp", "decode, ssmkit's layers' step", "load avg"]
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join(cells) + " |", flush=True)
 

@@ -31,6 +31,7 @@ from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.quantized import MAX_KERNEL_ROWS, Int8Linear, _has_int8_kernel
 from ssmkit.ops._step_sizes import NO_LIMIT
+from ssmkit.ops.int8_gemv import MAX_ROWS, native_available, native_int8_linear
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,7 +44,8 @@ def linear_fn(module: nn.Module) -> Linear:
     float32: ``F.linear`` (MKL's GEMV streams the weight near the memory bandwidth). bfloat16 / float16
     at one row: ``torch.mv`` of the weight, whose reduced-precision GEMV (float32 accumulation) reads
     the weight about 1.3-2x faster than ``F.linear``'s at batch 1 on AVX-512 CPUs; more rows: ``F.linear``.
-    int8: ``aten._weight_int8pack_mm`` with bfloat16 activations at up to 8 rows, as :class:`Int8Linear`.
+    int8 at up to 8 rows: ssmkit's native kernel (:mod:`ssmkit.ops.int8_gemv`) where it is built, else
+    ``aten._weight_int8pack_mm`` with bfloat16 activations, as :class:`Int8Linear`.
     """
     if isinstance(module, Int8Linear):
         return _int8_fn(module)
@@ -61,10 +63,18 @@ def linear_fn(module: nn.Module) -> Linear:
 
 
 def _int8_fn(module: Int8Linear) -> Linear:
+    bias = None if module.bias is None else module.bias.detach()
+    if native_available():
+        native = native_int8_linear(module.qweight, module.scales, bias)
+
+        def int8_native(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > MAX_ROWS:
+                return module(x)
+            return native(x.to(torch.float32)).to(x.dtype)
+        return int8_native
     if not _has_int8_kernel(module.qweight.device):
         return module
     qweight, scales = module.qweight, module.scales.to(torch.bfloat16)
-    bias = None if module.bias is None else module.bias.detach()
 
     def int8(x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > MAX_KERNEL_ROWS:
