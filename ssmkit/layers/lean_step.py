@@ -31,7 +31,7 @@ from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.quantized import MAX_KERNEL_ROWS, Int8Linear, _has_int8_kernel
 from ssmkit.ops._step_sizes import NO_LIMIT
-from ssmkit.ops.int8_gemv import MAX_ROWS, native_available, native_int8_linear
+from ssmkit.ops.gemv import MAX_ROWS, native_available, native_linear
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,11 +41,12 @@ def linear_fn(module: nn.Module) -> Linear:
     """``x (b, k) -> (b, n)`` computing ``module(x)`` (an ``nn.Linear`` or :class:`Int8Linear`) by the
     fastest batch-1 path this CPU offers, in the module's dtype.
 
-    float32: ``F.linear`` (MKL's GEMV streams the weight near the memory bandwidth). bfloat16 / float16
-    at one row: ``torch.mv`` of the weight, whose reduced-precision GEMV (float32 accumulation) reads
-    the weight about 1.3-2x faster than ``F.linear``'s at batch 1 on AVX-512 CPUs; more rows: ``F.linear``.
-    int8 at up to 8 rows: ssmkit's native kernel (:mod:`ssmkit.ops.int8_gemv`) where it is built, else
-    ``aten._weight_int8pack_mm`` with bfloat16 activations, as :class:`Int8Linear`.
+    float32: ``F.linear`` (MKL's GEMV streams the weight near the memory bandwidth). bfloat16 at up to 8
+    rows: ssmkit's native kernel (:mod:`ssmkit.ops.gemv`) where it is built, float32 accumulation as
+    torch's; else (and float16) ``torch.mv`` at one row, whose reduced-precision GEMV reads the weight
+    about 1.3-2x faster than ``F.linear``'s at batch 1 on AVX-512 CPUs. int8 at up to 8 rows: the
+    native kernel, else ``aten._weight_int8pack_mm`` with bfloat16 activations, as :class:`Int8Linear`.
+    More rows: the module's own matmul.
     """
     if isinstance(module, Int8Linear):
         return _int8_fn(module)
@@ -53,6 +54,14 @@ def linear_fn(module: nn.Module) -> Linear:
     bias = None if module.bias is None else module.bias.detach()
     if weight.dtype == torch.float32 or weight.device.type != "cpu":
         return lambda x: F.linear(x, weight, bias)
+    if weight.dtype == torch.bfloat16 and native_available():
+        native = native_linear(weight, None, bias)
+
+        def bf16_native(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > MAX_ROWS:
+                return F.linear(x, weight, bias)
+            return native(x.to(torch.float32)).to(x.dtype)
+        return bf16_native
 
     def reduced(x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
@@ -65,7 +74,7 @@ def linear_fn(module: nn.Module) -> Linear:
 def _int8_fn(module: Int8Linear) -> Linear:
     bias = None if module.bias is None else module.bias.detach()
     if native_available():
-        native = native_int8_linear(module.qweight, module.scales, bias)
+        native = native_linear(module.qweight, module.scales, bias)
 
         def int8_native(x: torch.Tensor) -> torch.Tensor:
             if x.shape[0] > MAX_ROWS:

@@ -3,7 +3,7 @@
 ``w ≈ q · s`` with ``q = round(w / s)`` in [-127, 127] and ``s = max|w_row| / 127`` per output row (one
 float32 scale per row). Activations stay floating point; the matmul reads the int8 weights:
 
-- a few rows (decode) on CPU: ssmkit's native kernel (:mod:`ssmkit.ops.int8_gemv`, built at first use
+- a few rows (decode) on CPU: ssmkit's native kernel (:mod:`ssmkit.ops.gemv`, built at first use
   where a C compiler exists), float32 activations and the int8 weights converted exactly, streamed at
   close to the memory bandwidth; without it ``torch.ops.aten._weight_int8pack_mm`` with bfloat16
   activations (with float32 activations torch takes a slow generic path, so they are rounded for it);
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssmkit.ops.int8_gemv import int8_gemv, native_available
+from ssmkit.ops.gemv import int8_gemv, native_available
 
 QUANTIZABLE = ("in_proj", "x_proj", "out_proj")
 # Rows up to which the int8 kernel beats dequantise + bfloat16 GEMM (measured on a 2-core AVX-512 CPU:

@@ -1,4 +1,4 @@
-"""The weight-only int8 GEMV (ssmkit/ops/int8_gemv): the native kernel against the float64 reference,
+"""The GEMV ops (ssmkit/ops/gemv): the native int8 and bfloat16 kernels against the float64 reference,
 argument checks, and the build's fallbacks."""
 
 import os
@@ -7,12 +7,13 @@ import shutil
 import pytest
 import torch
 
-from ssmkit.ops.int8_gemv import (
+from ssmkit.ops.gemv import (
     MAX_ROWS,
+    bf16_gemv,
     int8_gemv,
     native,
     native_available,
-    native_int8_linear,
+    native_linear,
 )
 
 needs_native = pytest.mark.skipif(not native_available(), reason="no C compiler here: the native kernel is not built")
@@ -31,35 +32,56 @@ def _inputs(m, n, k, bias, seed=0):
 @pytest.mark.parametrize("m", [1, 3, MAX_ROWS])
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 63), (33, 64), (5, 65), (130, 777), (64, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_native_matches_the_reference(m, n, k, bias):
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_native_matches_the_reference(m, n, k, bias, kind):
     x, q, s, b = _inputs(m, n, k, bias)
-    got = int8_gemv(x, q, s, b, backend="native")
-    expected = int8_gemv(x, q, s, b, backend="reference")
+    if kind == "int8":
+        got = int8_gemv(x, q, s, b, backend="native")
+        expected = int8_gemv(x, q, s, b, backend="reference")
+        magnitude = x.abs() @ (q.float().abs() * s[:, None]).T
+    else:
+        w = (q.float() * s[:, None]).bfloat16()
+        got = bf16_gemv(x, w, b, backend="native")
+        expected = bf16_gemv(x, w, b, backend="reference")
+        magnitude = x.abs() @ w.float().abs().T
     assert got.shape == (m, n) and got.dtype == torch.float32
     # float32 accumulation of k exact products: error ~ k * eps * |terms|
-    bound = 4 * k * 1.2e-7 * (x.abs() @ (q.float().abs() * s[:, None]).T) + 1e-6
+    bound = 4 * k * 1.2e-7 * magnitude + 1e-6
     assert bool(((got - expected).abs() <= bound).all())
 
 
 @needs_native
 def test_native_is_the_same_with_more_threads():
     x, q, s, b = _inputs(2, 1000, 768, True, seed=3)  # big enough to be split over threads
-    linear = native_int8_linear(q, s, b)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = linear(x)
-        torch.set_num_threads(2)
-        two = linear(x)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)  # rows are independent: the split does not change any sum
+    for linear in (native_linear(q, s, b), native_linear(q.bfloat16(), None, b)):
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = linear(x)
+            torch.set_num_threads(2)
+            two = linear(x)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(one, two)  # rows are independent: the split does not change any sum
+
+
+@needs_native
+def test_native_linear_checks_its_weights():
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8 CPU weights with scales"):
+        native_linear(q)
+    with pytest.raises(ValueError, match="bfloat16 ones without"):
+        native_linear(q.bfloat16(), torch.ones(4))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        native_linear(q, torch.ones(3))
 
 
 def test_reference_is_dequantise_then_matmul():
     x, q, s, b = _inputs(2, 9, 17, True)
     expected = (x.double() @ (q.double() * s.double()[:, None]).T + b.double()).float()
     assert torch.equal(int8_gemv(x, q, s, b, backend="reference"), expected)
+    w = q.bfloat16()
+    assert torch.equal(bf16_gemv(x, w, b, backend="reference"), (x.double() @ w.double().T + b.double()).float())
 
 
 def test_arguments_are_checked():
@@ -70,8 +92,10 @@ def test_arguments_are_checked():
         int8_gemv(x, q[:, :7], s)
     with pytest.raises(ValueError, match="scales must have shape"):
         int8_gemv(x, q, s[:3])
-    with pytest.raises(TypeError, match="qweight must be int8"):
+    with pytest.raises(TypeError, match="qweight must be a torch.int8 CPU tensor"):
         int8_gemv(x, q.to(torch.int16), s)
+    with pytest.raises(TypeError, match="weight must be a torch.bfloat16 CPU tensor"):
+        bf16_gemv(x, q.half())
     with pytest.raises(TypeError, match="x must be a float32 CPU tensor"):
         int8_gemv(x.double(), q, s)
     with pytest.raises(TypeError, match="qweight must be an integer tensor"):

@@ -45,12 +45,12 @@ def library() -> ctypes.CDLL | None:
         path = _build(compiler)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        warnings.warn(f"ssmkit: the native int8 kernel could not be built ({e}); int8 decode takes torch's "
-                      "kernel (set SSMKIT_NATIVE=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"ssmkit: the native GEMV kernels could not be built ({e}); decode takes torch's "
+                      "matmuls (set SSMKIT_NATIVE=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
         return None
-    fn = lib.ssmkit_int8_gemv
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    fn.restype = None
+    for fn in (lib.ssmkit_int8_gemv, lib.ssmkit_bf16_gemv):
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        fn.restype = None
     return lib
 
 
@@ -88,7 +88,7 @@ def _build(compiler: str) -> Path:
     tag = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_id().encode()])).hexdigest()[:20]
     folder = _cache_dir()
-    target = folder / f"int8_gemv-{tag}.so"
+    target = folder / f"gemv-{tag}.so"
     if target.exists():
         if _trusted(target):
             return target
