@@ -11,6 +11,7 @@ Dimensions: ``b`` batch, ``H`` d_model, ``V`` padded vocabulary.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ from ssmkit.layers.lean_step import (
     state_fits,
 )
 from ssmkit.layers.quantized import Int8Linear
+
+# model -> (its parameters' version key, its LeanDecoder or None where the lean step does not apply)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class LeanDecoder:
@@ -86,8 +90,10 @@ def lean_decoder(model: Any, cache: Any) -> LeanDecoder | None:
     on, a model off the CPU, a block without a lean step (:func:`ssmkit.layers.lean_step.lean_block_step`),
     a model without the language-model parts (embedding, ``norm_f``, head), or a cache of other shapes.
 
-    Built on the first call and kept on the model until a parameter or buffer changes (one pass over
-    them per call: call this once per generation, not per token).
+    Built on the first call and kept (beside the model, not in it: copies and state dicts never see it)
+    until a parameter or buffer changes or the model is freed; one pass over the parameters per call,
+    so call this once per generation, not per token. A decoder references the tensors it was built
+    from: after ``model.to(...)`` the old ones stay alive until the next call rebuilds it.
     """
     if torch.is_grad_enabled() or not isinstance(model, nn.Module):
         return None
@@ -95,10 +101,9 @@ def lean_decoder(model: Any, cache: Any) -> LeanDecoder | None:
     if not isinstance(embedding, nn.Embedding) or embedding.weight.device.type != "cpu":
         return None
     key = _version_key(model)
-    cached = model.__dict__.get("_lean_decoder")
+    cached = _DECODERS.get(model)
     if cached is None or cached[0] != key:
-        cached = (key, _build(model))
-        model.__dict__["_lean_decoder"] = cached
+        cached = _DECODERS[model] = (key, _build(model))
     decoder = cached[1]
     return decoder if decoder is not None and decoder.fits(cache) else None
 

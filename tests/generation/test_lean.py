@@ -1,12 +1,14 @@
 """The lean CPU decode step (generation/lean.py): same tokens and states as the blocks' own step, and
 taken only where it applies."""
 
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
 
-from ssmkit.generation import generate
+from ssmkit.generation import generate, lean
 from ssmkit.generation.decode import forward_one, forward_one_layers
 from ssmkit.generation.lean import LeanDecoder, lean_decoder
 from ssmkit.models import LanguageModel, ModelConfig, get_preset
@@ -88,3 +90,14 @@ def test_follows_parameter_updates():
         expected = forward_one_layers(model, token, model.allocate_cache(1))
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_is_kept_beside_the_model_not_in_it():
+    model = make("debug-mamba2")
+    with torch.no_grad():
+        assert lean_decoder(model, model.allocate_cache(1)) is not None
+    assert model in lean._DECODERS and "_lean_decoder" not in model.__dict__
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the cached decoder does not keep its model alive
