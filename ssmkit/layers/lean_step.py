@@ -5,7 +5,9 @@ the ops ``causal_conv1d_update`` / ``selective_state_update``) validates every a
 and recomputes parameter casts on every call: on CPU at batch 1 that costs about as much as a small
 matmul per op. Here a block is read once into a :class:`MambaStep` / :class:`Mamba2Step`: parameters
 cast to the compute dtype, ``A = -exp(A_log)`` computed, a matmul chosen per weight
-(:func:`linear_fn`); a step then is a fixed sequence of torch calls on the cache's tensors, in place.
+(:func:`linear_fn`), and for Mamba-2 the state update in one pass where the native kernels are built
+(:mod:`ssmkit.ops.state_update.native`); a step then is a fixed sequence of torch calls on the cache's
+tensors, in place.
 Whoever builds a step checks, once, that the block is supported (:func:`lean_block_step`) and that the
 states it will be given have the right kind and shapes.
 
@@ -32,6 +34,7 @@ from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.quantized import MAX_KERNEL_ROWS, Int8Linear, _has_int8_kernel
 from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.gemv import MAX_ROWS, native_available, native_linear
+from ssmkit.ops.state_update.native import native_ssd_step
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -168,6 +171,7 @@ class Mamba2Step:
         self.dt_bias = _f32(mixer.dt_bias)
         self.dt_limit = None if tuple(mixer.dt_limit) == NO_LIMIT else mixer.dt_limit
         self.D = _f32(mixer.D).view(h, p) if mixer.D_has_hdim else _f32(mixer.D).view(h, 1)
+        self.fused_step = native_ssd_step()
         self.gated_norm = None
         if mixer.rmsnorm:
             norm_g = mixer.norm
@@ -187,12 +191,14 @@ class Mamba2Step:
         if self.dt_limit is not None:
             delta = delta.clamp(*self.dt_limit)
         xf = x.to(torch.float32).reshape(b, h_, p)
-        ssm = state.ssm  # (b, h, p, N) float32
-        ssm.mul_(torch.exp(delta * self.A).view(b, h_, 1, 1))
-        s = ssm.view(b, g, h_ // g, p, n)
-        s.addcmul_((delta.unsqueeze(-1) * xf).reshape(b, g, h_ // g, p, 1),
-                   B.to(torch.float32).reshape(b, g, 1, 1, n))
-        y = torch.matmul(s.view(b * g, -1, n), C.to(torch.float32).reshape(b * g, n, 1)).view(b, h_, p)
+        decay = torch.exp(delta * self.A)  # (b, h)
+        Bf, Cf = B.to(torch.float32).reshape(b, g, n), C.to(torch.float32).reshape(b, g, n)
+        if self.fused_step is not None:  # one pass over the state
+            y = self.fused_step(state.ssm, xf, delta, decay, Bf, Cf)
+        else:
+            s = state.ssm.mul_(decay.view(b, h_, 1, 1)).view(b, g, h_ // g, p, n)  # (b, h, p, N) float32
+            s.addcmul_((delta.unsqueeze(-1) * xf).reshape(b, g, h_ // g, p, 1), Bf.reshape(b, g, 1, 1, n))
+            y = torch.matmul(s.view(b * g, -1, n), Cf.reshape(b * g, n, 1)).view(b, h_, p)
         y = torch.addcmul(y, self.D, xf).reshape(b, -1)  # (b, I) float32
         gate = F.silu(z.to(torch.float32))
         if self.gated_norm is None:

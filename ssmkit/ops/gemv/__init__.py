@@ -2,7 +2,7 @@
 
 ``y = (x @ W.T) * scales + bias`` for a few rows of float32 activations ``x``, with ``W`` int8 and one
 float32 scale per output row (:class:`ssmkit.layers.quantized.Int8Linear`'s storage) or ``W`` bfloat16.
-The native kernels (``native.c``, built at first use where a C compiler exists, :mod:`.native`)
+The native kernels (built at first use where a C compiler exists, :mod:`ssmkit.ops.native`)
 convert the weights to float32 exactly, accumulate in float32 and stream the weights at close to the
 memory bandwidth: on this project's AVX-512 CPU about 1.7x torch's ``aten._weight_int8pack_mm``
 (which also rounds the activations to bfloat16) and 1.2x torch's bfloat16 ``mv``. Where they are not
@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from ssmkit.ops import native
 from ssmkit.ops._checks import Dims, check_nonempty, check_tensor
-from ssmkit.ops.gemv import native
 from ssmkit.ops.gemv.reference import gemv_reference
 
 __all__ = ["MAX_ROWS", "bf16_gemv", "int8_gemv", "native_available", "native_linear"]

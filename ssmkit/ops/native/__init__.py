@@ -1,4 +1,8 @@
-"""Building and loading ``native.c`` with the host's C compiler, once per machine, and calling it.
+"""CPU kernels for decode steps (``kernels.c``), built with the host's C compiler once per machine.
+
+``kernels.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv` and the fused Mamba-2 state step of
+:mod:`ssmkit.ops.state_update.native`: at batch 1 on a CPU a decode step is bound by the bytes it
+moves, and these stream weights and states in one pass where torch's ops take several.
 
 Optional by design: a fresh ``pip install`` on a machine without a compiler (or with
 ``SSMKIT_NATIVE=0``) never builds anything, and :func:`library` returns None; the op then takes its
@@ -22,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("native.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 COMPILE_TIMEOUT_S = 120
 
@@ -45,12 +49,14 @@ def library() -> ctypes.CDLL | None:
         path = _build(compiler)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        warnings.warn(f"ssmkit: the native GEMV kernels could not be built ({e}); decode takes torch's "
-                      "matmuls (set SSMKIT_NATIVE=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"ssmkit: the native CPU kernels could not be built ({e}); decode takes torch's ops "
+                      "(set SSMKIT_NATIVE=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
         return None
     for fn in (lib.ssmkit_int8_gemv, lib.ssmkit_bf16_gemv):
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
         fn.restype = None
+    lib.ssmkit_ssd_step.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 5 + [ctypes.c_int]
+    lib.ssmkit_ssd_step.restype = None
     return lib
 
 
@@ -88,7 +94,7 @@ def _build(compiler: str) -> Path:
     tag = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_id().encode()])).hexdigest()[:20]
     folder = _cache_dir()
-    target = folder / f"gemv-{tag}.so"
+    target = folder / f"kernels-{tag}.so"
     if target.exists():
         if _trusted(target):
             return target
