@@ -5,7 +5,9 @@ Prompts of different lengths are left-padded into one batch. The padding is give
 what it computes alone (up to float rounding), for SSM layers, whose state has no notion of position.
 
 On CUDA the one-token steps are captured once in a CUDA graph and replayed (see ``decode.py``); the
-end-of-sequence check reads the device every ``EOS_CHECK_EVERY`` tokens rather than every token.
+end-of-sequence check reads the device every ``EOS_CHECK_EVERY`` tokens rather than every token. On CPU,
+models of Mamba / Mamba-2 blocks step through the lean decoder (``lean.py``: a few torch calls per block,
+native kernels for int8 / bfloat16 matmuls and Mamba-2's state where a C compiler exists).
 """
 
 from __future__ import annotations
