@@ -239,6 +239,29 @@ def llama_times(src: Path, gguf_file: Path, length: int, decode_tokens: int, thr
     return prefill, decode
 
 
+def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
+    """GB/s of a streaming read (``sum`` of a float32 buffer far beyond the caches), best of 3."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    buffer = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return nbytes / best / 1e9
+
+
+def weight_bytes_per_token(model: LanguageModel) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer but an embedding that is not
+    also the head (its one row is negligible); the states (read and written) come on top."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if model.lm_head is not None:
+        total -= model.embedding.weight.numel() * model.embedding.weight.element_size()
+    return total
+
+
 def ssmkit_variant(model: LanguageModel, kind: str) -> LanguageModel:
     if kind == "fp32":
         return model
@@ -271,6 +294,7 @@ def main() -> int:
         raise SystemExit("no llama.cpp source under .ext/: run with --build")
     vocab = src / "models" / "ggml-vocab-gpt-neox.gguf"
     print(f"torch {torch.__version__}, llama.cpp from {src.parent.parent.name}, load average {os.getloadavg()}")
+    print("streaming read bandwidth: " + ", ".join(f"{t} thread(s) {read_bandwidth(t):.1f} GB/s" for t in args.threads))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.models:
@@ -304,6 +328,7 @@ def main() -> int:
                     loads = samples.pop("load")
                     row = {"model": preset, "ssmkit": kind, "llama.cpp": file_type.upper(), "threads": threads,
                            "load": (min(loads), max(loads)), "greedy_agree": f"{agree}/{compared}",
+                           "weight_bytes": weight_bytes_per_token(variant),
                            **{k: statistics.median(v) for k, v in samples.items()}}
                     results.append(row)
                     print_row(row, args.lengths)
@@ -346,6 +371,7 @@ def print_row(row: dict, lengths: list[int]) -> None:
         ours, theirs = row[f"prefill{length}_ssmkit"], row[f"prefill{length}_llama"]
         cells.append(f"{ours:.0f} / {theirs:.0f} ({ours / theirs:.2f}x)")
     cells.append(f"{row['decode_ssmkit']:.1f} / {row['decode_llama']:.1f} ({row['decode_ssmkit'] / row['decode_llama']:.2f}x)")
+    cells[-1] += f", {row['weight_bytes'] * row['decode_ssmkit'] / 1e9:.1f} GB/s of weights"
     layers = row["decode_ssmkit_layers"]
     cells.append(f"{layers:.1f} ({layers / row['decode_llama']:.2f}x; lean {row['decode_ssmkit'] / layers:.2f}x it)")
     cells.append("{:.1f}-{:.1f}".format(*row["load"]))
