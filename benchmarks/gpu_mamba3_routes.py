@@ -8,7 +8,8 @@ bf16 x/z/B/C/trap/angles, float32 dt and A, with D, z and the biases): forward a
 * ``tri fp32 unfused``: the SSD route as it was (float32 matmul operands, B̃, C̃ and the output in PyTorch);
 * ``tri bf16 unfused``: bf16 operands, B̃, C̃ and the output in PyTorch;
 * ``triton``: the SSD route as it is (bf16 operands, B̃ and C̃ by ``triton_rotary.py``, the output by
-  ``triton_output.py``);
+  ``triton_output.py``); ``triton ssd128`` / ``ssd256``: the same with the SSD kernels tiled at 128 / 256
+  positions instead of the layer's 64 (``via_ssd.SSD_CHUNK``);
 
 then a per-kernel profile (``torch.profiler``, CUDA time summed by kernel name) of one forward+backward of
 the ``triton`` route, so that the SSD kernels and the glue around them (rotation, casts, the diagonal
@@ -61,11 +62,17 @@ def _fp32_unfused():
         yield
 
 
+def _ssd_chunk(length: int):
+    return lambda: mock.patch.object(via_ssd, "SSD_CHUNK", length)
+
+
 ROUTES = {
     "chunked": ("chunked", contextlib.nullcontext),
     "tri fp32 unfused": ("triton", _fp32_unfused),
     "tri bf16 unfused": ("triton", _unfused),
     "triton": ("triton", contextlib.nullcontext),
+    "triton ssd128": ("triton", _ssd_chunk(128)),
+    "triton ssd256": ("triton", _ssd_chunk(256)),
 }
 
 
@@ -112,6 +119,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--rows", type=int, default=30, help="kernels shown in the profile")
+    parser.add_argument("--routes", nargs="+", choices=tuple(ROUTES), default=list(ROUTES))
+    parser.add_argument("--no-fp32", action="store_true", help="skip the float32 rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -123,7 +132,8 @@ def main() -> None:
     print(f"{'L':>6} {'route':>16} {'fwd':>8} {'fwd+bwd':>8}")
     for length in args.lengths:
         inp = inputs(length)
-        for name, (backend, patch) in ROUTES.items():
+        for name in args.routes:
+            backend, patch = ROUTES[name]
             with patch():
                 fwd = do_bench(runner(inp, backend, False), return_mode="median")
                 both = do_bench(runner(inp, backend, True), return_mode="median")
@@ -133,7 +143,7 @@ def main() -> None:
     # float32 models: the route's SSD kernels then take float32 operands (IEEE dots), the chunked path
     # float32 matmuls; which is faster decides backend="auto" for float32 too.
     inp = inputs(min(args.lengths), torch.float32)
-    for name in ("chunked", "triton"):
+    for name in () if args.no_fp32 else ("chunked", "triton"):
         backend = ROUTES[name][0]
         fwd = do_bench(runner(inp, backend, False), return_mode="median")
         both = do_bench(runner(inp, backend, True), return_mode="median")

@@ -2,11 +2,13 @@
 
 Starts a real server process (127.0.0.1, a free port, a temporary sessions folder) and
 
-1. **throughput**: for each concurrency c (default 1, 8, 64), sends a fixed number of streamed completion
-   requests (``--requests``, each ``--max-tokens`` new tokens, sampled with its own seed; no two prompts
-   share a prefix) from c concurrent clients, and reports generated tokens/s, requests/s, time to first
-   token p50/p99 and request latency p50/p99 -- on a server with the prefix cache and on one without
-   (``--no-prefix-cache``), run alternately, with the ratio (the cache must never cost more than 5%);
+1. **throughput**: for each concurrency c (default 1, 8, 64, 256), sends a fixed number of streamed
+   completion requests (``--requests``, at least c; each ``--max-tokens`` new tokens, sampled with its own
+   seed; no two prompts share a prefix) from c concurrent clients, and reports generated tokens/s,
+   requests/s, time to first token p50/p99, request latency p50/p99 and rows per decode step -- on a
+   server with the prefix cache and on one without (``--no-prefix-cache``): a same-run A/B in
+   ``--rounds`` interleaved rounds (the order alternates each round, the machine's load average is
+   printed per round), medians compared (the cache must never cost more than 5%);
 2. **shared document**: one document of ``--doc-tokens`` tokens (default 16,000; bytes for a byte model)
    and ``--questions`` different questions (default 64), asked one after the other: time to first token
    with the prefix cache (the first question reads the document, the others resume from its state)
@@ -29,6 +31,9 @@ Everything is bounded: a fixed number of requests, client timeouts, and the serv
     python benchmarks/serve.py --quick                          # 16 requests, 100 sessions of 1,000 tokens
     python benchmarks/serve.py --sessions 0 --doc-tokens 4000   # a smaller shared document, no memory test
     python benchmarks/serve.py --device cuda --concurrency 1 8 64 256 --max-batch 256
+    python benchmarks/serve.py --sessions 0 --doc-tokens 0 --rounds 5     # only the cache on/off A/B
+
+The engine alone (no HTTP, any preset with random weights, e.g. mamba2-130m on a GPU): benchmarks/serve_engine.py.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from math import nan
 from pathlib import Path
 
 import httpx
@@ -57,7 +63,7 @@ MIB = 1 << 20
 
 
 def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: float, threads: int | None,
-                 device: str, max_batch: int, *extra: str) -> tuple:
+                 device: str, max_batch: int, dtype: str, *extra: str) -> tuple:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,7 +73,7 @@ def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: flo
     argv = [sys.executable, "-m", "ssmkit", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
             "--sessions-dir", str(sessions_dir), "--session-memory-mb", str(memory_mb), "--max-batch", str(max_batch),
             "--max-requests", "512", "--max-sessions", "1000000", "--device", device, "--max-tokens-cap", "100000",
-            "--max-body-mb", "64", *extra]
+            "--max-body-mb", "64", "--dtype", dtype, *extra]
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -116,6 +122,7 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, promp
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
+    failures: list[str] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -128,7 +135,11 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, promp
             head = f"{os.urandom(4).hex()} {tag}{concurrency}.{i}: "
             prompt = (head + "the quick brown fox jumps over the lazy dog. " * 100)[:prompt_bytes]
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": i}
-            ttft, total, n = await stream_one(c, body)
+            try:
+                ttft, total, n = await stream_one(c, body)
+            except (httpx.HTTPError, RuntimeError) as e:  # counted and shown: an overloaded server drops some
+                failures.append(f"{type(e).__name__}: {e}")
+                continue
             ttfts.append(ttft)
             latencies.append(total)
             tokens += n
@@ -141,11 +152,14 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, promp
         after = (await c.get("/health")).json()
     # A request's first token comes from its prompt; every later one from a shared decode step.
     steps = after["decode_steps"] - before["decode_steps"]
-    return {"concurrency": concurrency, "requests": requests, "tokens": tokens, "wall_s": wall,
-            "mean_batch": (tokens - requests) / max(steps, 1),
+    if failures:
+        print(f"  {len(failures)} of {requests} requests failed, e.g. {failures[0]}", flush=True)
+    return {"concurrency": concurrency, "requests": requests, "tokens": tokens, "wall_s": wall, "failed": len(failures),
+            "mean_batch": (after["decode_rows"] - before["decode_rows"]) / max(steps, 1),
+            "padded_rows": (after["decode_padded_rows"] - before["decode_padded_rows"]) / max(steps, 1),
             "tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
-            "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": percentile(ttfts, 0.99),
-            "p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 0.99)}
+            "ttft_p50_s": statistics.median(ttfts or [nan]), "ttft_p99_s": percentile(ttfts or [nan], 0.99),
+            "p50_s": statistics.median(latencies or [nan]), "p99_s": percentile(latencies or [nan], 0.99)}
 
 
 def shared_document(url_cached: str, url_cold: str, doc_tokens: int, questions: int, cold_questions: int,
@@ -221,21 +235,23 @@ def transformer_kv_bytes(model: LanguageModel, tokens: int, bytes_per_value: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="model folder (default: random byte-small weights)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-bytes", type=int, default=64, help="length of each request's prompt")
     parser.add_argument("--sessions", type=int, default=1000, help="0: skip the memory test")
     parser.add_argument("--session-tokens", type=int, default=10_000)
     parser.add_argument("--distinct", action="store_true", help="every session reads its own text")
-    parser.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
+    parser.add_argument("--max-batch", type=int, default=256, help="the server's --max-batch")
+    parser.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bfloat16 on a GPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda, states live in GPU memory: "
                         "the RSS figure then shows host memory only; the state bytes are the server's own count)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server (OMP_NUM_THREADS)")
     parser.add_argument("--doc-tokens", type=int, default=16_000, help="shared document length (0: skip)")
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--cold-questions", type=int, default=4, help="questions timed without the prefix cache")
-    parser.add_argument("--repeats", type=int, default=2, help="throughput runs per level and server (best kept)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="throughput rounds per level, each running both servers (order alternating); medians kept")
     parser.add_argument("--quick", action="store_true", help="16 requests, 100 sessions of 1,000 tokens")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -254,22 +270,14 @@ def main() -> None:
         print(f"# ssmkit serve load test: {checkpoint.name}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         proc, url = start_server(checkpoint, tmp / "sessions", tmp / "server.log", memory_mb, args.threads, args.device,
-                                  args.max_batch)
+                                  args.max_batch, args.dtype)
         cold_proc, cold_url = start_server(checkpoint, tmp / "sessions-cold", tmp / "server-cold.log", memory_mb,
-                                           args.threads, args.device, args.max_batch, "--no-prefix-cache")
+                                           args.threads, args.device, args.max_batch, args.dtype, "--no-prefix-cache")
         token_model = (checkpoint / "tokenizer.json").exists()
         try:
             for u in (url, cold_url):
                 asyncio.run(load(u, 1, 2, 4, tag="warmup"))
-            rows = []
-            for c in args.concurrency:
-                runs: dict[str, list[dict]] = {"on": [], "off": []}
-                for r in range(args.repeats):  # alternate the servers: both see the same machine load
-                    for name, u in (("on", url), ("off", cold_url))[:: 1 if r % 2 == 0 else -1]:
-                        runs[name].append(asyncio.run(load(u, c, args.requests, args.max_tokens, args.prompt_bytes,
-                                                           tag=f"{name}{r}-")))
-                best = {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in runs.items()}
-                rows.append({**best["on"], "off": best["off"]})
+            rows = [ab_level(url, cold_url, c, max(args.requests, c), args) for c in args.concurrency]
             shared = (shared_document(url, cold_url, args.doc_tokens, args.questions, args.cold_questions, token_model)
                       if args.doc_tokens else None)
             memory = open_sessions(url, proc.pid, args.sessions, args.session_tokens, args.distinct) if args.sessions else None
@@ -283,6 +291,23 @@ def main() -> None:
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     if args.json:
         args.json.write_text(json.dumps({"load": rows, "shared_document": shared, "memory": memory}, indent=2) + "\n")
+
+
+def ab_level(url: str, cold_url: str, concurrency: int, requests: int, args: argparse.Namespace) -> dict:
+    """One concurrency level on both servers, ``args.rounds`` interleaved rounds: medians, per-round ratios."""
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    ratios = []
+    for r in range(args.rounds):  # alternate the order: both servers see the same machine load
+        for name, u in (("on", url), ("off", cold_url))[:: 1 if r % 2 == 0 else -1]:
+            load_avg = os.getloadavg()[0]
+            result = asyncio.run(load(u, concurrency, requests, args.max_tokens, args.prompt_bytes, tag=f"{name}{r}-"))
+            runs[name].append({**result, "load_average": load_avg})
+        ratios.append(runs["on"][-1]["tokens_per_s"] / runs["off"][-1]["tokens_per_s"])
+        print(f"  {concurrency} clients, round {r + 1}: on {runs['on'][-1]['tokens_per_s']:.0f} tok/s (load "
+              f"{runs['on'][-1]['load_average']:.1f}), off {runs['off'][-1]['tokens_per_s']:.0f} tok/s (load "
+              f"{runs['off'][-1]['load_average']:.1f}), on/off {ratios[-1]:.3f}", flush=True)
+    median = {k: {key: statistics.median(run[key] for run in v) for key in v[0]} for k, v in runs.items()}
+    return {**median["on"], "off": median["off"], "round_ratios": ratios, "rounds": runs}
 
 
 def report_shared(shared: dict) -> None:
@@ -307,17 +332,19 @@ def report_shared(shared: dict) -> None:
 
 def report(rows: list[dict], memory: dict | None, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
     base = rows[0]["tokens_per_s"]
-    print(f"\n## Throughput: {args.requests} streamed requests per level, {args.prompt_bytes}-byte prompts sharing no "
-          f"prefix, {args.max_tokens} new tokens each (sampled); best of {args.repeats} runs per server\n")
+    print(f"\n## Throughput: at least {args.requests} streamed requests per level, {args.prompt_bytes}-byte prompts "
+          f"sharing no prefix, {args.max_tokens} new tokens each (sampled); medians of {args.rounds} interleaved "
+          f"rounds per server\n")
     print("| clients | tokens/s | x vs 1 client | requests/s | first token p50 | p99 | latency p50 | p99 | "
-          "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off "
+          "(medians) | per round |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         off = r["off"]
-        print(f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.1f} | "
+        print(f"| {r['concurrency']:.0f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.1f} | "
               f"{r['requests_per_s']:.2f} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {r['p50_s']:.2f} s | "
               f"{r['p99_s']:.2f} s | {r['mean_batch']:.1f} | {off['tokens_per_s']:.0f} | {off['ttft_p50_s']:.3f} s | "
-              f"{r['tokens_per_s'] / off['tokens_per_s']:.3f} |")
+              f"{r['tokens_per_s'] / off['tokens_per_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['round_ratios'])} |")
     if memory is None:
         return
     n, t = memory["sessions"], memory["tokens_each"]

@@ -48,7 +48,8 @@ RANGES: dict[str, dict[str, Number]] = {
     "serve": {"port": Number(int, 0, 65535), "max_sessions": Number(int, 1),
               "max_body_mb": Number(float, 0, above=True), "max_prompt_tokens": Number(int, 1),
               "max_tokens_cap": Number(int, 1), "request_timeout": Number(float, 0, above=True),
-              "max_batch": Number(int, 1), "max_requests": Number(int, 1), "threads": Number(int, 1)},
+              "max_batch": Number(int, 1), "max_requests": Number(int, 1), "threads": Number(int, 1),
+              "prefill_chunk": Number(int, 1), "prefill_budget": Number(int, 1)},
 }
 
 

@@ -12,7 +12,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -91,6 +92,41 @@ def assert_close(
 def float64_leaf(t: torch.Tensor | None) -> torch.Tensor | None:
     """A float64 copy of ``t`` that requires grad (the reference's input), or None."""
     return t.detach().double().requires_grad_() if t is not None else None
+
+
+def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of memory that autograd holds for the backward after ``fn()`` (a forward pass) returns.
+
+    Every tensor saved for backward is seen through ``torch.autograd.graph.saved_tensors_hooks``; what counts
+    is the distinct storages still alive when ``fn`` returns, at their size then (a storage released after
+    the forward, as the fused functions' recomputed intermediates, counts 0; a view counts its storage
+    once). Storages of ``exclude`` (the parameters, the input) are not activations and are left out.
+    Device-agnostic: the same number on CPU and CUDA for the same ops and shapes.
+    """
+    from ssmkit.ops.fused._recompute import KEEPS_SAVED_TENSORS
+
+    refs: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        refs.append(weakref.ref(t))
+        return t
+
+    # It stores the tensor itself: the fused functions may release their recomputed intermediates under it.
+    setattr(pack, KEEPS_SAVED_TENSORS, True)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    skip = {(str(t.device), t.untyped_storage().data_ptr()) for t in exclude}
+    storages: dict[tuple[str, int], int] = {}
+    for ref in refs:
+        t = ref()
+        if t is None:
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key not in skip:
+            storages[key] = t.untyped_storage().nbytes()
+    del result
+    return sum(storages.values())
 
 
 def assert_outputs_and_grads_close(

@@ -84,9 +84,9 @@ def stack_output(model: LanguageModel, ids: torch.Tensor, cache: ModelCache | No
 
     With ``cache`` the tokens continue from it and it is updated in place (prefill, then decode steps).
     """
-    residual = model.embedding(ids)
+    residual = inputs = model.embedding(ids)
     for i, block in enumerate(model.layers):
-        residual = block(residual, cache=None if cache is None else cache.states[i])
+        residual = block(residual, cache=None if cache is None else cache.states[i], inputs=inputs)
     if cache is not None:
         cache.seqlen_offset += ids.shape[1]
     return residual

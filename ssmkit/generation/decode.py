@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from ssmkit.generation.lean import LeanDecoder, lean_decoder
-from ssmkit.generation.sampling import RowGenerators, SamplingParams, sample_next
+from ssmkit.generation.sampling import (
+    RowGenerators,
+    RowSampling,
+    SamplingParams,
+    sample_next,
+    sample_rows,
+)
 
 
 class Cache(Protocol):
@@ -59,14 +65,15 @@ class DecodingModel(Protocol):
 class DecodeState:
     """Everything a decode step reads and updates besides the model.
 
-    cache: the model cache (updated in place); params: how to pick tokens; vocab_size: tokens beyond it
+    cache: the model cache (updated in place); params: how to pick tokens (the same for every row, or
+    per row as :class:`RowSampling`, e.g. a serving engine's requests); vocab_size: tokens beyond it
     (padding of the vocabulary) are never picked; generators: one random stream per row (None when
     greedy); eos_ids: (e,) long end-of-sequence ids, empty for none; done: (b,) bool rows that have
     produced an eos id; seen: (b, V) bool tokens seen per row, for the repetition penalty (or None).
     """
 
     cache: Cache
-    params: SamplingParams
+    params: SamplingParams | RowSampling
     vocab_size: int
     generators: RowGenerators | None
     eos_ids: torch.Tensor
@@ -86,7 +93,10 @@ class DecodeState:
 def pick(logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
     """Next token (b,) long from logits (b, V); finished rows repeat their first eos id; updates the masks."""
     logits[:, state.vocab_size:] = -torch.inf
-    token = sample_next(logits, state.params, seen=state.seen, generators=state.generators)
+    if isinstance(state.params, RowSampling):
+        token = sample_rows(logits, state.params, seen=state.seen, generators=state.generators)
+    else:
+        token = sample_next(logits, state.params, seen=state.seen, generators=state.generators)
     if state.eos_ids.numel():
         token = torch.where(state.done, state.eos_ids[0], token)
         state.done |= (token[:, None] == state.eos_ids).any(-1)
@@ -109,9 +119,9 @@ def forward_one(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torc
 
 def forward_one_layers(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torch.Tensor:
     """:func:`forward_one` through the blocks' own decode step (every device, every layer kind)."""
-    residual = model.embedding(token[:, None])
+    residual = inputs = model.embedding(token[:, None])
     for block, layer_state in zip(model.layers, cache.states):
-        residual = block(residual, cache=layer_state)
+        residual = block(residual, cache=layer_state, inputs=inputs)
     return model.head_logits(model.norm_f(residual[:, -1]))
 
 
@@ -150,13 +160,18 @@ class GraphedStep:
     """:func:`step` captured once in a CUDA graph for fixed buffers, then replayed per token.
 
     ``token`` is the static (b,) buffer: write the current token into it (the constructor copies
-    ``first``), call :meth:`replay`, read the next token from it. The step runs twice on a copy of the
-    decode state (on a side stream) before the capture, so that lazy initialisations and kernel
-    compilations happen outside the graph and the real state is untouched.
+    ``first``, or uses it as the buffer with ``in_place``), call :meth:`replay`, read the next token from
+    it. The step runs twice on a copy of the decode state (on a side stream) before the capture, so that
+    lazy initialisations and kernel compilations happen outside the graph and the real state is untouched.
+    ``pool``: a memory pool (``torch.cuda.graph_pool_handle()``) shared with other graphs that are never
+    replayed at the same time (a serving engine's graphs, one per batch size). ``capture_error_mode``:
+    ``torch.cuda.graph``'s; "thread_local" where other threads may use the GPU during the capture (a server's
+    request threads copying states), which "global" would turn into capture errors.
     """
 
-    def __init__(self, model: DecodingModel, first: torch.Tensor, state: DecodeState, warmup: int = 2) -> None:
-        self.token = first.clone()
+    def __init__(self, model: DecodingModel, first: torch.Tensor, state: DecodeState, warmup: int = 2, *,
+                 in_place: bool = False, pool: Any = None, capture_error_mode: str = "global") -> None:
+        self.token = first if in_place else first.clone()
         scratch, scratch_token = state.clone(), first.clone()
         side = torch.cuda.Stream(device=first.device)
         side.wait_stream(torch.cuda.current_stream(first.device))
@@ -166,7 +181,7 @@ class GraphedStep:
         torch.cuda.current_stream(first.device).wait_stream(side)
         del scratch, scratch_token
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=capture_error_mode):
             self.token.copy_(step(model, self.token, state))
 
     def replay(self) -> None:

@@ -26,7 +26,7 @@ from ssmkit.generation.decode import (
     pick,
     step,
 )
-from ssmkit.generation.sampling import SamplingParams, make_generators
+from ssmkit.generation.sampling import RowSampling, SamplingParams, make_generators
 
 Prompts = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
 
@@ -144,7 +144,9 @@ def stream(
         for i, r in enumerate(rows):
             seen[i, r] = True
     use_graph = _use_graph(model, device, cuda_graph, max_new_tokens)
-    state = DecodeState(cache, params, vocab, generators, torch.tensor(eos, dtype=torch.long, device=device),
+    # The settings as (batch,) tensors made once: a captured step reads them from fixed buffers.
+    state = DecodeState(cache, RowSampling.uniform(params, batch, device), vocab, generators,
+                        torch.tensor(eos, dtype=torch.long, device=device),
                         torch.zeros(batch, dtype=torch.bool, device=device), seen)
     return _decode(model, ids, seq_idx, state, max_new_tokens, prefill_chunk_size, use_graph, check_every)
 

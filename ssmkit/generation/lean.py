@@ -42,18 +42,24 @@ class LeanDecoder:
         self.steps = steps
         self.fp32_residual = [bool(block.residual_in_fp32) for block in model.layers]
         self.embedding = model.embedding.weight.detach()
+        # µP scales (Falcon-H1-style configs): 1.0 for most models, then no multiply is done.
+        self.embedding_multiplier = float(getattr(model.embedding, "multiplier", 1.0))
+        self.logits_multiplier = float(getattr(getattr(model, "config", None), "logits_multiplier", 1.0))
         self.norm_weight, self.eps = model.norm_f.weight.detach().to(torch.float32), model.norm_f.eps
         self.head = _head_fn(model)
 
     def __call__(self, token: torch.Tensor, cache: Any) -> torch.Tensor:
         with torch.no_grad():
             r = F.embedding(token, self.embedding)  # (b, H)
+            if self.embedding_multiplier != 1.0:
+                r = r * self.embedding_multiplier
             for step, state, fp32 in zip(self.steps, cache.states, self.fp32_residual):
                 if fp32:
                     r = r.to(torch.promote_types(r.dtype, torch.float32))
                 r = step(r, state)
             h = F.rms_norm(r.to(torch.float32), self.norm_weight.shape, self.norm_weight, self.eps)
-            return self.head(h.to(r.dtype))
+            logits = self.head(h.to(r.dtype))
+            return logits if self.logits_multiplier == 1.0 else logits * self.logits_multiplier
 
     def fits(self, cache: Any) -> bool:
         """Whether ``cache`` holds one state per block of the kinds and shapes the steps update."""

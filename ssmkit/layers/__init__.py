@@ -15,6 +15,7 @@ from ssmkit.layers.mamba3 import Mamba3, Mamba3State
 from ssmkit.layers.mlp import MLP
 from ssmkit.layers.moe import MoE, RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
+from ssmkit.layers.parallel_hybrid import ParallelHybrid, ParallelHybridState
 from ssmkit.layers.s4 import S4, S4State
 from ssmkit.layers.s4d import S4D, S4DState
 from ssmkit.layers.state import STATE_TYPES, LayerState
@@ -37,6 +38,8 @@ __all__ = [
     "Mamba3State",
     "MambaState",
     "MoE",
+    "ParallelHybrid",
+    "ParallelHybridState",
     "RMSNorm",
     "RMSNormGated",
     "RouterStats",

@@ -2,7 +2,10 @@
 
 ``r ← r + mixer(norm(r))`` then, when the block has one, ``r ← r + ff(ff_norm(r))``. A mixer may define
 ``step_from_residual(r, norm, cache)`` computing the first of these for one token with its cache; a decode
-step then calls it, so that the mixer can fuse the norm and the add into its own kernels. With
+step then calls it, so that the mixer can fuse the norm and the add into its own kernels. A mixer whose
+update is not of that form (it reads ``r`` before the norm, or the model's input embeddings: Zamba2's ``Z``
+layers) defines ``forward_from_residual(r, norm, *, inputs, seq_idx, initial_state, cache)`` returning the
+new ``r``; the block then always calls it, passing the ``inputs`` it was given. With
 ``residual_in_fp32`` the residual stream ``r`` is kept in float32 (float64 for float64 models) while the
 mixer runs in the weights' dtype, as mamba_ssm's ``Block`` does.
 """
@@ -51,12 +54,17 @@ class Block(nn.Module):
         return self.mixer.allocate_state(batch_size, dtype=dtype, device=device, max_length=max_length)
 
     def forward(self, residual: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
-                initial_state: LayerState | None = None, cache: LayerState | None = None) -> torch.Tensor:
-        """residual (b, l, d_model) -> the residual stream after this block."""
+                initial_state: LayerState | None = None, cache: LayerState | None = None,
+                inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """residual (b, l, d_model) -> the residual stream after this block. ``inputs`` (b, l, d_model), the
+        model's input embeddings, reach the mixers that read them (``forward_from_residual``)."""
         dtype = self.norm.weight.dtype
         if self.residual_in_fp32:
             residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        if cache is not None and residual.shape[1] == 1 and hasattr(self.mixer, "step_from_residual"):
+        if hasattr(self.mixer, "forward_from_residual"):
+            residual = self.mixer.forward_from_residual(residual, self.norm, inputs=inputs, seq_idx=seq_idx,
+                                                        initial_state=initial_state, cache=cache)
+        elif cache is not None and residual.shape[1] == 1 and hasattr(self.mixer, "step_from_residual"):
             # A decode step: the mixer fuses this block's norm and the residual add into its matmuls.
             residual = self.mixer.step_from_residual(residual, self.norm, cache)
         else:

@@ -65,6 +65,10 @@ class MambaConfig:
     """falcon_mamba's weightless RMSNorm eps on Δ, B, C (None = none)."""
     inner_layernorms: bool = False
     """Jamba's learned RMSNorms on Δ, B and C."""
+    fused: bool = True
+    """Run a whole-sequence call without a state through ``mamba_inner_fn`` (the convolution, Δ, B, C and the
+    gated output recomputed in the backward instead of kept); False: the separate ops, every intermediate kept.
+    Same function either way."""
 
     def validate(self, d_model: int) -> None:
         _positive("mamba.d_state", self.d_state)
@@ -82,8 +86,10 @@ class MambaConfig:
 class Mamba2Config:
     """Mamba-2 mixer settings (mamba_ssm's ``Mamba2`` arguments).
 
-    ``d_inner = expand * d_model`` is split into ``d_inner // headdim`` heads; B and C have ``ngroups``
-    groups (each shared by ``nheads // ngroups`` heads). ``dt_limit`` clamps Δ after the softplus.
+    ``d_inner = expand * d_model`` (or ``d_inner`` when set) is split into ``d_inner // headdim`` heads; B and
+    C have ``ngroups`` groups (each shared by ``nheads // ngroups`` heads). ``dt_limit`` clamps Δ after the
+    softplus. ``in_proj_multipliers`` and ``out_proj_bias`` are Falcon-H1's (µP scales of the projection's
+    parts, an out-projection bias of its own); their defaults leave mamba_ssm's layer unchanged.
     """
 
     d_state: int = 128
@@ -91,7 +97,7 @@ class Mamba2Config:
     d_conv: int = 4
     """Width of the causal depthwise convolution."""
     expand: int = 2
-    """d_inner = expand * d_model."""
+    """d_inner = expand * d_model (unless d_inner is set)."""
     headdim: int = 64
     """Channels per head (d_inner / headdim heads)."""
     ngroups: int = 1
@@ -118,16 +124,34 @@ class Mamba2Config:
     """Gated RMSNorm before out_proj."""
     D_has_hdim: bool = False
     """Skip D per channel (h, p) instead of per head."""
+    d_inner: int | None = None
+    """Channels of the SSM (in/out projection width); None = expand * d_model (Falcon-H1's mamba_d_ssm)."""
+    in_proj_multipliers: tuple[float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    """Scales of in_proj's z, x, B, C and dt outputs, bias included (Falcon-H1's µP ssm_multipliers)."""
+    out_proj_bias: bool | None = None
+    """Bias in out_proj; None = bias (Falcon-H1 sets it apart: projectors_bias)."""
+    fused: bool = True
+    """Run a whole-sequence call without a state through ``mamba_split_conv1d_scan_combined`` (the convolution
+    and the norm's output recomputed in the backward instead of kept); False: the separate ops. Same function."""
+
+    def inner_width(self, d_model: int) -> int:
+        """d_inner: the field when set, else expand * d_model."""
+        return self.expand * d_model if self.d_inner is None else self.d_inner
 
     def validate(self, d_model: int) -> None:
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             _positive(f"mamba2.{name}", getattr(self, name))
         _dt_range("mamba2", self.dt_min, self.dt_max, self.dt_init_floor)
-        d_inner = self.expand * d_model
+        if self.d_inner is not None:
+            _positive("mamba2.d_inner", self.d_inner)
+        if not all(math.isfinite(m) for m in self.in_proj_multipliers):
+            raise ValueError(f"mamba2.in_proj_multipliers must be finite, got {self.in_proj_multipliers}")
+        d_inner = self.inner_width(d_model)
         if d_inner % self.headdim:
             raise ValueError(
-                f"mamba2.headdim={self.headdim} must divide d_inner = expand * d_model = "
-                f"{self.expand} * {d_model} = {d_inner}"
+                f"mamba2.headdim={self.headdim} must divide d_inner = "
+                + (f"expand * d_model = {self.expand} * {d_model} = {d_inner}" if self.d_inner is None
+                   else f"mamba2.d_inner = {d_inner}")
             )
         nheads = d_inner // self.headdim
         if nheads % self.ngroups:
@@ -353,9 +377,16 @@ class MLPConfig:
     """Hidden size of the SwiGLU MLP."""
     bias: bool = False
     """Biases in the three projections (Bamba's ``mlp_bias``)."""
+    gate_multiplier: float = 1.0
+    """Scale of gate_proj's output before the SiLU (Falcon-H1's µP mlp_multipliers[0])."""
+    down_multiplier: float = 1.0
+    """Scale of down_proj's output (Falcon-H1's µP mlp_multipliers[1])."""
 
     def validate(self, d_model: int) -> None:
         _positive("mlp.d_intermediate", self.d_intermediate)
+        for name in ("gate_multiplier", "down_multiplier"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"mlp.{name} must be finite, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)

@@ -171,6 +171,9 @@ class Mamba2Step:
         self.dt_bias = _f32(mixer.dt_bias)
         self.dt_limit = None if tuple(mixer.dt_limit) == NO_LIMIT else mixer.dt_limit
         self.D = _f32(mixer.D).view(h, p) if mixer.D_has_hdim else _f32(mixer.D).view(h, 1)
+        # Falcon-H1's in_proj multipliers, one per output channel, in the layer's dtype as the layer applies them.
+        scale = mixer.in_proj_scale
+        self.in_scale = None if scale is None else scale.detach().to(self.dtype)
         self.fused_step = native_ssd_step()
         self.gated_norm = None
         if mixer.rmsnorm:
@@ -184,7 +187,10 @@ class Mamba2Step:
         h_, p, g, n = self.shape
         b = r.shape[0]
         hn = F.rms_norm(r.to(torch.float32), self.norm_weight.shape, self.norm_weight, self.eps)
-        z, xBC, dt = self.in_proj(hn.to(self.dtype)).split(self.split, dim=-1)
+        zxbcdt = self.in_proj(hn.to(self.dtype))
+        if self.in_scale is not None:
+            zxbcdt = zxbcdt * self.in_scale
+        z, xBC, dt = zxbcdt.split(self.split, dim=-1)
         xBC = self.conv(xBC, state.conv)
         x, B, C = xBC.split(self.xbc_split, dim=-1)
         delta = F.softplus(dt.to(torch.float32) + self.dt_bias)  # (b, h)

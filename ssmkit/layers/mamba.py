@@ -22,6 +22,7 @@ from ssmkit import ops
 from ssmkit.layers.configs import MambaConfig, layer_settings
 from ssmkit.layers.norm import RMSNorm, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
+from ssmkit.ops import decode_step
 
 
 @dataclasses.dataclass(eq=False)
@@ -170,6 +171,10 @@ class Mamba(nn.Module):
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
 
+        # The fused function takes no state, and one eps for the dt/B/C norms (Jamba norms of different eps
+        # take the separate ops).
+        if self.config.fused and state is None and self._norm_weights() is not None:
+            return self._fused_forward(hidden_states, seq_idx)
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, I, l) each
         conv_in = x
         x = ops.causal_conv1d_fn(
@@ -192,6 +197,18 @@ class Mamba(nn.Module):
             y = result
         return self.out_proj(y.transpose(1, 2))
 
+    def _fused_forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """The stateless whole-sequence forward through ``mamba_inner_fn``: the same function as the separate
+        ops, keeping far less for the backward (see :mod:`ssmkit.ops.fused`)."""
+        dt_w, b_w, c_w, eps = self._norm_weights()
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2I, l)
+        return ops.mamba_inner_fn(
+            xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight,
+            self.out_proj.bias, -torch.exp(at_least_fp32(self.A_log)), D=at_least_fp32(self.D),
+            delta_bias=at_least_fp32(self.dt_proj.bias), delta_softplus=True, b_rms_weight=b_w, c_rms_weight=c_w,
+            b_c_dt_rms_eps=eps, seq_idx=seq_idx, dt_rank_rms_weight=dt_w,
+        )
+
     def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState) -> torch.Tensor:
         """One token of a pre-norm block: ``residual + self(norm(residual))``, (b, 1, H) -> (b, 1, H).
 
@@ -202,23 +219,50 @@ class Mamba(nn.Module):
         self._check_state(state, residual.shape[0])
         r = one_token(residual, self._name())
         xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
-        return (r + self._scan_step(xz, state)).unsqueeze(1)
+        y = self._inner_step(xz, state)
+        if self.out_proj.bias is None and r.dtype == y.dtype == self.out_proj.weight.dtype:
+            # out_proj and the residual add as one GEMM (r + y Wᵀ); a float32 residual stream keeps the add.
+            return torch.addmm(r, y, self.out_proj.weight.t()).unsqueeze(1)
+        return (r + self.out_proj(y)).unsqueeze(1)
 
     def _step(self, hidden_states: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
-        return self._scan_step(self.in_proj(hidden_states[:, 0]), state).unsqueeze(1)
+        return self.out_proj(self._inner_step(self.in_proj(hidden_states[:, 0]), state)).unsqueeze(1)
 
-    def _scan_step(self, xz: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """Convolution, SSM and ``out_proj`` of one token from ``in_proj``'s output (b, 2I) -> (b, H)."""
-        x, z = xz.chunk(2, dim=-1)  # (b, I)
-        x = ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                     activation="silu")
-        dt, B, C = self._dt_B_C(x)
-        y = ops.selective_state_update(
-            state.ssm, x, dt, decode_A(self), B, C, at_least_fp32(self.D), z=z,
-            dt_bias=at_least_fp32(self.dt_proj.bias), dt_softplus=True,
+    def _inner_step(self, xz: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """Convolution and gated SSM of one token from ``in_proj``'s output: (b, 2I) -> y (b, I).
+
+        One kernel on CUDA at small batch (:func:`ssmkit.ops.decode_step.mamba_inner_step`); the separate
+        ops otherwise, and always for Jamba norms of different eps (the fused step takes one eps).
+        """
+        norms = self._norm_weights()
+        if norms is None:
+            x, z = xz.chunk(2, dim=-1)  # (b, I)
+            x = ops.causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                         activation="silu")
+            dt, B, C = self._dt_B_C(x)
+            return ops.selective_state_update(
+                state.ssm, x, dt, decode_A(self), B, C, at_least_fp32(self.D), z=z,
+                dt_bias=at_least_fp32(self.dt_proj.bias), dt_softplus=True,
+            )
+        dt_w, b_w, c_w, eps = norms
+        # The step reads dt_proj's bias and D in their own dtypes (in float32): no cast kernels.
+        return decode_step.mamba_inner_step(
+            xz, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+            self.dt_proj.bias, state.ssm, decode_A(self), self.D, dt_rms_weight=dt_w,
+            b_rms_weight=b_w, c_rms_weight=c_w, rms_eps=eps, dt_softplus=True,
         )
-        return self.out_proj(y)
+
+    def _norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, float] | None:
+        """The dt, B, C RMSNorm weights (None: no norm) and their one eps; None when the norms' eps differ."""
+        if self.inner_layernorms:
+            norms = (self.dt_layernorm, self.b_layernorm, self.c_layernorm)
+            if len({n.eps for n in norms}) != 1:
+                return None
+            return norms[0].weight, norms[1].weight, norms[2].weight, norms[0].eps
+        if self.mixer_rms_eps is not None:
+            return self._unit_rank, self._unit_state, self._unit_state, self.mixer_rms_eps
+        return None, None, None, 1e-6
 
     def _dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., I) -> dt (..., I) before bias and softplus, B (..., N), C (..., N)."""

@@ -1,7 +1,7 @@
 """Mamba-2 mixer (SSD block) and its recurrent state.
 
-Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H, ``h`` nheads = I / p,
-``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
+Dimensions: ``b`` batch, ``l`` length, ``H`` d_model, ``I`` d_inner = expand·H (or the config's d_inner),
+``h`` nheads = I / p, ``p`` headdim, ``g`` ngroups, ``N`` d_state, ``w`` d_conv, conv_dim = I + 2·g·N.
 
 The block (Mamba-2 paper, "Transformers are SSMs", Figure 6): one in-projection to [z, xBC, dt], causal
 depthwise convolution + SiLU on xBC (x, B and C together), the SSD scan with a scalar decay per head and
@@ -22,6 +22,7 @@ from ssmkit.layers.configs import Mamba2Config, layer_settings
 from ssmkit.layers.mamba import decode_A, dt_bias_init
 from ssmkit.layers.norm import RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
+from ssmkit.ops import decode_step
 
 
 @dataclasses.dataclass(eq=False)
@@ -54,6 +55,9 @@ class Mamba2(nn.Module):
     ``rmsnorm=False`` drops the gated RMSNorm and gates the scan output with ``silu(z)`` directly;
     ``D_has_hdim`` gives D one value per channel instead of per head; ``dt_limit`` clamps Δ after the
     softplus. ``norm_eps`` is the gated RMSNorm's eps (mamba_ssm 1e-5; transformers uses the model's).
+    Falcon-H1's options: ``d_inner`` sets the SSM's width apart from ``expand``, ``in_proj_multipliers`` scale
+    the z, x, B, C and dt parts of ``in_proj``'s output (every path: parallel, step, fused step), and
+    ``out_proj_bias`` gives ``out_proj`` a bias setting of its own.
 
     ``context_parallel`` (a :class:`SequenceSplit`, e.g. :class:`ssmkit.distributed.ContextParallel`) makes the
     layer read a sequence split across ranks: each rank passes its part; no cache or initial state then.
@@ -85,9 +89,9 @@ class Mamba2(nn.Module):
         rmsnorm, D_has_hdim = config.rmsnorm, config.D_has_hdim
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
-        self.d_inner = int(expand * d_model)
+        self.d_inner = int(config.inner_width(d_model))
         if self.d_inner % headdim:
-            raise ValueError(f"Mamba2: headdim={headdim} must divide d_inner = expand * d_model = {self.d_inner}")
+            raise ValueError(f"Mamba2: headdim={headdim} must divide d_inner = {self.d_inner}")
         self.headdim, self.nheads, self.ngroups = headdim, self.d_inner // headdim, ngroups
         if self.nheads % ngroups:
             raise ValueError(f"Mamba2: ngroups={ngroups} must divide nheads={self.nheads}")
@@ -106,8 +110,16 @@ class Mamba2(nn.Module):
         if rmsnorm:
             self.norm = RMSNormGated(self.d_inner, eps=norm_eps, group_size=self.d_inner // ngroups,
                                      norm_before_gate=norm_before_gate, **factory)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        out_bias = bias if config.out_proj_bias is None else config.out_proj_bias
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=out_bias, **factory)
         no_weight_decay(self.dt_bias, self.A_log, self.D, self.conv1d.bias, self.in_proj.bias, self.out_proj.bias)
+        scale = None
+        if any(m != 1.0 for m in config.in_proj_multipliers):
+            # One scale per in_proj output channel (z, x, B, C, dt), a buffer so that a step allocates nothing.
+            widths = (self.d_inner, self.d_inner, ngroups * d_state, ngroups * d_state, self.nheads)
+            scale = torch.cat([torch.full((w,), float(m), device=device, dtype=dtype)
+                               for w, m in zip(widths, config.in_proj_multipliers)])
+        self.register_buffer("in_proj_scale", scale, persistent=False)
 
     def allocate_state(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
                        max_length: int | None = None) -> Mamba2State:
@@ -139,7 +151,12 @@ class Mamba2(nn.Module):
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
 
-        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        if self.config.fused and state is None and split is None:
+            # A context-parallel layer reads its convolution's and scan's entries from other ranks, which
+            # the fused function has no argument for: it takes the separate ops below.
+            return self._fused_forward(hidden_states, seq_idx)
+        z, xBC, dt = self._scaled(self.in_proj(hidden_states)).split([self.d_inner, self.conv_dim, self.nheads],
+                                                                      dim=-1)
         conv_in = xBC.transpose(1, 2)  # (b, conv_dim, l)
         conv_initial = None if state is None else state.conv[..., 1:].to(conv_in.dtype)
         scan = ops.mamba_chunk_scan_combined
@@ -170,9 +187,22 @@ class Mamba2(nn.Module):
             y = self.norm(y, z)
         return self.out_proj(y)
 
+    def _fused_forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """The stateless whole-sequence forward through ``mamba_split_conv1d_scan_combined``: the same function
+        as the separate ops, keeping far less for the backward (see :mod:`ssmkit.ops.fused`)."""
+        norm = self.norm if self.rmsnorm else None
+        return ops.mamba_split_conv1d_scan_combined(
+            self._scaled(self.in_proj(hidden_states)), self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+            -torch.exp(at_least_fp32(self.A_log)), self._D(), self.chunk_size, seq_idx=seq_idx,
+            dt_limit=self.dt_limit, rmsnorm_weight=None if norm is None else norm.weight,
+            rmsnorm_eps=1e-6 if norm is None else norm.eps, outproj_weight=self.out_proj.weight,
+            outproj_bias=self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
+            norm_before_gate=self.config.norm_before_gate,
+        )
+
     def _step(self, hidden_states: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
-        y, z = self._scan_step(self.in_proj(hidden_states[:, 0]), state)
+        y, z = self._scan_step(self._scaled(self.in_proj(hidden_states[:, 0])), state)
         if self.rmsnorm:
             y = self.norm(y, z)
         return self.out_proj(y).unsqueeze(1)
@@ -189,7 +219,7 @@ class Mamba2(nn.Module):
         self._check_state(state, residual.shape[0])
         r = one_token(residual, self._name())
         zxbcdt = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
-        y, z = self._scan_step(zxbcdt, state)
+        y, z = self._scan_step(self._scaled(zxbcdt), state)
         if not self.rmsnorm:
             return (r + self.out_proj(y)).unsqueeze(1)
         out = ops.rms_norm_linear(y, self.norm.weight, self.out_proj.weight, self.out_proj.bias, z=z,
@@ -200,23 +230,20 @@ class Mamba2(nn.Module):
     def _scan_step(self, zxbcdt: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, torch.Tensor]:
         """Convolution and SSM of one token from ``in_proj``'s output (b, ·): y (b, d_inner) and the gate z."""
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = ops.causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                       activation="silu")
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = ops.selective_state_update(
-            state.ssm,
-            x.unflatten(-1, (self.nheads, self.headdim)),
-            dt,
-            decode_A(self),
-            B.unflatten(-1, (self.ngroups, self.d_state)),
-            C.unflatten(-1, (self.ngroups, self.d_state)),
-            self._D(),
-            z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=self.dt_limit,
+        # One kernel on CUDA at small batch (the convolution update folded into the state update); the
+        # separate conv and state updates otherwise.
+        y = decode_step.conv1d_selective_state_update(
+            xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.ssm, dt, decode_A(self),
+            self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)), dt_bias=self.dt_bias,
+            ngroups=self.ngroups, dt_softplus=True, dt_limit=self.dt_limit,
         ).flatten(-2)
         return y, z
+
+    def _scaled(self, zxbcdt: torch.Tensor) -> torch.Tensor:
+        """in_proj's output (..., 2·I + 2·g·N + h) times ``in_proj_multipliers`` per part (when any is not 1)."""
+        if self.in_proj_scale is None:
+            return zxbcdt
+        return zxbcdt * self.in_proj_scale.to(zxbcdt.dtype)
 
     def _D(self) -> torch.Tensor:
         return self.D.unflatten(0, (self.nheads, self.headdim)) if self.D_has_hdim else self.D

@@ -39,8 +39,22 @@ from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.mamba3 import Mamba3, Mamba3State
 from ssmkit.layers.mlp import MLP
 from ssmkit.layers.moe import MoE
+from ssmkit.layers.parallel_hybrid import (
+    ParallelHybrid,
+    ParallelHybridConfig,
+    ParallelHybridState,
+)
+from ssmkit.layers.parallel_hybrid import size as parallel_hybrid_size
 from ssmkit.layers.s4 import S4, S4State
 from ssmkit.layers.s4d import S4D, S4DState
+from ssmkit.layers.shared_transformer import (
+    SharedTransformerConfig,
+    build_shared_blocks,
+)
+from ssmkit.layers.shared_transformer_mamba2 import (
+    SharedTransformerMamba2,
+    SharedTransformerMamba2State,
+)
 from ssmkit.layers.state import LayerState
 from ssmkit.layers.ungated_mlp import UngatedMLP, UngatedMLPConfig
 from ssmkit.layers.ungated_mlp import size as ungated_mlp_size
@@ -51,7 +65,9 @@ class BuildContext:
     """What a model passes when it builds one layer: its width, the kind's settings, the layer's index, the
     model's norm eps, whether the model is causal (language models) or may read the future (classifiers),
     the context-parallel process group of the layers that split a sequence across ranks (or None), and
-    the ``device``/``dtype`` factory arguments."""
+    the ``device``/``dtype`` factory arguments; for kinds that read other kinds' settings, every section
+    of the model (``sections``); for kinds with a ``shared`` hook, the model's module of the kind
+    (``shared``) and how many layers of the kind come before this one (``invocation``)."""
 
     d_model: int
     settings: Any
@@ -60,6 +76,9 @@ class BuildContext:
     causal: bool = True
     context_parallel: Any = None
     factory: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sections: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    shared: Any = None
+    invocation: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +96,10 @@ class LayerKind:
     per token of a built layer when it reads sequences of ``length`` tokens (matrix products, convolutions,
     scans; elementwise work is not counted). transformers: transformers ``model_type`` -> the name of this
     layer's module inside that model's decoder layers. context_parallel: whether its build takes
-    ``BuildContext.context_parallel`` (a sequence split across ranks). doc: one line for listings.
+    ``BuildContext.context_parallel`` (a sequence split across ranks). shared: for kinds whose layers share
+    weights, builds from a :class:`BuildContext` (``layer_idx`` -1) the module the model holds once, in its
+    table of shared modules under the kind's name, and passes to every layer's build as
+    ``BuildContext.shared``. doc: one line for listings.
     """
 
     letter: str
@@ -92,6 +114,7 @@ class LayerKind:
     transformers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     context_parallel: bool = False
     doc: str = ""
+    shared: Callable[[BuildContext], nn.Module] | None = None
 
     @property
     def feed_forward(self) -> bool:
@@ -220,6 +243,10 @@ def _moe_flops(layer: nn.Module, length: int) -> float:
     return linear_flops(layer.router) + layer.top_k * one_expert
 
 
+def _parallel_hybrid_flops(layer: nn.Module, length: int) -> float:
+    return _attention_flops(layer.self_attn, length) + _mamba2_flops(layer.mamba, length)
+
+
 def _bidirectional_check(ctx: BuildContext, section: str) -> None:
     if ctx.settings.bidirectional and ctx.causal:
         raise ValueError(f"layer {ctx.layer_idx}: {section}.bidirectional reads future tokens, which a causal "
@@ -247,8 +274,14 @@ def _build_attention(window: bool) -> Callable[[BuildContext], nn.Module]:
     return build
 
 
+def _build_parallel_hybrid(ctx: BuildContext) -> nn.Module:
+    return ParallelHybrid(ctx.d_model, ctx.settings, norm_eps=ctx.norm_eps, layer_idx=ctx.layer_idx, **ctx.factory)
+
+
 def _build_mlp(ctx: BuildContext) -> nn.Module:
-    return MLP(ctx.d_model, ctx.settings.d_intermediate, bias=ctx.settings.bias, **ctx.factory)
+    return MLP(ctx.d_model, ctx.settings.d_intermediate, bias=ctx.settings.bias,
+               gate_multiplier=ctx.settings.gate_multiplier, down_multiplier=ctx.settings.down_multiplier,
+               **ctx.factory)
 
 
 def _build_moe(ctx: BuildContext) -> nn.Module:
@@ -287,8 +320,37 @@ for _kind in (
     LayerKind("u", "ungated_mlp", "ungated_mlp", UngatedMLPConfig, UngatedMLP,
               lambda layer, length: linear_flops(layer), size=ungated_mlp_size, transformers={"nemotron_h": "mixer"},
               doc="ungated MLP (squared ReLU by default, Nemotron-H)"),
+    LayerKind("F", "parallel_hybrid", "parallel_hybrid", ParallelHybridConfig, ParallelHybrid, _parallel_hybrid_flops,
+              ParallelHybridState, size=parallel_hybrid_size, build=_build_parallel_hybrid,
+              doc="attention and Mamba-2 side by side, outputs summed (Falcon-H1)"),
 ):
     register(_kind)
+
+
+def _shared_transformer_mamba2_flops(layer: nn.Module, length: int) -> float:
+    # Its own matrices (linear, adapters) and Mamba-2, plus its call of the shared block.
+    shared = layer.shared
+    return (linear_flops(layer) - linear_flops(layer.mamba) + _mamba2_flops(layer.mamba, length)
+            + _attention_flops(shared.self_attn, length) + linear_flops(shared.feed_forward))
+
+
+def _build_shared_transformers(ctx: BuildContext) -> nn.Module:
+    return build_shared_blocks(ctx.d_model, ctx.settings, norm_eps=ctx.norm_eps, **ctx.factory)
+
+
+def _build_shared_transformer_mamba2(ctx: BuildContext) -> nn.Module:
+    if ctx.shared is None:
+        raise ValueError(f"layer {ctx.layer_idx}: a Z layer calls the model's shared transformer blocks; build it "
+                         "with the model's table of shared modules (ssmkit.models.blocks.build_shared)")
+    return SharedTransformerMamba2(ctx.d_model, ctx.settings, ctx.sections.get("mamba2") or Mamba2Config(),
+                                   ctx.shared, ctx.invocation, norm_eps=ctx.norm_eps, layer_idx=ctx.layer_idx,
+                                   **ctx.factory)
+
+
+register(LayerKind("Z", "shared_transformer_mamba2", "shared_transformer", SharedTransformerConfig,
+                   SharedTransformerMamba2, _shared_transformer_mamba2_flops, SharedTransformerMamba2State,
+                   build=_build_shared_transformer_mamba2, shared=_build_shared_transformers,
+                   doc="Zamba2 hybrid: a call of the model's shared transformer blocks, then Mamba-2 (mamba2)"))
 
 
 def flops_per_token(blocks: Iterable[nn.Module], length: int) -> float:

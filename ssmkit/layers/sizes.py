@@ -26,13 +26,15 @@ def mamba(m: Any, d: int) -> tuple[int, int]:
 
 
 def mamba2(m: Any, d: int) -> tuple[int, int]:
-    """Mamba-2: in_proj, conv, dt_bias, A_log, D, gated norm, out_proj."""
-    inner = m.expand * d
+    """Mamba-2: in_proj, conv, dt_bias, A_log, D, gated norm, out_proj (buffer: in_proj's scales, if any)."""
+    inner = m.expand * d if m.d_inner is None else m.d_inner
     heads, conv_dim = inner // m.headdim, inner + 2 * m.ngroups * m.d_state
+    out_bias = m.bias if m.out_proj_bias is None else m.out_proj_bias
     params = (_linear(d, inner + conv_dim + heads, m.bias) + conv_dim * m.d_conv + (conv_dim if m.conv_bias else 0)
               + 2 * heads + (inner if m.D_has_hdim else heads) + (inner if m.rmsnorm else 0)
-              + _linear(inner, d, m.bias))
-    return params, 0
+              + _linear(inner, d, out_bias))
+    scaled = any(v != 1.0 for v in m.in_proj_multipliers)
+    return params, (inner + conv_dim + heads if scaled else 0)
 
 
 def mamba3(m: Any, d: int) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Models: :class:`ModelConfig` (typed dataclasses <-> JSON), :class:`LanguageModel`, named presets,
 and ssmkit checkpoint folders (``save_pretrained`` / ``from_pretrained``)."""
 
+from ssmkit.layers.parallel_hybrid import ParallelHybridConfig
 from ssmkit.models.cache import ModelCache
 from ssmkit.models.config import (
     AttentionConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "MambaConfig",
     "ModelConfig",
     "MoEConfig",
+    "ParallelHybridConfig",
     "S4Config",
     "S4DConfig",
     "get_preset",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.layers import RMSNorm
+from ssmkit.layers.embedding import token_embedding
 from ssmkit.models.blocks import build_blocks, init_weights
 from ssmkit.models.config import ModelConfig
 from ssmkit.models.size import check_model_size
@@ -74,7 +75,8 @@ class SequenceClassifier(nn.Module):
         check_model_size(config, device=device, dtype=dtype)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         d = config.d_model
-        self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory) if d_input is None else None
+        self.embedding = (token_embedding(config.padded_vocab_size, d, config.embedding_multiplier, **factory)
+                          if d_input is None else None)
         self.encoder = nn.Linear(d_input, d, **factory) if d_input is not None else None
         # Blocks (feed-forwards included) built and initialised as in LanguageModel; bidirectional allowed.
         self.layers = build_blocks(config, factory, causal=False)

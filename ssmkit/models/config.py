@@ -117,6 +117,10 @@ class ModelConfig:
     """Std of the embedding initialisation."""
     rescale_prenorm_residual: bool = True
     """Scale residual output projections by 1/sqrt(branches) at init."""
+    embedding_multiplier: float = 1.0
+    """Scale of the embedding's output (µP; Falcon-H1's embedding_multiplier)."""
+    logits_multiplier: float = 1.0
+    """Scale of a language model's logits (µP; Falcon-H1's lm_head_multiplier)."""
     sections: dict[str, Any] = field(default_factory=dict, metadata={"sections": registry.sections})
     """The settings of every registered layer kind by section name (``config.mamba2`` reads
     ``config.sections["mamba2"]``); in JSON each is a key of its own, beside the fields above."""
@@ -175,6 +179,9 @@ class ModelConfig:
             raise ValueError(f"n_layer must be at most {MAX_LAYERS:,}, got {self.n_layer:,}")
         _positive("norm_eps", self.norm_eps)
         _positive("initializer_range", self.initializer_range)
+        for name in ("embedding_multiplier", "logits_multiplier"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         tokens = pattern_tokens(self.layer_pattern)
         if len(tokens) > self.n_layer:
             raise ValueError(f"layer_pattern {self.layer_pattern!r} describes {len(tokens)} layers but n_layer "

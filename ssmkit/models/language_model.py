@@ -17,9 +17,10 @@ from torch import nn
 
 from ssmkit.data.packing import IGNORE
 from ssmkit.layers import MoE, RMSNorm
+from ssmkit.layers.embedding import token_embedding
 from ssmkit.layers.moe import RouterStats, load_balancing_loss, router_z_loss
 from ssmkit.layers.registry import flops_per_token
-from ssmkit.models.blocks import build_blocks, init_weights
+from ssmkit.models.blocks import build_blocks, build_shared, init_weights
 from ssmkit.io.files import shown
 from ssmkit.io.hub import resolve_checkpoint
 from ssmkit.models.cache import ModelCache
@@ -85,7 +86,8 @@ class LanguageModel(nn.Module):
     ``context_parallel`` (:class:`ssmkit.distributed.ContextParallel`) splits every sequence across the
     ranks of a process group (Mamba-2 mixers only): each rank then passes its part of the sequence.
 
-    State dict names: ``embedding.weight``, ``layers.{i}.norm.weight``, ``layers.{i}.mixer.*``,
+    State dict names: ``embedding.weight``, ``shared.<kind>.*`` for layer kinds that share modules across
+    layers (Zamba2's transformer blocks, once), ``layers.{i}.norm.weight``, ``layers.{i}.mixer.*``,
     ``layers.{i}.ff_norm.weight`` and ``layers.{i}.ff.*`` for layers with a feed-forward, ``norm_f.weight``
     and, only when embeddings are untied, ``lm_head.weight`` (a tied head reuses ``embedding.weight`` and
     has no entry of its own).
@@ -110,8 +112,10 @@ class LanguageModel(nn.Module):
         self.config = config
         factory = {"device": device, "dtype": dtype}
         vocab, d = config.padded_vocab_size, config.d_model
-        self.embedding = nn.Embedding(vocab, d, **factory)
-        self.layers = build_blocks(config, factory, context_parallel=context_parallel)
+        self.embedding = token_embedding(vocab, d, config.embedding_multiplier, **factory)
+        # Modules that several layers share (Zamba2's transformer blocks): held once, here.
+        self.shared = build_shared(config, factory)
+        self.layers = build_blocks(config, factory, context_parallel=context_parallel, shared=self.shared)
         self.norm_f = RMSNorm(d, eps=config.norm_eps, **factory)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, vocab, bias=False, **factory)
         init_weights(self, self.layers, config)
@@ -122,10 +126,14 @@ class LanguageModel(nn.Module):
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one)."""
+        """(..., H) final-norm output -> (..., V) logits (an int8 head when :meth:`quantize` made one), times
+        ``config.logits_multiplier``."""
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
-            return self.lm_head(hidden)
-        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden.to(self.head_weight.dtype), self.head_weight)
+        multiplier = self.config.logits_multiplier
+        return logits if multiplier == 1.0 else logits * multiplier
 
     def forward(self, input_ids: torch.Tensor, *, targets: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
@@ -154,9 +162,10 @@ class LanguageModel(nn.Module):
         self._check_inputs(input_ids, targets, labels, seq_idx, cache, logits_to_keep)
         if labels is not None:
             targets = shift_labels(labels, seq_idx)
-        residual = self.embedding(input_ids)
+        residual = inputs = self.embedding(input_ids)
         for i, block in enumerate(self.layers):
-            residual = block(residual, seq_idx=seq_idx, cache=None if cache is None else cache.states[i])
+            residual = block(residual, seq_idx=seq_idx, cache=None if cache is None else cache.states[i],
+                             inputs=inputs)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         if logits_to_keep:
@@ -283,7 +292,7 @@ class LanguageModel(nn.Module):
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                         max_bytes: int | None = None) -> LanguageModel:
         """Load an ssmkit checkpoint folder, a transformers folder (model_type mamba, mamba2,
-        falcon_mamba, jamba, bamba, nemotron_h), named by its path or by a Hugging Face Hub id such as
+        falcon_mamba, jamba, bamba, nemotron_h, zamba2), named by its path or by a Hugging Face Hub id such as
         ``"state-spaces/mamba-130m-hf"`` (at ``revision``; see :func:`ssmkit.io.hub.resolve_checkpoint`), or a
         llama.cpp GGUF file of architecture mamba / mamba2 (see :mod:`ssmkit.models.formats.gguf`).
 

@@ -11,7 +11,10 @@ only, build it on the "meta" device) follow :func:`jamba_layer_pattern`; ``samba
 Mamba, MLP, sliding-window attention, MLP; ``bamba-tiny`` and ``bamba-9b`` (IBM's Bamba-9B, 9.78B parameters)
 are Mamba-2 layers with attention at a few indices (:func:`bamba_layer_pattern`), each followed by an MLP;
 ``nemotron-h-tiny`` and ``nemotron-h-8b`` (NVIDIA's Nemotron-H-8B-Base-8K) are Mamba-2 and attention layers, most
-followed by a squared-ReLU MLP (:func:`nemotron_h_layer_pattern`).
+followed by a squared-ReLU MLP (:func:`nemotron_h_layer_pattern`); ``zamba2-tiny``, ``zamba2-1.2b`` and
+``zamba2-2.7b`` (Zyphra's Zamba2) are Mamba-2 layers with shared-transformer hybrid layers (``Z``) at a few
+indices (:func:`zamba2_layer_pattern`); ``falcon-h1-tiny``, ``falcon-h1-0.5b`` and
+``falcon-h1-1.5b`` (TII's Falcon-H1) run attention and Mamba-2 side by side in every layer (``Fm``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 from collections.abc import Callable
 
 from ssmkit.data.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE  # noqa: F401  (re-exported)
+from ssmkit.layers.shared_transformer import SharedTransformerConfig
 from ssmkit.layers.ungated_mlp import UngatedMLPConfig
 from ssmkit.models.config import (
     AttentionConfig,
@@ -226,3 +230,123 @@ def nemotron_h_8b() -> ModelConfig:
                        ungated_mlp=UngatedMLPConfig(d_intermediate=21504, activation="relu2"), norm_eps=1e-5,
                        tie_embeddings=False, residual_in_fp32=False, pad_vocab_size_multiple=1,
                        rescale_prenorm_residual=False)
+
+
+def zamba2_layer_pattern(n_layer: int, hybrid_layers: tuple[int, ...]) -> str:
+    """Zamba2's layer pattern: a shared-transformer hybrid layer (``Z``) at ``hybrid_layers`` (transformers'
+    ``hybrid_layer_ids``), Mamba-2 (``2``) elsewhere.
+
+    Example: ``zamba2_layer_pattern(4, (1,)) == "2Z22"``.
+    """
+    return "".join("Z" if i in hybrid_layers else "2" for i in range(n_layer))
+
+
+def _zamba2(vocab_size: int, d_model: int, n_layer: int, hybrid_layers: tuple[int, ...], mamba2: Mamba2Config,
+            shared: SharedTransformerConfig) -> ModelConfig:
+    """What every Zamba2 shares: tied head, RMSNorm eps 1e-5 (the Mamba-2 gated norm's too), no padding."""
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer,
+                       layer_pattern=zamba2_layer_pattern(n_layer, hybrid_layers), mamba2=mamba2,
+                       shared_transformer=shared, norm_eps=1e-5, tie_embeddings=True, residual_in_fp32=False,
+                       pad_vocab_size_multiple=1, rescale_prenorm_residual=False)
+
+
+def _zamba2_mamba2(**sizes: int) -> Mamba2Config:
+    """Zamba2's Mamba-2 settings: Δ clamped below at time_step_min, conv bias, no projection biases."""
+    return Mamba2Config(**sizes, d_conv=4, expand=2, chunk_size=256, dt_limit=(0.001, math.inf), conv_bias=True,
+                        bias=False, norm_before_gate=False, rmsnorm=True, D_has_hdim=False)
+
+
+@register("zamba2-tiny")
+def zamba2_tiny() -> ModelConfig:
+    """Tiny Zamba2 for tests: 8 layers with hybrid calls at 2, 5 and 7 of two shared blocks (in rotation),
+    d_model 64, 4 heads of 32 with RoPE and attention adapters, adapter rank 8, MLP of 128, Mamba-2 with 8 heads
+    of 16 in 2 groups, d_state 16, vocab 256."""
+    return _zamba2(256, 64, 8, (2, 5, 7), Mamba2Config(d_state=16, headdim=16, ngroups=2, chunk_size=16,
+                                                       dt_limit=(0.001, math.inf)),
+                   SharedTransformerConfig(num_blocks=2, num_heads=4, rotary_emb_dim=32, d_intermediate=128,
+                                           adapter_rank=8, attention_adapters=True))
+
+
+@register("zamba2-1.2b")
+def zamba2_1_2b() -> ModelConfig:
+    """Zyphra/Zamba2-1.2B: 38 layers, hybrid calls at 5, 11, ..., 35 of one shared block (32 heads of 128 with
+    RoPE, base 10000, and attention adapters; GELU MLP of 8192; adapter rank 128), d_model 2048, Mamba-2 with 64
+    heads of 64 in one group, d_state 128, d_conv 4, vocab 32000, tied head (config only: build it on the
+    "meta" device)."""
+    return _zamba2(32000, 2048, 38, tuple(range(5, 36, 6)), _zamba2_mamba2(d_state=128, headdim=64, ngroups=1),
+                   SharedTransformerConfig(num_blocks=1, num_heads=32, num_heads_kv=32, rotary_emb_dim=128,
+                                           rotary_emb_base=10000.0, d_intermediate=8192, activation="gelu",
+                                           adapter_rank=128, attention_adapters=True))
+
+
+@register("zamba2-2.7b")
+def zamba2_2_7b() -> ModelConfig:
+    """Zyphra/Zamba2-2.7B: 54 layers, hybrid calls at 6, 12, ..., 42, 47, 51 of two shared blocks in rotation
+    (32 heads of 160 with RoPE, base 10000, no attention adapters; GELU MLP of 10240; adapter rank 128),
+    d_model 2560, Mamba-2 with 80 heads of 64 in one group, d_state 64, d_conv 4, vocab 32000, tied head
+    (config only: build it on the "meta" device)."""
+    return _zamba2(32000, 2560, 54, (6, 12, 18, 24, 30, 36, 42, 47, 51),
+                   _zamba2_mamba2(d_state=64, headdim=64, ngroups=1),
+                   SharedTransformerConfig(num_blocks=2, num_heads=32, num_heads_kv=32, rotary_emb_dim=160,
+                                           rotary_emb_base=10000.0, d_intermediate=10240, activation="gelu",
+                                           adapter_rank=128, attention_adapters=False))
+
+
+def _falcon_h1(vocab_size: int, d_model: int, n_layer: int, heads: tuple[int, int, int], d_intermediate: int,
+               mamba: tuple[int, int, int, int], multipliers: dict[str, object] | None = None) -> ModelConfig:
+    """A Falcon-H1 config: ``heads`` = (query heads, KV heads, head dim), ``mamba`` = (d_ssm, head dim, groups,
+    d_state); rope base 1e11, no gated norm in the Mamba-2 half, untied head; ``multipliers`` are transformers'
+    µP fields (absent ones 1)."""
+    from ssmkit.layers.parallel_hybrid import ParallelHybridConfig
+
+    m = {"embedding_multiplier": 1.0, "lm_head_multiplier": 1.0, "key_multiplier": 1.0,
+         "attention_in_multiplier": 1.0, "attention_out_multiplier": 1.0, "ssm_in_multiplier": 1.0,
+         "ssm_out_multiplier": 1.0, "ssm_multipliers": (1.0,) * 5, "mlp_multipliers": (1.0, 1.0),
+         **(multipliers or {})}
+    d_ssm, ssm_head_dim, groups, d_state = mamba
+    mixer = ParallelHybridConfig(
+        attention=AttentionConfig(num_heads=heads[0], num_heads_kv=heads[1], head_dim=heads[2],
+                                  rotary_emb_dim=heads[2], rotary_emb_base=1e11),
+        mamba2=Mamba2Config(d_state=d_state, d_conv=4, headdim=ssm_head_dim, ngroups=groups, chunk_size=128,
+                            d_inner=d_ssm, rmsnorm=False, in_proj_multipliers=tuple(m["ssm_multipliers"])),
+        **{k: m[k] for k in ("key_multiplier", "attention_in_multiplier", "attention_out_multiplier",
+                             "ssm_in_multiplier", "ssm_out_multiplier")})
+    gate, down = m["mlp_multipliers"]
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layer=n_layer, layer_pattern="Fm",
+                       parallel_hybrid=mixer,
+                       mlp=MLPConfig(d_intermediate=d_intermediate, gate_multiplier=gate, down_multiplier=down),
+                       norm_eps=1e-5, tie_embeddings=False, residual_in_fp32=False, pad_vocab_size_multiple=1,
+                       rescale_prenorm_residual=False, embedding_multiplier=m["embedding_multiplier"],
+                       logits_multiplier=m["lm_head_multiplier"])
+
+
+@register("falcon-h1-tiny")
+def falcon_h1_tiny() -> ModelConfig:
+    """Tiny Falcon-H1 for tests: 4 parallel attention + Mamba-2 layers with MLPs (``Fm``), d_model 64, 4 query / 2
+    KV heads of 16 with RoPE, Mamba-2 of 96 channels (6 heads of 16, 2 groups), d_state 16, µP multipliers that
+    are not 1, vocab 256."""
+    return _falcon_h1(256, 64, 4, (4, 2, 16), 128, (96, 16, 2, 16), {
+        "embedding_multiplier": 2.0, "lm_head_multiplier": 0.25, "key_multiplier": 0.5,
+        "attention_out_multiplier": 0.9, "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.5,
+        "ssm_multipliers": (0.5, 0.25, 0.5, 0.5, 0.5), "mlp_multipliers": (0.9, 0.6)})
+
+
+@register("falcon-h1-0.5b")
+def falcon_h1_0_5b() -> ModelConfig:
+    """tiiuae/Falcon-H1-0.5B: 36 layers, d_model 1024, 8 query / 2 KV heads of 64 (RoPE base 1e11), SwiGLU MLPs of
+    2048, Mamba-2 of 1536 channels (24 heads of 64, one group), d_state 128, no gated norm, vocab 32784, untied
+    head, with its µP multipliers (config only: build it on the "meta" device for its size)."""
+    return _falcon_h1(32784, 1024, 36, (8, 2, 64), 2048, (1536, 64, 1, 128), {
+        "embedding_multiplier": 5.656854249492381, "lm_head_multiplier": 0.0390625, "key_multiplier": 0.390625,
+        "attention_out_multiplier": 0.9375, "ssm_in_multiplier": 1.25, "ssm_out_multiplier": 0.23570226039551587,
+        "ssm_multipliers": (0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738),
+        "mlp_multipliers": (0.8838834764831844, 0.5859375)})
+
+
+@register("falcon-h1-1.5b")
+def falcon_h1_1_5b() -> ModelConfig:
+    """tiiuae/Falcon-H1-1.5B: 24 layers, d_model 2048, 8 query / 2 KV heads of 128 (RoPE base 1e11), SwiGLU MLPs of
+    4608, Mamba-2 of 3072 channels (48 heads of 64, one group), d_state 256, vocab 65537, untied head (config
+    only: build it on the "meta" device). The µP multipliers are left at 1: they change no size, and a
+    checkpoint's own config.json brings them."""
+    return _falcon_h1(65537, 2048, 24, (8, 2, 128), 4608, (3072, 64, 1, 256))

@@ -67,6 +67,11 @@ def estimate_size(config: ModelConfig) -> SizeEstimate:
         block = d + mixer_params + (d + ff_params if spec.ff else 0)  # norm (+ ff_norm, ff)
         params += count * block
         buffers += count * (mixer_buffers + ff_buffers)
+    for name in dict.fromkeys(n for spec in pattern_tokens(config.layer_pattern) for n in spec if n is not None):
+        if registry.by_name(name).shared is not None:  # the module its layers share: held once by the model
+            shared = _shared_module(config, name)
+            params += sum(p.numel() for p in shared.parameters())
+            buffers += sum(b.numel() for b in shared.buffers())
     return SizeEstimate(params, buffers)
 
 
@@ -77,9 +82,19 @@ def _layer_size(config: ModelConfig, name: str) -> tuple[int, int]:
     settings = getattr(config, kind.section)
     if kind.size is not None:
         return kind.size(settings, config.d_model)
+    shared = None if kind.shared is None else _shared_module(config, name)
     layer = kind.make(registry.BuildContext(d_model=config.d_model, settings=settings, layer_idx=0,
-                                            norm_eps=config.norm_eps, factory={"device": torch.device("meta")}))
+                                            norm_eps=config.norm_eps, factory={"device": torch.device("meta")},
+                                            sections=config.sections, shared=shared))
     return sum(p.numel() for p in layer.parameters()), sum(b.numel() for b in layer.buffers())
+
+
+def _shared_module(config: ModelConfig, name: str) -> torch.nn.Module:
+    """The module that the layers of kind ``name`` share, built on the meta device (shapes only)."""
+    kind = registry.by_name(name)
+    return kind.shared(registry.BuildContext(d_model=config.d_model, settings=getattr(config, kind.section),
+                                             layer_idx=-1, norm_eps=config.norm_eps,
+                                             factory={"device": torch.device("meta")}, sections=config.sections))
 
 
 def weights_limit(config: ModelConfig) -> int:

@@ -10,6 +10,7 @@ from ssmkit.ops.causal_conv1d import (
     causal_conv1d_update,
     causal_conv1d_varlen_states,
 )
+from ssmkit.ops.decode_step import conv1d_selective_state_update, mamba_inner_step
 from ssmkit.ops.fused import mamba_inner_fn, mamba_split_conv1d_scan_combined
 from ssmkit.ops.mamba3 import mamba3_scan, mamba3_step
 from ssmkit.ops.norm import gated_rms_norm_fn, layernorm_fn, rms_norm_fn, rmsnorm_fn
@@ -22,11 +23,13 @@ __all__ = [
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "causal_conv1d_varlen_states",
+    "conv1d_selective_state_update",
     "gated_rms_norm_fn",
     "layernorm_fn",
     "mamba3_scan",
     "mamba3_step",
     "mamba_chunk_scan_combined",
+    "mamba_inner_step",
     "mamba_inner_fn",
     "mamba_split_conv1d_scan_combined",
     "rms_norm_fn",

@@ -98,7 +98,9 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def health() -> JSONResponse:
         alive = server.engine.alive
         body = {"status": "ok" if alive else "engine stopped", "requests_in_flight": server.engine.in_flight,
-                "decode_steps": server.engine.steps, "tokens_generated": server.engine.tokens, **store.stats(),
+                "decode_steps": server.engine.steps, "tokens_generated": server.engine.tokens,
+                "decode_rows": server.engine.decoder.rows, "decode_padded_rows": server.engine.decoder.padded_rows,
+                "cuda_graph": server.engine.cuda_graph, **store.stats(),
                 "prefix_cache": None if server.prefix is None else server.prefix.stats()}
         return JSONResponse(body, 200 if alive else 503)
 

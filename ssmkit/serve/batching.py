@@ -3,19 +3,23 @@
 Each turn of the engine loop
 
 1. admits newly submitted requests,
-2. reads one prefill chunk (``prefill_chunk_size`` tokens) of every request still reading its prompt,
-3. runs **one** forward step for all decoding requests at once, on a batched cache whose rows are the
-   requests (:class:`SlotCache`), and
-4. samples one token per request, each with its own :class:`SamplingParams` and seeded random stream.
+2. reads at most ``prefill_budget`` prompt tokens of the requests still reading their prompts, oldest
+   first, in chunks of at most ``prefill_chunk_size`` (:mod:`ssmkit.serve.prefill`), so a long prompt is
+   read between the decode steps of the running streams instead of stalling them,
+3. runs **one** decode step for all decoding requests at once (:class:`BatchedDecoder`): a forward of one
+   token per row on a batched cache whose rows are the requests (:class:`SlotCache`), then one token per
+   row, each sampled with its request's own :class:`SamplingParams` and seeded stream, in the same step.
+   On a GPU the step is replayed from a CUDA graph captured per batch-size bucket.
 
 A request that finishes leaves the batch at once (its row is refilled by the last row) and a new one
 joins at the next turn, so the batch follows the load: throughput grows with concurrency.
 
 Why a request decodes the same tokens in a batch as :func:`ssmkit.generation.generate` alone: sampling
-is done per row with the request's own random stream, seeded as ``generate`` seeds row 0; a prompt is
-read in the same chunks (or left-padded as ``generate`` pads a batch); and an SSM row's state never mixes
-with other rows. Only the float rounding of batched matrix products can differ, orders of magnitude
-below what moves a draw in practice.
+is done per row with the request's own random stream, seeded as ``generate`` seeds row 0, by the same
+code (a step other rows need is an exact no-op for a row); a prompt is read in the same chunks (or
+left-padded as ``generate`` pads a batch); and an SSM row's state never mixes with other rows. Only the
+float rounding of batched matrix products can differ, orders of magnitude below what moves a draw in
+practice.
 
 Models whose cache grows with the context (full attention) cannot share a fixed-shape batched cache:
 they decode each request with its own cache, still interleaved turn by turn.
@@ -32,10 +36,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
+from ssmkit.generation.sampling import (
+    RowGenerators,
+    SamplingParams,
+    make_generators,
+    sample_next,
+)
 from ssmkit.models.cache import ModelCache
+from ssmkit.serve.decode_step import BatchedDecoder, use_cuda_graph
+from ssmkit.serve.prefill import Reading, schedule_prefill
 from ssmkit.serve.prefix_cache import PrefixPlan
-from ssmkit.serve.slots import SlotCache
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
@@ -89,13 +99,14 @@ class _Running:
     request: GenerationRequest
     ids: torch.Tensor
     cache: ModelCache | None
-    generator: list[torch.Generator] | None
+    generator: RowGenerators | None
     seen: torch.Tensor | None
     start_offset: int = 0
     read: int = 0
     produced: int = 0
     token: int = -1
     row: int = -1
+    ended: bool = False
 
 
 class Engine:
@@ -110,16 +121,24 @@ class Engine:
     """
 
     def __init__(self, model: LanguageModel, *, max_batch: int = 64, max_requests: int = 256,
-                 prefill_chunk_size: int = 2048) -> None:
-        if max_batch < 1 or max_requests < 1 or prefill_chunk_size < 1:
-            raise ValueError("max_batch, max_requests and prefill_chunk_size must be positive")
+                 prefill_chunk_size: int = 2048, prefill_budget: int | None = None,
+                 cuda_graph: bool | None = None) -> None:
+        """``prefill_budget``: prompt tokens read per turn (default twice ``prefill_chunk_size``: the oldest
+        prompt's chunk and as much for the others); ``cuda_graph``: replay the decode step from CUDA graphs
+        (None: on when the model is on CUDA and its step can be captured; True: required)."""
+        prefill_budget = 2 * prefill_chunk_size if prefill_budget is None else prefill_budget
+        if max_batch < 1 or max_requests < 1 or prefill_chunk_size < 1 or prefill_budget < 1:
+            raise ValueError("max_batch, max_requests, prefill_chunk_size and prefill_budget must be positive")
         self.model = model
         self.max_batch = max_batch
         self.max_requests = max_requests
         self.prefill_chunk_size = prefill_chunk_size
+        self.prefill_budget = prefill_budget
         self.device = model.embedding.weight.device
         # A fixed-size cache (SSM and sliding-window layers) can be batched row by row.
         self.batched = model.cache_nbytes(1) == model.cache_nbytes(1 << 20)
+        self.cuda_graph = self.batched and use_cuda_graph(model, cuda_graph)
+        self.decoder = self._new_decoder()
         self._cond = threading.Condition()
         self._inbox: deque[GenerationRequest] = deque()
         self._count = 0
@@ -127,6 +146,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.tokens = 0
+
+    def _new_decoder(self) -> BatchedDecoder:
+        return BatchedDecoder(self.model, self.max_batch, cuda_graph=self.cuda_graph)
 
     @property
     def alive(self) -> bool:
@@ -164,7 +186,6 @@ class Engine:
         reading: list[_Running] = []
         waiting: deque[_Running] = deque()
         decoding: list[_Running] = []
-        slots = SlotCache()
         while True:
             with self._cond:
                 while not (self._inbox or reading or waiting or decoding or self._stopping):
@@ -184,15 +205,17 @@ class Engine:
                     while waiting and len(decoding) < self.max_batch:
                         run = waiting.popleft()
                         if self.batched:
-                            run.row = slots.add(run.cache)
-                            run.cache = None
+                            run.row = self.decoder.slots.add(run.cache, run.token, run.request.params,
+                                                             run.generator, run.seen)
+                            run.cache = run.generator = run.seen = None
                         decoding.append(run)
-                    decoding = self._decode_turn(decoding, slots)
+                    decoding = self._decode_turn(decoding)
             except Exception as e:  # a bug here must not leave requests hanging or stop the engine
                 log.exception("engine turn failed")
                 for run in [*reading, *waiting, *decoding]:
                     self._finish(run, f"error: {e}", None)
-                reading, waiting, decoding, slots = [], deque(), [], SlotCache()
+                reading, waiting, decoding = [], deque(), []
+                self.decoder = self._new_decoder()
 
     def _admit(self, req: GenerationRequest) -> _Running | None:
         try:
@@ -214,11 +237,11 @@ class Engine:
             return None
 
     def _prefill_turn(self, reading: list[_Running], waiting: deque[_Running]) -> list[_Running]:
-        """Read one chunk of every reading request; those done sample their first token and wait for a row.
+        """Read this turn's share of the prompts (:func:`schedule_prefill`); those done sample their first
+        token and wait for a row.
 
-        New requests whose whole prompt fits in one chunk and that start from the zero state are read
-        together, left-padded as ``generate`` pads a batch (the padding is its own document, so each row
-        computes what it computes alone); the others are read one by one.
+        Fresh prompts read together are left-padded as ``generate`` pads a batch (the padding is its own
+        document, so each row computes what it computes alone); the others are read one chunk each.
         """
         live = []
         for run in reading:
@@ -226,34 +249,36 @@ class Engine:
                 self._finish(run, "cancelled", None)
             else:
                 live.append(run)
-        short = [r for r in live if r.read == 0 and r.request.cache is None and len(r.ids) <= self.prefill_chunk_size
-                 and (r.request.prefix is None or not r.request.prefix.points)]
-        if self.batched and len(short) > 1:
-            for i in range(0, len(short), self.max_batch):
-                self._prefill_together(short[i:i + self.max_batch], waiting)
-            live = [r for r in live if r not in short]
-        still = []
-        for run in live:
+        turn = schedule_prefill([self._reading(run) for run in live], self.prefill_budget, self.prefill_chunk_size,
+                                self.max_batch if self.batched else 1)
+        for run in turn.ready:  # the whole prompt was read before: its logits were kept
+            try:
+                self._after_prompt(run, run.request.prefix.logits, waiting)
+            except Exception as e:
+                log.exception("sampling failed")
+                self._finish(run, f"error: {e}", None)
+        if turn.together:
+            self._prefill_together(turn.together, waiting)
+        for run, end in turn.chunks:
             try:
                 plan = run.request.prefix
-                if plan is not None and plan.logits is not None and run.read == len(run.ids):
-                    self._after_prompt(run, plan.logits, waiting)  # the whole prompt was read before
-                    continue
-                end = min(run.read + self.prefill_chunk_size, len(run.ids))
-                if plan is not None:  # chunks end at snapshot points, hit or not, so both read alike
-                    end = min(end, plan.next_stop(run.read))
                 out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
                 run.read = end
                 if plan is not None and end < len(run.ids):
                     plan.snapshot(end, run.cache)
-                if run.read < len(run.ids):
-                    still.append(run)
-                else:
+                if run.read == len(run.ids):
                     self._after_prompt(run, out.logits[:, -1], waiting)
             except Exception as e:
                 log.exception("prefill failed")
                 self._finish(run, f"error: {e}", None)
-        return still
+        return [r for r in live if not r.ended and r.read < len(r.ids)]
+
+    def _reading(self, run: _Running) -> Reading[_Running]:
+        plan = run.request.prefix
+        # Chunks end at snapshot points, hit or not, so both read alike.
+        stop = len(run.ids) if plan is None else min(len(run.ids), plan.next_stop(run.read))
+        fresh = run.read == 0 and run.request.cache is None and (plan is None or not plan.points)
+        return Reading(run, run.read, len(run.ids), stop, fresh)
 
     def _prefill_together(self, runs: list[_Running], waiting: deque[_Running]) -> None:
         """Read the whole prompts of ``runs`` (fresh states) in one left-padded batch."""
@@ -298,37 +323,32 @@ class Engine:
         else:
             waiting.append(run)
 
-    def _decode_turn(self, decoding: list[_Running], slots: SlotCache) -> list[_Running]:
-        """One forward step for every decoding request, then one sampled token each."""
+    def _decode_turn(self, decoding: list[_Running]) -> list[_Running]:
+        """One decode step for every decoding request: one new token each."""
         live = []
         for run in decoding:
             if run.request.cancelled.is_set():
-                self._leave(run, decoding, slots, "cancelled")
+                self._leave(run, decoding, "cancelled")
             else:
                 live.append(run)
         if not live:
             return []
-        if self.batched:
-            # Rows in use are 0..size-1, one per live request: feed the tokens in row order.
-            live.sort(key=lambda r: r.row)
-        tokens = torch.tensor([[run.token] for run in live], dtype=torch.long, device=self.device)
         try:
             if self.batched:
-                view = slots.view()
-                logits = self.model(tokens, cache=view, logits_to_keep=1).logits[:, -1]
-                slots.write_back(view)
-                row_logits = list(logits.split(1))
+                # Rows in use are 0..size-1, one per live request: the step's tokens come in row order.
+                live.sort(key=lambda r: r.row)
+                drawn = self.decoder.step().tolist()  # one device read per step
             else:
-                row_logits = [self.model(tokens[i:i + 1], cache=run.cache, logits_to_keep=1).logits[:, -1]
-                              for i, run in enumerate(live)]
+                tokens = torch.tensor([[run.token] for run in live], dtype=torch.long, device=self.device)
+                drawn = torch.cat([self._draw(run, self.model(tokens[i:i + 1], cache=run.cache,
+                                                              logits_to_keep=1).logits[:, -1])
+                                   for i, run in enumerate(live)]).tolist()
         except Exception as e:
             log.exception("decode step failed")
             for run in live:
-                self._leave(run, live, slots, f"error: {e}")
+                self._leave(run, live, f"error: {e}")
             return []
         self.steps += 1
-        # Draw every row on the device, then read all the tokens back at once (one sync per step on a GPU).
-        drawn = torch.cat([self._draw(run, lg) for run, lg in zip(live, row_logits)]).tolist()
         still = []
         for run, token in zip(live, drawn):
             try:
@@ -339,7 +359,7 @@ class Engine:
             if reason is None:
                 still.append(run)
             else:
-                self._leave(run, live, slots, reason)
+                self._leave(run, live, reason)
         return still
 
     def _sample(self, run: _Running, logits: torch.Tensor) -> str | None:
@@ -366,11 +386,12 @@ class Engine:
             run.seen[0, token] = True
         return None
 
-    def _leave(self, run: _Running, group: list[_Running], slots: SlotCache, reason: str) -> None:
+    def _leave(self, run: _Running, group: list[_Running], reason: str) -> None:
         """Finish a decoding request and free its row (renumbering the row that moves into it)."""
         if run.row < 0:
             self._finish(run, reason, run.cache)
             return
+        slots = self.decoder.slots
         keep = run.request.keep_state and reason in ("stop", "length")
         last = slots.size - 1
         cache = slots.remove(run.row, keep)
@@ -385,6 +406,7 @@ class Engine:
         self._finish(run, reason, cache)
 
     def _finish(self, run: _Running, reason: str, cache: ModelCache | None) -> None:
+        run.ended = True
         ok = run.request.keep_state and reason in ("stop", "length")
         self._finish_request(run.request, reason, cache if ok else None)
 

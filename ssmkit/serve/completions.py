@@ -90,7 +90,8 @@ class Server:
         self.model, self.tokenizer, self.store, self.options = model, tokenizer, store, options
         self.chat_template = chat_template
         self.engine = Engine(model, max_batch=options.max_batch, max_requests=options.max_requests,
-                             prefill_chunk_size=options.prefill_chunk_size)
+                             prefill_chunk_size=options.prefill_chunk_size, prefill_budget=options.prefill_budget,
+                             cuda_graph=options.cuda_graph)
         self.eos_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
         self.created = int(time.time())
         self.prefix: PrefixCache | None = None

@@ -12,11 +12,16 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# (name, type, help, where the value comes from: "engine.<attr>", "store.<key>" or "prefix.<key>")
+# (name, type, help, where the value comes from: "engine.<attr>", "decoder.<attr>" (the engine's batched
+# decoder), "store.<key>" or "prefix.<key>")
 _METRICS = [
     ("requests_in_flight", "gauge", "Requests held by the generation engine.", "engine.in_flight"),
     ("decode_steps_total", "counter", "Batched decode steps run.", "engine.steps"),
     ("tokens_generated_total", "counter", "Tokens sampled.", "engine.tokens"),
+    ("decode_rows_total", "counter", "Request rows decoded, summed over the batched decode steps.", "decoder.rows"),
+    ("decode_padded_rows_total", "counter", "Padding rows computed to fill a CUDA graph's batch-size bucket.",
+     "decoder.padded_rows"),
+    ("cuda_graphs_captured_total", "counter", "Decode steps captured as CUDA graphs.", "decoder.captures"),
     ("sessions", "gauge", "Open sessions.", "store.sessions"),
     ("session_memory_bytes", "gauge", "Bytes of session states held in memory.", "store.memory_bytes"),
     ("session_disk_bytes", "gauge", "Bytes of session files on disk.", "store.disk_bytes"),
@@ -49,6 +54,8 @@ def render(server: Server) -> str:
         where, key = source.split(".")
         if where == "engine":
             value = getattr(server.engine, key)
+        elif where == "decoder":
+            value = getattr(server.engine.decoder, key)
         elif where == "store":
             value = store[key]
         else:

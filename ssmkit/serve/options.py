@@ -29,6 +29,8 @@ class ServeOptions:
     max_batch: int = 64
     max_requests: int = 256
     prefill_chunk_size: int = 2048
+    prefill_budget: int = 4096
+    cuda_graph: bool | None = None
     threads: int | None = None
     session_disk_bytes: int = 10 * 1024 * MIB
     allowed_hosts: tuple[str, ...] = ()
@@ -45,7 +47,8 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         for name in ("port", "session_memory_bytes", "max_sessions", "max_body_bytes", "max_prompt_tokens",
-                     "max_tokens_cap", "max_batch", "max_requests", "prefill_chunk_size", "session_disk_bytes",
+                     "max_tokens_cap", "max_batch", "max_requests", "prefill_chunk_size", "prefill_budget",
+                     "session_disk_bytes",
                      "max_idle_connections", "max_header_bytes", "prefix_cache_bytes", "prefix_cache_disk_bytes",
                      "prefix_cache_interval"):
             value = getattr(self, name)
@@ -88,6 +91,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests decoded together in one step")
     parser.add_argument("--max-requests", type=int, default=d.max_requests, metavar="N",
                         help="requests in flight before new ones get 503")
+    parser.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk_size, metavar="TOKENS",
+                        help="most prompt tokens one request reads in one forward (bounds prefill memory)")
+    parser.add_argument("--prefill-budget", type=int, default=d.prefill_budget, metavar="TOKENS",
+                        help="prompt tokens read between two decode steps, over all requests: lower keeps running "
+                             "streams smoother while long prompts arrive, higher reads prompts faster")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on a GPU, decode eagerly instead of replaying CUDA graphs (one per batch size)")
     parser.add_argument("--session-disk-mb", type=float, default=d.session_disk_bytes / MIB, metavar="MB",
                         help="disk quota for saved session states; a change beyond it is refused (507)")
     parser.add_argument("--allowed-hosts", default="", metavar="H1,H2",
@@ -132,7 +142,8 @@ def options_from_args(args: argparse.Namespace, model_name: str) -> ServeOptions
         session_memory_bytes=int(args.session_memory_mb * MIB), max_sessions=args.max_sessions,
         max_body_bytes=int(args.max_body_mb * MIB), max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.request_timeout, max_batch=args.max_batch,
-        max_requests=args.max_requests, threads=args.threads,
+        max_requests=args.max_requests, prefill_chunk_size=args.prefill_chunk, prefill_budget=args.prefill_budget,
+        cuda_graph=False if args.no_cuda_graph else None, threads=args.threads,
         session_disk_bytes=int(args.session_disk_mb * MIB), allowed_hosts=_names(args.allowed_hosts),
         allowed_origins=_names(args.allowed_origins), header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout, max_idle_connections=args.max_idle_connections,

@@ -1,6 +1,7 @@
 """The lean CPU decode step (generation/lean.py): same tokens and states as the blocks' own step, and
 taken only where it applies."""
 
+import dataclasses
 import gc
 import importlib
 import weakref
@@ -59,6 +60,21 @@ def test_logits_and_states_equal_the_layers_step(name):
     for sa, sb in zip(a.states, b.states):
         for ta, tb in zip(sa.tensors().values(), sb.tensors().values()):
             torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_and_logits_multipliers():
+    """µP scales of the model (Falcon-H1's embedding / lm_head multipliers) are applied by the lean step too."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("debug-mamba2"), embedding_multiplier=3.0, logits_multiplier=0.25)
+    model = LanguageModel(config).eval()
+    a = model.allocate_cache(1)
+    with torch.no_grad():
+        model(torch.tensor([[4, 9, 2]]), cache=a)
+        b = a.clone()
+        lean = lean_decoder(model, b)
+        assert lean is not None
+        token = torch.tensor([11])
+        torch.testing.assert_close(lean(token, b), forward_one_layers(model, token, a), rtol=1e-5, atol=1e-5)
 
 
 def test_taken_only_where_it_applies():

@@ -106,3 +106,34 @@ def test_generators_from_seeds():
 def test_invalid_params(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kw)
+
+
+def test_rows_with_their_own_settings_pick_what_each_picks_alone():
+    """sample_rows: every row of a mixed batch gets the token sample_next gives it alone (same stream),
+    whatever the other rows' settings make the step compute."""
+    from ssmkit.generation.sampling import RowSampling, SamplingKinds, sample_rows
+
+    settings = [SamplingParams(temperature=0), SamplingParams(), SamplingParams(temperature=0.7, top_k=5),
+                SamplingParams(top_p=0.8), SamplingParams(temperature=1.3, min_p=0.05, repetition_penalty=1.4),
+                SamplingParams(temperature=0, repetition_penalty=2.0), SamplingParams(top_k=3, top_p=0.5)]
+    torch.manual_seed(0)
+    vocab = 50
+    cpu = torch.device("cpu")
+    for trial in range(20):
+        logits = torch.randn(len(settings), vocab) * 3
+        seen = torch.rand(len(settings), vocab) < 0.3
+        rows = RowSampling.empty(len(settings), cpu)
+        for i, p in enumerate(settings):
+            rows.set_row(i, p)
+        rows.kinds = SamplingKinds.of(settings)
+        gens = make_generators([100 + i for i in range(len(settings))], len(settings), cpu)
+        gens.draws.fill_(trial)
+        batched = sample_rows(logits, rows, seen=seen, generators=gens)
+        assert gens.draws.tolist() == [trial + 1] * len(settings)
+        for i, p in enumerate(settings):
+            alone = make_generators(100 + i, 1, cpu)
+            alone.draws.fill_(trial)
+            penalty_seen = seen[i:i + 1] if p.repetition_penalty != 1.0 else None
+            assert sample_next(logits[i:i + 1], p, seen=penalty_seen, generators=alone).item() == batched[i].item()
+    kinds = SamplingKinds.of([SamplingParams(temperature=0, top_k=4)])
+    assert not kinds.sample and not kinds.top_k and kinds.greedy  # a greedy row filters nothing

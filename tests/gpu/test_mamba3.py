@@ -71,6 +71,18 @@ def test_triton_route_matches_float64_reference(l, g, a, interleaved):
         inp, interleaved, l)
 
 
+@pytest.mark.parametrize("l", [1, 61, 300])
+@pytest.mark.parametrize("r, g, a, interleaved", [(2, 2, 4, False), (4, 1, 2, True)])
+def test_triton_route_mimo_matches_float64_reference(l, r, g, a, interleaved):
+    """backend='triton' with rank > 1: r sub-steps per position through the SSD op's Triton kernels."""
+    torch.manual_seed(0)
+    inp = make_inputs(b=2, l=l, h=4, r=r, g=g, a=a, initial=True)
+    _compare_with_reference(
+        lambda leaves, ids: mamba3_scan(**leaves, chunk_size=8, backend="triton", rotary_interleaved=interleaved,
+                                        seq_idx=ids, return_final_state=True),
+        inp, interleaved, l)
+
+
 @pytest.mark.parametrize("g, mimo", [(1, False), (2, True)])
 def test_triton_route_bfloat16_matches_float64_reference(g, mimo):
     """bf16 inputs: the SSD kernels get bf16 x̃, B̃, C̃ (tensor-core dots, float32 accumulation), so outputs,

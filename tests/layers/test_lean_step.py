@@ -16,6 +16,8 @@ MAMBA2_VARIANTS = {
     "no gated norm": {"rmsnorm": False},
     "dt limit": {"dt_limit": (0.01, 0.05)},
     "biases": {"bias": True, "conv_bias": False},
+    # Falcon-H1's options: a width apart from expand, in_proj scales per part, out_proj's own bias setting.
+    "falcon-h1 options": {"d_inner": 48, "in_proj_multipliers": (0.5, 2.0, 0.25, 1.5, 3.0), "out_proj_bias": True},
 }
 # (tolerance on the output, on the states) per weight dtype: bf16 rounds activations where the layer does,
 # but a different summation order can move a bf16 rounding by one step.

@@ -138,7 +138,7 @@ def test_a_new_kind_gets_its_cli_options_and_pattern_letter(leaky_kind):
 
 
 def test_registry_refuses_clashes_and_lists_the_builtin_kinds():
-    assert [k.letter for k in kinds()] == ["M", "2", "3", "A", "W", "S", "4", "H", "m", "e", "u"]
+    assert [k.letter for k in kinds()] == ["M", "2", "3", "A", "W", "S", "4", "H", "F", "Z", "m", "e", "u"]
     assert sections()["attention"] is by_letter("W").config is by_letter("A").config
     with pytest.raises(ValueError, match="clashes"):
         register(dataclasses.replace(by_letter("M"), name="other"))
@@ -179,6 +179,10 @@ def test_every_builtin_kind_has_a_positive_flop_count_that_grows_only_for_attent
     assert short > 2 * model.head_weight.numel()
     if letter == "A":
         assert long > 10 * short
+    elif letter == "Z":  # a call of a shared transformer block (full attention) beside Mamba-2 and an MLP
+        assert long > 4 * short
+    elif letter == "F":  # full attention beside a Mamba-2 layer
+        assert long > 2 * short
     else:
         assert long < 2 * short
 

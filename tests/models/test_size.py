@@ -43,7 +43,9 @@ MIXER_OPTIONS = {
     "2": st.fixed_dictionaries({"mamba2": st.fixed_dictionaries({
         "d_state": st.integers(1, 9), "d_conv": st.integers(1, 5), "expand": st.sampled_from([2, 4]),
         "headdim": st.sampled_from([4, 8]), "ngroups": st.sampled_from([1, 2]), "conv_bias": st.booleans(),
-        "bias": st.booleans(), "rmsnorm": st.booleans(), "D_has_hdim": st.booleans()})}),
+        "bias": st.booleans(), "rmsnorm": st.booleans(), "D_has_hdim": st.booleans(),
+        "d_inner": st.sampled_from([None, 48]), "out_proj_bias": st.sampled_from([None, True, False]),
+        "in_proj_multipliers": st.sampled_from([[1.0] * 5, [0.5, 1.0, 2.0, 1.0, 0.25]])})}),
     "3": st.fixed_dictionaries({"mamba3": st.fixed_dictionaries({
         "d_state": st.sampled_from([4, 8, 12]), "expand": st.sampled_from([2, 4]), "headdim": st.sampled_from([4, 8]),
         "ngroups": st.sampled_from([1, 2]), "rope_fraction": st.sampled_from([0.5, 1.0]),
@@ -60,6 +62,18 @@ MIXER_OPTIONS = {
         "num_inner_mlps": st.integers(0, 2)})}),
 }
 MIXER_OPTIONS["W"] = MIXER_OPTIONS["A"]
+# Z layers share the model's transformer blocks (counted once) and read the mamba2 section.
+MIXER_OPTIONS["Z"] = st.fixed_dictionaries({
+    "shared_transformer": st.fixed_dictionaries({
+        "num_blocks": st.integers(1, 3), "num_heads": st.sampled_from([2, 4]),
+        "num_heads_kv": st.sampled_from([None, 1, 2]), "head_dim": st.sampled_from([None, 6]),
+        "d_intermediate": st.sampled_from([None, 10]), "mlp_bias": st.booleans(), "adapter_rank": st.integers(1, 4),
+        "attention_adapters": st.booleans()}),
+    "mamba2": st.fixed_dictionaries({"d_state": st.integers(1, 9), "headdim": st.sampled_from([4, 8]),
+                                     "bias": st.booleans()})})
+MIXER_OPTIONS["F"] = st.fixed_dictionaries({"parallel_hybrid": st.fixed_dictionaries({
+    "attention": MIXER_OPTIONS["A"].map(lambda o: o["attention"]),
+    "mamba2": MIXER_OPTIONS["2"].map(lambda o: o["mamba2"])})})
 
 
 def test_every_mixer_letter_has_a_formula_under_test():

@@ -189,3 +189,27 @@ def test_mamba_inner_fn_refuses_what_it_does_not_do():
         mamba_inner_fn(*args, -torch.rand(d, n), B=torch.randn(d, n))
     with pytest.raises(ValueError, match="checkpoint_lvl"):
         mamba_inner_fn(*args, -torch.rand(d, n), checkpoint_lvl=2)
+
+
+def test_a_retained_graph_backs_through_the_fused_function_again():
+    """retain_graph=True (gradcheck, penalties on gradients): a second backward recomputes and gives the same
+    gradients; without it, torch's own error about the freed graph."""
+    d, n, l = 4, 3, 9
+    xz = torch.randn(2, 2 * d, l, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(d, 1, 4, dtype=torch.float64), torch.randn(d, dtype=torch.float64),
+               torch.randn(2 + 2 * n, d, dtype=torch.float64), torch.randn(d, 2, dtype=torch.float64),
+               torch.randn(3, d, dtype=torch.float64), None, -torch.rand(d, n, dtype=torch.float64) - 0.2]
+    weights = [None if w is None else (w * 0.5).requires_grad_() for w in weights]
+
+    def loss():
+        return mamba_inner_fn(xz, *weights, D=torch.ones(d, dtype=torch.float64), backend="chunked").square().sum()
+
+    value = loss()
+    first = torch.autograd.grad(value, [xz, weights[0], weights[6]], retain_graph=True)
+    second = torch.autograd.grad(value, [xz, weights[0], weights[6]])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    value = loss()
+    value.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        value.backward()

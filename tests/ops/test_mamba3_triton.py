@@ -21,17 +21,20 @@ if __name__ == "__main__":  # run as a script (in the interpreter's subprocess):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.ops.test_mamba3 import assert_state_close, f64, make_inputs, packed_ids
 
-# name -> (l, g, a, interleaved, dtype, packed, mimo): tiny, the interpreter is slow. Without MIMO projections
-# the route's output is the fused kernel of triton_output.py, with them PyTorch.
+# name -> (l, g, a, interleaved, dtype, packed, mimo, rank): tiny, the interpreter is slow. Without MIMO
+# projections the rank-1 route's output is the fused kernel of triton_output.py, with them PyTorch; rank > 1
+# runs r sub-steps per position through the SSD kernels.
 CASES = {
-    "interleaved_packed_fp32": (37, 1, 2, True, "float32", True, False),
-    "halves_groups_bf16_mimo": (21, 2, 4, False, "bfloat16", False, True),
-    "interleaved_bf16": (19, 1, 2, True, "bfloat16", True, False),
+    "interleaved_packed_fp32": (37, 1, 2, True, "float32", True, False, 1),
+    "halves_groups_bf16_mimo": (21, 2, 4, False, "bfloat16", False, True, 1),
+    "interleaved_bf16": (19, 1, 2, True, "bfloat16", True, False, 1),
+    "rank2_packed_fp32": (13, 2, 4, False, "float32", True, True, 2),
+    "rank3_bf16": (9, 1, 2, True, "bfloat16", False, True, 3),
 }
 
 
-def check_case(l, g, a, interleaved, dtype, packed, mimo) -> None:
-    inp = make_inputs(b=2, l=l, h=4, r=1, g=g, a=a, dtype=getattr(torch, dtype), initial=True)
+def check_case(l, g, a, interleaved, dtype, packed, mimo, rank) -> None:
+    inp = make_inputs(b=2, l=l, h=4, r=rank, g=g, a=a, dtype=getattr(torch, dtype), initial=True)
     if not mimo:
         for k in ("mimo_x", "mimo_z", "mimo_o"):
             inp.pop(k)
@@ -66,6 +69,7 @@ ROTARY_CASES = {
     "rotary_interleaved_fp32": (2, 37, 1, 4, 8, 2, True, "float32", True),
     "rotary_halves_groups_bf16": (2, 21, 2, 4, 16, 4, False, "bfloat16", True),
     "rotary_n12_no_dcb": (1, 5, 1, 2, 12, 3, True, "float32", False),
+    "rotary_interleaved_groups_bf16": (2, 19, 2, 6, 8, 3, True, "bfloat16", True),
 }
 
 

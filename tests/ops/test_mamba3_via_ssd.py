@@ -1,13 +1,13 @@
 """Single-input Mamba-3 through the Mamba-2 SSD op (``ssmkit/ops/mamba3/via_ssd.py``) against the float64
 recurrence: outputs, final state and every gradient, with the SSD op's chunked backend (its Triton backend:
-test_mamba3_triton.py in the interpreter, tests/gpu/test_mamba3.py on a GPU); and the dispatch's refusal of MIMO."""
+test_mamba3_triton.py in the interpreter, tests/gpu/test_mamba3.py on a GPU); MIMO as r sub-steps per position."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ssmkit.ops.mamba3 import Mamba3Inputs, mamba3_scan
+from ssmkit.ops.mamba3 import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import mamba3_reference
 from ssmkit.ops.mamba3.via_ssd import mamba3_via_ssd
 from ssmkit.testing import assert_close
@@ -94,10 +94,33 @@ def test_growing_heads_keep_their_sign():
     assert_state_close(final, want_final, torch.float32)
 
 
-def test_rank_above_one_is_refused():
-    inp = make_inputs(r=2, g=2, a=4)
-    with pytest.raises(ValueError, match="rank 1"):
-        via_ssd(inp)
-    # The public op says so before it looks at the device.
-    with pytest.raises(ValueError, match="rank 2"):
-        mamba3_scan(**inp, backend="triton")
+# (rank r, groups g, rotary angles a, interleaved pairs)
+MIMO = [(2, 2, 4, False), (4, 1, 2, True)]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("l", [1, 30])
+@pytest.mark.parametrize("r, g, a, interleaved", MIMO)
+@pytest.mark.parametrize("packed", [False, True])
+def test_mimo_matches_float64_reference(dtype, l, r, g, a, interleaved, packed):
+    """Rank > 1 as r sub-steps per position: outputs and the final state of the recurrence."""
+    inp = make_inputs(b=2, l=l, h=4, r=r, g=g, a=a, dtype=dtype, initial=True)
+    kw = {"rotary_interleaved": interleaved, "seq_idx": packed_ids(2, l) if packed else None}
+    out, final = via_ssd(inp, chunk_size=8, **kw)
+    want, want_final = reference(inp, **kw)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert_close(out, want, dtype, name="out")
+    assert_state_close(final, want_final, dtype)
+
+
+@pytest.mark.parametrize("without", [(), ("mimo_o",), ("mimo_x", "mimo_z", "mimo_o")])
+def test_mimo_gradients_fp32_match_float64_reference(without):
+    inp = make_inputs(b=2, l=23, h=4, r=3, g=2, a=4, initial=True)
+    for k in without:
+        inp.pop(k)
+    kw = {"seq_idx": packed_ids(2, 23)}
+    got, want = _grads(inp, via_ssd, **kw), _grads(f64(inp), "reference", **kw)
+    assert all(v is not None for v in got.values())
+    for name in got:
+        assert_close(got[name], want[name], torch.float32, name=f"grad {name}")
+

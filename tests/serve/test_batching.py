@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ from ssmkit.generation import generate
 from ssmkit.generation.sampling import SamplingParams
 from ssmkit.models import LanguageModel, get_preset
 from ssmkit.serve.batching import Engine, EngineBusy, GenerationRequest
+from ssmkit.serve.decode_step import BatchedDecoder
 from ssmkit.testing import assert_close
 
 from .conftest import tiny_model
@@ -52,9 +54,11 @@ def model():
     return tiny_model()
 
 
-@pytest.fixture
-def engine(model):
+@pytest.fixture(params=["exact", "padded"])
+def engine(model, request):
     engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16)
+    if request.param == "padded":  # the bucketed step a CUDA graph replays, run eagerly
+        engine.decoder = BatchedDecoder(model, 4, pad=True)
     engine.start()
     yield engine
     engine.stop()
@@ -142,7 +146,10 @@ def test_cancel_busy_and_full_attention_models():
         engine.stop()
 
 
-def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
+def test_new_prompts_are_read_together_and_still_equal_generate(model):
+    # The oldest prompt reads 16 tokens a turn; the rest of the budget goes to the others.
+    engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16, prefill_budget=64)
+    engine.start()
     batches = []
     hook = model.register_forward_pre_hook(
         lambda module, args, kwargs: batches.append((args[0].shape, kwargs.get("seq_idx") is not None)),
@@ -155,6 +162,51 @@ def test_new_prompts_are_read_together_and_still_equal_generate(model, engine):
         assert long.done.wait(60) and all(c.done.wait(60) for c in shorts)
     finally:
         hook.remove()
+        engine.stop()
     assert any(padded and shape[0] > 1 for shape, padded in batches), batches
     for i, (p, c) in enumerate(zip(prompts, shorts)):
         assert c.tokens == generate(model, [p], 10, temperature=1.0, seed=50 + i, eos_token_id=258)[0]
+
+
+def test_a_zamba2_state_kept_after_a_prompt_continues_like_generate():
+    """Zamba2 (each hybrid layer's state: its shared-block call's KV beside Mamba-2's) through the engine: the
+    state kept after a prompt, continued with more tokens, gives generate's tokens on the whole prompt."""
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("zamba2-tiny")).eval()
+    engine = Engine(model, max_batch=2, max_requests=2)
+    assert not engine.batched  # its KV caches grow
+    engine.start()
+    try:
+        kept = submit(engine, [3, 4, 5, 6, 7], 0, {"temperature": 0}, eos=(), keep_state=True)
+        assert kept.done.wait(60) and kept.cache.seqlen_offset == 5
+        more = submit(engine, [8, 9], 10, {"temperature": 0}, cache=kept.cache, eos=())
+        assert more.done.wait(60)
+        assert more.tokens == generate(model, [[3, 4, 5, 6, 7, 8, 9]], 10, temperature=0)[0]
+    finally:
+        engine.stop()
+
+
+def test_a_long_prompt_is_read_between_the_decode_steps_of_running_streams(model):
+    engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16, prefill_budget=16)
+    calls: list[tuple[int, int]] = []
+    hook = model.embedding.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    engine.start()
+    try:
+        running = submit(engine, [257, 1, 2], 10**6, {"temperature": 1.0}, seed=3, eos=())
+        while len(running.tokens) < 3:
+            assert not running.done.wait(0.01)
+        before = len(running.tokens)
+        long_prompt = [257, *([9] * 300)]
+        long = submit(engine, long_prompt, 5, {"temperature": 0}, eos=())
+        assert long.done.wait(60)
+        running.request.cancel()
+        assert running.done.wait(60) and running.reason == "cancelled"
+    finally:
+        hook.remove()
+        engine.stop()
+    chunks = [i for i, shape in enumerate(calls) if shape == (1, 16)]
+    assert len(chunks) == len(long_prompt) // 16
+    # Every chunk of the long prompt is followed by a decode step of the running stream before the next.
+    assert all(any(calls[k][1] == 1 for k in range(a + 1, b)) for a, b in itertools.pairwise(chunks))
+    assert len(running.tokens) - before >= len(chunks)
+    assert long.tokens == generate(model, [long_prompt], 5, temperature=0, prefill_chunk_size=16)[0]

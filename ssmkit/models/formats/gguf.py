@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ssmkit.models.formats.files import CheckpointError
+from ssmkit.models.formats.hybrid_common import falcon_h1_settings
 from ssmkit.models.formats.transformers_config import config_from_transformers
 
 if TYPE_CHECKING:
@@ -128,6 +129,9 @@ def write_gguf(model: LanguageModel, path: str | os.PathLike, file_type: str = "
         raise ValueError(f"file_type must be one of {', '.join(FILE_TYPES)}, got {file_type!r}")
     config = model.config
     arch = _architecture(config)
+    extra = falcon_h1_settings(config)
+    if extra:
+        raise ValueError(f"{', '.join(extra)}: llama.cpp's {arch} architecture has no such settings")
     if arch == "mamba" and config.mamba.mixer_rms_eps not in (None, config.norm_eps):
         raise ValueError(f"mamba.mixer_rms_eps = {config.mamba.mixer_rms_eps}: llama.cpp's dt/B/C norms use the "
                          f"model's norm eps ({config.norm_eps})")

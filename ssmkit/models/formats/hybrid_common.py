@@ -4,6 +4,7 @@ folder read / write around a format's own config and name mapping."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -41,7 +42,11 @@ def config_field(values: dict[str, Any], source: Path, name: str, kind: type = i
     """values[name] checked as a positive number (float), a bool, or an int >= minimum."""
     v = values[name]
     if kind is float:
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number"
+        want = "a positive number"
+        try:  # an integer too large for a float is refused, not an OverflowError
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < math.inf
+        except OverflowError:
+            ok = False
     elif kind is bool:
         ok, want = isinstance(v, bool), "true or false"
     else:
@@ -73,11 +78,28 @@ def time_step_limit(values: dict[str, Any], source: Path) -> tuple[float, float]
     limit = values["time_step_limit"]
     try:
         lo, hi = (float(v) for v in limit)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise field_error(source, "time_step_limit", limit, "expected a pair [low, high]") from None
     if not 0.0 <= lo < hi:
         raise field_error(source, "time_step_limit", limit, "expected 0 <= low < high")
     return lo, hi
+
+
+def falcon_h1_settings(config: ModelConfig) -> list[str]:
+    """The settings of ``config`` that only Falcon-H1 checkpoints express (µP multipliers, Mamba-2's own width
+    and out-projection bias), where they differ from their neutral defaults in the layers the pattern uses:
+    a writer of another format refuses them rather than dropping them."""
+    specs = config.layer_specs()
+    found = [name for name in ("embedding_multiplier", "logits_multiplier") if getattr(config, name) != 1.0]
+    if any(s.mixer == "mamba2" for s in specs):
+        m = config.mamba2
+        found += [f"mamba2.{n}" for n, neutral in (("d_inner", None), ("in_proj_multipliers", (1.0,) * 5))
+                  if getattr(m, n) != neutral]
+        if m.out_proj_bias not in (None, m.bias):
+            found.append("mamba2.out_proj_bias")
+    if any(s.ff == "mlp" for s in specs):
+        found += [f"mlp.{n}" for n in ("gate_multiplier", "down_multiplier") if getattr(config.mlp, n) != 1.0]
+    return found
 
 
 def decoder_layer_name(name: str, specs: list, model_type: str) -> str:

@@ -19,10 +19,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssmkit.io import files
-from ssmkit.io.files import load_safetensors, save_safetensors_atomic, shown, write_text_atomic
+from ssmkit.io.files import (
+    load_safetensors,
+    save_safetensors_atomic,
+    shown,
+    write_text_atomic,
+)
 from ssmkit.io.hub import SAFETENSORS_WEIGHTS, is_mamba_ssm_config, mamba_ssm_hint
 from ssmkit.layers.quantized import apply_quantization_record, quantization_record
-from ssmkit.models.blocks import build_blocks
+from ssmkit.models.blocks import build_blocks, build_shared
 from ssmkit.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -33,7 +38,7 @@ FORMAT_VERSION = 1
 ARCHITECTURE = "LanguageModel"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h")
+TRANSFORMERS_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "nemotron_h", "falcon_h1", "zamba2")
 
 
 def read_json(path: Path) -> dict:
@@ -74,8 +79,11 @@ def model_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a :class:`ssmkit.models.LanguageModel` of ``config`` holds, in its
     state_dict order (the checkpoint's names; built on the meta device, so nothing is allocated)."""
     d, vocab = config.d_model, config.padded_vocab_size
-    blocks = build_blocks(config, {"device": torch.device("meta")})
+    meta = {"device": torch.device("meta")}
+    shared = build_shared(config, meta)
+    blocks = build_blocks(config, meta, shared=shared)
     shapes = {"embedding.weight": (vocab, d)}
+    shapes.update((f"shared.{name}", tuple(t.shape)) for name, t in shared.state_dict().items())
     shapes.update((f"layers.{name}", tuple(t.shape)) for name, t in blocks.state_dict().items())
     shapes["norm_f.weight"] = (d,)
     if not config.tie_embeddings:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.ops._checks import Dims, check_tensor
-from ssmkit.ops.fused._recompute import conv_recomputed
+from ssmkit.ops.causal_conv1d import causal_conv1d_fn
+from ssmkit.ops.fused._recompute import recomputed
 from ssmkit.ops.norm import rms_norm_fn
 from ssmkit.ops.selective_scan import selective_scan_fn
 
@@ -33,17 +34,20 @@ def mamba_inner_fn(
     dt_rms_weight: torch.Tensor | None = None,
     b_c_dt_rms_eps: float = 1e-6,
     *,
+    seq_idx: torch.Tensor | None = None,
+    dt_rank_rms_weight: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Convolve, project, scan, gate and project out, as mamba_ssm's function of this name.
 
     With ``x, z = xz.chunk(2, dim=1)`` (R = delta rank, N = state size)::
 
-        x  = silu(causal_conv1d(x, conv1d_weight, conv1d_bias))
+        x  = silu(causal_conv1d(x, conv1d_weight, conv1d_bias, seq_idx))
         [dt (R), B (N), C (N)] = x_proj(x)                  (B, C only when not given; + B/C_proj_bias)
+        dt ← RMSNorm by dt_rank_rms_weight, if given        (ssmkit: Jamba's / falcon_mamba's order)
         Δ  = delta_proj_weight @ dt                          (then RMSNorm by dt_rms_weight, if given)
         B, C ← RMSNorm by b_rms_weight / c_rms_weight (eps b_c_dt_rms_eps), if given
-        y  = selective_scan(x, Δ, A, B, C, D, z, delta_bias, delta_softplus)   (gated by silu(z))
+        y  = selective_scan(x, Δ, A, B, C, D, delta_bias, delta_softplus, seq_idx) · silu(z)
         out = y @ out_proj_weightᵀ + out_proj_bias
 
     Args:
@@ -53,17 +57,20 @@ def mamba_inner_fn(
         B, C: None (input-dependent, from x_proj) or a (b, N, l) / (b, g, N, l) tensor used as is.
         D, delta_bias: (d,). B_proj_bias, C_proj_bias: (N,). b_rms_weight, c_rms_weight: (N,);
         dt_rms_weight: (d,).
-        checkpoint_lvl: 0 keeps the convolution's pre-activation for the backward; 1 (default)
-            recomputes it there, as mamba_ssm recomputes its convolution output.
+        checkpoint_lvl: 1 (default) keeps for the backward only xz, the scan's own state checkpoints
+            and its (ungated) output, and recomputes the convolution, Δ, B, C and the gated output there
+            (mamba_ssm's level 1); 0 keeps every intermediate (the plain composition of the ops).
+        seq_idx: (b, l) integer document ids (ssmkit): the convolution and the scan restart where the
+            id changes. dt_rank_rms_weight: (R,) RMSNorm of dt before delta_proj (ssmkit).
         backend: passed to every op ("reference": the float64-exact definition of each step).
 
     Returns:
-        out (b, l, out) in the projections' dtype. Differentiable in every tensor argument.
+        out (b, l, out) in the projections' dtype. Differentiable in every tensor argument (first order).
 
     Differences from mamba_ssm: complex A and time-invariant (d, N) B/C are refused (ssmkit's
     selective scan is real and input-dependent); under autocast the projections follow autocast's
-    rules (mamba_ssm casts them to the autocast GPU dtype by hand); at checkpoint_lvl 1 mamba_ssm also
-    recomputes Δ, here the scan keeps it.
+    rules (mamba_ssm casts them to the autocast GPU dtype by hand); the gate multiplies the scan's
+    output after it is rounded to x's dtype (mamba_ssm gates inside its kernel, in float32).
     """
     if not isinstance(xz, torch.Tensor) or xz.dim() != 3 or xz.shape[1] % 2:
         shape = tuple(xz.shape) if isinstance(xz, torch.Tensor) else type(xz).__name__
@@ -85,7 +92,8 @@ def mamba_inner_fn(
                            ("D", D, ("d",)), ("delta_bias", delta_bias, ("d",)),
                            ("B_proj_bias", B_proj_bias, ("n",)), ("C_proj_bias", C_proj_bias, ("n",)),
                            ("b_rms_weight", b_rms_weight, ("n",)), ("c_rms_weight", c_rms_weight, ("n",)),
-                           ("dt_rms_weight", dt_rms_weight, ("d",))):
+                           ("dt_rms_weight", dt_rms_weight, ("d",)),
+                           ("dt_rank_rms_weight", dt_rank_rms_weight, ("r",))):
         if t is not None:
             check_tensor(name, t, shape, dims)
     for name, t in (("B", B), ("C", C)):
@@ -94,25 +102,58 @@ def mamba_inner_fn(
                              "(input-dependent, from x_proj) or a (b, n, l) tensor")
 
     rank, n = dims["r"], dims["n"]
-    x, z = xz.chunk(2, dim=1)
-    x = conv_recomputed(x, weight, conv1d_bias, None, "silu", backend, recompute=checkpoint_lvl == 1)
-    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (b, l, R + 2N)
-    delta = x_dbl[..., :rank] @ delta_proj_weight.transpose(0, 1).to(x_dbl.dtype)  # (b, l, d)
-    if dt_rms_weight is not None:
-        delta = rms_norm_fn(delta, dt_rms_weight, eps=b_c_dt_rms_eps, backend=backend)
-    if B is None:
-        B = x_dbl[..., rank : rank + n]
-        if B_proj_bias is not None:
-            B = B + B_proj_bias.to(B.dtype)
-        if b_rms_weight is not None:
-            B = rms_norm_fn(B, b_rms_weight, eps=b_c_dt_rms_eps, backend=backend)
-        B = B.transpose(1, 2)
-    if C is None:
-        C = x_dbl[..., x_dbl.shape[-1] - n :]
-        if C_proj_bias is not None:
-            C = C + C_proj_bias.to(C.dtype)
-        if c_rms_weight is not None:
-            C = rms_norm_fn(C, c_rms_weight, eps=b_c_dt_rms_eps, backend=backend)
-        C = C.transpose(1, 2)
-    y = selective_scan_fn(x, delta.transpose(1, 2), A, B, C, D, z, delta_bias, delta_softplus, backend=backend)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    if seq_idx is not None:
+        check_tensor("seq_idx", seq_idx, ("b", "l"), Dims(b=xz.shape[0], l=xz.shape[2]), floating=False,
+                     integer=True)
+    eps = b_c_dt_rms_eps
+
+    def prep(xz, weight, conv1d_bias, x_proj_weight, delta_proj_weight, B, C, B_proj_bias, C_proj_bias,
+             b_rms, c_rms, dt_rms, dt_rank_rms, *scan_params):
+        """The cheap stage: convolution, x_proj, delta_proj, the optional norms -> x, Δ (b, d, l), B, C."""
+        x = causal_conv1d_fn(xz[:, : xz.shape[1] // 2], weight, conv1d_bias, seq_idx, activation="silu",
+                             backend=backend)
+        x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (b, l, R + 2N)
+        dt = x_dbl[..., :rank]
+        if dt_rank_rms is not None:
+            dt = rms_norm_fn(dt, dt_rank_rms, eps=eps, backend=backend)
+        delta = dt @ delta_proj_weight.transpose(0, 1).to(x_dbl.dtype)  # (b, l, d)
+        if dt_rms is not None:
+            delta = rms_norm_fn(delta, dt_rms, eps=eps, backend=backend)
+        if B is None:
+            B = _projected(x_dbl[..., rank : rank + n], B_proj_bias, b_rms, eps, backend)
+        if C is None:
+            C = _projected(x_dbl[..., x_dbl.shape[-1] - n :], C_proj_bias, c_rms, eps, backend)
+        return x, delta.transpose(1, 2), B, C
+
+    def scan(kept, *tensors):
+        """The expensive stage: the scan, ungated (the gate is recomputed before the output projection)."""
+        x, delta, B, C = kept
+        A, D, delta_bias = tensors[-3:]
+        return selective_scan_fn(x, delta, A, B, C, D, None, delta_bias, delta_softplus, seq_idx=seq_idx,
+                                 backend=backend)
+
+    def gate(y, xz, out_proj_weight, out_proj_bias):
+        # (b, l, d) contiguous: the projection then saves a view of it (released), not a reshaped copy.
+        return (y * F.silu(xz[:, xz.shape[1] // 2 :])).transpose(1, 2).contiguous()
+
+    def project(kept, y, xz, out_proj_weight, out_proj_bias):
+        return F.linear(kept[0], out_proj_weight, out_proj_bias)
+
+    tensors = (xz, weight, conv1d_bias, x_proj_weight, delta_proj_weight, B, C, B_proj_bias, C_proj_bias,
+               b_rms_weight, c_rms_weight, dt_rms_weight, dt_rank_rms_weight, A, D, delta_bias)
+    tail = (xz, out_proj_weight, out_proj_bias)
+    if checkpoint_lvl == 0:
+        y = scan(prep(*tensors), *tensors)
+        return project((gate(y, *tail),), y, *tail)
+    y = recomputed(prep, scan, tensors)
+    return recomputed(gate, project, (y, *tail))
+
+
+def _projected(t: torch.Tensor, bias: torch.Tensor | None, rms_weight: torch.Tensor | None, eps: float,
+               backend: str) -> torch.Tensor:
+    """B or C (b, l, N) from x_proj's output: optional bias, optional RMSNorm, as (b, N, l)."""
+    if bias is not None:
+        t = t + bias.to(t.dtype)
+    if rms_weight is not None:
+        t = rms_norm_fn(t, rms_weight, eps=eps, backend=backend)
+    return t.transpose(1, 2)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.ops._checks import Dims, check_choice, check_tensor
-from ssmkit.ops.fused._recompute import conv_recomputed
+from ssmkit.ops.causal_conv1d import causal_conv1d_fn
+from ssmkit.ops.fused._recompute import recomputed
 from ssmkit.ops.norm import rmsnorm_fn
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 
@@ -103,29 +104,46 @@ def mamba_split_conv1d_scan_combined(
         dims["dim"] = dim
         check_tensor("rmsnorm_weight", rmsnorm_weight, ("dim",), dims)
 
-    zx0, z, xBC, dt = torch.split(zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
-    xBC = conv_recomputed(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx, activation, backend)
-    x, B, C = xBC.transpose(1, 2).split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
     batch, length = dims["b"], dims["l"]
-    x = x.unflatten(-1, (nheads, headdim))
-    B, C = B.unflatten(-1, (ngroups, dstate)), C.unflatten(-1, (ngroups, dstate))
-    z = z.unflatten(-1, (nheads, headdim))
     gate_in_scan = rmsnorm_weight is None
-    result = mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk_size, D=D, z=z if gate_in_scan else None, dt_bias=dt_bias,
-        initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
-        return_final_states=return_final_states, backend=backend,
-    )
-    y, final_states = result if return_final_states else (result, None)
-    y = y.reshape(batch, length, dim)
-    if not gate_in_scan:
-        y = rmsnorm_fn(y, rmsnorm_weight, None, z.reshape(batch, length, dim), rmsnorm_eps, dim // ngroups,
-                       norm_before_gate, backend=backend)
-    if d_nonssm > 0:
-        z0, x0 = zx0.chunk(2, dim=-1)
-        y = torch.cat([F.silu(z0) * x0, y.to(zx0.dtype)], dim=-1)
-    if outproj_weight is not None:
-        y = F.linear(y, outproj_weight, outproj_bias)
-    return (y, final_states) if return_final_states else y
+    sizes = [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads]
 
+    def prep(zxbcdt, conv1d_weight, conv1d_bias, *scan_params):
+        """The cheap stage: the convolution, split into the contiguous pieces the scan reads."""
+        _, z, xBC, dt = torch.split(zxbcdt, sizes, dim=-1)
+        xBC = causal_conv1d_fn(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx, activation=activation,
+                               backend=backend).transpose(1, 2)
+        x, B, C = xBC.split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
+        kept = (x.unflatten(-1, (nheads, headdim)).contiguous(), B.unflatten(-1, (ngroups, dstate)).contiguous(),
+                C.unflatten(-1, (ngroups, dstate)).contiguous(), dt.contiguous())
+        return (*kept, z.unflatten(-1, (nheads, headdim)).contiguous()) if gate_in_scan else kept
 
+    def scan(kept, zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, initial_states):
+        """The expensive stage: SSD (gated by silu(z) when there is no norm)."""
+        x, B, C, dt = kept[:4]
+        return mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size, D=D, z=kept[4] if gate_in_scan else None, dt_bias=dt_bias,
+            initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
+            return_final_states=True, backend=backend,
+        )
+
+    def finish(y, zxbcdt, rmsnorm_weight, *out_proj):
+        """Gated norm and the non-SSM part: the output projection's input (b, l, d_nonssm + dim)."""
+        y = y.reshape(batch, length, dim)
+        zx0, z, _, _ = torch.split(zxbcdt, sizes, dim=-1)
+        if not gate_in_scan:
+            y = rmsnorm_fn(y, rmsnorm_weight, None, z, rmsnorm_eps, dim // ngroups, norm_before_gate,
+                           backend=backend)
+        if d_nonssm > 0:
+            z0, x0 = zx0.chunk(2, dim=-1)
+            y = torch.cat([F.silu(z0) * x0, y.to(zx0.dtype)], dim=-1)
+        return y
+
+    def project(kept, y, zxbcdt, rmsnorm_weight, outproj_weight, outproj_bias):
+        return F.linear(kept[0], outproj_weight, outproj_bias)
+
+    y, final_states = recomputed(prep, scan, (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, initial_states))
+    post = (y, zxbcdt, rmsnorm_weight, outproj_weight, outproj_bias)
+    # Without a projection the norm's output is the result itself, so there is nothing to recompute.
+    out = finish(*post) if outproj_weight is None else recomputed(finish, project, post)
+    return (out, final_states) if return_final_states else out

@@ -1,8 +1,9 @@
 """Mamba-3 scan (exponential-trapezoidal rule, rotary complex state, MIMO) and its one-token decode step.
 
 Backends: ``reference`` (token-by-token recurrence, the definition), ``chunked`` (the trapezoidal
-rule rewritten as an SSD scan with a modified input, see ``chunked.py``; fast on CPU, any device) and,
-for rank 1, ``triton`` (the same rewrite handed to the Mamba-2 SSD op's Triton kernels, ``via_ssd.py``).
+rule rewritten as an SSD scan with a modified input, see ``chunked.py``; fast on CPU, any device) and
+``triton`` (the same rewrite handed to the Mamba-2 SSD op's Triton kernels, ``via_ssd.py``; MIMO as r
+sub-steps per position).
 The arguments are those of mamba_ssm's ``mamba3_siso_combined`` / ``mamba3_mimo`` kernels (B, C as
 their K, Q; x as V), with ssmkit's ``seq_idx`` for packed documents and a differentiable initial state.
 """
@@ -80,9 +81,11 @@ def mamba3_scan(
         return_final_state: also return the state after the last position.
         chunk_size: positive int, chunk length of the chunked backends (any l works); it never changes
             the result (the rule of :mod:`ssmkit.ops.chunking`).
-        backend: ``"auto"`` (chunked, the fastest route measured on CPUs and GPUs), ``"reference"``, ``"chunked"`` or ``"triton"`` (rank 1: the scan
-            rewritten for the Mamba-2 SSD op and run by its Triton kernels, with B̃/C̃, the angles and the
-            output in fused kernels of their own, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
+        backend: ``"auto"`` (the fastest route measured: ``triton`` on CUDA unless float64, else
+            ``chunked``), ``"reference"``,
+            ``"chunked"`` or ``"triton"`` (the scan rewritten for the Mamba-2 SSD op and run by its Triton
+            kernels; rank 1 with B̃/C̃, the angles and the output in fused kernels of their own, MIMO as r
+            sub-steps per position, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
             inputs take the SSD op's chunked form. bf16/fp16 x gives the SSD kernels bf16/fp16 operands
             with float32 accumulation, so outputs, the final state and gradients are bf16-accurate).
 
@@ -116,14 +119,12 @@ def mamba3_scan(
     check_chunk_size(chunk_size)
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
-    if backend == "triton" and dims["r"] != 1:
-        raise ValueError(f"backend='triton' computes single-input Mamba-3 (rank 1) through the SSD kernels; "
-                         f"rank {dims['r']} (MIMO) needs backend='chunked'")
-    # "auto" is the chunked path on every device: the route measured fastest (benchmarks/RESULTS.md). On a CPU
-    # the SSD route is no faster; on CUDA the triton route was 1.7x slower (H100, bf16, b8, 24 x 64 heads, N 128:
-    # 39.6 / 155.9 ms fwd+bwd at L 2K / 8K against 23.0 / 87.8) before its bf16 operands and fused kernels,
-    # which are not timed on a GPU yet; it becomes "auto" for rank 1 on CUDA once they measure faster.
-    backend = resolve_backend(backend, dims.device, has_triton=backend == "triton")
+    # "auto" takes the route measured fastest (benchmarks/RESULTS.md): on CUDA the SSD route (H100, bf16, b8,
+    # 24 x 64 heads, N 128, fwd+bwd: rank 1 4.3 / 16.3 ms at L 2K / 8K against the chunked path's 22.6 / 86.8;
+    # rank 4 62 / 246 against 78 / 314), except for float64, which the SSD route computes with the SSD op's
+    # chunked form anyway; on a CPU the chunked path (the SSD route is no faster there).
+    on_ssd_route = backend == "triton" or (backend == "auto" and x.dtype != torch.float64)
+    backend = resolve_backend(backend, dims.device, has_triton=on_ssd_route)
     scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
     out, final = scan(Mamba3Inputs.from_args(locals()))
     return (out, final) if return_final_state else out

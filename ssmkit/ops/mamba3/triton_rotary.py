@@ -10,8 +10,13 @@ diagonal dot); here it is one kernel forward and one backward, reading B and C o
 
 Layouts (contiguous): B, C (b·l, g, n); B_bias, C_bias (h, n) float32; theta (b·l, h, a) float32;
 Bt, Ct (b·l, h, n); cb (b·l, h) float32. Pair i < a is (2i, 2i+1) when INTERLEAVED, else (i, i + n/2);
-pairs past a pass unrotated. A program takes ROWS positions of one group and loops over its heads, so the
-backward sums the heads' gradients of B and C in registers and the bias gradients per program.
+pairs past a pass unrotated. Rows are read and written whole (interleaved pairs split and joined in
+registers), never as two stride-2 halves: stride-2 bf16 stores left every sector half written.
+
+Forward: a program takes ROWS positions of one head, heads varying fastest between programs, so the
+programs of one group that read the same B, C rows run together (L2 hits) and nothing is serial. Backward:
+a program takes ROWS positions of one group and loops over its heads, summing their gradients of B and C in
+registers, and the bias gradients per program.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import triton
 import triton.language as tl
 
 # Positions per program, and warps: the backward holds ~18 (ROWS, n/2) float32 tiles; at n 128, 16 rows and
-# 8 warps need 169 registers per thread without spills on sm_90 (32 rows spill 848 bytes at 4 warps).
+# 8 warps need 169 registers per thread without spills on sm_90 (32 rows spill 848 bytes at 4 warps). The
+# forward holds a third of that per program and runs one head each: many small programs hide the latency.
 _ROWS = 16
 _WARPS = 8
+_FWD_ROWS = 16
+_FWD_WARPS = 4
 
 
 @triton.jit
@@ -50,6 +58,36 @@ def _store_pair(ptr, rows, stride, f, s, v0, v1, mask):
 
 
 @triton.jit
+def _load_rows(ptr, rows, stride, rmask, N: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """(rows, pairs) float32 tiles of each pair's entries, from whole rows (contiguous loads)."""
+    base = ptr + rows[:, None] * stride
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * HALF)
+        row = tl.load(base + cols[None, :], mask=rmask[:, None] & (cols < N)[None, :], other=0.0)
+        first, second = tl.split(tl.reshape(row.to(tl.float32), (row.shape[0], HALF, 2)))
+        return first, second
+    pair = tl.arange(0, HALF)
+    mask = rmask[:, None] & (pair < N // 2)[None, :]
+    return (tl.load(base + pair[None, :], mask=mask, other=0.0).to(tl.float32),
+            tl.load(base + N // 2 + pair[None, :], mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _store_rows(ptr, rows, stride, v0, v1, rmask, N: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Store pair tiles as whole rows (the inverse of ``_load_rows``)."""
+    base = ptr + rows[:, None] * stride
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * HALF)
+        row = tl.reshape(tl.join(v0, v1), (v0.shape[0], 2 * HALF))
+        tl.store(base + cols[None, :], row.to(ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
+    else:
+        pair = tl.arange(0, HALF)
+        mask = rmask[:, None] & (pair < N // 2)[None, :]
+        tl.store(base + pair[None, :], v0.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(base + N // 2 + pair[None, :], v1.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask, pmask, H, A, N: tl.constexpr):
     """One head's biases (pairs,) and cos, sin of θ (rows, pairs); pairs past a get θ = 0 (no rotation)."""
     bb0 = tl.load(Bb_ptr + hh * N + f, mask=pmask, other=0.0)
@@ -67,29 +105,28 @@ def _rotate_bc_fwd(
     R, H, G, A,
     N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
-    blk = tl.program_id(0).to(tl.int64)
-    gg = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blk, hh = pid // H, pid % H
+    gg = hh // (H // G)
     rows = blk * ROWS + tl.arange(0, ROWS)
+    rmask = rows < R
     pair = tl.arange(0, HALF)
     pmask = pair < N // 2
-    mask = (rows < R)[:, None] & pmask[None, :]
+    mask = rmask[:, None] & pmask[None, :]
     f, s = _cols(pair, N, INTERLEAVED)
-    b0, b1 = _load_pair(B_ptr + gg * N, rows, G * N, f, s, mask)
-    c0, c1 = _load_pair(C_ptr + gg * N, rows, G * N, f, s, mask)
-    hpg = H // G
-    for k in range(hpg):
-        hh = gg * hpg + k
-        bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
-                                                       pmask, H, A, N)
-        u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
-        v0, v1 = c0 + cc0[None, :], c1 + cc1[None, :]
-        rb0 = (u0 * cos - u1 * sin).to(Bt_ptr.dtype.element_ty).to(tl.float32)
-        rb1 = (u0 * sin + u1 * cos).to(Bt_ptr.dtype.element_ty).to(tl.float32)
-        rc0 = (v0 * cos - v1 * sin).to(Ct_ptr.dtype.element_ty).to(tl.float32)
-        rc1 = (v0 * sin + v1 * cos).to(Ct_ptr.dtype.element_ty).to(tl.float32)
-        _store_pair(Bt_ptr + hh * N, rows, H * N, f, s, rb0, rb1, mask)
-        _store_pair(Ct_ptr + hh * N, rows, H * N, f, s, rc0, rc1, mask)
-        tl.store(cb_ptr + rows * H + hh, tl.sum(rb0 * rc0 + rb1 * rc1, 1), mask=rows < R)
+    b0, b1 = _load_rows(B_ptr + gg * N, rows, G * N, rmask, N, HALF, INTERLEAVED)
+    c0, c1 = _load_rows(C_ptr + gg * N, rows, G * N, rmask, N, HALF, INTERLEAVED)
+    bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
+                                                   pmask, H, A, N)
+    u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
+    v0, v1 = c0 + cc0[None, :], c1 + cc1[None, :]
+    rb0 = (u0 * cos - u1 * sin).to(Bt_ptr.dtype.element_ty).to(tl.float32)
+    rb1 = (u0 * sin + u1 * cos).to(Bt_ptr.dtype.element_ty).to(tl.float32)
+    rc0 = (v0 * cos - v1 * sin).to(Ct_ptr.dtype.element_ty).to(tl.float32)
+    rc1 = (v0 * sin + v1 * cos).to(Ct_ptr.dtype.element_ty).to(tl.float32)
+    _store_rows(Bt_ptr + hh * N, rows, H * N, rb0, rb1, rmask, N, HALF, INTERLEAVED)
+    _store_rows(Ct_ptr + hh * N, rows, H * N, rc0, rc1, rmask, N, HALF, INTERLEAVED)
+    tl.store(cb_ptr + rows * H + hh, tl.sum(rb0 * rc0 + rb1 * rc1, 1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -122,8 +159,8 @@ def _rotate_bc_bwd(
         v0, v1 = c0 + cc0[None, :], c1 + cc1[None, :]
         rb0, rb1 = u0 * cos - u1 * sin, u0 * sin + u1 * cos
         rc0, rc1 = v0 * cos - v1 * sin, v0 * sin + v1 * cos
-        gb0, gb1 = _load_pair(dBt_ptr + hh * N, rows, H * N, f, s, mask)
-        gc0, gc1 = _load_pair(dCt_ptr + hh * N, rows, H * N, f, s, mask)
+        gb0, gb1 = _load_rows(dBt_ptr + hh * N, rows, H * N, rows < R, N, HALF, INTERLEAVED)
+        gc0, gc1 = _load_rows(dCt_ptr + hh * N, rows, H * N, rows < R, N, HALF, INTERLEAVED)
         if HAS_DCB:
             # cb = C̃·B̃ of the rounded values: its gradient passes the rounding unchanged (straight through).
             dcb = tl.load(dcb_ptr + rows * H + hh, mask=rows < R, other=0.0).to(tl.float32)[:, None]
@@ -165,9 +202,9 @@ class _RotateBC(torch.autograd.Function):
         Bt = torch.empty(R, h, n, device=B.device, dtype=out_dtype)
         Ct = torch.empty_like(Bt)
         cb = torch.empty(R, h, device=B.device, dtype=torch.float32)
-        grid = (triton.cdiv(R, _ROWS), g)
-        _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, N=n, HALF=_half(n), ROWS=_ROWS,
-                             INTERLEAVED=interleaved, num_warps=_WARPS)
+        grid = (triton.cdiv(R, _FWD_ROWS) * h,)
+        _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, N=n, HALF=_half(n),
+                             ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
         ctx.save_for_backward(B, C, B_bias, C_bias, theta)
         ctx.meta = (h, interleaved, out_dtype)
         ctx.set_materialize_grads(False)

@@ -9,8 +9,18 @@ where the last term swaps w for γ on the diagonal. The SSD op computes H_t = e^
 s_t x_t ⊗ B_t with its ``input_scale`` s apart from the decay step, so Δ' = -Δ A (any sign), A' = -1 and
 s = w give G exactly, gradients included (no division couples the two). B̃ and C̃ carry their absolute
 rotations (per head, hence one SSD group per head); the rotations need no per-pair term because C̃_t·B̃_s
-holds the relative angle. MIMO (rank > 1) sums ranks inside a step, which the SSD form cannot express:
-it stays with ``chunked``.
+holds the relative angle.
+
+MIMO (rank r > 1) sums r inputs inside a step. Each position t becomes r sub-steps (t, 0) … (t, r-1) of
+one SSD sequence of length r·l: sub-step (t, j) carries x̃_{t,j}, B̃_{t,j}, C̃_{t,j} and weight w_t, and the
+decay α_t only at j = 0 (step 0 after it), so the SSD state after (t, r-1) is G_t exactly and the final
+state is exact. The output at (t, j) then lacks the inputs (t, j') with j' > j of its own position, and
+still has w instead of γ on the position's diagonal; both are an r×r correction per position::
+
+    y_{t,j} = SSD_{t,j} + Σ_{j'} ([j' > j] w_t - δ_{t+1}) (C̃_{t,j}·B̃_{t,j'}) x̃_{t,j'}
+
+(rank 1: the single-input form above). The SSD kernels do r times a single input's work, the price of
+computing MIMO with kernels built for one input per step.
 
 Precision: the rotations, decays and weights are computed in float32 (float64 for float64 inputs); for
 bf16/fp16 x the SSD op's matmul operands x̃, B̃, C̃ are rounded to x's dtype, as Mamba-2 feeds them, so its
@@ -34,20 +44,23 @@ from ssmkit.ops.ssd import mamba_chunk_scan_combined
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
 # operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
 FUSED_BC = True
+# Chunk length the SSD op's kernels get (None: the caller's chunk_size). A chunk is only a tiling here (the
+# result does not depend on it); the SSD kernels were tuned at 256, Mamba-3 layers pass 64 (mamba_ssm's).
+SSD_CHUNK: int | None = None
 
 
 def mamba3_via_ssd(
     inputs: Mamba3Inputs, *, ssd_backend: str = "auto"
 ) -> tuple[torch.Tensor, Mamba3ScanState]:
-    """Mamba-3 of rank 1; same arguments and results as ``mamba3_reference`` (validated by the caller).
+    """Mamba-3 through the SSD op; same arguments and results as ``mamba3_reference`` (validated by the
+    caller).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
     """
+    if inputs.B.shape[2] > 1:
+        return _mimo_via_ssd(inputs, ssd_backend)
     (x, dt, _, B, C, _, angles, chunk_size, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rotary_interleaved,
      initial_state, seq_idx) = inputs.unpack()
-    if B.shape[2] != 1:
-        raise ValueError(f"the SSD route computes single-input Mamba-3 (rank 1), got rank {B.shape[2]}; "
-                         "use backend='chunked' for MIMO")
     h = x.shape[2]
     dtype = inputs.compute_dtype()
     init = None if initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in initial_state))
@@ -78,7 +91,8 @@ def mamba3_via_ssd(
     nxt = next_share(prep, seq_idx)
     G0 = None if init is None else initial_G(init, prep, mimo_x)
     y, G = mamba_chunk_scan_combined(
-        xo, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bo, Co, chunk_size, initial_states=G0,
+        xo, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bo, Co, SSD_CHUNK or chunk_size,
+        initial_states=G0,
         seq_idx=seq_idx, return_final_states=True, input_scale=prep.gamma + nxt,
         backend="chunked" if dtype == torch.float64 else ssd_backend,
     )
@@ -90,6 +104,38 @@ def mamba3_via_ssd(
         y = y.to(dtype) - (nxt * CB)[..., None] * xo.to(dtype)
         out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
     return out, Mamba3ScanState(theta[:, -1], G, last_B, x[:, -1].to(dtype))
+
+
+def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor, Mamba3ScanState]:
+    """Rank r > 1: r sub-steps per position through the SSD op plus the r×r correction (module docstring)."""
+    x, D, z, seq_idx = inputs.x, inputs.D, inputs.z, inputs.seq_idx
+    b, l, h, p = x.shape
+    r = inputs.B.shape[2]
+    dtype = inputs.compute_dtype()
+    init = None if inputs.initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in inputs.initial_state))
+    ops = operand_dtype(x.dtype, dtype)
+    prep = prepare(inputs, dtype)
+    theta, Bt, Ct = rotated_BC(prep, seq_idx, init, inputs.rotary_interleaved)  # (b, l, r, h, n)
+    Bo, Co, xo = Bt.to(ops), Ct.to(ops), prep.xr.to(ops)
+    nxt = next_share(prep, seq_idx)
+    w = prep.gamma + nxt  # (b, l, h)
+    # The decay step at each position's first sub-step only; the weight w at every sub-step.
+    step = torch.cat([-prep.log_a[:, :, None], prep.log_a.new_zeros(b, l, r - 1, h)], dim=2)
+    G0 = None if init is None else initial_G(init, prep, inputs.mimo_x)
+    y, G = mamba_chunk_scan_combined(
+        xo.reshape(b, l * r, h, p), step.reshape(b, l * r, h), -torch.ones(h, dtype=dtype, device=x.device),
+        Bo.reshape(b, l * r, h, -1), Co.reshape(b, l * r, h, -1), SSD_CHUNK or inputs.chunk_size, initial_states=G0,
+        seq_idx=None if seq_idx is None else seq_idx.repeat_interleave(r, dim=1), return_final_states=True,
+        input_scale=w[:, :, None].expand(b, l, r, h).reshape(b, l * r, h),
+        backend="chunked" if dtype == torch.float64 else ssd_backend,
+    )
+    # (C̃_{t,j}·B̃_{t,j'}) as the kernels see the operands, weighted by [j' > j] w_t - δ_{t+1}.
+    scores = torch.einsum("bljhn,blkhn->blhjk", Co.to(dtype), Bo.to(dtype))
+    later = torch.ones(r, r, dtype=torch.bool, device=x.device).triu(1)
+    coef = torch.where(later, w[..., None, None], 0.0) - nxt[..., None, None]  # (b, l, h, r, r)
+    y = y.view(b, l, r, h, p).to(dtype) + torch.einsum("blhjk,blkhp->bljhp", scores * coef, xo.to(dtype))
+    out = finish(y, prep.xr, D, z, inputs.mimo_z, inputs.mimo_o).to(x.dtype)
+    return out, Mamba3ScanState(theta[:, -1], G, Bt[:, -1], x[:, -1].to(dtype))
 
 
 def operand_dtype(x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:

@@ -27,6 +27,10 @@ FIELDS = {
               "num_experts_per_tok", "intermediate_size", "attn_layer_period", "attn_layer_offset",
               "expert_layer_period", "expert_layer_offset", "mamba_d_state", "mamba_dt_rank", "head_dim",
               "rms_norm_eps", "router_aux_loss_coef", "vocab_size"],
+    "falcon_h1": ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "mamba_d_ssm",
+                  "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_expand", "time_step_limit",
+                  "rope_parameters", "rope_theta", "ssm_multipliers", "mlp_multipliers", "key_multiplier",
+                  "embedding_multiplier", "rms_norm_eps", "mamba_rms_norm", "projectors_bias", "vocab_size"],
 }
 
 
@@ -44,7 +48,8 @@ def test_hostile_transformers_configs_give_checkpoint_errors(tmp_path, model_typ
 
 
 @given(field=st.sampled_from(["vocab_size", "d_model", "n_layer", "layer_pattern", "pad_vocab_size_multiple",
-                              "norm_eps", "mamba", "attention", "moe", "hyena", "s4"]), value=JSON_VALUES)
+                              "norm_eps", "mamba", "attention", "moe", "hyena", "s4", "parallel_hybrid",
+                              "embedding_multiplier", "logits_multiplier"]), value=JSON_VALUES)
 def test_hostile_ssmkit_configs_give_value_errors(field, value):
     data = {"vocab_size": 64, "d_model": 32, "n_layer": 2, "layer_pattern": "MA4Hme"[:4], field: value}
     try:

@@ -1,0 +1,123 @@
+"""Activation memory (and, on CUDA, forward+backward time) of one Mamba / Mamba-2 layer, fused against unfused.
+
+"fused" is the layers' default training path (``fused=True``: ``mamba_inner_fn`` /
+``mamba_split_conv1d_scan_combined``, which release the convolution, Δ, B, C and gate intermediates after
+the forward and recompute them in the backward); "unfused" the same layer with ``fused=False`` (the separate
+ops, each keeping what its backward needs). Same weights, same input.
+
+Columns:
+
+* saved MB: bytes autograd holds for the backward when the forward returns, counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` (:func:`ssmkit.testing.saved_activation_bytes`: distinct
+  storages, at their size after the forward; parameters and the layer's input left out). Device-agnostic:
+  it depends on the ops each backend runs (Triton on CUDA, the chunked PyTorch ops on CPU), not on load;
+* allocated MB (CUDA): ``torch.cuda.memory_allocated`` after the forward minus before, output included;
+* peak MB (CUDA): the peak during forward+backward above the memory before it;
+* fwd+bwd ms (CUDA): median of ``triton.testing.do_bench`` of forward then backward of a fixed cotangent.
+
+    python benchmarks/activation_memory.py                     # CUDA: b 8, d_model 2048, L 2048, bf16
+    python benchmarks/activation_memory.py --batch 2 --d-model 256 --length 512   # a CPU-sized shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import statistics
+import time
+
+import torch
+
+import ssmkit
+from ssmkit.layers import Mamba, Mamba2
+from ssmkit.testing import saved_activation_bytes
+
+MB = 1e6
+
+
+def _layers(kind: str, d_model: int, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    cls = Mamba if kind == "mamba" else Mamba2
+    fused = cls(d_model, device=device, dtype=dtype)
+    unfused = copy.deepcopy(fused)
+    unfused.config = dataclasses.replace(unfused.config, fused=False)
+    return fused, unfused
+
+
+def _fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor) -> None:
+    layer(x).backward(cot)
+
+
+def _time_ms(fn, device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=50, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(kind: str, batch: int, d_model: int, length: int, device: str, dtype: torch.dtype,
+            timed: bool) -> dict[str, dict[str, float]]:
+    rows = {}
+    for name, layer in zip(("fused", "unfused"), _layers(kind, d_model, device, dtype)):
+        x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
+        exclude = [*layer.parameters(), x]
+        row = {"saved": saved_activation_bytes(functools.partial(layer, x), exclude=exclude) / MB}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = layer(x)
+            row["allocated"] = (torch.cuda.memory_allocated() - before) / MB
+            out.backward(torch.ones_like(out))
+            torch.cuda.synchronize()
+            row["peak"] = (torch.cuda.max_memory_allocated() - before) / MB
+            del out
+        if timed:
+            cot = torch.randn(batch, length, d_model, device=device, dtype=dtype)
+            row["ms"] = _time_ms(functools.partial(_fwd_bwd, layer, x, cot), device)
+        rows[name] = row
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="activation memory of a Mamba / Mamba-2 layer, fused vs unfused")
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"])
+    parser.add_argument("--layers", nargs="+", default=["mamba", "mamba2"], choices=["mamba", "mamba2"])
+    parser.add_argument("--time", action="store_true", help="also time forward+backward on CPU (CUDA: always)")
+    args = parser.parse_args()
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name() if cuda else "CPU (chunked PyTorch ops; the Triton kernels run on CUDA)"
+    print(f"device: {where}; torch {torch.__version__}, ssmkit {ssmkit.__version__}")
+    print(f"one layer, default config, batch {args.batch}, d_model {args.d_model}, length {args.length}, {args.dtype}")
+    header = (f"{'layer':<7} {'path':<8} {'saved MB':>9} {'ratio':>6} {'allocated MB':>13} {'peak MB':>8} "
+              f"{'fwd+bwd ms':>11} {'time ratio':>10}")
+    print(header)
+    print("-" * len(header))
+    for kind in args.layers:
+        rows = measure(kind, args.batch, args.d_model, args.length, device, dtype, cuda or args.time)
+        base = rows["unfused"]
+        for name, r in rows.items():
+            alloc = f"{r['allocated']:.0f}" if "allocated" in r else "-"
+            peak = f"{r['peak']:.0f}" if "peak" in r else "-"
+            ms = f"{r['ms']:.2f}" if "ms" in r else "-"
+            tratio = f"{r['ms'] / base['ms']:.2f}x" if "ms" in r else "-"
+            print(f"{kind:<7} {name:<8} {r['saved']:>9.1f} {r['saved'] / base['saved']:>5.2f}x {alloc:>13} "
+                  f"{peak:>8} {ms:>11} {tratio:>10}", flush=True)
+    print("target: fused <= 0.6x the unfused layer's activation memory, and no slower")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The ``ssmkit serve`` engine alone (no HTTP, no tokenizer): concurrent requests on a preset with random weights.
+
+What ``benchmarks/serve.py`` measures through a real server, without the HTTP stack and the client in
+the way, so the engine's own rate shows (on a GPU the engine outruns one Python HTTP client): for each
+concurrency c (default 1, 8, 64, 256), ``--requests`` requests (at least 2c) of ``--prompt-tokens``
+random tokens (no two share a prefix) and ``--max-new-tokens`` new tokens each (sampled, temperature 1,
+own seed), with c in flight at all times. Reported: generated tokens/s, requests/s, time to first token
+p50/p99 (from submission), time between tokens p50 at that concurrency (1 client: the streaming rate of
+one request), rows per decode step, padding rows per step (CUDA-graph buckets), graphs captured -- with
+the prefix cache (every request planned and snapshotted as the server does) and without, in ``--rounds``
+interleaved rounds (order alternating), medians and the on/off ratio (the cache must never cost more
+than 5%). Random weights: speed does not depend on them (every request runs to its max tokens: no eos).
+
+    python benchmarks/serve_engine.py                                   # byte-small on the CPU
+    python benchmarks/serve_engine.py --preset mamba2-130m --device cuda --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+from ssmkit.generation.sampling import SamplingParams
+from ssmkit.models import LanguageModel, get_preset
+from ssmkit.models.loading import resolve_dtype
+from ssmkit.serve.batching import Engine, GenerationRequest
+from ssmkit.serve.prefix_cache import PrefixCache
+
+MIB = 1 << 20
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requests: int, prompt_tokens: int,
+              new_tokens: int, seed: int) -> dict[str, float]:
+    """``requests`` requests, ``concurrency`` in flight at all times; timings from the engine's callbacks."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model.config.vocab_size
+    prompts = torch.randint(0, vocab, (requests, prompt_tokens), generator=g).tolist()
+    for i, p in enumerate(prompts):  # distinct first blocks: no shared prefix at all
+        p[:4] = [(seed * 7919 + i * 4 + k) % vocab for k in range(4)]
+    slots = threading.Semaphore(concurrency)
+    all_done = threading.Event()
+    lock = threading.Lock()
+    ttft: list[float] = []
+    gaps: list[float] = []
+    produced = [0]
+    finished = [0]
+    failures: list[str] = []
+
+    def submit(i: int) -> None:
+        start = time.perf_counter()
+        last = [start]
+
+        def on_token(token: int) -> bool:
+            now = time.perf_counter()
+            with lock:
+                (ttft if last[0] == start else gaps).append(now - last[0])
+                produced[0] += 1
+            last[0] = now
+            return False
+
+        def on_done(reason: str, cache: object) -> None:
+            with lock:
+                finished[0] += 1
+                if reason not in ("stop", "length"):
+                    failures.append(reason)
+                if finished[0] == requests:
+                    all_done.set()
+            slots.release()
+
+        plan = prefix.plan(prompts[i]) if prefix is not None else None
+        engine.submit(GenerationRequest(ids=prompts[i], max_new_tokens=new_tokens, params=SamplingParams(temperature=1.0),
+                                        seed=seed + i, on_token=on_token, on_done=on_done, prefix=plan))
+
+    steps, rows, padded = engine.steps, engine.decoder.rows, engine.decoder.padded_rows
+    start = time.perf_counter()
+    for i in range(requests):
+        slots.acquire()
+        submit(i)
+    all_done.wait()
+    wall = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"requests failed: {failures[:3]}")
+    steps = max(engine.steps - steps, 1)
+    return {"tokens_per_s": produced[0] / wall, "requests_per_s": requests / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
+            "gap_p50_s": statistics.median(gaps) if gaps else 0.0,
+            "rows_per_step": (engine.decoder.rows - rows) / steps, "padded_per_step": (engine.decoder.padded_rows - padded) / steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="byte-small")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, >= 8)")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--prefill-budget", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024, help="the prefix cache's memory budget")
+    parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--no-ab", action="store_true", help="only the prefix cache off (half the time)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset(args.preset), device=device, dtype=dtype).eval()
+    engine = Engine(model, max_batch=args.max_batch, max_requests=max(args.concurrency) + 8,
+                    prefill_budget=args.prefill_budget, cuda_graph=False if args.no_cuda_graph else None)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    print(f"# ssmkit serve engine: {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{dtype}), {name}, torch {torch.__version__}, CUDA graphs {'on' if engine.cuda_graph else 'off'}, "
+          f"{args.prompt_tokens}-token prompts, {args.max_new_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
+    engine.start()
+    servers = ["off"] if args.no_ab else ["on", "off"]
+    rows = []
+    try:
+        run_level(engine, None, 1, 2, args.prompt_tokens, 4, seed=10**6)  # warm-up (kernels, first graphs)
+        for c in args.concurrency:
+            n = args.requests or max(8, 2 * c)
+            runs: dict[str, list[dict]] = {s: [] for s in servers}
+            for r in range(args.rounds):
+                for s in servers[:: 1 if r % 2 == 0 else -1]:
+                    prefix = PrefixCache(model, memory_budget=int(args.prefix_cache_mb * MIB)) if s == "on" else None
+                    load_avg = os.getloadavg()[0]
+                    runs[s].append({**run_level(engine, prefix, c, n, args.prompt_tokens, args.max_new_tokens,
+                                                seed=1000 * r + c), "load": load_avg})
+                print(f"  {c} clients, round {r + 1}: " + ", ".join(
+                    f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s (load {runs[s][-1]['load']:.1f})" for s in servers),
+                    flush=True)
+            rows.append((c, n, {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in runs.items()},
+                         [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["on"], runs["off"])]
+                         if not args.no_ab else []))
+    finally:
+        engine.stop()
+    report(rows, engine, args)
+
+
+def report(rows: list, engine: Engine, args: argparse.Namespace) -> None:
+    main_key = "off" if args.no_ab else "on"
+    print(f"\n## Engine throughput, medians of {args.rounds} rounds (prefix cache {main_key})\n")
+    print("| clients | requests | tokens/s | requests/s | first token p50 | p99 | between tokens p50 | "
+          "rows per step | padding rows per step | tokens/s, cache off | cache on / off (medians) | per round |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for c, n, med, ratios in rows:
+        m, off = med[main_key], med["off"]
+        ratio = f"{m['tokens_per_s'] / off['tokens_per_s']:.3f}" if ratios else ""
+        print(f"| {c} | {n} | {m['tokens_per_s']:,.0f} | {m['requests_per_s']:.1f} | {m['ttft_p50_s'] * 1e3:.1f} ms | "
+              f"{m['ttft_p99_s'] * 1e3:.1f} ms | {m['gap_p50_s'] * 1e3:.2f} ms | {m['rows_per_step']:.1f} | "
+              f"{m['padded_per_step']:.1f} | {off['tokens_per_s']:,.0f} | {ratio} | "
+              f"{', '.join(f'{x:.3f}' for x in ratios)} |")
+    print(f"\nCUDA graphs captured: {engine.decoder.captures}; load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The engine's batched decode step: every running request's next token in one step, eager or from a CUDA graph.
+
+On a GPU a decode step of a small model is launch-bound (hundreds of small kernels for a few
+microseconds of work each), so the step (forward of one token per row, then the sampling, each row with
+its own settings and seeded stream) is captured in a CUDA graph (:class:`ssmkit.generation.decode.GraphedStep`,
+the one ``generate`` replays) and replayed. A graph has fixed shapes, so one is captured per **bucket** of
+rows (1, 2, 4, ..., 256, and ``max_batch``) and per combination of sampling steps the rows need
+(:class:`SamplingKinds`: a greedy batch computes no noise and sorts nothing), lazily at first use, all in
+one memory pool. ``n`` running requests replay the graph of the smallest bucket of at least ``n`` rows:
+the rows beyond ``n`` are **padding**, free rows of the storage (:class:`SlotCache`) whose results are
+never read and whose every tensor is overwritten when a request takes the row; every op of the step is
+row-wise, so padding never changes a running row's numbers.
+
+Eagerly (on a CPU, or a model whose step cannot be captured) the step runs on exactly the rows in use;
+``pad=True`` runs the eager step on the padded bucket instead, which is what the graph replays (so the
+padding is tested without a GPU).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ssmkit.generation.decode import DecodeState, GraphedStep, graph_blocker, step
+from ssmkit.generation.sampling import SamplingKinds
+from ssmkit.serve.slots import SlotCache
+
+if TYPE_CHECKING:
+    from ssmkit.models.language_model import LanguageModel
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes graphs are captured for: the :data:`BUCKETS` below ``max_batch``, then ``max_batch``."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be positive, got {max_batch}")
+    return (*(b for b in BUCKETS if b < max_batch), max_batch)
+
+
+def bucket_for(rows: int, sizes: tuple[int, ...]) -> int:
+    """The smallest bucket of at least ``rows`` rows."""
+    for size in sizes:
+        if size >= rows:
+            return size
+    raise ValueError(f"{rows} rows exceed the largest bucket ({sizes[-1]})")
+
+
+def use_cuda_graph(model: LanguageModel, cuda_graph: bool | None) -> bool:
+    """Whether the engine replays CUDA graphs: None = when the model is on CUDA and its step can be captured;
+    True = required (a clear error otherwise)."""
+    device = model.embedding.weight.device
+    blocker = "the model is not on a CUDA device" if device.type != "cuda" else graph_blocker(model)
+    if cuda_graph and blocker:
+        raise ValueError(f"cuda_graph=True: {blocker}")
+    return cuda_graph is not False and blocker is None
+
+
+class BatchedDecoder:
+    """The slots of the running requests and the step that decodes them all (see the module docstring).
+
+    Counters: ``steps``, ``rows`` (rows in use summed over steps), ``padded_rows`` (padding rows computed),
+    ``captures`` (graphs captured).
+    """
+
+    def __init__(self, model: LanguageModel, max_batch: int, *, cuda_graph: bool = False,
+                 pad: bool | None = None) -> None:
+        self.model = model
+        self.sizes = bucket_sizes(max_batch)
+        self.cuda_graph = cuda_graph
+        self.pad = cuda_graph if pad is None else pad
+        if cuda_graph and not self.pad:
+            raise ValueError("a CUDA graph replays a bucket: pad must be on")
+        self.slots = SlotCache(model.config.padded_vocab_size, capacity=max_batch if self.pad else None)
+        self._graphs: dict[tuple[int, SamplingKinds], tuple[GraphedStep, DecodeState]] = {}
+        self._pool: Any = None
+        self.steps = self.rows = self.padded_rows = self.captures = 0
+
+    def step(self) -> torch.Tensor:
+        """One step for every row in use: returns their next tokens (n,) (a view of the slots' tokens, which
+        the next step reads); caches, draw counters and seen masks are updated in place."""
+        n = self.slots.size
+        if n == 0:
+            raise RuntimeError("no rows to decode")
+        kinds = self.slots.kinds()
+        rows = bucket_for(n, self.sizes) if self.pad else n
+        if self.cuda_graph:
+            self._graph(rows, kinds).replay()
+        else:
+            state = self.slots.decode_state(rows, kinds, self.model.config.vocab_size)
+            tokens = self.slots.tokens[:rows]
+            tokens.copy_(step(self.model, tokens, state))
+            self.slots.write_back(state.cache)
+        self.steps += 1
+        self.rows += n
+        self.padded_rows += rows - n
+        return self.slots.tokens[:n]
+
+    def _graph(self, rows: int, kinds: SamplingKinds) -> GraphedStep:
+        key = (rows, kinds)
+        if key not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            # The state is kept with its graph: the graph reads and writes its buffers (views of the slots).
+            state = self.slots.decode_state(rows, kinds, self.model.config.vocab_size)
+            # Request threads may copy states on the GPU meanwhile (sessions, prefix snapshots).
+            graphed = GraphedStep(self.model, self.slots.tokens[:rows], state, in_place=True, pool=self._pool,
+                                  capture_error_mode="thread_local")
+            self._graphs[key] = (graphed, state)
+            self.captures += 1
+        return self._graphs[key][0]
