@@ -23,6 +23,7 @@ Dimensions: ``b`` batch, ``H`` d_model, ``I`` d_inner, ``N`` d_state, ``R`` dt_r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -33,8 +34,13 @@ from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.quantized import MAX_KERNEL_ROWS, Int8Linear, _has_int8_kernel
 from ssmkit.ops._step_sizes import NO_LIMIT
+from ssmkit.ops.causal_conv1d.native import native_conv_step
 from ssmkit.ops.gemv import MAX_ROWS, native_available, native_linear
-from ssmkit.ops.state_update.native import native_ssd_step
+from ssmkit.ops.state_update.native import (
+    native_mamba2_step,
+    native_selective_step,
+    native_ssd_step,
+)
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -105,14 +111,20 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _ConvStep:
-    """The depthwise causal convolution of one token over the state window, SiLU, in float32."""
+    """The depthwise causal convolution of one token over the state window, SiLU, in float32: the native
+    kernel (:mod:`ssmkit.ops.causal_conv1d.native`) for float32 windows and bfloat16 windows of bfloat16
+    inputs, torch's ops otherwise (no compiler, other dtypes)."""
 
     def __init__(self, conv1d: nn.Conv1d) -> None:
         self.weight = _f32(conv1d.weight.squeeze(1))  # (c, w)
         self.bias = _f32(conv1d.bias)
+        self.native = native_conv_step(self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
         """x (b, c) this token's inputs; conv (b, c, w) the window, shifted in place. -> (b, c) in x's dtype."""
+        if self.native is not None and conv.is_contiguous() and (
+                conv.dtype == torch.float32 or conv.dtype == x.dtype == torch.bfloat16):
+            return self.native(x.to(torch.float32), conv).to(x.dtype)
         window = torch.cat([conv[..., 1:], x.to(conv.dtype).unsqueeze(-1)], dim=-1)
         conv.copy_(window)
         out = (window.to(torch.float32) * self.weight).sum(-1)
@@ -137,6 +149,12 @@ class MambaStep:
         self.D = _f32(mixer.D)
         self.split = (mixer.dt_rank, mixer.d_state, mixer.d_state)
         self.d_inner = mixer.d_inner
+        # dt_proj, the state update, D and the gate in one pass where the native kernels are built; a float32
+        # dt_proj inside it, a reduced-precision one (its output rounded, as the layer's) before it.
+        bind = native_selective_step()
+        self.selective_step, self.dt_inside = None, self.dt_weight.dtype == torch.float32
+        if bind is not None:
+            self.selective_step = bind(self.A, self.dt_bias, self.D, self.dt_weight if self.dt_inside else None)
 
     def __call__(self, r: torch.Tensor, state: MambaState) -> torch.Tensor:
         """r (b, H) residual stream -> (b, H) (dtype: promote(r, the mixer's output))."""
@@ -144,6 +162,11 @@ class MambaStep:
         x, z = self.in_proj(h.to(self.dtype)).split(self.d_inner, dim=-1)  # (b, I) each
         x = self.conv(x, state.conv)
         dt, B, C = self.x_proj(x).split(self.split, dim=-1)
+        if self.selective_step is not None:
+            if not self.dt_inside:
+                dt = F.linear(dt, self.dt_weight)  # (b, I) before the bias
+            y = self.selective_step(state.ssm, *(t.to(torch.float32) for t in (x, dt, B, C, z)))
+            return r + self.out_proj(y.to(self.dtype))
         delta = F.softplus(F.linear(dt, self.dt_weight) + self.dt_bias)  # (b, I) float32
         xf = x.to(torch.float32)
         ssm = state.ssm  # (b, I, N) float32
@@ -181,6 +204,14 @@ class Mamba2Step:
             if norm_g.norm_before_gate:
                 raise ValueError("Mamba2Step: norm_before_gate=True is not supported (take the layer's step)")
             self.gated_norm = (_f32(norm_g.weight), norm_g.eps, norm_g.group_size)
+        # Everything between the convolution and out_proj in one call where the native kernels are built (float32
+        # and bfloat16 layers: the kernel rounds the scan's output to bfloat16 before the gated norm as they do).
+        bind = native_mamba2_step() if self.dtype in (torch.float32, torch.bfloat16) else None
+        self.mamba2_step = None
+        if bind is not None:
+            norm_w, eps, group = self.gated_norm if self.gated_norm is not None else (None, 0.0, 1)
+            self.mamba2_step = bind(self.A, self.dt_bias, self.D, self.dt_limit or (0.0, math.inf), norm_w, group, eps,
+                                    norm_w is not None and self.dtype == torch.bfloat16, (h, p, n, g))
 
     def __call__(self, r: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """r (b, H) residual stream -> (b, H) (dtype: promote(r, the mixer's output))."""
@@ -192,6 +223,9 @@ class Mamba2Step:
             zxbcdt = zxbcdt * self.in_scale
         z, xBC, dt = zxbcdt.split(self.split, dim=-1)
         xBC = self.conv(xBC, state.conv)
+        if self.mamba2_step is not None:
+            out = self.mamba2_step(state.ssm, *(t.to(torch.float32) for t in (xBC, dt, z)))
+            return r + self.out_proj(out.to(self.dtype))
         x, B, C = xBC.split(self.xbc_split, dim=-1)
         delta = F.softplus(dt.to(torch.float32) + self.dt_bias)  # (b, h)
         if self.dt_limit is not None:

@@ -14,6 +14,7 @@ from ssmkit.generation.decode import forward_one, forward_one_layers
 from ssmkit.generation.lean import LeanDecoder, lean_decoder
 from ssmkit.models import LanguageModel, ModelConfig, get_preset
 from ssmkit.models.config import AttentionConfig
+from ssmkit.ops import native
 
 # The module, not the function that ssmkit.generation exports under the same name.
 generate_module = importlib.import_module("ssmkit.generation.generate")
@@ -42,6 +43,19 @@ def greedy(model: LanguageModel, monkeypatch: pytest.MonkeyPatch, lean: bool) ->
 def test_greedy_tokens_equal_the_layers_step(monkeypatch, name, kind):
     model = make(name, kind)
     assert greedy(model, monkeypatch, lean=True) == greedy(model, monkeypatch, lean=False)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_without_native_kernels(monkeypatch, kind):
+    """No C compiler (or SSMKIT_NATIVE=0): the lean step takes torch's matmuls and state update, same tokens."""
+    monkeypatch.setattr(native, "library", lambda: None)
+    model = make("debug-mamba2", kind)
+    with torch.no_grad():
+        decoder = lean_decoder(model, model.allocate_cache(1))
+    assert decoder is not None and all(step.fused_step is None for step in decoder.steps)
+    tokens = generate(model, [[1, 2, 3, 4], [7, 5]], 24, temperature=0)
+    monkeypatch.setattr(generate_module, "lean_decoder", lambda model, cache: None)
+    assert tokens == generate(model, [[1, 2, 3, 4], [7, 5]], 24, temperature=0)
 
 
 @pytest.mark.parametrize("name", ["debug-mamba", "debug-mamba2", "debug-hybrid"])

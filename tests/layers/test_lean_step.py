@@ -35,12 +35,15 @@ def _block(mixer: nn.Module, dtype: torch.dtype, residual_in_fp32: bool = True) 
 
 def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, fused: bool = True) -> None:
     """The lean step and the block's step from the same prompt state: outputs and states after each token
-    (``fused=False``: Mamba-2's state update by torch's ops, as where the native kernels are not built)."""
+    (``fused=False``: the convolution and state updates by torch's ops, as where the native kernels are not
+    built)."""
     torch.manual_seed(2)
     lean = lean_block_step(block)
     assert lean is not None
-    if not fused:
-        lean.fused_step = None
+    if not fused:  # torch's ops where the native kernels would run
+        lean.fused_step = lean.selective_step = lean.mamba2_step = lean.conv.native = None
+    else:
+        assert lean.conv.native is not None and getattr(lean, "mamba2_step", True) is not None
     theirs = block.allocate_state(batch)
     with torch.no_grad():
         block(torch.randn(batch, 6, 32, dtype=dtype), cache=theirs)  # a prefilled state
@@ -61,10 +64,14 @@ def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, f
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("residual_in_fp32", [True, False])
-def test_mamba_step_equals_the_block_step(dtype, residual_in_fp32):
-    block = _block(Mamba(32, d_state=8, bias=True), dtype, residual_in_fp32)
+@pytest.mark.parametrize("fused", [True, False], ids=["native steps", "torch steps"])
+@pytest.mark.parametrize("d_state", [8, 16, 35])  # the vector loop, and its remainder
+def test_mamba_step_equals_the_block_step(dtype, residual_in_fp32, fused, d_state):
+    if fused and native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba(32, d_state=d_state, bias=True), dtype, residual_in_fp32)
     assert isinstance(lean_block_step(block), MambaStep)
-    _compare(block, dtype)
+    _compare(block, dtype, fused=fused)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -87,7 +94,7 @@ def test_int8_steps_equal_the_quantised_block_step(mixer):
     # Both go through the int8 kernel with bfloat16 activations: bfloat16-level agreement.
     TOLERANCE[torch.float32], saved = (3e-2, 1e-2), TOLERANCE[torch.float32]
     try:
-        _compare(model.layers[0], torch.float32)
+        _compare(model.layers[0], torch.float32, fused=native_ssd_step() is not None)
     finally:
         TOLERANCE[torch.float32] = saved
 

@@ -57,6 +57,14 @@ def library() -> ctypes.CDLL | None:
         fn.restype = None
     lib.ssmkit_ssd_step.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 5 + [ctypes.c_int]
     lib.ssmkit_ssd_step.restype = None
+    P, L = ctypes.c_void_p, ctypes.c_long
+    lib.ssmkit_selective_step.argtypes = [P, P, L, P, L, P, L, P, P, P, P, L, P, P, L, P, L, L, L, ctypes.c_int]
+    lib.ssmkit_selective_step.restype = None
+    lib.ssmkit_conv_step.argtypes = [P, ctypes.c_int, P, L, P, P, P, L, L, L]
+    lib.ssmkit_conv_step.restype = None
+    F, I = ctypes.c_float, ctypes.c_int
+    lib.ssmkit_mamba2_step.argtypes = [P, P, L, P, L, P, P, F, F, P, I, P, L, P, L, F, I, P, L, L, L, L, L, I]
+    lib.ssmkit_mamba2_step.restype = None
     return lib
 
 
@@ -104,8 +112,8 @@ def _build(compiler: str) -> Path:
     try:
         errors = ""
         for extra in (("-fopenmp",), ()):  # OpenMP where the compiler has it, else one thread
-            done = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, check=False,
-                                  text=True, timeout=COMPILE_TIMEOUT_S)
+            done = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                  check=False, text=True, timeout=COMPILE_TIMEOUT_S)
             if done.returncode == 0:
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
