@@ -274,7 +274,8 @@ def state_fits(step: MambaStep | Mamba2Step, state: object, batch: int) -> bool:
     """Whether ``state`` is the kind and shape of state ``step`` updates, for ``batch`` rows."""
     if isinstance(step, MambaStep):
         return isinstance(state, MambaState) and state.ssm.shape == (batch, step.d_inner, step.A.shape[1]) \
-            and state.ssm.dtype == torch.float32 and state.conv.shape[:2] == (batch, step.d_inner) \
+            and state.ssm.dtype == torch.float32 and state.ssm.is_contiguous() \
+            and state.conv.shape[:2] == (batch, step.d_inner) \
             and state.conv.shape[2] == step.conv.weight.shape[1]
     h, p, _, n = step.shape
     return isinstance(state, Mamba2State) and state.ssm.shape == (batch, h, p, n) \

@@ -115,3 +115,6 @@ def test_state_fits_rejects_other_kinds_and_shapes():
     assert state_fits(step1, m1.allocate_state(2), 2) and not state_fits(step1, m1.allocate_state(2), 3)
     assert not state_fits(step1, m2.allocate_state(2), 2) and not state_fits(step2, m1.allocate_state(2), 2)
     assert not state_fits(step2, m2.allocate_state(2, dtype=torch.float64), 2)
+    strided = m1.allocate_state(2)  # the native steps write the state as one contiguous block
+    strided.ssm = torch.zeros(2, 8, 32).transpose(1, 2)
+    assert not state_fits(step1, strided, 2)
