@@ -220,7 +220,7 @@ def main() -> int:
                     row = {"model": preset, "ssmkit": kind, "llama.cpp": file_type.upper(), "threads": threads,
                            "load": (min(loads), max(loads)), "greedy_agree": f"{agree}/{compared}",
                            "weight_bytes": weight_bytes_per_token(variant), "read_gbs": bandwidth[threads],
-                           "overhead_ms": decode_overhead_ms(variant),
+                           "overhead_ms": statistics.median(decode_overhead_ms(variant) for _ in range(3)),
                            **{k: statistics.median(v) for k, v in samples.items()}}
                     results.append(row)
                     print_row(row, args.lengths)
