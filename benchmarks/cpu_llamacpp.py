@@ -8,15 +8,24 @@ each write it as F32, BF16 and Q8_0 GGUF files. The script checks that
 - llama.cpp (``llama-simple``, greedy) continuing a prompt from ssmkit's file gives the same tokens as
   ssmkit's greedy decoding of the same weights (the prompt tokenised with the GGUF's own vocabulary);
 
-then times, alternating ssmkit and llama.cpp within each round (median of ``--rounds``), at each thread
-count: prefill of L tokens (ssmkit: one forward with logits for the last position; llama.cpp:
-``llama-bench -p L``) and decode at batch 1 (ssmkit: single-token steps from a cache; ``llama-bench -n``),
-tokens/s. ssmkit's weights are float32 / bfloat16 / weight-only int8 (``LanguageModel.quantize``) beside
-llama.cpp's F32 / BF16 / Q8_0. The load average is printed with each table: on a shared machine the
-numbers are only comparable within one run.
+then times, ssmkit and llama.cpp alternating test by test within each round (median of ``--rounds``), at
+each thread count: prefill of L tokens (ssmkit: one forward with logits for the last position; llama.cpp:
+``llama-bench -p L -n 0``) and decode at batch 1 (ssmkit: greedy single-token steps from a cache;
+``llama-bench -p 0 -n N``), tokens/s. ssmkit's weights are float32 / bfloat16 / weight-only int8
+(``LanguageModel.quantize``) beside llama.cpp's F32 / BF16 / Q8_0. ssmkit's decode runs through the lean
+step that ``generate`` takes on CPU (:mod:`ssmkit.generation.lean`) and, for comparison, through the
+blocks' own step (``forward_one_layers``).
 
-llama.cpp is built from the source that the ``llama-cpp-python`` source distribution vendors (CPU only,
-``-DGGML_NATIVE=ON``; about 15 minutes on 2 free cores) when ``--build`` is given; never in CI:
+The machine may be shared: each figure is taken with the 1-minute load average beside it. ssmkit is
+timed in wall time and in this process's CPU time; llama-bench reports wall time only, so the script
+reads llama-bench's CPU time from getrusage and divides its tokens/s by the CPU share the process got
+(CPU time / (wall time x threads), over the whole run including loading: an estimate). Decode is
+also set against the bytes it reads: weight GB/s (by CPU time) as a share of a streaming read, and the
+CPU time per token outside the matmuls (the step with its matmuls replaced by precomputed outputs).
+
+llama.cpp is built from the source that the ``llama-cpp-python`` source distribution vendors (CPU only, the
+instruction sets /proc/cpuinfo lists but AMX, see ``isa_options``; about 15 minutes on 2 free cores) when
+``--build`` is given; never in CI:
 
     python benchmarks/cpu_llamacpp.py --build                       # fetch the sdist into .ext/, build
     python benchmarks/cpu_llamacpp.py                               # both models, all types, 1 and 2 threads
@@ -29,186 +38,130 @@ import argparse
 import copy
 import json
 import os
-import re
+import resource
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
+from llamacpp_tools import build, convert_both, find_llama_cpp, greedy_agrees, tool
 
-from ssmkit.generation.decode import forward_one
+from ssmkit.generation.decode import forward_one_layers
+from ssmkit.generation.lean import lean_decoder
 from ssmkit.models import LanguageModel, get_preset
-from ssmkit.models.formats.gguf import write_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
-EXT = ROOT / ".ext"
-SIMPLE_INDEX = "https://pypi.org/simple/llama-cpp-python/"
-TOOLS = ("llama-bench", "llama-simple")
 # ssmkit weights beside llama.cpp's file type of the same bytes per weight.
 TYPES = {"f32": "fp32", "bf16": "bf16", "q8_0": "int8"}
 
 
-def find_llama_cpp() -> Path | None:
-    """The newest vendored llama.cpp folder under .ext/ (from an unpacked llama-cpp-python sdist)."""
-    found = sorted(EXT.glob("llama_cpp_python-*/vendor/llama.cpp"), key=lambda p: _version(p.parent.parent.name))
-    return found[-1] if found else None
-
-
-def _version(name: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", name.split("-", 1)[-1]))
-
-
-def build(jobs: int) -> Path:
-    """Fetch the newest llama-cpp-python sdist into .ext/ (if none is there) and build its llama.cpp tools."""
-    src = find_llama_cpp()
-    if src is None:
-        EXT.mkdir(exist_ok=True)
-        index = urllib.request.urlopen(SIMPLE_INDEX, timeout=60).read().decode()
-        urls = re.findall(r'href="([^"]+/llama_cpp_python-([\d.]+)\.tar\.gz)[^"]*"', index)
-        url, version = max(urls, key=lambda u: _version(u[1]))
-        archive = EXT / f"llama_cpp_python-{version}.tar.gz"
-        print(f"fetching {url}")
-        urllib.request.urlretrieve(url, archive)
-        with tarfile.open(archive) as tar:
-            tar.extractall(EXT, filter="data")
-        src = find_llama_cpp()
-        assert src is not None, f"no vendor/llama.cpp in {archive}"
-    configure = ["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
-    subprocess.run(configure, check=True)
-    subprocess.run(["nice", "-n", "19", "cmake", "--build", str(src / "build"), "-j", str(jobs), "--target", *TOOLS],
-                   check=True)
-    return src
-
-
-def tool(src: Path, name: str) -> Path:
-    path = src / "build" / "bin" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run with --build first")
-    return path
-
-
 def make_weights(preset: str, folder: Path) -> LanguageModel:
-    """Random weights of ``preset`` (fixed seed), saved as a transformers folder for llama.cpp's converter."""
+    """Random weights of ``preset`` (fixed seed), saved as a transformers folder for llama.cpp's converter.
+
+    out_proj's weights are scaled by 16: at the presets' initialisation the residual stream stays close to
+    the input embedding, which the tied head scores highest, so greedy decoding of Mamba-1 repeats the last
+    token and the token check would compare nothing; scaled, the mixers choose varied tokens."""
     torch.manual_seed(0)
     model = LanguageModel(get_preset(preset)).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.mixer.out_proj.weight.mul_(16)
     model.save_pretrained(folder, format="transformers")
     return model
 
 
-def convert_both(src: Path, folder: Path, model: LanguageModel, file_type: str, vocab: Path) -> tuple[Path, Path]:
-    """(llama.cpp's file, ssmkit's file) of the same weights; raises if their tensors differ."""
-    import gguf
-    import numpy as np
-
-    theirs, ours = folder / f"theirs-{file_type}.gguf", folder / f"ours-{file_type}.gguf"
-    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder / "hf"), "--outfile", str(theirs),
-                    "--outtype", file_type], check=True, capture_output=True)
-    write_gguf(model, ours, file_type, tokenizer=vocab)
-    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-    same = sorted(a) == sorted(b) and all(
-        a[n].tensor_type == b[n].tensor_type and np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data))
-        for n in a)
-    if not same:
-        raise AssertionError(f"{file_type}: ssmkit's GGUF tensors differ from llama.cpp's converter's")
-    return theirs, ours
-
-
-def gguf_vocab(vocab: Path):
-    """(a ``tokenizers`` byte-level BPE tokenizer, the bytes llama.cpp prints for each token id) from a GGUF
-    file's gpt2 vocabulary. Normal tokens print their byte-level decoding, other types their text as is
-    (``llama_token_to_piece`` with ``special``), so outputs compare byte for byte even where a token ends
-    inside a UTF-8 character."""
-    import gguf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    reader = gguf.GGUFReader(vocab)
-    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
-    types = reader.get_field("tokenizer.ggml.token_type").contents()
-    merges = [tuple(m.split(" ", 1)) for m in reader.get_field("tokenizer.ggml.merges").contents()]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    byte_of = _byte_level_inverse()
-    pieces = [bytes(byte_of[c] for c in t) if k == gguf.TokenType.NORMAL and all(c in byte_of for c in t)
-              else t.encode() for t, k in zip(tokens, types)]
-    return tok, pieces
-
-
-def _byte_level_inverse() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte (the inverse of ``bytes_to_unicode``)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def greedy_agrees(src: Path, gguf_file: Path, vocab: Path, n: int = 16) -> tuple[int, int, str]:
-    """How many of ssmkit's ``n`` greedy tokens llama.cpp (``llama-simple``) reproduces continuing the same
-    prompt, both running ``gguf_file`` (ssmkit dequantises it to float32; llama.cpp's BF16 and Q8_0 dot
-    products also round the activations, so only F32 must agree in full). Compared on llama-simple's
-    printed bytes: (tokens agreeing from the start, tokens compared, the two continuations shown).
-    llama-simple stops early at an end-of-text token; only the tokens both produced are compared."""
-    model = LanguageModel.from_pretrained(gguf_file).eval()
-    tok, pieces = gguf_vocab(vocab)
-    prompt = "The state space model reads the prompt once and then"
-    ids = tok.encode(prompt).ids
-    out = subprocess.run([str(tool(src, "llama-simple")), "-m", str(gguf_file), "-n", str(n), prompt],
-                         capture_output=True, check=True, timeout=600).stdout
-    theirs = out[:-1] if out.endswith(b"\n") else out
-    prefix = b"".join(pieces[i] for i in ids)
-    if not theirs.startswith(prefix):
-        return 0, 0, f"llama.cpp printed the prompt as {theirs[:len(prefix) + 20]!r}, tokenised differently"
-    with torch.no_grad():
-        new = model.generate([ids], max_new_tokens=n, temperature=0)[0]
-    rest, agree = theirs[len(prefix):], 0
-    for token in new:
-        piece = pieces[token]
-        if not rest.startswith(piece):
-            break
-        rest, agree = rest[len(piece):], agree + 1
-    compared = len(new) if rest else agree  # nothing left: llama.cpp stopped at end-of-text
-    ours = b"".join(pieces[i] for i in new)
-    return agree, compared, f"llama.cpp: {theirs[len(prefix):][:60]!r} | ssmkit: {ours[:60]!r}"
-
-
-def ssmkit_times(model: LanguageModel, length: int, decode_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s of ``length`` tokens, decode tokens/s of ``decode_tokens`` steps), batch 1."""
+def ssmkit_prefill(model: LanguageModel, length: int) -> tuple[float, float]:
+    """Prefill of ``length`` tokens at batch 1 (one forward, logits of the last position): (tokens/s by wall
+    time, tokens/s by this process's CPU time)."""
     ids = torch.randint(0, model.config.vocab_size, (1, length))
     with torch.no_grad():
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         model(ids, logits_to_keep=1)
-        prefill = length / (time.perf_counter() - start)
-        cache = model.allocate_cache(1)
-        token = torch.tensor([1])
-        forward_one(model, token, cache)
-        start = time.perf_counter()
+        return length / (time.perf_counter() - wall), length / (time.process_time() - cpu)
+
+
+def ssmkit_decode(model: LanguageModel, decode_tokens: int, layers: bool = False) -> tuple[float, float]:
+    """Greedy decode at batch 1 (``decode_tokens`` one-token steps from a cache, argmax included) through
+    the lean step that ``generate`` takes on CPU, or with ``layers`` through the blocks' own step:
+    (tokens/s by wall time, tokens/s by this process's CPU time)."""
+    cache = model.allocate_cache(1)
+    with torch.no_grad():
+        lean = lean_decoder(model, cache)  # once per generation, as generate() gets it
+        assert lean is not None, "the lean decode step does not apply to this model"
+        step = (lambda t: forward_one_layers(model, t, cache)) if layers else (lambda t: lean(t, cache))
+        token = step(torch.tensor([1])).argmax(-1)
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(decode_tokens):
-            forward_one(model, token, cache)
-        decode = decode_tokens / (time.perf_counter() - start)
-    return prefill, decode
+            token = step(token).argmax(-1)
+        return decode_tokens / (time.perf_counter() - wall), decode_tokens / (time.process_time() - cpu)
 
 
-def llama_times(src: Path, gguf_file: Path, length: int, decode_tokens: int, threads: int) -> tuple[float, float]:
-    out = subprocess.run([str(tool(src, "llama-bench")), "-m", str(gguf_file), "-p", str(length), "-n",
-                          str(decode_tokens), "-t", str(threads), "-r", "1", "-o", "json"],
+def decode_overhead_ms(model: LanguageModel, tokens: int = 32) -> float:
+    """CPU ms per lean decode step spent outside the matmuls (norms, convolution, state update, casts,
+    Python and dispatch; argmax included): the step timed with every matmul replaced by one returning a
+    precomputed output. What bounds decode besides the weights' bytes."""
+    cache = model.allocate_cache(1)
+    with torch.no_grad():
+        lean = copy.copy(lean_decoder(model, cache))
+        lean.steps = [copy.copy(s) for s in lean.steps]
+        dtype = lean.steps[0].dtype
+        hidden = torch.zeros(1, model.config.d_model, dtype=dtype)
+        for s, block in zip(lean.steps, model.layers):
+            inner = torch.zeros(1, block.mixer.d_inner, dtype=dtype)
+            s.in_proj = _fixed(s.in_proj(hidden))
+            if hasattr(s, "x_proj"):
+                s.x_proj = _fixed(s.x_proj(inner))
+            s.out_proj = _fixed(s.out_proj(inner))
+        lean.head = _fixed(lean.head(hidden.to(model.norm_f.weight.dtype)))
+        token = torch.tensor([1])
+        lean(token, cache)
+        cpu = time.process_time()
+        for _ in range(tokens):
+            token = lean(token, cache).argmax(-1)
+        return 1e3 * (time.process_time() - cpu) / tokens
+
+
+def _fixed(out: torch.Tensor):
+    return lambda x: out
+
+
+def llama_times(src: Path, gguf_file: Path, prompt: int, decode: int, threads: int) -> tuple[float, float]:
+    """One llama-bench test (``-p prompt -n 0`` or ``-p 0 -n decode``: a warm-up run, one timed run): (its
+    tokens/s, which llama-bench measures in wall time; the CPU share the process got over its whole run,
+    CPU time of its threads / (wall time x threads) from getrusage, below 1 where the load took cores)."""
+    before, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    out = subprocess.run([str(tool(src, "llama-bench")), "-m", str(gguf_file), "-p", str(prompt), "-n", str(decode),
+                          "-t", str(threads), "-r", "1", "-o", "json"],
                          capture_output=True, text=True, check=True, timeout=1800).stdout
-    rows = json.loads(out)
-    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] == length and r["n_gen"] == 0)
-    decode = next(r["avg_ts"] for r in rows if r["n_gen"] == decode_tokens and r["n_prompt"] == 0)
-    return prefill, decode
+    wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    row = next(r for r in json.loads(out) if r["n_prompt"] == prompt and r["n_gen"] == decode)
+    return row["avg_ts"], cpu / (wall * threads)
+
+
+def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
+    """GB/s of a streaming read (``sum`` of a float32 buffer far beyond the caches), best of 3."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    buffer = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return nbytes / best / 1e9
+
+
+def weight_bytes_per_token(model: LanguageModel) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer but an embedding that is not
+    also the head (its one row is negligible); the states (read and written) come on top."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if model.lm_head is not None:
+        total -= model.embedding.weight.numel() * model.embedding.weight.element_size()
+    return total
 
 
 def ssmkit_variant(model: LanguageModel, kind: str) -> LanguageModel:
@@ -243,6 +196,8 @@ def main() -> int:
         raise SystemExit("no llama.cpp source under .ext/: run with --build")
     vocab = src / "models" / "ggml-vocab-gpt-neox.gguf"
     print(f"torch {torch.__version__}, llama.cpp from {src.parent.parent.name}, load average {os.getloadavg()}")
+    bandwidth = {t: read_bandwidth(t) for t in args.threads}
+    print("streaming read bandwidth: " + ", ".join(f"{t} thread(s) {gbs:.1f} GB/s" for t, gbs in bandwidth.items()))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.models:
@@ -260,26 +215,48 @@ def main() -> int:
                       f"{agree} of {compared} ({shown})", flush=True)
                 for threads in args.threads:
                     torch.set_num_threads(threads)
-                    samples: dict[str, list[float]] = {}
-                    for _ in range(args.rounds):
-                        for length in args.lengths:
-                            p_ours, d_ours = ssmkit_times(variant, length, args.decode_tokens)
-                            try:
-                                p_theirs, d_theirs = llama_times(src, theirs, length, args.decode_tokens, threads)
-                            except subprocess.CalledProcessError as error:
-                                print(f"llama-bench failed: {error}", flush=True)
-                                p_theirs = d_theirs = float("nan")
-                            for key, value in ((f"prefill{length}_ssmkit", p_ours), (f"prefill{length}_llama", p_theirs),
-                                               ("decode_ssmkit", d_ours), ("decode_llama", d_theirs)):
-                                samples.setdefault(key, []).append(value)
+                    samples = measure(variant, theirs, src, threads, args)
+                    loads = samples.pop("load")
                     row = {"model": preset, "ssmkit": kind, "llama.cpp": file_type.upper(), "threads": threads,
-                           "load": os.getloadavg()[0], "greedy_agree": f"{agree}/{compared}",
+                           "load": (min(loads), max(loads)), "greedy_agree": f"{agree}/{compared}",
+                           "weight_bytes": weight_bytes_per_token(variant), "read_gbs": bandwidth[threads],
+                           "overhead_ms": statistics.median(decode_overhead_ms(variant) for _ in range(3)),
                            **{k: statistics.median(v) for k, v in samples.items()}}
                     results.append(row)
                     print_row(row, args.lengths)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def measure(variant: LanguageModel, theirs: Path, src: Path, threads: int, args: argparse.Namespace) -> dict:
+    """Rounds of ssmkit and llama.cpp alternating test by test (prefill at each length, then decode), each
+    measurement with the 1-minute load average beside it: {key: [one value per round]}."""
+    samples: dict[str, list[float]] = {}
+
+    def add(**values: float) -> None:
+        for key, value in (*values.items(), ("load", os.getloadavg()[0])):
+            samples.setdefault(key, []).append(value)
+
+    def llama(prompt: int, decode: int) -> tuple[float, float]:
+        try:
+            return llama_times(src, theirs, prompt, decode, threads)
+        except subprocess.CalledProcessError as error:  # a crash is reported, the run goes on
+            print(f"llama-bench failed: {error}", flush=True)
+            return float("nan"), float("nan")
+
+    for _ in range(args.rounds):
+        for n in args.lengths:
+            wall, cpu = ssmkit_prefill(variant, n)
+            add(**{f"prefill{n}_ssmkit": wall, f"prefill{n}_ssmkit_cpu": cpu})
+            theirs_ts, share = llama(n, 0)
+            add(**{f"prefill{n}_llama": theirs_ts, f"prefill{n}_llama_share": share})
+        wall, cpu = ssmkit_decode(variant, args.decode_tokens)
+        add(decode_ssmkit=wall, decode_ssmkit_cpu=cpu)
+        add(decode_ssmkit_layers=ssmkit_decode(variant, args.decode_tokens, layers=True)[0])
+        theirs_ts, share = llama(0, args.decode_tokens)
+        add(decode_llama=theirs_ts, decode_llama_share=share)
+    return samples
 
 
 def ssmkit_only(args: argparse.Namespace) -> int:
@@ -295,10 +272,11 @@ def ssmkit_only(args: argparse.Namespace) -> int:
             for _ in range(args.rounds):
                 for kind, variant in variants.items():
                     for length in args.lengths:
-                        prefill, decode = ssmkit_times(variant, length, args.decode_tokens)
-                        samples.setdefault((kind, f"prefill {length}"), []).append(prefill)
-                    samples.setdefault((kind, "decode"), []).append(decode)
-            columns = [*(f"prefill {n}" for n in args.lengths), "decode"]
+                        samples.setdefault((kind, f"prefill {length}"), []).append(ssmkit_prefill(variant, length)[0])
+                    samples.setdefault((kind, "decode"), []).append(ssmkit_decode(variant, args.decode_tokens)[0])
+                    samples.setdefault((kind, "decode, layers' step"), []).append(
+                        ssmkit_decode(variant, args.decode_tokens, layers=True)[0])
+            columns = [*(f"prefill {n}" for n in args.lengths), "decode", "decode, layers' step"]
             print(f"| {preset}, {threads} thread(s), load {os.getloadavg()[0]:.1f} | " + " | ".join(columns) + " |")
             for kind in variants:
                 cells = []
@@ -310,14 +288,22 @@ def ssmkit_only(args: argparse.Namespace) -> int:
 
 
 def print_row(row: dict, lengths: list[int]) -> None:
+    """One markdown row: wall-time tokens/s ssmkit / llama.cpp (ratio); ssmkit's tokens/s by its CPU time
+    and the ratio to llama.cpp's tokens/s per CPU second (its wall-time figure over the CPU share it got:
+    an estimate, llama-bench times wall only); decode's weight traffic by CPU time and its share of the
+    streaming read; the non-matmul CPU time per token; the blocks' own step; the load average."""
     cells = [f"{row['model']}", f"{row['ssmkit']} / {row['llama.cpp']}", str(row["threads"])]
-    for length in lengths:
-        ours, theirs = row[f"prefill{length}_ssmkit"], row[f"prefill{length}_llama"]
-        cells.append(f"{ours:.0f} / {theirs:.0f} ({ours / theirs:.2f}x)")
-    cells.append(f"{row['decode_ssmkit']:.1f} / {row['decode_llama']:.1f} ({row['decode_ssmkit'] / row['decode_llama']:.2f}x)")
-    cells.append(f"{row['load']:.1f}")
-    header = ["model", "weights", "threads", *(f"prefill {n}: ssmkit / llama.cpp" for n in lengths),
-              "decode: ssmkit / llama.cpp", "load avg"]
+    for key in [f"prefill{n}" for n in lengths] + ["decode"]:
+        ours, theirs, cpu = row[f"{key}_ssmkit"], row[f"{key}_llama"], row[f"{key}_ssmkit_cpu"]
+        per_cpu = theirs / row[f"{key}_llama_share"]
+        cells.append(f"{ours:.1f} / {theirs:.1f} ({ours / theirs:.2f}x); CPU {cpu:.1f} / {per_cpu:.1f} "
+                     f"({cpu / per_cpu:.2f}x)")
+    gbs = row["weight_bytes"] * row["decode_ssmkit_cpu"] / 1e9
+    cells.append(f"{gbs:.1f} GB/s ({100 * gbs / row['read_gbs']:.0f}%), {row['overhead_ms']:.1f} ms")
+    cells.append(f"{row['decode_ssmkit_layers']:.1f}")
+    cells.append("{:.1f}-{:.1f}".format(*row["load"]))
+    header = ["model", "weights", "threads", *(f"prefill {n}" for n in lengths), "decode",
+              "decode weights read (of streaming), non-matmul CPU/token", "decode, layers' step", "load avg"]
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join(cells) + " |", flush=True)
 

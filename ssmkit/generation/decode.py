@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ssmkit.generation.lean import LeanDecoder, lean_decoder
 from ssmkit.generation.sampling import (
     RowGenerators,
     RowSampling,
@@ -109,17 +110,29 @@ def forward_one(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torc
 
     ``LanguageModel.forward`` with ``logits_to_keep=1`` minus its input checks, which read the token
     values on the host (a synchronisation per token, and not capturable in a CUDA graph); the tokens
-    here come from :func:`pick`, so they are valid ids.
+    here come from :func:`pick`, so they are valid ids. Through :func:`lean_decoder` where it applies
+    (CPU, no autograd, Mamba / Mamba-2 blocks), else :func:`forward_one_layers`.
     """
+    lean = lean_decoder(model, cache)
+    return lean(token, cache) if lean is not None else forward_one_layers(model, token, cache)
+
+
+def forward_one_layers(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """:func:`forward_one` through the blocks' own decode step (every device, every layer kind)."""
     residual = inputs = model.embedding(token[:, None])
     for block, layer_state in zip(model.layers, cache.states):
         residual = block(residual, cache=layer_state, inputs=inputs)
     return model.head_logits(model.norm_f(residual[:, -1]))
 
 
-def step(model: DecodingModel, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
-    """Read ``token`` (b,) and pick the next one (b,); the cache's ``seqlen_offset`` is left to the caller."""
-    return pick(forward_one(model, token, state.cache), state)
+def step(model: DecodingModel, token: torch.Tensor, state: DecodeState,
+         lean: LeanDecoder | None = None) -> torch.Tensor:
+    """Read ``token`` (b,) and pick the next one (b,); the cache's ``seqlen_offset`` is left to the caller.
+
+    ``lean``: a :class:`LeanDecoder` of ``model`` already checked against ``state.cache`` (the loop gets
+    it once, :func:`lean_decoder`), or None for the blocks' own step."""
+    logits = lean(token, state.cache) if lean is not None else forward_one_layers(model, token, state.cache)
+    return pick(logits, state)
 
 
 def graph_blocker(model: DecodingModel) -> str | None:

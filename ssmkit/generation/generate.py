@@ -6,7 +6,9 @@ what it computes alone (up to float rounding), for SSM layers, whose state has n
 
 On CUDA the one-token steps are captured once in a CUDA graph and replayed (see ``decode.py``), and the
 captured step is kept for the next call of the same shape (``graph_cache.py``); the end-of-sequence check
-reads the device every ``EOS_CHECK_EVERY`` tokens rather than every token.
+reads the device every ``EOS_CHECK_EVERY`` tokens rather than every token. On CPU, models of Mamba /
+Mamba-2 blocks step through the lean decoder (``lean.py``: a few torch calls per block, native kernels for
+int8 / bfloat16 matmuls and Mamba-2's state where a C compiler exists).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from ssmkit.generation.decode import (
     DecodingModel,
     GraphedStep,
     graph_blocker,
+    lean_decoder,
     pick,
     step,
 )
 from ssmkit.generation.graph_cache import cached_step
+from ssmkit.generation.lean import LeanDecoder
 from ssmkit.generation.sampling import RowSampling, SamplingParams, make_generators
 
 Prompts = torch.Tensor | Sequence[Sequence[int] | torch.Tensor]
@@ -171,15 +175,17 @@ def _decode(model: DecodingModel, ids: torch.Tensor, seq_idx: torch.Tensor | Non
         return
     token = pick(_prefill(model, ids, seq_idx, state.cache, prefill_chunk_size), state)
     if not use_graph or max_new_tokens == 1:
-        yield from _steps(model, token, state, None, max_new_tokens, check_every)
+        lean = lean_decoder(model, state.cache)
+        yield from _steps(model, token, state, None, lean, max_new_tokens, check_every)
         return
     with cached_step(model, token, state) as (graphed, graph_state):
-        yield from _steps(model, token, graph_state, graphed, max_new_tokens, check_every)
+        yield from _steps(model, token, graph_state, graphed, None, max_new_tokens, check_every)
 
 
 def _steps(model: DecodingModel, token: torch.Tensor, state: DecodeState, graphed: GraphedStep | None,
-           max_new_tokens: int, check_every: int) -> Iterator[torch.Tensor]:
-    """Yield ``token`` and the tokens after it, replaying ``graphed`` (which runs on ``state``) or eagerly."""
+           lean: LeanDecoder | None, max_new_tokens: int, check_every: int) -> Iterator[torch.Tensor]:
+    """Yield ``token`` and the tokens after it, replaying ``graphed`` (which runs on ``state``) or eagerly
+    (through the ``lean`` decoder where there is one)."""
     pending: list[torch.Tensor] = []
     finished: list[torch.Tensor] = []
     for n in range(1, max_new_tokens + 1):
@@ -202,7 +208,7 @@ def _steps(model: DecodingModel, token: torch.Tensor, state: DecodeState, graphe
             graphed.replay()
             token = graphed.token.clone()
         else:
-            token = step(model, token, state)
+            token = step(model, token, state, lean)
         state.cache.seqlen_offset += 1
 
 

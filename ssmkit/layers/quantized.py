@@ -3,14 +3,15 @@
 ``w ≈ q · s`` with ``q = round(w / s)`` in [-127, 127] and ``s = max|w_row| / 127`` per output row (one
 float32 scale per row). Activations stay floating point; the matmul reads the int8 weights:
 
-- a few rows (decode): ``torch.ops.aten._weight_int8pack_mm`` with bfloat16 activations, a kernel that
-  streams the int8 weights (on this project's 2-core CPU, 2-8x faster than the float32 GEMV; with float32
-  activations torch takes a slow generic path, so the activations are rounded to bfloat16 for it);
-- many rows (prefill) or devices without that kernel: the int8 weights converted to bfloat16 (float32 for
-  float64 inputs) and a dense matmul, the scales applied to the output columns.
+- a few rows (decode) on CPU: ssmkit's native kernel (:mod:`ssmkit.ops.gemv`, built at first use
+  where a C compiler exists), float32 activations and the int8 weights converted exactly, streamed at
+  close to the memory bandwidth; without it ``torch.ops.aten._weight_int8pack_mm`` with bfloat16
+  activations (with float32 activations torch takes a slow generic path, so they are rounded for it);
+- many rows (prefill) or devices without either kernel: the int8 weights converted to bfloat16 (float32
+  for float64 inputs) and a dense matmul, the scales applied to the output columns.
 
 The output is cast back to the input's dtype. Error: the weight rounding (at most s/2 per entry) and, on
-the int8 kernels' path, bfloat16 rounding of the activations.
+torch's int8 kernel and the dense path, bfloat16 rounding of the activations.
 
 :func:`quantize_int8_` swaps a model's mixer projections (``in_proj``, ``x_proj``, ``out_proj``) and, optionally,
 the output head for :class:`Int8Linear`; the embedding, ``dt_proj`` (read as a raw weight by the Mamba
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssmkit.ops.gemv import int8_gemv, native_available
+
 QUANTIZABLE = ("in_proj", "x_proj", "out_proj")
 # Rows up to which the int8 kernel beats dequantise + bfloat16 GEMM (measured on a 2-core AVX-512 CPU:
 # the kernel wins at 1-8 rows and loses 4-10x from 32 on).
@@ -34,6 +37,11 @@ MAX_KERNEL_ROWS = 8
 
 def _has_int8_kernel(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def _native_rows(device: torch.device) -> bool:
+    """Whether a few rows on ``device`` take ssmkit's native kernel (CPU, built where a compiler exists)."""
+    return device.type == "cpu" and native_available()
 
 
 class Int8Linear(nn.Module):
@@ -69,7 +77,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MAX_KERNEL_ROWS and x.dtype != torch.float64 and _has_int8_kernel(x.device):
+        if rows.shape[0] <= MAX_KERNEL_ROWS and x.dtype != torch.float64 and _native_rows(x.device):
+            y = int8_gemv(rows.to(torch.float32), self.qweight, self.scales, backend="native")
+        elif rows.shape[0] <= MAX_KERNEL_ROWS and x.dtype != torch.float64 and _has_int8_kernel(x.device):
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight,
                                                    self._scales_as(torch.bfloat16))
         else:

@@ -11,7 +11,8 @@ the rows beyond ``n`` are **padding**, free rows of the storage (:class:`SlotCac
 never read and whose every tensor is overwritten when a request takes the row; every op of the step is
 row-wise, so padding never changes a running row's numbers.
 
-Eagerly (on a CPU, or a model whose step cannot be captured) the step runs on exactly the rows in use;
+Eagerly (on a CPU, or a model whose step cannot be captured) the step runs on exactly the rows in use (on a
+CPU through the lean decoder where it applies, :mod:`ssmkit.generation.lean`);
 ``pad=True`` runs the eager step on the padded bucket instead, which is what the graph replays (so the
 padding is tested without a GPU).
 
@@ -30,7 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ssmkit.generation.decode import DecodeState, GraphedStep, graph_blocker, step
+from ssmkit.generation.decode import (
+    DecodeState,
+    GraphedStep,
+    graph_blocker,
+    lean_decoder,
+    step,
+)
 from ssmkit.generation.sampling import SamplingKinds
 from ssmkit.serve.slots import SlotCache
 
@@ -150,7 +157,8 @@ class BatchedDecoder:
         else:
             state = self.slots.decode_state(rows, kinds, self.model.config.vocab_size)
             tokens = self.slots.tokens[:rows]
-            tokens.copy_(step(self.model, tokens, state))
+            # On a CPU, Mamba / Mamba-2 models step through the lean decoder, as generate() does.
+            tokens.copy_(step(self.model, tokens, state, lean_decoder(self.model, state.cache)))
             self.slots.write_back(state.cache)
         self.steps += 1
         self.rows += n

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from ssmkit.generation import decode, generate
-from ssmkit.generation.decode import DecodeState, forward_one, graph_blocker, pick
+from ssmkit.generation.decode import (
+    DecodeState,
+    forward_one_layers,
+    graph_blocker,
+    pick,
+)
 from ssmkit.generation.sampling import SamplingParams, make_generators
 from ssmkit.models import LanguageModel, ModelConfig, get_preset
 from ssmkit.models.config import AttentionConfig, Mamba3Config
@@ -26,7 +31,7 @@ def mamba3_config():
 
 
 @pytest.mark.parametrize("name", ["debug-mamba", "debug-mamba2", "samba-tiny", "mamba3"])
-def test_forward_one_equals_the_model_forward(name):
+def test_forward_one_layers_equals_the_model_forward(name):
     model = make(mamba3_config() if name == "mamba3" else get_preset(name))
     prompt = torch.randint(0, model.config.vocab_size, (2, 5))
     a, b = model.allocate_cache(2), model.allocate_cache(2)
@@ -35,7 +40,7 @@ def test_forward_one_equals_the_model_forward(name):
         model(prompt, cache=b)
         token = torch.tensor([3, 7])
         expected = model(token[:, None], cache=a, logits_to_keep=1).logits[:, -1]
-        torch.testing.assert_close(forward_one(model, token, b), expected, rtol=0, atol=0)
+        torch.testing.assert_close(forward_one_layers(model, token, b), expected, rtol=0, atol=0)
     for sa, sb in zip(a.states, b.states):
         for ta, tb in zip(sa.tensors().values(), sb.tensors().values()):
             assert torch.equal(ta, tb)

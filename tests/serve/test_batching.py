@@ -11,6 +11,7 @@ import torch
 from ssmkit.generation import generate
 from ssmkit.generation.sampling import SamplingParams
 from ssmkit.models import LanguageModel, get_preset
+from ssmkit.serve import decode_step
 from ssmkit.serve.batching import Engine, EngineBusy, GenerationRequest
 from ssmkit.serve.decode_step import BatchedDecoder
 from ssmkit.testing import assert_close
@@ -205,10 +206,17 @@ def test_granite_hybrid_is_served_like_generate():
         engine.stop()
 
 
-def test_a_long_prompt_is_read_between_the_decode_steps_of_running_streams(model):
+def test_a_long_prompt_is_read_between_the_decode_steps_of_running_streams(model, monkeypatch):
     engine = Engine(model, max_batch=4, max_requests=16, prefill_chunk_size=16, prefill_budget=16)
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of every forward: prefill chunks and decode steps
     hook = model.embedding.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    # A decode step on CPU goes through the lean decoder, which reads the embedding without the module's hooks.
+    eager_step = decode_step.step
+
+    def counted_step(model, tokens, *args):
+        calls.append((len(tokens), 1))
+        return eager_step(model, tokens, *args)
+    monkeypatch.setattr(decode_step, "step", counted_step)
     engine.start()
     try:
         running = submit(engine, [257, 1, 2], 10**6, {"temperature": 1.0}, seed=3, eos=())

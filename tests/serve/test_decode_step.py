@@ -101,3 +101,31 @@ def test_rows_with_their_own_settings_join_and_leave_and_equal_generate_alone(pa
     assert [got[i] for i in range(len(requests))] == expected
     assert decoder.rows == sum(n - 1 for *_, n in requests)
     assert (decoder.padded_rows > 0) == pad
+
+
+def test_eager_step_on_cpu_takes_the_lean_decoder(monkeypatch):
+    """On a CPU the engine's eager step decodes through the lean decoder (as generate does), with the same
+    tokens as the blocks' own step."""
+    from ssmkit.serve import decode_step
+
+    def run(lean: bool) -> tuple[list[list[int]], int]:
+        model, taken = tiny_model(), []
+        real = decode_step.lean_decoder
+
+        def spy(m, cache):
+            decoder = real(m, cache) if lean else None
+            taken.append(decoder is not None)
+            return decoder
+        monkeypatch.setattr(decode_step, "lean_decoder", spy)
+        decoder = BatchedDecoder(model, 4)
+        with torch.no_grad():
+            for i, prompt in enumerate(([257, 5, 6], [257, 40, 41, 42, 43])):
+                cache, token, gen, seen = first_token(model, prompt, SETTINGS[0], i)
+                decoder.slots.add(cache, token, SETTINGS[0], gen, seen)
+            tokens = [decoder.step().tolist() for _ in range(8)]
+        monkeypatch.undo()
+        return tokens, sum(taken)
+
+    lean_tokens, lean_steps = run(lean=True)
+    layer_tokens, _ = run(lean=False)
+    assert lean_steps == 8 and lean_tokens == layer_tokens

@@ -1,0 +1,418 @@
+/* CPU kernels for decode steps, each moving its bytes once (built by ssmkit/ops/native/__init__.py).
+ *
+ * 1. Matrix-vector products (ssmkit/ops/gemv), weights streamed from memory once:
+ *
+ *   y[i, r] = scale[r] * sum_j w[r, j] * x[i, j] (+ bias[r])
+ *
+ * w (n, k) row-major, int8 (ssmkit_int8_gemv, with per-row scales) or bfloat16 bits (ssmkit_bf16_gemv,
+ * scale NULL); x (m, k) float32; bias (n,) float32 or NULL; y (m, n) float32. Each weight row is read
+ * once (the m <= 8 activation rows stay in L1) and converted to float32 exactly, so the only rounding
+ * is the float32 accumulation. At batch 1 the cost is streaming w: each step prefetches the weights a
+ * few rows ahead (without it the hardware prefetcher leaves rows of 1-3 KB well below the bandwidth
+ * long float32 rows reach). Rows are split over OpenMP threads (torch's own runtime when torch is
+ * loaded first: the same pool, no oversubscription).
+ *
+ * 2. The Mamba-2 state step and the Mamba-1 selective step (ssmkit/ops/state_update/native.py), state
+ *    read and written once, and the depthwise causal convolution's one-token update
+ *    (ssmkit/ops/causal_conv1d/native.py): each replaces a dozen small torch ops of a decode step.
+ *
+ * Built at first use with the host's compiler and -march=native; the AVX-512 paths are taken where the
+ * compiler targets AVX-512, portable loops elsewhere.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 6144
+#endif
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static float dot_int8(const int8_t *w, const float *x, long k) {
+    long j = 0;
+    float acc = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; j + 64 <= k; j += 64) {
+        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        /* sign-extending loads of 16 bytes each (no lane extracts: the shuffle port is the bound) */
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j)))),
+                             _mm512_loadu_ps(x + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j + 16)))),
+                             _mm512_loadu_ps(x + j + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j + 32)))),
+                             _mm512_loadu_ps(x + j + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j + 48)))),
+                             _mm512_loadu_ps(x + j + 48), a3);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else
+    float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
+    for (; j + 4 <= k; j += 4) {
+        if (!(j & 63)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        p0 += (float)w[j] * x[j];
+        p1 += (float)w[j + 1] * x[j + 1];
+        p2 += (float)w[j + 2] * x[j + 2];
+        p3 += (float)w[j + 3] * x[j + 3];
+    }
+    acc = (p0 + p1) + (p2 + p3);
+#endif
+    for (; j < k; ++j) acc += (float)w[j] * x[j];
+    return acc;
+}
+
+#if defined(__AVX512F__)
+static inline __m512 bf16x16(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
+
+static float dot_bf16(const uint16_t *w, const float *x, long k) {
+    long j = 0;
+    float acc = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; j + 64 <= k; j += 64) {
+        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES + 64);
+        a0 = _mm512_fmadd_ps(bf16x16(w + j), _mm512_loadu_ps(x + j), a0);
+        a1 = _mm512_fmadd_ps(bf16x16(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
+        a2 = _mm512_fmadd_ps(bf16x16(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
+        a3 = _mm512_fmadd_ps(bf16x16(w + j + 48), _mm512_loadu_ps(x + j + 48), a3);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else
+    float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
+    for (; j + 4 <= k; j += 4) {
+        if (!(j & 31)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        p0 += bf16_to_float(w[j]) * x[j];
+        p1 += bf16_to_float(w[j + 1]) * x[j + 1];
+        p2 += bf16_to_float(w[j + 2]) * x[j + 2];
+        p3 += bf16_to_float(w[j + 3]) * x[j + 3];
+    }
+    acc = (p0 + p1) + (p2 + p3);
+#endif
+    for (; j < k; ++j) acc += bf16_to_float(w[j]) * x[j];
+    return acc;
+}
+
+void ssmkit_int8_gemv(const int8_t *w, const float *x, const float *scale, const float *bias, float *y,
+                      long m, long n, long k, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n * k >= (1L << 17))
+    for (long r = 0; r < n; ++r) {
+        const int8_t *row = w + r * k;
+        for (long i = 0; i < m; ++i) {
+            float acc = dot_int8(row, x + i * k, k) * scale[r];
+            y[i * n + r] = bias ? acc + bias[r] : acc;
+        }
+    }
+}
+
+void ssmkit_bf16_gemv(const uint16_t *w, const float *x, const float *scale, const float *bias, float *y,
+                      long m, long n, long k, int threads) {
+    (void)scale;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n * k >= (1L << 16))
+    for (long r = 0; r < n; ++r) {
+        const uint16_t *row = w + r * k;
+        for (long i = 0; i < m; ++i) {
+            float acc = dot_bf16(row, x + i * k, k);
+            y[i * n + r] = bias ? acc + bias[r] : acc;
+        }
+    }
+}
+
+/* One Mamba-2 decode step, in place, with a scalar decay per head:
+ *
+ *   state[b, h, p, :] = state[b, h, p, :] * dA[b, h] + (dt[b, h] * x[b, h, p]) * B[b, g(h), :]
+ *   y[b, h, p]        = state[b, h, p, :] . C[b, g(h), :]
+ *
+ * state (b, h, p, n) float32, x (b, h, p), dt and dA (b, h) (dt after bias, softplus and limits;
+ * dA = exp(dt * A)), B and C (b, g, n), y (b, h, p); head h reads group h / (h_total / g). torch's ops
+ * pass over the state three times (decay, update, read-out); at mamba2-130m sizes the states of all
+ * layers are ~19 MB, beyond the caches, so one pass saves about two thirds of that traffic.
+ */
+void ssmkit_ssd_step(float *state, const float *x, const float *dt, const float *dA, const float *B,
+                     const float *C, float *y, long b, long h, long p, long n, long g, int threads) {
+    const long heads_per_group = h / g;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (threads > 1 && h * p * n >= (1L << 16))
+    for (long bi = 0; bi < b; ++bi) {
+        for (long hi = 0; hi < h; ++hi) {
+            const long bh = bi * h + hi;
+            const float decay = dA[bh], step = dt[bh];
+            const float *Bv = B + (bi * g + hi / heads_per_group) * n;
+            const float *Cv = C + (bi * g + hi / heads_per_group) * n;
+            for (long pi = 0; pi < p; ++pi) {
+                float *s = state + (bh * p + pi) * n;
+                const float u = step * x[bh * p + pi];
+                float acc = 0.f;
+                #pragma omp simd reduction(+:acc)
+                for (long j = 0; j < n; ++j) {
+                    const float v = s[j] * decay + u * Bv[j];
+                    s[j] = v;
+                    acc += v * Cv[j];
+                }
+                y[bh * p + pi] = acc;
+            }
+        }
+    }
+}
+
+/* exp(x) for 16 floats: x = k ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial (about 1 ulp),
+ * 2^k applied by scalef (exact, down to zero for very negative x). */
+#if defined(__AVX512F__)
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.5f)), _mm512_set1_ps(-104.f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, k);
+}
+#endif
+
+static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }  /* torch's threshold */
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+#if defined(__AVX512F__)
+/* log(1 + u) for 16 floats u >= 0: log(w), w = 1 + u, by Cephes' logf polynomial on the mantissa
+ * (about 1 ulp), times u / (w - 1) to undo the rounding of 1 + u (u where 1 + u rounds to 1). */
+static inline __m512 log1p16(__m512 u) {
+    const __m512 one = _mm512_set1_ps(1.f), w = _mm512_add_ps(u, one);
+    __m512 e = _mm512_getexp_ps(w), m = _mm512_getmant_ps(w, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+    const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_ps(e, big, e, one);
+    const __m512 x = _mm512_sub_ps(m, one), z = _mm512_mul_ps(x, x);
+    __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.1514610310e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.1676998740e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.2420140846e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.4249322787e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.6668057665e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(2.0000714765e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-2.4999993993e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(3.3333331174e-1f));
+    y = _mm512_mul_ps(_mm512_mul_ps(y, x), z);
+    y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+    __m512 logw = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(x, y));
+    const __m512 wm1 = _mm512_sub_ps(w, one);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(wm1, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    return _mm512_mask_blend_ps(tiny, _mm512_mul_ps(logw, _mm512_div_ps(u, _mm512_mask_blend_ps(tiny, wm1, one))), u);
+}
+
+static inline __m512 softplus16(__m512 v) {
+    const __mmask16 linear = _mm512_cmp_ps_mask(v, _mm512_set1_ps(20.f), _CMP_GT_OQ);
+    return _mm512_mask_blend_ps(linear, log1p16(exp16(v)), v);
+}
+
+static inline __m512 silu16(__m512 v) {
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+#endif
+
+/* One Mamba(-1) selective-scan step, in place, from the layer's projections:
+ *
+ *   dt[b, i]   = dt_low[b, :] . dt_wT[:, i]                      (dt_wT NULL: dt_low holds dt (b, I))
+ *   delta[i]   = softplus(dt[b, i] + dt_bias[i])
+ *   state[i,:] = state[i,:] * exp(delta[i] * A[i,:]) + (delta[i] * x[b, i]) * B[b,:]
+ *   y[b, i]    = (state[i,:] . C[b,:] + D[i] * x[b, i]) * silu(z[b, i])      (z NULL: no gate)
+ *
+ * state (b, I, n) float32; x, z (b, I) and dt_low (b, R) (or (b, I)) with row strides x_stride, z_stride,
+ * dt_stride (slices of the projections' outputs); dt_wT (R, I), dt_proj's weight transposed; A (I, n);
+ * dt_bias, D (I,) or NULL; B, C (b, n) with row stride bc_stride; y (b, I). The per-channel work (the dt
+ * projection, softplus, D and the gate) is done 16 channels at a time, then each channel's state row.
+ */
+void ssmkit_selective_step(float *state, const float *x, long x_stride, const float *dt_low, long dt_stride,
+                           const float *dt_wT, long R, const float *dt_bias, const float *A, const float *B,
+                           const float *C, long bc_stride, const float *D, const float *z, long z_stride, float *y,
+                           long b, long I, long n, int threads) {
+    const long blocks = (I + 15) / 16;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (threads > 1 && I * n >= (1L << 16))
+    for (long bi = 0; bi < b; ++bi) {
+        for (long blk = 0; blk < blocks; ++blk) {
+            const long i0 = blk * 16, width = I - i0 < 16 ? I - i0 : 16;
+            const float *Bv = B + bi * bc_stride, *Cv = C + bi * bc_stride, *xr = x + bi * x_stride + i0;
+            const float *dl = dt_low + bi * dt_stride;
+            float delta[16], gate[16];
+#if defined(__AVX512F__)
+            const __mmask16 lanes = (__mmask16)((1u << width) - 1u);
+            __m512 dt;
+            if (dt_wT) {
+                dt = _mm512_setzero_ps();
+                for (long r = 0; r < R; ++r)
+                    dt = _mm512_fmadd_ps(_mm512_set1_ps(dl[r]), _mm512_maskz_loadu_ps(lanes, dt_wT + r * I + i0), dt);
+            } else {
+                dt = _mm512_maskz_loadu_ps(lanes, dl + i0);
+            }
+            if (dt_bias) dt = _mm512_add_ps(dt, _mm512_maskz_loadu_ps(lanes, dt_bias + i0));
+            _mm512_storeu_ps(delta, softplus16(dt));
+            _mm512_storeu_ps(gate, z ? silu16(_mm512_maskz_loadu_ps(lanes, z + bi * z_stride + i0)) : _mm512_set1_ps(1.f));
+#else
+            for (long k = 0; k < width; ++k) {
+                float v = 0.f;
+                if (dt_wT) {
+                    for (long r = 0; r < R; ++r) v += dl[r] * dt_wT[r * I + i0 + k];
+                } else {
+                    v = dl[i0 + k];
+                }
+                delta[k] = softplus(v + (dt_bias ? dt_bias[i0 + k] : 0.f));
+                gate[k] = z ? silu(z[bi * z_stride + i0 + k]) : 1.f;
+            }
+#endif
+            for (long k = 0; k < width; ++k) {
+                const long i = i0 + k;
+                const float *Ai = A + i * n;
+                float *s = state + (bi * I + i) * n;
+                const float xv = xr[k], d = delta[k], u = d * xv;
+                float acc = 0.f;
+                long j = 0;
+#if defined(__AVX512F__)
+                __m512 vacc = _mm512_setzero_ps();
+                const __m512 vd = _mm512_set1_ps(d), vu = _mm512_set1_ps(u);
+                for (; j + 16 <= n; j += 16) {
+                    const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(s + j),
+                                                     exp16(_mm512_mul_ps(vd, _mm512_loadu_ps(Ai + j))),
+                                                     _mm512_mul_ps(vu, _mm512_loadu_ps(Bv + j)));
+                    _mm512_storeu_ps(s + j, v);
+                    vacc = _mm512_fmadd_ps(v, _mm512_loadu_ps(Cv + j), vacc);
+                }
+                acc = _mm512_reduce_add_ps(vacc);
+#endif
+                for (; j < n; ++j) {
+                    const float v = s[j] * expf(d * Ai[j]) + u * Bv[j];
+                    s[j] = v;
+                    acc += v * Cv[j];
+                }
+                if (D) acc += D[i] * xv;
+                y[bi * I + i] = acc * gate[k];
+            }
+        }
+    }
+}
+
+/* The depthwise causal convolution's one-token update with SiLU, the window shifted in place:
+ *
+ *   window[b, c, :] = (window[b, c, 1:], x[b, c]);  out[b, c] = silu(window[b, c, :] . w[c, :] + bias[c])
+ *
+ * window (b, c, width) float32 (conv_bf16 = 0) or bfloat16 bits (conv_bf16 = 1: x must hold bfloat16
+ * values, which are stored exactly); x (b, c) with row stride x_stride; w (c, width) float32; bias (c,)
+ * or NULL; out (b, c) float32.
+ */
+void ssmkit_conv_step(void *window, int conv_bf16, const float *x, long x_stride, const float *w, const float *bias,
+                      float *out, long b, long c, long width) {
+    for (long bi = 0; bi < b; ++bi) {
+        float *o = out + bi * c;
+        for (long ci = 0; ci < c; ++ci) {
+            const long row = (bi * c + ci) * width;
+            const float *wc = w + ci * width, xv = x[bi * x_stride + ci];
+            float acc = bias ? bias[ci] : 0.f;
+            if (conv_bf16) {
+                uint16_t *win = (uint16_t *)window + row;
+                for (long j = 0; j + 1 < width; ++j) {
+                    win[j] = win[j + 1];
+                    acc += bf16_to_float(win[j]) * wc[j];
+                }
+                uint32_t bits;
+                memcpy(&bits, &xv, sizeof bits);
+                win[width - 1] = (uint16_t)(bits >> 16);
+            } else {
+                float *win = (float *)window + row;
+                for (long j = 0; j + 1 < width; ++j) {
+                    win[j] = win[j + 1];
+                    acc += win[j] * wc[j];
+                }
+                win[width - 1] = xv;
+            }
+            o[ci] = acc + xv * wc[width - 1];
+        }
+        long ci = 0;  /* SiLU over the row, 16 channels at a time where the compiler targets AVX-512 */
+#if defined(__AVX512F__)
+        for (; ci + 16 <= c; ci += 16) _mm512_storeu_ps(o + ci, silu16(_mm512_loadu_ps(o + ci)));
+#endif
+        for (; ci < c; ++ci) o[ci] = silu(o[ci]);
+    }
+}
+
+static inline float to_bf16_rne(float v) {  /* to the nearest bfloat16, ties to even (inf and NaN kept) */
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return v;
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* A Mamba-2 layer's decode step between its convolution and out_proj, in place on the state:
+ *
+ *   delta[h] = clamp(softplus(dt[b, h] + dt_bias[h]), dt_min, dt_max);  decay = exp(delta[h] * A[h])
+ *   state[h, p, :] = state[h, p, :] * decay + (delta[h] * x[h, p]) * B[g(h), :]
+ *   y[h, p] = state[h, p, :] . C[g(h), :] + D[h or h, p] * x[h, p]         (rounded to bfloat16 if round_bf16)
+ *   out = y * silu(z), then, with norm_w, RMSNorm over groups of `group` channels (eps) times norm_w
+ *
+ * xbc (b, ·) the convolution's output with row stride xbc_stride: x (h·p) at 0, B (g·n) at h·p, C (g·n)
+ * after; dt (b, h) and z (b, h·p) with row strides; dt_bias (h,) or NULL; A (h,); D (h,) or (h·p,)
+ * (D_per_channel), or NULL; norm_w (h·p,) or NULL; out (b, h·p) float32.
+ */
+void ssmkit_mamba2_step(float *state, const float *xbc, long xbc_stride, const float *dt, long dt_stride,
+                        const float *dt_bias, const float *A, float dt_min, float dt_max, const float *D,
+                        int D_per_channel, const float *z, long z_stride, const float *norm_w, long group, float eps,
+                        int round_bf16, float *out, long b, long h, long p, long n, long g, int threads) {
+    const long heads_per_group = h / g, I = h * p;
+    for (long bi = 0; bi < b; ++bi) {
+        const float *x = xbc + bi * xbc_stride, *Bm = x + I, *Cm = Bm + g * n, *zr = z + bi * z_stride;
+        float *o = out + bi * I;
+        #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && I * n >= (1L << 16))
+        for (long hi = 0; hi < h; ++hi) {
+            float delta = softplus(dt[bi * dt_stride + hi] + (dt_bias ? dt_bias[hi] : 0.f));
+            delta = delta < dt_min ? dt_min : (delta > dt_max ? dt_max : delta);
+            const float decay = expf(delta * A[hi]);
+            const float *Bv = Bm + (hi / heads_per_group) * n, *Cv = Cm + (hi / heads_per_group) * n;
+            for (long pi = 0; pi < p; ++pi) {
+                const long c = hi * p + pi;
+                float *s = state + ((bi * h + hi) * p + pi) * n;
+                const float u = delta * x[c];
+                float acc = 0.f;
+                #pragma omp simd reduction(+:acc)
+                for (long j = 0; j < n; ++j) {
+                    const float v = s[j] * decay + u * Bv[j];
+                    s[j] = v;
+                    acc += v * Cv[j];
+                }
+                if (D) acc += D[D_per_channel ? c : hi] * x[c];
+                o[c] = round_bf16 ? to_bf16_rne(acc) : acc;
+            }
+        }
+        long c = 0;
+#if defined(__AVX512F__)
+        for (; c + 16 <= I; c += 16)
+            _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), silu16(_mm512_loadu_ps(zr + c))));
+#endif
+        for (; c < I; ++c) o[c] *= silu(zr[c]);
+        if (!norm_w) continue;
+        for (long start = 0; start < I; start += group) {
+            float ss = 0.f;
+            for (long k = start; k < start + group; ++k) ss += o[k] * o[k];
+            const float scale = 1.f / sqrtf(ss / (float)group + eps);
+            for (long k = start; k < start + group; ++k) o[k] = o[k] * scale * norm_w[k];
+        }
+    }
+}

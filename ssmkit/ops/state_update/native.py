@@ -1,0 +1,128 @@
+"""The Mamba-2 decode step in one pass over the state, through the native kernel (:mod:`ssmkit.ops.native`).
+
+The vectorised torch step (``reference.py``) decays the state, adds the input and reads it out in three
+passes; at batch 1 on a CPU, with a 130M model's states (~19 MB) beyond the caches, those passes cost
+as much as a third of the int8 weights' traffic. This is the same step for the Mamba-2 form with a
+scalar decay per head, float32 state, no z (the layer applies D and the gate), one pass.
+
+Dimensions: ``b`` batch, ``h`` heads, ``p`` head dim, ``n`` state size, ``g`` groups of B/C.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ssmkit.ops import native
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Mamba2Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def native_ssd_step() -> Step | None:
+    """``(state, x, delta, decay, B, C) -> y``, or None where the native kernels are not built.
+
+    ``state ← state · decay[..., None, None] + (delta · x)[..., None] ⊗ B[group]``, in place, and
+    ``y = state · C[group]``. state: (b, h, p, n) float32, contiguous (a layer's cache); x: (b, h, p);
+    delta, decay: (b, h) (Δ after bias, softplus and limits; exp(Δ A)); B, C: (b, g, n), g dividing h;
+    all float32 on the CPU. Returns y (b, h, p) float32. Nothing is checked per call: for a decode
+    loop whose caller checked the shapes once (the lean step, :mod:`ssmkit.layers.lean_step`).
+    """
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.ssmkit_ssd_step
+
+    def step(state: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, decay: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor) -> torch.Tensor:
+        b, h, p, n = state.shape
+        x, delta, decay, B, C = (t.contiguous() for t in (x, delta, decay, B, C))
+        y = torch.empty(b, h, p, dtype=torch.float32)
+        fn(state.data_ptr(), x.data_ptr(), delta.data_ptr(), decay.data_ptr(), B.data_ptr(), C.data_ptr(),
+           y.data_ptr(), b, h, p, n, B.shape[1], torch.get_num_threads())
+        return y
+    return step
+
+
+SelectiveStep = Callable[..., torch.Tensor]
+
+
+def native_selective_step() -> Callable[..., SelectiveStep] | None:
+    """``bind(A, dt_bias, D, dt_weight=None)``, binding a Mamba(-1) layer's parameters to its one-pass
+    selective-scan step, or None where the native kernels are not built.
+
+    ``bind(A (I, n), dt_bias (I,) or None, D (I,) or None, dt_weight (I, R) or None)`` returns
+    ``step(state, x, dt, B, C, z) -> y``: with ``dt_weight``, ``dt`` (b, R) is dt_proj's input and the step
+    projects it (float32); without, ``dt`` (b, I) is dt_proj's output. Then ``Δ = softplus(dt + dt_bias)``,
+    ``state ← state · exp(Δ A) + (Δ x)[..., None] B[:, None]`` in place, ``y = (state · C + D x) · silu(z)``
+    (no gate when z is None). state: (b, I, n) float32, contiguous; x, dt, z: float32 with unit stride
+    along the last dimension (slices of a projection's output are fine); B, C: (b, n) float32, unit
+    stride along n. Returns y (b, I) float32. Nothing is checked per call (for a decode loop whose caller
+    checked the shapes once).
+    """
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.ssmkit_selective_step
+
+    def bind(A: torch.Tensor, dt_bias: torch.Tensor | None, D: torch.Tensor | None,
+             dt_weight: torch.Tensor | None = None) -> SelectiveStep:
+        dt_wT = None if dt_weight is None else dt_weight.detach().to(torch.float32).t()
+        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in (A, dt_bias, D, dt_wT))
+        a, bias, d, wT = (None if t is None else t.data_ptr() for t in held)
+        rank = 0 if dt_weight is None else dt_weight.shape[1]
+
+        def step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 z: torch.Tensor | None) -> torch.Tensor:
+            b, I, n = state.shape
+            y = torch.empty(b, I, dtype=torch.float32)
+            if B.stride(0) != C.stride(0):
+                B, C = B.contiguous(), C.contiguous()
+            fn(state.data_ptr(), x.data_ptr(), x.stride(0), dt.data_ptr(), dt.stride(0), wT, rank, bias, a,
+               B.data_ptr(), C.data_ptr(), B.stride(0), d, None if z is None else z.data_ptr(),
+               0 if z is None else z.stride(0), y.data_ptr(), b, I, n, torch.get_num_threads())
+            return y
+        step.tensors = held  # keep the buffers the pointers refer to alive
+        return step
+    return bind
+
+
+def native_mamba2_step() -> Callable[..., Mamba2Step] | None:
+    """``bind(...)``, binding a Mamba-2 layer's parameters to its decode step between the convolution and
+    out_proj in one call, or None where the native kernels are not built.
+
+    ``bind(A (h,), dt_bias (h,) or None, D (h,) or (h·p,) or None, dt_limit (lo, hi), norm_weight (h·p,) or
+    None, group, eps, round_bf16, shape (h, p, n, g))`` returns ``step(state, xBC, dt, z) -> out``:
+    ``Δ = clamp(softplus(dt + dt_bias), *dt_limit)``, the state update of :func:`native_ssd_step` with
+    decay exp(Δ A), ``y = state · C + D x`` (rounded to bfloat16 with ``round_bf16``, as a bfloat16 layer
+    rounds the scan's output), ``y · silu(z)`` and, with ``norm_weight``, the RMSNorm over groups of ``group``
+    channels times it. state: (b, h, p, n) float32, contiguous; xBC: (b, h·p + 2·g·n) the convolution's
+    output, dt: (b, h), z: (b, h·p), all float32 with unit stride along the last dimension. Returns
+    (b, h·p) float32. Nothing is checked per call.
+    """
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.ssmkit_mamba2_step
+
+    def bind(A: torch.Tensor, dt_bias: torch.Tensor | None, D: torch.Tensor | None, dt_limit: tuple[float, float],
+             norm_weight: torch.Tensor | None, group: int, eps: float, round_bf16: bool,
+             shape: tuple[int, int, int, int]) -> Mamba2Step:
+        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous().view(-1)
+                     for t in (A, dt_bias, D, norm_weight))
+        a, bias, d, w = (None if t is None else t.data_ptr() for t in held)
+        h, p, n, g = shape
+        per_channel = int(held[2] is not None and held[2].numel() == h * p)
+        lo, hi = (float(v) for v in dt_limit)
+
+        def step(state: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            b = state.shape[0]
+            out = torch.empty(b, h * p, dtype=torch.float32)
+            fn(state.data_ptr(), xBC.data_ptr(), xBC.stride(0), dt.data_ptr(), dt.stride(0), bias, a, lo, hi, d,
+               per_channel, z.data_ptr(), z.stride(0), w, group, eps, int(round_bf16), out.data_ptr(), b, h, p, n, g,
+               torch.get_num_threads())
+            return out
+        step.tensors = held  # keep the buffers the pointers refer to alive
+        return step
+    return bind

@@ -1,0 +1,120 @@
+"""The lean decode steps of Mamba / Mamba-2 blocks equal the blocks' own step (layers/lean_step.py)."""
+
+import pytest
+import torch
+from torch import nn
+
+from ssmkit.layers import Block, Mamba, Mamba2
+from ssmkit.layers.lean_step import Mamba2Step, MambaStep, lean_block_step, state_fits
+from ssmkit.layers.quantized import quantize_int8_
+from ssmkit.ops.state_update.native import native_ssd_step
+
+MAMBA2_VARIANTS = {
+    "default": {},
+    "groups": {"ngroups": 2},
+    "D per channel": {"D_has_hdim": True},
+    "no gated norm": {"rmsnorm": False},
+    "dt limit": {"dt_limit": (0.01, 0.05)},
+    "biases": {"bias": True, "conv_bias": False},
+    # Falcon-H1's options: a width apart from expand, in_proj scales per part, out_proj's own bias setting.
+    "falcon-h1 options": {"d_inner": 48, "in_proj_multipliers": (0.5, 2.0, 0.25, 1.5, 3.0), "out_proj_bias": True},
+}
+# (tolerance on the output, on the states) per weight dtype: bf16 rounds activations where the layer does,
+# but a different summation order can move a bf16 rounding by one step.
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (6e-2, 2e-2)}
+
+
+def _block(mixer: nn.Module, dtype: torch.dtype, residual_in_fp32: bool = True) -> Block:
+    torch.manual_seed(1)
+    block = Block(32, mixer, residual_in_fp32=residual_in_fp32)
+    with torch.no_grad():
+        for p in block.parameters():  # non-trivial norms, biases and D
+            p.add_(0.1 * torch.randn_like(p))
+    return block.to(dtype).eval()
+
+
+def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, fused: bool = True) -> None:
+    """The lean step and the block's step from the same prompt state: outputs and states after each token
+    (``fused=False``: the convolution and state updates by torch's ops, as where the native kernels are not
+    built)."""
+    torch.manual_seed(2)
+    lean = lean_block_step(block)
+    assert lean is not None
+    if not fused:  # torch's ops where the native kernels would run
+        lean.fused_step = lean.selective_step = lean.mamba2_step = lean.conv.native = None
+    else:
+        assert lean.conv.native is not None and getattr(lean, "mamba2_step", True) is not None
+    theirs = block.allocate_state(batch)
+    with torch.no_grad():
+        block(torch.randn(batch, 6, 32, dtype=dtype), cache=theirs)  # a prefilled state
+        ours = theirs.clone()
+        assert state_fits(lean, ours, batch)
+        out_tol, state_tol = TOLERANCE[dtype]
+        for _ in range(steps):
+            r = torch.randn(batch, 1, 32, dtype=dtype)
+            expected = block(r, cache=theirs)[:, 0]
+            r_in = r[:, 0].to(torch.float32) if block.residual_in_fp32 else r[:, 0]
+            got = lean(r_in, ours)
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected, rtol=out_tol, atol=out_tol)
+            for name, t in theirs.tensors().items():
+                torch.testing.assert_close(getattr(ours, name).float(), t.float(), rtol=state_tol, atol=state_tol,
+                                           msg=lambda m, name=name: f"state.{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["native steps", "torch steps"])
+@pytest.mark.parametrize("d_state", [8, 16, 35])  # the vector loop, and its remainder
+def test_mamba_step_equals_the_block_step(dtype, residual_in_fp32, fused, d_state):
+    if fused and native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba(32, d_state=d_state, bias=True), dtype, residual_in_fp32)
+    assert isinstance(lean_block_step(block), MambaStep)
+    _compare(block, dtype, fused=fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", MAMBA2_VARIANTS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused state step", "torch state step"])
+def test_mamba2_step_equals_the_block_step(dtype, variant, fused):
+    if fused and native_ssd_step() is None:
+        pytest.skip("no C compiler here: the fused state step is not built")
+    block = _block(Mamba2(32, d_state=8, headdim=8, **MAMBA2_VARIANTS[variant]), dtype)
+    assert isinstance(lean_block_step(block), Mamba2Step)
+    _compare(block, dtype, batch=1 if variant == "default" else 3, fused=fused)
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+def test_int8_steps_equal_the_quantised_block_step(mixer):
+    layer = Mamba(32, d_state=8) if mixer == "mamba" else Mamba2(32, d_state=8, headdim=8, ngroups=2)
+    model = nn.Module()
+    model.layers = nn.ModuleList([_block(layer, torch.float32)])
+    quantize_int8_(model)
+    # Both go through the int8 kernel with bfloat16 activations: bfloat16-level agreement.
+    TOLERANCE[torch.float32], saved = (3e-2, 1e-2), TOLERANCE[torch.float32]
+    try:
+        _compare(model.layers[0], torch.float32, fused=native_ssd_step() is not None)
+    finally:
+        TOLERANCE[torch.float32] = saved
+
+
+def test_blocks_without_a_lean_step():
+    assert lean_block_step(_block(Mamba(32, d_state=8, inner_layernorms=True), torch.float32)) is None
+    assert lean_block_step(_block(Mamba(32, d_state=8, mixer_rms_eps=1e-6), torch.float32)) is None
+    assert lean_block_step(_block(Mamba2(32, headdim=8, norm_before_gate=True), torch.float32)) is None
+    assert lean_block_step(_block(Mamba2(32, headdim=8), torch.float64)) is None
+    with_ff = Block(32, Mamba(32), ff=nn.Linear(32, 32))
+    assert lean_block_step(with_ff) is None
+
+
+def test_state_fits_rejects_other_kinds_and_shapes():
+    m1 = _block(Mamba(32, d_state=8), torch.float32)
+    m2 = _block(Mamba2(32, d_state=8, headdim=8), torch.float32)
+    step1, step2 = lean_block_step(m1), lean_block_step(m2)
+    assert state_fits(step1, m1.allocate_state(2), 2) and not state_fits(step1, m1.allocate_state(2), 3)
+    assert not state_fits(step1, m2.allocate_state(2), 2) and not state_fits(step2, m1.allocate_state(2), 2)
+    assert not state_fits(step2, m2.allocate_state(2, dtype=torch.float64), 2)
+    strided = m1.allocate_state(2)  # the native steps write the state as one contiguous block
+    strided.ssm = torch.zeros(2, 8, 32).transpose(1, 2)
+    assert not state_fits(step1, strided, 2)
