@@ -25,6 +25,7 @@ backends' backward); a second backward through a retained graph recomputes both 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -168,12 +169,26 @@ def _composed(prep: Callable[..., object], tail: Callable[..., object],
     return outs[0] if len(outs) == 1 else outs
 
 
-@torch.compiler.disable
 def _releasing(prep: Callable[..., object], tail: Callable[..., object],
                tensors: tuple[torch.Tensor | None, ...]) -> torch.Tensor | Tensors:
-    """The recomputing function, run as is under torch.compile: Dynamo cannot trace the storage release and
-    the saved-tensors-hook query, and tracing the stages' frames one by one recompiled them per call site
-    (dozens of graphs and the recompile limit for a few layers); one graph break per call instead."""
+    """The recomputing function; under torch.compile it runs as is, one graph break per call: Dynamo cannot
+    trace the storage release and the saved-tensors-hook query, and tracing the stages' frames one by one
+    recompiled them per call site (dozens of graphs and the recompile limit for a few layers)."""
+    if torch.compiler.is_compiling():
+        return _uncompiled()(prep, tail, tensors)
+    return _releasing_eagerly(prep, tail, tensors)
+
+
+def _releasing_eagerly(prep: Callable[..., object], tail: Callable[..., object],
+                       tensors: tuple[torch.Tensor | None, ...]) -> torch.Tensor | Tensors:
     if not _may_release():
         return _composed(prep, tail, tensors)
     return _Recomputed.apply(prep, tail, *tensors)
+
+
+@functools.cache
+def _uncompiled() -> Callable[..., torch.Tensor | Tensors]:
+    """``_releasing_eagerly`` hidden from Dynamo. Made on first use under torch.compile, not at import:
+    ``torch.compiler.disable`` imports Dynamo, which imports triton, and importing ssmkit must import neither
+    (Triton's interpreter must be chosen before triton is imported)."""
+    return torch.compiler.disable(_releasing_eagerly)
