@@ -101,7 +101,8 @@ def test_a_callers_cache_is_continued_and_left_as_the_eager_loop_leaves_it(graph
     assert tokens == want_tokens and cache.seqlen_offset == want.seqlen_offset
     for mine, theirs in zip(cache.states, want.states):
         for name, t in mine.tensors().items():
-            torch.testing.assert_close(t, theirs.tensors()[name], rtol=0, atol=0, msg=name)
+            # Not bit for bit: on CPU the eager loop steps through the lean decoder, a graph the blocks' step.
+            torch.testing.assert_close(t, theirs.tensors()[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_call_while_the_kept_graph_is_in_use_captures_its_own(graphed):
