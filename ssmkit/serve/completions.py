@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException
 from ssmkit.data.tokenizer import Tokenizer
 from ssmkit.generation.sampling import SamplingParams
 from ssmkit.models.cache import ModelCache
-from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped, GenerationRequest
+from ssmkit.serve.batching import Engine, EngineBusy, EngineStopped
+from ssmkit.serve.request import GenerationRequest
 from ssmkit.serve.options import ServeOptions
 from ssmkit.serve.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixPlan
 from ssmkit.serve.prefix_disk import DiskTier

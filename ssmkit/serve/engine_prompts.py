@@ -29,7 +29,7 @@ from ssmkit.serve.slots import host_to_device
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
-    from ssmkit.serve.batching import GenerationRequest
+    from ssmkit.serve.request import GenerationRequest
 
 log = logging.getLogger("ssmkit.serve")
 
