@@ -66,8 +66,8 @@ from ssmkit.layers.configs import (  # noqa: F401  (part of this module's public
     MoEConfig,
     S4Config,
     S4DConfig,
-    _positive,
 )
+from ssmkit.layers.configs._checks import _positive
 
 # Bounds on every int field, checked before anything is sized from them: sizes index int32 kernels, and
 # no real model has more layers than this (the largest have a few hundred).
