@@ -232,27 +232,7 @@ class Attention(nn.Module):
         multiplies a masked key's zero probability by its NaN value, so queries of the same query block that
         cannot see it (earlier positions, other documents) become NaN as well.
         """
-        bound = Dims(d=self.d_model)
-        check_tensor("x", x, ("b", "l", "d"), bound)
-        b, l, _ = x.shape
-        check_nonempty("x", b, "batch")
-        check_nonempty("x", l, "length")
-        if cache is not None and initial_state is not None:
-            raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
-        segments = within = None
-        if seq_idx is not None:
-            check_tensor("seq_idx", seq_idx, ("b", "l"), bound, floating=False, integer=True)
-            check_same_device(x=x, seq_idx=seq_idx)
-            change = torch.ones_like(seq_idx, dtype=torch.bool)
-            change[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-            segments = change.cumsum(-1)
-            arange = torch.arange(l, device=x.device).expand(b, l)
-            within = arange - torch.where(change, arange, 0).cummax(-1).values
-        state = cache if cache is not None else initial_state
-        if state is not None:
-            self._check_state(state, x)
-            if cache is None:
-                state = state.clone()
+        b, l, segments, within, state = self._prepare(x, seq_idx, initial_state, cache)
 
         q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.num_heads_kv, self.head_dim).transpose(1, 2)
@@ -308,6 +288,34 @@ class Attention(nn.Module):
         if not store_first:
             state.write(k, v, positions, segments)
         return y
+
+    def _prepare(self, x: Tensor, seq_idx: Tensor | None, initial_state: AttentionState | None,
+                 cache: AttentionState | None) -> tuple[int, int, Tensor | None, Tensor | None, AttentionState | None]:
+        """Checks of a forward's arguments; (b, l, segments, within, state): ``segments`` (b, l) numbers each
+        document of ``seq_idx``, ``within`` (b, l) is each position's offset in its document (both None without
+        ``seq_idx``); ``state`` is ``cache`` (updated in place), a copy of ``initial_state`` (read only) or None."""
+        bound = Dims(d=self.d_model)
+        check_tensor("x", x, ("b", "l", "d"), bound)
+        b, l, _ = x.shape
+        check_nonempty("x", b, "batch")
+        check_nonempty("x", l, "length")
+        if cache is not None and initial_state is not None:
+            raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
+        segments = within = None
+        if seq_idx is not None:
+            check_tensor("seq_idx", seq_idx, ("b", "l"), bound, floating=False, integer=True)
+            check_same_device(x=x, seq_idx=seq_idx)
+            change = torch.ones_like(seq_idx, dtype=torch.bool)
+            change[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+            segments = change.cumsum(-1)
+            arange = torch.arange(l, device=x.device).expand(b, l)
+            within = arange - torch.where(change, arange, 0).cummax(-1).values
+        state = cache if cache is not None else initial_state
+        if state is not None:
+            self._check_state(state, x)
+            if cache is None:
+                state = state.clone()
+        return b, l, segments, within, state
 
     def _check_state(self, state: object, x: Tensor) -> None:
         if not isinstance(state, AttentionState):

@@ -27,7 +27,6 @@ from ssmkit.layers.attention import (
 from ssmkit.layers.configs import AttentionConfig
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.ungated_mlp import _FUNCTIONS, ACTIVATIONS, Activation
-from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 
 
 @dataclass(kw_only=True)
@@ -127,27 +126,7 @@ class SharedAttention(Attention):
                 cache: AttentionState | None = None) -> Tensor:
         """x (b, l, 2d) -> (b, l, d); ``deltas`` (q, k, v terms, (b, l, h·p) and (b, l, hk·p)) are added to the
         projections. ``seq_idx``, ``initial_state`` and ``cache`` as :meth:`ssmkit.layers.Attention.forward`."""
-        bound = Dims(d=self.d_model)
-        check_tensor("x", x, ("b", "l", "d"), bound)
-        b, l, _ = x.shape
-        check_nonempty("x", b, "batch")
-        check_nonempty("x", l, "length")
-        if cache is not None and initial_state is not None:
-            raise ValueError(f"{self._name()}: pass either cache (updated) or initial_state (read only), not both")
-        segments = within = None
-        if seq_idx is not None:
-            check_tensor("seq_idx", seq_idx, ("b", "l"), bound, floating=False, integer=True)
-            check_same_device(x=x, seq_idx=seq_idx)
-            change = torch.ones_like(seq_idx, dtype=torch.bool)
-            change[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-            segments = change.cumsum(-1)
-            arange = torch.arange(l, device=x.device).expand(b, l)
-            within = arange - torch.where(change, arange, 0).cummax(-1).values
-        state = cache if cache is not None else initial_state
-        if state is not None:
-            self._check_state(state, x)
-            if cache is None:
-                state = state.clone()
+        b, l, segments, within, state = self._prepare(x, seq_idx, initial_state, cache)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if deltas is not None:
             q, k, v = q + deltas[0], k + deltas[1], v + deltas[2]
