@@ -19,7 +19,15 @@ Without mamba_ssm's source the ssmkit rows still print, and the peer's row says 
 
 MIMO needs mamba_ssm's TileLang kernels, which are not installed on the device machine: SISO only.
 
+``--profile L`` adds a per-kernel table (``torch.profiler``, CUDA time summed by kernel name) of one
+forward+backward of each layer at length L: where the layer's time goes besides its scan.
+
     python benchmarks/gpu_mamba3.py [--upstream release|main] [--lengths 2048 8192] [--no-parity] [--no-timing]
+    python benchmarks/gpu_mamba3.py --no-parity --no-timing --profile 2048
+
+``--host-profile L`` runs one layer's forward+backward 20 times under cProfile (Python time on the host,
+the GPU waited for only at the end) and prints the functions with the most time of their own: at short
+lengths the layers are bound by launching their kernels, not by running them.
 """
 
 from __future__ import annotations
@@ -105,6 +113,71 @@ def timing(their_cls: type | None, activation: str, lengths: list[int]) -> list[
     return rows
 
 
+def profile(their_cls: type | None, activation: str, length: int, rows: int = 25) -> None:
+    """Per-kernel CUDA time of one forward+backward of ssmkit's layer (triton route) and mamba_ssm's."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
+    x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    runs = [("ssmkit triton", ours, scan_backend("triton"))]
+    runs += [("mamba_ssm", theirs, contextlib.nullcontext())] if theirs is not None else []
+    for name, layer, ctx in runs:
+        with ctx:
+            for _ in range(3):
+                layer(x).sum().backward()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                layer(x).sum().backward()
+                torch.cuda.synchronize()
+        totals: dict[str, list[float]] = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                entry = totals.setdefault(ev.name, [0.0, 0])
+                entry[0] += ev.device_time_total / 1e3
+                entry[1] += 1
+        total = sum(v[0] for v in totals.values())
+        print(f"\nprofile, {name} layer fwd+bwd, L {length}: {total:.2f} ms of kernels, "
+              f"{sum(v[1] for v in totals.values())} launches")
+        print(f"{'ms':>8} {'calls':>6}  kernel")
+        for kernel, (ms, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+            print(f"{ms:>8.3f} {calls:>6}  {kernel[:110]}")
+
+
+def host_profile(their_cls: type | None, activation: str, length: int, rows: int = 30) -> None:
+    """Host time per fwd+bwd (wall with the GPU waited for once per 20 calls) and cProfile's top functions."""
+    import cProfile
+    import pstats
+    import time
+
+    ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
+    x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    runs = [("ssmkit triton", ours, scan_backend("triton"))]
+    runs += [("mamba_ssm", theirs, contextlib.nullcontext())] if theirs is not None else []
+    for name, layer, ctx in runs:
+        with ctx:
+            for _ in range(3):
+                layer(x).sum().backward()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                layer(x).sum().backward()
+            host = (time.perf_counter() - start) / 20
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / 20
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20):
+                layer(x).sum().backward()
+            prof.disable()
+            torch.cuda.synchronize()
+        print(f"\nhost profile, {name} layer fwd+bwd, L {length}: {host * 1e3:.2f} ms of host time a call "
+              f"(wall {wall * 1e3:.2f} ms); cProfile over 20 calls, by own time:")
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(rows)
+        stats.sort_stats("cumulative").print_stats(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream", choices=UPSTREAMS, default="release",
@@ -112,6 +185,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--no-parity", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="L",
+                        help="per-kernel profile of each layer's fwd+bwd at these lengths")
+    parser.add_argument("--host-profile", type=int, nargs="*", default=[], metavar="L",
+                        help="cProfile of each layer's fwd+bwd on the host at these lengths")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -127,6 +204,10 @@ def main() -> None:
         print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")
         print(f"{'dtype':>9} {'outproj_norm':>12} {'backend':>8} {'out rel err':>12} {'dx rel err':>11}")
         parity(their_cls, activation)
+    for length in args.profile:
+        profile(their_cls, activation, length)
+    for length in args.host_profile:
+        host_profile(their_cls, activation, length)
     if args.no_timing:
         return
     print("\nspeed, bf16, batch 8, d_model 768 (24 heads x 64, N 128), median ms:")
