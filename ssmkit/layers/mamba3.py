@@ -19,39 +19,16 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ssmkit.layers.configs import DECAY_ACTIVATIONS, DecayActivation, Mamba3Config, layer_settings
+from ssmkit.layers.configs import DECAY_ACTIVATIONS, Mamba3Config, layer_settings
 from ssmkit.layers.mamba import dt_bias_init
 from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
-from ssmkit.layers.state import LayerState, at_least_fp32
+from ssmkit.layers.state import LayerState
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
+from ssmkit.ops.mamba3.step_sizes import decay_rate, dt_and_decay
 
-def decay_rate(dd_A: torch.Tensor, A_floor: float, activation: DecayActivation) -> torch.Tensor:
-    """Mamba-3's data-dependent decay rate A = -max(f(dd_A), A_floor), computed in at least float32.
-
-    ``activation`` picks f:
-
-    * ``"heavy_tail"`` (mamba_ssm after release 2.3.2, state-spaces/mamba #962, what new Mamba-3 checkpoints
-      are trained with): f(x) = 1 + x for x >= 0 and 1 / (1 - x) for x < 0. Its slow negative tail keeps A
-      away from 0 where softplus would vanish (softplus let training diverge at high learning rates).
-      f is C¹ at 0 (f(0) = 1, f'(0) = 1 from both sides; f'' jumps from 2 to 0), and its gradient at exactly
-      0 is that 1. (mamba_ssm writes f as ``clamp_min(x, 0) + 1 / (1 - clamp_max(x, 0))``, whose autograd
-      gradient at exactly x = 0 is 2, as both clamps pass it; the values are the same bits.)
-    * ``"softplus"`` (mamba_ssm 2.3.2): f = softplus.
-
-    dd_A: any shape; returns A of that shape, negative.
-    """
-    x = at_least_fp32(dd_A)
-    if activation == "heavy_tail":
-        f = torch.where(x >= 0, 1 + x, torch.reciprocal(1 - x.clamp(max=0)))
-    elif activation == "softplus":
-        f = F.softplus(x)
-    else:
-        raise ValueError(f"decay activation must be one of {DECAY_ACTIVATIONS}, got {activation!r}")
-    return (-f).clamp(max=-A_floor)
-
+__all__ = ["DECAY_ACTIVATIONS", "Mamba3", "Mamba3State", "decay_rate"]
 
 @dataclasses.dataclass(eq=False)
 class Mamba3State(LayerState):
@@ -202,8 +179,7 @@ class Mamba3(nn.Module):
         z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(u).split(self.split_sizes, dim=-1)
         B = self.B_norm(B.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
         C = self.C_norm(C.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
-        A = decay_rate(dd_A, self.A_floor, self.decay_activation)
-        dt = F.softplus(at_least_fp32(dd_dt) + self.dt_bias)
+        dt, A = dt_and_decay(dd_dt, dd_A, self.dt_bias, self.A_floor, self.decay_activation)
         inputs = {
             "x": x.unflatten(-1, (self.nheads, self.headdim)), "dt": dt, "A": A, "B": B, "C": C, "trap": trap,
             "angles": angles[:, :, None].expand(-1, -1, self.nheads, -1),

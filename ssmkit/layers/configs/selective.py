@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Union, get_args
+from typing import ClassVar, Literal, Union
 
 from ssmkit.layers.configs._checks import _dt_range, _positive
-
-DecayActivation = Literal["softplus", "heavy_tail"]
-"""How Mamba-3 maps dd_A to its decay rate (see ssmkit.layers.mamba3.decay_rate)."""
-DECAY_ACTIVATIONS: tuple[str, ...] = get_args(DecayActivation)
+from ssmkit.ops.mamba3.step_sizes import DECAY_ACTIVATIONS, DecayActivation
 
 
 @dataclass(kw_only=True)

@@ -125,7 +125,10 @@ def mamba3_scan(
     # chunked form anyway; on a CPU the chunked path (the SSD route is no faster there).
     on_ssd_route = backend == "triton" or (backend == "auto" and x.dtype != torch.float64)
     backend = resolve_backend(backend, dims.device, has_triton=on_ssd_route)
-    scan = functools.partial(mamba3_via_ssd, ssd_backend="triton") if backend == "triton" else _BACKENDS[backend]
+    if backend == "triton":
+        scan = functools.partial(mamba3_via_ssd, ssd_backend="triton", final_state=return_final_state)
+    else:
+        scan = _BACKENDS[backend]
     out, final = scan(Mamba3Inputs.from_args(locals()))
     return (out, final) if return_final_state else out
 

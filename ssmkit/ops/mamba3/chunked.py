@@ -128,7 +128,7 @@ def _block(
 
     doc, doc_end, doc_before = _doc_layout(seq_idx, b, l, T, x.device)
     theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
-    w = prep.gamma + next_share(prep, seq_idx)  # (b, l, h)
+    w = prep.gamma + next_share(prep.delta, seq_idx)  # (b, l, h)
 
     # Padded steps: no decay (log_a = 0) and no input (w = γ = 0, B̃ = 0), so G passes unchanged.
     cum = torch.cumsum(_pad(prep.log_a, pad).view(b, nc, T, h), dim=2).transpose(2, 3)  # (b, c, h, T)
@@ -155,7 +155,7 @@ def _block(
     weighted_x = rows_x * to_end.repeat_interleave(r, dim=-1)[..., None]
     chunk_states = weighted_x.transpose(-1, -2) @ rows_B  # (b, c, h, p, n)
 
-    G = x.new_zeros(b, h, p, n, dtype=dtype) if init is None else initial_G(init, prep, mimo_x)
+    G = x.new_zeros(b, h, p, n, dtype=dtype) if init is None else initial_G(init, prep.xr, prep.delta[:, 0], mimo_x)
     # Inter-chunk recurrence on (b, h, p, n) states; unbind so that backward stacks the gradients.
     chunk_decay = torch.exp(cum[..., -1])[..., None, None].unbind(1)
     continues = (doc_end == doc_before).view(b, nc, 1, 1, 1).unbind(1)
@@ -173,22 +173,23 @@ def _block(
     return out, Mamba3ScanState(theta[:, -1], G, Bt[:, -1], x[:, -1].to(dtype))
 
 
-def next_share(prep: Prepared, seq_idx: torch.Tensor | None) -> torch.Tensor:
-    """δ_{s+1} per position (b, l, h): the next position's trapezoid share, 0 where the next position
-    starts a document or does not exist (w_s = γ_s + δ_{s+1})."""
-    nxt = F.pad(prep.delta[:, 1:], (0, 0, 0, 1))
+def next_share(delta: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """δ_{s+1} per position (b, l, h) from δ (b, l, h): the next position's trapezoid share, 0 where the next
+    position starts a document or does not exist (w_s = γ_s + δ_{s+1})."""
+    nxt = F.pad(delta[:, 1:], (0, 0, 0, 1))
     if seq_idx is not None:
         nxt = torch.where(F.pad(doc_starts(seq_idx)[:, 1:], (0, 1))[..., None], 0.0, nxt)
     return nxt
 
 
-def initial_G(init: Mamba3ScanState, prep: Prepared, mimo_x: torch.Tensor | None) -> torch.Tensor:
+def initial_G(init: Mamba3ScanState, xr: torch.Tensor, delta0: torch.Tensor, mimo_x: torch.Tensor | None
+              ) -> torch.Tensor:
     """G_{-1} = H_{-1} + δ_0 u_{-1} (b, h, p, n): the carried state plus the first step's trapezoid share of
-    the carried (B̃, x)."""
-    r = prep.xr.shape[2]
-    mx = None if mimo_x is None else mimo_x.to(prep.xr.dtype).transpose(0, 1)
+    the carried (B̃, x); xr (b, l, r, h, p) is :class:`Prepared`'s x̃ (for its rank), delta0 (b, h) is δ_0."""
+    r = xr.shape[2]
+    mx = None if mimo_x is None else mimo_x.to(xr.dtype).transpose(0, 1)
     x_prev = init.last_x[:, None] * mx if mx is not None else init.last_x[:, None].expand(-1, r, -1, -1)
-    return init.ssm + prep.delta[:, 0, :, None, None] * mix_input(x_prev, init.last_B)
+    return init.ssm + delta0[:, :, None, None].to(init.ssm.dtype) * mix_input(x_prev.to(init.ssm.dtype), init.last_B)
 
 
 def rotated_BC(prep: Prepared, seq_idx: torch.Tensor | None, init: Mamba3ScanState | None,

@@ -56,22 +56,24 @@ class Prepared(NamedTuple):
     Bh: torch.Tensor | None
     Ch: torch.Tensor | None
     xr: torch.Tensor
-    log_a: torch.Tensor
-    gamma: torch.Tensor
-    delta: torch.Tensor
+    log_a: torch.Tensor | None
+    gamma: torch.Tensor | None
+    delta: torch.Tensor | None
     dtheta: torch.Tensor | None
 
 
-def prepare(inputs: Mamba3Inputs, dtype: torch.dtype, fused: bool = False) -> Prepared:
+def prepare(inputs: Mamba3Inputs, dtype: torch.dtype, fused: bool = False, scalars: bool = True) -> Prepared:
     """Everything the recurrence needs per token (shapes in :class:`Prepared`).
 
     ``fused``: for a caller whose kernels build B̃, C̃ and θ themselves (the SSD route's Triton form): Bh, Ch
     and dtheta are None, and without ``mimo_x`` xr is a view of x in its own dtype (no float32 copy).
+    ``scalars=False``: log_a, gamma and delta are None (the caller makes them).
     """
     x, dt, A, B, C, trap, angles = inputs.x, inputs.dt, inputs.A, inputs.B, inputs.C, inputs.trap, inputs.angles
     B_bias, C_bias, mimo_x = inputs.B_bias, inputs.C_bias, inputs.mimo_x
     h = x.shape[2]
-    dt, lam = dt.to(dtype), torch.sigmoid(trap.to(dtype))
+    dt = dt.to(dtype)
+    lam = torch.sigmoid(trap.to(dtype)) if scalars else None
 
     def per_head(v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # The biases are per head, so B and C become per head here even when groups are shared.
@@ -87,9 +89,9 @@ def prepare(inputs: Mamba3Inputs, dtype: torch.dtype, fused: bool = False) -> Pr
         Bh=None if fused else per_head(B, B_bias),
         Ch=None if fused else per_head(C, C_bias),
         xr=xr,
-        log_a=dt * A.to(dtype),
-        gamma=lam * dt,
-        delta=(1 - lam) * dt,
+        log_a=dt * A.to(dtype) if scalars else None,
+        gamma=lam * dt if scalars else None,
+        delta=(1 - lam) * dt if scalars else None,
         dtheta=None if fused else dt[..., None] * math.pi * torch.tanh(angles.to(dtype)),
     )
 

@@ -39,6 +39,7 @@ import torch
 from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
 from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
+from ssmkit.ops.mamba3.step_sizes import step_weights
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
 
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
@@ -50,12 +51,14 @@ SSD_CHUNK: int | None = None
 
 
 def mamba3_via_ssd(
-    inputs: Mamba3Inputs, *, ssd_backend: str = "auto"
-) -> tuple[torch.Tensor, Mamba3ScanState]:
+    inputs: Mamba3Inputs, *, ssd_backend: str = "auto", final_state: bool = True
+) -> tuple[torch.Tensor, Mamba3ScanState | None]:
     """Mamba-3 through the SSD op; same arguments and results as ``mamba3_reference`` (validated by the
     caller).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
+    ``final_state=False``: the final state is not needed (None is returned in its place), so single-input
+    inputs skip the last position's B̃ and x (a dozen launches each way at training time).
     """
     if inputs.B.shape[2] > 1:
         return _mimo_via_ssd(inputs, ssd_backend)
@@ -68,7 +71,11 @@ def mamba3_via_ssd(
     fused = FUSED_BC and ssd_backend == "triton" and dtype == torch.float32 and B.shape[-1] % 2 == 0
     # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
     fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
-    prep = prepare(inputs, dtype, fused=fused)
+    prep = prepare(inputs, dtype, fused=fused, scalars=False)
+    # -ΔA, w = γ + δ_next and δ_next: one kernel each way with the fused kernels, else PyTorch.
+    sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype,
+                               backend="triton" if fused else "chunked")
+    last_B = None
     if fused:
         # Imported here: `import ssmkit` must never import triton.
         from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
@@ -77,9 +84,10 @@ def mamba3_via_ssd(
         theta = rotary_angles_triton(dt, angles, seq_idx, None if init is None else init.angle)
         Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v[:, 0] for v in (B_bias, C_bias))
         Bo, Co, CB = rotate_bc_triton(B[:, :, 0], C[:, :, 0], Bb, Cb, theta, rotary_interleaved, ops)
-        # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
-        B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb.to(dtype)
-        last_B = rotate(B_end, theta[:, -1], rotary_interleaved)[:, None]
+        if final_state:
+            # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
+            B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb.to(dtype)
+            last_B = rotate(B_end, theta[:, -1], rotary_interleaved)[:, None]
     else:
         theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
         Bt, Ct = Bt[:, :, 0], Ct[:, :, 0]  # (b, l, h, n): rank 1
@@ -88,12 +96,11 @@ def mamba3_via_ssd(
         CB = (Co.to(dtype) * Bo.to(dtype)).sum(-1)  # (b, l, h): C̃_t·B̃_t as the kernels see it
     xr = prep.xr[:, :, 0]  # (b, l, h, p)
     xo = xr.to(ops).contiguous()  # once: the SSD op and the output kernel both read it contiguous
-    nxt = next_share(prep, seq_idx)
-    G0 = None if init is None else initial_G(init, prep, mimo_x)
+    G0 = None if init is None else initial_G(init, prep.xr, _first_share(dt, inputs.trap, dtype), mimo_x)
     y, G = mamba_chunk_scan_combined(
-        xo, -prep.log_a, -torch.ones(h, dtype=dtype, device=x.device), Bo, Co, SSD_CHUNK or chunk_size,
+        xo, sdt, torch.full((h,), -1.0, dtype=dtype, device=x.device), Bo, Co, SSD_CHUNK or chunk_size,
         initial_states=G0,
-        seq_idx=seq_idx, return_final_states=True, input_scale=prep.gamma + nxt,
+        seq_idx=seq_idx, return_final_states=True, input_scale=w,
         backend="chunked" if dtype == torch.float64 else ssd_backend,
     )
     if fused_out:
@@ -103,7 +110,14 @@ def mamba3_via_ssd(
     else:
         y = y.to(dtype) - (nxt * CB)[..., None] * xo.to(dtype)
         out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
+    if not final_state:
+        return out, None
     return out, Mamba3ScanState(theta[:, -1], G, last_B, x[:, -1].to(dtype))
+
+
+def _first_share(dt: torch.Tensor, trap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """δ_0 = (1 - λ_0) Δ_0 (b, h): the first position's share of the carried (B̃, x)."""
+    return (1 - torch.sigmoid(trap[:, 0].to(dtype))) * dt[:, 0].to(dtype)
 
 
 def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor, Mamba3ScanState]:
@@ -117,11 +131,11 @@ def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor,
     prep = prepare(inputs, dtype)
     theta, Bt, Ct = rotated_BC(prep, seq_idx, init, inputs.rotary_interleaved)  # (b, l, r, h, n)
     Bo, Co, xo = Bt.to(ops), Ct.to(ops), prep.xr.to(ops)
-    nxt = next_share(prep, seq_idx)
+    nxt = next_share(prep.delta, seq_idx)
     w = prep.gamma + nxt  # (b, l, h)
     # The decay step at each position's first sub-step only; the weight w at every sub-step.
     step = torch.cat([-prep.log_a[:, :, None], prep.log_a.new_zeros(b, l, r - 1, h)], dim=2)
-    G0 = None if init is None else initial_G(init, prep, inputs.mimo_x)
+    G0 = None if init is None else initial_G(init, prep.xr, prep.delta[:, 0], inputs.mimo_x)
     y, G = mamba_chunk_scan_combined(
         xo.reshape(b, l * r, h, p), step.reshape(b, l * r, h), -torch.ones(h, dtype=dtype, device=x.device),
         Bo.reshape(b, l * r, h, -1), Co.reshape(b, l * r, h, -1), SSD_CHUNK or inputs.chunk_size, initial_states=G0,

@@ -1,0 +1,209 @@
+"""Triton kernels of Mamba-3's per-(position, head) scalars, forward and backward, one launch each way.
+
+In PyTorch each of these is a chain of small elementwise passes over (b, l, h) tensors: about ten kernels
+forward and as many autograd nodes backward for Δ and A, another ten for the SSD route's step and input weight.
+At the shapes people train (b8, L 2K, 24 heads) each pass moves a few hundred KB and costs far more to launch
+than to run, so these two pairs of kernels exist to cut launches, not bytes (``benchmarks/gpu_mamba3.py
+--host-profile``).
+
+* ``dt_decay``: Δ = softplus(dd_dt + dt_bias), A = -max(f(dd_A), A_floor), f heavy-tail or softplus
+  (``step_sizes.decay_rate``). dd_dt and dd_A may be strided views (slices of the in-projection's output).
+* ``step_weights``: from Δ, A and the trapezoid logits, the SSD route's decay step -ΔA, its input weight
+  w_t = λ_t Δ_t + δ_{t+1} and the next share δ_{t+1} = (1 - λ_{t+1}) Δ_{t+1} (0 where t + 1 starts a document
+  or does not exist), λ = sigmoid(trap).
+
+Float32 throughout (float64 inputs take the PyTorch forms); the same operations in the same order as
+``step_sizes.py``, so the two agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ssmkit.ops.ssd.reference import doc_starts
+
+_BLOCK = 1024  # (position, head) elements per program
+
+
+@triton.jit
+def _softplus_fwd(x):
+    # log1p(e^x) without log1p (see selective_scan.triton_kernels._softplus); x above 20 passes, as torch.
+    e = tl.exp(x)
+    w = 1.0 + e
+    wm1 = w - 1.0
+    lp = tl.where(wm1 == 0.0, e, tl.log(w) * e / tl.where(wm1 == 0.0, 1.0, wm1))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _softplus_grad(x):
+    return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+
+
+@triton.jit
+def _load_blh(ptr, offs, mask, H, L, s_b, s_l, s_h):
+    """Elements ``offs`` (flat over a contiguous (b, l, h)) of a tensor stored with strides (s_b, s_l, s_h)."""
+    hh = offs % H
+    bl = offs // H
+    return tl.load(ptr + (bl // L) * s_b + (bl % L) * s_l + hh * s_h, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dt_decay_fwd(
+    ddt_ptr, dda_ptr, bias_ptr, dt_ptr, a_ptr, n, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah, A_floor,
+    HEAVY_TAIL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    raw = _load_blh(ddt_ptr, offs, mask, H, L, s_tb, s_tl, s_th) + tl.load(bias_ptr + offs % H, mask=mask, other=0.0)
+    x = _load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah)
+    if HEAVY_TAIL:
+        f = tl.where(x >= 0, 1.0 + x, 1.0 / (1.0 - tl.minimum(x, 0.0)))
+    else:
+        f = _softplus_fwd(x)
+    tl.store(dt_ptr + offs, _softplus_fwd(raw), mask=mask)
+    tl.store(a_ptr + offs, tl.minimum(-f, -A_floor), mask=mask)
+
+
+@triton.jit
+def _dt_decay_bwd(
+    ddt_ptr, dda_ptr, bias_ptr, gdt_ptr, ga_ptr, dddt_ptr, ddda_ptr, n, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah,
+    A_floor, HEAVY_TAIL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    raw = _load_blh(ddt_ptr, offs, mask, H, L, s_tb, s_tl, s_th) + tl.load(bias_ptr + offs % H, mask=mask, other=0.0)
+    x = _load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah)
+    if HEAVY_TAIL:
+        f = tl.where(x >= 0, 1.0 + x, 1.0 / (1.0 - tl.minimum(x, 0.0)))
+        r = 1.0 / (1.0 - tl.minimum(x, 0.0))
+        df = tl.where(x >= 0, 1.0, r * r)
+    else:
+        f = _softplus_fwd(x)
+        df = _softplus_grad(x)
+    g_dt = tl.load(gdt_ptr + offs, mask=mask, other=0.0)
+    g_a = tl.load(ga_ptr + offs, mask=mask, other=0.0)
+    # clamp(max=-A_floor) passes its gradient where -f <= -A_floor (torch's clamp: bounds included).
+    tl.store(dddt_ptr + offs, g_dt * _softplus_grad(raw), mask=mask)
+    tl.store(ddda_ptr + offs, tl.where(-f <= -A_floor, -g_a * df, 0.0), mask=mask)
+
+
+class _DtDecay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dd_dt, dd_A, dt_bias, A_floor, heavy_tail):
+        b, l, h = dd_dt.shape
+        dt = torch.empty(b, l, h, device=dd_dt.device, dtype=torch.float32)
+        A = torch.empty_like(dt)
+        bias = dt_bias.float().contiguous()
+        n = dt.numel()
+        _dt_decay_fwd[(triton.cdiv(n, _BLOCK),)](
+            dd_dt, dd_A, bias, dt, A, n, h, l, *dd_dt.stride(), *dd_A.stride(), float(A_floor),
+            HEAVY_TAIL=heavy_tail, BLOCK=_BLOCK, num_warps=4,
+        )
+        ctx.save_for_backward(dd_dt, dd_A, bias)
+        ctx.A_floor, ctx.heavy_tail, ctx.bias_dtype = float(A_floor), heavy_tail, dt_bias.dtype
+        return dt, A
+
+    @staticmethod
+    def backward(ctx, g_dt, g_A):
+        dd_dt, dd_A, bias = ctx.saved_tensors
+        b, l, h = dd_dt.shape
+        n = b * l * h
+        d_raw = torch.empty(b, l, h, device=dd_dt.device, dtype=torch.float32)
+        d_dda = torch.empty_like(d_raw)
+        _dt_decay_bwd[(triton.cdiv(n, _BLOCK),)](
+            dd_dt, dd_A, bias, g_dt.contiguous(), g_A.contiguous(), d_raw, d_dda, n, h, l,
+            *dd_dt.stride(), *dd_A.stride(), ctx.A_floor, HEAVY_TAIL=ctx.heavy_tail, BLOCK=_BLOCK, num_warps=4,
+        )
+        d_bias = d_raw.sum((0, 1)).to(ctx.bias_dtype)
+        return d_raw.to(dd_dt.dtype), d_dda.to(dd_A.dtype), d_bias, None, None
+
+
+def dt_decay_triton(
+    dd_dt: torch.Tensor, dd_A: torch.Tensor, dt_bias: torch.Tensor, A_floor: float, heavy_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ, A (b, l, h) float32 from dd_dt, dd_A (b, l, h, any strides and float dtype) and dt_bias (h,)."""
+    return _DtDecay.apply(dd_dt, dd_A, dt_bias, A_floor, heavy_tail)
+
+
+@triton.jit
+def _step_weights_fwd(
+    dt_ptr, a_ptr, trap_ptr, starts_ptr, sdt_ptr, w_ptr, nxt_ptr, n, H, L, s_b, s_l, s_h,
+    HAS_DOC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    t = (offs // H) % L
+    dt = tl.load(dt_ptr + offs, mask=mask, other=0.0)
+    lam = tl.sigmoid(_load_blh(trap_ptr, offs, mask, H, L, s_b, s_l, s_h))
+    # The next position's share δ_{t+1} = (1 - λ_{t+1}) Δ_{t+1}, unless t + 1 starts a document or is past the end.
+    keep = mask & (t + 1 < L)
+    if HAS_DOC:
+        keep = keep & (tl.load(starts_ptr + offs // H + 1, mask=keep, other=0) == 0)
+    lam_n = tl.sigmoid(_load_blh(trap_ptr, offs + H, keep, H, L, s_b, s_l, s_h))
+    nxt = tl.where(keep, (1.0 - lam_n) * tl.load(dt_ptr + offs + H, mask=keep, other=0.0), 0.0)
+    tl.store(sdt_ptr + offs, -(dt * tl.load(a_ptr + offs, mask=mask, other=0.0)), mask=mask)
+    tl.store(w_ptr + offs, lam * dt + nxt, mask=mask)
+    tl.store(nxt_ptr + offs, nxt, mask=mask)
+
+
+@triton.jit
+def _step_weights_bwd(
+    dt_ptr, a_ptr, trap_ptr, starts_ptr, g_sdt_ptr, g_w_ptr, g_nxt_ptr, ddt_ptr, da_ptr, dtrap_ptr,
+    n, H, L, s_b, s_l, s_h, HAS_DOC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    t = (offs // H) % L
+    dt = tl.load(dt_ptr + offs, mask=mask, other=0.0)
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+    lam = tl.sigmoid(_load_blh(trap_ptr, offs, mask, H, L, s_b, s_l, s_h))
+    g_sdt = tl.load(g_sdt_ptr + offs, mask=mask, other=0.0)
+    g_gamma = tl.load(g_w_ptr + offs, mask=mask, other=0.0)
+    # δ_t was position t - 1's next share (in its w and its nxt), unless t starts a document or t = 0.
+    prev = mask & (t > 0)
+    if HAS_DOC:
+        prev = prev & (tl.load(starts_ptr + offs // H, mask=prev, other=0) == 0)
+    g_delta = tl.where(prev, tl.load(g_w_ptr + offs - H, mask=prev, other=0.0)
+                       + tl.load(g_nxt_ptr + offs - H, mask=prev, other=0.0), 0.0)
+    tl.store(ddt_ptr + offs, -a * g_sdt + lam * g_gamma + (1.0 - lam) * g_delta, mask=mask)
+    tl.store(da_ptr + offs, -dt * g_sdt, mask=mask)
+    tl.store(dtrap_ptr + offs, dt * (g_gamma - g_delta) * lam * (1.0 - lam), mask=mask)
+
+
+class _StepWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dt, A, trap, starts):
+        b, l, h = dt.shape
+        sdt = torch.empty(b, l, h, device=dt.device, dtype=torch.float32)
+        w, nxt = torch.empty_like(sdt), torch.empty_like(sdt)
+        n = sdt.numel()
+        _step_weights_fwd[(triton.cdiv(n, _BLOCK),)](
+            dt, A, trap, dt if starts is None else starts, sdt, w, nxt, n, h, l, *trap.stride(),
+            HAS_DOC=starts is not None, BLOCK=_BLOCK, num_warps=4,
+        )
+        ctx.save_for_backward(dt, A, trap, starts)
+        return sdt, w, nxt
+
+    @staticmethod
+    def backward(ctx, g_sdt, g_w, g_nxt):
+        dt, A, trap, starts = ctx.saved_tensors
+        b, l, h = dt.shape
+        n = b * l * h
+        ddt, dA = torch.empty_like(dt), torch.empty_like(dt)
+        dtrap = torch.empty(b, l, h, device=dt.device, dtype=trap.dtype)
+        _step_weights_bwd[(triton.cdiv(n, _BLOCK),)](
+            dt, A, trap, dt if starts is None else starts, g_sdt.contiguous(), g_w.contiguous(), g_nxt.contiguous(),
+            ddt, dA, dtrap, n, h, l, *trap.stride(), HAS_DOC=starts is not None, BLOCK=_BLOCK, num_warps=4,
+        )
+        return ddt, dA, dtrap, None
+
+
+def step_weights_triton(
+    dt: torch.Tensor, A: torch.Tensor, trap: torch.Tensor, seq_idx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(-ΔA, w, δ_next), each (b, l, h) float32, from Δ, A (b, l, h) and trap (b, l, h, any strides)."""
+    starts = None if seq_idx is None else doc_starts(seq_idx).to(torch.int32).contiguous()
+    return _StepWeights.apply(dt.float().contiguous(), A.float().contiguous(), trap, starts)
