@@ -132,20 +132,23 @@ def check_output(b, l, h, p, dtype, with_z, with_D) -> None:
 
     dt = getattr(torch, dtype)
     inputs = [torch.randn(b, l, h, p).to(dt), torch.randn(b, l, h, p).to(dt),
-              torch.randn(b, l, h, p).to(dt) if with_z else None, torch.randn(b, l, h),
+              torch.randn(b, l, 2 * h, p).to(dt) if with_z else None, torch.randn(b, l, h), torch.randn(b, l, h),
               torch.randn(h) if with_D else None]
     got_in = [None if t is None else t.clone().requires_grad_() for t in inputs]
     want_in = [None if t is None else t.double().requires_grad_() for t in inputs]
-    out = output_triton(*got_in)
-    y, x, z, k, D = want_in
-    v = y - k[..., None] * x + (0 if D is None else D[:, None] * x)
+    # z as the layer passes it: a strided slice (here every other head's block of a wider tensor's rows).
+    got_z = None if got_in[2] is None else got_in[2][:, :, h:]
+    out = output_triton(got_in[0], got_in[1], got_z, *got_in[3:])
+    y, x, z, nxt, cb, D = want_in
+    z = None if z is None else z[:, :, h:]
+    v = y - (nxt * cb)[..., None] * x + (0 if D is None else D[:, None] * x)
     want = v * F.silu(z) if z is not None else v
     assert out.dtype == dt
     assert_close(out, want, dt, name="out")
     cot = torch.randn(want.shape, dtype=torch.float64)
     (out.double() * cot).sum().backward()
     (want * cot).sum().backward()
-    for name, t, w in zip(("y", "x", "z", "k", "D"), got_in, want_in):
+    for name, t, w in zip(("y", "x", "z", "nxt", "cb", "D"), got_in, want_in):
         if t is not None:
             assert_close(t.grad, w.grad, dt, name=f"grad {name}")
 

@@ -82,19 +82,20 @@ def mamba3_via_ssd(
         from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
 
         theta = rotary_angles_triton(dt, angles, seq_idx, None if init is None else init.angle)
-        Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v[:, 0] for v in (B_bias, C_bias))
-        Bo, Co, CB = rotate_bc_triton(B[:, :, 0], C[:, :, 0], Bb, Cb, theta, rotary_interleaved, ops)
+        # Views, not selects (rank 1 here): a select's backward is a zero fill and a copy, a launch each.
+        Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v.squeeze(1) for v in (B_bias, C_bias))
+        Bo, Co, CB = rotate_bc_triton(B.squeeze(2), C.squeeze(2), Bb, Cb, theta, rotary_interleaved, ops)
         if final_state:
             # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
             B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb.to(dtype)
             last_B = rotate(B_end, theta[:, -1], rotary_interleaved)[:, None]
     else:
         theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
-        Bt, Ct = Bt[:, :, 0], Ct[:, :, 0]  # (b, l, h, n): rank 1
+        Bt, Ct = Bt.squeeze(2), Ct.squeeze(2)  # (b, l, h, n): rank 1
         last_B = Bt[:, -1, None]
         Bo, Co = Bt.to(ops), Ct.to(ops)
         CB = (Co.to(dtype) * Bo.to(dtype)).sum(-1)  # (b, l, h): C̃_t·B̃_t as the kernels see it
-    xr = prep.xr[:, :, 0]  # (b, l, h, p)
+    xr = prep.xr.squeeze(2)  # (b, l, h, p)
     xo = xr.to(ops).contiguous()  # once: the SSD op and the output kernel both read it contiguous
     G0 = None if init is None else initial_G(init, prep.xr, _first_share(dt, inputs.trap, dtype), mimo_x)
     y, G = mamba_chunk_scan_combined(
@@ -106,7 +107,7 @@ def mamba3_via_ssd(
     if fused_out:
         from ssmkit.ops.mamba3.triton_output import output_triton
 
-        out = output_triton(y, xo, z, nxt * CB, D)[:, :, None].to(x.dtype)
+        out = output_triton(y, xo, z, nxt, CB, D)[:, :, None].to(x.dtype)
     else:
         y = y.to(dtype) - (nxt * CB)[..., None] * xo.to(dtype)
         out = finish(y[:, :, None], prep.xr, D, z, mimo_z, mimo_o).to(x.dtype)
