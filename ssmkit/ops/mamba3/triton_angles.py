@@ -108,8 +108,8 @@ def _angles_bwd(
         # This program's angles' share of dΔ (the caller sums the column blocks).
         tl.store(ddt_ptr + ((b * L + t) * H + hh) * tl.num_programs(1) + cb, tl.sum(tl.where(mask, dinc * th, 0.0), 1),
                  mask=tm)
-        tl.store(dang_ptr + ((b * L + t[:, None]) * H + hh) * A + cols[None, :], dinc * d[:, None] * (1 - th * th),
-                 mask=mask)
+        dang = (dinc * d[:, None] * (1 - th * th)).to(dang_ptr.dtype.element_ty)
+        tl.store(dang_ptr + ((b * L + t[:, None]) * H + hh) * A + cols[None, :], dang, mask=mask)
         carry = tl.sum(tl.where((tl.arange(0, BL) == BL - 1)[:, None], tot, 0.0), 0)
     tl.store(dinit_ptr + bh * A + cols, carry.to(tl.float32), mask=cmask)
 
@@ -137,13 +137,13 @@ class _Angles(torch.autograd.Function):
         BA = min(_COLS, triton.next_power_of_2(a))
         ncb = triton.cdiv(a, BA)
         ddt = torch.empty(b, l, h, ncb, device=dt.device, dtype=torch.float32)
-        dang = torch.empty(b, l, h, a, device=dt.device, dtype=torch.float32)
+        dang = torch.empty(b, l, h, a, device=dt.device, dtype=angles.dtype)  # stored in its dtype: no cast after
         dinit = torch.empty(b, h, a, device=dt.device, dtype=torch.float32)
         _angles_bwd[(b * h, ncb)](
             dt, angles, dt if starts is None else starts, dtheta.contiguous(), ddt, dang, dinit,
             l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None, num_warps=4,
         )
-        return ddt.sum(-1), dang.to(angles.dtype), None, dinit if ctx.has_init else None
+        return ddt.sum(-1) if ncb > 1 else ddt.view(b, l, h), dang, None, dinit if ctx.has_init else None
 
 
 def rotary_angles_triton(

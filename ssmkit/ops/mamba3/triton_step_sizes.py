@@ -69,8 +69,8 @@ def _dt_decay_fwd(
 
 @triton.jit
 def _dt_decay_bwd(
-    ddt_ptr, dda_ptr, bias_ptr, gdt_ptr, ga_ptr, dddt_ptr, ddda_ptr, n, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah,
-    A_floor, HEAVY_TAIL: tl.constexpr, BLOCK: tl.constexpr,
+    ddt_ptr, dda_ptr, bias_ptr, gdt_ptr, ga_ptr, draw_ptr, dddt_ptr, ddda_ptr, n, H, L, s_tb, s_tl, s_th,
+    s_ab, s_al, s_ah, A_floor, HEAVY_TAIL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -86,8 +86,11 @@ def _dt_decay_bwd(
     g_dt = tl.load(gdt_ptr + offs, mask=mask, other=0.0)
     g_a = tl.load(ga_ptr + offs, mask=mask, other=0.0)
     # clamp(max=-A_floor) passes its gradient where -f <= -A_floor (torch's clamp: bounds included).
-    tl.store(dddt_ptr + offs, g_dt * _softplus_grad(raw), mask=mask)
-    tl.store(ddda_ptr + offs, tl.where(-f <= -A_floor, -g_a * df, 0.0), mask=mask)
+    d_raw = g_dt * _softplus_grad(raw)
+    # float32 for dt_bias's sum, and each input's gradient in its own dtype (no casting launches after).
+    tl.store(draw_ptr + offs, d_raw, mask=mask)
+    tl.store(dddt_ptr + offs, d_raw.to(dddt_ptr.dtype.element_ty), mask=mask)
+    tl.store(ddda_ptr + offs, tl.where(-f <= -A_floor, -g_a * df, 0.0).to(ddda_ptr.dtype.element_ty), mask=mask)
 
 
 class _DtDecay(torch.autograd.Function):
@@ -112,13 +115,13 @@ class _DtDecay(torch.autograd.Function):
         b, l, h = dd_dt.shape
         n = b * l * h
         d_raw = torch.empty(b, l, h, device=dd_dt.device, dtype=torch.float32)
-        d_dda = torch.empty_like(d_raw)
+        d_ddt = torch.empty(b, l, h, device=dd_dt.device, dtype=dd_dt.dtype)
+        d_dda = torch.empty(b, l, h, device=dd_dt.device, dtype=dd_A.dtype)
         _dt_decay_bwd[(triton.cdiv(n, _BLOCK),)](
-            dd_dt, dd_A, bias, g_dt.contiguous(), g_A.contiguous(), d_raw, d_dda, n, h, l,
+            dd_dt, dd_A, bias, g_dt.contiguous(), g_A.contiguous(), d_raw, d_ddt, d_dda, n, h, l,
             *dd_dt.stride(), *dd_A.stride(), ctx.A_floor, HEAVY_TAIL=ctx.heavy_tail, BLOCK=_BLOCK, num_warps=4,
         )
-        d_bias = d_raw.sum((0, 1)).to(ctx.bias_dtype)
-        return d_raw.to(dd_dt.dtype), d_dda.to(dd_A.dtype), d_bias, None, None
+        return d_ddt, d_dda, d_raw.sum((0, 1), dtype=ctx.bias_dtype), None, None
 
 
 def dt_decay_triton(
