@@ -40,7 +40,8 @@ from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
 from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.mamba3.step_sizes import step_weights
-from ssmkit.ops.ssd import mamba_chunk_scan_combined
+from ssmkit.ops._step_sizes import NO_LIMIT
+from ssmkit.ops.ssd import SSDInputs, mamba_chunk_scan_combined, ssd_scan
 
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
 # operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
@@ -98,12 +99,13 @@ def mamba3_via_ssd(
     xr = prep.xr.squeeze(2)  # (b, l, h, p)
     xo = xr.to(ops).contiguous()  # once: the SSD op and the output kernel both read it contiguous
     G0 = None if init is None else initial_G(init, prep.xr, _first_share(dt, inputs.trap, dtype), mimo_x)
-    y, G = mamba_chunk_scan_combined(
-        xo, sdt, torch.full((h,), -1.0, dtype=dtype, device=x.device), Bo, Co, SSD_CHUNK or chunk_size,
-        initial_states=G0,
-        seq_idx=seq_idx, return_final_states=True, input_scale=w,
-        backend="chunked" if dtype == torch.float64 else ssd_backend,
-    )
+    # The SSD op's inputs are built here from checked ones, valid by construction: its checks (about 0.1 ms
+    # of host time a call, at sizes where the layer is bound by the host) are not run again.
+    y, G, _ = ssd_scan(SSDInputs(
+        x=xo, dt=sdt, A=torch.full((h,), -1.0, dtype=dtype, device=x.device), B=Bo, C=Co,
+        chunk_size=SSD_CHUNK or chunk_size, D=None, z=None, dt_bias=None, initial_states=G0, seq_idx=seq_idx,
+        cu_seqlens=None, dt_softplus=False, dt_limit=NO_LIMIT, input_scale=w, device=x.device,
+    ), backend="chunked" if dtype == torch.float64 else ssd_backend)
     if fused_out:
         from ssmkit.ops.mamba3.triton_output import output_triton
 
