@@ -220,7 +220,7 @@ class _SSDFunction(torch.autograd.Function):
             T=T, BK=BM, NDB=_pow2(n_nb, 2), NLB=_pow2(nrb, 2), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
             HAS_LIMIT=has_limit, HAS_EXTRA=has_extra, SEP_SCALE=has_scale, num_warps=4,
         )
-        dA = dA_part.sum((0, 2)).to(A.dtype)
+        dA = dA_part.sum((0, 2)).to(A.dtype) if ctx.needs_input_grad[2] else None  # Mamba-3's A is a constant
         dbias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
         dD = dD_part.sum((0, 1)) if D is not None else None
         dB, dC = (dB_part[0], dC_part[0]) if S == 1 else (dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype))
