@@ -21,6 +21,12 @@ buffer, an event): the engine launches step k+1 before it reads step k's tokens,
 work (callbacks, joins, leaves, prefill launches) runs while the GPU computes, and the host waits on the
 device once per step, for tokens already computed. :meth:`BatchedDecoder.capture` captures every bucket's
 graph ahead (a server's start), so a burst of clients never waits for captures.
+
+A graph also reads tensors the layers computed from the parameters and cached outside it (Mamba's decode
+``A``): every step first asks a :class:`~ssmkit.generation.param_watch.ParameterWatch` whether a parameter or
+buffer changed (``load_state_dict``, an in-place edit, a replaced tensor) and then drops every graph; each
+bucket is captured again at its next use, on the new values. An edit made while the engine runs applies
+from the next step launched after it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from ssmkit.generation.decode import (
     lean_decoder,
     step,
 )
+from ssmkit.generation.param_watch import ParameterWatch
 from ssmkit.generation.sampling import SamplingKinds
 from ssmkit.serve.slots import SlotCache
 
@@ -92,7 +99,7 @@ class BatchedDecoder:
     """The slots of the running requests and the step that decodes them all (see the module docstring).
 
     Counters: ``steps``, ``rows`` (rows in use summed over steps), ``padded_rows`` (padding rows computed),
-    ``captures`` (graphs captured).
+    ``captures`` (graphs captured), ``recaptures`` (times every graph was dropped after a parameter changed).
     """
 
     def __init__(self, model: LanguageModel, max_batch: int, *, cuda_graph: bool = False,
@@ -106,10 +113,11 @@ class BatchedDecoder:
         self.slots = SlotCache(model.config.padded_vocab_size, capacity=max_batch if self.pad else None)
         self._graphs: dict[tuple[int, SamplingKinds], tuple[GraphedStep, DecodeState]] = {}
         self._pool: Any = None
+        self._watch = ParameterWatch(model) if cuda_graph else None
         # Two host buffers in turn: step k+1 is launched before step k's tokens are read.
         self._host: list[tuple[torch.Tensor, Any]] = []
         self._next_host = 0
-        self.steps = self.rows = self.padded_rows = self.captures = 0
+        self.steps = self.rows = self.padded_rows = self.captures = self.recaptures = 0
 
     def step(self) -> torch.Tensor:
         """One step for every row in use: returns their next tokens (n,) (a view of the slots' tokens, which
@@ -140,6 +148,7 @@ class BatchedDecoder:
             return 0
         if self.slots.size == 0:
             raise RuntimeError("capture needs a row in use")
+        self._drop_stale_graphs()
         before = self.captures
         for kind in dict.fromkeys(kinds):
             for rows in self.sizes:
@@ -153,6 +162,7 @@ class BatchedDecoder:
         kinds = self.slots.kinds()
         rows = bucket_for(n, self.sizes) if self.pad else n
         if self.cuda_graph:
+            self._drop_stale_graphs()
             self._graph(rows, kinds).replay()
         else:
             state = self.slots.decode_state(rows, kinds, self.model.config.vocab_size)
@@ -164,6 +174,15 @@ class BatchedDecoder:
         self.rows += n
         self.padded_rows += rows - n
         return n
+
+    def _drop_stale_graphs(self) -> None:
+        """Drop every graph if a parameter or buffer changed since the last step (see the module docstring)."""
+        assert self._watch is not None
+        if self._watch.changed() and self._graphs:
+            # A step launched before may still be replaying a graph: let it end before its pool is released.
+            torch.cuda.synchronize(self.model.embedding.weight.device)
+            self._graphs.clear()
+            self.recaptures += 1
 
     def _graph(self, rows: int, kinds: SamplingKinds) -> GraphedStep:
         key = (rows, kinds)
