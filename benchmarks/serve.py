@@ -7,8 +7,9 @@ Starts a real server process (127.0.0.1, a free port, a temporary sessions folde
    seed; no two prompts share a prefix) from c concurrent clients, and reports generated tokens/s,
    requests/s, time to first token p50/p99, request latency p50/p99 and rows per decode step -- on a
    server with the prefix cache and on one without (``--no-prefix-cache``): a same-run A/B in
-   ``--rounds`` interleaved rounds (the order alternates each round, the machine's load average is
-   printed per round), medians compared (the cache must never cost more than 5%);
+   ``--rounds`` interleaved rounds (each round one run on each server, back to back, the order
+   alternating; the machine's load average is printed per run): each round's on / off ratio, their median
+   and range (the cache must never cost more than 5%);
 2. **shared document**: one document of ``--doc-tokens`` tokens (default 16,000; bytes for a byte model)
    and ``--questions`` different questions (default 64), asked one after the other: time to first token
    with the prefix cache (the first question reads the document, the others resume from its state)
@@ -235,7 +236,8 @@ def transformer_kv_bytes(model: LanguageModel, tokens: int, bytes_per_value: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="model folder (default: random byte-small weights)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 64, 256],
+                        help="client counts of the throughput test (none: skip it)")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-bytes", type=int, default=64, help="length of each request's prompt")
@@ -285,7 +287,10 @@ def main() -> None:
             for p in (proc, cold_proc):
                 p.terminate()
                 p.wait(30)
-    report(rows, memory, model, args, state_bytes)
+    if rows:
+        report(rows, args)
+    if memory is not None:
+        report_memory(memory, model, args, state_bytes)
     if shared is not None:
         report_shared(shared)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
@@ -330,23 +335,26 @@ def report_shared(shared: dict) -> None:
           f"{stats['entries_in_memory']} snapshots ({stats['memory_bytes'] / MIB:.1f} MiB).")
 
 
-def report(rows: list[dict], memory: dict | None, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
+def report(rows: list[dict], args: argparse.Namespace) -> None:
     base = rows[0]["tokens_per_s"]
     print(f"\n## Throughput: at least {args.requests} streamed requests per level, {args.prompt_bytes}-byte prompts "
           f"sharing no prefix, {args.max_tokens} new tokens each (sampled); medians of {args.rounds} interleaved "
           f"rounds per server\n")
     print("| clients | tokens/s | x vs 1 client | requests/s | first token p50 | p99 | latency p50 | p99 | "
-          "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off "
-          "(medians) | per round |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off, "
+          "median of rounds | min - max | per round | load average |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
     for r in rows:
-        off = r["off"]
+        off, ratios = r["off"], r["round_ratios"]
+        loads = [run["load_average"] for v in r["rounds"].values() for run in v]
         print(f"| {r['concurrency']:.0f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.1f} | "
               f"{r['requests_per_s']:.2f} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {r['p50_s']:.2f} s | "
               f"{r['p99_s']:.2f} s | {r['mean_batch']:.1f} | {off['tokens_per_s']:.0f} | {off['ttft_p50_s']:.3f} s | "
-              f"{r['tokens_per_s'] / off['tokens_per_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['round_ratios'])} |")
-    if memory is None:
-        return
+              f"**{statistics.median(ratios):.3f}** | {min(ratios):.3f} - {max(ratios):.3f} | "
+              f"{', '.join(f'{x:.3f}' for x in ratios)} | {min(loads):.1f} - {max(loads):.1f} |")
+
+
+def report_memory(memory: dict, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
     n, t = memory["sessions"], memory["tokens_each"]
     layers, kv32 = transformer_kv_bytes(model, t, 4)
     _, kv16 = transformer_kv_bytes(model, t, 2)
