@@ -68,7 +68,8 @@ def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: flo
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # This checkout first, then the caller's path (where packages installed with --target live, e.g. the device's).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     argv = [sys.executable, "-m", "ssmkit", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
