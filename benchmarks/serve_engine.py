@@ -17,9 +17,11 @@ ratio compares two runs made under the same conditions. Reported per level: each
 **median** and their range (min-max), and the load average at each run; the other figures are medians
 over the rounds. Random weights: speed does not depend on them (every request runs to its max tokens: no eos).
 
-Each concurrency level first runs once untimed (the engine captured its graphs at start; this compiles
-the kernels for the prefill shapes of its arrivals), and "graphs captured while timed" must read 0: a variant
-timed first must not pay for first uses the others then skip. ``--serial`` adds a third variant, the
+Each concurrency level first runs untimed, once with the cache and once without (the engine captured its
+graphs at start; this compiles the kernels for the prefill shapes of its arrivals, and fills the level's
+prefix cache to its memory budget, which grows the memory allocator's pool once: from then on each
+snapshot stored evicts one, as in a server that has run a while), and "graphs captured while timed" must
+read 0: a variant timed first must not pay for first uses the others then skip. ``--serial`` adds a third variant, the
 cache off and the engine's overlap off (each step's tokens read before the next step is launched).
 
     python benchmarks/serve_engine.py                                   # byte-small on the CPU
@@ -126,7 +128,8 @@ def main() -> None:
     parser.add_argument("--prefill-budget", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per level, each one run with the cache and one "
                         "without (order alternating); 5 or more to bound the on / off ratio")
-    parser.add_argument("--prefix-cache-mb", type=float, default=1024, help="the prefix cache's memory budget")
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024, help="the prefix cache's memory budget (the "
+                        "server's default; filled before timing: on a CPU pass less, e.g. 64)")
     parser.add_argument("--no-cuda-graph", action="store_true")
     parser.add_argument("--no-ab", action="store_true", help="only the prefix cache off (half the time)")
     parser.add_argument("--serial", action="store_true", help="also time the engine with its overlap off")
@@ -153,12 +156,19 @@ def main() -> None:
     try:
         for c in args.concurrency:
             n = args.requests or max(8, 2 * c)
-            # Warm-up: this level's workload once, untimed (the prefill shapes its arrivals make).
+            # One cache for the level's runs (no prompt is ever repeated: no hits), full before timing starts.
+            cache = None if args.no_ab else PrefixCache(model, memory_budget=int(args.prefix_cache_mb * MIB))
+            # Warm-up: this level's workload untimed, without the cache and with it (the prefill shapes its
+            # arrivals make; the cache's snapshots and the memory they take), with as many requests as fill
+            # its budget: from then on it evicts.
             run_level(engine, None, c, n, args.prompt_tokens, args.max_new_tokens, seed=10**6 + c)
+            if cache is not None:
+                fill = cache.memory_budget // max(model.cache_nbytes(1), 1) + 1
+                run_level(engine, cache, c, max(n, fill), args.prompt_tokens, args.max_new_tokens, seed=2 * 10**6 + c)
             runs: dict[str, list[dict]] = {s: [] for s in servers}
             for r in range(args.rounds):
                 for s in servers[:: 1 if r % 2 == 0 else -1]:
-                    prefix = PrefixCache(model, memory_budget=int(args.prefix_cache_mb * MIB)) if s == "on" else None
+                    prefix = cache if s == "on" else None
                     engine.overlap = overlap and s != "serial"
                     load_avg, captures = os.getloadavg()[0], engine.decoder.captures
                     runs[s].append({**run_level(engine, prefix, c, n, args.prompt_tokens, args.max_new_tokens,

@@ -115,10 +115,15 @@ def test_eager_step_on_cpu_takes_the_lean_decoder(monkeypatch):
         model, taken = tiny_model(), []
         real = decode_step.lean_decoder
 
-        def spy(m, cache):
+        def spy(m, cache):  # the decoder is asked once per batch size; count the steps it makes
             decoder = real(m, cache) if lean else None
-            taken.append(decoder is not None)
-            return decoder
+            if decoder is None:
+                return None
+
+            def counted(token, cache):
+                taken.append(True)
+                return decoder(token, cache)
+            return counted
         monkeypatch.setattr(decode_step, "lean_decoder", spy)
         decoder = BatchedDecoder(model, 4)
         with torch.no_grad():
