@@ -14,8 +14,10 @@ level takes seconds, and the machine's speed drifts by more than 5% over that (o
 the two are compared in ``--rounds`` rounds, each one run with the cache and one without, back to back,
 the order alternating (on-off, off-on, ...: a drift within a round falls on each side alike); a round's
 ratio compares two runs made under the same conditions. Reported per level: each round's ratio, their
-**median** and their range (min-max), and the load average at each run; the other figures are medians
-over the rounds. Random weights: speed does not depend on them (every request runs to its max tokens: no eos).
+**median** and their range (min-max), the same for tokens per CPU second of the process (on a CPU shared
+with other work, the engine's own cost: time spent waiting for a core is not counted), the prefix-cache
+hits while timed (must be 0: no prompt shares a prefix) and the load average at each run; the other
+figures are medians over the rounds. Random weights: speed does not depend on them (every request runs to its max tokens: no eos).
 
 Each concurrency level first runs untimed, once with the cache and once without (the engine captured its
 graphs at start; this compiles the kernels for the prefill shapes of its arrivals, and fills the level's
@@ -100,16 +102,17 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
                                         seed=seed + i, on_token=on_token, on_done=on_done, prefix=plan))
 
     steps, rows, padded = engine.steps, engine.decoder.rows, engine.decoder.padded_rows
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(requests):
         slots.acquire()
         submit(i)
     all_done.wait()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if failures:
         raise RuntimeError(f"requests failed: {failures[:3]}")
     steps = max(engine.steps - steps, 1)
-    return {"tokens_per_s": produced[0] / wall, "requests_per_s": requests / wall,
+    return {"tokens_per_s": produced[0] / wall, "tokens_per_cpu_s": produced[0] / max(cpu, 1e-9),
+            "requests_per_s": requests / wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
             "gap_p50_s": statistics.median(gaps) if gaps else 0.0,
             "rows_per_step": (engine.decoder.rows - rows) / steps, "padded_per_step": (engine.decoder.padded_rows - padded) / steps}
@@ -171,22 +174,25 @@ def main() -> None:
                     prefix = cache if s == "on" else None
                     engine.overlap = overlap and s != "serial"
                     load_avg, captures = os.getloadavg()[0], engine.decoder.captures
+                    hits = 0 if prefix is None else prefix.counts["hits"]
                     runs[s].append({**run_level(engine, prefix, c, n, args.prompt_tokens, args.max_new_tokens,
                                                 seed=1000 * r + c), "load": load_avg,
-                                    "captures": engine.decoder.captures - captures})
+                                    "captures": engine.decoder.captures - captures,
+                                    "hits": 0 if prefix is None else prefix.counts["hits"] - hits})
                     engine.overlap = overlap
-                ratio = f", on/off {runs['on'][-1]['tokens_per_s'] / runs['off'][-1]['tokens_per_s']:.3f}" \
-                    if not args.no_ab else ""
+                on, off = runs["on"][-1] if not args.no_ab else None, runs["off"][-1]
+                ratio = "" if on is None else (f", on/off {on['tokens_per_s'] / off['tokens_per_s']:.3f} "
+                                               f"(by CPU time {on['tokens_per_cpu_s'] / off['tokens_per_cpu_s']:.3f})")
                 print(f"  {c} clients, round {r + 1}: " + ", ".join(
                     f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s (load {runs[s][-1]['load']:.1f})" for s in servers)
                     + ratio, flush=True)
-            # Medians, but graphs captured summed over the rounds.
+            # Medians, but graphs captured and prefix hits summed over the rounds.
             rows.append((c, n, {s: {**{k: statistics.median(x[k] for x in v) for k in v[0]},
-                                    "captures": sum(x["captures"] for x in v),
+                                    "captures": sum(x["captures"] for x in v), "hits": sum(x["hits"] for x in v),
                                     "load_min": min(x["load"] for x in v), "load_max": max(x["load"] for x in v)}
                                 for s, v in runs.items()},
-                         [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["on"], runs["off"])]
-                         if not args.no_ab else []))
+                         {k: [a[k] / b[k] for a, b in zip(runs["on"], runs["off"])]
+                          for k in ("tokens_per_s", "tokens_per_cpu_s")} if not args.no_ab else {}))
     finally:
         engine.stop()
     report(rows, engine, args)
@@ -210,13 +216,18 @@ def report(rows: list, engine: Engine, args: argparse.Namespace) -> None:
               f"{m['padded_per_step']:.1f} | {off['tokens_per_s']:,.0f} | {off['ttft_p50_s'] * 1e3:.1f} ms | {extra}"
               f"{captured:.0f} |")
     if not args.no_ab:
+        # Tokens per CPU second of the process: on a CPU the engine's own cost, whatever else runs beside it
+        # (on a GPU the host mostly waits, so only the tokens/s ratio means something there).
         print(f"\n## Prefix cache on / off, no shared prefix ({args.rounds} rounds, order alternating)\n")
-        print("| clients | on / off, median of rounds | min - max | per round | load average during the runs |")
-        print("|---:|---:|---|---|---|")
+        print("| clients | tokens/s on / off, median of rounds | min - max | per round | tokens per CPU second "
+              "on / off, median | min - max | prefix hits while timed | load average during the runs |")
+        print("|---:|---:|---|---|---:|---|---:|---|")
         for c, _, med, ratios in rows:
             loads = [x for s in ("on", "off") for x in (med[s]["load_min"], med[s]["load_max"])]
-            print(f"| {c} | **{statistics.median(ratios):.3f}** | {min(ratios):.3f} - {max(ratios):.3f} | "
-                  f"{', '.join(f'{x:.3f}' for x in ratios)} | {min(loads):.1f} - {max(loads):.1f} |")
+            wall, cpu = ratios["tokens_per_s"], ratios["tokens_per_cpu_s"]
+            print(f"| {c} | **{statistics.median(wall):.3f}** | {min(wall):.3f} - {max(wall):.3f} | "
+                  f"{', '.join(f'{x:.3f}' for x in wall)} | {statistics.median(cpu):.3f} | "
+                  f"{min(cpu):.3f} - {max(cpu):.3f} | {med['on']['hits']} | {min(loads):.1f} - {max(loads):.1f} |")
     print(f"\nCUDA graphs captured: {engine.decoder.captures}; load average at the end {os.getloadavg()[0]:.1f}")
 
 
