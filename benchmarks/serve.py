@@ -9,7 +9,8 @@ Starts a real server process (127.0.0.1, a free port, a temporary sessions folde
    server with the prefix cache and on one without (``--no-prefix-cache``): a same-run A/B in
    ``--rounds`` interleaved rounds (each round one run on each server, back to back, the order
    alternating; the machine's load average is printed per run): each round's on / off ratio, their median
-   and range (the cache must never cost more than 5%);
+   and range (the cache must never cost more than 5%), with the cache filled to its budget first (a
+   server's steady state: ``--prefix-cache-mb``);
 2. **shared document**: one document of ``--doc-tokens`` tokens (default 16,000; bytes for a byte model)
    and ``--questions`` different questions (default 64), asked one after the other: time to first token
    with the prefix cache (the first question reads the document, the others resume from its state)
@@ -164,6 +165,20 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, promp
             "p50_s": statistics.median(latencies or [nan]), "p99_s": percentile(latencies or [nan], 0.99)}
 
 
+def fill_prefix_cache(url: str, limit: int = 200) -> None:
+    """Requests sharing no prefix until the server's prefix cache evicts: the throughput test then sees a
+    server's steady state (a cache being filled first costs new memory for every snapshot, once)."""
+    sent = 0
+    for i in range(limit):
+        stats = httpx.get(f"{url}/health").json()["prefix_cache"]
+        if stats["evictions"]:
+            break
+        asyncio.run(load(url, 16, 64, 1, tag=f"fill{i}-"))
+        sent += 64
+    print(f"prefix cache filled: {sent} requests, {stats['entries_in_memory']} snapshots "
+          f"({stats['memory_bytes'] / MIB:.0f} MiB), evicting", flush=True)
+
+
 def shared_document(url_cached: str, url_cold: str, doc_tokens: int, questions: int, cold_questions: int,
                     token_model: bool) -> dict:
     """Time to first token of questions about one long document, with and without the prefix cache."""
@@ -253,6 +268,9 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=16_000, help="shared document length (0: skip)")
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--cold-questions", type=int, default=4, help="questions timed without the prefix cache")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None,
+                        help="the cached server's --prefix-cache-mb (default its own, 1,024); filled before the "
+                             "throughput test, so on a CPU pass less, e.g. 16")
     parser.add_argument("--rounds", type=int, default=3,
                         help="throughput rounds per level, each running both servers (order alternating); medians kept")
     parser.add_argument("--quick", action="store_true", help="16 requests, 100 sessions of 1,000 tokens")
@@ -272,14 +290,17 @@ def main() -> None:
         memory_mb = args.sessions * state_bytes * 1.2 / MIB + 64
         print(f"# ssmkit serve load test: {checkpoint.name}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        cache_mb = [] if args.prefix_cache_mb is None else ["--prefix-cache-mb", str(args.prefix_cache_mb)]
         proc, url = start_server(checkpoint, tmp / "sessions", tmp / "server.log", memory_mb, args.threads, args.device,
-                                  args.max_batch, args.dtype)
+                                  args.max_batch, args.dtype, *cache_mb)
         cold_proc, cold_url = start_server(checkpoint, tmp / "sessions-cold", tmp / "server-cold.log", memory_mb,
                                            args.threads, args.device, args.max_batch, args.dtype, "--no-prefix-cache")
         token_model = (checkpoint / "tokenizer.json").exists()
         try:
             for u in (url, cold_url):
                 asyncio.run(load(u, 1, 2, 4, tag="warmup"))
+            if args.concurrency:
+                fill_prefix_cache(url)
             rows = [ab_level(url, cold_url, c, max(args.requests, c), args) for c in args.concurrency]
             shared = (shared_document(url, cold_url, args.doc_tokens, args.questions, args.cold_questions, token_model)
                       if args.doc_tokens else None)
