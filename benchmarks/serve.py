@@ -9,7 +9,8 @@ Starts a real server process (127.0.0.1, a free port, a temporary sessions folde
    server with the prefix cache and on one without (``--no-prefix-cache``): a same-run A/B in
    ``--rounds`` interleaved rounds (each round one run on each server, back to back, the order
    alternating; the machine's load average is printed per run): each round's on / off ratio, their median
-   and range (the cache must never cost more than 5%), with the cache filled to its budget first (a
+   and range (the cache must never cost more than 5%), the same by tokens per CPU second of the server
+   process (psutil: on a CPU shared with other work, the server's own cost), with the cache filled to its budget first (a
    server's steady state: ``--prefix-cache-mb``);
 2. **shared document**: one document of ``--doc-tokens`` tokens (default 16,000; bytes for a byte model)
    and ``--questions`` different questions (default 64), asked one after the other: time to first token
@@ -301,7 +302,8 @@ def main() -> None:
                 asyncio.run(load(u, 1, 2, 4, tag="warmup"))
             if args.concurrency:
                 fill_prefix_cache(url)
-            rows = [ab_level(url, cold_url, c, max(args.requests, c), args) for c in args.concurrency]
+            servers = {"on": (url, proc.pid), "off": (cold_url, cold_proc.pid)}
+            rows = [ab_level(servers, c, max(args.requests, c), args) for c in args.concurrency]
             shared = (shared_document(url, cold_url, args.doc_tokens, args.questions, args.cold_questions, token_model)
                       if args.doc_tokens else None)
             memory = open_sessions(url, proc.pid, args.sessions, args.session_tokens, args.distinct) if args.sessions else None
@@ -320,21 +322,27 @@ def main() -> None:
         args.json.write_text(json.dumps({"load": rows, "shared_document": shared, "memory": memory}, indent=2) + "\n")
 
 
-def ab_level(url: str, cold_url: str, concurrency: int, requests: int, args: argparse.Namespace) -> dict:
-    """One concurrency level on both servers, ``args.rounds`` interleaved rounds: medians, per-round ratios."""
+def ab_level(servers: dict[str, tuple[str, int]], concurrency: int, requests: int, args: argparse.Namespace) -> dict:
+    """One concurrency level on both servers (``servers``: "on" and "off" -> url, pid), ``args.rounds``
+    interleaved rounds: medians, per-round ratios of tokens/s and of tokens per CPU second of the server."""
     runs: dict[str, list[dict]] = {"on": [], "off": []}
-    ratios = []
+    ratios, cpu_ratios = [], []
     for r in range(args.rounds):  # alternate the order: both servers see the same machine load
-        for name, u in (("on", url), ("off", cold_url))[:: 1 if r % 2 == 0 else -1]:
-            load_avg = os.getloadavg()[0]
-            result = asyncio.run(load(u, concurrency, requests, args.max_tokens, args.prompt_bytes, tag=f"{name}{r}-"))
-            runs[name].append({**result, "load_average": load_avg})
-        ratios.append(runs["on"][-1]["tokens_per_s"] / runs["off"][-1]["tokens_per_s"])
-        print(f"  {concurrency} clients, round {r + 1}: on {runs['on'][-1]['tokens_per_s']:.0f} tok/s (load "
-              f"{runs['on'][-1]['load_average']:.1f}), off {runs['off'][-1]['tokens_per_s']:.0f} tok/s (load "
-              f"{runs['off'][-1]['load_average']:.1f}), on/off {ratios[-1]:.3f}", flush=True)
+        for name in ("on", "off")[:: 1 if r % 2 == 0 else -1]:
+            url, pid = servers[name]
+            load_avg, cpu = os.getloadavg()[0], psutil.Process(pid).cpu_times()
+            result = asyncio.run(load(url, concurrency, requests, args.max_tokens, args.prompt_bytes, tag=f"{name}{r}-"))
+            after = psutil.Process(pid).cpu_times()
+            cpu_s = (after.user + after.system) - (cpu.user + cpu.system)
+            runs[name].append({**result, "load_average": load_avg, "tokens_per_cpu_s": result["tokens"] / max(cpu_s, 1e-9)})
+        on, off = runs["on"][-1], runs["off"][-1]
+        ratios.append(on["tokens_per_s"] / off["tokens_per_s"])
+        cpu_ratios.append(on["tokens_per_cpu_s"] / off["tokens_per_cpu_s"])
+        print(f"  {concurrency} clients, round {r + 1}: on {on['tokens_per_s']:.0f} tok/s (load {on['load_average']:.1f}), "
+              f"off {off['tokens_per_s']:.0f} tok/s (load {off['load_average']:.1f}), on/off {ratios[-1]:.3f} "
+              f"(by the server's CPU time {cpu_ratios[-1]:.3f})", flush=True)
     median = {k: {key: statistics.median(run[key] for run in v) for key in v[0]} for k, v in runs.items()}
-    return {**median["on"], "off": median["off"], "round_ratios": ratios, "rounds": runs}
+    return {**median["on"], "off": median["off"], "round_ratios": ratios, "cpu_ratios": cpu_ratios, "rounds": runs}
 
 
 def report_shared(shared: dict) -> None:
@@ -364,16 +372,17 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
           f"rounds per server\n")
     print("| clients | tokens/s | x vs 1 client | requests/s | first token p50 | p99 | latency p50 | p99 | "
           "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off, "
-          "median of rounds | min - max | per round | load average |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+          "median of rounds | min - max | per round | by the server's CPU time, median | min - max | load average |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|")
     for r in rows:
-        off, ratios = r["off"], r["round_ratios"]
+        off, ratios, cpu = r["off"], r["round_ratios"], r["cpu_ratios"]
         loads = [run["load_average"] for v in r["rounds"].values() for run in v]
         print(f"| {r['concurrency']:.0f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.1f} | "
               f"{r['requests_per_s']:.2f} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {r['p50_s']:.2f} s | "
               f"{r['p99_s']:.2f} s | {r['mean_batch']:.1f} | {off['tokens_per_s']:.0f} | {off['ttft_p50_s']:.3f} s | "
               f"**{statistics.median(ratios):.3f}** | {min(ratios):.3f} - {max(ratios):.3f} | "
-              f"{', '.join(f'{x:.3f}' for x in ratios)} | {min(loads):.1f} - {max(loads):.1f} |")
+              f"{', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(cpu):.3f} | {min(cpu):.3f} - {max(cpu):.3f} | "
+              f"{min(loads):.1f} - {max(loads):.1f} |")
 
 
 def report_memory(memory: dict, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
