@@ -7,8 +7,11 @@ Starts a real server process (127.0.0.1, a free port, a temporary sessions folde
    seed; no two prompts share a prefix) from c concurrent clients, and reports generated tokens/s,
    requests/s, time to first token p50/p99, request latency p50/p99 and rows per decode step -- on a
    server with the prefix cache and on one without (``--no-prefix-cache``): a same-run A/B in
-   ``--rounds`` interleaved rounds (the order alternates each round, the machine's load average is
-   printed per round), medians compared (the cache must never cost more than 5%);
+   ``--rounds`` interleaved rounds (each round one run on each server, back to back, the order
+   alternating; the machine's load average is printed per run): each round's on / off ratio, their median
+   and range (the cache must never cost more than 5%), the same by tokens per CPU second of the server
+   process (psutil: on a CPU shared with other work, the server's own cost), with the cache filled to its budget first (a
+   server's steady state: ``--prefix-cache-mb``);
 2. **shared document**: one document of ``--doc-tokens`` tokens (default 16,000; bytes for a byte model)
    and ``--questions`` different questions (default 64), asked one after the other: time to first token
    with the prefix cache (the first question reads the document, the others resume from its state)
@@ -67,7 +70,8 @@ def start_server(checkpoint: Path, sessions_dir: Path, log: Path, memory_mb: flo
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # This checkout first, then the caller's path (where packages installed with --target live, e.g. the device's).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     argv = [sys.executable, "-m", "ssmkit", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
@@ -162,6 +166,20 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, promp
             "p50_s": statistics.median(latencies or [nan]), "p99_s": percentile(latencies or [nan], 0.99)}
 
 
+def fill_prefix_cache(url: str, limit: int = 200) -> None:
+    """Requests sharing no prefix until the server's prefix cache evicts: the throughput test then sees a
+    server's steady state (a cache being filled first costs new memory for every snapshot, once)."""
+    sent = 0
+    for i in range(limit):
+        stats = httpx.get(f"{url}/health").json()["prefix_cache"]
+        if stats["evictions"]:
+            break
+        asyncio.run(load(url, 16, 64, 1, tag=f"fill{i}-"))
+        sent += 64
+    print(f"prefix cache filled: {sent} requests, {stats['entries_in_memory']} snapshots "
+          f"({stats['memory_bytes'] / MIB:.0f} MiB), evicting", flush=True)
+
+
 def shared_document(url_cached: str, url_cold: str, doc_tokens: int, questions: int, cold_questions: int,
                     token_model: bool) -> dict:
     """Time to first token of questions about one long document, with and without the prefix cache."""
@@ -235,7 +253,8 @@ def transformer_kv_bytes(model: LanguageModel, tokens: int, bytes_per_value: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="model folder (default: random byte-small weights)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 64, 256],
+                        help="client counts of the throughput test (none: skip it)")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-bytes", type=int, default=64, help="length of each request's prompt")
@@ -250,6 +269,9 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=16_000, help="shared document length (0: skip)")
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--cold-questions", type=int, default=4, help="questions timed without the prefix cache")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None,
+                        help="the cached server's --prefix-cache-mb (default its own, 1,024); filled before the "
+                             "throughput test, so on a CPU pass less, e.g. 16")
     parser.add_argument("--rounds", type=int, default=3,
                         help="throughput rounds per level, each running both servers (order alternating); medians kept")
     parser.add_argument("--quick", action="store_true", help="16 requests, 100 sessions of 1,000 tokens")
@@ -269,15 +291,19 @@ def main() -> None:
         memory_mb = args.sessions * state_bytes * 1.2 / MIB + 64
         print(f"# ssmkit serve load test: {checkpoint.name}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        cache_mb = [] if args.prefix_cache_mb is None else ["--prefix-cache-mb", str(args.prefix_cache_mb)]
         proc, url = start_server(checkpoint, tmp / "sessions", tmp / "server.log", memory_mb, args.threads, args.device,
-                                  args.max_batch, args.dtype)
+                                  args.max_batch, args.dtype, *cache_mb)
         cold_proc, cold_url = start_server(checkpoint, tmp / "sessions-cold", tmp / "server-cold.log", memory_mb,
                                            args.threads, args.device, args.max_batch, args.dtype, "--no-prefix-cache")
         token_model = (checkpoint / "tokenizer.json").exists()
         try:
             for u in (url, cold_url):
                 asyncio.run(load(u, 1, 2, 4, tag="warmup"))
-            rows = [ab_level(url, cold_url, c, max(args.requests, c), args) for c in args.concurrency]
+            if args.concurrency:
+                fill_prefix_cache(url)
+            servers = {"on": (url, proc.pid), "off": (cold_url, cold_proc.pid)}
+            rows = [ab_level(servers, c, max(args.requests, c), args) for c in args.concurrency]
             shared = (shared_document(url, cold_url, args.doc_tokens, args.questions, args.cold_questions, token_model)
                       if args.doc_tokens else None)
             memory = open_sessions(url, proc.pid, args.sessions, args.session_tokens, args.distinct) if args.sessions else None
@@ -285,7 +311,10 @@ def main() -> None:
             for p in (proc, cold_proc):
                 p.terminate()
                 p.wait(30)
-    report(rows, memory, model, args, state_bytes)
+    if rows:
+        report(rows, args)
+    if memory is not None:
+        report_memory(memory, model, args, state_bytes)
     if shared is not None:
         report_shared(shared)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
@@ -293,21 +322,27 @@ def main() -> None:
         args.json.write_text(json.dumps({"load": rows, "shared_document": shared, "memory": memory}, indent=2) + "\n")
 
 
-def ab_level(url: str, cold_url: str, concurrency: int, requests: int, args: argparse.Namespace) -> dict:
-    """One concurrency level on both servers, ``args.rounds`` interleaved rounds: medians, per-round ratios."""
+def ab_level(servers: dict[str, tuple[str, int]], concurrency: int, requests: int, args: argparse.Namespace) -> dict:
+    """One concurrency level on both servers (``servers``: "on" and "off" -> url, pid), ``args.rounds``
+    interleaved rounds: medians, per-round ratios of tokens/s and of tokens per CPU second of the server."""
     runs: dict[str, list[dict]] = {"on": [], "off": []}
-    ratios = []
+    ratios, cpu_ratios = [], []
     for r in range(args.rounds):  # alternate the order: both servers see the same machine load
-        for name, u in (("on", url), ("off", cold_url))[:: 1 if r % 2 == 0 else -1]:
-            load_avg = os.getloadavg()[0]
-            result = asyncio.run(load(u, concurrency, requests, args.max_tokens, args.prompt_bytes, tag=f"{name}{r}-"))
-            runs[name].append({**result, "load_average": load_avg})
-        ratios.append(runs["on"][-1]["tokens_per_s"] / runs["off"][-1]["tokens_per_s"])
-        print(f"  {concurrency} clients, round {r + 1}: on {runs['on'][-1]['tokens_per_s']:.0f} tok/s (load "
-              f"{runs['on'][-1]['load_average']:.1f}), off {runs['off'][-1]['tokens_per_s']:.0f} tok/s (load "
-              f"{runs['off'][-1]['load_average']:.1f}), on/off {ratios[-1]:.3f}", flush=True)
+        for name in ("on", "off")[:: 1 if r % 2 == 0 else -1]:
+            url, pid = servers[name]
+            load_avg, cpu = os.getloadavg()[0], psutil.Process(pid).cpu_times()
+            result = asyncio.run(load(url, concurrency, requests, args.max_tokens, args.prompt_bytes, tag=f"{name}{r}-"))
+            after = psutil.Process(pid).cpu_times()
+            cpu_s = (after.user + after.system) - (cpu.user + cpu.system)
+            runs[name].append({**result, "load_average": load_avg, "tokens_per_cpu_s": result["tokens"] / max(cpu_s, 1e-9)})
+        on, off = runs["on"][-1], runs["off"][-1]
+        ratios.append(on["tokens_per_s"] / off["tokens_per_s"])
+        cpu_ratios.append(on["tokens_per_cpu_s"] / off["tokens_per_cpu_s"])
+        print(f"  {concurrency} clients, round {r + 1}: on {on['tokens_per_s']:.0f} tok/s (load {on['load_average']:.1f}), "
+              f"off {off['tokens_per_s']:.0f} tok/s (load {off['load_average']:.1f}), on/off {ratios[-1]:.3f} "
+              f"(by the server's CPU time {cpu_ratios[-1]:.3f})", flush=True)
     median = {k: {key: statistics.median(run[key] for run in v) for key in v[0]} for k, v in runs.items()}
-    return {**median["on"], "off": median["off"], "round_ratios": ratios, "rounds": runs}
+    return {**median["on"], "off": median["off"], "round_ratios": ratios, "cpu_ratios": cpu_ratios, "rounds": runs}
 
 
 def report_shared(shared: dict) -> None:
@@ -330,23 +365,27 @@ def report_shared(shared: dict) -> None:
           f"{stats['entries_in_memory']} snapshots ({stats['memory_bytes'] / MIB:.1f} MiB).")
 
 
-def report(rows: list[dict], memory: dict | None, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
+def report(rows: list[dict], args: argparse.Namespace) -> None:
     base = rows[0]["tokens_per_s"]
     print(f"\n## Throughput: at least {args.requests} streamed requests per level, {args.prompt_bytes}-byte prompts "
           f"sharing no prefix, {args.max_tokens} new tokens each (sampled); medians of {args.rounds} interleaved "
           f"rounds per server\n")
     print("| clients | tokens/s | x vs 1 client | requests/s | first token p50 | p99 | latency p50 | p99 | "
-          "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off "
-          "(medians) | per round |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "rows per decode step | tokens/s, no prefix cache | first token p50, no prefix cache | cache on / off, "
+          "median of rounds | min - max | per round | by the server's CPU time, median | min - max | load average |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|")
     for r in rows:
-        off = r["off"]
+        off, ratios, cpu = r["off"], r["round_ratios"], r["cpu_ratios"]
+        loads = [run["load_average"] for v in r["rounds"].values() for run in v]
         print(f"| {r['concurrency']:.0f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.1f} | "
               f"{r['requests_per_s']:.2f} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {r['p50_s']:.2f} s | "
               f"{r['p99_s']:.2f} s | {r['mean_batch']:.1f} | {off['tokens_per_s']:.0f} | {off['ttft_p50_s']:.3f} s | "
-              f"{r['tokens_per_s'] / off['tokens_per_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['round_ratios'])} |")
-    if memory is None:
-        return
+              f"**{statistics.median(ratios):.3f}** | {min(ratios):.3f} - {max(ratios):.3f} | "
+              f"{', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(cpu):.3f} | {min(cpu):.3f} - {max(cpu):.3f} | "
+              f"{min(loads):.1f} - {max(loads):.1f} |")
+
+
+def report_memory(memory: dict, model: LanguageModel, args: argparse.Namespace, state_bytes: int) -> None:
     n, t = memory["sessions"], memory["tokens_each"]
     layers, kv32 = transformer_kv_bytes(model, t, 4)
     _, kv16 = transformer_kv_bytes(model, t, 2)

@@ -27,6 +27,9 @@ from typing import ClassVar
 import torch
 
 STATE_TYPES: dict[str, type[LayerState]] = {}
+# Field names per state class, read once: ``dataclasses.fields`` costs microseconds a call, and servers ask
+# for the tensors of every layer's state per request (copies into batch rows, snapshot sizes).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,7 +48,10 @@ class LayerState:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state's tensors by field name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in dataclasses.fields(self))
+        return {name: getattr(self, name) for name in names}
 
     @property
     def batch_size(self) -> int:
@@ -53,7 +59,7 @@ class LayerState:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return sum(t.nbytes for t in self.tensors().values())
 
     def clone(self) -> LayerState:
         """An independent copy (same dtypes and device)."""

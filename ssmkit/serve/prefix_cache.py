@@ -214,10 +214,15 @@ class PrefixCache:
 
     def _leader(self, keys: PrefixKeys, depth: int) -> PrefixPlan | None:
         """A plan being read whose prompt shares at least ``depth`` tokens of whole blocks with ``keys``
-        (O(readers x log blocks): equal chain hashes at block j mean equal first j blocks)."""
+        (O(readers x log blocks): equal chain hashes at block j mean equal first j blocks; O(1) for a prompt
+        shorter than ``depth``, which is planned under the lock the engine thread stores snapshots with)."""
         best, best_blocks = None, -(-depth // BLOCK_TOKENS)
+        if len(keys.chain) <= best_blocks:  # a prompt shorter than that (most of them): no reader can lead it
+            return None
         for reader in self._readers:
             other = reader.keys.chain
+            if len(other) <= best_blocks:
+                continue
             lo, hi = 0, min(len(keys.chain), len(other)) - 1  # chain[0] is shared by all
             while lo < hi:
                 mid = (lo + hi + 1) // 2

@@ -265,3 +265,49 @@ def test_start_captures_every_bucket_and_a_burst_captures_no_more(overlap):
     assert reads[0] == engine.steps == engine.decoder.steps
     for i, (p, s) in enumerate(zip(prompts, settings)):
         assert results[i] == generate(model, [p], n_new[i], temperature=s.temperature, seed=i)[0], i
+
+
+def _remembering(seed: int) -> LanguageModel:
+    """debug-mamba2 with the byte vocabulary and larger Δ biases (a state that remembers), float32 on CUDA."""
+    config = get_preset("debug-mamba2")
+    config.vocab_size = 259
+    torch.manual_seed(seed)
+    model = LanguageModel(config, device="cuda").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dt_bias"):
+                p.add_(2.0)
+    return model
+
+
+@pytest.mark.parametrize("how", ["in_place", "load_state_dict"])
+def test_graphs_follow_parameters_edited_in_place(how):
+    """Review concern (issue 22): the graphs captured at the engine's start read the layers' decode ``A``
+    (``-exp(A_log)``, cached while ``A_log`` keeps its version). After ``A_log`` is edited in place, or the
+    weights are loaded with ``load_state_dict``, the engine drops its graphs and captures them again: its
+    tokens are those of ``generate`` on the edited model."""
+    model = _remembering(0)
+    engine = Engine(model, max_batch=8, prefill_chunk_size=64, prefill_budget=4096)
+    assert engine.cuda_graph
+    engine.start()
+    torch.manual_seed(5)
+    prompts = [[int(t) for t in torch.randint(0, 259, (n,))] for n in (13, 40, 2)]
+    settings = [SETTINGS[0], SETTINGS[1], SETTINGS[0]]
+    n_new = [16, 16, 16]
+    try:
+        before = _run(engine, prompts, settings, n_new)
+        captures = engine.decoder.captures
+        with torch.no_grad():
+            if how == "in_place":
+                for block in model.layers:
+                    block.mixer.A_log.sub_(6.0)  # slower decay: other tokens
+            else:
+                model.load_state_dict(_remembering(1).state_dict())
+        after = _run(engine, prompts, settings, n_new)
+    finally:
+        engine.stop()
+    expected = [generate(model, [p], n_new[i], temperature=s.temperature, top_p=s.top_p, seed=i,
+                         prefill_chunk_size=64)[0] for i, (p, s) in enumerate(zip(prompts, settings))]
+    assert after != before  # else the test shows nothing
+    assert after == expected
+    assert engine.decoder.recaptures == 1 and engine.decoder.captures > captures

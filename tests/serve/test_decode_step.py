@@ -6,10 +6,13 @@ tested on a GPU (tests/gpu/test_serve_engine.py).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from ssmkit.generation import generate
+from ssmkit.generation.decode import step
 from ssmkit.generation.sampling import SamplingParams, make_generators, sample_next
 from ssmkit.serve.decode_step import (
     BatchedDecoder,
@@ -112,10 +115,15 @@ def test_eager_step_on_cpu_takes_the_lean_decoder(monkeypatch):
         model, taken = tiny_model(), []
         real = decode_step.lean_decoder
 
-        def spy(m, cache):
+        def spy(m, cache):  # the decoder is asked once per batch size; count the steps it makes
             decoder = real(m, cache) if lean else None
-            taken.append(decoder is not None)
-            return decoder
+            if decoder is None:
+                return None
+
+            def counted(token, cache):
+                taken.append(True)
+                return decoder(token, cache)
+            return counted
         monkeypatch.setattr(decode_step, "lean_decoder", spy)
         decoder = BatchedDecoder(model, 4)
         with torch.no_grad():
@@ -129,3 +137,68 @@ def test_eager_step_on_cpu_takes_the_lean_decoder(monkeypatch):
     lean_tokens, lean_steps = run(lean=True)
     layer_tokens, _ = run(lean=False)
     assert lean_steps == 8 and lean_tokens == layer_tokens
+
+
+class FrozenStep:
+    """A 'captured' step on CPU that computes with the parameters of its capture (a copy of the model), as a
+    CUDA graph computes with the tensors it read then (the layers' cached decode ``A`` among them)."""
+
+    def __init__(self, model, first, state, **_):
+        self.model, self.state, self.token = copy.deepcopy(model), state, first
+
+    def replay(self):
+        self.token.copy_(step(self.model, self.token, self.state))
+
+
+def _edit(model, how: str) -> None:
+    """Change every Mamba-2 layer's A (and with load_state_dict everything) the ways users do."""
+    with torch.no_grad():
+        if how == "load_state_dict":  # copies in place: same storage, versions bumped
+            torch.manual_seed(1)
+            model.load_state_dict(type(model)(model.config).state_dict())
+            return
+        for block in model.layers:
+            A_log = block.mixer.A_log
+            if how == "in_place":
+                A_log.sub_(6.0)  # slower decay: the tokens change
+            elif how == "data":  # storage swapped, version kept
+                A_log.data = A_log.data - 6.0
+            else:  # another parameter object
+                block.mixer.A_log = torch.nn.Parameter(A_log - 6.0)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("how", ["in_place", "load_state_dict", "data", "replaced"])
+def test_steps_follow_parameters_changed_after_capture(monkeypatch, graph, how):
+    """Review concern (issue 22): the graphs kept per bucket read tensors computed from the parameters at
+    capture. After an edit every graph is dropped and captured again on first use, so a request decodes with
+    the new parameters, as ``generate`` does; with nothing changed no graph is captured again."""
+    from ssmkit.serve import decode_step
+
+    if graph:
+        monkeypatch.setattr(decode_step, "GraphedStep", FrozenStep)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model = tiny_model()
+    decoder = BatchedDecoder(model, 4, cuda_graph=graph, pad=True)
+    prompt, n = [257, *range(40, 52)], 10
+
+    def decode() -> list[int]:
+        with torch.no_grad():
+            cache, token, gen, seen = first_token(model, prompt, SETTINGS[0], 0)
+            row = decoder.slots.add(cache, token, SETTINGS[0], gen, seen)
+            tokens = [token] + [decoder.step()[row].item() for _ in range(n - 1)]
+            decoder.slots.remove(row, keep=False)
+        return tokens
+
+    before = decode()
+    assert before == generate(model, [prompt], n, temperature=0)[0]
+    assert decode() == before and decoder.recaptures == 0
+    captures = decoder.captures
+    _edit(model, how)
+    after = generate(model, [prompt], n, temperature=0)[0]
+    assert after != before  # else the test shows nothing
+    assert decode() == after
+    if graph:
+        assert decoder.recaptures == 1 and decoder.captures == captures + 1
+        assert decode() == after and decoder.recaptures == 1 and decoder.captures == captures + 1
