@@ -19,6 +19,8 @@ module) tells when the list itself must be made again.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.modules.module import (
@@ -36,9 +38,13 @@ def _count(*_: object) -> None:
     _registrations[0] += 1
 
 
-for _register in (register_module_parameter_registration_hook, register_module_buffer_registration_hook,
-                  register_module_module_registration_hook):
-    _register(_count)
+@functools.cache
+def _count_registrations() -> None:
+    """Install the counting hooks, once, when the first watch is made (not at import: they see every
+    module of the process, so a program that never watches a model should not carry them)."""
+    for register in (register_module_parameter_registration_hook, register_module_buffer_registration_hook,
+                     register_module_module_registration_hook):
+        register(_count)
 
 
 class ParameterWatch:
@@ -46,6 +52,7 @@ class ParameterWatch:
     replaced by other tensors) since the last :meth:`changed` (or since the watch was made)."""
 
     def __init__(self, model: nn.Module) -> None:
+        _count_registrations()
         self.model = model
         self.walks = 0  # times the module tree was walked (once, then after registrations anywhere)
         self._state = self._walk()
