@@ -25,6 +25,10 @@ forward+backward of each layer at length L: where the layer's time goes besides 
     python benchmarks/gpu_mamba3.py [--upstream release|main] [--lengths 2048 8192] [--no-parity] [--no-timing]
     python benchmarks/gpu_mamba3.py --no-parity --no-timing --profile 2048
 
+``--glue`` times ssmkit's layer with its fused scalar kernels and final-state skip (the default) against the
+PyTorch forms they replaced (``step_sizes._triton`` patched off, the final state always built), same run,
+with the host time a call beside each.
+
 ``--host-profile L`` runs one layer's forward+backward 20 times under cProfile (Python time on the host,
 the GPU waited for only at the end) and prints the functions with the most time of their own: at short
 lengths the layers are bound by launching their kernels, not by running them.
@@ -36,6 +40,7 @@ import argparse
 import contextlib
 import functools
 import sys
+from unittest import mock
 
 import torch
 from mamba_ssm_source import DECAY_ACTIVATION, UPSTREAMS, import_mamba3
@@ -178,6 +183,45 @@ def host_profile(their_cls: type | None, activation: str, length: int, rows: int
         stats.sort_stats("cumulative").print_stats(rows)
 
 
+@contextlib.contextmanager
+def pytorch_glue():
+    """The Mamba-3 route's scalars in PyTorch and its final state always built (as before the fused kernels)."""
+    import ssmkit.ops.mamba3 as mamba3_ops
+    import ssmkit.ops.mamba3.step_sizes as step_sizes
+
+    route = mamba3_ops.mamba3_via_ssd
+
+    def always_final(inputs, ssd_backend="auto", final_state=True):
+        return route(inputs, ssd_backend=ssd_backend, final_state=True)
+
+    with mock.patch.object(step_sizes, "_triton", lambda backend, device: False), \
+            mock.patch.object(mamba3_ops, "mamba3_via_ssd", always_final):
+        yield
+
+
+def glue(activation: str, lengths: list[int]) -> None:
+    """ssmkit's layer (SSD route) with the fused scalars on and off: fwd, fwd+bwd, host time a fwd+bwd."""
+    import time
+
+    from triton.testing import do_bench
+
+    ours, _ = pair(None, torch.bfloat16, outproj_norm=False, activation=activation)
+    print(f"\n{'L':>6} {'glue':>8} {'fwd ms':>8} {'fwd+bwd ms':>11} {'host ms':>8}")
+    for length in lengths:
+        x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for name, ctx in (("fused", contextlib.nullcontext), ("pytorch", pytorch_glue)):
+            with scan_backend("triton"), ctx():
+                fwd = do_bench(lambda: ours(x), return_mode="median")
+                both = do_bench(lambda: ours(x).sum().backward(), return_mode="median")
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(20):
+                    ours(x).sum().backward()
+                host = (time.perf_counter() - start) / 20
+                torch.cuda.synchronize()
+            print(f"{length:>6} {name:>8} {fwd:>8.2f} {both:>11.2f} {host * 1e3:>8.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream", choices=UPSTREAMS, default="release",
@@ -187,6 +231,7 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="L",
                         help="per-kernel profile of each layer's fwd+bwd at these lengths")
+    parser.add_argument("--glue", action="store_true", help="fused scalar kernels on / off, ssmkit only")
     parser.add_argument("--host-profile", type=int, nargs="*", default=[], metavar="L",
                         help="cProfile of each layer's fwd+bwd on the host at these lengths")
     args = parser.parse_args()
@@ -204,6 +249,8 @@ def main() -> None:
         print("parity (ssmkit vs mamba_ssm, same weights, b2 L1000):")
         print(f"{'dtype':>9} {'outproj_norm':>12} {'backend':>8} {'out rel err':>12} {'dx rel err':>11}")
         parity(their_cls, activation)
+    if args.glue:
+        glue(activation, args.lengths)
     for length in args.profile:
         profile(their_cls, activation, length)
     for length in args.host_profile:
