@@ -8,7 +8,7 @@ op that would launch a kernel (views and allocations left out, as are the interp
 Triton kernel), beside each Triton kernel launched. Gradients accumulate into existing ``.grad`` (as a
 benchmark loop does), so each parameter also costs an add.
 
-    python benchmarks/launch_count.py                   # Mamba-3 (the SSD route) and Mamba-2 (fused), bf16
+    python benchmarks/launch_count.py                   # Mamba-3 (the SSD route), Mamba-2 and Mamba (fused), bf16
     python benchmarks/launch_count.py --layers mamba3 --verbose
 """
 
@@ -27,7 +27,7 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import ssmkit.ops.backend as backend_module  # noqa: E402
-from ssmkit.layers import Mamba2, Mamba3  # noqa: E402
+from ssmkit.layers import Mamba, Mamba2, Mamba3  # noqa: E402
 
 # Ops that launch no kernel on a GPU (views, allocations, metadata).
 NO_KERNEL = {
@@ -104,7 +104,8 @@ def count(layer: torch.nn.Module, x: torch.Tensor, verbose: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba2"), default=["mamba3", "mamba2"])
+    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba2", "mamba"),
+                        default=["mamba3", "mamba2", "mamba"])
     parser.add_argument("--verbose", action="store_true", help="print every PyTorch op with its shapes")
     args = parser.parse_args()
     _count_kernels()
@@ -114,6 +115,7 @@ def main() -> None:
     layers = {
         "mamba3": lambda: Mamba3(d_model=64, d_state=16, headdim=16, dtype=torch.bfloat16),
         "mamba2": lambda: Mamba2(64, d_state=16, headdim=16, dtype=torch.bfloat16),
+        "mamba": lambda: Mamba(64, dtype=torch.bfloat16),
     }
     for name in args.layers:
         print(f"{name}, bf16, b2 L40 d_model 64 (the SSD backward splits heads over more programs at tiny sizes: a sum or two more than at b8 L2K):")
