@@ -1,7 +1,7 @@
 """CPU kernels for decode steps (``kernels.c``), built with the host's C compiler once per machine.
 
-``kernels.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv` and the fused Mamba-2 state step of
-:mod:`ssmkit.ops.state_update.native`: at batch 1 on a CPU a decode step is bound by the bytes it
+``kernels.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv`, the fused Mamba-2 state step (with or without the
+convolution before it) of :mod:`ssmkit.ops.state_update.native`: at batch 1 on a CPU a decode step is bound by the bytes it
 moves, and these stream weights and states in one pass where torch's ops take several.
 
 Optional by design: a fresh ``pip install`` on a machine without a compiler (or with
@@ -65,6 +65,8 @@ def library() -> ctypes.CDLL | None:
     F, I = ctypes.c_float, ctypes.c_int
     lib.ssmkit_mamba2_step.argtypes = [P, P, L, P, L, P, P, F, F, P, I, P, L, P, L, F, I, P, L, L, L, L, L, I]
     lib.ssmkit_mamba2_step.restype = None
+    lib.ssmkit_mamba2_conv_step.argtypes = [P, P, P, L, P, P, L, P, P, F, F, P, I, P, L, F, I, P, P, L, L, L, L, L, I]
+    lib.ssmkit_mamba2_conv_step.restype = None
     return lib
 
 

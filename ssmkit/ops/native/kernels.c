@@ -14,7 +14,8 @@
  *
  * 2. The Mamba-2 state step and the Mamba-1 selective step (ssmkit/ops/state_update/native.py), state
  *    read and written once, and the depthwise causal convolution's one-token update
- *    (ssmkit/ops/causal_conv1d/native.py): each replaces a dozen small torch ops of a decode step.
+ *    (ssmkit/ops/causal_conv1d/native.py): each replaces a dozen small torch ops of a decode step; and
+ *    Mamba-2's convolution and state step together, from in_proj's output to out_proj's input.
  *
  * Built at first use with the host's compiler and -march=native; the AVX-512 paths are taken where the
  * compiler targets AVX-512, portable loops elsewhere.
@@ -361,6 +362,50 @@ static inline float to_bf16_rne(float v) {  /* to the nearest bfloat16, ties to 
     return v;
 }
 
+/* One batch row of a Mamba-2 layer's decode step between its convolution and out_proj, in place on the
+ * row's state (h, p, n): x (h·p), Bm and Cm (g·n) the convolution's output; dt (h), z (h·p); o (h·p).
+ * The formulas are those of ssmkit_mamba2_step below. */
+static void mamba2_row(float *state, const float *x, const float *Bm, const float *Cm, const float *dt,
+                       const float *dt_bias, const float *A, float dt_min, float dt_max, const float *D,
+                       int D_per_channel, const float *zr, const float *norm_w, long group, float eps, int round_bf16,
+                       float *o, long h, long p, long n, long g, int threads) {
+    const long heads_per_group = h / g, I = h * p;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && I * n >= (1L << 16))
+    for (long hi = 0; hi < h; ++hi) {
+        float delta = softplus(dt[hi] + (dt_bias ? dt_bias[hi] : 0.f));
+        delta = delta < dt_min ? dt_min : (delta > dt_max ? dt_max : delta);
+        const float decay = expf(delta * A[hi]);
+        const float *Bv = Bm + (hi / heads_per_group) * n, *Cv = Cm + (hi / heads_per_group) * n;
+        for (long pi = 0; pi < p; ++pi) {
+            const long c = hi * p + pi;
+            float *s = state + (hi * p + pi) * n;
+            const float u = delta * x[c];
+            float acc = 0.f;
+            #pragma omp simd reduction(+:acc)
+            for (long j = 0; j < n; ++j) {
+                const float v = s[j] * decay + u * Bv[j];
+                s[j] = v;
+                acc += v * Cv[j];
+            }
+            if (D) acc += D[D_per_channel ? c : hi] * x[c];
+            o[c] = round_bf16 ? to_bf16_rne(acc) : acc;
+        }
+    }
+    long c = 0;
+#if defined(__AVX512F__)
+    for (; c + 16 <= I; c += 16)
+        _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), silu16(_mm512_loadu_ps(zr + c))));
+#endif
+    for (; c < I; ++c) o[c] *= silu(zr[c]);
+    if (!norm_w) return;
+    for (long start = 0; start < I; start += group) {
+        float ss = 0.f;
+        for (long k = start; k < start + group; ++k) ss += o[k] * o[k];
+        const float scale = 1.f / sqrtf(ss / (float)group + eps);
+        for (long k = start; k < start + group; ++k) o[k] = o[k] * scale * norm_w[k];
+    }
+}
+
 /* A Mamba-2 layer's decode step between its convolution and out_proj, in place on the state:
  *
  *   delta[h] = clamp(softplus(dt[b, h] + dt_bias[h]), dt_min, dt_max);  decay = exp(delta[h] * A[h])
@@ -376,43 +421,53 @@ void ssmkit_mamba2_step(float *state, const float *xbc, long xbc_stride, const f
                         const float *dt_bias, const float *A, float dt_min, float dt_max, const float *D,
                         int D_per_channel, const float *z, long z_stride, const float *norm_w, long group, float eps,
                         int round_bf16, float *out, long b, long h, long p, long n, long g, int threads) {
-    const long heads_per_group = h / g, I = h * p;
+    const long I = h * p;
     for (long bi = 0; bi < b; ++bi) {
-        const float *x = xbc + bi * xbc_stride, *Bm = x + I, *Cm = Bm + g * n, *zr = z + bi * z_stride;
+        const float *x = xbc + bi * xbc_stride;
+        mamba2_row(state + bi * I * n, x, x + I, x + I + g * n, dt + bi * dt_stride, dt_bias, A, dt_min, dt_max, D,
+                   D_per_channel, z + bi * z_stride, norm_w, group, eps, round_bf16, out + bi * I, h, p, n, g,
+                   threads);
+    }
+}
+
+/* A Mamba-2 layer's whole decode step between in_proj and out_proj, from in_proj's output:
+ *
+ *   (z, xBC, dt) = zxbcdt[b]                          (each rounded to bfloat16 first with bf16 = 1)
+ *   xBC = silu(conv step of xBC over the window)      ssmkit_conv_step (rounded to bfloat16 with bf16 = 1)
+ *   out = the step of ssmkit_mamba2_step from xBC, dt, z (with bf16 = 1 and a gated norm, y rounded to
+ *         bfloat16 before it: the layer's scan output; without the norm the scan applies the gate itself),
+ *         then rounded to bfloat16 with bf16 = 1 (out_proj's input in a bfloat16 layer)
+ *
+ * The rounding points are a bfloat16 layer's, where every tensor between its ops is bfloat16 and the
+ * arithmetic float32. zxbcdt (b, ·) float32 with row stride zx_stride: z (h·p) at 0, xBC (c = h·p + 2·g·n)
+ * after, dt (h) after; window (b, c, width) float32 (bf16 = 0) or bfloat16 bits (bf16 = 1); conv_w (c, width),
+ * conv_b (c,) or NULL; scratch (2·c + h·p + h) float32 (the row's convolution output and rounded inputs);
+ * out (b, h·p) float32. One call replaces the convolution's and the state step's calls and the casts
+ * between them.
+ */
+void ssmkit_mamba2_conv_step(float *state, void *window, const float *zxbcdt, long zx_stride, const float *conv_w,
+                             const float *conv_b, long width, const float *dt_bias, const float *A, float dt_min,
+                             float dt_max, const float *D, int D_per_channel, const float *norm_w, long group,
+                             float eps, int bf16, float *scratch, float *out, long b, long h, long p, long n, long g,
+                             int threads) {
+    const long I = h * p, c = I + 2 * g * n;
+    float *xbc = scratch, *xr = scratch + c, *zr = xr + c, *dtr = zr + I;
+    for (long bi = 0; bi < b; ++bi) {
+        const float *row = zxbcdt + bi * zx_stride, *z = row, *xin = row + I, *dt = row + I + c;
+        if (bf16) {  /* in_proj's output as the bfloat16 layer holds it */
+            for (long k = 0; k < I; ++k) zr[k] = to_bf16_rne(z[k]);
+            for (long k = 0; k < h; ++k) dtr[k] = to_bf16_rne(dt[k]);
+            for (long k = 0; k < c; ++k) xr[k] = to_bf16_rne(xin[k]);
+            z = zr, dt = dtr, xin = xr;
+        }
+        ssmkit_conv_step(window, bf16, xin, 0, conv_w, conv_b, xbc, 1, c, width);
+        if (bf16)
+            for (long k = 0; k < c; ++k) xbc[k] = to_bf16_rne(xbc[k]);
         float *o = out + bi * I;
-        #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && I * n >= (1L << 16))
-        for (long hi = 0; hi < h; ++hi) {
-            float delta = softplus(dt[bi * dt_stride + hi] + (dt_bias ? dt_bias[hi] : 0.f));
-            delta = delta < dt_min ? dt_min : (delta > dt_max ? dt_max : delta);
-            const float decay = expf(delta * A[hi]);
-            const float *Bv = Bm + (hi / heads_per_group) * n, *Cv = Cm + (hi / heads_per_group) * n;
-            for (long pi = 0; pi < p; ++pi) {
-                const long c = hi * p + pi;
-                float *s = state + ((bi * h + hi) * p + pi) * n;
-                const float u = delta * x[c];
-                float acc = 0.f;
-                #pragma omp simd reduction(+:acc)
-                for (long j = 0; j < n; ++j) {
-                    const float v = s[j] * decay + u * Bv[j];
-                    s[j] = v;
-                    acc += v * Cv[j];
-                }
-                if (D) acc += D[D_per_channel ? c : hi] * x[c];
-                o[c] = round_bf16 ? to_bf16_rne(acc) : acc;
-            }
-        }
-        long c = 0;
-#if defined(__AVX512F__)
-        for (; c + 16 <= I; c += 16)
-            _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), silu16(_mm512_loadu_ps(zr + c))));
-#endif
-        for (; c < I; ++c) o[c] *= silu(zr[c]);
-        if (!norm_w) continue;
-        for (long start = 0; start < I; start += group) {
-            float ss = 0.f;
-            for (long k = start; k < start + group; ++k) ss += o[k] * o[k];
-            const float scale = 1.f / sqrtf(ss / (float)group + eps);
-            for (long k = start; k < start + group; ++k) o[k] = o[k] * scale * norm_w[k];
-        }
+        mamba2_row(state + bi * I * n, xbc, xbc + I, xbc + I + g * n, dt, dt_bias, A, dt_min, dt_max, D,
+                   D_per_channel, z, norm_w, group, eps, bf16 && norm_w, o, h, p, n, g, threads);
+        if (bf16)
+            for (long k = 0; k < I; ++k) o[k] = to_bf16_rne(o[k]);
+        window = bf16 ? (void *)((uint16_t *)window + c * width) : (void *)((float *)window + c * width);
     }
 }

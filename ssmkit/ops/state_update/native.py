@@ -126,3 +126,52 @@ def native_mamba2_step() -> Callable[..., Mamba2Step] | None:
         step.tensors = held  # keep the buffers the pointers refer to alive
         return step
     return bind
+
+
+Mamba2ConvStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def native_mamba2_conv_step() -> Callable[..., Mamba2ConvStep] | None:
+    """``bind(...)``, binding a Mamba-2 layer's parameters to its whole decode step between ``in_proj`` and
+    ``out_proj`` in one call (the convolution's update and SiLU, then :func:`native_mamba2_step`'s step), or
+    None where the native kernels are not built.
+
+    ``bind(conv_weight (c, w), conv_bias (c,) or None, A, dt_bias, D, dt_limit, norm_weight, group, eps, bf16,
+    shape (h, p, n, g))`` (the last arguments as :func:`native_mamba2_step`'s, c = h·p + 2·g·n) returns
+    ``step(state, window, zxbcdt) -> out``: ``zxbcdt`` (b, h·p + c + h) is in_proj's output in float32 with
+    unit stride along the last dimension; ``window`` (b, c, w) the convolution's state, contiguous, float32
+    (``bf16`` False) or bfloat16 (``bf16`` True), shifted in place; ``state`` (b, h, p, n) float32,
+    contiguous, updated in place. With ``bf16`` the step rounds to bfloat16 where a bfloat16 layer holds its
+    tensors in bfloat16: in_proj's output, the convolution's output, the scan's output (before the gate, where a gated
+    norm follows) and ``out``. Returns ``out`` (b, h·p) float32, out_proj's input. Nothing is checked per call.
+    """
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.ssmkit_mamba2_conv_step
+
+    def bind(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, A: torch.Tensor,
+             dt_bias: torch.Tensor | None, D: torch.Tensor | None, dt_limit: tuple[float, float],
+             norm_weight: torch.Tensor | None, group: int, eps: float, bf16: bool,
+             shape: tuple[int, int, int, int]) -> Mamba2ConvStep:
+        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous().view(-1)
+                     for t in (conv_weight, conv_bias, A, dt_bias, D, norm_weight))
+        cw, cb, a, bias, d, w = (None if t is None else t.data_ptr() for t in held)
+        h, p, n, g = shape
+        c, width = conv_weight.shape
+        per_channel = int(held[4] is not None and held[4].numel() == h * p)
+        lo, hi = (float(v) for v in dt_limit)
+        scratch = 2 * c + h * p + h
+
+        def step(state: torch.Tensor, window: torch.Tensor, zxbcdt: torch.Tensor) -> torch.Tensor:
+            b = state.shape[0]
+            # The kernel's scratch after the output, one allocation per call (a step may run in several threads).
+            buffer = torch.empty(b * h * p + scratch, dtype=torch.float32)
+            out = buffer[: b * h * p].view(b, h * p)
+            fn(state.data_ptr(), window.data_ptr(), zxbcdt.data_ptr(), zxbcdt.stride(0), cw, cb, width, bias, a, lo,
+               hi, d, per_channel, w, group, eps, int(bf16), buffer[b * h * p:].data_ptr(), out.data_ptr(), b, h, p,
+               n, g, torch.get_num_threads())
+            return out
+        step.tensors = held  # keep the buffers the pointers refer to alive
+        return step
+    return bind
