@@ -38,6 +38,7 @@ from ssmkit.ops.causal_conv1d.native import native_conv_step
 from ssmkit.ops.gemv import MAX_ROWS, native_available, native_linear
 from ssmkit.ops.state_update.native import (
     native_mamba2_conv_step,
+    native_mamba2_layer_step,
     native_mamba2_step,
     native_selective_step,
     native_ssd_step,
@@ -120,6 +121,17 @@ def _linear_from_f32(module: nn.Module, out_dtype: torch.dtype) -> Linear:
         return bf16_native
     linear = linear_fn(module)
     return lambda x: linear(x.to(dtype)).to(out_dtype)
+
+
+def _native_matrix(module: nn.Module, dtype: torch.dtype) -> tuple | None:
+    """``(weight, scales, bias)`` of a projection the native layer step reads, in a layer of ``dtype``:
+    an ``nn.Linear`` of that dtype or an :class:`Int8Linear` computing in it; None for anything else."""
+    if isinstance(module, Int8Linear):
+        ok = module.compute_dtype == dtype and module.qweight.dtype == torch.int8
+        return (module.qweight, module.scales, module.bias) if ok else None
+    if isinstance(module, nn.Linear) and module.weight.dtype == dtype:
+        return module.weight, None, module.bias
+    return None
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -244,13 +256,25 @@ class Mamba2Step:
                                          group, eps, self.dtype == torch.bfloat16, (h, p, n, g))
             self.in_f32 = _linear_from_f32(mixer.in_proj, torch.float32)
             self.out_f32 = _linear_from_f32(mixer.out_proj, self.dtype)
+        # The whole block in one call (the norm, both matmuls and the residual add too) for a float32 residual
+        # stream at up to MAX_ROWS rows: at batch 1 nothing but the weights' and the state's bytes is left.
+        bind = native_mamba2_layer_step() if self.mamba2_conv_step is not None else None
+        matrices = [_native_matrix(m, self.dtype) for m in (mixer.in_proj, mixer.out_proj)]
+        self.layer_step = None
+        if bind is not None and None not in matrices:
+            self.layer_step = bind(self.norm_weight, self.eps, *matrices, self.conv.weight, self.conv.bias, self.A,
+                                   self.dt_bias, self.D, limit, norm_w, group, eps, self.dtype == torch.bfloat16,
+                                   (h, p, n, g))
 
     def __call__(self, r: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """r (b, H) residual stream -> (b, H) (dtype: promote(r, the mixer's output))."""
         h_, p, g, n = self.shape
         b = r.shape[0]
-        hn = F.rms_norm(r.to(torch.float32), self.norm_weight.shape, self.norm_weight, self.eps)
         conv = state.conv
+        if (self.layer_step is not None and r.dtype == torch.float32 and b <= MAX_ROWS and r.is_contiguous()
+                and conv.dtype == self.dtype and conv.is_contiguous()):
+            return self.layer_step(r, state.ssm, conv)
+        hn = F.rms_norm(r.to(torch.float32), self.norm_weight.shape, self.norm_weight, self.eps)
         if self.mamba2_conv_step is not None and conv.dtype == self.dtype and conv.is_contiguous():
             # hn rounded to the weights' dtype, as the layer's in_proj reads it.
             out = self.mamba2_conv_step(state.ssm, conv, self.in_f32(hn.to(self.dtype).to(torch.float32)))

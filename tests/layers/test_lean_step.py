@@ -36,7 +36,8 @@ def _block(mixer: nn.Module, dtype: torch.dtype, residual_in_fp32: bool = True) 
 def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, fused: bool | str = True) -> None:
     """The lean step and the block's step from the same prompt state: outputs and states after each token
     (``fused=False``: the convolution and state updates by torch's ops, as where the native kernels are not
-    built; ``"separate"``: Mamba-2's native convolution and state steps as two calls, as with in_proj
+    built; Mamba-2's native steps: ``True`` the whole block in one call, ``"conv"`` the convolution and state
+    step in one call between torch's norm and matmuls, ``"separate"`` those two as two calls, as with in_proj
     multipliers)."""
     torch.manual_seed(2)
     lean = lean_block_step(block)
@@ -46,10 +47,12 @@ def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, f
         lean.mamba2_conv_step = None
     else:
         assert lean.conv.native is not None and getattr(lean, "mamba2_step", True) is not None
+    if fused in ("separate", "conv") or not fused:
+        lean.layer_step = None
     if fused == "separate":
         lean.mamba2_conv_step = None
     elif fused and isinstance(lean, Mamba2Step) and lean.in_scale is None:
-        assert lean.mamba2_conv_step is not None
+        assert lean.mamba2_conv_step is not None and (fused == "conv" or lean.layer_step is not None)
     theirs = block.allocate_state(batch)
     with torch.no_grad():
         block(torch.randn(batch, 6, 32, dtype=dtype), cache=theirs)  # a prefilled state
@@ -82,8 +85,9 @@ def test_mamba_step_equals_the_block_step(dtype, residual_in_fp32, fused, d_stat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", MAMBA2_VARIANTS)
-@pytest.mark.parametrize("fused", [True, "separate", False],
-                         ids=["conv and state step in one", "native conv, native state step", "torch steps"])
+@pytest.mark.parametrize("fused", [True, "conv", "separate", False],
+                         ids=["block in one call", "conv and state step in one", "native conv, native state step",
+                              "torch steps"])
 def test_mamba2_step_equals_the_block_step(dtype, variant, fused):
     if fused and native_ssd_step() is None:
         pytest.skip("no C compiler here: the fused state step is not built")
@@ -102,7 +106,7 @@ def test_mamba2_conv_step_equals_the_separate_native_steps(dtype, variant):
         pytest.skip("no C compiler here: the native steps are not built")
     block = _block(Mamba2(32, d_state=16, headdim=8, **MAMBA2_VARIANTS[variant]), dtype)
     one, two = lean_block_step(block), lean_block_step(block)
-    two.mamba2_conv_step = None
+    one.layer_step = two.layer_step = two.mamba2_conv_step = None
     assert one.mamba2_conv_step is not None
     torch.manual_seed(3)
     ours = block.allocate_state(3)
@@ -114,6 +118,36 @@ def test_mamba2_conv_step_equals_the_separate_native_steps(dtype, variant):
             torch.testing.assert_close(one(r, ours), two(r, theirs), rtol=0, atol=0)
             for name, t in theirs.tensors().items():
                 torch.testing.assert_close(getattr(ours, name), t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["default", "groups", "D per channel", "no gated norm", "biases"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mamba2_layer_step_equals_the_torch_norm_and_matmuls_around_it(dtype, variant, batch):
+    """The whole block in one native call against the same step with torch's RMSNorm, matmuls and residual
+    add around the native convolution + state step: float32 to its rounding; bfloat16 to a bfloat16 step
+    where a normed value lands on the other side of a rounding boundary (the norm's sums differ in order)."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba2(32, d_state=16, headdim=8, **MAMBA2_VARIANTS[variant]), dtype)
+    one, two = lean_block_step(block), lean_block_step(block)
+    two.layer_step = None
+    assert one.layer_step is not None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.manual_seed(4)
+    ours = block.allocate_state(batch)
+    with torch.no_grad():
+        block(torch.randn(batch, 5, 32, dtype=dtype), cache=ours)
+        theirs = ours.clone()
+        for _ in range(5):
+            r = torch.randn(batch, 32)
+            torch.testing.assert_close(one(r, ours), two(r, theirs), rtol=tol, atol=tol)
+            for name, t in theirs.tensors().items():
+                torch.testing.assert_close(getattr(ours, name).float(), t.float(), rtol=tol, atol=tol)
+        # More rows than the native GEMVs take: the step falls back to torch's matmuls.
+        wide = block.allocate_state(9)
+        expected = two(torch.ones(9, 32), wide.clone())
+        torch.testing.assert_close(one(torch.ones(9, 32), wide), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mixer", ["mamba", "mamba2"])

@@ -67,6 +67,9 @@ def library() -> ctypes.CDLL | None:
     lib.ssmkit_mamba2_step.restype = None
     lib.ssmkit_mamba2_conv_step.argtypes = [P, P, P, L, P, P, L, P, P, F, F, P, I, P, L, F, I, P, P, L, L, L, L, L, I]
     lib.ssmkit_mamba2_conv_step.restype = None
+    lib.ssmkit_mamba2_layer_step.argtypes = [P, P, L, P, F, I, P, P, P, L, I, P, P, P, P, P, P, P, L, P, P, F, F, P, I,
+                                             P, L, F, I, P, L, L, L, L, L, I]
+    lib.ssmkit_mamba2_layer_step.restype = None
     return lib
 
 

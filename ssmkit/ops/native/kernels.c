@@ -133,6 +133,55 @@ void ssmkit_bf16_gemv(const uint16_t *w, const float *x, const float *scale, con
     }
 }
 
+static float dot_f32(const float *w, const float *x, long k) {
+    long j = 0;
+    float acc = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; j + 64 <= k; j += 64) {
+        for (int line = 0; line < 256; line += 64) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES + line);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 48), _mm512_loadu_ps(x + j + 48), a3);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else
+    float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
+    for (; j + 4 <= k; j += 4) {
+        if (!(j & 15)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        p0 += w[j] * x[j];
+        p1 += w[j + 1] * x[j + 1];
+        p2 += w[j + 2] * x[j + 2];
+        p3 += w[j + 3] * x[j + 3];
+    }
+    acc = (p0 + p1) + (p2 + p3);
+#endif
+    for (; j < k; ++j) acc += w[j] * x[j];
+    return acc;
+}
+
+/* y (m, n) = x (m, k) w (n, k)^T (* scale) + bias, for a weight of `kind` 0 (float32), 1 (bfloat16 bits) or
+ * 2 (int8 with per-row scales): the GEMVs above behind one entry point (the layer step below). */
+static void gemv_any(int kind, const void *w, const float *x, const float *scale, const float *bias, float *y,
+                     long m, long n, long k, int threads) {
+    if (kind == 1) {
+        ssmkit_bf16_gemv((const uint16_t *)w, x, scale, bias, y, m, n, k, threads);
+        return;
+    }
+    if (kind == 2) {
+        ssmkit_int8_gemv((const int8_t *)w, x, scale, bias, y, m, n, k, threads);
+        return;
+    }
+    const float *wf = (const float *)w;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n * k >= (1L << 15))
+    for (long r = 0; r < n; ++r)
+        for (long i = 0; i < m; ++i) {
+            const float acc = dot_f32(wf + r * k, x + i * k, k);
+            y[i * n + r] = bias ? acc + bias[r] : acc;
+        }
+}
+
 /* One Mamba-2 decode step, in place, with a scalar decay per head:
  *
  *   state[b, h, p, :] = state[b, h, p, :] * dA[b, h] + (dt[b, h] * x[b, h, p]) * B[b, g(h), :]
@@ -470,4 +519,44 @@ void ssmkit_mamba2_conv_step(float *state, void *window, const float *zxbcdt, lo
             for (long k = 0; k < I; ++k) o[k] = to_bf16_rne(o[k]);
         window = bf16 ? (void *)((uint16_t *)window + c * width) : (void *)((float *)window + c * width);
     }
+}
+
+/* A whole pre-norm Mamba-2 block's decode step with a float32 residual stream, in one call:
+ *
+ *   hn  = RMSNorm(r[b]) * norm_w                      (eps; rounded to bfloat16 with bf16 = 1)
+ *   zx  = in_proj(hn)                                 (weight in_w of kind in_kind, see gemv_any)
+ *   o   = ssmkit_mamba2_conv_step(zx)                 (the convolution and the state step, window and state
+ *                                                      updated in place; bfloat16 rounding points with bf16 = 1)
+ *   out[b] = r[b] + out_proj(o)                       (out_proj's output rounded to bfloat16 with bf16 = 1)
+ *
+ * r, out (b, H) float32 (out may be r); in_w (nin, H), out_w (H, I) with scales (int8) and biases or NULL;
+ * scratch (b·(H + nin + I) + 2·c + I + h) float32. At batch 1 a block's step is then one call that streams
+ * its two weight matrices and its state once, with none of the per-op overhead between them.
+ */
+void ssmkit_mamba2_layer_step(float *r, float *out_r, long H, const float *norm_w, float norm_eps, int in_kind,
+                              const void *in_w, const float *in_scale, const float *in_bias, long nin, int out_kind,
+                              const void *out_w, const float *out_scale, const float *out_bias, float *state,
+                              void *window, const float *conv_w, const float *conv_b, long width,
+                              const float *dt_bias, const float *A, float dt_min, float dt_max, const float *D,
+                              int D_per_channel, const float *gnorm_w, long group, float eps, int bf16,
+                              float *scratch, long b, long h, long p, long n, long g, int threads) {
+    const long I = h * p;
+    float *hn = scratch, *zx = hn + b * H, *o = zx + b * nin, *rest = o + b * I;
+    for (long bi = 0; bi < b; ++bi) {
+        const float *ri = r + bi * H;
+        float ss = 0.f;
+        #pragma omp simd reduction(+:ss)
+        for (long k = 0; k < H; ++k) ss += ri[k] * ri[k];
+        const float scale = 1.f / sqrtf(ss / (float)H + norm_eps);
+        for (long k = 0; k < H; ++k) {
+            const float v = ri[k] * scale * norm_w[k];
+            hn[bi * H + k] = bf16 ? to_bf16_rne(v) : v;
+        }
+    }
+    gemv_any(in_kind, in_w, hn, in_scale, in_bias, zx, b, nin, H, threads);
+    ssmkit_mamba2_conv_step(state, window, zx, nin, conv_w, conv_b, width, dt_bias, A, dt_min, dt_max, D,
+                            D_per_channel, gnorm_w, group, eps, bf16, rest, o, b, h, p, n, g, threads);
+    float *y = hn;  /* hn is read; its b·H floats take out_proj's output */
+    gemv_any(out_kind, out_w, o, out_scale, out_bias, y, b, H, I, threads);
+    for (long k = 0; k < b * H; ++k) out_r[k] = r[k] + (bf16 ? to_bf16_rne(y[k]) : y[k]);
 }
