@@ -1,186 +1,15 @@
-/* CPU kernels for decode steps, each moving its bytes once (built by ssmkit/ops/native/__init__.py).
+/* CPU kernels for decode steps, each moving its bytes once (built with gemv.c by ssmkit/ops/native/__init__.py):
  *
- * 1. Matrix-vector products (ssmkit/ops/gemv), weights streamed from memory once:
- *
- *   y[i, r] = scale[r] * sum_j w[r, j] * x[i, j] (+ bias[r])
- *
- * w (n, k) row-major, int8 (ssmkit_int8_gemv, with per-row scales) or bfloat16 bits (ssmkit_bf16_gemv,
- * scale NULL); x (m, k) float32; bias (n,) float32 or NULL; y (m, n) float32. Each weight row is read
- * once (the m <= 8 activation rows stay in L1) and converted to float32 exactly, so the only rounding
- * is the float32 accumulation. At batch 1 the cost is streaming w: each step prefetches the weights a
- * few rows ahead (without it the hardware prefetcher leaves rows of 1-3 KB well below the bandwidth
- * long float32 rows reach). Rows are split over OpenMP threads (torch's own runtime when torch is
- * loaded first: the same pool, no oversubscription).
- *
- * 2. The Mamba-2 state step and the Mamba-1 selective step (ssmkit/ops/state_update/native.py), state
- *    read and written once, and the depthwise causal convolution's one-token update
- *    (ssmkit/ops/causal_conv1d/native.py): each replaces a dozen small torch ops of a decode step; and
- *    Mamba-2's convolution and state step together, from in_proj's output to out_proj's input.
+ * the Mamba-2 state step and the Mamba-1 selective step (ssmkit/ops/state_update/native.py), state read and
+ * written once, and the depthwise causal convolution's one-token update (ssmkit/ops/causal_conv1d/native.py):
+ * each replaces a dozen small torch ops of a decode step; Mamba-2's convolution and state step together, from
+ * in_proj's output to out_proj's input; and a whole pre-norm Mamba-2 block (the norm and both projections
+ * too, through gemv.c).
  *
  * Built at first use with the host's compiler and -march=native; the AVX-512 paths are taken where the
  * compiler targets AVX-512, portable loops elsewhere.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stddef.h>
-#include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 6144
-#endif
-
-static inline float bf16_to_float(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static float dot_int8(const int8_t *w, const float *x, long k) {
-    long j = 0;
-    float acc = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; j + 64 <= k; j += 64) {
-        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
-        /* sign-extending loads of 16 bytes each (no lane extracts: the shuffle port is the bound) */
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j)))),
-                             _mm512_loadu_ps(x + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j + 16)))),
-                             _mm512_loadu_ps(x + j + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j + 32)))),
-                             _mm512_loadu_ps(x + j + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j + 48)))),
-                             _mm512_loadu_ps(x + j + 48), a3);
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#else
-    float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
-    for (; j + 4 <= k; j += 4) {
-        if (!(j & 63)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
-        p0 += (float)w[j] * x[j];
-        p1 += (float)w[j + 1] * x[j + 1];
-        p2 += (float)w[j + 2] * x[j + 2];
-        p3 += (float)w[j + 3] * x[j + 3];
-    }
-    acc = (p0 + p1) + (p2 + p3);
-#endif
-    for (; j < k; ++j) acc += (float)w[j] * x[j];
-    return acc;
-}
-
-#if defined(__AVX512F__)
-static inline __m512 bf16x16(const uint16_t *p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-#endif
-
-static float dot_bf16(const uint16_t *w, const float *x, long k) {
-    long j = 0;
-    float acc = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; j + 64 <= k; j += 64) {
-        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
-        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES + 64);
-        a0 = _mm512_fmadd_ps(bf16x16(w + j), _mm512_loadu_ps(x + j), a0);
-        a1 = _mm512_fmadd_ps(bf16x16(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
-        a2 = _mm512_fmadd_ps(bf16x16(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
-        a3 = _mm512_fmadd_ps(bf16x16(w + j + 48), _mm512_loadu_ps(x + j + 48), a3);
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#else
-    float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
-    for (; j + 4 <= k; j += 4) {
-        if (!(j & 31)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
-        p0 += bf16_to_float(w[j]) * x[j];
-        p1 += bf16_to_float(w[j + 1]) * x[j + 1];
-        p2 += bf16_to_float(w[j + 2]) * x[j + 2];
-        p3 += bf16_to_float(w[j + 3]) * x[j + 3];
-    }
-    acc = (p0 + p1) + (p2 + p3);
-#endif
-    for (; j < k; ++j) acc += bf16_to_float(w[j]) * x[j];
-    return acc;
-}
-
-void ssmkit_int8_gemv(const int8_t *w, const float *x, const float *scale, const float *bias, float *y,
-                      long m, long n, long k, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n * k >= (1L << 17))
-    for (long r = 0; r < n; ++r) {
-        const int8_t *row = w + r * k;
-        for (long i = 0; i < m; ++i) {
-            float acc = dot_int8(row, x + i * k, k) * scale[r];
-            y[i * n + r] = bias ? acc + bias[r] : acc;
-        }
-    }
-}
-
-void ssmkit_bf16_gemv(const uint16_t *w, const float *x, const float *scale, const float *bias, float *y,
-                      long m, long n, long k, int threads) {
-    (void)scale;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n * k >= (1L << 16))
-    for (long r = 0; r < n; ++r) {
-        const uint16_t *row = w + r * k;
-        for (long i = 0; i < m; ++i) {
-            float acc = dot_bf16(row, x + i * k, k);
-            y[i * n + r] = bias ? acc + bias[r] : acc;
-        }
-    }
-}
-
-static float dot_f32(const float *w, const float *x, long k) {
-    long j = 0;
-    float acc = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (; j + 64 <= k; j += 64) {
-        for (int line = 0; line < 256; line += 64) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES + line);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 48), _mm512_loadu_ps(x + j + 48), a3);
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#else
-    float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
-    for (; j + 4 <= k; j += 4) {
-        if (!(j & 15)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
-        p0 += w[j] * x[j];
-        p1 += w[j + 1] * x[j + 1];
-        p2 += w[j + 2] * x[j + 2];
-        p3 += w[j + 3] * x[j + 3];
-    }
-    acc = (p0 + p1) + (p2 + p3);
-#endif
-    for (; j < k; ++j) acc += w[j] * x[j];
-    return acc;
-}
-
-/* y (m, n) = x (m, k) w (n, k)^T (* scale) + bias, for a weight of `kind` 0 (float32), 1 (bfloat16 bits) or
- * 2 (int8 with per-row scales): the GEMVs above behind one entry point (the layer step below). */
-static void gemv_any(int kind, const void *w, const float *x, const float *scale, const float *bias, float *y,
-                     long m, long n, long k, int threads) {
-    if (kind == 1) {
-        ssmkit_bf16_gemv((const uint16_t *)w, x, scale, bias, y, m, n, k, threads);
-        return;
-    }
-    if (kind == 2) {
-        ssmkit_int8_gemv((const int8_t *)w, x, scale, bias, y, m, n, k, threads);
-        return;
-    }
-    const float *wf = (const float *)w;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n * k >= (1L << 15))
-    for (long r = 0; r < n; ++r)
-        for (long i = 0; i < m; ++i) {
-            const float acc = dot_f32(wf + r * k, x + i * k, k);
-            y[i * n + r] = bias ? acc + bias[r] : acc;
-        }
-}
+#include "common.h"
 
 /* One Mamba-2 decode step, in place, with a scalar decay per head:
  *
@@ -217,67 +46,6 @@ void ssmkit_ssd_step(float *state, const float *x, const float *dt, const float 
         }
     }
 }
-
-/* exp(x) for 16 floats: x = k ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial (about 1 ulp),
- * 2^k applied by scalef (exact, down to zero for very negative x). */
-#if defined(__AVX512F__)
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.5f)), _mm512_set1_ps(-104.f));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, k);
-}
-#endif
-
-static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }  /* torch's threshold */
-static inline float silu(float v) { return v / (1.f + expf(-v)); }
-
-#if defined(__AVX512F__)
-/* log(1 + u) for 16 floats u >= 0: log(w), w = 1 + u, by Cephes' logf polynomial on the mantissa
- * (about 1 ulp), times u / (w - 1) to undo the rounding of 1 + u (u where 1 + u rounds to 1). */
-static inline __m512 log1p16(__m512 u) {
-    const __m512 one = _mm512_set1_ps(1.f), w = _mm512_add_ps(u, one);
-    __m512 e = _mm512_getexp_ps(w), m = _mm512_getmant_ps(w, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
-    const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
-    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
-    e = _mm512_mask_add_ps(e, big, e, one);
-    const __m512 x = _mm512_sub_ps(m, one), z = _mm512_mul_ps(x, x);
-    __m512 y = _mm512_set1_ps(7.0376836292e-2f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.1514610310e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.1676998740e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.2420140846e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.4249322787e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.6668057665e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(2.0000714765e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-2.4999993993e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(3.3333331174e-1f));
-    y = _mm512_mul_ps(_mm512_mul_ps(y, x), z);
-    y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
-    y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
-    __m512 logw = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(x, y));
-    const __m512 wm1 = _mm512_sub_ps(w, one);
-    const __mmask16 tiny = _mm512_cmp_ps_mask(wm1, _mm512_setzero_ps(), _CMP_EQ_OQ);
-    return _mm512_mask_blend_ps(tiny, _mm512_mul_ps(logw, _mm512_div_ps(u, _mm512_mask_blend_ps(tiny, wm1, one))), u);
-}
-
-static inline __m512 softplus16(__m512 v) {
-    const __mmask16 linear = _mm512_cmp_ps_mask(v, _mm512_set1_ps(20.f), _CMP_GT_OQ);
-    return _mm512_mask_blend_ps(linear, log1p16(exp16(v)), v);
-}
-
-static inline __m512 silu16(__m512 v) {
-    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
-}
-#endif
 
 /* One Mamba(-1) selective-scan step, in place, from the layer's projections:
  *
@@ -400,15 +168,6 @@ void ssmkit_conv_step(void *window, int conv_bf16, const float *x, long x_stride
 #endif
         for (; ci < c; ++ci) o[ci] = silu(o[ci]);
     }
-}
-
-static inline float to_bf16_rne(float v) {  /* to the nearest bfloat16, ties to even (inf and NaN kept) */
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u) return v;
-    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-    memcpy(&v, &bits, sizeof v);
-    return v;
 }
 
 /* One batch row of a Mamba-2 layer's decode step between its convolution and out_proj, in place on the
@@ -553,10 +312,10 @@ void ssmkit_mamba2_layer_step(float *r, float *out_r, long H, const float *norm_
             hn[bi * H + k] = bf16 ? to_bf16_rne(v) : v;
         }
     }
-    gemv_any(in_kind, in_w, hn, in_scale, in_bias, zx, b, nin, H, threads);
+    ssmkit_gemv_any(in_kind, in_w, hn, in_scale, in_bias, zx, b, nin, H, threads);
     ssmkit_mamba2_conv_step(state, window, zx, nin, conv_w, conv_b, width, dt_bias, A, dt_min, dt_max, D,
                             D_per_channel, gnorm_w, group, eps, bf16, rest, o, b, h, p, n, g, threads);
     float *y = hn;  /* hn is read; its b·H floats take out_proj's output */
-    gemv_any(out_kind, out_w, o, out_scale, out_bias, y, b, H, I, threads);
+    ssmkit_gemv_any(out_kind, out_w, o, out_scale, out_bias, y, b, H, I, threads);
     for (long k = 0; k < b * H; ++k) out_r[k] = r[k] + (bf16 ? to_bf16_rne(y[k]) : y[k]);
 }
