@@ -257,7 +257,8 @@ class Mamba2Step:
             self.in_f32 = _linear_from_f32(mixer.in_proj, torch.float32)
             self.out_f32 = _linear_from_f32(mixer.out_proj, self.dtype)
         # The whole block in one call (the norm, both matmuls and the residual add too) for a float32 residual
-        # stream at up to MAX_ROWS rows: at batch 1 nothing but the weights' and the state's bytes is left.
+        # stream at up to MAX_ROWS rows: at batch 1 no per-op overhead is left beside the weights' and the
+        # state's bytes. A bfloat16 residual (residual_in_fp32=False) takes the call above.
         bind = native_mamba2_layer_step() if self.mamba2_conv_step is not None else None
         matrices = [_native_matrix(m, self.dtype) for m in (mixer.in_proj, mixer.out_proj)]
         self.layer_step = None

@@ -150,6 +150,29 @@ def test_mamba2_layer_step_equals_the_torch_norm_and_matmuls_around_it(dtype, va
         torch.testing.assert_close(one(torch.ones(9, 32), wide), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mamba2_step_with_a_residual_in_the_layer_dtype(dtype):
+    """residual_in_fp32=False: a bfloat16 residual skips the one-call block (float32 residuals only) and takes
+    the one-call convolution + state step; a float32 one takes the block."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba2(32, d_state=8, headdim=8), dtype, residual_in_fp32=False)
+    lean = lean_block_step(block)
+    assert lean.layer_step is not None and lean.mamba2_conv_step is not None
+    theirs = block.allocate_state(2)
+    with torch.no_grad():
+        block(torch.randn(2, 6, 32, dtype=dtype), cache=theirs)
+        ours = theirs.clone()
+        for _ in range(3):
+            r = torch.randn(2, 1, 32, dtype=dtype)
+            expected = block(r, cache=theirs)[:, 0]
+            got = lean(r[:, 0], ours)
+            assert got.dtype == dtype
+            out_tol, state_tol = TOLERANCE[dtype]
+            torch.testing.assert_close(got, expected, rtol=out_tol, atol=out_tol)
+            torch.testing.assert_close(ours.ssm, theirs.ssm, rtol=state_tol, atol=state_tol)
+
+
 @pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
 def test_int8_steps_equal_the_quantised_block_step(mixer):
     layer = Mamba(32, d_state=8) if mixer == "mamba" else Mamba2(32, d_state=8, headdim=8, ngroups=2)
