@@ -37,6 +37,8 @@ from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.causal_conv1d.native import native_conv_step
 from ssmkit.ops.gemv import MAX_ROWS, native_available, native_linear
 from ssmkit.ops.state_update.native import (
+    native_mamba2_conv_step,
+    native_mamba2_layer_step,
     native_mamba2_step,
     native_selective_step,
     native_ssd_step,
@@ -100,6 +102,36 @@ def _int8_fn(module: Int8Linear) -> Linear:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales).to(x.dtype)
         return y if bias is None else y + bias
     return int8
+
+
+def _linear_from_f32(module: nn.Module, out_dtype: torch.dtype) -> Linear:
+    """``x (b, k) float32 holding values of the module's dtype -> module(x) (b, n) in out_dtype``, the
+    module's own rounding kept: float32 output for ``in_proj`` (what :func:`native_mamba2_conv_step` reads),
+    the module's dtype for ``out_proj``. The native bfloat16 GEMV takes float32 inputs and gives float32
+    outputs, so no round trip through bfloat16 is made around it."""
+    dtype = _weight_dtype(module)
+    if dtype == torch.bfloat16 and not isinstance(module, Int8Linear) and native_available():
+        weight = module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        native = native_linear(weight, None, bias)
+
+        def bf16_native(x: torch.Tensor) -> torch.Tensor:
+            y = native(x) if x.shape[0] <= MAX_ROWS else F.linear(x.to(dtype), weight, bias)
+            return y.to(out_dtype)
+        return bf16_native
+    linear = linear_fn(module)
+    return lambda x: linear(x.to(dtype)).to(out_dtype)
+
+
+def _native_matrix(module: nn.Module, dtype: torch.dtype) -> tuple | None:
+    """``(weight, scales, bias)`` of a projection the native layer step reads, in a layer of ``dtype``:
+    an ``nn.Linear`` of that dtype or an :class:`Int8Linear` computing in it; None for anything else."""
+    if isinstance(module, Int8Linear):
+        ok = module.compute_dtype == dtype and module.qweight.dtype == torch.int8
+        return (module.qweight, module.scales, module.bias) if ok else None
+    if isinstance(module, nn.Linear) and module.weight.dtype == dtype:
+        return module.weight, None, module.bias
+    return None
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -206,18 +238,48 @@ class Mamba2Step:
             self.gated_norm = (_f32(norm_g.weight), norm_g.eps, norm_g.group_size)
         # Everything between the convolution and out_proj in one call where the native kernels are built (float32
         # and bfloat16 layers: the kernel rounds the scan's output to bfloat16 before the gated norm as they do).
-        bind = native_mamba2_step() if self.dtype in (torch.float32, torch.bfloat16) else None
+        native_dtype = self.dtype in (torch.float32, torch.bfloat16)
+        bind = native_mamba2_step() if native_dtype else None
         self.mamba2_step = None
+        norm_w, eps, group = self.gated_norm if self.gated_norm is not None else (None, 0.0, 1)
+        limit = self.dt_limit or (0.0, math.inf)
         if bind is not None:
-            norm_w, eps, group = self.gated_norm if self.gated_norm is not None else (None, 0.0, 1)
-            self.mamba2_step = bind(self.A, self.dt_bias, self.D, self.dt_limit or (0.0, math.inf), norm_w, group, eps,
+            self.mamba2_step = bind(self.A, self.dt_bias, self.D, limit, norm_w, group, eps,
                                     norm_w is not None and self.dtype == torch.bfloat16, (h, p, n, g))
+        # From in_proj's output to out_proj's input in one call (the convolution too, and no casts between
+        # them), where the native kernels are built and no in_proj multipliers apply: at batch 1 the ten-odd
+        # torch calls it replaces cost about 1 ms of a 130M model's token in bfloat16.
+        bind = native_mamba2_conv_step() if native_dtype and self.in_scale is None else None
+        self.mamba2_conv_step = None
+        if bind is not None:
+            self.mamba2_conv_step = bind(self.conv.weight, self.conv.bias, self.A, self.dt_bias, self.D, limit, norm_w,
+                                         group, eps, self.dtype == torch.bfloat16, (h, p, n, g))
+            self.in_f32 = _linear_from_f32(mixer.in_proj, torch.float32)
+            self.out_f32 = _linear_from_f32(mixer.out_proj, self.dtype)
+        # The whole block in one call (the norm, both matmuls and the residual add too) for a float32 residual
+        # stream at up to MAX_ROWS rows: at batch 1 no per-op overhead is left beside the weights' and the
+        # state's bytes. A bfloat16 residual (residual_in_fp32=False) takes the call above.
+        bind = native_mamba2_layer_step() if self.mamba2_conv_step is not None else None
+        matrices = [_native_matrix(m, self.dtype) for m in (mixer.in_proj, mixer.out_proj)]
+        self.layer_step = None
+        if bind is not None and None not in matrices:
+            self.layer_step = bind(self.norm_weight, self.eps, *matrices, self.conv.weight, self.conv.bias, self.A,
+                                   self.dt_bias, self.D, limit, norm_w, group, eps, self.dtype == torch.bfloat16,
+                                   (h, p, n, g))
 
     def __call__(self, r: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """r (b, H) residual stream -> (b, H) (dtype: promote(r, the mixer's output))."""
         h_, p, g, n = self.shape
         b = r.shape[0]
+        conv = state.conv
+        if (self.layer_step is not None and r.dtype == torch.float32 and b <= MAX_ROWS and r.is_contiguous()
+                and conv.dtype == self.dtype and conv.is_contiguous()):
+            return self.layer_step(r, state.ssm, conv)
         hn = F.rms_norm(r.to(torch.float32), self.norm_weight.shape, self.norm_weight, self.eps)
+        if self.mamba2_conv_step is not None and conv.dtype == self.dtype and conv.is_contiguous():
+            # hn rounded to the weights' dtype, as the layer's in_proj reads it.
+            out = self.mamba2_conv_step(state.ssm, conv, self.in_f32(hn.to(self.dtype).to(torch.float32)))
+            return r + self.out_f32(out)
         zxbcdt = self.in_proj(hn.to(self.dtype))
         if self.in_scale is not None:
             zxbcdt = zxbcdt * self.in_scale

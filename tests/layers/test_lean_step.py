@@ -33,17 +33,26 @@ def _block(mixer: nn.Module, dtype: torch.dtype, residual_in_fp32: bool = True) 
     return block.to(dtype).eval()
 
 
-def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, fused: bool = True) -> None:
+def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, fused: bool | str = True) -> None:
     """The lean step and the block's step from the same prompt state: outputs and states after each token
     (``fused=False``: the convolution and state updates by torch's ops, as where the native kernels are not
-    built)."""
+    built; Mamba-2's native steps: ``True`` the whole block in one call, ``"conv"`` the convolution and state
+    step in one call between torch's norm and matmuls, ``"separate"`` those two as two calls, as with in_proj
+    multipliers)."""
     torch.manual_seed(2)
     lean = lean_block_step(block)
     assert lean is not None
     if not fused:  # torch's ops where the native kernels would run
         lean.fused_step = lean.selective_step = lean.mamba2_step = lean.conv.native = None
+        lean.mamba2_conv_step = None
     else:
         assert lean.conv.native is not None and getattr(lean, "mamba2_step", True) is not None
+    if fused in ("separate", "conv") or not fused:
+        lean.layer_step = None
+    if fused == "separate":
+        lean.mamba2_conv_step = None
+    elif fused and isinstance(lean, Mamba2Step) and lean.in_scale is None:
+        assert lean.mamba2_conv_step is not None and (fused == "conv" or lean.layer_step is not None)
     theirs = block.allocate_state(batch)
     with torch.no_grad():
         block(torch.randn(batch, 6, 32, dtype=dtype), cache=theirs)  # a prefilled state
@@ -76,13 +85,92 @@ def test_mamba_step_equals_the_block_step(dtype, residual_in_fp32, fused, d_stat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", MAMBA2_VARIANTS)
-@pytest.mark.parametrize("fused", [True, False], ids=["fused state step", "torch state step"])
+@pytest.mark.parametrize("fused", [True, "conv", "separate", False],
+                         ids=["block in one call", "conv and state step in one", "native conv, native state step",
+                              "torch steps"])
 def test_mamba2_step_equals_the_block_step(dtype, variant, fused):
     if fused and native_ssd_step() is None:
         pytest.skip("no C compiler here: the fused state step is not built")
     block = _block(Mamba2(32, d_state=8, headdim=8, **MAMBA2_VARIANTS[variant]), dtype)
     assert isinstance(lean_block_step(block), Mamba2Step)
     _compare(block, dtype, batch=1 if variant == "default" else 3, fused=fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["default", "groups", "D per channel", "no gated norm", "dt limit", "biases"])
+def test_mamba2_conv_step_equals_the_separate_native_steps(dtype, variant):
+    """The one-call convolution + state step rounds where the two calls and the casts between them round:
+    the same outputs and states, bit for bit, token after token (so the block-step tolerances above are not
+    what hides a missed rounding in bfloat16)."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba2(32, d_state=16, headdim=8, **MAMBA2_VARIANTS[variant]), dtype)
+    one, two = lean_block_step(block), lean_block_step(block)
+    one.layer_step = two.layer_step = two.mamba2_conv_step = None
+    assert one.mamba2_conv_step is not None
+    torch.manual_seed(3)
+    ours = block.allocate_state(3)
+    with torch.no_grad():
+        block(torch.randn(3, 5, 32, dtype=dtype), cache=ours)
+        theirs = ours.clone()
+        for _ in range(5):
+            r = torch.randn(3, 32)
+            torch.testing.assert_close(one(r, ours), two(r, theirs), rtol=0, atol=0)
+            for name, t in theirs.tensors().items():
+                torch.testing.assert_close(getattr(ours, name), t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["default", "groups", "D per channel", "no gated norm", "biases"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mamba2_layer_step_equals_the_torch_norm_and_matmuls_around_it(dtype, variant, batch):
+    """The whole block in one native call against the same step with torch's RMSNorm, matmuls and residual
+    add around the native convolution + state step: float32 to its rounding; bfloat16 to a bfloat16 step
+    where a normed value lands on the other side of a rounding boundary (the norm's sums differ in order)."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba2(32, d_state=16, headdim=8, **MAMBA2_VARIANTS[variant]), dtype)
+    one, two = lean_block_step(block), lean_block_step(block)
+    two.layer_step = None
+    assert one.layer_step is not None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.manual_seed(4)
+    ours = block.allocate_state(batch)
+    with torch.no_grad():
+        block(torch.randn(batch, 5, 32, dtype=dtype), cache=ours)
+        theirs = ours.clone()
+        for _ in range(5):
+            r = torch.randn(batch, 32)
+            torch.testing.assert_close(one(r, ours), two(r, theirs), rtol=tol, atol=tol)
+            for name, t in theirs.tensors().items():
+                torch.testing.assert_close(getattr(ours, name).float(), t.float(), rtol=tol, atol=tol)
+        # More rows than the native GEMVs take: the step falls back to torch's matmuls.
+        wide = block.allocate_state(9)
+        expected = two(torch.ones(9, 32), wide.clone())
+        torch.testing.assert_close(one(torch.ones(9, 32), wide), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mamba2_step_with_a_residual_in_the_layer_dtype(dtype):
+    """residual_in_fp32=False: a bfloat16 residual skips the one-call block (float32 residuals only) and takes
+    the one-call convolution + state step; a float32 one takes the block."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba2(32, d_state=8, headdim=8), dtype, residual_in_fp32=False)
+    lean = lean_block_step(block)
+    assert lean.layer_step is not None and lean.mamba2_conv_step is not None
+    theirs = block.allocate_state(2)
+    with torch.no_grad():
+        block(torch.randn(2, 6, 32, dtype=dtype), cache=theirs)
+        ours = theirs.clone()
+        for _ in range(3):
+            r = torch.randn(2, 1, 32, dtype=dtype)
+            expected = block(r, cache=theirs)[:, 0]
+            got = lean(r[:, 0], ours)
+            assert got.dtype == dtype
+            out_tol, state_tol = TOLERANCE[dtype]
+            torch.testing.assert_close(got, expected, rtol=out_tol, atol=out_tol)
+            torch.testing.assert_close(ours.ssm, theirs.ssm, rtol=state_tol, atol=state_tol)
 
 
 @pytest.mark.parametrize("mixer", ["mamba", "mamba2"])

@@ -1,14 +1,17 @@
-"""CPU kernels for decode steps (``kernels.c``), built with the host's C compiler once per machine.
+"""CPU kernels (``gemv.c``, ``steps.c``, ``chunked.c``, ``common.h``), built with the host's C compiler once per
+machine.
 
-``kernels.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv` and the fused Mamba-2 state step of
-:mod:`ssmkit.ops.state_update.native`: at batch 1 on a CPU a decode step is bound by the bytes it
-moves, and these stream weights and states in one pass where torch's ops take several.
+``gemv.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv`; ``steps.c`` the one-pass state steps, the convolution's
+update and the Mamba-2 steps of :mod:`ssmkit.ops.state_update.native` (with the convolution, or the whole
+block with its norm and projections): at batch 1 on a CPU a decode step is bound by the bytes it moves, and
+these stream weights and states in one pass where torch's ops take several. ``chunked.c`` holds the SSD's
+intra-chunk scores (:mod:`ssmkit.ops.ssd.native`), one pass where torch's elementwise ops take five.
 
 Optional by design: a fresh ``pip install`` on a machine without a compiler (or with
 ``SSMKIT_NATIVE=0``) never builds anything, and :func:`library` returns None; the op then takes its
 torch path. The library is compiled with ``-O3 -march=native`` (and OpenMP where the compiler has it)
 into a per-user cache folder (``SSMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ssmkit`` or
-``~/.cache/ssmkit``), named by a hash of the source, the compiler, the flags and this CPU's model
+``~/.cache/ssmkit``), named by a hash of the sources, the compiler, the flags and this CPU's model
 and instruction-set flags, so that a cache shared between machines never loads a build for another
 CPU. A cached file is loaded only when this user owns it and nobody else may write to it.
 """
@@ -26,7 +29,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "steps.c", "chunked.c"))
+HEADER = Path(__file__).with_name("common.h")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 COMPILE_TIMEOUT_S = 120
 
@@ -65,6 +69,13 @@ def library() -> ctypes.CDLL | None:
     F, I = ctypes.c_float, ctypes.c_int
     lib.ssmkit_mamba2_step.argtypes = [P, P, L, P, L, P, P, F, F, P, I, P, L, P, L, F, I, P, L, L, L, L, L, I]
     lib.ssmkit_mamba2_step.restype = None
+    lib.ssmkit_mamba2_conv_step.argtypes = [P, P, P, L, P, P, L, P, P, F, F, P, I, P, L, F, I, P, P, L, L, L, L, L, I]
+    lib.ssmkit_mamba2_conv_step.restype = None
+    lib.ssmkit_mamba2_layer_step.argtypes = [P, P, L, P, F, I, P, P, P, L, I, P, P, P, P, P, P, P, L, P, P, F, F, P, I,
+                                             P, L, F, I, P, L, L, L, L, L, I]
+    lib.ssmkit_mamba2_layer_step.restype = None
+    lib.ssmkit_ssd_scores.argtypes = [P, P, P, L, L, L, L, F, I]
+    lib.ssmkit_ssd_scores.restype = None
     return lib
 
 
@@ -96,7 +107,7 @@ def _trusted(path: Path) -> bool:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (*SOURCES, HEADER))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False,
                              timeout=COMPILE_TIMEOUT_S).stdout
     tag = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), " ".join(FLAGS).encode(),
@@ -112,7 +123,7 @@ def _build(compiler: str) -> Path:
     try:
         errors = ""
         for extra in (("-fopenmp",), ()):  # OpenMP where the compiler has it, else one thread
-            done = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+            done = subprocess.run([compiler, *FLAGS, *extra, *(str(path) for path in SOURCES), "-o", tmp, "-lm"], capture_output=True,
                                   check=False, text=True, timeout=COMPILE_TIMEOUT_S)
             if done.returncode == 0:
                 os.chmod(tmp, 0o755)

@@ -26,6 +26,7 @@ from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops._step_sizes import discretize_dt
 from ssmkit.ops.chunking import chunk_length
 from ssmkit.ops.ssd.inputs import SSDInputs
+from ssmkit.ops.ssd.native import native_scores
 from ssmkit.ops.ssd.reference import doc_starts, gate_and_skip
 
 # Elements of per-chunk work (h T max(T, p)) per block of chunks (8 MB in float32): blocks that
@@ -188,8 +189,12 @@ class _ChunkLocal(torch.autograd.Function):
         for blk in _blocks(k, h * T * max(T, p)):
             drop, upper = _masks(T, None if doc is None else doc[blk], cum.dtype, cum.device)
             xdt = x[blk] * delta[blk, :, :, None]
-            scores = _decay(cum[blk], upper)  # (kb, h, T, T)
-            scores.view(-1, g, h // g, T, T).mul_(_masked_cb(B[blk], C[blk], drop)[:, :, None])
+            cb = _masked_cb(B[blk], C[blk], drop)  # (kb, g, T, T)
+            # One pass on CPU where the native kernels are built (one document per chunk: no other masks).
+            scores = None if doc is not None else native_scores(cum[blk].transpose(1, 2), cb, _log_floor(cum.dtype))
+            if scores is None:
+                scores = _decay(cum[blk], upper)  # (kb, h, T, T)
+                scores.view(-1, g, h // g, T, T).mul_(cb[:, :, None])
             y[blk] = (scores @ xdt.transpose(1, 2)).transpose(1, 2)
             xw = xdt.mul_(_decay_to(cum[blk], None if in_last is None else in_last[blk], True)[..., None])
             # Heads of a group stacked as rows: (r p, T) @ (T, n).

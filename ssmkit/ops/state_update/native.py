@@ -126,3 +126,111 @@ def native_mamba2_step() -> Callable[..., Mamba2Step] | None:
         step.tensors = held  # keep the buffers the pointers refer to alive
         return step
     return bind
+
+
+Mamba2ConvStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def native_mamba2_conv_step() -> Callable[..., Mamba2ConvStep] | None:
+    """``bind(...)``, binding a Mamba-2 layer's parameters to its whole decode step between ``in_proj`` and
+    ``out_proj`` in one call (the convolution's update and SiLU, then :func:`native_mamba2_step`'s step), or
+    None where the native kernels are not built.
+
+    ``bind(conv_weight (c, w), conv_bias (c,) or None, A, dt_bias, D, dt_limit, norm_weight, group, eps, bf16,
+    shape (h, p, n, g))`` (the last arguments as :func:`native_mamba2_step`'s, c = h·p + 2·g·n) returns
+    ``step(state, window, zxbcdt) -> out``: ``zxbcdt`` (b, h·p + c + h) is in_proj's output in float32 with
+    unit stride along the last dimension; ``window`` (b, c, w) the convolution's state, contiguous, float32
+    (``bf16`` False) or bfloat16 (``bf16`` True), shifted in place; ``state`` (b, h, p, n) float32,
+    contiguous, updated in place. With ``bf16`` the step rounds to bfloat16 where a bfloat16 layer holds its
+    tensors in bfloat16: in_proj's output, the convolution's output, the scan's output (before the gate, where a gated
+    norm follows) and ``out``. Returns ``out`` (b, h·p) float32, out_proj's input. Nothing is checked per call.
+    """
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.ssmkit_mamba2_conv_step
+
+    def bind(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, A: torch.Tensor,
+             dt_bias: torch.Tensor | None, D: torch.Tensor | None, dt_limit: tuple[float, float],
+             norm_weight: torch.Tensor | None, group: int, eps: float, bf16: bool,
+             shape: tuple[int, int, int, int]) -> Mamba2ConvStep:
+        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous().view(-1)
+                     for t in (conv_weight, conv_bias, A, dt_bias, D, norm_weight))
+        cw, cb, a, bias, d, w = (None if t is None else t.data_ptr() for t in held)
+        h, p, n, g = shape
+        c, width = conv_weight.shape
+        per_channel = int(held[4] is not None and held[4].numel() == h * p)
+        lo, hi = (float(v) for v in dt_limit)
+        scratch = 2 * c + h * p + h
+
+        def step(state: torch.Tensor, window: torch.Tensor, zxbcdt: torch.Tensor) -> torch.Tensor:
+            b = state.shape[0]
+            # The kernel's scratch after the output, one allocation per call (a step may run in several threads).
+            buffer = torch.empty(b * h * p + scratch, dtype=torch.float32)
+            out = buffer[: b * h * p].view(b, h * p)
+            fn(state.data_ptr(), window.data_ptr(), zxbcdt.data_ptr(), zxbcdt.stride(0), cw, cb, width, bias, a, lo,
+               hi, d, per_channel, w, group, eps, int(bf16), buffer[b * h * p:].data_ptr(), out.data_ptr(), b, h, p,
+               n, g, torch.get_num_threads())
+            return out
+        step.tensors = held  # keep the buffers the pointers refer to alive
+        return step
+    return bind
+
+
+LayerStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def native_mamba2_layer_step() -> Callable[..., LayerStep] | None:
+    """``bind(...)``, binding a pre-norm Mamba-2 block's parameters to its whole decode step in one call, or
+    None where the native kernels are not built.
+
+    ``bind(norm_weight (H,), norm_eps, in_proj, out_proj, then the arguments of`` :func:`native_mamba2_conv_step`
+    ``)`` with ``in_proj`` / ``out_proj`` each ``(weight, scales or None, bias or None)``: a float32, bfloat16 or
+    int8 weight (n, k) (int8 with per-row float32 scales). Returns ``step(r, state, window) -> out``:
+    ``out = r + out_proj(mixer(RMSNorm(r)))`` for the float32 residual stream ``r`` (b, H), contiguous, b at
+    most :data:`ssmkit.ops.gemv.MAX_ROWS`, with ``window`` and ``state`` as in :func:`native_mamba2_conv_step`
+    (updated in place), rounding to bfloat16 with ``bf16`` where a bfloat16 block does (the normed input and
+    out_proj's output too). Returns ``out`` (b, H) float32. Nothing is checked per call.
+    """
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.ssmkit_mamba2_layer_step
+
+    def bind(norm_weight: torch.Tensor, norm_eps: float, in_proj: tuple, out_proj: tuple, conv_weight: torch.Tensor,
+             conv_bias: torch.Tensor | None, A: torch.Tensor, dt_bias: torch.Tensor | None, D: torch.Tensor | None,
+             dt_limit: tuple[float, float], norm_gate_weight: torch.Tensor | None, group: int, eps: float,
+             bf16: bool, shape: tuple[int, int, int, int]) -> LayerStep:
+        def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(torch.float32).contiguous().view(-1)
+
+        def matrix(weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
+            w = weight.detach().contiguous()
+            return (_KINDS[w.dtype], w, f32(scales), f32(bias))
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        vectors = tuple(f32(t) for t in (norm_weight, conv_weight, conv_bias, A, dt_bias, D, norm_gate_weight))
+        mats = (matrix(*in_proj), matrix(*out_proj))
+        nw, cw, cb, a, bias, d, gw = (ptr(t) for t in vectors)
+        (ik, iw, isc, ib), (ok, ow, osc, ob) = ((kind, *(ptr(t) for t in ts)) for kind, *ts in mats)
+        h, p, n, g = shape
+        H, nin = vectors[0].numel(), mats[0][1].shape[0]
+        c, width = conv_weight.shape
+        per_channel = int(vectors[5] is not None and vectors[5].numel() == h * p)
+        lo, hi = (float(v) for v in dt_limit)
+        rest = 2 * c + h * p + h
+
+        def step(r: torch.Tensor, state: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+            b = r.shape[0]
+            out = torch.empty(b, H, dtype=torch.float32)
+            scratch = torch.empty(b * (H + nin + h * p) + rest, dtype=torch.float32)
+            fn(r.data_ptr(), out.data_ptr(), H, nw, norm_eps, ik, iw, isc, ib, nin, ok, ow, osc, ob, state.data_ptr(),
+               window.data_ptr(), cw, cb, width, bias, a, lo, hi, d, per_channel, gw, group, eps, int(bf16),
+               scratch.data_ptr(), b, h, p, n, g, torch.get_num_threads())
+            return out
+        step.tensors = (vectors, mats)  # keep the buffers the pointers refer to alive
+        return step
+    return bind
