@@ -114,16 +114,18 @@ def mamba_inner_fn(
         x = causal_conv1d_fn(xz[:, : xz.shape[1] // 2], weight, conv1d_bias, seq_idx, activation="silu",
                              backend=backend)
         x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (b, l, R + 2N)
-        dt = x_dbl[..., :rank]
+        if B is None and C is None:
+            # One split: its backward is one concatenation, where three slices cost a zero fill and a copy each.
+            dt, B_raw, C_raw = x_dbl.split([rank, n, n], dim=-1)
+        else:
+            dt, B_raw, C_raw = x_dbl[..., :rank], x_dbl[..., rank : rank + n], x_dbl[..., x_dbl.shape[-1] - n :]
         if dt_rank_rms is not None:
             dt = rms_norm_fn(dt, dt_rank_rms, eps=eps, backend=backend)
         delta = dt @ delta_proj_weight.transpose(0, 1).to(x_dbl.dtype)  # (b, l, d)
         if dt_rms is not None:
             delta = rms_norm_fn(delta, dt_rms, eps=eps, backend=backend)
-        B = _projected(x_dbl[..., rank : rank + n], B_proj_bias, b_rms, eps, backend) if B is None \
-            else _normed_over_n(B, b_rms, eps, backend)
-        C = _projected(x_dbl[..., x_dbl.shape[-1] - n :], C_proj_bias, c_rms, eps, backend) if C is None \
-            else _normed_over_n(C, c_rms, eps, backend)
+        B = _projected(B_raw, B_proj_bias, b_rms, eps, backend) if B is None else _normed_over_n(B, b_rms, eps, backend)
+        C = _projected(C_raw, C_proj_bias, c_rms, eps, backend) if C is None else _normed_over_n(C, c_rms, eps, backend)
         return x, delta.transpose(1, 2), B, C
 
     def scan(kept, *tensors):
