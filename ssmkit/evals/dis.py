@@ -12,7 +12,8 @@ parameters match the Mamba model's; every model trains the same steps on the sam
 Scores, from a CNN trained on the real training digits (:mod:`ssmkit.evals._digit_scorer`): the share of
 generated digits classified as the class they were asked for, and the Fréchet distance between the CNN's
 features of the generated digits and of the held-out real ones (the same count of real training digits
-against the held-out ones gives the floor that sampling noise alone leaves). Sampling is DDIM; one
+against the held-out ones gives the floor that sampling noise alone leaves), and the EMA backbone's ε-loss on
+held-out digits at a few noise levels (:func:`loss_by_time`). Sampling is DDIM; one
 batch is also drawn with the DDPM sampler. Sampling time per network evaluation is measured for untrained
 backbones of each kind at growing image sides (more patches): SSM blocks grow linearly in the tokens,
 attention quadratically.
