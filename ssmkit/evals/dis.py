@@ -12,7 +12,8 @@ parameters match the Mamba model's; every model trains the same steps on the sam
 Scores, from a CNN trained on the real training digits (:mod:`ssmkit.evals._digit_scorer`): the share of
 generated digits classified as the class they were asked for, and the Fréchet distance between the CNN's
 features of the generated digits and of the held-out real ones (the same count of real training digits
-against the held-out ones gives the floor that sampling noise alone leaves). Sampling is DDIM; one
+against the held-out ones gives the floor that sampling noise alone leaves), and the EMA backbone's ε-loss on
+held-out digits at a few noise levels (:func:`loss_by_time`). Sampling is DDIM; one
 batch is also drawn with the DDPM sampler. Sampling time per network evaluation is measured for untrained
 backbones of each kind at growing image sides (more patches): SSM blocks grow linearly in the tokens,
 attention quadratically.
@@ -158,7 +159,8 @@ def _run(args: argparse.Namespace, settings: dict[str, Any], models: list[str], 
         net = DiffusionBackbone(config).to(device)
         params = _count(net)
         print(f"== {LABELS[mixer]}: {params:,} parameters, {config.num_patches + 2} tokens, ff_width {config.ff_width}")
-        entry = train_and_score(net, x[train_idx], y[train_idx], scorer, test_feats, settings, device)
+        entry = train_and_score(net, x[train_idx], y[train_idx], scorer, test_feats, settings, device,
+                                held_out=(x[test_idx], y[test_idx]))
         entry.update(model=mixer, label=LABELS[mixer], params=params, config=config.to_dict(),
                      sampling_time=sampling_times(mixer, settings, config.ff_width, device))
         # seconds since this process's run began (data, scorer, compilation, every model so far): what a slot must fit
@@ -179,8 +181,10 @@ def _run(args: argparse.Namespace, settings: dict[str, Any], models: list[str], 
 
 
 def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, scorer: torch.nn.Module,
-                    test_feats: torch.Tensor, settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Train ``net`` (with an EMA copy) on x (n, 1, S, S), y (n,); sample and score the EMA copy."""
+                    test_feats: torch.Tensor, settings: dict[str, Any], device: torch.device,
+                    held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train ``net`` (with an EMA copy) on x (n, 1, S, S), y (n,); sample and score the EMA copy. With
+    ``held_out`` digits (x, y) also the EMA copy's ε-loss on them at a few noise levels (:func:`loss_by_time`)."""
     diffusion = GaussianDiffusion(settings["diffusion_steps"], settings["schedule"],
                                   null_class=net.config.num_classes)
     steps, batch = settings["steps"], settings["batch_size"]
@@ -234,13 +238,37 @@ def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, sc
                                  guidance=settings["guidance"], generator=sample_gen)
     ddpm_pred, _ = predict(scorer, ddpm.cpu())
     grid = samples.view(k, per_class, *shape[1:])[:, :_GRID_COLS].cpu()
+    by_time = {} if held_out is None else loss_by_time(ema, diffusion, *held_out, seed=settings["seed"])
+    if by_time:
+        print("held-out ε-loss by step t: " + ", ".join(f"{t}: {v:.4f}" for t, v in by_time.items()), flush=True)
     return {"train_seconds": seconds, "final_loss": history[-1]["loss"], "history": history,
+            "held_out_loss_by_t": by_time,
             "train_flops": flops * steps, "flops_per_step": flops,
             "accuracy": float((predicted == labels.cpu()).float().mean()),
             "per_class_accuracy": [float((predicted[labels.cpu() == c] == c).float().mean()) for c in range(k)],
             "frechet": frechet_distance(feats, test_feats), "samples": len(labels), "sample_seconds": sample_seconds,
             "ddpm_accuracy": float((ddpm_pred == ddpm_labels.cpu()).float().mean()),
             "grid": encode_grid(grid)}
+
+
+@torch.no_grad()
+def loss_by_time(net: torch.nn.Module, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor, *,
+                 seed: int, fractions: tuple[float, ...] = (0.01, 0.05, 0.2, 0.5, 0.9),
+                 max_images: int = 500) -> dict[str, float]:
+    """The conditional ε-loss ‖ε - ε_θ(x_t, t, c)‖² of ``net`` on (at most ``max_images``) digits x (n, 1, S, S),
+    y (n,) at the steps t = fraction · T, keyed by t: where the average training loss hides it, this says at which
+    noise level a backbone falls short (the small t decide the fine detail of the samples, the middle ones
+    the strokes)."""
+    device = next(net.parameters()).device
+    x, y = x[:max_images].to(device), y[:max_images].to(device)
+    generator = torch.Generator().manual_seed(seed + 2)
+    losses = {}
+    for fraction in fractions:
+        step = min(diffusion.num_steps - 1, round(fraction * diffusion.num_steps))
+        t = torch.full((len(x),), step, dtype=torch.int64, device=device)
+        noise = torch.randn(x.shape, generator=generator).to(x)
+        losses[str(step)] = float(torch.nn.functional.mse_loss(net(diffusion.q_sample(x, t, noise), t, y), noise))
+    return losses
 
 
 def _training_flops(net: DiffusionBackbone, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor) -> int:

@@ -142,3 +142,31 @@ def test_timesteps_and_errors():
         diffusion.timesteps(0)
     with pytest.raises(ValueError, match="one label per sample"):
         diffusion.ddim_sample(lambda x, t, y: x, (3, 2), torch.zeros(2, dtype=torch.int64))
+
+
+def _mixture_oracle(diffusion, data):
+    """The exact ε of data spread uniformly over the rows of ``data`` (n, ...): with the posterior weights
+    w_j ∝ exp(-‖x_t - √ᾱ x_j‖² / 2(1 - ᾱ)), E[x_0 | x_t] = Σ w_j x_j and ε = (x_t - √ᾱ E[x_0 | x_t]) / √(1 - ᾱ)."""
+    def model(x, t, y):
+        abar = diffusion.alphas_cumprod[t].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        sq = ((x[:, None] - abar.sqrt()[:, None] * data[None]) ** 2).flatten(2).sum(-1)
+        w = (-sq / (2 * (1 - abar.view(-1, 1)))).softmax(dim=1)
+        x0 = torch.einsum("bn,n...->b...", w, data)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return model
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samplers_with_the_exact_denoiser_of_a_few_images_land_on_them(sampler):
+    # Images in [-1, 1] with x̂_0 clipping and T = 1000 as the DiS eval uses them: every sample must end on one
+    # of the training images (the exact ε of a finite set has no other fixed point), and the samples must
+    # reach more than one of them (the sampler does not collapse onto one mode).
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.rand(6, 1, 6, 6, generator=gen, dtype=torch.float64) > 0.6).to(torch.float64) * 2 - 1
+    diffusion = GaussianDiffusion(1000, null_class=1)
+    model, y = _mixture_oracle(diffusion, data), torch.zeros(16, dtype=torch.int64)
+    sample = diffusion.ddim_sample if sampler == "ddim" else diffusion.ddpm_sample
+    out = sample(model, (16, 1, 6, 6), y, steps=50, guidance=3.0, generator=gen)
+    distance, nearest = ((out[:, None] - data[None]) ** 2).flatten(2).amax(-1).min(dim=1)
+    assert distance.max().item() < 1e-6
+    assert len(set(nearest.tolist())) > 2
