@@ -299,10 +299,15 @@ def test_mamba_130m_shapes_run_on_both_backends():
 
 
 def test_auto_backend_is_chunked_and_default_returns_out_only():
-    kw = _inputs(1, 4, 2, 10, torch.float32)
+    """On a CPU, auto is the chunked form (the native kernel, where built, without gradients: same values to
+    float32 rounding; tests/ops/test_selective_scan_native.py)."""
+    kw = {k: v.requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for k, v in _inputs(1, 4, 2, 10, torch.float32).items()}
     out = selective_scan_fn(**kw)
     assert isinstance(out, torch.Tensor)
     assert torch.equal(out, selective_scan_fn(**kw, backend="chunked"))
+    with torch.no_grad():
+        assert_close(selective_scan_fn(**kw), selective_scan_fn(**kw, backend="chunked"), torch.float32, name="out")
 
 
 def _bad(**changes):

@@ -1,11 +1,12 @@
-"""CPU kernels (``gemv.c``, ``steps.c``, ``chunked.c``, ``common.h``), built with the host's C compiler once per
-machine.
+"""CPU kernels (``gemv.c``, ``steps.c``, ``chunked.c``, ``scan.c``, ``common.h``), built with the host's C compiler
+once per machine.
 
 ``gemv.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv`; ``steps.c`` the one-pass state steps, the convolution's
 update and the Mamba-2 steps of :mod:`ssmkit.ops.state_update.native` (with the convolution, or the whole
 block with its norm and projections): at batch 1 on a CPU a decode step is bound by the bytes it moves, and
 these stream weights and states in one pass where torch's ops take several. ``chunked.c`` holds the SSD's
-intra-chunk scores (:mod:`ssmkit.ops.ssd.native`), one pass where torch's elementwise ops take five.
+intra-chunk scores (:mod:`ssmkit.ops.ssd.native`), one pass where torch's elementwise ops take five;
+``scan.c`` Mamba-1's selective scan over a sequence without gradients (:mod:`ssmkit.ops.selective_scan.native`).
 
 Optional by design: a fresh ``pip install`` on a machine without a compiler (or with
 ``SSMKIT_NATIVE=0``) never builds anything, and :func:`library` returns None; the op then takes its
@@ -29,7 +30,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "steps.c", "chunked.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "steps.c", "chunked.c", "scan.c"))
 HEADER = Path(__file__).with_name("common.h")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 COMPILE_TIMEOUT_S = 120
@@ -76,6 +77,10 @@ def library() -> ctypes.CDLL | None:
     lib.ssmkit_mamba2_layer_step.restype = None
     lib.ssmkit_ssd_scores.argtypes = [P, P, P, L, L, L, L, F, I]
     lib.ssmkit_ssd_scores.restype = None
+    lib.ssmkit_selective_scan.argtypes = [P, P, P, P, L, L, P, P, P, P, P, P, P, L, L, L, L, L, I, I]
+    lib.ssmkit_selective_scan.restype = I
+    lib.ssmkit_selective_scan_vectorized.argtypes = []
+    lib.ssmkit_selective_scan_vectorized.restype = I
     return lib
 
 

@@ -14,6 +14,8 @@ from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_te
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.selective_scan.chunked import selective_scan_chunked
 from ssmkit.ops.selective_scan.inputs import ScanInputs
+from ssmkit.ops.selective_scan.native import applies as native_applies
+from ssmkit.ops.selective_scan.native import selective_scan_native
 from ssmkit.ops.selective_scan.reference import selective_scan_reference
 
 __all__ = ["ScanInputs", "selective_scan_fn"]
@@ -57,8 +59,8 @@ def selective_scan_fn(
             reaches the first document of a row when ``seq_idx`` packs several.
         seq_idx: (b, l) integer document ids (ssmkit addition): the state restarts at zero wherever
             the id changes from t-1 to t, so packed documents give the outputs each gives alone.
-        backend: ``"auto"`` (triton on CUDA when triton imports, else chunked), ``"reference"``,
-            ``"chunked"`` or ``"triton"``.
+        backend: ``"auto"`` (triton on CUDA when triton imports, else chunked; on a CPU without gradients the
+            native kernel where it is built, ``native.py``), ``"reference"``, ``"chunked"`` or ``"triton"``.
 
     Returns:
         ``out`` (b, d, l) in u's dtype, or ``(out, last_state)`` with ``last_state`` (b, d, n) in
@@ -124,5 +126,9 @@ def selective_scan_fn(
         from ssmkit.ops.selective_scan.triton import selective_scan_triton as impl
     else:
         impl = _BACKENDS[name]
-    out, last_state = impl(ScanInputs.from_args(locals()))
+    inputs = ScanInputs.from_args(locals())
+    if name == "chunked" and backend == "auto" and native_applies(inputs):
+        # Inference on a CPU: one pass of the native kernel, where the chunked form takes a torch op a step.
+        impl = selective_scan_native
+    out, last_state = impl(inputs)
     return (out, last_state) if return_last_state else out
