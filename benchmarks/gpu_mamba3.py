@@ -118,20 +118,29 @@ def timing(their_cls: type | None, activation: str, lengths: list[int]) -> list[
     return rows
 
 
+def warm_layers(their_cls: type | None, activation: str, length: int) -> tuple[torch.Tensor, list[tuple]]:
+    """x (8, length, d_model) and [(name, layer, context factory)] for ssmkit's layer (triton route) and
+    mamba_ssm's, each run three times first (compilation, autotuning)."""
+    ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
+    x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    runs = [("ssmkit triton", ours, functools.partial(scan_backend, "triton"))]
+    runs += [("mamba_ssm", theirs, contextlib.nullcontext)] if theirs is not None else []
+    for _, layer, context in runs:
+        with context():
+            for _ in range(3):
+                layer(x).sum().backward()
+    torch.cuda.synchronize()
+    return x, runs
+
+
 def profile(their_cls: type | None, activation: str, length: int, rows: int = 25) -> None:
     """Per-kernel CUDA time of one forward+backward of ssmkit's layer (triton route) and mamba_ssm's."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
-    x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    runs = [("ssmkit triton", ours, scan_backend("triton"))]
-    runs += [("mamba_ssm", theirs, contextlib.nullcontext())] if theirs is not None else []
-    for name, layer, ctx in runs:
-        with ctx:
-            for _ in range(3):
-                layer(x).sum().backward()
-            torch.cuda.synchronize()
+    x, runs = warm_layers(their_cls, activation, length)
+    for name, layer, context in runs:
+        with context():
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                 layer(x).sum().backward()
                 torch.cuda.synchronize()
@@ -155,15 +164,9 @@ def host_profile(their_cls: type | None, activation: str, length: int, rows: int
     import pstats
     import time
 
-    ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
-    x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    runs = [("ssmkit triton", ours, scan_backend("triton"))]
-    runs += [("mamba_ssm", theirs, contextlib.nullcontext())] if theirs is not None else []
-    for name, layer, ctx in runs:
-        with ctx:
-            for _ in range(3):
-                layer(x).sum().backward()
-            torch.cuda.synchronize()
+    x, runs = warm_layers(their_cls, activation, length)
+    for name, layer, context in runs:
+        with context():
             start = time.perf_counter()
             for _ in range(20):
                 layer(x).sum().backward()
