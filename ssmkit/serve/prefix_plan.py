@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from ssmkit.models.cache import ModelCache
 from ssmkit.serve.prefix_keys import PrefixKeys
 
-if TYPE_CHECKING:
-    from ssmkit.serve.prefix_cache import PrefixCache
+
+class PlanOwner(Protocol):
+    """What a plan needs of the cache that made it (:class:`ssmkit.serve.prefix_cache.PrefixCache`)."""
+
+    def release(self, plan: PrefixPlan) -> None: ...
+
+    def store(self, keys: PrefixKeys, position: int, cache: ModelCache, logits: torch.Tensor | None = None,
+              owned: bool = False) -> None: ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -26,7 +32,7 @@ class PrefixPlan:
     start: int
     cache: ModelCache | None
     points: list[int]
-    owner: PrefixCache
+    owner: PlanOwner
     logits: torch.Tensor | None = None
     leader: weakref.ref[PrefixPlan] | None = None  # set on a plan that should wait for this one (not read)
     released: bool = False

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.ops.backend import resolve_backend
-from ssmkit.ops.ssd.reference import doc_starts
+from ssmkit.ops.mamba3.chunked import next_share
 
 __all__ = ["DECAY_ACTIVATIONS", "DecayActivation", "decay_rate", "dt_and_decay", "step_weights"]
 
@@ -84,9 +84,7 @@ def step_weights(dt: torch.Tensor, A: torch.Tensor, trap: torch.Tensor, seq_idx:
         return step_weights_triton(dt, A, trap, seq_idx)
     dt = dt.to(dtype)
     lam = torch.sigmoid(trap.to(dtype))
-    nxt = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))
-    if seq_idx is not None:
-        nxt = torch.where(F.pad(doc_starts(seq_idx)[:, 1:], (0, 1))[..., None], 0.0, nxt)
+    nxt = next_share((1 - lam) * dt, seq_idx)
     return -(dt * A.to(dtype)), lam * dt + nxt, nxt
 
 
