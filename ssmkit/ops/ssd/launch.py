@@ -87,4 +87,9 @@ CONFIGS: dict[str, SSDLaunch] = {
     # tests/gpu/test_ssd.py passed with it on an H100 and it timed 6.52 against 6.95 ms fwd+bwd at L 8192.
     "no_chain": _R(DEFAULT_LAUNCH, chain=False),
     "bwd32_w4": _R(DEFAULT_LAUNCH, bwd_tile=32, rows=(4, 2), rows_state=(4, 2), cols=(4, 1)),
+    # The chained state-passing backward: its programs read each chunk's dy once per block of the state's
+    # columns, so a whole row of the state a program (128) halves that read and the tickets; 32 doubles them.
+    "state_bwd_bn128": _R(DEFAULT_LAUNCH, state_bwd_bn=128),
+    "state_bwd_bn128_s2": _R(DEFAULT_LAUNCH, state_bwd_bn=128, state_bwd=(8, 2)),
+    "state_bwd_bn32_w4": _R(DEFAULT_LAUNCH, state_bwd_bn=32, state_bwd=(4, 3)),
 }
