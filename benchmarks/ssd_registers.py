@@ -35,14 +35,14 @@ KERNELS = {
     "scan": (triton_fwd._chunk_scan_fwd, "BM", {"BN": 128}),
     "state_bwd": (triton_bwd._state_pass_bwd, "BK", {"BN": 32}),
     "state_chain": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128, "CHAIN": True}),
-    "state_bwd_chain": (triton_bwd._state_pass_bwd, "BK", {"BN": 64, "CHAIN": True}),
+    "state_bwd_chain": (triton_bwd._state_pass_bwd, "BK", {"BN": 128, "CHAIN": True}),
     "rows": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 0}),
     "rows_state": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 1}),
     "cols": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 2}),
     "cols_dB": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 0}),
     "cols_rest": (triton_bwd._bwd_cols, "BK", {"BN": 128, "PART": 1}),
 }
-DEFAULTS = ["state:64:8:2", "state_chain:64:8:2", "scan:64:8:2", "state_bwd:64:8:3", "state_bwd_chain:64:8:3",
+DEFAULTS = ["state:64:8:2", "state_chain:64:8:2", "scan:64:8:2", "state_bwd:64:8:3", "state_bwd_chain:64:8:2",
             "rows:64:8:3", "rows_state:64:8:2", "cols:64:8:1", "cols_dB:64:8:2", "cols_rest:64:8:1"]
 
 

@@ -128,7 +128,7 @@ def test_auto_picks_triton_and_matches():
 
 LAUNCH_NAMES = ["scan_r128", "fwd_r128", "state32_r128", "stages3", "tiles128", "bwd_tile32", "bwd_tile32_r128",
                 "slices4", "cols_split",
-                "scan32_w4", "scan32_w4_s3", "no_chain", "bwd32_w4", "state_bwd_bn128", "state_bwd_bn128_s2",
+                "scan32_w4", "scan32_w4_s3", "no_chain", "bwd32_w4", "state_bwd_bn64", "state_bwd_bn128_s3",
                 "state_bwd_bn32_w4"]
 
 

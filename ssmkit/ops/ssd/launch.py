@@ -10,8 +10,9 @@ state per program of the chained backward.
 
 Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (128 with the
 cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
-no spills, the rest 255, 8 B); chained state passing: forward 192, backward 128 (64 columns of the state
-a program: ``state_bwd_bn``). Fastest configs of forward and backward kernels combine (separate fields).
+no spills, the rest 255, 8 B); chained state passing: forward 192, backward 236 (128 columns of the state
+a program: ``state_bwd_bn``; 128 registers at 64 columns, but dy is then read twice). Fastest configs of
+forward and backward kernels combine (separate fields).
 
 :data:`CONFIGS` holds the named alternatives that ``benchmarks/gpu_ssd.py --sweep`` times on a GPU; pass one
 as ``mamba_chunk_scan_combined(..., launch=CONFIGS[name])``. This module imports no Triton.
@@ -33,7 +34,7 @@ class SSDLaunch:
 
     state: Opts = (8, 2)
     scan: Opts = (8, 2)
-    state_bwd: Opts = (8, 3)
+    state_bwd: Opts = (8, 2)
     rows: Opts = (8, 3)
     rows_state: Opts = (8, 2)
     cols: Opts = (8, 1)
@@ -44,7 +45,7 @@ class SSDLaunch:
     bwd_tile: int = 64
     min_programs: int = 1024
     chain: bool = True
-    state_bwd_bn: int = 64
+    state_bwd_bn: int = 128
 
     def __post_init__(self) -> None:
         for kernel in _KERNELS:
@@ -87,9 +88,9 @@ CONFIGS: dict[str, SSDLaunch] = {
     # tests/gpu/test_ssd.py passed with it on an H100 and it timed 6.52 against 6.95 ms fwd+bwd at L 8192.
     "no_chain": _R(DEFAULT_LAUNCH, chain=False),
     "bwd32_w4": _R(DEFAULT_LAUNCH, bwd_tile=32, rows=(4, 2), rows_state=(4, 2), cols=(4, 1)),
-    # The chained state-passing backward: its programs read each chunk's dy once per block of the state's
-    # columns, so a whole row of the state a program (128) halves that read and the tickets; 32 doubles them.
-    "state_bwd_bn128": _R(DEFAULT_LAUNCH, state_bwd_bn=128),
-    "state_bwd_bn128_s2": _R(DEFAULT_LAUNCH, state_bwd_bn=128, state_bwd=(8, 2)),
+    # The chained state-passing backward reads each chunk's dy once per block of the state's columns: the
+    # default takes 128 (N 128: once), 6.06 against 6.52 ms fwd+bwd at L 8192 with 64 (H100, sweep).
+    "state_bwd_bn64": _R(DEFAULT_LAUNCH, state_bwd_bn=64, state_bwd=(8, 3)),
+    "state_bwd_bn128_s3": _R(DEFAULT_LAUNCH, state_bwd=(8, 3)),
     "state_bwd_bn32_w4": _R(DEFAULT_LAUNCH, state_bwd_bn=32, state_bwd=(4, 3)),
 }
