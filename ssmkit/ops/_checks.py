@@ -37,16 +37,27 @@ def check_tensor(
         raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
     if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    expected = tuple(bound.get(d, int(d) if d.isdigit() else None) for d in dims)
-    shown = "(" + ", ".join(f"{d}={bound[d]}" if d in bound else d for d in dims) + ")"
-    if t.dim() != len(dims):
-        raise ValueError(f"{name} must have shape {shown}, got {tuple(t.shape)} ({t.dim()} dims instead of {len(dims)})")
-    for d, want, got in zip(dims, expected, t.shape):
-        if want is not None and want != got:
-            raise ValueError(f"{name} must have shape {shown}, got {tuple(t.shape)} (dimension {d}: {got} != {want})")
-    for d, got in zip(dims, t.shape):
-        bound.setdefault(d, got)
+    shape = t.shape
+    if len(shape) != len(dims):
+        raise ValueError(f"{name} must have shape {_shown(dims, bound)}, got {tuple(shape)} "
+                         f"({len(shape)} dims instead of {len(dims)})")
+    for d, got in zip(dims, shape):
+        want = bound.get(d)
+        if want is None:
+            if d.isdigit() and int(d) != got:
+                want = int(d)
+            else:
+                bound[d] = got
+                continue
+        if want != got:
+            raise ValueError(f"{name} must have shape {_shown(dims, bound)}, got {tuple(shape)} "
+                             f"(dimension {d}: {got} != {want})")
     return t
+
+
+def _shown(dims: Sequence[str], bound: Dims) -> str:
+    """The expected shape for a message, built only when one is raised (checks run on every op call)."""
+    return "(" + ", ".join(f"{d}={bound[d]}" if d in bound else d for d in dims) + ")"
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
