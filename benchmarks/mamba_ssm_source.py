@@ -17,6 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
 
 
+def _hub_mixin_or_stand_in() -> None:
+    """mamba_ssm's Mamba2 module subclasses huggingface_hub's PyTorchModelHubMixin (saving to the Hub, which no
+    benchmark does). Where that import fails (a device machine's huggingface_hub wanting a missing ``httpx2``),
+    a plain class stands in for the mixin, so the module's layers and kernels load unchanged."""
+    try:
+        from huggingface_hub import PyTorchModelHubMixin  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure: the mixin is not usable here
+        print(f"huggingface_hub's PyTorchModelHubMixin unavailable ({type(e).__name__}: {e}); a plain class stands in")
+        stand_in = types.ModuleType("huggingface_hub")
+        stand_in.PyTorchModelHubMixin = type("PyTorchModelHubMixin", (), {})
+        sys.modules["huggingface_hub"] = stand_in
+
+
 def import_from_source(module: str, name: str) -> Any | None:
     """``name`` from mamba_ssm's ``module`` (e.g. ``"mamba_ssm.modules.mamba3"``), or None (reason printed)."""
     if not SOURCES:
@@ -26,6 +39,7 @@ def import_from_source(module: str, name: str) -> Any | None:
         package = types.ModuleType("mamba_ssm")
         package.__path__ = [str(SOURCES[-1])]
         sys.modules["mamba_ssm"] = package
+        _hub_mixin_or_stand_in()
     try:
         return getattr(importlib.import_module(module), name)
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
