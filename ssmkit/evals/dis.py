@@ -7,7 +7,8 @@ scaled to [-1, 1]. Each backbone (:class:`ssmkit.models.dis.DiffusionBackbone`) 
 ε-loss (:class:`ssmkit.models.diffusion.GaussianDiffusion`), classes dropped with probability
 ``--p-uncond`` for classifier-free guidance, AdamW with warm-up and a cosine, and an EMA of the weights
 that does the sampling. ``--models`` other than Mamba get a SwiGLU MLP in each block sized so that their
-parameters match the Mamba model's; every model trains the same steps on the same batches.
+parameters match the Mamba model's; every model trains the same steps on the same batches (unless
+``--train-seconds`` cuts a model's steps to fit a time budget: the table says how many each ran).
 
 Scores, from a CNN trained on the real training digits (:mod:`ssmkit.evals._digit_scorer`): the share of
 generated digits classified as the class they were asked for, and the Fréchet distance between the CNN's
@@ -62,7 +63,7 @@ FULL = {"dataset": "mnist", "models": ["mamba", "attention"], "patch_size": 2, "
         "d_state": 16, "steps": 2500, "batch_size": 256, "lr": 1e-3, "ema": 0.999, "p_uncond": 0.1,
         "diffusion_steps": 1000, "schedule": "linear", "sample_steps": 50, "guidance": 3.0,
         "samples_per_class": 50, "scorer_epochs": 10, "scale_sides": [28, 56, 112, 224], "test_fraction": 0.2,
-        "seed": 0}
+        "seed": 0, "train_seconds": 0}
 SMOKE = {**FULL, "dataset": "digits", "models": ["mamba", "attention"], "patch_size": 2, "d_model": 32, "depth": 3,
          "d_state": 8, "steps": 30, "batch_size": 16, "lr": 2e-3, "ema": 0.995, "diffusion_steps": 100,
          "sample_steps": 4, "samples_per_class": 3, "scorer_epochs": 1, "scale_sides": [8, 16]}
@@ -80,7 +81,11 @@ HELP = {
     "scorer_epochs": "epochs of the scoring CNN on the real training digits",
     "scale_sides": "image sides (multiples of the patch) at which sampling time is measured",
     "test_fraction": "share of the digits held out (split by class)", "seed": "seed of everything",
+    "train_seconds": "wall-clock budget of each backbone's training (0: none): the steps are cut to fit it, "
+                     "measured over its first steps, with the cosine planned for the steps that fit",
 }
+# With a time budget: the step rate is measured between these two steps (the first ones compile and warm up).
+_RATE_FROM, _RATE_TO = 5, 25
 _GRID_COLS = 8
 
 
@@ -120,6 +125,8 @@ def run(args: argparse.Namespace, out_dir: Any) -> dict[str, Any]:
                  "samples_per_class", "scorer_epochs"):
         if settings[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    if settings["train_seconds"] < 0:
+        raise ValueError(f"--train-seconds must be >= 0, got {settings['train_seconds']}")
     device, out = resolve_device(args.device), Path(out_dir)
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
@@ -187,13 +194,14 @@ def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, sc
     ``held_out`` digits (x, y) also the EMA copy's ε-loss on them at a few noise levels (:func:`loss_by_time`)."""
     diffusion = GaussianDiffusion(settings["diffusion_steps"], settings["schedule"],
                                   null_class=net.config.num_classes)
-    steps, batch = settings["steps"], settings["batch_size"]
+    batch, budget = settings["batch_size"], settings.get("train_seconds", 0)
     # fused AdamW and one multi-tensor EMA update: a small model's step on a GPU is bound by kernel launches
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings["lr"], weight_decay=0.0,
                                   fused=device.type == "cuda")
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    plan = {"steps": settings["steps"]}  # a time budget may cut it after the first steps; the cosine follows
+    warmup = max(1, plan["steps"] // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s / plan["steps"], 1.0))))
     ema = copy.deepcopy(net).requires_grad_(False)
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
     generator = torch.Generator().manual_seed(settings["seed"])
@@ -201,9 +209,11 @@ def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, sc
     flops = _training_flops(net, diffusion, x[:batch], y[:batch])
     history, seconds = [], 0.0
     loss_sum, loss_count = torch.zeros((), device=device), 0  # read back at log steps only (no sync per step)
-    log_every = max(1, steps // 30)
+    log_every = max(1, plan["steps"] // 30)
     synchronize(device)
-    for step in range(1, steps + 1):
+    began, rate_start, step = time.perf_counter(), 0.0, 0
+    while step < plan["steps"]:
+        step += 1
         start = time.perf_counter()
         rows = torch.randint(0, len(x), (batch,), generator=generator).to(device)
         loss = diffusion.training_loss(net, x[rows], y[rows], p_uncond=settings["p_uncond"], generator=generator)
@@ -217,7 +227,19 @@ def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, sc
             torch._foreach_lerp_(ema_params, net_params, 1 - decay)
             loss_sum += loss.detach()
         loss_count += 1
-        log = step % log_every == 0 or step == steps
+        if budget and step in (_RATE_FROM, _RATE_TO) and step < plan["steps"]:
+            synchronize(device)
+            now = time.perf_counter()
+            if step == _RATE_FROM:
+                rate_start = now
+            else:
+                per_step = (now - rate_start) / (_RATE_TO - _RATE_FROM)
+                fit = step + int((budget - (now - began)) / per_step)
+                if fit < plan["steps"]:
+                    plan["steps"] = max(step, fit)
+                    print(f"--train-seconds {budget}: {per_step * 1e3:.0f} ms a step, {plan['steps']} steps fit "
+                          f"(of {settings['steps']})", flush=True)
+        log = step % log_every == 0 or step == plan["steps"]
         if log:  # float() waits for the GPU, so the seconds below include its work
             history.append({"step": step, "loss": float(loss_sum) / loss_count})
             loss_sum, loss_count = torch.zeros((), device=device), 0
@@ -241,9 +263,9 @@ def train_and_score(net: DiffusionBackbone, x: torch.Tensor, y: torch.Tensor, sc
     by_time = {} if held_out is None else loss_by_time(ema, diffusion, *held_out, seed=settings["seed"])
     if by_time:
         print("held-out ε-loss by step t: " + ", ".join(f"{t}: {v:.4f}" for t, v in by_time.items()), flush=True)
-    return {"train_seconds": seconds, "final_loss": history[-1]["loss"], "history": history,
+    return {"train_seconds": seconds, "steps_run": step, "final_loss": history[-1]["loss"], "history": history,
             "held_out_loss_by_t": by_time,
-            "train_flops": flops * steps, "flops_per_step": flops,
+            "train_flops": flops * step, "flops_per_step": flops,
             "accuracy": float((predicted == labels.cpu()).float().mean()),
             "per_class_accuracy": [float((predicted[labels.cpu() == c] == c).float().mean()) for c in range(k)],
             "frechet": frechet_distance(feats, test_feats), "samples": len(labels), "sample_seconds": sample_seconds,
@@ -311,12 +333,14 @@ def report(result: dict[str, Any], out_dir: Path) -> str:
     """Set ``result["table"]``, ``result["plots"]`` (loss, sampling time) and each run's ``grid_plot`` (its
     digits); returns the table."""
     ref, runs = result["reference"], result["runs"]
-    rows = [[r["label"], r["params"], r["train_flops"], r["train_seconds"], r["final_loss"], r["accuracy"],
-             r["ddpm_accuracy"], r["frechet"], r["sample_seconds"]] for r in runs]
-    rows.append(["real digits (scorer on held-out)", None, None, None, None, ref["scorer_test_accuracy"], None,
+    # runs written before --train-seconds ran every step they were given
+    rows = [[r["label"], r["params"], r.get("steps_run", result["settings"]["steps"]), r["train_flops"],
+             r["train_seconds"], r["final_loss"], r["accuracy"], r["ddpm_accuracy"], r["frechet"],
+             r["sample_seconds"]] for r in runs]
+    rows.append(["real digits (scorer on held-out)", None, None, None, None, None, ref["scorer_test_accuracy"], None,
                  ref["real_frechet_floor"], None])
-    result["table"] = format_table(["backbone", "params", "train FLOPs", "train s", "final loss", "accuracy (DDIM)",
-                                    "accuracy (DDPM)", "Fréchet dist.", "sample s"], rows)
+    result["table"] = format_table(["backbone", "params", "steps", "train FLOPs", "train s", "final loss",
+                                    "accuracy (DDIM)", "accuracy (DDPM)", "Fréchet dist.", "sample s"], rows)
     out = Path(out_dir)
     for r in runs:  # per model, so that parts of a --merge agree on the shared "plots"
         r["grid_plot"] = _grid_plot(r, out / f"digits_{r['model']}.png").name

@@ -49,6 +49,20 @@ def test_dis_smoke_parts_merge_into_one_run(tmp_path, capsys):
     assert result["plots"] == ["training_loss.png", "sampling_time.png"]
 
 
+def test_train_seconds_cuts_the_steps_to_fit_and_the_record_says_so(tmp_path, capsys):
+    """A budget far below what the steps need: training stops near it, with the cosine planned for the steps
+    run (its last step at zero learning rate), and the table, FLOPs and loss history count those steps."""
+    result, _ = _run(tmp_path, capsys, "budget", "--models", "mamba", "--steps", "100000", "--train-seconds", "2")
+    run = result["runs"][0]
+    assert result["settings"]["steps"] == 100000 and result["settings"]["train_seconds"] == 2
+    assert 25 <= run["steps_run"] < 100000
+    assert run["history"][-1]["step"] == run["steps_run"]
+    assert run["train_flops"] == run["flops_per_step"] * run["steps_run"]
+    assert run["train_seconds"] < 20  # stopped near the budget, not after 100,000 steps
+    row = result["table"].splitlines()[2]  # the model's row: its steps column after params
+    assert [cell.strip() for cell in row.split("|")][3] == str(run["steps_run"])
+
+
 class _PointDenoiser(torch.nn.Module):
     """The exact ε of data that is one image ``x0``: (x_t - √ᾱ_t x0) / √(1 - ᾱ_t); ``wrong`` adds 0.5."""
 
