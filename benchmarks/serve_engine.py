@@ -102,6 +102,7 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
                                         seed=seed + i, on_token=on_token, on_done=on_done, prefix=plan))
 
     steps, rows, padded = engine.steps, engine.decoder.rows, engine.decoder.padded_rows
+    prefills, prefill_rows = engine.prefills, engine.prefill_rows
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(requests):
         slots.acquire()
@@ -115,7 +116,9 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
             "requests_per_s": requests / wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
             "gap_p50_s": statistics.median(gaps) if gaps else 0.0,
-            "rows_per_step": (engine.decoder.rows - rows) / steps, "padded_per_step": (engine.decoder.padded_rows - padded) / steps}
+            "rows_per_step": (engine.decoder.rows - rows) / steps, "padded_per_step": (engine.decoder.padded_rows - padded) / steps,
+            "prefills": engine.prefills - prefills,
+            "rows_per_prefill": (engine.prefill_rows - prefill_rows) / max(engine.prefills - prefills, 1)}
 
 
 def main() -> None:
@@ -184,7 +187,9 @@ def main() -> None:
                 ratio = "" if on is None else (f", on/off {on['tokens_per_s'] / off['tokens_per_s']:.3f} "
                                                f"(by CPU time {on['tokens_per_cpu_s'] / off['tokens_per_cpu_s']:.3f})")
                 print(f"  {c} clients, round {r + 1}: " + ", ".join(
-                    f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s (load {runs[s][-1]['load']:.1f})" for s in servers)
+                    f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s, {runs[s][-1]['prefills']} prefills "
+                    f"({runs[s][-1]['rows_per_prefill']:.1f} rows), first token p50 {runs[s][-1]['ttft_p50_s'] * 1e3:.1f} ms "
+                    f"(load {runs[s][-1]['load']:.1f})" for s in servers)
                     + ratio, flush=True)
             # Medians, but graphs captured and prefix hits summed over the rounds.
             rows.append((c, n, {s: {**{k: statistics.median(x[k] for x in v) for k in v[0]},

@@ -113,6 +113,9 @@ class Engine(PromptReading):
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.tokens = 0
+        self.prefills = 0  # prefill forwards (a left-padded batch or one request's chunk)
+        self.prefill_rows = 0  # requests read by them, summed
+        self._snapshots = []  # prompt-end snapshots to store after the next step's launch (engine_prompts)
 
     def _new_decoder(self) -> BatchedDecoder:
         return BatchedDecoder(self.model, self.max_batch, cuda_graph=self.cuda_graph)
@@ -166,10 +169,11 @@ class Engine(PromptReading):
         decoding: list[Running] = []
         while True:
             with self._cond:
-                while not (self._inbox or reading or waiting or decoding or self._stopping):
+                while not (self._inbox or reading or waiting or decoding or self._snapshots or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     self._inflight = None
+                    self._store_snapshots()
                     for run in [*reading, *waiting, *decoding]:
                         self._finish(run, "cancelled", None)
                     while self._inbox:
@@ -199,6 +203,9 @@ class Engine(PromptReading):
                 reading, waiting, decoding = [], deque(), []
                 self.decoder = self._new_decoder()
                 self._inflight = None
+                for plan, *_ in self._snapshots:
+                    plan.release()
+                self._snapshots = []
 
     def _decode_turn(self, decoding: list[Running]) -> list[Running]:
         """One decode step for every decoding request: launch this turn's step, then read the previous
@@ -225,6 +232,9 @@ class Engine(PromptReading):
                     run.queued += 1
                 if not self.overlap or any(r.request.keep_state for r in live):
                     pending, self._inflight = self._inflight, None
+            # The last turn's prompt-end snapshots: while the device computes the step just launched, and
+            # before a request could end (releasing its plan).
+            self._store_snapshots()
             if pending is not None:
                 live = self._read_step(pending, live)
         except Exception as e:  # the rows' state is unknown: every decoding request ends, the slots start anew

@@ -6,6 +6,16 @@ tokens (:func:`ssmkit.serve.prefill.schedule_prefill`): fresh prompts that fit i
 one left-padded batch, the others a chunk each (ending at prefix-cache snapshot points); the prompts
 finished in the turn draw their first tokens in one batch, each as ``generate`` draws it, read from the
 device at once.
+
+**Prompt-end snapshots off the critical path.** A request that goes on decoding hands its prompt-end state
+to the prefix cache as it is (no copy), but storing it still costs the host a little per request (a
+copy of its last logits, the eviction of an old snapshot, the cache's lock): done between sending one
+request's first token and the next one's, it delayed the k-th first token of a turn by k stores, and
+the turn's joining rows by all of them. So these snapshots are queued (:meth:`_store_snapshots`) and
+stored in the next turn, once the decode step of the rows that joined is launched (on a GPU while the
+device computes it); the request's plan is released after its snapshot is stored, so a prompt waiting
+for it as its leader then finds it. A state that goes on changing (a session's) or that a finished
+request hands back is still copied at once.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from ssmkit.serve.slots import host_to_device
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
+    from ssmkit.serve.prefix_plan import PrefixPlan
     from ssmkit.serve.request import GenerationRequest
 
 log = logging.getLogger("ssmkit.serve")
@@ -61,6 +72,9 @@ class PromptReading:
     max_batch: int
     prefill_budget: int
     prefill_chunk_size: int
+    prefills: int
+    prefill_rows: int
+    _snapshots: list[tuple[PrefixPlan, int, ModelCache, torch.Tensor]]
 
     def _admit(self, req: GenerationRequest) -> Running | None:
         try:
@@ -108,6 +122,8 @@ class PromptReading:
                 if run.cache is None:
                     run.cache = self.model.allocate_cache(1)
                 out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
+                self.prefills += 1
+                self.prefill_rows += 1
                 run.read = end
                 if plan is not None and end < len(run.ids):
                     plan.snapshot(end, run.cache)
@@ -142,6 +158,8 @@ class PromptReading:
             seq_idx = None if seq_idx is None else host_to_device(seq_idx, self.device)
             cache = self.model.allocate_cache(len(runs))
             logits = self.model(ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1).logits[:, -1]
+            self.prefills += 1
+            self.prefill_rows += len(runs)
         except Exception as e:
             log.exception("prefill failed")
             for run in runs:
@@ -157,10 +175,11 @@ class PromptReading:
         """The prompts of ``done`` are read (with their last logits, (1, V)): each finishes (nothing to
         generate, or the first token ends it) or waits for a row.
 
-        The first tokens are drawn each as ``generate`` draws it, then read in one device read. A token is
-        sent before the prompt-end snapshot is taken: a snapshot never delays it. A batched request's cache
-        is only copied into its row from here on, so the prefix cache takes it as it is (no copy); other
-        caches go on changing (or go to a session) and are copied.
+        The first tokens are drawn each as ``generate`` draws it, then read in one device read, and all are
+        sent before any prompt-end snapshot is taken: a snapshot never delays one. A batched request that
+        goes on decoding has its cache only copied into its row from here on, so the prefix cache takes it
+        as it is (no copy), in the next turn (:meth:`_store_snapshots`); other caches go on changing (or go
+        to a session) and are copied now.
         """
         sampled = [(run, logits) for run, logits in done if run.request.max_new_tokens > 0]
         try:
@@ -170,20 +189,38 @@ class PromptReading:
             for run, _ in sampled:
                 self._finish(run, f"error: {e}", None)
             done = [(run, logits) for run, logits in done if not run.ended]
-        for run, logits in done:
-            plan = run.request.prefix
+        reasons = []
+        for run, _ in done:
             try:
-                reason = "length" if run.request.max_new_tokens == 0 else self._record(run, next(tokens))
+                reasons.append("length" if run.request.max_new_tokens == 0 else self._record(run, next(tokens)))
             except Exception as e:  # e.g. a failing on_token callback: only this request ends
                 log.exception("sampling failed")
-                reason = f"error: {e}"
+                reasons.append(f"error: {e}")
+        for (run, logits), reason in zip(done, reasons):
+            plan = run.request.prefix
             if plan is not None:
-                plan.snapshot(len(run.ids), run.cache, logits, owned=self.batched and reason is None)
-                plan.release()
+                if self.batched and reason is None:
+                    assert run.cache is not None
+                    self._snapshots.append((plan, len(run.ids), run.cache, logits))
+                else:
+                    plan.snapshot(len(run.ids), run.cache, logits)
+                    plan.release()
             if reason is not None:
                 self._finish(run, reason, run.cache)
             else:
                 waiting.append(run)
+
+    def _store_snapshots(self) -> None:
+        """Store the prompt-end snapshots queued by the last prefill turn (each state kept as it is: its
+        request's row holds a copy), then release their plans (see the module docstring)."""
+        queued, self._snapshots = self._snapshots, []
+        for plan, position, cache, logits in queued:
+            try:
+                plan.snapshot(position, cache, logits, owned=True)
+            except Exception:  # a cache is an optimisation: its failure must not end requests
+                log.exception("prefix cache: storing a snapshot failed")
+            finally:
+                plan.release()
 
     def _draw_first(self, sampled: list[tuple[Running, torch.Tensor]]) -> list[int]:
         """The first token of each request from its last prompt logits (1, V): drawn as ``generate`` draws
