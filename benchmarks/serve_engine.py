@@ -19,9 +19,10 @@ with other work, the engine's own cost: time spent waiting for a core is not cou
 hits while timed (must be 0: no prompt shares a prefix) and the load average at each run; the other
 figures are medians over the rounds. What the cache costs is shown too: prefill forwards a run and rows
 each (the same on and off: a prompt that shares nothing is read in the same batches), the host time of
-its plans (the submitting thread) and of its snapshot stores (the engine's), and the memory segments the
-CUDA allocator added while timed (each a ``cudaMalloc``). Random weights: speed does not depend on them
-(every request runs to its max tokens: no eos).
+its plans (the submitting thread) and of its snapshot stores (the engine's), how long the first tokens
+of one prefill turn took to send (median over turns: the same on and off when no store comes between
+them), and the memory segments the CUDA allocator added while timed (each a ``cudaMalloc``). Random
+weights: speed does not depend on them (every request runs to its max tokens: no eos).
 
 Each concurrency level first runs untimed, once with the cache and once without (the engine captured its
 graphs at start; this compiles the kernels for the prefill shapes of its arrivals, and fills the level's
@@ -77,6 +78,8 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
     lock = threading.Lock()
     ttft: list[float] = []
     gaps: list[float] = []
+    # First tokens sent by one prefill turn, keyed by the engine's prefill forwards so far (one per batch).
+    firsts: dict[int, list[float]] = {}
     produced = [0]
     finished = [0]
     failures: list[str] = []
@@ -90,6 +93,8 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
             with lock:
                 (ttft if last[0] == start else gaps).append(now - last[0])
                 produced[0] += 1
+                if last[0] == start:
+                    firsts.setdefault(engine.prefills, []).append(now)
             last[0] = now
             return False
 
@@ -143,6 +148,7 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
             "gap_p50_s": statistics.median(gaps) if gaps else 0.0,
             "rows_per_step": (engine.decoder.rows - rows) / steps, "padded_per_step": (engine.decoder.padded_rows - padded) / steps,
+            "first_spread_ms": statistics.median(max(t) - min(t) for t in firsts.values()) * 1e3,
             "prefills": engine.prefills - prefills, "plan_ms": spent["plan"] * 1e3, "store_ms": spent["store"] * 1e3,
             "new_segments": _segments(engine.device) - segments,
             "rows_per_prefill": (engine.prefill_rows - prefill_rows) / max(engine.prefills - prefills, 1)}
@@ -215,7 +221,8 @@ def main() -> None:
                                                f"(by CPU time {on['tokens_per_cpu_s'] / off['tokens_per_cpu_s']:.3f})")
                 print(f"  {c} clients, round {r + 1}: " + ", ".join(
                     f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s, {runs[s][-1]['prefills']} prefills "
-                    f"({runs[s][-1]['rows_per_prefill']:.1f} rows), first token p50 {runs[s][-1]['ttft_p50_s'] * 1e3:.1f} ms, "
+                    f"({runs[s][-1]['rows_per_prefill']:.1f} rows), first token p50 {runs[s][-1]['ttft_p50_s'] * 1e3:.1f} ms "
+                    f"(a turn's spread over {runs[s][-1]['first_spread_ms']:.2f} ms), "
                     f"plans {runs[s][-1]['plan_ms']:.1f} ms, stores {runs[s][-1]['store_ms']:.1f} ms, "
                     f"{runs[s][-1]['new_segments']} new segments (load {runs[s][-1]['load']:.1f})" for s in servers)
                     + ratio, flush=True)
@@ -254,8 +261,9 @@ def report(rows: list, engine: Engine, args: argparse.Namespace) -> None:
         print(f"\n## Prefix cache on / off, no shared prefix ({args.rounds} rounds, order alternating)\n")
         print("| clients | tokens/s on / off, median of rounds | min - max | per round | tokens per CPU second "
               "on / off, median | min - max | prefix hits while timed | prefill forwards a run on / off (rows each) | "
-              "host ms a run in plans / stores | new allocator segments on / off | load average during the runs |")
-        print("|---:|---:|---|---|---:|---|---:|---|---|---|---|")
+              "host ms a run in plans / stores | a turn's first tokens spread over, on / off | "
+              "new allocator segments on / off | load average during the runs |")
+        print("|---:|---:|---|---|---:|---|---:|---|---|---|---|---|")
         for c, _, med, ratios in rows:
             loads = [x for s in ("on", "off") for x in (med[s]["load_min"], med[s]["load_max"])]
             wall, cpu = ratios["tokens_per_s"], ratios["tokens_per_cpu_s"]
@@ -264,6 +272,7 @@ def report(rows: list, engine: Engine, args: argparse.Namespace) -> None:
                   f"{', '.join(f'{x:.3f}' for x in wall)} | {statistics.median(cpu):.3f} | "
                   f"{min(cpu):.3f} - {max(cpu):.3f} | {on['hits']} | {on['prefills']:.0f} ({on['rows_per_prefill']:.1f}) / "
                   f"{off['prefills']:.0f} ({off['rows_per_prefill']:.1f}) | {on['plan_ms']:.1f} / {on['store_ms']:.1f} | "
+                  f"{on['first_spread_ms']:.2f} / {off['first_spread_ms']:.2f} ms | "
                   f"{on['new_segments']:.0f} / {off['new_segments']:.0f} | {min(loads):.1f} - {max(loads):.1f} |")
     print(f"\nCUDA graphs captured: {engine.decoder.captures}; load average at the end {os.getloadavg()[0]:.1f}")
 
