@@ -12,16 +12,20 @@ to the prefix cache as it is (no copy), but storing it still costs the host a li
 copy of its last logits, the eviction of an old snapshot, the cache's lock): done between sending one
 request's first token and the next one's, it delayed the k-th first token of a turn by k stores, and
 the turn's joining rows by all of them. So these snapshots are queued (:meth:`_store_snapshots`) and
-stored in the next turn, once the decode step of the rows that joined is launched (on a GPU while the
-device computes it); the request's plan is released after its snapshot is stored, so a prompt waiting
-for it as its leader then finds it. A state that goes on changing (a session's) or that a finished
-request hands back is still copied at once.
+stored in the next turns, each turn once its decode step is launched: while the device computes it,
+within :data:`SNAPSHOT_TURN_S` of host time a turn (at least one snapshot a turn, and every snapshot
+beyond ``max_batch`` queued, so the states waiting stay bounded), so a burst of new requests never holds
+up the next step's launch. Without a step in flight (a CPU, a session in the batch) they are all stored
+at once. A request's plan is released after its snapshot is stored, so a prompt waiting for it as its
+leader then finds it. A state that goes on changing (a session's) or that a finished request hands back
+is still copied at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -43,6 +47,10 @@ if TYPE_CHECKING:
     from ssmkit.serve.request import GenerationRequest
 
 log = logging.getLogger("ssmkit.serve")
+
+# Host time a turn spends storing queued prompt-end snapshots while its decode step runs on the device
+# (a decode step of a small model at batch 64 takes a few milliseconds on a GPU).
+SNAPSHOT_TURN_S = 0.0005
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,7 +82,7 @@ class PromptReading:
     prefill_chunk_size: int
     prefills: int
     prefill_rows: int
-    _snapshots: list[tuple[PrefixPlan, int, ModelCache, torch.Tensor]]
+    _snapshots: deque[tuple[PrefixPlan, int, ModelCache, torch.Tensor]]
 
     def _admit(self, req: GenerationRequest) -> Running | None:
         try:
@@ -210,17 +218,22 @@ class PromptReading:
             else:
                 waiting.append(run)
 
-    def _store_snapshots(self) -> None:
-        """Store the prompt-end snapshots queued by the last prefill turn (each state kept as it is: its
-        request's row holds a copy), then release their plans (see the module docstring)."""
-        queued, self._snapshots = self._snapshots, []
-        for plan, position, cache, logits in queued:
+    def _store_snapshots(self, budget_s: float | None = None) -> None:
+        """Store queued prompt-end snapshots (each state kept as it is: its request's row holds a copy) and
+        release their plans: oldest first, all of them, or with ``budget_s`` those that fit in that host
+        time (at least one, and all beyond ``max_batch`` queued); see the module docstring."""
+        start = time.perf_counter()
+        queued = self._snapshots
+        while queued:
+            plan, position, cache, logits = queued.popleft()
             try:
                 plan.snapshot(position, cache, logits, owned=True)
             except Exception:  # a cache is an optimisation: its failure must not end requests
                 log.exception("prefix cache: storing a snapshot failed")
             finally:
                 plan.release()
+            if budget_s is not None and len(queued) <= self.max_batch and time.perf_counter() - start >= budget_s:
+                return
 
     def _draw_first(self, sampled: list[tuple[Running, torch.Tensor]]) -> list[int]:
         """The first token of each request from its last prompt logits (1, V): drawn as ``generate`` draws

@@ -200,6 +200,31 @@ def test_prompt_end_snapshots_are_stored_after_every_first_token_and_the_next_st
         plan.release()
 
 
+@pytest.mark.parametrize(("max_batch", "per_turn"), [(8, [1] * 6), (2, [4, 1, 1])])
+def test_queued_snapshots_are_stored_a_few_a_turn_and_at_most_max_batch_wait(model, monkeypatch, max_batch, per_turn):
+    """With no host time to spare a turn (budget 0), each turn with a step in flight stores one queued
+    snapshot, and every one beyond ``max_batch`` at once; all are stored, the tokens unchanged."""
+    monkeypatch.setattr("ssmkit.serve.batching.SNAPSHOT_TURN_S", 0.0)
+    events: list[str] = []
+    store = PrefixCache.store
+    monkeypatch.setattr(PrefixCache, "store", lambda self, *a, **k: (events.append("store"), store(self, *a, **k))[1])
+    engine = Engine(model, max_batch=max_batch, prefill_budget=8192, overlap=True)
+    launch = engine.decoder.launch
+    engine.decoder.launch = lambda: (events.append("launch"), launch())[1]
+    prefix = PrefixCache(model, memory_budget=1 << 30)
+    prompts = [[257, 90 + i, *range(100, 110 + 2 * i)] for i in range(6)]
+    engine.start()
+    try:
+        results = run_batch(engine, prompts, 12, prefix)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        assert results[i] == generate(model, [p], 12, temperature=1.0, seed=i)[0]
+    turns = "".join("L" if e == "launch" else "s" for e in events).split("L")[1:]
+    assert [len(t) for t in turns if t] == per_turn
+    assert prefix.stats()["snapshots"] == len(prompts) and not engine._snapshots
+
+
 def test_a_failing_step_ends_the_decoding_requests_once_and_the_engine_goes_on(model):
     engine = Engine(model, max_batch=4, prefill_chunk_size=64, overlap=True)
     launch = engine.decoder.launch
