@@ -17,7 +17,12 @@ ratio compares two runs made under the same conditions. Reported per level: each
 **median** and their range (min-max), the same for tokens per CPU second of the process (on a CPU shared
 with other work, the engine's own cost: time spent waiting for a core is not counted), the prefix-cache
 hits while timed (must be 0: no prompt shares a prefix) and the load average at each run; the other
-figures are medians over the rounds. Random weights: speed does not depend on them (every request runs to its max tokens: no eos).
+figures are medians over the rounds. What the cache costs is shown too: prefill forwards a run and rows
+each (the same on and off: a prompt that shares nothing is read in the same batches), the host time of
+its plans (the submitting thread) and of its snapshot stores (the engine's), how long the first tokens
+of one prefill turn took to send (median over turns: the same on and off when no store comes between
+them), and the memory segments the CUDA allocator added while timed (each a ``cudaMalloc``). Random
+weights: speed does not depend on them (every request runs to its max tokens: no eos).
 
 Each concurrency level first runs untimed, once with the cache and once without (the engine captured its
 graphs at start; this compiles the kernels for the prefill shapes of its arrivals, and fills the level's
@@ -55,6 +60,11 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def _segments(device: torch.device) -> int:
+    """Memory segments the CUDA caching allocator has allocated so far (0 on a CPU)."""
+    return torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
+
+
 def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requests: int, prompt_tokens: int,
               new_tokens: int, seed: int) -> dict[str, float]:
     """``requests`` requests, ``concurrency`` in flight at all times; timings from the engine's callbacks."""
@@ -68,6 +78,8 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
     lock = threading.Lock()
     ttft: list[float] = []
     gaps: list[float] = []
+    # First tokens sent by one prefill turn, keyed by the engine's prefill forwards so far (one per batch).
+    firsts: dict[int, list[float]] = {}
     produced = [0]
     finished = [0]
     failures: list[str] = []
@@ -81,6 +93,8 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
             with lock:
                 (ttft if last[0] == start else gaps).append(now - last[0])
                 produced[0] += 1
+                if last[0] == start:
+                    firsts.setdefault(engine.prefills, []).append(now)
             last[0] = now
             return False
 
@@ -95,19 +109,37 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
 
         plan = None
         if prefix is not None:  # planned as the server plans it (may wait for a leader: none here)
+            t = time.perf_counter()
             plan = prefix.plan(prompts[i], may_wait=True)
+            spent["plan"] += time.perf_counter() - t
             if plan.leader is not None:
                 raise RuntimeError("a prompt sharing no prefix was given a leader to wait for")
         engine.submit(GenerationRequest(ids=prompts[i], max_new_tokens=new_tokens, params=SamplingParams(temperature=1.0),
                                         seed=seed + i, on_token=on_token, on_done=on_done, prefix=plan))
 
+    # Host time the cache costs: plans on this thread, snapshots stored on the engine's.
+    spent = {"plan": 0.0, "store": 0.0}
+    if prefix is not None:
+        store = prefix.store
+
+        def timed_store(*args, **kwargs) -> None:
+            t = time.perf_counter()
+            store(*args, **kwargs)
+            spent["store"] += time.perf_counter() - t
+
+        prefix.store = timed_store  # type: ignore[method-assign]
+    # New memory segments of the device allocator (each a cudaMalloc) while timed: 0 once it is warm.
+    segments = _segments(engine.device)
     steps, rows, padded = engine.steps, engine.decoder.rows, engine.decoder.padded_rows
+    prefills, prefill_rows = engine.prefills, engine.prefill_rows
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(requests):
         slots.acquire()
         submit(i)
     all_done.wait()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if prefix is not None:
+        del prefix.store
     if failures:
         raise RuntimeError(f"requests failed: {failures[:3]}")
     steps = max(engine.steps - steps, 1)
@@ -115,7 +147,11 @@ def run_level(engine: Engine, prefix: PrefixCache | None, concurrency: int, requ
             "requests_per_s": requests / wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
             "gap_p50_s": statistics.median(gaps) if gaps else 0.0,
-            "rows_per_step": (engine.decoder.rows - rows) / steps, "padded_per_step": (engine.decoder.padded_rows - padded) / steps}
+            "rows_per_step": (engine.decoder.rows - rows) / steps, "padded_per_step": (engine.decoder.padded_rows - padded) / steps,
+            "first_spread_ms": statistics.median(max(t) - min(t) for t in firsts.values()) * 1e3,
+            "prefills": engine.prefills - prefills, "plan_ms": spent["plan"] * 1e3, "store_ms": spent["store"] * 1e3,
+            "new_segments": _segments(engine.device) - segments,
+            "rows_per_prefill": (engine.prefill_rows - prefill_rows) / max(engine.prefills - prefills, 1)}
 
 
 def main() -> None:
@@ -184,7 +220,11 @@ def main() -> None:
                 ratio = "" if on is None else (f", on/off {on['tokens_per_s'] / off['tokens_per_s']:.3f} "
                                                f"(by CPU time {on['tokens_per_cpu_s'] / off['tokens_per_cpu_s']:.3f})")
                 print(f"  {c} clients, round {r + 1}: " + ", ".join(
-                    f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s (load {runs[s][-1]['load']:.1f})" for s in servers)
+                    f"{s} {runs[s][-1]['tokens_per_s']:.0f} tok/s, {runs[s][-1]['prefills']} prefills "
+                    f"({runs[s][-1]['rows_per_prefill']:.1f} rows), first token p50 {runs[s][-1]['ttft_p50_s'] * 1e3:.1f} ms "
+                    f"(a turn's spread over {runs[s][-1]['first_spread_ms']:.2f} ms), "
+                    f"plans {runs[s][-1]['plan_ms']:.1f} ms, stores {runs[s][-1]['store_ms']:.1f} ms, "
+                    f"{runs[s][-1]['new_segments']} new segments (load {runs[s][-1]['load']:.1f})" for s in servers)
                     + ratio, flush=True)
             # Medians, but graphs captured and prefix hits summed over the rounds.
             rows.append((c, n, {s: {**{k: statistics.median(x[k] for x in v) for k in v[0]},
@@ -220,14 +260,20 @@ def report(rows: list, engine: Engine, args: argparse.Namespace) -> None:
         # (on a GPU the host mostly waits, so only the tokens/s ratio means something there).
         print(f"\n## Prefix cache on / off, no shared prefix ({args.rounds} rounds, order alternating)\n")
         print("| clients | tokens/s on / off, median of rounds | min - max | per round | tokens per CPU second "
-              "on / off, median | min - max | prefix hits while timed | load average during the runs |")
-        print("|---:|---:|---|---|---:|---|---:|---|")
+              "on / off, median | min - max | prefix hits while timed | prefill forwards a run on / off (rows each) | "
+              "host ms a run in plans / stores | a turn's first tokens spread over, on / off | "
+              "new allocator segments on / off | load average during the runs |")
+        print("|---:|---:|---|---|---:|---|---:|---|---|---|---|---|")
         for c, _, med, ratios in rows:
             loads = [x for s in ("on", "off") for x in (med[s]["load_min"], med[s]["load_max"])]
             wall, cpu = ratios["tokens_per_s"], ratios["tokens_per_cpu_s"]
+            on, off = med["on"], med["off"]
             print(f"| {c} | **{statistics.median(wall):.3f}** | {min(wall):.3f} - {max(wall):.3f} | "
                   f"{', '.join(f'{x:.3f}' for x in wall)} | {statistics.median(cpu):.3f} | "
-                  f"{min(cpu):.3f} - {max(cpu):.3f} | {med['on']['hits']} | {min(loads):.1f} - {max(loads):.1f} |")
+                  f"{min(cpu):.3f} - {max(cpu):.3f} | {on['hits']} | {on['prefills']:.0f} ({on['rows_per_prefill']:.1f}) / "
+                  f"{off['prefills']:.0f} ({off['rows_per_prefill']:.1f}) | {on['plan_ms']:.1f} / {on['store_ms']:.1f} | "
+                  f"{on['first_spread_ms']:.2f} / {off['first_spread_ms']:.2f} ms | "
+                  f"{on['new_segments']:.0f} / {off['new_segments']:.0f} | {min(loads):.1f} - {max(loads):.1f} |")
     print(f"\nCUDA graphs captured: {engine.decoder.captures}; load average at the end {os.getloadavg()[0]:.1f}")
 
 

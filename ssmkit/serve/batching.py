@@ -50,7 +50,7 @@ from ssmkit.generation.sampling import (
 )
 from ssmkit.models.cache import ModelCache
 from ssmkit.serve.decode_step import BatchedDecoder, LaunchedStep, use_cuda_graph
-from ssmkit.serve.engine_prompts import PromptReading, Running
+from ssmkit.serve.engine_prompts import SNAPSHOT_TURN_S, PromptReading, Running
 from ssmkit.serve.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -113,6 +113,9 @@ class Engine(PromptReading):
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.tokens = 0
+        self.prefills = 0  # prefill forwards (a left-padded batch or one request's chunk)
+        self.prefill_rows = 0  # requests read by them, summed
+        self._snapshots = deque()  # prompt-end snapshots to store after the next steps' launches (engine_prompts)
 
     def _new_decoder(self) -> BatchedDecoder:
         return BatchedDecoder(self.model, self.max_batch, cuda_graph=self.cuda_graph)
@@ -166,10 +169,11 @@ class Engine(PromptReading):
         decoding: list[Running] = []
         while True:
             with self._cond:
-                while not (self._inbox or reading or waiting or decoding or self._stopping):
+                while not (self._inbox or reading or waiting or decoding or self._snapshots or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     self._inflight = None
+                    self._store_snapshots()
                     for run in [*reading, *waiting, *decoding]:
                         self._finish(run, "cancelled", None)
                     while self._inbox:
@@ -199,6 +203,9 @@ class Engine(PromptReading):
                 reading, waiting, decoding = [], deque(), []
                 self.decoder = self._new_decoder()
                 self._inflight = None
+                for plan, *_ in self._snapshots:
+                    plan.release()
+                self._snapshots.clear()
 
     def _decode_turn(self, decoding: list[Running]) -> list[Running]:
         """One decode step for every decoding request: launch this turn's step, then read the previous
@@ -225,6 +232,9 @@ class Engine(PromptReading):
                     run.queued += 1
                 if not self.overlap or any(r.request.keep_state for r in live):
                     pending, self._inflight = self._inflight, None
+            # Queued prompt-end snapshots: while the device computes the step just launched (within a budget
+            # when it is read next turn), and before a request could end (releasing its plan).
+            self._store_snapshots(SNAPSHOT_TURN_S if self._inflight is not None else None)
             if pending is not None:
                 live = self._read_step(pending, live)
         except Exception as e:  # the rows' state is unknown: every decoding request ends, the slots start anew

@@ -6,12 +6,26 @@ tokens (:func:`ssmkit.serve.prefill.schedule_prefill`): fresh prompts that fit i
 one left-padded batch, the others a chunk each (ending at prefix-cache snapshot points); the prompts
 finished in the turn draw their first tokens in one batch, each as ``generate`` draws it, read from the
 device at once.
+
+**Prompt-end snapshots off the critical path.** A request that goes on decoding hands its prompt-end state
+to the prefix cache as it is (no copy), but storing it still costs the host a little per request (a
+copy of its last logits, the eviction of an old snapshot, the cache's lock): done between sending one
+request's first token and the next one's, it delayed the k-th first token of a turn by k stores, and
+the turn's joining rows by all of them. So these snapshots are queued (:meth:`_store_snapshots`) and
+stored in the next turns, each turn once its decode step is launched: while the device computes it,
+within :data:`SNAPSHOT_TURN_S` of host time a turn (at least one snapshot a turn, and every snapshot
+beyond ``max_batch`` queued, so the states waiting stay bounded), so a burst of new requests never holds
+up the next step's launch. Without a step in flight (a CPU, a session in the batch) they are all stored
+at once. A request's plan is released after its snapshot is stored, so a prompt waiting for it as its
+leader then finds it. A state that goes on changing (a session's) or that a finished request hands back
+is still copied at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -29,9 +43,14 @@ from ssmkit.serve.slots import host_to_device
 
 if TYPE_CHECKING:
     from ssmkit.models.language_model import LanguageModel
+    from ssmkit.serve.prefix_plan import PrefixPlan
     from ssmkit.serve.request import GenerationRequest
 
 log = logging.getLogger("ssmkit.serve")
+
+# Host time a turn spends storing queued prompt-end snapshots while its decode step runs on the device
+# (a decode step of a small model at batch 64 takes a few milliseconds on a GPU).
+SNAPSHOT_TURN_S = 0.0005
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,6 +80,9 @@ class PromptReading:
     max_batch: int
     prefill_budget: int
     prefill_chunk_size: int
+    prefills: int
+    prefill_rows: int
+    _snapshots: deque[tuple[PrefixPlan, int, ModelCache, torch.Tensor]]
 
     def _admit(self, req: GenerationRequest) -> Running | None:
         try:
@@ -108,6 +130,8 @@ class PromptReading:
                 if run.cache is None:
                     run.cache = self.model.allocate_cache(1)
                 out = self.model(run.ids[None, run.read:end], cache=run.cache, logits_to_keep=1)
+                self.prefills += 1
+                self.prefill_rows += 1
                 run.read = end
                 if plan is not None and end < len(run.ids):
                     plan.snapshot(end, run.cache)
@@ -142,6 +166,8 @@ class PromptReading:
             seq_idx = None if seq_idx is None else host_to_device(seq_idx, self.device)
             cache = self.model.allocate_cache(len(runs))
             logits = self.model(ids, seq_idx=seq_idx, cache=cache, logits_to_keep=1).logits[:, -1]
+            self.prefills += 1
+            self.prefill_rows += len(runs)
         except Exception as e:
             log.exception("prefill failed")
             for run in runs:
@@ -157,10 +183,11 @@ class PromptReading:
         """The prompts of ``done`` are read (with their last logits, (1, V)): each finishes (nothing to
         generate, or the first token ends it) or waits for a row.
 
-        The first tokens are drawn each as ``generate`` draws it, then read in one device read. A token is
-        sent before the prompt-end snapshot is taken: a snapshot never delays it. A batched request's cache
-        is only copied into its row from here on, so the prefix cache takes it as it is (no copy); other
-        caches go on changing (or go to a session) and are copied.
+        The first tokens are drawn each as ``generate`` draws it, then read in one device read, and all are
+        sent before any prompt-end snapshot is taken: a snapshot never delays one. A batched request that
+        goes on decoding has its cache only copied into its row from here on, so the prefix cache takes it
+        as it is (no copy), in the next turn (:meth:`_store_snapshots`); other caches go on changing (or go
+        to a session) and are copied now.
         """
         sampled = [(run, logits) for run, logits in done if run.request.max_new_tokens > 0]
         try:
@@ -170,20 +197,43 @@ class PromptReading:
             for run, _ in sampled:
                 self._finish(run, f"error: {e}", None)
             done = [(run, logits) for run, logits in done if not run.ended]
-        for run, logits in done:
-            plan = run.request.prefix
+        reasons = []
+        for run, _ in done:
             try:
-                reason = "length" if run.request.max_new_tokens == 0 else self._record(run, next(tokens))
+                reasons.append("length" if run.request.max_new_tokens == 0 else self._record(run, next(tokens)))
             except Exception as e:  # e.g. a failing on_token callback: only this request ends
                 log.exception("sampling failed")
-                reason = f"error: {e}"
+                reasons.append(f"error: {e}")
+        for (run, logits), reason in zip(done, reasons):
+            plan = run.request.prefix
             if plan is not None:
-                plan.snapshot(len(run.ids), run.cache, logits, owned=self.batched and reason is None)
-                plan.release()
+                if self.batched and reason is None:
+                    assert run.cache is not None
+                    self._snapshots.append((plan, len(run.ids), run.cache, logits))
+                else:
+                    plan.snapshot(len(run.ids), run.cache, logits)
+                    plan.release()
             if reason is not None:
                 self._finish(run, reason, run.cache)
             else:
                 waiting.append(run)
+
+    def _store_snapshots(self, budget_s: float | None = None) -> None:
+        """Store queued prompt-end snapshots (each state kept as it is: its request's row holds a copy) and
+        release their plans: oldest first, all of them, or with ``budget_s`` those that fit in that host
+        time (at least one, and all beyond ``max_batch`` queued); see the module docstring."""
+        start = time.perf_counter()
+        queued = self._snapshots
+        while queued:
+            plan, position, cache, logits = queued.popleft()
+            try:
+                plan.snapshot(position, cache, logits, owned=True)
+            except Exception:  # a cache is an optimisation: its failure must not end requests
+                log.exception("prefix cache: storing a snapshot failed")
+            finally:
+                plan.release()
+            if budget_s is not None and len(queued) <= self.max_batch and time.perf_counter() - start >= budget_s:
+                return
 
     def _draw_first(self, sampled: list[tuple[Running, torch.Tensor]]) -> list[int]:
         """The first token of each request from its last prompt logits (1, V): drawn as ``generate`` draws

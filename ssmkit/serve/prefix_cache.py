@@ -28,8 +28,9 @@ not in a batch of new prompts: each extra forward costs the host tens of millise
 whatever the tokens. So the default ``interval`` is the engine's default prefill chunk (2,048): interval
 points fall where a long prompt's chunks end anyway, and a prompt that shares nothing and fits in a chunk
 has no point at all, so it is read exactly as without the cache (in a batch of new prompts, its state
-kept at its end without a copy). A shorter interval finds hits closer to where prompts diverge, at that
-price for every long prompt.
+kept at its end without a copy, stored after every first token of its turn is sent, a few a turn while
+the decode steps run: :mod:`ssmkit.serve.engine_prompts`). A shorter interval finds hits closer to where
+prompts diverge, at that price for every long prompt.
 
 **Requests that arrive together.** A prompt that shares at least ``interval`` more tokens with a prompt
 being read right now (its *leader*) than with any snapshot waits (:meth:`PrefixCache.plan` with

@@ -125,7 +125,9 @@ def test_the_prefix_cache_adds_no_forward_state_copy_or_device_read_without_shar
         for mode in ("off", "on"):
             counts = EngineThreadCounts(monkeypatch).counts
             prefix = PrefixCache(model, memory_budget=1 << 30) if mode == "on" else None
+            prefills, rows = engine.prefills, engine.prefill_rows
             results = run_batch(engine, prompts, 6, prefix)
+            counts.update(prefills=engine.prefills - prefills, prefill_rows=engine.prefill_rows - rows)
             counted[mode] = (dict(counts), results, prefix)
             monkeypatch.undo()
     finally:
@@ -139,6 +141,88 @@ def test_the_prefix_cache_adds_no_forward_state_copy_or_device_read_without_shar
     logits_bytes = model.config.padded_vocab_size * 4
     assert on["copies"] - off["copies"] == len(prompts)
     assert on["copies_bytes"] - off["copies_bytes"] == len(prompts) * logits_bytes
+    assert (on["prefills"], on["prefill_rows"]) == (off["prefills"], off["prefill_rows"]) == (1, len(prompts))
+
+
+def test_prompt_end_snapshots_are_stored_after_every_first_token_and_the_next_step_launch(model, monkeypatch):
+    """A snapshot stored between two requests' first tokens delayed the later one (and the rows joining);
+    the prompt-end snapshots of a turn are stored once all its first tokens are sent and the decode step of
+    its rows is launched, then their plans are released (a prompt waiting for one finds its snapshot)."""
+    events: list[str] = []
+    for owner, name in ((PrefixCache, "store"), (LaunchedStep, "tokens")):
+        original = getattr(owner, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            events.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+    engine = Engine(model, max_batch=8, prefill_budget=8192, overlap=True)
+    launch = engine.decoder.launch
+    engine.decoder.launch = lambda: (events.append("launch"), launch())[1]
+    prefix = PrefixCache(model, memory_budget=1 << 30)
+    prompts = [[257, 60 + i, *range(70, 90 + 3 * i)] for i in range(4)]
+    plans = [prefix.plan(p) for p in prompts]
+    released = []
+    engine.start()
+    try:
+        results: list[list[int]] = [[] for _ in prompts]
+        done = [threading.Event() for _ in prompts]
+
+        def on_token(i: int, t: int) -> bool:
+            if not results[i]:
+                events.append("first")
+            results[i].append(t)
+            return False
+
+        def on_done(i: int) -> None:
+            released.append(plans[i].released)
+            done[i].set()
+
+        with engine._cond:  # one turn reads them all
+            for i, p in enumerate(prompts):
+                engine.submit(GenerationRequest(ids=p, max_new_tokens=4, params=SamplingParams(temperature=1.0),
+                                                seed=i, on_token=lambda t, i=i: on_token(i, t),
+                                                on_done=lambda reason, cache, i=i: on_done(i), prefix=plans[i]))
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        assert results[i] == generate(model, [p], 4, temperature=1.0, seed=i)[0]
+    first_store = events.index("store")
+    assert events[:len(prompts)] == ["first"] * len(prompts)  # every first token before any store
+    assert "launch" in events[len(prompts):first_store]  # the joined rows' first step launched before
+    assert events.count("store") == len(prompts) and "tokens" not in events[:first_store]
+    assert released == [True] * len(prompts)
+    # Each prompt is now found whole, with its logits: its first token needs no forward.
+    for p, plan in zip(prompts, (prefix.plan(p) for p in prompts)):
+        assert plan.start == len(p) and plan.logits is not None
+        plan.release()
+
+
+@pytest.mark.parametrize(("max_batch", "per_turn"), [(8, [1] * 6), (2, [4, 1, 1])])
+def test_queued_snapshots_are_stored_a_few_a_turn_and_at_most_max_batch_wait(model, monkeypatch, max_batch, per_turn):
+    """With no host time to spare a turn (budget 0), each turn with a step in flight stores one queued
+    snapshot, and every one beyond ``max_batch`` at once; all are stored, the tokens unchanged."""
+    monkeypatch.setattr("ssmkit.serve.batching.SNAPSHOT_TURN_S", 0.0)
+    events: list[str] = []
+    store = PrefixCache.store
+    monkeypatch.setattr(PrefixCache, "store", lambda self, *a, **k: (events.append("store"), store(self, *a, **k))[1])
+    engine = Engine(model, max_batch=max_batch, prefill_budget=8192, overlap=True)
+    launch = engine.decoder.launch
+    engine.decoder.launch = lambda: (events.append("launch"), launch())[1]
+    prefix = PrefixCache(model, memory_budget=1 << 30)
+    prompts = [[257, 90 + i, *range(100, 110 + 2 * i)] for i in range(6)]
+    engine.start()
+    try:
+        results = run_batch(engine, prompts, 12, prefix)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        assert results[i] == generate(model, [p], 12, temperature=1.0, seed=i)[0]
+    turns = "".join("L" if e == "launch" else "s" for e in events).split("L")[1:]
+    assert [len(t) for t in turns if t] == per_turn
+    assert prefix.stats()["snapshots"] == len(prompts) and not engine._snapshots
 
 
 def test_a_failing_step_ends_the_decoding_requests_once_and_the_engine_goes_on(model):

@@ -52,6 +52,7 @@ def test_metrics_are_prometheus_text(server, client):
     assert samples["ssmkit_prefix_cache_misses_total"] >= 1 and samples["ssmkit_engine_up"] == 1
     assert samples["ssmkit_sessions"] == health["sessions"]
     assert samples["ssmkit_tokens_generated_total"] >= 2
+    assert samples["ssmkit_prefill_rows_total"] >= samples["ssmkit_prefill_forwards_total"] >= 1
     assert httpx.get(f"{server.url}/metrics").status_code == 401  # like every route but /health
 
 
