@@ -63,6 +63,21 @@ void ssmkit_selective_step(float *state, const float *x, long x_stride, const fl
                            const float *dt_wT, long R, const float *dt_bias, const float *A, const float *B,
                            const float *C, long bc_stride, const float *D, const float *z, long z_stride, float *y,
                            long b, long I, long n, int threads) {
+    ssmkit_selective_step_ex(state, x, x_stride, dt_low, dt_stride, dt_wT, 0, 0, R, dt_bias, A, B, C, bc_stride, D,
+                             z, z_stride, y, b, I, n, threads);
+}
+
+static inline float dt_weight_at(const void *dt_wT, int dt_bf16, long at) {
+    return dt_bf16 ? bf16_to_float(((const uint16_t *)dt_wT)[at]) : ((const float *)dt_wT)[at];
+}
+
+/* ssmkit_selective_step with dt_proj's weight dt_wT (R, I) in float32 (dt_bf16 = 0) or bfloat16 bits
+ * (dt_bf16 = 1), and with dt_round = 1 the projection's output rounded to bfloat16 before the bias (a
+ * bfloat16 layer's dt_proj output): the Mamba-1 block step (mamba_step.c) of a bfloat16 layer. */
+void ssmkit_selective_step_ex(float *state, const float *x, long x_stride, const float *dt_low, long dt_stride,
+                              const void *dt_wT, int dt_bf16, int dt_round, long R, const float *dt_bias,
+                              const float *A, const float *B, const float *C, long bc_stride, const float *D,
+                              const float *z, long z_stride, float *y, long b, long I, long n, int threads) {
     const long blocks = (I + 15) / 16;
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (threads > 1 && I * n >= (1L << 16))
     for (long bi = 0; bi < b; ++bi) {
@@ -76,8 +91,23 @@ void ssmkit_selective_step(float *state, const float *x, long x_stride, const fl
             __m512 dt;
             if (dt_wT) {
                 dt = _mm512_setzero_ps();
-                for (long r = 0; r < R; ++r)
-                    dt = _mm512_fmadd_ps(_mm512_set1_ps(dl[r]), _mm512_maskz_loadu_ps(lanes, dt_wT + r * I + i0), dt);
+                for (long r = 0; r < R; ++r) {
+                    __m512 w;
+                    if (dt_bf16) {
+                        uint16_t bits[16] = {0};
+                        memcpy(bits, (const uint16_t *)dt_wT + r * I + i0, (size_t)width * sizeof *bits);
+                        w = _mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bits)), 16));
+                    } else {
+                        w = _mm512_maskz_loadu_ps(lanes, (const float *)dt_wT + r * I + i0);
+                    }
+                    dt = _mm512_fmadd_ps(_mm512_set1_ps(dl[r]), w, dt);
+                }
+                if (dt_round) {
+                    _mm512_storeu_ps(delta, dt);
+                    for (long k = 0; k < 16; ++k) delta[k] = to_bf16_rne(delta[k]);
+                    dt = _mm512_loadu_ps(delta);
+                }
             } else {
                 dt = _mm512_maskz_loadu_ps(lanes, dl + i0);
             }
@@ -88,7 +118,8 @@ void ssmkit_selective_step(float *state, const float *x, long x_stride, const fl
             for (long k = 0; k < width; ++k) {
                 float v = 0.f;
                 if (dt_wT) {
-                    for (long r = 0; r < R; ++r) v += dl[r] * dt_wT[r * I + i0 + k];
+                    for (long r = 0; r < R; ++r) v += dl[r] * dt_weight_at(dt_wT, dt_bf16, r * I + i0 + k);
+                    if (dt_round) v = to_bf16_rne(v);
                 } else {
                     v = dl[i0 + k];
                 }
