@@ -53,19 +53,25 @@ def linear_fn(module: nn.Module) -> Linear:
     """``x (b, k) -> (b, n)`` computing ``module(x)`` (an ``nn.Linear`` or :class:`Int8Linear`) by the
     fastest batch-1 path this CPU offers, in the module's dtype.
 
-    float32: ``F.linear`` (MKL's GEMV streams the weight near the memory bandwidth). bfloat16 at up to 8
-    rows: ssmkit's native kernel (:mod:`ssmkit.ops.gemv`) where it is built, float32 accumulation as
-    torch's; else (and float16) ``torch.mv`` at one row, whose reduced-precision GEMV reads the weight
-    about 1.3-2x faster than ``F.linear``'s at batch 1 on AVX-512 CPUs. int8 at up to 8 rows: the
-    native kernel, else ``aten._weight_int8pack_mm`` with bfloat16 activations, as :class:`Int8Linear`.
-    More rows: the module's own matmul.
+    float32 at up to 8 rows: ssmkit's native kernel (:mod:`ssmkit.ops.gemv`) where it is built (it streams the
+    weight ~15% faster than MKL's GEMV at batch 1), else ``F.linear``. bfloat16 at up to 8 rows: the native
+    kernel, float32 accumulation as torch's; else (and float16) ``torch.mv`` at one row, whose
+    reduced-precision GEMV reads the weight about 1.3-2x faster than ``F.linear``'s at batch 1 on AVX-512
+    CPUs. int8 at up to 8 rows: the native kernel, else ``aten._weight_int8pack_mm`` with bfloat16
+    activations, as :class:`Int8Linear`. More rows: the module's own matmul.
     """
     if isinstance(module, Int8Linear):
         return _int8_fn(module)
     weight = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
-    if weight.dtype == torch.float32 or weight.device.type != "cpu":
+    if weight.device.type != "cpu":
         return lambda x: F.linear(x, weight, bias)
+    if weight.dtype == torch.float32:
+        if not native_available():
+            return lambda x: F.linear(x, weight, bias)
+        native32 = native_linear(weight, None, bias)
+        return lambda x: native32(x) if x.shape[0] <= MAX_ROWS and x.dtype == torch.float32 else F.linear(
+            x, weight, bias)
     if weight.dtype == torch.bfloat16 and native_available():
         native = native_linear(weight, None, bias)
 

@@ -62,6 +62,8 @@ def library() -> ctypes.CDLL | None:
     for fn in (lib.ssmkit_int8_gemv, lib.ssmkit_bf16_gemv):
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
         fn.restype = None
+    lib.ssmkit_gemv_any.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.ssmkit_gemv_any.restype = None
     lib.ssmkit_ssd_step.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 5 + [ctypes.c_int]
     lib.ssmkit_ssd_step.restype = None
     P, L = ctypes.c_void_p, ctypes.c_long
