@@ -27,16 +27,17 @@ typedef struct {
 
 /* A block's parameters, bound once (ssmkit/ops/state_update/native.py mirrors it field by field and checks
  * its size against ssmkit_mamba_layer_size). Shapes: H d_model, I d_inner, n d_state, R dt_rank, width the
- * convolution's; norm_w (H,); in_proj (2I, H), x_proj (R + 2n, I), out_proj (H, I); dt_wT (R, I) dt_proj's
- * weight transposed, float32 or bfloat16 bits (dt_bf16); dt_bias (I,) or NULL; conv_w (I, width), conv_b
- * (I,) or NULL; A (I, n); D (I,) or NULL; all float32 but the matrices. */
+ * convolution's; norm_w (H,); in_proj (2I, H), x_proj (R + 2n, I), out_proj (H, I); dt_w16 (ceil(I / 16), R,
+ * 16) dt_proj's weight in blocks of 16 channels (ssmkit_selective_step_ex), float32 or bfloat16 bits
+ * (dt_bf16); dt_bias (I,) or NULL; conv_w (I, width), conv_b (I,) or NULL; A (I, n); D (I,) or NULL; all
+ * float32 but the matrices. */
 typedef struct {
     long H, I, n, R, width;
     const float *norm_w;
     float norm_eps;
     int bf16;
     Matrix in_proj, x_proj, out_proj;
-    const void *dt_wT;
+    const void *dt_w16;
     int dt_bf16;
     const float *dt_bias, *conv_w, *conv_b, *A, *D;
 } MambaLayer;
@@ -73,7 +74,7 @@ void ssmkit_mamba_layer_step(const MambaLayer *L, const float *r, float *out, fl
     if (L->bf16) round_bf16(xc, b * I);
     gemv(&L->x_proj, xc, dbc, b, nx, I, threads);
     if (L->bf16) round_bf16(dbc, b * nx);
-    ssmkit_selective_step_ex(state, xc, I, dbc, nx, L->dt_wT, L->dt_bf16, L->bf16, R, L->dt_bias, L->A, dbc + R,
+    ssmkit_selective_step_ex(state, xc, I, dbc, nx, L->dt_w16, L->dt_bf16, L->bf16, R, L->dt_bias, L->A, dbc + R,
                              dbc + R + n, nx, L->D, xz + I, 2 * I, y, b, I, n, threads);
     if (L->bf16) round_bf16(y, b * I);
     gemv(&L->out_proj, y, hn, b, H, I, threads);  /* hn is read: its b·H floats take out_proj's output */

@@ -49,33 +49,36 @@ void ssmkit_ssd_step(float *state, const float *x, const float *dt, const float 
 
 /* One Mamba(-1) selective-scan step, in place, from the layer's projections:
  *
- *   dt[b, i]   = dt_low[b, :] . dt_wT[:, i]                      (dt_wT NULL: dt_low holds dt (b, I))
+ *   dt[b, i]   = dt_low[b, :] . dt_w[i, :]                       (dt_w16 NULL: dt_low holds dt (b, I))
  *   delta[i]   = softplus(dt[b, i] + dt_bias[i])
  *   state[i,:] = state[i,:] * exp(delta[i] * A[i,:]) + (delta[i] * x[b, i]) * B[b,:]
  *   y[b, i]    = (state[i,:] . C[b,:] + D[i] * x[b, i]) * silu(z[b, i])      (z NULL: no gate)
  *
  * state (b, I, n) float32; x, z (b, I) and dt_low (b, R) (or (b, I)) with row strides x_stride, z_stride,
- * dt_stride (slices of the projections' outputs); dt_wT (R, I), dt_proj's weight transposed; A (I, n);
- * dt_bias, D (I,) or NULL; B, C (b, n) with row stride bc_stride; y (b, I). The per-channel work (the dt
- * projection, softplus, D and the gate) is done 16 channels at a time, then each channel's state row.
+ * dt_stride (slices of the projections' outputs); dt_w16 (ceil(I / 16), R, 16) dt_proj's weight dt_w (I, R)
+ * in blocks of 16 channels, zero-padded: a block's R·16 weights contiguous, read in one sequential pass
+ * (a (R, I) transpose read 16 channels at a time touches R lines a block, which the hardware prefetcher
+ * does not follow: ~1 µs a layer per 16 channels at mamba-130m's sizes); A (I, n); dt_bias, D (I,) or
+ * NULL; B, C (b, n) with row stride bc_stride; y (b, I). The per-channel work (the dt projection,
+ * softplus, D and the gate) is done 16 channels at a time, then each channel's state row.
  */
 void ssmkit_selective_step(float *state, const float *x, long x_stride, const float *dt_low, long dt_stride,
-                           const float *dt_wT, long R, const float *dt_bias, const float *A, const float *B,
+                           const float *dt_w16, long R, const float *dt_bias, const float *A, const float *B,
                            const float *C, long bc_stride, const float *D, const float *z, long z_stride, float *y,
                            long b, long I, long n, int threads) {
-    ssmkit_selective_step_ex(state, x, x_stride, dt_low, dt_stride, dt_wT, 0, 0, R, dt_bias, A, B, C, bc_stride, D,
+    ssmkit_selective_step_ex(state, x, x_stride, dt_low, dt_stride, dt_w16, 0, 0, R, dt_bias, A, B, C, bc_stride, D,
                              z, z_stride, y, b, I, n, threads);
 }
 
-static inline float dt_weight_at(const void *dt_wT, int dt_bf16, long at) {
-    return dt_bf16 ? bf16_to_float(((const uint16_t *)dt_wT)[at]) : ((const float *)dt_wT)[at];
+static inline float dt_weight_at(const void *dt_w16, int dt_bf16, long at) {
+    return dt_bf16 ? bf16_to_float(((const uint16_t *)dt_w16)[at]) : ((const float *)dt_w16)[at];
 }
 
-/* ssmkit_selective_step with dt_proj's weight dt_wT (R, I) in float32 (dt_bf16 = 0) or bfloat16 bits
+/* ssmkit_selective_step with dt_proj's blocked weight dt_w16 in float32 (dt_bf16 = 0) or bfloat16 bits
  * (dt_bf16 = 1), and with dt_round = 1 the projection's output rounded to bfloat16 before the bias (a
  * bfloat16 layer's dt_proj output): the Mamba-1 block step (mamba_step.c) of a bfloat16 layer. */
 void ssmkit_selective_step_ex(float *state, const float *x, long x_stride, const float *dt_low, long dt_stride,
-                              const void *dt_wT, int dt_bf16, int dt_round, long R, const float *dt_bias,
+                              const void *dt_w16, int dt_bf16, int dt_round, long R, const float *dt_bias,
                               const float *A, const float *B, const float *C, long bc_stride, const float *D,
                               const float *z, long z_stride, float *y, long b, long I, long n, int threads) {
     const long blocks = (I + 15) / 16;
@@ -89,18 +92,14 @@ void ssmkit_selective_step_ex(float *state, const float *x, long x_stride, const
 #if defined(__AVX512F__)
             const __mmask16 lanes = (__mmask16)((1u << width) - 1u);
             __m512 dt;
-            if (dt_wT) {
+            if (dt_w16) {
                 dt = _mm512_setzero_ps();
+                const long at = blk * R * 16;
                 for (long r = 0; r < R; ++r) {
-                    __m512 w;
-                    if (dt_bf16) {
-                        uint16_t bits[16] = {0};
-                        memcpy(bits, (const uint16_t *)dt_wT + r * I + i0, (size_t)width * sizeof *bits);
-                        w = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bits)), 16));
-                    } else {
-                        w = _mm512_maskz_loadu_ps(lanes, (const float *)dt_wT + r * I + i0);
-                    }
+                    const __m512 w = dt_bf16
+                        ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                              (const __m256i *)((const uint16_t *)dt_w16 + at + r * 16))), 16))
+                        : _mm512_loadu_ps((const float *)dt_w16 + at + r * 16);
                     dt = _mm512_fmadd_ps(_mm512_set1_ps(dl[r]), w, dt);
                 }
                 if (dt_round) {
@@ -117,8 +116,8 @@ void ssmkit_selective_step_ex(float *state, const float *x, long x_stride, const
 #else
             for (long k = 0; k < width; ++k) {
                 float v = 0.f;
-                if (dt_wT) {
-                    for (long r = 0; r < R; ++r) v += dl[r] * dt_weight_at(dt_wT, dt_bf16, r * I + i0 + k);
+                if (dt_w16) {
+                    for (long r = 0; r < R; ++r) v += dl[r] * dt_weight_at(dt_w16, dt_bf16, (blk * R + r) * 16 + k);
                     if (dt_round) v = to_bf16_rne(v);
                 } else {
                     v = dl[i0 + k];

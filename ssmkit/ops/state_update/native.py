@@ -69,9 +69,9 @@ def native_selective_step() -> Callable[..., SelectiveStep] | None:
 
     def bind(A: torch.Tensor, dt_bias: torch.Tensor | None, D: torch.Tensor | None,
              dt_weight: torch.Tensor | None = None) -> SelectiveStep:
-        dt_wT = None if dt_weight is None else dt_weight.detach().to(torch.float32).t()
-        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in (A, dt_bias, D, dt_wT))
-        a, bias, d, wT = (None if t is None else t.data_ptr() for t in held)
+        dt_w16 = None if dt_weight is None else blocked_dt_weight(dt_weight.detach().to(torch.float32))
+        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in (A, dt_bias, D, dt_w16))
+        a, bias, d, w16 = (None if t is None else t.data_ptr() for t in held)
         rank = 0 if dt_weight is None else dt_weight.shape[1]
 
         def step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -80,13 +80,23 @@ def native_selective_step() -> Callable[..., SelectiveStep] | None:
             y = torch.empty(b, I, dtype=torch.float32)
             if B.stride(0) != C.stride(0):
                 B, C = B.contiguous(), C.contiguous()
-            fn(state.data_ptr(), x.data_ptr(), x.stride(0), dt.data_ptr(), dt.stride(0), wT, rank, bias, a,
+            fn(state.data_ptr(), x.data_ptr(), x.stride(0), dt.data_ptr(), dt.stride(0), w16, rank, bias, a,
                B.data_ptr(), C.data_ptr(), B.stride(0), d, None if z is None else z.data_ptr(),
                0 if z is None else z.stride(0), y.data_ptr(), b, I, n, torch.get_num_threads())
             return y
         step.tensors = held  # keep the buffers the pointers refer to alive
         return step
     return bind
+
+
+def blocked_dt_weight(dt_weight: torch.Tensor) -> torch.Tensor:
+    """dt_proj's weight (I, R) as the native selective steps read it: (ceil(I / 16), R, 16), blocks of 16
+    channels, zero-padded, each block's weights contiguous (one sequential pass per block)."""
+    I, R = dt_weight.shape
+    blocks = -(-I // 16)
+    padded = torch.zeros(blocks * 16, R, dtype=dt_weight.dtype)
+    padded[:I] = dt_weight
+    return padded.view(blocks, 16, R).transpose(1, 2).contiguous()
 
 
 def native_mamba2_step() -> Callable[..., Mamba2Step] | None:
@@ -247,7 +257,7 @@ class _MambaLayer(ctypes.Structure):
     _fields_ = [*((name, ctypes.c_long) for name in ("H", "I", "n", "R", "width")),
                 ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float), ("bf16", ctypes.c_int),
                 ("in_proj", _Matrix), ("x_proj", _Matrix), ("out_proj", _Matrix),
-                ("dt_wT", ctypes.c_void_p), ("dt_bf16", ctypes.c_int),
+                ("dt_w16", ctypes.c_void_p), ("dt_bf16", ctypes.c_int),
                 *((name, ctypes.c_void_p) for name in ("dt_bias", "conv_w", "conv_b", "A", "D"))]
 
 
@@ -294,16 +304,15 @@ def native_mamba_layer_step() -> Callable[..., MambaLayerStep] | None:
             w = weight.detach().contiguous()
             return _Matrix(ptr(w), ptr(f32(scales)), ptr(f32(bias)), _KINDS[w.dtype])
 
-        dt_wT = dt_weight.detach().t().contiguous()  # (R, I): 16 channels' weights of one rank side by side
-        if dt_wT.dtype != torch.bfloat16:
-            dt_wT = dt_wT.to(torch.float32)
-        H, I, n = norm_weight.numel(), A.shape[0], A.shape[1]
-        layer = _MambaLayer(H, I, n, dt_wT.shape[0], conv_weight.shape[-1], ptr(f32(norm_weight)), norm_eps,
-                            int(bf16), matrix(*in_proj), matrix(*x_proj), matrix(*out_proj), ptr(dt_wT),
-                            int(dt_wT.dtype == torch.bfloat16), ptr(f32(dt_bias)),
+        dt_w = dt_weight.detach()
+        dt_w16 = blocked_dt_weight(dt_w if dt_w.dtype == torch.bfloat16 else dt_w.to(torch.float32))
+        H, (I, n), R = norm_weight.numel(), A.shape, dt_w.shape[1]
+        layer = _MambaLayer(H, I, n, R, conv_weight.shape[-1], ptr(f32(norm_weight)), norm_eps,
+                            int(bf16), matrix(*in_proj), matrix(*x_proj), matrix(*out_proj), ptr(dt_w16),
+                            int(dt_w16.dtype == torch.bfloat16), ptr(f32(dt_bias)),
                             ptr(f32(conv_weight.reshape(I, -1))), ptr(f32(conv_bias)), ptr(f32(A)), ptr(f32(D)))
         address = ctypes.addressof(layer)
-        per_row = H + 4 * I + dt_wT.shape[0] + 2 * n
+        per_row = H + 4 * I + R + 2 * n
 
         def step(r: torch.Tensor, state: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
             b = r.shape[0]
