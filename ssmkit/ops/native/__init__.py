@@ -1,11 +1,11 @@
 """CPU kernels (``gemv.c``, ``steps.c``, ``mamba_step.c``, ``chunked.c``, ``scan.c``, ``common.h``), built with the
 host's C compiler once per machine.
 
-``gemv.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv`; ``steps.c`` the one-pass state steps, the convolution's
+``gemv.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv`; ``steps.c`` the Mamba-2 state step, the convolution's
 update and the Mamba-2 steps of :mod:`ssmkit.ops.state_update.native` (with the convolution, or the whole
-block with its norm and projections); ``mamba_step.c`` a whole Mamba(-1) block's step: at batch 1 on a CPU a
-decode step is bound by the bytes it moves, and these stream weights and states in one pass where torch's
-ops take several. ``chunked.c`` holds the SSD's
+block with its norm and projections); ``mamba_step.c`` Mamba(-1)'s selective step and its whole block's step:
+at batch 1 on a CPU a decode step is bound by the bytes it moves, and these stream weights and states in one
+pass where torch's ops take several. ``chunked.c`` holds the SSD's
 intra-chunk scores (:mod:`ssmkit.ops.ssd.native`), one pass where torch's elementwise ops take five;
 ``scan.c`` Mamba-1's selective scan over a sequence without gradients (:mod:`ssmkit.ops.selective_scan.native`).
 

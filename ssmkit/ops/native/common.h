@@ -103,10 +103,6 @@ void ssmkit_bf16_gemv(const uint16_t *w, const float *x, const float *scale, con
                       long m, long n, long k, int threads);
 void ssmkit_gemv_any(int kind, const void *w, const float *x, const float *scale, const float *bias, float *y,
                      long m, long n, long k, int threads);
-void ssmkit_selective_step_ex(float *state, const float *x, long x_stride, const float *dt_low, long dt_stride,
-                              const void *dt_w16, int dt_bf16, int dt_round, long R, const float *dt_bias,
-                              const float *A, const float *B, const float *C, long bc_stride, const float *D,
-                              const float *z, long z_stride, float *y, long b, long I, long n, int threads);
 void ssmkit_conv_step(void *window, int conv_bf16, const float *x, long x_stride, const float *w, const float *bias,
                       float *out, long b, long c, long width);
 
