@@ -105,31 +105,28 @@ def decode_overhead_ms(model: LanguageModel, tokens: int = 32) -> float:
     """CPU ms per lean decode step spent outside the matmuls (norms, convolution, state update, casts,
     Python and dispatch; argmax included): the step's CPU time less that of the same matmuls run alone, the
     same kernels over the same weights in the same order (every block's projections, dt_proj included, then
-    the head). What bounds decode besides the weights' bytes. The one-call block steps (Mamba-1's and
-    Mamba-2's) have their matmuls inside, so the matmuls cannot be swapped out of the step: they are timed
-    beside it instead."""
+    the head), the two taking turns token by token so that a drift in the machine's bandwidth hits both.
+    What bounds decode besides the weights' bytes. The one-call block steps (Mamba-1's and Mamba-2's) have
+    their matmuls inside, so the matmuls cannot be swapped out of the step: they are timed beside it."""
     cache = model.allocate_cache(1)
     with torch.no_grad():
         lean = lean_decoder(model, cache)
-        token = torch.tensor([1])
-        lean(token, cache)
-        cpu = time.process_time()
-        for _ in range(tokens):
-            token = lean(token, cache).argmax(-1)
-        step = (time.process_time() - cpu) / tokens
         matrices = [getattr(block.mixer, name, None) for block in model.layers
                     for name in ("in_proj", "x_proj", "dt_proj", "out_proj")]
         head = model.lm_head if model.lm_head is not None else nn.Linear(1, 1, bias=False, device="meta")
         if model.lm_head is None:
             head.weight = nn.Parameter(model.head_weight.detach(), requires_grad=False)
         products = [_native_product(m) for m in (*matrices, head) if m is not None]
-        for linear, x in products:
-            linear(x)
-        cpu = time.process_time()
+        token, step, alone = lean(torch.tensor([1]), cache).argmax(-1), 0.0, 0.0
         for _ in range(tokens):
+            cpu = time.process_time()
+            token = lean(token, cache).argmax(-1)
+            step += time.process_time() - cpu
+            cpu = time.process_time()
             for linear, x in products:
                 linear(x)
-        return 1e3 * (step - (time.process_time() - cpu) / tokens)
+            alone += time.process_time() - cpu
+        return 1e3 * (step - alone) / tokens
 
 
 def _native_product(module: nn.Module) -> tuple:
