@@ -143,3 +143,27 @@ def test_native_mamba_layer_step_equals_the_float64_reference(b, H, I, n, R, wid
         torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(state, ref_state.float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(window, ref_window.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_native_mamba_layer_step_is_the_same_with_more_threads():
+    """Rows of the GEMVs and channels of the state step are split over OpenMP threads (sizes past the kernels'
+    thresholds): no sum changes order, so one and two threads agree bit for bit."""
+    b, H, I, n, R = 2, 64, 4096, 16, 8
+    gen = torch.Generator().manual_seed(11)
+    mats = [(torch.randn(rows, cols, generator=gen) * 0.05, None, None) for rows, cols in
+            ((2 * I, H), (R + 2 * n, I), (H, I))]
+    step = layer_step(torch.ones(H), 1e-5, mats[0], mats[1], torch.randn(I, R, generator=gen) * 0.1,
+                      torch.randn(I, generator=gen), mats[2], torch.randn(I, 4, generator=gen), None,
+                      -torch.rand(I, n, generator=gen), torch.randn(I, generator=gen), False)
+    r, state, window = torch.randn(b, H, generator=gen), torch.randn(b, I, n, generator=gen), torch.randn(b, I, 4)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            s, w = state.clone(), window.clone()
+            outs.append((step(r, s, w), s, w))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*outs):
+        assert torch.equal(one, two)
