@@ -3,7 +3,10 @@
 The vectorised torch step (``reference.py``) decays the state, adds the input and reads it out in three
 passes; at batch 1 on a CPU, with a 130M model's states (~19 MB) beyond the caches, those passes cost
 as much as a third of the int8 weights' traffic. This is the same step for the Mamba-2 form with a
-scalar decay per head, float32 state, no z (the layer applies D and the gate), one pass.
+scalar decay per head, float32 state, no z (the layer applies D and the gate), one pass; beside it
+Mamba-1's selective step, and each model's decode step bound as larger single calls (from in_proj's output,
+or a whole pre-norm block with its norm, projections and residual add: :func:`native_mamba2_layer_step`,
+:func:`native_mamba_layer_step`).
 
 Dimensions: ``b`` batch, ``h`` heads, ``p`` head dim, ``n`` state size, ``g`` groups of B/C.
 """
