@@ -48,10 +48,13 @@ from pathlib import Path
 
 import torch
 from llamacpp_tools import build, convert_both, find_llama_cpp, greedy_agrees, tool
+from torch import nn
 
 from ssmkit.generation.decode import forward_one_layers
 from ssmkit.generation.lean import lean_decoder
+from ssmkit.layers.quantized import Int8Linear
 from ssmkit.models import LanguageModel, get_preset
+from ssmkit.ops.gemv import native_linear
 
 # ssmkit weights beside llama.cpp's file type of the same bytes per weight.
 TYPES = {"f32": "fp32", "bf16": "bf16", "q8_0": "int8"}
@@ -100,37 +103,43 @@ def ssmkit_decode(model: LanguageModel, decode_tokens: int, layers: bool = False
 
 def decode_overhead_ms(model: LanguageModel, tokens: int = 32) -> float:
     """CPU ms per lean decode step spent outside the matmuls (norms, convolution, state update, casts,
-    Python and dispatch; argmax included): the step timed with every matmul replaced by one returning a
-    precomputed output. What bounds decode besides the weights' bytes."""
+    Python and dispatch; argmax included): the step's CPU time less that of the same matmuls run alone, the
+    same kernels over the same weights in the same order (every block's projections, dt_proj included, then
+    the head), the two taking turns token by token so that a drift in the machine's bandwidth hits both.
+    What bounds decode besides the weights' bytes. The one-call block steps (Mamba-1's and Mamba-2's) have
+    their matmuls inside, so the matmuls cannot be swapped out of the step: they are timed beside it."""
     cache = model.allocate_cache(1)
     with torch.no_grad():
-        lean = copy.copy(lean_decoder(model, cache))
-        lean.steps = [copy.copy(s) for s in lean.steps]
-        dtype = lean.steps[0].dtype
-        hidden = torch.zeros(1, model.config.d_model, dtype=dtype)
-        for s, block in zip(lean.steps, model.layers):
-            inner = torch.zeros(1, block.mixer.d_inner, dtype=dtype)
-            s.in_proj = _fixed(s.in_proj(hidden))
-            if hasattr(s, "x_proj"):
-                s.x_proj = _fixed(s.x_proj(inner))
-            s.out_proj = _fixed(s.out_proj(inner))
-            # Mamba-2's whole-block native step has its matmuls inside: timed on the path with them outside
-            # (the same kernels but for the norm, the matmuls and the residual add around them).
-            s.layer_step = None
-            if getattr(s, "mamba2_conv_step", None) is not None:  # Mamba-2's matmuls around its one-call step
-                s.in_f32 = _fixed(s.in_f32(hidden.to(torch.float32)))
-                s.out_f32 = _fixed(s.out_f32(inner.to(torch.float32)))
-        lean.head = _fixed(lean.head(hidden.to(model.norm_f.weight.dtype)))
-        token = torch.tensor([1])
-        lean(token, cache)
-        cpu = time.process_time()
+        lean = lean_decoder(model, cache)
+        matrices = [getattr(block.mixer, name, None) for block in model.layers
+                    for name in ("in_proj", "x_proj", "dt_proj", "out_proj")]
+        head = model.lm_head if model.lm_head is not None else nn.Linear(1, 1, bias=False, device="meta")
+        if model.lm_head is None:
+            head.weight = nn.Parameter(model.head_weight.detach(), requires_grad=False)
+        products = [_native_product(m) for m in (*matrices, head) if m is not None]
+        token, step, alone = lean(torch.tensor([1]), cache).argmax(-1), 0.0, 0.0
         for _ in range(tokens):
+            cpu = time.process_time()
             token = lean(token, cache).argmax(-1)
-        return 1e3 * (time.process_time() - cpu) / tokens
+            step += time.process_time() - cpu
+            cpu = time.process_time()
+            for linear, x in products:
+                linear(x)
+            alone += time.process_time() - cpu
+        return 1e3 * (step - alone) / tokens
 
 
-def _fixed(out: torch.Tensor):
-    return lambda x: out
+def _native_product(module: nn.Module) -> tuple:
+    """(x -> module's product through the native GEMV on float32 x, an input x): the kernels the lean step
+    runs, without the casts around them. dt_proj (I x R, R ~ 48) is timed as its transpose, the same bytes
+    in rows long enough to stream: Mamba-1's native step reads it 16 channels at a time, not row by row."""
+    if isinstance(module, Int8Linear):
+        weight, scales = module.qweight, module.scales
+    else:
+        weight, scales = module.weight.detach(), None
+        if weight.shape[1] < 64:
+            weight = weight.t().contiguous()
+    return native_linear(weight, scales), torch.randn(1, weight.shape[1])
 
 
 def llama_times(src: Path, gguf_file: Path, prompt: int, decode: int, threads: int) -> tuple[float, float]:

@@ -12,6 +12,7 @@ import torch
 from ssmkit.generation import generate, lean
 from ssmkit.generation.decode import forward_one, forward_one_layers
 from ssmkit.generation.lean import LeanDecoder, lean_decoder
+from ssmkit.layers import lean_step
 from ssmkit.models import LanguageModel, ModelConfig, get_preset
 from ssmkit.models.config import AttentionConfig
 from ssmkit.ops import native
@@ -46,16 +47,59 @@ def test_greedy_tokens_equal_the_layers_step(monkeypatch, name, kind):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_without_native_kernels(monkeypatch, kind):
+@pytest.mark.parametrize("name", ["debug-mamba", "debug-mamba2"])
+def test_without_native_kernels(monkeypatch, name, kind):
     """No C compiler (or SSMKIT_NATIVE=0): the lean step takes torch's matmuls and state update, same tokens."""
     monkeypatch.setattr(native, "library", lambda: None)
-    model = make("debug-mamba2", kind)
+    model = make(name, kind)
     with torch.no_grad():
         decoder = lean_decoder(model, model.allocate_cache(1))
-    assert decoder is not None and all(step.fused_step is None for step in decoder.steps)
+    assert decoder is not None and all(step.layer_step is None for step in decoder.steps)
+    assert all(getattr(step, "fused_step", None) is None and getattr(step, "selective_step", None) is None
+               for step in decoder.steps)
     tokens = generate(model, [[1, 2, 3, 4], [7, 5]], 24, temperature=0)
     monkeypatch.setattr(generate_module, "lean_decoder", lambda model, cache: None)
     assert tokens == generate(model, [[1, 2, 3, 4], [7, 5]], 24, temperature=0)
+
+
+def _varied_mamba(kind: str) -> LanguageModel:
+    """debug-mamba with out_proj scaled up: at initialisation greedy decoding of Mamba-1 repeats the prompt's last
+    token (the residual stays near the tied embedding), which would compare nothing."""
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("debug-mamba")).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.mixer.out_proj.weight.mul_(16)
+    return model.to(torch.bfloat16) if kind == "bf16" else model.quantize("int8") if kind == "int8" else model
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_mamba_block_in_one_native_call_keeps_tokens_and_logits(monkeypatch, kind):
+    """Mamba-1's one-call block step (ops/native/mamba_step.c) against the lean step with torch's norm, matmuls,
+    dt_proj and casts around the native convolution and selective steps: the same greedy tokens, batch 2, and
+    the same logits (float32 and int8 to float32 rounding; bfloat16 to a few bfloat16 steps of the logits)."""
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    one, two = _varied_mamba(kind), _varied_mamba(kind)
+    prompts = [[1, 2, 3, 4], [7, 5]]
+    with torch.no_grad():
+        decoders = [lean_decoder(one, one.allocate_cache(2))]
+        monkeypatch.setattr(lean_step, "native_mamba_layer_step", lambda: None)  # two's decoder: without the step
+        decoders.append(lean_decoder(two, two.allocate_cache(2)))
+    assert all(s.layer_step is not None for s in decoders[0].steps)
+    assert all(s.layer_step is None for s in decoders[1].steps)
+    tokens = generate(one, prompts, 24, temperature=0)
+    assert tokens == generate(two, prompts, 24, temperature=0)
+    assert len(set(tokens[0][4:])) > 3  # the tokens vary: the comparison compares something
+    tol = 5e-2 if kind == "bf16" else 1e-4
+    caches = [m.allocate_cache(2) for m in (one, two)]
+    with torch.no_grad():
+        for model, cache in zip((one, two), caches):
+            model(torch.tensor([[1, 2, 3, 4], [7, 5, 9, 9]]), cache=cache)
+        for token in ([3, 7], [1, 0], [60, 2]):
+            token = torch.tensor(token)
+            a, b = (d(token, c) for d, c in zip(decoders, caches))
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
 
 
 @pytest.mark.parametrize("name", ["debug-mamba", "debug-mamba2", "debug-hybrid"])

@@ -1,5 +1,7 @@
 """The lean decode steps of Mamba / Mamba-2 blocks equal the blocks' own step (layers/lean_step.py)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -24,9 +26,9 @@ MAMBA2_VARIANTS = {
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (6e-2, 2e-2)}
 
 
-def _block(mixer: nn.Module, dtype: torch.dtype, residual_in_fp32: bool = True) -> Block:
+def _block(mixer: nn.Module, dtype: torch.dtype, residual_in_fp32: bool = True, d_model: int = 32) -> Block:
     torch.manual_seed(1)
-    block = Block(32, mixer, residual_in_fp32=residual_in_fp32)
+    block = Block(d_model, mixer, residual_in_fp32=residual_in_fp32)
     with torch.no_grad():
         for p in block.parameters():  # non-trivial norms, biases and D
             p.add_(0.1 * torch.randn_like(p))
@@ -47,6 +49,7 @@ def _compare(block: Block, dtype: torch.dtype, batch: int = 2, steps: int = 4, f
         lean.mamba2_conv_step = None
     else:
         assert lean.conv.native is not None and getattr(lean, "mamba2_step", True) is not None
+        assert lean.layer_step is not None or (isinstance(lean, Mamba2Step) and lean.in_scale is not None)
     if fused in ("separate", "conv") or not fused:
         lean.layer_step = None
     if fused == "separate":
@@ -148,6 +151,69 @@ def test_mamba2_layer_step_equals_the_torch_norm_and_matmuls_around_it(dtype, va
         wide = block.allocate_state(9)
         expected = two(torch.ones(9, 32), wide.clone())
         torch.testing.assert_close(one(torch.ones(9, 32), wide), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"], ids=["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("d_state,d_model,biases", [(16, 32, True), (35, 24, False)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mamba_layer_step_equals_the_torch_norm_and_matmuls_around_it(dtype, d_state, d_model, biases, batch):
+    """The whole Mamba-1 block in one native call against the same step with torch's RMSNorm, matmuls, dt_proj,
+    casts and residual add around the native convolution and selective steps (d_inner 48 and 64: channel blocks
+    of 16 with and without a remainder; state sizes on and off the vector width): float32 and int8 (float32
+    activations) to their rounding; bfloat16 to a bfloat16 step where a value lands on the other side of a
+    rounding boundary (sums in another order)."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    layer_dtype = torch.float32 if dtype == "int8" else dtype
+    block = _block(Mamba(d_model, d_state=d_state, bias=biases, conv_bias=biases), layer_dtype, d_model=d_model)
+    if dtype == "int8":
+        model = nn.Module()
+        model.layers = nn.ModuleList([block])
+        quantize_int8_(model)
+    one, two = lean_block_step(block), lean_block_step(block)
+    two.layer_step = None
+    assert one.layer_step is not None
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.manual_seed(4)
+    ours = block.allocate_state(batch)
+    with torch.no_grad():
+        block(torch.randn(batch, 5, d_model, dtype=layer_dtype), cache=ours)
+        theirs = ours.clone()
+        for _ in range(5):
+            r = torch.randn(batch, d_model)
+            got, expected = one(r, ours), two(r, theirs)
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+            for name, t in theirs.tensors().items():
+                torch.testing.assert_close(getattr(ours, name).float(), t.float(), rtol=tol, atol=tol)
+            if dtype == torch.bfloat16:
+                # The same GEMV kernels and rounding points: (nearly) bit for bit. A rounding point missed moves
+                # most of the state and a third or more of the outputs; a sum in another order, a few elements.
+                assert (got == expected).float().mean() > 0.95 and (ours.ssm == theirs.ssm).float().mean() > 0.95
+        # More rows than the native GEMVs take, or a residual in the layer's dtype: torch's matmuls around the
+        # native steps, as without the one-call step.
+        wide = block.allocate_state(9)
+        expected = two(torch.ones(9, d_model), wide.clone())
+        torch.testing.assert_close(one(torch.ones(9, d_model), wide), expected, rtol=0, atol=0)
+        if layer_dtype == torch.bfloat16:
+            theirs, r = ours.clone(), torch.randn(batch, d_model, dtype=layer_dtype)
+            torch.testing.assert_close(one(r, ours), two(r, theirs), rtol=0, atol=0)
+
+
+def test_mamba_layer_step_equals_the_float64_parallel_forward():
+    """Token by token through the one-call step, from an empty state, against the float64 block's forward over
+    the whole sequence (the parallel scan): the same function."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba(32, d_state=16, bias=True), torch.float32)
+    lean = lean_block_step(block)
+    assert lean.layer_step is not None
+    torch.manual_seed(5)
+    x = torch.randn(2, 11, 32)
+    with torch.no_grad():
+        expected = copy.deepcopy(block).double()(x.double())  # (2, 11, 32)
+        state = block.allocate_state(2)
+        got = torch.stack([lean(x[:, t], state) for t in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

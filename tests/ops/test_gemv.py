@@ -15,6 +15,7 @@ from ssmkit.ops.gemv import (
     native_available,
     native_linear,
 )
+from ssmkit.ops.gemv.reference import gemv_reference
 
 needs_native = pytest.mark.skipif(not native_available(), reason="no C compiler here: the native kernel is not built")
 
@@ -32,10 +33,15 @@ def _inputs(m, n, k, bias, seed=0):
 @pytest.mark.parametrize("m", [1, 3, MAX_ROWS])
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 63), (33, 64), (5, 65), (130, 777), (64, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
 def test_native_matches_the_reference(m, n, k, bias, kind):
     x, q, s, b = _inputs(m, n, k, bias)
-    if kind == "int8":
+    if kind == "fp32":  # through native_linear only (float32 has no op of its own: F.linear is the reference)
+        w = q.float() * s[:, None] + torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 1e-3
+        got = native_linear(w, None, b)(x)
+        expected = gemv_reference(x, w, None, b)
+        magnitude = x.abs() @ w.abs().T
+    elif kind == "int8":
         got = int8_gemv(x, q, s, b, backend="native")
         expected = int8_gemv(x, q, s, b, backend="reference")
         magnitude = x.abs() @ (q.float().abs() * s[:, None]).T
@@ -53,7 +59,7 @@ def test_native_matches_the_reference(m, n, k, bias, kind):
 @needs_native
 def test_native_is_the_same_with_more_threads():
     x, q, s, b = _inputs(2, 1000, 768, True, seed=3)  # big enough to be split over threads
-    for linear in (native_linear(q, s, b), native_linear(q.bfloat16(), None, b)):
+    for linear in (native_linear(q, s, b), native_linear(q.bfloat16(), None, b), native_linear(q.float(), None, b)):
         before = torch.get_num_threads()
         try:
             torch.set_num_threads(1)

@@ -1,10 +1,11 @@
-"""CPU kernels (``gemv.c``, ``steps.c``, ``chunked.c``, ``scan.c``, ``common.h``), built with the host's C compiler
-once per machine.
+"""CPU kernels (``gemv.c``, ``steps.c``, ``mamba_step.c``, ``chunked.c``, ``scan.c``, ``common.h``), built with the
+host's C compiler once per machine.
 
-``gemv.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv`; ``steps.c`` the one-pass state steps, the convolution's
+``gemv.c`` holds the GEMVs of :mod:`ssmkit.ops.gemv`; ``steps.c`` the Mamba-2 state step, the convolution's
 update and the Mamba-2 steps of :mod:`ssmkit.ops.state_update.native` (with the convolution, or the whole
-block with its norm and projections): at batch 1 on a CPU a decode step is bound by the bytes it moves, and
-these stream weights and states in one pass where torch's ops take several. ``chunked.c`` holds the SSD's
+block with its norm and projections); ``mamba_step.c`` Mamba(-1)'s selective step and its whole block's step:
+at batch 1 on a CPU a decode step is bound by the bytes it moves, and these stream weights and states in one
+pass where torch's ops take several. ``chunked.c`` holds the SSD's
 intra-chunk scores (:mod:`ssmkit.ops.ssd.native`), one pass where torch's elementwise ops take five;
 ``scan.c`` Mamba-1's selective scan over a sequence without gradients (:mod:`ssmkit.ops.selective_scan.native`).
 
@@ -30,7 +31,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "steps.c", "chunked.c", "scan.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("gemv.c", "steps.c", "mamba_step.c", "chunked.c", "scan.c"))
 HEADER = Path(__file__).with_name("common.h")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 COMPILE_TIMEOUT_S = 120
@@ -60,6 +62,8 @@ def library() -> ctypes.CDLL | None:
     for fn in (lib.ssmkit_int8_gemv, lib.ssmkit_bf16_gemv):
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
         fn.restype = None
+    lib.ssmkit_gemv_any.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.ssmkit_gemv_any.restype = None
     lib.ssmkit_ssd_step.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 5 + [ctypes.c_int]
     lib.ssmkit_ssd_step.restype = None
     P, L = ctypes.c_void_p, ctypes.c_long
@@ -75,6 +79,10 @@ def library() -> ctypes.CDLL | None:
     lib.ssmkit_mamba2_layer_step.argtypes = [P, P, L, P, F, I, P, P, P, L, I, P, P, P, P, P, P, P, L, P, P, F, F, P, I,
                                              P, L, F, I, P, L, L, L, L, L, I]
     lib.ssmkit_mamba2_layer_step.restype = None
+    lib.ssmkit_mamba_layer_step.argtypes = [P, P, P, P, P, P, L, I]
+    lib.ssmkit_mamba_layer_step.restype = None
+    lib.ssmkit_mamba_layer_size.argtypes = []
+    lib.ssmkit_mamba_layer_size.restype = L
     lib.ssmkit_ssd_scores.argtypes = [P, P, P, L, L, L, L, F, I]
     lib.ssmkit_ssd_scores.restype = None
     lib.ssmkit_selective_scan.argtypes = [P, P, P, P, L, L, P, P, P, P, P, P, P, L, L, L, L, L, I, I]

@@ -20,7 +20,7 @@ static float dot_int8(const int8_t *w, const float *x, long k) {
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (; j + 64 <= k; j += 64) {
-        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        prefetch_weights((const char *)(w + j) + PREFETCH_BYTES);
         /* sign-extending loads of 16 bytes each (no lane extracts: the shuffle port is the bound) */
         a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + j)))),
                              _mm512_loadu_ps(x + j), a0);
@@ -35,7 +35,7 @@ static float dot_int8(const int8_t *w, const float *x, long k) {
 #else
     float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
     for (; j + 4 <= k; j += 4) {
-        if (!(j & 63)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        if (!(j & 63)) prefetch_weights((const char *)(w + j) + PREFETCH_BYTES);
         p0 += (float)w[j] * x[j];
         p1 += (float)w[j + 1] * x[j + 1];
         p2 += (float)w[j + 2] * x[j + 2];
@@ -60,8 +60,8 @@ static float dot_bf16(const uint16_t *w, const float *x, long k) {
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (; j + 64 <= k; j += 64) {
-        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
-        __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES + 64);
+        prefetch_weights((const char *)(w + j) + PREFETCH_BYTES);
+        prefetch_weights((const char *)(w + j) + PREFETCH_BYTES + 64);
         a0 = _mm512_fmadd_ps(bf16x16(w + j), _mm512_loadu_ps(x + j), a0);
         a1 = _mm512_fmadd_ps(bf16x16(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
         a2 = _mm512_fmadd_ps(bf16x16(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
@@ -71,7 +71,7 @@ static float dot_bf16(const uint16_t *w, const float *x, long k) {
 #else
     float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
     for (; j + 4 <= k; j += 4) {
-        if (!(j & 31)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        if (!(j & 31)) prefetch_weights((const char *)(w + j) + PREFETCH_BYTES);
         p0 += bf16_to_float(w[j]) * x[j];
         p1 += bf16_to_float(w[j + 1]) * x[j + 1];
         p2 += bf16_to_float(w[j + 2]) * x[j + 2];
@@ -114,7 +114,7 @@ static float dot_f32(const float *w, const float *x, long k) {
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (; j + 64 <= k; j += 64) {
-        for (int line = 0; line < 256; line += 64) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES + line);
+        for (int line = 0; line < 256; line += 64) prefetch_weights((const char *)(w + j) + PREFETCH_BYTES + line);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
@@ -124,7 +124,7 @@ static float dot_f32(const float *w, const float *x, long k) {
 #else
     float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
     for (; j + 4 <= k; j += 4) {
-        if (!(j & 15)) __builtin_prefetch((const char *)(w + j) + PREFETCH_BYTES);
+        if (!(j & 15)) prefetch_weights((const char *)(w + j) + PREFETCH_BYTES);
         p0 += w[j] * x[j];
         p1 += w[j + 1] * x[j + 1];
         p2 += w[j + 2] * x[j + 2];

@@ -1,7 +1,7 @@
 /* CPU kernels for decode steps, each moving its bytes once (built with gemv.c by ssmkit/ops/native/__init__.py):
  *
- * the Mamba-2 state step and the Mamba-1 selective step (ssmkit/ops/state_update/native.py), state read and
- * written once, and the depthwise causal convolution's one-token update (ssmkit/ops/causal_conv1d/native.py):
+ * the Mamba-2 state step (ssmkit/ops/state_update/native.py), state read and written once (Mamba-1's is in
+ * mamba_step.c), and the depthwise causal convolution's one-token update (ssmkit/ops/causal_conv1d/native.py):
  * each replaces a dozen small torch ops of a decode step; Mamba-2's convolution and state step together, from
  * in_proj's output to out_proj's input; and a whole pre-norm Mamba-2 block (the norm and both projections
  * too, through gemv.c).
@@ -42,86 +42,6 @@ void ssmkit_ssd_step(float *state, const float *x, const float *dt, const float 
                     acc += v * Cv[j];
                 }
                 y[bh * p + pi] = acc;
-            }
-        }
-    }
-}
-
-/* One Mamba(-1) selective-scan step, in place, from the layer's projections:
- *
- *   dt[b, i]   = dt_low[b, :] . dt_wT[:, i]                      (dt_wT NULL: dt_low holds dt (b, I))
- *   delta[i]   = softplus(dt[b, i] + dt_bias[i])
- *   state[i,:] = state[i,:] * exp(delta[i] * A[i,:]) + (delta[i] * x[b, i]) * B[b,:]
- *   y[b, i]    = (state[i,:] . C[b,:] + D[i] * x[b, i]) * silu(z[b, i])      (z NULL: no gate)
- *
- * state (b, I, n) float32; x, z (b, I) and dt_low (b, R) (or (b, I)) with row strides x_stride, z_stride,
- * dt_stride (slices of the projections' outputs); dt_wT (R, I), dt_proj's weight transposed; A (I, n);
- * dt_bias, D (I,) or NULL; B, C (b, n) with row stride bc_stride; y (b, I). The per-channel work (the dt
- * projection, softplus, D and the gate) is done 16 channels at a time, then each channel's state row.
- */
-void ssmkit_selective_step(float *state, const float *x, long x_stride, const float *dt_low, long dt_stride,
-                           const float *dt_wT, long R, const float *dt_bias, const float *A, const float *B,
-                           const float *C, long bc_stride, const float *D, const float *z, long z_stride, float *y,
-                           long b, long I, long n, int threads) {
-    const long blocks = (I + 15) / 16;
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (threads > 1 && I * n >= (1L << 16))
-    for (long bi = 0; bi < b; ++bi) {
-        for (long blk = 0; blk < blocks; ++blk) {
-            const long i0 = blk * 16, width = I - i0 < 16 ? I - i0 : 16;
-            const float *Bv = B + bi * bc_stride, *Cv = C + bi * bc_stride, *xr = x + bi * x_stride + i0;
-            const float *dl = dt_low + bi * dt_stride;
-            float delta[16], gate[16];
-#if defined(__AVX512F__)
-            const __mmask16 lanes = (__mmask16)((1u << width) - 1u);
-            __m512 dt;
-            if (dt_wT) {
-                dt = _mm512_setzero_ps();
-                for (long r = 0; r < R; ++r)
-                    dt = _mm512_fmadd_ps(_mm512_set1_ps(dl[r]), _mm512_maskz_loadu_ps(lanes, dt_wT + r * I + i0), dt);
-            } else {
-                dt = _mm512_maskz_loadu_ps(lanes, dl + i0);
-            }
-            if (dt_bias) dt = _mm512_add_ps(dt, _mm512_maskz_loadu_ps(lanes, dt_bias + i0));
-            _mm512_storeu_ps(delta, softplus16(dt));
-            _mm512_storeu_ps(gate, z ? silu16(_mm512_maskz_loadu_ps(lanes, z + bi * z_stride + i0)) : _mm512_set1_ps(1.f));
-#else
-            for (long k = 0; k < width; ++k) {
-                float v = 0.f;
-                if (dt_wT) {
-                    for (long r = 0; r < R; ++r) v += dl[r] * dt_wT[r * I + i0 + k];
-                } else {
-                    v = dl[i0 + k];
-                }
-                delta[k] = softplus(v + (dt_bias ? dt_bias[i0 + k] : 0.f));
-                gate[k] = z ? silu(z[bi * z_stride + i0 + k]) : 1.f;
-            }
-#endif
-            for (long k = 0; k < width; ++k) {
-                const long i = i0 + k;
-                const float *Ai = A + i * n;
-                float *s = state + (bi * I + i) * n;
-                const float xv = xr[k], d = delta[k], u = d * xv;
-                float acc = 0.f;
-                long j = 0;
-#if defined(__AVX512F__)
-                __m512 vacc = _mm512_setzero_ps();
-                const __m512 vd = _mm512_set1_ps(d), vu = _mm512_set1_ps(u);
-                for (; j + 16 <= n; j += 16) {
-                    const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(s + j),
-                                                     exp16(_mm512_mul_ps(vd, _mm512_loadu_ps(Ai + j))),
-                                                     _mm512_mul_ps(vu, _mm512_loadu_ps(Bv + j)));
-                    _mm512_storeu_ps(s + j, v);
-                    vacc = _mm512_fmadd_ps(v, _mm512_loadu_ps(Cv + j), vacc);
-                }
-                acc = _mm512_reduce_add_ps(vacc);
-#endif
-                for (; j < n; ++j) {
-                    const float v = s[j] * expf(d * Ai[j]) + u * Bv[j];
-                    s[j] = v;
-                    acc += v * Cv[j];
-                }
-                if (D) acc += D[i] * xv;
-                y[bi * I + i] = acc * gate[k];
             }
         }
     }

@@ -3,13 +3,17 @@
 The vectorised torch step (``reference.py``) decays the state, adds the input and reads it out in three
 passes; at batch 1 on a CPU, with a 130M model's states (~19 MB) beyond the caches, those passes cost
 as much as a third of the int8 weights' traffic. This is the same step for the Mamba-2 form with a
-scalar decay per head, float32 state, no z (the layer applies D and the gate), one pass.
+scalar decay per head, float32 state, no z (the layer applies D and the gate), one pass; beside it
+Mamba-1's selective step, and each model's decode step bound as larger single calls (from in_proj's output,
+or a whole pre-norm block with its norm, projections and residual add: :func:`native_mamba2_layer_step`,
+:func:`native_mamba_layer_step`).
 
 Dimensions: ``b`` batch, ``h`` heads, ``p`` head dim, ``n`` state size, ``g`` groups of B/C.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -68,9 +72,9 @@ def native_selective_step() -> Callable[..., SelectiveStep] | None:
 
     def bind(A: torch.Tensor, dt_bias: torch.Tensor | None, D: torch.Tensor | None,
              dt_weight: torch.Tensor | None = None) -> SelectiveStep:
-        dt_wT = None if dt_weight is None else dt_weight.detach().to(torch.float32).t()
-        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in (A, dt_bias, D, dt_wT))
-        a, bias, d, wT = (None if t is None else t.data_ptr() for t in held)
+        dt_w16 = None if dt_weight is None else blocked_dt_weight(dt_weight.detach().to(torch.float32))
+        held = tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in (A, dt_bias, D, dt_w16))
+        a, bias, d, w16 = (None if t is None else t.data_ptr() for t in held)
         rank = 0 if dt_weight is None else dt_weight.shape[1]
 
         def step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -79,13 +83,23 @@ def native_selective_step() -> Callable[..., SelectiveStep] | None:
             y = torch.empty(b, I, dtype=torch.float32)
             if B.stride(0) != C.stride(0):
                 B, C = B.contiguous(), C.contiguous()
-            fn(state.data_ptr(), x.data_ptr(), x.stride(0), dt.data_ptr(), dt.stride(0), wT, rank, bias, a,
+            fn(state.data_ptr(), x.data_ptr(), x.stride(0), dt.data_ptr(), dt.stride(0), w16, rank, bias, a,
                B.data_ptr(), C.data_ptr(), B.stride(0), d, None if z is None else z.data_ptr(),
                0 if z is None else z.stride(0), y.data_ptr(), b, I, n, torch.get_num_threads())
             return y
         step.tensors = held  # keep the buffers the pointers refer to alive
         return step
     return bind
+
+
+def blocked_dt_weight(dt_weight: torch.Tensor) -> torch.Tensor:
+    """dt_proj's weight (I, R) as the native selective steps read it: (ceil(I / 16), R, 16), blocks of 16
+    channels, zero-padded, each block's weights contiguous (one sequential pass per block)."""
+    I, R = dt_weight.shape
+    blocks = -(-I // 16)
+    padded = torch.zeros(blocks * 16, R, dtype=dt_weight.dtype)
+    padded[:I] = dt_weight
+    return padded.view(blocks, 16, R).transpose(1, 2).contiguous()
 
 
 def native_mamba2_step() -> Callable[..., Mamba2Step] | None:
@@ -232,5 +246,84 @@ def native_mamba2_layer_step() -> Callable[..., LayerStep] | None:
                scratch.data_ptr(), b, h, p, n, g, torch.get_num_threads())
             return out
         step.tensors = (vectors, mats)  # keep the buffers the pointers refer to alive
+        return step
+    return bind
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("kind", ctypes.c_int)]
+
+
+class _MambaLayer(ctypes.Structure):
+    """``MambaLayer`` of ``mamba_step.c``, field by field (its size is checked against the library's)."""
+
+    _fields_ = [*((name, ctypes.c_long) for name in ("H", "I", "n", "R", "width")),
+                ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float), ("bf16", ctypes.c_int),
+                ("in_proj", _Matrix), ("x_proj", _Matrix), ("out_proj", _Matrix),
+                ("dt_w16", ctypes.c_void_p), ("dt_bf16", ctypes.c_int),
+                *((name, ctypes.c_void_p) for name in ("dt_bias", "conv_w", "conv_b", "A", "D"))]
+
+
+MambaLayerStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def native_mamba_layer_step() -> Callable[..., MambaLayerStep] | None:
+    """``bind(...)``, binding a pre-norm Mamba(-1) block's parameters to its whole decode step in one call, or
+    None where the native kernels are not built.
+
+    ``bind(norm_weight (H,), norm_eps, in_proj, x_proj, dt_weight (I, R), dt_bias (I,) or None, out_proj,
+    conv_weight (I, w), conv_bias (I,) or None, A (I, n), D (I,) or None, bf16)`` with ``in_proj``, ``x_proj``,
+    ``out_proj`` each ``(weight, scales or None, bias or None)``: a float32, bfloat16 or int8 weight (rows, cols)
+    (int8 with per-row float32 scales); ``dt_weight`` float32 or bfloat16. Returns ``step(r, state, window) ->
+    out``: ``out = r + out_proj(y)`` for the float32 residual stream ``r`` (b, H), contiguous, b at most
+    :data:`ssmkit.ops.gemv.MAX_ROWS`, where ``(x, z) = in_proj(RMSNorm(r))``, ``x`` goes through the
+    convolution's update and SiLU over ``window`` (b, I, w), ``dt, B, C = x_proj(x)``, and ``y`` is the
+    selective step of :func:`native_selective_step` with ``dt_proj`` inside (``state`` (b, I, n) float32).
+    ``window`` is float32 (``bf16`` False) or bfloat16 (``bf16`` True); window and state are contiguous and
+    updated in place. With ``bf16`` the step rounds to bfloat16 where a bfloat16 block holds its tensors:
+    the normed input and each projection's, the convolution's and the scan's outputs. Returns ``out`` (b, H)
+    float32. Nothing is checked per call.
+    """
+    lib = native.library()
+    if lib is None:
+        return None
+    fn = lib.ssmkit_mamba_layer_step
+    if lib.ssmkit_mamba_layer_size() != ctypes.sizeof(_MambaLayer):
+        raise RuntimeError("ssmkit: mamba_step.c's MambaLayer and its ctypes mirror differ")
+
+    def bind(norm_weight: torch.Tensor, norm_eps: float, in_proj: tuple, x_proj: tuple, dt_weight: torch.Tensor,
+             dt_bias: torch.Tensor | None, out_proj: tuple, conv_weight: torch.Tensor,
+             conv_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor | None, bf16: bool) -> MambaLayerStep:
+        def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(torch.float32).contiguous()
+
+        held: list[torch.Tensor | None] = []  # every buffer a pointer refers to
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            held.append(t)
+            return None if t is None else t.data_ptr()
+
+        def matrix(weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None) -> _Matrix:
+            w = weight.detach().contiguous()
+            return _Matrix(ptr(w), ptr(f32(scales)), ptr(f32(bias)), _KINDS[w.dtype])
+
+        dt_w = dt_weight.detach()
+        dt_w16 = blocked_dt_weight(dt_w if dt_w.dtype == torch.bfloat16 else dt_w.to(torch.float32))
+        H, (I, n), R = norm_weight.numel(), A.shape, dt_w.shape[1]
+        layer = _MambaLayer(H, I, n, R, conv_weight.shape[-1], ptr(f32(norm_weight)), norm_eps,
+                            int(bf16), matrix(*in_proj), matrix(*x_proj), matrix(*out_proj), ptr(dt_w16),
+                            int(dt_w16.dtype == torch.bfloat16), ptr(f32(dt_bias)),
+                            ptr(f32(conv_weight.reshape(I, -1))), ptr(f32(conv_bias)), ptr(f32(A)), ptr(f32(D)))
+        address = ctypes.addressof(layer)
+        per_row = H + 4 * I + R + 2 * n
+
+        def step(r: torch.Tensor, state: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+            b = r.shape[0]
+            out = torch.empty(b, H, dtype=torch.float32)
+            scratch = torch.empty(b * per_row, dtype=torch.float32)  # per call: a step may run in several threads
+            fn(address, r.data_ptr(), out.data_ptr(), state.data_ptr(), window.data_ptr(), scratch.data_ptr(), b,
+               torch.get_num_threads())
+            return out
+        step.tensors = (layer, held)  # keep the structure and the buffers its pointers refer to alive
         return step
     return bind
