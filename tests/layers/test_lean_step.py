@@ -216,6 +216,26 @@ def test_mamba_layer_step_equals_the_float64_parallel_forward():
     torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
 
 
+def test_mamba_native_steps_carry_a_nan_step_size_as_the_block_does():
+    """A NaN in Δ (here dt_proj's bias, one channel) reaches the output and the state through the one-call
+    block step and through the native selective step, as through the block's own forward: the vectorised
+    exp clamps its argument, and a clamp that dropped NaN once made softplus(NaN) a finite 88.5."""
+    if native_ssd_step() is None:
+        pytest.skip("no C compiler here: the native steps are not built")
+    block = _block(Mamba(32, d_state=16), torch.float32)
+    with torch.no_grad():
+        block.mixer.dt_proj.bias[3] = float("nan")
+    one_call, selective_only = lean_block_step(block), lean_block_step(block)
+    selective_only.layer_step = None
+    assert one_call.layer_step is not None and selective_only.selective_step is not None
+    r = torch.randn(1, 32)
+    with torch.no_grad():
+        assert block(r[:, None], cache=block.allocate_state(1)).isnan().any()
+        for step in (one_call, selective_only):
+            state = block.allocate_state(1)
+            assert step(r, state).isnan().any() and state.ssm.isnan().any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_mamba2_step_with_a_residual_in_the_layer_dtype(dtype):
     """residual_in_fp32=False: a bfloat16 residual skips the one-call block (float32 residuals only) and takes

@@ -40,7 +40,8 @@ static inline float to_bf16_rne(float v) {  /* to the nearest bfloat16, ties to 
  * 2^k applied by scalef (exact, down to zero for very negative x). */
 #if defined(__AVX512F__)
 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.5f)), _mm512_set1_ps(-104.f));
+    /* min/max return their second operand when one is NaN: the bound first, so a NaN x stays NaN. */
+    x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(88.5f), x));
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
