@@ -357,6 +357,7 @@ class Engine(PromptReading):
         with self._cond:
             self._count -= 1
         if req.prefix is not None:
+            self._store_queued_snapshot_of(req.prefix)
             req.prefix.release()
         try:
             req.on_done(reason, cache)

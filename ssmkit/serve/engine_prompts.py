@@ -225,15 +225,27 @@ class PromptReading:
         start = time.perf_counter()
         queued = self._snapshots
         while queued:
-            plan, position, cache, logits = queued.popleft()
-            try:
-                plan.snapshot(position, cache, logits, owned=True)
-            except Exception:  # a cache is an optimisation: its failure must not end requests
-                log.exception("prefix cache: storing a snapshot failed")
-            finally:
-                plan.release()
+            self._store_snapshot(*queued.popleft())
             if budget_s is not None and len(queued) <= self.max_batch and time.perf_counter() - start >= budget_s:
                 return
+
+    def _store_queued_snapshot_of(self, plan: PrefixPlan) -> None:
+        """Store ``plan``'s prompt-end snapshot now if it is still queued (its request is ending, and a plan is
+        released only once its snapshot exists: prompts waiting on it as their leader would read it again)."""
+        for i, entry in enumerate(self._snapshots):
+            if entry[0] is plan:  # by identity: entries hold tensors, which == cannot compare
+                del self._snapshots[i]
+                self._store_snapshot(*entry)
+                return
+
+    @staticmethod
+    def _store_snapshot(plan: PrefixPlan, position: int, cache: ModelCache, logits: torch.Tensor) -> None:
+        try:
+            plan.snapshot(position, cache, logits, owned=True)
+        except Exception:  # a cache is an optimisation: its failure must not end requests
+            log.exception("prefix cache: storing a snapshot failed")
+        finally:
+            plan.release()
 
     def _draw_first(self, sampled: list[tuple[Running, torch.Tensor]]) -> list[int]:
         """The first token of each request from its last prompt logits (1, V): drawn as ``generate`` draws

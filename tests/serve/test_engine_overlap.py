@@ -225,6 +225,45 @@ def test_queued_snapshots_are_stored_a_few_a_turn_and_at_most_max_batch_wait(mod
     assert prefix.stats()["snapshots"] == len(prompts) and not engine._snapshots
 
 
+def test_a_request_ending_with_its_snapshot_queued_stores_it_before_its_plan_is_released(model, monkeypatch):
+    """Short requests end while their prompt-end snapshots wait in the queue (no host time to spare a turn,
+    a long request keeping steps in flight): each snapshot is stored before its plan is released, so when a
+    request is done its whole prompt is found (a prompt waiting on it as its leader would otherwise read it
+    again)."""
+    monkeypatch.setattr("ssmkit.serve.batching.SNAPSHOT_TURN_S", 0.0)
+    engine = Engine(model, max_batch=8, prefill_budget=8192, overlap=True)
+    prefix = PrefixCache(model, memory_budget=1 << 30)
+    prompts = [[257, 90 + i, *range(100, 110 + 2 * i)] for i in range(6)]
+    found: dict[int, int] = {}
+    done = [threading.Event() for _ in prompts]
+    long_done = threading.Event()
+
+    def on_done(i):
+        def record(reason, cache):
+            plan = prefix.plan(prompts[i])
+            found[i] = plan.start
+            plan.release()
+            done[i].set()
+        return record
+
+    engine.start()
+    try:
+        engine.submit(GenerationRequest(ids=[257, 5, 6], max_new_tokens=10**6, params=SamplingParams(temperature=1.0),
+                                        seed=99, on_token=lambda t: False, on_done=lambda r, c: long_done.set()))
+        while engine.steps < 2:  # the long request decodes: a step is in flight every turn from now on
+            threading.Event().wait(0.005)
+        with engine._cond:  # all six arrive in one turn
+            for i, p in enumerate(prompts):
+                engine.submit(GenerationRequest(ids=p, max_new_tokens=2, params=SamplingParams(temperature=1.0),
+                                                seed=i, on_token=lambda t: False, on_done=on_done(i),
+                                                prefix=prefix.plan(p)))
+        assert all(d.wait(60) for d in done)
+        assert not long_done.is_set()  # the short ones ended with steps still in flight
+    finally:
+        engine.stop()
+    assert found == {i: len(p) for i, p in enumerate(prompts)}
+
+
 def test_a_failing_step_ends_the_decoding_requests_once_and_the_engine_goes_on(model):
     engine = Engine(model, max_batch=4, prefill_chunk_size=64, overlap=True)
     launch = engine.decoder.launch
