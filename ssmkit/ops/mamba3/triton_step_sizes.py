@@ -22,24 +22,24 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops.selective_scan.triton_kernels import _softplus
 from ssmkit.ops.ssd.reference import doc_starts
 
 _BLOCK = 1024  # (position, head) elements per program
 
 
 @triton.jit
-def _softplus_fwd(x):
-    # log1p(e^x) without log1p (see selective_scan.triton_kernels._softplus); x above 20 passes, as torch.
-    e = tl.exp(x)
-    w = 1.0 + e
-    wm1 = w - 1.0
-    lp = tl.where(wm1 == 0.0, e, tl.log(w) * e / tl.where(wm1 == 0.0, 1.0, wm1))
-    return tl.where(x > 20.0, x, lp)
+def _softplus_grad(x):
+    return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
 
 
 @triton.jit
-def _softplus_grad(x):
-    return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+def _decay_and_slope(x, HEAVY_TAIL: tl.constexpr):
+    """The decay activation f(x) and f'(x): heavy-tail (1 + x for x >= 0, 1 / (1 - x) below) or softplus."""
+    if HEAVY_TAIL:
+        r = 1.0 / (1.0 - tl.minimum(x, 0.0))
+        return tl.where(x >= 0, 1.0 + x, r), tl.where(x >= 0, 1.0, r * r)
+    return _softplus(x), _softplus_grad(x)
 
 
 @triton.jit
@@ -58,12 +58,8 @@ def _dt_decay_fwd(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     raw = _load_blh(ddt_ptr, offs, mask, H, L, s_tb, s_tl, s_th) + tl.load(bias_ptr + offs % H, mask=mask, other=0.0)
-    x = _load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah)
-    if HEAVY_TAIL:
-        f = tl.where(x >= 0, 1.0 + x, 1.0 / (1.0 - tl.minimum(x, 0.0)))
-    else:
-        f = _softplus_fwd(x)
-    tl.store(dt_ptr + offs, _softplus_fwd(raw), mask=mask)
+    f, _ = _decay_and_slope(_load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah), HEAVY_TAIL)
+    tl.store(dt_ptr + offs, _softplus(raw), mask=mask)
     tl.store(a_ptr + offs, tl.minimum(-f, -A_floor), mask=mask)
 
 
@@ -75,14 +71,7 @@ def _dt_decay_bwd(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     raw = _load_blh(ddt_ptr, offs, mask, H, L, s_tb, s_tl, s_th) + tl.load(bias_ptr + offs % H, mask=mask, other=0.0)
-    x = _load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah)
-    if HEAVY_TAIL:
-        f = tl.where(x >= 0, 1.0 + x, 1.0 / (1.0 - tl.minimum(x, 0.0)))
-        r = 1.0 / (1.0 - tl.minimum(x, 0.0))
-        df = tl.where(x >= 0, 1.0, r * r)
-    else:
-        f = _softplus_fwd(x)
-        df = _softplus_grad(x)
+    f, df = _decay_and_slope(_load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah), HEAVY_TAIL)
     g_dt = tl.load(gdt_ptr + offs, mask=mask, other=0.0)
     g_a = tl.load(ga_ptr + offs, mask=mask, other=0.0)
     # clamp(max=-A_floor) passes its gradient where -f <= -A_floor (torch's clamp: bounds included).

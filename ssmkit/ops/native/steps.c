@@ -11,6 +11,18 @@
  */
 #include "common.h"
 
+/* One row of a head's state, s = s * decay + u * B, read out as s . C, in one pass over s (n floats). */
+static inline float state_row_update(float *s, float decay, float u, const float *Bv, const float *Cv, long n) {
+    float acc = 0.f;
+    #pragma omp simd reduction(+:acc)
+    for (long j = 0; j < n; ++j) {
+        const float v = s[j] * decay + u * Bv[j];
+        s[j] = v;
+        acc += v * Cv[j];
+    }
+    return acc;
+}
+
 /* One Mamba-2 decode step, in place, with a scalar decay per head:
  *
  *   state[b, h, p, :] = state[b, h, p, :] * dA[b, h] + (dt[b, h] * x[b, h, p]) * B[b, g(h), :]
@@ -31,18 +43,8 @@ void ssmkit_ssd_step(float *state, const float *x, const float *dt, const float 
             const float decay = dA[bh], step = dt[bh];
             const float *Bv = B + (bi * g + hi / heads_per_group) * n;
             const float *Cv = C + (bi * g + hi / heads_per_group) * n;
-            for (long pi = 0; pi < p; ++pi) {
-                float *s = state + (bh * p + pi) * n;
-                const float u = step * x[bh * p + pi];
-                float acc = 0.f;
-                #pragma omp simd reduction(+:acc)
-                for (long j = 0; j < n; ++j) {
-                    const float v = s[j] * decay + u * Bv[j];
-                    s[j] = v;
-                    acc += v * Cv[j];
-                }
-                y[bh * p + pi] = acc;
-            }
+            for (long pi = 0; pi < p; ++pi)
+                y[bh * p + pi] = state_row_update(state + (bh * p + pi) * n, decay, step * x[bh * p + pi], Bv, Cv, n);
         }
     }
 }
@@ -106,15 +108,7 @@ static void mamba2_row(float *state, const float *x, const float *Bm, const floa
         const float *Bv = Bm + (hi / heads_per_group) * n, *Cv = Cm + (hi / heads_per_group) * n;
         for (long pi = 0; pi < p; ++pi) {
             const long c = hi * p + pi;
-            float *s = state + (hi * p + pi) * n;
-            const float u = delta * x[c];
-            float acc = 0.f;
-            #pragma omp simd reduction(+:acc)
-            for (long j = 0; j < n; ++j) {
-                const float v = s[j] * decay + u * Bv[j];
-                s[j] = v;
-                acc += v * Cv[j];
-            }
+            float acc = state_row_update(state + c * n, decay, delta * x[c], Bv, Cv, n);
             if (D) acc += D[D_per_channel ? c : hi] * x[c];
             o[c] = round_bf16 ? to_bf16_rne(acc) : acc;
         }
