@@ -2,7 +2,10 @@
 
 Run on the device machine from the repository root: ``python benchmarks/gpu_conv_norm.py``.
 Times are medians of ``triton.testing.do_bench``; the floor is the HBM traffic of one read of each
-input and one write of each output at the H200's 4.8 TB/s, and GB/s is that traffic over the time.
+input and one write of each output (H100 SXM 3.35 TB/s, H200 4.8 TB/s), and GB/s is that traffic over
+the time. ``--conv-sweep`` times the causal conv backward's launch variants
+(``ssmkit.ops.causal_conv1d.triton_backward.BackwardLaunch``) on both layouts, each checked against
+the float32 generic kernel's gradients.
 mamba_ssm's gated norm is its pure-Triton ``layernorm_gated`` (loaded from .ext/ by file, without
 its CUDA extensions); causal_conv1d is a compiled CUDA package and is not tried ("n/a").
 """
@@ -15,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.ops.causal_conv1d import causal_conv1d_fn
+from ssmkit.ops.causal_conv1d import causal_conv1d_fn, triton_backward
 from ssmkit.ops.norm import gated_rms_norm_fn
 
-HBM_BYTES_PER_S = 4.8e12  # H200
+HBM_BYTES_PER_S = 4.8e12  # H200; main() sets the H100's 3.35e12 on one
 MAMBA_GATED = Path(".ext/mamba_ssm-2.3.2.post1/mamba_ssm/ops/triton/layernorm_gated.py")
 
 
@@ -116,10 +119,79 @@ def bench_gated_norm(rows_: int = 8 * 8192, n: int = 4096, group_sizes: tuple[in
     return rows
 
 
+# (kernel, block_l, block_d, num_warps, programs) per layout; None: the layout's default tile.
+SWEEP = {
+    "channel-last": [("generic", None, None, 4, 4096), ("shifted", None, None, 4, 4096),
+                     ("shifted", 32, 128, 4, 4096), ("shifted", 32, 128, 8, 4096), ("shifted", 16, 256, 8, 4096),
+                     ("shifted", 64, 64, 4, 4096), ("shifted", 64, 128, 8, 4096), ("shifted", 16, 128, 4, 16384)],
+    "channel-first": [("generic", None, None, 4, 4096), ("shifted", None, None, 4, 4096),
+                      ("shifted", 256, 16, 8, 4096), ("shifted", 128, 32, 8, 4096), ("shifted", 512, 8, 4, 4096),
+                      ("shifted", 128, 16, 4, 16384)],
+}
+
+
+def sweep_conv_backward(batch: int = 8, dim: int = 4096, length: int = 8192, width: int = 4) -> None:
+    """Forward+backward of each backward launch variant, bf16, with the worst relative gradient error
+    against the float32 generic kernel (x, weight and bias all take gradients)."""
+    size = batch * dim * length * 2
+    floor_ms = 5 * size / HBM_BYTES_PER_S * 1e3
+    print(f"\ncausal conv fwd+bwd launch sweep, ({batch}, {dim}, {length}) w{width} silu bf16; floor {floor_ms:.3f} ms")
+    print(f"{'layout':<14} {'kernel':<8} {'tile':>9} {'warps':>5} {'progs':>6} {'ms':>8} {'vs generic':>10} "
+          f"{'x floor':>8} {'max grad err':>12}")
+    saved = triton_backward.LAUNCH
+    for layout, variants in SWEEP.items():
+        if layout == "channel-last":
+            x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        else:
+            x = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(dim, width, device="cuda", dtype=torch.bfloat16) / width
+        bias = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+        dout = torch.randn_like(x)
+        leaves32 = [t.float().detach().requires_grad_() for t in (x, weight, bias)]
+        triton_backward.LAUNCH = triton_backward.BackwardLaunch()
+        causal_conv1d_fn(*leaves32, activation="silu", backend="triton").backward(dout.float())
+        ref = [t.grad for t in leaves32]
+        del leaves32
+        base = None
+        for kernel, block_l, block_d, warps, programs in variants:
+            triton_backward.LAUNCH = triton_backward.BackwardLaunch(kernel, block_l, block_d, warps, programs)
+            leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+
+            def step(leaves=leaves):
+                causal_conv1d_fn(*leaves, activation="silu", backend="triton").backward(dout)
+
+            try:
+                step()
+                err = max(((g.grad.float() - r).norm() / r.norm()).item() for g, r in zip(leaves, ref))
+                for t in leaves:
+                    t.grad = None
+                ms = _bench(step, grad_to_none=leaves)
+            except Exception as exc:  # a tile that does not compile on this card: reported, not fatal
+                print(f"{layout:<14} {kernel:<8} {block_l}x{block_d} {warps:>5}: failed ({type(exc).__name__})")
+                continue
+            base = base or ms
+            tile = f"{block_l or '-'}x{block_d or '-'}"
+            print(f"{layout:<14} {kernel:<8} {tile:>9} {warps:>5} {programs:>6} {ms:8.3f} {base / ms:9.2f}x "
+                  f"{ms / floor_ms:7.1f}x {err:12.2e}", flush=True)
+    triton_backward.LAUNCH = saved
+
+
 def main() -> None:
+    global HBM_BYTES_PER_S
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--conv-sweep", action="store_true", help="only the conv backward launch sweep")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    print(f"device: {torch.cuda.get_device_name()}, bfloat16, medians of triton.testing.do_bench")
+    if "H100" in torch.cuda.get_device_name():
+        HBM_BYTES_PER_S = 3.35e12
+    print(f"device: {torch.cuda.get_device_name()}, bfloat16, medians of triton.testing.do_bench, "
+          f"HBM {HBM_BYTES_PER_S / 1e12:.2f} TB/s")
+    if args.conv_sweep:
+        sweep_conv_backward()
+        return
     print(_header())
     for row in bench_conv() + bench_gated_norm():
         print(row, flush=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from ssmkit.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, triton_backward
 from ssmkit.testing import assert_close, assert_outputs_and_grads_close, float64_leaf
 
 pytestmark = [
@@ -39,7 +39,9 @@ def _seq_idx(kind: str | None, batch: int, length: int, device) -> torch.Tensor 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fn_matches_reference(dtype, length, config):
+@pytest.mark.parametrize("kernel", ["generic", "shifted"])
+def test_fn_matches_reference(kernel, dtype, length, config, monkeypatch):
+    monkeypatch.setattr(triton_backward, "LAUNCH", triton_backward.BackwardLaunch(kernel=kernel))
     width, channel_last, bias, seq, init, activation = CONFIGS[config]
     batch, dim, dev = 2, 136, "cuda"  # 136: a partial channel block for both tile shapes
     x = (

@@ -111,7 +111,7 @@ def check_update(dtype, extra_state, tokens, activation, circular, pooled) -> No
         assert_close(state, state64, dtype, name="conv_state")
 
 
-@pytest.mark.parametrize("group", ["fn_f32", "fn_low_precision", "update"])
+@pytest.mark.parametrize("group", ["fn_f32", "fn_low_precision", "fn_shifted_backward", "update"])
 def test_triton_matches_reference_in_interpreter(group):
     run_checks_in_interpreter(__file__, group)
 
@@ -119,6 +119,15 @@ def test_triton_matches_reference_in_interpreter(group):
 def _main(group: str) -> None:
     if group == "update":
         checks = {name: (check_update, case) for name, case in UPDATE_CASES.items()}
+    elif group == "fn_shifted_backward":
+        # The width <= 4 backward (widths above fall back to the generic one), with 16-position tiles and
+        # few programs, so a program walks several tiles and tiles straddle document and state edges.
+        from ssmkit.ops.causal_conv1d import triton_backward
+
+        triton_backward.LAUNCH = triton_backward.BackwardLaunch(kernel="shifted", block_l=16, block_d=4, programs=3)
+        checks = {name: (check_fn, case) for name, case in FN_CASES.items()}
+        checks["width3_docs_init"] = (check_fn, (2, 6, 41, 3, "float32", True, True, "alternating", True, "silu"))
+        checks["nan_stays_in_document"] = (check_nan_stays_in_document, ())
     else:
         low = group == "fn_low_precision"
         checks = {

@@ -6,72 +6,26 @@ one batch row; x is addressed through its strides, so channel-last inputs (x = y
 read without a copy and the output keeps x's layout. The w taps re-read the tile shifted by one
 position: those loads hit the cache, so x crosses HBM once and the output once.
 
-Documents (seq_idx): ``link(p)`` says position p continues the document of p - 1 (p <= 0 always
-does: the initial states belong to the first document). Tap ``lag`` of output t is valid iff every
-link in (t - lag, t] holds, built incrementally as the lag grows. Invalid taps are dropped with
-``where`` so that NaN in another document cannot leak in.
-
-The backward recomputes the pre-activation instead of storing it (SiLU only) and writes dx, the
-gradient of the initial states (first L tile), and per-program partial sums for dweight / dbias that
-one small ``sum`` reduces.
+Documents (seq_idx): see ``triton_common.py``; invalid taps are dropped with ``where`` so that NaN in
+another document cannot leak in. The backward kernels are in ``triton_backward.py``.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from ssmkit.ops.causal_conv1d.inputs import ConvInputs, ConvStepInputs
-
-
-@triton.jit
-def _link(seq_ptr, stride_sl, p, length):
-    """(BLOCK_L,) True where position p is in the same document as p - 1."""
-    inside = (p > 0) & (p < length)
-    cur = tl.load(seq_ptr + p * stride_sl, mask=inside, other=0)
-    prev = tl.load(seq_ptr + (p - 1) * stride_sl, mask=inside, other=0)
-    return (p <= 0) | (cur == prev)
-
-
-@triton.jit
-def _load_src(x_ptr, init_ptr, s, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-              W: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr):
-    """(BLOCK, BLOCK_D) sources at positions s: x for 0 <= s < length, initial states (or 0) for s < 0."""
-    in_x = (s >= 0) & (s < length)
-    val = tl.load(x_ptr + s[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                  mask=in_x[:, None] & mask_d[None, :], other=0.0).to(ACC)
-    if HAS_INIT:
-        in_init = (s < 0) & (s >= 1 - W)
-        before = tl.load(init_ptr + (s + W - 1)[:, None] * stride_il + offs_d[None, :] * stride_id,
-                         mask=in_init[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        val = tl.where(in_init[:, None], before, val)
-    return val
-
-
-@triton.jit
-def _pre_activation(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, t, offs_d, mask_d, length,
-                    stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK, BLOCK_D) bias + sum_k weight[:, k] * src[t - (W - 1) + k] over the taps in t's document."""
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)[None, :]
-    same = tl.full([BLOCK], 1, tl.int1)  # all taps so far in t's document
-    for lag in tl.static_range(W):
-        if HAS_SEQ and lag > 0:
-            same = same & _link(seq_ptr, stride_sl, t - lag + 1, length)
-        src = _load_src(x_ptr, init_ptr, t - lag, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il,
-                        length, W, HAS_INIT, ACC)
-        wk = tl.load(w_ptr + offs_d * stride_wd + (W - 1 - lag) * stride_wk, mask=mask_d, other=0.0).to(ACC)
-        term = wk[None, :] * src
-        if HAS_SEQ:
-            term = tl.where(same[:, None], term, 0.0)
-        acc += term
-    return acc
+from ssmkit.ops.causal_conv1d.triton_backward import backward
+from ssmkit.ops.causal_conv1d.triton_common import (
+    _acc_dtype,
+    _blocks,
+    _on_device,
+    _placeholder,
+    _pre_activation,
+    _strides,
+)
 
 
 @triton.jit
@@ -97,131 +51,6 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, out_ptr, length, di
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(t < length)[:, None] & mask_d[None, :])
 
 
-@triton.jit
-def _grad_pre(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, u, offs_d, mask_d, length,
-              stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl, stride_gd, stride_gl,
-              W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-              SILU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK, BLOCK_D) gradient with respect to the pre-activation at outputs u (0 outside [0, length))."""
-    inside = (u >= 0) & (u < length)
-    g = tl.load(dout_ptr + u[:, None] * stride_gl + offs_d[None, :] * stride_gd,
-                mask=inside[:, None] & mask_d[None, :], other=0.0).to(ACC)
-    if SILU:
-        pre = _pre_activation(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, u, offs_d, mask_d, length,
-                              stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                              W, HAS_BIAS, HAS_INIT, HAS_SEQ, ACC, BLOCK, BLOCK_D)
-        sig = 1.0 / (1.0 + tl.exp(-pre))
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
-
-
-@triton.jit
-def _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s, offs_d, mask_d, length,
-              stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl, stride_gd, stride_gl,
-              W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-              SILU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradients of the sources at positions s, and of the pre-activation at outputs s (both (BLOCK, BLOCK_D)).
-
-    Output s + j reads source s through tap W - 1 - j.
-    """
-    dsrc = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
-    g_here = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
-    same = tl.full([BLOCK], 1, tl.int1)
-    for j in tl.static_range(W):
-        if HAS_SEQ and j > 0:
-            same = same & _link(seq_ptr, stride_sl, s + j, length)
-        g = _grad_pre(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s + j, offs_d, mask_d, length,
-                      stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                      stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK, BLOCK_D)
-        if j == 0:
-            g_here = g
-        wk = tl.load(w_ptr + offs_d * stride_wd + (W - 1 - j) * stride_wk, mask=mask_d, other=0.0).to(ACC)
-        term = wk[None, :] * g
-        if HAS_SEQ:
-            term = tl.where(same[:, None], term, 0.0)
-        dsrc += term
-    return dsrc, g_here
-
-
-@triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, dinit_ptr, dwb_ptr,
-                     length, dim, tiles_per_prog,
-                     stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_il,
-                     stride_sb, stride_sl, stride_gb, stride_gd, stride_gl, stride_dxb, stride_dxd, stride_dxl,
-                     stride_dib, stride_did, stride_dil, stride_pp, stride_pk,
-                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                     SILU: tl.constexpr, NEED_DINIT: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid_l, pid_d = tl.program_id(0), tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    x_ptr += pid_b * stride_xb
-    init_ptr += pid_b * stride_ib
-    seq_ptr += pid_b * stride_sb
-    dout_ptr += pid_b * stride_gb
-    rows = tl.arange(0, BLOCK_W)  # rows 0..W-1: dweight taps, row W: dbias
-    dwb = tl.zeros([BLOCK_W, BLOCK_D], dtype=ACC)
-    for tile in range(tiles_per_prog):
-        s = (pid_l * tiles_per_prog + tile) * BLOCK_L + tl.arange(0, BLOCK_L)
-        dsrc, g = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s, offs_d, mask_d, length,
-                         stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                         stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK_L, BLOCK_D)
-        dx_ptrs = dx_ptr + pid_b * stride_dxb + s[:, None] * stride_dxl + offs_d[None, :] * stride_dxd
-        tl.store(dx_ptrs, dsrc.to(dx_ptr.dtype.element_ty), mask=(s < length)[:, None] & mask_d[None, :])
-        # dweight[:, k] += sum_t g[t] * src[t - lag] over the taps in t's document; dbias += sum_t g[t].
-        dwb += tl.where(rows[:, None] == W, tl.sum(g, axis=0)[None, :], 0.0)
-        same = tl.full([BLOCK_L], 1, tl.int1)
-        for lag in tl.static_range(W):
-            if HAS_SEQ and lag > 0:
-                same = same & _link(seq_ptr, stride_sl, s - lag + 1, length)
-            src = _load_src(x_ptr, init_ptr, s - lag, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il,
-                            length, W, HAS_INIT, ACC)
-            prod = g * src
-            if HAS_SEQ:
-                prod = tl.where(same[:, None], prod, 0.0)
-            dwb += tl.where(rows[:, None] == W - 1 - lag, tl.sum(prod, axis=0)[None, :], 0.0)
-    part = pid_b * tl.num_programs(0) + pid_l
-    tl.store(dwb_ptr + part * stride_pp + rows[:, None] * stride_pk + offs_d[None, :], dwb,
-             mask=(rows < W + 1)[:, None] & mask_d[None, :])
-    if NEED_DINIT:  # nested, not `and`: NEED_DINIT is compile-time, pid_l is not
-        if pid_l == 0:
-            s0 = tl.arange(0, BLOCK_W) - (W - 1)  # the W - 1 initial-state positions -(W-1) .. -1
-            dinit, _ = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s0, offs_d, mask_d, length,
-                              stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                              stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK_W, BLOCK_D)
-            di_ptrs = dinit_ptr + pid_b * stride_dib + (s0 + W - 1)[:, None] * stride_dil + offs_d[None, :] * stride_did
-            tl.store(di_ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=(s0 < 0)[:, None] & mask_d[None, :])
-
-
-def _blocks(x: torch.Tensor, backward: bool) -> tuple[int, int]:
-    """(BLOCK_L, BLOCK_D): the long side of the tile along x's contiguous dimension, for coalescing.
-
-    The backward holds more tiles live (recomputed pre-activations), so its channel-last tile is shorter.
-    """
-    if x.stride(1) == 1 and x.shape[-1] > 1:
-        return (16 if backward else 32), 128
-    return 128, 16
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device), or nothing for the CPU interpreter."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _acc_dtype(*tensors: torch.Tensor | None):
-    """float64 if any input is float64, else float32 (the reference's computation dtype)."""
-    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
-
-
-def _placeholder(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A dummy pointer argument for an absent optional tensor (never dereferenced: its flag is off)."""
-    return t if t is not None else like
-
-
-def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
-
 
 def _forward(x, weight, bias, init, seq_idx, silu: bool) -> torch.Tensor:
     batch, dim, length = x.shape
@@ -238,34 +67,6 @@ def _forward(x, weight, bias, init, seq_idx, silu: bool) -> torch.Tensor:
     return out
 
 
-def _backward(x, weight, bias, init, seq_idx, silu: bool, dout: torch.Tensor, need_dinit: bool):
-    batch, dim, length = x.shape
-    width = weight.shape[1]
-    block_l, block_d = _blocks(x, backward=True)
-    n_tiles, n_blocks_d = triton.cdiv(length, block_l), triton.cdiv(dim, block_d)
-    # About 4096 programs (several waves on any GPU); more would only grow the partial dweight sums.
-    tiles_per_prog = max(1, triton.cdiv(n_tiles * batch * n_blocks_d, 4096))
-    n_prog_l = triton.cdiv(n_tiles, tiles_per_prog)
-    acc = _acc_dtype(x, weight, bias, init)
-    acc_torch = torch.float64 if acc == tl.float64 else torch.float32
-    dx = torch.empty_like(x)
-    dinit = torch.empty(batch, dim, width - 1, device=x.device, dtype=init.dtype) if need_dinit else None
-    partial = torch.empty(batch * n_prog_l, width + 1, dim, device=x.device, dtype=acc_torch)
-    with _on_device(x):
-        _conv_bwd_kernel[(n_prog_l, n_blocks_d, batch)](
-            x, weight, _placeholder(bias, weight), _placeholder(init, x), _placeholder(seq_idx, x), dout, dx,
-            _placeholder(dinit, dx), partial, length, dim, tiles_per_prog,
-            *x.stride(), *weight.stride(), *_strides(init, 3), *_strides(seq_idx, 2), *dout.stride(), *dx.stride(),
-            *_strides(dinit, 3), partial.stride(0), partial.stride(1),
-            W=width, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-            NEED_DINIT=need_dinit, ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
-            BLOCK_W=triton.next_power_of_2(width + 1), num_warps=4,
-        )
-    sums = partial.sum(dim=0)
-    dweight = sums[:width].t().to(weight.dtype)
-    dbias = sums[width].to(bias.dtype) if bias is not None else None
-    return dx, dinit, dweight, dbias
-
 
 class _CausalConv1dTriton(torch.autograd.Function):
     """out = act(conv(x, weight, bias)) with initial states and document boundaries; x's dtype and layout."""
@@ -280,7 +81,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias, init, seq_idx = ctx.saved_tensors
         need_dinit = init is not None and ctx.needs_input_grad[3] and weight.shape[1] > 1
-        dx, dinit, dweight, dbias = _backward(x, weight, bias, init, seq_idx, ctx.silu, dout, need_dinit)
+        dx, dinit, dweight, dbias = backward(x, weight, bias, init, seq_idx, ctx.silu, dout, need_dinit)
         if init is not None and ctx.needs_input_grad[3] and dinit is None:
             dinit = torch.zeros_like(init)
         return dx, dweight, dbias if ctx.needs_input_grad[2] else None, dinit, None, None
