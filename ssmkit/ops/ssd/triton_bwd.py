@@ -16,7 +16,8 @@
                      (SEP_SCALE) the weight's gradient is d input_scale and Δ only decays.
 dcum (the gradient of the within-chunk cumulative sums) gets its parts by atomic adds from the rows and
 columns kernels; relaxed ones (nothing reads dcum before the launch ends: the default acq_rel order put a
-memory barrier into every head's iteration).
+memory barrier into every head's iteration). HEAD_STAGES: pipeline stages of the loops over a group's
+heads (``SSDLaunch.*_head_stages``), None for the compiler's choice.
 
 Notation and layouts as ``triton_fwd``; dy = dout · silu(z), L_ts = exp(cum_t - cum_s) for s <= t in
 the same document, else 0; y_t = Σ_s (C_t·B_s) L_ts Δ_s x_s + exp(cum_t) S'_{c-1} C_t.
