@@ -55,6 +55,9 @@ PEER = "mamba_ssm"
 # Fields of SSDLaunch the forward reads; the backward reads the rest (fwd_tile bounds both: C Bᵀ's tiles).
 FORWARD_FIELDS = {"state", "scan", "cb", "state_pass", "state_tile", "fwd_tile", "chain", "cb_lowp"}
 GRADS = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
+# Relative errors under this pass whatever the default's: a quarter of bf16's rounding step, where a default
+# error of ~1e-6 (dA, dD summed over 10^8 terms in float32) would otherwise refuse noise.
+ERROR_FLOOR = 1e-3
 
 
 def kernel_model(length: int, launch: SSDLaunch = DEFAULT_LAUNCH) -> dict[str, tuple[float, float, float, float]]:
@@ -178,7 +181,7 @@ def check(names: list[str], length: int) -> list[str]:
         return {k: ((got[k] - want[k]).norm() / want[k].norm()).item() for k in want}
 
     base = errors("default")
-    print(f"\nrelative error against float32 at L {length} (refused: any > 2x the default's):")
+    print(f"\nrelative error against float32 at L {length} (refused: any > 2x the default's and > {ERROR_FLOOR}):")
     print(f"{'config':>20} " + " ".join(f"{k:>8}" for k in base))
     passed = []
     for name in names:
@@ -187,7 +190,7 @@ def check(names: list[str], length: int) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is left out
             print(f"{name:>20} failed: {type(e).__name__}: {str(e)[:200]}")
             continue
-        bad = [k for k in err if not err[k] <= 2 * base[k]]  # NaN is refused too
+        bad = [k for k in err if not err[k] <= max(2 * base[k], ERROR_FLOOR)]  # NaN is refused too
         print(f"{name:>20} " + " ".join(f"{err[k]:>8.1e}" for k in err) + (f"  REFUSED ({', '.join(bad)})" if bad
                                                                             else ""), flush=True)
         if not bad:
