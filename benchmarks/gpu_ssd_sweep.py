@@ -48,9 +48,9 @@ from mamba_ssm_source import import_from_source
 from ssmkit.ops.ssd import SSDLaunch, mamba_chunk_scan_combined
 from ssmkit.ops.ssd.launch import CONFIGS, DEFAULT_LAUNCH
 
-VARIANTS = ["default", "rows_h2", "rows_h3", "rows_state_h2", "rows_both_h2", "cb_lowp", "dcb_lowp", "lowp",
-            "rows_h2_lowp", "rows_h2_lowp_split", "cols_split", "stages3", "scan_w4", "scan_w4_s3", "state_bwd_tile32",
-            "slices4"]
+VARIANTS = ["default", "rows_h2", "rows_h3", "rows_state_h2", "cols_split", "cols_h2", "cols_split_h2",
+            "cols_split_h3", "bwd_h2", "cb_lowp", "dcb_lowp", "lowp", "bwd_h2_lowp", "scan_w4", "scan_w4_s3",
+            "state_bwd_tile32", "stages3"]
 PEER = "mamba_ssm"
 # Fields of SSDLaunch the forward reads; the backward reads the rest (fwd_tile bounds both: C Bᵀ's tiles).
 FORWARD_FIELDS = {"state", "scan", "cb", "state_pass", "state_tile", "fwd_tile", "chain", "cb_lowp"}

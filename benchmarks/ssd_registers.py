@@ -53,8 +53,8 @@ def resources(name: str, tile: int, warps: int, stages: int, maxnreg: int | None
               lowp: bool = False) -> str:
     fn, tile_arg, extra = KERNELS[name]
     params = fn.arg_names
-    constexprs = {k: v for k, v in {**SHAPE, **FLAGS, **extra, tile_arg: tile, "HEAD_STAGES": head_stages}.items()
-                  if k in params}
+    constexprs = {k: v for k, v in {**SHAPE, **FLAGS, **extra, tile_arg: tile, "HEAD_STAGES": head_stages,
+                                    "FLAT": head_stages is not None}.items() if k in params}
     low = BF16_ARGS | ({"cb_ptr", "dcb_ptr"} if lowp else set())
     signature = {}
     for arg in params:

@@ -40,7 +40,7 @@ CASES = {
     # C Bᵀ and its summed gradient stored in bf16 (one slice: dcb_lowp applies), the head loops pipelined.
     "lowp_cb_pipelined": (2, 37, 4, 8, 2, 8, 32, 16, "bfloat16", "D_h z bias init softplus docs one_slice lowp heads2"),
     # Several slices: the summed gradient of C Bᵀ stays in float32 partial sums whatever dcb_lowp says.
-    "lowp_cb_slices": (1, 40, 4, 4, 1, 8, 16, 16, "float16", "D_hp z init softplus docs lowp cols_split"),
+    "lowp_cb_slices": (1, 40, 4, 4, 1, 8, 16, 16, "float16", "D_hp z init softplus docs lowp cols_split heads2"),
     # float32 inputs: the flags leave C Bᵀ in float32; head loops pipelined, state backward's own tile.
     "pipelined_float32": (2, 37, 4, 3, 2, 5, 32, 16, "float32", "D_h z bias init softplus limit docs lowp heads2"),
 }

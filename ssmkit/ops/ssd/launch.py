@@ -12,7 +12,8 @@ state per program of the chained backward, ``state_bwd_tile`` its rows of a chun
 The loops over a group's heads in the backward's rows and columns kernels (``*_head_stages``): 0 leaves
 them to the compiler, which pipelines no load there (their matmuls accumulate nothing across heads:
 sm_90 TTGIR shows no async copy), so each head waits out its loads; n > 0 pipelines them into n stages
-(``tl.range(num_stages=n)``: the next heads' dy, x, cum, Δ in flight while this one computes).
+(``tl.range(num_stages=n)``: the next heads' dy, x, cum, Δ in flight while this one computes; in the
+columns kernel the head loop and its loop over row blocks are flattened into one first).
 ``cb_lowp``: C Bᵀ stored in the inputs' dtype for bf16/fp16 (float32 otherwise), half the bytes of the
 tile every head of the scan and the columns kernel reads; it adds one rounding (the kernels round
 C Bᵀ ⊙ L to that dtype for the matmul anyway). ``dcb_lowp``: the gradient of C Bᵀ summed over heads
@@ -124,21 +125,26 @@ CONFIGS: dict[str, SSDLaunch] = {
     "state_bwd_bn64": _R(DEFAULT_LAUNCH, state_bwd_bn=64, state_bwd=(8, 3)),
     "state_bwd_bn128_s3": _R(DEFAULT_LAUNCH, state_bwd=(8, 3)),
     "state_bwd_bn32_w4": _R(DEFAULT_LAUNCH, state_bwd_bn=32, state_bwd=(4, 3)),
-    # Issue 16's second sweep (benchmarks/gpu_ssd_sweep.py). sm_90 compiles (benchmarks/ssd_registers.py):
-    # the rows kernels' head loops pipelined, 253 (rows, 2 or 3 stages) and 227 (rows_state) registers, no
-    # spills; scan at 4 warps 252 (two programs an SM); state backward at 32 rows 186. Left out for
-    # spilling: the chunk states at 4 warps (440 B) or 128 rows (56 B), the state backward at 128 rows (248 B).
+    # Issue 16's second sweep (benchmarks/gpu_ssd_sweep.py). sm_90 compiles (benchmarks/ssd_registers.py,
+    # triton 3.9 / 3.6, the device's): the rows kernels' head loops pipelined, rows 253 / 255 registers, no
+    # spills; rows_state 227 / 255 (32 B); scan at 4 warps 252 (two programs an SM); state backward at 32 rows
+    # 186 / 221. Left out for spilling (3.9): the chunk states at 4 warps (440 B) or 128 rows (56 B), the state
+    # backward at 128 rows (248 B).
     "rows_h2": _R(DEFAULT_LAUNCH, rows_head_stages=2),
     "rows_h3": _R(DEFAULT_LAUNCH, rows_head_stages=3),
     "rows_state_h2": _R(DEFAULT_LAUNCH, rows_state_head_stages=2),
-    "rows_both_h2": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2),
     "cb_lowp": _R(DEFAULT_LAUNCH, cb_lowp=True),
     "dcb_lowp": _R(DEFAULT_LAUNCH, dcb_lowp=True),
     "lowp": _R(DEFAULT_LAUNCH, cb_lowp=True, dcb_lowp=True),
     "scan_w4": _R(DEFAULT_LAUNCH, scan=(4, 2)),
     "scan_w4_s3": _R(DEFAULT_LAUNCH, scan=(4, 3)),
     "state_bwd_tile32": _R(DEFAULT_LAUNCH, state_bwd_tile=32),
-    "rows_h2_lowp": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cb_lowp=True, dcb_lowp=True),
-    "rows_h2_lowp_split": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cb_lowp=True,
-                             dcb_lowp=True, cols_split=True),
+    # The columns kernel's flattened head loop pipelined: 480 / 448 B spilled in one launch; split, the rest
+    # 40 / 0 B at 2 stages (104 B at 3 on 3.6), dB 231 / 230 registers, none.
+    "cols_h2": _R(DEFAULT_LAUNCH, cols_head_stages=2),
+    "cols_split_h2": _R(DEFAULT_LAUNCH, cols_split=True, cols_head_stages=2),
+    "cols_split_h3": _R(DEFAULT_LAUNCH, cols_split=True, cols_head_stages=3),
+    "bwd_h2": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cols_split=True, cols_head_stages=2),
+    "bwd_h2_lowp": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cols_split=True,
+                      cols_head_stages=2, cb_lowp=True, dcb_lowp=True),
 }

@@ -209,7 +209,8 @@ class _SSDFunction(torch.autograd.Function):
                 dstates, dx, dB_part, ddelta, dcum, dlast,
                 l, h, g, p, n, nc, S,
                 T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-                DOT=DOT, PREC=PREC, PART=part, HEAD_STAGES=launch.head_stages("cols"), **launch.opts(kernel),
+                DOT=DOT, PREC=PREC, PART=part, HEAD_STAGES=launch.head_stages("cols"),
+                FLAT=launch.cols_head_stages > 0, **launch.opts(kernel),
             )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)

@@ -252,10 +252,11 @@ def _bwd_cols(
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-    PART: tl.constexpr, HEAD_STAGES: tl.constexpr,
+    PART: tl.constexpr, HEAD_STAGES: tl.constexpr, FLAT: tl.constexpr,
 ):
     """PART 0: dB only; PART 1: all but dB; PART 2: all (one launch; two hold fewer tiles live each,
-    at the price of loading x and dS twice)."""
+    at the price of loading x and dS twice). FLAT: the loop over heads and the one over row blocks inside
+    it flattened into one, which HEAD_STAGES pipelines (an outer loop alone is not pipelined)."""
     # Addresses as in _bwd_rows: int64 scalar bases, int32 offsets inside the chunk.
     kb = tl.program_id(0)
     c = tl.program_id(1)
@@ -303,7 +304,7 @@ def _bwd_cols(
                 for u in range(1, S):
                     dcb += tl.load(dcb_ptr + u * cb_slice + offs)
                 dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
-    for j in tl.range(R, num_stages=HEAD_STAGES):
+    for j in tl.range(R, num_stages=HEAD_STAGES, flatten=FLAT):
         hh = (gg * S + sp) * R + j
         bh = b * H + hh
         bh_off = bh.to(tl.int64) * Lp + c * T
