@@ -49,11 +49,11 @@ from ssmkit.ops.ssd import SSDLaunch, mamba_chunk_scan_combined
 from ssmkit.ops.ssd.launch import CONFIGS, DEFAULT_LAUNCH
 
 VARIANTS = ["default", "rows_h2", "rows_h3", "rows_state_h2", "cols_split", "cols_h2", "cols_split_h2",
-            "cols_split_h3", "bwd_h2", "cb_lowp", "dcb_lowp", "lowp", "bwd_h2_lowp", "scan_w4", "scan_w4_s3",
-            "state_bwd_tile32", "stages3"]
+            "cols_split_h3", "bwd_h2", "cb_lowp", "dcb_lowp", "lowp", "bwd_h2_lowp", "scan_2h", "scan_2h_s3",
+            "scan_2h_lowp", "all_h2_lowp", "scan_w4", "state_bwd_tile32"]
 PEER = "mamba_ssm"
 # Fields of SSDLaunch the forward reads; the backward reads the rest (fwd_tile bounds both: C Bᵀ's tiles).
-FORWARD_FIELDS = {"state", "scan", "cb", "state_pass", "state_tile", "fwd_tile", "chain", "cb_lowp"}
+FORWARD_FIELDS = {"state", "scan", "cb", "state_pass", "state_tile", "fwd_tile", "chain", "cb_lowp", "scan_heads"}
 GRADS = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
 # Relative errors under this pass whatever the default's: a quarter of bf16's rounding step, where a default
 # error of ~1e-6 (dA, dD summed over 10^8 terms in float32) would otherwise refuse noise.
@@ -78,12 +78,14 @@ def kernel_model(length: int, launch: SSDLaunch = DEFAULT_LAUNCH) -> dict[str, t
     dcb = cg * k * bm * bm * (e if launch.dcb_lowp else 4)
     intra_f, intra = 2 * ch * k_fwd * bm_fwd * bm_fwd * p, 2 * ch * k * bm * bm * p  # (T, T) x p matmuls
     state_mm = 2 * ch * T * p * n
+    two = 2 if launch.scan_heads == 2 and (h // g) % 2 == 0 else 1  # heads sharing a scan program's C, C Bᵀ
     return {
         "_chunk_state_fwd": (dt + x + bc + 2 * vec + st + b * h * p * n * 4, rows * h * n * e, state_mm, 2 * ch * T),
         "_chunk_cb_fwd": (2 * bc + cb, 2 * cg * k_fwd * bm_fwd * n * e, 2 * cg * k_fwd * bm_fwd * bm_fwd * n, 0),
         "_chunk_scan_fwd": (2 * x + bc + cb + st + 2 * vec,
-                            ch * k_fwd * bm_fwd * (p * e + bm_fwd * (e if launch.cb_lowp else 4)) + ch * T * n * e
-                            + ch * (T // bm_fwd) * p * n * e, state_mm + intra_f, ch * k_fwd * bm_fwd * bm_fwd),
+                            ch * k_fwd * bm_fwd * (p * e + bm_fwd * (e if launch.cb_lowp else 4) // two)
+                            + ch * T * n * e // two + ch * (T // bm_fwd) * p * n * e, state_mm + intra_f,
+                            ch * k_fwd * bm_fwd * bm_fwd),
         "_state_pass_bwd": (x + bc + 2 * st + vec, ch * T * n * e, state_mm, ch * T),
         "_bwd_rows": (2 * x + cb + 2 * vec + dcb + x + st + 2 * bc + dcb,
                       2 * ch * k * bm * p * e + ch * (T // bm) * p * n * e, intra + 2 * state_mm

@@ -43,6 +43,11 @@ CASES = {
     "lowp_cb_slices": (1, 40, 4, 4, 1, 8, 16, 16, "float16", "D_hp z init softplus docs lowp cols_split heads2"),
     # float32 inputs: the flags leave C Bᵀ in float32; head loops pipelined, state backward's own tile.
     "pipelined_float32": (2, 37, 4, 3, 2, 5, 32, 16, "float32", "D_h z bias init softplus limit docs lowp heads2"),
+    # The forward scan two heads a program (two groups of two heads; chunk 32 in 16-row tiles).
+    "scan_two_heads": (2, 37, 4, 3, 2, 5, 32, 16, "float32", "D_hp z bias init softplus docs scan2"),
+    "scan_two_heads_bf16": (1, 33, 4, 8, 1, 8, 16, 64, "bfloat16", "D_h z softplus docs scan2 lowp one_slice"),
+    # Three heads a group: odd, so the scan keeps one head a program.
+    "scan_two_heads_odd": (1, 20, 3, 4, 1, 4, 16, 16, "float32", "D_h z init softplus scan2"),
 }
 
 
@@ -92,7 +97,7 @@ def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
                        min_programs=1 if "one_slice" in opts else 1024, cols_split="cols_split" in opts,
                        chain="no_chain" not in opts, cb_lowp="lowp" in opts, dcb_lowp="lowp" in opts,
                        rows_head_stages=heads, rows_state_head_stages=heads, cols_head_stages=heads,
-                       state_bwd_tile=32 if heads else tile)
+                       state_bwd_tile=32 if heads else tile, scan_heads=2 if "scan2" in opts else 1)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton", launch=launch)

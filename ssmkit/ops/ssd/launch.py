@@ -18,7 +18,9 @@ columns kernel the head loop and its loop over row blocks are flattened into one
 tile every head of the scan and the columns kernel reads; it adds one rounding (the kernels round
 C Bᵀ ⊙ L to that dtype for the matmul anyway). ``dcb_lowp``: the gradient of C Bᵀ summed over heads
 stored likewise when one program holds all of a group's heads (its only readers cast it to that dtype
-before their matmuls: the same results, half the bytes); float32 partial sums otherwise.
+before their matmuls: the same results, half the bytes); float32 partial sums otherwise. ``scan_heads``:
+heads per program of the forward scan (2: C and C Bᵀ loaded once for two heads of a group, half the bytes
+of its largest L2 stream, where a group has an even number of heads; else 1).
 
 Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (128 with the
 cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
@@ -67,6 +69,7 @@ class SSDLaunch:
     cols_head_stages: int = 0
     cb_lowp: bool = False
     dcb_lowp: bool = False
+    scan_heads: int = 1
 
     def __post_init__(self) -> None:
         for kernel in _KERNELS:
@@ -83,6 +86,8 @@ class SSDLaunch:
             stages = getattr(self, name)
             if not isinstance(stages, int) or isinstance(stages, bool) or not 0 <= stages <= 8:
                 raise ValueError(f"SSDLaunch.{name} must be an int in [0, 8], got {stages!r}")
+        if self.scan_heads not in (1, 2) or isinstance(self.scan_heads, bool):
+            raise ValueError(f"SSDLaunch.scan_heads must be 1 or 2, got {self.scan_heads!r}")
         for name in ("chain", "cols_split", "cb_lowp", "dcb_lowp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SSDLaunch.{name} must be a bool, got {getattr(self, name)!r}")
@@ -146,5 +151,11 @@ CONFIGS: dict[str, SSDLaunch] = {
     "cols_split_h3": _R(DEFAULT_LAUNCH, cols_split=True, cols_head_stages=3),
     "bwd_h2": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cols_split=True, cols_head_stages=2),
     "bwd_h2_lowp": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cols_split=True,
+                      cols_head_stages=2, cb_lowp=True, dcb_lowp=True),
+    # The scan two heads a program: 244 / 245 registers (171 / 170 one head), no spills; 3 stages 248 / 247.
+    "scan_2h": _R(DEFAULT_LAUNCH, scan_heads=2),
+    "scan_2h_s3": _R(DEFAULT_LAUNCH, scan_heads=2, scan=(8, 3)),
+    "scan_2h_lowp": _R(DEFAULT_LAUNCH, scan_heads=2, cb_lowp=True),
+    "all_h2_lowp": _R(DEFAULT_LAUNCH, scan_heads=2, rows_head_stages=2, rows_state_head_stages=2, cols_split=True,
                       cols_head_stages=2, cb_lowp=True, dcb_lowp=True),
 }

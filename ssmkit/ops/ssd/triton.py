@@ -127,12 +127,13 @@ class _SSDFunction(torch.autograd.Function):
         out = torch.empty_like(x)
         keep_ypre = any(ctx.needs_input_grad)
         ypre = torch.empty_like(x) if z is not None and keep_ypre else out
-        _fwd._chunk_scan_fwd[(nrb * h, nc, b)](
+        two_heads = launch.scan_heads == 2 and (h // g) % 2 == 0
+        _fwd._chunk_scan_fwd[(nrb * h // (2 if two_heads else 1), nc, b)](
             x, dummy if z is None else z, dummy if D is None else D, C, cb, delta, cum,
             dummy if doc is None else doc, prev, out, ypre,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
+            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, TWO_HEADS=two_heads,
             **launch.opts("scan"),
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, prev, ypre, cb)
