@@ -184,8 +184,8 @@ def precompile(names: list[str], jobs: int, peer_jobs: int, timeout: float) -> N
     print(f"compiled in {len(procs)} workers: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def rel_errors(fn, inp, grad) -> dict[str, float]:
-    """Outputs and gradients of ``fn`` (a dict of float64 tensors)."""
+def rel_errors(fn, inp, grad) -> dict[str, torch.Tensor]:
+    """Output and gradients of one forward+backward of ``fn``, in float64."""
     for v in inp.values():
         v.grad = None
     out = fn(inp)
