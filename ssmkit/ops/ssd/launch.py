@@ -22,14 +22,15 @@ before their matmuls: the same results, half the bytes); float32 partial sums ot
 heads per program of the forward scan (2: C and C Bᵀ loaded once for two heads of a group, half the bytes
 of its largest L2 stream, where a group has an even number of heads; else 1).
 
-Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (128 with the
-cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
+Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (171 since its
+per-head steps became helpers; 128 with the cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
 no spills, the rest 255, 8 B); chained state passing: forward 192, backward 236 (128 columns of the state
 a program: ``state_bwd_bn``; 128 registers at 64 columns, but dy is then read twice). Fastest configs of
 forward and backward kernels combine (separate fields).
 
-:data:`CONFIGS` holds the named alternatives that ``benchmarks/gpu_ssd.py --sweep`` times on a GPU; pass one
-as ``mamba_chunk_scan_combined(..., launch=CONFIGS[name])``. This module imports no Triton.
+:data:`CONFIGS` holds the named alternatives that ``benchmarks/gpu_ssd.py --sweep`` and
+``benchmarks/gpu_ssd_sweep.py`` time on a GPU; pass one as ``mamba_chunk_scan_combined(...,
+launch=CONFIGS[name])``. This module imports no Triton.
 """
 
 from __future__ import annotations
