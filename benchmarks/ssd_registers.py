@@ -31,7 +31,7 @@ BF16_ARGS = {"x_ptr", "z_ptr", "dt_ptr", "dout_ptr", "B_ptr", "C_ptr", "out_ptr"
 SHAPE = {"P": 64, "N": 128, "T": 256, "BP": 64, "DOT": tl.bfloat16, "PREC": "tf32"}
 FLAGS = {"HAS_Z": False, "HAS_D": True, "HAS_DOC": False, "HAS_BIAS": True, "SOFTPLUS": True, "HAS_LIMIT": False,
          "STORE_YPRE": False, "HAS_DFINAL": False, "HAS_DPREV": False, "CHAIN": False, "HAS_INIT": False, "FENCE": True,
-         "HEAD_STAGES": None, "TWO_HEADS": False}
+         "HEAD_STAGES": None, "TWO_HEADS": False, "ONLINE": False}
 # name -> (kernel, tile argument, other constexprs)
 KERNELS = {
     "state": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128}),
@@ -39,6 +39,7 @@ KERNELS = {
     "scan_2h": (triton_fwd._chunk_scan_fwd, "BM", {"BN": 128, "TWO_HEADS": True}),
     "state_bwd": (triton_bwd._state_pass_bwd, "BK", {"BN": 32}),
     "state_chain": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128, "CHAIN": True}),
+    "state_online": (triton_fwd._chunk_state_fwd, "BK", {"BN": 128, "CHAIN": True, "ONLINE": True}),
     "state_bwd_chain": (triton_bwd._state_pass_bwd, "BK", {"BN": 128, "CHAIN": True}),
     "rows": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 0}),
     "rows_state": (triton_bwd._bwd_rows, "BM", {"BN": 128, "PART": 1}),

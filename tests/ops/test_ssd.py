@@ -428,7 +428,7 @@ def test_docstring_example():
 @pytest.mark.parametrize(("field", "value", "error"), [
     ("rows_head_stages", -1, ValueError), ("cols_head_stages", 9, ValueError), ("rows_state_head_stages", True, ValueError),
     ("state_bwd_tile", 48, ValueError), ("cb", (4,), ValueError), ("cb_lowp", 1, TypeError), ("dcb_lowp", "yes", TypeError),
-    ("scan_heads", 3, ValueError), ("scan_heads", True, ValueError),
+    ("scan_heads", 3, ValueError), ("scan_heads", True, ValueError), ("state_online", 0, TypeError),
 ])
 def test_launch_rejects_bad_settings(field, value, error):
     from ssmkit.ops.ssd.launch import SSDLaunch

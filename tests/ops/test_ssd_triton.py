@@ -48,6 +48,10 @@ CASES = {
     "scan_two_heads_bf16": (1, 33, 4, 8, 1, 8, 16, 64, "bfloat16", "D_h z softplus docs scan2 lowp one_slice"),
     # Three heads a group: odd, so the scan keeps one head a program.
     "scan_two_heads_odd": (1, 20, 3, 4, 1, 4, 16, 16, "float32", "D_h z init softplus scan2"),
+    # The chunk states in one pass (two 16-row blocks a chunk: the rescaling is exercised), chained or not.
+    "online_states": (2, 37, 4, 3, 2, 5, 32, 16, "float32", "D_h z bias init softplus limit docs online"),
+    "online_states_unchained": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs no_chain online"),
+    "online_states_scale_bf16": (1, 45, 2, 8, 1, 8, 32, 16, "bfloat16", "D_h z softplus docs scale one_slice online"),
 }
 
 
@@ -97,7 +101,8 @@ def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
                        min_programs=1 if "one_slice" in opts else 1024, cols_split="cols_split" in opts,
                        chain="no_chain" not in opts, cb_lowp="lowp" in opts, dcb_lowp="lowp" in opts,
                        rows_head_stages=heads, rows_state_head_stages=heads, cols_head_stages=heads,
-                       state_bwd_tile=32 if heads else tile, scan_heads=2 if "scan2" in opts else 1)
+                       state_bwd_tile=32 if heads else tile, scan_heads=2 if "scan2" in opts else 1,
+                       state_online="online" in opts)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton", launch=launch)

@@ -20,7 +20,9 @@ C Bᵀ ⊙ L to that dtype for the matmul anyway). ``dcb_lowp``: the gradient of
 stored likewise when one program holds all of a group's heads (its only readers cast it to that dtype
 before their matmuls: the same results, half the bytes); float32 partial sums otherwise. ``scan_heads``:
 heads per program of the forward scan (2: C and C Bᵀ loaded once for two heads of a group, half the bytes
-of its largest L2 stream, where a group has an even number of heads; else 1).
+of its largest L2 stream, where a group has an even number of heads; else 1). ``state_online``: the
+chunk-state kernel in one pass over the chunk (Δ, cum and the chunk's state together, the state rescaled
+by each block's decay), not two with Δ and cum written, waited for and read back in between.
 
 Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (171 since its
 per-head steps became helpers; 128 with the cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
@@ -71,6 +73,7 @@ class SSDLaunch:
     cb_lowp: bool = False
     dcb_lowp: bool = False
     scan_heads: int = 1
+    state_online: bool = False
 
     def __post_init__(self) -> None:
         for kernel in _KERNELS:
@@ -89,7 +92,7 @@ class SSDLaunch:
                 raise ValueError(f"SSDLaunch.{name} must be an int in [0, 8], got {stages!r}")
         if self.scan_heads not in (1, 2) or isinstance(self.scan_heads, bool):
             raise ValueError(f"SSDLaunch.scan_heads must be 1 or 2, got {self.scan_heads!r}")
-        for name in ("chain", "cols_split", "cb_lowp", "dcb_lowp"):
+        for name in ("chain", "cols_split", "cb_lowp", "dcb_lowp", "state_online"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SSDLaunch.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -159,4 +162,8 @@ CONFIGS: dict[str, SSDLaunch] = {
     "scan_2h_lowp": _R(DEFAULT_LAUNCH, scan_heads=2, cb_lowp=True),
     "all_h2_lowp": _R(DEFAULT_LAUNCH, scan_heads=2, rows_head_stages=2, rows_state_head_stages=2, cols_split=True,
                       cols_head_stages=2, cb_lowp=True, dcb_lowp=True),
+    # The chunk states in one pass: 216 / 226 registers (chained, 64 rows), 227 at 128 rows (the two-pass
+    # kernel spilled 56 B there); no spills.
+    "state_online": _R(DEFAULT_LAUNCH, state_online=True),
+    "state_online_t128": _R(DEFAULT_LAUNCH, state_online=True, state_tile=128),
 }

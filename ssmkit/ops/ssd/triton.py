@@ -110,7 +110,8 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
             HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
-            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), **launch.opts("state"),
+            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), ONLINE=launch.state_online,
+            **launch.opts("state"),
         )
         if not chain:
             _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](

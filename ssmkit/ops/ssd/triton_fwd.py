@@ -77,7 +77,7 @@ def _chunk_state_fwd(
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
     SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr, HAS_INIT: tl.constexpr,
-    FENCE: tl.constexpr,
+    FENCE: tl.constexpr, ONLINE: tl.constexpr,
 ):
     if CHAIN:
         # Chunks in the order the programs started (a ticket, not the program id), heads fastest: the
@@ -96,41 +96,70 @@ def _chunk_state_fwd(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + hh).to(tl.float32)
 
-    # Pass 1: Δ and its running sum over the chunk, kept in global buffers for the later kernels.
-    run = 0.0
-    for k in tl.static_range(0, T, BK):
-        t = c * T + k + tl.arange(0, BK)
-        v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
-        d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
-        if SEP_SCALE:
-            # The buffer is x's weight in the update for every later kernel: input_scale, not Δ.
-            w_in = tl.load(scale_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
-            tl.store(delta_ptr + bh * Lp + t, w_in)
-        else:
-            tl.store(delta_ptr + bh * Lp + t, d)
-        tl.store(cum_ptr + bh * Lp + t, tl.cumsum(d * A, 0) + run)
-        run += tl.sum(d * A, 0)
-    # Make this program's stores visible to all its threads before they are read back.
-    tl.debug_barrier()
-
-    # Pass 2: S = Σ_s w_s (Δ_s x_s) ⊗ B_s with w_s = exp(cum_last - cum_s), 0 outside the last document.
-    cum_last = tl.load(cum_ptr + bh * Lp + c * T + T - 1)
     if HAS_DOC:
         doc_last = tl.load(doc_ptr + b * Lp + c * T + T - 1)
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
     acc = tl.zeros((BP, BN), dtype=tl.float32)
-    for k in range(0, T, BK):
-        t = c * T + k + tl.arange(0, BK)
-        w = tl.exp(cum_last - tl.load(cum_ptr + bh * Lp + t)) * tl.load(delta_ptr + bh * Lp + t)
-        if HAS_DOC:
-            w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
-        xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
-                     mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
-        Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
-        xw = (xs * w[:, None]).to(DOT)
-        acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
+    if ONLINE:
+        # One pass: Δ, cum and S together. S is kept relative to the running sum at the end of the blocks
+        # read so far and rescaled by each new block's decay exp(run_new - run), so nothing is read back.
+        run = 0.0
+        is_last = tl.arange(0, BK) == BK - 1
+        for k in range(0, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
+            d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
+            w_in = d
+            if SEP_SCALE:
+                w_in = tl.load(scale_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
+            tl.store(delta_ptr + bh * Lp + t, w_in)
+            cum_s = tl.cumsum(d * A, 0) + run
+            tl.store(cum_ptr + bh * Lp + t, cum_s)
+            # The block's last cum as stored (not a separate sum): the chain and the backward read that one.
+            run_new = tl.sum(tl.where(is_last, cum_s, 0.0), 0)
+            w = tl.exp(run_new - cum_s) * w_in
+            if HAS_DOC:
+                w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
+            xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
+                         mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
+            Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+            xw = (xs * w[:, None]).to(DOT)
+            acc = acc * tl.exp(run_new - run) + tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
+            run = run_new
+        cum_last = run
+    else:
+        # Pass 1: Δ and its running sum over the chunk, kept in global buffers for the later kernels.
+        run = 0.0
+        for k in tl.static_range(0, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
+            d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
+            if SEP_SCALE:
+                # The buffer is x's weight in the update for every later kernel: input_scale, not Δ.
+                w_in = tl.load(scale_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
+                tl.store(delta_ptr + bh * Lp + t, w_in)
+            else:
+                tl.store(delta_ptr + bh * Lp + t, d)
+            tl.store(cum_ptr + bh * Lp + t, tl.cumsum(d * A, 0) + run)
+            run += tl.sum(d * A, 0)
+        # Make this program's stores visible to all its threads before they are read back.
+        tl.debug_barrier()
+
+        # Pass 2: S = Σ_s w_s (Δ_s x_s) ⊗ B_s with w_s = exp(cum_last - cum_s), 0 outside the last document.
+        cum_last = tl.load(cum_ptr + bh * Lp + c * T + T - 1)
+        for k in range(0, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            w = tl.exp(cum_last - tl.load(cum_ptr + bh * Lp + t)) * tl.load(delta_ptr + bh * Lp + t)
+            if HAS_DOC:
+                w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
+            xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
+                         mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
+            Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+            xw = (xs * w[:, None]).to(DOT)
+            acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
     pn = rp[:, None] * N + rn[None, :]
     pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
     if CHAIN:
