@@ -9,12 +9,13 @@ softplus). In order:
   2. each variant's output and every gradient at L 8192 against float32 (ssmkit's Triton path on float32
      inputs: IEEE matmuls); a variant whose relative error in any of them exceeds twice the default's is refused;
   3. forward and forward+backward medians (CUDA events, ``--reps`` after ``--warmup``) at each of ``--lengths``,
-     mamba_ssm's ``mamba_chunk_scan_combined`` in the same process, ratios to the default and to mamba_ssm, the
-     forward against its HBM floor (``gpu_ssd.floor_bytes`` at the measured copy bandwidth);
+     ratios to the default, the forward against its HBM floor (``gpu_ssd.floor_bytes`` at the measured copy
+     bandwidth);
   4. one more config: the fastest forward variant's forward fields with the fastest backward's backward fields;
-  5. per-kernel CUDA time (torch.profiler, one forward+backward) of the default, the winner and mamba_ssm, with
-     the model's bytes per kernel over its time;
-  6. the winner, as the one line that makes it the default.
+  5. mamba_ssm's ``mamba_chunk_scan_combined`` timed last in the same process (a slow autotune cannot cost
+     ssmkit's rows), every config's ratio to it;
+  6. the winner, as the one line that makes it the default; then per-kernel CUDA time (torch.profiler, one
+     forward+backward) of the default, the winner and mamba_ssm, with the model's bytes per kernel over its time.
 
     python benchmarks/gpu_ssd_sweep.py                  # the whole sweep (about 3-4 minutes on an H100)
     python benchmarks/gpu_ssd_sweep.py --model          # step 0 only, no GPU needed
@@ -259,7 +260,7 @@ def median_ms(fn, inp, grad, backward: bool, reps: int, warmup: int) -> float:
 
 def time_all(fns: dict, lengths: list[int], reps: int, warmup: int, bandwidth: float, results: dict) -> None:
     """Times each of ``fns`` into ``results[length, name] = (fwd ms, fwd+bwd ms)``; ratios to the default and
-    mamba_ssm where ``results`` holds theirs at that length."""
+    mamba_ssm where ``results`` already holds theirs at that length (``print_vs_peer`` prints them all)."""
     for length in lengths:
         inp = make_inputs(length, True)
         grad = torch.randn_like(inp["x"])
@@ -280,6 +281,20 @@ def time_all(fns: dict, lengths: list[int], reps: int, warmup: int, bandwidth: f
             vs = (f"{both / peer[1]:.3f}", f"{fwd / peer[0]:.3f}") if peer else ("-", "-")
             print(f"{name:>20} {fwd:>7.3f} {both:>8.3f} {both - fwd:>7.3f} {rel:>11} {vs[0]:>9} {vs[1]:>8} "
                   f"{fwd / floor:>9.2f}", flush=True)
+
+
+def print_vs_peer(results: dict, lengths: list[int], names: list[str]) -> None:
+    """Each config's time over mamba_ssm's, same process (< 1: ssmkit faster)."""
+    for length in lengths:
+        peer = results.get((length, PEER))
+        if peer is None:
+            continue
+        print(f"\nL {length}, over mamba_ssm's fwd {peer[0]:.3f} / fwd+bwd {peer[1]:.3f} ms:")
+        print(f"{'config':>20} {'fwd':>7} {'fwd+bwd':>8}")
+        for name in names:
+            if (length, name) in results:
+                fwd, both = results[length, name]
+                print(f"{name:>20} {fwd / peer[0]:>7.3f} {both / peer[1]:>8.3f}")
 
 
 def per_kernel(name: str, fn, length: int, launch: SSDLaunch | None) -> None:
@@ -362,13 +377,8 @@ def main() -> None:
     passed = check(names, 8192)
     bandwidth = copy_bandwidth()
     print(f"\ndevice copy bandwidth {bandwidth / 1e12:.2f} TB/s; {time.perf_counter() - start:.0f} s so far", flush=True)
-    fns = {}
-    peer = None
-    if not args.no_peer:
-        peer = import_from_source("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
-        if peer is not None:
-            fns[PEER] = theirs(peer)
-    fns.update({name: ours(CONFIGS[name]) for name in passed})
+    # ssmkit's configs first, mamba_ssm last: its first call autotunes (and compiles what the workers did not).
+    fns = {name: ours(CONFIGS[name]) for name in passed}
     results: dict = {}
     time_all(fns, args.lengths, args.reps, args.warmup, bandwidth, results)
     both = combined(results, passed, args.lengths[0])
@@ -379,14 +389,14 @@ def main() -> None:
             time_all({"default": fns["default"], "combined": ours(both)}, args.lengths, args.reps, args.warmup,
                      bandwidth, results)
             passed.append("combined")
+    peer = None if args.no_peer else import_from_source("mamba_ssm.ops.triton.ssd_combined",
+                                                         "mamba_chunk_scan_combined")
+    if peer is not None:
+        time_all({PEER: theirs(peer)}, args.lengths, args.reps, args.warmup, bandwidth, results)
+        print_vs_peer(results, args.lengths, passed)
     length = args.lengths[0]
     timed = [n for n in passed if (length, n) in results]
     winner = min(timed, key=lambda n: results[length, n][1])
-    per_kernel("default", fns["default"], length, DEFAULT_LAUNCH)
-    if winner != "default":
-        per_kernel(winner, ours(CONFIGS[winner]), length, CONFIGS[winner])
-    if PEER in fns:
-        per_kernel(PEER, fns[PEER], length, None)
     fwd, f_b = results[length, winner]
     base = results[length, "default"]
     line = f"\nWINNER at L {length}: {winner}, fwd {fwd:.3f} / fwd+bwd {f_b:.3f} ms ({f_b / base[1]:.3f}x the default"
@@ -400,7 +410,13 @@ def main() -> None:
             peer_r = results.get((other, PEER))
             print(f"  at L {other}: fwd+bwd {r[1]:.3f} ms ({r[1] / results[other, 'default'][1]:.3f}x the default"
                   + (f", {r[1] / peer_r[1]:.3f}x mamba_ssm)" if peer_r else ")"))
-    print(f"to make it the default, set in ssmkit/ops/ssd/launch.py's SSDLaunch: {CONFIGS[winner].overrides()}")
+    print(f"to make it the default, set in ssmkit/ops/ssd/launch.py's SSDLaunch: {CONFIGS[winner].overrides()}",
+          flush=True)
+    per_kernel("default", fns["default"], length, DEFAULT_LAUNCH)
+    if winner != "default":
+        per_kernel(winner, ours(CONFIGS[winner]), length, CONFIGS[winner])
+    if peer is not None:
+        per_kernel(PEER, theirs(peer), length, None)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
