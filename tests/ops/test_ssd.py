@@ -423,3 +423,23 @@ def test_docstring_example():
         runner.run(test)
     assert runner.summarize(verbose=False).attempted > 0
     assert runner.failures == 0
+
+
+@pytest.mark.parametrize(("field", "value", "error"), [
+    ("rows_head_stages", -1, ValueError), ("cols_head_stages", 9, ValueError), ("rows_state_head_stages", True, ValueError),
+    ("state_bwd_tile", 48, ValueError), ("cb", (4,), ValueError), ("cb_lowp", 1, TypeError), ("dcb_lowp", "yes", TypeError),
+    ("scan_heads", 3, ValueError), ("scan_heads", True, ValueError), ("state_online", 0, TypeError),
+])
+def test_launch_rejects_bad_settings(field, value, error):
+    from ssmkit.ops.ssd.launch import SSDLaunch
+
+    with pytest.raises(error, match=f"SSDLaunch.{field}"):
+        SSDLaunch(**{field: value})
+
+
+def test_launch_head_stages_none_means_the_compilers_choice():
+    from ssmkit.ops.ssd.launch import CONFIGS, SSDLaunch
+
+    assert SSDLaunch().head_stages("rows") is None
+    assert SSDLaunch(cols_head_stages=2).head_stages("cols") == 2
+    assert CONFIGS["rows_h2"].overrides() == {"rows_head_stages": 2}

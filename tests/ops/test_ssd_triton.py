@@ -37,6 +37,21 @@ CASES = {
     "input_scale": (2, 37, 4, 3, 2, 5, 16, 16, "float32", "D_h z bias init softplus limit docs scale"),
     "input_scale_varlen": (1, 39, 2, 2, 1, 4, 16, 16, "float32", "D_h init softplus varlen scale"),
     "input_scale_bf16": (1, 33, 2, 8, 1, 8, 16, 64, "bfloat16", "D_h z softplus docs scale one_slice"),
+    # C Bᵀ and its summed gradient stored in bf16 (one slice: dcb_lowp applies), the head loops pipelined.
+    "lowp_cb_pipelined": (2, 37, 4, 8, 2, 8, 32, 16, "bfloat16", "D_h z bias init softplus docs one_slice lowp heads2"),
+    # Several slices: the summed gradient of C Bᵀ stays in float32 partial sums whatever dcb_lowp says.
+    "lowp_cb_slices": (1, 40, 4, 4, 1, 8, 16, 16, "float16", "D_hp z init softplus docs lowp cols_split heads2"),
+    # float32 inputs: the flags leave C Bᵀ in float32; head loops pipelined, state backward's own tile.
+    "pipelined_float32": (2, 37, 4, 3, 2, 5, 32, 16, "float32", "D_h z bias init softplus limit docs lowp heads2"),
+    # The forward scan two heads a program (two groups of two heads; chunk 32 in 16-row tiles).
+    "scan_two_heads": (2, 37, 4, 3, 2, 5, 32, 16, "float32", "D_hp z bias init softplus docs scan2"),
+    "scan_two_heads_bf16": (1, 33, 4, 8, 1, 8, 16, 64, "bfloat16", "D_h z softplus docs scan2 lowp one_slice"),
+    # Three heads a group: odd, so the scan keeps one head a program.
+    "scan_two_heads_odd": (1, 20, 3, 4, 1, 4, 16, 16, "float32", "D_h z init softplus scan2"),
+    # The chunk states in one pass (two 16-row blocks a chunk: the rescaling is exercised), chained or not.
+    "online_states": (2, 37, 4, 3, 2, 5, 32, 16, "float32", "D_h z bias init softplus limit docs online"),
+    "online_states_unchained": (2, 40, 2, 4, 1, 8, 32, 16, "float32", "D_hp z init softplus docs no_chain online"),
+    "online_states_scale_bf16": (1, 45, 2, 8, 1, 8, 32, 16, "bfloat16", "D_h z softplus docs scale one_slice online"),
 }
 
 
@@ -80,9 +95,14 @@ def make_case(b, l, h, p, g, n, chunk_size, dtype, options):
 
 def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     """Output, final (and varlen) states and every gradient of backend='triton' against float64."""
-    launch = SSDLaunch(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in options else tile,
-                       min_programs=1 if "one_slice" in options else 1024, cols_split="cols_split" in options,
-                       chain="no_chain" not in options)
+    opts = options.split()
+    heads = 2 if "heads2" in opts else 0
+    launch = SSDLaunch(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in opts else tile,
+                       min_programs=1 if "one_slice" in opts else 1024, cols_split="cols_split" in opts,
+                       chain="no_chain" not in opts, cb_lowp="lowp" in opts, dcb_lowp="lowp" in opts,
+                       rows_head_stages=heads, rows_state_head_stages=heads, cols_head_stages=heads,
+                       state_bwd_tile=32 if heads else tile, scan_heads=2 if "scan2" in opts else 1,
+                       state_online="online" in opts)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton", launch=launch)
@@ -114,6 +134,18 @@ def check_nan_stays_in_its_chunks() -> None:
     assert torch.isfinite(out[0, 20:]).all() and torch.isfinite(out[0, :, 0]).all()
 
 
+def check_cb_lowp_rounds_cb() -> None:
+    """cb_lowp stores C Bᵀ in bf16: the output moves (one more rounding), by less than bf16's tolerance."""
+    inp, kw = make_case(1, 33, 2, 8, 1, 8, 16, "bfloat16", "D_h softplus")
+    args = {k: v.detach() for k, v in inp.items()}
+    kw["return_final_states"] = False
+    base = mamba_chunk_scan_combined(**args, **kw, backend="triton", launch=SSDLaunch(fwd_tile=16, bwd_tile=16))
+    low = mamba_chunk_scan_combined(**args, **kw, backend="triton",
+                                    launch=SSDLaunch(fwd_tile=16, bwd_tile=16, cb_lowp=True))
+    assert not torch.equal(base, low), "cb_lowp changed nothing: C Bᵀ was not stored in bf16"
+    assert_close(low.float(), base.float(), torch.bfloat16, name="out")
+
+
 def check_float64_uses_chunked() -> None:
     inp, kw = make_case(1, 9, 2, 2, 1, 2, 4, "float64", "D_h z")
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton")
@@ -129,6 +161,8 @@ def test_triton_matches_reference_in_interpreter(group):
 def _main(group: str) -> None:
     low = group == "low_precision"
     checks = {name: (check_case, case) for name, case in CASES.items() if (case[8] == "float32") != low}
+    if low:
+        checks["cb_lowp_rounds_cb"] = (check_cb_lowp_rounds_cb, ())
     if not low:
         checks["nan_stays_in_its_chunks"] = (check_nan_stays_in_its_chunks, ())
         checks["float64_uses_chunked"] = (check_float64_uses_chunked, ())

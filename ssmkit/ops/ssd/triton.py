@@ -49,6 +49,11 @@ def _head_slices(heads_per_group: int, programs: int, min_programs: int) -> int:
     return slices
 
 
+def _low_or_f32(dtype: torch.dtype, low: bool) -> torch.dtype:
+    """``dtype`` where ``low`` and it is bf16/fp16 (a buffer stored like the inputs), else float32."""
+    return dtype if low and dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _interpreting() -> bool:
     """Triton's CPU interpreter is on (no inline assembly there; programs run one after another)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -105,29 +110,31 @@ class _SSDFunction(torch.autograd.Function):
             l, h, g, p, n, nc, lo, hi,
             T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
             HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
-            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), **launch.opts("state"),
+            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), ONLINE=launch.state_online,
+            **launch.opts("state"),
         )
         if not chain:
             _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
                 states, init, final, cum, dummy if doc is None else doc,
                 prev, h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None,
-                HAS_DOC=doc is not None, num_warps=4,
+                HAS_DOC=doc is not None, **launch.opts("state_pass"),
             )
         del states, ring, sync
         nrb = T // BM
-        cb = torch.empty(b, nc, g, T, T, device=dev, dtype=f32)
+        cb = torch.empty(b, nc, g, T, T, device=dev, dtype=_low_or_f32(x.dtype, launch.cb_lowp))
         _fwd._chunk_cb_fwd[(nc * nrb * nrb, b * g)](
-            B, C, cb, l, g, n, nc, T=T, BM=BM, BN=BN, DOT=DOT, PREC=PREC, num_warps=4,
+            B, C, cb, l, g, n, nc, T=T, BM=BM, BN=BN, DOT=DOT, PREC=PREC, **launch.opts("cb"),
         )
         out = torch.empty_like(x)
         keep_ypre = any(ctx.needs_input_grad)
         ypre = torch.empty_like(x) if z is not None and keep_ypre else out
-        _fwd._chunk_scan_fwd[(nrb * h, nc, b)](
+        two_heads = launch.scan_heads == 2 and (h // g) % 2 == 0
+        _fwd._chunk_scan_fwd[(nrb * h // (2 if two_heads else 1), nc, b)](
             x, dummy if z is None else z, dummy if D is None else D, C, cb, delta, cum,
             dummy if doc is None else doc, prev, out, ypre,
             l, h, g, p, n, nc,
             T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC,
+            STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, TWO_HEADS=two_heads,
             **launch.opts("scan"),
         )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, prev, ypre, cb)
@@ -169,7 +176,7 @@ class _SSDFunction(torch.autograd.Function):
             dummy if dfinal is None else dfinal, dummy if dprev_x is None else dprev_x.contiguous(),
             dstates, ddecay, dinit, sync, ring,
             l, h, g, p, n, nc, n_nb,
-            T=T, BK=BM, BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
+            T=T, BK=min(T, launch.state_bwd_tile), BP=BP, BN=BN1, HAS_Z=z is not None, HAS_DOC=doc is not None,
             HAS_DFINAL=dfinal is not None, HAS_DPREV=dprev_x is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
             FENCE=not _interpreting(), **launch.opts("state_bwd"),
         )
@@ -182,14 +189,15 @@ class _SSDFunction(torch.autograd.Function):
         # One slice: the kernels write dB, dC in their final dtype; several: float32 partial sums.
         dC_part = torch.empty(S, *C.shape, device=dev, dtype=C.dtype if S == 1 else f32)
         dcum = torch.zeros(b, h, nc * T, device=dev, dtype=f32)
-        dcb = torch.empty(S, *cb.shape, device=dev, dtype=f32)
+        # Read only after a cast to the inputs' dtype where one slice holds all of a group's heads.
+        dcb = torch.empty(S, *cb.shape, device=dev, dtype=_low_or_f32(x.dtype, launch.dcb_lowp and S == 1))
         for part, kernel in ((0, "rows"), (1, "rows_state")):
             _bwd._bwd_rows[(nrb, nc, b * g * S)](
                 x, dummy if z is None else z, dout, ypre, dummy if D is None else D, B, C, cb, delta, cum, docp,
                 states, dummy if dz is None else dz, dummy if dD_part is None else dD_part, dC_part, dcum, dcb,
                 l, h, g, p, n, nc, S,
                 T=T, BM=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-                DOT=DOT, PREC=PREC, PART=part, **launch.opts(kernel),
+                DOT=DOT, PREC=PREC, PART=part, HEAD_STAGES=launch.head_stages(kernel), **launch.opts(kernel),
             )
         # 3. Columns: dB, dx, the Δ·x part of dΔ, the chunk-state part of dcum.
         dx = torch.empty_like(x)
@@ -203,7 +211,8 @@ class _SSDFunction(torch.autograd.Function):
                 dstates, dx, dB_part, ddelta, dcum, dlast,
                 l, h, g, p, n, nc, S,
                 T=T, BK=BM, BP=BP, BN=BN, HAS_Z=z is not None, HAS_D=D is not None, HAS_DOC=doc is not None,
-                DOT=DOT, PREC=PREC, PART=part, **launch.opts(kernel),
+                DOT=DOT, PREC=PREC, PART=part, HEAD_STAGES=launch.head_stages("cols"),
+                FLAT=launch.cols_head_stages > 0, **launch.opts(kernel),
             )
         # 4. dcum -> dΔ -> ddt, with per-chunk partials of dA and ddt_bias.
         ddt = torch.empty_like(dt)
@@ -218,7 +227,7 @@ class _SSDFunction(torch.autograd.Function):
             ddt, dA_part, dbias_part, dummy if dscale is None else dscale,
             l, h, nc, lo, hi, n_nb,
             T=T, BK=BM, NDB=_pow2(n_nb, 2), NLB=_pow2(nrb, 2), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-            HAS_LIMIT=has_limit, HAS_EXTRA=has_extra, SEP_SCALE=has_scale, num_warps=4,
+            HAS_LIMIT=has_limit, HAS_EXTRA=has_extra, SEP_SCALE=has_scale, **launch.opts("dt_bwd"),
         )
         dA = dA_part.sum((0, 2)).to(A.dtype) if ctx.needs_input_grad[2] else None  # Mamba-3's A is a constant
         dbias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None

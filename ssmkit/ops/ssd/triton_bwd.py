@@ -16,7 +16,8 @@
                      (SEP_SCALE) the weight's gradient is d input_scale and Δ only decays.
 dcum (the gradient of the within-chunk cumulative sums) gets its parts by atomic adds from the rows and
 columns kernels; relaxed ones (nothing reads dcum before the launch ends: the default acq_rel order put a
-memory barrier into every head's iteration).
+memory barrier into every head's iteration). HEAD_STAGES: pipeline stages of the loops over a group's
+heads (``SSDLaunch.*_head_stages``), None for the compiler's choice.
 
 Notation and layouts as ``triton_fwd``; dy = dout · silu(z), L_ts = exp(cum_t - cum_s) for s <= t in
 the same document, else 0; y_t = Σ_s (C_t·B_s) L_ts Δ_s x_s + exp(cum_t) S'_{c-1} C_t.
@@ -138,7 +139,7 @@ def _bwd_rows(
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-    PART: tl.constexpr,
+    PART: tl.constexpr, HEAD_STAGES: tl.constexpr,
 ):
     """PART 0: the intra-chunk terms (dM summed over heads -> dcb, dcum); PART 1, after it: dz, dD, the
     terms of earlier chunks' state, and dC. Two launches, not one: apart, each holds fewer tiles live
@@ -188,7 +189,7 @@ def _bwd_rows(
             io_s = q[:, None] * (H * P) + rp[None, :]
             s_mask = (c * T + q[:, None] < L) & (rp[None, :] < P)
             dcb = tl.zeros((BM, BM), dtype=tl.float32)
-            for j in range(R):
+            for j in tl.range(R, num_stages=HEAD_STAGES):
                 hh = (gg * S + sp) * R + j
                 bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
                 dy = _load_dy(dout_ptr, z_ptr, io0 + hh * P, io_r, io_mask, HAS_Z)
@@ -211,7 +212,7 @@ def _bwd_rows(
         dC = tl.zeros((BM, BN), dtype=tl.float32)
         # Per head: the gate and the skip (dz, dD), and the part passed in from earlier chunks,
         # y_t += exp(cum_t) S'_{c-1} C_t.
-        for j in range(R):
+        for j in tl.range(R, num_stages=HEAD_STAGES):
             hh = (gg * S + sp) * R + j
             bh_off = (b * H + hh).to(tl.int64) * Lp + c * T
             hb = io0 + hh * P
@@ -251,10 +252,11 @@ def _bwd_cols(
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc, S,
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-    PART: tl.constexpr,
+    PART: tl.constexpr, HEAD_STAGES: tl.constexpr, FLAT: tl.constexpr,
 ):
     """PART 0: dB only; PART 1: all but dB; PART 2: all (one launch; two hold fewer tiles live each,
-    at the price of loading x and dS twice)."""
+    at the price of loading x and dS twice). FLAT: the loop over heads and the one over row blocks inside
+    it flattened into one, which HEAD_STAGES pipelines (an outer loop alone is not pipelined)."""
     # Addresses as in _bwd_rows: int64 scalar bases, int32 offsets inside the chunk.
     kb = tl.program_id(0)
     c = tl.program_id(1)
@@ -302,7 +304,7 @@ def _bwd_cols(
                 for u in range(1, S):
                     dcb += tl.load(dcb_ptr + u * cb_slice + offs)
                 dB += tl.dot(tl.trans(dcb.to(DOT)), Ct, input_precision=PREC)
-    for j in range(R):
+    for j in tl.range(R, num_stages=HEAD_STAGES, flatten=FLAT):
         hh = (gg * S + sp) * R + j
         bh = b * H + hh
         bh_off = bh.to(tl.int64) * Lp + c * T

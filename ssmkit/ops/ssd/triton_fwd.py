@@ -77,7 +77,7 @@ def _chunk_state_fwd(
     T: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_DOC: tl.constexpr,
     SEP_SCALE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, CHAIN: tl.constexpr, HAS_INIT: tl.constexpr,
-    FENCE: tl.constexpr,
+    FENCE: tl.constexpr, ONLINE: tl.constexpr,
 ):
     if CHAIN:
         # Chunks in the order the programs started (a ticket, not the program id), heads fastest: the
@@ -96,41 +96,70 @@ def _chunk_state_fwd(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + hh).to(tl.float32)
 
-    # Pass 1: Δ and its running sum over the chunk, kept in global buffers for the later kernels.
-    run = 0.0
-    for k in tl.static_range(0, T, BK):
-        t = c * T + k + tl.arange(0, BK)
-        v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
-        d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
-        if SEP_SCALE:
-            # The buffer is x's weight in the update for every later kernel: input_scale, not Δ.
-            w_in = tl.load(scale_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
-            tl.store(delta_ptr + bh * Lp + t, w_in)
-        else:
-            tl.store(delta_ptr + bh * Lp + t, d)
-        tl.store(cum_ptr + bh * Lp + t, tl.cumsum(d * A, 0) + run)
-        run += tl.sum(d * A, 0)
-    # Make this program's stores visible to all its threads before they are read back.
-    tl.debug_barrier()
-
-    # Pass 2: S = Σ_s w_s (Δ_s x_s) ⊗ B_s with w_s = exp(cum_last - cum_s), 0 outside the last document.
-    cum_last = tl.load(cum_ptr + bh * Lp + c * T + T - 1)
     if HAS_DOC:
         doc_last = tl.load(doc_ptr + b * Lp + c * T + T - 1)
     rp = tl.arange(0, BP)
     rn = tl.arange(0, BN)
     acc = tl.zeros((BP, BN), dtype=tl.float32)
-    for k in range(0, T, BK):
-        t = c * T + k + tl.arange(0, BK)
-        w = tl.exp(cum_last - tl.load(cum_ptr + bh * Lp + t)) * tl.load(delta_ptr + bh * Lp + t)
-        if HAS_DOC:
-            w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
-        xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
-                     mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
-        Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                     mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
-        xw = (xs * w[:, None]).to(DOT)
-        acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
+    if ONLINE:
+        # One pass: Δ, cum and S together. S is kept relative to the running sum at the end of the blocks
+        # read so far and rescaled by each new block's decay exp(run_new - run), so nothing is read back.
+        run = 0.0
+        is_last = tl.arange(0, BK) == BK - 1
+        for k in range(0, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
+            d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
+            w_in = d
+            if SEP_SCALE:
+                w_in = tl.load(scale_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
+            tl.store(delta_ptr + bh * Lp + t, w_in)
+            cum_s = tl.cumsum(d * A, 0) + run
+            tl.store(cum_ptr + bh * Lp + t, cum_s)
+            # The block's last cum as stored (not a separate sum): the chain and the backward read that one.
+            run_new = tl.sum(tl.where(is_last, cum_s, 0.0), 0)
+            w = tl.exp(run_new - cum_s) * w_in
+            if HAS_DOC:
+                w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
+            xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
+                         mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
+            Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+            xw = (xs * w[:, None]).to(DOT)
+            acc = acc * tl.exp(run_new - run) + tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
+            run = run_new
+        cum_last = run
+    else:
+        # Pass 1: Δ and its running sum over the chunk, kept in global buffers for the later kernels.
+        run = 0.0
+        for k in tl.static_range(0, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            v = tl.load(dt_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32) + bias
+            d = tl.where(t < L, _step_size(v, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
+            if SEP_SCALE:
+                # The buffer is x's weight in the update for every later kernel: input_scale, not Δ.
+                w_in = tl.load(scale_ptr + (b * L + t) * H + hh, mask=t < L, other=0.0).to(tl.float32)
+                tl.store(delta_ptr + bh * Lp + t, w_in)
+            else:
+                tl.store(delta_ptr + bh * Lp + t, d)
+            tl.store(cum_ptr + bh * Lp + t, tl.cumsum(d * A, 0) + run)
+            run += tl.sum(d * A, 0)
+        # Make this program's stores visible to all its threads before they are read back.
+        tl.debug_barrier()
+
+        # Pass 2: S = Σ_s w_s (Δ_s x_s) ⊗ B_s with w_s = exp(cum_last - cum_s), 0 outside the last document.
+        cum_last = tl.load(cum_ptr + bh * Lp + c * T + T - 1)
+        for k in range(0, T, BK):
+            t = c * T + k + tl.arange(0, BK)
+            w = tl.exp(cum_last - tl.load(cum_ptr + bh * Lp + t)) * tl.load(delta_ptr + bh * Lp + t)
+            if HAS_DOC:
+                w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
+            xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
+                         mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
+            Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+            xw = (xs * w[:, None]).to(DOT)
+            acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
     pn = rp[:, None] * N + rn[None, :]
     pn_mask = (rp[:, None] < P) & (rn[None, :] < N)
     if CHAIN:
@@ -224,19 +253,68 @@ def _cb_offsets(b, c, gg, G, nc, rows, cols, T: tl.constexpr):
     return ((b * nc + c) * G + gg) * T * T + rows[:, None] * T + cols[None, :]
 
 
+@triton.jit
+def _scan_entering(prev_ptr, cum_c, Ct, first, b, c, hh, H, nc, r, rp, rn, P: tl.constexpr, N: tl.constexpr,
+                   DOT: tl.constexpr, PREC: tl.constexpr):
+    """Rows r of head hh from what earlier chunks pass on: exp(cum_t) C_t S'_{c-1} where ``first`` (the rows
+    of the document entering the chunk), else 0. Returns that (BM, BP) float32 tile and cum_t."""
+    cum_t = tl.load(cum_c + r)
+    prev = tl.load(prev_ptr + ((b * nc + c) * H + hh).to(tl.int64) * P * N + rp[:, None] * N + rn[None, :],
+                   mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
+    off = tl.dot(Ct, tl.trans(prev.to(DOT)), input_precision=PREC)
+    return tl.where(first[:, None], off * tl.exp(cum_t)[:, None], 0.0), cum_t
+
+
+@triton.jit
+def _scan_block(acc, cb, keep, x_c, cum_c, delta_c, cum_t, q, in_seq, rp, H, P: tl.constexpr, DOT: tl.constexpr,
+                PREC: tl.constexpr):
+    """acc + ((C Bᵀ) ⊙ L)(Δx) of one head over the source block q (x_c, cum_c, delta_c: that head's chunk;
+    in_seq: which of q are positions of the sequence, not padding)."""
+    xs = tl.load(x_c + q[:, None] * (H * P) + rp[None, :], mask=in_seq[:, None] & (rp[None, :] < P),
+                 other=0.0).to(DOT)
+    cum_s = tl.load(cum_c + q)
+    delta_s = tl.load(delta_c + q)
+    decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
+    scores = (cb * decay * delta_s[None, :]).to(DOT)
+    return acc + tl.dot(scores, xs, input_precision=PREC)
+
+
+@triton.jit
+def _scan_out(acc, x_ptr, z_ptr, D_ptr, out_ptr, ypre_ptr, row0, hh, r, t, rp, L, H, P: tl.constexpr,
+              HAS_Z: tl.constexpr, HAS_D: tl.constexpr, STORE_YPRE: tl.constexpr):
+    """Head hh's rows r: y = acc + D x stored as y · silu(z) (and y itself in ypre for the backward)."""
+    # Pointer first, then the int32 tile: an int64 scalar plus the tile would make an int64 tile.
+    io0 = row0 * H * P + hh * P
+    io = r[:, None] * (H * P) + rp[None, :]
+    io_mask = (t[:, None] < L) & (rp[None, :] < P)
+    if HAS_D:
+        xt = tl.load(x_ptr + io0 + io, mask=io_mask, other=0.0).to(tl.float32)
+        acc += xt * tl.load(D_ptr + hh * P + rp, mask=rp < P, other=0.0)[None, :]
+    if HAS_Z:
+        if STORE_YPRE:
+            tl.store(ypre_ptr + io0 + io, acc, mask=io_mask)
+        zt = tl.load(z_ptr + io0 + io, mask=io_mask, other=0.0).to(tl.float32)
+        acc = acc * zt * tl.sigmoid(zt)
+    tl.store(out_ptr + io0 + io, acc, mask=io_mask)
+
+
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_scan_fwd(
     x_ptr, z_ptr, D_ptr, C_ptr, cb_ptr, delta_ptr, cum_ptr, doc_ptr, prev_ptr, out_ptr, ypre_ptr,
     L, H, G, P: tl.constexpr, N: tl.constexpr, nc,
     T: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, STORE_YPRE: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    DOT: tl.constexpr, PREC: tl.constexpr, TWO_HEADS: tl.constexpr,
 ):
     # prev_ptr: the states entering the chunks. Grid (row blocks x heads, chunks, batch): the programs of
-    # one chunk run together and share its C Bᵀ and C in L2. Addresses: int64 scalar bases of the chunk,
-    # int32 offsets inside it (int64 tiles of offsets double the registers of every address).
+    # one chunk run together and share its C Bᵀ and C in L2. TWO_HEADS: a program takes two heads of one
+    # group (hh, hh + 1), loading C and each tile of C Bᵀ once for both (half those bytes from L2).
+    # Addresses: int64 scalar bases of the chunk, int32 offsets inside it (int64 tiles of offsets double
+    # the registers of every address).
     pid = tl.program_id(0)
     m, hh = pid % (T // BM), pid // (T // BM)
+    if TWO_HEADS:
+        hh = hh * 2
     c = tl.program_id(1)
     b = tl.program_id(2)
     gg = hh // (H // G)
@@ -252,45 +330,31 @@ def _chunk_scan_fwd(
     rn = tl.arange(0, BN)
     r = m * BM + tl.arange(0, BM)  # rows t, as positions in the chunk
     t = c * T + r
-    cum_t = tl.load(cum_c + r)
     Ct = tl.load(C_c + r[:, None] * (G * N) + rn[None, :], mask=(t[:, None] < L) & (rn[None, :] < N),
                  other=0.0).to(DOT)
-
-    # What earlier chunks pass on: exp(cum_t) C_t S'_{c-1}, only for the document entering the chunk.
-    prev = tl.load(prev_ptr + ((b * nc + c) * H + hh).to(tl.int64) * P * N + rp[:, None] * N + rn[None, :],
-                   mask=(rp[:, None] < P) & (rn[None, :] < N), other=0.0)
-    off = tl.dot(Ct, tl.trans(prev.to(DOT)), input_precision=PREC)
     first = tl.full((BM,), 1, tl.int1)
     if HAS_DOC:
         doc_t = tl.load(doc_c + r)
         first = doc_t == _doc_before(doc_ptr, b, c, T, Lp)
-    acc = tl.where(first[:, None], off * tl.exp(cum_t)[:, None], 0.0)
+    acc, cum_t = _scan_entering(prev_ptr, cum_c, Ct, first, b, c, hh, H, nc, r, rp, rn, P, N, DOT, PREC)
+    if TWO_HEADS:
+        acc1, cum_t1 = _scan_entering(prev_ptr, cum_c + Lp, Ct, first, b, c, hh + 1, H, nc, r, rp, rn, P, N, DOT,
+                                      PREC)
 
     # Intra-chunk part, causal: source blocks up to the diagonal one.
     for k in range(0, (m + 1) * BM, BM):
         q = k + tl.arange(0, BM)  # sources s, as positions in the chunk
-        xs = tl.load(x_c + q[:, None] * (H * P) + rp[None, :],
-                     mask=(c * T + q[:, None] < L) & (rp[None, :] < P), other=0.0).to(DOT)
-        cum_s = tl.load(cum_c + q)
-        delta_s = tl.load(delta_c + q)
         keep = q[None, :] <= r[:, None]
         if HAS_DOC:
             keep = keep & (tl.load(doc_c + q)[None, :] == doc_t[:, None])
-        decay = tl.exp(tl.where(keep, cum_t[:, None] - cum_s[None, :], float("-inf")))
         cb = tl.load(cb_c + r[:, None] * T + q[None, :])
-        scores = (cb * decay * delta_s[None, :]).to(DOT)
-        acc += tl.dot(scores, xs, input_precision=PREC)
+        in_seq = c * T + q < L
+        acc = _scan_block(acc, cb, keep, x_c, cum_c, delta_c, cum_t, q, in_seq, rp, H, P, DOT, PREC)
+        if TWO_HEADS:
+            acc1 = _scan_block(acc1, cb, keep, x_c + P, cum_c + Lp, delta_c + Lp, cum_t1, q, in_seq, rp, H, P, DOT,
+                               PREC)
 
-    # Pointer first, then the int32 tile: an int64 scalar plus the tile would make an int64 tile.
-    io0 = row0 * H * P + hh * P
-    io = r[:, None] * (H * P) + rp[None, :]
-    io_mask = (t[:, None] < L) & (rp[None, :] < P)
-    if HAS_D:
-        xt = tl.load(x_ptr + io0 + io, mask=io_mask, other=0.0).to(tl.float32)
-        acc += xt * tl.load(D_ptr + hh * P + rp, mask=rp < P, other=0.0)[None, :]
-    if HAS_Z:
-        if STORE_YPRE:
-            tl.store(ypre_ptr + io0 + io, acc, mask=io_mask)
-        zt = tl.load(z_ptr + io0 + io, mask=io_mask, other=0.0).to(tl.float32)
-        acc = acc * zt * tl.sigmoid(zt)
-    tl.store(out_ptr + io0 + io, acc, mask=io_mask)
+    _scan_out(acc, x_ptr, z_ptr, D_ptr, out_ptr, ypre_ptr, row0, hh, r, t, rp, L, H, P, HAS_Z, HAS_D, STORE_YPRE)
+    if TWO_HEADS:
+        _scan_out(acc1, x_ptr, z_ptr, D_ptr, out_ptr, ypre_ptr, row0, hh + 1, r, t, rp, L, H, P, HAS_Z, HAS_D,
+                  STORE_YPRE)
