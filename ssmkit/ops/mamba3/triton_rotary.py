@@ -239,8 +239,9 @@ class _RotateBC(torch.autograd.Function):
         else:
             dB = torch.empty(split, R, g, n, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
-        dBb = torch.empty(nblk, h, n, device=B.device, dtype=torch.float32)
-        dCb = torch.empty_like(dBb)
+        # Both biases' per-program partials in one buffer: one reduction launch for the two.
+        dBCb = torch.empty(2, nblk, h, n, device=B.device, dtype=torch.float32)
+        dBb, dCb = dBCb[0], dBCb[1]
         dtheta = torch.empty_like(theta)
         _rotate_bc_bwd[(nblk, g, split)](
             B, C, B_bias, C_bias, theta, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
@@ -249,7 +250,8 @@ class _RotateBC(torch.autograd.Function):
         )
         if split > 1:
             dB, dC = dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype)
-        return dB, dC, dBb.sum(0), dCb.sum(0), dtheta, None, None, None
+        dBb, dCb = dBCb.sum(1)
+        return dB, dC, dBb, dCb, dtheta, None, None, None
 
 
 def rotate_bc_triton(

@@ -34,13 +34,15 @@ gate (``triton_output.py``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
 from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.mamba3.step_sizes import step_weights
-from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.ssd import SSDInputs, mamba_chunk_scan_combined, ssd_scan
 
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
@@ -102,7 +104,7 @@ def mamba3_via_ssd(
     # The SSD op's inputs are built here from checked ones, valid by construction: its checks (about 0.1 ms
     # of host time a call, at sizes where the layer is bound by the host) are not run again.
     y, G, _ = ssd_scan(SSDInputs(
-        x=xo, dt=sdt, A=torch.full((h,), -1.0, dtype=dtype, device=x.device), B=Bo, C=Co,
+        x=xo, dt=sdt, A=_minus_ones(h, dtype, x.device), B=Bo, C=Co,
         chunk_size=SSD_CHUNK or chunk_size, D=None, z=None, dt_bias=None, initial_states=G0, seq_idx=seq_idx,
         cu_seqlens=None, dt_softplus=False, dt_limit=NO_LIMIT, input_scale=w, device=x.device,
     ), backend="chunked" if dtype == torch.float64 else ssd_backend)
@@ -116,6 +118,21 @@ def mamba3_via_ssd(
     if not final_state:
         return out, None
     return out, Mamba3ScanState(theta[:, -1], G, last_B, x[:, -1].to(dtype))
+
+
+def _minus_ones(h: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The SSD op's constant A = -1 (h,): made once per shape and device, not a fill kernel (and for MIMO a
+    negation) every call. Never written to; the SSD op computes no gradient for it. Made fresh while a CUDA
+    graph is being captured (a cached tensor would live in the graph's private memory pool)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((h,), -1.0, dtype=dtype, device=device)
+    return _cached_minus_ones(h, dtype, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_minus_ones(h: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first made under inference mode
+        return torch.full((h,), -1.0, dtype=dtype, device=device)
 
 
 def _first_share(dt: torch.Tensor, trap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -140,7 +157,7 @@ def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor,
     step = torch.cat([-prep.log_a[:, :, None], prep.log_a.new_zeros(b, l, r - 1, h)], dim=2)
     G0 = None if init is None else initial_G(init, prep.xr, prep.delta[:, 0], inputs.mimo_x)
     y, G = mamba_chunk_scan_combined(
-        xo.reshape(b, l * r, h, p), step.reshape(b, l * r, h), -torch.ones(h, dtype=dtype, device=x.device),
+        xo.reshape(b, l * r, h, p), step.reshape(b, l * r, h), _minus_ones(h, dtype, x.device),
         Bo.reshape(b, l * r, h, -1), Co.reshape(b, l * r, h, -1), SSD_CHUNK or inputs.chunk_size, initial_states=G0,
         seq_idx=None if seq_idx is None else seq_idx.repeat_interleave(r, dim=1), return_final_states=True,
         input_scale=w[:, :, None].expand(b, l, r, h).reshape(b, l * r, h),
