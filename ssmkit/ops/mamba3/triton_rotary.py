@@ -8,9 +8,9 @@ diagonal dot); here it is one kernel forward and one backward, reading B and C o
     B̃_t = R(θ_t) (B_t + B_bias),  C̃_t = R(θ_t) (C_t + C_bias)   (stored in the SSD op's operand dtype)
     cb_t = C̃_t · B̃_t                                          (of the stored, rounded values, float32)
 
-Layouts (contiguous): B, C (b·l, g, n); B_bias, C_bias (h, n) float32; theta (b·l, h, a) float32;
-Bt, Ct (b·l, h, n); cb (b·l, h) float32. Pair i < a is (2i, 2i+1) when INTERLEAVED, else (i, i + n/2);
-pairs past a pass unrotated. Rows are read and written whole (interleaved pairs split and joined in
+Layouts (contiguous, except that B's and C's rows may lie at any stride): B, C (b·l, g, n); B_bias, C_bias
+(h, n) float32; theta (b·l, h, a) float32; Bt, Ct (b·l, h, n); cb (b·l, h) float32. Pair i < a is
+(2i, 2i+1) when INTERLEAVED, else (i, i + n/2); pairs past a pass unrotated. Rows are read and written whole (interleaved pairs split and joined in
 registers), never as two stride-2 halves: stride-2 bf16 stores left every sector half written.
 
 Forward: a program takes ROWS positions of one head, heads varying fastest between programs, so the
@@ -105,7 +105,7 @@ def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask, pmask, H
 @triton.jit(do_not_specialize=["R"])
 def _rotate_bc_fwd(
     B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, Bt_ptr, Ct_ptr, cb_ptr,
-    R, H, G, A,
+    R, H, G, A, s_B, s_C,
     N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -117,8 +117,8 @@ def _rotate_bc_fwd(
     pmask = pair < N // 2
     mask = rmask[:, None] & pmask[None, :]
     f, s = _cols(pair, N, INTERLEAVED)
-    b0, b1 = _load_rows(B_ptr + gg * N, rows, G * N, rmask, N, HALF, INTERLEAVED)
-    c0, c1 = _load_rows(C_ptr + gg * N, rows, G * N, rmask, N, HALF, INTERLEAVED)
+    b0, b1 = _load_rows(B_ptr + gg * N, rows, s_B, rmask, N, HALF, INTERLEAVED)
+    c0, c1 = _load_rows(C_ptr + gg * N, rows, s_C, rmask, N, HALF, INTERLEAVED)
     bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
                                                    pmask, H, A, N)
     u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
@@ -136,7 +136,7 @@ def _rotate_bc_fwd(
 def _rotate_bc_bwd(
     B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, dBt_ptr, dCt_ptr, dcb_ptr,
     dB_ptr, dC_ptr, dBb_ptr, dCb_ptr, dtheta_ptr,
-    R, H, G, A, SPLIT,
+    R, H, G, A, SPLIT, s_B, s_C,
     N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DCB: tl.constexpr,
     OUT_DTYPE: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -148,8 +148,8 @@ def _rotate_bc_bwd(
     pmask = pair < N // 2
     mask = (rows < R)[:, None] & pmask[None, :]
     f, s = _cols(pair, N, INTERLEAVED)
-    b0, b1 = _load_pair(B_ptr + gg * N, rows, G * N, f, s, mask)
-    c0, c1 = _load_pair(C_ptr + gg * N, rows, G * N, f, s, mask)
+    b0, b1 = _load_pair(B_ptr + gg * N, rows, s_B, f, s, mask)
+    c0, c1 = _load_pair(C_ptr + gg * N, rows, s_C, f, s, mask)
     db0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     db1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     dc0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
@@ -217,7 +217,8 @@ class _RotateBC(torch.autograd.Function):
         Ct = torch.empty_like(Bt)
         cb = torch.empty(R, h, device=B.device, dtype=torch.float32)
         grid = (triton.cdiv(R, _FWD_ROWS) * h,)
-        _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, N=n, HALF=_half(n),
+        _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, B.stride(0), C.stride(0),
+                             N=n, HALF=_half(n),
                              ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
         ctx.save_for_backward(B, C, B_bias, C_bias, theta)
         ctx.meta = (h, interleaved, out_dtype)
@@ -234,8 +235,9 @@ class _RotateBC(torch.autograd.Function):
         dBt = torch.zeros(R, h, n, device=B.device, dtype=out_dtype) if dBt is None else dBt.contiguous()
         dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
         split = _split(h // g, nblk * g)
-        if split == 1:
-            dB, dC = torch.empty_like(B), torch.empty_like(C)
+        if split == 1:  # contiguous, whatever B's and C's row strides
+            dB = torch.empty(R, g, n, device=B.device, dtype=B.dtype)
+            dC = torch.empty(R, g, n, device=C.device, dtype=C.dtype)
         else:
             dB = torch.empty(split, R, g, n, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
@@ -245,13 +247,19 @@ class _RotateBC(torch.autograd.Function):
         dtheta = torch.empty_like(theta)
         _rotate_bc_bwd[(nblk, g, split)](
             B, C, B_bias, C_bias, theta, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
-            dB, dC, dBb, dCb, dtheta, R, h, g, a, split, N=n, HALF=_half(n), ROWS=_ROWS, INTERLEAVED=interleaved,
-            HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES, num_warps=_WARPS,
+            dB, dC, dBb, dCb, dtheta, R, h, g, a, split, B.stride(0), C.stride(0), N=n, HALF=_half(n), ROWS=_ROWS,
+            INTERLEAVED=interleaved, HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES, num_warps=_WARPS,
         )
         if split > 1:
             dB, dC = dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype)
         dBb, dCb = dBCb.sum(1)
         return dB, dC, dBb, dCb, dtheta, None, None, None
+
+
+def _rows(v: torch.Tensor) -> torch.Tensor:
+    """v (R, g, n) as the kernels read it: each row's g·n entries contiguous, rows at any stride (B and C may be
+    slices of one normalised in-projection output: no copy)."""
+    return v if v.stride(2) == 1 and v.stride(1) == v.shape[2] else v.contiguous()
 
 
 def rotate_bc_triton(
@@ -273,7 +281,7 @@ def rotate_bc_triton(
     if n % 2 or a > n // 2 or out_dtype not in _TL:
         raise ValueError(f"rotate_bc_triton: n={n} must be even, a={a} <= n/2, out dtype {out_dtype} bf16/fp16/fp32")
     Bt, Ct, cb = _RotateBC.apply(
-        B.reshape(b * l, g, n).contiguous(), C.reshape(b * l, g, n).contiguous(),
+        _rows(B.reshape(b * l, g, n)), _rows(C.reshape(b * l, g, n)),
         B_bias.float().contiguous(), C_bias.float().contiguous(),
         theta.float().reshape(b * l, h, a).contiguous(), h, interleaved, out_dtype,
     )
