@@ -16,9 +16,10 @@ Three modes:
   depend on shapes, never on values), so the count is taken at the benchmark's shape (``--shape``, default
   ``gpu_mamba3.py``'s: b8, L 2048, d_model 768, 24 heads x 64, N 128); the PyTorch ops do run, on the CPU;
 * ``--host``: as ``--stub`` at the tiny shape, timing one forward and one backward (``y.sum().backward()``):
-  microseconds of host time per step spent in Python, autograd and PyTorch's dispatch (CPU kernels at that size
-  cost a few microseconds each), i.e. everything but Triton's own launch path (argument binding, cache lookup,
-  the driver call), which needs a GPU: on one, ``gpu_mamba3.py --counts`` gives the whole host time a step.
+  microseconds of the thread's CPU time per step spent in Python, autograd and PyTorch's dispatch (CPU kernels
+  at that size cost a few microseconds each), i.e. everything but Triton's own launch path (argument binding,
+  cache lookup, the driver call), which needs a GPU: on one, ``gpu_mamba3.py --counts`` gives the whole host
+  time a step. Thread CPU time, not wall time: other processes on a shared machine disturb it less.
 
     python benchmarks/launch_count.py                   # Mamba-3 (the SSD route), Mamba-2 and Mamba (fused), bf16
     python benchmarks/launch_count.py --layers mamba3 --verbose
@@ -154,20 +155,22 @@ def count_step(layer: torch.nn.Module, x: torch.Tensor, verbose: bool = False) -
     return result
 
 
-def host_us(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 50,
-            sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
+def host_us(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 50, sync: Callable[[], None] = lambda: None,
+            clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     """Median host microseconds of one forward and of one backward (``y.sum().backward()``), never waiting for
-    the device inside a timed region (``sync`` between them)."""
+    the device inside a timed region (``sync`` between them). ``clock``: wall time (a GPU's backward runs on
+    autograd's device thread), or on a CPU ``time.thread_time``, the calling thread's own CPU time (autograd
+    runs a CPU backward on the calling thread), which other processes on a shared machine disturb less."""
     fwd, bwd = [], []
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
+        start = clock()
         y = layer(x)
-        fwd.append(time.perf_counter() - start)
+        fwd.append(clock() - start)
         sync()
-        start = time.perf_counter()
+        start = clock()
         y.sum().backward()
-        bwd.append(time.perf_counter() - start)
+        bwd.append(clock() - start)
     sync()
     return statistics.median(fwd) * 1e6, statistics.median(bwd) * 1e6
 
@@ -220,8 +223,8 @@ def main() -> None:
             torch.set_num_threads(1)
             for _ in range(5):
                 layer(x).sum().backward()
-            fwd, bwd = host_us(layer, x, args.repeats)
-            print(f"  host time (Triton's launch path excluded): forward {fwd:.0f} us, backward {bwd:.0f} us, "
+            fwd, bwd = host_us(layer, x, args.repeats, clock=time.thread_time)
+            print(f"  host CPU time (Triton's launch path excluded): forward {fwd:.0f} us, backward {bwd:.0f} us, "
                   f"together {fwd + bwd:.0f} us (median of {args.repeats})")
         else:
             print_counts(count_step(layer, x, args.verbose))

@@ -30,11 +30,13 @@ CASES = {
     "interleaved_bf16": (19, 1, 2, True, "bfloat16", True, False, 1),
     "rank2_packed_fp32": (13, 2, 4, False, "float32", True, True, 2),
     "rank3_bf16": (9, 1, 2, True, "bfloat16", False, True, 3),
+    # more angles than one program of the angle kernels takes: Δ's gradient from two partials
+    "many_angles_packed_fp32": (21, 1, 20, True, "float32", True, False, 1),
 }
 
 
 def check_case(l, g, a, interleaved, dtype, packed, mimo, rank) -> None:
-    inp = make_inputs(b=2, l=l, h=4, r=rank, g=g, a=a, dtype=getattr(torch, dtype), initial=True)
+    inp = make_inputs(b=2, l=l, h=4, r=rank, g=g, n=max(8, 2 * a), a=a, dtype=getattr(torch, dtype), initial=True)
     if not mimo:
         for k in ("mimo_x", "mimo_z", "mimo_o"):
             inp.pop(k)

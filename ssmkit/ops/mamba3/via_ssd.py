@@ -48,6 +48,9 @@ from ssmkit.ops.ssd import SSDInputs, mamba_chunk_scan_combined, ssd_scan
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
 # operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
 FUSED_BC = True
+# With FUSED_BC: the step weights and the angles in one autograd node (triton_route_scalars.py); off, the
+# step weights in PyTorch (benchmarks/gpu_mamba3.py --glue times the two).
+FUSED_SCALARS = True
 # Chunk length the SSD op's kernels get (None: the caller's chunk_size). A chunk is only a tiling here (the
 # result does not depend on it); the SSD kernels were tuned at 256, Mamba-3 layers pass 64 (mamba_ssm's).
 SSD_CHUNK: int | None = None
@@ -75,16 +78,22 @@ def mamba3_via_ssd(
     # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
     fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
     prep = prepare(inputs, dtype, fused=fused, scalars=False)
-    # -ΔA, w = γ + δ_next and δ_next: one kernel each way with the fused kernels, else PyTorch.
-    sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype,
-                               backend="triton" if fused else "chunked")
     last_B = None
     if fused:
         # Imported here: `import ssmkit` must never import triton.
-        from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
         from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
 
-        theta = rotary_angles_triton(dt, angles, seq_idx, None if init is None else init.angle)
+        init_angle = None if init is None else init.angle
+        if FUSED_SCALARS:
+            from ssmkit.ops.mamba3.triton_route_scalars import route_scalars_triton
+
+            # -ΔA, w = γ + δ_next, δ_next and θ: one autograd node, two kernels each way.
+            sdt, w, nxt, theta = route_scalars_triton(dt, inputs.A, inputs.trap, angles, seq_idx, init_angle)
+        else:
+            from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
+
+            sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype, backend="chunked")
+            theta = rotary_angles_triton(dt, angles, seq_idx, init_angle)
         # Views, not selects (rank 1 here): a select's backward is a zero fill and a copy, a launch each.
         Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v.squeeze(1) for v in (B_bias, C_bias))
         Bo, Co, CB = rotate_bc_triton(B.squeeze(2), C.squeeze(2), Bb, Cb, theta, rotary_interleaved, ops)
@@ -93,6 +102,7 @@ def mamba3_via_ssd(
             B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb.to(dtype)
             last_B = rotate(B_end, theta[:, -1], rotary_interleaved)[:, None]
     else:
+        sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype, backend="chunked")
         theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
         Bt, Ct = Bt.squeeze(2), Ct.squeeze(2)  # (b, l, h, n): rank 1
         last_B = Bt[:, -1, None]
