@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops.ssd.reference import doc_starts
 
 _BLOCK = 128  # positions per step of the walk
@@ -120,8 +121,8 @@ def angles_fwd(dt: torch.Tensor, angles: torch.Tensor, starts: torch.Tensor | No
     b, l, h, a = angles.shape
     theta = torch.empty(b, l, h, a, device=dt.device, dtype=torch.float32)
     dummy = dt
-    BA = min(_COLS, triton.next_power_of_2(a))
-    _angles_fwd[(b * h, triton.cdiv(a, BA))](
+    BA = min(_COLS, next_power_of_2(a))
+    _angles_fwd[(b * h, cdiv(a, BA))](
         dt, angles, dummy if starts is None else starts, dummy if init is None else init, theta,
         l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None,
         HAS_INIT=init is not None, num_warps=4,
@@ -133,8 +134,8 @@ def angles_bwd(dt, angles, starts, dtheta) -> tuple[torch.Tensor, torch.Tensor, 
     """Launch the backward: Δ's gradient as (b, l, h, k) float32 partials (one per block of angles, summed by the
     caller), the angles' gradient in their dtype and the initial angles' (b, h, a) float32."""
     b, l, h, a = angles.shape
-    BA = min(_COLS, triton.next_power_of_2(a))
-    ncb = triton.cdiv(a, BA)
+    BA = min(_COLS, next_power_of_2(a))
+    ncb = cdiv(a, BA)
     ddt = torch.empty(b, l, h, ncb, device=dt.device, dtype=torch.float32)
     dang = torch.empty(b, l, h, a, device=dt.device, dtype=angles.dtype)  # stored in its dtype: no cast after
     dinit = torch.empty(b, h, a, device=dt.device, dtype=torch.float32)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv, next_power_of_2
+
 _ROWS = 16  # positions per program
 
 
@@ -93,9 +95,9 @@ class _Output(torch.autograd.Function):
         R, h, p = x.shape
         out = torch.empty_like(x)
         dummy = nxt
-        grid = (triton.cdiv(R, _ROWS), h)
+        grid = (cdiv(R, _ROWS), h)
         _output_fwd[grid](y, x, dummy if z is None else z, nxt, cb, dummy if D is None else D, out, R, h,
-                          0 if z is None else z.stride(0), P=p, BP=triton.next_power_of_2(p), ROWS=_ROWS,
+                          0 if z is None else z.stride(0), P=p, BP=next_power_of_2(p), ROWS=_ROWS,
                           HAS_Z=z is not None, HAS_D=D is not None, num_warps=4)
         ctx.save_for_backward(y, x, z, nxt, cb, D)
         return out
@@ -104,7 +106,7 @@ class _Output(torch.autograd.Function):
     def backward(ctx, dout):
         y, x, z, nxt, cb, D = ctx.saved_tensors
         R, h, p = x.shape
-        nblk = triton.cdiv(R, _ROWS)
+        nblk = cdiv(R, _ROWS)
         dy, dx = torch.empty_like(y), torch.empty_like(x)
         dz = None if z is None else torch.empty(R, h, p, device=z.device, dtype=z.dtype)
         dnxt, dcb = torch.empty_like(nxt), torch.empty_like(cb)
@@ -113,7 +115,7 @@ class _Output(torch.autograd.Function):
         _output_bwd[(nblk, h)](
             y, x, dummy if z is None else z, nxt, cb, dummy if D is None else D, dout.contiguous(), dy, dx,
             dummy if dz is None else dz, dnxt, dcb, dummy if dD is None else dD, R, h,
-            0 if z is None else z.stride(0), P=p, BP=triton.next_power_of_2(p), ROWS=_ROWS,
+            0 if z is None else z.stride(0), P=p, BP=next_power_of_2(p), ROWS=_ROWS,
             HAS_Z=z is not None, HAS_D=D is not None, num_warps=4,
         )
         return dy, dx, dz, dnxt, dcb, None if dD is None else dD.sum(0).to(D.dtype)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv, next_power_of_2
+
 # Positions per program, and warps. The forward runs one head a program: many small programs hide the latency.
 # The backward loops over a group's heads, so the loop's loads must be in flight while the previous head
 # computes: measured on an H100 (benchmarks/gpu_mamba3_rotary.py, b 8, L 8192, 24 heads, N 128), its time
@@ -202,7 +204,7 @@ def _split(heads_per_group: int, programs: int) -> int:
 
 def _half(n: int) -> int:
     """Pairs per row, padded to a power of two (Triton's tiles)."""
-    return triton.next_power_of_2(max(n // 2, 1))
+    return next_power_of_2(max(n // 2, 1))
 
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -216,7 +218,7 @@ class _RotateBC(torch.autograd.Function):
         Bt = torch.empty(R, h, n, device=B.device, dtype=out_dtype)
         Ct = torch.empty_like(Bt)
         cb = torch.empty(R, h, device=B.device, dtype=torch.float32)
-        grid = (triton.cdiv(R, _FWD_ROWS) * h,)
+        grid = (cdiv(R, _FWD_ROWS) * h,)
         _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, B.stride(0), C.stride(0),
                              N=n, HALF=_half(n),
                              ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
@@ -231,7 +233,7 @@ class _RotateBC(torch.autograd.Function):
         h, interleaved, out_dtype = ctx.meta
         R, g, n = B.shape
         a = theta.shape[-1]
-        nblk = triton.cdiv(R, _ROWS)
+        nblk = cdiv(R, _ROWS)
         dBt = torch.zeros(R, h, n, device=B.device, dtype=out_dtype) if dBt is None else dBt.contiguous()
         dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
         split = _split(h // g, nblk * g)

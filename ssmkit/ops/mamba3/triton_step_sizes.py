@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv
 from ssmkit.ops.selective_scan.triton_kernels import _softplus
 from ssmkit.ops.ssd.reference import doc_starts
 
@@ -90,7 +91,7 @@ class _DtDecay(torch.autograd.Function):
         A = torch.empty_like(dt)
         bias = dt_bias.float().contiguous()
         n = dt.numel()
-        _dt_decay_fwd[(triton.cdiv(n, _BLOCK),)](
+        _dt_decay_fwd[(cdiv(n, _BLOCK),)](
             dd_dt, dd_A, bias, dt, A, n, h, l, *dd_dt.stride(), *dd_A.stride(), float(A_floor),
             HEAVY_TAIL=heavy_tail, BLOCK=_BLOCK, num_warps=4,
         )
@@ -106,7 +107,7 @@ class _DtDecay(torch.autograd.Function):
         d_raw = torch.empty(b, l, h, device=dd_dt.device, dtype=torch.float32)
         d_ddt = torch.empty(b, l, h, device=dd_dt.device, dtype=dd_dt.dtype)
         d_dda = torch.empty(b, l, h, device=dd_dt.device, dtype=dd_A.dtype)
-        _dt_decay_bwd[(triton.cdiv(n, _BLOCK),)](
+        _dt_decay_bwd[(cdiv(n, _BLOCK),)](
             dd_dt, dd_A, bias, g_dt.contiguous(), g_A.contiguous(), d_raw, d_ddt, d_dda, n, h, l,
             *dd_dt.stride(), *dd_A.stride(), ctx.A_floor, HEAVY_TAIL=ctx.heavy_tail, BLOCK=_BLOCK, num_warps=4,
         )
@@ -175,7 +176,7 @@ def step_weights_fwd(dt: torch.Tensor, A: torch.Tensor, trap: torch.Tensor, star
     sdt = torch.empty(b, l, h, device=dt.device, dtype=torch.float32)
     w, nxt = torch.empty_like(sdt), torch.empty_like(sdt)
     n = sdt.numel()
-    _step_weights_fwd[(triton.cdiv(n, _BLOCK),)](
+    _step_weights_fwd[(cdiv(n, _BLOCK),)](
         dt, A, trap, dt if starts is None else starts, sdt, w, nxt, n, h, l, *trap.stride(),
         HAS_DOC=starts is not None, BLOCK=_BLOCK, num_warps=4,
     )
@@ -189,7 +190,7 @@ def step_weights_bwd(dt, A, trap, starts, g_sdt, g_w, g_nxt, ddt_in: torch.Tenso
     n = b * l * h
     ddt, dA = torch.empty_like(dt), torch.empty_like(dt)
     dtrap = torch.empty(b, l, h, device=dt.device, dtype=trap.dtype)
-    _step_weights_bwd[(triton.cdiv(n, _BLOCK),)](
+    _step_weights_bwd[(cdiv(n, _BLOCK),)](
         dt, A, trap, dt if starts is None else starts, g_sdt.contiguous(), g_w.contiguous(), g_nxt.contiguous(),
         dt if ddt_in is None else ddt_in, ddt, dA, dtrap, n, h, l, *trap.stride(), HAS_DOC=starts is not None,
         NCB=0 if ddt_in is None else ddt_in.shape[-1], BLOCK=_BLOCK, num_warps=4,
