@@ -211,51 +211,60 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 
 class _RotateBC(torch.autograd.Function):
+    """B, C (b, l, g, n); B_bias, C_bias (h, [1,] n) float32; theta (b, l, h, a) float32 -> Bt, Ct (b, l, h, n),
+    cb (b, l, h). The flattening to the kernels' rows happens in here, not around the node: each reshape or
+    view outside would be an autograd node more, run by the engine every backward."""
+
     @staticmethod
-    def forward(ctx, B, C, B_bias, C_bias, theta, h, interleaved, out_dtype):
-        R, g, n = B.shape
-        a = theta.shape[-1]
-        Bt = torch.empty(R, h, n, device=B.device, dtype=out_dtype)
+    def forward(ctx, B, C, B_bias, C_bias, theta, interleaved, out_dtype):
+        b, l, g, n = B.shape
+        h, a = theta.shape[2], theta.shape[3]
+        R = b * l
+        B2, C2 = _rows(B.reshape(R, g, n)), _rows(C.reshape(R, g, n))
+        Bb, Cb, th = B_bias.reshape(h, n), C_bias.reshape(h, n), theta.reshape(R, h, a)
+        Bt = torch.empty(b, l, h, n, device=B.device, dtype=out_dtype)
         Ct = torch.empty_like(Bt)
-        cb = torch.empty(R, h, device=B.device, dtype=torch.float32)
+        cb = torch.empty(b, l, h, device=B.device, dtype=torch.float32)
         grid = (cdiv(R, _FWD_ROWS) * h,)
-        _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, B.stride(0), C.stride(0),
-                             N=n, HALF=_half(n),
-                             ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
+        _rotate_bc_fwd[grid](B2, C2, Bb, Cb, th, Bt, Ct, cb, R, h, g, a, B2.stride(0), C2.stride(0),
+                             N=n, HALF=_half(n), ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
         ctx.save_for_backward(B, C, B_bias, C_bias, theta)
-        ctx.meta = (h, interleaved, out_dtype)
+        ctx.meta = (interleaved, out_dtype)
         ctx.set_materialize_grads(False)
         return Bt, Ct, cb
 
     @staticmethod
     def backward(ctx, dBt, dCt, dcb):
         B, C, B_bias, C_bias, theta = ctx.saved_tensors
-        h, interleaved, out_dtype = ctx.meta
-        R, g, n = B.shape
-        a = theta.shape[-1]
+        interleaved, out_dtype = ctx.meta
+        b, l, g, n = B.shape
+        h, a = theta.shape[2], theta.shape[3]
+        R = b * l
+        B2, C2 = _rows(B.reshape(R, g, n)), _rows(C.reshape(R, g, n))
+        Bb, Cb, th = B_bias.reshape(h, n), C_bias.reshape(h, n), theta.reshape(R, h, a)
         nblk = cdiv(R, _ROWS)
         dBt = torch.zeros(R, h, n, device=B.device, dtype=out_dtype) if dBt is None else dBt.contiguous()
         dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
         split = _split(h // g, nblk * g)
         if split == 1:  # contiguous, whatever B's and C's row strides
-            dB = torch.empty(R, g, n, device=B.device, dtype=B.dtype)
-            dC = torch.empty(R, g, n, device=C.device, dtype=C.dtype)
+            dB = torch.empty(b, l, g, n, device=B.device, dtype=B.dtype)
+            dC = torch.empty(b, l, g, n, device=C.device, dtype=C.dtype)
         else:
-            dB = torch.empty(split, R, g, n, device=B.device, dtype=torch.float32)
+            dB = torch.empty(split, b, l, g, n, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
         # Both biases' per-program partials in one buffer: one reduction launch for the two.
         dBCb = torch.empty(2, nblk, h, n, device=B.device, dtype=torch.float32)
-        dBb, dCb = dBCb[0], dBCb[1]
         dtheta = torch.empty_like(theta)
         _rotate_bc_bwd[(nblk, g, split)](
-            B, C, B_bias, C_bias, theta, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
-            dB, dC, dBb, dCb, dtheta, R, h, g, a, split, B.stride(0), C.stride(0), N=n, HALF=_half(n), ROWS=_ROWS,
-            INTERLEAVED=interleaved, HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES, num_warps=_WARPS,
+            B2, C2, Bb, Cb, th, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
+            dB, dC, dBCb[0], dBCb[1], dtheta, R, h, g, a, split, B2.stride(0), C2.stride(0), N=n, HALF=_half(n),
+            ROWS=_ROWS, INTERLEAVED=interleaved, HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES,
+            num_warps=_WARPS,
         )
         if split > 1:
             dB, dC = dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype)
         dBb, dCb = dBCb.sum(1)
-        return dB, dC, dBb, dCb, dtheta, None, None, None
+        return dB, dC, dBb.view(B_bias.shape), dCb.view(C_bias.shape), dtheta, None, None
 
 
 def _rows(v: torch.Tensor) -> torch.Tensor:
@@ -275,16 +284,12 @@ def rotate_bc_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head rotated B̃, C̃ (b, l, h, n) in ``out_dtype`` and cb = C̃·B̃ (b, l, h) float32, with gradients.
 
-    B, C: (b, l, g, n), any float dtype but float64 (n even); B_bias, C_bias: (h, n); theta: (b, l, h, a)
-    float32 with a <= n/2. Gradients reach B, C (in their dtype), the biases and theta.
+    B, C: (b, l, g, n), any float dtype but float64 (n even), each row's g·n entries contiguous or copied so;
+    B_bias, C_bias: (h, n) or (h, 1, n); theta: (b, l, h, a) float32 with a <= n/2. Gradients reach B, C (in
+    their dtype), the biases and theta.
     """
-    b, l, g, n = B.shape
-    h, a = theta.shape[2], theta.shape[3]
+    n, a = B.shape[3], theta.shape[3]
     if n % 2 or a > n // 2 or out_dtype not in _TL:
         raise ValueError(f"rotate_bc_triton: n={n} must be even, a={a} <= n/2, out dtype {out_dtype} bf16/fp16/fp32")
-    Bt, Ct, cb = _RotateBC.apply(
-        _rows(B.reshape(b * l, g, n)), _rows(C.reshape(b * l, g, n)),
-        B_bias.float().contiguous(), C_bias.float().contiguous(),
-        theta.float().reshape(b * l, h, a).contiguous(), h, interleaved, out_dtype,
-    )
-    return Bt.view(b, l, h, n), Ct.view(b, l, h, n), cb.view(b, l, h)
+    return _RotateBC.apply(B, C, B_bias.float().contiguous(), C_bias.float().contiguous(),
+                           theta.float().contiguous(), interleaved, out_dtype)

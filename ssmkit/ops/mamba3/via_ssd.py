@@ -94,12 +94,13 @@ def mamba3_via_ssd(
 
             sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype, backend="chunked")
             theta = rotary_angles_triton(dt, angles, seq_idx, init_angle)
-        # Views, not selects (rank 1 here): a select's backward is a zero fill and a copy, a launch each.
-        Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v.squeeze(1) for v in (B_bias, C_bias))
+        # Views, not selects (rank 1 here): a select's backward is a zero fill and a copy, a launch each. The
+        # biases go in as (h, 1, n): the kernel's wrapper takes them so (a squeeze would be an autograd node).
+        Bb, Cb = (torch.zeros(h, 1, B.shape[-1], device=x.device) if v is None else v for v in (B_bias, C_bias))
         Bo, Co, CB = rotate_bc_triton(B.squeeze(2), C.squeeze(2), Bb, Cb, theta, rotary_interleaved, ops)
         if final_state:
             # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
-            B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb.to(dtype)
+            B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb[:, 0].to(dtype)
             last_B = rotate(B_end, theta[:, -1], rotary_interleaved)[:, None]
     else:
         sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype, backend="chunked")
