@@ -213,7 +213,7 @@ class Mamba3(nn.Module):
     def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(b, l, h, p) or, per rank, (b, l, R, h, p) scan output -> (b, l, I) input of out_proj."""
         if not self.is_outproj_norm:
-            return (y if y.dim() == 4 else y.squeeze(2)).flatten(-2)
+            return y.flatten(-2) if y.dim() == 4 else y.flatten(-3)  # (b, l, 1, h, p): one view, not two
         if not self.is_mimo:
             return self.norm(y.squeeze(2).flatten(-2), z.flatten(-2))
         zr = z[:, :, None] * self.mimo_z.transpose(0, 1).to(z.dtype)

@@ -211,14 +211,14 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 
 class _RotateBC(torch.autograd.Function):
-    """B, C (b, l, g, n); B_bias, C_bias (h, [1,] n) float32; theta (b, l, h, a) float32 -> Bt, Ct (b, l, h, n),
-    cb (b, l, h). The flattening to the kernels' rows happens in here, not around the node: each reshape or
-    view outside would be an autograd node more, run by the engine every backward."""
+    """B, C (b, l, [1,] g, n); B_bias, C_bias (h, [1,] n) float32; theta (b, l, h, a) float32 -> Bt, Ct
+    (b, l, h, n), cb (b, l, h). The flattening to the kernels' rows happens in here, not around the node: each
+    reshape or view outside would be an autograd node more, run by the engine every backward."""
 
     @staticmethod
     def forward(ctx, B, C, B_bias, C_bias, theta, interleaved, out_dtype):
-        b, l, g, n = B.shape
-        h, a = theta.shape[2], theta.shape[3]
+        b, l, h, a = theta.shape
+        g, n = B.shape[-2:]
         R = b * l
         B2, C2 = _rows(B.reshape(R, g, n)), _rows(C.reshape(R, g, n))
         Bb, Cb, th = B_bias.reshape(h, n), C_bias.reshape(h, n), theta.reshape(R, h, a)
@@ -237,8 +237,8 @@ class _RotateBC(torch.autograd.Function):
     def backward(ctx, dBt, dCt, dcb):
         B, C, B_bias, C_bias, theta = ctx.saved_tensors
         interleaved, out_dtype = ctx.meta
-        b, l, g, n = B.shape
-        h, a = theta.shape[2], theta.shape[3]
+        b, l, h, a = theta.shape
+        g, n = B.shape[-2:]
         R = b * l
         B2, C2 = _rows(B.reshape(R, g, n)), _rows(C.reshape(R, g, n))
         Bb, Cb, th = B_bias.reshape(h, n), C_bias.reshape(h, n), theta.reshape(R, h, a)
@@ -247,10 +247,10 @@ class _RotateBC(torch.autograd.Function):
         dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
         split = _split(h // g, nblk * g)
         if split == 1:  # contiguous, whatever B's and C's row strides
-            dB = torch.empty(b, l, g, n, device=B.device, dtype=B.dtype)
-            dC = torch.empty(b, l, g, n, device=C.device, dtype=C.dtype)
+            dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
+            dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
         else:
-            dB = torch.empty(split, b, l, g, n, device=B.device, dtype=torch.float32)
+            dB = torch.empty(split, *B.shape, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
         # Both biases' per-program partials in one buffer: one reduction launch for the two.
         dBCb = torch.empty(2, nblk, h, n, device=B.device, dtype=torch.float32)
@@ -284,11 +284,11 @@ def rotate_bc_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head rotated B̃, C̃ (b, l, h, n) in ``out_dtype`` and cb = C̃·B̃ (b, l, h) float32, with gradients.
 
-    B, C: (b, l, g, n), any float dtype but float64 (n even), each row's g·n entries contiguous or copied so;
-    B_bias, C_bias: (h, n) or (h, 1, n); theta: (b, l, h, a) float32 with a <= n/2. Gradients reach B, C (in
-    their dtype), the biases and theta.
+    B, C: (b, l, g, n) or (b, l, 1, g, n), any float dtype but float64 (n even), each row's g·n entries
+    contiguous or copied so; B_bias, C_bias: (h, n) or (h, 1, n); theta: (b, l, h, a) float32 with a <= n/2.
+    Gradients reach B, C (in their dtype), the biases and theta.
     """
-    n, a = B.shape[3], theta.shape[3]
+    n, a = B.shape[-1], theta.shape[3]
     if n % 2 or a > n // 2 or out_dtype not in _TL:
         raise ValueError(f"rotate_bc_triton: n={n} must be even, a={a} <= n/2, out dtype {out_dtype} bf16/fp16/fp32")
     return _RotateBC.apply(B, C, B_bias.float().contiguous(), C_bias.float().contiguous(),

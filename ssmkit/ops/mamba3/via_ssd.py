@@ -97,7 +97,7 @@ def mamba3_via_ssd(
         # Views, not selects (rank 1 here): a select's backward is a zero fill and a copy, a launch each. The
         # biases go in as (h, 1, n): the kernel's wrapper takes them so (a squeeze would be an autograd node).
         Bb, Cb = (torch.zeros(h, 1, B.shape[-1], device=x.device) if v is None else v for v in (B_bias, C_bias))
-        Bo, Co, CB = rotate_bc_triton(B.squeeze(2), C.squeeze(2), Bb, Cb, theta, rotary_interleaved, ops)
+        Bo, Co, CB = rotate_bc_triton(B, C, Bb, Cb, theta, rotary_interleaved, ops)  # B, C (b, l, 1, g, n)
         if final_state:
             # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
             B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb[:, 0].to(dtype)
@@ -109,7 +109,8 @@ def mamba3_via_ssd(
         last_B = Bt[:, -1, None]
         Bo, Co = Bt.to(ops), Ct.to(ops)
         CB = (Co.to(dtype) * Bo.to(dtype)).sum(-1)  # (b, l, h): C̃_t·B̃_t as the kernels see it
-    xr = prep.xr.squeeze(2)  # (b, l, h, p)
+    # (b, l, h, p); x itself where prepare's xr is only x expanded over the rank (no autograd node for nothing).
+    xr = x if fused and mimo_x is None else prep.xr.squeeze(2)
     xo = xr.to(ops).contiguous()  # once: the SSD op and the output kernel both read it contiguous
     G0 = None if init is None else initial_G(init, prep.xr, _first_share(dt, inputs.trap, dtype), mimo_x)
     # The SSD op's inputs are built here from checked ones, valid by construction: its checks (about 0.1 ms
