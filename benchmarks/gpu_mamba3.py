@@ -31,8 +31,8 @@ PyTorch forms they replaced (``step_sizes._triton`` patched off, the final state
 with the host time a call beside each.
 
 ``--counts`` adds, after the speed table, each layer's launches in one forward and one backward (counted as
-``launch_count.py`` counts them on a CPU: Triton launches and PyTorch ops that launch a kernel) and the host
-time of each, the GPU idle at the start of each (so pure host time; at b8 L 2K the layers are bound by it).
+``launch_count.py`` counts them on a CPU: Triton launches and PyTorch ops that launch a kernel), the forward's
+autograd nodes and the host time of each, the GPU idle at the start of each (so pure host time; at b8 L 2K the layers are bound by it).
 
 ``--host-profile L`` runs one layer's forward+backward 20 times under cProfile (Python time on the host,
 the GPU waited for only at the end) and prints the functions with the most time of their own: at short
@@ -239,7 +239,8 @@ def counts(their_cls: type | None, activation: str, lengths: list[int], repeats:
     import launch_count
 
     print(f"\nlaunches and host time, bf16, b8 (launches: Triton + PyTorch; host: median of {repeats}, microseconds):")
-    print(f"{'L':>6} {'layer':>15} {'fwd launches':>14} {'bwd launches':>14} {'host fwd us':>12} {'host bwd us':>12}")
+    print(f"{'L':>6} {'layer':>15} {'fwd launches':>14} {'bwd launches':>14} {'nodes':>6} {'host fwd us':>12} "
+          f"{'host bwd us':>12}")
     hooked = False
     for length in lengths:
         x, runs = warm_layers(their_cls, activation, length)
@@ -252,7 +253,7 @@ def counts(their_cls: type | None, activation: str, lengths: list[int], repeats:
                 launched = launch_count.count_step(layer, x)
             (tf, pf), (tb, pb) = launched["forward"], launched["backward"]
             print(f"{length:>6} {name:>15} {f'{len(tf)} + {len(pf)}':>14} {f'{len(tb)} + {len(pb)}':>14} "
-                  f"{fwd_us:>12.0f} {bwd_us:>12.0f}", flush=True)
+                  f"{launched['nodes']:>6} {fwd_us:>12.0f} {bwd_us:>12.0f}", flush=True)
 
 
 def main() -> None:

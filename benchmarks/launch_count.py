@@ -140,19 +140,32 @@ def counting(verbose: bool = False) -> Iterator[tuple[list[str], list[str]]]:
     del _kernels[start:]
 
 
-def count_step(layer: torch.nn.Module, x: torch.Tensor, verbose: bool = False) -> dict[str, tuple[list, list]]:
-    """{"forward": (triton, pytorch), "backward": (...)} kernel names of one ``layer(x)`` and one
+def count_step(layer: torch.nn.Module, x: torch.Tensor, verbose: bool = False) -> dict:
+    """{"forward": (triton, pytorch), "backward": (...), "nodes": int}: kernel names of one ``layer(x)`` and one
     ``.sum().backward()`` (the sum and its seed counted in the backward), after a warm-up step that makes the
-    gradients exist."""
+    gradients exist, and the forward's autograd nodes."""
     layer(x).sum().backward()
     result = {}
     with counting(verbose) as launched:
         y = layer(x)
     result["forward"] = launched
+    result["nodes"] = autograd_nodes(y)
     with counting(verbose) as launched:
         y.sum().backward()
     result["backward"] = launched
     return result
+
+
+def autograd_nodes(y: torch.Tensor) -> int:
+    """Nodes of ``y``'s autograd graph (parameters' accumulators included): each is host work the engine does
+    every backward, a launch or not (a view's backward is a node too)."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(fn for fn, _ in node.next_functions)
+    return len(seen)
 
 
 def host_us(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 50, sync: Callable[[], None] = lambda: None,
@@ -175,15 +188,16 @@ def host_us(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 50, sync: Ca
     return statistics.median(fwd) * 1e6, statistics.median(bwd) * 1e6
 
 
-def print_counts(counts: dict[str, tuple[list, list]], indent: str = "  ") -> None:
+def print_counts(counts: dict, indent: str = "  ") -> None:
     total = 0
-    for part, (triton_names, ops) in counts.items():
+    for part in ("forward", "backward"):
+        triton_names, ops = counts[part]
         total += len(triton_names) + len(ops)
         print(f"{indent}{part}: {len(triton_names)} Triton kernels + {len(ops)} PyTorch kernels = "
               f"{len(triton_names) + len(ops)} launches")
         print(f"{indent}  Triton: {', '.join(triton_names)}")
         print(f"{indent}  PyTorch: {dict(collections.Counter(ops).most_common())}")
-    print(f"{indent}forward + backward: {total} launches")
+    print(f"{indent}forward + backward: {total} launches; {counts['nodes']} autograd nodes")
 
 
 TINY = (2, 40, 64, 16, 16)  # batch, length, d_model, d_state, headdim
