@@ -234,24 +234,28 @@ def glue(activation: str, lengths: list[int]) -> None:
 
 def counts(their_cls: type | None, activation: str, lengths: list[int], repeats: int = 30) -> None:
     """Per layer and length: kernels launched by one forward and one backward (``launch_count.py``'s counters:
-    Triton launches and PyTorch ops that launch a kernel, as its CPU count gives them) and the host time of each
-    (wall, the GPU idle at the start: nothing is waited for inside)."""
+    Triton launches and PyTorch ops that launch a kernel, as its CPU count gives them), the forward's autograd
+    nodes and the host time of each (wall, the GPU idle at the start: nothing is waited for inside). Every layer
+    is timed before the counting wrapper goes around Triton's launches (it costs the host a little)."""
     import launch_count
 
-    print(f"\nlaunches and host time, bf16, b8 (launches: Triton + PyTorch; host: median of {repeats}, microseconds):")
-    print(f"{'L':>6} {'layer':>15} {'fwd launches':>14} {'bwd launches':>14} {'nodes':>6} {'host fwd us':>12} "
-          f"{'host bwd us':>12}")
-    hooked = False
+    host = {}
     for length in lengths:
         x, runs = warm_layers(their_cls, activation, length)
         for name, layer, context in runs:
             with context():
-                fwd_us, bwd_us = launch_count.host_us(layer, x, repeats, sync=torch.cuda.synchronize)
-                if not hooked:  # after the first timing: the counting wrapper costs the host a little
-                    launch_count.hook_triton_launches()
-                    hooked = True
+                host[length, name] = launch_count.host_us(layer, x, repeats, sync=torch.cuda.synchronize)
+    launch_count.hook_triton_launches()
+    print(f"\nlaunches and host time, bf16, b8 (launches: Triton + PyTorch; host: median of {repeats}, microseconds):")
+    print(f"{'L':>6} {'layer':>15} {'fwd launches':>14} {'bwd launches':>14} {'nodes':>6} {'host fwd us':>12} "
+          f"{'host bwd us':>12}")
+    for length in lengths:
+        x, runs = warm_layers(their_cls, activation, length)
+        for name, layer, context in runs:
+            with context():
                 launched = launch_count.count_step(layer, x)
             (tf, pf), (tb, pb) = launched["forward"], launched["backward"]
+            fwd_us, bwd_us = host[length, name]
             print(f"{length:>6} {name:>15} {f'{len(tf)} + {len(pf)}':>14} {f'{len(tb)} + {len(pb)}':>14} "
                   f"{launched['nodes']:>6} {fwd_us:>12.0f} {bwd_us:>12.0f}", flush=True)
 
