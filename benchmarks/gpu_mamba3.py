@@ -256,7 +256,7 @@ def counts(their_cls: type | None, activation: str, lengths: list[int], repeats:
             try:
                 with context():
                     launched = launch_count.count_step(layer, x)
-            except Exception as err:  # noqa: BLE001 - a layer that cannot run under the dispatch mode loses its count only
+            except Exception as err:  # noqa: BLE001 - a layer failing under the dispatch mode loses its count only
                 print(f"{length:>6} {name:>15} count failed ({type(err).__name__}: {err}); host fwd {fwd_us:.0f} us, "
                       f"bwd {bwd_us:.0f} us", flush=True)
                 continue
