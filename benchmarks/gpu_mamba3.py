@@ -24,10 +24,15 @@ forward+backward of each layer at length L: where the layer's time goes besides 
 
     python benchmarks/gpu_mamba3.py [--upstream release|main] [--lengths 2048 8192] [--no-parity] [--no-timing]
     python benchmarks/gpu_mamba3.py --no-parity --no-timing --profile 2048
+    python benchmarks/gpu_mamba3.py --no-parity --counts      # + launches and host time a fwd / bwd, per layer
 
 ``--glue`` times ssmkit's layer with its fused scalar kernels and final-state skip (the default) against the
 PyTorch forms they replaced (``step_sizes._triton`` patched off, the final state always built), same run,
 with the host time a call beside each.
+
+``--counts`` adds, after the speed table, each layer's launches in one forward and one backward (counted as
+``launch_count.py`` counts them on a CPU: Triton launches and PyTorch ops that launch a kernel), the forward's
+autograd nodes and the host time of each, the GPU idle at the start of each (so pure host time; at b8 L 2K the layers are bound by it).
 
 ``--host-profile L`` runs one layer's forward+backward 20 times under cProfile (Python time on the host,
 the GPU waited for only at the end) and prints the functions with the most time of their own: at short
@@ -191,6 +196,7 @@ def pytorch_glue():
     """The Mamba-3 route's scalars in PyTorch and its final state always built (as before the fused kernels)."""
     import ssmkit.ops.mamba3 as mamba3_ops
     import ssmkit.ops.mamba3.step_sizes as step_sizes
+    from ssmkit.ops.mamba3 import via_ssd
 
     route = mamba3_ops.mamba3_via_ssd
 
@@ -198,6 +204,7 @@ def pytorch_glue():
         return route(inputs, ssd_backend=ssd_backend, final_state=True)
 
     with mock.patch.object(step_sizes, "_triton", lambda backend, device: False), \
+            mock.patch.object(via_ssd, "FUSED_SCALARS", False), \
             mock.patch.object(mamba3_ops, "mamba3_via_ssd", always_final):
         yield
 
@@ -225,6 +232,39 @@ def glue(activation: str, lengths: list[int]) -> None:
             print(f"{length:>6} {name:>8} {fwd:>8.2f} {both:>11.2f} {host * 1e3:>8.2f}", flush=True)
 
 
+def counts(their_cls: type | None, activation: str, lengths: list[int], repeats: int = 30) -> None:
+    """Per layer and length: kernels launched by one forward and one backward (``launch_count.py``'s counters:
+    Triton launches and PyTorch ops that launch a kernel, as its CPU count gives them), the forward's autograd
+    nodes and the host time of each (wall, the GPU idle at the start: nothing is waited for inside). Every layer
+    is timed before the counting wrapper goes around Triton's launches (it costs the host a little)."""
+    import launch_count
+
+    host = {}
+    for length in lengths:
+        x, runs = warm_layers(their_cls, activation, length)
+        for name, layer, context in runs:
+            with context():
+                host[length, name] = launch_count.host_us(layer, x, repeats, sync=torch.cuda.synchronize)
+    launch_count.hook_triton_launches()
+    print(f"\nlaunches and host time, bf16, b8 (launches: Triton + PyTorch; host: median of {repeats}, microseconds):")
+    print(f"{'L':>6} {'layer':>15} {'fwd launches':>14} {'bwd launches':>14} {'nodes':>6} {'host fwd us':>12} "
+          f"{'host bwd us':>12}")
+    for length in lengths:
+        x, runs = warm_layers(their_cls, activation, length)
+        for name, layer, context in runs:
+            fwd_us, bwd_us = host[length, name]
+            try:
+                with context():
+                    launched = launch_count.count_step(layer, x)
+            except Exception as err:  # noqa: BLE001 - a layer failing under the dispatch mode loses its count only
+                print(f"{length:>6} {name:>15} count failed ({type(err).__name__}: {err}); host fwd {fwd_us:.0f} us, "
+                      f"bwd {bwd_us:.0f} us", flush=True)
+                continue
+            (tf, pf), (tb, pb) = launched["forward"], launched["backward"]
+            print(f"{length:>6} {name:>15} {f'{len(tf)} + {len(pf)}':>14} {f'{len(tb)} + {len(pb)}':>14} "
+                  f"{launched['nodes']:>6} {fwd_us:>12.0f} {bwd_us:>12.0f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream", choices=UPSTREAMS, default="release",
@@ -237,6 +277,8 @@ def main() -> None:
     parser.add_argument("--glue", action="store_true", help="fused scalar kernels on / off, ssmkit only")
     parser.add_argument("--host-profile", type=int, nargs="*", default=[], metavar="L",
                         help="cProfile of each layer's fwd+bwd on the host at these lengths")
+    parser.add_argument("--counts", action="store_true",
+                        help="after the speed table: launches and host time of a forward and a backward, per layer")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -258,12 +300,17 @@ def main() -> None:
         profile(their_cls, activation, length)
     for length in args.host_profile:
         host_profile(their_cls, activation, length)
-    if args.no_timing:
-        return
+    if not args.no_timing:
+        speed_table(their_cls, activation, args.lengths)
+    if args.counts:
+        counts(their_cls, activation, args.lengths)
+
+
+def speed_table(their_cls: type | None, activation: str, lengths: list[int]) -> None:
     print("\nspeed, bf16, batch 8, d_model 768 (24 heads x 64, N 128), median ms:")
     print(f"{'L':>6} {'layer':>15} {'fwd ms':>8} {'fwd+bwd ms':>11}")
-    rows = timing(their_cls, activation, args.lengths)
-    for length in args.lengths:
+    rows = timing(their_cls, activation, lengths)
+    for length in lengths:
         t = next((r for r in rows if r[0] == length and r[1] == "mamba_ssm"), None)
         c = next(r for r in rows if r[0] == length and r[1] == "ssmkit chunked")
         for backend in BACKENDS:

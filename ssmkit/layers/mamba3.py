@@ -27,6 +27,7 @@ from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
 from ssmkit.ops.mamba3.step_sizes import decay_rate, dt_and_decay
+from ssmkit.ops.norm import gated_rms_norm_fn
 
 __all__ = ["DECAY_ACTIVATIONS", "Mamba3", "Mamba3State", "decay_rate"]
 
@@ -176,15 +177,29 @@ class Mamba3(nn.Module):
 
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """z (b, l, h, p) and the scan's per-token inputs from u (b, l, H)."""
-        z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(u).split(self.split_sizes, dim=-1)
-        B = self.B_norm(B.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
-        C = self.C_norm(C.unflatten(-1, (self.mimo_rank, self.ngroups, self.d_state)))
+        sizes = self.split_sizes
+        # B and C lie side by side in the projection: one norm call takes both (a launch and an autograd node
+        # fewer each way than B_norm and C_norm called apart), and B, C stay views of its output.
+        z, x, BC, dd_dt, dd_A, trap, angles = self.in_proj(u).split(sizes[:2] + [sizes[2] + sizes[3]] + sizes[4:], -1)
+        B, C = self._norm_BC(BC).unflatten(-1, (2, self.mimo_rank, self.ngroups, self.d_state)).unbind(-4)
         dt, A = dt_and_decay(dd_dt, dd_A, self.dt_bias, self.A_floor, self.decay_activation)
         inputs = {
             "x": x.unflatten(-1, (self.nheads, self.headdim)), "dt": dt, "A": A, "B": B, "C": C, "trap": trap,
             "angles": angles[:, :, None].expand(-1, -1, self.nheads, -1),
         }
         return z.unflatten(-1, (self.nheads, self.headdim)), inputs
+
+    def _norm_BC(self, BC: torch.Tensor) -> torch.Tensor:
+        """B_norm(B) and C_norm(C) of BC = [B | C] (b, l, 2·R·g·N) in one call: each N entries normalised apart
+        (a group of the gated norm), with B_norm's weight over B's groups and C_norm's over C's."""
+        Bw, Cw, eps = self.B_norm.weight, self.C_norm.weight, self.B_norm.eps
+        if self.C_norm.eps != eps:  # two eps (set apart after construction): two calls
+            B, C = BC.unflatten(-1, (2, -1, self.d_state)).unbind(-3)
+            return torch.stack([self.B_norm(B), self.C_norm(C)], -3).flatten(-3)
+        copies = self.mimo_rank * self.ngroups
+        # One group: the concatenation's backward is two views (a repeat's would be a reduction each).
+        weight = torch.cat([Bw, Cw] if copies == 1 else [Bw.repeat(copies), Cw.repeat(copies)])
+        return gated_rms_norm_fn(BC, None, weight, eps=eps, group_size=self.d_state, norm_before_gate=True)
 
     def _scan_params(self, z: torch.Tensor) -> dict[str, torch.Tensor | bool | None]:
         """Keyword arguments of the scan besides the per-token inputs (the gate z when it is fused)."""
@@ -198,7 +213,7 @@ class Mamba3(nn.Module):
     def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(b, l, h, p) or, per rank, (b, l, R, h, p) scan output -> (b, l, I) input of out_proj."""
         if not self.is_outproj_norm:
-            return (y if y.dim() == 4 else y.squeeze(2)).flatten(-2)
+            return y.flatten(-2) if y.dim() == 4 else y.flatten(-3)  # (b, l, 1, h, p): one view, not two
         if not self.is_mimo:
             return self.norm(y.squeeze(2).flatten(-2), z.flatten(-2))
         zr = z[:, :, None] * self.mimo_z.transpose(0, 1).to(z.dtype)

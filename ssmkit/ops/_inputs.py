@@ -5,8 +5,16 @@ and hands every backend one frozen dataclass of them (``SSDInputs``, ``Mamba3Inp
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-__all__ = ["OpInputs"]
+__all__ = ["OpInputs", "field_names"]
+
+
+@functools.cache
+def field_names(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names in order, looked up once per class (``dataclasses.fields`` walks the class
+    every call: a few microseconds an op call, at sizes where the layers are bound by the host)."""
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 class OpInputs:
@@ -14,4 +22,4 @@ class OpInputs:
 
     def unpack(self) -> tuple:
         """The fields in order, the tensors themselves (``dataclasses.astuple`` would copy them)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, name) for name in field_names(type(self)))

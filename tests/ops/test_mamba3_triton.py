@@ -30,11 +30,13 @@ CASES = {
     "interleaved_bf16": (19, 1, 2, True, "bfloat16", True, False, 1),
     "rank2_packed_fp32": (13, 2, 4, False, "float32", True, True, 2),
     "rank3_bf16": (9, 1, 2, True, "bfloat16", False, True, 3),
+    # more angles than one program of the angle kernels takes: Δ's gradient from two partials
+    "many_angles_packed_fp32": (21, 1, 20, True, "float32", True, False, 1),
 }
 
 
 def check_case(l, g, a, interleaved, dtype, packed, mimo, rank) -> None:
-    inp = make_inputs(b=2, l=l, h=4, r=rank, g=g, a=a, dtype=getattr(torch, dtype), initial=True)
+    inp = make_inputs(b=2, l=l, h=4, r=rank, g=g, n=max(8, 2 * a), a=a, dtype=getattr(torch, dtype), initial=True)
     if not mimo:
         for k in ("mimo_x", "mimo_z", "mimo_o"):
             inp.pop(k)
@@ -65,17 +67,21 @@ def check_case(l, g, a, interleaved, dtype, packed, mimo, rank) -> None:
 
 
 # name -> (b, l, g, h, n, a, interleaved, dtype, with the cb gradient[, programs the backward's head split aims
-# at: tiny grids split a group's heads fully, 0 keeps them in one program]): odd lengths, n/2 not a power of two.
+# at: tiny grids split a group's heads fully, 0 keeps them in one program (None: the default)[, row padding: B and
+# C as slices of one (b, l, 2·g·n + padding) tensor, as the layer's normalised in-projection gives them, read
+# without a copy]]): odd lengths, n/2 not a power of two.
 ROTARY_CASES = {
     "rotary_interleaved_fp32": (2, 37, 1, 4, 8, 2, True, "float32", True),
     "rotary_unsplit_groups_fp32": (2, 21, 2, 6, 8, 3, True, "float32", True, 0),
     "rotary_halves_groups_bf16": (2, 21, 2, 4, 16, 4, False, "bfloat16", True),
     "rotary_n12_no_dcb": (1, 5, 1, 2, 12, 3, True, "float32", False),
     "rotary_interleaved_groups_bf16": (2, 19, 2, 6, 8, 3, True, "bfloat16", True),
+    "rotary_strided_rows_bf16": (2, 19, 2, 6, 8, 3, True, "bfloat16", True, None, 3),
+    "rotary_strided_rows_unsplit_fp32": (2, 21, 2, 4, 16, 4, False, "float32", True, 0, 5),
 }
 
 
-def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, split_programs=None) -> None:
+def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, split_programs=None, row_pad=0) -> None:
     from ssmkit.ops.mamba3 import triton_rotary
     from ssmkit.ops.mamba3.reference import rotate
     from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
@@ -83,19 +89,24 @@ def check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, split_programs=
     saved = triton_rotary._SPLIT_PROGRAMS
     triton_rotary._SPLIT_PROGRAMS = saved if split_programs is None else split_programs
     try:
-        _check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, rotate, rotate_bc_triton)
+        _check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, row_pad, rotate, rotate_bc_triton)
     finally:
         triton_rotary._SPLIT_PROGRAMS = saved
 
 
-def _check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, rotate, rotate_bc_triton) -> None:
-
+def _check_rotary(b, l, g, h, n, a, interleaved, dtype, with_dcb, row_pad, rotate, rotate_bc_triton) -> None:
     dt = getattr(torch, dtype)
     inputs = [torch.randn(b, l, g, n).to(dt), torch.randn(b, l, g, n).to(dt), torch.randn(h, n), torch.randn(h, n),
               torch.rand(b, l, h, a) * 6.3]
     got_in = [t.clone().requires_grad_() for t in inputs]
     want_in = [t.double().requires_grad_() for t in inputs]
-    Bt, Ct, cb = rotate_bc_triton(*got_in, interleaved, dt)
+    args = list(got_in)
+    if row_pad:
+        # B and C as row-strided slices of one tensor: the kernels read them in place, gradients reach the slices.
+        BC = torch.cat([got_in[0].flatten(-2), got_in[1].flatten(-2), torch.zeros(b, l, row_pad, dtype=dt)], -1)
+        args[:2] = (BC[..., : g * n].unflatten(-1, (g, n)), BC[..., g * n: 2 * g * n].unflatten(-1, (g, n)))
+        assert args[0].stride(1) == 2 * g * n + row_pad
+    Bt, Ct, cb = rotate_bc_triton(*args, interleaved, dt)
     assert Bt.dtype == Ct.dtype == dt and cb.dtype == torch.float32
 
     def reference(B, C, B_bias, C_bias, theta):

@@ -192,29 +192,33 @@ class _Checked(Dims):
     device: torch.device
 
 
+# Each tensor argument's dimensions, in the order they are checked (the first to carry a dimension binds it);
+# the step's drop "l". Built once: the checks run on every call.
+_SHAPES = {
+    "x": ("b", "l", "h", "p"), "z": ("b", "l", "h", "p"), "dt": ("b", "l", "h"), "A": ("b", "l", "h"),
+    "trap": ("b", "l", "h"), "B": ("b", "l", "r", "g", "n"), "C": ("b", "l", "r", "g", "n"),
+}
+_SHAPES_LATER = {
+    "angles": ("b", "l", "h", "a"), "D": ("h",), "B_bias": ("h", "r", "n"), "C_bias": ("h", "r", "n"),
+    "mimo_x": ("h", "r", "p"), "mimo_z": ("h", "r", "p"), "mimo_o": ("h", "r", "p"),
+}
+_STEP_SHAPES, _STEP_SHAPES_LATER = ({k: tuple(d for d in v if d != "l") for k, v in table.items()}
+                                    for table in (_SHAPES, _SHAPES_LATER))
+_REQUIRED = ("x", "dt", "A", "B", "C", "trap", "angles")
+
+
 def _validate(args: dict, *, step: bool) -> _Checked:
     """Check shapes, dtypes, devices and flags of :func:`mamba3_scan` / :func:`mamba3_step` arguments."""
     dims = _Checked()
-
-    def check(name: str, shape: tuple[str, ...], **kw: bool) -> None:
+    for name, shape in (_STEP_SHAPES if step else _SHAPES).items():
         if args[name] is not None:
-            check_tensor(name, args[name], tuple(d for d in shape if not (step and d == "l")), dims, **kw)
-
-    for name in ("x", "z"):
-        check(name, ("b", "l", "h", "p"))
-    for name in ("dt", "A", "trap"):
-        check(name, ("b", "l", "h"))
-    for name in ("B", "C"):
-        check(name, ("b", "l", "r", "g", "n"))
-    for name in ("x", "dt", "A", "B", "C", "trap", "angles"):
+            check_tensor(name, args[name], shape, dims)
+    for name in _REQUIRED:
         if args[name] is None:
             raise TypeError(f"{name} is required, got None")
-    check("angles", ("b", "l", "h", "a"))
-    check("D", ("h",))
-    for name in ("B_bias", "C_bias"):
-        check(name, ("h", "r", "n"))
-    for name in ("mimo_x", "mimo_z", "mimo_o"):
-        check(name, ("h", "r", "p"))
+    for name, shape in (_STEP_SHAPES_LATER if step else _SHAPES_LATER).items():
+        if args[name] is not None:
+            check_tensor(name, args[name], shape, dims)
     for name, what in (("b", "batch"), ("l", "length"), ("h", "heads"), ("p", "head dim"), ("r", "rank"),
                        ("g", "groups"), ("n", "state")):
         if name in dims:
@@ -235,7 +239,7 @@ def _validate(args: dict, *, step: bool) -> _Checked:
                                    (("b", "h", "a"), ("b", "h", "p", "n"), ("b", "r", "h", "n"), ("b", "h", "p"))):
             check_tensor(f"{state_name}.{field}", t, shape, dims)
     if not step and args["seq_idx"] is not None:
-        check("seq_idx", ("b", "l"), floating=False, integer=True)
+        check_tensor("seq_idx", args["seq_idx"], ("b", "l"), dims, floating=False, integer=True)
     names = ("x", "dt", "A", "B", "C", "trap", "angles", "D", "z", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o")
     tensors = {k: args[k] for k in names} | ({} if step else {"seq_idx": args["seq_idx"]})
     if state is not None:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ssmkit.ops._inputs import OpInputs
+from ssmkit.ops._inputs import OpInputs, field_names
 from ssmkit.ops._precision import compute_dtype
 
 
@@ -63,7 +63,7 @@ class Mamba3Inputs(OpInputs):
         """From arguments by name (``mamba3_scan``'s ``locals()``, a test's dict; not checked here): the
         tensors x .. angles and chunk_size are required, the rest default as in ``mamba3_scan``; names that
         are not fields (``backend``, ...) are left out."""
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = field_names(cls)
         given = {k: v for k, v in args.items() if k in fields}
         state = given.get("initial_state")
         given["initial_state"] = None if state is None else Mamba3ScanState(*state)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops.ssd.reference import doc_starts
 
 _BLOCK = 128  # positions per step of the walk
@@ -114,36 +115,49 @@ def _angles_bwd(
     tl.store(dinit_ptr + bh * A + cols, carry.to(tl.float32), mask=cmask)
 
 
+def angles_fwd(dt: torch.Tensor, angles: torch.Tensor, starts: torch.Tensor | None,
+               init: torch.Tensor | None) -> torch.Tensor:
+    """Launch the forward: θ (b, l, h, a) float32 (layouts in the module docstring)."""
+    b, l, h, a = angles.shape
+    theta = torch.empty(b, l, h, a, device=dt.device, dtype=torch.float32)
+    dummy = dt
+    BA = min(_COLS, next_power_of_2(a))
+    _angles_fwd[(b * h, cdiv(a, BA))](
+        dt, angles, dummy if starts is None else starts, dummy if init is None else init, theta,
+        l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None,
+        HAS_INIT=init is not None, num_warps=4,
+    )
+    return theta
+
+
+def angles_bwd(dt, angles, starts, dtheta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: Δ's gradient as (b, l, h, k) float32 partials (one per block of angles, summed by the
+    caller), the angles' gradient in their dtype and the initial angles' (b, h, a) float32."""
+    b, l, h, a = angles.shape
+    BA = min(_COLS, next_power_of_2(a))
+    ncb = cdiv(a, BA)
+    ddt = torch.empty(b, l, h, ncb, device=dt.device, dtype=torch.float32)
+    dang = torch.empty(b, l, h, a, device=dt.device, dtype=angles.dtype)  # stored in its dtype: no cast after
+    dinit = torch.empty(b, h, a, device=dt.device, dtype=torch.float32)
+    _angles_bwd[(b * h, ncb)](
+        dt, angles, dt if starts is None else starts, dtheta.contiguous(), ddt, dang, dinit,
+        l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None, num_warps=4,
+    )
+    return ddt, dang, dinit
+
+
 class _Angles(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dt, angles, starts, init):
-        b, l, h, a = angles.shape
-        theta = torch.empty(b, l, h, a, device=dt.device, dtype=torch.float32)
-        dummy = dt
-        BA = min(_COLS, triton.next_power_of_2(a))
-        _angles_fwd[(b * h, triton.cdiv(a, BA))](
-            dt, angles, dummy if starts is None else starts, dummy if init is None else init, theta,
-            l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None,
-            HAS_INIT=init is not None, num_warps=4,
-        )
         ctx.save_for_backward(dt, angles, starts)
         ctx.has_init = init is not None
-        return theta
+        return angles_fwd(dt, angles, starts, init)
 
     @staticmethod
     def backward(ctx, dtheta):
-        dt, angles, starts = ctx.saved_tensors
-        b, l, h, a = angles.shape
-        BA = min(_COLS, triton.next_power_of_2(a))
-        ncb = triton.cdiv(a, BA)
-        ddt = torch.empty(b, l, h, ncb, device=dt.device, dtype=torch.float32)
-        dang = torch.empty(b, l, h, a, device=dt.device, dtype=angles.dtype)  # stored in its dtype: no cast after
-        dinit = torch.empty(b, h, a, device=dt.device, dtype=torch.float32)
-        _angles_bwd[(b * h, ncb)](
-            dt, angles, dt if starts is None else starts, dtheta.contiguous(), ddt, dang, dinit,
-            l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None, num_warps=4,
-        )
-        return ddt.sum(-1) if ncb > 1 else ddt.view(b, l, h), dang, None, dinit if ctx.has_init else None
+        ddt, dang, dinit = angles_bwd(*ctx.saved_tensors, dtheta)
+        ddt = ddt.sum(-1) if ddt.shape[-1] > 1 else ddt.view(ddt.shape[:-1])
+        return ddt, dang, None, dinit if ctx.has_init else None
 
 
 def rotary_angles_triton(

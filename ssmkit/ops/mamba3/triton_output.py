@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv, next_power_of_2
+
 _ROWS = 16  # positions per program
 
 
@@ -88,14 +90,20 @@ def _output_bwd(
 
 
 class _Output(torch.autograd.Function):
+    """y, x (b, l, h, p) contiguous; z (b, l, h, p) with each position's h·p entries contiguous, any row stride,
+    or None; nxt, cb (b, l, h) float32 contiguous; D (h,) float32 or None. Rows (b·l) are flattened in here, not
+    around the node (a reshape outside would be an autograd node more each backward)."""
+
     @staticmethod
     def forward(ctx, y, x, z, nxt, cb, D):
-        R, h, p = x.shape
+        b, l, h, p = x.shape
+        R = b * l
+        z2 = None if z is None else z.reshape(R, h, p)
         out = torch.empty_like(x)
         dummy = nxt
-        grid = (triton.cdiv(R, _ROWS), h)
-        _output_fwd[grid](y, x, dummy if z is None else z, nxt, cb, dummy if D is None else D, out, R, h,
-                          0 if z is None else z.stride(0), P=p, BP=triton.next_power_of_2(p), ROWS=_ROWS,
+        grid = (cdiv(R, _ROWS), h)
+        _output_fwd[grid](y, x, dummy if z2 is None else z2, nxt, cb, dummy if D is None else D, out, R, h,
+                          0 if z2 is None else z2.stride(0), P=p, BP=next_power_of_2(p), ROWS=_ROWS,
                           HAS_Z=z is not None, HAS_D=D is not None, num_warps=4)
         ctx.save_for_backward(y, x, z, nxt, cb, D)
         return out
@@ -103,17 +111,19 @@ class _Output(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         y, x, z, nxt, cb, D = ctx.saved_tensors
-        R, h, p = x.shape
-        nblk = triton.cdiv(R, _ROWS)
+        b, l, h, p = x.shape
+        R = b * l
+        z2 = None if z is None else z.reshape(R, h, p)
+        nblk = cdiv(R, _ROWS)
         dy, dx = torch.empty_like(y), torch.empty_like(x)
-        dz = None if z is None else torch.empty(R, h, p, device=z.device, dtype=z.dtype)
+        dz = None if z is None else torch.empty(b, l, h, p, device=z.device, dtype=z.dtype)
         dnxt, dcb = torch.empty_like(nxt), torch.empty_like(cb)
         dD = None if D is None else torch.empty(nblk, h, device=x.device, dtype=torch.float32)
         dummy = nxt
         _output_bwd[(nblk, h)](
-            y, x, dummy if z is None else z, nxt, cb, dummy if D is None else D, dout.contiguous(), dy, dx,
+            y, x, dummy if z2 is None else z2, nxt, cb, dummy if D is None else D, dout.contiguous(), dy, dx,
             dummy if dz is None else dz, dnxt, dcb, dummy if dD is None else dD, R, h,
-            0 if z is None else z.stride(0), P=p, BP=triton.next_power_of_2(p), ROWS=_ROWS,
+            0 if z2 is None else z2.stride(0), P=p, BP=next_power_of_2(p), ROWS=_ROWS,
             HAS_Z=z is not None, HAS_D=D is not None, num_warps=4,
         )
         return dy, dx, dz, dnxt, dcb, None if dD is None else dD.sum(0).to(D.dtype)
@@ -132,14 +142,10 @@ def output_triton(
     y, x, z: (b, l, h, p) (z may be None, and may be strided as long as each head's p entries are contiguous
     and follow each other); nxt, cb: (b, l, h) float32; D: (h,) or None.
     """
-    b, l, h, p = x.shape
-    if z is not None:
-        z = z.reshape(b * l, h, p)
-        if z.stride(2) != 1 or z.stride(1) != p:
-            z = z.contiguous()
-    out = _Output.apply(
-        y.reshape(b * l, h, p).contiguous(), x.reshape(b * l, h, p).contiguous(), z,
-        nxt.float().reshape(b * l, h).contiguous(), cb.float().reshape(b * l, h).contiguous(),
+    l, p = x.shape[1], x.shape[3]
+    if z is not None and not (z.stride(3) == 1 and z.stride(2) == p and z.stride(0) == l * z.stride(1)):
+        z = z.contiguous()  # the kernels take rows of h·p contiguous entries at one stride
+    return _Output.apply(
+        y.contiguous(), x.contiguous(), z, nxt.float().contiguous(), cb.float().contiguous(),
         None if D is None else D.float().contiguous(),
     )
-    return out.view(b, l, h, p)

@@ -8,9 +8,9 @@ diagonal dot); here it is one kernel forward and one backward, reading B and C o
     B̃_t = R(θ_t) (B_t + B_bias),  C̃_t = R(θ_t) (C_t + C_bias)   (stored in the SSD op's operand dtype)
     cb_t = C̃_t · B̃_t                                          (of the stored, rounded values, float32)
 
-Layouts (contiguous): B, C (b·l, g, n); B_bias, C_bias (h, n) float32; theta (b·l, h, a) float32;
-Bt, Ct (b·l, h, n); cb (b·l, h) float32. Pair i < a is (2i, 2i+1) when INTERLEAVED, else (i, i + n/2);
-pairs past a pass unrotated. Rows are read and written whole (interleaved pairs split and joined in
+Layouts (contiguous, except that B's and C's rows may lie at any stride): B, C (b·l, g, n); B_bias, C_bias
+(h, n) float32; theta (b·l, h, a) float32; Bt, Ct (b·l, h, n); cb (b·l, h) float32. Pair i < a is
+(2i, 2i+1) when INTERLEAVED, else (i, i + n/2); pairs past a pass unrotated. Rows are read and written whole (interleaved pairs split and joined in
 registers), never as two stride-2 halves: stride-2 bf16 stores left every sector half written.
 
 Forward: a program takes ROWS positions of one head, heads varying fastest between programs, so the
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ssmkit.ops._host import cdiv, next_power_of_2
 
 # Positions per program, and warps. The forward runs one head a program: many small programs hide the latency.
 # The backward loops over a group's heads, so the loop's loads must be in flight while the previous head
@@ -105,7 +107,7 @@ def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask, pmask, H
 @triton.jit(do_not_specialize=["R"])
 def _rotate_bc_fwd(
     B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, Bt_ptr, Ct_ptr, cb_ptr,
-    R, H, G, A,
+    R, H, G, A, s_B, s_C,
     N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -117,8 +119,8 @@ def _rotate_bc_fwd(
     pmask = pair < N // 2
     mask = rmask[:, None] & pmask[None, :]
     f, s = _cols(pair, N, INTERLEAVED)
-    b0, b1 = _load_rows(B_ptr + gg * N, rows, G * N, rmask, N, HALF, INTERLEAVED)
-    c0, c1 = _load_rows(C_ptr + gg * N, rows, G * N, rmask, N, HALF, INTERLEAVED)
+    b0, b1 = _load_rows(B_ptr + gg * N, rows, s_B, rmask, N, HALF, INTERLEAVED)
+    c0, c1 = _load_rows(C_ptr + gg * N, rows, s_C, rmask, N, HALF, INTERLEAVED)
     bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
                                                    pmask, H, A, N)
     u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
@@ -136,7 +138,7 @@ def _rotate_bc_fwd(
 def _rotate_bc_bwd(
     B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, dBt_ptr, dCt_ptr, dcb_ptr,
     dB_ptr, dC_ptr, dBb_ptr, dCb_ptr, dtheta_ptr,
-    R, H, G, A, SPLIT,
+    R, H, G, A, SPLIT, s_B, s_C,
     N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DCB: tl.constexpr,
     OUT_DTYPE: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -148,8 +150,8 @@ def _rotate_bc_bwd(
     pmask = pair < N // 2
     mask = (rows < R)[:, None] & pmask[None, :]
     f, s = _cols(pair, N, INTERLEAVED)
-    b0, b1 = _load_pair(B_ptr + gg * N, rows, G * N, f, s, mask)
-    c0, c1 = _load_pair(C_ptr + gg * N, rows, G * N, f, s, mask)
+    b0, b1 = _load_pair(B_ptr + gg * N, rows, s_B, f, s, mask)
+    c0, c1 = _load_pair(C_ptr + gg * N, rows, s_C, f, s, mask)
     db0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     db1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     dc0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
@@ -202,54 +204,73 @@ def _split(heads_per_group: int, programs: int) -> int:
 
 def _half(n: int) -> int:
     """Pairs per row, padded to a power of two (Triton's tiles)."""
-    return triton.next_power_of_2(max(n // 2, 1))
+    return next_power_of_2(max(n // 2, 1))
 
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 class _RotateBC(torch.autograd.Function):
+    """B, C (b, l, [1,] g, n); B_bias, C_bias (h, [1,] n) float32; theta (b, l, h, a) float32 -> Bt, Ct
+    (b, l, h, n), cb (b, l, h). The flattening to the kernels' rows happens in here, not around the node: each
+    reshape or view outside would be an autograd node more, run by the engine every backward."""
+
     @staticmethod
-    def forward(ctx, B, C, B_bias, C_bias, theta, h, interleaved, out_dtype):
-        R, g, n = B.shape
-        a = theta.shape[-1]
-        Bt = torch.empty(R, h, n, device=B.device, dtype=out_dtype)
+    def forward(ctx, B, C, B_bias, C_bias, theta, interleaved, out_dtype):
+        b, l, h, a = theta.shape
+        g, n = B.shape[-2:]
+        R = b * l
+        B2, C2 = _rows(B.reshape(R, g, n)), _rows(C.reshape(R, g, n))
+        Bb, Cb, th = B_bias.reshape(h, n), C_bias.reshape(h, n), theta.reshape(R, h, a)
+        Bt = torch.empty(b, l, h, n, device=B.device, dtype=out_dtype)
         Ct = torch.empty_like(Bt)
-        cb = torch.empty(R, h, device=B.device, dtype=torch.float32)
-        grid = (triton.cdiv(R, _FWD_ROWS) * h,)
-        _rotate_bc_fwd[grid](B, C, B_bias, C_bias, theta, Bt, Ct, cb, R, h, g, a, N=n, HALF=_half(n),
-                             ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
+        cb = torch.empty(b, l, h, device=B.device, dtype=torch.float32)
+        grid = (cdiv(R, _FWD_ROWS) * h,)
+        _rotate_bc_fwd[grid](B2, C2, Bb, Cb, th, Bt, Ct, cb, R, h, g, a, B2.stride(0), C2.stride(0),
+                             N=n, HALF=_half(n), ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
         ctx.save_for_backward(B, C, B_bias, C_bias, theta)
-        ctx.meta = (h, interleaved, out_dtype)
+        ctx.meta = (interleaved, out_dtype)
         ctx.set_materialize_grads(False)
         return Bt, Ct, cb
 
     @staticmethod
     def backward(ctx, dBt, dCt, dcb):
         B, C, B_bias, C_bias, theta = ctx.saved_tensors
-        h, interleaved, out_dtype = ctx.meta
-        R, g, n = B.shape
-        a = theta.shape[-1]
-        nblk = triton.cdiv(R, _ROWS)
+        interleaved, out_dtype = ctx.meta
+        b, l, h, a = theta.shape
+        g, n = B.shape[-2:]
+        R = b * l
+        B2, C2 = _rows(B.reshape(R, g, n)), _rows(C.reshape(R, g, n))
+        Bb, Cb, th = B_bias.reshape(h, n), C_bias.reshape(h, n), theta.reshape(R, h, a)
+        nblk = cdiv(R, _ROWS)
         dBt = torch.zeros(R, h, n, device=B.device, dtype=out_dtype) if dBt is None else dBt.contiguous()
         dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
         split = _split(h // g, nblk * g)
-        if split == 1:
-            dB, dC = torch.empty_like(B), torch.empty_like(C)
+        if split == 1:  # contiguous, whatever B's and C's row strides
+            dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
+            dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
         else:
-            dB = torch.empty(split, R, g, n, device=B.device, dtype=torch.float32)
+            dB = torch.empty(split, *B.shape, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
-        dBb = torch.empty(nblk, h, n, device=B.device, dtype=torch.float32)
-        dCb = torch.empty_like(dBb)
+        # Both biases' per-program partials in one buffer: one reduction launch for the two.
+        dBCb = torch.empty(2, nblk, h, n, device=B.device, dtype=torch.float32)
         dtheta = torch.empty_like(theta)
         _rotate_bc_bwd[(nblk, g, split)](
-            B, C, B_bias, C_bias, theta, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
-            dB, dC, dBb, dCb, dtheta, R, h, g, a, split, N=n, HALF=_half(n), ROWS=_ROWS, INTERLEAVED=interleaved,
-            HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES, num_warps=_WARPS,
+            B2, C2, Bb, Cb, th, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
+            dB, dC, dBCb[0], dBCb[1], dtheta, R, h, g, a, split, B2.stride(0), C2.stride(0), N=n, HALF=_half(n),
+            ROWS=_ROWS, INTERLEAVED=interleaved, HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES,
+            num_warps=_WARPS,
         )
         if split > 1:
             dB, dC = dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype)
-        return dB, dC, dBb.sum(0), dCb.sum(0), dtheta, None, None, None
+        dBb, dCb = dBCb.sum(1)
+        return dB, dC, dBb.view(B_bias.shape), dCb.view(C_bias.shape), dtheta, None, None
+
+
+def _rows(v: torch.Tensor) -> torch.Tensor:
+    """v (R, g, n) as the kernels read it: each row's g·n entries contiguous, rows at any stride (B and C may be
+    slices of one normalised in-projection output: no copy)."""
+    return v if v.stride(2) == 1 and v.stride(1) == v.shape[2] else v.contiguous()
 
 
 def rotate_bc_triton(
@@ -263,16 +284,12 @@ def rotate_bc_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head rotated B̃, C̃ (b, l, h, n) in ``out_dtype`` and cb = C̃·B̃ (b, l, h) float32, with gradients.
 
-    B, C: (b, l, g, n), any float dtype but float64 (n even); B_bias, C_bias: (h, n); theta: (b, l, h, a)
-    float32 with a <= n/2. Gradients reach B, C (in their dtype), the biases and theta.
+    B, C: (b, l, g, n) or (b, l, 1, g, n), any float dtype but float64 (n even), each row's g·n entries
+    contiguous or copied so; B_bias, C_bias: (h, n) or (h, 1, n); theta: (b, l, h, a) float32 with a <= n/2.
+    Gradients reach B, C (in their dtype), the biases and theta.
     """
-    b, l, g, n = B.shape
-    h, a = theta.shape[2], theta.shape[3]
+    n, a = B.shape[-1], theta.shape[3]
     if n % 2 or a > n // 2 or out_dtype not in _TL:
         raise ValueError(f"rotate_bc_triton: n={n} must be even, a={a} <= n/2, out dtype {out_dtype} bf16/fp16/fp32")
-    Bt, Ct, cb = _RotateBC.apply(
-        B.reshape(b * l, g, n).contiguous(), C.reshape(b * l, g, n).contiguous(),
-        B_bias.float().contiguous(), C_bias.float().contiguous(),
-        theta.float().reshape(b * l, h, a).contiguous(), h, interleaved, out_dtype,
-    )
-    return Bt.view(b, l, h, n), Ct.view(b, l, h, n), cb.view(b, l, h)
+    return _RotateBC.apply(B, C, B_bias.float().contiguous(), C_bias.float().contiguous(),
+                           theta.float().contiguous(), interleaved, out_dtype)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv
 from ssmkit.ops.selective_scan.triton_kernels import _softplus
 from ssmkit.ops.ssd.reference import doc_starts
 
@@ -90,7 +91,7 @@ class _DtDecay(torch.autograd.Function):
         A = torch.empty_like(dt)
         bias = dt_bias.float().contiguous()
         n = dt.numel()
-        _dt_decay_fwd[(triton.cdiv(n, _BLOCK),)](
+        _dt_decay_fwd[(cdiv(n, _BLOCK),)](
             dd_dt, dd_A, bias, dt, A, n, h, l, *dd_dt.stride(), *dd_A.stride(), float(A_floor),
             HEAVY_TAIL=heavy_tail, BLOCK=_BLOCK, num_warps=4,
         )
@@ -106,7 +107,7 @@ class _DtDecay(torch.autograd.Function):
         d_raw = torch.empty(b, l, h, device=dd_dt.device, dtype=torch.float32)
         d_ddt = torch.empty(b, l, h, device=dd_dt.device, dtype=dd_dt.dtype)
         d_dda = torch.empty(b, l, h, device=dd_dt.device, dtype=dd_A.dtype)
-        _dt_decay_bwd[(triton.cdiv(n, _BLOCK),)](
+        _dt_decay_bwd[(cdiv(n, _BLOCK),)](
             dd_dt, dd_A, bias, g_dt.contiguous(), g_A.contiguous(), d_raw, d_ddt, d_dda, n, h, l,
             *dd_dt.stride(), *dd_A.stride(), ctx.A_floor, HEAVY_TAIL=ctx.heavy_tail, BLOCK=_BLOCK, num_warps=4,
         )
@@ -143,8 +144,8 @@ def _step_weights_fwd(
 
 @triton.jit
 def _step_weights_bwd(
-    dt_ptr, a_ptr, trap_ptr, starts_ptr, g_sdt_ptr, g_w_ptr, g_nxt_ptr, ddt_ptr, da_ptr, dtrap_ptr,
-    n, H, L, s_b, s_l, s_h, HAS_DOC: tl.constexpr, BLOCK: tl.constexpr,
+    dt_ptr, a_ptr, trap_ptr, starts_ptr, g_sdt_ptr, g_w_ptr, g_nxt_ptr, ddt_in_ptr, ddt_ptr, da_ptr, dtrap_ptr,
+    n, H, L, s_b, s_l, s_h, HAS_DOC: tl.constexpr, NCB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -160,37 +161,52 @@ def _step_weights_bwd(
         prev = prev & (tl.load(starts_ptr + offs // H, mask=prev, other=0) == 0)
     g_delta = tl.where(prev, tl.load(g_w_ptr + offs - H, mask=prev, other=0.0)
                        + tl.load(g_nxt_ptr + offs - H, mask=prev, other=0.0), 0.0)
-    tl.store(ddt_ptr + offs, -a * g_sdt + lam * g_gamma + (1.0 - lam) * g_delta, mask=mask)
+    ddt = -a * g_sdt + lam * g_gamma + (1.0 - lam) * g_delta
+    # Δ's other use (the rotary angles, triton_route_scalars.py): its NCB partial gradients per element, added here.
+    for c in tl.static_range(NCB):
+        ddt += tl.load(ddt_in_ptr + offs * NCB + c, mask=mask, other=0.0)
+    tl.store(ddt_ptr + offs, ddt, mask=mask)
     tl.store(da_ptr + offs, -dt * g_sdt, mask=mask)
     tl.store(dtrap_ptr + offs, dt * (g_gamma - g_delta) * lam * (1.0 - lam), mask=mask)
+
+
+def step_weights_fwd(dt: torch.Tensor, A: torch.Tensor, trap: torch.Tensor, starts: torch.Tensor | None):
+    """Launch the forward: (sdt, w, nxt) (b, l, h) float32 from contiguous float32 dt, A and trap (any strides)."""
+    b, l, h = dt.shape
+    sdt = torch.empty(b, l, h, device=dt.device, dtype=torch.float32)
+    w, nxt = torch.empty_like(sdt), torch.empty_like(sdt)
+    n = sdt.numel()
+    _step_weights_fwd[(cdiv(n, _BLOCK),)](
+        dt, A, trap, dt if starts is None else starts, sdt, w, nxt, n, h, l, *trap.stride(),
+        HAS_DOC=starts is not None, BLOCK=_BLOCK, num_warps=4,
+    )
+    return sdt, w, nxt
+
+
+def step_weights_bwd(dt, A, trap, starts, g_sdt, g_w, g_nxt, ddt_in: torch.Tensor | None = None):
+    """Launch the backward: (ddt, dA, dtrap); ``ddt_in`` (b, l, h, k) float32 partials of Δ's gradient from its
+    other uses, summed into ddt in the kernel."""
+    b, l, h = dt.shape
+    n = b * l * h
+    ddt, dA = torch.empty_like(dt), torch.empty_like(dt)
+    dtrap = torch.empty(b, l, h, device=dt.device, dtype=trap.dtype)
+    _step_weights_bwd[(cdiv(n, _BLOCK),)](
+        dt, A, trap, dt if starts is None else starts, g_sdt.contiguous(), g_w.contiguous(), g_nxt.contiguous(),
+        dt if ddt_in is None else ddt_in, ddt, dA, dtrap, n, h, l, *trap.stride(), HAS_DOC=starts is not None,
+        NCB=0 if ddt_in is None else ddt_in.shape[-1], BLOCK=_BLOCK, num_warps=4,
+    )
+    return ddt, dA, dtrap
 
 
 class _StepWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dt, A, trap, starts):
-        b, l, h = dt.shape
-        sdt = torch.empty(b, l, h, device=dt.device, dtype=torch.float32)
-        w, nxt = torch.empty_like(sdt), torch.empty_like(sdt)
-        n = sdt.numel()
-        _step_weights_fwd[(triton.cdiv(n, _BLOCK),)](
-            dt, A, trap, dt if starts is None else starts, sdt, w, nxt, n, h, l, *trap.stride(),
-            HAS_DOC=starts is not None, BLOCK=_BLOCK, num_warps=4,
-        )
         ctx.save_for_backward(dt, A, trap, starts)
-        return sdt, w, nxt
+        return step_weights_fwd(dt, A, trap, starts)
 
     @staticmethod
     def backward(ctx, g_sdt, g_w, g_nxt):
-        dt, A, trap, starts = ctx.saved_tensors
-        b, l, h = dt.shape
-        n = b * l * h
-        ddt, dA = torch.empty_like(dt), torch.empty_like(dt)
-        dtrap = torch.empty(b, l, h, device=dt.device, dtype=trap.dtype)
-        _step_weights_bwd[(triton.cdiv(n, _BLOCK),)](
-            dt, A, trap, dt if starts is None else starts, g_sdt.contiguous(), g_w.contiguous(), g_nxt.contiguous(),
-            ddt, dA, dtrap, n, h, l, *trap.stride(), HAS_DOC=starts is not None, BLOCK=_BLOCK, num_warps=4,
-        )
-        return ddt, dA, dtrap, None
+        return *step_weights_bwd(*ctx.saved_tensors, g_sdt, g_w, g_nxt), None
 
 
 def step_weights_triton(

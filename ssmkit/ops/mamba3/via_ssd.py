@@ -34,18 +34,23 @@ gate (``triton_output.py``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.mamba3.chunked import initial_G, next_share, rotated_BC
 from ssmkit.ops.mamba3.inputs import Mamba3Inputs
 from ssmkit.ops.mamba3.reference import Mamba3ScanState, finish, prepare, rotate
 from ssmkit.ops.mamba3.step_sizes import step_weights
-from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.ssd import SSDInputs, mamba_chunk_scan_combined, ssd_scan
 
 # B̃, C̃ (and the output) by the fused Triton kernels when the SSD op runs its Triton kernels in float32 (bf16
 # operands included); benchmarks/gpu_mamba3_routes.py switches it off to time the PyTorch form beside it.
 FUSED_BC = True
+# With FUSED_BC: the step weights and the angles in one autograd node (triton_route_scalars.py); off, the
+# step weights in PyTorch (benchmarks/gpu_mamba3.py --glue times the two).
+FUSED_SCALARS = True
 # Chunk length the SSD op's kernels get (None: the caller's chunk_size). A chunk is only a tiling here (the
 # result does not depend on it); the SSD kernels were tuned at 256, Mamba-3 layers pass 64 (mamba_ssm's).
 SSD_CHUNK: int | None = None
@@ -73,36 +78,45 @@ def mamba3_via_ssd(
     # The output kernel has no MIMO projections (rank 1 with mimo_* given keeps the PyTorch form).
     fused_out = fused and mimo_x is None and mimo_z is None and mimo_o is None
     prep = prepare(inputs, dtype, fused=fused, scalars=False)
-    # -ΔA, w = γ + δ_next and δ_next: one kernel each way with the fused kernels, else PyTorch.
-    sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype,
-                               backend="triton" if fused else "chunked")
     last_B = None
     if fused:
         # Imported here: `import ssmkit` must never import triton.
-        from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
         from ssmkit.ops.mamba3.triton_rotary import rotate_bc_triton
 
-        theta = rotary_angles_triton(dt, angles, seq_idx, None if init is None else init.angle)
-        # Views, not selects (rank 1 here): a select's backward is a zero fill and a copy, a launch each.
-        Bb, Cb = (torch.zeros(h, B.shape[-1], device=x.device) if v is None else v.squeeze(1) for v in (B_bias, C_bias))
-        Bo, Co, CB = rotate_bc_triton(B.squeeze(2), C.squeeze(2), Bb, Cb, theta, rotary_interleaved, ops)
+        init_angle = None if init is None else init.angle
+        if FUSED_SCALARS:
+            from ssmkit.ops.mamba3.triton_route_scalars import route_scalars_triton
+
+            # -ΔA, w = γ + δ_next, δ_next and θ: one autograd node, two kernels each way.
+            sdt, w, nxt, theta = route_scalars_triton(dt, inputs.A, inputs.trap, angles, seq_idx, init_angle)
+        else:
+            from ssmkit.ops.mamba3.triton_angles import rotary_angles_triton
+
+            sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype, backend="chunked")
+            theta = rotary_angles_triton(dt, angles, seq_idx, init_angle)
+        # Views, not selects (rank 1 here): a select's backward is a zero fill and a copy, a launch each. The
+        # biases go in as (h, 1, n): the kernel's wrapper takes them so (a squeeze would be an autograd node).
+        Bb, Cb = (torch.zeros(h, 1, B.shape[-1], device=x.device) if v is None else v for v in (B_bias, C_bias))
+        Bo, Co, CB = rotate_bc_triton(B, C, Bb, Cb, theta, rotary_interleaved, ops)  # B, C (b, l, 1, g, n)
         if final_state:
             # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
-            B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb.to(dtype)
+            B_end = B[:, -1, 0].to(dtype).repeat_interleave(h // B.shape[3], dim=1) + Bb[:, 0].to(dtype)
             last_B = rotate(B_end, theta[:, -1], rotary_interleaved)[:, None]
     else:
+        sdt, w, nxt = step_weights(dt, inputs.A, inputs.trap, seq_idx, dtype=dtype, backend="chunked")
         theta, Bt, Ct = rotated_BC(prep, seq_idx, init, rotary_interleaved)
         Bt, Ct = Bt.squeeze(2), Ct.squeeze(2)  # (b, l, h, n): rank 1
         last_B = Bt[:, -1, None]
         Bo, Co = Bt.to(ops), Ct.to(ops)
         CB = (Co.to(dtype) * Bo.to(dtype)).sum(-1)  # (b, l, h): C̃_t·B̃_t as the kernels see it
-    xr = prep.xr.squeeze(2)  # (b, l, h, p)
+    # (b, l, h, p); x itself where prepare's xr is only x expanded over the rank (no autograd node for nothing).
+    xr = x if fused and mimo_x is None else prep.xr.squeeze(2)
     xo = xr.to(ops).contiguous()  # once: the SSD op and the output kernel both read it contiguous
     G0 = None if init is None else initial_G(init, prep.xr, _first_share(dt, inputs.trap, dtype), mimo_x)
     # The SSD op's inputs are built here from checked ones, valid by construction: its checks (about 0.1 ms
     # of host time a call, at sizes where the layer is bound by the host) are not run again.
     y, G, _ = ssd_scan(SSDInputs(
-        x=xo, dt=sdt, A=torch.full((h,), -1.0, dtype=dtype, device=x.device), B=Bo, C=Co,
+        x=xo, dt=sdt, A=_minus_ones(h, dtype, x.device), B=Bo, C=Co,
         chunk_size=SSD_CHUNK or chunk_size, D=None, z=None, dt_bias=None, initial_states=G0, seq_idx=seq_idx,
         cu_seqlens=None, dt_softplus=False, dt_limit=NO_LIMIT, input_scale=w, device=x.device,
     ), backend="chunked" if dtype == torch.float64 else ssd_backend)
@@ -116,6 +130,21 @@ def mamba3_via_ssd(
     if not final_state:
         return out, None
     return out, Mamba3ScanState(theta[:, -1], G, last_B, x[:, -1].to(dtype))
+
+
+def _minus_ones(h: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The SSD op's constant A = -1 (h,): made once per shape and device, not a fill kernel (and for MIMO a
+    negation) every call. Never written to; the SSD op computes no gradient for it. Made fresh while a CUDA
+    graph is being captured (a cached tensor would live in the graph's private memory pool)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((h,), -1.0, dtype=dtype, device=device)
+    return _cached_minus_ones(h, dtype, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_minus_ones(h: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first made under inference mode
+        return torch.full((h,), -1.0, dtype=dtype, device=device)
 
 
 def _first_share(dt: torch.Tensor, trap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -140,7 +169,7 @@ def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor,
     step = torch.cat([-prep.log_a[:, :, None], prep.log_a.new_zeros(b, l, r - 1, h)], dim=2)
     G0 = None if init is None else initial_G(init, prep.xr, prep.delta[:, 0], inputs.mimo_x)
     y, G = mamba_chunk_scan_combined(
-        xo.reshape(b, l * r, h, p), step.reshape(b, l * r, h), -torch.ones(h, dtype=dtype, device=x.device),
+        xo.reshape(b, l * r, h, p), step.reshape(b, l * r, h), _minus_ones(h, dtype, x.device),
         Bo.reshape(b, l * r, h, -1), Co.reshape(b, l * r, h, -1), SSD_CHUNK or inputs.chunk_size, initial_states=G0,
         seq_idx=None if seq_idx is None else seq_idx.repeat_interleave(r, dim=1), return_final_states=True,
         input_scale=w[:, :, None].expand(b, l, r, h).reshape(b, l * r, h),

@@ -7,6 +7,8 @@ order), where LayerNorm (the group mean subtracted first) is an option.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
@@ -24,11 +26,17 @@ def _check_x(x: object, dims: Dims) -> tuple[str, ...]:
         raise TypeError(f"x must be a torch.Tensor of shape (..., n), got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("x must have shape (..., n) with at least one dimension, got a scalar")
-    names = tuple(f"s{i}" for i in range(x.dim() - 1)) + ("n",)
+    names = _dim_names(x.dim())
     check_tensor("x", x, names, dims)
     for name in names:
         check_nonempty("x", dims[name], "last (normalised)" if name == "n" else "leading")
     return names
+
+
+@functools.cache
+def _dim_names(ndim: int) -> tuple[str, ...]:
+    """("s0", ..., "n") for an ndim-dimensional x, built once per ndim (the checks run on every call)."""
+    return tuple(f"s{i}" for i in range(ndim - 1)) + ("n",)
 
 
 def _check_eps(eps: object) -> None:

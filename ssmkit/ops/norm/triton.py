@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.norm.inputs import GatedNormInputs, NormInputs
 from ssmkit.ops.norm.reference import residual_dtype
@@ -129,7 +130,7 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _launch_params(group_size: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for one group held in registers."""
-    block_n = triton.next_power_of_2(group_size)
+    block_n = next_power_of_2(group_size)
     if block_n * dtype.itemsize > MAX_GROUP_BYTES:
         raise ValueError(
             f"backend='triton' normalises groups of at most {MAX_GROUP_BYTES // dtype.itemsize} entries "
@@ -192,9 +193,9 @@ class _RMSNormTriton(torch.autograd.Function):
         dh = _rows(dh_out)
         # Enough programs for about two full GPUs' worth of warps; each keeps one partial dweight row.
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
-        n_prog = min(m, triton.cdiv(2 * 64 * sms // num_warps, n_groups))
-        rows_per_prog = triton.cdiv(m, n_prog)
-        n_prog = triton.cdiv(m, rows_per_prog)
+        n_prog = min(m, cdiv(2 * 64 * sms // num_warps, n_groups))
+        rows_per_prog = cdiv(m, n_prog)
+        n_prog = cdiv(m, rows_per_prog)
         dx = torch.empty(m, n, dtype=ctx.x_dtype, device=x2.device)
         store_dres = res2 is not None and ctx.needs_input_grad[1]
         dres = torch.empty(m, n, dtype=ctx.res_dtype, device=x2.device) if store_dres else None
