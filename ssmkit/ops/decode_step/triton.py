@@ -235,15 +235,17 @@ def _summed(part_ptr, offs, mask, splits, pt_s, rms_ptr, eps, count, NORM: tl.co
 
 
 @triton.jit
-def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr, state_row, A_ptr,
-                 D_ptr, y_row, role, d, n, rank, splits, eps,
+def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, counters, n_phase1, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr,
+                 state_row, A_ptr, D_ptr, y_row, role, d, n, rank, splits, eps,
                  x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
                  S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_DTB: tl.constexpr,
                  DT_NORM: tl.constexpr, B_NORM: tl.constexpr, C_NORM: tl.constexpr, HAS_D: tl.constexpr,
-                 SOFTPLUS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+                 SOFTPLUS: tl.constexpr, FENCE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     """Phase 2, role (channel block): x_proj's sums, the norms, dt_proj, the convolution again, the state update
-    and the gated y of those channels, and their new conv window."""
+    and the gated y of those channels, and their new conv window. Everything that does not depend on x_proj
+    (the convolution, the state, the parameters) is loaded before waiting for the phase-1 programs, so those
+    loads overlap phase 1 instead of following it."""
     ch = role * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ch < d
     x, win = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch, mask_c, x_c, cs_c, cs_k, w_c, w_k,
@@ -252,26 +254,30 @@ def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr
     mask_r = offs_r < rank
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
-    dt_low = _summed(part, offs_r, mask_r, splits, pt_s, dtn_ptr, eps, rank, DT_NORM, BLOCK_SPLIT)
-    B = _summed(part + rank, offs_n, mask_n, splits, pt_s, bn_ptr, eps, n, B_NORM, BLOCK_SPLIT)
-    C = _summed(part + rank + n, offs_n, mask_n, splits, pt_s, cn_ptr, eps, n, C_NORM, BLOCK_SPLIT)
     wdt = tl.load(dtw_ptr + ch[:, None] * dtw_c + offs_r[None, :] * dtw_r, mask=mask_c[:, None] & mask_r[None, :],
                   other=0.0).to(tl.float32)
     bias = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_DTB:
         bias = tl.load(dtb_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-    dt = _step_size(tl.sum(wdt * dt_low[None, :], axis=1), bias, 0.0, 0.0, SOFTPLUS, False)
-
     mask = mask_c[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + ch[:, None] * A_c + offs_n[None, :] * A_n, mask=mask, other=0.0).to(tl.float32)
     state_ptrs = state_row + ch[:, None] * s_c + offs_n[None, :] * s_n
     state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    Dx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_D:
+        Dx = x * tl.load(D_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+    z = tl.load(x_row + (d + ch) * x_c, mask=mask_c, other=0.0).to(tl.float32)
+
+    while tl.atomic_add(counters + 1, 0, sem="acquire") < n_phase1:
+        pass
+    part += _gpu_fence(FENCE)  # every thread acquires before reading the partial sums
+    dt_low = _summed(part, offs_r, mask_r, splits, pt_s, dtn_ptr, eps, rank, DT_NORM, BLOCK_SPLIT)
+    B = _summed(part + rank, offs_n, mask_n, splits, pt_s, bn_ptr, eps, n, B_NORM, BLOCK_SPLIT)
+    C = _summed(part + rank + n, offs_n, mask_n, splits, pt_s, cn_ptr, eps, n, C_NORM, BLOCK_SPLIT)
+    dt = _step_size(tl.sum(wdt * dt_low[None, :], axis=1), bias, 0.0, 0.0, SOFTPLUS, False)
     state = state * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
     tl.store(state_ptrs, state.to(state_row.dtype.element_ty), mask=mask)
-    y = tl.sum(state * C[None, :], axis=1)
-    if HAS_D:
-        y += x * tl.load(D_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-    z = tl.load(x_row + (d + ch) * x_c, mask=mask_c, other=0.0).to(tl.float32)
+    y = tl.sum(state * C[None, :], axis=1) + Dx
     y *= z / (1.0 + tl.exp(-z))
     tl.store(y_row + ch * y_c, y.to(y_row.dtype.element_ty), mask=mask_c)
     tl.debug_barrier()
@@ -308,14 +314,11 @@ def _inner_step_kernel(
         tl.debug_barrier()
         tl.atomic_add(counters + 1, one, sem="release")
     else:
-        while tl.atomic_add(counters + 1, 0, sem="acquire") < n_phase1:
-            pass
-        role = ticket - n_phase1 + _gpu_fence(FENCE)  # every thread acquires before reading the partial sums
-        _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr,
-                     state_ptr + row * s_b, A_ptr, D_ptr, y_ptr + row * y_b, role, d, n, rank, splits,
-                     eps, x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
-                     S, W, HAS_CB, HAS_DTB, DT_NORM, B_NORM, C_NORM, HAS_D, SOFTPLUS, BLOCK_C, BLOCK_N, BLOCK_RANK,
-                     BLOCK_S, BLOCK_SPLIT)
+        _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, counters, n_phase1, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr,
+                     cn_ptr, state_ptr + row * s_b, A_ptr, D_ptr, y_ptr + row * y_b, ticket - n_phase1, d, n, rank,
+                     splits, eps, x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
+                     S, W, HAS_CB, HAS_DTB, DT_NORM, B_NORM, C_NORM, HAS_D, SOFTPLUS, FENCE, BLOCK_C, BLOCK_N,
+                     BLOCK_RANK, BLOCK_S, BLOCK_SPLIT)
         one = 1 + _gpu_fence(FENCE)
         tl.debug_barrier()
         if tl.atomic_add(counters + 2, one, sem="acq_rel") == n_phase2 - 1:
