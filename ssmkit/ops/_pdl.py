@@ -4,7 +4,10 @@ A kernel launched with ``launch_pdl`` may start while the kernel before it on th
 calls :func:`pdl_trigger` first (its successor may start once every program of this one has), loads what
 no kernel of the step writes (parameters), then :func:`pdl_wait` (the predecessor has finished and its
 writes are visible) before it reads activations or states or writes anything: a write before the wait
-could land in memory the predecessor still reads (a CUDA graph's pool reuses freed buffers).
+could land in memory the predecessor still reads (a CUDA graph's pool reuses freed buffers). A parameter
+read before the wait must not have been written by the kernel right before this one (a decode step's first
+such kernel follows the embedding lookup, so an optimizer step or ``load_state_dict`` before decoding is
+complete by then).
 ``PDL=False`` compiles neither (Triton's interpreter, older GPUs).
 """
 
