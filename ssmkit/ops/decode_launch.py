@@ -21,7 +21,9 @@ against a bandwidth floor of ~1 µs each). These settings choose how the kernels
 * ``mamba1_out_gemv``: a Mamba block's ``out_proj`` and residual add in the GEMV kernel (one kernel)
   instead of cuBLAS and an add.
 
-:data:`VARIANTS` names the combinations the decode benchmark times; :func:`use` switches for a block of code.
+:data:`VARIANTS` names the combinations the decode benchmark times; :func:`use` switches for a block of code,
+:func:`set_current` for the process, and the environment variable ``SSMKIT_DECODE_LAUNCH`` (a variant's name)
+chooses the settings at import.
 Settings are read when a kernel launches: a captured CUDA graph keeps the ones of its capture
 (``ssmkit.generation.clear_graph_cache`` after switching).
 """
@@ -70,7 +72,17 @@ VARIANTS: dict[str, DecodeLaunch] = {
                          mamba1_out_gemv=True),
 }
 
-_current = VARIANTS["default"]
+
+
+def _from_environment() -> DecodeLaunch:
+    """The variant ``SSMKIT_DECODE_LAUNCH`` names (unset or empty: "default")."""
+    name = os.environ.get("SSMKIT_DECODE_LAUNCH", "") or "default"
+    if name not in VARIANTS:
+        raise ValueError(f"SSMKIT_DECODE_LAUNCH={name!r} is not a decode launch variant; known: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+_current = _from_environment()
 
 
 def current() -> DecodeLaunch:

@@ -49,3 +49,13 @@ def test_pdl_is_off_where_it_cannot_run(monkeypatch):
         assert decode_launch.pdl_launch(torch.device("cpu")) == (False, {})
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert not decode_launch.pdl_available(torch.device("cuda"))
+
+
+def test_the_environment_names_the_variant_at_import(monkeypatch):
+    monkeypatch.setenv("SSMKIT_DECODE_LAUNCH", "wide")
+    assert decode_launch._from_environment() is VARIANTS["wide"]
+    monkeypatch.setenv("SSMKIT_DECODE_LAUNCH", "")
+    assert decode_launch._from_environment() is VARIANTS["default"]
+    monkeypatch.setenv("SSMKIT_DECODE_LAUNCH", "turbo")
+    with pytest.raises(ValueError, match="SSMKIT_DECODE_LAUNCH='turbo' is not a decode launch variant"):
+        decode_launch._from_environment()
