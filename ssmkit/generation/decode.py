@@ -166,7 +166,7 @@ def step(model: DecodingModel, token: torch.Tensor, state: DecodeState,
     """Read ``token`` (b,) and pick the next one (b,); the cache's ``seqlen_offset`` is left to the caller.
 
     ``lean``: a :class:`LeanDecoder` of ``model`` already checked against ``state.cache`` (the loop gets
-    it once, :func:`lean_decoder`), or None for the blocks' own step. A greedy step on CUDA may pick
+    it once, :func:`lean_decoder`), or None for the blocks' own step. A greedy step may pick
     through the fused head (:func:`greedy_head_applies`): the same token as the logits' argmax."""
     if lean is None and greedy_head_applies(model, state):
         hidden = _last_residual(model, token, state.cache)
