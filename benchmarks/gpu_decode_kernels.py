@@ -279,7 +279,10 @@ def main() -> None:
         print(f"  variant {name}: {decode_launch.VARIANTS[name]}")
     if not args.skip_kernels:
         kernel_table(args.batches, args.variants)
-    profile_table(step_table(args.models, args.batches, args.variants))
+        print(f"(table 1 done at {time.perf_counter() - start:.0f} s)", flush=True)
+    profiles = step_table(args.models, args.batches, args.variants)
+    print(f"(table 2 done at {time.perf_counter() - start:.0f} s)", flush=True)
+    profile_table(profiles)
     print(f"\nwall {time.perf_counter() - start:.0f} s")
 
 
