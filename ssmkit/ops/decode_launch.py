@@ -61,13 +61,14 @@ class DecodeLaunch:
             raise ValueError(f"gemv_warps must be one of 1, 2, 4, 8, 16, got {self.gemv_warps!r}")
 
 
-# The benchmark's variants: "default" is what runs unless switched; each other changes one thing, "best"
-# combines them (to be made the default once a device run confirms it).
+# The benchmark's variants: "default" is what runs unless switched; "pdl", "greedy_head" and "wide" each change
+# one thing, "pdl_head" and "best" combine them (to be made the default once a device run confirms one).
 VARIANTS: dict[str, DecodeLaunch] = {
     "default": DecodeLaunch(),
     "pdl": DecodeLaunch(pdl=True),
     "greedy_head": DecodeLaunch(greedy_head=True, mamba1_out_gemv=True),
     "wide": DecodeLaunch(gemv_tile=4096, gemv_warps=4, step_block_p=8),
+    "pdl_head": DecodeLaunch(pdl=True, greedy_head=True, mamba1_out_gemv=True),
     "best": DecodeLaunch(pdl=True, gemv_tile=4096, gemv_warps=4, step_block_p=8, greedy_head=True,
                          mamba1_out_gemv=True),
 }
