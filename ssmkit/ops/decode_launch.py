@@ -118,7 +118,13 @@ def pdl_available(device: torch.device) -> bool:
     """Whether kernels on ``device`` can use programmatic dependent launch (sm_90+, compiled, Triton has it)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    return _triton_has_pdl() and torch.cuda.get_device_capability(device)[0] >= 9
+    return _triton_has_pdl() and _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _major(index: int) -> int:
+    """The compute capability's major number of CUDA device ``index`` (asked once: launches read it)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @functools.cache
