@@ -26,6 +26,8 @@ from ssmkit.generation.sampling import (
     sample_next,
     sample_rows,
 )
+from ssmkit.ops import decode_launch, norm_linear
+from ssmkit.ops.norm_linear import rms_norm_linear_argmax
 
 
 class Cache(Protocol):
@@ -97,6 +99,11 @@ def pick(logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
         token = sample_rows(logits, state.params, seen=state.seen, generators=state.generators)
     else:
         token = sample_next(logits, state.params, seen=state.seen, generators=state.generators)
+    return _settle(token, state)
+
+
+def _settle(token: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """The picked token (b,) after the eos rule (finished rows repeat their first eos id); updates the masks."""
     if state.eos_ids.numel():
         token = torch.where(state.done, state.eos_ids[0], token)
         state.done |= (token[:, None] == state.eos_ids).any(-1)
@@ -119,10 +126,39 @@ def forward_one(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torc
 
 def forward_one_layers(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torch.Tensor:
     """:func:`forward_one` through the blocks' own decode step (every device, every layer kind)."""
+    return model.head_logits(model.norm_f(_last_residual(model, token, cache)))
+
+
+def _last_residual(model: DecodingModel, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """The residual stream (b, H) after the last block, for one token (b,) through the blocks' decode step."""
     residual = inputs = model.embedding(token[:, None])
     for block, layer_state in zip(model.layers, cache.states):
         residual = block(residual, cache=layer_state, inputs=inputs)
-    return model.head_logits(model.norm_f(residual[:, -1]))
+    return residual[:, -1]
+
+
+def greedy_head_applies(model: DecodingModel, state: DecodeState) -> bool:
+    """Whether :func:`step` picks this step's tokens with the fused greedy head
+    (:func:`ssmkit.ops.rms_norm_linear_argmax`; ``decode_launch.current().greedy_head`` switches it): every
+    row greedy without a repetition penalty, at most ``norm_linear.MAX_ROWS`` rows, a language model whose
+    logits are ``F.linear(rms_norm(h), head_weight)`` in a half or float32 dtype (an ``nn.Linear`` head without
+    bias or the tied embedding, no logits multiplier). Off a GPU the op runs the same unfused ops as
+    :func:`pick` (the same tokens, bit for bit)."""
+    from ssmkit.layers.norm import RMSNorm
+    from ssmkit.models.language_model import LanguageModel
+
+    params = state.params
+    kinds = params.kinds if isinstance(params, RowSampling) else None
+    greedy = (not kinds.sample and not (kinds.penalty and state.seen is not None)) if kinds is not None else (
+        params.greedy and (params.repetition_penalty == 1.0 or state.seen is None))
+    if not (greedy and decode_launch.current().greedy_head and isinstance(model, LanguageModel)):
+        return False
+    head = model.lm_head
+    weight = model.head_weight
+    return (type(model).head_logits is LanguageModel.head_logits and isinstance(model.norm_f, RMSNorm)
+            and (head is None or (type(head) is nn.Linear and head.bias is None))
+            and model.config.logits_multiplier == 1.0 and weight.dtype != torch.float64
+            and state.done.shape[0] <= norm_linear.MAX_ROWS)
 
 
 def step(model: DecodingModel, token: torch.Tensor, state: DecodeState,
@@ -130,7 +166,14 @@ def step(model: DecodingModel, token: torch.Tensor, state: DecodeState,
     """Read ``token`` (b,) and pick the next one (b,); the cache's ``seqlen_offset`` is left to the caller.
 
     ``lean``: a :class:`LeanDecoder` of ``model`` already checked against ``state.cache`` (the loop gets
-    it once, :func:`lean_decoder`), or None for the blocks' own step."""
+    it once, :func:`lean_decoder`), or None for the blocks' own step. A greedy step may pick
+    through the fused head (:func:`greedy_head_applies`): the same token as the logits' argmax."""
+    if lean is None and greedy_head_applies(model, state):
+        hidden = _last_residual(model, token, state.cache)
+        norm = model.norm_f
+        picked = rms_norm_linear_argmax(hidden, norm.weight, model.head_weight, eps=norm.eps,
+                                        vocab_size=min(state.vocab_size, model.head_weight.shape[0]))
+        return _settle(picked, state)
     logits = lean(token, state.cache) if lean is not None else forward_one_layers(model, token, state.cache)
     return pick(logits, state)
 

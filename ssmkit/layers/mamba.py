@@ -22,7 +22,7 @@ from ssmkit import ops
 from ssmkit.layers.configs import MambaConfig, layer_settings
 from ssmkit.layers.norm import RMSNorm, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
-from ssmkit.ops import decode_step
+from ssmkit.ops import decode_launch, decode_step
 
 
 @dataclasses.dataclass(eq=False)
@@ -221,6 +221,9 @@ class Mamba(nn.Module):
         r = one_token(residual, self._name())
         xz = ops.rms_norm_linear(r, norm.weight, self.in_proj.weight, self.in_proj.bias, eps=norm.eps)
         y = self._inner_step(xz, state)
+        if scale == 1 and decode_launch.current().mamba1_out_gemv:
+            # out_proj and the residual add in one GEMV kernel at small batch (the unfused ops otherwise).
+            return ops.rms_norm_linear(y, None, self.out_proj.weight, self.out_proj.bias, residual=r).unsqueeze(1)
         if self.out_proj.bias is None and r.dtype == y.dtype == self.out_proj.weight.dtype:
             # out_proj and the residual add as one GEMM (r + scale · y Wᵀ); a float32 residual stream keeps the add.
             return torch.addmm(r, y, self.out_proj.weight.t(), alpha=scale).unsqueeze(1)

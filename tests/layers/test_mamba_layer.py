@@ -166,6 +166,16 @@ def test_step_from_residual_is_the_prenorm_block_step(kw):
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
+def test_step_from_residual_with_out_proj_through_the_gemv_op(kw):
+    """``decode_launch``'s mamba1_out_gemv: out_proj and the add through ``rms_norm_linear`` without a norm."""
+    from ssmkit.ops import decode_launch
+
+    with decode_launch.use("greedy_head"):
+        assert decode_launch.current().mamba1_out_gemv
+        assert_prenorm_step_matches(make(torch.float64, **kw), D_MODEL)
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
 def test_step_from_residual_scales_the_branch(kw):
     """With a residual multiplier (Granite-4.0) the fused step is ``r + scale * layer(norm(r))``."""
     assert_prenorm_step_matches(make(torch.float64, **kw), D_MODEL, scale=0.22)

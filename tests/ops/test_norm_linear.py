@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops import gated_rms_norm_fn, rms_norm_fn
-from ssmkit.ops.norm_linear import rms_norm_linear
+from ssmkit.ops import decode_launch, gated_rms_norm_fn, rms_norm_fn
+from ssmkit.ops.norm_linear import rms_norm_linear, rms_norm_linear_argmax
 from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
 
 # name -> (rows, k, n, group_size, gate (None / "before" / "after"), dtype, residual dtype, bias)
@@ -131,9 +131,79 @@ def test_triton_backend_refuses_what_it_does_not_do(monkeypatch):
         rms_norm_linear(torch.randn(1, 16, requires_grad=True), torch.ones(16), torch.randn(8, 16), backend="triton")
 
 
+def check_no_norm(rows, k, n, dtype, res_dtype, bias) -> None:
+    """norm_weight=None: residual + linear(x), a Mamba block's out_proj and add."""
+    dtype = getattr(torch, dtype)
+    x, w = torch.randn(rows, k, dtype=dtype), (torch.randn(n, k) / k ** 0.5).to(dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    r = torch.randn(rows, n, dtype=getattr(torch, res_dtype)) if res_dtype else None
+    got = rms_norm_linear(x, None, w, b, residual=r, backend="triton")
+    exp = rms_norm_linear(x.double(), None, w.double(), None if b is None else b.double(),
+                          residual=None if r is None else r.double(), backend="reference")
+    assert got.dtype == rms_norm_linear(x, None, w, b, residual=r, backend="chunked").dtype
+    assert_close(got, exp, dtype, name="no norm")
+
+
+def _head(rows, k, n, dtype):
+    dtype = getattr(torch, dtype)
+    return (torch.randn(rows, k), (1 + 0.1 * torch.randn(k)).to(dtype), (torch.randn(n, k) / k ** 0.5).to(dtype))
+
+
+def check_argmax(rows, k, n, vocab, dtype) -> None:
+    """The greedy token is the unfused head's argmax; its float64 logit is within rounding of the best."""
+    x, nw, w = _head(rows, k, n, dtype)
+    got = rms_norm_linear_argmax(x, nw, w, vocab_size=vocab, backend="triton")
+    assert got.dtype == torch.int64 and got.shape == (rows,) and bool((got < vocab).all())
+    logits = rms_norm_linear(x.double(), nw.double(), w.double(), backend="reference")[:, :vocab]
+    best = logits.max(-1).values
+    picked = logits.gather(1, got[:, None]).squeeze(1)
+    # The kernel's logits are rounded to the weight's dtype: within a few of its ulps of the best.
+    tol = 4 * torch.finfo(w.dtype).eps * best.abs().clamp(min=1)
+    assert bool((picked >= best - tol).all()), (got, logits.argmax(-1))
+    unfused = rms_norm_linear_argmax(x, nw, w, vocab_size=vocab, backend="chunked")
+    agree = logits.gather(1, unfused[:, None]).squeeze(1)
+    assert bool((agree >= best - tol).all())
+
+
+def check_argmax_order() -> None:
+    """Ties go to the lowest index, a NaN logit wins (the first), padding past vocab_size never does."""
+    k, n = 16, 40
+    x, nw = torch.ones(3, k), torch.ones(k)
+    w = torch.zeros(n, k)
+    w[[7, 21, 30], 0] = 1.0          # row 0: tie between 7, 21 and 30 -> 7
+    w[35, 0] = 5.0                   # past vocab_size 32: never picked
+    got = rms_norm_linear_argmax(x, nw, w, vocab_size=32, backend="triton")
+    assert got.tolist() == [7, 7, 7], got
+    x = torch.ones(1, k)
+    w[12, 1], w[25, 1] = float("nan"), float("nan")
+    assert rms_norm_linear_argmax(x, nw, w, vocab_size=32, backend="triton").tolist() == [12]
+    assert rms_norm_linear_argmax(x, nw, w, vocab_size=32, backend="chunked").tolist() == [12]
+    w = torch.zeros(n, k)
+    w[:, 0] = -torch.inf                 # every logit -inf: index 0, as torch.argmax
+    assert rms_norm_linear_argmax(x, nw, w, backend="triton").tolist() == [0]
+
+
+def check_launch_variants() -> None:
+    """Every variant of the launch table (tile sizes, warps) gives the same results; PDL is off here."""
+    inp = _inputs(*CASES["bf16_groups_gate_after_fp32_residual"])
+    x, nw, w = _head(2, 48, 300, "bfloat16")
+    base = rms_norm_linear(**inp, backend="triton"), rms_norm_linear_argmax(x, nw, w, vocab_size=290, backend="triton")
+    for name in decode_launch.VARIANTS:
+        with decode_launch.use(name):
+            assert torch.equal(rms_norm_linear(**inp, backend="triton"), base[0]), name
+            assert torch.equal(rms_norm_linear_argmax(x, nw, w, vocab_size=290, backend="triton"), base[1]), name
+
+
 def _main(group: str) -> None:
     checks = {name: (check_triton, case) for name, case in CASES.items()}
     checks["strided_rows"] = (check_strided_rows, ())
+    checks["no_norm_bf16_fp32_residual"] = (check_no_norm, (2, 48, 30, "bfloat16", "float32", False))
+    checks["no_norm_fp32_bias"] = (check_no_norm, (1, 33, 17, "float32", None, True))
+    checks["argmax_bf16_rows"] = (check_argmax, (3, 64, 1000, 997, "bfloat16"))
+    checks["argmax_fp32_odd"] = (check_argmax, (1, 30, 77, 77, "float32"))
+    checks["argmax_fp16_many_programs"] = (check_argmax, (2, 1024, 300, 290, "float16"))
+    checks["argmax_order"] = (check_argmax_order, ())
+    checks["launch_variants"] = (check_launch_variants, ())
     report_checks(checks)
 
 

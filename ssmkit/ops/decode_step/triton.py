@@ -18,7 +18,9 @@ chain for one token:
   their new window, update the state and gate y. Phases go by ticket (start order), so a waiting program
   only waits for programs that started before it: no deadlock, however many programs are resident.
 
-Everything is computed in float32; the new window entries are stored in the conv state's dtype.
+Everything is computed in float32; the new window entries are stored in the conv state's dtype. Launch
+settings (the Mamba-2 kernel's head rows per program, programmatic dependent launch) come from
+:mod:`ssmkit.ops.decode_launch`; under PDL a program waits for the previous kernel before anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops import decode_launch
+from ssmkit.ops._pdl import pdl_trigger, pdl_wait
 from ssmkit.ops.decode_step.inputs import ConvStepInputs2, InnerStepInputs
 from ssmkit.ops.state_update.triton import SOFTPLUS_THRESHOLD, _log1p
 
@@ -92,8 +96,10 @@ def _conv_ssm_step_kernel(
     s_b, s_h, s_p, s_n, dt_b, dt_h, D_h, D_p, z_b, z_h, z_p, y_b, y_h, y_p,
     S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, SYNC: tl.constexpr,
-    FENCE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    FENCE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     pid_p = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2).to(tl.int64)
@@ -173,8 +179,9 @@ def conv_ssm_step_triton(inputs: ConvStepInputs2) -> torch.Tensor:
     b, h, p, n = state.shape
     S, W = conv_state.shape[-1], weight.shape[-1]
     block_n = triton.next_power_of_2(n)
-    block_p = max(1, min(triton.next_power_of_2(p), 4096 // block_n, 64))
+    block_p = max(1, min(triton.next_power_of_2(p), 4096 // block_n, decode_launch.current().step_block_p))
     p_blocks = triton.cdiv(p, block_p)
+    pdl, launch = decode_launch.pdl_launch(xBC.device)
     programs_per_group = p_blocks * (h // ngroups)
     sync = programs_per_group > 1
     counters = _sync_counters(conv_state, b * ngroups) if sync else dt
@@ -192,7 +199,7 @@ def conv_ssm_step_triton(inputs: ConvStepInputs2) -> torch.Tensor:
         *state.stride(), *dt.stride(), *((0, 0) if D2 is None else D2.stride()), *zs, *y.stride(),
         S=S, W=W, HAS_CB=bias is not None, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=softplus, CLAMP=clamp, SYNC=sync, FENCE=_fence_on(), BLOCK_P=block_p, BLOCK_N=block_n,
-        BLOCK_S=triton.next_power_of_2(S), num_warps=4 if block_p * block_n >= 2048 else 2,
+        BLOCK_S=triton.next_power_of_2(S), PDL=pdl, num_warps=4 if block_p * block_n >= 2048 else 2, **launch,
     )
     return y
 
@@ -228,15 +235,17 @@ def _summed(part_ptr, offs, mask, splits, pt_s, rms_ptr, eps, count, NORM: tl.co
 
 
 @triton.jit
-def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr, state_row, A_ptr,
-                 D_ptr, y_row, role, d, n, rank, splits, eps,
+def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, counters, n_phase1, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr,
+                 state_row, A_ptr, D_ptr, y_row, role, d, n, rank, splits, eps,
                  x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
                  S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_DTB: tl.constexpr,
                  DT_NORM: tl.constexpr, B_NORM: tl.constexpr, C_NORM: tl.constexpr, HAS_D: tl.constexpr,
-                 SOFTPLUS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+                 SOFTPLUS: tl.constexpr, FENCE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     """Phase 2, role (channel block): x_proj's sums, the norms, dt_proj, the convolution again, the state update
-    and the gated y of those channels, and their new conv window."""
+    and the gated y of those channels, and their new conv window. Everything that does not depend on x_proj
+    (the convolution, the state, the parameters) is loaded before waiting for the phase-1 programs, so those
+    loads overlap phase 1 instead of following it."""
     ch = role * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ch < d
     x, win = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch, mask_c, x_c, cs_c, cs_k, w_c, w_k,
@@ -245,26 +254,30 @@ def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr
     mask_r = offs_r < rank
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
-    dt_low = _summed(part, offs_r, mask_r, splits, pt_s, dtn_ptr, eps, rank, DT_NORM, BLOCK_SPLIT)
-    B = _summed(part + rank, offs_n, mask_n, splits, pt_s, bn_ptr, eps, n, B_NORM, BLOCK_SPLIT)
-    C = _summed(part + rank + n, offs_n, mask_n, splits, pt_s, cn_ptr, eps, n, C_NORM, BLOCK_SPLIT)
     wdt = tl.load(dtw_ptr + ch[:, None] * dtw_c + offs_r[None, :] * dtw_r, mask=mask_c[:, None] & mask_r[None, :],
                   other=0.0).to(tl.float32)
     bias = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_DTB:
         bias = tl.load(dtb_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-    dt = _step_size(tl.sum(wdt * dt_low[None, :], axis=1), bias, 0.0, 0.0, SOFTPLUS, False)
-
     mask = mask_c[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + ch[:, None] * A_c + offs_n[None, :] * A_n, mask=mask, other=0.0).to(tl.float32)
     state_ptrs = state_row + ch[:, None] * s_c + offs_n[None, :] * s_n
     state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    Dx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_D:
+        Dx = x * tl.load(D_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+    z = tl.load(x_row + (d + ch) * x_c, mask=mask_c, other=0.0).to(tl.float32)
+
+    while tl.atomic_add(counters + 1, 0, sem="acquire") < n_phase1:
+        pass
+    part += _gpu_fence(FENCE)  # every thread acquires before reading the partial sums
+    dt_low = _summed(part, offs_r, mask_r, splits, pt_s, dtn_ptr, eps, rank, DT_NORM, BLOCK_SPLIT)
+    B = _summed(part + rank, offs_n, mask_n, splits, pt_s, bn_ptr, eps, n, B_NORM, BLOCK_SPLIT)
+    C = _summed(part + rank + n, offs_n, mask_n, splits, pt_s, cn_ptr, eps, n, C_NORM, BLOCK_SPLIT)
+    dt = _step_size(tl.sum(wdt * dt_low[None, :], axis=1), bias, 0.0, 0.0, SOFTPLUS, False)
     state = state * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
     tl.store(state_ptrs, state.to(state_row.dtype.element_ty), mask=mask)
-    y = tl.sum(state * C[None, :], axis=1)
-    if HAS_D:
-        y += x * tl.load(D_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-    z = tl.load(x_row + (d + ch) * x_c, mask=mask_c, other=0.0).to(tl.float32)
+    y = tl.sum(state * C[None, :], axis=1) + Dx
     y *= z / (1.0 + tl.exp(-z))
     tl.store(y_row + ch * y_c, y.to(y_row.dtype.element_ty), mask=mask_c)
     tl.debug_barrier()
@@ -280,13 +293,15 @@ def _inner_step_kernel(
     S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_DTB: tl.constexpr, DT_NORM: tl.constexpr,
     B_NORM: tl.constexpr, C_NORM: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr, FENCE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_RANK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    BLOCK_RANK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """The whole Mamba-1 step of one row in two phases. Roles go by ticket (the order programs start), not by
     program id: the first ``n_phase1`` tickets compute x_proj's partial sums, the others wait for all of them
     and then update their channels. A waiting program only ever waits for programs that started before it,
     so the step completes whatever the number of programs resident at once. Counters per row: tickets,
     finished partials, finished updates; the last update resets all three for the next step."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(1).to(tl.int64)
     counters = sync_ptr + row * 3
     x_row, conv_row, part = x_ptr + row * x_b, conv_ptr + row * cs_b, part_ptr + row * pt_b
@@ -299,14 +314,11 @@ def _inner_step_kernel(
         tl.debug_barrier()
         tl.atomic_add(counters + 1, one, sem="release")
     else:
-        while tl.atomic_add(counters + 1, 0, sem="acquire") < n_phase1:
-            pass
-        role = ticket - n_phase1 + _gpu_fence(FENCE)  # every thread acquires before reading the partial sums
-        _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr, cn_ptr,
-                     state_ptr + row * s_b, A_ptr, D_ptr, y_ptr + row * y_b, role, d, n, rank, splits,
-                     eps, x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
-                     S, W, HAS_CB, HAS_DTB, DT_NORM, B_NORM, C_NORM, HAS_D, SOFTPLUS, BLOCK_C, BLOCK_N, BLOCK_RANK,
-                     BLOCK_S, BLOCK_SPLIT)
+        _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, counters, n_phase1, dtw_ptr, dtb_ptr, dtn_ptr, bn_ptr,
+                     cn_ptr, state_ptr + row * s_b, A_ptr, D_ptr, y_ptr + row * y_b, ticket - n_phase1, d, n, rank,
+                     splits, eps, x_c, cs_c, cs_k, w_c, w_k, pt_s, dtw_c, dtw_r, s_c, s_n, A_c, A_n, y_c,
+                     S, W, HAS_CB, HAS_DTB, DT_NORM, B_NORM, C_NORM, HAS_D, SOFTPLUS, FENCE, BLOCK_C, BLOCK_N,
+                     BLOCK_RANK, BLOCK_S, BLOCK_SPLIT)
         one = 1 + _gpu_fence(FENCE)
         tl.debug_barrier()
         if tl.atomic_add(counters + 2, one, sem="acq_rel") == n_phase2 - 1:
@@ -336,6 +348,7 @@ def inner_step_triton(inputs: InnerStepInputs) -> torch.Tensor:
     y = torch.empty(b, d, dtype=xz.dtype, device=xz.device)
     cb = weight if bias is None else bias.contiguous()
     placeholder = partials
+    pdl, launch = decode_launch.pdl_launch(xz.device)
     _inner_step_kernel[(n_phase1 + n_phase2, b)](
         xz, conv_state, weight, cb, x_proj_weight, partials, counters, dt_proj_weight,
         placeholder if dt_proj_bias is None else dt_proj_bias.contiguous(),
@@ -348,6 +361,6 @@ def inner_step_triton(inputs: InnerStepInputs) -> torch.Tensor:
         B_NORM=b_rms is not None, C_NORM=c_rms is not None, HAS_D=D is not None, SOFTPLUS=softplus,
         FENCE=_fence_on(), BLOCK_R=block_r, BLOCK_C1=block_c1, BLOCK_C=block_c, BLOCK_N=block_n,
         BLOCK_RANK=block_rank, BLOCK_S=triton.next_power_of_2(S),
-        BLOCK_SPLIT=triton.next_power_of_2(splits), num_warps=4,
+        BLOCK_SPLIT=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, **launch,
     )
     return y

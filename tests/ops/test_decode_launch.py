@@ -1,0 +1,61 @@
+"""The decode launch table: its settings are checked, switched for a block and restored, and programmatic
+dependent launch is never asked of a device or a Triton that cannot do it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssmkit.ops import decode_launch
+from ssmkit.ops.decode_launch import VARIANTS, DecodeLaunch
+
+
+def test_every_variant_is_valid_and_default_changes_nothing():
+    assert VARIANTS["default"] == DecodeLaunch()
+    assert not any(getattr(VARIANTS["default"], f) for f in ("pdl", "greedy_head", "mamba1_out_gemv"))
+    for name, settings in VARIANTS.items():
+        assert isinstance(settings, DecodeLaunch), name
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"gemv_tile": 3000}, "gemv_tile must be a power of two"),
+    ({"gemv_tile": 0}, "gemv_tile must be a power of two"),
+    ({"step_block_p": True}, "step_block_p must be a power of two"),
+    ({"gemv_warps": 3}, "gemv_warps must be one of"),
+])
+def test_bad_settings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeLaunch(**bad)
+
+
+def test_use_switches_for_the_block_and_restores_after_an_error():
+    before = decode_launch.current()
+    with pytest.raises(RuntimeError), decode_launch.use("best") as settings:
+        assert decode_launch.current() is settings is VARIANTS["best"]
+        raise RuntimeError
+    assert decode_launch.current() is before
+    custom = DecodeLaunch(gemv_tile=2048)
+    with decode_launch.use(custom):
+        assert decode_launch.current() is custom
+    assert decode_launch.current() is before
+    with pytest.raises(ValueError, match="unknown decode launch variant"), decode_launch.use("fastest"):
+        pass
+    with pytest.raises(TypeError, match="must be a DecodeLaunch"):
+        decode_launch.set_current("best")
+
+
+def test_pdl_is_off_where_it_cannot_run(monkeypatch):
+    with decode_launch.use("pdl"):
+        assert decode_launch.pdl_launch(torch.device("cpu")) == (False, {})
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not decode_launch.pdl_available(torch.device("cuda"))
+
+
+def test_the_environment_names_the_variant_at_import(monkeypatch):
+    monkeypatch.setenv("SSMKIT_DECODE_LAUNCH", "wide")
+    assert decode_launch._from_environment() is VARIANTS["wide"]
+    monkeypatch.setenv("SSMKIT_DECODE_LAUNCH", "")
+    assert decode_launch._from_environment() is VARIANTS["default"]
+    monkeypatch.setenv("SSMKIT_DECODE_LAUNCH", "turbo")
+    with pytest.raises(ValueError, match="SSMKIT_DECODE_LAUNCH='turbo' is not a decode launch variant"):
+        decode_launch._from_environment()
