@@ -226,3 +226,28 @@ def test_mamba3_config_validation():
         _model("3", mimo_rank=2.0)
     # Unused mixer settings are not validated, as for the other mixers.
     ModelConfig(vocab_size=40, d_model=D_MODEL, n_layer=1, layer_pattern="2", mamba3=Mamba3Config(headdim=24))
+
+
+@pytest.mark.parametrize("eps_C", [1e-5, 0.3])  # equal eps: one norm call over B and C side by side; apart: two
+@pytest.mark.parametrize("settings", [{}, {"ngroups": 2, "is_mimo": True, "mimo_rank": 2}])
+def test_B_and_C_norms_keep_their_own_weight_and_eps(settings, eps_C):
+    layer = make(F64, **settings)
+    with torch.no_grad():  # distinct weights: a mix-up of B's and C's (or of their copies) shows
+        layer.B_norm.weight.copy_(torch.rand_like(layer.B_norm.weight) + 0.5)
+        layer.C_norm.weight.copy_(-torch.rand_like(layer.C_norm.weight) - 0.5)
+    layer.C_norm.eps = eps_C
+    u = torch.randn(2, 5, D_MODEL, dtype=F64) * 5
+    _, inputs = layer._project(u)
+    parts = layer.in_proj(u).split(layer.split_sizes, dim=-1)
+    shape = (layer.mimo_rank, layer.ngroups, layer.d_state)
+    for name, raw, norm in (("B", parts[2], layer.B_norm), ("C", parts[3], layer.C_norm)):
+        v = raw.unflatten(-1, shape)
+        assert_close(inputs[name], v / v.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt() * norm.weight, name=name)
+    # Each weight's gradient is its own block's (summed over ranks and groups).
+    gB, gC = torch.randn_like(inputs["B"]), torch.randn_like(inputs["C"])
+    got = torch.autograd.grad((inputs["B"] * gB).sum() + (inputs["C"] * gC).sum(),
+                              [layer.B_norm.weight, layer.C_norm.weight])
+    for g_got, raw, norm, g in zip(got, parts[2:4], (layer.B_norm, layer.C_norm), (gB, gC)):
+        v = raw.detach().unflatten(-1, shape)
+        want = (g * v / v.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()).sum((0, 1, 2, 3))
+        assert_close(g_got, want, name="weight grad")

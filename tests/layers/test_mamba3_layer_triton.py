@@ -94,10 +94,35 @@ def check_layer(dtype: str, settings: dict, packed: bool) -> None:
         assert_close(p.grad, want_params[name].grad, dt, name=f"grad {name}", **tol)
 
 
-@pytest.mark.slow  # about 50 s: four layers' kernels in the interpreter
+def check_layer_cache(settings: dict, batch: int) -> None:
+    """A prefill into a cache, a second prefill continuing from it and one decode step: the outputs and the
+    cache (the route's final angle, state, last B̃ from B's in-place view, last x) against float64."""
+    torch.manual_seed(0)
+    layer = Mamba3(d_model=D_MODEL, d_state=16, headdim=8, chunk_size=16, **settings)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    want_layer = copy.deepcopy(layer).double()
+    x = torch.randn(batch, 21, D_MODEL)
+    cache, want_cache = layer.allocate_state(batch), want_layer.allocate_state(batch)
+    with cuda_choices():
+        got = [layer(x, cache=cache), layer(x[:, :5], cache=cache), layer(x[:, 5:6], cache=cache)]
+    with mock.patch.object(mamba3_layer, "mamba3_scan", functools.partial(mamba3_scan, backend="reference")):
+        want = [want_layer(x.double(), cache=want_cache), want_layer(x[:, :5].double(), cache=want_cache),
+                want_layer(x[:, 5:6].double(), cache=want_cache)]
+    for name, a, e in zip(("prefill", "continued prefill", "step"), got, want):
+        assert_close(a, e, torch.float32, name=name)
+    for name, t in cache.tensors().items():
+        assert_close(t, want_cache.tensors()[name], torch.float32, name=f"cache {name}")
+
+
+@pytest.mark.slow  # about 60 s: five layers' kernels in the interpreter
 def test_layer_on_the_triton_route_matches_the_reference_in_interpreter():
     run_checks_in_interpreter(__file__, "all")
 
 
 if __name__ == "__main__":
-    report_checks({name: (check_layer, case) for name, case in CASES.items()})
+    checks = {name: (check_layer, case) for name, case in CASES.items()}
+    # Batch 3 and two groups: B's rows read in place at the projection's stride, per batch row.
+    checks["groups_cache_b3_fp32"] = (check_layer_cache, ({"ngroups": 2}, 3))
+    report_checks(checks)

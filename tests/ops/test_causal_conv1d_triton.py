@@ -127,6 +127,9 @@ def _main(group: str) -> None:
         triton_backward.LAUNCH = triton_backward.BackwardLaunch(kernel="shifted", block_l=16, block_d=4, programs=3)
         checks = {name: (check_fn, case) for name, case in FN_CASES.items()}
         checks["width3_docs_init"] = (check_fn, (2, 6, 41, 3, "float32", True, True, "alternating", True, "silu"))
+        # The narrow widths with SiLU (taps 1..3 switched off at compile time) across documents and states.
+        checks["width2_silu_docs_init"] = (check_fn, (2, 5, 35, 2, "float32", True, True, "alternating", True, "silu"))
+        checks["width1_silu_docs"] = (check_fn, (2, 5, 23, 1, "float32", False, True, "alternating", False, "silu"))
         checks["nan_stays_in_document"] = (check_nan_stays_in_document, ())
     else:
         low = group == "fn_low_precision"
