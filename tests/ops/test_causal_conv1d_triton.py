@@ -111,6 +111,16 @@ def check_update(dtype, extra_state, tokens, activation, circular, pooled) -> No
         assert_close(state, state64, dtype, name="conv_state")
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"kernel": "shifed"}, {"block_l": 24}, {"block_d": 0}, {"num_warps": 3}, {"programs": 0}]
+)
+def test_backward_launch_refuses_bad_settings(kwargs):
+    from ssmkit.ops.causal_conv1d.triton_backward import BackwardLaunch
+
+    with pytest.raises(ValueError):
+        BackwardLaunch(**kwargs)
+
+
 @pytest.mark.parametrize("group", ["fn_f32", "fn_low_precision", "fn_shifted_backward", "update"])
 def test_triton_matches_reference_in_interpreter(group):
     run_checks_in_interpreter(__file__, group)

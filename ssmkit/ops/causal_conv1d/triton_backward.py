@@ -262,6 +262,19 @@ class BackwardLaunch:
     num_warps: int = 4
     programs: int = 4096
 
+    def __post_init__(self) -> None:
+        if self.kernel not in ("generic", "shifted"):
+            raise ValueError(f"kernel must be 'generic' or 'shifted', got {self.kernel!r}")
+        for name in ("block_l", "block_d"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1
+                                      or value & (value - 1)):
+                raise ValueError(f"{name} must be a power of two >= 1 or None, got {value!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
+        if isinstance(self.programs, bool) or not isinstance(self.programs, int) or self.programs < 1:
+            raise ValueError(f"programs must be an int >= 1, got {self.programs!r}")
+
 
 LAUNCH = BackwardLaunch()  # replaced as a whole by benchmarks/gpu_conv_norm.py's sweep
 
