@@ -39,6 +39,21 @@ from ssmkit.ops.causal_conv1d.triton_common import (
 
 
 @triton.jit
+def _store_dinit(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dinit_ptr, offs_d, mask_d, length,
+                 stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl, stride_gd, stride_gl,
+                 stride_did, stride_dil, W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+                 HAS_SEQ: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """The gradient of the W - 1 initial-state positions -(W-1) .. -1 (one batch row's dinit_ptr)."""
+    s0 = tl.arange(0, BLOCK_W) - (W - 1)
+    dinit, _ = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s0, offs_d, mask_d, length,
+                         stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
+                         stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK_W, BLOCK_D)
+    di_ptrs = dinit_ptr + (s0 + W - 1)[:, None] * stride_dil + offs_d[None, :] * stride_did
+    tl.store(di_ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=(s0 < 0)[:, None] & mask_d[None, :])
+
+
+@triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, dinit_ptr, dwb_ptr,
                      length, dim, tiles_per_prog,
                      stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_il,
@@ -81,12 +96,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, d
              mask=(rows < W + 1)[:, None] & mask_d[None, :])
     if NEED_DINIT:  # nested, not `and`: NEED_DINIT is compile-time, pid_l is not
         if pid_l == 0:
-            s0 = tl.arange(0, BLOCK_W) - (W - 1)  # the W - 1 initial-state positions -(W-1) .. -1
-            dinit, _ = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s0, offs_d, mask_d, length,
-                              stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                              stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK_W, BLOCK_D)
-            di_ptrs = dinit_ptr + pid_b * stride_dib + (s0 + W - 1)[:, None] * stride_dil + offs_d[None, :] * stride_did
-            tl.store(di_ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=(s0 < 0)[:, None] & mask_d[None, :])
+            _store_dinit(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dinit_ptr + pid_b * stride_dib, offs_d,
+                         mask_d, length, stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
+                         stride_gd, stride_gl, stride_did, stride_dil, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC,
+                         BLOCK_W, BLOCK_D)
 
 
 @triton.jit
@@ -94,7 +107,7 @@ def _links(seq_ptr, stride_sl, s, length, m: tl.constexpr, HAS_SEQ: tl.constexpr
     """(BLOCK,) link(s + m), or all True without documents."""
     if HAS_SEQ:
         return _link(seq_ptr, stride_sl, s + m, length)
-    return s == s
+    return tl.zeros_like(s) == 0
 
 
 @triton.jit
@@ -242,12 +255,10 @@ def _conv_bwd_w4_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr
     tl.store(part_ptr + W * stride_pk, db, mask=mask_d)
     if NEED_DINIT:  # nested, not `and`: NEED_DINIT is compile-time, pid_l is not
         if pid_l == 0:
-            s0 = tl.arange(0, BLOCK_W) - (W - 1)  # the W - 1 initial-state positions -(W-1) .. -1
-            dinit, _ = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s0, offs_d, mask_d, length,
-                                 stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                                 stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK_W, BLOCK_D)
-            di_ptrs = dinit_ptr + pid_b * stride_dib + (s0 + W - 1)[:, None] * stride_dil + offs_d[None, :] * stride_did
-            tl.store(di_ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=(s0 < 0)[:, None] & mask_d[None, :])
+            _store_dinit(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dinit_ptr + pid_b * stride_dib, offs_d,
+                         mask_d, length, stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
+                         stride_gd, stride_gl, stride_did, stride_dil, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC,
+                         BLOCK_W, BLOCK_D)
 
 
 @dataclass(frozen=True)
