@@ -26,6 +26,18 @@ MAX_ROWS = 8
 MAX_K = 8192
 
 
+def _check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+
+
+def _route(backend: str, device: torch.device, fits: bool) -> str:
+    """The backend that runs: "auto" takes the unfused ops where the Triton kernels do not fit."""
+    if backend == "auto" and not fits:
+        backend = "chunked"
+    return resolve_backend(backend, device, has_triton=True)
+
+
 def rms_norm_linear(
     x: torch.Tensor,
     norm_weight: torch.Tensor | None,
@@ -83,16 +95,13 @@ def rms_norm_linear(
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                    or group_size <= 0 or k % group_size):
         raise ValueError(f"group_size must be a positive divisor of x's last dimension k={k}, got {group_size!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    _check_eps(eps)
     device = check_same_device(x=x, z=z, norm_weight=norm_weight, weight=weight, bias=bias, residual=residual)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, z, norm_weight, weight, bias, residual))
     fits = (dims["m"] <= MAX_ROWS and k <= MAX_K and not needs_grad
             and torch.float64 not in {x.dtype, weight.dtype})
-    if backend == "auto" and not fits:
-        backend = "chunked"
-    resolved = resolve_backend(backend, device, has_triton=True)
+    resolved = _route(backend, device, fits)
     if resolved == "triton":
         from ssmkit.ops.norm_linear.triton import rms_norm_linear_triton
 
@@ -142,14 +151,11 @@ def rms_norm_linear_argmax(
     vocab_size = n if vocab_size is None else vocab_size
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= n:
         raise ValueError(f"vocab_size must be an int in [1, {n}] (the head's rows), got {vocab_size!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    _check_eps(eps)
     device = check_same_device(x=x, norm_weight=norm_weight, weight=weight)
     fits = (dims["m"] <= MAX_ROWS and dims["k"] <= MAX_K and n < 2**31
             and torch.float64 not in {x.dtype, weight.dtype})
-    if backend == "auto" and not fits:
-        backend = "chunked"
-    resolved = resolve_backend(backend, device, has_triton=True)
+    resolved = _route(backend, device, fits)
     if resolved == "triton":
         from ssmkit.ops.norm_linear.triton import rms_norm_linear_argmax_triton
 

@@ -69,6 +69,16 @@ def _raise_flag(flag_ptr, FENCE: tl.constexpr):
     tl.atomic_xchg(flag_ptr, one, sem="release")
 
 
+@triton.jit
+def _x_and_B(x_ptr, B_ptr, b, t, hh, gg, rp, rn, L, H, G, P: tl.constexpr, N: tl.constexpr):
+    """x (BK, BP) in float32 and B (BK, BN) as stored, at positions t of head hh / group gg (0 past L)."""
+    xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
+                 mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
+    Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
+                 mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+    return xs, Bs
+
+
 @triton.jit(do_not_specialize=["L", "nc"])
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, doc_ptr, delta_ptr, cum_ptr, states_ptr, scale_ptr,
@@ -121,10 +131,7 @@ def _chunk_state_fwd(
             w = tl.exp(run_new - cum_s) * w_in
             if HAS_DOC:
                 w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
-            xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
-                         mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
-            Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+            xs, Bs = _x_and_B(x_ptr, B_ptr, b, t, hh, gg, rp, rn, L, H, G, P, N)
             xw = (xs * w[:, None]).to(DOT)
             acc = acc * tl.exp(run_new - run) + tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
             run = run_new
@@ -154,10 +161,7 @@ def _chunk_state_fwd(
             w = tl.exp(cum_last - tl.load(cum_ptr + bh * Lp + t)) * tl.load(delta_ptr + bh * Lp + t)
             if HAS_DOC:
                 w = tl.where(tl.load(doc_ptr + b * Lp + t) == doc_last, w, 0.0)
-            xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + hh) * P + rp[None, :],
-                         mask=(t[:, None] < L) & (rp[None, :] < P), other=0.0).to(tl.float32)
-            Bs = tl.load(B_ptr + ((b * L + t[:, None]) * G + gg) * N + rn[None, :],
-                         mask=(t[:, None] < L) & (rn[None, :] < N), other=0.0)
+            xs, Bs = _x_and_B(x_ptr, B_ptr, b, t, hh, gg, rp, rn, L, H, G, P, N)
             xw = (xs * w[:, None]).to(DOT)
             acc += tl.dot(tl.trans(xw), Bs.to(DOT), input_precision=PREC)
     pn = rp[:, None] * N + rn[None, :]
