@@ -137,28 +137,26 @@ def _last_residual(model: DecodingModel, token: torch.Tensor, cache: Cache) -> t
     return residual[:, -1]
 
 
-def greedy_head_applies(model: DecodingModel, state: DecodeState) -> bool:
-    """Whether :func:`step` picks this step's tokens with the fused greedy head
+def _greedy_head(model: DecodingModel, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The model's ``rms_head()`` parts when :func:`step` may pick this step's tokens with the fused greedy head
     (:func:`ssmkit.ops.rms_norm_linear_argmax`; ``decode_launch.current().greedy_head`` switches it): every
-    row greedy without a repetition penalty, at most ``norm_linear.MAX_ROWS`` rows, a language model whose
-    logits are ``F.linear(rms_norm(h), head_weight)`` in a half or float32 dtype (an ``nn.Linear`` head without
-    bias or the tied embedding, no logits multiplier). Off a GPU the op runs the same unfused ops as
-    :func:`pick` (the same tokens, bit for bit)."""
-    from ssmkit.layers.norm import RMSNorm
-    from ssmkit.models.language_model import LanguageModel
-
+    row greedy without a repetition penalty, at most ``norm_linear.MAX_ROWS`` rows, and a model whose logits
+    are ``F.linear(rms_norm(h), head_weight)`` (it says so through ``rms_head()``). Else None. Off a GPU the
+    op runs the same unfused ops as :func:`pick` (the same tokens, bit for bit)."""
     params = state.params
     kinds = params.kinds if isinstance(params, RowSampling) else None
     greedy = (not kinds.sample and not (kinds.penalty and state.seen is not None)) if kinds is not None else (
         params.greedy and (params.repetition_penalty == 1.0 or state.seen is None))
-    if not (greedy and decode_launch.current().greedy_head and isinstance(model, LanguageModel)):
-        return False
-    head = model.lm_head
-    weight = model.head_weight
-    return (type(model).head_logits is LanguageModel.head_logits and isinstance(model.norm_f, RMSNorm)
-            and (head is None or (type(head) is nn.Linear and head.bias is None))
-            and model.config.logits_multiplier == 1.0 and weight.dtype != torch.float64
-            and state.done.shape[0] <= norm_linear.MAX_ROWS)
+    rms_head = getattr(model, "rms_head", None)
+    if not (greedy and decode_launch.current().greedy_head and rms_head is not None
+            and state.done.shape[0] <= norm_linear.MAX_ROWS):
+        return None
+    return rms_head()
+
+
+def greedy_head_applies(model: DecodingModel, state: DecodeState) -> bool:
+    """Whether :func:`step` picks this step's tokens with the fused greedy head (see :func:`_greedy_head`)."""
+    return _greedy_head(model, state) is not None
 
 
 def step(model: DecodingModel, token: torch.Tensor, state: DecodeState,
@@ -168,11 +166,12 @@ def step(model: DecodingModel, token: torch.Tensor, state: DecodeState,
     ``lean``: a :class:`LeanDecoder` of ``model`` already checked against ``state.cache`` (the loop gets
     it once, :func:`lean_decoder`), or None for the blocks' own step. A greedy step may pick
     through the fused head (:func:`greedy_head_applies`): the same token as the logits' argmax."""
-    if lean is None and greedy_head_applies(model, state):
+    head = _greedy_head(model, state) if lean is None else None
+    if head is not None:
+        norm_weight, head_weight, eps = head
         hidden = _last_residual(model, token, state.cache)
-        norm = model.norm_f
-        picked = rms_norm_linear_argmax(hidden, norm.weight, model.head_weight, eps=norm.eps,
-                                        vocab_size=min(state.vocab_size, model.head_weight.shape[0]))
+        picked = rms_norm_linear_argmax(hidden, norm_weight, head_weight, eps=eps,
+                                        vocab_size=min(state.vocab_size, head_weight.shape[0]))
         return _settle(picked, state)
     logits = lean(token, state.cache) if lean is not None else forward_one_layers(model, token, state.cache)
     return pick(logits, state)

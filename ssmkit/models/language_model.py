@@ -135,6 +135,17 @@ class LanguageModel(nn.Module):
         multiplier = self.config.logits_multiplier
         return logits if multiplier == 1.0 else logits * multiplier
 
+    def rms_head(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(final norm weight (H,), head weight (V, H), eps) when the logits are exactly
+        ``F.linear(rms_norm(h), head_weight)`` in a half or float32 dtype (an ``nn.Linear`` head without bias or
+        the tied embedding, no logits multiplier), so a fused norm + head kernel may stand in for
+        :meth:`head_logits`; else None (an int8 head, a subclass's own head, float64)."""
+        head, weight = self.lm_head, self.head_weight
+        plain = (type(self).head_logits is LanguageModel.head_logits and isinstance(self.norm_f, RMSNorm)
+                 and (head is None or (type(head) is nn.Linear and head.bias is None))
+                 and self.config.logits_multiplier == 1.0 and weight.dtype != torch.float64)
+        return (self.norm_f.weight, weight, self.norm_f.eps) if plain else None
+
     def forward(self, input_ids: torch.Tensor, *, targets: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
                 cache: ModelCache | None = None, logits_to_keep: int = 0) -> LanguageModelOutput:
