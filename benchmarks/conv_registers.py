@@ -12,19 +12,14 @@ with documents (seq_idx) and initial states. Compile-time facts, not timings: th
 from __future__ import annotations
 
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
-import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from ssmkit.ops.causal_conv1d.triton_backward import (
     _conv_bwd_kernel,
     _conv_bwd_w4_kernel,
 )
+
+from sm90_resources import compile_sm90, resource_usage
 
 TILES = ((16, 128, 4), (32, 128, 8), (128, 16, 4))  # channel-last default, a wider one, channel-first default
 
@@ -40,17 +35,10 @@ def resources(fn, block_l: int, block_d: int, warps: int, docs_and_init: bool) -
             signature[arg] = "*fp32" if arg == "dwb_ptr" else "*i32" if arg == "seq_ptr" else "*bf16"
         else:
             signature[arg] = "i32"
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        table = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    found = re.search(r"REG:(\d+).*?STACK:(\d+)", table)
+    kernel = compile_sm90(fn, signature, consts, {"num_warps": warps, "num_stages": 2})
+    regs, spilled = resource_usage(kernel)
     loads = len(re.findall(r"ld\.global", kernel.asm["ptx"]))
-    return f"{found.group(1):>4} {found.group(2):>6} {loads:>6}"
+    return f"{regs:>4} {spilled:>6} {loads:>6}"
 
 
 def main() -> None:

@@ -13,18 +13,12 @@ stack bytes (spills) and shared memory. 255 registers means one program of 8 war
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from ssmkit.ops.ssd import triton_bwd, triton_fwd
+
+from sm90_resources import compile_sm90, resource_usage
 
 BF16_ARGS = {"x_ptr", "z_ptr", "dt_ptr", "dout_ptr", "B_ptr", "C_ptr", "out_ptr", "ypre_ptr", "dx_ptr", "dz_ptr",
              "dB_ptr", "dC_ptr", "prev_ptr"}
@@ -67,16 +61,9 @@ def resources(name: str, tile: int, warps: int, stages: int, maxnreg: int | None
         else:
             signature[arg] = "fp32" if arg in ("lo", "hi") else "i32"
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        table = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    found = re.search(r"REG:(\d+).*?STACK:(\d+)", table)
-    return f"registers {found.group(1):>3}, spilled {found.group(2):>4} B, shared {kernel.metadata.shared:>6} B"
+    kernel = compile_sm90(fn, signature, constexprs, options)
+    regs, spilled = resource_usage(kernel)
+    return f"registers {regs:>3}, spilled {spilled:>4} B, shared {kernel.metadata.shared:>6} B"
 
 
 def main() -> None:
