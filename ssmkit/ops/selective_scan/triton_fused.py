@@ -7,9 +7,9 @@ thread all T steps of one (channel, state) pair and spreads channels and states 
 per chunk is then sequential in registers; the states, the adjoint carry and dA stay in registers
 across chunks (no global round trips, no barriers); y, du and dΔ are sums over the lanes of the state
 axis, dB and dC over the channel axis (then one atomic per (n, t) and program). Each chunk's inputs
-are loaded one chunk ahead. The backward's registers limit T to about 16 (a checkpoint every 16 steps,
-twice the size of a bf16 u); the forward may walk longer tiles (``fwd_chunk``) and still write a
-checkpoint every ``chunk`` steps.
+are loaded one chunk ahead. The backward's registers limit T to about 16 (a checkpoint every 16 steps:
+at N 16 as large as u, in bfloat16 for bfloat16 u, twice that in float32); the forward may walk longer
+tiles (``fwd_chunk``) and still write a checkpoint every ``chunk`` steps.
 """
 
 import triton
