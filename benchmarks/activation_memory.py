@@ -17,6 +17,13 @@ Columns:
 
     python benchmarks/activation_memory.py                     # CUDA: b 8, d_model 2048, L 2048, bf16
     python benchmarks/activation_memory.py --batch 2 --d-model 256 --length 512   # a CPU-sized shape
+    TRITON_INTERPRET=1 python benchmarks/activation_memory.py --triton-interpreter --batch 2 --d-model 128 \
+        --length 256 --dtype bfloat16                          # the Triton path's bytes, on a CPU
+
+``--triton-interpreter`` (with ``TRITON_INTERPRET=1``, on a CPU) routes every op with a Triton kernel to it,
+as CUDA does, so that the saved bytes are those of the GPU path; "units" = saved bytes over one (b, l,
+d_inner) tensor of the layer's dtype, which carries across shapes where every saved tensor scales with
+b * l * d_inner (Mamba-1's checkpoints do at fixed N; Mamba-2's states and C·Bᵀ depend on the chunk).
 """
 
 from __future__ import annotations
@@ -35,6 +42,22 @@ from ssmkit.layers import Mamba, Mamba2
 from ssmkit.testing import saved_activation_bytes
 
 MB = 1e6
+
+
+def _route_auto_to_triton() -> None:
+    """Make backend="auto" pick the Triton kernel of every op that has one (Triton's CPU interpreter)."""
+    import sys
+
+    from ssmkit.ops import backend
+
+    original = backend.resolve_backend
+
+    def resolve(name: str, device: torch.device, *, has_triton: bool = False) -> str:
+        return "triton" if name == "auto" and has_triton else original(name, device, has_triton=has_triton)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("ssmkit.") and getattr(module, "resolve_backend", None) is original:
+            module.resolve_backend = resolve
 
 
 def _layers(kind: str, d_model: int, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -70,6 +93,7 @@ def measure(kind: str, batch: int, d_model: int, length: int, device: str, dtype
         x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
         exclude = [*layer.parameters(), x]
         row = {"saved": saved_activation_bytes(functools.partial(layer, x), exclude=exclude) / MB}
+        row["units"] = row["saved"] * MB / (batch * length * layer.d_inner * dtype.itemsize)
         if device == "cuda":
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -96,13 +120,23 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"])
     parser.add_argument("--layers", nargs="+", default=["mamba", "mamba2"], choices=["mamba", "mamba2"])
     parser.add_argument("--time", action="store_true", help="also time forward+backward on CPU (CUDA: always)")
+    parser.add_argument("--triton-interpreter", action="store_true",
+                        help="on a CPU with TRITON_INTERPRET=1: run the Triton kernels (the GPU path's bytes)")
     args = parser.parse_args()
+    if args.triton_interpreter:
+        import os
+
+        if cuda or os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--triton-interpreter needs TRITON_INTERPRET=1 and no CUDA device")
+        _route_auto_to_triton()
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if cuda else "CPU (chunked PyTorch ops; the Triton kernels run on CUDA)"
+    if args.triton_interpreter:
+        where = "CPU, the Triton kernels in Triton's interpreter (the CUDA path's ops)"
     print(f"device: {where}; torch {torch.__version__}, ssmkit {ssmkit.__version__}")
     print(f"one layer, default config, batch {args.batch}, d_model {args.d_model}, length {args.length}, {args.dtype}")
-    header = (f"{'layer':<7} {'path':<8} {'saved MB':>9} {'ratio':>6} {'allocated MB':>13} {'peak MB':>8} "
+    header = (f"{'layer':<7} {'path':<8} {'saved MB':>9} {'units':>6} {'ratio':>6} {'allocated MB':>13} {'peak MB':>8} "
               f"{'fwd+bwd ms':>11} {'time ratio':>10}")
     print(header)
     print("-" * len(header))
@@ -114,7 +148,7 @@ def main() -> None:
             peak = f"{r['peak']:.0f}" if "peak" in r else "-"
             ms = f"{r['ms']:.2f}" if "ms" in r else "-"
             tratio = f"{r['ms'] / base['ms']:.2f}x" if "ms" in r else "-"
-            print(f"{kind:<7} {name:<8} {r['saved']:>9.1f} {r['saved'] / base['saved']:>5.2f}x {alloc:>13} "
+            print(f"{kind:<7} {name:<8} {r['saved']:>9.2f} {r['units']:>6.2f} {r['saved'] / base['saved']:>5.2f}x {alloc:>13} "
                   f"{peak:>8} {ms:>11} {tratio:>10}", flush=True)
     print("target: fused <= 0.6x the unfused layer's activation memory, and no slower")
 

@@ -26,6 +26,10 @@ CASES = {
     "fp32_plain_odd": (2, 5, 3, 19, None, torch.float32, 4, {"init"}),
     "bf16_time_major_public_api": (2, 8, 4, 24, None, torch.bfloat16, 8, {"extras", "time_major", "public"}),
     "fp16_packed_no_extras": (1, 4, 8, 40, 4, torch.float16, 16, {"packed"}),
+    # bfloat16 with every option: the fused-state kernels keep bfloat16 checkpoints here (odd length,
+    # groups, documents, initial states), and must still meet bfloat16's tolerances for every gradient.
+    "bf16_all_options_groups_odd": (2, 6, 5, 37, 2, torch.bfloat16, 8, {"extras", "init", "packed"}),
+    "bf16_plain_groups_init_odd": (1, 4, 16, 29, 2, torch.bfloat16, 4, {"init"}),
     # NaN in u inside the first document: NaN exactly where the reference has it, nothing past the
     # seq_idx change (which falls on a chunk boundary), in the output and every gradient.
     "fp32_nan_stops_at_document_start": (1, 3, 4, 16, None, torch.float32, 4, {"extras", "nan"}),
@@ -66,10 +70,30 @@ def _inputs(b, d, n, l, groups, dtype, options, gen):
     return low, seq_idx
 
 
-def _run_case(name: str, fused: bool) -> None:
+def _call(leaves, low, cfg, options, softplus, seq_idx):
     from ssmkit.ops.selective_scan import ScanInputs, selective_scan_fn
+    from ssmkit.ops.selective_scan.triton import selective_scan_triton
+
+    if "public" in options:
+        # The public function runs the default launch shapes: made this case's for the call.
+        import ssmkit.ops.selective_scan.triton as triton_backend
+
+        triton_backend.DEFAULT_CONFIG = triton_backend.TRAINING_CONFIG = cfg
+        out, last = selective_scan_fn(
+            **leaves, delta_softplus=softplus, return_last_state=True, seq_idx=seq_idx, backend="triton"
+        )
+        assert out.stride() == low["u"].stride(), "out must keep u's (time-major) layout"
+        return out, last
+    B4 = {k: (v if v.dim() == 4 else v[:, None]) for k, v in leaves.items() if k in ("B", "C")}
+    return selective_scan_triton(
+        ScanInputs.from_args({**leaves, **B4, "delta_softplus": softplus, "seq_idx": seq_idx}), config=cfg
+    )
+
+
+def _run_case(name: str, fused: bool) -> None:
+    from ssmkit.ops.selective_scan import ScanInputs
     from ssmkit.ops.selective_scan.reference import selective_scan_reference
-    from ssmkit.ops.selective_scan.triton import ScanConfig, selective_scan_triton
+    from ssmkit.ops.selective_scan.triton import ScanConfig
     from ssmkit.testing import assert_close
 
     b, d, n, l, groups, dtype, chunk, options = CASES[name]
@@ -82,20 +106,13 @@ def _run_case(name: str, fused: bool) -> None:
         fwd_chunk=2 * chunk if fused else None,
     )
     leaves = {k: v.detach().requires_grad_(True) for k, v in low.items()}
-    if "public" in options:
-        # The public function runs the default launch shape: made this case's for the call.
-        import ssmkit.ops.selective_scan.triton as triton_backend
-
-        triton_backend.DEFAULT_CONFIG = cfg
-        out, last = selective_scan_fn(
-            **leaves, delta_softplus=softplus, return_last_state=True, seq_idx=seq_idx, backend="triton"
-        )
-        assert out.stride() == low["u"].stride(), "out must keep u's (time-major) layout"
-    else:
-        B4 = {k: (v if v.dim() == 4 else v[:, None]) for k, v in leaves.items() if k in ("B", "C")}
-        out, last = selective_scan_triton(
-            ScanInputs.from_args({**leaves, **B4, "delta_softplus": softplus, "seq_idx": seq_idx}), config=cfg
-        )
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, last = _call(leaves, low, cfg, options, softplus, seq_idx)
+    # The checkpoints (b, d, cdiv(l, chunk) + 1, n): bfloat16 for bfloat16 u on the fused-state kernels.
+    ckpt = [t for t in saved if t.shape == (b, d, -(-l // chunk) + 1, n)]
+    ckpt_dtype = torch.bfloat16 if fused and dtype == torch.bfloat16 else last.dtype
+    assert len(ckpt) == 1 and ckpt[0].dtype == ckpt_dtype, [(t.shape, t.dtype) for t in ckpt]
     ref_in = {k: v.detach().double().requires_grad_(True) for k, v in low.items()}
     B4 = {k: (v if v.dim() == 4 else v[:, None]) for k, v in ref_in.items() if k in ("B", "C")}
     ref_out, ref_last = selective_scan_reference(

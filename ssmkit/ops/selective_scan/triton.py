@@ -32,7 +32,12 @@ class ScanConfig:
     (one scan per chunk, states and adjoints carried in registers) over those that loop over the state
     index with (channels, chunk) tiles (carries through global memory). With fused states the forward
     may walk longer tiles of ``fwd_chunk`` steps (a multiple of ``chunk``; default ``chunk``): it
-    still writes a checkpoint every ``chunk`` steps, the backward's tile."""
+    still writes a checkpoint every ``chunk`` steps, the backward's tile.
+
+    ``lowp_checkpoints``: with fused states and bfloat16 u, the checkpoints are stored in bfloat16 (half
+    the bytes saved for the backward; the forward carries its float32 state in registers and writes the
+    float32 last state apart, so only the backward's recomputed states see the rounding, 2^-9 relative).
+    float16 keeps float32 checkpoints: its range (65,504) could overflow a state that float32 holds."""
 
     def __post_init__(self) -> None:
         fwd = self.fwd_chunk or self.chunk
@@ -46,6 +51,7 @@ class ScanConfig:
     bwd_warps: int = 8
     fused_states: bool = False
     fwd_chunk: int | None = None
+    lowp_checkpoints: bool = True
 
 
 # Chosen from the launch-config sweep on an H200 (bf16, b 8, d 2048, N 16, L 8192; benchmarks/RESULTS.md):
@@ -74,7 +80,16 @@ def _fused_warps(warps: int, block_d: int, n: int) -> int:
     return max(1, min(warps, block_d * triton.next_power_of_2(n) // 32))
 
 
+def _checkpoint_dtype(u: torch.Tensor, acc: torch.dtype, cfg: ScanConfig) -> torch.dtype:
+    """bfloat16 checkpoints where the kernels allow them (see ``ScanConfig.lowp_checkpoints``), else ``acc``.
+    Only the fused-state forward carries its state in registers: the chunk-tile forward reads the state
+    back from the checkpoint, which would round the forward itself."""
+    lowp = cfg.lowp_checkpoints and cfg.fused_states and u.dtype == torch.bfloat16 and acc == torch.float32
+    return torch.bfloat16 if lowp else acc
+
+
 def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
+    """Returns out, the ungated y (or None), the checkpoints and the last state (b, d, n) in ``acc``."""
     b, d, l = u.shape
     g, n = B.shape[1], B.shape[2]
     dg = d // g
@@ -82,19 +97,21 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     # empty_like keeps u's layout: time-major in, time-major out, as the chunked backend.
     out = torch.empty_like(u)
     ypre = torch.empty_like(u) if z is not None else None
-    ckpt = u.new_empty(b, d, n_chunks + 1, n, dtype=acc)
+    ckpt = u.new_empty(b, d, n_chunks + 1, n, dtype=_checkpoint_dtype(u, acc, cfg))
+    # The fused-state forward writes the last state apart, in acc (the checkpoints may be bfloat16).
+    last = u.new_empty(b, d, n, dtype=acc) if cfg.fused_states else None
     block_d = _block_d(dg, cfg.fwd_block_d)
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
     if cfg.fused_states:
         kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
-        warps = _fused_warps(cfg.fwd_warps, block_d, n)
+        warps, last_arg = _fused_warps(cfg.fwd_warps, block_d, n), (last,)
     else:
-        kernel, shape, warps = _selective_scan_fwd_kernel, {}, cfg.fwd_warps
+        kernel, shape, warps, last_arg = _selective_scan_fwd_kernel, {}, cfg.fwd_warps, ()
     kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
         dummy if bias is None else bias, dummy if h0 is None else h0, dummy if seq_idx is None else seq_idx,
-        out, dummy if ypre is None else ypre, ckpt,
+        out, dummy if ypre is None else ypre, ckpt, *last_arg,
         d, dg, l, n,
         *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
@@ -102,7 +119,10 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
         BLOCK_D=block_d, T=cfg.fwd_chunk or cfg.chunk, num_warps=warps, **shape,
     )
-    return out, ypre, ckpt
+    if last is None:
+        # The chunk-tile kernels keep acc checkpoints; the last one is the state after the sequence.
+        last = ckpt[:, :, -1].clone()
+    return out, ypre, ckpt, last
 
 
 def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, softplus, acc, cfg):
@@ -159,11 +179,10 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
-        out, ypre, ckpt = _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg)
+        out, ypre, ckpt, last = _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg)
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0, seq_idx, ckpt, ypre)
         ctx.softplus, ctx.acc, ctx.cfg = softplus, acc, cfg
-        # The state after the last chunk, as its own (b, d, n) tensor.
-        return out, ckpt[:, :, -1].clone()
+        return out, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -189,7 +208,8 @@ def selective_scan_triton(
 
     u, delta, z (b, d, l) and B, C (b, g, n, l) may have any strides (time-major views included; ``out``
     keeps u's layout). The state and all sums are float32 (float64 when an input is float64). Extra
-    memory: the (b, d, cdiv(l, chunk), n) checkpoint tensor saved for backward, and float32 (b, g, n, l)
+    memory: the (b, d, cdiv(l, chunk) + 1, n) checkpoint tensor saved for backward (bfloat16 for bfloat16
+    u with the training config, else float32; ``ScanConfig.lowp_checkpoints``), and float32 (b, g, n, l)
     dB, dC buffers during backward. ``config`` sets the launch shape (default: ``TRAINING_CONFIG`` when a
     gradient will be needed, else ``DEFAULT_CONFIG``).
     """

@@ -7,9 +7,9 @@ thread all T steps of one (channel, state) pair and spreads channels and states 
 per chunk is then sequential in registers; the states, the adjoint carry and dA stay in registers
 across chunks (no global round trips, no barriers); y, du and dΔ are sums over the lanes of the state
 axis, dB and dC over the channel axis (then one atomic per (n, t) and program). Each chunk's inputs
-are loaded one chunk ahead. The backward's registers limit T to about 16 (a checkpoint every 16 steps,
-twice the size of a bf16 u); the forward may walk longer tiles (``fwd_chunk``) and still write a
-checkpoint every ``chunk`` steps.
+are loaded one chunk ahead. The backward's registers limit T to about 16 (a checkpoint every 16 steps:
+at N 16 as large as u, in bfloat16 for bfloat16 u, twice that in float32); the forward may walk longer
+tiles (``fwd_chunk``) and still write a checkpoint every ``chunk`` steps.
 """
 
 import triton
@@ -89,7 +89,7 @@ def _fused_states(dt, du, A2, Bt, h_prev, starts, HAS_SEQ: tl.constexpr):
 @triton.jit
 def _fused_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
-    out_ptr, ypre_ptr, ckpt_ptr,
+    out_ptr, ypre_ptr, ckpt_ptr, last_ptr,
     d_model, dg, L, N,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
@@ -99,7 +99,8 @@ def _fused_fwd_kernel(
 ):
     """Fused-state forward: every state index at once in (T, BD, BLOCK_N) tiles, one scan per tile, the
     (BD, BLOCK_N) state carried in registers. Grid, inputs and outputs as ``_selective_scan_fwd_kernel``,
-    with a checkpoint every CK steps (T a multiple of CK)."""
+    with a checkpoint every CK steps (T a multiple of CK), in ckpt's dtype (bfloat16 or ACC), and the last
+    state (b, d, N) in ACC at ``last_ptr``."""
     pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -129,7 +130,8 @@ def _fused_fwd_kernel(
         h = tl.load(h0_ptr + (pid_b * d_model + offs_d)[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
-    tl.store(ckpt_dn, h, mask=mdn)
+    ckpt_ty = ckpt_ptr.dtype.element_ty
+    tl.store(ckpt_dn, h.to(ckpt_ty), mask=mdn)
     # Each tile's inputs are loaded one turn ahead (into "next_*"), so that their latency hides behind
     # the previous tile's work.
     t = offs_t
@@ -157,7 +159,7 @@ def _fused_fwd_kernel(
         for k in tl.static_range(T // CK):
             h = tl.sum(tl.where(offs_t[:, None, None] == (k + 1) * CK - 1, hs, 0.0), axis=0)
             idx = c * (T // CK) + k + 1
-            tl.store(ckpt_dn + idx * N, h, mask=mdn & (offs_n[None, :] * 0 + idx <= n_ckpt))
+            tl.store(ckpt_dn + idx * N, h.to(ckpt_ty), mask=mdn & (offs_n[None, :] * 0 + idx <= n_ckpt))
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
@@ -165,6 +167,8 @@ def _fused_fwd_kernel(
             zt = tl.load(z_b + t[:, None] * s_zl + offs_d[None, :] * s_zd, mask=m2, other=0.0).to(ACC)
             y = y * zt * tl.sigmoid(zt)
         tl.store(out_b + t[:, None] * s_ol + offs_d[None, :] * s_od, y.to(out_ptr.dtype.element_ty), mask=m2)
+    # Past the end the state passes through unchanged: the last tile's last step is the last state.
+    tl.store(last_ptr + (pid_b * d_model + offs_d)[:, None] * N + offs_n[None, :], h, mask=mdn)
 
 
 @triton.jit
@@ -236,7 +240,7 @@ def _fused_bwd_kernel(
         m2 = mask_t[:, None] & mask_d[None, :]
         mtn = mask_t[:, None] & mask_n[None, :]
         u, delta, starts, Bt, Ct = next_u.to(ACC), next_delta, next_starts, next_B.to(ACC), next_C.to(ACC)
-        dy, zt, y, h_prev = next_dy.to(ACC), next_z.to(ACC), next_y.to(ACC), next_h
+        dy, zt, y, h_prev = next_dy.to(ACC), next_z.to(ACC), next_y.to(ACC), next_h.to(ACC)
         # The chunk before (none after the first: every step masked, nothing read).
         t_next = t - T
         mask_next = (t_next >= 0) & (t_next < L)
