@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import re
 
+import triton
 import triton.language as tl
+from sm90_resources import compile_sm90, resource_usage
+
 from ssmkit.ops.causal_conv1d.triton_backward import (
     _conv_bwd_kernel,
     _conv_bwd_w4_kernel,
 )
 
-from sm90_resources import compile_sm90, resource_usage
-
-TILES = ((16, 128, 4), (32, 128, 8), (128, 16, 4))  # channel-last default, a wider one, channel-first default
+TILES = ((16, 128, 4), (16, 128, 8), (16, 64, 4), (128, 16, 4), (128, 16, 8))  # the layouts' defaults first
 
 
 def resources(fn, block_l: int, block_d: int, warps: int, docs_and_init: bool) -> str:
@@ -42,6 +43,7 @@ def resources(fn, block_l: int, block_d: int, warps: int, docs_and_init: bool) -
 
 
 def main() -> None:
+    print(f"Triton {triton.__version__}, sm_90")
     print(f"{'kernel':<8} {'tile':>7} {'warps':>5} | {'regs':>4} {'spill':>6} {'loads':>6} | with seq_idx + init:"
           f" {'regs':>4} {'spill':>6} {'loads':>6}")
     for name, fn in (("generic", _conv_bwd_kernel), ("shifted", _conv_bwd_w4_kernel)):

@@ -121,12 +121,11 @@ def bench_gated_norm(rows_: int = 8 * 8192, n: int = 4096, group_sizes: tuple[in
 
 # (kernel, block_l, block_d, num_warps, programs) per layout; None: the layout's default tile.
 SWEEP = {
-    "channel-last": [("generic", None, None, 4, 4096), ("shifted", None, None, 4, 4096),
-                     ("shifted", 32, 128, 4, 4096), ("shifted", 32, 128, 8, 4096), ("shifted", 16, 256, 8, 4096),
-                     ("shifted", 64, 64, 4, 4096), ("shifted", 64, 128, 8, 4096), ("shifted", 16, 128, 4, 16384)],
-    "channel-first": [("generic", None, None, 4, 4096), ("shifted", None, None, 4, 4096),
-                      ("shifted", 256, 16, 8, 4096), ("shifted", 128, 32, 8, 4096), ("shifted", 512, 8, 4, 4096),
-                      ("shifted", 128, 16, 4, 16384)],
+    "channel-last": [("generic", None, None, 4, 4096), ("generic", 16, 128, 8, 4096), ("shifted", None, None, 4, 4096),
+                     ("shifted", 16, 128, 8, 4096), ("shifted", 16, 64, 4, 4096), ("shifted", 32, 64, 8, 4096),
+                     ("shifted", 32, 32, 4, 4096), ("shifted", 16, 128, 8, 16384)],
+    "channel-first": [("generic", None, None, 4, 4096), ("generic", 128, 16, 8, 4096), ("shifted", None, None, 4, 4096),
+                      ("shifted", 128, 16, 8, 4096), ("shifted", 64, 16, 4, 4096), ("shifted", 256, 16, 8, 4096)],
 }
 
 
