@@ -89,6 +89,16 @@ def assert_close(
         )
 
 
+@torch.no_grad()
+def raise_dt_bias(model: torch.nn.Module, by: float = 2.0) -> torch.nn.Module:
+    """Add ``by`` to every Δ bias (``dt_bias``, ``dt_proj.bias``) of ``model`` in place, so that its state moves
+    within a few tokens (the default init barely moves it) and carrying it across calls shows; returns ``model``."""
+    for name, p in model.named_parameters():
+        if name.endswith(("dt_bias", "dt_proj.bias")):
+            p.add_(by)
+    return model
+
+
 def float64_leaf(t: torch.Tensor | None) -> torch.Tensor | None:
     """A float64 copy of ``t`` that requires grad (the reference's input), or None."""
     return t.detach().double().requires_grad_() if t is not None else None

@@ -17,7 +17,7 @@ from ssmkit.generation.decode import DecodeState, greedy_head_applies, step
 from ssmkit.generation.sampling import RowSampling, SamplingParams, make_generators
 from ssmkit.models import LanguageModel, get_preset
 from ssmkit.ops import decode_launch
-from ssmkit.testing import report_checks, run_checks_in_interpreter
+from ssmkit.testing import raise_dt_bias, report_checks, run_checks_in_interpreter
 
 PROMPTS = [[5, 9, 2, 33, 7, 7, 1, 40, 12], [3, 4], [60, 2, 2, 9, 17], [8]]
 GREEDY = SamplingParams(temperature=0)
@@ -30,12 +30,7 @@ def _state(model, cache, batch, params=GREEDY, eos=(), seen=None):
 
 def _model(preset: str) -> LanguageModel:
     torch.manual_seed(0)
-    model = LanguageModel(get_preset(preset)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("dt_bias", "dt_proj.bias")):
-                p.add_(2.0)
-    return model
+    return raise_dt_bias(LanguageModel(get_preset(preset)).eval())
 
 
 def _forced(monkeypatch_targets: list[tuple[object, str]], calls: dict[str, int]) -> dict:

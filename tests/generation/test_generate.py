@@ -3,18 +3,14 @@ import torch
 
 from ssmkit.generation import generate, stream
 from ssmkit.models import LanguageModel, get_preset
+from ssmkit.testing import raise_dt_bias
 
 PRESETS = ["debug-mamba", "debug-mamba2", "debug-hybrid"]
 
 
 def make(name):
     torch.manual_seed(0)
-    model = LanguageModel(get_preset(name))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("dt_bias", "dt_proj.bias")):
-                p.add_(2.0)
-    return model
+    return raise_dt_bias(LanguageModel(get_preset(name)))
 
 
 @pytest.fixture(scope="module", params=PRESETS)

@@ -11,6 +11,7 @@ import torch
 from ssmkit.generation.decode import graph_blocker
 from ssmkit.models import LanguageModel, ModelConfig, get_preset
 from ssmkit.models.config import AttentionConfig, Mamba2Config, Mamba3Config
+from ssmkit.testing import raise_dt_bias
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,13 +47,7 @@ SAMPLING = [
 
 def _model(name: str, dtype: torch.dtype) -> LanguageModel:
     torch.manual_seed(0)
-    model = LanguageModel(CONFIGS[name], device="cuda", dtype=dtype).eval()
-    with torch.no_grad():
-        # Larger Δ so the state matters (the default init barely moves it in a few tokens).
-        for n, p in model.named_parameters():
-            if n.endswith(("dt_bias", "dt_proj.bias")):
-                p.add_(2.0)
-    return model
+    return raise_dt_bias(LanguageModel(CONFIGS[name], device="cuda", dtype=dtype).eval())
 
 
 def _prompts(vocab: int, batch: int) -> list[list[int]]:
