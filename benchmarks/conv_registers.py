@@ -17,18 +17,16 @@ import triton
 import triton.language as tl
 from sm90_resources import compile_sm90, resource_usage
 
-from ssmkit.ops.causal_conv1d.triton_backward import (
-    _conv_bwd_kernel,
-    _conv_bwd_w4_kernel,
-)
+from ssmkit.ops.causal_conv1d.triton_backward import _conv_bwd_kernel
 
 TILES = ((16, 128, 4), (16, 128, 8), (16, 64, 4), (128, 16, 4), (128, 16, 8))  # the layouts' defaults first
 
 
-def resources(fn, block_l: int, block_d: int, warps: int, docs_and_init: bool) -> str:
+def resources(shifted: bool, block_l: int, block_d: int, warps: int, docs_and_init: bool) -> str:
     consts = {"W": 4, "HAS_BIAS": True, "HAS_INIT": docs_and_init, "HAS_SEQ": docs_and_init, "SILU": True,
-              "NEED_DINIT": docs_and_init, "ACC": tl.float32, "BLOCK_L": block_l, "BLOCK_D": block_d, "BLOCK_W": 8}
+              "NEED_DINIT": docs_and_init, "ACC": tl.float32, "BLOCK_L": block_l, "BLOCK_D": block_d, "BLOCK_W": 8, "SHIFTED": shifted}
     signature = {}
+    fn = _conv_bwd_kernel
     for arg in fn.arg_names:
         if arg in consts:
             signature[arg] = "constexpr"
@@ -46,10 +44,10 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_90")
     print(f"{'kernel':<8} {'tile':>7} {'warps':>5} | {'regs':>4} {'spill':>6} {'loads':>6} | with seq_idx + init:"
           f" {'regs':>4} {'spill':>6} {'loads':>6}")
-    for name, fn in (("generic", _conv_bwd_kernel), ("shifted", _conv_bwd_w4_kernel)):
+    for name, shifted in (("generic", False), ("shifted", True)):
         for block_l, block_d, warps in TILES:
-            plain = resources(fn, block_l, block_d, warps, False)
-            docs = resources(fn, block_l, block_d, warps, True)
+            plain = resources(shifted, block_l, block_d, warps, False)
+            docs = resources(shifted, block_l, block_d, warps, True)
             print(f"{name:<8} {block_l:>3}x{block_d:<3} {warps:>5} | {plain} | {' ' * 20}{docs}", flush=True)
 
 

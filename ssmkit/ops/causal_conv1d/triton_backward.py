@@ -54,55 +54,6 @@ def _store_dinit(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dinit_ptr, of
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, dinit_ptr, dwb_ptr,
-                     length, dim, tiles_per_prog,
-                     stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_il,
-                     stride_sb, stride_sl, stride_gb, stride_gd, stride_gl, stride_dxb, stride_dxd, stride_dxl,
-                     stride_dib, stride_did, stride_dil, stride_pp, stride_pk,
-                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                     SILU: tl.constexpr, NEED_DINIT: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid_l, pid_d = tl.program_id(0), tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    x_ptr += pid_b * stride_xb
-    init_ptr += pid_b * stride_ib
-    seq_ptr += pid_b * stride_sb
-    dout_ptr += pid_b * stride_gb
-    rows = tl.arange(0, BLOCK_W)  # rows 0..W-1: dweight taps, row W: dbias
-    dwb = tl.zeros([BLOCK_W, BLOCK_D], dtype=ACC)
-    for tile in range(tiles_per_prog):
-        s = (pid_l * tiles_per_prog + tile) * BLOCK_L + tl.arange(0, BLOCK_L)
-        dsrc, g = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s, offs_d, mask_d, length,
-                         stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                         stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK_L, BLOCK_D)
-        dx_ptrs = dx_ptr + pid_b * stride_dxb + s[:, None] * stride_dxl + offs_d[None, :] * stride_dxd
-        tl.store(dx_ptrs, dsrc.to(dx_ptr.dtype.element_ty), mask=(s < length)[:, None] & mask_d[None, :])
-        # dweight[:, k] += sum_t g[t] * src[t - lag] over the taps in t's document; dbias += sum_t g[t].
-        dwb += tl.where(rows[:, None] == W, tl.sum(g, axis=0)[None, :], 0.0)
-        same = tl.full([BLOCK_L], 1, tl.int1)
-        for lag in tl.static_range(W):
-            if HAS_SEQ and lag > 0:
-                same = same & _link(seq_ptr, stride_sl, s - lag + 1, length)
-            src = _load_src(x_ptr, init_ptr, s - lag, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il,
-                            length, W, HAS_INIT, ACC)
-            prod = g * src
-            if HAS_SEQ:
-                prod = tl.where(same[:, None], prod, 0.0)
-            dwb += tl.where(rows[:, None] == W - 1 - lag, tl.sum(prod, axis=0)[None, :], 0.0)
-    part = pid_b * tl.num_programs(0) + pid_l
-    tl.store(dwb_ptr + part * stride_pp + rows[:, None] * stride_pk + offs_d[None, :], dwb,
-             mask=(rows < W + 1)[:, None] & mask_d[None, :])
-    if NEED_DINIT:  # nested, not `and`: NEED_DINIT is compile-time, pid_l is not
-        if pid_l == 0:
-            _store_dinit(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dinit_ptr + pid_b * stride_dib, offs_d,
-                         mask_d, length, stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
-                         stride_gd, stride_gl, stride_did, stride_dil, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC,
-                         BLOCK_W, BLOCK_D)
-
-
-@triton.jit
 def _links(seq_ptr, stride_sl, s, length, m: tl.constexpr, HAS_SEQ: tl.constexpr):
     """(BLOCK,) link(s + m), or all True without documents."""
     if HAS_SEQ:
@@ -152,14 +103,16 @@ def _grad_at(dout_ptr, s, j: tl.constexpr, xa, xb, xc, xd, la, lb, lc, w0, w1, w
 
 
 @triton.jit
-def _conv_bwd_w4_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, dinit_ptr, dwb_ptr,
-                        length, dim, tiles_per_prog,
-                        stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_il,
-                        stride_sb, stride_sl, stride_gb, stride_gd, stride_gl, stride_dxb, stride_dxd, stride_dxl,
-                        stride_dib, stride_did, stride_dil, stride_pp, stride_pk,
-                        W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                        SILU: tl.constexpr, NEED_DINIT: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, dinit_ptr, dwb_ptr,
+                     length, dim, tiles_per_prog,
+                     stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_il,
+                     stride_sb, stride_sl, stride_gb, stride_gd, stride_gl, stride_dxb, stride_dxd, stride_dxl,
+                     stride_dib, stride_did, stride_dil, stride_pp, stride_pk,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                     SILU: tl.constexpr, NEED_DINIT: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, SHIFTED: tl.constexpr):
+    """One backward, two forms: SHIFTED (widths <= 4) loads each shifted tile once (the module docstring);
+    else any width, the pre-activations recomputed inside the sum over the taps (``_grad_src``)."""
     pid_l, pid_d = tl.program_id(0), tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)  # batch offsets can pass 2**31
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -168,97 +121,124 @@ def _conv_bwd_w4_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr
     init_ptr += pid_b * stride_ib
     seq_ptr += pid_b * stride_sb
     dout_ptr += pid_b * stride_gb
-    w0 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 0, W, ACC)
-    w1 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 1, W, ACC)
-    w2 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 2, W, ACC)
-    w3 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 3, W, ACC)
-    bias = tl.zeros([BLOCK_D], dtype=ACC)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    dw0 = tl.zeros([BLOCK_D], dtype=ACC)  # per-lag weight gradients, then the bias's
-    dw1 = tl.zeros([BLOCK_D], dtype=ACC)
-    dw2 = tl.zeros([BLOCK_D], dtype=ACC)
-    dw3 = tl.zeros([BLOCK_D], dtype=ACC)
-    db = tl.zeros([BLOCK_D], dtype=ACC)
-    for tile in range(tiles_per_prog):
-        s = (pid_l * tiles_per_prog + tile) * BLOCK_L + tl.arange(0, BLOCK_L)
-        lm2 = _links(seq_ptr, stride_sl, s, length, -2, HAS_SEQ)
-        lm1 = _links(seq_ptr, stride_sl, s, length, -1, HAS_SEQ)
-        l0 = _links(seq_ptr, stride_sl, s, length, 0, HAS_SEQ)
-        lp1 = _links(seq_ptr, stride_sl, s, length, 1, HAS_SEQ)
-        lp2 = _links(seq_ptr, stride_sl, s, length, 2, HAS_SEQ)
-        lp3 = _links(seq_ptr, stride_sl, s, length, 3, HAS_SEQ)
-        # Outputs s+3 down to s: each step brings in one more shifted x tile and drops one.
-        xp3 = _src(x_ptr, init_ptr, s, 3, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-                   W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
-        xp2 = _src(x_ptr, init_ptr, s, 2, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-                   W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
-        xp1 = _src(x_ptr, init_ptr, s, 1, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-                   W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
-        x0 = _src(x_ptr, init_ptr, s, 0, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-                  W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
-        dsrc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
-        if W > 3:
-            g3 = _grad_at(dout_ptr, s, 3, xp3, xp2, xp1, x0, lp3, lp2, lp1, w0, w1, w2, w3, bias, offs_d, mask_d,
+    if SHIFTED:
+        w0 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 0, W, ACC)
+        w1 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 1, W, ACC)
+        w2 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 2, W, ACC)
+        w3 = _tap(w_ptr, offs_d, mask_d, stride_wd, stride_wk, 3, W, ACC)
+        bias = tl.zeros([BLOCK_D], dtype=ACC)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+        dw0 = tl.zeros([BLOCK_D], dtype=ACC)  # per-lag weight gradients, then the bias's
+        dw1 = tl.zeros([BLOCK_D], dtype=ACC)
+        dw2 = tl.zeros([BLOCK_D], dtype=ACC)
+        dw3 = tl.zeros([BLOCK_D], dtype=ACC)
+        db = tl.zeros([BLOCK_D], dtype=ACC)
+        for tile in range(tiles_per_prog):
+            s = (pid_l * tiles_per_prog + tile) * BLOCK_L + tl.arange(0, BLOCK_L)
+            lm2 = _links(seq_ptr, stride_sl, s, length, -2, HAS_SEQ)
+            lm1 = _links(seq_ptr, stride_sl, s, length, -1, HAS_SEQ)
+            l0 = _links(seq_ptr, stride_sl, s, length, 0, HAS_SEQ)
+            lp1 = _links(seq_ptr, stride_sl, s, length, 1, HAS_SEQ)
+            lp2 = _links(seq_ptr, stride_sl, s, length, 2, HAS_SEQ)
+            lp3 = _links(seq_ptr, stride_sl, s, length, 3, HAS_SEQ)
+            # Outputs s+3 down to s: each step brings in one more shifted x tile and drops one.
+            xp3 = _src(x_ptr, init_ptr, s, 3, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
+                       W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+            xp2 = _src(x_ptr, init_ptr, s, 2, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
+                       W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+            xp1 = _src(x_ptr, init_ptr, s, 1, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
+                       W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+            x0 = _src(x_ptr, init_ptr, s, 0, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
+                      W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+            dsrc = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC)
+            if W > 3:
+                g3 = _grad_at(dout_ptr, s, 3, xp3, xp2, xp1, x0, lp3, lp2, lp1, w0, w1, w2, w3, bias, offs_d, mask_d,
+                              length, stride_gd, stride_gl, HAS_SEQ, SILU, ACC)
+                term = w3[None, :] * g3
+                if HAS_SEQ:
+                    term = tl.where((lp1 & lp2 & lp3)[:, None], term, 0.0)
+                dsrc += term
+            xm1 = _src(x_ptr, init_ptr, s, -1, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
+                       W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+            if W > 2:
+                g2 = _grad_at(dout_ptr, s, 2, xp2, xp1, x0, xm1, lp2, lp1, l0, w0, w1, w2, w3, bias, offs_d, mask_d,
+                              length, stride_gd, stride_gl, HAS_SEQ, SILU, ACC)
+                term = w2[None, :] * g2
+                if HAS_SEQ:
+                    term = tl.where((lp1 & lp2)[:, None], term, 0.0)
+                dsrc += term
+            xm2 = _src(x_ptr, init_ptr, s, -2, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
+                       W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+            if W > 1:
+                g1 = _grad_at(dout_ptr, s, 1, xp1, x0, xm1, xm2, lp1, l0, lm1, w0, w1, w2, w3, bias, offs_d, mask_d,
+                              length, stride_gd, stride_gl, HAS_SEQ, SILU, ACC)
+                term = w1[None, :] * g1
+                if HAS_SEQ:
+                    term = tl.where(lp1[:, None], term, 0.0)
+                dsrc += term
+            xm3 = _src(x_ptr, init_ptr, s, -3, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
+                       W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+            g0 = _grad_at(dout_ptr, s, 0, x0, xm1, xm2, xm3, l0, lm1, lm2, w0, w1, w2, w3, bias, offs_d, mask_d,
                           length, stride_gd, stride_gl, HAS_SEQ, SILU, ACC)
-            term = w3[None, :] * g3
+            dsrc += w0[None, :] * g0
+            dx_ptrs = dx_ptr + pid_b * stride_dxb + s[:, None] * stride_dxl + offs_d[None, :] * stride_dxd
+            tl.store(dx_ptrs, dsrc.to(dx_ptr.dtype.element_ty), mask=(s < length)[:, None] & mask_d[None, :])
+            # Tap lag of output s reads X(-lag); it counts iff links s, s-1, .., s-lag+1 hold.
+            db += tl.sum(g0, axis=0)
+            dw0 += tl.sum(g0 * x0, axis=0)
+            p1 = g0 * xm1
+            p2 = g0 * xm2
+            p3 = g0 * xm3
             if HAS_SEQ:
-                term = tl.where((lp1 & lp2 & lp3)[:, None], term, 0.0)
-            dsrc += term
-        xm1 = _src(x_ptr, init_ptr, s, -1, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-                   W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
-        if W > 2:
-            g2 = _grad_at(dout_ptr, s, 2, xp2, xp1, x0, xm1, lp2, lp1, l0, w0, w1, w2, w3, bias, offs_d, mask_d,
-                          length, stride_gd, stride_gl, HAS_SEQ, SILU, ACC)
-            term = w2[None, :] * g2
-            if HAS_SEQ:
-                term = tl.where((lp1 & lp2)[:, None], term, 0.0)
-            dsrc += term
-        xm2 = _src(x_ptr, init_ptr, s, -2, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-                   W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
+                p1 = tl.where(l0[:, None], p1, 0.0)
+                p2 = tl.where((l0 & lm1)[:, None], p2, 0.0)
+                p3 = tl.where((l0 & lm1 & lm2)[:, None], p3, 0.0)
+            dw1 += tl.sum(p1, axis=0)
+            dw2 += tl.sum(p2, axis=0)
+            dw3 += tl.sum(p3, axis=0)
+        # Partial rows in the generic kernel's order: row k = weight tap k (lag W - 1 - k), row W = bias.
+        part_ptr = dwb_ptr + (pid_b * tl.num_programs(0) + pid_l) * stride_pp + offs_d
+        tl.store(part_ptr + (W - 1) * stride_pk, dw0, mask=mask_d)
         if W > 1:
-            g1 = _grad_at(dout_ptr, s, 1, xp1, x0, xm1, xm2, lp1, l0, lm1, w0, w1, w2, w3, bias, offs_d, mask_d,
-                          length, stride_gd, stride_gl, HAS_SEQ, SILU, ACC)
-            term = w1[None, :] * g1
-            if HAS_SEQ:
-                term = tl.where(lp1[:, None], term, 0.0)
-            dsrc += term
-        xm3 = _src(x_ptr, init_ptr, s, -3, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il, length,
-                   W, HAS_INIT, ACC, BLOCK_L, BLOCK_D)
-        g0 = _grad_at(dout_ptr, s, 0, x0, xm1, xm2, xm3, l0, lm1, lm2, w0, w1, w2, w3, bias, offs_d, mask_d,
-                      length, stride_gd, stride_gl, HAS_SEQ, SILU, ACC)
-        dsrc += w0[None, :] * g0
-        dx_ptrs = dx_ptr + pid_b * stride_dxb + s[:, None] * stride_dxl + offs_d[None, :] * stride_dxd
-        tl.store(dx_ptrs, dsrc.to(dx_ptr.dtype.element_ty), mask=(s < length)[:, None] & mask_d[None, :])
-        # Tap lag of output s reads X(-lag); it counts iff links s, s-1, .., s-lag+1 hold.
-        db += tl.sum(g0, axis=0)
-        dw0 += tl.sum(g0 * x0, axis=0)
-        p1 = g0 * xm1
-        p2 = g0 * xm2
-        p3 = g0 * xm3
-        if HAS_SEQ:
-            p1 = tl.where(l0[:, None], p1, 0.0)
-            p2 = tl.where((l0 & lm1)[:, None], p2, 0.0)
-            p3 = tl.where((l0 & lm1 & lm2)[:, None], p3, 0.0)
-        dw1 += tl.sum(p1, axis=0)
-        dw2 += tl.sum(p2, axis=0)
-        dw3 += tl.sum(p3, axis=0)
-    # Partial rows in the generic kernel's order: row k = weight tap k (lag W - 1 - k), row W = bias.
-    part_ptr = dwb_ptr + (pid_b * tl.num_programs(0) + pid_l) * stride_pp + offs_d
-    tl.store(part_ptr + (W - 1) * stride_pk, dw0, mask=mask_d)
-    if W > 1:
-        tl.store(part_ptr + (W - 2) * stride_pk, dw1, mask=mask_d)
-    if W > 2:
-        tl.store(part_ptr + (W - 3) * stride_pk, dw2, mask=mask_d)
-    if W > 3:
-        tl.store(part_ptr + (W - 4) * stride_pk, dw3, mask=mask_d)
-    tl.store(part_ptr + W * stride_pk, db, mask=mask_d)
+            tl.store(part_ptr + (W - 2) * stride_pk, dw1, mask=mask_d)
+        if W > 2:
+            tl.store(part_ptr + (W - 3) * stride_pk, dw2, mask=mask_d)
+        if W > 3:
+            tl.store(part_ptr + (W - 4) * stride_pk, dw3, mask=mask_d)
+        tl.store(part_ptr + W * stride_pk, db, mask=mask_d)
+    else:
+        rows = tl.arange(0, BLOCK_W)  # rows 0..W-1: dweight taps, row W: dbias
+        dwb = tl.zeros([BLOCK_W, BLOCK_D], dtype=ACC)
+        for tile in range(tiles_per_prog):
+            s = (pid_l * tiles_per_prog + tile) * BLOCK_L + tl.arange(0, BLOCK_L)
+            dsrc, g = _grad_src(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, s, offs_d, mask_d, length,
+                             stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
+                             stride_gd, stride_gl, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC, BLOCK_L, BLOCK_D)
+            dx_ptrs = dx_ptr + pid_b * stride_dxb + s[:, None] * stride_dxl + offs_d[None, :] * stride_dxd
+            tl.store(dx_ptrs, dsrc.to(dx_ptr.dtype.element_ty), mask=(s < length)[:, None] & mask_d[None, :])
+            # dweight[:, k] += sum_t g[t] * src[t - lag] over the taps in t's document; dbias += sum_t g[t].
+            dwb += tl.where(rows[:, None] == W, tl.sum(g, axis=0)[None, :], 0.0)
+            same = tl.full([BLOCK_L], 1, tl.int1)
+            for lag in tl.static_range(W):
+                if HAS_SEQ and lag > 0:
+                    same = same & _link(seq_ptr, stride_sl, s - lag + 1, length)
+                src = _load_src(x_ptr, init_ptr, s - lag, offs_d, mask_d, stride_xd, stride_xl, stride_id, stride_il,
+                                length, W, HAS_INIT, ACC)
+                prod = g * src
+                if HAS_SEQ:
+                    prod = tl.where(same[:, None], prod, 0.0)
+                dwb += tl.where(rows[:, None] == W - 1 - lag, tl.sum(prod, axis=0)[None, :], 0.0)
+        part = pid_b * tl.num_programs(0) + pid_l
+        tl.store(dwb_ptr + part * stride_pp + rows[:, None] * stride_pk + offs_d[None, :], dwb,
+                 mask=(rows < W + 1)[:, None] & mask_d[None, :])
     if NEED_DINIT:  # nested, not `and`: NEED_DINIT is compile-time, pid_l is not
         if pid_l == 0:
             _store_dinit(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dinit_ptr + pid_b * stride_dib, offs_d,
                          mask_d, length, stride_xd, stride_xl, stride_wd, stride_wk, stride_id, stride_il, stride_sl,
                          stride_gd, stride_gl, stride_did, stride_dil, W, HAS_BIAS, HAS_INIT, HAS_SEQ, SILU, ACC,
                          BLOCK_W, BLOCK_D)
+
 
 
 @dataclass(frozen=True)
@@ -306,16 +286,16 @@ def backward(x, weight, bias, init, seq_idx, silu: bool, dout: torch.Tensor, nee
     dx = torch.empty_like(x)
     dinit = torch.empty(batch, dim, width - 1, device=x.device, dtype=init.dtype) if need_dinit else None
     partial = torch.empty(batch * n_prog_l, width + 1, dim, device=x.device, dtype=acc_torch)
-    kernel = _conv_bwd_w4_kernel if launch.kernel == "shifted" and width <= 4 else _conv_bwd_kernel
     with _on_device(x):
-        kernel[(n_prog_l, n_blocks_d, batch)](
+        _conv_bwd_kernel[(n_prog_l, n_blocks_d, batch)](
             x, weight, _placeholder(bias, weight), _placeholder(init, x), _placeholder(seq_idx, x), dout, dx,
             _placeholder(dinit, dx), partial, length, dim, tiles_per_prog,
             *x.stride(), *weight.stride(), *_strides(init, 3), *_strides(seq_idx, 2), *dout.stride(), *dx.stride(),
             *_strides(dinit, 3), partial.stride(0), partial.stride(1),
             W=width, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
             NEED_DINIT=need_dinit, ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
-            BLOCK_W=triton.next_power_of_2(width + 1), num_warps=launch.num_warps,
+            BLOCK_W=triton.next_power_of_2(width + 1), SHIFTED=launch.kernel == "shifted" and width <= 4,
+            num_warps=launch.num_warps,
         )
     sums = partial.sum(dim=0)
     dweight = sums[:width].t().to(weight.dtype)
