@@ -19,7 +19,11 @@ import torch
 
 from ssmkit.ops.chunking import chunk_length
 from ssmkit.ops.ssd import mamba_chunk_scan_combined
-from ssmkit.testing import report_checks, run_checks_in_interpreter, saved_activation_bytes
+from ssmkit.testing import (
+    report_checks,
+    run_checks_in_interpreter,
+    saved_activation_bytes,
+)
 
 if __name__ == "__main__":  # run as a script (in the interpreter's subprocess): `tests` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
