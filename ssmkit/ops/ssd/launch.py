@@ -26,11 +26,12 @@ by each block's decay), not two with Δ and cum written, waited for and read bac
 ``recompute_states`` (the default): the forward keeps neither Δ, cum, the states entering the chunks nor
 C Bᵀ for the backward, which runs the forward's chunk-state (and state-passing) and C Bᵀ launches again
 before its own kernels (the same kernels and launches: the same bits, the same gradients), as mamba_ssm's
-backward does. It saves 2·4 bytes a (position, head), (b, chunks, h, p, n) states in the inputs' dtype and
-(b, chunks, g, T, T) C Bᵀ: at a Mamba-2 layer's shape (N 128, headdim 64, chunk 256, bf16) about 0.56 of one
-bf16 (b, l, d_inner) tensor, the cut issue 17 needed for 0.6x of the unfused layer's activations. Its cost: one
-more chunk-state and C Bᵀ pass in the backward (about 1/9 of the backward's tensor FLOPs at that shape;
-benchmarks/RESULTS.md). Off, the forward saves them (``keep_states`` in :data:`CONFIGS`).
+backward does. It saves 2·4 bytes a (position, head), the (b, chunks, h, p, n) states in the inputs' dtype and
+the (b, chunks, g, T, T) float32 C Bᵀ: at a Mamba-2 layer's shape (N 128, headdim 64, chunk 256, bf16) 0.81 of
+one bf16 (b, l, d_inner) tensor, the cut issue 17 needed for 0.6x of the unfused layer's activations. Its cost:
+one more chunk-state and C Bᵀ pass in the backward, by the kernel model of benchmarks/gpu_ssd_sweep.py 14% of
+the backward's tensor FLOPs and 19% of its HBM bytes (10% and 13% of forward+backward; RESULTS.md). Off, the
+forward saves them (``keep_states`` in :data:`CONFIGS`).
 
 Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (171 since its
 per-head steps became helpers; 128 with the cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,

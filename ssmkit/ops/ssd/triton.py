@@ -9,7 +9,9 @@ an H100; off, the
 passing is a kernel of its own, and the backward's walks the chunks in one program per head). What goes
 through memory: the states entering each chunk and their gradients (b, chunks, h, p, n), in the
 inputs' dtype for bf16/fp16 (float32 otherwise; always summed in float32), and C Bᵀ per group
-(b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip.
+(b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip. The backward gets these
+(and Δ, cum) by running the forward's chunk-state and C Bᵀ launches again (``SSDLaunch.recompute_states``,
+the default: less activation memory), or, off, from the forward.
 
 The kernels' chunk length follows :mod:`ssmkit.ops.chunking` (a power of two in [16, 256]: tensor-core
 tiles). The result does not depend on the chunk length: it only moves where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
