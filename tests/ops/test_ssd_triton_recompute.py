@@ -70,6 +70,18 @@ def recording():
         ssd_triton._chunk_states, ssd_triton._chunk_cb = originals
 
 
+def assert_recomputed_equal(calls: dict[str, list]) -> None:
+    """The forward's and the backward's results of both launchers (``recording``) are the same bits."""
+    assert len(calls["states"]) == 2 and len(calls["cb"]) == 2, {k: len(v) for k, v in calls.items()}
+    names = ("delta", "cum", "final", "prev")
+    for name, fwd, bwd in zip(names, *calls["states"]):
+        assert fwd.dtype == bwd.dtype and torch.equal(fwd, bwd), f"recomputed {name} differs from the forward's"
+    (cb_fwd, bm), (cb_bwd, _) = calls["cb"]
+    pos = torch.arange(cb_fwd.shape[-1], device=cb_fwd.device) // bm
+    causal = pos[:, None] >= pos[None, :]  # the tiles the kernel writes; the rest of the buffer is never read
+    assert torch.equal(cb_fwd[..., causal], cb_bwd[..., causal]), "recomputed C Bᵀ differs from the forward's"
+
+
 def _run(inp, kw, launch):
     """Outputs and every gradient (one weighted loss over all outputs) of one Triton call."""
     args = {k: v.detach().requires_grad_() for k, v in inp.items()}
@@ -84,14 +96,7 @@ def check_same_bits(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     with recording() as calls:
         outs_on, grads_on = _run(inp, kw, case_launch(tile, options))
-    assert len(calls["states"]) == 2 and len(calls["cb"]) == 2, {k: len(v) for k, v in calls.items()}
-    names = ("delta", "cum", "final", "prev")
-    for name, fwd, bwd in zip(names, *calls["states"]):
-        assert fwd.dtype == bwd.dtype and torch.equal(fwd, bwd), f"recomputed {name} differs from the forward's"
-    (cb_fwd, bm), (cb_bwd, _) = calls["cb"]
-    pos = torch.arange(cb_fwd.shape[-1]) // bm
-    causal = pos[:, None] >= pos[None, :]  # the tiles the kernel writes; the rest of the buffer is never read
-    assert torch.equal(cb_fwd[..., causal], cb_bwd[..., causal]), "recomputed C Bᵀ differs from the forward's"
+    assert_recomputed_equal(calls)
     with recording() as calls:
         outs_off, grads_off = _run(inp, kw, case_launch(tile, options + " keep"))
     assert len(calls["states"]) == 1 and len(calls["cb"]) == 1, "keep_states recomputed in the backward"
