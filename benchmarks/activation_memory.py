@@ -20,6 +20,10 @@ Columns:
     TRITON_INTERPRET=1 python benchmarks/activation_memory.py --triton-interpreter --batch 2 --d-model 128 \
         --length 256 --dtype bfloat16                          # the Triton path's bytes, on a CPU
 
+``--ssd-launch NAME`` runs the SSD (Mamba-2, both paths) with ``ssmkit.ops.ssd.launch.CONFIGS[NAME]`` in place
+of the default launch: ``keep_states`` is the SSD before its backward recomputed Δ, cum, the chunk states and
+C·Bᵀ (``SSDLaunch.recompute_states``).
+
 ``--triton-interpreter`` (with ``TRITON_INTERPRET=1``, on a CPU) routes every op with a Triton kernel to it,
 as CUDA does, so that the saved bytes are those of the GPU path; "units" = saved bytes over one (b, l,
 d_inner) tensor of the layer's dtype, which carries across shapes where every saved tensor scales with
@@ -58,6 +62,14 @@ def _route_auto_to_triton() -> None:
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("ssmkit.") and getattr(module, "resolve_backend", None) is original:
             module.resolve_backend = resolve
+
+
+def _use_ssd_launch(name: str) -> None:
+    """Make the SSD's default launch (what the layers get: they pass none) ``CONFIGS[name]``."""
+    from ssmkit.ops import ssd
+    from ssmkit.ops.ssd.launch import CONFIGS
+
+    ssd.DEFAULT_LAUNCH = CONFIGS[name]
 
 
 def _layers(kind: str, d_model: int, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -122,7 +134,13 @@ def main() -> None:
     parser.add_argument("--time", action="store_true", help="also time forward+backward on CPU (CUDA: always)")
     parser.add_argument("--triton-interpreter", action="store_true",
                         help="on a CPU with TRITON_INTERPRET=1: run the Triton kernels (the GPU path's bytes)")
+    parser.add_argument("--ssd-launch", default="default", help="the SSD's launch config (launch.CONFIGS)")
     args = parser.parse_args()
+    from ssmkit.ops.ssd.launch import CONFIGS
+
+    if args.ssd_launch not in CONFIGS:
+        parser.error(f"unknown --ssd-launch {args.ssd_launch!r}; known: {', '.join(CONFIGS)}")
+    _use_ssd_launch(args.ssd_launch)
     if args.triton_interpreter:
         import os
 
@@ -135,7 +153,8 @@ def main() -> None:
     if args.triton_interpreter:
         where = "CPU, the Triton kernels in Triton's interpreter (the CUDA path's ops)"
     print(f"device: {where}; torch {torch.__version__}, ssmkit {ssmkit.__version__}")
-    print(f"one layer, default config, batch {args.batch}, d_model {args.d_model}, length {args.length}, {args.dtype}")
+    print(f"one layer, default config, batch {args.batch}, d_model {args.d_model}, length {args.length}, {args.dtype}, "
+          f"SSD launch {args.ssd_launch}")
     header = (f"{'layer':<7} {'path':<8} {'saved MB':>9} {'units':>6} {'ratio':>6} {'allocated MB':>13} {'peak MB':>8} "
               f"{'fwd+bwd ms':>11} {'time ratio':>10}")
     print(header)

@@ -20,6 +20,7 @@ softplus). In order:
     python benchmarks/gpu_ssd_sweep.py                  # the whole sweep (about 3-4 minutes on an H100)
     python benchmarks/gpu_ssd_sweep.py --model          # step 0 only, no GPU needed
     python benchmarks/gpu_ssd_sweep.py --variants default rows_h2 --lengths 8192 --jobs 0
+    python benchmarks/gpu_ssd_sweep.py --variants default keep_states --jobs 2 --no-peer   # backward recompute on / off
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ssmkit.ops.ssd.launch import CONFIGS, DEFAULT_LAUNCH
 
 VARIANTS = ["default", "rows_h2", "rows_h3", "rows_state_h2", "cols_split", "cols_split_h2", "cols_split_h3",
             "bwd_h2", "cb_lowp", "lowp", "bwd_h2_lowp", "scan_2h", "scan_2h_s3", "scan_2h_lowp", "all_h2_lowp",
-            "state_online", "state_online_t128", "state_bwd_tile32"]
+            "state_online", "state_online_t128", "state_bwd_tile32", "keep_states"]
 PEER = "mamba_ssm"
 # Fields of SSDLaunch the forward reads; the backward reads the rest (fwd_tile bounds both: C Bᵀ's tiles).
 FORWARD_FIELDS = {"state", "scan", "cb", "state_pass", "state_tile", "fwd_tile", "chain", "cb_lowp", "scan_heads",
@@ -64,7 +65,8 @@ ERROR_FLOOR = 1e-3
 
 def kernel_model(length: int, launch: SSDLaunch = DEFAULT_LAUNCH) -> dict[str, tuple[float, float, float, float]]:
     """Per kernel of one forward+backward: (HBM bytes it must move, bytes its programs re-read from L2, tensor FLOPs,
-    exps), from the shapes and the launch's tiles (bf16 inputs, prev/dstates bf16, cb/dcb float32 unless *_lowp)."""
+    exps), from the shapes and the launch's tiles (bf16 inputs, prev/dstates bf16, cb/dcb float32 unless *_lowp);
+    with ``recompute_states`` the chunk-state and C Bᵀ kernels count twice (the backward runs them again)."""
     b, h, p, n, g = BATCH, HEADS, HEADDIM, STATE, GROUPS
     T = min(CHUNK, 1 << (length - 1).bit_length())
     nc = -(-length // T)
@@ -81,9 +83,12 @@ def kernel_model(length: int, launch: SSDLaunch = DEFAULT_LAUNCH) -> dict[str, t
     intra_f, intra = 2 * ch * k_fwd * bm_fwd * bm_fwd * p, 2 * ch * k * bm * bm * p  # (T, T) x p matmuls
     state_mm = 2 * ch * T * p * n
     two = 2 if launch.scan_heads == 2 and (h // g) % 2 == 0 else 1  # heads sharing a scan program's C, C Bᵀ
+    runs = 2 if launch.recompute_states else 1
     return {
-        "_chunk_state_fwd": (dt + x + bc + 2 * vec + st + b * h * p * n * 4, rows * h * n * e, state_mm, 2 * ch * T),
-        "_chunk_cb_fwd": (2 * bc + cb, 2 * cg * k_fwd * bm_fwd * n * e, 2 * cg * k_fwd * bm_fwd * bm_fwd * n, 0),
+        "_chunk_state_fwd": tuple(runs * v for v in (dt + x + bc + 2 * vec + st + b * h * p * n * 4, rows * h * n * e,
+                                                     state_mm, 2 * ch * T)),
+        "_chunk_cb_fwd": tuple(runs * v for v in (2 * bc + cb, 2 * cg * k_fwd * bm_fwd * n * e,
+                                                  2 * cg * k_fwd * bm_fwd * bm_fwd * n, 0)),
         "_chunk_scan_fwd": (2 * x + bc + cb + st + 2 * vec,
                             ch * k_fwd * bm_fwd * (p * e + bm_fwd * (e if launch.cb_lowp else 4) // two)
                             + ch * T * n * e // two + ch * (T // bm_fwd) * p * n * e, state_mm + intra_f,

@@ -132,7 +132,7 @@ LAUNCH_NAMES = ["scan_r128", "fwd_r128", "state32_r128", "stages3", "tiles128", 
                 "state_bwd_bn32_w4", "rows_h2", "rows_h3", "rows_state_h2", "cb_lowp", "dcb_lowp",
                 "lowp", "scan_w4", "scan_w4_s3", "state_bwd_tile32", "cols_h2", "cols_split_h2", "cols_split_h3", "bwd_h2",
                 "bwd_h2_lowp", "scan_2h", "scan_2h_s3", "scan_2h_lowp", "all_h2_lowp",
-                "state_online", "state_online_t128"]
+                "state_online", "state_online_t128", "keep_states"]
 
 
 @pytest.mark.parametrize("launch", LAUNCH_NAMES)
@@ -171,3 +171,29 @@ def test_chained_state_passing_matches_separate_kernels(dtype):
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
     for name, a, e in zip(["out", "final_states", *(f"d{k}" for k in inp)], first, results[False][0]):
         assert_close(a, e, dtype, name=name)
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_backward_recomputes_the_forwards_states(chain):
+    """SSDLaunch.recompute_states on a GPU (programs concurrent; the chained passing orders them by a ticket):
+    the backward's Δ, cum, entering states and C Bᵀ are the forward's bits; kept instead, the same forward and
+    gradients as close as the atomic sums' order allows."""
+    from ssmkit.ops.ssd.launch import SSDLaunch
+    from tests.ops.test_ssd_triton_recompute import assert_recomputed_equal, recording
+
+    torch.manual_seed(7)
+    inp = make_inputs(2, 8192, 8, 64, 2, 128, torch.bfloat16, "D_h z bias softplus init")
+    kw = {"chunk_size": 64, "dt_softplus": True, "return_final_states": True, "seq_idx": _doc_ids(2, 8192, "cuda")}
+    results = []
+    for recompute in (True, False):
+        with recording() as calls:
+            out, final = mamba_chunk_scan_combined(**inp, **kw, backend="triton",
+                                                   launch=SSDLaunch(chain=chain, recompute_states=recompute))
+            grads = torch.autograd.grad(out.float().sum() + final.sum(), list(inp.values()))
+        if recompute:
+            assert_recomputed_equal(calls)
+        results.append((out, final, *grads))
+    on, off = results
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+    for name, a, e in zip(inp, on[2:], off[2:]):
+        assert_close(a.float(), e.float(), torch.bfloat16, name=f"d{name}")

@@ -17,7 +17,9 @@ from ssmkit.testing import assert_close, report_checks, run_checks_in_interprete
 
 # name -> (b, l, h, p, g, n, chunk_size, tile, dtype, options); tile is the kernels' row block (16 with
 # chunk 32 gives two row blocks per chunk, so the causal loop over blocks is exercised). Tiny grids make
-# the backward split each group's heads over programs; "one_slice" turns that off.
+# the backward split each group's heads over programs; "one_slice" turns that off. Every case's backward
+# recomputes Δ, cum, the chunk states and C Bᵀ (SSDLaunch.recompute_states) but those with "keep"
+# (test_ssd_triton_recompute.py runs a grid with it off and checks both give the same bits).
 CASES = {
     "full_gated": (2, 37, 4, 3, 2, 5, 16, 64, "float32", "D_h z bias init softplus limit"),
     "full_gated_cols_split": (2, 37, 4, 3, 2, 5, 16, 16, "float32", "D_h z bias init softplus docs cols_split"),
@@ -93,16 +95,21 @@ def make_case(b, l, h, p, g, n, chunk_size, dtype, options):
     return inp, kw
 
 
-def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
-    """Output, final (and varlen) states and every gradient of backend='triton' against float64."""
+def case_launch(tile: int, options: str) -> SSDLaunch:
+    """The launch settings a case's options ask for (tile: the kernels' row block)."""
     opts = options.split()
     heads = 2 if "heads2" in opts else 0
-    launch = SSDLaunch(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in opts else tile,
-                       min_programs=1 if "one_slice" in opts else 1024, cols_split="cols_split" in opts,
-                       chain="no_chain" not in opts, cb_lowp="lowp" in opts, dcb_lowp="lowp" in opts,
-                       rows_head_stages=heads, rows_state_head_stages=heads, cols_head_stages=heads,
-                       state_bwd_tile=32 if heads else tile, scan_heads=2 if "scan2" in opts else 1,
-                       state_online="online" in opts)
+    return SSDLaunch(state_tile=tile, fwd_tile=tile, bwd_tile=16 if "bwd_tile16" in opts else tile,
+                     min_programs=1 if "one_slice" in opts else 1024, cols_split="cols_split" in opts,
+                     chain="no_chain" not in opts, cb_lowp="lowp" in opts, dcb_lowp="lowp" in opts,
+                     rows_head_stages=heads, rows_state_head_stages=heads, cols_head_stages=heads,
+                     state_bwd_tile=32 if heads else tile, scan_heads=2 if "scan2" in opts else 1,
+                     state_online="online" in opts, recompute_states="keep" not in opts)
+
+
+def check_case(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
+    """Output, final (and varlen) states and every gradient of backend='triton' against float64."""
+    launch = case_launch(tile, options)
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
     inp64 = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
     got = mamba_chunk_scan_combined(**inp, **kw, backend="triton", launch=launch)

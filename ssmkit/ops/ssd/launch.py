@@ -23,6 +23,15 @@ heads per program of the forward scan (2: C and C Bᵀ loaded once for two heads
 of its largest L2 stream, where a group has an even number of heads; else 1). ``state_online``: the
 chunk-state kernel in one pass over the chunk (Δ, cum and the chunk's state together, the state rescaled
 by each block's decay), not two with Δ and cum written, waited for and read back in between.
+``recompute_states`` (the default): the forward keeps neither Δ, cum, the states entering the chunks nor
+C Bᵀ for the backward, which runs the forward's chunk-state (and state-passing) and C Bᵀ launches again
+before its own kernels (the same kernels and launches: the same bits, the same gradients), as mamba_ssm's
+backward does. It saves 2·4 bytes a (position, head), the (b, chunks, h, p, n) states in the inputs' dtype and
+the (b, chunks, g, T, T) float32 C Bᵀ: at a Mamba-2 layer's shape (N 128, headdim 64, chunk 256, bf16) 0.81 of
+one bf16 (b, l, d_inner) tensor, the cut issue 17 needed for 0.6x of the unfused layer's activations. Its cost:
+one more chunk-state and C Bᵀ pass in the backward, by the kernel model of benchmarks/gpu_ssd_sweep.py 14% of
+the backward's tensor FLOPs and 19% of its HBM bytes (10% and 13% of forward+backward; RESULTS.md). Off, the
+forward saves them (``keep_states`` in :data:`CONFIGS`).
 
 Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (171 since its
 per-head steps became helpers; 128 with the cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
@@ -74,6 +83,7 @@ class SSDLaunch:
     dcb_lowp: bool = False
     scan_heads: int = 1
     state_online: bool = False
+    recompute_states: bool = True
 
     def __post_init__(self) -> None:
         for kernel in _KERNELS:
@@ -92,7 +102,7 @@ class SSDLaunch:
                 raise ValueError(f"SSDLaunch.{name} must be an int in [0, 8], got {stages!r}")
         if self.scan_heads not in (1, 2) or isinstance(self.scan_heads, bool):
             raise ValueError(f"SSDLaunch.scan_heads must be 1 or 2, got {self.scan_heads!r}")
-        for name in ("chain", "cols_split", "cb_lowp", "dcb_lowp", "state_online"):
+        for name in ("chain", "cols_split", "cb_lowp", "dcb_lowp", "state_online", "recompute_states"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SSDLaunch.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -166,4 +176,7 @@ CONFIGS: dict[str, SSDLaunch] = {
     # kernel spilled 56 B there); no spills.
     "state_online": _R(DEFAULT_LAUNCH, state_online=True),
     "state_online_t128": _R(DEFAULT_LAUNCH, state_online=True, state_tile=128),
+    # Δ, cum, the entering states and C Bᵀ kept from the forward for the backward (the default before the
+    # backward recomputed them: issue 17's activation memory), timed beside the default by gpu_ssd_sweep.py.
+    "keep_states": _R(DEFAULT_LAUNCH, recompute_states=False),
 }

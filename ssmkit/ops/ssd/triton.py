@@ -9,7 +9,9 @@ an H100; off, the
 passing is a kernel of its own, and the backward's walks the chunks in one program per head). What goes
 through memory: the states entering each chunk and their gradients (b, chunks, h, p, n), in the
 inputs' dtype for bf16/fp16 (float32 otherwise; always summed in float32), and C Bᵀ per group
-(b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip.
+(b, chunks, g, T, T) in float32; the rest of the (T, T) work stays on chip. The backward gets these
+(and Δ, cum) by running the forward's chunk-state and C Bᵀ launches again (``SSDLaunch.recompute_states``,
+the default: less activation memory), or, off, from the forward.
 
 The kernels' chunk length follows :mod:`ssmkit.ops.chunking` (a power of two in [16, 256]: tensor-core
 tiles). The result does not depend on the chunk length: it only moves where the per-chunk sums are cut. Float64 inputs go to the chunked backend (no float64 tensor cores).
@@ -74,57 +76,90 @@ def _dot_types(dtype: torch.dtype):
     return tl.float32, "ieee"
 
 
+def _chunk_states(x, dt, A, B, dt_bias, doc, init, scale, T, step, launch):
+    """The forward's chunk-state launch (and, unchained, its state passing): ``(delta, cum (b, h, Lp) float32,
+    final (b, h, p, n) float32, prev (b, chunks, h, p, n))``; step = (dt_softplus, has_limit, lo, hi).
+
+    The backward calls it again when ``launch.recompute_states``: the same kernels on the same inputs at the
+    same launch, so the same bits as the forward's (the chained passing orders its programs by a ticket, but each
+    state is summed in one fixed order whatever the schedule).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nc = -(-l // T)
+    dev, f32 = x.device, torch.float32
+    DOT, PREC = _dot_types(x.dtype)
+    BP, BN, BK = _pow2(p), _pow2(n), min(T, launch.state_tile)
+    dt_softplus, has_limit, lo, hi = step
+    delta = torch.empty(b, h, nc * T, device=dev, dtype=f32)
+    cum = torch.empty_like(delta)
+    final = torch.empty(b, h, p, n, device=dev, dtype=f32)
+    prev = torch.empty(b, nc, h, p, n, device=dev, dtype=f32 if x.dtype == f32 else x.dtype)
+    chain = launch.chain
+    dummy = delta
+    # Chained: a ticket counter, one flag per (head, chunk), a ring of two float32 states per head.
+    # Else the chunk sums S_c go through memory to the state passing kernel.
+    sync = torch.zeros(1 + b * h * nc if chain else 1, device=dev, dtype=torch.int32)
+    ring = torch.empty(b * h * 2 * p * n if chain else 1, device=dev, dtype=f32)
+    states = dummy if chain else torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
+    init = dummy if init is None else init
+    docp = dummy if doc is None else doc
+    _fwd._chunk_state_fwd[(nc, b * h)](
+        x, dt, A, dummy if dt_bias is None else dt_bias, B, docp, delta, cum, states,
+        dummy if scale is None else scale, sync, ring, init, final, prev,
+        l, h, g, p, n, nc, lo, hi,
+        T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
+        HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
+        HAS_INIT=init is not dummy, FENCE=not _interpreting(), ONLINE=launch.state_online,
+        **launch.opts("state"),
+    )
+    if not chain:
+        _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
+            states, init, final, cum, docp, prev, h, p * n, nc,
+            T=T, BLOCK=_STATE_BLOCK, HAS_INIT=init is not dummy, HAS_DOC=doc is not None, **launch.opts("state_pass"),
+        )
+    return delta, cum, final, prev
+
+
+def _chunk_cb(B, C, T, BM, dtype, launch):
+    """C Bᵀ (b, chunks, g, T, T), its causal (BM, BM) tiles only (the rest is not written), float32 or, with
+    ``launch.cb_lowp``, ``dtype`` where that is bf16/fp16. Called again by the backward with
+    ``launch.recompute_states`` (the same bits, as :func:`_chunk_states`)."""
+    b, l, g, n = B.shape
+    nc, nrb = -(-l // T), T // BM
+    DOT, PREC = _dot_types(dtype)
+    cb = torch.empty(b, nc, g, T, T, device=B.device, dtype=_low_or_f32(dtype, launch.cb_lowp))
+    _fwd._chunk_cb_fwd[(nc * nrb * nrb, b * g)](
+        B, C, cb, l, g, n, nc, T=T, BM=BM, BN=_pow2(n), DOT=DOT, PREC=PREC, **launch.opts("cb"),
+    )
+    return cb
+
+
 class _SSDFunction(torch.autograd.Function):
     """Shapes: x, z (b, l, h, p); dt (b, l, h); A, dt_bias (h,); B, C (b, l, g, n); D (h, p) float32 or
-    None; initial_states (b, h, p, n) or None; doc (b, Lp) int32 or None. Returns out (b, l, h, p),
+    None; initial_states (b, h, p, n) float32 or None; doc (b, Lp) int32 or None. Returns out (b, l, h, p),
     final (b, h, p, n), and for the varlen states cum, delta (b, h, Lp) and the entering states
-    (b, chunks, h, p, n)."""
+    (b, chunks, h, p, n).
+
+    Saved for the backward: the inputs, the pre-gate output where z is given, and either Δ, cum, the
+    entering states and C Bᵀ (``launch.recompute_states`` off) or, on, nothing more: the backward runs
+    :func:`_chunk_states` and :func:`_chunk_cb` again (mamba_ssm's backward recomputes them too).
+    """
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, doc, T, dt_softplus, dt_limit, scale, launch):
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         nc = -(-l // T)
-        Lp = nc * T
-        dev = x.device
-        f32 = torch.float32
         DOT, PREC = _dot_types(x.dtype)
-        BP, BN, BK, BM = _pow2(p), _pow2(n), min(T, launch.state_tile), min(T, launch.fwd_tile)
+        BP, BN, BM = _pow2(p), _pow2(n), min(T, launch.fwd_tile)
         has_limit = tuple(dt_limit) != NO_LIMIT
         lo, hi = (float(v) for v in dt_limit) if has_limit else (0.0, 0.0)
-        delta = torch.empty(b, h, Lp, device=dev, dtype=f32)
-        cum = torch.empty_like(delta)
-        final = torch.empty(b, h, p, n, device=dev, dtype=f32)
-        prev = torch.empty(b, nc, h, p, n, device=dev, dtype=f32 if x.dtype == f32 else x.dtype)
-        chain = launch.chain
-        dummy = delta
-        # Chained: a ticket counter, one flag per (head, chunk), a ring of two float32 states per head.
-        # Else the chunk sums S_c go through memory to the state passing kernel.
-        sync = torch.zeros(1 + b * h * nc if chain else 1, device=dev, dtype=torch.int32)
-        ring = torch.empty(b * h * 2 * p * n if chain else 1, device=dev, dtype=f32)
-        states = dummy if chain else torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
-        init = dummy if initial_states is None else initial_states
-        _fwd._chunk_state_fwd[(nc, b * h)](
-            x, dt, A, dummy if dt_bias is None else dt_bias, B, dummy if doc is None else doc, delta, cum, states,
-            dummy if scale is None else scale, sync, ring, init, final, prev,
-            l, h, g, p, n, nc, lo, hi,
-            T=T, BK=BK, BP=BP, BN=BN, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-            HAS_DOC=doc is not None, SEP_SCALE=scale is not None, DOT=DOT, PREC=PREC, CHAIN=chain,
-            HAS_INIT=initial_states is not None, FENCE=not _interpreting(), ONLINE=launch.state_online,
-            **launch.opts("state"),
-        )
-        if not chain:
-            _fwd._state_pass_fwd[(b * h, triton.cdiv(p * n, _STATE_BLOCK))](
-                states, init, final, cum, dummy if doc is None else doc,
-                prev, h, p * n, nc, T=T, BLOCK=_STATE_BLOCK, HAS_INIT=initial_states is not None,
-                HAS_DOC=doc is not None, **launch.opts("state_pass"),
-            )
-        del states, ring, sync
+        step = (dt_softplus, has_limit, lo, hi)
+        delta, cum, final, prev = _chunk_states(x, dt, A, B, dt_bias, doc, initial_states, scale, T, step, launch)
         nrb = T // BM
-        cb = torch.empty(b, nc, g, T, T, device=dev, dtype=_low_or_f32(x.dtype, launch.cb_lowp))
-        _fwd._chunk_cb_fwd[(nc * nrb * nrb, b * g)](
-            B, C, cb, l, g, n, nc, T=T, BM=BM, BN=BN, DOT=DOT, PREC=PREC, **launch.opts("cb"),
-        )
+        cb = _chunk_cb(B, C, T, BM, x.dtype, launch)
+        dummy = delta
         out = torch.empty_like(x)
         keep_ypre = any(ctx.needs_input_grad)
         ypre = torch.empty_like(x) if z is not None and keep_ypre else out
@@ -137,18 +172,30 @@ class _SSDFunction(torch.autograd.Function):
             STORE_YPRE=z is not None and keep_ypre, DOT=DOT, PREC=PREC, TWO_HEADS=two_heads,
             **launch.opts("scan"),
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, prev, ypre, cb)
-        ctx.meta = (T, BM, dt_softplus, has_limit, lo, hi, initial_states is not None, scale is not None, launch)
+        if launch.recompute_states:
+            # The backward rebuilds the rest from these (two more small tensors, usually inputs anyway).
+            ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, ypre, initial_states, scale)
+        else:
+            ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, doc, ypre, delta, cum, prev, cb)
+        ctx.meta = (T, BM, step, initial_states is not None, scale is not None, launch)
         ctx.set_materialize_grads(False)
         return out, final, cum, delta, prev
 
     @staticmethod
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
-        x, dt, A, B, C, D, z, dt_bias, doc, delta, cum, states, ypre, cb = ctx.saved_tensors  # states: prev
-        T, BM_fwd, dt_softplus, has_limit, lo, hi, has_init, has_scale, launch = ctx.meta
+        T, BM_fwd, step, has_init, has_scale, launch = ctx.meta
+        x, dt, A, B, C, D, z, dt_bias, doc, ypre, *rest = ctx.saved_tensors
+        if launch.recompute_states:
+            # The forward's own launches again, before any backward kernel: bit-identical Δ, cum, states, C Bᵀ.
+            init, scale = rest
+            delta, cum, _, states = _chunk_states(x, dt, A, B, dt_bias, doc, init, scale, T, step, launch)
+            cb = _chunk_cb(B, C, T, BM_fwd, x.dtype, launch)
+        else:
+            delta, cum, states, cb = rest  # states: the states entering the chunks (the forward's prev)
+        dt_softplus, has_limit, lo, hi = step
         b, l, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
-        nc = delta.shape[2] // T
+        nc = -(-l // T)
         dev = x.device
         f32 = torch.float32
         DOT, PREC = _dot_types(x.dtype)
