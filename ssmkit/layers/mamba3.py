@@ -26,6 +26,7 @@ from ssmkit.layers.mamba import dt_bias_init
 from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
+from ssmkit.ops.mamba3.projected import mamba3_scan_from_projection
 from ssmkit.ops.mamba3.step_sizes import decay_rate, dt_and_decay
 from ssmkit.ops.norm import gated_rms_norm_fn
 
@@ -152,18 +153,39 @@ class Mamba3(nn.Module):
         if cache is not None and torch.is_grad_enabled():
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
-        z, inputs = self._project(hidden_states)
-        result = mamba3_scan(
-            **inputs, **self._scan_params(z), seq_idx=seq_idx, chunk_size=self.chunk_size,
-            initial_state=None if state is None else Mamba3ScanState(**state.tensors()),
-            return_final_state=cache is not None,
-        )
+        z, result = self._scan(hidden_states, seq_idx, state, return_final_state=cache is not None)
         if cache is not None:
             y, final = result
             cache.copy_(Mamba3State(**{k: v.detach() for k, v in final._asdict().items()}))
         else:
             y = result
         return self.out_proj(self._output(y, z))
+
+    def _scan(self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: Mamba3State | None,
+              return_final_state: bool) -> tuple[torch.Tensor, Any]:
+        """z (b, l, h, p) and the scan's result on u (b, l, H): (b, l, h, p) (MIMO with the output norm:
+        (b, l, R, h, p)), with the final state when asked.
+
+        Single-input layers hand the in-projection's raw slices to :func:`mamba3_scan_from_projection`, whose
+        SSD route makes Δ, A and the B/C norms inside its kernels (three launches and three autograd nodes fewer
+        each way than :meth:`_project` then ``mamba3_scan``, at sizes where the layer is bound by the host).
+        """
+        initial_state = None if state is None else Mamba3ScanState(**state.tensors())
+        if self.is_mimo:
+            z, inputs = self._project(u)
+            return z, mamba3_scan(**inputs, **self._scan_params(z), seq_idx=seq_idx, chunk_size=self.chunk_size,
+                                  initial_state=initial_state, return_final_state=return_final_state)
+        hp, gn = (self.nheads, self.headdim), (self.ngroups, self.d_state)
+        z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(u).split(self.split_sizes, -1)
+        z = z.unflatten(-1, hp)
+        return z, mamba3_scan_from_projection(
+            x.unflatten(-1, hp), dd_dt, dd_A, B.unflatten(-1, gn), C.unflatten(-1, gn), trap, angles,
+            dt_bias=self.dt_bias, A_floor=self.A_floor, decay_activation=self.decay_activation,
+            B_norm_weight=self.B_norm.weight, C_norm_weight=self.C_norm.weight, B_norm_eps=self.B_norm.eps,
+            C_norm_eps=self.C_norm.eps, D=self.D, z=None if self.is_outproj_norm else z, B_bias=self.B_bias,
+            C_bias=self.C_bias, initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state,
+            chunk_size=self.chunk_size,
+        )
 
     def _step(self, hidden_states: torch.Tensor, state: Mamba3State) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
@@ -173,7 +195,8 @@ class Mamba3(nn.Module):
             Mamba3ScanState(**state.tensors()), **{k: v[:, 0] for k, v in inputs.items()},
             **{k: v[:, 0] if k == "z" and v is not None else v for k, v in params.items()},
         )
-        return self.out_proj(self._output(y.unsqueeze(1), z))
+        # (b, 1, h, p) as the parallel form gives it: single input has rank 1 and the MIMO output norm needs R.
+        return self.out_proj(self._output(y.unsqueeze(1) if self.is_mimo else y[:, None, 0], z))
 
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """z (b, l, h, p) and the scan's per-token inputs from u (b, l, H)."""
@@ -211,11 +234,12 @@ class Mamba3(nn.Module):
                     rotary_interleaved=not self.is_mimo)
 
     def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """(b, l, h, p) or, per rank, (b, l, R, h, p) scan output -> (b, l, I) input of out_proj."""
+        """(b, l, h, p) or, MIMO with the output norm, per rank (b, l, R, h, p) scan output -> (b, l, I) input of
+        out_proj."""
         if not self.is_outproj_norm:
-            return y.flatten(-2) if y.dim() == 4 else y.flatten(-3)  # (b, l, 1, h, p): one view, not two
+            return y.flatten(-2)
         if not self.is_mimo:
-            return self.norm(y.squeeze(2).flatten(-2), z.flatten(-2))
+            return self.norm(y.flatten(-2), z.flatten(-2))
         zr = z[:, :, None] * self.mimo_z.transpose(0, 1).to(z.dtype)
         y = self.norm(y.flatten(-2), zr.flatten(-2)).unflatten(-1, (self.nheads, self.headdim))
         return (y * self.mimo_o.transpose(0, 1).to(y.dtype)).sum(dim=2).flatten(-2)
