@@ -16,7 +16,12 @@ import triton
 import triton.language as tl
 from sm90_resources import compile_sm90, resource_usage
 
-from ssmkit.ops.mamba3 import triton_angles, triton_rotary, triton_step_sizes
+from ssmkit.ops.mamba3 import (
+    triton_angles,
+    triton_pairs,
+    triton_rotary,
+    triton_step_sizes,
+)
 
 N, A = 128, 64
 
@@ -59,18 +64,25 @@ def kernels() -> list[tuple[str, object, dict, int, tuple[str, ...], tuple[str, 
     if "NORM" in triton_rotary._rotate_bc_fwd.arg_names:
         table += [
             ("rotate fwd, norm", triton_rotary._rotate_bc_fwd,
-             rot | {"ROWS": triton_rotary._FWD_ROWS, "NORM": True}, triton_rotary._FWD_WARPS, rot_floats, ()),
+             rot | {"ROWS": triton_rotary._FWD_ROWS, "NORM": True}, triton_rotary._NORM_FWD_WARPS, rot_floats, ()),
             ("rotate bwd, norm", triton_rotary._rotate_bc_bwd,
              rot | {"ROWS": triton_rotary._ROWS, "HAS_DCB": True, "OUT_DTYPE": tl.bfloat16,
                     "STAGES": triton_rotary._STAGES, "NORM": True, "FINISH": True},
-             triton_rotary._WARPS, rot_floats + ("dB_ptr", "dC_ptr"), ()),
-            ("norm finish bwd", triton_rotary._norm_bc_bwd, rot | {"ROWS": triton_rotary._ROWS},
+             triton_rotary._NORM_WARPS, rot_floats + ("dB_ptr", "dC_ptr"), ()),
+            ("rotate bwd, norm, split", triton_rotary._rotate_bc_bwd,
+             rot | {"ROWS": triton_rotary._ROWS, "HAS_DCB": True, "OUT_DTYPE": tl.bfloat16,
+                    "STAGES": triton_rotary._STAGES, "NORM": True, "FINISH": False},
+             triton_rotary._NORM_WARPS, rot_floats + ("dB_ptr", "dC_ptr"), ()),
+            ("norm finish bwd", triton_pairs.norm_bc_bwd, rot | {"ROWS": triton_rotary._ROWS},
              triton_rotary._WARPS, rot_floats + ("dBn_ptr", "dCn_ptr"), ()),
         ]
     sw_floats = ("dt_ptr", "a_ptr", "sdt_ptr", "w_ptr", "nxt_ptr", "g_sdt_ptr", "g_w_ptr", "g_nxt_ptr",
                  "ddt_in_ptr", "ddt_ptr", "da_ptr", "bias_ptr", "dt_out_ptr", "draw_ptr")
     block = {"BLOCK": triton_step_sizes._BLOCK, "HAS_DOC": True, "NCB": 4, "HEAVY_TAIL": True}
+    dd_floats = ("bias_ptr", "dt_ptr", "a_ptr", "gdt_ptr", "ga_ptr", "draw_ptr")
     table += [
+        ("dt decay fwd", triton_step_sizes._dt_decay_fwd, block, 4, dd_floats, ()),
+        ("dt decay bwd", triton_step_sizes._dt_decay_bwd, block, 4, dd_floats, ()),
         ("step weights fwd", triton_step_sizes._step_weights_fwd, block | {"RAW": False}, 4, sw_floats,
          ("starts_ptr",)),
         ("step weights bwd", triton_step_sizes._step_weights_bwd, block | {"RAW": False}, 4, sw_floats,

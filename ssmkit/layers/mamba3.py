@@ -32,6 +32,10 @@ from ssmkit.ops.norm import gated_rms_norm_fn
 
 __all__ = ["DECAY_ACTIVATIONS", "Mamba3", "Mamba3State", "decay_rate"]
 
+# Single-input layers hand the in-projection's raw slices to mamba3_scan_from_projection (Δ/A and the B/C norms made
+# inside the SSD route's kernels); benchmarks/gpu_mamba3.py switches it off to time the unfolded route beside it.
+FOLD_PROJECTION = True
+
 @dataclasses.dataclass(eq=False)
 class Mamba3State(LayerState):
     """Decode state of one :class:`Mamba3` layer (float32, float64 for float64 models).
@@ -163,18 +167,19 @@ class Mamba3(nn.Module):
 
     def _scan(self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: Mamba3State | None,
               return_final_state: bool) -> tuple[torch.Tensor, Any]:
-        """z (b, l, h, p) and the scan's result on u (b, l, H): (b, l, h, p) (MIMO with the output norm:
-        (b, l, R, h, p)), with the final state when asked.
+        """z (b, l, h, p) and the scan's result on u (b, l, H) (its output as :meth:`_output` takes it), with the
+        final state when asked.
 
         Single-input layers hand the in-projection's raw slices to :func:`mamba3_scan_from_projection`, whose
         SSD route makes Δ, A and the B/C norms inside its kernels (three launches and three autograd nodes fewer
         each way than :meth:`_project` then ``mamba3_scan``, at sizes where the layer is bound by the host).
         """
         initial_state = None if state is None else Mamba3ScanState(**state.tensors())
-        if self.is_mimo:
+        if self.is_mimo or not FOLD_PROJECTION:
             z, inputs = self._project(u)
-            return z, mamba3_scan(**inputs, **self._scan_params(z), seq_idx=seq_idx, chunk_size=self.chunk_size,
-                                  initial_state=initial_state, return_final_state=return_final_state)
+            result = mamba3_scan(**inputs, **self._scan_params(z), seq_idx=seq_idx, chunk_size=self.chunk_size,
+                                 initial_state=initial_state, return_final_state=return_final_state)
+            return z, result
         hp, gn = (self.nheads, self.headdim), (self.ngroups, self.d_state)
         z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(u).split(self.split_sizes, -1)
         z = z.unflatten(-1, hp)
@@ -195,8 +200,7 @@ class Mamba3(nn.Module):
             Mamba3ScanState(**state.tensors()), **{k: v[:, 0] for k, v in inputs.items()},
             **{k: v[:, 0] if k == "z" and v is not None else v for k, v in params.items()},
         )
-        # (b, 1, h, p) as the parallel form gives it: single input has rank 1 and the MIMO output norm needs R.
-        return self.out_proj(self._output(y.unsqueeze(1) if self.is_mimo else y[:, None, 0], z))
+        return self.out_proj(self._output(y.unsqueeze(1), z))
 
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """z (b, l, h, p) and the scan's per-token inputs from u (b, l, H)."""
@@ -234,12 +238,11 @@ class Mamba3(nn.Module):
                     rotary_interleaved=not self.is_mimo)
 
     def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """(b, l, h, p) or, MIMO with the output norm, per rank (b, l, R, h, p) scan output -> (b, l, I) input of
-        out_proj."""
+        """(b, l, h, p) or, per rank, (b, l, R, h, p) scan output -> (b, l, I) input of out_proj."""
         if not self.is_outproj_norm:
-            return y.flatten(-2)
+            return y.flatten(-2) if y.dim() == 4 else y.flatten(-3)  # (b, l, 1, h, p): one view, not two
         if not self.is_mimo:
-            return self.norm(y.flatten(-2), z.flatten(-2))
+            return self.norm((y if y.dim() == 4 else y.squeeze(2)).flatten(-2), z.flatten(-2))
         zr = z[:, :, None] * self.mimo_z.transpose(0, 1).to(z.dtype)
         y = self.norm(y.flatten(-2), zr.flatten(-2)).unflatten(-1, (self.nheads, self.headdim))
         return (y * self.mimo_o.transpose(0, 1).to(y.dtype)).sum(dim=2).flatten(-2)

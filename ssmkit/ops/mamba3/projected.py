@@ -23,7 +23,11 @@ from ssmkit.ops.chunking import check_chunk_size
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan
 from ssmkit.ops.mamba3.chunked import initial_G
 from ssmkit.ops.mamba3.reference import rotate
-from ssmkit.ops.mamba3.step_sizes import DECAY_ACTIVATIONS, DecayActivation, dt_and_decay
+from ssmkit.ops.mamba3.step_sizes import (
+    DECAY_ACTIVATIONS,
+    DecayActivation,
+    dt_and_decay,
+)
 from ssmkit.ops.mamba3.via_ssd import SSD_CHUNK, _minus_ones, operand_dtype
 from ssmkit.ops.ssd import SSDInputs, ssd_scan
 

@@ -22,7 +22,7 @@ programs of one group that read the same B, C rows run together (L2 hits) and no
 a program takes ROWS positions of one group and loops over its heads, summing their gradients of B and C in
 registers, and the bias gradients per program. With ``NORM`` its epilogue takes the gradient back through the
 norm (the weights' gradients per program beside the biases'), unless a group's heads are split over programs:
-then a second kernel (``_norm_bc_bwd``) sums the splits' partials and does it.
+then a second kernel (``norm_bc_bwd``) sums the splits' partials and does it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ import triton
 import triton.language as tl
 
 from ssmkit.ops._host import cdiv, next_power_of_2
+from ssmkit.ops.mamba3.triton_pairs import (
+    load_pair,
+    norm_bc_bwd,
+    norm_finish,
+    normed,
+    pair_cols,
+    store_pair,
+)
 
 # Positions per program, and warps. The forward runs one head a program: many small programs hide the latency.
 # The backward loops over a group's heads, so the loop's loads must be in flight while the previous head
@@ -43,29 +51,12 @@ _FWD_ROWS = 16
 _FWD_WARPS = 4
 _STAGES = 2  # software pipelining of the backward's head loop (the next head's loads in flight)
 _SPLIT_PROGRAMS = 4 * 132  # backward: split a group's heads until about this many programs (a few per SM) run
-
-
-@triton.jit
-def _cols(pair, N: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Columns of the first and second entry of each pair."""
-    first = pair * 2 if INTERLEAVED else pair
-    second = first + 1 if INTERLEAVED else first + N // 2
-    return first, second
-
-
-@triton.jit
-def _load_pair(ptr, rows, stride, f, s, mask):
-    """(rows, pairs) float32 tiles of the first and second entries of each pair."""
-    base = ptr + rows[:, None] * stride
-    return (tl.load(base + f[None, :], mask=mask, other=0.0).to(tl.float32),
-            tl.load(base + s[None, :], mask=mask, other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _store_pair(ptr, rows, stride, f, s, v0, v1, mask):
-    base = ptr + rows[:, None] * stride
-    tl.store(base + f[None, :], v0.to(ptr.dtype.element_ty), mask=mask)
-    tl.store(base + s[None, :], v1.to(ptr.dtype.element_ty), mask=mask)
+# With the norms (NORM) the same tiles at 8 warps: at 4 warps the norm's epilogue took the backward from 168 to 229
+# registers a thread on the device's Triton 3.6 for sm_90 (2 blocks of 4 warps an SM instead of 3); at 8 warps it
+# compiles to 128 (Triton 3.6 and 3.9), the forward to 112 / 123 (161 at 4 warps on 3.9), spills as without the
+# norm (benchmarks/mamba3_registers.py). Not yet timed on a GPU: benchmarks/gpu_mamba3_rotary.py --norm.
+_NORM_WARPS = 8
+_NORM_FWD_WARPS = 8
 
 
 @triton.jit
@@ -110,28 +101,6 @@ def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask, pmask, H
     return bb0, bb1, cc0, cc1, tl.cos(th), tl.sin(th), tmask
 
 
-@triton.jit
-def _norm_weights(w_ptr, f, s, pmask):
-    return (tl.load(w_ptr + f, mask=pmask, other=0.0).to(tl.float32),
-            tl.load(w_ptr + s, mask=pmask, other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _rstd(v0, v1, eps, N: tl.constexpr):
-    """1 / rms per row (rows,) of pair tiles (padding entries are 0)."""
-    return 1.0 / tl.sqrt((tl.sum(v0 * v0, 1) + tl.sum(v1 * v1, 1)) / N + eps)
-
-
-@triton.jit
-def _norm_back(g0, g1, x0, x1, r, w0, w1, N: tl.constexpr):
-    """Back through v -> x̂ · w, x̂ = v · r (r = 1 / rms(v)): dv = r (ĝ - x̂ mean(ĝ x̂)), ĝ = g · w, for (rows, pairs)
-    tiles of the output's gradient g and of x̂; and this tile's share of w's gradient, Σ_rows g x̂ (pairs,)."""
-    gw0, gw1 = g0 * w0[None, :], g1 * w1[None, :]
-    m = ((tl.sum(gw0 * x0, 1) + tl.sum(gw1 * x1, 1)) / N)[:, None]
-    return (r[:, None] * (gw0 - x0 * m), r[:, None] * (gw1 - x1 * m),
-            tl.sum(g0 * x0, 0), tl.sum(g1 * x1, 0))
-
-
 @triton.jit(do_not_specialize=["R"])
 def _rotate_bc_fwd(
     B_ptr, C_ptr, Bb_ptr, Cb_ptr, wB_ptr, wC_ptr, theta_ptr, Bt_ptr, Ct_ptr, cb_ptr,
@@ -146,15 +115,12 @@ def _rotate_bc_fwd(
     pair = tl.arange(0, HALF)
     pmask = pair < N // 2
     mask = rmask[:, None] & pmask[None, :]
-    f, s = _cols(pair, N, INTERLEAVED)
+    f, s = pair_cols(pair, N, INTERLEAVED)
     b0, b1 = _load_rows(B_ptr + gg * N, rows, s_B, rmask, N, HALF, INTERLEAVED)
     c0, c1 = _load_rows(C_ptr + gg * N, rows, s_C, rmask, N, HALF, INTERLEAVED)
     if NORM:
-        wb0, wb1 = _norm_weights(wB_ptr, f, s, pmask)
-        wc0, wc1 = _norm_weights(wC_ptr, f, s, pmask)
-        rB, rC = _rstd(b0, b1, eps_B, N)[:, None], _rstd(c0, c1, eps_C, N)[:, None]
-        b0, b1 = b0 * rB * wb0[None, :], b1 * rB * wb1[None, :]
-        c0, c1 = c0 * rC * wc0[None, :], c1 * rC * wc1[None, :]
+        b0, b1 = normed(b0, b1, wB_ptr, eps_B, f, s, pmask, N)
+        c0, c1 = normed(c0, c1, wC_ptr, eps_C, f, s, pmask, N)
     bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
                                                    pmask, H, A, N)
     u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
@@ -183,16 +149,12 @@ def _rotate_bc_bwd(
     pair = tl.arange(0, HALF)
     pmask = pair < N // 2
     mask = (rows < R)[:, None] & pmask[None, :]
-    f, s = _cols(pair, N, INTERLEAVED)
-    b0, b1 = _load_pair(B_ptr + gg * N, rows, s_B, f, s, mask)
-    c0, c1 = _load_pair(C_ptr + gg * N, rows, s_C, f, s, mask)
-    if NORM:  # b, c become the normalised values; x̂ and 1 / rms stay for the epilogue
-        wb0, wb1 = _norm_weights(wB_ptr, f, s, pmask)
-        wc0, wc1 = _norm_weights(wC_ptr, f, s, pmask)
-        rB, rC = _rstd(b0, b1, eps_B, N), _rstd(c0, c1, eps_C, N)
-        xb0, xb1, xc0, xc1 = b0 * rB[:, None], b1 * rB[:, None], c0 * rC[:, None], c1 * rC[:, None]
-        b0, b1 = xb0 * wb0[None, :], xb1 * wb1[None, :]
-        c0, c1 = xc0 * wc0[None, :], xc1 * wc1[None, :]
+    f, s = pair_cols(pair, N, INTERLEAVED)
+    b0, b1 = load_pair(B_ptr + gg * N, rows, s_B, f, s, mask)
+    c0, c1 = load_pair(C_ptr + gg * N, rows, s_C, f, s, mask)
+    if NORM:  # the normalised values (the epilogue loads the raw ones again: fewer registers live in the loop)
+        b0, b1 = normed(b0, b1, wB_ptr, eps_B, f, s, pmask, N)
+        c0, c1 = normed(c0, c1, wC_ptr, eps_C, f, s, pmask, N)
     db0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     db1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     dc0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
@@ -230,56 +192,13 @@ def _rotate_bc_bwd(
         tl.store(dCb_ptr + (blk * PB + hh) * N + f, tl.sum(uc0, 0), mask=pmask)
         tl.store(dCb_ptr + (blk * PB + hh) * N + s, tl.sum(uc1, 0), mask=pmask)
     if FINISH:  # NORM with the group's heads in this program: back through the norm here
-        db0, db1, dwb0, dwb1 = _norm_back(db0, db1, xb0, xb1, rB, wb0, wb1, N)
-        dc0, dc1, dwc0, dwc1 = _norm_back(dc0, dc1, xc0, xc1, rC, wc0, wc1, N)
-        # The norm weights' per-program partials follow the biases' (rows H + group of each block).
-        tl.store(dBb_ptr + (blk * PB + H + gg) * N + f, dwb0, mask=pmask)
-        tl.store(dBb_ptr + (blk * PB + H + gg) * N + s, dwb1, mask=pmask)
-        tl.store(dCb_ptr + (blk * PB + H + gg) * N + f, dwc0, mask=pmask)
-        tl.store(dCb_ptr + (blk * PB + H + gg) * N + s, dwc1, mask=pmask)
-    # dB, dC: (SPLIT, R, G, N), the partial of this program's split (SPLIT 1: the gradient itself).
-    _store_pair(dB_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, db0, db1, mask)
-    _store_pair(dC_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, dc0, dc1, mask)
-
-
-@triton.jit
-def _norm_one_bwd(v_ptr, s_v, w_ptr, dn_ptr, dv_ptr, dw_ptr, eps, blk, gg, rows, f, s, mask, pmask, R, G, H, SPLIT,
-                  PB, N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr):
-    x0, x1 = _load_pair(v_ptr + gg * N, rows, s_v, f, s, mask)
-    r = _rstd(x0, x1, eps, N)
-    x0, x1 = x0 * r[:, None], x1 * r[:, None]
-    g0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
-    g1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
-    for sp in range(SPLIT):
-        p0, p1 = _load_pair(dn_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, mask)
-        g0 += p0
-        g1 += p1
-    w0, w1 = _norm_weights(w_ptr, f, s, pmask)
-    d0, d1, dw0, dw1 = _norm_back(g0, g1, x0, x1, r, w0, w1, N)
-    _store_pair(dv_ptr + gg * N, rows, G * N, f, s, d0, d1, mask)
-    tl.store(dw_ptr + (blk * PB + H + gg) * N + f, dw0, mask=pmask)
-    tl.store(dw_ptr + (blk * PB + H + gg) * N + s, dw1, mask=pmask)
-
-
-@triton.jit(do_not_specialize=["R"])
-def _norm_bc_bwd(
-    B_ptr, C_ptr, wB_ptr, wC_ptr, dBn_ptr, dCn_ptr, dB_ptr, dC_ptr, dwB_ptr, dwC_ptr,
-    R, G, H, SPLIT, PB, s_B, s_C, eps_B, eps_C,
-    N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr,
-):
-    """NORM with a group's heads split over SPLIT programs: the normalised B's and C's gradient partials
-    (SPLIT, R, G, N) float32 summed and taken back through the norm, as the rotation kernel's epilogue does."""
-    blk = tl.program_id(0).to(tl.int64)
-    gg = tl.program_id(1).to(tl.int64)
-    rows = blk * ROWS + tl.arange(0, ROWS)
-    pair = tl.arange(0, HALF)
-    pmask = pair < N // 2
-    mask = (rows < R)[:, None] & pmask[None, :]
-    f, s = _cols(pair, N, False)
-    _norm_one_bwd(B_ptr, s_B, wB_ptr, dBn_ptr, dB_ptr, dwB_ptr, eps_B, blk, gg, rows, f, s, mask, pmask, R, G, H,
-                  SPLIT, PB, N, HALF, ROWS)
-    _norm_one_bwd(C_ptr, s_C, wC_ptr, dCn_ptr, dC_ptr, dwC_ptr, eps_C, blk, gg, rows, f, s, mask, pmask, R, G, H,
-                  SPLIT, PB, N, HALF, ROWS)
+        norm_finish(B_ptr, s_B, wB_ptr, eps_B, db0, db1, dB_ptr, dBb_ptr, blk, gg, rows, f, s, mask, pmask, G, H, PB,
+                    N)
+        norm_finish(C_ptr, s_C, wC_ptr, eps_C, dc0, dc1, dC_ptr, dCb_ptr, blk, gg, rows, f, s, mask, pmask, G, H, PB,
+                    N)
+    else:  # dB, dC: (SPLIT, R, G, N), the partial of this program's split (SPLIT 1: the gradient itself)
+        store_pair(dB_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, db0, db1, mask)
+        store_pair(dC_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, dc0, dc1, mask)
 
 
 def _split(heads_per_group: int, programs: int) -> int:
@@ -319,7 +238,8 @@ class _RotateBC(torch.autograd.Function):
         grid = (cdiv(R, _FWD_ROWS) * h,)
         _rotate_bc_fwd[grid](B2, C2, Bb, Cb, B_weight if norm else Bb, C_weight if norm else Cb, th, Bt, Ct, cb,
                              R, h, g, a, B2.stride(0), C2.stride(0), *(eps or (0.0, 0.0)), N=n, HALF=_half(n),
-                             ROWS=_FWD_ROWS, INTERLEAVED=interleaved, NORM=norm, num_warps=_FWD_WARPS)
+                             ROWS=_FWD_ROWS, INTERLEAVED=interleaved, NORM=norm,
+                             num_warps=_NORM_FWD_WARPS if norm else _FWD_WARPS)
         ctx.save_for_backward(B, C, B_bias, C_bias, theta, B_weight, C_weight)
         ctx.meta = (interleaved, out_dtype, eps)
         ctx.set_materialize_grads(False)
@@ -356,13 +276,13 @@ class _RotateBC(torch.autograd.Function):
             B2, C2, Bb, Cb, wB, wC, th, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
             dB, dC, dBCb[0], dBCb[1], dtheta, R, h, g, a, split, pb, B2.stride(0), C2.stride(0), *eps_BC, N=n,
             HALF=_half(n), ROWS=_ROWS, INTERLEAVED=interleaved, HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype],
-            STAGES=_STAGES, NORM=norm, FINISH=norm and split == 1, num_warps=_WARPS,
+            STAGES=_STAGES, NORM=norm, FINISH=norm and split == 1, num_warps=_NORM_WARPS if norm else _WARPS,
         )
         if split > 1 and norm:
             dBn, dCn = dB, dC
             dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
             dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
-            _norm_bc_bwd[(nblk, g)](B2, C2, wB, wC, dBn, dCn, dB, dC, dBCb[0], dBCb[1], R, g, h, split, pb,
+            norm_bc_bwd[(nblk, g)](B2, C2, wB, wC, dBn, dCn, dB, dC, dBCb[0], dBCb[1], R, g, h, split, pb,
                                     B2.stride(0), C2.stride(0), *eps_BC, N=n, HALF=_half(n), ROWS=_ROWS,
                                     num_warps=_WARPS)
         elif split > 1:

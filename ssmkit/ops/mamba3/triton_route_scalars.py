@@ -17,7 +17,11 @@ from __future__ import annotations
 import torch
 
 from ssmkit.ops.mamba3.triton_angles import angles_bwd, angles_fwd
-from ssmkit.ops.mamba3.triton_step_sizes import RawScalars, step_weights_bwd, step_weights_fwd
+from ssmkit.ops.mamba3.triton_step_sizes import (
+    RawScalars,
+    step_weights_bwd,
+    step_weights_fwd,
+)
 from ssmkit.ops.ssd.reference import doc_starts
 
 

@@ -128,15 +128,17 @@ def dt_decay_triton(
 @triton.jit
 def _delta_decay(ddt_ptr, dda_ptr, bias_ptr, offs, mask, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah, A_floor,
                  RAW: tl.constexpr, HEAVY_TAIL: tl.constexpr):
-    """Δ, A, and (RAW) softplus's argument and the decay activation f and f' at elements ``offs``: loaded, or
-    (RAW) computed from the projection's dd_dt, dd_A (strided) and dt_bias as ``_dt_decay_fwd`` does."""
+    """Δ, A, and (RAW) softplus's argument and the decay activation f and f' at elements ``offs``: loaded
+    (contiguous), or (RAW) computed from the projection's dd_dt, dd_A (strided) and dt_bias as ``_dt_decay_fwd``
+    does."""
     if RAW:
         raw = _load_blh(ddt_ptr, offs, mask, H, L, s_tb, s_tl, s_th) + tl.load(bias_ptr + offs % H, mask=mask,
                                                                                 other=0.0)
         f, df = _decay_and_slope(_load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah), HEAVY_TAIL)
         return _softplus(raw), tl.minimum(-f, -A_floor), raw, f, df
-    dt = _load_blh(ddt_ptr, offs, mask, H, L, s_tb, s_tl, s_th)
-    return dt, _load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah), dt, dt, dt
+    # Δ and A contiguous float32 (the casts only type this path alike when RAW compiles it away).
+    dt = tl.load(ddt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return dt, tl.load(dda_ptr + offs, mask=mask, other=0.0).to(tl.float32), dt, dt, dt
 
 
 @triton.jit
@@ -156,9 +158,11 @@ def _step_weights_fwd(
     if HAS_DOC:
         keep = keep & (tl.load(starts_ptr + offs // H + 1, mask=keep, other=0) == 0)
     lam_n = tl.sigmoid(_load_blh(trap_ptr, offs + H, keep, H, L, s_b, s_l, s_h))
-    dt_n = _load_blh(dt_ptr, offs + H, keep, H, L, s_tb, s_tl, s_th)
     if RAW:
-        dt_n = _softplus(dt_n + tl.load(bias_ptr + offs % H, mask=keep, other=0.0))
+        dt_n = _softplus(_load_blh(dt_ptr, offs + H, keep, H, L, s_tb, s_tl, s_th)
+                         + tl.load(bias_ptr + offs % H, mask=keep, other=0.0))
+    else:
+        dt_n = tl.load(dt_ptr + offs + H, mask=keep, other=0.0).to(tl.float32)
     nxt = tl.where(keep, (1.0 - lam_n) * dt_n, 0.0)
     tl.store(sdt_ptr + offs, -(dt * a), mask=mask)
     tl.store(w_ptr + offs, lam * dt + nxt, mask=mask)
@@ -217,7 +221,7 @@ class RawScalars(NamedTuple):
 
 def _scalar_args(dt, A, raw: RawScalars | None) -> tuple:
     """The kernels' Δ and A sources: (Δ, A, bias pointer, their strides, A_floor, RAW, HEAVY_TAIL)."""
-    if raw is None:
+    if raw is None:  # the strides unused: Δ and A are contiguous
         return dt, A, dt, *dt.stride(), *A.stride(), 0.0, False, False
     return (raw.dd_dt, raw.dd_A, raw.dt_bias, *raw.dd_dt.stride(), *raw.dd_A.stride(), float(raw.A_floor), True,
             raw.heavy_tail)
