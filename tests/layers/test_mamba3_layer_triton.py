@@ -147,7 +147,7 @@ def check_layer_cache(settings: dict, batch: int) -> None:
         assert_close(t, want_cache.tensors()[name], torch.float32, name=f"cache {name}")
 
 
-@pytest.mark.slow  # about 60 s: five layers' kernels in the interpreter
+@pytest.mark.slow  # about 60 s: seven layers' kernels in the interpreter
 def test_layer_on_the_triton_route_matches_the_reference_in_interpreter():
     run_checks_in_interpreter(__file__, "all")
 
