@@ -77,32 +77,42 @@ def definition(x, dd_dt, dd_A, B, C, trap, angles, *, dt_bias, B_norm_weight, C_
     return (result[0][:, :, 0], result[1]) if kw.get("return_final_state") else result[:, :, 0]
 
 
-def run(fn, proj, params, state, layout, **kw):
+def run(fn, proj, params, state, layout, device="cpu", **kw):
     """out, final state and the gradients of the projection, the parameters and the initial state, of a random
-    weighting of the output, the final state and the angles' cosines."""
-    proj = proj.detach().clone().requires_grad_()
-    params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-    state = None if state is None else Mamba3ScanState(*(t.detach().clone().requires_grad_() for t in state))
+    weighting of the output, the final state and the angles' cosines; computed on ``device``, returned on the CPU."""
+    def leaf(t):
+        return t.detach().to(device).clone().requires_grad_()
+
+    proj = leaf(proj)
+    params = {k: leaf(v) for k, v in params.items()}
+    state = None if state is None else Mamba3ScanState(*(leaf(t) for t in state))
+    if kw.get("seq_idx") is not None:
+        kw["seq_idx"] = kw["seq_idx"].to(device)
     out, final = fn(**split(proj, layout), **params, initial_state=state, B_norm_eps=EPS[0], C_norm_eps=EPS[1],
                     return_final_state=True, chunk_size=16, **kw)
     gen = torch.Generator().manual_seed(1)
-    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum()
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64).to(device)).sum()
                for o in (out, final.ssm, final.last_B, torch.cos(final.angle)))
     loss.backward()
     grads = {"projection": proj.grad} | {k: v.grad for k, v in params.items()}
     if state is not None:
         grads |= {f"initial_state.{f}": t.grad for f, t in zip(Mamba3ScanState._fields, state)}
-    return out, final, grads
+    return (out.cpu(), Mamba3ScanState(*(t.cpu() for t in final)), {k: v.cpu() for k, v in grads.items()})
 
 
 def check(backend, dtype="float32", *, packed=False, initial=False, activation="heavy_tail", interleaved=True,
-          params_dtype="float32", bias_2d=False, unsplit=False, g=2) -> None:
+          params_dtype="float32", bias_2d=False, unsplit=False, g=2, device="cpu", shape=None,
+          angle_rtol=None) -> None:
+    """``backend`` on ``device`` against the definition in float64 on the CPU (``shape``: ``make``'s b, l, h, p, n,
+    a). ``angle_rtol``: the tolerance of the gradients that sum the rotation terms of every later position (the
+    initial angles', dt_bias's and the projection's, which holds dd_dt and the angle logits)."""
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
+    sizes = dict(zip(("b", "l", "h", "p", "n", "a"), shape or ()))
     proj, params, state, layout = make(dtype=dt, initial=initial, params_dtype=getattr(torch, params_dtype),
-                                       bias_2d=bias_2d, g=g)
+                                       bias_2d=bias_2d, g=g, **sizes)
     kw = {"A_floor": 0.1, "decay_activation": activation, "rotary_interleaved": interleaved,
-          "seq_idx": packed_ids(2, proj.shape[1]) if packed else None}
+          "seq_idx": packed_ids(proj.shape[0], proj.shape[1]) if packed else None}
     split_programs = contextlib.nullcontext()
     if unsplit:  # a group's heads in one program of the rotation backward (the interpreter's tiny grids split them)
         from ssmkit.ops.mamba3 import triton_rotary
@@ -110,7 +120,7 @@ def check(backend, dtype="float32", *, packed=False, initial=False, activation="
         split_programs = mock.patch.object(triton_rotary, "_SPLIT_PROGRAMS", 0)
     with split_programs:
         out, final, grads = run(lambda **a: mamba3_scan_from_projection(**a, backend=backend), proj, params, state,
-                                layout, **kw)
+                                layout, device, **kw)
     want, want_final, want_grads = run(definition, proj.double(), {k: v.double() for k, v in params.items()},
                                        None if state is None else Mamba3ScanState(*(t.double() for t in state)),
                                        layout, **kw)
@@ -121,7 +131,8 @@ def check(backend, dtype="float32", *, packed=False, initial=False, activation="
         assert grad is not None, name
         if not name.startswith("initial_state"):  # each input's gradient in its own dtype
             assert grad.dtype == (dt if name == "projection" else getattr(torch, params_dtype)), name
-        assert_close(grad, want_grads[name], dt, name=f"grad {name}")
+        rtol = angle_rtol if name in ("projection", "dt_bias", "initial_state.angle") else None
+        assert_close(grad, want_grads[name], dt, rtol=rtol, name=f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
@@ -152,6 +163,10 @@ def test_bad_arguments_are_refused_clearly():
                                                "C": args["C"][:, :, :1].expand(-1, -1, 3, -1)}), **kw)
     with pytest.raises(TypeError, match="initial_state"):
         mamba3_scan_from_projection(**args, **kw, initial_state=torch.zeros(2))
+    with pytest.raises(TypeError, match="B_bias must be a torch.Tensor"):
+        mamba3_scan_from_projection(**args, **(kw | {"B_bias": [1.0]}))
+    with pytest.raises(ValueError, match="A_floor"):
+        mamba3_scan_from_projection(**args, **(kw | {"A_floor": float("nan")}))
 
 
 # name -> keyword arguments of ``check`` on the triton backend: odd length over several chunks of 16, groups,

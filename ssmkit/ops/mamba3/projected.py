@@ -86,6 +86,8 @@ def mamba3_scan_from_projection(
     """
     dims = _validate(locals())
     check_chunk_size(chunk_size)
+    if isinstance(A_floor, bool) or not isinstance(A_floor, (int, float)) or not A_floor >= 0:
+        raise ValueError(f"A_floor must be a non-negative number, got {A_floor!r}")
     if decay_activation not in DECAY_ACTIVATIONS:
         raise ValueError(f"decay_activation must be one of {DECAY_ACTIVATIONS}, got {decay_activation!r}")
     for name, eps in (("B_norm_eps", B_norm_eps), ("C_norm_eps", C_norm_eps)):
@@ -185,7 +187,8 @@ def _validate(args: dict) -> Dims:
             check_tensor(name, args[name], shape, dims)
     for name in ("B_bias", "C_bias"):
         if args[name] is not None:
-            check_tensor(name, args[name], ("h", "1", "n") if args[name].dim() == 3 else ("h", "n"), dims)
+            rank_one = isinstance(args[name], torch.Tensor) and args[name].dim() == 3
+            check_tensor(name, args[name], ("h", "1", "n") if rank_one else ("h", "n"), dims)
     for name, what in (("b", "batch"), ("l", "length"), ("h", "heads"), ("p", "head dim"), ("g", "groups"),
                        ("n", "state")):
         check_nonempty("x" if name in "blhp" else "B", dims[name], f"{what} ({name})")
