@@ -171,8 +171,9 @@ class Mamba3(nn.Module):
         final state when asked.
 
         Single-input layers hand the in-projection's raw slices to :func:`mamba3_scan_from_projection`, whose
-        SSD route makes Δ, A and the B/C norms inside its kernels (three launches and three autograd nodes fewer
-        each way than :meth:`_project` then ``mamba3_scan``, at sizes where the layer is bound by the host).
+        SSD route makes Δ, A and the B/C norms inside its kernels: at b8 L 2K a forward and backward launch 44
+        kernels and build 28 autograd nodes, against 51 and 34 through :meth:`_project` then ``mamba3_scan``
+        (benchmarks/RESULTS.md), at sizes where the layer is bound by the host. MIMO takes that second way.
         """
         initial_state = None if state is None else Mamba3ScanState(**state.tensors())
         if self.is_mimo or not FOLD_PROJECTION:
