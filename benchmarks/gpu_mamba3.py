@@ -137,8 +137,8 @@ def timing(their_cls: type | None, activation: str, lengths: list[int]) -> list[
 
 
 def warm_layers(their_cls: type | None, activation: str, length: int) -> tuple[torch.Tensor, list[tuple]]:
-    """x (8, length, d_model) and [(name, layer, context factory)] for ssmkit's layer (triton route) and
-    mamba_ssm's, each run three times first (compilation, autotuning)."""
+    """x (8, length, d_model) and [(name, layer, context factory)] for ssmkit's layer (triton route, and that route
+    unfolded) and mamba_ssm's, each run three times first (compilation, autotuning)."""
     ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
     x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     runs = [("ssmkit triton", ours, functools.partial(scan_backend, "triton")), ("ssmkit unfolded", ours, unfolded)]
