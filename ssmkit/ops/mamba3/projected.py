@@ -91,7 +91,7 @@ def mamba3_scan_from_projection(
     if decay_activation not in DECAY_ACTIVATIONS:
         raise ValueError(f"decay_activation must be one of {DECAY_ACTIVATIONS}, got {decay_activation!r}")
     for name, eps in (("B_norm_eps", B_norm_eps), ("C_norm_eps", C_norm_eps)):
-        if not isinstance(eps, (int, float)) or not eps > 0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"{name} must be a positive number, got {eps!r}")
     for name, flag in (("rotary_interleaved", rotary_interleaved), ("return_final_state", return_final_state)):
         if not isinstance(flag, bool):
@@ -118,9 +118,10 @@ def mamba3_scan_from_projection(
         initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state, chunk_size=chunk_size,
         backend=resolved,
     )
+    # Rank 1: (b, l, 1, h, p) -> (b, l, h, p) by a view (a select's backward would be a fill and a copy).
     if return_final_state:
-        return result[0][:, :, 0], result[1]
-    return result[:, :, 0]
+        return result[0].squeeze(2), result[1]
+    return result.squeeze(2)
 
 
 def _rms(v: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
