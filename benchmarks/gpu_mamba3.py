@@ -10,7 +10,9 @@ compiled CUDA scan), so only its pure-Triton Mamba-3 path runs. Both layers get 
 
 Both for ssmkit's default backend (chunked PyTorch) and its ``triton`` route (single-input Mamba-3 through
 the SSD op's Triton kernels, ``ssmkit/ops/mamba3/via_ssd.py``), the layer's scan switched by patching the
-function it calls.
+function it calls; and "ssmkit unfolded", the triton route as before the in-projection's slices were folded into
+its kernels (``mamba3.FOLD_PROJECTION`` off: the B/C norm and Δ/A kernels apart), in the speed table and in
+``--counts`` / ``--profile`` / ``--host-profile``.
 
 ``--upstream`` picks the Mamba-3 compared with: ``release`` (2.3.2.post1 as unpacked; ssmkit's layer with
 ``decay_activation="softplus"``) or ``main`` (that release's module with main's heavy-tail decay activation,
@@ -53,6 +55,7 @@ from mamba_ssm_source import DECAY_ACTIVATION, UPSTREAMS, import_mamba3
 import ssmkit.layers.mamba3 as mamba3_layer
 from ssmkit.layers.mamba3 import Mamba3
 from ssmkit.ops.mamba3 import mamba3_scan
+from ssmkit.ops.mamba3.projected import mamba3_scan_from_projection
 
 BACKENDS = ("chunked", "triton")
 
@@ -61,10 +64,20 @@ BACKENDS = ("chunked", "triton")
 def scan_backend(backend: str):
     """ssmkit's Mamba-3 layers run their scan with ``backend`` inside the block."""
     mamba3_layer.mamba3_scan = functools.partial(mamba3_scan, backend=backend)
+    mamba3_layer.mamba3_scan_from_projection = functools.partial(mamba3_scan_from_projection, backend=backend)
     try:
         yield
     finally:
         mamba3_layer.mamba3_scan = mamba3_scan
+        mamba3_layer.mamba3_scan_from_projection = mamba3_scan_from_projection
+
+
+@contextlib.contextmanager
+def unfolded():
+    """ssmkit's triton route as before the projection was folded in: the B/C norm and Δ/A kernels apart
+    (``Mamba3._project``, then ``mamba3_scan``)."""
+    with scan_backend("triton"), mock.patch.object(mamba3_layer, "FOLD_PROJECTION", False):
+        yield
 
 SHAPES = {"d_model": 768, "d_state": 128, "headdim": 64, "expand": 2}
 
@@ -112,7 +125,7 @@ def timing(their_cls: type | None, activation: str, lengths: list[int]) -> list[
     for length in lengths:
         ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
         x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        runs = [(f"ssmkit {b}", ours, scan_backend(b)) for b in BACKENDS]
+        runs = [(f"ssmkit {b}", ours, scan_backend(b)) for b in BACKENDS] + [("ssmkit unfolded", ours, unfolded())]
         runs += [("mamba_ssm", theirs, None)] if theirs is not None else []
         for name, layer, ctx in runs:
             with ctx or contextlib.nullcontext():
@@ -124,11 +137,11 @@ def timing(their_cls: type | None, activation: str, lengths: list[int]) -> list[
 
 
 def warm_layers(their_cls: type | None, activation: str, length: int) -> tuple[torch.Tensor, list[tuple]]:
-    """x (8, length, d_model) and [(name, layer, context factory)] for ssmkit's layer (triton route) and
-    mamba_ssm's, each run three times first (compilation, autotuning)."""
+    """x (8, length, d_model) and [(name, layer, context factory)] for ssmkit's layer (triton route, and that route
+    unfolded) and mamba_ssm's, each run three times first (compilation, autotuning)."""
     ours, theirs = pair(their_cls, torch.bfloat16, outproj_norm=False, activation=activation)
     x = torch.randn(8, length, SHAPES["d_model"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    runs = [("ssmkit triton", ours, functools.partial(scan_backend, "triton"))]
+    runs = [("ssmkit triton", ours, functools.partial(scan_backend, "triton")), ("ssmkit unfolded", ours, unfolded)]
     runs += [("mamba_ssm", theirs, contextlib.nullcontext)] if theirs is not None else []
     for _, layer, context in runs:
         with context():
@@ -193,10 +206,10 @@ def host_profile(their_cls: type | None, activation: str, length: int, rows: int
 
 @contextlib.contextmanager
 def pytorch_glue():
-    """The Mamba-3 route's scalars in PyTorch and its final state always built (as before the fused kernels)."""
+    """The Mamba-3 route's scalars in PyTorch and its final state always built (as before the fused kernels; the
+    projection not folded in)."""
     import ssmkit.ops.mamba3 as mamba3_ops
-    import ssmkit.ops.mamba3.step_sizes as step_sizes
-    from ssmkit.ops.mamba3 import via_ssd
+    from ssmkit.ops.mamba3 import step_sizes, via_ssd
 
     route = mamba3_ops.mamba3_via_ssd
 
@@ -204,6 +217,7 @@ def pytorch_glue():
         return route(inputs, ssd_backend=ssd_backend, final_state=True)
 
     with mock.patch.object(step_sizes, "_triton", lambda backend, device: False), \
+            mock.patch.object(mamba3_layer, "FOLD_PROJECTION", False), \
             mock.patch.object(via_ssd, "FUSED_SCALARS", False), \
             mock.patch.object(mamba3_ops, "mamba3_via_ssd", always_final):
         yield
@@ -317,6 +331,10 @@ def speed_table(their_cls: type | None, activation: str, lengths: list[int]) -> 
             o = next(r for r in rows if r[0] == length and r[1] == f"ssmkit {backend}")
             vs = "" if t is None else f"; / mamba_ssm: fwd {o[2] / t[2]:.2f}x, fwd+bwd {o[3] / t[3]:.2f}x"
             print(f"L={length}: ssmkit {backend} / chunked: fwd {o[2] / c[2]:.2f}x, fwd+bwd {o[3] / c[3]:.2f}x{vs}")
+        u = next(r for r in rows if r[0] == length and r[1] == "ssmkit unfolded")
+        o = next(r for r in rows if r[0] == length and r[1] == "ssmkit triton")
+        print(f"L={length}: ssmkit triton (projection folded in) / unfolded: fwd {o[2] / u[2]:.2f}x, "
+              f"fwd+bwd {o[3] / u[3]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ Three modes:
     python benchmarks/launch_count.py --layers mamba3 --verbose
     python benchmarks/launch_count.py --layers mamba3 --stub        # at b8 L2048 d_model 768
     python benchmarks/launch_count.py --layers mamba3 --host
+    python benchmarks/launch_count.py --layers mamba3 mamba3-unfolded --stub   # with the route before the fold
+
+``mamba3-unfolded`` is the Mamba-3 layer with ``FOLD_PROJECTION`` off: single input through ``_project`` (the B/C
+norm and Δ/A kernels apart) and ``mamba3_scan``, the route before the projection's slices were folded in.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import triton.runtime.jit as triton_jit
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
 
+import ssmkit.layers.mamba3 as mamba3_layer
 import ssmkit.ops.backend as backend_module
 from ssmkit.layers import Mamba, Mamba2, Mamba3
 
@@ -205,7 +210,7 @@ BENCH = (8, 2048, 768, 128, 64)  # gpu_mamba3.py's Mamba-3 shape
 
 
 def make_layer(name: str, d_model: int, d_state: int, headdim: int) -> torch.nn.Module:
-    if name == "mamba3":
+    if name.startswith("mamba3"):
         return Mamba3(d_model=d_model, d_state=d_state, headdim=headdim, dtype=torch.bfloat16)
     if name == "mamba2":
         return Mamba2(d_model, d_state=d_state, headdim=headdim, dtype=torch.bfloat16)
@@ -214,7 +219,7 @@ def make_layer(name: str, d_model: int, d_state: int, headdim: int) -> torch.nn.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba2", "mamba"),
+    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba3-unfolded", "mamba2", "mamba"),
                         default=["mamba3", "mamba2", "mamba"])
     parser.add_argument("--verbose", action="store_true", help="print every PyTorch op with its shapes")
     parser.add_argument("--stub", action="store_true", help="Triton kernels launched, not run: any shape")
@@ -233,15 +238,19 @@ def main() -> None:
         layer = make_layer(name, d_model, d_state, headdim)
         mode = "kernels stubbed" if _stub[0] else "kernels in the interpreter"
         print(f"{name}, bf16, b{b} L{l} d_model {d_model} N {d_state} headdim {headdim}, {mode}:")
-        if args.host:
-            torch.set_num_threads(1)
-            for _ in range(5):
-                layer(x).sum().backward()
-            fwd, bwd = host_us(layer, x, args.repeats, clock=time.thread_time)
-            print(f"  host CPU time (Triton's launch path excluded): forward {fwd:.0f} us, backward {bwd:.0f} us, "
-                  f"together {fwd + bwd:.0f} us (median of {args.repeats})")
-        else:
-            print_counts(count_step(layer, x, args.verbose))
+        mamba3_layer.FOLD_PROJECTION = name != "mamba3-unfolded"
+        try:
+            if args.host:
+                torch.set_num_threads(1)
+                for _ in range(5):
+                    layer(x).sum().backward()
+                fwd, bwd = host_us(layer, x, args.repeats, clock=time.thread_time)
+                print(f"  host CPU time (Triton's launch path excluded): forward {fwd:.0f} us, backward {bwd:.0f} us,"
+                      f" together {fwd + bwd:.0f} us (median of {args.repeats})")
+            else:
+                print_counts(count_step(layer, x, args.verbose))
+        finally:
+            mamba3_layer.FOLD_PROJECTION = True
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ from mamba_ssm_source import DECAY_ACTIVATION, UPSTREAMS, patch_mamba3_source
 
 import ssmkit.layers.mamba3 as ssmkit_mamba3
 from ssmkit.ops.mamba3 import mamba3_scan
+from ssmkit.ops.mamba3.projected import mamba3_scan_from_projection
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / ".ext").glob("mamba_ssm-*/mamba_ssm"))
@@ -308,7 +309,9 @@ def compare(their_module: types.ModuleType, cfg: Config, activation: str) -> dic
     x = torch.randn(cfg.batch, cfg.length, 64)
 
     runs = {"ssmkit": output_and_grads(ours, x)}
-    with mock.patch.object(ssmkit_mamba3, "mamba3_scan", functools.partial(mamba3_scan, backend="reference")):
+    with mock.patch.object(ssmkit_mamba3, "mamba3_scan", functools.partial(mamba3_scan, backend="reference")), \
+            mock.patch.object(ssmkit_mamba3, "mamba3_scan_from_projection",
+                              functools.partial(mamba3_scan_from_projection, backend="reference")):
         runs["fp64 reference"] = output_and_grads(reference, x.double())
     with cpu_cuda_stubs():
         runs["mamba_ssm"] = output_and_grads(theirs, x)

@@ -26,10 +26,15 @@ from ssmkit.layers.mamba import dt_bias_init
 from ssmkit.layers.norm import RMSNorm, RMSNormGated, no_weight_decay
 from ssmkit.layers.state import LayerState
 from ssmkit.ops.mamba3 import Mamba3ScanState, mamba3_scan, mamba3_step
+from ssmkit.ops.mamba3.projected import mamba3_scan_from_projection
 from ssmkit.ops.mamba3.step_sizes import decay_rate, dt_and_decay
 from ssmkit.ops.norm import gated_rms_norm_fn
 
 __all__ = ["DECAY_ACTIVATIONS", "Mamba3", "Mamba3State", "decay_rate"]
+
+# Single-input layers hand the in-projection's raw slices to mamba3_scan_from_projection (Δ/A and the B/C norms made
+# inside the SSD route's kernels); benchmarks/gpu_mamba3.py switches it off to time the unfolded route beside it.
+FOLD_PROJECTION = True
 
 @dataclasses.dataclass(eq=False)
 class Mamba3State(LayerState):
@@ -152,18 +157,41 @@ class Mamba3(nn.Module):
         if cache is not None and torch.is_grad_enabled():
             # Autograd keeps the initial state for the backward pass; the cache is overwritten below.
             state = cache.clone()
-        z, inputs = self._project(hidden_states)
-        result = mamba3_scan(
-            **inputs, **self._scan_params(z), seq_idx=seq_idx, chunk_size=self.chunk_size,
-            initial_state=None if state is None else Mamba3ScanState(**state.tensors()),
-            return_final_state=cache is not None,
-        )
+        z, result = self._scan(hidden_states, seq_idx, state, return_final_state=cache is not None)
         if cache is not None:
             y, final = result
             cache.copy_(Mamba3State(**{k: v.detach() for k, v in final._asdict().items()}))
         else:
             y = result
         return self.out_proj(self._output(y, z))
+
+    def _scan(self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: Mamba3State | None,
+              return_final_state: bool) -> tuple[torch.Tensor, Any]:
+        """z (b, l, h, p) and the scan's result on u (b, l, H) (its output as :meth:`_output` takes it), with the
+        final state when asked.
+
+        Single-input layers hand the in-projection's raw slices to :func:`mamba3_scan_from_projection`, whose
+        SSD route makes Δ, A and the B/C norms inside its kernels: at b8 L 2K a forward and backward launch 44
+        kernels and build 28 autograd nodes, against 51 and 34 through :meth:`_project` then ``mamba3_scan``
+        (benchmarks/RESULTS.md), at sizes where the layer is bound by the host. MIMO takes that second way.
+        """
+        initial_state = None if state is None else Mamba3ScanState(**state.tensors())
+        if self.is_mimo or not FOLD_PROJECTION:
+            z, inputs = self._project(u)
+            result = mamba3_scan(**inputs, **self._scan_params(z), seq_idx=seq_idx, chunk_size=self.chunk_size,
+                                 initial_state=initial_state, return_final_state=return_final_state)
+            return z, result
+        hp, gn = (self.nheads, self.headdim), (self.ngroups, self.d_state)
+        z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(u).split(self.split_sizes, -1)
+        z = z.unflatten(-1, hp)
+        return z, mamba3_scan_from_projection(
+            x.unflatten(-1, hp), dd_dt, dd_A, B.unflatten(-1, gn), C.unflatten(-1, gn), trap, angles,
+            dt_bias=self.dt_bias, A_floor=self.A_floor, decay_activation=self.decay_activation,
+            B_norm_weight=self.B_norm.weight, C_norm_weight=self.C_norm.weight, B_norm_eps=self.B_norm.eps,
+            C_norm_eps=self.C_norm.eps, D=self.D, z=None if self.is_outproj_norm else z, B_bias=self.B_bias,
+            C_bias=self.C_bias, initial_state=initial_state, seq_idx=seq_idx, return_final_state=return_final_state,
+            chunk_size=self.chunk_size,
+        )
 
     def _step(self, hidden_states: torch.Tensor, state: Mamba3State) -> torch.Tensor:
         """One token: (b, 1, H) -> (b, 1, H), updating ``state`` in place."""
@@ -215,7 +243,7 @@ class Mamba3(nn.Module):
         if not self.is_outproj_norm:
             return y.flatten(-2) if y.dim() == 4 else y.flatten(-3)  # (b, l, 1, h, p): one view, not two
         if not self.is_mimo:
-            return self.norm(y.squeeze(2).flatten(-2), z.flatten(-2))
+            return self.norm((y if y.dim() == 4 else y.squeeze(2)).flatten(-2), z.flatten(-2))
         zr = z[:, :, None] * self.mimo_z.transpose(0, 1).to(z.dtype)
         y = self.norm(y.flatten(-2), zr.flatten(-2)).unflatten(-1, (self.nheads, self.headdim))
         return (y * self.mimo_o.transpose(0, 1).to(y.dtype)).sum(dim=2).flatten(-2)

@@ -120,6 +120,7 @@ def test_triton_route_bfloat16_training_tracks_the_chunked_route(monkeypatch):
 
     import ssmkit.layers.mamba3 as mamba3_layer
     from ssmkit.models import LanguageModel, Mamba3Config, ModelConfig
+    from ssmkit.ops.mamba3.projected import mamba3_scan_from_projection
 
     cfg = ModelConfig(vocab_size=64, d_model=128, n_layer=2, layer_pattern="3",
                       mamba3=Mamba3Config(d_state=32, headdim=32, chunk_size=64))
@@ -130,6 +131,8 @@ def test_triton_route_bfloat16_training_tracks_the_chunked_route(monkeypatch):
     curves = {}
     for backend in ("chunked", "triton"):
         monkeypatch.setattr(mamba3_layer, "mamba3_scan", functools.partial(mamba3_scan, backend=backend))
+        monkeypatch.setattr(mamba3_layer, "mamba3_scan_from_projection",
+                            functools.partial(mamba3_scan_from_projection, backend=backend))
         torch.manual_seed(0)
         model = LanguageModel(cfg).cuda().to(torch.bfloat16)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -1,10 +1,12 @@
-"""The Mamba-3 layer as it runs on a GPU (every op's ``auto`` backend resolved as on CUDA: the norm, Δ/A and the
-SSD route in Triton) in Triton's CPU interpreter, against the same layer and weights in float64 on the sequential
-reference scan: the output and the gradients of the input and of every parameter.
+"""The Mamba-3 layer as it runs on a GPU (every op's ``auto`` backend resolved as on CUDA: the SSD route in Triton,
+single input from the projection's raw slices with Δ/A and the B/C norms inside its kernels, MIMO with the norm and
+Δ/A kernels before the scan) in Triton's CPU interpreter, against the same layer and weights in float64 on the
+sequential reference scan: the output and the gradients of the input, of every parameter and of an initial state.
 
-The layer's own glue is what this checks beyond the ops' tests: B and C normalised by one call and handed to the
-route as row-strided views of its output (read in place by the rotation kernels), the gate read inside the
-in-projection's output, seq_idx, MIMO and the output norm. The interpreter has to be switched on before triton is
+The layer's own glue is what this checks beyond the ops' tests: B, C, dd_dt, dd_A, trap and the angles handed to
+the route as strided views of the projection's output (read in place by the kernels), the gate read inside it,
+seq_idx, an initial state, B's and C's own norm eps, both ways of the rotation backward (a group's heads in one
+program, the norm's backward in its epilogue; or split, with the norm's own kernel), MIMO and the output norm. The interpreter has to be switched on before triton is
 imported, so the cases run in a subprocess (this file as a script).
 """
 
@@ -25,6 +27,7 @@ import ssmkit.layers.mamba3 as mamba3_layer
 import ssmkit.ops.backend as backend_module
 from ssmkit.layers import Mamba3
 from ssmkit.ops.mamba3 import mamba3_scan
+from ssmkit.ops.mamba3.projected import mamba3_scan_from_projection
 from ssmkit.testing import (
     assert_close,
     report_checks,
@@ -36,15 +39,28 @@ if __name__ == "__main__":  # run as a script (in the interpreter's subprocess):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.ops.test_mamba3 import packed_ids
 
-# name -> (dtype, layer settings, packed documents): odd lengths, groups, MIMO (B and C norm weights repeated per
-# rank), the output norm.
+# name -> (dtype, layer settings, packed documents[, extras]): odd lengths, groups, MIMO (B and C norm weights
+# repeated per rank), the output norm. Extras: "initial" (an initial state with gradients), "unsplit" (a group's
+# heads in one program of the rotation backward, which the interpreter's tiny grids otherwise split), "eps" (C's
+# norm eps apart from B's).
 CASES = {
     "siso_fp32": ("float32", {}, False),
     "siso_bf16": ("bfloat16", {}, False),
     "groups_packed_outproj_norm_fp32": ("float32", {"ngroups": 2, "is_outproj_norm": True}, True),
     "mimo_rank2_fp32": ("float32", {"is_mimo": True, "mimo_rank": 2}, False),
+    "siso_initial_unsplit_packed_bf16": ("bfloat16", {"ngroups": 2}, True, ("initial", "unsplit")),
+    "siso_initial_eps_softplus_fp32": ("float32", {"decay_activation": "softplus"}, False, ("initial", "eps")),
 }
 D_MODEL, LENGTH = 32, 37
+
+
+@contextlib.contextmanager
+def reference_scans() -> Iterator[None]:
+    """The layer's scans on the sequential reference backend."""
+    with mock.patch.object(mamba3_layer, "mamba3_scan", functools.partial(mamba3_scan, backend="reference")), \
+            mock.patch.object(mamba3_layer, "mamba3_scan_from_projection",
+                              functools.partial(mamba3_scan_from_projection, backend="reference")):
+        yield
 
 
 @contextlib.contextmanager
@@ -62,28 +78,40 @@ def cuda_choices() -> Iterator[None]:
         yield
 
 
-def check_layer(dtype: str, settings: dict, packed: bool) -> None:
+def check_layer(dtype: str, settings: dict, packed: bool, extras: tuple[str, ...] = ()) -> None:
+    from ssmkit.ops.mamba3 import triton_rotary
+
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     layer = Mamba3(d_model=D_MODEL, d_state=16, headdim=8, chunk_size=16, **settings)
     with torch.no_grad():  # away from the initial values, so that every term matters
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    if "eps" in extras:
+        layer.C_norm.eps = 0.3
     layer = layer.to(dt)
     want_layer = copy.deepcopy(layer).double()  # the same (rounded) weights
     x = torch.randn(2, LENGTH, D_MODEL).to(dt)
     seq_idx = packed_ids(2, LENGTH) if packed else None
     got_x, want_x = x.clone().requires_grad_(), x.double().requires_grad_()
+    got_init = want_init = None
+    if "initial" in extras:
+        init = layer.allocate_state(2)
+        for t in init.tensors().values():
+            t.copy_(torch.randn_like(t))
+        got_init = type(init)(**{k: v.clone().requires_grad_() for k, v in init.tensors().items()})
+        want_init = type(init)(**{k: v.double().requires_grad_() for k, v in init.tensors().items()})
     cot = torch.randn(2, LENGTH, D_MODEL, dtype=torch.float64)
-    with cuda_choices():
-        got = layer(got_x, seq_idx=seq_idx)
+    split = mock.patch.object(triton_rotary, "_SPLIT_PROGRAMS", 0) if "unsplit" in extras else contextlib.nullcontext()
+    with cuda_choices(), split:
+        got = layer(got_x, seq_idx=seq_idx, initial_state=got_init)
         (got.double() * cot).sum().backward()
-    with mock.patch.object(mamba3_layer, "mamba3_scan", functools.partial(mamba3_scan, backend="reference")):
-        want = want_layer(want_x, seq_idx=seq_idx)
+    with reference_scans():
+        want = want_layer(want_x, seq_idx=seq_idx, initial_state=want_init)
         (want * cot).sum().backward()
     assert got.dtype == dt
-    # bf16: the layer rounds to bf16 at each stage (projection, norm, the SSD operands, the output, out_proj),
-    # so it gets twice one bf16 op's tolerance; float32 the table's.
+    # bf16: the layer rounds to bf16 at each stage (projection, the SSD operands, the output, out_proj), so it
+    # gets twice one bf16 op's tolerance; float32 the table's.
     rtol, atol = tolerance(dt)
     tol = {"rtol": 2 * rtol, "atol": 2 * atol} if dt == torch.bfloat16 else {}
     assert_close(got, want, dt, name="out", **tol)
@@ -92,6 +120,9 @@ def check_layer(dtype: str, settings: dict, packed: bool) -> None:
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.dtype == p.dtype, name
         assert_close(p.grad, want_params[name].grad, dt, name=f"grad {name}", **tol)
+    if got_init is not None:
+        for name, t in got_init.tensors().items():
+            assert_close(t.grad, want_init.tensors()[name].grad, dt, name=f"grad initial {name}", **tol)
 
 
 def check_layer_cache(settings: dict, batch: int) -> None:
@@ -107,7 +138,7 @@ def check_layer_cache(settings: dict, batch: int) -> None:
     cache, want_cache = layer.allocate_state(batch), want_layer.allocate_state(batch)
     with cuda_choices():
         got = [layer(x, cache=cache), layer(x[:, :5], cache=cache), layer(x[:, 5:6], cache=cache)]
-    with mock.patch.object(mamba3_layer, "mamba3_scan", functools.partial(mamba3_scan, backend="reference")):
+    with reference_scans():
         want = [want_layer(x.double(), cache=want_cache), want_layer(x[:, :5].double(), cache=want_cache),
                 want_layer(x[:, 5:6].double(), cache=want_cache)]
     for name, a, e in zip(("prefill", "continued prefill", "step"), got, want):
@@ -116,7 +147,7 @@ def check_layer_cache(settings: dict, batch: int) -> None:
         assert_close(t, want_cache.tensors()[name], torch.float32, name=f"cache {name}")
 
 
-@pytest.mark.slow  # about 60 s: five layers' kernels in the interpreter
+@pytest.mark.slow  # about 60 s: seven layers' kernels in the interpreter
 def test_layer_on_the_triton_route_matches_the_reference_in_interpreter():
     run_checks_in_interpreter(__file__, "all")
 

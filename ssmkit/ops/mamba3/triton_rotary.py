@@ -8,6 +8,10 @@ diagonal dot); here it is one kernel forward and one backward, reading B and C o
     B̃_t = R(θ_t) (B_t + B_bias),  C̃_t = R(θ_t) (C_t + C_bias)   (stored in the SSD op's operand dtype)
     cb_t = C̃_t · B̃_t                                          (of the stored, rounded values, float32)
 
+With ``NORM`` (the layer's folded route, ``projected.py``) B and C come raw from the in-projection and each
+group's N entries pass mamba_ssm's RMS norm first, B_t <- B_t / rms(B_t) · w_B (w_C for C), in float32 in
+registers: the norm's own launch and autograd node each way, and its rounded output, are gone.
+
 Layouts (contiguous, except that B's and C's rows may lie at any stride): B, C (b·l, g, n); B_bias, C_bias
 (h, n) float32; theta (b·l, h, a) float32; Bt, Ct (b·l, h, n); cb (b·l, h) float32. Pair i < a is
 (2i, 2i+1) when INTERLEAVED, else (i, i + n/2); pairs past a pass unrotated. Rows are read and written whole (interleaved pairs split and joined in
@@ -16,7 +20,9 @@ registers), never as two stride-2 halves: stride-2 bf16 stores left every sector
 Forward: a program takes ROWS positions of one head, heads varying fastest between programs, so the
 programs of one group that read the same B, C rows run together (L2 hits) and nothing is serial. Backward:
 a program takes ROWS positions of one group and loops over its heads, summing their gradients of B and C in
-registers, and the bias gradients per program.
+registers, and the bias gradients per program. With ``NORM`` its epilogue takes the gradient back through the
+norm (the weights' gradients per program beside the biases'), unless a group's heads are split over programs:
+then a second kernel (``norm_bc_bwd``) sums the splits' partials and does it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,14 @@ import triton
 import triton.language as tl
 
 from ssmkit.ops._host import cdiv, next_power_of_2
+from ssmkit.ops.mamba3.triton_pairs import (
+    load_pair,
+    norm_bc_bwd,
+    norm_finish,
+    normed,
+    pair_cols,
+    store_pair,
+)
 
 # Positions per program, and warps. The forward runs one head a program: many small programs hide the latency.
 # The backward loops over a group's heads, so the loop's loads must be in flight while the previous head
@@ -37,29 +51,12 @@ _FWD_ROWS = 16
 _FWD_WARPS = 4
 _STAGES = 2  # software pipelining of the backward's head loop (the next head's loads in flight)
 _SPLIT_PROGRAMS = 4 * 132  # backward: split a group's heads until about this many programs (a few per SM) run
-
-
-@triton.jit
-def _cols(pair, N: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Columns of the first and second entry of each pair."""
-    first = pair * 2 if INTERLEAVED else pair
-    second = first + 1 if INTERLEAVED else first + N // 2
-    return first, second
-
-
-@triton.jit
-def _load_pair(ptr, rows, stride, f, s, mask):
-    """(rows, pairs) float32 tiles of the first and second entries of each pair."""
-    base = ptr + rows[:, None] * stride
-    return (tl.load(base + f[None, :], mask=mask, other=0.0).to(tl.float32),
-            tl.load(base + s[None, :], mask=mask, other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _store_pair(ptr, rows, stride, f, s, v0, v1, mask):
-    base = ptr + rows[:, None] * stride
-    tl.store(base + f[None, :], v0.to(ptr.dtype.element_ty), mask=mask)
-    tl.store(base + s[None, :], v1.to(ptr.dtype.element_ty), mask=mask)
+# With the norms (NORM) the same tiles at 8 warps: at 4 warps the norm's epilogue took the backward from 168 to 229
+# registers a thread on the device's Triton 3.6 for sm_90 (2 blocks of 4 warps an SM instead of 3); at 8 warps it
+# compiles to 128 (Triton 3.6 and 3.9), the forward to 112 / 123 (161 at 4 warps on 3.9), spills as without the
+# norm (benchmarks/mamba3_registers.py). Not yet timed on a GPU: benchmarks/gpu_mamba3_rotary.py --norm.
+_NORM_WARPS = 8
+_NORM_FWD_WARPS = 8
 
 
 @triton.jit
@@ -106,9 +103,9 @@ def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask, pmask, H
 
 @triton.jit(do_not_specialize=["R"])
 def _rotate_bc_fwd(
-    B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, Bt_ptr, Ct_ptr, cb_ptr,
-    R, H, G, A, s_B, s_C,
-    N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr,
+    B_ptr, C_ptr, Bb_ptr, Cb_ptr, wB_ptr, wC_ptr, theta_ptr, Bt_ptr, Ct_ptr, cb_ptr,
+    R, H, G, A, s_B, s_C, eps_B, eps_C,
+    N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr, NORM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     blk, hh = pid // H, pid % H
@@ -118,9 +115,12 @@ def _rotate_bc_fwd(
     pair = tl.arange(0, HALF)
     pmask = pair < N // 2
     mask = rmask[:, None] & pmask[None, :]
-    f, s = _cols(pair, N, INTERLEAVED)
+    f, s = pair_cols(pair, N, INTERLEAVED)
     b0, b1 = _load_rows(B_ptr + gg * N, rows, s_B, rmask, N, HALF, INTERLEAVED)
     c0, c1 = _load_rows(C_ptr + gg * N, rows, s_C, rmask, N, HALF, INTERLEAVED)
+    if NORM:
+        b0, b1 = normed(b0, b1, wB_ptr, eps_B, f, s, pmask, N)
+        c0, c1 = normed(c0, c1, wC_ptr, eps_C, f, s, pmask, N)
     bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, rows, hh, pair, f, s, mask,
                                                    pmask, H, A, N)
     u0, u1 = b0 + bb0[None, :], b1 + bb1[None, :]
@@ -136,11 +136,11 @@ def _rotate_bc_fwd(
 
 @triton.jit(do_not_specialize=["R"])
 def _rotate_bc_bwd(
-    B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, dBt_ptr, dCt_ptr, dcb_ptr,
+    B_ptr, C_ptr, Bb_ptr, Cb_ptr, wB_ptr, wC_ptr, theta_ptr, dBt_ptr, dCt_ptr, dcb_ptr,
     dB_ptr, dC_ptr, dBb_ptr, dCb_ptr, dtheta_ptr,
-    R, H, G, A, SPLIT, s_B, s_C,
+    R, H, G, A, SPLIT, PB, s_B, s_C, eps_B, eps_C,
     N: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DCB: tl.constexpr,
-    OUT_DTYPE: tl.constexpr, STAGES: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, STAGES: tl.constexpr, NORM: tl.constexpr, FINISH: tl.constexpr,
 ):
     blk = tl.program_id(0).to(tl.int64)
     gg = tl.program_id(1).to(tl.int64)
@@ -149,9 +149,12 @@ def _rotate_bc_bwd(
     pair = tl.arange(0, HALF)
     pmask = pair < N // 2
     mask = (rows < R)[:, None] & pmask[None, :]
-    f, s = _cols(pair, N, INTERLEAVED)
-    b0, b1 = _load_pair(B_ptr + gg * N, rows, s_B, f, s, mask)
-    c0, c1 = _load_pair(C_ptr + gg * N, rows, s_C, f, s, mask)
+    f, s = pair_cols(pair, N, INTERLEAVED)
+    b0, b1 = load_pair(B_ptr + gg * N, rows, s_B, f, s, mask)
+    c0, c1 = load_pair(C_ptr + gg * N, rows, s_C, f, s, mask)
+    if NORM:  # the normalised values (the epilogue loads the raw ones again: fewer registers live in the loop)
+        b0, b1 = normed(b0, b1, wB_ptr, eps_B, f, s, pmask, N)
+        c0, c1 = normed(c0, c1, wC_ptr, eps_C, f, s, pmask, N)
     db0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     db1 = tl.zeros((ROWS, HALF), dtype=tl.float32)
     dc0 = tl.zeros((ROWS, HALF), dtype=tl.float32)
@@ -184,13 +187,18 @@ def _rotate_bc_bwd(
         dc0 += uc0
         dc1 += uc1
         # Bias gradients: this program's rows summed, one partial per program (the caller sums them).
-        tl.store(dBb_ptr + (blk * H + hh) * N + f, tl.sum(ub0, 0), mask=pmask)
-        tl.store(dBb_ptr + (blk * H + hh) * N + s, tl.sum(ub1, 0), mask=pmask)
-        tl.store(dCb_ptr + (blk * H + hh) * N + f, tl.sum(uc0, 0), mask=pmask)
-        tl.store(dCb_ptr + (blk * H + hh) * N + s, tl.sum(uc1, 0), mask=pmask)
-    # dB, dC: (SPLIT, R, G, N), the partial of this program's split (SPLIT 1: the gradient itself).
-    _store_pair(dB_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, db0, db1, mask)
-    _store_pair(dC_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, dc0, dc1, mask)
+        tl.store(dBb_ptr + (blk * PB + hh) * N + f, tl.sum(ub0, 0), mask=pmask)
+        tl.store(dBb_ptr + (blk * PB + hh) * N + s, tl.sum(ub1, 0), mask=pmask)
+        tl.store(dCb_ptr + (blk * PB + hh) * N + f, tl.sum(uc0, 0), mask=pmask)
+        tl.store(dCb_ptr + (blk * PB + hh) * N + s, tl.sum(uc1, 0), mask=pmask)
+    if FINISH:  # NORM with the group's heads in this program: back through the norm here
+        norm_finish(B_ptr, s_B, wB_ptr, eps_B, db0, db1, dB_ptr, dBb_ptr, blk, gg, rows, f, s, mask, pmask, G, H, PB,
+                    N)
+        norm_finish(C_ptr, s_C, wC_ptr, eps_C, dc0, dc1, dC_ptr, dCb_ptr, blk, gg, rows, f, s, mask, pmask, G, H, PB,
+                    N)
+    else:  # dB, dC: (SPLIT, R, G, N), the partial of this program's split (SPLIT 1: the gradient itself)
+        store_pair(dB_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, db0, db1, mask)
+        store_pair(dC_ptr + (sp * R * G + gg) * N, rows, G * N, f, s, dc0, dc1, mask)
 
 
 def _split(heads_per_group: int, programs: int) -> int:
@@ -211,12 +219,13 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 
 class _RotateBC(torch.autograd.Function):
-    """B, C (b, l, [1,] g, n); B_bias, C_bias (h, [1,] n) float32; theta (b, l, h, a) float32 -> Bt, Ct
-    (b, l, h, n), cb (b, l, h). The flattening to the kernels' rows happens in here, not around the node: each
-    reshape or view outside would be an autograd node more, run by the engine every backward."""
+    """B, C (b, l, [1,] g, n); B_bias, C_bias (h, [1,] n) float32; theta (b, l, h, a) float32; with the norm,
+    its weights B_weight, C_weight (n,) and eps (eps_B, eps_C), else None -> Bt, Ct (b, l, h, n), cb (b, l, h).
+    The flattening to the kernels' rows happens in here, not around the node: each reshape or view outside would
+    be an autograd node more, run by the engine every backward."""
 
     @staticmethod
-    def forward(ctx, B, C, B_bias, C_bias, theta, interleaved, out_dtype):
+    def forward(ctx, B, C, B_bias, C_bias, theta, B_weight, C_weight, interleaved, out_dtype, eps):
         b, l, h, a = theta.shape
         g, n = B.shape[-2:]
         R = b * l
@@ -225,18 +234,22 @@ class _RotateBC(torch.autograd.Function):
         Bt = torch.empty(b, l, h, n, device=B.device, dtype=out_dtype)
         Ct = torch.empty_like(Bt)
         cb = torch.empty(b, l, h, device=B.device, dtype=torch.float32)
+        norm = eps is not None
         grid = (cdiv(R, _FWD_ROWS) * h,)
-        _rotate_bc_fwd[grid](B2, C2, Bb, Cb, th, Bt, Ct, cb, R, h, g, a, B2.stride(0), C2.stride(0),
-                             N=n, HALF=_half(n), ROWS=_FWD_ROWS, INTERLEAVED=interleaved, num_warps=_FWD_WARPS)
-        ctx.save_for_backward(B, C, B_bias, C_bias, theta)
-        ctx.meta = (interleaved, out_dtype)
+        _rotate_bc_fwd[grid](B2, C2, Bb, Cb, B_weight if norm else Bb, C_weight if norm else Cb, th, Bt, Ct, cb,
+                             R, h, g, a, B2.stride(0), C2.stride(0), *(eps or (0.0, 0.0)), N=n, HALF=_half(n),
+                             ROWS=_FWD_ROWS, INTERLEAVED=interleaved, NORM=norm,
+                             num_warps=_NORM_FWD_WARPS if norm else _FWD_WARPS)
+        ctx.save_for_backward(B, C, B_bias, C_bias, theta, B_weight, C_weight)
+        ctx.meta = (interleaved, out_dtype, eps)
         ctx.set_materialize_grads(False)
         return Bt, Ct, cb
 
     @staticmethod
     def backward(ctx, dBt, dCt, dcb):
-        B, C, B_bias, C_bias, theta = ctx.saved_tensors
-        interleaved, out_dtype = ctx.meta
+        B, C, B_bias, C_bias, theta, B_weight, C_weight = ctx.saved_tensors
+        interleaved, out_dtype, eps = ctx.meta
+        norm = eps is not None
         b, l, h, a = theta.shape
         g, n = B.shape[-2:]
         R = b * l
@@ -252,19 +265,36 @@ class _RotateBC(torch.autograd.Function):
         else:
             dB = torch.empty(split, *B.shape, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
-        # Both biases' per-program partials in one buffer: one reduction launch for the two.
-        dBCb = torch.empty(2, nblk, h, n, device=B.device, dtype=torch.float32)
+        # Both biases' per-program partials in one buffer, and with the norm its weights' after them (rows h + group
+        # of each block): one reduction launch for all.
+        pb = h + g if norm else h
+        dBCb = torch.empty(2, nblk, pb, n, device=B.device, dtype=torch.float32)
         dtheta = torch.empty_like(theta)
+        wB, wC = (B_weight, C_weight) if norm else (Bb, Cb)
+        eps_BC = eps or (0.0, 0.0)
         _rotate_bc_bwd[(nblk, g, split)](
-            B2, C2, Bb, Cb, th, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
-            dB, dC, dBCb[0], dBCb[1], dtheta, R, h, g, a, split, B2.stride(0), C2.stride(0), N=n, HALF=_half(n),
-            ROWS=_ROWS, INTERLEAVED=interleaved, HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES,
-            num_warps=_WARPS,
+            B2, C2, Bb, Cb, wB, wC, th, dBt, dCt, dBt if dcb is None else dcb.contiguous(),
+            dB, dC, dBCb[0], dBCb[1], dtheta, R, h, g, a, split, pb, B2.stride(0), C2.stride(0), *eps_BC, N=n,
+            HALF=_half(n), ROWS=_ROWS, INTERLEAVED=interleaved, HAS_DCB=dcb is not None, OUT_DTYPE=_TL[out_dtype],
+            STAGES=_STAGES, NORM=norm, FINISH=norm and split == 1, num_warps=_NORM_WARPS if norm else _WARPS,
         )
-        if split > 1:
+        if split > 1 and norm:
+            dBn, dCn = dB, dC
+            dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
+            dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
+            norm_bc_bwd[(nblk, g)](B2, C2, wB, wC, dBn, dCn, dB, dC, dBCb[0], dBCb[1], R, g, h, split, pb,
+                                    B2.stride(0), C2.stride(0), *eps_BC, N=n, HALF=_half(n), ROWS=_ROWS,
+                                    num_warps=_WARPS)
+        elif split > 1:
             dB, dC = dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype)
-        dBb, dCb = dBCb.sum(1)
-        return dB, dC, dBb.view(B_bias.shape), dCb.view(C_bias.shape), dtheta, None, None
+        sums = dBCb.sum(1)  # (2, pb, n)
+        dw = None
+        if norm:
+            dw = sums[:, h:] if g == 1 else sums[:, h:].sum(1, keepdim=True)
+            dw = dw.to(B_weight.dtype)  # one cast for both weights (a no-op for float32 weights)
+        dBb, dCb = sums[:, :h].unbind(0) if norm else sums.unbind(0)
+        return (dB, dC, dBb.view(B_bias.shape), dCb.view(C_bias.shape), dtheta,
+                None if dw is None else dw[0].view(n), None if dw is None else dw[1].view(n), None, None, None)
 
 
 def _rows(v: torch.Tensor) -> torch.Tensor:
@@ -281,15 +311,20 @@ def rotate_bc_triton(
     theta: torch.Tensor,
     interleaved: bool,
     out_dtype: torch.dtype,
+    norm: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head rotated B̃, C̃ (b, l, h, n) in ``out_dtype`` and cb = C̃·B̃ (b, l, h) float32, with gradients.
 
     B, C: (b, l, g, n) or (b, l, 1, g, n), any float dtype but float64 (n even), each row's g·n entries
     contiguous or copied so; B_bias, C_bias: (h, n) or (h, 1, n); theta: (b, l, h, a) float32 with a <= n/2.
-    Gradients reach B, C (in their dtype), the biases and theta.
+    ``norm``: (B_weight, C_weight, eps_B, eps_C), the weights (n,) of the RMS norms B and C pass first (each
+    group's n entries apart), or None. Gradients reach B, C (in their dtype), the biases, theta and the weights.
     """
     n, a = B.shape[-1], theta.shape[3]
     if n % 2 or a > n // 2 or out_dtype not in _TL:
         raise ValueError(f"rotate_bc_triton: n={n} must be even, a={a} <= n/2, out dtype {out_dtype} bf16/fp16/fp32")
+    weights, eps = (None, None), None
+    if norm is not None:
+        weights, eps = (w.contiguous() for w in norm[:2]), (float(norm[2]), float(norm[3]))
     return _RotateBC.apply(B, C, B_bias.float().contiguous(), C_bias.float().contiguous(),
-                           theta.float().contiguous(), interleaved, out_dtype)
+                           theta.float().contiguous(), *weights, interleaved, out_dtype, eps)

@@ -10,13 +10,17 @@ than to run, so these two pairs of kernels exist to cut launches, not bytes (``b
   (``step_sizes.decay_rate``). dd_dt and dd_A may be strided views (slices of the in-projection's output).
 * ``step_weights``: from Δ, A and the trapezoid logits, the SSD route's decay step -ΔA, its input weight
   w_t = λ_t Δ_t + δ_{t+1} and the next share δ_{t+1} = (1 - λ_{t+1}) Δ_{t+1} (0 where t + 1 starts a document
-  or does not exist), λ = sigmoid(trap).
+  or does not exist), λ = sigmoid(trap). With ``RAW`` the kernels make Δ and A themselves from dd_dt, dd_A and
+  dt_bias as ``dt_decay`` does (the layer's folded route, ``projected.py``: one launch and one autograd node
+  fewer each way than ``dt_decay`` then ``step_weights``), and the forward also stores Δ for the angle kernel.
 
 Float32 throughout (float64 inputs take the PyTorch forms); the same operations in the same order as
 ``step_sizes.py``, so the two agree to float32 rounding.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -122,36 +126,62 @@ def dt_decay_triton(
 
 
 @triton.jit
+def _delta_decay(ddt_ptr, dda_ptr, bias_ptr, offs, mask, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah, A_floor,
+                 RAW: tl.constexpr, HEAVY_TAIL: tl.constexpr):
+    """Δ, A, and (RAW) softplus's argument and the decay activation f and f' at elements ``offs``: loaded
+    (contiguous), or (RAW) computed from the projection's dd_dt, dd_A (strided) and dt_bias as ``_dt_decay_fwd``
+    does."""
+    if RAW:
+        raw = _load_blh(ddt_ptr, offs, mask, H, L, s_tb, s_tl, s_th) + tl.load(bias_ptr + offs % H, mask=mask,
+                                                                                other=0.0)
+        f, df = _decay_and_slope(_load_blh(dda_ptr, offs, mask, H, L, s_ab, s_al, s_ah), HEAVY_TAIL)
+        return _softplus(raw), tl.minimum(-f, -A_floor), raw, f, df
+    # Δ and A contiguous float32 (the casts only type this path alike when RAW compiles it away).
+    dt = tl.load(ddt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return dt, tl.load(dda_ptr + offs, mask=mask, other=0.0).to(tl.float32), dt, dt, dt
+
+
+@triton.jit
 def _step_weights_fwd(
-    dt_ptr, a_ptr, trap_ptr, starts_ptr, sdt_ptr, w_ptr, nxt_ptr, n, H, L, s_b, s_l, s_h,
-    HAS_DOC: tl.constexpr, BLOCK: tl.constexpr,
+    dt_ptr, a_ptr, bias_ptr, trap_ptr, starts_ptr, sdt_ptr, w_ptr, nxt_ptr, dt_out_ptr, n, H, L,
+    s_tb, s_tl, s_th, s_ab, s_al, s_ah, s_b, s_l, s_h, A_floor,
+    RAW: tl.constexpr, HEAVY_TAIL: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     t = (offs // H) % L
-    dt = tl.load(dt_ptr + offs, mask=mask, other=0.0)
+    dt, a, _, _, _ = _delta_decay(dt_ptr, a_ptr, bias_ptr, offs, mask, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah,
+                                  A_floor, RAW, HEAVY_TAIL)
     lam = tl.sigmoid(_load_blh(trap_ptr, offs, mask, H, L, s_b, s_l, s_h))
     # The next position's share δ_{t+1} = (1 - λ_{t+1}) Δ_{t+1}, unless t + 1 starts a document or is past the end.
     keep = mask & (t + 1 < L)
     if HAS_DOC:
         keep = keep & (tl.load(starts_ptr + offs // H + 1, mask=keep, other=0) == 0)
     lam_n = tl.sigmoid(_load_blh(trap_ptr, offs + H, keep, H, L, s_b, s_l, s_h))
-    nxt = tl.where(keep, (1.0 - lam_n) * tl.load(dt_ptr + offs + H, mask=keep, other=0.0), 0.0)
-    tl.store(sdt_ptr + offs, -(dt * tl.load(a_ptr + offs, mask=mask, other=0.0)), mask=mask)
+    if RAW:
+        dt_n = _softplus(_load_blh(dt_ptr, offs + H, keep, H, L, s_tb, s_tl, s_th)
+                         + tl.load(bias_ptr + offs % H, mask=keep, other=0.0))
+    else:
+        dt_n = tl.load(dt_ptr + offs + H, mask=keep, other=0.0).to(tl.float32)
+    nxt = tl.where(keep, (1.0 - lam_n) * dt_n, 0.0)
+    tl.store(sdt_ptr + offs, -(dt * a), mask=mask)
     tl.store(w_ptr + offs, lam * dt + nxt, mask=mask)
     tl.store(nxt_ptr + offs, nxt, mask=mask)
+    if RAW:  # Δ for the angle kernel (float32, contiguous)
+        tl.store(dt_out_ptr + offs, dt, mask=mask)
 
 
 @triton.jit
 def _step_weights_bwd(
-    dt_ptr, a_ptr, trap_ptr, starts_ptr, g_sdt_ptr, g_w_ptr, g_nxt_ptr, ddt_in_ptr, ddt_ptr, da_ptr, dtrap_ptr,
-    n, H, L, s_b, s_l, s_h, HAS_DOC: tl.constexpr, NCB: tl.constexpr, BLOCK: tl.constexpr,
+    dt_ptr, a_ptr, bias_ptr, trap_ptr, starts_ptr, g_sdt_ptr, g_w_ptr, g_nxt_ptr, ddt_in_ptr, ddt_ptr, da_ptr,
+    dtrap_ptr, draw_ptr, n, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah, s_b, s_l, s_h, A_floor,
+    RAW: tl.constexpr, HEAVY_TAIL: tl.constexpr, HAS_DOC: tl.constexpr, NCB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     t = (offs // H) % L
-    dt = tl.load(dt_ptr + offs, mask=mask, other=0.0)
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+    dt, a, raw, f, df = _delta_decay(dt_ptr, a_ptr, bias_ptr, offs, mask, H, L, s_tb, s_tl, s_th, s_ab, s_al, s_ah,
+                                     A_floor, RAW, HEAVY_TAIL)
     lam = tl.sigmoid(_load_blh(trap_ptr, offs, mask, H, L, s_b, s_l, s_h))
     g_sdt = tl.load(g_sdt_ptr + offs, mask=mask, other=0.0)
     g_gamma = tl.load(g_w_ptr + offs, mask=mask, other=0.0)
@@ -165,37 +195,80 @@ def _step_weights_bwd(
     # Δ's other use (the rotary angles, triton_route_scalars.py): its NCB partial gradients per element, added here.
     for c in tl.static_range(NCB):
         ddt += tl.load(ddt_in_ptr + offs * NCB + c, mask=mask, other=0.0)
-    tl.store(ddt_ptr + offs, ddt, mask=mask)
-    tl.store(da_ptr + offs, -dt * g_sdt, mask=mask)
+    da = -dt * g_sdt
+    if RAW:
+        # Back through Δ = softplus(dd_dt + dt_bias) and A = clamp(-f(dd_A), max=-A_floor) (torch's clamp passes
+        # the gradient at the bound): float32 for dt_bias's sum, each input's gradient in its own dtype.
+        d_raw = ddt * _softplus_grad(raw)
+        tl.store(draw_ptr + offs, d_raw, mask=mask)
+        ddt = d_raw
+        da = tl.where(-f <= -A_floor, -da * df, 0.0)
+    tl.store(ddt_ptr + offs, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=mask)
     tl.store(dtrap_ptr + offs, dt * (g_gamma - g_delta) * lam * (1.0 - lam), mask=mask)
 
 
-def step_weights_fwd(dt: torch.Tensor, A: torch.Tensor, trap: torch.Tensor, starts: torch.Tensor | None):
-    """Launch the forward: (sdt, w, nxt) (b, l, h) float32 from contiguous float32 dt, A and trap (any strides)."""
-    b, l, h = dt.shape
-    sdt = torch.empty(b, l, h, device=dt.device, dtype=torch.float32)
+class RawScalars(NamedTuple):
+    """Δ and A as the projection gives them (``dt_decay_triton``'s arguments), for the kernels to make:
+    dd_dt, dd_A (b, l, h) any strides and float dtype; dt_bias (h,) float32 contiguous."""
+
+    dd_dt: torch.Tensor
+    dd_A: torch.Tensor
+    dt_bias: torch.Tensor
+    A_floor: float
+    heavy_tail: bool
+
+
+def _scalar_args(dt, A, raw: RawScalars | None) -> tuple:
+    """The kernels' Δ and A sources: (Δ, A, bias pointer, their strides, A_floor, RAW, HEAVY_TAIL)."""
+    if raw is None:  # the strides unused: Δ and A are contiguous
+        return dt, A, dt, *dt.stride(), *A.stride(), 0.0, False, False
+    return (raw.dd_dt, raw.dd_A, raw.dt_bias, *raw.dd_dt.stride(), *raw.dd_A.stride(), float(raw.A_floor), True,
+            raw.heavy_tail)
+
+
+def step_weights_fwd(dt: torch.Tensor | None, A: torch.Tensor | None, trap: torch.Tensor,
+                     starts: torch.Tensor | None, raw: RawScalars | None = None):
+    """Launch the forward: (sdt, w, nxt) (b, l, h) float32 from contiguous float32 dt, A and trap (any strides);
+    with ``raw`` (dt and A None) Δ and A are made from it, and Δ (b, l, h) float32 is returned fourth."""
+    b, l, h = trap.shape
+    sdt = torch.empty(b, l, h, device=trap.device, dtype=torch.float32)
     w, nxt = torch.empty_like(sdt), torch.empty_like(sdt)
+    dt_out = torch.empty_like(sdt) if raw is not None else None
     n = sdt.numel()
+    dt_src, a_src, bias, *strides, A_floor, is_raw, heavy_tail = _scalar_args(dt, A, raw)
     _step_weights_fwd[(cdiv(n, _BLOCK),)](
-        dt, A, trap, dt if starts is None else starts, sdt, w, nxt, n, h, l, *trap.stride(),
-        HAS_DOC=starts is not None, BLOCK=_BLOCK, num_warps=4,
+        dt_src, a_src, bias, trap, sdt if starts is None else starts, sdt, w, nxt, sdt if dt_out is None else dt_out,
+        n, h, l, *strides, *trap.stride(), A_floor, RAW=is_raw, HEAVY_TAIL=heavy_tail, HAS_DOC=starts is not None,
+        BLOCK=_BLOCK, num_warps=4,
     )
-    return sdt, w, nxt
+    return (sdt, w, nxt) if raw is None else (sdt, w, nxt, dt_out)
 
 
-def step_weights_bwd(dt, A, trap, starts, g_sdt, g_w, g_nxt, ddt_in: torch.Tensor | None = None):
+def step_weights_bwd(dt, A, trap, starts, g_sdt, g_w, g_nxt, ddt_in: torch.Tensor | None = None,
+                     raw: RawScalars | None = None):
     """Launch the backward: (ddt, dA, dtrap); ``ddt_in`` (b, l, h, k) float32 partials of Δ's gradient from its
-    other uses, summed into ddt in the kernel."""
-    b, l, h = dt.shape
+    other uses, summed into ddt in the kernel. With ``raw``: (d dd_dt, d dd_A, dtrap, d dt_bias)."""
+    b, l, h = trap.shape
     n = b * l * h
-    ddt, dA = torch.empty_like(dt), torch.empty_like(dt)
-    dtrap = torch.empty(b, l, h, device=dt.device, dtype=trap.dtype)
+    f32 = {"device": trap.device, "dtype": torch.float32}
+    if raw is None:
+        ddt, dA, d_raw = torch.empty(b, l, h, **f32), torch.empty(b, l, h, **f32), None
+    else:
+        ddt = torch.empty(b, l, h, device=trap.device, dtype=raw.dd_dt.dtype)
+        dA = torch.empty(b, l, h, device=trap.device, dtype=raw.dd_A.dtype)
+        d_raw = torch.empty(b, l, h, **f32)
+    dtrap = torch.empty(b, l, h, device=trap.device, dtype=trap.dtype)
+    dt_src, a_src, bias, *strides, A_floor, is_raw, heavy_tail = _scalar_args(dt, A, raw)
     _step_weights_bwd[(cdiv(n, _BLOCK),)](
-        dt, A, trap, dt if starts is None else starts, g_sdt.contiguous(), g_w.contiguous(), g_nxt.contiguous(),
-        dt if ddt_in is None else ddt_in, ddt, dA, dtrap, n, h, l, *trap.stride(), HAS_DOC=starts is not None,
+        dt_src, a_src, bias, trap, dtrap if starts is None else starts, g_sdt.contiguous(), g_w.contiguous(),
+        g_nxt.contiguous(), dtrap if ddt_in is None else ddt_in, ddt, dA, dtrap, ddt if d_raw is None else d_raw,
+        n, h, l, *strides, *trap.stride(), A_floor, RAW=is_raw, HEAVY_TAIL=heavy_tail, HAS_DOC=starts is not None,
         NCB=0 if ddt_in is None else ddt_in.shape[-1], BLOCK=_BLOCK, num_warps=4,
     )
-    return ddt, dA, dtrap
+    if raw is None:
+        return ddt, dA, dtrap
+    return ddt, dA, dtrap, d_raw.sum((0, 1))  # float32 (the caller casts to dt_bias's dtype)
 
 
 class _StepWeights(torch.autograd.Function):
