@@ -1,0 +1,245 @@
+"""Time-wise kernels of the Triton selective scan (launched by ``triton.py``; chosen by ``ScanConfig.timewise``).
+
+Laid out as mamba_ssm's CUDA kernel: a program owns ``BD`` channels (one or two) of one group of one batch
+row and walks the sequence in long tiles of ``T`` steps (512 .. 2048) spread over all of its threads, each
+thread a run of consecutive steps (Triton's default layout for a (BD, T) tile loaded along time). Per tile
+the per-channel work is done once (loads of u and delta, bias, softplus, Δu) and the program then LOOPS
+OVER THE STATE INDEX n: rows B_n, C_n of the tile (loaded straight into the tile's layout, one state ahead
+of their turn), the pairs (exp(Δ A_n), Δ u B_n), one associative scan along time (in-thread runs, warp
+shuffles, one shared-memory step across warps) from the state carried in from the previous tile, and
+``y += C_n h`` in each thread's own registers: no sum across lanes per element, and only one state
+index's worth of tiles is live at a time (registers low, occupancy high).
+
+The math, the scan operators and the padding rule (Δ = 0 past ``l``: a = 1, x = 0, so the last column of
+a tile is the state to carry) are those of ``triton_kernels.py``. A state crosses tiles through the
+checkpoint tensor (b, d, l / T + 1, n), written once per tile and state: at T = 2048 it is 1/128 the size
+of a float32 u (mamba_ssm keeps the same). A barrier ends every tile, after which the next tile reads the
+states its program's threads stored.
+
+The backward walks the tiles in reverse and, per tile and n, recomputes the states from the checkpoint,
+runs the reverse adjoint scan (the (S, Q, F) triples of ``triton_kernels.py``, no shift of ``a``) from the
+adjoint carried in from the later tile, accumulates the sums over n of du and dΔ in registers, writes the
+tile's dA share per (channel, n) (summed over tiles by the caller) and adds dB, dC per (n, t) with atomics
+(the block's channels summed first). The adjoint carry a_{t+1} g_{t+1} crosses tiles through a
+(b, d, l / T + 1, n) scratch tensor (one slot per tile boundary: a slot is written once, read by the next
+tile only, so threads never race).
+"""
+
+import triton
+import triton.language as tl
+
+from ssmkit.ops.selective_scan.triton_kernels import _LOG2E, _adjoint_combine, _states, _steps
+
+
+@triton.jit
+def _rows(B_b, C_b, n, t_B, t_C, s_Bn, s_Cn, mt, more):
+    """Rows n of B and C over the tile as (BD, T) tiles in the input dtype (nothing read where the (BD,)
+    ``more`` is false)."""
+    m = mt & more[:, None]
+    return tl.load(B_b + n * s_Bn + t_B, mask=m, other=0.0), tl.load(C_b + n * s_Cn + t_C, mask=m, other=0.0)
+
+
+@triton.jit
+def _tw_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
+    out_ptr, ypre_ptr, ckpt_ptr,
+    d_model, dg, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr,
+):
+    """Grid (cdiv(dg, BLOCK_D), g, b). Writes out (b, d, l), the ungated y (same layout as out) when HAS_Z,
+    and ckpt (b, d, cdiv(l, T) + 1, N) in ACC: the state before each tile, then the last state."""
+    pid_d = tl.program_id(0)
+    grp = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < dg
+    offs_d = grp * dg + offs_c
+    offs_t = tl.arange(0, T)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
+    out_b, ypre_b = out_ptr + pid_b * s_ob, ypre_ptr + pid_b * s_ob
+    B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
+    seq_b = seq_ptr + pid_b * s_sb
+    n_tiles = tl.cdiv(L, T)
+    ckpt_d = ckpt_ptr + (pid_b * d_model + offs_d) * ((n_tiles + 1) * N)
+    A_d = A_ptr + offs_d * N
+    for n in range(N):
+        if HAS_H0:
+            h0 = tl.load(h0_ptr + (pid_b * d_model + offs_d) * N + n, mask=mask_d, other=0.0).to(ACC)
+        else:
+            h0 = tl.zeros((BLOCK_D,), dtype=ACC)
+        tl.store(ckpt_d + n, h0, mask=mask_d)
+    tl.debug_barrier()
+    for c in range(n_tiles):
+        t = c * T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        # B and C rows as (BD, T) tiles (each row repeated over the channels): loaded straight into the
+        # tiles' layout, where a (T,) row would need a layout change for every n.
+        mt = (offs_c >= 0)[:, None] & mask_t[None, :]
+        t_B, t_C = offs_c[:, None] * 0 + t[None, :] * s_Bl, offs_c[:, None] * 0 + t[None, :] * s_Cl
+        u, _raw, dt, starts = _steps(
+            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
+            HAS_SEQ, SOFTPLUS, ACC,
+        )
+        du = dt * u
+        y = tl.zeros((BLOCK_D, T), dtype=ACC)
+        # State n's inputs are loaded during state n - 1's scan ("next_*").
+        next_B, next_C = _rows(B_b, C_b, 0, t_B, t_C, s_Bn, s_Cn, mt, offs_c >= 0)
+        next_h = tl.load(ckpt_d + c * N, mask=mask_d, other=0.0)
+        next_A = tl.load(A_d, mask=mask_d, other=0.0)
+        for n in range(N):
+            B_n, C_n, h_prev, A2_n = next_B.to(ACC), next_C.to(ACC), next_h, next_A.to(ACC) * _LOG2E
+            # (BD,) rather than a scalar: the interpreter wants boolean tensors in masks.
+            more = offs_c * 0 + n + 1 < N
+            next_B, next_C = _rows(B_b, C_b, n + 1, t_B, t_C, s_Bn, s_Cn, mt, more)
+            next_h = tl.load(ckpt_d + c * N + n + 1, mask=mask_d & more, other=0.0)
+            next_A = tl.load(A_d + n + 1, mask=mask_d & more, other=0.0)
+            hs, _a, _x = _states(dt, du, A2_n, B_n, h_prev, starts, HAS_SEQ)
+            y += hs * C_n
+            # The last column (a sum picks it: a masked store of the tile would change its layout first).
+            h_last = tl.sum(tl.where(offs_t[None, :] == T - 1, hs, 0.0), axis=1)
+            tl.store(ckpt_d + (c + 1) * N + n, h_last, mask=mask_d)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            tl.store(ypre_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(ypre_ptr.dtype.element_ty), mask=m2)
+            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+        # The next tile reads the states stored above by other threads.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _tw_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, ckpt_ptr, ypre_ptr, dout_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh_ptr,
+    d_model, dg, L, N,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_gb, s_gd, s_gl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
+    s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr,
+):
+    """Grid as the forward. ``dh`` (b, d, cdiv(l, T) + 1, N): slot k holds the adjoint carried into tile
+    k - 1 (a_{t+1} g_{t+1} at its last step); the last slot is d(last state) on entry, slot 0 d(initial
+    state) on exit. ``dA`` (b, d, cdiv(l, T), N) gets each tile's dA share. Writes du, ddelta, dz (b, d, l),
+    dD and d(delta_bias) per row (b, d); adds dB, dC (b, g, N, l) (zeroed by the caller) with atomics."""
+    pid_d = tl.program_id(0)
+    grp = tl.program_id(1)
+    n_groups = tl.num_programs(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < dg
+    offs_d = grp * dg + offs_c
+    offs_t = tl.arange(0, T)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
+    ypre_b, dout_b = ypre_ptr + pid_b * s_yb, dout_ptr + pid_b * s_gb
+    du_b, ddelta_b, dz_b = du_ptr + pid_b * s_dub, ddelta_ptr + pid_b * s_ddb, dz_ptr + pid_b * s_dzb
+    B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
+    C_b = C_ptr + pid_b * s_Cb + grp * s_Cg
+    seq_b = seq_ptr + pid_b * s_sb
+    # dB, dC buffers are contiguous (b, g, N, l).
+    dBC_b = (pid_b * n_groups + grp) * N * L
+    n_tiles = tl.cdiv(L, T)
+    row = pid_b * d_model + offs_d
+    ckpt_d = ckpt_ptr + row * ((n_tiles + 1) * N)
+    dh_d = dh_ptr + row * ((n_tiles + 1) * N)
+    dA_d = dA_ptr + row * (n_tiles * N)
+    A_d = A_ptr + offs_d * N
+    ones = tl.full((BLOCK_D, T), 1.0, ACC)
+    for i in range(n_tiles):
+        c = n_tiles - 1 - i
+        t = c * T + offs_t
+        mask_t = t < L
+        m2 = mask_d[:, None] & mask_t[None, :]
+        mt = (offs_c >= 0)[:, None] & mask_t[None, :]
+        t_B, t_C = offs_c[:, None] * 0 + t[None, :] * s_Bl, offs_c[:, None] * 0 + t[None, :] * s_Cl
+        u, raw, dt, starts = _steps(
+            u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
+            HAS_SEQ, SOFTPLUS, ACC,
+        )
+        du = dt * u
+        dy = tl.load(dout_b + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=m2, other=0.0).to(ACC)
+        if HAS_Z:
+            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
+            y = tl.load(ypre_b + offs_d[:, None] * s_yd + t[None, :] * s_yl, mask=m2, other=0.0).to(ACC)
+            sig = tl.sigmoid(zt)
+            # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+            dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
+            tl.store(dz_b + offs_d[:, None] * s_dzd + t[None, :] * s_dzl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = dy * zt * sig
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=1)
+        if SOFTPLUS:
+            # dΔ/d(delta + bias), taken now so that ``raw`` is dead during the state loop.
+            dsp = tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+        # Σ_n B_n g_n and Σ_n A_n q_n, the sums over the state of du and dΔ.
+        v = tl.zeros((BLOCK_D, T), dtype=ACC)
+        aq = tl.zeros((BLOCK_D, T), dtype=ACC)
+        # State n's inputs are loaded during state n - 1's scans ("next_*").
+        next_B, next_C = _rows(B_b, C_b, 0, t_B, t_C, s_Bn, s_Cn, mt, offs_c >= 0)
+        next_h = tl.load(ckpt_d + c * N, mask=mask_d, other=0.0)
+        next_g = tl.load(dh_d + (c + 1) * N, mask=mask_d, other=0.0)
+        next_A = tl.load(A_d, mask=mask_d, other=0.0)
+        for n in range(N):
+            B_n, C_n, h_prev, carry, A_n = next_B.to(ACC), next_C.to(ACC), next_h, next_g, next_A.to(ACC)
+            # (BD,) rather than a scalar: the interpreter wants boolean tensors in masks.
+            more = offs_c * 0 + n + 1 < N
+            next_B, next_C = _rows(B_b, C_b, n + 1, t_B, t_C, s_Bn, s_Cn, mt, more)
+            next_h = tl.load(ckpt_d + c * N + n + 1, mask=mask_d & more, other=0.0)
+            next_g = tl.load(dh_d + (c + 1) * N + n + 1, mask=mask_d & more, other=0.0)
+            next_A = tl.load(A_d + n + 1, mask=mask_d & more, other=0.0)
+            hs, a, x = _states(dt, du, A_n * _LOG2E, B_n, h_prev, starts, HAS_SEQ)
+            dBC = dBC_b + n * L + t
+            # dC first: the states are then only needed as a_t h_{t-1} = h_t - x_t (0 where a document
+            # starts, there h_t = x_t exactly).
+            tl.atomic_add(dC_ptr + dBC, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
+            ah = hs - x
+            s_acc, q_acc, _f = tl.associative_scan(
+                (dy * C_n, ones, a), axis=1, combine_fn=_adjoint_combine, reverse=True,
+            )
+            gs = tl.where(q_acc == 0.0, s_acc, s_acc + q_acc * carry[:, None])
+            tl.store(dh_d + c * N + n, tl.sum(tl.where(offs_t[None, :] == 0, a * gs, 0.0), axis=1), mask=mask_d)
+            tl.atomic_add(dB_ptr + dBC, tl.sum(du * gs, axis=0), mask=mask_t, sem="relaxed")
+            v += B_n * gs
+            q = gs * ah
+            aq += A_n[:, None] * q
+            tl.store(dA_d + c * N + n, tl.sum(dt * q, axis=1), mask=mask_d)
+        ddu = dt * v
+        if HAS_D:
+            ddu += Dv[:, None] * dy
+        tl.store(du_b + offs_d[:, None] * s_dud + t[None, :] * s_dul, ddu.to(du_ptr.dtype.element_ty), mask=m2)
+        ddt = u * v + aq
+        if SOFTPLUS:
+            ddt = ddt * dsp
+        ddt = tl.where(m2, ddt, 0.0)
+        tl.store(ddelta_b + offs_d[:, None] * s_ddd + t[None, :] * s_ddl, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=1)
+        # The next (earlier) tile reads the adjoint carries stored above by other threads.
+        tl.debug_barrier()
+    if HAS_D:
+        tl.store(dD_ptr + row, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + row, dbias_acc, mask=mask_d)
