@@ -128,7 +128,7 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
         kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
         warps, last_arg = _fused_warps(cfg.fwd_warps, block_d, n), (last,)
     elif cfg.timewise:
-        kernel, shape, warps, last_arg = _tw_fwd_kernel, {}, cfg.fwd_warps, ()
+        kernel, shape, warps, last_arg = _tw_fwd_kernel, {"EVEN_T": l % cfg.chunk == 0}, cfg.fwd_warps, ()
     else:
         kernel, shape, warps, last_arg = _selective_scan_fwd_kernel, {}, cfg.fwd_warps, ()
     kernel[grid](
@@ -175,7 +175,7 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         dh = u.new_empty(b, d, n_chunks + 1, n, dtype=acc)
         dh[:, :, -1] = dlast
         dA = u.new_empty(b, d, n_chunks, n, dtype=acc)
-        kernel, shape, slot, warps = _tw_bwd_kernel, {}, (), cfg.bwd_warps
+        kernel, shape, slot, warps = _tw_bwd_kernel, {"EVEN_T": l % cfg.chunk == 0}, (), cfg.bwd_warps
     else:
         dh = u.new_empty(2, b, d, n, dtype=acc)
         dh[0] = dlast

@@ -28,7 +28,49 @@ tile only, so threads never race).
 import triton
 import triton.language as tl
 
-from ssmkit.ops.selective_scan.triton_kernels import _LOG2E, _adjoint_combine, _states, _steps
+from ssmkit.ops.selective_scan.triton_kernels import _LOG2E, _scan_combine, _softplus, _steps
+
+
+@triton.jit
+def _tile_states(dt, du, A2_n, B_n, h_prev, first, starts, HAS_SEQ: tl.constexpr):
+    """States h_t (BD, T) of one state index over a tile from the (BD,) state before it.
+    The carried state enters as part of the first step's input (x_0 + a_0 h_prev), so that the scan's
+    cumulative decays are dead once it ends (registers); where a_0 = 0 (a document starts) it is dropped
+    outright, so that inf/NaN of the previous document cannot leak in."""
+    a = tl.exp2(dt * A2_n[:, None])
+    if HAS_SEQ:
+        a = tl.where(starts[None, :], 0.0, a)
+    x = du * B_n
+    x = tl.where(first & (a != 0.0), x + a * h_prev[:, None], x)
+    _acum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_scan_combine)
+    return hs
+
+
+@triton.jit
+def _next_steps(delta_b, seq_b, bias, offs_d, mask_d, t, s_dd, s_dl, s_sl, L,
+                HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
+    """Δ_{t+1} (BD, T) of every step t of a tile (0 past ``L``, where a = 1) and whether a document starts
+    at t + 1: the decay a_{t+1} of the adjoint g_t = c_t + a_{t+1} g_{t+1} without shifting a tile."""
+    mask_n = (t + 1) < L
+    raw = tl.load(delta_b + offs_d[:, None] * s_dd + (t + 1)[None, :] * s_dl,
+                  mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(ACC) + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_n[None, :], dt, 0.0)
+    if HAS_SEQ:
+        cur = tl.load(seq_b + t * s_sl, mask=mask_n, other=0)
+        nxt = tl.load(seq_b + (t + 1) * s_sl, mask=mask_n, other=0)
+        starts = mask_n & (cur != nxt)
+    else:
+        starts = t < 0
+    return dt, starts
+
+
+@triton.jit
+def _sum2(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
 
 
 @triton.jit
@@ -48,7 +90,7 @@ def _tw_fwd_kernel(
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Grid (cdiv(dg, BLOCK_D), g, b). Writes out (b, d, l), the ungated y (same layout as out) when HAS_Z,
     and ckpt (b, d, cdiv(l, T) + 1, N) in ACC: the state before each tile, then the last state."""
@@ -73,6 +115,7 @@ def _tw_fwd_kernel(
     n_tiles = tl.cdiv(L, T)
     ckpt_d = ckpt_ptr + (pid_b * d_model + offs_d) * ((n_tiles + 1) * N)
     A_d = A_ptr + offs_d * N
+    first = offs_t[None, :] == 0
     for n in range(N):
         if HAS_H0:
             h0 = tl.load(h0_ptr + (pid_b * d_model + offs_d) * N + n, mask=mask_d, other=0.0).to(ACC)
@@ -82,7 +125,11 @@ def _tw_fwd_kernel(
     tl.debug_barrier()
     for c in range(n_tiles):
         t = c * T + offs_t
-        mask_t = t < L
+        if EVEN_T:
+            # Every tile is whole: masks along time are constants, nothing to keep in registers.
+            mask_t = tl.full((T,), 1, tl.int1)
+        else:
+            mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
         # B and C rows as (BD, T) tiles (each row repeated over the channels): loaded straight into the
         # tiles' layout, where a (T,) row would need a layout change for every n.
@@ -105,7 +152,7 @@ def _tw_fwd_kernel(
             next_B, next_C = _rows(B_b, C_b, n + 1, t_B, t_C, s_Bn, s_Cn, mt, more)
             next_h = tl.load(ckpt_d + c * N + n + 1, mask=mask_d & more, other=0.0)
             next_A = tl.load(A_d + n + 1, mask=mask_d & more, other=0.0)
-            hs, _a, _x = _states(dt, du, A2_n, B_n, h_prev, starts, HAS_SEQ)
+            hs = _tile_states(dt, du, A2_n, B_n, h_prev, first, starts, HAS_SEQ)
             y += hs * C_n
             # The last column (a sum picks it: a masked store of the tile would change its layout first).
             h_last = tl.sum(tl.where(offs_t[None, :] == T - 1, hs, 0.0), axis=1)
@@ -131,7 +178,7 @@ def _tw_bwd_kernel(
     s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     """Grid as the forward. ``dh`` (b, d, cdiv(l, T) + 1, N): slot k holds the adjoint carried into tile
     k - 1 (a_{t+1} g_{t+1} at its last step); the last slot is d(last state) on entry, slot 0 d(initial
@@ -167,15 +214,19 @@ def _tw_bwd_kernel(
     dh_d = dh_ptr + row * ((n_tiles + 1) * N)
     dA_d = dA_ptr + row * (n_tiles * N)
     A_d = A_ptr + offs_d * N
-    ones = tl.full((BLOCK_D, T), 1.0, ACC)
+    first, last = offs_t[None, :] == 0, offs_t[None, :] == T - 1
     for i in range(n_tiles):
         c = n_tiles - 1 - i
         t = c * T + offs_t
-        mask_t = t < L
+        if EVEN_T:
+            # Every tile is whole: masks along time are constants, nothing to keep in registers.
+            mask_t = tl.full((T,), 1, tl.int1)
+        else:
+            mask_t = t < L
         m2 = mask_d[:, None] & mask_t[None, :]
         mt = (offs_c >= 0)[:, None] & mask_t[None, :]
         t_B, t_C = offs_c[:, None] * 0 + t[None, :] * s_Bl, offs_c[:, None] * 0 + t[None, :] * s_Cl
-        u, raw, dt, starts = _steps(
+        u, _raw, dt, starts = _steps(
             u_b, delta_b, seq_b, bias, offs_d, mask_d, t, mask_t, s_ud, s_ul, s_dd, s_dl, s_sl,
             HAS_SEQ, SOFTPLUS, ACC,
         )
@@ -191,9 +242,14 @@ def _tw_bwd_kernel(
             dy = dy * zt * sig
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
-        if SOFTPLUS:
-            # dΔ/d(delta + bias), taken now so that ``raw`` is dead during the state loop.
-            dsp = tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
+        dt_next, starts_next = _next_steps(
+            delta_b, seq_b, bias, offs_d, mask_d, t, s_dd, s_dl, s_sl, L, HAS_SEQ, SOFTPLUS, ACC
+        )
+        # Δ at the tile's first step and 0 where a document starts there (then nothing is carried back).
+        dt_0, keep_0 = tl.reduce(
+            (tl.where(first, dt, 0.0), tl.where(first & ~starts[None, :] & mask_d[:, None], 1.0, 0.0)), axis=1,
+            combine_fn=_sum2,
+        )
         # Σ_n B_n g_n and Σ_n A_n q_n, the sums over the state of du and dΔ.
         v = tl.zeros((BLOCK_D, T), dtype=ACC)
         aq = tl.zeros((BLOCK_D, T), dtype=ACC)
@@ -210,29 +266,41 @@ def _tw_bwd_kernel(
             next_h = tl.load(ckpt_d + c * N + n + 1, mask=mask_d & more, other=0.0)
             next_g = tl.load(dh_d + (c + 1) * N + n + 1, mask=mask_d & more, other=0.0)
             next_A = tl.load(A_d + n + 1, mask=mask_d & more, other=0.0)
-            hs, a, x = _states(dt, du, A_n * _LOG2E, B_n, h_prev, starts, HAS_SEQ)
+            hs = _tile_states(dt, du, A_n * _LOG2E, B_n, h_prev, first, starts, HAS_SEQ)
             dBC = dBC_b + n * L + t
             # dC first: the states are then only needed as a_t h_{t-1} = h_t - x_t (0 where a document
             # starts, there h_t = x_t exactly).
             tl.atomic_add(dC_ptr + dBC, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
-            ah = hs - x
-            s_acc, q_acc, _f = tl.associative_scan(
-                (dy * C_n, ones, a), axis=1, combine_fn=_adjoint_combine, reverse=True,
-            )
-            gs = tl.where(q_acc == 0.0, s_acc, s_acc + q_acc * carry[:, None])
-            tl.store(dh_d + c * N + n, tl.sum(tl.where(offs_t[None, :] == 0, a * gs, 0.0), axis=1), mask=mask_d)
+            ah = hs - du * B_n
+            # g_t = c_t + a_{t+1} g_{t+1}: the affine pairs (a_{t+1}, c_t), scanned from the end. The adjoint
+            # carried in from the later tile (a_T g_T) enters as part of the last step's c, as the state
+            # does in the forward scan. (Two operands where the (S, Q, F) triples of the chunk kernels have
+            # three: a reverse scan moves each operand across the lanes twice.)
+            a_next = tl.exp2(dt_next * A_n[:, None] * _LOG2E)
+            if HAS_SEQ:
+                a_next = tl.where(starts_next, 0.0, a_next)
+            c_n = dy * C_n
+            c_n = tl.where(last, c_n + carry[:, None], c_n)
+            _prod, gs = tl.associative_scan((a_next, c_n), axis=1, combine_fn=_scan_combine, reverse=True)
             tl.atomic_add(dB_ptr + dBC, tl.sum(du * gs, axis=0), mask=mask_t, sem="relaxed")
             v += B_n * gs
             q = gs * ah
             aq += A_n[:, None] * q
-            tl.store(dA_d + c * N + n, tl.sum(dt * q, axis=1), mask=mask_d)
+            # The adjoint to carry into the earlier tile, a_0 g_0 (none past a document start there), and
+            # the tile's dA share, in one reduction.
+            g_0, dA_n = tl.reduce((tl.where(first, gs, 0.0), dt * q), axis=1, combine_fn=_sum2)
+            tl.store(dh_d + c * N + n, tl.where(keep_0 != 0.0, tl.exp2(dt_0 * A_n * _LOG2E) * g_0, 0.0), mask=mask_d)
+            tl.store(dA_d + c * N + n, dA_n, mask=mask_d)
         ddu = dt * v
         if HAS_D:
             ddu += Dv[:, None] * dy
         tl.store(du_b + offs_d[:, None] * s_dud + t[None, :] * s_dul, ddu.to(du_ptr.dtype.element_ty), mask=m2)
+        # u and delta + bias read again (cache hits) rather than kept in registers through the state loop.
+        u = tl.load(u_b + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m2, other=0.0).to(ACC)
         ddt = u * v + aq
         if SOFTPLUS:
-            ddt = ddt * dsp
+            raw = tl.load(delta_b + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m2, other=0.0).to(ACC) + bias[:, None]
+            ddt = ddt * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
         ddt = tl.where(m2, ddt, 0.0)
         tl.store(ddelta_b + offs_d[:, None] * s_ddd + t[None, :] * s_ddl, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         if HAS_BIAS:
