@@ -21,7 +21,10 @@ from sm90_resources import compile_sm90, resource_usage
 
 from ssmkit.ops.selective_scan import triton as scan_triton
 from ssmkit.ops.selective_scan.triton_fused import _fused_bwd_kernel, _fused_fwd_kernel
-from ssmkit.ops.selective_scan.triton_kernels import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel
+from ssmkit.ops.selective_scan.triton_kernels import (
+    _selective_scan_bwd_kernel,
+    _selective_scan_fwd_kernel,
+)
 from ssmkit.ops.selective_scan.triton_timewise import _tw_bwd_kernel, _tw_fwd_kernel
 
 N = 16

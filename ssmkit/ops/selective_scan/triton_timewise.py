@@ -28,7 +28,12 @@ tile only, so threads never race).
 import triton
 import triton.language as tl
 
-from ssmkit.ops.selective_scan.triton_kernels import _LOG2E, _scan_combine, _softplus, _steps
+from ssmkit.ops.selective_scan.triton_kernels import (
+    _LOG2E,
+    _scan_combine,
+    _softplus,
+    _steps,
+)
 
 
 @triton.jit
