@@ -71,13 +71,15 @@ class ScanConfig:
 # the chunk-128 kernels); for a forward alone the chunk-128 kernels (4.8 ms against 6.6).
 TRAINING_CONFIG = ScanConfig(16, 2, 1, 2, 1, fused_states=True, fwd_chunk=32)
 DEFAULT_CONFIG = ScanConfig()
-# Time-wise launch shapes for the sweep (benchmarks/gpu_selective_scan.py): tile length, channels and warps
-# of a program. A thread holds chunk / (32 warps) consecutive steps of each channel: 8 or 16 here (a bf16
-# load of 8 steps is one 16-byte vector).
+# Time-wise launch shapes for the sweep (benchmarks/gpu_selective_scan.py), named tw{chunk}_f{channels}x{warps}
+# _b{channels}x{warps} (forward, backward). A thread holds chunk / (32 warps) consecutive steps of a channel:
+# 8 in these forwards (one 16-byte bf16 vector; 91-101 registers on sm_90), 2 to 8 in the backwards (157-226
+# registers; benchmarks/scan_registers.py).
 TIMEWISE_CANDIDATES = {
-    f"tw{chunk}_d{block_d}_w{warps}": ScanConfig(chunk, block_d, warps, block_d, warps, timewise=True)
-    for chunk, block_d, warps in (
-        (2048, 1, 8), (2048, 1, 4), (1024, 1, 4), (1024, 2, 4), (512, 1, 2), (512, 2, 4), (1024, 1, 8),
+    f"tw{chunk}_f{fd}x{fw}_b{bd}x{bw}": ScanConfig(chunk, fd, fw, bd, bw, timewise=True)
+    for chunk, fd, fw, bd, bw in (
+        (2048, 1, 8, 1, 8), (1024, 1, 4, 1, 4), (1024, 1, 4, 1, 8), (512, 1, 2, 1, 4), (512, 1, 2, 1, 8),
+        (512, 2, 4, 2, 8), (256, 1, 1, 1, 2),
     )
 }
 
@@ -128,7 +130,7 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
         kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
         warps, last_arg = _fused_warps(cfg.fwd_warps, block_d, n), (last,)
     elif cfg.timewise:
-        kernel, shape, warps, last_arg = _tw_fwd_kernel, {"EVEN_T": l % cfg.chunk == 0}, cfg.fwd_warps, ()
+        kernel, shape, warps, last_arg = _tw_fwd_kernel, {}, cfg.fwd_warps, ()
     else:
         kernel, shape, warps, last_arg = _selective_scan_fwd_kernel, {}, cfg.fwd_warps, ()
     kernel[grid](
