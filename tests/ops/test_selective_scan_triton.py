@@ -183,6 +183,11 @@ def test_scan_config_rejects_forward_tiles_off_the_checkpoints():
     with pytest.raises(ValueError, match="fused_states"):
         ScanConfig(chunk=16, fwd_chunk=32)
     assert ScanConfig(chunk=16, fused_states=True, fwd_chunk=64).fwd_chunk == 64
+    with pytest.raises(ValueError, match="set one"):
+        ScanConfig(chunk=16, fused_states=True, timewise=True)
+    with pytest.raises(ValueError, match="power of two"):
+        ScanConfig(chunk=96, timewise=True)
+    assert ScanConfig(chunk=1024, timewise=True).timewise
 
 
 def _run_all() -> dict[str, str]:
