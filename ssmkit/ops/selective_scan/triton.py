@@ -177,7 +177,10 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         dh = u.new_empty(b, d, n_chunks + 1, n, dtype=acc)
         dh[:, :, -1] = dlast
         dA = u.new_empty(b, d, n_chunks, n, dtype=acc)
-        kernel, shape, slot, warps = _tw_bwd_kernel, {"EVEN_T": l % cfg.chunk == 0}, (), cfg.bwd_warps
+        # Runs of 8 steps a thread (one bf16 vector): the adjoint walks them by hand (see the kernel).
+        runs_of_8 = cfg.chunk >= 8 and cfg.chunk * block_d == 256 * cfg.bwd_warps
+        kernel, slot, warps = _tw_bwd_kernel, (), cfg.bwd_warps
+        shape = {"EVEN_T": l % cfg.chunk == 0, "RUNS_OF_8": runs_of_8}
     else:
         dh = u.new_empty(2, b, d, n, dtype=acc)
         dh[0] = dlast
