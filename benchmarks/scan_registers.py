@@ -6,8 +6,9 @@
 For each launch config (the time-wise ``TIMEWISE_CANDIDATES``, ``TRAINING_CONFIG``, ``DEFAULT_CONFIG``):
 registers per thread and spilled stack bytes (``cuobjdump --dump-resource-usage`` of the cubin) of the
 forward and backward kernels at the benchmark's call (bf16 u/delta/z/B/C, float32 A/D/bias, N 16, softplus,
-D, z, bias; no documents or initial states), and warps an SM can hold (65,536 registers). Compile-time facts,
-not timings: the timings are ``gpu_selective_scan.py --sweep`` on the device.
+D, z, bias; no documents or initial states), warps an SM can hold (65,536 registers) and the warp shuffles in
+the PTX (``shfl.sync``; a reverse scan across lanes costs Triton 3.6 five per operand register, 3.9 one).
+Compile-time facts, not timings: the timings are ``gpu_selective_scan.py --sweep`` on the device.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ def row(name: str, cfg: scan_triton.ScanConfig, docs: bool) -> str:
         (fwd, fshape, cfg.fwd_block_d, cfg.fwd_chunk or cfg.chunk, fwd_warps, False),
         (bwd, bshape, cfg.bwd_block_d, cfg.chunk, bwd_warps, True),
     ):
-        regs, spilled = resource_usage(compile_one(fn, shape, block_d, tile, warps, backward, docs))
+        kernel = compile_one(fn, shape, block_d, tile, warps, backward, docs)
+        regs, spilled = resource_usage(kernel)
         per_sm = min(64, 65536 // (max(regs, 1) * 32 * warps) * warps)
-        cells.append(f"{tile:>5} {block_d:>3} {warps:>2} {regs:>4} {spilled:>5} {per_sm:>3}")
+        shuffles = len(re.findall(r"shfl\.sync", kernel.asm["ptx"]))
+        cells.append(f"{tile:>5} {block_d:>3} {warps:>2} {regs:>4} {spilled:>5} {per_sm:>4} {shuffles:>4}")
     return f"{name:<16} | " + " | ".join(cells)
 
 
@@ -95,8 +98,8 @@ def main() -> None:
     configs = {**scan_triton.TIMEWISE_CANDIDATES, "training": scan_triton.TRAINING_CONFIG,
                "default": scan_triton.DEFAULT_CONFIG}
     print(f"Triton {triton.__version__}, sm_90, bf16, N {N}{', seq_idx + h0' if args.docs else ''}")
-    head = f"{'tile':>5} {'bd':>3} {'w':>2} {'regs':>4} {'spill':>5} {'w/SM':>3}"
-    print(f"{'config':<16} | forward: {head[9:]:<20} | backward:")
+    head = f"{'tile':>5} {'bd':>3} {'w':>2} {'regs':>4} {'spill':>5} {'w/SM':>4} {'shfl':>4}"
+    print(f"{'config':<16} | {'forward':<{len(head)}} | backward")
     print(f"{'':<16} | {head} | {head}")
     for name, cfg in configs.items():
         print(row(name, cfg, args.docs), flush=True)
