@@ -1,28 +1,29 @@
 """Time-wise kernels of the Triton selective scan (launched by ``triton.py``; chosen by ``ScanConfig.timewise``).
 
 Laid out as mamba_ssm's CUDA kernel: a program owns ``BD`` channels (one or two) of one group of one batch
-row and walks the sequence in long tiles of ``T`` steps (512 .. 2048) spread over all of its threads, each
-thread a run of consecutive steps (Triton's default layout for a (BD, T) tile loaded along time). Per tile
-the per-channel work is done once (loads of u and delta, bias, softplus, Δu) and the program then LOOPS
-OVER THE STATE INDEX n: rows B_n, C_n of the tile (loaded straight into the tile's layout, one state ahead
-of their turn), the pairs (exp(Δ A_n), Δ u B_n), one associative scan along time (in-thread runs, warp
-shuffles, one shared-memory step across warps) from the state carried in from the previous tile, and
-``y += C_n h`` in each thread's own registers: no sum across lanes per element, and only one state
-index's worth of tiles is live at a time (registers low, occupancy high).
+row and walks the sequence in long tiles of ``T`` steps (256 .. 2048) spread over all of its threads, each
+thread a run of consecutive steps (Triton's layout for a (BD, T) tile loaded along time; 8 steps, one bf16
+vector, in the candidate launches). Per tile the per-channel work is done once (loads of u and delta, bias,
+softplus, Δu); then the program LOOPS OVER THE STATE INDEX n: rows B_n, C_n of the tile (loaded straight
+into the tile's layout, one state ahead of their turn), the pairs (exp(Δ A_n), Δ u B_n), one associative
+scan along time (in-thread runs, warp shuffles, a shared-memory step across warps) with the state carried
+in from the previous tile entering the first step, and ``y += C_n h`` in each thread's own registers: no
+sum across lanes per element, one state index's tiles live at a time.
 
-The math, the scan operators and the padding rule (Δ = 0 past ``l``: a = 1, x = 0, so the last column of
-a tile is the state to carry) are those of ``triton_kernels.py``. A state crosses tiles through the
-checkpoint tensor (b, d, l / T + 1, n), written once per tile and state: at T = 2048 it is 1/128 the size
-of a float32 u (mamba_ssm keeps the same). A barrier ends every tile, after which the next tile reads the
-states its program's threads stored.
+Math, scan operator and padding rule (Δ = 0 past ``l``: a = 1, x = 0, so a tile's last column is the state
+to carry) are those of ``triton_kernels.py``. A state crosses tiles through the checkpoint tensor
+(b, d, l / T + 1, n), written once per tile and state (at T = 2048, 1/128 of a float32 u, as mamba_ssm's);
+a barrier ends every tile, after which the next one reads what its program's threads stored.
 
-The backward walks the tiles in reverse and, per tile and n, recomputes the states from the checkpoint,
-runs the reverse adjoint scan (the (S, Q, F) triples of ``triton_kernels.py``, no shift of ``a``) from the
+The backward walks the tiles in reverse; per tile and n it recomputes the states from the checkpoint, solves
+the adjoint g_t = c_t + a_{t+1} g_{t+1} (c_t = C_t dy_t; a_{t+1} from Δ read one step ahead) from the
 adjoint carried in from the later tile, accumulates the sums over n of du and dΔ in registers, writes the
 tile's dA share per (channel, n) (summed over tiles by the caller) and adds dB, dC per (n, t) with atomics
-(the block's channels summed first). The adjoint carry a_{t+1} g_{t+1} crosses tiles through a
-(b, d, l / T + 1, n) scratch tensor (one slot per tile boundary: a slot is written once, read by the next
-tile only, so threads never race).
+(the block's channels summed first). The adjoint is a reverse scan, which Triton 3.6 lowers by moving every
+operand and result register across the lanes (five shuffles each); where threads hold runs of 8 steps
+(``RUNS_OF_8``) each thread walks its run back by hand instead and one reverse scan carries a single value
+a thread across the threads. The carry a_0 g_0 crosses tiles through a (b, d, l / T + 1, n) scratch
+tensor, one slot per tile boundary, written once and read by the next tile only (no races).
 """
 
 import triton
