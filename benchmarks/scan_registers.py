@@ -51,7 +51,7 @@ def compile_one(fn, shape: dict, block_d: int, tile: int, warps: int, backward: 
     the tiles get one step a thread (no vector loads, the scan across lanes for every step)."""
     flags = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "HAS_SEQ": docs, "SOFTPLUS": True, "ACC": tl.float32,
              "BLOCK_D": block_d, "T": tile, **shape}
-    if not backward:
+    if "HAS_H0" in fn.arg_names:
         flags["HAS_H0"] = docs
     flags.update({arg: 1 for arg in fn.arg_names if arg in UNIT_STRIDES})
     signature, attrs = {}, {}

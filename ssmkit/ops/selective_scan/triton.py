@@ -126,21 +126,25 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     block_d = _block_d(dg, cfg.fwd_block_d)
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
+    # The initial state as the kernels take it: a pointer and a flag, or (time-wise) in the first checkpoint.
+    state_in, shape = (dummy if h0 is None else h0,), {"HAS_H0": h0 is not None}
     if cfg.fused_states:
-        kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
+        kernel = _fused_fwd_kernel
+        shape |= {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
         warps, last_arg = _fused_warps(cfg.fwd_warps, block_d, n), (last,)
     elif cfg.timewise:
-        kernel, shape, warps, last_arg = _tw_fwd_kernel, {}, cfg.fwd_warps, ()
+        ckpt[:, :, 0] = 0.0 if h0 is None else h0
+        kernel, warps, last_arg, state_in, shape = _tw_fwd_kernel, cfg.fwd_warps, (), (), {}
     else:
-        kernel, shape, warps, last_arg = _selective_scan_fwd_kernel, {}, cfg.fwd_warps, ()
+        kernel, warps, last_arg = _selective_scan_fwd_kernel, cfg.fwd_warps, ()
     kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
-        dummy if bias is None else bias, dummy if h0 is None else h0, dummy if seq_idx is None else seq_idx,
+        dummy if bias is None else bias, *state_in, dummy if seq_idx is None else seq_idx,
         out, dummy if ypre is None else ypre, ckpt, *last_arg,
         d, dg, l, n,
         *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
         BLOCK_D=block_d, T=cfg.fwd_chunk or cfg.chunk, num_warps=warps, **shape,
     )

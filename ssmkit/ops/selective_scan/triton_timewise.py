@@ -163,17 +163,19 @@ def _rows(B_b, C_b, n, t_B, t_C, s_Bn, s_Cn, mt, more):
 
 @triton.jit
 def _tw_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     out_ptr, ypre_ptr, ckpt_ptr,
     d_model, dg, L, N,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, T: tl.constexpr,
 ):
     """Grid (cdiv(dg, BLOCK_D), g, b). Writes out (b, d, l), the ungated y (same layout as out) when HAS_Z,
-    and ckpt (b, d, cdiv(l, T) + 1, N) in ACC: the state before each tile, then the last state."""
+    and ckpt (b, d, cdiv(l, T) + 1, N) in ACC: the state before each tile, then the last state. Its first
+    slot holds the initial state (or 0) on entry, written by the caller: loaded and stored in the kernel,
+    it cost 34 registers a thread more (T 1024, 4 warps, sm_90)."""
     pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -196,13 +198,6 @@ def _tw_fwd_kernel(
     ckpt_d = ckpt_ptr + (pid_b * d_model + offs_d) * ((n_tiles + 1) * N)
     A_d = A_ptr + offs_d * N
     first = offs_t[None, :] == 0
-    for n in range(N):
-        if HAS_H0:
-            h0 = tl.load(h0_ptr + (pid_b * d_model + offs_d) * N + n, mask=mask_d, other=0.0).to(ACC)
-        else:
-            h0 = tl.zeros((BLOCK_D,), dtype=ACC)
-        tl.store(ckpt_d + n, h0, mask=mask_d)
-    tl.debug_barrier()
     for c in range(n_tiles):
         t = c * T + offs_t
         mask_t = t < L
