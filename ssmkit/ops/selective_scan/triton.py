@@ -73,8 +73,8 @@ TRAINING_CONFIG = ScanConfig(16, 2, 1, 2, 1, fused_states=True, fwd_chunk=32)
 DEFAULT_CONFIG = ScanConfig()
 # Time-wise launch shapes for the sweep (benchmarks/gpu_selective_scan.py), named tw{chunk}_f{channels}x{warps}
 # _b{channels}x{warps} (forward, backward). A thread holds chunk x channels / (32 warps) steps: 8 in these
-# forwards (one 16-byte bf16 vector; 72-123 registers on sm_90) and in most backwards (the adjoint then walks
-# runs of 8 by hand; 216-232 registers), 4 in the others (157-175; benchmarks/scan_registers.py).
+# forwards (one 16-byte bf16 vector; 77-122 registers on sm_90, Triton 3.6) and in most backwards (the
+# adjoint then walks runs of 8 by hand; 216-232 registers), 4 in the others (158-175; scan_registers.py).
 TIMEWISE_CANDIDATES = {
     f"tw{chunk}_f{fd}x{fw}_b{bd}x{bw}": ScanConfig(chunk, fd, fw, bd, bw, timewise=True)
     for chunk, fd, fw, bd, bw in (
