@@ -226,7 +226,7 @@ def sweep(names: list[str], lengths: tuple[int, ...], fused: bool) -> None:
     print("\nTriton launch configs (ms; mamba_ssm CUDA on H100 at L 8192, quoted: fwd 2.7, fwd+bwd 12.4).")
     print(f"'vs fp32': largest relative error of out and the gradients against DEFAULT_CONFIG on float32 inputs;"
           f" above {SWEEP_TOLERANCE:g} the config is not timed.")
-    print(f"{'L':>5} {'config':<14} {'chunk':>5} {'fwd tile':>8} {'fwd bd/w':>8} {'bwd bd/w':>8} {'kind':>8} "
+    print(f"{'L':>5} {'config':<16} {'chunk':>5} {'fwd tile':>8} {'fwd bd/w':>8} {'bwd bd/w':>8} {'kind':>8} "
           f"{'vs fp32':>8} {'fwd':>8} {'fwd+bwd':>8} {'bwd':>8}")
     start = time.perf_counter()
     for l in lengths:
@@ -234,7 +234,7 @@ def sweep(names: list[str], lengths: tuple[int, ...], fused: bool) -> None:
         ref = outputs_and_grads({k: v.float() for k, v in x.items()}, DEFAULT_CONFIG)
         for name, cfg in configs.items():
             kind = "timewise" if cfg.timewise else "fused" if cfg.fused_states else "tiles"
-            head = f"{l:>5} {name:<14} {cfg.chunk:>5} {cfg.fwd_chunk or cfg.chunk:>8} " \
+            head = f"{l:>5} {name:<16} {cfg.chunk:>5} {cfg.fwd_chunk or cfg.chunk:>8} " \
                    f"{f'{cfg.fwd_block_d}/{cfg.fwd_warps}':>8} {f'{cfg.bwd_block_d}/{cfg.bwd_warps}':>8} {kind:>8}"
             try:
                 results = outputs_and_grads(x, cfg)
