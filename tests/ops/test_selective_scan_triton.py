@@ -40,6 +40,7 @@ CASES = {
     # Tiles of 128 steps: the time-wise backward's two-channel programs walk the adjoint in runs of 8 steps
     # (its GPU launch shape); documents and the tile boundaries fall inside runs.
     "fp32_runs_of_8_all_options": (1, 4, 3, 301, 2, torch.float32, 128, {"extras", "init", "packed"}),
+    "fp32_runs_of_8_nan_stops_at_document_start": (1, 2, 3, 140, None, torch.float32, 128, {"extras", "nan"}),
 }
 
 

@@ -39,7 +39,7 @@ from ssmkit.ops.selective_scan.triton_kernels import (
 
 @triton.jit
 def _tile_states(dt, du, A2_n, B_n, h_prev, first, starts, HAS_SEQ: tl.constexpr):
-    """States h_t (BD, T) of one state index over a tile from the (BD,) state before it.
+    """States h_t (BD, T) of one state index over a tile from the (BD,) state before it, and a = exp(Δ A_n).
     The carried state enters as part of the first step's input (x_0 + a_0 h_prev), so that the scan's
     cumulative decays are dead once it ends (registers); where a_0 = 0 (a document starts) it is dropped
     outright, so that inf/NaN of the previous document cannot leak in."""
@@ -49,7 +49,7 @@ def _tile_states(dt, du, A2_n, B_n, h_prev, first, starts, HAS_SEQ: tl.constexpr
     x = du * B_n
     x = tl.where(first & (a != 0.0), x + a * h_prev[:, None], x)
     _acum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_scan_combine)
-    return hs
+    return hs, a
 
 
 @triton.jit
@@ -104,16 +104,16 @@ def _step_back(a, c, x_later, p_later):
 
 
 @triton.jit
-def _with_tail(x, p, g_in):
-    # A step's g from its suffix in the run (x, p) and g at the start of the next run.
-    return tl.where(p == 0.0, x, x + p * g_in)
+def _with_tail(x, p, w_next):
+    # A step's g from its suffix in the run (x, p) and w of the next run.
+    return tl.where(p == 0.0, x, x + p * w_next)
 
 
 @triton.jit
 def _tail_combine(fa_late, fx_late, ta_late, tx_late, fa_early, fx_early, ta_early, tx_early):
     # Reverse scan over the threads' runs (the accumulated later segment first). (fa, fx): the affine map
     # of a whole segment; (ta, tx): of the segment without its first run, whose value is what the first
-    # run's thread needs from the threads after it.
+    # run's thread needs from the threads after it (the identity for a single run).
     return (
         fa_early * fa_late, tl.where(fa_early == 0.0, fx_early, fx_early + fa_early * fx_late),
         ta_early * fa_late, tl.where(ta_early == 0.0, tx_early, tx_early + ta_early * fx_late),
@@ -121,30 +121,32 @@ def _tail_combine(fa_late, fx_late, ta_late, tx_late, fa_early, fx_early, ta_ear
 
 
 @triton.jit
-def _adjoint_runs_of_8(a_next, c):
+def _adjoint_runs_of_8(a, c):
     """g_t = c_t + a_{t+1} g_{t+1} over a (BD, T) tile whose threads hold runs of 8 consecutive steps
-    (``a_next`` holds a_{t+1}; g past the tile is 0). The same as a reverse associative scan, which Triton
-    3.6 lowers by moving every operand and result register across the lanes with five shuffles each
-    (three tiles: 120 shuffles a thread at 8 steps): here each thread walks its run back by hand, one
-    reverse scan moves one value a thread (and its tail) across the threads, and each step adds it in."""
-    a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a_next)
+    (g past the tile is 0). The same as a reverse associative scan, which Triton 3.6 lowers by moving
+    every operand and result register across the lanes with five shuffles each (120 shuffles a thread at
+    8 steps): here each thread walks its run back by hand, with its own a_1 .. a_7, and one reverse scan
+    over the runs carries w = a_0 g_0 of the next run (its first step's decay included) to each thread."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a)
     c0, c1, c2, c3, c4, c5, c6, c7 = _split8(c)
-    x7, p7 = c7, a7
-    x6, p6 = _step_back(a6, c6, x7, p7)
-    x5, p5 = _step_back(a5, c5, x6, p6)
-    x4, p4 = _step_back(a4, c4, x5, p5)
-    x3, p3 = _step_back(a3, c3, x4, p4)
-    x2, p2 = _step_back(a2, c2, x3, p3)
-    x1, p1 = _step_back(a1, c1, x2, p2)
-    x0, p0 = _step_back(a0, c0, x1, p1)
-    # g at the start of the next thread's run: the tail of the reverse scan over the runs (0 for the last).
-    _fa, _fx, _ta, g_in = tl.associative_scan(
-        (p0, x0, tl.full(p0.shape, 1.0, p0.dtype), tl.zeros(p0.shape, p0.dtype)), axis=1,
+    x7, p7 = c7, tl.full(c7.shape, 1.0, c7.dtype)
+    x6, p6 = _step_back(a7, c6, x7, p7)
+    x5, p5 = _step_back(a6, c5, x6, p6)
+    x4, p4 = _step_back(a5, c4, x5, p5)
+    x3, p3 = _step_back(a4, c3, x4, p4)
+    x2, p2 = _step_back(a3, c2, x3, p3)
+    x1, p1 = _step_back(a2, c1, x2, p2)
+    x0, p0 = _step_back(a1, c0, x1, p1)
+    # A run maps the next run's w to its own: w = a_0 (x_0 + p_0 w_next) (0 where a document starts).
+    run_x = tl.where(a0 == 0.0, 0.0, a0 * x0)
+    _fa, _fx, _ta, w_next = tl.associative_scan(
+        (a0 * p0, run_x, tl.full(p0.shape, 1.0, p0.dtype), tl.zeros(p0.shape, p0.dtype)), axis=1,
         combine_fn=_tail_combine, reverse=True,
     )
     return _join8(
-        _with_tail(x0, p0, g_in), _with_tail(x1, p1, g_in), _with_tail(x2, p2, g_in), _with_tail(x3, p3, g_in),
-        _with_tail(x4, p4, g_in), _with_tail(x5, p5, g_in), _with_tail(x6, p6, g_in), _with_tail(x7, p7, g_in),
+        _with_tail(x0, p0, w_next), _with_tail(x1, p1, w_next), _with_tail(x2, p2, w_next),
+        _with_tail(x3, p3, w_next), _with_tail(x4, p4, w_next), _with_tail(x5, p5, w_next),
+        _with_tail(x6, p6, w_next), _with_tail(x7, p7, w_next),
     )
 
 
@@ -223,7 +225,7 @@ def _tw_fwd_kernel(
             next_B, next_C = _rows(B_b, C_b, n + 1, t_B, t_C, s_Bn, s_Cn, mt, more)
             next_h = tl.load(ckpt_d + c * N + n + 1, mask=mask_d & more, other=0.0)
             next_A = tl.load(A_d + n + 1, mask=mask_d & more, other=0.0)
-            hs = _tile_states(dt, du, A2_n, B_n, h_prev, first, starts, HAS_SEQ)
+            hs, _a = _tile_states(dt, du, A2_n, B_n, h_prev, first, starts, HAS_SEQ)
             y += hs * C_n
             # The last column (a sum picks it: a masked store of the tile would change its layout first).
             h_last = tl.sum(tl.where(offs_t[None, :] == T - 1, hs, 0.0), axis=1)
@@ -314,14 +316,10 @@ def _tw_bwd_kernel(
             dy = dy * zt * sig
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
-        dt_next, starts_next = _next_steps(
-            delta_b, seq_b, bias, offs_d, mask_d, t, s_dd, s_dl, s_sl, L, HAS_SEQ, SOFTPLUS, ACC
-        )
-        # Δ at the tile's first step and 0 where a document starts there (then nothing is carried back).
-        dt_0, keep_0 = tl.reduce(
-            (tl.where(first, dt, 0.0), tl.where(first & ~starts[None, :] & mask_d[:, None], 1.0, 0.0)), axis=1,
-            combine_fn=_sum2,
-        )
+        if not RUNS_OF_8:
+            dt_next, starts_next = _next_steps(
+                delta_b, seq_b, bias, offs_d, mask_d, t, s_dd, s_dl, s_sl, L, HAS_SEQ, SOFTPLUS, ACC
+            )
         # Σ_n B_n g_n and Σ_n A_n q_n, the sums over the state of du and dΔ.
         v = tl.zeros((BLOCK_D, T), dtype=ACC)
         aq = tl.zeros((BLOCK_D, T), dtype=ACC)
@@ -338,24 +336,24 @@ def _tw_bwd_kernel(
             next_h = tl.load(ckpt_d + c * N + n + 1, mask=mask_d & more, other=0.0)
             next_g = tl.load(dh_d + (c + 1) * N + n + 1, mask=mask_d & more, other=0.0)
             next_A = tl.load(A_d + n + 1, mask=mask_d & more, other=0.0)
-            hs = _tile_states(dt, du, A_n * _LOG2E, B_n, h_prev, first, starts, HAS_SEQ)
+            hs, a = _tile_states(dt, du, A_n * _LOG2E, B_n, h_prev, first, starts, HAS_SEQ)
             dBC = dBC_b + n * L + t
             # dC first: the states are then only needed as a_t h_{t-1} = h_t - x_t (0 where a document
             # starts, there h_t = x_t exactly).
             tl.atomic_add(dC_ptr + dBC, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
             ah = hs - du * B_n
-            # g_t = c_t + a_{t+1} g_{t+1}: the affine pairs (a_{t+1}, c_t), scanned from the end. The adjoint
-            # carried in from the later tile (a_T g_T) enters as part of the last step's c, as the state
-            # does in the forward scan. (Two operands where the (S, Q, F) triples of the chunk kernels have
-            # three: a reverse scan moves each operand across the lanes twice.)
-            a_next = tl.exp2(dt_next * A_n[:, None] * _LOG2E)
-            if HAS_SEQ:
-                a_next = tl.where(starts_next, 0.0, a_next)
+            # g_t = c_t + a_{t+1} g_{t+1}. The adjoint carried in from the later tile (a_T g_T) enters as
+            # part of the last step's c, as the state does in the forward scan.
             c_n = dy * C_n
             c_n = tl.where(last, c_n + carry[:, None], c_n)
             if RUNS_OF_8:
-                gs = _adjoint_runs_of_8(a_next, c_n)
+                gs = _adjoint_runs_of_8(a, c_n)
             else:
+                # The affine pairs (a_{t+1}, c_t) scanned from the end: two operands where the (S, Q, F)
+                # triples of the chunk kernels have three (a reverse scan moves each across the lanes twice).
+                a_next = tl.exp2(dt_next * A_n[:, None] * _LOG2E)
+                if HAS_SEQ:
+                    a_next = tl.where(starts_next, 0.0, a_next)
                 _prod, gs = tl.associative_scan((a_next, c_n), axis=1, combine_fn=_scan_combine, reverse=True)
             tl.atomic_add(dB_ptr + dBC, tl.sum(du * gs, axis=0), mask=mask_t, sem="relaxed")
             v += B_n * gs
@@ -363,8 +361,10 @@ def _tw_bwd_kernel(
             aq += A_n[:, None] * q
             # The adjoint to carry into the earlier tile, a_0 g_0 (none past a document start there), and
             # the tile's dA share, in one reduction.
-            g_0, dA_n = tl.reduce((tl.where(first, gs, 0.0), dt * q), axis=1, combine_fn=_sum2)
-            tl.store(dh_d + c * N + n, tl.where(keep_0 != 0.0, tl.exp2(dt_0 * A_n * _LOG2E) * g_0, 0.0), mask=mask_d)
+            carry_out, dA_n = tl.reduce(
+                (tl.where(first & (a != 0.0), a * gs, 0.0), dt * q), axis=1, combine_fn=_sum2
+            )
+            tl.store(dh_d + c * N + n, carry_out, mask=mask_d)
             tl.store(dA_d + c * N + n, dA_n, mask=mask_d)
         ddu = dt * v
         if HAS_D:
