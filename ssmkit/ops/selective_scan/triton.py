@@ -43,8 +43,8 @@ class ScanConfig:
     float16 keeps float32 checkpoints: its range (65,504) could overflow a state that float32 holds.
 
     ``timewise`` picks the time-wise kernels instead (``triton_timewise.py``): (channels, chunk) tiles with
-    long chunks (512 .. 2048 steps) split along time over the program's threads, looping over the state
-    index; one float32 checkpoint per chunk. ``chunk`` must then be a power of two (a tile's length)."""
+    long chunks (256 .. 2048 steps) split along time over the program's threads, looping over the state
+    index; one float32 checkpoint per chunk. Every family needs ``chunk`` a power of two (a tile's length)."""
 
     def __post_init__(self) -> None:
         fwd = self.fwd_chunk or self.chunk
