@@ -73,8 +73,8 @@ TRAINING_CONFIG = ScanConfig(16, 2, 1, 2, 1, fused_states=True, fwd_chunk=32)
 DEFAULT_CONFIG = ScanConfig()
 # Time-wise launch shapes for the sweep (benchmarks/gpu_selective_scan.py), named tw{chunk}_f{channels}x{warps}
 # _b{channels}x{warps} (forward, backward). A thread holds chunk x channels / (32 warps) steps: 8 in these
-# forwards (one 16-byte bf16 vector; 77-122 registers on sm_90, Triton 3.6) and in most backwards (the
-# adjoint then walks runs of 8 by hand; 216-232 registers), 4 in the others (158-175; scan_registers.py).
+# forwards (one 16-byte bf16 vector; 77-122 registers on sm_90, Triton 3.6), 8 or 4 in the backwards (the
+# adjoint walks these runs by hand; 203-221 and 153-170 registers; benchmarks/scan_registers.py).
 TIMEWISE_CANDIDATES = {
     f"tw{chunk}_f{fd}x{fw}_b{bd}x{bw}": ScanConfig(chunk, fd, fw, bd, bw, timewise=True)
     for chunk, fd, fw, bd, bw in (
@@ -101,6 +101,13 @@ def _fused_warps(warps: int, block_d: int, n: int) -> int:
     """Warps for a fused-state program: no more than its (channel, state) pairs fill, so that a shrunk
     channel block does not spread the time axis over warps (the scan would cross them)."""
     return max(1, min(warps, block_d * triton.next_power_of_2(n) // 32))
+
+
+def _timewise_run(chunk: int, block_d: int, warps: int) -> int:
+    """Steps each thread holds of a time-wise backward tile where that is 4 or 8 (the adjoint then walks
+    them by hand, ``triton_runs.py``), else 0 (a reverse scan)."""
+    run = chunk * block_d // (32 * warps)
+    return run if run in (4, 8) and chunk >= run else 0
 
 
 def _checkpoint_dtype(u: torch.Tensor, acc: torch.dtype, cfg: ScanConfig) -> torch.dtype:
@@ -181,10 +188,8 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         dh = u.new_empty(b, d, n_chunks + 1, n, dtype=acc)
         dh[:, :, -1] = dlast
         dA = u.new_empty(b, d, n_chunks, n, dtype=acc)
-        # Runs of 8 steps a thread (one bf16 vector): the adjoint walks them by hand (see the kernel).
-        runs_of_8 = cfg.chunk >= 8 and cfg.chunk * block_d == 256 * cfg.bwd_warps
         kernel, slot, warps = _tw_bwd_kernel, (), cfg.bwd_warps
-        shape = {"EVEN_T": l % cfg.chunk == 0, "RUNS_OF_8": runs_of_8}
+        shape = {"EVEN_T": l % cfg.chunk == 0, "RUN": _timewise_run(cfg.chunk, block_d, warps)}
     else:
         dh = u.new_empty(2, b, d, n, dtype=acc)
         dh[0] = dlast

@@ -20,9 +20,9 @@ the adjoint g_t = c_t + a_{t+1} g_{t+1} (c_t = C_t dy_t; a_{t+1} from Δ read on
 adjoint carried in from the later tile, accumulates the sums over n of du and dΔ in registers, writes the
 tile's dA share per (channel, n) (summed over tiles by the caller) and adds dB, dC per (n, t) with atomics
 (the block's channels summed first). The adjoint is a reverse scan, which Triton 3.6 lowers by moving every
-operand and result register across the lanes (five shuffles each); where threads hold runs of 8 steps
-(``RUNS_OF_8``) each thread walks its run back by hand instead and one reverse scan carries a single value
-a thread across the threads. The carry a_0 g_0 crosses tiles through a (b, d, l / T + 1, n) scratch
+operand and result register across the lanes (five shuffles each); where threads hold runs of 4 or 8 steps
+(``RUN``) each thread walks its run back by hand instead and one reverse scan carries a single value a
+thread across the threads (``triton_runs.py``). The carry a_0 g_0 crosses tiles through a (b, d, l / T + 1, n) scratch
 tensor, one slot per tile boundary, written once and read by the next tile only (no races).
 """
 
@@ -35,6 +35,7 @@ from ssmkit.ops.selective_scan.triton_kernels import (
     _softplus,
     _steps,
 )
+from ssmkit.ops.selective_scan.triton_runs import _adjoint_by_runs
 
 
 @triton.jit
@@ -72,82 +73,6 @@ def _next_steps(delta_b, seq_b, bias, offs_d, mask_d, t, s_dd, s_dl, s_sl, L,
     else:
         starts = t < 0
     return dt, starts
-
-
-@triton.jit
-def _split8(x):
-    """The 8 consecutive steps each thread holds of a (BD, T) tile as 8 (BD, T / 8) tensors, step k of
-    every run of 8 in the k-th: register renames only when a thread's run is 8 steps."""
-    x = tl.reshape(x, (x.shape[0], x.shape[1] // 8, 2, 2, 2))
-    even, odd = tl.split(x)
-    even_lo, even_hi = tl.split(even)
-    odd_lo, odd_hi = tl.split(odd)
-    x0, x4 = tl.split(even_lo)
-    x1, x5 = tl.split(odd_lo)
-    x2, x6 = tl.split(even_hi)
-    x3, x7 = tl.split(odd_hi)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _join8(x0, x1, x2, x3, x4, x5, x6, x7):
-    """Inverse of :func:`_split8`."""
-    even = tl.join(tl.join(x0, x4), tl.join(x2, x6))
-    odd = tl.join(tl.join(x1, x5), tl.join(x3, x7))
-    return tl.reshape(tl.join(even, odd), (x0.shape[0], x0.shape[1] * 8))
-
-
-@triton.jit
-def _step_back(a, c, x_later, p_later):
-    # One step of the in-thread suffix: x = c + a x_later, p = a p_later (a = 0 drops x_later outright).
-    return tl.where(a == 0.0, c, c + a * x_later), a * p_later
-
-
-@triton.jit
-def _with_tail(x, p, w_next):
-    # A step's g from its suffix in the run (x, p) and w of the next run.
-    return tl.where(p == 0.0, x, x + p * w_next)
-
-
-@triton.jit
-def _tail_combine(fa_late, fx_late, ta_late, tx_late, fa_early, fx_early, ta_early, tx_early):
-    # Reverse scan over the threads' runs (the accumulated later segment first). (fa, fx): the affine map
-    # of a whole segment; (ta, tx): of the segment without its first run, whose value is what the first
-    # run's thread needs from the threads after it (the identity for a single run).
-    return (
-        fa_early * fa_late, tl.where(fa_early == 0.0, fx_early, fx_early + fa_early * fx_late),
-        ta_early * fa_late, tl.where(ta_early == 0.0, tx_early, tx_early + ta_early * fx_late),
-    )
-
-
-@triton.jit
-def _adjoint_runs_of_8(a, c):
-    """g_t = c_t + a_{t+1} g_{t+1} over a (BD, T) tile whose threads hold runs of 8 consecutive steps
-    (g past the tile is 0). The same as a reverse associative scan, which Triton 3.6 lowers by moving
-    every operand and result register across the lanes with five shuffles each (120 shuffles a thread at
-    8 steps): here each thread walks its run back by hand, with its own a_1 .. a_7, and one reverse scan
-    over the runs carries w = a_0 g_0 of the next run (its first step's decay included) to each thread."""
-    a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a)
-    c0, c1, c2, c3, c4, c5, c6, c7 = _split8(c)
-    x7, p7 = c7, tl.full(c7.shape, 1.0, c7.dtype)
-    x6, p6 = _step_back(a7, c6, x7, p7)
-    x5, p5 = _step_back(a6, c5, x6, p6)
-    x4, p4 = _step_back(a5, c4, x5, p5)
-    x3, p3 = _step_back(a4, c3, x4, p4)
-    x2, p2 = _step_back(a3, c2, x3, p3)
-    x1, p1 = _step_back(a2, c1, x2, p2)
-    x0, p0 = _step_back(a1, c0, x1, p1)
-    # A run maps the next run's w to its own: w = a_0 (x_0 + p_0 w_next) (0 where a document starts).
-    run_x = tl.where(a0 == 0.0, 0.0, a0 * x0)
-    _fa, _fx, _ta, w_next = tl.associative_scan(
-        (a0 * p0, run_x, tl.full(p0.shape, 1.0, p0.dtype), tl.zeros(p0.shape, p0.dtype)), axis=1,
-        combine_fn=_tail_combine, reverse=True,
-    )
-    return _join8(
-        _with_tail(x0, p0, w_next), _with_tail(x1, p1, w_next), _with_tail(x2, p2, w_next),
-        _with_tail(x3, p3, w_next), _with_tail(x4, p4, w_next), _with_tail(x5, p5, w_next),
-        _with_tail(x6, p6, w_next), _with_tail(x7, p7, w_next),
-    )
 
 
 @triton.jit
@@ -251,7 +176,7 @@ def _tw_bwd_kernel(
     s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SEQ: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, T: tl.constexpr, EVEN_T: tl.constexpr, RUNS_OF_8: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, EVEN_T: tl.constexpr, RUN: tl.constexpr,
 ):
     """Grid as the forward. ``dh`` (b, d, cdiv(l, T) + 1, N): slot k holds the adjoint carried into tile
     k - 1 (a_{t+1} g_{t+1} at its last step); the last slot is d(last state) on entry, slot 0 d(initial
@@ -316,7 +241,7 @@ def _tw_bwd_kernel(
             dy = dy * zt * sig
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
-        if not RUNS_OF_8:
+        if not RUN:
             dt_next, starts_next = _next_steps(
                 delta_b, seq_b, bias, offs_d, mask_d, t, s_dd, s_dl, s_sl, L, HAS_SEQ, SOFTPLUS, ACC
             )
@@ -346,8 +271,8 @@ def _tw_bwd_kernel(
             # part of the last step's c, as the state does in the forward scan.
             c_n = dy * C_n
             c_n = tl.where(last, c_n + carry[:, None], c_n)
-            if RUNS_OF_8:
-                gs = _adjoint_runs_of_8(a, c_n)
+            if RUN:
+                gs = _adjoint_by_runs(a, c_n, RUN)
             else:
                 # The affine pairs (a_{t+1}, c_t) scanned from the end: two operands where the (S, Q, F)
                 # triples of the chunk kernels have three (a reverse scan moves each across the lanes twice).
