@@ -93,7 +93,7 @@ def row(name: str, cfg: scan_triton.ScanConfig, docs: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", action="store_true", help="with documents (seq_idx) and initial states")
-    parser.add_argument("--ttgir", metavar="NAME", help="write this time-wise candidate's TTGIR to /tmp")
+    parser.add_argument("--ttgir", metavar="NAME", help="write this config's TTGIR to /tmp")
     args = parser.parse_args()
     configs = {**scan_triton.TIMEWISE_CANDIDATES, "training": scan_triton.TRAINING_CONFIG,
                "default": scan_triton.DEFAULT_CONFIG}
@@ -105,9 +105,13 @@ def main() -> None:
         print(row(name, cfg, args.docs), flush=True)
     if args.ttgir:
         cfg = configs[args.ttgir]
-        for fn, tag, block_d, warps, backward in ((_tw_fwd_kernel, "fwd", cfg.fwd_block_d, cfg.fwd_warps, False),
-                                                  (_tw_bwd_kernel, "bwd", cfg.bwd_block_d, cfg.bwd_warps, True)):
-            kernel = compile_one(fn, {}, block_d, cfg.chunk, warps, backward, args.docs)
+        (fwd, fshape), (bwd, bshape) = _kernels(cfg)
+        for fn, shape, tag, block_d, warps, backward in (
+            (fwd, fshape, "fwd", cfg.fwd_block_d, cfg.fwd_warps, False),
+            (bwd, bshape, "bwd", cfg.bwd_block_d, cfg.bwd_warps, True),
+        ):
+            kernel = compile_one(fn, shape, block_d, cfg.fwd_chunk or cfg.chunk if not backward else cfg.chunk, warps,
+                                 backward, args.docs)
             path = f"/tmp/scan_{args.ttgir}_{tag}_triton{triton.__version__}.ttgir"
             with open(path, "w") as f:
                 f.write(kernel.asm["ttgir"])
