@@ -38,7 +38,7 @@ UNIT_STRIDES = {"s_ul", "s_dl", "s_zl", "s_ol", "s_yl", "s_gl", "s_Bl", "s_Cl", 
 def _kernels(cfg: scan_triton.ScanConfig):
     if cfg.timewise:
         # The benchmark's lengths are multiples of every candidate's tile.
-        return (_tw_fwd_kernel, {}), (_tw_bwd_kernel, {"EVEN_T": True, "RUN": scan_triton._timewise_run(cfg.chunk, cfg.bwd_block_d, cfg.bwd_warps)})
+        return (_tw_fwd_kernel, {}), (_tw_bwd_kernel, {"EVEN_T": True, "RUN": scan_triton._timewise_run(cfg.chunk, cfg.bwd_block_d, cfg.bwd_warps, 2)})
     if cfg.fused_states:
         return (_fused_fwd_kernel, {"BLOCK_N": N, "CK": cfg.chunk}), (_fused_bwd_kernel, {"BLOCK_N": N})
     return (_selective_scan_fwd_kernel, {}), (_selective_scan_bwd_kernel, {})

@@ -38,10 +38,11 @@ CASES = {
                                              {"extras", "no_D", "no_bias", "no_softplus", "init", "packed"}),
     "bf16_D_bias_no_gate_time_major": (2, 4, 4, 29, None, torch.bfloat16, 16, {"extras", "no_z", "time_major", "packed"}),
     # Tiles of 128 and 64 steps: the time-wise backward's two-channel programs (one warp) walk the adjoint
-    # in runs of 8 and 4 steps (its GPU launch shapes); documents and tile boundaries fall inside runs.
-    "fp32_runs_of_8_all_options": (1, 4, 3, 301, 2, torch.float32, 128, {"extras", "init", "packed"}),
-    "bf16_runs_of_4_all_options": (1, 4, 3, 157, 2, torch.bfloat16, 64, {"extras", "init", "packed"}),
-    "fp32_runs_of_8_nan_stops_at_document_start": (1, 2, 3, 140, None, torch.float32, 128, {"extras", "nan"}),
+    # in runs of 8 (bf16) and 4 (float32: one 16-byte vector) steps, as on the GPU; documents and tile
+    # boundaries fall inside runs.
+    "bf16_runs_of_8_all_options": (1, 4, 3, 301, 2, torch.bfloat16, 128, {"extras", "init", "packed"}),
+    "fp32_runs_of_4_all_options": (1, 4, 3, 157, 2, torch.float32, 64, {"extras", "init", "packed"}),
+    "fp32_runs_of_4_nan_stops_at_document_start": (1, 2, 3, 140, None, torch.float32, 128, {"extras", "nan"}),
 }
 
 

@@ -103,10 +103,11 @@ def _fused_warps(warps: int, block_d: int, n: int) -> int:
     return max(1, min(warps, block_d * triton.next_power_of_2(n) // 32))
 
 
-def _timewise_run(chunk: int, block_d: int, warps: int) -> int:
-    """Steps each thread holds of a time-wise backward tile where that is 4 or 8 (the adjoint then walks
-    them by hand, ``triton_runs.py``), else 0 (a reverse scan)."""
-    run = chunk * block_d // (32 * warps)
+def _timewise_run(chunk: int, block_d: int, warps: int, element_size: int) -> int:
+    """Consecutive steps a thread holds of a time-wise backward tile, where that is 4 or 8 (the adjoint
+    then walks them by hand, ``triton_runs.py``), else 0 (a reverse scan): its share of the tile, in runs
+    of at most one 16-byte vector of the inputs (Triton's layout for the tile's loads)."""
+    run = min(chunk * block_d // (32 * warps), 16 // element_size)
     return run if run in (4, 8) and chunk >= run else 0
 
 
@@ -189,7 +190,7 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         dh[:, :, -1] = dlast
         dA = u.new_empty(b, d, n_chunks, n, dtype=acc)
         kernel, slot, warps = _tw_bwd_kernel, (), cfg.bwd_warps
-        shape = {"EVEN_T": l % cfg.chunk == 0, "RUN": _timewise_run(cfg.chunk, block_d, warps)}
+        shape = {"EVEN_T": l % cfg.chunk == 0, "RUN": _timewise_run(cfg.chunk, block_d, warps, u.element_size())}
     else:
         dh = u.new_empty(2, b, d, n, dtype=acc)
         dh[0] = dlast
