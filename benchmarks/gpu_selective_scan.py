@@ -7,8 +7,10 @@ delta_bias, softplus on, z gate on: the Mamba-1 layer's call. Times are medians 
 of its outputs, bf16) divided by the device's bandwidth.
 
     python benchmarks/gpu_selective_scan.py              # table; mamba_ssm CUDA if it builds in 240 s
-    python benchmarks/gpu_selective_scan.py --sweep      # also launch configs of the Triton kernel at L 8192
-    python benchmarks/gpu_selective_scan.py --sweep-only # only those
+    python benchmarks/gpu_selective_scan.py --sweep      # also launch configs of the Triton kernel (L 8192, 2048)
+    python benchmarks/gpu_selective_scan.py --sweep-only # only those: TRAINING_CONFIG, DEFAULT_CONFIG and the
+                                                         # time-wise candidates (TIMEWISE_CANDIDATES)
+    python benchmarks/gpu_selective_scan.py --sweep-only --configs training,tw1024_d1_w4 --sweep-fused
     python benchmarks/gpu_selective_scan.py --no-mamba --no-chunked
 """
 
@@ -25,6 +27,8 @@ import triton
 from ssmkit.ops.selective_scan import ScanInputs, selective_scan_fn
 from ssmkit.ops.selective_scan.triton import (
     DEFAULT_CONFIG,
+    TIMEWISE_CANDIDATES,
+    TRAINING_CONFIG,
     ScanConfig,
     selective_scan_triton,
 )
@@ -37,11 +41,16 @@ LENGTHS = (2048, 8192)
 QUOTED_MS = {"fwd": 2.7, "fwd+bwd": 12.4}
 # HBM bandwidth by device name, bytes/s.
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}
-# chunk, fwd block_d/warps, bwd block_d/warps, fused_states, fwd_chunk. Fused-state tiles are
+# The sweep's configs by name: the two in use and the time-wise candidates.
+SWEEP = {"training": TRAINING_CONFIG, "default": DEFAULT_CONFIG, **TIMEWISE_CANDIDATES}
+# Relative error (max |ours - ref| / max |ref|) of a bf16 config's out and gradients against the float32 run
+# above which the sweep reports the config as wrong and does not time it.
+SWEEP_TOLERANCE = 2e-2
+# --sweep-fused adds these. chunk, fwd block_d/warps, bwd block_d/warps, fused_states, fwd_chunk. Fused-state tiles are
 # (steps, block_d, N): Triton spreads block_d / 2 x N over a warp's lanes, so block_d = 2 x warps keeps
 # every step of a (channel, state) pair in one thread (N 16). The fused backward spills a few registers at
 # chunk 32 (ptxas, sm_90); its forward fits tiles of 32 steps in 128 registers, 64 in about 240.
-SWEEP = (
+FUSED_SWEEP = (
     ScanConfig(128, 8, 4, 16, 8),
     ScanConfig(16, 8, 4, 8, 4, True),
     ScanConfig(16, 8, 4, 8, 4, True, 32),
@@ -147,19 +156,28 @@ def mamba_matches(mod, x: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", action="store_true", help="time several Triton launch configs at L 8192")
+    parser.add_argument("--sweep", action="store_true", help="time several Triton launch configs")
     parser.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep (implies --sweep)")
+    parser.add_argument("--configs", default=",".join(SWEEP),
+                        help=f"comma-separated sweep configs by name (default all: {','.join(SWEEP)})")
+    parser.add_argument("--sweep-lengths", default="8192,2048", help="comma-separated sequence lengths of the sweep")
+    parser.add_argument("--sweep-fused", action="store_true", help="also the fused-state launch configs of FUSED_SWEEP")
     parser.add_argument("--no-mamba", action="store_true", help="skip building mamba_ssm's CUDA kernel")
     parser.add_argument("--no-chunked", action="store_true", help="skip the (slow) chunked PyTorch path")
     parser.add_argument("--build-timeout", type=float, default=240.0)
     args = parser.parse_args()
+    names = [n for n in args.configs.split(",") if n]
+    unknown = sorted(set(names) - set(SWEEP))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; known: {', '.join(SWEEP)}")
+    sweep_args = (names, tuple(int(v) for v in args.sweep_lengths.split(",")), args.sweep_fused)
     name = torch.cuda.get_device_name()
     bw = next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}; bandwidth for floors {bw / 1e12:.2f} TB/s")
     print(f"shape b {B}, d {D}, N {N}, bf16; Triton config {DEFAULT_CONFIG}")
 
     if args.sweep_only:
-        sweep()
+        sweep(*sweep_args)
         return
     mamba, reason = (None, "skipped (--no-mamba)")
     if not args.no_mamba:
@@ -196,30 +214,43 @@ def main() -> None:
         print("(mamba column at L 8192: issue 5's quoted H100 figures, not measured here)")
 
     if args.sweep:
-        sweep()
+        sweep(*sweep_args)
 
 
-def sweep() -> None:
-    """Every config of SWEEP at L 8192, forward and forward+backward (short timings, about 5 s a config)."""
-    x = make_inputs(8192)
-    print("\nTriton launch configs at L 8192 (ms; mamba_ssm CUDA on H100, quoted: fwd 2.7, fwd+bwd 12.4);")
-    print("'vs first': largest relative error of out and the gradients against the first config's")
-    print(f"{'chunk':>5} {'fwd tile':>8} {'fwd bd/w':>8} {'bwd bd/w':>8} {'fused':>5} {'fwd':>8} {'fwd+bwd':>8} "
-          f"{'bwd':>8} {'vs first':>9}")
-    first, start = None, time.perf_counter()
-    for cfg in SWEEP:
-        head = f"{cfg.chunk:>5} {cfg.fwd_chunk or cfg.chunk:>8} {f'{cfg.fwd_block_d}/{cfg.fwd_warps}':>8} " \
-               f"{f'{cfg.bwd_block_d}/{cfg.bwd_warps}':>8} {cfg.fused_states!s:>5}"
-        try:
-            fwd = bench(ssmkit_runner(x, "triton", False, cfg), quick=True)
-            both = bench(ssmkit_runner(x, "triton", True, cfg), quick=True)
-            results = outputs_and_grads(x, cfg)
-            first = first or results
-            worst = max(relative_error(ours, ref) for ours, ref in zip(results, first))
-            print(f"{head} {fwd:>8.3f} {both:>8.3f} {both - fwd:>8.3f} {worst:>9.1e}", flush=True)
-        # Any failure of one config (compile error, out of shared memory) is reported; the sweep goes on.
-        except Exception as err:  # noqa: BLE001
-            print(f"{head} failed: {str(err).splitlines()[0][:200]}", flush=True)
+def sweep(names: list[str], lengths: tuple[int, ...], fused: bool) -> None:
+    """Each named config (and FUSED_SWEEP with ``fused``) at each length, forward and forward+backward (short
+    timings, a few seconds a config), after checking its out and gradients against a float32 run."""
+    configs = {name: SWEEP[name] for name in names}
+    if fused:
+        configs |= {f"fused{i}": cfg for i, cfg in enumerate(FUSED_SWEEP)}
+    print("\nTriton launch configs (ms; mamba_ssm CUDA on H100 at L 8192, quoted: fwd 2.7, fwd+bwd 12.4).")
+    print(f"'vs fp32': largest relative error of out and the gradients against DEFAULT_CONFIG on float32 inputs;"
+          f" above {SWEEP_TOLERANCE:g} the config is not timed.")
+    print(f"{'L':>5} {'config':<16} {'chunk':>5} {'fwd tile':>8} {'fwd bd/w':>8} {'bwd bd/w':>8} {'kind':>8} "
+          f"{'vs fp32':>8} {'fwd':>8} {'fwd+bwd':>8} {'bwd':>8}")
+    start = time.perf_counter()
+    for l in lengths:
+        x = make_inputs(l)
+        ref = outputs_and_grads({k: v.float() for k, v in x.items()}, DEFAULT_CONFIG)
+        for name, cfg in configs.items():
+            kind = "timewise" if cfg.timewise else "fused" if cfg.fused_states else "tiles"
+            head = f"{l:>5} {name:<16} {cfg.chunk:>5} {cfg.fwd_chunk or cfg.chunk:>8} " \
+                   f"{f'{cfg.fwd_block_d}/{cfg.fwd_warps}':>8} {f'{cfg.bwd_block_d}/{cfg.bwd_warps}':>8} {kind:>8}"
+            try:
+                results = outputs_and_grads(x, cfg)
+                worst = max(relative_error(ours, expected) for ours, expected in zip(results, ref))
+                del results
+                if not worst <= SWEEP_TOLERANCE:
+                    print(f"{head} {worst:>8.1e} WRONG: not timed", flush=True)
+                    continue
+                fwd = bench(ssmkit_runner(x, "triton", False, cfg), quick=True)
+                both = bench(ssmkit_runner(x, "triton", True, cfg), quick=True)
+                print(f"{head} {worst:>8.1e} {fwd:>8.3f} {both:>8.3f} {both - fwd:>8.3f}", flush=True)
+            # Any failure of one config (compile error, out of shared memory) is reported; the sweep goes on.
+            except Exception as err:  # noqa: BLE001
+                print(f"{head} failed: {str(err).splitlines()[0][:200]}", flush=True)
+        del x, ref
+        torch.cuda.empty_cache()
     print(f"(sweep took {time.perf_counter() - start:.0f} s, compiles included)")
 
 

@@ -17,9 +17,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], options: dict[str, int]):
-    """The compiled kernel of ``fn`` for an H100/H200 (sm_90) target."""
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], options: dict[str, int],
+                 attrs: dict[tuple[int, ...], list] | None = None):
+    """The compiled kernel of ``fn`` for an H100/H200 (sm_90) target; ``attrs`` as the JIT's specialization
+    gives them, e.g. ``{(3,): [["tt.divisibility", 16]]}`` for an argument known a multiple of 16."""
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 

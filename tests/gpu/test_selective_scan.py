@@ -25,12 +25,16 @@ from ssmkit.ops.selective_scan.triton import ScanConfig
 
 CUDA = "cuda"
 FP = (torch.float32, torch.bfloat16, torch.float16)
-# Both kernel variants, whichever is the default: the state-index loop and the fused-state tiles.
+# Every kernel family, whichever is the default: the state-index loop, the fused-state tiles, time-wise.
 VARIANTS = {
     "state_loop": ScanConfig(chunk=128, fwd_block_d=8, fwd_warps=4, bwd_block_d=16, bwd_warps=8),
     "fused_states": ScanConfig(
         chunk=16, fwd_block_d=8, fwd_warps=4, bwd_block_d=8, bwd_warps=4, fused_states=True, fwd_chunk=32
     ),
+    # The time-wise kernels: short tiles (several per test sequence; two-channel backward programs) and the
+    # longest candidate tile.
+    "timewise_256": ScanConfig(chunk=256, fwd_block_d=1, fwd_warps=2, bwd_block_d=2, bwd_warps=4, timewise=True),
+    "timewise_2048": ScanConfig(chunk=2048, fwd_block_d=1, fwd_warps=8, bwd_block_d=1, bwd_warps=8, timewise=True),
     "training_default": triton_backend.TRAINING_CONFIG,
 }
 

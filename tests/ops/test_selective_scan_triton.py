@@ -33,7 +33,21 @@ CASES = {
     # NaN in u inside the first document: NaN exactly where the reference has it, nothing past the
     # seq_idx change (which falls on a chunk boundary), in the output and every gradient.
     "fp32_nan_stops_at_document_start": (1, 3, 4, 16, None, torch.float32, 4, {"extras", "nan"}),
+    # The options one at a time: a gate without D or bias and no softplus; D and bias without a gate.
+    "fp32_gate_only_no_softplus_docs_init": (2, 4, 6, 33, 2, torch.float32, 8,
+                                             {"extras", "no_D", "no_bias", "no_softplus", "init", "packed"}),
+    "bf16_D_bias_no_gate_time_major": (2, 4, 4, 29, None, torch.bfloat16, 16, {"extras", "no_z", "time_major", "packed"}),
+    # Tiles of 128 and 64 steps: the time-wise backward's two-channel programs (one warp) walk the adjoint
+    # in runs of 8 (bf16) and 4 (float32: one 16-byte vector) steps, as on the GPU; documents and tile
+    # boundaries fall inside runs.
+    "bf16_runs_of_8_all_options": (1, 4, 3, 301, 2, torch.bfloat16, 128, {"extras", "init", "packed"}),
+    "fp32_runs_of_4_all_options": (1, 4, 3, 157, 2, torch.float32, 64, {"extras", "init", "packed"}),
+    "fp32_runs_of_4_nan_stops_at_document_start": (1, 2, 3, 140, None, torch.float32, 128, {"extras", "nan"}),
 }
+
+
+def _softplus(options: set[str]) -> bool:
+    return "extras" in options and "no_softplus" not in options
 
 
 def _inputs(b, d, n, l, groups, dtype, options, gen):
@@ -45,20 +59,23 @@ def _inputs(b, d, n, l, groups, dtype, options, gen):
     kw = {
         "u": randn(b, d, l),
         # Positive Δ unless softplus makes it so: a negative Δ with negative A grows without bound.
-        "delta": randn(b, d, l, shift=-1.0) if "extras" in options else torch.rand(b, d, l, generator=gen, dtype=torch.float64),
+        "delta": (randn(b, d, l, shift=-1.0) if _softplus(options)
+                  else torch.rand(b, d, l, generator=gen, dtype=torch.float64)),
         "A": -torch.rand(d, n, generator=gen, dtype=torch.float64) * 4 - 0.1,
         "B": randn(*bc),
         "C": randn(*bc),
     }
     if "extras" in options:
-        kw.update(D=randn(d), z=randn(b, d, l), delta_bias=randn(d, scale=0.5))
+        extras = {"D": randn(d), "z": randn(b, d, l), "delta_bias": randn(d, scale=0.5)}
+        kw.update({k: v for k, v in extras.items() if f"no_{k.removeprefix('delta_')}" not in options})
     if "init" in options:
         kw["initial_state"] = randn(b, d, n)
     low = {k: (v.to(dtype) if k != "A" or dtype == torch.float64 else v.float()) for k, v in kw.items()}
     if "time_major" in options:
         # (b, l, d) memory seen as (b, d, l), as a Mamba layer hands its projections over.
         for k in ("u", "delta", "z"):
-            low[k] = low[k].transpose(1, 2).contiguous().transpose(1, 2)
+            if k in low:
+                low[k] = low[k].transpose(1, 2).contiguous().transpose(1, 2)
     seq_idx = None
     if "nan" in options:
         low["u"][0, 0, 2] = float("nan")
@@ -90,7 +107,10 @@ def _call(leaves, low, cfg, options, softplus, seq_idx):
     )
 
 
-def _run_case(name: str, fused: bool) -> None:
+KERNELS = ("state_loop", "fused_states", "timewise")
+
+
+def _run_case(name: str, kernel: str) -> None:
     from ssmkit.ops.selective_scan import ScanInputs
     from ssmkit.ops.selective_scan.reference import selective_scan_reference
     from ssmkit.ops.selective_scan.triton import ScanConfig
@@ -99,11 +119,14 @@ def _run_case(name: str, fused: bool) -> None:
     b, d, n, l, groups, dtype, chunk, options = CASES[name]
     gen = torch.Generator().manual_seed(len(name))
     low, seq_idx = _inputs(b, d, n, l, groups, dtype, options, gen)
-    softplus = "extras" in options
+    softplus = _softplus(options)
+    fused = kernel == "fused_states"
     # The fused forward walks tiles of two checkpoint intervals: checkpoints inside a tile and past the end.
+    # The time-wise kernels run one channel a program in the forward (the mamba_ssm layout), two in the
+    # backward (the block's dB, dC summed before the atomics), shrunk to the group's channels.
     cfg = ScanConfig(
-        chunk=chunk, fwd_block_d=4, fwd_warps=1, bwd_block_d=2, bwd_warps=1, fused_states=fused,
-        fwd_chunk=2 * chunk if fused else None,
+        chunk=chunk, fwd_block_d=1 if kernel == "timewise" else 4, fwd_warps=1, bwd_block_d=2, bwd_warps=1,
+        fused_states=fused, fwd_chunk=2 * chunk if fused else None, timewise=kernel == "timewise",
     )
     leaves = {k: v.detach().requires_grad_(True) for k, v in low.items()}
     saved = []
@@ -142,10 +165,10 @@ def interpreter_results() -> dict[str, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["state_loop", "fused_states"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_interpreter_matches_reference(interpreter_results, name, fused):
-    key = f"{name}{'_fused' if fused else ''}"
+def test_triton_interpreter_matches_reference(interpreter_results, name, kernel):
+    key = f"{name}[{kernel}]"
     assert interpreter_results[key] == "ok", interpreter_results[key]
 
 
@@ -166,15 +189,20 @@ def test_scan_config_rejects_forward_tiles_off_the_checkpoints():
     with pytest.raises(ValueError, match="fused_states"):
         ScanConfig(chunk=16, fwd_chunk=32)
     assert ScanConfig(chunk=16, fused_states=True, fwd_chunk=64).fwd_chunk == 64
+    with pytest.raises(ValueError, match="set one"):
+        ScanConfig(chunk=16, fused_states=True, timewise=True)
+    with pytest.raises(ValueError, match="power of two"):
+        ScanConfig(chunk=96, timewise=True)
+    assert ScanConfig(chunk=1024, timewise=True).timewise
 
 
 def _run_all() -> dict[str, str]:
     results = {}
     for name in CASES:
-        for fused in (False, True):
-            key = f"{name}{'_fused' if fused else ''}"
+        for kernel in KERNELS:
+            key = f"{name}[{kernel}]"
             try:
-                _run_case(name, fused)
+                _run_case(name, kernel)
                 results[key] = "ok"
             except AssertionError:
                 results[key] = traceback.format_exc(limit=3)

@@ -1,10 +1,12 @@
 """Triton selective scan: the hardware-aware Mamba-1 scan on the GPU (and on CPU under TRITON_INTERPRET=1).
 
-Two kernel families compute the same function with the same checkpoint tensor: the chunk-tile kernels
-of ``triton_kernels.py`` (a program loops over the state index; long chunks, small checkpoints) and the
-fused-state kernels of ``triton_fused.py`` (a program holds every state index; short chunks, carries in
-registers). This module holds the launch configuration, the launchers, the autograd Function and the
-backend function; :data:`TRAINING_CONFIG` and :data:`DEFAULT_CONFIG` pick the family per call.
+Three kernel families compute the same function with the same checkpoint tensor: the chunk-tile kernels
+of ``triton_kernels.py`` (a program loops over the state index; (channels, chunk) tiles), the fused-state
+kernels of ``triton_fused.py`` (a program holds every state index; short chunks, carries in registers) and
+the time-wise kernels of ``triton_timewise.py`` (mamba_ssm's layout: a program's threads split long tiles
+of one or two channels along time and loop over the state index). This module holds the launch
+configuration, the launchers, the autograd Function and the backend function; :data:`TRAINING_CONFIG` and
+:data:`DEFAULT_CONFIG` pick the family per call, :data:`TIMEWISE_CANDIDATES` are time-wise launch shapes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ssmkit.ops.selective_scan.triton_kernels import (
     _selective_scan_bwd_kernel,
     _selective_scan_fwd_kernel,
 )
+from ssmkit.ops.selective_scan.triton_timewise import _tw_bwd_kernel, _tw_fwd_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +40,20 @@ class ScanConfig:
     ``lowp_checkpoints``: with fused states and bfloat16 u, the checkpoints are stored in bfloat16 (half
     the bytes saved for the backward; the forward carries its float32 state in registers and writes the
     float32 last state apart, so only the backward's recomputed states see the rounding, 2^-9 relative).
-    float16 keeps float32 checkpoints: its range (65,504) could overflow a state that float32 holds."""
+    float16 keeps float32 checkpoints: its range (65,504) could overflow a state that float32 holds.
+
+    ``timewise`` picks the time-wise kernels instead (``triton_timewise.py``): (channels, chunk) tiles with
+    long chunks (256 .. 2048 steps) split along time over the program's threads, looping over the state
+    index; one float32 checkpoint per chunk. Every family needs ``chunk`` a power of two (a tile's length)."""
 
     def __post_init__(self) -> None:
         fwd = self.fwd_chunk or self.chunk
         if fwd % self.chunk or (fwd != self.chunk and not self.fused_states):
             raise ValueError(f"fwd_chunk={fwd} must be a multiple of chunk={self.chunk} (and needs fused_states)")
+        if self.timewise and self.fused_states:
+            raise ValueError("timewise and fused_states pick different kernels: set one")
+        if self.chunk < 1 or self.chunk & (self.chunk - 1):
+            raise ValueError(f"chunk={self.chunk} must be a power of two")
 
     chunk: int = 128
     fwd_block_d: int = 8
@@ -52,6 +63,7 @@ class ScanConfig:
     fused_states: bool = False
     fwd_chunk: int | None = None
     lowp_checkpoints: bool = True
+    timewise: bool = False
 
 
 # Chosen from the launch-config sweep on an H200 (bf16, b 8, d 2048, N 16, L 8192; benchmarks/RESULTS.md):
@@ -59,6 +71,17 @@ class ScanConfig:
 # the chunk-128 kernels); for a forward alone the chunk-128 kernels (4.8 ms against 6.6).
 TRAINING_CONFIG = ScanConfig(16, 2, 1, 2, 1, fused_states=True, fwd_chunk=32)
 DEFAULT_CONFIG = ScanConfig()
+# Time-wise launch shapes for the sweep (benchmarks/gpu_selective_scan.py), named tw{chunk}_f{channels}x{warps}
+# _b{channels}x{warps} (forward, backward). A thread holds chunk x channels / (32 warps) steps: 8 in these
+# forwards (one 16-byte bf16 vector; 77-122 registers on sm_90, Triton 3.6), 8 or 4 in the backwards (the
+# adjoint walks these runs by hand; 203-221 and 153-170 registers; benchmarks/scan_registers.py).
+TIMEWISE_CANDIDATES = {
+    f"tw{chunk}_f{fd}x{fw}_b{bd}x{bw}": ScanConfig(chunk, fd, fw, bd, bw, timewise=True)
+    for chunk, fd, fw, bd, bw in (
+        (2048, 1, 8, 1, 8), (1024, 1, 4, 1, 4), (1024, 1, 4, 1, 8), (512, 1, 2, 1, 2), (512, 1, 2, 1, 4),
+        (512, 2, 4, 2, 4), (256, 1, 1, 1, 1), (256, 1, 1, 1, 2),
+    )
+}
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -78,6 +101,14 @@ def _fused_warps(warps: int, block_d: int, n: int) -> int:
     """Warps for a fused-state program: no more than its (channel, state) pairs fill, so that a shrunk
     channel block does not spread the time axis over warps (the scan would cross them)."""
     return max(1, min(warps, block_d * triton.next_power_of_2(n) // 32))
+
+
+def _timewise_run(chunk: int, block_d: int, warps: int, element_size: int) -> int:
+    """Consecutive steps a thread holds of a time-wise backward tile, where that is 4 or 8 (the adjoint
+    then walks them by hand, ``triton_runs.py``), else 0 (a reverse scan): its share of the tile, in runs
+    of at most one 16-byte vector of the inputs (Triton's layout for the tile's loads)."""
+    run = min(chunk * block_d // (32 * warps), 16 // element_size)
+    return run if run in (4, 8) and chunk >= run else 0
 
 
 def _checkpoint_dtype(u: torch.Tensor, acc: torch.dtype, cfg: ScanConfig) -> torch.dtype:
@@ -103,19 +134,25 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     block_d = _block_d(dg, cfg.fwd_block_d)
     grid = (triton.cdiv(dg, block_d), g, b)
     dummy = u
+    # The initial state as the kernels take it: a pointer and a flag, or (time-wise) in the first checkpoint.
+    state_in, shape = (dummy if h0 is None else h0,), {"HAS_H0": h0 is not None}
     if cfg.fused_states:
-        kernel, shape = _fused_fwd_kernel, {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
+        kernel = _fused_fwd_kernel
+        shape |= {"BLOCK_N": triton.next_power_of_2(n), "CK": cfg.chunk}
         warps, last_arg = _fused_warps(cfg.fwd_warps, block_d, n), (last,)
+    elif cfg.timewise:
+        ckpt[:, :, 0] = 0.0 if h0 is None else h0
+        kernel, warps, last_arg, state_in, shape = _tw_fwd_kernel, cfg.fwd_warps, (), (), {}
     else:
-        kernel, shape, warps, last_arg = _selective_scan_fwd_kernel, {}, cfg.fwd_warps, ()
+        kernel, warps, last_arg = _selective_scan_fwd_kernel, cfg.fwd_warps, ()
     kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
-        dummy if bias is None else bias, dummy if h0 is None else h0, dummy if seq_idx is None else seq_idx,
+        dummy if bias is None else bias, *state_in, dummy if seq_idx is None else seq_idx,
         out, dummy if ypre is None else ypre, ckpt, *last_arg,
         d, dg, l, n,
         *u.stride(), *delta.stride(), *_strides(z, 3), *out.stride(),
         *B.stride(), *C.stride(), *_strides(seq_idx, 2),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
         BLOCK_D=block_d, T=cfg.fwd_chunk or cfg.chunk, num_warps=warps, **shape,
     )
@@ -146,6 +183,14 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         dA = u.new_empty(b, d, n, dtype=acc)
         kernel, last, shape, slot = _fused_bwd_kernel, (), {"BLOCK_N": triton.next_power_of_2(n)}, ()
         warps = _fused_warps(cfg.bwd_warps, block_d, n)
+    elif cfg.timewise:
+        # Adjoint carries in per-boundary slots (the last: d(last state)), dA shares per tile: no slot is
+        # written twice, so the kernel needs neither parity slots nor read-modify-writes.
+        dh = u.new_empty(b, d, n_chunks + 1, n, dtype=acc)
+        dh[:, :, -1] = dlast
+        dA = u.new_empty(b, d, n_chunks, n, dtype=acc)
+        kernel, slot, warps = _tw_bwd_kernel, (), cfg.bwd_warps
+        shape = {"EVEN_T": l % cfg.chunk == 0, "RUN": _timewise_run(cfg.chunk, block_d, warps, u.element_size())}
     else:
         dh = u.new_empty(2, b, d, n, dtype=acc)
         dh[0] = dlast
@@ -166,8 +211,11 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
         HAS_SEQ=seq_idx is not None, SOFTPLUS=softplus, ACC=_tl_dtype(acc),
         BLOCK_D=block_d, T=cfg.chunk, num_warps=warps, **shape,
     )
-    # The unfused kernel leaves its results in one of two slots; last == () picks the whole tensor.
-    dA, dh = dA[last], dh[last]
+    if cfg.timewise:
+        dA, dh = dA.sum(2), dh[:, :, 0]
+    else:
+        # The unfused kernel leaves its results in one of two slots; last == () picks the whole tensor.
+        dA, dh = dA[last], dh[last]
     return (
         du, ddelta, dA.sum(0), dB, dC, None if dD is None else dD.sum(0), dz,
         None if dbias is None else dbias.sum(0), dh,
