@@ -1,6 +1,6 @@
 """Compile a Triton kernel for sm_90 without a GPU and read its cubin's resource table.
 
-Shared by ``ssd_registers.py``, ``conv_registers.py`` and ``scan_registers.py``: registers per thread and stack
+Shared by ``ssd_registers.py``, ``conv_registers.py``, ``scan_registers.py`` and ``layer_registers.py``: registers per thread and stack
 bytes (spills) from ``cuobjdump --dump-resource-usage`` (the one shipped with Triton's NVIDIA backend), shared
 memory from the compiled kernel's metadata, and the PTX for instruction counts.
 
@@ -37,15 +37,39 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], o
 
 class LaunchCapture:
     """Stands in for a ``@triton.jit`` kernel in its module (``monkeypatch``-style): ``kernel[grid](...)``
-    records the arguments of each launch instead of running it; ``fn`` is the kernel it replaces."""
+    records the arguments of each launch instead of running it; ``fn`` is the kernel it replaces. With an
+    ``order`` list, each launch is also appended there as (``name``, grid, args, kwargs)."""
 
-    def __init__(self, fn) -> None:
-        self.fn, self.launches = fn, []
+    def __init__(self, fn, order: list | None = None, name: str = "") -> None:
+        self.fn, self.launches, self.order, self.name = fn, [], order, name
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs) -> None:
             self.launches.append((grid, args, kwargs))
+            if self.order is not None:
+                self.order.append((self.name, grid, args, kwargs))
         return launch
+
+
+def capture_launches(modules, run) -> list[tuple[str, object, tuple, dict]]:
+    """Every Triton launch that ``run()`` makes through a kernel named in one of ``modules``, as
+    (kernel name, grid, args, kwargs), in launch order, without running any (each ``@triton.jit`` function of
+    the modules is swapped for a :class:`LaunchCapture` for the call, restored after it; helpers the kernels
+    call are swapped too, but nothing compiles while they are). Run it on ``meta`` tensors: the outputs are
+    never written, so launches must depend on shapes only."""
+    order, captures = [], []
+    for module in modules:
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, triton.runtime.jit.JITFunction):
+                captures.append((module, name, LaunchCapture(obj, order, name)))
+    for module, name, capture in captures:
+        setattr(module, name, capture)
+    try:
+        run()
+    finally:
+        for module, name, capture in captures:
+            setattr(module, name, capture.fn)
+    return order
 
 
 def compile_like_jit(fn, args: tuple, kwargs: dict):

@@ -51,10 +51,9 @@ _FWD_ROWS = 16
 _FWD_WARPS = 4
 _STAGES = 2  # software pipelining of the backward's head loop (the next head's loads in flight)
 _SPLIT_PROGRAMS = 4 * 132  # backward: split a group's heads until about this many programs (a few per SM) run
-# With the norms (NORM) the same tiles at 8 warps: at 4 warps the norm's epilogue took the backward from 168 to 229
-# registers a thread on the device's Triton 3.6 for sm_90 (2 blocks of 4 warps an SM instead of 3); at 8 warps it
-# compiles to 128 (Triton 3.6 and 3.9), the forward to 112 / 123 (161 at 4 warps on 3.9), spills as without the
-# norm (benchmarks/mamba3_registers.py). Not yet timed on a GPU: benchmarks/gpu_mamba3_rotary.py --norm.
+# With the norms (NORM) the same tiles at 8 warps (sm_90 as the JIT specializes the layer's call,
+# benchmarks/layer_registers.py: backward 103 / 88 registers on Triton 3.6 / 3.9, 128 / 113 at 4 warps; forward
+# 84 / 114, 135 / 151 at 4). Not yet timed on a GPU: benchmarks/gpu_mamba3_rotary.py --norm --warps 8 4.
 _NORM_WARPS = 8
 _NORM_FWD_WARPS = 8
 

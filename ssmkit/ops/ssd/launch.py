@@ -33,11 +33,12 @@ one more chunk-state and C Bᵀ pass in the backward, by the kernel model of ben
 the backward's tensor FLOPs and 19% of its HBM bytes (10% and 13% of forward+backward; RESULTS.md). Off, the
 forward saves them (``keep_states`` in :data:`CONFIGS`).
 
-Registers and spills (benchmarks/ssd_registers.py: sm_90, the benchmark's call): scan 178 (171 since its
-per-head steps became helpers; 128 with the cap, no spills); backward rows 255 (8 B spilled), rows_state 224 (none), cols 255 (240 B; split: dB 231,
-no spills, the rest 255, 8 B); chained state passing: forward 192, backward 236 (128 columns of the state
-a program: ``state_bwd_bn``; 128 registers at 64 columns, but dy is then read twice). Fastest configs of
-forward and backward kernels combine (separate fields).
+Registers and spills (``benchmarks/ssd_registers.py --all``: sm_90, the benchmark's call, each kernel compiled
+from the launcher's own arguments as the JIT specializes them; device's Triton 3.6 / 3.9): no kernel of the
+default launch spills; chunk state 126 / 118 registers, C Bᵀ 80, scan 78 / 113, state-passing backward
+132 / 121, rows 198 / 175 and rows_state 199 / 128, cols 241 / 230 (8 warps: one program an SM above 128).
+Spilling configs: ``stages3`` and ``cols_h2`` (cols 255, 72 / 40 B on 3.6), ``bwd32_w4`` (cols 32 / 16 B).
+Fastest configs of forward and backward kernels combine (separate fields).
 
 :data:`CONFIGS` holds the named alternatives that ``benchmarks/gpu_ssd.py --sweep`` and
 ``benchmarks/gpu_ssd_sweep.py`` time on a GPU; pass one as ``mamba_chunk_scan_combined(...,
@@ -144,11 +145,7 @@ CONFIGS: dict[str, SSDLaunch] = {
     "state_bwd_bn64": _R(DEFAULT_LAUNCH, state_bwd_bn=64, state_bwd=(8, 3)),
     "state_bwd_bn128_s3": _R(DEFAULT_LAUNCH, state_bwd=(8, 3)),
     "state_bwd_bn32_w4": _R(DEFAULT_LAUNCH, state_bwd_bn=32, state_bwd=(4, 3)),
-    # Issue 16's second sweep (benchmarks/gpu_ssd_sweep.py). sm_90 compiles (benchmarks/ssd_registers.py,
-    # triton 3.9 / 3.6, the device's): the rows kernels' head loops pipelined, rows 253 / 255 registers, no
-    # spills; rows_state 227 / 255 (32 B); scan at 4 warps 252 (two programs an SM); state backward at 32 rows
-    # 186 / 221. Left out for spilling (3.9): the chunk states at 4 warps (440 B) or 128 rows (56 B), the state
-    # backward at 128 rows (248 B).
+    # Issue 16's second sweep (benchmarks/gpu_ssd_sweep.py); registers in the module docstring's tool.
     "rows_h2": _R(DEFAULT_LAUNCH, rows_head_stages=2),
     "rows_h3": _R(DEFAULT_LAUNCH, rows_head_stages=3),
     "rows_state_h2": _R(DEFAULT_LAUNCH, rows_state_head_stages=2),
@@ -158,22 +155,20 @@ CONFIGS: dict[str, SSDLaunch] = {
     "scan_w4": _R(DEFAULT_LAUNCH, scan=(4, 2)),
     "scan_w4_s3": _R(DEFAULT_LAUNCH, scan=(4, 3)),
     "state_bwd_tile32": _R(DEFAULT_LAUNCH, state_bwd_tile=32),
-    # The columns kernel's flattened head loop pipelined: 480 / 448 B spilled in one launch; split, the rest
-    # 40 / 0 B at 2 stages (104 B at 3 on 3.6), dB 231 / 230 registers, none.
+    # The columns kernel's flattened head loop pipelined (cols_h2 spills 40 B on 3.6; split, none).
     "cols_h2": _R(DEFAULT_LAUNCH, cols_head_stages=2),
     "cols_split_h2": _R(DEFAULT_LAUNCH, cols_split=True, cols_head_stages=2),
     "cols_split_h3": _R(DEFAULT_LAUNCH, cols_split=True, cols_head_stages=3),
     "bwd_h2": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cols_split=True, cols_head_stages=2),
     "bwd_h2_lowp": _R(DEFAULT_LAUNCH, rows_head_stages=2, rows_state_head_stages=2, cols_split=True,
                       cols_head_stages=2, cb_lowp=True, dcb_lowp=True),
-    # The scan two heads a program: 244 / 245 registers (171 / 170 one head), no spills; 3 stages 248 / 247.
+    # The scan two heads a program (158 / 188 registers against 78 / 113 one head; no spills).
     "scan_2h": _R(DEFAULT_LAUNCH, scan_heads=2),
     "scan_2h_s3": _R(DEFAULT_LAUNCH, scan_heads=2, scan=(8, 3)),
     "scan_2h_lowp": _R(DEFAULT_LAUNCH, scan_heads=2, cb_lowp=True),
     "all_h2_lowp": _R(DEFAULT_LAUNCH, scan_heads=2, rows_head_stages=2, rows_state_head_stages=2, cols_split=True,
                       cols_head_stages=2, cb_lowp=True, dcb_lowp=True),
-    # The chunk states in one pass: 216 / 226 registers (chained, 64 rows), 227 at 128 rows (the two-pass
-    # kernel spilled 56 B there); no spills.
+    # The chunk states in one pass (114 / 108 registers against 126 / 118 for two; no spills).
     "state_online": _R(DEFAULT_LAUNCH, state_online=True),
     "state_online_t128": _R(DEFAULT_LAUNCH, state_online=True, state_tile=128),
     # Δ, cum, the entering states and C Bᵀ kept from the forward for the backward (the default before the
