@@ -1,8 +1,8 @@
 """Compile a Triton kernel for sm_90 without a GPU and read its cubin's resource table.
 
-Shared by ``ssd_registers.py``, ``conv_registers.py``, ``scan_registers.py`` and ``layer_registers.py``: registers per thread and stack
-bytes (spills) from ``cuobjdump --dump-resource-usage`` (the one shipped with Triton's NVIDIA backend), shared
-memory from the compiled kernel's metadata, and the PTX for instruction counts.
+Shared by ``ssd_registers.py``, ``conv_registers.py``, ``scan_registers.py`` and ``layer_registers.py``:
+registers per thread and stack bytes (spills) from ``cuobjdump --dump-resource-usage`` (the one shipped with
+Triton's NVIDIA backend), shared memory from the compiled kernel's metadata, and the PTX for instruction counts.
 
 A kernel's code depends on how the JIT specializes its arguments at the call: an integer equal to 1 becomes a
 constant (a unit stride: contiguous along that axis, so vector loads and a thread's own run of steps), and
