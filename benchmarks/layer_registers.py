@@ -5,6 +5,8 @@ The layer runs one forward and one ``.sum().backward()`` on the CPU at the bench
 module is captured instead of run (``sm90_resources.capture_launches``; the PyTorch ops between them run on
 uninitialised outputs, which is fine: launches depend on shapes only), then compiled for sm_90 from its own
 arguments, specialized as the JIT specializes them (``compile_like_jit``). Compile-time facts, not timings.
+Grids are the CPU run's: a launcher that sizes its grid by the GPU's SM count (the gated norm's backward)
+shows its CPU fallback there; a kernel's code does not depend on its grid.
 
     python benchmarks/layer_registers.py --layers mamba3 mamba2 mamba
     python benchmarks/layer_registers.py --layers mamba3 --set ssmkit.ops.mamba3.triton_rotary._NORM_WARPS=4
