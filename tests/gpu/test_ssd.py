@@ -132,7 +132,7 @@ LAUNCH_NAMES = ["scan_r128", "fwd_r128", "state32_r128", "stages3", "tiles128", 
                 "state_bwd_bn32_w4", "rows_h2", "rows_h3", "rows_state_h2", "cb_lowp", "dcb_lowp",
                 "lowp", "scan_w4", "scan_w4_s3", "state_bwd_tile32", "cols_h2", "cols_split_h2", "cols_split_h3", "bwd_h2",
                 "bwd_h2_lowp", "scan_2h", "scan_2h_s3", "scan_2h_lowp", "all_h2_lowp",
-                "state_online", "state_online_t128", "keep_states"]
+                "state_online", "state_online_t128", "keep_states", "rows_r128", "bwd_r128_split"]
 
 
 @pytest.mark.parametrize("launch", LAUNCH_NAMES)

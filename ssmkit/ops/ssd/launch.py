@@ -174,4 +174,11 @@ CONFIGS: dict[str, SSDLaunch] = {
     # Δ, cum, the entering states and C Bᵀ kept from the forward for the backward (the default before the
     # backward recomputed them: issue 17's activation memory), timed beside the default by gpu_ssd_sweep.py.
     "keep_states": _R(DEFAULT_LAUNCH, recompute_states=False),
+    # The backward's 8-warp kernels capped at 128 registers: two programs an SM instead of one (their shared
+    # memory, 41-59 KB, allows it). On the device's Triton 3.6, as the JIT specializes the call: rows and the
+    # state-passing backward spill nothing at 128 (198 and 132 uncapped), rows_state 64 B, cols 384 B (split:
+    # dB none, the rest 96 B).
+    "rows_r128": _R(DEFAULT_LAUNCH, rows=(8, 3, 128), state_bwd=(8, 2, 128)),
+    "bwd_r128_split": _R(DEFAULT_LAUNCH, rows=(8, 3, 128), rows_state=(8, 2, 128), state_bwd=(8, 2, 128),
+                         cols_split=True, cols=(8, 1, 128), cols_dB=(8, 2, 128)),
 }
