@@ -74,7 +74,7 @@ DEFAULT_CONFIG = ScanConfig()
 # Time-wise launch shapes for the sweep (benchmarks/gpu_selective_scan.py), named tw{chunk}_f{channels}x{warps}
 # _b{channels}x{warps} (forward, backward). A thread holds chunk x channels / (32 warps) steps: 8 in these
 # forwards (one 16-byte bf16 vector; 77-122 registers on sm_90, Triton 3.6), 8 or 4 in the backwards (the
-# adjoint walks these runs by hand; 203-221 and 153-170 registers; benchmarks/scan_registers.py).
+# adjoint walks these runs by hand; 199-219 and 151-165 registers; benchmarks/scan_registers.py).
 TIMEWISE_CANDIDATES = {
     f"tw{chunk}_f{fd}x{fw}_b{bd}x{bw}": ScanConfig(chunk, fd, fw, bd, bw, timewise=True)
     for chunk, fd, fw, bd, bw in (

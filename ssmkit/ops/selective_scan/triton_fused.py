@@ -18,6 +18,7 @@ import triton.language as tl
 from ssmkit.ops.selective_scan.triton_kernels import (
     _LOG2E,
     _adjoint_combine,
+    _program_channels,
     _scan_combine,
     _softplus,
 )
@@ -101,22 +102,13 @@ def _fused_fwd_kernel(
     (BD, BLOCK_N) state carried in registers. Grid, inputs and outputs as ``_selective_scan_fwd_kernel``,
     with a checkpoint every CK steps (T a multiple of CK), in ckpt's dtype (bfloat16 or ACC), and the last
     state (b, d, N) in ACC at ``last_ptr``."""
-    pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < dg
-    offs_d = grp * dg + offs_c
+    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_t = tl.arange(0, T)
     mdn = mask_d[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     # Padded state indices get A = 0 and B = C = 0: a = 1, x = 0, no share of y.
     A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC) * _LOG2E
     u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
@@ -186,23 +178,14 @@ def _fused_bwd_kernel(
     """Fused-state backward, (T, BD, BLOCK_N) tiles as its forward. The adjoint carry a_{t+1} g_{t+1} and
     dA stay in registers: ``dh`` (b, d, N) holds d(last state) on entry and d(initial state) on exit,
     ``dA`` (b, d, N) gets each row's dA. Other outputs as ``_selective_scan_bwd_kernel``."""
-    pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     n_groups = tl.num_programs(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < dg
-    offs_d = grp * dg + offs_c
+    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_t = tl.arange(0, T)
     mdn = mask_d[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mdn, other=0.0).to(ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)

@@ -35,6 +35,26 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """This program's channels (grid axis 0: blocks of BLOCK_D within the group of axis 1): their offsets
+    within the group and in d, the mask of those past ``dg``, and their delta_bias and D in ACC (zeros where
+    absent)."""
+    offs_c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_c < dg
+    offs_d = tl.program_id(1) * dg + offs_c
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    else:
+        Dv = tl.zeros((BLOCK_D,), dtype=ACC)
+    return offs_c, mask_d, offs_d, bias, Dv
+
+
+@triton.jit
 def _softplus(x):
     # log1p(e^x) without log1p: log(w) e / (w - 1) with w = 1 + e is exact to rounding (Goldberg);
     # above 20 softplus(x) = x, as torch and mamba_ssm.
@@ -110,19 +130,10 @@ def _selective_scan_fwd_kernel(
 ):
     """Grid (cdiv(dg, BLOCK_D), g, b). Writes out (b, d, l), the ungated y (same layout as out) when
     HAS_Z, and ckpt (b, d, cdiv(l, T) + 1, N): the state before each chunk, then the last state."""
-    pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < dg
-    offs_d = grp * dg + offs_c
+    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_t = tl.arange(0, T)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
     out_b, ypre_b = out_ptr + pid_b * s_ob, ypre_ptr + pid_b * s_ob
     B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
@@ -191,20 +202,11 @@ def _selective_scan_bwd_kernel(
     d(initial state) in slot n_chunks % 2 on exit; ``dA`` sums the chunks' dA the same way (slot 0 zero on
     entry). Writes du, ddelta, dz (b, d, l), dD and d(delta_bias) per row (b, d); adds dB, dC
     (b, g, N, l) (zeroed by the caller) with atomics."""
-    pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     n_groups = tl.num_programs(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < dg
-    offs_d = grp * dg + offs_c
+    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_t = tl.arange(0, T)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb

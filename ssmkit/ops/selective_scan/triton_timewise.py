@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ssmkit.ops.selective_scan.triton_kernels import (
     _LOG2E,
+    _program_channels,
     _scan_combine,
     _softplus,
     _steps,
@@ -103,19 +104,10 @@ def _tw_fwd_kernel(
     and ckpt (b, d, cdiv(l, T) + 1, N) in ACC: the state before each tile, then the last state. Its first
     slot holds the initial state (or 0) on entry, written by the caller: loaded and stored in the kernel,
     it cost 34 registers a thread more (T 1024, 4 warps, sm_90)."""
-    pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < dg
-    offs_d = grp * dg + offs_c
+    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_t = tl.arange(0, T)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
     out_b, ypre_b = out_ptr + pid_b * s_ob, ypre_ptr + pid_b * s_ob
     B_b = B_ptr + pid_b * s_Bb + grp * s_Bg
@@ -182,20 +174,11 @@ def _tw_bwd_kernel(
     k - 1 (a_{t+1} g_{t+1} at its last step); the last slot is d(last state) on entry, slot 0 d(initial
     state) on exit. ``dA`` (b, d, cdiv(l, T), N) gets each tile's dA share. Writes du, ddelta, dz (b, d, l),
     dD and d(delta_bias) per row (b, d); adds dB, dC (b, g, N, l) (zeroed by the caller) with atomics."""
-    pid_d = tl.program_id(0)
     grp = tl.program_id(1)
     n_groups = tl.num_programs(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_c < dg
-    offs_d = grp * dg + offs_c
+    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_t = tl.arange(0, T)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
     dD_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=ACC)
     u_b, delta_b, z_b = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, z_ptr + pid_b * s_zb
@@ -299,7 +282,8 @@ def _tw_bwd_kernel(
         u = tl.load(u_b + offs_d[:, None] * s_ud + t[None, :] * s_ul, mask=m2, other=0.0).to(ACC)
         ddt = u * v + aq
         if SOFTPLUS:
-            raw = tl.load(delta_b + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m2, other=0.0).to(ACC) + bias[:, None]
+            raw = tl.load(delta_b + offs_d[:, None] * s_dd + t[None, :] * s_dl, mask=m2, other=0.0).to(ACC)
+            raw += bias[:, None]
             ddt = ddt * tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
         ddt = tl.where(m2, ddt, 0.0)
         tl.store(ddelta_b + offs_d[:, None] * s_ddd + t[None, :] * s_ddl, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
