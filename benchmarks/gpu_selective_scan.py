@@ -17,6 +17,7 @@ of its outputs, bf16) divided by the device's bandwidth.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -62,18 +63,32 @@ FUSED_SWEEP = (
 )
 
 
-def make_inputs(l: int, time_major: bool = False) -> dict[str, torch.Tensor]:
+LAYOUTS = ("contiguous", "time-major", "layer")
+DT_RANK = -(-D // 16)  # Mamba-1's dt_rank at this d_inner: the x_proj output holds (dt, B, C) side by side
+
+
+def make_inputs(l: int, layout: str = "contiguous") -> dict[str, torch.Tensor]:
+    """The op's inputs in one of LAYOUTS: "contiguous" (time is the unit stride everywhere, as mamba_ssm's
+    layer hands them to its kernel), "time-major" (u, delta, z channel-contiguous (b, d, l) views of
+    (b, l, d) tensors), "layer" (as ssmkit's Mamba layer calls it today: time-major u, delta, z, and B, C as
+    strided views of one (b, l, dt_rank + 2N) projection)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
 
     seq = {k: randn(B, D, l) for k in ("u", "delta", "z")}
-    if time_major:
+    if layout != "contiguous":
         seq = {k: v.transpose(1, 2).contiguous().transpose(1, 2) for k, v in seq.items()}
+    Bm, Cm = randn(B, N, l), randn(B, N, l)
+    if layout == "layer":
+        x_dbl = torch.empty(B, l, DT_RANK + 2 * N, device="cuda", dtype=torch.bfloat16)
+        x_dbl[..., DT_RANK:DT_RANK + N] = Bm.transpose(1, 2)
+        x_dbl[..., DT_RANK + N:] = Cm.transpose(1, 2)
+        Bm, Cm = x_dbl[..., DT_RANK:DT_RANK + N].transpose(1, 2), x_dbl[..., DT_RANK + N:].transpose(1, 2)
     A = -torch.exp(randn(D, N, dtype=torch.float32) * 0.5)
     return {
-        **seq, "A": A, "B": randn(B, N, l), "C": randn(B, N, l),
+        **seq, "A": A, "B": Bm, "C": Cm,
         "D": randn(D, dtype=torch.float32), "delta_bias": randn(D, dtype=torch.float32) * 0.5 - 3.0,
     }
 
@@ -162,6 +177,8 @@ def main() -> None:
                         help=f"comma-separated sweep configs by name (default all: {','.join(SWEEP)})")
     parser.add_argument("--sweep-lengths", default="8192,2048", help="comma-separated sequence lengths of the sweep")
     parser.add_argument("--sweep-fused", action="store_true", help="also the fused-state launch configs of FUSED_SWEEP")
+    parser.add_argument("--sweep-layouts", default="contiguous",
+                        help=f"comma-separated input layouts of the sweep, from {', '.join(LAYOUTS)}")
     parser.add_argument("--no-mamba", action="store_true", help="skip building mamba_ssm's CUDA kernel")
     parser.add_argument("--no-chunked", action="store_true", help="skip the (slow) chunked PyTorch path")
     parser.add_argument("--build-timeout", type=float, default=240.0)
@@ -170,7 +187,10 @@ def main() -> None:
     unknown = sorted(set(names) - set(SWEEP))
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {', '.join(SWEEP)}")
-    sweep_args = (names, tuple(int(v) for v in args.sweep_lengths.split(",")), args.sweep_fused)
+    layouts = [v for v in args.sweep_layouts.split(",") if v]
+    if not set(layouts) <= set(LAYOUTS):
+        parser.error(f"unknown layouts {sorted(set(layouts) - set(LAYOUTS))}; known: {', '.join(LAYOUTS)}")
+    sweep_args = (names, tuple(int(v) for v in args.sweep_lengths.split(",")), args.sweep_fused, layouts)
     name = torch.cuda.get_device_name()
     bw = next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}; bandwidth for floors {bw / 1e12:.2f} TB/s")
@@ -193,7 +213,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for l in LENGTHS:
-        x, x_tm = make_inputs(l), make_inputs(l, time_major=True)
+        x, x_tm = make_inputs(l), make_inputs(l, "time-major")
         for backward in (False, True):
             pass_name = "fwd+bwd" if backward else "fwd"
             floor = floor_bytes(l, backward) / bw * 1e3
@@ -217,24 +237,25 @@ def main() -> None:
         sweep(*sweep_args)
 
 
-def sweep(names: list[str], lengths: tuple[int, ...], fused: bool) -> None:
-    """Each named config (and FUSED_SWEEP with ``fused``) at each length, forward and forward+backward (short
-    timings, a few seconds a config), after checking its out and gradients against a float32 run."""
+def sweep(names: list[str], lengths: tuple[int, ...], fused: bool, layouts: list[str]) -> None:
+    """Each named config (and FUSED_SWEEP with ``fused``) at each length and input layout, forward and
+    forward+backward (short timings, a few seconds a config), after checking its out and gradients against a
+    float32 run."""
     configs = {name: SWEEP[name] for name in names}
     if fused:
         configs |= {f"fused{i}": cfg for i, cfg in enumerate(FUSED_SWEEP)}
     print("\nTriton launch configs (ms; mamba_ssm CUDA on H100 at L 8192, quoted: fwd 2.7, fwd+bwd 12.4).")
     print(f"'vs fp32': largest relative error of out and the gradients against DEFAULT_CONFIG on float32 inputs;"
           f" above {SWEEP_TOLERANCE:g} the config is not timed.")
-    print(f"{'L':>5} {'config':<16} {'chunk':>5} {'fwd tile':>8} {'fwd bd/w':>8} {'bwd bd/w':>8} {'kind':>8} "
+    print(f"{'L':>5} {'layout':<10} {'config':<16} {'chunk':>5} {'fwd tile':>8} {'fwd bd/w':>8} {'bwd bd/w':>8} {'kind':>8} "
           f"{'vs fp32':>8} {'fwd':>8} {'fwd+bwd':>8} {'bwd':>8}")
     start = time.perf_counter()
-    for l in lengths:
-        x = make_inputs(l)
+    for l, layout in itertools.product(lengths, layouts):
+        x = make_inputs(l, layout)
         ref = outputs_and_grads({k: v.float() for k, v in x.items()}, DEFAULT_CONFIG)
         for name, cfg in configs.items():
             kind = "timewise" if cfg.timewise else "fused" if cfg.fused_states else "tiles"
-            head = f"{l:>5} {name:<16} {cfg.chunk:>5} {cfg.fwd_chunk or cfg.chunk:>8} " \
+            head = f"{l:>5} {layout:<10} {name:<16} {cfg.chunk:>5} {cfg.fwd_chunk or cfg.chunk:>8} " \
                    f"{f'{cfg.fwd_block_d}/{cfg.fwd_warps}':>8} {f'{cfg.bwd_block_d}/{cfg.bwd_warps}':>8} {kind:>8}"
             try:
                 results = outputs_and_grads(x, cfg)
