@@ -53,20 +53,22 @@ def make(b=2, l=21, h=4, p=3, g=2, n=8, a=2, *, dtype=torch.float32, initial=Fal
 
 
 def split(proj, layout):
-    sizes, h, p, g, n = layout
+    """The per-token inputs as views of ``proj``; without z where ``layout`` ends with "no_z" (``check``)."""
+    sizes, h, p, g, n = layout[:5]
     z, x, B, C, dd_dt, dd_A, trap, angles, _ = proj.split(sizes, -1)
-    return {"x": x.unflatten(-1, (h, p)), "z": z.unflatten(-1, (h, p)), "dd_dt": dd_dt, "dd_A": dd_A,
-            "B": B.unflatten(-1, (g, n)), "C": C.unflatten(-1, (g, n)), "trap": trap, "angles": angles}
+    return {"x": x.unflatten(-1, (h, p)), "z": None if layout[-1] == "no_z" else z.unflatten(-1, (h, p)),
+            "dd_dt": dd_dt, "dd_A": dd_A, "B": B.unflatten(-1, (g, n)), "C": C.unflatten(-1, (g, n)), "trap": trap,
+            "angles": angles}
 
 
 def definition(x, dd_dt, dd_A, B, C, trap, angles, *, dt_bias, B_norm_weight, C_norm_weight, B_norm_eps,
-               C_norm_eps, A_floor, decay_activation, B_bias, C_bias, rotary_interleaved, **kw):
+               C_norm_eps, A_floor, decay_activation, rotary_interleaved, B_bias=None, C_bias=None, **kw):
     """The docstring's composition, spelled out."""
     def rms(v, w, eps):
         return v / (v.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
 
     def rank_one(bias):
-        return bias if bias.dim() == 3 else bias[:, None]
+        return bias if bias is None or bias.dim() == 3 else bias[:, None]
 
     h = x.shape[2]
     result = mamba3_scan(
@@ -102,15 +104,19 @@ def run(fn, proj, params, state, layout, device="cpu", **kw):
 
 def check(backend, dtype="float32", *, packed=False, initial=False, activation="heavy_tail", interleaved=True,
           params_dtype="float32", bias_2d=False, unsplit=False, g=2, device="cpu", shape=None,
-          angle_rtol=None) -> None:
+          angle_rtol=None, without=()) -> None:
     """``backend`` on ``device`` against the definition in float64 on the CPU (``shape``: ``make``'s b, l, h, p, n,
     a). ``angle_rtol``: the tolerance of the gradients that sum the rotation terms of every later position (the
-    initial angles', dt_bias's and the projection's, which holds dd_dt and the angle logits)."""
+    initial angles', dt_bias's and the projection's, which holds dd_dt and the angle logits). ``without``: optional
+    arguments left out (any of "D", "z", "B_bias", "C_bias")."""
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     sizes = dict(zip(("b", "l", "h", "p", "n", "a"), shape or ()))
     proj, params, state, layout = make(dtype=dt, initial=initial, params_dtype=getattr(torch, params_dtype),
                                        bias_2d=bias_2d, g=g, **sizes)
+    params = {k: v for k, v in params.items() if k not in without}
+    if "z" in without:
+        layout = (*layout, "no_z")
     kw = {"A_floor": 0.1, "decay_activation": activation, "rotary_interleaved": interleaved,
           "seq_idx": packed_ids(proj.shape[0], proj.shape[1]) if packed else None}
     split_programs = contextlib.nullcontext()
@@ -165,8 +171,9 @@ def test_bad_arguments_are_refused_clearly():
         mamba3_scan_from_projection(**args, **kw, initial_state=torch.zeros(2))
     with pytest.raises(TypeError, match="B_bias must be a torch.Tensor"):
         mamba3_scan_from_projection(**args, **(kw | {"B_bias": [1.0]}))
-    with pytest.raises(ValueError, match="A_floor"):
-        mamba3_scan_from_projection(**args, **(kw | {"A_floor": float("nan")}))
+    for bad in (float("nan"), float("inf"), -0.5):  # an infinite floor would make every decay -inf: NaN outputs
+        with pytest.raises(ValueError, match="A_floor"):
+            mamba3_scan_from_projection(**args, **(kw | {"A_floor": bad}))
 
 
 # name -> keyword arguments of ``check`` on the triton backend: odd length over several chunks of 16, groups,
@@ -179,6 +186,16 @@ CASES = {
                                            "initial": True},
     "fused_unsplit_packed_bf16_params": {"unsplit": True, "dtype": "bfloat16", "params_dtype": "bfloat16",
                                          "packed": True, "bias_2d": True, "g": 1},
+    # n = 12 (its 6 pairs padded to 8 in the kernels' tiles) all rotating (rope fraction 1), in halves.
+    "fused_n12_all_pairs_halves_fp32": {"shape": (2, 19, 4, 3, 12, 6), "interleaved": False, "initial": True},
+    # No rotary pair (a = 0): the angle kernels launch nothing.
+    "fused_no_angles_packed_fp32": {"shape": (2, 13, 4, 3, 8, 0), "packed": True, "initial": True},
+    # One position, batch 1; four groups of two heads (split, then one program each) without D, z or biases.
+    "fused_b1_l1_initial_fp32": {"shape": (1, 1, 4, 3, 8, 2), "initial": True},
+    "fused_g4_no_optionals_fp32": {"shape": (1, 23, 8, 2, 8, 2), "g": 4, "packed": True,
+                                   "without": ("D", "z", "B_bias", "C_bias")},
+    "fused_g4_unsplit_no_bias_fp16": {"shape": (1, 23, 8, 2, 8, 2), "g": 4, "unsplit": True, "dtype": "float16",
+                                      "params_dtype": "float16", "without": ("B_bias",), "initial": True},
 }
 
 
