@@ -129,8 +129,9 @@ def check_saved_bytes(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> Non
 
 def check_autograd_uses(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
     """With the recomputation on: a retained graph's second backward, and non-reentrant activation checkpointing
-    (its forward run again in the backward), give the plain backward's bits; the initial states and input_scale,
-    now read again by the backward, may not change in place in between (autograd's error, never stale values)."""
+    (its forward run again in the backward), give the plain backward's bits; a second-order gradient fails clearly;
+    the initial states and input_scale, now read again by the backward, may not change in place in between
+    (autograd's error, never stale values)."""
     from torch.utils.checkpoint import checkpoint
 
     inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
@@ -152,6 +153,12 @@ def check_autograd_uses(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> N
     for name, a, e, c in zip(inp, first, second, ckpt):
         assert torch.equal(a, e), f"d{name} differs in a retained graph's second backward"
         assert torch.equal(a, c), f"d{name} differs under activation checkpointing"
+    # The backward is first-order only: a gradient penalty through it must fail, not leave the SSD's terms out.
+    args = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    out = scan(*args.values())[0]
+    dx, = torch.autograd.grad(out.pow(2).sum(), [args["x"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (dx.pow(2).sum() + args["x"].sum()).backward()
     for name in ("initial_states", "input_scale"):
         args = {k: v.detach().requires_grad_() for k, v in inp.items()}
         changed = args[name] * 1.0  # float32, contiguous: the very tensor the backward reads

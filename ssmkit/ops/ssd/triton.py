@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 
 from ssmkit.ops._step_sizes import NO_LIMIT
@@ -182,6 +183,7 @@ class _SSDFunction(torch.autograd.Function):
         return out, final, cum, delta, prev
 
     @staticmethod
+    @once_differentiable  # first-order only: a second-order gradient through it fails, never drops its terms
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
         T, BM_fwd, step, has_init, has_scale, launch = ctx.meta
         x, dt, A, B, C, D, z, dt_bias, doc, ypre, *rest = ctx.saved_tensors
