@@ -152,6 +152,10 @@ def test_float64_and_the_rank_one_bias_shapes():
     check("chunked", "float64", params_dtype="float64", initial=True, bias_2d=True, g=1)
 
 
+def test_second_order_gradients_of_the_composition():
+    check_first_order_only("chunked")
+
+
 def test_bad_arguments_are_refused_clearly():
     proj, params, _, layout = make()
     args = split(proj, layout)
@@ -240,6 +244,25 @@ def check_raw_scalars(packed: bool, with_init: bool, a: int, activation: str) ->
             assert_close(t.grad, w.grad, torch.float32, name=f"grad {name}")
 
 
+def check_first_order_only(backend: str) -> None:
+    """A gradient penalty through the route fails clearly where its backward is first-order only (every Triton node
+    of the fused route: a node that returned constants would cut the chain and drop its terms silently), and is
+    exact where it is plain autograd (the chunked composition, against float64 differences)."""
+    proj, params, _, layout = make(b=1, l=9, h=2, p=2, g=1, n=4, a=1)
+    proj = proj.requires_grad_()
+    args = split(proj, layout)
+    kw = dict(params, A_floor=0.1, decay_activation="heavy_tail", chunk_size=16, backend=backend)
+    out = mamba3_scan_from_projection(**args, **kw)
+    dproj, = torch.autograd.grad(out.pow(2).sum(), [proj], create_graph=True)
+    penalty = dproj.pow(2).sum() + proj.sum()
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            penalty.backward()
+    else:
+        penalty.backward()
+        assert proj.grad is not None and proj.grad.abs().sum() > proj.numel()  # more than the linear term's ones
+
+
 RAW_CASES = {"raw_scalars_packed_init": (True, True, 2, "heavy_tail"),
              "raw_scalars_many_angles_softplus": (False, False, 20, "softplus")}
 
@@ -250,4 +273,5 @@ def test_fused_route_matches_the_definition_in_interpreter():
 
 if __name__ == "__main__":
     report_checks({name: (lambda kw: check("triton", **kw), (kw,)) for name, kw in CASES.items()}
-                  | {name: (check_raw_scalars, case) for name, case in RAW_CASES.items()})
+                  | {name: (check_raw_scalars, case) for name, case in RAW_CASES.items()}
+                  | {"fused_first_order_only": (check_first_order_only, ("triton",))})

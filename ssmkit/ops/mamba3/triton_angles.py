@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops.ssd.reference import doc_starts
@@ -158,6 +159,7 @@ class _Angles(torch.autograd.Function):
         return angles_fwd(dt, angles, starts, init)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dtheta):
         ddt, dang, dinit = angles_bwd(*ctx.saved_tensors, dtheta)
         ddt = ddt.sum(-1) if ddt.shape[-1] > 1 else ddt.view(ddt.shape[:-1])
