@@ -153,7 +153,10 @@ def test_float64_and_the_rank_one_bias_shapes():
 
 
 def test_second_order_gradients_of_the_composition():
-    check_first_order_only("chunked")
+    """The PyTorch composition is plain autograd: its second-order gradient is the sequential reference's."""
+    got, want = check_first_order_only("chunked"), check_first_order_only("reference")
+    assert got.abs().sum() > got.numel()  # more than the penalty's linear term (ones)
+    assert_close(got, want, F64, name="second-order grad")
 
 
 def test_bad_arguments_are_refused_clearly():
@@ -244,23 +247,25 @@ def check_raw_scalars(packed: bool, with_init: bool, a: int, activation: str) ->
             assert_close(t.grad, w.grad, torch.float32, name=f"grad {name}")
 
 
-def check_first_order_only(backend: str) -> None:
-    """A gradient penalty through the route fails clearly where its backward is first-order only (every Triton node
-    of the fused route: a node that returned constants would cut the chain and drop its terms silently), and is
-    exact where it is plain autograd (the chunked composition, against float64 differences)."""
+def check_first_order_only(backend: str) -> torch.Tensor | None:
+    """A gradient penalty through the route: fails clearly where its backward is first-order only (every Triton
+    node of the fused route: one that returned constants would cut the chain and drop the terms silently); else
+    its gradient of the projection (float64)."""
+    torch.manual_seed(0)
     proj, params, _, layout = make(b=1, l=9, h=2, p=2, g=1, n=4, a=1)
-    proj = proj.requires_grad_()
-    args = split(proj, layout)
+    float64 = backend != "triton"
+    proj = (proj.double() if float64 else proj).requires_grad_()
+    params = {k: v.double() if float64 else v for k, v in params.items()}
     kw = dict(params, A_floor=0.1, decay_activation="heavy_tail", chunk_size=16, backend=backend)
-    out = mamba3_scan_from_projection(**args, **kw)
+    out = mamba3_scan_from_projection(**split(proj, layout), **kw)
     dproj, = torch.autograd.grad(out.pow(2).sum(), [proj], create_graph=True)
     penalty = dproj.pow(2).sum() + proj.sum()
-    if backend == "triton":
+    if not float64:
         with pytest.raises(RuntimeError, match="differentiate twice"):
             penalty.backward()
-    else:
-        penalty.backward()
-        assert proj.grad is not None and proj.grad.abs().sum() > proj.numel()  # more than the linear term's ones
+        return None
+    penalty.backward()
+    return proj.grad
 
 
 RAW_CASES = {"raw_scalars_packed_init": (True, True, 2, "heavy_tail"),
