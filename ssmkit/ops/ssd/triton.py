@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.chunking import chunk_length
