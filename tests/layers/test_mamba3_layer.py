@@ -251,3 +251,46 @@ def test_B_and_C_norms_keep_their_own_weight_and_eps(settings, eps_C):
         v = raw.detach().unflatten(-1, shape)
         want = (g * v / v.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()).sum((0, 1, 2, 3))
         assert_close(g_got, want, name="weight grad")
+
+
+@pytest.mark.parametrize("settings", [{"ngroups": 2, "rope_fraction": 1.0},
+                                      {"is_outproj_norm": True, "decay_activation": "softplus", "eps_C": 0.3}])
+def test_folded_projection_equals_the_unfolded_route(monkeypatch, settings):
+    """Single input: mamba3_scan_from_projection (FOLD_PROJECTION, the default) against _project then mamba3_scan
+    (the switch off), in float64 on the CPU: outputs, the cache after a prefill from an initial state with
+    documents, and the gradients of the input, every parameter and the initial state; both ways of the switch."""
+    import ssmkit.layers.mamba3 as mamba3_layer
+
+    settings = dict(settings)
+    eps_C = settings.pop("eps_C", None)
+    layer = make(F64, **settings)
+    if eps_C is not None:
+        layer.C_norm.eps = eps_C
+    u = torch.randn(2, 11, D_MODEL, dtype=F64)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 7, [0] * 11])
+    init = layer.allocate_state(2)
+    for t in init.tensors().values():
+        t.copy_(torch.randn_like(t))
+
+    def run(fold: bool):
+        monkeypatch.setattr(mamba3_layer, "FOLD_PROJECTION", fold)
+        layer.zero_grad(set_to_none=True)
+        x = u.clone().requires_grad_()
+        state = Mamba3State(**{k: v.clone().requires_grad_() for k, v in init.tensors().items()})
+        out = layer(x, seq_idx=seq_idx, initial_state=state)
+        cache = Mamba3State(**{k: v.clone() for k, v in init.tensors().items()})
+        with torch.no_grad():
+            layer(u, seq_idx=seq_idx, cache=cache)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum().backward()
+        grads = {"x": x.grad} | {k: p.grad for k, p in layer.named_parameters()}
+        grads |= {f"initial {k}": v.grad for k, v in state.tensors().items()}
+        return out.detach(), cache, grads
+
+    (got, got_cache, got_grads), (want, want_cache, want_grads) = run(True), run(False)
+    assert_close(got, want, F64, name="out")
+    for name, t in got_cache.tensors().items():
+        assert_close(t, want_cache.tensors()[name], F64, name=f"cache {name}")
+    assert got_grads.keys() == want_grads.keys()
+    for name, g in got_grads.items():
+        assert g is not None and want_grads[name] is not None, name
+        assert_close(g, want_grads[name], F64, name=f"grad {name}")

@@ -121,6 +121,16 @@ def test_backward_launch_refuses_bad_settings(kwargs):
         BackwardLaunch(**kwargs)
 
 
+def check_first_order_only() -> None:
+    """The backward is first-order only: a gradient penalty through it fails, not with the convolution's terms
+    left out (its gradients would come back as constants and cut the chain for every node before it)."""
+    x = torch.randn(2, 4, 9, requires_grad=True)
+    out = causal_conv1d_fn(x, torch.randn(4, 3), torch.randn(4), activation="silu", backend="triton")
+    dx, = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (dx.pow(2).sum() + x.sum()).backward()
+
+
 @pytest.mark.parametrize("group", ["fn_f32", "fn_low_precision", "fn_shifted_backward", "update"])
 def test_triton_matches_reference_in_interpreter(group):
     run_checks_in_interpreter(__file__, group)
@@ -148,6 +158,7 @@ def _main(group: str) -> None:
         }
         if not low:
             checks["nan_stays_in_document"] = (check_nan_stays_in_document, ())
+            checks["first_order_only"] = (check_first_order_only, ())
     report_checks(checks)
 
 

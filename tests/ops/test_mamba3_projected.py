@@ -53,20 +53,22 @@ def make(b=2, l=21, h=4, p=3, g=2, n=8, a=2, *, dtype=torch.float32, initial=Fal
 
 
 def split(proj, layout):
-    sizes, h, p, g, n = layout
+    """The per-token inputs as views of ``proj``; without z where ``layout`` ends with "no_z" (``check``)."""
+    sizes, h, p, g, n = layout[:5]
     z, x, B, C, dd_dt, dd_A, trap, angles, _ = proj.split(sizes, -1)
-    return {"x": x.unflatten(-1, (h, p)), "z": z.unflatten(-1, (h, p)), "dd_dt": dd_dt, "dd_A": dd_A,
-            "B": B.unflatten(-1, (g, n)), "C": C.unflatten(-1, (g, n)), "trap": trap, "angles": angles}
+    return {"x": x.unflatten(-1, (h, p)), "z": None if layout[-1] == "no_z" else z.unflatten(-1, (h, p)),
+            "dd_dt": dd_dt, "dd_A": dd_A, "B": B.unflatten(-1, (g, n)), "C": C.unflatten(-1, (g, n)), "trap": trap,
+            "angles": angles}
 
 
 def definition(x, dd_dt, dd_A, B, C, trap, angles, *, dt_bias, B_norm_weight, C_norm_weight, B_norm_eps,
-               C_norm_eps, A_floor, decay_activation, B_bias, C_bias, rotary_interleaved, **kw):
+               C_norm_eps, A_floor, decay_activation, rotary_interleaved, B_bias=None, C_bias=None, **kw):
     """The docstring's composition, spelled out."""
     def rms(v, w, eps):
         return v / (v.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
 
     def rank_one(bias):
-        return bias if bias.dim() == 3 else bias[:, None]
+        return bias if bias is None or bias.dim() == 3 else bias[:, None]
 
     h = x.shape[2]
     result = mamba3_scan(
@@ -102,15 +104,19 @@ def run(fn, proj, params, state, layout, device="cpu", **kw):
 
 def check(backend, dtype="float32", *, packed=False, initial=False, activation="heavy_tail", interleaved=True,
           params_dtype="float32", bias_2d=False, unsplit=False, g=2, device="cpu", shape=None,
-          angle_rtol=None) -> None:
+          angle_rtol=None, without=()) -> None:
     """``backend`` on ``device`` against the definition in float64 on the CPU (``shape``: ``make``'s b, l, h, p, n,
     a). ``angle_rtol``: the tolerance of the gradients that sum the rotation terms of every later position (the
-    initial angles', dt_bias's and the projection's, which holds dd_dt and the angle logits)."""
+    initial angles', dt_bias's and the projection's, which holds dd_dt and the angle logits). ``without``: optional
+    arguments left out (any of "D", "z", "B_bias", "C_bias")."""
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     sizes = dict(zip(("b", "l", "h", "p", "n", "a"), shape or ()))
     proj, params, state, layout = make(dtype=dt, initial=initial, params_dtype=getattr(torch, params_dtype),
                                        bias_2d=bias_2d, g=g, **sizes)
+    params = {k: v for k, v in params.items() if k not in without}
+    if "z" in without:
+        layout = (*layout, "no_z")
     kw = {"A_floor": 0.1, "decay_activation": activation, "rotary_interleaved": interleaved,
           "seq_idx": packed_ids(proj.shape[0], proj.shape[1]) if packed else None}
     split_programs = contextlib.nullcontext()
@@ -146,6 +152,13 @@ def test_float64_and_the_rank_one_bias_shapes():
     check("chunked", "float64", params_dtype="float64", initial=True, bias_2d=True, g=1)
 
 
+def test_second_order_gradients_of_the_composition():
+    """The PyTorch composition is plain autograd: its second-order gradient is the sequential reference's."""
+    got, want = check_first_order_only("chunked"), check_first_order_only("reference")
+    assert got.abs().sum() > got.numel()  # more than the penalty's linear term (ones)
+    assert_close(got, want, F64, name="second-order grad")
+
+
 def test_bad_arguments_are_refused_clearly():
     proj, params, _, layout = make()
     args = split(proj, layout)
@@ -165,8 +178,9 @@ def test_bad_arguments_are_refused_clearly():
         mamba3_scan_from_projection(**args, **kw, initial_state=torch.zeros(2))
     with pytest.raises(TypeError, match="B_bias must be a torch.Tensor"):
         mamba3_scan_from_projection(**args, **(kw | {"B_bias": [1.0]}))
-    with pytest.raises(ValueError, match="A_floor"):
-        mamba3_scan_from_projection(**args, **(kw | {"A_floor": float("nan")}))
+    for bad in (float("nan"), float("inf"), -0.5):  # an infinite floor would make every decay -inf: NaN outputs
+        with pytest.raises(ValueError, match="A_floor"):
+            mamba3_scan_from_projection(**args, **(kw | {"A_floor": bad}))
 
 
 # name -> keyword arguments of ``check`` on the triton backend: odd length over several chunks of 16, groups,
@@ -179,6 +193,16 @@ CASES = {
                                            "initial": True},
     "fused_unsplit_packed_bf16_params": {"unsplit": True, "dtype": "bfloat16", "params_dtype": "bfloat16",
                                          "packed": True, "bias_2d": True, "g": 1},
+    # n = 12 (its 6 pairs padded to 8 in the kernels' tiles) all rotating (rope fraction 1), in halves.
+    "fused_n12_all_pairs_halves_fp32": {"shape": (2, 19, 4, 3, 12, 6), "interleaved": False, "initial": True},
+    # No rotary pair (a = 0): the angle kernels launch nothing.
+    "fused_no_angles_packed_fp32": {"shape": (2, 13, 4, 3, 8, 0), "packed": True, "initial": True},
+    # One position, batch 1; four groups of two heads (split, then one program each) without D, z or biases.
+    "fused_b1_l1_initial_fp32": {"shape": (1, 1, 4, 3, 8, 2), "initial": True},
+    "fused_g4_no_optionals_fp32": {"shape": (1, 23, 8, 2, 8, 2), "g": 4, "packed": True,
+                                   "without": ("D", "z", "B_bias", "C_bias")},
+    "fused_g4_unsplit_no_bias_fp16": {"shape": (1, 23, 8, 2, 8, 2), "g": 4, "unsplit": True, "dtype": "float16",
+                                      "params_dtype": "float16", "without": ("B_bias",), "initial": True},
 }
 
 
@@ -223,6 +247,27 @@ def check_raw_scalars(packed: bool, with_init: bool, a: int, activation: str) ->
             assert_close(t.grad, w.grad, torch.float32, name=f"grad {name}")
 
 
+def check_first_order_only(backend: str) -> torch.Tensor | None:
+    """A gradient penalty through the route: fails clearly where its backward is first-order only (every Triton
+    node of the fused route: one that returned constants would cut the chain and drop the terms silently); else
+    its gradient of the projection (float64)."""
+    torch.manual_seed(0)
+    proj, params, _, layout = make(b=1, l=9, h=2, p=2, g=1, n=4, a=1)
+    float64 = backend != "triton"
+    proj = (proj.double() if float64 else proj).requires_grad_()
+    params = {k: v.double() if float64 else v for k, v in params.items()}
+    kw = dict(params, A_floor=0.1, decay_activation="heavy_tail", chunk_size=16, backend=backend)
+    out = mamba3_scan_from_projection(**split(proj, layout), **kw)
+    dproj, = torch.autograd.grad(out.pow(2).sum(), [proj], create_graph=True)
+    penalty = dproj.pow(2).sum() + proj.sum()
+    if not float64:
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            penalty.backward()
+        return None
+    penalty.backward()
+    return proj.grad
+
+
 RAW_CASES = {"raw_scalars_packed_init": (True, True, 2, "heavy_tail"),
              "raw_scalars_many_angles_softplus": (False, False, 20, "softplus")}
 
@@ -233,4 +278,5 @@ def test_fused_route_matches_the_definition_in_interpreter():
 
 if __name__ == "__main__":
     report_checks({name: (lambda kw: check("triton", **kw), (kw,)) for name, kw in CASES.items()}
-                  | {name: (check_raw_scalars, case) for name, case in RAW_CASES.items()})
+                  | {name: (check_raw_scalars, case) for name, case in RAW_CASES.items()}
+                  | {"fused_first_order_only": (check_first_order_only, ("triton",))})

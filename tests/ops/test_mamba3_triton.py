@@ -32,6 +32,8 @@ CASES = {
     "rank3_bf16": (9, 1, 2, True, "bfloat16", False, True, 3),
     # more angles than one program of the angle kernels takes: Δ's gradient from two partials
     "many_angles_packed_fp32": (21, 1, 20, True, "float32", True, False, 1),
+    # no rotary pair (a = 0, as the chunked route takes it): the angle kernels launch nothing
+    "no_angles_packed_fp32": (13, 1, 0, True, "float32", True, False, 1),
 }
 
 

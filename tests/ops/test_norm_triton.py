@@ -100,6 +100,17 @@ def check_edge_cases() -> None:
     assert_close(out, exp, torch.float32, name="transposed x")
 
 
+def check_first_order_only() -> None:
+    """The backward is first-order only: a gradient penalty through it fails, not with the norm's terms left out
+    (its gradients would come back as constants and cut the chain for every node before it)."""
+    x, z = (torch.randn(3, 16, requires_grad=True) for _ in range(2))
+    w = torch.randn(16)
+    out = gated_rms_norm_fn(x, z, w, group_size=8, backend="triton")
+    dx, = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (dx.pow(2).sum() + x.sum()).backward()
+
+
 @pytest.mark.parametrize("group", ["gated", "plain"])
 def test_triton_matches_reference_in_interpreter(group):
     run_checks_in_interpreter(__file__, group)
@@ -111,6 +122,7 @@ def _main(group: str) -> None:
     else:
         checks = {name: (check_plain, case) for name, case in PLAIN_CASES.items()}
         checks["edge_cases"] = (check_edge_cases, ())
+        checks["first_order_only"] = (check_first_order_only, ())
     report_checks(checks)
 
 

@@ -127,6 +127,48 @@ def check_saved_bytes(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> Non
     assert off - on == expected, (on, off, expected)
 
 
+def check_autograd_uses(b, l, h, p, g, n, chunk_size, tile, dtype, options) -> None:
+    """With the recomputation on: a retained graph's second backward, and non-reentrant activation checkpointing
+    (its forward run again in the backward), give the plain backward's bits; a second-order gradient fails clearly;
+    the initial states and input_scale, now read again by the backward, may not change in place in between
+    (autograd's error, never stale values)."""
+    from torch.utils.checkpoint import checkpoint
+
+    inp, kw = make_case(b, l, h, p, g, n, chunk_size, dtype, options)
+    launch = case_launch(tile, options)
+
+    def grads(args, outs, **backward):
+        torch.manual_seed(1)
+        loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64)).sum() for o in outs)
+        return torch.autograd.grad(loss, list(args.values()), **backward)
+
+    def scan(*tensors):
+        return mamba_chunk_scan_combined(**dict(zip(inp, tensors)), **kw, backend="triton", launch=launch)
+
+    args = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    outs = scan(*args.values())
+    first, second = grads(args, outs, retain_graph=True), grads(args, outs)
+    args_ckpt = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    ckpt = grads(args_ckpt, checkpoint(scan, *args_ckpt.values(), use_reentrant=False))
+    for name, a, e, c in zip(inp, first, second, ckpt):
+        assert torch.equal(a, e), f"d{name} differs in a retained graph's second backward"
+        assert torch.equal(a, c), f"d{name} differs under activation checkpointing"
+    # The backward is first-order only: a gradient penalty through it must fail, not leave the SSD's terms out.
+    args = {k: v.detach().requires_grad_() for k, v in inp.items()}
+    out = scan(*args.values())[0]
+    dx, = torch.autograd.grad(out.pow(2).sum(), [args["x"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (dx.pow(2).sum() + args["x"].sum()).backward()
+    for name in ("initial_states", "input_scale"):
+        args = {k: v.detach().requires_grad_() for k, v in inp.items()}
+        changed = args[name] * 1.0  # float32, contiguous: the very tensor the backward reads
+        outs = scan(*(changed if k == name else v for k, v in args.items()))
+        with torch.no_grad():
+            changed.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            grads(args, outs)
+
+
 @pytest.mark.parametrize("group", ["reference", "bits"])
 def test_recompute_states_in_interpreter(group):
     run_checks_in_interpreter(__file__, group)
@@ -142,6 +184,7 @@ def _main(group: str) -> None:
         checks["saved_bytes_float32"] = (check_saved_bytes, CASES["groups_docs_init"])
         checks["saved_bytes_bf16_lowp"] = (check_saved_bytes, CASES["bf16_lowp"])
         checks["saved_bytes_bf16"] = (check_saved_bytes, CASES["bf16_init"])
+        checks["autograd_uses"] = (check_autograd_uses, CASES["scale_online"])
     report_checks(checks)
 
 

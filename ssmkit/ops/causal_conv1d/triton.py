@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops.causal_conv1d.inputs import ConvInputs, ConvStepInputs
 from ssmkit.ops.causal_conv1d.triton_backward import backward
@@ -78,6 +79,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         return _forward(x, weight, bias, init, seq_idx, silu)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x, weight, bias, init, seq_idx = ctx.saved_tensors
         need_dinit = init is not None and ctx.needs_input_grad[3] and weight.shape[1] > 1

@@ -13,6 +13,8 @@ backend) it is that composition in PyTorch followed by :func:`~ssmkit.ops.mamba3
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -86,8 +88,8 @@ def mamba3_scan_from_projection(
     """
     dims = _validate(locals())
     check_chunk_size(chunk_size)
-    if isinstance(A_floor, bool) or not isinstance(A_floor, (int, float)) or not A_floor >= 0:
-        raise ValueError(f"A_floor must be a non-negative number, got {A_floor!r}")
+    if isinstance(A_floor, bool) or not isinstance(A_floor, (int, float)) or not 0 <= A_floor < math.inf:
+        raise ValueError(f"A_floor must be a finite non-negative number, got {A_floor!r}")
     if decay_activation not in DECAY_ACTIVATIONS:
         raise ValueError(f"decay_activation must be one of {DECAY_ACTIVATIONS}, got {decay_activation!r}")
     for name, eps in (("B_norm_eps", B_norm_eps), ("C_norm_eps", C_norm_eps)):

@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops.ssd.reference import doc_starts
@@ -120,6 +121,8 @@ def angles_fwd(dt: torch.Tensor, angles: torch.Tensor, starts: torch.Tensor | No
     """Launch the forward: θ (b, l, h, a) float32 (layouts in the module docstring)."""
     b, l, h, a = angles.shape
     theta = torch.empty(b, l, h, a, device=dt.device, dtype=torch.float32)
+    if a == 0:  # no rotary pair: nothing to launch (a grid of 0 column blocks)
+        return theta
     dummy = dt
     BA = min(_COLS, next_power_of_2(a))
     _angles_fwd[(b * h, cdiv(a, BA))](
@@ -134,11 +137,13 @@ def angles_bwd(dt, angles, starts, dtheta) -> tuple[torch.Tensor, torch.Tensor, 
     """Launch the backward: Δ's gradient as (b, l, h, k) float32 partials (one per block of angles, summed by the
     caller), the angles' gradient in their dtype and the initial angles' (b, h, a) float32."""
     b, l, h, a = angles.shape
+    dang = torch.empty(b, l, h, a, device=dt.device, dtype=angles.dtype)  # stored in its dtype: no cast after
+    dinit = torch.empty(b, h, a, device=dt.device, dtype=torch.float32)
+    if a == 0:  # no rotary pair: Δ gets no gradient from the angles (one zero partial: callers read at least one)
+        return torch.zeros(b, l, h, 1, device=dt.device, dtype=torch.float32), dang, dinit
     BA = min(_COLS, next_power_of_2(a))
     ncb = cdiv(a, BA)
     ddt = torch.empty(b, l, h, ncb, device=dt.device, dtype=torch.float32)
-    dang = torch.empty(b, l, h, a, device=dt.device, dtype=angles.dtype)  # stored in its dtype: no cast after
-    dinit = torch.empty(b, h, a, device=dt.device, dtype=torch.float32)
     _angles_bwd[(b * h, ncb)](
         dt, angles, dt if starts is None else starts, dtheta.contiguous(), ddt, dang, dinit,
         l, h, a, *angles.stride(), BA=BA, BL=_BLOCK, HAS_DOC=starts is not None, num_warps=4,
@@ -154,6 +159,7 @@ class _Angles(torch.autograd.Function):
         return angles_fwd(dt, angles, starts, init)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dtheta):
         ddt, dang, dinit = angles_bwd(*ctx.saved_tensors, dtheta)
         ddt = ddt.sum(-1) if ddt.shape[-1] > 1 else ddt.view(ddt.shape[:-1])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._host import cdiv, next_power_of_2
 
@@ -109,6 +110,7 @@ class _Output(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         y, x, z, nxt, cb, D = ctx.saved_tensors
         b, l, h, p = x.shape

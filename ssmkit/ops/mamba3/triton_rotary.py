@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops.mamba3.triton_pairs import (
@@ -245,6 +246,7 @@ class _RotateBC(torch.autograd.Function):
         return Bt, Ct, cb
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dBt, dCt, dcb):
         B, C, B_bias, C_bias, theta, B_weight, C_weight = ctx.saved_tensors
         interleaved, out_dtype, eps = ctx.meta

@@ -15,6 +15,7 @@ projection gives them, one set per token (b, l, a), expanded over the heads insi
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops.mamba3.triton_angles import angles_bwd, angles_fwd
 from ssmkit.ops.mamba3.triton_step_sizes import (
@@ -35,6 +36,7 @@ class _RouteScalars(torch.autograd.Function):
         return sdt, w, nxt, theta
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_sdt, g_w, g_nxt, dtheta):
         dt, A, trap, angles, starts = ctx.saved_tensors
         ddt_angles, dang, dinit = angles_bwd(dt, angles, starts, dtheta)
@@ -74,6 +76,7 @@ class _RawRouteScalars(torch.autograd.Function):
         return sdt, w, nxt, theta
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_sdt, g_w, g_nxt, dtheta):
         dd_dt, dd_A, bias, trap, angles, starts, dt = ctx.saved_tensors
         A_floor, heavy_tail, has_init, bias_dtype = ctx.meta

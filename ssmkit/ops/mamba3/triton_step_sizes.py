@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._host import cdiv
 from ssmkit.ops.selective_scan.triton_kernels import _softplus
@@ -104,6 +105,7 @@ class _DtDecay(torch.autograd.Function):
         return dt, A
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_dt, g_A):
         dd_dt, dd_A, bias = ctx.saved_tensors
         b, l, h = dd_dt.shape
@@ -278,6 +280,7 @@ class _StepWeights(torch.autograd.Function):
         return step_weights_fwd(dt, A, trap, starts)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_sdt, g_w, g_nxt):
         return *step_weights_bwd(*ctx.saved_tensors, g_sdt, g_w, g_nxt), None
 

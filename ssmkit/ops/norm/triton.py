@@ -16,6 +16,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops._precision import compute_dtype
@@ -182,6 +183,7 @@ class _RMSNormTriton(torch.autograd.Function):
         return out, h.reshape(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dh_out=None):
         x2, res2, z2, weight, bias, rstd = ctx.saved_tensors
         m, n = x2.shape

@@ -25,6 +25,7 @@ import os
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from ssmkit.ops._step_sizes import NO_LIMIT
 from ssmkit.ops.chunking import chunk_length
@@ -182,6 +183,7 @@ class _SSDFunction(torch.autograd.Function):
         return out, final, cum, delta, prev
 
     @staticmethod
+    @once_differentiable  # first-order only: a second-order gradient through it fails, never drops its terms
     def backward(ctx, dout, dfinal, dcum_x, ddelta_x, dprev_x):
         T, BM_fwd, step, has_init, has_scale, launch = ctx.meta
         x, dt, A, B, C, D, z, dt_bias, doc, ypre, *rest = ctx.saved_tensors
