@@ -273,6 +273,40 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
         selective_scan_fn(u, u, -torch.ones(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3), backend="triton")
 
 
+def test_triton_refuses_row_offsets_past_32_bits():
+    """The kernels index within a batch row with 32-bit offsets: a call whose offsets pass 2^31 - 1 (here
+    time-major, d (l - 1) + d - 1 = 2^31 + 4095: a 512k-token prefill of a 4096-channel layer) is refused
+    before anything is allocated or launched (meta tensors: shapes and strides only), where it would reach
+    the wrong memory."""
+    from ssmkit.ops.selective_scan import ScanInputs
+    from ssmkit.ops.selective_scan.triton import (
+        _check_row_offsets,
+        selective_scan_triton,
+    )
+
+    d, n, l = 2**12, 4, 2**19 + 1
+
+    def time_major(length):
+        return torch.empty(1, length, d, device="meta").mT
+
+    def rows(length):
+        return torch.empty(1, 1, n, length, device="meta")
+
+    A = torch.empty(d, n, device="meta")
+    inputs = {"u": time_major(l), "delta": time_major(l), "A": A, "B": rows(l), "C": rows(l)}
+    with pytest.raises(ValueError, match=r"u \(1, 4096, 524289\).*32-bit"):
+        selective_scan_triton(ScanInputs.from_args(inputs))
+    # One step shorter fits: the last element's offset is then 2^31 - 1.
+    _check_row_offsets(u=time_major(l - 1), B=rows(l - 1))
+    # B as a strided view of a wide projection: offsets of step x row stride.
+    proj = torch.empty(1, 2**24, 160, device="meta")
+    with pytest.raises(ValueError, match="B"):
+        _check_row_offsets(B=proj[..., :n].mT[:, None])
+    # The backward's incoming gradient, in whatever layout it comes.
+    with pytest.raises(ValueError, match="dout"):
+        _check_row_offsets(dout=torch.empty_strided((1, 3, 8), (0, 2**30, 1), device="meta"))
+
+
 def test_scan_config_rejects_forward_tiles_off_the_checkpoints():
     from ssmkit.ops.selective_scan.triton import ScanConfig
 
