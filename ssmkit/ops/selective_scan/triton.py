@@ -111,6 +111,26 @@ def _timewise_run(chunk: int, block_d: int, warps: int, element_size: int) -> in
     return run if run in (4, 8) and chunk >= run else 0
 
 
+# The kernels index within a batch row with 32-bit integers (channel x stride + step x stride, as Triton types
+# the strides): an offset from 2^31 on would wrap and reach memory outside the tensors.
+_MAX_ROW_OFFSET = 2**31 - 1
+
+
+def _check_row_offsets(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError where an element's offset within its batch row (dims 1.., with these strides) passes
+    2^31 - 1: the kernels' 32-bit offsets would wrap (wrong memory, not an error)."""
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        offset = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]))
+        if offset > _MAX_ROW_OFFSET:
+            raise ValueError(
+                f"selective scan (triton): {name} {tuple(x.shape)} with strides {tuple(x.stride())} reaches "
+                f"offset {offset} within a batch row, past the kernels' 32-bit indexing (2^31 - 1); use "
+                "backend='chunked', or split the sequence and pass each part the last state as initial_state"
+            )
+
+
 def _checkpoint_dtype(u: torch.Tensor, acc: torch.dtype, cfg: ScanConfig) -> torch.dtype:
     """bfloat16 checkpoints where the kernels allow them (see ``ScanConfig.lowp_checkpoints``), else ``acc``.
     Only the fused-state forward carries its state in registers: the chunk-tile forward reads the state
@@ -125,6 +145,10 @@ def _forward(u, delta, A, B, C, D, z, bias, h0, seq_idx, softplus, acc, cfg):
     g, n = B.shape[1], B.shape[2]
     dg = d // g
     n_chunks = triton.cdiv(l, cfg.chunk)
+    # Before any allocation; out (u's layout) and the backward's contiguous (b, g, n, l) dB, dC buffers as
+    # meta tensors.
+    _check_row_offsets(u=u, delta=delta, z=z, out=torch.empty_like(u, device="meta"), B=B, C=C, seq_idx=seq_idx,
+                       dB=torch.empty(b, g, n, l, device="meta"))
     # empty_like keeps u's layout: time-major in, time-major out, as the chunked backend.
     out = torch.empty_like(u)
     ypre = torch.empty_like(u) if z is not None else None
@@ -167,6 +191,8 @@ def _backward(u, delta, A, B, C, D, z, bias, seq_idx, ckpt, ypre, dout, dlast, s
     g, n = B.shape[1], B.shape[2]
     dg = d // g
     n_chunks = ckpt.shape[2] - 1
+    # The forward checked u, delta, z (so du, ddelta, dz); dout may come in any layout.
+    _check_row_offsets(dout=dout)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dz = None if z is None else torch.empty_like(z)
     dB = torch.zeros(b, g, n, l, dtype=acc, device=u.device)
@@ -259,7 +285,8 @@ def selective_scan_triton(
     memory: the (b, d, cdiv(l, chunk) + 1, n) checkpoint tensor saved for backward (bfloat16 for bfloat16
     u with the training config, else float32; ``ScanConfig.lowp_checkpoints``), and float32 (b, g, n, l)
     dB, dC buffers during backward. ``config`` sets the launch shape (default: ``TRAINING_CONFIG`` when a
-    gradient will be needed, else ``DEFAULT_CONFIG``).
+    gradient will be needed, else ``DEFAULT_CONFIG``). The kernels index a batch row with 32-bit offsets:
+    a call where an offset within a row passes 2^31 - 1 (d l > 2^31 for dense u) raises ValueError.
     """
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs.unpack()
     acc = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -104,7 +104,7 @@ def _fused_fwd_kernel(
     state (b, d, N) in ACC at ``last_ptr``."""
     grp = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
+    _offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_t = tl.arange(0, T)
@@ -181,7 +181,7 @@ def _fused_bwd_kernel(
     grp = tl.program_id(1)
     n_groups = tl.num_programs(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
+    _offs_c, mask_d, offs_d, bias, Dv = _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS, HAS_D, ACC, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_t = tl.arange(0, T)
