@@ -79,3 +79,14 @@ def check_nonempty(name: str, size: int, what: str) -> None:
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+# Triton kernels that index within a batch row with 32-bit integers reach offsets up to this.
+MAX_ROW_OFFSET = 2**31 - 1
+
+
+def row_offset(x: torch.Tensor) -> int:
+    """The largest element offset within one batch row of ``x`` (dims 1.. with their strides): what a kernel
+    that indexes each row with 32-bit integers must reach."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]))
+

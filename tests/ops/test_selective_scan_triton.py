@@ -337,3 +337,20 @@ def _run_all() -> dict[str, str]:
 
 if __name__ == "__main__":
     print(json.dumps(_run_all()))
+
+
+def test_auto_backend_leaves_triton_past_32_bit_row_offsets():
+    """backend="auto" picks the chunked scan where the Triton kernels' 32-bit row offsets would not reach (the
+    explicit backend="triton" refuses, above); one step shorter, Triton still fits."""
+    from ssmkit.ops.selective_scan import _triton_rows_fit
+
+    d, n, l = 2**12, 4, 2**19 + 1
+    u = torch.empty(1, l, d, device="meta").mT
+    B = torch.empty(1, 1, n, l, device="meta")
+    assert not _triton_rows_fit(u, u, None, B, B)
+    short = torch.empty(1, l - 1, d, device="meta").mT
+    assert _triton_rows_fit(short, short, short, B[..., :-1], B[..., :-1])
+    # The backward's contiguous (b, g, n, l) dB buffer can pass the limit where B itself does not: B read with
+    # a zero stride over its state index (one row broadcast), 2^12 x 2^19 + 2^12 - 1 elements a dB row.
+    broadcast = torch.empty(1, 1, 1, l, device="meta").expand(1, 1, 2**12, l)
+    assert not _triton_rows_fit(short[..., :1], short[..., :1], None, broadcast, broadcast)

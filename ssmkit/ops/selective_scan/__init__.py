@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
+from ssmkit.ops._checks import (
+    MAX_ROW_OFFSET,
+    Dims,
+    check_nonempty,
+    check_same_device,
+    check_tensor,
+    row_offset,
+)
 from ssmkit.ops.backend import resolve_backend
 from ssmkit.ops.selective_scan.chunked import selective_scan_chunked
 from ssmkit.ops.selective_scan.inputs import ScanInputs
@@ -121,6 +128,8 @@ def selective_scan_fn(
         initial_state=initial_state, seq_idx=seq_idx,
     )
     name = resolve_backend(backend, device, has_triton=True)
+    if name == "triton" and backend == "auto" and not _triton_rows_fit(u, delta, z, B, C):
+        name = "chunked"  # past the Triton kernels' 32-bit offsets within a batch row
     if name == "triton":
         # Imported here so that ``import ssmkit`` never imports triton.
         from ssmkit.ops.selective_scan.triton import selective_scan_triton as impl
@@ -132,3 +141,12 @@ def selective_scan_fn(
         impl = selective_scan_native
     out, last_state = impl(inputs)
     return (out, last_state) if return_last_state else out
+
+
+def _triton_rows_fit(u, delta, z, B, C) -> bool:
+    """Whether every offset within a batch row the Triton kernels reach fits their 32-bit indexing (u's layout
+    for the output too, and the backward's contiguous (b, g, n, l) dB, dC)."""
+    g_n_l = B.shape[-3] * B.shape[-2] * B.shape[-1] if B.dim() == 4 else B.shape[-2] * B.shape[-1]
+    return g_n_l - 1 <= MAX_ROW_OFFSET and all(
+        t is None or row_offset(t) <= MAX_ROW_OFFSET for t in (u, delta, z, B, C))
+

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmkit.ops._checks import MAX_ROW_OFFSET, row_offset
 from ssmkit.ops._precision import compute_dtype
 from ssmkit.ops.selective_scan.inputs import ScanInputs
 from ssmkit.ops.selective_scan.triton_fused import _fused_bwd_kernel, _fused_fwd_kernel
@@ -113,7 +114,6 @@ def _timewise_run(chunk: int, block_d: int, warps: int, element_size: int) -> in
 
 # The kernels index within a batch row with 32-bit integers (channel x stride + step x stride, as Triton types
 # the strides): an offset from 2^31 on would wrap and reach memory outside the tensors.
-_MAX_ROW_OFFSET = 2**31 - 1
 
 
 def _check_row_offsets(**tensors: torch.Tensor | None) -> None:
@@ -122,8 +122,8 @@ def _check_row_offsets(**tensors: torch.Tensor | None) -> None:
     for name, x in tensors.items():
         if x is None:
             continue
-        offset = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]))
-        if offset > _MAX_ROW_OFFSET:
+        offset = row_offset(x)
+        if offset > MAX_ROW_OFFSET:
             raise ValueError(
                 f"selective scan (triton): {name} {tuple(x.shape)} with strides {tuple(x.stride())} reaches "
                 f"offset {offset} within a batch row, past the kernels' 32-bit indexing (2^31 - 1); use "
