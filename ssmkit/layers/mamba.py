@@ -23,6 +23,7 @@ from ssmkit.layers.configs import MambaConfig, layer_settings
 from ssmkit.layers.norm import RMSNorm, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
 from ssmkit.ops import decode_launch, decode_step
+from ssmkit.ops.fused.mamba_inner import out_projected, per_batch_linear
 
 SCAN_LAYOUT = "channel"
 """How a multi-token forward of every :class:`Mamba` layer lays out the selective scan's inputs (read per call,
@@ -214,6 +215,8 @@ class Mamba(nn.Module):
             cache.ssm.copy_(last_state.detach())
         else:
             y = result
+        if time and type(self.out_proj) is nn.Linear:
+            return out_projected(y, self.out_proj.weight, self.out_proj.bias)  # reads y time-contiguous as it lies
         return self.out_proj(y.transpose(1, 2))
 
     def _fused_forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
@@ -319,7 +322,7 @@ class Mamba(nn.Module):
         ``_dt_B_C`` in mamba_ssm's layout: the projections as ``W @ x`` per batch; the norms (over their
         last dimension) on transposed views, a normalised B or C copied back to unit time stride."""
         if type(self.x_proj) is nn.Linear:
-            x_dbl = torch.matmul(self.x_proj.weight, x)  # (b, R + 2N, l)
+            x_dbl = per_batch_linear(self.x_proj.weight, x)  # (b, R + 2N, l)
         else:
             x_dbl = self.x_proj(x.transpose(1, 2)).transpose(1, 2).contiguous()
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
@@ -333,7 +336,7 @@ class Mamba(nn.Module):
         if norms is not None:
             dt = norms[0](dt.transpose(1, 2)).transpose(1, 2)
             B, C = (norm(t.transpose(1, 2)).transpose(1, 2).contiguous() for norm, t in zip(norms[1:], (B, C)))
-        return torch.matmul(self.dt_proj.weight, dt), B, C
+        return per_batch_linear(self.dt_proj.weight, dt), B, C
 
     def _check_state(self, state: MambaState, batch: int) -> None:
         if not isinstance(state, MambaState):

@@ -149,11 +149,11 @@ def mamba_inner_fn(
                                  backend=backend)
 
     def gate(y, xz, out_proj_weight, out_proj_bias):
-        # (b, l, d) contiguous: the projection then saves a view of it (released), not a reshaped copy.
-        return (y * F.silu(xz[:, xz.shape[1] // 2 :])).transpose(1, 2).contiguous()
+        # (b, d, l) in y's layout; the projection reads it as it lies (see out_projected).
+        return y * F.silu(xz[:, xz.shape[1] // 2 :])
 
     def project(kept, y, xz, out_proj_weight, out_proj_bias):
-        return F.linear(kept[0], out_proj_weight, out_proj_bias)
+        return out_projected(kept[0], out_proj_weight, out_proj_bias)
 
     tensors = (xz, weight, conv1d_bias, x_proj_weight, delta_proj_weight, B, C, B_proj_bias, C_proj_bias,
                b_rms_weight, c_rms_weight, dt_rms_weight, dt_rank_rms_weight, A, D, delta_bias)
@@ -163,6 +163,28 @@ def mamba_inner_fn(
         return project((gate(y, *tail),), y, *tail)
     y = recomputed(prep, scan, tensors)
     return recomputed(gate, project, (y, *tail))
+
+
+def out_projected(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The output projection of y (b, d, l), any strides: (b, l, out) contiguous, y never copied.
+
+    Channel-contiguous y (a transposed (b, l, d) tensor) is one GEMM (``F.linear``, which then saves a view of
+    it). Time-contiguous y (the time layout's) is one batched GEMM reading each row transposed, with the
+    weight expanded: ``F.linear`` would copy y to (b, l, d) first (and keep the copy for the backward); the
+    price is the weight's gradient as b partial products summed (b·out·d, where the copy is b·l·d)."""
+    y_t = y.transpose(1, 2)  # (b, l, d)
+    if y_t.is_contiguous():
+        return F.linear(y_t, weight, bias)
+    weight_t = weight.t().expand(y.shape[0], -1, -1)
+    return torch.bmm(y_t, weight_t) if bias is None else torch.baddbmm(bias, y_t, weight_t)
+
+
+def per_batch_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight @ x[i]`` for every batch row: weight (out, in), x (b, in, l) any strides -> (b, out, l) contiguous.
+
+    One batched GEMM over the weight expanded (stride 0), reading x as it lies: ``torch.matmul`` would fold
+    the batch into a 2-D GEMM through a transposed copy of x and another of the output."""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
 def _delta_B_C_timewise(
@@ -177,14 +199,14 @@ def _delta_B_C_timewise(
     delta_proj as ``W_dt @ dt``. The norms run over their last dimension on transposed views; a normalised
     B, C or Δ comes back in the norm's (b, l, ·) layout and is copied to unit time stride (as mamba_ssm
     copies there)."""
-    x_dbl = torch.matmul(x_proj_weight, x)  # (b, R + 2N, l)
+    x_dbl = per_batch_linear(x_proj_weight, x)  # (b, R + 2N, l)
     if B is None and C is None:
         dt, B_raw, C_raw = x_dbl.split([rank, n, n], dim=1)
     else:
         dt, B_raw, C_raw = x_dbl[:, :rank], x_dbl[:, rank : rank + n], x_dbl[:, x_dbl.shape[1] - n :]
     if dt_rank_rms is not None:
         dt = rms_norm_fn(dt.transpose(1, 2), dt_rank_rms, eps=eps, backend=backend).transpose(1, 2)
-    delta = torch.matmul(delta_proj_weight.to(x_dbl.dtype), dt)  # (b, d, l) contiguous
+    delta = per_batch_linear(delta_proj_weight.to(x_dbl.dtype), dt)  # (b, d, l) contiguous
     if dt_rms is not None:
         delta = rms_norm_fn(delta.transpose(1, 2), dt_rms, eps=eps, backend=backend).transpose(1, 2).contiguous()
 
