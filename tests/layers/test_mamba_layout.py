@@ -128,6 +128,21 @@ def test_time_layout_in_bfloat16_against_float64(case, fused):
         assert_close(got[name], t, torch.bfloat16, name=name)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_time_layout_under_autocast(fused):
+    """Under bf16 autocast (float32 weights, as training runs) both layouts give the same output and gradients
+    within bf16 rounding, and the time layout's GEMMs run in bf16 as the channel layout's do."""
+    layer = make_layer({"bias": True}, fused, torch.float32)
+    x = torch.randn(2, 15, D_MODEL)
+    cot = torch.randn(2, 15, D_MODEL, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = outputs_and_grads(layer, x, "time", None, cot)
+        want = outputs_and_grads(layer, x, "channel", None, cot)
+    assert got["output"].dtype == want["output"].dtype == torch.bfloat16
+    for name, t in want.items():
+        assert_close(got[name], t, torch.bfloat16, name=name)
+
+
 def test_time_layout_prefill_with_a_cache_then_decode():
     layer = make_layer(OPTIONS["falcon_rms"], fused=True)
     x = torch.randn(2, 12, D_MODEL, dtype=torch.float64)
