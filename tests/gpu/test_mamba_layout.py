@@ -1,6 +1,6 @@
 """The Mamba-1 layer's time layout (``ssmkit.layers.mamba.SCAN_LAYOUT = "time"``) on CUDA: the Triton scan sees
-u, Δ, B, C with unit time stride, and the layer's output and gradients match the channel layout's and float64's
-under bf16 autocast (float32 weights, as training runs); its activation memory and peak stay within a few
+u, Δ, B, C with unit time stride, and the layer's output and gradients match the channel layout's, and float64's
+as closely as the channel layout's do, under bf16 autocast (float32 weights, as training runs); its activation memory and peak stay within a few
 percent of the channel layout's.
 
 Run on the device machine: ``python -m pytest -m gpu tests/gpu/test_mamba_layout.py -q``.
@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from ssmkit.testing import assert_close, saved_activation_bytes
+from ssmkit.testing import assert_close, relative_error, saved_activation_bytes
 from tests.layers.test_mamba_layout import (
     OPTIONS,
     make_layer,
@@ -44,7 +44,9 @@ def test_time_layout_under_autocast_on_cuda(case, fused):
         channel = outputs_and_grads(layer, x, "channel", seq_idx, cot)
     want = outputs_and_grads(ref, x.double(), "channel", seq_idx, cot)
     for name, t in want.items():
-        assert_close(got[name], t, torch.bfloat16, name=f"time {name}")
+        # Autocast's own rounding (Δ in bf16: d dt_proj.weight is ~4% off float64 on either layout) bounds
+        # how close either comes to float64: the time layout must come as close as the channel layout.
+        assert relative_error(got[name], t) <= 1.25 * relative_error(channel[name], t) + 1e-3, name
         assert_close(got[name], channel[name], torch.bfloat16, name=f"time vs channel {name}")
 
 
