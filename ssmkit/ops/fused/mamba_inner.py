@@ -175,7 +175,7 @@ def out_projected(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y_t = y.transpose(1, 2)  # (b, l, d)
     if y_t.is_contiguous():
         return F.linear(y_t, weight, bias)
-    weight_t = weight.t().expand(y.shape[0], -1, -1)
+    weight_t = _autocast_dtype(weight).t().expand(y.shape[0], -1, -1)
     return torch.bmm(y_t, weight_t) if bias is None else torch.baddbmm(bias, y_t, weight_t)
 
 
@@ -184,7 +184,16 @@ def per_batch_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     One batched GEMM over the weight expanded (stride 0), reading x as it lies: ``torch.matmul`` would fold
     the batch into a 2-D GEMM through a transposed copy of x and another of the output."""
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    return torch.bmm(_autocast_dtype(weight).expand(x.shape[0], -1, -1), x)
+
+
+def _autocast_dtype(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in autocast's dtype where autocast is on for its device, cast before it is expanded: autocast's
+    own cast of the expanded (stride 0) weight would write b copies of it."""
+    device = weight.device.type
+    if weight.is_floating_point() and torch.is_autocast_enabled(device):
+        return weight.to(torch.get_autocast_dtype(device))
+    return weight
 
 
 def _delta_B_C_timewise(
