@@ -24,6 +24,9 @@ Columns:
 of the default launch: ``keep_states`` is the SSD before its backward recomputed Δ, cum, the chunk states and
 C·Bᵀ (``SSDLaunch.recompute_states``).
 
+``--mamba1-layout channel time`` measures the Mamba layer on each scan layout (``ssmkit.layers.mamba.SCAN_LAYOUT``;
+rows ``mamba:time``), the ratio column against the unfused layer of the same layout.
+
 ``--triton-interpreter`` (with ``TRITON_INTERPRET=1``, on a CPU) routes every op with a Triton kernel to it,
 as CUDA does, so that the saved bytes are those of the GPU path; "units" = saved bytes over one (b, l,
 d_inner) tensor of the layer's dtype, which carries across shapes where every saved tensor scales with
@@ -42,6 +45,7 @@ import time
 import torch
 
 import ssmkit
+import ssmkit.layers.mamba as mamba1_layer
 from ssmkit.layers import Mamba, Mamba2
 from ssmkit.testing import saved_activation_bytes
 
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"])
     parser.add_argument("--layers", nargs="+", default=["mamba", "mamba2"], choices=["mamba", "mamba2"])
+    parser.add_argument("--mamba1-layout", nargs="+", default=["channel"], choices=["channel", "time"],
+                        help="the Mamba layer's scan layouts to measure (ssmkit.layers.mamba.SCAN_LAYOUT)")
     parser.add_argument("--time", action="store_true", help="also time forward+backward on CPU (CUDA: always)")
     parser.add_argument("--triton-interpreter", action="store_true",
                         help="on a CPU with TRITON_INTERPRET=1: run the Triton kernels (the GPU path's bytes)")
@@ -155,19 +161,22 @@ def main() -> None:
     print(f"device: {where}; torch {torch.__version__}, ssmkit {ssmkit.__version__}")
     print(f"one layer, default config, batch {args.batch}, d_model {args.d_model}, length {args.length}, {args.dtype}, "
           f"SSD launch {args.ssd_launch}")
-    header = (f"{'layer':<7} {'path':<8} {'saved MB':>9} {'units':>6} {'ratio':>6} {'allocated MB':>13} {'peak MB':>8} "
+    header = (f"{'layer':<12} {'path':<8} {'saved MB':>9} {'units':>6} {'ratio':>6} {'allocated MB':>13} {'peak MB':>8} "
               f"{'fwd+bwd ms':>11} {'time ratio':>10}")
     print(header)
     print("-" * len(header))
-    for kind in args.layers:
+    runs = [(kind, layout) for kind in args.layers for layout in (args.mamba1_layout if kind == "mamba" else [None])]
+    for kind, layout in runs:
+        mamba1_layer.SCAN_LAYOUT = layout or "channel"
         rows = measure(kind, args.batch, args.d_model, args.length, device, dtype, cuda or args.time)
+        label = kind if layout is None or args.mamba1_layout == ["channel"] else f"{kind}:{layout}"
         base = rows["unfused"]
         for name, r in rows.items():
             alloc = f"{r['allocated']:.0f}" if "allocated" in r else "-"
             peak = f"{r['peak']:.0f}" if "peak" in r else "-"
             ms = f"{r['ms']:.2f}" if "ms" in r else "-"
             tratio = f"{r['ms'] / base['ms']:.2f}x" if "ms" in r else "-"
-            print(f"{kind:<7} {name:<8} {r['saved']:>9.2f} {r['units']:>6.2f} {r['saved'] / base['saved']:>5.2f}x {alloc:>13} "
+            print(f"{label:<12} {name:<8} {r['saved']:>9.2f} {r['units']:>6.2f} {r['saved'] / base['saved']:>5.2f}x {alloc:>13} "
                   f"{peak:>8} {ms:>11} {tratio:>10}", flush=True)
     print("target: fused <= 0.6x the unfused layer's activation memory, and no slower")
 

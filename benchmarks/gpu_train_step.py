@@ -20,9 +20,16 @@ mamba_ssm's fused Mamba-2 path (``use_mem_eff_path=True``) calls causal_conv1d's
 does not import, its unfused path runs (``nn.Conv1d``, the SSD Triton kernels, the gated-norm kernel) and the
 table says so. A peer that cannot be built or run prints why in its row.
 
+``mamba-130m`` (Mamba-1, not run by default) has no mamba_ssm peer here (mamba_ssm's Mamba-1 mixer needs its CUDA
+extensions); it compares ssmkit with itself: ``--mamba1-layout channel time`` times one ssmkit row per scan
+layout (``ssmkit.layers.mamba.SCAN_LAYOUT``: ``channel``, today's default, u/z/Δ channel-contiguous; ``time``,
+mamba_ssm's layer layout, unit time stride into the scan) on the same weights and batches, and prints the
+time/channel ratio.
+
     python benchmarks/gpu_train_step.py                               # both models, b8 x 2048 and 8192
     python benchmarks/gpu_train_step.py --models mamba3-130m --lengths 2048 --steps 5
     python benchmarks/gpu_train_step.py --device cpu --quick          # smoke run, tiny models, ssmkit rows only
+    python benchmarks/gpu_train_step.py --models mamba-130m --mamba1-layout channel time --lengths 2048
     python benchmarks/gpu_train_step.py --device cpu --build-only     # both sides built full size, counts only
 """
 
@@ -38,10 +45,12 @@ import torch
 from mamba_ssm_lm import build_peer
 from torch import nn
 
+import ssmkit.layers.mamba as mamba1_layer
 from ssmkit.models import LanguageModel, ModelConfig, get_preset
-from ssmkit.models.config import Mamba2Config, Mamba3Config
+from ssmkit.models.config import Mamba2Config, Mamba3Config, MambaConfig
 
-MODELS = ("mamba2-130m", "mamba3-130m")
+MODELS = ("mamba2-130m", "mamba3-130m", "mamba-130m")
+DEFAULT_MODELS = ("mamba2-130m", "mamba3-130m")
 
 # --quick: the presets' layer kinds at a size a CPU steps through in well under a second.
 QUICK = {
@@ -49,6 +58,8 @@ QUICK = {
                                        mamba2=Mamba2Config(d_state=16, headdim=16, chunk_size=16)),
     "mamba3-130m": lambda: ModelConfig(vocab_size=256, d_model=64, n_layer=2, layer_pattern="3",
                                        mamba3=Mamba3Config(d_state=16, headdim=16, chunk_size=16)),
+    "mamba-130m": lambda: ModelConfig(vocab_size=256, d_model=64, n_layer=2, layer_pattern="M",
+                                      mamba=MambaConfig(d_state=16)),
 }
 
 
@@ -164,17 +175,32 @@ def bench_model(name: str, config: ModelConfig, args: argparse.Namespace,
     print(f"\n{header}", flush=True)
     if device.type != "cuda" and theirs is not None:
         theirs, note = None, "not run: mamba_ssm's Triton kernels need CUDA"
-    sides = [("ssmkit", ssmkit_loss, ours)] + ([("mamba_ssm", peer_loss, theirs)] if theirs is not None else [])
+    mamba1 = any(spec.mixer == "mamba" for spec in config.layer_specs())
+    # One ssmkit side per Mamba-1 scan layout asked for (the layer reads the switch at every call).
+    layouts = args.mamba1_layout if mamba1 else [None]
+    sides = [("ssmkit" if layout is None else f"ssmkit {layout}", ssmkit_loss, ours, layout) for layout in layouts]
+    sides += [("mamba_ssm", peer_loss, theirs, None)] if theirs is not None else []
     rows = []
     for length in args.lengths:
         batches = token_batches(config.vocab_size, args.batch_size, length, args.warmup + args.steps)
         runs = {"mamba_ssm": Run(error=note)}
-        for side, loss_fn, model in sides:
+        for side, loss_fn, model, layout in sides:
             model.to(device)
-            runs[side] = progress(side, length, guarded(train_steps, loss_fn, model, weights, batches,
-                                                        args.warmup, device))
+            saved, mamba1_layer.SCAN_LAYOUT = mamba1_layer.SCAN_LAYOUT, layout or mamba1_layer.SCAN_LAYOUT
+            try:
+                runs[side] = progress(side, length, guarded(train_steps, loss_fn, model, weights, batches,
+                                                            args.warmup, device))
+            finally:
+                mamba1_layer.SCAN_LAYOUT = saved
             model.cpu()
-        rows.append([name, length, runs["ssmkit"], runs["mamba_ssm"]])
+        for side, *_ in sides[: len(layouts)]:
+            rows.append([name if len(layouts) == 1 else f"{name} ({side.split()[1]} layout)", length, runs[side],
+                         runs["mamba_ssm"]])
+        if len(layouts) > 1:
+            rates = [runs[side].tokens_per_s for side, *_ in sides[: len(layouts)]]
+            if None not in rates:
+                print(f"  L={length}: " + ", ".join(f"{layouts[i]}/{layouts[0]} tokens/s {rates[i] / rates[0]:.3f}x"
+                                                    for i in range(1, len(layouts))), flush=True)
     return header, rows
 
 
@@ -199,7 +225,9 @@ def print_row(name: str, length: int, ours: Run, theirs: Run) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
+    parser.add_argument("--mamba1-layout", nargs="+", choices=("channel", "time"), default=["channel"],
+                        help="Mamba-1 models: one ssmkit row per scan layout (ssmkit.layers.mamba.SCAN_LAYOUT)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 2048 8192)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8")
     parser.add_argument("--steps", type=int, default=None, help="timed steps, median taken (default 8)")

@@ -26,9 +26,12 @@ Three modes:
     python benchmarks/launch_count.py --layers mamba3 --stub        # at b8 L2048 d_model 768
     python benchmarks/launch_count.py --layers mamba3 --host
     python benchmarks/launch_count.py --layers mamba3 mamba3-unfolded --stub   # with the route before the fold
+    python benchmarks/launch_count.py --layers mamba mamba-time     # Mamba-1 on both scan layouts
 
 ``mamba3-unfolded`` is the Mamba-3 layer with ``FOLD_PROJECTION`` off: single input through ``_project`` (the B/C
 norm and Δ/A kernels apart) and ``mamba3_scan``, the route before the projection's slices were folded in.
+``mamba-time`` is the Mamba-1 layer on ``SCAN_LAYOUT = "time"`` (mamba_ssm's layout: unit time stride into the
+scan), ``mamba`` on the default channel layout.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import triton.runtime.jit as triton_jit
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
 
+import ssmkit.layers.mamba as mamba_layer
 import ssmkit.layers.mamba3 as mamba3_layer
 import ssmkit.ops.backend as backend_module
 from ssmkit.layers import Mamba, Mamba2, Mamba3
@@ -219,7 +223,7 @@ def make_layer(name: str, d_model: int, d_state: int, headdim: int) -> torch.nn.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba3-unfolded", "mamba2", "mamba"),
+    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba3-unfolded", "mamba2", "mamba", "mamba-time"),
                         default=["mamba3", "mamba2", "mamba"])
     parser.add_argument("--verbose", action="store_true", help="print every PyTorch op with its shapes")
     parser.add_argument("--stub", action="store_true", help="Triton kernels launched, not run: any shape")
@@ -239,6 +243,7 @@ def main() -> None:
         mode = "kernels stubbed" if _stub[0] else "kernels in the interpreter"
         print(f"{name}, bf16, b{b} L{l} d_model {d_model} N {d_state} headdim {headdim}, {mode}:")
         mamba3_layer.FOLD_PROJECTION = name != "mamba3-unfolded"
+        mamba_layer.SCAN_LAYOUT = "time" if name == "mamba-time" else "channel"
         try:
             if args.host:
                 torch.set_num_threads(1)
@@ -251,6 +256,7 @@ def main() -> None:
                 print_counts(count_step(layer, x, args.verbose))
         finally:
             mamba3_layer.FOLD_PROJECTION = True
+            mamba_layer.SCAN_LAYOUT = "channel"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ from ssmkit.layers.configs import MambaConfig, layer_settings
 from ssmkit.layers.norm import RMSNorm, no_weight_decay
 from ssmkit.layers.state import LayerState, at_least_fp32, next_conv_state, one_token
 from ssmkit.ops import decode_launch, decode_step
+from ssmkit.ops.fused.mamba_inner import out_projected, per_batch_linear
+
+SCAN_LAYOUT = "channel"
+"""How a multi-token forward of every :class:`Mamba` layer lays out the selective scan's inputs (read per call,
+so a benchmark flips it with ``ssmkit.layers.mamba.SCAN_LAYOUT = "time"``). ``"channel"`` (default):
+``in_proj`` as a (b, l, ·) GEMM, so x, z and Δ are (b, I, l) views with unit stride along channels and B, C
+strided views of x_proj's (b, l, R + 2N) output. ``"time"``: mamba_ssm's layer, ``in_proj`` written as
+``W_in @ hᵀ`` (one GEMM, the same FLOPs) so xz (b, 2I, l), the convolution's output u, z, Δ, B and C have
+unit stride along time, what the time-wise and chunk scan kernels read coalesced; x_proj and dt_proj are
+then ``W @ x`` per batch. The same function either way; the one-token decode step ignores it."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,6 +73,12 @@ def decode_A(layer: nn.Module) -> torch.Tensor:
         layer._decode_A = -torch.exp(at_least_fp32(A_log))
         layer._decode_A_key = key
     return layer._decode_A
+
+
+def _scan_layout() -> str:
+    if SCAN_LAYOUT not in ("channel", "time"):
+        raise ValueError(f"ssmkit.layers.mamba.SCAN_LAYOUT must be 'channel' or 'time', got {SCAN_LAYOUT!r}")
+    return SCAN_LAYOUT
 
 
 class Mamba(nn.Module):
@@ -175,7 +191,8 @@ class Mamba(nn.Module):
         # take the separate ops).
         if self.config.fused and state is None and self._norm_weights() is not None:
             return self._fused_forward(hidden_states, seq_idx)
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, I, l) each
+        time = _scan_layout() == "time"
+        x, z = self._xz(hidden_states, time).chunk(2, dim=1)  # (b, I, l) each
         conv_in = x
         x = ops.causal_conv1d_fn(
             x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
@@ -183,9 +200,12 @@ class Mamba(nn.Module):
         )
         if cache is not None:
             cache.conv.copy_(next_conv_state(cache.conv, conv_in, seq_idx).detach())
-        dt, B, C = self._dt_B_C(x.transpose(1, 2))
+        if time:
+            dt, B, C = self._dt_B_C_timewise(x)
+        else:
+            dt, B, C = (t.transpose(1, 2) for t in self._dt_B_C(x.transpose(1, 2)))
         result = ops.selective_scan_fn(
-            x, dt.transpose(1, 2), -torch.exp(at_least_fp32(self.A_log)), B.transpose(1, 2), C.transpose(1, 2),
+            x, dt, -torch.exp(at_least_fp32(self.A_log)), B, C,
             at_least_fp32(self.D), z=z, delta_bias=at_least_fp32(self.dt_proj.bias), delta_softplus=True,
             return_last_state=cache is not None, initial_state=None if state is None else state.ssm,
             seq_idx=seq_idx,
@@ -195,19 +215,35 @@ class Mamba(nn.Module):
             cache.ssm.copy_(last_state.detach())
         else:
             y = result
+        if time and type(self.out_proj) is nn.Linear:
+            return out_projected(y, self.out_proj.weight, self.out_proj.bias)  # reads y time-contiguous as it lies
         return self.out_proj(y.transpose(1, 2))
 
     def _fused_forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """The stateless whole-sequence forward through ``mamba_inner_fn``: the same function as the separate
         ops, keeping far less for the backward (see :mod:`ssmkit.ops.fused`)."""
         dt_w, b_w, c_w, eps = self._norm_weights()
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2I, l)
+        layout = _scan_layout()
+        xz = self._xz(hidden_states, layout == "time")
         return ops.mamba_inner_fn(
             xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight,
             self.out_proj.bias, -torch.exp(at_least_fp32(self.A_log)), D=at_least_fp32(self.D),
             delta_bias=at_least_fp32(self.dt_proj.bias), delta_softplus=True, b_rms_weight=b_w, c_rms_weight=c_w,
-            b_c_dt_rms_eps=eps, seq_idx=seq_idx, dt_rank_rms_weight=dt_w,
+            b_c_dt_rms_eps=eps, seq_idx=seq_idx, dt_rank_rms_weight=dt_w, layout=layout,
         )
+
+    def _xz(self, hidden_states: torch.Tensor, time: bool) -> torch.Tensor:
+        """``in_proj`` of (b, l, H) as xz (b, 2I, l): a transposed view of a (b, l, 2I) GEMM (channel layout),
+        or, for the time layout, one GEMM ``W_in @ hᵀ`` (bias added in it) viewed as (b, 2I, l) with unit time
+        stride, as mamba_ssm's layer. An in_proj that is not a plain Linear (quantized) keeps its own call;
+        the rest of the time layout still applies."""
+        if not time or type(self.in_proj) is not nn.Linear:
+            return self.in_proj(hidden_states).transpose(1, 2)
+        b, length, d_model = hidden_states.shape
+        h_t = hidden_states.reshape(b * length, d_model).t()
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        xz = weight @ h_t if bias is None else torch.addmm(bias.unsqueeze(1), weight, h_t)  # (2I, b·l)
+        return xz.view(-1, b, length).transpose(0, 1)
 
     def step_from_residual(self, residual: torch.Tensor, norm: nn.Module, state: MambaState, *,
                            scale: float = 1.0) -> torch.Tensor:
@@ -279,6 +315,28 @@ class Mamba(nn.Module):
             dt = ops.rms_norm_fn(dt, self._unit_rank, eps=eps)
             B, C = (ops.rms_norm_fn(t, self._unit_state, eps=eps) for t in (B, C))
         return F.linear(dt, self.dt_proj.weight), B, C
+
+    def _dt_B_C_timewise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (b, I, l) -> Δ (b, I, l) before bias and softplus, B, C (b, N, l), all with unit time stride.
+
+        ``_dt_B_C`` in mamba_ssm's layout: the projections as ``W @ x`` per batch; the norms (over their
+        last dimension) on transposed views, a normalised B or C copied back to unit time stride."""
+        if type(self.x_proj) is nn.Linear:
+            x_dbl = per_batch_linear(self.x_proj.weight, x)  # (b, R + 2N, l)
+        else:
+            x_dbl = self.x_proj(x.transpose(1, 2)).transpose(1, 2).contiguous()
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        norms = None
+        if self.inner_layernorms:
+            norms = (self.dt_layernorm, self.b_layernorm, self.c_layernorm)
+        elif self.mixer_rms_eps is not None:
+            eps = self.mixer_rms_eps
+            norms = (lambda t: ops.rms_norm_fn(t, self._unit_rank, eps=eps),
+                     *(lambda t: ops.rms_norm_fn(t, self._unit_state, eps=eps),) * 2)
+        if norms is not None:
+            dt = norms[0](dt.transpose(1, 2)).transpose(1, 2)
+            B, C = (norm(t.transpose(1, 2)).transpose(1, 2).contiguous() for norm, t in zip(norms[1:], (B, C)))
+        return per_batch_linear(self.dt_proj.weight, dt), B, C
 
     def _check_state(self, state: MambaState, batch: int) -> None:
         if not isinstance(state, MambaState):

@@ -146,9 +146,10 @@ def _inner_composed(xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, A, D, del
     return y.transpose(1, 2) @ out_w.T + (out_b if out_b is not None else 0)
 
 
+@pytest.mark.parametrize("layout", ["channel", "time"])
 @pytest.mark.parametrize("checkpoint_lvl", [0, 1])
 @pytest.mark.parametrize("extras", [False, True])
-def test_mamba_inner_fn_outputs_and_every_gradient(extras, checkpoint_lvl):
+def test_mamba_inner_fn_outputs_and_every_gradient(extras, checkpoint_lvl, layout):
     b, d, l, n, r, w, out_dim = 2, 6, 13, 4, 3, 4, 5
     named = {
         "xz": torch.randn(b, 2 * d, l),
@@ -173,7 +174,7 @@ def test_mamba_inner_fn_outputs_and_every_gradient(extras, checkpoint_lvl):
                                 "dt_rms_weight")}
     out = mamba_inner_fn(named["xz"], named["conv1d_weight"], named["conv1d_bias"], named["x_proj_weight"],
                          named["delta_proj_weight"], named["out_proj_weight"], named["out_proj_bias"], named["A"],
-                         **kw, checkpoint_lvl=checkpoint_lvl, b_c_dt_rms_eps=1e-5, backend="chunked")
+                         **kw, checkpoint_lvl=checkpoint_lvl, b_c_dt_rms_eps=1e-5, layout=layout, backend="chunked")
     exp = _inner_composed(*(named64[k] for k in ("xz", "conv1d_weight", "conv1d_bias", "x_proj_weight",
                                                  "delta_proj_weight", "out_proj_weight", "out_proj_bias", "A", "D",
                                                  "delta_bias", "B_proj_bias", "C_proj_bias", "b_rms_weight",
@@ -191,6 +192,8 @@ def test_mamba_inner_fn_refuses_what_it_does_not_do():
         mamba_inner_fn(*args, -torch.rand(d, n), B=torch.randn(d, n))
     with pytest.raises(ValueError, match="checkpoint_lvl"):
         mamba_inner_fn(*args, -torch.rand(d, n), checkpoint_lvl=2)
+    with pytest.raises(ValueError, match="layout"):
+        mamba_inner_fn(*args, -torch.rand(d, n), layout="b l d")
 
 
 def test_a_retained_graph_backs_through_the_fused_function_again():
@@ -283,7 +286,8 @@ def test_under_offloading_hooks_the_fused_functions_keep_no_activation_of_their_
     assert held == 0, f"{held} bytes of intermediates kept outside the saved-tensors hooks"
 
 
-def test_mamba_inner_fn_normalises_a_given_B_and_C_too():
+@pytest.mark.parametrize("layout", ["channel", "time"])
+def test_mamba_inner_fn_normalises_a_given_B_and_C_too(layout):
     """mamba_ssm applies b_rms_weight / c_rms_weight to B and C whether they come from x_proj or are given;
     a given B or C with a norm weight must not be used un-normalised."""
     torch.manual_seed(0)
@@ -306,7 +310,7 @@ def test_mamba_inner_fn_normalises_a_given_B_and_C_too():
     exp = y.transpose(1, 2) @ out_w.double().T
     out = mamba_inner_fn(xz64, conv_w.double(), None, x_proj.double(), dt_proj.double(), out_w.double(), None,
                          A.double(), B=B64, C=C64, b_rms_weight=b64, c_rms_weight=c64, b_c_dt_rms_eps=1e-5,
-                         backend="chunked")
+                         layout=layout, backend="chunked")
     torch.testing.assert_close(out, exp)
     cot = torch.randn_like(exp)
     got = torch.autograd.grad((out * cot).sum(), leaves)
