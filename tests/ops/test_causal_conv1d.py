@@ -353,3 +353,20 @@ def _bad_update_cases():
 def test_update_bad_inputs(kwargs, error, message):
     with pytest.raises(error, match=message):
         causal_conv1d_update(**kwargs)
+
+
+def test_chunked_with_documents_under_cpu_bf16_autocast():
+    """The chunked path with seq_idx under autocast: the convolution runs in bf16 while the taps recomputed at
+    document starts stay in x's dtype; output and every gradient within bf16 rounding of float64."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 8, 20), torch.randn(8, 4), torch.randn(8)
+    seq = torch.tensor([[0] * 7 + [1] * 13, [0] * 3 + [1] * 17], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = causal_conv1d_fn(*leaves, seq, activation="silu", backend="chunked")
+    y.float().sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = causal_conv1d_fn(*ref_leaves, seq, activation="silu", backend="reference")
+    ref.sum().backward()
+    for ours, theirs in zip([y, *(t.grad for t in leaves)], [ref, *(t.grad for t in ref_leaves)]):
+        assert (ours.double() - theirs).abs().max() <= 0.02 * theirs.abs().max()

@@ -67,7 +67,8 @@ class _CausalDepthwiseConv(torch.autograd.Function):
             # where, not a multiply by the mask: a NaN in the other document must not leak in.
             taps = torch.where(fix_valid[:, :, None], _windows(x, init, fix_b, fix_t, width) * weight.t(), 0.0)
             vals = taps.sum(dim=1)
-            pre.transpose(1, 2)[fix_b, fix_t] = vals + bias if bias is not None else vals
+            # In pre's dtype: under autocast the convolution runs in bf16 while these taps stay in x's.
+            pre.transpose(1, 2)[fix_b, fix_t] = (vals + bias if bias is not None else vals).to(pre.dtype)
         ctx.save_for_backward(x, init, weight, fix_b, fix_t, fix_valid)
         ctx.has_bias = bias is not None
         # A plain tensor rather than a view of the convolution's result, so that callers may modify
@@ -86,7 +87,8 @@ class _CausalDepthwiseConv(torch.autograd.Function):
                 g = grad.transpose(1, 2)[fix_b, fix_t]  # (P, d)
                 wrong = torch.where(~fix_valid[:, :, None], g[:, None] * weight.t(), 0.0)
                 pos = fix_t[:, None] + torch.arange(width, device=grad.device)
-                dsrc.transpose(1, 2).index_put_((fix_b[:, None].expand_as(pos), pos), -wrong, accumulate=True)
+                dsrc.transpose(1, 2).index_put_((fix_b[:, None].expand_as(pos), pos), -wrong.to(dsrc.dtype),
+                                                accumulate=True)
             dx = dsrc[..., width - 1 :]
             dinit = dsrc[..., : width - 1] if init is not None else None
         if ctx.needs_input_grad[2]:
@@ -101,7 +103,7 @@ class _CausalDepthwiseConv(torch.autograd.Function):
             if fix_b is not None:
                 g = grad.transpose(1, 2)[fix_b, fix_t]  # (P, d)
                 window = torch.where(~fix_valid[:, :, None], _windows(x, init, fix_b, fix_t, width), 0.0)
-                dweight -= torch.einsum("pd,pwd->dw", g, window)
+                dweight -= torch.einsum("pd,pwd->dw", g.to(window.dtype), window)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             dbias = grad.sum(dim=(0, 2))
         return dx, dinit, dweight, dbias, None, None, None
