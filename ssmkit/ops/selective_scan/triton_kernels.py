@@ -55,6 +55,23 @@ def _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS: tl.constexpr, HAS_D: tl.con
 
 
 @triton.jit
+def _gated_dout(dout_b, z_b, ypre_b, dz_b, offs_d, t, m2, s_gd, s_gl, s_zd, s_zl, s_yd, s_yl, s_dzd, s_dzl,
+                HAS_Z: tl.constexpr, ACC: tl.constexpr):
+    """A (channels, steps) tile's gradient of the ungated y from dout; with HAS_Z also stores dz for
+    out = y · silu(z) (y read back from ypre)."""
+    dy = tl.load(dout_b + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=m2, other=0.0).to(ACC)
+    if HAS_Z:
+        zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
+        y = tl.load(ypre_b + offs_d[:, None] * s_yd + t[None, :] * s_yl, mask=m2, other=0.0).to(ACC)
+        sig = tl.sigmoid(zt)
+        # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+        dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
+        tl.store(dz_b + offs_d[:, None] * s_dzd + t[None, :] * s_dzl, dz.to(dz_b.dtype.element_ty), mask=m2)
+        dy = dy * zt * sig
+    return dy
+
+
+@triton.jit
 def _softplus(x):
     # log1p(e^x) without log1p: log(w) e / (w - 1) with w = 1 + e is exact to rounding (Goldberg);
     # above 20 softplus(x) = x, as torch and mamba_ssm.
@@ -233,15 +250,8 @@ def _selective_scan_bwd_kernel(
             HAS_SEQ, SOFTPLUS, ACC,
         )
         du = dt * u
-        dy = tl.load(dout_b + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=m2, other=0.0).to(ACC)
-        if HAS_Z:
-            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
-            y = tl.load(ypre_b + offs_d[:, None] * s_yd + t[None, :] * s_yl, mask=m2, other=0.0).to(ACC)
-            sig = tl.sigmoid(zt)
-            # silu'(z) = σ(z) (1 + z (1 - σ(z)))
-            dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
-            tl.store(dz_b + offs_d[:, None] * s_dzd + t[None, :] * s_dzl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-            dy = dy * zt * sig
+        dy = _gated_dout(dout_b, z_b, ypre_b, dz_b, offs_d, t, m2, s_gd, s_gl, s_zd, s_zl, s_yd, s_yl, s_dzd, s_dzl,
+                         HAS_Z, ACC)
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
         # Σ_n B_n g_n and Σ_n A_n q_n, the sums over the state of du and dΔ.

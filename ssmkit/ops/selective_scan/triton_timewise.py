@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ssmkit.ops.selective_scan.triton_kernels import (
     _LOG2E,
+    _gated_dout,
     _program_channels,
     _scan_combine,
     _softplus,
@@ -213,15 +214,8 @@ def _tw_bwd_kernel(
             HAS_SEQ, SOFTPLUS, ACC,
         )
         du = dt * u
-        dy = tl.load(dout_b + offs_d[:, None] * s_gd + t[None, :] * s_gl, mask=m2, other=0.0).to(ACC)
-        if HAS_Z:
-            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
-            y = tl.load(ypre_b + offs_d[:, None] * s_yd + t[None, :] * s_yl, mask=m2, other=0.0).to(ACC)
-            sig = tl.sigmoid(zt)
-            # silu'(z) = σ(z) (1 + z (1 - σ(z)))
-            dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
-            tl.store(dz_b + offs_d[:, None] * s_dzd + t[None, :] * s_dzl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-            dy = dy * zt * sig
+        dy = _gated_dout(dout_b, z_b, ypre_b, dz_b, offs_d, t, m2, s_gd, s_gl, s_zd, s_zl, s_yd, s_yl, s_dzd, s_dzl,
+                         HAS_Z, ACC)
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=1)
         if not RUN:
