@@ -36,15 +36,18 @@ VARIANTS = {
     "timewise_256": ScanConfig(chunk=256, fwd_block_d=1, fwd_warps=2, bwd_block_d=2, bwd_warps=4, timewise=True),
     "timewise_2048": ScanConfig(chunk=2048, fwd_block_d=1, fwd_warps=8, bwd_block_d=1, bwd_warps=8, timewise=True),
     "training_default": triton_backend.TRAINING_CONFIG,
+    "timewise_default": triton_backend.TIMEWISE_CONFIG,
 }
 
 
 @pytest.fixture(autouse=True, params=list(VARIANTS))
 def variant(request, monkeypatch):
     """Every test runs once per kernel variant: the public function reads its configs per call (the
-    training one when a gradient is needed), so both are set to the variant."""
+    training one when a gradient is needed, the time-wise one for time-contiguous inputs), so all three are
+    set to the variant."""
     monkeypatch.setattr(triton_backend, "DEFAULT_CONFIG", VARIANTS[request.param])
     monkeypatch.setattr(triton_backend, "TRAINING_CONFIG", VARIANTS[request.param])
+    monkeypatch.setattr(triton_backend, "TIMEWISE_CONFIG", VARIANTS[request.param])
     return request.param
 
 

@@ -157,10 +157,17 @@ def _call(leaves, low, cfg, options, softplus, seq_idx):
         # The public function runs the default launch shapes: made this case's for the call.
         import ssmkit.ops.selective_scan.triton as triton_backend
 
-        triton_backend.DEFAULT_CONFIG = triton_backend.TRAINING_CONFIG = cfg
-        out, last = selective_scan_fn(
-            **leaves, delta_softplus=softplus, return_last_state=True, seq_idx=seq_idx, backend="triton"
-        )
+        names = ("DEFAULT_CONFIG", "TRAINING_CONFIG", "TIMEWISE_CONFIG")
+        saved = [getattr(triton_backend, name) for name in names]
+        for name in names:
+            setattr(triton_backend, name, cfg)
+        try:
+            out, last = selective_scan_fn(
+                **leaves, delta_softplus=softplus, return_last_state=True, seq_idx=seq_idx, backend="triton"
+            )
+        finally:
+            for name, value in zip(names, saved):
+                setattr(triton_backend, name, value)
         assert out.stride() == low["u"].stride(), "out must keep u's (time-major) layout"
         return out, last
     B4 = {k: (v if v.dim() == 4 else v[:, None]) for k, v in leaves.items() if k in ("B", "C")}
