@@ -131,7 +131,9 @@ def check_first_order_only() -> None:
         (dx.pow(2).sum() + x.sum()).backward()
 
 
-@pytest.mark.parametrize("group", ["fn_f32", "fn_low_precision", "fn_shifted_backward", "update"])
+@pytest.mark.parametrize(
+    "group", ["fn_f32", "fn_low_precision", "fn_shifted_backward", "fn_generic_backward", "update"]
+)
 def test_triton_matches_reference_in_interpreter(group):
     run_checks_in_interpreter(__file__, group)
 
@@ -151,6 +153,12 @@ def _main(group: str) -> None:
         checks["width2_silu_docs_init"] = (check_fn, (2, 5, 35, 2, "float32", True, True, "alternating", True, "silu"))
         checks["width1_silu_docs"] = (check_fn, (2, 5, 23, 1, "float32", False, True, "alternating", False, "silu"))
         checks["nan_stays_in_document"] = (check_nan_stays_in_document, ())
+    elif group == "fn_generic_backward":
+        # The generic backward (the default for widths > 4) on the narrow widths too, at its default tiles.
+        from ssmkit.ops.causal_conv1d import triton_backward
+
+        triton_backward.LAUNCH = triton_backward.BackwardLaunch(kernel="generic")
+        checks = {name: (check_fn, case) for name, case in FN_CASES.items() if case[4] in ("float32", "float64")}
     else:
         low = group == "fn_low_precision"
         checks = {

@@ -244,10 +244,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, init_ptr, seq_ptr, dout_ptr, dx_ptr, d
 @dataclass(frozen=True)
 class BackwardLaunch:
     """How the backward is launched. ``kernel``: "shifted" (widths <= 4; wider ones fall back) or "generic";
-    ``block_l`` / ``block_d``: the tile (None: ``_blocks``'s layout-dependent choice); ``programs``: about how
+    ``block_l`` / ``block_d``: the tile (None: the layout's default, ``default_tile``); ``programs``: about how
     many programs share the length (more only grows the partial dweight sums)."""
 
-    kernel: str = "generic"
+    kernel: str = "shifted"
     block_l: int | None = None
     block_d: int | None = None
     num_warps: int = 4
@@ -270,13 +270,27 @@ class BackwardLaunch:
 LAUNCH = BackwardLaunch()  # replaced as a whole by benchmarks/gpu_conv_norm.py's sweep
 
 
+def default_tile(x: torch.Tensor, shifted: bool) -> tuple[int, int]:
+    """(BLOCK_L, BLOCK_D) for the backward when the launch names none.
+
+    The shifted kernel's tiles won the sweep on an H100 ((8, 4096, 8192), width 4, SiLU, bf16, fwd+bwd,
+    benchmarks/RESULTS.md): channel-first 64 x 16 (1.956 ms, 2.4x the HBM floor; the generic kernel's 128 x 16
+    3.942) and channel-last 32 x 32 (3.187 ms, 4.0x; generic 16 x 128 5.115). The generic kernel (widths > 4)
+    keeps ``_blocks``'s tiles.
+    """
+    if not shifted:
+        return _blocks(x, backward=True)
+    return (32, 32) if x.stride(1) == 1 and x.shape[-1] > 1 else (64, 16)
+
+
 def backward(x, weight, bias, init, seq_idx, silu: bool, dout: torch.Tensor, need_dinit: bool,
              launch: BackwardLaunch | None = None):
     """dx (x's layout), dinit (b, d, w - 1) or None, dweight (d, w), dbias (d,) or None."""
     launch = launch or LAUNCH
     batch, dim, length = x.shape
     width = weight.shape[1]
-    default_l, default_d = _blocks(x, backward=True)
+    shifted = launch.kernel == "shifted" and width <= 4
+    default_l, default_d = default_tile(x, shifted)
     block_l, block_d = launch.block_l or default_l, launch.block_d or default_d
     n_tiles, n_blocks_d = triton.cdiv(length, block_l), triton.cdiv(dim, block_d)
     tiles_per_prog = max(1, triton.cdiv(n_tiles * batch * n_blocks_d, launch.programs))
@@ -294,7 +308,7 @@ def backward(x, weight, bias, init, seq_idx, silu: bool, dout: torch.Tensor, nee
             *_strides(dinit, 3), partial.stride(0), partial.stride(1),
             W=width, HAS_BIAS=bias is not None, HAS_INIT=init is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
             NEED_DINIT=need_dinit, ACC=acc, BLOCK_L=block_l, BLOCK_D=block_d,
-            BLOCK_W=triton.next_power_of_2(width + 1), SHIFTED=launch.kernel == "shifted" and width <= 4,
+            BLOCK_W=triton.next_power_of_2(width + 1), SHIFTED=shifted,
             num_warps=launch.num_warps,
         )
     sums = partial.sum(dim=0)
