@@ -51,9 +51,9 @@ from ssd_kernel_model import kernel_model, print_model
 from ssmkit.ops.ssd import SSDLaunch, mamba_chunk_scan_combined
 from ssmkit.ops.ssd.launch import CONFIGS, DEFAULT_LAUNCH
 
-VARIANTS = ["default", "rows_h2", "rows_h3", "rows_state_h2", "cols_split", "cols_split_h2", "cols_split_h3",
-            "bwd_h2", "cb_lowp", "lowp", "bwd_h2_lowp", "scan_2h", "scan_2h_s3", "scan_2h_lowp", "all_h2_lowp",
-            "state_online", "state_online_t128", "state_bwd_tile32", "keep_states", "rows_r128", "bwd_r128_split"]
+VARIANTS = ["default", "uncapped", "rows_r128", "cols_joint", "rows_h2", "rows_h3", "rows_state_h2", "cols_split_h2",
+            "cols_split_h3", "bwd_h2", "cb_lowp", "lowp", "bwd_h2_lowp", "scan_2h", "scan_2h_s3", "scan_2h_lowp",
+            "all_h2_lowp", "state_online", "state_online_t128", "state_bwd_tile32", "keep_states"]
 PEER = "mamba_ssm"
 # Fields of SSDLaunch the forward reads; the backward reads the rest (fwd_tile bounds both: C Bᵀ's tiles).
 FORWARD_FIELDS = {"state", "scan", "cb", "state_pass", "state_tile", "fwd_tile", "chain", "cb_lowp", "scan_heads",

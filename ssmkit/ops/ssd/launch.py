@@ -34,10 +34,11 @@ the backward's tensor FLOPs and 19% of its HBM bytes (10% and 13% of forward+bac
 forward saves them (``keep_states`` in :data:`CONFIGS`).
 
 Registers and spills (``benchmarks/ssd_registers.py --all``: sm_90, the benchmark's call, each kernel compiled
-from the launcher's own arguments as the JIT specializes them; device's Triton 3.6 / 3.9): no kernel of the
-default launch spills; chunk state 126 / 118 registers, C Bᵀ 80, scan 78 / 113, state-passing backward
-132 / 121, rows 198 / 175 and rows_state 199 / 128, cols 241 / 230 (8 warps: one program an SM above 128).
-Spilling configs: ``stages3`` and ``cols_h2`` (cols 255, 72 / 40 B on 3.6), ``bwd32_w4`` (cols 32 / 16 B).
+from the launcher's own arguments as the JIT specializes them; device's Triton 3.6 / 3.9): the forward's
+kernels spill nothing (chunk state 126 / 118 registers, C Bᵀ 80, scan 78 / 113). The backward's are capped at
+128 (two 8-warp programs an SM): rows and the state-passing backward spill nothing there, rows_state 64 B,
+the split columns kernels 0 and 96 B on 3.6; uncapped (``uncapped``) rows took 198, rows_state 199, cols
+241 registers, one program an SM, and timed 16% slower at L 8192 on an H100. Other spilling configs: ``stages3`` and ``cols_h2`` (cols 255, 72 / 40 B on 3.6), ``bwd32_w4`` (cols 32 / 16 B).
 Fastest configs of forward and backward kernels combine (separate fields).
 
 :data:`CONFIGS` holds the named alternatives that ``benchmarks/gpu_ssd.py --sweep`` and
@@ -63,13 +64,15 @@ class SSDLaunch:
     scan: Opts = (8, 2)
     cb: Opts = (4, 3)
     state_pass: Opts = (4, 3)
-    state_bwd: Opts = (8, 2)
-    rows: Opts = (8, 3)
-    rows_state: Opts = (8, 2)
-    cols: Opts = (8, 1)
-    cols_dB: Opts = (8, 2)
+    # The backward's 8-warp kernels capped at 128 registers (two programs an SM), the columns kernel split in
+    # two: the sweep's winner on an H100 (fwd+bwd at L 8192 5.939 ms against 6.890 uncapped; RESULTS.md).
+    state_bwd: Opts = (8, 2, 128)
+    rows: Opts = (8, 3, 128)
+    rows_state: Opts = (8, 2, 128)
+    cols: Opts = (8, 1, 128)
+    cols_dB: Opts = (8, 2, 128)
     dt_bwd: Opts = (4, 3)
-    cols_split: bool = False
+    cols_split: bool = True
     state_tile: int = 64
     fwd_tile: int = 64
     bwd_tile: int = 64
@@ -133,7 +136,7 @@ CONFIGS: dict[str, SSDLaunch] = {
     "bwd_tile32": _R(DEFAULT_LAUNCH, bwd_tile=32, state_bwd_tile=32, rows=(8, 2), cols=(8, 1)),
     "bwd_tile32_r128": _R(DEFAULT_LAUNCH, bwd_tile=32, state_bwd_tile=32, rows=(8, 2, 128), cols=(8, 1)),
     "slices4": _R(DEFAULT_LAUNCH, min_programs=4096),
-    "cols_split": _R(DEFAULT_LAUNCH, cols_split=True),
+    "cols_joint": _R(DEFAULT_LAUNCH, cols_split=False, cols=(8, 1)),
     "scan32_w4": _R(DEFAULT_LAUNCH, fwd_tile=32, scan=(4, 2)),
     "scan32_w4_s3": _R(DEFAULT_LAUNCH, fwd_tile=32, scan=(4, 3)),
     # The state passing as separate kernels (per-chunk states through memory). Chained is the default since
@@ -174,11 +177,11 @@ CONFIGS: dict[str, SSDLaunch] = {
     # Δ, cum, the entering states and C Bᵀ kept from the forward for the backward (the default before the
     # backward recomputed them: issue 17's activation memory), timed beside the default by gpu_ssd_sweep.py.
     "keep_states": _R(DEFAULT_LAUNCH, recompute_states=False),
-    # The backward's 8-warp kernels capped at 128 registers: two programs an SM instead of one (their shared
-    # memory, 41-59 KB, allows it). On the device's Triton 3.6, as the JIT specializes the call: rows and the
-    # state-passing backward spill nothing at 128 (198 and 132 uncapped), rows_state 64 B, cols 384 B (split:
-    # dB none, the rest 96 B).
-    "rows_r128": _R(DEFAULT_LAUNCH, rows=(8, 3, 128), state_bwd=(8, 2, 128)),
-    "bwd_r128_split": _R(DEFAULT_LAUNCH, rows=(8, 3, 128), rows_state=(8, 2, 128), state_bwd=(8, 2, 128),
-                         cols_split=True, cols=(8, 1, 128), cols_dB=(8, 2, 128)),
+    # The default's backward kernels are capped at 128 registers: two programs an SM instead of one (their
+    # shared memory, 41-59 KB, allows it). On the device's Triton 3.6, as the JIT specializes the call: rows and
+    # the state-passing backward spill nothing at 128 (198 and 132 uncapped), rows_state 64 B, cols 384 B
+    # (split: dB none, the rest 96 B). The default before, uncapped, with the columns kernel joint:
+    "uncapped": _R(DEFAULT_LAUNCH, rows=(8, 3), rows_state=(8, 2), state_bwd=(8, 2), cols_split=False,
+                   cols=(8, 1), cols_dB=(8, 2)),
+    "rows_r128": _R(DEFAULT_LAUNCH, rows_state=(8, 2), cols_split=False, cols=(8, 1), cols_dB=(8, 2)),
 }
