@@ -98,7 +98,7 @@ def test_fused_head_on_the_torch_path_is_the_logits_argmax_bit_for_bit(preset):
     model = _model(preset)
     ids = torch.tensor([PROMPTS[0], PROMPTS[2] + [1, 1, 1, 1]])
     runs = []
-    for variant in ("default", "greedy_head"):
+    for variant in ("plain", "greedy_head"):
         with torch.no_grad(), decode_launch.use(variant):
             cache = model.allocate_cache(2)
             token = model(ids, cache=cache).logits[:, -1].argmax(-1)
@@ -123,7 +123,9 @@ def test_fused_head_is_left_to_the_logits_path_where_it_does_not_apply():
         model.config.logits_multiplier = 0.5
         assert not greedy_head_applies(model, _state(model, cache, 1))
     model.config.logits_multiplier = 1.0
-    assert not greedy_head_applies(model, _state(model, cache, 1))  # the default settings keep it off
+    assert greedy_head_applies(model, _state(model, cache, 1))  # the default settings turn it on
+    with decode_launch.use("plain"):
+        assert not greedy_head_applies(model, _state(model, cache, 1))
 
 
 if __name__ == "__main__":

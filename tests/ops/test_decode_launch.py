@@ -10,9 +10,11 @@ from ssmkit.ops import decode_launch
 from ssmkit.ops.decode_launch import VARIANTS, DecodeLaunch
 
 
-def test_every_variant_is_valid_and_default_changes_nothing():
-    assert VARIANTS["default"] == DecodeLaunch()
-    assert not any(getattr(VARIANTS["default"], f) for f in ("pdl", "greedy_head", "mamba1_out_gemv"))
+def test_every_variant_is_valid_the_default_is_pdl_head_and_plain_changes_nothing():
+    assert VARIANTS["plain"] == DecodeLaunch()
+    assert not any(getattr(VARIANTS["plain"], f) for f in ("pdl", "greedy_head", "mamba1_out_gemv"))
+    assert VARIANTS["default"] == VARIANTS["pdl_head"]
+    assert all(getattr(VARIANTS["default"], f) for f in ("pdl", "greedy_head", "mamba1_out_gemv"))
     for name, settings in VARIANTS.items():
         assert isinstance(settings, DecodeLaunch), name
 
