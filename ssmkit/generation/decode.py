@@ -26,7 +26,7 @@ from ssmkit.generation.sampling import (
     sample_next,
     sample_rows,
 )
-from ssmkit.ops import decode_launch, norm_linear
+from ssmkit.ops import decode_launch, decode_step, norm_linear
 from ssmkit.ops.norm_linear import rms_norm_linear_argmax
 
 
@@ -198,6 +198,15 @@ def graph_blocker(model: DecodingModel) -> str | None:
     return None
 
 
+def _adopt_scratch(src: Any, dst: Any) -> None:
+    """What the kernels allocated lazily on the warm-up copy's state tensors, allocated for the real state now
+    (outside the capture, which would otherwise replay the allocation's zero fill every step)."""
+    for mine, theirs in zip(getattr(src, "states", ()), getattr(dst, "states", ())):
+        if hasattr(mine, "tensors") and hasattr(theirs, "tensors"):
+            for a, b in zip(mine.tensors().values(), theirs.tensors().values()):
+                decode_step.adopt_step_scratch(a, b)
+
+
 class GraphedStep:
     """:func:`step` captured once in a CUDA graph for fixed buffers, then replayed per token.
 
@@ -221,6 +230,7 @@ class GraphedStep:
             for _ in range(warmup):
                 scratch_token = step(model, scratch_token, scratch)
         torch.cuda.current_stream(first.device).wait_stream(side)
+        _adopt_scratch(scratch.cache, state.cache)
         del scratch, scratch_token
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=capture_error_mode):

@@ -146,3 +146,27 @@ def test_argument_errors_are_clear():
 if __name__ == "__main__":
     assert sys.argv[1] == "all"
     report_checks(CHECKS)
+
+
+def test_adopt_step_scratch_gives_the_real_state_its_own_zeroed_counters():
+    """A graph's warm-up runs on a copy; the copy's lazily made counters are re-made for the real state
+    before the capture (which would otherwise replay their zero fill every step)."""
+    from ssmkit.generation.decode import _adopt_scratch
+    from ssmkit.layers.mamba2 import Mamba2State
+    from ssmkit.models.cache import ModelCache
+    from ssmkit.ops.decode_step.inputs import COUNTERS_ATTR
+
+    real = ModelCache([Mamba2State(torch.zeros(2, 6, 4), torch.zeros(2, 3, 2, 4)) for _ in range(2)])
+    scratch = real.clone()
+    setattr(scratch.states[0].conv, COUNTERS_ATTR, torch.full((4,), 7, dtype=torch.int32))
+    _adopt_scratch(scratch, real)
+    adopted = getattr(real.states[0].conv, COUNTERS_ATTR)
+    assert adopted.shape == (4,) and adopted.dtype == torch.int32 and int(adopted.abs().sum()) == 0
+    assert adopted.data_ptr() != getattr(scratch.states[0].conv, COUNTERS_ATTR).data_ptr()
+    assert getattr(real.states[1].conv, COUNTERS_ATTR, None) is None  # its copy made none: nothing to adopt
+    assert getattr(real.states[0].ssm, COUNTERS_ATTR, None) is None
+    own = torch.zeros(2, dtype=torch.int32)
+    setattr(real.states[1].conv, COUNTERS_ATTR, own)
+    setattr(scratch.states[1].conv, COUNTERS_ATTR, torch.zeros(8, dtype=torch.int32))
+    decode_step.adopt_step_scratch(scratch.states[1].conv, real.states[1].conv)
+    assert getattr(real.states[1].conv, COUNTERS_ATTR) is own  # a state's own counters are kept

@@ -18,15 +18,32 @@ import torch
 from ssmkit.ops._checks import Dims, check_nonempty, check_same_device, check_tensor
 from ssmkit.ops._step_sizes import NO_LIMIT, check_dt_limit
 from ssmkit.ops.backend import resolve_backend
-from ssmkit.ops.decode_step.inputs import ConvStepInputs2, InnerStepInputs
+from ssmkit.ops.decode_step.inputs import (
+    COUNTERS_ATTR,
+    ConvStepInputs2,
+    InnerStepInputs,
+)
 from ssmkit.ops.decode_step.reference import conv_step_composed, inner_step_composed
 
-__all__ = ["MAX_ROWS", "conv1d_selective_state_update", "mamba_inner_step"]
+__all__ = ["MAX_ROWS", "adopt_step_scratch", "conv1d_selective_state_update", "mamba_inner_step"]
 
 # Rows (batch) up to which "auto" takes the fused kernels. Mamba-2's kernel does the separate kernels' work
 # at any batch; Mamba-1's x_proj is a dot product per row there, where cuBLAS reuses the weight across rows,
 # so both stop where decoding stops being launch-bound.
 MAX_ROWS = 16
+
+
+def adopt_step_scratch(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Give ``dst`` its own zeroed copy of the ticket counters the fused step kernels keep on ``src``.
+
+    The kernels allocate (and zero) their counters on a conv state's first step. A CUDA graph captured on a
+    state whose warm-up ran on a copy would capture that zero fill and replay it every step (a kernel a layer);
+    adopting the copy's counters first keeps the allocation out of the graph. Nothing happens when ``src`` has
+    none or ``dst`` has its own.
+    """
+    counters = getattr(src, COUNTERS_ATTR, None)
+    if counters is not None and getattr(dst, COUNTERS_ATTR, None) is None and src.device == dst.device:
+        setattr(dst, COUNTERS_ATTR, torch.zeros_like(counters))
 
 
 def _fits(tensors: tuple[torch.Tensor | None, ...], rows: int) -> bool:

@@ -8,7 +8,10 @@ import torch
 
 from ssmkit.ops._inputs import OpInputs
 
-__all__ = ["ConvStepInputs2", "InnerStepInputs"]
+__all__ = ["COUNTERS_ATTR", "ConvStepInputs2", "InnerStepInputs"]
+
+# The attribute of a conv state tensor that holds the step kernels' zeroed int32 ticket counters.
+COUNTERS_ATTR = "_ssmkit_step_counters"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,11 @@ import triton.language as tl
 
 from ssmkit.ops import decode_launch
 from ssmkit.ops._pdl import pdl_trigger, pdl_wait
-from ssmkit.ops.decode_step.inputs import ConvStepInputs2, InnerStepInputs
+from ssmkit.ops.decode_step.inputs import (
+    COUNTERS_ATTR,
+    ConvStepInputs2,
+    InnerStepInputs,
+)
 from ssmkit.ops.state_update.triton import SOFTPLUS_THRESHOLD, _log1p
 
 
@@ -166,10 +170,10 @@ def _sync_counters(conv_state: torch.Tensor, numel: int) -> torch.Tensor:
     """The zeroed int32 counters of the step kernels' tickets, kept on the conv state tensor (each kernel
     leaves them at zero). One set per state tensor: steps of different caches (which may run on different
     streams) never share counters; a step that passes a new view of its state each time gets new counters."""
-    counters = getattr(conv_state, "_ssmkit_step_counters", None)
+    counters = getattr(conv_state, COUNTERS_ATTR, None)
     if counters is None or counters.numel() < numel:
         counters = torch.zeros(numel, dtype=torch.int32, device=conv_state.device)
-        conv_state._ssmkit_step_counters = counters
+        setattr(conv_state, COUNTERS_ATTR, counters)
     return counters
 
 
