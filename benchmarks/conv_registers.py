@@ -25,8 +25,10 @@ from ssmkit.ops.causal_conv1d.triton_backward import BackwardLaunch
 
 BATCH, DIM, LENGTH, WIDTH = 8, 4096, 8192, 4
 # (layout, BLOCK_L, BLOCK_D, warps): each layout's default tile first.
-TILES = (("last", 16, 128, 4), ("last", 16, 128, 8), ("last", 16, 64, 4),
-         ("first", 128, 16, 4), ("first", 128, 16, 8))
+TILES = (("last", 32, 32, 4), ("last", 16, 128, 4), ("last", 16, 128, 8), ("last", 16, 64, 4),
+         ("last", 32, 64, 4), ("last", 64, 32, 4), ("last", 64, 64, 8), ("last", 32, 32, 2), ("last", 16, 32, 2),
+         ("first", 64, 16, 4), ("first", 128, 16, 4), ("first", 128, 16, 8), ("first", 64, 32, 4),
+         ("first", 32, 16, 2), ("first", 128, 32, 8))
 
 
 def _inputs(layout: str, docs_and_init: bool) -> dict:
