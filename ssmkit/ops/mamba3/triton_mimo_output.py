@@ -1,0 +1,299 @@
+"""Triton kernels of the MIMO route's output: the r×r correction, skip, gate and down-projection in one pass each way.
+
+After the SSD op has run the r sub-steps of each position (``via_ssd.py``), MIMO needs per position t, head and
+rank j (x̃_{t,j} = x_t ⊙ mimo_x_j rounded to the operand dtype, as the SSD op got it)::
+
+    v_{t,j} = y_{t,j} + Σ_{j'} ([j' > j] w_t - δ_{t+1}) S_{t,j,j'} x̃_{t,j'} + D x̃_{t,j}
+    out_t = Σ_j mimo_o_j ⊙ v_{t,j} · silu(z_t ⊙ mimo_z_j)            (per rank, without mimo_o)
+
+with S_{t,j,j'} = C̃_{t,j}·B̃_{t,j'} of the rounded operands (``triton_mimo_rotary.py``), so the correction cancels
+the SSD kernels' own terms exactly. In PyTorch that is two float32 einsums over (b, l, h, r, r) and (b, l, r, h, p),
+the rank-expanded x̃ and z, casts and the reduction over the ranks, each a pass with its own backward; here it is
+one read of y, x, z and one write of out, and one pass back. x̃ is remade from x and mimo_x in registers (the same
+float32 product and rounding as the SSD op's operand), so x, not the r-fold x̃, is read, and x's and mimo_x's
+gradients come out directly.
+
+Layouts: y (b·l, r, h, p) contiguous (the SSD op's output of the l·r sub-steps); x (b·l, h, p) contiguous; z
+(b·l, h, p) with any row stride; S (b·l, h, r, r), w, nxt (b·l, h) float32; D (h,), mimo_* (h, r, p) float32.
+out (b·l, h, p), or (b·l, r, h, p) without mimo_o, in x's dtype.
+
+Forward: a program takes POS positions of one head. Backward: a program walks a run of positions of one head in
+blocks of POS, so the gradients of D and the MIMO projections are summed in registers over the run: one partial
+per program, a few hundred per head, summed by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ssmkit.ops._host import cdiv, next_power_of_2
+from ssmkit.ops.mamba3.triton_output import _silu_parts
+from ssmkit.ops.mamba3.triton_rotary import _TL
+
+_POS = 4  # positions per tile (a tile is positions x padded ranks x p)
+_WARPS = 4
+_BWD_PROGRAMS = 8 * 132  # backward: runs of positions per head until about this many programs run
+
+
+@triton.jit
+def _tile_inputs(x_ptr, mx_ptr, pos, pm, rk, km, cols, hh, H, RANK: tl.constexpr, P: tl.constexpr,
+                 HAS_MX: tl.constexpr, OPS: tl.constexpr):
+    """x (positions, p), mimo_x (ranks, p) (ones without it) and x̃ (positions, ranks, p) rounded to the operands'
+    dtype, float32."""
+    cm = cols < P
+    x = tl.load(x_ptr + (pos[:, None] * H + hh) * P + cols[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
+    x = x.to(tl.float32)
+    if HAS_MX:
+        mx = tl.load(mx_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+    else:
+        mx = tl.where(km[:, None] & cm[None, :], 1.0, 0.0)
+    return x, mx, (x[:, None, :] * mx[None, :, :]).to(OPS).to(tl.float32)
+
+
+@triton.jit
+def _rank_column(x, mx_ptr, S_ptr, w, nxt, pos, rk, km, cols, hh, H, j2, m2, RANK: tl.constexpr, P: tl.constexpr,
+                 HAS_MX: tl.constexpr, OPS: tl.constexpr):
+    """For input rank j2: x̃_{·,j2} (positions, p), S_{·,·,j2} (positions, ranks) and its coefficient
+    [j2 > j] w - δ_next (positions, ranks)."""
+    if HAS_MX:
+        mxj = tl.load(mx_ptr + (hh * RANK + j2) * P + cols, mask=cols < P, other=0.0)
+        xj = (x * mxj[None, :]).to(OPS).to(tl.float32)
+    else:
+        xj = x.to(OPS).to(tl.float32)
+    Sj = tl.load(S_ptr + ((pos[:, None] * H + hh) * RANK + rk[None, :]) * RANK + j2, mask=m2, other=0.0)
+    coef = tl.where(j2 > rk[None, :], w[:, None], 0.0) - nxt[:, None]
+    return xj, Sj, coef
+
+
+@triton.jit
+def _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, pos, pm, rk, km, cols, hh, H,
+              RANK: tl.constexpr, P: tl.constexpr, HAS_MX: tl.constexpr, HAS_D: tl.constexpr, OPS: tl.constexpr):
+    """v (positions, ranks, p) before the gate, with x (positions, p), mimo_x (ranks, p), x̃ and w, δ_next."""
+    m2 = pm[:, None] & km[None, :]
+    m3 = m2[:, :, None] & (cols < P)[None, None, :]
+    x, mx, xt = _tile_inputs(x_ptr, mx_ptr, pos, pm, rk, km, cols, hh, H, RANK, P, HAS_MX, OPS)
+    w = tl.load(w_ptr + pos * H + hh, mask=pm, other=0.0)
+    nxt = tl.load(nxt_ptr + pos * H + hh, mask=pm, other=0.0)
+    v = tl.load(y_ptr + ((pos[:, None, None] * RANK + rk[None, :, None]) * H + hh) * P + cols[None, None, :], mask=m3,
+                other=0.0).to(tl.float32)
+    if HAS_D:
+        v += tl.load(D_ptr + hh) * xt
+    for j2 in tl.static_range(RANK):
+        xj, Sj, coef = _rank_column(x, mx_ptr, S_ptr, w, nxt, pos, rk, km, cols, hh, H, j2, m2, RANK, P, HAS_MX, OPS)
+        v += (coef * Sj)[:, :, None] * xj[:, None, :]
+    return v, x, mx, xt, w, nxt
+
+
+@triton.jit
+def _gate_input(z_ptr, mz_ptr, pos, pm, rk, km, cols, hh, s_z, RANK: tl.constexpr, P: tl.constexpr,
+                HAS_MZ: tl.constexpr):
+    """z (positions, p), mimo_z (ranks, p) and z ⊙ mimo_z (positions, ranks, p), float32."""
+    cm = cols < P
+    z = tl.load(z_ptr + pos[:, None] * s_z + hh * P + cols[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
+    z = z.to(tl.float32)
+    if HAS_MZ:
+        mz = tl.load(mz_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+    else:
+        mz = tl.where(km[:, None] & cm[None, :], 1.0, 0.0)
+    return z, mz, z[:, None, :] * mz[None, :, :]
+
+
+@triton.jit(do_not_specialize=["R"])
+def _mimo_output_fwd(
+    y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, R, H, s_z,
+    RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr,
+    HAS_MX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
+    OPS: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    pos = blk * POS + tl.arange(0, POS)
+    rk = tl.arange(0, RP)
+    cols = tl.arange(0, BP)
+    pm, km, cm = pos < R, rk < RANK, cols < P
+    v, _, _, _, _, _ = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, pos, pm, rk, km, cols, hh, H,
+                                 RANK, P, HAS_MX, HAS_D, OPS)
+    if HAS_Z:
+        _, _, zr = _gate_input(z_ptr, mz_ptr, pos, pm, rk, km, cols, hh, s_z, RANK, P, HAS_MZ)
+        silu, _ = _silu_parts(zr)
+        v = v * silu
+    if HAS_MO:
+        mo = tl.load(mo_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        out = tl.sum(v * mo[None, :, :], 1)
+        tl.store(out_ptr + (pos[:, None] * H + hh) * P + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=pm[:, None] & cm[None, :])
+    else:
+        m3 = (pm[:, None] & km[None, :])[:, :, None] & cm[None, None, :]
+        tl.store(out_ptr + ((pos[:, None, None] * RANK + rk[None, :, None]) * H + hh) * P + cols[None, None, :],
+                 v.to(out_ptr.dtype.element_ty), mask=m3)
+
+
+@triton.jit(do_not_specialize=["R"])
+def _mimo_output_bwd(
+    y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, z_ptr, mz_ptr, mo_ptr, dout_ptr,
+    dy_ptr, dx_ptr, dS_ptr, dw_ptr, dnxt_ptr, dz_ptr, dproj_ptr, dD_ptr, R, H, s_z, RUN,
+    RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr,
+    HAS_MX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
+    OPS: tl.constexpr,
+):
+    run = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    rk = tl.arange(0, RP)
+    cols = tl.arange(0, BP)
+    km, cm = rk < RANK, cols < P
+    pmask2 = km[:, None] & cm[None, :]
+    if HAS_MO:
+        mo = tl.load(mo_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=pmask2, other=0.0)
+    # This program's partials of the projections' gradients (ranks, p) and of D's.
+    dmx = tl.zeros((RP, BP), dtype=tl.float32)
+    dmz = tl.zeros((RP, BP), dtype=tl.float32)
+    dmo = tl.zeros((RP, BP), dtype=tl.float32)
+    dD = tl.zeros((RP, BP), dtype=tl.float32)
+    for start in range(run * RUN, tl.minimum(run * RUN + RUN, R), POS):
+        pos = start + tl.arange(0, POS)
+        pm = pos < R
+        m2 = pm[:, None] & km[None, :]
+        m3 = m2[:, :, None] & cm[None, None, :]
+        prow = (pos[:, None] * H + hh) * P + cols[None, :]
+        rrow = ((pos[:, None, None] * RANK + rk[None, :, None]) * H + hh) * P + cols[None, None, :]
+        v, x, mx, xt, w, nxt = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, pos, pm, rk, km, cols,
+                                         hh, H, RANK, P, HAS_MX, HAS_D, OPS)
+        if HAS_MO:
+            dO = tl.load(dout_ptr + prow, mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            g = dO[:, None, :] * mo[None, :, :]
+        else:
+            g = tl.load(dout_ptr + rrow, mask=m3, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z, mz, zr = _gate_input(z_ptr, mz_ptr, pos, pm, rk, km, cols, hh, s_z, RANK, P, HAS_MZ)
+            silu, dsilu = _silu_parts(zr)
+            if HAS_MO:
+                dmo += tl.sum(dO[:, None, :] * v * silu, 0)
+            dzr = g * v * dsilu
+            tl.store(dz_ptr + prow, tl.sum(dzr * mz[None, :, :], 1).to(dz_ptr.dtype.element_ty),
+                     mask=pm[:, None] & cm[None, :])
+            dmz += tl.sum(dzr * z[:, None, :], 0)
+            g = g * silu
+        elif HAS_MO:
+            dmo += tl.sum(dO[:, None, :] * v, 0)
+        tl.store(dy_ptr + rrow, g.to(dy_ptr.dtype.element_ty), mask=m3)
+        # x̃'s gradient (straight through its rounding) from the skip, then the correction's column by column.
+        dxt = tl.zeros((POS, RP, BP), dtype=tl.float32)
+        if HAS_D:
+            dD += tl.sum(g * xt, 0)
+            dxt = tl.load(D_ptr + hh) * g
+        dwt = tl.zeros((POS,), dtype=tl.float32)
+        dnt = tl.zeros((POS,), dtype=tl.float32)
+        for j2 in tl.static_range(RANK):
+            xj, Sj, coef = _rank_column(x, mx_ptr, S_ptr, w, nxt, pos, rk, km, cols, hh, H, j2, m2, RANK, P, HAS_MX,
+                                        OPS)
+            q = tl.sum(g * xj[:, None, :], 2)  # (positions, ranks): g_j · x̃_{j2}
+            tl.store(dS_ptr + ((pos[:, None] * H + hh) * RANK + rk[None, :]) * RANK + j2, coef * q, mask=m2)
+            dcoef = tl.where(m2, Sj * q, 0.0)
+            dwt += tl.sum(tl.where(j2 > rk[None, :], dcoef, 0.0), 1)
+            dnt -= tl.sum(dcoef, 1)
+            dxj = tl.sum((coef * Sj)[:, :, None] * g, 1)  # (positions, p): the correction's gradient of x̃_{j2}
+            dxt += tl.where((rk == j2)[None, :, None], dxj[:, None, :], 0.0)
+        tl.store(dw_ptr + pos * H + hh, dwt, mask=pm)
+        tl.store(dnxt_ptr + pos * H + hh, dnt, mask=pm)
+        # x̃ = x ⊙ mimo_x: x's gradient sums the ranks, mimo_x's the positions.
+        tl.store(dx_ptr + prow, tl.sum(dxt * mx[None, :, :], 1).to(dx_ptr.dtype.element_ty),
+                 mask=pm[:, None] & cm[None, :])
+        dmx += tl.sum(dxt * x[:, None, :], 0)
+    part = ((run * H + hh) * RANK + rk[:, None]) * P + cols[None, :]
+    stride = tl.num_programs(0) * H * RANK * P
+    tl.store(dproj_ptr + part, dmx, mask=pmask2)
+    tl.store(dproj_ptr + stride + part, dmz, mask=pmask2)
+    tl.store(dproj_ptr + 2 * stride + part, dmo, mask=pmask2)
+    tl.store(dD_ptr + run * H + hh, tl.sum(tl.sum(dD, 1), 0))
+
+
+class _MimoOutput(torch.autograd.Function):
+    """y (b, l·r, h, p) contiguous (the SSD op's output of the sub-steps); x (b, l, h, p) contiguous; mimo_x, mimo_z,
+    mimo_o (h, r, p) float32 or None; S (b, l, h, r, r), w, nxt (b, l, h) float32; D (h,) float32 or None; z
+    (b, l, h, p) (each position's h·p entries contiguous, any row stride) or None; ops: the operand dtype x̃ was
+    rounded to."""
+
+    @staticmethod
+    def forward(ctx, y, x, mimo_x, S, w, nxt, D, z, mimo_z, mimo_o, ops):
+        b, l, h, p = x.shape
+        r = S.shape[-1]
+        R = b * l
+        out = torch.empty((b, l, h, p) if mimo_o is not None else (b, l, r, h, p), device=x.device, dtype=x.dtype)
+        dummy = w
+        s_z = 0 if z is None else z.stride(1)
+        _mimo_output_fwd[(cdiv(R, _POS), h)](
+            y, x, dummy if mimo_x is None else mimo_x, S, w, nxt, dummy if D is None else D,
+            dummy if z is None else z, dummy if mimo_z is None else mimo_z, dummy if mimo_o is None else mimo_o, out,
+            R, h, s_z, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p), POS=_POS, HAS_MX=mimo_x is not None,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_MZ=mimo_z is not None, HAS_MO=mimo_o is not None,
+            OPS=_TL[ops], num_warps=_WARPS,
+        )
+        ctx.save_for_backward(y, x, mimo_x, S, w, nxt, D, z, mimo_z, mimo_o)
+        ctx.ops = ops
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        y, x, mimo_x, S, w, nxt, D, z, mimo_z, mimo_o = ctx.saved_tensors
+        b, l, h, p = x.shape
+        r = S.shape[-1]
+        R = b * l
+        runs = max(1, min(cdiv(R, _POS), cdiv(_BWD_PROGRAMS, h)))
+        run = cdiv(cdiv(R, runs), _POS) * _POS
+        runs = cdiv(R, run)
+        dy = torch.empty_like(y)
+        dx = torch.empty_like(x)
+        dS = torch.empty_like(S)
+        dw, dnxt = torch.empty_like(w), torch.empty_like(nxt)
+        dz = None if z is None else torch.empty(b, l, h, p, device=z.device, dtype=z.dtype)
+        dproj = torch.empty(3, runs, h, r, p, device=x.device, dtype=torch.float32)
+        dD = torch.empty(runs, h, device=x.device, dtype=torch.float32)
+        dummy = w
+        _mimo_output_bwd[(runs, h)](
+            y, x, dummy if mimo_x is None else mimo_x, S, w, nxt, dummy if D is None else D,
+            dummy if z is None else z, dummy if mimo_z is None else mimo_z, dummy if mimo_o is None else mimo_o,
+            dout.contiguous(), dy, dx, dS, dw, dnxt, dummy if dz is None else dz, dproj, dD, R, h,
+            0 if z is None else z.stride(1), run, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p),
+            POS=_POS, HAS_MX=mimo_x is not None, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_MZ=mimo_z is not None, HAS_MO=mimo_o is not None, OPS=_TL[ctx.ops], num_warps=_WARPS,
+        )
+        sums = dproj.sum(1)  # (3, h, r, p)
+        grads = [None if t is None else sums[i] for i, t in enumerate((mimo_x, mimo_z, mimo_o))]
+        return (dy, dx, grads[0], dS, dw, dnxt, None if D is None else dD.sum(0), dz, grads[1], grads[2], None)
+
+
+def mimo_output_triton(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    mimo_x: torch.Tensor | None,
+    S: torch.Tensor,
+    w: torch.Tensor,
+    nxt: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    mimo_z: torch.Tensor | None,
+    mimo_o: torch.Tensor | None,
+    ops: torch.dtype,
+) -> torch.Tensor:
+    """The MIMO route's output (module docstring) in x's dtype: (b, l, h, p) with mimo_o, else (b, l, r, h, p); with
+    gradients of y, x, mimo_x, S, w, nxt, D, z, mimo_z and mimo_o (the projections' and D's in float32).
+
+    y: (b, l·r, h, p), the SSD op's output of the r sub-steps of each position; x: (b, l, h, p); mimo_*: (h, r, p);
+    S: (b, l, h, r, r); w, nxt: (b, l, h); D: (h,); z: (b, l, h, p); ``ops``: the dtype x̃ = x ⊙ mimo_x was rounded
+    to for the SSD op.
+    """
+    p = x.shape[3]
+    if z is not None and not (z.stride(3) == 1 and z.stride(2) == p and z.stride(0) == x.shape[1] * z.stride(1)):
+        z = z.contiguous()  # the kernels take rows of h·p contiguous entries at one stride
+
+    def f32(t):
+        return None if t is None else t.float().contiguous()
+
+    if z is None:
+        mimo_z = None  # no gate: mimo_z takes no part (and gets no gradient)
+    return _MimoOutput.apply(y.contiguous(), x.contiguous(), f32(mimo_x), S.contiguous(), f32(w), f32(nxt), f32(D),
+                             z, f32(mimo_z), f32(mimo_o), ops)
