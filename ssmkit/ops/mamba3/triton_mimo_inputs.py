@@ -35,21 +35,20 @@ def _mimo_inputs_fwd(
     RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr,
     HAS_MX: tl.constexpr, OPS: tl.constexpr,
 ):
-    blk = tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1).to(tl.int64)
-    pos = blk * POS + tl.arange(0, POS)
-    rk = tl.arange(0, RP)
-    cols = tl.arange(0, BP)
-    pm, km = pos < R, rk < RANK
+    start = tl.program_id(0).to(tl.int64) * POS
+    hh = tl.program_id(1)
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
+    pm, km = start + lp < R, rk < RANK
     m2 = pm[:, None] & km[None, :]
-    _, _, xt = _tile_inputs(x_ptr, mx_ptr, pos, pm, rk, km, cols, hh, H, RANK, P, HAS_MX, OPS)
-    sub = (pos[:, None] * RANK + rk[None, :]) * H + hh  # (positions, ranks): the sub-step rows
-    tl.store(xt_ptr + sub[:, :, None] * P + cols[None, None, :], xt.to(xt_ptr.dtype.element_ty),
+    _, _, xt = _tile_inputs(x_ptr, mx_ptr, start, R, hh, H, RANK, RP, P, BP, POS, HAS_MX, OPS)
+    sub = (lp[:, None] * RANK + rk[None, :]) * H  # (positions, ranks): the sub-step rows, from the block's first
+    first = start * RANK * H + hh
+    tl.store(xt_ptr + first * P + sub[:, :, None] * P + cols[None, None, :], xt.to(xt_ptr.dtype.element_ty),
              mask=m2[:, :, None] & (cols < P)[None, None, :])
-    sdt = tl.load(sdt_ptr + pos * H + hh, mask=pm, other=0.0)
-    w = tl.load(w_ptr + pos * H + hh, mask=pm, other=0.0)
-    tl.store(step_ptr + sub, tl.where(rk[None, :] == 0, sdt[:, None], 0.0), mask=m2)
-    tl.store(scale_ptr + sub, tl.broadcast_to(w[:, None], (POS, RP)), mask=m2)
+    sdt = tl.load(sdt_ptr + start * H + hh + lp * H, mask=pm, other=0.0)
+    w = tl.load(w_ptr + start * H + hh + lp * H, mask=pm, other=0.0)
+    tl.store(step_ptr + first + sub, tl.where(rk[None, :] == 0, sdt[:, None], 0.0), mask=m2)
+    tl.store(scale_ptr + first + sub, tl.broadcast_to(w[:, None], (POS, RP)), mask=m2)
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -58,36 +57,38 @@ def _mimo_inputs_bwd(
     RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr,
     HAS_MX: tl.constexpr, HAS_DSTEP: tl.constexpr, HAS_DSCALE: tl.constexpr,
 ):
-    run = tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1).to(tl.int64)
-    rk = tl.arange(0, RP)
-    cols = tl.arange(0, BP)
+    run = tl.program_id(0)
+    hh = tl.program_id(1)
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
     km, cm = rk < RANK, cols < P
     if HAS_MX:
         mx = tl.load(mx_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
     else:
         mx = tl.where(km[:, None] & cm[None, :], 1.0, 0.0)
     dmx = tl.zeros((RP, BP), dtype=tl.float32)
-    for start in range(run * RUN, tl.minimum(run * RUN + RUN, R), POS):
-        pos = start + tl.arange(0, POS)
-        pm = pos < R
+    begin = run.to(tl.int64) * RUN
+    for start in range(begin, tl.minimum(begin + RUN, R), POS):
+        pm = start + lp < R
         m2 = pm[:, None] & km[None, :]
-        prow = (pos[:, None] * H + hh) * P + cols[None, :]
-        sub = (pos[:, None] * RANK + rk[None, :]) * H + hh
-        g = tl.load(dxt_ptr + sub[:, :, None] * P + cols[None, None, :], mask=m2[:, :, None] & cm[None, None, :],
-                    other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + prow, mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        tl.store(dx_ptr + prow, tl.sum(g * mx[None, :, :], 1).to(dx_ptr.dtype.element_ty),
-                 mask=pm[:, None] & cm[None, :])
+        pmask = pm[:, None] & cm[None, :]
+        prow = (start * H + hh) * P + lp[:, None] * (H * P) + cols[None, :]
+        sub = (lp[:, None] * RANK + rk[None, :]) * H
+        first = start * RANK * H + hh
+        g = tl.load(dxt_ptr + first * P + sub[:, :, None] * P + cols[None, None, :],
+                    mask=m2[:, :, None] & cm[None, None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + prow, mask=pmask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + prow, tl.sum(g * mx[None, :, :], 1).to(dx_ptr.dtype.element_ty), mask=pmask)
         dmx += tl.sum(g * x[:, None, :], 0)
         if HAS_DSTEP:  # only the first sub-step carries the decay
-            tl.store(dsdt_ptr + pos * H + hh, tl.load(dstep_ptr + pos * RANK * H + hh, mask=pm, other=0.0), mask=pm)
+            dsdt = tl.load(dstep_ptr + first + lp * (RANK * H), mask=pm, other=0.0)
         else:
-            tl.store(dsdt_ptr + pos * H + hh, tl.zeros((POS,), dtype=tl.float32), mask=pm)
+            dsdt = tl.zeros((POS,), dtype=tl.float32)
+        tl.store(dsdt_ptr + start * H + hh + lp * H, dsdt, mask=pm)
         if HAS_DSCALE:
-            tl.store(dw_ptr + pos * H + hh, tl.sum(tl.load(dscale_ptr + sub, mask=m2, other=0.0), 1), mask=pm)
+            dw = tl.sum(tl.load(dscale_ptr + first + sub, mask=m2, other=0.0), 1)
         else:
-            tl.store(dw_ptr + pos * H + hh, tl.zeros((POS,), dtype=tl.float32), mask=pm)
+            dw = tl.zeros((POS,), dtype=tl.float32)
+        tl.store(dw_ptr + start * H + hh + lp * H, dw, mask=pm)
     tl.store(dmx_ptr + ((run * H + hh) * RANK + rk[:, None]) * P + cols[None, :], dmx, mask=km[:, None] & cm[None, :])
 
 

@@ -33,19 +33,27 @@ from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops.mamba3.triton_output import _silu_parts
 from ssmkit.ops.mamba3.triton_rotary import _TL
 
-_POS = 4  # positions per tile (a tile is positions x padded ranks x p)
+# Positions per tile (a tile is positions x padded ranks x p) and warps. Registers on sm_90 as the JIT specializes a
+# rank-4 layer's call (b8 L2K, 24 heads x 64, benchmarks/layer_registers.py --layers mamba3-mimo, Triton 3.9): the
+# backward 121 at 1 position, 168 at 2, 233-255 at 4 (the (positions, r, r, p) products of the correction), so it
+# walks one position a step, with more programs to keep loads in flight; the forward 56 at 2 positions.
+_FWD_POS = 2
 _WARPS = 4
-_BWD_PROGRAMS = 8 * 132  # backward: runs of positions per head until about this many programs run
+_BWD_POS = 1
+_BWD_WARPS = 4
+_BWD_PROGRAMS = 32 * 132  # backward: runs of positions per head until about this many programs run
 
 
 @triton.jit
-def _tile_inputs(x_ptr, mx_ptr, pos, pm, rk, km, cols, hh, H, RANK: tl.constexpr, P: tl.constexpr,
-                 HAS_MX: tl.constexpr, OPS: tl.constexpr):
-    """x (positions, p), mimo_x (ranks, p) (ones without it) and x̃ (positions, ranks, p) rounded to the operands'
-    dtype, float32."""
-    cm = cols < P
-    x = tl.load(x_ptr + (pos[:, None] * H + hh) * P + cols[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
-    x = x.to(tl.float32)
+def _tile_inputs(x_ptr, mx_ptr, start, R, hh, H, RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr,
+                 BP: tl.constexpr, POS: tl.constexpr, HAS_MX: tl.constexpr, OPS: tl.constexpr):
+    """For positions start … start + POS - 1 of head hh: x (positions, p), mimo_x (ranks, p) (ones without it) and x̃
+    (positions, ranks, p) rounded to the operands' dtype, float32. ``start`` is an int64 scalar: the offsets inside
+    the block stay int32."""
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
+    pm, km, cm = start + lp < R, rk < RANK, cols < P
+    x = tl.load(x_ptr + (start * H + hh) * P + lp[:, None] * (H * P) + cols[None, :], mask=pm[:, None] & cm[None, :],
+                other=0.0).to(tl.float32)
     if HAS_MX:
         mx = tl.load(mx_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
     else:
@@ -54,46 +62,45 @@ def _tile_inputs(x_ptr, mx_ptr, pos, pm, rk, km, cols, hh, H, RANK: tl.constexpr
 
 
 @triton.jit
-def _rank_column(x, mx_ptr, S_ptr, w, nxt, pos, rk, km, cols, hh, H, j2, m2, RANK: tl.constexpr, P: tl.constexpr,
-                 HAS_MX: tl.constexpr, OPS: tl.constexpr):
-    """For input rank j2: x̃_{·,j2} (positions, p), S_{·,·,j2} (positions, ranks) and its coefficient
-    [j2 > j] w - δ_next (positions, ranks)."""
-    if HAS_MX:
-        mxj = tl.load(mx_ptr + (hh * RANK + j2) * P + cols, mask=cols < P, other=0.0)
-        xj = (x * mxj[None, :]).to(OPS).to(tl.float32)
-    else:
-        xj = x.to(OPS).to(tl.float32)
-    Sj = tl.load(S_ptr + ((pos[:, None] * H + hh) * RANK + rk[None, :]) * RANK + j2, mask=m2, other=0.0)
-    coef = tl.where(j2 > rk[None, :], w[:, None], 0.0) - nxt[:, None]
-    return xj, Sj, coef
+def _rank_offsets(start, hh, H, RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr,
+                  POS: tl.constexpr):
+    """Offset of the block's first entry in a (b·l, r, h, p) tensor, and the (positions, ranks, p) offsets from it."""
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
+    local = (lp[:, None, None] * RANK + rk[None, :, None]) * (H * P) + cols[None, None, :]
+    return (start * RANK * H + hh) * P, local
 
 
 @triton.jit
-def _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, pos, pm, rk, km, cols, hh, H,
-              RANK: tl.constexpr, P: tl.constexpr, HAS_MX: tl.constexpr, HAS_D: tl.constexpr, OPS: tl.constexpr):
-    """v (positions, ranks, p) before the gate, with x (positions, p), mimo_x (ranks, p), x̃ and w, δ_next."""
+def _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK: tl.constexpr,
+              RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr, HAS_MX: tl.constexpr,
+              HAS_D: tl.constexpr, OPS: tl.constexpr):
+    """v (positions, ranks, p) before the gate, with x (positions, p), mimo_x (ranks, p), x̃, S and the coefficients
+    ([j' > j] w - δ_next) of the r×r correction (positions, ranks, ranks)."""
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
+    pm, km, cm = start + lp < R, rk < RANK, cols < P
     m2 = pm[:, None] & km[None, :]
-    m3 = m2[:, :, None] & (cols < P)[None, None, :]
-    x, mx, xt = _tile_inputs(x_ptr, mx_ptr, pos, pm, rk, km, cols, hh, H, RANK, P, HAS_MX, OPS)
-    w = tl.load(w_ptr + pos * H + hh, mask=pm, other=0.0)
-    nxt = tl.load(nxt_ptr + pos * H + hh, mask=pm, other=0.0)
-    v = tl.load(y_ptr + ((pos[:, None, None] * RANK + rk[None, :, None]) * H + hh) * P + cols[None, None, :], mask=m3,
-                other=0.0).to(tl.float32)
+    x, mx, xt = _tile_inputs(x_ptr, mx_ptr, start, R, hh, H, RANK, RP, P, BP, POS, HAS_MX, OPS)
+    w = tl.load(w_ptr + start * H + hh + lp * H, mask=pm, other=0.0)
+    nxt = tl.load(nxt_ptr + start * H + hh + lp * H, mask=pm, other=0.0)
+    s_off = (lp[:, None, None] * (H * RANK) + rk[None, :, None]) * RANK + rk[None, None, :]
+    S = tl.load(S_ptr + (start * H + hh) * RANK * RANK + s_off, mask=m2[:, :, None] & km[None, None, :], other=0.0)
+    coef = tl.where(rk[None, None, :] > rk[None, :, None], w[:, None, None], 0.0) - nxt[:, None, None]
+    base, local = _rank_offsets(start, hh, H, RANK, RP, P, BP, POS)
+    v = tl.load(y_ptr + base + local, mask=m2[:, :, None] & cm[None, None, :], other=0.0).to(tl.float32)
+    v += tl.sum((coef * S)[:, :, :, None] * xt[:, None, :, :], 2)
     if HAS_D:
         v += tl.load(D_ptr + hh) * xt
-    for j2 in tl.static_range(RANK):
-        xj, Sj, coef = _rank_column(x, mx_ptr, S_ptr, w, nxt, pos, rk, km, cols, hh, H, j2, m2, RANK, P, HAS_MX, OPS)
-        v += (coef * Sj)[:, :, None] * xj[:, None, :]
-    return v, x, mx, xt, w, nxt
+    return v, x, mx, xt, S, coef
 
 
 @triton.jit
-def _gate_input(z_ptr, mz_ptr, pos, pm, rk, km, cols, hh, s_z, RANK: tl.constexpr, P: tl.constexpr,
-                HAS_MZ: tl.constexpr):
+def _gate_input(z_ptr, mz_ptr, start, R, hh, s_z, RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr,
+                BP: tl.constexpr, POS: tl.constexpr, HAS_MZ: tl.constexpr):
     """z (positions, p), mimo_z (ranks, p) and z ⊙ mimo_z (positions, ranks, p), float32."""
-    cm = cols < P
-    z = tl.load(z_ptr + pos[:, None] * s_z + hh * P + cols[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
-    z = z.to(tl.float32)
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
+    pm, km, cm = start + lp < R, rk < RANK, cols < P
+    z = tl.load(z_ptr + start * s_z + hh * P + lp[:, None] * s_z + cols[None, :], mask=pm[:, None] & cm[None, :],
+                other=0.0).to(tl.float32)
     if HAS_MZ:
         mz = tl.load(mz_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
     else:
@@ -108,27 +115,24 @@ def _mimo_output_fwd(
     HAS_MX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
     OPS: tl.constexpr,
 ):
-    blk = tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1).to(tl.int64)
-    pos = blk * POS + tl.arange(0, POS)
-    rk = tl.arange(0, RP)
-    cols = tl.arange(0, BP)
-    pm, km, cm = pos < R, rk < RANK, cols < P
-    v, _, _, _, _, _ = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, pos, pm, rk, km, cols, hh, H,
-                                 RANK, P, HAS_MX, HAS_D, OPS)
+    start = tl.program_id(0).to(tl.int64) * POS
+    hh = tl.program_id(1)
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
+    pm, km, cm = start + lp < R, rk < RANK, cols < P
+    v, _, _, _, _, _ = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK, RP, P, BP,
+                                 POS, HAS_MX, HAS_D, OPS)
     if HAS_Z:
-        _, _, zr = _gate_input(z_ptr, mz_ptr, pos, pm, rk, km, cols, hh, s_z, RANK, P, HAS_MZ)
+        _, _, zr = _gate_input(z_ptr, mz_ptr, start, R, hh, s_z, RANK, RP, P, BP, POS, HAS_MZ)
         silu, _ = _silu_parts(zr)
         v = v * silu
     if HAS_MO:
         mo = tl.load(mo_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
-        out = tl.sum(v * mo[None, :, :], 1)
-        tl.store(out_ptr + (pos[:, None] * H + hh) * P + cols[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=pm[:, None] & cm[None, :])
+        tl.store(out_ptr + (start * H + hh) * P + lp[:, None] * (H * P) + cols[None, :],
+                 tl.sum(v * mo[None, :, :], 1).to(out_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
     else:
-        m3 = (pm[:, None] & km[None, :])[:, :, None] & cm[None, None, :]
-        tl.store(out_ptr + ((pos[:, None, None] * RANK + rk[None, :, None]) * H + hh) * P + cols[None, None, :],
-                 v.to(out_ptr.dtype.element_ty), mask=m3)
+        base, local = _rank_offsets(start, hh, H, RANK, RP, P, BP, POS)
+        tl.store(out_ptr + base + local, v.to(out_ptr.dtype.element_ty),
+                 mask=(pm[:, None] & km[None, :])[:, :, None] & cm[None, None, :])
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -139,10 +143,9 @@ def _mimo_output_bwd(
     HAS_MX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
     OPS: tl.constexpr,
 ):
-    run = tl.program_id(0).to(tl.int64)
-    hh = tl.program_id(1).to(tl.int64)
-    rk = tl.arange(0, RP)
-    cols = tl.arange(0, BP)
+    run = tl.program_id(0)
+    hh = tl.program_id(1)
+    lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
     km, cm = rk < RANK, cols < P
     pmask2 = km[:, None] & cm[None, :]
     if HAS_MO:
@@ -152,55 +155,48 @@ def _mimo_output_bwd(
     dmz = tl.zeros((RP, BP), dtype=tl.float32)
     dmo = tl.zeros((RP, BP), dtype=tl.float32)
     dD = tl.zeros((RP, BP), dtype=tl.float32)
-    for start in range(run * RUN, tl.minimum(run * RUN + RUN, R), POS):
-        pos = start + tl.arange(0, POS)
-        pm = pos < R
+    first = run.to(tl.int64) * RUN
+    for start in range(first, tl.minimum(first + RUN, R), POS):
+        pm = start + lp < R
         m2 = pm[:, None] & km[None, :]
         m3 = m2[:, :, None] & cm[None, None, :]
-        prow = (pos[:, None] * H + hh) * P + cols[None, :]
-        rrow = ((pos[:, None, None] * RANK + rk[None, :, None]) * H + hh) * P + cols[None, None, :]
-        v, x, mx, xt, w, nxt = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, pos, pm, rk, km, cols,
-                                         hh, H, RANK, P, HAS_MX, HAS_D, OPS)
+        prow = (start * H + hh) * P + lp[:, None] * (H * P) + cols[None, :]
+        pmask = pm[:, None] & cm[None, :]
+        base, local = _rank_offsets(start, hh, H, RANK, RP, P, BP, POS)
+        v, x, mx, xt, S, coef = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK,
+                                          RP, P, BP, POS, HAS_MX, HAS_D, OPS)
         if HAS_MO:
-            dO = tl.load(dout_ptr + prow, mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            dO = tl.load(dout_ptr + prow, mask=pmask, other=0.0).to(tl.float32)
             g = dO[:, None, :] * mo[None, :, :]
         else:
-            g = tl.load(dout_ptr + rrow, mask=m3, other=0.0).to(tl.float32)
+            g = tl.load(dout_ptr + base + local, mask=m3, other=0.0).to(tl.float32)
         if HAS_Z:
-            z, mz, zr = _gate_input(z_ptr, mz_ptr, pos, pm, rk, km, cols, hh, s_z, RANK, P, HAS_MZ)
+            z, mz, zr = _gate_input(z_ptr, mz_ptr, start, R, hh, s_z, RANK, RP, P, BP, POS, HAS_MZ)
             silu, dsilu = _silu_parts(zr)
             if HAS_MO:
                 dmo += tl.sum(dO[:, None, :] * v * silu, 0)
             dzr = g * v * dsilu
-            tl.store(dz_ptr + prow, tl.sum(dzr * mz[None, :, :], 1).to(dz_ptr.dtype.element_ty),
-                     mask=pm[:, None] & cm[None, :])
+            tl.store(dz_ptr + prow, tl.sum(dzr * mz[None, :, :], 1).to(dz_ptr.dtype.element_ty), mask=pmask)
             dmz += tl.sum(dzr * z[:, None, :], 0)
             g = g * silu
         elif HAS_MO:
             dmo += tl.sum(dO[:, None, :] * v, 0)
-        tl.store(dy_ptr + rrow, g.to(dy_ptr.dtype.element_ty), mask=m3)
-        # x̃'s gradient (straight through its rounding) from the skip, then the correction's column by column.
-        dxt = tl.zeros((POS, RP, BP), dtype=tl.float32)
+        tl.store(dy_ptr + base + local, g.to(dy_ptr.dtype.element_ty), mask=m3)
+        # The correction: q = g_j · x̃_{j'} gives S's and the coefficients' gradients; x̃'s (straight through its
+        # rounding) is Σ_j coef S g_j, plus D g from the skip.
+        q = tl.sum(g[:, :, None, :] * xt[:, None, :, :], 3)  # (positions, ranks j, ranks j')
+        s_off = (lp[:, None, None] * (H * RANK) + rk[None, :, None]) * RANK + rk[None, None, :]
+        tl.store(dS_ptr + (start * H + hh) * RANK * RANK + s_off, coef * q, mask=m2[:, :, None] & km[None, None, :])
+        dcoef = S * q  # S is 0 at padded ranks
+        later = rk[None, None, :] > rk[None, :, None]
+        tl.store(dw_ptr + start * H + hh + lp * H, tl.sum(tl.sum(tl.where(later, dcoef, 0.0), 2), 1), mask=pm)
+        tl.store(dnxt_ptr + start * H + hh + lp * H, -tl.sum(tl.sum(dcoef, 2), 1), mask=pm)
+        dxt = tl.sum((coef * S)[:, :, :, None] * g[:, :, None, :], 1)
         if HAS_D:
             dD += tl.sum(g * xt, 0)
-            dxt = tl.load(D_ptr + hh) * g
-        dwt = tl.zeros((POS,), dtype=tl.float32)
-        dnt = tl.zeros((POS,), dtype=tl.float32)
-        for j2 in tl.static_range(RANK):
-            xj, Sj, coef = _rank_column(x, mx_ptr, S_ptr, w, nxt, pos, rk, km, cols, hh, H, j2, m2, RANK, P, HAS_MX,
-                                        OPS)
-            q = tl.sum(g * xj[:, None, :], 2)  # (positions, ranks): g_j · x̃_{j2}
-            tl.store(dS_ptr + ((pos[:, None] * H + hh) * RANK + rk[None, :]) * RANK + j2, coef * q, mask=m2)
-            dcoef = tl.where(m2, Sj * q, 0.0)
-            dwt += tl.sum(tl.where(j2 > rk[None, :], dcoef, 0.0), 1)
-            dnt -= tl.sum(dcoef, 1)
-            dxj = tl.sum((coef * Sj)[:, :, None] * g, 1)  # (positions, p): the correction's gradient of x̃_{j2}
-            dxt += tl.where((rk == j2)[None, :, None], dxj[:, None, :], 0.0)
-        tl.store(dw_ptr + pos * H + hh, dwt, mask=pm)
-        tl.store(dnxt_ptr + pos * H + hh, dnt, mask=pm)
+            dxt += tl.load(D_ptr + hh) * g
         # x̃ = x ⊙ mimo_x: x's gradient sums the ranks, mimo_x's the positions.
-        tl.store(dx_ptr + prow, tl.sum(dxt * mx[None, :, :], 1).to(dx_ptr.dtype.element_ty),
-                 mask=pm[:, None] & cm[None, :])
+        tl.store(dx_ptr + prow, tl.sum(dxt * mx[None, :, :], 1).to(dx_ptr.dtype.element_ty), mask=pmask)
         dmx += tl.sum(dxt * x[:, None, :], 0)
     part = ((run * H + hh) * RANK + rk[:, None]) * P + cols[None, :]
     stride = tl.num_programs(0) * H * RANK * P
@@ -224,12 +220,12 @@ class _MimoOutput(torch.autograd.Function):
         out = torch.empty((b, l, h, p) if mimo_o is not None else (b, l, r, h, p), device=x.device, dtype=x.dtype)
         dummy = w
         s_z = 0 if z is None else z.stride(1)
-        _mimo_output_fwd[(cdiv(R, _POS), h)](
+        _mimo_output_fwd[(cdiv(R, _FWD_POS), h)](
             y, x, dummy if mimo_x is None else mimo_x, S, w, nxt, dummy if D is None else D,
             dummy if z is None else z, dummy if mimo_z is None else mimo_z, dummy if mimo_o is None else mimo_o, out,
-            R, h, s_z, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p), POS=_POS, HAS_MX=mimo_x is not None,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_MZ=mimo_z is not None, HAS_MO=mimo_o is not None,
-            OPS=_TL[ops], num_warps=_WARPS,
+            R, h, s_z, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p), POS=_FWD_POS,
+            HAS_MX=mimo_x is not None, HAS_D=D is not None, HAS_Z=z is not None, HAS_MZ=mimo_z is not None,
+            HAS_MO=mimo_o is not None, OPS=_TL[ops], num_warps=_WARPS,
         )
         ctx.save_for_backward(y, x, mimo_x, S, w, nxt, D, z, mimo_z, mimo_o)
         ctx.ops = ops
@@ -242,8 +238,8 @@ class _MimoOutput(torch.autograd.Function):
         b, l, h, p = x.shape
         r = S.shape[-1]
         R = b * l
-        runs = max(1, min(cdiv(R, _POS), cdiv(_BWD_PROGRAMS, h)))
-        run = cdiv(cdiv(R, runs), _POS) * _POS
+        runs = max(1, min(cdiv(R, _BWD_POS), cdiv(_BWD_PROGRAMS, h)))
+        run = cdiv(cdiv(R, runs), _BWD_POS) * _BWD_POS
         runs = cdiv(R, run)
         dy = torch.empty_like(y)
         dx = torch.empty_like(x)
@@ -258,8 +254,8 @@ class _MimoOutput(torch.autograd.Function):
             dummy if z is None else z, dummy if mimo_z is None else mimo_z, dummy if mimo_o is None else mimo_o,
             dout.contiguous(), dy, dx, dS, dw, dnxt, dummy if dz is None else dz, dproj, dD, R, h,
             0 if z is None else z.stride(1), run, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p),
-            POS=_POS, HAS_MX=mimo_x is not None, HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_MZ=mimo_z is not None, HAS_MO=mimo_o is not None, OPS=_TL[ctx.ops], num_warps=_WARPS,
+            POS=_BWD_POS, HAS_MX=mimo_x is not None, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_MZ=mimo_z is not None, HAS_MO=mimo_o is not None, OPS=_TL[ctx.ops], num_warps=_BWD_WARPS,
         )
         sums = dproj.sum(1)  # (3, h, r, p)
         grads = [None if t is None else sums[i] for i, t in enumerate((mimo_x, mimo_z, mimo_o))]
