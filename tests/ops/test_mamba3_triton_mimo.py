@@ -126,7 +126,7 @@ def check_mimo_output(b, l, r, h, p, dtype, drop) -> None:
     dt = getattr(torch, dtype)
     saved = triton_mimo_output._BWD_PROGRAMS
     triton_mimo_output._BWD_PROGRAMS = 2 * h  # runs of several blocks per program: the partials sum over them
-    named = {"y": torch.randn(b, l * r, h, p).to(dt), "x": torch.randn(b, l, h, p).to(dt),
+    named = {"y": torch.randn(b, l * r, h, p).to(dt), "x": torch.randn(b, l, 2 * h, p).to(dt),
              "mimo_x": torch.randn(h, r, p), "S": torch.randn(b, l, h, r, r), "w": torch.rand(b, l, h),
              "nxt": torch.rand(b, l, h), "D": torch.randn(h), "z": torch.randn(b, l, 2 * h, p).to(dt),
              "mimo_z": torch.randn(h, r, p), "mimo_o": torch.randn(h, r, p)}
@@ -134,12 +134,13 @@ def check_mimo_output(b, l, r, h, p, dtype, drop) -> None:
     got_in = {k: None if v is None else v.clone().requires_grad_() for k, v in named.items()}
     want_in = {k: None if v is None else v.double().requires_grad_() for k, v in named.items()}
     try:
-        # z as the layer passes it: a strided slice of a wider tensor's rows.
-        got = dict(got_in, z=None if got_in["z"] is None else got_in["z"][:, :, h:])
+        # x and z as the layer passes them: strided slices of a wider tensor's rows, read in place.
+        got = dict(got_in, x=got_in["x"][:, :, :h], z=None if got_in["z"] is None else got_in["z"][:, :, h:])
         out = mimo_output_triton(*got.values(), dt)
     finally:
         triton_mimo_output._BWD_PROGRAMS = saved
     y, x, mx, S, w, nxt, D, z, mz, mo = want_in.values()
+    x = x[:, :, :h]
     later = torch.ones(r, r, dtype=torch.bool).triu(1)
     coef = torch.where(later, w[..., None, None], 0.0) - nxt[..., None, None]
     xt = x[:, :, None].expand(b, l, r, h, p) if mx is None else x[:, :, None] * mx.transpose(0, 1)
@@ -172,12 +173,13 @@ def check_mimo_inputs(b, l, r, h, p, dtype, with_mx) -> None:
     from ssmkit.ops.mamba3.triton_mimo_inputs import mimo_inputs_triton
 
     dt = getattr(torch, dtype)
-    inputs = [torch.randn(b, l, h, p).to(dt), torch.randn(h, r, p) if with_mx else None, torch.randn(b, l, h),
+    inputs = [torch.randn(b, l, h + 1, p).to(dt), torch.randn(h, r, p) if with_mx else None, torch.randn(b, l, h),
               torch.rand(b, l, h)]
     got_in = [None if t is None else t.clone().requires_grad_() for t in inputs]
     want_in = [None if t is None else t.double().requires_grad_() for t in inputs]
-    got = mimo_inputs_triton(*got_in, r, dt)
+    got = mimo_inputs_triton(got_in[0][:, :, 1:], *got_in[1:], r, dt)  # x a strided slice, read in place
     x, mx, sdt, w = want_in
+    x = x[:, :, 1:]
     xt = x[:, :, None].expand(b, l, r, h, p) if mx is None else x[:, :, None] * mx.transpose(0, 1)
     step = torch.cat([sdt[:, :, None], sdt.new_zeros(b, l, r - 1, h)], 2)
     want = (xt.reshape(b, l * r, h, p), step.reshape(b, l * r, h), w[:, :, None].expand(b, l, r, h).reshape(b, -1, h))

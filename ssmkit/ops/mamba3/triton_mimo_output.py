@@ -13,8 +13,8 @@ one read of y, x, z and one write of out, and one pass back. x̃ is remade from 
 float32 product and rounding as the SSD op's operand), so x, not the r-fold x̃, is read, and x's and mimo_x's
 gradients come out directly.
 
-Layouts: y (b·l, r, h, p) contiguous (the SSD op's output of the l·r sub-steps); x (b·l, h, p) contiguous; z
-(b·l, h, p) with any row stride; S (b·l, h, r, r), w, nxt (b·l, h) float32; D (h,), mimo_* (h, r, p) float32.
+Layouts: y (b·l, r, h, p) contiguous (the SSD op's output of the l·r sub-steps); x and z (b·l, h, p) with any row
+stride; S (b·l, h, r, r), w, nxt (b·l, h) float32; D (h,), mimo_* (h, r, p) float32.
 out (b·l, h, p), or (b·l, r, h, p) without mimo_o, in x's dtype.
 
 Forward: a program takes POS positions of one head. Backward: a program walks a run of positions of one head in
@@ -45,14 +45,14 @@ _BWD_PROGRAMS = 32 * 132  # backward: runs of positions per head until about thi
 
 
 @triton.jit
-def _tile_inputs(x_ptr, mx_ptr, start, R, hh, H, RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr,
+def _tile_inputs(x_ptr, s_x, mx_ptr, start, R, hh, RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr,
                  BP: tl.constexpr, POS: tl.constexpr, HAS_MX: tl.constexpr, OPS: tl.constexpr):
     """For positions start … start + POS - 1 of head hh: x (positions, p), mimo_x (ranks, p) (ones without it) and x̃
-    (positions, ranks, p) rounded to the operands' dtype, float32. ``start`` is an int64 scalar: the offsets inside
-    the block stay int32."""
+    (positions, ranks, p) rounded to the operands' dtype, float32; x's rows at stride s_x. ``start`` is an int64
+    scalar: the offsets inside the block stay int32."""
     lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
     pm, km, cm = start + lp < R, rk < RANK, cols < P
-    x = tl.load(x_ptr + (start * H + hh) * P + lp[:, None] * (H * P) + cols[None, :], mask=pm[:, None] & cm[None, :],
+    x = tl.load(x_ptr + start * s_x + hh * P + lp[:, None] * s_x + cols[None, :], mask=pm[:, None] & cm[None, :],
                 other=0.0).to(tl.float32)
     if HAS_MX:
         mx = tl.load(mx_ptr + (hh * RANK + rk[:, None]) * P + cols[None, :], mask=km[:, None] & cm[None, :], other=0.0)
@@ -71,7 +71,7 @@ def _rank_offsets(start, hh, H, RANK: tl.constexpr, RP: tl.constexpr, P: tl.cons
 
 
 @triton.jit
-def _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK: tl.constexpr,
+def _pre_gate(y_ptr, x_ptr, s_x, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK: tl.constexpr,
               RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr, HAS_MX: tl.constexpr,
               HAS_D: tl.constexpr, OPS: tl.constexpr):
     """v (positions, ranks, p) before the gate, with x (positions, p), mimo_x (ranks, p), x̃, S and the coefficients
@@ -79,7 +79,7 @@ def _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, 
     lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
     pm, km, cm = start + lp < R, rk < RANK, cols < P
     m2 = pm[:, None] & km[None, :]
-    x, mx, xt = _tile_inputs(x_ptr, mx_ptr, start, R, hh, H, RANK, RP, P, BP, POS, HAS_MX, OPS)
+    x, mx, xt = _tile_inputs(x_ptr, s_x, mx_ptr, start, R, hh, RANK, RP, P, BP, POS, HAS_MX, OPS)
     w = tl.load(w_ptr + start * H + hh + lp * H, mask=pm, other=0.0)
     nxt = tl.load(nxt_ptr + start * H + hh + lp * H, mask=pm, other=0.0)
     s_off = (lp[:, None, None] * (H * RANK) + rk[None, :, None]) * RANK + rk[None, None, :]
@@ -110,7 +110,7 @@ def _gate_input(z_ptr, mz_ptr, start, R, hh, s_z, RANK: tl.constexpr, RP: tl.con
 
 @triton.jit(do_not_specialize=["R"])
 def _mimo_output_fwd(
-    y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, R, H, s_z,
+    y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, R, H, s_x, s_z,
     RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr,
     HAS_MX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
     OPS: tl.constexpr,
@@ -119,7 +119,7 @@ def _mimo_output_fwd(
     hh = tl.program_id(1)
     lp, rk, cols = tl.arange(0, POS), tl.arange(0, RP), tl.arange(0, BP)
     pm, km, cm = start + lp < R, rk < RANK, cols < P
-    v, _, _, _, _, _ = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK, RP, P, BP,
+    v, _, _, _, _, _ = _pre_gate(y_ptr, x_ptr, s_x, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK, RP, P, BP,
                                  POS, HAS_MX, HAS_D, OPS)
     if HAS_Z:
         _, _, zr = _gate_input(z_ptr, mz_ptr, start, R, hh, s_z, RANK, RP, P, BP, POS, HAS_MZ)
@@ -138,7 +138,7 @@ def _mimo_output_fwd(
 @triton.jit(do_not_specialize=["R"])
 def _mimo_output_bwd(
     y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, z_ptr, mz_ptr, mo_ptr, dout_ptr,
-    dy_ptr, dx_ptr, dS_ptr, dw_ptr, dnxt_ptr, dz_ptr, dproj_ptr, dD_ptr, R, H, s_z, RUN,
+    dy_ptr, dx_ptr, dS_ptr, dw_ptr, dnxt_ptr, dz_ptr, dproj_ptr, dD_ptr, R, H, s_x, s_z, RUN,
     RANK: tl.constexpr, RP: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, POS: tl.constexpr,
     HAS_MX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
     OPS: tl.constexpr,
@@ -163,7 +163,7 @@ def _mimo_output_bwd(
         prow = (start * H + hh) * P + lp[:, None] * (H * P) + cols[None, :]
         pmask = pm[:, None] & cm[None, :]
         base, local = _rank_offsets(start, hh, H, RANK, RP, P, BP, POS)
-        v, x, mx, xt, S, coef = _pre_gate(y_ptr, x_ptr, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK,
+        v, x, mx, xt, S, coef = _pre_gate(y_ptr, x_ptr, s_x, mx_ptr, S_ptr, w_ptr, nxt_ptr, D_ptr, start, R, hh, H, RANK,
                                           RP, P, BP, POS, HAS_MX, HAS_D, OPS)
         if HAS_MO:
             dO = tl.load(dout_ptr + prow, mask=pmask, other=0.0).to(tl.float32)
@@ -207,7 +207,7 @@ def _mimo_output_bwd(
 
 
 class _MimoOutput(torch.autograd.Function):
-    """y (b, l·r, h, p) contiguous (the SSD op's output of the sub-steps); x (b, l, h, p) contiguous; mimo_x, mimo_z,
+    """y (b, l·r, h, p) contiguous (the SSD op's output of the sub-steps); x (b, l, h, p) as z; mimo_x, mimo_z,
     mimo_o (h, r, p) float32 or None; S (b, l, h, r, r), w, nxt (b, l, h) float32; D (h,) float32 or None; z
     (b, l, h, p) (each position's h·p entries contiguous, any row stride) or None; ops: the operand dtype x̃ was
     rounded to."""
@@ -220,10 +220,11 @@ class _MimoOutput(torch.autograd.Function):
         out = torch.empty((b, l, h, p) if mimo_o is not None else (b, l, r, h, p), device=x.device, dtype=x.dtype)
         dummy = w
         s_z = 0 if z is None else z.stride(1)
+        s_x = x.stride(1)
         _mimo_output_fwd[(cdiv(R, _FWD_POS), h)](
             y, x, dummy if mimo_x is None else mimo_x, S, w, nxt, dummy if D is None else D,
             dummy if z is None else z, dummy if mimo_z is None else mimo_z, dummy if mimo_o is None else mimo_o, out,
-            R, h, s_z, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p), POS=_FWD_POS,
+            R, h, s_x, s_z, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p), POS=_FWD_POS,
             HAS_MX=mimo_x is not None, HAS_D=D is not None, HAS_Z=z is not None, HAS_MZ=mimo_z is not None,
             HAS_MO=mimo_o is not None, OPS=_TL[ops], num_warps=_WARPS,
         )
@@ -242,7 +243,7 @@ class _MimoOutput(torch.autograd.Function):
         run = cdiv(cdiv(R, runs), _BWD_POS) * _BWD_POS
         runs = cdiv(R, run)
         dy = torch.empty_like(y)
-        dx = torch.empty_like(x)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, whatever x's row stride
         dS = torch.empty_like(S)
         dw, dnxt = torch.empty_like(w), torch.empty_like(nxt)
         dz = None if z is None else torch.empty(b, l, h, p, device=z.device, dtype=z.dtype)
@@ -252,7 +253,7 @@ class _MimoOutput(torch.autograd.Function):
         _mimo_output_bwd[(runs, h)](
             y, x, dummy if mimo_x is None else mimo_x, S, w, nxt, dummy if D is None else D,
             dummy if z is None else z, dummy if mimo_z is None else mimo_z, dummy if mimo_o is None else mimo_o,
-            dout.contiguous(), dy, dx, dS, dw, dnxt, dummy if dz is None else dz, dproj, dD, R, h,
+            dout.contiguous(), dy, dx, dS, dw, dnxt, dummy if dz is None else dz, dproj, dD, R, h, x.stride(1),
             0 if z is None else z.stride(1), run, RANK=r, RP=next_power_of_2(r), P=p, BP=next_power_of_2(p),
             POS=_BWD_POS, HAS_MX=mimo_x is not None, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_MZ=mimo_z is not None, HAS_MO=mimo_o is not None, OPS=_TL[ctx.ops], num_warps=_BWD_WARPS,
@@ -260,6 +261,13 @@ class _MimoOutput(torch.autograd.Function):
         sums = dproj.sum(1)  # (3, h, r, p)
         grads = [None if t is None else sums[i] for i, t in enumerate((mimo_x, mimo_z, mimo_o))]
         return (dy, dx, grads[0], dS, dw, dnxt, None if D is None else dD.sum(0), dz, grads[1], grads[2], None)
+
+
+def position_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (b, l, h, p) as the kernels read it: each position's h·p entries contiguous, positions at one stride (x and z
+    may be slices of the layer's in-projection output: no copy)."""
+    l, p = t.shape[1], t.shape[3]
+    return t if t.stride(3) == 1 and t.stride(2) == p and t.stride(0) == l * t.stride(1) else t.contiguous()
 
 
 def mimo_output_triton(
@@ -282,14 +290,11 @@ def mimo_output_triton(
     S: (b, l, h, r, r); w, nxt: (b, l, h); D: (h,); z: (b, l, h, p); ``ops``: the dtype x̃ = x ⊙ mimo_x was rounded
     to for the SSD op.
     """
-    p = x.shape[3]
-    if z is not None and not (z.stride(3) == 1 and z.stride(2) == p and z.stride(0) == x.shape[1] * z.stride(1)):
-        z = z.contiguous()  # the kernels take rows of h·p contiguous entries at one stride
 
     def f32(t):
         return None if t is None else t.float().contiguous()
 
     if z is None:
         mimo_z = None  # no gate: mimo_z takes no part (and gets no gradient)
-    return _MimoOutput.apply(y.contiguous(), x.contiguous(), f32(mimo_x), S.contiguous(), f32(w), f32(nxt), f32(D),
-                             z, f32(mimo_z), f32(mimo_o), ops)
+    return _MimoOutput.apply(y.contiguous(), position_rows(x), f32(mimo_x), S.contiguous(), f32(w), f32(nxt), f32(D),
+                             None if z is None else position_rows(z), f32(mimo_z), f32(mimo_o), ops)
