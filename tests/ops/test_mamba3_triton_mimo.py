@@ -52,6 +52,28 @@ def check_route(l, g, a, interleaved, dtype, packed, mimo, rank, drop, fused=Tru
         via_ssd.FUSED_MIMO = saved
 
 
+def check_no_final_state(l, rank, packed) -> None:
+    """``return_final_state=False``: the route skips the final state's B̃ (None in its place inside the route);
+    outputs and every gradient as the reference's."""
+    from ssmkit.ops.mamba3 import mamba3_scan
+    from tests.ops.test_mamba3 import f64, make_inputs, packed_ids
+
+    inp = make_inputs(b=2, l=l, h=4, r=rank, g=1, n=8, a=3, initial=True)
+    kw = {"rotary_interleaved": False, "seq_idx": packed_ids(2, l) if packed else None, "chunk_size": 16}
+
+    def run(inputs, backend):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if k != "initial_state"}
+        out = mamba3_scan(**leaves, backend=backend, **kw)
+        (out.double() * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)).sum().backward()
+        return out, {k: v.grad for k, v in leaves.items()}
+
+    out, grads = run(inp, "triton")
+    want, want_grads = run(f64(inp), "reference")
+    assert_close(out, want, torch.float32, name="out")
+    for name, grad in grads.items():
+        assert_close(grad, want_grads[name], torch.float32, name=f"grad {name}")
+
+
 # name -> (b, l, r, g, h, n, a, interleaved, dtype, with the scores' gradient[, programs the backward's head split
 # aims at (None: the default; 0 keeps a group's heads in one program)[, row padding: B and C as slices of one
 # (b, l, 2·r·g·n + padding) tensor, as the layer's normalised in-projection gives them]])
@@ -200,6 +222,7 @@ def test_mimo_triton_route_matches_reference_in_interpreter():
 
 if __name__ == "__main__":
     report_checks({name: (check_route, case) for name, case in ROUTE_CASES.items()}
+                  | {"rank3_no_final_state_packed_fp32": (check_no_final_state, (17, 3, True))}
                   | {name: (check_mimo_rotary, case) for name, case in ROTARY_CASES.items()}
                   | {name: (check_mimo_output, case) for name, case in OUTPUT_CASES.items()}
                   | {name: (check_mimo_inputs, case) for name, case in INPUT_CASES.items()})

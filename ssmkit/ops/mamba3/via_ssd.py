@@ -20,7 +20,11 @@ still has w instead of γ on the position's diagonal; both are an r×r correctio
     y_{t,j} = SSD_{t,j} + Σ_{j'} ([j' > j] w_t - δ_{t+1}) (C̃_{t,j}·B̃_{t,j'}) x̃_{t,j'}
 
 (rank 1: the single-input form above). The SSD kernels do r times a single input's work, the price of
-computing MIMO with kernels built for one input per step.
+computing MIMO with kernels built for one input per step. On those kernels the rest is three fused kernels each
+way (``triton_mimo_rotary.py``: B̃, C̃ of every rank written as the l·r sub-steps, with the scores C̃_{t,j}·B̃_{t,j'};
+``triton_mimo_inputs.py``: x̃ and each sub-step's decay step and weight; ``triton_mimo_output.py``: the correction,
+skip, gate and down-projection), so that rank r costs about r times the SSD op plus a few memory-bound passes,
+not a few dozen PyTorch passes over (b, l, r, h, ·) tensors (``FUSED_MIMO`` off keeps that PyTorch form).
 
 Precision: the rotations, decays and weights are computed in float32 (float64 for float64 inputs); for
 bf16/fp16 x the SSD op's matmul operands x̃, B̃, C̃ are rounded to x's dtype, as Mamba-2 feeds them, so its
