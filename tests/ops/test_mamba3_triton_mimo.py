@@ -76,18 +76,22 @@ def check_no_final_state(l, rank, packed) -> None:
 
 # name -> (b, l, r, g, h, n, a, interleaved, dtype, with the scores' gradient[, programs the backward's head split
 # aims at (None: the default; 0 keeps a group's heads in one program)[, row padding: B and C as slices of one
-# (b, l, 2·r·g·n + padding) tensor, as the layer's normalised in-projection gives them]])
+# (b, l, 2·r·g·n + padding) tensor, as the layer's normalised in-projection gives them[, runs of positions the
+# backward aims at (None: the default, one block a run at these sizes; 2: several blocks, the bias slots summed)]]])
 ROTARY_CASES = {
     "mimo_rotary_halves_fp32": (2, 13, 2, 1, 4, 8, 4, False, "float32", True),
+    "mimo_rotary_halves_long_runs_fp32": (2, 13, 2, 1, 4, 8, 4, False, "float32", True, None, 0, 2),
     "mimo_rotary_rank3_interleaved_bf16": (2, 9, 3, 2, 4, 8, 3, True, "bfloat16", True),
+    "mimo_rotary_rank3_unsplit_long_runs_fp32": (2, 9, 3, 2, 4, 8, 3, True, "float32", True, 0, 0, 3),
     "mimo_rotary_unsplit_rope_half_fp32": (1, 11, 4, 2, 6, 12, 3, False, "float32", True, 0),
     "mimo_rotary_strided_rows_bf16": (2, 7, 2, 1, 4, 16, 4, False, "bfloat16", True, None, 5),
     "mimo_rotary_no_ds_fp32": (1, 5, 2, 1, 2, 8, 2, True, "float32", False),
 }
 
 
-def check_mimo_rotary(b, l, r, g, h, n, a, interleaved, dtype, with_ds, split_programs=None, row_pad=0) -> None:
-    from ssmkit.ops.mamba3 import triton_rotary
+def check_mimo_rotary(b, l, r, g, h, n, a, interleaved, dtype, with_ds, split_programs=None, row_pad=0,
+                      run_programs=None) -> None:
+    from ssmkit.ops.mamba3 import triton_mimo_rotary, triton_rotary
     from ssmkit.ops.mamba3.reference import rotate
     from ssmkit.ops.mamba3.triton_mimo_rotary import mimo_rotate_bc_triton
 
@@ -103,8 +107,9 @@ def check_mimo_rotary(b, l, r, g, h, n, a, interleaved, dtype, with_ds, split_pr
         BC = torch.cat([got_in[0].flatten(-3), got_in[1].flatten(-3), torch.zeros(b, l, row_pad, dtype=dt)], -1)
         args[:2] = (BC[..., :m].unflatten(-1, (r, g, n)), BC[..., m: 2 * m].unflatten(-1, (r, g, n)))
         assert args[0].stride(1) == 2 * m + row_pad
-    saved = triton_rotary._SPLIT_PROGRAMS
-    triton_rotary._SPLIT_PROGRAMS = saved if split_programs is None else split_programs
+    saved = triton_rotary._SPLIT_PROGRAMS, triton_mimo_rotary._RUN_PROGRAMS
+    triton_rotary._SPLIT_PROGRAMS = saved[0] if split_programs is None else split_programs
+    triton_mimo_rotary._RUN_PROGRAMS = saved[1] if run_programs is None else run_programs
     try:
         Bt, Ct, S = mimo_rotate_bc_triton(*args, interleaved, dt)
         assert Bt.shape == (b, l * r, h, n) and Bt.dtype == Ct.dtype == dt and S.dtype == torch.float32
@@ -123,7 +128,7 @@ def check_mimo_rotary(b, l, r, g, h, n, a, interleaved, dtype, with_ds, split_pr
         sum((t.double() * c).sum() for t, c in zip(used, cots)).backward()
         sum((w * c).sum() for w, c in zip(want[: len(used)], cots)).backward()
     finally:
-        triton_rotary._SPLIT_PROGRAMS = saved
+        triton_rotary._SPLIT_PROGRAMS, triton_mimo_rotary._RUN_PROGRAMS = saved
     for name, t, w in zip(("B", "C", "B_bias", "C_bias", "theta"), got_in, want_in):
         assert t.grad.dtype == t.dtype
         assert_close(t.grad, w.grad, dt, name=f"grad {name}")

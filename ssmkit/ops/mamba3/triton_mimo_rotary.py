@@ -17,10 +17,13 @@ pairs): the ranks padded to a power of two and masked. Pair i < a is (2i, 2i+1) 
 (i, i + n/2); pairs past a pass unrotated. Interleaved rows are read and written whole and split in registers.
 
 Forward: a program takes POS positions of one head, heads varying fastest (the programs of a group share B and C
-rows in L2). Backward: a program takes POS positions of one group (or a split of its heads) and loops over the
-heads, summing their B and C gradients in registers; the bias gradients are per-program partials (summed by the
-caller). The scores' gradient enters both operands through the rounding unchanged (straight through), as the
-rank-1 kernel's C̃·B̃ does.
+rows in L2). Backward: a program walks a run of positions of one group (or a split of its heads) POS at a time and
+loops over the heads, summing their B and C gradients in registers. The bias gradients sum the other way (over
+positions): each program adds them into a (h, r, n) slot of its own, read back and rewritten once a block with a
+barrier between blocks (L2 traffic), so the partials the caller sums are one slot per program, not one per
+block of positions (at POS positions a block, per-block partials would write and read 4/POS times the gradient
+bytes the kernel reads). The scores' gradient enters both operands through the rounding unchanged (straight
+through), as the rank-1 kernel's C̃·B̃ does.
 """
 
 from __future__ import annotations
@@ -34,18 +37,22 @@ from ssmkit.ops._host import cdiv, next_power_of_2
 from ssmkit.ops.mamba3.triton_pairs import pair_cols
 from ssmkit.ops.mamba3.triton_rotary import _TL, _half, _split
 
-# Positions per program and warps (a tile is positions x padded ranks x pairs; rank 4, N 128: 4 x 4 x 64).
+# Positions per tile and warps (a tile is positions x padded ranks x pairs; rank 4, N 128: 4 x 4 x 64 forward, 2 x 4
+# x 64 backward). The backward walks a run of positions per program, its bias gradients summed over the run, so the
+# partials no longer grow with the positions (one (h, r, n) slot per program, not per block).
 _FWD_POS = 4
 _FWD_WARPS = 4
-_POS = 4
+_POS = 2
 _WARPS = 8
 _STAGES = 2  # software pipelining of the backward's head loop
+_RUN_PROGRAMS = 4 * 132  # backward: runs of positions per group (and head split) until about this many programs run
 
 
 @triton.jit
-def _load3(ptr, pos, rk, s_row, s_rank, mask2, N: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """(positions, ranks, pairs) float32 tiles of each pair's two entries; ``mask2`` (positions, ranks)."""
-    base = ptr + pos[:, None, None] * s_row + rk[None, :, None] * s_rank
+def _load3(ptr, lp, rk, s_row, s_rank, mask2, N: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """(positions, ranks, pairs) float32 tiles of each pair's two entries, rows lp (int32, from ``ptr``) at stride
+    s_row, ranks at s_rank; ``mask2`` (positions, ranks)."""
+    base = ptr + (lp[:, None, None] * s_row + rk[None, :, None] * s_rank)
     if INTERLEAVED:
         cols = tl.arange(0, 2 * HALF)
         row = tl.load(base + cols[None, None, :], mask=mask2[:, :, None] & (cols < N)[None, None, :], other=0.0)
@@ -58,10 +65,10 @@ def _load3(ptr, pos, rk, s_row, s_rank, mask2, N: tl.constexpr, HALF: tl.constex
 
 
 @triton.jit
-def _store3(ptr, pos, rk, s_row, s_rank, v0, v1, mask2, N: tl.constexpr, HALF: tl.constexpr,
+def _store3(ptr, lp, rk, s_row, s_rank, v0, v1, mask2, N: tl.constexpr, HALF: tl.constexpr,
             INTERLEAVED: tl.constexpr):
     """Store pair tiles as whole rows (the inverse of ``_load3``)."""
-    base = ptr + pos[:, None, None] * s_row + rk[None, :, None] * s_rank
+    base = ptr + (lp[:, None, None] * s_row + rk[None, :, None] * s_rank)
     if INTERLEAVED:
         cols = tl.arange(0, 2 * HALF)
         row = tl.reshape(tl.join(v0, v1), (v0.shape[0], v0.shape[1], 2 * HALF))
@@ -75,9 +82,10 @@ def _store3(ptr, pos, rk, s_row, s_rank, v0, v1, mask2, N: tl.constexpr, HALF: t
 
 
 @triton.jit
-def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, pos, pm, rk, km, hh, H, A, RANK: tl.constexpr, N: tl.constexpr,
+def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, start, lp, pm, rk, km, hh, H, A, RANK: tl.constexpr, N: tl.constexpr,
                  HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """One head's biases (1, ranks, pairs) and cos, sin of θ (positions, 1, pairs); pairs past a get θ = 0."""
+    """One head's biases (1, ranks, pairs) and cos, sin of θ (positions, 1, pairs) at positions start + lp, θ's
+    offsets from the block's first (positions, pairs), the mask of the rotated pairs; pairs past a get θ = 0."""
     pair = tl.arange(0, HALF)
     f, s = pair_cols(pair, N, INTERLEAVED)
     bmask = km[:, None] & (pair < N // 2)[None, :]
@@ -87,14 +95,22 @@ def _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, pos, pm, rk, km, hh, H, A, RANK: tl.
     cc0 = tl.load(Cb_ptr + boff + f[None, :], mask=bmask, other=0.0)[None]
     cc1 = tl.load(Cb_ptr + boff + s[None, :], mask=bmask, other=0.0)[None]
     tmask = pm[:, None] & (pair < A)[None, :]
-    th = tl.load(theta_ptr + (pos[:, None] * H + hh) * A + pair[None, :], mask=tmask, other=0.0)
-    return bb0, bb1, cc0, cc1, tl.cos(th)[:, None, :], tl.sin(th)[:, None, :], tmask
+    toff = (start * H + hh) * A + (lp[:, None] * (H * A) + pair[None, :])
+    th = tl.load(theta_ptr + toff, mask=tmask, other=0.0)
+    return bb0, bb1, cc0, cc1, tl.cos(th)[:, None, :], tl.sin(th)[:, None, :], toff, tmask
 
 
 @triton.jit
 def _scores(c0, c1, b0, b1):
     """S[t, j, j'] = c_{t,j} · b_{t,j'} of (positions, ranks, pairs) tiles: (positions, ranks, ranks)."""
     return tl.sum(c0[:, :, None, :] * b0[:, None, :, :] + c1[:, :, None, :] * b1[:, None, :, :], 3)
+
+
+@triton.jit
+def _score_offsets(start, hh, lp, rk, H, RANK: tl.constexpr):
+    """Offsets of S[t, j, j'] (b·l, h, r, r) for t = start + lp: (positions, ranks, ranks)."""
+    return (start * H + hh) * (RANK * RANK) + ((lp[:, None, None] * H * RANK + rk[None, :, None]) * RANK
+                                               + rk[None, None, :])
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -104,17 +120,17 @@ def _mimo_rotate_fwd(
     RANK: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, POS: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    blk, hh = pid // H, pid % H
+    pid = tl.program_id(0)
+    hh = pid % H
+    start = (pid // H).to(tl.int64) * POS
     gg = hh // (H // G)
-    pos = blk * POS + tl.arange(0, POS)
-    rk = tl.arange(0, RP)
-    pm, km = pos < R, rk < RANK
+    lp, rk = tl.arange(0, POS), tl.arange(0, RP)
+    pm, km = start + lp < R, rk < RANK
     m2 = pm[:, None] & km[None, :]
-    b0, b1 = _load3(B_ptr + gg * N, pos, rk, s_B, s_Br, m2, N, HALF, INTERLEAVED)
-    c0, c1 = _load3(C_ptr + gg * N, pos, rk, s_C, s_Cr, m2, N, HALF, INTERLEAVED)
-    bb0, bb1, cc0, cc1, cos, sin, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, pos, pm, rk, km, hh, H, A, RANK, N,
-                                                   HALF, INTERLEAVED)
+    b0, b1 = _load3(B_ptr + start * s_B + gg * N, lp, rk, s_B, s_Br, m2, N, HALF, INTERLEAVED)
+    c0, c1 = _load3(C_ptr + start * s_C + gg * N, lp, rk, s_C, s_Cr, m2, N, HALF, INTERLEAVED)
+    bb0, bb1, cc0, cc1, cos, sin, _, _ = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, start, lp, pm, rk, km, hh, H, A, RANK,
+                                                      N, HALF, INTERLEAVED)
     u0, u1 = b0 + bb0, b1 + bb1
     v0, v1 = c0 + cc0, c1 + cc1
     rb0 = (u0 * cos - u1 * sin).to(Bt_ptr.dtype.element_ty).to(tl.float32)
@@ -122,75 +138,87 @@ def _mimo_rotate_fwd(
     rc0 = (v0 * cos - v1 * sin).to(Ct_ptr.dtype.element_ty).to(tl.float32)
     rc1 = (v0 * sin + v1 * cos).to(Ct_ptr.dtype.element_ty).to(tl.float32)
     # Row (t, j) of the (b·l·r, h, n) outputs: t·RANK + j.
-    _store3(Bt_ptr + hh * N, pos, rk, RANK * H * N, H * N, rb0, rb1, m2, N, HALF, INTERLEAVED)
-    _store3(Ct_ptr + hh * N, pos, rk, RANK * H * N, H * N, rc0, rc1, m2, N, HALF, INTERLEAVED)
-    offs = ((pos[:, None, None] * H + hh) * RANK + rk[None, :, None]) * RANK + rk[None, None, :]
-    tl.store(S_ptr + offs, _scores(rc0, rc1, rb0, rb1), mask=m2[:, :, None] & km[None, None, :])
+    out = (start * RANK * H + hh) * N
+    _store3(Bt_ptr + out, lp, rk, RANK * H * N, H * N, rb0, rb1, m2, N, HALF, INTERLEAVED)
+    _store3(Ct_ptr + out, lp, rk, RANK * H * N, H * N, rc0, rc1, m2, N, HALF, INTERLEAVED)
+    tl.store(S_ptr + _score_offsets(start, hh, lp, rk, H, RANK), _scores(rc0, rc1, rb0, rb1),
+             mask=m2[:, :, None] & km[None, None, :])
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["R", "RUN"])
 def _mimo_rotate_bwd(
     B_ptr, C_ptr, Bb_ptr, Cb_ptr, theta_ptr, dBt_ptr, dCt_ptr, dS_ptr,
     dB_ptr, dC_ptr, dBb_ptr, dCb_ptr, dtheta_ptr,
-    R, H, G, A, SPLIT, s_B, s_Br, s_C, s_Cr,
+    R, H, G, A, SPLIT, RUN, s_B, s_Br, s_C, s_Cr,
     RANK: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, POS: tl.constexpr,
     INTERLEAVED: tl.constexpr, HAS_DS: tl.constexpr, OUT_DTYPE: tl.constexpr, STAGES: tl.constexpr,
 ):
-    blk = tl.program_id(0).to(tl.int64)
-    gg = tl.program_id(1).to(tl.int64)
-    sp = tl.program_id(2).to(tl.int64)
-    pos = blk * POS + tl.arange(0, POS)
-    rk = tl.arange(0, RP)
-    pm, km = pos < R, rk < RANK
-    m2 = pm[:, None] & km[None, :]
+    run = tl.program_id(0)
+    gg = tl.program_id(1)
+    sp = tl.program_id(2)
+    lp, rk = tl.arange(0, POS), tl.arange(0, RP)
+    km = rk < RANK
     pair = tl.arange(0, HALF)
     f, s = pair_cols(pair, N, INTERLEAVED)
-    b0, b1 = _load3(B_ptr + gg * N, pos, rk, s_B, s_Br, m2, N, HALF, INTERLEAVED)
-    c0, c1 = _load3(C_ptr + gg * N, pos, rk, s_C, s_Cr, m2, N, HALF, INTERLEAVED)
-    db0 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
-    db1 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
-    dc0 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
-    dc1 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
     bmask = km[:, None] & (pair < N // 2)[None, :]
     hps = H // G // SPLIT
-    for k in tl.range(0, hps, num_stages=STAGES):
-        hh = (gg * SPLIT + sp) * hps + k
-        bb0, bb1, cc0, cc1, cos, sin, tmask = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, pos, pm, rk, km, hh, H, A,
-                                                           RANK, N, HALF, INTERLEAVED)
-        u0, u1 = b0 + bb0, b1 + bb1
-        v0, v1 = c0 + cc0, c1 + cc1
-        rb0, rb1 = u0 * cos - u1 * sin, u0 * sin + u1 * cos
-        rc0, rc1 = v0 * cos - v1 * sin, v0 * sin + v1 * cos
-        gb0, gb1 = _load3(dBt_ptr + hh * N, pos, rk, RANK * H * N, H * N, m2, N, HALF, INTERLEAVED)
-        gc0, gc1 = _load3(dCt_ptr + hh * N, pos, rk, RANK * H * N, H * N, m2, N, HALF, INTERLEAVED)
-        if HAS_DS:
-            # S = C̃ B̃ᵀ of the rounded values: dB̃_{j'} += Σ_j dS_{j,j'} C̃_j, dC̃_j += Σ_{j'} dS_{j,j'} B̃_{j'}.
-            offs = ((pos[:, None, None] * H + hh) * RANK + rk[None, :, None]) * RANK + rk[None, None, :]
-            dS = tl.load(dS_ptr + offs, mask=m2[:, :, None] & km[None, None, :], other=0.0)[:, :, :, None]
-            qb0, qb1 = rb0.to(OUT_DTYPE).to(tl.float32), rb1.to(OUT_DTYPE).to(tl.float32)
-            qc0, qc1 = rc0.to(OUT_DTYPE).to(tl.float32), rc1.to(OUT_DTYPE).to(tl.float32)
-            gb0 += tl.sum(dS * qc0[:, :, None, :], 1)
-            gb1 += tl.sum(dS * qc1[:, :, None, :], 1)
-            gc0 += tl.sum(dS * qb0[:, None, :, :], 2)
-            gc1 += tl.sum(dS * qb1[:, None, :, :], 2)
-        # Back through the rotation: the transpose of R(θ); d/dθ of (r0, r1) is (-r1, r0); θ is shared by the ranks.
-        ub0, ub1 = gb0 * cos + gb1 * sin, gb1 * cos - gb0 * sin
-        uc0, uc1 = gc0 * cos + gc1 * sin, gc1 * cos - gc0 * sin
-        dth = tl.sum(gb1 * rb0 - gb0 * rb1 + gc1 * rc0 - gc0 * rc1, 1)
-        tl.store(dtheta_ptr + (pos[:, None] * H + hh) * A + pair[None, :], dth, mask=tmask)
-        db0 += ub0
-        db1 += ub1
-        dc0 += uc0
-        dc1 += uc1
-        # Bias gradients: this program's positions summed, one (ranks, n) partial per program and head.
-        boff = ((blk * H + hh) * RANK + rk[:, None]) * N
-        tl.store(dBb_ptr + boff + f[None, :], tl.sum(ub0, 0), mask=bmask)
-        tl.store(dBb_ptr + boff + s[None, :], tl.sum(ub1, 0), mask=bmask)
-        tl.store(dCb_ptr + boff + f[None, :], tl.sum(uc0, 0), mask=bmask)
-        tl.store(dCb_ptr + boff + s[None, :], tl.sum(uc1, 0), mask=bmask)
-    # dB, dC: (SPLIT, R, RANK, G, N), the partial of this program's split (SPLIT 1: the gradient itself).
-    _store3(dB_ptr + (sp * R * RANK * G + gg) * N, pos, rk, RANK * G * N, G * N, db0, db1, m2, N, HALF, INTERLEAVED)
-    _store3(dC_ptr + (sp * R * RANK * G + gg) * N, pos, rk, RANK * G * N, G * N, dc0, dc1, m2, N, HALF, INTERLEAVED)
+    first = run.to(tl.int64) * RUN
+    for start in range(first, tl.minimum(first + RUN, R), POS):
+        pm = start + lp < R
+        m2 = pm[:, None] & km[None, :]
+        b0, b1 = _load3(B_ptr + start * s_B + gg * N, lp, rk, s_B, s_Br, m2, N, HALF, INTERLEAVED)
+        c0, c1 = _load3(C_ptr + start * s_C + gg * N, lp, rk, s_C, s_Cr, m2, N, HALF, INTERLEAVED)
+        db0 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
+        db1 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
+        dc0 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
+        dc1 = tl.zeros((POS, RP, HALF), dtype=tl.float32)
+        for k in tl.range(0, hps, num_stages=STAGES):
+            hh = (gg * SPLIT + sp) * hps + k
+            bb0, bb1, cc0, cc1, cos, sin, toff, tmask = _head_inputs(Bb_ptr, Cb_ptr, theta_ptr, start, lp, pm, rk, km,
+                                                                     hh, H, A, RANK, N, HALF, INTERLEAVED)
+            u0, u1 = b0 + bb0, b1 + bb1
+            v0, v1 = c0 + cc0, c1 + cc1
+            rb0, rb1 = u0 * cos - u1 * sin, u0 * sin + u1 * cos
+            rc0, rc1 = v0 * cos - v1 * sin, v0 * sin + v1 * cos
+            rows = (start * RANK * H + hh) * N
+            gb0, gb1 = _load3(dBt_ptr + rows, lp, rk, RANK * H * N, H * N, m2, N, HALF, INTERLEAVED)
+            gc0, gc1 = _load3(dCt_ptr + rows, lp, rk, RANK * H * N, H * N, m2, N, HALF, INTERLEAVED)
+            if HAS_DS:
+                # S = C̃ B̃ᵀ of the rounded values: dB̃_{j'} += Σ_j dS_{j,j'} C̃_j, dC̃_j += Σ_{j'} dS_{j,j'} B̃_{j'}.
+                dS = tl.load(dS_ptr + _score_offsets(start, hh, lp, rk, H, RANK),
+                             mask=m2[:, :, None] & km[None, None, :], other=0.0)[:, :, :, None]
+                qb0, qb1 = rb0.to(OUT_DTYPE).to(tl.float32), rb1.to(OUT_DTYPE).to(tl.float32)
+                qc0, qc1 = rc0.to(OUT_DTYPE).to(tl.float32), rc1.to(OUT_DTYPE).to(tl.float32)
+                gb0 += tl.sum(dS * qc0[:, :, None, :], 1)
+                gb1 += tl.sum(dS * qc1[:, :, None, :], 1)
+                gc0 += tl.sum(dS * qb0[:, None, :, :], 2)
+                gc1 += tl.sum(dS * qb1[:, None, :, :], 2)
+            # Back through the rotation: the transpose of R(θ); d/dθ of (r0, r1) is (-r1, r0); θ is shared by the ranks.
+            ub0, ub1 = gb0 * cos + gb1 * sin, gb1 * cos - gb0 * sin
+            uc0, uc1 = gc0 * cos + gc1 * sin, gc1 * cos - gc0 * sin
+            dth = tl.sum(gb1 * rb0 - gb0 * rb1 + gc1 * rc0 - gc0 * rc1, 1)
+            tl.store(dtheta_ptr + toff, dth, mask=tmask)
+            db0 += ub0
+            db1 += ub1
+            dc0 += uc0
+            dc1 += uc1
+            # Bias gradients: summed over the run in this program's slot (ranks, n) of the head, written by the first
+            # block, read back and rewritten by the next (the barrier below orders the blocks' accesses).
+            slot = ((run * H + hh) * RANK + rk[:, None]) * N
+            keep = bmask & (tl.zeros((RP, HALF), dtype=tl.int64) + start > first)
+            tl.store(dBb_ptr + slot + f[None, :], tl.load(dBb_ptr + slot + f[None, :], mask=keep, other=0.0)
+                     + tl.sum(ub0, 0), mask=bmask)
+            tl.store(dBb_ptr + slot + s[None, :], tl.load(dBb_ptr + slot + s[None, :], mask=keep, other=0.0)
+                     + tl.sum(ub1, 0), mask=bmask)
+            tl.store(dCb_ptr + slot + f[None, :], tl.load(dCb_ptr + slot + f[None, :], mask=keep, other=0.0)
+                     + tl.sum(uc0, 0), mask=bmask)
+            tl.store(dCb_ptr + slot + s[None, :], tl.load(dCb_ptr + slot + s[None, :], mask=keep, other=0.0)
+                     + tl.sum(uc1, 0), mask=bmask)
+        # dB, dC: (SPLIT, R, RANK, G, N), the partial of this program's split (SPLIT 1: the gradient itself).
+        out = (sp.to(tl.int64) * R + start) * RANK * G * N + gg * N
+        _store3(dB_ptr + out, lp, rk, RANK * G * N, G * N, db0, db1, m2, N, HALF, INTERLEAVED)
+        _store3(dC_ptr + out, lp, rk, RANK * G * N, G * N, dc0, dc1, m2, N, HALF, INTERLEAVED)
+        tl.debug_barrier()  # every slot's read-modify-write of this block is done before the next block's
 
 
 def _rows(v: torch.Tensor) -> torch.Tensor:
@@ -232,27 +260,30 @@ class _MimoRotateBC(torch.autograd.Function):
         r, g, n = B.shape[2:]
         R = b * l
         B2, C2 = _rows(B.reshape(R, r, g, n)), _rows(C.reshape(R, r, g, n))
-        nblk = cdiv(R, _POS)
         dBt = torch.zeros(b, l * r, h, n, device=B.device, dtype=out_dtype) if dBt is None else dBt.contiguous()
         dCt = torch.zeros_like(dBt) if dCt is None else dCt.contiguous()
-        split = _split(h // g, nblk * g)
+        runs = max(1, min(cdiv(R, _POS), cdiv(_RUN_PROGRAMS, g)))
+        split = _split(h // g, runs * g)
+        runs = max(1, min(cdiv(R, _POS), cdiv(_RUN_PROGRAMS, g * split)))
+        run = cdiv(cdiv(R, runs), _POS) * _POS
+        runs = cdiv(R, run)
         if split == 1:
             dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
             dC = torch.empty(C.shape, device=C.device, dtype=C.dtype)
         else:
             dB = torch.empty(split, *B.shape, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
-        dBCb = torch.empty(2, nblk, h, r, n, device=B.device, dtype=torch.float32)
+        dBCb = torch.empty(2, runs, h, r, n, device=B.device, dtype=torch.float32)  # per-run partials of the biases'
         dtheta = torch.empty_like(theta)
-        _mimo_rotate_bwd[(nblk, g, split)](
+        _mimo_rotate_bwd[(runs, g, split)](
             B2, C2, B_bias, C_bias, theta, dBt, dCt, dBt if dS is None else dS.contiguous(),
-            dB, dC, dBCb[0], dBCb[1], dtheta, R, h, g, a, split, B2.stride(0), B2.stride(1), C2.stride(0),
+            dB, dC, dBCb[0], dBCb[1], dtheta, R, h, g, a, split, run, B2.stride(0), B2.stride(1), C2.stride(0),
             C2.stride(1), RANK=r, RP=next_power_of_2(r), N=n, HALF=_half(n), POS=_POS, INTERLEAVED=interleaved,
             HAS_DS=dS is not None, OUT_DTYPE=_TL[out_dtype], STAGES=_STAGES, num_warps=_WARPS,
         )
         if split > 1:
             dB, dC = dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype)
-        dBb, dCb = dBCb.sum(1).unbind(0)
+        dBb, dCb = dBCb.sum(1).unbind(0) if runs > 1 else dBCb[:, 0].unbind(0)
         return dB, dC, dBb, dCb, dtheta, None, None
 
 
