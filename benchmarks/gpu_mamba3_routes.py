@@ -18,8 +18,9 @@ correction, the gate) can be told apart.
 ``--mimo R``: MIMO of rank R instead (B, C of rank R, the biases per rank, mimo_x/z/o given, rotation by halves, as
 the layer's MIMO passes them), in one run: the rank-R route with its glue in fused kernels (``triton_mimo_*.py``,
 ``via_ssd.FUSED_MIMO``) beside the same route with the glue in PyTorch, the chunked path, and rank 1 at the same
-shape and at R·L positions (the SSD op's work of rank R at L: R sub-steps a position), with the ratios; the
-profile is then of the fused rank-R route.
+shape and at R·L positions (the SSD op's work of rank R at L: R sub-steps a position), with the ratios; first the
+fused route's output and gradients against the PyTorch glue's on the same inputs; the profile is then of the fused
+rank-R route.
 
     python benchmarks/gpu_mamba3_routes.py                  # L 2048 and 8192, profile at 8192
     python benchmarks/gpu_mamba3_routes.py --lengths 2048 --no-profile
@@ -133,9 +134,31 @@ def _unfused_mimo():
     return mock.patch.object(via_ssd, "FUSED_MIMO", False)
 
 
+def mimo_agreement(length: int, rank: int) -> None:
+    """The fused rank-``rank`` route against its PyTorch glue on the benchmark's inputs: the output's and every
+    gradient's largest difference relative to the glue's largest entry (both bf16-rounded routes: ~1e-2 is noise,
+    O(1) a bug)."""
+    inp = inputs(length, rank=rank)
+    leaves = list(inp.values())
+    results = {}
+    for fused in (True, False):
+        with mock.patch.object(via_ssd, "FUSED_MIMO", fused):
+            out = mamba3_scan(**inp, chunk_size=64, backend="triton", rotary_interleaved=False)
+            cot = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+            results[fused] = (out, *torch.autograd.grad((out.float() * cot).sum(), leaves))
+    worst = {}
+    for name, a, b in zip(("out", *inp), results[True], results[False]):
+        worst[name] = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    print(f"L {length}, rank {rank}: fused vs PyTorch glue, max |diff| / max |glue| per tensor: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()), flush=True)
+    del inp, leaves, results
+    torch.cuda.empty_cache()
+
+
 def mimo_table(lengths: list[int], rank: int, do_bench) -> None:
     """Rank ``rank`` on the fused route and with its glue in PyTorch, the chunked path, and rank 1 at L and at
     rank·L positions, fwd and fwd+bwd median ms, with the ratios (module docstring)."""
+    mimo_agreement(min(lengths), rank)
     print(f"{'L':>6} {'route':>24} {'fwd':>8} {'fwd+bwd':>8}")
     for length in lengths:
         rows = {}
