@@ -171,6 +171,8 @@ def mamba_matches(mod, x: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS),
+                        help="sequence lengths of the main table (issue 17: 2048 8192 32768)")
     parser.add_argument("--sweep", action="store_true", help="time several Triton launch configs")
     parser.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep (implies --sweep)")
     parser.add_argument("--configs", default=",".join(SWEEP),
@@ -212,7 +214,7 @@ def main() -> None:
              f"{'chunk/tri':>9} {'mamba/tri':>9} {'tri/floor':>9}"
     print(header)
     print("-" * len(header))
-    for l in LENGTHS:
+    for l in args.lengths:
         x, x_tm = make_inputs(l), make_inputs(l, "time-major")
         for backward in (False, True):
             pass_name = "fwd+bwd" if backward else "fwd"

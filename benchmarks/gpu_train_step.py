@@ -22,8 +22,8 @@ table says so. A peer that cannot be built or run prints why in its row.
 
 ``mamba-130m`` (Mamba-1, not run by default) has no mamba_ssm peer here (mamba_ssm's Mamba-1 mixer needs its CUDA
 extensions); it compares ssmkit with itself: ``--mamba1-layout channel time`` times one ssmkit row per scan
-layout (``ssmkit.layers.mamba.SCAN_LAYOUT``: ``channel``, today's default, u/z/Δ channel-contiguous; ``time``,
-mamba_ssm's layer layout, unit time stride into the scan) on the same weights and batches, and prints the
+layout (``ssmkit.layers.mamba.SCAN_LAYOUT``: ``channel``, u/z/Δ channel-contiguous; ``time``, mamba_ssm's layer
+layout, unit time stride into the scan, what the default ``auto`` picks on CUDA) on the same weights and batches, and prints the
 time/channel ratio.
 
     python benchmarks/gpu_train_step.py                               # both models, b8 x 2048 and 8192
@@ -226,7 +226,7 @@ def print_row(name: str, length: int, ours: Run, theirs: Run) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
-    parser.add_argument("--mamba1-layout", nargs="+", choices=("channel", "time"), default=["channel"],
+    parser.add_argument("--mamba1-layout", nargs="+", choices=("auto", "channel", "time"), default=["auto"],
                         help="Mamba-1 models: one ssmkit row per scan layout (ssmkit.layers.mamba.SCAN_LAYOUT)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 2048 8192)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8")

@@ -68,3 +68,11 @@ def test_time_layout_keeps_no_more_activation_memory():
             peak[layout] = torch.cuda.max_memory_allocated() - before
     assert saved["time"] <= 1.03 * saved["channel"], saved
     assert peak["time"] <= 1.05 * peak["channel"], peak
+
+
+def test_auto_is_the_time_layout_on_cuda():
+    layer = make_layer(OPTIONS["plain"], True, torch.float32).cuda()
+    x = torch.randn(2, 40, 16, device="cuda", requires_grad=True)
+    with scan_layout("auto"), recorded_scans() as calls:
+        layer(x).sum().backward()
+    assert calls and all(call["u"].stride(-1) == 1 and call["delta"].stride(-1) == 1 for call in calls)

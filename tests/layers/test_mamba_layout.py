@@ -1,5 +1,6 @@
 """The Mamba-1 layer's scan layouts (``ssmkit.layers.mamba.SCAN_LAYOUT``): ``"time"`` (mamba_ssm's layer: xz as
-``W_in @ hᵀ``, u, z, Δ, B, C with unit time stride) computes the same function as ``"channel"`` (the default) —
+``W_in @ hᵀ``, u, z, Δ, B, C with unit time stride; the default on CUDA) computes the same function as
+``"channel"`` (the default elsewhere) —
 outputs and the gradients of the input and of every parameter, in float64 to rounding and in bfloat16 against
 float64 — fused and unfused, with packed documents, the falcon_mamba / Jamba norms, a prefill with a cache; and
 the scan really receives time-contiguous inputs on the time layout (strides recorded by wrapping it).
@@ -161,7 +162,8 @@ def test_time_layout_prefill_with_a_cache_then_decode():
 def test_the_scan_receives_time_contiguous_inputs_on_the_time_layout(case, fused):
     layer = make_layer(OPTIONS[case], fused, torch.float32)
     x = torch.randn(2, 9, D_MODEL, requires_grad=True)
-    for layout, unit_dim in (("time", -1), ("channel", 1)):
+    # "auto" (the default) is the channel layout off CUDA (tests/gpu/test_mamba_layout.py: time on CUDA).
+    for layout, unit_dim in (("time", -1), ("channel", 1), ("auto", 1)):
         with scan_layout(layout), recorded_scans() as calls:
             layer(x).sum().backward()
         assert calls, "the scan was not called"

@@ -42,22 +42,34 @@ from ssmkit.ops.state_update.triton import SOFTPLUS_THRESHOLD, _log1p
 
 
 @triton.jit
-def _conv_channels(x_ptr, conv_ptr, w_ptr, cb_ptr, ch, mask, x_c, cs_c, cs_k, w_c, w_k,
-                   S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, BLOCK_S: tl.constexpr):
-    """SiLU(convolution) of channels ``ch`` for the new token (float32), and their new window (old window
-    shifted left, the new input appended; in the state's dtype). x_ptr / conv_ptr point at the row."""
+def _conv_taps(w_ptr, cb_ptr, ch, mask, w_c, w_k, S: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr,
+               BLOCK_S: tl.constexpr):
+    """The convolution's parameters for channels ``ch`` (float32): the taps of the window's entries
+    (BLOCK_C, BLOCK_S), the new input's tap and the bias (BLOCK_C,). Parameters only: never written while
+    decoding, so a kernel may load them before its programmatic-dependent-launch wait."""
     j = tl.arange(0, BLOCK_S)
-    v = tl.load(x_ptr + ch * x_c, mask=mask, other=0.0)
-    in_win = mask[:, None] & (j < S)[None, :]
-    old = tl.load(conv_ptr + ch[:, None] * cs_c + j[None, :] * cs_k, mask=in_win, other=0.0)
     # Window entry j is tap k = j - (S - W + 1) (the last W - 1 entries); the new input is tap W - 1.
     k = j - (S - W + 1)
     tap = mask[:, None] & ((k >= 0) & (k < W - 1))[None, :]
     wt = tl.load(w_ptr + ch[:, None] * w_c + k[None, :] * w_k, mask=tap, other=0.0).to(tl.float32)
-    acc = tl.sum(old.to(tl.float32) * wt, axis=1)
-    acc += v.to(tl.float32) * tl.load(w_ptr + ch * w_c + (W - 1) * w_k, mask=mask, other=0.0).to(tl.float32)
+    w_new = tl.load(w_ptr + ch * w_c + (W - 1) * w_k, mask=mask, other=0.0).to(tl.float32)
+    cb = tl.zeros_like(w_new)
     if HAS_CB:
-        acc += tl.load(cb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+        cb = tl.load(cb_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    return wt, w_new, cb
+
+
+@triton.jit
+def _conv_channels(x_ptr, conv_ptr, wt, w_new, cb, ch, mask, x_c, cs_c, cs_k,
+                   S: tl.constexpr, BLOCK_S: tl.constexpr):
+    """SiLU(convolution) of channels ``ch`` for the new token (float32), and their new window (old window
+    shifted left, the new input appended; in the state's dtype). x_ptr / conv_ptr point at the row; wt, w_new,
+    cb are ``_conv_taps``'s."""
+    j = tl.arange(0, BLOCK_S)
+    v = tl.load(x_ptr + ch * x_c, mask=mask, other=0.0)
+    in_win = mask[:, None] & (j < S)[None, :]
+    old = tl.load(conv_ptr + ch[:, None] * cs_c + j[None, :] * cs_k, mask=in_win, other=0.0)
+    acc = tl.sum(old.to(tl.float32) * wt, axis=1) + v.to(tl.float32) * w_new + cb
     acc = acc / (1.0 + tl.exp(-acc))
     shifted = tl.load(conv_ptr + ch[:, None] * cs_c + (j[None, :] + 1) * cs_k,
                       mask=mask[:, None] & (j + 1 < S)[None, :], other=0.0)
@@ -103,7 +115,6 @@ def _conv_ssm_step_kernel(
     FENCE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     pid_p = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2).to(tl.int64)
@@ -116,18 +127,21 @@ def _conv_ssm_step_kernel(
     ch_x = head * p + offs_p
     ch_B = dim + group * n + offs_n
     ch_C = ch_B + ngroups * n
-    x, win_x = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch_x, mask_p, x_c, cs_c, cs_k, w_c, w_k,
-                              S, W, HAS_CB, BLOCK_S)
-    B, win_B = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch_B, mask_n, x_c, cs_c, cs_k, w_c, w_k,
-                              S, W, HAS_CB, BLOCK_S)
-    C, win_C = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch_C, mask_n, x_c, cs_c, cs_k, w_c, w_k,
-                              S, W, HAS_CB, BLOCK_S)
-
+    # The parameters before the wait (under PDL they load while the in_proj GEMV before this kernel runs).
+    wt_x, wn_x, cb_x = _conv_taps(w_ptr, cb_ptr, ch_x, mask_p, w_c, w_k, S, W, HAS_CB, BLOCK_S)
+    wt_B, wn_B, cb_B = _conv_taps(w_ptr, cb_ptr, ch_B, mask_n, w_c, w_k, S, W, HAS_CB, BLOCK_S)
+    wt_C, wn_C, cb_C = _conv_taps(w_ptr, cb_ptr, ch_C, mask_n, w_c, w_k, S, W, HAS_CB, BLOCK_S)
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + head).to(tl.float32)
-    dt = _step_size(tl.load(dt_ptr + row * dt_b + head * dt_h).to(tl.float32), bias, dt_lo, dt_hi, SOFTPLUS, CLAMP)
     A = tl.load(A_ptr + head).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + head * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+    pdl_wait(PDL)
+    x, win_x = _conv_channels(x_row, conv_row, wt_x, wn_x, cb_x, ch_x, mask_p, x_c, cs_c, cs_k, S, BLOCK_S)
+    B, win_B = _conv_channels(x_row, conv_row, wt_B, wn_B, cb_B, ch_B, mask_n, x_c, cs_c, cs_k, S, BLOCK_S)
+    C, win_C = _conv_channels(x_row, conv_row, wt_C, wn_C, cb_C, ch_C, mask_n, x_c, cs_c, cs_k, S, BLOCK_S)
+    dt = _step_size(tl.load(dt_ptr + row * dt_b + head * dt_h).to(tl.float32), bias, dt_lo, dt_hi, SOFTPLUS, CLAMP)
     mask = mask_p[:, None] & mask_n[None, :]
     state_ptrs = state_ptr + row * s_b + head * s_h + offs_p[:, None] * s_p + offs_n[None, :] * s_n
     state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -135,7 +149,7 @@ def _conv_ssm_step_kernel(
     tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
     y = tl.sum(state * C[None, :], axis=1)
     if HAS_D:
-        y += x * tl.load(D_ptr + head * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
+        y += x * D
     if HAS_Z:
         z = tl.load(z_ptr + row * z_b + head * z_h + offs_p * z_p, mask=mask_p, other=0.0).to(tl.float32)
         y *= z / (1.0 + tl.exp(-z))
@@ -219,8 +233,8 @@ def _x_proj_partial(x_row, conv_row, w_ptr, cb_ptr, xw_ptr, part, role, d, rows,
     split = role // n_rblocks
     ch = split * BLOCK_C1 + tl.arange(0, BLOCK_C1)
     mask_c = ch < d
-    x, _ = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch, mask_c, x_c, cs_c, cs_k, w_c, w_k, S, W, HAS_CB,
-                          BLOCK_S)
+    wt, w_new, cb = _conv_taps(w_ptr, cb_ptr, ch, mask_c, w_c, w_k, S, W, HAS_CB, BLOCK_S)
+    x, _ = _conv_channels(x_row, conv_row, wt, w_new, cb, ch, mask_c, x_c, cs_c, cs_k, S, BLOCK_S)
     wt = tl.load(xw_ptr + offs_r[:, None] * xw_r + ch[None, :] * xw_c, mask=mask_r[:, None] & mask_c[None, :],
                  other=0.0).to(tl.float32)
     tl.store(part + split * pt_s + offs_r, tl.sum(wt * x[None, :], axis=1), mask=mask_r)
@@ -252,8 +266,8 @@ def _inner_state(x_row, conv_row, w_ptr, cb_ptr, part, counters, n_phase1, dtw_p
     loads overlap phase 1 instead of following it."""
     ch = role * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = ch < d
-    x, win = _conv_channels(x_row, conv_row, w_ptr, cb_ptr, ch, mask_c, x_c, cs_c, cs_k, w_c, w_k,
-                            S, W, HAS_CB, BLOCK_S)
+    wt, w_new, cb = _conv_taps(w_ptr, cb_ptr, ch, mask_c, w_c, w_k, S, W, HAS_CB, BLOCK_S)
+    x, win = _conv_channels(x_row, conv_row, wt, w_new, cb, ch, mask_c, x_c, cs_c, cs_k, S, BLOCK_S)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     offs_n = tl.arange(0, BLOCK_N)
