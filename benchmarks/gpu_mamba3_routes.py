@@ -25,12 +25,19 @@ rank-R route.
     python benchmarks/gpu_mamba3_routes.py                  # L 2048 and 8192, profile at 8192
     python benchmarks/gpu_mamba3_routes.py --lengths 2048 --no-profile
     python benchmarks/gpu_mamba3_routes.py --mimo 4 --lengths 2048 8192
+    python benchmarks/gpu_mamba3_routes.py --mimo 4 --lengths 8192 --no-profile \
+        --set ssmkit.ops.mamba3.triton_mimo_rotary._POS=4 --set ssmkit.ops.mamba3.triton_mimo_rotary._STAGES=1
+
+``--set MODULE.NAME=INT`` changes a module-level launch constant for the run (tiles, warps, stages of the MIMO
+kernels: ``_POS``, ``_WARPS``, ``_STAGES`` of ``triton_mimo_rotary``, ``_BWD_POS``, ``_BWD_WARPS`` of
+``triton_mimo_output``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from unittest import mock
 
@@ -191,14 +198,20 @@ def main() -> None:
     parser.add_argument("--routes", nargs="+", choices=tuple(ROUTES), default=list(ROUTES))
     parser.add_argument("--no-fp32", action="store_true", help="skip the float32 rows")
     parser.add_argument("--mimo", type=int, default=1, metavar="R", help="MIMO rank R > 1: the MIMO table instead")
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT")
     args = parser.parse_args()
+    for item in args.set:
+        target, value = item.split("=")
+        module, attr = target.rsplit(".", 1)
+        setattr(importlib.import_module(module), attr, int(value))
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     import triton
     from triton.testing import do_bench
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"b {B}, {H} heads x {P}, N {N}, {A} angles, 1 group, chunk 64, bf16; median ms")
+    print(f"b {B}, {H} heads x {P}, N {N}, {A} angles, 1 group, chunk 64, bf16; median ms"
+          + (f"; {', '.join(args.set)}" if args.set else ""))
     if args.mimo > 1:
         mimo_table(args.lengths, args.mimo, do_bench)
         if not args.no_profile:
