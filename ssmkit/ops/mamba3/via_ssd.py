@@ -70,8 +70,8 @@ def mamba3_via_ssd(
     caller).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
-    ``final_state=False``: the final state is not needed (None is returned in its place), so single-input
-    inputs skip the last position's B̃ and x (a dozen launches each way at training time).
+    ``final_state=False``: the final state is not needed (None is returned in its place), so the fused forms skip
+    the last position's B̃ and x (a dozen launches each way at training time).
     """
     if inputs.B.shape[2] > 1:
         return _mimo_via_ssd(inputs, ssd_backend, final_state)
