@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ssmkit.testing import assert_close, report_checks, run_checks_in_interpreter
@@ -221,13 +222,24 @@ def check_mimo_inputs(b, l, r, h, p, dtype, with_mx) -> None:
             assert_close(t.grad, v.grad, dt, name=f"grad {name}")
 
 
+def _checks(group: str) -> dict:
+    if group == "route":
+        return ({name: (check_route, case) for name, case in ROUTE_CASES.items()}
+                | {"rank3_no_final_state_packed_fp32": (check_no_final_state, (17, 3, True))})
+    return ({name: (check_mimo_rotary, case) for name, case in ROTARY_CASES.items()}
+            | {name: (check_mimo_output, case) for name, case in OUTPUT_CASES.items()}
+            | {name: (check_mimo_inputs, case) for name, case in INPUT_CASES.items()})
+
+
+# Two groups, two subprocesses: pytest -n 2 runs them side by side.
+@pytest.mark.slow  # about 90 s on a loaded 2-core CPU: eleven scans with every gradient in the interpreter
 def test_mimo_triton_route_matches_reference_in_interpreter():
-    run_checks_in_interpreter(__file__, "all")
+    run_checks_in_interpreter(__file__, "route")
+
+
+def test_mimo_kernels_match_float64_in_interpreter():
+    run_checks_in_interpreter(__file__, "kernels")
 
 
 if __name__ == "__main__":
-    report_checks({name: (check_route, case) for name, case in ROUTE_CASES.items()}
-                  | {"rank3_no_final_state_packed_fp32": (check_no_final_state, (17, 3, True))}
-                  | {name: (check_mimo_rotary, case) for name, case in ROTARY_CASES.items()}
-                  | {name: (check_mimo_output, case) for name, case in OUTPUT_CASES.items()}
-                  | {name: (check_mimo_inputs, case) for name, case in INPUT_CASES.items()})
+    report_checks(_checks(sys.argv[1]))
