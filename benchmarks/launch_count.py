@@ -27,11 +27,13 @@ Three modes:
     python benchmarks/launch_count.py --layers mamba3 --host
     python benchmarks/launch_count.py --layers mamba3 mamba3-unfolded --stub   # with the route before the fold
     python benchmarks/launch_count.py --layers mamba mamba-time     # Mamba-1 on both scan layouts
+    python benchmarks/launch_count.py --layers mamba3-mimo mamba3-mimo-unfused --stub   # MIMO rank 4, both forms
 
 ``mamba3-unfolded`` is the Mamba-3 layer with ``FOLD_PROJECTION`` off: single input through ``_project`` (the B/C
 norm and Δ/A kernels apart) and ``mamba3_scan``, the route before the projection's slices were folded in.
 ``mamba-time`` is the Mamba-1 layer on ``SCAN_LAYOUT = "time"`` (mamba_ssm's layout: unit time stride into the
-scan), ``mamba`` on the default channel layout.
+scan), ``mamba`` on the default channel layout. ``mamba3-mimo`` is a rank-4 MIMO Mamba-3 layer on the SSD route's
+fused MIMO kernels (``via_ssd.FUSED_MIMO``), ``mamba3-mimo-unfused`` the same layer with its glue in PyTorch.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import ssmkit.layers.mamba as mamba_layer
 import ssmkit.layers.mamba3 as mamba3_layer
 import ssmkit.ops.backend as backend_module
 from ssmkit.layers import Mamba, Mamba2, Mamba3
+from ssmkit.ops.mamba3 import via_ssd
 
 # Ops that launch no kernel on a GPU (views, allocations, metadata).
 NO_KERNEL = {
@@ -209,11 +212,18 @@ def print_counts(counts: dict, indent: str = "  ") -> None:
     print(f"{indent}forward + backward: {total} launches; {counts['nodes']} autograd nodes")
 
 
+LAYERS = ("mamba3", "mamba3-unfolded", "mamba3-mimo", "mamba3-mimo-unfused", "mamba2", "mamba", "mamba-time")
 TINY = (2, 40, 64, 16, 16)  # batch, length, d_model, d_state, headdim
 BENCH = (8, 2048, 768, 128, 64)  # gpu_mamba3.py's Mamba-3 shape
 
 
+MIMO_RANK = 4  # the mamba3-mimo layers' rank (benchmarks/RESULTS.md's MIMO table)
+
+
 def make_layer(name: str, d_model: int, d_state: int, headdim: int) -> torch.nn.Module:
+    if name.startswith("mamba3-mimo"):
+        return Mamba3(d_model=d_model, d_state=d_state, headdim=headdim, is_mimo=True, mimo_rank=MIMO_RANK,
+                      dtype=torch.bfloat16)
     if name.startswith("mamba3"):
         return Mamba3(d_model=d_model, d_state=d_state, headdim=headdim, dtype=torch.bfloat16)
     if name == "mamba2":
@@ -223,8 +233,7 @@ def make_layer(name: str, d_model: int, d_state: int, headdim: int) -> torch.nn.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba3-unfolded", "mamba2", "mamba", "mamba-time"),
-                        default=["mamba3", "mamba2", "mamba"])
+    parser.add_argument("--layers", nargs="+", choices=LAYERS, default=["mamba3", "mamba2", "mamba"])
     parser.add_argument("--verbose", action="store_true", help="print every PyTorch op with its shapes")
     parser.add_argument("--stub", action="store_true", help="Triton kernels launched, not run: any shape")
     parser.add_argument("--host", action="store_true", help="host us a forward and a backward, kernels stubbed")
@@ -243,6 +252,7 @@ def main() -> None:
         mode = "kernels stubbed" if _stub[0] else "kernels in the interpreter"
         print(f"{name}, bf16, b{b} L{l} d_model {d_model} N {d_state} headdim {headdim}, {mode}:")
         mamba3_layer.FOLD_PROJECTION = name != "mamba3-unfolded"
+        via_ssd.FUSED_MIMO = name != "mamba3-mimo-unfused"
         mamba_layer.SCAN_LAYOUT = "time" if name == "mamba-time" else "channel"
         try:
             if args.host:
@@ -256,6 +266,7 @@ def main() -> None:
                 print_counts(count_step(layer, x, args.verbose))
         finally:
             mamba3_layer.FOLD_PROJECTION = True
+            via_ssd.FUSED_MIMO = True
             mamba_layer.SCAN_LAYOUT = "channel"
 
 

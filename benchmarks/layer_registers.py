@@ -9,6 +9,7 @@ Grids are the CPU run's: a launcher that sizes its grid by the GPU's SM count (t
 shows its CPU fallback there; a kernel's code does not depend on its grid.
 
     python benchmarks/layer_registers.py --layers mamba3 mamba2 mamba
+    python benchmarks/layer_registers.py --layers mamba3-mimo          # rank-4 MIMO on the fused kernels
     python benchmarks/layer_registers.py --layers mamba3 --set ssmkit.ops.mamba3.triton_rotary._NORM_WARPS=4
     PYTHONPATH=/path/to/triton-3.6:$PWD:$PWD/benchmarks python benchmarks/layer_registers.py   # the device's Triton
 
@@ -23,12 +24,13 @@ import pkgutil
 
 import torch
 import triton
-from launch_count import BENCH, _cuda_choices, make_layer
+from launch_count import BENCH, LAYERS, _cuda_choices, make_layer
 from sm90_resources import capture_launches, compile_like_jit, resource_usage
 
 import ssmkit.layers.mamba3 as mamba3_layer
 import ssmkit.ops
 import ssmkit.ops.backend as backend_module
+from ssmkit.ops.mamba3 import via_ssd
 
 
 def ops_modules() -> list:
@@ -44,10 +46,12 @@ def layer_launches(name: str, shape: tuple[int, ...]) -> list[tuple[str, object,
     layer = make_layer(name, d_model, d_state, headdim)
     x = torch.randn(b, l, d_model, dtype=torch.bfloat16, requires_grad=True)
     mamba3_layer.FOLD_PROJECTION = name != "mamba3-unfolded"
+    via_ssd.FUSED_MIMO = name != "mamba3-mimo-unfused"
     try:
         return capture_launches(ops_modules(), lambda: layer(x).sum().backward())
     finally:
         mamba3_layer.FOLD_PROJECTION = True
+        via_ssd.FUSED_MIMO = True
 
 
 def _kernel(name: str, modules: list):
@@ -56,7 +60,7 @@ def _kernel(name: str, modules: list):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", nargs="+", choices=("mamba3", "mamba3-unfolded", "mamba2", "mamba"),
+    parser.add_argument("--layers", nargs="+", choices=[v for v in LAYERS if v != "mamba-time"],
                         default=["mamba3", "mamba2", "mamba"])
     parser.add_argument("--shape", type=int, nargs=5, metavar=("B", "L", "D_MODEL", "D_STATE", "HEADDIM"),
                         default=BENCH)
@@ -79,7 +83,7 @@ def main() -> None:
         for kernel, grid, kargs, kwargs in layer_launches(name, tuple(args.shape)):
             compiled = compile_like_jit(_kernel(kernel, modules), kargs, kwargs)
             regs, spilled = resource_usage(compiled)
-            row = (f"  {kernel:<26} grid {str(grid):<18} warps {kwargs.get('num_warps', 4):>2} stages "
+            row = (f"  {kernel:<26} grid {grid!s:<18} warps {kwargs.get('num_warps', 4):>2} stages "
                    f"{kwargs.get('num_stages', 3)}: registers {regs:>3}, spilled {spilled:>4} B, shared "
                    f"{compiled.metadata.shared:>6} B")
             if row not in seen:

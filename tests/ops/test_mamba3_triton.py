@@ -22,14 +22,12 @@ if __name__ == "__main__":  # run as a script (in the interpreter's subprocess):
 from tests.ops.test_mamba3 import assert_state_close, f64, make_inputs, packed_ids
 
 # name -> (l, g, a, interleaved, dtype, packed, mimo, rank): tiny, the interpreter is slow. Without MIMO
-# projections the rank-1 route's output is the fused kernel of triton_output.py, with them PyTorch; rank > 1
-# runs r sub-steps per position through the SSD kernels.
+# projections the rank-1 route's output is the fused kernel of triton_output.py, with them PyTorch. Rank > 1 (r
+# sub-steps per position through the SSD kernels): test_mamba3_triton_mimo.py.
 CASES = {
     "interleaved_packed_fp32": (37, 1, 2, True, "float32", True, False, 1),
     "halves_groups_bf16_mimo": (21, 2, 4, False, "bfloat16", False, True, 1),
     "interleaved_bf16": (19, 1, 2, True, "bfloat16", True, False, 1),
-    "rank2_packed_fp32": (13, 2, 4, False, "float32", True, True, 2),
-    "rank3_bf16": (9, 1, 2, True, "bfloat16", False, True, 3),
     # more angles than one program of the angle kernels takes: Δ's gradient from two partials
     "many_angles_packed_fp32": (21, 1, 20, True, "float32", True, False, 1),
     # no rotary pair (a = 0, as the chunked route takes it): the angle kernels launch nothing
@@ -37,11 +35,11 @@ CASES = {
 }
 
 
-def check_case(l, g, a, interleaved, dtype, packed, mimo, rank) -> None:
+def check_case(l, g, a, interleaved, dtype, packed, mimo, rank, drop=()) -> None:
+    """The route against the float64 recurrence; ``drop``: optional inputs left out besides the MIMO projections."""
     inp = make_inputs(b=2, l=l, h=4, r=rank, g=g, n=max(8, 2 * a), a=a, dtype=getattr(torch, dtype), initial=True)
-    if not mimo:
-        for k in ("mimo_x", "mimo_z", "mimo_o"):
-            inp.pop(k)
+    for k in (() if mimo else ("mimo_x", "mimo_z", "mimo_o")) + tuple(drop):
+        inp.pop(k)
     kw = {"rotary_interleaved": interleaved, "seq_idx": packed_ids(2, l) if packed else None,
           "return_final_state": True, "chunk_size": 16}
 

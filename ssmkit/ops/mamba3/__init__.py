@@ -85,7 +85,7 @@ def mamba3_scan(
             ``chunked``), ``"reference"``,
             ``"chunked"`` or ``"triton"`` (the scan rewritten for the Mamba-2 SSD op and run by its Triton
             kernels; rank 1 with B̃/C̃, the angles and the output in fused kernels of their own, MIMO as r
-            sub-steps per position, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
+            sub-steps per position with its glue in fused kernels too, ``via_ssd.py``; CUDA, or Triton's interpreter; float64
             inputs take the SSD op's chunked form. bf16/fp16 x gives the SSD kernels bf16/fp16 operands
             with float32 accumulation, so outputs, the final state and gradients are bf16-accurate).
 

@@ -20,7 +20,11 @@ still has w instead of γ on the position's diagonal; both are an r×r correctio
     y_{t,j} = SSD_{t,j} + Σ_{j'} ([j' > j] w_t - δ_{t+1}) (C̃_{t,j}·B̃_{t,j'}) x̃_{t,j'}
 
 (rank 1: the single-input form above). The SSD kernels do r times a single input's work, the price of
-computing MIMO with kernels built for one input per step.
+computing MIMO with kernels built for one input per step. On those kernels the rest is three fused kernels each
+way (``triton_mimo_rotary.py``: B̃, C̃ of every rank written as the l·r sub-steps, with the scores C̃_{t,j}·B̃_{t,j'};
+``triton_mimo_inputs.py``: x̃ and each sub-step's decay step and weight; ``triton_mimo_output.py``: the correction,
+skip, gate and down-projection), so that rank r costs about r times the SSD op plus a few memory-bound passes,
+not a few dozen PyTorch passes over (b, l, r, h, ·) tensors (``FUSED_MIMO`` off keeps that PyTorch form).
 
 Precision: the rotations, decays and weights are computed in float32 (float64 for float64 inputs); for
 bf16/fp16 x the SSD op's matmul operands x̃, B̃, C̃ are rounded to x's dtype, as Mamba-2 feeds them, so its
@@ -54,6 +58,9 @@ FUSED_SCALARS = True
 # Chunk length the SSD op's kernels get (None: the caller's chunk_size). A chunk is only a tiling here (the
 # result does not depend on it); the SSD kernels were tuned at 256, Mamba-3 layers pass 64 (mamba_ssm's).
 SSD_CHUNK: int | None = None
+# MIMO (rank r > 1) on the SSD op's Triton kernels in float32 (bf16 operands included): its glue by the fused
+# kernels of triton_mimo_*.py; off, the PyTorch form (benchmarks/gpu_mamba3_routes.py --mimo times the two).
+FUSED_MIMO = True
 
 
 def mamba3_via_ssd(
@@ -63,11 +70,11 @@ def mamba3_via_ssd(
     caller).
 
     ``ssd_backend``: the SSD op's backend ("triton" for its kernels; float64 takes "chunked").
-    ``final_state=False``: the final state is not needed (None is returned in its place), so single-input
-    inputs skip the last position's B̃ and x (a dozen launches each way at training time).
+    ``final_state=False``: the final state is not needed (None is returned in its place), so the fused forms skip
+    the last position's B̃ and x (a dozen launches each way at training time).
     """
     if inputs.B.shape[2] > 1:
-        return _mimo_via_ssd(inputs, ssd_backend)
+        return _mimo_via_ssd(inputs, ssd_backend, final_state)
     (x, dt, _, B, C, _, angles, chunk_size, D, z, B_bias, C_bias, mimo_x, mimo_z, mimo_o, rotary_interleaved,
      initial_state, seq_idx) = inputs.unpack()
     h = x.shape[2]
@@ -152,7 +159,8 @@ def _first_share(dt: torch.Tensor, trap: torch.Tensor, dtype: torch.dtype) -> to
     return (1 - torch.sigmoid(trap[:, 0].to(dtype))) * dt[:, 0].to(dtype)
 
 
-def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor, Mamba3ScanState]:
+def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str, final_state: bool = True
+                  ) -> tuple[torch.Tensor, Mamba3ScanState | None]:
     """Rank r > 1: r sub-steps per position through the SSD op plus the r×r correction (module docstring)."""
     x, D, z, seq_idx = inputs.x, inputs.D, inputs.z, inputs.seq_idx
     b, l, h, p = x.shape
@@ -160,6 +168,8 @@ def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor,
     dtype = inputs.compute_dtype()
     init = None if inputs.initial_state is None else Mamba3ScanState(*(t.to(dtype) for t in inputs.initial_state))
     ops = operand_dtype(x.dtype, dtype)
+    if FUSED_MIMO and ssd_backend == "triton" and dtype == torch.float32 and inputs.B.shape[-1] % 2 == 0:
+        return _mimo_fused(inputs, init, ops, final_state)
     prep = prepare(inputs, dtype)
     theta, Bt, Ct = rotated_BC(prep, seq_idx, init, inputs.rotary_interleaved)  # (b, l, r, h, n)
     Bo, Co, xo = Bt.to(ops), Ct.to(ops), prep.xr.to(ops)
@@ -181,7 +191,50 @@ def _mimo_via_ssd(inputs: Mamba3Inputs, ssd_backend: str) -> tuple[torch.Tensor,
     coef = torch.where(later, w[..., None, None], 0.0) - nxt[..., None, None]  # (b, l, h, r, r)
     y = y.view(b, l, r, h, p).to(dtype) + torch.einsum("blhjk,blkhp->bljhp", scores * coef, xo.to(dtype))
     out = finish(y, prep.xr, D, z, inputs.mimo_z, inputs.mimo_o).to(x.dtype)
+    if not final_state:
+        return out, None
     return out, Mamba3ScanState(theta[:, -1], G, Bt[:, -1], x[:, -1].to(dtype))
+
+
+def _mimo_fused(inputs: Mamba3Inputs, init: Mamba3ScanState | None, ops: torch.dtype, final_state: bool
+                ) -> tuple[torch.Tensor, Mamba3ScanState | None]:
+    """MIMO on the SSD op's Triton kernels with the glue in fused kernels of its own: the scalars and angles
+    (``triton_route_scalars.py``), B̃, C̃ and the r×r scores (``triton_mimo_rotary.py``), x̃ and the sub-steps' decay
+    step and weight (``triton_mimo_inputs.py``), the correction, skip, gate and down-projection
+    (``triton_mimo_output.py``); each writes the layout the next reads (b, l·r, ...), so no reshape or expand runs
+    in PyTorch."""
+    # Imported here: `import ssmkit` must never import triton.
+    from ssmkit.ops.mamba3.triton_mimo_inputs import mimo_inputs_triton
+    from ssmkit.ops.mamba3.triton_mimo_output import mimo_output_triton
+    from ssmkit.ops.mamba3.triton_mimo_rotary import mimo_rotate_bc_triton
+    from ssmkit.ops.mamba3.triton_route_scalars import route_scalars_triton
+
+    x, B, dt, trap, seq_idx, mimo_x = inputs.x, inputs.B, inputs.dt, inputs.trap, inputs.seq_idx, inputs.mimo_x
+    h, r, g = x.shape[2], B.shape[2], B.shape[3]
+    dtype = torch.float32
+    sdt, w, nxt, theta = route_scalars_triton(dt, inputs.A, trap, inputs.angles, seq_idx,
+                                              None if init is None else init.angle)
+    Bo, Co, S = mimo_rotate_bc_triton(B, inputs.C, inputs.B_bias, inputs.C_bias, theta, inputs.rotary_interleaved,
+                                      ops)  # B̃, C̃ (b, l·r, h, n), S (b, l, h, r, r)
+    xo, step, scale = mimo_inputs_triton(x, mimo_x, sdt, w, r, ops)  # (b, l·r, h, p), (b, l·r, h) twice
+    # initial_G reads only the rank and the dtype of its x̃ argument: an empty tensor carries them.
+    G0 = None if init is None else initial_G(init, x.new_empty((0, 0, r), dtype=dtype),
+                                             _first_share(dt, trap, dtype), mimo_x)
+    y, G, _ = ssd_scan(SSDInputs(
+        x=xo, dt=step, A=_minus_ones(h, dtype, x.device), B=Bo, C=Co, chunk_size=SSD_CHUNK or inputs.chunk_size,
+        D=None, z=None, dt_bias=None, initial_states=G0,
+        seq_idx=None if seq_idx is None else seq_idx.repeat_interleave(r, dim=1), cu_seqlens=None,
+        dt_softplus=False, dt_limit=NO_LIMIT, input_scale=scale, device=x.device,
+    ), backend="triton")
+    out = mimo_output_triton(y, x, mimo_x, S, w, nxt, inputs.D, inputs.z, inputs.mimo_z, inputs.mimo_o, ops)
+    if not final_state:
+        return out, None
+    # The state's B̃ in float32 (the kernel's is rounded to the operand dtype): one position, in PyTorch.
+    B_end = B[:, -1].to(dtype).repeat_interleave(h // g, dim=2)  # (b, r, h, n)
+    if inputs.B_bias is not None:
+        B_end = B_end + inputs.B_bias.to(dtype).transpose(0, 1)
+    last_B = rotate(B_end, theta[:, -1, None], inputs.rotary_interleaved)
+    return out, Mamba3ScanState(theta[:, -1], G, last_B, x[:, -1].to(dtype))
 
 
 def operand_dtype(x_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
