@@ -12,7 +12,7 @@ Dimensions: ``b`` batch, ``V`` padded vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -202,9 +202,16 @@ def _adopt_scratch(src: Any, dst: Any) -> None:
     """What the kernels allocated lazily on the warm-up copy's state tensors, allocated for the real state now
     (outside the capture, which would otherwise replay the allocation's zero fill every step)."""
     for mine, theirs in zip(getattr(src, "states", ()), getattr(dst, "states", ())):
-        if hasattr(mine, "tensors") and hasattr(theirs, "tensors"):
-            for a, b in zip(mine.tensors().values(), theirs.tensors().values()):
+        for a, b in zip(_state_tensors(mine), _state_tensors(theirs)):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
                 decode_step.adopt_step_scratch(a, b)
+
+
+def _state_tensors(state: Any) -> list[Any]:
+    """A cache state's tensors in field order: a :class:`~ssmkit.layers.LayerState`'s ``tensors()`` dict, or the
+    sequence another cache's state returns (the :class:`Cache` protocol leaves states open); none without it."""
+    tensors = state.tensors() if callable(getattr(state, "tensors", None)) else ()
+    return list(tensors.values() if isinstance(tensors, Mapping) else tensors)
 
 
 class GraphedStep:

@@ -78,6 +78,12 @@ def decode_A(layer: nn.Module) -> torch.Tensor:
     return layer._decode_A
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward (pre-)hooks, its own or global ones."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 def _scan_layout(x: torch.Tensor) -> str:
     """``SCAN_LAYOUT`` for a forward of ``x`` ("auto" resolved by x's device)."""
     if SCAN_LAYOUT not in ("auto", "channel", "time"):
@@ -241,9 +247,10 @@ class Mamba(nn.Module):
     def _xz(self, hidden_states: torch.Tensor, time: bool) -> torch.Tensor:
         """``in_proj`` of (b, l, H) as xz (b, 2I, l): a transposed view of a (b, l, 2I) GEMM (channel layout),
         or, for the time layout, one GEMM ``W_in @ hᵀ`` (bias added in it) viewed as (b, 2I, l) with unit time
-        stride, as mamba_ssm's layer. An in_proj that is not a plain Linear (quantized) keeps its own call;
-        the rest of the time layout still applies."""
-        if not time or type(self.in_proj) is not nn.Linear:
+        stride, as mamba_ssm's layer. An in_proj that is not a plain Linear (quantized), or has forward hooks
+        (its own or global ones, which the GEMM would skip on CUDA only, where "auto" picks this layout), keeps
+        its own call; the rest of the time layout still applies."""
+        if not time or type(self.in_proj) is not nn.Linear or _has_forward_hooks(self.in_proj):
             return self.in_proj(hidden_states).transpose(1, 2)
         b, length, d_model = hidden_states.shape
         h_t = hidden_states.reshape(b * length, d_model).t()

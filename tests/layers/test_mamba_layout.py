@@ -217,3 +217,22 @@ if __name__ == "__main__":
         "fused_jamba_bf16": (check_triton_layouts, (OPTIONS["jamba_norms"], True, "bfloat16")),
         "unfused_falcon_fp32": (check_triton_layouts, (OPTIONS["falcon_rms"], False, "float32")),
     })
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_time_layout_keeps_in_proj_hooks(fused):
+    """A forward hook on in_proj (activation capture, a pruning mask's pre-hook) runs on the time layout as on the
+    channel layout ("auto" picks time on CUDA only: the hook must not depend on the device)."""
+    layer = make_layer({}, fused)
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    seen = []
+    handle = layer.in_proj.register_forward_hook(lambda _m, _args, out: seen.append(out.shape) or 2 * out)
+    try:
+        with scan_layout("channel"):
+            want = layer(x)
+        with scan_layout("time"):
+            got = layer(x)
+    finally:
+        handle.remove()
+    assert seen == [(2, 7, 2 * layer.d_inner)] * 2
+    assert_close(got, want, torch.float64, name="out with a hooked in_proj")

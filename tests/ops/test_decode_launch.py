@@ -61,3 +61,36 @@ def test_the_environment_names_the_variant_at_import(monkeypatch):
     monkeypatch.setenv("SSMKIT_DECODE_LAUNCH", "turbo")
     with pytest.raises(ValueError, match="SSMKIT_DECODE_LAUNCH='turbo' is not a decode launch variant"):
         decode_launch._from_environment()
+
+
+def test_the_mamba2_step_reads_only_layer_parameters_before_its_pdl_wait():
+    """Under PDL the step kernel may start before the kernel right before it has finished: what it reads before
+    ``pdl_wait`` must be written by no kernel of a step. The conv taps and bias, dt_bias and D are views of the
+    layer's parameters; A is not (``-exp(A_log)``, computed by a kernel on decode_A's first call, and by every
+    step in mamba_ssm's and transformers' layers), nor any activation or state."""
+    import ast
+    import inspect
+    import textwrap
+
+    triton = pytest.importorskip("triton")
+    del triton
+    from ssmkit.ops.decode_step.triton import _conv_ssm_step_kernel
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(_conv_ssm_step_kernel.fn))).body[0].body
+    wait = next(i for i, stmt in enumerate(body) if "pdl_wait" in ast.unparse(stmt))
+    # Pointer arguments, and the names computed from them (row pointers), mapped to the arguments they come from.
+    roots: dict[str, set[str]] = {}
+
+    def pointers_in(node: ast.AST) -> set[str]:
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        return {p for name in names for p in ({name} if name.endswith("_ptr") else roots.get(name, set()))}
+
+    read = set()
+    for stmt in body[:wait]:
+        for call in (n for n in ast.walk(stmt) if isinstance(n, ast.Call)):
+            read |= pointers_in(ast.Tuple(elts=[*call.args, *(k.value for k in call.keywords)]))
+        if isinstance(stmt, ast.Assign):
+            for target in stmt.targets:
+                for name in (n.id for n in ast.walk(target) if isinstance(n, ast.Name)):
+                    roots[name] = pointers_in(stmt.value)
+    assert read == {"w_ptr", "cb_ptr", "bias_ptr", "D_ptr"}, read

@@ -170,3 +170,28 @@ def test_adopt_step_scratch_gives_the_real_state_its_own_zeroed_counters():
     setattr(scratch.states[1].conv, COUNTERS_ATTR, torch.zeros(8, dtype=torch.int32))
     decode_step.adopt_step_scratch(scratch.states[1].conv, real.states[1].conv)
     assert getattr(real.states[1].conv, COUNTERS_ATTR) is own  # a state's own counters are kept
+
+
+def test_adopt_scratch_takes_states_of_other_caches():
+    """The Cache protocol leaves a layer's state open: one whose ``tensors()`` is a tuple has its counters
+    adopted as well, one without tensors (or a non-tensor entry) is passed over, not an error."""
+    from ssmkit.generation.decode import _adopt_scratch
+    from ssmkit.ops.decode_step.inputs import COUNTERS_ATTR
+
+    class TupleState:
+        def __init__(self, conv: torch.Tensor) -> None:
+            self.conv, self.length = conv, 3
+
+        def tensors(self) -> tuple:
+            return self.conv, self.length
+
+    class Cache:
+        def __init__(self, states: list) -> None:
+            self.states = states
+
+    real = Cache([object(), TupleState(torch.zeros(2, 6, 4))])
+    scratch = Cache([object(), TupleState(torch.zeros(2, 6, 4))])
+    setattr(scratch.states[1].conv, COUNTERS_ATTR, torch.full((4,), 7, dtype=torch.int32))
+    _adopt_scratch(scratch, real)
+    adopted = getattr(real.states[1].conv, COUNTERS_ATTR)
+    assert adopted.shape == (4,) and int(adopted.abs().sum()) == 0

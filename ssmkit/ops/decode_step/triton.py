@@ -127,17 +127,19 @@ def _conv_ssm_step_kernel(
     ch_x = head * p + offs_p
     ch_B = dim + group * n + offs_n
     ch_C = ch_B + ngroups * n
-    # The parameters before the wait (under PDL they load while the in_proj GEMV before this kernel runs).
+    # The parameters before the wait (under PDL they load while the in_proj GEMV before this kernel runs). Not A:
+    # callers compute it as -exp(A_log) (decode_A on its first call, mamba_ssm's and transformers' layers every
+    # step), a kernel that may be the one right before this; one scalar, read after the wait.
     wt_x, wn_x, cb_x = _conv_taps(w_ptr, cb_ptr, ch_x, mask_p, w_c, w_k, S, W, HAS_CB, BLOCK_S)
     wt_B, wn_B, cb_B = _conv_taps(w_ptr, cb_ptr, ch_B, mask_n, w_c, w_k, S, W, HAS_CB, BLOCK_S)
     wt_C, wn_C, cb_C = _conv_taps(w_ptr, cb_ptr, ch_C, mask_n, w_c, w_k, S, W, HAS_CB, BLOCK_S)
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + head).to(tl.float32)
-    A = tl.load(A_ptr + head).to(tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + head * D_h + offs_p * D_p, mask=mask_p, other=0.0).to(tl.float32)
     pdl_wait(PDL)
+    A = tl.load(A_ptr + head).to(tl.float32)
     x, win_x = _conv_channels(x_row, conv_row, wt_x, wn_x, cb_x, ch_x, mask_p, x_c, cs_c, cs_k, S, BLOCK_S)
     B, win_B = _conv_channels(x_row, conv_row, wt_B, wn_B, cb_B, ch_B, mask_n, x_c, cs_c, cs_k, S, BLOCK_S)
     C, win_C = _conv_channels(x_row, conv_row, wt_C, wn_C, cb_C, ch_C, mask_n, x_c, cs_c, cs_k, S, BLOCK_S)

@@ -41,7 +41,8 @@ class ScanConfig:
     ``lowp_checkpoints``: with fused states and bfloat16 u, the checkpoints are stored in bfloat16 (half
     the bytes saved for the backward; the forward carries its float32 state in registers and writes the
     float32 last state apart, so only the backward's recomputed states see the rounding, 2^-9 relative).
-    float16 keeps float32 checkpoints: its range (65,504) could overflow a state that float32 holds.
+    float16 keeps float32 checkpoints: its range (65,504) could overflow a state that float32 holds. Off in
+    :data:`TRAINING_CONFIG`: the rounding reaches the weights' gradients (dA 2-3e-3 relative).
 
     ``timewise`` picks the time-wise kernels instead (``triton_timewise.py``): (channels, chunk) tiles with
     long chunks (256 .. 2048 steps) split along time over the program's threads, looping over the state
@@ -70,7 +71,10 @@ class ScanConfig:
 # Chosen from the launch-config sweep on an H200 (bf16, b 8, d 2048, N 16, L 8192; benchmarks/RESULTS.md):
 # for training the fused-state kernels with 2-channel programs (forward+backward 20.8 ms against 44.6 for
 # the chunk-128 kernels); for a forward alone the chunk-128 kernels (4.8 ms against 6.6).
-TRAINING_CONFIG = ScanConfig(16, 2, 1, 2, 1, fused_states=True, fwd_chunk=32)
+# Float32 checkpoints: bfloat16 ones (lowp_checkpoints) put a 2-3e-3 relative error on dA, the weights' gradients
+# (dD, d(delta_bias), a time-invariant B or C) near it, against 1e-7 with float32 (bf16 time-major input, b 2, d 4,
+# N 8, L 37 / 200, against float64), past mamba_ssm's own test tolerance for them (rtol 1e-3).
+TRAINING_CONFIG = ScanConfig(16, 2, 1, 2, 1, fused_states=True, fwd_chunk=32, lowp_checkpoints=False)
 DEFAULT_CONFIG = ScanConfig()
 # For time-contiguous u and delta (mamba_ssm's (b, d, l) layout) the time-wise kernels, forward and backward:
 # on an H100 at L 8192 fwd 2.674 / fwd+bwd 12.335 ms against mamba_ssm's CUDA scan's 2.682 / 12.311 in the same
@@ -297,8 +301,8 @@ def selective_scan_triton(
 
     u, delta, z (b, d, l) and B, C (b, g, n, l) may have any strides (time-major views included; ``out``
     keeps u's layout). The state and all sums are float32 (float64 when an input is float64). Extra
-    memory: the (b, d, cdiv(l, chunk) + 1, n) checkpoint tensor saved for backward (bfloat16 for bfloat16
-    u with the training config, else float32; ``ScanConfig.lowp_checkpoints``), and float32 (b, g, n, l)
+    memory: the (b, d, cdiv(l, chunk) + 1, n) checkpoint tensor saved for backward (float32; bfloat16 for
+    bfloat16 u where a config sets ``ScanConfig.lowp_checkpoints``), and float32 (b, g, n, l)
     dB, dC buffers during backward. ``config`` sets the launch shape (default: ``TIMEWISE_CONFIG`` when u and
     delta are contiguous along time, else ``TRAINING_CONFIG`` when a gradient will be needed, else
     ``DEFAULT_CONFIG``). The kernels index a batch row with 32-bit offsets:
