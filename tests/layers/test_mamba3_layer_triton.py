@@ -147,7 +147,7 @@ def check_layer_cache(settings: dict, batch: int) -> None:
         assert_close(t, want_cache.tensors()[name], torch.float32, name=f"cache {name}")
 
 
-@pytest.mark.slow  # about 60 s: seven layers' kernels in the interpreter
+@pytest.mark.slow  # about 60 s: eight layers' kernels in the interpreter
 def test_layer_on_the_triton_route_matches_the_reference_in_interpreter():
     run_checks_in_interpreter(__file__, "all")
 
@@ -156,4 +156,6 @@ if __name__ == "__main__":
     checks = {name: (check_layer, case) for name, case in CASES.items()}
     # Batch 3 and two groups: B's rows read in place at the projection's stride, per batch row.
     checks["groups_cache_b3_fp32"] = (check_layer_cache, ({"ngroups": 2}, 3))
+    # MIMO rank 2: the prefill's final state and last B̃ in the cache, then a continued prefill and a decode step.
+    checks["mimo_rank2_cache_b2_fp32"] = (check_layer_cache, ({"is_mimo": True, "mimo_rank": 2}, 2))
     report_checks(checks)
