@@ -62,8 +62,9 @@ def test_fused_layer_equals_float64_unfused(name, dtype, packed):
 
 
 # Measured on an H100 (bf16, b 2, L 2048, d_model 1024) with float32 scan checkpoints: 0.62x (Mamba, 84.4 / 135.5 MB)
-# and 0.65x (Mamba-2). Mamba-1's checkpoints are now bfloat16 for bfloat16 u (16.9 MB less on both paths, the
-# interpreter's bytes: benchmarks/RESULTS.md): expected 67.5 / 118.6 MB = 0.57x, issue 17's 0.6x. Mamba-2 (0.65x,
+# and 0.65x (Mamba-2). Mamba-1 on CUDA now runs the time layout ("auto") and the time-wise scan kernels: one float32
+# checkpoint per 256 steps instead of one per 16 (the fused-state kernels' TRAINING_CONFIG, float32 again for
+# mamba_ssm's tolerances), 2 units less on both paths; not yet measured on a GPU. Mamba-2 (0.65x,
 # 66.3 / 102.3 MB, when its SSD saved Δ, cum, the chunk states and C·Bᵀ) keeps the in_proj output (the fused
 # function's input, as mamba_ssm: about 2 (b, l, d_inner) units) and the scan's output for the norm; the SSD's
 # backward now recomputes the rest (SSDLaunch.recompute_states, 13.6 MB off both paths): 52.70 / 88.63 MB = 0.595x
