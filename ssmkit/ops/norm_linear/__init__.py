@@ -4,7 +4,11 @@ The unfused form is three or four launches (norm, cast, matmul, add); at batch 1
 much as the work, so the decode step of a Mamba-2 block runs its pre-norm + ``in_proj`` and its gated
 norm + ``out_proj`` + residual add through this op (a Mamba block its ``out_proj`` + residual add, no norm).
 :func:`rms_norm_linear_argmax` is a greedy decode step's head: the final norm, the head and the argmax.
-Inference only: there is no backward. Launch settings: :mod:`ssmkit.ops.decode_launch`.
+Inference only: there is no backward. Launch settings: :mod:`ssmkit.ops.decode_launch`. Under its programmatic
+dependent launch (on by default on sm_90 and later) the kernels read ``weight``, ``norm_weight`` and ``bias``
+before waiting for the kernel launched just before them: pass parameters (as the layers do), never a tensor
+that kernel may still be writing (a cast, a dequantised or merged weight made the launch before), or switch
+PDL off for the call (``decode_launch.use("plain")``).
 """
 
 from __future__ import annotations
