@@ -8,7 +8,10 @@
 Both update the conv state and the SSM state **in place** and are defined as the separate ops in order
 (``reference.py``); "auto" runs the Triton kernels on CUDA for at most :data:`MAX_ROWS` rows and the separate
 ops otherwise (setting ``MAX_ROWS = 0`` switches the fused kernels off, as the decode benchmark does to
-compare). Inference only: no autograd.
+compare). Inference only: no autograd. Under :mod:`ssmkit.ops.decode_launch`'s programmatic dependent launch
+(on by default on sm_90 and later) the Mamba-2 kernel reads the convolution's weight and bias, dt_bias and D
+before waiting for the kernel launched just before it: pass parameters (as the layers do), never a tensor that
+kernel may still be writing, or switch PDL off for the call (``decode_launch.use("plain")``).
 """
 
 from __future__ import annotations
