@@ -18,6 +18,7 @@ import triton.language as tl
 from ssmkit.ops.selective_scan.triton_kernels import (
     _LOG2E,
     _adjoint_combine,
+    _gated_out,
     _program_channels,
     _scan_combine,
     _softplus,
@@ -152,13 +153,8 @@ def _fused_fwd_kernel(
             h = tl.sum(tl.where(offs_t[:, None, None] == (k + 1) * CK - 1, hs, 0.0), axis=0)
             idx = c * (T // CK) + k + 1
             tl.store(ckpt_dn + idx * N, h.to(ckpt_ty), mask=mdn & (offs_n[None, :] * 0 + idx <= n_ckpt))
-        if HAS_D:
-            y += Dv[None, :] * u
-        if HAS_Z:
-            tl.store(ypre_b + t[:, None] * s_ol + offs_d[None, :] * s_od, y.to(ypre_ptr.dtype.element_ty), mask=m2)
-            zt = tl.load(z_b + t[:, None] * s_zl + offs_d[None, :] * s_zd, mask=m2, other=0.0).to(ACC)
-            y = y * zt * tl.sigmoid(zt)
-        tl.store(out_b + t[:, None] * s_ol + offs_d[None, :] * s_od, y.to(out_ptr.dtype.element_ty), mask=m2)
+        _gated_out(y, Dv[None, :] * u, out_b, ypre_b, z_b, t[:, None] * s_ol + offs_d[None, :] * s_od,
+                   t[:, None] * s_zl + offs_d[None, :] * s_zd, m2, HAS_D, HAS_Z, ACC)
     # Past the end the state passes through unchanged: the last tile's last step is the last state.
     tl.store(last_ptr + (pid_b * d_model + offs_d)[:, None] * N + offs_n[None, :], h, mask=mdn)
 

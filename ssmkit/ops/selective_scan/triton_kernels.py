@@ -55,6 +55,20 @@ def _program_channels(dg, bias_ptr, D_ptr, HAS_BIAS: tl.constexpr, HAS_D: tl.con
 
 
 @triton.jit
+def _gated_out(y, Du, out_b, ypre_b, z_b, o_off, z_off, m2, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+               ACC: tl.constexpr):
+    """A tile's output: y + D·u (``Du``: D broadcast times u), with HAS_Z the ungated y kept in ypre for the
+    backward and y · silu(z) stored; ``o_off`` / ``z_off``: the tile's offsets into out (and ypre) and z."""
+    if HAS_D:
+        y += Du
+    if HAS_Z:
+        tl.store(ypre_b + o_off, y.to(ypre_b.dtype.element_ty), mask=m2)
+        zt = tl.load(z_b + z_off, mask=m2, other=0.0).to(ACC)
+        y = y * zt * tl.sigmoid(zt)
+    tl.store(out_b + o_off, y.to(out_b.dtype.element_ty), mask=m2)
+
+
+@triton.jit
 def _gated_dout(dout_b, z_b, ypre_b, dz_b, offs_d, t, m2, s_gd, s_gl, s_zd, s_zl, s_yd, s_yl, s_dzd, s_dzl,
                 HAS_Z: tl.constexpr, ACC: tl.constexpr):
     """A (channels, steps) tile's gradient of the ungated y from dout; with HAS_Z also stores dz for
@@ -191,13 +205,8 @@ def _selective_scan_fwd_kernel(
             # it: a masked store of the tile would first move the whole tile to another layout.)
             h_last = tl.sum(tl.where(offs_t[None, :] == T - 1, hs, 0.0), axis=1)
             tl.store(ckpt_d + (c + 1) * N + n, h_last, mask=mask_d)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            tl.store(ypre_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(ypre_ptr.dtype.element_ty), mask=m2)
-            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
-            y = y * zt * tl.sigmoid(zt)
-        tl.store(out_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+        _gated_out(y, Dv[:, None] * u, out_b, ypre_b, z_b, offs_d[:, None] * s_od + t[None, :] * s_ol,
+                   offs_d[:, None] * s_zd + t[None, :] * s_zl, m2, HAS_D, HAS_Z, ACC)
         tl.debug_barrier()
 
 

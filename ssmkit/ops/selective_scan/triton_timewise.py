@@ -32,6 +32,7 @@ import triton.language as tl
 from ssmkit.ops.selective_scan.triton_kernels import (
     _LOG2E,
     _gated_dout,
+    _gated_out,
     _program_channels,
     _scan_combine,
     _softplus,
@@ -148,13 +149,8 @@ def _tw_fwd_kernel(
             # The last column (a sum picks it: a masked store of the tile would change its layout first).
             h_last = tl.sum(tl.where(offs_t[None, :] == T - 1, hs, 0.0), axis=1)
             tl.store(ckpt_d + (c + 1) * N + n, h_last, mask=mask_d)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            tl.store(ypre_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(ypre_ptr.dtype.element_ty), mask=m2)
-            zt = tl.load(z_b + offs_d[:, None] * s_zd + t[None, :] * s_zl, mask=m2, other=0.0).to(ACC)
-            y = y * zt * tl.sigmoid(zt)
-        tl.store(out_b + offs_d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+        _gated_out(y, Dv[:, None] * u, out_b, ypre_b, z_b, offs_d[:, None] * s_od + t[None, :] * s_ol,
+                   offs_d[:, None] * s_zd + t[None, :] * s_zl, m2, HAS_D, HAS_Z, ACC)
         # The next tile reads the states stored above by other threads.
         tl.debug_barrier()
 
