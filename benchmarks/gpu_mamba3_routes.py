@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import sys
 from unittest import mock
 
 import torch
+from launch_constants import add_set_argument, apply_sets
 
 from ssmkit.ops.mamba3 import mamba3_scan, via_ssd
 
@@ -198,12 +198,9 @@ def main() -> None:
     parser.add_argument("--routes", nargs="+", choices=tuple(ROUTES), default=list(ROUTES))
     parser.add_argument("--no-fp32", action="store_true", help="skip the float32 rows")
     parser.add_argument("--mimo", type=int, default=1, metavar="R", help="MIMO rank R > 1: the MIMO table instead")
-    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT")
+    add_set_argument(parser)
     args = parser.parse_args()
-    for item in args.set:
-        target, value = item.split("=")
-        module, attr = target.rsplit(".", 1)
-        setattr(importlib.import_module(module), attr, int(value))
+    apply_sets(args.set)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     import triton

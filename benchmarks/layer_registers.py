@@ -24,6 +24,7 @@ import pkgutil
 
 import torch
 import triton
+from launch_constants import add_set_argument, apply_sets
 from launch_count import BENCH, LAYERS, _cuda_choices, make_layer
 from sm90_resources import capture_launches, compile_like_jit, resource_usage
 
@@ -64,12 +65,9 @@ def main() -> None:
                         default=["mamba3", "mamba2", "mamba"])
     parser.add_argument("--shape", type=int, nargs=5, metavar=("B", "L", "D_MODEL", "D_STATE", "HEADDIM"),
                         default=BENCH)
-    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=INT")
+    add_set_argument(parser)
     args = parser.parse_args()
-    for item in args.set:
-        target, value = item.split("=")
-        module, attr = target.rsplit(".", 1)
-        setattr(importlib.import_module(module), attr, int(value))
+    apply_sets(args.set)
     _cuda_choices()
     # backend="triton" given explicitly is accepted off CUDA (nothing runs); TRITON_INTERPRET itself stays
     # unset, as on a GPU: launchers that read it (fences, bf16 dots) choose what the GPU gets.
